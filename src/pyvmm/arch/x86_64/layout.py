@@ -1,0 +1,77 @@
+"""The guest-physical address map of a pyvmm x86-64 machine, computed in one place.
+
+    0x0000_0000 ... 0x0009_fbff   low RAM (real-mode area, pyvmm's boot structures)
+    0x0009_fc00 ... 0x000f_ffff   EBDA / legacy ROM area: reported reserved
+    0x0010_0000 ... LOW_RAM_END   RAM where kernels are loaded
+    LOW_RAM_END ... 4 GiB         the 32-bit PCI/MMIO hole (IOAPIC, LAPIC, device windows)
+    4 GiB       ... 4 GiB + rest  high RAM, when the guest has more than LOW_RAM_END
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...memory.guest_memory import RegionSpec
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+
+# Boot structures pyvmm writes below 1 MiB (all in RAM of any size >= MIN_MEMORY).
+BOOT_GDT = 0x0500
+BOOT_IDT = 0x0520
+ZERO_PAGE = 0x7000            # Linux boot_params
+BOOT_STACK_TOP = 0x8FF0
+PML4 = 0x9000                 # identity page tables: PML4, PDPT, then 4 page directories
+PDPT = 0xA000
+PAGE_DIRECTORIES = 0xB000     # 4 x 4 KiB: 2 MiB pages covering 4 GiB
+MULTIBOOT_INFO = 0x10000      # multiboot info, its memory map and module list (up to 0x1ffff)
+CMDLINE = 0x20000
+CMDLINE_MAX = 0x10000
+EBDA_START = 0x9FC00
+HIGH_MEMORY_START = 0x100000  # where protected-mode kernels load
+
+LOW_RAM_END = 3 * GiB         # start of the 32-bit PCI hole
+MMIO_HOLE_END = 4 * GiB
+MMIO32_START = LOW_RAM_END    # device windows allocated from here
+IOAPIC_BASE = 0xFEC00000
+LAPIC_BASE = 0xFEE00000
+KVM_IDENTITY_MAP = 0xFFFBC000  # one page KVM needs on Intel hosts (real-mode emulation)
+KVM_TSS = 0xFFFBD000           # three pages KVM needs for the TSS of real-mode emulation
+
+MIN_MEMORY = 2 * MiB
+
+
+@dataclass(frozen=True)
+class E820Entry:
+    address: int
+    size: int
+    kind: int  # 1 = usable RAM, 2 = reserved
+
+    RAM = 1
+    RESERVED = 2
+
+
+def ram_regions(memory_size: int) -> list[RegionSpec]:
+    """Split `memory_size` bytes of RAM around the 32-bit hole."""
+    if memory_size < MIN_MEMORY:
+        raise ValueError(f"guest memory must be at least {MIN_MEMORY >> 20} MiB, got {memory_size} bytes")
+    if memory_size % (4 * KiB):
+        raise ValueError("guest memory size must be a multiple of 4 KiB")
+    low = min(memory_size, LOW_RAM_END)
+    regions = [RegionSpec(0, low)]
+    if memory_size > low:
+        regions.append(RegionSpec(MMIO_HOLE_END, memory_size - low))
+    return regions
+
+
+def e820_map(memory_size: int) -> list[E820Entry]:
+    """The memory map a guest is told about (multiboot mmap, Linux e820)."""
+    entries = [
+        E820Entry(0, EBDA_START, E820Entry.RAM),
+        E820Entry(EBDA_START, HIGH_MEMORY_START - EBDA_START, E820Entry.RESERVED),
+    ]
+    for region in ram_regions(memory_size):
+        start = max(region.guest_base, HIGH_MEMORY_START)
+        end = region.guest_base + region.size
+        if end > start:
+            entries.append(E820Entry(start, end - start, E820Entry.RAM))
+    return entries

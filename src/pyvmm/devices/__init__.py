@@ -1,0 +1,1 @@
+"""Device models: pure state machines behind read(offset, size) / write(offset, data)."""

@@ -1,0 +1,296 @@
+"""VcpuFd: one virtual CPU. `run()` enters the guest and returns a typed exit.
+
+The kvm_run page is mmapped once and read through a ctypes view; an exit that
+needs an answer (port or MMIO read) is completed by writing into that page
+before the next `run()`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+
+from . import ioctls, uapi
+from .errors import KvmError
+from .fd import KvmFd, _libc, ioctl
+
+_KVM_RUN = ioctls.KVM_RUN
+_run_ioctl = _libc.ioctl
+
+
+class VcpuExit:
+    __slots__ = ()
+
+
+class IoIn(VcpuExit):
+    """The guest executed IN/INS: answer with `count` items of `size` bytes."""
+
+    __slots__ = ("port", "size", "count", "_buffer", "_offset")
+
+    def __init__(self, port: int, size: int, count: int, buffer, offset: int) -> None:
+        self.port, self.size, self.count = port, size, count
+        self._buffer, self._offset = buffer, offset
+
+    def complete(self, data: bytes) -> None:
+        self._buffer[self._offset:self._offset + len(data)] = data
+
+
+class IoOut(VcpuExit):
+    """The guest executed OUT/OUTS: `data` holds `count` items of `size` bytes."""
+
+    __slots__ = ("port", "size", "count", "data")
+
+    def __init__(self, port: int, size: int, count: int, data: bytes) -> None:
+        self.port, self.size, self.count, self.data = port, size, count, data
+
+
+class MmioRead(VcpuExit):
+    __slots__ = ("address", "size", "_run")
+
+    def __init__(self, address: int, size: int, run) -> None:
+        self.address, self.size, self._run = address, size, run
+
+    def complete(self, data: bytes) -> None:
+        ctypes.memmove(self._run.exit.mmio.data, data, min(len(data), 8))
+
+
+class MmioWrite(VcpuExit):
+    __slots__ = ("address", "data")
+
+    def __init__(self, address: int, data: bytes) -> None:
+        self.address, self.data = address, data
+
+
+class Hlt(VcpuExit):
+    __slots__ = ()
+
+
+class Shutdown(VcpuExit):
+    """Triple fault (or another shutdown condition) in the guest."""
+
+    __slots__ = ()
+
+
+class Interrupted(VcpuExit):
+    """KVM_RUN returned because of a signal or immediate_exit: nothing happened in the guest."""
+
+    __slots__ = ()
+
+
+class IrqWindowOpen(VcpuExit):
+    __slots__ = ()
+
+
+class InternalError(VcpuExit):
+    __slots__ = ("suberror", "data")
+
+    def __init__(self, suberror: int, data: tuple[int, ...]) -> None:
+        self.suberror, self.data = suberror, data
+
+    def describe(self) -> str:
+        kinds = {
+            uapi.KVM_INTERNAL_ERROR_EMULATION: "instruction emulation failed",
+            uapi.KVM_INTERNAL_ERROR_SIMUL_EX: "exception raised while delivering another",
+            uapi.KVM_INTERNAL_ERROR_DELIVERY_EV: "event delivery failed",
+            uapi.KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON: "unexpected exit reason",
+        }
+        return kinds.get(self.suberror, f"suberror {self.suberror}")
+
+
+class FailEntry(VcpuExit):
+    __slots__ = ("reason", "cpu")
+
+    def __init__(self, reason: int, cpu: int) -> None:
+        self.reason, self.cpu = reason, cpu
+
+
+class SystemEvent(VcpuExit):
+    __slots__ = ("type", "data")
+
+    def __init__(self, type_: int, data: tuple[int, ...]) -> None:
+        self.type, self.data = type_, data
+
+
+class DebugExit(VcpuExit):
+    __slots__ = ("exception", "pc")
+
+    def __init__(self, exception: int, pc: int) -> None:
+        self.exception, self.pc = exception, pc
+
+
+class UnknownExit(VcpuExit):
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: int) -> None:
+        self.reason = reason
+
+
+_INTERRUPTED = Interrupted()
+_HLT = Hlt()
+_SHUTDOWN = Shutdown()
+_IRQ_WINDOW = IrqWindowOpen()
+
+EXIT_REASON_NAMES = {
+    value: name[len("KVM_EXIT_"):].lower()
+    for name, value in vars(uapi).items()
+    if name.startswith("KVM_EXIT_") and name not in ("KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT")
+}
+
+
+class VcpuFd(KvmFd):
+    def __init__(self, fd: int, vcpu_id: int, mmap_size: int) -> None:
+        super().__init__(fd)
+        self.id = vcpu_id
+        self._page = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.run_struct = uapi.kvm_run.from_buffer(self._page)
+        self._io = self.run_struct.exit.io
+        self._mmio = self.run_struct.exit.mmio
+        self.last_exit_reason = 0
+
+    def close(self) -> None:
+        if getattr(self, "_page", None) is not None:
+            self.run_struct = self._io = self._mmio = None
+            try:
+                self._page.close()
+            except BufferError:  # a stray exit object still holds a view; the fd close frees it later
+                pass
+            self._page = None
+        super().close()
+
+    # --- the hot path ----------------------------------------------------------------
+
+    def run(self) -> VcpuExit:
+        if _run_ioctl(self.fd, _KVM_RUN, None) < 0:
+            err = ctypes.get_errno()
+            if err in (errno.EINTR, errno.EAGAIN):
+                return _INTERRUPTED
+            raise KvmError("KVM_RUN", err)
+        run = self.run_struct
+        reason = run.exit_reason
+        self.last_exit_reason = reason
+        if reason == uapi.KVM_EXIT_IO:
+            io = self._io
+            offset = io.data_offset
+            if io.direction == uapi.KVM_EXIT_IO_OUT:
+                return IoOut(io.port, io.size, io.count, self._page[offset:offset + io.size * io.count])
+            return IoIn(io.port, io.size, io.count, self._page, offset)
+        if reason == uapi.KVM_EXIT_MMIO:
+            mmio = self._mmio
+            if mmio.is_write:
+                return MmioWrite(mmio.phys_addr, bytes(mmio.data)[: mmio.len])
+            return MmioRead(mmio.phys_addr, mmio.len, run)
+        if reason == uapi.KVM_EXIT_INTR:
+            return _INTERRUPTED
+        if reason == uapi.KVM_EXIT_HLT:
+            return _HLT
+        if reason == uapi.KVM_EXIT_SHUTDOWN:
+            return _SHUTDOWN
+        if reason == uapi.KVM_EXIT_IRQ_WINDOW_OPEN:
+            return _IRQ_WINDOW
+        if reason == uapi.KVM_EXIT_INTERNAL_ERROR:
+            internal = run.exit.internal
+            return InternalError(internal.suberror, tuple(internal.data[: min(internal.ndata, 16)]))
+        if reason == uapi.KVM_EXIT_FAIL_ENTRY:
+            fail = run.exit.fail_entry
+            return FailEntry(fail.hardware_entry_failure_reason, fail.cpu)
+        if reason == uapi.KVM_EXIT_SYSTEM_EVENT:
+            event = run.exit.system_event
+            return SystemEvent(event.type, tuple(event.data[: min(event.ndata, 16)]))
+        if reason == uapi.KVM_EXIT_DEBUG:
+            return DebugExit(run.exit.debug.exception, run.exit.debug.pc)
+        return UnknownExit(reason)
+
+    @property
+    def immediate_exit(self) -> bool:
+        return bool(self.run_struct.immediate_exit)
+
+    @immediate_exit.setter
+    def immediate_exit(self, value: bool) -> None:
+        self.run_struct.immediate_exit = 1 if value else 0
+
+    # --- architectural state -----------------------------------------------------------
+
+    def get_regs(self) -> uapi.kvm_regs:
+        return self._get(ioctls.KVM_GET_REGS, uapi.kvm_regs())
+
+    def set_regs(self, regs: uapi.kvm_regs) -> None:
+        ioctl(self.fd, ioctls.KVM_SET_REGS, regs)
+
+    def get_sregs(self) -> uapi.kvm_sregs:
+        return self._get(ioctls.KVM_GET_SREGS, uapi.kvm_sregs())
+
+    def set_sregs(self, sregs: uapi.kvm_sregs) -> None:
+        ioctl(self.fd, ioctls.KVM_SET_SREGS, sregs)
+
+    def get_fpu(self) -> uapi.kvm_fpu:
+        return self._get(ioctls.KVM_GET_FPU, uapi.kvm_fpu())
+
+    def set_fpu(self, fpu: uapi.kvm_fpu) -> None:
+        ioctl(self.fd, ioctls.KVM_SET_FPU, fpu)
+
+    def get_xsave(self) -> uapi.kvm_xsave:
+        return self._get(ioctls.KVM_GET_XSAVE, uapi.kvm_xsave())
+
+    def set_xsave(self, xsave: uapi.kvm_xsave) -> None:
+        ioctl(self.fd, ioctls.KVM_SET_XSAVE, xsave)
+
+    def get_xcrs(self) -> uapi.kvm_xcrs:
+        return self._get(ioctls.KVM_GET_XCRS, uapi.kvm_xcrs())
+
+    def set_xcrs(self, xcrs: uapi.kvm_xcrs) -> None:
+        ioctl(self.fd, ioctls.KVM_SET_XCRS, xcrs)
+
+    def get_lapic(self) -> uapi.kvm_lapic_state:
+        return self._get(ioctls.KVM_GET_LAPIC, uapi.kvm_lapic_state())
+
+    def set_lapic(self, lapic: uapi.kvm_lapic_state) -> None:
+        ioctl(self.fd, ioctls.KVM_SET_LAPIC, lapic)
+
+    def get_mp_state(self) -> int:
+        return self._get(ioctls.KVM_GET_MP_STATE, uapi.kvm_mp_state()).mp_state
+
+    def set_mp_state(self, state: int) -> None:
+        ioctl(self.fd, ioctls.KVM_SET_MP_STATE, uapi.kvm_mp_state(state))
+
+    def get_vcpu_events(self) -> uapi.kvm_vcpu_events:
+        return self._get(ioctls.KVM_GET_VCPU_EVENTS, uapi.kvm_vcpu_events())
+
+    def set_vcpu_events(self, events: uapi.kvm_vcpu_events) -> None:
+        ioctl(self.fd, ioctls.KVM_SET_VCPU_EVENTS, events)
+
+    def set_cpuid2(self, entries) -> None:
+        buf = uapi.kvm_cpuid2(len(entries))()
+        buf.nent = len(entries)
+        for slot, e in zip(buf.entries, entries):
+            slot.function, slot.index, slot.flags = e.function, e.index, e.flags
+            slot.eax, slot.ebx, slot.ecx, slot.edx = e.eax, e.ebx, e.ecx, e.edx
+        ioctl(self.fd, ioctls.KVM_SET_CPUID2, buf)
+
+    def get_msrs(self, indices: list[int]) -> dict[int, int]:
+        buf = uapi.kvm_msrs(len(indices))()
+        buf.nmsrs = len(indices)
+        for slot, index in zip(buf.entries, indices):
+            slot.index = index
+        done = ioctl(self.fd, ioctls.KVM_GET_MSRS, buf)
+        return {buf.entries[i].index: buf.entries[i].data for i in range(done)}
+
+    def set_msrs(self, values: dict[int, int]) -> int:
+        """Write MSRs; returns how many KVM accepted (it stops at the first it refuses)."""
+        buf = uapi.kvm_msrs(len(values))()
+        buf.nmsrs = len(values)
+        for slot, (index, data) in zip(buf.entries, values.items()):
+            slot.index, slot.data = index, data
+        return ioctl(self.fd, ioctls.KVM_SET_MSRS, buf)
+
+    def translate(self, linear_address: int) -> uapi.kvm_translation:
+        tr = uapi.kvm_translation(linear_address=linear_address)
+        ioctl(self.fd, ioctls.KVM_TRANSLATE, tr)
+        return tr
+
+    def get_tsc_khz(self) -> int:
+        return ioctl(self.fd, ioctls.KVM_GET_TSC_KHZ)
+
+    def _get(self, request: int, struct):
+        ioctl(self.fd, request, struct)
+        return struct

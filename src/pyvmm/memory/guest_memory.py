@@ -1,0 +1,147 @@
+"""Guest RAM: memfd-backed regions, shared mappings, bounds-checked access.
+
+memfd (not anonymous memory) so that a snapshot can write the file out and a
+vhost-user back-end can map the same pages through fd passing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+
+from .address import GuestAddress
+
+
+class GuestMemoryError(Exception):
+    """A guest-physical access outside RAM, or RAM that could not be created."""
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    """Where one RAM region sits in the guest-physical space."""
+
+    guest_base: int
+    size: int
+
+
+class MemoryRegion:
+    """One contiguous guest-physical RAM range backed by a memfd mapping."""
+
+    def __init__(self, guest_base: int, size: int, *, name: str = "pyvmm-ram") -> None:
+        if size <= 0 or size % mmap.PAGESIZE or guest_base % mmap.PAGESIZE:
+            raise GuestMemoryError(f"RAM region {guest_base:#x}+{size:#x} is not page aligned")
+        self.guest_base = GuestAddress(guest_base)
+        self.size = size
+        try:
+            self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+            os.ftruncate(self.fd, size)
+            self.mmap = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            raise GuestMemoryError(f"cannot allocate {size >> 20} MiB of guest RAM: {exc.strerror}") from None
+        self.view = memoryview(self.mmap)
+        self._anchor = ctypes.c_char.from_buffer(self.mmap)
+        self.host_address = ctypes.addressof(self._anchor)
+
+    @property
+    def guest_end(self) -> int:
+        return self.guest_base + self.size
+
+    def contains(self, address: int, size: int = 1) -> bool:
+        return self.guest_base <= address and address + size <= self.guest_base + self.size
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        self.view.release()
+        del self._anchor
+        self.mmap.close()
+        os.close(self.fd)
+        self.fd = -1
+
+
+class GuestMemory:
+    """All guest RAM. Reads and writes are checked against the regions; nothing spans a hole."""
+
+    def __init__(self, regions: list[MemoryRegion]) -> None:
+        self.regions = sorted(regions, key=lambda r: r.guest_base)
+        for a, b in zip(self.regions, self.regions[1:]):
+            if a.guest_end > b.guest_base:
+                raise GuestMemoryError(f"RAM regions overlap at {b.guest_base:#x}")
+
+    @classmethod
+    def from_specs(cls, specs: list[RegionSpec]) -> "GuestMemory":
+        return cls([MemoryRegion(s.guest_base, s.size) for s in specs])
+
+    @property
+    def size(self) -> int:
+        return sum(r.size for r in self.regions)
+
+    def region_for(self, address: int, size: int = 1) -> MemoryRegion:
+        for region in self.regions:
+            if region.contains(address, size):
+                return region
+        raise GuestMemoryError(f"guest access {address:#x}+{size:#x} is outside guest RAM")
+
+    def contains(self, address: int, size: int = 1) -> bool:
+        return any(r.contains(address, size) for r in self.regions)
+
+    def view(self, address: int, size: int) -> memoryview:
+        """A writable zero-copy view of [address, address+size), which must lie in one region."""
+        if size < 0:
+            raise GuestMemoryError(f"negative access size {size}")
+        region = self.region_for(address, max(size, 1))
+        start = address - region.guest_base
+        return region.view[start:start + size]
+
+    def read(self, address: int, size: int) -> bytes:
+        return bytes(self.view(address, size))
+
+    def write(self, address: int, data: bytes) -> None:
+        self.view(address, len(data))[:] = data
+
+    def fill(self, address: int, size: int, byte: int = 0) -> None:
+        self.view(address, size)[:] = bytes([byte]) * size
+
+    def read_u8(self, address: int) -> int:
+        return self.view(address, 1)[0]
+
+    def read_u16(self, address: int) -> int:
+        return struct.unpack("<H", self.view(address, 2))[0]
+
+    def read_u32(self, address: int) -> int:
+        return struct.unpack("<I", self.view(address, 4))[0]
+
+    def read_u64(self, address: int) -> int:
+        return struct.unpack("<Q", self.view(address, 8))[0]
+
+    def write_u8(self, address: int, value: int) -> None:
+        self.view(address, 1)[0] = value
+
+    def write_u16(self, address: int, value: int) -> None:
+        self.view(address, 2)[:] = struct.pack("<H", value)
+
+    def write_u32(self, address: int, value: int) -> None:
+        self.view(address, 4)[:] = struct.pack("<I", value)
+
+    def write_u64(self, address: int, value: int) -> None:
+        self.view(address, 8)[:] = struct.pack("<Q", value)
+
+    def read_cstring(self, address: int, limit: int = 4096) -> bytes:
+        region = self.region_for(address)
+        end = min(address + limit, region.guest_end)
+        data = self.view(address, end - address).tobytes()
+        nul = data.find(b"\0")
+        return data if nul < 0 else data[:nul]
+
+    def close(self) -> None:
+        for region in self.regions:
+            region.close()
+
+    def __enter__(self) -> "GuestMemory":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
