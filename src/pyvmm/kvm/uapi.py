@@ -442,6 +442,7 @@ ABI_SIZES = {
     kvm_sregs: 312,
     kvm_fpu: 416,
     kvm_xsave: 4096,
+    kvm_xcr: 16,
     kvm_xcrs: 392,
     kvm_userspace_memory_region: 32,
     kvm_cpuid_entry2: 40,

@@ -13,123 +13,14 @@ import mmap
 
 from . import ioctls, uapi
 from .errors import KvmError
+from .exits import (
+    _HLT, _INTERRUPTED, _IRQ_WINDOW, _SHUTDOWN, DebugExit, FailEntry, InternalError, IoIn, IoOut,
+    MmioRead, MmioWrite, SystemEvent, UnknownExit, VcpuExit,
+)
 from .fd import KvmFd, _libc, ioctl
 
 _KVM_RUN = ioctls.KVM_RUN
 _run_ioctl = _libc.ioctl
-
-
-class VcpuExit:
-    __slots__ = ()
-
-
-class IoIn(VcpuExit):
-    """The guest executed IN/INS: answer with `count` items of `size` bytes."""
-
-    __slots__ = ("port", "size", "count", "_buffer", "_offset")
-
-    def __init__(self, port: int, size: int, count: int, buffer, offset: int) -> None:
-        self.port, self.size, self.count = port, size, count
-        self._buffer, self._offset = buffer, offset
-
-    def complete(self, data: bytes) -> None:
-        self._buffer[self._offset:self._offset + len(data)] = data
-
-
-class IoOut(VcpuExit):
-    """The guest executed OUT/OUTS: `data` holds `count` items of `size` bytes."""
-
-    __slots__ = ("port", "size", "count", "data")
-
-    def __init__(self, port: int, size: int, count: int, data: bytes) -> None:
-        self.port, self.size, self.count, self.data = port, size, count, data
-
-
-class MmioRead(VcpuExit):
-    __slots__ = ("address", "size", "_run")
-
-    def __init__(self, address: int, size: int, run) -> None:
-        self.address, self.size, self._run = address, size, run
-
-    def complete(self, data: bytes) -> None:
-        ctypes.memmove(self._run.exit.mmio.data, data, min(len(data), 8))
-
-
-class MmioWrite(VcpuExit):
-    __slots__ = ("address", "data")
-
-    def __init__(self, address: int, data: bytes) -> None:
-        self.address, self.data = address, data
-
-
-class Hlt(VcpuExit):
-    __slots__ = ()
-
-
-class Shutdown(VcpuExit):
-    """Triple fault (or another shutdown condition) in the guest."""
-
-    __slots__ = ()
-
-
-class Interrupted(VcpuExit):
-    """KVM_RUN returned because of a signal or immediate_exit: nothing happened in the guest."""
-
-    __slots__ = ()
-
-
-class IrqWindowOpen(VcpuExit):
-    __slots__ = ()
-
-
-class InternalError(VcpuExit):
-    __slots__ = ("suberror", "data")
-
-    def __init__(self, suberror: int, data: tuple[int, ...]) -> None:
-        self.suberror, self.data = suberror, data
-
-    def describe(self) -> str:
-        kinds = {
-            uapi.KVM_INTERNAL_ERROR_EMULATION: "instruction emulation failed",
-            uapi.KVM_INTERNAL_ERROR_SIMUL_EX: "exception raised while delivering another",
-            uapi.KVM_INTERNAL_ERROR_DELIVERY_EV: "event delivery failed",
-            uapi.KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON: "unexpected exit reason",
-        }
-        return kinds.get(self.suberror, f"suberror {self.suberror}")
-
-
-class FailEntry(VcpuExit):
-    __slots__ = ("reason", "cpu")
-
-    def __init__(self, reason: int, cpu: int) -> None:
-        self.reason, self.cpu = reason, cpu
-
-
-class SystemEvent(VcpuExit):
-    __slots__ = ("type", "data")
-
-    def __init__(self, type_: int, data: tuple[int, ...]) -> None:
-        self.type, self.data = type_, data
-
-
-class DebugExit(VcpuExit):
-    __slots__ = ("exception", "pc")
-
-    def __init__(self, exception: int, pc: int) -> None:
-        self.exception, self.pc = exception, pc
-
-
-class UnknownExit(VcpuExit):
-    __slots__ = ("reason",)
-
-    def __init__(self, reason: int) -> None:
-        self.reason = reason
-
-
-_INTERRUPTED = Interrupted()
-_HLT = Hlt()
-_SHUTDOWN = Shutdown()
-_IRQ_WINDOW = IrqWindowOpen()
 
 EXIT_REASON_NAMES = {
     value: name[len("KVM_EXIT_"):].lower()
@@ -147,6 +38,7 @@ class VcpuFd(KvmFd):
         self._io = self.run_struct.exit.io
         self._mmio = self.run_struct.exit.mmio
         self.last_exit_reason = 0
+        self.exit_counts = [0] * 64  # by KVM exit reason; what `pyvmm top`/kvm_stat-style metrics read
 
     def close(self) -> None:
         if getattr(self, "_page", None) is not None:
@@ -169,6 +61,7 @@ class VcpuFd(KvmFd):
         run = self.run_struct
         reason = run.exit_reason
         self.last_exit_reason = reason
+        self.exit_counts[reason & 63] += 1
         if reason == uapi.KVM_EXIT_IO:
             io = self._io
             offset = io.data_offset

@@ -1,1 +1,15 @@
+"""Legacy PC devices as pure state machines behind read(offset, size) / write(offset, data).
 
+Port ranges to register (offsets are relative to these bases):
+    Uart16550   COM1 0x3f8, length 8 (IRQ 4)
+    I8042       0x60, length 5 (data at offset 0, status/command at offset 4)
+    DebugExit   0xf4, length 4
+    Port80      0x80, length 1
+"""
+
+from .debug_exit import DebugExit, exit_status
+from .i8042 import I8042
+from .port80 import Port80
+from .uart16550 import Uart16550, UartStats
+
+__all__ = ["DebugExit", "I8042", "Port80", "Uart16550", "UartStats", "exit_status"]

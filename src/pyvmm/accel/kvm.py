@@ -1,0 +1,247 @@
+"""The KVM accelerator: guest code runs on the host CPU through /dev/kvm.
+
+Owns the VM fd and the vCPU fds; uses KVM's in-kernel irqchip (PIC, IOAPIC,
+LAPICs) and PIT, so timers and interrupt routing cost no Python. Converts the
+backend-neutral CpuState to and from KVM's structs.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from ..arch.x86_64 import layout, msrs
+from ..arch.x86_64.cpu_state import GPR_NAMES, SEGMENT_NAMES, CpuState, DescriptorTable, Segment
+from ..arch.x86_64.cpuid import CpuidPolicy, guest_cpuid
+from ..kvm import Kvm, KvmError, KvmUnavailable, uapi
+from ..kvm.exits import InternalError, VcpuExit
+from ..kvm.vcpu import EXIT_REASON_NAMES
+
+log = logging.getLogger(__name__)
+
+# The signal that kicks a vCPU thread out of KVM_RUN (EINTR). Its handler does nothing.
+KICK_SIGNAL = signal.SIGRTMIN + 1
+_kick_handler_installed = False
+
+APIC_LVT0 = 0x350
+APIC_LVT1 = 0x360
+APIC_DELIVERY_EXTINT = 0x700
+APIC_DELIVERY_NMI = 0x400
+
+REQUIRED_CAPABILITIES = {
+    uapi.KVM_CAP_USER_MEMORY: "KVM_CAP_USER_MEMORY",
+    uapi.KVM_CAP_IRQCHIP: "KVM_CAP_IRQCHIP",
+    uapi.KVM_CAP_PIT2: "KVM_CAP_PIT2",
+    uapi.KVM_CAP_SET_TSS_ADDR: "KVM_CAP_SET_TSS_ADDR",
+    uapi.KVM_CAP_EXT_CPUID: "KVM_CAP_EXT_CPUID",
+    uapi.KVM_CAP_MP_STATE: "KVM_CAP_MP_STATE",
+    uapi.KVM_CAP_IMMEDIATE_EXIT: "KVM_CAP_IMMEDIATE_EXIT",
+}
+
+
+def install_kick_handler() -> None:
+    """Install the no-op handler for KICK_SIGNAL; Python only allows this from the main thread."""
+    global _kick_handler_installed
+    if _kick_handler_installed:
+        return
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("pyvmm must create its first VM from the main thread (it installs a signal handler)")
+    signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+    _kick_handler_installed = True
+
+
+class KvmIrqLine:
+    """An input pin of the in-kernel irqchip (GSI), driven with KVM_IRQ_LINE."""
+
+    def __init__(self, vm_fd, gsi: int) -> None:
+        self._vm_fd, self.gsi = vm_fd, gsi
+
+    def set_level(self, high: bool) -> None:
+        self._vm_fd.irq_line(self.gsi, 1 if high else 0)
+
+    def trigger(self) -> None:
+        self._vm_fd.irq_line(self.gsi, 1)
+        self._vm_fd.irq_line(self.gsi, 0)
+
+
+class KvmAccelerator:
+    name = "kvm"
+
+    def __init__(self, kvm: Kvm | None = None) -> None:
+        self.kvm = kvm or Kvm()
+        for cap, cap_name in REQUIRED_CAPABILITIES.items():
+            self.kvm.require(cap, cap_name)
+        self.vm_fd = self.kvm.create_vm()
+        self._supported_cpuid = None
+        self._msr_indices: set[int] | None = None
+        self.memory = None
+        self.vcpus: list[KvmVcpu] = []
+
+    # --- machine -----------------------------------------------------------------------
+
+    def setup_platform(self) -> None:
+        """TSS/identity pages for real-mode emulation, then the in-kernel irqchip and PIT."""
+        self.vm_fd.set_tss_addr(layout.KVM_TSS)
+        if self.kvm.check_extension(uapi.KVM_CAP_SET_IDENTITY_MAP_ADDR):
+            self.vm_fd.set_identity_map_addr(layout.KVM_IDENTITY_MAP)
+        self.vm_fd.create_irqchip()
+        self.vm_fd.create_pit2()
+
+    def map_memory(self, memory) -> None:
+        self.memory = memory
+        for slot, region in enumerate(memory.regions):
+            try:
+                self.vm_fd.set_user_memory_region(slot, region.guest_base, region.size, region.host_address)
+            except KvmError as exc:
+                raise KvmUnavailable(f"KVM refused guest RAM at {region.guest_base:#x} ({region.size >> 20} MiB): {exc.strerror}") from None
+
+    def irq_line(self, gsi: int) -> KvmIrqLine:
+        return KvmIrqLine(self.vm_fd, gsi)
+
+    @property
+    def supported_cpuid(self):
+        if self._supported_cpuid is None:
+            self._supported_cpuid = self.kvm.supported_cpuid()
+        return self._supported_cpuid
+
+    def create_vcpu(self, index: int, count: int, policy: CpuidPolicy) -> "KvmVcpu":
+        install_kick_handler()
+        vcpu = KvmVcpu(self, self.vm_fd.create_vcpu(index), index)
+        vcpu.fd.set_cpuid2(guest_cpuid(self.supported_cpuid, policy, index, count))
+        vcpu.set_msrs(msrs.boot_msrs())
+        if index == 0:
+            vcpu.set_virtual_wire_lints()
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    def supported_msrs(self) -> set[int]:
+        if self._msr_indices is None:
+            self._msr_indices = set(self.kvm.msr_index_list())
+        return self._msr_indices
+
+    def close(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.fd.close()
+        self.vcpus.clear()
+        self.vm_fd.close()
+        self.kvm.close()
+
+
+class KvmVcpu:
+    """One vCPU of the KVM backend: state conversion, run, kick."""
+
+    def __init__(self, accel: KvmAccelerator, fd, index: int) -> None:
+        self.accel, self.fd, self.index = accel, fd, index
+        self.thread_ident: int | None = None
+
+    def run(self) -> VcpuExit:
+        return self.fd.run()
+
+    def kick(self) -> None:
+        """Make KVM_RUN return now, or immediately on its next entry (no lost wake-up)."""
+        self.fd.immediate_exit = True
+        ident = self.thread_ident
+        if ident is not None:
+            try:
+                signal.pthread_kill(ident, KICK_SIGNAL)
+            except (ProcessLookupError, OSError):
+                pass  # the thread already ended
+
+    def clear_kick(self) -> None:
+        self.fd.immediate_exit = False
+
+    @property
+    def exit_counts(self) -> dict[str, int]:
+        return {EXIT_REASON_NAMES.get(r, str(r)): n for r, n in enumerate(self.fd.exit_counts) if n}
+
+    def set_msrs(self, values: dict[int, int]) -> None:
+        supported = self.accel.supported_msrs()
+        wanted = {i: v for i, v in values.items() if i in supported}
+        done = self.fd.set_msrs(wanted)
+        if done != len(wanted):
+            refused = list(wanted)[done]
+            log.warning("vCPU %d: KVM refused MSR %#x (and any after it)", self.index, refused)
+
+    def set_virtual_wire_lints(self) -> None:
+        """LINT0 = ExtINT, LINT1 = NMI on the BSP, so the 8259 reaches it before the guest programs its APIC."""
+        lapic = self.fd.get_lapic()
+        raw = bytearray(lapic.regs)
+        for offset, mode in ((APIC_LVT0, APIC_DELIVERY_EXTINT), (APIC_LVT1, APIC_DELIVERY_NMI)):
+            value = int.from_bytes(raw[offset:offset + 4], "little")
+            value = (value & ~0x10700 & 0xFFFFFFFF) | mode  # unmask, set the delivery mode
+            raw[offset:offset + 4] = value.to_bytes(4, "little")
+        lapic.regs = bytes(raw)
+        self.fd.set_lapic(lapic)
+
+    # --- architectural state -------------------------------------------------------------
+
+    def set_state(self, state: CpuState) -> None:
+        regs = self.fd.get_regs()
+        for name in GPR_NAMES:
+            setattr(regs, name, state.gprs.get(name, 0))
+        regs.rip, regs.rflags = state.rip, state.rflags
+        sregs = self.fd.get_sregs()
+        for name, segment in state.segments.items():
+            target = getattr(sregs, name)
+            for field_name, value in vars(segment).items():
+                setattr(target, field_name, value)
+        sregs.gdt.base, sregs.gdt.limit = state.gdt.base, state.gdt.limit
+        sregs.idt.base, sregs.idt.limit = state.idt.base, state.idt.limit
+        sregs.cr0, sregs.cr2, sregs.cr3, sregs.cr4 = state.cr0, state.cr2, state.cr3, state.cr4
+        sregs.cr8, sregs.efer = state.cr8, state.efer
+        if state.apic_base is not None:
+            sregs.apic_base = state.apic_base
+        self.fd.set_sregs(sregs)
+        self.fd.set_regs(regs)
+        fpu = self.fd.get_fpu()
+        fpu.fcw, fpu.mxcsr = state.fpu_control, state.mxcsr
+        self.fd.set_fpu(fpu)
+        if state.msrs:
+            self.set_msrs(state.msrs)
+
+    def get_state(self) -> CpuState:
+        regs, sregs, fpu = self.fd.get_regs(), self.fd.get_sregs(), self.fd.get_fpu()
+        state = CpuState(
+            gprs={name: getattr(regs, name) for name in GPR_NAMES},
+            rip=regs.rip,
+            rflags=regs.rflags,
+            gdt=DescriptorTable(sregs.gdt.base, sregs.gdt.limit),
+            idt=DescriptorTable(sregs.idt.base, sregs.idt.limit),
+            cr0=sregs.cr0, cr2=sregs.cr2, cr3=sregs.cr3, cr4=sregs.cr4, cr8=sregs.cr8,
+            efer=sregs.efer, apic_base=sregs.apic_base,
+            fpu_control=fpu.fcw, mxcsr=fpu.mxcsr,
+        )
+        for name in SEGMENT_NAMES:
+            source = getattr(sregs, name)
+            state.segments[name] = Segment(**{f: getattr(source, f) for f in Segment.__dataclass_fields__})
+        return state
+
+    def describe_position(self) -> str:
+        """Where the guest is, for error messages: mode, CS:RIP and the instruction bytes."""
+        try:
+            regs, sregs = self.fd.get_regs(), self.fd.get_sregs()
+        except KvmError as exc:
+            return f"(registers unavailable: {exc})"
+        mode = "64-bit" if sregs.efer & (1 << 10) and sregs.cs.l else ("protected" if sregs.cr0 & 1 else "real")
+        linear = sregs.cs.base + regs.rip if mode != "64-bit" else regs.rip
+        text = f"rip={regs.rip:#x} cs={sregs.cs.selector:#x} ({mode} mode, CPL{sregs.cs.dpl})"
+        code = self._code_bytes(linear)
+        if code:
+            text += f" code: {code.hex(' ')}"
+        return text
+
+    def _code_bytes(self, linear: int) -> bytes:
+        memory = getattr(self.accel, "memory", None)
+        if memory is None:
+            return b""
+        try:
+            translation = self.fd.translate(linear)
+            if not translation.valid:
+                return b""
+            return memory.read(translation.physical_address, 8)
+        except Exception:  # a diagnostic must never mask the error it describes
+            return b""
+
+    def describe_internal_error(self, exit_: InternalError) -> str:
+        return f"KVM internal error: {exit_.describe()} at {self.describe_position()}"

@@ -1,0 +1,151 @@
+"""The guest CPUID: what the accelerator supports, filtered by a policy, per vCPU.
+
+The policy hides features by name (`--cpu-hide xsave,cx16`); topology leaves are
+rewritten so each vCPU sees its own APIC ID in a one-socket, N-core package.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from ...kvm.system import CpuidEntry
+
+EAX, EBX, ECX, EDX = "eax", "ebx", "ecx", "edx"
+
+# name -> (leaf, subleaf, register, bit). The names are those of /proc/cpuinfo.
+FEATURES: dict[str, tuple[int, int, str, int]] = {
+    "pclmulqdq": (1, 0, ECX, 1),
+    "monitor": (1, 0, ECX, 3),
+    "vmx": (1, 0, ECX, 5),
+    "ssse3": (1, 0, ECX, 9),
+    "fma": (1, 0, ECX, 12),
+    "cx16": (1, 0, ECX, 13),
+    "pdcm": (1, 0, ECX, 15),
+    "pcid": (1, 0, ECX, 17),
+    "sse4_1": (1, 0, ECX, 19),
+    "sse4_2": (1, 0, ECX, 20),
+    "x2apic": (1, 0, ECX, 21),
+    "movbe": (1, 0, ECX, 22),
+    "popcnt": (1, 0, ECX, 23),
+    "tsc_deadline_timer": (1, 0, ECX, 24),
+    "aes": (1, 0, ECX, 25),
+    "xsave": (1, 0, ECX, 26),
+    "osxsave": (1, 0, ECX, 27),
+    "avx": (1, 0, ECX, 28),
+    "f16c": (1, 0, ECX, 29),
+    "rdrand": (1, 0, ECX, 30),
+    "hypervisor": (1, 0, ECX, 31),
+    "tsc": (1, 0, EDX, 4),
+    "msr": (1, 0, EDX, 5),
+    "pae": (1, 0, EDX, 6),
+    "apic": (1, 0, EDX, 9),
+    "mtrr": (1, 0, EDX, 12),
+    "ht": (1, 0, EDX, 28),
+    "fsgsbase": (7, 0, EBX, 0),
+    "bmi1": (7, 0, EBX, 3),
+    "hle": (7, 0, EBX, 4),
+    "avx2": (7, 0, EBX, 5),
+    "smep": (7, 0, EBX, 7),
+    "bmi2": (7, 0, EBX, 8),
+    "erms": (7, 0, EBX, 9),
+    "invpcid": (7, 0, EBX, 10),
+    "rtm": (7, 0, EBX, 11),
+    "avx512f": (7, 0, EBX, 16),
+    "rdseed": (7, 0, EBX, 18),
+    "adx": (7, 0, EBX, 19),
+    "smap": (7, 0, EBX, 20),
+    "clflushopt": (7, 0, EBX, 23),
+    "sha_ni": (7, 0, EBX, 29),
+    "umip": (7, 0, ECX, 2),
+    "pku": (7, 0, ECX, 3),
+    "la57": (7, 0, ECX, 16),
+    "rdpid": (7, 0, ECX, 22),
+    "xsaveopt": (0xD, 1, EAX, 0),
+    "xsavec": (0xD, 1, EAX, 1),
+    "xsaves": (0xD, 1, EAX, 3),
+    "lahf_lm": (0x80000001, 0, ECX, 0),
+    "abm": (0x80000001, 0, ECX, 5),
+    "syscall": (0x80000001, 0, EDX, 11),
+    "nx": (0x80000001, 0, EDX, 20),
+    "pdpe1gb": (0x80000001, 0, EDX, 26),
+    "rdtscp": (0x80000001, 0, EDX, 27),
+    "lm": (0x80000001, 0, EDX, 29),
+}
+
+# Features that are meaningless without another: hiding the first hides these too.
+DEPENDENTS: dict[str, tuple[str, ...]] = {
+    "xsave": ("osxsave", "avx", "fma", "f16c", "avx2", "avx512f", "xsaveopt", "xsavec", "xsaves"),
+    "avx": ("fma", "f16c", "avx2", "avx512f"),
+}
+
+# Never shown to a guest: pyvmm does not offer nested virtualization.
+ALWAYS_HIDDEN = frozenset({"vmx"})
+
+
+class UnknownFeature(ValueError):
+    pass
+
+
+@dataclass
+class CpuidPolicy:
+    hidden: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.hidden) - FEATURES.keys())
+        if unknown:
+            raise UnknownFeature(f"unknown CPU feature(s): {', '.join(unknown)} (known: {', '.join(sorted(FEATURES))})")
+
+    def effective_hidden(self) -> set[str]:
+        hidden = set(self.hidden) | ALWAYS_HIDDEN
+        for name in list(hidden):
+            hidden.update(DEPENDENTS.get(name, ()))
+        return hidden
+
+
+def _with_bit(entry: CpuidEntry, register: str, bit: int, value: bool) -> CpuidEntry:
+    word = getattr(entry, register)
+    word = word | (1 << bit) if value else word & ~(1 << bit)
+    return replace(entry, **{register: word})
+
+
+def guest_cpuid(supported: list[CpuidEntry], policy: CpuidPolicy, vcpu_index: int, vcpu_count: int) -> list[CpuidEntry]:
+    """The CPUID table for one vCPU (its APIC ID is its index)."""
+    hidden = policy.effective_hidden()
+    core_bits = max(vcpu_count - 1, 0).bit_length()
+    out = []
+    for entry in supported:
+        for name in hidden:
+            leaf, subleaf, register, bit = FEATURES[name]
+            if entry.function == leaf and entry.index == subleaf:
+                entry = _with_bit(entry, register, bit, False)
+        if entry.function == 1:
+            entry = _with_bit(entry, ECX, 31, True)  # we are a hypervisor
+            entry = _with_bit(entry, EDX, 28, vcpu_count > 1)
+            ebx = entry.ebx & 0x0000FFFF
+            ebx |= (vcpu_index & 0xFF) << 24
+            ebx |= (min(1 << core_bits, 0xFF) if vcpu_count > 1 else 1) << 16
+            entry = replace(entry, ebx=ebx)
+        elif entry.function == 4 and (entry.eax & 0x1F):
+            # cores per package in EAX[31:26]; one thread shares each core's caches
+            eax = (entry.eax & 0x03FFFFFF & ~(0xFFF << 14)) | (((1 << core_bits) - 1) << 26)
+            entry = replace(entry, eax=eax)
+        elif entry.function in (0xB, 0x1F):
+            entry = _topology_leaf(entry, vcpu_index, vcpu_count, core_bits)
+        out.append(entry)
+    return out
+
+
+def _topology_leaf(entry: CpuidEntry, vcpu_index: int, vcpu_count: int, core_bits: int) -> CpuidEntry:
+    if entry.index == 0:  # SMT level: one thread per core
+        return replace(entry, eax=0, ebx=1, ecx=(1 << 8), edx=vcpu_index)
+    if entry.index == 1:  # core level: all vCPUs in one package
+        return replace(entry, eax=core_bits, ebx=vcpu_count, ecx=(2 << 8) | 1, edx=vcpu_index)
+    return replace(entry, eax=0, ebx=0, ecx=entry.index, edx=vcpu_index)
+
+
+def has_feature(entries: list[CpuidEntry], name: str) -> bool:
+    leaf, subleaf, register, bit = FEATURES[name]
+    for entry in entries:
+        if entry.function == leaf and entry.index == subleaf:
+            return bool(getattr(entry, register) >> bit & 1)
+    return False

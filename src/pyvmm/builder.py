@@ -1,0 +1,90 @@
+"""VmConfig -> a ready-to-start Vm, as one flat recipe.
+
+memory -> accelerator -> buses and devices -> kernel -> vCPUs. Each step either
+succeeds or raises an error whose message is one line for the user; whatever
+was created before the failure is released.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack
+from typing import Callable
+
+from .arch.x86_64 import boot_tables, layout
+from .arch.x86_64.cpuid import CpuidPolicy
+from .bus import MmioBus, PioBus
+from .config import VmConfig
+from .devices.legacy import DebugExit, I8042, Port80, Uart16550
+from .devices.legacy.debug_exit import exit_status
+from .loader import BootEntry, CpuMode, load_kernel
+from .memory import GuestMemory
+from .vm import EXIT_OK, Vm, VmOutcome
+
+log = logging.getLogger(__name__)
+
+COM1_PORT, COM1_IRQ = 0x3F8, 4
+I8042_PORT = 0x60
+DEBUG_EXIT_PORT = 0xF4
+POST_PORT = 0x80
+
+
+def build_vm(config: VmConfig, console_write: Callable[[bytes], None], *, accel=None,
+             kernel_path: str | None = None) -> Vm:
+    """Build a VM from `config`; guest console output goes to `console_write`."""
+    with ExitStack() as cleanup:
+        memory = GuestMemory.from_specs(layout.ram_regions(config.memory))
+        cleanup.callback(memory.close)
+
+        if accel is None:
+            from .accel.kvm import KvmAccelerator
+
+            accel = KvmAccelerator()
+        cleanup.callback(accel.close)
+        accel.setup_platform()
+        accel.map_memory(memory)
+
+        pio, mmio = PioBus(), MmioBus()
+        vm_ref: list[Vm] = []
+
+        def stop(outcome: VmOutcome) -> None:
+            vm_ref[0].request_stop(outcome)
+
+        uart = Uart16550(accel.irq_line(COM1_IRQ), console_write)
+        i8042 = I8042(lambda: stop(VmOutcome("reset", EXIT_OK, "the guest reset the machine")))
+        debug_exit = DebugExit(lambda value: stop(VmOutcome(
+            "debug-exit", exit_status(value), f"the guest wrote {value:#x} to the debug-exit port")))
+        devices = {"com1": uart, "i8042": i8042, "debug-exit": debug_exit, "post": Port80()}
+        pio.register(COM1_PORT, 8, uart, "com1")
+        pio.register(I8042_PORT, 5, i8042, "i8042")
+        pio.register(DEBUG_EXIT_PORT, 4, debug_exit, "debug-exit")
+        pio.register(POST_PORT, 1, devices["post"], "post")
+
+        entry = load_kernel(
+            memory, kernel_path or config.kernel, cmdline=config.cmdline, modules=config.modules,
+            flat_address=config.flat_address,
+            flat_mode=CpuMode.LONG_64 if config.flat_64bit else CpuMode.PROTECTED_32,
+        )
+        log.info("loaded %s, entry %#x", entry.kind, entry.entry)
+
+        policy = CpuidPolicy(set(config.cpu_hide))
+        vcpus = [accel.create_vcpu(i, config.cpus, policy) for i in range(config.cpus)]
+        vcpus[0].set_state(boot_state(memory, entry))
+
+        vm = Vm(accel, memory, pio, mmio, vcpus, devices)
+        vm_ref.append(vm)
+        cleanup.pop_all()
+        return vm
+
+
+def boot_state(memory, entry: BootEntry):
+    """The BSP's state at the kernel's entry; APs wait for the kernel's INIT/SIPI."""
+    if entry.mode is CpuMode.LONG_64:
+        state = boot_tables.long_mode_state(memory, entry.entry)
+    else:
+        state = boot_tables.protected_mode_state(memory, entry.entry)
+    for name, value in entry.registers.items():
+        if name not in state.gprs:
+            raise ValueError(f"loader asked for unknown register {name!r}")
+        state.gprs[name] = value
+    return state

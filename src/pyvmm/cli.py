@@ -1,0 +1,116 @@
+"""pyvmm's command line: `pyvmm run`, `pyvmm kvm-info`.
+
+Bad input ends with one line on stderr and exit status 2; a guest or VMM failure
+with one line and the status documented in the README; never a traceback unless
+--debug asks for one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from . import __version__
+
+log = logging.getLogger("pyvmm")
+
+
+def _int_auto(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyvmm", description="A virtual machine monitor in Python on Linux KVM.")
+    parser.add_argument("--version", action="version", version=f"pyvmm {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for internal errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="boot a kernel (default: the built-in demo guest)")
+    run.add_argument("--kernel", metavar="FILE", help="ELF, Multiboot or (with --load-address) flat kernel image")
+    run.add_argument("--append", metavar="ARGS", default="", help="kernel command line")
+    run.add_argument("--memory", "-m", metavar="SIZE", default="256M", help="guest RAM, e.g. 256M, 2G (default 256M)")
+    run.add_argument("--cpus", "-c", metavar="N", type=int, default=1, help="number of vCPUs (default 1)")
+    run.add_argument("--module", metavar="'FILE [ARGS]'", action="append", default=[],
+                     help="Multiboot module (repeatable)")
+    run.add_argument("--load-address", metavar="ADDR", type=_int_auto,
+                     help="load --kernel as a flat binary at ADDR and enter it there")
+    run.add_argument("--entry-64", action="store_true", help="enter a flat binary in 64-bit long mode (default: 32-bit)")
+    run.add_argument("--console-log", metavar="FILE", help="append the serial console to FILE instead of the terminal")
+    run.add_argument("--reboot", action="store_true", help="restart the VM when the guest resets it (default: stop)")
+    run.add_argument("--timeout", metavar="SECONDS", type=float, help="stop the VM after SECONDS (exit status 124)")
+    run.add_argument("--cpu-hide", metavar="FEATURES", default="",
+                     help="comma-separated CPUID features to hide from the guest, e.g. xsave,cx16")
+
+    info = sub.add_parser("kvm-info", help="what this host's KVM offers, and how fast it runs guest kernel code")
+    info.add_argument("--no-calibrate", action="store_true", help="skip the calibration guest")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="pyvmm: %(levelname)s: %(name)s: %(message)s")
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from .errors import user_error_message, user_error_types
+
+    try:
+        if args.command == "run":
+            return _cmd_run(args)
+        if args.command == "kvm-info":
+            from .hostinfo import print_kvm_info
+
+            return print_kvm_info(calibrate_guest=not args.no_calibrate)
+    except KeyboardInterrupt:
+        return 130
+    except user_error_types() as exc:
+        message = user_error_message(exc)
+        print(f"pyvmm: error: {message}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"pyvmm: internal error: {type(exc).__name__}: {exc} (run with --debug for a traceback)", file=sys.stderr)
+        return 6
+    return 2
+
+
+def _cmd_run(args) -> int:
+    from .config import ConfigError, VmConfig, parse_size
+    from .console import Console
+    from .runner import run_vm
+
+    if args.load_address is not None and not args.kernel:
+        raise ConfigError("--load-address needs --kernel")
+    config = VmConfig(
+        kernel=args.kernel,
+        cmdline=args.append,
+        memory=parse_size(args.memory),
+        cpus=args.cpus,
+        modules=list(args.module),
+        flat_address=args.load_address,
+        flat_64bit=args.entry_64,
+        cpu_hide={name.strip() for name in args.cpu_hide.split(",") if name.strip()},
+        console_log=args.console_log,
+        reboot=args.reboot,
+        timeout=args.timeout,
+    )
+    config.validate()
+    with Console(log_path=config.console_log) as console:
+        outcome = run_vm(config, console)
+    if outcome.is_error:
+        print(f"pyvmm: {outcome.message}", file=sys.stderr)
+    else:
+        log.info("%s", outcome.message)
+    return outcome.status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,424 @@
+"""16550A UART, as Linux's 8250 driver and simple polling guests drive it.
+
+Registers, by offset from the base (COM1 is 0x3f8, length 8, IRQ 4):
+
+    0  RBR (read) / THR (write)    DLL while LCR.DLAB is set
+    1  IER                         DLM while LCR.DLAB is set
+    2  IIR (read) / FCR (write)
+    3  LCR      4  MCR      5  LSR      6  MSR      7  SCR
+
+The transmitter is infinitely fast: each THR byte goes straight to `output`, so LSR
+always shows THRE|TEMT and the THRE interrupt is back as soon as it is cleared. The
+receiver is a bounded FIFO the host fills with `receive()`.
+
+The interrupt output is gated by MCR.OUT2, as on a PC where OUT2 enables the IRQ
+line's driver: Linux sets OUT2 when it wants interrupts; polling guests never need them.
+Receiver-line-status interrupts (IER bit 2) are not generated; OE is still reported in LSR.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+from ...bus.interrupt import IrqLine
+
+log = logging.getLogger(__name__)
+
+REGISTER_COUNT = 8
+
+# Register offsets.
+RBR_THR = 0
+IER = 1
+IIR_FCR = 2
+LCR = 3
+MCR = 4
+LSR = 5
+MSR = 6
+SCR = 7
+DLL = 0  # while LCR.DLAB
+DLM = 1
+
+IER_RDI = 0x01    # receive data available
+IER_THRI = 0x02   # transmitter holding register empty
+IER_RLSI = 0x04   # receiver line status (accepted, never raised)
+IER_MSI = 0x08    # modem status change
+IER_MASK = 0x0F
+
+IIR_NO_INT = 0x01
+IIR_MSI = 0x00
+IIR_THRI = 0x02
+IIR_RDI = 0x04
+IIR_FIFO_ENABLED = 0xC0
+
+FCR_ENABLE_FIFO = 0x01
+FCR_CLEAR_RCVR = 0x02
+FCR_CLEAR_XMIT = 0x04
+FCR_STORED_BITS = 0xC9  # enable, DMA mode, trigger level; the clear bits self-reset
+
+LCR_DLAB = 0x80
+
+MCR_DTR = 0x01
+MCR_RTS = 0x02
+MCR_OUT1 = 0x04
+MCR_OUT2 = 0x08
+MCR_LOOP = 0x10
+MCR_MASK = 0x1F
+
+LSR_DR = 0x01
+LSR_OE = 0x02
+LSR_THRE = 0x20
+LSR_TEMT = 0x40
+
+MSR_DCTS = 0x01
+MSR_DDSR = 0x02
+MSR_TERI = 0x04
+MSR_DDCD = 0x08
+MSR_CTS = 0x10
+MSR_DSR = 0x20
+MSR_RI = 0x40
+MSR_DCD = 0x80
+MSR_DELTA_MASK = 0x0F
+# Outside loopback a terminal is always attached and ready; RI is never rung.
+MSR_LINES_CONNECTED = MSR_DCD | MSR_DSR | MSR_CTS
+
+RX_FIFO_CAPACITY = 64
+DEFAULT_DIVISOR = 12  # 9600 baud: meaningless for a virtual line, kept for guests that read it back
+BAUD_BASE = 115200
+
+
+@dataclass
+class UartStats:
+    tx_bytes: int = 0       # bytes handed to `output`
+    rx_bytes: int = 0       # host bytes accepted into the receive FIFO
+    rx_overruns: int = 0    # bytes dropped because the FIFO was full (LSR.OE set)
+    rx_discarded: int = 0   # host bytes dropped while in loopback (the serial input is disconnected)
+    loopback_bytes: int = 0  # THR bytes looped back into the receive FIFO
+
+
+class Uart16550:
+    """A 16550A. `output` is called with each transmitted byte, under the device lock:
+    it must not call back into this UART."""
+
+    def __init__(self, irq: IrqLine, output: Callable[[bytes], None], *,
+                 rx_capacity: int = RX_FIFO_CAPACITY) -> None:
+        if rx_capacity < 16:
+            raise ValueError(f"a 16550A receive FIFO holds at least 16 bytes, not {rx_capacity}")
+        self._irq = irq
+        self._output = output
+        self.rx_capacity = rx_capacity
+        self.stats = UartStats()
+        self._lock = threading.Lock()
+        # Host input threads wait on this for the guest to drain the receive FIFO.
+        self._rx_drained = threading.Condition(self._lock)
+        self._rx: deque[int] = deque()
+        self._irq_level = False
+        self._overrun_logged = False
+        self._power_on()
+
+    def _power_on(self) -> None:
+        self._dll = DEFAULT_DIVISOR & 0xFF
+        self._dlm = DEFAULT_DIVISOR >> 8
+        self._ier = 0
+        self._fcr = 0
+        self._lcr = 0
+        self._mcr = 0
+        self._scr = 0
+        self._overrun = False
+        self._msr_delta = 0
+        self._thre_pending = False
+        self._rx.clear()
+
+    # --- guest side ---------------------------------------------------------------------
+
+    def read(self, offset: int, size: int) -> bytes:
+        with self._lock:
+            data = bytes(self._read_register(offset + i) for i in range(size))
+            self._update_irq()
+        return data
+
+    def write(self, offset: int, data: bytes) -> None:
+        with self._lock:
+            for i, value in enumerate(data):
+                self._write_register(offset + i, value)
+            self._update_irq()
+
+    def _read_register(self, offset: int) -> int:
+        dlab = self._lcr & LCR_DLAB
+        if offset == RBR_THR:
+            return self._dll if dlab else self._pop_rx()
+        if offset == IER:
+            return self._dlm if dlab else self._ier
+        if offset == IIR_FCR:
+            return self._read_iir()
+        if offset == LCR:
+            return self._lcr
+        if offset == MCR:
+            return self._mcr
+        if offset == LSR:
+            value = self._lsr()
+            self._overrun = False  # OE is cleared by reading LSR
+            return value
+        if offset == MSR:
+            value = self._msr_lines() | self._msr_delta
+            self._msr_delta = 0  # delta bits are cleared by reading MSR
+            return value
+        if offset == SCR:
+            return self._scr
+        return 0xFF
+
+    def _write_register(self, offset: int, value: int) -> None:
+        dlab = self._lcr & LCR_DLAB
+        if offset == RBR_THR:
+            if dlab:
+                self._dll = value
+            else:
+                self._transmit(value)
+        elif offset == IER:
+            if dlab:
+                self._dlm = value
+            else:
+                self._write_ier(value)
+        elif offset == IIR_FCR:
+            self._write_fcr(value)
+        elif offset == LCR:
+            if (value ^ self._lcr) & ~LCR_DLAB:
+                log.debug("uart: line control %#04x", value)
+            self._lcr = value
+        elif offset == MCR:
+            self._write_mcr(value)
+        elif offset == SCR:
+            self._scr = value
+        # LSR and MSR writes are factory-test features of the real chip: ignored.
+
+    def _transmit(self, value: int) -> None:
+        # Writing THR clears the THRE interrupt; the instant transmitter empties at once and
+        # raises it again. The line drops in between so edge-triggered controllers see a new edge.
+        self._thre_pending = False
+        self._update_irq()
+        try:
+            if self._mcr & MCR_LOOP:
+                self.stats.loopback_bytes += 1
+                self._push_rx(value)
+            else:
+                self._output(bytes((value,)))
+                self.stats.tx_bytes += 1
+        finally:
+            self._thre_pending = bool(self._ier & IER_THRI)
+
+    def _write_ier(self, value: int) -> None:
+        value &= IER_MASK
+        newly_enabled = value & ~self._ier
+        self._ier = value
+        if not value & IER_THRI:
+            self._thre_pending = False
+        elif newly_enabled & IER_THRI:
+            self._thre_pending = True  # THR is always empty: enabling ETBEI interrupts at once
+
+    def _write_fcr(self, value: int) -> None:
+        if not value & FCR_ENABLE_FIFO:
+            value = 0  # the other FCR bits only take when the FIFO enable bit is written with them
+        if (value ^ self._fcr) & FCR_ENABLE_FIFO:
+            value |= FCR_CLEAR_RCVR | FCR_CLEAR_XMIT  # switching FIFO mode empties both FIFOs
+        if value & FCR_CLEAR_RCVR:
+            self._clear_rx()
+        # The transmit FIFO is always empty: nothing to clear.
+        self._fcr = value & FCR_STORED_BITS
+
+    def _write_mcr(self, value: int) -> None:
+        was_loopback = self._mcr & MCR_LOOP
+        old_lines = self._msr_lines()
+        self._mcr = value & MCR_MASK
+        new_lines = self._msr_lines()
+        changed = old_lines ^ new_lines
+        if changed & MSR_CTS:
+            self._msr_delta |= MSR_DCTS
+        if changed & MSR_DSR:
+            self._msr_delta |= MSR_DDSR
+        if changed & MSR_DCD:
+            self._msr_delta |= MSR_DDCD
+        if old_lines & MSR_RI and not new_lines & MSR_RI:
+            self._msr_delta |= MSR_TERI  # trailing edge of ring indicator only
+        if was_loopback and not self._mcr & MCR_LOOP:
+            self._rx_drained.notify_all()  # host input is accepted again
+
+    def _msr_lines(self) -> int:
+        mcr = self._mcr
+        if not mcr & MCR_LOOP:
+            return MSR_LINES_CONNECTED
+        # Loopback wires the modem outputs back to the inputs (Linux's autoconfig checks this).
+        lines = 0
+        if mcr & MCR_RTS:
+            lines |= MSR_CTS
+        if mcr & MCR_DTR:
+            lines |= MSR_DSR
+        if mcr & MCR_OUT1:
+            lines |= MSR_RI
+        if mcr & MCR_OUT2:
+            lines |= MSR_DCD
+        return lines
+
+    def _lsr(self) -> int:
+        value = LSR_THRE | LSR_TEMT
+        if self._rx:
+            value |= LSR_DR
+        if self._overrun:
+            value |= LSR_OE
+        return value
+
+    def _interrupt_id(self) -> int:
+        if self._rx and self._ier & IER_RDI:
+            return IIR_RDI
+        if self._thre_pending:
+            return IIR_THRI
+        if self._msr_delta and self._ier & IER_MSI:
+            return IIR_MSI
+        return IIR_NO_INT
+
+    def _read_iir(self) -> int:
+        interrupt_id = self._interrupt_id()
+        if interrupt_id == IIR_THRI:
+            self._thre_pending = False  # reading IIR acknowledges a THRE interrupt
+        return interrupt_id | (IIR_FIFO_ENABLED if self._fcr & FCR_ENABLE_FIFO else 0)
+
+    def _update_irq(self) -> None:
+        level = self._interrupt_id() != IIR_NO_INT and bool(self._mcr & MCR_OUT2)
+        if level != self._irq_level:
+            self._irq_level = level
+            self._irq.set_level(level)
+
+    def _pop_rx(self) -> int:
+        if not self._rx:
+            return 0
+        value = self._rx.popleft()
+        self._rx_drained.notify_all()
+        return value
+
+    def _push_rx(self, value: int) -> bool:
+        if len(self._rx) >= self.rx_capacity:
+            self._overrun = True
+            self.stats.rx_overruns += 1
+            if not self._overrun_logged:
+                self._overrun_logged = True
+                log.info("uart: receive FIFO full, input dropped (further overruns only counted)")
+            return False
+        self._rx.append(value)
+        return True
+
+    def _clear_rx(self) -> None:
+        self._rx.clear()
+        self._rx_drained.notify_all()
+
+    # --- host side ----------------------------------------------------------------------
+
+    def receive(self, data: bytes) -> int:
+        """Queue host input for the guest; returns how many bytes were accepted.
+
+        Bytes that do not fit are dropped and counted as overruns (LSR.OE): check
+        `rx_space()` or `wait_rx_space()` first to avoid that. In loopback the serial
+        input is disconnected, so everything is discarded."""
+        with self._lock:
+            if self._mcr & MCR_LOOP:
+                self.stats.rx_discarded += len(data)
+                return 0
+            accepted = 0
+            for value in data:
+                if not self._push_rx(value):
+                    self.stats.rx_overruns += len(data) - accepted - 1
+                    break
+                accepted += 1
+            self.stats.rx_bytes += accepted
+            self._update_irq()
+        return accepted
+
+    def _rx_space_locked(self) -> int:
+        if self._mcr & MCR_LOOP:
+            return 0
+        return self.rx_capacity - len(self._rx)
+
+    def rx_space(self) -> int:
+        """How many bytes `receive()` would accept now (0 while in loopback)."""
+        with self._lock:
+            return self._rx_space_locked()
+
+    def wait_rx_space(self, timeout: float | None = None) -> int:
+        """Block until `receive()` would accept at least one byte, or `timeout` passes;
+        returns the space then available."""
+        with self._rx_drained:
+            self._rx_drained.wait_for(lambda: self._rx_space_locked() > 0, timeout)
+            return self._rx_space_locked()
+
+    @property
+    def divisor(self) -> int:
+        with self._lock:
+            return self._dlm << 8 | self._dll
+
+    @property
+    def baud(self) -> int:
+        divisor = self.divisor
+        return BAUD_BASE // divisor if divisor else 0
+
+    @property
+    def irq_level(self) -> bool:
+        """The level this UART drives on its interrupt line."""
+        with self._lock:
+            return self._irq_level
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Back to power-on state (machine reset); the receive FIFO is emptied."""
+        with self._lock:
+            self._power_on()
+            self._rx_drained.notify_all()
+            self._update_irq()
+
+    def save(self) -> dict:
+        with self._lock:
+            return {
+                "dll": self._dll,
+                "dlm": self._dlm,
+                "ier": self._ier,
+                "fcr": self._fcr,
+                "lcr": self._lcr,
+                "mcr": self._mcr,
+                "scr": self._scr,
+                "overrun": self._overrun,
+                "msr_delta": self._msr_delta,
+                "thre_pending": self._thre_pending,
+                "rx_fifo": list(self._rx),
+            }
+
+    def restore(self, state: dict) -> None:
+        """Load a `save()` result. The interrupt line is driven to the restored level
+        (set_level is called even if unchanged, so a fresh line matches the device)."""
+        fifo = state.get("rx_fifo")
+        if not isinstance(fifo, list) or not all(isinstance(b, int) and 0 <= b <= 0xFF for b in fifo):
+            raise ValueError("uart state: rx_fifo must be a list of byte values")
+        if len(fifo) > self.rx_capacity:
+            raise ValueError(f"uart state: {len(fifo)} bytes in rx_fifo, capacity is {self.rx_capacity}")
+        with self._lock:
+            self._dll = _byte(state, "dll")
+            self._dlm = _byte(state, "dlm")
+            self._ier = _byte(state, "ier") & IER_MASK
+            self._fcr = _byte(state, "fcr") & FCR_STORED_BITS
+            self._lcr = _byte(state, "lcr")
+            self._mcr = _byte(state, "mcr") & MCR_MASK
+            self._scr = _byte(state, "scr")
+            self._msr_delta = _byte(state, "msr_delta") & MSR_DELTA_MASK
+            self._overrun = bool(state.get("overrun", False))
+            self._thre_pending = bool(state.get("thre_pending", False)) and bool(self._ier & IER_THRI)
+            self._rx = deque(fifo)
+            self._irq_level = self._interrupt_id() != IIR_NO_INT and bool(self._mcr & MCR_OUT2)
+            self._irq.set_level(self._irq_level)
+            self._rx_drained.notify_all()
+
+
+def _byte(state: dict, key: str) -> int:
+    value = state.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 0xFF:
+        raise ValueError(f"uart state: {key} must be a byte value, got {value!r}")
+    return value

@@ -1,0 +1,34 @@
+"""Run a VM to its end from a config: the reboot loop around build_vm()."""
+
+from __future__ import annotations
+
+import logging
+
+from .builder import build_vm
+from .config import VmConfig
+from .vm import EXIT_OK, VmOutcome
+
+log = logging.getLogger(__name__)
+
+DEMO_GUEST = "hello"
+
+
+def default_kernel() -> str:
+    """The built-in demo guest, assembled on first use (until Linux guests exist)."""
+    from .guests import build
+
+    return str(build(DEMO_GUEST))
+
+
+def run_vm(config: VmConfig, console) -> VmOutcome:
+    """Boot `config` with `console` as COM1 until the guest ends; `--reboot` restarts it on reset."""
+    kernel = config.kernel or default_kernel()
+    while True:
+        vm = build_vm(config, console.write, kernel_path=kernel)
+        console.attach(vm.devices["com1"],
+                       on_quit=lambda: vm.request_stop(VmOutcome("quit", EXIT_OK, "quit from the console (C-a x)")))
+        outcome = vm.run(config.timeout)
+        if outcome.reason == "reset" and config.reboot:
+            log.info("the guest reset the machine: rebooting (--reboot)")
+            continue
+        return outcome

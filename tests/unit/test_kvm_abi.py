@@ -1,0 +1,105 @@
+"""The ctypes mirrors in pyvmm.kvm match the kernel headers installed on this machine.
+
+A C probe compiled against <linux/kvm.h> prints sizes, field offsets and ioctl
+numbers; each must equal what pyvmm computes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+
+import pytest
+
+from pyvmm.kvm import ioctls, uapi
+
+STRUCTS = [name for name in dir(uapi) if name.startswith("kvm_") and isinstance(getattr(uapi, name), type)
+           and issubclass(getattr(uapi, name), (ctypes.Structure, ctypes.Union))]
+# pyvmm names for anonymous or flexible C structs -> the C expression to measure
+C_NAMES = {
+    "kvm_cpuid2_header": "struct kvm_cpuid2",
+    "kvm_msrs_header": "struct kvm_msrs",
+    "kvm_msr_list_header": "struct kvm_msr_list",
+    "kvm_run_exit": None,  # checked through kvm_run's field offsets
+    "kvm_run_io": None, "kvm_run_mmio": None, "kvm_run_fail_entry": None, "kvm_run_ex": None,
+    "kvm_run_internal": None, "kvm_run_system_event": None, "kvm_run_debug_arch": None, "kvm_run_msr": None,
+}
+OFFSETS = [
+    ("kvm_run", "exit_reason", "exit_reason"),
+    ("kvm_run", "immediate_exit", "immediate_exit"),
+    ("kvm_run", "exit", "io"),
+    ("kvm_run", "kvm_valid_regs", "kvm_valid_regs"),
+    ("kvm_run", "s", "s"),
+    ("kvm_sregs", "efer", "efer"),
+    ("kvm_sregs", "interrupt_bitmap", "interrupt_bitmap"),
+    ("kvm_fpu", "xmm", "xmm"),
+    ("kvm_fpu", "mxcsr", "mxcsr"),
+    ("kvm_vcpu_events", "sipi_vector", "sipi_vector"),
+    ("kvm_vcpu_events", "exception_payload", "exception_payload"),
+    ("kvm_ioeventfd", "flags", "flags"),
+    ("kvm_irqfd", "resamplefd", "resamplefd"),
+    ("kvm_pit_state2", "flags", "flags"),
+]
+RUN_EXIT_OFFSETS = [
+    ("io", "port"), ("io", "data_offset"), ("mmio", "phys_addr"), ("mmio", "len"), ("mmio", "is_write"),
+    ("internal", "data"), ("system_event", "type"), ("fail_entry", "cpu"),
+]
+
+
+def _probe_source() -> str:
+    lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <linux/kvm.h>", "int main(void) {"]
+    for name in STRUCTS:
+        c_name = C_NAMES.get(name, f"struct {name}")
+        if c_name:
+            lines.append(f'printf("size {name} %zu\\n", sizeof({c_name}));')
+    for struct, py_field, c_field in OFFSETS:
+        member = "io" if py_field == "exit" else c_field
+        lines.append(f'printf("offset {struct}.{py_field} %zu\\n", offsetof(struct {struct}, {member}));')
+    for union_member, field in RUN_EXIT_OFFSETS:
+        lines.append(f'printf("runexit {union_member}.{field} %zu\\n", offsetof(struct kvm_run, {union_member}.{field}));')
+    for name in ioctls.ALL:
+        lines.append(f'printf("ioctl {name} %lu\\n", (unsigned long)({name}));')
+    lines.append("return 0; }")
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def kernel_abi(tmp_path_factory) -> dict[str, int]:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.fail("no C compiler: the ABI check needs gcc and the Linux UAPI headers (linux-libc-dev)")
+    directory = tmp_path_factory.mktemp("abi")
+    source, binary = directory / "probe.c", directory / "probe"
+    source.write_text(_probe_source())
+    subprocess.run([cc, "-o", str(binary), str(source)], check=True, capture_output=True)
+    output = subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout
+    return {f"{kind} {key}": int(value) for kind, key, value in (line.split() for line in output.splitlines())}
+
+
+@pytest.mark.parametrize("name", [n for n in STRUCTS if C_NAMES.get(n, True)])
+def test_struct_size_matches_kernel(kernel_abi, name):
+    assert ctypes.sizeof(getattr(uapi, name)) == kernel_abi[f"size {name}"]
+
+
+@pytest.mark.parametrize("struct,py_field,c_field", OFFSETS)
+def test_field_offset_matches_kernel(kernel_abi, struct, py_field, c_field):
+    assert getattr(getattr(uapi, struct), py_field).offset == kernel_abi[f"offset {struct}.{py_field}"]
+
+
+@pytest.mark.parametrize("member,field", RUN_EXIT_OFFSETS)
+def test_kvm_run_exit_union_offsets(kernel_abi, member, field):
+    union_type = dict(uapi.kvm_run_exit._fields_)[member]
+    offset = uapi.kvm_run.exit.offset + getattr(union_type, field).offset
+    assert offset == kernel_abi[f"runexit {member}.{field}"]
+
+
+@pytest.mark.parametrize("name", sorted(ioctls.ALL))
+def test_ioctl_number_matches_kernel(kernel_abi, name):
+    assert ioctls.ALL[name] == kernel_abi[f"ioctl {name}"]
+
+
+def test_every_struct_is_size_checked_at_import():
+    for name in STRUCTS:
+        if C_NAMES.get(name, True):
+            assert getattr(uapi, name) in uapi.ABI_SIZES, f"{name} has no ABI size assertion"
