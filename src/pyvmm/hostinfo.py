@@ -16,8 +16,6 @@ from pathlib import Path
 
 from .kvm import Kvm, uapi
 
-CALIBRATE_PORT = 0x510
-ITERATIONS_ADDRESS = 0x30000  # the guest reads KERNEL_ITERS, USER_ITERS (u32 each) here
 KERNEL_ITERATIONS = 20_000
 USER_ITERATIONS = 20_000_000
 INSTRUCTIONS_PER_ITERATION = 2  # dec + jnz
@@ -69,17 +67,23 @@ class Calibration:
         return self.slowdown > EMULATION_THRESHOLD
 
 
-class _MarkerPort:
-    """Timestamps each phase marker the calibration guest writes."""
+class _Markers:
+    """Timestamps each phase marker the calibration guest writes; the last one ends the VM."""
 
-    def __init__(self) -> None:
+    LAST = 4
+
+    def __init__(self, on_last) -> None:
         self.marks: dict[int, float] = {}
+        self._on_last = on_last
 
     def read(self, offset: int, size: int) -> bytes:
         return b"\xff" * size
 
     def write(self, offset: int, data: bytes) -> None:
-        self.marks[int.from_bytes(data, "little")] = time.perf_counter()
+        marker = int.from_bytes(data, "little")
+        self.marks[marker] = time.perf_counter()
+        if marker == self.LAST:
+            self._on_last()
 
 
 class CalibrationError(RuntimeError):
@@ -90,15 +94,16 @@ def calibrate(timeout: float = 60.0) -> Calibration:
     """Boot the calibration guest on KVM and time its two loops."""
     from .builder import build_vm
     from .config import VmConfig
-    from .guests import build
+    from .guests import CALIBRATE_KERNEL_ITERS_ADDR, CALIBRATE_MMIO, build
+    from .vm import EXIT_OK, VmOutcome
 
     config = VmConfig(memory=16 << 20, cpus=1)
     vm = build_vm(config, lambda data: None, kernel_path=str(build("calibrate")))
-    markers = _MarkerPort()
-    vm.pio_bus.register(CALIBRATE_PORT, 4, markers, "calibration")
-    vm.memory.write(ITERATIONS_ADDRESS, struct.pack("<II", KERNEL_ITERATIONS, USER_ITERATIONS))
+    markers = _Markers(lambda: vm.request_stop(VmOutcome("poweroff", EXIT_OK, "calibration done")))
+    vm.mmio_bus.register(CALIBRATE_MMIO, 4, markers, "calibration")
+    vm.memory.write(CALIBRATE_KERNEL_ITERS_ADDR, struct.pack("<II", KERNEL_ITERATIONS, USER_ITERATIONS))
     outcome = vm.run(timeout)
-    if outcome.reason != "debug-exit" or not all(m in markers.marks for m in (1, 2, 3, 4)):
+    if not all(m in markers.marks for m in (1, 2, 3, 4)):
         raise CalibrationError(f"the calibration guest did not finish: {outcome.message}")
     return Calibration(markers.marks[2] - markers.marks[1], markers.marks[4] - markers.marks[3])
 

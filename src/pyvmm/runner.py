@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from .builder import build_vm
 from .config import VmConfig
@@ -23,11 +24,14 @@ def default_kernel() -> str:
 def run_vm(config: VmConfig, console) -> VmOutcome:
     """Boot `config` with `console` as COM1 until the guest ends; `--reboot` restarts it on reset."""
     kernel = config.kernel or default_kernel()
+    deadline = None if config.timeout is None else time.monotonic() + config.timeout
     while True:
         vm = build_vm(config, console.write, kernel_path=kernel)
         console.attach(vm.devices["com1"],
                        on_quit=lambda: vm.request_stop(VmOutcome("quit", EXIT_OK, "quit from the console (C-a x)")))
-        outcome = vm.run(config.timeout)
+        # --timeout bounds the whole run, reboots included
+        remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        outcome = vm.run(remaining)
         if outcome.reason == "reset" and config.reboot:
             log.info("the guest reset the machine: rebooting (--reboot)")
             continue

@@ -83,7 +83,7 @@ class Vm:
         self.start()
         try:
             if self.wait(timeout) is None:
-                self.request_stop(VmOutcome("timeout", EXIT_TIMEOUT, f"the guest was still running after {timeout:g} s (--timeout)"))
+                self.request_stop(VmOutcome("timeout", EXIT_TIMEOUT, "the guest was still running when the time limit (--timeout) expired"))
         except KeyboardInterrupt:
             self.request_stop(VmOutcome("interrupted", EXIT_INTERRUPTED, "interrupted"))
         finally:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "CALIBRATE_KERNEL_ITERS_ADDR",
-    "CALIBRATE_PORT",
+    "CALIBRATE_MMIO",
     "CALIBRATE_USER_ITERS_ADDR",
     "DEBUG_EXIT_PORT",
     "EXITBENCH_MMIO_ADDR",
@@ -52,7 +52,7 @@ LINKER_SCRIPT = SOURCE_DIR / "guest.ld"
 
 # Guest-visible protocol constants (mirrored in the .S files).
 DEBUG_EXIT_PORT = 0xF4
-CALIBRATE_PORT = 0x510                 # markers 1, 2 (kernel loop), 3, 4 (user loop)
+CALIBRATE_MMIO = 0xD0001000           # u32 markers 1, 2 (kernel loop), 3, 4 (user loop)
 CALIBRATE_KERNEL_ITERS_ADDR = 0x30000  # u32 LE, written by the VMM before start
 CALIBRATE_USER_ITERS_ADDR = 0x30004    # u32 LE
 EXITBENCH_PIO_PORT = 0x80
@@ -82,7 +82,7 @@ GUESTS: dict[str, GuestInfo] = {
         GuestInfo("smp", 32, "INIT/SIPI bring-up of cpus=N CPUs; debug-exits with the CPU count"),
         GuestInfo("triple", 32, "loads an empty IDT and executes int3 to triple-fault"),
         GuestInfo("hello64", 64, "smallest long-mode guest: greeting, then debug exit 0x2a"),
-        GuestInfo("calibrate", 64, "times CPL0 vs CPL3 loops, markers on port 0x510, iterations at 0x30000"),
+        GuestInfo("calibrate", 64, "times CPL0 vs CPL3 loops, MMIO markers at 0xD0001000, iterations at 0x30000"),
         GuestInfo("exitbench", 32, "pio=N pior=N mmio=M exits in tight loops, then debug exit 0"),
     )
 }

@@ -7,13 +7,14 @@
 #   physical 0x30004: USER_ITERS   (u32, little-endian)
 # Each iteration is "dec %ecx; jnz" = 2 instructions; 0 iterations runs none.
 #
-# Protocol, all 32-bit "outl" writes to port 0x510:
+# Protocol, all 32-bit MMIO writes to physical 0xD0001000 (MMIO, not port I/O:
+# a nested KVM that runs guest user code in hardware ring 3 may refuse port I/O
+# at CPL 3 even with IOPL 3, while an MMIO exit works at any privilege level):
 #   1  -> KERNEL_ITERS iterations at CPL 0 -> 2
-#   then the guest loads its own GDT and stack and IRETQs to CPL 3 with
-#   RFLAGS = 0x3002 (IOPL 3 so user mode may do port I/O, IF = 0):
+#   then the guest loads its own GDT and stack and IRETQs to CPL 3 (IF = 0):
 #   3  -> USER_ITERS iterations at CPL 3   -> 4
-#   then from CPL 3: debug exit with value 0 (write 0 to port 0xf4, status 1).
-# If the debug exit returns, user mode spins on pause forever (hlt would #GP).
+# The VMM stops the VM when it sees 4; until then user mode spins on pause
+# (hlt would #GP).
 #
 # Own GDT:
 #   0x00 null
@@ -25,15 +26,14 @@
 # The user code and stack live in this image; pyvmm's identity map marks every
 # page user-accessible, so they run in place.
 
-        .set CALIB_PORT, 0x510
-        .set DEBUG_EXIT_PORT, 0xf4
+        .set CALIB_MMIO, 0xD0001000
         .set KERNEL_ITERS_ADDR, 0x30000
         .set USER_ITERS_ADDR, 0x30004
         .set KERNEL_CS, 0x08
         .set KERNEL_DS, 0x10
         .set USER_DS, 0x18 | 3
         .set USER_CS, 0x20 | 3
-        .set USER_RFLAGS, 0x3002        # IOPL = 3, reserved bit 1, IF = 0
+        .set USER_RFLAGS, 0x0002        # reserved bit 1, IF = 0
 
         .bss
         .p2align 4
@@ -66,17 +66,15 @@ _start:
         cli
         cld
         leaq kernel_stack_top(%rip), %rsp
-        movw $CALIB_PORT, %dx
+        movl $CALIB_MMIO, %edi
         movl KERNEL_ITERS_ADDR, %ecx    # read before the marker: time only the loop
-        movl $1, %eax
-        outl %eax, %dx
+        movl $1, (%rdi)
         testl %ecx, %ecx
         jz 2f
         .p2align 4
 1:      decl %ecx
         jnz 1b
-2:      movl $2, %eax
-        outl %eax, %dx
+2:      movl $2, (%rdi)
 
         # Switch to our GDT; reload CS with a far return, then the data segments.
         lgdt gdtr(%rip)
@@ -102,18 +100,14 @@ _start:
 
 # CPL 3 from here on.
 user_entry:
-        movw $CALIB_PORT, %dx
+        movl $CALIB_MMIO, %edi
         movl USER_ITERS_ADDR, %ecx
-        movl $3, %eax
-        outl %eax, %dx
+        movl $3, (%rdi)
         testl %ecx, %ecx
         jz 2f
         .p2align 4
 1:      decl %ecx
         jnz 1b
-2:      movl $4, %eax
-        outl %eax, %dx
-        xorl %eax, %eax
-        outl %eax, $DEBUG_EXIT_PORT
+2:      movl $4, (%rdi)
 3:      pause
         jmp 3b

@@ -40,6 +40,8 @@ class KvmFd:
     def __init__(self, fd: int) -> None:
         self.fd = fd
 
+    fd = -1  # until __init__ succeeds, so close() and __del__ are always safe
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

@@ -13,6 +13,11 @@ from .fd import KvmFd, ioctl
 DEFAULT_DEVICE = "/dev/kvm"
 
 
+def default_device() -> str:
+    """/dev/kvm, unless PYVMM_KVM_DEVICE names another node (tests, containers)."""
+    return os.environ.get("PYVMM_KVM_DEVICE", DEFAULT_DEVICE)
+
+
 @dataclass(frozen=True)
 class CpuidEntry:
     """One CPUID leaf/subleaf as KVM reports or accepts it."""
@@ -29,7 +34,8 @@ class CpuidEntry:
 class Kvm(KvmFd):
     """The KVM system fd. Raises KvmUnavailable with a one-line reason when KVM can't be used."""
 
-    def __init__(self, path: str = DEFAULT_DEVICE) -> None:
+    def __init__(self, path: str | None = None) -> None:
+        path = path or default_device()
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
