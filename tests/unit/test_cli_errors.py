@@ -1,0 +1,71 @@
+"""`pyvmm` command-line errors that need no KVM: one line on stderr, exit status 2, no traceback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+NO_KVM = "/nonexistent/kvm"
+
+
+def pyvmm(*args, timeout=120):
+    env = dict(os.environ, PYVMM_KVM_DEVICE=NO_KVM)
+    return subprocess.run(
+        [sys.executable, "-m", "pyvmm.cli", *args],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, timeout=timeout,
+    )
+
+
+def assert_one_line_error(result, *mentions):
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("pyvmm: error:"), lines[0]
+    if mentions:
+        assert any(m in lines[0] for m in mentions), lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, mention",
+    [
+        (["run", "--memory", "0"], "--memory"),
+        (["run", "--memory", "1M"], "--memory"),
+        (["run", "--memory", "3000k"], "--memory"),      # 2.9 MiB: not a multiple of 4 KiB
+        (["run", "--cpus", "0"], "--cpus"),
+        (["run", "--memory", "banana"], "banana"),
+        (["run", "--memory", "1.5G"], "1.5G"),
+        (["run", "--timeout", "0"], "--timeout"),
+    ],
+)
+def test_bad_config_is_one_line(args, mention):
+    assert_one_line_error(pyvmm(*args), mention)
+
+
+def test_unknown_cpu_feature_is_one_line_naming_the_feature():
+    # A typo in --cpu-hide is bad input: it should be reported as such, not as a missing KVM device.
+    line = assert_one_line_error(pyvmm("run", "--cpu-hide", "notafeature"))
+    assert "notafeature" in line
+    assert NO_KVM not in line
+
+
+def test_missing_kernel_is_one_line():
+    assert_one_line_error(pyvmm("run", "--kernel", "/nonexistent/file"), "/nonexistent/file", NO_KVM)
+
+
+def test_missing_kvm_device_is_one_line():
+    # With valid arguments the first thing to fail is opening the (absent) KVM device.
+    assert_one_line_error(pyvmm("run", "--kernel", sys.executable), NO_KVM)
+
+
+def test_load_address_without_kernel_is_one_line():
+    assert_one_line_error(pyvmm("run", "--load-address", "0x100000"), "--kernel")
+
+
+def test_no_command_exits_2():
+    result = pyvmm()
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "usage:" in result.stdout + result.stderr

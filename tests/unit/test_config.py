@@ -1,0 +1,95 @@
+"""Size parsing and VmConfig validation (src/pyvmm/config.py)."""
+
+import pytest
+
+from pyvmm.config import ConfigError, VmConfig, parse_size
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("256M", 256 * MiB),
+        ("256m", 256 * MiB),
+        ("1G", GiB),
+        ("512", 512 * MiB),          # no unit: MiB
+        ("64k", 64 * KiB),
+        ("64K", 64 * KiB),
+        ("2GiB", 2 * GiB),
+        ("2gib", 2 * GiB),
+        ("16MB", 16 * MiB),
+        ("1T", 1 << 40),
+        ("  128M  ", 128 * MiB),
+        ("\t4G\n", 4 * GiB),
+        ("8 M", 8 * MiB),
+        ("0", 0),
+    ],
+)
+def test_parse_size_accepts(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "   ", "-1M", "1.5G", "12X", "M", "G1", "1 G G", "0x100M", "1e3", "banana"])
+def test_parse_size_rejects(text):
+    with pytest.raises(ConfigError) as info:
+        parse_size(text)
+    message = str(info.value)
+    assert "\n" not in message
+    assert repr(text) in message       # the offending input is quoted back
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+def test_default_config_is_valid():
+    VmConfig().validate()
+    VmConfig().validate(max_vcpus=1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, max_vcpus, needle",
+    [
+        ({"memory": 0}, None, "--memory"),
+        ({"memory": -MiB}, None, "--memory"),
+        ({"memory": MiB}, None, "--memory"),
+        ({"memory": 2 * MiB - 4 * KiB}, None, "--memory"),
+        ({"memory": 2 * MiB + 1}, None, "--memory"),
+        ({"memory": 256 * MiB + 512}, None, "--memory"),
+        ({"cpus": 0}, None, "--cpus"),
+        ({"cpus": -3}, None, "--cpus"),
+        ({"cpus": 5}, 4, "--cpus"),
+        ({"cpus": 256}, None, "--cpus"),
+        ({"timeout": 0}, None, "--timeout"),
+        ({"timeout": -1.5}, None, "--timeout"),
+    ],
+)
+def test_validate_rejects(kwargs, max_vcpus, needle):
+    with pytest.raises(ConfigError) as info:
+        VmConfig(**kwargs).validate(max_vcpus=max_vcpus)
+    message = str(info.value)
+    assert message and "\n" not in message
+    assert needle in message
+
+
+def test_cpus_over_host_limit_names_the_limit():
+    with pytest.raises(ConfigError) as info:
+        VmConfig(cpus=9).validate(max_vcpus=8)
+    assert "8" in str(info.value) and "9" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs, max_vcpus",
+    [
+        ({"memory": 2 * MiB}, None),            # the minimum
+        ({"memory": 2 * MiB + 4 * KiB}, None),  # 4 KiB multiple
+        ({"memory": 8 * GiB}, None),
+        ({"cpus": 4}, 4),                       # exactly the host limit
+        ({"cpus": 255}, None),
+        ({"timeout": 0.001}, None),
+        ({"timeout": None}, None),
+    ],
+)
+def test_validate_accepts_edges(kwargs, max_vcpus):
+    VmConfig(**kwargs).validate(max_vcpus=max_vcpus)
