@@ -6,22 +6,26 @@ import re
 from dataclasses import dataclass, field
 
 from .arch.x86_64 import layout
+from .arch.x86_64.cpuid import CpuidPolicy
 
 
 class ConfigError(ValueError):
     """Bad user input; the message is one line fit to print."""
 
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE = re.compile(r"^\s*(\d+)\s*(?:([KMGT])(?:i?B)?|(B))?\s*$", re.IGNORECASE)
+_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def parse_size(text: str) -> int:
-    """'256M', '1G', '512' (MiB when no unit) -> bytes."""
+    """'256M', '1GiB', '64k', '4096B' (bytes), '512' (MiB when no unit) -> bytes."""
     match = _SIZE.match(str(text))
     if not match:
         raise ConfigError(f"invalid size {text!r}: use e.g. 256M or 2G")
-    return int(match.group(1)) * _UNITS[match.group(2).upper()]
+    number, prefix, bytes_suffix = match.groups()
+    if bytes_suffix:
+        return int(number)
+    return int(number) * (_UNITS[prefix.upper()] if prefix else 1 << 20)
 
 
 @dataclass
@@ -53,3 +57,4 @@ class VmConfig:
             raise ConfigError("--cpus: pyvmm supports at most 255 vCPUs (xAPIC IDs)")
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError("--timeout must be positive")
+        CpuidPolicy(set(self.cpu_hide))  # an unknown feature name fails here, before KVM is opened

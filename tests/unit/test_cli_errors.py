@@ -33,7 +33,7 @@ def assert_one_line_error(result, *mentions):
     [
         (["run", "--memory", "0"], "--memory"),
         (["run", "--memory", "1M"], "--memory"),
-        (["run", "--memory", "3000k"], "--memory"),      # 2.9 MiB: not a multiple of 4 KiB
+        (["run", "--memory", "3001k"], "--memory"),      # not a multiple of 4 KiB
         (["run", "--cpus", "0"], "--cpus"),
         (["run", "--memory", "banana"], "banana"),
         (["run", "--memory", "1.5G"], "1.5G"),
@@ -55,9 +55,11 @@ def test_missing_kernel_is_one_line():
     assert_one_line_error(pyvmm("run", "--kernel", "/nonexistent/file"), "/nonexistent/file", NO_KVM)
 
 
-def test_missing_kvm_device_is_one_line():
-    # With valid arguments the first thing to fail is opening the (absent) KVM device.
-    assert_one_line_error(pyvmm("run", "--kernel", sys.executable), NO_KVM)
+def test_missing_kvm_device_is_one_line(tmp_path):
+    # With valid arguments (a flat kernel: cli; hlt) the only thing to fail is opening the absent KVM device.
+    kernel = tmp_path / "flat.bin"
+    kernel.write_bytes(b"\xfa\xf4")
+    assert_one_line_error(pyvmm("run", "--kernel", str(kernel), "--load-address", "0x100000"), NO_KVM)
 
 
 def test_load_address_without_kernel_is_one_line():

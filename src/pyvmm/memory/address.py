@@ -16,6 +16,8 @@ class GuestAddress(int):
     def __add__(self, offset: int) -> "GuestAddress":
         return GuestAddress(int(self) + offset)
 
+    __radd__ = __add__
+
     def __sub__(self, other: int):
         result = int(self) - other
         # address - address is a distance; address - distance is an address

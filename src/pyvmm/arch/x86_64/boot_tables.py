@@ -44,6 +44,7 @@ def gdt_entries() -> list[int]:
 
 def write_gdt(memory) -> DescriptorTable:
     entries = gdt_entries()
+    assert layout.BOOT_GDT + 8 * len(entries) <= layout.BOOT_IDT, "boot GDT would run into the boot IDT"
     for i, descriptor in enumerate(entries):
         memory.write_u64(layout.BOOT_GDT + 8 * i, descriptor)
     memory.write_u64(layout.BOOT_IDT, 0)  # an empty IDT until the kernel installs its own

@@ -119,15 +119,15 @@ def guest_cpuid(supported: list[CpuidEntry], policy: CpuidPolicy, vcpu_index: in
             if entry.function == leaf and entry.index == subleaf:
                 entry = _with_bit(entry, register, bit, False)
         if entry.function == 1:
-            entry = _with_bit(entry, ECX, 31, True)  # we are a hypervisor
-            entry = _with_bit(entry, EDX, 28, vcpu_count > 1)
+            entry = _with_bit(entry, ECX, 31, "hypervisor" not in hidden)  # we are a hypervisor
+            entry = _with_bit(entry, EDX, 28, vcpu_count > 1 and "ht" not in hidden)
             ebx = entry.ebx & 0x0000FFFF
             ebx |= (vcpu_index & 0xFF) << 24
             ebx |= (min(1 << core_bits, 0xFF) if vcpu_count > 1 else 1) << 16
             entry = replace(entry, ebx=ebx)
         elif entry.function == 4 and (entry.eax & 0x1F):
             # cores per package in EAX[31:26]; one thread shares each core's caches
-            eax = (entry.eax & 0x03FFFFFF & ~(0xFFF << 14)) | (((1 << core_bits) - 1) << 26)
+            eax = (entry.eax & 0x03FFFFFF & ~(0xFFF << 14)) | (min((1 << core_bits) - 1, 63) << 26)
             entry = replace(entry, eax=eax)
         elif entry.function in (0xB, 0x1F):
             entry = _topology_leaf(entry, vcpu_index, vcpu_count, core_bits)

@@ -16,8 +16,8 @@ from ...memory.guest_memory import RegionSpec
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
 # Boot structures pyvmm writes below 1 MiB (all in RAM of any size >= MIN_MEMORY).
-BOOT_GDT = 0x0500
-BOOT_IDT = 0x0520
+BOOT_GDT = 0x0500             # 6 descriptors, up to 0x52f
+BOOT_IDT = 0x0540
 ZERO_PAGE = 0x7000            # Linux boot_params
 BOOT_STACK_TOP = 0x8FF0
 PML4 = 0x9000                 # identity page tables: PML4, PDPT, then 4 page directories
