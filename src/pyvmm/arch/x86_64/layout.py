@@ -37,6 +37,26 @@ LAPIC_BASE = 0xFEE00000
 KVM_IDENTITY_MAP = 0xFFFBC000  # one page KVM needs on Intel hosts (real-mode emulation)
 KVM_TSS = 0xFFFBD000           # three pages KVM needs for the TSS of real-mode emulation
 
+# ACPI tables live in the legacy BIOS area (reported reserved), where Linux also scans for the RSDP.
+ACPI_TABLES_START = 0xE0000
+ACPI_TABLES_END = 0x100000
+ACPI_RSDP = ACPI_TABLES_START
+
+# Linux boot structures (PVH start info / boot_params) share the zero page area.
+PVH_START_INFO = 0x6000       # struct hvm_start_info, its memmap and module list (to 0x6fff)
+KERNEL_LOAD_64 = 0x1000000    # default load address of a relocatable bzImage's protected-mode kernel (16 MiB)
+
+# pyvmm's own port I/O platform registers (no legacy chipset behind them).
+ACPI_SLEEP_CONTROL_PORT = 0x600   # FADT hardware-reduced SLEEP_CONTROL_REG: SLP_EN|SLP_TYP=5 -> power off
+ACPI_SLEEP_STATUS_PORT = 0x601    # FADT SLEEP_STATUS_REG
+ACPI_RESET_PORT = 0x602           # FADT RESET_REG: writing ACPI_RESET_VALUE resets the machine
+ACPI_RESET_VALUE = 0x01
+GUEST_NOTIFY_PORT = 0x610         # guest -> VMM events, one byte: 0x01 = init started (boot timer)
+GUEST_STATUS_PORT = 0x611         # guest -> VMM: exit status (one byte) of the command run by init
+
+# Virtual-wire ISA interrupts: IRQ 0 (PIT) arrives at IOAPIC pin 2; the others at pin = IRQ.
+IOAPIC_PINS = 24
+
 MIN_MEMORY = 2 * MiB
 
 
