@@ -153,8 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     ensure_tools(need_qemu=not args.skip_qemu)
     from pyvmm.guests import build
 
+    from pyvmm.kvm import KvmUnavailable
+
     kernel = str(build("exitbench"))
-    tsc_khz = guest_tsc_khz()
+    try:
+        tsc_khz = guest_tsc_khz()
+    except KvmUnavailable as exc:
+        raise SystemExit(f"exit_roundtrip: {exc}")
     # Generous: 3N exits at up to 200 us each, plus start-up / firmware.
     timeout = 60 + 3 * n * 200e-6
     append_n = f"pio={n} pior={n} mmio={n}"
@@ -210,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         tn, t0 = statistics.median(wall_n[name]), statistics.median(wall_0[name])
         diff_us = (tn - t0) / (3 * n) * 1e6
         tsc_us = sum(us[name]) / 3
-        print(f"  {name:<6} T(N)={tn:.3f} s  T(0)={t0:.3f} s  -> {diff_us:.2f} us/exit "
-              f"(TSC method, mean of kinds: {tsc_us:.2f} us; {100 * (diff_us / tsc_us - 1):+.1f}%)")
+        print(f"  {name:<6} T(N)={tn:.3f} s  T(0)={t0:.3f} s  -> {diff_us:.2f} µs/exit "
+              f"(TSC method, mean of kinds: {tsc_us:.2f} µs; {100 * (diff_us / tsc_us - 1):+.1f}%)")
 
     print()
     print("commands (N runs; T(0) runs use the same with", repr(append_0) + "):")

@@ -13,7 +13,7 @@ from typing import Callable
 
 from .arch.x86_64 import boot_tables, layout
 from .arch.x86_64.cpuid import CpuidPolicy
-from .bus import MmioBus, PioBus
+from .bus import MmioBus, PioBus, Window
 from .config import VmConfig
 from .devices.legacy import DebugExit, I8042, Port80, Uart16550
 from .devices.legacy.debug_exit import exit_status
@@ -24,7 +24,7 @@ from .vm import EXIT_OK, Vm, VmOutcome
 log = logging.getLogger(__name__)
 
 COM1_PORT, COM1_IRQ = 0x3F8, 4
-I8042_PORT = 0x60
+I8042_DATA_PORT, I8042_COMMAND_PORT = 0x60, 0x64
 DEBUG_EXIT_PORT = 0xF4
 POST_PORT = 0x80
 
@@ -37,14 +37,15 @@ def build_vm(config: VmConfig, console_write: Callable[[bytes], None], *, accel=
         cleanup.callback(memory.close)
 
         if accel is None:
-            from .accel.kvm import KvmAccelerator
+            from .accel.select import choose_accelerator
 
-            accel = KvmAccelerator()
+            accel = choose_accelerator(config.accel).create()
         cleanup.callback(accel.close)
         accel.setup_platform()
         accel.map_memory(memory)
 
         pio, mmio = PioBus(), MmioBus()
+        accel.connect_buses(pio, mmio)
         vm_ref: list[Vm] = []
 
         def stop(outcome: VmOutcome) -> None:
@@ -56,7 +57,8 @@ def build_vm(config: VmConfig, console_write: Callable[[bytes], None], *, accel=
             "debug-exit", exit_status(value), f"the guest wrote {value:#x} to the debug-exit port")))
         devices = {"com1": uart, "i8042": i8042, "debug-exit": debug_exit, "post": Port80()}
         pio.register(COM1_PORT, 8, uart, "com1")
-        pio.register(I8042_PORT, 5, i8042, "i8042")
+        pio.register(I8042_DATA_PORT, 1, i8042, "i8042-data")
+        pio.register(I8042_COMMAND_PORT, 1, Window(i8042, I8042_COMMAND_PORT - I8042_DATA_PORT), "i8042-command")
         pio.register(DEBUG_EXIT_PORT, 4, debug_exit, "debug-exit")
         pio.register(POST_PORT, 1, devices["post"], "post")
 

@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--console-log", metavar="FILE", help="append the serial console to FILE instead of the terminal")
     run.add_argument("--reboot", action="store_true", help="restart the VM when the guest resets it (default: stop)")
     run.add_argument("--timeout", metavar="SECONDS", type=float, help="stop the VM after SECONDS (exit status 124)")
+    run.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
+                     help="CPU backend: kvm (hardware), tcg (software CPU) or auto (default: KVM when it runs "
+                          "guest kernel code natively, else the software CPU)")
     run.add_argument("--cpu-hide", metavar="FEATURES", default="",
                      help="comma-separated CPUID features to hide from the guest, e.g. xsave,cx16")
 
@@ -101,6 +104,7 @@ def _cmd_run(args) -> int:
         console_log=args.console_log,
         reboot=args.reboot,
         timeout=args.timeout,
+        accel=args.accel,
     )
     config.validate()
     with Console(log_path=config.console_log) as console:

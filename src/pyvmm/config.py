@@ -41,6 +41,7 @@ class VmConfig:
     console_log: str | None = None
     reboot: bool = False
     timeout: float | None = None
+    accel: str = "auto"
 
     def validate(self, max_vcpus: int | None = None) -> None:
         if self.memory <= 0:
@@ -57,4 +58,6 @@ class VmConfig:
             raise ConfigError("--cpus: pyvmm supports at most 255 vCPUs (xAPIC IDs)")
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError("--timeout must be positive")
+        if self.accel not in ("auto", "kvm", "tcg"):
+            raise ConfigError(f"--accel must be one of auto, kvm, tcg (got {self.accel!r})")
         CpuidPolicy(set(self.cpu_hide))  # an unknown feature name fails here, before KVM is opened

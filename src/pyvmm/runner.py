@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 
+from .accel.select import choose_accelerator
 from .builder import build_vm
 from .config import VmConfig
 from .vm import EXIT_OK, VmOutcome
@@ -24,9 +26,12 @@ def default_kernel() -> str:
 def run_vm(config: VmConfig, console) -> VmOutcome:
     """Boot `config` with `console` as COM1 until the guest ends; `--reboot` restarts it on reset."""
     kernel = config.kernel or default_kernel()
+    choice = choose_accelerator(config.accel)
+    if config.accel == "auto":
+        print(f"pyvmm: accelerator {choice.name}: {choice.reason}", file=sys.stderr)
     deadline = None if config.timeout is None else time.monotonic() + config.timeout
     while True:
-        vm = build_vm(config, console.write, kernel_path=kernel)
+        vm = build_vm(config, console.write, kernel_path=kernel, accel=choice.create())
         console.attach(vm.devices["com1"],
                        on_quit=lambda: vm.request_stop(VmOutcome("quit", EXIT_OK, "quit from the console (C-a x)")))
         # --timeout bounds the whole run, reboots included

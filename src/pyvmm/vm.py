@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass
 
 from .kvm.exits import (
-    DebugExit, FailEntry, Hlt, InternalError, Interrupted, IoIn, IoOut, IrqWindowOpen,
+    DebugExit, EmulationError, FailEntry, Hlt, InternalError, Interrupted, IoIn, IoOut, IrqWindowOpen,
     MmioRead, MmioWrite, Shutdown, SystemEvent, UnknownExit,
 )
 from .kvm import uapi
@@ -67,9 +67,15 @@ class Vm:
     # --- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
-        for vcpu in self.vcpus:
-            thread = threading.Thread(target=self._vcpu_main, args=(vcpu,), name=f"vcpu{vcpu.index}", daemon=True)
-            self._threads.append(thread)
+        if getattr(self.accel, "per_vcpu_threads", True):
+            for vcpu in self.vcpus:
+                self._threads.append(threading.Thread(
+                    target=self._thread_main, args=(f"vCPU {vcpu.index}", self._vcpu_loop, vcpu),
+                    name=f"vcpu{vcpu.index}", daemon=True))
+        else:  # the accelerator schedules all vCPUs itself (the software CPU)
+            self._threads.append(threading.Thread(
+                target=self._thread_main, args=(self.accel.name, self.accel.run, self),
+                name=f"vcpus-{self.accel.name}", daemon=True))
         for thread in self._threads:
             thread.start()
 
@@ -151,16 +157,19 @@ class Vm:
 
     # --- the vCPU loop ---------------------------------------------------------------------
 
-    def _vcpu_main(self, vcpu) -> None:
+    def _thread_main(self, label: str, loop, target) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, _HOST_SIGNALS)
-        vcpu.thread_ident = threading.get_ident()
+        vcpus = self.vcpus if target is self else [target]
+        for vcpu in vcpus:
+            vcpu.thread_ident = threading.get_ident()
         try:
-            self._vcpu_loop(vcpu)
+            loop(target)
         except BaseException as exc:  # a device model (or pyvmm) failed: stop the VM, say why
-            log.debug("vCPU %d failed", vcpu.index, exc_info=True)
-            self.request_stop(VmOutcome("vmm-error", EXIT_VMM_ERROR, f"vCPU {vcpu.index}: {type(exc).__name__}: {exc}"))
+            log.debug("%s failed", label, exc_info=True)
+            self.request_stop(VmOutcome("vmm-error", EXIT_VMM_ERROR, f"{label}: {type(exc).__name__}: {exc}"))
         finally:
-            vcpu.thread_ident = None
+            for vcpu in vcpus:
+                vcpu.thread_ident = None
 
     def _vcpu_loop(self, vcpu) -> None:
         pio, mmio, stopped = self.pio_bus, self.mmio_bus, self._stopped
@@ -186,23 +195,26 @@ class Vm:
             elif kind is MmioRead:
                 exit_.complete(mmio.read(exit_.address, exit_.size))
             elif kind is Interrupted:
-                self._maybe_pause(vcpu)
+                self.wait_while_paused()
             elif kind is Hlt or kind is IrqWindowOpen:
                 continue  # only without an in-kernel irqchip; nothing to do here
             else:
-                self._guest_event(vcpu, exit_)
+                self.guest_event(vcpu, exit_)
 
-    def _maybe_pause(self, vcpu) -> None:
+    def wait_while_paused(self) -> None:
+        """Called by vCPU threads between guest runs: hold here while the VM is paused."""
         with self._lock:
             while self._paused and not self._stopped.is_set():
                 self._resume.wait()
 
-    def _guest_event(self, vcpu, exit_) -> None:
+    def guest_event(self, vcpu, exit_) -> None:
         """Exits that end the VM."""
         if isinstance(exit_, Shutdown):
             self.request_stop(VmOutcome(
                 "triple-fault", EXIT_GUEST_CRASH,
                 f"guest triple fault on vCPU {vcpu.index} at {vcpu.describe_position()}: the CPU shut down"))
+        elif isinstance(exit_, EmulationError):
+            self.request_stop(VmOutcome("guest-error", EXIT_GUEST_CRASH, f"vCPU {vcpu.index}: {exit_.message}"))
         elif isinstance(exit_, InternalError):
             self.request_stop(VmOutcome("guest-error", EXIT_GUEST_CRASH, f"vCPU {vcpu.index}: {vcpu.describe_internal_error(exit_)}"))
         elif isinstance(exit_, SystemEvent):

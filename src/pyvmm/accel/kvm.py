@@ -15,7 +15,7 @@ from ..arch.x86_64 import layout, msrs
 from ..arch.x86_64.cpu_state import GPR_NAMES, SEGMENT_NAMES, CpuState, DescriptorTable, Segment
 from ..arch.x86_64.cpuid import CpuidPolicy, guest_cpuid
 from ..kvm import Kvm, KvmError, KvmUnavailable, uapi
-from ..kvm.exits import InternalError, VcpuExit
+from ..kvm.exits import InternalError
 from ..kvm.vcpu import EXIT_REASON_NAMES
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class KvmIrqLine:
 
 class KvmAccelerator:
     name = "kvm"
+    per_vcpu_threads = True  # each vCPU thread sits in KVM_RUN; Vm runs the exit loop
 
     def __init__(self, kvm: Kvm | None = None) -> None:
         self.kvm = kvm or Kvm()
@@ -95,6 +96,9 @@ class KvmAccelerator:
                 self.vm_fd.set_user_memory_region(slot, region.guest_base, region.size, region.host_address)
             except KvmError as exc:
                 raise KvmUnavailable(f"KVM refused guest RAM at {region.guest_base:#x} ({region.size >> 20} MiB): {exc.strerror}") from None
+
+    def connect_buses(self, pio_bus, mmio_bus) -> None:
+        """Exits reach the buses through Vm's loop; the in-kernel irqchip and PIT need no bus."""
 
     def irq_line(self, gsi: int) -> KvmIrqLine:
         return KvmIrqLine(self.vm_fd, gsi)
@@ -134,9 +138,7 @@ class KvmVcpu:
     def __init__(self, accel: KvmAccelerator, fd, index: int) -> None:
         self.accel, self.fd, self.index = accel, fd, index
         self.thread_ident: int | None = None
-
-    def run(self) -> VcpuExit:
-        return self.fd.run()
+        self.run = fd.run  # the hot path: no extra Python frame per exit
 
     def kick(self) -> None:
         """Make KVM_RUN return now, or immediately on its next entry (no lost wake-up)."""

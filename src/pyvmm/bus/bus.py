@@ -111,10 +111,31 @@ class Bus:
 
 
 class PioBus(Bus):
+    """Ports are few and hot (a UART is polled once per byte): remember each port's range."""
+
     kind = "port I/O"
 
     def __init__(self) -> None:
         super().__init__(1 << 16)
+        self._port_cache: dict[int, BusRange | None] = {}
+
+    def register(self, base: int, length: int, device: BusDevice, name: str | None = None) -> BusRange:
+        added = super().register(base, length, device, name)
+        self._port_cache = {}
+        return added
+
+    def unregister(self, base: int) -> BusDevice:
+        removed = super().unregister(base)
+        self._port_cache = {}
+        return removed
+
+    def find(self, address: int) -> BusRange | None:
+        cache = self._port_cache
+        try:
+            return cache[address]
+        except KeyError:
+            found = cache[address] = super().find(address)
+            return found
 
 
 class MmioBus(Bus):
@@ -122,3 +143,17 @@ class MmioBus(Bus):
 
     def __init__(self) -> None:
         super().__init__(1 << 64)
+
+
+class Window:
+    """Part of a device seen at another base: lets one device answer at scattered ports
+    (the i8042 at 0x60 and 0x64, with 0x61 left to the PIT's speaker port)."""
+
+    def __init__(self, device: BusDevice, offset: int) -> None:
+        self.device, self.offset = device, offset
+
+    def read(self, offset: int, size: int) -> bytes:
+        return self.device.read(self.offset + offset, size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.device.write(self.offset + offset, data)

@@ -122,3 +122,12 @@ _INTERRUPTED = Interrupted()
 _HLT = Hlt()
 _SHUTDOWN = Shutdown()
 _IRQ_WINDOW = IrqWindowOpen()
+
+
+class EmulationError(VcpuExit):
+    """The software CPU could not go on (e.g. the guest fetched code outside RAM)."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message

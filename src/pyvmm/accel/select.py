@@ -1,0 +1,100 @@
+"""Choosing the CPU backend: `--accel kvm|tcg|auto`.
+
+`auto` uses KVM when it runs guest kernel code natively, and the software CPU
+when /dev/kvm is missing or unusable, or when KVM only emulates kernel-mode code
+(a nested, software-assisted KVM such as kvm_pvm: see `pyvmm kvm-info`). The
+calibration behind that decision is cached per host boot, so it costs one
+tiny-guest run per reboot of the host, not one per VM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CHOICES = ("auto", "kvm", "tcg")
+
+
+@dataclass(frozen=True)
+class AccelChoice:
+    name: str    # "kvm" or "tcg"
+    reason: str  # one line for the user
+
+    def create(self):
+        if self.name == "kvm":
+            from .kvm import KvmAccelerator
+
+            return KvmAccelerator()
+        from .tcg.accelerator import TcgAccelerator
+
+        return TcgAccelerator()
+
+
+def _cache_file() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base, "pyvmm", "host-calibration.json")
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def _cached_calibration():
+    from ..hostinfo import Calibration, calibrate
+
+    path, boot_id = _cache_file(), _boot_id()
+    try:
+        data = json.loads(path.read_text())
+        if data.get("boot_id") == boot_id and data.get("device") == _kvm_device():
+            return Calibration(data["kernel_seconds"], data["user_seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    result = calibrate()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"boot_id": boot_id, "device": _kvm_device(),
+                                   "kernel_seconds": result.kernel_seconds, "user_seconds": result.user_seconds}))
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.debug("cannot cache the calibration: %s", exc)
+    return result
+
+
+def _kvm_device() -> str:
+    from ..kvm.system import default_device
+
+    return default_device()
+
+
+def choose_accelerator(requested: str = "auto") -> AccelChoice:
+    if requested not in CHOICES:
+        from ..config import ConfigError
+
+        raise ConfigError(f"--accel must be one of {', '.join(CHOICES)} (got {requested!r})")
+    if requested == "kvm":
+        return AccelChoice("kvm", "requested with --accel kvm")
+    if requested == "tcg":
+        return AccelChoice("tcg", "requested with --accel tcg")
+    from ..kvm import Kvm, KvmUnavailable
+
+    try:
+        Kvm().close()
+    except KvmUnavailable as exc:
+        return AccelChoice("tcg", f"no usable KVM ({exc})")
+    try:
+        calibration = _cached_calibration()
+    except Exception as exc:  # a KVM that cannot even run the calibration guest is no fast path
+        return AccelChoice("tcg", f"KVM could not run the calibration guest ({exc})")
+    if calibration.kernel_code_emulated:
+        return AccelChoice("tcg", f"this host's KVM emulates guest kernel code "
+                                  f"({calibration.slowdown:,.0f}x slower than user code; see pyvmm kvm-info)")
+    return AccelChoice("kvm", "hardware-assisted KVM runs guest kernel code natively")

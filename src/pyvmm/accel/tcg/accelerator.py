@@ -1,0 +1,115 @@
+"""The software-CPU accelerator: Unicorn vCPUs run in turn from one thread.
+
+One Unicorn instance is one vCPU and is not built for parallel guests, so SMP
+is round-robin (as QEMU's single-threaded TCG does): each runnable vCPU gets a
+slice of instructions, then timers are serviced and pending interrupts are
+injected at the next slice boundary. When every vCPU is halted the thread
+sleeps until the next timer deadline or until a device raises an interrupt —
+never a busy loop.
+
+The interrupt controllers and timers KVM keeps in the kernel (8259 PIC, 8254
+PIT, LAPICs, IOAPIC) are pyvmm.platform models here, wired to the same buses.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from ...bus import NullIrqLine
+from .cpuid import tcg_cpuid_tables
+from .private_state import TcgUnsupported, context_offsets
+from .vcpu import _HLT, _INTERRUPTED, TcgVcpu
+
+log = logging.getLogger(__name__)
+
+SLICE = 20_000          # instructions per turn when nothing is waiting to be injected
+WINDOW_SLICE = 200      # with an interrupt pending but IF=0: check again soon (interrupt window)
+
+
+class TcgAccelerator:
+    name = "tcg"
+    per_vcpu_threads = False
+
+    def __init__(self) -> None:
+        try:
+            import unicorn  # noqa: F401
+        except ImportError:
+            raise TcgUnsupported("the software CPU needs the Python package unicorn (pip install unicorn)") from None
+        self.offsets = context_offsets()
+        self.memory = None
+        self.pio_bus = self.mmio_bus = None
+        self.platform = None
+        self.vcpus: list[TcgVcpu] = []
+        self._tables = None
+        self._wakeup = threading.Event()
+
+    # --- machine ---------------------------------------------------------------------------
+
+    def setup_platform(self) -> None:
+        try:
+            from ...platform.machine import SoftwarePlatform
+        except ImportError:  # the platform models are optional until SMP/interrupts are needed
+            return
+        self.platform = SoftwarePlatform(wakeup=self._wakeup.set)
+
+    def map_memory(self, memory) -> None:
+        self.memory = memory
+
+    def connect_buses(self, pio_bus, mmio_bus) -> None:
+        self.pio_bus, self.mmio_bus = pio_bus, mmio_bus
+        if self.platform is not None:
+            self.platform.register(pio_bus, mmio_bus)
+
+    def irq_line(self, gsi: int):
+        if self.platform is None:
+            return NullIrqLine()
+        return self.platform.irq_line(gsi)
+
+    def create_vcpu(self, index: int, count: int, policy) -> TcgVcpu:
+        if self._tables is None:
+            self._tables = tcg_cpuid_tables(policy, count)
+        lapic = self.platform.add_cpu(index) if self.platform is not None else None
+        vcpu = TcgVcpu(index, self.memory, self.pio_bus, self.mmio_bus, self.offsets, self._tables[index], lapic)
+        vcpu.kick = self._wakeup.set  # a stop or pause request must wake a sleeping scheduler
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    def close(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.close()
+        self.vcpus.clear()
+
+    # --- the scheduler ---------------------------------------------------------------------------
+
+    def run(self, vm) -> None:
+        """Run every vCPU in turn until the VM stops."""
+        platform, vcpus, wakeup = self.platform, self.vcpus, self._wakeup
+        while not vm.stopped:
+            vm.wait_while_paused()
+            if platform is not None:
+                platform.poll()
+            progressed = False
+            for vcpu in vcpus:
+                if vm.stopped:
+                    return
+                if platform is not None:
+                    platform.start_cpu_if_asked(vcpu)
+                if vcpu.waiting_for_sipi:
+                    continue
+                pending = platform.pending_vector(vcpu) if platform is not None else None
+                window_open = pending is not None and vcpu.interrupt_window_open()
+                if window_open:
+                    vcpu.inject_interrupt(platform.acknowledge(vcpu))
+                    pending = platform.pending_vector(vcpu)
+                if vcpu.halted:
+                    continue
+                exit_ = vcpu.run(WINDOW_SLICE if pending is not None else SLICE)
+                progressed = True
+                if not (exit_ is _INTERRUPTED or exit_ is _HLT):
+                    vm.guest_event(vcpu, exit_)
+            if not progressed:
+                timeout = platform.seconds_to_next_deadline() if platform is not None else None
+                wakeup.wait(timeout)
+                wakeup.clear()
+

@@ -1,0 +1,74 @@
+"""The CPUID a software-CPU guest sees: only what the translator really implements.
+
+The starting point is Unicorn's own CPUID for its CPU model, read by executing
+CPUID on a scratch instance (QEMU's TCG reports only features it emulates).
+Then the common policy applies (hidden features, hypervisor bit, per-vCPU APIC
+IDs and topology), and pyvmm hides what its software platform does not offer:
+x2APIC and the TSC-deadline timer (no MSR hooks in Unicorn), MONITOR/MWAIT.
+"""
+
+from __future__ import annotations
+
+
+from ...arch.x86_64.cpuid import CpuidPolicy, guest_cpuid
+from ...kvm.system import CpuidEntry
+
+# Leaves whose subleaf (ECX) selects different data.
+INDEXED_LEAVES = {4: 8, 7: 2, 0xB: 3, 0xD: 64, 0x8000001D: 8}
+PLATFORM_HIDDEN = {"x2apic", "tsc_deadline_timer", "monitor", "pdcm"}
+
+
+def _native_cpuid(uc, leaf: int, subleaf: int) -> tuple[int, int, int, int]:
+    import unicorn.x86_const as X
+
+    uc.reg_write(X.UC_X86_REG_RAX, leaf)
+    uc.reg_write(X.UC_X86_REG_RCX, subleaf)
+    uc.emu_start(0x1000, 0x1002)
+    return tuple(uc.reg_read(r) & 0xFFFFFFFF for r in (X.UC_X86_REG_RAX, X.UC_X86_REG_RBX,
+                                                        X.UC_X86_REG_RCX, X.UC_X86_REG_RDX))
+
+
+def translator_cpuid() -> list[CpuidEntry]:
+    """Every leaf Unicorn's CPU model answers, as CpuidEntry objects."""
+    import unicorn as U
+
+    uc = U.Uc(U.UC_ARCH_X86, U.UC_MODE_64)
+    uc.mem_map(0x1000, 0x1000)
+    uc.mem_write(0x1000, b"\x0f\xa2")
+    entries = []
+    for base in (0, 0x80000000):
+        top = _native_cpuid(uc, base, 0)[0]
+        for leaf in range(base, min(top, base + 0x40) + 1):
+            for subleaf in range(INDEXED_LEAVES.get(leaf, 1)):
+                eax, ebx, ecx, edx = _native_cpuid(uc, leaf, subleaf)
+                flags = 1 if leaf in INDEXED_LEAVES else 0
+                entries.append(CpuidEntry(leaf, subleaf, flags, eax, ebx, ecx, edx))
+    return entries
+
+
+class CpuidTable:
+    """One vCPU's CPUID answers."""
+
+    def __init__(self, entries: list[CpuidEntry]) -> None:
+        self._exact = {(e.function, e.index): (e.eax, e.ebx, e.ecx, e.edx) for e in entries}
+        self._max_basic = max((e.function for e in entries if e.function < 0x80000000), default=0)
+        self._max_extended = max((e.function for e in entries if e.function >= 0x80000000), default=0)
+
+    def lookup(self, leaf: int, subleaf: int) -> tuple[int, int, int, int]:
+        if leaf in INDEXED_LEAVES:
+            return self._exact.get((leaf, subleaf), (0, 0, 0, 0))
+        found = self._exact.get((leaf, 0))
+        if found is not None:
+            return found
+        # Out-of-range basic leaves answer like the highest basic leaf (Intel's behaviour).
+        if leaf < 0x80000000 and leaf > self._max_basic:
+            return self._exact.get((self._max_basic, 0), (0, 0, 0, 0))
+        return (0, 0, 0, 0)
+
+
+def tcg_cpuid_tables(policy: CpuidPolicy, vcpu_count: int) -> list[CpuidTable]:
+    base = translator_cpuid()
+    effective = CpuidPolicy(set(policy.hidden) | PLATFORM_HIDDEN)
+    return [CpuidTable(guest_cpuid(base, effective, index, vcpu_count)) for index in range(vcpu_count)]
+
+

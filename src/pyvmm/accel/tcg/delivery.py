@@ -1,0 +1,188 @@
+"""Exception and interrupt delivery through the guest's IDT — the part of an x86 CPU
+that Unicorn leaves out. Written from the Intel SDM vol. 3, chapter 6.
+
+`deliver(cpu, vector, ...)` performs what the processor does when an event is
+taken: read the gate, pick the stack (same privilege, TSS.RSPn on a privilege
+change, or an IST slot), push the frame, load CS:RIP from the gate and update
+RFLAGS. A fault while doing so becomes a #DF; a fault while delivering a #DF is
+a triple fault, reported to the caller as TripleFault.
+
+`cpu` is the vCPU adapter (TcgVcpu): register access, privilege switch, and
+linear-memory access through the guest's page tables.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from ...arch.x86_64.paging import PageFault
+
+# Vectors that push an error code.
+ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
+DOUBLE_FAULT, GENERAL_PROTECTION, PAGE_FAULT, INVALID_TSS, SEGMENT_NOT_PRESENT, STACK_FAULT = 8, 13, 14, 10, 11, 12
+# Contributory exceptions (SDM table 6-5): two in a row make a #DF.
+CONTRIBUTORY = frozenset({0, 10, 11, 12, 13})
+
+RFLAGS_TF, RFLAGS_IF, RFLAGS_NT, RFLAGS_RF, RFLAGS_VM = 1 << 8, 1 << 9, 1 << 14, 1 << 16, 1 << 17
+GATE_INTERRUPT_64, GATE_TRAP_64 = 0xE, 0xF
+GATE_INTERRUPT_32, GATE_TRAP_32 = 0xE, 0xF
+
+
+class TripleFault(Exception):
+    """The CPU shut down: an exception could not be delivered, even as a #DF."""
+
+
+class _Fault(Exception):
+    """A fault raised during delivery (vector, error code)."""
+
+    def __init__(self, vector: int, error_code: int = 0) -> None:
+        super().__init__(vector, error_code)
+        self.vector, self.error_code = vector, error_code
+
+
+def deliver(cpu, vector: int, *, error_code: int | None = None, software: bool = False, _depth: int = 0) -> None:
+    """Deliver `vector` (RIP must already be the return address); escalate to #DF / triple fault."""
+    try:
+        _deliver_once(cpu, vector, error_code, software)
+    except _Fault as fault:
+        if vector == DOUBLE_FAULT or _depth >= 3:
+            raise TripleFault(f"exception {fault.vector} while delivering exception {vector}") from None
+        if _is_double_fault(vector, fault.vector):
+            deliver(cpu, DOUBLE_FAULT, error_code=0, _depth=_depth + 1)
+        else:  # handled serially: the second exception is delivered instead
+            code = fault.error_code if fault.vector in ERROR_CODE_VECTORS else None
+            deliver(cpu, fault.vector, error_code=code, _depth=_depth + 1)
+
+
+def _is_double_fault(first: int, second: int) -> bool:
+    if first == DOUBLE_FAULT:
+        return False
+    if first in CONTRIBUTORY and second in CONTRIBUTORY:
+        return True
+    return first == PAGE_FAULT and (second in CONTRIBUTORY or second == PAGE_FAULT)
+
+
+def _deliver_once(cpu, vector: int, error_code: int | None, software: bool) -> None:
+    if cpu.long_mode:
+        _deliver_64(cpu, vector, error_code, software)
+    elif cpu.protected_mode:
+        _deliver_32(cpu, vector, error_code, software)
+    else:
+        _deliver_real(cpu, vector)
+
+
+def _idt_error(vector: int) -> int:
+    return vector * 8 + 2  # IDT bit set: the error code names the gate
+
+
+def _read_system(cpu, linear: int, size: int) -> bytes:
+    try:
+        return cpu.read_linear(linear, size)
+    except PageFault as pf:
+        cpu.set_cr2(pf.linear)
+        raise _Fault(PAGE_FAULT, pf.error_code) from None
+
+
+def _push(cpu, rsp: int, values: list[int], width: int) -> int:
+    """Push `values` (first pushed first) below rsp; returns the new rsp."""
+    data = b"".join(struct.pack("<Q" if width == 8 else "<I", v & ((1 << (8 * width)) - 1)) for v in reversed(values))
+    rsp -= len(data)
+    try:
+        cpu.write_linear(rsp, data)
+    except PageFault as pf:
+        cpu.set_cr2(pf.linear)
+        raise _Fault(PAGE_FAULT, pf.error_code) from None
+    return rsp
+
+
+def _code_segment_dpl(cpu, selector: int, vector: int) -> tuple[int, bool]:
+    """DPL and L bit of the code segment a gate names (from the GDT)."""
+    if selector & ~3 == 0:
+        raise _Fault(GENERAL_PROTECTION, 0)
+    base, limit = cpu.gdt
+    index = selector & ~7
+    if selector & 4 or index + 7 > limit:
+        raise _Fault(GENERAL_PROTECTION, selector & ~3)
+    descriptor = struct.unpack("<Q", _read_system(cpu, base + index, 8))[0]
+    access = descriptor >> 40 & 0xFF
+    if access & 0x18 != 0x18:  # not a code segment
+        raise _Fault(GENERAL_PROTECTION, selector & ~3)
+    if not access & 0x80:
+        raise _Fault(SEGMENT_NOT_PRESENT, selector & ~3)
+    return access >> 5 & 3, bool(descriptor >> 53 & 1)
+
+
+def _deliver_64(cpu, vector: int, error_code: int | None, software: bool) -> None:
+    idt_base, idt_limit = cpu.idt
+    if vector * 16 + 15 > idt_limit:
+        raise _Fault(GENERAL_PROTECTION, _idt_error(vector))
+    low, high = struct.unpack("<QQ", _read_system(cpu, idt_base + vector * 16, 16))
+    gate_type, dpl, present = low >> 40 & 0xF, low >> 45 & 3, low >> 47 & 1
+    if gate_type not in (GATE_INTERRUPT_64, GATE_TRAP_64):
+        raise _Fault(GENERAL_PROTECTION, _idt_error(vector))
+    cpl = cpu.cpl
+    if software and dpl < cpl:
+        raise _Fault(GENERAL_PROTECTION, _idt_error(vector))
+    if not present:
+        raise _Fault(SEGMENT_NOT_PRESENT, _idt_error(vector))
+    selector = low >> 16 & 0xFFFF
+    target = (low & 0xFFFF) | (low >> 48 & 0xFFFF) << 16 | (high & 0xFFFFFFFF) << 32
+    ist = low >> 32 & 7
+    new_cpl, long_code = _code_segment_dpl(cpu, selector, vector)
+    if not long_code or new_cpl > cpl:
+        raise _Fault(GENERAL_PROTECTION, selector & ~3)
+
+    old_ss, old_rsp, rflags, old_cs, rip = cpu.ss, cpu.rsp, cpu.rflags, cpu.cs, cpu.rip
+    if ist:
+        rsp = cpu.tss_read_u64(0x24 + 8 * (ist - 1))
+    elif new_cpl < cpl:
+        rsp = cpu.tss_read_u64(4 + 8 * new_cpl)
+    else:
+        rsp = old_rsp
+    rsp &= ~0xF  # 64-bit mode aligns the new stack
+    frame = [old_ss, old_rsp, rflags, old_cs, rip]
+    if error_code is not None:
+        frame.append(error_code)
+    rsp = _push(cpu, rsp, frame, 8)
+
+    new_rflags = rflags & ~(RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM)
+    if gate_type == GATE_INTERRUPT_64:
+        new_rflags &= ~RFLAGS_IF
+    new_ss = new_cpl if new_cpl < cpl else None  # a privilege change loads a NULL SS with RPL = CPL
+    cpu.enter_handler(selector=selector & ~3 | new_cpl, rip=target, rsp=rsp, rflags=new_rflags,
+                      new_cpl=new_cpl, null_ss_rpl=new_ss)
+
+
+def _deliver_32(cpu, vector: int, error_code: int | None, software: bool) -> None:
+    idt_base, idt_limit = cpu.idt
+    if vector * 8 + 7 > idt_limit:
+        raise _Fault(GENERAL_PROTECTION, _idt_error(vector))
+    gate = struct.unpack("<Q", _read_system(cpu, idt_base + vector * 8, 8))[0]
+    gate_type, dpl, present = gate >> 40 & 0x1F, gate >> 45 & 3, gate >> 47 & 1
+    if gate_type & 0x7 not in (6, 7) or not gate_type & 0x8:  # 32-bit interrupt (0xE) or trap (0xF) gates
+        raise _Fault(GENERAL_PROTECTION, _idt_error(vector))
+    cpl = cpu.cpl
+    if software and dpl < cpl:
+        raise _Fault(GENERAL_PROTECTION, _idt_error(vector))
+    if not present:
+        raise _Fault(SEGMENT_NOT_PRESENT, _idt_error(vector))
+    selector = gate >> 16 & 0xFFFF
+    target = (gate & 0xFFFF) | (gate >> 48 & 0xFFFF) << 16
+    new_cpl, _ = _code_segment_dpl(cpu, selector, vector)
+    if new_cpl != cpl:
+        # Inter-privilege delivery in legacy protected mode (TSS ESP0/SS0) is not needed by
+        # any 32-bit guest pyvmm runs; refuse loudly rather than corrupt the guest.
+        raise TripleFault(f"32-bit interrupt delivery across privilege levels (vector {vector}) is not supported")
+    rflags = cpu.rflags
+    frame = [rflags & 0xFFFFFFFF, cpu.cs, cpu.rip & 0xFFFFFFFF]
+    if error_code is not None:
+        frame.append(error_code)
+    esp = _push(cpu, cpu.rsp & 0xFFFFFFFF, frame, 4)
+    new_rflags = rflags & ~(RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM)
+    if gate_type & 1 == 0:
+        new_rflags &= ~RFLAGS_IF
+    cpu.enter_handler(selector=selector, rip=target, rsp=esp, rflags=new_rflags, new_cpl=cpl, null_ss_rpl=None)
+
+
+def _deliver_real(cpu, vector: int) -> None:
+    raise TripleFault(f"exception {vector} in real mode: real-mode interrupt delivery is not supported")

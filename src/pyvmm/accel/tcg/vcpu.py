@@ -1,0 +1,392 @@
+"""TcgVcpu: one x86-64 vCPU translated by Unicorn, on pyvmm's guest RAM and buses.
+
+Unicorn executes guest code; pyvmm supplies what it leaves out (see
+SOFTWARE_CPU.md): delivery of exceptions and interrupts through the IDT,
+SYSCALL, CPUID from pyvmm's policy, HLT detection, and I/O to the shared buses.
+`run(count)` executes at most `count` instructions and returns a typed exit, the
+same types the KVM backend produces.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+
+import unicorn as U
+import unicorn.x86_const as X
+
+from ...arch.x86_64 import layout
+from ...arch.x86_64.cpu_state import (
+    CR0_PE, CR0_PG, EFER_LMA, GPR_NAMES, SEGMENT_NAMES, CpuState, DescriptorTable, Segment,
+)
+from ...arch.x86_64.paging import PagingMode, read_linear, write_linear
+from ...kvm.exits import EmulationError, Hlt, Interrupted, Shutdown
+from .delivery import ERROR_CODE_VECTORS, TripleFault, deliver
+from .private_state import PrivateState
+
+log = logging.getLogger(__name__)
+
+_GPR_REGS = {name: getattr(X, f"UC_X86_REG_{name.upper()}") for name in GPR_NAMES}
+_SEGMENT_REGS = {"cs": X.UC_X86_REG_CS, "ds": X.UC_X86_REG_DS, "es": X.UC_X86_REG_ES,
+                 "fs": X.UC_X86_REG_FS, "gs": X.UC_X86_REG_GS, "ss": X.UC_X86_REG_SS}
+MSR_EFER, MSR_STAR, MSR_LSTAR, MSR_FMASK = 0xC0000080, 0xC0000081, 0xC0000082, 0xC0000084
+MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE = 0xC0000100, 0xC0000101, 0xC0000102
+EFER_SCE = 1 << 0
+RFLAGS_RF = 1 << 16
+INVALID_OPCODE = 6
+_NEVER = 0xFFFF_FFFF_FFFF_FFFF  # an `until` address emulation never reaches
+_INTERRUPTED = Interrupted()
+_HLT = Hlt()
+_SHUTDOWN = Shutdown()
+
+
+class TcgVcpu:
+    def __init__(self, index: int, memory, pio_bus, mmio_bus, offsets, cpuid_table, lapic=None) -> None:
+        self.index = index
+        self.memory = memory
+        self.pio_bus, self.mmio_bus = pio_bus, mmio_bus
+        self.lapic = lapic
+        self.cpuid_table = cpuid_table
+        # 64-bit mode so the register API is 64 bits wide; it also presets EFER.LMA, which
+        # _reset_mode() clears the architectural way before any state is loaded.
+        self.uc = U.Uc(U.UC_ARCH_X86, U.UC_MODE_64)
+        for region in memory.regions:
+            self.uc.mem_map_ptr(region.guest_base, region.size, U.UC_PROT_ALL, region.host_address)
+        hole = layout.MMIO_HOLE_END - layout.LOW_RAM_END
+        self.uc.mmio_map(layout.LOW_RAM_END, hole, self._mmio_read, None, self._mmio_write, None)
+        self.uc.hook_add(U.UC_HOOK_INSN, self._port_in, None, 1, 0, X.UC_X86_INS_IN)
+        self.uc.hook_add(U.UC_HOOK_INSN, self._port_out, None, 1, 0, X.UC_X86_INS_OUT)
+        self.uc.hook_add(U.UC_HOOK_INSN, self._cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
+        self.uc.hook_add(U.UC_HOOK_INSN, self._syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
+        self.uc.hook_add(U.UC_HOOK_INTR, self._exception)
+        self.uc.hook_add(U.UC_HOOK_INSN_INVALID, self._invalid_opcode)
+        self.private = PrivateState(self.uc, offsets)
+        self._exit = None
+        self._in_exception = False
+        self.halted = False
+        self.waiting_for_sipi = index != 0
+        self.thread_ident = None
+        self.stats = {"slices": 0, "exceptions": 0, "interrupts": 0, "syscalls": 0, "halts": 0,
+                      "port_io": 0, "mmio": 0, "cpuid": 0}
+
+    # --- running -------------------------------------------------------------------------
+
+    def run(self, count: int = 20000):
+        """Execute up to `count` instructions; returns Interrupted (slice used up), Hlt or an ending exit."""
+        self._exit = None
+        self.stats["slices"] += 1
+        uc = self.uc
+        rip = uc.reg_read(X.UC_X86_REG_RIP)
+        try:
+            uc.emu_start(rip, _NEVER, count=count)
+        except U.UcError as exc:
+            return EmulationError(f"the software CPU stopped at {self.describe_position()}: {exc}")
+        if self._exit is not None:
+            return self._exit
+        if self._just_halted():
+            self.halted = True
+            self.stats["halts"] += 1
+            return _HLT
+        return _INTERRUPTED
+
+    def _just_halted(self) -> bool:
+        # Unicorn returns from emu_start after HLT without saying so; RIP is then just past it.
+        try:
+            return self.read_linear(self.linear_rip - 1, 1) == b"\xf4"
+        except Exception:
+            return False
+
+    def kick(self) -> None:
+        """Nothing to interrupt: the scheduler checks for stop requests between slices."""
+
+    def clear_kick(self) -> None:
+        pass
+
+    @property
+    def exit_counts(self) -> dict[str, int]:
+        return {name: n for name, n in self.stats.items() if n}
+
+    # --- hooks ---------------------------------------------------------------------------------
+
+    def _port_in(self, uc, port, size, _):
+        self.stats["port_io"] += 1
+        return int.from_bytes(self.pio_bus.read(port, size), "little")
+
+    def _port_out(self, uc, port, size, value, _):
+        self.stats["port_io"] += 1
+        self.pio_bus.write(port, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+
+    def _mmio_read(self, uc, offset, size, _):
+        self.stats["mmio"] += 1
+        address = layout.LOW_RAM_END + offset
+        lapic = self.lapic
+        if lapic is not None and layout.LAPIC_BASE <= address < layout.LAPIC_BASE + 0x1000:
+            return int.from_bytes(lapic.read(address - layout.LAPIC_BASE, size), "little")
+        return int.from_bytes(self.mmio_bus.read(address, size), "little")
+
+    def _mmio_write(self, uc, offset, size, value, _):
+        self.stats["mmio"] += 1
+        address = layout.LOW_RAM_END + offset
+        data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        lapic = self.lapic
+        if lapic is not None and layout.LAPIC_BASE <= address < layout.LAPIC_BASE + 0x1000:
+            lapic.write(address - layout.LAPIC_BASE, data)
+        else:
+            self.mmio_bus.write(address, data)
+
+    def _cpuid(self, uc, _):
+        self.stats["cpuid"] += 1
+        leaf = uc.reg_read(X.UC_X86_REG_EAX) & 0xFFFFFFFF
+        subleaf = uc.reg_read(X.UC_X86_REG_ECX) & 0xFFFFFFFF
+        eax, ebx, ecx, edx = self.cpuid_table.lookup(leaf, subleaf)
+        uc.reg_write(X.UC_X86_REG_RAX, eax)
+        uc.reg_write(X.UC_X86_REG_RBX, ebx)
+        uc.reg_write(X.UC_X86_REG_RCX, ecx)
+        uc.reg_write(X.UC_X86_REG_RDX, edx)
+        return 1  # handled: skip Unicorn's own CPUID
+
+    def _syscall(self, uc, _):
+        """SYSCALL as the SDM defines it (Unicorn's is a stub that only advances RIP by 2)."""
+        self.stats["syscalls"] += 1
+        rip = uc.reg_read(X.UC_X86_REG_RIP)  # at the SYSCALL instruction
+        if not uc.msr_read(MSR_EFER) & EFER_SCE or not self.long_mode:
+            self._raise(INVALID_OPCODE)
+            uc.reg_write(X.UC_X86_REG_RIP, uc.reg_read(X.UC_X86_REG_RIP) - 2)
+            return
+        star, lstar, fmask = uc.msr_read(MSR_STAR), uc.msr_read(MSR_LSTAR), uc.msr_read(MSR_FMASK)
+        rflags = uc.reg_read(X.UC_X86_REG_RFLAGS)
+        uc.reg_write(X.UC_X86_REG_RCX, rip + 2)
+        uc.reg_write(X.UC_X86_REG_R11, rflags)
+        kernel_cs = star >> 32 & 0xFFFC
+        if self.cpl != 0:
+            self.private.finish_exception(new_cpl=0)
+        uc.reg_write(X.UC_X86_REG_CS, kernel_cs)
+        uc.reg_write(X.UC_X86_REG_SS, kernel_cs + 8)
+        uc.reg_write(X.UC_X86_REG_RFLAGS, rflags & ~fmask & ~RFLAGS_RF)
+        uc.reg_write(X.UC_X86_REG_RIP, (lstar - 2) & _NEVER)  # Unicorn adds 2 after this hook
+
+    def _exception(self, uc, vector, _):
+        software = self._is_software_interrupt(vector)
+        error = None
+        if vector in ERROR_CODE_VECTORS and not software:
+            error = self.private.error_code()
+        self._raise(vector, error, software)
+
+    def _invalid_opcode(self, uc, _):
+        self._raise(INVALID_OPCODE)
+        return True  # handled: continue at the handler (or stop, after a triple fault)
+
+    def _raise(self, vector: int, error: int | None = None, software: bool = False) -> None:
+        self.stats["exceptions"] += 1
+        self._in_exception = True
+        try:
+            deliver(self, vector, error_code=error, software=software)
+        except TripleFault as exc:
+            log.debug("vCPU %d: triple fault: %s", self.index, exc)
+            self._exit = _SHUTDOWN
+            self.uc.emu_stop()
+        finally:
+            self._in_exception = False
+
+    def _is_software_interrupt(self, vector: int) -> bool:
+        """INT n / INT3 / INTO leave RIP after the instruction; faults leave it on the instruction."""
+        try:
+            before = self.read_linear(self.linear_rip - 2, 2)
+        except Exception:
+            return False
+        return (before[0] == 0xCD and before[1] == vector) or (vector == 3 and before[1] == 0xCC) \
+            or (vector == 4 and before[1] == 0xCE)
+
+    def inject_interrupt(self, vector: int) -> None:
+        """Deliver an external interrupt now (the scheduler checked IF and the STI shadow)."""
+        self.stats["interrupts"] += 1
+        self.halted = False
+        try:
+            deliver(self, vector)
+        except TripleFault as exc:
+            log.debug("vCPU %d: triple fault delivering interrupt %d: %s", self.index, vector, exc)
+            self._exit = _SHUTDOWN
+
+    def interrupt_window_open(self) -> bool:
+        return bool(self.rflags & (1 << 9)) and not self.private.interrupts_inhibited()
+
+    # --- the adapter delivery.py uses -----------------------------------------------------------
+
+    @property
+    def long_mode(self) -> bool:
+        return bool(self.uc.msr_read(MSR_EFER) & EFER_LMA)
+
+    @property
+    def protected_mode(self) -> bool:
+        return bool(self.uc.reg_read(X.UC_X86_REG_CR0) & CR0_PE)
+
+    @property
+    def cpl(self) -> int:
+        if not self.protected_mode:
+            return 0
+        return self.private.hflags() & 3
+
+    @property
+    def idt(self) -> tuple[int, int]:
+        _, base, limit, _ = self.uc.reg_read(X.UC_X86_REG_IDTR)
+        return base, limit
+
+    @property
+    def gdt(self) -> tuple[int, int]:
+        _, base, limit, _ = self.uc.reg_read(X.UC_X86_REG_GDTR)
+        return base, limit
+
+    @property
+    def cs(self) -> int:
+        return self.uc.reg_read(X.UC_X86_REG_CS)
+
+    @property
+    def ss(self) -> int:
+        return self.uc.reg_read(X.UC_X86_REG_SS)
+
+    @property
+    def rsp(self) -> int:
+        return self.uc.reg_read(X.UC_X86_REG_RSP)
+
+    @property
+    def rip(self) -> int:
+        return self.uc.reg_read(X.UC_X86_REG_RIP)
+
+    @property
+    def rflags(self) -> int:
+        return self.uc.reg_read(X.UC_X86_REG_RFLAGS)
+
+    @property
+    def linear_rip(self) -> int:
+        rip = self.rip
+        if self.long_mode:
+            return rip
+        return (self._segment_base("cs") + rip) & 0xFFFFFFFF
+
+    def _segment_base(self, name: str) -> int:
+        if not self.protected_mode:
+            return self.uc.reg_read(_SEGMENT_REGS[name]) << 4
+        selector = self.uc.reg_read(_SEGMENT_REGS[name])
+        base, limit = self.gdt
+        if selector & ~7 and (selector & ~7) + 7 <= limit:
+            d = struct.unpack("<Q", self.read_linear(base + (selector & ~7), 8))[0]
+            return (d >> 16 & 0xFFFFFF) | (d >> 56 & 0xFF) << 24
+        return 0
+
+    @property
+    def paging(self) -> PagingMode:
+        uc = self.uc
+        return PagingMode(uc.reg_read(X.UC_X86_REG_CR0), uc.reg_read(X.UC_X86_REG_CR3),
+                          uc.reg_read(X.UC_X86_REG_CR4), uc.msr_read(MSR_EFER))
+
+    def read_linear(self, linear: int, size: int) -> bytes:
+        return read_linear(self.memory, self.paging, linear, size)
+
+    def write_linear(self, linear: int, data: bytes) -> None:
+        write_linear(self.memory, self.paging, linear, data)
+
+    def set_cr2(self, value: int) -> None:
+        self.uc.reg_write(X.UC_X86_REG_CR2, value)
+
+    def tss_read_u64(self, offset: int) -> int:
+        _, base, limit, _ = self.uc.reg_read(X.UC_X86_REG_TR)
+        return struct.unpack("<Q", self.read_linear(base + offset, 8))[0]
+
+    def enter_handler(self, *, selector: int, rip: int, rsp: int, rflags: int, new_cpl: int,
+                      null_ss_rpl: int | None) -> None:
+        uc = self.uc
+        if self._in_exception or new_cpl != self.cpl:
+            # forget the exception (Unicorn's #DF tracking) and drop to the handler's privilege
+            self.private.finish_exception(new_cpl=new_cpl if new_cpl != self.cpl else None)
+        uc.reg_write(X.UC_X86_REG_CS, selector)
+        if null_ss_rpl is not None:
+            uc.reg_write(X.UC_X86_REG_SS, null_ss_rpl)
+        uc.reg_write(X.UC_X86_REG_RSP, rsp)
+        uc.reg_write(X.UC_X86_REG_RFLAGS, rflags)
+        uc.reg_write(X.UC_X86_REG_RIP, rip)
+
+    # --- architectural state ---------------------------------------------------------------------
+
+    def set_state(self, state: CpuState) -> None:
+        uc = self.uc
+        uc.reg_write(X.UC_X86_REG_GDTR, (0, state.gdt.base, state.gdt.limit, 0))
+        uc.reg_write(X.UC_X86_REG_IDTR, (0, state.idt.base, state.idt.limit, 0))
+        # Leave any long mode, set CR3/CR4/EFER, then CR0: the CPU enters long mode on the
+        # CR0.PG transition, exactly as a kernel's own mode switch does.
+        self._reset_mode(state.cr0 & ~CR0_PG)
+        uc.reg_write(X.UC_X86_REG_CR3, state.cr3)
+        uc.reg_write(X.UC_X86_REG_CR4, state.cr4)
+        uc.msr_write(MSR_EFER, state.efer & ~EFER_LMA)
+        uc.reg_write(X.UC_X86_REG_CR0, state.cr0)
+        uc.reg_write(X.UC_X86_REG_CR2, state.cr2)
+        # Unicorn loads segments from the descriptor tables, as the CPU would: CS last.
+        for name in ("ds", "es", "fs", "gs", "ss", "cs"):
+            if name in state.segments:
+                uc.reg_write(_SEGMENT_REGS[name], state.segments[name].selector)
+        if "tr" in state.segments:
+            tr = state.segments["tr"]
+            uc.reg_write(X.UC_X86_REG_TR, (tr.selector, tr.base, tr.limit, 0x8B00))
+        for name, reg in _GPR_REGS.items():
+            uc.reg_write(reg, state.gprs.get(name, 0))
+        uc.reg_write(X.UC_X86_REG_RFLAGS, state.rflags)
+        uc.reg_write(X.UC_X86_REG_RIP, state.rip)
+        for index, value in state.msrs.items():
+            uc.msr_write(index, value)
+        self.waiting_for_sipi = False
+        self.halted = False
+
+    def _reset_mode(self, cr0_without_paging: int) -> None:
+        """Paging off, out of long mode: QEMU clears EFER.LMA only on a CR0.PG 1 -> 0 transition."""
+        uc = self.uc
+        uc.reg_write(X.UC_X86_REG_CR0, uc.reg_read(X.UC_X86_REG_CR0) | CR0_PG | CR0_PE)
+        uc.reg_write(X.UC_X86_REG_CR0, cr0_without_paging)
+
+    def get_state(self) -> CpuState:
+        uc = self.uc
+        state = CpuState(
+            gprs={name: uc.reg_read(reg) for name, reg in _GPR_REGS.items()},
+            rip=uc.reg_read(X.UC_X86_REG_RIP), rflags=uc.reg_read(X.UC_X86_REG_RFLAGS),
+            cr0=uc.reg_read(X.UC_X86_REG_CR0), cr2=uc.reg_read(X.UC_X86_REG_CR2),
+            cr3=uc.reg_read(X.UC_X86_REG_CR3), cr4=uc.reg_read(X.UC_X86_REG_CR4),
+            efer=uc.msr_read(MSR_EFER),
+        )
+        _, base, limit, _ = uc.reg_read(X.UC_X86_REG_GDTR)
+        state.gdt = DescriptorTable(base, limit)
+        _, base, limit, _ = uc.reg_read(X.UC_X86_REG_IDTR)
+        state.idt = DescriptorTable(base, limit)
+        for name in SEGMENT_NAMES:
+            if name in _SEGMENT_REGS:
+                state.segments[name] = Segment(selector=uc.reg_read(_SEGMENT_REGS[name]))
+        state.msrs = {i: uc.msr_read(i) for i in (MSR_STAR, MSR_LSTAR, MSR_FMASK, MSR_FS_BASE,
+                                                    MSR_GS_BASE, MSR_KERNEL_GS_BASE)}
+        return state
+
+    def start_at_sipi(self, vector: int) -> None:
+        """Real-mode start at vector:0000, as an AP does on a startup IPI."""
+        uc = self.uc
+        self._reset_mode(0x10)
+        uc.msr_write(MSR_EFER, 0)
+        uc.reg_write(X.UC_X86_REG_CR4, 0)
+        for name in ("ds", "es", "fs", "gs", "ss"):
+            uc.reg_write(_SEGMENT_REGS[name], 0)
+        uc.reg_write(X.UC_X86_REG_CS, vector << 8)
+        uc.reg_write(X.UC_X86_REG_RIP, 0)
+        uc.reg_write(X.UC_X86_REG_RFLAGS, 2)
+        self.waiting_for_sipi = False
+        self.halted = False
+
+    def describe_position(self) -> str:
+        try:
+            mode = "64-bit" if self.long_mode else ("protected" if self.protected_mode else "real")
+            text = f"rip={self.rip:#x} cs={self.cs:#x} ({mode} mode, CPL{self.cpl})"
+            try:
+                text += f" code: {self.read_linear(self.linear_rip, 8).hex(' ')}"
+            except Exception:
+                pass
+            return text
+        except Exception as exc:  # a diagnostic must never mask the error it describes
+            return f"(registers unavailable: {exc})"
+
+    def close(self) -> None:
+        self.uc = None
+        self.private = None
