@@ -105,7 +105,7 @@ def guest_tsc_khz() -> int:
 
 def pyvmm_cmd(kernel: str, append: str, timeout: float) -> list[str]:
     # A separate process, like QEMU: no state shared with this script.
-    return [sys.executable, "-m", "pyvmm.cli", "run", "--kernel", kernel, "--append", append,
+    return [sys.executable, "-m", "pyvmm.cli", "run", "--accel", "kvm", "--kernel", kernel, "--append", append,
             "--memory", f"{GUEST_MEMORY_MIB}M", "--timeout", f"{timeout:g}"]
 
 
