@@ -27,11 +27,13 @@ def run_vm(config: VmConfig, console) -> VmOutcome:
     """Boot `config` with `console` as COM1 until the guest ends; `--reboot` restarts it on reset."""
     kernel = config.kernel or default_kernel()
     choice = choose_accelerator(config.accel)
-    if config.accel == "auto":
-        print(f"pyvmm: accelerator {choice.name}: {choice.reason}", file=sys.stderr)
+    announce = config.accel == "auto"
     deadline = None if config.timeout is None else time.monotonic() + config.timeout
     while True:
         vm = build_vm(config, console.write, kernel_path=kernel, accel=choice.create())
+        if announce:  # after the build, so that bad input still ends with exactly one line
+            print(f"pyvmm: accelerator {choice.name}: {choice.reason}", file=sys.stderr)
+            announce = False
         console.attach(vm.devices["com1"],
                        on_quit=lambda: vm.request_stop(VmOutcome("quit", EXIT_OK, "quit from the console (C-a x)")))
         # --timeout bounds the whole run, reboots included

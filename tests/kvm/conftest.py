@@ -25,7 +25,7 @@ def pytest_collection_modifyitems(config, items):
     if problem is None:
         return
     for item in items:
-        if "tests/kvm" in str(item.fspath):
+        if "tests/kvm" in str(item.fspath) and "[tcg" not in item.nodeid:
             if os.environ.get("CI"):
                 raise pytest.UsageError(f"CI needs a usable KVM for tests/kvm: {problem}")
             item.add_marker(pytest.mark.skip(reason=f"no usable KVM here: {problem}"))
@@ -51,3 +51,13 @@ def run_pyvmm(*args: str, input: bytes | None = None, timeout: float = 60, env=N
 @pytest.fixture
 def pyvmm():
     return run_pyvmm
+
+
+@pytest.fixture(params=["kvm", "tcg"])
+def accel(request):
+    """Parity: a test taking `accel` runs once per CPU backend, with the same expectations."""
+    if request.param == "kvm":
+        problem = _kvm_problem()
+        if problem is not None:
+            pytest.skip(f"no usable KVM here: {problem}")
+    return request.param

@@ -49,9 +49,17 @@ def test_bad_memory_size(pyvmm, memory):
     _assert_usage_error(pyvmm("run", "--memory", memory))
 
 
-def test_no_kvm_device(pyvmm):
-    _assert_usage_error(pyvmm("run", env={"PYVMM_KVM_DEVICE": "/nonexistent/kvm"}), "/nonexistent/kvm")
+def test_no_kvm_device_refuses_an_explicit_kvm_request(pyvmm):
+    _assert_usage_error(pyvmm("run", "--accel", "kvm", env={"PYVMM_KVM_DEVICE": "/nonexistent/kvm"}), "/nonexistent/kvm")
 
 
 def test_a_device_node_that_is_not_kvm(pyvmm):
-    _assert_usage_error(pyvmm("run", env={"PYVMM_KVM_DEVICE": "/dev/null"}), "not a KVM device")
+    _assert_usage_error(pyvmm("run", "--accel", "kvm", env={"PYVMM_KVM_DEVICE": "/dev/null"}), "not a KVM device")
+
+
+@pytest.mark.parametrize("device", ["/nonexistent/kvm", "/dev/null"])
+def test_without_kvm_auto_runs_on_the_software_cpu(pyvmm, device):
+    result = pyvmm("run", env={"PYVMM_KVM_DEVICE": device})
+    assert result.returncode == 0, result.stderr
+    assert "Hello from the pyvmm demo guest" in result.stdout
+    assert result.stderr.startswith("pyvmm: accelerator tcg: no usable KVM") and device in result.stderr

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from pyvmm.accel.select import choose_accelerator
 from pyvmm.builder import build_vm
 from pyvmm.config import VmConfig
 from pyvmm.vm import EXIT_TIMEOUT, EXIT_VMM_ERROR
@@ -26,11 +27,11 @@ COUNT = bytes.fromhex("ff0500003000" "ebf8")                   # incl COUNTER; j
 POKE_PORT_0x500 = bytes.fromhex("66ba0005" "b07a" "ee" "f4")   # mov $0x500,%dx; mov $0x7a,%al; out; hlt
 
 
-def _vm(tmp_path, code: bytes, cpus: int = 1):
+def _vm(tmp_path, code: bytes, accel: str, cpus: int = 1):
     image = tmp_path / "guest.bin"
     image.write_bytes(code)
-    config = VmConfig(kernel=str(image), flat_address=LOAD, memory=16 << 20, cpus=cpus)
-    return build_vm(config, lambda data: None)
+    config = VmConfig(kernel=str(image), flat_address=LOAD, memory=16 << 20, cpus=cpus, accel=accel)
+    return build_vm(config, lambda data: None, accel=choose_accelerator(accel).create())
 
 
 def _vcpu_threads() -> list[threading.Thread]:
@@ -38,8 +39,8 @@ def _vcpu_threads() -> list[threading.Thread]:
 
 
 @pytest.mark.parametrize("code", [SPIN, HALT], ids=["spinning", "halted"])
-def test_timeout_kicks_the_vcpu_out_of_the_guest(tmp_path, code):
-    vm = _vm(tmp_path, code)
+def test_timeout_kicks_the_vcpu_out_of_the_guest(tmp_path, accel, code):
+    vm = _vm(tmp_path, code, accel)
     started = time.monotonic()
     outcome = vm.run(timeout=0.5)
     assert outcome.reason == "timeout" and outcome.status == EXIT_TIMEOUT
@@ -47,10 +48,10 @@ def test_timeout_kicks_the_vcpu_out_of_the_guest(tmp_path, code):
     assert _vcpu_threads() == []
 
 
-def test_stop_from_another_thread_ends_a_multi_vcpu_vm(tmp_path):
+def test_stop_from_another_thread_ends_a_multi_vcpu_vm(tmp_path, accel):
     from pyvmm.vm import VmOutcome
 
-    vm = _vm(tmp_path, SPIN, cpus=2)  # vCPU 1 waits for SIPI inside KVM_RUN
+    vm = _vm(tmp_path, SPIN, accel, cpus=2)  # vCPU 1 waits for SIPI inside KVM_RUN
     vm.start()
     threading.Timer(0.3, vm.request_stop, args=(VmOutcome("quit", 0, "test"),)).start()
     assert vm.wait(10).reason == "quit"
@@ -58,8 +59,8 @@ def test_stop_from_another_thread_ends_a_multi_vcpu_vm(tmp_path):
     assert _vcpu_threads() == []
 
 
-def test_a_failing_device_stops_the_vm_with_its_error(tmp_path):
-    vm = _vm(tmp_path, POKE_PORT_0x500)
+def test_a_failing_device_stops_the_vm_with_its_error(tmp_path, accel):
+    vm = _vm(tmp_path, POKE_PORT_0x500, accel)
 
     class Broken:
         def read(self, offset, size):
@@ -75,8 +76,8 @@ def test_a_failing_device_stops_the_vm_with_its_error(tmp_path):
     assert _vcpu_threads() == []
 
 
-def test_pause_holds_the_guest_and_resume_continues(tmp_path):
-    vm = _vm(tmp_path, COUNT)
+def test_pause_holds_the_guest_and_resume_continues(tmp_path, accel):
+    vm = _vm(tmp_path, COUNT, accel)
     vm.start()
     try:
         deadline = time.monotonic() + 20
@@ -97,8 +98,8 @@ def test_pause_holds_the_guest_and_resume_continues(tmp_path):
 
 
 def test_exit_counts_by_reason(tmp_path, guest):
-    config = VmConfig(kernel=guest("hello"), cmdline="exit=0", memory=16 << 20)
-    vm = build_vm(config, lambda data: None)
+    config = VmConfig(kernel=guest("hello"), cmdline="exit=0", memory=16 << 20, accel="kvm")
+    vm = build_vm(config, lambda data: None, accel=choose_accelerator("kvm").create())
     vm.start()
     vm.wait(20)
     counts = vm.exit_counts()
@@ -111,7 +112,7 @@ def test_exit_counts_by_reason(tmp_path, guest):
 def test_ctrl_a_x_quits_and_restores_the_terminal(guest):
     master, slave = pty.openpty()
     before = termios.tcgetattr(slave)
-    process = subprocess.Popen([sys.executable, "-m", "pyvmm.cli", "run", "--kernel", guest("echo")],
+    process = subprocess.Popen([sys.executable, "-m", "pyvmm.cli", "run", "--accel", "kvm", "--kernel", guest("echo")],
                                stdin=slave, stdout=slave, stderr=subprocess.PIPE)
     try:
         output = b""

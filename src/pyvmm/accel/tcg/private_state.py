@@ -32,6 +32,8 @@ HF_INHIBIT_IRQ_MASK = 1 << 3
 HF_PE_MASK = 1 << 7
 HF_LMA_MASK = 1 << 14
 HF_CS64_MASK = 1 << 15
+HF_CS32_MASK = 1 << 4
+HF_SS32_MASK = 1 << 5
 _HF_LONG_MODE = HF_PE_MASK | HF_LMA_MASK | HF_CS64_MASK
 
 PROBE_BASE = 0x10000
@@ -97,6 +99,22 @@ class PrivateState:
     def interrupts_inhibited(self) -> bool:
         """True in the shadow of STI or MOV SS, where an interrupt must not be taken."""
         return bool(self.hflags() & HF_INHIBIT_IRQ_MASK)
+
+    def set_code_size(self, long_code: bool, default_32: bool) -> None:
+        """Make the translator decode CS as 64-bit (L=1), 32-bit (D=1) or 16-bit code.
+
+        Unicorn's register API loads a CS selector without recomputing these hflags bits,
+        which only the CPU's own far jumps and mode switches do."""
+        hflags = self.hflags()
+        wanted = hflags & ~(HF_CS64_MASK | HF_CS32_MASK | HF_SS32_MASK)
+        if long_code and hflags & HF_LMA_MASK:
+            wanted |= HF_CS64_MASK | HF_CS32_MASK | HF_SS32_MASK
+        elif default_32:
+            wanted |= HF_CS32_MASK | HF_SS32_MASK
+        if wanted != hflags:
+            base = self._save()
+            ctypes.c_uint32.from_address(base + self.offsets.hflags).value = wanted
+            self._restore()
 
     def finish_exception(self, new_cpl: int | None = None) -> None:
         """After pyvmm delivered an exception: forget it (no spurious #DF later), and set CPL."""

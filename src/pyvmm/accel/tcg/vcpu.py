@@ -160,7 +160,7 @@ class TcgVcpu:
         kernel_cs = star >> 32 & 0xFFFC
         if self.cpl != 0:
             self.private.finish_exception(new_cpl=0)
-        uc.reg_write(X.UC_X86_REG_CS, kernel_cs)
+        self.load_cs(kernel_cs)
         uc.reg_write(X.UC_X86_REG_SS, kernel_cs + 8)
         uc.reg_write(X.UC_X86_REG_RFLAGS, rflags & ~fmask & ~RFLAGS_RF)
         uc.reg_write(X.UC_X86_REG_RIP, (lstar - 2) & _NEVER)  # Unicorn adds 2 after this hook
@@ -263,15 +263,25 @@ class TcgVcpu:
             return rip
         return (self._segment_base("cs") + rip) & 0xFFFFFFFF
 
+    def load_cs(self, selector: int) -> None:
+        """Load CS and make the translator agree with the descriptor's code size (L/D bits)."""
+        self.uc.reg_write(X.UC_X86_REG_CS, selector)
+        descriptor = self._descriptor(selector)
+        if descriptor is not None:
+            self.private.set_code_size(long_code=bool(descriptor >> 53 & 1), default_32=bool(descriptor >> 54 & 1))
+
+    def _descriptor(self, selector: int) -> int | None:
+        base, limit = self.gdt
+        index = selector & ~7
+        if not self.protected_mode or selector & 4 or not index or index + 7 > limit:
+            return None
+        return struct.unpack("<Q", self.read_linear(base + index, 8))[0]
+
     def _segment_base(self, name: str) -> int:
         if not self.protected_mode:
             return self.uc.reg_read(_SEGMENT_REGS[name]) << 4
-        selector = self.uc.reg_read(_SEGMENT_REGS[name])
-        base, limit = self.gdt
-        if selector & ~7 and (selector & ~7) + 7 <= limit:
-            d = struct.unpack("<Q", self.read_linear(base + (selector & ~7), 8))[0]
-            return (d >> 16 & 0xFFFFFF) | (d >> 56 & 0xFF) << 24
-        return 0
+        d = self._descriptor(self.uc.reg_read(_SEGMENT_REGS[name]))
+        return 0 if d is None else (d >> 16 & 0xFFFFFF) | (d >> 56 & 0xFF) << 24
 
     @property
     def paging(self) -> PagingMode:
@@ -298,7 +308,7 @@ class TcgVcpu:
         if self._in_exception or new_cpl != self.cpl:
             # forget the exception (Unicorn's #DF tracking) and drop to the handler's privilege
             self.private.finish_exception(new_cpl=new_cpl if new_cpl != self.cpl else None)
-        uc.reg_write(X.UC_X86_REG_CS, selector)
+        self.load_cs(selector)
         if null_ss_rpl is not None:
             uc.reg_write(X.UC_X86_REG_SS, null_ss_rpl)
         uc.reg_write(X.UC_X86_REG_RSP, rsp)
@@ -320,9 +330,11 @@ class TcgVcpu:
         uc.reg_write(X.UC_X86_REG_CR0, state.cr0)
         uc.reg_write(X.UC_X86_REG_CR2, state.cr2)
         # Unicorn loads segments from the descriptor tables, as the CPU would: CS last.
-        for name in ("ds", "es", "fs", "gs", "ss", "cs"):
+        for name in ("ds", "es", "fs", "gs", "ss"):
             if name in state.segments:
                 uc.reg_write(_SEGMENT_REGS[name], state.segments[name].selector)
+        if "cs" in state.segments:
+            self.load_cs(state.segments["cs"].selector)
         if "tr" in state.segments:
             tr = state.segments["tr"]
             uc.reg_write(X.UC_X86_REG_TR, (tr.selector, tr.base, tr.limit, 0x8B00))
@@ -370,6 +382,7 @@ class TcgVcpu:
         for name in ("ds", "es", "fs", "gs", "ss"):
             uc.reg_write(_SEGMENT_REGS[name], 0)
         uc.reg_write(X.UC_X86_REG_CS, vector << 8)
+        self.private.set_code_size(long_code=False, default_32=False)  # real mode: 16-bit code
         uc.reg_write(X.UC_X86_REG_RIP, 0)
         uc.reg_write(X.UC_X86_REG_RFLAGS, 2)
         self.waiting_for_sipi = False
