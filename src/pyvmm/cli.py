@@ -28,9 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pyvmm {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for internal errors")
+    # the same two options after the subcommand (SUPPRESS: do not reset what came before it)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="log more (-vv: debug)")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    run = sub.add_parser("run", help="boot a kernel (default: the built-in demo guest)")
+    run = sub.add_parser("run", parents=[common], help="boot a kernel (default: the built-in demo guest)")
     run.add_argument("--kernel", metavar="FILE", help="ELF, Multiboot or (with --load-address) flat kernel image")
     run.add_argument("--append", metavar="ARGS", default="", help="kernel command line")
     run.add_argument("--memory", "-m", metavar="SIZE", default="256M", help="guest RAM, e.g. 256M, 2G (default 256M)")
@@ -49,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cpu-hide", metavar="FEATURES", default="",
                      help="comma-separated CPUID features to hide from the guest, e.g. xsave,cx16")
 
-    info = sub.add_parser("kvm-info", help="what this host's KVM offers, and how fast it runs guest kernel code")
+    info = sub.add_parser("kvm-info", parents=[common], help="what this host's KVM offers, and how fast it runs guest kernel code")
     info.add_argument("--no-calibrate", action="store_true", help="skip the calibration guest")
     return parser
 

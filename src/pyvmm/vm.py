@@ -216,6 +216,8 @@ class Vm:
         elif isinstance(exit_, EmulationError):
             self.request_stop(VmOutcome("guest-error", EXIT_GUEST_CRASH, f"vCPU {vcpu.index}: {exit_.message}"))
         elif isinstance(exit_, InternalError):
+            if vcpu.assist(exit_):
+                return
             self.request_stop(VmOutcome("guest-error", EXIT_GUEST_CRASH, f"vCPU {vcpu.index}: {vcpu.describe_internal_error(exit_)}"))
         elif isinstance(exit_, SystemEvent):
             if exit_.type == uapi.KVM_SYSTEM_EVENT_RESET:

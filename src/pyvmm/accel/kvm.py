@@ -16,6 +16,7 @@ from ..arch.x86_64.cpu_state import GPR_NAMES, SEGMENT_NAMES, CpuState, Descript
 from ..arch.x86_64.cpuid import CpuidPolicy, guest_cpuid
 from ..kvm import Kvm, KvmError, KvmUnavailable, uapi
 from ..kvm.exits import InternalError
+from . import kvm_assist
 from ..kvm.vcpu import EXIT_REASON_NAMES
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ class KvmVcpu:
         self.accel, self.fd, self.index = accel, fd, index
         self.thread_ident: int | None = None
         self.run = fd.run  # the hot path: no extra Python frame per exit
+        self.assists: dict[str, int] = {}
 
     def kick(self) -> None:
         """Make KVM_RUN return now, or immediately on its next entry (no lost wake-up)."""
@@ -244,6 +246,22 @@ class KvmVcpu:
             return memory.read(translation.physical_address, 8)
         except Exception:  # a diagnostic must never mask the error it describes
             return b""
+
+    def assist(self, exit_: InternalError) -> bool:
+        """Complete an instruction KVM failed to emulate, when pyvmm knows how (kvm_assist)."""
+        if exit_.suberror != uapi.KVM_INTERNAL_ERROR_EMULATION:
+            return False
+        regs, sregs = self.fd.get_regs(), self.fd.get_sregs()
+        long_code = sregs.efer & (1 << 10) and sregs.cs.l
+        code = self._code_bytes(regs.rip if long_code else sregs.cs.base + regs.rip)
+        found = kvm_assist.decode(code, regs.rflags)
+        if found is None:
+            return False
+        kvm_assist.apply(self.fd, found)
+        self.assists[found.name] = self.assists.get(found.name, 0) + 1
+        if self.assists[found.name] == 1:
+            log.info("vCPU %d: completing %s for KVM (it could not emulate it) at rip=%#x", self.index, found.name, regs.rip)
+        return True
 
     def describe_internal_error(self, exit_: InternalError) -> str:
         return f"KVM internal error: {exit_.describe()} at {self.describe_position()}"

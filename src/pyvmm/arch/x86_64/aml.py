@@ -1,0 +1,302 @@
+"""A minimal AML (ACPI Machine Language) encoder: enough for a VMM's DSDT.
+
+Every builder returns the encoded bytes of one AML term, so terms compose by
+concatenation: ``device("COM1", [name("_HID", eisa_id("PNP0501")), ...])``.
+Data arguments may be given as Python values: an ``int`` becomes the smallest
+integer encoding, a ``str`` an AML String, ``bytes`` are taken as already
+encoded AML. Grammar references are to the ACPI 6.5 spec, chapter 20
+("ACPI Machine Language Specification") and 6.4 ("Resource Data Types").
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from typing import Iterable, Union
+
+log = logging.getLogger(__name__)
+
+# Opcodes (ACPI 6.5, 20.3).
+ZERO_OP = 0x00
+ONE_OP = 0x01
+ONES_OP = 0xFF
+NAME_OP = 0x08
+BYTE_PREFIX = 0x0A
+WORD_PREFIX = 0x0B
+DWORD_PREFIX = 0x0C
+STRING_PREFIX = 0x0D
+QWORD_PREFIX = 0x0E
+SCOPE_OP = 0x10
+BUFFER_OP = 0x11
+PACKAGE_OP = 0x12
+METHOD_OP = 0x14
+RETURN_OP = 0xA4
+EXT_OP_PREFIX = 0x5B
+DEVICE_OP = 0x82  # after EXT_OP_PREFIX
+ROOT_CHAR = 0x5C  # '\'
+PARENT_PREFIX_CHAR = 0x5E  # '^'
+DUAL_NAME_PREFIX = 0x2E
+MULTI_NAME_PREFIX = 0x2F
+NULL_NAME = 0x00
+
+PKG_LENGTH_MAX = (1 << 28) - 1
+
+DataObject = Union[int, str, bytes]
+
+
+class AmlError(ValueError):
+    """A value that has no AML encoding (bad name, integer out of range, ...)."""
+
+
+# --- names ------------------------------------------------------------------------------
+
+_LEAD_CHARS = set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ_")
+_NAME_CHARS = _LEAD_CHARS | set(b"0123456789")
+
+
+def name_seg(seg: str) -> bytes:
+    """A NameSeg: 4 characters, shorter names padded with '_' as ASL does ("_S5" -> "_S5_")."""
+    raw = seg.encode("ascii", errors="replace")
+    if not 1 <= len(raw) <= 4:
+        raise AmlError(f"AML name segment must be 1-4 characters: {seg!r}")
+    raw = raw.ljust(4, b"_")
+    if raw[0] not in _LEAD_CHARS or any(c not in _NAME_CHARS for c in raw[1:]):
+        raise AmlError(f"invalid AML name segment {seg!r} (A-Z, 0-9, '_'; no leading digit)")
+    return raw
+
+
+def name_string(path: str) -> bytes:
+    r"""A NameString: optional '\' or '^'s, then zero or more dot-separated NameSegs."""
+    prefix = b""
+    rest = path
+    if rest.startswith("\\"):
+        prefix, rest = b"\\", rest[1:]
+    else:
+        while rest.startswith("^"):
+            prefix += b"^"
+            rest = rest[1:]
+    segs = [name_seg(s) for s in rest.split(".")] if rest else []
+    if not segs:
+        if not prefix:
+            raise AmlError("empty AML name")
+        return prefix + bytes([NULL_NAME])
+    if len(segs) == 1:
+        return prefix + segs[0]
+    if len(segs) == 2:
+        return prefix + bytes([DUAL_NAME_PREFIX]) + segs[0] + segs[1]
+    if len(segs) > 255:
+        raise AmlError(f"AML name has too many segments: {path!r}")
+    return prefix + bytes([MULTI_NAME_PREFIX, len(segs)]) + b"".join(segs)
+
+
+# --- package length ----------------------------------------------------------------------
+
+
+def pkg_length(payload_len: int) -> bytes:
+    """The PkgLength of a payload of `payload_len` bytes (20.2.4).
+
+    The encoded length counts the PkgLength bytes themselves, so the number of
+    bytes is chosen for the total: 1 byte up to 63, 2 up to 4095, 3 up to 2^20-1,
+    4 up to 2^28-1. Multi-byte forms keep the low nibble in byte 0 (bits 0-3) and
+    the byte count - 1 in bits 6-7.
+    """
+    if payload_len < 0:
+        raise AmlError(f"negative AML package length {payload_len}")
+    for extra, limit in ((0, 1 << 6), (1, 1 << 12), (2, 1 << 20), (3, 1 << 28)):
+        total = payload_len + 1 + extra
+        if total < limit:
+            if extra == 0:
+                return bytes([total])
+            tail = (total >> 4).to_bytes(extra, "little")
+            return bytes([(extra << 6) | (total & 0x0F)]) + tail
+    raise AmlError(f"AML package too long: {payload_len} bytes")
+
+
+def _with_pkg_length(opcode: bytes, payload: bytes) -> bytes:
+    return opcode + pkg_length(len(payload)) + payload
+
+
+# --- data objects ------------------------------------------------------------------------
+
+
+def integer(value: int) -> bytes:
+    """The shortest integer encoding: ZeroOp, OneOp, or a Byte/Word/DWord/QWord prefix."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise AmlError(f"AML integer expected, got {value!r}")
+    if value < 0 or value >= 1 << 64:
+        raise AmlError(f"AML integer out of range: {value}")
+    if value == 0:
+        return bytes([ZERO_OP])
+    if value == 1:
+        return bytes([ONE_OP])
+    if value <= 0xFF:
+        return bytes([BYTE_PREFIX, value])
+    if value <= 0xFFFF:
+        return bytes([WORD_PREFIX]) + struct.pack("<H", value)
+    if value <= 0xFFFFFFFF:
+        return bytes([DWORD_PREFIX]) + struct.pack("<I", value)
+    return bytes([QWORD_PREFIX]) + struct.pack("<Q", value)
+
+
+def ones() -> bytes:
+    """OnesOp: all bits set (0xFFFFFFFFFFFFFFFF in a revision-2 table)."""
+    return bytes([ONES_OP])
+
+
+def string(text: str) -> bytes:
+    """A String: ASCII 0x01-0x7F, NUL-terminated."""
+    raw = text.encode("ascii")
+    if b"\0" in raw:
+        raise AmlError("AML strings cannot contain NUL")
+    return bytes([STRING_PREFIX]) + raw + b"\0"
+
+
+def eisa_id_value(eisa: str) -> int:
+    """The 32-bit value of EISAID("PNP0501") as ASL computes it (0x0105D041).
+
+    Three letters in 5 bits each (A=1) and four hex digits, stored big-endian,
+    so the little-endian DWord the interpreter reads is byte-swapped.
+    """
+    if len(eisa) != 7 or not eisa[:3].isalpha() or not eisa[:3].isupper():
+        raise AmlError(f"EISA ID must be 3 upper-case letters and 4 hex digits: {eisa!r}")
+    try:
+        product = int(eisa[3:], 16)
+    except ValueError:
+        raise AmlError(f"EISA ID must end in 4 hex digits: {eisa!r}") from None
+    vendor = 0
+    for ch in eisa[:3]:
+        vendor = (vendor << 5) | (ord(ch) - 0x40)
+    return int.from_bytes(((vendor << 16) | product).to_bytes(4, "big"), "little")
+
+
+def eisa_id(eisa: str) -> bytes:
+    """EISAID("PNP0501") as an AML integer (always a DWord, like iasl emits it)."""
+    return bytes([DWORD_PREFIX]) + struct.pack("<I", eisa_id_value(eisa))
+
+
+def data(value: DataObject) -> bytes:
+    """Encode a Python value as a DataRefObject; bytes are passed through as encoded AML."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return string(value)
+    return integer(value)
+
+
+def package(elements: Iterable[DataObject]) -> bytes:
+    """Package(){...}: PackageOp PkgLength NumElements PackageElementList."""
+    items = [data(e) for e in elements]
+    if len(items) > 255:
+        raise AmlError("AML Package has more than 255 elements (VarPackage not supported)")
+    return _with_pkg_length(bytes([PACKAGE_OP]), bytes([len(items)]) + b"".join(items))
+
+
+def buffer(contents: bytes) -> bytes:
+    """Buffer(){...}: BufferOp PkgLength BufferSize ByteList."""
+    return _with_pkg_length(bytes([BUFFER_OP]), integer(len(contents)) + bytes(contents))
+
+
+# --- named objects and scopes ---------------------------------------------------------------
+
+
+def name(path: str, value: DataObject) -> bytes:
+    """Name(path, value)."""
+    return bytes([NAME_OP]) + name_string(path) + data(value)
+
+
+def scope(path: str, terms: Iterable[bytes]) -> bytes:
+    """Scope(path){terms}."""
+    return _with_pkg_length(bytes([SCOPE_OP]), name_string(path) + b"".join(terms))
+
+
+def device(path: str, terms: Iterable[bytes]) -> bytes:
+    """Device(path){terms}."""
+    return _with_pkg_length(bytes([EXT_OP_PREFIX, DEVICE_OP]), name_string(path) + b"".join(terms))
+
+
+def method(path: str, args: int, terms: Iterable[bytes], *, serialized: bool = False, sync_level: int = 0) -> bytes:
+    """Method(path, args, Serialized/NotSerialized, sync_level){terms}."""
+    if not 0 <= args <= 7 or not 0 <= sync_level <= 15:
+        raise AmlError("AML method takes 0-7 arguments and sync level 0-15")
+    flags = args | (0x08 if serialized else 0) | (sync_level << 4)
+    return _with_pkg_length(bytes([METHOD_OP]), name_string(path) + bytes([flags]) + b"".join(terms))
+
+
+def return_(value: DataObject) -> bytes:
+    """Return(value)."""
+    return bytes([RETURN_OP]) + data(value)
+
+
+# --- resource templates (ACPI 6.5, 6.4) ---------------------------------------------------------
+
+_SMALL_IRQ = 0x04
+_SMALL_IO = 0x08
+_SMALL_END = 0x0F
+_LARGE_MEMORY32_FIXED = 0x86
+_LARGE_EXTENDED_IRQ = 0x89
+
+
+def _small(item: int, body: bytes) -> bytes:
+    assert len(body) <= 7
+    return bytes([(item << 3) | len(body)]) + body
+
+
+def _large(tag: int, body: bytes) -> bytes:
+    return bytes([tag]) + struct.pack("<H", len(body)) + body
+
+
+def _check(value: int, bits: int, what: str) -> int:
+    if not 0 <= value < 1 << bits:
+        raise AmlError(f"{what} {value:#x} does not fit in {bits} bits")
+    return value
+
+
+def io(minimum: int, maximum: int, alignment: int, length: int, *, decode16: bool = True) -> bytes:
+    """IO(Decode16, min, max, alignment, length): an I/O port range descriptor (6.4.2.5)."""
+    for v, w in ((minimum, "IO minimum"), (maximum, "IO maximum")):
+        _check(v, 16, w)
+    _check(alignment, 8, "IO alignment")
+    _check(length, 8, "IO length")
+    return _small(_SMALL_IO, struct.pack("<BHHBB", 1 if decode16 else 0, minimum, maximum, alignment, length))
+
+
+def irq_no_flags(*irqs: int) -> bytes:
+    """IRQNoFlags(){irqs}: a legacy ISA IRQ mask (edge, active high) (6.4.2.1)."""
+    mask = 0
+    for irq in irqs:
+        mask |= 1 << _check(irq, 4, "ISA IRQ")
+    return _small(_SMALL_IRQ, struct.pack("<H", mask))
+
+
+def memory32_fixed(base: int, size: int, *, writable: bool = True) -> bytes:
+    """Memory32Fixed(ReadWrite, base, size) (6.4.3.4)."""
+    _check(base, 32, "Memory32Fixed base")
+    _check(size, 32, "Memory32Fixed size")
+    return _large(_LARGE_MEMORY32_FIXED, struct.pack("<BII", 1 if writable else 0, base, size))
+
+
+def interrupt(
+    *gsis: int,
+    consumer: bool = True,
+    edge: bool = True,
+    active_low: bool = False,
+    shared: bool = False,
+    wake: bool = False,
+) -> bytes:
+    """Interrupt(ResourceConsumer, Edge|Level, ActiveHigh|ActiveLow, Exclusive|Shared){gsis}:
+    the Extended Interrupt descriptor (6.4.3.6); the numbers are GSIs, not ISA IRQs."""
+    if not 1 <= len(gsis) <= 255:
+        raise AmlError("Interrupt() takes 1-255 interrupt numbers")
+    flags = (consumer << 0) | (edge << 1) | (active_low << 2) | (shared << 3) | (wake << 4)
+    body = bytes([flags, len(gsis)]) + b"".join(struct.pack("<I", _check(g, 32, "GSI")) for g in gsis)
+    return _large(_LARGE_EXTENDED_IRQ, body)
+
+
+def end_tag() -> bytes:
+    """The End Tag; checksum 0 means "treat the template as valid" (6.4.2.9)."""
+    return _small(_SMALL_END, b"\0")
+
+
+def resource_template(descriptors: Iterable[bytes]) -> bytes:
+    """ResourceTemplate(){descriptors}: a Buffer holding the descriptors and an End Tag."""
+    return buffer(b"".join(descriptors) + end_tag())
