@@ -15,7 +15,8 @@ from .arch.x86_64 import boot_tables, layout
 from .arch.x86_64.cpuid import CpuidPolicy
 from .bus import MmioBus, PioBus, Window
 from .config import VmConfig
-from .devices.legacy import DebugExit, I8042, Port80, Uart16550
+from .arch.x86_64.acpi import build_acpi_tables
+from .devices.legacy import AcpiPower, DebugExit, GuestNotify, I8042, Port80, Uart16550
 from .devices.legacy.debug_exit import exit_status
 from .loader import BootEntry, CpuMode, load_kernel
 from .memory import GuestMemory
@@ -51,21 +52,37 @@ def build_vm(config: VmConfig, console_write: Callable[[bytes], None], *, accel=
         def stop(outcome: VmOutcome) -> None:
             vm_ref[0].request_stop(outcome)
 
+        def reset() -> None:
+            stop(VmOutcome("reset", EXIT_OK, "the guest reset the machine"))
+
+        def poweroff() -> None:
+            status = notify.command_status
+            if status is None:
+                stop(VmOutcome("poweroff", EXIT_OK, "the guest powered off"))
+            else:
+                stop(VmOutcome("poweroff", status, f"the guest's command exited with status {status}"))
+
         uart = Uart16550(accel.irq_line(COM1_IRQ), console_write)
-        i8042 = I8042(lambda: stop(VmOutcome("reset", EXIT_OK, "the guest reset the machine")))
+        i8042 = I8042(reset)
         debug_exit = DebugExit(lambda value: stop(VmOutcome(
             "debug-exit", exit_status(value), f"the guest wrote {value:#x} to the debug-exit port")))
-        devices = {"com1": uart, "i8042": i8042, "debug-exit": debug_exit, "post": Port80()}
+        notify = GuestNotify()
+        devices = {"com1": uart, "i8042": i8042, "debug-exit": debug_exit, "post": Port80(),
+                   "acpi-power": AcpiPower(poweroff, reset, layout.ACPI_RESET_VALUE), "guest-notify": notify}
         pio.register(COM1_PORT, 8, uart, "com1")
         pio.register(I8042_DATA_PORT, 1, i8042, "i8042-data")
         pio.register(I8042_COMMAND_PORT, 1, Window(i8042, I8042_COMMAND_PORT - I8042_DATA_PORT), "i8042-command")
         pio.register(DEBUG_EXIT_PORT, 4, debug_exit, "debug-exit")
         pio.register(POST_PORT, 1, devices["post"], "post")
+        pio.register(layout.ACPI_SLEEP_CONTROL_PORT, 3, devices["acpi-power"], "acpi-power")
+        pio.register(layout.GUEST_NOTIFY_PORT, 2, notify, "guest-notify")
 
+        rsdp = build_acpi_tables(memory, cpus=config.cpus)
         entry = load_kernel(
             memory, kernel_path or config.kernel, cmdline=config.cmdline, modules=config.modules,
             flat_address=config.flat_address,
             flat_mode=CpuMode.LONG_64 if config.flat_64bit else CpuMode.PROTECTED_32,
+            initrd=config.initrd, boot=config.boot, rsdp=rsdp,
         )
         log.info("loaded %s, entry %#x", entry.kind, entry.entry)
 

@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", parents=[common], help="boot a kernel (default: the built-in demo guest)")
     run.add_argument("--kernel", metavar="FILE", help="ELF, Multiboot or (with --load-address) flat kernel image")
+    run.add_argument("--initrd", metavar="FILE", help="initial ramdisk for a Linux kernel")
+    run.add_argument("--boot", choices=("auto", "pvh", "bzimage"), default="auto",
+                     help="how to boot a Linux bzImage: pvh (pyvmm decompresses it on the host; the default "
+                          "when the kernel supports it) or bzimage (the 64-bit boot protocol)")
     run.add_argument("--append", metavar="ARGS", default="", help="kernel command line")
     run.add_argument("--memory", "-m", metavar="SIZE", default="256M", help="guest RAM, e.g. 256M, 2G (default 256M)")
     run.add_argument("--cpus", "-c", metavar="N", type=int, default=1, help="number of vCPUs (default 1)")
@@ -98,6 +102,8 @@ def _cmd_run(args) -> int:
         raise ConfigError("--load-address needs --kernel")
     config = VmConfig(
         kernel=args.kernel,
+        initrd=args.initrd,
+        boot=args.boot,
         cmdline=args.append,
         memory=parse_size(args.memory),
         cpus=args.cpus,

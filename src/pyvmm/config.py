@@ -31,6 +31,8 @@ def parse_size(text: str) -> int:
 @dataclass
 class VmConfig:
     kernel: str | None = None
+    initrd: str | None = None
+    boot: str = "auto"  # Linux: pvh (extract the vmlinux, boot it directly) | bzimage | auto (PVH when possible)
     cmdline: str = ""
     memory: int = 256 << 20
     cpus: int = 1
@@ -58,6 +60,8 @@ class VmConfig:
             raise ConfigError("--cpus: pyvmm supports at most 255 vCPUs (xAPIC IDs)")
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError("--timeout must be positive")
+        if self.boot not in ("auto", "pvh", "bzimage"):
+            raise ConfigError(f"--boot must be one of auto, pvh, bzimage (got {self.boot!r})")
         if self.accel not in ("auto", "kvm", "tcg"):
             raise ConfigError(f"--accel must be one of auto, kvm, tcg (got {self.accel!r})")
         CpuidPolicy(set(self.cpu_hide))  # an unknown feature name fails here, before KVM is opened

@@ -55,11 +55,12 @@ def test_missing_kernel_is_one_line():
     assert_one_line_error(pyvmm("run", "--kernel", "/nonexistent/file"), "/nonexistent/file", NO_KVM)
 
 
-def test_missing_kvm_device_is_one_line(tmp_path):
+def test_missing_kvm_device_is_one_line_when_kvm_is_requested(tmp_path):
     # With valid arguments (a flat kernel: cli; hlt) the only thing to fail is opening the absent KVM device.
+    # (--accel auto would run it on the software CPU instead.)
     kernel = tmp_path / "flat.bin"
     kernel.write_bytes(b"\xfa\xf4")
-    assert_one_line_error(pyvmm("run", "--kernel", str(kernel), "--load-address", "0x100000"), NO_KVM)
+    assert_one_line_error(pyvmm("run", "--accel", "kvm", "--kernel", str(kernel), "--load-address", "0x100000"), NO_KVM)
 
 
 def test_load_address_without_kernel_is_one_line():

@@ -82,6 +82,7 @@ GUESTS: dict[str, GuestInfo] = {
         GuestInfo("smp", 32, "INIT/SIPI bring-up of cpus=N CPUs; debug-exits with the CPU count"),
         GuestInfo("triple", 32, "loads an empty IDT and executes int3 to triple-fault"),
         GuestInfo("hello64", 64, "smallest long-mode guest: greeting, then debug exit 0x2a"),
+        GuestInfo("faults", 64, "raises #DE #UD #BP #GP #PF, INT 0x80, SYSCALL, #DF on purpose, prints each frame, then triple-faults"),
         GuestInfo("calibrate", 64, "times CPL0 vs CPL3 loops, MMIO markers at 0xD0001000, iterations at 0x30000"),
         GuestInfo("exitbench", 32, "pio=N pior=N mmio=M exits in tight loops, then debug exit 0"),
     )

@@ -50,6 +50,12 @@ class ContextOffsets:
     hflags: int
     error_code: int
     old_exception: int
+    segments: int  # QEMU's SegmentCache segs[6] (ES, CS, SS, DS, FS, GS): selector, base, limit, flags
+
+
+# QEMU's SegmentCache: u32 selector, (pad), u64 base, u32 limit, u32 flags.
+SEGMENT_CACHE_SIZE = 24
+SEGMENT_INDEX = {"es": 0, "cs": 1, "ss": 2, "ds": 3, "fs": 4, "gs": 5}
 
 
 def _u32(data: bytes, offset: int) -> int:
@@ -115,6 +121,17 @@ class PrivateState:
             base = self._save()
             ctypes.c_uint32.from_address(base + self.offsets.hflags).value = wanted
             self._restore()
+
+    def load_segment(self, name: str, selector: int, base: int, limit: int, flags: int) -> None:
+        """Set a segment register's hidden part, which the register API does not reach
+        (it writes the selector only). `flags` uses QEMU's layout: the descriptor's high dword."""
+        base_address = self._save()
+        cache = base_address + self.offsets.segments + SEGMENT_INDEX[name] * SEGMENT_CACHE_SIZE
+        ctypes.c_uint32.from_address(cache).value = selector
+        ctypes.c_uint64.from_address(cache + 8).value = base
+        ctypes.c_uint32.from_address(cache + 16).value = limit
+        ctypes.c_uint32.from_address(cache + 20).value = flags
+        self._restore()
 
     def finish_exception(self, new_cpl: int | None = None) -> None:
         """After pyvmm delivered an exception: forget it (no spurious #DF later), and set CPL."""
@@ -224,7 +241,12 @@ def discover_offsets() -> ContextOffsets:
     old_exception = unique(lambda o: _u32(start, o) == 0xFFFFFFFF and _u32(at_gp0, o) == 13, "old_exception")
     hflags = unique(lambda o: (_u32(at_gp0, o) & _HF_LONG_MODE) == _HF_LONG_MODE
                     and _u32(at_gp0, o) & HF_CPL_MASK == 0 and _u32(at_gp3, o) == _u32(at_gp0, o) | 3, "hflags")
-    offsets = ContextOffsets(hflags=hflags, error_code=error_code, old_exception=old_exception)
+    # segs[R_SS].selector is 0x10 at CPL0 and 0x1b at CPL3; the array starts two caches before it
+    ss = unique(lambda o: _u32(at_gp0, o) == 0x10 and _u32(at_gp3, o) == 0x1B, "segment cache")
+    segments = ss - 2 * SEGMENT_CACHE_SIZE
+    if segments < 0 or _u32(at_gp0, segments + SEGMENT_CACHE_SIZE) != 0x08 or _u32(at_gp3, segments + SEGMENT_CACHE_SIZE) != 0x23:
+        raise TcgUnsupported("Unicorn's segment cache layout is not the one pyvmm knows (CS does not precede SS)")
+    offsets = ContextOffsets(hflags=hflags, error_code=error_code, old_exception=old_exception, segments=segments)
     if vector_b == 13:
         raise TcgUnsupported("this unicorn build resets its double-fault tracking itself; pyvmm's delivery assumes it does not")
     _verify(offsets)

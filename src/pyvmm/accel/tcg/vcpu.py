@@ -34,10 +34,19 @@ MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE = 0xC0000100, 0xC0000101, 0xC000010
 EFER_SCE = 1 << 0
 RFLAGS_RF = 1 << 16
 INVALID_OPCODE = 6
+# QEMU segment-cache flags (descriptor high dword): present, code/data, accessed (+readable code / writable data)
+REAL_MODE_CODE_FLAGS = (1 << 15) | (1 << 12) | (1 << 11) | (1 << 9) | (1 << 8)
+REAL_MODE_DATA_FLAGS = (1 << 15) | (1 << 12) | (1 << 9) | (1 << 8)
 _NEVER = 0xFFFF_FFFF_FFFF_FFFF  # an `until` address emulation never reaches
 _INTERRUPTED = Interrupted()
 _HLT = Hlt()
 _SHUTDOWN = Shutdown()
+
+
+def _qemu_flags(segment: Segment) -> int:
+    """A Segment's attributes in QEMU's segment-cache layout (the descriptor's high dword)."""
+    return ((segment.type & 0xF) << 8 | (segment.s & 1) << 12 | (segment.dpl & 3) << 13 | (segment.present & 1) << 15
+            | (segment.avl & 1) << 20 | (segment.l & 1) << 21 | (segment.db & 1) << 22 | (segment.g & 1) << 23)
 
 
 class TcgVcpu:
@@ -63,6 +72,7 @@ class TcgVcpu:
         self.private = PrivateState(self.uc, offsets)
         self._exit = None
         self._in_exception = False
+        self._exception_delivered = False
         self.halted = False
         self.waiting_for_sipi = index != 0
         self.thread_ident = None
@@ -76,6 +86,11 @@ class TcgVcpu:
         self._exit = None
         self.stats["slices"] += 1
         uc = self.uc
+        if self._exception_delivered:
+            # Unicorn puts its double-fault tracking back when a slice ends after an exception;
+            # clear it again, or the next slice's first #PF would become a #DF.
+            self.private.finish_exception()
+            self._exception_delivered = False
         rip = uc.reg_read(X.UC_X86_REG_RIP)
         try:
             uc.emu_start(rip, _NEVER, count=count)
@@ -178,7 +193,7 @@ class TcgVcpu:
 
     def _raise(self, vector: int, error: int | None = None, software: bool = False) -> None:
         self.stats["exceptions"] += 1
-        self._in_exception = True
+        self._in_exception = self._exception_delivered = True
         try:
             deliver(self, vector, error_code=error, software=software)
         except TripleFault as exc:
@@ -329,12 +344,13 @@ class TcgVcpu:
         uc.msr_write(MSR_EFER, state.efer & ~EFER_LMA)
         uc.reg_write(X.UC_X86_REG_CR0, state.cr0)
         uc.reg_write(X.UC_X86_REG_CR2, state.cr2)
-        # Unicorn loads segments from the descriptor tables, as the CPU would: CS last.
-        for name in ("ds", "es", "fs", "gs", "ss"):
-            if name in state.segments:
-                uc.reg_write(_SEGMENT_REGS[name], state.segments[name].selector)
+        # Hidden segment state exactly as the CpuState has it (the register API sets selectors only).
+        for name, segment in state.segments.items():
+            if name in _SEGMENT_REGS:
+                self.private.load_segment(name, segment.selector, segment.base, segment.limit, _qemu_flags(segment))
         if "cs" in state.segments:
-            self.load_cs(state.segments["cs"].selector)
+            cs = state.segments["cs"]
+            self.private.set_code_size(long_code=bool(cs.l), default_32=bool(cs.db))
         if "tr" in state.segments:
             tr = state.segments["tr"]
             uc.reg_write(X.UC_X86_REG_TR, (tr.selector, tr.base, tr.limit, 0x8B00))
@@ -380,8 +396,9 @@ class TcgVcpu:
         uc.msr_write(MSR_EFER, 0)
         uc.reg_write(X.UC_X86_REG_CR4, 0)
         for name in ("ds", "es", "fs", "gs", "ss"):
-            uc.reg_write(_SEGMENT_REGS[name], 0)
-        uc.reg_write(X.UC_X86_REG_CS, vector << 8)
+            self.private.load_segment(name, 0, 0, 0xFFFF, REAL_MODE_DATA_FLAGS)
+        # the register API would load the selector only: real mode needs base = selector << 4
+        self.private.load_segment("cs", vector << 8, vector << 12, 0xFFFF, REAL_MODE_CODE_FLAGS)
         self.private.set_code_size(long_code=False, default_32=False)  # real mode: 16-bit code
         uc.reg_write(X.UC_X86_REG_RIP, 0)
         uc.reg_write(X.UC_X86_REG_RFLAGS, 2)

@@ -2,14 +2,18 @@
 
 Port ranges to register (offsets are relative to these bases):
     Uart16550   COM1 0x3f8, length 8 (IRQ 4)
-    I8042       0x60, length 5 (data at offset 0, status/command at offset 4)
+    I8042       0x60 (data) and 0x64 (status/command, offset 4 of the device): two 1-port windows
     DebugExit   0xf4, length 4
     Port80      0x80, length 1
+    AcpiPower   layout.ACPI_SLEEP_CONTROL_PORT, length 3
+    GuestNotify layout.GUEST_NOTIFY_PORT, length 2
 """
 
+from .acpi_power import AcpiPower
 from .debug_exit import DebugExit, exit_status
+from .guest_notify import GuestNotify
 from .i8042 import I8042
 from .port80 import Port80
 from .uart16550 import Uart16550, UartStats
 
-__all__ = ["DebugExit", "I8042", "Port80", "Uart16550", "UartStats", "exit_status"]
+__all__ = ["AcpiPower", "DebugExit", "GuestNotify", "I8042", "Port80", "Uart16550", "UartStats", "exit_status"]

@@ -1,0 +1,132 @@
+"""SoftwarePlatform: the interrupt controllers and timers of a software-CPU machine, wired.
+
+What KVM keeps in the kernel (PIC pair, PIT, IOAPIC, one LAPIC per vCPU), built
+from the models in this package, registered on pyvmm's buses at the addresses the
+ACPI MADT announces, and queried by the software CPU's scheduler between slices.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from ..arch.x86_64 import layout
+from .apic_bus import ApicBus
+from .clock import VirtualClock
+from .ioapic import IoApic
+from .irq_router import IsaIrqRouter
+from .lapic import LocalApic
+from .pic import Pic8259Pair
+from .pit import Pit8254
+
+log = logging.getLogger(__name__)
+
+PIT_PORT, PIT_SPEAKER_PORT = 0x40, 0x61
+PIC_MASTER_PORT, PIC_SLAVE_PORT, ELCR_PORT = 0x20, 0xA0, 0x4D0
+IOAPIC_WINDOW = 0x1000
+
+
+def host_tsc_hz() -> int:
+    """The host TSC rate, which Unicorn's RDTSC returns as is."""
+    try:
+        from ..kvm import Kvm
+
+        with Kvm() as kvm:
+            vm = kvm.create_vm()
+            try:
+                vcpu = vm.create_vcpu(0)
+                try:
+                    return vcpu.get_tsc_khz() * 1000
+                finally:
+                    vcpu.close()
+            finally:
+                vm.close()
+    except Exception:  # no KVM: measure against the monotonic clock
+        return _measure_tsc_hz()
+
+
+def _measure_tsc_hz() -> int:
+    import time
+
+    import unicorn as U
+    import unicorn.x86_const as X
+
+    uc = U.Uc(U.UC_ARCH_X86, U.UC_MODE_64)
+    uc.mem_map(0x1000, 0x1000)
+    uc.mem_write(0x1000, b"\x0f\x31")
+
+    def sample() -> tuple[int, int]:
+        uc.emu_start(0x1000, 0x1002)
+        return time.monotonic_ns(), uc.reg_read(X.UC_X86_REG_RDX) << 32 | uc.reg_read(X.UC_X86_REG_RAX)
+
+    t0, c0 = sample()
+    time.sleep(0.05)
+    t1, c1 = sample()
+    return round((c1 - c0) * 1e9 / (t1 - t0) / 1e6) * 1_000_000
+
+
+class SoftwarePlatform:
+    def __init__(self, wakeup: Callable[[], None], tsc_hz: int | None = None) -> None:
+        self.tsc_hz = tsc_hz or host_tsc_hz()
+        self.clock = VirtualClock(tsc_hz=self.tsc_hz)
+        self.apic_bus = ApicBus()
+        self.ioapic = IoApic(self.apic_bus)
+        self.pic = Pic8259Pair()
+        self.pic.on_wakeup = wakeup
+        self.router = IsaIrqRouter(self.pic, self.ioapic)
+        self.pit = Pit8254(self.router.line(0), self.clock.now_ns)
+        self.lapics: list[LocalApic] = []
+        self._wakeup = wakeup
+
+    def register(self, pio_bus, mmio_bus) -> None:
+        pio_bus.register(PIC_MASTER_PORT, 2, self.pic.master_ports, "pic-master")
+        pio_bus.register(PIC_SLAVE_PORT, 2, self.pic.slave_ports, "pic-slave")
+        pio_bus.register(ELCR_PORT, 2, self.pic.elcr_ports, "pic-elcr")
+        pio_bus.register(PIT_PORT, 4, self.pit, "pit")
+        pio_bus.register(PIT_SPEAKER_PORT, 1, self.pit.port61, "pit-port61")
+        mmio_bus.register(layout.IOAPIC_BASE, IOAPIC_WINDOW, self.ioapic, "ioapic")
+        # LAPICs are not on the bus: each vCPU routes its own 0xFEE00000 page to its own LAPIC.
+
+    def irq_line(self, gsi: int):
+        return self.router.gsi_line(gsi) if gsi >= 16 else self.router.line(gsi)
+
+    def add_cpu(self, index: int) -> LocalApic:
+        lapic = LocalApic(index, self.clock.now_ns, self.apic_bus, pic=self.pic if index == 0 else None,
+                          bsp=index == 0, tsc_hz=self.tsc_hz)
+        lapic.apply_firmware_defaults()  # LINT0 ExtINT / LINT1 NMI, as firmware leaves them
+        lapic.on_wakeup = self._wakeup
+        self.lapics.append(lapic)
+        return lapic
+
+    # --- what the scheduler asks between slices ---------------------------------------------
+
+    def poll(self) -> None:
+        now = self.clock.now_ns()
+        self.pit.poll(now)
+        for lapic in self.lapics:
+            lapic.poll(now)
+
+    def start_cpu_if_asked(self, vcpu) -> None:
+        """Act on INIT / startup IPIs sent to this vCPU's LAPIC."""
+        lapic = vcpu.lapic
+        if not lapic.has_startup_events():
+            return
+        for event in lapic.take_startup_events():
+            if event[0] == "init":
+                vcpu.waiting_for_sipi = True
+            elif event[0] == "sipi" and vcpu.waiting_for_sipi:
+                vcpu.start_at_sipi(event[1])
+
+    def pending_vector(self, vcpu) -> int | None:
+        return vcpu.lapic.pending_vector()
+
+    def acknowledge(self, vcpu) -> int:
+        return vcpu.lapic.acknowledge()
+
+    def seconds_to_next_deadline(self) -> float | None:
+        now = self.clock.now_ns()
+        deadlines = [d for d in (self.pit.next_deadline_ns(now), *(l.next_deadline_ns() for l in self.lapics))
+                     if d is not None]
+        if not deadlines:
+            return None
+        return max(min(deadlines) - now, 0) / 1e9
