@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cpu-hide", metavar="FEATURES", default="",
                      help="comma-separated CPUID features to hide from the guest, e.g. xsave,cx16")
 
+    from .images.cli import register_cli
+
+    register_cli(sub)
+
     info = sub.add_parser("kvm-info", parents=[common], help="what this host's KVM offers, and how fast it runs guest kernel code")
     info.add_argument("--no-calibrate", action="store_true", help="skip the calibration guest")
     return parser
@@ -75,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _cmd_run(args)
+        if args.command == "image":
+            from .images.cli import run_image_command
+
+            return run_image_command(args)
         if args.command == "kvm-info":
             from .hostinfo import print_kvm_info
 

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 PIT_PORT, PIT_SPEAKER_PORT = 0x40, 0x61
 PIC_MASTER_PORT, PIC_SLAVE_PORT, ELCR_PORT = 0x20, 0xA0, 0x4D0
 IOAPIC_WINDOW = 0x1000
+LAPIC_TIMER_HZ = 1_000_000_000  # the LAPIC timer's input clock (announced as the crystal in CPUID 0x15)
 
 
 def host_tsc_hz() -> int:
@@ -65,14 +66,28 @@ def _measure_tsc_hz() -> int:
     return round((c1 - c0) * 1e9 / (t1 - t0) / 1e6) * 1_000_000
 
 
+def initialize_pic_like_firmware(pic: Pic8259Pair) -> None:
+    """Program the 8259 pair as a PC BIOS leaves it: vectors 0x08/0x70, cascade on IR2, every
+    input masked. A kernel that never touches the PIC (Linux with a hardware-reduced FADT)
+    must not receive its interrupts at vectors 8-15, where the CPU's exception handlers are."""
+    for ports, vector_base, cascade in ((pic.master_ports, 0x08, 0x04), (pic.slave_ports, 0x70, 0x02)):
+        ports.write(0, b"\x11")                  # ICW1: edge, cascade, ICW4 follows
+        ports.write(1, bytes([vector_base]))      # ICW2
+        ports.write(1, bytes([cascade]))          # ICW3
+        ports.write(1, b"\x01")                  # ICW4: 8086 mode
+        ports.write(1, b"\xff")                  # OCW1: mask all
+
+
 class SoftwarePlatform:
     def __init__(self, wakeup: Callable[[], None], tsc_hz: int | None = None) -> None:
         self.tsc_hz = tsc_hz or host_tsc_hz()
+        self.lapic_timer_hz = LAPIC_TIMER_HZ
         self.clock = VirtualClock(tsc_hz=self.tsc_hz)
         self.apic_bus = ApicBus()
         self.ioapic = IoApic(self.apic_bus)
         self.pic = Pic8259Pair()
         self.pic.on_wakeup = wakeup
+        initialize_pic_like_firmware(self.pic)
         self.router = IsaIrqRouter(self.pic, self.ioapic)
         self.pit = Pit8254(self.router.line(0), self.clock.now_ns)
         self.lapics: list[LocalApic] = []
@@ -92,7 +107,7 @@ class SoftwarePlatform:
 
     def add_cpu(self, index: int) -> LocalApic:
         lapic = LocalApic(index, self.clock.now_ns, self.apic_bus, pic=self.pic if index == 0 else None,
-                          bsp=index == 0, tsc_hz=self.tsc_hz)
+                          bsp=index == 0, tsc_hz=self.tsc_hz, timer_hz=self.lapic_timer_hz)
         lapic.apply_firmware_defaults()  # LINT0 ExtINT / LINT1 NMI, as firmware leaves them
         lapic.on_wakeup = self._wakeup
         self.lapics.append(lapic)

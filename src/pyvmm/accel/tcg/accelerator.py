@@ -68,7 +68,8 @@ class TcgAccelerator:
 
     def create_vcpu(self, index: int, count: int, policy) -> TcgVcpu:
         if self._tables is None:
-            self._tables = tcg_cpuid_tables(policy, count)
+            platform = self.platform
+            self._tables = tcg_cpuid_tables(policy, count, platform and platform.tsc_hz, platform and platform.lapic_timer_hz)
         lapic = self.platform.add_cpu(index) if self.platform is not None else None
         vcpu = TcgVcpu(index, self.memory, self.pio_bus, self.mmio_bus, self.offsets, self._tables[index], lapic)
         vcpu.kick = self._wakeup.set  # a stop or pause request must wake a sleeping scheduler

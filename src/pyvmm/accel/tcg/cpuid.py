@@ -10,6 +10,9 @@ x2APIC and the TSC-deadline timer (no MSR hooks in Unicorn), MONITOR/MWAIT.
 from __future__ import annotations
 
 
+from dataclasses import replace
+from fractions import Fraction
+
 from ...arch.x86_64.cpuid import CpuidPolicy, guest_cpuid
 from ...kvm.system import CpuidEntry
 
@@ -66,8 +69,37 @@ class CpuidTable:
         return (0, 0, 0, 0)
 
 
-def tcg_cpuid_tables(policy: CpuidPolicy, vcpu_count: int) -> list[CpuidTable]:
+TSC_LEAF = 0x15
+INVARIANT_TSC = 1 << 8  # CPUID 0x80000007 EDX
+
+
+def with_tsc_frequency(entries: list[CpuidEntry], tsc_hz: int, crystal_hz: int) -> list[CpuidEntry]:
+    """Announce the TSC rate (leaf 0x15: crystal_hz * EBX / EAX) and an invariant TSC.
+
+    Unicorn's RDTSC is the host's TSC, which runs at a constant known rate; saying so spares
+    the guest a PIT calibration, which fails when port I/O is slow (Linux then marks the TSC
+    unstable and boots with a poor clock). Linux also takes the LAPIC timer's rate from the
+    crystal, so `crystal_hz` must be the clock pyvmm's LAPIC timer counts at."""
+    ratio = Fraction(tsc_hz, crystal_hz)
+    out = []
+    for e in entries:
+        if e.function == 0 and e.eax < TSC_LEAF:
+            e = replace(e, eax=TSC_LEAF)
+        elif e.function == 0x80000007:
+            e = replace(e, edx=e.edx | INVARIANT_TSC)
+        if e.function != TSC_LEAF:
+            out.append(e)
+    out.append(CpuidEntry(TSC_LEAF, 0, 0, ratio.denominator, ratio.numerator, crystal_hz, 0))
+    if not any(e.function == 0x80000007 for e in out):
+        out.append(CpuidEntry(0x80000007, 0, 0, 0, 0, 0, INVARIANT_TSC))
+    return out
+
+
+def tcg_cpuid_tables(policy: CpuidPolicy, vcpu_count: int, tsc_hz: int | None = None,
+                     lapic_timer_hz: int | None = None) -> list[CpuidTable]:
     base = translator_cpuid()
+    if tsc_hz and lapic_timer_hz:
+        base = with_tsc_frequency(base, tsc_hz, lapic_timer_hz)
     effective = CpuidPolicy(set(policy.hidden) | PLATFORM_HIDDEN)
     return [CpuidTable(guest_cpuid(base, effective, index, vcpu_count)) for index in range(vcpu_count)]
 

@@ -37,7 +37,7 @@ INVALID_OPCODE = 6
 # QEMU segment-cache flags (descriptor high dword): present, code/data, accessed (+readable code / writable data)
 REAL_MODE_CODE_FLAGS = (1 << 15) | (1 << 12) | (1 << 11) | (1 << 9) | (1 << 8)
 REAL_MODE_DATA_FLAGS = (1 << 15) | (1 << 12) | (1 << 9) | (1 << 8)
-_NEVER = 0xFFFF_FFFF_FFFF_FFFF  # an `until` address emulation never reaches
+_NEVER = 0xFFFF_FFFF_FFFF_FFFF  # address mask; also the ignored `until` argument (exits mode)
 _INTERRUPTED = Interrupted()
 _HLT = Hlt()
 _SHUTDOWN = Shutdown()
@@ -59,6 +59,12 @@ class TcgVcpu:
         # 64-bit mode so the register API is 64 bits wide; it also presets EFER.LMA, which
         # _reset_mode() clears the architectural way before any state is loaded.
         self.uc = U.Uc(U.UC_ARCH_X86, U.UC_MODE_64)
+        # No `until` address: at the end of every emu_start Unicorn invalidates the code at
+        # until - 1, translating it through the guest's page tables, which raises a silent #PF
+        # and overwrites CR2 (-2 for until = 2**64-1). With exits mode on and no exits, slices
+        # end only on the instruction count, HLT or emu_stop.
+        self.uc.ctl_exits_enabled(True)
+        self.uc.ctl_set_exits([])
         for region in memory.regions:
             self.uc.mem_map_ptr(region.guest_base, region.size, U.UC_PROT_ALL, region.host_address)
         hole = layout.MMIO_HOLE_END - layout.LOW_RAM_END
@@ -72,7 +78,6 @@ class TcgVcpu:
         self.private = PrivateState(self.uc, offsets)
         self._exit = None
         self._in_exception = False
-        self._exception_delivered = False
         self.halted = False
         self.waiting_for_sipi = index != 0
         self.thread_ident = None
@@ -86,11 +91,10 @@ class TcgVcpu:
         self._exit = None
         self.stats["slices"] += 1
         uc = self.uc
-        if self._exception_delivered:
-            # Unicorn puts its double-fault tracking back when a slice ends after an exception;
-            # clear it again, or the next slice's first #PF would become a #DF.
-            self.private.finish_exception()
-            self._exception_delivered = False
+        # Between two instructions no exception is in flight, but Unicorn can carry its
+        # double-fault tracking across a slice boundary (also for a fault whose hook never ran):
+        # the next fault would then become a #DF, or a silent triple fault that halts the CPU.
+        self.private.finish_exception()
         rip = uc.reg_read(X.UC_X86_REG_RIP)
         try:
             uc.emu_start(rip, _NEVER, count=count)
@@ -98,18 +102,13 @@ class TcgVcpu:
             return EmulationError(f"the software CPU stopped at {self.describe_position()}: {exc}")
         if self._exit is not None:
             return self._exit
-        if self._just_halted():
+        # Unicorn returns from emu_start after HLT without saying so: a slice that ended before
+        # its instruction limit, and that pyvmm did not stop, ended on a HLT.
+        if self.private.instructions_counted() <= count:
             self.halted = True
             self.stats["halts"] += 1
             return _HLT
         return _INTERRUPTED
-
-    def _just_halted(self) -> bool:
-        # Unicorn returns from emu_start after HLT without saying so; RIP is then just past it.
-        try:
-            return self.read_linear(self.linear_rip - 1, 1) == b"\xf4"
-        except Exception:
-            return False
 
     def kick(self) -> None:
         """Nothing to interrupt: the scheduler checks for stop requests between slices."""
@@ -193,7 +192,7 @@ class TcgVcpu:
 
     def _raise(self, vector: int, error: int | None = None, software: bool = False) -> None:
         self.stats["exceptions"] += 1
-        self._in_exception = self._exception_delivered = True
+        self._in_exception = True
         try:
             deliver(self, vector, error_code=error, software=software)
         except TripleFault as exc:

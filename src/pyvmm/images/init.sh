@@ -1,0 +1,95 @@
+#!/bin/sh
+# /init of pyvmm's default guest (busybox sh), installed by `pyvmm image build`.
+#
+# 1. mounts proc, sysfs, devtmpfs (+ devpts) and puts stdio on /dev/console;
+# 2. loads the kernel modules listed in /lib/modules/$(uname -r)/pyvmm.load
+#    ("name relative/path.ko" per line, dependencies first); a missing or failing
+#    module is reported on the console, never fatal;
+# 3. signals "init started": byte 0x01 to I/O port 0x610 (pyvmm's boot timer);
+# 4. with `pyvmm.cmd=<base64 of a shell command>` on the kernel command line:
+#    runs it with `sh -c` on the console, prints "pyvmm: exit status N", writes N
+#    as one byte to port 0x611 and powers off; otherwise starts an interactive
+#    shell on the console and powers off when it exits (a reset instead when the
+#    kernel runs without ACPI, where power-off would only halt).
+#
+# The Debian cloud kernel has no /dev/port (CONFIG_DEVPORT is not set), so port
+# writes go through /bin/pyvmm-outb (ioperm + outb); /dev/port is the fallback.
+
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+export HOME=/root
+export TERM="${TERM:-linux}"
+umask 022
+
+mount -t proc -o nosuid,nodev,noexec proc /proc
+mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
+if ! mount -t devtmpfs -o nosuid,mode=0755 devtmpfs /dev 2>/dev/null; then
+    [ -c /dev/console ] || mknod -m 600 /dev/console c 5 1
+    [ -c /dev/null ] || mknod -m 666 /dev/null c 1 3
+fi
+mkdir -p /dev/pts /dev/shm
+mount -t devpts -o nosuid,noexec,gid=5,mode=620,ptmxmode=666 devpts /dev/pts 2>/dev/null
+exec </dev/console >/dev/console 2>&1
+hostname pyvmm 2>/dev/null
+
+pyvmm_outb() { # PORT VALUE, both decimal
+    ( /bin/pyvmm-outb "$1" "$2" ) 2>/dev/null && return 0
+    [ -c /dev/port ] || return 1
+    # shellcheck disable=SC2059
+    printf "\\$(printf %03o "$2")" | dd of=/dev/port bs=1 seek="$1" count=1 conv=notrunc 2>/dev/null
+}
+
+kver=$(uname -r)
+moddir=/lib/modules/$kver
+if [ -f "$moddir/pyvmm.load" ]; then
+    while read -r modname modpath; do
+        case "$modname" in '' | '#'*) continue ;; esac
+        if [ ! -f "$moddir/$modpath" ]; then
+            echo "pyvmm: module $modname: not in the initramfs"
+            continue
+        fi
+        if ! moderr=$(insmod "$moddir/$modpath" 2>&1); then
+            echo "pyvmm: module $modname: ${moderr:-insmod failed}"
+        fi
+    done <"$moddir/pyvmm.load"
+else
+    echo "pyvmm: no module list at $moddir/pyvmm.load (kernel $kver)"
+fi
+
+pyvmm_outb 1552 1 # 0x610: init started
+
+set -f
+cmd_b64=
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        pyvmm.cmd=*) cmd_b64=${arg#pyvmm.cmd=} ;;
+    esac
+done
+set +f
+
+cd /root || cd /
+if [ -n "$cmd_b64" ]; then
+    if cmd=$(printf '%s\n' "$cmd_b64" | base64 -d 2>/dev/null) && [ -n "$cmd" ]; then
+        sh -c "$cmd" </dev/console >/dev/console 2>&1
+        status=$?
+    else
+        echo "pyvmm: cannot decode pyvmm.cmd= (base64 expected)"
+        status=126
+    fi
+    echo "pyvmm: exit status $status"
+    pyvmm_outb 1553 "$status" # 0x611: exit status
+else
+    echo "pyvmm guest: Linux $kver, busybox sh on the console; exit or Ctrl-D powers off."
+    export PS1='\h:\w\$ '
+    setsid cttyhack sh -l
+    status=$?
+fi
+sync
+if [ -d /sys/firmware/acpi ]; then
+    poweroff -f
+else
+    # Without ACPI the kernel can only halt, and a halted VM does not stop; a reset (i8042
+    # 0xFE / triple fault) stops pyvmm without --reboot, and QEMU with -no-reboot.
+    reboot -f
+fi
+# Not reached unless that failed: init exits, the kernel panics (panic=-1 reboots).
+exit "$status"
