@@ -15,12 +15,14 @@ from .arch.x86_64 import boot_tables, layout
 from .arch.x86_64.cpuid import CpuidPolicy
 from .bus import MmioBus, PioBus, Window
 from .config import VmConfig
-from .arch.x86_64.acpi import build_acpi_tables
-from .devices.legacy import AcpiPower, DebugExit, GuestNotify, I8042, Port80, Uart16550
+from .arch.x86_64.acpi import build_acpi_tables, pvpanic_device
+from .arch.x86_64.firmware import write_reset_vector
+from .devices.legacy import AcpiPower, DebugExit, GuestNotify, I8042, Port80, PvPanic, Uart16550
+from .devices.legacy.pvpanic import PORT as PVPANIC_PORT
 from .devices.legacy.debug_exit import exit_status
 from .loader import BootEntry, CpuMode, load_kernel
 from .memory import GuestMemory
-from .vm import EXIT_OK, Vm, VmOutcome
+from .vm import EXIT_GUEST_CRASH, EXIT_OK, Vm, VmOutcome
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,8 @@ def build_vm(config: VmConfig, console_write: Callable[[bytes], None], *, accel=
             "debug-exit", exit_status(value), f"the guest wrote {value:#x} to the debug-exit port")))
         notify = GuestNotify()
         devices = {"com1": uart, "i8042": i8042, "debug-exit": debug_exit, "post": Port80(),
-                   "acpi-power": AcpiPower(poweroff, reset, layout.ACPI_RESET_VALUE), "guest-notify": notify}
+                   "acpi-power": AcpiPower(poweroff, reset, layout.ACPI_RESET_VALUE), "guest-notify": notify,
+                   "pvpanic": PvPanic(lambda: stop(VmOutcome("panic", EXIT_GUEST_CRASH, "the guest kernel panicked")))}
         pio.register(COM1_PORT, 8, uart, "com1")
         pio.register(I8042_DATA_PORT, 1, i8042, "i8042-data")
         pio.register(I8042_COMMAND_PORT, 1, Window(i8042, I8042_COMMAND_PORT - I8042_DATA_PORT), "i8042-command")
@@ -76,8 +79,10 @@ def build_vm(config: VmConfig, console_write: Callable[[bytes], None], *, accel=
         pio.register(POST_PORT, 1, devices["post"], "post")
         pio.register(layout.ACPI_SLEEP_CONTROL_PORT, 3, devices["acpi-power"], "acpi-power")
         pio.register(layout.GUEST_NOTIFY_PORT, 2, notify, "guest-notify")
+        pio.register(PVPANIC_PORT, 1, devices["pvpanic"], "pvpanic")
 
-        rsdp = build_acpi_tables(memory, cpus=config.cpus)
+        rsdp = build_acpi_tables(memory, cpus=config.cpus, devices=[pvpanic_device(PVPANIC_PORT)])
+        write_reset_vector(memory)
         entry = load_kernel(
             memory, kernel_path or config.kernel, cmdline=config.cmdline, modules=config.modules,
             flat_address=config.flat_address,

@@ -32,10 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="log more (-vv: debug)")
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="subcommand", metavar="COMMAND")
 
-    run = sub.add_parser("run", parents=[common], help="boot a kernel (default: the built-in demo guest)")
-    run.add_argument("--kernel", metavar="FILE", help="ELF, Multiboot or (with --load-address) flat kernel image")
+    run = sub.add_parser(
+        "run", parents=[common], usage="pyvmm run [options] [-- COMMAND [ARG...]]",
+        help="boot a kernel (default: the Debian guest image) and optionally run a command in it",
+        description="Boot a guest. Without --kernel, the default Debian guest (pyvmm image build) boots "
+                    "to a shell, or runs COMMAND and exits with its exit status.")
+    run.add_argument("guest_command", nargs=argparse.REMAINDER, metavar="COMMAND", help="command to run in the default guest (after --)")
+    run.add_argument("--kernel", metavar="FILE",
+                     help="Linux bzImage/vmlinux, ELF, Multiboot or (with --load-address) flat kernel image")
+    run.add_argument("--demo", action="store_true", help="boot the built-in tiny demo kernel instead of Linux")
     run.add_argument("--initrd", metavar="FILE", help="initial ramdisk for a Linux kernel")
     run.add_argument("--boot", choices=("auto", "pvh", "bzimage"), default="auto",
                      help="how to boot a Linux bzImage: pvh (pyvmm decompresses it on the host; the default "
@@ -71,19 +78,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="pyvmm: %(levelname)s: %(name)s: %(message)s")
-    if args.command is None:
+    if args.subcommand is None:
         parser.print_help()
         return 2
     from .errors import user_error_message, user_error_types
 
     try:
-        if args.command == "run":
+        if args.subcommand == "run":
             return _cmd_run(args)
-        if args.command == "image":
+        if args.subcommand == "image":
             from .images.cli import run_image_command
 
             return run_image_command(args)
-        if args.command == "kvm-info":
+        if args.subcommand == "kvm-info":
             from .hostinfo import print_kvm_info
 
             return print_kvm_info(calibrate_guest=not args.no_calibrate)
@@ -104,12 +111,18 @@ def main(argv: list[str] | None = None) -> int:
 def _cmd_run(args) -> int:
     from .config import ConfigError, VmConfig, parse_size
     from .console import Console
-    from .runner import run_vm
+    from .runner import demo_kernel, run_vm, with_default_guest
 
     if args.load_address is not None and not args.kernel:
         raise ConfigError("--load-address needs --kernel")
+    words = args.guest_command
+    if words and words[0] != "--":
+        raise ConfigError(f"unexpected argument {words[0]!r}: put the guest command after --")
+    command = words[1:]
+    if args.demo and (args.kernel or command):
+        raise ConfigError("--demo boots the built-in demo kernel: it takes no --kernel and no command")
     config = VmConfig(
-        kernel=args.kernel,
+        kernel=demo_kernel() if args.demo else args.kernel,
         initrd=args.initrd,
         boot=args.boot,
         cmdline=args.append,
@@ -125,6 +138,7 @@ def _cmd_run(args) -> int:
         accel=args.accel,
     )
     config.validate()
+    config = with_default_guest(config, command)
     with Console(log_path=config.console_log) as console:
         outcome = run_vm(config, console)
     if outcome.is_error:

@@ -16,16 +16,32 @@ log = logging.getLogger(__name__)
 DEMO_GUEST = "hello"
 
 
-def default_kernel() -> str:
-    """The built-in demo guest, assembled on first use (until Linux guests exist)."""
+def demo_kernel() -> str:
+    """The built-in tiny demo guest (`pyvmm run --demo`), assembled on first use."""
     from .guests import build
 
     return str(build(DEMO_GUEST))
 
 
+def with_default_guest(config: VmConfig, command: list[str] | None) -> VmConfig:
+    """No --kernel: boot the default Debian guest (built on first use), running `command` if given."""
+    if config.kernel is not None:
+        if command:
+            from .images import encode_command
+
+            config.cmdline = f"{config.cmdline} {encode_command(command)}".strip()
+        return config
+    from .images import default_image
+
+    image = default_image()
+    config.kernel, config.initrd = str(image.kernel), str(image.initramfs)
+    config.cmdline = image.command_line(command or None, extra=config.cmdline)
+    return config
+
+
 def run_vm(config: VmConfig, console) -> VmOutcome:
     """Boot `config` with `console` as COM1 until the guest ends; `--reboot` restarts it on reset."""
-    kernel = config.kernel or default_kernel()
+    kernel = config.kernel
     choice = choose_accelerator(config.accel)
     announce = config.accel == "auto"
     deadline = None if config.timeout is None else time.monotonic() + config.timeout

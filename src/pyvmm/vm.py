@@ -39,13 +39,13 @@ _HOST_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, s
 class VmOutcome:
     """Why a VM stopped, and the exit status pyvmm reports for it."""
 
-    reason: str  # poweroff | reset | debug-exit | triple-fault | guest-error | vmm-error | timeout | quit | interrupted
+    reason: str  # poweroff | reset | debug-exit | panic | triple-fault | guest-error | vmm-error | timeout | quit | interrupted
     status: int
     message: str
 
     @property
     def is_error(self) -> bool:
-        return self.reason in ("triple-fault", "guest-error", "vmm-error", "timeout")
+        return self.reason in ("panic", "triple-fault", "guest-error", "vmm-error", "timeout")
 
 
 class Vm:

@@ -35,6 +35,7 @@ __all__ = [
 
 # The virtio/vsock drivers the default guest loads, in load order (see shared/ENVIRONMENT.md).
 DEFAULT_MODULES: tuple[str, ...] = (
+    "pvpanic-mmio",  # reports a kernel panic to the VMM (ACPI QEMU0001), first so it covers the rest
     "virtio_pci_legacy_dev",
     "virtio_pci_modern_dev",
     "virtio_ring",

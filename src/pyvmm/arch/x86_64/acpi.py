@@ -292,6 +292,11 @@ def com1_device() -> AcpiDevice:
     )
 
 
+def pvpanic_device(port: int = 0x505) -> AcpiDevice:
+    """QEMU's pvpanic (QEMU0001) on one I/O port; Linux's pvpanic driver binds to it."""
+    return AcpiDevice("PEVT", "QEMU0001", uid=0, resources=(aml.io(port, port, 0x01, 0x01),))
+
+
 def i8042_keyboard_device() -> AcpiDevice:
     """The i8042 keyboard port (PNP0303, ports 0x60 and 0x64, IRQ 1), not added by default: with
     it Linux's i8042 driver gets a mapped IRQ 1 and atkbd probes the keyboard; without it the

@@ -7,6 +7,7 @@ Port ranges to register (offsets are relative to these bases):
     Port80      0x80, length 1
     AcpiPower   layout.ACPI_SLEEP_CONTROL_PORT, length 3
     GuestNotify layout.GUEST_NOTIFY_PORT, length 2
+    PvPanic     0x505, length 1 (ACPI QEMU0001)
 """
 
 from .acpi_power import AcpiPower
@@ -14,6 +15,7 @@ from .debug_exit import DebugExit, exit_status
 from .guest_notify import GuestNotify
 from .i8042 import I8042
 from .port80 import Port80
+from .pvpanic import PvPanic
 from .uart16550 import Uart16550, UartStats
 
-__all__ = ["AcpiPower", "DebugExit", "GuestNotify", "I8042", "Port80", "Uart16550", "UartStats", "exit_status"]
+__all__ = ["AcpiPower", "DebugExit", "GuestNotify", "I8042", "Port80", "PvPanic", "Uart16550", "UartStats", "exit_status"]
