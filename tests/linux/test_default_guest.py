@@ -1,0 +1,44 @@
+"""The main job: boot the default Debian guest, run a command, report its exit status."""
+
+from __future__ import annotations
+
+import re
+
+
+def _lines(result) -> list[str]:
+    # guest output only: kernel messages start with a timestamp, pyvmm's init reports with "pyvmm:"
+    return [line.strip() for line in result.stdout.splitlines()
+            if line.strip() and not line.startswith("[") and not line.startswith("pyvmm:")]
+
+
+def test_command_runs_with_the_configured_cpus_memory_and_cmdline(pyvmm, image):
+    script = ("uname -r; grep -c ^processor /proc/cpuinfo; cat /proc/cmdline; "
+              "grep MemTotal /proc/meminfo; exit 3")
+    result = pyvmm("run", "--cpus", "2", "--memory", "320M", "--append", "pyvmm.test=42", "--", "sh", "-c", script)
+    assert result.returncode == 3, (result.stdout[-2000:], result.stderr)
+    lines = _lines(result)
+    assert image.kernel_version in lines
+    assert lines[lines.index(image.kernel_version) + 1] == "2"
+    assert any("pyvmm.test=42" in line for line in lines)
+    total_kib = int(re.search(r"MemTotal:\s+(\d+) kB", result.stdout).group(1))
+    assert 250_000 < total_kib <= 320 * 1024  # the kernel keeps some for itself
+    assert "pyvmm: exit status 3" in result.stdout
+
+
+def test_poweroff_after_a_successful_command_exits_zero(pyvmm):
+    result = pyvmm("run", "--", "true")
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr)
+    assert "reboot: Power down" in result.stdout
+
+
+def test_guest_reboot_stops_the_vm_without_reboot(pyvmm):
+    result = pyvmm("run", "--", "reboot", "-f")
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr)
+    assert result.stdout.count("reboot: Restarting system") == 1  # stopped, not restarted
+
+
+def test_kernel_panic_ends_with_a_non_zero_status(pyvmm):
+    result = pyvmm("run", "--", "sh", "-c", "echo c > /proc/sysrq-trigger")
+    assert result.returncode == 4, (result.stdout[-2000:], result.stderr)
+    assert "Kernel panic" in result.stdout
+    assert "the guest kernel panicked" in result.stderr
