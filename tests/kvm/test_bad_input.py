@@ -59,7 +59,7 @@ def test_a_device_node_that_is_not_kvm(pyvmm):
 
 @pytest.mark.parametrize("device", ["/nonexistent/kvm", "/dev/null"])
 def test_without_kvm_auto_runs_on_the_software_cpu(pyvmm, device):
-    result = pyvmm("run", env={"PYVMM_KVM_DEVICE": device})
+    result = pyvmm("run", "--demo", env={"PYVMM_KVM_DEVICE": device})
     assert result.returncode == 0, result.stderr
     assert "Hello from the pyvmm demo guest" in result.stdout
     assert result.stderr.startswith("pyvmm: accelerator tcg: no usable KVM") and device in result.stderr

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 
-def test_default_guest_is_the_demo_and_ends_cleanly(pyvmm):
-    result = pyvmm("run")
+def test_demo_guest_ends_cleanly_and_auto_names_its_backend(pyvmm):
+    result = pyvmm("run", "--demo")
     assert result.returncode == 0, result.stderr
     assert "Hello from the pyvmm demo guest" in result.stdout
     assert "memory: 262144 KiB" in result.stdout  # the 256M default
