@@ -24,8 +24,7 @@ DOUBLE_FAULT, GENERAL_PROTECTION, PAGE_FAULT, INVALID_TSS, SEGMENT_NOT_PRESENT, 
 CONTRIBUTORY = frozenset({0, 10, 11, 12, 13})
 
 RFLAGS_TF, RFLAGS_IF, RFLAGS_NT, RFLAGS_RF, RFLAGS_VM = 1 << 8, 1 << 9, 1 << 14, 1 << 16, 1 << 17
-GATE_INTERRUPT_64, GATE_TRAP_64 = 0xE, 0xF
-GATE_INTERRUPT_32, GATE_TRAP_32 = 0xE, 0xF
+GATE_INTERRUPT, GATE_TRAP = 0xE, 0xF  # the same type values for 32-bit and 64-bit gates
 
 
 class TripleFault(Exception):
@@ -95,7 +94,23 @@ def _push(cpu, rsp: int, values: list[int], width: int) -> int:
     return rsp
 
 
-def _code_segment_dpl(cpu, selector: int, vector: int) -> tuple[int, bool]:
+def _check_gate(cpu, vector: int, gate: int, software: bool) -> tuple[int, int]:
+    """The checks every gate gets (SDM 6.12.1.1); returns (gate type, current CPL).
+
+    Interrupt (0xE) and trap (0xF) gates only, system descriptors (S bit clear); INT n
+    needs gate DPL >= CPL; a non-present gate is #NP."""
+    gate_type, system_bit, dpl, present = gate >> 40 & 0xF, gate >> 44 & 1, gate >> 45 & 3, gate >> 47 & 1
+    if system_bit or gate_type not in (GATE_INTERRUPT, GATE_TRAP):
+        raise _Fault(GENERAL_PROTECTION, _idt_error(vector))
+    cpl = cpu.cpl
+    if software and dpl < cpl:
+        raise _Fault(GENERAL_PROTECTION, _idt_error(vector))
+    if not present:
+        raise _Fault(SEGMENT_NOT_PRESENT, _idt_error(vector))
+    return gate_type, cpl
+
+
+def _code_segment_dpl(cpu, selector: int) -> tuple[int, bool]:
     """DPL and L bit of the code segment a gate names (from the GDT)."""
     if selector & ~3 == 0:
         raise _Fault(GENERAL_PROTECTION, 0)
@@ -117,18 +132,11 @@ def _deliver_64(cpu, vector: int, error_code: int | None, software: bool) -> Non
     if vector * 16 + 15 > idt_limit:
         raise _Fault(GENERAL_PROTECTION, _idt_error(vector))
     low, high = struct.unpack("<QQ", _read_system(cpu, idt_base + vector * 16, 16))
-    gate_type, dpl, present = low >> 40 & 0xF, low >> 45 & 3, low >> 47 & 1
-    if gate_type not in (GATE_INTERRUPT_64, GATE_TRAP_64):
-        raise _Fault(GENERAL_PROTECTION, _idt_error(vector))
-    cpl = cpu.cpl
-    if software and dpl < cpl:
-        raise _Fault(GENERAL_PROTECTION, _idt_error(vector))
-    if not present:
-        raise _Fault(SEGMENT_NOT_PRESENT, _idt_error(vector))
+    gate_type, cpl = _check_gate(cpu, vector, low, software)
     selector = low >> 16 & 0xFFFF
     target = (low & 0xFFFF) | (low >> 48 & 0xFFFF) << 16 | (high & 0xFFFFFFFF) << 32
     ist = low >> 32 & 7
-    new_cpl, long_code = _code_segment_dpl(cpu, selector, vector)
+    new_cpl, long_code = _code_segment_dpl(cpu, selector)
     if not long_code or new_cpl > cpl:
         raise _Fault(GENERAL_PROTECTION, selector & ~3)
 
@@ -146,7 +154,7 @@ def _deliver_64(cpu, vector: int, error_code: int | None, software: bool) -> Non
     rsp = _push(cpu, rsp, frame, 8)
 
     new_rflags = rflags & ~(RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM)
-    if gate_type == GATE_INTERRUPT_64:
+    if gate_type == GATE_INTERRUPT:
         new_rflags &= ~RFLAGS_IF
     new_ss = new_cpl if new_cpl < cpl else None  # a privilege change loads a NULL SS with RPL = CPL
     cpu.enter_handler(selector=selector & ~3 | new_cpl, rip=target, rsp=rsp, rflags=new_rflags,
@@ -158,17 +166,10 @@ def _deliver_32(cpu, vector: int, error_code: int | None, software: bool) -> Non
     if vector * 8 + 7 > idt_limit:
         raise _Fault(GENERAL_PROTECTION, _idt_error(vector))
     gate = struct.unpack("<Q", _read_system(cpu, idt_base + vector * 8, 8))[0]
-    gate_type, dpl, present = gate >> 40 & 0x1F, gate >> 45 & 3, gate >> 47 & 1
-    if gate_type & 0x7 not in (6, 7) or not gate_type & 0x8:  # 32-bit interrupt (0xE) or trap (0xF) gates
-        raise _Fault(GENERAL_PROTECTION, _idt_error(vector))
-    cpl = cpu.cpl
-    if software and dpl < cpl:
-        raise _Fault(GENERAL_PROTECTION, _idt_error(vector))
-    if not present:
-        raise _Fault(SEGMENT_NOT_PRESENT, _idt_error(vector))
+    gate_type, cpl = _check_gate(cpu, vector, gate, software)
     selector = gate >> 16 & 0xFFFF
     target = (gate & 0xFFFF) | (gate >> 48 & 0xFFFF) << 16
-    new_cpl, _ = _code_segment_dpl(cpu, selector, vector)
+    new_cpl, _ = _code_segment_dpl(cpu, selector)
     if new_cpl != cpl:
         # Inter-privilege delivery in legacy protected mode (TSS ESP0/SS0) is not needed by
         # any 32-bit guest pyvmm runs; refuse loudly rather than corrupt the guest.
@@ -179,7 +180,7 @@ def _deliver_32(cpu, vector: int, error_code: int | None, software: bool) -> Non
         frame.append(error_code)
     esp = _push(cpu, cpu.rsp & 0xFFFFFFFF, frame, 4)
     new_rflags = rflags & ~(RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM)
-    if gate_type & 1 == 0:
+    if gate_type == GATE_INTERRUPT:
         new_rflags &= ~RFLAGS_IF
     cpu.enter_handler(selector=selector, rip=target, rsp=esp, rflags=new_rflags, new_cpl=cpl, null_ss_rpl=None)
 
