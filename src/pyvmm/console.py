@@ -85,6 +85,8 @@ class Console:
         self._thread.start()
 
     def close(self) -> None:
+        if self._wake_w < 0:
+            return  # closed already
         self._closing = True
         self._attached.set()
         os.write(self._wake_w, b"x")
