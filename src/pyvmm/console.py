@@ -112,7 +112,7 @@ class Console:
     def _enter_raw_mode(self) -> None:
         self._saved_termios = termios.tcgetattr(self._in_fd)
         mode = termios.tcgetattr(self._in_fd)
-        iflag, oflag, cflag, lflag = 0, 1, 2, 3
+        iflag, cflag, lflag = 0, 2, 3  # mode[1] (output flags) stays as it is, see below
         mode[iflag] &= ~(termios.BRKINT | termios.ICRNL | termios.INPCK | termios.ISTRIP | termios.IXON)
         mode[cflag] = (mode[cflag] & ~(termios.CSIZE | termios.PARENB)) | termios.CS8
         mode[lflag] &= ~(termios.ECHO | termios.ICANON | termios.IEXTEN | termios.ISIG)

@@ -5,10 +5,14 @@ from __future__ import annotations
 import errno
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import ioctls, uapi
 from .errors import KvmError, KvmUnavailable
 from .fd import KvmFd, ioctl
+
+if TYPE_CHECKING:
+    from .vm import VmFd
 
 DEFAULT_DEVICE = "/dev/kvm"
 
