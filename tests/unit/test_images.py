@@ -1,7 +1,7 @@
 """The default guest image builder: cpio writer, module ordering, command encoding, init script, cache.
 
 The real build (downloads ~28 MB of Debian packages, optionally boots under QEMU TCG)
-runs only with PYVMM_TEST_IMAGES=1.
+lives in tests/linux/test_image_build.py.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import base64
 import gzip
 import json
 import lzma
-import os
 import platform
 import re
 import shlex
@@ -65,38 +64,7 @@ def private_cache(tmp_path, monkeypatch):
     return tmp_path / "cache" / "pyvmm" / "images"
 
 
-# --- a newc reader, independent of the writer -------------------------------------------------
-
-FIELDS = ("ino", "mode", "uid", "gid", "nlink", "mtime", "filesize", "devmajor", "devminor", "rdevmajor",
-          "rdevminor", "namesize", "check")
-
-
-def read_newc(data: bytes) -> list[dict]:
-    """Parse a newc archive strictly: magic, hex fields, 4-byte alignment, a final trailer."""
-    entries, offset = [], 0
-    while True:
-        assert offset % 4 == 0, f"header at unaligned offset {offset}"
-        assert data[offset:offset + 6] == b"070701", f"bad magic at {offset}"
-        raw = data[offset + 6:offset + 110]
-        assert re.fullmatch(rb"[0-9A-F]{104}", raw), "header fields must be 8 upper-case hex digits"
-        header = {name: int(raw[i * 8:i * 8 + 8], 16) for i, name in enumerate(FIELDS)}
-        name_start = offset + 110
-        name = data[name_start:name_start + header["namesize"]]
-        assert name.endswith(b"\0") and b"\0" not in name[:-1]
-        data_start = name_start + header["namesize"]
-        assert data_start % 4 == 0 or data[data_start:data_start + (-data_start % 4)] == b"\0" * (-data_start % 4)
-        data_start += -data_start % 4
-        header["name"] = name[:-1].decode()
-        header["data"] = data[data_start:data_start + header["filesize"]]
-        assert header["check"] == 0
-        offset = data_start + header["filesize"]
-        padding = -offset % 4
-        assert data[offset:offset + padding] == b"\0" * padding
-        offset += padding
-        if header["name"] == "TRAILER!!!":
-            assert offset == len(data), "bytes after the trailer"
-            return entries
-        entries.append(header)
+from helpers.newc import read_newc  # noqa: E402  (an independent reader, shared with tests/linux)
 
 
 def sample_tree() -> Initramfs:
@@ -526,47 +494,3 @@ class TestCache:
         assert run_image_command(parser.parse_args(["image", "info", "--json"])) == 0
         assert json.loads(capsys.readouterr().out)["kernel_version"] == "6.1.0-test"
         assert run_image_command(parser.parse_args(["image"])) == 2
-
-
-# --- the real thing ------------------------------------------------------------------------
-
-@pytest.mark.skipif(os.environ.get("PYVMM_TEST_IMAGES") != "1",
-                    reason="builds the real image from Debian packages (~28 MB download): set PYVMM_TEST_IMAGES=1")
-class TestRealImage:
-    def test_build_and_boot(self, private_cache):
-        image = build_default_image(progress=None)
-        assert re.fullmatch(r"6\.1\.0-\d+-cloud-amd64", image.kernel_version)
-        assert image.kernel.read_bytes()[0x202:0x206] == b"HdrS"  # bzImage boot protocol header
-        entries = {e["name"]: e for e in read_newc(gzip.decompress(image.initramfs.read_bytes()))}
-        moddir = f"lib/modules/{image.kernel_version}"
-        for path in ("init", "bin/busybox", "bin/sh", "bin/pyvmm-outb", "dev/console", f"{moddir}/modules.dep",
-                     f"{moddir}/pyvmm.load"):
-            assert path in entries, path
-        load = entries[f"{moddir}/pyvmm.load"]["data"].decode().split("\n")
-        assert [line.split()[0] for line in load if line] == [module_name(m) for m in DEFAULT_MODULES]
-        for line in filter(None, load):
-            assert entries[f"{moddir}/{line.split()[1]}"]["data"][:4] == b"\x7fELF"
-        # deterministic: a rebuild gives the same initramfs bytes
-        first = image.initramfs.read_bytes()
-        assert build_default_image(rebuild=True, progress=None).initramfs.read_bytes() == first
-
-        qemu = shutil.which("qemu-system-x86_64")
-        if qemu is None:
-            pytest.skip("qemu-system-x86_64 not installed: image built but not booted")
-        # q35, not microvm: without HPET/PM timer the kernel sometimes hangs after a failed PIT
-        # calibration of the TSC under TCG (microvm needs tsc_early_khz=... then).
-        cmdline = image.command_line(["sh", "-c", "uname -r; grep -c ^processor /proc/cpuinfo; exit 3"])
-        try:
-            result = subprocess.run(
-                [qemu, "-accel", "tcg", "-M", "q35", "-smp", "2", "-m", "512", "-nodefaults", "-no-reboot",
-                 "-display", "none", "-serial", "stdio", "-kernel", str(image.kernel), "-initrd", str(image.initramfs),
-                 "-append", cmdline],
-                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
-        except subprocess.TimeoutExpired as exc:
-            console = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout
-            pytest.fail(f"QEMU did not power off in 120 s; console:\n{(console or '')[-3000:]}")
-        assert result.returncode == 0, result.stderr
-        assert "\n2\n" in result.stdout.replace("\r", ""), "two CPUs under q35 -smp 2"
-        assert image.kernel_version in result.stdout
-        assert "pyvmm: exit status 3" in result.stdout
-        assert "pyvmm: module" not in result.stdout, "a module failed to load"

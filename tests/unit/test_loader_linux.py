@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import struct
 import sys
-import time
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -599,46 +596,3 @@ def test_mutated_vmlinux_loads_or_is_a_loader_error(shared_memory, data):
         load_image(shared_memory, bytes(mutated))
     except LoaderError as exc:
         one_line(exc)
-
-
-# --- the real Debian kernel ------------------------------------------------------------------
-
-REAL_BZIMAGE = os.environ.get("PYVMM_TEST_BZIMAGE")
-
-
-@pytest.mark.skipif(not REAL_BZIMAGE, reason="set PYVMM_TEST_BZIMAGE to a Debian cloud bzImage "
-                                             "(e.g. /tmp/kernel/boot/vmlinuz-6.1.0-*-cloud-amd64) to run")
-def test_real_debian_bzimage(tmp_path):
-    kernel = Path(REAL_BZIMAGE)
-    data = kernel.read_bytes()
-    header = parse_setup_header(data)
-    assert header.version >= 0x020C and header.xloadflags & lg.XLF_KERNEL_64
-    assert header.relocatable and header.init_size > header.kernel_size
-    payload = data[header.setup_size + header.payload_offset:][:header.payload_length]
-    assert payload[:4] == b"\x02\x21\x4c\x18", "Debian's cloud kernel uses a legacy LZ4 payload"
-
-    cache = tmp_path / "cache"
-    started = time.monotonic()
-    path = extract_vmlinux(kernel, cache_dir=cache)
-    first = time.monotonic() - started
-    vmlinux = path.read_bytes()
-    assert vmlinux[:4] == b"\x7fELF" and vmlinux[4] == 2 and struct.unpack_from("<H", vmlinux, 18)[0] == 62
-    entry = find_pvh_entry(vmlinux)
-    assert entry is not None and 0x1000000 <= entry < 0x1000000 + header.init_size
-    mtime = path.stat().st_mtime_ns
-    started = time.monotonic()
-    assert extract_vmlinux(kernel, cache_dir=cache) == path
-    again = time.monotonic() - started
-    assert path.stat().st_mtime_ns == mtime and len(list(cache.iterdir())) == 1
-    print(f"payload {len(payload)} bytes -> vmlinux {len(vmlinux)} bytes; extraction {first:.2f} s, "
-          f"cached {again:.3f} s; PVH entry {entry:#x}; pref_address {header.pref_address:#x}; "
-          f"init_size {header.init_size:#x}")
-
-    with GuestMemory.from_specs(ram_regions(256 * MiB)) as memory:
-        boot = load_kernel(memory, kernel, cmdline="console=ttyS0", cache_dir=cache)
-        assert boot.mode is CpuMode.PROTECTED_32 and boot.entry == entry
-        assert memory.read_u32(PVH_START_INFO) == 0x336EC578
-    with GuestMemory.from_specs(ram_regions(256 * MiB)) as memory:
-        boot = load_kernel(memory, kernel, boot="bzimage")
-        assert boot.mode is CpuMode.LONG_64
-        assert boot.entry == header.pref_address + 0x200
