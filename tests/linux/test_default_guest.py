@@ -25,9 +25,13 @@ def test_command_runs_with_the_configured_cpus_memory_and_cmdline(pyvmm, image):
     assert "pyvmm: exit status 3" in result.stdout
 
 
-def test_poweroff_after_a_successful_command_exits_zero(pyvmm):
-    result = pyvmm("run", "--", "true")
+def test_poweroff_after_a_successful_command_exits_zero_with_all_output(pyvmm):
+    # the last lines are still in the guest's serial buffer when the command ends: none may be lost
+    script = "i=0; while [ $i -lt 300 ]; do echo line-$i; i=$((i+1)); done"
+    result = pyvmm("run", "--", "sh", "-c", script)
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr)
+    assert [line for line in _lines(result) if line.startswith("line-")] == [f"line-{i}" for i in range(300)]
+    assert "pyvmm: exit status 0" in result.stdout
     assert "reboot: Power down" in result.stdout
 
 

@@ -84,6 +84,10 @@ else
     status=$?
 fi
 sync
+# Let the serial driver send what it still buffers (the command's last output, the status
+# line): closing the console's last file makes the tty layer wait until it is sent;
+# poweroff -f right away would cut it off.
+exec </dev/null >/dev/null 2>&1
 if [ -d /sys/firmware/acpi ]; then
     poweroff -f
 else
