@@ -8,6 +8,7 @@ class UserError(Exception):
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
+    from .accel.tcg.private_state import TcgUnsupported
     from .arch.x86_64.cpuid import UnknownFeature
     from .bus import BusConflict
     from .config import ConfigError
@@ -16,8 +17,8 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from .loader import LoaderError
     from .memory import GuestMemoryError
 
-    return (UserError, ConfigError, LoaderError, KvmUnavailable, GuestBuildError, GuestMemoryError,
-            BusConflict, UnknownFeature, OSError)
+    return (UserError, ConfigError, LoaderError, KvmUnavailable, TcgUnsupported, GuestBuildError,
+            GuestMemoryError, BusConflict, UnknownFeature, OSError)
 
 
 def user_error_message(exc: BaseException) -> str:

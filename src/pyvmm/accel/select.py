@@ -30,8 +30,12 @@ class AccelChoice:
             from .kvm import KvmAccelerator
 
             return KvmAccelerator()
-        from .tcg.accelerator import TcgAccelerator
+        try:
+            from .tcg.accelerator import TcgAccelerator
+        except ImportError as exc:  # unicorn missing: an unusable host, not a pyvmm bug
+            from .tcg.private_state import TcgUnsupported
 
+            raise TcgUnsupported(f"the software CPU needs the Python package unicorn ({exc})") from None
         return TcgAccelerator()
 
 
@@ -49,11 +53,12 @@ def _boot_id() -> str:
 
 def _cached_calibration():
     from ..hostinfo import Calibration, calibrate
+    from ..kvm.system import default_device
 
     path, boot_id = _cache_file(), _boot_id()
     try:
         data = json.loads(path.read_text())
-        if data.get("boot_id") == boot_id and data.get("device") == _kvm_device():
+        if data.get("boot_id") == boot_id and data.get("device") == default_device():
             return Calibration(data["kernel_seconds"], data["user_seconds"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
@@ -61,18 +66,12 @@ def _cached_calibration():
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"boot_id": boot_id, "device": _kvm_device(),
+        tmp.write_text(json.dumps({"boot_id": boot_id, "device": default_device(),
                                    "kernel_seconds": result.kernel_seconds, "user_seconds": result.user_seconds}))
         os.replace(tmp, path)
     except OSError as exc:
         log.debug("cannot cache the calibration: %s", exc)
     return result
-
-
-def _kvm_device() -> str:
-    from ..kvm.system import default_device
-
-    return default_device()
 
 
 def choose_accelerator(requested: str = "auto") -> AccelChoice:

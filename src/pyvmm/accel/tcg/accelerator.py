@@ -16,9 +16,9 @@ from __future__ import annotations
 import logging
 import threading
 
-from ...bus import NullIrqLine
+from ...platform.machine import SoftwarePlatform
 from .cpuid import tcg_cpuid_tables
-from .private_state import TcgUnsupported, context_offsets
+from .private_state import context_offsets
 from .vcpu import _HLT, _INTERRUPTED, TcgVcpu
 
 log = logging.getLogger(__name__)
@@ -35,10 +35,6 @@ class TcgAccelerator:
     per_vcpu_threads = False
 
     def __init__(self) -> None:
-        try:
-            import unicorn  # noqa: F401
-        except ImportError:
-            raise TcgUnsupported("the software CPU needs the Python package unicorn (pip install unicorn)") from None
         self.offsets = context_offsets()
         self.memory = None
         self.pio_bus = self.mmio_bus = None
@@ -50,10 +46,6 @@ class TcgAccelerator:
     # --- machine ---------------------------------------------------------------------------
 
     def setup_platform(self) -> None:
-        try:
-            from ...platform.machine import SoftwarePlatform
-        except ImportError:  # the platform models are optional until SMP/interrupts are needed
-            return
         self.platform = SoftwarePlatform(wakeup=self._wakeup.set)
 
     def map_memory(self, memory) -> None:
@@ -61,20 +53,16 @@ class TcgAccelerator:
 
     def connect_buses(self, pio_bus, mmio_bus) -> None:
         self.pio_bus, self.mmio_bus = pio_bus, mmio_bus
-        if self.platform is not None:
-            self.platform.register(pio_bus, mmio_bus)
+        self.platform.register(pio_bus, mmio_bus)
 
     def irq_line(self, gsi: int):
-        if self.platform is None:
-            return NullIrqLine()
         return self.platform.irq_line(gsi)
 
     def create_vcpu(self, index: int, count: int, policy) -> TcgVcpu:
         if self._tables is None:
-            platform = self.platform
-            self._tables = tcg_cpuid_tables(policy, count, platform and platform.tsc_hz, platform and platform.lapic_timer_hz)
-        lapic = self.platform.add_cpu(index) if self.platform is not None else None
-        vcpu = TcgVcpu(index, self.memory, self.pio_bus, self.mmio_bus, self.offsets, self._tables[index], lapic)
+            self._tables = tcg_cpuid_tables(policy, count, self.platform.tsc_hz, self.platform.lapic_timer_hz)
+        vcpu = TcgVcpu(index, self.memory, self.pio_bus, self.mmio_bus, self.offsets, self._tables[index],
+                       self.platform.add_cpu(index))
         vcpu.kick = self._wakeup.set  # a stop or pause request must wake a sleeping scheduler
         self.vcpus.append(vcpu)
         return vcpu
@@ -91,19 +79,16 @@ class TcgAccelerator:
         platform, vcpus, wakeup = self.platform, self.vcpus, self._wakeup
         while not vm.stopped:
             vm.wait_while_paused()
-            if platform is not None:
-                platform.poll()
+            platform.poll()
             progressed = False
             for vcpu in vcpus:
                 if vm.stopped:
                     return
-                if platform is not None:
-                    platform.start_cpu_if_asked(vcpu)
+                platform.start_cpu_if_asked(vcpu)
                 if vcpu.waiting_for_sipi:
                     continue
-                pending = platform.pending_vector(vcpu) if platform is not None else None
-                window_open = pending is not None and vcpu.interrupt_window_open()
-                if window_open:
+                pending = platform.pending_vector(vcpu)
+                if pending is not None and vcpu.interrupt_window_open():
                     vcpu.inject_interrupt(platform.acknowledge(vcpu))
                     pending = platform.pending_vector(vcpu)
                 if vcpu.halted:
@@ -113,7 +98,6 @@ class TcgAccelerator:
                 if not (exit_ is _INTERRUPTED or exit_ is _HLT):
                     vm.guest_event(vcpu, exit_)
             if not progressed:
-                timeout = platform.seconds_to_next_deadline() if platform is not None else None
-                wakeup.wait(timeout)
+                wakeup.wait(platform.seconds_to_next_deadline())
                 wakeup.clear()
 

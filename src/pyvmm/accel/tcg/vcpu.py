@@ -43,10 +43,12 @@ _HLT = Hlt()
 _SHUTDOWN = Shutdown()
 
 
+DESCRIPTOR_ATTRIBUTE_BITS = 0x00F0FF00  # type, S, DPL, P, AVL, L, D/B, G of a descriptor's high dword
+
+
 def _qemu_flags(segment: Segment) -> int:
-    """A Segment's attributes in QEMU's segment-cache layout (the descriptor's high dword)."""
-    return ((segment.type & 0xF) << 8 | (segment.s & 1) << 12 | (segment.dpl & 3) << 13 | (segment.present & 1) << 15
-            | (segment.avl & 1) << 20 | (segment.l & 1) << 21 | (segment.db & 1) << 22 | (segment.g & 1) << 23)
+    """A Segment's attributes in QEMU's segment-cache layout: its descriptor's attribute bits."""
+    return (segment.descriptor() >> 32) & DESCRIPTOR_ATTRIBUTE_BITS
 
 
 class TcgVcpu:
