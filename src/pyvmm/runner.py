@@ -41,12 +41,11 @@ def with_default_guest(config: VmConfig, command: list[str] | None) -> VmConfig:
 
 def run_vm(config: VmConfig, console) -> VmOutcome:
     """Boot `config` with `console` as COM1 until the guest ends; `--reboot` restarts it on reset."""
-    kernel = config.kernel
     choice = choose_accelerator(config.accel)
     announce = config.accel == "auto"
     deadline = None if config.timeout is None else time.monotonic() + config.timeout
     while True:
-        vm = build_vm(config, console.write, kernel_path=kernel, accel=choice.create())
+        vm = build_vm(config, console.write, accel=choice.create())
         if announce:  # after the build, so that bad input still ends with exactly one line
             print(f"pyvmm: accelerator {choice.name}: {choice.reason}", file=sys.stderr)
             announce = False

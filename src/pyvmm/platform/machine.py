@@ -7,6 +7,7 @@ ACPI MADT announces, and queried by the software CPU's scheduler between slices.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Callable
 
@@ -27,8 +28,10 @@ IOAPIC_WINDOW = 0x1000
 LAPIC_TIMER_HZ = 1_000_000_000  # the LAPIC timer's input clock (announced as the crystal in CPUID 0x15)
 
 
+@functools.cache
 def host_tsc_hz() -> int:
-    """The host TSC rate, which Unicorn's RDTSC returns as is."""
+    """The host TSC rate, which Unicorn's RDTSC returns as is (once per process: every reboot
+    builds a new machine, the host's TSC rate stays what it was)."""
     try:
         from ..kvm import Kvm
 
