@@ -24,8 +24,8 @@ from .vcpu import _HLT, _INTERRUPTED, TcgVcpu
 log = logging.getLogger(__name__)
 
 # Instructions per turn when nothing waits to be injected: about 1 ms of guest code here, well
-# under a 4 ms timer tick. Each turn costs fixed Python work; measured (Debian guest to power-off):
-# 20k -> 30.7 s, 100k -> 25.0 s, 300k -> 23.6 s with 1 vCPU; 40.2 s -> 33.2 s (20k -> 100k) with 2.
+# under a 4 ms timer tick. Each turn costs fixed Python work, so longer turns boot faster (clearly
+# from 20k to 100k, on 1 and 2 vCPUs; little more beyond), at the price of interrupt latency.
 SLICE = 100_000
 WINDOW_SLICE = 200      # with an interrupt pending but IF=0: check again soon (interrupt window)
 
