@@ -70,6 +70,9 @@ class GuestMemory:
         for a, b in zip(self.regions, self.regions[1:]):
             if a.guest_end > b.guest_base:
                 raise GuestMemoryError(f"RAM regions overlap at {b.guest_base:#x}")
+        # Called as (address, length) after a device wrote guest RAM behind the CPU's back
+        # (virtio DMA): the software CPU must drop code it translated from those bytes.
+        self.on_device_write = None
 
     @classmethod
     def from_specs(cls, specs: list[RegionSpec]) -> "GuestMemory":

@@ -1,0 +1,207 @@
+"""VirtioDevice: what every virtio device shares, independent of its transport.
+
+A transport (virtio-mmio, virtio-pci) owns the registers the driver programs; it calls
+the device through a small surface:
+
+    offered_features / set_driver_features() / features_ok()   feature negotiation
+    read_config() / write_config()                              device-specific config space
+    queues[i]                                                   size and ring addresses
+    activate() at DRIVER_OK, reset() when the driver writes 0 to status
+    notify(i)                                                   the driver kicked queue i
+
+and gives the device a `VirtioInterrupt` to signal used buffers and config changes.
+A device subclass implements `process_queue(i)` and, if it has one, its config layout;
+it never learns whether it sits on PCI or MMIO, nor which CPU backend runs the guest.
+
+Threads: notify() may come from a vCPU thread (software CPU: from the MMIO handler) or
+from an I/O thread (KVM: an ioeventfd), and device back-ends (TAP, sockets) complete
+work from I/O threads. One re-entrant lock per device serialises all of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Protocol
+
+from ...memory.guest_memory import GuestMemoryError
+from .queue import SplitQueue, VirtqueueBroken
+
+log = logging.getLogger(__name__)
+
+# Device IDs (virtio 1.2, section 5)
+VIRTIO_ID_NET = 1
+VIRTIO_ID_BLOCK = 2
+VIRTIO_ID_CONSOLE = 3
+VIRTIO_ID_RNG = 4
+VIRTIO_ID_BALLOON = 5
+VIRTIO_ID_VSOCK = 19
+
+# Reserved feature bits (section 6)
+VIRTIO_F_INDIRECT_DESC = 1 << 28
+VIRTIO_F_EVENT_IDX = 1 << 29
+VIRTIO_F_VERSION_1 = 1 << 32
+COMMON_FEATURES = VIRTIO_F_INDIRECT_DESC | VIRTIO_F_EVENT_IDX | VIRTIO_F_VERSION_1
+
+# Device status bits (section 2.1)
+STATUS_ACKNOWLEDGE = 1
+STATUS_DRIVER = 2
+STATUS_DRIVER_OK = 4
+STATUS_FEATURES_OK = 8
+STATUS_DEVICE_NEEDS_RESET = 0x40
+STATUS_FAILED = 0x80
+
+
+class VirtioInterrupt(Protocol):
+    """Given to the device by its transport."""
+
+    def signal_used(self, queue_index: int) -> None:
+        """The device put buffers on queue `queue_index`'s used ring."""
+
+    def signal_config(self) -> None:
+        """The device configuration changed (or the device needs a reset)."""
+
+    def set_needs_reset(self) -> None:
+        """Set DEVICE_NEEDS_RESET in the status the driver reads, then signal a config change."""
+
+
+class _NoInterrupt:
+    def signal_used(self, queue_index: int) -> None:
+        pass
+
+    def signal_config(self) -> None:
+        pass
+
+    def set_needs_reset(self) -> None:
+        pass
+
+
+class VirtioDevice:
+    device_id = 0
+    name = "virtio"
+
+    def __init__(self, queue_sizes: tuple[int, ...], features: int = 0) -> None:
+        self.queues = [SplitQueue(size) for size in queue_sizes]
+        self.offered_features = COMMON_FEATURES | features
+        self.acked_features = 0
+        self.memory = None
+        self.interrupt: VirtioInterrupt = _NoInterrupt()
+        self.lock = threading.RLock()
+        self.active = False
+        self.broken: str | None = None  # why the device needs a reset, once it does
+
+    # --- wiring (builder / transport) -------------------------------------------------------------
+
+    def attach(self, memory, interrupt: VirtioInterrupt) -> None:
+        self.memory, self.interrupt = memory, interrupt
+
+    # --- feature negotiation ---------------------------------------------------------------------
+
+    def set_driver_features(self, features: int) -> None:
+        self.acked_features = features & self.offered_features
+
+    def has_feature(self, feature: int) -> bool:
+        return bool(self.acked_features & feature)
+
+    def features_ok(self) -> bool:
+        """Can the device work with what the driver acknowledged? Modern transports need VERSION_1."""
+        return self.has_feature(VIRTIO_F_VERSION_1)
+
+    # --- configuration space ------------------------------------------------------------------------
+
+    def config_bytes(self) -> bytes:
+        """The device-specific configuration structure as the driver reads it."""
+        return b""
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        data = self.config_bytes()[offset:offset + size]
+        return data + bytes(size - len(data))
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        log.debug("%s: ignored config write at %#x", self.name, offset)
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+
+    def activate(self) -> None:
+        """DRIVER_OK: check the rings of the queues the driver enabled and start serving them."""
+        with self.lock:
+            event_idx, indirect = self.has_feature(VIRTIO_F_EVENT_IDX), self.has_feature(VIRTIO_F_INDIRECT_DESC)
+            try:
+                for queue in self.queues:
+                    if queue.ready:
+                        queue.activate(self.memory, event_idx=event_idx, indirect=indirect)
+            except VirtqueueBroken as exc:
+                self.fail(str(exc))
+                return
+            self.active = True
+            self.on_activate()
+        for index, queue in enumerate(self.queues):  # buffers made available before DRIVER_OK
+            if queue.ready:
+                self.notify(index)
+
+    def reset(self) -> None:
+        with self.lock:
+            self.on_reset()
+            self.active = False
+            self.broken = None
+            self.acked_features = 0
+            for queue in self.queues:
+                queue.reset()
+
+    def notify(self, queue_index: int) -> None:
+        """The driver made buffers available on queue `queue_index` (a kick)."""
+        with self.lock:
+            if not self.active or self.broken or not 0 <= queue_index < len(self.queues):
+                return
+            if not self.queues[queue_index].ready:
+                return
+            try:
+                self.process_queue(queue_index)
+            except (VirtqueueBroken, GuestMemoryError) as exc:
+                self.fail(str(exc))
+
+    def fail(self, reason: str) -> None:
+        """The guest broke the protocol beyond one request: stop serving until the driver resets us."""
+        with self.lock:
+            if self.broken:
+                return
+            self.broken = reason
+            self.active = False
+        log.warning("%s: %s; the device needs a reset", self.name, reason)
+        self.interrupt.set_needs_reset()
+
+    # --- for subclasses ---------------------------------------------------------------------------------
+
+    def process_queue(self, queue_index: int) -> None:
+        """Serve every available request on the queue (called with the lock held)."""
+
+    def on_activate(self) -> None:
+        """The driver is ready: start back-end work (RX polling, ...)."""
+
+    def on_reset(self) -> None:
+        """Stop back-end work and forget in-flight requests."""
+
+    def signal_used(self, queue_index: int) -> None:
+        """Interrupt the driver for queue `queue_index` if the ring asks for it."""
+        if self.queues[queue_index].needs_interrupt():
+            self.interrupt.signal_used(queue_index)
+
+    def config_changed(self) -> None:
+        self.interrupt.signal_config()
+
+    # --- snapshot ----------------------------------------------------------------------------------------
+
+    def save(self) -> dict:
+        with self.lock:
+            return {"acked_features": self.acked_features, "active": self.active, "broken": self.broken,
+                    "queues": [q.save() for q in self.queues]}
+
+    def restore(self, state: dict) -> None:
+        with self.lock:
+            self.acked_features = state["acked_features"]
+            self.broken = state["broken"]
+            for queue, queue_state in zip(self.queues, state["queues"]):
+                queue.restore(queue_state)
+                if queue.ready:
+                    queue.memory = self.memory
+            self.active = state["active"]

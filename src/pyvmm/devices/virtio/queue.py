@@ -1,0 +1,267 @@
+"""Split virtqueues (virtio 1.2, section 2.7): the device side, hardened against the guest.
+
+Everything the ring holds is written by the guest driver and trusted for nothing. Two
+kinds of damage are told apart:
+
+- the ring itself is broken (the available index jumped by more than the queue size, a
+  head index is out of range, the ring areas left guest RAM): the device cannot tell
+  which buffers are real any more, so the queue raises `VirtqueueBroken` and the device
+  is marked DEVICE_NEEDS_RESET (spec 2.1.2);
+- one chain is malformed (a loop, a next index out of range, a buffer outside guest RAM,
+  a nested or misused indirect table, a readable buffer after a writable one, more bytes
+  than a request may carry): that request alone fails. Its head is returned to the driver
+  with zero bytes written and the queue moves on.
+
+Every byte the device reads or writes goes through `GuestMemory.view`, which refuses
+anything outside guest RAM, so no guest value can make pyvmm touch other memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import dataclass, field
+
+from ...memory import GuestMemory
+from ...memory.guest_memory import GuestMemoryError
+
+log = logging.getLogger(__name__)
+
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+
+DESC_SIZE = 16
+MAX_QUEUE_SIZE = 32768
+MAX_CHAIN_BYTES = 1 << 32  # a chain's total length must fit the used ring's 32-bit length
+
+_DESC = struct.Struct("<QIHH")
+_USED_ELEM = struct.Struct("<II")
+
+
+class VirtqueueBroken(Exception):
+    """The ring cannot be trusted any more: the device needs a reset."""
+
+
+class ChainError(Exception):
+    """One descriptor chain is malformed: fail that request only."""
+
+
+@dataclass
+class DescriptorChain:
+    """One request: the device-readable buffers, then the device-writable ones, as (address, length)."""
+
+    head: int
+    readable: list[tuple[int, int]] = field(default_factory=list)
+    writable: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def readable_length(self) -> int:
+        return sum(length for _, length in self.readable)
+
+    @property
+    def writable_length(self) -> int:
+        return sum(length for _, length in self.writable)
+
+
+def buffer_views(memory: GuestMemory, buffers: list[tuple[int, int]], offset: int = 0,
+                 length: int | None = None) -> list[memoryview]:
+    """Zero-copy views of bytes [offset, offset+length) of a buffer list (for preadv/pwritev)."""
+    views: list[memoryview] = []
+    remaining = None if length is None else length
+    for address, size in buffers:
+        if offset >= size:
+            offset -= size
+            continue
+        take = size - offset
+        if remaining is not None:
+            take = min(take, remaining)
+        if take > 0:
+            views.append(memory.view(address + offset, take))
+        offset = 0
+        if remaining is not None:
+            remaining -= take
+            if remaining <= 0:
+                break
+    return views
+
+
+def read_buffers(memory: GuestMemory, buffers: list[tuple[int, int]], offset: int = 0,
+                 length: int | None = None) -> bytes:
+    return b"".join(bytes(v) for v in buffer_views(memory, buffers, offset, length))
+
+
+def write_buffers(memory: GuestMemory, buffers: list[tuple[int, int]], data: bytes | memoryview,
+                  offset: int = 0) -> int:
+    """Scatter `data` into the buffers from `offset`; returns how many bytes fitted."""
+    done = 0
+    for view in buffer_views(memory, buffers, offset, len(data)):
+        view[:] = data[done:done + len(view)]
+        done += len(view)
+    return done
+
+
+class SplitQueue:
+    """The device's view of one split virtqueue.
+
+    The transport fills in the size and the three ring addresses while the driver sets the
+    queue up, then marks it ready. `pop()` takes the next available chain, `push()` returns
+    a finished one, `needs_interrupt()` says whether the driver wants to hear about it.
+    """
+
+    def __init__(self, max_size: int) -> None:
+        if not 0 < max_size <= MAX_QUEUE_SIZE or max_size & (max_size - 1):
+            raise ValueError(f"virtqueue size {max_size} must be a power of two up to {MAX_QUEUE_SIZE}")
+        self.max_size = max_size
+        self.memory: GuestMemory | None = None
+        self.event_idx = False
+        self.indirect = False
+        self.reset()
+
+    def reset(self) -> None:
+        self.size = self.max_size
+        self.ready = False
+        self.desc_table = 0
+        self.avail_ring = 0
+        self.used_ring = 0
+        self.last_avail = 0       # next available-ring slot the device will read
+        self.used_idx = 0         # next used-ring slot the device will write
+        self.signalled_used = 0   # used_idx when the driver was last interrupted
+        self.malformed_chains = 0
+        self.completed = 0
+
+    # --- setup (transport) ---------------------------------------------------------------------
+
+    def activate(self, memory: GuestMemory, *, event_idx: bool, indirect: bool) -> None:
+        """Check the ring the driver described and start using it; raises VirtqueueBroken."""
+        if self.size == 0 or self.size > self.max_size or self.size & (self.size - 1):
+            raise VirtqueueBroken(f"queue size {self.size} is not a power of two up to {self.max_size}")
+        for name, address, length, align in (
+            ("descriptor table", self.desc_table, DESC_SIZE * self.size, 16),
+            ("available ring", self.avail_ring, 6 + 2 * self.size, 2),
+            ("used ring", self.used_ring, 6 + 8 * self.size, 4),
+        ):
+            if address % align:
+                raise VirtqueueBroken(f"{name} at {address:#x} is not {align}-byte aligned")
+            if not memory.contains(address, length):
+                raise VirtqueueBroken(f"{name} at {address:#x}+{length:#x} is outside guest RAM")
+        self.memory, self.event_idx, self.indirect = memory, event_idx, indirect
+        self.signalled_used = self.used_idx
+
+    # --- device side -------------------------------------------------------------------------
+
+    def _avail_idx(self) -> int:
+        return self.memory.read_u16(self.avail_ring + 2)
+
+    def has_available(self) -> bool:
+        pending = (self._avail_idx() - self.last_avail) & 0xFFFF
+        if pending > self.size:
+            raise VirtqueueBroken(f"available index moved {pending} entries ahead on a queue of {self.size}")
+        return pending > 0
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available request, or None. Malformed chains are completed (0 bytes) and skipped."""
+        memory = self.memory
+        while self.has_available():
+            slot = self.last_avail % self.size
+            head = memory.read_u16(self.avail_ring + 4 + 2 * slot)
+            self.last_avail = (self.last_avail + 1) & 0xFFFF
+            if self.event_idx:  # ask to be notified for the next entry the driver adds
+                memory.write_u16(self.used_ring + 4 + 8 * self.size, self.last_avail)
+            if head >= self.size:
+                raise VirtqueueBroken(f"available ring slot {slot} names descriptor {head} of {self.size}")
+            try:
+                return self._walk(head)
+            except (ChainError, GuestMemoryError) as exc:
+                self.malformed_chains += 1
+                if self.malformed_chains == 1 or log.isEnabledFor(logging.DEBUG):
+                    log.warning("virtqueue: dropped a malformed request (head %d): %s", head, str(exc))
+                self.push(DescriptorChain(head), 0)
+        return None
+
+    def _walk(self, head: int) -> DescriptorChain:
+        memory = self.memory
+        chain = DescriptorChain(head)
+        table, table_size, index = self.desc_table, self.size, head
+        in_indirect = False
+        seen = 0
+        total = 0
+        while True:
+            seen += 1
+            if seen > table_size:
+                raise ChainError(f"chain longer than its table ({table_size} descriptors): a loop")
+            address, length, flags, next_index = _DESC.unpack(memory.view(table + DESC_SIZE * index, DESC_SIZE))
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                if not self.indirect:
+                    raise ChainError("indirect descriptor without VIRTIO_F_INDIRECT_DESC")
+                if in_indirect:
+                    raise ChainError("indirect descriptor inside an indirect table")
+                if flags & VIRTQ_DESC_F_NEXT:
+                    raise ChainError("indirect descriptor with the NEXT flag")
+                if length == 0 or length % DESC_SIZE or length // DESC_SIZE > MAX_QUEUE_SIZE:
+                    raise ChainError(f"indirect table length {length} is not a multiple of {DESC_SIZE}")
+                if not memory.contains(address, length):
+                    raise ChainError(f"indirect table {address:#x}+{length:#x} is outside guest RAM")
+                if chain.readable or chain.writable:
+                    raise ChainError("indirect descriptor after direct buffers in the same chain")
+                table, table_size, index, in_indirect, seen = address, length // DESC_SIZE, 0, True, 0
+                continue
+            if length:
+                if not memory.contains(address, length):
+                    raise ChainError(f"buffer {address:#x}+{length:#x} is outside guest RAM")
+                total += length
+                if total > MAX_CHAIN_BYTES:
+                    raise ChainError("chain carries more than 4 GiB")
+                if flags & VIRTQ_DESC_F_WRITE:
+                    chain.writable.append((address, length))
+                elif chain.writable:
+                    raise ChainError("device-readable buffer after a device-writable one")
+                else:
+                    chain.readable.append((address, length))
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return chain
+            if next_index >= table_size:
+                raise ChainError(f"next descriptor {next_index} is outside a table of {table_size}")
+            index = next_index
+
+    def push(self, chain: DescriptorChain, written: int) -> None:
+        """Return a request to the driver with `written` bytes stored in its writable buffers."""
+        written = min(written, chain.writable_length)
+        if written and self.memory.on_device_write is not None:
+            remaining = written
+            for address, length in chain.writable:
+                self.memory.on_device_write(address, min(length, remaining))
+                remaining -= length
+                if remaining <= 0:
+                    break
+        slot = self.used_idx % self.size
+        memory = self.memory
+        memory.view(self.used_ring + 4 + 8 * slot, 8)[:] = _USED_ELEM.pack(chain.head, written)
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        memory.write_u16(self.used_ring + 2, self.used_idx)  # publish after the element (x86 keeps store order)
+        self.completed += 1
+
+    def needs_interrupt(self) -> bool:
+        """After one or more push(): should the driver be interrupted (event index or NO_INTERRUPT)?"""
+        old, new = self.signalled_used, self.used_idx
+        if old == new:
+            return False
+        if self.event_idx:
+            used_event = self.memory.read_u16(self.avail_ring + 4 + 2 * self.size)
+            notify = (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
+        else:
+            notify = not self.memory.read_u16(self.avail_ring) & VIRTQ_AVAIL_F_NO_INTERRUPT
+        self.signalled_used = new
+        return notify
+
+    # --- snapshot ----------------------------------------------------------------------------
+
+    def save(self) -> dict:
+        return {name: getattr(self, name) for name in (
+            "size", "ready", "desc_table", "avail_ring", "used_ring", "last_avail", "used_idx",
+            "signalled_used", "event_idx", "indirect")}
+
+    def restore(self, state: dict) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)

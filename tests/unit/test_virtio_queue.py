@@ -1,0 +1,245 @@
+"""Split virtqueue: requests, indirect tables, event index, and hostile rings (via virtio-rng)."""
+
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from helpers.virtio_driver import FakeDriver
+from pyvmm.devices.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1
+from pyvmm.devices.virtio.queue import (
+    VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, SplitQueue,
+    VirtqueueBroken,
+)
+from pyvmm.devices.virtio.rng import VirtioRng
+from pyvmm.memory import GuestMemory
+from pyvmm.memory.guest_memory import RegionSpec
+
+RAM = 1 << 20
+
+
+@pytest.fixture
+def memory():
+    with GuestMemory.from_specs([RegionSpec(0, RAM)]) as mem:
+        yield mem
+
+
+def counting_source():
+    counter = iter(range(1 << 30))
+    return lambda n: bytes(next(counter) & 0xFF for _ in range(n))
+
+
+def rng_with_driver(memory, **kw):
+    device = VirtioRng(source=counting_source())
+    return device, FakeDriver(memory, device, queue_size=8, **kw)
+
+
+def test_request_is_filled_and_returned(memory):
+    device, driver = rng_with_driver(memory)
+    q = driver.queue(0)
+    head = q.add([], [16, 8])
+    device.notify(0)
+    assert q.take_used() == [(head, 24)]
+    assert q.written(head) == bytes(range(24))
+    assert driver.interrupts.used == [0]
+
+
+def test_indirect_table_is_followed(memory):
+    device, driver = rng_with_driver(memory)
+    q = driver.queue(0)
+    head = q.add([], [4, 4, 4], indirect=True)
+    device.notify(0)
+    assert q.take_used() == [(head, 12)]
+    assert q.written(head) == bytes(range(12))
+
+
+def test_indirect_without_the_feature_fails_only_that_request(memory):
+    device, driver = rng_with_driver(memory, features=VIRTIO_F_VERSION_1)
+    q = driver.queue(0)
+    bad = q.add([], [4], indirect=True)
+    good = q.add([], [4])
+    device.notify(0)
+    assert q.take_used() == [(bad, 0), (good, 4)]
+    assert not device.broken
+    assert device.queues[0].malformed_chains == 1
+
+
+def test_event_index_suppresses_and_requests_interrupts(memory):
+    device, driver = rng_with_driver(memory)
+    assert device.acked_features & VIRTIO_F_EVENT_IDX
+    q = driver.queue(0)
+    q.set_used_event(5)             # driver: interrupt me once used idx passes 5
+    for _ in range(3):
+        q.add([], [1])
+    device.notify(0)
+    assert driver.interrupts.used == []
+    assert q.avail_event() == 3     # device: kick me for the next entry
+    for _ in range(3):
+        q.add([], [1])
+    device.notify(0)
+    assert driver.interrupts.used == [0]
+
+
+def test_no_interrupt_flag_without_event_index(memory):
+    device, driver = rng_with_driver(memory, features=VIRTIO_F_VERSION_1 | VIRTIO_F_INDIRECT_DESC)
+    q = driver.queue(0)
+    q.set_avail_flags(VIRTQ_AVAIL_F_NO_INTERRUPT)
+    q.add([], [1])
+    device.notify(0)
+    assert driver.interrupts.used == [] and len(q.take_used()) == 1
+    q.set_avail_flags(0)
+    q.add([], [1])
+    device.notify(0)
+    assert driver.interrupts.used == [0]
+
+
+def test_buffers_made_available_before_driver_ok_are_served(memory):
+    device = VirtioRng(source=counting_source())
+    driver = FakeDriver(memory, device, queue_size=8, activate=False)
+    head = driver.queue(0).add([], [2])
+    device.activate()
+    assert driver.queue(0).take_used() == [(head, 2)]
+
+
+@pytest.mark.parametrize("build", [
+    "loop", "next-out-of-range", "buffer-outside-ram", "nested-indirect", "indirect-with-next",
+    "readable-after-writable", "indirect-bad-length", "indirect-outside-ram", "huge-length",
+])
+def test_malformed_chain_fails_only_that_request(memory, build):
+    device, driver = rng_with_driver(memory)
+    q = driver.queue(0)
+    buf = q.buffer(64)
+    head = q.next_free
+    if build == "loop":
+        q.put_descriptor(head, buf, 4, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, head + 1)
+        q.put_descriptor(head + 1, buf, 4, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, head)
+    elif build == "next-out-of-range":
+        q.put_descriptor(head, buf, 4, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, 8)
+    elif build == "buffer-outside-ram":
+        q.put_descriptor(head, RAM - 2, 4, VIRTQ_DESC_F_WRITE)
+    elif build == "huge-length":
+        q.put_descriptor(head, buf, 0xFFFFFFFF, VIRTQ_DESC_F_WRITE)
+    elif build == "readable-after-writable":
+        q.put_descriptor(head, buf, 4, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, head + 1)
+        q.put_descriptor(head + 1, buf, 4, 0)
+    else:
+        table = q.buffer(64)
+        if build == "nested-indirect":
+            q.put_descriptor(0, table, 16, VIRTQ_DESC_F_INDIRECT, table=table)
+            q.put_descriptor(head, table, 16, VIRTQ_DESC_F_INDIRECT)
+        elif build == "indirect-with-next":
+            q.put_descriptor(0, buf, 4, VIRTQ_DESC_F_WRITE, table=table)
+            q.put_descriptor(head, table, 16, VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_NEXT, head + 1)
+        elif build == "indirect-bad-length":
+            q.put_descriptor(head, table, 17, VIRTQ_DESC_F_INDIRECT)
+        elif build == "indirect-outside-ram":
+            q.put_descriptor(head, RAM - 16, 32, VIRTQ_DESC_F_INDIRECT)
+    q.next_free = head + 2
+    q.publish(head)
+    good = q.add([], [3])
+    before = memory.read(0, RAM)
+    device.notify(0)
+    assert q.take_used() == [(head, 0), (good, 3)]
+    assert not device.broken and not driver.interrupts.needs_reset
+    after = memory.read(0, RAM)
+    allowed = [(q.used_ring, 6 + 8 * q.size + 2), *q.writable[good]]
+    changed = [i for i in range(RAM) if before[i] != after[i]]
+    assert changed and all(any(a <= i < a + n for a, n in allowed) for i in changed)
+
+
+def test_available_index_jump_needs_reset(memory):
+    device, driver = rng_with_driver(memory)
+    q = driver.queue(0)
+    q.set_avail_idx(9)  # 9 new entries on a queue of 8
+    device.notify(0)
+    assert device.broken and driver.interrupts.needs_reset
+    q.add([], [1])
+    device.notify(0)    # a broken device serves nothing until reset
+    assert q.take_used() == []
+
+
+def test_head_out_of_range_needs_reset(memory):
+    device, driver = rng_with_driver(memory)
+    q = driver.queue(0)
+    q.publish(200)
+    device.notify(0)
+    assert device.broken and driver.interrupts.needs_reset
+
+
+def test_reset_after_breakage_serves_again(memory):
+    device, driver = rng_with_driver(memory)
+    driver.queue(0).publish(200)
+    device.notify(0)
+    assert device.broken
+    device.reset()
+    driver = FakeDriver(memory, device, queue_size=8, ram_start=0x80000)
+    head = driver.queue(0).add([], [4])
+    device.notify(0)
+    assert driver.queue(0).take_used() == [(head, 4)]
+
+
+@pytest.mark.parametrize("field,value", [("desc_table", RAM - 16), ("avail_ring", 3), ("used_ring", RAM + 4096)])
+def test_rings_outside_ram_or_misaligned_refuse_activation(memory, field, value):
+    device = VirtioRng()
+    driver = FakeDriver(memory, device, queue_size=8, activate=False)
+    setattr(device.queues[0], field, value)
+    device.activate()
+    assert device.broken and driver.interrupts.needs_reset
+
+
+def test_queue_size_must_be_power_of_two():
+    with pytest.raises(ValueError):
+        SplitQueue(6)
+    q = SplitQueue(8)
+    q.size = 6
+    with pytest.raises(VirtqueueBroken):
+        q.activate(None, event_idx=False, indirect=False)
+
+
+def test_device_writes_are_reported_for_the_software_cpu(memory):
+    seen = []
+    memory.on_device_write = lambda address, length: seen.append((address, length))
+    device, driver = rng_with_driver(memory)
+    q = driver.queue(0)
+    head = q.add([], [6, 10])
+    device.notify(0)
+    assert [n for _, n in seen] == [6, 10]
+    assert [a for a, _ in seen] == [a for a, _ in q.writable[head]]
+
+
+def test_save_restore_keeps_ring_positions(memory):
+    device, driver = rng_with_driver(memory)
+    q = driver.queue(0)
+    q.add([], [1])
+    device.notify(0)
+    state = device.save()
+    clone = VirtioRng(source=counting_source())
+    clone.attach(memory, driver.interrupts)
+    clone.restore(state)
+    head = q.add([], [1])
+    clone.notify(0)
+    assert q.take_used()[-1] == (head, 1)
+
+
+descriptor = st.tuples(
+    st.integers(0, RAM + 8192), st.integers(0, 1 << 20), st.integers(0, 7), st.integers(0, 20))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(descs=st.lists(descriptor, min_size=1, max_size=16), heads=st.lists(st.integers(0, 20), min_size=1, max_size=10),
+       avail_idx=st.integers(0, 0xFFFF))
+def test_random_rings_never_escape_or_raise(memory, descs, heads, avail_idx):
+    memory.fill(0, RAM)
+    device, driver = rng_with_driver(memory)
+    q = driver.queue(0)
+    for i, (address, length, flags, nxt) in enumerate(descs[:8]):
+        q.put_descriptor(i, address, length, flags, nxt)
+    for head in heads:
+        q.publish(head)
+    if avail_idx % 3 == 0:
+        q.set_avail_idx(avail_idx)
+    device.notify(0)  # must not raise: a bad request is dropped, a bad ring breaks the device
+    used = q.take_used()
+    assert len(used) <= q.size
+    for head, written in used:
+        assert head < 8 and written <= 1 << 20
