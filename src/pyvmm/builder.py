@@ -22,7 +22,9 @@ from .devices.legacy.pvpanic import PORT as PVPANIC_PORT
 from .devices.legacy.debug_exit import exit_status
 from .loader import BootEntry, CpuMode, load_kernel
 from .memory import GuestMemory
-from .vm import EXIT_GUEST_CRASH, EXIT_OK, Vm, VmOutcome
+from .iothread import IoThread
+from .virtio_wiring import VirtioWiring
+from .vm import EXIT_GUEST_CRASH, EXIT_OK, EXIT_VMM_ERROR, Vm, VmOutcome
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +83,16 @@ def build_vm(config: VmConfig, console_write: Callable[[bytes], None], *, accel=
         pio.register(layout.GUEST_NOTIFY_PORT, 2, notify, "guest-notify")
         pio.register(PVPANIC_PORT, 1, devices["pvpanic"], "pvpanic")
 
-        rsdp = build_acpi_tables(memory, cpus=config.cpus, devices=[pvpanic_device(PVPANIC_PORT)])
+        iothread = IoThread(on_error=lambda exc: stop(VmOutcome(
+            "vmm-error", EXIT_VMM_ERROR, f"I/O thread: {type(exc).__name__}: {exc}")))
+        cleanup.callback(iothread.stop)
+        wiring = VirtioWiring(accel, memory, pio, mmio, iothread)
+        cleanup.callback(wiring.close)
+        for name, device, transport in virtio_devices(config, console_write, iothread, cleanup):
+            devices[name] = device
+            wiring.add(name, device, transport)
+
+        rsdp = build_acpi_tables(memory, cpus=config.cpus, devices=[pvpanic_device(PVPANIC_PORT), *wiring.acpi_items])
         write_reset_vector(memory)
         entry = load_kernel(
             memory, kernel_path or config.kernel, cmdline=config.cmdline, modules=config.modules,
@@ -95,10 +106,19 @@ def build_vm(config: VmConfig, console_write: Callable[[bytes], None], *, accel=
         vcpus = [accel.create_vcpu(i, config.cpus, policy) for i in range(config.cpus)]
         vcpus[0].set_state(boot_state(memory, entry))
 
-        vm = Vm(accel, memory, pio, mmio, vcpus, devices)
+        closers = [wiring.close] + [d.close for d in devices.values() if hasattr(d, "close")]
+        vm = Vm(accel, memory, pio, mmio, vcpus, devices, iothread=iothread, on_close=closers)
         vm_ref.append(vm)
         cleanup.pop_all()
         return vm
+
+
+def virtio_devices(config: VmConfig, console_write, iothread, cleanup: ExitStack):
+    """(name, device, transport) for every virtio device the config asks for."""
+    if config.rng is not None:
+        from .devices.virtio.rng import VirtioRng
+
+        yield "virtio-rng", VirtioRng(), config.rng
 
 
 def boot_state(memory, entry: BootEntry):

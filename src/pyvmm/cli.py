@@ -64,6 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cpu-hide", metavar="FEATURES", default="",
                      help="comma-separated CPUID features to hide from the guest, e.g. xsave,cx16")
 
+    run.add_argument("--disk", metavar="PATH[,readonly][,serial=ID][,transport=pci|mmio]", action="append", default=[],
+                     help="a raw disk image as virtio-blk /dev/vdX (repeatable); vhost-user=SOCKET instead of PATH "
+                          "connects a vhost-user-blk back-end")
+    run.add_argument("--net", metavar="tap=NAME|auto[,mac=MAC][,transport=pci|mmio]", action="append", default=[],
+                     help="a virtio-net NIC on a TAP device; tap=auto creates one in a new network namespace "
+                          "(host 10.0.2.1/24)")
+    run.add_argument("--vsock", metavar="cid=N,uds=PATH[,transport=pci|mmio]",
+                     help="virtio-vsock with guest CID N; host side as Unix sockets (PATH and PATH_PORT)")
+    run.add_argument("--rng", nargs="?", const="pci", metavar="TRANSPORT", choices=("pci", "mmio"),
+                     help="a virtio-rng fed from the host's entropy (transport pci by default, or mmio)")
+    run.add_argument("--console", choices=("serial", "virtio"), default="serial",
+                     help="the guest's console: serial (COM1, ttyS0) or virtio (hvc0)")
     from .images.cli import register_cli
 
     register_cli(sub)
@@ -109,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cmd_run(args) -> int:
-    from .config import ConfigError, VmConfig, parse_size
+    from .config import ConfigError, DiskConfig, NetConfig, VmConfig, VsockConfig, parse_size
     from .console import Console
     from .runner import demo_kernel, run_vm, with_default_guest
 
@@ -136,6 +148,11 @@ def _cmd_run(args) -> int:
         reboot=args.reboot,
         timeout=args.timeout,
         accel=args.accel,
+        disks=[DiskConfig.parse(text) for text in args.disk],
+        nets=[NetConfig.parse(text) for text in args.net],
+        vsock=VsockConfig.parse(args.vsock) if args.vsock else None,
+        rng=args.rng,
+        console=args.console,
     )
     config.validate()
     config = with_default_guest(config, command)

@@ -28,6 +28,97 @@ def parse_size(text: str) -> int:
     return int(number) * (_UNITS[prefix.upper()] if prefix else 1 << 20)
 
 
+TRANSPORTS = ("pci", "mmio")
+DEFAULT_TRANSPORT = "pci"
+
+
+def _options(text: str, what: str, flags: tuple[str, ...], keys: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
+    """Split 'a,b,key=value' into bare words and key=value pairs, rejecting unknown ones."""
+    words, pairs = [], {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        key, eq, value = part.partition("=")
+        if eq:
+            if key not in keys:
+                raise ConfigError(f"{what}: unknown option {key!r} (known: {', '.join(keys)})")
+            pairs[key] = value
+        elif words and part not in flags:
+            raise ConfigError(f"{what}: unknown flag {part!r} (known: {', '.join(flags)})")
+        else:
+            words.append(part)
+    transport = pairs.get("transport", DEFAULT_TRANSPORT)
+    if "transport" in keys and transport not in TRANSPORTS:
+        raise ConfigError(f"{what}: transport must be pci or mmio (got {transport!r})")
+    return words, pairs
+
+
+@dataclass
+class DiskConfig:
+    path: str | None = None             # raw image (None for a vhost-user disk)
+    readonly: bool = False
+    serial: str | None = None
+    transport: str = DEFAULT_TRANSPORT
+    vhost_user: str | None = None       # vhost-user-blk back-end socket
+
+    @classmethod
+    def parse(cls, text: str) -> "DiskConfig":
+        """--disk PATH[,readonly][,serial=ID][,transport=pci|mmio] or --disk vhost-user=SOCKET[,...]"""
+        words, pairs = _options(text, "--disk", ("readonly", "ro"), ("serial", "transport", "vhost-user"))
+        path = words[0] if words and words[0] not in ("readonly", "ro") else None
+        flags = words[1:] if path else words
+        if path is None and "vhost-user" not in pairs:
+            raise ConfigError("--disk needs an image path (or vhost-user=SOCKET)")
+        if path is not None and "vhost-user" in pairs:
+            raise ConfigError("--disk: give an image path or vhost-user=SOCKET, not both")
+        serial = pairs.get("serial")
+        if serial is not None and len(serial.encode()) > 20:
+            raise ConfigError(f"--disk serial {serial!r} is longer than 20 bytes")
+        return cls(path, bool(flags), serial, pairs.get("transport", DEFAULT_TRANSPORT), pairs.get("vhost-user"))
+
+
+_MAC = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
+
+
+@dataclass
+class NetConfig:
+    tap: str = "auto"                   # a TAP name, or auto: pyvmm creates one in a new network namespace
+    mac: str | None = None
+    transport: str = DEFAULT_TRANSPORT
+
+    @classmethod
+    def parse(cls, text: str) -> "NetConfig":
+        """--net tap=NAME|auto[,mac=52:54:00:..][,transport=pci|mmio]"""
+        words, pairs = _options(text, "--net", (), ("tap", "mac", "transport"))
+        if words:
+            raise ConfigError(f"--net: expected key=value options, got {words[0]!r}")
+        mac = pairs.get("mac")
+        if mac is not None and (not _MAC.match(mac) or int(mac[:2], 16) & 1):
+            raise ConfigError(f"--net mac {mac!r} is not a unicast MAC address like 52:54:00:12:34:56")
+        return cls(pairs.get("tap", "auto") or "auto", mac, pairs.get("transport", DEFAULT_TRANSPORT))
+
+
+@dataclass
+class VsockConfig:
+    cid: int
+    uds: str
+    transport: str = DEFAULT_TRANSPORT
+
+    @classmethod
+    def parse(cls, text: str) -> "VsockConfig":
+        """--vsock cid=N,uds=PATH[,transport=pci|mmio]"""
+        words, pairs = _options(text, "--vsock", (), ("cid", "uds", "transport"))
+        if words or "cid" not in pairs or "uds" not in pairs:
+            raise ConfigError("--vsock needs cid=N,uds=PATH")
+        try:
+            cid = int(pairs["cid"], 0)
+        except ValueError:
+            raise ConfigError(f"--vsock cid {pairs['cid']!r} is not a number") from None
+        if not 3 <= cid < 0xFFFFFFFF:
+            raise ConfigError(f"--vsock cid {cid}: guest CIDs start at 3 (0-2 are reserved)")
+        return cls(cid, pairs["uds"], pairs.get("transport", DEFAULT_TRANSPORT))
+
+
 @dataclass
 class VmConfig:
     kernel: str | None = None
@@ -44,6 +135,11 @@ class VmConfig:
     reboot: bool = False
     timeout: float | None = None
     accel: str = "auto"
+    disks: list[DiskConfig] = field(default_factory=list)
+    nets: list[NetConfig] = field(default_factory=list)
+    vsock: VsockConfig | None = None
+    rng: str | None = None              # None, or the transport of a virtio-rng
+    console: str = "serial"             # serial (COM1) | virtio (hvc0; COM1 stays for early messages)
 
     def validate(self, max_vcpus: int | None = None) -> None:
         if self.memory <= 0:
@@ -64,4 +160,8 @@ class VmConfig:
             raise ConfigError(f"--boot must be one of auto, pvh, bzimage (got {self.boot!r})")
         if self.accel not in ("auto", "kvm", "tcg"):
             raise ConfigError(f"--accel must be one of auto, kvm, tcg (got {self.accel!r})")
+        if self.console not in ("serial", "virtio"):
+            raise ConfigError(f"--console must be serial or virtio (got {self.console!r})")
+        if self.rng is not None and self.rng not in TRANSPORTS:
+            raise ConfigError(f"--rng transport must be pci or mmio (got {self.rng!r})")
         CpuidPolicy(set(self.cpu_hide))  # an unknown feature name fails here, before KVM is opened

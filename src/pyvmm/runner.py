@@ -35,7 +35,8 @@ def with_default_guest(config: VmConfig, command: list[str] | None) -> VmConfig:
 
     image = default_image()
     config.kernel, config.initrd = str(image.kernel), str(image.initramfs)
-    config.cmdline = image.command_line(command or None, extra=config.cmdline)
+    extra = f"{config.cmdline} pyvmm.console=hvc0".strip() if config.console == "virtio" else config.cmdline
+    config.cmdline = image.command_line(command or None, extra=extra)
     return config
 
 

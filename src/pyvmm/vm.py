@@ -49,7 +49,8 @@ class VmOutcome:
 
 
 class Vm:
-    def __init__(self, accel, memory, pio_bus, mmio_bus, vcpus, devices: dict[str, object]) -> None:
+    def __init__(self, accel, memory, pio_bus, mmio_bus, vcpus, devices: dict[str, object], *,
+                 iothread=None, on_close=()) -> None:
         self.accel = accel
         self.memory = memory
         self.pio_bus = pio_bus
@@ -63,10 +64,14 @@ class Vm:
         self._paused = False
         self._resume = threading.Condition(self._lock)
         self._closed = False
+        self.iothread = iothread
+        self._on_close = list(on_close)  # released after every thread stopped, in order
 
     # --- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
+        if self.iothread is not None:
+            self.iothread.start()
         if getattr(self.accel, "per_vcpu_threads", True):
             for vcpu in self.vcpus:
                 self._threads.append(threading.Thread(
@@ -136,6 +141,13 @@ class Vm:
             if thread is not current:
                 thread.join()
         self._closed = True
+        if self.iothread is not None:
+            self.iothread.stop()
+        for release in self._on_close:
+            try:
+                release()
+            except Exception:  # one device failing to close must not leak the others
+                log.warning("closing the VM: %s failed", getattr(release, "__qualname__", release), exc_info=True)
         self.accel.close()
         self.memory.close()
 

@@ -56,6 +56,7 @@ class DriverQueue:
         self.desc_table = allocator.alloc(16 * size, 16)
         self.avail_ring = allocator.alloc(6 + 2 * size, 2)
         self.used_ring = allocator.alloc(6 + 8 * size, 4)
+        memory.fill(self.desc_table, self.used_ring + 6 + 8 * size - self.desc_table)  # as a driver's allocation
         self.avail_idx = 0
         self.last_used = 0
         self.next_free = 0

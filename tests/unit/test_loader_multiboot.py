@@ -87,7 +87,7 @@ def test_multiboot_elf32_kernel_and_info(memory):
     assert info["name"] == "pyvmm"
     assert info["mods"] == []
     assert info["mmap"] == [(e.address, e.size, e.kind) for e in e820_map(RAM)]
-    assert info["mmap"][0] == (0, 0x9FC00, 1) and info["mmap"][-1] == (MiB, RAM - MiB, 1)
+    assert info["mmap"][0] == (0, 0x9FC00, 1) and info["mmap"][-2] == (MiB, RAM - MiB, 1)
     # every piece of the structure sits in pyvmm's area below the command line
     for key in ("mmap_addr", "mods_addr", "name_addr"):
         assert MULTIBOOT_INFO <= info[key] < CMDLINE

@@ -425,6 +425,7 @@ def test_e820_small(size):
         (0, layout.EBDA_START, 1),
         (layout.EBDA_START, RESERVED_LOW, 2),
         (MiB, size - MiB, 1),
+        (layout.PCI_ECAM_BASE, layout.PCI_ECAM_SIZE, 2),
     ]
 
 
@@ -432,7 +433,8 @@ def test_e820_small(size):
 def test_e820_large(size):
     entries = _check_e820(size)
     assert (entries[-1].address, entries[-1].size, entries[-1].kind) == (4 * GiB, size - 3 * GiB, 1)
-    assert (entries[-2].address, entries[-2].size) == (MiB, 3 * GiB - MiB)
+    assert (entries[-2].address, entries[-2].size, entries[-2].kind) == (layout.PCI_ECAM_BASE, layout.PCI_ECAM_SIZE, 2)
+    assert (entries[-3].address, entries[-3].size) == (MiB, 3 * GiB - MiB)
 
 
 @given(st.integers(layout.MIN_MEMORY >> 12, (64 * GiB) >> 12))

@@ -139,11 +139,12 @@ def init_script() -> bytes:
 
 def _recipe_hash() -> str:
     """Everything that shapes the image besides the packages: a change means the cache is stale."""
-    from .initramfs import OUTB_HELPER_CODE
+    from .initramfs import OUTB_HELPER_CODE, vsock_helper_source
     from .modules import DEFAULT_MODULES
 
     digest = hashlib.sha256()
-    for part in (str(FORMAT_VERSION).encode(), init_script(), OUTB_HELPER_CODE, "\n".join(DEFAULT_MODULES).encode(),
+    for part in (str(FORMAT_VERSION).encode(), init_script(), OUTB_HELPER_CODE, vsock_helper_source(),
+                 "\n".join(DEFAULT_MODULES).encode(),
                  KERNEL_METAPACKAGE.encode(), BUSYBOX_PACKAGE.encode()):
         digest.update(hashlib.sha256(part).digest())
     return digest.hexdigest()
@@ -325,7 +326,7 @@ def _busybox_applets(busybox: pathlib.Path) -> list[str]:
 
 def _build(work: pathlib.Path, progress: Progress) -> dict:
     from . import debian
-    from .initramfs import Initramfs, outb_helper_elf
+    from .initramfs import Initramfs, outb_helper_elf, vsock_helper_elf
     from .modules import DEFAULT_MODULES, ModuleError, ModuleIndex, format_modules_dep
 
     started = time.monotonic()
@@ -371,6 +372,10 @@ def _build(work: pathlib.Path, progress: Progress) -> dict:
         if applet and applet not in fs and applet != "init":
             fs.symlink(applet, "/bin/busybox")
     fs.file("bin/pyvmm-outb", outb_helper_elf(), 0o755)
+    try:
+        fs.file("bin/pyvmm-vsock", vsock_helper_elf(work), 0o755)
+    except OSError as exc:
+        raise ImageError(str(exc)) from None
     fs.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
     fs.file("etc/group", b"root:x:0:\ntty:x:5:\n")
     fs.file("etc/hostname", b"pyvmm\n")

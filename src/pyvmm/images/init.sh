@@ -6,6 +6,8 @@
 #    ("name relative/path.ko" per line, dependencies first); a missing or failing
 #    module is reported on the console, never fatal;
 # 3. signals "init started": byte 0x01 to I/O port 0x610 (pyvmm's boot timer);
+#    with `pyvmm.console=hvc0` (pyvmm run --console virtio) the command or shell below
+#    uses that console instead of the boot console;
 # 4. with `pyvmm.cmd=<base64 of a shell command>` on the kernel command line:
 #    runs it with `sh -c` on the console, prints "pyvmm: exit status N", writes N
 #    as one byte to port 0x611 and powers off; otherwise starts an interactive
@@ -59,17 +61,32 @@ pyvmm_outb 1552 1 # 0x610: init started
 
 set -f
 cmd_b64=
+console=/dev/console
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         pyvmm.cmd=*) cmd_b64=${arg#pyvmm.cmd=} ;;
+        pyvmm.console=*) console=/dev/${arg#pyvmm.console=} ;;
     esac
 done
 set +f
 
+# pyvmm run --console virtio: the command's (or the shell's) stdio is the virtio console,
+# whose driver was loaded above; kernel messages stay on the boot console.
+if [ "$console" != /dev/console ]; then
+    tries=0
+    while [ ! -c "$console" ] && [ $tries -lt 50 ]; do sleep 0.1; tries=$((tries + 1)); done
+    if [ -c "$console" ]; then
+        exec <"$console" >"$console" 2>&1
+    else
+        echo "pyvmm: $console did not appear; staying on the boot console"
+        console=/dev/console
+    fi
+fi
+
 cd /root || cd /
 if [ -n "$cmd_b64" ]; then
     if cmd=$(printf '%s\n' "$cmd_b64" | base64 -d 2>/dev/null) && [ -n "$cmd" ]; then
-        sh -c "$cmd" </dev/console >/dev/console 2>&1
+        sh -c "$cmd" <"$console" >"$console" 2>&1
         status=$?
     else
         echo "pyvmm: cannot decode pyvmm.cmd= (base64 expected)"
@@ -80,7 +97,11 @@ if [ -n "$cmd_b64" ]; then
 else
     echo "pyvmm guest: Linux $kver, busybox sh on the console; exit or Ctrl-D powers off."
     export PS1='\h:\w\$ '
-    setsid cttyhack sh -l
+    if [ "$console" = /dev/console ]; then
+        setsid cttyhack sh -l
+    else
+        setsid sh -c 'exec sh -l <"$1" >"$1" 2>&1' sh "$console" # its controlling tty
+    fi
     status=$?
 fi
 sync

@@ -243,3 +243,33 @@ def outb_helper_elf() -> bytes:
         total, total, 0x1000,
     )
     return ehdr + phdr + OUTB_HELPER_CODE
+
+
+# --- pyvmm-vsock: the guest's vsock tool -----------------------------------------------------
+
+
+def vsock_helper_source() -> bytes:
+    from importlib import resources
+
+    return resources.files(__package__).joinpath("vsock_helper.c").read_bytes()
+
+
+def vsock_helper_elf(work_dir, cc: str = "gcc") -> bytes:
+    """Compile vsock_helper.c into a static, libc-free executable with the host's gcc."""
+    import pathlib
+    import subprocess
+
+    work = pathlib.Path(work_dir)
+    source, output = work / "vsock_helper.c", work / "pyvmm-vsock"
+    source.write_bytes(vsock_helper_source())
+    command = [cc, "-Os", "-static", "-nostdlib", "-ffreestanding", "-fno-builtin", "-fno-stack-protector",
+               "-fno-asynchronous-unwind-tables", "-fno-pie", "-no-pie", "-s", "-Wl,--build-id=none",
+               "-o", str(output), str(source)]
+    try:
+        subprocess.run(command, check=True, capture_output=True)
+    except FileNotFoundError:
+        raise OSError(f"{cc} not found: it builds the guest's pyvmm-vsock tool (apt-get install gcc)") from None
+    except subprocess.CalledProcessError as exc:
+        first = (exc.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[0]
+        raise OSError(f"compiling pyvmm-vsock failed: {first}") from None
+    return output.read_bytes()

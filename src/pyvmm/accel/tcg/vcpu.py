@@ -71,6 +71,10 @@ class TcgVcpu:
             self.uc.mem_map_ptr(region.guest_base, region.size, U.UC_PROT_ALL, region.host_address)
         hole = layout.MMIO_HOLE_END - layout.LOW_RAM_END
         self.uc.mmio_map(layout.LOW_RAM_END, hole, self._mmio_read, None, self._mmio_write, None)
+        # 64-bit PCI BARs live above RAM
+        base64, size64 = layout.pci_mmio64_window(memory.size)
+        self.uc.mmio_map(base64, size64, self._mmio64_read, None, self._mmio64_write, None)
+        self._mmio64_base = base64
         self.uc.hook_add(U.UC_HOOK_INSN, self._port_in, None, 1, 0, X.UC_X86_INS_IN)
         self.uc.hook_add(U.UC_HOOK_INSN, self._port_out, None, 1, 0, X.UC_X86_INS_OUT)
         self.uc.hook_add(U.UC_HOOK_INSN, self._cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
@@ -149,6 +153,14 @@ class TcgVcpu:
             lapic.write(address - layout.LAPIC_BASE, data)
         else:
             self.mmio_bus.write(address, data)
+
+    def _mmio64_read(self, uc, offset, size, _):
+        self.stats["mmio"] += 1
+        return int.from_bytes(self.mmio_bus.read(self._mmio64_base + offset, size), "little")
+
+    def _mmio64_write(self, uc, offset, size, value, _):
+        self.stats["mmio"] += 1
+        self.mmio_bus.write(self._mmio64_base + offset, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
 
     def _cpuid(self, uc, _):
         self.stats["cpuid"] += 1

@@ -3,8 +3,17 @@
     0x0000_0000 ... 0x0009_fbff   low RAM (real-mode area, pyvmm's boot structures)
     0x0009_fc00 ... 0x000f_ffff   EBDA / legacy ROM area: reported reserved
     0x0010_0000 ... LOW_RAM_END   RAM where kernels are loaded
-    LOW_RAM_END ... 4 GiB         the 32-bit PCI/MMIO hole (IOAPIC, LAPIC, device windows)
+    LOW_RAM_END ... 4 GiB         the 32-bit PCI/MMIO hole:
+        0xC000_0000 ... 0xCFFF_FFFF   PCI 32-bit BAR window (the PCI root places BARs here)
+        0xD000_0000 ... 0xDFFF_FFFF   platform MMIO devices outside PCI (virtio-mmio); tiny
+                                      test guests use 0xD000_0000 as "nothing there"
+        0xE000_0000 ... 0xE00F_FFFF   PCI ECAM, bus 0: reported reserved in e820 (always) and
+                                      by an ACPI PNP0C02 device (Linux wants one or the other)
+        0xFEC0_0000 IOAPIC, 0xFEE0_0000 LAPIC, 0xFFFB_C000 KVM's real-mode pages
     4 GiB       ... 4 GiB + rest  high RAM, when the guest has more than LOW_RAM_END
+    above RAM, 1 GiB aligned      PCI 64-bit BAR window (pci_mmio64_window)
+
+Port I/O: 0xCF8-0xCFF PCI conf1; 0xC000-0xFFFF the PCI I/O BAR window.
 """
 
 from __future__ import annotations
@@ -32,10 +41,26 @@ HIGH_MEMORY_START = 0x100000  # where protected-mode kernels load
 LOW_RAM_END = 3 * GiB         # start of the 32-bit PCI hole
 MMIO_HOLE_END = 4 * GiB
 MMIO32_START = LOW_RAM_END    # device windows allocated from here
+VIRTIO_MMIO_BASE = 0xD1000000    # virtio-mmio transports, one VIRTIO_MMIO_STRIDE window each
+VIRTIO_MMIO_STRIDE = 0x1000
+VIRTIO_MMIO_SLOTS = 11
+# Edge-triggered ISA IRQs no legacy device uses here (GSIs 16-23 are PCI INTx, level-triggered).
+VIRTIO_MMIO_GSIS = (5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 3)
 IOAPIC_BASE = 0xFEC00000
 LAPIC_BASE = 0xFEE00000
 KVM_IDENTITY_MAP = 0xFFFBC000  # one page KVM needs on Intel hosts (real-mode emulation)
 KVM_TSS = 0xFFFBD000           # three pages KVM needs for the TSS of real-mode emulation
+
+# PCI (see pci/root.py). The 32-bit window stays clear of the ECAM and of 0xD000_0000 up;
+# Linux clips e820-reserved ranges out of host bridge windows, so none may overlap them.
+PCI_MMIO32_START = MMIO32_START
+PCI_MMIO32_SIZE = 256 * MiB
+PCI_ECAM_BASE = 0xE0000000
+PCI_ECAM_SIZE = 1 * MiB       # bus 0 only
+PCI_IO_START = 0xC000
+PCI_IO_SIZE = 0x4000
+PCI_MMIO64_ALIGN = 1 * GiB
+PCI_MMIO64_SIZE = 64 * GiB
 
 # ACPI tables live in the legacy BIOS area (reported reserved), where Linux also scans for the RSDP.
 ACPI_TABLES_START = 0xE0000
@@ -83,6 +108,14 @@ def ram_regions(memory_size: int) -> list[RegionSpec]:
     return regions
 
 
+def pci_mmio64_window(memory_size: int) -> tuple[int, int]:
+    """(base, size) of the 64-bit PCI BAR window: above all RAM, 1 GiB aligned."""
+    regions = ram_regions(memory_size)
+    ram_end = max(MMIO_HOLE_END, max(r.guest_base + r.size for r in regions))
+    base = (ram_end + PCI_MMIO64_ALIGN - 1) & -PCI_MMIO64_ALIGN
+    return base, PCI_MMIO64_SIZE
+
+
 def e820_map(memory_size: int) -> list[E820Entry]:
     """The memory map a guest is told about (multiboot mmap, Linux e820)."""
     entries = [
@@ -94,4 +127,6 @@ def e820_map(memory_size: int) -> list[E820Entry]:
         end = region.guest_base + region.size
         if end > start:
             entries.append(E820Entry(start, end - start, E820Entry.RAM))
-    return entries
+    # Linux's early MMCONFIG check looks for the ECAM window among e820 reserved ranges.
+    entries.append(E820Entry(PCI_ECAM_BASE, PCI_ECAM_SIZE, E820Entry.RESERVED))
+    return sorted(entries, key=lambda e: e.address)

@@ -1,0 +1,105 @@
+"""Put virtio devices on their transports and wire kicks and interrupts to the accelerator.
+
+One device model, two wirings:
+
+- KVM: each queue's kick register is an ioeventfd, so a guest kick costs no exit to
+  Python on the vCPU thread; the I/O thread wakes on the eventfd and serves the queue.
+- software CPU: the kick is an MMIO write that reaches the transport, which serves the
+  queue inline (the vCPU thread is the only thread running guest code anyway).
+
+The guest learns about virtio-mmio devices from the DSDT (`acpi_items`), about
+virtio-pci devices by scanning the PCI bus.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+from .arch.x86_64 import layout
+from .arch.x86_64.acpi import virtio_mmio_device
+from .config import ConfigError
+from .devices.virtio.mmio import MMIO_WINDOW, VirtioMmioTransport
+
+log = logging.getLogger(__name__)
+
+
+class VirtioWiring:
+    def __init__(self, accel, memory, pio_bus, mmio_bus, iothread, pci_root=None) -> None:
+        self.accel, self.memory, self.iothread = accel, memory, iothread
+        self.pio_bus, self.mmio_bus, self.pci_root = pio_bus, mmio_bus, pci_root
+        self.acpi_items: list = []
+        self.transports: dict[str, object] = {}
+        self._mmio_used = 0
+        self._ioeventfds: list[tuple[int, int, int, int]] = []  # (fd, address, length, datamatch)
+
+    def add(self, name: str, device, transport: str):
+        if transport == "mmio":
+            added = self._add_mmio(name, device)
+        elif transport == "pci":
+            added = self._add_pci(name, device)
+        else:
+            raise ConfigError(f"{name}: unknown virtio transport {transport!r}")
+        self.transports[name] = added
+        return added
+
+    def _add_mmio(self, name: str, device) -> VirtioMmioTransport:
+        index = self._mmio_used
+        if index >= layout.VIRTIO_MMIO_SLOTS:
+            raise ConfigError(f"{name}: at most {layout.VIRTIO_MMIO_SLOTS} virtio-mmio devices (use transport=pci)")
+        self._mmio_used += 1
+        base = layout.VIRTIO_MMIO_BASE + index * layout.VIRTIO_MMIO_STRIDE
+        gsi = layout.VIRTIO_MMIO_GSIS[index]
+        transport = VirtioMmioTransport(device, self.accel.irq_line(gsi), self.memory)
+        self.mmio_bus.register(base, MMIO_WINDOW, transport, name)
+        for offset, length, value in transport.notify_offsets():
+            self._kick_through_eventfd(device, base + offset, length, value)
+        self.acpi_items.append(virtio_mmio_device(index, base, MMIO_WINDOW, gsi))
+        log.debug("%s: virtio-mmio at %#x, GSI %d", name, base, gsi)
+        return transport
+
+    def _add_pci(self, name: str, device):
+        if self.pci_root is None:
+            raise ConfigError(f"{name}: this machine has no PCI bus (use transport=mmio)")
+        from .devices.virtio.pci import VirtioPciTransport
+
+        transport = VirtioPciTransport(device, self.memory, msi_vector=self.accel.msi_vector)
+        slot = self.pci_root.add_device(transport, name=name)
+        transport.on_notify_moved = functools.partial(self._move_pci_kicks, device)
+        log.debug("%s: virtio-pci in slot %d", name, slot)
+        return transport
+
+    def _move_pci_kicks(self, device, old_base: int | None, new_base: int | None, offsets) -> None:
+        """The guest (re)programmed the BAR holding the notify registers: move their ioeventfds."""
+        if old_base is not None:
+            self._drop_kicks(old_base, offsets)
+        if new_base is not None:
+            for offset, length, value in offsets:
+                self._kick_through_eventfd(device, new_base + offset, length, value)
+
+    def _kick_through_eventfd(self, device, address: int, length: int, queue_index: int) -> None:
+        fd = self.accel.add_ioeventfd(address, length, datamatch=queue_index)
+        if fd is None:
+            return  # the software CPU: the write reaches the transport
+        self._ioeventfds.append((fd, address, length, queue_index))
+        self.iothread.add_eventfd(fd, functools.partial(device.notify, queue_index))
+
+    def _drop_kicks(self, base: int, offsets) -> None:
+        addresses = {base + offset for offset, _, _ in offsets}
+        keep = []
+        for entry in self._ioeventfds:
+            fd, address, length, value = entry
+            if address in addresses:
+                self.accel.remove_ioeventfd(fd, address, length, datamatch=value)
+                self.iothread.remove_reader(fd)
+                self.iothread.call_soon(functools.partial(os.close, fd))  # after the reader is gone
+            else:
+                keep.append(entry)
+        self._ioeventfds = keep
+
+    def close(self) -> None:
+        """After the vCPUs and the I/O thread stopped: release the eventfds."""
+        for fd, *_ in self._ioeventfds:
+            os.close(fd)
+        self._ioeventfds.clear()
