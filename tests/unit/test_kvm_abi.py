@@ -21,6 +21,8 @@ C_NAMES = {
     "kvm_cpuid2_header": "struct kvm_cpuid2",
     "kvm_msrs_header": "struct kvm_msrs",
     "kvm_msr_list_header": "struct kvm_msr_list",
+    "kvm_irq_routing_header": "struct kvm_irq_routing",
+    "kvm_irq_routing_entry_u": "((struct kvm_irq_routing_entry *)0)->u",
     "kvm_run_exit": None,  # checked through kvm_run's field offsets
     "kvm_run_io": None, "kvm_run_mmio": None, "kvm_run_fail_entry": None, "kvm_run_ex": None,
     "kvm_run_internal": None, "kvm_run_system_event": None, "kvm_run_debug_arch": None, "kvm_run_msr": None,
@@ -40,7 +42,14 @@ OFFSETS = [
     ("kvm_ioeventfd", "flags", "flags"),
     ("kvm_irqfd", "resamplefd", "resamplefd"),
     ("kvm_pit_state2", "flags", "flags"),
+    ("kvm_irq_routing_entry", "u", "u"),
+    ("kvm_irq_routing_msi", "data", "data"),
+    ("kvm_irq_routing_msi", "devid", "devid"),
+    ("kvm_msi", "devid", "devid"),
+    ("kvm_irq_routing_header", "flags", "flags"),
 ]
+# C structs ending in a flexible array, built in Python by a factory: where the array starts
+FLEXIBLE_ARRAYS = [("kvm_irq_routing", "entries"), ("kvm_cpuid2", "entries"), ("kvm_msrs", "entries")]
 RUN_EXIT_OFFSETS = [
     ("io", "port"), ("io", "data_offset"), ("mmio", "phys_addr"), ("mmio", "len"), ("mmio", "is_write"),
     ("internal", "data"), ("system_event", "type"), ("fail_entry", "cpu"),
@@ -55,9 +64,12 @@ def _probe_source() -> str:
             lines.append(f'printf("size {name} %zu\\n", sizeof({c_name}));')
     for struct, py_field, c_field in OFFSETS:
         member = "io" if py_field == "exit" else c_field
-        lines.append(f'printf("offset {struct}.{py_field} %zu\\n", offsetof(struct {struct}, {member}));')
+        c_struct = C_NAMES.get(struct) or f"struct {struct}"
+        lines.append(f'printf("offset {struct}.{py_field} %zu\\n", offsetof({c_struct}, {member}));')
     for union_member, field in RUN_EXIT_OFFSETS:
         lines.append(f'printf("runexit {union_member}.{field} %zu\\n", offsetof(struct kvm_run, {union_member}.{field}));')
+    for flexible, array in FLEXIBLE_ARRAYS:
+        lines.append(f'printf("flex {flexible}.{array} %zu\\n", offsetof(struct {flexible}, {array}));')
     for name in ioctls.ALL:
         lines.append(f'printf("ioctl {name} %lu\\n", (unsigned long)({name}));')
     lines.append("return 0; }")
@@ -92,6 +104,11 @@ def test_kvm_run_exit_union_offsets(kernel_abi, member, field):
     union_type = dict(uapi.kvm_run_exit._fields_)[member]
     offset = uapi.kvm_run.exit.offset + getattr(union_type, field).offset
     assert offset == kernel_abi[f"runexit {member}.{field}"]
+
+
+@pytest.mark.parametrize("factory,array", FLEXIBLE_ARRAYS)
+def test_flexible_array_offsets(kernel_abi, factory, array):
+    assert getattr(getattr(uapi, factory)(2), array).offset == kernel_abi[f"flex {factory}.{array}"]
 
 
 @pytest.mark.parametrize("name", sorted(ioctls.ALL))

@@ -17,6 +17,7 @@ from ..arch.x86_64.cpuid import CpuidPolicy, guest_cpuid
 from ..kvm import Kvm, KvmError, KvmUnavailable, uapi
 from ..kvm.exits import InternalError
 from . import kvm_assist
+from .kvm_interrupts import KvmIoEventFds, KvmMsiRouter, KvmMsiVector
 from ..kvm.vcpu import EXIT_REASON_NAMES
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,8 @@ class KvmAccelerator:
         self._msr_indices: set[int] | None = None
         self.memory = None
         self.vcpus: list[KvmVcpu] = []
+        self._msi_router: KvmMsiRouter | None = None  # created with the first MSI vector
+        self._ioeventfds = KvmIoEventFds(self.vm_fd)
 
     # --- machine -----------------------------------------------------------------------
 
@@ -103,6 +106,28 @@ class KvmAccelerator:
 
     def irq_line(self, gsi: int) -> KvmIrqLine:
         return KvmIrqLine(self.vm_fd, gsi)
+
+    def msi_vector(self) -> KvmMsiVector:
+        """A new MSI vector (masked until configured): irqfd on its own GSI, injected in the kernel."""
+        if self._msi_router is None:
+            self._msi_router = KvmMsiRouter(self.vm_fd)
+        return self._msi_router.vector()
+
+    def add_ioeventfd(self, address: int, length: int, *, pio: bool = False,
+                      datamatch: int | None = None) -> int:
+        """An eventfd (non-blocking, close-on-exec) KVM signals when the guest writes there,
+        without leaving the kernel; the write no longer reaches the bus."""
+        return self._ioeventfds.add(address, length, pio=pio, datamatch=datamatch)
+
+    def remove_ioeventfd(self, fd: int, address: int, length: int, *, pio: bool = False,
+                         datamatch: int | None = None) -> None:
+        """Undo add_ioeventfd (same arguments) and close `fd`."""
+        self._ioeventfds.remove(fd, address, length, pio=pio, datamatch=datamatch)
+
+    def signal_msi(self, address: int, data: int) -> bool:
+        """Inject one MSI without a GSI (KVM_SIGNAL_MSI); False if the guest blocked it."""
+        self.kvm.require(uapi.KVM_CAP_SIGNAL_MSI, "KVM_CAP_SIGNAL_MSI")
+        return self.vm_fd.signal_msi(address, data)
 
     @property
     def supported_cpuid(self):
@@ -129,6 +154,9 @@ class KvmAccelerator:
         for vcpu in self.vcpus:
             vcpu.fd.close()
         self.vcpus.clear()
+        if self._msi_router is not None:
+            self._msi_router.close()
+        self._ioeventfds.close()
         self.vm_fd.close()
         self.kvm.close()
 

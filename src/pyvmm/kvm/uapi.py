@@ -101,6 +101,14 @@ KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
 KVM_IRQFD_FLAG_DEASSIGN = 1 << 0
 KVM_IRQFD_FLAG_RESAMPLE = 1 << 1
 
+# GSI routing (KVM_SET_GSI_ROUTING): entry types and irqchip ids.
+KVM_IRQ_ROUTING_IRQCHIP = 1
+KVM_IRQ_ROUTING_MSI = 2
+KVM_IRQCHIP_PIC_MASTER = 0
+KVM_IRQCHIP_PIC_SLAVE = 1
+KVM_IRQCHIP_IOAPIC = 2
+KVM_MAX_IRQ_ROUTES = 4096  # x86; KVM_CHECK_EXTENSION(KVM_CAP_IRQ_ROUTING) reports the host's own
+
 KVM_NR_INTERRUPTS = 256
 KVM_MAX_CPUID_ENTRIES = 256
 
@@ -272,6 +280,53 @@ class kvm_ioeventfd(Structure):
         ("fd", s32),
         ("flags", u32),
         ("pad", u8 * 36),
+    ]
+
+
+class kvm_irq_routing_irqchip(Structure):
+    _fields_ = [("irqchip", u32), ("pin", u32)]
+
+
+class kvm_irq_routing_msi(Structure):
+    _fields_ = [("address_lo", u32), ("address_hi", u32), ("data", u32), ("devid", u32)]  # devid: union with pad
+
+
+class kvm_irq_routing_entry_u(Union):
+    # The s390 adapter, Hyper-V SINT and Xen event-channel members are covered by pad (32 bytes).
+    _fields_ = [("irqchip", kvm_irq_routing_irqchip), ("msi", kvm_irq_routing_msi), ("pad", u32 * 8)]
+
+
+class kvm_irq_routing_entry(Structure):
+    _fields_ = [
+        ("gsi", u32),
+        ("type", u32),
+        ("flags", u32),
+        ("pad", u32),
+        ("u", kvm_irq_routing_entry_u),
+    ]
+
+
+class kvm_irq_routing_header(Structure):
+    _fields_ = [("nr", u32), ("flags", u32)]
+
+
+def kvm_irq_routing(nr: int) -> type[Structure]:
+    """struct kvm_irq_routing with room for `nr` entries (a flexible array in C)."""
+
+    class _kvm_irq_routing(Structure):
+        _fields_ = [("nr", u32), ("flags", u32), ("entries", kvm_irq_routing_entry * nr)]
+
+    return _kvm_irq_routing
+
+
+class kvm_msi(Structure):
+    _fields_ = [
+        ("address_lo", u32),
+        ("address_hi", u32),
+        ("data", u32),
+        ("flags", u32),
+        ("devid", u32),
+        ("pad", u8 * 12),
     ]
 
 
@@ -455,6 +510,12 @@ ABI_SIZES = {
     kvm_irq_level: 8,
     kvm_irqfd: 32,
     kvm_ioeventfd: 64,
+    kvm_irq_routing_irqchip: 8,
+    kvm_irq_routing_msi: 16,
+    kvm_irq_routing_entry_u: 32,
+    kvm_irq_routing_entry: 48,
+    kvm_irq_routing_header: 8,
+    kvm_msi: 32,
     kvm_dirty_log: 16,
     kvm_translation: 24,
     kvm_mp_state: 4,

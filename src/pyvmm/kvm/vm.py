@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import ctypes
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable
 
 from . import ioctls, uapi
 from .fd import KvmFd, ioctl
@@ -11,6 +12,24 @@ from .fd import KvmFd, ioctl
 if TYPE_CHECKING:
     from .system import Kvm
     from .vcpu import VcpuFd
+
+
+@dataclass(frozen=True)
+class IrqchipRoute:
+    """GSI `gsi` drives input `pin` of an in-kernel chip (uapi.KVM_IRQCHIP_PIC_MASTER/_SLAVE/_IOAPIC)."""
+
+    gsi: int
+    irqchip: int
+    pin: int
+
+
+@dataclass(frozen=True)
+class MsiRoute:
+    """GSI `gsi` sends the MSI message (`address`, `data`) when raised."""
+
+    gsi: int
+    address: int
+    data: int
 
 
 class VmFd(KvmFd):
@@ -51,6 +70,28 @@ class VmFd(KvmFd):
     def irqfd(self, eventfd: int, gsi: int, *, deassign: bool = False) -> None:
         flags = uapi.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0
         ioctl(self.fd, ioctls.KVM_IRQFD, uapi.kvm_irqfd(fd=eventfd, gsi=gsi, flags=flags))
+
+    def set_gsi_routing(self, routes: Iterable[IrqchipRoute | MsiRoute]) -> None:
+        """Replace the VM's whole GSI routing table with `routes`."""
+        routes = list(routes)
+        table = uapi.kvm_irq_routing(len(routes))()
+        table.nr = len(routes)
+        for slot, route in zip(table.entries, routes):
+            slot.gsi = route.gsi
+            if isinstance(route, MsiRoute):
+                slot.type = uapi.KVM_IRQ_ROUTING_MSI
+                msi = slot.u.msi
+                msi.address_lo, msi.address_hi = route.address & 0xFFFFFFFF, route.address >> 32
+                msi.data = route.data
+            else:
+                slot.type = uapi.KVM_IRQ_ROUTING_IRQCHIP
+                slot.u.irqchip.irqchip, slot.u.irqchip.pin = route.irqchip, route.pin
+        ioctl(self.fd, ioctls.KVM_SET_GSI_ROUTING, table)
+
+    def signal_msi(self, address: int, data: int) -> bool:
+        """Inject one MSI directly (no GSI); False when the guest had it blocked (e.g. LAPIC off)."""
+        msi = uapi.kvm_msi(address_lo=address & 0xFFFFFFFF, address_hi=address >> 32, data=data)
+        return ioctl(self.fd, ioctls.KVM_SIGNAL_MSI, msi) > 0
 
     def ioeventfd(self, eventfd: int, address: int, length: int, *, pio: bool = False,
                   datamatch: int | None = None, deassign: bool = False) -> None:

@@ -17,6 +17,7 @@ import logging
 import threading
 
 from ...platform.machine import SoftwarePlatform
+from ...platform.msi import SoftwareMsiVector
 from .cpuid import tcg_cpuid_tables
 from .private_state import context_offsets
 from .vcpu import _HLT, _INTERRUPTED, TcgVcpu
@@ -57,6 +58,19 @@ class TcgAccelerator:
 
     def irq_line(self, gsi: int):
         return self.platform.irq_line(gsi)
+
+    def msi_vector(self) -> SoftwareMsiVector:
+        """A new MSI vector (masked until configured), delivered over the platform's APIC bus."""
+        return SoftwareMsiVector(self.platform.apic_bus)
+
+    def add_ioeventfd(self, address: int, length: int, *, pio: bool = False,
+                      datamatch: int | None = None) -> None:
+        """No shortcut here: the guest's write reaches the bus as usual."""
+        return None
+
+    def remove_ioeventfd(self, fd: int | None, address: int, length: int, *, pio: bool = False,
+                         datamatch: int | None = None) -> None:
+        pass
 
     def create_vcpu(self, index: int, count: int, policy) -> TcgVcpu:
         if self._tables is None:
