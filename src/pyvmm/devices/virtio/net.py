@@ -1,0 +1,369 @@
+"""virtio-net (virtio 1.2 section 5.1): one receive and one transmit queue over a frame back-end.
+
+The back-end (a TAP, see pyvmm/net/tap.py, or any fd that carries one frame per read and
+write) puts the 12-byte `struct virtio_net_hdr_v1` in front of every frame, the layout a
+VERSION_1 driver uses, so headers pass through in both directions untouched; only
+num_buffers, which the TAP skips, is written by the device.
+
+TX: each chain's readable part (header + frame) is gathered into one writev. A back-end
+that cannot take a frame right now (EAGAIN; a TAP practically never does) makes the device
+drop it and count it in tx_dropped: retrying would need a writability watch on the I/O thread.
+
+RX: while the device is active the I/O thread watches the back-end fd. On readable, frames
+are read straight into the guest's buffers (readv, header included) until the back-end is
+empty or the guest has no buffers left. Then the device stops watching the fd (no busy loop
+on a readable fd nobody can drain) until the guest kicks the receive queue. A frame larger
+than the guest's buffer is dropped and counted (rx_dropped); with MRG_RXBUF it spans as
+many buffers as it needs and num_buffers says how many.
+
+Offloads (checksum, TSO, UFO) are offered only as far as the back-end accepts them; at
+DRIVER_OK the back-end is told which ones the guest accepts on receive.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import struct
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ...iothread import IoThread
+from ...memory.guest_memory import GuestMemoryError
+from .device import VIRTIO_ID_NET, VirtioDevice
+from .queue import DescriptorChain, VirtqueueBroken, buffer_views, write_buffers
+
+log = logging.getLogger(__name__)
+
+# Feature bits (section 5.1.3)
+VIRTIO_NET_F_CSUM = 1 << 0
+VIRTIO_NET_F_GUEST_CSUM = 1 << 1
+VIRTIO_NET_F_MTU = 1 << 3
+VIRTIO_NET_F_MAC = 1 << 5
+VIRTIO_NET_F_GUEST_TSO4 = 1 << 7
+VIRTIO_NET_F_GUEST_TSO6 = 1 << 8
+VIRTIO_NET_F_GUEST_ECN = 1 << 9
+VIRTIO_NET_F_GUEST_UFO = 1 << 10
+VIRTIO_NET_F_HOST_TSO4 = 1 << 11
+VIRTIO_NET_F_HOST_TSO6 = 1 << 12
+VIRTIO_NET_F_HOST_ECN = 1 << 13
+VIRTIO_NET_F_HOST_UFO = 1 << 14
+VIRTIO_NET_F_MRG_RXBUF = 1 << 15
+VIRTIO_NET_F_STATUS = 1 << 16
+
+VIRTIO_NET_S_LINK_UP = 1
+
+# Back-end offload bits: the values of Linux's TUN_F_* so a TAP takes them as they are
+OFFLOAD_CSUM = 0x01
+OFFLOAD_TSO4 = 0x02
+OFFLOAD_TSO6 = 0x04
+OFFLOAD_TSO_ECN = 0x08
+OFFLOAD_UFO = 0x10
+
+RX_QUEUE, TX_QUEUE = 0, 1
+NET_HDR_SIZE = 12          # struct virtio_net_hdr_v1 (VERSION_1 always has num_buffers)
+NUM_BUFFERS_OFFSET = 10
+MAX_FRAME = 65535 + 18     # the largest (GSO) frame a TAP passes: 64 KiB IP packet + Ethernet/VLAN header
+RX_SCRATCH = NET_HDR_SIZE + MAX_FRAME + 1  # room past the guest buffer: a longer read means "too big"
+MAX_SEGMENTS = 1023        # iovecs per readv/writev (IOV_MAX is 1024; one is kept for the scratch)
+RX_BATCH = 256             # frames per wake-up, so one busy NIC does not starve the I/O thread's other fds
+MAC_LEN = 6
+
+
+class NetBackend(Protocol):
+    """Frames with a 12-byte virtio-net header in front, one per read or write, never blocking."""
+
+    def fileno(self) -> int: ...
+
+    def readv(self, buffers: list) -> int:
+        """Read one frame into the buffers; returns its length (a TAP gives the full length even when
+        the buffers were too small), 0 at end of file. Raises BlockingIOError when there is none."""
+
+    def writev(self, buffers: list) -> int:
+        """Write one frame gathered from the buffers; raises BlockingIOError when it cannot now."""
+
+    def supported_offloads(self) -> int:
+        """OFFLOAD_* bits the back-end can deliver to a guest that accepts them."""
+
+    def set_offloads(self, flags: int) -> None:
+        """The OFFLOAD_* bits the guest accepts on receive."""
+
+
+@dataclass
+class _PartialFrame:
+    """A frame bigger than one buffer (MRG_RXBUF), waiting for more buffers from the guest."""
+
+    used: list[tuple[DescriptorChain, int]]
+    rest: bytes
+    length: int                 # header + frame
+    placed: int = field(default=0)  # bytes of `rest` already in guest buffers
+
+
+class VirtioNet(VirtioDevice):
+    device_id = VIRTIO_ID_NET
+    name = "virtio-net"
+
+    def __init__(self, backend: NetBackend, *, mac: bytes, iothread: IoThread, queue_size: int = 256,
+                 mtu: int | None = None) -> None:
+        if len(mac) != MAC_LEN or mac[0] & 1:
+            raise ValueError(f"MAC {mac.hex(':')} is not a 6-byte unicast address")
+        if mtu is not None and not 68 <= mtu <= 65535:
+            raise ValueError(f"MTU {mtu} is outside 68..65535")
+        features = VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS | VIRTIO_NET_F_MRG_RXBUF
+        if mtu is not None:
+            features |= VIRTIO_NET_F_MTU
+        features |= _offload_features(backend.supported_offloads())
+        super().__init__((queue_size, queue_size), features)
+        self.backend = backend
+        self.iothread = iothread
+        self.mac = bytes(mac)
+        self.mtu = mtu
+        self.link_up = True
+        self.rx_watching = False    # does the device want to hear when the back-end is readable?
+        self._rx_registered: int | None = None  # the fd registered with the I/O thread (I/O thread only)
+        self._rx_spare: collections.deque[DescriptorChain] = collections.deque()  # popped, not used yet
+        self._rx_partial: _PartialFrame | None = None
+        self._scratch = bytearray(RX_SCRATCH)
+        self._scratch_view = memoryview(self._scratch)
+        self.counters = dict.fromkeys(("rx_packets", "rx_bytes", "rx_dropped", "tx_packets", "tx_bytes",
+                                       "tx_dropped"), 0)
+
+    # --- configuration (section 5.1.4) ----------------------------------------------------------------
+
+    def config_bytes(self) -> bytes:
+        status = VIRTIO_NET_S_LINK_UP if self.link_up else 0
+        # mac, status, max_virtqueue_pairs, mtu
+        return struct.pack("<6sHHH", self.mac, status, 1, self.mtu or 0)
+
+    def set_link(self, up: bool) -> None:
+        """Plug or unplug the virtual cable: the driver sees the status change through a config interrupt."""
+        with self.lock:
+            if up == self.link_up:
+                return
+            self.link_up = up
+            active = self.active
+        if active:
+            self.config_changed()
+
+    def stats(self) -> dict[str, int]:
+        with self.lock:
+            return dict(self.counters)
+
+    # --- lifecycle -------------------------------------------------------------------------------------
+
+    def on_activate(self) -> None:
+        accepted = 0
+        if self.has_feature(VIRTIO_NET_F_GUEST_CSUM):
+            accepted |= OFFLOAD_CSUM
+            for feature, flag in ((VIRTIO_NET_F_GUEST_TSO4, OFFLOAD_TSO4), (VIRTIO_NET_F_GUEST_TSO6, OFFLOAD_TSO6),
+                                  (VIRTIO_NET_F_GUEST_ECN, OFFLOAD_TSO_ECN), (VIRTIO_NET_F_GUEST_UFO, OFFLOAD_UFO)):
+                if self.has_feature(feature):
+                    accepted |= flag
+        self._set_offloads(accepted)
+        self._watch_rx()
+
+    def on_reset(self) -> None:
+        self._unwatch_rx()
+        self._rx_spare.clear()
+        self._rx_partial = None
+        self._set_offloads(0)
+
+    def fail(self, reason: str) -> None:
+        with self.lock:
+            self._unwatch_rx()  # a readable fd nobody drains would spin the I/O thread
+        super().fail(reason)
+
+    def _set_offloads(self, flags: int) -> None:
+        try:
+            self.backend.set_offloads(flags)
+        except OSError as exc:
+            log.warning("%s: back-end refused offloads %#x: %s", self.name, flags, exc.strerror)
+
+    # The wish (rx_watching) changes under the device lock on any thread; the selector is only
+    # touched on the I/O thread, which compares the wish with what it registered. So a stale
+    # readable event racing a reset and a re-activation can never register the fd twice.
+    def _watch_rx(self) -> None:
+        if not self.rx_watching:
+            self.rx_watching = True
+            self.iothread.call_soon(self._apply_rx_watch)
+
+    def _unwatch_rx(self) -> None:
+        if self.rx_watching:
+            self.rx_watching = False
+            self.iothread.call_soon(self._apply_rx_watch)
+
+    def _apply_rx_watch(self) -> None:
+        with self.lock:
+            want = self.rx_watching
+        if want and self._rx_registered is None:
+            self._rx_registered = self.backend.fileno()
+            self.iothread.add_reader(self._rx_registered, self._rx_ready)
+        elif not want and self._rx_registered is not None:
+            self.iothread.remove_reader(self._rx_registered)  # the fd it was, even if the back-end closed it
+            self._rx_registered = None
+
+    # --- queues ------------------------------------------------------------------------------------------
+
+    def process_queue(self, queue_index: int) -> None:
+        if queue_index == TX_QUEUE:
+            self._transmit()
+        elif queue_index == RX_QUEUE:
+            # new receive buffers: watch the back-end again; a half-placed frame needs no new
+            # data to go on, so it is finished on the I/O thread right away
+            self._watch_rx()
+            if self._rx_partial is not None:
+                self.iothread.call_soon(self._rx_ready)
+
+    def _transmit(self) -> None:
+        queue = self.queues[TX_QUEUE]
+        while (chain := queue.pop()) is not None:
+            length = chain.readable_length
+            if not self.link_up or not NET_HDR_SIZE <= length <= NET_HDR_SIZE + MAX_FRAME \
+                    or len(chain.readable) > MAX_SEGMENTS:
+                self.counters["tx_dropped"] += 1
+            else:
+                try:
+                    self.backend.writev(buffer_views(self.memory, chain.readable))
+                    self.counters["tx_packets"] += 1
+                    self.counters["tx_bytes"] += length - NET_HDR_SIZE
+                except OSError as exc:  # EAGAIN, or a header the back-end rejects (EINVAL)
+                    self.counters["tx_dropped"] += 1
+                    log.debug("%s: TX frame dropped: %s", self.name, exc.strerror)
+            queue.push(chain, 0)
+        self.signal_used(TX_QUEUE)
+
+    def _rx_ready(self) -> None:
+        """On the I/O thread: the back-end is readable, or a partial frame may go on."""
+        with self.lock:
+            if not self.active or self.broken:
+                return
+            try:
+                self._receive()
+            except (VirtqueueBroken, GuestMemoryError) as exc:
+                self.fail(str(exc))
+                return
+            self.signal_used(RX_QUEUE)
+
+    def _next_rx_chain(self) -> DescriptorChain | None:
+        if self._rx_spare:
+            return self._rx_spare.popleft()
+        return self.queues[RX_QUEUE].pop()
+
+    def _receive(self) -> None:
+        queue = self.queues[RX_QUEUE]
+        mergeable = self.has_feature(VIRTIO_NET_F_MRG_RXBUF)
+        for _ in range(RX_BATCH):
+            if self._rx_partial is not None and not self._place_partial():
+                self._unwatch_rx()
+                return
+            chain = self._next_rx_chain()
+            if chain is None:
+                self._unwatch_rx()  # until the guest kicks the receive queue
+                return
+            capacity = chain.writable_length
+            if capacity < NET_HDR_SIZE or len(chain.writable) > MAX_SEGMENTS:
+                log.debug("%s: RX buffer of %d bytes in %d pieces is unusable", self.name, capacity,
+                          len(chain.writable))
+                queue.push(chain, 0)
+                continue
+            try:
+                n = self.backend.readv(buffer_views(self.memory, chain.writable) + [self._scratch_view])
+            except BlockingIOError:
+                self._rx_spare.appendleft(chain)
+                return
+            except OSError as exc:
+                self._rx_spare.appendleft(chain)
+                self._unwatch_rx()
+                log.warning("%s: receive failed, RX stopped until the next kick: %s", self.name, exc.strerror)
+                return
+            if n == 0:  # the back-end went away (a closed socket peer)
+                self._rx_spare.appendleft(chain)
+                self._unwatch_rx()
+                return
+            if n < NET_HDR_SIZE or not self.link_up:
+                self.counters["rx_dropped"] += 1
+                self._rx_spare.appendleft(chain)
+            elif n <= capacity:
+                write_buffers(self.memory, chain.writable, struct.pack("<H", 1), NUM_BUFFERS_OFFSET)
+                queue.push(chain, n)
+                self._count_rx(n)
+            elif mergeable and n < capacity + RX_SCRATCH:
+                self._rx_partial = _PartialFrame([(chain, capacity)], bytes(self._scratch_view[:n - capacity]), n)
+            else:
+                self.counters["rx_dropped"] += 1  # larger than the guest's buffer
+                self._rx_spare.appendleft(chain)
+
+    def _place_partial(self) -> bool:
+        """Spread the rest of a partial frame over more buffers; False while the guest has none."""
+        partial = self._rx_partial
+        queue = self.queues[RX_QUEUE]
+        while partial.placed < len(partial.rest):
+            if len(partial.used) >= queue.size:
+                # holding every buffer the ring can carry: the guest cannot post more, give up
+                self._rx_spare.extendleft(chain for chain, _ in reversed(partial.used))
+                self._rx_partial = None
+                self.counters["rx_dropped"] += 1
+                return True
+            chain = self._next_rx_chain()
+            if chain is None:
+                return False
+            if len(chain.writable) > MAX_SEGMENTS:
+                queue.push(chain, 0)
+                continue
+            done = write_buffers(self.memory, chain.writable, partial.rest[partial.placed:])
+            partial.used.append((chain, done))
+            partial.placed += done
+        first = partial.used[0][0]
+        write_buffers(self.memory, first.writable, struct.pack("<H", len(partial.used)), NUM_BUFFERS_OFFSET)
+        for chain, written in partial.used:  # consecutive in the used ring, as num_buffers says
+            queue.push(chain, written)
+        self._rx_partial = None
+        self._count_rx(partial.length)
+        return True
+
+    def _count_rx(self, length: int) -> None:
+        self.counters["rx_packets"] += 1
+        self.counters["rx_bytes"] += length - NET_HDR_SIZE
+
+    # --- snapshot ---------------------------------------------------------------------------------------
+
+    def save(self) -> dict:
+        with self.lock:
+            state = super().save()
+            # buffers popped but not returned are the latest ones popped: hand them back to the
+            # ring so the restored device pops them again (a half-placed frame is lost, as on a wire)
+            held = len(self._rx_spare) + (len(self._rx_partial.used) if self._rx_partial else 0)
+            rx = dict(state["queues"][RX_QUEUE])
+            rx["last_avail"] = (rx["last_avail"] - held) & 0xFFFF
+            state["queues"][RX_QUEUE] = rx
+            state.update(mac=self.mac.hex(), mtu=self.mtu, link_up=self.link_up, counters=dict(self.counters))
+            return state
+
+    def restore(self, state: dict) -> None:
+        with self.lock:
+            self._unwatch_rx()
+            self._rx_spare.clear()
+            self._rx_partial = None
+            super().restore(state)
+            self.mac = bytes.fromhex(state["mac"])
+            self.mtu = state["mtu"]
+            self.link_up = state["link_up"]
+            self.counters.update(state["counters"])
+            if self.active:
+                self.on_activate()
+
+
+def _offload_features(offloads: int) -> int:
+    """Checksum and segmentation offloads both ways, as far as the back-end handles them."""
+    if not offloads & OFFLOAD_CSUM:
+        return 0  # TSO and UFO need partial checksums
+    features = VIRTIO_NET_F_CSUM | VIRTIO_NET_F_GUEST_CSUM
+    if offloads & OFFLOAD_TSO4:
+        features |= VIRTIO_NET_F_HOST_TSO4 | VIRTIO_NET_F_GUEST_TSO4
+    if offloads & OFFLOAD_TSO6:
+        features |= VIRTIO_NET_F_HOST_TSO6 | VIRTIO_NET_F_GUEST_TSO6
+    if offloads & OFFLOAD_TSO_ECN and offloads & (OFFLOAD_TSO4 | OFFLOAD_TSO6):
+        features |= VIRTIO_NET_F_HOST_ECN | VIRTIO_NET_F_GUEST_ECN
+    if offloads & OFFLOAD_UFO:
+        features |= VIRTIO_NET_F_HOST_UFO | VIRTIO_NET_F_GUEST_UFO
+    return features
