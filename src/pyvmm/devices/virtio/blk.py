@@ -1,0 +1,491 @@
+"""virtio-blk (virtio 1.2 section 5.2): a raw image file (or block device) as the guest's disk.
+
+A request is a 16-byte header (type, reserved, sector) at the start of the device-readable
+buffers, then data (readable for writes, writable for reads), then one status byte: the
+last device-writable byte. Nothing else about the framing is assumed: the header may be
+split across descriptors and data may be cut anywhere, so every access goes through the
+queue's buffer helpers, and reads and writes go straight between the image and guest RAM
+with preadv/pwritev.
+
+Durability follows the spec's rules (5.2.6.2): with FLUSH negotiated and the cache in
+writeback mode (the default), a write is stable once a later FLUSH completes, which is an
+fdatasync. When the driver did not take FLUSH, or set writethrough through CONFIG_WCE,
+writes are synced before they complete (one fdatasync per batch).
+
+The image is locked with flock (exclusive, or shared when read-only) so that two VMs
+cannot write it at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import re
+import stat
+import struct
+
+from .device import VIRTIO_ID_BLOCK, VirtioDevice
+from .queue import DescriptorChain, SplitQueue, buffer_views, read_buffers, write_buffers
+
+log = logging.getLogger(__name__)
+
+SECTOR_SIZE = 512
+SECTOR_SHIFT = 9
+
+# Feature bits (section 5.2.3)
+VIRTIO_BLK_F_SEG_MAX = 1 << 2
+VIRTIO_BLK_F_RO = 1 << 5
+VIRTIO_BLK_F_BLK_SIZE = 1 << 6
+VIRTIO_BLK_F_FLUSH = 1 << 9
+VIRTIO_BLK_F_CONFIG_WCE = 1 << 11
+VIRTIO_BLK_F_MQ = 1 << 12
+VIRTIO_BLK_F_DISCARD = 1 << 13
+VIRTIO_BLK_F_WRITE_ZEROES = 1 << 14
+
+# Request types and status values (section 5.2.6)
+VIRTIO_BLK_T_IN = 0
+VIRTIO_BLK_T_OUT = 1
+VIRTIO_BLK_T_FLUSH = 4
+VIRTIO_BLK_T_GET_ID = 8
+VIRTIO_BLK_T_DISCARD = 11
+VIRTIO_BLK_T_WRITE_ZEROES = 13
+VIRTIO_BLK_S_OK = 0
+VIRTIO_BLK_S_IOERR = 1
+VIRTIO_BLK_S_UNSUPP = 2
+VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
+VIRTIO_BLK_ID_BYTES = 20
+
+HEADER = struct.Struct("<IIQ")
+SEGMENT = struct.Struct("<QII")  # struct virtio_blk_discard_write_zeroes: sector, num_sectors, flags
+
+# struct virtio_blk_config up to the write-zeroes fields (60 bytes; secure erase is not offered):
+# capacity, size_max, seg_max, geometry (cylinders, heads, sectors), blk_size,
+# topology (physical_block_exp, alignment_offset, min_io_size, opt_io_size), writeback, unused,
+# num_queues, max_discard_sectors, max_discard_seg, discard_sector_alignment,
+# max_write_zeroes_sectors, max_write_zeroes_seg, write_zeroes_may_unmap, unused1[3]
+CONFIG = struct.Struct("<QIIHBBIBBHIBxHIIIIIB3x")
+CONFIG_WRITEBACK_OFFSET = 32
+
+MAX_QUEUES = 64
+MAX_DISCARD_SECTORS = (1 << 30) >> SECTOR_SHIFT      # 1 GiB per segment
+MAX_DISCARD_SEG = 32
+MAX_WRITE_ZEROES_SECTORS = (1 << 30) >> SECTOR_SHIFT
+MAX_WRITE_ZEROES_SEG = 32
+ZERO_CHUNK = 1 << 20
+
+try:
+    IOV_MAX = os.sysconf("SC_IOV_MAX")
+except (ValueError, OSError):
+    IOV_MAX = 1024
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+# The file system or device cannot do this fallocate mode: fall back, do not fail the request.
+_UNSUPPORTED = {errno.EOPNOTSUPP, errno.ENOSYS, errno.ENODEV, errno.EINVAL}
+
+
+class BlockError(ValueError):
+    """The disk image cannot be used as configured."""
+
+
+def _load_fallocate():
+    # os.posix_fallocate has no mode argument: hole punching needs libc's fallocate.
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = getattr(libc, "fallocate64", None) or libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    function.restype = ctypes.c_int
+    return function
+
+
+_libc_fallocate = _load_fallocate()
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc_fallocate is None:
+        raise OSError(errno.ENOSYS, "fallocate is not available")
+    if _libc_fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _open_image(path: str, readonly: bool) -> int:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise BlockError(f"disk image {path}: no such file") from None
+    except OSError as exc:
+        raise BlockError(f"disk image {path}: {exc.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise BlockError(f"disk image {path} is a directory")
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise BlockError(f"disk image {path} is neither a regular file nor a block device")
+    try:
+        return os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+    except OSError as exc:
+        if not readonly and (isinstance(exc, PermissionError) or exc.errno == errno.EROFS):
+            raise BlockError(f"disk image {path} is not writable (attach it read-only)") from None
+        raise BlockError(f"disk image {path}: {exc.strerror}") from None
+
+
+def _lock_image(fd: int, path: str, readonly: bool) -> None:
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        how = "for writing" if readonly else "already"
+        raise BlockError(f"disk image {path} is locked {how} by another VM") from None
+    except OSError as exc:  # e.g. ENOLCK on some network file systems
+        log.warning("disk image %s: cannot lock it (%s); nothing stops another VM writing it", path, exc.strerror)
+
+
+def _default_serial(st: os.stat_result) -> bytes:
+    # Stable for one image file across runs, distinct between images (it names /dev/disk/by-id links).
+    digest = hashlib.blake2b(f"{st.st_dev}:{st.st_ino}".encode(), digest_size=VIRTIO_BLK_ID_BYTES // 2)
+    return digest.hexdigest().encode()
+
+
+class VirtioBlock(VirtioDevice):
+    device_id = VIRTIO_ID_BLOCK
+    name = "virtio-blk"
+
+    def __init__(self, path: str | os.PathLike, *, readonly: bool = False, serial: str | None = None,
+                 num_queues: int = 1, queue_size: int = 256) -> None:
+        path = os.fspath(path)
+        if not 1 <= num_queues <= MAX_QUEUES:
+            raise BlockError(f"virtio-blk: {num_queues} queues requested, between 1 and {MAX_QUEUES} allowed")
+        try:
+            SplitQueue(queue_size)
+        except ValueError as exc:
+            raise BlockError(f"virtio-blk: {exc}") from None
+        if queue_size < 4:
+            raise BlockError(f"virtio-blk: queue size {queue_size} leaves no room for a request (at least 4)")
+        if serial is not None:
+            try:
+                serial_bytes = serial.encode("ascii")
+            except UnicodeEncodeError:
+                raise BlockError(f"disk serial {serial!r} is not ASCII") from None
+            if len(serial_bytes) > VIRTIO_BLK_ID_BYTES:
+                raise BlockError(f"disk serial {serial!r} is longer than {VIRTIO_BLK_ID_BYTES} bytes")
+
+        fd = _open_image(path, readonly)
+        try:
+            st = os.fstat(fd)
+            _lock_image(fd, path, readonly)
+            size = os.lseek(fd, 0, os.SEEK_END)  # st_size is 0 for block devices
+        except BaseException:
+            os.close(fd)
+            raise
+        self.path, self.readonly, self.fd = path, readonly, fd
+        self.capacity = size >> SECTOR_SHIFT
+        if size % SECTOR_SIZE:
+            log.warning("disk image %s: size %d is not a multiple of %d; the guest sees %d sectors",
+                        path, size, SECTOR_SIZE, self.capacity)
+        self.serial = _default_serial(st) if serial is None else serial_bytes
+        self.discard_alignment = max(1, min(st.st_blksize, 1 << 20) // SECTOR_SIZE)
+
+        features = VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_CONFIG_WCE
+        if readonly:
+            features |= VIRTIO_BLK_F_RO
+        else:
+            features |= VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES
+        if num_queues > 1:
+            features |= VIRTIO_BLK_F_MQ
+        super().__init__((queue_size,) * num_queues, features)
+        self.seg_max = queue_size - 2  # the header and the status take two descriptors
+
+        # State the driver or the host file system can change while running.
+        self.writeback = 1
+        self.write_zeroes_may_unmap = 1
+        self._punch_supported = True
+        self._zero_range_supported = True
+
+        self.counters = dict.fromkeys(
+            ("reads", "writes", "bytes_read", "bytes_written", "flushes", "discards", "write_zeroes", "errors"), 0)
+        self._warned: set[str] = set()
+        self._zeroes: bytes | None = None
+
+    # --- configuration space ---------------------------------------------------------------------------
+
+    def config_bytes(self) -> bytes:
+        return CONFIG.pack(
+            self.capacity, 0, self.seg_max, 0, 0, 0, SECTOR_SIZE, 0, 0, 0, 0, self.writeback, len(self.queues),
+            MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, self.discard_alignment,
+            MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG, self.write_zeroes_may_unmap)
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        # Only the writeback byte is writable, and only once CONFIG_WCE is negotiated (5.2.5).
+        with self.lock:
+            if offset != CONFIG_WRITEBACK_OFFSET or len(data) != 1 or not self.has_feature(VIRTIO_BLK_F_CONFIG_WCE) \
+                    or data[0] > 1:
+                log.debug("%s: ignored config write of %d bytes at %#x", self.name, len(data), offset)
+                return
+            if self.writeback and not data[0] and not self.readonly:
+                try:  # writes the guest already completed become stable too
+                    os.fdatasync(self.fd)
+                except OSError as exc:
+                    self._host_error("flush", exc)
+            self.writeback = data[0]
+
+    def _writethrough(self) -> bool:
+        if self.has_feature(VIRTIO_BLK_F_CONFIG_WCE):
+            return not self.writeback
+        return not self.has_feature(VIRTIO_BLK_F_FLUSH)
+
+    # --- requests ------------------------------------------------------------------------------------------
+
+    def process_queue(self, queue_index: int) -> None:
+        queue = self.queues[queue_index]
+        while True:
+            batch = []
+            while len(batch) < queue.size and (chain := queue.pop()) is not None:
+                batch.append((chain, *self._execute(chain)))
+            self._complete(queue, batch)
+            self.signal_used(queue_index)
+            if len(batch) < queue.size:
+                return
+
+    def _complete(self, queue, batch: list[tuple[DescriptorChain, int | None, bool]]) -> None:
+        """Write the status bytes and return the requests; writethrough writes are synced first."""
+        synced = True
+        if any(needs_sync for _, status, needs_sync in batch if status == VIRTIO_BLK_S_OK):
+            try:
+                os.fdatasync(self.fd)
+            except OSError as exc:
+                self._host_error("flush", exc)
+                synced = False
+        for chain, status, needs_sync in batch:
+            if needs_sync and status == VIRTIO_BLK_S_OK and not synced:
+                status = VIRTIO_BLK_S_IOERR
+            if status != VIRTIO_BLK_S_OK:
+                self.counters["errors"] += 1  # requests the guest sees fail (or that are dropped)
+            if status is None:
+                queue.push(chain, 0)
+                continue
+            end = chain.writable_length
+            write_buffers(self.memory, chain.writable, bytes((status,)), end - 1)
+            # The whole writable part: push() reports that span to the software CPU, status byte included.
+            queue.push(chain, end)
+
+    def _execute(self, chain: DescriptorChain) -> tuple[int | None, bool]:
+        """Carry out one request: (status or None to drop it, whether it wrote and needs a writethrough sync)."""
+        if chain.writable_length == 0:
+            self._guest_error("request without a writable status byte dropped")
+            return None, False
+        header = read_buffers(self.memory, chain.readable, 0, HEADER.size)
+        if len(header) < HEADER.size:
+            return self._fail("request shorter than its 16-byte header"), False
+        request_type, _, sector = HEADER.unpack(header)
+        if request_type == VIRTIO_BLK_T_IN:
+            return self._read(chain, sector), False
+        if request_type == VIRTIO_BLK_T_OUT:
+            status = self._write(chain, sector)
+        elif request_type == VIRTIO_BLK_T_FLUSH:
+            return self._flush(), False
+        elif request_type == VIRTIO_BLK_T_GET_ID:
+            return self._get_id(chain), False
+        elif request_type in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
+            status = self._discard_or_zero(chain, request_type)
+        else:
+            self._guest_error(f"unsupported request type {request_type}")
+            return VIRTIO_BLK_S_UNSUPP, False
+        return status, status == VIRTIO_BLK_S_OK and self._writethrough()
+
+    def _in_range(self, sector: int, length: int) -> bool:
+        return (length % SECTOR_SIZE == 0 and sector <= self.capacity
+                and length >> SECTOR_SHIFT <= self.capacity - sector)
+
+    def _read(self, chain: DescriptorChain, sector: int) -> int:
+        length = chain.writable_length - 1
+        if not self._in_range(sector, length):
+            return self._fail(f"read of {length} bytes at sector {sector} is outside the disk or not whole sectors")
+        try:
+            self._transfer(os.preadv, buffer_views(self.memory, chain.writable, 0, length), sector << SECTOR_SHIFT)
+        except OSError as exc:
+            return self._host_error("read", exc)
+        self.counters["reads"] += 1
+        self.counters["bytes_read"] += length
+        return VIRTIO_BLK_S_OK
+
+    def _write(self, chain: DescriptorChain, sector: int) -> int:
+        if self.readonly:
+            return self._fail("write to a read-only disk")
+        length = chain.readable_length - HEADER.size
+        if not self._in_range(sector, length):
+            return self._fail(f"write of {length} bytes at sector {sector} is outside the disk or not whole sectors")
+        try:
+            self._transfer(os.pwritev, buffer_views(self.memory, chain.readable, HEADER.size, length),
+                           sector << SECTOR_SHIFT)
+        except OSError as exc:
+            return self._host_error("write", exc)
+        self.counters["writes"] += 1
+        self.counters["bytes_written"] += length
+        return VIRTIO_BLK_S_OK
+
+    def _transfer(self, op, views: list[memoryview], offset: int) -> None:
+        """preadv/pwritev until every byte has moved: the kernel may stop short, and takes IOV_MAX buffers at most."""
+        i = 0
+        while i < len(views):
+            done = op(self.fd, views[i:i + IOV_MAX], offset)
+            if done == 0:
+                raise OSError(errno.EIO, "the image ended early (was it truncated?)")
+            offset += done
+            while done:
+                if done >= len(views[i]):
+                    done -= len(views[i])
+                    i += 1
+                else:
+                    views[i] = views[i][done:]
+                    done = 0
+
+    def _flush(self) -> int:
+        if not self.readonly:
+            try:
+                os.fdatasync(self.fd)
+            except OSError as exc:
+                return self._host_error("flush", exc)
+        self.counters["flushes"] += 1
+        return VIRTIO_BLK_S_OK
+
+    def _get_id(self, chain: DescriptorChain) -> int:
+        length = min(chain.writable_length - 1, VIRTIO_BLK_ID_BYTES)
+        if length <= 0:
+            return self._fail("GET_ID without room for the serial")
+        write_buffers(self.memory, chain.writable, self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")[:length])
+        return VIRTIO_BLK_S_OK
+
+    def _discard_or_zero(self, chain: DescriptorChain, request_type: int) -> int:
+        discard = request_type == VIRTIO_BLK_T_DISCARD
+        what = "discard" if discard else "write-zeroes"
+        if self.readonly:
+            return self._fail(f"{what} on a read-only disk")
+        length = chain.readable_length - HEADER.size
+        max_seg, max_sectors = (MAX_DISCARD_SEG, MAX_DISCARD_SECTORS) if discard else \
+            (MAX_WRITE_ZEROES_SEG, MAX_WRITE_ZEROES_SECTORS)
+        if length <= 0 or length % SEGMENT.size or length // SEGMENT.size > max_seg:
+            return self._fail(f"{what} with {length} bytes of segments (16 each, 1 to {max_seg})")
+        data = read_buffers(self.memory, chain.readable, HEADER.size, length)
+        segments = [SEGMENT.unpack_from(data, at) for at in range(0, length, SEGMENT.size)]
+        allowed_flags = 0 if discard else VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+        if any(flags & ~allowed_flags for _, _, flags in segments):
+            # 5.2.6.2: unknown flags, and unmap on a discard, are UNSUPP
+            self._guest_error(f"{what} with unsupported flags")
+            return VIRTIO_BLK_S_UNSUPP
+        for sector, count, _ in segments:
+            if count > max_sectors or not self._in_range(sector, count << SECTOR_SHIFT):
+                return self._fail(f"{what} of {count} sectors at sector {sector} is outside the disk or too long")
+        try:
+            for sector, count, flags in segments:
+                offset, size = sector << SECTOR_SHIFT, count << SECTOR_SHIFT
+                if size == 0:
+                    continue
+                if discard:
+                    self._punch_hole(offset, size)  # advisory: nothing to do where holes are unsupported
+                elif not (flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP and self.write_zeroes_may_unmap
+                          and self._punch_hole(offset, size)):
+                    self._zero(offset, size)
+        except OSError as exc:
+            return self._host_error(what, exc)
+        self.counters["discards" if discard else "write_zeroes"] += 1
+        return VIRTIO_BLK_S_OK
+
+    def _punch_hole(self, offset: int, size: int) -> bool:
+        """Deallocate a range (it reads back as zeroes); False where the file system cannot."""
+        if not self._punch_supported:
+            return False
+        try:
+            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, size)
+            return True
+        except OSError as exc:
+            if exc.errno not in _UNSUPPORTED:
+                raise
+        log.info("disk image %s: the host cannot punch holes (discard is a no-op, write-zeroes writes)", self.path)
+        self._punch_supported = False
+        if self.write_zeroes_may_unmap:
+            self.write_zeroes_may_unmap = 0
+            self.config_changed()  # 5.2.6.2: the device SHOULD tell the driver when this field changes
+        return False
+
+    def _zero(self, offset: int, size: int) -> None:
+        if self._zero_range_supported:
+            try:
+                fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, size)
+                return
+            except OSError as exc:
+                if exc.errno not in _UNSUPPORTED:
+                    raise
+                self._zero_range_supported = False
+        if self._zeroes is None:
+            self._zeroes = bytes(ZERO_CHUNK)
+        end = offset + size
+        while offset < end:
+            done = os.pwrite(self.fd, memoryview(self._zeroes)[:min(ZERO_CHUNK, end - offset)], offset)
+            if done == 0:
+                raise OSError(errno.EIO, "the image ended early (was it truncated?)")
+            offset += done
+
+    # --- errors --------------------------------------------------------------------------------------------
+
+    def _fail(self, reason: str) -> int:
+        self._guest_error(reason)
+        return VIRTIO_BLK_S_IOERR
+
+    def _guest_error(self, reason: str) -> None:
+        # A guest can repeat a bad request forever: warn about each kind once.
+        kind = re.sub(r"\d+", "N", reason)
+        if kind not in self._warned:
+            self._warned.add(kind)
+            log.warning("%s: %s", self.name, reason)
+        else:
+            log.debug("%s: %s", self.name, reason)
+
+    def _host_error(self, operation: str, exc: OSError) -> int:
+        key = f"host {operation} {exc.errno}"
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("disk image %s: %s failed: %s (the guest sees an I/O error)", self.path, operation,
+                        exc.strerror or exc)
+        else:
+            log.debug("disk image %s: %s failed: %s", self.path, operation, exc.strerror or exc)
+        return VIRTIO_BLK_S_IOERR
+
+    # --- lifecycle and metrics -----------------------------------------------------------------------------
+
+    def on_reset(self) -> None:
+        self.writeback = 1  # the next driver starts from the default cache mode
+
+    def stats(self) -> dict[str, int]:
+        with self.lock:
+            return dict(self.counters)
+
+    def close(self) -> None:
+        """Release the image and its lock."""
+        with self.lock:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+
+    def save(self) -> dict:
+        with self.lock:
+            state = super().save()
+            state["blk"] = {"capacity": self.capacity, "writeback": self.writeback,
+                            "write_zeroes_may_unmap": self.write_zeroes_may_unmap, "counters": dict(self.counters)}
+            return state
+
+    def restore(self, state: dict) -> None:
+        blk = state["blk"]
+        if blk["capacity"] != self.capacity:
+            raise BlockError(f"disk image {self.path} has {self.capacity} sectors, the snapshot {blk['capacity']}")
+        if state["acked_features"] & ~self.offered_features:
+            raise BlockError(f"disk image {self.path}: the snapshot's features do not match this disk (read-only?)")
+        with self.lock:
+            super().restore(state)
+            self.writeback = blk["writeback"]
+            self.write_zeroes_may_unmap = blk["write_zeroes_may_unmap"]
+            self.counters.update(blk["counters"])
