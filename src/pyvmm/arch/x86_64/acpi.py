@@ -322,6 +322,71 @@ def virtio_mmio_device(index: int, base: int, size: int, gsi: int, *, edge: bool
 DsdtItem = Union[AcpiDevice, bytes]
 
 
+# --- PCI host bridge ---------------------------------------------------------------------------
+
+PCI_CONF1_PORT = 0xCF8
+# The bridge forwards every port but conf1's to the bus (legacy devices included, as on a PC).
+PCI_IO_WINDOWS = ((0x0000, 0x0CF7), (0x0D00, 0xFFFF))
+
+
+def prt_entry(slot: int, pin: int, gsi: int) -> bytes:
+    """One static _PRT entry: Package(){0xSSSSFFFF (any function of slot S), pin 0-3, 0, GSI}.
+    Source 0 means "GSI number in the last field"; Linux programs such GSIs level, active low."""
+    if not 0 <= slot < 32 or not 0 <= pin < 4:
+        raise AcpiError(f"_PRT entry for slot {slot} pin {pin} out of range")
+    return aml.package([slot << 16 | 0xFFFF, pin, 0, gsi])
+
+
+def pci_root_device(*, intx_routes: Iterable[tuple[int, int, int]], mmio32_window: tuple[int, int],
+                    mmio64_window: tuple[int, int] | None = None, segment: int = 0,
+                    bus_range: tuple[int, int] = (0, 0), uid: int = 0, name: str = "PCI0") -> AcpiDevice:
+    """\\_SB.PCI0: a PCI Express root bridge (PNP0A08, compatible with PNP0A03) and its windows.
+
+    _CRS: the bus numbers, the conf1 ports it consumes, the I/O it forwards (all but conf1),
+    the 32-bit MMIO window and, when given, the 64-bit one. Windows are (base, size).
+    `intx_routes` are (slot, pin 0-3, GSI) triples for the _PRT. No _OSC: Linux does without
+    it (it then leaves ASPM and hotplug to "firmware", of which there is none)."""
+    resources = [
+        aml.word_bus_number(*bus_range),
+        aml.io(PCI_CONF1_PORT, PCI_CONF1_PORT, 0x01, 0x08),
+        *(aml.word_io(lo, hi) for lo, hi in PCI_IO_WINDOWS),
+        aml.dword_memory(mmio32_window[0], mmio32_window[0] + mmio32_window[1] - 1),
+    ]
+    if mmio64_window is not None:
+        resources.append(aml.qword_memory(mmio64_window[0], mmio64_window[0] + mmio64_window[1] - 1))
+    routes = [prt_entry(*route) for route in intx_routes]
+    return AcpiDevice(
+        name, "PNP0A08", uid=uid, resources=tuple(resources),
+        extra=(
+            aml.name("_CID", aml.eisa_id("PNP0A03")),
+            aml.name("_SEG", segment),
+            aml.name("_BBN", bus_range[0]),
+            aml.name("_PRT", aml.package(routes)),
+        ),
+    )
+
+
+def pci_ecam_reservation(ecam: PciEcam, *, name: str = "ECAM", uid: int = 0) -> AcpiDevice:
+    """A motherboard-resources device (PNP0C02) claiming the ECAM window: Linux uses MMCONFIG
+    only where it finds it reserved (here or in e820), and the PNP system driver keeps other
+    drivers off it."""
+    base, size = ecam.window
+    return AcpiDevice(name, "PNP0C02", uid=uid, resources=(aml.memory32_fixed(base, size),))
+
+
+def pci_root_acpi(root) -> tuple[list[DsdtItem], PciEcam]:
+    """The DSDT items and the MCFG entry describing a pci.PciRoot, for build_acpi_tables:
+
+        items, ecam = pci_root_acpi(root)
+        build_acpi_tables(memory, cpus=n, devices=[*others, *items], mcfg=ecam)
+    """
+    first_bus, last_bus = root.bus_range
+    ecam = PciEcam(root.ecam_base - (first_bus << 20), segment=root.segment, start_bus=first_bus, end_bus=last_bus)
+    bridge = pci_root_device(intx_routes=root.intx_routes(), mmio32_window=root.mmio32_window,
+                             mmio64_window=root.mmio64_window, segment=root.segment, bus_range=root.bus_range)
+    return [bridge, pci_ecam_reservation(ecam)], ecam
+
+
 def build_dsdt(devices: Iterable[DsdtItem] = (), *, com1: bool = True) -> bytes:
     """The DSDT: Scope(\\_SB){COM1, devices...} and Name(\\_S5_, Package(){5, 5, 0, 0}).
 

@@ -292,6 +292,64 @@ def interrupt(
     return _large(_LARGE_EXTENDED_IRQ, body)
 
 
+# Address space descriptors (6.4.3.5): a bridge's windows in _CRS. The general flags hold
+# producer/consumer (bit 0), subtractive decode (bit 1), min fixed (2), max fixed (3).
+_LARGE_DWORD_ADDRESS = 0x87
+_LARGE_WORD_ADDRESS = 0x88
+_LARGE_QWORD_ADDRESS = 0x8A
+ADDRESS_MEMORY, ADDRESS_IO, ADDRESS_BUS = 0, 1, 2
+IO_RANGE_ENTIRE = 3
+MEMORY_NON_CACHEABLE, MEMORY_CACHEABLE, MEMORY_WRITE_COMBINING, MEMORY_PREFETCHABLE = 0, 1, 2, 3
+
+
+def _address_space(tag: int, width: int, resource_type: int, type_flags: int,
+                   minimum: int, maximum: int, producer: bool) -> bytes:
+    """An address space descriptor with fixed min and max, positive decode, granularity and
+    translation 0, length = max - min + 1 (what iasl requires of a MinFixed/MaxFixed window)."""
+    bits = 8 * width
+    _check(minimum, bits, "address minimum")
+    _check(maximum, bits, "address maximum")
+    if maximum < minimum:
+        raise AmlError(f"address range {minimum:#x}-{maximum:#x} is empty")
+    general = 0x0C | (0 if producer else 1)
+    fmt = {2: "H", 4: "I", 8: "Q"}[width]
+    body = struct.pack(f"<BBB5{fmt}", resource_type, general, type_flags, 0, minimum, maximum, 0,
+                       maximum - minimum + 1)
+    return _large(tag, body)
+
+
+def word_bus_number(minimum: int, maximum: int, *, producer: bool = True) -> bytes:
+    """WordBusNumber(ResourceProducer, MinFixed, MaxFixed, PosDecode, 0, min, max, 0, len)."""
+    return _address_space(_LARGE_WORD_ADDRESS, 2, ADDRESS_BUS, 0, minimum, maximum, producer)
+
+
+def word_io(minimum: int, maximum: int, *, producer: bool = True) -> bytes:
+    """WordIO(ResourceProducer, MinFixed, MaxFixed, PosDecode, EntireRange, 0, min, max, 0, len)."""
+    return _address_space(_LARGE_WORD_ADDRESS, 2, ADDRESS_IO, IO_RANGE_ENTIRE, minimum, maximum, producer)
+
+
+def _memory_flags(cacheability: int, writable: bool) -> int:
+    if not 0 <= cacheability <= 3:
+        raise AmlError(f"memory cacheability {cacheability} out of range 0-3")
+    return (1 if writable else 0) | cacheability << 1
+
+
+def dword_memory(minimum: int, maximum: int, *, producer: bool = True,
+                 cacheability: int = MEMORY_NON_CACHEABLE, writable: bool = True) -> bytes:
+    """DWordMemory(ResourceProducer, PosDecode, MinFixed, MaxFixed, <cacheability>, ReadWrite,
+    0, min, max, 0, len)."""
+    return _address_space(_LARGE_DWORD_ADDRESS, 4, ADDRESS_MEMORY, _memory_flags(cacheability, writable),
+                          minimum, maximum, producer)
+
+
+def qword_memory(minimum: int, maximum: int, *, producer: bool = True,
+                 cacheability: int = MEMORY_CACHEABLE, writable: bool = True) -> bytes:
+    """QWordMemory(ResourceProducer, PosDecode, MinFixed, MaxFixed, <cacheability>, ReadWrite,
+    0, min, max, 0, len)."""
+    return _address_space(_LARGE_QWORD_ADDRESS, 8, ADDRESS_MEMORY, _memory_flags(cacheability, writable),
+                          minimum, maximum, producer)
+
+
 def end_tag() -> bytes:
     """The End Tag; checksum 0 means "treat the template as valid" (6.4.2.9)."""
     return _small(_SMALL_END, b"\0")
