@@ -14,7 +14,7 @@ from typing import Callable
 from .arch.x86_64 import boot_tables, layout
 from .arch.x86_64.cpuid import CpuidPolicy
 from .bus import MmioBus, PioBus, Window
-from .config import VmConfig
+from .config import ConfigError, VmConfig
 from .arch.x86_64.acpi import build_acpi_tables, pvpanic_device
 from .arch.x86_64.firmware import write_reset_vector
 from .devices.legacy import AcpiPower, DebugExit, GuestNotify, I8042, Port80, PvPanic, Uart16550
@@ -88,7 +88,9 @@ def build_vm(config: VmConfig, console_write: Callable[[bytes], None], *, accel=
         cleanup.callback(iothread.stop)
         wiring = VirtioWiring(accel, memory, pio, mmio, iothread)
         cleanup.callback(wiring.close)
-        for name, device, transport in virtio_devices(config, console_write, iothread, cleanup):
+        releases: list = []
+        cleanup.callback(lambda: [release() for release in reversed(releases)])
+        for name, device, transport in virtio_devices(config, console_write, iothread, releases):
             devices[name] = device
             wiring.add(name, device, transport)
 
@@ -106,19 +108,68 @@ def build_vm(config: VmConfig, console_write: Callable[[bytes], None], *, accel=
         vcpus = [accel.create_vcpu(i, config.cpus, policy) for i in range(config.cpus)]
         vcpus[0].set_state(boot_state(memory, entry))
 
-        closers = [wiring.close] + [d.close for d in devices.values() if hasattr(d, "close")]
-        vm = Vm(accel, memory, pio, mmio, vcpus, devices, iothread=iothread, on_close=closers)
+        vm = Vm(accel, memory, pio, mmio, vcpus, devices, iothread=iothread, on_close=[wiring.close, *releases])
         vm_ref.append(vm)
         cleanup.pop_all()
         return vm
 
 
-def virtio_devices(config: VmConfig, console_write, iothread, cleanup: ExitStack):
-    """(name, device, transport) for every virtio device the config asks for."""
+def virtio_devices(config: VmConfig, console_write, iothread, releases: list):
+    """(name, device, transport) for every virtio device the config asks for. Whatever a
+    device opens on the host (image files, TAPs, sockets) gets its close() in `releases`."""
+    if config.console == "virtio" or config.console_ports:
+        from .devices.virtio.console import VirtioConsole
+
+        console = VirtioConsole(console_write if config.console == "virtio" else _discard, iothread=iothread,
+                                ports=dict(config.console_ports))
+        releases.append(console.close)
+        yield "virtio-console", console, config.console_transport
+    for index, disk in enumerate(config.disks):
+        name = f"virtio-blk{index}"
+        if disk.vhost_user:
+            from .devices.virtio.vhost_user_blk import VhostUserBlk
+
+            device = VhostUserBlk(disk.vhost_user, iothread=iothread)
+        else:
+            from .devices.virtio.blk import BlockError, VirtioBlock
+
+            try:
+                device = VirtioBlock(disk.path, readonly=disk.readonly, serial=disk.serial)
+            except BlockError as exc:
+                raise ConfigError(str(exc)) from None
+        releases.append(device.close)
+        yield name, device, disk.transport
+    for index, net in enumerate(config.nets):
+        from .devices.virtio.net import VirtioNet
+
+        backend = _open_net_backend(net, index)
+        releases.append(backend.close)
+        mac = bytes.fromhex(net.mac.replace(":", "")) if net.mac else bytes([0x52, 0x54, 0x00, 0x12, 0x34, 0x56 + index])
+        device = VirtioNet(backend.tap, mac=mac, iothread=iothread)
+        yield f"virtio-net{index}", device, net.transport
+    if config.vsock is not None:
+        from .devices.virtio.vsock import VirtioVsock
+
+        device = VirtioVsock(config.vsock.cid, config.vsock.uds, iothread=iothread)
+        releases.append(device.close)
+        yield "virtio-vsock", device, config.vsock.transport
     if config.rng is not None:
         from .devices.virtio.rng import VirtioRng
 
         yield "virtio-rng", VirtioRng(), config.rng
+
+
+def _discard(data: bytes) -> None:
+    pass
+
+
+def _open_net_backend(net, index: int):
+    """The host side of one NIC: tap=auto is a new TAP in a new network namespace."""
+    from .net.netns import HostNetwork
+
+    if net.tap == "auto":
+        return HostNetwork().open()
+    return HostNetwork(namespace=False, tap_name=net.tap).open()
 
 
 def boot_state(memory, entry: BootEntry):

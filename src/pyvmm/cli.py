@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a virtio-rng fed from the host's entropy (transport pci by default, or mmio)")
     run.add_argument("--console", choices=("serial", "virtio"), default="serial",
                      help="the guest's console: serial (COM1, ttyS0) or virtio (hvc0)")
+    run.add_argument("--console-port", metavar="NAME=SOCKET", action="append", default=[],
+                     help="a named virtio-console port (guest: /dev/vportNpM, /sys/class/virtio-ports/*/name) "
+                          "whose host side is a Unix socket pyvmm listens on (repeatable)")
     from .images.cli import register_cli
 
     register_cli(sub)
@@ -120,6 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def _console_port(text: str) -> tuple[str, str]:
+    from .config import ConfigError
+
+    name, eq, path = text.partition("=")
+    if not eq or not name or not path:
+        raise ConfigError(f"--console-port {text!r}: expected NAME=SOCKET_PATH")
+    return name, path
+
+
 def _cmd_run(args) -> int:
     from .config import ConfigError, DiskConfig, NetConfig, VmConfig, VsockConfig, parse_size
     from .console import Console
@@ -153,6 +165,7 @@ def _cmd_run(args) -> int:
         vsock=VsockConfig.parse(args.vsock) if args.vsock else None,
         rng=args.rng,
         console=args.console,
+        console_ports=[_console_port(text) for text in args.console_port],
     )
     config.validate()
     config = with_default_guest(config, command)

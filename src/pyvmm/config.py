@@ -140,6 +140,8 @@ class VmConfig:
     vsock: VsockConfig | None = None
     rng: str | None = None              # None, or the transport of a virtio-rng
     console: str = "serial"             # serial (COM1) | virtio (hvc0; COM1 stays for early messages)
+    console_transport: str = DEFAULT_TRANSPORT
+    console_ports: list[tuple[str, str]] = field(default_factory=list)  # virtio-console (name, unix socket)
 
     def validate(self, max_vcpus: int | None = None) -> None:
         if self.memory <= 0:

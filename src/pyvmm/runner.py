@@ -35,7 +35,12 @@ def with_default_guest(config: VmConfig, command: list[str] | None) -> VmConfig:
 
     image = default_image()
     config.kernel, config.initrd = str(image.kernel), str(image.initramfs)
-    extra = f"{config.cmdline} pyvmm.console=hvc0".strip() if config.console == "virtio" else config.cmdline
+    extra = config.cmdline
+    if config.console == "virtio":
+        extra += " pyvmm.console=hvc0"
+    if config.nets and config.nets[0].tap == "auto":  # the address HostNetwork leaves for the guest
+        extra += " pyvmm.ip=10.0.2.15/24,10.0.2.1"
+    extra = extra.strip()
     config.cmdline = image.command_line(command or None, extra=extra)
     return config
 
@@ -50,7 +55,8 @@ def run_vm(config: VmConfig, console) -> VmOutcome:
         if announce:  # after the build, so that bad input still ends with exactly one line
             print(f"pyvmm: accelerator {choice.name}: {choice.reason}", file=sys.stderr)
             announce = False
-        console.attach(vm.devices["com1"],
+        terminal_device = vm.devices["virtio-console" if config.console == "virtio" else "com1"]
+        console.attach(terminal_device,
                        on_quit=lambda: vm.request_stop(VmOutcome("quit", EXIT_OK, "quit from the console (C-a x)")))
         # --timeout bounds the whole run, reboots included
         remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 
 from .arch.x86_64 import layout
 from .arch.x86_64.acpi import virtio_mmio_device
@@ -87,19 +86,14 @@ class VirtioWiring:
 
     def _drop_kicks(self, base: int, offsets) -> None:
         addresses = {base + offset for offset, _, _ in offsets}
-        keep = []
-        for entry in self._ioeventfds:
-            fd, address, length, value = entry
-            if address in addresses:
-                self.accel.remove_ioeventfd(fd, address, length, datamatch=value)
-                self.iothread.remove_reader(fd)
-                self.iothread.call_soon(functools.partial(os.close, fd))  # after the reader is gone
-            else:
-                keep.append(entry)
-        self._ioeventfds = keep
+        dropped = [entry for entry in self._ioeventfds if entry[1] in addresses]
+        self._ioeventfds = [entry for entry in self._ioeventfds if entry[1] not in addresses]
+        for fd, address, length, value in dropped:
+            # on the I/O thread, in this order: the fd must not be closed while it is still polled
+            self.iothread.remove_reader(fd)
+            self.iothread.call_soon(functools.partial(
+                self.accel.remove_ioeventfd, fd, address, length, datamatch=value))
 
     def close(self) -> None:
-        """After the vCPUs and the I/O thread stopped: release the eventfds."""
-        for fd, *_ in self._ioeventfds:
-            os.close(fd)
+        """After the vCPUs and the I/O thread stopped; the accelerator closes its ioeventfds."""
         self._ioeventfds.clear()

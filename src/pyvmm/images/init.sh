@@ -7,7 +7,8 @@
 #    module is reported on the console, never fatal;
 # 3. signals "init started": byte 0x01 to I/O port 0x610 (pyvmm's boot timer);
 #    with `pyvmm.console=hvc0` (pyvmm run --console virtio) the command or shell below
-#    uses that console instead of the boot console;
+#    uses that console instead of the boot console; with `pyvmm.ip=ADDR/PREFIX,GW`
+#    (pyvmm run --net tap=auto) eth0 is configured;
 # 4. with `pyvmm.cmd=<base64 of a shell command>` on the kernel command line:
 #    runs it with `sh -c` on the console, prints "pyvmm: exit status N", writes N
 #    as one byte to port 0x611 and powers off; otherwise starts an interactive
@@ -62,13 +63,23 @@ pyvmm_outb 1552 1 # 0x610: init started
 set -f
 cmd_b64=
 console=/dev/console
+guest_ip=
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         pyvmm.cmd=*) cmd_b64=${arg#pyvmm.cmd=} ;;
         pyvmm.console=*) console=/dev/${arg#pyvmm.console=} ;;
+        pyvmm.ip=*) guest_ip=${arg#pyvmm.ip=} ;;
     esac
 done
 set +f
+
+# pyvmm run --net tap=auto: eth0 gets ADDRESS/PREFIX and a default route via GATEWAY.
+if [ -n "$guest_ip" ]; then
+    ip link set lo up
+    ip address add "${guest_ip%%,*}" dev eth0 && ip link set eth0 up &&
+        ip route add default via "${guest_ip#*,}" ||
+        echo "pyvmm: could not configure eth0 with $guest_ip"
+fi
 
 # pyvmm run --console virtio: the command's (or the shell's) stdio is the virtio console,
 # whose driver was loaded above; kernel messages stay on the boot console.
