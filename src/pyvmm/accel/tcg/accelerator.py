@@ -43,6 +43,8 @@ class TcgAccelerator:
         self.vcpus: list[TcgVcpu] = []
         self._tables = None
         self._wakeup = threading.Event()
+        self._dma_lock = threading.Lock()
+        self._dma_pages: set[int] = set()
 
     # --- machine ---------------------------------------------------------------------------
 
@@ -51,6 +53,27 @@ class TcgAccelerator:
 
     def map_memory(self, memory) -> None:
         self.memory = memory
+        memory.on_device_write = self._note_device_write
+
+    def _note_device_write(self, address: int, length: int) -> None:
+        """Device DMA bypasses the translator's self-modifying-code detection: remember the
+        pages, whose translated code is dropped before the next slice (any thread)."""
+        first, last = address >> 12, (address + length - 1) >> 12
+        with self._dma_lock:
+            self._dma_pages.update(range(first, last + 1))
+
+    def _drop_stale_code(self) -> None:
+        with self._dma_lock:
+            pages, self._dma_pages = self._dma_pages, set()
+        ranges: list[list[int]] = []
+        for page in sorted(pages):
+            if ranges and ranges[-1][1] == page:
+                ranges[-1][1] = page + 1
+            else:
+                ranges.append([page, page + 1])
+        for first, end in ranges:
+            for vcpu in self.vcpus:
+                vcpu.uc.ctl_remove_cache(first << 12, end << 12)
 
     def connect_buses(self, pio_bus, mmio_bus) -> None:
         self.pio_bus, self.mmio_bus = pio_bus, mmio_bus
@@ -107,6 +130,8 @@ class TcgAccelerator:
                     pending = platform.pending_vector(vcpu)
                 if vcpu.halted:
                     continue
+                if self._dma_pages:
+                    self._drop_stale_code()
                 exit_ = vcpu.run(WINDOW_SLICE if pending is not None else SLICE)
                 progressed = True
                 if not (exit_ is _INTERRUPTED or exit_ is _HLT):
