@@ -16,8 +16,9 @@ from __future__ import annotations
 import logging
 import struct
 import threading
-from typing import Callable, Protocol
+from typing import Callable
 
+from ..bus.interrupt import MsiVector
 from .config import CAP_ID_MSIX, PciConfigSpace, PciError
 
 log = logging.getLogger(__name__)
@@ -39,15 +40,6 @@ TABLE_OFFSET_BIR = 4
 PBA_OFFSET_BIR = 8
 BIR_MASK = 0x7
 CAPABILITY_SIZE = 12
-
-
-class MsiVector(Protocol):
-    """What an accelerator gives for one MSI message (bus/interrupt.py has the full protocol:
-    also `eventfd` and `close()`, used when present)."""
-
-    def configure(self, address: int, data: int, masked: bool) -> None: ...
-
-    def trigger(self) -> None: ...
 
 
 MsiVectorFactory = Callable[[], MsiVector]
