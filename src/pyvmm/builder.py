@@ -15,13 +15,14 @@ from .arch.x86_64 import boot_tables, layout
 from .arch.x86_64.cpuid import CpuidPolicy
 from .bus import MmioBus, PioBus, Window
 from .config import ConfigError, VmConfig
-from .arch.x86_64.acpi import build_acpi_tables, pvpanic_device
+from .arch.x86_64.acpi import build_acpi_tables, pci_root_acpi, pvpanic_device
 from .arch.x86_64.firmware import write_reset_vector
 from .devices.legacy import AcpiPower, DebugExit, GuestNotify, I8042, Port80, PvPanic, Uart16550
 from .devices.legacy.pvpanic import PORT as PVPANIC_PORT
 from .devices.legacy.debug_exit import exit_status
 from .loader import BootEntry, CpuMode, load_kernel
 from .memory import GuestMemory
+from .pci import PciRoot
 from .iothread import IoThread
 from .virtio_wiring import VirtioWiring
 from .vm import EXIT_GUEST_CRASH, EXIT_OK, EXIT_VMM_ERROR, Vm, VmOutcome
@@ -86,7 +87,12 @@ def build_vm(config: VmConfig, console_write: Callable[[bytes], None], *, accel=
         iothread = IoThread(on_error=lambda exc: stop(VmOutcome(
             "vmm-error", EXIT_VMM_ERROR, f"I/O thread: {type(exc).__name__}: {exc}")))
         cleanup.callback(iothread.stop)
-        wiring = VirtioWiring(accel, memory, pio, mmio, iothread)
+        pci_root = PciRoot(pio, mmio, ecam_base=layout.PCI_ECAM_BASE,
+                           mmio32_window=(layout.PCI_MMIO32_START, layout.PCI_MMIO32_SIZE),
+                           mmio64_window=layout.pci_mmio64_window(config.memory),
+                           io_window=(layout.PCI_IO_START, layout.PCI_IO_SIZE),
+                           irq_line=accel.irq_line, msi_vector=accel.msi_vector)
+        wiring = VirtioWiring(accel, memory, pio, mmio, iothread, pci_root)
         cleanup.callback(wiring.close)
         releases: list = []
         cleanup.callback(lambda: [release() for release in reversed(releases)])
@@ -94,7 +100,9 @@ def build_vm(config: VmConfig, console_write: Callable[[bytes], None], *, accel=
             devices[name] = device
             wiring.add(name, device, transport)
 
-        rsdp = build_acpi_tables(memory, cpus=config.cpus, devices=[pvpanic_device(PVPANIC_PORT), *wiring.acpi_items])
+        pci_items, ecam = pci_root_acpi(pci_root)
+        rsdp = build_acpi_tables(memory, cpus=config.cpus, mcfg=ecam,
+                                 devices=[pvpanic_device(PVPANIC_PORT), *pci_items, *wiring.acpi_items])
         write_reset_vector(memory)
         entry = load_kernel(
             memory, kernel_path or config.kernel, cmdline=config.cmdline, modules=config.modules,
@@ -108,6 +116,7 @@ def build_vm(config: VmConfig, console_write: Callable[[bytes], None], *, accel=
         vcpus = [accel.create_vcpu(i, config.cpus, policy) for i in range(config.cpus)]
         vcpus[0].set_state(boot_state(memory, entry))
 
+        devices["pci"] = pci_root
         vm = Vm(accel, memory, pio, mmio, vcpus, devices, iothread=iothread, on_close=[wiring.close, *releases])
         vm_ref.append(vm)
         cleanup.pop_all()
