@@ -25,6 +25,7 @@ the guest's transmit queue is left alone until the client reads.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import select
@@ -34,8 +35,9 @@ import struct
 import threading
 from typing import Callable
 
+from ...memory.guest_memory import GuestMemoryError
 from .device import VIRTIO_ID_CONSOLE, VirtioDevice
-from .queue import read_buffers, write_buffers
+from .queue import VirtqueueBroken, read_buffers, write_buffers
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +121,7 @@ def listen_unix(path: str) -> socket.socket:
         sock.listen(8)
     except OSError as exc:
         sock.close()
-        raise OSError(exc.errno, f"cannot listen on {path}: {exc.strerror}") from None
+        raise OSError(exc.errno, f"cannot listen here: {exc.strerror}", path) from None
     return sock
 
 
@@ -219,7 +221,7 @@ class VirtioConsole(VirtioDevice):
 
     def console_input(self, data: bytes) -> int:
         """Queue terminal input for hvc0; returns how many bytes were kept (the rest is dropped and counted)."""
-        with self.lock:
+        with self._host_side():
             port = self.ports[0]
             take = min(len(data), PENDING_LIMIT - len(port.pending))
             port.pending += data[:take]
@@ -280,6 +282,16 @@ class VirtioConsole(VirtioDevice):
                 self._deliver(port)
             else:
                 self._transmit(port)
+
+    @contextlib.contextmanager
+    def _host_side(self):
+        """Work started by the host (sockets, terminal, restore) that touches the rings: a ring
+        the guest broke marks the device for reset, as a kick would, instead of ending the I/O thread."""
+        with self.lock:
+            try:
+                yield
+            except (VirtqueueBroken, GuestMemoryError) as exc:
+                self.fail(str(exc))
 
     def _usable(self, queue_index: int) -> bool:
         return self.active and not self.broken and self.queues[queue_index].ready
@@ -409,7 +421,7 @@ class VirtioConsole(VirtioDevice):
             self.iothread.remove_reader(port.listener.fileno())
 
     def _on_accept(self, port: ConsolePort, listener: socket.socket) -> None:
-        with self.lock:
+        with self._host_side():
             if port.listener is not listener or port.client is not None:
                 return
             try:
@@ -438,7 +450,7 @@ class VirtioConsole(VirtioDevice):
             self.iothread.remove_reader(port.client.fileno())
 
     def _on_readable(self, port: ConsolePort, client: socket.socket) -> None:
-        with self.lock:
+        with self._host_side():
             if port.client is not client:
                 return
             room = PENDING_LIMIT - len(port.pending)
@@ -472,7 +484,7 @@ class VirtioConsole(VirtioDevice):
             del port.output[:sent]
 
     def _on_writable(self, port: ConsolePort, client: socket.socket) -> None:
-        with self.lock:
+        with self._host_side():
             if port.client is not client:
                 return
             self._flush_output(port)
@@ -529,7 +541,7 @@ class VirtioConsole(VirtioDevice):
             pending = [bytes.fromhex(p["pending"]) for p in ports]
         except (ValueError, TypeError):
             raise ValueError("virtio-console state: bad hex data") from None
-        with self.lock:
+        with self._host_side():
             super().restore(state)
             self.cols, self.rows = console["cols"], console["rows"]
             self._control = collections.deque(control[-CONTROL_LIMIT:])
