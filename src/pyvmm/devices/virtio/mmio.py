@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import logging
 import struct
-from typing import Callable
 
 from ...bus.interrupt import IrqLine
-from .device import (
-    STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK, VirtioDevice,
-)
+from .device import VirtioDevice
+from .transport import VirtioTransportCore
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +46,11 @@ _QUEUE_ADDRESS = {
 }
 
 
-class VirtioMmioTransport:
+class VirtioMmioTransport(VirtioTransportCore):
     def __init__(self, device: VirtioDevice, irq: IrqLine, memory) -> None:
-        self.device = device
+        self._init_core(device)
         self.irq = irq
-        # Who serves a kick: the device inline by default; an I/O thread when wired to an eventfd.
-        self.on_notify: Callable[[int], None] = device.notify
-        self.status = 0
-        self.device_features_sel = 0
-        self.driver_features_sel = 0
-        self.driver_features = 0
-        self.queue_sel = 0
         self.interrupt_status = 0
-        self.config_generation = 0
         device.attach(memory, self)
 
     # --- VirtioInterrupt (called by the device, any thread) -----------------------------------------
@@ -73,8 +63,7 @@ class VirtioMmioTransport:
         self._raise(INT_CONFIG_CHANGE)
 
     def set_needs_reset(self) -> None:
-        self.status |= STATUS_DEVICE_NEEDS_RESET
-        if self.status & STATUS_DRIVER_OK:
+        if self.mark_needs_reset():
             self.signal_config()
 
     def _raise(self, bit: int) -> None:
@@ -99,7 +88,7 @@ class VirtioMmioTransport:
 
     def _read_register(self, offset: int) -> int:
         device = self.device
-        queue = device.queues[self.queue_sel] if self.queue_sel < len(device.queues) else None
+        queue = self.selected_queue()
         if offset == MAGIC_VALUE:
             return MAGIC
         if offset == VERSION_REG:
@@ -109,7 +98,7 @@ class VirtioMmioTransport:
         if offset == VENDOR:
             return VENDOR_ID
         if offset == DEVICE_FEATURES:
-            return device.offered_features >> (32 * self.device_features_sel) if self.device_features_sel < 2 else 0
+            return self.device_features_word()
         if offset == QUEUE_NUM_MAX:
             return queue.max_size if queue else 0
         if offset == QUEUE_READY:
@@ -140,26 +129,24 @@ class VirtioMmioTransport:
         elif offset == INTERRUPT_ACK:
             self.interrupt_status &= ~value
         elif offset == STATUS:
-            self._write_status(value)
+            self.write_status(value)
         elif offset == DEVICE_FEATURES_SEL:
             self.device_features_sel = value
         elif offset == DRIVER_FEATURES_SEL:
             self.driver_features_sel = value
         elif offset == DRIVER_FEATURES:
-            if self.status & STATUS_FEATURES_OK or self.driver_features_sel > 1:
-                return
-            shift = 32 * self.driver_features_sel
-            self.driver_features = (self.driver_features & ~(0xFFFFFFFF << shift)) | (value << shift)
+            self.write_driver_features_word(value)
         elif offset == QUEUE_SEL:
             self.queue_sel = value
         else:
             self._write_queue_register(offset, value)
 
     def _write_queue_register(self, offset: int, value: int) -> None:
-        device = self.device
-        if self.queue_sel >= len(device.queues) or self.status & STATUS_DRIVER_OK and offset != QUEUE_READY:
-            return  # queue setup is frozen once the driver is running
-        queue = device.queues[self.queue_sel]
+        # Once the driver is running it may only take a queue down: a queue brought up now
+        # was never checked and activated.
+        queue = self.selected_queue() if offset == QUEUE_READY and not value & 1 else self.queue_for_setup()
+        if queue is None:
+            return
         if offset == QUEUE_NUM:
             queue.size = value
         elif offset == QUEUE_READY:
@@ -169,35 +156,16 @@ class VirtioMmioTransport:
             mask = 0xFFFFFFFF << shift
             setattr(queue, name, (getattr(queue, name) & ~mask) | (value << shift))
 
-    def _write_status(self, value: int) -> None:
-        if value == 0:
-            self.reset()
-            return
-        old, self.status = self.status, value | (self.status & STATUS_DEVICE_NEEDS_RESET)
-        if value & STATUS_FEATURES_OK and not old & STATUS_FEATURES_OK:
-            self.device.set_driver_features(self.driver_features)
-            if self.driver_features & ~self.device.offered_features or not self.device.features_ok():
-                self.status &= ~STATUS_FEATURES_OK  # the driver reads it back and gives up
-        if value & STATUS_DRIVER_OK and not old & STATUS_DRIVER_OK and not value & STATUS_FAILED:
-            self.device.activate()
-
     def reset(self) -> None:
-        self.device.reset()
-        self.status = 0
-        self.driver_features = 0
-        self.device_features_sel = self.driver_features_sel = self.queue_sel = 0
+        super().reset()
         self.interrupt_status = 0
 
     # --- snapshot ---------------------------------------------------------------------------------
 
     def save(self) -> dict:
-        return {"status": self.status, "device_features_sel": self.device_features_sel,
-                "driver_features_sel": self.driver_features_sel, "driver_features": self.driver_features,
-                "queue_sel": self.queue_sel, "interrupt_status": self.interrupt_status,
-                "config_generation": self.config_generation, "device": self.device.save()}
+        return {**self.core_save(), "interrupt_status": self.interrupt_status, "device": self.device.save()}
 
     def restore(self, state: dict) -> None:
-        state = dict(state)
-        self.device.restore(state.pop("device"))
-        for name, value in state.items():
-            setattr(self, name, value)
+        self.device.restore(state["device"])
+        self.core_restore(state)
+        self.interrupt_status = int(state.get("interrupt_status", 0))
