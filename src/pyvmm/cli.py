@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="virtio-vsock with guest CID N; host side as Unix sockets (PATH and PATH_PORT)")
     run.add_argument("--rng", nargs="?", const="pci", metavar="TRANSPORT", choices=("pci", "mmio"),
                      help="a virtio-rng fed from the host's entropy (transport pci by default, or mmio)")
-    run.add_argument("--console", choices=("serial", "virtio"), default="serial",
-                     help="the guest's console: serial (COM1, ttyS0) or virtio (hvc0)")
+    run.add_argument("--console", metavar="serial|virtio[,transport=pci|mmio]", default="serial",
+                     help="the guest's console: serial (COM1, ttyS0; the default) or virtio (hvc0)")
     run.add_argument("--console-port", metavar="NAME=SOCKET", action="append", default=[],
                      help="a named virtio-console port (guest: /dev/vportNpM, /sys/class/virtio-ports/*/name) "
                           "whose host side is a Unix socket pyvmm listens on (repeatable)")
@@ -145,6 +145,8 @@ def _cmd_run(args) -> int:
     command = words[1:]
     if args.demo and (args.kernel or command):
         raise ConfigError("--demo boots the built-in demo kernel: it takes no --kernel and no command")
+    console_kind, _, console_options = args.console.partition(",")
+    console_transport = DiskConfig.transport_option(console_options, "--console")
     config = VmConfig(
         kernel=demo_kernel() if args.demo else args.kernel,
         initrd=args.initrd,
@@ -164,7 +166,8 @@ def _cmd_run(args) -> int:
         nets=[NetConfig.parse(text) for text in args.net],
         vsock=VsockConfig.parse(args.vsock) if args.vsock else None,
         rng=args.rng,
-        console=args.console,
+        console=console_kind,
+        console_transport=console_transport,
         console_ports=[_console_port(text) for text in args.console_port],
     )
     config.validate()

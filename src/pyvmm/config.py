@@ -61,6 +61,11 @@ class DiskConfig:
     transport: str = DEFAULT_TRANSPORT
     vhost_user: str | None = None       # vhost-user-blk back-end socket
 
+    @staticmethod
+    def transport_option(text: str, what: str) -> str:
+        """The transport= of an option string that takes nothing else."""
+        return _options(text, what, (), ("transport",))[1].get("transport", DEFAULT_TRANSPORT)
+
     @classmethod
     def parse(cls, text: str) -> "DiskConfig":
         """--disk PATH[,readonly][,serial=ID][,transport=pci|mmio] or --disk vhost-user=SOCKET[,...]"""
