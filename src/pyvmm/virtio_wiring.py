@@ -78,11 +78,14 @@ class VirtioWiring:
                 self._kick_through_eventfd(device, new_base + offset, length, value)
 
     def _kick_through_eventfd(self, device, address: int, length: int, queue_index: int) -> None:
-        fd = self.accel.add_ioeventfd(address, length, datamatch=queue_index)
+        # A vhost-user device's data plane is another process: KVM signals its kick fd directly.
+        external = device.kick_eventfd(queue_index) if hasattr(device, "kick_eventfd") else None
+        fd = self.accel.add_ioeventfd(address, length, datamatch=queue_index, eventfd=external)
         if fd is None:
             return  # the software CPU: the write reaches the transport
         self._ioeventfds.append((fd, address, length, queue_index))
-        self.iothread.add_eventfd(fd, functools.partial(device.notify, queue_index))
+        if external is None:
+            self.iothread.add_eventfd(fd, functools.partial(device.notify, queue_index))
 
     def _drop_kicks(self, base: int, offsets) -> None:
         addresses = {base + offset for offset, _, _ in offsets}

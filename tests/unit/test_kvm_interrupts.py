@@ -215,6 +215,23 @@ def test_ioeventfd_add_and_remove():
         os.fstat(fd)  # closed
 
 
+def test_a_callers_eventfd_is_registered_but_never_closed():
+    """A vhost-user back-end's kick fd: KVM signals it, the device keeps owning it."""
+    vm = FakeVmFd()
+    fds = KvmIoEventFds(vm)
+    own = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        assert fds.add(0xD0000050, 4, datamatch=0, eventfd=own) == own
+        fds.remove(own, 0xD0000050, 4, datamatch=0)
+        assert vm.calls[-1] == ("ioeventfd", 0xD0000050, 4, False, 0, True)
+        os.fstat(own)  # still open
+        fds.add(0xD0000050, 4, datamatch=0, eventfd=own)
+        fds.close()
+        os.fstat(own)
+    finally:
+        os.close(own)
+
+
 @pytest.mark.parametrize("args,kwargs,message", [
     ((0x500, 3), {"pio": True}, "length 3"),
     ((0x500, 0), {"pio": True}, "length 0"),

@@ -771,7 +771,7 @@ class FakeAccel:
         self.vectors.append(vector)
         return vector
 
-    def add_ioeventfd(self, address, length, *, datamatch=None):
+    def add_ioeventfd(self, address, length, *, datamatch=None, eventfd=None):
         self.next_fd += 1
         self.ioeventfds[self.next_fd] = (address, length, datamatch)
         return self.next_fd

@@ -114,14 +114,15 @@ class KvmAccelerator:
         return self._msi_router.vector()
 
     def add_ioeventfd(self, address: int, length: int, *, pio: bool = False,
-                      datamatch: int | None = None) -> int:
-        """An eventfd (non-blocking, close-on-exec) KVM signals when the guest writes there,
-        without leaving the kernel; the write no longer reaches the bus."""
-        return self._ioeventfds.add(address, length, pio=pio, datamatch=datamatch)
+                      datamatch: int | None = None, eventfd: int | None = None) -> int:
+        """An eventfd (non-blocking, close-on-exec; or the caller's `eventfd`, which stays the
+        caller's) KVM signals when the guest writes there, without leaving the kernel; the
+        write no longer reaches the bus."""
+        return self._ioeventfds.add(address, length, pio=pio, datamatch=datamatch, eventfd=eventfd)
 
     def remove_ioeventfd(self, fd: int, address: int, length: int, *, pio: bool = False,
                          datamatch: int | None = None) -> None:
-        """Undo add_ioeventfd (same arguments) and close `fd`."""
+        """Undo add_ioeventfd (same arguments) and close `fd` unless the caller passed it in."""
         self._ioeventfds.remove(fd, address, length, pio=pio, datamatch=datamatch)
 
     def signal_msi(self, address: int, data: int) -> bool:

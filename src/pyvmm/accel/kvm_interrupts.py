@@ -231,21 +231,30 @@ class KvmIoEventFds:
         self._vm_fd = vm_fd
         self._lock = threading.Lock()
         self._registered: dict[int, tuple[int, int, bool, int | None]] = {}
+        self._borrowed: set[int] = set()  # eventfds the caller owns: never closed here
         self._checked = False
 
-    def add(self, address: int, length: int, *, pio: bool = False, datamatch: int | None = None) -> int:
+    def add(self, address: int, length: int, *, pio: bool = False, datamatch: int | None = None,
+            eventfd: int | None = None) -> int:
+        """Register a new eventfd, or the caller's `eventfd` (which stays the caller's to close:
+        a vhost-user back-end's kick fd, so guest kicks reach it without pyvmm)."""
         _check_ioeventfd(address, length, pio, datamatch)
         if not self._checked:
             _require(self._vm_fd, uapi.KVM_CAP_IOEVENTFD, "KVM_CAP_IOEVENTFD", "ioeventfd notification")
             self._checked = True
-        eventfd = new_eventfd()
+        owned = eventfd is None
+        if owned:
+            eventfd = new_eventfd()
         try:
             self._vm_fd.ioeventfd(eventfd, address, length, pio=pio, datamatch=datamatch)
         except KvmError as exc:
-            os.close(eventfd)
+            if owned:
+                os.close(eventfd)
             raise KvmError("KVM_IOEVENTFD", exc.errno, _describe(address, length, pio, datamatch)) from None
         with self._lock:
             self._registered[eventfd] = (address, length, pio, datamatch)
+            if not owned:
+                self._borrowed.add(eventfd)
         return eventfd
 
     def remove(self, eventfd: int, address: int, length: int, *, pio: bool = False,
@@ -255,17 +264,22 @@ class KvmIoEventFds:
             if key != (address, length, pio, datamatch):
                 raise ValueError(f"no ioeventfd {eventfd} at {_describe(address, length, pio, datamatch)}")
             del self._registered[eventfd]
+            borrowed = eventfd in self._borrowed
+            self._borrowed.discard(eventfd)
         try:
             if self._vm_fd.fd >= 0:
                 self._vm_fd.ioeventfd(eventfd, address, length, pio=pio, datamatch=datamatch, deassign=True)
         finally:
-            os.close(eventfd)
+            if not borrowed:
+                os.close(eventfd)
 
     def close(self) -> None:
         with self._lock:
             for eventfd in self._registered:
-                os.close(eventfd)
+                if eventfd not in self._borrowed:
+                    os.close(eventfd)
             self._registered.clear()
+            self._borrowed.clear()
 
 
 def _check_ioeventfd(address: int, length: int, pio: bool, datamatch: int | None) -> None:

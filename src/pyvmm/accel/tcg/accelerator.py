@@ -87,7 +87,7 @@ class TcgAccelerator:
         return SoftwareMsiVector(self.platform.apic_bus)
 
     def add_ioeventfd(self, address: int, length: int, *, pio: bool = False,
-                      datamatch: int | None = None) -> None:
+                      datamatch: int | None = None, eventfd: int | None = None) -> None:
         """No shortcut here: the guest's write reaches the bus as usual."""
         return None
 
