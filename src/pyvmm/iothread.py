@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import selectors
 import threading
 from typing import Callable
@@ -106,3 +107,49 @@ class IoThread:
             calls, self._calls = self._calls, []
         for call in calls:
             call()
+
+
+class WritableWatch:
+    """One-shot "this fd can take bytes again" callbacks, run on the I/O thread.
+
+    IoThread only waits for readable fds; an epoll set holding the waiting sockets is
+    itself readable as soon as one of them becomes writable.
+    """
+
+    def __init__(self, iothread) -> None:
+        self._iothread = iothread
+        self._epoll = select.epoll()
+        self._lock = threading.Lock()
+        self._callbacks: dict[int, Callable[[], None]] = {}
+        iothread.add_reader(self._epoll.fileno(), self._on_ready)
+
+    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+        with self._lock:
+            if fd not in self._callbacks:
+                self._epoll.register(fd, select.EPOLLOUT)
+            self._callbacks[fd] = callback
+
+    def forget(self, fd: int) -> None:
+        with self._lock:
+            if self._callbacks.pop(fd, None) is not None:
+                try:
+                    self._epoll.unregister(fd)
+                except OSError:
+                    pass
+
+    def _on_ready(self) -> None:
+        calls = []
+        with self._lock:
+            for fd, _ in self._epoll.poll(0):
+                callback = self._callbacks.pop(fd, None)
+                if callback is not None:
+                    self._epoll.unregister(fd)
+                    calls.append(callback)
+        for callback in calls:  # outside our lock: callbacks take their device's lock
+            callback()
+
+    def close(self) -> None:
+        if self._epoll.closed:
+            return
+        self._iothread.remove_reader(self._epoll.fileno())
+        self._iothread.call_soon(self._epoll.close)  # after the reader is gone, so the fd is not reused under it

@@ -1,6 +1,5 @@
 """Split virtqueue: requests, indirect tables, event index, and hostile rings (via virtio-rng)."""
 
-import struct
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st

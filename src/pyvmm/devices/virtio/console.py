@@ -25,19 +25,17 @@ the guest's transmit queue is left alone until the client reads.
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import os
-import select
 import socket
 import stat
 import struct
 import threading
 from typing import Callable
 
-from ...memory.guest_memory import GuestMemoryError
+from ...iothread import WritableWatch
 from .device import VIRTIO_ID_CONSOLE, VirtioDevice
-from .queue import VirtqueueBroken, read_buffers, write_buffers
+from .queue import read_buffers, write_buffers
 
 log = logging.getLogger(__name__)
 
@@ -60,52 +58,6 @@ CONTROL_LIMIT = 1024        # control messages waiting for control receive buffe
 READ_CHUNK = 16 << 10
 MAX_PORTS = 31
 MAX_NAME = 255
-
-
-class WritableWatch:
-    """One-shot "this fd can take bytes again" callbacks, run on the I/O thread.
-
-    IoThread only waits for readable fds; an epoll set holding the waiting sockets is
-    itself readable as soon as one of them becomes writable.
-    """
-
-    def __init__(self, iothread) -> None:
-        self._iothread = iothread
-        self._epoll = select.epoll()
-        self._lock = threading.Lock()
-        self._callbacks: dict[int, Callable[[], None]] = {}
-        iothread.add_reader(self._epoll.fileno(), self._on_ready)
-
-    def watch(self, fd: int, callback: Callable[[], None]) -> None:
-        with self._lock:
-            if fd not in self._callbacks:
-                self._epoll.register(fd, select.EPOLLOUT)
-            self._callbacks[fd] = callback
-
-    def forget(self, fd: int) -> None:
-        with self._lock:
-            if self._callbacks.pop(fd, None) is not None:
-                try:
-                    self._epoll.unregister(fd)
-                except OSError:
-                    pass
-
-    def _on_ready(self) -> None:
-        calls = []
-        with self._lock:
-            for fd, _ in self._epoll.poll(0):
-                callback = self._callbacks.pop(fd, None)
-                if callback is not None:
-                    self._epoll.unregister(fd)
-                    calls.append(callback)
-        for callback in calls:  # outside our lock: callbacks take their device's lock
-            callback()
-
-    def close(self) -> None:
-        if self._epoll.closed:
-            return
-        self._iothread.remove_reader(self._epoll.fileno())
-        self._iothread.call_soon(self._epoll.close)  # after the reader is gone, so the fd is not reused under it
 
 
 def listen_unix(path: str) -> socket.socket:
@@ -221,7 +173,7 @@ class VirtioConsole(VirtioDevice):
 
     def console_input(self, data: bytes) -> int:
         """Queue terminal input for hvc0; returns how many bytes were kept (the rest is dropped and counted)."""
-        with self._host_side():
+        with self.host_work():
             port = self.ports[0]
             take = min(len(data), PENDING_LIMIT - len(port.pending))
             port.pending += data[:take]
@@ -283,22 +235,9 @@ class VirtioConsole(VirtioDevice):
             else:
                 self._transmit(port)
 
-    @contextlib.contextmanager
-    def _host_side(self):
-        """Work started by the host (sockets, terminal, restore) that touches the rings: a ring
-        the guest broke marks the device for reset, as a kick would, instead of ending the I/O thread."""
-        with self.lock:
-            try:
-                yield
-            except (VirtqueueBroken, GuestMemoryError) as exc:
-                self.fail(str(exc))
-
-    def _usable(self, queue_index: int) -> bool:
-        return self.active and not self.broken and self.queues[queue_index].ready
-
     def _deliver(self, port: ConsolePort) -> None:
         """Move waiting host bytes into the port's receive buffers, as far as they go."""
-        if not port.pending or not port.guest_open or not self._usable(port.rx_queue):
+        if not port.pending or not port.guest_open or not self.queue_usable(port.rx_queue):
             return
         queue = self.queues[port.rx_queue]
         moved = False
@@ -347,7 +286,7 @@ class VirtioConsole(VirtioDevice):
         self._flush_control()
 
     def _flush_control(self) -> None:
-        if not self._control or not self._usable(CONTROL_RX):
+        if not self._control or not self.queue_usable(CONTROL_RX):
             return
         queue = self.queues[CONTROL_RX]
         moved = False
@@ -421,7 +360,7 @@ class VirtioConsole(VirtioDevice):
             self.iothread.remove_reader(port.listener.fileno())
 
     def _on_accept(self, port: ConsolePort, listener: socket.socket) -> None:
-        with self._host_side():
+        with self.host_work():
             if port.listener is not listener or port.client is not None:
                 return
             try:
@@ -450,7 +389,7 @@ class VirtioConsole(VirtioDevice):
             self.iothread.remove_reader(port.client.fileno())
 
     def _on_readable(self, port: ConsolePort, client: socket.socket) -> None:
-        with self._host_side():
+        with self.host_work():
             if port.client is not client:
                 return
             room = PENDING_LIMIT - len(port.pending)
@@ -484,11 +423,11 @@ class VirtioConsole(VirtioDevice):
             del port.output[:sent]
 
     def _on_writable(self, port: ConsolePort, client: socket.socket) -> None:
-        with self._host_side():
+        with self.host_work():
             if port.client is not client:
                 return
             self._flush_output(port)
-            if port.client is client and len(port.output) < OUTPUT_LIMIT and self._usable(port.tx_queue):
+            if port.client is client and len(port.output) < OUTPUT_LIMIT and self.queue_usable(port.tx_queue):
                 self._transmit(port)  # chains left alone while the client was behind
 
     def _drop_client(self, port: ConsolePort, announce: bool = True) -> None:
@@ -541,7 +480,7 @@ class VirtioConsole(VirtioDevice):
             pending = [bytes.fromhex(p["pending"]) for p in ports]
         except (ValueError, TypeError):
             raise ValueError("virtio-console state: bad hex data") from None
-        with self._host_side():
+        with self.host_work():
             super().restore(state)
             self.cols, self.rows = console["cols"], console["rows"]
             self._control = collections.deque(control[-CONTROL_LIMIT:])

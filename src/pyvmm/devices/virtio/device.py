@@ -20,6 +20,7 @@ work from I/O threads. One re-entrant lock per device serialises all of it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from typing import Protocol
@@ -159,6 +160,19 @@ class VirtioDevice:
                 self.process_queue(queue_index)
             except (VirtqueueBroken, GuestMemoryError) as exc:
                 self.fail(str(exc))
+
+    @contextlib.contextmanager
+    def host_work(self):
+        """Work the host starts (sockets, terminal input, restore) that touches the rings: a ring
+        the guest broke marks the device for reset, as a kick would, instead of ending the I/O thread."""
+        with self.lock:
+            try:
+                yield
+            except (VirtqueueBroken, GuestMemoryError) as exc:
+                self.fail(str(exc))
+
+    def queue_usable(self, queue_index: int) -> bool:
+        return self.active and not self.broken and self.queues[queue_index].ready
 
     def fail(self, reason: str) -> None:
         """The guest broke the protocol beyond one request: stop serving until the driver resets us."""

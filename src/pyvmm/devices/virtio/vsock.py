@@ -22,17 +22,16 @@ event queue and drops them, as it does under Firecracker.
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import os
 import socket
 import struct
 
 from ...errors import UserError
-from ...memory.guest_memory import GuestMemoryError
-from .console import WritableWatch, listen_unix
+from ...iothread import WritableWatch
+from .console import listen_unix
 from .device import VIRTIO_ID_VSOCK, VirtioDevice
-from .queue import DescriptorChain, VirtqueueBroken, read_buffers, write_buffers
+from .queue import DescriptorChain, read_buffers, write_buffers
 
 log = logging.getLogger(__name__)
 
@@ -176,19 +175,6 @@ class VirtioVsock(VirtioDevice):
             self._process_events()
         self._process_rx()
 
-    @contextlib.contextmanager
-    def _host_side(self):
-        """Work started by the host (sockets, terminal, restore) that touches the rings: a ring
-        the guest broke marks the device for reset, as a kick would, instead of ending the I/O thread."""
-        with self.lock:
-            try:
-                yield
-            except (VirtqueueBroken, GuestMemoryError) as exc:
-                self.fail(str(exc))
-
-    def _usable(self, queue_index: int) -> bool:
-        return self.active and not self.broken and self.queues[queue_index].ready
-
     def _process_tx(self) -> None:
         queue = self.queues[TX]
         served = False
@@ -201,7 +187,7 @@ class VirtioVsock(VirtioDevice):
 
     def _process_rx(self) -> None:
         """Fill receive buffers: control packets first, then data from connections round robin."""
-        if not (self._replies or self._rx_ready) or not self._usable(RX):
+        if not (self._replies or self._rx_ready) or not self.queue_usable(RX):
             return
         queue = self.queues[RX]
         moved = False
@@ -240,7 +226,7 @@ class VirtioVsock(VirtioDevice):
             self.signal_used(RX)
 
     def _process_events(self) -> None:
-        if not self._events_pending or not self._usable(EVENT):
+        if not self._events_pending or not self.queue_usable(EVENT):
             return
         queue = self.queues[EVENT]
         moved = False
@@ -395,7 +381,7 @@ class VirtioVsock(VirtioDevice):
             self._reply(conn, OP_CREDIT_REQUEST)
 
     def _on_host_readable(self, conn: VsockConnection, sock: socket.socket) -> None:
-        with self._host_side():
+        with self.host_work():
             if self.conns.get(conn.key) is not conn or conn.sock is not sock:
                 return
             room = min(conn.peer_credit, MAX_PAYLOAD)
@@ -451,7 +437,7 @@ class VirtioVsock(VirtioDevice):
             self._reply(conn, OP_CREDIT_UPDATE)
 
     def _on_host_writable(self, conn: VsockConnection, sock: socket.socket) -> None:
-        with self._host_side():
+        with self.host_work():
             if self.conns.get(conn.key) is conn and conn.sock is sock:
                 self._flush_host(conn)
                 self._process_rx()
@@ -475,7 +461,7 @@ class VirtioVsock(VirtioDevice):
     # --- host-initiated connections ------------------------------------------------------------------------------
 
     def _on_accept(self, listener: socket.socket) -> None:
-        with self._host_side():
+        with self.host_work():
             if listener is not self._listener:
                 return
             try:
@@ -501,7 +487,7 @@ class VirtioVsock(VirtioDevice):
 
     def _on_handshake(self, sock: socket.socket) -> None:
         """Read "CONNECT <port>\\n" and ask the guest for that port."""
-        with self._host_side():
+        with self.host_work():
             line = self._handshakes.get(sock)
             if line is None:
                 return
@@ -548,7 +534,7 @@ class VirtioVsock(VirtioDevice):
 
     def restore(self, state: dict) -> None:
         """Load a `save()` result: the guest's connections are gone, so it hears TRANSPORT_RESET."""
-        with self._host_side():
+        with self.host_work():
             super().restore(state)
             for conn in list(self.conns.values()):
                 self._kill(conn, rst=False)
