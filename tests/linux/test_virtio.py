@@ -146,7 +146,26 @@ def _wait_for_netns(pid: int, timeout: float) -> str:
     raise AssertionError("pyvmm created no network namespace")
 
 
-def test_network_and_vsock(image, tmp_path):
+def _connect_to_guest(uds: str, port: int, payload: bytes, done: dict) -> None:
+    """Host-initiated vsock: retry `CONNECT port` until the guest listens, then send payload."""
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.connect(uds)
+                sock.sendall(f"CONNECT {port}\n".encode())
+                reply = sock.makefile("rb").readline()
+                if reply.startswith(b"OK "):
+                    sock.sendall(payload)
+                    done["host-connect"] = reply
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+
+
+@pytest.mark.parametrize("transport", ["pci", "mmio"])
+def test_network_and_vsock(image, tmp_path, transport):
     uds = str(tmp_path / "vsock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(f"{uds}_1234")  # guest -> host connections to port 1234 arrive here
@@ -166,6 +185,7 @@ def test_network_and_vsock(image, tmp_path):
         conn.close()
 
     threading.Thread(target=vsock_server, daemon=True).start()
+    threading.Thread(target=_connect_to_guest, args=(uds, 4321, b"host-to-guest\n", received), daemon=True).start()
     script = r"""
 cat /sys/class/net/eth0/address
 ping -c 1 -W 5 10.0.2.1 >/dev/null && echo ping-ok
@@ -174,10 +194,12 @@ md5sum /tmp/blob
 tries=0
 until nc 10.0.2.1 5000 < /tmp/blob; do tries=$((tries+1)); [ $tries -gt 60 ] && break; sleep 1; done
 echo vsock-hello | pyvmm-vsock connect 1234
+echo cid=$(pyvmm-vsock cid)
+pyvmm-vsock listen 4321 </dev/null
 """
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pyvmm.cli", "run", "--timeout", "300", "--net", "tap=auto,mac=52:54:00:00:00:42",
-         "--vsock", f"cid=7,uds={uds}", "--", "sh", "-c", script],
+        [sys.executable, "-m", "pyvmm.cli", "run", "--timeout", "300", "--net", f"tap=auto,mac=52:54:00:00:00:42,transport={transport}",
+         "--vsock", f"cid=7,uds={uds},transport={transport}", "--", "sh", "-c", script],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         netns = _wait_for_netns(proc.pid, 60)
@@ -203,6 +225,8 @@ echo vsock-hello | pyvmm-vsock connect 1234
     assert server_out == ["1048576", guest_md5]
     assert received.get("vsock") == b"vsock-hello\n"
     assert "vsock-reply" in out
+    assert "cid=7" in out
+    assert received.get("host-connect", b"").startswith(b"OK ") and "host-to-guest" in out
 
 
 def test_flushed_data_survives_sigkill_of_the_vmm(image, tmp_path):

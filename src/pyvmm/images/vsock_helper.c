@@ -2,6 +2,7 @@
  *
  *   pyvmm-vsock connect PORT [CID]   connect to CID (default 2, the host) : PORT
  *   pyvmm-vsock listen PORT          accept one connection on PORT
+ *   pyvmm-vsock cid                  print this guest's CID
  *
  * then copies stdin to the socket and the socket to stdout until both directions end.
  * Built by `pyvmm image build` with gcc -nostdlib -static: raw system calls, no libc,
@@ -15,6 +16,8 @@ typedef unsigned short u16;
 #define SYS_read 0
 #define SYS_write 1
 #define SYS_close 3
+#define SYS_open 2
+#define SYS_ioctl 16
 #define SYS_poll 7
 #define SYS_socket 41
 #define SYS_connect 42
@@ -95,10 +98,24 @@ static int write_all(int fd, const char *buf, long n) {
     return 0;
 }
 
+static int print_cid(void) {
+    u32 cid = 0;
+    char digits[16];
+    int i = sizeof digits;
+    long fd = sys(SYS_open, (long)"/dev/vsock", 0, 0);
+    if (fd < 0) fail("open /dev/vsock", fd);
+    long r = sys(SYS_ioctl, fd, 0x7b9 /* IOCTL_VM_SOCKETS_GET_LOCAL_CID */, (long)&cid);
+    if (r < 0) fail("IOCTL_VM_SOCKETS_GET_LOCAL_CID", r);
+    digits[--i] = '\n';
+    do digits[--i] = '0' + cid % 10; while ((cid /= 10) && i > 0);
+    return write_all(1, digits + i, sizeof digits - i) < 0;
+}
+
 static int run(int argc, char **argv) {
     static char buf[65536];
+    if (argc == 2 && same(argv[1], "cid")) return print_cid();
     if (argc < 3) {
-        static const char usage[] = "usage: pyvmm-vsock connect PORT [CID] | listen PORT\n";
+        static const char usage[] = "usage: pyvmm-vsock connect PORT [CID] | listen PORT | cid\n";
         sys(SYS_write, 2, (long)usage, sizeof usage - 1);
         return 2;
     }
