@@ -50,6 +50,16 @@ class Recorder:
 
 @pytest.fixture
 def msi_vm(accel):
+    yield from _msi_vm(accel)
+
+
+@pytest.fixture
+def kvm_msi_vm():
+    """For what only KVM has (irqfds a back-end can write, KVM_SIGNAL_MSI)."""
+    yield from _msi_vm("kvm")
+
+
+def _msi_vm(accel):
     config = VmConfig(kernel=str(build_source(GUESTS / "msi.S", 32)), memory=16 << 20, accel=accel)
     vm = build_vm(config, lambda data: None, accel=choose_accelerator(accel).create())
     reports, ready = Recorder(), Recorder()
@@ -111,10 +121,8 @@ def test_two_vectors_keep_their_own_messages(msi_vm):
     second.close()
 
 
-def test_an_external_eventfd_write_injects_without_python(msi_vm, accel):
-    if accel != "kvm":
-        pytest.skip("only KVM offers an eventfd for out-of-process back-ends")
-    vm, reports = msi_vm
+def test_an_external_eventfd_write_injects_without_python(kvm_msi_vm):
+    vm, reports = kvm_msi_vm
     vector = vm.accel.msi_vector()
     vector.configure(msi_address(0), 0xA3, masked=False)
     os.eventfd_write(vector.eventfd, 1)  # what a vhost-user back-end does with its call fd
@@ -128,10 +136,8 @@ def test_an_external_eventfd_write_injects_without_python(msi_vm, accel):
     vector.close()
 
 
-def test_signal_msi_injects_one_message(msi_vm, accel):
-    if accel != "kvm":
-        pytest.skip("KVM_SIGNAL_MSI is a KVM ioctl")
-    vm, reports = msi_vm
+def test_signal_msi_injects_one_message(kvm_msi_vm):
+    vm, reports = kvm_msi_vm
     assert vm.accel.signal_msi(msi_address(0), 0x55) is True
     assert reports.next(timeout=30) == 0x55, vm.outcome
 
