@@ -146,6 +146,30 @@ def _wait_for_netns(pid: int, timeout: float) -> str:
     raise AssertionError("pyvmm created no network namespace")
 
 
+BLOB = bytes(range(256)) * 4096  # 1 MiB the host serves
+HTTP_SERVER = """
+import hashlib, http.server
+BLOB = bytes(range(256)) * 4096
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(BLOB)))
+        self.end_headers()
+        self.wfile.write(BLOB)
+
+    def do_POST(self):
+        data = self.rfile.read(int(self.headers["Content-Length"]))
+        reply = f"{len(data)} {hashlib.md5(data).hexdigest()}".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+http.server.HTTPServer(("10.0.2.1", 8000), Handler).serve_forever()
+"""
+
+
 def _connect_to_guest(uds: str, port: int, payload: bytes, done: dict) -> None:
     """Host-initiated vsock: retry `CONNECT port` until the guest listens, then send payload."""
     deadline = time.monotonic() + BOOT_TIMEOUT
@@ -186,13 +210,19 @@ def test_network_and_vsock(image, tmp_path, transport):
 
     threading.Thread(target=vsock_server, daemon=True).start()
     threading.Thread(target=_connect_to_guest, args=(uds, 4321, b"host-to-guest\n", received), daemon=True).start()
+    # HTTP both ways (busybox wget): each transfer ends only when the peer has it all, so
+    # nothing is still in flight when the guest powers off.
+    server_script = tmp_path / "http_server.py"
+    server_script.write_text(HTTP_SERVER)
     script = r"""
 cat /sys/class/net/eth0/address
 ping -c 1 -W 5 10.0.2.1 >/dev/null && echo ping-ok
-head -c 1048576 /dev/urandom > /tmp/blob
-md5sum /tmp/blob
 tries=0
-until nc 10.0.2.1 5000 < /tmp/blob; do tries=$((tries+1)); [ $tries -gt 60 ] && break; sleep 1; done
+until wget -q -O /tmp/got http://10.0.2.1:8000/blob; do tries=$((tries+1)); [ $tries -gt 60 ] && break; sleep 1; done
+md5sum /tmp/got
+head -c 786432 /dev/urandom | base64 | tr -d '\n' > /tmp/blob  # busybox wget posts text (stops at NUL)
+md5sum /tmp/blob
+echo "upload: $(wget -q -O - --post-file /tmp/blob http://10.0.2.1:8000/upload)"
 echo vsock-hello | pyvmm-vsock connect 1234
 echo cid=$(pyvmm-vsock cid)
 pyvmm-vsock listen 4321 </dev/null
@@ -201,28 +231,22 @@ pyvmm-vsock listen 4321 </dev/null
         [sys.executable, "-m", "pyvmm.cli", "run", "--timeout", "300", "--net", f"tap=auto,mac=52:54:00:00:00:42,transport={transport}",
          "--vsock", f"cid=7,uds={uds},transport={transport}", "--", "sh", "-c", script],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    server = None
     try:
         netns = _wait_for_netns(proc.pid, 60)
-        server = subprocess.Popen(
-            ["ip", "netns", "exec", netns, sys.executable, "-c",
-             "import socket,hashlib\n"
-             "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
-             "s.bind(('10.0.2.1', 5000)); s.listen(1); c,_=s.accept(); h=hashlib.md5(); n=0\n"
-             "while True:\n"
-             "    d=c.recv(65536)\n"
-             "    if not d: break\n"
-             "    h.update(d); n+=len(d)\n"
-             "print(n, h.hexdigest())\n"],
-            stdout=subprocess.PIPE, text=True)
+        server = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, str(server_script)])
         stdout, stderr = proc.communicate(timeout=BOOT_TIMEOUT)
-        server_out = server.communicate(timeout=30)[0].split()
     finally:
         proc.kill()
-    out = stdout.decode(errors="replace")
+        if server is not None:
+            server.kill()
+            server.wait()
+    out = stdout.decode(errors="replace").replace("\r\n", "\n")
     assert proc.returncode == 0, (out[-3000:], stderr.decode()[-2000:])
     assert "52:54:00:00:00:42" in out and "ping-ok" in out
+    assert re.search(r"^([0-9a-f]{32})  /tmp/got", out, re.M).group(1) == hashlib.md5(BLOB).hexdigest()
     guest_md5 = re.search(r"^([0-9a-f]{32})  /tmp/blob", out, re.M).group(1)
-    assert server_out == ["1048576", guest_md5]
+    assert f"upload: 1048576 {guest_md5}" in out, out[-1500:]
     assert received.get("vsock") == b"vsock-hello\n"
     assert "vsock-reply" in out
     assert "cid=7" in out
