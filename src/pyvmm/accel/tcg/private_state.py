@@ -140,6 +140,16 @@ class PrivateState:
         when the guest stopped it first (HLT) — the only way to tell the two apart."""
         return ctypes.c_uint64.from_address(self._engine + self.offsets.engine_counter).value
 
+    def enter_syscall_target(self) -> None:
+        """SYSCALL in long mode: CPL 0 and the fixed 64-bit CS the SDM loads (not read from the
+        GDT), with no exception in flight -- one context round trip for the whole transition."""
+        base = self._save()
+        off = self.offsets
+        ctypes.c_int32.from_address(base + off.old_exception).value = -1
+        flags = ctypes.c_uint32.from_address(base + off.hflags)
+        flags.value = (flags.value & ~HF_CPL_MASK) | HF_CS64_MASK | HF_CS32_MASK | HF_SS32_MASK
+        self._restore()
+
     def finish_exception(self, new_cpl: int | None = None) -> None:
         """After pyvmm delivered an exception: forget it (no spurious #DF later), and set CPL."""
         base = self._save()

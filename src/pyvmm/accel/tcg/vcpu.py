@@ -186,9 +186,8 @@ class TcgVcpu:
         uc.reg_write(X.UC_X86_REG_RCX, rip + 2)
         uc.reg_write(X.UC_X86_REG_R11, rflags)
         kernel_cs = star >> 32 & 0xFFFC
-        if self.cpl != 0:
-            self.private.finish_exception(new_cpl=0)
-        self.load_cs(kernel_cs)
+        uc.reg_write(X.UC_X86_REG_CS, kernel_cs)
+        self.private.enter_syscall_target()
         uc.reg_write(X.UC_X86_REG_SS, kernel_cs + 8)
         uc.reg_write(X.UC_X86_REG_RFLAGS, rflags & ~fmask & ~RFLAGS_RF)
         uc.reg_write(X.UC_X86_REG_RIP, (lstar - 2) & _NEVER)  # Unicorn adds 2 after this hook
