@@ -22,6 +22,7 @@ from ...arch.x86_64.cpu_state import (
 from ...arch.x86_64.paging import PagingMode, read_linear, write_linear
 from ...kvm.exits import EmulationError, Hlt, Interrupted, Shutdown
 from .delivery import ERROR_CODE_VECTORS, TripleFault, deliver
+from .fast_registers import FastRegisters
 from .private_state import PrivateState
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class TcgVcpu:
         self.uc.hook_add(U.UC_HOOK_INTR, self._exception)
         self.uc.hook_add(U.UC_HOOK_INSN_INVALID, self._invalid_opcode)
         self.private = PrivateState(self.uc, offsets)
+        self.regs = FastRegisters(self.uc)
         self._exit = None
         self._in_exception = False
         self.halted = False
@@ -101,7 +103,7 @@ class TcgVcpu:
         # double-fault tracking across a slice boundary (also for a fault whose hook never ran):
         # the next fault would then become a #DF, or a silent triple fault that halts the CPU.
         self.private.finish_exception()
-        rip = uc.reg_read(X.UC_X86_REG_RIP)
+        rip = self.regs.read(X.UC_X86_REG_RIP)
         try:
             uc.emu_start(rip, _NEVER, count=count)
         except U.UcError as exc:
@@ -164,33 +166,33 @@ class TcgVcpu:
 
     def _cpuid(self, uc, _):
         self.stats["cpuid"] += 1
-        leaf = uc.reg_read(X.UC_X86_REG_EAX) & 0xFFFFFFFF
-        subleaf = uc.reg_read(X.UC_X86_REG_ECX) & 0xFFFFFFFF
+        leaf = self.regs.read(X.UC_X86_REG_EAX) & 0xFFFFFFFF
+        subleaf = self.regs.read(X.UC_X86_REG_ECX) & 0xFFFFFFFF
         eax, ebx, ecx, edx = self.cpuid_table.lookup(leaf, subleaf)
-        uc.reg_write(X.UC_X86_REG_RAX, eax)
-        uc.reg_write(X.UC_X86_REG_RBX, ebx)
-        uc.reg_write(X.UC_X86_REG_RCX, ecx)
-        uc.reg_write(X.UC_X86_REG_RDX, edx)
+        self.regs.write(X.UC_X86_REG_RAX, eax)
+        self.regs.write(X.UC_X86_REG_RBX, ebx)
+        self.regs.write(X.UC_X86_REG_RCX, ecx)
+        self.regs.write(X.UC_X86_REG_RDX, edx)
         return 1  # handled: skip Unicorn's own CPUID
 
     def _syscall(self, uc, _):
         """SYSCALL as the SDM defines it (Unicorn's is a stub that only advances RIP by 2)."""
         self.stats["syscalls"] += 1
-        rip = uc.reg_read(X.UC_X86_REG_RIP)  # at the SYSCALL instruction
-        if not uc.msr_read(MSR_EFER) & EFER_SCE or not self.long_mode:
+        rip = self.regs.read(X.UC_X86_REG_RIP)  # at the SYSCALL instruction
+        if not self.regs.read_msr(MSR_EFER) & EFER_SCE or not self.long_mode:
             self._raise(INVALID_OPCODE)
-            uc.reg_write(X.UC_X86_REG_RIP, uc.reg_read(X.UC_X86_REG_RIP) - 2)
+            self.regs.write(X.UC_X86_REG_RIP, self.regs.read(X.UC_X86_REG_RIP) - 2)
             return
-        star, lstar, fmask = uc.msr_read(MSR_STAR), uc.msr_read(MSR_LSTAR), uc.msr_read(MSR_FMASK)
-        rflags = uc.reg_read(X.UC_X86_REG_RFLAGS)
-        uc.reg_write(X.UC_X86_REG_RCX, rip + 2)
-        uc.reg_write(X.UC_X86_REG_R11, rflags)
+        star, lstar, fmask = self.regs.read_msr(MSR_STAR), self.regs.read_msr(MSR_LSTAR), self.regs.read_msr(MSR_FMASK)
+        rflags = self.regs.read(X.UC_X86_REG_RFLAGS)
+        self.regs.write(X.UC_X86_REG_RCX, rip + 2)
+        self.regs.write(X.UC_X86_REG_R11, rflags)
         kernel_cs = star >> 32 & 0xFFFC
-        uc.reg_write(X.UC_X86_REG_CS, kernel_cs)
+        self.regs.write(X.UC_X86_REG_CS, kernel_cs)
         self.private.enter_syscall_target()
-        uc.reg_write(X.UC_X86_REG_SS, kernel_cs + 8)
-        uc.reg_write(X.UC_X86_REG_RFLAGS, rflags & ~fmask & ~RFLAGS_RF)
-        uc.reg_write(X.UC_X86_REG_RIP, (lstar - 2) & _NEVER)  # Unicorn adds 2 after this hook
+        self.regs.write(X.UC_X86_REG_SS, kernel_cs + 8)
+        self.regs.write(X.UC_X86_REG_RFLAGS, rflags & ~fmask & ~RFLAGS_RF)
+        self.regs.write(X.UC_X86_REG_RIP, (lstar - 2) & _NEVER)  # Unicorn adds 2 after this hook
 
     def _exception(self, uc, vector, _):
         software = self._is_software_interrupt(vector)
@@ -241,11 +243,11 @@ class TcgVcpu:
 
     @property
     def long_mode(self) -> bool:
-        return bool(self.uc.msr_read(MSR_EFER) & EFER_LMA)
+        return bool(self.regs.read_msr(MSR_EFER) & EFER_LMA)
 
     @property
     def protected_mode(self) -> bool:
-        return bool(self.uc.reg_read(X.UC_X86_REG_CR0) & CR0_PE)
+        return bool(self.regs.read(X.UC_X86_REG_CR0) & CR0_PE)
 
     @property
     def cpl(self) -> int:
@@ -265,23 +267,23 @@ class TcgVcpu:
 
     @property
     def cs(self) -> int:
-        return self.uc.reg_read(X.UC_X86_REG_CS)
+        return self.regs.read(X.UC_X86_REG_CS)
 
     @property
     def ss(self) -> int:
-        return self.uc.reg_read(X.UC_X86_REG_SS)
+        return self.regs.read(X.UC_X86_REG_SS)
 
     @property
     def rsp(self) -> int:
-        return self.uc.reg_read(X.UC_X86_REG_RSP)
+        return self.regs.read(X.UC_X86_REG_RSP)
 
     @property
     def rip(self) -> int:
-        return self.uc.reg_read(X.UC_X86_REG_RIP)
+        return self.regs.read(X.UC_X86_REG_RIP)
 
     @property
     def rflags(self) -> int:
-        return self.uc.reg_read(X.UC_X86_REG_RFLAGS)
+        return self.regs.read(X.UC_X86_REG_RFLAGS)
 
     @property
     def linear_rip(self) -> int:
@@ -292,7 +294,7 @@ class TcgVcpu:
 
     def load_cs(self, selector: int) -> None:
         """Load CS and make the translator agree with the descriptor's code size (L/D bits)."""
-        self.uc.reg_write(X.UC_X86_REG_CS, selector)
+        self.regs.write(X.UC_X86_REG_CS, selector)
         descriptor = self._descriptor(selector)
         if descriptor is not None:
             self.private.set_code_size(long_code=bool(descriptor >> 53 & 1), default_32=bool(descriptor >> 54 & 1))
@@ -306,15 +308,14 @@ class TcgVcpu:
 
     def _segment_base(self, name: str) -> int:
         if not self.protected_mode:
-            return self.uc.reg_read(_SEGMENT_REGS[name]) << 4
-        d = self._descriptor(self.uc.reg_read(_SEGMENT_REGS[name]))
+            return self.regs.read(_SEGMENT_REGS[name]) << 4
+        d = self._descriptor(self.regs.read(_SEGMENT_REGS[name]))
         return 0 if d is None else (d >> 16 & 0xFFFFFF) | (d >> 56 & 0xFF) << 24
 
     @property
     def paging(self) -> PagingMode:
-        uc = self.uc
-        return PagingMode(uc.reg_read(X.UC_X86_REG_CR0), uc.reg_read(X.UC_X86_REG_CR3),
-                          uc.reg_read(X.UC_X86_REG_CR4), uc.msr_read(MSR_EFER))
+        return PagingMode(self.regs.read(X.UC_X86_REG_CR0), self.regs.read(X.UC_X86_REG_CR3),
+                          self.regs.read(X.UC_X86_REG_CR4), self.regs.read_msr(MSR_EFER))
 
     def read_linear(self, linear: int, size: int) -> bytes:
         return read_linear(self.memory, self.paging, linear, size)
@@ -323,7 +324,7 @@ class TcgVcpu:
         write_linear(self.memory, self.paging, linear, data)
 
     def set_cr2(self, value: int) -> None:
-        self.uc.reg_write(X.UC_X86_REG_CR2, value)
+        self.regs.write(X.UC_X86_REG_CR2, value)
 
     def tss_read_u64(self, offset: int) -> int:
         _, base, limit, _ = self.uc.reg_read(X.UC_X86_REG_TR)
@@ -331,16 +332,15 @@ class TcgVcpu:
 
     def enter_handler(self, *, selector: int, rip: int, rsp: int, rflags: int, new_cpl: int,
                       null_ss_rpl: int | None) -> None:
-        uc = self.uc
         if self._in_exception or new_cpl != self.cpl:
             # forget the exception (Unicorn's #DF tracking) and drop to the handler's privilege
             self.private.finish_exception(new_cpl=new_cpl if new_cpl != self.cpl else None)
         self.load_cs(selector)
         if null_ss_rpl is not None:
-            uc.reg_write(X.UC_X86_REG_SS, null_ss_rpl)
-        uc.reg_write(X.UC_X86_REG_RSP, rsp)
-        uc.reg_write(X.UC_X86_REG_RFLAGS, rflags)
-        uc.reg_write(X.UC_X86_REG_RIP, rip)
+            self.regs.write(X.UC_X86_REG_SS, null_ss_rpl)
+        self.regs.write(X.UC_X86_REG_RSP, rsp)
+        self.regs.write(X.UC_X86_REG_RFLAGS, rflags)
+        self.regs.write(X.UC_X86_REG_RIP, rip)
 
     # --- architectural state ---------------------------------------------------------------------
 
