@@ -19,7 +19,6 @@ from pyvmm.devices.virtio.vhost_user_blk import (
     CONFIG_SIZE, CONFIG_WCE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO,
     VhostUserBlk,
 )
-from pyvmm.iothread import IoThread
 from pyvmm.memory import GuestMemory
 from pyvmm.memory.guest_memory import RegionSpec
 from pyvmm.vhost_user import VhostUserError
@@ -82,14 +81,6 @@ def daemon(tmp_path):
     d = Daemon(tmp_path)
     yield d
     d.stop()
-
-
-@pytest.fixture
-def iothread():
-    thread = IoThread("test-vhost-io")
-    thread.start()
-    yield thread
-    thread.stop()
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from pyvmm.devices.virtio.vhost_user_blk import (
     CONFIG_NUM_QUEUES, CONFIG_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VhostUserBlk,
 )
 from pyvmm.errors import UserError
-from pyvmm.iothread import IoThread, make_eventfd
+from pyvmm.iothread import make_eventfd
 from pyvmm.memory import GuestMemory
 from pyvmm.memory.guest_memory import RegionSpec
 from pyvmm.vhost_user import (
@@ -279,14 +279,6 @@ def test_reply_to_the_wrong_request_is_a_protocol_error(tmp_path):
 BLK_CONFIG = struct.pack("<QII", 2048, 0, 126) + bytes(CONFIG_SIZE - 16)
 BACKEND_FEATURES = (VIRTIO_F_VERSION_1 | VIRTIO_F_EVENT_IDX | VIRTIO_F_INDIRECT_DESC | VHOST_USER_F_PROTOCOL_FEATURES
                     | VHOST_F_LOG_ALL | 1 << 24 | VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_RO | VIRTIO_BLK_F_MQ | 1 << 40)
-
-
-@pytest.fixture
-def iothread():
-    thread = IoThread("test-io")
-    thread.start()
-    yield thread
-    thread.stop()
 
 
 @pytest.fixture

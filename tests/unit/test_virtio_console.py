@@ -1,7 +1,6 @@
 """virtio-console: hvc0 output and input, the MULTIPORT control protocol, Unix-socket ports."""
 
 import os
-import shutil
 import socket
 import struct
 import tempfile
@@ -28,21 +27,6 @@ PORT1_RX, PORT1_TX = 4, 5
 def memory():
     with GuestMemory.from_specs([RegionSpec(0, 4 << 20)]) as mem:
         yield mem
-
-
-@pytest.fixture
-def sockdir():
-    path = tempfile.mkdtemp(prefix="pyvmm-con-", dir="/tmp")  # short: Unix socket paths are limited to 108 bytes
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def iothread():
-    thread = IoThread(name="test-io")
-    thread.start()
-    yield thread
-    thread.stop()
 
 
 def wait_for(condition, timeout=5.0):

@@ -19,7 +19,6 @@ from pyvmm.devices.virtio.net import (
     VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
     VirtioNet,
 )
-from pyvmm.iothread import IoThread
 from pyvmm.memory import GuestMemory
 from pyvmm.memory.guest_memory import RegionSpec
 from pyvmm.net.tap import FdBackend
@@ -63,14 +62,6 @@ def memory():
     with GuestMemory.from_specs([RegionSpec(0, 4 << 20)]) as mem:
         mem.fill(0, 4 << 20, 0xEE)  # stale bytes the device must overwrite (num_buffers)
         yield mem
-
-
-@pytest.fixture
-def iothread():
-    thread = IoThread("test-net-io")
-    thread.start()
-    yield thread
-    thread.stop()
 
 
 @pytest.fixture

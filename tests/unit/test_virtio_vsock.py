@@ -1,10 +1,8 @@
 """virtio-vsock: connections both ways over Unix sockets, credit, RST, hostile packets, restore."""
 
 import os
-import shutil
 import socket
 import struct
-import tempfile
 import time
 
 import pytest
@@ -29,21 +27,6 @@ RX, TX, EVENT = 0, 1, 2
 def memory():
     with GuestMemory.from_specs([RegionSpec(0, 8 << 20)]) as mem:
         yield mem
-
-
-@pytest.fixture
-def sockdir():
-    path = tempfile.mkdtemp(prefix="pyvmm-vs-", dir="/tmp")  # short: Unix socket paths are limited to 108 bytes
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def iothread():
-    thread = IoThread(name="test-io")
-    thread.start()
-    yield thread
-    thread.stop()
 
 
 @pytest.fixture

@@ -29,22 +29,15 @@ from ...vhost_user.protocol import (
 from .device import (
     COMMON_FEATURES, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK, VirtioDevice,
 )
+from .blk import (
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_GEOMETRY,
+    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY,
+    VIRTIO_BLK_F_WRITE_ZEROES,
+)
 from .queue import DESC_SIZE, ChainError, VirtqueueBroken
 
 log = logging.getLogger(__name__)
 
-# virtio-blk feature bits (virtio 1.2 section 5.2.3)
-VIRTIO_BLK_F_SIZE_MAX = 1 << 1
-VIRTIO_BLK_F_SEG_MAX = 1 << 2
-VIRTIO_BLK_F_GEOMETRY = 1 << 4
-VIRTIO_BLK_F_RO = 1 << 5
-VIRTIO_BLK_F_BLK_SIZE = 1 << 6
-VIRTIO_BLK_F_FLUSH = 1 << 9
-VIRTIO_BLK_F_TOPOLOGY = 1 << 10
-VIRTIO_BLK_F_CONFIG_WCE = 1 << 11
-VIRTIO_BLK_F_MQ = 1 << 12
-VIRTIO_BLK_F_DISCARD = 1 << 13
-VIRTIO_BLK_F_WRITE_ZEROES = 1 << 14
 # Only features whose config fields lie within CONFIG_SIZE: lifetime, secure erase and zoned
 # storage describe fields past it.
 BLK_FEATURES = (VIRTIO_BLK_F_SIZE_MAX | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_GEOMETRY | VIRTIO_BLK_F_RO
