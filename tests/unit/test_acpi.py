@@ -7,14 +7,13 @@ tables with the interpreter Linux uses and performs the S5 power-off sequence.
 """
 
 import re
-import shutil
 import struct
-import subprocess
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from helpers.acpica import acpica_tool, disassemble_and_recompile, run
 from pyvmm.arch.x86_64 import acpi, aml, layout
 from pyvmm.memory import GuestMemory
 
@@ -334,20 +333,6 @@ def test_tables_that_do_not_fit_are_refused(memory):
 # --- ACPICA: iasl and acpiexec -----------------------------------------------------------------
 
 
-def acpica_tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} not found: install acpica-tools (apt-get install -y acpica-tools)")
-    return path
-
-
-def run(args, cwd, timeout=60) -> str:
-    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, f"{args} failed:\n{output}"
-    return output
-
-
 ALL_DEVICES = dict(
     cpus=8,
     devices=[acpi.virtio_mmio_device(0, 0xD000_0000, 0x1000, 5), acpi.i8042_keyboard_device()],
@@ -377,24 +362,10 @@ EXPECTED_IN_DISASSEMBLY = {
 
 @pytest.mark.parametrize("signature", sorted(EXPECTED_IN_DISASSEMBLY))
 def test_iasl_disassembles_and_recompiles_identically(signature, placed_tables, tmp_path):
-    iasl = acpica_tool("iasl")
     table = placed_tables[signature]
-    name = signature.decode().lower()
-    (tmp_path / f"{name}.dat").write_bytes(table)
-    output = run([iasl, "-d", f"{name}.dat"], tmp_path)
-    assert not re.search(r"error|warning", output, re.I), output
-    dsl = (tmp_path / f"{name}.dsl").read_text()
-    assert not re.search(r"incorrect|invalid|\*\*\*\*|unknown", dsl, re.I), dsl
-    flat = re.sub(r"\s+", " ", dsl)
-    for text in EXPECTED_IN_DISASSEMBLY[signature]:
-        assert re.sub(r"\s+", " ", text) in flat, f"{text!r} not in the {name} disassembly:\n{dsl}"
-
-    # Compile the disassembly back: ACPICA's reading of every field must reproduce our bytes
-    # (all but the compiler ID/revision, which iasl stamps with its own, and the checksum).
-    (tmp_path / f"{name}.dat").unlink()
-    output = run([iasl, f"{name}.dsl"], tmp_path)
-    assert not re.search(r"[1-9]\d* (errors|warnings)", output, re.I), output
-    recompiled = (tmp_path / f"{name}.aml").read_bytes()
+    # ACPICA's reading of every field must reproduce our bytes (all but the compiler
+    # ID/revision, which iasl stamps with its own, and the checksum).
+    recompiled = disassemble_and_recompile(table, signature, EXPECTED_IN_DISASSEMBLY[signature], tmp_path)
     assert len(recompiled) == len(table)
     assert recompiled[:9] == table[:9] and recompiled[10:28] == table[10:28]
     assert recompiled[36:] == table[36:]

@@ -3,12 +3,11 @@ MCFG and e820 (arch/x86_64/acpi.py, aml.py, layout.py), checked byte-wise and by
 iasl and acpiexec (the interpreter and resource parser Linux uses)."""
 
 import re
-import shutil
 import struct
-import subprocess
 
 import pytest
 
+from helpers.acpica import acpica_tool, disassemble_and_recompile, run
 from pyvmm.arch.x86_64 import acpi, aml, layout
 from pyvmm.bus import MmioBus, PioBus
 from pyvmm.pci import PciRoot
@@ -95,20 +94,6 @@ def test_windows_stay_clear_of_ram_and_reserved_ranges():
 # --- ACPICA ----------------------------------------------------------------------------------------
 
 
-def tool(name):
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} not found: install acpica-tools (apt-get install -y acpica-tools)")
-    return path
-
-
-def run(args, cwd):
-    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=60)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, f"{args} failed:\n{output}"
-    return output
-
-
 @pytest.fixture(scope="module")
 def root():
     return make_root(8 * GiB)
@@ -135,28 +120,15 @@ EXPECTED = {
 
 @pytest.mark.parametrize("signature", sorted(EXPECTED))
 def test_iasl_disassembles_and_recompiles_identically(signature, tables, tmp_path):
-    iasl = tool("iasl")
     table = tables[signature]
-    name = signature.decode().lower()
-    (tmp_path / f"{name}.dat").write_bytes(table)
-    output = run([iasl, "-d", f"{name}.dat"], tmp_path)
-    assert not re.search(r"error|warning", output, re.I), output
-    dsl = (tmp_path / f"{name}.dsl").read_text()
-    assert not re.search(r"incorrect|invalid|\*\*\*\*|unknown", dsl, re.I), dsl
-    flat = re.sub(r"\s+", " ", dsl)
-    for text in EXPECTED[signature]:
-        assert re.sub(r"\s+", " ", text) in flat, f"{text!r} not in the {name} disassembly:\n{dsl}"
-    (tmp_path / f"{name}.dat").unlink()
-    output = run([iasl, f"{name}.dsl"], tmp_path)
-    assert not re.search(r"[1-9]\d* (errors|warnings)", output, re.I), output
-    recompiled = (tmp_path / f"{name}.aml").read_bytes()
+    recompiled = disassemble_and_recompile(table, signature, EXPECTED[signature], tmp_path)
     assert recompiled[36:] == table[36:] and len(recompiled) == len(table)
 
 
 def test_acpiexec_reads_crs_and_prt_like_linux(root, tables, tmp_path):
     """`resources` runs AcpiGetIrqRoutingTable and AcpiGetCurrentResources, the calls Linux's
     PCI root driver makes: every descriptor must convert and the _PRT match the root's routing."""
-    acpiexec = tool("acpiexec")
+    acpiexec = acpica_tool("acpiexec")
     files = []
     for signature in (b"DSDT", b"FACP", b"APIC"):
         path = tmp_path / f"{signature.decode().lower()}.dat"
