@@ -133,7 +133,7 @@ def _console_port(text: str) -> tuple[str, str]:
 
 
 def _cmd_run(args) -> int:
-    from .config import ConfigError, DiskConfig, NetConfig, VmConfig, VsockConfig, parse_size
+    from .config import ConfigError, DiskConfig, NetConfig, VmConfig, VsockConfig, parse_size, parse_transport
     from .console import Console
     from .runner import demo_kernel, run_vm, with_default_guest
 
@@ -146,7 +146,7 @@ def _cmd_run(args) -> int:
     if args.demo and (args.kernel or command):
         raise ConfigError("--demo boots the built-in demo kernel: it takes no --kernel and no command")
     console_kind, _, console_options = args.console.partition(",")
-    console_transport = DiskConfig.transport_option(console_options, "--console")
+    console_transport = parse_transport(console_options, "--console")
     config = VmConfig(
         kernel=demo_kernel() if args.demo else args.kernel,
         initrd=args.initrd,

@@ -53,6 +53,14 @@ def _options(text: str, what: str, flags: tuple[str, ...], keys: tuple[str, ...]
     return words, pairs
 
 
+def parse_transport(text: str, what: str) -> str:
+    """The transport= of an option string that takes nothing else ('' or 'transport=mmio')."""
+    words, pairs = _options(text, what, (), ("transport",))
+    if words:
+        raise ConfigError(f"{what}: unexpected {words[0]!r} (only transport=pci|mmio)")
+    return pairs.get("transport", DEFAULT_TRANSPORT)
+
+
 @dataclass
 class DiskConfig:
     path: str | None = None             # raw image (None for a vhost-user disk)
@@ -60,11 +68,6 @@ class DiskConfig:
     serial: str | None = None
     transport: str = DEFAULT_TRANSPORT
     vhost_user: str | None = None       # vhost-user-blk back-end socket
-
-    @staticmethod
-    def transport_option(text: str, what: str) -> str:
-        """The transport= of an option string that takes nothing else."""
-        return _options(text, what, (), ("transport",))[1].get("transport", DEFAULT_TRANSPORT)
 
     @classmethod
     def parse(cls, text: str) -> "DiskConfig":

@@ -1,8 +1,8 @@
-"""Size parsing and VmConfig validation (src/pyvmm/config.py)."""
+"""Size parsing, device options and VmConfig validation (src/pyvmm/config.py)."""
 
 import pytest
 
-from pyvmm.config import ConfigError, VmConfig, parse_size
+from pyvmm.config import ConfigError, DiskConfig, NetConfig, VmConfig, VsockConfig, parse_size, parse_transport
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
@@ -93,3 +93,42 @@ def test_cpus_over_host_limit_names_the_limit():
 )
 def test_validate_accepts_edges(kwargs, max_vcpus):
     VmConfig(**kwargs).validate(max_vcpus=max_vcpus)
+
+
+# --- device options -----------------------------------------------------------------------------
+
+def test_disk_options():
+    assert DiskConfig.parse("a.img,readonly,serial=s1,transport=mmio") == DiskConfig("a.img", True, "s1", "mmio")
+    assert DiskConfig.parse("a.img") == DiskConfig("a.img", False, None, "pci")
+    assert DiskConfig.parse("vhost-user=/run/blk.sock").vhost_user == "/run/blk.sock"
+
+
+@pytest.mark.parametrize("text,message", [
+    ("", "needs an image path"),
+    ("a.img,fast", "unknown flag 'fast'"),
+    ("a.img,cache=none", "unknown option 'cache'"),
+    ("a.img,transport=isa", "transport must be pci or mmio"),
+    ("a.img,serial=" + "x" * 21, "longer than 20 bytes"),
+    ("a.img,vhost-user=/s", "not both"),
+])
+def test_bad_disk_options(text, message):
+    with pytest.raises(ConfigError, match=message):
+        DiskConfig.parse(text)
+
+
+def test_net_and_vsock_options():
+    assert NetConfig.parse("tap=auto,mac=52:54:00:12:34:56") == NetConfig("auto", "52:54:00:12:34:56", "pci")
+    assert VsockConfig.parse("cid=3,uds=/tmp/v,transport=mmio") == VsockConfig(3, "/tmp/v", "mmio")
+    for text, message in (("tap=t0,mac=01:00:00:00:00:01", "not a unicast MAC"), ("tap0", "key=value")):
+        with pytest.raises(ConfigError, match=message):
+            NetConfig.parse(text)
+    for text, message in (("cid=2,uds=/v", "start at 3"), ("cid=x,uds=/v", "not a number"), ("cid=3", "needs cid")):
+        with pytest.raises(ConfigError, match=message):
+            VsockConfig.parse(text)
+
+
+def test_console_transport():
+    assert parse_transport("", "--console") == "pci"
+    assert parse_transport("transport=mmio", "--console") == "mmio"
+    with pytest.raises(ConfigError, match="unexpected 'foo'"):
+        parse_transport("foo", "--console")
