@@ -92,7 +92,7 @@ def build_vm(config: VmConfig, console_write: Callable[[bytes], None], *, accel=
                            mmio64_window=layout.pci_mmio64_window(config.memory),
                            io_window=(layout.PCI_IO_START, layout.PCI_IO_SIZE),
                            irq_line=accel.irq_line, msi_vector=accel.msi_vector)
-        wiring = VirtioWiring(accel, memory, pio, mmio, iothread, pci_root)
+        wiring = VirtioWiring(accel, memory, mmio, iothread, pci_root)
         cleanup.callback(wiring.close)
         releases: list = []
         cleanup.callback(lambda: [release() for release in reversed(releases)])

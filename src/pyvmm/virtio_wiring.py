@@ -25,11 +25,10 @@ log = logging.getLogger(__name__)
 
 
 class VirtioWiring:
-    def __init__(self, accel, memory, pio_bus, mmio_bus, iothread, pci_root=None) -> None:
+    def __init__(self, accel, memory, mmio_bus, iothread, pci_root=None) -> None:
         self.accel, self.memory, self.iothread = accel, memory, iothread
-        self.pio_bus, self.mmio_bus, self.pci_root = pio_bus, mmio_bus, pci_root
+        self.mmio_bus, self.pci_root = mmio_bus, pci_root
         self.acpi_items: list = []
-        self.transports: dict[str, object] = {}
         self._mmio_used = 0
         self._ioeventfds: list[tuple[int, int, int, int]] = []  # (fd, address, length, datamatch)
 
@@ -40,7 +39,6 @@ class VirtioWiring:
             added = self._add_pci(name, device)
         else:
             raise ConfigError(f"{name}: unknown virtio transport {transport!r}")
-        self.transports[name] = added
         return added
 
     def _add_mmio(self, name: str, device) -> VirtioMmioTransport:

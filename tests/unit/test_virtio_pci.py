@@ -801,7 +801,7 @@ def test_wiring_keeps_ioeventfds_on_the_notify_addresses(memory):
     pio, mmio = PioBus(), MmioBus()
     root = PciRoot(pio, mmio, ecam_base=ECAM, mmio32_window=MMIO32, mmio64_window=MMIO64,
                    irq_line=accel.irq_line, msi_vector=accel.msi_vector)
-    wiring = VirtioWiring(accel, memory, pio, mmio, iothread, root)
+    wiring = VirtioWiring(accel, memory, mmio, iothread, root)
     device = TwoQueues()
     transport = wiring.add("rng0", device, "pci")
     base = transport.bar_address(P.VIRTIO_BAR)
