@@ -73,7 +73,7 @@ class TcgAccelerator:
                 ranges.append([page, page + 1])
         for first, end in ranges:
             for vcpu in self.vcpus:
-                vcpu.uc.ctl_remove_cache(first << 12, end << 12)
+                vcpu.translated_code.drop(first << 12, end << 12)
 
     def connect_buses(self, pio_bus, mmio_bus) -> None:
         self.pio_bus, self.mmio_bus = pio_bus, mmio_bus

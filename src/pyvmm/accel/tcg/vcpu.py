@@ -24,6 +24,7 @@ from ...kvm.exits import EmulationError, Hlt, Interrupted, Shutdown
 from .delivery import ERROR_CODE_VECTORS, TripleFault, deliver
 from .fast_registers import FastRegisters
 from .private_state import PrivateState
+from .translated_code import TranslatedCode
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class TcgVcpu:
         self.uc.hook_add(U.UC_HOOK_INTR, self._exception)
         self.uc.hook_add(U.UC_HOOK_INSN_INVALID, self._invalid_opcode)
         self.private = PrivateState(self.uc, offsets)
+        self.translated_code = TranslatedCode(self.uc, memory.regions)
         self.regs = FastRegisters(self.uc)
         self._exit = None
         self._in_exception = False
@@ -432,3 +434,4 @@ class TcgVcpu:
     def close(self) -> None:
         self.uc = None
         self.private = None
+        self.translated_code = None
