@@ -2,10 +2,11 @@
 
 One Unicorn instance is one vCPU and is not built for parallel guests, so SMP
 is round-robin (as QEMU's single-threaded TCG does): each runnable vCPU gets a
-slice of instructions, then timers are serviced and pending interrupts are
-injected at the next slice boundary. When every vCPU is halted the thread
-sleeps until the next timer deadline or until a device raises an interrupt —
-never a busy loop.
+time slice, then timers are serviced and pending interrupts are injected at the
+next slice boundary. A slice ends early when a timer is due, and at once when
+an interrupt is raised (the slice timer's kick), so interrupts are taken
+promptly. When every vCPU is halted the thread sleeps until the next timer
+deadline or until a device raises an interrupt — never a busy loop.
 
 The interrupt controllers and timers KVM keeps in the kernel (8259 PIC, 8254
 PIT, LAPICs, IOAPIC) are pyvmm.platform models here, wired to the same buses.
@@ -19,16 +20,18 @@ import threading
 from ...platform.machine import SoftwarePlatform
 from ...platform.msi import SoftwareMsiVector
 from .cpuid import tcg_cpuid_tables
+from .engine_state import engine_offsets
 from .private_state import context_offsets
+from .slice_timer import SliceTimer
 from .vcpu import _HLT, _INTERRUPTED, TcgVcpu
 
 log = logging.getLogger(__name__)
 
-# Instructions per turn when nothing waits to be injected: about 1 ms of guest code here, well
-# under a 4 ms timer tick. Each turn costs fixed Python work, so longer turns boot faster (clearly
-# from 20k to 100k, on 1 and 2 vCPUs; little more beyond), at the price of interrupt latency.
-SLICE = 100_000
-WINDOW_SLICE = 200      # with an interrupt pending but IF=0: check again soon (interrupt window)
+# Seconds per turn when nothing waits to be injected; a due timer or a raised interrupt ends a turn
+# early anyway. Each turn costs fixed Python work, but with 2 vCPUs one may spin waiting for the
+# other: 4 ms boots 1 vCPU about as fast as 10-20 ms and 2 vCPUs faster (6.0 s vs 6.4-7.5 s).
+SLICE = 0.004
+WINDOW_SLICE = 0.0001   # with an interrupt pending but IF=0: check again soon (interrupt window)
 
 
 class TcgAccelerator:
@@ -37,19 +40,27 @@ class TcgAccelerator:
 
     def __init__(self) -> None:
         self.offsets = context_offsets()
+        self.engine_offsets = engine_offsets()
         self.memory = None
         self.pio_bus = self.mmio_bus = None
         self.platform = None
         self.vcpus: list[TcgVcpu] = []
         self._tables = None
         self._wakeup = threading.Event()
+        self._slice_timer = SliceTimer()
         self._dma_lock = threading.Lock()
         self._dma_pages: set[int] = set()
 
     # --- machine ---------------------------------------------------------------------------
 
     def setup_platform(self) -> None:
-        self.platform = SoftwarePlatform(wakeup=self._wakeup.set)
+        self.platform = SoftwarePlatform(wakeup=self._wake)
+
+    def _wake(self) -> None:
+        """An interrupt was raised, or the VM must stop or pause (any thread): end the running
+        slice, wake a sleeping scheduler."""
+        self._wakeup.set()
+        self._slice_timer.kick()
 
     def map_memory(self, memory) -> None:
         self.memory = memory
@@ -99,12 +110,14 @@ class TcgAccelerator:
         if self._tables is None:
             self._tables = tcg_cpuid_tables(policy, count, self.platform.tsc_hz, self.platform.lapic_timer_hz)
         vcpu = TcgVcpu(index, self.memory, self.pio_bus, self.mmio_bus, self.offsets, self._tables[index],
-                       self.platform.add_cpu(index))
-        vcpu.kick = self._wakeup.set  # a stop or pause request must wake a sleeping scheduler
+                       self.platform.add_cpu(index), self.engine_offsets)
+        vcpu.slice_timer = self._slice_timer
+        vcpu.kick = self._wake  # a stop or pause request must end the slice or wake a sleeping scheduler
         self.vcpus.append(vcpu)
         return vcpu
 
     def close(self) -> None:
+        self._slice_timer.close()
         for vcpu in self.vcpus:
             vcpu.close()
         self.vcpus.clear()
@@ -132,7 +145,12 @@ class TcgAccelerator:
                     continue
                 if self._dma_pages:
                     self._drop_stale_code()
-                exit_ = vcpu.run(WINDOW_SLICE if pending is not None else SLICE)
+                if pending is not None:
+                    seconds = WINDOW_SLICE
+                else:
+                    due = platform.seconds_to_next_deadline()
+                    seconds = SLICE if due is None or due > SLICE else due
+                exit_ = vcpu.run(seconds)
                 progressed = True
                 if not (exit_ is _INTERRUPTED or exit_ is _HLT):
                     vm.guest_event(vcpu, exit_)

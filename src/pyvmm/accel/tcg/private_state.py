@@ -51,7 +51,6 @@ class ContextOffsets:
     error_code: int
     old_exception: int
     segments: int  # QEMU's SegmentCache segs[6] (ES, CS, SS, DS, FS, GS): selector, base, limit, flags
-    engine_counter: int  # in the uc engine struct (not the context): instructions counted by emu_start(count=N)
 
 
 # QEMU's SegmentCache: u32 selector, (pad), u64 base, u32 limit, u32 flags.
@@ -71,7 +70,6 @@ class PrivateState:
         self.offsets = offsets
         self._context = uc.context_save()
         self._size = self._context.size
-        self._engine = ctypes.cast(uc._uch, ctypes.c_void_p).value
 
     def _save(self) -> int:
         """Save the CPU into our context; returns the address of its bytes."""
@@ -134,11 +132,6 @@ class PrivateState:
         ctypes.c_uint32.from_address(cache + 16).value = limit
         ctypes.c_uint32.from_address(cache + 20).value = flags
         self._restore()
-
-    def instructions_counted(self) -> int:
-        """Unicorn's count for the last emu_start(count=N): N + 1 when the limit ended it, fewer
-        when the guest stopped it first (HLT) — the only way to tell the two apart."""
-        return ctypes.c_uint64.from_address(self._engine + self.offsets.engine_counter).value
 
     def enter_syscall_target(self) -> None:
         """SYSCALL in long mode: CPL 0 and the fixed 64-bit CS the SDM loads (not read from the
@@ -263,43 +256,12 @@ def discover_offsets() -> ContextOffsets:
     segments = ss - 2 * SEGMENT_CACHE_SIZE
     if segments < 0 or _u32(at_gp0, segments + SEGMENT_CACHE_SIZE) != 0x08 or _u32(at_gp3, segments + SEGMENT_CACHE_SIZE) != 0x23:
         raise TcgUnsupported("Unicorn's segment cache layout is not the one pyvmm knows (CS does not precede SS)")
-    offsets = ContextOffsets(hflags=hflags, error_code=error_code, old_exception=old_exception, segments=segments,
-                             engine_counter=_discover_engine_counter())
+    offsets = ContextOffsets(hflags=hflags, error_code=error_code, old_exception=old_exception, segments=segments)
     if vector_b == 13:
         raise TcgUnsupported("this unicorn build resets its double-fault tracking itself; pyvmm's delivery assumes it does not")
     _verify(offsets)
     log.debug("unicorn private state offsets: %s", offsets)
     return offsets
-
-
-_ENGINE_SPAN = 8192  # bytes of the uc engine struct searched for the instruction counter
-
-
-def _counting_uc():
-    import unicorn as U
-
-    uc = U.Uc(U.UC_ARCH_X86, U.UC_MODE_64)
-    uc.mem_map(0x1000, 0x1000)
-    uc.mem_write(0x1000, b"\x90" * 200 + b"\xf4" + b"\x90" * 100)  # 200 NOPs, HLT, NOPs
-    return uc
-
-
-def _discover_engine_counter() -> int:
-    """The engine field that counts instructions under emu_start(count=N), next to N itself."""
-    uc = _counting_uc()
-    engine = ctypes.cast(uc._uch, ctypes.c_void_p).value
-    snaps = {}
-    for count in (37, 53, 500):  # two runs end on the limit, the third on the HLT after 201 instructions
-        uc.emu_start(0x1000, 0xFFFFFFFFFFFFFFFF, count=count)
-        snaps[count] = ctypes.string_at(engine, _ENGINE_SPAN)
-    found = [off for off in range(0, _ENGINE_SPAN - 15, 8)
-             if struct.unpack_from("<QQ", snaps[37], off) == (38, 37)
-             and struct.unpack_from("<QQ", snaps[53], off) == (54, 53)
-             and struct.unpack_from("<QQ", snaps[500], off) == (201, 500)]
-    if len(found) != 1:
-        raise TcgUnsupported(f"cannot locate Unicorn's instruction counter ({len(found)} candidates): "
-                             "this unicorn build is not supported by pyvmm's software CPU")
-    return found[0]
 
 
 def _verify(offsets: ContextOffsets) -> None:

@@ -3,8 +3,8 @@
 Unicorn executes guest code; pyvmm supplies what it leaves out (see
 SOFTWARE_CPU.md): delivery of exceptions and interrupts through the IDT,
 SYSCALL, CPUID from pyvmm's policy, HLT detection, and I/O to the shared buses.
-`run(count)` executes at most `count` instructions and returns a typed exit, the
-same types the KVM backend produces.
+`run(seconds)` executes guest code for up to `seconds` (less if it halts, or if the
+slice timer is kicked) and returns a typed exit, the same types the KVM backend produces.
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ from ...arch.x86_64.cpu_state import (
 from ...arch.x86_64.paging import PagingMode, read_linear, write_linear
 from ...kvm.exits import EmulationError, Hlt, Interrupted, Shutdown
 from .delivery import ERROR_CODE_VECTORS, TripleFault, deliver
+from .engine_state import STOP_ERROR, EngineControl, EngineOffsets, engine_offsets
 from .fast_registers import FastRegisters
 from .private_state import PrivateState
+from .slice_timer import SliceTimer
 from .translated_code import TranslatedCode
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ INVALID_OPCODE = 6
 REAL_MODE_CODE_FLAGS = (1 << 15) | (1 << 12) | (1 << 11) | (1 << 9) | (1 << 8)
 REAL_MODE_DATA_FLAGS = (1 << 15) | (1 << 12) | (1 << 9) | (1 << 8)
 _NEVER = 0xFFFF_FFFF_FFFF_FFFF  # address mask; also the ignored `until` argument (exits mode)
+HLT_OPCODE = 0xF4
 _INTERRUPTED = Interrupted()
 _HLT = Hlt()
 _SHUTDOWN = Shutdown()
@@ -54,7 +57,8 @@ def _qemu_flags(segment: Segment) -> int:
 
 
 class TcgVcpu:
-    def __init__(self, index: int, memory, pio_bus, mmio_bus, offsets, cpuid_table, lapic=None) -> None:
+    def __init__(self, index: int, memory, pio_bus, mmio_bus, offsets, cpuid_table, lapic=None,
+                 engine: EngineOffsets | None = None) -> None:
         self.index = index
         self.memory = memory
         self.pio_bus, self.mmio_bus = pio_bus, mmio_bus
@@ -66,9 +70,14 @@ class TcgVcpu:
         # No `until` address: at the end of every emu_start Unicorn invalidates the code at
         # until - 1, translating it through the guest's page tables, which raises a silent #PF
         # and overwrites CR2 (-2 for until = 2**64-1). With exits mode on and no exits, slices
-        # end only on the instruction count, HLT or emu_stop.
+        # end only on HLT or a stop.
         self.uc.ctl_exits_enabled(True)
         self.uc.ctl_set_exits([])
+        # Slices are ended from the slice timer's thread: between instructions, without skipping
+        # hooks (engine_state.py), which needs a setting made before anything is translated.
+        self.engine = EngineControl(self.uc, engine or engine_offsets())
+        self.engine.stop_between_instructions()
+        self.slice_timer = SliceTimer()  # the accelerator gives all its vCPUs one shared timer
         for region in memory.regions:
             self.uc.mem_map_ptr(region.guest_base, region.size, U.UC_PROT_ALL, region.host_address)
         hole = layout.MMIO_HOLE_END - layout.LOW_RAM_END
@@ -96,8 +105,9 @@ class TcgVcpu:
 
     # --- running -------------------------------------------------------------------------
 
-    def run(self, count: int = 20000):
-        """Execute up to `count` instructions; returns Interrupted (slice used up), Hlt or an ending exit."""
+    def run(self, seconds: float = 0.004):
+        """Execute guest code for up to `seconds`; returns Interrupted (the slice ended: its time
+        was up, or the slice timer was kicked), Hlt or an ending exit."""
         self._exit = None
         self.stats["slices"] += 1
         uc = self.uc
@@ -106,22 +116,37 @@ class TcgVcpu:
         # the next fault would then become a #DF, or a silent triple fault that halts the CPU.
         self.private.finish_exception()
         rip = self.regs.read(X.UC_X86_REG_RIP)
+        timer = self.slice_timer
+        timer.begin(self.engine.request_stop, seconds)
+        error = None
         try:
-            uc.emu_start(rip, _NEVER, count=count)
+            uc.emu_start(rip, _NEVER)
         except U.UcError as exc:
-            return EmulationError(f"the software CPU stopped at {self.describe_position()}: {exc}")
+            error = exc
+        finally:
+            stopped = timer.end()
         if self._exit is not None:
             return self._exit
-        # Unicorn returns from emu_start after HLT without saying so: a slice that ended before
-        # its instruction limit, and that pyvmm did not stop, ended on a HLT.
-        if self.private.instructions_counted() <= count:
+        if error is not None and error.errno != STOP_ERROR:
+            return EmulationError(f"the software CPU stopped at {self.describe_position()}: {error}")
+        # Unicorn returns from emu_start after HLT without saying so: a slice that nobody
+        # stopped ended on a HLT. (One that was stopped may have just executed a HLT too: it
+        # counts as interrupted, and the guest sees a wakeup, as after an interrupt.)
+        if not stopped and self._after_hlt():
             self.halted = True
             self.stats["halts"] += 1
             return _HLT
         return _INTERRUPTED
 
+    def _after_hlt(self) -> bool:
+        try:
+            return self.read_linear(self.linear_rip - 1, 1)[0] == HLT_OPCODE
+        except Exception:
+            return False
+
     def kick(self) -> None:
-        """Nothing to interrupt: the scheduler checks for stop requests between slices."""
+        """End the running slice (the accelerator also wakes its sleeping scheduler)."""
+        self.slice_timer.kick()
 
     def clear_kick(self) -> None:
         pass
@@ -183,7 +208,7 @@ class TcgVcpu:
         rip = self.regs.read(X.UC_X86_REG_RIP)  # at the SYSCALL instruction
         if not self.regs.read_msr(MSR_EFER) & EFER_SCE or not self.long_mode:
             self._raise(INVALID_OPCODE)
-            self.regs.write(X.UC_X86_REG_RIP, self.regs.read(X.UC_X86_REG_RIP) - 2)
+            self._set_rip(self.regs.read(X.UC_X86_REG_RIP) - 2)
             return
         star, lstar, fmask = self.regs.read_msr(MSR_STAR), self.regs.read_msr(MSR_LSTAR), self.regs.read_msr(MSR_FMASK)
         rflags = self.regs.read(X.UC_X86_REG_RFLAGS)
@@ -194,7 +219,7 @@ class TcgVcpu:
         self.private.enter_syscall_target()
         self.regs.write(X.UC_X86_REG_SS, kernel_cs + 8)
         self.regs.write(X.UC_X86_REG_RFLAGS, rflags & ~fmask & ~RFLAGS_RF)
-        self.regs.write(X.UC_X86_REG_RIP, (lstar - 2) & _NEVER)  # Unicorn adds 2 after this hook
+        self._set_rip((lstar - 2) & _NEVER)  # Unicorn adds 2 after this hook
 
     def _exception(self, uc, vector, _):
         software = self._is_software_interrupt(vector)
@@ -342,7 +367,13 @@ class TcgVcpu:
             self.regs.write(X.UC_X86_REG_SS, null_ss_rpl)
         self.regs.write(X.UC_X86_REG_RSP, rsp)
         self.regs.write(X.UC_X86_REG_RFLAGS, rflags)
+        self._set_rip(rip)
+
+    def _set_rip(self, rip: int) -> None:
+        """RIP from a hook (exception, SYSCALL) or between slices. A write from a hook leaves Unicorn
+        resuming at a stale PC after later stops of the slice unless it is told to forget it."""
         self.regs.write(X.UC_X86_REG_RIP, rip)
+        self.engine.forget_pc_write()
 
     # --- architectural state ---------------------------------------------------------------------
 
@@ -432,6 +463,8 @@ class TcgVcpu:
             return f"(registers unavailable: {exc})"
 
     def close(self) -> None:
+        self.slice_timer.close()  # its own, or the accelerator's shared one (closing twice is harmless)
         self.uc = None
         self.private = None
         self.translated_code = None
+        self.engine = None

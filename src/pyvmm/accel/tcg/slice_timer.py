@@ -1,0 +1,90 @@
+"""SliceTimer: ends a vCPU's time slice from one persistent thread.
+
+A slice is one `uc.emu_start` with no instruction limit (Unicorn implements a limit with a
+callback before every instruction, which makes translated code about 3x slower). The
+timer thread calls the slice's `stop` (EngineControl.request_stop) when its deadline
+passes, and `kick()` stops the running slice at once from any thread (an interrupt was
+raised, the VM must stop or pause). Unicorn honours the stop at the next translation-block
+boundary: between two instructions (see engine_state.py).
+
+A stop can be lost: one that arrives after `begin()` but before emu_start has reset the
+engine's stop state is forgotten. So while a slice that was stopped is still running, the
+thread repeats the stop every RETRY seconds.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from typing import Callable
+
+RETRY = 0.001
+
+
+class SliceTimer:
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._stop = None           # stops the running slice; None between slices
+        self._deadline = 0.0        # time.monotonic() at which the slice ends
+        self._stopped = False       # stop() was called for the running slice
+        self._sleeping_until = math.inf
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def begin(self, stop: Callable[[], None], seconds: float) -> None:
+        """A slice is about to start; `stop()` (callable from any thread) ends it after `seconds`."""
+        deadline = time.monotonic() + seconds
+        with self._cond:
+            self._stop, self._deadline, self._stopped = stop, deadline, False
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="tcg-slice-timer", daemon=True)
+                self._thread.start()
+            elif deadline < self._sleeping_until:
+                self._cond.notify()
+
+    def end(self) -> bool:
+        """The slice returned; True if it was stopped (by its deadline or a kick)."""
+        with self._cond:
+            self._stop = None
+            return self._stopped
+
+    def kick(self) -> None:
+        """End the running slice, if any, as soon as possible (any thread)."""
+        with self._cond:
+            if self._stop is not None and not self._stopped:
+                self._stop_locked()
+                self._cond.notify()  # the thread now repeats the stop until the slice returns
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._stop = None
+            self._cond.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _stop_locked(self) -> None:
+        self._stopped = True
+        self._stop()
+
+    def _run(self) -> None:
+        cond = self._cond
+        with cond:
+            while not self._closed:
+                if self._stop is None:
+                    self._sleeping_until = math.inf
+                    cond.wait()
+                    continue
+                now = time.monotonic()
+                if self._stopped:  # not returned yet: the stop may have been lost, repeat it
+                    self._sleeping_until = now + RETRY
+                    cond.wait(RETRY)
+                    if self._stop is not None and self._stopped and time.monotonic() >= self._sleeping_until:
+                        self._stop()
+                    continue
+                if now >= self._deadline:
+                    self._stop_locked()
+                    continue
+                self._sleeping_until = self._deadline
+                cond.wait(self._deadline - now)
