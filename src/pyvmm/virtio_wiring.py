@@ -4,8 +4,8 @@ One device model, two wirings:
 
 - KVM: each queue's kick register is an ioeventfd, so a guest kick costs no exit to
   Python on the vCPU thread; the I/O thread wakes on the eventfd and serves the queue.
-- software CPU: the kick is an MMIO write that reaches the transport, which serves the
-  queue inline (the vCPU thread is the only thread running guest code anyway).
+- software CPU: the kick is an MMIO write that reaches the transport, which hands it to
+  the same I/O thread, so completions arrive asynchronously, as on KVM.
 
 The guest learns about virtio-mmio devices from the DSDT (`acpi_items`), about
 virtio-pci devices by scanning the PCI bus.
@@ -39,7 +39,16 @@ class VirtioWiring:
             added = self._add_pci(name, device)
         else:
             raise ConfigError(f"{name}: unknown virtio transport {transport!r}")
+        # Kicks that reach the transport (the software CPU, or KVM before an ioeventfd is in
+        # place) are served on the I/O thread too, never inside the vCPU's MMIO handler: a
+        # completion raised within the guest's own kick would be pending again before the
+        # guest's handler ends, and a busy device would starve every interrupt of the same
+        # priority class (the serial console stalled for seconds under disk I/O).
+        added.on_notify = functools.partial(self._kick_on_io_thread, device)
         return added
+
+    def _kick_on_io_thread(self, device, queue_index: int) -> None:
+        self.iothread.call_soon(functools.partial(device.notify, queue_index))
 
     def _add_mmio(self, name: str, device) -> VirtioMmioTransport:
         index = self._mmio_used
