@@ -8,6 +8,7 @@ Port ranges to register (offsets are relative to these bases):
     AcpiPower   layout.ACPI_SLEEP_CONTROL_PORT, length 3
     GuestNotify layout.GUEST_NOTIFY_PORT, length 2
     PvPanic     0x505, length 1 (ACPI QEMU0001)
+    Mc146818Rtc 0x70, length 2 (IRQ 8, ACPI PNP0B00)
 """
 
 from .acpi_power import AcpiPower
@@ -16,6 +17,8 @@ from .guest_notify import GuestNotify
 from .i8042 import I8042
 from .port80 import Port80
 from .pvpanic import PvPanic
+from .rtc import Mc146818Rtc
 from .uart16550 import Uart16550, UartStats
 
-__all__ = ["AcpiPower", "DebugExit", "GuestNotify", "I8042", "Port80", "PvPanic", "Uart16550", "UartStats", "exit_status"]
+__all__ = ["AcpiPower", "DebugExit", "GuestNotify", "I8042", "Mc146818Rtc", "Port80", "PvPanic", "Uart16550", "UartStats",
+           "exit_status"]
