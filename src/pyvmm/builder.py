@@ -17,8 +17,10 @@ from .bus import MmioBus, PioBus, Window
 from .config import ConfigError, VmConfig
 from .arch.x86_64.acpi import build_acpi_tables, pci_root_acpi, pvpanic_device
 from .arch.x86_64.firmware import write_reset_vector
-from .devices.legacy import AcpiPower, DebugExit, GuestNotify, I8042, Port80, PvPanic, Uart16550
+from .deadline_timer import DeadlineTimer
+from .devices.legacy import AcpiPower, DebugExit, GuestNotify, I8042, Mc146818Rtc, Port80, PvPanic, Uart16550
 from .devices.legacy.pvpanic import PORT as PVPANIC_PORT
+from .devices.legacy.rtc import IRQ as RTC_IRQ, PORT as RTC_PORT, PORT_COUNT as RTC_PORT_COUNT
 from .devices.legacy.debug_exit import exit_status
 from .loader import BootEntry, CpuMode, load_kernel
 from .memory import GuestMemory
@@ -84,6 +86,15 @@ def build_vm(config: VmConfig, console_write: Callable[[bytes], None], *, accel=
         pio.register(layout.GUEST_NOTIFY_PORT, 2, notify, "guest-notify")
         pio.register(PVPANIC_PORT, 1, devices["pvpanic"], "pvpanic")
 
+        # The RTC's update and alarm interrupts come due without the guest: a timer thread
+        # calls it back on either accelerator.
+        rtc_timer = DeadlineTimer(lambda: rtc.poll(), name="pyvmm-rtc", on_error=lambda exc: stop(VmOutcome(
+            "vmm-error", EXIT_VMM_ERROR, f"RTC timer: {type(exc).__name__}: {exc}")))
+        cleanup.callback(rtc_timer.close)
+        rtc = Mc146818Rtc(accel.irq_line(RTC_IRQ), timer=rtc_timer.arm)
+        devices["rtc"] = rtc
+        pio.register(RTC_PORT, RTC_PORT_COUNT, rtc, "rtc")
+
         iothread = IoThread(on_error=lambda exc: stop(VmOutcome(
             "vmm-error", EXIT_VMM_ERROR, f"I/O thread: {type(exc).__name__}: {exc}")))
         cleanup.callback(iothread.stop)
@@ -101,7 +112,7 @@ def build_vm(config: VmConfig, console_write: Callable[[bytes], None], *, accel=
             wiring.add(name, device, transport)
 
         pci_items, ecam = pci_root_acpi(pci_root)
-        rsdp = build_acpi_tables(memory, cpus=config.cpus, mcfg=ecam,
+        rsdp = build_acpi_tables(memory, cpus=config.cpus, mcfg=ecam, cmos_rtc=True,
                                  devices=[pvpanic_device(PVPANIC_PORT), *pci_items, *wiring.acpi_items])
         write_reset_vector(memory)
         entry = load_kernel(
@@ -117,7 +128,8 @@ def build_vm(config: VmConfig, console_write: Callable[[bytes], None], *, accel=
         vcpus[0].set_state(boot_state(memory, entry))
 
         devices["pci"] = pci_root
-        vm = Vm(accel, memory, pio, mmio, vcpus, devices, iothread=iothread, on_close=[wiring.close, *releases])
+        vm = Vm(accel, memory, pio, mmio, vcpus, devices, iothread=iothread,
+                on_close=[rtc_timer.close, wiring.close, *releases])
         vm_ref.append(vm)
         cleanup.pop_all()
         return vm

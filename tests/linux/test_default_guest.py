@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 
 def _lines(result) -> list[str]:
@@ -13,8 +14,13 @@ def _lines(result) -> list[str]:
 
 def test_command_runs_with_the_configured_cpus_memory_and_cmdline(pyvmm, image):
     script = ("uname -r; grep -c ^processor /proc/cpuinfo; cat /proc/cmdline; "
-              "grep MemTotal /proc/meminfo; exit 3")
+              "grep MemTotal /proc/meminfo; "
+              # the CMOS RTC: the kernel's clock set from it at boot, and /dev/rtc0 readable
+              "echo guest-time $(date +%s); echo rtc-errors $(dmesg | grep -c 'Unable to read current time from RTC'); "
+              "hwclock -r -u >/dev/null && echo hwclock-ok; exit 3")
+    host_before = time.time()
     result = pyvmm("run", "--cpus", "2", "--memory", "320M", "--append", "pyvmm.test=42", "--", "sh", "-c", script)
+    host_after = time.time()
     assert result.returncode == 3, (result.stdout[-2000:], result.stderr)
     lines = _lines(result)
     assert image.kernel_version in lines
@@ -22,6 +28,9 @@ def test_command_runs_with_the_configured_cpus_memory_and_cmdline(pyvmm, image):
     assert any("pyvmm.test=42" in line for line in lines)
     total_kib = int(re.search(r"MemTotal:\s+(\d+) kB", result.stdout).group(1))
     assert 250_000 < total_kib <= 320 * 1024  # the kernel keeps some for itself
+    guest_time = int(re.search(r"^guest-time (\d+)$", result.stdout, re.M).group(1))
+    assert host_before - 60 <= guest_time <= host_after + 60
+    assert "rtc-errors 0" in lines and "hwclock-ok" in lines
     assert "pyvmm: exit status 3" in result.stdout
 
 

@@ -207,11 +207,34 @@ def test_fadt_fields_at_spec_offsets():
     assert boot_arch & acpi.IAPC_VGA_NOT_PRESENT
     assert boot_arch & acpi.IAPC_CMOS_RTC_NOT_PRESENT
     assert not boot_arch & acpi.IAPC_MSI_NOT_SUPPORTED
+    assert fadt[108] == 0                                              # no RTC century register
 
 
 def test_boot_arch_parameters():
     flags = acpi.iapc_boot_arch(i8042=False, vga=True, cmos_rtc=True)
     assert not flags & (acpi.IAPC_8042 | acpi.IAPC_VGA_NOT_PRESENT | acpi.IAPC_CMOS_RTC_NOT_PRESENT)
+    assert flags & acpi.IAPC_LEGACY_DEVICES
+
+
+def test_fadt_century_index():
+    fadt = acpi.build_fadt(0xE0190, century=0x32)
+    assert_valid_table(fadt, b"FACP")
+    assert fadt[106:109] == bytes((0, 0, 0x32))                        # no day/month alarm, century 0x32
+    for bad in (-1, 0x80):
+        with pytest.raises(acpi.AcpiError):
+            acpi.build_fadt(0xE0190, century=bad)
+
+
+def test_cmos_rtc_is_described_in_the_dsdt_and_fadt():
+    tables = {data[:4]: data for _, data in acpi.layout_acpi_tables(cpus=1, cmos_rtc=True)[1:]}
+    fadt, body = tables[b"FACP"], tables[b"DSDT"][36:]
+    # Linux registers rtc_cmos only without CMOS_RTC_NOT_PRESENT, and reads the century at 0x32.
+    assert not struct.unpack_from("<H", fadt, 109)[0] & acpi.IAPC_CMOS_RTC_NOT_PRESENT
+    assert fadt[108] == acpi.CMOS_RTC_CENTURY == 0x32
+    assert aml.eisa_id("PNP0B00") in body and b"RTC_" in body
+    assert aml.io(0x70, 0x70, 1, 2) + aml.interrupt(8) in body
+    plain = {data[:4]: data for _, data in acpi.layout_acpi_tables(cpus=1)[1:]}
+    assert aml.eisa_id("PNP0B00") not in plain[b"DSDT"] and plain[b"FACP"][108] == 0
 
 
 def madt_entries(madt: bytes) -> list[tuple[int, bytes]]:
@@ -337,6 +360,7 @@ ALL_DEVICES = dict(
     cpus=8,
     devices=[acpi.virtio_mmio_device(0, 0xD000_0000, 0x1000, 5), acpi.i8042_keyboard_device()],
     mcfg=acpi.PciEcam(0xB000_0000, end_bus=255),
+    cmos_rtc=True,
 )
 
 
@@ -350,13 +374,14 @@ EXPECTED_IN_DISASSEMBLY = {
     b"FACP": ["Hardware Reduced (V5) : 1", "Reset Register Supported (V2) : 1",
               "8042 Present on ports 60/64 (V2) : 1", "Address : 0000000000000600",
               "Address : 0000000000000601", "Address : 0000000000000602",
-              "Value to cause reset : 01"],
+              "Value to cause reset : 01", "RTC Century Index : 32", "CMOS RTC Not Present (V5) : 0"],
     b"APIC": ["[Processor Local APIC]", "[I/O APIC]", "[Interrupt Source Override]",
               "[Local APIC NMI]", "Local Apic ID : 07", "PC-AT Compatibility : 1"],
     b"MCFG": ["Base Address : 00000000B0000000", "End Bus Number : FF"],
     b"DSDT": ["Name (_S5, Package (0x04)", 'EisaId ("PNP0501")', 'Name (_HID, "LNRO0005")',
               "Memory32Fixed (ReadWrite,", "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive",
-              "Device (COM1)", 'EisaId ("PNP0303")'],
+              "Device (COM1)", 'EisaId ("PNP0303")', "Device (RTC)", 'EisaId ("PNP0B00")',
+              "0x0070, // Range Minimum", "0x02, // Length"],
 }
 
 
@@ -382,10 +407,11 @@ def test_acpiexec_powers_off_through_the_sleep_registers(placed_tables, tmp_path
         files.append(path.name)
     # 0x04000000 = ACPI_LV_IO: log every register access.
     output = run([acpiexec, "-x", "0x04000000", "-b",
-                  "evaluate \\_S5_; evaluate \\_SB.COM1._HID; evaluate \\_SB.VR00._CRS; sleep 5", *files],
+                  "evaluate \\_S5_; evaluate \\_SB.COM1._HID; evaluate \\_SB.RTC._HID; evaluate \\_SB.VR00._CRS; sleep 5", *files],
                  tmp_path)
     assert not re.search(r"ACPI (Error|Exception)|AE_", output), output
     assert "[Integer] = 000000000105D041" in output
+    assert "[Integer] = 00000000000BD041" in output                    # PNP0B00
     assert re.search(r"\[Package\] Contains 4 Elements:\s+\[Integer\] = 0+5\s+\[Integer\] = 0+5", output)
     writes = [(int(v, 16), int(p, 16)) for v, p in
               re.findall(r"Wrote: ([0-9A-F]+) width\s+8\s+to ([0-9A-F]+) \(SystemIO\)", output)]

@@ -7,7 +7,7 @@ blocks, no SCI. What Linux needs from it:
 * FADT: power-off through SLEEP_CONTROL_REG (the guest writes SLP_TYP<<2 | SLP_EN,
   SLP_TYP taken from the DSDT's \\_S5 package), reboot through RESET_REG.
 * DSDT: \\_S5 and the devices that are only discoverable through ACPI (virtio-mmio),
-  plus COM1 (see `com1_device`).
+  plus COM1 (see `com1_device`) and, with `cmos_rtc`, the CMOS RTC (see `rtc_device`).
 
 Every ``build_*`` function is pure and returns the table's bytes; `build_acpi_tables`
 places them in guest memory. Table layouts follow the ACPI 6.5 spec, chapter 5.2.
@@ -111,6 +111,7 @@ IAPC_CMOS_RTC_NOT_PRESENT = 1 << 5
 # Field offsets used below and by tests.
 FADT_DSDT = 40
 FADT_SCI_INT = 46
+FADT_CENTURY = 108
 FADT_IAPC_BOOT_ARCH = 109
 FADT_FLAGS = 112
 FADT_RESET_REG = 116
@@ -128,11 +129,15 @@ SLP_EN = 1 << 5
 WAK_STS = 1 << 7               # in SLEEP_STATUS_REG; write 1 to clear
 S5_SLP_TYP = 5
 
+# The CMOS index of the RTC's century register (devices/legacy/rtc.py CENTURY), as on PCs.
+CMOS_RTC_CENTURY = 0x32
+
 
 def iapc_boot_arch(*, i8042: bool = True, vga: bool = False, cmos_rtc: bool = False,
                    legacy_devices: bool = True) -> int:
-    """IAPC_BOOT_ARCH. Linux reads the 8042 bit (absent -> the i8042 driver gives up), the CMOS
-    RTC bit (absent -> no rtc_cmos device) and the VGA bit (absent -> no legacy VGA probes).
+    """IAPC_BOOT_ARCH. Linux reads the 8042 bit (absent -> the i8042 driver gives up), the
+    CMOS_RTC_NOT_PRESENT bit (set -> no rtc_cmos platform device; `cmos_rtc=True` clears it) and
+    the VGA bit (absent -> no legacy VGA probes).
     ASPM stays with "firmware": there is no real PCIe link to manage. MSI is supported."""
     flags = IAPC_PCIE_ASPM_CONTROLS
     flags |= IAPC_LEGACY_DEVICES if legacy_devices else 0
@@ -142,8 +147,11 @@ def iapc_boot_arch(*, i8042: bool = True, vga: bool = False, cmos_rtc: bool = Fa
     return flags
 
 
-def build_fadt(dsdt_address: int, *, boot_arch: int | None = None) -> bytes:
-    """A hardware-reduced FADT revision 6.5 (276 bytes)."""
+def build_fadt(dsdt_address: int, *, boot_arch: int | None = None, century: int = 0) -> bytes:
+    """A hardware-reduced FADT revision 6.5 (276 bytes). `century`: the CMOS index of the RTC's
+    century register (0: none); Linux's RTC code reads and writes the century there."""
+    if not 0 <= century < 0x80:
+        raise AcpiError(f"RTC century index {century:#x} is not a CMOS register (0-0x7f)")
     body = bytearray(FADT_SIZE - HEADER_SIZE)
 
     def put(offset: int, fmt: str, *values) -> None:
@@ -152,6 +160,7 @@ def build_fadt(dsdt_address: int, *, boot_arch: int | None = None) -> bytes:
     # FIRMWARE_CTRL/X_FIRMWARE_CTRL stay 0: a FACS is optional on hardware-reduced platforms.
     # The 32-bit DSDT field stays 0 so ACPICA does not compare it with X_DSDT.
     # SCI_INT, SMI_CMD, PM blocks, PM timer, GPE blocks: all 0 (none in hardware-reduced ACPI).
+    put(FADT_CENTURY, "<B", century)
     put(FADT_IAPC_BOOT_ARCH, "<H", iapc_boot_arch() if boot_arch is None else boot_arch)
     put(FADT_FLAGS, "<I", FADT_HW_REDUCED_ACPI | FADT_RESET_REG_SUP)
     put(FADT_RESET_REG, "12s", io_port_register(layout.ACPI_RESET_PORT))
@@ -292,6 +301,13 @@ def com1_device() -> AcpiDevice:
     )
 
 
+def rtc_device(port: int = 0x70, irq: int = 8) -> AcpiDevice:
+    """The CMOS RTC (PNP0B00: MC146818-compatible) on its two ports. Linux's rtc_cmos binds to
+    it through PNP; as for COM1, only the ACPI description gives it a working IRQ 8 in
+    hardware-reduced mode."""
+    return AcpiDevice("RTC", "PNP0B00", uid=None, resources=(aml.io(port, port, 0x01, 0x02), aml.interrupt(irq)))
+
+
 def pvpanic_device(port: int = 0x505) -> AcpiDevice:
     """QEMU's pvpanic (QEMU0001) on one I/O port; Linux's pvpanic driver binds to it."""
     return AcpiDevice("PEVT", "QEMU0001", uid=0, resources=(aml.io(port, port, 0x01, 0x01),))
@@ -387,12 +403,14 @@ def pci_root_acpi(root) -> tuple[list[DsdtItem], PciEcam]:
     return [bridge, pci_ecam_reservation(ecam)], ecam
 
 
-def build_dsdt(devices: Iterable[DsdtItem] = (), *, com1: bool = True) -> bytes:
-    """The DSDT: Scope(\\_SB){COM1, devices...} and Name(\\_S5_, Package(){5, 5, 0, 0}).
+def build_dsdt(devices: Iterable[DsdtItem] = (), *, com1: bool = True, rtc: bool = False) -> bytes:
+    """The DSDT: Scope(\\_SB){COM1, [RTC], devices...} and Name(\\_S5_, Package(){5, 5, 0, 0}).
 
     AcpiDevice items go into \\_SB; bytes items are AML terms appended at the root (for
     anything that needs its own Scope)."""
     sb_devices: list[bytes] = [com1_device().aml()] if com1 else []
+    if rtc:
+        sb_devices.append(rtc_device().aml())
     root_terms: list[bytes] = []
     for item in devices:
         if isinstance(item, AcpiDevice):
@@ -425,12 +443,17 @@ def layout_acpi_tables(
     devices: Iterable[DsdtItem] = (),
     mcfg: PciEcam | Sequence[PciEcam] | None = None,
     com1: bool = True,
+    cmos_rtc: bool = False,
     boot_arch: int | None = None,
     base: int = layout.ACPI_RSDP,
     limit: int = layout.ACPI_TABLES_END,
 ) -> list[tuple[int, bytes]]:
-    """All tables as (guest address, bytes), RSDP first at `base`; raises AcpiError past `limit`."""
-    dsdt = build_dsdt(devices, com1=com1)
+    """All tables as (guest address, bytes), RSDP first at `base`; raises AcpiError past `limit`.
+    `cmos_rtc`: the DSDT describes the RTC and the FADT names its century register (the
+    IAPC_BOOT_ARCH flags come from `boot_arch`, or from iapc_boot_arch(cmos_rtc=...))."""
+    dsdt = build_dsdt(devices, com1=com1, rtc=cmos_rtc)
+    if boot_arch is None:
+        boot_arch = iapc_boot_arch(cmos_rtc=cmos_rtc)
     others = [build_madt(cpus)]
     if mcfg is not None:
         others.append(build_mcfg([mcfg] if isinstance(mcfg, PciEcam) else mcfg))
@@ -448,7 +471,8 @@ def layout_acpi_tables(
     placed = [
         (base, build_rsdp(xsdt_address)),
         (xsdt_address, build_xsdt([fadt_address, *other_addresses])),
-        (fadt_address, build_fadt(dsdt_address, boot_arch=boot_arch)),
+        (fadt_address, build_fadt(dsdt_address, boot_arch=boot_arch,
+                                  century=CMOS_RTC_CENTURY if cmos_rtc else 0)),
         (dsdt_address, dsdt),
         *zip(other_addresses, others),
     ]
@@ -470,9 +494,11 @@ def build_acpi_tables(
     cmos_rtc: bool = False,
 ) -> int:
     """Write the ACPI tables into guest memory (in [ACPI_TABLES_START, ACPI_TABLES_END),
-    reported reserved in e820); returns the RSDP address for boot_params / PVH start info."""
+    reported reserved in e820); returns the RSDP address for boot_params / PVH start info.
+    `cmos_rtc`: an MC146818 RTC sits at ports 0x70-0x71, IRQ 8 (DSDT device, FADT century
+    register, IAPC_BOOT_ARCH without CMOS_RTC_NOT_PRESENT)."""
     placed = layout_acpi_tables(
-        cpus=cpus, devices=devices, mcfg=mcfg, com1=com1,
+        cpus=cpus, devices=devices, mcfg=mcfg, com1=com1, cmos_rtc=cmos_rtc,
         boot_arch=iapc_boot_arch(i8042=i8042, vga=vga, cmos_rtc=cmos_rtc),
     )
     for address, data in placed:
