@@ -14,8 +14,11 @@ import pytest
 pytest.importorskip("unicorn")
 import unicorn.x86_const as X  # noqa: E402
 
+from pyvmm.accel.tcg.engine_state import engine_offsets  # noqa: E402
 from pyvmm.accel.tcg.private_state import context_offsets  # noqa: E402
+from pyvmm.accel.tcg.slice_timer import SliceTimer  # noqa: E402
 from pyvmm.accel.tcg.translated_code import physical_invalidation  # noqa: E402
+from pyvmm.accel.tcg.translator import Translator  # noqa: E402
 from pyvmm.accel.tcg.vcpu import TcgVcpu  # noqa: E402
 from pyvmm.arch.x86_64 import layout  # noqa: E402
 from pyvmm.arch.x86_64.boot_tables import long_mode_state  # noqa: E402
@@ -34,9 +37,20 @@ def _mov_eax_hlt(value: int) -> bytes:
 
 
 @pytest.fixture
-def vcpu():
-    memory = GuestMemory.from_specs([RegionSpec(0, 4 << 20)])
-    cpu = TcgVcpu(0, memory, PioBus(), MmioBus(), context_offsets(), cpuid_table=None)
+def translator():
+    memory = GuestMemory.from_specs([RegionSpec(0, 8 << 20)])
+    timer = SliceTimer()
+    translator = Translator(memory, PioBus(), MmioBus(), context_offsets(), engine_offsets(), timer)
+    yield translator
+    translator.close()
+    timer.close()
+    memory.close()
+
+
+@pytest.fixture
+def vcpu(translator):
+    memory = translator.memory
+    cpu = TcgVcpu(0, translator, cpuid_table=None)
     state = long_mode_state(memory, CODE_VIRTUAL)
     # boot tables identity-map 4 GiB with 2 MiB pages: unmap virtual == CODE_PHYSICAL and
     # point CODE_VIRTUAL at it instead
@@ -45,10 +59,10 @@ def vcpu():
     cpu.set_state(state)
     yield cpu, memory
     cpu.close()
-    memory.close()
 
 
 def _run_from_start(cpu) -> int:
+    cpu.translator.activate(cpu)
     cpu.regs.write(X.UC_X86_REG_RIP, CODE_VIRTUAL)
     assert isinstance(cpu.run(), Hlt)
     return cpu.regs.read(X.UC_X86_REG_RAX)
@@ -64,7 +78,7 @@ def test_code_rewritten_by_a_device_runs_after_its_translation_is_dropped(vcpu):
     assert _run_from_start(cpu) == 1
     memory.write(CODE_PHYSICAL, _mov_eax_hlt(2))  # behind the translator's back, like DMA
     assert _run_from_start(cpu) == 1  # the stale translation: what dropping it is for
-    cpu.translated_code.drop(CODE_PHYSICAL, CODE_PHYSICAL + 0x1000)
+    cpu.translator.translated_code.drop(CODE_PHYSICAL, CODE_PHYSICAL + 0x1000)
     assert _run_from_start(cpu) == 2
 
 
@@ -75,12 +89,60 @@ def test_dropping_translated_code_leaves_cr2_alone(vcpu):
     memory.write(CODE_PHYSICAL, _mov_eax_hlt(1))
     _run_from_start(cpu)
     cpu.set_cr2(CR2_BEFORE)
-    cpu.translated_code.drop(CODE_PHYSICAL, CODE_PHYSICAL + 0x1000)
+    cpu.translator.translated_code.drop(CODE_PHYSICAL, CODE_PHYSICAL + 0x1000)
     assert cpu.regs.read(X.UC_X86_REG_CR2) == CR2_BEFORE
 
 
 def test_dropping_code_of_pages_outside_ram_is_harmless(vcpu):
     cpu, memory = vcpu
     memory.write(CODE_PHYSICAL, _mov_eax_hlt(3))
-    cpu.translated_code.drop(8 << 20, 9 << 20)
+    cpu.translator.translated_code.drop(16 << 20, 17 << 20)
     assert _run_from_start(cpu) == 3
+
+
+# --- several vCPUs on one translator ----------------------------------------------------------
+
+OTHER_CODE_PHYSICAL = 0x40_0000  # another 2 MiB page
+
+
+def test_code_one_vcpu_writes_is_what_another_vcpu_runs(translator, vcpu):
+    """vCPU 1 runs code, vCPU 0 rewrites it with a guest store; vCPU 1 must run the new code
+    (with a translation cache per vCPU it kept running its old translation)."""
+    cpu0, memory = vcpu
+    cpu1 = TcgVcpu(1, translator, cpuid_table=None)
+    cpu1.set_state(cpu0.get_state())
+    memory.write(CODE_PHYSICAL, _mov_eax_hlt(1))
+    assert _run_from_start(cpu1) == 1
+    # vCPU 0: movb $2, (CODE_VIRTUAL + 1) ; hlt -- through the same mapping, at CODE_VIRTUAL + 0x100
+    store = b"\xc6\x04\x25" + (CODE_VIRTUAL + 1).to_bytes(4, "little") + b"\x02" + b"\xf4"
+    memory.write(CODE_PHYSICAL + 0x100, store)
+    translator.activate(cpu0)
+    cpu0.regs.write(X.UC_X86_REG_RIP, CODE_VIRTUAL + 0x100)
+    assert isinstance(cpu0.run(), Hlt)
+    assert memory.read(CODE_PHYSICAL + 1, 1) == b"\x02"
+    assert _run_from_start(cpu1) == 2
+
+
+def test_each_vcpu_keeps_its_own_registers_and_address_space(translator, vcpu):
+    """The same virtual address maps different code for two vCPUs (different CR3): a switch must
+    load each vCPU's registers and leave nothing of the other's translation lookaside buffer."""
+    cpu0, memory = vcpu
+    cpu1 = TcgVcpu(1, translator, cpuid_table=None)
+    state = cpu0.get_state()
+    # vCPU 1's page tables: a copy of vCPU 0's with CODE_VIRTUAL pointing at other code
+    pml4, pdpt, directory = 0x60_0000, 0x60_1000, 0x60_2000
+    memory.write(pdpt, memory.read(layout.PDPT, 0x1000))
+    memory.write(directory, memory.read(layout.PAGE_DIRECTORIES + 0x1000 * (CODE_VIRTUAL >> 30), 0x1000))
+    memory.write_u64(directory, OTHER_CODE_PHYSICAL | HUGE_PAGE_FLAGS)
+    memory.write_u64(pdpt + 8 * (CODE_VIRTUAL >> 30), directory | 0x7)
+    memory.write_u64(pml4, pdpt | 0x7)
+    state.cr3 = pml4
+    state.gprs["rbx"] = 0x1111
+    cpu1.set_state(state)
+    memory.write(CODE_PHYSICAL, _mov_eax_hlt(10))
+    memory.write(OTHER_CODE_PHYSICAL, _mov_eax_hlt(11))
+    for _ in range(3):
+        assert _run_from_start(cpu0) == 10
+        assert _run_from_start(cpu1) == 11
+    assert cpu1.get_state().gprs["rbx"] == 0x1111
+    assert cpu0.get_state().gprs["rbx"] != 0x1111

@@ -1,7 +1,7 @@
 """The software-CPU accelerator: Unicorn vCPUs run in turn from one thread.
 
-One Unicorn instance is one vCPU and is not built for parallel guests, so SMP
-is round-robin (as QEMU's single-threaded TCG does): each runnable vCPU gets a
+All vCPUs run on one Unicorn instance (translator.py), which is not built for parallel
+guests, so SMP is round-robin (as QEMU's single-threaded TCG does): each runnable vCPU gets a
 time slice, then timers are serviced and pending interrupts are injected at the
 next slice boundary. A slice ends early when a timer is due, and at once when
 an interrupt is raised (the slice timer's kick), so interrupts are taken
@@ -23,6 +23,7 @@ from .cpuid import tcg_cpuid_tables
 from .engine_state import engine_offsets
 from .private_state import context_offsets
 from .slice_timer import SliceTimer
+from .translator import Translator
 from .vcpu import _HLT, _INTERRUPTED, TcgVcpu
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class TcgAccelerator:
         self.platform = None
         self.vcpus: list[TcgVcpu] = []
         self._tables = None
+        self._translator: Translator | None = None  # made with the first vCPU (memory and buses exist then)
         self._wakeup = threading.Event()
         self._slice_timer = SliceTimer()
         self._dma_lock = threading.Lock()
@@ -83,8 +85,7 @@ class TcgAccelerator:
             else:
                 ranges.append([page, page + 1])
         for first, end in ranges:
-            for vcpu in self.vcpus:
-                vcpu.translated_code.drop(first << 12, end << 12)
+            self._translator.translated_code.drop(first << 12, end << 12)
 
     def connect_buses(self, pio_bus, mmio_bus) -> None:
         self.pio_bus, self.mmio_bus = pio_bus, mmio_bus
@@ -109,9 +110,10 @@ class TcgAccelerator:
     def create_vcpu(self, index: int, count: int, policy) -> TcgVcpu:
         if self._tables is None:
             self._tables = tcg_cpuid_tables(policy, count, self.platform.tsc_hz, self.platform.lapic_timer_hz)
-        vcpu = TcgVcpu(index, self.memory, self.pio_bus, self.mmio_bus, self.offsets, self._tables[index],
-                       self.platform.add_cpu(index), self.engine_offsets)
-        vcpu.slice_timer = self._slice_timer
+        if self._translator is None:
+            self._translator = Translator(self.memory, self.pio_bus, self.mmio_bus, self.offsets,
+                                          self.engine_offsets, self._slice_timer)
+        vcpu = TcgVcpu(index, self._translator, self._tables[index], self.platform.add_cpu(index))
         vcpu.kick = self._wake  # a stop or pause request must end the slice or wake a sleeping scheduler
         self.vcpus.append(vcpu)
         return vcpu
@@ -121,6 +123,9 @@ class TcgAccelerator:
         for vcpu in self.vcpus:
             vcpu.close()
         self.vcpus.clear()
+        if self._translator is not None:
+            self._translator.close()
+            self._translator = None
 
     # --- the scheduler ---------------------------------------------------------------------------
 

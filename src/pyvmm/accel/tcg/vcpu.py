@@ -22,11 +22,8 @@ from ...arch.x86_64.cpu_state import (
 from ...arch.x86_64.paging import PagingMode, read_linear, write_linear
 from ...kvm.exits import EmulationError, Hlt, Interrupted, Shutdown
 from .delivery import ERROR_CODE_VECTORS, TripleFault, deliver
-from .engine_state import STOP_ERROR, EngineControl, EngineOffsets, engine_offsets
-from .fast_registers import FastRegisters
-from .private_state import PrivateState
-from .slice_timer import SliceTimer
-from .translated_code import TranslatedCode
+from .engine_state import STOP_ERROR
+from .translator import Translator
 
 log = logging.getLogger(__name__)
 
@@ -57,44 +54,16 @@ def _qemu_flags(segment: Segment) -> int:
 
 
 class TcgVcpu:
-    def __init__(self, index: int, memory, pio_bus, mmio_bus, offsets, cpuid_table, lapic=None,
-                 engine: EngineOffsets | None = None) -> None:
+    def __init__(self, index: int, translator: Translator, cpuid_table, lapic=None) -> None:
         self.index = index
-        self.memory = memory
-        self.pio_bus, self.mmio_bus = pio_bus, mmio_bus
+        self.translator = translator
+        self.memory = translator.memory
+        self.pio_bus, self.mmio_bus = translator.pio_bus, translator.mmio_bus
         self.lapic = lapic
         self.cpuid_table = cpuid_table
-        # 64-bit mode so the register API is 64 bits wide; it also presets EFER.LMA, which
-        # _reset_mode() clears the architectural way before any state is loaded.
-        self.uc = U.Uc(U.UC_ARCH_X86, U.UC_MODE_64)
-        # No `until` address: at the end of every emu_start Unicorn invalidates the code at
-        # until - 1, translating it through the guest's page tables, which raises a silent #PF
-        # and overwrites CR2 (-2 for until = 2**64-1). With exits mode on and no exits, slices
-        # end only on HLT or a stop.
-        self.uc.ctl_exits_enabled(True)
-        self.uc.ctl_set_exits([])
-        # Slices are ended from the slice timer's thread: between instructions, without skipping
-        # hooks (engine_state.py), which needs a setting made before anything is translated.
-        self.engine = EngineControl(self.uc, engine or engine_offsets())
-        self.engine.stop_between_instructions()
-        self.slice_timer = SliceTimer()  # the accelerator gives all its vCPUs one shared timer
-        for region in memory.regions:
-            self.uc.mem_map_ptr(region.guest_base, region.size, U.UC_PROT_ALL, region.host_address)
-        hole = layout.MMIO_HOLE_END - layout.LOW_RAM_END
-        self.uc.mmio_map(layout.LOW_RAM_END, hole, self._mmio_read, None, self._mmio_write, None)
-        # 64-bit PCI BARs live above RAM
-        base64, size64 = layout.pci_mmio64_window(memory.size)
-        self.uc.mmio_map(base64, size64, self._mmio64_read, None, self._mmio64_write, None)
-        self._mmio64_base = base64
-        self.uc.hook_add(U.UC_HOOK_INSN, self._port_in, None, 1, 0, X.UC_X86_INS_IN)
-        self.uc.hook_add(U.UC_HOOK_INSN, self._port_out, None, 1, 0, X.UC_X86_INS_OUT)
-        self.uc.hook_add(U.UC_HOOK_INSN, self._cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
-        self.uc.hook_add(U.UC_HOOK_INSN, self._syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
-        self.uc.hook_add(U.UC_HOOK_INTR, self._exception)
-        self.uc.hook_add(U.UC_HOOK_INSN_INVALID, self._invalid_opcode)
-        self.private = PrivateState(self.uc, offsets)
-        self.translated_code = TranslatedCode(self.uc, memory.regions)
-        self.regs = FastRegisters(self.uc)
+        # the engine and its views, shared by every vCPU: valid while this vCPU is active
+        self.uc, self.private, self.regs = translator.uc, translator.private, translator.regs
+        self.engine, self.slice_timer = translator.engine, translator.slice_timer
         self._exit = None
         self._in_exception = False
         self.halted = False
@@ -108,6 +77,7 @@ class TcgVcpu:
     def run(self, seconds: float = 0.004):
         """Execute guest code for up to `seconds`; returns Interrupted (the slice ended: its time
         was up, or the slice timer was kicked), Hlt or an ending exit."""
+        self.translator.activate(self)
         self._exit = None
         self.stats["slices"] += 1
         uc = self.uc
@@ -157,25 +127,23 @@ class TcgVcpu:
 
     # --- hooks ---------------------------------------------------------------------------------
 
-    def _port_in(self, uc, port, size, _):
+    def port_in(self, port: int, size: int) -> int:
         self.stats["port_io"] += 1
         return int.from_bytes(self.pio_bus.read(port, size), "little")
 
-    def _port_out(self, uc, port, size, value, _):
+    def port_out(self, port: int, size: int, value: int) -> None:
         self.stats["port_io"] += 1
         self.pio_bus.write(port, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
 
-    def _mmio_read(self, uc, offset, size, _):
+    def mmio_read(self, address: int, size: int) -> int:
         self.stats["mmio"] += 1
-        address = layout.LOW_RAM_END + offset
         lapic = self.lapic
         if lapic is not None and layout.LAPIC_BASE <= address < layout.LAPIC_BASE + 0x1000:
             return int.from_bytes(lapic.read(address - layout.LAPIC_BASE, size), "little")
         return int.from_bytes(self.mmio_bus.read(address, size), "little")
 
-    def _mmio_write(self, uc, offset, size, value, _):
+    def mmio_write(self, address: int, size: int, value: int) -> None:
         self.stats["mmio"] += 1
-        address = layout.LOW_RAM_END + offset
         data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
         lapic = self.lapic
         if lapic is not None and layout.LAPIC_BASE <= address < layout.LAPIC_BASE + 0x1000:
@@ -183,15 +151,7 @@ class TcgVcpu:
         else:
             self.mmio_bus.write(address, data)
 
-    def _mmio64_read(self, uc, offset, size, _):
-        self.stats["mmio"] += 1
-        return int.from_bytes(self.mmio_bus.read(self._mmio64_base + offset, size), "little")
-
-    def _mmio64_write(self, uc, offset, size, value, _):
-        self.stats["mmio"] += 1
-        self.mmio_bus.write(self._mmio64_base + offset, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
-
-    def _cpuid(self, uc, _):
+    def cpuid(self) -> int:
         self.stats["cpuid"] += 1
         leaf = self.regs.read(X.UC_X86_REG_EAX) & 0xFFFFFFFF
         subleaf = self.regs.read(X.UC_X86_REG_ECX) & 0xFFFFFFFF
@@ -202,7 +162,7 @@ class TcgVcpu:
         self.regs.write(X.UC_X86_REG_RDX, edx)
         return 1  # handled: skip Unicorn's own CPUID
 
-    def _syscall(self, uc, _):
+    def syscall(self) -> None:
         """SYSCALL as the SDM defines it (Unicorn's is a stub that only advances RIP by 2)."""
         self.stats["syscalls"] += 1
         rip = self.regs.read(X.UC_X86_REG_RIP)  # at the SYSCALL instruction
@@ -221,14 +181,14 @@ class TcgVcpu:
         self.regs.write(X.UC_X86_REG_RFLAGS, rflags & ~fmask & ~RFLAGS_RF)
         self._set_rip((lstar - 2) & _NEVER)  # Unicorn adds 2 after this hook
 
-    def _exception(self, uc, vector, _):
+    def exception(self, vector: int) -> None:
         software = self._is_software_interrupt(vector)
         error = None
         if vector in ERROR_CODE_VECTORS and not software:
             error = self.private.error_code()
         self._raise(vector, error, software)
 
-    def _invalid_opcode(self, uc, _):
+    def invalid_opcode(self) -> bool:
         self._raise(INVALID_OPCODE)
         return True  # handled: continue at the handler (or stop, after a triple fault)
 
@@ -255,6 +215,7 @@ class TcgVcpu:
 
     def inject_interrupt(self, vector: int) -> None:
         """Deliver an external interrupt now (the scheduler checked IF and the STI shadow)."""
+        self.translator.activate(self)
         self.stats["interrupts"] += 1
         self.halted = False
         try:
@@ -264,6 +225,7 @@ class TcgVcpu:
             self._exit = _SHUTDOWN
 
     def interrupt_window_open(self) -> bool:
+        self.translator.activate(self)
         return bool(self.rflags & (1 << 9)) and not self.private.interrupts_inhibited()
 
     # --- the adapter delivery.py uses -----------------------------------------------------------
@@ -378,6 +340,7 @@ class TcgVcpu:
     # --- architectural state ---------------------------------------------------------------------
 
     def set_state(self, state: CpuState) -> None:
+        self.translator.activate(self)
         uc = self.uc
         uc.reg_write(X.UC_X86_REG_GDTR, (0, state.gdt.base, state.gdt.limit, 0))
         uc.reg_write(X.UC_X86_REG_IDTR, (0, state.idt.base, state.idt.limit, 0))
@@ -415,6 +378,7 @@ class TcgVcpu:
         uc.reg_write(X.UC_X86_REG_CR0, cr0_without_paging)
 
     def get_state(self) -> CpuState:
+        self.translator.activate(self)
         uc = self.uc
         state = CpuState(
             gprs={name: uc.reg_read(reg) for name, reg in _GPR_REGS.items()},
@@ -436,6 +400,7 @@ class TcgVcpu:
 
     def start_at_sipi(self, vector: int) -> None:
         """Real-mode start at vector:0000, as an AP does on a startup IPI."""
+        self.translator.activate(self)
         uc = self.uc
         self._reset_mode(0x10)
         uc.msr_write(MSR_EFER, 0)
@@ -451,6 +416,7 @@ class TcgVcpu:
         self.halted = False
 
     def describe_position(self) -> str:
+        self.translator.activate(self)
         try:
             mode = "64-bit" if self.long_mode else ("protected" if self.protected_mode else "real")
             text = f"rip={self.rip:#x} cs={self.cs:#x} ({mode} mode, CPL{self.cpl})"
@@ -463,8 +429,4 @@ class TcgVcpu:
             return f"(registers unavailable: {exc})"
 
     def close(self) -> None:
-        self.slice_timer.close()  # its own, or the accelerator's shared one (closing twice is harmless)
-        self.uc = None
-        self.private = None
-        self.translated_code = None
-        self.engine = None
+        self.uc = self.private = self.regs = self.engine = None

@@ -1,0 +1,122 @@
+"""Translator: the one Unicorn instance on which all of a VM's software vCPUs run, in turn.
+
+With one Unicorn instance per vCPU, each vCPU had its own translation cache, and code one
+vCPU wrote (a kernel patching its own text, a freed page reused for new code) was dropped
+from the writer's cache only: the other vCPUs went on running the old translation. One
+instance has one cache, so the translator's own write tracking keeps every vCPU coherent,
+as in single-threaded QEMU TCG, and code is translated once rather than once per vCPU.
+
+Switching vCPUs saves the CPU state of the one that ran into its context, loads the next
+one's and flushes the TLB, whose entries come from the other vCPU's page tables. Hooks and
+MMIO callbacks go to the vCPU that is running (`current`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import unicorn as U
+import unicorn.x86_const as X
+
+from ...arch.x86_64 import layout
+from .engine_state import EngineControl, EngineOffsets
+from .fast_registers import FastRegisters
+from .private_state import ContextOffsets, PrivateState
+from .slice_timer import SliceTimer
+from .translated_code import TranslatedCode
+
+_CTL_WRITE_TLB_FLUSH = (1 << 30) | U.unicorn_const.UC_CTL_TLB_FLUSH  # UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0)
+
+
+class Translator:
+    def __init__(self, memory, pio_bus, mmio_bus, offsets: ContextOffsets, engine: EngineOffsets,
+                 slice_timer: SliceTimer) -> None:
+        self.memory = memory
+        self.pio_bus, self.mmio_bus = pio_bus, mmio_bus
+        # 64-bit mode so the register API is 64 bits wide; it also presets EFER.LMA, which
+        # TcgVcpu._reset_mode() clears the architectural way before any state is loaded.
+        uc = self.uc = U.Uc(U.UC_ARCH_X86, U.UC_MODE_64)
+        # No `until` address: at the end of every emu_start Unicorn invalidates the code at
+        # until - 1, translating it through the guest's page tables, which raises a silent #PF
+        # and overwrites CR2 (-2 for until = 2**64-1). With exits mode on and no exits, slices
+        # end only on HLT or a stop.
+        uc.ctl_exits_enabled(True)
+        uc.ctl_set_exits([])
+        # Slices are ended from the slice timer's thread: between instructions, without skipping
+        # hooks (engine_state.py), which needs a setting made before anything is translated.
+        self.engine = EngineControl(uc, engine)
+        self.engine.stop_between_instructions()
+        self.slice_timer = slice_timer  # ends the running slice; its owner closes it
+        for region in memory.regions:
+            uc.mem_map_ptr(region.guest_base, region.size, U.UC_PROT_ALL, region.host_address)
+        hole = layout.MMIO_HOLE_END - layout.LOW_RAM_END
+        uc.mmio_map(layout.LOW_RAM_END, hole, self._mmio_read, None, self._mmio_write, None)
+        # 64-bit PCI BARs live above RAM
+        self.mmio64_base, size64 = layout.pci_mmio64_window(memory.size)
+        uc.mmio_map(self.mmio64_base, size64, self._mmio64_read, None, self._mmio64_write, None)
+        uc.hook_add(U.UC_HOOK_INSN, self._port_in, None, 1, 0, X.UC_X86_INS_IN)
+        uc.hook_add(U.UC_HOOK_INSN, self._port_out, None, 1, 0, X.UC_X86_INS_OUT)
+        uc.hook_add(U.UC_HOOK_INSN, self._cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
+        uc.hook_add(U.UC_HOOK_INSN, self._syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
+        uc.hook_add(U.UC_HOOK_INTR, self._exception)
+        uc.hook_add(U.UC_HOOK_INSN_INVALID, self._invalid_opcode)
+        self.private = PrivateState(uc, offsets)
+        self.regs = FastRegisters(uc)
+        self.translated_code = TranslatedCode(uc, memory.regions)
+        self._power_on = uc.context_save()  # the state a vCPU that never ran starts from
+        self._contexts: dict[object, object] = {}
+        self.current = None
+
+    def activate(self, vcpu) -> None:
+        """Make `vcpu` the one whose state the engine holds."""
+        if self.current is vcpu:
+            return
+        uc = self.uc
+        if self.current is not None:
+            saved = self._contexts.get(self.current)
+            if saved is None:
+                self._contexts[self.current] = uc.context_save()
+            else:
+                uc.context_update(saved)
+        uc.context_restore(self._contexts.get(vcpu, self._power_on))
+        from unicorn.unicorn_py3.unicorn import uclib  # the binding has no call for this control
+
+        uclib.uc_ctl(uc._uch, ctypes.c_int(_CTL_WRITE_TLB_FLUSH))
+        self.current = vcpu
+
+    def close(self) -> None:
+        self.current = None
+        self._contexts.clear()
+        self.uc = self.private = self.regs = self.engine = self.translated_code = None
+
+    # --- hooks: to the running vCPU -----------------------------------------------------------
+
+    def _port_in(self, uc, port, size, _):
+        return self.current.port_in(port, size)
+
+    def _port_out(self, uc, port, size, value, _):
+        self.current.port_out(port, size, value)
+
+    def _mmio_read(self, uc, offset, size, _):
+        return self.current.mmio_read(layout.LOW_RAM_END + offset, size)
+
+    def _mmio_write(self, uc, offset, size, value, _):
+        self.current.mmio_write(layout.LOW_RAM_END + offset, size, value)
+
+    def _mmio64_read(self, uc, offset, size, _):
+        return self.current.mmio_read(self.mmio64_base + offset, size)
+
+    def _mmio64_write(self, uc, offset, size, value, _):
+        self.current.mmio_write(self.mmio64_base + offset, size, value)
+
+    def _cpuid(self, uc, _):
+        return self.current.cpuid()
+
+    def _syscall(self, uc, _):
+        self.current.syscall()
+
+    def _exception(self, uc, vector, _):
+        self.current.exception(vector)
+
+    def _invalid_opcode(self, uc, _):
+        return self.current.invalid_opcode()
