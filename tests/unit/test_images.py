@@ -416,9 +416,10 @@ def fake_build(monkeypatch):
         out = work / "out"
         out.mkdir()
         (out / "vmlinuz").write_bytes(b"MZ fake bzImage")
+        (out / "System.map").write_text("ffffffff81000000 T _text\nffffffff81000000 T startup_64\n")
         (out / "initramfs.cpio.gz").write_bytes(sample_tree().cpio_gz())
         artifacts = {name: {"sha256": images._sha256_file(out / name), "size": (out / name).stat().st_size}
-                     for name in ("vmlinuz", "initramfs.cpio.gz")}
+                     for name in ("vmlinuz", "System.map", "initramfs.cpio.gz")}
         manifest = {"format": images.FORMAT_VERSION, "name": "default", "recipe": images._recipe_hash(),
                     "kernel_version": "6.1.0-test", "packages": {"busybox-static": "1"}, "modules": ["virtio"],
                     "cmdline": images.DEFAULT_CMDLINE, "artifacts": artifacts, "built_at": "x", "build_seconds": 0}
@@ -456,7 +457,8 @@ class TestCache:
         # nothing left behind but the image and the lock
         assert sorted(p.name for p in private_cache.iterdir()) == [".default.lock", "default"]
         assert sorted(p.name for p in (private_cache / "default").iterdir()) == [
-            "initramfs.cpio.gz", "manifest.json", "vmlinuz"]
+            "System.map", "initramfs.cpio.gz", "manifest.json", "vmlinuz"]
+        assert image.system_map == private_cache / "default" / "System.map"
 
     def test_stale_recipe_is_rebuilt(self, fake_build, private_cache):
         default_image(progress=None)
@@ -468,6 +470,32 @@ class TestCache:
             load_image()
         default_image(progress=None)
         assert len(fake_build) == 2
+
+    def test_an_image_without_system_map_is_rebuilt(self, fake_build, private_cache):
+        """Format 1 images kept no System.map: they are stale, and rebuilt with one."""
+        default_image(progress=None)
+        directory = private_cache / "default"
+        manifest = json.loads((directory / "manifest.json").read_text())
+        del manifest["artifacts"]["System.map"]
+        manifest["format"] = 1
+        (directory / "manifest.json").write_text(json.dumps(manifest))
+        (directory / "System.map").unlink()
+        with pytest.raises(ImageError, match="format 1"):
+            load_image()
+        image = default_image(progress=None)
+        assert len(fake_build) == 2
+        assert image.system_map.read_text().startswith("ffffffff81000000 T _text")
+
+    def test_an_image_whose_kernel_had_no_symbols_is_usable(self, fake_build, private_cache):
+        """System.map is optional (a kernel without readable kallsyms has none)."""
+        default_image(progress=None)
+        directory = private_cache / "default"
+        manifest = json.loads((directory / "manifest.json").read_text())
+        del manifest["artifacts"]["System.map"]
+        (directory / "manifest.json").write_text(json.dumps(manifest))
+        (directory / "System.map").unlink()
+        assert load_image().system_map is None
+        assert len(fake_build) == 1
 
     def test_failed_build_leaves_the_old_image(self, fake_build, private_cache, monkeypatch):
         default_image(progress=None)

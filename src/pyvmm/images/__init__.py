@@ -7,6 +7,8 @@ per user::
 
     $XDG_CACHE_HOME/pyvmm/images/default/     (default ~/.cache/pyvmm/images/default/)
         vmlinuz             the Debian bzImage, as shipped
+        System.map          the kernel's symbols (names guest code in error messages): the
+                            package's own if it is real, else read from the kernel's kallsyms
         initramfs.cpio.gz   busybox + virtio modules + /init (see init.sh), deterministic bytes
         manifest.json       packages and versions, sha256 of each artifact, build time, format
 
@@ -59,10 +61,13 @@ __all__ = [
     "print_to_stderr",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the kernel's System.map next to it
 IMAGE_NAME = "default"
 KERNEL_FILE = "vmlinuz"
+SYSTEM_MAP_FILE = "System.map"
 INITRAMFS_FILE = "initramfs.cpio.gz"
+REQUIRED_ARTIFACTS = frozenset({KERNEL_FILE, INITRAMFS_FILE})
+OPTIONAL_ARTIFACTS = frozenset({SYSTEM_MAP_FILE})  # absent when the kernel has no readable symbols
 MANIFEST_FILE = "manifest.json"
 
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
@@ -170,6 +175,7 @@ class GuestImage:
     packages: dict[str, str]         # Debian package -> version
     cmdline: str = DEFAULT_CMDLINE   # default kernel command line (console=ttyS0 ...)
     modules: tuple[str, ...] = ()    # modules init loads, in order
+    system_map: pathlib.Path | None = None  # the kernel's System.map
     manifest: dict = field(default_factory=dict, compare=False, repr=False)
 
     def command_line(self, argv: list[str] | None = None, extra: str = "") -> str:
@@ -200,7 +206,7 @@ def _check(directory: pathlib.Path, verify_hashes: bool = True) -> tuple[dict | 
     if manifest.get("recipe") != _recipe_hash():
         return manifest, "built by another version of pyvmm's image recipe"
     artifacts = manifest.get("artifacts")
-    if not isinstance(artifacts, dict) or set(artifacts) != {KERNEL_FILE, INITRAMFS_FILE}:
+    if not isinstance(artifacts, dict) or set(artifacts) - OPTIONAL_ARTIFACTS != REQUIRED_ARTIFACTS:
         return manifest, "manifest lists no artifacts"
     for file_name, meta in artifacts.items():
         path = directory / file_name
@@ -221,6 +227,7 @@ def _image_from(directory: pathlib.Path, manifest: dict) -> GuestImage:
         directory=directory,
         kernel=directory / KERNEL_FILE,
         initramfs=directory / INITRAMFS_FILE,
+        system_map=directory / SYSTEM_MAP_FILE if SYSTEM_MAP_FILE in manifest["artifacts"] else None,
         kernel_version=manifest["kernel_version"],
         packages=dict(manifest["packages"]),
         cmdline=manifest.get("cmdline", DEFAULT_CMDLINE),
@@ -324,6 +331,31 @@ def _busybox_applets(busybox: pathlib.Path) -> list[str]:
                                       "ifconfig", "depmod", "modinfo")]
 
 
+def _system_map(vmlinuz: pathlib.Path, shipped: pathlib.Path, progress: Progress) -> str | None:
+    """The kernel's symbols as System.map text: the package's own when it is a real one
+    (Debian's is a one-line pointer to the 280 MB -dbg package), else read from the kernel's
+    kallsyms tables; None, with a warning, when neither works."""
+    from ..loader.linux.symbols import SymbolError, parse
+
+    try:
+        text = shipped.read_text(encoding="ascii", errors="replace")
+        if len(parse(text.splitlines(), str(shipped))) > 1000:
+            return text
+    except (OSError, SymbolError):
+        pass
+    from ..loader import LoaderError
+    from ..loader.linux import extract_vmlinux
+    from ..loader.linux.kallsyms import KallsymsNotFound, format_system_map, read_kallsyms
+
+    try:
+        symbols = read_kallsyms(extract_vmlinux(vmlinuz).read_bytes())  # (extract_vmlinux caches it for boots)
+    except (KallsymsNotFound, LoaderError) as exc:
+        progress(f"warning: no kernel symbols ({exc}); errors will not name kernel functions")
+        return None
+    progress(f"kernel symbols: {len(symbols)} from the kernel's kallsyms tables")
+    return format_system_map(symbols)
+
+
 def _build(work: pathlib.Path, progress: Progress) -> dict:
     from . import debian
     from .initramfs import Initramfs, outb_helper_elf, vsock_helper_elf
@@ -346,6 +378,7 @@ def _build(work: pathlib.Path, progress: Progress) -> dict:
     vmlinuz = kernel_tree / "boot" / f"vmlinuz-{kernel_version}"
     if not vmlinuz.is_file():
         raise ImageError(f"{kernel_deb.name}: no boot/vmlinuz-{kernel_version}")
+    system_map = _system_map(vmlinuz, kernel_tree / "boot" / f"System.map-{kernel_version}", progress)
     busybox = busybox_tree / "bin" / "busybox"
     if not busybox.is_file():
         raise ImageError(f"{busybox_deb.name}: no bin/busybox")
@@ -398,9 +431,11 @@ def _build(work: pathlib.Path, progress: Progress) -> dict:
     out = work / "out"
     out.mkdir()
     shutil.copyfile(vmlinuz, out / KERNEL_FILE)
+    if system_map is not None:
+        (out / SYSTEM_MAP_FILE).write_text(system_map)
     (out / INITRAMFS_FILE).write_bytes(initramfs)
     artifacts = {}
-    for file_name in (KERNEL_FILE, INITRAMFS_FILE):
+    for file_name in sorted(REQUIRED_ARTIFACTS | ({SYSTEM_MAP_FILE} if system_map is not None else set())):
         path = out / file_name
         artifacts[file_name] = {"sha256": _sha256_file(path), "size": path.stat().st_size}
     manifest = {

@@ -63,6 +63,8 @@ def _print_info(image) -> None:
     print(f"kernel     {image.kernel}  Linux {image.kernel_version}, "
           f"{manifest['artifacts']['vmlinuz']['size'] / 1e6:.1f} MB")
     print(f"initramfs  {image.initramfs}  {manifest['artifacts']['initramfs.cpio.gz']['size'] / 1e6:.2f} MB")
+    if image.system_map is not None:
+        print(f"symbols    {image.system_map}")
     for name, version in sorted(image.packages.items()):
         print(f"package    {name} {version}")
     print(f"modules    {' '.join(image.modules) or '-'}")
