@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "guest kernel code natively, else the software CPU)")
     run.add_argument("--cpu-hide", metavar="FEATURES", default="",
                      help="comma-separated CPUID features to hide from the guest, e.g. xsave,cx16")
+    run.add_argument("--system-map", metavar="PATH",
+                     help="the guest kernel's System.map (or a copy of its /proc/kallsyms): errors at a guest "
+                          "address name the kernel function (default: the default guest's System.map)")
 
     run.add_argument("--disk", metavar="PATH[,readonly][,serial=ID][,transport=pci|mmio]", action="append", default=[],
                      help="a raw disk image as virtio-blk /dev/vdX (repeatable); vhost-user=SOCKET instead of PATH "
@@ -169,6 +172,7 @@ def _cmd_run(args) -> int:
         console=console_kind,
         console_transport=console_transport,
         console_ports=[_console_port(text) for text in args.console_port],
+        system_map=args.system_map,
     )
     config.validate()
     config = with_default_guest(config, command)

@@ -150,6 +150,7 @@ class VmConfig:
     console: str = "serial"             # serial (COM1) | virtio (hvc0; COM1 stays for early messages)
     console_transport: str = DEFAULT_TRANSPORT
     console_ports: list[tuple[str, str]] = field(default_factory=list)  # virtio-console (name, unix socket)
+    system_map: str | None = None       # the kernel's System.map (or kallsyms): names guest code in errors
 
     def validate(self, max_vcpus: int | None = None) -> None:
         if self.memory <= 0:
@@ -175,3 +176,7 @@ class VmConfig:
         if self.rng is not None and self.rng not in TRANSPORTS:
             raise ConfigError(f"--rng transport must be pci or mmio (got {self.rng!r})")
         CpuidPolicy(set(self.cpu_hide))  # an unknown feature name fails here, before KVM is opened
+        if self.system_map is not None:
+            from .loader.linux.symbols import LazySymbolTable
+
+            LazySymbolTable(self.system_map).check()

@@ -35,6 +35,8 @@ def with_default_guest(config: VmConfig, command: list[str] | None) -> VmConfig:
 
     image = default_image()
     config.kernel, config.initrd = str(image.kernel), str(image.initramfs)
+    if config.system_map is None and image.system_map is not None:
+        config.system_map = str(image.system_map)
     extra = config.cmdline
     if config.console == "virtio":
         extra += " pyvmm.console=hvc0"
@@ -50,8 +52,14 @@ def run_vm(config: VmConfig, console) -> VmOutcome:
     choice = choose_accelerator(config.accel)
     announce = config.accel == "auto"
     deadline = None if config.timeout is None else time.monotonic() + config.timeout
+    symbols = None
+    if config.system_map is not None:
+        from .loader.linux.symbols import LazySymbolTable
+
+        symbols = LazySymbolTable(config.system_map)  # read only if an error needs a name
     while True:
         vm = build_vm(config, console.write, accel=choice.create())
+        vm.symbols = symbols
         if announce:  # after the build, so that bad input still ends with exactly one line
             print(f"pyvmm: accelerator {choice.name}: {choice.reason}", file=sys.stderr)
             announce = False

@@ -66,6 +66,8 @@ class Vm:
         self._closed = False
         self.iothread = iothread
         self._on_close = list(on_close)  # released after every thread stopped, in order
+        # The guest kernel's symbols (loader.linux.symbols), named in errors at a guest RIP.
+        self.symbols = None
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -230,7 +232,8 @@ class Vm:
         elif isinstance(exit_, InternalError):
             if vcpu.assist(exit_):
                 return
-            self.request_stop(VmOutcome("guest-error", EXIT_GUEST_CRASH, f"vCPU {vcpu.index}: {vcpu.describe_internal_error(exit_)}"))
+            self.request_stop(VmOutcome("guest-error", EXIT_GUEST_CRASH,
+                                        f"vCPU {vcpu.index}: {vcpu.describe_internal_error(exit_, self.symbols)}"))
         elif isinstance(exit_, SystemEvent):
             if exit_.type == uapi.KVM_SYSTEM_EVENT_RESET:
                 self.request_stop(VmOutcome("reset", EXIT_OK, "the guest reset the machine"))

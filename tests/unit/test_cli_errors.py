@@ -72,3 +72,15 @@ def test_no_command_exits_2():
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "usage:" in result.stdout + result.stderr
+
+
+def test_missing_system_map_is_one_line(tmp_path):
+    missing = tmp_path / "System.map"
+    line = assert_one_line_error(pyvmm("run", "--system-map", str(missing)), str(missing))
+    assert "No such file" in line
+
+
+def test_a_system_map_that_is_not_one_is_one_line(tmp_path):
+    junk = tmp_path / "notes.txt"
+    junk.write_text("these are not symbols\n")
+    assert_one_line_error(pyvmm("run", "--system-map", str(junk)), "not a System.map or kallsyms line")

@@ -170,6 +170,7 @@ class KvmVcpu:
         self.thread_ident: int | None = None
         self.run = fd.run  # the hot path: no extra Python frame per exit
         self.assists: dict[str, int] = {}
+        self.assist_refusal = ""  # why pyvmm could not complete the last instruction it knew
 
     def kick(self) -> None:
         """Make KVM_RUN return now, or immediately on its next entry (no lost wake-up)."""
@@ -250,40 +251,64 @@ class KvmVcpu:
             state.segments[name] = Segment(**{f: getattr(source, f) for f in Segment.__dataclass_fields__})
         return state
 
-    def describe_position(self) -> str:
-        """Where the guest is, for error messages: mode, CS:RIP and the instruction bytes."""
+    def describe_position(self, symbols=None, code: bytes | None = None) -> str:
+        """Where the guest is, for error messages: CS:RIP (with the kernel symbol when `symbols`
+        knows it), mode, CPL and the instruction bytes (`code`, else read at RIP)."""
         try:
             regs, sregs = self.fd.get_regs(), self.fd.get_sregs()
         except KvmError as exc:
             return f"(registers unavailable: {exc})"
         mode = "64-bit" if sregs.efer & (1 << 10) and sregs.cs.l else ("protected" if sregs.cr0 & 1 else "real")
         linear = sregs.cs.base + regs.rip if mode != "64-bit" else regs.rip
-        text = f"rip={regs.rip:#x} cs={sregs.cs.selector:#x} ({mode} mode, CPL{sregs.cs.dpl})"
-        code = self._code_bytes(linear)
+        text = f"rip={regs.rip:#x}"
+        symbol = _symbolize(symbols, linear)
+        if symbol:
+            text += f" ({symbol})"
+        text += f" cs={sregs.cs.selector:#x} ({mode} mode, CPL{sregs.cs.dpl})"
+        code = self._code_bytes(linear, 8) if code is None else code
         if code:
             text += f" code: {code.hex(' ')}"
         return text
 
-    def _code_bytes(self, linear: int) -> bytes:
+    def _code_bytes(self, linear: int, size: int = 15) -> bytes:
+        """Up to `size` bytes at a linear address, through KVM_TRANSLATE page by page; fewer
+        when a page is not mapped or not RAM."""
         memory = getattr(self.accel, "memory", None)
         if memory is None:
             return b""
+        out = b""
         try:
-            translation = self.fd.translate(linear)
-            if not translation.valid:
-                return b""
-            return memory.read(translation.physical_address, 8)
+            while len(out) < size:
+                translation = self.fd.translate(linear)
+                if not translation.valid:
+                    break
+                chunk = min(size - len(out), 0x1000 - (linear & 0xFFF))
+                out += memory.read(translation.physical_address, chunk)
+                linear += chunk
         except Exception:  # a diagnostic must never mask the error it describes
-            return b""
+            pass
+        return out
+
+    def _failed_instruction(self, exit_: InternalError, regs, sregs) -> bytes:
+        """The bytes KVM failed on: from the exit when KVM reports them, else read at CS:RIP."""
+        code = exit_.instruction_bytes
+        if len(code) < 15:
+            long_code = sregs.efer & (1 << 10) and sregs.cs.l
+            code = self._code_bytes(regs.rip if long_code else sregs.cs.base + regs.rip) or code
+        return code
 
     def assist(self, exit_: InternalError) -> bool:
         """Complete an instruction KVM failed to emulate, when pyvmm knows how (kvm_assist)."""
+        self.assist_refusal = ""
         if exit_.suberror != uapi.KVM_INTERNAL_ERROR_EMULATION:
             return False
         regs, sregs = self.fd.get_regs(), self.fd.get_sregs()
-        long_code = sregs.efer & (1 << 10) and sregs.cs.l
-        code = self._code_bytes(regs.rip if long_code else sregs.cs.base + regs.rip)
-        found = kvm_assist.decode(code, regs.rflags)
+        code = self._failed_instruction(exit_, regs, sregs)
+        try:
+            found = kvm_assist.decode(code, kvm_assist.GuestView(regs, sregs, self.accel.memory))
+        except kvm_assist.AssistError as exc:
+            self.assist_refusal = str(exc)
+            return False
         if found is None:
             return False
         kvm_assist.apply(self.fd, found)
@@ -292,5 +317,35 @@ class KvmVcpu:
             log.info("vCPU %d: completing %s for KVM (it could not emulate it) at rip=%#x", self.index, found.name, regs.rip)
         return True
 
-    def describe_internal_error(self, exit_: InternalError) -> str:
-        return f"KVM internal error: {exit_.describe()} at {self.describe_position()}"
+    def describe_internal_error(self, exit_: InternalError, symbols=None) -> str:
+        """One line: what KVM could not run, where (with the kernel symbol when `symbols` has
+        it), and what the user can do about it when pyvmm knows."""
+        if exit_.suberror != uapi.KVM_INTERNAL_ERROR_EMULATION:
+            return f"KVM internal error: {exit_.describe()} at {self.describe_position(symbols)}"
+        try:
+            regs, sregs = self.fd.get_regs(), self.fd.get_sregs()
+            code_size = 64 if sregs.efer & (1 << 10) and sregs.cs.l else (32 if sregs.cs.db else 16)
+            code = self._failed_instruction(exit_, regs, sregs)
+        except KvmError:
+            code, code_size = exit_.instruction_bytes, 64
+        name, length = kvm_assist.name_instruction(code, code_size)
+        shown = code[:length] if length else code[:8]
+        text = f"KVM could not emulate {name} at {self.describe_position(symbols, shown)}"
+        if self.assist_refusal:
+            text += f"; pyvmm cannot complete it: {self.assist_refusal}"
+        advice = kvm_assist.hint(name)
+        if advice:
+            text += f" (hint: {advice})"
+        return text
+
+
+def _symbolize(symbols, address: int) -> str:
+    """'name+0xoff' for `address`, '' when there is no table or no symbol (never raises: this
+    runs while reporting another error)."""
+    if symbols is None:
+        return ""
+    try:
+        return symbols.describe(address) or ""
+    except Exception as exc:
+        log.warning("cannot read the kernel symbols: %s", exc)
+        return ""

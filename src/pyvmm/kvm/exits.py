@@ -89,6 +89,15 @@ class InternalError(VcpuExit):
         }
         return kinds.get(self.suberror, f"suberror {self.suberror}")
 
+    @property
+    def instruction_bytes(self) -> bytes:
+        """The bytes KVM fetched for an emulation failure, when it reports them (data[0] bit 0,
+        KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES: a size byte then 15 bytes in data[1:3])."""
+        if self.suberror != uapi.KVM_INTERNAL_ERROR_EMULATION or len(self.data) < 3 or not self.data[0] & 1:
+            return b""
+        raw = self.data[1].to_bytes(8, "little") + self.data[2].to_bytes(8, "little")
+        return raw[1:1 + min(raw[0], 15)]
+
 
 class FailEntry(VcpuExit):
     __slots__ = ("reason", "cpu")
