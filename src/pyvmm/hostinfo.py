@@ -139,6 +139,11 @@ def print_kvm_info(calibrate_guest: bool = True, out=None) -> int:
                 missing.append(name)
         cpuid = kvm.supported_cpuid()
         print(f"cpuid         {len(cpuid)} leaves supported", file=out)
+        from .arch.x86_64.cpuid import FEATURES, KVM_PV_OFFERED, kvm_pv_leaves
+
+        pv = kvm_pv_leaves(cpuid)
+        offered = sorted(name for name in KVM_PV_OFFERED if pv and pv[1].eax >> FEATURES[name][3] & 1)
+        print(f"paravirtual   {' '.join(offered) or 'none'} (CPUID 0x40000001 for KVM guests)", file=out)
     if missing:
         print(f"verdict       pyvmm cannot use this KVM: missing {', '.join(missing)}", file=out)
         return 1
@@ -148,8 +153,12 @@ def print_kvm_info(calibrate_guest: bool = True, out=None) -> int:
     print(f"calibration   kernel mode (CPL0): {result.kernel_mips:,.2f} M instructions/s; "
           f"user mode (CPL3): {result.user_mips:,.0f} M instructions/s", file=out)
     if result.kernel_code_emulated:
+        from .arch.x86_64.cpuid import EMULATED_KERNEL_HIDDEN
+
         print(f"verdict       guest kernel code is EMULATED here ({result.slowdown:,.0f}x slower than user code): "
               "small guests work, Linux guests will be very slow on KVM", file=out)
+        print(f"hidden        {' '.join(sorted(EMULATED_KERNEL_HIDDEN))}: pyvmm hides these from KVM guests "
+              "here (emulated, their instructions fail; kvm_pvm still shows most from the host CPU)", file=out)
     else:
         print(f"verdict       guest kernel code runs natively (kernel/user speed ratio {result.slowdown:.1f}x)", file=out)
     return 0

@@ -110,3 +110,4 @@ def test_kvm_info_reports_capabilities_and_calibration(pyvmm):
     match = re.search(r"kernel mode \(CPL0\): ([\d,.]+) M instructions/s; user mode \(CPL3\): ([\d,.]+) M", result.stdout)
     assert match and float(match.group(1).replace(",", "")) > 0 and float(match.group(2).replace(",", "")) > 0
     assert "verdict" in result.stdout
+    assert re.search(r"^paravirtual .*\bkvmclock\b", result.stdout, re.M)   # every KVM has kvm-clock

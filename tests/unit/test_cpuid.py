@@ -6,11 +6,15 @@ from hypothesis import strategies as st
 
 from pyvmm.arch.x86_64.cpuid import (
     DEPENDENTS,
+    EMULATED_KERNEL_HIDDEN,
     FEATURES,
+    KVM_PV_OFFERED,
     CpuidPolicy,
     UnknownFeature,
     guest_cpuid,
     has_feature,
+    kvm_guest_cpuid,
+    kvm_pv_leaves,
 )
 from pyvmm.kvm.system import CpuidEntry
 
@@ -46,6 +50,8 @@ def supported(hypervisor_bit=True):
         E(0xD, 1, eax=0xF, ebx=0, ecx=0, edx=0),
         E(0x80000000, eax=0x80000008),
         E(0x80000001, eax=0, ebx=0, ecx=ALL, edx=ALL),
+        E(0x40000000, eax=0x40000001, ebx=0x4B4D564B, ecx=0x564B4D56, edx=0x4D),   # as KVM reports them
+        E(0x40000001, eax=ALL),
     ]
 
 
@@ -265,3 +271,91 @@ def test_all_registers_fit_in_32_bits(count):
     assert leaf4.eax >> 26 == min((1 << (count - 1).bit_length()) - 1, 63)
     expected_logical = min(1 << (count - 1).bit_length(), 0xFF) if count > 1 else 1
     assert by_key(out)[(1, 0)].ebx >> 16 & 0xFF == expected_logical
+
+
+# --- KVM paravirtual leaves (kvm_guest_cpuid) ------------------------------------------------
+
+KVM_SIGNATURE_REGS = (0x4B4D564B, 0x564B4D56, 0x4D)  # "KVMKVMKVM\0\0\0" in EBX, ECX, EDX
+# Linux's KVM_FEATURE_* numbers, from Documentation/virt/kvm/x86/cpuid.rst
+KVM_FEATURE_BITS = {"kvmclock_legacy": 0, "kvm_nopiodelay": 1, "kvmclock": 3, "kvm_asyncpf": 4,
+                    "kvm_steal_time": 5, "kvm_pv_eoi": 6, "kvm_pv_unhalt": 7, "kvm_pv_tlb_flush": 9,
+                    "kvm_asyncpf_vmexit": 10, "kvm_pv_ipi": 11, "kvm_poll_control": 12,
+                    "kvm_pv_sched_yield": 13, "kvm_asyncpf_int": 14, "kvmclock_stable": 24}
+
+
+def kvm_run(hidden=(), table=None):
+    return by_key(kvm_guest_cpuid(table if table is not None else supported(), CpuidPolicy(set(hidden)), 0, 1))
+
+
+def test_kvm_signature_leaf():
+    leaf = kvm_run()[(0x40000000, 0)]
+    assert leaf.eax == 0x40000001                       # the highest KVM leaf
+    assert (leaf.ebx, leaf.ecx, leaf.edx) == KVM_SIGNATURE_REGS
+    raw = b"".join(r.to_bytes(4, "little") for r in (leaf.ebx, leaf.ecx, leaf.edx))
+    assert raw == b"KVMKVMKVM\0\0\0"
+
+
+def test_kvm_feature_bits_are_what_kvm_reports_and_pyvmm_offers():
+    assert {name: FEATURES[name][3] for name in KVM_PV_OFFERED} == KVM_FEATURE_BITS
+    offered = sum(1 << bit for bit in KVM_FEATURE_BITS.values())
+    leaf = kvm_run()[(0x40000001, 0)]
+    assert leaf.eax == offered                          # KVM reported every bit: only the offered ones pass
+    for bit in (2, 15, 16, 17, 31):                     # MMU_OP, MSI_EXT_DEST_ID, MAP_GPA_RANGE, MIGRATION_CONTROL
+        assert not leaf.eax >> bit & 1
+    assert (leaf.ebx, leaf.ecx, leaf.edx) == (0, 0, 0)  # no hints (KVM_HINTS_REALTIME needs pinned vCPUs)
+    only_clock = [e if e.function != 0x40000001 else E(0x40000001, eax=1 << 3 | 1 << 2) for e in supported()]
+    assert kvm_run(table=only_clock)[(0x40000001, 0)].eax == 1 << 3   # never more than KVM reports
+
+
+def test_kvm_leaves_replace_the_hosts_hypervisor_leaves():
+    table = [e for e in supported() if e.function < 0x40000000 or e.function >= 0x50000000]
+    table += [E(0x40000000, eax=0x40000010, ebx=0x7263694D), E(0x40000001, eax=ALL), E(0x40000010, eax=123)]
+    out = kvm_run(table=table)
+    assert [key for key in out if 0x40000000 <= key[0] < 0x50000000] == [(0x40000000, 0), (0x40000001, 0)]
+    assert (out[(0x40000000, 0)].ebx, out[(0x40000000, 0)].eax) == (KVM_SIGNATURE_REGS[0], 0x40000001)
+
+
+def test_no_kvm_leaves_when_kvm_reports_none():
+    table = [e for e in supported() if not 0x40000000 <= e.function < 0x50000000]
+    assert kvm_pv_leaves(table) == []
+    assert not any(0x40000000 <= key[0] < 0x50000000 for key in kvm_run(table=table))
+
+
+def test_guest_cpuid_adds_no_kvm_leaves():
+    """The software CPU's path: guest_cpuid over a table without hypervisor leaves has none."""
+    table = [e for e in supported() if not 0x40000000 <= e.function < 0x50000000]
+    assert not any(0x40000000 <= e.function < 0x50000000 for e in run(table=table))
+
+
+def test_hiding_kvmclock_hides_both_clock_interfaces_and_the_stable_bit():
+    eax = kvm_run({"kvmclock"})[(0x40000001, 0)].eax
+    for name in ("kvmclock", "kvmclock_legacy", "kvmclock_stable"):
+        assert not eax >> KVM_FEATURE_BITS[name] & 1, name
+    assert eax >> KVM_FEATURE_BITS["kvm_pv_eoi"] & 1 and eax >> KVM_FEATURE_BITS["kvm_steal_time"] & 1
+    assert kvm_run({"kvmclock"})[(0x40000000, 0)].ebx == KVM_SIGNATURE_REGS[0]   # the signature stays
+
+
+def test_kvm_guest_cpuid_keeps_the_other_leaves_and_topology():
+    out = kvm_run({"cx16"})
+    plain = by_key(run({"cx16"}))
+    for key, entry in plain.items():
+        if not 0x40000000 <= key[0] < 0x50000000:
+            assert out[key] == entry
+
+
+# --- hidden on a host whose KVM emulates kernel code -----------------------------------------
+
+def test_emulated_kernel_hidden_names_are_known_and_leave_the_assisted_ones():
+    assert EMULATED_KERNEL_HIDDEN <= FEATURES.keys()
+    assert not EMULATED_KERNEL_HIDDEN & {"popcnt", "smap"}     # pyvmm completes popcnt, clac, stac
+    out = kvm_guest_cpuid(supported(), CpuidPolicy().also_hiding(EMULATED_KERNEL_HIDDEN), 0, 1)
+    for name in ("cx16", "xsave", "xsaveopt", "avx", "avx2", "sse4_2", "bmi2", "rdtscp", "clwb", "pni"):
+        assert not has_feature(out, name), name
+    for name in ("popcnt", "smap", "lm", "nx", "fsgsbase", "rdrand", "kvmclock", "kvm_pv_eoi"):
+        assert has_feature(out, name), name
+
+
+def test_also_hiding_keeps_the_users_choices():
+    policy = CpuidPolicy({"nx"}).also_hiding({"cx16"})
+    assert policy.hidden == {"nx", "cx16"}
+    assert CpuidPolicy({"nx"}).hidden == {"nx"}

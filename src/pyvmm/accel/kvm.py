@@ -13,7 +13,7 @@ import threading
 
 from ..arch.x86_64 import layout, msrs
 from ..arch.x86_64.cpu_state import GPR_NAMES, SEGMENT_NAMES, CpuState, DescriptorTable, Segment
-from ..arch.x86_64.cpuid import CpuidPolicy, guest_cpuid
+from ..arch.x86_64.cpuid import EMULATED_KERNEL_HIDDEN, CpuidPolicy, kvm_guest_cpuid
 from ..kvm import Kvm, KvmError, KvmUnavailable, uapi
 from ..kvm.exits import InternalError
 from . import kvm_assist
@@ -71,7 +71,11 @@ class KvmAccelerator:
     name = "kvm"
     per_vcpu_threads = True  # each vCPU thread sits in KVM_RUN; Vm runs the exit loop
 
-    def __init__(self, kvm: Kvm | None = None) -> None:
+    def __init__(self, kvm: Kvm | None = None, *, kernel_code_emulated: bool = False) -> None:
+        """`kernel_code_emulated`: this host's KVM emulates guest kernel code (the calibration
+        of accel.select says so); the guest then does not see the CPUID features whose
+        instructions that emulator fails on (cpuid.EMULATED_KERNEL_HIDDEN)."""
+        self.kernel_code_emulated = kernel_code_emulated
         self.kvm = kvm or Kvm()
         for cap, cap_name in REQUIRED_CAPABILITIES.items():
             self.kvm.require(cap, cap_name)
@@ -139,7 +143,9 @@ class KvmAccelerator:
     def create_vcpu(self, index: int, count: int, policy: CpuidPolicy) -> "KvmVcpu":
         install_kick_handler()
         vcpu = KvmVcpu(self, self.vm_fd.create_vcpu(index), index)
-        vcpu.fd.set_cpuid2(guest_cpuid(self.supported_cpuid, policy, index, count))
+        if self.kernel_code_emulated:
+            policy = policy.also_hiding(EMULATED_KERNEL_HIDDEN)
+        vcpu.fd.set_cpuid2(kvm_guest_cpuid(self.supported_cpuid, policy, index, count))
         vcpu.set_msrs(msrs.boot_msrs())
         if index == 0:
             vcpu.set_virtual_wire_lints()

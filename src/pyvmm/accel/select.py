@@ -24,12 +24,13 @@ CHOICES = ("auto", "kvm", "tcg")
 class AccelChoice:
     name: str    # "kvm" or "tcg"
     reason: str  # one line for the user
+    kernel_code_emulated: bool = False  # KVM here emulates guest kernel code (the calibration)
 
     def create(self):
         if self.name == "kvm":
             from .kvm import KvmAccelerator
 
-            return KvmAccelerator()
+            return KvmAccelerator(kernel_code_emulated=self.kernel_code_emulated)
         try:
             from .tcg.accelerator import TcgAccelerator
         except ImportError as exc:  # unicorn missing: an unusable host, not a pyvmm bug
@@ -74,13 +75,23 @@ def _cached_calibration():
     return result
 
 
+def _kernel_code_emulated() -> bool:
+    """Whether this host's KVM emulates guest kernel code, from the cached calibration; False
+    when KVM cannot even run the calibration guest (the VM will fail with its own error)."""
+    try:
+        return _cached_calibration().kernel_code_emulated
+    except Exception as exc:
+        log.debug("no KVM calibration: %s", exc)
+        return False
+
+
 def choose_accelerator(requested: str = "auto") -> AccelChoice:
     if requested not in CHOICES:
         from ..config import ConfigError
 
         raise ConfigError(f"--accel must be one of {', '.join(CHOICES)} (got {requested!r})")
     if requested == "kvm":
-        return AccelChoice("kvm", "requested with --accel kvm")
+        return AccelChoice("kvm", "requested with --accel kvm", _kernel_code_emulated())
     if requested == "tcg":
         return AccelChoice("tcg", "requested with --accel tcg")
     from ..kvm import Kvm, KvmUnavailable

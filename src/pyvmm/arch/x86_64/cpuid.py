@@ -2,6 +2,10 @@
 
 The policy hides features by name (`--cpu-hide xsave,cx16`); topology leaves are
 rewritten so each vCPU sees its own APIC ID in a one-socket, N-core package.
+On KVM, `kvm_guest_cpuid` adds KVM's paravirtual leaves (0x40000000 signature,
+0x40000001 features such as kvm-clock, PV EOI and steal time), limited to what
+the kernel module reports and implements by itself; the software CPU never
+shows them, since it implements none of their MSRs.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ EAX, EBX, ECX, EDX = "eax", "ebx", "ecx", "edx"
 
 # name -> (leaf, subleaf, register, bit). The names are those of /proc/cpuinfo.
 FEATURES: dict[str, tuple[int, int, str, int]] = {
+    "pni": (1, 0, ECX, 0),
     "pclmulqdq": (1, 0, ECX, 1),
     "monitor": (1, 0, ECX, 3),
     "vmx": (1, 0, ECX, 5),
@@ -55,11 +60,15 @@ FEATURES: dict[str, tuple[int, int, str, int]] = {
     "adx": (7, 0, EBX, 19),
     "smap": (7, 0, EBX, 20),
     "clflushopt": (7, 0, EBX, 23),
+    "clwb": (7, 0, EBX, 24),
     "sha_ni": (7, 0, EBX, 29),
     "umip": (7, 0, ECX, 2),
     "pku": (7, 0, ECX, 3),
+    "gfni": (7, 0, ECX, 8),
     "la57": (7, 0, ECX, 16),
     "rdpid": (7, 0, ECX, 22),
+    "movdiri": (7, 0, ECX, 27),
+    "movdir64b": (7, 0, ECX, 28),
     "xsaveopt": (0xD, 1, EAX, 0),
     "xsavec": (0xD, 1, EAX, 1),
     "xsaves": (0xD, 1, EAX, 3),
@@ -70,16 +79,62 @@ FEATURES: dict[str, tuple[int, int, str, int]] = {
     "pdpe1gb": (0x80000001, 0, EDX, 26),
     "rdtscp": (0x80000001, 0, EDX, 27),
     "lm": (0x80000001, 0, EDX, 29),
+    # KVM paravirtual features (CPUID 0x40000001 EAX, Linux's KVM_FEATURE_* bits)
+    "kvmclock_legacy": (0x40000001, 0, EAX, 0),     # kvm-clock through MSRs 0x11/0x12
+    "kvm_nopiodelay": (0x40000001, 0, EAX, 1),
+    "kvmclock": (0x40000001, 0, EAX, 3),            # kvm-clock through MSRs 0x4b564d00/01
+    "kvm_asyncpf": (0x40000001, 0, EAX, 4),
+    "kvm_steal_time": (0x40000001, 0, EAX, 5),
+    "kvm_pv_eoi": (0x40000001, 0, EAX, 6),
+    "kvm_pv_unhalt": (0x40000001, 0, EAX, 7),
+    "kvm_pv_tlb_flush": (0x40000001, 0, EAX, 9),
+    "kvm_asyncpf_vmexit": (0x40000001, 0, EAX, 10),
+    "kvm_pv_ipi": (0x40000001, 0, EAX, 11),
+    "kvm_poll_control": (0x40000001, 0, EAX, 12),
+    "kvm_pv_sched_yield": (0x40000001, 0, EAX, 13),
+    "kvm_asyncpf_int": (0x40000001, 0, EAX, 14),
+    "kvmclock_stable": (0x40000001, 0, EAX, 24),    # the pvclock's TSC-stable flag may be trusted
 }
 
 # Features that are meaningless without another: hiding the first hides these too.
 DEPENDENTS: dict[str, tuple[str, ...]] = {
     "xsave": ("osxsave", "avx", "fma", "f16c", "avx2", "avx512f", "xsaveopt", "xsavec", "xsaves"),
     "avx": ("fma", "f16c", "avx2", "avx512f"),
+    "kvmclock": ("kvmclock_legacy", "kvmclock_stable"),
+    "kvm_asyncpf": ("kvm_asyncpf_vmexit", "kvm_asyncpf_int"),
 }
 
 # Never shown to a guest: pyvmm does not offer nested virtualization.
 ALWAYS_HIDDEN = frozenset({"vmx"})
+
+# Hidden from KVM guests on a host whose KVM emulates guest kernel code (kvm_pvm; `pyvmm kvm-info`
+# calibrates it): features whose instructions that emulator fails on at CPL0 and pyvmm cannot
+# complete (accel/kvm_assist.py lists what was measured). popcnt and smap are not here: pyvmm
+# completes popcnt, clac and stac. Caveat measured on kvm_pvm: it answers CPUID leaf 1 with
+# the host's bits wherever KVM_GET_SUPPORTED_CPUID has none (popcnt, xsave, sse4_2, ...) and
+# leaf 7 entirely from the host, so of this list only cx16 (and rdtscp, which it already
+# hides) actually disappears there; on hosts that honour KVM_SET_CPUID2 all of it does.
+EMULATED_KERNEL_HIDDEN = frozenset({
+    "cx16",                                     # cmpxchg16b: must be atomic against other vCPUs
+    "xsave",                                    # xgetbv, xsave, xrstor, xsaveopt, xsavec (and AVX with it)
+    "pni", "ssse3", "sse4_1", "sse4_2", "aes", "pclmulqdq", "sha_ni", "gfni",  # SSE arithmetic
+    "bmi1", "bmi2", "adx", "movbe",             # VEX encodings, adcx; movbe raises #UD
+    "rdtscp", "rdpid", "clwb", "rtm", "movdiri", "movdir64b",
+})
+
+# KVM_FEATURE_* bits pyvmm offers when KVM reports them: all are MSRs and hypercalls KVM
+# serves in the kernel. Left out: MMU_OP (2, removed from KVM), MSI_EXT_DEST_ID (15, needs
+# the VMM's MSI routing to know the extended destination ID), HC_MAP_GPA_RANGE (16) and
+# MIGRATION_CONTROL (17), which exit to the VMM.
+KVM_PV_OFFERED = frozenset({
+    "kvmclock_legacy", "kvm_nopiodelay", "kvmclock", "kvm_asyncpf", "kvm_steal_time", "kvm_pv_eoi",
+    "kvm_pv_unhalt", "kvm_pv_tlb_flush", "kvm_asyncpf_vmexit", "kvm_pv_ipi", "kvm_poll_control",
+    "kvm_pv_sched_yield", "kvm_asyncpf_int", "kvmclock_stable",
+})
+KVM_CPUID_SIGNATURE = 0x40000000
+KVM_CPUID_FEATURES = 0x40000001
+KVM_SIGNATURE = b"KVMKVMKVM\0\0\0"
+HYPERVISOR_LEAVES = range(0x40000000, 0x50000000)
 
 
 class UnknownFeature(ValueError):
@@ -100,6 +155,9 @@ class CpuidPolicy:
         for name in list(hidden):
             hidden.update(DEPENDENTS.get(name, ()))
         return hidden
+
+    def also_hiding(self, names) -> "CpuidPolicy":
+        return CpuidPolicy(set(self.hidden) | set(names))
 
 
 def _with_bit(entry: CpuidEntry, register: str, bit: int, value: bool) -> CpuidEntry:
@@ -149,3 +207,28 @@ def has_feature(entries: list[CpuidEntry], name: str) -> bool:
         if entry.function == leaf and entry.index == subleaf:
             return bool(getattr(entry, register) >> bit & 1)
     return False
+
+
+def kvm_pv_leaves(supported: list[CpuidEntry]) -> list[CpuidEntry]:
+    """KVM's paravirtual leaves for a guest: the signature leaf (max leaf 0x40000001) and the
+    KVM_PV_OFFERED features KVM_GET_SUPPORTED_CPUID reports; none when KVM reports no
+    KVM_CPUID_FEATURES leaf."""
+    reported = next((e for e in supported if e.function == KVM_CPUID_FEATURES), None)
+    if reported is None:
+        return []
+    offered = 0
+    for name in KVM_PV_OFFERED:
+        offered |= 1 << FEATURES[name][3]
+    ebx, ecx, edx = (int.from_bytes(KVM_SIGNATURE[i:i + 4], "little") for i in (0, 4, 8))
+    return [
+        CpuidEntry(KVM_CPUID_SIGNATURE, 0, 0, KVM_CPUID_FEATURES, ebx, ecx, edx),
+        CpuidEntry(KVM_CPUID_FEATURES, 0, 0, reported.eax & offered, 0, 0, 0),
+    ]
+
+
+def kvm_guest_cpuid(supported: list[CpuidEntry], policy: CpuidPolicy, vcpu_index: int,
+                    vcpu_count: int) -> list[CpuidEntry]:
+    """guest_cpuid for the KVM backend: the host's hypervisor leaves replaced by the KVM
+    paravirtual leaves pyvmm offers (kvm_pv_leaves), then the policy applied to all."""
+    base = [e for e in supported if e.function not in HYPERVISOR_LEAVES] + kvm_pv_leaves(supported)
+    return guest_cpuid(base, policy, vcpu_index, vcpu_count)
