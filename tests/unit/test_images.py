@@ -416,19 +416,37 @@ def fake_build(monkeypatch):
         out = work / "out"
         out.mkdir()
         (out / "vmlinuz").write_bytes(b"MZ fake bzImage")
-        (out / "System.map").write_text("ffffffff81000000 T _text\nffffffff81000000 T startup_64\n")
         (out / "initramfs.cpio.gz").write_bytes(sample_tree().cpio_gz())
         artifacts = {name: {"sha256": images._sha256_file(out / name), "size": (out / name).stat().st_size}
-                     for name in ("vmlinuz", "System.map", "initramfs.cpio.gz")}
+                     for name in ("vmlinuz", "initramfs.cpio.gz")}
         manifest = {"format": images.FORMAT_VERSION, "name": "default", "recipe": images._recipe_hash(),
                     "kernel_version": "6.1.0-test", "packages": {"busybox-static": "1"}, "modules": ["virtio"],
                     "cmdline": images.DEFAULT_CMDLINE, "artifacts": artifacts, "built_at": "x", "build_seconds": 0}
+        manifest["symbols"] = images._symbols_record(out, artifacts["vmlinuz"]["sha256"], progress)
         (out / "manifest.json").write_text(json.dumps(manifest))
         progress("fake build")
         return manifest
 
     monkeypatch.setattr(images, "_build", _build)
     return calls
+
+
+FAKE_MAP = "ffffffff81000000 T _text\nffffffff81000000 T startup_64\n"
+
+
+@pytest.fixture(autouse=True)
+def fake_kernel_symbols(monkeypatch):
+    """The fake kernels have no kallsyms: the symbols come from here (None: a kernel without)."""
+    state = {"text": FAKE_MAP, "calls": 0}
+
+    def _kernel_symbols(vmlinuz):
+        state["calls"] += 1
+        if state["text"] is None:
+            raise ImageError("no kallsyms tables found")
+        return state["text"]
+
+    monkeypatch.setattr(images, "_kernel_symbols", _kernel_symbols)
+    return state
 
 
 class TestCache:
@@ -442,7 +460,7 @@ class TestCache:
         assert image.kernel == private_cache / "default" / "vmlinuz"
         assert image.initramfs.read_bytes() == sample_tree().cpio_gz()
         assert image.kernel_version == "6.1.0-test" and image.modules == ("virtio",)
-        assert len(fake_build) == 1 and messages == ["fake build"]
+        assert len(fake_build) == 1 and messages[-1] == "fake build" and "kernel symbols" in messages[0]
         assert default_image(progress=messages.append) == image
         assert build_default_image(progress=messages.append) == image
         assert len(fake_build) == 1, "a complete image is not rebuilt"
@@ -471,31 +489,34 @@ class TestCache:
         default_image(progress=None)
         assert len(fake_build) == 2
 
-    def test_an_image_without_system_map_is_rebuilt(self, fake_build, private_cache):
-        """Format 1 images kept no System.map: they are stale, and rebuilt with one."""
+    def test_an_image_without_symbols_gets_them_without_a_rebuild(self, fake_build, private_cache,
+                                                                   fake_kernel_symbols):
+        """Images built before pyvmm kept a System.map stay valid: the map is added on first use."""
         default_image(progress=None)
         directory = private_cache / "default"
         manifest = json.loads((directory / "manifest.json").read_text())
-        del manifest["artifacts"]["System.map"]
-        manifest["format"] = 1
+        del manifest["symbols"]
         (directory / "manifest.json").write_text(json.dumps(manifest))
         (directory / "System.map").unlink()
-        with pytest.raises(ImageError, match="format 1"):
-            load_image()
-        image = default_image(progress=None)
-        assert len(fake_build) == 2
-        assert image.system_map.read_text().startswith("ffffffff81000000 T _text")
-
-    def test_an_image_whose_kernel_had_no_symbols_is_usable(self, fake_build, private_cache):
-        """System.map is optional (a kernel without readable kallsyms has none)."""
-        default_image(progress=None)
-        directory = private_cache / "default"
-        manifest = json.loads((directory / "manifest.json").read_text())
-        del manifest["artifacts"]["System.map"]
-        (directory / "manifest.json").write_text(json.dumps(manifest))
-        (directory / "System.map").unlink()
+        assert load_image().system_map is None            # usable as it is
+        messages = []
+        image = default_image(progress=messages.append)
+        assert len(fake_build) == 1 and image.system_map.read_text() == FAKE_MAP
+        assert any("kernel symbols" in m for m in messages)
+        assert load_image().system_map == directory / "System.map"
+        # a damaged map is made again, still without a rebuild
+        (directory / "System.map").write_text(FAKE_MAP.upper())
         assert load_image().system_map is None
+        assert default_image(progress=None).system_map.read_text() == FAKE_MAP
         assert len(fake_build) == 1
+
+    def test_a_kernel_without_symbols_is_noted_once(self, fake_build, private_cache, fake_kernel_symbols):
+        fake_kernel_symbols["text"] = None
+        messages = []
+        image = default_image(progress=messages.append)
+        assert image.system_map is None and any("no kernel symbols" in m for m in messages)
+        assert default_image(progress=None).system_map is None
+        assert fake_kernel_symbols["calls"] == 1 and len(fake_build) == 1   # not tried again
 
     def test_failed_build_leaves_the_old_image(self, fake_build, private_cache, monkeypatch):
         default_image(progress=None)

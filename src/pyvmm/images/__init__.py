@@ -7,10 +7,13 @@ per user::
 
     $XDG_CACHE_HOME/pyvmm/images/default/     (default ~/.cache/pyvmm/images/default/)
         vmlinuz             the Debian bzImage, as shipped
-        System.map          the kernel's symbols (names guest code in error messages): the
-                            package's own if it is real, else read from the kernel's kallsyms
         initramfs.cpio.gz   busybox + virtio modules + /init (see init.sh), deterministic bytes
+        System.map          the kernel's symbols, read from its kallsyms tables (Debian's package
+                            has a stub): names guest code in error messages
         manifest.json       packages and versions, sha256 of each artifact, build time, format
+
+System.map is recorded apart from the artifacts (manifest key "symbols"), so images of
+pyvmm versions that did not write one stay valid: it is added to them on first use.
 
 The guest's /init loads the virtio/vsock modules, writes 0x01 to port 0x610 ("init
 started"), then runs the command given as ``pyvmm.cmd=<base64>`` on the kernel command
@@ -61,13 +64,11 @@ __all__ = [
     "print_to_stderr",
 ]
 
-FORMAT_VERSION = 2  # 2: the kernel's System.map next to it
+FORMAT_VERSION = 1
 IMAGE_NAME = "default"
 KERNEL_FILE = "vmlinuz"
-SYSTEM_MAP_FILE = "System.map"
 INITRAMFS_FILE = "initramfs.cpio.gz"
-REQUIRED_ARTIFACTS = frozenset({KERNEL_FILE, INITRAMFS_FILE})
-OPTIONAL_ARTIFACTS = frozenset({SYSTEM_MAP_FILE})  # absent when the kernel has no readable symbols
+SYSTEM_MAP_FILE = "System.map"
 MANIFEST_FILE = "manifest.json"
 
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
@@ -206,7 +207,7 @@ def _check(directory: pathlib.Path, verify_hashes: bool = True) -> tuple[dict | 
     if manifest.get("recipe") != _recipe_hash():
         return manifest, "built by another version of pyvmm's image recipe"
     artifacts = manifest.get("artifacts")
-    if not isinstance(artifacts, dict) or set(artifacts) - OPTIONAL_ARTIFACTS != REQUIRED_ARTIFACTS:
+    if not isinstance(artifacts, dict) or set(artifacts) != {KERNEL_FILE, INITRAMFS_FILE}:
         return manifest, "manifest lists no artifacts"
     for file_name, meta in artifacts.items():
         path = directory / file_name
@@ -221,13 +222,34 @@ def _check(directory: pathlib.Path, verify_hashes: bool = True) -> tuple[dict | 
     return manifest, ""
 
 
-def _image_from(directory: pathlib.Path, manifest: dict) -> GuestImage:
+def _symbols_state(directory: pathlib.Path, manifest: dict, verify_hashes: bool = True) -> str:
+    """'ok' when the manifest's System.map is there and intact, 'unavailable' when the kernel
+    was found to have no readable symbols, 'missing' otherwise (to be added)."""
+    symbols = manifest.get("symbols")
+    if not isinstance(symbols, dict):
+        return "missing"
+    if symbols.get("kernel_sha256") != manifest["artifacts"][KERNEL_FILE].get("sha256"):
+        return "missing"
+    if "unavailable" in symbols:
+        return "unavailable"
+    path = directory / SYSTEM_MAP_FILE
+    try:
+        if path.stat().st_size != symbols.get("size"):
+            return "missing"
+    except OSError:
+        return "missing"
+    if verify_hashes and _sha256_file(path) != symbols.get("sha256"):
+        return "missing"
+    return "ok"
+
+
+def _image_from(directory: pathlib.Path, manifest: dict, verify_hashes: bool = True) -> GuestImage:
     return GuestImage(
         name=manifest.get("name", directory.name),
         directory=directory,
         kernel=directory / KERNEL_FILE,
         initramfs=directory / INITRAMFS_FILE,
-        system_map=directory / SYSTEM_MAP_FILE if SYSTEM_MAP_FILE in manifest["artifacts"] else None,
+        system_map=directory / SYSTEM_MAP_FILE if _symbols_state(directory, manifest, verify_hashes) == "ok" else None,
         kernel_version=manifest["kernel_version"],
         packages=dict(manifest["packages"]),
         cmdline=manifest.get("cmdline", DEFAULT_CMDLINE),
@@ -242,13 +264,16 @@ def load_image(name: str = IMAGE_NAME, verify_hashes: bool = True) -> GuestImage
     manifest, problem = _check(directory, verify_hashes)
     if problem:
         raise ImageError(f"guest image {name!r} at {directory} is not usable ({problem}): run `pyvmm image build`")
-    return _image_from(directory, manifest)
+    return _image_from(directory, manifest, verify_hashes)
 
 
 def default_image(build_if_missing: bool = True, progress: Progress | None = print_to_stderr) -> GuestImage:
-    """The default Linux guest image, built first if it is missing, incomplete or stale."""
+    """The default Linux guest image, built first if it is missing, incomplete or stale (and
+    given its System.map if it has none yet)."""
     try:
-        return load_image(IMAGE_NAME)
+        image = load_image(IMAGE_NAME)
+        if image.system_map is not None or _symbols_state(image.directory, image.manifest, False) == "unavailable":
+            return image
     except ImageError:
         if not build_if_missing:
             raise
@@ -286,6 +311,8 @@ def build_default_image(rebuild: bool = False, progress: Progress | None = print
             if not rebuild:
                 manifest, problem = _check(directory)
                 if not problem:
+                    if _symbols_state(directory, manifest) == "missing":
+                        manifest = _add_symbols(directory, manifest, progress)
                     return _image_from(directory, manifest)
                 if manifest is not None:
                     progress(f"rebuilding: {problem}")
@@ -331,29 +358,50 @@ def _busybox_applets(busybox: pathlib.Path) -> list[str]:
                                       "ifconfig", "depmod", "modinfo")]
 
 
-def _system_map(vmlinuz: pathlib.Path, shipped: pathlib.Path, progress: Progress) -> str | None:
-    """The kernel's symbols as System.map text: the package's own when it is a real one
-    (Debian's is a one-line pointer to the 280 MB -dbg package), else read from the kernel's
-    kallsyms tables; None, with a warning, when neither works."""
-    from ..loader.linux.symbols import SymbolError, parse
-
-    try:
-        text = shipped.read_text(encoding="ascii", errors="replace")
-        if len(parse(text.splitlines(), str(shipped))) > 1000:
-            return text
-    except (OSError, SymbolError):
-        pass
+def _kernel_symbols(vmlinuz: pathlib.Path) -> str:
+    """The kernel's symbols as System.map text, read from its kallsyms tables (Debian's
+    System.map is a one-line pointer to the 280 MB -dbg package). Raises ImageError."""
     from ..loader import LoaderError
     from ..loader.linux import extract_vmlinux
     from ..loader.linux.kallsyms import KallsymsNotFound, format_system_map, read_kallsyms
 
     try:
-        symbols = read_kallsyms(extract_vmlinux(vmlinuz).read_bytes())  # (extract_vmlinux caches it for boots)
+        # extract_vmlinux keeps the vmlinux in its cache: the first boot then reuses it
+        return format_system_map(read_kallsyms(extract_vmlinux(vmlinuz).read_bytes()))
     except (KallsymsNotFound, LoaderError) as exc:
+        raise ImageError(str(exc)) from None
+
+
+def _symbols_record(directory: pathlib.Path, kernel_sha256: str, progress: Progress) -> dict:
+    """Write directory/System.map for the kernel there; the manifest's "symbols" entry."""
+    try:
+        text = _kernel_symbols(directory / KERNEL_FILE)
+    except ImageError as exc:
         progress(f"warning: no kernel symbols ({exc}); errors will not name kernel functions")
-        return None
-    progress(f"kernel symbols: {len(symbols)} from the kernel's kallsyms tables")
-    return format_system_map(symbols)
+        return {"kernel_sha256": kernel_sha256, "unavailable": str(exc)}
+    path = directory / SYSTEM_MAP_FILE
+    tmp = path.with_name(f".{SYSTEM_MAP_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    progress(f"kernel symbols: {text.count(chr(10))} in {path}")
+    return {"kernel_sha256": kernel_sha256, "file": SYSTEM_MAP_FILE, "size": path.stat().st_size,
+            "sha256": _sha256_file(path)}
+
+
+def _add_symbols(directory: pathlib.Path, manifest: dict, progress: Progress) -> dict:
+    """Give an existing image its System.map (images of older pyvmm versions have none); a
+    cache that cannot be written leaves the image as it was."""
+    try:
+        updated = dict(manifest, symbols=_symbols_record(directory, manifest["artifacts"][KERNEL_FILE]["sha256"],
+                                                          progress))
+        path = directory / MANIFEST_FILE
+        tmp = path.with_name(f".{MANIFEST_FILE}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(updated, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        progress(f"warning: cannot add the kernel's System.map to {directory}: {exc.strerror or exc}")
+        return manifest
+    return updated
 
 
 def _build(work: pathlib.Path, progress: Progress) -> dict:
@@ -378,7 +426,6 @@ def _build(work: pathlib.Path, progress: Progress) -> dict:
     vmlinuz = kernel_tree / "boot" / f"vmlinuz-{kernel_version}"
     if not vmlinuz.is_file():
         raise ImageError(f"{kernel_deb.name}: no boot/vmlinuz-{kernel_version}")
-    system_map = _system_map(vmlinuz, kernel_tree / "boot" / f"System.map-{kernel_version}", progress)
     busybox = busybox_tree / "bin" / "busybox"
     if not busybox.is_file():
         raise ImageError(f"{busybox_deb.name}: no bin/busybox")
@@ -431,11 +478,9 @@ def _build(work: pathlib.Path, progress: Progress) -> dict:
     out = work / "out"
     out.mkdir()
     shutil.copyfile(vmlinuz, out / KERNEL_FILE)
-    if system_map is not None:
-        (out / SYSTEM_MAP_FILE).write_text(system_map)
     (out / INITRAMFS_FILE).write_bytes(initramfs)
     artifacts = {}
-    for file_name in sorted(REQUIRED_ARTIFACTS | ({SYSTEM_MAP_FILE} if system_map is not None else set())):
+    for file_name in (KERNEL_FILE, INITRAMFS_FILE):
         path = out / file_name
         artifacts[file_name] = {"sha256": _sha256_file(path), "size": path.stat().st_size}
     manifest = {
@@ -453,6 +498,7 @@ def _build(work: pathlib.Path, progress: Progress) -> dict:
         "cmdline": DEFAULT_CMDLINE,
         "artifacts": artifacts,
     }
+    manifest["symbols"] = _symbols_record(out, artifacts[KERNEL_FILE]["sha256"], progress)
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     progress(f"built {IMAGE_NAME}: Linux {kernel_version}, initramfs {len(initramfs) / 1e6:.1f} MB, "
              f"{manifest['build_seconds']} s")
