@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from helpers.reporting import run_reporting
-from pyvmm.accel.select import _cached_calibration
+from pyvmm.accel.select import kvm_emulates_kernel_code
 from pyvmm.kvm import Kvm
 
 KVM_SIGNATURE = b"KVMKVMKVM\0\0\0"
@@ -62,7 +62,7 @@ def test_cx16_hidden_where_kvm_cannot_emulate_cmpxchg16b():
     ecx = guest_cpuid("kvm")[1][2]
     with Kvm() as kvm:
         host_cx16 = next(e.ecx for e in kvm.supported_cpuid() if e.function == 1) & CX16
-    if _cached_calibration().kernel_code_emulated:
+    if kvm_emulates_kernel_code():
         assert not ecx & CX16
     else:
         assert ecx & CX16 == host_cx16

@@ -75,7 +75,7 @@ def _cached_calibration():
     return result
 
 
-def _kernel_code_emulated() -> bool:
+def kvm_emulates_kernel_code() -> bool:
     """Whether this host's KVM emulates guest kernel code, from the cached calibration; False
     when KVM cannot even run the calibration guest (the VM will fail with its own error)."""
     try:
@@ -91,7 +91,7 @@ def choose_accelerator(requested: str = "auto") -> AccelChoice:
 
         raise ConfigError(f"--accel must be one of {', '.join(CHOICES)} (got {requested!r})")
     if requested == "kvm":
-        return AccelChoice("kvm", "requested with --accel kvm", _kernel_code_emulated())
+        return AccelChoice("kvm", "requested with --accel kvm", kvm_emulates_kernel_code())
     if requested == "tcg":
         return AccelChoice("tcg", "requested with --accel tcg")
     from ..kvm import Kvm, KvmUnavailable
