@@ -12,6 +12,7 @@ boot="bzimage"; an ELF kernel with a PVH note (and no Multiboot header) boots th
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 from collections.abc import Sequence
 
@@ -103,13 +104,22 @@ def _load_bzimage(memory: GuestMemory, data: bytes, *, cmdline: str, initrd: byt
             raise
         logger.warning("%s; booting the bzImage through the 64-bit boot protocol instead", exc)
         return load_bzimage(memory, data, cmdline=cmdline, initrd=initrd, rsdp=rsdp)
+    # Mapped, not read: a copy of the whole ~50 MB vmlinux would only be thrown away (and would
+    # count in the VMM's peak memory); its segments go straight from the page cache to guest RAM.
     try:
-        vmlinux = path.read_bytes()
-    except OSError as exc:
-        raise LoaderError(f"cannot read the extracted vmlinux {path}: {exc.strerror or exc}") from None
+        with open(path, "rb") as f:
+            vmlinux = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError) as exc:  # ValueError: an empty file cannot be mapped
+        raise LoaderError(f"cannot read the extracted vmlinux {path}: {getattr(exc, 'strerror', None) or exc}") from None
     name = f"Linux {header.release}" if header.release else "Linux"
-    return load_pvh(memory, vmlinux, cmdline=cmdline, initrd=initrd, rsdp=rsdp,
-                    kind=f"{name} bzImage via PVH (vmlinux {path.name[:12]}...)")
+    try:
+        return load_pvh(memory, vmlinux, cmdline=cmdline, initrd=initrd, rsdp=rsdp,
+                        kind=f"{name} bzImage via PVH (vmlinux {path.name[:12]}...)")
+    finally:
+        try:
+            vmlinux.close()
+        except BufferError:  # a view is still alive (in an error's traceback): unmapped with it
+            pass
 
 
 def load_kernel(memory: GuestMemory, path: str | os.PathLike, *, cmdline: str = "",
