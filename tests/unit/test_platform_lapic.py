@@ -503,3 +503,42 @@ def test_random_register_traffic_never_raises_and_priorities_hold(ops):
     copy = LocalApic(0, clock, ApicBus())
     copy.restore(json.loads(json.dumps(lapic.save())))
     assert copy.save() == lapic.save()
+
+
+def test_eoi_that_lets_a_held_interrupt_through_wakes_the_cpu():
+    """The serial port's vector waits behind the timer's; the timer's EOI must wake the CPU
+    loop, or a timer due again at the next slice boundary wins again and starves it."""
+    clock, bus, (lapic,) = make()
+    wakeups = []
+    lapic.on_wakeup = lambda: wakeups.append(True)
+    send(bus, LOCAL_TIMER_VECTOR)
+    assert lapic.acknowledge() == LOCAL_TIMER_VECTOR
+    send(bus, 0x22)  # held: below the timer vector in service
+    assert lapic.pending_vector() is None
+    wakeups.clear()
+    wr(lapic, REG_EOI, 0)
+    assert wakeups == [True]
+    assert lapic.pending_vector() == 0x22
+
+
+def test_eoi_with_nothing_held_does_not_wake_the_cpu():
+    clock, bus, (lapic,) = make()
+    wakeups = []
+    lapic.on_wakeup = lambda: wakeups.append(True)
+    send(bus, 0x40)
+    assert lapic.acknowledge() == 0x40
+    wakeups.clear()
+    wr(lapic, REG_EOI, 0)
+    assert wakeups == []
+
+
+def test_lowering_tpr_below_a_held_interrupt_wakes_the_cpu():
+    clock, bus, (lapic,) = make()
+    wr(lapic, REG_TPR, 0x50)
+    wakeups = []
+    lapic.on_wakeup = lambda: wakeups.append(True)
+    send(bus, 0x42)
+    assert lapic.pending_vector() is None
+    wakeups.clear()
+    wr(lapic, REG_TPR, 0x30)
+    assert wakeups == [True] and lapic.pending_vector() == 0x42

@@ -312,8 +312,10 @@ class LocalApic:
             self._id = value >> 24
         elif offset == REG_TPR:
             self._tpr = value & 0xFF
+            self._wake_if_deliverable()
         elif offset == REG_EOI:
             self._eoi()
+            self._wake_if_deliverable()
         elif offset == REG_LDR:
             self._ldr = value & 0xFF000000
         elif offset == REG_DFR:
@@ -507,6 +509,14 @@ class LocalApic:
         self._isr &= ~bit
         if self._tmr & bit:
             self._bus.broadcast_eoi(vector)  # re-delivery may set IRR on this very LAPIC
+
+    def _wake_if_deliverable(self) -> None:
+        """An EOI or a lower TPR can let an interrupt held in IRR through: tell the CPU loop, as
+        for a newly accepted one, so that it is taken as soon as IF allows. Otherwise it waits
+        until something else ends the CPU's time slice, and the timer interrupt, due again by
+        then and higher in priority, wins every time: a lower vector (the serial port's) starved."""
+        if self._deliverable_irr_vector() is not None:
+            self._lock.defer(self.on_wakeup)
 
     def _send_ipi(self) -> None:
         low = self._icr_low
