@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from .address import GuestAddress
 
 
+_U16, _U32, _U64 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<Q")
+
+
 class GuestMemoryError(Exception):
     """A guest-physical access outside RAM, or RAM that could not be created."""
 
@@ -50,7 +53,8 @@ class MemoryRegion:
         return self.guest_base + self.size
 
     def contains(self, address: int, size: int = 1) -> bool:
-        return self.guest_base <= address and address + size <= self.guest_base + self.size
+        base = int(self.guest_base)
+        return base <= address and address + size <= base + self.size
 
     def close(self) -> None:
         if self.fd < 0:
@@ -70,6 +74,7 @@ class GuestMemory:
         for a, b in zip(self.regions, self.regions[1:]):
             if a.guest_end > b.guest_base:
                 raise GuestMemoryError(f"RAM regions overlap at {b.guest_base:#x}")
+        self._spans = [(int(r.guest_base), int(r.guest_base) + r.size, r.view) for r in self.regions]
         # Called as (address, length) after a device wrote guest RAM behind the CPU's back
         # (virtio DMA): the software CPU must drop code it translated from those bytes.
         self.on_device_write = None
@@ -83,21 +88,28 @@ class GuestMemory:
         return sum(r.size for r in self.regions)
 
     def region_for(self, address: int, size: int = 1) -> MemoryRegion:
-        for region in self.regions:
-            if region.contains(address, size):
+        for (base, end, _), region in zip(self._spans, self.regions):
+            if base <= address and address + size <= end:
                 return region
         raise GuestMemoryError(f"guest access {address:#x}+{size:#x} is outside guest RAM")
 
     def contains(self, address: int, size: int = 1) -> bool:
-        return any(r.contains(address, size) for r in self.regions)
+        return any(base <= address and address + size <= end for base, end, _ in self._spans)
+
+    def _locate(self, address: int, size: int) -> tuple[memoryview, int]:
+        """(the region's view, offset of `address` in it) for an access inside one region.
+        Plain ints on purpose: this is on every device and page-walk access."""
+        for base, end, view in self._spans:
+            if base <= address and address + size <= end:
+                return view, int(address) - base
+        raise GuestMemoryError(f"guest access {address:#x}+{size:#x} is outside guest RAM")
 
     def view(self, address: int, size: int) -> memoryview:
         """A writable zero-copy view of [address, address+size), which must lie in one region."""
         if size < 0:
             raise GuestMemoryError(f"negative access size {size}")
-        region = self.region_for(address, max(size, 1))
-        start = address - region.guest_base
-        return region.view[start:start + size]
+        view, start = self._locate(address, max(size, 1))
+        return view[start:start + size]
 
     def read(self, address: int, size: int) -> bytes:
         return bytes(self.view(address, size))
@@ -109,28 +121,33 @@ class GuestMemory:
         self.view(address, size)[:] = bytes([byte]) * size
 
     def read_u8(self, address: int) -> int:
-        return self.view(address, 1)[0]
+        view, start = self._locate(address, 1)
+        return view[start]
 
     def read_u16(self, address: int) -> int:
-        return struct.unpack("<H", self.view(address, 2))[0]
+        return _U16.unpack_from(*self._locate(address, 2))[0]
 
     def read_u32(self, address: int) -> int:
-        return struct.unpack("<I", self.view(address, 4))[0]
+        return _U32.unpack_from(*self._locate(address, 4))[0]
 
     def read_u64(self, address: int) -> int:
-        return struct.unpack("<Q", self.view(address, 8))[0]
+        return _U64.unpack_from(*self._locate(address, 8))[0]
 
     def write_u8(self, address: int, value: int) -> None:
-        self.view(address, 1)[0] = value
+        view, start = self._locate(address, 1)
+        view[start] = value
 
     def write_u16(self, address: int, value: int) -> None:
-        self.view(address, 2)[:] = struct.pack("<H", value)
+        view, start = self._locate(address, 2)
+        _U16.pack_into(view, start, value)
 
     def write_u32(self, address: int, value: int) -> None:
-        self.view(address, 4)[:] = struct.pack("<I", value)
+        view, start = self._locate(address, 4)
+        _U32.pack_into(view, start, value)
 
     def write_u64(self, address: int, value: int) -> None:
-        self.view(address, 8)[:] = struct.pack("<Q", value)
+        view, start = self._locate(address, 8)
+        _U64.pack_into(view, start, value)
 
     def read_cstring(self, address: int, limit: int = 4096) -> bytes:
         region = self.region_for(address)

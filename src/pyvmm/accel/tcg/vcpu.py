@@ -9,6 +9,7 @@ slice timer is kicked) and returns a typed exit, the same types the KVM backend 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import struct
 
@@ -65,6 +66,7 @@ class TcgVcpu:
         self.uc, self.private, self.regs = translator.uc, translator.private, translator.regs
         self.engine, self.slice_timer = translator.engine, translator.slice_timer
         self._exit = None
+        self._pinned_paging: PagingMode | None = None
         self._in_exception = False
         self.halted = False
         self.waiting_for_sipi = index != 0
@@ -182,14 +184,16 @@ class TcgVcpu:
         self._set_rip((lstar - 2) & _NEVER)  # Unicorn adds 2 after this hook
 
     def exception(self, vector: int) -> None:
-        software = self._is_software_interrupt(vector)
-        error = None
-        if vector in ERROR_CODE_VECTORS and not software:
-            error = self.private.error_code()
-        self._raise(vector, error, software)
+        with self._paging_pinned():
+            software = self._is_software_interrupt(vector)
+            error = None
+            if vector in ERROR_CODE_VECTORS and not software:
+                error = self.private.error_code()
+            self._raise(vector, error, software)
 
     def invalid_opcode(self) -> bool:
-        self._raise(INVALID_OPCODE)
+        with self._paging_pinned():
+            self._raise(INVALID_OPCODE)
         return True  # handled: continue at the handler (or stop, after a triple fault)
 
     def _raise(self, vector: int, error: int | None = None, software: bool = False) -> None:
@@ -219,7 +223,8 @@ class TcgVcpu:
         self.stats["interrupts"] += 1
         self.halted = False
         try:
-            deliver(self, vector)
+            with self._paging_pinned():
+                deliver(self, vector)
         except TripleFault as exc:
             log.debug("vCPU %d: triple fault delivering interrupt %d: %s", self.index, vector, exc)
             self._exit = _SHUTDOWN
@@ -303,8 +308,20 @@ class TcgVcpu:
 
     @property
     def paging(self) -> PagingMode:
+        if self._pinned_paging is not None:
+            return self._pinned_paging
         return PagingMode(self.regs.read(X.UC_X86_REG_CR0), self.regs.read(X.UC_X86_REG_CR3),
                           self.regs.read(X.UC_X86_REG_CR4), self.regs.read_msr(MSR_EFER))
+
+    @contextlib.contextmanager
+    def _paging_pinned(self):
+        """Read the paging registers once for a whole event delivery (several page walks),
+        which changes none of them."""
+        self._pinned_paging = self.paging
+        try:
+            yield
+        finally:
+            self._pinned_paging = None
 
     def read_linear(self, linear: int, size: int) -> bytes:
         return read_linear(self.memory, self.paging, linear, size)
