@@ -316,7 +316,26 @@ _CPU_SPAN = 1 << 16  # bytes read through each candidate pointer
 def _discover_cpu() -> tuple[int, int, int]:
     """(engine offset of the CPUState pointer, exit_request, icount_decr.u16.high): the one
     pointer of the initialised engine through which uc.emu_stop() (QEMU's cpu_exit) changes
-    exactly one byte 0 -> 1 (exit_request) and then one u16 0 -> 0xffff (icount high)."""
+    exactly one byte 0 -> 1 (exit_request) and then one u16 0 -> 0xffff (icount high).
+
+    A span read through a pointer can run past its object into live heap, so the snapshots go
+    into buffers allocated beforehand (a bytes object made between the two snapshots could land
+    in another candidate's span and disqualify it), and an inconclusive probe is repeated."""
+    for _ in range(_CPU_PROBE_ATTEMPTS):
+        found = _probe_cpu_exit_request()
+        # two engine fields may point into the same CPU object: the same bytes, either will do
+        if found and len({address for address, _ in found}) == 1:
+            return found[0][1]
+    raise TcgUnsupported(f"cannot locate Unicorn's CPU exit request ({len(found)} candidates): "
+                         "this unicorn build is not supported by pyvmm's software CPU")
+
+
+_CPU_PROBE_ATTEMPTS = 3
+
+
+def _probe_cpu_exit_request() -> list[tuple[tuple[int, int], tuple[int, int, int]]]:
+    """[((exit_request address, icount high address), (engine offset, exit_request, icount high))]
+    for each pointer that passes the test."""
     import unicorn.x86_const as X
 
     uc = _probe_uc()
@@ -330,28 +349,29 @@ def _discover_cpu() -> tuple[int, int, int]:
         if pointer and pointer % 8 == 0 and pointer != engine:
             size = memory.readable(pointer, _CPU_SPAN)
             if size >= 64:
-                candidates.append((offset, pointer, size))
-    found = []
+                candidates.append((offset, pointer, size, ctypes.create_string_buffer(size),
+                                   ctypes.create_string_buffer(size)))
 
     def on_write(uc, *_):
-        before = [ctypes.string_at(pointer, size) for _, pointer, size in candidates]
+        for _, pointer, size, before, _ in candidates:
+            ctypes.memmove(before, pointer, size)
         uc.emu_stop()
-        for (offset, pointer, size), old in zip(candidates, before):
-            new = ctypes.string_at(pointer, size)
-            changed = _changed(old, new)
-            if (len(changed) == 3 and old[changed[0]] == 0 and new[changed[0]] == 1
-                    and changed[1] % 2 == 0 and changed[2] == changed[1] + 1
-                    and struct.unpack_from("<H", old, changed[1])[0] == 0
-                    and struct.unpack_from("<H", new, changed[1])[0] == 0xFFFF):
-                found.append((offset, changed[0], changed[1]))
+        for _, pointer, size, _, after in candidates:
+            ctypes.memmove(after, pointer, size)
 
     uc.mem_write(_PROBE_CODE, bytes.fromhex("89042500000100" "f4"))  # mov %eax,(0x10000) ; hlt
     uc.mmio_map(_PROBE_MMIO, 0x1000, None, None, on_write, None)
     uc.emu_start(_PROBE_CODE, _NEVER)
-    if len(found) != 1:
-        raise TcgUnsupported(f"cannot locate Unicorn's CPU exit request ({len(found)} candidates): "
-                             "this unicorn build is not supported by pyvmm's software CPU")
-    return found[0]
+    found = []
+    for offset, pointer, _, before, after in candidates:
+        old, new = before.raw, after.raw
+        changed = _changed(old, new)
+        if (len(changed) == 3 and old[changed[0]] == 0 and new[changed[0]] == 1
+                and changed[1] % 2 == 0 and changed[2] == changed[1] + 1
+                and struct.unpack_from("<H", old, changed[1])[0] == 0
+                and struct.unpack_from("<H", new, changed[1])[0] == 0xFFFF):
+            found.append(((pointer + changed[0], pointer + changed[1]), (offset, changed[0], changed[1])))
+    return found
 
 
 # verification: a requested stop ends emu_start between instructions, no hook skipped -------------
