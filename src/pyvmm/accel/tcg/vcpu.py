@@ -41,6 +41,7 @@ REAL_MODE_CODE_FLAGS = (1 << 15) | (1 << 12) | (1 << 11) | (1 << 9) | (1 << 8)
 REAL_MODE_DATA_FLAGS = (1 << 15) | (1 << 12) | (1 << 9) | (1 << 8)
 _NEVER = 0xFFFF_FFFF_FFFF_FFFF  # address mask; also the ignored `until` argument (exits mode)
 HLT_OPCODE = 0xF4
+PAUSE = b"\xf3\x90"
 _INTERRUPTED = Interrupted()
 _HLT = Hlt()
 _SHUTDOWN = Shutdown()
@@ -69,6 +70,7 @@ class TcgVcpu:
         self._pinned_paging: PagingMode | None = None
         self._in_exception = False
         self.halted = False
+        self.spinning = False  # the last slice ended in a spin loop (the scheduler's hint)
         self.waiting_for_sipi = index != 0
         self.thread_ident = None
         self.stats = {"slices": 0, "exceptions": 0, "interrupts": 0, "syscalls": 0, "halts": 0,
@@ -109,6 +111,14 @@ class TcgVcpu:
             self.stats["halts"] += 1
             return _HLT
         return _INTERRUPTED
+
+    def at_pause(self) -> bool:
+        """Stopped next to a PAUSE: most likely in a spin loop, waiting for another vCPU."""
+        try:
+            around = self.read_linear(self.linear_rip - 2, 4)
+        except Exception:
+            return False
+        return around[:2] == PAUSE or around[2:] == PAUSE
 
     def _after_hlt(self) -> bool:
         try:
