@@ -23,3 +23,23 @@ def sockdir():
     path = tempfile.mkdtemp(prefix="pyvmm-sock-", dir="/tmp")
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def translator():
+    """The software CPU's engine on 8 MiB of guest RAM (no devices), closed after the test."""
+    pytest.importorskip("unicorn")
+    from pyvmm.accel.tcg.engine_state import engine_offsets
+    from pyvmm.accel.tcg.private_state import context_offsets
+    from pyvmm.accel.tcg.slice_timer import SliceTimer
+    from pyvmm.accel.tcg.translator import Translator
+    from pyvmm.bus.bus import MmioBus, PioBus
+    from pyvmm.memory.guest_memory import GuestMemory, RegionSpec
+
+    memory = GuestMemory.from_specs([RegionSpec(0, 8 << 20)])
+    timer = SliceTimer()
+    engine = Translator(memory, PioBus(), MmioBus(), context_offsets(), engine_offsets(), timer)
+    yield engine
+    engine.close()
+    timer.close()
+    memory.close()

@@ -14,17 +14,11 @@ import pytest
 pytest.importorskip("unicorn")
 import unicorn.x86_const as X  # noqa: E402
 
-from pyvmm.accel.tcg.engine_state import engine_offsets  # noqa: E402
-from pyvmm.accel.tcg.private_state import context_offsets  # noqa: E402
-from pyvmm.accel.tcg.slice_timer import SliceTimer  # noqa: E402
 from pyvmm.accel.tcg.translated_code import physical_invalidation  # noqa: E402
-from pyvmm.accel.tcg.translator import Translator  # noqa: E402
 from pyvmm.accel.tcg.vcpu import TcgVcpu  # noqa: E402
 from pyvmm.arch.x86_64 import layout  # noqa: E402
 from pyvmm.arch.x86_64.boot_tables import long_mode_state  # noqa: E402
-from pyvmm.bus.bus import MmioBus, PioBus  # noqa: E402
 from pyvmm.kvm.exits import Hlt  # noqa: E402
-from pyvmm.memory.guest_memory import GuestMemory, RegionSpec  # noqa: E402
 
 CODE_PHYSICAL = 0x20_0000         # a 2 MiB page of RAM ...
 CODE_VIRTUAL = 0x4000_0000        # ... that the guest reaches here only
@@ -34,17 +28,6 @@ CR2_BEFORE = 0xDEAD_B000
 
 def _mov_eax_hlt(value: int) -> bytes:
     return b"\xb8" + value.to_bytes(4, "little") + b"\xf4"
-
-
-@pytest.fixture
-def translator():
-    memory = GuestMemory.from_specs([RegionSpec(0, 8 << 20)])
-    timer = SliceTimer()
-    translator = Translator(memory, PioBus(), MmioBus(), context_offsets(), engine_offsets(), timer)
-    yield translator
-    translator.close()
-    timer.close()
-    memory.close()
 
 
 @pytest.fixture

@@ -42,6 +42,7 @@ REAL_MODE_DATA_FLAGS = (1 << 15) | (1 << 12) | (1 << 9) | (1 << 8)
 _NEVER = 0xFFFF_FFFF_FFFF_FFFF  # address mask; also the ignored `until` argument (exits mode)
 HLT_OPCODE = 0xF4
 PAUSE = b"\xf3\x90"
+SPIN_LOOP_REACH = 16  # bytes on either side of RIP searched for a PAUSE
 _INTERRUPTED = Interrupted()
 _HLT = Hlt()
 _SHUTDOWN = Shutdown()
@@ -113,12 +114,13 @@ class TcgVcpu:
         return _INTERRUPTED
 
     def at_pause(self) -> bool:
-        """Stopped next to a PAUSE: most likely in a spin loop, waiting for another vCPU."""
+        """Stopped near a PAUSE (within a short loop's length): most likely in a spin loop,
+        waiting for another vCPU. Only a scheduling hint: a wrong answer costs a short turn."""
         try:
-            around = self.read_linear(self.linear_rip - 2, 4)
+            around = self.read_linear(self.linear_rip - SPIN_LOOP_REACH, 2 * SPIN_LOOP_REACH)
         except Exception:
             return False
-        return around[:2] == PAUSE or around[2:] == PAUSE
+        return PAUSE in around
 
     def _after_hlt(self) -> bool:
         try:
