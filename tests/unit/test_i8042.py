@@ -5,24 +5,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyvmm.devices.legacy import I8042
+from helpers.irq import RecordingIrq
+
+NO_PULSE = "the i8042 drives levels, it does not pulse"  # what a pulse on its interrupt line would mean
 
 DATA, CMD = 0, 4
 OBF, SYS, CMD_BIT, AUXDATA, TIMEOUT = 0x01, 0x04, 0x08, 0x20, 0x40
-
-
-class RecordingIrq:
-    def __init__(self):
-        self.levels = []
-
-    def set_level(self, high):
-        self.levels.append(high)
-
-    def trigger(self):
-        raise AssertionError("the i8042 drives levels, it does not pulse")
-
-    @property
-    def high(self):
-        return bool(self.levels) and self.levels[-1]
 
 
 class Machine:
@@ -256,7 +244,7 @@ def test_stale_data_read_repeats_last_byte():
 
 
 def test_keyboard_irq_level_follows_output_buffer():
-    kbd, aux = RecordingIrq(), RecordingIrq()
+    kbd, aux = RecordingIrq(level_only=NO_PULSE), RecordingIrq(level_only=NO_PULSE)
     m = Machine(kbd_irq=kbd, aux_irq=aux)
     m.data(0xFF)
     assert kbd.levels == [True]
@@ -268,7 +256,7 @@ def test_keyboard_irq_level_follows_output_buffer():
 
 
 def test_keyboard_irq_needs_command_byte_enable():
-    kbd = RecordingIrq()
+    kbd = RecordingIrq(level_only=NO_PULSE)
     m = Machine(kbd_irq=kbd)
     m.command(0x60)
     m.data(0x44)
@@ -278,7 +266,7 @@ def test_keyboard_irq_needs_command_byte_enable():
 
 
 def test_aux_irq_for_linux_aux_delivery_test():
-    kbd, aux = RecordingIrq(), RecordingIrq()
+    kbd, aux = RecordingIrq(level_only=NO_PULSE), RecordingIrq(level_only=NO_PULSE)
     m = Machine(kbd_irq=kbd, aux_irq=aux)
     m.command(0x60)
     m.data(0x47)  # AUXINT on
@@ -303,7 +291,7 @@ def test_save_restore_round_trip_with_pending_output_and_command():
     m.command(0xD1)  # output port byte pending
     state = json.loads(json.dumps(m.i8042.save()))
 
-    kbd = RecordingIrq()
+    kbd = RecordingIrq(level_only=NO_PULSE)
     clone = Machine(kbd_irq=kbd)
     clone.i8042.restore(state)
     assert kbd.levels == [True]  # 0xAA waits and KBDINT is set
@@ -332,7 +320,7 @@ def test_restore_rejects_malformed_state():
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(st.booleans(), st.integers(0, 5), st.binary(min_size=1, max_size=4)), max_size=60))
 def test_arbitrary_accesses_never_raise_and_stay_bounded(ops):
-    kbd, aux = RecordingIrq(), RecordingIrq()
+    kbd, aux = RecordingIrq(level_only=NO_PULSE), RecordingIrq(level_only=NO_PULSE)
     m = Machine(kbd_irq=kbd, aux_irq=aux)
     for is_read, offset, data in ops:
         if is_read:

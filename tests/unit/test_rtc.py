@@ -11,10 +11,12 @@ from hypothesis import strategies as st
 from pyvmm.arch.x86_64 import acpi
 from pyvmm.devices.legacy import Mc146818Rtc
 from pyvmm.devices.legacy import rtc as chip
+from helpers.irq import RecordingIrq
 
 INDEX, DATA = 0, 1
 NS = 1_000_000_000
 MS = 1_000_000
+NO_PULSE = "the RTC drives a level, it does not pulse"  # what a pulse on its interrupt line would mean
 # 2026-11-21 20:42:09 UTC, a Saturday.
 T0 = 1795293729
 UIP, SET, PIE, AIE, UIE, DM_BINARY, H24 = 0x80, 0x80, 0x40, 0x20, 0x10, 0x04, 0x02
@@ -47,28 +49,13 @@ class FakeTimer:
         self.calls += 1
 
 
-class RecordingIrq:
-    def __init__(self):
-        self.levels = []
-
-    def set_level(self, high):
-        self.levels.append(high)
-
-    def trigger(self):
-        raise AssertionError("the RTC drives a level, it does not pulse")
-
-    @property
-    def high(self):
-        return bool(self.levels) and self.levels[-1]
-
-
 class Machine:
     """The chip plus the CMOS_READ/CMOS_WRITE a driver uses."""
 
     def __init__(self, seconds=T0, fraction_ns=0):
         self.clock = FakeClock(seconds, fraction_ns)
         self.timer = FakeTimer()
-        self.irq = RecordingIrq()
+        self.irq = RecordingIrq(level_only=NO_PULSE)
         self.rtc = Mc146818Rtc(self.irq, clock=self.clock, timer=self.timer)
 
     def read(self, index):

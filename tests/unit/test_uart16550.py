@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from pyvmm.devices.legacy import Uart16550
 from pyvmm.devices.legacy.uart16550 import RX_FIFO_CAPACITY
+from helpers.irq import RecordingIrq
 
 THR = RBR = DLL = 0
 IER = DLM = 1
@@ -15,24 +16,6 @@ LCR, MCR, LSR, MSR, SCR = 3, 4, 5, 6, 7
 
 MCR_OUT2 = 0x08
 MCR_LOOP = 0x10
-
-
-class RecordingIrq:
-    """An interrupt line that remembers every level it was driven to."""
-
-    def __init__(self):
-        self.levels = []
-        self.triggers = 0
-
-    def set_level(self, high):
-        self.levels.append(high)
-
-    def trigger(self):
-        self.triggers += 1
-
-    @property
-    def high(self):
-        return bool(self.levels) and self.levels[-1]
 
 
 def make_uart():
