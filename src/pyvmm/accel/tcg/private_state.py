@@ -70,20 +70,22 @@ class PrivateState:
         self.offsets = offsets
         self._context = uc.context_save()
         self._size = self._context.size
+        # Bound once: _save/_restore run several times per guest exception. (Imported here, not
+        # at module level: this module must load without unicorn, to report it missing.)
+        from unicorn.unicorn_py3.unicorn import uclib  # the binding's own ctypes handle
+
+        self._uc_context_save, self._uc_context_restore = uclib.uc_context_save, uclib.uc_context_restore
+        self._context_address = ctypes.cast(self._context.context, ctypes.c_void_p).value
 
     def _save(self) -> int:
         """Save the CPU into our context; returns the address of its bytes."""
-        from unicorn.unicorn_py3.unicorn import uclib  # the binding's own ctypes handle
-
-        status = uclib.uc_context_save(self.uc._uch, self._context.context)
+        status = self._uc_context_save(self.uc._uch, self._context.context)
         if status:
             raise TcgUnsupported(f"uc_context_save failed ({status})")
-        return ctypes.cast(self._context.context, ctypes.c_void_p).value
+        return self._context_address
 
     def _restore(self) -> None:
-        from unicorn.unicorn_py3.unicorn import uclib
-
-        status = uclib.uc_context_restore(self.uc._uch, self._context.context)
+        status = self._uc_context_restore(self.uc._uch, self._context.context)
         if status:
             raise TcgUnsupported(f"uc_context_restore failed ({status})")
 

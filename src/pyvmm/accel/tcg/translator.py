@@ -17,6 +17,7 @@ import ctypes
 
 import unicorn as U
 import unicorn.x86_const as X
+from unicorn.unicorn_py3.unicorn import uclib
 
 from ...arch.x86_64 import layout
 from .engine_state import EngineControl, EngineOffsets
@@ -79,9 +80,7 @@ class Translator:
             else:
                 uc.context_update(saved)
         uc.context_restore(self._contexts.get(vcpu, self._power_on))
-        from unicorn.unicorn_py3.unicorn import uclib  # the binding has no call for this control
-
-        uclib.uc_ctl(uc._uch, ctypes.c_int(_CTL_WRITE_TLB_FLUSH))
+        uclib.uc_ctl(uc._uch, ctypes.c_int(_CTL_WRITE_TLB_FLUSH))  # the binding has no call for it
         self.current = vcpu
 
     def close(self) -> None:
