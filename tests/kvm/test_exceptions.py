@@ -129,6 +129,17 @@ def test_faults_guest_ends_in_a_triple_fault(pyvmm, accel, guest):
     assert "Traceback" not in result.stderr
 
 
+def test_the_software_cpus_python_delivery_agrees(pyvmm, guest):
+    """The software CPU delivers exceptions with the engine's own code where it can hook it
+    (native_delivery.py), else with pyvmm's Python delivery; this is the latter."""
+    result = pyvmm("run", "-v", "--accel", "tcg", "--kernel", guest("faults"), timeout=300,
+                   env={"PYVMM_TCG_EXCEPTIONS": "python"})
+    assert "exceptions are delivered in Python" in result.stderr
+    problems = _deviations(_lines(result.stdout))
+    assert not problems, "Python delivery deviates from the SDM:\n" + "\n".join(problems)
+    assert result.returncode == TRIPLE_FAULT_STATUS, (result.returncode, result.stderr)
+
+
 def test_both_backends_print_the_same(pyvmm, guest):
     """Parity: the software CPU and KVM report every exception frame identically."""
     from pyvmm.kvm import Kvm, KvmUnavailable

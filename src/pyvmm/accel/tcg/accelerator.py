@@ -15,6 +15,7 @@ PIT, LAPICs, IOAPIC) are pyvmm.platform models here, wired to the same buses.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 from ...platform.machine import SoftwarePlatform
@@ -38,6 +39,9 @@ WINDOW_SLICE = 0.0001   # with an interrupt pending but IF=0: check again soon (
 # other vCPU take it sooner. Without this, a 2-vCPU Linux boot spent a third of its slices
 # spinning in smp_call_function_many_cond (a profile of the guest RIP at slice ends).
 SHARED_SLICE = 0.0005
+# PYVMM_TCG_EXCEPTIONS=python: deliver guest exceptions with pyvmm's Python code (delivery.py)
+# instead of the engine's own (native_delivery.py), to compare the two or to rule one out.
+EXCEPTIONS_SETTING = "PYVMM_TCG_EXCEPTIONS"
 
 
 class TcgAccelerator:
@@ -116,8 +120,11 @@ class TcgAccelerator:
         if self._tables is None:
             self._tables = tcg_cpuid_tables(policy, count, self.platform.tsc_hz, self.platform.lapic_timer_hz)
         if self._translator is None:
+            native = os.environ.get(EXCEPTIONS_SETTING, "native") != "python"
+            if not native:
+                log.info("software CPU: exceptions are delivered in Python (%s=python)", EXCEPTIONS_SETTING)
             self._translator = Translator(self.memory, self.pio_bus, self.mmio_bus, self.offsets,
-                                          self.engine_offsets, self._slice_timer)
+                                          self.engine_offsets, self._slice_timer, native_exceptions=native)
         vcpu = TcgVcpu(index, self._translator, self._tables[index], self.platform.add_cpu(index))
         vcpu.kick = self._wake  # a stop or pause request must end the slice or wake a sleeping scheduler
         self.vcpus.append(vcpu)

@@ -71,7 +71,7 @@ class EngineControl:
         self.offsets = offsets
         engine = _engine_address(uc)
         self._engine = engine
-        cpu = ctypes.c_uint64.from_address(engine + offsets.cpu).value
+        cpu = self.cpu_address = ctypes.c_uint64.from_address(engine + offsets.cpu).value  # CPUState *
         self._invalid_error = ctypes.c_int32.from_address(engine + offsets.invalid_error)
         self._exit_request = ctypes.c_uint8.from_address(cpu + offsets.exit_request)
         self._icount_high = ctypes.c_uint16.from_address(cpu + offsets.icount_high)

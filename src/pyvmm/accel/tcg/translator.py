@@ -22,6 +22,7 @@ from unicorn.unicorn_py3.unicorn import uclib
 from ...arch.x86_64 import layout
 from .engine_state import EngineControl, EngineOffsets
 from .fast_registers import FastRegisters
+from .native_delivery import NativeExceptionDelivery
 from .private_state import ContextOffsets, PrivateState
 from .slice_timer import SliceTimer
 from .translated_code import TranslatedCode
@@ -31,7 +32,7 @@ _CTL_WRITE_TLB_FLUSH = (1 << 30) | U.unicorn_const.UC_CTL_TLB_FLUSH  # UC_CTL_WR
 
 class Translator:
     def __init__(self, memory, pio_bus, mmio_bus, offsets: ContextOffsets, engine: EngineOffsets,
-                 slice_timer: SliceTimer) -> None:
+                 slice_timer: SliceTimer, native_exceptions: bool = True) -> None:
         self.memory = memory
         self.pio_bus, self.mmio_bus = pio_bus, mmio_bus
         # 64-bit mode so the register API is 64 bits wide; it also presets EFER.LMA, which
@@ -59,7 +60,11 @@ class Translator:
         uc.hook_add(U.UC_HOOK_INSN, self._port_out, None, 1, 0, X.UC_X86_INS_OUT)
         uc.hook_add(U.UC_HOOK_INSN, self._cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
         uc.hook_add(U.UC_HOOK_INSN, self._syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
-        uc.hook_add(U.UC_HOOK_INTR, self._exception)
+        # Exceptions: QEMU's own delivery inside the engine where possible (native_delivery.py)
+        self.native_exceptions = NativeExceptionDelivery.install(uc, self.engine.cpu_address) \
+            if native_exceptions else None
+        if self.native_exceptions is None:
+            uc.hook_add(U.UC_HOOK_INTR, self._exception)
         uc.hook_add(U.UC_HOOK_INSN_INVALID, self._invalid_opcode)
         self.private = PrivateState(uc, offsets)
         self.regs = FastRegisters(uc)
@@ -87,6 +92,7 @@ class Translator:
         self.current = None
         self._contexts.clear()
         self.uc = self.private = self.regs = self.engine = self.translated_code = None
+        self.native_exceptions = None
 
     # --- hooks: to the running vCPU -----------------------------------------------------------
 

@@ -22,7 +22,7 @@ from ...arch.x86_64.cpu_state import (
 )
 from ...arch.x86_64.paging import PagingMode, read_linear, write_linear
 from ...kvm.exits import EmulationError, Hlt, Interrupted, Shutdown
-from .delivery import ERROR_CODE_VECTORS, TripleFault, deliver
+from .delivery import DOUBLE_FAULT, ERROR_CODE_VECTORS, TripleFault, deliver
 from .engine_state import STOP_ERROR
 from .translator import Translator
 
@@ -91,6 +91,8 @@ class TcgVcpu:
         # the next fault would then become a #DF, or a silent triple fault that halts the CPU.
         self.private.finish_exception()
         rip = self.regs.read(X.UC_X86_REG_RIP)
+        native = self.translator.native_exceptions
+        delivered = native.delivered if native is not None else 0
         timer = self.slice_timer
         timer.begin(self.engine.request_stop, seconds)
         error = None
@@ -100,6 +102,11 @@ class TcgVcpu:
             error = exc
         finally:
             stopped = timer.end()
+        if native is not None:
+            self.stats["exceptions"] += native.delivered - delivered
+            if self.private.read()[2] == DOUBLE_FAULT:  # only a triple fault leaves it set (native_delivery.py)
+                log.debug("vCPU %d: triple fault at %s", self.index, self.describe_position())
+                return _SHUTDOWN
         if self._exit is not None:
             return self._exit
         if error is not None and error.errno != STOP_ERROR:
