@@ -24,6 +24,8 @@ from ...arch.x86_64.paging import PagingMode, read_linear, write_linear
 from ...kvm.exits import EmulationError, Hlt, Interrupted, Shutdown
 from .delivery import DOUBLE_FAULT, ERROR_CODE_VECTORS, TripleFault, deliver
 from .engine_state import STOP_ERROR
+from .private_state import HF_CS64_MASK, HF_LMA_MASK
+from .string_assist import finish_rep_stos
 from .translator import Translator
 
 log = logging.getLogger(__name__)
@@ -70,12 +72,13 @@ class TcgVcpu:
         self._exit = None
         self._pinned_paging: PagingMode | None = None
         self._in_exception = False
+        self._stopped_by_timer = False  # the last slice ended from outside, maybe inside a REP STOS
         self.halted = False
         self.spinning = False  # the last slice ended in a spin loop (the scheduler's hint)
         self.waiting_for_sipi = index != 0
         self.thread_ident = None
         self.stats = {"slices": 0, "exceptions": 0, "interrupts": 0, "syscalls": 0, "halts": 0,
-                      "port_io": 0, "mmio": 0, "cpuid": 0}
+                      "port_io": 0, "mmio": 0, "cpuid": 0, "string_assists": 0}
 
     # --- running -------------------------------------------------------------------------
 
@@ -90,6 +93,8 @@ class TcgVcpu:
         # double-fault tracking across a slice boundary (also for a fault whose hook never ran):
         # the next fault would then become a #DF, or a silent triple fault that halts the CPU.
         self.private.finish_exception()
+        if self._stopped_by_timer and finish_rep_stos(self):
+            self.stats["string_assists"] += 1
         rip = self.regs.read(X.UC_X86_REG_RIP)
         native = self.translator.native_exceptions
         delivered = native.delivered if native is not None else 0
@@ -101,7 +106,7 @@ class TcgVcpu:
         except U.UcError as exc:
             error = exc
         finally:
-            stopped = timer.end()
+            stopped = self._stopped_by_timer = timer.end()
         if native is not None:
             self.stats["exceptions"] += native.delivered - delivered
             if self.private.read()[2] == DOUBLE_FAULT:  # only a triple fault leaves it set (native_delivery.py)
@@ -366,6 +371,16 @@ class TcgVcpu:
         self.regs.write(X.UC_X86_REG_RSP, rsp)
         self.regs.write(X.UC_X86_REG_RFLAGS, rflags)
         self._set_rip(rip)
+
+    def in_64bit_code(self) -> bool:
+        return self.private.hflags() & (HF_LMA_MASK | HF_CS64_MASK) == HF_LMA_MASK | HF_CS64_MASK
+
+    def drop_translations(self, start: int, end: int) -> None:
+        """Guest-physical [start, end) was written behind the translator's back (between slices)."""
+        self.translator.translated_code.drop(start, end)
+
+    def set_rip_between_slices(self, rip: int) -> None:
+        self.regs.write(X.UC_X86_REG_RIP, rip)
 
     def _set_rip(self, rip: int) -> None:
         """RIP from a hook (exception, SYSCALL) or between slices. A write from a hook leaves Unicorn
