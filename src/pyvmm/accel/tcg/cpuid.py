@@ -5,6 +5,14 @@ CPUID on a scratch instance (QEMU's TCG reports only features it emulates).
 Then the common policy applies (hidden features, hypervisor bit, per-vCPU APIC
 IDs and topology), and pyvmm hides what its software platform does not offer:
 x2APIC and the TSC-deadline timer (no MSR hooks in Unicorn), MONITOR/MWAIT.
+
+The CPU says it is an in-order core (family 6, model 0x1C: the first Atom), which Linux lists
+as not affected by speculative-execution flaws. A translating CPU executes nothing
+speculatively, so the guest's mitigations would protect nothing, and on Unicorn's own model
+(Haswell) they cost a Linux boot about a tenth of its time: page-table isolation flushes the
+translator's TLB at every system call and interrupt, and retpolines and return thunks turn
+branches into indirect ones. Pretending otherwise would need IA32_ARCH_CAPABILITIES, which
+Unicorn does not implement. The brand string names the software CPU.
 """
 
 from __future__ import annotations
@@ -69,6 +77,31 @@ class CpuidTable:
         return (0, 0, 0, 0)
 
 
+IN_ORDER_FAMILY, IN_ORDER_MODEL, IN_ORDER_STEPPING = 6, 0x1C, 10
+BRAND = "pyvmm software CPU"
+BRAND_LEAVES = (0x80000002, 0x80000003, 0x80000004)
+
+
+def signature(family: int, model: int, stepping: int) -> int:
+    """CPUID leaf 1 EAX for a family 6 or 15 CPU (extended model in bits 19:16)."""
+    return stepping | (model & 0xF) << 4 | family << 8 | (model >> 4) << 16
+
+
+def as_in_order_cpu(entries: list[CpuidEntry]) -> list[CpuidEntry]:
+    """The same features, with the in-order signature and pyvmm's brand string (see above)."""
+    brand = BRAND.encode().ljust(16 * len(BRAND_LEAVES), b"\0")
+    out = []
+    for e in entries:
+        if e.function == 1:
+            e = replace(e, eax=signature(IN_ORDER_FAMILY, IN_ORDER_MODEL, IN_ORDER_STEPPING))
+        elif e.function in BRAND_LEAVES:
+            chunk = brand[16 * BRAND_LEAVES.index(e.function):][:16]
+            e = replace(e, eax=int.from_bytes(chunk[0:4], "little"), ebx=int.from_bytes(chunk[4:8], "little"),
+                        ecx=int.from_bytes(chunk[8:12], "little"), edx=int.from_bytes(chunk[12:16], "little"))
+        out.append(e)
+    return out
+
+
 TSC_LEAF = 0x15
 INVARIANT_TSC = 1 << 8  # CPUID 0x80000007 EDX
 
@@ -97,7 +130,7 @@ def with_tsc_frequency(entries: list[CpuidEntry], tsc_hz: int, crystal_hz: int) 
 
 def tcg_cpuid_tables(policy: CpuidPolicy, vcpu_count: int, tsc_hz: int | None = None,
                      lapic_timer_hz: int | None = None) -> list[CpuidTable]:
-    base = translator_cpuid()
+    base = as_in_order_cpu(translator_cpuid())
     if tsc_hz and lapic_timer_hz:
         base = with_tsc_frequency(base, tsc_hz, lapic_timer_hz)
     effective = CpuidPolicy(set(policy.hidden) | PLATFORM_HIDDEN)
