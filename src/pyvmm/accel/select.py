@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..user_cache import user_cache
+
 log = logging.getLogger(__name__)
 
 CHOICES = ("auto", "kvm", "tcg")
@@ -41,8 +43,7 @@ class AccelChoice:
 
 
 def _cache_file() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base, "pyvmm", "host-calibration.json")
+    return user_cache("host-calibration.json")
 
 
 def _boot_id() -> str:

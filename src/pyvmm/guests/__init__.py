@@ -31,6 +31,8 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 
+from ..user_cache import user_cache
+
 __all__ = [
     "CALIBRATE_KERNEL_ITERS_ADDR",
     "CALIBRATE_MMIO",
@@ -109,9 +111,7 @@ def source_path(name: str) -> pathlib.Path:
 
 def cache_dir() -> pathlib.Path:
     """Where built guests are kept (not created here)."""
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    base = pathlib.Path(xdg) if xdg and os.path.isabs(xdg) else pathlib.Path.home() / ".cache"
-    return base / "pyvmm" / "guests"
+    return user_cache("guests")
 
 
 def build(name: str) -> pathlib.Path:

@@ -46,6 +46,7 @@ from importlib import resources
 from typing import Callable
 
 from ..errors import UserError
+from ..user_cache import user_cache
 
 __all__ = [
     "CMD_PARAM",
@@ -130,8 +131,7 @@ def decode_command(param: str) -> str:
 # --- the cache ----------------------------------------------------------------------------------
 
 def cache_root() -> pathlib.Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return pathlib.Path(base) / "pyvmm" / "images"
+    return user_cache("images")
 
 
 def image_dir(name: str = IMAGE_NAME) -> pathlib.Path:

@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ...user_cache import user_cache
 from ..entry import LoaderError, format_size
 from .bzimage import parse_setup_header, payload_of
 from .decompress import decompress_payload, payload_format
@@ -25,9 +26,7 @@ logger = logging.getLogger(__name__)
 
 
 def cache_directory() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or ""
-    root = Path(base) if os.path.isabs(base) else Path.home() / ".cache"
-    return root / "pyvmm" / "vmlinux"
+    return user_cache("vmlinux")
 
 
 def vmlinux_from_bzimage(data: bytes) -> bytes:
