@@ -18,6 +18,7 @@ Unicorn does not implement. The brand string names the software CPU.
 from __future__ import annotations
 
 
+import dataclasses
 from dataclasses import replace
 from fractions import Fraction
 
@@ -40,7 +41,14 @@ def _native_cpuid(uc, leaf: int, subleaf: int) -> tuple[int, int, int, int]:
 
 
 def translator_cpuid() -> list[CpuidEntry]:
-    """Every leaf Unicorn's CPU model answers, as CpuidEntry objects."""
+    """Every leaf Unicorn's CPU model answers, as CpuidEntry objects (remembered per build)."""
+    from .probe_cache import remembered
+
+    return remembered("cpuid", _ask_translator, to_json=lambda entries: [dataclasses.astuple(e) for e in entries],
+                      from_json=lambda rows: [CpuidEntry(*row) for row in rows])
+
+
+def _ask_translator() -> list[CpuidEntry]:
     import unicorn as U
 
     uc = U.Uc(U.UC_ARCH_X86, U.UC_MODE_64)

@@ -39,9 +39,9 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import dataclasses
 import logging
 import struct
-from dataclasses import dataclass
 
 from .private_state import TcgUnsupported
 
@@ -52,7 +52,7 @@ _NEVER = 0xFFFF_FFFF_FFFF_FFFF
 _PROBE_CODE, _PROBE_MMIO = 0x1000, 0x10000
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class EngineOffsets:
     # in the uc engine struct; None when this build needs no help
     no_exit_request: int | None  # bool: no stop checks after guest memory accesses
@@ -432,5 +432,8 @@ _cached: EngineOffsets | None = None
 def engine_offsets() -> EngineOffsets:
     global _cached
     if _cached is None:
-        _cached = discover_engine_offsets()
+        from .probe_cache import remembered
+
+        _cached = remembered("engine_offsets", discover_engine_offsets, to_json=dataclasses.asdict,
+                             from_json=lambda fields: EngineOffsets(**fields), verify=_verify)
     return _cached

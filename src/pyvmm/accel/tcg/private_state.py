@@ -20,9 +20,9 @@ expected. Then the offsets are verified by using them. Any doubt → TcgUnsuppor
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import struct
-from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class TcgUnsupported(RuntimeError):
     """The installed Unicorn cannot be used as pyvmm's software CPU; the message says why."""
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ContextOffsets:
     hflags: int
     error_code: int
@@ -302,5 +302,8 @@ _cached: ContextOffsets | None = None
 def context_offsets() -> ContextOffsets:
     global _cached
     if _cached is None:
-        _cached = discover_offsets()
+        from .probe_cache import remembered
+
+        _cached = remembered("context_offsets", discover_offsets, to_json=dataclasses.asdict,
+                             from_json=lambda fields: ContextOffsets(**fields), verify=_verify)
     return _cached
