@@ -53,6 +53,11 @@ class TranslatedCode:
         self._regions = [(r.guest_base, r.guest_base + r.size, r.host_address) for r in regions]
         self._functions = physical_invalidation()
 
+    @property
+    def precise(self) -> bool:
+        """Whether drop() drops just the range (else it flushes the whole cache)."""
+        return self._functions is not None
+
     def drop(self, start: int, end: int) -> None:
         """Forget code translated from guest-physical [start, end). Only between slices."""
         functions = self._functions

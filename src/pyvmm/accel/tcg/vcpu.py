@@ -25,6 +25,7 @@ from ...kvm.exits import EmulationError, Hlt, Interrupted, Shutdown
 from .delivery import DOUBLE_FAULT, ERROR_CODE_VECTORS, TripleFault, deliver
 from .engine_state import STOP_ERROR
 from .private_state import HF_CS64_MASK, HF_LMA_MASK
+from .stack_writes import release_stack_pages
 from .string_assist import finish_rep_stos
 from .translator import Translator
 
@@ -95,6 +96,7 @@ class TcgVcpu:
         self.private.finish_exception()
         if self._stopped_by_timer and finish_rep_stos(self):
             self.stats["string_assists"] += 1
+        release_stack_pages(self)
         rip = self.regs.read(X.UC_X86_REG_RIP)
         native = self.translator.native_exceptions
         delivered = native.delivered if native is not None else 0

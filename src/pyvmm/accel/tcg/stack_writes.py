@@ -1,0 +1,72 @@
+"""Let the guest write its stack at full speed where its page tables map the stack executable.
+
+Unicorn keeps no record of which guest pages hold translated code. To catch self-modifying
+code, it sends every store to a page the guest maps *executable* down a slow path (find the
+memory region, lock the page's translations, look for code to drop), forever; a page mapped
+non-executable takes that path once per TLB fill and is then written directly. Linux boots
+on a stack inside its kernel image (init_thread_union), which its page tables map executable
+until the end of boot, when it makes its data non-executable. In a counted boot, 14.6 M of
+the 17.8 M slow-path stores went to that stack: about a tenth of the boot time.
+
+So between two slices pyvmm gives the page under the stack pointer (and the one below it,
+when the pointer is near the page's bottom) the treatment Unicorn gives every
+non-executable page: it drops whatever was translated from the page, and clears the TLB's
+write check for it (QEMU's tlb_set_dirty, which libunicorn exports). Translating code from
+the page again, through the same address, re-arms the check: Unicorn does that for every
+new translation. What stays unchecked is code written through the stack's address and run
+through another mapping of the same page: Unicorn has that blind spot for every
+non-executable mapping already, and kernels do not run code from their stacks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+
+import unicorn.x86_const as X
+
+from ...arch.x86_64.paging import PageFault, translate
+
+log = logging.getLogger(__name__)
+
+PAGE = 0x1000
+NEAR_BOTTOM = 0x800  # a stack pointer this close to its page's start will soon use the page below
+
+
+def _bind_tlb_set_dirty():
+    try:
+        from unicorn.unicorn_py3.unicorn import uclib
+
+        function = uclib.tlb_set_dirty_x86_64
+    except (ImportError, AttributeError) as exc:
+        log.info("software CPU: stack writes through executable mappings stay on the slow path (%s)", exc)
+        return None
+    function.restype, function.argtypes = None, [ctypes.c_void_p, ctypes.c_uint64]
+    return function
+
+
+_tlb_set_dirty = _bind_tlb_set_dirty()
+
+
+def release_stack_pages(vcpu) -> list[int]:
+    """For a vCPU between slices in 64-bit code: take the write check off its stack page(s)
+    where they are mapped executable (see above). Returns the linear pages released."""
+    if _tlb_set_dirty is None or not vcpu.translator.translated_code.precise or not vcpu.in_64bit_code():
+        return []  # (dropping a page's code would flush the whole cache at every slice)
+    rsp = vcpu.regs.read(X.UC_X86_REG_RSP)
+    pages = [rsp & ~(PAGE - 1)]
+    if rsp & (PAGE - 1) < NEAR_BOTTOM:
+        pages.append(pages[0] - PAGE)
+    mode, released = vcpu.paging, []
+    for page in pages:
+        try:
+            mapping = translate(vcpu.memory, mode, page, set_accessed=False)  # a look, not an access
+        except PageFault:
+            continue
+        if not (mapping.executable and mapping.writable):
+            continue  # non-executable: Unicorn does this itself; read-only: stores fault anyway
+        physical = mapping.physical & ~(PAGE - 1)
+        vcpu.drop_translations(physical, physical + PAGE)
+        _tlb_set_dirty(vcpu.engine.cpu_address, page)
+        released.append(page)
+    return released
