@@ -18,7 +18,8 @@ def test_command_runs_with_the_configured_cpus_memory_and_cmdline(pyvmm, image):
               # the CMOS RTC: the kernel's clock set from it at boot, and /dev/rtc0 readable
               "echo guest-time $(date +%s); echo rtc-errors $(dmesg | grep -c 'Unable to read current time from RTC'); "
               "hwclock -r -u >/dev/null && echo hwclock-ok; "
-              "echo meltdown: $(cat /sys/devices/system/cpu/vulnerabilities/meltdown); exit 3")
+              "echo meltdown: $(cat /sys/devices/system/cpu/vulnerabilities/meltdown); "
+              "echo modules: $(cut -d' ' -f1 /proc/modules | sort); exit 3")
     host_before = time.time()
     result = pyvmm("run", "--cpus", "2", "--memory", "320M", "--append", "pyvmm.test=42", "--", "sh", "-c", script)
     host_after = time.time()
@@ -33,6 +34,8 @@ def test_command_runs_with_the_configured_cpus_memory_and_cmdline(pyvmm, image):
     assert host_before - 60 <= guest_time <= host_after + 60
     assert "rtc-errors 0" in lines and "hwclock-ok" in lines
     assert "pyvmm: exit status 3" in result.stdout
+    # /init loads the drivers of the devices present: pvpanic (in the DSDT), no virtio without a virtio device
+    assert "modules: pvpanic pvpanic_mmio" in lines
     if "accelerator tcg" in result.stderr:
         # the software CPU reports an in-order model: Linux skips mitigations that protect nothing there
         assert "meltdown: Not affected" in lines

@@ -50,6 +50,7 @@ from pyvmm.images.modules import (
     DEFAULT_MODULES,
     ModuleError,
     ModuleIndex,
+    format_load_list,
     format_modules_dep,
     load_order,
     module_name,
@@ -240,9 +241,10 @@ class TestModuleOrder:
         assert set(wanted) <= set(order)
 
 
-def fake_module(name: str, depends: str) -> bytes:
+def fake_module(name: str, depends: str, aliases: tuple[str, ...] = ()) -> bytes:
     """A minimal ELF64 relocatable with a .modinfo section, as a kernel module has."""
-    modinfo = f"license=GPL\0depends={depends}\0name={name}\0vermagic=6.1.0 SMP mod_unload\0".encode()
+    modinfo = "".join(f"alias={alias}\0" for alias in aliases).encode()
+    modinfo += f"license=GPL\0depends={depends}\0name={name}\0vermagic=6.1.0 SMP mod_unload\0".encode()
     shstrtab = b"\0.modinfo\0.shstrtab\0"
     body = modinfo + shstrtab
     shoff = 64 + len(body)
@@ -264,13 +266,14 @@ class TestModuleIndex:
         files = {
             "kernel/drivers/virtio/virtio_ring.ko": ("virtio_ring", ""),
             "kernel/drivers/virtio/virtio.ko": ("virtio", "virtio_ring"),
-            "kernel/drivers/char/hw_random/virtio-rng.ko.xz": ("virtio_rng", "virtio,virtio_ring,rng_core"),
+            "kernel/drivers/char/hw_random/virtio-rng.ko.xz": ("virtio_rng", "virtio,virtio_ring,rng_core",
+                                                               ("virtio:d00000004v*",)),
             "kernel/net/vmw_vsock/vsock.ko.gz": ("vsock", ""),
         }
-        for rel, (name, deps) in files.items():
+        for rel, (name, deps, *aliases) in files.items():
             path = root / rel
             path.parent.mkdir(parents=True, exist_ok=True)
-            elf = fake_module(name, deps)
+            elf = fake_module(name, deps, *aliases)
             if rel.endswith(".xz"):
                 elf = lzma.compress(elf)
             elif rel.endswith(".gz"):
@@ -299,6 +302,19 @@ class TestModuleIndex:
         assert_deps_first([m.name for m in modules], dep)
         text = format_modules_dep(modules)
         assert "virtio-rng.ko:" in text and ".xz" not in text
+
+    def test_load_list_says_what_each_module_needs_and_drives(self, tree):
+        modules, missing = ModuleIndex(tree).resolve(["virtio-rng", "vsock", "no_such_module"])
+        lines = [line.split(" ") for line in format_load_list(modules, missing).splitlines()]
+        assert [fields[0] for fields in lines] == ["virtio_ring", "virtio", "virtio_rng", "vsock", "no_such_module"]
+        name, path, needs, *aliases = lines[2]
+        assert path == "kernel/drivers/char/hw_random/virtio-rng.ko" and needs == "virtio_ring,virtio"
+        # /init matches the patterns (POSIX EREs) against /sys/bus/*/devices/*/modalias
+        assert aliases == ["^virtio:d00000004v.*$"]
+        assert re.match(aliases[0], "virtio:d00000004v00001AF4")
+        assert not re.match(aliases[0], "virtio:d00000002v00001AF4")
+        assert lines[0][2:] == ["-"]  # a library module: needs nothing, drives nothing
+        assert lines[-1] == ["no_such_module", "-"]
 
 
 # --- the command on the kernel command line ------------------------------------------------

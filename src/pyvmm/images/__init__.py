@@ -407,7 +407,7 @@ def _add_symbols(directory: pathlib.Path, manifest: dict, progress: Progress) ->
 def _build(work: pathlib.Path, progress: Progress) -> dict:
     from . import debian
     from .initramfs import Initramfs, outb_helper_elf, vsock_helper_elf
-    from .modules import DEFAULT_MODULES, ModuleError, ModuleIndex, format_modules_dep
+    from .modules import DEFAULT_MODULES, ModuleError, ModuleIndex, format_load_list, format_modules_dep
 
     started = time.monotonic()
     meta, kernel_pkg = debian.resolve_metapackage(KERNEL_METAPACKAGE, KERNEL_PACKAGE_PATTERN, progress)
@@ -470,9 +470,7 @@ def _build(work: pathlib.Path, progress: Progress) -> dict:
     for extra in ("modules.builtin", "modules.order"):
         if (module_roots[0] / extra).is_file():
             fs.file(f"{moddir}/{extra}", (module_roots[0] / extra).read_bytes())
-    load_list = "".join(f"{m.name} {m.plain_relpath}\n" for m in modules)
-    load_list += "".join(f"{name} -\n" for name in missing)
-    fs.file(f"{moddir}/pyvmm.load", load_list.encode())
+    fs.file(f"{moddir}/pyvmm.load", format_load_list(modules, missing).encode())
     initramfs = fs.cpio_gz()
 
     out = work / "out"

@@ -2,9 +2,12 @@
 # /init of pyvmm's default guest (busybox sh), installed by `pyvmm image build`.
 #
 # 1. mounts proc, sysfs, devtmpfs (+ devpts) and puts stdio on /dev/console;
-# 2. loads the kernel modules listed in /lib/modules/$(uname -r)/pyvmm.load
-#    ("name relative/path.ko" per line, dependencies first); a missing or failing
-#    module is reported on the console, never fatal;
+# 2. loads the drivers of the devices present ("coldplug"): each module of
+#    /lib/modules/$(uname -r)/pyvmm.load ("NAME PATH NEEDS ALIAS..." per line,
+#    dependencies first) one of whose ALIAS patterns matches a device's modalias,
+#    after the modules it NEEDS; again while that brings new devices (virtio_pci
+#    finds the virtio devices behind it); a missing or failing module is reported
+#    on the console, never fatal;
 # 3. signals "init started": byte 0x01 to I/O port 0x610 (pyvmm's boot timer);
 #    with `pyvmm.console=hvc0` (pyvmm run --console virtio) the command or shell below
 #    uses that console instead of the boot console; with `pyvmm.ip=ADDR/PREFIX,GW`
@@ -43,17 +46,45 @@ pyvmm_outb() { # PORT VALUE, both decimal
 
 kver=$(uname -r)
 moddir=/lib/modules/$kver
+# pyvmm.load, then the modaliases of the devices present -> "NAME=PATH" for each module to
+# load now, in the list's order (skipping those in $loaded), and "NAME=-" for a module the
+# image lacks (reported once)
+coldplug_awk='
+FNR == NR {
+    if (NF < 2 || $1 ~ /^#/) next
+    if ($2 == "-") { if (loaded == " ") print $1 "=-"; next }
+    order[++count] = $1; path[$1] = $2; needs[$1] = $3
+    for (i = 4; i <= NF; i++) { patterns[++npatterns] = $i; owner[npatterns] = $1 }
+    next
+}
+{ for (p = 1; p <= npatterns; p++) if ($0 ~ patterns[p]) matched[owner[p]] = 1 }
+END {
+    for (m in matched) {
+        want[m] = 1
+        if (needs[m] != "-") { k = split(needs[m], list, ","); for (d = 1; d <= k; d++) want[list[d]] = 1 }
+    }
+    for (i = 1; i <= count; i++) {
+        m = order[i]
+        if ((m in want) && index(loaded, " " m " ") == 0) print m "=" path[m]
+    }
+}'
 if [ -f "$moddir/pyvmm.load" ]; then
-    while read -r modname modpath; do
-        case "$modname" in '' | '#'*) continue ;; esac
-        if [ ! -f "$moddir/$modpath" ]; then
-            echo "pyvmm: module $modname: not in the initramfs"
-            continue
-        fi
-        if ! moderr=$(insmod "$moddir/$modpath" 2>&1); then
-            echo "pyvmm: module $modname: ${moderr:-insmod failed}"
-        fi
-    done <"$moddir/pyvmm.load"
+    loaded=" "
+    while :; do
+        batch=$(cat /sys/bus/*/devices/*/modalias 2>/dev/null |
+            awk -v loaded="$loaded" "$coldplug_awk" "$moddir/pyvmm.load" -)
+        [ -n "$batch" ] || break
+        for entry in $batch; do
+            modname=${entry%%=*} modpath=${entry#*=}
+            loaded="$loaded$modname "
+            if [ "$modpath" = - ] || [ ! -f "$moddir/$modpath" ]; then
+                echo "pyvmm: module $modname: not in the initramfs"
+            elif ! insmod "$moddir/$modpath" 2>/tmp/insmod.err; then
+                echo "pyvmm: module $modname: $(cat /tmp/insmod.err)"
+            fi
+        done
+    done
+    rm -f /tmp/insmod.err
 else
     echo "pyvmm: no module list at $moddir/pyvmm.load (kernel $kver)"
 fi

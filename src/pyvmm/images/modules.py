@@ -26,6 +26,7 @@ __all__ = [
     "KernelModule",
     "ModuleError",
     "ModuleIndex",
+    "format_load_list",
     "format_modules_dep",
     "load_order",
     "module_name",
@@ -127,6 +128,7 @@ class KernelModule:
     name: str            # 'virtio_rng'
     relpath: str         # 'kernel/drivers/char/hw_random/virtio-rng.ko' (as found, maybe compressed)
     depends: tuple[str, ...]
+    aliases: tuple[str, ...] = ()  # the devices it drives, as modalias globs ('virtio:d00000004v*')
 
     @property
     def plain_relpath(self) -> str:
@@ -163,7 +165,7 @@ class ModuleIndex:
                 raise KeyError(name)
             info = read_modinfo(self.elf(relpath))
             depends = tuple(module_name(d) for value in info.get("depends", []) for d in value.split(",") if d)
-            self._cache[name] = KernelModule(name, relpath, depends)
+            self._cache[name] = KernelModule(name, relpath, depends, tuple(info.get("alias", [])))
         return self._cache[name]
 
     def elf(self, relpath: str) -> bytes:
@@ -258,3 +260,26 @@ def format_modules_dep(modules: list[KernelModule]) -> str:
         deps = " ".join(by_name[n].plain_relpath for n in reversed(chain))
         lines.append(f"{module.plain_relpath}:{' ' + deps if deps else ''}")
     return "\n".join(lines) + "\n"
+
+
+def _alias_regex(glob: str) -> str:
+    """A modalias glob ('*' only, as the kernel writes them) as an anchored POSIX ERE."""
+    return "^" + "".join(".*" if c == "*" else ("\\" + c if c in ".[]()+?{}|^$\\" else c) for c in glob) + "$"
+
+
+def format_load_list(modules: list[KernelModule], missing: list[str] | tuple[str, ...] = ()) -> str:
+    """The guest's ``pyvmm.load``: one module per line, dependencies first, as
+    ``NAME PATH NEEDS ALIAS...``: NEEDS lists every module NAME depends on (comma-separated,
+    or ``-``), each ALIAS is an anchored regular expression for the modaliases of the devices
+    it drives (none for a library module). /init loads a module when a device present
+    matches one of its aliases, after what it needs. A module the kernel package lacks is
+    listed as ``NAME -``."""
+    graph = {m.name: m.depends for m in modules}
+    known = {m.name for m in modules}
+    lines = []
+    for module in modules:
+        needs = [n for n in load_order([module.name], graph) if n != module.name and n in known]
+        fields = [module.name, module.plain_relpath, ",".join(needs) or "-", *map(_alias_regex, module.aliases)]
+        lines.append(" ".join(fields))
+    lines.extend(f"{name} -" for name in missing)
+    return "".join(line + "\n" for line in lines)
