@@ -138,6 +138,7 @@ def _console_port(text: str) -> tuple[str, str]:
 def _cmd_run(args) -> int:
     from .config import ConfigError, DiskConfig, NetConfig, VmConfig, VsockConfig, parse_size, parse_transport
     from .console import Console
+    from .accel.select import choose_accelerator
     from .runner import demo_kernel, run_vm, with_default_guest
 
     if args.load_address is not None and not args.kernel:
@@ -175,9 +176,11 @@ def _cmd_run(args) -> int:
         system_map=args.system_map,
     )
     config.validate()
+    # an unusable accelerator is bad input too: say so before a first run builds the default guest
+    choice = choose_accelerator(config.accel)
     config = with_default_guest(config, command)
     with Console(log_path=config.console_log) as console:
-        outcome = run_vm(config, console)
+        outcome = run_vm(config, console, choice)
     if outcome.is_error:
         print(f"pyvmm: {outcome.message}", file=sys.stderr)
     else:

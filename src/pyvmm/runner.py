@@ -47,9 +47,11 @@ def with_default_guest(config: VmConfig, command: list[str] | None) -> VmConfig:
     return config
 
 
-def run_vm(config: VmConfig, console) -> VmOutcome:
-    """Boot `config` with `console` as COM1 until the guest ends; `--reboot` restarts it on reset."""
-    choice = choose_accelerator(config.accel)
+def run_vm(config: VmConfig, console, choice=None) -> VmOutcome:
+    """Boot `config` with `console` as COM1 until the guest ends; `--reboot` restarts it on reset.
+    `choice`: the accelerator choose_accelerator() made, if the caller asked first."""
+    if choice is None:
+        choice = choose_accelerator(config.accel)
     announce = config.accel == "auto"
     deadline = None if config.timeout is None else time.monotonic() + config.timeout
     symbols = None

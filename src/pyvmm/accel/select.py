@@ -91,11 +91,13 @@ def choose_accelerator(requested: str = "auto") -> AccelChoice:
         from ..config import ConfigError
 
         raise ConfigError(f"--accel must be one of {', '.join(CHOICES)} (got {requested!r})")
+    from ..kvm import Kvm, KvmUnavailable
+
     if requested == "kvm":
+        Kvm().close()  # no usable KVM: KvmUnavailable (one line) now, before any guest is built
         return AccelChoice("kvm", "requested with --accel kvm", kvm_emulates_kernel_code())
     if requested == "tcg":
         return AccelChoice("tcg", "requested with --accel tcg")
-    from ..kvm import Kvm, KvmUnavailable
 
     try:
         Kvm().close()
