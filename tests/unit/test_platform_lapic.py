@@ -542,3 +542,17 @@ def test_lowering_tpr_below_a_held_interrupt_wakes_the_cpu():
     wakeups.clear()
     wr(lapic, REG_TPR, 0x30)
     assert wakeups == [True] and lapic.pending_vector() == 0x42
+
+
+def test_a_vector_raised_again_while_pending_does_not_wake_the_cpu_again():
+    """A serial port re-raises its interrupt at every byte the guest writes; the CPU loop was
+    woken when the vector became pending, and waking it again ends a time slice per byte."""
+    clock, bus, (lapic,) = make()
+    wakeups = []
+    lapic.on_wakeup = lambda: wakeups.append(True)
+    send(bus, 0x44)
+    send(bus, 0x44)
+    assert wakeups == [True]
+    assert lapic.acknowledge() == 0x44
+    send(bus, 0x44)  # pending again once taken: a new interrupt, which wakes the CPU
+    assert wakeups == [True, True]

@@ -486,12 +486,14 @@ class LocalApic:
             self._record_error(ESR_RECEIVE_ILLEGAL_VECTOR)
             return
         bit = 1 << vector
+        already_pending = self._irr & bit
         self._irr |= bit
         if level_triggered:
             self._tmr |= bit
         else:
             self._tmr &= ~bit
-        self._lock.defer(self.on_wakeup)
+        if not already_pending:  # else the CPU loop knows already: a serial port re-raising its
+            self._lock.defer(self.on_wakeup)  # interrupt at every byte would end a slice each time
 
     def _record_error(self, bit: int) -> None:
         self._esr_pending |= bit
