@@ -146,14 +146,19 @@ class PrivateState:
         self._restore()
 
     def finish_exception(self, new_cpl: int | None = None) -> None:
-        """After pyvmm delivered an exception: forget it (no spurious #DF later), and set CPL."""
+        """After pyvmm delivered an exception: forget it (no spurious #DF later), and set CPL.
+        (Written back only if that changes anything: this also runs before every slice.)"""
         base = self._save()
         off = self.offsets
-        ctypes.c_int32.from_address(base + off.old_exception).value = -1
+        old = ctypes.c_int32.from_address(base + off.old_exception)
+        changed = old.value != -1
+        old.value = -1
         if new_cpl is not None:
             flags = ctypes.c_uint32.from_address(base + off.hflags)
+            changed |= flags.value & HF_CPL_MASK != new_cpl
             flags.value = (flags.value & ~HF_CPL_MASK) | new_cpl
-        self._restore()
+        if changed:
+            self._restore()
 
 
 # --- discovery ------------------------------------------------------------------------------
