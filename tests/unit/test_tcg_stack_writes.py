@@ -76,7 +76,7 @@ def test_code_on_the_stack_runs_as_last_written(translator):
     cpu = _vcpu(translator, LEA_STACK_CODE + CALL_RBX + HLT, STACK_PAGE + 0x800)
     assert _run(cpu, CODE) == 1  # translated from the stack page
     cpu.regs.write(X.UC_X86_REG_RSP, STACK_PAGE + 0x800)
-    assert release_stack_pages(cpu) == [STACK_PAGE]  # as run() does after a long turn
+    assert release_stack_pages(cpu) == [STACK_PAGE]  # as run() does before every turn
     second = CODE + 0x100
     memory.write(second, _patch(2) + LEA_STACK_CODE + CALL_RBX + MOV_EAX_ECX + _patch(3) + CALL_RBX + HLT)
     assert _run(cpu, second) == 3  # the release dropped the `mov $1`

@@ -36,7 +36,7 @@ def _vcpu(translator, code: bytes, **registers) -> TcgVcpu:
 
 def _run_to_hlt(cpu: TcgVcpu) -> None:
     for _ in range(10_000):
-        exit_ = cpu.run(0.002)  # long enough a turn for the assist (vcpu.ASSISTS_AFTER)
+        exit_ = cpu.run(0.002)
         if isinstance(exit_, Hlt):
             return
         assert isinstance(exit_, Interrupted), exit_

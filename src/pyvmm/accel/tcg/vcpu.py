@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import struct
-import time
 
 import unicorn as U
 import unicorn.x86_const as X
@@ -47,9 +46,6 @@ _NEVER = 0xFFFF_FFFF_FFFF_FFFF  # address mask; also the ignored `until` argumen
 HLT_OPCODE = 0xF4
 PAUSE = b"\xf3\x90"
 SPIN_LOOP_REACH = 16  # bytes on either side of RIP searched for a PAUSE
-# The REP STOS and stack-page assists cost tens of µs; they pay off after full turns (a boot),
-# not after the short ones of an interrupt-heavy guest (console output, small I/O).
-ASSISTS_AFTER = 0.001
 _INTERRUPTED = Interrupted()
 _HLT = Hlt()
 _SHUTDOWN = Shutdown()
@@ -78,7 +74,6 @@ class TcgVcpu:
         self._pinned_paging: PagingMode | None = None
         self._in_exception = False
         self._stopped_by_timer = False  # the last slice ended from outside, maybe inside a REP STOS
-        self._last_turn = 0.0  # seconds the last slice ran
         self.halted = False
         self.spinning = False  # the last slice ended in a spin loop (the scheduler's hint)
         self.waiting_for_sipi = index != 0
@@ -99,16 +94,14 @@ class TcgVcpu:
         # double-fault tracking across a slice boundary (also for a fault whose hook never ran):
         # the next fault would then become a #DF, or a silent triple fault that halts the CPU.
         self.private.finish_exception()
-        if self._last_turn >= ASSISTS_AFTER:
-            if self._stopped_by_timer and finish_rep_stos(self):
-                self.stats["string_assists"] += 1
-            release_stack_pages(self)
+        if self._stopped_by_timer and finish_rep_stos(self):
+            self.stats["string_assists"] += 1
+        release_stack_pages(self)
         rip = self.regs.read(X.UC_X86_REG_RIP)
         native = self.translator.native_exceptions
         delivered = native.delivered if native is not None else 0
         timer = self.slice_timer
         timer.begin(self.engine.request_stop, seconds)
-        started = time.monotonic()
         error = None
         try:
             uc.emu_start(rip, _NEVER)
@@ -116,7 +109,6 @@ class TcgVcpu:
             error = exc
         finally:
             stopped = self._stopped_by_timer = timer.end()
-            self._last_turn = time.monotonic() - started
         if native is not None:
             self.stats["exceptions"] += native.delivered - delivered
             # Only a triple fault leaves QEMU's #DF tracking set (native_delivery.py), and it ends
