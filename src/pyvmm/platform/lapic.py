@@ -492,8 +492,10 @@ class LocalApic:
             self._tmr |= bit
         else:
             self._tmr &= ~bit
-        if not already_pending:  # else the CPU loop knows already: a serial port re-raising its
-            self._lock.defer(self.on_wakeup)  # interrupt at every byte would end a slice each time
+        # Already pending: the CPU loop was told. (A serial port re-raises its interrupt at every
+        # byte it sends; waking the loop each time ended a software-CPU slice per byte.)
+        if not already_pending:
+            self._lock.defer(self.on_wakeup)
 
     def _record_error(self, bit: int) -> None:
         self._esr_pending |= bit
