@@ -145,9 +145,10 @@ class PrivateState:
         flags.value = (flags.value & ~HF_CPL_MASK) | HF_CS64_MASK | HF_CS32_MASK | HF_SS32_MASK
         self._restore()
 
-    def finish_exception(self, new_cpl: int | None = None) -> None:
+    def finish_exception(self, new_cpl: int | None = None) -> int:
         """After pyvmm delivered an exception: forget it (no spurious #DF later), and set CPL.
-        (Written back only if that changes anything: this also runs before every slice.)"""
+        (Written back only if that changes anything: this also runs before every slice.)
+        Returns hflags as they now are."""
         base = self._save()
         off = self.offsets
         old = ctypes.c_int32.from_address(base + off.old_exception)
@@ -159,6 +160,7 @@ class PrivateState:
             flags.value = (flags.value & ~HF_CPL_MASK) | new_cpl
         if changed:
             self._restore()
+        return ctypes.c_uint32.from_address(base + off.hflags).value
 
 
 # --- discovery ------------------------------------------------------------------------------

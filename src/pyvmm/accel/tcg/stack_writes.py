@@ -48,11 +48,14 @@ def _bind_tlb_set_dirty():
 _tlb_set_dirty = _bind_tlb_set_dirty()
 
 
-def release_stack_pages(vcpu) -> list[int]:
+def release_stack_pages(vcpu, in_64bit_code: bool | None = None) -> list[int]:
     """For a vCPU between slices in 64-bit code: take the write check off its stack page(s)
-    where they are mapped executable (see above). Returns the linear pages released."""
-    if _tlb_set_dirty is None or not vcpu.translator.translated_code.precise or not vcpu.in_64bit_code():
+    where they are mapped executable (see above). Returns the linear pages released.
+    `in_64bit_code`: the caller's answer, if it has one (else it is read from the vCPU)."""
+    if _tlb_set_dirty is None or not vcpu.translator.translated_code.precise:
         return []  # (dropping a page's code would flush the whole cache at every slice)
+    if not (vcpu.in_64bit_code() if in_64bit_code is None else in_64bit_code):
+        return []
     rsp = vcpu.regs.read(X.UC_X86_REG_RSP)
     pages = [rsp & ~(PAGE - 1)]
     if rsp & (PAGE - 1) < NEAR_BOTTOM:

@@ -54,6 +54,10 @@ _SHUTDOWN = Shutdown()
 DESCRIPTOR_ATTRIBUTE_BITS = 0x00F0FF00  # type, S, DPL, P, AVL, L, D/B, G of a descriptor's high dword
 
 
+def _in_64bit_code(hflags: int) -> bool:
+    return hflags & (HF_LMA_MASK | HF_CS64_MASK) == HF_LMA_MASK | HF_CS64_MASK
+
+
 def _qemu_flags(segment: Segment) -> int:
     """A Segment's attributes in QEMU's segment-cache layout: its descriptor's attribute bits."""
     return (segment.descriptor() >> 32) & DESCRIPTOR_ATTRIBUTE_BITS
@@ -93,10 +97,10 @@ class TcgVcpu:
         # Between two instructions no exception is in flight, but Unicorn can carry its
         # double-fault tracking across a slice boundary (also for a fault whose hook never ran):
         # the next fault would then become a #DF, or a silent triple fault that halts the CPU.
-        self.private.finish_exception()
+        hflags = self.private.finish_exception()
         if self._stopped_by_timer and finish_rep_stos(self):
             self.stats["string_assists"] += 1
-        release_stack_pages(self)
+        release_stack_pages(self, in_64bit_code=_in_64bit_code(hflags))
         rip = self.regs.read(X.UC_X86_REG_RIP)
         native = self.translator.native_exceptions
         delivered = native.delivered if native is not None else 0
@@ -377,7 +381,7 @@ class TcgVcpu:
         self._set_rip(rip)
 
     def in_64bit_code(self) -> bool:
-        return self.private.hflags() & (HF_LMA_MASK | HF_CS64_MASK) == HF_LMA_MASK | HF_CS64_MASK
+        return _in_64bit_code(self.private.hflags())
 
     def drop_translations(self, start: int, end: int) -> None:
         """Guest-physical [start, end) was written behind the translator's back (between slices)."""
