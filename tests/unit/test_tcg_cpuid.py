@@ -35,3 +35,18 @@ def test_the_guest_sees_an_in_order_atom_with_unicorns_features():
 def test_signature_packs_the_extended_model():
     assert signature(6, 0x1C, 10) == 0x106CA
     assert _family_model_stepping(signature(6, 0x3C, 4)) == (6, 0x3C, 4)
+
+
+@pytest.mark.parametrize("tsc_hz", [2_599_998_000, 3_192_614_000, 4_999_999_000])
+def test_leaf_0x15_and_the_lapic_timer_agree_on_the_crystal(tsc_hz):
+    from pyvmm.platform.machine import SoftwarePlatform
+    from pyvmm.platform.tsc_leaf import tsc_leaf
+
+    platform = SoftwarePlatform(lambda: None, tsc_hz=tsc_hz)
+    lapic = platform.add_cpu(0)
+    table = tcg_cpuid_tables(CpuidPolicy(set()), 1, tsc_hz)[0]
+    eax, ebx, ecx, _ = table.lookup(0x15, 0)
+    leaf = tsc_leaf(tsc_hz)
+    assert (eax, ebx, ecx) == (leaf.denominator, leaf.numerator, leaf.crystal_hz)
+    assert lapic.timer_hz == ecx  # Linux programs the LAPIC timer at the announced crystal
+    assert table.lookup(0, 0)[0] >= 0x15

@@ -145,7 +145,7 @@ class KvmAccelerator:
         vcpu = KvmVcpu(self, self.vm_fd.create_vcpu(index), index)
         if self.kernel_code_emulated:
             policy = policy.also_hiding(EMULATED_KERNEL_HIDDEN)
-        vcpu.fd.set_cpuid2(kvm_guest_cpuid(self.supported_cpuid, policy, index, count))
+        vcpu.fd.set_cpuid2(kvm_guest_cpuid(self.supported_cpuid, policy, index, count, vcpu.fd.get_tsc_khz()))
         vcpu.set_msrs(msrs.boot_msrs())
         if index == 0:
             vcpu.set_virtual_wire_lints()

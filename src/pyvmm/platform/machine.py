@@ -19,13 +19,13 @@ from .irq_router import IsaIrqRouter
 from .lapic import LocalApic
 from .pic import Pic8259Pair
 from .pit import Pit8254
+from .tsc_leaf import tsc_leaf
 
 log = logging.getLogger(__name__)
 
 PIT_PORT, PIT_SPEAKER_PORT = 0x40, 0x61
 PIC_MASTER_PORT, PIC_SLAVE_PORT, ELCR_PORT = 0x20, 0xA0, 0x4D0
 IOAPIC_WINDOW = 0x1000
-LAPIC_TIMER_HZ = 1_000_000_000  # the LAPIC timer's input clock (announced as the crystal in CPUID 0x15)
 
 
 @functools.cache
@@ -64,9 +64,10 @@ def _measure_tsc_hz() -> int:
         return time.monotonic_ns(), uc.reg_read(X.UC_X86_REG_RDX) << 32 | uc.reg_read(X.UC_X86_REG_RAX)
 
     t0, c0 = sample()
-    time.sleep(0.05)
+    time.sleep(0.2)
     t1, c1 = sample()
-    return round((c1 - c0) * 1e9 / (t1 - t0) / 1e6) * 1_000_000
+    # to the kHz, as KVM_GET_TSC_KHZ would say it: host rates need not be round MHz
+    return round((c1 - c0) * 1e6 / (t1 - t0)) * 1000
 
 
 def initialize_pic_like_firmware(pic: Pic8259Pair) -> None:
@@ -84,7 +85,8 @@ def initialize_pic_like_firmware(pic: Pic8259Pair) -> None:
 class SoftwarePlatform:
     def __init__(self, wakeup: Callable[[], None], tsc_hz: int | None = None) -> None:
         self.tsc_hz = tsc_hz or host_tsc_hz()
-        self.lapic_timer_hz = LAPIC_TIMER_HZ
+        # the LAPIC timer counts at the crystal CPUID 0x15 announces: Linux programs it from there
+        self.lapic_timer_hz = tsc_leaf(self.tsc_hz).crystal_hz
         self.clock = VirtualClock(tsc_hz=self.tsc_hz)
         self.apic_bus = ApicBus()
         self.ioapic = IoApic(self.apic_bus)

@@ -118,7 +118,7 @@ class TcgAccelerator:
 
     def create_vcpu(self, index: int, count: int, policy) -> TcgVcpu:
         if self._tables is None:
-            self._tables = tcg_cpuid_tables(policy, count, self.platform.tsc_hz, self.platform.lapic_timer_hz)
+            self._tables = tcg_cpuid_tables(policy, count, self.platform.tsc_hz)
         if self._translator is None:
             native = os.environ.get(EXCEPTIONS_SETTING, "native") != "python"
             if not native:

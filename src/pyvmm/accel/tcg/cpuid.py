@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import replace
-from fractions import Fraction
 
 from ...arch.x86_64.cpuid import CpuidPolicy, guest_cpuid
 from ...kvm.system import CpuidEntry
+from ...platform.tsc_leaf import tsc_leaf
 
 # Leaves whose subleaf (ECX) selects different data.
 INDEXED_LEAVES = {4: 8, 7: 2, 0xB: 3, 0xD: 64, 0x8000001D: 8}
@@ -114,14 +114,14 @@ TSC_LEAF = 0x15
 INVARIANT_TSC = 1 << 8  # CPUID 0x80000007 EDX
 
 
-def with_tsc_frequency(entries: list[CpuidEntry], tsc_hz: int, crystal_hz: int) -> list[CpuidEntry]:
-    """Announce the TSC rate (leaf 0x15: crystal_hz * EBX / EAX) and an invariant TSC.
+def with_tsc_frequency(entries: list[CpuidEntry], tsc_hz: int) -> list[CpuidEntry]:
+    """Announce the TSC rate (leaf 0x15, see `platform.tsc_leaf`) and an invariant TSC.
 
     Unicorn's RDTSC is the host's TSC, which runs at a constant known rate; saying so spares
     the guest a PIT calibration, which fails when port I/O is slow (Linux then marks the TSC
     unstable and boots with a poor clock). Linux also takes the LAPIC timer's rate from the
-    crystal, so `crystal_hz` must be the clock pyvmm's LAPIC timer counts at."""
-    ratio = Fraction(tsc_hz, crystal_hz)
+    crystal, so pyvmm's LAPIC timer counts at `tsc_leaf(tsc_hz).crystal_hz`."""
+    leaf = tsc_leaf(tsc_hz)
     out = []
     for e in entries:
         if e.function == 0 and e.eax < TSC_LEAF:
@@ -130,17 +130,16 @@ def with_tsc_frequency(entries: list[CpuidEntry], tsc_hz: int, crystal_hz: int) 
             e = replace(e, edx=e.edx | INVARIANT_TSC)
         if e.function != TSC_LEAF:
             out.append(e)
-    out.append(CpuidEntry(TSC_LEAF, 0, 0, ratio.denominator, ratio.numerator, crystal_hz, 0))
+    out.append(CpuidEntry(TSC_LEAF, 0, 0, leaf.denominator, leaf.numerator, leaf.crystal_hz, 0))
     if not any(e.function == 0x80000007 for e in out):
         out.append(CpuidEntry(0x80000007, 0, 0, 0, 0, 0, INVARIANT_TSC))
     return out
 
 
-def tcg_cpuid_tables(policy: CpuidPolicy, vcpu_count: int, tsc_hz: int | None = None,
-                     lapic_timer_hz: int | None = None) -> list[CpuidTable]:
+def tcg_cpuid_tables(policy: CpuidPolicy, vcpu_count: int, tsc_hz: int | None = None) -> list[CpuidTable]:
     base = as_in_order_cpu(translator_cpuid())
-    if tsc_hz and lapic_timer_hz:
-        base = with_tsc_frequency(base, tsc_hz, lapic_timer_hz)
+    if tsc_hz:
+        base = with_tsc_frequency(base, tsc_hz)
     effective = CpuidPolicy(set(policy.hidden) | PLATFORM_HIDDEN)
     return [CpuidTable(guest_cpuid(base, effective, index, vcpu_count)) for index in range(vcpu_count)]
 

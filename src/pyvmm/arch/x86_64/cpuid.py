@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from ...kvm.system import CpuidEntry
+from ...platform.tsc_leaf import fixed_crystal_tsc_leaf
 
 EAX, EBX, ECX, EDX = "eax", "ebx", "ecx", "edx"
 
@@ -135,6 +136,7 @@ KVM_CPUID_SIGNATURE = 0x40000000
 KVM_CPUID_FEATURES = 0x40000001
 KVM_SIGNATURE = b"KVMKVMKVM\0\0\0"
 HYPERVISOR_LEAVES = range(0x40000000, 0x50000000)
+TSC_LEAF = 0x15  # TSC rate = crystal (ECX) * EBX / EAX; see platform.tsc_leaf
 
 
 class UnknownFeature(ValueError):
@@ -226,9 +228,21 @@ def kvm_pv_leaves(supported: list[CpuidEntry]) -> list[CpuidEntry]:
     ]
 
 
+def kvm_tsc_leaf(tsc_khz: int | None) -> CpuidEntry:
+    """Leaf 0x15 for a KVM guest whose TSC runs at `tsc_khz` (KVM_GET_TSC_KHZ): the host's own
+    leaf describes the host's crystal, not KVM's 1 GHz LAPIC timer, so it is replaced by one
+    with a 1 GHz crystal where that can express the rate, else emptied (kvm-clock carries it)."""
+    leaf = fixed_crystal_tsc_leaf(tsc_khz * 1000) if tsc_khz else None
+    if leaf is None:
+        return CpuidEntry(TSC_LEAF, 0, 0, 0, 0, 0, 0)
+    return CpuidEntry(TSC_LEAF, 0, 0, leaf.denominator, leaf.numerator, leaf.crystal_hz, 0)
+
+
 def kvm_guest_cpuid(supported: list[CpuidEntry], policy: CpuidPolicy, vcpu_index: int,
-                    vcpu_count: int) -> list[CpuidEntry]:
+                    vcpu_count: int, tsc_khz: int | None = None) -> list[CpuidEntry]:
     """guest_cpuid for the KVM backend: the host's hypervisor leaves replaced by the KVM
-    paravirtual leaves pyvmm offers (kvm_pv_leaves), then the policy applied to all."""
-    base = [e for e in supported if e.function not in HYPERVISOR_LEAVES] + kvm_pv_leaves(supported)
+    paravirtual leaves pyvmm offers (kvm_pv_leaves), the TSC leaf by one that matches the
+    vCPU's TSC rate and KVM's LAPIC (kvm_tsc_leaf), then the policy applied to all."""
+    base = [kvm_tsc_leaf(tsc_khz) if e.function == TSC_LEAF else e
+            for e in supported if e.function not in HYPERVISOR_LEAVES] + kvm_pv_leaves(supported)
     return guest_cpuid(base, policy, vcpu_index, vcpu_count)
