@@ -1,4 +1,4 @@
-"""VmConfig -> a ready-to-start Vm, as one flat recipe.
+"""MachineConfig -> a ready-to-start Vm, as one flat recipe.
 
 memory -> accelerator -> buses and devices -> kernel -> vCPUs. Each step either
 succeeds or raises an error whose message is one line for the user; whatever
@@ -14,7 +14,7 @@ from typing import Callable
 from .arch.x86_64 import boot_tables, layout
 from .arch.x86_64.cpuid import CpuidPolicy
 from .bus import MmioBus, PioBus, Window
-from .config import ConfigError, VmConfig
+from .config import ConfigError, MachineConfig
 from .arch.x86_64.acpi import build_acpi_tables, pci_root_acpi, pvpanic_device
 from .arch.x86_64.firmware import write_reset_vector
 from .deadline_timer import DeadlineTimer
@@ -37,9 +37,10 @@ DEBUG_EXIT_PORT = 0xF4
 POST_PORT = 0x80
 
 
-def build_vm(config: VmConfig, console_write: Callable[[bytes], None], *, accel=None,
+def build_vm(config: MachineConfig, console_write: Callable[[bytes], None], *, accel=None,
              kernel_path: str | None = None) -> Vm:
-    """Build a VM from `config`; guest console output goes to `console_write`."""
+    """Build a VM from `config`; guest console output goes to `console_write`.
+    `accel`: an accelerator instance (default: the one auto picks)."""
     with ExitStack() as cleanup:
         memory = GuestMemory.from_specs(layout.ram_regions(config.memory))
         cleanup.callback(memory.close)
@@ -47,7 +48,7 @@ def build_vm(config: VmConfig, console_write: Callable[[bytes], None], *, accel=
         if accel is None:
             from .accel.select import choose_accelerator
 
-            accel = choose_accelerator(config.accel).create()
+            accel = choose_accelerator("auto").create()
         cleanup.callback(accel.close)
         accel.setup_platform()
         accel.map_memory(memory)
@@ -135,14 +136,14 @@ def build_vm(config: VmConfig, console_write: Callable[[bytes], None], *, accel=
         return vm
 
 
-def virtio_devices(config: VmConfig, console_write, iothread, releases: list):
+def virtio_devices(config: MachineConfig, console_write, iothread, releases: list):
     """(name, device, transport) for every virtio device the config asks for. Whatever a
     device opens on the host (image files, TAPs, sockets) gets its close() in `releases`."""
     if config.console == "virtio" or config.console_ports:
         from .devices.virtio.console import VirtioConsole
 
         console = VirtioConsole(console_write if config.console == "virtio" else _discard, iothread=iothread,
-                                ports=dict(config.console_ports))
+                                ports={port.name: port.socket for port in config.console_ports})
         releases.append(console.close)
         yield "virtio-console", console, config.console_transport
     for index, disk in enumerate(config.disks):
@@ -157,7 +158,7 @@ def virtio_devices(config: VmConfig, console_write, iothread, releases: list):
             try:
                 device = VirtioBlock(disk.path, readonly=disk.readonly, serial=disk.serial)
             except BlockError as exc:
-                raise ConfigError(str(exc)) from None
+                raise ConfigError(f": {exc}", f"disks[{index}]") from None
         releases.append(device.close)
         yield name, device, disk.transport
     for index, net in enumerate(config.nets):

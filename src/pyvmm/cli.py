@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.subcommand is None:
         parser.print_help()
         return 2
-    from .errors import user_error_message, user_error_types
+    from .errors import ConfigError, UserError, user_error_message
 
     try:
         if args.subcommand == "run":
@@ -114,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
             return print_kvm_info(calibrate_guest=not args.no_calibrate)
     except KeyboardInterrupt:
         return 130
-    except user_error_types() as exc:
-        message = user_error_message(exc)
+    except (UserError, OSError) as exc:  # bad input, an unusable host, a file that cannot be read
+        message = exc.render(cli_name(exc.field)) if isinstance(exc, ConfigError) and exc.field else \
+            user_error_message(exc)
         print(f"pyvmm: error: {message}", file=sys.stderr)
         return 2
     except Exception as exc:
@@ -126,17 +127,27 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-def _console_port(text: str) -> tuple[str, str]:
-    from .config import ConfigError
+# The flag that sets each config field (MachineConfig and RunOptions), for error messages.
+_FLAGS = {"kernel": "--kernel", "initrd": "--initrd", "boot": "--boot", "cmdline": "--append", "memory": "--memory",
+          "cpus": "--cpus", "modules": "--module", "flat_address": "--load-address", "flat_64bit": "--entry-64",
+          "cpu_hide": "--cpu-hide", "disks": "--disk", "nets": "--net", "vsock": "--vsock", "rng": "--rng",
+          "console": "--console", "console_transport": "--console", "console_ports": "--console-port",
+          "accel": "--accel", "timeout": "--timeout", "reboot": "--reboot", "console_log": "--console-log",
+          "system_map": "--system-map"}
+# Option keys inside a flag's value that are spelled differently from the field.
+_OPTION_KEYS = {"vhost_user": "vhost-user"}
 
-    name, eq, path = text.partition("=")
-    if not eq or not name or not path:
-        raise ConfigError(f"--console-port {text!r}: expected NAME=SOCKET_PATH")
-    return name, path
+
+def cli_name(field: str) -> str:
+    """A config field as the command line names it: 'disks[1].serial' -> '--disk serial'."""
+    top, _, rest = field.partition(".")
+    flag = _FLAGS.get(top.split("[")[0], top)
+    return f"{flag} {_OPTION_KEYS.get(rest, rest)}" if rest else flag
 
 
 def _cmd_run(args) -> int:
-    from .config import ConfigError, DiskConfig, NetConfig, VmConfig, VsockConfig, parse_size, parse_transport
+    from .config import (ConfigError, ConsolePort, DiskConfig, MachineConfig, NetConfig, RunOptions, VsockConfig,
+                         parse_size, parse_transport)
     from .console import Console
     from .accel.select import choose_accelerator
     from .runner import demo_kernel, run_vm, with_default_guest
@@ -150,43 +161,39 @@ def _cmd_run(args) -> int:
     if args.demo and (args.kernel or command):
         raise ConfigError("--demo boots the built-in demo kernel: it takes no --kernel and no command")
     console_kind, _, console_options = args.console.partition(",")
-    console_transport = parse_transport(console_options, "--console")
-    config = VmConfig(
+    machine = MachineConfig(
         kernel=demo_kernel() if args.demo else args.kernel,
         initrd=args.initrd,
         boot=args.boot,
         cmdline=args.append,
-        memory=parse_size(args.memory),
+        memory=parse_size(args.memory, "memory"),
         cpus=args.cpus,
-        modules=list(args.module),
+        modules=tuple(args.module),
         flat_address=args.load_address,
         flat_64bit=args.entry_64,
-        cpu_hide={name.strip() for name in args.cpu_hide.split(",") if name.strip()},
-        console_log=args.console_log,
-        reboot=args.reboot,
-        timeout=args.timeout,
-        accel=args.accel,
-        disks=[DiskConfig.parse(text) for text in args.disk],
-        nets=[NetConfig.parse(text) for text in args.net],
+        cpu_hide=frozenset(name.strip() for name in args.cpu_hide.split(",") if name.strip()),
+        disks=tuple(DiskConfig.parse(text, f"disks[{i}]") for i, text in enumerate(args.disk)),
+        nets=tuple(NetConfig.parse(text, f"nets[{i}]") for i, text in enumerate(args.net)),
         vsock=VsockConfig.parse(args.vsock) if args.vsock else None,
         rng=args.rng,
         console=console_kind,
-        console_transport=console_transport,
-        console_ports=[_console_port(text) for text in args.console_port],
-        system_map=args.system_map,
+        console_transport=parse_transport(console_options, "console_transport"),
+        console_ports=tuple(ConsolePort.parse(text, f"console_ports[{i}]") for i, text in enumerate(args.console_port)),
     )
-    config.validate()
+    options = RunOptions(accel=args.accel, timeout=args.timeout, reboot=args.reboot, console_log=args.console_log,
+                         system_map=args.system_map)
+    machine.validate()
+    options.validate()
     # an unusable accelerator is bad input too: say so before a first run builds the default guest
-    choice = choose_accelerator(config.accel)
-    config = with_default_guest(config, command)
-    with Console(log_path=config.console_log) as console:
-        outcome = run_vm(config, console, choice)
+    choice = choose_accelerator(options.accel)
+    machine, options = with_default_guest(machine, options, command)
+    with Console(log_path=options.console_log) as console:
+        outcome = run_vm(machine, options, console, choice)
     if outcome.is_error:
         print(f"pyvmm: {outcome.message}", file=sys.stderr)
     else:
         log.info("%s", outcome.message)
     return outcome.status
-
 
 if __name__ == "__main__":
     sys.exit(main())

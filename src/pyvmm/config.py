@@ -1,27 +1,37 @@
-"""VmConfig: everything needed to build a VM, validated with one-line errors."""
+"""The machine description and the options of one run, as data, with field-named errors.
+
+MachineConfig is what a definition file or a snapshot describes: CPUs, memory, the kernel
+and the devices. RunOptions is how one run goes: accelerator, timeout, reboot policy,
+console log, symbols for error messages. Both are frozen: code that needs a variant makes
+one with dataclasses.replace(), the caller's object never changes.
+
+Every ConfigError names the field it is about ("memory", "disks[1].serial", "vsock.cid");
+front ends map the field to their own name for it (the CLI to its flags).
+The parse() class methods read the compact option syntax the CLI uses
+("a.img,readonly,serial=s1"); validate() checks the values however they were made.
+"""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .arch.x86_64 import layout
-from .arch.x86_64.cpuid import CpuidPolicy
+from .arch.x86_64.cpuid import CpuidPolicy, UnknownFeature
+from .errors import ConfigError
 
-
-class ConfigError(ValueError):
-    """Bad user input; the message is one line fit to print."""
-
+__all__ = ["ConfigError", "ConsolePort", "DiskConfig", "MachineConfig", "NetConfig", "RunOptions", "VsockConfig",
+           "TRANSPORTS", "DEFAULT_TRANSPORT", "parse_size", "parse_transport"]
 
 _SIZE = re.compile(r"^\s*(\d+)\s*(?:([KMGT])(?:i?B)?|(B))?\s*$", re.IGNORECASE)
 _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, field: str | None = None) -> int:
     """'256M', '1GiB', '64k', '4096B' (bytes), '512' (MiB when no unit) -> bytes."""
     match = _SIZE.match(str(text))
     if not match:
-        raise ConfigError(f"invalid size {text!r}: use e.g. 256M or 2G")
+        raise ConfigError(f"{': ' if field else ''}invalid size {text!r}: use e.g. 256M or 2G", field)
     number, prefix, bytes_suffix = match.groups()
     if bytes_suffix:
         return int(number)
@@ -32,36 +42,42 @@ TRANSPORTS = ("pci", "mmio")
 DEFAULT_TRANSPORT = "pci"
 
 
-def _options(text: str, what: str, flags: tuple[str, ...], keys: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
+def _options(text: str, field: str, flags: tuple[str, ...], keys: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
     """Split 'a,b,key=value' into bare words and key=value pairs, rejecting unknown ones."""
-    words, pairs = [], {}
+    words: list[str] = []
+    pairs: dict[str, str] = {}
     for part in (p.strip() for p in text.split(",")):
         if not part:
             continue
         key, eq, value = part.partition("=")
         if eq:
             if key not in keys:
-                raise ConfigError(f"{what}: unknown option {key!r} (known: {', '.join(keys)})")
+                raise ConfigError(f": unknown option {key!r} (known: {', '.join(keys)})", field)
             pairs[key] = value
         elif words and part not in flags:
-            raise ConfigError(f"{what}: unknown flag {part!r} (known: {', '.join(flags)})")
+            raise ConfigError(f": unknown flag {part!r} (known: {', '.join(flags)})", field)
         else:
             words.append(part)
-    transport = pairs.get("transport", DEFAULT_TRANSPORT)
-    if "transport" in keys and transport not in TRANSPORTS:
-        raise ConfigError(f"{what}: transport must be pci or mmio (got {transport!r})")
     return words, pairs
 
 
-def parse_transport(text: str, what: str) -> str:
+def _check_transport(transport: str, field: str) -> None:
+    if transport not in TRANSPORTS:
+        what = "" if field.endswith(".transport") else "transport "  # console_transport: "--console transport"
+        raise ConfigError(f"{what}must be pci or mmio (got {transport!r})", field)
+
+
+def parse_transport(text: str, field: str = "console_transport") -> str:
     """The transport= of an option string that takes nothing else ('' or 'transport=mmio')."""
-    words, pairs = _options(text, what, (), ("transport",))
+    words, pairs = _options(text, field, (), ("transport",))
     if words:
-        raise ConfigError(f"{what}: unexpected {words[0]!r} (only transport=pci|mmio)")
-    return pairs.get("transport", DEFAULT_TRANSPORT)
+        raise ConfigError(f": unexpected {words[0]!r} (only transport=pci|mmio)", field)
+    transport = pairs.get("transport", DEFAULT_TRANSPORT)
+    _check_transport(transport, field)
+    return transport
 
 
-@dataclass
+@dataclass(frozen=True)
 class DiskConfig:
     path: str | None = None             # raw image (None for a vhost-user disk)
     readonly: bool = False
@@ -70,112 +86,167 @@ class DiskConfig:
     vhost_user: str | None = None       # vhost-user-blk back-end socket
 
     @classmethod
-    def parse(cls, text: str) -> "DiskConfig":
-        """--disk PATH[,readonly][,serial=ID][,transport=pci|mmio] or --disk vhost-user=SOCKET[,...]"""
-        words, pairs = _options(text, "--disk", ("readonly", "ro"), ("serial", "transport", "vhost-user"))
+    def parse(cls, text: str, field: str = "disks") -> "DiskConfig":
+        """PATH[,readonly][,serial=ID][,transport=pci|mmio] or vhost-user=SOCKET[,...]"""
+        words, pairs = _options(text, field, ("readonly", "ro"), ("serial", "transport", "vhost-user"))
         path = words[0] if words and words[0] not in ("readonly", "ro") else None
         flags = words[1:] if path else words
-        if path is None and "vhost-user" not in pairs:
-            raise ConfigError("--disk needs an image path (or vhost-user=SOCKET)")
-        if path is not None and "vhost-user" in pairs:
-            raise ConfigError("--disk: give an image path or vhost-user=SOCKET, not both")
-        serial = pairs.get("serial")
-        if serial is not None and len(serial.encode()) > 20:
-            raise ConfigError(f"--disk serial {serial!r} is longer than 20 bytes")
-        return cls(path, bool(flags), serial, pairs.get("transport", DEFAULT_TRANSPORT), pairs.get("vhost-user"))
+        disk = cls(path, bool(flags), pairs.get("serial"), pairs.get("transport", DEFAULT_TRANSPORT),
+                   pairs.get("vhost-user"))
+        disk.validate(field)
+        return disk
+
+    def validate(self, field: str = "disks") -> None:
+        if self.path is None and self.vhost_user is None:
+            raise ConfigError("needs an image path (or vhost-user=SOCKET)", field)
+        if self.path is not None and self.vhost_user is not None:
+            raise ConfigError(": give an image path or vhost-user=SOCKET, not both", field)
+        if self.serial is not None and len(self.serial.encode()) > 20:
+            raise ConfigError(f"{self.serial!r} is longer than 20 bytes", f"{field}.serial")
+        _check_transport(self.transport, f"{field}.transport")
 
 
 _MAC = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
 
 
-@dataclass
+@dataclass(frozen=True)
 class NetConfig:
     tap: str = "auto"                   # a TAP name, or auto: pyvmm creates one in a new network namespace
     mac: str | None = None
     transport: str = DEFAULT_TRANSPORT
 
     @classmethod
-    def parse(cls, text: str) -> "NetConfig":
-        """--net tap=NAME|auto[,mac=52:54:00:..][,transport=pci|mmio]"""
-        words, pairs = _options(text, "--net", (), ("tap", "mac", "transport"))
+    def parse(cls, text: str, field: str = "nets") -> "NetConfig":
+        """tap=NAME|auto[,mac=52:54:00:..][,transport=pci|mmio]"""
+        words, pairs = _options(text, field, (), ("tap", "mac", "transport"))
         if words:
-            raise ConfigError(f"--net: expected key=value options, got {words[0]!r}")
-        mac = pairs.get("mac")
+            raise ConfigError(f": expected key=value options, got {words[0]!r}", field)
+        net = cls(pairs.get("tap", "auto") or "auto", pairs.get("mac"), pairs.get("transport", DEFAULT_TRANSPORT))
+        net.validate(field)
+        return net
+
+    def validate(self, field: str = "nets") -> None:
+        mac = self.mac
         if mac is not None and (not _MAC.match(mac) or int(mac[:2], 16) & 1):
-            raise ConfigError(f"--net mac {mac!r} is not a unicast MAC address like 52:54:00:12:34:56")
-        return cls(pairs.get("tap", "auto") or "auto", mac, pairs.get("transport", DEFAULT_TRANSPORT))
+            raise ConfigError(f"{mac!r} is not a unicast MAC address like 52:54:00:12:34:56", f"{field}.mac")
+        _check_transport(self.transport, f"{field}.transport")
 
 
-@dataclass
+@dataclass(frozen=True)
 class VsockConfig:
     cid: int
     uds: str
     transport: str = DEFAULT_TRANSPORT
 
     @classmethod
-    def parse(cls, text: str) -> "VsockConfig":
-        """--vsock cid=N,uds=PATH[,transport=pci|mmio]"""
-        words, pairs = _options(text, "--vsock", (), ("cid", "uds", "transport"))
+    def parse(cls, text: str, field: str = "vsock") -> "VsockConfig":
+        """cid=N,uds=PATH[,transport=pci|mmio]"""
+        words, pairs = _options(text, field, (), ("cid", "uds", "transport"))
         if words or "cid" not in pairs or "uds" not in pairs:
-            raise ConfigError("--vsock needs cid=N,uds=PATH")
+            raise ConfigError("needs cid=N,uds=PATH", field)
         try:
             cid = int(pairs["cid"], 0)
         except ValueError:
-            raise ConfigError(f"--vsock cid {pairs['cid']!r} is not a number") from None
-        if not 3 <= cid < 0xFFFFFFFF:
-            raise ConfigError(f"--vsock cid {cid}: guest CIDs start at 3 (0-2 are reserved)")
-        return cls(cid, pairs["uds"], pairs.get("transport", DEFAULT_TRANSPORT))
+            raise ConfigError(f"{pairs['cid']!r} is not a number", f"{field}.cid") from None
+        vsock = cls(cid, pairs["uds"], pairs.get("transport", DEFAULT_TRANSPORT))
+        vsock.validate(field)
+        return vsock
+
+    def validate(self, field: str = "vsock") -> None:
+        if not 3 <= self.cid < 0xFFFFFFFF:
+            raise ConfigError(f"{self.cid}: guest CIDs start at 3 (0-2 are reserved)", f"{field}.cid")
+        _check_transport(self.transport, f"{field}.transport")
 
 
-@dataclass
-class VmConfig:
+@dataclass(frozen=True)
+class ConsolePort:
+    """A named virtio-console port whose host side is a Unix socket pyvmm listens on."""
+    name: str
+    socket: str
+
+    @classmethod
+    def parse(cls, text: str, field: str = "console_ports") -> "ConsolePort":
+        """NAME=SOCKET_PATH"""
+        name, eq, path = text.partition("=")
+        if not eq or not name or not path:
+            raise ConfigError(f"{text!r}: expected NAME=SOCKET_PATH", field)
+        return cls(name, path)
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    """The machine: what a definition file or a snapshot describes, whatever the run."""
     kernel: str | None = None
     initrd: str | None = None
     boot: str = "auto"  # Linux: pvh (extract the vmlinux, boot it directly) | bzimage | auto (PVH when possible)
     cmdline: str = ""
     memory: int = 256 << 20
     cpus: int = 1
-    modules: list[str] = field(default_factory=list)
+    modules: tuple[str, ...] = ()
     flat_address: int | None = None
     flat_64bit: bool = False
-    cpu_hide: set[str] = field(default_factory=set)
-    console_log: str | None = None
-    reboot: bool = False
-    timeout: float | None = None
-    accel: str = "auto"
-    disks: list[DiskConfig] = field(default_factory=list)
-    nets: list[NetConfig] = field(default_factory=list)
+    cpu_hide: frozenset[str] = frozenset()
+    disks: tuple[DiskConfig, ...] = ()
+    nets: tuple[NetConfig, ...] = ()
     vsock: VsockConfig | None = None
     rng: str | None = None              # None, or the transport of a virtio-rng
     console: str = "serial"             # serial (COM1) | virtio (hvc0; COM1 stays for early messages)
     console_transport: str = DEFAULT_TRANSPORT
-    console_ports: list[tuple[str, str]] = field(default_factory=list)  # virtio-console (name, unix socket)
-    system_map: str | None = None       # the kernel's System.map (or kallsyms): names guest code in errors
+    console_ports: tuple[ConsolePort, ...] = ()
 
     def validate(self, max_vcpus: int | None = None) -> None:
         if self.memory <= 0:
-            raise ConfigError(f"--memory must be positive (got {self.memory} bytes)")
+            raise ConfigError(f"must be positive (got {self.memory} bytes)", "memory")
         if self.memory < layout.MIN_MEMORY:
-            raise ConfigError(f"--memory must be at least {layout.MIN_MEMORY >> 20}M")
+            raise ConfigError(f"must be at least {layout.MIN_MEMORY >> 20}M", "memory")
         if self.memory % 4096:
-            raise ConfigError("--memory must be a multiple of 4 KiB")
+            raise ConfigError("must be a multiple of 4 KiB", "memory")
         if self.cpus < 1:
-            raise ConfigError(f"--cpus must be at least 1 (got {self.cpus})")
+            raise ConfigError(f"must be at least 1 (got {self.cpus})", "cpus")
         if max_vcpus is not None and self.cpus > max_vcpus:
-            raise ConfigError(f"--cpus {self.cpus}: this host allows at most {max_vcpus} vCPUs")
+            raise ConfigError(f"{self.cpus}: this host allows at most {max_vcpus} vCPUs", "cpus")
         if self.cpus > 255:
-            raise ConfigError("--cpus: pyvmm supports at most 255 vCPUs (xAPIC IDs)")
-        if self.timeout is not None and self.timeout <= 0:
-            raise ConfigError("--timeout must be positive")
+            raise ConfigError(": pyvmm supports at most 255 vCPUs (xAPIC IDs)", "cpus")
         if self.boot not in ("auto", "pvh", "bzimage"):
-            raise ConfigError(f"--boot must be one of auto, pvh, bzimage (got {self.boot!r})")
-        if self.accel not in ("auto", "kvm", "tcg"):
-            raise ConfigError(f"--accel must be one of auto, kvm, tcg (got {self.accel!r})")
+            raise ConfigError(f"must be one of auto, pvh, bzimage (got {self.boot!r})", "boot")
         if self.console not in ("serial", "virtio"):
-            raise ConfigError(f"--console must be serial or virtio (got {self.console!r})")
+            raise ConfigError(f"must be serial or virtio (got {self.console!r})", "console")
+        _check_transport(self.console_transport, "console_transport")
         if self.rng is not None and self.rng not in TRANSPORTS:
-            raise ConfigError(f"--rng transport must be pci or mmio (got {self.rng!r})")
-        CpuidPolicy(set(self.cpu_hide))  # an unknown feature name fails here, before KVM is opened
+            raise ConfigError(f"transport must be pci or mmio (got {self.rng!r})", "rng")
+        for index, disk in enumerate(self.disks):
+            disk.validate(f"disks[{index}]")
+        for index, net in enumerate(self.nets):
+            net.validate(f"nets[{index}]")
+        if self.vsock is not None:
+            self.vsock.validate("vsock")
+        names = [port.name for port in self.console_ports]
+        for index, name in enumerate(names):
+            if name in names[:index]:
+                raise ConfigError(f"{name!r}: a port of that name exists already", f"console_ports[{index}]")
+        try:
+            CpuidPolicy(set(self.cpu_hide))  # an unknown feature name fails here, before KVM is opened
+        except UnknownFeature as exc:
+            raise ConfigError(f": {exc}", "cpu_hide") from None
+
+
+ACCELERATORS = ("auto", "kvm", "tcg")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How one run of a machine goes; none of it is part of the machine."""
+    accel: str = "auto"
+    timeout: float | None = None        # seconds for the whole run, reboots included
+    reboot: bool = False                # restart the machine when the guest resets it
+    console_log: str | None = None      # append the serial console to this file
+    system_map: str | None = None       # the kernel's System.map (or kallsyms): names guest code in errors
+
+    def validate(self) -> None:
+        if self.timeout is not None and self.timeout <= 0:
+            raise ConfigError("must be positive", "timeout")
+        if self.accel not in ACCELERATORS:
+            raise ConfigError(f"must be one of auto, kvm, tcg (got {self.accel!r})", "accel")
         if self.system_map is not None:
             from .loader.linux.symbols import LazySymbolTable
 

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import PyvmmError
 from .kvm import Kvm, uapi
 
 KERNEL_ITERATIONS = 20_000
@@ -86,20 +87,20 @@ class _Markers:
             self._on_last()
 
 
-class CalibrationError(RuntimeError):
+class CalibrationError(PyvmmError, RuntimeError):
     pass
 
 
 def calibrate(timeout: float = 60.0) -> Calibration:
     """Boot the calibration guest on KVM and time its two loops."""
     from .builder import build_vm
-    from .config import VmConfig
+    from .config import MachineConfig
     from .guests import CALIBRATE_KERNEL_ITERS_ADDR, CALIBRATE_MMIO, build
     from .vm import EXIT_OK, VmOutcome
 
     from .accel.kvm import KvmAccelerator
 
-    config = VmConfig(memory=16 << 20, cpus=1, accel="kvm")  # measures KVM itself, whatever auto would pick
+    config = MachineConfig(memory=16 << 20, cpus=1)  # measures KVM itself, whatever auto would pick
     vm = build_vm(config, lambda data: None, kernel_path=str(build("calibrate")), accel=KvmAccelerator())
     markers = _Markers(lambda: vm.request_stop(VmOutcome("poweroff", EXIT_OK, "calibration done")))
     vm.mmio_bus.register(CALIBRATE_MMIO, 4, markers, "calibration")

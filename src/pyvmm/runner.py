@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from dataclasses import replace
 
 from .accel.select import choose_accelerator
 from .builder import build_vm
-from .config import VmConfig
+from .config import MachineConfig, RunOptions
 from .vm import EXIT_OK, VmOutcome
 
 log = logging.getLogger(__name__)
@@ -23,55 +24,56 @@ def demo_kernel() -> str:
     return str(build(DEMO_GUEST))
 
 
-def with_default_guest(config: VmConfig, command: list[str] | None) -> VmConfig:
-    """No --kernel: boot the default Debian guest (built on first use), running `command` if given."""
-    if config.kernel is not None:
+def with_default_guest(machine: MachineConfig, options: RunOptions,
+                       command: list[str] | None) -> tuple[MachineConfig, RunOptions]:
+    """No kernel: the default Debian guest (built on first use), running `command` if given.
+    Returns new configs; the caller's are left as they were."""
+    if machine.kernel is not None:
         if command:
             from .images import encode_command
 
-            config.cmdline = f"{config.cmdline} {encode_command(command)}".strip()
-        return config
+            machine = replace(machine, cmdline=f"{machine.cmdline} {encode_command(command)}".strip())
+        return machine, options
     from .images import default_image
 
     image = default_image()
-    config.kernel, config.initrd = str(image.kernel), str(image.initramfs)
-    if config.system_map is None and image.system_map is not None:
-        config.system_map = str(image.system_map)
-    extra = config.cmdline
-    if config.console == "virtio":
+    if options.system_map is None and image.system_map is not None:
+        options = replace(options, system_map=str(image.system_map))
+    extra = machine.cmdline
+    if machine.console == "virtio":
         extra += " pyvmm.console=hvc0"
-    if config.nets and config.nets[0].tap == "auto":  # the address HostNetwork leaves for the guest
+    if machine.nets and machine.nets[0].tap == "auto":  # the address HostNetwork leaves for the guest
         extra += " pyvmm.ip=10.0.2.15/24,10.0.2.1"
-    extra = extra.strip()
-    config.cmdline = image.command_line(command or None, extra=extra)
-    return config
+    machine = replace(machine, kernel=str(image.kernel), initrd=str(image.initramfs),
+                      cmdline=image.command_line(command or None, extra=extra.strip()))
+    return machine, options
 
 
-def run_vm(config: VmConfig, console, choice=None) -> VmOutcome:
-    """Boot `config` with `console` as COM1 until the guest ends; `--reboot` restarts it on reset.
-    `choice`: the accelerator choose_accelerator() made, if the caller asked first."""
+def run_vm(machine: MachineConfig, options: RunOptions, console, choice=None) -> VmOutcome:
+    """Boot `machine` with `console` as COM1 until the guest ends; options.reboot restarts it on
+    reset. `choice`: the accelerator choose_accelerator() made, if the caller asked first."""
     if choice is None:
-        choice = choose_accelerator(config.accel)
-    announce = config.accel == "auto"
-    deadline = None if config.timeout is None else time.monotonic() + config.timeout
+        choice = choose_accelerator(options.accel)
+    announce = options.accel == "auto"
+    deadline = None if options.timeout is None else time.monotonic() + options.timeout
     symbols = None
-    if config.system_map is not None:
+    if options.system_map is not None:
         from .loader.linux.symbols import LazySymbolTable
 
-        symbols = LazySymbolTable(config.system_map)  # read only if an error needs a name
+        symbols = LazySymbolTable(options.system_map)  # read only if an error needs a name
     while True:
-        vm = build_vm(config, console.write, accel=choice.create())
+        vm = build_vm(machine, console.write, accel=choice.create())
         vm.symbols = symbols
         if announce:  # after the build, so that bad input still ends with exactly one line
             print(f"pyvmm: accelerator {choice.name}: {choice.reason}", file=sys.stderr)
             announce = False
-        terminal_device = vm.devices["virtio-console" if config.console == "virtio" else "com1"]
+        terminal_device = vm.devices["virtio-console" if machine.console == "virtio" else "com1"]
         console.attach(terminal_device,
                        on_quit=lambda: vm.request_stop(VmOutcome("quit", EXIT_OK, "quit from the console (C-a x)")))
-        # --timeout bounds the whole run, reboots included
+        # the timeout bounds the whole run, reboots included
         remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
         outcome = vm.run(remaining)
-        if outcome.reason == "reset" and config.reboot:
+        if outcome.reason == "reset" and options.reboot:
             log.info("the guest reset the machine: rebooting (--reboot)")
             continue
         return outcome

@@ -6,7 +6,7 @@ import pathlib
 
 from pyvmm.accel.select import choose_accelerator
 from pyvmm.builder import build_vm
-from pyvmm.config import VmConfig
+from pyvmm.config import MachineConfig
 from pyvmm.guests import build_source
 
 KVM_GUESTS = pathlib.Path(__file__).resolve().parent.parent / "kvm" / "guests"
@@ -29,7 +29,7 @@ class Reports:
 def run_reporting(source: str, accel: str, words_per_report: int, **config):
     """Run tests/kvm/guests/`source` (64-bit) to its end on `accel`: (outcome, the reports as
     tuples of `words_per_report` values, vCPU 0)."""
-    config = VmConfig(kernel=str(build_source(KVM_GUESTS / source, 64)), memory=16 << 20, accel=accel, **config)
+    config = MachineConfig(kernel=str(build_source(KVM_GUESTS / source, 64)), memory=16 << 20, **config)
     vm = build_vm(config, lambda data: None, accel=choose_accelerator(accel).create())
     reports = Reports()
     vm.pio_bus.register(REPORT_PORT, 4, reports, "report")

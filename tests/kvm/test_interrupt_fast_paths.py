@@ -17,7 +17,7 @@ import pytest
 
 from pyvmm.accel.select import choose_accelerator
 from pyvmm.builder import build_vm
-from pyvmm.config import VmConfig
+from pyvmm.config import MachineConfig
 from pyvmm.guests import build_source
 
 GUESTS = pathlib.Path(__file__).parent / "guests"
@@ -60,7 +60,7 @@ def kvm_msi_vm():
 
 
 def _msi_vm(accel):
-    config = VmConfig(kernel=str(build_source(GUESTS / "msi.S", 32)), memory=16 << 20, accel=accel)
+    config = MachineConfig(kernel=str(build_source(GUESTS / "msi.S", 32)), memory=16 << 20)
     vm = build_vm(config, lambda data: None, accel=choose_accelerator(accel).create())
     reports, ready = Recorder(), Recorder()
     vm.pio_bus.register(REPORT_PORT, 4, reports, "msi-report")
@@ -205,7 +205,7 @@ IOEVENT_CODE = bytes.fromhex(
 def test_ioeventfd_datamatch_and_mmio(tmp_path, accel):
     image = tmp_path / "ioevent.bin"
     image.write_bytes(IOEVENT_CODE)
-    config = VmConfig(kernel=str(image), flat_address=LOAD, memory=16 << 20, accel=accel)
+    config = MachineConfig(kernel=str(image), flat_address=LOAD, memory=16 << 20)
     vm = build_vm(config, lambda data: None, accel=choose_accelerator(accel).create())
     port_bus, mmio_bus = Recorder(), Recorder()
     vm.pio_bus.register(NOTIFY_PORT, 1, port_bus, "notify-port")
@@ -234,7 +234,7 @@ def test_ioeventfd_wakes_a_waiting_io_thread(tmp_path):
     """The eventfd is pollable: an I/O thread blocked in select() wakes on the guest's write."""
     image = tmp_path / "ioevent.bin"
     image.write_bytes(IOEVENT_CODE)
-    config = VmConfig(kernel=str(image), flat_address=LOAD, memory=16 << 20, accel="kvm")
+    config = MachineConfig(kernel=str(image), flat_address=LOAD, memory=16 << 20)
     vm = build_vm(config, lambda data: None, accel=choose_accelerator("kvm").create())
     vm.pio_bus.register(NOTIFY_PORT, 1, Recorder(), "notify-port")
     vm.mmio_bus.register(NOTIFY_MMIO, 4, Recorder(), "notify-mmio")

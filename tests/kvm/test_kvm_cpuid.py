@@ -25,7 +25,7 @@ CX16 = 1 << 13
 
 def guest_cpuid(accel: str, hide: set[str] = frozenset()) -> dict[int, tuple[int, int, int, int]]:
     """leaf -> (EAX, EBX, ECX, EDX) as the guest read them."""
-    outcome, reports, _ = run_reporting("cpuid.S", accel, 6, cpu_hide=set(hide))
+    outcome, reports, _ = run_reporting("cpuid.S", accel, 6, cpu_hide=frozenset(hide))
     assert outcome.reason == "debug-exit" and outcome.status == 1, outcome
     return {report[0]: report[2:] for report in reports}   # (leaf, subleaf, EAX, EBX, ECX, EDX)
 

@@ -21,7 +21,7 @@ import threading
 from pyvmm.accel.select import choose_accelerator
 from pyvmm.arch.x86_64 import layout
 from pyvmm.builder import build_vm
-from pyvmm.config import VmConfig
+from pyvmm.config import MachineConfig
 from pyvmm.devices.legacy.debug_exit import exit_status
 from pyvmm.devices.virtio.mmio import QUEUE_NOTIFY, STATUS
 from pyvmm.guests import build_source
@@ -39,8 +39,8 @@ class RngRun:
     def __init__(self, accel: str, mode: int) -> None:
         self.accel = accel
         self.console = bytearray()
-        config = VmConfig(kernel=str(build_source(GUESTS / "virtio_rng.S", 32)), cmdline=f"mode={mode}",
-                          memory=16 << 20, accel=accel, rng="mmio")
+        config = MachineConfig(kernel=str(build_source(GUESTS / "virtio_rng.S", 32)), cmdline=f"mode={mode}",
+                          memory=16 << 20, rng="mmio")
         config.validate()
         self.vm = build_vm(config, self.console.extend, accel=choose_accelerator(accel).create())
         self.device = self.vm.devices["virtio-rng"]

@@ -14,7 +14,7 @@ import pytest
 
 from pyvmm.accel.select import choose_accelerator
 from pyvmm.builder import build_vm
-from pyvmm.config import VmConfig
+from pyvmm.config import MachineConfig
 from pyvmm.vm import EXIT_TIMEOUT, EXIT_VMM_ERROR
 
 LOAD = 0x100000
@@ -30,7 +30,7 @@ POKE_PORT_0x500 = bytes.fromhex("66ba0005" "b07a" "ee" "f4")   # mov $0x500,%dx;
 def _vm(tmp_path, code: bytes, accel: str, cpus: int = 1):
     image = tmp_path / "guest.bin"
     image.write_bytes(code)
-    config = VmConfig(kernel=str(image), flat_address=LOAD, memory=16 << 20, cpus=cpus, accel=accel)
+    config = MachineConfig(kernel=str(image), flat_address=LOAD, memory=16 << 20, cpus=cpus)
     return build_vm(config, lambda data: None, accel=choose_accelerator(accel).create())
 
 
@@ -98,7 +98,7 @@ def test_pause_holds_the_guest_and_resume_continues(tmp_path, accel):
 
 
 def test_exit_counts_by_reason(tmp_path, guest):
-    config = VmConfig(kernel=guest("hello"), cmdline="exit=0", memory=16 << 20, accel="kvm")
+    config = MachineConfig(kernel=guest("hello"), cmdline="exit=0", memory=16 << 20)
     vm = build_vm(config, lambda data: None, accel=choose_accelerator("kvm").create())
     vm.start()
     vm.wait(20)

@@ -84,3 +84,18 @@ def test_a_system_map_that_is_not_one_is_one_line(tmp_path):
     junk = tmp_path / "notes.txt"
     junk.write_text("these are not symbols\n")
     assert_one_line_error(pyvmm("run", "--system-map", str(junk)), "not a System.map or kallsyms line")
+
+
+@pytest.mark.parametrize("args, start", [
+    (["run", "--disk", "a.img,serial=" + "x" * 21], "pyvmm: error: --disk serial 'xxx"),
+    (["run", "--disk", "a.img,cache=none"], "pyvmm: error: --disk: unknown option 'cache'"),
+    (["run", "--net", "tap=t0,mac=01:00:00:00:00:01"], "pyvmm: error: --net mac '01:00:00:00:00:01'"),
+    (["run", "--vsock", "cid=2,uds=/tmp/v"], "pyvmm: error: --vsock cid 2: guest CIDs start at 3"),
+    (["run", "--console-port", "a=/tmp/s1", "--console-port", "a=/tmp/s2"], "pyvmm: error: --console-port 'a'"),
+    (["run", "--console", "virtio,transport=isa"], "pyvmm: error: --console transport must be pci or mmio"),
+    (["run", "--memory", "1.5G"], "pyvmm: error: --memory: invalid size '1.5G'"),
+    (["run", "--cpu-hide", "notafeature"], "pyvmm: error: --cpu-hide: "),
+])
+def test_config_errors_name_the_flag(args, start):
+    line = assert_one_line_error(pyvmm(*args))
+    assert line.startswith(start), line

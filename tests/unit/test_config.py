@@ -1,8 +1,28 @@
-"""Size parsing, device options and VmConfig validation (src/pyvmm/config.py)."""
+"""Size parsing, device options, MachineConfig and RunOptions validation (src/pyvmm/config.py),
+and how the CLI names the fields an error is about."""
+
+import dataclasses
 
 import pytest
 
-from pyvmm.config import ConfigError, DiskConfig, NetConfig, VmConfig, VsockConfig, parse_size, parse_transport
+from pyvmm.cli import cli_name
+from pyvmm.config import (ConfigError, ConsolePort, DiskConfig, MachineConfig, NetConfig, RunOptions, VsockConfig,
+                          parse_size, parse_transport)
+from pyvmm.errors import PyvmmError, UserError
+
+RUN_FIELDS = {"timeout", "accel", "reboot", "console_log", "system_map"}
+
+
+def validate(kwargs, max_vcpus=None):
+    """MachineConfig or RunOptions, whichever the keyword arguments belong to."""
+    if set(kwargs) <= RUN_FIELDS:
+        RunOptions(**kwargs).validate()
+    else:
+        MachineConfig(**kwargs).validate(max_vcpus=max_vcpus)
+
+
+def as_cli_says(exc: ConfigError) -> str:
+    return exc.render(cli_name(exc.field)) if exc.field else str(exc)
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
@@ -43,9 +63,22 @@ def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
 
 
+def test_config_error_is_a_user_error_under_the_root():
+    assert issubclass(ConfigError, UserError) and issubclass(UserError, PyvmmError)
+
+
 def test_default_config_is_valid():
-    VmConfig().validate()
-    VmConfig().validate(max_vcpus=1)
+    MachineConfig().validate()
+    MachineConfig().validate(max_vcpus=1)
+    RunOptions().validate()
+
+
+def test_configs_are_frozen_data():
+    machine = MachineConfig(memory=64 << 20)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        machine.memory = 128 << 20  # type: ignore[misc]
+    assert dataclasses.replace(machine, cpus=2).cpus == 2 and machine.cpus == 1
+    assert not {f.name for f in dataclasses.fields(MachineConfig)} & RUN_FIELDS
 
 
 @pytest.mark.parametrize(
@@ -63,20 +96,45 @@ def test_default_config_is_valid():
         ({"cpus": 256}, None, "--cpus"),
         ({"timeout": 0}, None, "--timeout"),
         ({"timeout": -1.5}, None, "--timeout"),
+        ({"accel": "qemu"}, None, "--accel"),
+        ({"boot": "uefi"}, None, "--boot"),
+        ({"console": "vga"}, None, "--console"),
+        ({"rng": "isa"}, None, "--rng"),
+        ({"cpu_hide": frozenset({"notafeature"})}, None, "--cpu-hide"),
     ],
 )
 def test_validate_rejects(kwargs, max_vcpus, needle):
     with pytest.raises(ConfigError) as info:
-        VmConfig(**kwargs).validate(max_vcpus=max_vcpus)
-    message = str(info.value)
-    assert message and "\n" not in message
+        validate(kwargs, max_vcpus=max_vcpus)
+    message = as_cli_says(info.value)
+    assert message and "\n" not in message and "\n" not in str(info.value)
     assert needle in message
+    # the error names the config field, not the flag: an API can name it its own way
+    assert info.value.field == next(iter(kwargs))
+    assert str(info.value).startswith(info.value.field) and "--" not in str(info.value)
 
 
 def test_cpus_over_host_limit_names_the_limit():
     with pytest.raises(ConfigError) as info:
-        VmConfig(cpus=9).validate(max_vcpus=8)
+        MachineConfig(cpus=9).validate(max_vcpus=8)
     assert "8" in str(info.value) and "9" in str(info.value)
+
+
+@pytest.mark.parametrize("machine, field, cli", [
+    (MachineConfig(disks=(DiskConfig("a.img"), DiskConfig("b.img", serial="x" * 21))), "disks[1].serial", "--disk serial"),
+    (MachineConfig(disks=(DiskConfig(),)), "disks[0]", "--disk"),
+    (MachineConfig(disks=(DiskConfig("a.img", transport="isa"),)), "disks[0].transport", "--disk transport"),
+    (MachineConfig(nets=(NetConfig(mac="01:00:00:00:00:01"),)), "nets[0].mac", "--net mac"),
+    (MachineConfig(vsock=VsockConfig(2, "/v")), "vsock.cid", "--vsock cid"),
+    (MachineConfig(console_ports=(ConsolePort("a", "/s1"), ConsolePort("a", "/s2"))), "console_ports[1]",
+     "--console-port"),
+    (MachineConfig(console_transport="isa"), "console_transport", "--console"),
+])
+def test_device_errors_name_the_field_and_its_index(machine, field, cli):
+    with pytest.raises(ConfigError) as info:
+        machine.validate()
+    assert info.value.field == field
+    assert as_cli_says(info.value).startswith(cli)
 
 
 @pytest.mark.parametrize(
@@ -92,10 +150,18 @@ def test_cpus_over_host_limit_names_the_limit():
     ],
 )
 def test_validate_accepts_edges(kwargs, max_vcpus):
-    VmConfig(**kwargs).validate(max_vcpus=max_vcpus)
+    validate(kwargs, max_vcpus=max_vcpus)
 
 
 # --- device options -----------------------------------------------------------------------------
+
+def test_cli_names_of_fields():
+    assert cli_name("memory") == "--memory"
+    assert cli_name("disks[3].serial") == "--disk serial"
+    assert cli_name("disks[0].vhost_user") == "--disk vhost-user"
+    assert cli_name("console_ports[0]") == "--console-port"
+    assert cli_name("system_map") == "--system-map"
+
 
 def test_disk_options():
     assert DiskConfig.parse("a.img,readonly,serial=s1,transport=mmio") == DiskConfig("a.img", True, "s1", "mmio")
@@ -132,3 +198,18 @@ def test_console_transport():
     assert parse_transport("transport=mmio", "--console") == "mmio"
     with pytest.raises(ConfigError, match="unexpected 'foo'"):
         parse_transport("foo", "--console")
+    with pytest.raises(ConfigError) as info:
+        parse_transport("transport=isa")
+    assert info.value.field == "console_transport"
+
+
+def test_size_errors_name_the_field_when_given():
+    with pytest.raises(ConfigError) as info:
+        parse_size("1.5G", "memory")
+    assert info.value.field == "memory" and as_cli_says(info.value).startswith("--memory: invalid size '1.5G'")
+
+
+def test_console_port_option():
+    assert ConsolePort.parse("log=/tmp/s") == ConsolePort("log", "/tmp/s")
+    with pytest.raises(ConfigError, match="expected NAME=SOCKET_PATH"):
+        ConsolePort.parse("log")

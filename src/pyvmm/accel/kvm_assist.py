@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from ..errors import PyvmmError
 from ..arch.x86_64 import paging
 from ..arch.x86_64.decode import GPR_ENCODING, DecodeError, Instruction, MemoryOperand, decode_modrm
 
@@ -68,11 +69,11 @@ class Assist:
     registers: tuple[tuple[str, int], ...] = ()   # (kvm_regs field, new value)
 
 
-class AssistError(Exception):
+class AssistError(PyvmmError):
     """pyvmm knows the instruction but cannot complete it here (the message says why)."""
 
 
-class GuestFault(Exception):
+class GuestFault(PyvmmError):
     """The instruction raises an exception instead of completing."""
 
     def __init__(self, vector: int, error_code: int | None = None, cr2: int | None = None) -> None:

@@ -14,6 +14,8 @@ import threading
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -23,7 +25,7 @@ class BusDevice(Protocol):
     def write(self, offset: int, data: bytes) -> None: ...
 
 
-class BusConflict(ValueError):
+class BusConflict(UserError, ValueError):
     """A range overlaps one already registered, or is empty / out of the bus."""
 
 

@@ -31,6 +31,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 
+from ..errors import UserError
 from ..user_cache import user_cache
 
 __all__ = [
@@ -61,7 +62,7 @@ EXITBENCH_PIO_PORT = 0x80
 EXITBENCH_MMIO_ADDR = 0xD0000000
 
 
-class GuestBuildError(RuntimeError):
+class GuestBuildError(UserError, RuntimeError):
     """A guest could not be assembled or linked."""
 
 

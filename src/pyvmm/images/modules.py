@@ -21,6 +21,8 @@ import struct
 import subprocess
 from dataclasses import dataclass
 
+from ..errors import PyvmmError
+
 __all__ = [
     "DEFAULT_MODULES",
     "KernelModule",
@@ -57,7 +59,7 @@ DEFAULT_MODULES: tuple[str, ...] = (
 MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.gz", ".ko.zst")
 
 
-class ModuleError(Exception):
+class ModuleError(PyvmmError):
     """A module is unreadable, or the dependency graph is broken (cycle)."""
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import errno as _errno
 import os
 
+from ..errors import PyvmmError, UserError
 
-class KvmError(OSError):
+
+class KvmError(PyvmmError, OSError):
     """An ioctl on a KVM fd failed; the message names the ioctl."""
 
     def __init__(self, request_name: str, err: int, detail: str = "") -> None:
@@ -24,5 +26,5 @@ class KvmError(OSError):
         return self.errno == _errno.EINTR
 
 
-class KvmUnavailable(Exception):
+class KvmUnavailable(UserError):
     """KVM cannot be used on this host: a one-line reason for the user."""

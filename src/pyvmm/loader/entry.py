@@ -11,6 +11,7 @@ import enum
 import logging
 from dataclasses import dataclass, field
 
+from ..errors import UserError
 from ..arch.x86_64 import layout
 from ..memory.guest_memory import GuestMemory, GuestMemoryError
 
@@ -43,7 +44,7 @@ class BootEntry:
     cmdline: str = ""
 
 
-class LoaderError(Exception):
+class LoaderError(UserError):
     """A kernel or module that cannot be loaded; str() is one line fit for the user."""
 
     def __init__(self, message: object) -> None:

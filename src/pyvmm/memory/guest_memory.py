@@ -12,13 +12,14 @@ import os
 import struct
 from dataclasses import dataclass
 
+from ..errors import UserError
 from .address import GuestAddress
 
 
 _U16, _U32, _U64 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<Q")
 
 
-class GuestMemoryError(Exception):
+class GuestMemoryError(UserError):
     """A guest-physical access outside RAM, or RAM that could not be created."""
 
 

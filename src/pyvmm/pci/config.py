@@ -16,6 +16,8 @@ import enum
 import struct
 from dataclasses import dataclass
 
+from ..errors import PyvmmError
+
 LEGACY_SIZE = 256
 EXTENDED_SIZE = 4096
 
@@ -71,7 +73,7 @@ CAP_ID_MSIX = 0x11
 INTERRUPT_PIN_NONE, INTA, INTB, INTC, INTD = 0, 1, 2, 3, 4
 
 
-class PciError(ValueError):
+class PciError(PyvmmError, ValueError):
     """A device declaration the configuration space cannot hold (BAR, capability, ID)."""
 
 

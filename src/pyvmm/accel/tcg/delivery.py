@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import struct
 
+from ...errors import PyvmmError
 from ...arch.x86_64.paging import PageFault
 
 # Vectors that push an error code.
@@ -27,11 +28,11 @@ RFLAGS_TF, RFLAGS_IF, RFLAGS_NT, RFLAGS_RF, RFLAGS_VM = 1 << 8, 1 << 9, 1 << 14,
 GATE_INTERRUPT, GATE_TRAP = 0xE, 0xF  # the same type values for 32-bit and 64-bit gates
 
 
-class TripleFault(Exception):
+class TripleFault(PyvmmError):
     """The CPU shut down: an exception could not be delivered, even as a #DF."""
 
 
-class _Fault(Exception):
+class _Fault(PyvmmError):
     """A fault raised during delivery (vector, error code)."""
 
     def __init__(self, vector: int, error_code: int = 0) -> None:

@@ -24,6 +24,8 @@ import dataclasses
 import logging
 import struct
 
+from ...errors import UserError
+
 log = logging.getLogger(__name__)
 
 # QEMU's hflags bits that identify 64-bit protected mode (target/i386/cpu.h).
@@ -41,7 +43,7 @@ PROBE_ERROR_1 = 0x1234  # error code of loading selector 0x1237 (RPL bits are no
 PROBE_ERROR_2 = 0x5678
 
 
-class TcgUnsupported(RuntimeError):
+class TcgUnsupported(UserError, RuntimeError):
     """The installed Unicorn cannot be used as pyvmm's software CPU; the message says why."""
 
 

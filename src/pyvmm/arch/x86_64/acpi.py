@@ -20,6 +20,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence, Union
 
+from ...errors import PyvmmError
 from . import aml, layout
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ RSDP_SIZE = 36
 TABLE_ALIGN = 16               # RSDP must be 16-aligned; the rest are aligned alike for tidiness
 
 
-class AcpiError(ValueError):
+class AcpiError(PyvmmError, ValueError):
     """The requested tables cannot be built or do not fit in the ACPI area."""
 
 

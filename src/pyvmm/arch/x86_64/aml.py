@@ -14,6 +14,8 @@ import logging
 import struct
 from typing import Iterable, Union
 
+from ...errors import PyvmmError
+
 log = logging.getLogger(__name__)
 
 # Opcodes (ACPI 6.5, 20.3).
@@ -44,7 +46,7 @@ PKG_LENGTH_MAX = (1 << 28) - 1
 DataObject = Union[int, str, bytes]
 
 
-class AmlError(ValueError):
+class AmlError(PyvmmError, ValueError):
     """A value that has no AML encoding (bad name, integer out of range, ...)."""
 
 

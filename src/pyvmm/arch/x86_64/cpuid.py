@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from ...errors import UserError
 from ...kvm.system import CpuidEntry
 from ...platform.tsc_leaf import fixed_crystal_tsc_leaf
 
@@ -139,7 +140,7 @@ HYPERVISOR_LEAVES = range(0x40000000, 0x50000000)
 TSC_LEAF = 0x15  # TSC rate = crystal (ECX) * EBX / EAX; see platform.tsc_leaf
 
 
-class UnknownFeature(ValueError):
+class UnknownFeature(UserError, ValueError):
     pass
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from ...errors import PyvmmError
+
 MAX_LENGTH = 15
 
 SEGMENT_PREFIXES = {0x26: "es", 0x2E: "cs", 0x36: "ss", 0x3E: "ds", 0x64: "fs", 0x65: "gs"}
@@ -36,7 +38,7 @@ RSP, RBP, RSI, RDI, RBX = 4, 5, 6, 7, 3
 _ADDRESSING_16 = ((RBX, RSI), (RBX, RDI), (RBP, RSI), (RBP, RDI), (RSI, None), (RDI, None), (RBP, None), (RBX, None))
 
 
-class DecodeError(ValueError):
+class DecodeError(PyvmmError, ValueError):
     """The bytes are not a complete instruction of the expected form."""
 
 

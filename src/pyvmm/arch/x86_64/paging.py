@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ...errors import PyvmmError
 from .cpu_state import CR0_PG, CR4_PAE, EFER_LMA
 
 PTE_PRESENT = 1 << 0
@@ -29,7 +30,7 @@ EFER_NXE = 1 << 11
 PF_PRESENT, PF_WRITE, PF_USER, PF_RESERVED, PF_FETCH = 1, 2, 4, 8, 16
 
 
-class PageFault(Exception):
+class PageFault(PyvmmError):
     def __init__(self, linear: int, error_code: int) -> None:
         super().__init__(f"page fault at {linear:#x} (error code {error_code:#x})")
         self.linear, self.error_code = linear, error_code

@@ -28,6 +28,7 @@ import re
 import stat
 import struct
 
+from ...errors import PyvmmError
 from .device import VIRTIO_ID_BLOCK, VirtioDevice
 from .queue import DescriptorChain, SplitQueue, buffer_views, read_buffers, write_buffers
 
@@ -92,7 +93,7 @@ FALLOC_FL_ZERO_RANGE = 0x10
 _UNSUPPORTED = {errno.EOPNOTSUPP, errno.ENOSYS, errno.ENODEV, errno.EINVAL}
 
 
-class BlockError(ValueError):
+class BlockError(PyvmmError, ValueError):
     """The disk image cannot be used as configured."""
 
 

@@ -22,6 +22,7 @@ import logging
 import struct
 from dataclasses import dataclass, field
 
+from ...errors import PyvmmError
 from ...memory import GuestMemory
 from ...memory.guest_memory import GuestMemoryError
 
@@ -40,11 +41,11 @@ _DESC = struct.Struct("<QIHH")
 _USED_ELEM = struct.Struct("<II")
 
 
-class VirtqueueBroken(Exception):
+class VirtqueueBroken(PyvmmError):
     """The ring cannot be trusted any more: the device needs a reset."""
 
 
-class ChainError(Exception):
+class ChainError(PyvmmError):
     """One descriptor chain is malformed: fail that request only."""
 
 

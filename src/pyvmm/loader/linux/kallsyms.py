@@ -27,6 +27,7 @@ from __future__ import annotations
 import re
 import struct
 
+from ...errors import PyvmmError
 from ..elf import parse_elf
 from .symbols import Symbol
 
@@ -35,7 +36,7 @@ MAX_SYMBOLS = 1 << 22
 KERNEL_SPACE = 0xFFFF_8000_0000_0000
 
 
-class KallsymsNotFound(ValueError):
+class KallsymsNotFound(PyvmmError, ValueError):
     """The image has no kallsyms tables pyvmm can read."""
 
 
