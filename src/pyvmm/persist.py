@@ -61,6 +61,18 @@ class State:
         if not low <= value <= high:
             self.fail(field, f"{value} is outside {low}..{high}")
 
+    def check_mask(self, field: str, mask: int) -> None:
+        """The field is a non-negative int with no bit set outside `mask`."""
+        value = getattr(self, field)
+        if value < 0 or value & ~mask:
+            self.fail(field, f"{value:#x} has bits outside {mask:#x}")
+
+    def check_items(self, field: str, low: int, high: int) -> None:
+        """Every int in the tuple field lies in low..high."""
+        for i, value in enumerate(getattr(self, field)):
+            if not low <= value <= high:
+                self.fail(f"{field}[{i}]", f"{value} is outside {low}..{high}")
+
     # --- the serialised form --------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:

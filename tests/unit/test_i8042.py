@@ -6,6 +6,9 @@ from hypothesis import strategies as st
 
 from pyvmm.devices.legacy import I8042
 from helpers.irq import RecordingIrq
+from helpers.state import changed, tampered, through_json
+from pyvmm.devices.legacy.i8042 import I8042State
+from pyvmm.persist import StateError
 
 NO_PULSE = "the i8042 drives levels, it does not pulse"  # what a pulse on its interrupt line would mean
 
@@ -289,7 +292,7 @@ def test_save_restore_round_trip_with_pending_output_and_command():
     assert m.read_data() == 0xFA
     m.data(0xED)  # LEDs parameter pending
     m.command(0xD1)  # output port byte pending
-    state = json.loads(json.dumps(m.i8042.save()))
+    state = through_json(m.i8042.save())
 
     kbd = RecordingIrq(level_only=NO_PULSE)
     clone = Machine(kbd_irq=kbd)
@@ -307,14 +310,18 @@ def test_save_restore_round_trip_with_pending_output_and_command():
 def test_restore_rejects_malformed_state():
     m = Machine()
     good = m.i8042.save()
-    with pytest.raises(ValueError):
-        m.i8042.restore({**good, "ctr": -1})
-    with pytest.raises(ValueError):
-        m.i8042.restore({**good, "output": [[1]]})
-    with pytest.raises(ValueError):
-        m.i8042.restore({**good, "scancode_set": 7})
-    with pytest.raises(ValueError):
-        m.i8042.restore({k: v for k, v in good.items() if k != "output"})
+    with pytest.raises(StateError, match="ctr: -1 is outside"):
+        changed(good, ctr=-1)
+    with pytest.raises(StateError, match=r"i8042.output\[0\]: expected 2 items"):
+        changed(good, output=((1,),))
+    with pytest.raises(StateError, match=r"output\[0\]: \(1, 0x1\) is not a byte"):
+        changed(good, output=((1, 1),))
+    with pytest.raises(StateError, match="scancode_set: 7 is not 1, 2 or 3"):
+        changed(good, scancode_set=7)
+    data = tampered(good)
+    del data["fields"]["output"]
+    with pytest.raises(StateError, match="missing field output"):
+        I8042State.from_dict(data)
 
 
 @settings(max_examples=300, deadline=None)
@@ -328,11 +335,10 @@ def test_arbitrary_accesses_never_raise_and_stay_bounded(ops):
         else:
             m.i8042.write(offset, data)
         state = m.i8042.save()
-        assert len(state["output"]) <= 16
+        assert len(state.output) <= 16
         for line in (kbd, aux):
             assert all(a != b for a, b in zip(line.levels, line.levels[1:]))
     state = m.i8042.save()
-    assert json.loads(json.dumps(state)) == state
     clone = I8042(lambda: None)
-    clone.restore(state)
+    clone.restore(through_json(state))
     assert clone.save() == state

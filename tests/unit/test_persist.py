@@ -109,3 +109,23 @@ def test_an_older_version_is_read_through_upgrade():
             return {**fields, "step": 1}  # version 1 had no step
 
     assert Counter.from_dict({"kind": "counter", "version": 1, "fields": {"value": 4}}) == Counter(4, 1)
+
+
+def test_mask_and_item_checks_name_the_field():
+    @dataclasses.dataclass(frozen=True)
+    class Registers(State):
+        KIND = "registers"
+        flags: int
+        values: tuple[int, ...]
+
+        def validate(self) -> None:
+            self.check_mask("flags", 0x0F)
+            self.check_items("values", 0, 255)
+
+    Registers(0x0F, (0, 255))
+    with pytest.raises(StateError, match="registers state: flags: 0x10 has bits outside 0xf"):
+        Registers(0x10, ())
+    with pytest.raises(StateError, match="registers state: flags: -0x1 has bits"):
+        Registers(-1, ())
+    with pytest.raises(StateError, match=r"registers state: values\[1\]: 256 is outside 0..255"):
+        Registers(0, (0, 256))

@@ -5,13 +5,16 @@ import calendar
 import json
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyvmm.arch.x86_64 import acpi
 from pyvmm.devices.legacy import Mc146818Rtc
 from pyvmm.devices.legacy import rtc as chip
 from helpers.irq import RecordingIrq
+from helpers.state import changed, tampered, through_json
+from pyvmm.devices.legacy.rtc import RtcState
+from pyvmm.persist import StateError
 
 INDEX, DATA = 0, 1
 NS = 1_000_000_000
@@ -459,7 +462,7 @@ def test_save_restore_round_trip():
     m.write(0x1F, chip.ALARM_SECONDS)
     m.write(H24 | DM_BINARY, chip.REG_B)
     m.rtc.write(INDEX, bytes((0x80 | 0x40,)))
-    state = json.loads(json.dumps(m.rtc.save()))
+    state = through_json(m.rtc.save())
 
     later = Machine(T0 + 100)                   # restored 100 s of host time later
     later.rtc.restore(state)
@@ -468,7 +471,27 @@ def test_save_restore_round_trip():
     assert later.read(chip.REG_B) == H24 | DM_BINARY
     assert get_time(later) == (2031, 2, 3, 4, 6, 46)
     later.rtc.write(INDEX, bytes((0x80 | 0x40,)))
-    assert later.rtc.save() == {**state, "flags": later.rtc.save()["flags"]}
+    assert changed(later.rtc.save(), flags=0, checked_ns=0) == changed(state, flags=0, checked_ns=0)
+
+
+def test_restore_arms_the_timer_at_the_saved_deadline_and_counts_the_time_saved():
+    m = Machine()
+    enable_irq(m, UIE)
+    m.clock.advance(300 * MS)
+    state = through_json(m.rtc.save())
+    deadline = m.timer.deadline
+    assert deadline is not None
+
+    same_time = Machine()
+    same_time.clock.advance(300 * MS)
+    same_time.rtc.restore(state)
+    assert same_time.timer.deadline == deadline
+    assert same_time.rtc.save() == state
+
+    later = Machine(T0 + 5)                     # restored after the update was due
+    later.rtc.restore(state)
+    later.rtc.poll()
+    assert later.irq.high and later.read(chip.REG_C) & (IRQF | UF) == IRQF | UF
 
 
 def test_restore_drives_a_pending_interrupt():
@@ -482,15 +505,38 @@ def test_restore_drives_a_pending_interrupt():
     assert other.read(chip.REG_C) & IRQF and not other.irq.high
 
 
-@pytest.mark.parametrize("change", [
-    {"ram": "00"}, {"ram": "zz" * 128}, {"index": 256}, {"flags": -1}, {"offset_ns": "0"}, {"ram": None},
+@pytest.mark.parametrize("change, message", [
+    ({"ram": "AA=="}, "ram: 1 bytes of CMOS"), ({"ram": "z*" * 64}, "ram: not valid base64"),
+    ({"index": 256}, "index: 256 is outside"), ({"flags": -1}, "flags: -0x1 has bits"),
+    ({"flags": 0x01}, "flags: 0x1 has bits outside 0xf0"),
+    ({"offset_ns": "0"}, "offset_ns: expected int"), ({"ram": None}, "ram: expected base64 bytes"),
 ])
-def test_restore_refuses_malformed_state(change):
+def test_restore_refuses_malformed_state(change, message):
     m = Machine()
-    with pytest.raises(ValueError):
-        m.rtc.restore({**m.rtc.save(), **change})
-    with pytest.raises(ValueError):
-        m.rtc.restore({k: v for k, v in m.rtc.save().items() if k != "ram"})
+    with pytest.raises(StateError, match=message):
+        RtcState.from_dict(tampered(m.rtc.save(), **change))
+    data = tampered(m.rtc.save())
+    del data["fields"]["ram"]
+    with pytest.raises(StateError, match="missing field ram"):
+        RtcState.from_dict(data)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 1), st.binary(min_size=1, max_size=2), st.integers(0, 2 * 10**9)),
+                max_size=40))
+def test_any_reachable_state_round_trips(accesses):
+    m = Machine()
+    for port, data, wait_ns in accesses:
+        m.rtc.write(port, data)
+        m.clock.advance(wait_ns)
+        m.rtc.poll()
+    state = m.rtc.save()
+    fresh = Machine()
+    fresh.clock.ns = m.clock.ns
+    fresh.rtc.restore(through_json(state))
+    assert fresh.rtc.save() == state
+    assert fresh.timer.deadline == m.timer.deadline
+    assert fresh.irq.high == m.irq.high
 
 
 def test_the_fadt_century_index_is_the_chips():

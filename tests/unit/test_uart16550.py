@@ -8,6 +8,9 @@ from hypothesis import strategies as st
 from pyvmm.devices.legacy import Uart16550
 from pyvmm.devices.legacy.uart16550 import RX_FIFO_CAPACITY
 from helpers.irq import RecordingIrq
+from helpers.state import changed, tampered, through_json
+from pyvmm.devices.legacy.uart16550 import UartState
+from pyvmm.persist import StateError
 
 THR = RBR = DLL = 0
 IER = DLM = 1
@@ -340,7 +343,7 @@ def test_save_restore_round_trip_mid_stream():
     uart.receive(b"hello world")
     assert rd(uart, RBR) == ord("h")
     assert rd(uart, RBR) == ord("e")
-    state = json.loads(json.dumps(uart.save()))
+    state = through_json(uart.save())
 
     irq2, out2 = RecordingIrq(), []
     clone = Uart16550(irq2, out2.append)
@@ -358,16 +361,23 @@ def test_save_restore_round_trip_mid_stream():
 
 
 def test_restore_rejects_malformed_state():
-    uart, _, _ = make_uart()
+    uart, irq, _ = make_uart()
     good = uart.save()
-    with pytest.raises(ValueError):
-        uart.restore({**good, "lcr": 300})
-    with pytest.raises(ValueError):
-        uart.restore({**good, "rx_fifo": [1, 2, 256]})
-    with pytest.raises(ValueError):
-        uart.restore({**good, "rx_fifo": [0] * (RX_FIFO_CAPACITY + 1)})
-    with pytest.raises(ValueError):
-        uart.restore({k: v for k, v in good.items() if k != "ier"})
+    with pytest.raises(StateError, match="lcr: 300 is outside"):
+        changed(good, lcr=300)
+    with pytest.raises(StateError, match="uart16550.rx_fifo: expected bytes"):
+        changed(good, rx_fifo=[1, 2, 256])
+    with pytest.raises(StateError, match="thre_pending: set while IER"):
+        changed(good, ier=0, thre_pending=True)
+    with pytest.raises(StateError, match="missing field ier"):
+        data = tampered(good)
+        del data["fields"]["ier"]
+        UartState.from_dict(data)
+    wr(uart, SCR, 0x55)
+    too_full = changed(good, rx_fifo=bytes(RX_FIFO_CAPACITY + 1))
+    with pytest.raises(StateError, match="rx_fifo: 65 bytes, this UART's FIFO holds 64"):
+        uart.restore(too_full)
+    assert rd(uart, SCR) == 0x55 and irq.levels == []  # nothing changed
 
 
 def test_reset_returns_to_power_on_and_lowers_line():
@@ -433,13 +443,14 @@ def test_arbitrary_access_sequences_keep_invariants(ops):
         else:
             uart.receive(arg)
         assert 0 <= uart.rx_space() <= RX_FIFO_CAPACITY
-        assert len(uart.save()["rx_fifo"]) <= RX_FIFO_CAPACITY
+        assert len(uart.save().rx_fifo) <= RX_FIFO_CAPACITY
         # True level semantics: never the same level twice in a row, and the line matches the device.
         assert all(a != b for a, b in zip(irq.levels, irq.levels[1:]))
         assert irq.levels[:1] != [False]
         assert irq.high == uart.irq_level
     state = uart.save()
-    assert json.loads(json.dumps(state)) == state
-    clone = Uart16550(RecordingIrq(), lambda b: None)
-    clone.restore(state)
+    clone_irq = RecordingIrq()
+    clone = Uart16550(clone_irq, lambda b: None)
+    clone.restore(through_json(state))
     assert clone.save() == state
+    assert clone_irq.high == uart.irq_level

@@ -10,7 +10,10 @@ Three 8-bit ports (layout.ACPI_SLEEP_CONTROL_PORT .. ACPI_RESET_PORT):
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Callable
+
+from ...persist import State
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +39,14 @@ class AcpiPower:
             log.info("guest wrote the ACPI reset register")
             self._on_reset()
 
-    def save(self) -> dict:
-        return {}
+    def save(self) -> AcpiPowerState:
+        return AcpiPowerState()
 
-    def restore(self, state: dict) -> None:
+    def restore(self, state: AcpiPowerState) -> None:
         pass
+
+
+@dataclass(frozen=True)
+class AcpiPowerState(State):
+    """The sleep and reset registers keep nothing: the state is empty, its kind and version checked."""
+    KIND = "acpi_power"

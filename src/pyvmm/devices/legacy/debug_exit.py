@@ -9,7 +9,10 @@ so a test harness can tell a deliberate exit from pyvmm's own status 0.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Callable
+
+from ...persist import State
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +43,14 @@ class DebugExit:
         log.debug("debug-exit: guest wrote %#x (exit status %d)", value, exit_status(value))
         self._on_exit(value)
 
-    def save(self) -> dict:
-        return {}
+    def save(self) -> DebugExitState:
+        return DebugExitState()
 
-    def restore(self, state: dict) -> None:
+    def restore(self, state: DebugExitState) -> None:
         pass
+
+
+@dataclass(frozen=True)
+class DebugExitState(State):
+    """Writes only report: the state is empty, its kind and version checked."""
+    KIND = "debug_exit"

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable
+
+from ...persist import State
 
 INIT_STARTED = 0x01
 PORT_COUNT = 2
@@ -39,10 +42,28 @@ class GuestNotify:
         if callback is not None:
             callback()
 
-    def save(self) -> dict:
+    def save(self) -> GuestNotifyState:
         with self._lock:
-            return {"init_started": self.init_started_at is not None, "command_status": self.command_status}
+            return GuestNotifyState(init_started=self.init_started_at is not None,
+                                    command_status=self.command_status)
 
-    def restore(self, state: dict) -> None:
+    def restore(self, state: GuestNotifyState) -> None:
+        """The moment init started is this process's clock and is not carried over: a restored
+        device remembers only that it did (so a second notice is ignored, as before the save)."""
         with self._lock:
-            self.command_status = state.get("command_status")
+            if not state.init_started:
+                self.init_started_at = None
+            elif self.init_started_at is None:
+                self.init_started_at = time.monotonic()
+            self.command_status = state.command_status
+
+
+@dataclass(frozen=True)
+class GuestNotifyState(State):
+    KIND = "guest_notify"
+    init_started: bool
+    command_status: int | None
+
+    def validate(self) -> None:
+        if self.command_status is not None:
+            self.check_range("command_status", 0, 0xFF)

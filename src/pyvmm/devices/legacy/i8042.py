@@ -18,9 +18,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from dataclasses import dataclass
 from typing import Callable
 
 from ...bus.interrupt import IrqLine, NullIrqLine
+from ...persist import State
 
 log = logging.getLogger(__name__)
 
@@ -271,49 +273,53 @@ class I8042:
             self._power_on()
             self._update_irqs()
 
-    def save(self) -> dict:
+    def save(self) -> I8042State:
         with self._lock:
-            return {
-                "ctr": self._ctr,
-                "output_port": self._output_port,
-                "pending_command": self._pending_command,
-                "kbd_pending_command": self._kbd_pending_command,
-                "scancode_set": self._scancode_set,
-                "last_write_was_command": self._last_write_was_command,
-                "last_data": self._last_data,
-                "output": [[value, bits] for value, bits in self._output],
-            }
+            return I8042State(
+                ctr=self._ctr, output_port=self._output_port, pending_command=self._pending_command,
+                kbd_pending_command=self._kbd_pending_command, scancode_set=self._scancode_set,
+                last_write_was_command=self._last_write_was_command, last_data=self._last_data,
+                output=tuple(self._output))
 
-    def restore(self, state: dict) -> None:
+    def restore(self, state: I8042State) -> None:
         """Load a `save()` result; both interrupt lines are driven to the restored level."""
-        try:
-            output = [(_byte(v), _byte(bits)) for v, bits in state["output"]]
-            pending = state["pending_command"]
-            kbd_pending = state["kbd_pending_command"]
-            values = {key: _byte(state[key]) for key in ("ctr", "output_port", "scancode_set", "last_data")}
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"i8042 state is malformed: {exc!r}") from None
-        for name, value in (("pending_command", pending), ("kbd_pending_command", kbd_pending)):
-            if value is not None:
-                _byte(value, name)
-        if values["scancode_set"] not in XLATE_SCANCODE_SET:
-            raise ValueError(f"i8042 state: scancode set {values['scancode_set']} is not 1, 2 or 3")
-        if len(output) > OUTPUT_QUEUE_LIMIT:
-            raise ValueError(f"i8042 state: {len(output)} queued bytes, at most {OUTPUT_QUEUE_LIMIT}")
         with self._lock:
-            self._ctr = values["ctr"]
-            self._output_port = values["output_port"]
-            self._scancode_set = values["scancode_set"]
-            self._last_data = values["last_data"]
-            self._pending_command = pending
-            self._kbd_pending_command = kbd_pending
-            self._last_write_was_command = bool(state.get("last_write_was_command", False))
+            self._ctr = state.ctr
+            self._output_port = state.output_port
+            self._scancode_set = state.scancode_set
+            self._last_data = state.last_data
+            self._pending_command = state.pending_command
+            self._kbd_pending_command = state.kbd_pending_command
+            self._last_write_was_command = state.last_write_was_command
             self._reset_requested = False
-            self._output = deque(output)
+            self._output = deque(state.output)
             self._update_irqs(force=True)
 
 
-def _byte(value: object, name: str = "value") -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 0xFF:
-        raise ValueError(f"{name} must be a byte value, got {value!r}")
-    return value
+@dataclass(frozen=True)
+class I8042State(State):
+    """The controller's registers, the commands awaiting a data byte, and the bytes queued for
+    the guest (value, status bits)."""
+    KIND = "i8042"
+    ctr: int
+    output_port: int
+    pending_command: int | None
+    kbd_pending_command: int | None
+    scancode_set: int
+    last_write_was_command: bool
+    last_data: int
+    output: tuple[tuple[int, int], ...]
+
+    def validate(self) -> None:
+        for name in ("ctr", "output_port", "last_data"):
+            self.check_range(name, 0, 0xFF)
+        for name in ("pending_command", "kbd_pending_command"):
+            if getattr(self, name) is not None:
+                self.check_range(name, 0, 0xFF)
+        if self.scancode_set not in XLATE_SCANCODE_SET:
+            self.fail("scancode_set", f"{self.scancode_set} is not 1, 2 or 3")
+        if len(self.output) > OUTPUT_QUEUE_LIMIT:
+            self.fail("output", f"{len(self.output)} queued bytes, at most {OUTPUT_QUEUE_LIMIT}")
+        for i, (value, bits) in enumerate(self.output):
+            if not 0 <= value <= 0xFF or bits & ~(STATUS_AUXDATA | STATUS_TIMEOUT) or bits < 0:
+                self.fail(f"output[{i}]", f"({value}, {bits:#x}) is not a byte with AUXDATA/TIMEOUT bits")

@@ -4,6 +4,9 @@ writes to it as an I/O delay (`io_delay=0x80`). Register with length 1."""
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
+
+from ...persist import State
 
 PORT = 0x80
 PORT_COUNT = 1
@@ -28,13 +31,22 @@ class Port80:
             self.last_value = data[0]
             self.writes += 1
 
-    def save(self) -> dict:
+    def save(self) -> Port80State:
         with self._lock:
-            return {"last_value": self.last_value, "writes": self.writes}
+            return Port80State(last_value=self.last_value, writes=self.writes)
 
-    def restore(self, state: dict) -> None:
-        value, writes = state.get("last_value"), state.get("writes", 0)
-        if not isinstance(value, int) or not 0 <= value <= 0xFF or not isinstance(writes, int) or writes < 0:
-            raise ValueError(f"port 0x80 state is malformed: {state!r}")
+    def restore(self, state: Port80State) -> None:
         with self._lock:
-            self.last_value, self.writes = value, writes
+            self.last_value, self.writes = state.last_value, state.writes
+
+
+@dataclass(frozen=True)
+class Port80State(State):
+    KIND = "port80"
+    last_value: int
+    writes: int
+
+    def validate(self) -> None:
+        self.check_range("last_value", 0, 0xFF)
+        if self.writes < 0:
+            self.fail("writes", f"{self.writes} is negative")

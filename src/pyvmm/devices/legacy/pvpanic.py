@@ -8,7 +8,10 @@ a panic and not mistaken for a reboot. Reads return the events pyvmm supports.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Callable
+
+from ...persist import State
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +35,14 @@ class PvPanic:
         elif events & CRASH_LOADED:
             log.info("pvpanic: the guest kernel crashed and loaded a crash kernel")
 
-    def save(self) -> dict:
-        return {}
+    def save(self) -> PvPanicState:
+        return PvPanicState()
 
-    def restore(self, state: dict) -> None:
+    def restore(self, state: PvPanicState) -> None:
         pass
+
+
+@dataclass(frozen=True)
+class PvPanicState(State):
+    """Reads are constant and writes only report: the state is empty, its kind and version checked."""
+    KIND = "pvpanic"

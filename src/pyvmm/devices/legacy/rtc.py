@@ -47,9 +47,11 @@ import logging
 import threading
 import time
 from bisect import bisect_left
+from dataclasses import dataclass
 from typing import Callable
 
 from ...bus.interrupt import IrqLine, NullIrqLine
+from ...persist import State
 
 log = logging.getLogger(__name__)
 
@@ -426,43 +428,49 @@ class Mc146818Rtc:
             self._update_irq()
             self._arm_timer()
 
-    def save(self) -> dict:
+    def save(self) -> RtcState:
         with self._lock:
             self._catch_up()
             self._update_irq()
             self._arm_timer()
-            return {
-                "ram": self._ram.hex(),
-                "index": self._index,
-                "offset_ns": self._offset_ns,
-                "flags": self._flags,
-            }
+            return RtcState(ram=bytes(self._ram), index=self._index, offset_ns=self._offset_ns,
+                            flags=self._flags, checked_ns=self._checked_ns)
 
-    def restore(self, state: dict) -> None:
+    def restore(self, state: RtcState) -> None:
         """Load a `save()` result. The clock keeps its offset to the host's, so time spent
-        saved counts as time passed (a battery-backed chip keeps running); the interrupt line
-        is driven to the restored level."""
-        try:
-            ram = bytearray.fromhex(state["ram"])
-            index, offset, flags = state["index"], state["offset_ns"], state["flags"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"rtc state is malformed: {exc!r}") from None
-        if len(ram) != CMOS_SIZE:
-            raise ValueError(f"rtc state: {len(ram)} bytes of CMOS, expected {CMOS_SIZE}")
-        for name, value in (("index", index), ("flags", flags)):
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 0xFF:
-                raise ValueError(f"rtc state: {name} must be a byte value, got {value!r}")
-        if not isinstance(offset, int) or isinstance(offset, bool):
-            raise ValueError(f"rtc state: offset_ns must be an int, got {offset!r}")
+        saved counts as time passed (a battery-backed chip keeps running) and the events of
+        that time are folded in from `checked_ns` on; the timer is armed at the deadline the
+        saved chip had asked for (it follows from the registers, the offset and checked_ns)
+        and the interrupt line is driven to the restored level."""
         with self._lock:
-            self._ram = ram
-            self._ram[REG_A] &= ~A_UIP & 0xFF
-            self._index = index
-            self._offset_ns = offset
-            self._flags = self._with_irqf(flags & (C_IRQF | C_EVENTS))
-            self._checked_ns = self._now_ns()
+            self._ram = bytearray(state.ram)
+            self._index = state.index
+            self._offset_ns = state.offset_ns
+            self._flags = self._with_irqf(state.flags)
+            self._checked_ns = state.checked_ns
             self._update_irq(force=True)
             self._arm_timer(force=True)
+
+
+@dataclass(frozen=True)
+class RtcState(State):
+    """The CMOS RAM (NVRAM, control registers and the time registers while frozen), the index
+    register, the guest time's offset to the host's UTC clock, register C's flags and the RTC
+    time up to which events are counted in them."""
+    KIND = "mc146818"
+    ram: bytes
+    index: int
+    offset_ns: int
+    flags: int
+    checked_ns: int
+
+    def validate(self) -> None:
+        if len(self.ram) != CMOS_SIZE:
+            self.fail("ram", f"{len(self.ram)} bytes of CMOS, expected {CMOS_SIZE}")
+        if self.ram[REG_A] & A_UIP:
+            self.fail("ram", "register A has UIP set (it is computed, never stored)")
+        self.check_range("index", 0, 0xFF)
+        self.check_mask("flags", C_IRQF | C_EVENTS)
 
 
 def _clocks(ns: int) -> int:

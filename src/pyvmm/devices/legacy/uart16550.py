@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ...bus.interrupt import IrqLine
+from ...persist import State
 
 log = logging.getLogger(__name__)
 
@@ -376,49 +377,50 @@ class Uart16550:
             self._rx_drained.notify_all()
             self._update_irq()
 
-    def save(self) -> dict:
+    def save(self) -> UartState:
         with self._lock:
-            return {
-                "dll": self._dll,
-                "dlm": self._dlm,
-                "ier": self._ier,
-                "fcr": self._fcr,
-                "lcr": self._lcr,
-                "mcr": self._mcr,
-                "scr": self._scr,
-                "overrun": self._overrun,
-                "msr_delta": self._msr_delta,
-                "thre_pending": self._thre_pending,
-                "rx_fifo": list(self._rx),
-            }
+            return UartState(dll=self._dll, dlm=self._dlm, ier=self._ier, fcr=self._fcr, lcr=self._lcr,
+                             mcr=self._mcr, scr=self._scr, overrun=self._overrun, msr_delta=self._msr_delta,
+                             thre_pending=self._thre_pending, rx_fifo=bytes(self._rx))
 
-    def restore(self, state: dict) -> None:
+    def restore(self, state: UartState) -> None:
         """Load a `save()` result. The interrupt line is driven to the restored level
         (set_level is called even if unchanged, so a fresh line matches the device)."""
-        fifo = state.get("rx_fifo")
-        if not isinstance(fifo, list) or not all(isinstance(b, int) and 0 <= b <= 0xFF for b in fifo):
-            raise ValueError("uart state: rx_fifo must be a list of byte values")
-        if len(fifo) > self.rx_capacity:
-            raise ValueError(f"uart state: {len(fifo)} bytes in rx_fifo, capacity is {self.rx_capacity}")
+        if len(state.rx_fifo) > self.rx_capacity:
+            state.fail("rx_fifo", f"{len(state.rx_fifo)} bytes, this UART's FIFO holds {self.rx_capacity}")
         with self._lock:
-            self._dll = _byte(state, "dll")
-            self._dlm = _byte(state, "dlm")
-            self._ier = _byte(state, "ier") & IER_MASK
-            self._fcr = _byte(state, "fcr") & FCR_STORED_BITS
-            self._lcr = _byte(state, "lcr")
-            self._mcr = _byte(state, "mcr") & MCR_MASK
-            self._scr = _byte(state, "scr")
-            self._msr_delta = _byte(state, "msr_delta") & MSR_DELTA_MASK
-            self._overrun = bool(state.get("overrun", False))
-            self._thre_pending = bool(state.get("thre_pending", False)) and bool(self._ier & IER_THRI)
-            self._rx = deque(fifo)
+            self._dll, self._dlm, self._ier, self._fcr = state.dll, state.dlm, state.ier, state.fcr
+            self._lcr, self._mcr, self._scr, self._msr_delta = state.lcr, state.mcr, state.scr, state.msr_delta
+            self._overrun = state.overrun
+            self._thre_pending = state.thre_pending
+            self._rx = deque(state.rx_fifo)
             self._irq_level = self._interrupt_id() != IIR_NO_INT and bool(self._mcr & MCR_OUT2)
             self._irq.set_level(self._irq_level)
             self._rx_drained.notify_all()
 
 
-def _byte(state: dict, key: str) -> int:
-    value = state.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 0xFF:
-        raise ValueError(f"uart state: {key} must be a byte value, got {value!r}")
-    return value
+@dataclass(frozen=True)
+class UartState(State):
+    """The registers and the receive FIFO; the transmitter is always empty, so nothing is in flight."""
+    KIND = "uart16550"
+    dll: int
+    dlm: int
+    ier: int
+    fcr: int
+    lcr: int
+    mcr: int
+    scr: int
+    overrun: bool
+    msr_delta: int
+    thre_pending: bool
+    rx_fifo: bytes
+
+    def validate(self) -> None:
+        for name in ("dll", "dlm", "lcr", "scr"):
+            self.check_range(name, 0, 0xFF)
+        self.check_mask("ier", IER_MASK)
+        self.check_mask("fcr", FCR_STORED_BITS)
+        self.check_mask("mcr", MCR_MASK)
+        self.check_mask("msr_delta", MSR_DELTA_MASK)
+        if self.thre_pending and not self.ier & IER_THRI:
+            self.fail("thre_pending", "set while IER does not enable the THRE interrupt")
