@@ -29,7 +29,8 @@ def linux_lapic_timer_period(leaf: TscLeaf) -> int:
     return u32(leaf.crystal_hz // 1000 * 1000) // HZ
 
 
-ODD_RATES_KHZ = [2599998, 3192614, 1995379, 2100000, 1000001, 4294967, 4294968, 4324319, 4999999, 5000000]
+ODD_RATES_KHZ = [2599998, 3192614, 1995379, 2100000, 1000001, 4294967, 4294968, 4324319, 4999999, 5000000,
+                 39893335]  # no divisor up to 64: found by the property test below
 COARSE_RATES_KHZ = list(range(1_000_000, 5_000_001, 1_237))  # every kHz-rounded step, ~3,200 rates
 
 

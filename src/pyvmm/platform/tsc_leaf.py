@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 U32_MAX = 0xFFFF_FFFF
-MAX_RATIO_TERM = 64  # numerators and denominators searched for a TSC beyond 4.29 GHz
+NUMERATORS_PER_DENOMINATOR = 64  # searched above the smallest ratio, for a TSC beyond 4.29 GHz
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,12 @@ def tsc_leaf(tsc_hz: int) -> TscLeaf:
     khz = (tsc_hz + 500) // 1000
     if khz * 1000 <= U32_MAX:
         return TscLeaf(1, 1, khz * 1000)
-    for numerator in range(2, MAX_RATIO_TERM + 1):
-        for denominator in range(1, numerator):
+    # crystal_khz * numerator ~ khz * denominator must fit 32 bits; the rounding up of the
+    # crystal must cost less than a kHz, which some numerator close above the smallest ratio
+    # gives (a ratio of small terms alone cannot: 39893335 kHz has no divisor up to 64)
+    for denominator in range(1, U32_MAX // khz + 1):
+        lowest = max(denominator + 1, -(-khz * denominator // (U32_MAX // 1000)))
+        for numerator in range(lowest, lowest + NUMERATORS_PER_DENOMINATOR):
             crystal_khz = -(-khz * denominator // numerator)
             if (crystal_khz * 1000 <= U32_MAX and crystal_khz * numerator <= U32_MAX
                     and crystal_khz * numerator // denominator == khz):
