@@ -18,7 +18,7 @@ from .config import ConfigError, MachineConfig
 from .arch.x86_64.acpi import build_acpi_tables, pci_root_acpi, pvpanic_device
 from .arch.x86_64.firmware import write_reset_vector
 from .deadline_timer import DeadlineTimer
-from .devices.legacy import AcpiPower, DebugExit, GuestNotify, I8042, Mc146818Rtc, Port80, PvPanic, Uart16550
+from .devices.legacy import AcpiPower, DebugExitPort, GuestNotify, I8042, Mc146818Rtc, Port80, PvPanic, Uart16550
 from .devices.legacy.pvpanic import PORT as PVPANIC_PORT
 from .devices.legacy.rtc import IRQ as RTC_IRQ, PORT as RTC_PORT, PORT_COUNT as RTC_PORT_COUNT
 from .devices.legacy.debug_exit import exit_status
@@ -72,7 +72,7 @@ def build_vm(config: MachineConfig, console_write: Callable[[bytes], None], *, a
 
         uart = Uart16550(accel.irq_line(COM1_IRQ), console_write)
         i8042 = I8042(reset)
-        debug_exit = DebugExit(lambda value: stop(VmOutcome(
+        debug_exit = DebugExitPort(lambda value: stop(VmOutcome(
             "debug-exit", exit_status(value), f"the guest wrote {value:#x} to the debug-exit port")))
         notify = GuestNotify()
         devices = {"com1": uart, "i8042": i8042, "debug-exit": debug_exit, "post": Port80(),

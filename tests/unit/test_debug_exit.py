@@ -4,7 +4,7 @@ from hypothesis import strategies as st
 
 from helpers.state import through_json
 from pyvmm.bus import PioBus
-from pyvmm.devices.legacy import DebugExit, Port80, exit_status
+from pyvmm.devices.legacy import DebugExitPort, Port80, exit_status
 from pyvmm.devices.legacy.acpi_power import AcpiPower, AcpiPowerState
 from pyvmm.devices.legacy.debug_exit import DebugExitState
 from pyvmm.devices.legacy.guest_notify import GuestNotify, GuestNotifyState
@@ -15,7 +15,7 @@ from pyvmm.persist import StateError
 
 def make_debug_exit():
     values = []
-    return DebugExit(values.append), values
+    return DebugExitPort(values.append), values
 
 
 @pytest.mark.parametrize("data, value", [

@@ -41,7 +41,7 @@ _MACHINE_NAMES = {0: "none", 2: "SPARC", 3: "i386", 8: "MIPS", 20: "PowerPC", 21
 
 
 @dataclass(frozen=True)
-class Segment:
+class ElfSegment:
     index: int  # program header number, for messages
     offset: int
     vaddr: int
@@ -55,7 +55,7 @@ class ElfImage:
     bits: int                 # 32 or 64
     type: int
     entry: int                # e_entry as written in the file
-    segments: list[Segment]   # PT_LOAD segments with p_memsz > 0
+    segments: list[ElfSegment]   # PT_LOAD segments with p_memsz > 0
 
 
 def is_elf(data: bytes) -> bool:
@@ -125,7 +125,7 @@ def parse_elf(data: bytes) -> ElfImage:
             raise LoaderError(f"ELF32 segment {index} at {p_paddr:#x} (+{p_memsz:#x}) runs past 4 GiB")
         if p_memsz == 0:
             continue
-        segments.append(Segment(index, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz))
+        segments.append(ElfSegment(index, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz))
     if not segments:
         raise LoaderError("ELF image has no non-empty PT_LOAD segment")
     return ElfImage(bits, e_type, e_entry, segments)

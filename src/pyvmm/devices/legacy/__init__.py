@@ -3,7 +3,7 @@
 Port ranges to register (offsets are relative to these bases):
     Uart16550   COM1 0x3f8, length 8 (IRQ 4)
     I8042       0x60 (data) and 0x64 (status/command, offset 4 of the device): two 1-port windows
-    DebugExit   0xf4, length 4
+    DebugExitPort 0xf4, length 4
     Port80      0x80, length 1
     AcpiPower   layout.ACPI_SLEEP_CONTROL_PORT, length 3
     GuestNotify layout.GUEST_NOTIFY_PORT, length 2
@@ -12,7 +12,7 @@ Port ranges to register (offsets are relative to these bases):
 """
 
 from .acpi_power import AcpiPower
-from .debug_exit import DebugExit, exit_status
+from .debug_exit import DebugExitPort, exit_status
 from .guest_notify import GuestNotify
 from .i8042 import I8042
 from .port80 import Port80
@@ -20,5 +20,5 @@ from .pvpanic import PvPanic
 from .rtc import Mc146818Rtc
 from .uart16550 import Uart16550, UartStats
 
-__all__ = ["AcpiPower", "DebugExit", "GuestNotify", "I8042", "Mc146818Rtc", "Port80", "PvPanic", "Uart16550", "UartStats",
+__all__ = ["AcpiPower", "DebugExitPort", "GuestNotify", "I8042", "Mc146818Rtc", "Port80", "PvPanic", "Uart16550", "UartStats",
            "exit_status"]

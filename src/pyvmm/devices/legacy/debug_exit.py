@@ -27,7 +27,7 @@ def exit_status(value: int) -> int:
     return (value << 1) | 1
 
 
-class DebugExit:
+class DebugExitPort:
     """Calls `on_exit(value)` for every write; reads return all-ones. Stateless."""
 
     def __init__(self, on_exit: Callable[[int], None]) -> None:
