@@ -24,6 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyvmm import images
+from pyvmm.images import build as image_build, image as image_files
+from pyvmm.images import recipe as image_recipe, symbols as image_symbols
 from pyvmm.images import (
     CMD_PARAM,
     MAX_CMD_PARAM,
@@ -34,7 +36,7 @@ from pyvmm.images import (
     default_image,
     encode_command,
     init_script,
-    load_image,
+    cached_image,
 )
 from pyvmm.images.cli import register_cli, run_image_command
 from pyvmm.images.initramfs import (
@@ -433,17 +435,17 @@ def fake_build(monkeypatch):
         out.mkdir()
         (out / "vmlinuz").write_bytes(b"MZ fake bzImage")
         (out / "initramfs.cpio.gz").write_bytes(sample_tree().cpio_gz())
-        artifacts = {name: {"sha256": images._sha256_file(out / name), "size": (out / name).stat().st_size}
+        artifacts = {name: {"sha256": image_files.sha256_file(out / name), "size": (out / name).stat().st_size}
                      for name in ("vmlinuz", "initramfs.cpio.gz")}
-        manifest = {"format": images.FORMAT_VERSION, "name": "default", "recipe": images._recipe_hash(),
+        manifest = {"format": images.FORMAT_VERSION, "name": "default", "recipe": image_recipe.recipe_hash(),
                     "kernel_version": "6.1.0-test", "packages": {"busybox-static": "1"}, "modules": ["virtio"],
                     "cmdline": images.DEFAULT_CMDLINE, "artifacts": artifacts, "built_at": "x", "build_seconds": 0}
-        manifest["symbols"] = images._symbols_record(out, artifacts["vmlinuz"]["sha256"], progress)
+        manifest["symbols"] = image_symbols.symbols_record(out, artifacts["vmlinuz"]["sha256"], progress)
         (out / "manifest.json").write_text(json.dumps(manifest))
         progress("fake build")
         return manifest
 
-    monkeypatch.setattr(images, "_build", _build)
+    monkeypatch.setattr(image_build, "_build", _build)
     return calls
 
 
@@ -461,7 +463,7 @@ def fake_kernel_symbols(monkeypatch):
             raise ImageError("no kallsyms tables found")
         return state["text"]
 
-    monkeypatch.setattr(images, "_kernel_symbols", _kernel_symbols)
+    monkeypatch.setattr(image_symbols, "_kernel_symbols", _kernel_symbols)
     return state
 
 
@@ -485,7 +487,7 @@ class TestCache:
         # a damaged artifact is noticed and the image rebuilt
         (private_cache / "default" / "vmlinuz").write_bytes(b"MZ fake bzImagf")
         with pytest.raises(ImageError, match="sha256"):
-            load_image()
+            cached_image()
         default_image(progress=messages.append)
         assert len(fake_build) == 3 and any("rebuilding" in m for m in messages)
         # nothing left behind but the image and the lock
@@ -501,7 +503,7 @@ class TestCache:
         manifest["recipe"] = "0" * 64
         manifest_path.write_text(json.dumps(manifest))
         with pytest.raises(ImageError, match="recipe"):
-            load_image()
+            cached_image()
         default_image(progress=None)
         assert len(fake_build) == 2
 
@@ -514,15 +516,15 @@ class TestCache:
         del manifest["symbols"]
         (directory / "manifest.json").write_text(json.dumps(manifest))
         (directory / "System.map").unlink()
-        assert load_image().system_map is None            # usable as it is
+        assert cached_image().system_map is None            # usable as it is
         messages = []
         image = default_image(progress=messages.append)
         assert len(fake_build) == 1 and image.system_map.read_text() == FAKE_MAP
         assert any("kernel symbols" in m for m in messages)
-        assert load_image().system_map == directory / "System.map"
+        assert cached_image().system_map == directory / "System.map"
         # a damaged map is made again, still without a rebuild
         (directory / "System.map").write_text(FAKE_MAP.upper())
-        assert load_image().system_map is None
+        assert cached_image().system_map is None
         assert default_image(progress=None).system_map.read_text() == FAKE_MAP
         assert len(fake_build) == 1
 
@@ -541,10 +543,10 @@ class TestCache:
             (work / "junk").write_bytes(b"x")
             raise ImageError("package linux-image-cloud-amd64 not found")
 
-        monkeypatch.setattr(images, "_build", broken)
+        monkeypatch.setattr(image_build, "_build", broken)
         with pytest.raises(ImageError, match="not found"):
             build_default_image(rebuild=True, progress=None)
-        assert load_image().kernel_version == "6.1.0-test"
+        assert cached_image().kernel_version == "6.1.0-test"
         assert sorted(p.name for p in private_cache.iterdir()) == [".default.lock", "default"]
 
     def test_cli(self, fake_build, capsys):

@@ -28,7 +28,7 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
 
 
 def run_image_command(args: argparse.Namespace) -> int:
-    from . import build_default_image, load_image, print_to_stderr
+    from . import build_default_image, cached_image, print_to_stderr
 
     action = getattr(args, "image_command", None)
     if action == "build":
@@ -37,7 +37,7 @@ def run_image_command(args: argparse.Namespace) -> int:
         return 0
     if action == "info":
         try:
-            image = load_image()
+            image = cached_image()
         except Exception as exc:
             from . import ImageError
 

@@ -16,7 +16,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Callable
 
-from . import ImageError
+from .image import ImageError
 
 __all__ = ["DebPackage", "download", "extract", "package_info", "resolve_metapackage"]
 
