@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     from pyvmm.images import default_image
     from pyvmm.loader.linux import extract_vmlinux
     from pyvmm.loader.linux.extract import vmlinux_from_bzimage
-    from pyvmm.platform.machine import host_tsc_hz
+    from pyvmm.accel.tcg.host_tsc import host_tsc_hz
 
     image = default_image()
     vmlinux = str(extract_vmlinux(image.kernel))  # pyvmm caches it on first use; warm the cache here

@@ -129,7 +129,7 @@ def build_vm(config: MachineConfig, console_write: Callable[[bytes], None], *, a
         vcpus[0].set_state(boot_state(memory, entry))
 
         devices["pci"] = pci_root
-        vm = Vm(accel, memory, pio, mmio, vcpus, devices, iothread=iothread,
+        vm = Vm(accel, memory, pio, mmio, vcpus, devices, iothread=iothread, pausables=[rtc_timer],
                 on_close=[rtc_timer.close, wiring.close, *releases])
         vm_ref.append(vm)
         cleanup.pop_all()

@@ -4,7 +4,9 @@ The software CPU's scheduler serves the timers of its own platform models (PIT, 
 KVM serves its in-kernel ones; a device model that needs time to pass without the guest
 touching it (the RTC's update and alarm interrupts) gets one of these on either accelerator.
 The device arms it with a deadline on the same clock (`time.time_ns` unless told otherwise)
-and is called back once, on the timer's thread, at or after that deadline.
+and is called back once, on the timer's thread, at or after that deadline. While the VM is
+paused (`pause()`/`resume()`) the timer calls nothing back: a deadline that passed meanwhile
+calls back once, on resume.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ class DeadlineTimer:
         self._deadline: int | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._paused = False
+        self._calling = False  # the callback is running (outside the lock)
 
     def arm(self, deadline_ns: int | None) -> None:
         """Call back once at `deadline_ns` (replacing any earlier deadline); None cancels.
@@ -42,6 +46,18 @@ class DeadlineTimer:
                 self._thread.start()
             self._cond.notify()
 
+    def pause(self) -> None:
+        """Return once no callback runs, and call none back until resume()."""
+        with self._cond:
+            self._paused = True
+            while self._calling and self._thread is not threading.current_thread():
+                self._cond.wait()
+
+    def resume(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+
     def close(self) -> None:
         """Stop and join the thread; later arm() calls are ignored."""
         with self._cond:
@@ -54,7 +70,7 @@ class DeadlineTimer:
     def _run(self) -> None:
         with self._cond:
             while not self._closed:
-                if self._deadline is None:
+                if self._deadline is None or self._paused:
                     self._cond.wait()
                     continue
                 remaining = self._deadline - self._clock()
@@ -62,6 +78,7 @@ class DeadlineTimer:
                     self._cond.wait(remaining / 1e9)
                     continue
                 self._deadline = None
+                self._calling = True
                 # The device takes its lock in the callback and arms the timer under it.
                 self._cond.release()
                 try:
@@ -73,3 +90,5 @@ class DeadlineTimer:
                     return
                 finally:
                     self._cond.acquire()
+                    self._calling = False
+                    self._cond.notify_all()  # a pause() waiting for the callback to end

@@ -4,6 +4,8 @@ Queue kicks arriving through KVM ioeventfds, TAP frames, vsock and console socke
 become readable fds; the thread polls them and calls their handlers, so device work never
 runs on a vCPU thread when the kernel can hand it over. A handler that raises stops the
 loop's owner through `on_error` (the VM stops with a VMM error) instead of dying silently.
+`pause()` lets the handler in progress finish, then holds the thread until `resume()`: a
+paused VM's devices touch neither the guest nor its memory.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ class IoThread:
         self._calls: list[Callable[[], None]] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._hold = threading.Condition()
+        self._pause_wanted = False
+        self._held = False  # the thread is waiting in _wait_while_paused
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
         """Call `callback()` on the I/O thread whenever `fd` is readable (level-triggered)."""
@@ -75,10 +80,40 @@ class IoThread:
             self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
             self._thread.start()
 
+    def pause(self) -> None:
+        """Return once the thread has finished the handler it was in (if any) and waits; no
+        handler runs until resume(). Readiness that arrives meanwhile is served after it."""
+        thread = self._thread
+        if thread is threading.current_thread():
+            raise RuntimeError("the I/O thread cannot pause itself")
+        with self._hold:
+            self._pause_wanted = True
+            if thread is None:
+                return
+        os.eventfd_write(self._wake, 1)  # out of select(), to the pause check
+        with self._hold:
+            while not self._held and thread.is_alive() and not self._stopping:
+                self._hold.wait(0.05)  # also notices a thread that ended on an error
+
+    def resume(self) -> None:
+        with self._hold:
+            self._pause_wanted = False
+            self._hold.notify_all()
+
+    def _wait_while_paused(self) -> None:
+        with self._hold:
+            self._held = True
+            self._hold.notify_all()
+            while self._pause_wanted and not self._stopping:
+                self._hold.wait()
+            self._held = False
+
     def stop(self) -> None:
         """Stop and join the thread, then close the selector (the fds belong to their owners)."""
         if self._thread is not None and self._thread.is_alive():
-            self._stopping = True
+            with self._hold:
+                self._stopping = True
+                self._hold.notify_all()
             os.eventfd_write(self._wake, 1)
             if threading.current_thread() is not self._thread:
                 self._thread.join()
@@ -91,7 +126,12 @@ class IoThread:
     def _run(self) -> None:
         try:
             while not self._stopping:
+                if self._pause_wanted:
+                    self._wait_while_paused()
+                    continue
                 for key, _ in self._selector.select():
+                    if self._pause_wanted:
+                        break  # level-triggered: what is ready now is reported again after resume()
                     if key.data is None:
                         drain_eventfd(self._wake)
                         self._run_calls()

@@ -1,11 +1,13 @@
-"""Vm: owns guest memory, the buses, the devices and the vCPU threads.
+"""Vm: a machine's lifecycle and the policy for how it ends.
 
-One thread per vCPU runs the loop below: enter the guest, match the exit,
-dispatch it to a bus. Anything that ends the VM — the guest (power off, debug
-exit, triple fault), a device model that raised, a timeout, the user — goes
-through `request_stop`, which records the first outcome, kicks every vCPU out
-of the guest and wakes whoever waits. `close()` joins the threads, so nothing
-outlives the VM.
+The accelerator runs the guest: it hands the Vm its run loops (accel/base.py), one thread
+each, and serves every exit through the shared dispatcher. The Vm starts those threads,
+offers them `VmServices` (the stop event, the pause point, `guest_exit` for exits that end
+the VM) and decides outcomes. Anything that ends the VM — the guest (power off, debug
+exit, triple fault), a device model that raised, a timeout, the user — goes through
+`request_stop`, which records the first outcome, kicks every vCPU out of the guest and
+wakes whoever waits. `pause()` is a barrier (see its docstring). `close()` joins the
+threads, so nothing outlives the VM.
 """
 
 from __future__ import annotations
@@ -14,15 +16,12 @@ import logging
 import signal
 import threading
 from dataclasses import dataclass
+from typing import Iterable, Protocol
 
-from .kvm.exits import (
-    DebugExit, EmulationError, FailEntry, Hlt, InternalError, Interrupted, IoIn, IoOut, IrqWindowOpen,
-    MmioRead, MmioWrite, Shutdown, SystemEvent, UnknownExit,
-)
-from .kvm import uapi
+from .accel.base import Accelerator, RunLoop, Vcpu
+from .accel.exits import DebugExit, EmulationError, Shutdown, SystemEvent, UnknownExit, VcpuExit
 
 log = logging.getLogger(__name__)
-
 # pyvmm's own exit statuses are even; debug-exit statuses, (V << 1) | 1, are odd.
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -48,9 +47,18 @@ class VmOutcome:
         return self.reason in ("panic", "triple-fault", "guest-error", "vmm-error", "timeout")
 
 
+class Pausable(Protocol):
+    """A host-side part of the VM that must hold still while it is paused (the I/O thread,
+    a device's timer): pause() returns once it touches neither the guest nor its memory."""
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+
 class Vm:
-    def __init__(self, accel, memory, pio_bus, mmio_bus, vcpus, devices: dict[str, object], *,
-                 iothread=None, on_close=()) -> None:
+    def __init__(self, accel: Accelerator, memory, pio_bus, mmio_bus, vcpus: list[Vcpu], devices: dict[str, object], *,
+                 iothread=None, pausables: Iterable[Pausable] = (), on_close=()) -> None:
         self.accel = accel
         self.memory = memory
         self.pio_bus = pio_bus
@@ -58,13 +66,17 @@ class Vm:
         self.vcpus = vcpus
         self.devices = devices
         self.outcome: VmOutcome | None = None
-        self._stopped = threading.Event()
+        self.stop_requested = threading.Event()  # VmServices: the run loops end when set
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # pause, resume, park, stop, a loop ended
         self._threads: list[threading.Thread] = []
-        self._paused = False
-        self._resume = threading.Condition(self._lock)
+        self._paused = False      # pause() was asked and resume() not yet
+        self._parked = 0          # run loops waiting at their pause point
+        self._running = 0         # run loops whose threads have not ended
         self._closed = False
         self.iothread = iothread
+        # Held still while paused, after the vCPUs and in this order (the I/O thread first).
+        self._pausables: list[Pausable] = ([iothread] if iothread is not None else []) + list(pausables)
         self._on_close = list(on_close)  # released after every thread stopped, in order
         # The guest kernel's symbols (loader.linux.symbols), named in errors at a guest RIP.
         self.symbols = None
@@ -74,21 +86,16 @@ class Vm:
     def start(self) -> None:
         if self.iothread is not None:
             self.iothread.start()
-        if getattr(self.accel, "per_vcpu_threads", True):
-            for vcpu in self.vcpus:
-                self._threads.append(threading.Thread(
-                    target=self._thread_main, args=(f"vCPU {vcpu.index}", self._vcpu_loop, vcpu),
-                    name=f"vcpu{vcpu.index}", daemon=True))
-        else:  # the accelerator schedules all vCPUs itself (the software CPU)
-            self._threads.append(threading.Thread(
-                target=self._thread_main, args=(self.accel.name, self.accel.run, self),
-                name=f"vcpus-{self.accel.name}", daemon=True))
+        loops = self.accel.run_loops(self)
+        self._running = len(loops)
+        for loop in loops:
+            self._threads.append(threading.Thread(target=self._thread_main, args=(loop,), name=loop.name, daemon=True))
         for thread in self._threads:
             thread.start()
 
     def wait(self, timeout: float | None = None) -> VmOutcome | None:
         """Block until the VM stops (or `timeout` passes: then None)."""
-        self._stopped.wait(timeout)
+        self.stop_requested.wait(timeout)
         return self.outcome
 
     def run(self, timeout: float | None = None) -> VmOutcome:
@@ -109,34 +116,76 @@ class Vm:
             if self.outcome is None:
                 self.outcome = outcome
                 log.debug("stopping: %s", outcome)
-            self._paused = False
-            self._resume.notify_all()
+            self.stop_requested.set()
+            self._changed.notify_all()
         for vcpu in self.vcpus:
             vcpu.kick()
-        self._stopped.set()
 
     @property
     def stopped(self) -> bool:
-        return self._stopped.is_set()
+        return self.stop_requested.is_set()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
 
     def pause(self) -> None:
-        """Take every vCPU out of the guest and hold it until resume()."""
+        """A barrier: when this returns, no vCPU is in the guest (every run loop has parked at
+        its pause point, on both accelerators), the I/O thread has finished the work item it
+        was in and waits, device timers hold their interrupts, and guest time stands still
+        (the accelerator's freeze_time). A VM that stops meanwhile ends the wait."""
         with self._lock:
+            if self._paused or self.stop_requested.is_set():
+                return
             self._paused = True
         for vcpu in self.vcpus:
             vcpu.kick()
+        with self._lock:
+            while self._parked < self._running and not self.stop_requested.is_set():
+                self._changed.wait()
+        for part in self._pausables:
+            part.pause()
+        self.accel.freeze_time()
 
     def resume(self) -> None:
+        """Undo pause(), in reverse order: guest time runs on from where it stood."""
+        with self._lock:
+            if not self._paused:
+                return
+        self.accel.thaw_time()
+        for part in reversed(self._pausables):
+            part.resume()
         with self._lock:
             self._paused = False
             for vcpu in self.vcpus:
                 vcpu.clear_kick()
-            self._resume.notify_all()
+            self._changed.notify_all()
+
+    # --- VmServices: what the run loops ask while they run ----------------------------------
+
+    @property
+    def pause_requested(self) -> bool:
+        return self._paused
+
+    def pause_point(self) -> None:
+        """Between guest runs: park here while the VM is paused (pause() waits for every loop)."""
+        if not self._paused:
+            return
+        with self._lock:
+            if not self._paused:
+                return
+            self._parked += 1
+            self._changed.notify_all()
+            try:
+                while self._paused and not self.stop_requested.is_set():
+                    self._changed.wait()
+            finally:
+                self._parked -= 1
 
     def close(self) -> None:
         if self._closed:
             return
-        if not self._stopped.is_set():
+        if not self.stop_requested.is_set():
             self.request_stop(VmOutcome("quit", EXIT_OK, "stopped by the VMM"))
         current = threading.current_thread()
         for thread in self._threads:
@@ -169,82 +218,39 @@ class Vm:
                 total[reason] = total.get(reason, 0) + count
         return total
 
-    # --- the vCPU loop ---------------------------------------------------------------------
+    # --- the run-loop threads ----------------------------------------------------------------
 
-    def _thread_main(self, label: str, loop, target) -> None:
+    def _thread_main(self, loop: RunLoop) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, _HOST_SIGNALS)
-        vcpus = self.vcpus if target is self else [target]
-        for vcpu in vcpus:
+        for vcpu in loop.vcpus:
             vcpu.thread_ident = threading.get_ident()
         try:
-            loop(target)
+            loop.run()
         except BaseException as exc:  # a device model (or pyvmm) failed: stop the VM, say why
-            log.debug("%s failed", label, exc_info=True)
-            self.request_stop(VmOutcome("vmm-error", EXIT_VMM_ERROR, f"{label}: {type(exc).__name__}: {exc}"))
+            log.debug("%s failed", loop.label, exc_info=True)
+            self.request_stop(VmOutcome("vmm-error", EXIT_VMM_ERROR, f"{loop.label}: {type(exc).__name__}: {exc}"))
         finally:
-            for vcpu in vcpus:
+            for vcpu in loop.vcpus:
                 vcpu.thread_ident = None
+            with self._lock:
+                self._running -= 1
+                self._changed.notify_all()
 
-    def _vcpu_loop(self, vcpu) -> None:
-        pio, mmio, stopped = self.pio_bus, self.mmio_bus, self._stopped
-        run = vcpu.run
-        while not stopped.is_set():
-            exit_ = run()
-            kind = type(exit_)
-            if kind is IoOut:
-                size = exit_.size
-                if exit_.count == 1:
-                    pio.write(exit_.port, exit_.data)
-                else:
-                    data = exit_.data
-                    for i in range(0, len(data), size):
-                        pio.write(exit_.port, data[i:i + size])
-            elif kind is IoIn:
-                if exit_.count == 1:
-                    exit_.complete(pio.read(exit_.port, exit_.size))
-                else:
-                    exit_.complete(b"".join(pio.read(exit_.port, exit_.size) for _ in range(exit_.count)))
-            elif kind is MmioWrite:
-                mmio.write(exit_.address, exit_.data)
-            elif kind is MmioRead:
-                exit_.complete(mmio.read(exit_.address, exit_.size))
-            elif kind is Interrupted:
-                self.wait_while_paused()
-            elif kind is Hlt or kind is IrqWindowOpen:
-                continue  # only without an in-kernel irqchip; nothing to do here
-            else:
-                self.guest_event(vcpu, exit_)
-
-    def wait_while_paused(self) -> None:
-        """Called by vCPU threads between guest runs: hold here while the VM is paused."""
-        with self._lock:
-            while self._paused and not self._stopped.is_set():
-                self._resume.wait()
-
-    def guest_event(self, vcpu, exit_) -> None:
-        """Exits that end the VM."""
+    def guest_exit(self, vcpu: Vcpu, exit_: VcpuExit) -> None:
+        """VmServices: an exit that ends the VM, turned into its outcome."""
         if isinstance(exit_, Shutdown):
             self.request_stop(VmOutcome(
                 "triple-fault", EXIT_GUEST_CRASH,
                 f"guest triple fault on vCPU {vcpu.index} at {vcpu.describe_position()}: the CPU shut down"))
         elif isinstance(exit_, EmulationError):
             self.request_stop(VmOutcome("guest-error", EXIT_GUEST_CRASH, f"vCPU {vcpu.index}: {exit_.message}"))
-        elif isinstance(exit_, InternalError):
-            if vcpu.assist(exit_):
-                return
-            self.request_stop(VmOutcome("guest-error", EXIT_GUEST_CRASH,
-                                        f"vCPU {vcpu.index}: {vcpu.describe_internal_error(exit_, self.symbols)}"))
         elif isinstance(exit_, SystemEvent):
-            if exit_.type == uapi.KVM_SYSTEM_EVENT_RESET:
+            if exit_.kind == SystemEvent.RESET:
                 self.request_stop(VmOutcome("reset", EXIT_OK, "the guest reset the machine"))
-            elif exit_.type == uapi.KVM_SYSTEM_EVENT_SHUTDOWN:
+            elif exit_.kind == SystemEvent.POWEROFF:
                 self.request_stop(VmOutcome("poweroff", EXIT_OK, "the guest powered off"))
             else:
-                self.request_stop(VmOutcome("guest-error", EXIT_GUEST_CRASH, f"the guest crashed (system event {exit_.type})"))
-        elif isinstance(exit_, FailEntry):
-            self.request_stop(VmOutcome(
-                "guest-error", EXIT_GUEST_CRASH,
-                f"vCPU {vcpu.index}: the host refused to enter the guest (hardware reason {exit_.reason:#x}) at {vcpu.describe_position()}"))
+                self.request_stop(VmOutcome("guest-error", EXIT_GUEST_CRASH, f"the guest crashed ({exit_.detail})"))
         elif isinstance(exit_, DebugExit):
             self.request_stop(VmOutcome("guest-error", EXIT_GUEST_CRASH, f"vCPU {vcpu.index}: unexpected debug exit at {exit_.pc:#x}"))
         elif isinstance(exit_, UnknownExit):

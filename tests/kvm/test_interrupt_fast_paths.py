@@ -152,7 +152,7 @@ def test_legacy_gsis_still_reach_the_ioapic_after_msi_routing(msi_vm, accel):
     line.set_level(False)
     assert reports.next(timeout=30) == 0xB5, vm.outcome
     if accel == "kvm":  # and through an irqfd on a legacy GSI, as an INTx back-end would
-        from pyvmm.accel.kvm_interrupts import new_eventfd
+        from pyvmm.accel.kvm.interrupts import new_eventfd
 
         program_ioapic_pin(vm, 21, vector=0xB6)
         fd = new_eventfd()

@@ -3,7 +3,7 @@
 assists.S runs popcnt and verw at CPL0 and reports each result (guests/assists.S defines
 the report format). The expected values are the architecture's (Intel SDM: POPCNT, VERW,
 #PF/#GP), the same on both backends: on kvm_pvm pyvmm completes those instructions itself
-(accel/kvm_assist.py), on the software CPU and on a hardware-assisted KVM the CPU runs
+(accel/kvm/assist.py), on the software CPU and on a hardware-assisted KVM the CPU runs
 them, and the results must not differ. unassisted.S runs an instruction pyvmm does not
 complete (lock cmpxchg16b): on kvm_pvm the VM stops with one line naming the instruction,
 RIP and the kernel symbol from --system-map; anywhere else it just runs.

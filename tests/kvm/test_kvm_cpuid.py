@@ -56,7 +56,7 @@ def test_cpu_hide_kvmclock_reaches_the_guest():
 
 
 def test_cx16_hidden_where_kvm_cannot_emulate_cmpxchg16b():
-    """cmpxchg16b fails at CPL0 on a KVM that emulates kernel code (accel/kvm_assist.py):
+    """cmpxchg16b fails at CPL0 on a KVM that emulates kernel code (accel/kvm/assist.py):
     pyvmm hides CX16 there, and only there. CX16 is a bit kvm_pvm does pass on from the
     CPUID pyvmm sets (the calibration says whether this host emulates kernel code)."""
     ecx = guest_cpuid("kvm")[1][2]

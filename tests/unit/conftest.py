@@ -29,6 +29,7 @@ def sockdir():
 def translator():
     """The software CPU's engine on 8 MiB of guest RAM (no devices), closed after the test."""
     pytest.importorskip("unicorn")
+    from pyvmm.accel.dispatch import ExitDispatcher
     from pyvmm.accel.tcg.engine_state import engine_offsets
     from pyvmm.accel.tcg.private_state import context_offsets
     from pyvmm.accel.tcg.slice_timer import SliceTimer
@@ -38,7 +39,7 @@ def translator():
 
     memory = GuestMemory.from_specs([RegionSpec(0, 8 << 20)])
     timer = SliceTimer()
-    engine = Translator(memory, PioBus(), MmioBus(), context_offsets(), engine_offsets(), timer)
+    engine = Translator(memory, ExitDispatcher(PioBus(), MmioBus()), context_offsets(), engine_offsets(), timer)
     yield engine
     engine.close()
     timer.close()

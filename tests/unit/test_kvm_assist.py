@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from pyvmm.accel.kvm_assist import (
+from pyvmm.accel.kvm.assist import (
     RFLAGS_AC, RFLAGS_AF, RFLAGS_CF, RFLAGS_OF, RFLAGS_PF, RFLAGS_SF, RFLAGS_ZF, AssistError, GuestView, apply,
     decode, hint, name_instruction,
 )

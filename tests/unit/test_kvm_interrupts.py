@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from pyvmm.accel.kvm_interrupts import (
+from pyvmm.accel.kvm.interrupts import (
     FIRST_MSI_GSI, GsiExhausted, GsiRoutingTable, KvmIoEventFds, KvmMsiRouter, default_routes,
 )
 from pyvmm.kvm import KvmError, KvmUnavailable, uapi

@@ -12,7 +12,7 @@ pytest.importorskip("unicorn")
 
 from pyvmm.accel.tcg.vcpu import TcgVcpu  # noqa: E402
 from pyvmm.arch.x86_64.boot_tables import long_mode_state  # noqa: E402
-from pyvmm.kvm.exits import Interrupted  # noqa: E402
+from pyvmm.accel.exits import Interrupted  # noqa: E402
 
 CODE = 0x10_0000
 SPIN_WITH_PAUSE = bytes.fromhex("48ffc0" "f390" "ebf9")      # 1: inc %rax ; pause ; jmp 1b

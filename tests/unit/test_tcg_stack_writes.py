@@ -13,7 +13,7 @@ from pyvmm.accel.tcg.stack_writes import release_stack_pages  # noqa: E402
 from pyvmm.accel.tcg.vcpu import TcgVcpu  # noqa: E402
 from pyvmm.arch.x86_64.boot_tables import long_mode_state  # noqa: E402
 from pyvmm.arch.x86_64.paging import PTE_NX, PagingMode, translate  # noqa: E402
-from pyvmm.kvm.exits import Hlt  # noqa: E402
+from pyvmm.accel.exits import Hlt  # noqa: E402
 
 CODE = 0x10_0000
 STACK_PAGE = 0x60_0000  # its own 2 MiB page of the identity map

@@ -16,7 +16,7 @@ import unicorn.x86_const as X  # noqa: E402
 from pyvmm.accel.tcg.string_assist import finish_rep_stos  # noqa: E402
 from pyvmm.accel.tcg.vcpu import TcgVcpu  # noqa: E402
 from pyvmm.arch.x86_64.boot_tables import long_mode_state  # noqa: E402
-from pyvmm.kvm.exits import Hlt, Interrupted  # noqa: E402
+from pyvmm.accel.exits import Hlt, Interrupted  # noqa: E402
 
 CODE = 0x10_0000
 BUFFER, BUFFER_SIZE = 0x20_0000, 0x40_0000  # 4 MiB: several slices' worth of REP STOSB

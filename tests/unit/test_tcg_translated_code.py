@@ -18,7 +18,7 @@ from pyvmm.accel.tcg.translated_code import physical_invalidation  # noqa: E402
 from pyvmm.accel.tcg.vcpu import TcgVcpu  # noqa: E402
 from pyvmm.arch.x86_64 import layout  # noqa: E402
 from pyvmm.arch.x86_64.boot_tables import long_mode_state  # noqa: E402
-from pyvmm.kvm.exits import Hlt  # noqa: E402
+from pyvmm.accel.exits import Hlt  # noqa: E402
 
 CODE_PHYSICAL = 0x20_0000         # a 2 MiB page of RAM ...
 CODE_VIRTUAL = 0x4000_0000        # ... that the guest reaches here only

@@ -89,7 +89,7 @@ def test_a_kvm_guests_leaf_keeps_kvms_1_ghz_lapic_crystal_or_stays_empty(khz):
 
 
 def test_the_host_rate_comes_from_kvm_get_tsc_khz_unrounded(monkeypatch):
-    from pyvmm.platform import machine
+    from pyvmm.accel.tcg import host_tsc as machine
 
     class FakeVcpu:
         def get_tsc_khz(self):

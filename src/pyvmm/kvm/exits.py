@@ -1,80 +1,16 @@
-"""Typed vCPU exits: what stopped the guest, decoded from kvm_run.
+"""KVM's own exit details that need decoding before pyvmm can act on them.
 
-Plain Python objects with no fd behind them, so the software CPU backend
-produces the same types and the vCPU loop is written once.
+The exits the rest of pyvmm matches on are backend-neutral (accel/exits.py); what is
+KVM-specific stays here: an internal error's suberror and the instruction bytes KVM
+fetched, which the KVM accelerator uses to complete or to name the failed instruction.
 """
 
 from __future__ import annotations
 
-import ctypes
-
 from . import uapi
 
 
-class VcpuExit:
-    __slots__ = ()
-
-
-class IoIn(VcpuExit):
-    """The guest executed IN/INS: answer with `count` items of `size` bytes."""
-
-    __slots__ = ("port", "size", "count", "_buffer", "_offset")
-
-    def __init__(self, port: int, size: int, count: int, buffer, offset: int) -> None:
-        self.port, self.size, self.count = port, size, count
-        self._buffer, self._offset = buffer, offset
-
-    def complete(self, data: bytes) -> None:
-        self._buffer[self._offset:self._offset + len(data)] = data
-
-
-class IoOut(VcpuExit):
-    """The guest executed OUT/OUTS: `data` holds `count` items of `size` bytes."""
-
-    __slots__ = ("port", "size", "count", "data")
-
-    def __init__(self, port: int, size: int, count: int, data: bytes) -> None:
-        self.port, self.size, self.count, self.data = port, size, count, data
-
-
-class MmioRead(VcpuExit):
-    __slots__ = ("address", "size", "_run")
-
-    def __init__(self, address: int, size: int, run) -> None:
-        self.address, self.size, self._run = address, size, run
-
-    def complete(self, data: bytes) -> None:
-        ctypes.memmove(self._run.exit.mmio.data, data, min(len(data), 8))
-
-
-class MmioWrite(VcpuExit):
-    __slots__ = ("address", "data")
-
-    def __init__(self, address: int, data: bytes) -> None:
-        self.address, self.data = address, data
-
-
-class Hlt(VcpuExit):
-    __slots__ = ()
-
-
-class Shutdown(VcpuExit):
-    """Triple fault (or another shutdown condition) in the guest."""
-
-    __slots__ = ()
-
-
-class Interrupted(VcpuExit):
-    """KVM_RUN returned because of a signal or immediate_exit: nothing happened in the guest."""
-
-    __slots__ = ()
-
-
-class IrqWindowOpen(VcpuExit):
-    __slots__ = ()
-
-
-class InternalError(VcpuExit):
+class InternalError:
     __slots__ = ("suberror", "data")
 
     def __init__(self, suberror: int, data: tuple[int, ...]) -> None:
@@ -97,46 +33,3 @@ class InternalError(VcpuExit):
             return b""
         raw = self.data[1].to_bytes(8, "little") + self.data[2].to_bytes(8, "little")
         return raw[1:1 + min(raw[0], 15)]
-
-
-class FailEntry(VcpuExit):
-    __slots__ = ("reason", "cpu")
-
-    def __init__(self, reason: int, cpu: int) -> None:
-        self.reason, self.cpu = reason, cpu
-
-
-class SystemEvent(VcpuExit):
-    __slots__ = ("type", "data")
-
-    def __init__(self, type_: int, data: tuple[int, ...]) -> None:
-        self.type, self.data = type_, data
-
-
-class DebugExit(VcpuExit):
-    __slots__ = ("exception", "pc")
-
-    def __init__(self, exception: int, pc: int) -> None:
-        self.exception, self.pc = exception, pc
-
-
-class UnknownExit(VcpuExit):
-    __slots__ = ("reason",)
-
-    def __init__(self, reason: int) -> None:
-        self.reason = reason
-
-
-_INTERRUPTED = Interrupted()
-_HLT = Hlt()
-_SHUTDOWN = Shutdown()
-_IRQ_WINDOW = IrqWindowOpen()
-
-
-class EmulationError(VcpuExit):
-    """The software CPU could not go on (e.g. the guest fetched code outside RAM)."""
-
-    __slots__ = ("message",)
-
-    def __init__(self, message: str) -> None:
-        self.message = message

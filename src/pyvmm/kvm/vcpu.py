@@ -1,8 +1,9 @@
-"""VcpuFd: one virtual CPU. `run()` enters the guest and returns a typed exit.
+"""VcpuFd: one virtual CPU. `run()` enters the guest and returns KVM's exit reason.
 
-The kvm_run page is mmapped once and read through a ctypes view; an exit that
-needs an answer (port or MMIO read) is completed by writing into that page
-before the next `run()`.
+The kvm_run page is mmapped once and read through a ctypes view (`run_struct`); an exit
+that needs an answer (port or MMIO read) is completed by writing into that page before
+the next `run()`. Turning the page into typed exits is the accelerator's job
+(accel/kvm/vcpu.py), so that the rest of pyvmm sees the same exits from every backend.
 """
 
 from __future__ import annotations
@@ -13,15 +14,12 @@ import mmap
 
 from . import ioctls, uapi
 from .errors import KvmError
-from .exits import (
-    _HLT, _INTERRUPTED, _IRQ_WINDOW, _SHUTDOWN, DebugExit, FailEntry, InternalError, IoIn, IoOut,
-    MmioRead, MmioWrite, SystemEvent, UnknownExit, VcpuExit,
-)
 from .fd import KvmFd, ioctl
 
 _KVM_RUN = ioctls.KVM_RUN
 # A second handle without argtypes: ctypes' argument conversion costs ~0.2 us on every exit.
 _run_ioctl = ctypes.CDLL(None, use_errno=True).ioctl
+RUN_INTERRUPTED = -1  # KVM_RUN returned EINTR/EAGAIN: a kick, nothing happened in the guest
 
 EXIT_REASON_NAMES = {
     value: name[len("KVM_EXIT_"):].lower()
@@ -53,47 +51,23 @@ class VcpuFd(KvmFd):
 
     # --- the hot path ----------------------------------------------------------------
 
-    def run(self) -> VcpuExit:
+    def run(self) -> int:
+        """Enter the guest; returns the KVM exit reason (the details are in `run_struct`), or
+        RUN_INTERRUPTED when a signal or `immediate_exit` ended KVM_RUN before any exit."""
         if _run_ioctl(self.fd, _KVM_RUN, 0) < 0:
             err = ctypes.get_errno()
             if err in (errno.EINTR, errno.EAGAIN):
-                return _INTERRUPTED
+                return RUN_INTERRUPTED
             raise KvmError("KVM_RUN", err)
-        run = self.run_struct
-        reason = run.exit_reason
+        reason = self.run_struct.exit_reason
         self.last_exit_reason = reason
         self.exit_counts[reason & 63] += 1
-        if reason == uapi.KVM_EXIT_IO:
-            io = self._io
-            offset = io.data_offset
-            if io.direction == uapi.KVM_EXIT_IO_OUT:
-                return IoOut(io.port, io.size, io.count, self._page[offset:offset + io.size * io.count])
-            return IoIn(io.port, io.size, io.count, self._page, offset)
-        if reason == uapi.KVM_EXIT_MMIO:
-            mmio = self._mmio
-            if mmio.is_write:
-                return MmioWrite(mmio.phys_addr, bytes(mmio.data)[: mmio.len])
-            return MmioRead(mmio.phys_addr, mmio.len, run)
-        if reason == uapi.KVM_EXIT_INTR:
-            return _INTERRUPTED
-        if reason == uapi.KVM_EXIT_HLT:
-            return _HLT
-        if reason == uapi.KVM_EXIT_SHUTDOWN:
-            return _SHUTDOWN
-        if reason == uapi.KVM_EXIT_IRQ_WINDOW_OPEN:
-            return _IRQ_WINDOW
-        if reason == uapi.KVM_EXIT_INTERNAL_ERROR:
-            internal = run.exit.internal
-            return InternalError(internal.suberror, tuple(internal.data[: min(internal.ndata, 16)]))
-        if reason == uapi.KVM_EXIT_FAIL_ENTRY:
-            fail = run.exit.fail_entry
-            return FailEntry(fail.hardware_entry_failure_reason, fail.cpu)
-        if reason == uapi.KVM_EXIT_SYSTEM_EVENT:
-            event = run.exit.system_event
-            return SystemEvent(event.type, tuple(event.data[: min(event.ndata, 16)]))
-        if reason == uapi.KVM_EXIT_DEBUG:
-            return DebugExit(run.exit.debug.exception, run.exit.debug.pc)
-        return UnknownExit(reason)
+        return reason
+
+    @property
+    def page(self) -> mmap.mmap:
+        """The kvm_run page: port-I/O data lives in it at `exit.io.data_offset`."""
+        return self._page
 
     @property
     def immediate_exit(self) -> bool:

@@ -7,7 +7,6 @@ ACPI MADT announces, and queried by the software CPU's scheduler between slices.
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Callable
 
@@ -28,48 +27,6 @@ PIC_MASTER_PORT, PIC_SLAVE_PORT, ELCR_PORT = 0x20, 0xA0, 0x4D0
 IOAPIC_WINDOW = 0x1000
 
 
-@functools.cache
-def host_tsc_hz() -> int:
-    """The host TSC rate, which Unicorn's RDTSC returns as is (once per process: every reboot
-    builds a new machine, the host's TSC rate stays what it was)."""
-    try:
-        from ..kvm import Kvm
-
-        with Kvm() as kvm:
-            vm = kvm.create_vm()
-            try:
-                vcpu = vm.create_vcpu(0)
-                try:
-                    return vcpu.get_tsc_khz() * 1000
-                finally:
-                    vcpu.close()
-            finally:
-                vm.close()
-    except Exception:  # no KVM: measure against the monotonic clock
-        return _measure_tsc_hz()
-
-
-def _measure_tsc_hz() -> int:
-    import time
-
-    import unicorn as U
-    import unicorn.x86_const as X
-
-    uc = U.Uc(U.UC_ARCH_X86, U.UC_MODE_64)
-    uc.mem_map(0x1000, 0x1000)
-    uc.mem_write(0x1000, b"\x0f\x31")
-
-    def sample() -> tuple[int, int]:
-        uc.emu_start(0x1000, 0x1002)
-        return time.monotonic_ns(), uc.reg_read(X.UC_X86_REG_RDX) << 32 | uc.reg_read(X.UC_X86_REG_RAX)
-
-    t0, c0 = sample()
-    time.sleep(0.2)
-    t1, c1 = sample()
-    # to the kHz, as KVM_GET_TSC_KHZ would say it: host rates need not be round MHz
-    return round((c1 - c0) * 1e6 / (t1 - t0)) * 1000
-
-
 def initialize_pic_like_firmware(pic: Pic8259Pair) -> None:
     """Program the 8259 pair as a PC BIOS leaves it: vectors 0x08/0x70, cascade on IR2, every
     input masked. A kernel that never touches the PIC (Linux with a hardware-reduced FADT)
@@ -83,8 +40,9 @@ def initialize_pic_like_firmware(pic: Pic8259Pair) -> None:
 
 
 class SoftwarePlatform:
-    def __init__(self, wakeup: Callable[[], None], tsc_hz: int | None = None) -> None:
-        self.tsc_hz = tsc_hz or host_tsc_hz()
+    def __init__(self, wakeup: Callable[[], None], tsc_hz: int) -> None:
+        """`tsc_hz`: the guest TSC's rate (the accelerator knows it: Unicorn's RDTSC reads the host's)."""
+        self.tsc_hz = tsc_hz
         # the LAPIC timer counts at the crystal CPUID 0x15 announces: Linux programs it from there
         self.lapic_timer_hz = tsc_leaf(self.tsc_hz).crystal_hz
         self.clock = VirtualClock(tsc_hz=self.tsc_hz)

@@ -1,5 +1,5 @@
 # assists - popcnt and verw at CPL0, the instructions pyvmm completes for a KVM that cannot
-# emulate them (accel/kvm_assist.py); on any other CPU they simply run. pyvmm ELF64 entry
+# emulate them (accel/kvm/assist.py); on any other CPU they simply run. pyvmm ELF64 entry
 # (long mode, CPL0, interrupts off); not QEMU-bootable.
 #
 # The guest loads its own GDT, IDT (vectors 0-31) and page tables: 0-2 MiB one 2 MiB page,

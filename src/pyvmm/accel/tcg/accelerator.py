@@ -20,12 +20,16 @@ import threading
 
 from ...platform.machine import SoftwarePlatform
 from ...platform.msi import SoftwareMsiVector
+from ..base import RunLoop, VmServices
+from ..dispatch import ExitDispatcher
+from ..exits import HLT, INTERRUPTED
 from .cpuid import tcg_cpuid_tables
 from .engine_state import engine_offsets
 from .private_state import context_offsets
 from .slice_timer import SliceTimer
 from .translator import Translator
-from .vcpu import _HLT, _INTERRUPTED, TcgVcpu
+from .host_tsc import host_tsc_hz
+from .vcpu import TcgVcpu
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +50,15 @@ EXCEPTIONS_SETTING = "PYVMM_TCG_EXCEPTIONS"
 
 class TcgAccelerator:
     name = "tcg"
-    per_vcpu_threads = False
 
-    def __init__(self) -> None:
+    def __init__(self, tsc_hz: int | None = None) -> None:
+        """`tsc_hz`: the rate of the guest's TSC, which Unicorn's RDTSC reads from the host's
+        (default: the host's rate, host_tsc.py)."""
+        self.tsc_hz = tsc_hz
         self.offsets = context_offsets()
         self.engine_offsets = engine_offsets()
         self.memory = None
-        self.pio_bus = self.mmio_bus = None
+        self._dispatch: ExitDispatcher | None = None
         self.platform = None
         self.vcpus: list[TcgVcpu] = []
         self._tables = None
@@ -65,7 +71,7 @@ class TcgAccelerator:
     # --- machine ---------------------------------------------------------------------------
 
     def setup_platform(self) -> None:
-        self.platform = SoftwarePlatform(wakeup=self._wake)
+        self.platform = SoftwarePlatform(wakeup=self._wake, tsc_hz=self.tsc_hz or host_tsc_hz())
 
     def _wake(self) -> None:
         """An interrupt was raised, or the VM must stop or pause (any thread): end the running
@@ -97,7 +103,7 @@ class TcgAccelerator:
             self._translator.translated_code.drop(first << 12, end << 12)
 
     def connect_buses(self, pio_bus, mmio_bus) -> None:
-        self.pio_bus, self.mmio_bus = pio_bus, mmio_bus
+        self._dispatch = ExitDispatcher(pio_bus, mmio_bus)
         self.platform.register(pio_bus, mmio_bus)
 
     def irq_line(self, gsi: int):
@@ -123,7 +129,7 @@ class TcgAccelerator:
             native = os.environ.get(EXCEPTIONS_SETTING, "native") != "python"
             if not native:
                 log.info("software CPU: exceptions are delivered in Python (%s=python)", EXCEPTIONS_SETTING)
-            self._translator = Translator(self.memory, self.pio_bus, self.mmio_bus, self.offsets,
+            self._translator = Translator(self.memory, self._dispatch, self.offsets,
                                           self.engine_offsets, self._slice_timer, native_exceptions=native)
         vcpu = TcgVcpu(index, self._translator, self._tables[index], self.platform.add_cpu(index))
         vcpu.kick = self._wake  # a stop or pause request must end the slice or wake a sleeping scheduler
@@ -146,16 +152,30 @@ class TcgAccelerator:
         return any(other is not vcpu and not other.waiting_for_sipi and platform.pending_vector(other) is not None
                    for other in self.vcpus)
 
-    def run(self, vm) -> None:
-        """Run every vCPU in turn until the VM stops."""
-        platform, vcpus, wakeup = self.platform, self.vcpus, self._wakeup
-        while not vm.stopped:
-            vm.wait_while_paused()
+    def run_loops(self, vm: VmServices) -> list[RunLoop]:
+        """One thread runs every vCPU in turn (the engine is not built for parallel guests)."""
+        self._dispatch.vm = vm
+        return [RunLoop(f"vcpus-{self.name}", self.name, lambda: self._schedule(vm), list(self.vcpus))]
+
+    def freeze_time(self) -> None:
+        """Paused: the platform's clock stands still, so no PIT or LAPIC timer comes due and the
+        guest TSC does not advance (the scheduler is parked: nothing polls the timers)."""
+        self.platform.clock.pause()
+
+    def thaw_time(self) -> None:
+        self.platform.clock.resume()
+
+    def _schedule(self, vm: VmServices) -> None:
+        """Run every vCPU in turn until the VM stops; park between rounds while it is paused."""
+        platform, vcpus, wakeup, dispatch = self.platform, self.vcpus, self._wakeup, self._dispatch
+        stopped = vm.stop_requested
+        while not stopped.is_set():
+            vm.pause_point()
             platform.poll()
             progressed = False
             for vcpu in vcpus:
-                if vm.stopped:
-                    return
+                if stopped.is_set() or vm.pause_requested:
+                    break
                 platform.start_cpu_if_asked(vcpu)
                 if vcpu.waiting_for_sipi:
                     continue
@@ -176,11 +196,10 @@ class TcgAccelerator:
                     seconds = SLICE if due is None or due > SLICE else due
                 exit_ = vcpu.run(seconds)
                 if len(vcpus) > 1:
-                    vcpu.spinning = exit_ is _INTERRUPTED and vcpu.at_pause()
+                    vcpu.spinning = exit_ is INTERRUPTED and vcpu.at_pause()
                 progressed = True
-                if not (exit_ is _INTERRUPTED or exit_ is _HLT):
-                    vm.guest_event(vcpu, exit_)
-            if not progressed:
+                if not (exit_ is INTERRUPTED or exit_ is HLT):
+                    dispatch(vcpu, exit_)  # an exit that ends the VM
+            if not progressed and not vm.pause_requested:
                 wakeup.wait(platform.seconds_to_next_deadline())
                 wakeup.clear()
-

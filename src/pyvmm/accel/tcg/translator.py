@@ -20,6 +20,7 @@ import unicorn.x86_const as X
 from unicorn.unicorn_py3.unicorn import uclib
 
 from ...arch.x86_64 import layout
+from ..dispatch import ExitDispatcher
 from .engine_state import EngineControl, EngineOffsets
 from .fast_registers import FastRegisters
 from .native_delivery import NativeExceptionDelivery
@@ -31,10 +32,10 @@ _CTL_WRITE_TLB_FLUSH = (1 << 30) | U.unicorn_const.UC_CTL_TLB_FLUSH  # UC_CTL_WR
 
 
 class Translator:
-    def __init__(self, memory, pio_bus, mmio_bus, offsets: ContextOffsets, engine: EngineOffsets,
+    def __init__(self, memory, dispatch: ExitDispatcher, offsets: ContextOffsets, engine: EngineOffsets,
                  slice_timer: SliceTimer, native_exceptions: bool = True) -> None:
         self.memory = memory
-        self.pio_bus, self.mmio_bus = pio_bus, mmio_bus
+        self.dispatch = dispatch  # serves the vCPUs' port I/O and MMIO, as on KVM
         # 64-bit mode so the register API is 64 bits wide; it also presets EFER.LMA, which
         # TcgVcpu._reset_mode() clears the architectural way before any state is loaded.
         uc = self.uc = U.Uc(U.UC_ARCH_X86, U.UC_MODE_64)

@@ -21,7 +21,7 @@ from ...arch.x86_64.cpu_state import (
     CR0_PE, CR0_PG, EFER_LMA, GPR_NAMES, SEGMENT_NAMES, CpuState, DescriptorTable, Segment,
 )
 from ...arch.x86_64.paging import PagingMode, read_linear, write_linear
-from ...kvm.exits import EmulationError, Hlt, Interrupted, Shutdown
+from ..exits import HLT, INTERRUPTED, SHUTDOWN, EmulationError, IoIn, IoOut, MmioRead, MmioWrite
 from .delivery import DOUBLE_FAULT, ERROR_CODE_VECTORS, TripleFault, deliver
 from .engine_state import STOP_ERROR
 from .private_state import HF_CS64_MASK, HF_LMA_MASK
@@ -46,9 +46,7 @@ _NEVER = 0xFFFF_FFFF_FFFF_FFFF  # address mask; also the ignored `until` argumen
 HLT_OPCODE = 0xF4
 PAUSE = b"\xf3\x90"
 SPIN_LOOP_REACH = 16  # bytes on either side of RIP searched for a PAUSE
-_INTERRUPTED = Interrupted()
-_HLT = Hlt()
-_SHUTDOWN = Shutdown()
+_INTERRUPTED, _HLT, _SHUTDOWN = INTERRUPTED, HLT, SHUTDOWN
 
 
 DESCRIPTOR_ATTRIBUTE_BITS = 0x00F0FF00  # type, S, DPL, P, AVL, L, D/B, G of a descriptor's high dword
@@ -68,7 +66,7 @@ class TcgVcpu:
         self.index = index
         self.translator = translator
         self.memory = translator.memory
-        self.pio_bus, self.mmio_bus = translator.pio_bus, translator.mmio_bus
+        self.dispatch = translator.dispatch
         self.lapic = lapic
         self.cpuid_table = cpuid_table
         # the engine and its views, shared by every vCPU: valid while this vCPU is active
@@ -161,20 +159,27 @@ class TcgVcpu:
 
     # --- hooks ---------------------------------------------------------------------------------
 
+    # Port I/O and MMIO become the same exits KVM produces, served by the shared dispatcher;
+    # only this vCPU's own LAPIC page is answered here (KVM keeps it in the kernel).
+
     def port_in(self, port: int, size: int) -> int:
         self.stats["port_io"] += 1
-        return int.from_bytes(self.pio_bus.read(port, size), "little")
+        answer = bytearray(size)
+        self.dispatch(self, IoIn(port, size, 1, answer))
+        return int.from_bytes(answer, "little")
 
     def port_out(self, port: int, size: int, value: int) -> None:
         self.stats["port_io"] += 1
-        self.pio_bus.write(port, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+        self.dispatch(self, IoOut(port, size, 1, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")))
 
     def mmio_read(self, address: int, size: int) -> int:
         self.stats["mmio"] += 1
         lapic = self.lapic
         if lapic is not None and layout.LAPIC_BASE <= address < layout.LAPIC_BASE + 0x1000:
             return int.from_bytes(lapic.read(address - layout.LAPIC_BASE, size), "little")
-        return int.from_bytes(self.mmio_bus.read(address, size), "little")
+        answer = bytearray(size)
+        self.dispatch(self, MmioRead(address, size, answer))
+        return int.from_bytes(answer, "little")
 
     def mmio_write(self, address: int, size: int, value: int) -> None:
         self.stats["mmio"] += 1
@@ -183,7 +188,7 @@ class TcgVcpu:
         if lapic is not None and layout.LAPIC_BASE <= address < layout.LAPIC_BASE + 0x1000:
             lapic.write(address - layout.LAPIC_BASE, data)
         else:
-            self.mmio_bus.write(address, data)
+            self.dispatch(self, MmioWrite(address, data))
 
     def cpuid(self) -> int:
         self.stats["cpuid"] += 1

@@ -111,7 +111,7 @@ ALWAYS_HIDDEN = frozenset({"vmx"})
 
 # Hidden from KVM guests on a host whose KVM emulates guest kernel code (kvm_pvm; `pyvmm kvm-info`
 # calibrates it): features whose instructions that emulator fails on at CPL0 and pyvmm cannot
-# complete (accel/kvm_assist.py lists what was measured). popcnt and smap are not here: pyvmm
+# complete (accel/kvm/assist.py lists what was measured). popcnt and smap are not here: pyvmm
 # completes popcnt, clac and stac. Caveat measured on kvm_pvm: it answers CPUID leaf 1 with
 # the host's bits wherever KVM_GET_SUPPORTED_CPUID has none (popcnt, xsave, sse4_2, ...) and
 # leaf 7 entirely from the host, so of this list only cx16 (and rdtscp, which it already

@@ -27,9 +27,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from ..errors import PyvmmError
-from ..arch.x86_64 import paging
-from ..arch.x86_64.decode import GPR_ENCODING, DecodeError, Instruction, MemoryOperand, decode_modrm
+from ...errors import PyvmmError
+from ...arch.x86_64 import paging
+from ...arch.x86_64.decode import GPR_ENCODING, DecodeError, Instruction, MemoryOperand, decode_modrm
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ import logging
 import os
 import threading
 
-from ..errors import UserError
-from ..kvm import KvmError, KvmUnavailable, uapi
-from ..kvm.vm import IrqchipRoute, MsiRoute
+from ...errors import UserError
+from ...kvm import KvmError, KvmUnavailable, uapi
+from ...kvm.vm import IrqchipRoute, MsiRoute
 
 log = logging.getLogger(__name__)
 

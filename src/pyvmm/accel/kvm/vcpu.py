@@ -1,182 +1,111 @@
-"""The KVM accelerator: guest code runs on the host CPU through /dev/kvm.
+"""KvmVcpu: one vCPU of the KVM accelerator and its run loop.
 
-Owns the VM fd and the vCPU fds; uses KVM's in-kernel irqchip (PIC, IOAPIC,
-LAPICs) and PIT, so timers and interrupt routing cost no Python. Converts the
-backend-neutral CpuState to and from KVM's structs.
+The loop enters the guest (KVM_RUN, through kvm.VcpuFd), decodes what stopped it into the
+neutral exits of accel/exits.py and hands each to the shared ExitDispatcher. What only KVM
+produces stays here: an instruction KVM failed to emulate is completed (assist.py) or
+reported as an EmulationError naming it; a refused entry and KVM's system events become
+neutral exits. Converts the backend-neutral CpuState to and from KVM's structs.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import signal
-import threading
 
-from ..arch.x86_64 import layout, msrs
-from ..arch.x86_64.cpu_state import GPR_NAMES, SEGMENT_NAMES, CpuState, DescriptorTable, Segment
-from ..arch.x86_64.cpuid import EMULATED_KERNEL_HIDDEN, CpuidPolicy, kvm_guest_cpuid
-from ..kvm import Kvm, KvmError, KvmUnavailable, uapi
-from ..kvm.exits import InternalError
-from . import kvm_assist
-from .kvm_interrupts import KvmIoEventFds, KvmMsiRouter, KvmMsiVector
-from ..kvm.vcpu import EXIT_REASON_NAMES
+from ...arch.x86_64.cpu_state import GPR_NAMES, SEGMENT_NAMES, CpuState, DescriptorTable, Segment
+from ...kvm import KvmError, uapi
+from ...kvm.exits import InternalError
+from ...kvm.vcpu import EXIT_REASON_NAMES, RUN_INTERRUPTED
+from ..base import VmServices
+from ..dispatch import ExitDispatcher
+from ..exits import (
+    HLT, INTERRUPTED, IRQ_WINDOW_OPEN, SHUTDOWN, DebugExit, EmulationError, IoIn, IoOut, MmioRead, MmioWrite,
+    SystemEvent, UnknownExit, VcpuExit,
+)
+from . import assist as kvm_assist
 
 log = logging.getLogger(__name__)
 
 # The signal that kicks a vCPU thread out of KVM_RUN (EINTR). Its handler does nothing.
 KICK_SIGNAL = signal.SIGRTMIN + 1
-_kick_handler_installed = False
 
 APIC_LVT0 = 0x350
 APIC_LVT1 = 0x360
 APIC_DELIVERY_EXTINT = 0x700
 APIC_DELIVERY_NMI = 0x400
 
-REQUIRED_CAPABILITIES = {
-    uapi.KVM_CAP_USER_MEMORY: "KVM_CAP_USER_MEMORY",
-    uapi.KVM_CAP_IRQCHIP: "KVM_CAP_IRQCHIP",
-    uapi.KVM_CAP_PIT2: "KVM_CAP_PIT2",
-    uapi.KVM_CAP_SET_TSS_ADDR: "KVM_CAP_SET_TSS_ADDR",
-    uapi.KVM_CAP_EXT_CPUID: "KVM_CAP_EXT_CPUID",
-    uapi.KVM_CAP_MP_STATE: "KVM_CAP_MP_STATE",
-    uapi.KVM_CAP_IMMEDIATE_EXIT: "KVM_CAP_IMMEDIATE_EXIT",
-}
-
-
-def install_kick_handler() -> None:
-    """Install the no-op handler for KICK_SIGNAL; Python only allows this from the main thread."""
-    global _kick_handler_installed
-    if _kick_handler_installed:
-        return
-    if threading.current_thread() is not threading.main_thread():
-        raise RuntimeError("pyvmm must create its first VM from the main thread (it installs a signal handler)")
-    signal.signal(KICK_SIGNAL, lambda signum, frame: None)
-    _kick_handler_installed = True
-
-
-class KvmIrqLine:
-    """An input pin of the in-kernel irqchip (GSI), driven with KVM_IRQ_LINE."""
-
-    def __init__(self, vm_fd, gsi: int) -> None:
-        self._vm_fd, self.gsi = vm_fd, gsi
-
-    def set_level(self, high: bool) -> None:
-        self._vm_fd.irq_line(self.gsi, 1 if high else 0)
-
-    def trigger(self) -> None:
-        self._vm_fd.irq_line(self.gsi, 1)
-        self._vm_fd.irq_line(self.gsi, 0)
-
-
-class KvmAccelerator:
-    name = "kvm"
-    per_vcpu_threads = True  # each vCPU thread sits in KVM_RUN; Vm runs the exit loop
-
-    def __init__(self, kvm: Kvm | None = None, *, kernel_code_emulated: bool = False) -> None:
-        """`kernel_code_emulated`: this host's KVM emulates guest kernel code (the calibration
-        of accel.select says so); the guest then does not see the CPUID features whose
-        instructions that emulator fails on (cpuid.EMULATED_KERNEL_HIDDEN)."""
-        self.kernel_code_emulated = kernel_code_emulated
-        self.kvm = kvm or Kvm()
-        for cap, cap_name in REQUIRED_CAPABILITIES.items():
-            self.kvm.require(cap, cap_name)
-        self.vm_fd = self.kvm.create_vm()
-        self._supported_cpuid = None
-        self._msr_indices: set[int] | None = None
-        self.memory = None
-        self.vcpus: list[KvmVcpu] = []
-        self._msi_router: KvmMsiRouter | None = None  # created with the first MSI vector
-        self._ioeventfds = KvmIoEventFds(self.vm_fd)
-
-    # --- machine -----------------------------------------------------------------------
-
-    def setup_platform(self) -> None:
-        """TSS/identity pages for real-mode emulation, then the in-kernel irqchip and PIT."""
-        self.vm_fd.set_tss_addr(layout.KVM_TSS)
-        if self.kvm.check_extension(uapi.KVM_CAP_SET_IDENTITY_MAP_ADDR):
-            self.vm_fd.set_identity_map_addr(layout.KVM_IDENTITY_MAP)
-        self.vm_fd.create_irqchip()
-        self.vm_fd.create_pit2()
-
-    def map_memory(self, memory) -> None:
-        self.memory = memory
-        for slot, region in enumerate(memory.regions):
-            try:
-                self.vm_fd.set_user_memory_region(slot, region.guest_base, region.size, region.host_address)
-            except KvmError as exc:
-                raise KvmUnavailable(f"KVM refused guest RAM at {region.guest_base:#x} ({region.size >> 20} MiB): {exc.strerror}") from None
-
-    def connect_buses(self, pio_bus, mmio_bus) -> None:
-        """Exits reach the buses through Vm's loop; the in-kernel irqchip and PIT need no bus."""
-
-    def irq_line(self, gsi: int) -> KvmIrqLine:
-        return KvmIrqLine(self.vm_fd, gsi)
-
-    def msi_vector(self) -> KvmMsiVector:
-        """A new MSI vector (masked until configured): irqfd on its own GSI, injected in the kernel."""
-        if self._msi_router is None:
-            self._msi_router = KvmMsiRouter(self.vm_fd)
-        return self._msi_router.vector()
-
-    def add_ioeventfd(self, address: int, length: int, *, pio: bool = False,
-                      datamatch: int | None = None, eventfd: int | None = None) -> int:
-        """An eventfd (non-blocking, close-on-exec; or the caller's `eventfd`, which stays the
-        caller's) KVM signals when the guest writes there, without leaving the kernel; the
-        write no longer reaches the bus."""
-        return self._ioeventfds.add(address, length, pio=pio, datamatch=datamatch, eventfd=eventfd)
-
-    def remove_ioeventfd(self, fd: int, address: int, length: int, *, pio: bool = False,
-                         datamatch: int | None = None) -> None:
-        """Undo add_ioeventfd (same arguments) and close `fd` unless the caller passed it in."""
-        self._ioeventfds.remove(fd, address, length, pio=pio, datamatch=datamatch)
-
-    def signal_msi(self, address: int, data: int) -> bool:
-        """Inject one MSI without a GSI (KVM_SIGNAL_MSI); False if the guest blocked it."""
-        self.kvm.require(uapi.KVM_CAP_SIGNAL_MSI, "KVM_CAP_SIGNAL_MSI")
-        return self.vm_fd.signal_msi(address, data)
-
-    @property
-    def supported_cpuid(self):
-        if self._supported_cpuid is None:
-            self._supported_cpuid = self.kvm.supported_cpuid()
-        return self._supported_cpuid
-
-    def create_vcpu(self, index: int, count: int, policy: CpuidPolicy) -> "KvmVcpu":
-        install_kick_handler()
-        vcpu = KvmVcpu(self, self.vm_fd.create_vcpu(index), index)
-        if self.kernel_code_emulated:
-            policy = policy.also_hiding(EMULATED_KERNEL_HIDDEN)
-        vcpu.fd.set_cpuid2(kvm_guest_cpuid(self.supported_cpuid, policy, index, count, vcpu.fd.get_tsc_khz()))
-        vcpu.set_msrs(msrs.boot_msrs())
-        if index == 0:
-            vcpu.set_virtual_wire_lints()
-        self.vcpus.append(vcpu)
-        return vcpu
-
-    def supported_msrs(self) -> set[int]:
-        if self._msr_indices is None:
-            self._msr_indices = set(self.kvm.msr_index_list())
-        return self._msr_indices
-
-    def close(self) -> None:
-        for vcpu in self.vcpus:
-            vcpu.fd.close()
-        self.vcpus.clear()
-        if self._msi_router is not None:
-            self._msi_router.close()
-        self._ioeventfds.close()
-        self.vm_fd.close()
-        self.kvm.close()
+_EXIT_IO, _EXIT_MMIO, _IO_OUT = uapi.KVM_EXIT_IO, uapi.KVM_EXIT_MMIO, uapi.KVM_EXIT_IO_OUT
+_SYSTEM_EVENTS = {uapi.KVM_SYSTEM_EVENT_RESET: SystemEvent.RESET, uapi.KVM_SYSTEM_EVENT_SHUTDOWN: SystemEvent.POWEROFF}
 
 
 class KvmVcpu:
     """One vCPU of the KVM backend: state conversion, run, kick."""
 
-    def __init__(self, accel: KvmAccelerator, fd, index: int) -> None:
+    def __init__(self, accel, fd, index: int) -> None:
         self.accel, self.fd, self.index = accel, fd, index
         self.thread_ident: int | None = None
-        self.run = fd.run  # the hot path: no extra Python frame per exit
         self.assists: dict[str, int] = {}
         self.assist_refusal = ""  # why pyvmm could not complete the last instruction it knew
+        self._symbols = None  # the guest kernel's, named in errors (from the VM, when it runs)
+
+    # --- running ----------------------------------------------------------------------------
+
+    def run_loop(self, vm: VmServices, dispatch: ExitDispatcher) -> None:
+        """Enter the guest and serve its exits until the VM stops. The hot path: port I/O and
+        MMIO are decoded inline, one exit object each, straight to the dispatcher."""
+        self._symbols = vm.symbols
+        fd, stopped = self.fd, vm.stop_requested
+        enter, page = fd.run, fd.page
+        run = fd.run_struct
+        io, mmio = run.exit.io, run.exit.mmio
+        mmio_data = ctypes.addressof(mmio.data) - ctypes.addressof(run)  # where a read's answer goes
+        while not stopped.is_set():
+            reason = enter()
+            if reason == _EXIT_IO:
+                offset = io.data_offset
+                if io.direction == _IO_OUT:
+                    exit_ = IoOut(io.port, io.size, io.count, page[offset:offset + io.size * io.count])
+                else:
+                    exit_ = IoIn(io.port, io.size, io.count, page, offset)
+            elif reason == _EXIT_MMIO:
+                if mmio.is_write:
+                    exit_ = MmioWrite(mmio.phys_addr, bytes(mmio.data)[:mmio.len])
+                else:
+                    exit_ = MmioRead(mmio.phys_addr, mmio.len, page, mmio_data)
+            else:
+                exit_ = self._other_exit(reason)
+                if exit_ is None:
+                    continue
+            dispatch(self, exit_)
+
+    def _other_exit(self, reason: int) -> VcpuExit | None:
+        """The neutral exit for anything but I/O; None when pyvmm completed an instruction KVM
+        could not emulate (the guest simply goes on)."""
+        if reason == RUN_INTERRUPTED or reason == uapi.KVM_EXIT_INTR:
+            return INTERRUPTED
+        if reason == uapi.KVM_EXIT_HLT:
+            return HLT
+        if reason == uapi.KVM_EXIT_IRQ_WINDOW_OPEN:
+            return IRQ_WINDOW_OPEN
+        if reason == uapi.KVM_EXIT_SHUTDOWN:
+            return SHUTDOWN
+        run = self.fd.run_struct
+        if reason == uapi.KVM_EXIT_INTERNAL_ERROR:
+            internal = run.exit.internal
+            error = InternalError(internal.suberror, tuple(internal.data[: min(internal.ndata, 16)]))
+            if self.assist(error):
+                return None
+            return EmulationError(self.describe_internal_error(error, self._symbols))
+        if reason == uapi.KVM_EXIT_FAIL_ENTRY:
+            return EmulationError(f"the host refused to enter the guest (hardware reason "
+                                  f"{run.exit.fail_entry.hardware_entry_failure_reason:#x}) at {self.describe_position()}")
+        if reason == uapi.KVM_EXIT_SYSTEM_EVENT:
+            event = run.exit.system_event.type
+            return SystemEvent(_SYSTEM_EVENTS.get(event, SystemEvent.CRASH), f"system event {event}")
+        if reason == uapi.KVM_EXIT_DEBUG:
+            return DebugExit(run.exit.debug.exception, run.exit.debug.pc)
+        return UnknownExit(reason)
 
     def kick(self) -> None:
         """Make KVM_RUN return now, or immediately on its next entry (no lost wake-up)."""
@@ -304,7 +233,7 @@ class KvmVcpu:
         return code
 
     def assist(self, exit_: InternalError) -> bool:
-        """Complete an instruction KVM failed to emulate, when pyvmm knows how (kvm_assist)."""
+        """Complete an instruction KVM failed to emulate, when pyvmm knows how (assist.py)."""
         self.assist_refusal = ""
         if exit_.suberror != uapi.KVM_INTERNAL_ERROR_EMULATION:
             return False

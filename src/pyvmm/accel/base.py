@@ -1,0 +1,106 @@
+"""The accelerator seam: what an accelerator, its vCPUs and the VM offer one another.
+
+An accelerator (KVM, the software CPU) runs guest code; the Vm (vm.py) decides what the
+VM's life looks like. Between them:
+
+- `Accelerator`: builds the machine's CPU side (platform, memory mapping, interrupt lines,
+  vCPUs) and, when the VM starts, hands the Vm its `RunLoop`s: each is the body of one
+  thread the Vm starts, owned by the accelerator (one per vCPU on KVM, one scheduler for
+  all vCPUs on the software CPU). Each loop serves exits through one ExitDispatcher.
+- `Vcpu`: one virtual CPU, as the Vm and the builder see it.
+- `VmServices`: everything a run loop may ask of the Vm while it runs. Nothing else of the
+  Vm is reachable from an accelerator.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from ..arch.x86_64.cpu_state import CpuState
+from .exits import VcpuExit
+
+
+class VmServices(Protocol):
+    """What the Vm offers its accelerator's run loops."""
+
+    # Set once the VM is stopping: every run loop returns soon after.
+    stop_requested: threading.Event
+    # The guest kernel's symbols (loader.linux.symbols) for error messages, or None.
+    symbols: object | None
+
+    @property
+    def pause_requested(self) -> bool:
+        """A pause is wanted: leave the guest and reach the pause point soon."""
+
+    def pause_point(self) -> None:
+        """Between two guest runs, outside the guest: while the VM is paused, acknowledge
+        the pause barrier and wait here until it resumes or stops."""
+
+    def guest_exit(self, vcpu: "Vcpu", exit_: VcpuExit) -> None:
+        """An exit the dispatcher does not serve itself: it ends the VM."""
+
+
+class Vcpu(Protocol):
+    index: int
+    thread_ident: int | None  # the thread running it, so that kick() can reach it
+
+    def kick(self) -> None:
+        """Make the vCPU leave the guest now, or at once on its next entry (any thread)."""
+
+    def clear_kick(self) -> None:
+        """Forget a kick that has not been consumed (on resume)."""
+
+    @property
+    def exit_counts(self) -> dict[str, int]: ...
+
+    def set_state(self, state: CpuState) -> None: ...
+
+    def get_state(self) -> CpuState: ...
+
+    def describe_position(self) -> str:
+        """Where the guest is, one line for error messages."""
+
+
+@dataclass
+class RunLoop:
+    """The body of one thread the Vm starts: `run()` returns when the VM stops."""
+
+    name: str                       # the thread's name
+    label: str                      # how errors name it ("vCPU 0", "tcg")
+    run: Callable[[], None]
+    vcpus: list = field(default_factory=list)  # the vCPUs this thread runs
+
+
+class Accelerator(Protocol):
+    name: str
+
+    def setup_platform(self) -> None: ...
+
+    def map_memory(self, memory) -> None: ...
+
+    def connect_buses(self, pio_bus, mmio_bus) -> None: ...
+
+    def irq_line(self, gsi: int): ...
+
+    def msi_vector(self): ...
+
+    def add_ioeventfd(self, address: int, length: int, *, pio: bool = False,
+                      datamatch: int | None = None, eventfd: int | None = None) -> int | None: ...
+
+    def remove_ioeventfd(self, fd, address: int, length: int, *, pio: bool = False,
+                         datamatch: int | None = None) -> None: ...
+
+    def create_vcpu(self, index: int, count: int, policy) -> Vcpu: ...
+
+    def run_loops(self, vm: VmServices) -> list[RunLoop]:
+        """The threads' bodies that run every vCPU until `vm.stop_requested` is set."""
+
+    def freeze_time(self) -> None:
+        """The VM is paused (every run loop parked): guest time stops."""
+
+    def thaw_time(self) -> None:
+        """The VM resumes: guest time continues from where it stood."""
+
+    def close(self) -> None: ...

@@ -1,0 +1,187 @@
+"""KvmAccelerator: guest code runs on the host CPU through /dev/kvm.
+
+Owns the VM fd and the vCPU fds; uses KVM's in-kernel irqchip (PIC, IOAPIC,
+LAPICs) and PIT, so timers and interrupt routing cost no Python. Each vCPU runs in its
+own thread (vcpu.py), its exits served by the shared ExitDispatcher.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import threading
+
+from ...arch.x86_64 import layout, msrs
+from ...arch.x86_64.cpuid import EMULATED_KERNEL_HIDDEN, CpuidPolicy, kvm_guest_cpuid
+from ...kvm import Kvm, KvmError, KvmUnavailable, uapi
+from ..base import RunLoop, VmServices
+from ..dispatch import ExitDispatcher
+from .interrupts import KvmIoEventFds, KvmMsiRouter, KvmMsiVector
+from .vcpu import KICK_SIGNAL, KvmVcpu
+
+log = logging.getLogger(__name__)
+
+_kick_handler_installed = False
+
+REQUIRED_CAPABILITIES = {
+    uapi.KVM_CAP_USER_MEMORY: "KVM_CAP_USER_MEMORY",
+    uapi.KVM_CAP_IRQCHIP: "KVM_CAP_IRQCHIP",
+    uapi.KVM_CAP_PIT2: "KVM_CAP_PIT2",
+    uapi.KVM_CAP_SET_TSS_ADDR: "KVM_CAP_SET_TSS_ADDR",
+    uapi.KVM_CAP_EXT_CPUID: "KVM_CAP_EXT_CPUID",
+    uapi.KVM_CAP_MP_STATE: "KVM_CAP_MP_STATE",
+    uapi.KVM_CAP_IMMEDIATE_EXIT: "KVM_CAP_IMMEDIATE_EXIT",
+}
+
+
+def install_kick_handler() -> None:
+    """Install the no-op handler for KICK_SIGNAL; Python only allows this from the main thread."""
+    global _kick_handler_installed
+    if _kick_handler_installed:
+        return
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("pyvmm must create its first VM from the main thread (it installs a signal handler)")
+    signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+    _kick_handler_installed = True
+
+
+class KvmIrqLine:
+    """An input pin of the in-kernel irqchip (GSI), driven with KVM_IRQ_LINE."""
+
+    def __init__(self, vm_fd, gsi: int) -> None:
+        self._vm_fd, self.gsi = vm_fd, gsi
+
+    def set_level(self, high: bool) -> None:
+        self._vm_fd.irq_line(self.gsi, 1 if high else 0)
+
+    def trigger(self) -> None:
+        self._vm_fd.irq_line(self.gsi, 1)
+        self._vm_fd.irq_line(self.gsi, 0)
+
+
+class KvmAccelerator:
+    """Owns the VM fd and the vCPU fds; runs one thread per vCPU, each in KVM_RUN."""
+
+    name = "kvm"
+
+    def __init__(self, kvm: Kvm | None = None, *, kernel_code_emulated: bool = False) -> None:
+        """`kernel_code_emulated`: this host's KVM emulates guest kernel code (the calibration
+        of accel.select says so); the guest then does not see the CPUID features whose
+        instructions that emulator fails on (cpuid.EMULATED_KERNEL_HIDDEN)."""
+        self.kernel_code_emulated = kernel_code_emulated
+        self.kvm = kvm or Kvm()
+        for cap, cap_name in REQUIRED_CAPABILITIES.items():
+            self.kvm.require(cap, cap_name)
+        self.vm_fd = self.kvm.create_vm()
+        self._supported_cpuid = None
+        self._msr_indices: set[int] | None = None
+        self.memory = None
+        self.vcpus: list[KvmVcpu] = []
+        self._msi_router: KvmMsiRouter | None = None  # created with the first MSI vector
+        self._ioeventfds = KvmIoEventFds(self.vm_fd)
+        self._dispatch: ExitDispatcher | None = None
+        self._frozen_clock: bytes | None = None  # kvm_clock_data while the VM is paused
+
+    # --- machine -----------------------------------------------------------------------
+
+    def setup_platform(self) -> None:
+        """TSS/identity pages for real-mode emulation, then the in-kernel irqchip and PIT."""
+        self.vm_fd.set_tss_addr(layout.KVM_TSS)
+        if self.kvm.check_extension(uapi.KVM_CAP_SET_IDENTITY_MAP_ADDR):
+            self.vm_fd.set_identity_map_addr(layout.KVM_IDENTITY_MAP)
+        self.vm_fd.create_irqchip()
+        self.vm_fd.create_pit2()
+
+    def map_memory(self, memory) -> None:
+        self.memory = memory
+        for slot, region in enumerate(memory.regions):
+            try:
+                self.vm_fd.set_user_memory_region(slot, region.guest_base, region.size, region.host_address)
+            except KvmError as exc:
+                raise KvmUnavailable(f"KVM refused guest RAM at {region.guest_base:#x} ({region.size >> 20} MiB): {exc.strerror}") from None
+
+    def connect_buses(self, pio_bus, mmio_bus) -> None:
+        """Exits reach the buses through the dispatcher; the in-kernel irqchip and PIT need no bus."""
+        self._dispatch = ExitDispatcher(pio_bus, mmio_bus)
+
+    def irq_line(self, gsi: int) -> KvmIrqLine:
+        return KvmIrqLine(self.vm_fd, gsi)
+
+    def msi_vector(self) -> KvmMsiVector:
+        """A new MSI vector (masked until configured): irqfd on its own GSI, injected in the kernel."""
+        if self._msi_router is None:
+            self._msi_router = KvmMsiRouter(self.vm_fd)
+        return self._msi_router.vector()
+
+    def add_ioeventfd(self, address: int, length: int, *, pio: bool = False,
+                      datamatch: int | None = None, eventfd: int | None = None) -> int:
+        """An eventfd (non-blocking, close-on-exec; or the caller's `eventfd`, which stays the
+        caller's) KVM signals when the guest writes there, without leaving the kernel; the
+        write no longer reaches the bus."""
+        return self._ioeventfds.add(address, length, pio=pio, datamatch=datamatch, eventfd=eventfd)
+
+    def remove_ioeventfd(self, fd: int, address: int, length: int, *, pio: bool = False,
+                         datamatch: int | None = None) -> None:
+        """Undo add_ioeventfd (same arguments) and close `fd` unless the caller passed it in."""
+        self._ioeventfds.remove(fd, address, length, pio=pio, datamatch=datamatch)
+
+    def signal_msi(self, address: int, data: int) -> bool:
+        """Inject one MSI without a GSI (KVM_SIGNAL_MSI); False if the guest blocked it."""
+        self.kvm.require(uapi.KVM_CAP_SIGNAL_MSI, "KVM_CAP_SIGNAL_MSI")
+        return self.vm_fd.signal_msi(address, data)
+
+    @property
+    def supported_cpuid(self):
+        if self._supported_cpuid is None:
+            self._supported_cpuid = self.kvm.supported_cpuid()
+        return self._supported_cpuid
+
+    def create_vcpu(self, index: int, count: int, policy: CpuidPolicy) -> "KvmVcpu":
+        install_kick_handler()
+        vcpu = KvmVcpu(self, self.vm_fd.create_vcpu(index), index)
+        if self.kernel_code_emulated:
+            policy = policy.also_hiding(EMULATED_KERNEL_HIDDEN)
+        vcpu.fd.set_cpuid2(kvm_guest_cpuid(self.supported_cpuid, policy, index, count, vcpu.fd.get_tsc_khz()))
+        vcpu.set_msrs(msrs.boot_msrs())
+        if index == 0:
+            vcpu.set_virtual_wire_lints()
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    def supported_msrs(self) -> set[int]:
+        if self._msr_indices is None:
+            self._msr_indices = set(self.kvm.msr_index_list())
+        return self._msr_indices
+
+    # --- running ---------------------------------------------------------------------------
+
+    def run_loops(self, vm: VmServices) -> list[RunLoop]:
+        """One thread per vCPU, each in its own KVM_RUN loop (the GIL is released in the ioctl)."""
+        self._dispatch.vm = vm
+        return [RunLoop(f"vcpu{vcpu.index}", f"vCPU {vcpu.index}",
+                        functools.partial(vcpu.run_loop, vm, self._dispatch), [vcpu])
+                for vcpu in self.vcpus]
+
+    def freeze_time(self) -> None:
+        """Remember kvm-clock (KVM_GET_CLOCK) while the VM is paused, so that resuming sets it
+        back: the guest's kvm-clock does not advance while paused."""
+        if self.kvm.check_extension(uapi.KVM_CAP_ADJUST_CLOCK):
+            self._frozen_clock = self.vm_fd.get_clock()
+
+    def thaw_time(self) -> None:
+        if self._frozen_clock is not None:
+            self.vm_fd.set_clock(self._frozen_clock)
+            self._frozen_clock = None
+
+    def close(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.fd.close()
+        self.vcpus.clear()
+        if self._msi_router is not None:
+            self._msi_router.close()
+        self._ioeventfds.close()
+        self.vm_fd.close()
+        self.kvm.close()
+
+
