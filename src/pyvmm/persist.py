@@ -11,7 +11,9 @@ then applies the state, never leaving a half-restored object.
 `to_dict()` gives a JSON-able form ({"kind", "version", "fields"}; bytes as base64) and
 `from_dict()` reads it back with the same checks: a wrong kind or version, a missing or an
 extra field, a value of the wrong type or out of range is a `StateError` naming the field.
-A class reads older layouts by overriding `upgrade(version, fields)`.
+A class reads older layouts by overriding `upgrade(version, fields)`. A field annotated with
+a base State class (e.g. `device: State`) holds any state deriving from it: the serialised
+form is read back by its kind (every State class registers its KIND; kinds are unique).
 
 Objects implement the `Persist` protocol: `save() -> S` and `restore(S)`.
 """
@@ -44,6 +46,10 @@ class Persist(Protocol[S]):
 class State:
     KIND: ClassVar[str] = "state"
     VERSION: ClassVar[int] = 1
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _KINDS[cls.KIND] = cls  # a later class of the same kind (a test's redefinition) replaces it
 
     def __post_init__(self) -> None:
         for name, annotation in _field_types(type(self)).items():
@@ -105,6 +111,17 @@ class State:
     def upgrade(cls, version: int, fields: dict[str, Any]) -> dict[str, Any]:
         """Turn the fields of an older `version` into this version's (none is readable by default)."""
         raise StateError(f"{cls.KIND} state: version {version} is not supported (this pyvmm reads {cls.VERSION})")
+
+
+_KINDS: dict[str, type[State]] = {}
+
+
+def require(state: object, cls: type[S]) -> S:
+    """`state` if it is a `cls` state; a StateError naming both kinds otherwise (a restore's first line)."""
+    if not isinstance(state, cls):
+        kind = state.KIND if isinstance(state, State) else type(state).__name__
+        raise StateError(f"{cls.KIND} state expected, got a {kind!r} state")
+    return state
 
 
 @functools.cache
@@ -196,7 +213,11 @@ def _decode(where: str, value: Any, annotation: Any) -> Any:
         except ValueError:
             raise StateError(f"{where}: not valid base64") from None
     if isinstance(annotation, type) and issubclass(annotation, State):
-        return annotation.from_dict(value)
+        kind = value.get("kind") if isinstance(value, dict) else None
+        actual = _KINDS.get(kind) if kind != annotation.KIND else annotation
+        if actual is None or not issubclass(actual, annotation):
+            raise StateError(f"{where}: a {kind!r} state is not a {annotation.KIND} state")
+        return actual.from_dict(value)
     if origin is tuple:
         if not isinstance(value, list):
             raise StateError(f"{where}: expected a list, got {type(value).__name__}")

@@ -122,7 +122,7 @@ def check_request(run: RngRun, outcome, mode: int) -> None:
     assert any(seen)
     assert run.used_idx == 1
     assert int(match.group(4), 16) == 0x0F  # ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK
-    assert run.rng_state["broken"] is None and run.device.bytes_served == 16
+    assert run.rng_state.virtio.broken is None and run.device.bytes_served == 16
 
 
 def check_kick_path(run: RngRun, kicks: int) -> None:

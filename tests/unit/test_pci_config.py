@@ -4,6 +4,10 @@ import struct
 
 import pytest
 
+from helpers.state import through_json
+from pyvmm.pci.config import PciConfigState
+from pyvmm.persist import StateError
+
 from pyvmm.pci import BarKind, PciConfigSpace, PciError
 from pyvmm.pci import config as cfg
 
@@ -194,7 +198,7 @@ def test_save_restore_round_trip():
     s.add_bar(0, 0x1000)
     w32(s, cfg.BAR0, 0xC0000000)
     s.write(cfg.COMMAND, b"\x06\x00")
-    state = s.save()
+    state = through_json(s.save())
     other = space()
     other.add_bar(0, 0x1000)
     other.restore(state)
@@ -205,8 +209,8 @@ def test_save_restore_round_trip():
 
 def test_restore_refuses_another_device_or_garbage():
     state = space().save()
-    with pytest.raises(ValueError):
+    with pytest.raises(StateError, match="data: belongs to another device"):
         PciConfigSpace(0x8086, 0x1234, 0x020000).restore(state)
-    for bad in ({}, {"data": "zz"}, {"data": "00" * 10}):
-        with pytest.raises(ValueError):
-            space().restore(bad)
+    for bad in ({}, {"data": "zz"}, {"data": "AAAA"}):
+        with pytest.raises(StateError):
+            PciConfigState.from_dict({"kind": "pci_config", "version": 1, "fields": bad})

@@ -4,6 +4,10 @@ import struct
 
 import pytest
 
+from helpers.state import changed, through_json
+from pyvmm.pci.msix import MsixState
+from pyvmm.persist import StateError
+
 from pyvmm.bus import MmioBus, PioBus
 from pyvmm.pci import PciDevice, PciError
 from pyvmm.pci import config as cfg
@@ -216,7 +220,7 @@ def test_save_restore_reconfigures_and_keeps_pending():
     f.control(ENABLE | FMASK)
     f.write_entry(2, 0xFEE0_1000, 0x55, masked=False)
     f.msix.notify(2)
-    state = f.device.save()
+    state = through_json(f.device.save())
 
     g = Fixture()
     g.device.restore(state)
@@ -224,8 +228,12 @@ def test_save_restore_reconfigures_and_keeps_pending():
     assert g.vectors[2].state == (0xFEE0_1000, 0x55, True) and g.pba() == 0b100
     g.control(ENABLE)
     assert g.vectors[2].sent == 1 and g.pba() == 0
-    with pytest.raises(ValueError):
-        g.msix.restore({"table": "00", "pending": 0})
+    assert g.device.save().msix == changed(state.msix, pending=0)
+    with pytest.raises(StateError, match="table: 1 bytes is not whole 16-byte entries"):
+        MsixState(table=b"\x00", pending=0)
+    with pytest.raises(StateError, match="pending: 0x100 has bits beyond"):
+        g.msix.restore(MsixState(table=bytes(g.msix.table_size), pending=1 << 8))
+    assert g.msix.entry(2) == (0xFEE0_1000, 0x55, False)
 
 
 def test_close_releases_vectors():

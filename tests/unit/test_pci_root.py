@@ -4,6 +4,9 @@
 import struct
 
 import pytest
+
+from helpers.state import through_json
+from pyvmm.persist import StateError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -460,12 +463,13 @@ def test_save_restore_moves_bars_and_lines():
     m.write32(slot, cfg.BAR0, 0xCA00_0000)
     m.pio.write(0xCF8, struct.pack("<I", 0x80000810))
     d.set_intx(True)
-    state = m.root.save()
+    state = through_json(m.root.save())
 
     n = Machine()
     e = Recorder()
     n.root.add_device(e, name="rec")
     n.root.restore(state)
+    assert n.root.save() == state
     assert e.bar_address(0) == 0xCA00_0000 and n.ranges()["rec-bar0"] == (0xCA00_0000, 0x1000)
     assert n.pio.read(0xCF8, 4) == struct.pack("<I", 0x80000810)
     assert n.lines[n.root.intx_gsi(slot, 1)].level
@@ -477,7 +481,7 @@ def test_save_restore_moves_bars_and_lines():
 def test_restore_needs_the_same_slots():
     m = Machine()
     m.root.add_device(Recorder())
-    with pytest.raises(ValueError):
+    with pytest.raises(StateError, match=r"devices: in slots \[0, 1\], this root has \[0\]"):
         Machine().root.restore(m.root.save())
 
 

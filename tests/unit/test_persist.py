@@ -129,3 +129,19 @@ def test_mask_and_item_checks_name_the_field():
         Registers(-1, ())
     with pytest.raises(StateError, match=r"registers state: values\[1\]: 256 is outside 0..255"):
         Registers(0, (0, 256))
+
+
+def test_a_field_of_a_base_state_type_reads_back_by_kind():
+    @dataclasses.dataclass(frozen=True)
+    class Holder(State):
+        KIND = "holder"
+        part: State
+
+    holder = Holder(part=Inner(True, b"x"))
+    assert Holder.from_dict(json.loads(json.dumps(holder.to_dict()))) == holder
+    data = holder.to_dict()
+    data["fields"]["part"]["kind"] = "no-such-kind"
+    with pytest.raises(StateError, match="holder.part: a 'no-such-kind' state is not a state state"):
+        Holder.from_dict(data)
+    with pytest.raises(StateError, match="holder.part: expected State"):
+        Holder(part=3)

@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from helpers.state import through_json
+from pyvmm.persist import StateError
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from helpers.virtio_driver import FakeDriver
@@ -550,13 +553,14 @@ def test_save_restore(disk, image, memory):
     device, driver = disk
     run(device, driver, [header(T_OUT, 3), pattern(512)], [1])
     device.write_config(32, b"\x00")
-    state = device.save()
-    assert "path" not in str(state["blk"])
+    state = through_json(device.save())
+    assert "path" not in str(state.to_dict())
     device.close()
     clone = VirtioBlock(image)
     try:
         clone.attach(memory, driver.interrupts)
         clone.restore(state)
+        assert clone.save() == state
         assert clone.writeback == 0 and clone.stats()["writes"] == 1
         data = pattern(512, 13)
         status, _, _ = run(clone, driver, [header(T_OUT, 3), data], [1])
@@ -567,8 +571,9 @@ def test_save_restore(disk, image, memory):
     os.truncate(image, 100 * 512)
     smaller = VirtioBlock(image)
     try:
-        with pytest.raises(BlockError, match="sectors"):
+        with pytest.raises(StateError, match="capacity: .* sectors, disk image .* has 100"):
             smaller.restore(state)
+        assert smaller.save().capacity == 100 and smaller.stats()["writes"] == 0
     finally:
         smaller.close()
 

@@ -8,6 +8,9 @@ import time
 
 import pytest
 
+from helpers.state import changed, through_json
+from pyvmm.persist import StateError
+
 from helpers.virtio_driver import FakeDriver
 from pyvmm.devices.virtio.console import (
     CONSOLE_PORT, CONTROL, DEVICE_READY, PENDING_LIMIT, PORT_ADD, PORT_NAME, PORT_OPEN, PORT_READY,
@@ -310,7 +313,7 @@ def test_save_restore_keeps_pending_bytes_and_reports_the_lost_client(socket_con
         client.sendall(b"kept")
         wait_for(lambda: device.ports[1].pending == b"kept")
         device.console_input(b"typed")
-        state = device.save()
+        state = through_json(device.save())
         device.close()                            # the old device leaves the guest's rings alone from here
     clone = VirtioConsole([].append, iothread=iothread, ports={"org.test.port": path + "-new"})
     try:
@@ -328,8 +331,16 @@ def test_save_restore_keeps_pending_bytes_and_reports_the_lost_client(socket_con
 
 def test_restore_refuses_other_ports(memory, idle_io):
     device = make_console([], idle_io)
-    with pytest.raises(ValueError, match="ports differ"):
-        device.restore({**device.save(), "console": {"ports": [], "control": [], "cols": 0, "rows": 0}})
+    state = device.save()
+    with pytest.raises(StateError, match="ports: port 0 .* comes first"):
+        changed(state, ports=())
+    other = make_console([], idle_io, ports={"a": os.path.join(tempfile.mkdtemp(), "a")})
+    try:
+        with pytest.raises(StateError, match=r"ports: named \[None\], this device has \[None, 'a'\]"):
+            other.restore(state)
+        other.restore(through_json(other.save()))
+    finally:
+        other.close()
 
 
 def test_stale_socket_is_replaced_and_a_regular_file_is_refused(sockdir, idle_io):

@@ -3,14 +3,19 @@
 import struct
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from helpers.state import changed, through_json
 from helpers.virtio_driver import BumpAllocator, DriverQueue
 from pyvmm.devices.virtio import mmio as M
 from pyvmm.devices.virtio.device import (
     STATUS_ACKNOWLEDGE, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
     VIRTIO_F_VERSION_1,
 )
+from pyvmm.devices.virtio.blk import VirtioBlock as VirtioBlk
 from pyvmm.devices.virtio.rng import VirtioRng
+from pyvmm.persist import StateError
 from pyvmm.memory import GuestMemory
 from pyvmm.memory.guest_memory import RegionSpec
 
@@ -147,12 +152,51 @@ def test_odd_sized_register_accesses_are_ignored(setup):
 def test_save_restore_round_trip(setup):
     memory, line, device, t = setup
     q = probe(t, memory)
-    state = t.save()
+    state = through_json(t.save())
     other_device = VirtioRng(source=lambda n: b"\xcd" * n)
     other = M.VirtioMmioTransport(other_device, line, memory)
     other.restore(state)
+    assert other.save() == state
     assert rd(other, M.STATUS) & STATUS_DRIVER_OK and other_device.active
     head = q.add([], [2])
     wr(other, M.QUEUE_NOTIFY, 0)
     assert q.take_used() == [(head, 2)] and q.written(head) == b"\xcd\xcd"
     assert other_device.acked_features & VIRTIO_F_VERSION_1
+
+
+def test_restore_refuses_another_device_kind_and_changes_nothing(setup, tmp_path):
+    memory, line, device, t = setup
+    probe(t, memory)
+    state = t.save()
+    image = tmp_path / "disk"
+    image.write_bytes(bytes(4096))
+    blk = VirtioBlk(image)
+    other = M.VirtioMmioTransport(blk, line, memory)
+    before = other.save()
+    with pytest.raises(StateError, match="virtio_blk state expected, got a 'virtio_rng' state"):
+        other.restore(state)
+    assert other.save() == before
+    rng = VirtioRng()
+    fresh = M.VirtioMmioTransport(rng, line, memory)
+    bad_device = changed(state.device, virtio=changed(state.device.virtio, acked_features=1 << 63))
+    with pytest.raises(StateError, match="acked_features: 0x8000000000000000 are not offered"):
+        fresh.restore(changed(state, device=bad_device))
+    assert fresh.save() == M.VirtioMmioTransport(VirtioRng(), line, memory).save()
+    blk.close()
+
+
+register = st.sampled_from([M.DEVICE_FEATURES_SEL, M.DRIVER_FEATURES_SEL, M.DRIVER_FEATURES, M.QUEUE_SEL,
+                            M.QUEUE_NUM, M.QUEUE_READY, M.QUEUE_DESC_LOW, M.QUEUE_DRIVER_LOW, M.QUEUE_DEVICE_LOW,
+                            M.INTERRUPT_ACK, M.STATUS, M.QUEUE_NOTIFY])
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(writes=st.lists(st.tuples(register, st.integers(0, 0xFFFFFFFF)), max_size=30))
+def test_any_register_state_round_trips(setup, writes):
+    memory, line, device, t = setup
+    for offset, value in writes:
+        wr(t, offset, value & 0xFF if offset == M.STATUS else value)
+    state = t.save()
+    fresh = M.VirtioMmioTransport(VirtioRng(), line, memory)
+    fresh.restore(through_json(state))
+    assert fresh.save() == state

@@ -11,6 +11,9 @@ import time
 
 import pytest
 
+from helpers.state import changed, through_json
+from pyvmm.persist import StateError
+
 from helpers.virtio_driver import FakeDriver
 from pyvmm.devices.virtio.device import VIRTIO_F_EVENT_IDX
 from pyvmm.devices.virtio.net import (
@@ -323,7 +326,8 @@ def test_save_and_restore_keep_buffers_the_device_had_taken(memory, iothread, wi
     wait_for(lambda: q.used_idx() == 1)
     wait_for(lambda: device.queues[RX].last_avail == 2)  # b is popped and held after EAGAIN
     device.set_link(False)
-    state = device.save()
+    state = through_json(device.save())
+    assert state.virtio.queues[RX].in_flight == (b,) and state.virtio.queues[RX].last_avail == 2
     device.reset()
 
     other_device, other_host = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -331,6 +335,7 @@ def test_save_and_restore_keep_buffers_the_device_had_taken(memory, iothread, wi
         restored = VirtioNet(FdBackend(other_device.fileno()), mac=b"\x02" * 6, iothread=iothread, queue_size=16)
         restored.attach(memory, driver.interrupts)
         restored.restore(state)
+        assert restored.save() == state
         assert restored.mac == MAC and not restored.link_up
         restored.set_link(True)
         assert restored.rx_watching
@@ -339,3 +344,17 @@ def test_save_and_restore_keep_buffers_the_device_had_taken(memory, iothread, wi
         assert q.take_used() == [(a, HDR + 30), (b, HDR + 40)]
         assert restored.stats()["rx_packets"] == 2
         restored.reset()
+
+
+def test_restore_refuses_a_bad_state_and_changes_nothing(memory, iothread, wire):
+    device, driver = make(memory, iothread, wire)
+    state = device.save()
+    fresh = VirtioNet(FdBackend(wire[0].fileno()), mac=b"\x02" * 6, iothread=iothread, queue_size=16)
+    before = fresh.save()
+    with pytest.raises(StateError, match="counters: names"):
+        fresh.restore(changed(state, counters={"rx_packets": 1}))
+    with pytest.raises(StateError, match="mac: 01:00:00:00:00:00 is not a 6-byte unicast"):
+        changed(state, mac=b"\x01" + bytes(5))
+    with pytest.raises(StateError, match="queues: 1 queues, this virtio-net has 2"):
+        fresh.restore(changed(state, virtio=changed(state.virtio, queues=state.virtio.queues[:1])))
+    assert fresh.save() == before

@@ -6,6 +6,9 @@ import struct
 from types import SimpleNamespace
 
 import pytest
+
+from helpers.state import changed, through_json
+from pyvmm.persist import StateError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -691,12 +694,13 @@ def test_save_restore_round_trip(memory):
     q.add([], [2])
     d.kick(0)
     q.take_used()
-    state = m.transport.save()
+    state = through_json(m.transport.save())
 
     other = Machine(memory, VirtioRng(source=lambda n: b"\xcd" * n))
     moves = []
     other.transport.on_notify_moved = lambda old, new, offsets: moves.append((old, new))
     other.transport.restore(state)
+    assert other.transport.save() == state
     assert other.device.active and other.transport.status & STATUS_DRIVER_OK
     assert other.transport.queue_vector(0) == 1 and other.transport.config_vector == 0
     assert other.vectors[1].state == (MSI_ADDRESS, 0x41, False)
@@ -714,18 +718,22 @@ def test_save_restore_keeps_intx_state(memory):
     q = d.probe(msix=False)
     q.add([], [1])
     d.kick(0)
-    state = m.transport.save()
+    state = through_json(m.transport.save())
     other = Machine(memory)
     other.transport.restore(state)
     assert other.line.level and LinuxDriver(other).read_isr() == P.ISR_QUEUE and not other.line.level
 
 
 def test_restore_rejects_foreign_state(machine, memory):
-    with pytest.raises(ValueError, match="virtio"):
+    with pytest.raises(StateError, match="virtio_pci state expected"):
         machine.transport.restore({"config": {}})
+    before = machine.transport.save()
     state = Machine(memory, TwoQueues()).transport.save()
-    with pytest.raises(ValueError, match="queue vector"):
+    with pytest.raises(StateError, match="queue_vectors: 2 vectors, rng0 has 1 queues"):
         machine.transport.restore(state)
+    with pytest.raises(StateError, match=r"queue_vectors\[0\]: 7 is not one of 2 MSI-X vectors"):
+        machine.transport.restore(changed(before, queue_vectors=(7,)))
+    assert machine.transport.save() == before
 
 
 # --- hostile drivers ----------------------------------------------------------------------------------
@@ -751,7 +759,10 @@ def test_random_common_config_writes_never_raise(writes, kick, msix):
                 m.mmio.write(d.bar_base + P.NOTIFY_OFFSET + 4 * queue, b"\0\0")
         assert d.common_read(P.NUM_QUEUES, 2) == 2
         assert d.common_read(P.CONFIG_MSIX_VECTOR, 2) in (0, 1, 2, P.NO_VECTOR)
-        m.transport.save()
+        state = m.transport.save()
+        fresh = Machine(memory, TwoQueues())
+        fresh.transport.restore(through_json(state))    # any reachable state round-trips
+        assert fresh.transport.save() == state
 
 
 # --- the builder's wiring ------------------------------------------------------------------------------

@@ -4,11 +4,13 @@
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from helpers.state import changed, through_json
 from helpers.virtio_driver import FakeDriver
+from pyvmm.persist import StateError
 from pyvmm.devices.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1
 from pyvmm.devices.virtio.queue import (
     VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, SplitQueue,
-    VirtqueueBroken,
+    SplitQueueState, VirtqueueBroken,
 )
 from pyvmm.devices.virtio.rng import VirtioRng
 from pyvmm.memory import GuestMemory
@@ -211,13 +213,76 @@ def test_save_restore_keeps_ring_positions(memory):
     q = driver.queue(0)
     q.add([], [1])
     device.notify(0)
-    state = device.save()
+    state = through_json(device.save())
     clone = VirtioRng(source=counting_source())
     clone.attach(memory, driver.interrupts)
     clone.restore(state)
+    assert clone.save() == state
     head = q.add([], [1])
     clone.notify(0)
     assert q.take_used()[-1] == (head, 1)
+
+
+def test_a_queue_restored_mid_stream_continues_with_the_next_available_descriptor(memory):
+    device, driver = rng_with_driver(memory)
+    q = driver.queue(0)
+    heads = [q.add([], [2]) for _ in range(3)]
+    queue = device.queues[0]
+    served = queue.pop()                 # the device took the first request and finished it
+    queue.push(served, 0)
+    held = queue.pop()                   # ... and holds the second, as a receive buffer waits for data
+    assert (served.head, held.head) == tuple(heads[:2])
+    state = through_json(queue.save())
+    assert state.in_flight == (heads[1],) and state.last_avail == 2 and state.used_idx == 1
+
+    fresh = SplitQueue(8)
+    fresh.restore(state)
+    fresh.memory = memory
+    assert fresh.save() == state
+    again = fresh.pop()                  # the request in flight comes back first, then the next one
+    assert (again.head, again.writable) == (held.head, held.writable)
+    following = fresh.pop()
+    assert following.head == heads[2] and fresh.pop() is None
+    fresh.push(following, 2)
+    fresh.push(again, 1)
+    assert fresh.in_flight == () and (fresh.last_avail, fresh.used_idx) == (3, 3)
+
+
+def test_queue_state_is_checked(memory):
+    queue = SplitQueue(8)
+    good = queue.save()
+    with pytest.raises(StateError, match="in_flight: 0 heads, but the device took 2 requests"):
+        changed(good, last_avail=2)
+    with pytest.raises(StateError, match=r"in_flight\[0\]: 9 is outside 0..7"):
+        changed(good, size=8, last_avail=1, in_flight=(9,))
+    with pytest.raises(StateError, match="in_flight: a head is listed twice"):
+        changed(good, size=8, last_avail=2, in_flight=(1, 1))
+    queue.check_restorable(changed(good, size=6, ready=True))   # a driver may write anything until DRIVER_OK
+    with pytest.raises(StateError, match="size: queue 0: 16 entries in use, the device serves powers of two up to 8"):
+        queue.check_restorable(changed(good, size=16, ready=True), "queue 0", in_use=True)
+    with pytest.raises(StateError, match="size: queue 0: 6 entries in use"):
+        queue.check_restorable(changed(good, size=6, ready=True), "queue 0", in_use=True)
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(st.sampled_from(["add", "pop", "push"]), max_size=40))
+def test_any_queue_state_round_trips(memory, ops):
+    device, driver = rng_with_driver(memory)
+    q, queue = driver.queue(0), device.queues[0]
+    held, added = [], 0
+    for op in ops:
+        if op == "add" and added < 8:   # each descriptor once: this driver does not recycle them
+            q.add([], [1])
+            added += 1
+        elif op == "pop" and (chain := queue.pop()) is not None:
+            held.append(chain)
+        elif op == "push" and held:
+            queue.push(held.pop(0), 0)
+    state = queue.save()
+    assert state.in_flight == tuple(chain.head for chain in held)
+    fresh = SplitQueue(8)
+    fresh.restore(through_json(state))
+    assert fresh.save() == state
 
 
 # Buffers start above the rings (a driver pointing buffers at its own rings only hurts itself),

@@ -6,6 +6,8 @@ import struct
 import time
 
 import pytest
+
+from helpers.state import through_json
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from helpers.virtio_driver import FakeDriver
@@ -319,7 +321,7 @@ def test_restore_sends_transport_reset(memory, sockdir, iothread):
             guest.send(8000, 90, OP_REQUEST)
             guest.wait_packet(OP_RESPONSE)
             peer, _ = server.accept()
-            state = device.save()
+            state = through_json(device.save())
             device.restore(state)
             assert event.take_used() == [(head, 4)] and event.written(head) == b"\x00\x00\x00\x00"
             assert device.conns == {}

@@ -17,6 +17,7 @@ import struct
 from dataclasses import dataclass
 
 from ..errors import PyvmmError
+from ..persist import State, require
 
 LEGACY_SIZE = 256
 EXTENDED_SIZE = 4096
@@ -317,19 +318,29 @@ class PciConfigSpace:
 
     # --- snapshots ------------------------------------------------------------------------------
 
-    def save(self) -> dict:
-        return {"data": self._data.hex()}
+    def save(self) -> PciConfigState:
+        return PciConfigState(data=bytes(self._data))
 
-    def restore(self, state: dict) -> None:
-        """Load the bytes of a save(); the masks are structural (rebuilt by the device's
-        constructor), so the saved space must be the same function's."""
-        try:
-            data = bytes.fromhex(state["data"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError("PCI config state: 'data' must be a hex string") from None
-        if len(data) != EXTENDED_SIZE:
-            raise ValueError(f"PCI config state: {len(data)} bytes, expected {EXTENDED_SIZE}")
+    def check_restorable(self, state: PciConfigState) -> None:
+        """The masks are structural (rebuilt by the device's constructor), so the saved space
+        must be the same function's: its IDs and class code are compared."""
+        state = require(state, PciConfigState)
+        data = state.data
         ids = struct.unpack_from("<HH", data, 0), data[CLASS_CODE:CLASS_CODE + 3]
         if ids != (struct.unpack_from("<HH", self._data, 0), bytes(self._data[CLASS_CODE:CLASS_CODE + 3])):
-            raise ValueError("PCI config state belongs to another device (IDs or class differ)")
-        self._data[:] = data
+            state.fail("data", "belongs to another device (vendor, device ID or class differ)")
+
+    def restore(self, state: PciConfigState) -> None:
+        self.check_restorable(state)
+        self._data[:] = state.data
+
+
+@dataclass(frozen=True)
+class PciConfigState(State):
+    """The whole (extended) configuration space: header, BAR addresses, capabilities' registers."""
+    KIND = "pci_config"
+    data: bytes
+
+    def validate(self) -> None:
+        if len(self.data) != EXTENDED_SIZE:
+            self.fail("data", f"{len(self.data)} bytes, expected {EXTENDED_SIZE}")

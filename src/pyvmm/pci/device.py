@@ -22,14 +22,16 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 from typing import Callable
 
 from ..bus import BusConflict, IrqLine, NullIrqLine
+from ..persist import State, require
 from .config import (
     BAR0, BAR_COUNT, CAP_ID_VENDOR, COMMAND, COMMAND_INTX_DISABLE, COMMAND_IO, COMMAND_MEMORY, INTA,
-    STATUS_INTERRUPT, Bar, BarKind, PciConfigSpace, PciError,
+    STATUS_INTERRUPT, Bar, BarKind, PciConfigSpace, PciConfigState, PciError,
 )
-from .msix import MsixCapability, MsiVectorFactory
+from .msix import MsixCapability, MsixState, MsiVectorFactory
 
 log = logging.getLogger(__name__)
 
@@ -264,27 +266,51 @@ class PciDevice:
 
     # --- snapshots ------------------------------------------------------------------------------
 
-    def save(self) -> dict:
-        with self._lock:
-            return {
-                "config": self.config.save(),
-                "msix": self.msix.save() if self.msix is not None else None,
-                "intx": self._intx_asserted,
-            }
+    def save(self) -> State:
+        return self.save_pci()
 
-    def restore(self, state: dict) -> None:
-        """Load a save() into a device declared the same way; BARs are remapped and the
-        interrupt line and MSI vectors driven to the restored state."""
+    def save_pci(self) -> PciDeviceState:
         with self._lock:
-            self.config.restore(state["config"])
-            if self.msix is not None:
-                if not isinstance(state.get("msix"), dict):
-                    raise ValueError(f"{self.name}: PCI state has no MSI-X table")
-                self.msix.restore(state["msix"])
-            self._intx_asserted = bool(state.get("intx", False))
+            return PciDeviceState(config=self.config.save(),
+                                  msix=self.msix.save() if self.msix is not None else None,
+                                  intx=self._intx_asserted)
+
+    def check_restorable(self, state: State) -> None:
+        self.check_pci(require(state, PciDeviceState))
+
+    def check_pci(self, state: PciDeviceState) -> None:
+        self.config.check_restorable(state.config)
+        if (state.msix is None) != (self.msix is None):
+            state.fail("msix", f"{self.name} {'has no' if self.msix is None else 'has an'} MSI-X capability")
+        if self.msix is not None and state.msix is not None:
+            self.msix.check_restorable(state.msix)
+
+    def restore(self, state: State) -> None:
+        self.check_restorable(state)
+        assert isinstance(state, PciDeviceState)
+        self.restore_pci(state)
+
+    def restore_pci(self, state: PciDeviceState) -> None:
+        """Load a state check_pci accepted into a device declared the same way; BARs are
+        remapped and the interrupt line and MSI vectors driven to the restored state."""
+        with self._lock:
+            self.config.restore(state.config)
+            if self.msix is not None and state.msix is not None:
+                self.msix.restore(state.msix)
+            self._intx_asserted = state.intx
             self._intx_level = None
             self._drive_intx()
             self.update_bar_mappings()
+
+
+@dataclass(frozen=True)
+class PciDeviceState(State):
+    """A PCI function: its configuration space (BARs included), its MSI-X table and PBA, and
+    whether it asserts INTx."""
+    KIND = "pci_device"
+    config: PciConfigState
+    msix: MsixState | None
+    intx: bool
 
 
 def _fmt(address: int | None) -> str:

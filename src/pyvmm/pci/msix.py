@@ -16,9 +16,11 @@ from __future__ import annotations
 import logging
 import struct
 import threading
+from dataclasses import dataclass
 from typing import Callable
 
 from ..bus.interrupt import MsiVector
+from ..persist import State, require
 from .config import CAP_ID_MSIX, PciConfigSpace, PciError
 
 log = logging.getLogger(__name__)
@@ -207,22 +209,37 @@ class MsixCapability:
 
     # --- snapshots ------------------------------------------------------------------------------
 
-    def save(self) -> dict:
+    def save(self) -> MsixState:
         with self._lock:
-            return {"table": self._table.hex(), "pending": self._pending}
+            return MsixState(table=bytes(self._table), pending=self._pending)
 
-    def restore(self, state: dict) -> None:
+    def check_restorable(self, state: MsixState) -> None:
+        state = require(state, MsixState)
+        if len(state.table) != self.table_size:
+            state.fail("table", f"{len(state.table)} bytes, {self.vectors} vectors take {self.table_size}")
+        if state.pending >> self.vectors:
+            state.fail("pending", f"{state.pending:#x} has bits beyond {self.vectors} vectors")
+
+    def restore(self, state: MsixState) -> None:
         """Load a save() (the capability registers come back with the config space, restored
         first); the vectors are then reconfigured and pending unmasked ones sent."""
-        try:
-            table = bytes.fromhex(state["table"])
-            pending = int(state["pending"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError("MSI-X state: needs 'table' (hex) and 'pending' (int)") from None
-        if len(table) != self.table_size or not 0 <= pending < 1 << self.vectors:
-            raise ValueError(f"MSI-X state does not fit {self.vectors} vectors")
+        self.check_restorable(state)
         with self._lock:
-            self._table[:] = table
-            self._pending = pending
+            self._table[:] = state.table
+            self._pending = state.pending
             self._configured = [None] * self.vectors
             self._sync_all()
+
+
+@dataclass(frozen=True)
+class MsixState(State):
+    """The MSI-X table (address, data, mask per vector) and the pending bits (the PBA)."""
+    KIND = "pci_msix"
+    table: bytes
+    pending: int
+
+    def validate(self) -> None:
+        if len(self.table) % ENTRY_SIZE:
+            self.fail("table", f"{len(self.table)} bytes is not whole {ENTRY_SIZE}-byte entries")
+        if self.pending < 0:
+            self.fail("pending", "is negative")

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 from typing import Callable
 
 from ..bus import IrqLine, MmioBus, NullIrqLine, PioBus
+from ..persist import State, require
 from .config import EXTENDED_SIZE, INTERRUPT_LINE, COMMAND, COMMAND_IO, COMMAND_MEMORY, BarKind, PciError
 from .device import PciDevice
 from .msix import MsiVectorFactory
@@ -348,22 +350,39 @@ class PciRoot:
 
     # --- snapshots ----------------------------------------------------------------------------------
 
-    def save(self) -> dict:
+    def save(self) -> PciRootState:
         with self._lock:
-            return {
-                "conf1_address": self._conf1_address,
-                "devices": {str(slot): device.save() for slot, device in sorted(self._devices.items())},
-            }
+            return PciRootState(conf1_address=self._conf1_address,
+                                devices={slot: device.save() for slot, device in sorted(self._devices.items())})
 
-    def restore(self, state: dict) -> None:
-        """Load a save() into a root holding the same devices in the same slots."""
-        devices = state.get("devices")
-        if not isinstance(devices, dict) or sorted(devices) != sorted(str(s) for s in self._devices):
-            raise ValueError(f"PCI state has devices in slots {sorted(devices or ())}, "
-                             f"this root has {sorted(self._devices)}")
+    def check_restorable(self, state: PciRootState) -> None:
+        state = require(state, PciRootState)
+        if sorted(state.devices) != sorted(self._devices):
+            state.fail("devices", f"in slots {sorted(state.devices)}, this root has {sorted(self._devices)}")
+        for slot, device in self._devices.items():
+            device.check_restorable(state.devices[slot])
+
+    def restore(self, state: PciRootState) -> None:
+        """Load a save() into a root holding the same devices in the same slots: every device's
+        state is checked before any is changed."""
+        self.check_restorable(state)
         with self._lock:
-            self._conf1_address = int(state.get("conf1_address", 0)) & CONF1_ADDRESS_MASK
+            self._conf1_address = state.conf1_address
             for device in self._devices.values():    # so no BAR finds another's old place taken
                 device.unmap_bars()
             for slot, device in self._devices.items():
-                device.restore(devices[str(slot)])
+                device.restore(state.devices[slot])
+
+
+@dataclass(frozen=True)
+class PciRootState(State):
+    """The CONF1 address latch and each slot's function (a PciDeviceState or a transport's state)."""
+    KIND = "pci_root"
+    conf1_address: int
+    devices: dict[int, State]
+
+    def validate(self) -> None:
+        self.check_mask("conf1_address", CONF1_ADDRESS_MASK)
+        for slot in self.devices:
+            if not 0 <= slot < SLOTS:
+                self.fail("devices", f"slot {slot} is outside 0..{SLOTS - 1}")

@@ -27,9 +27,11 @@ import os
 import re
 import stat
 import struct
+from dataclasses import dataclass
 
 from ...errors import PyvmmError
-from .device import VIRTIO_ID_BLOCK, VirtioDevice
+from ...persist import State, require
+from .device import VIRTIO_ID_BLOCK, VirtioDevice, VirtioDeviceState
 from .queue import DescriptorChain, SplitQueue, buffer_views, read_buffers, write_buffers
 
 log = logging.getLogger(__name__)
@@ -475,21 +477,44 @@ class VirtioBlock(VirtioDevice):
                 os.close(self.fd)
                 self.fd = -1
 
-    def save(self) -> dict:
+    def save(self) -> BlockState:
+        """Requests are served whole under the device lock, so none is in flight at a save."""
         with self.lock:
-            state = super().save()
-            state["blk"] = {"capacity": self.capacity, "writeback": self.writeback,
-                            "write_zeroes_may_unmap": self.write_zeroes_may_unmap, "counters": dict(self.counters)}
-            return state
+            return BlockState(virtio=self.save_virtio(), capacity=self.capacity, writeback=self.writeback,
+                              write_zeroes_may_unmap=self.write_zeroes_may_unmap, counters=dict(self.counters))
 
-    def restore(self, state: dict) -> None:
-        blk = state["blk"]
-        if blk["capacity"] != self.capacity:
-            raise BlockError(f"disk image {self.path} has {self.capacity} sectors, the snapshot {blk['capacity']}")
-        if state["acked_features"] & ~self.offered_features:
-            raise BlockError(f"disk image {self.path}: the snapshot's features do not match this disk (read-only?)")
+    def check_restorable(self, state: State) -> None:
+        state = require(state, BlockState)
+        if state.capacity != self.capacity:
+            state.fail("capacity", f"{state.capacity} sectors, disk image {self.path} has {self.capacity}")
+        if set(state.counters) != set(self.counters):
+            state.fail("counters", f"names {sorted(state.counters)}, expected {sorted(self.counters)}")
+        self.check_virtio(state.virtio)   # features: a read-only disk does not offer the write ones
+
+    def restore(self, state: BlockState) -> None:  # type: ignore[override]
+        self.check_restorable(state)
         with self.lock:
-            super().restore(state)
-            self.writeback = blk["writeback"]
-            self.write_zeroes_may_unmap = blk["write_zeroes_may_unmap"]
-            self.counters.update(blk["counters"])
+            self.restore_virtio(state.virtio)
+            self.writeback = state.writeback
+            self.write_zeroes_may_unmap = state.write_zeroes_may_unmap
+            self.counters.update(state.counters)
+
+
+@dataclass(frozen=True)
+class BlockState(State):
+    """The virtio state, the disk's size (checked against the image restored with), the cache
+    mode the driver chose, whether write-zeroes may unmap, and the request counters."""
+    KIND = "virtio_blk"
+    virtio: VirtioDeviceState
+    capacity: int
+    writeback: int
+    write_zeroes_may_unmap: int
+    counters: dict[str, int]
+
+    def validate(self) -> None:
+        self.check_range("capacity", 0, (1 << 64) - 1)
+        self.check_range("writeback", 0, 1)
+        self.check_range("write_zeroes_may_unmap", 0, 1)
+        for name, value in self.counters.items():
+            if value < 0:
+                self.fail(f"counters[{name!r}]", f"{value} is negative")

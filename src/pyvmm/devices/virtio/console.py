@@ -31,10 +31,12 @@ import socket
 import stat
 import struct
 import threading
+from dataclasses import dataclass
 from typing import Callable
 
 from ...iothread import WritableWatch
-from .device import VIRTIO_ID_CONSOLE, VirtioDevice
+from ...persist import State, require
+from .device import VIRTIO_ID_CONSOLE, VirtioDevice, VirtioDeviceState
 from .queue import read_buffers, write_buffers
 
 log = logging.getLogger(__name__)
@@ -456,39 +458,83 @@ class VirtioConsole(VirtioDevice):
             return {"control_dropped": self.control_dropped, "control_malformed": self.control_malformed,
                     "ports": {port.name or "console": port.counters() for port in self.ports}}
 
-    def save(self) -> dict:
+    def save(self) -> ConsoleState:
+        """Requests are served whole under the device lock: none is in flight at a save. Bytes
+        waiting for a socket client are not saved (the client does not survive a restore)."""
         with self.lock:
-            state = super().save()
-            state["console"] = {
-                "cols": self.cols, "rows": self.rows,
-                "control": [message.hex() for message in self._control],
-                "ports": [{"name": port.name, "ready": port.ready, "guest_open": port.guest_open,
-                           "announced_open": port.announced_open, "pending": port.pending.hex()}
-                          for port in self.ports],
-            }
-            return state
+            return ConsoleState(
+                virtio=self.save_virtio(), cols=self.cols, rows=self.rows, control=tuple(self._control),
+                control_dropped=self.control_dropped, control_malformed=self.control_malformed,
+                ports=tuple(ConsolePortState(
+                    name=port.name, ready=port.ready, guest_open=port.guest_open,
+                    announced_open=port.announced_open, pending=bytes(port.pending),
+                    counters=(port.rx_bytes, port.tx_bytes, port.rx_dropped, port.tx_dropped + len(port.output),
+                              port.connections)) for port in self.ports))
 
-    def restore(self, state: dict) -> None:
+    def check_restorable(self, state: State) -> None:
+        state = require(state, ConsoleState)
+        if [p.name for p in state.ports] != [port.name for port in self.ports]:
+            state.fail("ports", f"named {[p.name for p in state.ports]}, this device has "
+                                f"{[port.name for port in self.ports]}")
+        self.check_virtio(state.virtio)
+
+    def restore(self, state: ConsoleState) -> None:  # type: ignore[override]
         """Load a `save()` result; socket clients are not part of it, so the guest hears
         PORT_OPEN 0 for a port whose client is gone (and 1 for one connected since)."""
-        console = state["console"]
-        ports = console["ports"]
-        if [p["name"] for p in ports] != [port.name for port in self.ports]:
-            raise ValueError("virtio-console state: its ports differ from this device's")
-        try:
-            control = [bytes.fromhex(m) for m in console["control"]]
-            pending = [bytes.fromhex(p["pending"]) for p in ports]
-        except (ValueError, TypeError):
-            raise ValueError("virtio-console state: bad hex data") from None
+        self.check_restorable(state)
         with self.host_work():
-            super().restore(state)
-            self.cols, self.rows = console["cols"], console["rows"]
-            self._control = collections.deque(control[-CONTROL_LIMIT:])
-            for port, saved, data in zip(self.ports, ports, pending):
-                port.ready, port.guest_open = bool(saved["ready"]), bool(saved["guest_open"])
-                port.announced_open = bool(saved["announced_open"])
-                port.pending = bytearray(data[:PENDING_LIMIT])
+            self.restore_virtio(state.virtio)
+            self.cols, self.rows = state.cols, state.rows
+            self._control = collections.deque(state.control)
+            self.control_dropped, self.control_malformed = state.control_dropped, state.control_malformed
+            for port, saved in zip(self.ports, state.ports):
+                port.ready, port.guest_open, port.announced_open = saved.ready, saved.guest_open, saved.announced_open
+                port.pending = bytearray(saved.pending)
+                port.rx_bytes, port.tx_bytes, port.rx_dropped, port.tx_dropped, port.connections = saved.counters
             for port in self.ports:
                 self._announce(port)
                 self._deliver(port)
             self._flush_control()
+
+
+@dataclass(frozen=True)
+class ConsolePortState(State):
+    """One port as the guest knows it, the host bytes it has not taken yet, and the counters
+    (rx_bytes, tx_bytes, rx_dropped, tx_dropped, connections)."""
+    KIND = "virtio_console_port"
+    name: str | None
+    ready: bool
+    guest_open: bool
+    announced_open: bool
+    pending: bytes
+    counters: tuple[int, int, int, int, int]
+
+    def validate(self) -> None:
+        if len(self.pending) > PENDING_LIMIT:
+            self.fail("pending", f"{len(self.pending)} bytes, at most {PENDING_LIMIT}")
+        self.check_items("counters", 0, 1 << 64)
+
+
+@dataclass(frozen=True)
+class ConsoleState(State):
+    KIND = "virtio_console"
+    virtio: VirtioDeviceState
+    cols: int
+    rows: int
+    control: tuple[bytes, ...]   # control messages waiting for the driver's buffers
+    control_dropped: int
+    control_malformed: int
+    ports: tuple[ConsolePortState, ...]
+
+    def validate(self) -> None:
+        self.check_range("cols", 0, 0xFFFF)
+        self.check_range("rows", 0, 0xFFFF)
+        if len(self.control) > CONTROL_LIMIT:
+            self.fail("control", f"{len(self.control)} messages, at most {CONTROL_LIMIT}")
+        for i, message in enumerate(self.control):
+            if len(message) < CONTROL.size:
+                self.fail(f"control[{i}]", f"{len(message)} bytes, a control message has {CONTROL.size}")
+        self.check_range("control_dropped", 0, 1 << 64)
+        self.check_range("control_malformed", 0, 1 << 64)
+        if not self.ports or self.ports[0].name is not None:
+            self.fail("ports", "port 0 (the console, unnamed) comes first")

@@ -23,10 +23,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from dataclasses import dataclass
 from typing import Protocol
 
 from ...memory.guest_memory import GuestMemoryError
-from .queue import SplitQueue, VirtqueueBroken
+from ...persist import State, require
+from .queue import SplitQueue, SplitQueueState, VirtqueueBroken
 
 log = logging.getLogger(__name__)
 
@@ -204,18 +206,65 @@ class VirtioDevice:
         self.interrupt.signal_config()
 
     # --- snapshot ----------------------------------------------------------------------------------------
+    # A device with state of its own wraps VirtioDeviceState in its state class and overrides
+    # save, check_restorable (everything a restore could refuse, changing nothing) and restore
+    # (check_restorable, then apply), using save_virtio, check_virtio and restore_virtio.
 
-    def save(self) -> dict:
-        with self.lock:
-            return {"acked_features": self.acked_features, "active": self.active, "broken": self.broken,
-                    "queues": [q.save() for q in self.queues]}
+    def save(self) -> State:
+        return self.save_virtio()
 
-    def restore(self, state: dict) -> None:
+    def check_restorable(self, state: State) -> None:
+        self.check_virtio(require(state, VirtioDeviceState))
+
+    def restore(self, state: State) -> None:
+        self.check_restorable(state)
+        assert isinstance(state, VirtioDeviceState)
+        self.restore_virtio(state)
+
+    def save_virtio(self) -> VirtioDeviceState:
         with self.lock:
-            self.acked_features = state["acked_features"]
-            self.broken = state["broken"]
-            for queue, queue_state in zip(self.queues, state["queues"]):
+            return VirtioDeviceState(device_id=self.device_id, acked_features=self.acked_features,
+                                     active=self.active, broken=self.broken,
+                                     queues=tuple(queue.save() for queue in self.queues))
+
+    def check_virtio(self, state: VirtioDeviceState) -> None:
+        """Raise StateError unless `state` fits this device (kind, queues, features offered)."""
+        if state.device_id != self.device_id:
+            state.fail("device_id", f"{state.device_id} is not this {self.name}'s {self.device_id}")
+        if len(state.queues) != len(self.queues):
+            state.fail("queues", f"{len(state.queues)} queues, this {self.name} has {len(self.queues)}")
+        if state.acked_features & ~self.offered_features:
+            state.fail("acked_features", f"{state.acked_features & ~self.offered_features:#x} are not offered "
+                                         f"by this {self.name}")
+        for index, (queue, queue_state) in enumerate(zip(self.queues, state.queues)):
+            queue.check_restorable(queue_state, f"queue {index}", in_use=state.active)
+
+    def restore_virtio(self, state: VirtioDeviceState) -> None:
+        """Apply a state check_virtio accepted. Requests in flight at the save are handed out
+        again by the queues' next pops (a kick or host work), never done during the restore."""
+        with self.lock:
+            self.acked_features = state.acked_features
+            self.broken = state.broken
+            for queue, queue_state in zip(self.queues, state.queues):
                 queue.restore(queue_state)
                 if queue.ready:
                     queue.memory = self.memory
-            self.active = state["active"]
+            self.active = state.active
+
+
+@dataclass(frozen=True)
+class VirtioDeviceState(State):
+    """What every virtio device has: the features the driver took, whether it runs (or why it
+    needs a reset) and its queues."""
+    KIND = "virtio_device"
+    device_id: int
+    acked_features: int
+    active: bool
+    broken: str | None
+    queues: tuple[SplitQueueState, ...]
+
+    def validate(self) -> None:
+        self.check_range("device_id", 0, 0xFFFF)
+        self.check_range("acked_features", 0, (1 << 64) - 1)
+        if self.active and self.broken is not None:
+            self.fail("active", "a broken device is not active")

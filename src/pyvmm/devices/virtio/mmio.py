@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import struct
+from dataclasses import dataclass
 
 from ...bus.interrupt import IrqLine
+from ...persist import State, require
 from .device import VirtioDevice
-from .transport import VirtioTransportCore
+from .transport import TransportCoreState, VirtioTransportCore
 
 log = logging.getLogger(__name__)
 
@@ -162,10 +164,28 @@ class VirtioMmioTransport(VirtioTransportCore):
 
     # --- snapshot ---------------------------------------------------------------------------------
 
-    def save(self) -> dict:
-        return {**self.core_save(), "interrupt_status": self.interrupt_status, "device": self.device.save()}
+    def save(self) -> MmioTransportState:
+        device_state = self.device.save()
+        return MmioTransportState(core=self.core_save(), interrupt_status=self.interrupt_status, device=device_state)
 
-    def restore(self, state: dict) -> None:
-        self.device.restore(state["device"])
-        self.core_restore(state)
-        self.interrupt_status = int(state.get("interrupt_status", 0))
+    def check_restorable(self, state: State) -> None:
+        self.device.check_restorable(require(state, MmioTransportState).device)
+
+    def restore(self, state: MmioTransportState) -> None:
+        """The device's restore checks its state before changing anything; the transport's own
+        fields are all checked by the state, so nothing is half-restored."""
+        state = require(state, MmioTransportState)
+        self.device.restore(state.device)
+        self.core_restore(state.core)
+        self.interrupt_status = state.interrupt_status
+
+
+@dataclass(frozen=True)
+class MmioTransportState(State):
+    KIND = "virtio_mmio"
+    core: TransportCoreState
+    interrupt_status: int
+    device: State
+
+    def validate(self) -> None:
+        self.check_mask("interrupt_status", INT_USED_BUFFER | INT_CONFIG_CHANGE)

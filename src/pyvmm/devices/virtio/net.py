@@ -30,7 +30,8 @@ from typing import Protocol
 
 from ...iothread import IoThread
 from ...memory.guest_memory import GuestMemoryError
-from .device import VIRTIO_ID_NET, VirtioDevice
+from ...persist import State, require
+from .device import VIRTIO_ID_NET, VirtioDevice, VirtioDeviceState
 from .queue import DescriptorChain, VirtqueueBroken, buffer_views, write_buffers
 
 log = logging.getLogger(__name__)
@@ -327,30 +328,53 @@ class VirtioNet(VirtioDevice):
 
     # --- snapshot ---------------------------------------------------------------------------------------
 
-    def save(self) -> dict:
+    def save(self) -> NetState:
+        """Receive buffers the device holds (popped, waiting for a frame) are the queue's requests
+        in flight: the restored device takes them again first; a half-placed frame is lost, as on
+        a wire."""
         with self.lock:
-            state = super().save()
-            # buffers popped but not returned are the latest ones popped: hand them back to the
-            # ring so the restored device pops them again (a half-placed frame is lost, as on a wire)
-            held = len(self._rx_spare) + (len(self._rx_partial.used) if self._rx_partial else 0)
-            rx = dict(state["queues"][RX_QUEUE])
-            rx["last_avail"] = (rx["last_avail"] - held) & 0xFFFF
-            state["queues"][RX_QUEUE] = rx
-            state.update(mac=self.mac.hex(), mtu=self.mtu, link_up=self.link_up, counters=dict(self.counters))
-            return state
+            return NetState(virtio=self.save_virtio(), mac=self.mac, mtu=self.mtu, link_up=self.link_up,
+                            counters=dict(self.counters))
 
-    def restore(self, state: dict) -> None:
+    def check_restorable(self, state: State) -> None:
+        state = require(state, NetState)
+        if set(state.counters) != set(self.counters):
+            state.fail("counters", f"names {sorted(state.counters)}, expected {sorted(self.counters)}")
+        self.check_virtio(state.virtio)   # features: the offloads this back-end offers
+
+    def restore(self, state: NetState) -> None:  # type: ignore[override]
+        self.check_restorable(state)
         with self.lock:
             self._unwatch_rx()
             self._rx_spare.clear()
             self._rx_partial = None
-            super().restore(state)
-            self.mac = bytes.fromhex(state["mac"])
-            self.mtu = state["mtu"]
-            self.link_up = state["link_up"]
-            self.counters.update(state["counters"])
+            self.restore_virtio(state.virtio)
+            self.mac = state.mac
+            self.mtu = state.mtu
+            self.link_up = state.link_up
+            self.counters.update(state.counters)
             if self.active:
                 self.on_activate()
+
+
+@dataclass(frozen=True)
+class NetState(State):
+    """The virtio state, the guest-visible configuration (MAC, MTU, link) and the counters."""
+    KIND = "virtio_net"
+    virtio: VirtioDeviceState
+    mac: bytes
+    mtu: int | None
+    link_up: bool
+    counters: dict[str, int]
+
+    def validate(self) -> None:
+        if len(self.mac) != MAC_LEN or self.mac[0] & 1:
+            self.fail("mac", f"{self.mac.hex(':')} is not a 6-byte unicast address")
+        if self.mtu is not None:
+            self.check_range("mtu", 68, 65535)
+        for name, value in self.counters.items():
+            if value < 0:
+                self.fail(f"counters[{name!r}]", f"{value} is negative")
 
 
 def _offload_features(offloads: int) -> int:

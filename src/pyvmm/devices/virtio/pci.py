@@ -24,15 +24,17 @@ from __future__ import annotations
 import logging
 import struct
 import threading
+from dataclasses import dataclass
 from typing import Callable
 
 from ...pci.config import BarKind
-from ...pci.device import PciDevice
+from ...pci.device import PciDevice, PciDeviceState
+from ...persist import State, require
 from ...pci.msix import ENTRY_SIZE, MsiVectorFactory
 from .device import (
     VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VIRTIO_ID_NET, VIRTIO_ID_VSOCK, VirtioDevice,
 )
-from .transport import VirtioTransportCore
+from .transport import TransportCoreState, VirtioTransportCore
 
 log = logging.getLogger(__name__)
 
@@ -442,32 +444,55 @@ class VirtioPciTransport(PciDevice, VirtioTransportCore):
 
     # --- snapshots ------------------------------------------------------------------------------
 
-    def save(self) -> dict:
+    def save(self) -> VirtioPciState:
         device_state = self.device.save()   # first, without our locks: the device lock comes first
         with self._register_lock, self._lock:
-            state = super().save()
-            state["virtio"] = {**self.core_save(), "isr": self._isr, "config_vector": self._config_vector,
-                               "queue_vectors": list(self._queue_vectors), "device": device_state}
-        return state
+            return VirtioPciState(pci=self.save_pci(), core=self.core_save(), isr=self._isr,
+                                  config_vector=self._config_vector, queue_vectors=tuple(self._queue_vectors),
+                                  device=device_state)
 
-    def restore(self, state: dict) -> None:
+    def check_restorable(self, state: State) -> None:
+        state = require(state, VirtioPciState)
+        if len(state.queue_vectors) != len(self.device.queues):
+            state.fail("queue_vectors", f"{len(state.queue_vectors)} vectors, {self.name} has "
+                                        f"{len(self.device.queues)} queues")
+        for name, vector in (("config_vector", state.config_vector), *(
+                (f"queue_vectors[{i}]", v) for i, v in enumerate(state.queue_vectors))):
+            if vector != NO_VECTOR and not 0 <= vector < self.msix.vectors:
+                state.fail(name, f"{vector} is not one of {self.msix.vectors} MSI-X vectors")
+        self.check_pci(state.pci)
+        self.device.check_restorable(state.device)
+
+    def restore(self, state: State) -> None:
         """Load a save() into a transport for the same kind of device; BARs are remapped (and
         on_notify_moved told), MSI vectors reconfigured, INTx driven to the restored ISR."""
-        virtio = state.get("virtio") if isinstance(state, dict) else None
-        if not isinstance(virtio, dict):
-            raise ValueError(f"{self.name}: virtio-pci state has no 'virtio' section")
-        vectors, queues = virtio.get("queue_vectors"), len(self.device.queues)
-        if not isinstance(vectors, list) or len(vectors) != queues or not all(isinstance(v, int) for v in vectors):
-            raise ValueError(f"{self.name}: virtio-pci state needs one queue vector per queue ({queues})")
-        if not isinstance(virtio.get("isr", 0), int) or not isinstance(virtio.get("config_vector", NO_VECTOR), int):
-            raise ValueError(f"{self.name}: virtio-pci state: 'isr' and 'config_vector' must be integers")
-        self.device.restore(virtio["device"])
+        self.check_restorable(state)
+        assert isinstance(state, VirtioPciState)
+        self.device.restore(state.device)
         with self._register_lock:
-            self.core_restore(virtio)
-            self._config_vector = self._checked_vector(virtio.get("config_vector", NO_VECTOR))
-            self._queue_vectors = [self._checked_vector(v) for v in vectors]
+            self.core_restore(state.core)
+            self._config_vector = state.config_vector
+            self._queue_vectors = list(state.queue_vectors)
             with self._lock:
-                self._isr = virtio.get("isr", 0) & (ISR_QUEUE | ISR_CONFIG)
-        super().restore(state)
+                self._isr = state.isr
+        self.restore_pci(state.pci)
         with self._lock:
             self._update_intx()
+
+
+@dataclass(frozen=True)
+class VirtioPciState(State):
+    """The PCI function, the virtio registers, the interrupt status and vector assignments, and
+    the device behind them."""
+    KIND = "virtio_pci"
+    pci: PciDeviceState
+    core: TransportCoreState
+    isr: int
+    config_vector: int
+    queue_vectors: tuple[int, ...]
+    device: State
+
+    def validate(self) -> None:
+        self.check_mask("isr", ISR_QUEUE | ISR_CONFIG)
+        self.check_range("config_vector", 0, 0xFFFF)
+        self.check_items("queue_vectors", 0, 0xFFFF)

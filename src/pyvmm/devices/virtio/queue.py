@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections import deque
 from dataclasses import dataclass, field
 
 from ...errors import PyvmmError
 from ...memory import GuestMemory
 from ...memory.guest_memory import GuestMemoryError
+from ...persist import State
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +111,12 @@ class SplitQueue:
     The transport fills in the size and the three ring addresses while the driver sets the
     queue up, then marks it ready. `pop()` takes the next available chain, `push()` returns
     a finished one, `needs_interrupt()` says whether the driver wants to hear about it.
+
+    Requests in flight (popped, not yet pushed: a receive buffer a device holds for the next
+    packet) are recorded by head. A saved state lists them and the restored queue hands them
+    out again, first and in the order they were popped: a request in flight at a save is
+    re-done after the restore, from the descriptors the guest left in place (the driver does
+    not touch a chain it has not got back).
     """
 
     def __init__(self, max_size: int) -> None:
@@ -131,6 +139,8 @@ class SplitQueue:
         self.signalled_used = 0   # used_idx when the driver was last interrupted
         self.malformed_chains = 0
         self.completed = 0
+        self._in_flight: dict[int, None] = {}   # heads popped and not pushed, in pop order
+        self._redo: deque[int] = deque()        # in flight at a save: handed out again first
 
     # --- setup (transport) ---------------------------------------------------------------------
 
@@ -156,6 +166,8 @@ class SplitQueue:
         return self.memory.read_u16(self.avail_ring + 2)
 
     def has_available(self) -> bool:
+        if self._redo:
+            return True
         pending = (self._avail_idx() - self.last_avail) & 0xFFFF
         if pending > self.size:
             raise VirtqueueBroken(f"available index moved {pending} entries ahead on a queue of {self.size}")
@@ -164,6 +176,15 @@ class SplitQueue:
     def pop(self) -> DescriptorChain | None:
         """The next available request, or None. Malformed chains are completed (0 bytes) and skipped."""
         memory = self.memory
+        while self._redo:
+            head = self._redo.popleft()
+            try:
+                chain = self._walk(head)
+            except (ChainError, GuestMemoryError) as exc:
+                self._drop_malformed(head, exc)
+                continue
+            self._in_flight[head] = None
+            return chain
         while self.has_available():
             slot = self.last_avail % self.size
             head = memory.read_u16(self.avail_ring + 4 + 2 * slot)
@@ -173,13 +194,20 @@ class SplitQueue:
             if head >= self.size:
                 raise VirtqueueBroken(f"available ring slot {slot} names descriptor {head} of {self.size}")
             try:
-                return self._walk(head)
+                chain = self._walk(head)
             except (ChainError, GuestMemoryError) as exc:
-                self.malformed_chains += 1
-                if self.malformed_chains == 1 or log.isEnabledFor(logging.DEBUG):
-                    log.warning("virtqueue: dropped a malformed request (head %d): %s", head, str(exc))
-                self.push(DescriptorChain(head), 0)
+                self._drop_malformed(head, exc)
+                continue
+            self._in_flight[head] = None
+            return chain
         return None
+
+    def _drop_malformed(self, head: int, exc: Exception) -> None:
+        self.malformed_chains += 1
+        if self.malformed_chains == 1 or log.isEnabledFor(logging.DEBUG):
+            log.warning("virtqueue: dropped a malformed request (head %d): %s", head, str(exc))
+        self._in_flight[head] = None
+        self.push(DescriptorChain(head), 0)
 
     def _walk(self, head: int) -> DescriptorChain:
         memory = self.memory
@@ -236,6 +264,7 @@ class SplitQueue:
                 remaining -= length
                 if remaining <= 0:
                     break
+        self._in_flight.pop(chain.head, None)
         slot = self.used_idx % self.size
         memory = self.memory
         memory.view(self.used_ring + 4 + 8 * slot, 8)[:] = _USED_ELEM.pack(chain.head, written)
@@ -258,11 +287,69 @@ class SplitQueue:
 
     # --- snapshot ----------------------------------------------------------------------------
 
-    def save(self) -> dict:
-        return {name: getattr(self, name) for name in (
-            "size", "ready", "desc_table", "avail_ring", "used_ring", "last_avail", "used_idx",
-            "signalled_used", "event_idx", "indirect")}
+    @property
+    def in_flight(self) -> tuple[int, ...]:
+        """Heads of the requests popped and not yet pushed, oldest first."""
+        return (*self._redo, *self._in_flight)
 
-    def restore(self, state: dict) -> None:
-        for name, value in state.items():
-            setattr(self, name, value)
+    def save(self) -> SplitQueueState:
+        return SplitQueueState(
+            size=self.size, ready=self.ready, desc_table=self.desc_table, avail_ring=self.avail_ring,
+            used_ring=self.used_ring, last_avail=self.last_avail, used_idx=self.used_idx,
+            signalled_used=self.signalled_used, event_idx=self.event_idx, indirect=self.indirect,
+            malformed_chains=self.malformed_chains, completed=self.completed, in_flight=self.in_flight)
+
+    def check_restorable(self, state: SplitQueueState, where: str = "virtqueue", *, in_use: bool = False) -> None:
+        """Raise StateError unless `state` fits this queue. A driver may program any size; one the
+        device serves (`in_use`: ready on an active device) was checked at activation."""
+        if in_use and state.ready and (state.size > self.max_size or state.size & (state.size - 1) or not state.size):
+            state.fail("size", f"{where}: {state.size} entries in use, the device serves powers of two "
+                               f"up to {self.max_size}")
+
+    def restore(self, state: SplitQueueState) -> None:
+        """Load a state (check_restorable first). The guest memory is set by the device's activate
+        or restore: a ready queue of an active device has it."""
+        self.check_restorable(state)
+        for name in ("size", "ready", "desc_table", "avail_ring", "used_ring", "last_avail", "used_idx",
+                     "signalled_used", "event_idx", "indirect", "malformed_chains", "completed"):
+            setattr(self, name, getattr(state, name))
+        self._in_flight = {}
+        self._redo = deque(state.in_flight)
+
+
+@dataclass(frozen=True)
+class SplitQueueState(State):
+    """What the driver programmed, the device's positions in the rings and the requests in flight.
+
+    Popped requests are either pushed or in flight, so last_avail - used_idx (mod 2^16) is the
+    number in flight; the restored queue hands those out again first."""
+    KIND = "split_queue"
+    size: int
+    ready: bool
+    desc_table: int
+    avail_ring: int
+    used_ring: int
+    last_avail: int
+    used_idx: int
+    signalled_used: int
+    event_idx: bool
+    indirect: bool
+    malformed_chains: int
+    completed: int
+    in_flight: tuple[int, ...]
+
+    def validate(self) -> None:
+        self.check_range("size", 0, 0xFFFFFFFF)   # what the driver wrote; checked when the queue starts
+        for name in ("desc_table", "avail_ring", "used_ring"):
+            self.check_range(name, 0, (1 << 64) - 1)
+        for name in ("last_avail", "used_idx", "signalled_used"):
+            self.check_range(name, 0, 0xFFFF)
+        for name in ("malformed_chains", "completed"):
+            self.check_range(name, 0, 1 << 64)
+        self.check_items("in_flight", 0, max(min(self.size, MAX_QUEUE_SIZE) - 1, 0))
+        if len(set(self.in_flight)) != len(self.in_flight):
+            self.fail("in_flight", "a head is listed twice")
+        outstanding = (self.last_avail - self.used_idx) & 0xFFFF
+        if outstanding != len(self.in_flight):
+            self.fail("in_flight", f"{len(self.in_flight)} heads, but the device took {outstanding} requests "
+                                   "it has not returned")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
-from .device import VIRTIO_ID_RNG, VirtioDevice
+from ...persist import State, require
+from .device import VIRTIO_ID_RNG, VirtioDevice, VirtioDeviceState
 from .queue import buffer_views
 
 QUEUE_SIZE = 256
@@ -30,3 +32,26 @@ class VirtioRng(VirtioDevice):
             self.bytes_served += written
             queue.push(chain, written)
         self.signal_used(0)
+
+    def save(self) -> RngState:
+        with self.lock:
+            return RngState(virtio=self.save_virtio(), bytes_served=self.bytes_served)
+
+    def check_restorable(self, state: State) -> None:
+        self.check_virtio(require(state, RngState).virtio)
+
+    def restore(self, state: RngState) -> None:  # type: ignore[override]
+        self.check_restorable(state)
+        with self.lock:
+            self.restore_virtio(state.virtio)
+            self.bytes_served = state.bytes_served
+
+
+@dataclass(frozen=True)
+class RngState(State):
+    KIND = "virtio_rng"
+    virtio: VirtioDeviceState
+    bytes_served: int
+
+    def validate(self) -> None:
+        self.check_range("bytes_served", 0, 1 << 64)

@@ -8,8 +8,10 @@ an I/O thread while a vCPU may be writing the status register, and neither may l
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
+from ...persist import State
 from .device import STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK, VirtioDevice
 from .queue import SplitQueue
 
@@ -108,19 +110,29 @@ class VirtioTransportCore:
         self.driver_features = 0
         self.device_features_sel = self.driver_features_sel = self.queue_sel = 0
 
-    def core_save(self) -> dict:
-        state = {name: getattr(self, name) for name in _CORE_FIELDS}
-        state["status"] = self.status
-        return state
+    def core_save(self) -> TransportCoreState:
+        return TransportCoreState(**{name: getattr(self, name) for name in _CORE_FIELDS}, status=self.status)
 
-    def core_restore(self, state: dict) -> None:
-        """Load what core_save() produced (ValueError if a field is missing or not an int)."""
-        values = {}
-        for name in (*_CORE_FIELDS, "status"):
-            value = state.get(name)
-            if not isinstance(value, int):
-                raise ValueError(f"virtio transport state: {name!r} must be an integer")
-            values[name] = value
+    def core_restore(self, state: TransportCoreState) -> None:
         for name in _CORE_FIELDS:
-            setattr(self, name, values[name])
-        self.status = values["status"]
+            setattr(self, name, getattr(state, name))
+        self.status = state.status
+
+
+@dataclass(frozen=True)
+class TransportCoreState(State):
+    """The registers both virtio transports have: feature selectors, the driver's features, the
+    selected queue, the configuration generation and the device status (NEEDS_RESET included)."""
+    KIND = "virtio_transport"
+    device_features_sel: int
+    driver_features_sel: int
+    driver_features: int
+    queue_sel: int
+    config_generation: int
+    status: int
+
+    def validate(self) -> None:
+        for name in ("device_features_sel", "driver_features_sel", "queue_sel", "config_generation"):
+            self.check_range(name, 0, 0xFFFFFFFF)
+        self.check_range("driver_features", 0, (1 << 64) - 1)
+        self.check_range("status", 0, 0xFF)

@@ -26,11 +26,13 @@ import logging
 import os
 import socket
 import struct
+from dataclasses import dataclass
 
 from ...errors import UserError
 from ...iothread import WritableWatch
+from ...persist import State, require
 from .console import listen_unix
-from .device import VIRTIO_ID_VSOCK, VirtioDevice
+from .device import VIRTIO_ID_VSOCK, VirtioDevice, VirtioDeviceState
 from .queue import DescriptorChain, read_buffers, write_buffers
 
 log = logging.getLogger(__name__)
@@ -526,18 +528,33 @@ class VirtioVsock(VirtioDevice):
 
     # --- snapshot ------------------------------------------------------------------------------------------------------
 
-    def save(self) -> dict:
+    def save(self) -> VsockState:
         with self.lock:
-            state = super().save()
-            state["vsock"] = {"guest_cid": self.guest_cid}
-            return state
+            return VsockState(virtio=self.save_virtio(), guest_cid=self.guest_cid)
 
-    def restore(self, state: dict) -> None:
+    def check_restorable(self, state: State) -> None:
+        state = require(state, VsockState)
+        if state.guest_cid != self.guest_cid:
+            state.fail("guest_cid", f"{state.guest_cid}, this device's is {self.guest_cid}")
+        self.check_virtio(state.virtio)
+
+    def restore(self, state: VsockState) -> None:  # type: ignore[override]
         """Load a `save()` result: the guest's connections are gone, so it hears TRANSPORT_RESET."""
+        self.check_restorable(state)
         with self.host_work():
-            super().restore(state)
+            self.restore_virtio(state.virtio)
             for conn in list(self.conns.values()):
                 self._kill(conn, rst=False)
             self._replies.clear()
             self._events_pending = 1
             self._process_events()
+
+
+@dataclass(frozen=True)
+class VsockState(State):
+    KIND = "virtio_vsock"
+    virtio: VirtioDeviceState
+    guest_cid: int
+
+    def validate(self) -> None:
+        self.check_range("guest_cid", 3, U32 - 1)
