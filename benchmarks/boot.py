@@ -274,6 +274,8 @@ def run_once(config: Config, guest: list[str], *, timeout: float, interval: floa
     what = f"{config.name}: {shlex.join(config.shown(guest))}"
     tail = (f"\n--- console (end) ---\n{console[-3000:].decode(errors='replace')}"
             f"\n--- stderr (end) ---\n{b''.join(stderr)[-2000:].decode(errors='replace')}")
+    if warned := kernel_warnings(console):
+        raise SystemExit(f"boot.py: {warned}: {what}{tail}")
     if t_exit - t0 >= timeout:
         raise SystemExit(f"boot.py: no power-off after {timeout:g} s: {what}{tail}")
     match = EXIT_LINE.search(console)
@@ -287,6 +289,16 @@ def run_once(config: Config, guest: list[str], *, timeout: float, interval: floa
         raise SystemExit(f"boot.py: no 'init started' write to port 0x610 seen: {what}{tail}")
     return Run(init_at[0] - t0, t_exit - t0, rusage.ru_maxrss, sampler.vmm_peak, sampler.guest, sampler.samples,
                lines, rusage.ru_utime + rusage.ru_stime)
+
+
+def kernel_warnings(console: bytes) -> str | None:
+    """The kernel-warning gate of the Linux tests (pyvmm.images.kernel_warnings), in one line:
+    figures from a guest that stalled or warned are not figures. The guests boot with `quiet`,
+    so the gate sees errors and worse here."""
+    from pyvmm.images.kernel_warnings import find_kernel_warnings
+
+    found = find_kernel_warnings(console)
+    return f"the guest kernel printed {len(found)} warning line(s), the first: {found[0]}" if found else None
 
 
 def loop_rate(run: Run, iterations: int, config: Config) -> float:

@@ -36,11 +36,9 @@ byte to I/O port 0x610 (`pyvmm-outb`, a tiny static binary in the initramfs); py
 port-0x610 device (GuestNotify, hooked in the pyvmm child as boot.py does) and QEMU's
 isa-debugcon at 0x610 pass each byte to a pipe, and this script timestamps it. The median
 of a few empty marker intervals (the cost of running pyvmm-outb itself, ~25 ms under
-pyvmm) is subtracted from every interval. Why not the alternatives: busybox dd here prints
-no timing of its own; the guest clock under pyvmm is `refined-jiffies` (the kernel marks
-the TSC unstable) and loses ticks; and marker lines on the serial console reached the host
-in bursts under pyvmm while virtio I/O was running (a line printed before a dd arrived
-together with the one printed after it). MB/s = 10^6 bytes per second.
+pyvmm) is subtracted from every interval. Not the alternatives: busybox dd prints no timing;
+a host clock does not depend on guest timekeeping; console lines reached the host in bursts
+under pyvmm during virtio I/O. A kernel warning on the console fails the run. MB/s = 10^6 B/s.
 
 Both VMMs run the guest's code on a software CPU, so these numbers measure the whole
 stack -- guest kernel and busybox emulated instruction by instruction, virtio rings, the
@@ -72,7 +70,7 @@ import time
 BENCH_DIR = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 # boot.py puts this repo's src/ on sys.path and has the shared helpers
-from boot import EXIT_LINE, MEMORY_MIB, QEMU, SRC, busy_cpu_seconds, ensure_qemu, log, qemu_version  # noqa: E402
+from boot import EXIT_LINE, MEMORY_MIB, QEMU, SRC, busy_cpu_seconds, ensure_qemu, kernel_warnings, log, qemu_version  # noqa: E402,E501
 
 MAC = "52:54:00:12:34:56"
 HOST_IP, GUEST_IP = "10.0.2.1", "10.0.2.15"
@@ -417,6 +415,8 @@ def run_once(config: Config, image, vmlinux: str, disk: pathlib.Path, sizes: Siz
         for _, line in lines:
             if m := ERROR.match(line):
                 raise BenchError(f"{config.name}: in the guest: {m.group(1).decode(errors='replace')}{tail}")
+        if warned := kernel_warnings(console):
+            raise BenchError(f"{config.name}: {warned}{tail}")
         if wall >= timeout:
             raise BenchError(f"{config.name}: no power-off within --timeout {timeout:g} s{tail}")
         status = EXIT_LINE.search(console)

@@ -1,16 +1,15 @@
 """A real Debian kernel and busybox initramfs, booted through `pyvmm run` on the accelerator
-`auto` picks (the software CPU on hosts whose KVM emulates kernel code). Boots cost tens of
-seconds there: each test boots once and checks several things."""
+`auto` picks (the software CPU on hosts whose KVM emulates kernel code). Each test boots once
+and checks several things.
+
+Every boot goes through the `pyvmm` fixture (helpers/linux_guest.py), which fails the test on
+any kernel warning the guest prints (pyvmm.images.kernel_warnings): a test that makes the
+guest warn on purpose says which kinds with `@pytest.mark.kernel_warnings_expected(...)`."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
-
-BOOT_TIMEOUT = 400
+from helpers.linux_guest import LinuxBoots
 
 
 @pytest.fixture(scope="session")
@@ -21,14 +20,9 @@ def image():
     return default_image()
 
 
-def run_pyvmm(*args: str, timeout: float = BOOT_TIMEOUT) -> subprocess.CompletedProcess:
-    completed = subprocess.run([sys.executable, "-m", "pyvmm.cli", *args], stdin=subprocess.DEVNULL,
-                               capture_output=True, timeout=timeout, env=dict(os.environ))
-    completed.stdout = completed.stdout.decode(errors="replace").replace("\r\n", "\n")
-    completed.stderr = completed.stderr.decode(errors="replace")
-    return completed
-
-
 @pytest.fixture
-def pyvmm(image):
-    return run_pyvmm
+def pyvmm(image, request):
+    marker = request.node.get_closest_marker("kernel_warnings_expected")
+    boots = LinuxBoots(marker.args if marker else ())
+    yield boots
+    boots.close()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import time
 
+import pytest
+
 
 def _lines(result) -> list[str]:
     # guest output only: kernel messages start with a timestamp, pyvmm's init reports with "pyvmm:"
@@ -57,6 +59,7 @@ def test_guest_reboot_stops_the_vm_without_reboot(pyvmm):
     assert result.stdout.count("reboot: Restarting system") == 1  # stopped, not restarted
 
 
+@pytest.mark.kernel_warnings_expected("kernel panic", "call trace")
 def test_kernel_panic_ends_with_a_non_zero_status(pyvmm):
     result = pyvmm("run", "--", "sh", "-c", "echo c > /proc/sysrq-trigger")
     assert result.returncode == 4, (result.stdout[-2000:], result.stderr)

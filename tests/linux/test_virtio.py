@@ -6,10 +6,8 @@ Each boot checks many things at once (boots cost tens of seconds on the software
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -17,8 +15,7 @@ import threading
 import time
 
 import pytest
-
-BOOT_TIMEOUT = 400
+from helpers.linux_guest import BOOT_TIMEOUT
 
 
 def make_ext2(path, size_mb: int = 32) -> None:
@@ -189,7 +186,7 @@ def _connect_to_guest(uds: str, port: int, payload: bytes, done: dict) -> None:
 
 
 @pytest.mark.parametrize("transport", ["pci", "mmio"])
-def test_network_and_vsock(image, tmp_path, transport):
+def test_network_and_vsock(pyvmm, tmp_path, transport):
     uds = str(tmp_path / "vsock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(f"{uds}_1234")  # guest -> host connections to port 1234 arrive here
@@ -227,22 +224,20 @@ echo vsock-hello | pyvmm-vsock connect 1234
 echo cid=$(pyvmm-vsock cid)
 pyvmm-vsock listen 4321 </dev/null
 """
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pyvmm.cli", "run", "--timeout", "300", "--net", f"tap=auto,mac=52:54:00:00:00:42,transport={transport}",
-         "--vsock", f"cid=7,uds={uds},transport={transport}", "--", "sh", "-c", script],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    run = pyvmm.start("run", "--timeout", "300", "--net", f"tap=auto,mac=52:54:00:00:00:42,transport={transport}",
+                      "--vsock", f"cid=7,uds={uds},transport={transport}", "--", "sh", "-c", script)
     server = None
     try:
-        netns = _wait_for_netns(proc.pid, 60)
+        netns = _wait_for_netns(run.pid, 60)
         server = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, str(server_script)])
-        stdout, stderr = proc.communicate(timeout=BOOT_TIMEOUT)
+        result = run.finish(BOOT_TIMEOUT)
     finally:
-        proc.kill()
+        run.kill()
         if server is not None:
             server.kill()
             server.wait()
-    out = stdout.decode(errors="replace").replace("\r\n", "\n")
-    assert proc.returncode == 0, (out[-3000:], stderr.decode()[-2000:])
+    out = result.stdout
+    assert result.returncode == 0, (out[-3000:], result.stderr[-2000:])
     assert "52:54:00:00:00:42" in out and "ping-ok" in out
     assert re.search(r"^([0-9a-f]{32})  /tmp/got", out, re.M).group(1) == hashlib.md5(BLOB).hexdigest()
     guest_md5 = re.search(r"^([0-9a-f]{32})  /tmp/blob", out, re.M).group(1)
@@ -253,26 +248,16 @@ pyvmm-vsock listen 4321 </dev/null
     assert received.get("host-connect", b"").startswith(b"OK ") and "host-to-guest" in out
 
 
-def test_flushed_data_survives_sigkill_of_the_vmm(image, tmp_path):
+def test_flushed_data_survives_sigkill_of_the_vmm(pyvmm, tmp_path):
     disk = tmp_path / "raw.img"
     disk.write_bytes(bytes(1 << 20))
     script = ("printf 'durable-%s' payload | dd of=/dev/vda bs=512 conv=sync,fsync 2>/dev/null && "
               "echo FLUSHED && sleep 600")
-    proc = subprocess.Popen([sys.executable, "-m", "pyvmm.cli", "run", "--disk", f"{disk},transport=pci",
-                             "--", "sh", "-c", script], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    seen = b""
-    deadline = time.monotonic() + BOOT_TIMEOUT
+    run = pyvmm.start("run", "--disk", f"{disk},transport=pci", "--", "sh", "-c", script)
     try:
-        while b"FLUSHED" not in seen and time.monotonic() < deadline:
-            chunk = os.read(proc.stdout.fileno(), 4096)
-            if not chunk:
-                break
-            seen += chunk
-        assert b"FLUSHED" in seen, seen[-2000:]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        run.wait_for(b"FLUSHED")
     finally:
-        proc.kill()
+        run.kill()  # SIGKILL
+    run.check_kernel_warnings()
     assert disk.read_bytes()[:15] == b"durable-payload"
     assert hashlib.sha256(disk.read_bytes()[512:]).digest() == hashlib.sha256(bytes((1 << 20) - 512)).digest()

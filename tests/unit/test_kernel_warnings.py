@@ -28,6 +28,7 @@ REAL_LINES = [
     ("hard lockup", "[  120.004411] NMI watchdog: Watchdog detected hard LOCKUP on cpu 1"),  # watchdog_overflow_callback
     ("BUG", "[    3.141592] BUG: kernel NULL pointer dereference, address: 0000000000000008"),  # page_fault_oops
     ("BUG", "[    7.300000] BUG: scheduling while atomic: swapper/0/0/0x00000002"),  # __schedule_bug
+    ("BUG", "[    7.400000] kernel BUG at mm/slub.c:379!"),  # BUG() -> report_bug
     ("WARNING", "[    2.718281] WARNING: CPU: 0 PID: 1 at kernel/time/clocksource.c:404 "
                 "clocksource_watchdog+0x3a6/0x4e0"),  # __warn
     ("Oops", "[    3.141700] Oops: 0002 [#1] PREEMPT SMP NOPTI"),  # __die_header
@@ -36,6 +37,9 @@ REAL_LINES = [
                            "0xdead000000000100: 0000 [#1] PREEMPT SMP NOPTI"),  # exc_general_protection
     ("general protection", "[    4.500000] traps: sh[87] general protection fault ip:4a1b2c sp:7ffd8c0e1a40 "
                            "error:0 in busybox[401000+a1000]"),  # gp_user_force_sig_segv
+    ("invalid opcode", "[    7.400100] invalid opcode: 0000 [#1] PREEMPT SMP NOPTI"),  # do_error_trap -> die
+    ("invalid opcode", "[    8.000000] traps: sh[90] trap invalid opcode ip:4a1b2c sp:7ffd8c0e1a40 error:0 in "
+                       "busybox[401000+a1000]"),  # do_trap -> show_signal
     ("segfault", "[    5.000000] sh[88]: segfault at 0 ip 00000000004a1b2c sp 00007ffd6f1e8a40 error 6 in "
                  "busybox[401000+a1000] likely on CPU 0 (core 0, socket 0)"),  # show_signal_msg
     ("hung task", "[  242.000000] INFO: task kworker/u4:1:35 blocked for more than 120 seconds."),  # check_hung_task

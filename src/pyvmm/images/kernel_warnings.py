@@ -32,11 +32,12 @@ PATTERNS: dict[str, re.Pattern[str]] = {name: re.compile(pattern) for name, patt
     ("rcu stall", r"rcu: INFO: .* stall|rcu_\w+ kthread starved for|timer wakeup didn't happen"),
     ("soft lockup", r"soft lockup - CPU#\d+ stuck"),
     ("hard lockup", r"hard LOCKUP"),
-    ("BUG", r"\bBUG: "),
+    ("BUG", r"\bBUG: |kernel BUG at "),
     ("WARNING", r"\bWARNING: "),
     ("Oops", r"\bOops\b"),
     ("call trace", r"Call Trace:"),
     ("general protection", r"general protection fault"),
+    ("invalid opcode", r"\binvalid opcode\b"),  # BUG() and #UD in the kernel: a translator's error too
     ("segfault", r"\bsegfault at\b"),
     ("hung task", r"blocked for more than \d+ seconds"),
     ("TSC unstable", r"Marking TSC unstable"),

@@ -1,0 +1,189 @@
+"""Booting the default Linux guest in tests: every boot passes through the kernel-warning gate.
+
+`LinuxBoots` (the `pyvmm` fixture of tests/linux) starts `pyvmm run` as a child process and
+keeps every byte of its console output with the host time it arrived. A boot's output is
+checked against pyvmm.images.kernel_warnings when the test collects it (`run`, `finish`)
+and, for anything still unchecked, when the test ends. Boots get `loglevel=5` appended to
+their kernel command line: the default guest's `quiet` would keep warnings off the console.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import subprocess
+import sys
+import threading
+import time
+from typing import Iterable
+
+from pyvmm.images.kernel_warnings import CONSOLE_LOGLEVEL, describe, find_kernel_warnings
+
+BOOT_TIMEOUT = 400
+
+
+def gated_argv(args: Iterable[str]) -> list[str]:
+    """`pyvmm ARGS` with CONSOLE_LOGLEVEL added to a `run`'s kernel command line (merged into
+    its --append, which argparse would otherwise let the last one win)."""
+    args = list(args)
+    if not args or args[0] != "run":
+        return [sys.executable, "-m", "pyvmm.cli", *args]
+    end = args.index("--") if "--" in args else len(args)
+    options, command = args[:end], args[end:]
+    if "--append" in options:
+        at = options.index("--append") + 1
+        options[at] = f"{options[at]} {CONSOLE_LOGLEVEL}".strip()
+    else:
+        options += ["--append", CONSOLE_LOGLEVEL]
+    return [sys.executable, "-m", "pyvmm.cli", *options, *command]
+
+
+class GuestRun:
+    """One `pyvmm` process. Its console (stdout, or the terminal with `terminal=True`) is read
+    by a thread into `chunks`: (host monotonic time, bytes) as they arrive."""
+
+    def __init__(self, args: Iterable[str], *, expected_warnings: Iterable[str] = (), stdin=subprocess.DEVNULL,
+                 terminal: bool = False) -> None:
+        self.argv = gated_argv(args)
+        self.expected_warnings = tuple(expected_warnings)
+        self.chunks: list[tuple[float, bytes]] = []
+        self.checked = False
+        self._arrived = threading.Condition()
+        self._eof = False
+        if terminal:  # stdin, stdout and stderr on a pseudo-terminal, as a person's shell has them
+            self.master, slave = pty.openpty()
+            self.process = subprocess.Popen(self.argv, stdin=slave, stdout=slave, stderr=slave,
+                                            start_new_session=True, env=dict(os.environ, TERM="dumb"))
+            os.close(slave)
+            self._console_fd = self.master
+        else:
+            self.master = None
+            self.process = subprocess.Popen(self.argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                            env=dict(os.environ))
+            self._console_fd = self.process.stdout.fileno()
+        self._stderr_data: list[bytes] = []
+        self._readers = [threading.Thread(target=self._read_console, daemon=True)]
+        if self.process.stderr is not None:  # drained as it comes: a full pipe would stop pyvmm
+            self._readers.append(threading.Thread(target=lambda: self._stderr_data.append(self.process.stderr.read()),
+                                                  daemon=True))
+        for reader in self._readers:
+            reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def _read_console(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self._console_fd, 65536)
+            except OSError:  # EIO: a pty's last slave closed
+                chunk = b""
+            with self._arrived:
+                if chunk:
+                    self.chunks.append((time.monotonic(), chunk))
+                else:
+                    self._eof = True
+                self._arrived.notify_all()
+            if not chunk:
+                return
+
+    # --- the console ------------------------------------------------------------------------
+
+    @property
+    def output(self) -> bytes:
+        with self._arrived:
+            return b"".join(chunk for _, chunk in self.chunks)
+
+    def text(self) -> str:
+        return self.output.decode(errors="replace").replace("\r\n", "\n")
+
+    def send(self, data: bytes) -> float:
+        """Write `data` to the guest's console input; the host time just before it went."""
+        sent = time.monotonic()
+        if self.master is not None:
+            os.write(self.master, data)
+        else:
+            self.process.stdin.write(data)
+            self.process.stdin.flush()
+        return sent
+
+    def wait_for(self, marker: bytes, *, after: int = 0, timeout: float = BOOT_TIMEOUT) -> tuple[float, int]:
+        """Wait until `marker` appears in the console output at or after offset `after`: the host
+        time the chunk that completed it arrived, and the offset just past it."""
+        deadline = time.monotonic() + timeout
+        with self._arrived:
+            while True:
+                data, length = b"", 0
+                for arrived, chunk in self.chunks:
+                    data += chunk
+                    found = data.find(marker, after)
+                    if found >= 0:
+                        return arrived, found + len(marker)
+                remaining = deadline - time.monotonic()
+                if self._eof or remaining <= 0:
+                    raise AssertionError(f"{marker!r} not seen on the console "
+                                         f"({'pyvmm exited' if self._eof else f'{timeout:g} s'}); "
+                                         f"last output: {self.output[-1500:].decode(errors='replace')}")
+                self._arrived.wait(remaining)
+
+    # --- the end ------------------------------------------------------------------------------
+
+    def finish(self, timeout: float = BOOT_TIMEOUT) -> subprocess.CompletedProcess:
+        """Wait for pyvmm to exit and its console to end; the run, checked by the gate."""
+        try:
+            self.process.wait(timeout)
+        finally:
+            self.kill()
+        completed = subprocess.CompletedProcess(self.argv, self.process.returncode, self.text(),
+                                                self._stderr())
+        self.check_kernel_warnings()
+        return completed
+
+    def _stderr(self) -> str:
+        # on a terminal stderr is part of the console
+        return b"".join(self._stderr_data).decode(errors="replace")
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(30)
+        for reader in self._readers:
+            reader.join(10)
+        if self.master is not None:
+            try:
+                os.close(self.master)
+            except OSError:
+                pass
+            self.master = -1
+
+    def check_kernel_warnings(self) -> None:
+        self.checked = True
+        warnings = find_kernel_warnings(self.output, self.expected_warnings)
+        assert not warnings, f"{describe(warnings)}\n(pyvmm {' '.join(self.argv[3:])})"
+
+
+class LinuxBoots:
+    """The `pyvmm` fixture: `pyvmm(*args)` runs pyvmm to its end (a CompletedProcess with text
+    output), `pyvmm.start(*args)` starts it (a GuestRun). Kinds the test's
+    `kernel_warnings_expected` marker names are allowed; every other warning fails the test."""
+
+    def __init__(self, expected_warnings: Iterable[str] = ()) -> None:
+        self.expected_warnings = tuple(expected_warnings)
+        self.runs: list[GuestRun] = []
+
+    def start(self, *args: str, stdin=subprocess.DEVNULL, terminal: bool = False) -> GuestRun:
+        run = GuestRun(args, expected_warnings=self.expected_warnings, stdin=stdin, terminal=terminal)
+        self.runs.append(run)
+        return run
+
+    def __call__(self, *args: str, timeout: float = BOOT_TIMEOUT) -> subprocess.CompletedProcess:
+        return self.start(*args).finish(timeout)
+
+    def close(self) -> None:
+        """At the end of the test: stop what still runs, and gate what no one checked."""
+        for run in self.runs:
+            run.kill()
+        for run in self.runs:
+            if not run.checked:
+                run.check_kernel_warnings()
