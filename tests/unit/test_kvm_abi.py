@@ -23,6 +23,7 @@ C_NAMES = {
     "kvm_msr_list_header": "struct kvm_msr_list",
     "kvm_irq_routing_header": "struct kvm_irq_routing",
     "kvm_irq_routing_entry_u": "((struct kvm_irq_routing_entry *)0)->u",
+    "kvm_irqchip_chip": "((struct kvm_irqchip *)0)->chip",
     "kvm_run_exit": None,  # checked through kvm_run's field offsets
     "kvm_run_io": None, "kvm_run_mmio": None, "kvm_run_fail_entry": None, "kvm_run_ex": None,
     "kvm_run_internal": None, "kvm_run_system_event": None, "kvm_run_debug_arch": None, "kvm_run_msr": None,
@@ -47,9 +48,30 @@ OFFSETS = [
     ("kvm_irq_routing_msi", "devid", "devid"),
     ("kvm_msi", "devid", "devid"),
     ("kvm_irq_routing_header", "flags", "flags"),
+    ("kvm_debugregs", "dr7", "dr7"),
+    ("kvm_debugregs", "flags", "flags"),
+    ("kvm_ioapic_state", "irr", "irr"),
+    ("kvm_ioapic_state", "redirtbl", "redirtbl"),
+    ("kvm_pic_state", "elcr", "elcr"),
+    ("kvm_irqchip", "chip", "chip"),
+    ("kvm_clock_data", "realtime", "realtime"),
+    ("kvm_clock_data", "host_tsc", "host_tsc"),
+    ("kvm_vcpu_events", "flags", "flags"),
+    ("kvm_vcpu_events", "smi", "smi"),
+    ("kvm_vcpu_events", "triple_fault_pending", "triple_fault"),
+    ("kvm_pit_channel_state", "count_load_time", "count_load_time"),
+    ("kvm_lapic_state", "regs", "regs"),
+    ("kvm_xcrs", "xcrs", "xcrs"),
+    ("kvm_fpu", "ftwx", "ftwx"),
+    ("kvm_fpu", "last_ip", "last_ip"),
 ]
 # C structs ending in a flexible array, built in Python by a factory: where the array starts
-FLEXIBLE_ARRAYS = [("kvm_irq_routing", "entries"), ("kvm_cpuid2", "entries"), ("kvm_msrs", "entries")]
+FLEXIBLE_ARRAYS = [("kvm_irq_routing", "entries"), ("kvm_cpuid2", "entries"), ("kvm_msrs", "entries"),
+                   ("kvm_xsave2", "region")]
+FLEXIBLE_C_NAMES = {"kvm_xsave2": "kvm_xsave"}  # struct kvm_xsave: 4096 bytes, then `extra` (XSAVE2)
+# Constants pyvmm uses to read and write saved state, compared with the headers' values.
+CONSTANTS = [name for name in dir(uapi) if name.startswith(("KVM_CAP_", "KVM_VCPUEVENT_", "KVM_CLOCK_", "KVM_MP_STATE_",
+                                                            "KVM_IRQCHIP_", "KVM_IOAPIC_NUM_PINS"))]
 RUN_EXIT_OFFSETS = [
     ("io", "port"), ("io", "data_offset"), ("mmio", "phys_addr"), ("mmio", "len"), ("mmio", "is_write"),
     ("internal", "data"), ("system_event", "type"), ("fail_entry", "cpu"),
@@ -69,7 +91,11 @@ def _probe_source() -> str:
     for union_member, field in RUN_EXIT_OFFSETS:
         lines.append(f'printf("runexit {union_member}.{field} %zu\\n", offsetof(struct kvm_run, {union_member}.{field}));')
     for flexible, array in FLEXIBLE_ARRAYS:
-        lines.append(f'printf("flex {flexible}.{array} %zu\\n", offsetof(struct {flexible}, {array}));')
+        c_struct = FLEXIBLE_C_NAMES.get(flexible, flexible)
+        lines.append(f'printf("flex {flexible}.{array} %zu\\n", offsetof(struct {c_struct}, {array}));')
+    lines.append('printf("const KVM_XSAVE_EXTRA %zu\\n", offsetof(struct kvm_xsave, extra));')
+    for name in CONSTANTS:
+        lines.append(f'printf("const {name} %lu\\n", (unsigned long)({name}));')
     for name in ioctls.ALL:
         lines.append(f'printf("ioctl {name} %lu\\n", (unsigned long)({name}));')
     lines.append("return 0; }")
@@ -120,3 +146,14 @@ def test_every_struct_is_size_checked_at_import():
     for name in STRUCTS:
         if C_NAMES.get(name, True):
             assert getattr(uapi, name) in uapi.ABI_SIZES, f"{name} has no ABI size assertion"
+
+
+@pytest.mark.parametrize("name", CONSTANTS)
+def test_constant_matches_kernel(kernel_abi, name):
+    assert getattr(uapi, name) == kernel_abi[f"const {name}"]
+
+
+def test_xsave2_area_extends_kvm_xsave(kernel_abi):
+    """KVM_GET_XSAVE2 writes past struct kvm_xsave's 4096 bytes into its flexible `extra`."""
+    assert kernel_abi["const KVM_XSAVE_EXTRA"] == ctypes.sizeof(uapi.kvm_xsave) == 4096
+    assert ctypes.sizeof(uapi.kvm_xsave2(8192)) == 8192

@@ -90,5 +90,9 @@ KVM_GET_XSAVE = _ior(0xA4, uapi.kvm_xsave)
 KVM_SET_XSAVE = _iow(0xA5, uapi.kvm_xsave)
 KVM_GET_XCRS = _ior(0xA6, uapi.kvm_xcrs)
 KVM_SET_XCRS = _iow(0xA7, uapi.kvm_xcrs)
+KVM_GET_DEBUGREGS = _ior(0xA1, uapi.kvm_debugregs)
+KVM_SET_DEBUGREGS = _iow(0xA2, uapi.kvm_debugregs)
+KVM_KVMCLOCK_CTRL = _io(0xAD)
+KVM_GET_XSAVE2 = _ior(0xCF, uapi.kvm_xsave)
 
 ALL = {name: value for name, value in globals().items() if name.startswith("KVM_") and isinstance(value, int)}

@@ -51,7 +51,11 @@ KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_TSC_DEADLINE_TIMER = 72
 KVM_CAP_SIGNAL_MSI = 77
 KVM_CAP_READONLY_MEM = 81
+KVM_CAP_DEBUGREGS = 50
+KVM_CAP_KVMCLOCK_CTRL = 76
 KVM_CAP_IMMEDIATE_EXIT = 136
+KVM_CAP_EXCEPTION_PAYLOAD = 164
+KVM_CAP_XSAVE2 = 208
 
 # kvm_run.exit_reason values.
 KVM_EXIT_UNKNOWN = 0
@@ -91,6 +95,19 @@ KVM_MP_STATE_UNINITIALIZED = 1
 KVM_MP_STATE_INIT_RECEIVED = 2
 KVM_MP_STATE_HALTED = 3
 KVM_MP_STATE_SIPI_RECEIVED = 4
+
+# kvm_vcpu_events.flags: which optional parts KVM_SET_VCPU_EVENTS should apply.
+KVM_VCPUEVENT_VALID_NMI_PENDING = 0x01
+KVM_VCPUEVENT_VALID_SIPI_VECTOR = 0x02
+KVM_VCPUEVENT_VALID_SHADOW = 0x04
+KVM_VCPUEVENT_VALID_SMM = 0x08
+KVM_VCPUEVENT_VALID_PAYLOAD = 0x10
+KVM_VCPUEVENT_VALID_TRIPLE_FAULT = 0x20
+
+# kvm_clock_data.flags
+KVM_CLOCK_TSC_STABLE = 2
+KVM_CLOCK_REALTIME = 1 << 2
+KVM_CLOCK_HOST_TSC = 1 << 3
 
 KVM_PIT_SPEAKER_DUMMY = 1
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
@@ -173,6 +190,19 @@ class kvm_fpu(Structure):
 
 class kvm_xsave(Structure):
     _fields_ = [("region", u32 * 1024)]
+
+
+def kvm_xsave2(size: int) -> type[Structure]:
+    """struct kvm_xsave of `size` bytes (KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2); at least 4096)."""
+
+    class _kvm_xsave2(Structure):
+        _fields_ = [("region", u32 * (size // 4))]
+
+    return _kvm_xsave2
+
+
+class kvm_debugregs(Structure):
+    _fields_ = [("db", u64 * 4), ("dr6", u64), ("dr7", u64), ("flags", u64), ("reserved", u64 * 9)]
 
 
 class kvm_xcr(Structure):
@@ -402,8 +432,35 @@ class kvm_pit_state2(Structure):
     _fields_ = [("channels", kvm_pit_channel_state * 3), ("flags", u32), ("reserved", u32 * 9)]
 
 
+class kvm_pic_state(Structure):
+    _fields_ = [(name, u8) for name in (
+        "last_irr", "irr", "imr", "isr", "priority_add", "irq_base", "read_reg_select", "poll",
+        "special_mask", "init_state", "auto_eoi", "rotate_on_auto_eoi", "special_fully_nested_mode",
+        "init4", "elcr", "elcr_mask",
+    )]
+
+
+KVM_IOAPIC_NUM_PINS = 24
+
+
+class kvm_ioapic_state(Structure):
+    # redirtbl entries as the 64-bit register the guest sees (the C union's `bits`)
+    _fields_ = [
+        ("base_address", u64),
+        ("ioregsel", u32),
+        ("id", u32),
+        ("irr", u32),
+        ("pad", u32),
+        ("redirtbl", u64 * KVM_IOAPIC_NUM_PINS),
+    ]
+
+
+class kvm_irqchip_chip(Union):
+    _fields_ = [("dummy", ctypes.c_char * 512), ("pic", kvm_pic_state), ("ioapic", kvm_ioapic_state)]
+
+
 class kvm_irqchip(Structure):
-    _fields_ = [("chip_id", u32), ("pad", u32), ("chip", ctypes.c_char * 512)]
+    _fields_ = [("chip_id", u32), ("pad", u32), ("chip", kvm_irqchip_chip)]
 
 
 class kvm_clock_data(Structure):
@@ -498,6 +555,10 @@ ABI_SIZES = {
     kvm_fpu: 416,
     kvm_xsave: 4096,
     kvm_xcr: 16,
+    kvm_debugregs: 128,
+    kvm_pic_state: 16,
+    kvm_ioapic_state: 216,
+    kvm_irqchip_chip: 512,
     kvm_xcrs: 392,
     kvm_userspace_memory_region: 32,
     kvm_cpuid_entry2: 40,

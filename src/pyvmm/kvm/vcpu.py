@@ -97,11 +97,33 @@ class VcpuFd(KvmFd):
     def set_fpu(self, fpu: uapi.kvm_fpu) -> None:
         ioctl(self.fd, ioctls.KVM_SET_FPU, fpu)
 
-    def get_xsave(self) -> uapi.kvm_xsave:
-        return self._get(ioctls.KVM_GET_XSAVE, uapi.kvm_xsave())
+    def get_xsave(self, size: int = 4096) -> bytes:
+        """The XSAVE area in KVM's (standard, uncompacted) layout. `size` above 4096 is what
+        KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) reports on the VM fd: read with KVM_GET_XSAVE2."""
+        if size > ctypes.sizeof(uapi.kvm_xsave):
+            buf = uapi.kvm_xsave2(size)()
+            ioctl(self.fd, ioctls.KVM_GET_XSAVE2, buf)
+        else:
+            buf = self._get(ioctls.KVM_GET_XSAVE, uapi.kvm_xsave())
+        return bytes(buf)
 
-    def set_xsave(self, xsave: uapi.kvm_xsave) -> None:
-        ioctl(self.fd, ioctls.KVM_SET_XSAVE, xsave)
+    def set_xsave(self, area: bytes) -> None:
+        """KVM_SET_XSAVE reads as many bytes as KVM_CAP_XSAVE2 reports (at least 4096)."""
+        if len(area) < ctypes.sizeof(uapi.kvm_xsave) or len(area) % 4:
+            raise ValueError(f"an XSAVE area of {len(area)} bytes (KVM takes 4096 or more, whole words)")
+        buf = uapi.kvm_xsave2(len(area)).from_buffer_copy(area)
+        ioctl(self.fd, ioctls.KVM_SET_XSAVE, buf)
+
+    def get_debugregs(self) -> uapi.kvm_debugregs:
+        return self._get(ioctls.KVM_GET_DEBUGREGS, uapi.kvm_debugregs())
+
+    def set_debugregs(self, debugregs: uapi.kvm_debugregs) -> None:
+        ioctl(self.fd, ioctls.KVM_SET_DEBUGREGS, debugregs)
+
+    def kvmclock_ctrl(self) -> None:
+        """Tell the guest (kvm-clock's PVCLOCK_GUEST_STOPPED) that the VMM held it paused, so its
+        soft-lockup watchdog does not fire on the gap."""
+        ioctl(self.fd, ioctls.KVM_KVMCLOCK_CTRL)
 
     def get_xcrs(self) -> uapi.kvm_xcrs:
         return self._get(ioctls.KVM_GET_XCRS, uapi.kvm_xcrs())
@@ -136,12 +158,27 @@ class VcpuFd(KvmFd):
         ioctl(self.fd, ioctls.KVM_SET_CPUID2, buf)
 
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
+        """Read MSRs; KVM stops at the first it refuses, so the result may hold fewer."""
         buf = uapi.kvm_msrs(len(indices))()
         buf.nmsrs = len(indices)
         for slot, index in zip(buf.entries, indices):
             slot.index = index
         done = ioctl(self.fd, ioctls.KVM_GET_MSRS, buf)
         return {buf.entries[i].index: buf.entries[i].data for i in range(done)}
+
+    def get_msrs_skipping_refused(self, indices: list[int]) -> tuple[dict[int, int], list[int]]:
+        """Read every MSR KVM will give: (values, the indices it refused)."""
+        values: dict[int, int] = {}
+        refused: list[int] = []
+        rest = list(indices)
+        while rest:
+            got = self.get_msrs(rest)
+            values.update(got)
+            if len(got) == len(rest):
+                break
+            refused.append(rest[len(got)])
+            rest = rest[len(got) + 1:]
+        return values, refused
 
     def set_msrs(self, values: dict[int, int]) -> int:
         """Write MSRs; returns how many KVM accepted (it stops at the first it refuses)."""

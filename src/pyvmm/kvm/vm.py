@@ -108,31 +108,38 @@ class VmFd(KvmFd):
     def get_dirty_log(self, slot: int, bitmap: ctypes.Array) -> None:
         ioctl(self.fd, ioctls.KVM_GET_DIRTY_LOG, uapi.kvm_dirty_log(slot, 0, ctypes.addressof(bitmap)))
 
-    def get_irqchip(self, chip_id: int) -> bytes:
+    def get_irqchip(self, chip_id: int) -> uapi.kvm_irqchip:
+        """One in-kernel chip's state (KVM_IRQCHIP_PIC_MASTER, _PIC_SLAVE or _IOAPIC)."""
         chip = uapi.kvm_irqchip(chip_id=chip_id)
         ioctl(self.fd, ioctls.KVM_GET_IRQCHIP, chip)
-        return bytes(chip)
+        return chip
 
-    def set_irqchip(self, state: bytes) -> None:
-        ioctl(self.fd, ioctls.KVM_SET_IRQCHIP, uapi.kvm_irqchip.from_buffer_copy(state))
+    def set_irqchip(self, chip) -> None:
+        """`chip`: a kvm_irqchip (or its bytes) naming the chip in chip_id."""
+        if not isinstance(chip, uapi.kvm_irqchip):
+            chip = uapi.kvm_irqchip.from_buffer_copy(chip)
+        ioctl(self.fd, ioctls.KVM_SET_IRQCHIP, chip)
 
-    def get_pit2(self) -> bytes:
+    def get_pit2(self) -> uapi.kvm_pit_state2:
         state = uapi.kvm_pit_state2()
         ioctl(self.fd, ioctls.KVM_GET_PIT2, state)
-        return bytes(state)
+        return state
 
-    def set_pit2(self, state: bytes) -> None:
-        ioctl(self.fd, ioctls.KVM_SET_PIT2, uapi.kvm_pit_state2.from_buffer_copy(state))
+    def set_pit2(self, state) -> None:
+        if not isinstance(state, uapi.kvm_pit_state2):
+            state = uapi.kvm_pit_state2.from_buffer_copy(state)
+        ioctl(self.fd, ioctls.KVM_SET_PIT2, state)
 
-    def get_clock(self) -> bytes:
+    def get_clock(self) -> uapi.kvm_clock_data:
+        """kvm-clock's time (ns); flags say which of realtime/host_tsc KVM filled in."""
         clock = uapi.kvm_clock_data()
         ioctl(self.fd, ioctls.KVM_GET_CLOCK, clock)
-        return bytes(clock)
+        return clock
 
-    def set_clock(self, state: bytes) -> None:
-        clock = uapi.kvm_clock_data.from_buffer_copy(state)
-        clock.flags = 0
-        ioctl(self.fd, ioctls.KVM_SET_CLOCK, clock)
+    def set_clock(self, nanoseconds: int) -> None:
+        """Set kvm-clock to `nanoseconds` now (no KVM_CLOCK_REALTIME: the guest's clock does not
+        advance by the time the VM was saved)."""
+        ioctl(self.fd, ioctls.KVM_SET_CLOCK, uapi.kvm_clock_data(clock=nanoseconds))
 
     def create_vcpu(self, vcpu_id: int) -> "VcpuFd":
         from .vcpu import VcpuFd
