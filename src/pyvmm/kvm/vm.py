@@ -136,9 +136,10 @@ class VmFd(KvmFd):
         ioctl(self.fd, ioctls.KVM_GET_CLOCK, clock)
         return clock
 
-    def set_clock(self, nanoseconds: int) -> None:
-        """Set kvm-clock to `nanoseconds` now (no KVM_CLOCK_REALTIME: the guest's clock does not
-        advance by the time the VM was saved)."""
+    def set_clock(self, clock) -> None:
+        """Set kvm-clock to `clock` (nanoseconds, or a kvm_clock_data / its bytes from get_clock)
+        now. No KVM_CLOCK_REALTIME: the guest's clock does not advance by the time in between."""
+        nanoseconds = clock if isinstance(clock, int) else uapi.kvm_clock_data.from_buffer_copy(clock).clock
         ioctl(self.fd, ioctls.KVM_SET_CLOCK, uapi.kvm_clock_data(clock=nanoseconds))
 
     def create_vcpu(self, vcpu_id: int) -> "VcpuFd":

@@ -17,6 +17,7 @@ from ...arch.x86_64.cpuid import EMULATED_KERNEL_HIDDEN, CpuidPolicy, kvm_guest_
 from ...kvm import Kvm, KvmError, KvmUnavailable, uapi
 from ..base import RunLoop, VmServices
 from ..dispatch import ExitDispatcher
+from . import state as kvm_state
 from .interrupts import KvmIoEventFds, KvmMsiRouter, KvmMsiVector
 from .vcpu import KICK_SIGNAL, KvmVcpu
 
@@ -76,6 +77,7 @@ class KvmAccelerator:
         self.vm_fd = self.kvm.create_vm()
         self._supported_cpuid = None
         self._msr_indices: set[int] | None = None
+        self._xsave_size: int | None | bool = False  # False: not asked yet
         self.memory = None
         self.vcpus: list[KvmVcpu] = []
         self._msi_router: KvmMsiRouter | None = None  # created with the first MSI vector
@@ -153,6 +155,23 @@ class KvmAccelerator:
         if self._msr_indices is None:
             self._msr_indices = set(self.kvm.msr_index_list())
         return self._msr_indices
+
+    @property
+    def xsave_size(self) -> int | None:
+        """Bytes of a vCPU's XSAVE area (KVM_CAP_XSAVE2 asked on the VM fd), None without XSAVE."""
+        if self._xsave_size is False:
+            size = self.vm_fd.check_extension(uapi.KVM_CAP_XSAVE2)
+            if size <= 0:
+                size = 4096 if self.vm_fd.check_extension(uapi.KVM_CAP_XSAVE) > 0 else None
+            self._xsave_size = max(size, 4096) if size else None
+        return self._xsave_size
+
+    def save(self) -> kvm_state.KvmVmState:
+        """KVM's VM-wide state: the in-kernel PICs, IOAPIC and PIT, and kvm-clock (vCPUs out of the guest)."""
+        return kvm_state.save_vm(self.vm_fd)
+
+    def restore(self, state: kvm_state.KvmVmState) -> None:
+        kvm_state.restore_vm(self.vm_fd, state)
 
     # --- running ---------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import ctypes
 import logging
 import signal
 
-from ...arch.x86_64.cpu_state import GPR_NAMES, SEGMENT_NAMES, CpuState, DescriptorTable, Segment
+from ...arch.x86_64.cpu_state import GPR_NAMES, SEGMENT_NAMES, CpuState, DescriptorTable, Segment, VcpuState
 from ...kvm import KvmError, uapi
 from ...kvm.exits import InternalError
 from ...kvm.vcpu import EXIT_REASON_NAMES, RUN_INTERRUPTED
@@ -24,6 +24,7 @@ from ..exits import (
     SystemEvent, UnknownExit, VcpuExit,
 )
 from . import assist as kvm_assist
+from . import state as kvm_state
 
 log = logging.getLogger(__name__)
 
@@ -134,16 +135,35 @@ class KvmVcpu:
 
     def set_virtual_wire_lints(self) -> None:
         """LINT0 = ExtINT, LINT1 = NMI on the BSP, so the 8259 reaches it before the guest programs its APIC."""
-        lapic = self.fd.get_lapic()
-        raw = bytearray(lapic.regs)
+        # bytes(struct), not .regs: a c_char array field reads as a string, cut at its first NUL
+        raw = bytearray(bytes(self.fd.get_lapic()))
         for offset, mode in ((APIC_LVT0, APIC_DELIVERY_EXTINT), (APIC_LVT1, APIC_DELIVERY_NMI)):
             value = int.from_bytes(raw[offset:offset + 4], "little")
             value = (value & ~0x10700 & 0xFFFFFFFF) | mode  # unmask, set the delivery mode
             raw[offset:offset + 4] = value.to_bytes(4, "little")
-        lapic.regs = bytes(raw)
-        self.fd.set_lapic(lapic)
+        self.fd.set_lapic(uapi.kvm_lapic_state.from_buffer_copy(raw))
 
     # --- architectural state -------------------------------------------------------------
+
+    def save(self) -> VcpuState:
+        """The complete vCPU state (the vCPU must be out of the guest: paused or stopped)."""
+        self.complete_pending_exit()
+        return kvm_state.save_vcpu(self.accel, self.fd)
+
+    def restore(self, state: VcpuState) -> None:
+        """Load a saved state into this vCPU (a fresh one, created with the same CPUID)."""
+        kvm_state.restore_vcpu(self.accel, self.fd, state)
+
+    def complete_pending_exit(self) -> None:
+        """Finish the instruction of the last I/O or MMIO exit without running guest code: KVM
+        completes it only on the next KVM_RUN, and its registers are not consistent before
+        (api.rst: re-enter with immediate_exit set)."""
+        kicked = self.fd.immediate_exit
+        self.fd.immediate_exit = True
+        try:
+            self.fd.run()  # returns at once, interrupted
+        finally:
+            self.fd.immediate_exit = kicked
 
     def set_state(self, state: CpuState) -> None:
         regs = self.fd.get_regs()
