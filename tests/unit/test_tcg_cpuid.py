@@ -40,9 +40,9 @@ def test_signature_packs_the_extended_model():
 @pytest.mark.parametrize("tsc_hz", [2_599_998_000, 3_192_614_000, 4_999_999_000])
 def test_leaf_0x15_and_the_lapic_timer_agree_on_the_crystal(tsc_hz):
     from pyvmm.platform.machine import SoftwarePlatform
-    from pyvmm.platform.tsc_leaf import tsc_leaf
+    from pyvmm.arch.x86_64.tsc_leaf import tsc_leaf
 
-    platform = SoftwarePlatform(lambda: None, tsc_hz=tsc_hz)
+    platform = SoftwarePlatform(lambda: None, tsc_hz=tsc_hz, lapic_timer_hz=tsc_leaf(tsc_hz).crystal_hz)
     lapic = platform.add_cpu(0)
     table = tcg_cpuid_tables(CpuidPolicy(set()), 1, tsc_hz)[0]
     eax, ebx, ecx, _ = table.lookup(0x15, 0)

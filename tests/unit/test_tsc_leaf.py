@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyvmm.platform.tsc_leaf import U32_MAX, TscLeaf, tsc_leaf
+from pyvmm.arch.x86_64.tsc_leaf import U32_MAX, TscLeaf, tsc_leaf
 
 HZ = 250  # Debian's CONFIG_HZ; any HZ divides the same product
 

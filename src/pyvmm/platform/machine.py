@@ -18,7 +18,6 @@ from .irq_router import IsaIrqRouter
 from .lapic import LocalApic
 from .pic import Pic8259Pair
 from .pit import Pit8254
-from .tsc_leaf import tsc_leaf
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +39,12 @@ def initialize_pic_like_firmware(pic: Pic8259Pair) -> None:
 
 
 class SoftwarePlatform:
-    def __init__(self, wakeup: Callable[[], None], tsc_hz: int) -> None:
-        """`tsc_hz`: the guest TSC's rate (the accelerator knows it: Unicorn's RDTSC reads the host's)."""
+    def __init__(self, wakeup: Callable[[], None], tsc_hz: int, lapic_timer_hz: int) -> None:
+        """`tsc_hz`: the guest TSC's rate (the accelerator knows it: Unicorn's RDTSC reads the host's);
+        `lapic_timer_hz`: the LAPIC timer's input clock, the crystal CPUID 0x15 announces (Linux
+        programs the timer from there)."""
         self.tsc_hz = tsc_hz
-        # the LAPIC timer counts at the crystal CPUID 0x15 announces: Linux programs it from there
-        self.lapic_timer_hz = tsc_leaf(self.tsc_hz).crystal_hz
+        self.lapic_timer_hz = lapic_timer_hz
         self.clock = VirtualClock(tsc_hz=self.tsc_hz)
         self.apic_bus = ApicBus()
         self.ioapic = IoApic(self.apic_bus)

@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 
+from ...arch.x86_64.tsc_leaf import tsc_leaf
 from ...platform.machine import SoftwarePlatform
 from ...platform.msi import SoftwareMsiVector
 from ..base import RunLoop, VmServices
@@ -71,7 +72,8 @@ class TcgAccelerator:
     # --- machine ---------------------------------------------------------------------------
 
     def setup_platform(self) -> None:
-        self.platform = SoftwarePlatform(wakeup=self._wake, tsc_hz=self.tsc_hz or host_tsc_hz())
+        tsc_hz = self.tsc_hz or host_tsc_hz()
+        self.platform = SoftwarePlatform(wakeup=self._wake, tsc_hz=tsc_hz, lapic_timer_hz=tsc_leaf(tsc_hz).crystal_hz)
 
     def _wake(self) -> None:
         """An interrupt was raised, or the VM must stop or pause (any thread): end the running

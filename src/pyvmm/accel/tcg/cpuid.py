@@ -23,7 +23,7 @@ from dataclasses import replace
 
 from ...arch.x86_64.cpuid import CpuidPolicy, guest_cpuid
 from ...kvm.system import CpuidEntry
-from ...platform.tsc_leaf import tsc_leaf
+from ...arch.x86_64.tsc_leaf import tsc_leaf
 
 # Leaves whose subleaf (ECX) selects different data.
 INDEXED_LEAVES = {4: 8, 7: 2, 0xB: 3, 0xD: 64, 0x8000001D: 8}
@@ -115,7 +115,7 @@ INVARIANT_TSC = 1 << 8  # CPUID 0x80000007 EDX
 
 
 def with_tsc_frequency(entries: list[CpuidEntry], tsc_hz: int) -> list[CpuidEntry]:
-    """Announce the TSC rate (leaf 0x15, see `platform.tsc_leaf`) and an invariant TSC.
+    """Announce the TSC rate (leaf 0x15, see `arch.x86_64.tsc_leaf`) and an invariant TSC.
 
     Unicorn's RDTSC is the host's TSC, which runs at a constant known rate; saying so spares
     the guest a PIT calibration, which fails when port I/O is slow (Linux then marks the TSC

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from ...errors import UserError
 from ...kvm.system import CpuidEntry
-from ...platform.tsc_leaf import fixed_crystal_tsc_leaf
+from .tsc_leaf import fixed_crystal_tsc_leaf
 
 EAX, EBX, ECX, EDX = "eax", "ebx", "ecx", "edx"
 
@@ -137,7 +137,7 @@ KVM_CPUID_SIGNATURE = 0x40000000
 KVM_CPUID_FEATURES = 0x40000001
 KVM_SIGNATURE = b"KVMKVMKVM\0\0\0"
 HYPERVISOR_LEAVES = range(0x40000000, 0x50000000)
-TSC_LEAF = 0x15  # TSC rate = crystal (ECX) * EBX / EAX; see platform.tsc_leaf
+TSC_LEAF = 0x15  # TSC rate = crystal (ECX) * EBX / EAX; see tsc_leaf.py
 
 
 class UnknownFeature(UserError, ValueError):
