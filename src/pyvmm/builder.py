@@ -11,7 +11,7 @@ import logging
 from contextlib import ExitStack
 from typing import Callable
 
-from .arch.x86_64 import boot_tables, layout
+from .arch.x86_64 import layout
 from .arch.x86_64.cpuid import CpuidPolicy
 from .bus import MmioBus, PioBus, Window
 from .config import ConfigError, MachineConfig
@@ -22,7 +22,8 @@ from .devices.legacy import AcpiPower, DebugExitPort, GuestNotify, I8042, Mc1468
 from .devices.legacy.pvpanic import PORT as PVPANIC_PORT
 from .devices.legacy.rtc import IRQ as RTC_IRQ, PORT as RTC_PORT, PORT_COUNT as RTC_PORT_COUNT
 from .devices.legacy.debug_exit import exit_status
-from .loader import BootEntry, CpuMode, load_kernel
+from .loader import CpuMode, load_kernel
+from .loader.entry import boot_state
 from .memory import GuestMemory
 from .pci import PciRoot
 from .iothread import IoThread
@@ -192,16 +193,3 @@ def _open_net_backend(net, index: int):
     if net.tap == "auto":
         return HostNetwork().open()
     return HostNetwork(namespace=False, tap_name=net.tap).open()
-
-
-def boot_state(memory, entry: BootEntry):
-    """The BSP's state at the kernel's entry; APs wait for the kernel's INIT/SIPI."""
-    if entry.mode is CpuMode.LONG_64:
-        state = boot_tables.long_mode_state(memory, entry.entry)
-    else:
-        state = boot_tables.protected_mode_state(memory, entry.entry)
-    for name, value in entry.registers.items():
-        if name not in state.gprs:
-            raise ValueError(f"loader asked for unknown register {name!r}")
-        state.gprs[name] = value
-    return state

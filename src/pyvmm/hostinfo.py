@@ -1,27 +1,14 @@
-"""`pyvmm kvm-info`: what this host's KVM offers, and how fast it really runs guest code.
-
-The calibration boots a tiny guest that times a loop in kernel mode (CPL0) and
-the same loop in user mode (CPL3). On a host with VT-x/AMD-V both run natively;
-on a nested or software-assisted KVM (like kvm_pvm) kernel code is emulated and
-runs thousands of times slower, which makes Linux guests impractically slow.
+"""`pyvmm kvm-info`: what this host's KVM offers, and how fast it really runs guest code
+(the calibration itself is accel/kvm/calibration.py, which `--accel auto` uses too).
 """
 
 from __future__ import annotations
 
 import os
-import struct
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import PyvmmError
+from .accel.kvm.calibration import calibrate
 from .kvm import Kvm, uapi
-
-KERNEL_ITERATIONS = 20_000
-USER_ITERATIONS = 20_000_000
-INSTRUCTIONS_PER_ITERATION = 2  # dec + jnz
-# Kernel code slower than user code by more than this means it is emulated, not run natively.
-EMULATION_THRESHOLD = 20.0
 
 CAPABILITIES = [
     (uapi.KVM_CAP_USER_MEMORY, "KVM_CAP_USER_MEMORY", True),
@@ -41,74 +28,6 @@ CAPABILITIES = [
     (uapi.KVM_CAP_TSC_DEADLINE_TIMER, "KVM_CAP_TSC_DEADLINE_TIMER", False),
     (uapi.KVM_CAP_READONLY_MEM, "KVM_CAP_READONLY_MEM", False),
 ]
-
-
-@dataclass(frozen=True)
-class Calibration:
-    kernel_seconds: float
-    user_seconds: float
-    kernel_iterations: int = KERNEL_ITERATIONS
-    user_iterations: int = USER_ITERATIONS
-
-    @property
-    def kernel_mips(self) -> float:
-        return self.kernel_iterations * INSTRUCTIONS_PER_ITERATION / self.kernel_seconds / 1e6
-
-    @property
-    def user_mips(self) -> float:
-        return self.user_iterations * INSTRUCTIONS_PER_ITERATION / self.user_seconds / 1e6
-
-    @property
-    def slowdown(self) -> float:
-        """How many times slower kernel-mode code runs than user-mode code."""
-        return self.user_mips / self.kernel_mips
-
-    @property
-    def kernel_code_emulated(self) -> bool:
-        return self.slowdown > EMULATION_THRESHOLD
-
-
-class _Markers:
-    """Timestamps each phase marker the calibration guest writes; the last one ends the VM."""
-
-    LAST = 4
-
-    def __init__(self, on_last) -> None:
-        self.marks: dict[int, float] = {}
-        self._on_last = on_last
-
-    def read(self, offset: int, size: int) -> bytes:
-        return b"\xff" * size
-
-    def write(self, offset: int, data: bytes) -> None:
-        marker = int.from_bytes(data, "little")
-        self.marks[marker] = time.perf_counter()
-        if marker == self.LAST:
-            self._on_last()
-
-
-class CalibrationError(PyvmmError, RuntimeError):
-    pass
-
-
-def calibrate(timeout: float = 60.0) -> Calibration:
-    """Boot the calibration guest on KVM and time its two loops."""
-    from .builder import build_vm
-    from .config import MachineConfig
-    from .guests import CALIBRATE_KERNEL_ITERS_ADDR, CALIBRATE_MMIO, build
-    from .vm import EXIT_OK, VmOutcome
-
-    from .accel.kvm import KvmAccelerator
-
-    config = MachineConfig(memory=16 << 20, cpus=1)  # measures KVM itself, whatever auto would pick
-    vm = build_vm(config, lambda data: None, kernel_path=str(build("calibrate")), accel=KvmAccelerator())
-    markers = _Markers(lambda: vm.request_stop(VmOutcome("poweroff", EXIT_OK, "calibration done")))
-    vm.mmio_bus.register(CALIBRATE_MMIO, 4, markers, "calibration")
-    vm.memory.write(CALIBRATE_KERNEL_ITERS_ADDR, struct.pack("<II", KERNEL_ITERATIONS, USER_ITERATIONS))
-    outcome = vm.run(timeout)
-    if not all(m in markers.marks for m in (1, 2, 3, 4)):
-        raise CalibrationError(f"the calibration guest did not finish: {outcome.message}")
-    return Calibration(markers.marks[2] - markers.marks[1], markers.marks[4] - markers.marks[3])
 
 
 def host_virtualization() -> str:

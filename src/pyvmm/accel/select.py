@@ -54,7 +54,7 @@ def _boot_id() -> str:
 
 
 def _cached_calibration():
-    from ..hostinfo import Calibration, calibrate
+    from .kvm.calibration import Calibration, calibrate
     from ..kvm.system import default_device
 
     path, boot_id = _cache_file(), _boot_id()

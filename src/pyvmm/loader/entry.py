@@ -12,7 +12,8 @@ import logging
 from dataclasses import dataclass, field
 
 from ..errors import UserError
-from ..arch.x86_64 import layout
+from ..arch.x86_64 import boot_tables, layout
+from ..arch.x86_64.cpu_state import CpuState
 from ..memory.guest_memory import GuestMemory, GuestMemoryError
 
 logger = logging.getLogger(__name__)
@@ -159,3 +160,16 @@ def check_entry(entry: int, placements: list[Placement], what: str = "entry poin
         raise LoaderError(f"{what} {entry:#x} is above 4 GiB (pyvmm identity-maps only the first 4 GiB)")
     if not any(p.address <= entry < p.address + p.size for p in placements):
         raise LoaderError(f"{what} {entry:#x} is not inside any loaded part of the image")
+
+
+def boot_state(memory, entry: BootEntry) -> CpuState:
+    """The BSP's state at the kernel's entry; APs wait for the kernel's INIT/SIPI."""
+    if entry.mode is CpuMode.LONG_64:
+        state = boot_tables.long_mode_state(memory, entry.entry)
+    else:
+        state = boot_tables.protected_mode_state(memory, entry.entry)
+    for name, value in entry.registers.items():
+        if name not in state.gprs:
+            raise ValueError(f"loader asked for unknown register {name!r}")
+        state.gprs[name] = value
+    return state
