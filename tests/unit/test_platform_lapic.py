@@ -1,4 +1,7 @@
 import json
+
+from helpers.state import changed, through_json
+from pyvmm.persist import StateError
 import threading
 
 import pytest
@@ -452,7 +455,7 @@ def test_save_restore_round_trips_through_json():
     send(bus, 0x41, level=True)
     lapic.acknowledge()
     send(bus, 0x99)
-    state = json.loads(json.dumps(lapic.save()))
+    state = through_json(lapic.save())
     clock2, bus2 = FakeClock(), ApicBus()
     copy = LocalApic(0, clock2, bus2)
     copy.restore(state)
@@ -501,7 +504,7 @@ def test_random_register_traffic_never_raises_and_priorities_hold(ops):
         deadline = lapic.next_deadline_ns()
         assert deadline is None or isinstance(deadline, int)
     copy = LocalApic(0, clock, ApicBus())
-    copy.restore(json.loads(json.dumps(lapic.save())))
+    copy.restore(through_json(lapic.save()))
     assert copy.save() == lapic.save()
 
 

@@ -1,4 +1,7 @@
 import json
+
+from helpers.state import changed, through_json
+from pyvmm.persist import StateError
 import threading
 
 import pytest
@@ -300,7 +303,7 @@ def test_save_restore_round_trips_through_json():
     pulse(pic, 3)
     pulse(pic, 10)
     pic.acknowledge()
-    state = json.loads(json.dumps(pic.save()))
+    state = through_json(pic.save())
     copy = Pic8259Pair()
     copy.restore(state)
     assert copy.save() == pic.save()
@@ -308,8 +311,14 @@ def test_save_restore_round_trips_through_json():
 
 
 def test_restore_rejects_garbage():
-    with pytest.raises(ValueError):
+    with pytest.raises(StateError, match="i8259_pair state expected"):
         Pic8259Pair().restore({"master": {}, "slave": {}})
+    pair = Pic8259Pair()
+    bad = changed(pair.save(), slave=changed(pair.save().slave, elcr=0xFF))
+    before = pair.save()
+    with pytest.raises(StateError, match="elcr: 0xff sets bits outside the slave's ELCR"):
+        pair.restore(bad)
+    assert pair.save() == before
 
 
 PORTS = [MASTER_CMD, MASTER_DATA, SLAVE_CMD, SLAVE_DATA, ELCR_MASTER, ELCR_SLAVE]
@@ -341,5 +350,5 @@ def test_random_traffic_never_raises_and_state_stays_consistent(ops):
         assert bool(pic.irr & 0x04) == (pic.slave.highest_request() is not None)
         assert pic.interrupt_pending() == (pic.pending_vector() is not None)
     copy = Pic8259Pair()
-    copy.restore(json.loads(json.dumps(pic.save())))
+    copy.restore(through_json(pic.save()))
     assert copy.save() == pic.save()

@@ -1,5 +1,8 @@
 import json
 
+from helpers.state import changed, through_json
+from pyvmm.persist import StateError
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -277,7 +280,7 @@ def test_save_restore_continues_the_same_schedule():
     clock.now = 10_000_000
     pit.poll(clock.now)
     outb(pit, 0x43, 0x80 | 0x00)  # latch counter 2 (value stays latched in the snapshot)
-    state = json.loads(json.dumps(pit.save()))
+    state = through_json(pit.save())
     copy_irq = CountingIrq()
     copy = Pit8254(copy_irq, clock)
     copy.restore(state)
@@ -287,8 +290,10 @@ def test_save_restore_continues_the_same_schedule():
 
 def test_restore_rejects_garbage():
     pit, clock, irq = make_pit()
-    with pytest.raises(ValueError):
+    with pytest.raises(StateError, match="i8254 state expected"):
         pit.restore({"counters": [{}, {}, {}]})
+    with pytest.raises(StateError, match="mode: 6 is outside 0..5"):
+        changed(pit.save().counters[0], mode=6)
 
 
 @settings(max_examples=300, deadline=None)
@@ -312,5 +317,5 @@ def test_random_port_traffic_never_raises(ops):
             deadline = pit.next_deadline_ns(clock.now)
             assert deadline is None or deadline > clock.now
     copy = Pit8254(CountingIrq(), clock)
-    copy.restore(json.loads(json.dumps(pit.save())))
+    copy.restore(through_json(pit.save()))
     assert copy.save() == pit.save()

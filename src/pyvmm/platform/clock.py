@@ -17,7 +17,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable
+
+from ..persist import State, require
 
 log = logging.getLogger(__name__)
 
@@ -92,22 +95,31 @@ class VirtualClock:
         """The first guest ns at which the TSC reads at least `tsc`."""
         return ns_from_tsc(tsc, self.tsc_hz)
 
-    def save(self) -> dict:
+    def save(self) -> ClockState:
         with self._lock:
-            return {"now_ns": self._now_locked(), "tsc_hz": self.tsc_hz, "paused": self._paused_at is not None}
+            return ClockState(now_ns=self._now_locked(), tsc_hz=self.tsc_hz, paused=self._paused_at is not None)
 
-    def restore(self, state: dict) -> None:
-        """Continue guest time from the saved value (paused if it was saved paused)."""
-        now = state.get("now_ns")
-        hz = state.get("tsc_hz")
-        if not isinstance(now, int) or isinstance(now, bool) or now < 0:
-            raise ValueError(f"clock state: now_ns must be a non-negative int, got {now!r}")
-        if not isinstance(hz, int) or isinstance(hz, bool) or hz <= 0:
-            raise ValueError(f"clock state: tsc_hz must be a positive int, got {hz!r}")
+    def restore(self, state: ClockState) -> None:
+        """Continue guest time from the saved value (paused if it was saved paused): the guest
+        sees no time pass while it was saved."""
+        state = require(state, ClockState)
         with self._lock:
-            self.tsc_hz = hz
-            if state.get("paused"):
-                self._paused_at = now
+            self.tsc_hz = state.tsc_hz
+            if state.paused:
+                self._paused_at = state.now_ns
             else:
                 self._paused_at = None
-                self._offset = self._time_source() - now
+                self._offset = self._time_source() - state.now_ns
+
+
+@dataclass(frozen=True)
+class ClockState(State):
+    """Guest time when saved, the TSC rate it is read at, and whether it stood still."""
+    KIND = "virtual_clock"
+    now_ns: int
+    tsc_hz: int
+    paused: bool
+
+    def validate(self) -> None:
+        self.check_range("now_ns", 0, 1 << 64)
+        self.check_range("tsc_hz", 1, 1 << 64)

@@ -25,7 +25,9 @@ Threads: `set_irq` may be called from any thread; all methods take the APIC bus 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
+from ..persist import State, require
 from .apic_bus import ApicBus, DeliveryMode
 
 log = logging.getLogger(__name__)
@@ -201,21 +203,37 @@ class IoApic:
         with self._lock:
             self._power_on()
 
-    def save(self) -> dict:
+    def save(self) -> IoApicState:
         with self._lock:
-            return {"id": self._id, "select": self._select, "asserted": self._asserted,
-                    "redirection": list(self._redirection)}
+            return IoApicState(id=self._id, select=self._select, asserted=self._asserted,
+                               redirection=tuple(self._redirection))
 
-    def restore(self, state: dict) -> None:
-        entries = state.get("redirection")
-        if not isinstance(entries, list) or len(entries) != self.pins or not all(
-                isinstance(e, int) and 0 <= e < 1 << 64 for e in entries):
-            raise ValueError(f"ioapic state: redirection must be {self.pins} 64-bit entries")
-        try:
-            with self._lock:
-                self._id = int(state["id"]) & 0xF
-                self._select = int(state["select"]) & 0xFF
-                self._asserted = int(state["asserted"]) & ((1 << self.pins) - 1)
-                self._redirection = list(entries)
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"ioapic state: missing or malformed field: {e}") from None
+    def check_restorable(self, state: IoApicState) -> None:
+        state = require(state, IoApicState)
+        if len(state.redirection) != self.pins:
+            state.fail("redirection", f"{len(state.redirection)} entries, this IOAPIC has {self.pins} pins")
+        if state.asserted >> self.pins:
+            state.fail("asserted", f"{state.asserted:#x} has pins beyond {self.pins}")
+
+    def restore(self, state: IoApicState) -> None:
+        """Load registers and pin levels; nothing is delivered (the LAPICs' IRRs are restored with them)."""
+        self.check_restorable(state)
+        with self._lock:
+            self._id, self._select, self._asserted = state.id, state.select, state.asserted
+            self._redirection = list(state.redirection)
+
+
+@dataclass(frozen=True)
+class IoApicState(State):
+    """The ID and index registers, the input pins' levels and every redirection entry (remote IRR included)."""
+    KIND = "ioapic"
+    id: int
+    select: int
+    asserted: int
+    redirection: tuple[int, ...]
+
+    def validate(self) -> None:
+        self.check_range("id", 0, 0xF)
+        self.check_range("select", 0, 0xFF)
+        self.check_range("asserted", 0, (1 << 64) - 1)
+        self.check_items("redirection", 0, (1 << 64) - 1)

@@ -19,11 +19,12 @@ pin is wired past a disabled APIC -- when this LAPIC is hardware- or software-di
 Only the BSP's LAPIC should be given the PIC. ExtINT takes precedence over IRR (it bypasses
 priority, as on hardware).
 
-Timer: counts down at `timer_hz` (the bus clock, default 1 GHz) divided by the divide
-configuration. TSC-deadline mode compares against the guest TSC, which this model derives
-from guest time at `tsc_hz`, TSC 0 at guest time 0 (the same formula as
+Timer (lapic_timer.py): counts down at `timer_hz` (the bus clock, default 1 GHz) divided by
+the divide configuration. TSC-deadline mode compares against the guest TSC, which this model
+derives from guest time at `tsc_hz`, TSC 0 at guest time 0 (the same formula as
 `clock.VirtualClock`); construct with the clock's `tsc_hz`. Missed periodic expiries are
-coalesced: `poll` delivers at most one per call.
+coalesced: `poll` delivers at most one per call. Registers and bits: lapic_registers.py;
+the saved state: lapic_state.py.
 
 Threads: every public method takes the APIC bus lock (shared with the IOAPIC). Messages can
 arrive from any thread (a device raising an IOAPIC pin); `on_wakeup`, if set, is called
@@ -34,102 +35,30 @@ after the lock is released whenever something was accepted that the CPU should a
 from __future__ import annotations
 
 import logging
-from typing import Callable, Protocol
+from typing import Callable
 
 from .apic_bus import ApicBus, DeliveryMode
-from .clock import DEFAULT_TSC_HZ, NS_PER_SECOND
-from .clock import ns_from_tsc as _ns_from_tsc
+from .clock import DEFAULT_TSC_HZ
+from .lapic_registers import (  # re-exported: tests and callers name them through lapic
+    APIC_BASE_ADDRESS_MASK, APIC_BASE_BSP, APIC_BASE_ENABLE, APIC_BASE_X2APIC, DEFAULT_TIMER_HZ, DFR_FLAT,
+    DFR_RESET, ESR_RECEIVE_ILLEGAL_VECTOR, ESR_SEND_ILLEGAL_VECTOR, ICR_ASSERT, ICR_LEVEL_TRIGGER,
+    ICR_LOGICAL, ICR_LOW_WRITABLE, LAPIC_BASE, LAPIC_VERSION, LAPIC_WINDOW, LVT_ERROR, LVT_LINT0, LVT_LINT1,
+    LVT_MASKED, LVT_OFFSETS, LVT_PERF, LVT_RESET, LVT_THERMAL, LVT_TIMER, LVT_WRITABLE, PicOutput, REG_APR,
+    REG_DFR, REG_EOI, REG_ESR, REG_ICR_HIGH, REG_ICR_LOW, REG_ID, REG_IRR, REG_ISR, REG_LDR, REG_LVT_ERROR,
+    REG_LVT_LINT0, REG_LVT_LINT1, REG_LVT_PERF, REG_LVT_THERMAL, REG_LVT_TIMER, REG_PPR, REG_RRD, REG_SVR,
+    REG_TIMER_CURRENT, REG_TIMER_DIVIDE, REG_TIMER_INITIAL, REG_TMR, REG_TPR, REG_VERSION, SVR_ENABLE,
+    SVR_RESET, SVR_WRITABLE, TIMER_ONESHOT, TIMER_PERIODIC, TIMER_TSC_DEADLINE,
+)
+from .lapic_state import LapicPersist, LapicState
+from .lapic_timer import LapicTimer
 
 log = logging.getLogger(__name__)
-
-LAPIC_BASE = 0xFEE00000
-LAPIC_WINDOW = 0x1000
-LAPIC_VERSION = 0x00050014  # integrated APIC version 0x14, max LVT entry 5 (six LVTs)
-DEFAULT_TIMER_HZ = 1_000_000_000
-
-APIC_BASE_BSP = 1 << 8
-APIC_BASE_X2APIC = 1 << 10
-APIC_BASE_ENABLE = 1 << 11
-APIC_BASE_ADDRESS_MASK = 0x000F_FFFF_FFFF_F000
-
-# Register offsets.
-REG_ID = 0x020
-REG_VERSION = 0x030
-REG_TPR = 0x080
-REG_APR = 0x090
-REG_PPR = 0x0A0
-REG_EOI = 0x0B0
-REG_RRD = 0x0C0
-REG_LDR = 0x0D0
-REG_DFR = 0x0E0
-REG_SVR = 0x0F0
-REG_ISR = 0x100
-REG_TMR = 0x180
-REG_IRR = 0x200
-REG_ESR = 0x280
-REG_ICR_LOW = 0x300
-REG_ICR_HIGH = 0x310
-REG_LVT_TIMER = 0x320
-REG_LVT_THERMAL = 0x330
-REG_LVT_PERF = 0x340
-REG_LVT_LINT0 = 0x350
-REG_LVT_LINT1 = 0x360
-REG_LVT_ERROR = 0x370
-REG_TIMER_INITIAL = 0x380
-REG_TIMER_CURRENT = 0x390
-REG_TIMER_DIVIDE = 0x3E0
-
-LVT_TIMER, LVT_THERMAL, LVT_PERF, LVT_LINT0, LVT_LINT1, LVT_ERROR = range(6)
-LVT_OFFSETS = (REG_LVT_TIMER, REG_LVT_THERMAL, REG_LVT_PERF, REG_LVT_LINT0, REG_LVT_LINT1, REG_LVT_ERROR)
-LVT_WRITABLE = (0x000700FF, 0x000107FF, 0x000107FF, 0x0001A7FF, 0x0001A7FF, 0x000100FF)
-LVT_MASKED = 1 << 16
-LVT_RESET = LVT_MASKED
-
-TIMER_ONESHOT = 0
-TIMER_PERIODIC = 1
-TIMER_TSC_DEADLINE = 2
-
-SVR_ENABLE = 1 << 8
-SVR_WRITABLE = 0x3FF  # vector, enable, focus-check disable (no EOI-broadcast suppression)
-SVR_RESET = 0xFF
-
-ICR_LOW_WRITABLE = 0x000CCFFF
-ICR_LOGICAL = 1 << 11
-ICR_ASSERT = 1 << 14
-ICR_LEVEL_TRIGGER = 1 << 15
-
-DFR_RESET = 0xFFFFFFFF
-DFR_FLAT = 0xF
-
-ESR_SEND_ILLEGAL_VECTOR = 1 << 5
-ESR_RECEIVE_ILLEGAL_VECTOR = 1 << 6
-
-
-class PicOutput(Protocol):
-    """What a LAPIC needs of the 8259 pair (`Pic8259Pair` has it)."""
-
-    def interrupt_pending(self) -> bool: ...
-
-    def pending_vector(self) -> int | None: ...
-
-    def acknowledge(self) -> int: ...
-
 
 def _highest_bit(mask: int) -> int | None:
     return mask.bit_length() - 1 if mask else None
 
 
-def _words(mask: int) -> list[int]:
-    return [(mask >> (32 * i)) & 0xFFFFFFFF for i in range(8)]
-
-
-def _from_words(words) -> int:
-    if not isinstance(words, list) or len(words) != 8 or not all(isinstance(w, int) and 0 <= w <= 0xFFFFFFFF for w in words):
-        raise ValueError("lapic state: a 256-bit register must be a list of eight 32-bit words")
-    return sum(w << (32 * i) for i, w in enumerate(words))
-
-
-class LocalApic:
+class LocalApic(LapicTimer, LapicPersist):
     def __init__(self, apic_id: int, clock: Callable[[], int], bus: ApicBus, *,
                  pic: PicOutput | None = None, bsp: bool | None = None,
                  tsc_hz: int = DEFAULT_TSC_HZ, timer_hz: int = DEFAULT_TIMER_HZ) -> None:
@@ -549,82 +478,6 @@ class LocalApic:
             self._icr_low = icr & ICR_LOW_WRITABLE
             self._send_ipi()
 
-    # --- timer ------------------------------------------------------------------------------
-
-    def _timer_mode(self) -> int:
-        return (self._lvt[LVT_TIMER] >> 17) & 3
-
-    def _timer_divisor(self) -> int:
-        code = (self._timer_divide & 3) | ((self._timer_divide >> 1) & 4)
-        return 1 << ((code + 1) & 7)
-
-    def _counts_in(self, ns: int) -> int:
-        return ns * self.timer_hz // (NS_PER_SECOND * self._timer_divisor())
-
-    def _ns_for_counts(self, counts: int) -> int:
-        return -(-counts * NS_PER_SECOND * self._timer_divisor() // self.timer_hz)
-
-    def _timer_current(self, now: int) -> int:
-        if self._timer_mode() == TIMER_TSC_DEADLINE or not self._timer_initial:
-            return 0
-        elapsed = self._counts_in(max(0, now - self._timer_start_ns))
-        if self._timer_mode() == TIMER_PERIODIC:
-            return self._timer_initial - elapsed % self._timer_initial
-        return max(0, self._timer_initial - elapsed)
-
-    def _write_timer_initial(self, value: int) -> None:
-        if self._timer_mode() == TIMER_TSC_DEADLINE:
-            return  # the initial count is ignored in TSC-deadline mode
-        now = self._clock()
-        self._timer_initial = value & 0xFFFFFFFF
-        self._timer_start_ns = now
-        self._timer_next_ns = now + self._ns_for_counts(self._timer_initial) if self._timer_initial else None
-
-    def _write_timer_divide(self, value: int) -> None:
-        now = self._clock()
-        self._timer_update(now)
-        counting = self._timer_next_ns is not None and self._timer_mode() != TIMER_TSC_DEADLINE
-        current = self._timer_current(now) if counting else 0
-        self._timer_divide = value & 0xB
-        if counting:
-            # Keep the current count; it decrements at the new rate from here.
-            self._timer_start_ns = now - self._ns_for_counts(self._timer_initial - current)
-            self._timer_next_ns = self._timer_start_ns + self._ns_for_counts(self._timer_initial)
-
-    def _timer_deadline_ns(self) -> int | None:
-        if self._timer_mode() == TIMER_TSC_DEADLINE:
-            return _ns_from_tsc(self._tsc_deadline, self.tsc_hz) if self._tsc_deadline else None
-        return self._timer_next_ns
-
-    def _timer_update(self, now: int) -> None:
-        """Fire the timer if it has expired by `now` (one interrupt at most)."""
-        deadline = self._timer_deadline_ns()
-        if deadline is None or now < deadline:
-            return
-        mode = self._timer_mode()
-        if mode == TIMER_TSC_DEADLINE:
-            self._tsc_deadline = 0
-        elif mode == TIMER_PERIODIC:
-            elapsed = self._counts_in(now - self._timer_start_ns)
-            periods = elapsed // self._timer_initial + 1
-            self._timer_next_ns = self._timer_start_ns + self._ns_for_counts(periods * self._timer_initial)
-        else:
-            self._timer_next_ns = None
-        lvt = self._lvt[LVT_TIMER]
-        if not lvt & LVT_MASKED:
-            self._accept_vector(lvt & 0xFF, False)
-
-    def poll(self, now_ns: int) -> None:
-        """Deliver a timer interrupt due by `now_ns` (missed periods are coalesced into one)."""
-        with self._lock:
-            self._timer_update(now_ns)
-
-    def next_deadline_ns(self, now_ns: int | None = None) -> int | None:
-        """Guest ns of the next timer interrupt, or None if the timer is idle or masked."""
-        with self._lock:
-            if self._lvt[LVT_TIMER] & LVT_MASKED:
-                return None
-            return self._timer_deadline_ns()
 
     def apply_firmware_defaults(self) -> None:
         """What a PC BIOS leaves behind (and Firecracker sets for KVM): LINT0 = ExtINT and
@@ -663,50 +516,3 @@ class LocalApic:
             self._nmi_pending = False
             self._startup_events = []
             self._power_on_registers()
-
-    def save(self) -> dict:
-        with self._lock:
-            return {
-                "apic_id": self._id, "apic_base": self._apic_base, "tpr": self._tpr, "ldr": self._ldr,
-                "dfr": self._dfr, "svr": self._svr, "isr": _words(self._isr), "irr": _words(self._irr),
-                "tmr": _words(self._tmr), "esr": self._esr, "esr_pending": self._esr_pending,
-                "icr_low": self._icr_low, "icr_high": self._icr_high, "lvt": list(self._lvt),
-                "timer_initial": self._timer_initial, "timer_divide": self._timer_divide,
-                "timer_start_ns": self._timer_start_ns, "timer_next_ns": self._timer_next_ns,
-                "tsc_deadline": self._tsc_deadline, "extint_requested": self._extint_requested,
-                "nmi_pending": self._nmi_pending, "startup_events": [list(e) for e in self._startup_events],
-            }
-
-    def restore(self, state: dict) -> None:
-        try:
-            lvt = [int(v) & 0xFFFFFFFF for v in state["lvt"]]
-            if len(lvt) != 6:
-                raise ValueError("lapic state: lvt must have six entries")
-            isr, irr, tmr = _from_words(state["isr"]), _from_words(state["irr"]), _from_words(state["tmr"])
-            events = [tuple(e) for e in state["startup_events"]]
-            with self._lock:
-                self._id = int(state["apic_id"]) & 0xFF
-                self._apic_base = int(state["apic_base"])
-                self._tpr = int(state["tpr"]) & 0xFF
-                self._ldr = int(state["ldr"]) & 0xFF000000
-                self._dfr = int(state["dfr"]) | 0x0FFFFFFF
-                self._svr = int(state["svr"]) & SVR_WRITABLE
-                self._isr, self._irr, self._tmr = isr, irr, tmr
-                self._esr = int(state["esr"]) & 0xFF
-                self._esr_pending = int(state["esr_pending"]) & 0xFF
-                self._icr_low = int(state["icr_low"]) & ICR_LOW_WRITABLE
-                self._icr_high = int(state["icr_high"]) & 0xFF000000
-                self._lvt = lvt
-                self._timer_initial = int(state["timer_initial"]) & 0xFFFFFFFF
-                self._timer_divide = int(state["timer_divide"]) & 0xB
-                self._timer_start_ns = int(state["timer_start_ns"])
-                next_ns = state["timer_next_ns"]
-                self._timer_next_ns = None if next_ns is None else int(next_ns)
-                self._tsc_deadline = int(state["tsc_deadline"])
-                self._extint_requested = bool(state["extint_requested"])
-                self._nmi_pending = bool(state["nmi_pending"])
-                self._startup_events = events
-                if self._irr or self._nmi_pending or events:
-                    self._lock.defer(self.on_wakeup)
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"lapic state: missing or malformed field: {e}") from None

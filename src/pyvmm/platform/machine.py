@@ -7,17 +7,20 @@ ACPI MADT announces, and queried by the software CPU's scheduler between slices.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from dataclasses import dataclass
 from typing import Callable
 
 from ..arch.x86_64 import layout
+from ..persist import State, require
 from .apic_bus import ApicBus
-from .clock import VirtualClock
-from .ioapic import IoApic
+from .clock import ClockState, VirtualClock
+from .ioapic import IoApic, IoApicState
 from .irq_router import IsaIrqRouter
-from .lapic import LocalApic
-from .pic import Pic8259Pair
-from .pit import Pit8254
+from .lapic import LapicState, LocalApic
+from .pic import Pic8259Pair, PicPairState
+from .pit import Pit8254, PitState
 
 log = logging.getLogger(__name__)
 
@@ -108,3 +111,42 @@ class SoftwarePlatform:
         if not deadlines:
             return None
         return max(min(deadlines) - now, 0) / 1e9
+
+    # --- snapshot ---------------------------------------------------------------------------
+    # The router and the APIC bus hold no state of their own (line levels live in the PIC and
+    # the IOAPIC; the bus only counts messages); MSI vectors are re-programmed by the PCI
+    # functions' MSI-X restore.
+
+    def save(self) -> SoftwarePlatformState:
+        """Call while paused: the clock stands still, so every part is saved at the same guest time."""
+        return SoftwarePlatformState(clock=self.clock.save(), pic=self.pic.save(), pit=self.pit.save(),
+                                     ioapic=self.ioapic.save(), lapics=tuple(l.save() for l in self.lapics))
+
+    def restore(self, state: SoftwarePlatformState) -> None:
+        """Load every part, all checked first. The guest TSC keeps this host's rate: a state saved
+        at a rate more than 0.1% away (another host) is refused, since the guest calibrated its
+        clocks against it; a smaller difference is calibration noise and is taken as this rate."""
+        state = require(state, SoftwarePlatformState)
+        if len(state.lapics) != len(self.lapics):
+            state.fail("lapics", f"{len(state.lapics)} saved, this machine has {len(self.lapics)} vCPUs")
+        if abs(state.clock.tsc_hz - self.tsc_hz) * 1000 > self.tsc_hz:
+            state.fail("clock", f"the TSC ran at {state.clock.tsc_hz} Hz, this host's runs at {self.tsc_hz} Hz")
+        self.ioapic.check_restorable(state.ioapic)
+        self.pic.check_restorable(state.pic)
+        self.clock.restore(dataclasses.replace(state.clock, tsc_hz=self.tsc_hz))
+        self.pit.restore(state.pit)
+        self.pic.restore(state.pic)
+        self.ioapic.restore(state.ioapic)
+        for lapic, lapic_state in zip(self.lapics, state.lapics):
+            lapic.restore(lapic_state)
+
+
+@dataclass(frozen=True)
+class SoftwarePlatformState(State):
+    """The software CPU's machine: guest clock, 8259 pair, PIT, IOAPIC and one LAPIC per vCPU."""
+    KIND = "software_platform"
+    clock: ClockState
+    pic: PicPairState
+    pit: PitState
+    ioapic: IoApicState
+    lapics: tuple[LapicState, ...]

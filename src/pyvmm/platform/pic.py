@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 from typing import Callable
+
+from ..persist import State, require
 
 log = logging.getLogger(__name__)
 
@@ -251,20 +254,47 @@ class _Chip:
                "single", "level_mode", "auto_eoi", "rotate_on_auto_eoi", "special_fully_nested",
                "special_mask", "read_isr", "poll_pending", "cascade_id", "elcr", "line_levels")
 
-    def save(self) -> dict:
-        return {name: getattr(self, name) for name in self._FIELDS}
+    def save(self) -> PicChipState:
+        return PicChipState(**{name: getattr(self, name) for name in self._FIELDS})
 
-    def restore(self, state: dict) -> None:
+    def check_restorable(self, state: PicChipState) -> None:
+        state = require(state, PicChipState)
+        if state.elcr & ~self.elcr_mask:
+            state.fail("elcr", f"{state.elcr:#x} sets bits outside the {self.name}'s ELCR ({self.elcr_mask:#x})")
+
+    def restore(self, state: PicChipState) -> None:
         for name in self._FIELDS:
-            value = state[name]
-            if isinstance(getattr(self, name), bool):
-                value = bool(value)
-            elif not isinstance(value, int) or not 0 <= value <= 0xFF:
-                raise ValueError(f"pic {self.name} state: {name} must be a byte, got {value!r}")
-            setattr(self, name, value)
-        if self.init_state not in (_READY, _ICW2, _ICW3, _ICW4):
-            raise ValueError(f"pic {self.name} state: bad init_state {self.init_state}")
-        self.elcr &= self.elcr_mask
+            setattr(self, name, getattr(state, name))
+
+
+@dataclass(frozen=True)
+class PicChipState(State):
+    """One 8259A: request, service and mask registers, its initialization sequence and modes."""
+    KIND = "i8259"
+    irr: int
+    isr: int
+    imr: int
+    vector_base: int
+    priority_base: int
+    init_state: int
+    icw4_expected: bool
+    single: bool
+    level_mode: bool
+    auto_eoi: bool
+    rotate_on_auto_eoi: bool
+    special_fully_nested: bool
+    special_mask: bool
+    read_isr: bool
+    poll_pending: bool
+    cascade_id: int
+    elcr: int
+    line_levels: int
+
+    def validate(self) -> None:
+        for name in ("irr", "isr", "imr", "vector_base", "cascade_id", "elcr", "line_levels"):
+            self.check_range(name, 0, 0xFF)
+        self.check_range("priority_base", 0, 7)
+        self.check_range("init_state", _READY, _ICW4)
 
 
 class _PortView:
@@ -443,16 +473,27 @@ class Pic8259Pair:
             self.slave.resync_level_inputs()
             self._update_locked()
 
-    def save(self) -> dict:
+    def save(self) -> PicPairState:
         with self._lock:
-            return {"master": self.master.save(), "slave": self.slave.save()}
+            return PicPairState(master=self.master.save(), slave=self.slave.save())
 
-    def restore(self, state: dict) -> None:
+    def check_restorable(self, state: PicPairState) -> None:
+        state = require(state, PicPairState)
+        self.master.check_restorable(state.master)
+        self.slave.check_restorable(state.slave)
+
+    def restore(self, state: PicPairState) -> None:
+        """Load both chips (both checked first); the output and wake-up follow the restored registers."""
+        self.check_restorable(state)
         with self._lock:
-            try:
-                self.master.restore(state["master"])
-                self.slave.restore(state["slave"])
-            except (KeyError, TypeError) as e:
-                raise ValueError(f"pic state: missing or malformed field: {e}") from None
+            self.master.restore(state.master)
+            self.slave.restore(state.slave)
             wake = self._update_locked()
         self._wake(wake)
+
+
+@dataclass(frozen=True)
+class PicPairState(State):
+    KIND = "i8259_pair"
+    master: PicChipState
+    slave: PicChipState

@@ -26,9 +26,11 @@ Single-threaded: port accesses and `poll` all come from the CPU thread.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Callable
 
 from ..bus.interrupt import IrqLine
+from ..persist import State, require
 
 log = logging.getLogger(__name__)
 
@@ -279,27 +281,14 @@ class _Counter:
                "base_ticks", "next_edge_tick", "write_msb_next", "pending_lsb", "read_msb_next",
                "latched_bytes", "latched_status")
 
-    def save(self) -> dict:
-        state = {name: getattr(self, name) for name in self._FIELDS}
-        state["latched_bytes"] = list(self.latched_bytes)
-        return state
+    def save(self) -> PitCounterState:
+        return PitCounterState(**{name: getattr(self, name) for name in self._FIELDS if name != "latched_bytes"},
+                               latched_bytes=bytes(self.latched_bytes))
 
-    def restore(self, state: dict) -> None:
+    def restore(self, state: PitCounterState) -> None:
         for name in self._FIELDS:
-            if name not in state:
-                raise ValueError(f"pit counter {self.index} state: missing {name}")
-        mode, access, reload = state["mode"], state["access"], state["reload"]
-        if not (isinstance(mode, int) and 0 <= mode <= 5 and isinstance(access, int) and 1 <= access <= 3
-                and isinstance(reload, int) and 1 <= reload <= 0x10000):
-            raise ValueError(f"pit counter {self.index} state: bad mode/access/reload")
-        latched = state["latched_bytes"]
-        if not isinstance(latched, list) or len(latched) > 2 or not all(isinstance(b, int) and 0 <= b <= 0xFF for b in latched):
-            raise ValueError(f"pit counter {self.index} state: bad latched_bytes")
-        for name in self._FIELDS:
-            setattr(self, name, state[name])
-        self.latched_bytes = list(latched)
-        for name in ("gate", "bcd", "loaded", "triggered", "null_count", "write_msb_next", "read_msb_next"):
-            setattr(self, name, bool(getattr(self, name)))
+            setattr(self, name, getattr(state, name))
+        self.latched_bytes = list(state.latched_bytes)
 
 
 class SystemControlPortB:
@@ -413,15 +402,58 @@ class Pit8254:
         self.counters = [_Counter(i) for i in range(3)]
         self._port61 = 0
 
-    def save(self) -> dict:
-        return {"counters": [c.save() for c in self.counters], "port61": self._port61}
+    def save(self) -> PitState:
+        return PitState(counters=tuple(c.save() for c in self.counters), port61=self._port61)
 
-    def restore(self, state: dict) -> None:
-        counters = state.get("counters")
-        if not isinstance(counters, list) or len(counters) != 3:
-            raise ValueError("pit state: counters must be a list of three")
+    def restore(self, state: PitState) -> None:
+        state = require(state, PitState)
         fresh = [_Counter(i) for i in range(3)]
-        for counter, saved in zip(fresh, counters):
+        for counter, saved in zip(fresh, state.counters):
             counter.restore(saved)
         self.counters = fresh
-        self._port61 = int(state.get("port61", 0)) & PORT61_WRITABLE
+        self._port61 = state.port61
+
+
+@dataclass(frozen=True)
+class PitCounterState(State):
+    """One counter: its mode and count, the guest time its counting is based on, the next OUT
+    edge, and the half-done reads, writes and latches."""
+    KIND = "i8254_counter"
+    gate: bool
+    mode: int
+    access: int
+    bcd: bool
+    reload: int
+    loaded: bool
+    triggered: bool
+    null_count: bool
+    base_ns: int
+    base_ticks: int
+    next_edge_tick: int | None
+    write_msb_next: bool
+    pending_lsb: int
+    read_msb_next: bool
+    latched_bytes: bytes
+    latched_status: int | None
+
+    def validate(self) -> None:
+        self.check_range("mode", 0, 5)
+        self.check_range("access", ACCESS_LSB, ACCESS_LOHI)
+        self.check_range("reload", 1, 0x10000)
+        self.check_range("pending_lsb", 0, 0xFF)
+        if len(self.latched_bytes) > 2:
+            self.fail("latched_bytes", f"{len(self.latched_bytes)} bytes, a latch holds 2")
+        if self.latched_status is not None:
+            self.check_range("latched_status", 0, 0xFF)
+        self.check_range("base_ns", 0, 1 << 64)
+        self.check_range("base_ticks", 0, 1 << 80)
+
+
+@dataclass(frozen=True)
+class PitState(State):
+    KIND = "i8254"
+    counters: tuple[PitCounterState, PitCounterState, PitCounterState]
+    port61: int
+
+    def validate(self) -> None:
+        self.check_mask("port61", PORT61_WRITABLE)

@@ -1,0 +1,78 @@
+"""The local APIC's register page and MSR layout: offsets, bits, reset values (see lapic.py)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+LAPIC_BASE = 0xFEE00000
+LAPIC_WINDOW = 0x1000
+LAPIC_VERSION = 0x00050014  # integrated APIC version 0x14, max LVT entry 5 (six LVTs)
+DEFAULT_TIMER_HZ = 1_000_000_000
+
+APIC_BASE_BSP = 1 << 8
+APIC_BASE_X2APIC = 1 << 10
+APIC_BASE_ENABLE = 1 << 11
+APIC_BASE_ADDRESS_MASK = 0x000F_FFFF_FFFF_F000
+
+# Register offsets.
+REG_ID = 0x020
+REG_VERSION = 0x030
+REG_TPR = 0x080
+REG_APR = 0x090
+REG_PPR = 0x0A0
+REG_EOI = 0x0B0
+REG_RRD = 0x0C0
+REG_LDR = 0x0D0
+REG_DFR = 0x0E0
+REG_SVR = 0x0F0
+REG_ISR = 0x100
+REG_TMR = 0x180
+REG_IRR = 0x200
+REG_ESR = 0x280
+REG_ICR_LOW = 0x300
+REG_ICR_HIGH = 0x310
+REG_LVT_TIMER = 0x320
+REG_LVT_THERMAL = 0x330
+REG_LVT_PERF = 0x340
+REG_LVT_LINT0 = 0x350
+REG_LVT_LINT1 = 0x360
+REG_LVT_ERROR = 0x370
+REG_TIMER_INITIAL = 0x380
+REG_TIMER_CURRENT = 0x390
+REG_TIMER_DIVIDE = 0x3E0
+
+LVT_TIMER, LVT_THERMAL, LVT_PERF, LVT_LINT0, LVT_LINT1, LVT_ERROR = range(6)
+LVT_OFFSETS = (REG_LVT_TIMER, REG_LVT_THERMAL, REG_LVT_PERF, REG_LVT_LINT0, REG_LVT_LINT1, REG_LVT_ERROR)
+LVT_WRITABLE = (0x000700FF, 0x000107FF, 0x000107FF, 0x0001A7FF, 0x0001A7FF, 0x000100FF)
+LVT_MASKED = 1 << 16
+LVT_RESET = LVT_MASKED
+
+TIMER_ONESHOT = 0
+TIMER_PERIODIC = 1
+TIMER_TSC_DEADLINE = 2
+
+SVR_ENABLE = 1 << 8
+SVR_WRITABLE = 0x3FF  # vector, enable, focus-check disable (no EOI-broadcast suppression)
+SVR_RESET = 0xFF
+
+ICR_LOW_WRITABLE = 0x000CCFFF
+ICR_LOGICAL = 1 << 11
+ICR_ASSERT = 1 << 14
+ICR_LEVEL_TRIGGER = 1 << 15
+
+DFR_RESET = 0xFFFFFFFF
+DFR_FLAT = 0xF
+
+ESR_SEND_ILLEGAL_VECTOR = 1 << 5
+ESR_RECEIVE_ILLEGAL_VECTOR = 1 << 6
+
+
+class PicOutput(Protocol):
+    """What a LAPIC needs of the 8259 pair (`Pic8259Pair` has it)."""
+
+    def interrupt_pending(self) -> bool: ...
+
+    def pending_vector(self) -> int | None: ...
+
+    def acknowledge(self) -> int: ...
+
