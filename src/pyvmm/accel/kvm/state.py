@@ -126,7 +126,7 @@ def check_restorable(accel: "KvmAccelerator", state: VcpuState) -> None:
     """Everything that can be refused before the first ioctl: one StateError naming the field."""
     supported = accel.supported_msrs() | M.KVM_UNLISTED_MSRS
     for index, value in state.msrs.items():
-        if index not in supported and value:
+        if index not in supported and not M.at_reset_value(index, value):
             raise StateError(f"x86-vcpu state: msrs[{index:#x}]: this host's KVM has no such MSR (value {value:#x})")
     if state.lapic is None:
         raise StateError("x86-vcpu state: lapic: KVM keeps each vCPU's LAPIC in the kernel and needs its saved page "

@@ -36,6 +36,7 @@ HF_LMA_MASK = 1 << 14
 HF_CS64_MASK = 1 << 15
 HF_CS32_MASK = 1 << 4
 HF_SS32_MASK = 1 << 5
+HF_ADDSEG_MASK = 1 << 6
 _HF_LONG_MODE = HF_PE_MASK | HF_LMA_MASK | HF_CS64_MASK
 
 PROBE_BASE = 0x10000
@@ -135,6 +136,32 @@ class PrivateState:
         ctypes.c_uint64.from_address(cache + 8).value = base
         ctypes.c_uint32.from_address(cache + 16).value = limit
         ctypes.c_uint32.from_address(cache + 20).value = flags
+        self._restore()
+
+    def read_segments(self) -> dict[str, tuple[int, int, int, int]]:
+        """Every segment register's cache: name -> (selector, base, limit, flags in QEMU's layout)."""
+        base_address = self._save()
+        out = {}
+        for name, index in SEGMENT_INDEX.items():
+            cache = base_address + self.offsets.segments + index * SEGMENT_CACHE_SIZE
+            out[name] = (ctypes.c_uint32.from_address(cache).value, ctypes.c_uint64.from_address(cache + 8).value,
+                         ctypes.c_uint32.from_address(cache + 16).value, ctypes.c_uint32.from_address(cache + 20).value)
+        return out
+
+    def set_translation_flags(self, *, cpl: int, code64: bool, code32: bool, stack32: bool, addseg: bool,
+                              inhibit_irq: bool) -> None:
+        """The hflags a restored state implies (QEMU derives them as it loads segments, which a
+        restore does behind its back), with no exception in flight."""
+        base = self._save()
+        off = self.offsets
+        flags = ctypes.c_uint32.from_address(base + off.hflags)
+        value = flags.value & ~(HF_CPL_MASK | HF_CS64_MASK | HF_CS32_MASK | HF_SS32_MASK | HF_ADDSEG_MASK
+                                | HF_INHIBIT_IRQ_MASK)
+        value |= cpl & HF_CPL_MASK
+        value |= (HF_CS64_MASK if code64 else 0) | (HF_CS32_MASK if code32 else 0) | (HF_SS32_MASK if stack32 else 0)
+        value |= (HF_ADDSEG_MASK if addseg else 0) | (HF_INHIBIT_IRQ_MASK if inhibit_irq else 0)
+        flags.value = value
+        ctypes.c_int32.from_address(base + off.old_exception).value = -1
         self._restore()
 
     def enter_syscall_target(self) -> None:

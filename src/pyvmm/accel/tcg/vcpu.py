@@ -18,7 +18,7 @@ import unicorn.x86_const as X
 
 from ...arch.x86_64 import layout
 from ...arch.x86_64.cpu_state import (
-    CR0_PE, CR0_PG, EFER_LMA, GPR_NAMES, SEGMENT_NAMES, CpuState, DescriptorTable, Segment,
+    CR0_PE, CR0_PG, EFER_LMA, GPR_NAMES, SEGMENT_NAMES, CpuState, DescriptorTable, Segment, VcpuState,
 )
 from ...arch.x86_64.paging import PagingMode, read_linear, write_linear
 from ..exits import HLT, INTERRUPTED, SHUTDOWN, EmulationError, IoIn, IoOut, MmioRead, MmioWrite
@@ -28,6 +28,7 @@ from .private_state import HF_CS64_MASK, HF_LMA_MASK
 from .stack_writes import release_stack_pages
 from .string_assist import finish_rep_stos
 from .translator import Translator
+from . import vcpu_state
 
 log = logging.getLogger(__name__)
 
@@ -403,6 +404,17 @@ class TcgVcpu:
 
     # --- architectural state ---------------------------------------------------------------------
 
+    def save(self) -> VcpuState:
+        """The complete vCPU state, in the format KVM's vCPUs save (between slices only)."""
+        self.translator.activate(self)
+        return vcpu_state.save(self)
+
+    def restore(self, state: VcpuState) -> None:
+        """Load a saved state (refused with one StateError line, before any change, where the
+        software CPU cannot hold it: see vcpu_state.py)."""
+        self.translator.activate(self)
+        vcpu_state.restore(self, state)
+
     def set_state(self, state: CpuState) -> None:
         self.translator.activate(self)
         uc = self.uc
@@ -423,9 +435,10 @@ class TcgVcpu:
         if "cs" in state.segments:
             cs = state.segments["cs"]
             self.private.set_code_size(long_code=bool(cs.l), default_32=bool(cs.db))
-        if "tr" in state.segments:
-            tr = state.segments["tr"]
-            uc.reg_write(X.UC_X86_REG_TR, (tr.selector, tr.base, tr.limit, 0x8B00))
+        for name, reg in vcpu_state.TABLE_SEGMENTS.items():
+            if name in state.segments:
+                seg = state.segments[name]
+                uc.reg_write(reg, (seg.selector, seg.base, seg.limit, _qemu_flags(seg)))
         for name, reg in _GPR_REGS.items():
             uc.reg_write(reg, state.gprs.get(name, 0))
         uc.reg_write(X.UC_X86_REG_RFLAGS, state.rflags)
@@ -455,9 +468,13 @@ class TcgVcpu:
         state.gdt = DescriptorTable(base, limit)
         _, base, limit, _ = uc.reg_read(X.UC_X86_REG_IDTR)
         state.idt = DescriptorTable(base, limit)
+        # hidden parts too, as set_state writes them (and KVM's get_state reads them)
+        caches = self.private.read_segments()
         for name in SEGMENT_NAMES:
-            if name in _SEGMENT_REGS:
-                state.segments[name] = Segment(selector=uc.reg_read(_SEGMENT_REGS[name]))
+            cache = caches[name] if name in caches else uc.reg_read(vcpu_state.TABLE_SEGMENTS[name])
+            state.segments[name] = vcpu_state.segment_from_cache(*cache).as_segment()
+        state.cr8 = uc.reg_read(X.UC_X86_REG_CR8) & 0xF
+        state.fpu_control, state.mxcsr = uc.reg_read(X.UC_X86_REG_FPCW), uc.reg_read(X.UC_X86_REG_MXCSR)
         state.msrs = {i: uc.msr_read(i) for i in (MSR_STAR, MSR_LSTAR, MSR_FMASK, MSR_FS_BASE,
                                                     MSR_GS_BASE, MSR_KERNEL_GS_BASE)}
         return state

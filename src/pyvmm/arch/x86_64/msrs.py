@@ -55,6 +55,13 @@ SAVED_MSRS = (
 KVM_UNLISTED_MSRS = frozenset((MSR_MTRR_DEF_TYPE, *range(MSR_MTRR_PHYS_BASE0, MSR_MTRR_PHYS_BASE0 + 16),
                                MSR_MTRR_FIX_64K, *MSR_MTRR_FIX_16K, *MSR_MTRR_FIX_4K))
 KVM_PARAVIRTUAL_MSRS = frozenset(range(MSR_KVM_WALL_CLOCK_NEW, MSR_KVM_ASYNC_PF_ACK + 1)) | {MSR_KVM_WALL_CLOCK, MSR_KVM_SYSTEM_TIME}
+# Power-on values where not 0: a state may omit an MSR, or a backend drop it, only at this value.
+MSR_RESET_VALUES = {MSR_KVM_POLL_CONTROL: 1, MSR_IA32_CR_PAT: 0x0007040600070406}
+
+
+def at_reset_value(index: int, value: int) -> bool:
+    return value == MSR_RESET_VALUES.get(index, 0)
+
 
 MISC_ENABLE_FAST_STRING = 1 << 0
 MTRR_ENABLE = 1 << 11

@@ -1,0 +1,197 @@
+"""The software CPU's vCPU state to and from the backend-neutral VcpuState (KVM's format).
+
+Unicorn's register API gives general, control, debug, x87 (physical registers FP0-7 as
+mantissa/exponent), SSE, descriptor-table, TR/LDTR and MSR values; segment registers'
+hidden parts come from the translator's segment cache (private_state.py). The translator's
+private flags (CPL, code and stack size, ADDSEG, the STI/MOV SS interrupt shadow) follow
+from the architectural state, so a restore recomputes them; between two slices no
+exception is in flight (its error code and double-fault tracking are reset before every
+slice), so they are not part of the state.
+
+What the software CPU cannot hold is refused with one StateError line before anything is
+written: an XSAVE state beyond x87/SSE, KVM's paravirtual MSRs, an event KVM had not yet
+delivered, NMI blocking, SMM. Its RDTSC is the host's TSC (Unicorn offers no TSC offset):
+the saved IA32_TSC is recorded but not written back; the platform's clock keeps guest time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import unicorn.x86_const as X
+
+from ...arch.x86_64 import msrs as M
+from ...arch.x86_64.cpu_state import (
+    CR0_PE, CR0_PG, EFER_LMA, GPR_NAMES, SHADOW_STI, XSTATE_X87, EventsState, FpuState, SegmentState,
+    TableState, VcpuState,
+)
+from ...persist import StateError
+from .private_state import HF_INHIBIT_IRQ_MASK
+
+# QEMU's TCG implements these (target/i386 helper_rdmsr/helper_wrmsr); the rest of SAVED_MSRS
+# are KVM's or belong to a device the platform models (TSC deadline: the LAPIC timer).
+TCG_MSRS = tuple(i for i in M.SAVED_MSRS if i not in M.KVM_PARAVIRTUAL_MSRS
+                 and i not in (M.MSR_IA32_TSC_DEADLINE, M.MSR_IA32_TSC_ADJUST))
+_GPR_REGS = {name: getattr(X, f"UC_X86_REG_{name.upper()}") for name in GPR_NAMES}
+_CACHED_SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss")
+TABLE_SEGMENTS = {"tr": X.UC_X86_REG_TR, "ldt": X.UC_X86_REG_LDTR}
+_FP_REGS = [getattr(X, f"UC_X86_REG_FP{i}") for i in range(8)]
+_XMM_REGS = [getattr(X, f"UC_X86_REG_XMM{i}") for i in range(16)]
+_DR_REGS = [X.UC_X86_REG_DR0, X.UC_X86_REG_DR1, X.UC_X86_REG_DR2, X.UC_X86_REG_DR3]
+DESCRIPTOR_ATTRIBUTE_BITS = 0x00F0FF00
+
+
+def segment_from_cache(selector: int, base: int, limit: int, flags: int) -> SegmentState:
+    """QEMU's segment cache (flags: the descriptor's high dword) as KVM describes a segment
+    (unusable: not present, as QEMU's own KVM code says)."""
+    present = flags >> 15 & 1
+    return SegmentState(selector=selector, base=base, limit=limit, type=flags >> 8 & 0xF, present=present,
+                        dpl=flags >> 13 & 3, db=flags >> 22 & 1, s=flags >> 12 & 1, l=flags >> 21 & 1,
+                        g=flags >> 23 & 1, avl=flags >> 20 & 1, unusable=0 if present else 1)
+
+
+def cache_flags(segment: SegmentState) -> int:
+    return ((segment.type << 8) | (segment.s << 12) | (segment.dpl << 13) | (segment.present << 15)
+            | (segment.avl << 20) | (segment.l << 21) | (segment.db << 22) | (segment.g << 23))
+
+
+# --- save ---------------------------------------------------------------------------------------
+
+def save(vcpu) -> VcpuState:
+    uc, private = vcpu.uc, vcpu.private
+    hflags = private.finish_exception()  # what the next slice would do first: nothing in flight
+    caches = private.read_segments()
+    segments = {name: segment_from_cache(*caches[name]) for name in _CACHED_SEGMENTS}
+    for name, reg in TABLE_SEGMENTS.items():
+        selector, base, limit, flags = uc.reg_read(reg)
+        segments[name] = segment_from_cache(selector, base, limit, flags)
+    _, gdt_base, gdt_limit, _ = uc.reg_read(X.UC_X86_REG_GDTR)
+    _, idt_base, idt_limit, _ = uc.reg_read(X.UC_X86_REG_IDTR)
+    lapic = vcpu.lapic
+    apic_base = lapic.apic_base if lapic is not None else 0
+    return VcpuState(
+        gprs={name: uc.reg_read(reg) for name, reg in _GPR_REGS.items()},
+        rip=uc.reg_read(X.UC_X86_REG_RIP), rflags=uc.reg_read(X.UC_X86_REG_RFLAGS),
+        segments=segments,
+        gdt=TableState(base=gdt_base, limit=gdt_limit), idt=TableState(base=idt_base, limit=idt_limit),
+        cr0=uc.reg_read(X.UC_X86_REG_CR0), cr2=uc.reg_read(X.UC_X86_REG_CR2), cr3=uc.reg_read(X.UC_X86_REG_CR3),
+        cr4=uc.reg_read(X.UC_X86_REG_CR4), cr8=uc.reg_read(X.UC_X86_REG_CR8) & 0xF,
+        efer=uc.msr_read(M.MSR_EFER), apic_base=apic_base,
+        dr=tuple(uc.reg_read(r) for r in _DR_REGS),
+        dr6=uc.reg_read(X.UC_X86_REG_DR6), dr7=uc.reg_read(X.UC_X86_REG_DR7),
+        fpu=_save_fpu(uc), xsave=None,
+        msrs={i: uc.msr_read(i) for i in TCG_MSRS},
+        events=dataclasses.replace(EventsState.none(),
+                                   interrupt_shadow=SHADOW_STI if hflags & HF_INHIBIT_IRQ_MASK else 0),
+        mp_state="uninitialized" if vcpu.waiting_for_sipi else ("halted" if vcpu.halted else "runnable"),
+        lapic=None,
+    )
+
+
+def _save_fpu(uc) -> FpuState:
+    fsw = uc.reg_read(X.UC_X86_REG_FPSW)
+    top = fsw >> 11 & 7
+    full_tags = uc.reg_read(X.UC_X86_REG_FPTAG)
+    abridged = 0
+    st = []
+    for i in range(8):
+        physical = (top + i) & 7
+        mantissa, exponent = uc.reg_read(_FP_REGS[physical])
+        st.append(mantissa.to_bytes(8, "little") + exponent.to_bytes(2, "little"))
+    for physical in range(8):  # FXSAVE's abridged tag word is indexed by physical register
+        if (full_tags >> (2 * physical)) & 3 != 3:
+            abridged |= 1 << physical
+    return FpuState(fcw=uc.reg_read(X.UC_X86_REG_FPCW), fsw=fsw, ftw=abridged,
+                    fop=uc.reg_read(X.UC_X86_REG_FOP), fip=uc.reg_read(X.UC_X86_REG_FIP),
+                    fdp=uc.reg_read(X.UC_X86_REG_FDP), mxcsr=uc.reg_read(X.UC_X86_REG_MXCSR),
+                    st=tuple(st), xmm=tuple(uc.reg_read(r).to_bytes(16, "little") for r in _XMM_REGS))
+
+
+# --- restore ------------------------------------------------------------------------------------
+
+def check_restorable(state: VcpuState) -> None:
+    where = "x86-vcpu state"
+    if state.xsave is not None and (state.xsave.components or state.xsave.xcr0 & ~XSTATE_X87 & ~0x2):
+        raise StateError(f"{where}: xsave: the software CPU has no XSAVE (the guest enabled XCR0 {state.xsave.xcr0:#x})")
+    for index, value in state.msrs.items():
+        if index not in TCG_MSRS and not M.at_reset_value(index, value):
+            raise StateError(f"{where}: msrs[{index:#x}]: the software CPU has no such MSR (value {value:#x})")
+    if state.lapic is not None:
+        raise StateError(f"{where}: lapic: the software CPU's LAPIC is the platform's and restores from the "
+                         "platform state, not from a KVM LAPIC page")
+    e = state.events
+    undelivered = [name for name in ("exception_injected", "exception_pending", "interrupt_injected", "nmi_injected",
+                                     "nmi_pending", "smm", "smi_pending", "latched_init", "triple_fault_pending")
+                   if getattr(e, name)]
+    if undelivered:
+        raise StateError(f"{where}: events.{undelivered[0]}: the software CPU delivers events at once and cannot "
+                         "take one KVM had not delivered")
+    if e.nmi_masked:
+        raise StateError(f"{where}: events.nmi_masked: the software CPU cannot restore NMI blocking")
+    if state.mp_state == "sipi-received":
+        raise StateError(f"{where}: mp_state: the software CPU has no 'sipi-received' state")
+
+
+def restore(vcpu, state: VcpuState) -> None:
+    check_restorable(state)
+    uc, private = vcpu.uc, vcpu.private
+    uc.reg_write(X.UC_X86_REG_GDTR, (0, state.gdt.base, state.gdt.limit, 0))
+    uc.reg_write(X.UC_X86_REG_IDTR, (0, state.idt.base, state.idt.limit, 0))
+    # Out of long mode, CR3/CR4/EFER, then CR0: the CPU enters long mode on the CR0.PG transition.
+    vcpu._reset_mode(state.cr0 & ~CR0_PG)
+    uc.reg_write(X.UC_X86_REG_CR3, state.cr3)
+    uc.reg_write(X.UC_X86_REG_CR4, state.cr4)
+    uc.msr_write(M.MSR_EFER, state.efer & ~EFER_LMA)
+    uc.reg_write(X.UC_X86_REG_CR0, state.cr0)
+    uc.reg_write(X.UC_X86_REG_CR2, state.cr2)
+    uc.reg_write(X.UC_X86_REG_CR8, state.cr8)
+    for name in _CACHED_SEGMENTS:
+        seg = state.segments[name]
+        private.load_segment(name, seg.selector, seg.base, seg.limit, cache_flags(seg))
+    for name, reg in TABLE_SEGMENTS.items():
+        seg = state.segments[name]
+        uc.reg_write(reg, (seg.selector, seg.base, seg.limit, cache_flags(seg)))
+    for name, reg in _GPR_REGS.items():
+        uc.reg_write(reg, state.gprs[name])
+    uc.reg_write(X.UC_X86_REG_RFLAGS, state.rflags)
+    uc.reg_write(X.UC_X86_REG_RIP, state.rip)
+    for reg, value in zip(_DR_REGS, state.dr):
+        uc.reg_write(reg, value)
+    uc.reg_write(X.UC_X86_REG_DR6, state.dr6)
+    uc.reg_write(X.UC_X86_REG_DR7, state.dr7)
+    _restore_fpu(uc, state.fpu)
+    for index in TCG_MSRS:
+        if index in state.msrs and index != M.MSR_IA32_TSC:  # RDTSC is the host's: see the docstring
+            uc.msr_write(index, state.msrs[index])
+    cs, ss = state.segments["cs"], state.segments["ss"]
+    protected = bool(state.cr0 & CR0_PE)
+    code64 = bool(state.efer & EFER_LMA and cs.l)
+    code32 = code64 or bool(protected and cs.db)
+    addseg = not code64 and (not protected or not code32 or bool(
+        state.segments["ds"].base | state.segments["es"].base | ss.base))
+    private.set_translation_flags(cpl=ss.dpl if protected else 0, code64=code64, code32=code32,
+                                  stack32=code64 or bool(protected and ss.db), addseg=addseg,
+                                  inhibit_irq=bool(state.events.interrupt_shadow))
+    lapic = vcpu.lapic
+    if lapic is not None and lapic.apic_base != state.apic_base:
+        lapic.write_apic_base(state.apic_base)
+    vcpu.waiting_for_sipi = state.mp_state in ("uninitialized", "init-received")
+    vcpu.halted = state.mp_state == "halted"
+
+
+def _restore_fpu(uc, fpu: FpuState) -> None:
+    top = fpu.fsw >> 11 & 7
+    full_tags = 0
+    for physical in range(8):
+        full_tags |= (0 if fpu.ftw >> physical & 1 else 3) << (2 * physical)
+    uc.reg_write(X.UC_X86_REG_FPCW, fpu.fcw)
+    uc.reg_write(X.UC_X86_REG_FPSW, fpu.fsw)
+    for i, raw in enumerate(fpu.st):
+        uc.reg_write(_FP_REGS[(top + i) & 7], (int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little")))
+    uc.reg_write(X.UC_X86_REG_FPTAG, full_tags)
+    uc.reg_write(X.UC_X86_REG_FOP, fpu.fop)
+    uc.reg_write(X.UC_X86_REG_FIP, fpu.fip)
+    uc.reg_write(X.UC_X86_REG_FDP, fpu.fdp)
+    uc.reg_write(X.UC_X86_REG_MXCSR, fpu.mxcsr)
+    for reg, raw in zip(_XMM_REGS, fpu.xmm):
+        uc.reg_write(reg, int.from_bytes(raw, "little"))
