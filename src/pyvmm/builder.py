@@ -19,12 +19,12 @@ from .arch.x86_64.acpi import build_acpi_tables, pci_root_acpi, pvpanic_device
 from .arch.x86_64.firmware import write_reset_vector
 from .deadline_timer import DeadlineTimer
 from .devices.legacy import AcpiPower, DebugExitPort, GuestNotify, I8042, Mc146818Rtc, Port80, PvPanic, Uart16550
-from .devices.legacy.pvpanic import PORT as PVPANIC_PORT
-from .devices.legacy.rtc import IRQ as RTC_IRQ, PORT as RTC_PORT, PORT_COUNT as RTC_PORT_COUNT
 from .devices.legacy.debug_exit import exit_status
+from .devmgr import DeviceManager, DeviceTree, Request
 from .loader import CpuMode, load_kernel
 from .loader.entry import boot_state
 from .memory import GuestMemory
+from .outcome_sink import OutcomeSink
 from .pci import PciRoot
 from .iothread import IoThread
 from .virtio_wiring import VirtioWiring
@@ -32,16 +32,14 @@ from .vm import EXIT_GUEST_CRASH, EXIT_OK, EXIT_VMM_ERROR, Vm, VmOutcome
 
 log = logging.getLogger(__name__)
 
-COM1_PORT, COM1_IRQ = 0x3F8, 4
-I8042_DATA_PORT, I8042_COMMAND_PORT = 0x60, 0x64
-DEBUG_EXIT_PORT = 0xF4
-POST_PORT = 0x80
+PCI_ROOT_ID = "pci"
 
 
 def build_vm(config: MachineConfig, console_write: Callable[[bytes], None], *, accel=None,
-             kernel_path: str | None = None) -> Vm:
+             kernel_path: str | None = None, device_tree: DeviceTree | None = None) -> Vm:
     """Build a VM from `config`; guest console output goes to `console_write`.
-    `accel`: an accelerator instance (default: the one auto picks)."""
+    `accel`: an accelerator instance (default: the one auto picks). `device_tree`: a recorded
+    tree (a snapshot's) whose allocation the devices get again."""
     with ExitStack() as cleanup:
         memory = GuestMemory.from_specs(layout.ram_regions(config.memory))
         cleanup.callback(memory.close)
@@ -56,10 +54,19 @@ def build_vm(config: MachineConfig, console_write: Callable[[bytes], None], *, a
 
         pio, mmio = PioBus(), MmioBus()
         accel.connect_buses(pio, mmio)
-        vm_ref: list[Vm] = []
+        # Devices that can end the machine report to the sink; the Vm, built last, connects to it.
+        outcomes = OutcomeSink()
+        stop = outcomes.stop
+        manager = DeviceManager(device_tree)
 
-        def stop(outcome: VmOutcome) -> None:
-            vm_ref[0].request_stop(outcome)
+        def port_device(node_id: str, kind: str, device, ports: tuple[tuple[int, int], ...], gsis=(),
+                        windows=None):
+            """Allocate fixed ports (and IRQs) to `device` and put it on the port bus there;
+            `windows`: (handler, bus name) for each port range when there are several."""
+            node = manager.add(node_id, kind, Request(ports=ports, gsis=tuple(gsis)), transport="pio", device=device)
+            for (base, length), (handler, name) in zip(node.resources.ports, windows or [(device, node_id)]):
+                pio.register(base, length, handler, name)
+            return node
 
         def reset() -> None:
             stop(VmOutcome("reset", EXIT_OK, "the guest reset the machine"))
@@ -71,54 +78,62 @@ def build_vm(config: MachineConfig, console_write: Callable[[bytes], None], *, a
             else:
                 stop(VmOutcome("poweroff", status, f"the guest's command exited with status {status}"))
 
-        uart = Uart16550(accel.irq_line(COM1_IRQ), console_write)
+        uart = Uart16550(accel.irq_line(layout.COM1_IRQ), console_write)
+        port_device("com1", "uart16550", uart, ((layout.COM1_PORT, layout.COM1_PORT_COUNT),), (layout.COM1_IRQ,))
         i8042 = I8042(reset)
+        port_device("i8042", "i8042", i8042, ((layout.I8042_DATA_PORT, 1), (layout.I8042_COMMAND_PORT, 1)),
+                    windows=[(i8042, "i8042-data"), (Window(i8042, layout.I8042_COMMAND_PORT - layout.I8042_DATA_PORT),
+                                                    "i8042-command")])
         debug_exit = DebugExitPort(lambda value: stop(VmOutcome(
             "debug-exit", exit_status(value), f"the guest wrote {value:#x} to the debug-exit port")))
+        port_device("debug-exit", "debug-exit", debug_exit, ((layout.DEBUG_EXIT_PORT, layout.DEBUG_EXIT_PORT_COUNT),))
+        port_device("post", "port80", Port80(), ((layout.POST_PORT, 1),))
+        port_device("acpi-power", "acpi-power", AcpiPower(poweroff, reset, layout.ACPI_RESET_VALUE),
+                    ((layout.ACPI_SLEEP_CONTROL_PORT, layout.ACPI_POWER_PORT_COUNT),))
         notify = GuestNotify()
-        devices = {"com1": uart, "i8042": i8042, "debug-exit": debug_exit, "post": Port80(),
-                   "acpi-power": AcpiPower(poweroff, reset, layout.ACPI_RESET_VALUE), "guest-notify": notify,
-                   "pvpanic": PvPanic(lambda: stop(VmOutcome("panic", EXIT_GUEST_CRASH, "the guest kernel panicked")))}
-        pio.register(COM1_PORT, 8, uart, "com1")
-        pio.register(I8042_DATA_PORT, 1, i8042, "i8042-data")
-        pio.register(I8042_COMMAND_PORT, 1, Window(i8042, I8042_COMMAND_PORT - I8042_DATA_PORT), "i8042-command")
-        pio.register(DEBUG_EXIT_PORT, 4, debug_exit, "debug-exit")
-        pio.register(POST_PORT, 1, devices["post"], "post")
-        pio.register(layout.ACPI_SLEEP_CONTROL_PORT, 3, devices["acpi-power"], "acpi-power")
-        pio.register(layout.GUEST_NOTIFY_PORT, 2, notify, "guest-notify")
-        pio.register(PVPANIC_PORT, 1, devices["pvpanic"], "pvpanic")
+        port_device("guest-notify", "guest-notify", notify, ((layout.GUEST_NOTIFY_PORT, layout.GUEST_NOTIFY_PORT_COUNT),))
+        port_device("pvpanic", "pvpanic", PvPanic(lambda: stop(VmOutcome(
+            "panic", EXIT_GUEST_CRASH, "the guest kernel panicked"))), ((layout.PVPANIC_PORT, 1),))
 
         # The RTC's update and alarm interrupts come due without the guest: a timer thread
         # calls it back on either accelerator.
         rtc_timer = DeadlineTimer(lambda: rtc.poll(), name="pyvmm-rtc", on_error=lambda exc: stop(VmOutcome(
             "vmm-error", EXIT_VMM_ERROR, f"RTC timer: {type(exc).__name__}: {exc}")))
         cleanup.callback(rtc_timer.close)
-        rtc = Mc146818Rtc(accel.irq_line(RTC_IRQ), timer=rtc_timer.arm)
-        devices["rtc"] = rtc
-        pio.register(RTC_PORT, RTC_PORT_COUNT, rtc, "rtc")
+        rtc = Mc146818Rtc(accel.irq_line(layout.RTC_IRQ), timer=rtc_timer.arm)
+        port_device("rtc", "mc146818-rtc", rtc, ((layout.RTC_PORT, layout.RTC_PORT_COUNT),), (layout.RTC_IRQ,))
 
         iothread = IoThread(on_error=lambda exc: stop(VmOutcome(
             "vmm-error", EXIT_VMM_ERROR, f"I/O thread: {type(exc).__name__}: {exc}")))
         cleanup.callback(iothread.stop)
+        # The root complex registers conf1 and ECAM itself; the tree records them and its BAR windows.
+        mmio64_window = layout.pci_mmio64_window(config.memory)
+        manager.add(PCI_ROOT_ID, "pci-root", Request(
+            ports=((layout.PCI_CONF1_PORT, layout.PCI_CONF1_PORT_COUNT), (layout.PCI_IO_START, layout.PCI_IO_SIZE)),
+            mmio=((layout.PCI_ECAM_BASE, layout.PCI_ECAM_SIZE), (layout.PCI_MMIO32_START, layout.PCI_MMIO32_SIZE),
+                  mmio64_window)), transport="platform")
         pci_root = PciRoot(pio, mmio, ecam_base=layout.PCI_ECAM_BASE,
                            mmio32_window=(layout.PCI_MMIO32_START, layout.PCI_MMIO32_SIZE),
-                           mmio64_window=layout.pci_mmio64_window(config.memory),
+                           mmio64_window=mmio64_window,
                            io_window=(layout.PCI_IO_START, layout.PCI_IO_SIZE),
                            irq_line=accel.irq_line, msi_vector=accel.msi_vector)
-        wiring = VirtioWiring(accel, memory, mmio, iothread, pci_root)
+        manager.attach(PCI_ROOT_ID, pci_root)
+        wiring = VirtioWiring(accel, memory, mmio, iothread, manager, pci_root, PCI_ROOT_ID)
         cleanup.callback(wiring.close)
         releases: list = []
         cleanup.callback(lambda: [release() for release in reversed(releases)])
-        for name, device, transport in virtio_devices(config, console_write, iothread, releases):
-            devices[name] = device
-            wiring.add(name, device, transport)
+        for name, kind, device, transport in virtio_devices(config, console_write, iothread, releases):
+            wiring.add(name, kind, device, transport)
+        if manager.unclaimed():
+            raise ConfigError(f": the recorded device tree has devices this machine lacks "
+                              f"({', '.join(manager.unclaimed())})", "devices")
 
         pci_items, ecam = pci_root_acpi(pci_root)
         rsdp = build_acpi_tables(memory, cpus=config.cpus, mcfg=ecam, cmos_rtc=True,
-                                 devices=[pvpanic_device(PVPANIC_PORT), *pci_items, *wiring.acpi_items])
+                                 devices=[pvpanic_device(layout.PVPANIC_PORT), *pci_items, *wiring.acpi_items])
         write_reset_vector(memory)
         entry = load_kernel(
-            memory, kernel_path or config.kernel, cmdline=config.cmdline, modules=config.modules,
+            memory, kernel_path or config.kernel, cmdline=config.cmdline, modules=list(config.modules),
             flat_address=config.flat_address,
             flat_mode=CpuMode.LONG_64 if config.flat_64bit else CpuMode.PROTECTED_32,
             initrd=config.initrd, boot=config.boot, rsdp=rsdp,
@@ -129,16 +144,16 @@ def build_vm(config: MachineConfig, console_write: Callable[[bytes], None], *, a
         vcpus = [accel.create_vcpu(i, config.cpus, policy) for i in range(config.cpus)]
         vcpus[0].set_state(boot_state(memory, entry))
 
-        devices["pci"] = pci_root
-        vm = Vm(accel, memory, pio, mmio, vcpus, devices, iothread=iothread, pausables=[rtc_timer],
+        vm = Vm(accel, memory, pio, mmio, vcpus, manager.devices(), iothread=iothread, pausables=[rtc_timer],
                 on_close=[rtc_timer.close, wiring.close, *releases])
-        vm_ref.append(vm)
+        vm.device_manager = manager
+        outcomes.connect(vm.request_stop)
         cleanup.pop_all()
         return vm
 
 
 def virtio_devices(config: MachineConfig, console_write, iothread, releases: list):
-    """(name, device, transport) for every virtio device the config asks for. Whatever a
+    """(id, kind, device, transport) for every virtio device the config asks for. Whatever a
     device opens on the host (image files, TAPs, sockets) gets its close() in `releases`."""
     if config.console == "virtio" or config.console_ports:
         from .devices.virtio.console import VirtioConsole
@@ -146,22 +161,22 @@ def virtio_devices(config: MachineConfig, console_write, iothread, releases: lis
         console = VirtioConsole(console_write if config.console == "virtio" else _discard, iothread=iothread,
                                 ports={port.name: port.socket for port in config.console_ports})
         releases.append(console.close)
-        yield "virtio-console", console, config.console_transport
+        yield "virtio-console", "virtio-console", console, config.console_transport
     for index, disk in enumerate(config.disks):
         name = f"virtio-blk{index}"
         if disk.vhost_user:
             from .devices.virtio.vhost_user_blk import VhostUserBlk
 
-            device = VhostUserBlk(disk.vhost_user, iothread=iothread)
+            device, kind = VhostUserBlk(disk.vhost_user, iothread=iothread), "vhost-user-blk"
         else:
             from .devices.virtio.blk import BlockError, VirtioBlock
 
             try:
-                device = VirtioBlock(disk.path, readonly=disk.readonly, serial=disk.serial)
+                device, kind = VirtioBlock(disk.path, readonly=disk.readonly, serial=disk.serial), "virtio-blk"
             except BlockError as exc:
                 raise ConfigError(f": {exc}", f"disks[{index}]") from None
         releases.append(device.close)
-        yield name, device, disk.transport
+        yield name, kind, device, disk.transport
     for index, net in enumerate(config.nets):
         from .devices.virtio.net import VirtioNet
 
@@ -169,17 +184,17 @@ def virtio_devices(config: MachineConfig, console_write, iothread, releases: lis
         releases.append(backend.close)
         mac = bytes.fromhex(net.mac.replace(":", "")) if net.mac else bytes([0x52, 0x54, 0x00, 0x12, 0x34, 0x56 + index])
         device = VirtioNet(backend.tap, mac=mac, iothread=iothread)
-        yield f"virtio-net{index}", device, net.transport
+        yield f"virtio-net{index}", "virtio-net", device, net.transport
     if config.vsock is not None:
         from .devices.virtio.vsock import VirtioVsock
 
         device = VirtioVsock(config.vsock.cid, config.vsock.uds, iothread=iothread)
         releases.append(device.close)
-        yield "virtio-vsock", device, config.vsock.transport
+        yield "virtio-vsock", "virtio-vsock", device, config.vsock.transport
     if config.rng is not None:
         from .devices.virtio.rng import VirtioRng
 
-        yield "virtio-rng", VirtioRng(), config.rng
+        yield "virtio-rng", "virtio-rng", VirtioRng(), config.rng
 
 
 def _discard(data: bytes) -> None:

@@ -7,8 +7,10 @@ One device model, two wirings:
 - software CPU: the kick is an MMIO write that reaches the transport, which hands it to
   the same I/O thread, so completions arrive asynchronously, as on KVM.
 
-The guest learns about virtio-mmio devices from the DSDT (`acpi_items`), about
-virtio-pci devices by scanning the PCI bus.
+The device manager allocates each device's virtio-mmio slot (window and GSI) or PCI slot
+and records it in the device tree with the device and its transport. The guest learns about
+virtio-mmio devices from the DSDT (`acpi_items`), about virtio-pci devices by scanning the
+PCI bus.
 """
 
 from __future__ import annotations
@@ -16,29 +18,32 @@ from __future__ import annotations
 import functools
 import logging
 
-from .arch.x86_64 import layout
 from .arch.x86_64.acpi import virtio_mmio_device
 from .config import ConfigError
 from .devices.virtio.mmio import MMIO_WINDOW, VirtioMmioTransport
+from .devmgr import DeviceManager, Request
 
 log = logging.getLogger(__name__)
 
 
 class VirtioWiring:
-    def __init__(self, accel, memory, mmio_bus, iothread, pci_root=None) -> None:
+    def __init__(self, accel, memory, mmio_bus, iothread, manager: DeviceManager, pci_root=None,
+                 pci_root_id: str | None = None) -> None:
         self.accel, self.memory, self.iothread = accel, memory, iothread
-        self.mmio_bus, self.pci_root = mmio_bus, pci_root
+        self.mmio_bus, self.manager = mmio_bus, manager
+        self.pci_root, self.pci_root_id = pci_root, pci_root_id
         self.acpi_items: list = []
-        self._mmio_used = 0
         self._ioeventfds: list[tuple[int, int, int, int]] = []  # (fd, address, length, datamatch)
 
-    def add(self, name: str, device, transport: str):
+    def add(self, name: str, kind: str, device, transport: str):
+        """Put `device` (node id `name`, kind `kind`) on a transport: "mmio" or "pci"."""
         if transport == "mmio":
-            added = self._add_mmio(name, device)
+            added = self._add_mmio(name, kind, device)
         elif transport == "pci":
-            added = self._add_pci(name, device)
+            added = self._add_pci(name, kind, device)
         else:
             raise ConfigError(f"{name}: unknown virtio transport {transport!r}")
+        self.manager.attach(name, device, added)
         # Kicks that reach the transport (the software CPU, or KVM before an ioeventfd is in
         # place) are served on the I/O thread too, never inside the vCPU's MMIO handler: a
         # completion raised within the guest's own kick would be pending again before the
@@ -50,13 +55,11 @@ class VirtioWiring:
     def _kick_on_io_thread(self, device, queue_index: int) -> None:
         self.iothread.call_soon(functools.partial(device.notify, queue_index))
 
-    def _add_mmio(self, name: str, device) -> VirtioMmioTransport:
-        index = self._mmio_used
-        if index >= layout.VIRTIO_MMIO_SLOTS:
-            raise ConfigError(f"{name}: at most {layout.VIRTIO_MMIO_SLOTS} virtio-mmio devices (use transport=pci)")
-        self._mmio_used += 1
-        base = layout.VIRTIO_MMIO_BASE + index * layout.VIRTIO_MMIO_STRIDE
-        gsi = layout.VIRTIO_MMIO_GSIS[index]
+    def _add_mmio(self, name: str, kind: str, device) -> VirtioMmioTransport:
+        node = self.manager.add(name, kind, Request(mmio_window=MMIO_WINDOW), transport="virtio-mmio")
+        (base, _), = node.resources.mmio
+        gsi, = node.resources.gsis
+        index = node.resources.mmio_slot
         transport = VirtioMmioTransport(device, self.accel.irq_line(gsi), self.memory)
         self.mmio_bus.register(base, MMIO_WINDOW, transport, name)
         for offset, length, value in transport.notify_offsets():
@@ -65,13 +68,14 @@ class VirtioWiring:
         log.debug("%s: virtio-mmio at %#x, GSI %d", name, base, gsi)
         return transport
 
-    def _add_pci(self, name: str, device):
+    def _add_pci(self, name: str, kind: str, device):
         if self.pci_root is None:
             raise ConfigError(f"{name}: this machine has no PCI bus (use transport=mmio)")
         from .devices.virtio.pci import VirtioPciTransport
 
+        node = self.manager.add(name, kind, Request(pci_slot=True), transport="virtio-pci", parent=self.pci_root_id)
         transport = VirtioPciTransport(device, self.memory, msi_vector=self.accel.msi_vector)
-        slot = self.pci_root.add_device(transport, name=name)
+        slot = self.pci_root.add_device(transport, node.resources.pci_slot, name=name)
         transport.on_notify_moved = functools.partial(self._move_pci_kicks, device)
         log.debug("%s: virtio-pci in slot %d", name, slot)
         return transport

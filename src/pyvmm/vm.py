@@ -80,6 +80,8 @@ class Vm:
         self._on_close = list(on_close)  # released after every thread stopped, in order
         # The guest kernel's symbols (loader.linux.symbols), named in errors at a guest RIP.
         self.symbols = None
+        # The device tree and what it allocated (devmgr.DeviceManager); the builder sets it.
+        self.device_manager = None
 
     # --- lifecycle -------------------------------------------------------------------
 

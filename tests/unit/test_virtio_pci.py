@@ -806,15 +806,21 @@ class FakeIoThread:
 
 
 def test_wiring_keeps_ioeventfds_on_the_notify_addresses(memory):
+    from pyvmm.devmgr import DeviceManager, Request
     from pyvmm.virtio_wiring import VirtioWiring
 
     accel, iothread = FakeAccel(), FakeIoThread()
     pio, mmio = PioBus(), MmioBus()
     root = PciRoot(pio, mmio, ecam_base=ECAM, mmio32_window=MMIO32, mmio64_window=MMIO64,
                    irq_line=accel.irq_line, msi_vector=accel.msi_vector)
-    wiring = VirtioWiring(accel, memory, mmio, iothread, root)
+    manager = DeviceManager()
+    manager.add("pci", "pci-root", Request(), transport="platform", device=root)
+    wiring = VirtioWiring(accel, memory, mmio, iothread, manager, root, "pci")
     device = TwoQueues()
-    transport = wiring.add("rng0", device, "pci")
+    transport = wiring.add("rng0", "virtio-rng", device, "pci")
+    node = manager.tree.get("rng0")
+    assert (node.parent, node.transport, node.resources.pci_slot) == ("pci", "virtio-pci", 1)
+    assert manager.transport("rng0") is transport and manager.device("rng0") is device
     base = transport.bar_address(P.VIRTIO_BAR)
     assert sorted(accel.ioeventfds.values()) == [(base + P.NOTIFY_OFFSET, 2, 0), (base + P.NOTIFY_OFFSET + 4, 2, 1)]
     assert len(accel.vectors) == 3 and transport.msix.msi_vectors == accel.vectors

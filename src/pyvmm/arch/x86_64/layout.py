@@ -13,7 +13,9 @@
     4 GiB       ... 4 GiB + rest  high RAM, when the guest has more than LOW_RAM_END
     above RAM, 1 GiB aligned      PCI 64-bit BAR window (pci_mmio64_window)
 
-Port I/O: 0xCF8-0xCFF PCI conf1; 0xC000-0xFFFF the PCI I/O BAR window.
+Port I/O: 0x60/0x64 i8042, 0x70-0x71 RTC, 0x80 POST, 0xF4 debug exit, 0x3F8 COM1, 0x505
+pvpanic, 0x600-0x602 ACPI power, 0x610-0x611 guest notify, 0xCF8-0xCFF PCI conf1;
+0xC000-0xFFFF the PCI I/O BAR window. The device manager (devmgr) hands these out.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ VIRTIO_MMIO_STRIDE = 0x1000
 VIRTIO_MMIO_SLOTS = 11
 # Edge-triggered ISA IRQs no legacy device uses here (GSIs 16-23 are PCI INTx, level-triggered).
 VIRTIO_MMIO_GSIS = (5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 3)
+# (base, GSI) of each virtio-mmio slot, in the order the device manager hands them out.
+VIRTIO_MMIO_SLOT_TABLE = tuple((VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_STRIDE, VIRTIO_MMIO_GSIS[i])
+                               for i in range(VIRTIO_MMIO_SLOTS))
 IOAPIC_BASE = 0xFEC00000
 LAPIC_BASE = 0xFEE00000
 KVM_IDENTITY_MAP = 0xFFFBC000  # one page KVM needs on Intel hosts (real-mode emulation)
@@ -61,6 +66,9 @@ PCI_IO_START = 0xC000
 PCI_IO_SIZE = 0x4000
 PCI_MMIO64_ALIGN = 1 * GiB
 PCI_MMIO64_SIZE = 64 * GiB
+PCI_CONF1_PORT = 0xCF8        # CONFIG_ADDRESS and CONFIG_DATA
+PCI_CONF1_PORT_COUNT = 8
+PCI_DEVICE_SLOTS = range(1, 32)  # slot 0 is the host bridge
 
 # ACPI tables live in the legacy BIOS area (reported reserved), where Linux also scans for the RSDP.
 ACPI_TABLES_START = 0xE0000
@@ -78,6 +86,16 @@ ACPI_RESET_PORT = 0x602           # FADT RESET_REG: writing ACPI_RESET_VALUE res
 ACPI_RESET_VALUE = 0x01
 GUEST_NOTIFY_PORT = 0x610         # guest -> VMM events, one byte: 0x01 = init started (boot timer)
 GUEST_STATUS_PORT = 0x611         # guest -> VMM: exit status (one byte) of the command run by init
+
+# Legacy PC devices at their ISA addresses: (first port, port count), IRQ.
+COM1_PORT, COM1_PORT_COUNT, COM1_IRQ = 0x3F8, 8, 4
+I8042_DATA_PORT, I8042_COMMAND_PORT = 0x60, 0x64   # one port each
+RTC_PORT, RTC_PORT_COUNT, RTC_IRQ = 0x70, 2, 8
+POST_PORT = 0x80
+DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_COUNT = 0xF4, 4   # QEMU's isa-debug-exit
+PVPANIC_PORT = 0x505
+ACPI_POWER_PORT_COUNT = 3         # SLEEP_CONTROL, SLEEP_STATUS, RESET
+GUEST_NOTIFY_PORT_COUNT = 2       # GUEST_NOTIFY_PORT, GUEST_STATUS_PORT
 
 # Virtual-wire ISA interrupts: IRQ 0 (PIT) arrives at IOAPIC pin 2; the others at pin = IRQ.
 IOAPIC_PINS = 24

@@ -15,7 +15,6 @@ from ...persist import State
 
 log = logging.getLogger(__name__)
 
-PORT = 0x505
 PANICKED = 1 << 0
 CRASH_LOADED = 1 << 1
 

@@ -55,9 +55,6 @@ from ...persist import State
 
 log = logging.getLogger(__name__)
 
-PORT = 0x70
-PORT_COUNT = 2
-IRQ = 8
 INDEX_PORT = 0
 DATA_PORT = 1
 
