@@ -131,11 +131,23 @@ class Vm:
     def paused(self) -> bool:
         return self._paused
 
+    @property
+    def running_threads(self) -> int:
+        """Run-loop threads that have not ended."""
+        return self._running
+
+    @property
+    def parked_threads(self) -> int:
+        """Run-loop threads waiting at their pause point (all of them once pause() returned)."""
+        return self._parked
+
     def pause(self) -> None:
         """A barrier: when this returns, no vCPU is in the guest (every run loop has parked at
         its pause point, on both accelerators), the I/O thread has finished the work item it
         was in and waits, device timers hold their interrupts, and guest time stands still
         (the accelerator's freeze_time). A VM that stops meanwhile ends the wait."""
+        if threading.current_thread() in self._threads:
+            raise RuntimeError("pause() from a run-loop thread would wait for itself")
         with self._lock:
             if self._paused or self.stop_requested.is_set():
                 return

@@ -74,3 +74,48 @@ def test_a_failing_callback_is_reported():
     finally:
         timer.close()
     assert isinstance(errors[0], ZeroDivisionError)
+
+
+def test_a_paused_timer_calls_nothing_back_until_resumed():
+    called = threading.Event()
+    timer = DeadlineTimer(called.set, clock=Clock())
+    try:
+        timer.pause()
+        timer.arm(1000)  # already due
+        assert not called.wait(0.3)
+        timer.resume()
+        assert called.wait(WAIT)
+    finally:
+        timer.close()
+
+
+def test_pause_waits_for_the_callback_in_progress():
+    entered, release, paused = threading.Event(), threading.Event(), threading.Event()
+    finished = []
+
+    def callback():
+        entered.set()
+        release.wait(WAIT)
+        finished.append(True)
+
+    timer = DeadlineTimer(callback, clock=Clock())
+    try:
+        timer.arm(1000)
+        assert entered.wait(WAIT)
+        pauser = threading.Thread(target=lambda: (timer.pause(), paused.set()))
+        pauser.start()
+        assert not paused.wait(0.3)
+        release.set()
+        assert paused.wait(WAIT) and finished == [True]
+        pauser.join()
+    finally:
+        release.set()
+        timer.close()
+
+
+def test_close_while_paused_joins_the_thread():
+    timer = DeadlineTimer(lambda: None, clock=Clock())
+    timer.arm(2000)
+    timer.pause()
+    timer.close()
+    assert timer._thread is not None and not timer._thread.is_alive()

@@ -97,6 +97,10 @@ class Accelerator(Protocol):
     def run_loops(self, vm: VmServices) -> list[RunLoop]:
         """The threads' bodies that run every vCPU until `vm.stop_requested` is set."""
 
+    def guest_clock_ns(self) -> int:
+        """The guest's clock in ns (kvm-clock on KVM, the platform clock on the software CPU):
+        what freeze_time() stops."""
+
     def freeze_time(self) -> None:
         """The VM is paused (every run loop parked): guest time stops."""
 

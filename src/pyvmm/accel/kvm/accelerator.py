@@ -7,6 +7,7 @@ own thread (vcpu.py), its exits served by the shared ExitDispatcher.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import signal
@@ -83,7 +84,7 @@ class KvmAccelerator:
         self._msi_router: KvmMsiRouter | None = None  # created with the first MSI vector
         self._ioeventfds = KvmIoEventFds(self.vm_fd)
         self._dispatch: ExitDispatcher | None = None
-        self._frozen_clock: bytes | None = None  # kvm_clock_data while the VM is paused
+        self._frozen_clock_ns: int | None = None  # kvm-clock where the guest stopped, while paused
 
     # --- machine -----------------------------------------------------------------------
 
@@ -167,11 +168,17 @@ class KvmAccelerator:
         return self._xsave_size
 
     def save(self) -> kvm_state.KvmVmState:
-        """KVM's VM-wide state: the in-kernel PICs, IOAPIC and PIT, and kvm-clock (vCPUs out of the guest)."""
-        return kvm_state.save_vm(self.vm_fd)
+        """KVM's VM-wide state: the in-kernel PICs, IOAPIC and PIT, and kvm-clock (vCPUs out of the
+        guest). While paused, the clock saved is the one the guest stopped at."""
+        state = kvm_state.save_vm(self.vm_fd)
+        if self._frozen_clock_ns is not None:
+            state = dataclasses.replace(state, clock_ns=self._frozen_clock_ns)
+        return state
 
     def restore(self, state: kvm_state.KvmVmState) -> None:
         kvm_state.restore_vm(self.vm_fd, state)
+        if self._frozen_clock_ns is not None:  # restored while paused: resume from the restored clock
+            self._frozen_clock_ns = state.clock_ns
 
     # --- running ---------------------------------------------------------------------------
 
@@ -182,16 +189,23 @@ class KvmAccelerator:
                         functools.partial(vcpu.run_loop, vm, self._dispatch), [vcpu])
                 for vcpu in self.vcpus]
 
+    def guest_clock_ns(self) -> int:
+        """kvm-clock now; while paused, the value the guest will resume from (KVM's own
+        clock runs on until thaw_time() sets it back)."""
+        if self._frozen_clock_ns is not None:
+            return self._frozen_clock_ns
+        return self.vm_fd.get_clock().clock
+
     def freeze_time(self) -> None:
         """Remember kvm-clock (KVM_GET_CLOCK) while the VM is paused, so that resuming sets it
         back: the guest's kvm-clock does not advance while paused."""
         if self.kvm.check_extension(uapi.KVM_CAP_ADJUST_CLOCK):
-            self._frozen_clock = self.vm_fd.get_clock()
+            self._frozen_clock_ns = self.vm_fd.get_clock().clock
 
     def thaw_time(self) -> None:
-        if self._frozen_clock is not None:
-            self.vm_fd.set_clock(self._frozen_clock)
-            self._frozen_clock = None
+        if self._frozen_clock_ns is not None:
+            self.vm_fd.set_clock(self._frozen_clock_ns)
+            self._frozen_clock_ns = None
 
     def close(self) -> None:
         for vcpu in self.vcpus:

@@ -159,6 +159,9 @@ class TcgAccelerator:
         self._dispatch.vm = vm
         return [RunLoop(f"vcpus-{self.name}", self.name, lambda: self._schedule(vm), list(self.vcpus))]
 
+    def guest_clock_ns(self) -> int:
+        return self.platform.clock.now_ns()
+
     def freeze_time(self) -> None:
         """Paused: the platform's clock stands still, so no PIT or LAPIC timer comes due and the
         guest TSC does not advance (the scheduler is parked: nothing polls the timers)."""
