@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from helpers.state import through_json
 from helpers.virtio_driver import BumpAllocator, FakeDriver
 from pyvmm.devices.virtio.device import VIRTIO_F_INDIRECT_DESC
 from pyvmm.devices.virtio.vhost_user_blk import (
@@ -273,3 +274,29 @@ def test_missing_daemon_is_a_one_line_error(tmp_path, iothread):
     with pytest.raises(VhostUserError, match="does not exist") as error:
         VhostUserBlk(tmp_path / "absent.sock", iothread=iothread)
     assert "\n" not in str(error.value)
+
+
+def test_save_reads_the_back_ends_ring_positions_and_a_new_front_end_continues(device, daemon, memory, iothread):
+    driver = FakeDriver(memory, device)
+    queue = driver.queue(0)
+    payload = b"before the save." * 32
+    assert write_sector(device, queue, 5, payload) == S_OK
+    state = through_json(device.save())                   # GET_VRING_BASE, then the rings start again
+    assert state.virtio.queues[0].last_avail == 1 and state.virtio.queues[0].used_idx == 1
+    assert read_sectors(device, queue, 5) == (payload, S_OK)   # the device still serves after the save
+    state = through_json(device.save())
+    assert state.virtio.queues[0].last_avail == 2
+    device.close()
+
+    fresh = VhostUserBlk(daemon.socket, iothread=iothread, queue_size=64)
+    try:
+        fresh.attach(memory, driver.interrupts)
+        fresh.restore(state)                               # SET_VRING_BASE from the saved position
+        assert fresh.active
+        after = b"after a restore." * 32
+        assert write_sector(fresh, queue, 6, after) == S_OK
+        assert read_sectors(fresh, queue, 6) == (after, S_OK)
+        assert daemon.read_image(5 * SECTOR, SECTOR) == payload
+        assert fresh.save().virtio.queues[0].last_avail == 4
+    finally:
+        fresh.close()

@@ -12,6 +12,9 @@ import time
 
 import pytest
 
+from helpers.state import changed, through_json
+from pyvmm.persist import StateError
+
 from helpers.vhost_user_backend import FakeBackend
 from helpers.virtio_driver import FakeDriver, Interrupts
 from pyvmm.devices.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1
@@ -314,8 +317,14 @@ def test_blk_offers_only_what_the_guest_may_see(make_backend, iothread):
         config = device.config_bytes()
         assert len(config) == CONFIG_SIZE and struct.unpack_from("<Q", config)[0] == 2048
         assert struct.unpack_from("<H", config, CONFIG_NUM_QUEUES)[0] == 2  # ours, not the back-end's 4
-        with pytest.raises(VhostUserError, match="cannot be snapshotted"):
-            device.save()
+        state = through_json(device.save())           # not started: the rings' positions are ours
+        assert state.config == config and state.virtio.queues[0].last_avail == 0
+        device.restore(state)
+        assert device.save() == state
+        other_disk = bytearray(config)
+        other_disk[0] ^= 1
+        with pytest.raises(StateError, match="config: describes another disk than the back-end"):
+            device.restore(changed(state, config=bytes(other_disk)))
     finally:
         device.close()
 

@@ -18,16 +18,19 @@ import logging
 import os
 import struct
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from ...iothread import IoThread, make_eventfd
 from ...memory.guest_memory import GuestMemoryError
+from ...persist import State, StateError, require
 from ...vhost_user.frontend import DEFAULT_TIMEOUT, VhostUserFrontend
 from ...vhost_user.protocol import (
     VHOST_USER_F_PROTOCOL_FEATURES, MemoryTableEntry, ProtocolFeature, VhostUserError,
 )
 from .device import (
     COMMON_FEATURES, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK, VirtioDevice,
+    VirtioDeviceState,
 )
 from .blk import (
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_GEOMETRY,
@@ -265,8 +268,76 @@ class VhostUserBlk(VirtioDevice):
         for fd in (*self._kick, *self._call, *self._err):
             os.close(fd)
 
-    def save(self) -> dict:
-        raise VhostUserError("vhost-user-blk: vhost-user devices cannot be snapshotted yet")
+    def save(self) -> VhostUserBlkState:
+        """What vhost-user lets a front-end save: the rings' positions. Each started ring is
+        stopped (GET_VRING_BASE answers the back-end's next available index), its used index is
+        read from guest memory, and the ring is started again from there. Requests the back-end
+        has taken and not completed cannot be handed over: the save is refused with one line then
+        (and the rings keep going). Save while paused."""
+        with self.lock:
+            if self._started:
+                if self.frontend.dead:
+                    raise StateError(f"{self.name}: the back-end at {self.socket_path} is gone: "
+                                     "its rings' positions cannot be read")
+                taken = self._ring_positions()
+                if taken:
+                    raise StateError(f"{self.name}: the back-end holds {taken} request(s) in flight; vhost-user "
+                                     "cannot hand them over (save again once the disk is idle)")
+            return VhostUserBlkState(virtio=self.save_virtio(), config=bytes(self._config))
 
-    def restore(self, state: dict) -> None:
-        raise VhostUserError("vhost-user-blk: vhost-user devices cannot be restored from a snapshot yet")
+    def _ring_positions(self) -> int:
+        """Stop the started rings to read where the back-end stands, start them again; returns how
+        many requests it had taken without completing them."""
+        frontend, started = self.frontend, list(self._started)
+        try:
+            if frontend.backend_features & VHOST_USER_F_PROTOCOL_FEATURES:
+                for index in started:
+                    frontend.set_vring_enable(index, False)
+            for index in started:
+                queue = self.queues[index]
+                queue.last_avail = frontend.get_vring_base(index)
+                queue.used_idx = self.memory.read_u16(queue.used_ring + 2)
+            self._started = []
+            self._start_rings()
+        except (VhostUserError, VirtqueueBroken, GuestMemoryError) as exc:
+            self.fail(str(exc))
+            raise StateError(f"{self.name}: reading the back-end's ring positions failed: {exc}") from None
+        return sum((self.queues[i].last_avail - self.queues[i].used_idx) & 0xFFFF for i in started)
+
+    def check_restorable(self, state: State) -> None:
+        state = require(state, VhostUserBlkState)
+        saved, ours = bytearray(state.config), bytearray(self._config)
+        if len(saved) == len(ours):
+            saved[CONFIG_WCE] = ours[CONFIG_WCE] = 0   # the cache mode is the driver's, restored below
+        if saved != ours:
+            state.fail("config", f"describes another disk than the back-end at {self.socket_path} serves")
+        self.check_virtio(state.virtio)
+
+    def restore(self, state: VhostUserBlkState) -> None:  # type: ignore[override]
+        """Load the rings' positions and hand them to the back-end (SET_VRING_BASE) if the device
+        was running. A back-end that then fails marks the device for reset, as at DRIVER_OK."""
+        self.check_restorable(state)
+        with self.lock:
+            if self._started:
+                self._stop_rings()
+            self.restore_virtio(state.virtio)
+            if state.config[CONFIG_WCE] != self._config[CONFIG_WCE] and self.has_feature(VIRTIO_BLK_F_CONFIG_WCE):
+                self.write_config(CONFIG_WCE, state.config[CONFIG_WCE:CONFIG_WCE + 1])
+            if self.active:
+                try:
+                    self._start_rings()
+                except (VirtqueueBroken, VhostUserError, GuestMemoryError) as exc:
+                    self.fail(str(exc))
+
+
+@dataclass(frozen=True)
+class VhostUserBlkState(State):
+    """The virtio state (ring addresses and the back-end's positions) and the config space the
+    driver saw (capacity and limits are checked against the back-end restored with)."""
+    KIND = "vhost_user_blk"
+    virtio: VirtioDeviceState
+    config: bytes
+
+    def validate(self) -> None:
+        if len(self.config) != CONFIG_SIZE:
+            self.fail("config", f"{len(self.config)} bytes, expected {CONFIG_SIZE}")
