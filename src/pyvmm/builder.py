@@ -157,9 +157,17 @@ def virtio_devices(config: MachineConfig, console_write, iothread, releases: lis
     device opens on the host (image files, TAPs, sockets) gets its close() in `releases`."""
     if config.console == "virtio" or config.console_ports:
         from .devices.virtio.console import VirtioConsole
+        from .host import UnixPortListener
 
-        console = VirtioConsole(console_write if config.console == "virtio" else _discard, iothread=iothread,
-                                ports={port.name: port.socket for port in config.console_ports})
+        listeners = {}
+        try:
+            for port in config.console_ports:
+                listeners[port.name] = UnixPortListener(port.socket, iothread)
+        except BaseException:
+            for listener in listeners.values():
+                listener.close()
+            raise
+        console = VirtioConsole(console_write if config.console == "virtio" else _discard, ports=listeners)
         releases.append(console.close)
         yield "virtio-console", "virtio-console", console, config.console_transport
     for index, disk in enumerate(config.disks):
@@ -187,8 +195,11 @@ def virtio_devices(config: MachineConfig, console_write, iothread, releases: lis
         yield f"virtio-net{index}", "virtio-net", device, net.transport
     if config.vsock is not None:
         from .devices.virtio.vsock import VirtioVsock
+        from .host import VsockUnixHost
 
-        device = VirtioVsock(config.vsock.cid, config.vsock.uds, iothread=iothread)
+        host = VsockUnixHost(config.vsock.uds, iothread)
+        releases.append(host.close)      # idempotent: the device closes it too
+        device = VirtioVsock(config.vsock.cid, host)
         releases.append(device.close)
         yield "virtio-vsock", "virtio-vsock", device, config.vsock.transport
     if config.rng is not None:

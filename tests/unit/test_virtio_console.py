@@ -18,6 +18,7 @@ from pyvmm.devices.virtio.console import (
 )
 from pyvmm.devices.virtio.device import VIRTIO_F_VERSION_1
 from pyvmm.errors import user_error_message
+from pyvmm.host import UnixPortListener
 from pyvmm.iothread import IoThread
 from pyvmm.memory import GuestMemory
 from pyvmm.memory.guest_memory import RegionSpec
@@ -101,8 +102,21 @@ def idle_io():
     thread.stop()
 
 
-def make_console(sink, iothread, **kw):
-    return VirtioConsole(sink.append, iothread=iothread, **kw)
+def make_console(sink, iothread, *, ports=None, **kw):
+    """The device with a Unix-socket host end for each named port (name -> socket path)."""
+    listeners = {name: UnixPortListener(path, iothread) for name, path in (ports or {}).items()}
+    return VirtioConsole(sink.append, ports=listeners, **kw)
+
+
+class NoListener:
+    def start_accepting(self, on_client):
+        pass
+
+    def stop_accepting(self):
+        pass
+
+    def close(self):
+        pass
 
 
 def test_hvc0_output_reaches_console_write(memory, idle_io):
@@ -192,7 +206,7 @@ def test_malformed_control_messages_are_ignored(memory, idle_io):
 @pytest.fixture
 def socket_console(memory, sockdir, iothread):
     path = os.path.join(sockdir, "port1")
-    device = VirtioConsole([].append, iothread=iothread, ports={"org.test.port": path})
+    device = make_console([], iothread, ports={"org.test.port": path})
     guest = Guest(memory, device)
     yield device, guest, path
     device.close()
@@ -315,7 +329,7 @@ def test_save_restore_keeps_pending_bytes_and_reports_the_lost_client(socket_con
         device.console_input(b"typed")
         state = through_json(device.save())
         device.close()                            # the old device leaves the guest's rings alone from here
-    clone = VirtioConsole([].append, iothread=iothread, ports={"org.test.port": path + "-new"})
+    clone = make_console([], iothread, ports={"org.test.port": path + "-new"})
     try:
         clone.attach(memory, guest.driver.interrupts)
         guest.device = clone
@@ -359,7 +373,7 @@ def test_stale_socket_is_replaced_and_a_regular_file_is_refused(sockdir, idle_io
 @pytest.mark.parametrize("name", ["", "a/b", "tab\there", "x" * 300])
 def test_bad_port_names_are_refused(name, idle_io):
     with pytest.raises(ValueError, match="bad port name"):
-        make_console([], idle_io, ports={name: "/tmp/unused"})
+        VirtioConsole([].append, ports={name: NoListener()})
 
 
 def test_input_into_a_broken_ring_marks_the_device_not_the_caller(memory, idle_io):

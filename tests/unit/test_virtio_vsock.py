@@ -7,7 +7,9 @@ import time
 
 import pytest
 
-from helpers.state import through_json
+from helpers.state import changed, through_json
+from pyvmm.devices.virtio.vsock_state import ReplyState, VsockConnectionState
+from pyvmm.persist import StateError
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from helpers.virtio_driver import FakeDriver
@@ -17,12 +19,17 @@ from pyvmm.devices.virtio.vsock import (
     require_vhost_vsock, vhost_vsock_available,
 )
 from pyvmm.errors import UserError
+from pyvmm.host import VsockUnixHost
 from pyvmm.iothread import IoThread
 from pyvmm.memory import GuestMemory
 from pyvmm.memory.guest_memory import RegionSpec
 
 CID = 3
 RX, TX, EVENT = 0, 1, 2
+
+
+def make_vsock(cid, uds, iothread, **kw):
+    return VirtioVsock(cid, VsockUnixHost(uds, iothread), **kw)
 
 
 @pytest.fixture
@@ -115,22 +122,24 @@ def host_server(path):
 @pytest.fixture
 def vsock(memory, sockdir, iothread):
     uds = os.path.join(sockdir, "v.sock")
-    device = VirtioVsock(CID, uds, iothread=iothread, queue_size=16)
+    device = make_vsock(CID, uds, iothread, queue_size=16)
     guest = Guest(memory, device)
     yield device, guest, uds
     device.close()
 
 
 def test_config_holds_the_guest_cid(idle_io, sockdir):
-    device = VirtioVsock(7, os.path.join(sockdir, "v"), iothread=idle_io)
+    device = make_vsock(7, os.path.join(sockdir, "v"), idle_io)
     try:
         assert struct.unpack("<Q", device.read_config(0, 8))[0] == 0x7
     finally:
         device.close()
     assert not os.path.exists(os.path.join(sockdir, "v"))
     for cid in (0, 1, 2, 0xFFFFFFFF):
+        host = VsockUnixHost(os.path.join(sockdir, "w"), idle_io)
         with pytest.raises(ValueError, match="reserved"):
-            VirtioVsock(cid, os.path.join(sockdir, "w"), iothread=idle_io)
+            VirtioVsock(cid, host)
+        host.close()
 
 
 def test_guest_connects_to_a_host_unix_socket(vsock):
@@ -308,26 +317,81 @@ def test_malformed_packets_are_dropped_or_reset(vsock):
     assert not device.broken
 
 
-def test_restore_sends_transport_reset(memory, sockdir, iothread):
+def test_a_device_rebuilt_in_this_process_keeps_its_connections(memory, sockdir, iothread):
     uds = os.path.join(sockdir, "v.sock")
-    device = VirtioVsock(CID, uds, iothread=iothread, queue_size=16)
+    device = make_vsock(CID, uds, iothread, queue_size=16)
+    clone = None
     try:
         guest = Guest(memory, device)
-        event = guest.driver.queue(EVENT)
-        head = event.add([], [4])
-        device.notify(EVENT)
-        assert event.take_used() == []                      # nothing to report yet
         with host_server(f"{uds}_90") as server:
             guest.send(8000, 90, OP_REQUEST)
             guest.wait_packet(OP_RESPONSE)
             peer, _ = server.accept()
-            state = through_json(device.save())
-            device.restore(state)
-            assert event.take_used() == [(head, 4)] and event.written(head) == b"\x00\x00\x00\x00"
-            assert device.conns == {}
             peer.settimeout(5)
-            assert peer.recv(8) == b""                     # the host end is closed too
+            guest.send(8000, 90, OP_RW, b"ping")
+            assert peer.recv(4) == b"ping"
+            state = through_json(device.save())
+            assert [(c.guest_port, c.host_port, c.state, c.rx_cnt) for c in state.connections] == \
+                [(8000, 90, "established", 4)]
+            host = device.detach_host()
+
+            clone = VirtioVsock(CID, host, queue_size=16)
+            clone.attach(memory, guest.driver.interrupts)
+            guest.device = clone
+            clone.restore(state)
+            assert clone.save() == state
+            peer.sendall(b"pong")                          # the host end never noticed
+            data = guest.wait_packet(OP_RW)
+            assert (data.src_port, data.dst_port, data.payload) == (90, 8000, b"pong")
+            guest.send(8000, 90, OP_RW, b"again", fwd_cnt=4)
+            assert peer.recv(5) == b"again"
+            assert not [p for p in guest.received if p.op == OP_RST]
             peer.close()
+    finally:
+        device.close()                                     # after detach_host: leaves the streams alone
+        if clone is not None:
+            clone.close()
+
+
+def test_restore_resets_connections_whose_host_end_is_gone(memory, sockdir, iothread):
+    uds = os.path.join(sockdir, "v.sock")
+    device = make_vsock(CID, uds, iothread, queue_size=16)
+    guest = Guest(memory, device)
+    with host_server(f"{uds}_90") as server:
+        guest.send(8000, 90, OP_REQUEST)
+        guest.wait_packet(OP_RESPONSE)
+        peer, _ = server.accept()
+        state = device.save()
+        device.close()                                     # the host ends go with it
+        peer.settimeout(5)
+        assert peer.recv(8) == b""
+        peer.close()
+    fresh = make_vsock(CID, uds, iothread, queue_size=16)
+    try:
+        fresh.attach(memory, guest.driver.interrupts)
+        guest.device = fresh
+        fresh.restore(state)
+        assert fresh.conns == {}
+        rst = guest.wait_packet(OP_RST)                    # only that connection ends, cleanly
+        assert (rst.src_cid, rst.src_port, rst.dst_cid, rst.dst_port) == (HOST_CID, 90, CID, 8000)
+        assert fresh.counters()["rst_sent"] == 1
+    finally:
+        fresh.close()
+
+
+def test_vsock_state_is_checked(memory, sockdir, idle_io):
+    device = make_vsock(CID, os.path.join(sockdir, "v"), idle_io)
+    try:
+        state = device.save()
+        with pytest.raises(StateError, match="guest_cid: 4, this device's is 3"):
+            device.restore(changed(state, guest_cid=4))
+        with pytest.raises(StateError, match=r"replies\[0\]: about connection \(1, 2\), which is not in the table"):
+            changed(state, replies=(ReplyState(key=(1, 2), op=OP_RW, flags=0, raw=b""),))
+        with pytest.raises(StateError, match="state: 'open' is not one of"):
+            VsockConnectionState(guest_port=1, host_port=2, state="open", peer_buf_alloc=0, peer_fwd_cnt=0,
+                                 tx_cnt=0, rx_cnt=0, fwd_cnt=0, last_fwd_sent=0, staged=b"", output=b"",
+                                 host_eof=False, host_shut_wr=False, guest_shut_rcv=False, guest_shut_send=False,
+                                 closing=False, credit_requested=False, update_queued=False)
     finally:
         device.close()
 
@@ -374,7 +438,7 @@ header_fields = st.tuples(
 @given(packets=st.lists(st.tuples(header_fields, st.binary(max_size=64), st.integers(0, 50)), max_size=12))
 def test_random_packets_never_raise(memory, sockdir, idle_io, packets):
     uds = os.path.join(sockdir, "fuzz")
-    device = VirtioVsock(CID, uds, iothread=idle_io, queue_size=16)
+    device = make_vsock(CID, uds, idle_io, queue_size=16)
     try:
         with host_server(f"{uds}_1"):               # so that some guest REQUESTs open real connections
             guest = Guest(memory, device)

@@ -4,8 +4,8 @@ Port 0 is the guest's console (hvc0): its output goes to the same `console_write
 UART uses, host input arrives through `console_input()` (or the UART-like
 `receive`/`rx_space`/`wait_rx_space`, so the terminal code can attach to either).
 Every other port has a name (the guest sees /dev/vportNpM and
-/sys/class/virtio-ports/vportNpM/name) and a Unix socket pyvmm listens on, one client
-at a time.
+/sys/class/virtio-ports/vportNpM/name) and a host end: a StreamListener (host_side.py;
+pyvmm's is a Unix socket, host/console.py) that hands over one client stream at a time.
 
 Queues: 0/1 port 0 receive/transmit, 2/3 control receive/transmit, then a
 receive/transmit pair per extra port. The bring-up, as Linux drives it:
@@ -13,10 +13,10 @@ receive/transmit pair per extra port. The bring-up, as Linux drives it:
     driver DEVICE_READY            -> device PORT_ADD for every port
     driver PORT_READY(id)          -> device CONSOLE_PORT (port 0), PORT_NAME, PORT_OPEN if a host end is there
     driver PORT_OPEN(id, 1 / 0)    a guest process opened or closed the port (hvc opens port 0)
-    device PORT_OPEN(id, 1 / 0)    a socket client connected or went away
+    device PORT_OPEN(id, 1 / 0)    a host client connected or went away
 
 Host bytes go to a port's receive queue only while the guest has the port open (Linux
-throws away data for a closed port); until then they wait in a bounded buffer. A socket
+throws away data for a closed port); until then they wait in a bounded buffer. A host
 client is simply not read while that buffer is full; console input beyond it is dropped
 and counted. Guest bytes for a slow client wait in a bounded buffer too, after which
 the guest's transmit queue is left alone until the client reads.
@@ -26,17 +26,14 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
-import socket
-import stat
 import struct
 import threading
 from dataclasses import dataclass
 from typing import Callable
 
-from ...iothread import WritableWatch
 from ...persist import State, require
 from .device import VIRTIO_ID_CONSOLE, VirtioDevice, VirtioDeviceState
+from .host_side import HostStream, StreamListener
 from .queue import read_buffers, write_buffers
 
 log = logging.getLogger(__name__)
@@ -62,34 +59,15 @@ MAX_PORTS = 31
 MAX_NAME = 255
 
 
-def listen_unix(path: str) -> socket.socket:
-    """A non-blocking listening Unix stream socket at `path`; a stale socket file there is replaced."""
-    try:
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-    try:
-        sock.bind(path)
-        sock.listen(8)
-    except OSError as exc:
-        sock.close()
-        raise OSError(exc.errno, f"cannot listen here: {exc.strerror}", path) from None
-    return sock
-
-
 class ConsolePort:
     """One port: its queues, its host end, what waits in either direction, its counters."""
 
-    def __init__(self, port_id: int, name: str | None, path: str | None) -> None:
-        self.id, self.name, self.path = port_id, name, path
+    def __init__(self, port_id: int, name: str | None, listener: StreamListener | None) -> None:
+        self.id, self.name, self.listener = port_id, name, listener
         self.rx_queue = 0 if port_id == 0 else 2 * (port_id + 1)
         self.tx_queue = self.rx_queue + 1
-        self.listener: socket.socket | None = None
-        self.client: socket.socket | None = None
-        self.accepting = False         # listener registered with the I/O thread
-        self.reading = False           # client registered with the I/O thread
+        self.client: HostStream | None = None
+        self.reading = False           # watching the client for bytes
         self.ready = False             # the driver sent PORT_READY
         self.guest_open = False        # a guest process has the port open
         self.announced_open = False    # what the guest was last told about the host end
@@ -99,7 +77,7 @@ class ConsolePort:
 
     @property
     def host_open(self) -> bool:
-        return self.path is None or self.client is not None
+        return self.id == 0 or self.client is not None
 
     def counters(self) -> dict:
         return {"rx_bytes": self.rx_bytes, "tx_bytes": self.tx_bytes, "rx_dropped": self.rx_dropped,
@@ -111,8 +89,8 @@ class VirtioConsole(VirtioDevice):
     device_id = VIRTIO_ID_CONSOLE
     name = "virtio-console"
 
-    def __init__(self, console_write: Callable[[bytes], None], *, iothread,
-                 ports: dict[str, str] | None = None, queue_size: int = 256,
+    def __init__(self, console_write: Callable[[bytes], None], *,
+                 ports: dict[str, StreamListener] | None = None, queue_size: int = 256,
                  cols: int = 0, rows: int = 0) -> None:
         ports = dict(ports or {})
         if len(ports) > MAX_PORTS:
@@ -125,24 +103,15 @@ class VirtioConsole(VirtioDevice):
             features |= VIRTIO_CONSOLE_F_SIZE
         super().__init__((queue_size,) * (2 * (len(ports) + 2)), features)
         self.console_write = console_write
-        self.iothread = iothread
         self.cols, self.rows = cols, rows
         self.ports = [ConsolePort(0, None, None)] + [
-            ConsolePort(i, name, path) for i, (name, path) in enumerate(ports.items(), 1)]
+            ConsolePort(i, name, listener) for i, (name, listener) in enumerate(ports.items(), 1)]
         self._control: collections.deque[bytes] = collections.deque()
         self._space = threading.Condition(self.lock)
         self.control_dropped = 0
         self.control_malformed = 0
-        self._watch: WritableWatch | None = None
-        try:
-            if len(self.ports) > 1:
-                self._watch = WritableWatch(iothread)
-            for port in self.ports[1:]:
-                port.listener = listen_unix(port.path)
-                self._accept_more(port)
-        except BaseException:
-            self.close()
-            raise
+        for port in self.ports[1:]:
+            self._accept_more(port)
 
     @property
     def max_nr_ports(self) -> int:
@@ -206,21 +175,13 @@ class VirtioConsole(VirtioDevice):
             port.ready = port.guest_open = port.announced_open = False
 
     def close(self) -> None:
-        """Stop listening, drop the clients, remove the socket files (idempotent)."""
+        """Drop the clients, close the ports' host sides (idempotent)."""
         with self.lock:
             for port in self.ports[1:]:
                 self._drop_client(port, announce=False)
                 if port.listener is not None:
-                    self._stop_accepting(port)
-                    self.iothread.call_soon(port.listener.close)
+                    port.listener.close()
                     port.listener = None
-                    try:
-                        os.unlink(port.path)
-                    except OSError:
-                        pass
-            if self._watch is not None:
-                self._watch.close()
-                self._watch = None
 
     # --- queues -----------------------------------------------------------------------------------------
 
@@ -348,31 +309,21 @@ class VirtioConsole(VirtioDevice):
             port.announced_open = port.host_open
             self._send_control(port.id, PORT_OPEN, int(port.host_open))
 
-    # --- Unix socket ports (callbacks run on the I/O thread) ------------------------------------------------
+    # --- named ports' host ends (callbacks run on the I/O thread) ------------------------------------------------
 
     def _accept_more(self, port: ConsolePort) -> None:
-        if not port.accepting and port.listener is not None:
-            port.accepting = True
-            listener = port.listener
-            self.iothread.add_reader(listener.fileno(), lambda: self._on_accept(port, listener))
+        if port.listener is not None:
+            port.listener.start_accepting(lambda stream: self._on_client(port, stream))
 
     def _stop_accepting(self, port: ConsolePort) -> None:
-        if port.accepting:
-            port.accepting = False
-            self.iothread.remove_reader(port.listener.fileno())
+        if port.listener is not None:
+            port.listener.stop_accepting()
 
-    def _on_accept(self, port: ConsolePort, listener: socket.socket) -> None:
+    def _on_client(self, port: ConsolePort, client: HostStream) -> None:
         with self.host_work():
-            if port.listener is not listener or port.client is not None:
+            if port.listener is None or port.client is not None:
+                client.close()
                 return
-            try:
-                client, _ = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.warning("virtio-console: port %s: accept failed: %s", port.name, exc.strerror)
-                return
-            client.setblocking(False)
             port.client = client
             port.connections += 1
             self._stop_accepting(port)  # one client at a time; the next one waits in the backlog
@@ -385,12 +336,12 @@ class VirtioConsole(VirtioDevice):
         if want and not port.reading:
             port.reading = True
             client = port.client
-            self.iothread.add_reader(client.fileno(), lambda: self._on_readable(port, client))
+            client.watch_readable(lambda: self._on_readable(port, client))
         elif not want and port.reading:
             port.reading = False
-            self.iothread.remove_reader(port.client.fileno())
+            port.client.unwatch_readable()
 
-    def _on_readable(self, port: ConsolePort, client: socket.socket) -> None:
+    def _on_readable(self, port: ConsolePort, client: HostStream) -> None:
         with self.host_work():
             if port.client is not client:
                 return
@@ -400,10 +351,10 @@ class VirtioConsole(VirtioDevice):
                 return
             try:
                 data = client.recv(min(room, READ_CHUNK))
-            except (BlockingIOError, InterruptedError):
-                return
             except OSError:
                 data = b""
+            if data is None:
+                return
             if not data:
                 self._drop_client(port)
                 return
@@ -416,15 +367,15 @@ class VirtioConsole(VirtioDevice):
         while port.output:
             try:
                 sent = client.send(port.output)
-            except (BlockingIOError, InterruptedError):
-                self._watch.watch(client.fileno(), lambda: self._on_writable(port, client))
-                return
             except OSError:
                 self._drop_client(port)
                 return
+            if sent is None:
+                client.watch_writable(lambda: self._on_writable(port, client))
+                return
             del port.output[:sent]
 
-    def _on_writable(self, port: ConsolePort, client: socket.socket) -> None:
+    def _on_writable(self, port: ConsolePort, client: HostStream) -> None:
         with self.host_work():
             if port.client is not client:
                 return
@@ -438,12 +389,8 @@ class VirtioConsole(VirtioDevice):
         client = port.client
         if client is None:
             return
-        if port.reading:
-            port.reading = False
-            self.iothread.remove_reader(client.fileno())
-        if self._watch is not None:
-            self._watch.forget(client.fileno())
-        self.iothread.call_soon(client.close)
+        port.reading = False
+        client.close()     # forgets its watches too
         port.client = None
         port.tx_dropped += len(port.output)
         port.output.clear()
@@ -460,7 +407,7 @@ class VirtioConsole(VirtioDevice):
 
     def save(self) -> ConsoleState:
         """Requests are served whole under the device lock: none is in flight at a save. Bytes
-        waiting for a socket client are not saved (the client does not survive a restore)."""
+        waiting for a host client are not saved (counted as dropped: the client does not survive a restore)."""
         with self.lock:
             return ConsoleState(
                 virtio=self.save_virtio(), cols=self.cols, rows=self.rows, control=tuple(self._control),
@@ -479,7 +426,7 @@ class VirtioConsole(VirtioDevice):
         self.check_virtio(state.virtio)
 
     def restore(self, state: ConsoleState) -> None:  # type: ignore[override]
-        """Load a `save()` result; socket clients are not part of it, so the guest hears
+        """Load a `save()` result; host clients are not part of it, so the guest hears
         PORT_OPEN 0 for a port whose client is gone (and 1 for one connected since)."""
         self.check_restorable(state)
         with self.host_work():

@@ -1,12 +1,13 @@
 """virtio-vsock (virtio 1.2 section 5.10): guest stream sockets mapped to host Unix sockets.
 
-The host side follows Firecracker's convention, so its tools work unchanged:
+The device sees its host side only through the VsockHost protocol (host_side.py); pyvmm's
+is host/vsock.py, Firecracker's Unix-socket convention, so its tools work unchanged:
 
-- the guest connects to (CID 2, port P): pyvmm connects to the Unix socket `{uds_path}_{P}`
-  and answers RESPONSE, or RST when nobody listens there;
-- a host program connects to `uds_path` and writes "CONNECT <P>\\n": pyvmm sends the guest a
-  REQUEST from a fresh local port L to its port P and, once the guest accepts (RESPONSE),
-  writes "OK <L>\\n" back; from then on bytes flow both ways.
+- the guest connects to (CID 2, port P): the device asks the host side for a stream to P
+  and answers RESPONSE, or RST when nobody serves P;
+- a host program asks for guest port P: the device sends the guest a REQUEST from a fresh
+  local port L to its port P and, once the guest accepts (RESPONSE), the program is told L;
+  from then on bytes flow both ways.
 
 Flow control is credit based (5.10.6.3). Every packet carries the sender's buf_alloc and
 fwd_cnt; pyvmm never sends more payload than the guest's buf_alloc - (tx_cnt - fwd_cnt),
@@ -14,9 +15,14 @@ and it counts guest bytes as forwarded only once the host socket took them, so a
 that honours the credit we advertise can never make us hold more than CONN_BUF_ALLOC
 per connection (one that does not is reset).
 
-Queues: 0 receive (device -> driver), 1 transmit, 2 event. Connections live in host
-sockets and do not survive a snapshot: on restore the guest gets TRANSPORT_RESET on the
-event queue and drops them, as it does under Firecracker.
+Queues: 0 receive (device -> driver), 1 transmit, 2 event.
+
+Snapshots: the state holds the connection table as the guest knows it (ports, credit in both
+directions, bytes waiting either way, shutdowns, control packets not yet delivered). A host
+stream cannot be saved: a device restored in the same process takes over the streams its
+host side still has (the old device's `detach_host()`, then the same host object for the new
+one); every connection whose host stream is gone is reset with an RST to the guest, which
+sees the peer close that connection and nothing else.
 """
 
 from __future__ import annotations
@@ -24,15 +30,13 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import socket
 import struct
-from dataclasses import dataclass
 
 from ...errors import UserError
-from ...iothread import WritableWatch
 from ...persist import State, require
-from .console import listen_unix
-from .device import VIRTIO_ID_VSOCK, VirtioDevice, VirtioDeviceState
+from .device import VIRTIO_ID_VSOCK, VirtioDevice
+from .host_side import HostStream, VsockHost
+from .vsock_state import ReplyState, VsockConnectionState, VsockState
 from .queue import DescriptorChain, read_buffers, write_buffers
 
 log = logging.getLogger(__name__)
@@ -52,9 +56,7 @@ RX, TX, EVENT = 0, 1, 2
 CONN_BUF_ALLOC = 256 << 10     # what each connection advertises to the guest
 MAX_PAYLOAD = 64 << 10         # per packet to the guest (Linux's own largest)
 MAX_CONNECTIONS = 1024
-MAX_HANDSHAKES = 64            # host clients that have not sent their CONNECT line yet
 REPLY_LIMIT = 4096             # control packets waiting for receive buffers
-CONNECT_LINE_MAX = 64
 LOCAL_PORT_FIRST = 1 << 30
 U32 = 0xFFFFFFFF
 
@@ -79,10 +81,10 @@ def require_vhost_vsock(path: str = VHOST_VSOCK_PATH) -> None:
 
 
 class VsockConnection:
-    """One stream: its host socket, the credit in both directions, what waits on either side."""
+    """One stream: its host end, the credit in both directions, what waits on either side."""
 
-    def __init__(self, guest_port: int, host_port: int, sock: socket.socket, state: str) -> None:
-        self.guest_port, self.host_port, self.sock, self.state = guest_port, host_port, sock, state
+    def __init__(self, guest_port: int, host_port: int, stream: HostStream, state: str) -> None:
+        self.guest_port, self.host_port, self.stream, self.state = guest_port, host_port, stream, state
         self.peer_buf_alloc = 0
         self.peer_fwd_cnt = 0
         self.tx_cnt = 0            # payload bytes sent to the guest
@@ -113,28 +115,20 @@ class VirtioVsock(VirtioDevice):
     device_id = VIRTIO_ID_VSOCK
     name = "virtio-vsock"
 
-    def __init__(self, guest_cid: int, uds_path: str, *, iothread, queue_size: int = 256) -> None:
+    def __init__(self, guest_cid: int, host: VsockHost, *, queue_size: int = 256) -> None:
         if not 3 <= guest_cid < U32:
             raise ValueError(f"vsock: guest CID {guest_cid} is reserved or out of range (3..{U32 - 1})")
         super().__init__((queue_size, queue_size, queue_size))
         self.guest_cid = guest_cid
-        self.uds_path = uds_path
-        self.iothread = iothread
+        self.host = host
         self.conns: dict[tuple[int, int], VsockConnection] = {}
         self._replies: collections.deque = collections.deque()
         self._rx_ready: dict[VsockConnection, None] = {}   # ordered: served round robin
-        self._handshakes: dict[socket.socket, bytearray] = {}
         self._next_local_port = LOCAL_PORT_FIRST
         self._events_pending = 0
-        self.stats = collections.Counter()
-        self._watch = WritableWatch(iothread)
-        try:
-            self._listener = listen_unix(uds_path)
-        except BaseException:
-            self._watch.close()
-            raise
-        listener = self._listener
-        iothread.add_reader(listener.fileno(), lambda: self._on_accept(listener))
+        self._detached = False
+        self.stats: collections.Counter[str] = collections.Counter()
+        host.start(self._on_host_request)
 
     # --- configuration and lifecycle ------------------------------------------------------------------
 
@@ -148,25 +142,33 @@ class VirtioVsock(VirtioDevice):
         self._events_pending = 0
 
     def close(self) -> None:
-        """Close every connection and the listener, remove the socket file (idempotent)."""
+        """Close every connection and the host side (idempotent); after detach_host() the host
+        side and its streams are left to the device that took them."""
         with self.lock:
+            if self._detached:
+                return
             for conn in list(self.conns.values()):
                 self._kill(conn, rst=False)
-            for sock in list(self._handshakes):
-                self._drop_handshake(sock)
-            if self._listener is not None:
-                self.iothread.remove_reader(self._listener.fileno())
-                self.iothread.call_soon(self._listener.close)
-                self._listener = None
-                try:
-                    os.unlink(self.uds_path)
-                except OSError:
-                    pass
-            self._watch.close()
+            self.host.close()
+
+    def detach_host(self) -> VsockHost:
+        """Stop using the host side without closing it, for a device restored in this process
+        (which then continues the live connections). Call after save(), while paused."""
+        with self.lock:
+            self._detached = True
+            for conn in self.conns.values():
+                if conn.reading:
+                    conn.reading = False
+                    conn.stream.unwatch_readable()
+            self.conns.clear()
+            self._rx_ready.clear()
+            self._replies.clear()
+            return self.host
 
     def counters(self) -> dict:
         with self.lock:
-            return {**{name: self.stats[name] for name in COUNTERS}, "connections": len(self.conns)}
+            stats = {**self.stats, **self.host.counters()}
+            return {**{name: stats.get(name, 0) for name in COUNTERS}, "connections": len(self.conns)}
 
     # --- queues --------------------------------------------------------------------------------------------
 
@@ -321,23 +323,20 @@ class VirtioVsock(VirtioDevice):
             self._update_reader(conn)
 
     def _guest_connect(self, guest_port: int, host_port: int, buf_alloc: int, fwd_cnt: int) -> None:
-        path = f"{self.uds_path}_{host_port}"
         if len(self.conns) >= MAX_CONNECTIONS:
             self.stats["connect_refused"] += 1
             self._rst_for(self.guest_cid, guest_port, HOST_CID, host_port)
             return
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
-            sock.connect(path)
-        except OSError as exc:  # nobody listens, or the backlog is full (EAGAIN)
-            sock.close()
+            stream = self.host.connect(host_port)
+        except OSError as exc:  # nobody serves that port
             self.stats["connect_refused"] += 1
-            log.debug("vsock: guest port %d -> %s: %s", guest_port, path, exc.strerror)
+            log.debug("vsock: guest port %d -> host port %d: %s", guest_port, host_port, exc.strerror or exc)
             self._rst_for(self.guest_cid, guest_port, HOST_CID, host_port)
             return
-        conn = VsockConnection(guest_port, host_port, sock, ESTABLISHED)
+        conn = VsockConnection(guest_port, host_port, stream, ESTABLISHED)
         conn.peer_buf_alloc, conn.peer_fwd_cnt = buf_alloc, fwd_cnt
-        self.conns[conn.key] = conn
+        self._add(conn)
         self.stats["connections_from_guest"] += 1
         self._reply(conn, OP_RESPONSE)
         self._update_reader(conn)
@@ -345,7 +344,7 @@ class VirtioVsock(VirtioDevice):
     def _guest_accepted(self, conn: VsockConnection) -> None:
         conn.state = ESTABLISHED
         try:
-            conn.sock.send(f"OK {conn.host_port}\n".encode())  # the first bytes on a fresh socket: no room issue
+            self.host.accepted(conn.stream, conn.host_port)
         except OSError:
             self._kill(conn, rst=True)
             return
@@ -365,7 +364,11 @@ class VirtioVsock(VirtioDevice):
         conn.output += read_buffers(self.memory, chain.readable, HEADER.size, length)
         self._flush_host(conn)
 
-    # --- host sockets (callbacks run on the I/O thread) ------------------------------------------------------
+    # --- host streams (callbacks run on the I/O thread) ------------------------------------------------------
+
+    def _add(self, conn: VsockConnection) -> None:
+        self.conns[conn.key] = conn
+        self.host.adopt(conn.key, conn.stream)
 
     def _update_reader(self, conn: VsockConnection) -> None:
         """Read the host socket only while its bytes could go somewhere."""
@@ -373,30 +376,30 @@ class VirtioVsock(VirtioDevice):
         want = can_send and not conn.staged and conn.peer_credit > 0
         if want and not conn.reading:
             conn.reading = True
-            sock = conn.sock
-            self.iothread.add_reader(sock.fileno(), lambda: self._on_host_readable(conn, sock))
+            stream = conn.stream
+            stream.watch_readable(lambda: self._on_host_readable(conn, stream))
         elif not want and conn.reading:
             conn.reading = False
-            self.iothread.remove_reader(conn.sock.fileno())
+            conn.stream.unwatch_readable()
         if can_send and not conn.peer_credit and not conn.credit_requested:
             conn.credit_requested = True   # the guest owes us an update; ask, in case it is waiting on us
             self._reply(conn, OP_CREDIT_REQUEST)
 
-    def _on_host_readable(self, conn: VsockConnection, sock: socket.socket) -> None:
+    def _on_host_readable(self, conn: VsockConnection, stream: HostStream) -> None:
         with self.host_work():
-            if self.conns.get(conn.key) is not conn or conn.sock is not sock:
+            if self.conns.get(conn.key) is not conn or conn.stream is not stream:
                 return
             room = min(conn.peer_credit, MAX_PAYLOAD)
             if conn.staged or not room:
                 self._update_reader(conn)
                 return
             try:
-                data = sock.recv(room)
-            except (BlockingIOError, InterruptedError):
-                return
+                data = stream.recv(room)
             except OSError:
                 self._kill(conn, rst=True)
                 self._process_rx()
+                return
+            if data is None:
                 return
             if not data:
                 conn.host_eof = True   # the host will send no more; the guest may still talk
@@ -408,15 +411,15 @@ class VirtioVsock(VirtioDevice):
             self._process_rx()
 
     def _flush_host(self, conn: VsockConnection) -> None:
-        sock = conn.sock
+        stream = conn.stream
         while conn.output:
             try:
-                sent = sock.send(conn.output)
-            except (BlockingIOError, InterruptedError):
-                self._watch.watch(sock.fileno(), lambda: self._on_host_writable(conn, sock))
-                return
+                sent = stream.send(conn.output)
             except OSError:
                 self._kill(conn, rst=True)
+                return
+            if sent is None:
+                stream.watch_writable(lambda: self._on_host_writable(conn, stream))
                 return
             del conn.output[:sent]
             conn.fwd_cnt += sent
@@ -425,10 +428,7 @@ class VirtioVsock(VirtioDevice):
             return
         if conn.guest_shut_send and not conn.host_shut_wr:
             conn.host_shut_wr = True
-            try:
-                sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
+            stream.shutdown_write()
         # the guest believes it has this much room left; tell it about freed space before it runs dry
         if conn.fwd_cnt != conn.last_fwd_sent and CONN_BUF_ALLOC - (conn.rx_cnt - conn.last_fwd_sent) < CONN_BUF_ALLOC // 2:
             self._credit_update(conn)
@@ -438,22 +438,20 @@ class VirtioVsock(VirtioDevice):
             conn.update_queued = True
             self._reply(conn, OP_CREDIT_UPDATE)
 
-    def _on_host_writable(self, conn: VsockConnection, sock: socket.socket) -> None:
+    def _on_host_writable(self, conn: VsockConnection, stream: HostStream) -> None:
         with self.host_work():
-            if self.conns.get(conn.key) is conn and conn.sock is sock:
+            if self.conns.get(conn.key) is conn and conn.stream is stream:
                 self._flush_host(conn)
                 self._process_rx()
 
     def _kill(self, conn: VsockConnection, *, rst: bool) -> None:
-        """Forget a connection and close its host socket; tell the guest with RST when it does not know."""
+        """Forget a connection and close its host stream; tell the guest with RST when it does not know."""
         if self.conns.get(conn.key) is conn:
             del self.conns[conn.key]
+            self.host.release(conn.key)
         self._rx_ready.pop(conn, None)
-        if conn.reading:
-            conn.reading = False
-            self.iothread.remove_reader(conn.sock.fileno())
-        self._watch.forget(conn.sock.fileno())
-        self.iothread.call_soon(conn.sock.close)
+        conn.reading = False
+        conn.stream.close()
         if any(reply[0] is conn for reply in self._replies):  # nothing more about it but the RST
             self._replies = collections.deque(reply for reply in self._replies if reply[0] is not conn)
         if rst:
@@ -462,62 +460,19 @@ class VirtioVsock(VirtioDevice):
 
     # --- host-initiated connections ------------------------------------------------------------------------------
 
-    def _on_accept(self, listener: socket.socket) -> None:
+    def _on_host_request(self, guest_port: int, stream: HostStream, early: bytes) -> bool:
+        """A host program asks for guest port `guest_port` (on the I/O thread); `early` are the
+        bytes it sent right behind its request: they wait for the guest."""
         with self.host_work():
-            if listener is not self._listener:
-                return
-            try:
-                sock, _ = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.warning("vsock: accept on %s failed: %s", self.uds_path, exc.strerror)
-                return
-            if len(self._handshakes) >= MAX_HANDSHAKES:
-                self.stats["handshakes_refused"] += 1
-                sock.close()
-                return
-            sock.setblocking(False)
-            self._handshakes[sock] = bytearray()
-            self.iothread.add_reader(sock.fileno(), lambda: self._on_handshake(sock))
-
-    def _drop_handshake(self, sock: socket.socket, close: bool = True) -> None:
-        if self._handshakes.pop(sock, None) is not None:
-            self.iothread.remove_reader(sock.fileno())
-            if close:
-                self.iothread.call_soon(sock.close)
-
-    def _on_handshake(self, sock: socket.socket) -> None:
-        """Read "CONNECT <port>\\n" and ask the guest for that port."""
-        with self.host_work():
-            line = self._handshakes.get(sock)
-            if line is None:
-                return
-            try:
-                data = sock.recv(CONNECT_LINE_MAX)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                data = b""
-            line += data
-            if b"\n" not in line:
-                if not data or len(line) >= CONNECT_LINE_MAX:
-                    self.stats["bad_connect_lines"] += 1
-                    self._drop_handshake(sock)
-                return
-            request, rest = bytes(line).split(b"\n", 1)
-            words = request.strip().split()
-            port = int(words[1]) if len(words) == 2 and words[0] == b"CONNECT" and words[1].isdigit() else -1
-            if not 0 <= port <= U32 or len(self.conns) >= MAX_CONNECTIONS:
-                self.stats["bad_connect_lines" if port < 0 or port > U32 else "connect_refused"] += 1
-                self._drop_handshake(sock)
-                return
-            self._drop_handshake(sock, close=False)
-            conn = VsockConnection(port, self._local_port(port), sock, CONNECTING)
-            conn.staged = rest[:MAX_PAYLOAD]   # bytes sent right behind the line wait for the guest
-            self.conns[conn.key] = conn
+            if self._detached or len(self.conns) >= MAX_CONNECTIONS:
+                self.stats["connect_refused"] += 1
+                return False
+            conn = VsockConnection(guest_port, self._local_port(guest_port), stream, CONNECTING)
+            conn.staged = early[:MAX_PAYLOAD]
+            self._add(conn)
             self._reply(conn, OP_REQUEST)
             self._process_rx()
+            return True
 
     def _local_port(self, guest_port: int) -> int:
         while True:
@@ -529,32 +484,76 @@ class VirtioVsock(VirtioDevice):
     # --- snapshot ------------------------------------------------------------------------------------------------------
 
     def save(self) -> VsockState:
+        """Every transmit packet is served whole under the device lock: nothing is in flight."""
         with self.lock:
-            return VsockState(virtio=self.save_virtio(), guest_cid=self.guest_cid)
+            return VsockState(
+                virtio=self.save_virtio(), guest_cid=self.guest_cid,
+                connections=tuple(_connection_state(conn) for conn in self.conns.values()),
+                replies=tuple(ReplyState(key=None if conn is None else conn.key, op=op, flags=flags, raw=raw)
+                              for conn, op, flags, raw in self._replies),
+                rx_ready=tuple(conn.key for conn in self._rx_ready),
+                events_pending=self._events_pending, next_local_port=self._next_local_port,
+                stats={name: count for name, count in self.stats.items() if count})
 
     def check_restorable(self, state: State) -> None:
-        state = require(state, VsockState)
+        state = _require_vsock(state)
         if state.guest_cid != self.guest_cid:
             state.fail("guest_cid", f"{state.guest_cid}, this device's is {self.guest_cid}")
         self.check_virtio(state.virtio)
 
     def restore(self, state: VsockState) -> None:  # type: ignore[override]
-        """Load a `save()` result: the guest's connections are gone, so it hears TRANSPORT_RESET."""
+        """Load a `save()` result. Connections whose host stream the host side still has go on;
+        the others are reset: the guest gets an RST for each, nothing else changes for it."""
         self.check_restorable(state)
         with self.host_work():
-            self.restore_virtio(state.virtio)
             for conn in list(self.conns.values()):
                 self._kill(conn, rst=False)
+            self.restore_virtio(state.virtio)
+            self._events_pending = state.events_pending
+            self._next_local_port = state.next_local_port
+            self.stats = collections.Counter(state.stats)
             self._replies.clear()
-            self._events_pending = 1
-            self._process_events()
+            self._rx_ready.clear()
+            for saved in state.connections:
+                stream = self.host.reclaim((saved.guest_port, saved.host_port))
+                if stream is None:
+                    self._rst_for(self.guest_cid, saved.guest_port, HOST_CID, saved.host_port)
+                    continue
+                conn = _connection_from(saved, stream)
+                self.conns[conn.key] = conn
+            for reply in state.replies:
+                conn = None if reply.key is None else self.conns.get(reply.key)
+                if reply.key is None or conn is not None:
+                    self._replies.append((conn, reply.op, reply.flags, reply.raw))
+            for key in state.rx_ready:
+                if key in self.conns:
+                    self._rx_ready[self.conns[key]] = None
+            for conn in list(self.conns.values()):
+                self._update_reader(conn)
+                if conn.output or conn.closing:
+                    self._flush_host(conn)
+            if self.active:
+                self._process_events()
+                self._process_rx()
 
 
-@dataclass(frozen=True)
-class VsockState(State):
-    KIND = "virtio_vsock"
-    virtio: VirtioDeviceState
-    guest_cid: int
+_SAVED_FIELDS = ("peer_buf_alloc", "peer_fwd_cnt", "tx_cnt", "rx_cnt", "fwd_cnt", "last_fwd_sent", "host_eof",
+                 "host_shut_wr", "guest_shut_rcv", "guest_shut_send", "closing", "credit_requested", "update_queued")
 
-    def validate(self) -> None:
-        self.check_range("guest_cid", 3, U32 - 1)
+
+def _connection_state(conn: VsockConnection) -> VsockConnectionState:
+    return VsockConnectionState(guest_port=conn.guest_port, host_port=conn.host_port, state=conn.state,
+                                staged=bytes(conn.staged), output=bytes(conn.output),
+                                **{name: getattr(conn, name) for name in _SAVED_FIELDS})
+
+
+def _connection_from(saved: VsockConnectionState, stream: HostStream) -> VsockConnection:
+    conn = VsockConnection(saved.guest_port, saved.host_port, stream, saved.state)
+    for name in _SAVED_FIELDS:
+        setattr(conn, name, getattr(saved, name))
+    conn.staged, conn.output = saved.staged, bytearray(saved.output)
+    return conn
+
+
+def _require_vsock(state: State) -> VsockState:
+    return require(state, VsockState)
