@@ -7,12 +7,12 @@ after the checkpoint passes."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 
 import pytest
 
 from helpers.reporting import KVM_GUESTS
+from helpers.state import changed, through_json
 from pyvmm.accel.select import choose_accelerator
 from pyvmm.arch.x86_64 import msrs as M
 from pyvmm.arch.x86_64.cpu_state import VcpuState, XsaveState
@@ -56,8 +56,8 @@ class Signals:
             self.vcpu.kick()
 
 
-def _vm(accel: str):
-    config = MachineConfig(kernel=str(build_source(KVM_GUESTS / "vcpustate.S", 64)), memory=16 << 20)
+def _vm(accel: str, cpus: int = 1):
+    config = MachineConfig(kernel=str(build_source(KVM_GUESTS / "vcpustate.S", 64)), memory=16 << 20, cpus=cpus)
     vm = build_vm(config, lambda data: None, accel=choose_accelerator(accel).create())
     signals = Signals(vm.vcpus[0])
     vm.mmio_bus.register(SIGNALS, 16, signals, "vcpustate-signals")
@@ -90,8 +90,7 @@ def _copy_memory(source, target) -> None:
         target.memory.write(region.guest_base, source.memory.read(region.guest_base, region.size))
 
 
-def _json_round_trip(state):
-    return type(state).from_dict(json.loads(json.dumps(state.to_dict())))
+_json_round_trip = through_json
 
 
 def _without_tsc(state: VcpuState) -> dict:
@@ -274,3 +273,67 @@ def test_what_cannot_cross_is_one_line(kvm_only):
             tcg.vcpus[0].restore(nmi)
     finally:
         tcg.close()
+
+
+def test_an_application_processor_waiting_for_sipi_keeps_waiting(accel):
+    """vCPU 1 never started: saved as waiting for INIT/SIPI, restored so into a fresh VM."""
+    vm, _ = _vm(accel, cpus=2)
+    try:
+        waiting = through_json(vm.vcpus[1].save())
+        running = vm.vcpus[0].save()
+    finally:
+        vm.close()
+    assert waiting.mp_state == "uninitialized" and running.mp_state == "runnable"
+    fresh, _ = _vm(accel, cpus=2)
+    try:
+        fresh.vcpus[1].restore(waiting)
+        assert _without_tsc(fresh.vcpus[1].save()) == _without_tsc(waiting)
+        fresh.vcpus[0].restore(changed(running, mp_state="halted"))
+        assert fresh.vcpus[0].save().mp_state == "halted"
+    finally:
+        fresh.close()
+
+
+def _kvm_vm_with_xsave():
+    """A KVM VM whose guest CPUID offers XSAVE/AVX where the host has them (the calibration may
+    hide XSAVE from guests of a KVM that emulates kernel code; this test sets it from outside)."""
+    from pyvmm.accel.kvm.accelerator import KvmAccelerator
+
+    config = MachineConfig(kernel=str(build_source(KVM_GUESTS / "vcpustate.S", 64)), memory=16 << 20)
+    return build_vm(config, lambda data: None, accel=KvmAccelerator())
+
+
+def test_kvm_avx_state_survives_a_round_trip(kvm_only):
+    """XCR0 and an XSAVE component beyond SSE (AVX's upper YMM halves) go through the state."""
+    from pyvmm.accel.kvm.state import check_restorable, xsave_layout
+
+    vm = _kvm_vm_with_xsave()
+    try:
+        layout = xsave_layout(vm.accel)
+        if 2 not in layout or vm.accel.xsave_size is None:
+            pytest.skip("this host's KVM has no AVX state")
+        vcpu = vm.vcpus[0]
+        xcrs = uapi.kvm_xcrs(nr_xcrs=1)
+        xcrs.xcrs[0].xcr, xcrs.xcrs[0].value = 0, 0x7
+        vcpu.fd.set_xcrs(xcrs)
+        area = bytearray(vcpu.fd.get_xsave(vm.accel.xsave_size))
+        offset, size = layout[2]
+        pattern = bytes((i * 7 + 3) & 0xFF for i in range(size))
+        area[offset:offset + size] = pattern
+        area[512] |= 4  # XSTATE_BV: the AVX component is in use
+        vcpu.fd.set_xsave(bytes(area))
+        state = through_json(vcpu.save())
+    finally:
+        vm.close()
+    assert state.xsave.xcr0 == 7 and state.xsave.components == {2: pattern}
+    fresh = _kvm_vm_with_xsave()
+    try:
+        fresh.vcpus[0].restore(state)
+        assert _without_tsc(fresh.vcpus[0].save()) == _without_tsc(state)
+        unknown = max(set(range(2, 19)) - set(layout))
+        foreign = changed(state, xsave=XsaveState(xcr0=7 | 1 << unknown, xstate_bv=1 << unknown,
+                                                  components={unknown: bytes(8)}))
+        with pytest.raises(StateError, match=rf"^x86-vcpu state: xsave.components: XSAVE component {unknown} "):
+            check_restorable(fresh.accel, foreign)
+    finally:
+        fresh.close()

@@ -22,7 +22,7 @@ import unicorn.x86_const as X
 
 from ...arch.x86_64 import msrs as M
 from ...arch.x86_64.cpu_state import (
-    CR0_PE, CR0_PG, EFER_LMA, GPR_NAMES, SHADOW_STI, XSTATE_X87, EventsState, FpuState, SegmentState,
+    CR0_PE, CR0_PG, EFER_LMA, EFER_LME, GPR_NAMES, SHADOW_STI, XSTATE_X87, EventsState, FpuState, SegmentState,
     TableState, VcpuState,
 )
 from ...persist import StateError
@@ -69,14 +69,18 @@ def save(vcpu) -> VcpuState:
     _, idt_base, idt_limit, _ = uc.reg_read(X.UC_X86_REG_IDTR)
     lapic = vcpu.lapic
     apic_base = lapic.apic_base if lapic is not None else 0
+    cr0, efer = uc.reg_read(X.UC_X86_REG_CR0), uc.msr_read(M.MSR_EFER)
+    # LMA is LME with paging on; the engine's power-on context (a vCPU that never ran) has it
+    # set without paging, which no restore could reproduce
+    efer = efer & ~EFER_LMA | (EFER_LMA if efer & EFER_LME and cr0 & CR0_PG else 0)
     return VcpuState(
         gprs={name: uc.reg_read(reg) for name, reg in _GPR_REGS.items()},
         rip=uc.reg_read(X.UC_X86_REG_RIP), rflags=uc.reg_read(X.UC_X86_REG_RFLAGS),
         segments=segments,
         gdt=TableState(base=gdt_base, limit=gdt_limit), idt=TableState(base=idt_base, limit=idt_limit),
-        cr0=uc.reg_read(X.UC_X86_REG_CR0), cr2=uc.reg_read(X.UC_X86_REG_CR2), cr3=uc.reg_read(X.UC_X86_REG_CR3),
+        cr0=cr0, cr2=uc.reg_read(X.UC_X86_REG_CR2), cr3=uc.reg_read(X.UC_X86_REG_CR3),
         cr4=uc.reg_read(X.UC_X86_REG_CR4), cr8=uc.reg_read(X.UC_X86_REG_CR8) & 0xF,
-        efer=uc.msr_read(M.MSR_EFER), apic_base=apic_base,
+        efer=efer, apic_base=apic_base,
         dr=tuple(uc.reg_read(r) for r in _DR_REGS),
         dr6=uc.reg_read(X.UC_X86_REG_DR6), dr7=uc.reg_read(X.UC_X86_REG_DR7),
         fpu=_save_fpu(uc), xsave=None,
