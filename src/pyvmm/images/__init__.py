@@ -20,8 +20,8 @@ started"), then runs the command given as ``pyvmm.cmd=<base64>`` on the kernel c
 line (see `encode_command`), prints ``pyvmm: exit status N``, writes N to port 0x611 and
 powers off; without ``pyvmm.cmd=`` it starts a shell on the console.
 
-The modules: image (GuestImage, the manifest's files), command (pyvmm.cmd=), recipe
-(packages, /init, the staleness hash), cache (finding a usable image), symbols (System.map),
+The modules: image (the files, ImageError), command (pyvmm.cmd=), recipe (packages, /init,
+the staleness hash), cache (GuestImage, finding a usable image), symbols (System.map),
 build (building it; default_image), initramfs and modules (the initramfs's parts), debian
 (apt-get download / dpkg-deb), cli (`pyvmm image`).
 
@@ -33,9 +33,9 @@ build (building it; default_image), initramfs and modules (the initramfs's parts
 from __future__ import annotations
 
 from .build import build_default_image, default_image
-from .cache import cache_root, cached_image, image_dir
+from .cache import GuestImage, cache_root, cached_image, image_dir
 from .command import CMD_PARAM, MAX_CMD_PARAM, decode_command, encode_command
-from .image import DEFAULT_CMDLINE, FORMAT_VERSION, IMAGE_NAME, GuestImage, ImageError, print_to_stderr
+from .image import DEFAULT_CMDLINE, FORMAT_VERSION, IMAGE_NAME, ImageError, print_to_stderr
 from .recipe import init_script
 
 __all__ = [

@@ -14,9 +14,9 @@ import subprocess
 import tempfile
 import time
 
-from .cache import cache_root, cached_image, check, image_from
+from .cache import GuestImage, cache_root, cached_image, check, image_from
 from .image import (DEFAULT_CMDLINE, FORMAT_VERSION, IMAGE_NAME, INITRAMFS_FILE, KERNEL_FILE, MANIFEST_FILE,
-                    GuestImage, ImageError, Progress, print_to_stderr, sha256_file)
+                    ImageError, Progress, print_to_stderr, sha256_file)
 from .recipe import BUSYBOX_PACKAGE, KERNEL_METAPACKAGE, KERNEL_PACKAGE_PATTERN, init_script, recipe_hash
 from .symbols import add_symbols, symbols_record, symbols_state
 

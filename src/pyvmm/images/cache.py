@@ -1,15 +1,43 @@
-"""The per-user image cache: where images live, and whether a cached one is complete and current."""
+"""The per-user image cache: where images live, whether a cached one is complete and current,
+and GuestImage, what a usable one gives a VMM."""
 
 from __future__ import annotations
 
 import json
 import pathlib
+from dataclasses import dataclass, field
 
 from ..user_cache import user_cache
+from .command import encode_command
 from .image import (DEFAULT_CMDLINE, FORMAT_VERSION, IMAGE_NAME, INITRAMFS_FILE, KERNEL_FILE, MANIFEST_FILE,
-                    SYSTEM_MAP_FILE, GuestImage, ImageError, sha256_file)
+                    SYSTEM_MAP_FILE, ImageError, sha256_file)
 from .recipe import recipe_hash
 from .symbols import symbols_state
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    """A built guest image: what a VMM needs to boot it."""
+
+    name: str
+    directory: pathlib.Path
+    kernel: pathlib.Path             # bzImage
+    initramfs: pathlib.Path          # gzip-compressed newc cpio
+    kernel_version: str              # uname -r in the guest, e.g. '6.1.0-56-cloud-amd64'
+    packages: dict[str, str]         # Debian package -> version
+    cmdline: str = DEFAULT_CMDLINE   # default kernel command line (console=ttyS0 ...)
+    modules: tuple[str, ...] = ()    # modules init loads, in order
+    system_map: pathlib.Path | None = None  # the kernel's System.map
+    manifest: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def command_line(self, argv: list[str] | None = None, extra: str = "") -> str:
+        """The default command line, plus `extra`, plus ``pyvmm.cmd=`` for `argv` if given."""
+        parts = [self.cmdline]
+        if extra:
+            parts.append(extra)
+        if argv:
+            parts.append(encode_command(argv))
+        return " ".join(parts)
 
 
 def cache_root() -> pathlib.Path:
