@@ -182,7 +182,7 @@ def virtio_devices(config: MachineConfig, console_write, iothread, releases: lis
             try:
                 device, kind = VirtioBlock(disk.path, readonly=disk.readonly, serial=disk.serial), "virtio-blk"
             except BlockError as exc:
-                raise ConfigError(f": {exc}", f"disks[{index}]") from None
+                raise ConfigError(f": {exc}", f"disks[{index}].path") from None
         releases.append(device.close)
         yield name, kind, device, disk.transport
     for index, net in enumerate(config.nets):

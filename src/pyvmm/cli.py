@@ -134,15 +134,16 @@ _FLAGS = {"kernel": "--kernel", "initrd": "--initrd", "boot": "--boot", "cmdline
           "console": "--console", "console_transport": "--console", "console_ports": "--console-port",
           "accel": "--accel", "timeout": "--timeout", "reboot": "--reboot", "console_log": "--console-log",
           "system_map": "--system-map"}
-# Option keys inside a flag's value that are spelled differently from the field.
-_OPTION_KEYS = {"vhost_user": "vhost-user"}
+# Option keys inside a flag's value that are spelled differently from the field ("": unnamed).
+_OPTION_KEYS = {"vhost_user": "vhost-user", "path": ""}
 
 
 def cli_name(field: str) -> str:
     """A config field as the command line names it: 'disks[1].serial' -> '--disk serial'."""
     top, _, rest = field.partition(".")
     flag = _FLAGS.get(top.split("[")[0], top)
-    return f"{flag} {_OPTION_KEYS.get(rest, rest)}" if rest else flag
+    key = _OPTION_KEYS.get(rest, rest)
+    return f"{flag} {key}" if key else flag
 
 
 def _cmd_run(args) -> int:

@@ -99,3 +99,12 @@ def test_a_system_map_that_is_not_one_is_one_line(tmp_path):
 def test_config_errors_name_the_flag(args, start):
     line = assert_one_line_error(pyvmm(*args))
     assert line.startswith(start), line
+
+
+def test_a_disk_image_that_cannot_be_opened_is_one_line_naming_the_flag(tmp_path):
+    kernel = tmp_path / "flat.bin"
+    kernel.write_bytes(b"\xfa\xf4")
+    missing = tmp_path / "missing.img"
+    line = assert_one_line_error(pyvmm("run", "--accel", "tcg", "--kernel", str(kernel), "--load-address", "0x100000",
+                                       "--disk", str(missing)))
+    assert line.startswith(f"pyvmm: error: --disk: disk image {missing}"), line

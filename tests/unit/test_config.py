@@ -159,6 +159,7 @@ def test_cli_names_of_fields():
     assert cli_name("memory") == "--memory"
     assert cli_name("disks[3].serial") == "--disk serial"
     assert cli_name("disks[0].vhost_user") == "--disk vhost-user"
+    assert cli_name("disks[2].path") == "--disk"
     assert cli_name("console_ports[0]") == "--console-port"
     assert cli_name("system_map") == "--system-map"
 

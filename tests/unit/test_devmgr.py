@@ -179,3 +179,13 @@ def test_a_broken_saved_tree_is_refused(mutate, message):
     mutate(data)
     with pytest.raises(StateError, match=message):
         DeviceTree.from_dict(data)
+
+
+def test_the_tree_saves_and_restores_through_json():
+    manager = DeviceManager()
+    machine(manager, [("a", "mmio"), ("b", "pci")])
+    state = manager.tree.save()
+    again = DeviceTree()
+    again.restore(type(state).from_dict(json.loads(json.dumps(state.to_dict()))))
+    assert again.save() == state and [n.id for n in again] == [n.id for n in manager.tree]
+    assert again.children("pci") == [manager.tree.get("b")]

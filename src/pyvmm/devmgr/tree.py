@@ -127,6 +127,10 @@ class DeviceTree:
     def save(self) -> DeviceTreeState:
         return DeviceTreeState(tuple(self._nodes.values()))
 
+    def restore(self, state: DeviceTreeState) -> None:
+        """Replace the nodes with the state's (a DeviceTreeState is checked when it is made)."""
+        self._nodes = {node.id: node for node in state.nodes}
+
     @classmethod
     def from_state(cls, state: DeviceTreeState) -> "DeviceTree":
         return cls(state.nodes)
