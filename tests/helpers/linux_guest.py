@@ -13,6 +13,7 @@ import os
 import pty
 import subprocess
 import sys
+import termios
 import threading
 import time
 from typing import Iterable
@@ -47,11 +48,13 @@ class GuestRun:
         self.argv = gated_argv(args)
         self.expected_warnings = tuple(expected_warnings)
         self.chunks: list[tuple[float, bytes]] = []
+        self.terminal_mode_before: list | None = None
         self.checked = False
         self._arrived = threading.Condition()
         self._eof = False
         if terminal:  # stdin, stdout and stderr on a pseudo-terminal, as a person's shell has them
             self.master, slave = pty.openpty()
+            self.terminal_mode_before = termios.tcgetattr(slave)
             self.process = subprocess.Popen(self.argv, stdin=slave, stdout=slave, stderr=slave,
                                             start_new_session=True, env=dict(os.environ, TERM="dumb"))
             os.close(slave)
