@@ -214,3 +214,11 @@ def test_console_port_option():
     assert ConsolePort.parse("log=/tmp/s") == ConsolePort("log", "/tmp/s")
     with pytest.raises(ConfigError, match="expected NAME=SOCKET_PATH"):
         ConsolePort.parse("log")
+
+
+def test_an_unknown_accelerator_names_the_field():
+    from pyvmm.accel.select import choose_accelerator
+
+    with pytest.raises(ConfigError) as info:
+        choose_accelerator("qemu")
+    assert info.value.field == "accel" and as_cli_says(info.value).startswith("--accel must be one of")

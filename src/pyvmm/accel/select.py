@@ -88,9 +88,9 @@ def kvm_emulates_kernel_code() -> bool:
 
 def choose_accelerator(requested: str = "auto") -> AccelChoice:
     if requested not in CHOICES:
-        from ..config import ConfigError
+        from ..errors import ConfigError
 
-        raise ConfigError(f"--accel must be one of {', '.join(CHOICES)} (got {requested!r})")
+        raise ConfigError(f"must be one of {', '.join(CHOICES)} (got {requested!r})", "accel")
     from ..kvm import Kvm, KvmUnavailable
 
     if requested == "kvm":
