@@ -23,8 +23,9 @@ from pyvmm.kvm import uapi
 from pyvmm.kvm.vcpu import RUN_INTERRUPTED
 from pyvmm.persist import StateError
 
-# Guest checks the software CPU fails with or without a round trip: 45, CR8 (a MOV to CR8
-# reaches Unicorn's stub APIC, not the platform LAPIC's TPR; reading it back gives 0).
+# Guest checks the software CPU fails with or without a round trip: 45, CR8 (the guest's MOV
+# to or from CR8 reaches Unicorn's stub APIC, not the platform LAPIC's TPR, which the saved
+# state's CR8 is).
 SOFTWARE_CPU_GAPS = [45]
 SIGNALS = 0xD0002000  # failed check, checkpoint, done, TSC values: 32-bit MMIO writes
 
@@ -231,8 +232,9 @@ def test_kvm_state_crosses_to_the_software_cpu(kvm_only):
             tcg.vcpus[0].restore(state)
     finally:
         tcg.close()
-    signals, _ = _run_with_round_trips(("kvm", "tcg", "kvm"), (_hand_lapic_to_platform, _give_kvm_lapic))
+    signals, states = _run_with_round_trips(("kvm", "tcg", "kvm"), (_hand_lapic_to_platform, _give_kvm_lapic))
     assert signals.failed == SOFTWARE_CPU_GAPS  # the CPL0 checks ran on the software CPU
+    assert states[1].cr8 == 5  # KVM's CR8 went into the platform LAPIC's TPR and came back
 
 
 def _give_kvm_lapic(state: VcpuState) -> VcpuState:

@@ -1,6 +1,7 @@
 """The software CPU's vCPU state to and from the backend-neutral VcpuState (KVM's format).
 
-Unicorn's register API gives general, control, debug, x87 (physical registers FP0-7 as
+CR8 is the platform LAPIC's TPR (Unicorn's own CR8 goes to a stub APIC). Unicorn's register
+API gives general, control (CR0-CR4), debug, x87 (physical registers FP0-7 as
 mantissa/exponent), SSE, descriptor-table, TR/LDTR and MSR values; segment registers'
 hidden parts come from the translator's segment cache (private_state.py). The translator's
 private flags (CPL, code and stack size, ADDSEG, the STI/MOV SS interrupt shadow) follow
@@ -26,6 +27,7 @@ from ...arch.x86_64.cpu_state import (
     TableState, VcpuState,
 )
 from ...persist import StateError
+from ...platform.lapic_registers import REG_TPR
 from .private_state import HF_INHIBIT_IRQ_MASK
 
 # QEMU's TCG implements these (target/i386 helper_rdmsr/helper_wrmsr); the rest of SAVED_MSRS
@@ -79,7 +81,7 @@ def save(vcpu) -> VcpuState:
         segments=segments,
         gdt=TableState(base=gdt_base, limit=gdt_limit), idt=TableState(base=idt_base, limit=idt_limit),
         cr0=cr0, cr2=uc.reg_read(X.UC_X86_REG_CR2), cr3=uc.reg_read(X.UC_X86_REG_CR3),
-        cr4=uc.reg_read(X.UC_X86_REG_CR4), cr8=uc.reg_read(X.UC_X86_REG_CR8) & 0xF,
+        cr4=uc.reg_read(X.UC_X86_REG_CR4), cr8=_tpr(lapic) >> 4 if lapic is not None else 0,
         efer=efer, apic_base=apic_base,
         dr=tuple(uc.reg_read(r) for r in _DR_REGS),
         dr6=uc.reg_read(X.UC_X86_REG_DR6), dr7=uc.reg_read(X.UC_X86_REG_DR7),
@@ -90,6 +92,11 @@ def save(vcpu) -> VcpuState:
         mp_state="uninitialized" if vcpu.waiting_for_sipi else ("halted" if vcpu.halted else "runnable"),
         lapic=None,
     )
+
+
+def _tpr(lapic) -> int:
+    """CR8 is the LAPIC's task priority (bits 7:4), and the software CPU's LAPIC is the platform's."""
+    return int.from_bytes(lapic.read(REG_TPR, 4), "little")
 
 
 def _save_fpu(uc) -> FpuState:
@@ -148,7 +155,6 @@ def restore(vcpu, state: VcpuState) -> None:
     uc.msr_write(M.MSR_EFER, state.efer & ~EFER_LMA)
     uc.reg_write(X.UC_X86_REG_CR0, state.cr0)
     uc.reg_write(X.UC_X86_REG_CR2, state.cr2)
-    uc.reg_write(X.UC_X86_REG_CR8, state.cr8)
     for name in _CACHED_SEGMENTS:
         seg = state.segments[name]
         private.load_segment(name, seg.selector, seg.base, seg.limit, cache_flags(seg))
@@ -179,6 +185,8 @@ def restore(vcpu, state: VcpuState) -> None:
     lapic = vcpu.lapic
     if lapic is not None and lapic.apic_base != state.apic_base:
         lapic.write_apic_base(state.apic_base)
+    if lapic is not None and _tpr(lapic) >> 4 != state.cr8:  # as MOV to CR8 would (KVM_SET_SREGS does)
+        lapic.write(REG_TPR, (state.cr8 << 4).to_bytes(4, "little"))
     vcpu.waiting_for_sipi = state.mp_state in ("uninitialized", "init-received")
     vcpu.halted = state.mp_state == "halted"
 
