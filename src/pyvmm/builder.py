@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import ExitStack
+from dataclasses import dataclass
 from typing import Callable
 
 from .arch.x86_64 import layout
@@ -43,94 +44,12 @@ def build_vm(config: MachineConfig, console_write: Callable[[bytes], None], *, a
     with ExitStack() as cleanup:
         memory = GuestMemory.from_specs(layout.ram_regions(config.memory))
         cleanup.callback(memory.close)
+        machine = assemble(cleanup, config, console_write, memory, accel, device_tree)
+        accel = machine.accel
 
-        if accel is None:
-            from .accel.select import choose_accelerator
-
-            accel = choose_accelerator("auto").create()
-        cleanup.callback(accel.close)
-        accel.setup_platform()
-        accel.map_memory(memory)
-
-        pio, mmio = PioBus(), MmioBus()
-        accel.connect_buses(pio, mmio)
-        # Devices that can end the machine report to the sink; the Vm, built last, connects to it.
-        outcomes = OutcomeSink()
-        stop = outcomes.stop
-        manager = DeviceManager(device_tree)
-
-        def port_device(node_id: str, kind: str, device, ports: tuple[tuple[int, int], ...], gsis=(),
-                        windows=None):
-            """Allocate fixed ports (and IRQs) to `device` and put it on the port bus there;
-            `windows`: (handler, bus name) for each port range when there are several."""
-            node = manager.add(node_id, kind, Request(ports=ports, gsis=tuple(gsis)), transport="pio", device=device)
-            for (base, length), (handler, name) in zip(node.resources.ports, windows or [(device, node_id)]):
-                pio.register(base, length, handler, name)
-            return node
-
-        def reset() -> None:
-            stop(VmOutcome("reset", EXIT_OK, "the guest reset the machine"))
-
-        def poweroff() -> None:
-            status = notify.command_status
-            if status is None:
-                stop(VmOutcome("poweroff", EXIT_OK, "the guest powered off"))
-            else:
-                stop(VmOutcome("poweroff", status, f"the guest's command exited with status {status}"))
-
-        uart = Uart16550(accel.irq_line(layout.COM1_IRQ), console_write)
-        port_device("com1", "uart16550", uart, ((layout.COM1_PORT, layout.COM1_PORT_COUNT),), (layout.COM1_IRQ,))
-        i8042 = I8042(reset)
-        port_device("i8042", "i8042", i8042, ((layout.I8042_DATA_PORT, 1), (layout.I8042_COMMAND_PORT, 1)),
-                    windows=[(i8042, "i8042-data"), (Window(i8042, layout.I8042_COMMAND_PORT - layout.I8042_DATA_PORT),
-                                                    "i8042-command")])
-        debug_exit = DebugExitPort(lambda value: stop(VmOutcome(
-            "debug-exit", exit_status(value), f"the guest wrote {value:#x} to the debug-exit port")))
-        port_device("debug-exit", "debug-exit", debug_exit, ((layout.DEBUG_EXIT_PORT, layout.DEBUG_EXIT_PORT_COUNT),))
-        port_device("post", "port80", Port80(), ((layout.POST_PORT, 1),))
-        port_device("acpi-power", "acpi-power", AcpiPower(poweroff, reset, layout.ACPI_RESET_VALUE),
-                    ((layout.ACPI_SLEEP_CONTROL_PORT, layout.ACPI_POWER_PORT_COUNT),))
-        notify = GuestNotify()
-        port_device("guest-notify", "guest-notify", notify, ((layout.GUEST_NOTIFY_PORT, layout.GUEST_NOTIFY_PORT_COUNT),))
-        port_device("pvpanic", "pvpanic", PvPanic(lambda: stop(VmOutcome(
-            "panic", EXIT_GUEST_CRASH, "the guest kernel panicked"))), ((layout.PVPANIC_PORT, 1),))
-
-        # The RTC's update and alarm interrupts come due without the guest: a timer thread
-        # calls it back on either accelerator.
-        rtc_timer = DeadlineTimer(lambda: rtc.poll(), name="pyvmm-rtc", on_error=lambda exc: stop(VmOutcome(
-            "vmm-error", EXIT_VMM_ERROR, f"RTC timer: {type(exc).__name__}: {exc}")))
-        cleanup.callback(rtc_timer.close)
-        rtc = Mc146818Rtc(accel.irq_line(layout.RTC_IRQ), timer=rtc_timer.arm)
-        port_device("rtc", "mc146818-rtc", rtc, ((layout.RTC_PORT, layout.RTC_PORT_COUNT),), (layout.RTC_IRQ,))
-
-        iothread = IoThread(on_error=lambda exc: stop(VmOutcome(
-            "vmm-error", EXIT_VMM_ERROR, f"I/O thread: {type(exc).__name__}: {exc}")))
-        cleanup.callback(iothread.stop)
-        # The root complex registers conf1 and ECAM itself; the tree records them and its BAR windows.
-        mmio64_window = layout.pci_mmio64_window(config.memory)
-        manager.add(PCI_ROOT_ID, "pci-root", Request(
-            ports=((layout.PCI_CONF1_PORT, layout.PCI_CONF1_PORT_COUNT), (layout.PCI_IO_START, layout.PCI_IO_SIZE)),
-            mmio=((layout.PCI_ECAM_BASE, layout.PCI_ECAM_SIZE), (layout.PCI_MMIO32_START, layout.PCI_MMIO32_SIZE),
-                  mmio64_window)), transport="platform")
-        pci_root = PciRoot(pio, mmio, ecam_base=layout.PCI_ECAM_BASE,
-                           mmio32_window=(layout.PCI_MMIO32_START, layout.PCI_MMIO32_SIZE),
-                           mmio64_window=mmio64_window,
-                           io_window=(layout.PCI_IO_START, layout.PCI_IO_SIZE),
-                           irq_line=accel.irq_line, msi_vector=accel.msi_vector)
-        manager.attach(PCI_ROOT_ID, pci_root)
-        wiring = VirtioWiring(accel, memory, mmio, iothread, manager, pci_root, PCI_ROOT_ID)
-        cleanup.callback(wiring.close)
-        releases: list = []
-        cleanup.callback(lambda: [release() for release in reversed(releases)])
-        for name, kind, device, transport in virtio_devices(config, console_write, iothread, releases):
-            wiring.add(name, kind, device, transport)
-        if manager.unclaimed():
-            raise ConfigError(f": the recorded device tree has devices this machine lacks "
-                              f"({', '.join(manager.unclaimed())})", "devices")
-
-        pci_items, ecam = pci_root_acpi(pci_root)
+        pci_items, ecam = pci_root_acpi(machine.pci_root)
         rsdp = build_acpi_tables(memory, cpus=config.cpus, mcfg=ecam, cmos_rtc=True,
-                                 devices=[pvpanic_device(layout.PVPANIC_PORT), *pci_items, *wiring.acpi_items])
+                                 devices=[pvpanic_device(layout.PVPANIC_PORT), *pci_items, *machine.wiring.acpi_items])
         write_reset_vector(memory)
         entry = load_kernel(
             memory, kernel_path or config.kernel, cmdline=config.cmdline, modules=list(config.modules),
@@ -140,19 +59,137 @@ def build_vm(config: MachineConfig, console_write: Callable[[bytes], None], *, a
         )
         log.info("loaded %s, entry %#x", entry.kind, entry.entry)
 
-        policy = CpuidPolicy(set(config.cpu_hide))
-        vcpus = [accel.create_vcpu(i, config.cpus, policy) for i in range(config.cpus)]
+        vcpus = create_vcpus(accel, config)
         vcpus[0].set_state(boot_state(memory, entry))
-
-        vm = Vm(accel, memory, pio, mmio, vcpus, manager.devices(), iothread=iothread, pausables=[rtc_timer],
-                on_close=[rtc_timer.close, wiring.close, *releases])
-        vm.device_manager = manager
-        outcomes.connect(vm.request_stop)
+        vm = machine.vm(vcpus)
         cleanup.pop_all()
         return vm
 
 
-def virtio_devices(config: MachineConfig, console_write, iothread, releases: list):
+def create_vcpus(accel, config: MachineConfig) -> list:
+    policy = CpuidPolicy(set(config.cpu_hide))
+    return [accel.create_vcpu(i, config.cpus, policy) for i in range(config.cpus)]
+
+
+@dataclass
+class Machine:
+    """A machine's parts before it has vCPUs: what build_vm and a restore share."""
+    config: MachineConfig
+    accel: object
+    memory: GuestMemory
+    pio: PioBus
+    mmio: MmioBus
+    manager: DeviceManager
+    pci_root: PciRoot
+    wiring: VirtioWiring
+    iothread: IoThread
+    rtc_timer: DeadlineTimer
+    outcomes: OutcomeSink
+    releases: list
+
+    def vm(self, vcpus: list) -> Vm:
+        vm = Vm(self.accel, self.memory, self.pio, self.mmio, vcpus, self.manager.devices(), iothread=self.iothread,
+                pausables=[self.rtc_timer], on_close=[self.rtc_timer.close, self.wiring.close, *self.releases])
+        vm.device_manager = self.manager
+        vm.machine = self.config
+        self.outcomes.connect(vm.request_stop)
+        return vm
+
+
+def assemble(cleanup: ExitStack, config: MachineConfig, console_write: Callable[[bytes], None], memory: GuestMemory,
+             accel=None, device_tree: DeviceTree | None = None, *, vsock_carried=None) -> Machine:
+    """The accelerator (mapping `memory`), the buses and every device of `config`, placed by the
+    device manager (replaying `device_tree` when given), their host sides opened; what is made
+    gets its release on `cleanup`. `vsock_carried`: a vsock host side carried over from a VM
+    this one replaces (host/vsock.py)."""
+    if accel is None:
+        from .accel.select import choose_accelerator
+
+        accel = choose_accelerator("auto").create()
+    cleanup.callback(accel.close)
+    accel.setup_platform()
+    accel.map_memory(memory)
+
+    pio, mmio = PioBus(), MmioBus()
+    accel.connect_buses(pio, mmio)
+    # Devices that can end the machine report to the sink; the Vm, built last, connects to it.
+    outcomes = OutcomeSink()
+    stop = outcomes.stop
+    manager = DeviceManager(device_tree)
+
+    def port_device(node_id: str, kind: str, device, ports: tuple[tuple[int, int], ...], gsis=(),
+                    windows=None):
+        """Allocate fixed ports (and IRQs) to `device` and put it on the port bus there;
+        `windows`: (handler, bus name) for each port range when there are several."""
+        node = manager.add(node_id, kind, Request(ports=ports, gsis=tuple(gsis)), transport="pio", device=device)
+        for (base, length), (handler, name) in zip(node.resources.ports, windows or [(device, node_id)]):
+            pio.register(base, length, handler, name)
+        return node
+
+    def reset() -> None:
+        stop(VmOutcome("reset", EXIT_OK, "the guest reset the machine"))
+
+    def poweroff() -> None:
+        status = notify.command_status
+        if status is None:
+            stop(VmOutcome("poweroff", EXIT_OK, "the guest powered off"))
+        else:
+            stop(VmOutcome("poweroff", status, f"the guest's command exited with status {status}"))
+
+    uart = Uart16550(accel.irq_line(layout.COM1_IRQ), console_write)
+    port_device("com1", "uart16550", uart, ((layout.COM1_PORT, layout.COM1_PORT_COUNT),), (layout.COM1_IRQ,))
+    i8042 = I8042(reset)
+    port_device("i8042", "i8042", i8042, ((layout.I8042_DATA_PORT, 1), (layout.I8042_COMMAND_PORT, 1)),
+                windows=[(i8042, "i8042-data"), (Window(i8042, layout.I8042_COMMAND_PORT - layout.I8042_DATA_PORT),
+                                                "i8042-command")])
+    debug_exit = DebugExitPort(lambda value: stop(VmOutcome(
+        "debug-exit", exit_status(value), f"the guest wrote {value:#x} to the debug-exit port")))
+    port_device("debug-exit", "debug-exit", debug_exit, ((layout.DEBUG_EXIT_PORT, layout.DEBUG_EXIT_PORT_COUNT),))
+    port_device("post", "port80", Port80(), ((layout.POST_PORT, 1),))
+    port_device("acpi-power", "acpi-power", AcpiPower(poweroff, reset, layout.ACPI_RESET_VALUE),
+                ((layout.ACPI_SLEEP_CONTROL_PORT, layout.ACPI_POWER_PORT_COUNT),))
+    notify = GuestNotify()
+    port_device("guest-notify", "guest-notify", notify, ((layout.GUEST_NOTIFY_PORT, layout.GUEST_NOTIFY_PORT_COUNT),))
+    port_device("pvpanic", "pvpanic", PvPanic(lambda: stop(VmOutcome(
+        "panic", EXIT_GUEST_CRASH, "the guest kernel panicked"))), ((layout.PVPANIC_PORT, 1),))
+
+    # The RTC's update and alarm interrupts come due without the guest: a timer thread
+    # calls it back on either accelerator.
+    rtc_timer = DeadlineTimer(lambda: rtc.poll(), name="pyvmm-rtc", on_error=lambda exc: stop(VmOutcome(
+        "vmm-error", EXIT_VMM_ERROR, f"RTC timer: {type(exc).__name__}: {exc}")))
+    cleanup.callback(rtc_timer.close)
+    rtc = Mc146818Rtc(accel.irq_line(layout.RTC_IRQ), timer=rtc_timer.arm)
+    port_device("rtc", "mc146818-rtc", rtc, ((layout.RTC_PORT, layout.RTC_PORT_COUNT),), (layout.RTC_IRQ,))
+
+    iothread = IoThread(on_error=lambda exc: stop(VmOutcome(
+        "vmm-error", EXIT_VMM_ERROR, f"I/O thread: {type(exc).__name__}: {exc}")))
+    cleanup.callback(iothread.stop)
+    # The root complex registers conf1 and ECAM itself; the tree records them and its BAR windows.
+    mmio64_window = layout.pci_mmio64_window(config.memory)
+    manager.add(PCI_ROOT_ID, "pci-root", Request(
+        ports=((layout.PCI_CONF1_PORT, layout.PCI_CONF1_PORT_COUNT), (layout.PCI_IO_START, layout.PCI_IO_SIZE)),
+        mmio=((layout.PCI_ECAM_BASE, layout.PCI_ECAM_SIZE), (layout.PCI_MMIO32_START, layout.PCI_MMIO32_SIZE),
+              mmio64_window)), transport="platform")
+    pci_root = PciRoot(pio, mmio, ecam_base=layout.PCI_ECAM_BASE,
+                       mmio32_window=(layout.PCI_MMIO32_START, layout.PCI_MMIO32_SIZE),
+                       mmio64_window=mmio64_window,
+                       io_window=(layout.PCI_IO_START, layout.PCI_IO_SIZE),
+                       irq_line=accel.irq_line, msi_vector=accel.msi_vector)
+    manager.attach(PCI_ROOT_ID, pci_root)
+    wiring = VirtioWiring(accel, memory, mmio, iothread, manager, pci_root, PCI_ROOT_ID)
+    cleanup.callback(wiring.close)
+    releases: list = []
+    cleanup.callback(lambda: [release() for release in reversed(releases)])
+    for name, kind, device, transport in virtio_devices(config, console_write, iothread, releases,
+                                                        vsock_carried=vsock_carried):
+        wiring.add(name, kind, device, transport)
+    if manager.unclaimed():
+        raise ConfigError(f": the recorded device tree has devices this machine lacks "
+                          f"({', '.join(manager.unclaimed())})", "devices")
+    return Machine(config, accel, memory, pio, mmio, manager, pci_root, wiring, iothread, rtc_timer, outcomes, releases)
+
+
+def virtio_devices(config: MachineConfig, console_write, iothread, releases: list, *, vsock_carried=None):
     """(id, kind, device, transport) for every virtio device the config asks for. Whatever a
     device opens on the host (image files, TAPs, sockets) gets its close() in `releases`."""
     if config.console == "virtio" or config.console_ports:
@@ -197,7 +234,7 @@ def virtio_devices(config: MachineConfig, console_write, iothread, releases: lis
         from .devices.virtio.vsock import VirtioVsock
         from .host import VsockUnixHost
 
-        host = VsockUnixHost(config.vsock.uds, iothread)
+        host = VsockUnixHost(config.vsock.uds, iothread, carried=vsock_carried)
         releases.append(host.close)      # idempotent: the device closes it too
         device = VirtioVsock(config.vsock.cid, host)
         releases.append(device.close)

@@ -20,6 +20,7 @@ from typing import Iterable, Protocol
 
 from .accel.base import Accelerator, RunLoop, Vcpu
 from .accel.exits import DebugExit, EmulationError, Shutdown, SystemEvent, UnknownExit, VcpuExit
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 # pyvmm's own exit statuses are even; debug-exit statuses, (V << 1) | 1, are odd.
@@ -45,6 +46,10 @@ class VmOutcome:
     @property
     def is_error(self) -> bool:
         return self.reason in ("panic", "triple-fault", "guest-error", "vmm-error", "timeout")
+
+
+class VmNotPaused(UserError):
+    """An operation that needs a paused VM (save) was asked of a running or stopped one."""
 
 
 class Pausable(Protocol):
@@ -80,8 +85,11 @@ class Vm:
         self._on_close = list(on_close)  # released after every thread stopped, in order
         # The guest kernel's symbols (loader.linux.symbols), named in errors at a guest RIP.
         self.symbols = None
-        # The device tree and what it allocated (devmgr.DeviceManager); the builder sets it.
+        # The device tree and what it allocated (devmgr.DeviceManager), and the machine
+        # description (config.MachineConfig) it was built from; the builder sets both.
         self.device_manager = None
+        self.machine = None
+        self._owns_memory = True
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -214,7 +222,27 @@ class Vm:
             except Exception:  # one device failing to close must not leak the others
                 log.warning("closing the VM: %s failed", getattr(release, "__qualname__", release), exc_info=True)
         self.accel.close()
-        self.memory.close()
+        if self._owns_memory:
+            self.memory.close()
+
+    # --- state -------------------------------------------------------------------------------
+
+    def save(self):
+        """The whole state of this paused VM but guest memory (vm_state.VmState); a VM that is
+        running or has stopped is refused with one line."""
+        from .vm_state import capture
+
+        with self._lock:
+            if not self._paused or self.stop_requested.is_set():
+                raise VmNotPaused("the VM must be paused to save its state (pause() first)"
+                                  if not self.stop_requested.is_set() else "the VM has stopped: nothing to save")
+        return capture(self)
+
+    def release_memory(self):
+        """Hand guest memory to another owner (a VM restored from this one's state): close()
+        leaves it mapped and open."""
+        self._owns_memory = False
+        return self.memory
 
     def __enter__(self) -> "Vm":
         return self

@@ -18,7 +18,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from ..arch.x86_64.cpu_state import CpuState
+from ..arch.x86_64.cpu_state import CpuState, VcpuState
+from ..persist import State
 from .exits import VcpuExit
 
 
@@ -58,6 +59,11 @@ class Vcpu(Protocol):
     def set_state(self, state: CpuState) -> None: ...
 
     def get_state(self) -> CpuState: ...
+
+    def save(self) -> VcpuState:
+        """The complete vCPU state (out of the guest: paused or stopped)."""
+
+    def restore(self, state: VcpuState) -> None: ...
 
     def describe_position(self) -> str:
         """Where the guest is, one line for error messages."""
@@ -106,5 +112,11 @@ class Accelerator(Protocol):
 
     def thaw_time(self) -> None:
         """The VM resumes: guest time continues from where it stood."""
+
+    def save(self) -> State:
+        """The VM-wide state outside the vCPUs (KVM's in-kernel irqchip, PIT and clock; the
+        software CPU's platform), taken while paused."""
+
+    def restore(self, state: State) -> None: ...
 
     def close(self) -> None: ...

@@ -69,6 +69,21 @@ class SocketStream:
     def watch_writable(self, callback: Callable[[], None]) -> None:
         self._writable.watch(self._fd, callback)
 
+    def unbind(self) -> None:
+        """Stop watching the socket from this I/O thread (it moves to another: rebind())."""
+        self.unwatch_readable()
+        self._writable.forget(self._fd)
+
+    def rebind(self, iothread: IoThread, writable: WritableWatch) -> None:
+        """Be watched from `iothread` from now on (after unbind())."""
+        self._iothread, self._writable = iothread, writable
+
+    def close_now(self) -> None:
+        """Close an unbound stream (no I/O thread watches it)."""
+        if not self.closed:
+            self.closed = True
+            self._sock.close()
+
     def close(self) -> None:
         if self.closed:
             return

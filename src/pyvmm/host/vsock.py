@@ -14,6 +14,7 @@ import collections
 import logging
 import os
 import socket
+from dataclasses import dataclass, field
 from typing import Callable
 
 from ..iothread import IoThread, WritableWatch
@@ -28,8 +29,32 @@ MAX_PORT = 0xFFFFFFFF
 Key = tuple[int, int]
 
 
+@dataclass
+class VsockCarryover:
+    """A host side's listener and live streams on their way to a VM that replaces its own in
+    this process (a restore): the host programs connected to it notice nothing."""
+    uds_path: str
+    listener: socket.socket | None
+    streams: dict[Key, SocketStream] = field(default_factory=dict)
+
+    def close(self) -> None:
+        """Not taken after all: close what it holds, as the old host side would have."""
+        for stream in self.streams.values():
+            stream.close_now()
+        self.streams.clear()
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+            try:
+                os.unlink(self.uds_path)
+            except OSError:
+                pass
+
+
 class VsockUnixHost:
-    def __init__(self, uds_path: str, iothread: IoThread) -> None:
+    def __init__(self, uds_path: str, iothread: IoThread, *, carried: VsockCarryover | None = None) -> None:
+        """`carried`: take over the listener and streams of the host side of a VM this one
+        replaces (carry_over()) instead of listening afresh."""
         self.uds_path = uds_path
         self._iothread = iothread
         self._watch = WritableWatch(iothread)
@@ -37,11 +62,18 @@ class VsockUnixHost:
         self._streams: dict[Key, SocketStream] = {}
         self._on_request: Callable[[int, SocketStream, bytes], bool] | None = None
         self.stats: collections.Counter[str] = collections.Counter()
+        if carried is not None and carried.uds_path != uds_path:
+            raise ValueError(f"vsock: the carried-over host side listens at {carried.uds_path}, not {uds_path}")
         try:
-            self._listener: socket.socket | None = listen_unix(uds_path)
+            self._listener: socket.socket | None = carried.listener if carried else listen_unix(uds_path)
         except BaseException:
             self._watch.close()
             raise
+        if carried is not None:
+            for key, stream in carried.streams.items():
+                stream.rebind(iothread, self._watch)
+                self._streams[key] = stream
+            carried.listener, carried.streams = None, {}
 
     # --- guest -> host ------------------------------------------------------------------------------
 
@@ -132,6 +164,22 @@ class VsockUnixHost:
     def reclaim(self, key: Key) -> SocketStream | None:
         stream = self._streams.get(key)
         return stream if stream is not None and not stream.closed else None
+
+    def carry_over(self) -> VsockCarryover:
+        """Hand the listener and the live streams to the host side of a VM that replaces this
+        one in the same process (its device was saved and detach_host() called); this object
+        keeps nothing, so closing it (or its VM) leaves them alone. Handshakes not finished
+        are dropped: their programs see the connection close before an OK."""
+        for sock in list(self._handshakes):
+            self._drop_handshake(sock)
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            self._iothread.remove_reader(listener.fileno())
+        streams = {key: stream for key, stream in self._streams.items() if not stream.closed}
+        for stream in streams.values():
+            stream.unbind()
+        self._streams.clear()
+        return VsockCarryover(self.uds_path, listener, streams)
 
     def counters(self) -> dict[str, int]:
         return {name: self.stats[name] for name in ("handshakes_refused", "bad_connect_lines")}

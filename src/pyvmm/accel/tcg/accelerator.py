@@ -19,7 +19,7 @@ import os
 import threading
 
 from ...arch.x86_64.tsc_leaf import tsc_leaf
-from ...platform.machine import SoftwarePlatform
+from ...platform.machine import SoftwarePlatform, SoftwarePlatformState
 from ...platform.msi import SoftwareMsiVector
 from ..base import RunLoop, VmServices
 from ..dispatch import ExitDispatcher
@@ -137,6 +137,14 @@ class TcgAccelerator:
         vcpu.kick = self._wake  # a stop or pause request must end the slice or wake a sleeping scheduler
         self.vcpus.append(vcpu)
         return vcpu
+
+    def save(self) -> SoftwarePlatformState:
+        """The VM-wide state: the platform (PICs, PIT, IOAPIC, LAPICs, guest clock). The
+        translator keeps nothing else between slices: its code cache is rebuilt from memory."""
+        return self.platform.save()
+
+    def restore(self, state: SoftwarePlatformState) -> None:
+        self.platform.restore(state)
 
     def close(self) -> None:
         self._slice_timer.close()

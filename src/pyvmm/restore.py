@@ -1,0 +1,170 @@
+"""A VmState + guest memory -> a paused Vm that continues where the saved one stood.
+
+build_vm's sibling: the same assembly (builder.assemble) from the machine description in
+the state, with the device manager replaying the recorded device tree, so every device gets
+the ports, windows, GSIs and slots it had; then, instead of ACPI tables, a kernel and a
+boot state (memory holds them already), the accelerator's VM-wide state, every device's and
+every vCPU's state are loaded. The Vm returned is started and paused: resume() continues.
+
+Guest memory is passed in. Within one process the new VM maps the memory of the VM it
+replaces (its release_memory()); a snapshot will pass memory read back from files. Host-side
+resources (disk images, TAPs, console sockets, the vsock listener) are opened again from the
+machine description, except what a `Carryover` hands over from the replaced VM: the vsock
+host side with its live connections, so host programs keep their sockets.
+
+Replacing a VM in this process goes: pause, save, carry_over (after save: it detaches the
+host sides), close the old VM (its memory stays open), restore_vm with the carryover.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .arch.x86_64 import layout
+from .builder import PCI_ROOT_ID, assemble, create_vcpus
+from .config import MachineConfig
+from .devmgr import DeviceTree
+from .memory import GuestMemory
+from .persist import State, StateError, require
+from .vm import Vm, VmNotPaused
+from .vm_state import VmState, _pci_root
+
+log = logging.getLogger(__name__)
+
+VSOCK_ID = "virtio-vsock"
+# The devices every machine has (builder.assemble), by device-tree id.
+FIXED_DEVICE_IDS = ("com1", "i8042", "debug-exit", "post", "acpi-power", "guest-notify", "pvpanic", "rtc", PCI_ROOT_ID)
+
+
+@dataclass
+class Carryover:
+    """What a VM replaced in this process hands to the VM restored from its state: its guest
+    memory and the host sides that hold live connections (by device-tree id)."""
+    memory: GuestMemory
+    vsock: dict[str, object] = field(default_factory=dict)   # id -> host.vsock.VsockCarryover
+
+    def close(self) -> None:
+        """Not used for a restore after all: release what it holds."""
+        for carried in self.vsock.values():
+            carried.close()
+        self.vsock.clear()
+        self.memory.close()
+
+
+def carry_over(vm: Vm) -> Carryover:
+    """Take guest memory and the vsock host sides from paused `vm` (after vm.save()): closing
+    `vm` afterwards releases everything else and leaves these to the Carryover."""
+    if not vm.paused or vm.stopped:
+        raise VmNotPaused("the VM must be paused (and saved) before its memory is carried over")
+    carried = Carryover(vm.release_memory())
+    for node in vm.device_manager.tree:
+        device = vm.device_manager.device(node.id)
+        if node.kind == "virtio-vsock":
+            host = device.detach_host()
+            if hasattr(host, "carry_over"):
+                carried.vsock[node.id] = host.carry_over()
+    return carried
+
+
+def expected_device_ids(config: MachineConfig) -> list[str]:
+    """The device-tree ids a machine built from `config` has (builder.assemble's names)."""
+    ids = list(FIXED_DEVICE_IDS)
+    if config.console == "virtio" or config.console_ports:
+        ids.append("virtio-console")
+    ids += [f"virtio-blk{i}" for i in range(len(config.disks))]
+    ids += [f"virtio-net{i}" for i in range(len(config.nets))]
+    if config.vsock is not None:
+        ids.append(VSOCK_ID)
+    if config.rng is not None:
+        ids.append("virtio-rng")
+    return ids
+
+
+def check_state(state: VmState, memory: GuestMemory, accel=None, config: MachineConfig | None = None) -> MachineConfig:
+    """Everything about `state` that can be checked before anything is created; the machine
+    description to build. One StateError line otherwise."""
+    state = require(state, VmState)
+    machine = state.machine.to_config()
+    if config is not None and config != machine:
+        name = next(f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(machine, f.name))
+        raise StateError(f"vm state: machine.{name}: the state's machine differs from this one's")
+    regions = [(int(r.guest_base), r.size) for r in memory.regions]
+    wanted = [(spec.guest_base, spec.size) for spec in layout.ram_regions(machine.memory)]
+    if regions != wanted:
+        raise StateError(f"vm state: machine.memory: {machine.memory >> 20} MiB of guest RAM, "
+                         f"the memory given holds {memory.size >> 20} MiB")
+    if accel is not None and accel.name != state.accelerator:
+        raise StateError(f"vm state: accelerator: saved on {state.accelerator}, cannot continue on {accel.name}")
+    expected = expected_device_ids(machine)
+    saved = [node.id for node in state.device_tree.nodes]
+    if sorted(saved) != sorted(expected):
+        odd = sorted(set(saved) ^ set(expected))[0]
+        raise StateError(f"vm state: device_tree: {odd!r} is "
+                         f"{'not a device of this machine' if odd in saved else 'missing'}")
+    return machine
+
+
+def restore_vm(state: VmState, memory: GuestMemory, console_write: Callable[[bytes], None], *, accel=None,
+               config: MachineConfig | None = None, carryover: Carryover | None = None) -> Vm:
+    """A started, paused Vm continuing `state` in `memory` (which it owns from then on).
+    `accel`: an accelerator instance of the kind the state was saved on (default: a new one);
+    `config`: the machine the caller expects (refused unless it is the state's). On an error
+    nothing is left built and `memory` stays the caller's."""
+    machine = check_state(state, memory, accel, config)
+    vsock_carried = (carryover.vsock.pop(VSOCK_ID, None) if carryover is not None else None)
+    if vsock_carried is not None and machine.vsock is None:
+        vsock_carried.close()
+        vsock_carried = None
+    with ExitStack() as cleanup:
+        if accel is None:
+            from .accel.select import choose_accelerator
+
+            accel = choose_accelerator(state.accelerator).create()
+        parts = assemble(cleanup, machine, console_write, memory, accel, DeviceTree.from_state(state.device_tree),
+                         vsock_carried=vsock_carried)
+        vm = parts.vm(create_vcpus(accel, machine))
+        vm.pause()      # no threads yet: holds the I/O thread and the timers, freezes guest time
+        accel.restore(state.platform)
+        restore_devices(parts.manager, state.devices)
+        for vcpu, vcpu_state in zip(vm.vcpus, state.vcpus):
+            vcpu.restore(vcpu_state)
+        vm.start()      # every run loop parks at its pause point
+        cleanup.pop_all()
+    if carryover is not None:
+        carryover.memory = None  # the Vm owns it now
+    return vm
+
+
+def restore_devices(manager, states: dict[str, State]) -> None:
+    """Load every device's state (keyed as vm_state.save_devices keys them), all checked first.
+    The PCI root gets its latch and its slots' functions in one restore (it unmaps every BAR
+    before any is placed again)."""
+    tree = manager.tree
+    if sorted(states) != sorted(node.id for node in tree):
+        odd = sorted(set(states) ^ {node.id for node in tree})[0]
+        raise StateError(f"vm state: devices: {odd!r} is {'not a device here' if odd in states else 'not saved'}")
+    root_state = None
+    plain: list[tuple[object, State]] = []
+    for node in tree:
+        target, state = manager.transport(node.id) or manager.device(node.id), states[node.id]
+        if node.kind == "pci-root":
+            own = require(state, _pci_root.PciRootState)
+            slots = {**own.devices, **{child.resources.pci_slot: states[child.id] for child in tree.children(node.id)}}
+            root_state = (target, dataclasses.replace(own, devices=slots))
+            target.check_restorable(root_state[1])
+        elif node.transport == "virtio-pci":
+            continue    # in the root's state
+        else:
+            if hasattr(target, "check_restorable"):
+                target.check_restorable(state)
+            else:
+                require(state, type(target.save()))
+            plain.append((target, state))
+    for target, state in plain:
+        target.restore(state)
+    if root_state is not None:
+        root_state[0].restore(root_state[1])
