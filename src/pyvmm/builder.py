@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .arch.x86_64 import layout
 from .arch.x86_64.cpuid import CpuidPolicy
@@ -30,6 +30,11 @@ from .pci import PciRoot
 from .iothread import IoThread
 from .virtio_wiring import VirtioWiring
 from .vm import EXIT_GUEST_CRASH, EXIT_OK, EXIT_VMM_ERROR, Vm, VmOutcome
+
+if TYPE_CHECKING:
+    from .accel.base import Accelerator
+    from .devices.virtio.device import VirtioDevice
+    from .devices.virtio.host_side import StreamListener
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +56,11 @@ def build_vm(config: MachineConfig, console_write: Callable[[bytes], None], *, a
         rsdp = build_acpi_tables(memory, cpus=config.cpus, mcfg=ecam, cmos_rtc=True,
                                  devices=[pvpanic_device(layout.PVPANIC_PORT), *pci_items, *machine.wiring.acpi_items])
         write_reset_vector(memory)
+        kernel = kernel_path or config.kernel
+        if kernel is None:
+            raise ConfigError("is needed: no kernel to boot", "kernel")
         entry = load_kernel(
-            memory, kernel_path or config.kernel, cmdline=config.cmdline, modules=list(config.modules),
+            memory, kernel, cmdline=config.cmdline, modules=list(config.modules),
             flat_address=config.flat_address,
             flat_mode=CpuMode.LONG_64 if config.flat_64bit else CpuMode.PROTECTED_32,
             initrd=config.initrd, boot=config.boot, rsdp=rsdp,
@@ -75,7 +83,7 @@ def create_vcpus(accel, config: MachineConfig) -> list:
 class Machine:
     """A machine's parts before it has vCPUs: what build_vm and a restore share."""
     config: MachineConfig
-    accel: object
+    accel: Accelerator
     memory: GuestMemory
     pio: PioBus
     mmio: MmioBus
@@ -196,7 +204,7 @@ def virtio_devices(config: MachineConfig, console_write, iothread, releases: lis
         from .devices.virtio.console import VirtioConsole
         from .host import UnixPortListener
 
-        listeners = {}
+        listeners: dict[str, StreamListener] = {}
         try:
             for port in config.console_ports:
                 listeners[port.name] = UnixPortListener(port.socket, iothread)
@@ -209,13 +217,15 @@ def virtio_devices(config: MachineConfig, console_write, iothread, releases: lis
         yield "virtio-console", "virtio-console", console, config.console_transport
     for index, disk in enumerate(config.disks):
         name = f"virtio-blk{index}"
-        if disk.vhost_user:
+        device: VirtioDevice
+        if disk.vhost_user is not None:
             from .devices.virtio.vhost_user_blk import VhostUserBlk
 
             device, kind = VhostUserBlk(disk.vhost_user, iothread=iothread), "vhost-user-blk"
         else:
             from .devices.virtio.blk import BlockError, VirtioBlock
 
+            assert disk.path is not None  # validate(): a path or a vhost-user socket
             try:
                 device, kind = VirtioBlock(disk.path, readonly=disk.readonly, serial=disk.serial), "virtio-blk"
             except BlockError as exc:
@@ -236,7 +246,8 @@ def virtio_devices(config: MachineConfig, console_write, iothread, releases: lis
 
         host = VsockUnixHost(config.vsock.uds, iothread, carried=vsock_carried)
         releases.append(host.close)      # idempotent: the device closes it too
-        device = VirtioVsock(config.vsock.cid, host)
+        # VsockUnixHost's methods take its SocketStream, narrower than VsockHost's HostStream
+        device = VirtioVsock(config.vsock.cid, host)  # type: ignore[arg-type]
         releases.append(device.close)
         yield "virtio-vsock", "virtio-vsock", device, config.vsock.transport
     if config.rng is not None:

@@ -60,6 +60,7 @@ class VirtioWiring:
         (base, _), = node.resources.mmio
         gsi, = node.resources.gsis
         index = node.resources.mmio_slot
+        assert index is not None  # the manager gives a window request a slot
         transport = VirtioMmioTransport(device, self.accel.irq_line(gsi), self.memory)
         self.mmio_bus.register(base, MMIO_WINDOW, transport, name)
         for offset, length, value in transport.notify_offsets():

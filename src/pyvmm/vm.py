@@ -16,10 +16,15 @@ import logging
 import signal
 import threading
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from typing import TYPE_CHECKING, Iterable, Protocol
 
 from .accel.base import Accelerator, RunLoop, Vcpu
 from .accel.exits import DebugExit, EmulationError, Shutdown, SystemEvent, UnknownExit, VcpuExit
+
+if TYPE_CHECKING:
+    from .config import MachineConfig
+    from .devmgr import DeviceManager
+    from .loader.linux.symbols import LazySymbolTable
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -84,11 +89,11 @@ class Vm:
         self._pausables: list[Pausable] = ([iothread] if iothread is not None else []) + list(pausables)
         self._on_close = list(on_close)  # released after every thread stopped, in order
         # The guest kernel's symbols (loader.linux.symbols), named in errors at a guest RIP.
-        self.symbols = None
+        self.symbols: LazySymbolTable | None = None
         # The device tree and what it allocated (devmgr.DeviceManager), and the machine
         # description (config.MachineConfig) it was built from; the builder sets both.
-        self.device_manager = None
-        self.machine = None
+        self.device_manager: DeviceManager | None = None
+        self.machine: MachineConfig | None = None
         self._owns_memory = True
 
     # --- lifecycle -------------------------------------------------------------------

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from typing import Any
 
 from .cache import GuestImage, cache_root, cached_image, check, image_from
 from .image import (DEFAULT_CMDLINE, FORMAT_VERSION, IMAGE_NAME, INITRAMFS_FILE, KERNEL_FILE, MANIFEST_FILE,
@@ -62,7 +63,7 @@ def build_default_image(rebuild: bool = False, progress: Progress | None = print
         with _Lock(root / f".{IMAGE_NAME}.lock"):
             if not rebuild:
                 manifest, problem = check(directory)
-                if not problem:
+                if not problem and manifest is not None:
                     if symbols_state(directory, manifest) == "missing":
                         manifest = add_symbols(directory, manifest, progress)
                     return image_from(directory, manifest)
@@ -183,7 +184,7 @@ def _build(work: pathlib.Path, progress: Progress) -> dict:
     out.mkdir()
     shutil.copyfile(vmlinuz, out / KERNEL_FILE)
     (out / INITRAMFS_FILE).write_bytes(initramfs)
-    artifacts = {}
+    artifacts: dict[str, dict[str, Any]] = {}
     for file_name in (KERNEL_FILE, INITRAMFS_FILE):
         path = out / file_name
         artifacts[file_name] = {"sha256": sha256_file(path), "size": path.stat().st_size}

@@ -100,6 +100,6 @@ def cached_image(name: str = IMAGE_NAME, verify_hashes: bool = True) -> GuestIma
     """The cached image `name`, or ImageError saying why it cannot be used."""
     directory = image_dir(name)
     manifest, problem = check(directory, verify_hashes)
-    if problem:
+    if problem or manifest is None:
         raise ImageError(f"guest image {name!r} at {directory} is not usable ({problem}): run `pyvmm image build`")
     return image_from(directory, manifest, verify_hashes)

@@ -19,6 +19,7 @@ import pathlib
 import shutil
 import struct
 import subprocess
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..errors import PyvmmError
@@ -86,7 +87,7 @@ def decompress_module(path: pathlib.Path) -> bytes:
         raise ModuleError(f"{path}: cannot decompress: {exc}") from None
     if name.endswith(".ko.zst"):
         try:
-            import zstandard  # type: ignore[import-not-found]
+            import zstandard
 
             return zstandard.ZstdDecompressor().decompress(data, max_output_size=256 << 20)
         except ImportError:
@@ -206,7 +207,7 @@ class ModuleIndex:
         return modules, missing
 
 
-def load_order(wanted: list[str] | tuple[str, ...], depends: dict[str, tuple[str, ...] | list[str]]) -> list[str]:
+def load_order(wanted: Sequence[str], depends: Mapping[str, Sequence[str]]) -> list[str]:
     """Order `wanted` and everything they depend on so that each module follows its dependencies.
 
     The order of `wanted` is kept wherever the dependencies allow it (a depth-first walk that

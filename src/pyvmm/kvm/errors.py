@@ -19,7 +19,7 @@ class KvmError(PyvmmError, OSError):
         super().__init__(err, text)
 
     def __str__(self) -> str:  # OSError's default prefixes "[Errno N]"
-        return self.strerror
+        return self.strerror or ""
 
     @property
     def interrupted(self) -> bool:
