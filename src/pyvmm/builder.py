@@ -63,7 +63,7 @@ def build_vm(config: MachineConfig, console_write: Callable[[bytes], None], *, a
             memory, kernel, cmdline=config.cmdline, modules=list(config.modules),
             flat_address=config.flat_address,
             flat_mode=CpuMode.LONG_64 if config.flat_64bit else CpuMode.PROTECTED_32,
-            initrd=config.initrd, boot=config.boot, rsdp=rsdp,
+            initrd=config.initrd, boot=config.boot, rsdp=rsdp, linux_cmdline=accel.linux_cmdline,
         )
         log.info("loaded %s, entry %#x", entry.kind, entry.entry)
 

@@ -444,6 +444,16 @@ def test_bzimage_without_pvh_note_falls_back(memory, tmp_path):
     one_line(err.value)
 
 
+def test_accelerator_linux_arguments_go_before_the_users_on_every_linux_path(memory, tmp_path):
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(lg.bzimage(VMLINUX))
+    pvh = load_kernel(memory, kernel, cmdline="quiet", linux_cmdline="tsc=nowatchdog")
+    cmdline_paddr = struct.unpack_from("<Q", memory.read(PVH_START_INFO + 24, 8))[0]
+    assert pvh.cmdline == "tsc=nowatchdog quiet" and memory.read_cstring(cmdline_paddr) == b"tsc=nowatchdog quiet"
+    assert load_kernel(memory, kernel, boot="bzimage", linux_cmdline="tsc=nowatchdog").cmdline == "tsc=nowatchdog"
+    assert load_image(memory, VMLINUX, cmdline="a=b", linux_cmdline="tsc=nowatchdog").cmdline == "tsc=nowatchdog a=b"
+
+
 def test_pvh_elf_is_detected(memory):
     boot = load_image(memory, VMLINUX, cmdline="a=b")
     assert boot.mode is CpuMode.PROTECTED_32 and boot.entry == PVH_ENTRY

@@ -63,6 +63,12 @@ def read_info(memory, address):
 
 # --- Multiboot ELF ------------------------------------------------------------------------
 
+def test_accelerator_linux_arguments_are_not_a_multiboot_kernels(memory):
+    image = ig.multiboot_elf(ig.pattern(0x10))
+    boot = load_image(memory, image, cmdline="quiet", linux_cmdline="tsc=nowatchdog")
+    assert boot.cmdline == "quiet" and read_info(memory, MULTIBOOT_INFO)["cmdline"] == "quiet"
+
+
 def test_multiboot_elf32_kernel_and_info(memory):
     code = ig.pattern(0x100)
     image = ig.multiboot_elf(code, bss=0x3000)

@@ -81,6 +81,7 @@ class RunLoop:
 
 class Accelerator(Protocol):
     name: str
+    linux_cmdline: str  # kernel arguments a Linux guest needs on this accelerator ("" for none)
 
     def setup_platform(self) -> None: ...
 

@@ -44,14 +44,16 @@ def load_image(memory: GuestMemory, data: bytes, *, cmdline: str = "",
                modules: Sequence[str | os.PathLike] = (), flat_address: int | None = None,
                flat_mode: CpuMode = CpuMode.PROTECTED_32, initrd: bytes | None = None,
                boot: str = "auto", rsdp: int | None = layout.ACPI_RSDP,
-               cache_dir: str | os.PathLike | None = None) -> BootEntry:
+               cache_dir: str | os.PathLike | None = None, linux_cmdline: str = "") -> BootEntry:
     """Load kernel bytes: flat if `flat_address` is given, else bzImage, Multiboot, PVH ELF or plain ELF.
 
     `boot` picks the Linux boot path: "auto" (PVH when the kernel has a PVH note; for a
     Multiboot ELF, Multiboot), "pvh", or "bzimage" (the 64-bit boot protocol).  `initrd`
     is the Linux initramfs; `rsdp` the guest address of the ACPI RSDP handed to Linux
     (None: no ACPI tables); `cache_dir` overrides where extracted vmlinux files are kept.
+    `linux_cmdline` goes before `cmdline` when the kernel is Linux (the user's word comes last).
     """
+    linux = f"{linux_cmdline} {cmdline}".strip()
     if boot not in BOOT_MODES:
         raise LoaderError(f"unknown boot method {boot!r} (expected one of {', '.join(BOOT_MODES)})")
     if flat_address is not None:
@@ -63,7 +65,7 @@ def load_image(memory: GuestMemory, data: bytes, *, cmdline: str = "",
 
         if is_bzimage(data):
             _refuse_modules(modules, "a Linux bzImage")
-            return _load_bzimage(memory, data, cmdline=cmdline, initrd=initrd, boot=boot, rsdp=rsdp,
+            return _load_bzimage(memory, data, cmdline=linux, initrd=initrd, boot=boot, rsdp=rsdp,
                                  cache_dir=cache_dir)
         header = find_header(data)
         if boot == "bzimage":
@@ -78,7 +80,7 @@ def load_image(memory: GuestMemory, data: bytes, *, cmdline: str = "",
 
         if boot == "pvh" or find_pvh_entry(data) is not None:
             _refuse_modules(modules, "a PVH kernel")
-            return load_pvh(memory, data, cmdline=cmdline, initrd=initrd, rsdp=rsdp,
+            return load_pvh(memory, data, cmdline=linux, initrd=initrd, rsdp=rsdp,
                             kind=f"PVH ELF{image.bits} kernel")
         _refuse_modules(modules, "a plain ELF kernel")
         _refuse_initrd(initrd, "a plain ELF kernel without a PVH note")
@@ -126,7 +128,7 @@ def load_kernel(memory: GuestMemory, path: str | os.PathLike, *, cmdline: str = 
                 modules: Sequence[str | os.PathLike] = (), flat_address: int | None = None,
                 flat_mode: CpuMode = CpuMode.PROTECTED_32, initrd: str | os.PathLike | None = None,
                 boot: str = "auto", rsdp: int | None = layout.ACPI_RSDP,
-                cache_dir: str | os.PathLike | None = None) -> BootEntry:
+                cache_dir: str | os.PathLike | None = None, linux_cmdline: str = "") -> BootEntry:
     """Read the kernel file at `path` (and the initrd file) and load them (see load_image).
 
     Errors name the kernel file; an unreadable initrd names the initrd.
@@ -149,7 +151,8 @@ def load_kernel(memory: GuestMemory, path: str | os.PathLike, *, cmdline: str = 
             raise LoaderError(f"initrd {initrd_name} is empty")
     try:
         return load_image(memory, data, cmdline=cmdline, modules=modules, flat_address=flat_address,
-                          flat_mode=flat_mode, initrd=initrd_data, boot=boot, rsdp=rsdp, cache_dir=cache_dir)
+                          flat_mode=flat_mode, initrd=initrd_data, boot=boot, rsdp=rsdp, cache_dir=cache_dir,
+                          linux_cmdline=linux_cmdline)
     except LoaderError as exc:
         raise LoaderError(f"{name}: {exc}") from None
 

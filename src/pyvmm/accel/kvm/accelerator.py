@@ -66,6 +66,7 @@ class KvmAccelerator:
     """Owns the VM fd and the vCPU fds; runs one thread per vCPU, each in KVM_RUN."""
 
     name = "kvm"
+    linux_cmdline = ""
 
     def __init__(self, kvm: Kvm | None = None, *, kernel_code_emulated: bool = False) -> None:
         """`kernel_code_emulated`: this host's KVM emulates guest kernel code (the calibration

@@ -51,6 +51,10 @@ EXCEPTIONS_SETTING = "PYVMM_TCG_EXCEPTIONS"
 
 class TcgAccelerator:
     name = "tcg"
+    # Every vCPU reads the host's invariant TSC, while the jiffies Linux would check it against
+    # lose ticks when the host is busy: its clocksource watchdog then declared the TSC unstable
+    # and the guest kept time in jiffies (seen with 2 vCPUs on a loaded host).
+    linux_cmdline = "tsc=nowatchdog"
 
     def __init__(self, tsc_hz: int | None = None) -> None:
         """`tsc_hz`: the rate of the guest's TSC, which Unicorn's RDTSC reads from the host's
