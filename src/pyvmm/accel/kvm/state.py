@@ -10,6 +10,7 @@ the LAPIC, which would otherwise drop them) and debug registers.
 
 from __future__ import annotations
 
+import logging
 import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
@@ -24,6 +25,8 @@ from ...persist import State, StateError
 
 if TYPE_CHECKING:
     from .accelerator import KvmAccelerator
+
+log = logging.getLogger(__name__)
 
 MP_STATE_NAMES = {
     uapi.KVM_MP_STATE_RUNNABLE: "runnable",
@@ -167,6 +170,8 @@ def restore_vcpu(accel: "KvmAccelerator", fd, state: VcpuState) -> None:
     early = {i: state.msrs[i] for i in M.SAVED_MSRS
              if i in state.msrs and i in supported and i != M.MSR_IA32_TSC_DEADLINE}
     _set_msrs(fd, early)
+    if M.MSR_IA32_TSC in early:
+        _check_tsc_taken(fd, early[M.MSR_IA32_TSC])
     fd.set_mp_state(MP_STATE_VALUES[state.mp_state])
     fd.set_lapic(uapi.kvm_lapic_state.from_buffer_copy(state.lapic))
     if M.MSR_IA32_TSC_DEADLINE in state.msrs and M.MSR_IA32_TSC_DEADLINE in supported:
@@ -175,6 +180,20 @@ def restore_vcpu(accel: "KvmAccelerator", fd, state: VcpuState) -> None:
     debug = uapi.kvm_debugregs(dr6=state.dr6, dr7=state.dr7)
     debug.db[:] = state.dr
     fd.set_debugregs(debug)
+
+
+_warned_tsc = False
+
+
+def _check_tsc_taken(fd, wanted: int) -> None:
+    """A KVM that runs guests without TSC offsetting (kvm_pvm does) ignores the value: say so
+    once; the guest's TSC is then the host's and counts the time the VM spent saved."""
+    global _warned_tsc
+    got = fd.get_msrs([M.MSR_IA32_TSC]).get(M.MSR_IA32_TSC, wanted)
+    if abs(got - wanted) > fd.get_tsc_khz() * 1000 and not _warned_tsc:  # more than a second off
+        _warned_tsc = True
+        log.warning("this host's KVM does not set a vCPU's TSC: the restored guest's TSC is the host's "
+                    "(it counts the time the VM spent saved)")
 
 
 def _set_msrs(fd, values: dict[int, int]) -> None:

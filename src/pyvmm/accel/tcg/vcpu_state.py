@@ -11,8 +11,9 @@ slice), so they are not part of the state.
 
 What the software CPU cannot hold is refused with one StateError line before anything is
 written: an XSAVE state beyond x87/SSE, KVM's paravirtual MSRs, an event KVM had not yet
-delivered, NMI blocking, SMM. Its RDTSC is the host's TSC (Unicorn offers no TSC offset):
-the saved IA32_TSC is recorded but not written back; the platform's clock keeps guest time.
+delivered, NMI blocking, SMM. The guest's TSC is the host's plus an offset per vCPU
+(guest_tsc.py): IA32_TSC is saved as RDTSC reads it, and a restore sets the offset so the
+TSC goes on from the saved value, as on KVM.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ...arch.x86_64.cpu_state import (
 )
 from ...persist import StateError
 from ...platform.lapic_registers import REG_TPR
+from .guest_tsc import GuestTsc, host_tsc, tsc_offset_field
 from .private_state import HF_INHIBIT_IRQ_MASK
 
 # QEMU's TCG implements these (target/i386 helper_rdmsr/helper_wrmsr); the rest of SAVED_MSRS
@@ -86,12 +88,22 @@ def save(vcpu) -> VcpuState:
         dr=tuple(uc.reg_read(r) for r in _DR_REGS),
         dr6=uc.reg_read(X.UC_X86_REG_DR6), dr7=uc.reg_read(X.UC_X86_REG_DR7),
         fpu=_save_fpu(uc), xsave=None,
-        msrs={i: uc.msr_read(i) for i in TCG_MSRS},
+        msrs={i: _guest_tsc(uc) if i == M.MSR_IA32_TSC else uc.msr_read(i) for i in TCG_MSRS},
         events=dataclasses.replace(EventsState.none(),
                                    interrupt_shadow=SHADOW_STI if hflags & HF_INHIBIT_IRQ_MASK else 0),
         mp_state="uninitialized" if vcpu.waiting_for_sipi else ("halted" if vcpu.halted else "runnable"),
         lapic=None,
     )
+
+
+def _guest_tsc(uc) -> int:
+    """The TSC as the guest's RDTSC reads it now."""
+    return (host_tsc() + GuestTsc(uc, tsc_offset_field()).offset) & ((1 << 64) - 1)
+
+
+def _signed64(value: int) -> int:
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >> 63 else value
 
 
 def _tpr(lapic) -> int:
@@ -171,8 +183,10 @@ def restore(vcpu, state: VcpuState) -> None:
     uc.reg_write(X.UC_X86_REG_DR7, state.dr7)
     _restore_fpu(uc, state.fpu)
     for index in TCG_MSRS:
-        if index in state.msrs and index != M.MSR_IA32_TSC:  # RDTSC is the host's: see the docstring
+        if index in state.msrs and index != M.MSR_IA32_TSC:  # Unicorn's TSC MSR is not RDTSC's
             uc.msr_write(index, state.msrs[index])
+    if M.MSR_IA32_TSC in state.msrs:
+        GuestTsc(uc, tsc_offset_field()).offset = _signed64(state.msrs[M.MSR_IA32_TSC] - host_tsc())
     cs, ss = state.segments["cs"], state.segments["ss"]
     protected = bool(state.cr0 & CR0_PE)
     code64 = bool(state.efer & EFER_LMA and cs.l)
