@@ -17,10 +17,12 @@ from .arch.x86_64.cpuid import CpuidPolicy
 from .bus import MmioBus, PioBus, Window
 from .config import ConfigError, MachineConfig
 from .arch.x86_64.acpi import build_acpi_tables, pci_root_acpi, pvpanic_device
+from .arch.x86_64.ged import ged_items
 from .arch.x86_64.firmware import write_reset_vector
 from .deadline_timer import DeadlineTimer
 from .devices.legacy import AcpiPower, DebugExitPort, GuestNotify, I8042, Mc146818Rtc, Port80, PvPanic, Uart16550
 from .devices.legacy.debug_exit import exit_status
+from .devices.legacy.ged import GenericEventDevice
 from .devmgr import DeviceManager, DeviceTree, Request
 from .loader import CpuMode, load_kernel
 from .loader.entry import boot_state
@@ -54,7 +56,8 @@ def build_vm(config: MachineConfig, console_write: Callable[[bytes], None], *, a
 
         pci_items, ecam = pci_root_acpi(machine.pci_root)
         rsdp = build_acpi_tables(memory, cpus=config.cpus, mcfg=ecam, cmos_rtc=True,
-                                 devices=[pvpanic_device(layout.PVPANIC_PORT), *pci_items, *machine.wiring.acpi_items])
+                                 devices=[pvpanic_device(layout.PVPANIC_PORT), *ged_items(layout.GED_PORT, layout.GED_GSI),
+                                          *pci_items, *machine.wiring.acpi_items])
         write_reset_vector(memory)
         kernel = kernel_path or config.kernel
         if kernel is None:
@@ -160,6 +163,9 @@ def assemble(cleanup: ExitStack, config: MachineConfig, console_write: Callable[
     port_device("guest-notify", "guest-notify", notify, ((layout.GUEST_NOTIFY_PORT, layout.GUEST_NOTIFY_PORT_COUNT),))
     port_device("pvpanic", "pvpanic", PvPanic(lambda: stop(VmOutcome(
         "panic", EXIT_GUEST_CRASH, "the guest kernel panicked"))), ((layout.PVPANIC_PORT, 1),))
+    # ACPI events (the power button) on a hardware-reduced platform: see arch/x86_64/ged.py.
+    port_device("ged", "ged", GenericEventDevice(accel.irq_line(layout.GED_GSI)),
+                ((layout.GED_PORT, layout.GED_PORT_COUNT),), (layout.GED_GSI,))
 
     # The RTC's update and alarm interrupts come due without the guest: a timer thread
     # calls it back on either accelerator.

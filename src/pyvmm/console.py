@@ -2,7 +2,8 @@
 
 Guest output is written straight to the terminal (or the log) from the vCPU thread
 that produced it. Host input is read by one thread and pushed into the UART; on a
-terminal, Ctrl-A x quits and Ctrl-A Ctrl-A sends a literal Ctrl-A, like QEMU.
+terminal, Ctrl-A x quits, Ctrl-A p presses the ACPI power button (QEMU's system_powerdown)
+and Ctrl-A Ctrl-A sends a literal Ctrl-A, like QEMU.
 The terminal's settings are restored however pyvmm ends.
 """
 
@@ -21,7 +22,8 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 CTRL_A = 0x01
-ESCAPE_HELP = b"\r\nC-a x  quit pyvmm\r\nC-a C-a  send C-a to the guest\r\nC-a h  this help\r\n"
+ESCAPE_HELP = (b"\r\nC-a x  quit pyvmm\r\nC-a p  press the ACPI power button (the guest shuts down)\r\n"
+               b"C-a C-a  send C-a to the guest\r\nC-a h  this help\r\n")
 
 
 class Console:
@@ -43,6 +45,7 @@ class Console:
         self._port = None
         self._attached = threading.Event()  # input read before the VM exists waits for its UART
         self._on_quit: Callable[[], None] | None = None
+        self._on_power_button: Callable[[], None] | None = None
         self._thread: threading.Thread | None = None
         self._wake_r, self._wake_w = os.pipe()
         self._closing = False
@@ -70,10 +73,11 @@ class Console:
 
     # --- host -> guest ------------------------------------------------------------------
 
-    def attach(self, port, on_quit: Callable[[], None] | None = None) -> None:
+    def attach(self, port, on_quit: Callable[[], None] | None = None,
+               on_power_button: Callable[[], None] | None = None) -> None:
         """Send host input to `port` (a UART: receive, rx_space, wait_rx_space); Ctrl-A x calls
-        `on_quit`. Re-attachable: a reboot builds a new UART."""
-        self._port, self._on_quit = port, on_quit
+        `on_quit`, Ctrl-A p `on_power_button`. Re-attachable: a reboot builds a new UART."""
+        self._port, self._on_quit, self._on_power_button = port, on_quit, on_power_button
         self._attached.set()
 
     def start(self) -> None:
@@ -159,7 +163,10 @@ class Console:
                     if self._on_quit:
                         self._on_quit()
                     return bytes(out)
-                if byte == CTRL_A:
+                if byte == ord("p"):
+                    if self._on_power_button:
+                        self._on_power_button()
+                elif byte == CTRL_A:
                     out.append(CTRL_A)
                 elif byte == ord("h"):
                     self.write(ESCAPE_HELP)

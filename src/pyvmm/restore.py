@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 VSOCK_ID = "virtio-vsock"
 # The devices every machine has (builder.assemble), by device-tree id.
-FIXED_DEVICE_IDS = ("com1", "i8042", "debug-exit", "post", "acpi-power", "guest-notify", "pvpanic", "rtc", PCI_ROOT_ID)
+FIXED_DEVICE_IDS = ("com1", "i8042", "debug-exit", "post", "acpi-power", "guest-notify", "pvpanic", "ged", "rtc",
+                    PCI_ROOT_ID)
 
 
 @dataclass

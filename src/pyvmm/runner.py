@@ -49,6 +49,15 @@ def with_default_guest(machine: MachineConfig, options: RunOptions,
     return machine, options
 
 
+def _press_power_button(vm) -> None:
+    from .errors import UserError
+
+    try:
+        vm.press_power_button()
+    except UserError as exc:
+        log.warning("power button: %s", exc)
+
+
 def run_vm(machine: MachineConfig, options: RunOptions, console, choice=None) -> VmOutcome:
     """Boot `machine` with `console` as COM1 until the guest ends; options.reboot restarts it on
     reset. `choice`: the accelerator choose_accelerator() made, if the caller asked first."""
@@ -69,7 +78,8 @@ def run_vm(machine: MachineConfig, options: RunOptions, console, choice=None) ->
             announce = False
         terminal_device = vm.devices["virtio-console" if machine.console == "virtio" else "com1"]
         console.attach(terminal_device,
-                       on_quit=lambda: vm.request_stop(VmOutcome("quit", EXIT_OK, "quit from the console (C-a x)")))
+                       on_quit=lambda: vm.request_stop(VmOutcome("quit", EXIT_OK, "quit from the console (C-a x)")),
+                       on_power_button=lambda vm=vm: _press_power_button(vm))
         # the timeout bounds the whole run, reboots included
         remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
         outcome = vm.run(remaining)

@@ -57,6 +57,10 @@ class VmNotPaused(UserError):
     """An operation that needs a paused VM (save) was asked of a running or stopped one."""
 
 
+class VmError(UserError):
+    """An operation the VM cannot do in its current state or configuration."""
+
+
 class Pausable(Protocol):
     """A host-side part of the VM that must hold still while it is paused (the I/O thread,
     a device's timer): pause() returns once it touches neither the guest nor its memory."""
@@ -135,6 +139,18 @@ class Vm:
             self._changed.notify_all()
         for vcpu in self.vcpus:
             vcpu.kick()
+
+    def press_power_button(self) -> None:
+        """Press the ACPI power button: a request, not an order. The guest's button driver sees
+        it (arch/x86_64/ged.py) and its userspace decides; the default guest powers off cleanly,
+        ending the VM with outcome "poweroff". Callers wanting a graceful stop wait() for it
+        with a timeout of their choosing. Safe from any thread."""
+        button = self.devices.get("ged")
+        if button is None:
+            raise VmError("this machine has no ACPI power button")
+        if self.stop_requested.is_set():
+            raise VmError("the VM has stopped: there is no guest to press the power button of")
+        button.press_power_button()  # type: ignore[attr-defined]
 
     @property
     def stopped(self) -> bool:

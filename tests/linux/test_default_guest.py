@@ -36,8 +36,9 @@ def test_command_runs_with_the_configured_cpus_memory_and_cmdline(pyvmm, image):
     assert host_before - 60 <= guest_time <= host_after + 60
     assert "rtc-errors 0" in lines and "hwclock-ok" in lines
     assert "pyvmm: exit status 3" in result.stdout
-    # /init loads the drivers of the devices present: pvpanic (in the DSDT), no virtio without a virtio device
-    assert "modules: pvpanic pvpanic_mmio" in lines
+    # /init loads the drivers of the devices present: pvpanic and the power button (in the DSDT;
+    # evdev to read the button), no virtio without a virtio device
+    assert "modules: button evdev pvpanic pvpanic_mmio" in lines
     if "accelerator tcg" in result.stderr:
         # the software CPU reports an in-order model: Linux skips mitigations that protect nothing there
         assert "meltdown: Not affected" in lines

@@ -8,11 +8,12 @@
 #    after the modules it NEEDS; again while that brings new devices (virtio_pci
 #    finds the virtio devices behind it); a missing or failing module is reported
 #    on the console, never fatal;
-# 3. signals "init started": byte 0x01 to I/O port 0x610 (pyvmm's boot timer);
+# 3. watches the ACPI power button: pressed, it syncs, unmounts and powers off;
+# 4. signals "init started": byte 0x01 to I/O port 0x610 (pyvmm's boot timer);
 #    with `pyvmm.console=hvc0` (pyvmm run --console virtio) the command or shell below
 #    uses that console instead of the boot console; with `pyvmm.ip=ADDR/PREFIX,GW`
 #    (pyvmm run --net tap=auto) eth0 is configured;
-# 4. with `pyvmm.cmd=<base64 of a shell command>` on the kernel command line:
+# 5. with `pyvmm.cmd=<base64 of a shell command>` on the kernel command line:
 #    runs it with `sh -c` on the console, prints "pyvmm: exit status N", writes N
 #    as one byte to port 0x611 and powers off; otherwise starts an interactive
 #    shell on the console and powers off when it exits (a reset instead when the
@@ -90,6 +91,33 @@ if [ -f "$moddir/pyvmm.load" ]; then
 else
     echo "pyvmm: no module list at $moddir/pyvmm.load (kernel $kver)"
 fi
+
+# The ACPI power button (pyvmm's Generic Event Device notifies \_SB.PWRB; button.ko reports
+# KEY_POWER on its "Power Button" input device): a background reader waits for its first
+# event, then powers off cleanly. The kernel does nothing about the button by itself.
+pyvmm_poweroff() {
+    sync
+    umount -a -r 2>/dev/null
+    poweroff -f
+}
+for input in /sys/class/input/input*; do
+    read -r input_name <"$input/name" 2>/dev/null || continue
+    [ "$input_name" = "Power Button" ] || continue
+    [ -d /sys/module/evdev ] || modprobe evdev 2>/dev/null ||
+        echo "pyvmm: module evdev: cannot load it; the power button is ignored"
+    for event in "$input"/event*; do
+        # Opened here, before "init started": a press from then on is not missed. (`command`:
+        # a failed redirection of plain `exec` would end init.)
+        command exec 3<"/dev/input/${event##*/}" 2>/dev/null || continue
+        (
+            dd of=/dev/null bs=24 count=1 <&3 2>/dev/null || exit 0
+            exec 3<&-
+            echo "pyvmm: power button pressed: powering off"
+            pyvmm_poweroff
+        ) </dev/null &
+        exec 3<&-
+    done
+done
 
 pyvmm_outb 1552 1 # 0x610: init started
 

@@ -55,6 +55,8 @@ DEFAULT_MODULES: tuple[str, ...] = (
     "vsock",
     "vmw_vsock_virtio_transport_common",
     "vmw_vsock_virtio_transport",
+    "button",  # the ACPI power button (PNP0C0C) pyvmm's GED notifies: KEY_POWER on an input device
+    "evdev",   # /dev/input/event*, where init waits for that key (loaded by init, not by coldplug)
 )
 
 MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.gz", ".ko.zst")

@@ -33,7 +33,16 @@ BUFFER_OP = 0x11
 PACKAGE_OP = 0x12
 METHOD_OP = 0x14
 RETURN_OP = 0xA4
+STORE_OP = 0x70
+AND_OP = 0x7B
+NOTIFY_OP = 0x86
+LEQUAL_OP = 0x93
+IF_OP = 0xA0
+LOCAL0_OP = 0x60  # Local0-Local7: 0x60-0x67
+ARG0_OP = 0x68    # Arg0-Arg6: 0x68-0x6E
 EXT_OP_PREFIX = 0x5B
+OP_REGION_OP = 0x80  # after EXT_OP_PREFIX
+FIELD_OP = 0x81      # after EXT_OP_PREFIX
 DEVICE_OP = 0x82  # after EXT_OP_PREFIX
 ROOT_CHAR = 0x5C  # '\'
 PARENT_PREFIX_CHAR = 0x5E  # '^'
@@ -227,6 +236,105 @@ def method(path: str, args: int, terms: Iterable[bytes], *, serialized: bool = F
 def return_(value: DataObject) -> bytes:
     """Return(value)."""
     return bytes([RETURN_OP]) + data(value)
+
+
+# --- method bodies: arguments, locals, operators, control flow (20.2.5) --------------------------
+
+Operand = Union[int, bytes]
+
+
+def arg(index: int) -> bytes:
+    """ArgN (0-6): a method's Nth argument."""
+    if not 0 <= index <= 6:
+        raise AmlError(f"AML methods have Arg0-Arg6, not Arg{index}")
+    return bytes([ARG0_OP + index])
+
+
+def local(index: int) -> bytes:
+    """LocalN (0-7): a method's Nth local variable."""
+    if not 0 <= index <= 7:
+        raise AmlError(f"AML methods have Local0-Local7, not Local{index}")
+    return bytes([LOCAL0_OP + index])
+
+
+def reference(path: str) -> bytes:
+    """A named object used as an operand or target (a NameString)."""
+    return name_string(path)
+
+
+def _operand(value: Operand) -> bytes:
+    """A TermArg: an int becomes an integer constant, bytes are already-encoded AML."""
+    return value if isinstance(value, bytes) else integer(value)
+
+
+def store(source: Operand, target: bytes) -> bytes:
+    """Store(source, target), ASL `target = source`."""
+    return bytes([STORE_OP]) + _operand(source) + target
+
+
+def and_(left: Operand, right: Operand, target: bytes = bytes([NULL_NAME])) -> bytes:
+    """And(left, right, target): bitwise and; no target (NullName) when only the value is used."""
+    return bytes([AND_OP]) + _operand(left) + _operand(right) + target
+
+
+def lequal(left: Operand, right: Operand) -> bytes:
+    """LEqual(left, right), ASL `left == right`."""
+    return bytes([LEQUAL_OP]) + _operand(left) + _operand(right)
+
+
+def if_(predicate: bytes, terms: Iterable[bytes]) -> bytes:
+    """If(predicate){terms}."""
+    return _with_pkg_length(bytes([IF_OP]), predicate + b"".join(terms))
+
+
+def notify(path: str, value: Operand) -> bytes:
+    """Notify(object, value): e.g. 0x80 on a power button device reports a press."""
+    return bytes([NOTIFY_OP]) + name_string(path) + _operand(value)
+
+
+# --- operation regions and fields (19.6.100, 19.6.48) ---------------------------------------------
+
+REGION_SYSTEM_MEMORY = 0x00
+REGION_SYSTEM_IO = 0x01
+ACCESS_ANY, ACCESS_BYTE, ACCESS_WORD, ACCESS_DWORD, ACCESS_QWORD = range(5)
+LOCK_RULE_NO_LOCK, LOCK_RULE_LOCK = 0, 1
+UPDATE_PRESERVE, UPDATE_WRITE_AS_ONES, UPDATE_WRITE_AS_ZEROS = 0, 1, 2
+
+
+def operation_region(path: str, space: int, offset: int, length: int) -> bytes:
+    """OperationRegion(path, space, offset, length): `length` bytes at `offset` of an address
+    space (REGION_SYSTEM_IO, REGION_SYSTEM_MEMORY, ...)."""
+    if not 0 <= space <= 0xFF:
+        raise AmlError(f"AML region space {space} out of range 0-255")
+    return bytes([EXT_OP_PREFIX, OP_REGION_OP]) + name_string(path) + bytes([space]) + integer(offset) + integer(length)
+
+
+def field(region: str, fields: Iterable[tuple[str, int]], *, access: int = ACCESS_ANY,
+          lock: bool = False, update: int = UPDATE_PRESERVE) -> bytes:
+    """Field(region, access, Lock|NoLock, update){name, bits, ...}: named fields laid out from
+    bit 0 of the region; a name of "" is an unnamed gap (ASL `Offset`/`, bits`)."""
+    if not 0 <= access <= 5 or not 0 <= update <= 2:
+        raise AmlError("AML field access type 0-5 and update rule 0-2")
+    flags = access | (LOCK_RULE_LOCK << 4 if lock else 0) | update << 5
+    elements = b""
+    for field_name, bits in fields:
+        if not 0 < bits < 1 << 28:
+            raise AmlError(f"AML field {field_name!r} of {bits} bits")
+        # NamedField := NameSeg PkgLength, the "length" being the bit count itself (it does
+        # not count its own bytes); a ReservedField is 0x00 then the same.
+        head = name_seg(field_name) if field_name else bytes([0x00])
+        elements += head + _field_length(bits)
+    return _with_pkg_length(bytes([EXT_OP_PREFIX, FIELD_OP]), name_string(region) + bytes([flags]) + elements)
+
+
+def _field_length(bits: int) -> bytes:
+    """A PkgLength-encoded value that is not a package length (no self-inclusion)."""
+    if bits < 1 << 6:
+        return bytes([bits])
+    for extra in (1, 2, 3):
+        if bits < 1 << (4 + 8 * extra):
+            return bytes([(extra << 6) | (bits & 0x0F)]) + (bits >> 4).to_bytes(extra, "little")
+    raise AmlError(f"AML field length {bits} too large")
 
 
 # --- resource templates (ACPI 6.5, 6.4) ---------------------------------------------------------

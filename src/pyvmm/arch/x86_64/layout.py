@@ -45,9 +45,10 @@ MMIO_HOLE_END = 4 * GiB
 MMIO32_START = LOW_RAM_END    # device windows allocated from here
 VIRTIO_MMIO_BASE = 0xD1000000    # virtio-mmio transports, one VIRTIO_MMIO_STRIDE window each
 VIRTIO_MMIO_STRIDE = 0x1000
-VIRTIO_MMIO_SLOTS = 11
-# Edge-triggered ISA IRQs no legacy device uses here (GSIs 16-23 are PCI INTx, level-triggered).
-VIRTIO_MMIO_GSIS = (5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 3)
+VIRTIO_MMIO_SLOTS = 10
+# Edge-triggered ISA IRQs no legacy device uses here (GSIs 16-23 are PCI INTx, level-triggered);
+# IRQ 3 (COM2's on a PC) is the Generic Event Device's, GED_GSI.
+VIRTIO_MMIO_GSIS = (5, 6, 7, 9, 10, 11, 12, 13, 14, 15)
 # (base, GSI) of each virtio-mmio slot, in the order the device manager hands them out.
 VIRTIO_MMIO_SLOT_TABLE = tuple((VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_STRIDE, VIRTIO_MMIO_GSIS[i])
                                for i in range(VIRTIO_MMIO_SLOTS))
@@ -86,6 +87,9 @@ ACPI_RESET_PORT = 0x602           # FADT RESET_REG: writing ACPI_RESET_VALUE res
 ACPI_RESET_VALUE = 0x01
 GUEST_NOTIFY_PORT = 0x610         # guest -> VMM events, one byte: 0x01 = init started (boot timer)
 GUEST_STATUS_PORT = 0x611         # guest -> VMM: exit status (one byte) of the command run by init
+GED_PORT = 0x620                  # the Generic Event Device's 32-bit event register (ACPI power button)
+GED_PORT_COUNT = 4
+GED_GSI = 3                       # its interrupt, edge-triggered
 
 # Legacy PC devices at their ISA addresses: (first port, port count), IRQ.
 COM1_PORT, COM1_PORT_COUNT, COM1_IRQ = 0x3F8, 8, 4
