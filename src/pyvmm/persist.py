@@ -49,7 +49,10 @@ class State:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        _KINDS[cls.KIND] = cls  # a later class of the same kind (a test's redefinition) replaces it
+        known = _KINDS.get(cls.KIND)
+        if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise TypeError(f"state kind {cls.KIND!r} is taken by {known.__module__}.{known.__qualname__}")
+        _KINDS[cls.KIND] = cls  # the same class defined again (a test run twice) replaces itself
 
     def __post_init__(self) -> None:
         for name, annotation in _field_types(type(self)).items():

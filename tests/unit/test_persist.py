@@ -145,3 +145,10 @@ def test_a_field_of_a_base_state_type_reads_back_by_kind():
         Holder.from_dict(data)
     with pytest.raises(StateError, match="holder.part: expected State"):
         Holder(part=3)
+
+
+def test_a_kind_names_one_state_class():
+    with pytest.raises(TypeError, match="state kind 'inner' is taken by test_persist.Inner"):
+        @dataclasses.dataclass(frozen=True)
+        class Impostor(State):
+            KIND = "inner"

@@ -452,3 +452,58 @@ def test_random_packets_never_raise(memory, sockdir, idle_io, packets):
     finally:
         device.close()
         os.unlink(f"{uds}_1")
+
+
+guest_op = st.tuples(st.sampled_from([OP_REQUEST, OP_RW, OP_SHUTDOWN, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_RST]),
+                     st.integers(6000, 6003), st.sampled_from([70, 71]), st.binary(max_size=64), st.integers(0, 3))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(guest_op, max_size=16))
+def test_any_vsock_state_round_trips(memory, sockdir, idle_io, ops):
+    uds = os.path.join(sockdir, f"p{len(os.listdir(sockdir))}.sock")
+    servers = [host_server(f"{uds}_70")]                  # port 71: nobody listens
+    device = make_vsock(CID, uds, idle_io, queue_size=16)
+    clone = None
+    try:
+        guest = Guest(memory, device)
+        for op, guest_port, host_port, payload, flags in ops:
+            guest.send(guest_port, host_port, op, payload if op == OP_RW else b"", flags=flags)
+            guest.packets()
+        state = device.save()
+        host = device.detach_host()
+        clone = VirtioVsock(CID, host, queue_size=16)
+        clone.attach(memory, guest.driver.interrupts)
+        clone.restore(through_json(state))
+        assert clone.save() == state                       # the same table, the same streams
+    finally:
+        device.close()
+        if clone is not None:
+            clone.close()
+        for server in servers:
+            server.close()
+
+
+def test_an_rst_still_waiting_for_a_buffer_is_saved_and_delivered_after_a_restore(memory, sockdir, idle_io):
+    uds = os.path.join(sockdir, "v.sock")
+    device = make_vsock(CID, uds, idle_io, queue_size=16)
+    fresh = None
+    with host_server(f"{uds}_70"):
+        try:
+            guest = Guest(memory, device, rx_buffers=0)     # no receive buffers: replies wait
+            guest.send(6000, 70, OP_REQUEST)               # RESPONSE queued
+            guest.send(6000, 70, OP_REQUEST)               # a second REQUEST: the connection is reset
+            assert device.conns == {}
+            state = through_json(device.save())
+            assert [(r.key, r.op) for r in state.replies] == [(None, OP_RST)]
+            fresh = make_vsock(CID, os.path.join(sockdir, "w.sock"), idle_io, queue_size=16)
+            fresh.attach(memory, guest.driver.interrupts)
+            guest.device = fresh
+            fresh.restore(state)
+            guest.post_rx(1)
+            rst = guest.wait_packet(OP_RST)
+            assert (rst.src_port, rst.dst_port) == (70, 6000)
+        finally:
+            device.close()
+            if fresh is not None:
+                fresh.close()

@@ -489,11 +489,18 @@ class VirtioVsock(VirtioDevice):
             return VsockState(
                 virtio=self.save_virtio(), guest_cid=self.guest_cid,
                 connections=tuple(_connection_state(conn) for conn in self.conns.values()),
-                replies=tuple(ReplyState(key=None if conn is None else conn.key, op=op, flags=flags, raw=raw)
-                              for conn, op, flags, raw in self._replies),
+                replies=tuple(self._reply_state(*reply) for reply in self._replies),
                 rx_ready=tuple(conn.key for conn in self._rx_ready),
                 events_pending=self._events_pending, next_local_port=self._next_local_port,
                 stats={name: count for name, count in self.stats.items() if count})
+
+    def _reply_state(self, conn: VsockConnection | None, op: int, flags: int, raw: bytes) -> ReplyState:
+        if conn is None or self.conns.get(conn.key) is conn:
+            return ReplyState(key=None if conn is None else conn.key, op=op, flags=flags, raw=raw)
+        # about a connection already gone (its RST): the header is all there is left to send
+        header = HEADER.pack(HOST_CID, self.guest_cid, conn.host_port, conn.guest_port, 0, TYPE_STREAM, op, flags,
+                             CONN_BUF_ALLOC, conn.fwd_cnt & U32)
+        return ReplyState(key=None, op=op, flags=flags, raw=header)
 
     def check_restorable(self, state: State) -> None:
         state = _require_vsock(state)
