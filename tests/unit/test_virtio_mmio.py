@@ -200,3 +200,18 @@ def test_any_register_state_round_trips(setup, writes):
     fresh = M.VirtioMmioTransport(VirtioRng(), line, memory)
     fresh.restore(through_json(state))
     assert fresh.save() == state
+
+
+def test_a_device_that_needs_a_reset_stays_stopped_until_the_driver_resets_it(setup):
+    memory, line, device, t = setup
+    probe(t, memory)
+    device.fail("the driver broke a ring")
+    assert rd(t, M.STATUS) & STATUS_DEVICE_NEEDS_RESET and not device.active
+    wr(t, M.STATUS, rd(t, M.STATUS) & ~STATUS_DEVICE_NEEDS_RESET & ~STATUS_DRIVER_OK)
+    wr(t, M.STATUS, rd(t, M.STATUS) | STATUS_DRIVER_OK)      # DRIVER_OK again, without a reset
+    assert not device.active and device.broken
+    fresh = M.VirtioMmioTransport(VirtioRng(), line, memory)
+    fresh.restore(through_json(t.save()))                     # and that state round-trips
+    assert fresh.save() == t.save()
+    probe(t, memory)                                           # a reset (status 0) and a new bring-up
+    assert device.active and not device.broken

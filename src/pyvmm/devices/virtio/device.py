@@ -126,8 +126,11 @@ class VirtioDevice:
     # --- lifecycle -----------------------------------------------------------------------------------
 
     def activate(self) -> None:
-        """DRIVER_OK: check the rings of the queues the driver enabled and start serving them."""
+        """DRIVER_OK: check the rings of the queues the driver enabled and start serving them.
+        A device that needs a reset stays stopped until the driver resets it (spec 2.1.2)."""
         with self.lock:
+            if self.broken:
+                return
             event_idx, indirect = self.has_feature(VIRTIO_F_EVENT_IDX), self.has_feature(VIRTIO_F_INDIRECT_DESC)
             try:
                 for queue in self.queues:
