@@ -3,7 +3,8 @@
 
 Every configuration boots pyvmm's default Debian guest (`pyvmm image build`: the stock
 bzImage and pyvmm's busybox initramfs) with the same kernel command line, including the
-`pyvmm.cmd=` token that makes the guest's /init run --command and power off, 256 MiB of
+`pyvmm.cmd=` token that makes the guest's /init run --command and power off and the
+`tsc=nowatchdog` pyvmm's software CPU adds to Linux command lines, 256 MiB of
 RAM, one vCPU and a software CPU (pyvmm `--accel tcg`: Unicorn; QEMU `-accel tcg`).
 
 Per run, all from outside the VMM process, in the same way for both VMMs:
@@ -115,6 +116,14 @@ class Config:
     kind: str = ""                                # "direct" (no in-guest decompression) | "firmware"
 
 
+def tcg_linux_args() -> str:
+    """What pyvmm's software CPU adds to a Linux kernel command line (tsc=nowatchdog); QEMU's
+    guests get it too, so that both VMMs boot the same command line."""
+    from pyvmm.accel.tcg.accelerator import TcgAccelerator
+
+    return TcgAccelerator.linux_cmdline
+
+
 def make_configs(image, vmlinux: str, tsc_khz: int, skip_qemu: bool) -> list[Config]:
     def append(guest: list[str], extra: str = "") -> str:
         return image.command_line(guest, extra=extra)
@@ -132,7 +141,7 @@ def make_configs(image, vmlinux: str, tsc_khz: int, skip_qemu: bool) -> list[Con
         return configs
 
     def qemu(machine: str, kernel: str, tsc: bool):
-        extra = f"tsc_early_khz={tsc_khz}" if tsc else ""
+        extra = f"{tcg_linux_args()} tsc_early_khz={tsc_khz}" if tsc else tcg_linux_args()
 
         def argv(guest: list[str], fd: int) -> list[str]:
             return [QEMU, "-M", machine, "-accel", "tcg", "-m", str(MEMORY_MIB), "-smp", "1",

@@ -13,8 +13,8 @@ virtio disk on a raw image file and one virtio NIC on a TAP in its own network n
   QEMU         q35 with the vmlinux pyvmm extracts from the bzImage (PVH boot),
                -drive file=IMG,format=raw,cache=writeback -device virtio-blk-pci and
                -netdev tap (a TAP this script creates in a fresh namespace) -device
-               virtio-net-pci; the kernel command line carries the same `pyvmm.ip=` token
-               pyvmm adds, so the guest's /init configures eth0 the same way.
+               virtio-net-pci; the kernel command line carries the `pyvmm.ip=` token and
+               `tsc=nowatchdog` pyvmm adds, so the guest's /init configures eth0 the same way.
 QEMU uses cache=writeback (the host page cache, guest flushes -> fdatasync): that is what
 pyvmm's virtio-blk does, so both see the same host storage path.
 
@@ -70,7 +70,7 @@ import time
 BENCH_DIR = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 # boot.py puts this repo's src/ on sys.path and has the shared helpers
-from boot import EXIT_LINE, MEMORY_MIB, QEMU, SRC, busy_cpu_seconds, ensure_qemu, kernel_warnings, log, qemu_version  # noqa: E402,E501
+from boot import EXIT_LINE, MEMORY_MIB, QEMU, SRC, busy_cpu_seconds, ensure_qemu, kernel_warnings, log, qemu_version, tcg_linux_args  # noqa: E402,E501
 
 MAC = "52:54:00:12:34:56"
 HOST_IP, GUEST_IP = "10.0.2.1", "10.0.2.15"
@@ -318,7 +318,7 @@ def argv_for(config: Config, image, vmlinux: str, disk: pathlib.Path, guest: lis
     return ["ip", "netns", "exec", netns,
             QEMU, "-M", "q35", "-accel", "tcg", "-m", str(MEMORY_MIB), "-smp", "1",
             "-nodefaults", "-no-reboot", "-display", "none", "-serial", "stdio",
-            "-kernel", vmlinux, "-initrd", str(image.initramfs), "-append", image.command_line(guest, extra=IP_TOKEN),
+            "-kernel", vmlinux, "-initrd", str(image.initramfs), "-append", image.command_line(guest, extra=f"{tcg_linux_args()} {IP_TOKEN}"),
             "-drive", f"file={disk},format=raw,if=none,id=disk0,cache=writeback",
             "-device", "virtio-blk-pci,drive=disk0",
             "-netdev", "tap,id=net0,ifname=tap0,script=no,downscript=no",
