@@ -1,0 +1,346 @@
+"""VmInstance: every operation on the VM of this process, behind every front end.
+
+The HTTP server (server.py) maps requests to these methods; the CLI and the Python client
+reach them through that server. Methods take checked Python values, return JSON-able data
+and raise UserError subclasses for what the caller got wrong (the server answers 400).
+
+Concurrency: one lock serialises every operation that reads or changes the configuration or
+the VM's state (configuring, start, pause, resume, stop, reboot, power button). A second
+request waits for the first to finish, so a pause requested during a start applies to the
+started VM, and the answer to GET / never shows a half-made change. Read-only views that
+need no consistency with the configuration (console history, stats) do not take it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any, Callable
+
+from .. import __version__
+from ..errors import ConfigError, UserError
+from .console import ConsoleHub
+from .schema import (ACTION, BOOT_SOURCE, ENTROPY, MACHINE_CONFIG, METRICS, PARTIAL_DRIVE, PYVMM_ACTION, VM_STATE,
+                     VSOCK, VmSpec, check_body, check_drive, check_interface, check_logger)
+
+log = logging.getLogger(__name__)
+
+NOT_STARTED, RUNNING, PAUSED, STOPPED = "Not started", "Running", "Paused", "Stopped"
+AFTER_START = "The requested operation is not supported after starting the microVM."
+
+
+class InvalidState(UserError):
+    """The operation does not fit the VM's state (configuring a running VM, pausing a stopped one)."""
+
+
+class NotSupported(UserError):
+    """pyvmm has no way to do this (yet)."""
+
+
+class VmInstance:
+    def __init__(self, instance_id: str = "anonymous-instance", spec: VmSpec | None = None, *,
+                 console: ConsoleHub | None = None) -> None:
+        self.id = instance_id
+        self.spec = spec if spec is not None else VmSpec()
+        self.console = console if console is not None else ConsoleHub()
+        self.lock = threading.RLock()
+        self.state = NOT_STARTED
+        self.vm = None
+        self.outcome = None
+        self.started_at: float | None = None
+        self.boots = 0
+        self.ended = threading.Event()
+        self._on_end: list[Callable[[Any], None]] = []
+        self._reboot_wanted = False
+        self._stopping = False
+        self._built: tuple | None = None
+
+    # --- Firecracker's resources ------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        state = self.state if self.state != STOPPED else NOT_STARTED  # Firecracker's enum has no "stopped"
+        return {"id": self.id, "state": state, "vmm_version": __version__, "app_name": "pyvmm"}
+
+    def version(self) -> dict[str, Any]:
+        return {"firecracker_version": __version__}
+
+    def machine_config(self) -> dict[str, Any]:
+        with self.lock:
+            return dict(self.spec.machine)
+
+    def vm_config(self) -> dict[str, Any]:
+        with self.lock:
+            return self.spec.to_document()
+
+    def put_machine_config(self, body: Any, *, partial: bool = False) -> None:
+        checked = check_body(body, MACHINE_CONFIG, partial=partial)
+        self._configure(lambda spec: spec.machine.update(checked) if partial else
+                        setattr(spec, "machine", {**_defaults(), **checked}))
+
+    def put_boot_source(self, body: Any) -> None:
+        checked = check_body(body, BOOT_SOURCE)
+        for name in ("kernel_image_path", "initrd_path"):
+            _check_file(checked.get(name), name)
+        self._configure(lambda spec: setattr(spec, "boot_source", checked))
+
+    def put_drive(self, drive_id: str, body: Any) -> None:
+        checked = check_drive(body, drive_id)
+        _check_file(checked.get("path_on_host"), "path_on_host")
+        self._configure(lambda spec: spec.put_drive(checked))
+
+    def patch_drive(self, drive_id: str, body: Any) -> None:
+        checked = check_body(body, PARTIAL_DRIVE)
+        if checked["drive_id"] != drive_id:
+            raise ConfigError(f"{checked['drive_id']!r} differs from the id in the path ({drive_id!r})", "drive_id")
+        with self.lock:
+            if drive_id not in self.spec.drives:
+                raise ConfigError(f"{drive_id!r}: no such drive", "drive_id")
+            if self.state != NOT_STARTED:
+                raise NotSupported("changing a drive of a started VM is not supported by pyvmm yet")
+            self._configure(lambda spec: spec.drives[drive_id].update(checked))
+
+    def put_interface(self, iface_id: str, body: Any) -> None:
+        checked = check_interface(body, iface_id)
+        self._configure(lambda spec: spec.interfaces.__setitem__(iface_id, checked))
+
+    def put_vsock(self, body: Any) -> None:
+        checked = check_body(body, VSOCK)
+        self._configure(lambda spec: setattr(spec, "vsock", checked))
+
+    def put_entropy(self, body: Any) -> None:
+        checked = check_body(body, ENTROPY)
+        self._configure(lambda spec: setattr(spec, "entropy", checked))
+
+    def put_logger(self, body: Any) -> None:
+        checked = check_logger(body)
+        with self.lock:
+            if "log_path" in checked:
+                _add_log_file(checked)
+            self.spec.logger = checked
+
+    def put_metrics(self, body: Any) -> None:
+        checked = check_body(body, METRICS)
+        with self.lock:
+            try:
+                with open(checked["metrics_path"], "a"):
+                    pass
+            except OSError as exc:
+                raise ConfigError(f"cannot open {checked['metrics_path']}: {exc.strerror}", "metrics_path") from None
+            self.spec.metrics = checked
+
+    def action(self, body: Any) -> None:
+        kind = check_body(body, ACTION)["action_type"]
+        if kind == "InstanceStart":
+            self.start()
+        elif kind == "SendCtrlAltDel":
+            self.press_power_button()  # Firecracker's guests power off on it; pyvmm's power button does that
+        else:
+            self.flush_metrics()
+
+    def set_vm_state(self, body: Any) -> None:
+        if check_body(body, VM_STATE)["state"] == "Paused":
+            self.pause()
+        else:
+            self.resume()
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Build the VM from the configuration and start it (InstanceStart)."""
+        with self.lock:
+            if self.state != NOT_STARTED:
+                raise InvalidState(AFTER_START if self.state != STOPPED else "the VM has stopped")
+            from ..accel.select import choose_accelerator
+            from ..runner import with_default_guest
+
+            machine, options = self.spec.machine_config()
+            choice = choose_accelerator(options.accel)
+            machine, options = with_default_guest(machine, options, None)
+            symbols = None
+            if options.system_map is not None:
+                from ..loader.linux.symbols import LazySymbolTable
+
+                symbols = LazySymbolTable(options.system_map)
+            self._built = (machine, choice, symbols)
+            self._boot()
+            self.started_at = time.time()
+            threading.Thread(target=self._watch, name="vm-watch", daemon=True).start()
+
+    def _boot(self) -> None:
+        from ..builder import build_vm
+
+        machine, choice, symbols = self._built
+        vm = build_vm(machine, self.console.write, accel=choice.create())
+        vm.symbols = symbols
+        self.console.attach_port(vm.devices["virtio-console" if machine.console == "virtio" else "com1"])
+        vm.start()
+        self.vm, self.state = vm, RUNNING
+        self.boots += 1
+
+    def _watch(self) -> None:
+        """Wait for each VM to end: reboot it if asked (or if the guest reset it and on_reboot
+        says restart), else record the outcome."""
+        from ..vm import EXIT_VMM_ERROR, VmOutcome
+
+        while True:
+            vm = self.vm
+            outcome = vm.wait()
+            vm.close()
+            with self.lock:
+                restart = self._reboot_wanted or (outcome.reason == "reset" and not self._stopping and
+                                                  self.spec.pyvmm.get("on_reboot", "restart") == "restart")
+                self._reboot_wanted = False
+                if restart:
+                    try:
+                        self._boot()
+                        continue
+                    except Exception as exc:  # noqa: BLE001 - the reboot's failure is the outcome
+                        outcome = VmOutcome("vmm-error", EXIT_VMM_ERROR, f"reboot failed: {exc}")
+                self.outcome, self.state, self.vm = outcome, STOPPED, None
+            break
+        self.ended.set()
+        for callback in self._on_end:
+            callback(outcome)
+
+    def on_end(self, callback: Callable[[Any], None]) -> None:
+        """Call `callback(outcome)` once the VM has stopped for good (no reboot follows)."""
+        self._on_end.append(callback)
+
+    def pause(self) -> None:
+        with self.lock:
+            vm = self._require_vm()
+            vm.pause()
+            self.state = PAUSED
+
+    def resume(self) -> None:
+        with self.lock:
+            vm = self._require_vm()
+            vm.resume()
+            self.state = RUNNING
+
+    def stop(self, message: str = "destroyed by the user", wait: float | None = 30.0) -> None:
+        """End the VM at once (virsh destroy), paused or not, and wait until it has."""
+        from ..vm import EXIT_OK, VmOutcome
+
+        with self.lock:
+            vm = self._require_vm()
+            self._stopping = True
+            vm.request_stop(VmOutcome("destroyed", EXIT_OK, message))
+            vm.resume()  # paused run loops see the stop when they wake
+        self.ended.wait(wait)
+
+    def reboot(self) -> None:
+        """Stop the VM and boot the same machine again (a cold reboot: fresh memory)."""
+        from ..vm import EXIT_OK, VmOutcome
+
+        with self.lock:
+            vm = self._require_vm()
+            self._reboot_wanted = True
+            vm.request_stop(VmOutcome("reset", EXIT_OK, "rebooted by the user"))
+            vm.resume()
+
+    def press_power_button(self) -> None:
+        """The ACPI power button: a guest that handles it powers off (graceful shutdown)."""
+        with self.lock:
+            vm = self._require_vm()
+            press = getattr(vm, "press_power_button", None)
+            if press is None:
+                raise NotSupported("graceful shutdown needs an ACPI power button, which this pyvmm build "
+                                   "does not have yet: use destroy")
+            press()
+
+    def pyvmm_action(self, body: Any) -> None:
+        kind = check_body(body, PYVMM_ACTION)["action_type"]
+        {"Stop": self.stop, "Reboot": self.reboot, "Shutdown": self.press_power_button}[kind]()
+
+    def _require_vm(self):
+        if self.vm is None:
+            raise InvalidState("the VM is not running" if self.state == STOPPED else "the VM has not been started")
+        return self.vm
+
+    def _configure(self, change: Callable[[VmSpec], None]) -> None:
+        """Apply `change` to a copy of the configuration; keep it if the machine it describes is valid."""
+        with self.lock:
+            if self.state != NOT_STARTED:
+                raise InvalidState(AFTER_START)
+            spec = self.spec.copy()
+            change(spec)
+            spec.machine_config()
+            self.spec = spec
+
+    # --- pyvmm's views ----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        outcome = self.outcome
+        return {"id": self.id, "state": self.state, "pid": os.getpid(), "boots": self.boots,
+                "started_at": self.started_at,
+                "outcome": None if outcome is None else {"reason": outcome.reason, "status": outcome.status,
+                                                         "message": outcome.message}}
+
+    def devices(self) -> list[dict[str, Any]]:
+        with self.lock:
+            vm = self._require_vm()
+            tree = getattr(getattr(vm, "device_manager", None), "tree", None)
+            if tree is not None and hasattr(tree, "state"):
+                return [node.to_json() for node in tree.state().nodes]
+            return [{"id": name, "kind": type(device).__name__} for name, device in vm.devices.items()]
+
+    def stats(self) -> dict[str, Any]:
+        vm = self.vm
+        exits = vm.exit_counts() if vm is not None else {}
+        times = os.times()
+        return {"state": self.state, "uptime_s": None if self.started_at is None else time.time() - self.started_at,
+                "vcpu_count": self.spec.machine["vcpu_count"], "exits": exits, "exits_total": sum(exits.values()),
+                "cpu_user_s": times.user, "cpu_system_s": times.system, "rss_bytes": _rss_bytes(),
+                "console_bytes": self.console.total_bytes}
+
+    def flush_metrics(self) -> None:
+        with self.lock:
+            if self.spec.metrics is None:
+                raise InvalidState("no metrics file: PUT /metrics first")
+            path = self.spec.metrics["metrics_path"]
+        with open(path, "a") as out:
+            out.write(json.dumps({"utc_timestamp_ms": int(time.time() * 1000), **self.stats()}) + "\n")
+
+
+def _check_file(path: str | None, field: str) -> None:
+    """Like Firecracker, a host file is looked at when it is configured, not at start."""
+    if path is not None and not os.path.isfile(path):
+        raise ConfigError(f"{path!r:.200}: no such file", field)
+
+
+def _defaults() -> dict[str, Any]:
+    from .schema import machine_defaults
+
+    return machine_defaults()
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _add_log_file(logger: dict[str, Any]) -> None:
+    levels = {"Error": logging.ERROR, "Warning": logging.WARNING, "Info": logging.INFO, "Debug": logging.DEBUG,
+              "Trace": logging.DEBUG, "Off": logging.CRITICAL + 10}
+    try:
+        handler = logging.FileHandler(logger["log_path"])
+    except OSError as exc:
+        raise ConfigError(f"cannot open {logger['log_path']}: {exc.strerror}", "log_path") from None
+    parts = (["%(levelname)s"] if logger.get("show_level") else []) + \
+            (["%(pathname)s:%(lineno)d"] if logger.get("show_log_origin") else [])
+    handler.setFormatter(logging.Formatter(" ".join(["%(asctime)s", *parts, "%(message)s"])))
+    root = logging.getLogger(logger.get("module") or "pyvmm")
+    level = levels[logger.get("level", "Info")]
+    handler.setLevel(level)
+    root.addHandler(handler)
+    root.setLevel(min(root.level or logging.WARNING, level))

@@ -1,0 +1,172 @@
+"""The API's OpenAPI 3 document, served at GET /openapi.json.
+
+The paths are written out here as data; the request-body schemas are made from the same
+field tables the server validates with (schema.RESOURCES), so a field cannot be accepted
+by one and missing from the other. A test checks that every route the server implements
+is documented here and that nothing documented here is missing from the server.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import __version__
+from .schema import RESOURCES, Field
+
+FIRECRACKER_API = "1.x (Firecracker's swagger: the resources both have, with the same fields, methods and codes)"
+
+_FAULT = {"description": "bad input, or an operation the VM's state does not allow",
+          "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+_INTERNAL = {"description": "internal error (a pyvmm bug)",
+             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+def _json(schema: str, description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}
+
+
+def _get(operation: str, summary: str, schema: str, *, fault: bool = False) -> dict[str, Any]:
+    responses = {"200": _json(schema), "default": _INTERNAL}
+    if fault:
+        responses["400"] = _FAULT
+    return {"operationId": operation, "summary": summary, "responses": responses}
+
+
+def _change(operation: str, summary: str, schema: str, *, path_param: str | None = None) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "operationId": operation, "summary": summary,
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}},
+        "responses": {"204": {"description": "done"}, "400": _FAULT, "default": _INTERNAL},
+    }
+    if path_param:
+        op["parameters"] = [{"name": path_param, "in": "path", "required": True, "schema": {"type": "string"}}]
+    return op
+
+
+PATHS: dict[str, dict[str, Any]] = {
+    "/": {"get": _get("describeInstance", "Instance information (Firecracker)", "InstanceInfo")},
+    "/version": {"get": _get("getFirecrackerVersion", "The VMM's version (Firecracker's field name)", "FirecrackerVersion")},
+    "/machine-config": {
+        "get": _get("getMachineConfiguration", "vCPUs and memory", "MachineConfiguration"),
+        "put": _change("putMachineConfiguration", "Set the machine configuration. Pre-boot only.", "MachineConfiguration"),
+        "patch": _change("patchMachineConfiguration", "Change some machine fields. Pre-boot only.", "MachineConfiguration"),
+    },
+    "/boot-source": {"put": _change("putGuestBootSource", "Kernel, initrd and command line. Pre-boot only. "
+                                    "Without it pyvmm boots its default guest.", "BootSource")},
+    "/drives/{drive_id}": {
+        "put": _change("putGuestDriveByID", "Add or replace a drive. Pre-boot only.", "Drive", path_param="drive_id"),
+        "patch": _change("patchGuestDriveByID", "Change a drive's path (pyvmm: pre-boot only)", "PartialDrive",
+                         path_param="drive_id"),
+    },
+    "/network-interfaces/{iface_id}": {"put": _change("putGuestNetworkInterfaceByID", "Add or replace a NIC. Pre-boot only.",
+                                                      "NetworkInterface", path_param="iface_id")},
+    "/vsock": {"put": _change("putGuestVsock", "The vsock device. Pre-boot only.", "Vsock")},
+    "/entropy": {"put": _change("putEntropyDevice", "A virtio-rng device. Pre-boot only.", "EntropyDevice")},
+    "/logger": {"put": _change("putLogger", "Send pyvmm's log to a file", "Logger")},
+    "/metrics": {"put": _change("putMetrics", "Where FlushMetrics writes JSON metrics", "Metrics")},
+    "/actions": {"put": _change("createSyncAction", "InstanceStart, SendCtrlAltDel (pyvmm: the ACPI power button), "
+                                "FlushMetrics", "InstanceActionInfo")},
+    "/vm": {"patch": _change("patchVm", "Pause or resume the VM", "Vm")},
+    "/vm/config": {"get": _get("getExportVmConfig", "The whole configuration", "FullVmConfiguration")},
+    "/openapi.json": {"get": {"operationId": "getOpenApi", "summary": "This document",
+                              "responses": {"200": {"description": "OpenAPI 3 document",
+                                                    "content": {"application/json": {"schema": {"type": "object"}}}}}}},
+    "/pyvmm/status": {"get": _get("pyvmmStatus", "pyvmm: state (Not started, Running, Paused, Stopped), "
+                                  "pid, boots, and the outcome once stopped", "PyvmmStatus")},
+    "/pyvmm/devices": {"get": _get("pyvmmDevices", "pyvmm: the device tree (id, kind, transport, resources)",
+                                   "PyvmmDevices", fault=True)},
+    "/pyvmm/stats": {"get": _get("pyvmmStats", "pyvmm: VM exits by reason, CPU time, resident memory, console bytes",
+                                 "PyvmmStats")},
+    "/pyvmm/console": {"get": {
+        "operationId": "pyvmmConsole", "summary": "pyvmm: the console history (the last 256 KiB the guest printed)",
+        "parameters": [{"name": "tail", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0},
+                        "description": "only the last TAIL bytes"}],
+        "responses": {"200": {"description": "raw console bytes",
+                              "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+                      "400": _FAULT, "default": _INTERNAL}}},
+    "/pyvmm/actions": {"put": _change("pyvmmAction", "pyvmm: Stop (destroy), Reboot, Shutdown (power button)",
+                                      "PyvmmAction")},
+}
+
+
+def _field_schema(field: Field) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": field.type}
+    if field.description:
+        schema["description"] = field.description
+    for key in ("enum", "minimum", "maximum", "default"):
+        value = getattr(field, key)
+        if value is not None:
+            schema[key] = list(value) if key == "enum" else value
+    if field.type == "array" and field.items:
+        schema["items"] = {"type": field.items}
+    if field.type == "object":
+        schema["nullable"] = True
+    return schema
+
+
+def _object(fields: tuple[Field, ...]) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object", "additionalProperties": False,
+                              "properties": {f.name: _field_schema(f) for f in fields}}
+    required = [f.name for f in fields if f.required]
+    if required:
+        schema["required"] = required
+    return schema
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _plain(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object", "properties": properties}
+    if required:
+        schema["required"] = list(required)
+    return schema
+
+
+def schemas() -> dict[str, Any]:
+    result = {name: _object(fields) for name, fields in RESOURCES.items()}
+    string, integer, number = {"type": "string"}, {"type": "integer"}, {"type": "number"}
+    result.update({
+        "Error": _plain({"fault_message": string}),
+        "InstanceInfo": _plain({"app_name": string, "id": string, "vmm_version": string,
+                                "state": {"type": "string", "enum": ["Not started", "Running", "Paused"]}},
+                               ("app_name", "id", "state", "vmm_version")),
+        "FirecrackerVersion": _plain({"firecracker_version": string}, ("firecracker_version",)),
+        "FullVmConfiguration": _plain({
+            "machine-config": _ref("MachineConfiguration"), "boot-source": _ref("BootSource"),
+            "drives": {"type": "array", "items": _ref("Drive")},
+            "network-interfaces": {"type": "array", "items": _ref("NetworkInterface")},
+            "vsock": _ref("Vsock"), "entropy": _ref("EntropyDevice"), "logger": _ref("Logger"),
+            "metrics": _ref("Metrics"), "pyvmm": _ref("PyvmmOptions")}),
+        "PyvmmStatus": _plain({
+            "id": string, "state": {"type": "string", "enum": ["Not started", "Running", "Paused", "Stopped"]},
+            "pid": integer, "boots": integer, "started_at": {"type": "number", "nullable": True},
+            "outcome": {"type": "object", "nullable": True,
+                        "properties": {"reason": string, "status": integer, "message": string}}},
+            ("id", "state", "pid")),
+        "PyvmmDevices": {"type": "array", "items": _plain({"id": string, "kind": string, "transport": string,
+                                                           "parent": {"type": "string", "nullable": True},
+                                                           "resources": {"type": "object"}}, ("id", "kind"))},
+        "PyvmmStats": _plain({
+            "state": string, "uptime_s": {"type": "number", "nullable": True}, "vcpu_count": integer,
+            "exits": {"type": "object", "additionalProperties": integer}, "exits_total": integer,
+            "cpu_user_s": number, "cpu_system_s": number, "rss_bytes": {"type": "integer", "nullable": True},
+            "console_bytes": integer}),
+    })
+    return result
+
+
+def document() -> dict[str, Any]:
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "pyvmm per-VM API", "version": __version__,
+                 "description": "One pyvmm VM's API, served on a Unix socket in the VM's own process. A superset of "
+                                f"Firecracker's REST API {FIRECRACKER_API}; pyvmm's own resources are under /pyvmm/. "
+                                "Errors are {\"fault_message\": ...} with status 400 (bad input: the message names the "
+                                "field), 404 (no such path) or 405 (wrong method). Requests that change the VM are "
+                                "serialised: one runs at a time, in arrival order."},
+        "servers": [{"url": "http://localhost", "description": "over the VM's Unix socket (api.sock)"}],
+        "paths": PATHS,
+        "components": {"schemas": schemas()},
+    }

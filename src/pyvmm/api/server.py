@@ -1,0 +1,231 @@
+"""The per-VM HTTP/1.1 API on a Unix socket: Firecracker's resources plus pyvmm's.
+
+Stdlib only (http.server on a threading UnixStreamServer), imported when a VM is managed,
+never by `pyvmm run`. Every request is routed through ROUTES to a VmInstance method;
+answers follow Firecracker: 200 with JSON for reads, 204 for a successful change, 400 with
+{"fault_message": ...} for bad input or an operation the state forbids, 404 for an unknown
+path, 405 (with Allow) for a known path and a wrong method, 500 only for pyvmm's own bugs
+(logged with the traceback, answered with one line). The socket is created mode 0600.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import socketserver
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler
+from typing import Any, Callable
+from urllib.parse import parse_qs, urlsplit
+
+from .. import __version__
+from ..errors import ConfigError, UserError, user_error_message
+from .instance import VmInstance
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 64 << 10
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.headers = status, headers or {}
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str                                          # '/drives/{drive_id}'
+    call: Callable[[VmInstance, dict[str, str], Any], Any]
+    body: bool = False                                 # the request carries a JSON body
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", self.path) + "$")
+
+
+def _console(instance: VmInstance, query: dict[str, str], _body: Any) -> bytes:
+    tail = query.get("tail")
+    if tail is not None and not tail.isdigit():
+        raise ConfigError(f"must be a number of bytes (got {tail!r:.40})", "tail")
+    return instance.console.history(int(tail) if tail is not None else None)
+
+
+def _openapi(_instance: VmInstance, _params: dict[str, str], _body: Any) -> dict[str, Any]:
+    from .openapi import document
+
+    return document()
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/", lambda i, p, b: i.info()),
+    Route("GET", "/version", lambda i, p, b: i.version()),
+    Route("GET", "/machine-config", lambda i, p, b: i.machine_config()),
+    Route("PUT", "/machine-config", lambda i, p, b: i.put_machine_config(b), body=True),
+    Route("PATCH", "/machine-config", lambda i, p, b: i.put_machine_config(b, partial=True), body=True),
+    Route("PUT", "/boot-source", lambda i, p, b: i.put_boot_source(b), body=True),
+    Route("PUT", "/drives/{drive_id}", lambda i, p, b: i.put_drive(p["drive_id"], b), body=True),
+    Route("PATCH", "/drives/{drive_id}", lambda i, p, b: i.patch_drive(p["drive_id"], b), body=True),
+    Route("PUT", "/network-interfaces/{iface_id}", lambda i, p, b: i.put_interface(p["iface_id"], b), body=True),
+    Route("PUT", "/vsock", lambda i, p, b: i.put_vsock(b), body=True),
+    Route("PUT", "/entropy", lambda i, p, b: i.put_entropy(b), body=True),
+    Route("PUT", "/logger", lambda i, p, b: i.put_logger(b), body=True),
+    Route("PUT", "/metrics", lambda i, p, b: i.put_metrics(b), body=True),
+    Route("PUT", "/actions", lambda i, p, b: i.action(b), body=True),
+    Route("PATCH", "/vm", lambda i, p, b: i.set_vm_state(b), body=True),
+    Route("GET", "/vm/config", lambda i, p, b: i.vm_config()),
+    Route("GET", "/openapi.json", _openapi),
+    Route("GET", "/pyvmm/status", lambda i, p, b: i.status()),
+    Route("GET", "/pyvmm/devices", lambda i, p, b: i.devices()),
+    Route("GET", "/pyvmm/stats", lambda i, p, b: i.stats()),
+    Route("GET", "/pyvmm/console", _console),
+    Route("PUT", "/pyvmm/actions", lambda i, p, b: i.pyvmm_action(b), body=True),
+)
+
+
+def resolve(method: str, path: str) -> tuple[Route, dict[str, str]]:
+    """The route for `method` on `path` and its path parameters; HttpError 404/405 if none."""
+    allowed = []
+    for route in ROUTES:
+        match = route.pattern.match(path)
+        if match:
+            if route.method == method:
+                return route, match.groupdict()
+            allowed.append(route.method)
+    if allowed:
+        raise HttpError(405, f"{method} is not allowed on {path} (allowed: {', '.join(allowed)})",
+                        {"Allow": ", ".join(allowed)})
+    raise HttpError(404, f"no resource at {path}")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = f"pyvmm/{__version__}"
+    instance: VmInstance  # set on the subclass the server makes
+
+    def do_GET(self) -> None:
+        self._handle()
+
+    do_PUT = do_PATCH = do_POST = do_DELETE = do_HEAD = do_OPTIONS = do_GET
+
+    def _handle(self) -> None:
+        try:
+            url = urlsplit(self.path)
+            route, params = resolve(self.command, url.path)
+            body = self._read_body(route.body)
+            if not route.body:
+                params.update({k: v[-1] for k, v in parse_qs(url.query).items()})
+            result = route.call(self.instance, params, body)
+        except HttpError as exc:
+            self._send_fault(exc.status, str(exc), exc.headers)
+        except ConfigError as exc:
+            self._send_fault(400, str(exc))
+        except (UserError, OSError) as exc:
+            self._send_fault(400, user_error_message(exc))
+        except Exception as exc:  # pyvmm's own bug: logged in full, one line to the client
+            log.exception("API %s %s failed", self.command, self.path)
+            self._send_fault(500, f"internal error: {type(exc).__name__}: {exc}")
+        else:
+            if result is None:
+                self._send(204, b"", None)
+            elif isinstance(result, bytes):
+                self._send(200, result, "application/octet-stream")
+            else:
+                self._send(200, json.dumps(result).encode(), "application/json")
+
+    def _read_body(self, wanted: bool) -> Any:
+        if self.headers.get("Transfer-Encoding"):
+            raise HttpError(400, "chunked request bodies are not supported: send Content-Length")
+        length_text = self.headers.get("Content-Length", "0")
+        if not length_text.isdigit():
+            raise HttpError(400, f"bad Content-Length {length_text!r:.40}")
+        length = int(length_text)
+        if length > MAX_BODY:
+            raise HttpError(400, f"the body is {length} bytes; at most {MAX_BODY} are accepted")
+        raw = self.rfile.read(length) if length else b""
+        if not wanted:
+            return None
+        if not raw.strip():
+            raise HttpError(400, "the request needs a JSON body")
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise HttpError(400, f"the body is not valid JSON: {exc}") from None
+
+    def _send_fault(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        self._send(status, json.dumps({"fault_message": message}).encode(), "application/json", headers)
+
+    def _send(self, status: int, data: bytes, content_type: str | None,
+              headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        if content_type:
+            self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (a malformed request line, a header too long) as JSON."""
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # an unparsable request line: answer in HTTP/1.1 anyway
+            self.request_version = "HTTP/1.1"
+        self._send_fault(code, message or explain or "bad request")
+
+    def address_string(self) -> str:
+        return "unix"  # a Unix socket's peer has no address; the default indexes into ''
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("API: " + format, *args)
+
+
+class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 64
+
+
+class ApiServer:
+    """Serves `instance` on the Unix socket `path` (created mode 0600) from a thread."""
+
+    def __init__(self, instance: VmInstance, path: str | os.PathLike) -> None:
+        handler = type("Handler", (_Handler,), {"instance": instance})
+        old_umask = os.umask(0o177)
+        try:
+            self._server = _UnixServer(str(path), handler)
+        finally:
+            os.umask(old_umask)
+        self.path = str(path)
+        self._closing = False
+        self._thread = threading.Thread(target=self._serve, name="api-server", daemon=True)
+
+    def start(self) -> "ApiServer":
+        self._thread.start()
+        return self
+
+    def _serve(self) -> None:
+        # handle_request() blocks until a connection comes (no polling); close() makes one
+        while not self._closing:
+            self._server.handle_request()
+
+    def close(self) -> None:
+        self._closing = True
+        if self._thread.is_alive():
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as wake:
+                    wake.connect(self.path)
+            except OSError:
+                pass
+            self._thread.join(5)
+        self._server.server_close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,212 @@
+"""The per-VM API without a guest: routing, status codes, field-by-field validation, the
+OpenAPI document in sync with the routes. An in-process server on a temporary socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import threading
+
+import pytest
+
+from pyvmm.api import schema
+from pyvmm.api.instance import VmInstance
+from pyvmm.api.openapi import document
+from pyvmm.api.server import ROUTES, ApiServer
+from pyvmm.manage.client import ApiClient, ApiError
+
+
+@pytest.fixture
+def api(tmp_path):
+    path = tmp_path / "api.sock"
+    server = ApiServer(VmInstance("test-vm"), path).start()
+    yield ApiClient(path, timeout=10)
+    server.close()
+
+
+@pytest.fixture
+def files(tmp_path):
+    kernel, disk = tmp_path / "vmlinux", tmp_path / "disk.img"
+    kernel.write_bytes(b"\x7fELF")
+    disk.write_bytes(bytes(4096))
+    return {"kernel": str(kernel), "disk": str(disk), "metrics": str(tmp_path / "metrics.json")}
+
+
+def raw(api: ApiClient, request: bytes) -> tuple[int, bytes]:
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.connect(api.socket_path)
+        conn.sendall(request)
+        conn.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def test_socket_is_private(api):
+    assert stat.S_IMODE(os.stat(api.socket_path).st_mode) == 0o600
+
+
+def test_instance_info_has_firecrackers_fields(api):
+    info = api.get("/")
+    assert info == {"id": "test-vm", "state": "Not started", "vmm_version": info["vmm_version"], "app_name": "pyvmm"}
+
+
+def test_configuration_round_trips_through_vm_config(api, files):
+    assert api.put("/machine-config", {"vcpu_count": 2, "mem_size_mib": 256}) is None
+    api.patch("/machine-config", {"mem_size_mib": 512})
+    api.put("/boot-source", {"kernel_image_path": files["kernel"], "boot_args": "console=ttyS0"})
+    api.put("/drives/root", {"drive_id": "root", "path_on_host": files["disk"], "is_root_device": True,
+                             "is_read_only": False})
+    api.put("/network-interfaces/eth0", {"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "52:54:00:ab:cd:ef"})
+    api.put("/vsock", {"guest_cid": 3, "uds_path": "/tmp/v.sock"})
+    api.put("/entropy", {})
+    api.put("/metrics", {"metrics_path": files["metrics"]})
+    config = api.get("/vm/config")
+    assert config["machine-config"]["vcpu_count"] == 2 and config["machine-config"]["mem_size_mib"] == 512
+    assert config["boot-source"]["boot_args"] == "console=ttyS0"
+    assert [d["drive_id"] for d in config["drives"]] == ["root"]
+    assert config["network-interfaces"][0]["guest_mac"] == "52:54:00:ab:cd:ef"
+    assert config["vsock"] == {"guest_cid": 3, "uds_path": "/tmp/v.sock"}
+    assert config["entropy"] == {}
+    api.put("/actions", {"action_type": "FlushMetrics"})
+    assert json.loads(open(files["metrics"]).readline())["state"] == "Not started"
+
+
+def test_the_document_validates_as_a_definition_would(api, files):
+    api.put("/drives/a", {"drive_id": "a", "path_on_host": files["disk"], "is_root_device": True})
+    with pytest.raises(ApiError) as error:
+        api.put("/drives/b", {"drive_id": "b", "path_on_host": files["disk"], "is_root_device": True})
+    assert error.value.status == 400 and "root device already" in error.value.fault_message
+
+
+def _valid_bodies(files) -> dict[str, tuple[str, str, dict]]:
+    """resource -> (method, path, a valid body) for each resource a route takes."""
+    return {
+        "MachineConfiguration": ("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 128}),
+        "BootSource": ("PUT", "/boot-source", {"kernel_image_path": files["kernel"]}),
+        "Drive": ("PUT", "/drives/d0", {"drive_id": "d0", "is_root_device": False, "path_on_host": files["disk"]}),
+        "PartialDrive": ("PATCH", "/drives/d0", {"drive_id": "d0"}),
+        "NetworkInterface": ("PUT", "/network-interfaces/n0", {"iface_id": "n0", "host_dev_name": "tap0"}),
+        "Vsock": ("PUT", "/vsock", {"guest_cid": 3, "uds_path": "/tmp/v.sock"}),
+        "EntropyDevice": ("PUT", "/entropy", {}),
+        "Logger": ("PUT", "/logger", {}),
+        "Metrics": ("PUT", "/metrics", {"metrics_path": files["metrics"]}),
+        "InstanceActionInfo": ("PUT", "/actions", {"action_type": "FlushMetrics"}),
+        "Vm": ("PATCH", "/vm", {"state": "Paused"}),
+        "PyvmmAction": ("PUT", "/pyvmm/actions", {"action_type": "Stop"}),
+    }
+
+
+WRONG_TYPE = {"string": 12345, "integer": "12", "boolean": "yes", "object": 5, "array": "x"}
+CASES = [(resource, field) for resource, fields in schema.RESOURCES.items() if resource != "PyvmmOptions"
+         for field in fields]
+
+
+@pytest.mark.parametrize("resource,field", CASES, ids=[f"{r}.{f.name}" for r, f in CASES])
+def test_every_field_with_a_bad_value_is_a_400_naming_it(api, files, resource, field):
+    method, path, body = _valid_bodies(files)[resource]
+    api.put("/drives/d0", {"drive_id": "d0", "is_root_device": False, "path_on_host": files["disk"]})
+    for bad in (WRONG_TYPE[field.type], *([f"not-{field.enum[0]}"] if field.enum else []),
+                *([field.minimum - 1] if field.minimum is not None else []),
+                *([field.maximum + 1] if field.maximum is not None else [])):
+        with pytest.raises(ApiError) as error:
+            api.request(method, path, {**body, field.name: bad})
+        assert error.value.status == 400
+        assert error.value.fault_message.startswith(field.name), error.value.fault_message
+    if field.required:
+        with pytest.raises(ApiError) as error:
+            api.request(method, path, {k: v for k, v in body.items() if k != field.name})
+        assert error.value.status == 400 and error.value.fault_message == f"{field.name} is required"
+
+
+@pytest.mark.parametrize("method,path", [(r.method, r.path.replace("{drive_id}", "d").replace("{iface_id}", "n"))
+                                         for r in ROUTES if r.body])
+def test_bodies_that_are_not_objects_or_have_unknown_fields_are_400(api, method, path):
+    for body in ([1, 2], "text", 7):
+        with pytest.raises(ApiError) as error:
+            api.request(method, path, body)
+        assert error.value.status == 400
+    with pytest.raises(ApiError) as error:
+        api.request(method, path, {"no_such_field": 1})
+    assert error.value.status == 400
+    assert "no_such_field" in error.value.fault_message or "is required" in error.value.fault_message
+
+
+def test_unknown_path_is_404_and_wrong_method_405_with_allow(api):
+    status, body = raw(api, b"GET /no/such/thing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status == 404 and "fault_message" in json.loads(body)
+    data = b"DELETE /machine-config HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.connect(api.socket_path)
+        conn.sendall(data)
+        reply = b""
+        while chunk := conn.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 405") and b"Allow: GET, PUT, PATCH" in reply
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"PUT /machine-config HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\n{bad}",
+    b"PUT /machine-config HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    b"PUT /machine-config HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\nConnection: close\r\n\r\n",
+    b"PUT /machine-config HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nConnection: close\r\n\r\n\xff\xfe{}",
+    b"PUT /machine-config HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n",
+    b"GARBAGE\r\n\r\n",
+])
+def test_malformed_requests_are_400_with_a_fault_message(api, request_bytes):
+    status, body = raw(api, request_bytes)
+    assert status == 400
+    assert json.loads(body)["fault_message"]
+
+
+def test_state_changes_before_start_are_refused(api):
+    for method, path, body in (("PATCH", "/vm", {"state": "Paused"}), ("PUT", "/pyvmm/actions", {"action_type": "Stop"}),
+                               ("PUT", "/actions", {"action_type": "SendCtrlAltDel"}), ("GET", "/pyvmm/devices", None)):
+        with pytest.raises(ApiError) as error:
+            api.request(method, path, body)
+        assert error.value.status == 400 and "not been started" in error.value.fault_message
+
+
+def test_concurrent_requests_all_answer(api):
+    errors: list[Exception] = []
+
+    def worker(index: int) -> None:
+        try:
+            for _ in range(10):
+                api.patch("/machine-config", {"vcpu_count": 1 + index})
+                assert api.get("/machine-config")["vcpu_count"] in range(1, 9)
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+
+
+def test_openapi_document_and_routes_are_in_sync(api):
+    served = api.get("/openapi.json")
+    assert served == json.loads(json.dumps(document()))
+    documented = {(method.upper(), path) for path, operations in served["paths"].items() for method in operations}
+    implemented = {(route.method, route.path) for route in ROUTES}
+    assert documented == implemented
+    assert served["openapi"].startswith("3.")
+    # every $ref resolves, and every body schema is the validator's field table
+    text = json.dumps(served)
+    for ref in {part.split('"')[0] for part in text.split('"$ref": "#/components/schemas/')[1:]}:
+        assert ref in served["components"]["schemas"], ref
+    for name, fields in schema.RESOURCES.items():
+        assert set(served["components"]["schemas"][name]["properties"]) == {f.name for f in fields}
+
+
+def test_console_history_endpoint(api):
+    assert api.get("/pyvmm/console") is None  # nothing printed yet: an empty body
+    with pytest.raises(ApiError) as error:
+        api.get("/pyvmm/console?tail=-1")
+    assert error.value.status == 400 and error.value.fault_message.startswith("tail")
