@@ -1,4 +1,5 @@
-"""pyvmm's command line: `pyvmm run`, `pyvmm kvm-info`.
+"""pyvmm's command line: `pyvmm run`, `pyvmm kvm-info`, `pyvmm image`, and the VM-management
+commands (define, start, list, console... in manage/cli.py).
 
 Bad input ends with one line on stderr and exit status 2; a guest or VMM failure
 with one line and the status documented in the README; never a traceback unless
@@ -83,8 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a named virtio-console port (guest: /dev/vportNpM, /sys/class/virtio-ports/*/name) "
                           "whose host side is a Unix socket pyvmm listens on (repeatable)")
     from .images.cli import register_cli
+    from .manage.cli import register as register_manage
 
     register_cli(sub)
+    register_manage(sub, common)
 
     info = sub.add_parser("kvm-info", parents=[common], help="what this host's KVM offers, and how fast it runs guest kernel code")
     info.add_argument("--no-calibrate", action="store_true", help="skip the calibration guest")
@@ -108,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
             from .images.cli import run_image_command
 
             return run_image_command(args)
+        from .manage.cli import COMMANDS as MANAGE_COMMANDS, run as run_manage
+
+        if args.subcommand in MANAGE_COMMANDS:
+
+            return run_manage(args)
         if args.subcommand == "kvm-info":
             from .hostinfo import print_kvm_info
 

@@ -1,0 +1,206 @@
+"""The VM-management commands, in virsh's vocabulary, over the Python client.
+
+Each command is a thin call into manage.client (the same operations a Python program
+uses); errors are UserErrors the top-level CLI prints as one line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..errors import UserError
+
+COMMANDS = ("define", "undefine", "start", "list", "dominfo", "info", "domstate", "suspend", "pause", "resume",
+            "destroy", "reboot", "shutdown", "console", "create", "clone", "domstats")
+
+DEFINE_HELP = ("A definition is Firecracker's configuration (sections machine-config, boot-source, drives, "
+               "network-interfaces, vsock, entropy) plus a [pyvmm] table (accel, console, cpu_hide, on_reboot), "
+               "in TOML or JSON. Without boot-source, pyvmm's default Debian guest boots.")
+
+
+def register(sub, common: argparse.ArgumentParser) -> None:
+    def command(name: str, help: str, *, aliases: tuple[str, ...] = (), vm: bool = True, **kw) -> argparse.ArgumentParser:
+        parser = sub.add_parser(name, parents=[common], help=help, aliases=list(aliases), **kw)
+        if vm:
+            parser.add_argument("name", metavar="NAME", help="the VM's name")
+        return parser
+
+    define = command("define", "define a VM from a definition file (TOML or JSON)", vm=False, description=DEFINE_HELP)
+    define.add_argument("file", metavar="FILE", help="NAME.toml or NAME.json")
+    define.add_argument("--name", help="the VM's name (default: the file's name key, else its stem)")
+    define.add_argument("--replace", action="store_true", help="replace an existing definition of that name")
+    command("undefine", "remove a VM's definition and its records (not its disks)")
+    start = command("start", "start a defined VM in the background")
+    start.add_argument("--console", action="store_true", help="attach to its console at once")
+    listing = command("list", "list running (and crashed) VMs", vm=False)
+    listing.add_argument("--all", action="store_true", help="shut-off VMs too")
+    command("dominfo", "a VM's state, process, size and last outcome", aliases=("info",))
+    command("domstate", "a VM's state")
+    command("suspend", "pause a running VM (its vCPUs and devices stand still)", aliases=("pause",))
+    command("resume", "resume a paused VM")
+    command("destroy", "stop a VM at once")
+    command("reboot", "stop the VM and boot it again")
+    shutdown = command("shutdown", "press the ACPI power button and wait for the guest to power off")
+    shutdown.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS", help="give up after (default 60)")
+    console = command("console", "attach this terminal to a running VM's console (C-] detaches)")
+    console.add_argument("--replay", type=int, default=16 << 10, metavar="BYTES",
+                         help="show the last BYTES the guest printed first (default 16384)")
+    command("domstats", "a running VM's statistics (JSON)")
+    clone = command("clone", "define a copy of a VM: disks copied sparsely, new MACs and vsock CID")
+    clone.add_argument("new_name", metavar="NEW_NAME")
+    create = command("create", "define a VM and start it (default: the Debian guest image)")
+    create.add_argument("--kernel", metavar="FILE", help="kernel image (default: pyvmm's Debian guest)")
+    create.add_argument("--initrd", metavar="FILE")
+    create.add_argument("--append", metavar="ARGS", help="kernel command line")
+    create.add_argument("--memory", "-m", type=int, default=256, metavar="MIB", help="guest RAM in MiB (default 256)")
+    create.add_argument("--cpus", "-c", type=int, default=1, metavar="N")
+    create.add_argument("--disk", action="append", default=[], metavar="PATH[,readonly]", help="a raw disk (repeatable)")
+    create.add_argument("--root-disk", metavar="PATH", help="a raw disk to boot from (is_root_device)")
+    create.add_argument("--net", action="append", default=[], metavar="TAP[,mac=MAC]", help="a NIC on TAP (or auto)")
+    create.add_argument("--vsock", metavar="CID,PATH", help="a vsock device: guest CID and host socket path")
+    create.add_argument("--rng", action="store_true", help="a virtio-rng device")
+    create.add_argument("--accel", choices=("auto", "kvm", "tcg"))
+    create.add_argument("--console", action="store_true", help="attach to its console at once")
+
+
+def create_document(args) -> dict:
+    """The definition `pyvmm create` makes from its options."""
+    document: dict = {"machine-config": {"vcpu_count": args.cpus, "mem_size_mib": args.memory}}
+    if args.kernel:
+        document["boot-source"] = {"kernel_image_path": args.kernel}
+        if args.initrd:
+            document["boot-source"]["initrd_path"] = args.initrd
+        if args.append:
+            document["boot-source"]["boot_args"] = args.append
+    elif args.initrd or args.append:
+        raise UserError("--initrd and --append need --kernel (the default guest has its own)")
+    drives = []
+    if args.root_disk:
+        drives.append({"drive_id": "rootfs", "path_on_host": args.root_disk, "is_root_device": True,
+                       "is_read_only": False})
+    for index, text in enumerate(args.disk):
+        path, _, flag = text.partition(",")
+        if flag not in ("", "readonly", "ro"):
+            raise UserError(f"--disk: unknown flag {flag!r} (known: readonly)")
+        drives.append({"drive_id": f"disk{index}", "path_on_host": path, "is_root_device": False,
+                       "is_read_only": bool(flag)})
+    if drives:
+        document["drives"] = drives
+    interfaces = []
+    for index, text in enumerate(args.net):
+        tap, _, option = text.partition(",")
+        interface = {"iface_id": f"eth{index}", "host_dev_name": tap}
+        if option:
+            if not option.startswith("mac="):
+                raise UserError(f"--net: unknown option {option!r} (known: mac=)")
+            interface["guest_mac"] = option[4:]
+        interfaces.append(interface)
+    if interfaces:
+        document["network-interfaces"] = interfaces
+    if args.vsock:
+        cid, _, path = args.vsock.partition(",")
+        if not cid.isdigit() or not path:
+            raise UserError(f"--vsock: expected CID,PATH (got {args.vsock!r})")
+        document["vsock"] = {"guest_cid": int(cid), "uds_path": path}
+    if args.rng:
+        document["entropy"] = {}
+    if args.accel:
+        document["pyvmm"] = {"accel": args.accel}
+    return document
+
+
+def run(args) -> int:
+    from .client import connect
+
+    host = connect()
+    name = args.subcommand
+    if name == "define":
+        vm = host.define(args.file, args.name, replace=args.replace)
+        print(f"Domain '{vm.name}' defined from {args.file}")
+    elif name == "create":
+        vm = host.create(create_document(args), args.name)
+        print(f"Domain '{vm.name}' created and started (pid {vm.run.pid()})")
+        if args.console:
+            return _console(vm, 16 << 10)
+    elif name == "list":
+        _print_list(host.list(all=args.all))
+    elif name == "clone":
+        vm = host.vm(args.name).clone(args.new_name)
+        print(f"Domain '{vm.name}' cloned from '{args.name}'")
+    else:
+        vm = host.vm(args.name)
+        return _vm_command(name, vm, args)
+    return 0
+
+
+def _vm_command(name: str, vm, args) -> int:
+    if name == "undefine":
+        vm.undefine()
+        print(f"Domain '{vm.name}' has been undefined")
+    elif name == "start":
+        pid = vm.start()
+        print(f"Domain '{vm.name}' started (pid {pid})")
+        if args.console:
+            return _console(vm, 16 << 10)
+    elif name in ("dominfo", "info"):
+        _print_info(vm.info())
+    elif name == "domstate":
+        info = vm.info()
+        print(info.state + (f" ({info.outcome['reason']}: {info.outcome['message']})"
+                            if info.outcome and not info.active else ""))
+    elif name in ("suspend", "pause"):
+        vm.suspend()
+        print(f"Domain '{vm.name}' suspended")
+    elif name == "resume":
+        vm.resume()
+        print(f"Domain '{vm.name}' resumed")
+    elif name == "destroy":
+        vm.destroy()
+        print(f"Domain '{vm.name}' destroyed")
+    elif name == "reboot":
+        vm.reboot()
+        print(f"Domain '{vm.name}' is being rebooted")
+    elif name == "shutdown":
+        vm.shutdown(args.timeout)
+        print(f"Domain '{vm.name}' is shut down")
+    elif name == "console":
+        return _console(vm, args.replay)
+    elif name == "domstats":
+        print(json.dumps(vm.stats(), indent=2))
+    return 0
+
+
+def _console(vm, replay: int) -> int:
+    from .terminal import attach
+
+    if replay < 0:
+        raise UserError("--replay must be 0 or more")
+    reason = attach(vm.open_console(replay), vm.name)
+    print(f"pyvmm: {vm.name}: {reason}", file=sys.stderr)
+    return 0
+
+
+def _print_list(infos) -> None:
+    rows = [(info.name, info.state, str(info.pid or "-"), str(info.vcpus or "-"),
+             f"{info.memory_mib} MiB" if info.memory_mib else "-") for info in infos]
+    headers = ("Name", "State", "PID", "vCPUs", "Memory")
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    print(" " + "   ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    print("-" * (sum(widths) + 3 * len(widths)))
+    for row in rows:
+        print(" " + "   ".join(c.ljust(w) for c, w in zip(row, widths)))
+
+
+def _print_info(info) -> None:
+    rows = [("Name", info.name), ("State", info.state), ("PID", info.pid or "-"),
+            ("vCPUs", info.vcpus), ("Memory", f"{info.memory_mib} MiB"),
+            ("Persistent", "yes" if info.defined else "no"),
+            ("Definition", info.definition or "-"), ("Run directory", info.run_dir)]
+    if info.uptime_s is not None:
+        rows.append(("Uptime", f"{info.uptime_s:.0f} s"))
+    if info.outcome:
+        rows.append(("Last outcome", f"{info.outcome['reason']}: {info.outcome['message']}"))
+    for key, value in rows:
+        print(f"{key + ':':<15} {value}")

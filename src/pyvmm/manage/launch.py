@@ -1,0 +1,87 @@
+"""Starting a VM in the background, and waiting for a VM's process to end.
+
+The VM gets a process of its own (pyvmm.manage.vmprocess) in a new session, with its
+output in RUN_DIR/vmm.log, so neither the terminal nor the launcher going away touches it.
+The launcher blocks on a pipe until the VM's process says "ok" (its API socket is serving
+and the VM is started) or sends the one-line error that stopped it; no polling.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from .records import RunDir, VmExists
+
+READY_TIMEOUT = 900.0  # the first start may build the default guest image
+
+
+class StartError(UserError):
+    """The VM's process could not start the VM."""
+
+
+def launch(run: RunDir, document: dict[str, Any], *, instance_id: str | None = None,
+           timeout: float = READY_TIMEOUT) -> int:
+    """Start the VM described by `document` (a checked definition) in RUN_DIR; its pid."""
+    pid = run.pid()
+    if pid is not None:
+        raise VmExists(f"{run.name} is running already (pid {pid})")
+    run.prepare()
+    run.definition_file.write_text(json.dumps(document))
+    package_root = str(Path(__file__).resolve().parents[2])  # the VM's process imports this very pyvmm
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+    read_end, write_end = os.pipe()
+    try:
+        with open(run.vmm_log, "ab") as log:
+            argv = [sys.executable, "-m", "pyvmm.manage.vmprocess", str(run.path), "--ready-fd", str(write_end)]
+            if instance_id:
+                argv += ["--id", instance_id]
+            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                                       start_new_session=True, pass_fds=(write_end,))
+        os.close(write_end)
+        write_end = -1
+        answer = _read_answer(read_end, timeout)
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+    if answer == "ok":
+        return process.pid
+    if answer is None:
+        last = run.last_log_line()
+        if process.poll() is None:
+            raise StartError(f"{run.name} did not start within {timeout:.0f} s (see {run.vmm_log})")
+        raise StartError(f"{run.name}: the VM's process ended at start" + (f": {last}" if last else ""))
+    raise StartError(f"{run.name}: {answer.removeprefix('error: ')}")
+
+
+def _read_answer(fd: int, timeout: float) -> str | None:
+    data = b""
+    while b"\n" not in data:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        if not ready:
+            return None
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return None  # the process ended without a word
+        data += chunk
+    return data.split(b"\n", 1)[0].decode(errors="replace")
+
+
+def wait_exit(pid: int, timeout: float | None) -> bool:
+    """Wait until process `pid` has ended (True) or `timeout` passed (False)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        return bool(ready)
+    finally:
+        os.close(fd)

@@ -1,0 +1,118 @@
+"""The process of one managed VM: `python -m pyvmm.manage.vmprocess RUN_DIR --ready-fd N`.
+
+It serves the API and the console sockets in RUN_DIR, boots the configuration in
+RUN_DIR/definition.json, tells the launcher on the ready pipe ("ok", or the one-line error
+that stopped it), and lives as long as the VM: when the VM stops for good it writes
+outcome.json, removes its sockets and exits with the outcome's status. SIGTERM and SIGINT
+destroy the VM the same way, so the outcome is always recorded; only SIGKILL (or a crash
+of the interpreter) leaves a record without an outcome, which `list` reports as crashed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from ..errors import UserError, user_error_message
+from .records import RunDir
+
+
+def _outcome_record(outcome, boots: int) -> dict:
+    return {"reason": outcome.reason, "status": outcome.status, "message": outcome.message, "boots": boots,
+            "ended_at": time.time()}
+
+
+def serve(run: RunDir, instance_id: str, ready_fd: int | None) -> int:
+    from ..api.console import ConsoleHub
+    from ..api.instance import VmInstance
+    from ..api.schema import VmSpec
+    from ..api.server import ApiServer
+
+    def tell(message: str) -> None:
+        nonlocal ready_fd
+        if ready_fd is not None:
+            try:
+                os.write(ready_fd, message.encode() + b"\n")
+            finally:
+                os.close(ready_fd)
+                ready_fd = None
+
+    run.write_pid()
+    console = ConsoleHub(run.console_log)
+    try:
+        spec = VmSpec.from_document(json.loads(run.definition_file.read_text()))
+        instance = VmInstance(instance_id, spec, console=console)
+        done = threading.Event()
+        instance.on_end(lambda outcome: done.set())
+        console.serve(run.console_sock)
+        server = ApiServer(instance, run.api_sock).start()
+    except (UserError, OSError) as exc:
+        console.close()
+        message = user_error_message(exc)
+        run.write_outcome({"reason": "failed", "status": 2, "message": message, "boots": 0, "ended_at": time.time()})
+        tell(f"error: {message}")
+        return 2
+
+    def on_signal(signum, _frame) -> None:
+        threading.Thread(target=_destroy, args=(instance, f"stopped by signal {signal.Signals(signum).name}"),
+                         daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the terminal that started us may go away
+    try:
+        instance.start()
+    except Exception as exc:  # noqa: BLE001 - whatever stops the boot is the outcome, in one line
+        message = user_error_message(exc) if isinstance(exc, (UserError, OSError)) else \
+            f"internal error: {type(exc).__name__}: {exc}"
+        logging.getLogger("pyvmm").debug("start failed", exc_info=True)
+        server.close()
+        console.close()
+        run.write_outcome({"reason": "failed", "status": 2, "message": message, "boots": 0, "ended_at": time.time()})
+        tell(f"error: {message}")
+        return 2
+    tell("ok")
+    while not done.wait(1.0):  # a timed wait: the main thread stays responsive to signals
+        pass
+    outcome = instance.outcome
+    run.write_outcome(_outcome_record(outcome, instance.boots))
+    server.close()
+    console.close()
+    for path in (run.console_sock,):
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+    print(f"pyvmm: {outcome.message}", file=sys.stderr)
+    return outcome.status
+
+
+def _destroy(instance, message: str) -> None:
+    try:
+        instance.stop(message)
+    except UserError:
+        pass  # not started yet or stopped already
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pyvmm-vm", description="the process of one managed VM (internal)")
+    parser.add_argument("run_dir")
+    parser.add_argument("--ready-fd", type=int)
+    parser.add_argument("--id", help="the instance id the API reports (default: the run directory's name)")
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
+                        format="%(asctime)s pyvmm: %(levelname)s: %(name)s: %(message)s")
+    run = RunDir(Path(args.run_dir).resolve())
+    return serve(run, args.id or run.name, args.ready_fd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
