@@ -3,8 +3,8 @@
 Guest output is appended to a history file (so a late `pyvmm console`, or a user with `tail`,
 sees what was printed) and to a ring of the last bytes in memory, and copied to every
 attached terminal. Terminals attach over a Unix socket (mode 0600): a client sends one line,
-``attach REPLAY\\n``, gets the last REPLAY bytes of history, then the live output; what it
-sends after that line goes to the guest's console device. Nothing a client does can block
+``attach REPLAY\\n``, gets ``ok N\\n`` and the last N (at most REPLAY) bytes of history, then
+the live output; what it sends after its line goes to the guest's console device. Nothing a client does can block
 the vCPU thread that writes output: each client has its own queue and sender thread, and a
 client that falls too far behind is dropped.
 """
@@ -139,7 +139,7 @@ class ConsoleHub:
             client = _Client(conn)
             with self._lock:  # history and registration at once: no byte lost or repeated
                 replay = bytes(self._ring[-int(words[1]):]) if int(words[1]) else b""
-                client.send(replay)
+                client.send(b"ok %d\n" % len(replay) + replay)
                 self._clients.append(client)
             if rest:
                 self.deliver(rest)

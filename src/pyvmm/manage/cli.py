@@ -177,7 +177,8 @@ def _console(vm, replay: int) -> int:
 
     if replay < 0:
         raise UserError("--replay must be 0 or more")
-    reason = attach(vm.open_console(replay), vm.name)
+    conn, history = vm.attach_console(replay)
+    reason = attach(conn, vm.name, history)
     print(f"pyvmm: {vm.name}: {reason}", file=sys.stderr)
     return 0
 

@@ -251,11 +251,39 @@ class VmHandle:
     def open_console(self, replay: int = 16 << 10) -> socket.socket:
         """A socket attached to the serial console: the last `replay` bytes printed, then the
         live output; what is sent to it is typed into the guest. Close it to detach."""
+        return self._attach(replay)[0]
+
+    def attach_console(self, replay: int = 16 << 10) -> tuple[socket.socket, bytes]:
+        """Like open_console, with the replayed history apart: (socket of live output, history)."""
+        conn, length = self._attach(replay)
+        history = b""
+        while len(history) < length:
+            chunk = conn.recv(length - len(history))
+            if not chunk:
+                break
+            history += chunk
+        return conn, history
+
+    def _attach(self, replay: int) -> tuple[socket.socket, int]:
         self._live_api()
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        conn.connect(str(self.run.console_sock))
-        conn.sendall(f"attach {int(replay)}\n".encode())
-        return conn
+        try:
+            conn.connect(str(self.run.console_sock))
+            conn.sendall(f"attach {int(replay)}\n".encode())
+            header = b""
+            while not header.endswith(b"\n") and len(header) < 32:
+                chunk = conn.recv(1)
+                if not chunk:
+                    break
+                header += chunk
+        except OSError as exc:
+            conn.close()
+            raise UserError(f"{self.name}: cannot attach to the console: {exc.strerror or exc}") from None
+        words = header.split()
+        if len(words) != 2 or words[0] != b"ok" or not words[1].isdigit():
+            conn.close()
+            raise UserError(f"{self.name}: the console refused to attach: {header.decode(errors='replace').strip()}")
+        return conn, int(words[1])
 
     # --- definition -------------------------------------------------------------------------
 

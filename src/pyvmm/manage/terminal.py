@@ -16,8 +16,10 @@ import tty
 DETACH = 0x1D  # C-]
 
 
-def attach(conn: socket.socket, name: str, stdin_fd: int = 0, stdout_fd: int = 1) -> str:
-    """Relay between the terminal and `conn` until detached; returns why it ended."""
+def attach(conn: socket.socket, name: str, history: bytes = b"", stdin_fd: int = 0, stdout_fd: int = 1) -> str:
+    """Show `history`, then relay between the terminal and `conn` until detached; returns why
+    it ended."""
+    _write_all(stdout_fd, history)
     is_tty = os.isatty(stdin_fd)
     saved = termios.tcgetattr(stdin_fd) if is_tty else None
     if is_tty:

@@ -1,0 +1,126 @@
+"""Managed VMs end to end on the default Debian guest (the software CPU on our hosts): define
+and start in the background, list, suspend/resume with a counting guest, console history and
+attach, SIGKILL one VM while another runs on, destroy, clone. Two boots in all."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pyvmm.images.kernel_warnings import describe, find_kernel_warnings
+from pyvmm.manage.client import connect
+from pyvmm.manage.launch import wait_exit
+
+PROMPT = b"pyvmm:~# "
+TICKER = b"i=0; while :; do i=$((i+1)); echo tick-$i; sleep 0.2; done\n"
+
+
+@pytest.fixture
+def env(tmp_path, image):
+    values = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "cfg"), XDG_RUNTIME_DIR=str(tmp_path / "rt"))
+    host = connect(tmp_path / "cfg" / "pyvmm" / "vms", tmp_path / "rt" / "pyvmm")
+    yield values, host
+    for name in host.names():  # nothing outlives the test
+        pid = host.vm(name).run.pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            wait_exit(pid, 30)
+
+
+def cli(env, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess:
+    values, _ = env
+    result = subprocess.run([sys.executable, "-m", "pyvmm.cli", *args], input=stdin, capture_output=True,
+                            env=values, timeout=600)
+    assert result.returncode == 0, (args, result.stderr.decode(errors="replace"))
+    return result
+
+
+def read_until(conn: socket.socket, pattern: bytes, timeout: float = 300) -> bytes:
+    """Console output until `pattern` (a regex) appears."""
+    conn.settimeout(timeout)
+    data = b""
+    while not re.search(pattern, data):
+        chunk = conn.recv(65536)
+        assert chunk, f"the console closed; got {data[-500:]!r}"
+        data += chunk
+    return data
+
+
+def ticks(data: bytes) -> list[int]:
+    return [int(n) for n in re.findall(rb"tick-(\d+)\r?\n", data)]
+
+
+def test_define_start_list_suspend_resume_console_kill_destroy_clone(env, tmp_path):
+    _, host = env
+    definition = tmp_path / "alpha.toml"
+    definition.write_text("[machine-config]\nvcpu_count = 1\nmem_size_mib = 256\n")
+    cli(env, "define", str(definition))
+    cli(env, "start", "alpha")
+    listing = cli(env, "list").stdout.decode()
+    assert re.search(r"alpha\s+running\s+\d+", listing), listing
+
+    alpha = host.vm("alpha")
+    conn = alpha.open_console(replay=1 << 20)
+    read_until(conn, re.escape(PROMPT))
+    conn.sendall(TICKER)
+    read_until(conn, rb"tick-3\r?\n")
+
+    # suspended: the guest's counter stands still; resumed: it goes on from where it stood
+    cli(env, "suspend", "alpha")
+    assert cli(env, "domstate", "alpha").stdout.decode().strip() == "paused"
+    before = ticks(alpha.console_history())
+    time.sleep(1.0)  # five ticks' worth of time, which a running guest would have printed
+    assert ticks(alpha.console_history()) == before
+    cli(env, "resume", "alpha")
+    assert cli(env, "domstate", "alpha").stdout.decode().strip() == "running"
+    read_until(conn, rf"tick-{before[-1] + 2}\r?\n".encode())
+    seen = ticks(alpha.console_history())
+    assert seen == list(range(1, len(seen) + 1))  # no tick lost or repeated across the pause
+    conn.close()
+
+    # a late attach sees the history; C-] detaches and the VM runs on
+    attached = cli(env, "console", "alpha", stdin=b"\x1d")
+    assert b"tick-1" in attached.stdout and PROMPT in attached.stdout
+    assert alpha.state() == "running"
+
+    # a second VM; SIGKILL it: `list` reports it crashed and alpha keeps running
+    cli(env, "create", "beta", "--memory", "256")
+    beta = host.vm("beta")
+    read_until(beta.open_console(), re.escape(PROMPT))
+    pid = beta.info().pid
+    os.kill(pid, signal.SIGKILL)
+    assert wait_exit(pid, 30)
+    listing = cli(env, "list").stdout.decode()
+    assert re.search(r"alpha\s+running", listing) and re.search(r"beta\s+crashed", listing), listing
+    assert "died without recording an outcome" in cli(env, "dominfo", "beta").stdout.decode()
+    conn = alpha.open_console(replay=0)
+    conn.sendall(b"\x03echo still-$((40+2))\n")  # C-c stops the ticker
+    read_until(conn, rb"still-42")
+    conn.close()
+
+    warnings = find_kernel_warnings(alpha.console_history())
+    assert not warnings, describe(warnings)
+    stats = alpha.stats()
+    assert stats["exits_total"] > 0 and stats["rss_bytes"] > 0
+
+    # a running VM is not cloned; destroyed, it is, and its outcome is kept
+    values, _ = env
+    refused = subprocess.run([sys.executable, "-m", "pyvmm.cli", "clone", "alpha", "gamma"], capture_output=True,
+                             env=values, timeout=60)
+    assert refused.returncode == 2 and b"is running" in refused.stderr
+    cli(env, "destroy", "alpha")
+    assert "destroyed" in cli(env, "domstate", "alpha").stdout.decode()
+    listing = cli(env, "list", "--all").stdout.decode()
+    assert re.search(r"alpha\s+shut off", listing) and re.search(r"beta\s+crashed", listing), listing
+    cli(env, "clone", "alpha", "gamma")
+    assert "gamma" in cli(env, "list", "--all").stdout.decode()
+    for name in ("alpha", "beta", "gamma"):
+        cli(env, "undefine", name)
+    assert host.names() == []
