@@ -113,6 +113,8 @@ PYVMM_OPTIONS = (
     _f("console", "string", "the guest's console device", enum=("serial", "virtio"), default="serial"),
     _f("cpu_hide", "array", "CPUID features hidden from the guest", items="string"),
     _f("on_reboot", "string", "when the guest resets the machine", enum=("restart", "destroy"), default="restart"),
+    _f("kernel_args", "string", "kernel command line added to the default guest's (with boot-source, "
+       "use boot_args)"),
     _f("description", "string", "free text"),
 )
 
@@ -315,7 +317,7 @@ class VmSpec:
         from ..config import DiskConfig, MachineConfig, NetConfig, RunOptions, VsockConfig
 
         boot = self.boot_source or {}
-        cmdline = boot.get("boot_args", "")
+        cmdline = boot.get("boot_args", "") if self.boot_source is not None else self.pyvmm.get("kernel_args", "")
         drives = sorted(self.drives.values(), key=lambda d: not d["is_root_device"])  # the root drive is vda
         root = drives[0] if drives and drives[0]["is_root_device"] else None
         if root is not None and not re.search(r"(^|\s)root=", cmdline):
@@ -348,7 +350,8 @@ class VmSpec:
         top, _, rest = field.partition(".")
         simple = {"memory": "machine-config.mem_size_mib", "cpus": "machine-config.vcpu_count",
                   "kernel": "boot-source.kernel_image_path", "initrd": "boot-source.initrd_path",
-                  "cmdline": "boot-source.boot_args", "cpu_hide": "pyvmm.cpu_hide", "console": "pyvmm.console",
+                  "cmdline": "boot-source.boot_args" if self.boot_source is not None else "pyvmm.kernel_args",
+                  "cpu_hide": "pyvmm.cpu_hide", "console": "pyvmm.console",
                   "accel": "pyvmm.accel", "rng": "entropy"}
         if top in simple:
             return simple[top]

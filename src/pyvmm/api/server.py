@@ -191,6 +191,10 @@ class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     block_on_close = False
     request_queue_size = 64
 
+    def handle_error(self, request, client_address) -> None:
+        # a client that went away mid-answer (BrokenPipe): pyvmm's log, not a traceback on stderr
+        log.debug("API connection failed", exc_info=True)
+
 
 class ApiServer:
     """Serves `instance` on the Unix socket `path` (created mode 0600) from a thread."""

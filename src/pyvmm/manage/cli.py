@@ -53,7 +53,8 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     create = command("create", "define a VM and start it (default: the Debian guest image)")
     create.add_argument("--kernel", metavar="FILE", help="kernel image (default: pyvmm's Debian guest)")
     create.add_argument("--initrd", metavar="FILE")
-    create.add_argument("--append", metavar="ARGS", help="kernel command line")
+    create.add_argument("--append", metavar="ARGS", help="kernel command line (with --kernel)")
+    create.add_argument("--kernel-args", metavar="ARGS", help="added to the default guest's kernel command line")
     create.add_argument("--memory", "-m", type=int, default=256, metavar="MIB", help="guest RAM in MiB (default 256)")
     create.add_argument("--cpus", "-c", type=int, default=1, metavar="N")
     create.add_argument("--disk", action="append", default=[], metavar="PATH[,readonly]", help="a raw disk (repeatable)")
@@ -75,7 +76,9 @@ def create_document(args) -> dict:
         if args.append:
             document["boot-source"]["boot_args"] = args.append
     elif args.initrd or args.append:
-        raise UserError("--initrd and --append need --kernel (the default guest has its own)")
+        raise UserError("--initrd and --append need --kernel (the default guest has its own: see --kernel-args)")
+    if args.kernel_args and args.kernel:
+        raise UserError("--kernel-args is for the default guest: with --kernel, use --append")
     drives = []
     if args.root_disk:
         drives.append({"drive_id": "rootfs", "path_on_host": args.root_disk, "is_root_device": True,
@@ -106,8 +109,9 @@ def create_document(args) -> dict:
         document["vsock"] = {"guest_cid": int(cid), "uds_path": path}
     if args.rng:
         document["entropy"] = {}
-    if args.accel:
-        document["pyvmm"] = {"accel": args.accel}
+    options = {"accel": args.accel, "kernel_args": args.kernel_args}
+    if any(options.values()):
+        document["pyvmm"] = {key: value for key, value in options.items() if value}
     return document
 
 

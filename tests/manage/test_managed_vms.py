@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from pyvmm.images.kernel_warnings import describe, find_kernel_warnings
+from pyvmm.images.kernel_warnings import CONSOLE_LOGLEVEL, describe, find_kernel_warnings
 from pyvmm.manage.client import connect
 from pyvmm.manage.launch import wait_exit
 
@@ -60,7 +60,7 @@ def ticks(data: bytes) -> list[int]:
 def test_define_start_list_suspend_resume_console_kill_destroy_clone(env, tmp_path):
     _, host = env
     definition = tmp_path / "alpha.toml"
-    definition.write_text("[machine-config]\nvcpu_count = 1\nmem_size_mib = 256\n")
+    definition.write_text(f'[machine-config]\nvcpu_count = 1\nmem_size_mib = 256\n[pyvmm]\nkernel_args = "{CONSOLE_LOGLEVEL}"\n')
     cli(env, "define", str(definition))
     cli(env, "start", "alpha")
     listing = cli(env, "list").stdout.decode()
@@ -91,9 +91,11 @@ def test_define_start_list_suspend_resume_console_kill_destroy_clone(env, tmp_pa
     assert alpha.state() == "running"
 
     # a second VM; SIGKILL it: `list` reports it crashed and alpha keeps running
-    cli(env, "create", "beta", "--memory", "256")
+    cli(env, "create", "beta", "--memory", "256", "--kernel-args", CONSOLE_LOGLEVEL)
     beta = host.vm("beta")
     read_until(beta.open_console(), re.escape(PROMPT))
+    warnings = find_kernel_warnings(beta.console_history())
+    assert not warnings, describe(warnings)
     pid = beta.info().pid
     os.kill(pid, signal.SIGKILL)
     assert wait_exit(pid, 30)
@@ -105,6 +107,7 @@ def test_define_start_list_suspend_resume_console_kill_destroy_clone(env, tmp_pa
     read_until(conn, rb"still-42")
     conn.close()
 
+    assert CONSOLE_LOGLEVEL in alpha.config()["pyvmm"]["kernel_args"]
     warnings = find_kernel_warnings(alpha.console_history())
     assert not warnings, describe(warnings)
     stats = alpha.stats()
