@@ -112,6 +112,8 @@ def test_define_start_list_suspend_resume_console_kill_destroy_clone(env, tmp_pa
     assert not warnings, describe(warnings)
     stats = alpha.stats()
     assert stats["exits_total"] > 0 and stats["rss_bytes"] > 0
+    devices = {node["id"]: node for node in alpha.devices()}
+    assert devices["com1"]["resources"]["ports"] == [[0x3F8, 8]], devices["com1"]
 
     # a running VM is not cloned; destroyed, it is, and its outcome is kept
     values, _ = env

@@ -281,12 +281,18 @@ class VmInstance:
                                                          "message": outcome.message}}
 
     def devices(self) -> list[dict[str, Any]]:
+        """The device tree: id, kind, transport, parent and resources of every device."""
         with self.lock:
             vm = self._require_vm()
-            tree = getattr(getattr(vm, "device_manager", None), "tree", None)
-            if tree is not None and hasattr(tree, "state"):
-                return [node.to_json() for node in tree.state().nodes]
-            return [{"id": name, "kind": type(device).__name__} for name, device in vm.devices.items()]
+            manager = getattr(vm, "device_manager", None)
+            if manager is None:  # a Vm built without the device manager: names and model classes
+                return [{"id": name, "kind": type(device).__name__} for name, device in vm.devices.items()]
+            nodes = []
+            for node in manager.tree:
+                resources = node.resources.to_dict()["fields"]
+                nodes.append({"id": node.id, "kind": node.kind, "transport": node.transport, "parent": node.parent,
+                              "resources": resources})
+            return nodes
 
     def stats(self) -> dict[str, Any]:
         vm = self.vm
