@@ -8,11 +8,14 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
 
 import pytest
+
+import pyvmm
 
 from pyvmm.images.kernel_warnings import CONSOLE_LOGLEVEL, describe, find_kernel_warnings
 from pyvmm.manage.client import connect
@@ -67,6 +70,9 @@ def test_define_start_list_suspend_resume_console_kill_destroy_clone(env, tmp_pa
     assert re.search(r"alpha\s+running\s+\d+", listing), listing
 
     alpha = host.vm("alpha")
+    assert alpha.api.get("/") == {"id": "alpha", "state": "Running", "vmm_version": pyvmm.__version__,
+                                  "app_name": "pyvmm"}
+    assert stat.S_IMODE(os.stat(alpha.run.api_sock).st_mode) == 0o600
     conn = alpha.open_console(replay=1 << 20)
     read_until(conn, re.escape(PROMPT))
     conn.sendall(TICKER)
@@ -114,6 +120,15 @@ def test_define_start_list_suspend_resume_console_kill_destroy_clone(env, tmp_pa
     assert stats["exits_total"] > 0 and stats["rss_bytes"] > 0
     devices = {node["id"]: node for node in alpha.devices()}
     assert devices["com1"]["resources"]["ports"] == [[0x3F8, 8]], devices["com1"]
+
+    # reboot: the same machine boots again, in the same process
+    cli(env, "reboot", "alpha")
+    conn = alpha.open_console(replay=1 << 20)  # the whole history: the second boot's prompt may be in it
+    read_until(conn, rb"(?s)pyvmm guest: Linux.*pyvmm guest: Linux.*" + re.escape(PROMPT))
+    conn.close()
+    assert alpha.api.get("/pyvmm/status")["boots"] == 2
+    warnings = find_kernel_warnings(alpha.console_history())
+    assert not warnings, describe(warnings)
 
     # a running VM is not cloned; destroyed, it is, and its outcome is kept
     values, _ = env

@@ -21,7 +21,7 @@ import time
 from typing import Any, Callable
 
 from .. import __version__
-from ..errors import ConfigError, UserError
+from ..errors import ConfigError, PyvmmError, UserError
 from .console import ConsoleHub
 from .schema import (ACTION, BOOT_SOURCE, ENTROPY, MACHINE_CONFIG, METRICS, PARTIAL_DRIVE, PYVMM_ACTION, VM_STATE,
                      VSOCK, VmSpec, check_body, check_drive, check_interface, check_logger)
@@ -250,7 +250,10 @@ class VmInstance:
             if press is None:
                 raise NotSupported("graceful shutdown needs an ACPI power button, which this pyvmm build "
                                    "does not have yet: use destroy")
-            press()
+            try:
+                press()
+            except PyvmmError as exc:  # e.g. the guest stopped meanwhile
+                raise InvalidState(str(exc)) from None
 
     def pyvmm_action(self, body: Any) -> None:
         kind = check_body(body, PYVMM_ACTION)["action_type"]
