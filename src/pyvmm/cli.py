@@ -89,12 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
     register_cli(sub)
     register_manage(sub, common)
 
+    sub.add_parser("firecracker", help="a VM driven by Firecracker's command line and API (pyvmm firecracker --help)",
+                   add_help=False)
     info = sub.add_parser("kvm-info", parents=[common], help="what this host's KVM offers, and how fast it runs guest kernel code")
     info.add_argument("--no-calibrate", action="store_true", help="skip the calibration guest")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    words = sys.argv[1:] if argv is None else argv
+    if words[:1] == ["firecracker"]:  # Firecracker's own flags, parsed by the launcher itself
+        from .manage.firecracker import main as firecracker_main
+
+        return firecracker_main(words[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)

@@ -84,6 +84,7 @@ def test_json_definitions_and_the_stem_as_name(host, tmp_path):
      "network-interfaces[0].guest_mac '01:00:00:00:00:00' is not a unicast"),
     ("[vsock]\nguest_cid = 2\nuds_path = \"/x\"\n", "vsock.guest_cid must be at least 3"),
     ('[pyvmm]\naccel = "fast"\n', "pyvmm.accel must be one of auto, kvm, tcg"),
+    ('[pyvmm]\ntransport = "usb"\n', "pyvmm.transport must be one of pci, mmio"),
     ('[machines]\n', "machines is not a known section"),
     ("[machine-config\n", "not valid TOML"),
 ])

@@ -61,12 +61,13 @@ class ConsoleHub:
             return bytes(self._ring if tail is None else self._ring[-tail:] if tail else b"")
 
     def _open_history(self) -> None:
+        assert self._history_path is not None
         self._history_fd = os.open(self._history_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         self._history_size = os.fstat(self._history_fd).st_size
 
     def _append_history(self, data: bytes) -> None:
         try:
-            if self._history_size + len(data) > HISTORY_FILE_BYTES:
+            if self._history_size + len(data) > HISTORY_FILE_BYTES and self._history_path is not None:
                 os.close(self._history_fd)
                 os.replace(self._history_path, f"{self._history_path}.1")
                 self._open_history()
@@ -113,12 +114,12 @@ class ConsoleHub:
             os.umask(old_umask)
         server.listen(8)
         self._server = server
-        threading.Thread(target=self._accept_main, name="console-accept", daemon=True).start()
+        threading.Thread(target=self._accept_main, args=(server,), name="console-accept", daemon=True).start()
 
-    def _accept_main(self) -> None:
+    def _accept_main(self, server: socket.socket) -> None:
         while not self._closing:
             try:
-                conn, _ = self._server.accept()
+                conn, _ = server.accept()
             except OSError:
                 return
             threading.Thread(target=self._client_main, args=(conn,), name="console-client", daemon=True).start()

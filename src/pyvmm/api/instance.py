@@ -18,13 +18,16 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .. import __version__
 from ..errors import ConfigError, PyvmmError, UserError
 from .console import ConsoleHub
 from .schema import (ACTION, BOOT_SOURCE, ENTROPY, MACHINE_CONFIG, METRICS, PARTIAL_DRIVE, PYVMM_ACTION, VM_STATE,
                      VSOCK, VmSpec, check_body, check_drive, check_interface, check_logger)
+
+if TYPE_CHECKING:
+    from ..vm import Vm, VmOutcome
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +51,18 @@ class VmInstance:
         self.console = console if console is not None else ConsoleHub()
         self.lock = threading.RLock()
         self.state = NOT_STARTED
-        self.vm = None
-        self.outcome = None
+        self.vm: Vm | None = None
+        self.outcome: VmOutcome | None = None
         self.started_at: float | None = None
         self.boots = 0
         self.ended = threading.Event()
         self._on_end: list[Callable[[Any], None]] = []
         self._reboot_wanted = False
         self._stopping = False
-        self._built: tuple | None = None
+        self.on_reboot = "restart"
+        self._built: tuple[Any, Any, Any] | None = None
+        # Changes the configuration gets at InstanceStart (the Firecracker launcher's defaults)
+        self.adapt_spec: Callable[[VmSpec], VmSpec] | None = None
 
     # --- Firecracker's resources ------------------------------------------------------------
 
@@ -156,7 +162,9 @@ class VmInstance:
             from ..accel.select import choose_accelerator
             from ..runner import with_default_guest
 
-            machine, options = self.spec.machine_config()
+            spec = self.spec if self.adapt_spec is None else self.adapt_spec(self.spec)
+            machine, options = spec.machine_config()
+            self.on_reboot = spec.pyvmm.get("on_reboot", "restart")
             choice = choose_accelerator(options.accel)
             machine, options = with_default_guest(machine, options, None)
             symbols = None
@@ -172,6 +180,7 @@ class VmInstance:
     def _boot(self) -> None:
         from ..builder import build_vm
 
+        assert self._built is not None, "start() sets what _boot() builds"
         machine, choice, symbols = self._built
         vm = build_vm(machine, self.console.write, accel=choice.create())
         vm.symbols = symbols
@@ -187,11 +196,13 @@ class VmInstance:
 
         while True:
             vm = self.vm
+            assert vm is not None
             outcome = vm.wait()
+            assert outcome is not None  # wait() without a timeout returns once the VM stopped
             vm.close()
             with self.lock:
                 restart = self._reboot_wanted or (outcome.reason == "reset" and not self._stopping and
-                                                  self.spec.pyvmm.get("on_reboot", "restart") == "restart")
+                                                  self.on_reboot == "restart")
                 self._reboot_wanted = False
                 if restart:
                     try:
@@ -299,7 +310,7 @@ class VmInstance:
 
     def stats(self) -> dict[str, Any]:
         vm = self.vm
-        exits = vm.exit_counts() if vm is not None else {}
+        exits: dict[str, int] = vm.exit_counts() if vm is not None else {}
         times = os.times()
         return {"state": self.state, "uptime_s": None if self.started_at is None else time.time() - self.started_at,
                 "vcpu_count": self.spec.machine["vcpu_count"], "exits": exits, "exits_total": sum(exits.values()),

@@ -112,6 +112,8 @@ PYVMM_OPTIONS = (
     _f("accel", "string", "CPU backend", enum=("auto", "kvm", "tcg"), default="auto"),
     _f("console", "string", "the guest's console device", enum=("serial", "virtio"), default="serial"),
     _f("cpu_hide", "array", "CPUID features hidden from the guest", items="string"),
+    _f("transport", "string", "how virtio devices attach: PCI, or virtio-mmio found through ACPI (for guests "
+       "booted with pci=off, as Firecracker's are)", enum=("pci", "mmio"), default="pci"),
     _f("on_reboot", "string", "when the guest resets the machine", enum=("restart", "destroy"), default="restart"),
     _f("kernel_args", "string", "kernel command line added to the default guest's (with boot-source, "
        "use boot_args)"),
@@ -126,7 +128,7 @@ RESOURCES: dict[str, tuple[Field, ...]] = {
     "Vm": VM_STATE, "PyvmmAction": PYVMM_ACTION, "PyvmmOptions": PYVMM_OPTIONS,
 }
 
-_TYPES = {"string": (str,), "integer": (int,), "boolean": (bool,), "object": (dict,), "array": (list,)}
+_TYPES: dict[str, tuple[type, ...]] = {"string": (str,), "integer": (int,), "boolean": (bool,), "object": (dict,), "array": (list,)}
 _ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -142,21 +144,22 @@ def check_value(spec: Field, value: Any, where: str) -> Any:
     # JSON's true is not a number, and 1 is not a boolean
     if not isinstance(value, types) or (spec.type == "integer" and isinstance(value, bool)):
         raise ConfigError(f"must be {'an' if spec.type[0] in 'aeiou' else 'a'} {spec.type} (got {value!r:.60})", where)
-    if spec.enum is not None and value not in spec.enum:
-        raise ConfigError(f"must be one of {', '.join(spec.enum)} (got {value!r:.60})", where)
-    if spec.minimum is not None and value < spec.minimum:
-        raise ConfigError(f"must be at least {spec.minimum} (got {value})", where)
-    if spec.maximum is not None and value > spec.maximum:
-        raise ConfigError(f"must be at most {spec.maximum} (got {value})", where)
+    checked: Any = value  # of the spec's type from here on
+    if spec.enum is not None and checked not in spec.enum:
+        raise ConfigError(f"must be one of {', '.join(spec.enum)} (got {checked!r:.60})", where)
+    if spec.minimum is not None and checked < spec.minimum:
+        raise ConfigError(f"must be at least {spec.minimum} (got {checked})", where)
+    if spec.maximum is not None and checked > spec.maximum:
+        raise ConfigError(f"must be at most {spec.maximum} (got {checked})", where)
     if spec.type == "array" and spec.items is not None:
-        for index, item in enumerate(value):
+        for index, item in enumerate(checked):
             if not isinstance(item, _TYPES[spec.items]):
                 raise ConfigError(f"must be a {spec.items} (got {item!r:.60})", f"{where}[{index}]")
-    if spec.supported is not None and value not in spec.supported:
-        raise ConfigError(f"{value!r:.60} {_NOT_SUPPORTED}", where)
-    if spec.type == "string" and "\0" in value:
+    if spec.supported is not None and checked not in spec.supported:
+        raise ConfigError(f"{checked!r:.60} {_NOT_SUPPORTED}", where)
+    if spec.type == "string" and "\0" in checked:
         raise ConfigError("must not contain NUL characters", where)
-    return value
+    return checked
 
 
 def check_body(body: Any, fields: tuple[Field, ...], prefix: str = "", *, partial: bool = False,
@@ -324,17 +327,19 @@ class VmSpec:
             device = f"PARTUUID={root['partuuid']}" if root.get("partuuid") else "/dev/vda"
             cmdline = f"{cmdline} root={device} {'ro' if root.get('is_read_only') else 'rw'}".strip()
         vsock = self.vsock
+        transport = self.pyvmm.get("transport", "pci")
         machine = MachineConfig(
             kernel=boot.get("kernel_image_path"), initrd=boot.get("initrd_path"), cmdline=cmdline,
             memory=self.machine["mem_size_mib"] << 20, cpus=self.machine["vcpu_count"],
             cpu_hide=frozenset(self.pyvmm.get("cpu_hide", ())),
             disks=tuple(DiskConfig(path=d.get("path_on_host"), readonly=d.get("is_read_only", False),
                                    serial=d["drive_id"] if len(d["drive_id"].encode()) <= 20 else None,
-                                   vhost_user=d.get("socket")) for d in drives),
-            nets=tuple(NetConfig(tap=n["host_dev_name"], mac=n.get("guest_mac")) for n in self.interfaces.values()),
-            vsock=VsockConfig(vsock["guest_cid"], vsock["uds_path"]) if vsock is not None else None,
-            rng="pci" if self.entropy is not None else None,
-            console=self.pyvmm.get("console", "serial"))
+                                   vhost_user=d.get("socket"), transport=transport) for d in drives),
+            nets=tuple(NetConfig(tap=n["host_dev_name"], mac=n.get("guest_mac"), transport=transport)
+                       for n in self.interfaces.values()),
+            vsock=VsockConfig(vsock["guest_cid"], vsock["uds_path"], transport) if vsock is not None else None,
+            rng=transport if self.entropy is not None else None,
+            console=self.pyvmm.get("console", "serial"), console_transport=transport)
         options = RunOptions(accel=self.pyvmm.get("accel", "auto"))
         try:
             machine.validate()

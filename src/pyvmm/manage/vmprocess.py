@@ -82,6 +82,7 @@ def serve(run: RunDir, instance_id: str, ready_fd: int | None) -> int:
     while not done.wait(1.0):  # a timed wait: the main thread stays responsive to signals
         pass
     outcome = instance.outcome
+    assert outcome is not None  # the VM ended: on_end ran after the outcome was recorded
     run.write_outcome(_outcome_record(outcome, instance.boots))
     server.close()
     console.close()
