@@ -241,7 +241,7 @@ class VmHandle:
     def console_history(self, tail: int | None = None) -> bytes:
         """What the guest printed: from the running VM, else from its record's log file."""
         if self.run.pid() is not None:
-            return self.api.get("/pyvmm/console" + (f"?tail={tail}" if tail is not None else ""))
+            return self.api.get("/pyvmm/console" + (f"?tail={tail}" if tail is not None else "")) or b""
         try:
             data = self.run.console_log.read_bytes()
         except FileNotFoundError:
