@@ -22,13 +22,12 @@ from .records import RunDir, VmExists, check_name
 
 
 def clone(host, source: str, new_name: str):
-    from .client import PAUSED, VmHandle
-
+    """Define NEW_NAME as a copy of SOURCE on `host` (a client.Host); returns its handle."""
     check_name(new_name)
     if definitions.find(new_name, host.config_dir) is not None or RunDir.of(new_name, host.run_root).pid():
         raise VmExists(f"a VM named {new_name!r} exists already")
     original = definitions.load(source, host.config_dir)
-    if VmHandle(host, source).state() not in ("shut off", "crashed", PAUSED):
+    if host.vm(source).state() not in ("shut off", "crashed", "paused"):
         raise UserError(f"{source} is running: shut it down or suspend it before cloning its disks")
     document = copy.deepcopy(original.spec.to_document())
     copied: list[Path] = []
