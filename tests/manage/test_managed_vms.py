@@ -122,6 +122,10 @@ def test_define_start_list_suspend_resume_console_kill_destroy_clone(env, tmp_pa
     assert CONSOLE_LOGLEVEL in alpha.config()["pyvmm"]["kernel_args"]
     warnings = find_kernel_warnings(alpha.console_history())
     assert not warnings, describe(warnings)
+    top = cli(env, "top", "--iterations", "1", "--delay", "0.5").stdout.decode()
+    assert re.search(r"^alpha\s+running\s+\d+\s+1\s+\d+\.\d\s+\d+\s+\d+\s+256$", top, re.M), top
+    drill = cli(env, "top", "alpha", "--iterations", "1", "--delay", "0.5").stdout.decode()
+    assert "VM exits by reason" in drill and re.search(r"^\w+\s+\d+\s+\d+$", drill, re.M), drill
     stats = alpha.stats()
     assert stats["exits_total"] > 0 and stats["rss_bytes"] > 0
     devices = {node["id"]: node for node in alpha.devices()}

@@ -13,7 +13,7 @@ import sys
 from ..errors import UserError
 
 COMMANDS = ("define", "undefine", "start", "list", "dominfo", "info", "domstate", "suspend", "pause", "resume",
-            "destroy", "reboot", "shutdown", "console", "create", "clone", "domstats")
+            "destroy", "reboot", "shutdown", "console", "create", "clone", "domstats", "top")
 
 DEFINE_HELP = ("A definition is Firecracker's configuration (sections machine-config, boot-source, drives, "
                "network-interfaces, vsock, entropy) plus a [pyvmm] table (accel, console, cpu_hide, on_reboot), "
@@ -48,6 +48,11 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     console.add_argument("--replay", type=int, default=16 << 10, metavar="BYTES",
                          help="show the last BYTES the guest printed first (default 16384)")
     command("domstats", "a running VM's statistics (JSON)")
+    top = command("top", "running VMs with CPU, exits/s and memory, refreshed (keys: q c e m n x)", vm=False)
+    top.add_argument("name", metavar="NAME", nargs="?", help="one VM's exit reasons and rates instead")
+    top.add_argument("--delay", "-d", type=float, default=2.0, metavar="SECONDS", help="refresh interval (default 2)")
+    top.add_argument("--iterations", "-n", type=int, metavar="N", help="print N refreshes and exit")
+    top.add_argument("--sort", choices=("cpu", "exits", "rss", "name"), default="cpu")
     clone = command("clone", "define a copy of a VM: disks copied sparsely, new MACs and vsock CID")
     clone.add_argument("new_name", metavar="NEW_NAME")
     create = command("create", "define a VM and start it (default: the Debian guest image)")
@@ -128,6 +133,14 @@ def run(args) -> int:
         print(f"Domain '{vm.name}' created and started (pid {vm.run.pid()})")
         if args.console:
             return _console(vm, 16 << 10)
+    elif name == "top":
+        from .top import run as run_top
+
+        if args.delay <= 0 or (args.iterations is not None and args.iterations < 1):
+            raise UserError("--delay must be positive and --iterations at least 1")
+        if args.name is not None:
+            host.vm(args.name)  # an unknown name is one line, exit 2
+        return run_top(host, args.name, args.delay, args.iterations, args.sort)
     elif name == "list":
         _print_list(host.list(all=args.all))
     elif name == "clone":
