@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 MAX_BODY = 64 << 10
 
 
-class HttpError(Exception):
+class HttpError(UserError):
+    """A request the server answers with `status` before it reaches the VM (404, 405, a bad body)."""
+
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.headers = status, headers or {}
