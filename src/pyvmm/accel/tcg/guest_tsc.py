@@ -42,7 +42,7 @@ def _rdtsc(uc) -> int:
 
 def _context_bytes(uc) -> bytes:
     ctx = uc.context_save()
-    return ctypes.string_at(ctypes.cast(ctx.context, ctypes.c_void_p).value, ctx.size)
+    return ctypes.string_at(ctypes.cast(ctx.context, ctypes.c_void_p), ctx.size)
 
 
 def discover_offset() -> int:
@@ -87,7 +87,10 @@ class GuestTsc:
     def __init__(self, uc, offset: int) -> None:
         self.uc, self._field = uc, offset
         self._context = uc.context_save()
-        self._address = ctypes.cast(self._context.context, ctypes.c_void_p).value
+        address = ctypes.cast(self._context.context, ctypes.c_void_p).value
+        if address is None:
+            raise TcgUnsupported("uc_context_save gave no context")
+        self._address: int = address
 
     @property
     def offset(self) -> int:
@@ -115,11 +118,17 @@ def host_tsc() -> int:
 _cached: int | None = None
 
 
+def _offset_from_json(stored: object) -> int:
+    if type(stored) is not int:
+        raise ValueError(f"not an offset: {stored!r}")
+    return stored
+
+
 def tsc_offset_field() -> int:
     global _cached
     if _cached is None:
         from .probe_cache import remembered
 
         _cached = remembered("tsc_offset", discover_offset, to_json=lambda offset: offset,
-                             from_json=lambda stored: int(stored), verify=verify_offset)
+                             from_json=_offset_from_json, verify=verify_offset)
     return _cached
