@@ -65,6 +65,25 @@ def test_version_and_flags_pyvmm_ignores():
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--config-file" in result.stderr
 
 
+def test_sigterm_before_a_start_ends_the_launcher_cleanly(tmp_path):
+    sock = str(tmp_path / "firecracker.socket")
+    process = launcher("--api-sock", sock)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(sock):
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)  # how Firecracker's users stop it
+    assert process.wait(60) == 0 and not os.path.exists(sock)
+    again = launcher("--api-sock", sock)  # the socket is gone: a new launcher can have it
+    try:
+        while not os.path.exists(sock):
+            assert again.poll() is None, again.stderr.read()
+            time.sleep(0.05)
+    finally:
+        again.send_signal(signal.SIGTERM)
+        assert again.wait(60) == 0
+
+
 def test_configured_and_started_through_firecrackers_api(image, tmp_path):
     sock = str(tmp_path / "firecracker.socket")
     process = launcher("--api-sock", sock, "--id", "fc-test", "--seccomp-filter", "none.bpf", "--boot-timer")
@@ -94,8 +113,10 @@ def test_configured_and_started_through_firecrackers_api(image, tmp_path):
         assert config["boot-source"]["boot_args"] == boot_args and config["machine-config"]["mem_size_mib"] == 256
         warnings = find_kernel_warnings(console)
         assert not warnings, describe(warnings)
-        process.send_signal(signal.SIGTERM)  # how Firecracker's users stop it
-        assert process.wait(60) == 0
+        # Firecracker's graceful stop: the guest gets the power button and powers off
+        assert firecracker_request(sock, "PUT", "/actions", {"action_type": "SendCtrlAltDel"})[0] == 204
+        assert process.wait(300) == 0
+        assert not os.path.exists(sock)
     finally:
         if process.poll() is None:
             process.kill()

@@ -1,6 +1,6 @@
 """Managed VMs end to end on the default Debian guest (the software CPU on our hosts): define
 and start in the background, list, suspend/resume with a counting guest, console history and
-attach, SIGKILL one VM while another runs on, destroy, clone. Two boots in all."""
+attach, reboot, SIGKILL one VM while another runs on, shutdown, clone, destroy. Four boots in all."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def ticks(data: bytes) -> list[int]:
     return [int(n) for n in re.findall(rb"tick-(\d+)\r?\n", data)]
 
 
-def test_define_start_list_suspend_resume_console_kill_destroy_clone(env, tmp_path):
+def test_define_start_list_suspend_resume_console_reboot_kill_shutdown_clone_destroy(env, tmp_path):
     _, host = env
     definition = tmp_path / "alpha.toml"
     definition.write_text(f'[machine-config]\nvcpu_count = 1\nmem_size_mib = 256\n[pyvmm]\nkernel_args = "{CONSOLE_LOGLEVEL}"\n')
@@ -140,17 +140,25 @@ def test_define_start_list_suspend_resume_console_kill_destroy_clone(env, tmp_pa
     warnings = find_kernel_warnings(alpha.console_history())
     assert not warnings, describe(warnings)
 
-    # a running VM is not cloned; destroyed, it is, and its outcome is kept
+    # a running VM is not cloned; shut down (the ACPI power button), it is, and its outcome is kept
     values, _ = env
     refused = subprocess.run([sys.executable, "-m", "pyvmm.cli", "clone", "alpha", "gamma"], capture_output=True,
                              env=values, timeout=60)
     assert refused.returncode == 2 and b"is running" in refused.stderr
-    cli(env, "destroy", "alpha")
-    assert "destroyed" in cli(env, "domstate", "alpha").stdout.decode()
+    cli(env, "shutdown", "alpha", "--timeout", "300")
+    assert cli(env, "domstate", "alpha").stdout.decode().startswith("shut off (poweroff: ")
     listing = cli(env, "list", "--all").stdout.decode()
     assert re.search(r"alpha\s+shut off", listing) and re.search(r"beta\s+crashed", listing), listing
     cli(env, "clone", "alpha", "gamma")
     assert "gamma" in cli(env, "list", "--all").stdout.decode()
+
+    # the clone boots; destroy stops it at once and the outcome says so
+    cli(env, "start", "gamma")
+    read_until(host.vm("gamma").open_console(), re.escape(PROMPT))
+    warnings = find_kernel_warnings(host.vm("gamma").console_history())
+    assert not warnings, describe(warnings)
+    cli(env, "destroy", "gamma")
+    assert cli(env, "domstate", "gamma").stdout.decode().startswith("shut off (destroyed: ")
     for name in ("alpha", "beta", "gamma"):
         cli(env, "undefine", name)
     assert host.names() == []
