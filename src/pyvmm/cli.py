@@ -1,5 +1,6 @@
-"""pyvmm's command line: `pyvmm run`, `pyvmm kvm-info`, `pyvmm image`, and the VM-management
-commands (define, start, list, console... in manage/cli.py).
+"""pyvmm's command line: `pyvmm run`, `pyvmm kvm-info`, `pyvmm image`, `pyvmm exec`/`cp` (the
+guest agent, agent/cli.py), and the VM-management commands (define, start, list, console... in
+manage/cli.py).
 
 Bad input ends with one line on stderr and exit status 2; a guest or VMM failure
 with one line and the status documented in the README; never a traceback unless
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--disk", metavar="PATH[,readonly][,serial=ID][,transport=pci|mmio]", action="append", default=[],
                      help="a raw disk image as virtio-blk /dev/vdX (repeatable); vhost-user=SOCKET instead of PATH "
                           "connects a vhost-user-blk back-end")
+    run.add_argument("--root-disk", metavar="PATH[,readonly][,serial=ID][,transport=pci|mmio]",
+                     help="boot from this disk's root file system (/dev/vda, root=/dev/vda on the command line; "
+                          "`pyvmm image rootfs` builds one)")
     run.add_argument("--net", metavar="tap=NAME|auto[,mac=MAC][,transport=pci|mmio]", action="append", default=[],
                      help="a virtio-net NIC on a TAP device; tap=auto creates one in a new network namespace "
                           "(host 10.0.2.1/24)")
@@ -88,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_cli(sub)
     register_manage(sub, common)
+    from .agent.cli import register_cli as register_agent_cli
+
+    register_agent_cli(sub, common)
 
     sub.add_parser("firecracker", help="a VM driven by Firecracker's command line and API (pyvmm firecracker --help)",
                    add_help=False)
@@ -118,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             from .images.cli import run_image_command
 
             return run_image_command(args)
+        if args.subcommand in ("exec", "cp"):
+            from .agent.cli import run_agent_command
+
+            return run_agent_command(args)
         from .manage.cli import COMMANDS as MANAGE_COMMANDS, run as run_manage
 
         if args.subcommand in MANAGE_COMMANDS:
@@ -145,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 # The flag that sets each config field (MachineConfig and RunOptions), for error messages.
 _FLAGS = {"kernel": "--kernel", "initrd": "--initrd", "boot": "--boot", "cmdline": "--append", "memory": "--memory",
           "cpus": "--cpus", "modules": "--module", "flat_address": "--load-address", "flat_64bit": "--entry-64",
-          "cpu_hide": "--cpu-hide", "disks": "--disk", "nets": "--net", "vsock": "--vsock", "rng": "--rng",
+          "cpu_hide": "--cpu-hide", "disks": "--disk", "root_disk": "--root-disk", "nets": "--net", "vsock": "--vsock", "rng": "--rng",
           "console": "--console", "console_transport": "--console", "console_ports": "--console-port",
           "accel": "--accel", "timeout": "--timeout", "reboot": "--reboot", "console_log": "--console-log",
           "system_map": "--system-map"}
@@ -166,7 +177,7 @@ def _cmd_run(args) -> int:
                          parse_size, parse_transport)
     from .console import Console
     from .accel.select import choose_accelerator
-    from .runner import demo_kernel, run_vm, with_default_guest
+    from .runner import demo_kernel, run_vm, with_default_guest, with_root_disk
 
     if args.load_address is not None and not args.kernel:
         raise ConfigError("--load-address needs --kernel")
@@ -198,6 +209,8 @@ def _cmd_run(args) -> int:
     )
     options = RunOptions(accel=args.accel, timeout=args.timeout, reboot=args.reboot, console_log=args.console_log,
                          system_map=args.system_map)
+    if args.root_disk:
+        machine = with_root_disk(machine, DiskConfig.parse(args.root_disk, "root_disk"))
     machine.validate()
     options.validate()
     # an unusable accelerator is bad input too: say so before a first run builds the default guest

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
+import pathlib
 import sys
 import time
 from dataclasses import replace
 
 from .accel.select import choose_accelerator
 from .builder import build_vm
-from .config import MachineConfig, RunOptions
+from .config import DiskConfig, MachineConfig, RunOptions
 from .vm import EXIT_OK, VmOutcome
 
 log = logging.getLogger(__name__)
@@ -24,11 +26,44 @@ def demo_kernel() -> str:
     return str(build(DEMO_GUEST))
 
 
+def with_root_disk(machine: MachineConfig, disk: DiskConfig) -> MachineConfig:
+    """`disk` as the root file system (Firecracker's is_root_device): the first disk, so the
+    guest names it /dev/vda, and `root=/dev/vda rw` (ro for a read-only disk) on the kernel
+    command line. The default kernel reaches it through pyvmm's initramfs (with_default_guest
+    supplies it), a kernel with virtio-blk and the file system built in mounts it itself."""
+    return replace(machine, disks=(disk, *machine.disks),
+                   cmdline=f"{machine.cmdline} root=/dev/vda {'ro' if disk.readonly else 'rw'}".strip())
+
+
+def _is_default_kernel(path: str, image) -> bool:
+    try:
+        if os.path.samefile(path, image.kernel):
+            return True
+        if os.path.getsize(path) != image.manifest["artifacts"]["vmlinuz"]["size"]:
+            return False
+    except (OSError, KeyError):
+        return False
+    from .images.image import sha256_file
+
+    return sha256_file(pathlib.Path(path)) == image.manifest["artifacts"]["vmlinuz"]["sha256"]
+
+
 def with_default_guest(machine: MachineConfig, options: RunOptions,
                        command: list[str] | None) -> tuple[MachineConfig, RunOptions]:
     """No kernel: the default Debian guest (built on first use), running `command` if given.
+    The default kernel given explicitly with a root disk (root=) and no initrd gets pyvmm's
+    initramfs, which loads the virtio drivers it needs to mount the disk.
     Returns new configs; the caller's are left as they were."""
     if machine.kernel is not None:
+        if machine.initrd is None and "root=" in machine.cmdline.split("pyvmm.cmd=")[0]:
+            from .images import cached_image, ImageError
+
+            try:
+                image = cached_image(verify_hashes=False)
+            except ImageError:
+                image = None
+            if image is not None and _is_default_kernel(machine.kernel, image):
+                machine = replace(machine, initrd=str(image.initramfs))
         if command:
             from .images import encode_command
 

@@ -113,7 +113,7 @@ def _busybox_applets(busybox: pathlib.Path) -> list[str]:
 
 def _build(work: pathlib.Path, progress: Progress) -> dict:
     from . import debian
-    from .initramfs import Initramfs, outb_helper_elf, vsock_helper_elf
+    from .initramfs import Initramfs, agent_elf, outb_helper_elf, vsock_helper_elf
     from .modules import DEFAULT_MODULES, ModuleError, ModuleIndex, format_load_list, format_modules_dep
 
     started = time.monotonic()
@@ -161,6 +161,7 @@ def _build(work: pathlib.Path, progress: Progress) -> dict:
     fs.file("bin/pyvmm-outb", outb_helper_elf(), 0o755)
     try:
         fs.file("bin/pyvmm-vsock", vsock_helper_elf(work), 0o755)
+        fs.file("bin/pyvmm-agent", agent_elf(work), 0o755)
     except OSError as exc:
         raise ImageError(str(exc)) from None
     fs.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")

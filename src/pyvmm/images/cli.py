@@ -1,4 +1,4 @@
-"""`pyvmm image build [--rebuild]` and `pyvmm image info [--json]`.
+"""`pyvmm image build [--rebuild]`, `pyvmm image rootfs [--output PATH]` and `pyvmm image info [--json]`.
 
 Wired into pyvmm/cli.py by two lines: ``register_cli(sub)`` in build_parser and
 ``if args.command == "image": return run_image_command(args)`` in main.  This module
@@ -21,6 +21,10 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     build = actions.add_parser("build", help="download Debian's cloud kernel and busybox, build the initramfs")
     build.add_argument("--rebuild", action="store_true", help="build again even if the cached image is complete")
     build.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
+    rootfs = actions.add_parser("rootfs", help="build a Debian root filesystem image (ext4) for --root-disk")
+    rootfs.add_argument("--output", "-o", metavar="PATH", help="write a fresh copy of it to PATH (sparse)")
+    rootfs.add_argument("--rebuild", action="store_true", help="build again even if the cached one is current")
+    rootfs.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
     info = actions.add_parser("info", help="where the default image is, its versions, sizes and command line")
     info.add_argument("--json", action="store_true", help="print the manifest as JSON")
     image.set_defaults(handler=run_image_command, image_parser=image)
@@ -34,6 +38,13 @@ def run_image_command(args: argparse.Namespace) -> int:
     if action == "build":
         image = build_default_image(rebuild=args.rebuild, progress=None if args.quiet else print_to_stderr)
         _print_info(image)
+        return 0
+    if action == "rootfs":
+        from .rootfs import new_root_disk, rootfs_image
+
+        progress = None if args.quiet else print_to_stderr
+        template = rootfs_image(rebuild=args.rebuild, progress=progress)
+        print(new_root_disk(args.output, progress=progress) if args.output else template)
         return 0
     if action == "info":
         try:

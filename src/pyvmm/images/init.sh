@@ -8,7 +8,10 @@
 #    after the modules it NEEDS; again while that brings new devices (virtio_pci
 #    finds the virtio devices behind it); a missing or failing module is reported
 #    on the console, never fatal;
-# 3. watches the ACPI power button: pressed, it syncs, unmounts and powers off;
+# 3. with `root=DEVICE`: mounts that root disk and switch_root's to its init (this script
+#    again on pyvmm's root filesystem images, where steps 1-2 find their work done);
+#    starts the guest agent (bin/pyvmm-agent, vsock port 52) if there is a vsock device;
+#    watches the ACPI power button: pressed, it syncs, unmounts and powers off;
 # 4. signals "init started": byte 0x01 to I/O port 0x610 (pyvmm's boot timer);
 #    with `pyvmm.console=hvc0` (pyvmm run --console virtio) the command or shell below
 #    uses that console instead of the boot console; with `pyvmm.ip=ADDR/PREFIX,GW`
@@ -27,14 +30,20 @@ export HOME=/root
 export TERM="${TERM:-linux}"
 umask 022
 
-mount -t proc -o nosuid,nodev,noexec proc /proc
-mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
-if ! mount -t devtmpfs -o nosuid,mode=0755 devtmpfs /dev 2>/dev/null; then
+# After a switch from the initramfs to a root disk these are mounted already (moved over).
+[ -e /proc/self ] || mount -t proc -o nosuid,nodev,noexec proc /proc
+[ -e /sys/kernel ] || mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
+mounts=$(cat /proc/mounts)
+case "$mounts" in
+    *" /dev devtmpfs "*) dev_mounted=1 ;;
+    *) dev_mounted= ;;
+esac
+if [ -z "$dev_mounted" ] && ! mount -t devtmpfs -o nosuid,mode=0755 devtmpfs /dev 2>/dev/null; then
     [ -c /dev/console ] || mknod -m 600 /dev/console c 5 1
     [ -c /dev/null ] || mknod -m 666 /dev/null c 1 3
 fi
 mkdir -p /dev/pts /dev/shm
-mount -t devpts -o nosuid,noexec,gid=5,mode=620,ptmxmode=666 devpts /dev/pts 2>/dev/null
+[ -e /dev/pts/ptmx ] || mount -t devpts -o nosuid,noexec,gid=5,mode=620,ptmxmode=666 devpts /dev/pts 2>/dev/null
 exec </dev/console >/dev/console 2>&1
 # Shell builtins where they do the job: every command started costs the guest milliseconds
 # on a software CPU.
@@ -72,7 +81,7 @@ END {
     }
 }'
 if [ -f "$moddir/pyvmm.load" ]; then
-    loaded=" "
+    loaded=" $(cut -d' ' -f1 /proc/modules | tr '\n' ' ')" # those loaded before a root switch
     while :; do
         batch=$(cat /sys/bus/*/devices/*/modalias 2>/dev/null |
             awk -v loaded="$loaded" "$coldplug_awk" "$moddir/pyvmm.load" -)
@@ -90,6 +99,52 @@ if [ -f "$moddir/pyvmm.load" ]; then
     rm -f /tmp/insmod.err
 else
     echo "pyvmm: no module list at $moddir/pyvmm.load (kernel $kver)"
+fi
+
+# A root disk (`root=DEVICE` on the kernel command line, e.g. /dev/vda; rootfstype=, default
+# ext4; rootflags=; ro): mount it and switch to its init (init=, default /sbin/init), which is
+# this script again on pyvmm's root filesystem images. Only from the initramfs: a kernel that
+# mounted the disk itself starts here with the disk as / already.
+root_dev= root_fstype=ext4 root_flags= root_mode=rw new_init=/sbin/init
+set -f
+read -r cmdline </proc/cmdline
+for arg in $cmdline; do
+    case "$arg" in
+        root=*) root_dev=${arg#root=} ;;
+        rootfstype=*) root_fstype=${arg#rootfstype=} ;;
+        rootflags=*) root_flags=,${arg#rootflags=} ;;
+        ro) root_mode=ro ;;
+        rw) root_mode=rw ;;
+        init=*) new_init=${arg#init=} ;;
+    esac
+done
+set +f
+# (pyvmm's initramfs has /init; its root filesystem images have /sbin/init only)
+if [ -n "$root_dev" ] && [ -e /init ]; then
+    tries=0
+    while [ ! -b "$root_dev" ] && [ $tries -lt 100 ]; do sleep 0.05; tries=$((tries + 1)); done
+    modprobe "$root_fstype" 2>/dev/null # built into Debian's kernel for ext4
+    mkdir -p /newroot
+    if ! [ -b "$root_dev" ]; then
+        echo "pyvmm: root device $root_dev did not appear; staying in the initramfs"
+    elif ! mount -t "$root_fstype" -o "$root_mode$root_flags" "$root_dev" /newroot; then
+        echo "pyvmm: cannot mount $root_dev ($root_fstype, $root_mode$root_flags); staying in the initramfs"
+    elif [ ! -x "/newroot$new_init" ] && [ ! -L "/newroot$new_init" ]; then
+        echo "pyvmm: $root_dev has no $new_init; staying in the initramfs"
+        umount /newroot
+    else
+        for fs in dev proc sys; do
+            mkdir -p "/newroot/$fs" 2>/dev/null
+            mount --move "/$fs" "/newroot/$fs" 2>/dev/null || umount -l "/$fs"
+        done
+        exec switch_root /newroot "$new_init"
+    fi
+fi
+
+# The guest agent (pyvmm exec / cp, pyvmm.agent.AgentClient) on vsock port 52, when the
+# machine has a vsock device.
+if [ -d /sys/module/vmw_vsock_virtio_transport ] && [ -x /bin/pyvmm-agent ]; then
+    (cd / && exec /bin/pyvmm-agent </dev/null >/dev/null 2>/dev/console) &
 fi
 
 # The ACPI power button (pyvmm's Generic Event Device notifies \_SB.PWRB; button.ko reports

@@ -254,6 +254,32 @@ def vsock_helper_source() -> bytes:
     return resources.files(__package__).joinpath("vsock_helper.c").read_bytes()
 
 
+def agent_source() -> bytes:
+    from importlib import resources
+
+    return resources.files(__package__).joinpath("agent.c").read_bytes()
+
+
+def agent_elf(work_dir, cc: str = "gcc") -> bytes:
+    """Compile agent.c (the guest agent, pyvmm/agent/protocol.py) into a static executable
+    with the host's gcc and C library (libc6-dev)."""
+    import pathlib
+    import subprocess
+
+    work = pathlib.Path(work_dir)
+    source, output = work / "agent.c", work / "pyvmm-agent"
+    source.write_bytes(agent_source())
+    command = [cc, "-Os", "-static", "-s", "-Wl,--build-id=none", "-o", str(output), str(source)]
+    try:
+        subprocess.run(command, check=True, capture_output=True)
+    except FileNotFoundError:
+        raise OSError(f"{cc} not found: it builds the guest agent (apt-get install gcc libc6-dev)") from None
+    except subprocess.CalledProcessError as exc:
+        first = (exc.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[0]
+        raise OSError(f"compiling the guest agent failed (static glibc: apt-get install libc6-dev): {first}") from None
+    return output.read_bytes()
+
+
 def vsock_helper_elf(work_dir, cc: str = "gcc") -> bytes:
     """Compile vsock_helper.c into a static, libc-free executable with the host's gcc."""
     import pathlib

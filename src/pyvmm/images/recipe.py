@@ -20,11 +20,11 @@ def init_script() -> bytes:
 
 def recipe_hash() -> str:
     """Everything that shapes the image besides the packages: a change means the cache is stale."""
-    from .initramfs import OUTB_HELPER_CODE, vsock_helper_source
+    from .initramfs import OUTB_HELPER_CODE, agent_source, vsock_helper_source
     from .modules import DEFAULT_MODULES
 
     digest = hashlib.sha256()
-    for part in (str(FORMAT_VERSION).encode(), init_script(), OUTB_HELPER_CODE, vsock_helper_source(),
+    for part in (str(FORMAT_VERSION).encode(), init_script(), OUTB_HELPER_CODE, vsock_helper_source(), agent_source(),
                  "\n".join(DEFAULT_MODULES).encode(),
                  KERNEL_METAPACKAGE.encode(), BUSYBOX_PACKAGE.encode()):
         digest.update(hashlib.sha256(part).digest())
