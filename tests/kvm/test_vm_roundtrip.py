@@ -190,3 +190,41 @@ def test_a_state_that_does_not_fit_fails_with_one_line_and_builds_nothing(accel)
         _finish(vm, paused_at)
     finally:
         vm.close()
+
+
+class _Signal:
+    def __init__(self) -> None:
+        self.seen = threading.Event()
+
+    def read(self, offset: int, size: int) -> bytes:
+        return bytes(size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.seen.set()
+
+
+def test_software_cpu_syscall_loads_the_kernel_segments_a_state_saves():
+    """SYSCALL from CPL 3 on the software CPU: the saved CS and SS are the kernel's, DPL 0
+    (a state takes the CPL from SS.DPL; the user's DPL 3 left in SS made a restored Linux
+    guest run its kernel at CPL 3), and they come through a VM-level round trip."""
+    config = MachineConfig(kernel=str(build_source(KVM_GUESTS / "syscall_entry.S", 64)), memory=16 << 20)
+    vm = build_vm(config, lambda data: None, accel=choose_accelerator("tcg").create())
+    signal = _Signal()
+    vm.mmio_bus.register(0xD0003000, 4, signal, "syscall-signal")
+    try:
+        vm.start()
+        assert signal.seen.wait(30), "the guest never reached its SYSCALL handler"
+        vm.pause()
+        state = vm.save()
+        carried = carry_over(vm)
+    finally:
+        vm.close()
+    cs, ss = state.vcpus[0].segments["cs"], state.vcpus[0].segments["ss"]
+    assert (cs.selector, cs.dpl, cs.l, cs.type, cs.base) == (0x08, 0, 1, 0xB, 0)
+    assert (ss.selector, ss.dpl, ss.db, ss.type, ss.base, ss.limit) == (0x10, 0, 1, 0x3, 0, 0xFFFFFFFF)
+    vm = restore_vm(through_json(state), carried.memory, lambda data: None, carryover=carried)
+    try:
+        restored = vm.save().vcpus[0].segments
+        assert (restored["cs"], restored["ss"]) == (cs, ss)
+    finally:
+        vm.close()

@@ -59,6 +59,10 @@ class ContextOffsets:
 # QEMU's SegmentCache: u32 selector, (pad), u64 base, u32 limit, u32 flags.
 SEGMENT_CACHE_SIZE = 24
 SEGMENT_INDEX = {"es": 0, "cs": 1, "ss": 2, "ds": 3, "fs": 4, "gs": 5}
+# What SYSCALL loads (QEMU's helper_syscall, the SDM): CS G P S code/read/accessed L, DPL 0;
+# SS G B P S data/write/accessed, DPL 0 -- in QEMU's layout (the descriptor's high dword).
+SYSCALL_CS_FLAGS = 0x00A09B00
+SYSCALL_SS_FLAGS = 0x00C09300
 
 
 def _u32(data: bytes, offset: int) -> int:
@@ -164,14 +168,22 @@ class PrivateState:
         ctypes.c_int32.from_address(base + off.old_exception).value = -1
         self._restore()
 
-    def enter_syscall_target(self) -> None:
-        """SYSCALL in long mode: CPL 0 and the fixed 64-bit CS the SDM loads (not read from the
-        GDT), with no exception in flight -- one context round trip for the whole transition."""
+    def enter_syscall_target(self, kernel_cs: int) -> None:
+        """SYSCALL in long mode: CPL 0 and the fixed CS and SS the SDM loads (selectors from
+        STAR, descriptors not read from the GDT: flat, DPL 0, CS 64-bit), with no exception in
+        flight -- one context round trip for the whole transition. The hidden parts matter:
+        a saved state takes the CPL from SS.DPL, as KVM does."""
         base = self._save()
         off = self.offsets
         ctypes.c_int32.from_address(base + off.old_exception).value = -1
         flags = ctypes.c_uint32.from_address(base + off.hflags)
         flags.value = (flags.value & ~HF_CPL_MASK) | HF_CS64_MASK | HF_CS32_MASK | HF_SS32_MASK
+        for name, selector, attributes in (("cs", kernel_cs, SYSCALL_CS_FLAGS), ("ss", kernel_cs + 8, SYSCALL_SS_FLAGS)):
+            cache = base + off.segments + SEGMENT_INDEX[name] * SEGMENT_CACHE_SIZE
+            ctypes.c_uint32.from_address(cache).value = selector
+            ctypes.c_uint64.from_address(cache + 8).value = 0
+            ctypes.c_uint32.from_address(cache + 16).value = 0xFFFFFFFF
+            ctypes.c_uint32.from_address(cache + 20).value = attributes
         self._restore()
 
     def finish_exception(self, new_cpl: int | None = None) -> int:

@@ -216,8 +216,8 @@ class TcgVcpu:
         self.regs.write(X.UC_X86_REG_R11, rflags)
         kernel_cs = star >> 32 & 0xFFFC
         self.regs.write(X.UC_X86_REG_CS, kernel_cs)
-        self.private.enter_syscall_target()
         self.regs.write(X.UC_X86_REG_SS, kernel_cs + 8)
+        self.private.enter_syscall_target(kernel_cs)   # after the register API: it writes selectors only
         self.regs.write(X.UC_X86_REG_RFLAGS, rflags & ~fmask & ~RFLAGS_RF)
         self._set_rip((lstar - 2) & _NEVER)  # Unicorn adds 2 after this hook
 
