@@ -5,6 +5,8 @@ keeps every byte of its console output with the host time it arrived. A boot's o
 checked against pyvmm.images.kernel_warnings when the test collects it (`run`, `finish`)
 and, for anything still unchecked, when the test ends. Boots get `loglevel=5` appended to
 their kernel command line: the default guest's `quiet` would keep warnings off the console.
+`pyvmm.in_process(machine, command)` boots the default guest as a Vm in the test's own process
+(InProcessGuest), for tests that pause, save and restore it; its console is gated alike.
 """
 
 from __future__ import annotations
@@ -166,6 +168,69 @@ class GuestRun:
         assert not warnings, f"{describe(warnings)}\n(pyvmm {' '.join(self.argv[3:])})"
 
 
+class InProcessGuest:
+    """The default guest as a Vm in this process, for tests that need the Vm itself (pause,
+    save, restore). Its console output is kept like a GuestRun's and gated the same way;
+    `console_write` is what a VM rebuilt for it (a restore) writes its console to. The kernel
+    command line gets CONSOLE_LOGLEVEL, as `pyvmm run` boots here do."""
+
+    def __init__(self, machine, command: list[str], *, accel: str = "tcg", expected_warnings: Iterable[str] = ()) -> None:
+        from dataclasses import replace
+
+        from pyvmm.accel.select import choose_accelerator
+        from pyvmm.builder import build_vm
+        from pyvmm.config import RunOptions
+        from pyvmm.loader.linux.symbols import LazySymbolTable
+        from pyvmm.runner import with_default_guest
+
+        machine = replace(machine, cmdline=f"{machine.cmdline} {CONSOLE_LOGLEVEL}".strip())
+        self.machine, options = with_default_guest(machine, RunOptions(), command)
+        self.expected_warnings = tuple(expected_warnings)
+        self.chunks: list[tuple[float, bytes]] = []
+        self.checked = False
+        self._arrived = threading.Condition()
+        self.symbols = LazySymbolTable(options.system_map) if options.system_map else None
+        self.vm = build_vm(self.machine, self.console_write, accel=choose_accelerator(accel).create())
+        self.vm.symbols = self.symbols
+
+    def console_write(self, data: bytes) -> None:
+        with self._arrived:
+            self.chunks.append((time.monotonic(), bytes(data)))
+            self._arrived.notify_all()
+
+    @property
+    def output(self) -> bytes:
+        with self._arrived:
+            return b"".join(chunk for _, chunk in self.chunks)
+
+    def text(self) -> str:
+        return self.output.decode(errors="replace").replace("\r\n", "\n")
+
+    def wait_for(self, marker: bytes, *, after: int = 0, timeout: float = BOOT_TIMEOUT) -> int:
+        """Wait until `marker` appears at or after offset `after`; the offset just past it."""
+        deadline = time.monotonic() + timeout
+        with self._arrived:
+            while True:
+                data = b"".join(chunk for _, chunk in self.chunks)
+                found = data.find(marker, after)
+                if found >= 0:
+                    return found + len(marker)
+                remaining = deadline - time.monotonic()
+                if self.vm.stopped or remaining <= 0:
+                    raise AssertionError(f"{marker!r} not seen on the console "
+                                         f"({self.vm.outcome.message if self.vm.stopped else f'{timeout:g} s'}); "
+                                         f"last output: {data[-1500:].decode(errors='replace')}")
+                self._arrived.wait(min(remaining, 0.2))
+
+    def kill(self) -> None:
+        self.vm.close()
+
+    def check_kernel_warnings(self) -> None:
+        self.checked = True
+        warnings = find_kernel_warnings(self.output, self.expected_warnings)
+        assert not warnings, f"{describe(warnings)}\n(in-process guest: {self.machine.cmdline})"
+
+
 class LinuxBoots:
     """The `pyvmm` fixture: `pyvmm(*args)` runs pyvmm to its end (a CompletedProcess with text
     output), `pyvmm.start(*args)` starts it (a GuestRun). Kinds the test's
@@ -173,12 +238,18 @@ class LinuxBoots:
 
     def __init__(self, expected_warnings: Iterable[str] = ()) -> None:
         self.expected_warnings = tuple(expected_warnings)
-        self.runs: list[GuestRun] = []
+        self.runs: list[GuestRun | InProcessGuest] = []
 
     def start(self, *args: str, stdin=subprocess.DEVNULL, terminal: bool = False) -> GuestRun:
         run = GuestRun(args, expected_warnings=self.expected_warnings, stdin=stdin, terminal=terminal)
         self.runs.append(run)
         return run
+
+    def in_process(self, machine, command: list[str], *, accel: str = "tcg") -> InProcessGuest:
+        """Boot the default guest (a MachineConfig without a kernel) as a Vm in this process."""
+        guest = InProcessGuest(machine, command, accel=accel, expected_warnings=self.expected_warnings)
+        self.runs.append(guest)
+        return guest
 
     def __call__(self, *args: str, timeout: float = BOOT_TIMEOUT) -> subprocess.CompletedProcess:
         return self.start(*args).finish(timeout)
