@@ -72,10 +72,12 @@ def _paused_and_saved(accel: str):
 
 
 def _timeless(state: VmState) -> dict:
-    """The state apart from what runs on while paused by the time policy (README): KVM's raw
-    TSC and the RTC's host-UTC reading."""
+    """The state apart from what runs on while paused by the time policy (README): the TSC
+    (KVM's on a host that takes no TSC value) and the RTC's host-UTC reading with the events
+    it counts (a second boundary passed sets the update flag in register C)."""
     fields = state.to_dict()["fields"]
-    fields["devices"]["rtc"]["fields"].pop("checked_ns")
+    for name in ("checked_ns", "flags"):
+        fields["devices"]["rtc"]["fields"].pop(name)
     for vcpu in fields["vcpus"]:
         vcpu["fields"]["msrs"].pop(str(M.MSR_IA32_TSC), None)
     return fields
