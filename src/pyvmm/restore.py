@@ -22,12 +22,13 @@ import dataclasses
 import logging
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from .arch.x86_64 import layout
 from .builder import PCI_ROOT_ID, assemble, create_vcpus
 from .config import MachineConfig
 from .devmgr import DeviceTree
+from .host.vsock import VsockCarryover
 from .memory import GuestMemory
 from .persist import State, StateError, require
 from .vm import Vm, VmNotPaused
@@ -45,15 +46,17 @@ FIXED_DEVICE_IDS = ("com1", "i8042", "debug-exit", "post", "acpi-power", "guest-
 class Carryover:
     """What a VM replaced in this process hands to the VM restored from its state: its guest
     memory and the host sides that hold live connections (by device-tree id)."""
-    memory: GuestMemory
-    vsock: dict[str, object] = field(default_factory=dict)   # id -> host.vsock.VsockCarryover
+    memory: GuestMemory | None          # None once a restored VM owns it
+    vsock: dict[str, VsockCarryover] = field(default_factory=dict)
 
     def close(self) -> None:
         """Not used for a restore after all: release what it holds."""
         for carried in self.vsock.values():
             carried.close()
         self.vsock.clear()
-        self.memory.close()
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
 
 
 def carry_over(vm: Vm) -> Carryover:
@@ -61,9 +64,11 @@ def carry_over(vm: Vm) -> Carryover:
     `vm` afterwards releases everything else and leaves these to the Carryover."""
     if not vm.paused or vm.stopped:
         raise VmNotPaused("the VM must be paused (and saved) before its memory is carried over")
+    manager = vm.device_manager
+    assert manager is not None, "a Vm from the builder has its device manager"
     carried = Carryover(vm.release_memory())
-    for node in vm.device_manager.tree:
-        device = vm.device_manager.device(node.id)
+    for node in manager.tree:
+        device: Any = manager.device(node.id)
         if node.kind == "virtio-vsock":
             host = device.detach_host()
             if hasattr(host, "carry_over"):
@@ -116,7 +121,7 @@ def restore_vm(state: VmState, memory: GuestMemory, console_write: Callable[[byt
     `config`: the machine the caller expects (refused unless it is the state's). On an error
     nothing is left built and `memory` stays the caller's."""
     machine = check_state(state, memory, accel, config)
-    vsock_carried = (carryover.vsock.pop(VSOCK_ID, None) if carryover is not None else None)
+    vsock_carried: VsockCarryover | None = carryover.vsock.pop(VSOCK_ID, None) if carryover is not None else None
     if vsock_carried is not None and machine.vsock is None:
         vsock_carried.close()
         vsock_carried = None
@@ -149,9 +154,10 @@ def restore_devices(manager, states: dict[str, State]) -> None:
         odd = sorted(set(states) ^ {node.id for node in tree})[0]
         raise StateError(f"vm state: devices: {odd!r} is {'not a device here' if odd in states else 'not saved'}")
     root_state = None
-    plain: list[tuple[object, State]] = []
+    plain: list[tuple[Any, State]] = []
     for node in tree:
-        target, state = manager.transport(node.id) or manager.device(node.id), states[node.id]
+        target: Any = manager.transport(node.id) or manager.device(node.id)
+        state = states[node.id]
         if node.kind == "pci-root":
             own = require(state, _pci_root.PciRootState)
             slots = {**own.devices, **{child.resources.pci_slot: states[child.id] for child in tree.children(node.id)}}

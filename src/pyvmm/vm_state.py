@@ -132,7 +132,8 @@ class VmState(State):
     def validate(self) -> None:
         if self.accelerator not in ACCELERATORS:
             self.fail("accelerator", f"{self.accelerator!r} is not one of {', '.join(ACCELERATORS)}")
-        platform = {"kvm": _kvm_state.KvmVmState, "tcg": _platform.SoftwarePlatformState}[self.accelerator]
+        platform: type[State] = {"kvm": _kvm_state.KvmVmState,
+                                 "tcg": _platform.SoftwarePlatformState}[self.accelerator]
         if not isinstance(self.platform, platform):
             self.fail("platform", f"a {self.platform.KIND!r} state, a {self.accelerator} VM saves a {platform.KIND!r} state")
         if len(self.vcpus) != self.machine.cpus:
