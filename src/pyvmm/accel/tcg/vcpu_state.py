@@ -30,7 +30,7 @@ from ...arch.x86_64.cpu_state import (
 from ...persist import StateError
 from ...platform.lapic_registers import REG_TPR
 from .guest_tsc import GuestTsc, host_tsc, tsc_offset_field
-from .private_state import HF_INHIBIT_IRQ_MASK
+from .private_state import HF_CPL_MASK, HF_INHIBIT_IRQ_MASK
 
 # QEMU's TCG implements these (target/i386 helper_rdmsr/helper_wrmsr); the rest of SAVED_MSRS
 # are KVM's or belong to a device the platform models (TSC deadline: the LAPIC timer).
@@ -66,6 +66,11 @@ def save(vcpu) -> VcpuState:
     hflags = private.finish_exception()  # what the next slice would do first: nothing in flight
     caches = private.read_segments()
     segments = {name: segment_from_cache(*caches[name]) for name in _CACHED_SEGMENTS}
+    cpl = hflags & HF_CPL_MASK
+    if uc.reg_read(X.UC_X86_REG_CR0) & CR0_PE and segments["ss"].dpl != cpl:
+        # The CPL is the translator's (hflags); a state gives it as SS.DPL, as KVM does. A path
+        # that set the CPL without loading SS's hidden part must not make a restore change it.
+        segments["ss"] = dataclasses.replace(segments["ss"], dpl=cpl)
     for name, reg in TABLE_SEGMENTS.items():
         selector, base, limit, flags = uc.reg_read(reg)
         segments[name] = segment_from_cache(selector, base, limit, flags)
