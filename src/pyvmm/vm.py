@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Iterable, Protocol
 
 from .accel.base import Accelerator, RunLoop, Vcpu
 from .accel.exits import DebugExit, EmulationError, Shutdown, SystemEvent, UnknownExit, VcpuExit
+from .errors import UserError
 
 if TYPE_CHECKING:
     from .config import MachineConfig
     from .devmgr import DeviceManager
     from .loader.linux.symbols import LazySymbolTable
-from .errors import UserError
 
 log = logging.getLogger(__name__)
 # pyvmm's own exit statuses are even; debug-exit statuses, (V << 1) | 1, are odd.
@@ -127,6 +127,7 @@ class Vm:
             self.request_stop(VmOutcome("interrupted", EXIT_INTERRUPTED, "interrupted"))
         finally:
             self.close()
+        assert self.outcome is not None  # the VM stopped: whoever stopped it set the outcome
         return self.outcome
 
     def request_stop(self, outcome: VmOutcome) -> None:

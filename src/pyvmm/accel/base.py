@@ -19,6 +19,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from ..arch.x86_64.cpu_state import CpuState, VcpuState
+from ..arch.x86_64.cpuid import CpuidPolicy
+from ..bus.bus import Bus
+from ..bus.interrupt import IrqLine, MsiVector
+from ..memory.guest_memory import GuestMemory
 from ..persist import State
 from .exits import VcpuExit
 
@@ -28,8 +32,9 @@ class VmServices(Protocol):
 
     # Set once the VM is stopping: every run loop returns soon after.
     stop_requested: threading.Event
-    # The guest kernel's symbols (loader.linux.symbols) for error messages, or None.
-    symbols: object | None
+    @property
+    def symbols(self) -> object | None:
+        """The guest kernel's symbols (loader.linux.symbols) for error messages, or None."""
 
     @property
     def pause_requested(self) -> bool:
@@ -76,7 +81,7 @@ class RunLoop:
     name: str                       # the thread's name
     label: str                      # how errors name it ("vCPU 0", "tcg")
     run: Callable[[], None]
-    vcpus: list = field(default_factory=list)  # the vCPUs this thread runs
+    vcpus: list[Vcpu] = field(default_factory=list)  # the vCPUs this thread runs
 
 
 class Accelerator(Protocol):
@@ -85,21 +90,21 @@ class Accelerator(Protocol):
 
     def setup_platform(self) -> None: ...
 
-    def map_memory(self, memory) -> None: ...
+    def map_memory(self, memory: GuestMemory) -> None: ...
 
-    def connect_buses(self, pio_bus, mmio_bus) -> None: ...
+    def connect_buses(self, pio_bus: Bus, mmio_bus: Bus) -> None: ...
 
-    def irq_line(self, gsi: int): ...
+    def irq_line(self, gsi: int) -> IrqLine: ...
 
-    def msi_vector(self): ...
+    def msi_vector(self) -> MsiVector: ...
 
     def add_ioeventfd(self, address: int, length: int, *, pio: bool = False,
                       datamatch: int | None = None, eventfd: int | None = None) -> int | None: ...
 
-    def remove_ioeventfd(self, fd, address: int, length: int, *, pio: bool = False,
+    def remove_ioeventfd(self, fd: int, address: int, length: int, *, pio: bool = False,
                          datamatch: int | None = None) -> None: ...
 
-    def create_vcpu(self, index: int, count: int, policy) -> Vcpu: ...
+    def create_vcpu(self, index: int, count: int, policy: CpuidPolicy) -> Vcpu: ...
 
     def run_loops(self, vm: VmServices) -> list[RunLoop]:
         """The threads' bodies that run every vCPU until `vm.stop_requested` is set."""

@@ -8,6 +8,11 @@ suberrors, its system-event codes) is translated before an exit gets here.
 
 from __future__ import annotations
 
+import mmap
+
+# Where an IN or MMIO read's answer is written: the kvm_run page, or a small bytearray.
+AnswerBuffer = bytearray | mmap.mmap
+
 
 class VcpuExit:
     __slots__ = ()
@@ -19,7 +24,7 @@ class IoIn(VcpuExit):
 
     __slots__ = ("port", "size", "count", "_buffer", "_offset")
 
-    def __init__(self, port: int, size: int, count: int, buffer, offset: int = 0) -> None:
+    def __init__(self, port: int, size: int, count: int, buffer: AnswerBuffer, offset: int = 0) -> None:
         self.port, self.size, self.count = port, size, count
         self._buffer, self._offset = buffer, offset
 
@@ -42,7 +47,7 @@ class MmioRead(VcpuExit):
 
     __slots__ = ("address", "size", "_buffer", "_offset")
 
-    def __init__(self, address: int, size: int, buffer, offset: int = 0) -> None:
+    def __init__(self, address: int, size: int, buffer: AnswerBuffer, offset: int = 0) -> None:
         self.address, self.size = address, size
         self._buffer, self._offset = buffer, offset
 

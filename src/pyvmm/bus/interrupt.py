@@ -46,7 +46,7 @@ class MsiVector(Protocol):
 class NullMsiVector:
     """A vector connected to nothing (devices used without an interrupt controller)."""
 
-    eventfd = None
+    eventfd: int | None = None
 
     def configure(self, address: int, data: int, masked: bool) -> None:
         pass

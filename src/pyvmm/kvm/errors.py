@@ -11,6 +11,9 @@ from ..errors import PyvmmError, UserError
 class KvmError(PyvmmError, OSError):
     """An ioctl on a KVM fd failed; the message names the ioctl."""
 
+    errno: int      # always set (OSError's may be None)
+    strerror: str
+
     def __init__(self, request_name: str, err: int, detail: str = "") -> None:
         self.request_name = request_name
         text = f"{request_name} failed: {os.strerror(err)}"

@@ -41,12 +41,13 @@ class VcpuFd(KvmFd):
 
     def close(self) -> None:
         if getattr(self, "_page", None) is not None:
-            self.run_struct = self._io = self._mmio = None
+            # drop the views of the run page so that it can be unmapped: a closed fd is not used again
+            self.run_struct = self._io = self._mmio = None  # type: ignore[assignment]
             try:
                 self._page.close()
             except BufferError:  # a stray exit object still holds a view; the fd close frees it later
                 pass
-            self._page = None
+            self._page = None  # type: ignore[assignment]
         super().close()
 
     # --- the hot path ----------------------------------------------------------------

@@ -18,7 +18,7 @@ class GuestAddress(int):
 
     __radd__ = __add__
 
-    def __sub__(self, other: int):
+    def __sub__(self, other: int) -> int:
         result = int(self) - other
         # address - address is a distance; address - distance is an address
         return result if isinstance(other, GuestAddress) else GuestAddress(result)

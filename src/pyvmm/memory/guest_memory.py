@@ -11,6 +11,7 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass
+from typing import Callable
 
 from ..errors import UserError
 from .address import GuestAddress
@@ -78,7 +79,7 @@ class GuestMemory:
         self._spans = [(int(r.guest_base), int(r.guest_base) + r.size, r.view) for r in self.regions]
         # Called as (address, length) after a device wrote guest RAM behind the CPU's back
         # (virtio DMA): the software CPU must drop code it translated from those bytes.
-        self.on_device_write = None
+        self.on_device_write: Callable[[int, int], None] | None = None
 
     @classmethod
     def from_specs(cls, specs: list[RegionSpec]) -> "GuestMemory":
@@ -164,5 +165,5 @@ class GuestMemory:
     def __enter__(self) -> "GuestMemory":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

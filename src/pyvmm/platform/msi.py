@@ -52,7 +52,7 @@ def decode_msi(address: int, data: int) -> MsiMessage | None:
 class SoftwareMsiVector:
     """An MsiVector on the software platform's APIC bus. Thread-safe; no eventfd shortcut."""
 
-    eventfd = None
+    eventfd: int | None = None
 
     def __init__(self, apic_bus: ApicBus) -> None:
         self._bus = apic_bus

@@ -15,7 +15,10 @@ import threading
 
 from ...arch.x86_64 import layout, msrs
 from ...arch.x86_64.cpuid import EMULATED_KERNEL_HIDDEN, CpuidPolicy, kvm_guest_cpuid
+from ...bus.bus import Bus
 from ...kvm import Kvm, KvmError, KvmUnavailable, uapi
+from ...kvm.system import CpuidEntry
+from ...memory.guest_memory import GuestMemory
 from ..base import RunLoop, VmServices
 from ..dispatch import ExitDispatcher
 from . import state as kvm_state
@@ -67,6 +70,7 @@ class KvmAccelerator:
 
     name = "kvm"
     linux_cmdline = ""
+    memory: GuestMemory  # set by map_memory()
 
     def __init__(self, kvm: Kvm | None = None, *, kernel_code_emulated: bool = False) -> None:
         """`kernel_code_emulated`: this host's KVM emulates guest kernel code (the calibration
@@ -77,10 +81,9 @@ class KvmAccelerator:
         for cap, cap_name in REQUIRED_CAPABILITIES.items():
             self.kvm.require(cap, cap_name)
         self.vm_fd = self.kvm.create_vm()
-        self._supported_cpuid = None
+        self._supported_cpuid: list[CpuidEntry] | None = None
         self._msr_indices: set[int] | None = None
         self._xsave_size: int | None | bool = False  # False: not asked yet
-        self.memory = None
         self.vcpus: list[KvmVcpu] = []
         self._msi_router: KvmMsiRouter | None = None  # created with the first MSI vector
         self._ioeventfds = KvmIoEventFds(self.vm_fd)
@@ -97,7 +100,7 @@ class KvmAccelerator:
         self.vm_fd.create_irqchip()
         self.vm_fd.create_pit2()
 
-    def map_memory(self, memory) -> None:
+    def map_memory(self, memory: GuestMemory) -> None:
         self.memory = memory
         for slot, region in enumerate(memory.regions):
             try:
@@ -105,7 +108,7 @@ class KvmAccelerator:
             except KvmError as exc:
                 raise KvmUnavailable(f"KVM refused guest RAM at {region.guest_base:#x} ({region.size >> 20} MiB): {exc.strerror}") from None
 
-    def connect_buses(self, pio_bus, mmio_bus) -> None:
+    def connect_buses(self, pio_bus: Bus, mmio_bus: Bus) -> None:
         """Exits reach the buses through the dispatcher; the in-kernel irqchip and PIT need no bus."""
         self._dispatch = ExitDispatcher(pio_bus, mmio_bus)
 
@@ -136,7 +139,7 @@ class KvmAccelerator:
         return self.vm_fd.signal_msi(address, data)
 
     @property
-    def supported_cpuid(self):
+    def supported_cpuid(self) -> list[CpuidEntry]:
         if self._supported_cpuid is None:
             self._supported_cpuid = self.kvm.supported_cpuid()
         return self._supported_cpuid
@@ -164,8 +167,9 @@ class KvmAccelerator:
         if self._xsave_size is False:
             size = self.vm_fd.check_extension(uapi.KVM_CAP_XSAVE2)
             if size <= 0:
-                size = 4096 if self.vm_fd.check_extension(uapi.KVM_CAP_XSAVE) > 0 else None
+                size = 4096 if self.vm_fd.check_extension(uapi.KVM_CAP_XSAVE) > 0 else 0
             self._xsave_size = max(size, 4096) if size else None
+        assert self._xsave_size is not True
         return self._xsave_size
 
     def save(self) -> kvm_state.KvmVmState:
@@ -185,9 +189,12 @@ class KvmAccelerator:
 
     def run_loops(self, vm: VmServices) -> list[RunLoop]:
         """One thread per vCPU, each in its own KVM_RUN loop (the GIL is released in the ioctl)."""
-        self._dispatch.vm = vm
+        dispatch = self._dispatch
+        if dispatch is None:
+            raise RuntimeError("connect_buses() comes before the run loops")
+        dispatch.vm = vm
         return [RunLoop(f"vcpu{vcpu.index}", f"vCPU {vcpu.index}",
-                        functools.partial(vcpu.run_loop, vm, self._dispatch), [vcpu])
+                        functools.partial(vcpu.run_loop, vm, dispatch), [vcpu])
                 for vcpu in self.vcpus]
 
     def guest_clock_ns(self) -> int:

@@ -84,7 +84,7 @@ class _CalibrationRun:
     """The VmServices of the calibration's one vCPU: no pause, and any exit that would end a
     VM ends the calibration with its reason."""
 
-    symbols = None
+    symbols: object | None = None
     pause_requested = False
 
     def __init__(self) -> None:

@@ -243,7 +243,7 @@ class KvmIoEventFds:
             _require(self._vm_fd, uapi.KVM_CAP_IOEVENTFD, "KVM_CAP_IOEVENTFD", "ioeventfd notification")
             self._checked = True
         owned = eventfd is None
-        if owned:
+        if eventfd is None:
             eventfd = new_eventfd()
         try:
             self._vm_fd.ioeventfd(eventfd, address, length, pio=pio, datamatch=datamatch)

@@ -173,6 +173,7 @@ def restore_vcpu(accel: "KvmAccelerator", fd, state: VcpuState) -> None:
     if M.MSR_IA32_TSC in early:
         _check_tsc_taken(fd, early[M.MSR_IA32_TSC])
     fd.set_mp_state(MP_STATE_VALUES[state.mp_state])
+    assert state.lapic is not None  # check_restorable() refused it
     fd.set_lapic(uapi.kvm_lapic_state.from_buffer_copy(state.lapic))
     if M.MSR_IA32_TSC_DEADLINE in state.msrs and M.MSR_IA32_TSC_DEADLINE in supported:
         _set_msrs(fd, {M.MSR_IA32_TSC_DEADLINE: state.msrs[M.MSR_IA32_TSC_DEADLINE]})
@@ -258,7 +259,7 @@ def _kvm_events(events: EventsState) -> uapi.kvm_vcpu_events:
 
 # --- VM-wide: the in-kernel PIC pair, IOAPIC, PIT and kvm-clock ------------------------------
 
-PIC_FIELDS = tuple(name for name, _ in uapi.kvm_pic_state._fields_)
+PIC_FIELDS = tuple(field[0] for field in uapi.kvm_pic_state._fields_)
 PIT_CHANNEL_FIELDS = ("count", "latched_count", "count_latched", "status_latched", "status", "read_state",
                       "write_state", "write_latch", "rw_mode", "mode", "bcd", "gate")
 _PIT_FIELD_MAX = {"count": 0x10000, "latched_count": 0xFFFF}
@@ -338,12 +339,13 @@ def save_vm(vm_fd) -> KvmVmState:
         pics.append(PicState(registers={name: getattr(pic, name) for name in PIC_FIELDS}))
     io = vm_fd.get_irqchip(uapi.KVM_IRQCHIP_IOAPIC).chip.ioapic
     pit = vm_fd.get_pit2()
+    channels = [PitChannelState(registers={name: getattr(ch, name) for name in PIT_CHANNEL_FIELDS})
+                for ch in pit.channels]
     return KvmVmState(
         pic_master=pics[0], pic_slave=pics[1],
         ioapic=IoapicState(base_address=io.base_address, ioregsel=io.ioregsel, id=io.id, irr=io.irr,
                            redirection=tuple(io.redirtbl)),
-        pit_channels=tuple(PitChannelState(registers={name: getattr(ch, name) for name in PIT_CHANNEL_FIELDS})
-                           for ch in pit.channels),
+        pit_channels=(channels[0], channels[1], channels[2]),
         pit_flags=pit.flags,
         clock_ns=vm_fd.get_clock().clock,
     )

@@ -48,7 +48,7 @@ class KvmVcpu:
         self.thread_ident: int | None = None
         self.assists: dict[str, int] = {}
         self.assist_refusal = ""  # why pyvmm could not complete the last instruction it knew
-        self._symbols = None  # the guest kernel's, named in errors (from the VM, when it runs)
+        self._symbols: object | None = None  # the guest kernel's, named in errors (from the VM, when it runs)
 
     # --- running ----------------------------------------------------------------------------
 
@@ -61,6 +61,7 @@ class KvmVcpu:
         run = fd.run_struct
         io, mmio = run.exit.io, run.exit.mmio
         mmio_data = ctypes.addressof(mmio.data) - ctypes.addressof(run)  # where a read's answer goes
+        exit_: VcpuExit | None
         while not stopped.is_set():
             reason = enter()
             if reason == _EXIT_IO:

@@ -21,10 +21,14 @@ import threading
 from ...arch.x86_64.tsc_leaf import tsc_leaf
 from ...platform.machine import SoftwarePlatform, SoftwarePlatformState
 from ...platform.msi import SoftwareMsiVector
+from ...arch.x86_64.cpuid import CpuidPolicy
+from ...bus.bus import Bus
+from ...bus.interrupt import IrqLine
+from ...memory.guest_memory import GuestMemory
 from ..base import RunLoop, VmServices
 from ..dispatch import ExitDispatcher
 from ..exits import HLT, INTERRUPTED
-from .cpuid import tcg_cpuid_tables
+from .cpuid import CpuidTable, tcg_cpuid_tables
 from .engine_state import engine_offsets
 from .private_state import context_offsets
 from .slice_timer import SliceTimer
@@ -55,6 +59,9 @@ class TcgAccelerator:
     # lose ticks when the host is busy: its clocksource watchdog then declared the TSC unstable
     # and the guest kept time in jiffies (seen with 2 vCPUs on a loaded host).
     linux_cmdline = "tsc=nowatchdog"
+    # Set by setup_platform() and map_memory(), before anything else uses them.
+    platform: SoftwarePlatform
+    memory: GuestMemory
 
     def __init__(self, tsc_hz: int | None = None) -> None:
         """`tsc_hz`: the rate of the guest's TSC, which Unicorn's RDTSC reads from the host's
@@ -62,11 +69,9 @@ class TcgAccelerator:
         self.tsc_hz = tsc_hz
         self.offsets = context_offsets()
         self.engine_offsets = engine_offsets()
-        self.memory = None
         self._dispatch: ExitDispatcher | None = None
-        self.platform = None
         self.vcpus: list[TcgVcpu] = []
-        self._tables = None
+        self._tables: list[CpuidTable] | None = None
         self._translator: Translator | None = None  # made with the first vCPU (memory and buses exist then)
         self._wakeup = threading.Event()
         self._slice_timer = SliceTimer()
@@ -85,7 +90,7 @@ class TcgAccelerator:
         self._wakeup.set()
         self._slice_timer.kick()
 
-    def map_memory(self, memory) -> None:
+    def map_memory(self, memory: GuestMemory) -> None:
         self.memory = memory
         memory.on_device_write = self._note_device_write
 
@@ -105,14 +110,17 @@ class TcgAccelerator:
                 ranges[-1][1] = page + 1
             else:
                 ranges.append([page, page + 1])
+        translator = self._translator
+        if translator is None:
+            return  # no vCPU yet: nothing translated
         for first, end in ranges:
-            self._translator.translated_code.drop(first << 12, end << 12)
+            translator.translated_code.drop(first << 12, end << 12)
 
-    def connect_buses(self, pio_bus, mmio_bus) -> None:
+    def connect_buses(self, pio_bus: Bus, mmio_bus: Bus) -> None:
         self._dispatch = ExitDispatcher(pio_bus, mmio_bus)
         self.platform.register(pio_bus, mmio_bus)
 
-    def irq_line(self, gsi: int):
+    def irq_line(self, gsi: int) -> IrqLine:
         return self.platform.irq_line(gsi)
 
     def msi_vector(self) -> SoftwareMsiVector:
@@ -128,17 +136,17 @@ class TcgAccelerator:
                          datamatch: int | None = None) -> None:
         pass
 
-    def create_vcpu(self, index: int, count: int, policy) -> TcgVcpu:
+    def create_vcpu(self, index: int, count: int, policy: CpuidPolicy) -> TcgVcpu:
         if self._tables is None:
             self._tables = tcg_cpuid_tables(policy, count, self.platform.tsc_hz)
         if self._translator is None:
             native = os.environ.get(EXCEPTIONS_SETTING, "native") != "python"
             if not native:
                 log.info("software CPU: exceptions are delivered in Python (%s=python)", EXCEPTIONS_SETTING)
-            self._translator = Translator(self.memory, self._dispatch, self.offsets,
+            self._translator = Translator(self.memory, self._bound_dispatch(), self.offsets,
                                           self.engine_offsets, self._slice_timer, native_exceptions=native)
         vcpu = TcgVcpu(index, self._translator, self._tables[index], self.platform.add_cpu(index))
-        vcpu.kick = self._wake  # a stop or pause request must end the slice or wake a sleeping scheduler
+        vcpu.wake = self._wake  # a stop or pause request must end the slice or wake a sleeping scheduler
         self.vcpus.append(vcpu)
         return vcpu
 
@@ -161,14 +169,19 @@ class TcgAccelerator:
 
     # --- the scheduler ---------------------------------------------------------------------------
 
-    def _other_vcpu_has_interrupt(self, vcpu) -> bool:
+    def _bound_dispatch(self) -> ExitDispatcher:
+        if self._dispatch is None:
+            raise RuntimeError("connect_buses() comes before the vCPUs and the run loops")
+        return self._dispatch
+
+    def _other_vcpu_has_interrupt(self, vcpu: TcgVcpu) -> bool:
         platform = self.platform
         return any(other is not vcpu and not other.waiting_for_sipi and platform.pending_vector(other) is not None
                    for other in self.vcpus)
 
     def run_loops(self, vm: VmServices) -> list[RunLoop]:
         """One thread runs every vCPU in turn (the engine is not built for parallel guests)."""
-        self._dispatch.vm = vm
+        self._bound_dispatch().vm = vm
         return [RunLoop(f"vcpus-{self.name}", self.name, lambda: self._schedule(vm), list(self.vcpus))]
 
     def guest_clock_ns(self) -> int:
@@ -184,7 +197,7 @@ class TcgAccelerator:
 
     def _schedule(self, vm: VmServices) -> None:
         """Run every vCPU in turn until the VM stops; park between rounds while it is paused."""
-        platform, vcpus, wakeup, dispatch = self.platform, self.vcpus, self._wakeup, self._dispatch
+        platform, vcpus, wakeup, dispatch = self.platform, self.vcpus, self._wakeup, self._bound_dispatch()
         stopped = vm.stop_requested
         while not stopped.is_set():
             vm.pause_point()

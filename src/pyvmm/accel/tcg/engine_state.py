@@ -102,7 +102,9 @@ class EngineControl:
 
 
 def _engine_address(uc) -> int:
-    return ctypes.cast(uc._uch, ctypes.c_void_p).value
+    address = ctypes.cast(uc._uch, ctypes.c_void_p).value
+    assert address is not None  # a live engine's handle is never NULL
+    return address
 
 
 def _allocation_size(address: int) -> int:
@@ -242,7 +244,7 @@ def _stop_after_pc_write(no_exit_request: int | None, skip_sync_pc: int | None,
     engine = _engine_address(uc)
     size = _allocation_size(engine)
     uc.mem_write(_PROBE_CODE, _STALE_PC_PROBE)
-    armed = []
+    armed: list[bool] = []
 
     def on_write(uc, *_):
         if armed:
@@ -353,10 +355,10 @@ def _probe_cpu_exit_request() -> list[tuple[tuple[int, int], tuple[int, int, int
                                    ctypes.create_string_buffer(size)))
 
     def on_write(uc, *_):
-        for _, pointer, size, before, _ in candidates:
+        for _offset, pointer, size, before, _after in candidates:
             ctypes.memmove(before, pointer, size)
         uc.emu_stop()
-        for _, pointer, size, _, after in candidates:
+        for _offset, pointer, size, _before, after in candidates:
             ctypes.memmove(after, pointer, size)
 
     uc.mem_write(_PROBE_CODE, bytes.fromhex("89042500000100" "f4"))  # mov %eax,(0x10000) ; hlt
@@ -394,8 +396,16 @@ def _verify(offsets: EngineOffsets) -> None:
     # pyvmm's hook order: IN, OUT, CPUID, SYSCALL
     uc.hook_add(U.UC_HOOK_INSN, lambda uc, port, size, _: 0, None, 1, 0, X.UC_X86_INS_IN)
     uc.hook_add(U.UC_HOOK_INSN, lambda uc, port, size, value, _: None, None, 1, 0, X.UC_X86_INS_OUT)
-    uc.hook_add(U.UC_HOOK_INSN, lambda uc, _: (called.append("cpuid"), 1)[1], None, 1, 0, X.UC_X86_INS_CPUID)
-    uc.hook_add(U.UC_HOOK_INSN, lambda uc, _: called.append("syscall"), None, 1, 0, X.UC_X86_INS_SYSCALL)
+
+    def on_cpuid(uc: U.Uc, _: object) -> int:
+        called.append("cpuid")
+        return 1
+
+    def on_syscall(uc: U.Uc, _: object) -> None:
+        called.append("syscall")
+
+    uc.hook_add(U.UC_HOOK_INSN, on_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
+    uc.hook_add(U.UC_HOOK_INSN, on_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
     error = None
     try:
         uc.emu_start(_PROBE_CODE, _NEVER)

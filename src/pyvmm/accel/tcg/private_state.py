@@ -82,7 +82,9 @@ class PrivateState:
         from unicorn.unicorn_py3.unicorn import uclib  # the binding's own ctypes handle
 
         self._uc_context_save, self._uc_context_restore = uclib.uc_context_save, uclib.uc_context_restore
-        self._context_address = ctypes.cast(self._context.context, ctypes.c_void_p).value
+        address = ctypes.cast(self._context.context, ctypes.c_void_p).value
+        assert address is not None  # uc_context_alloc succeeded
+        self._context_address: int = address
 
     def _save(self) -> int:
         """Save the CPU into our context; returns the address of its bytes."""
@@ -259,7 +261,9 @@ def _probe_uc():
 
 def _raw(uc) -> bytes:
     ctx = uc.context_save()
-    return ctypes.string_at(ctypes.cast(ctx.context, ctypes.c_void_p).value, ctx.size)
+    address = ctypes.cast(ctx.context, ctypes.c_void_p).value
+    assert address is not None  # context_save() allocated it
+    return ctypes.string_at(address, ctx.size)
 
 
 def discover_offsets() -> ContextOffsets:

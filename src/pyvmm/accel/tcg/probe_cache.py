@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import tempfile
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 from ...user_cache import user_cache
 
@@ -65,7 +65,7 @@ def _store(path, name: str, value) -> None:
 
 
 def remembered(name: str, find: Callable[[], T], *, to_json: Callable[[T], object],
-               from_json: Callable[[object], T], verify: Callable[[T], None] | None = None) -> T:
+               from_json: Callable[[Any], T], verify: Callable[[T], None] | None = None) -> T:
     """`find()`'s answer for this libunicorn build: from the cache if it is there (and passes
     `verify`, which raises if it does not hold), else found now and stored."""
     path = _path()

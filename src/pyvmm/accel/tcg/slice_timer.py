@@ -25,7 +25,7 @@ RETRY = 0.001
 class SliceTimer:
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
-        self._stop = None           # stops the running slice; None between slices
+        self._stop: Callable[[], None] | None = None  # stops the running slice; None between slices
         self._deadline = 0.0        # time.monotonic() at which the slice ends
         self._stopped = False       # stop() was called for the running slice
         self._sleeping_until = math.inf
@@ -65,8 +65,10 @@ class SliceTimer:
             self._thread.join()
 
     def _stop_locked(self) -> None:
+        stop = self._stop
+        assert stop is not None  # callers hold the lock and checked that a slice runs
         self._stopped = True
-        self._stop()
+        stop()
 
     def _run(self) -> None:
         cond = self._cond

@@ -40,7 +40,9 @@ class _PhysicalInvalidation:
 
 
 def _engine_address(uc) -> int:
-    return ctypes.cast(uc._uch, ctypes.c_void_p).value
+    address = ctypes.cast(uc._uch, ctypes.c_void_p).value
+    assert address is not None  # a live engine's handle is never NULL
+    return address
 
 
 class TranslatedCode:

@@ -14,6 +14,7 @@ MMIO callbacks go to the vCPU that is running (`current`).
 from __future__ import annotations
 
 import ctypes
+from typing import TYPE_CHECKING
 
 import unicorn as U
 import unicorn.x86_const as X
@@ -27,6 +28,9 @@ from .native_delivery import NativeExceptionDelivery
 from .private_state import ContextOffsets, PrivateState
 from .slice_timer import SliceTimer
 from .translated_code import TranslatedCode
+
+if TYPE_CHECKING:
+    from .vcpu import TcgVcpu
 
 _CTL_WRITE_TLB_FLUSH = (1 << 30) | U.unicorn_const.UC_CTL_TLB_FLUSH  # UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0)
 
@@ -72,9 +76,9 @@ class Translator:
         self.translated_code = TranslatedCode(uc, memory.regions)
         self._power_on = uc.context_save()  # the state a vCPU that never ran starts from
         self._contexts: dict[object, object] = {}
-        self.current = None
+        self.current: TcgVcpu | None = None
 
-    def activate(self, vcpu) -> None:
+    def activate(self, vcpu: TcgVcpu) -> None:
         """Make `vcpu` the one whose state the engine holds."""
         if self.current is vcpu:
             return
@@ -92,37 +96,60 @@ class Translator:
     def close(self) -> None:
         self.current = None
         self._contexts.clear()
-        self.uc = self.private = self.regs = self.engine = self.translated_code = None
+        # drop the engine (and everything viewing it) now: nothing uses a closed translator
+        self.uc = self.private = self.regs = self.engine = self.translated_code = None  # type: ignore[assignment]
         self.native_exceptions = None
 
     # --- hooks: to the running vCPU -----------------------------------------------------------
 
+    # (the engine runs only with a vCPU activated: `current` is set while a hook can fire)
+
     def _port_in(self, uc, port, size, _):
-        return self.current.port_in(port, size)
+        vcpu = self.current
+        assert vcpu is not None
+        return vcpu.port_in(port, size)
 
     def _port_out(self, uc, port, size, value, _):
-        self.current.port_out(port, size, value)
+        vcpu = self.current
+        assert vcpu is not None
+        vcpu.port_out(port, size, value)
 
     def _mmio_read(self, uc, offset, size, _):
-        return self.current.mmio_read(layout.LOW_RAM_END + offset, size)
+        vcpu = self.current
+        assert vcpu is not None
+        return vcpu.mmio_read(layout.LOW_RAM_END + offset, size)
 
     def _mmio_write(self, uc, offset, size, value, _):
-        self.current.mmio_write(layout.LOW_RAM_END + offset, size, value)
+        vcpu = self.current
+        assert vcpu is not None
+        vcpu.mmio_write(layout.LOW_RAM_END + offset, size, value)
 
     def _mmio64_read(self, uc, offset, size, _):
-        return self.current.mmio_read(self.mmio64_base + offset, size)
+        vcpu = self.current
+        assert vcpu is not None
+        return vcpu.mmio_read(self.mmio64_base + offset, size)
 
     def _mmio64_write(self, uc, offset, size, value, _):
-        self.current.mmio_write(self.mmio64_base + offset, size, value)
+        vcpu = self.current
+        assert vcpu is not None
+        vcpu.mmio_write(self.mmio64_base + offset, size, value)
 
     def _cpuid(self, uc, _):
-        return self.current.cpuid()
+        vcpu = self.current
+        assert vcpu is not None
+        return vcpu.cpuid()
 
     def _syscall(self, uc, _):
-        self.current.syscall()
+        vcpu = self.current
+        assert vcpu is not None
+        vcpu.syscall()
 
     def _exception(self, uc, vector, _):
-        self.current.exception(vector)
+        vcpu = self.current
+        assert vcpu is not None
+        vcpu.exception(vector)
 
     def _invalid_opcode(self, uc, _):
-        return self.current.invalid_opcode()
+        vcpu = self.current
+        assert vcpu is not None
+        return vcpu.invalid_opcode()

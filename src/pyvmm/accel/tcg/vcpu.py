@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import struct
+from typing import Callable
 
 import unicorn as U
 import unicorn.x86_const as X
@@ -21,7 +22,7 @@ from ...arch.x86_64.cpu_state import (
     CR0_PE, CR0_PG, EFER_LMA, GPR_NAMES, SEGMENT_NAMES, CpuState, DescriptorTable, Segment, VcpuState,
 )
 from ...arch.x86_64.paging import PagingMode, read_linear, write_linear
-from ..exits import HLT, INTERRUPTED, SHUTDOWN, EmulationError, IoIn, IoOut, MmioRead, MmioWrite
+from ..exits import HLT, INTERRUPTED, SHUTDOWN, EmulationError, IoIn, IoOut, MmioRead, MmioWrite, VcpuExit
 from .delivery import DOUBLE_FAULT, ERROR_CODE_VECTORS, TripleFault, deliver
 from .engine_state import STOP_ERROR
 from .private_state import HF_CS64_MASK, HF_LMA_MASK
@@ -73,14 +74,16 @@ class TcgVcpu:
         # the engine and its views, shared by every vCPU: valid while this vCPU is active
         self.uc, self.private, self.regs = translator.uc, translator.private, translator.regs
         self.engine, self.slice_timer = translator.engine, translator.slice_timer
-        self._exit = None
+        self._exit: VcpuExit | None = None
         self._pinned_paging: PagingMode | None = None
         self._in_exception = False
         self._stopped_by_timer = False  # the last slice ended from outside, maybe inside a REP STOS
         self.halted = False
         self.spinning = False  # the last slice ended in a spin loop (the scheduler's hint)
         self.waiting_for_sipi = index != 0
-        self.thread_ident = None
+        self.thread_ident: int | None = None
+        # what kick() does: end the running slice; the accelerator also wakes its scheduler
+        self.wake: Callable[[], None] = self.slice_timer.kick
         self.stats = {"slices": 0, "exceptions": 0, "interrupts": 0, "syscalls": 0, "halts": 0,
                       "port_io": 0, "mmio": 0, "cpuid": 0, "string_assists": 0}
 
@@ -149,7 +152,7 @@ class TcgVcpu:
 
     def kick(self) -> None:
         """End the running slice (the accelerator also wakes its sleeping scheduler)."""
-        self.slice_timer.kick()
+        self.wake()
 
     def clear_kick(self) -> None:
         pass
@@ -510,4 +513,5 @@ class TcgVcpu:
             return f"(registers unavailable: {exc})"
 
     def close(self) -> None:
-        self.uc = self.private = self.regs = self.engine = None
+        # drop this vCPU's views of the engine: nothing runs a closed vCPU
+        self.uc = self.private = self.regs = self.engine = None  # type: ignore[assignment]
