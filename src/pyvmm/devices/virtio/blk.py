@@ -249,7 +249,7 @@ class VirtioBlock(VirtioDevice):
     def process_queue(self, queue_index: int) -> None:
         queue = self.queues[queue_index]
         while True:
-            batch = []
+            batch: list[tuple[DescriptorChain, int | None, bool]] = []
             while len(batch) < queue.size and (chain := queue.pop()) is not None:
                 batch.append((chain, *self._execute(chain)))
             self._complete(queue, batch)

@@ -332,14 +332,16 @@ class VirtioConsole(VirtioDevice):
 
     def _read_more(self, port: ConsolePort) -> None:
         """Watch the client while there is room for what it sends."""
-        want = port.client is not None and len(port.pending) < PENDING_LIMIT
+        client = port.client
+        want = client is not None and len(port.pending) < PENDING_LIMIT
         if want and not port.reading:
+            assert client is not None
             port.reading = True
-            client = port.client
             client.watch_readable(lambda: self._on_readable(port, client))
         elif not want and port.reading:
+            assert client is not None  # reading only while connected (_drop_client clears it)
             port.reading = False
-            port.client.unwatch_readable()
+            client.unwatch_readable()
 
     def _on_readable(self, port: ConsolePort, client: HostStream) -> None:
         with self.host_work():
@@ -364,6 +366,7 @@ class VirtioConsole(VirtioDevice):
 
     def _flush_output(self, port: ConsolePort) -> None:
         client = port.client
+        assert client is not None  # called with a client connected
         while port.output:
             try:
                 sent = client.send(port.output)

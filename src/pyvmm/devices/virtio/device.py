@@ -26,7 +26,7 @@ import threading
 from dataclasses import dataclass
 from typing import Protocol
 
-from ...memory.guest_memory import GuestMemoryError
+from ...memory.guest_memory import GuestMemory, GuestMemoryError
 from ...persist import State, require
 from .queue import SplitQueue, SplitQueueState, VirtqueueBroken
 
@@ -82,12 +82,14 @@ class _NoInterrupt:
 class VirtioDevice:
     device_id = 0
     name = "virtio"
+    # Guest RAM, from attach() (the transport, before a driver can set the device up): every
+    # queue and buffer operation comes after it.
+    memory: GuestMemory
 
     def __init__(self, queue_sizes: tuple[int, ...], features: int = 0) -> None:
         self.queues = [SplitQueue(size) for size in queue_sizes]
         self.offered_features = COMMON_FEATURES | features
         self.acked_features = 0
-        self.memory = None
         self.interrupt: VirtioInterrupt = _NoInterrupt()
         self.lock = threading.RLock()
         self.active = False
@@ -95,7 +97,7 @@ class VirtioDevice:
 
     # --- wiring (builder / transport) -------------------------------------------------------------
 
-    def attach(self, memory, interrupt: VirtioInterrupt) -> None:
+    def attach(self, memory: GuestMemory, interrupt: VirtioInterrupt) -> None:
         self.memory, self.interrupt = memory, interrupt
 
     # --- feature negotiation ---------------------------------------------------------------------

@@ -297,6 +297,7 @@ class VirtioNet(VirtioDevice):
     def _place_partial(self) -> bool:
         """Spread the rest of a partial frame over more buffers; False while the guest has none."""
         partial = self._rx_partial
+        assert partial is not None  # the callers checked
         queue = self.queues[RX_QUEUE]
         while partial.placed < len(partial.rest):
             if len(partial.used) >= queue.size:

@@ -177,15 +177,16 @@ class VirtioPciTransport(PciDevice, VirtioTransportCore):
         window_mask = bytes([0, 0xFF, 0, 0, 0]) + b"\xff" * 12
         self._window_cap = self.add_vendor_capability(_vendor_cap(CAP_PCI_CFG, 0, 0, 0, bytes(4)),
                                                       writable=window_mask)
-        self.add_msix(vectors, bar=MSIX_BAR, table_offset=MSIX_TABLE_OFFSET, pba_offset=pba_offset)
+        # self.msix too, typed as always there: a virtio-pci function always has MSI-X
+        self._msix = self.add_msix(vectors, bar=MSIX_BAR, table_offset=MSIX_TABLE_OFFSET, pba_offset=pba_offset)
         if msi_vector is not None:
-            self.msix.connect(msi_vector)
+            self._msix.connect(msi_vector)
         device.attach(memory, self)
 
     # --- VirtioInterrupt (called by the device, any thread) -------------------------------------
 
     def signal_used(self, queue_index: int) -> None:
-        msix = self.msix
+        msix = self._msix
         if msix.enabled:
             vectors = self._queue_vectors
             vector = vectors[queue_index] if 0 <= queue_index < len(vectors) else NO_VECTOR
@@ -197,7 +198,7 @@ class VirtioPciTransport(PciDevice, VirtioTransportCore):
     def signal_config(self) -> None:
         with self._lock:
             self.config_generation = (self.config_generation + 1) & 0xFF
-        msix = self.msix
+        msix = self._msix
         if msix.enabled:
             if self._config_vector != NO_VECTOR:
                 msix.notify(self._config_vector)
@@ -215,7 +216,7 @@ class VirtioPciTransport(PciDevice, VirtioTransportCore):
 
     def _update_intx(self) -> None:
         """INTx follows the ISR while MSI-X is off (a function using MSI-X must not use INTx)."""
-        asserted = bool(self._isr) and not self.msix.enabled
+        asserted = bool(self._isr) and not self._msix.enabled
         if asserted != self.intx_asserted:
             self.set_intx(asserted)
 
@@ -226,10 +227,10 @@ class VirtioPciTransport(PciDevice, VirtioTransportCore):
     def queue_eventfd(self, queue_index: int) -> int | None:
         """The eventfd of the MSI-X vector queue `queue_index` signals (a KVM irqfd a vhost-user
         back-end can write as its call fd), or None: MSI-X off, no vector, or no such fd."""
-        if not self.msix.enabled or not 0 <= queue_index < len(self._queue_vectors):
+        if not self._msix.enabled or not 0 <= queue_index < len(self._queue_vectors):
             return None
         vector = self._queue_vectors[queue_index]
-        vectors = self.msix.msi_vectors
+        vectors = self._msix.msi_vectors
         if vector >= len(vectors):
             return None
         return getattr(vectors[vector], "eventfd", None)
@@ -389,7 +390,7 @@ class VirtioPciTransport(PciDevice, VirtioTransportCore):
 
     def _checked_vector(self, vector: int) -> int:
         """What the driver reads back: the vector if the table has it, else NO_VECTOR."""
-        return vector if 0 <= vector < self.msix.vectors else NO_VECTOR
+        return vector if 0 <= vector < self._msix.vectors else NO_VECTOR
 
     def reset(self) -> None:
         super().reset()
@@ -458,8 +459,8 @@ class VirtioPciTransport(PciDevice, VirtioTransportCore):
                                         f"{len(self.device.queues)} queues")
         for name, vector in (("config_vector", state.config_vector), *(
                 (f"queue_vectors[{i}]", v) for i, v in enumerate(state.queue_vectors))):
-            if vector != NO_VECTOR and not 0 <= vector < self.msix.vectors:
-                state.fail(name, f"{vector} is not one of {self.msix.vectors} MSI-X vectors")
+            if vector != NO_VECTOR and not 0 <= vector < self._msix.vectors:
+                state.fail(name, f"{vector} is not one of {self._msix.vectors} MSI-X vectors")
         self.check_pci(state.pci)
         self.device.check_restorable(state.device)
 

@@ -119,11 +119,12 @@ class SplitQueue:
     not touch a chain it has not got back).
     """
 
+    memory: GuestMemory  # from activate() (or the device's, at a restore): rings are read after it
+
     def __init__(self, max_size: int) -> None:
         if not 0 < max_size <= MAX_QUEUE_SIZE or max_size & (max_size - 1):
             raise ValueError(f"virtqueue size {max_size} must be a power of two up to {MAX_QUEUE_SIZE}")
         self.max_size = max_size
-        self.memory: GuestMemory | None = None
         self.event_idx = False
         self.indirect = False
         self.reset()

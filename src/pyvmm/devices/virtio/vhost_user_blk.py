@@ -14,6 +14,7 @@ ready); the back-end walks the rings itself.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import struct
@@ -85,8 +86,8 @@ class VhostUserBlk(VirtioDevice):
         self._closed = False
         iothread.add_reader(self.frontend.fileno(), self._on_socket_readable)
         for index in range(num_queues):
-            iothread.add_eventfd(self._call[index], lambda index=index: self._on_call(index))
-            iothread.add_eventfd(self._err[index], lambda index=index: self._on_error(index))
+            iothread.add_eventfd(self._call[index], functools.partial(self._on_call, index))
+            iothread.add_eventfd(self._err[index], functools.partial(self._on_error, index))
 
     def _negotiate(self, num_queues: int) -> None:
         frontend, where = self.frontend, f"vhost-user back-end at {self.socket_path}"
@@ -217,6 +218,8 @@ class VhostUserBlk(VirtioDevice):
         Reads the used entries since the last call; queue.used_idx mirrors how far we got.
         """
         queue, memory = self.queues[index], self.memory
+        note_write = memory.on_device_write
+        assert note_write is not None  # _on_call checked
         new = memory.read_u16(queue.used_ring + 2)
         if (new - queue.used_idx) & 0xFFFF > queue.size:  # nonsense index: resynchronise, report nothing
             queue.used_idx = new
@@ -232,7 +235,7 @@ class VhostUserBlk(VirtioDevice):
             except (ChainError, GuestMemoryError):
                 continue
             for address, length in chain.writable:
-                memory.on_device_write(address, min(length, written))
+                note_write(address, min(length, written))
                 written -= length
                 if written <= 0:
                     break

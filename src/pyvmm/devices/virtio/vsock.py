@@ -529,9 +529,9 @@ class VirtioVsock(VirtioDevice):
                 conn = _connection_from(saved, stream)
                 self.conns[conn.key] = conn
             for reply in state.replies:
-                conn = None if reply.key is None else self.conns.get(reply.key)
-                if reply.key is None or conn is not None:
-                    self._replies.append((conn, reply.op, reply.flags, reply.raw))
+                reply_conn = None if reply.key is None else self.conns.get(reply.key)
+                if reply.key is None or reply_conn is not None:
+                    self._replies.append((reply_conn, reply.op, reply.flags, reply.raw))
             for key in state.rx_ready:
                 if key in self.conns:
                     self._rx_ready[self.conns[key]] = None
