@@ -19,6 +19,7 @@ from ...bus.bus import Bus
 from ...kvm import Kvm, KvmError, KvmUnavailable, uapi
 from ...kvm.system import CpuidEntry
 from ...memory.guest_memory import GuestMemory
+from ...persist import State, require
 from ..base import RunLoop, VmServices
 from ..dispatch import ExitDispatcher
 from . import state as kvm_state
@@ -180,10 +181,11 @@ class KvmAccelerator:
             state = dataclasses.replace(state, clock_ns=self._frozen_clock_ns)
         return state
 
-    def restore(self, state: kvm_state.KvmVmState) -> None:
-        kvm_state.restore_vm(self.vm_fd, state)
+    def restore(self, state: State) -> None:
+        vm_state = require(state, kvm_state.KvmVmState)  # (the seam takes any state: the Vm's platform part)
+        kvm_state.restore_vm(self.vm_fd, vm_state)
         if self._frozen_clock_ns is not None:  # restored while paused: resume from the restored clock
-            self._frozen_clock_ns = state.clock_ns
+            self._frozen_clock_ns = vm_state.clock_ns
 
     # --- running ---------------------------------------------------------------------------
 

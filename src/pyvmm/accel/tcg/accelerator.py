@@ -19,6 +19,7 @@ import os
 import threading
 
 from ...arch.x86_64.tsc_leaf import tsc_leaf
+from ...persist import State, require
 from ...platform.machine import SoftwarePlatform, SoftwarePlatformState
 from ...platform.msi import SoftwareMsiVector
 from ...arch.x86_64.cpuid import CpuidPolicy
@@ -155,8 +156,8 @@ class TcgAccelerator:
         translator keeps nothing else between slices: its code cache is rebuilt from memory."""
         return self.platform.save()
 
-    def restore(self, state: SoftwarePlatformState) -> None:
-        self.platform.restore(state)
+    def restore(self, state: State) -> None:
+        self.platform.restore(require(state, SoftwarePlatformState))  # (the seam takes any state)
 
     def close(self) -> None:
         self._slice_timer.close()
