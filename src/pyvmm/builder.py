@@ -252,8 +252,7 @@ def virtio_devices(config: MachineConfig, console_write, iothread, releases: lis
 
         host = VsockUnixHost(config.vsock.uds, iothread, carried=vsock_carried)
         releases.append(host.close)      # idempotent: the device closes it too
-        # VsockUnixHost's methods take its SocketStream, narrower than VsockHost's HostStream
-        device = VirtioVsock(config.vsock.cid, host)  # type: ignore[arg-type]
+        device = VirtioVsock(config.vsock.cid, host)
         releases.append(device.close)
         yield "virtio-vsock", "virtio-vsock", device, config.vsock.transport
     if config.rng is not None:

@@ -17,13 +17,23 @@ import selectors
 import select
 import termios
 import threading
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 log = logging.getLogger(__name__)
 
 CTRL_A = 0x01
 ESCAPE_HELP = (b"\r\nC-a x  quit pyvmm\r\nC-a p  press the ACPI power button (the guest shuts down)\r\n"
                b"C-a C-a  send C-a to the guest\r\nC-a h  this help\r\n")
+
+
+class GuestInput(Protocol):
+    """Where keyboard input goes: the UART's receive FIFO."""
+
+    def receive(self, data: bytes) -> int: ...
+
+    def rx_space(self) -> int: ...
+
+    def wait_rx_space(self, timeout: float | None = None) -> int: ...
 
 
 class Console:
@@ -41,8 +51,8 @@ class Console:
         self._is_tty = _isatty(stdin_fd)
         # With a log file, the keyboard is not wired to a guest whose output it cannot see.
         self._read_input = read_input if read_input is not None else (log_path is None or not self._is_tty)
-        self._saved_termios = None
-        self._port = None
+        self._saved_termios: list[Any] | None = None
+        self._port: GuestInput | None = None
         self._attached = threading.Event()  # input read before the VM exists waits for its UART
         self._on_quit: Callable[[], None] | None = None
         self._on_power_button: Callable[[], None] | None = None
@@ -73,7 +83,7 @@ class Console:
 
     # --- host -> guest ------------------------------------------------------------------
 
-    def attach(self, port, on_quit: Callable[[], None] | None = None,
+    def attach(self, port: GuestInput, on_quit: Callable[[], None] | None = None,
                on_power_button: Callable[[], None] | None = None) -> None:
         """Send host input to `port` (a UART: receive, rx_space, wait_rx_space); Ctrl-A x calls
         `on_quit`, Ctrl-A p `on_power_button`. Re-attachable: a reboot builds a new UART."""
@@ -182,6 +192,7 @@ class Console:
             if not self._attached.wait(0.1):
                 continue
             port = self._port
+            assert port is not None  # set before _attached
             space = port.rx_space()
             if space == 0:
                 port.wait_rx_space(0.1)  # short, so a close() or a re-attach after reboot is noticed

@@ -40,7 +40,7 @@ class IoThread:
         self._wake = make_eventfd()
         self._selector.register(self._wake, selectors.EVENT_READ, None)
         self._lock = threading.Lock()
-        self._calls: list[Callable[[], None]] = []
+        self._calls: list[Callable[[], object]] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._hold = threading.Condition()
@@ -66,7 +66,7 @@ class IoThread:
                 callback()
         self.add_reader(fd, on_ready)
 
-    def call_soon(self, callback: Callable[[], None]) -> None:
+    def call_soon(self, callback: Callable[[], object]) -> None:  # its result is dropped
         """Run `callback()` on the I/O thread (right away when not started yet or when on it)."""
         if self._thread is None or threading.current_thread() is self._thread:
             callback()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import functools
 import types
 import typing
 from typing import Any, ClassVar, Protocol, TypeVar
@@ -127,10 +126,15 @@ def require(state: object, cls: type[S]) -> S:
     return state
 
 
-@functools.cache
+_FIELD_TYPES: dict[type, dict[str, Any]] = {}  # by State class, computed once
+
+
 def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    types_ = _FIELD_TYPES.get(cls)
+    if types_ is None:
+        hints = typing.get_type_hints(cls)
+        types_ = _FIELD_TYPES[cls] = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return types_
 
 
 def _type_name(annotation: Any) -> str:
@@ -217,7 +221,7 @@ def _decode(where: str, value: Any, annotation: Any) -> Any:
             raise StateError(f"{where}: not valid base64") from None
     if isinstance(annotation, type) and issubclass(annotation, State):
         kind = value.get("kind") if isinstance(value, dict) else None
-        actual = _KINDS.get(kind) if kind != annotation.KIND else annotation
+        actual = annotation if kind == annotation.KIND else _KINDS.get(kind) if isinstance(kind, str) else None
         if actual is None or not issubclass(actual, annotation):
             raise StateError(f"{where}: a {kind!r} state is not a {annotation.KIND} state")
         return actual.from_dict(value)

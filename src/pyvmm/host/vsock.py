@@ -15,10 +15,13 @@ import logging
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..iothread import IoThread, WritableWatch
 from .streams import SocketStream, listen_unix
+
+if TYPE_CHECKING:  # the protocols this host side implements (devices never import host/)
+    from ..devices.virtio.host_side import HostStream
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +99,7 @@ class VsockUnixHost:
         if first and listener is not None:
             self._iothread.add_reader(listener.fileno(), lambda: self._on_accept(listener))
 
-    def accepted(self, stream: SocketStream, local_port: int) -> None:
+    def accepted(self, stream: HostStream, local_port: int) -> None:
         if stream.send(f"OK {local_port}\n".encode()) is None:   # the first bytes on a fresh socket
             raise OSError("the host program cannot take its OK line")
 
@@ -155,7 +158,8 @@ class VsockUnixHost:
 
     # --- live connections ------------------------------------------------------------------------------
 
-    def adopt(self, key: Key, stream: SocketStream) -> None:
+    def adopt(self, key: Key, stream: HostStream) -> None:
+        assert isinstance(stream, SocketStream)  # the device adopts only streams this host made
         self._streams[key] = stream
 
     def release(self, key: Key) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import mmap
 import struct
 from dataclasses import dataclass
 
@@ -20,6 +21,9 @@ from .entry import (
 )
 
 logger = logging.getLogger(__name__)
+
+# A kernel file's bytes: read into memory, or mapped (a large vmlinux).
+ImageBytes = bytes | mmap.mmap
 
 ELF_MAGIC = b"\x7fELF"
 ELFCLASS32, ELFCLASS64 = 1, 2
@@ -58,7 +62,7 @@ class ElfImage:
     segments: list[ElfSegment]   # PT_LOAD segments with p_memsz > 0
 
 
-def is_elf(data: bytes) -> bool:
+def is_elf(data: ImageBytes) -> bool:
     return data[:4] == ELF_MAGIC
 
 
@@ -66,7 +70,7 @@ def _machine_name(machine: int) -> str:
     return _MACHINE_NAMES.get(machine, f"machine {machine}")
 
 
-def parse_elf(data: bytes) -> ElfImage:
+def parse_elf(data: ImageBytes) -> ElfImage:
     """Validate the headers of an x86 ELF executable and return its loadable segments."""
     if len(data) < 16 or not is_elf(data):
         raise LoaderError("not an ELF file (bad magic)")
@@ -147,7 +151,7 @@ def entry_physical(image: ElfImage) -> int:
     raise LoaderError(f"ELF entry point {image.entry:#x} is not inside any PT_LOAD segment")
 
 
-def plan_elf(memory: GuestMemory, data: bytes, image: ElfImage) -> list[Placement]:
+def plan_elf(memory: GuestMemory, data: ImageBytes, image: ElfImage) -> list[Placement]:
     """Where each segment goes, checked against RAM, pyvmm's boot area and each other."""
     view = memoryview(data)
     placements = []
@@ -159,7 +163,7 @@ def plan_elf(memory: GuestMemory, data: bytes, image: ElfImage) -> list[Placemen
     return placements
 
 
-def load_elf(memory: GuestMemory, data: bytes) -> BootEntry:
+def load_elf(memory: GuestMemory, data: ImageBytes) -> BootEntry:
     """Load an ELF32/ELF64 executable; the CPU enters it in 32-bit protected or 64-bit mode."""
     image = parse_elf(data)
     placements = plan_elf(memory, data, image)

@@ -116,7 +116,7 @@ class GuestMemory:
     def read(self, address: int, size: int) -> bytes:
         return bytes(self.view(address, size))
 
-    def write(self, address: int, data: bytes) -> None:
+    def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
         self.view(address, len(data))[:] = data
 
     def fill(self, address: int, size: int, byte: int = 0) -> None:

@@ -244,23 +244,24 @@ class PciRoot:
             return slot
 
     def _place_bars(self, device: PciDevice) -> None:
-        cursors = {k: w.cursor for k, w in self._windows.items() if w is not None}
+        windows = {k: w for k, w in self._windows.items() if w is not None}  # mem64 may be absent
+        cursors = {k: w.cursor for k, w in windows.items()}
         try:
             command = 0
             for bar in sorted(device.config.bars.values(), key=lambda b: -b.size):  # big first: less padding
                 if bar.kind is BarKind.IO:
-                    window = self._windows["io"]
+                    window = windows["io"]
                     command |= COMMAND_IO
-                elif bar.kind is BarKind.MEM64 and self._windows["mem64"] is not None:
-                    window = self._windows["mem64"]
+                elif bar.kind is BarKind.MEM64 and "mem64" in windows:
+                    window = windows["mem64"]
                     command |= COMMAND_MEMORY
                 else:
-                    window = self._windows["mem32"]
+                    window = windows["mem32"]
                     command |= COMMAND_MEMORY
                 device.config.set_bar_address(bar.index, window.allocate(bar.size))
         except PciError:
             for k, cursor in cursors.items():
-                self._windows[k].cursor = cursor
+                windows[k].cursor = cursor
             raise
         device.config.put(COMMAND, 2, device.config.command | command)
 

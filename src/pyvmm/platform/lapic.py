@@ -329,8 +329,9 @@ class LocalApic(LapicTimer, LapicPersist):
         with self._lock:
             if now_ns is not None:
                 self._timer_update(now_ns)
-            if self._extint_route():
-                vector = self.pic.pending_vector()
+            pic = self.pic  # (_extint_route() is False without one)
+            if pic is not None and self._extint_route():
+                vector = pic.pending_vector()
                 if vector is not None:
                     return vector
             return self._deliverable_irr_vector()
@@ -343,19 +344,20 @@ class LocalApic(LapicTimer, LapicPersist):
         moves from IRR to ISR; an ExtINT vector comes from the PIC's INTA. If nothing is
         deliverable any more, returns the spurious vector (SVR) without touching ISR."""
         with self._lock:
-            extint = self._extint_route()
-            if extint and self.pic.interrupt_pending():
+            pic = self.pic  # (_extint_route() is False without one)
+            extint = pic is not None and self._extint_route()
+            if extint and pic is not None and pic.interrupt_pending():
                 self._extint_requested = False
-                return self.pic.acknowledge()
+                return pic.acknowledge()
             vector = self._deliverable_irr_vector()
             if vector is not None:
                 bit = 1 << vector
                 self._irr &= ~bit
                 self._isr |= bit
                 return vector
-            if extint:
+            if extint and pic is not None:
                 self._extint_requested = False
-                return self.pic.acknowledge()  # the PIC answers a vanished request with IR7
+                return pic.acknowledge()  # the PIC answers a vanished request with IR7
             return self._svr & 0xFF
 
     @property

@@ -403,7 +403,8 @@ class Pit8254:
         self._port61 = 0
 
     def save(self) -> PitState:
-        return PitState(counters=tuple(c.save() for c in self.counters), port61=self._port61)
+        first, second, third = (c.save() for c in self.counters)
+        return PitState(counters=(first, second, third), port61=self._port61)
 
     def restore(self, state: PitState) -> None:
         state = require(state, PitState)

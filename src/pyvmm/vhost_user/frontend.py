@@ -169,14 +169,20 @@ class VhostUserFrontend:
             self.set_protocol_features(self.backend_protocol_features & protocol_features)
         self.set_owner()
 
+    def _query(self, request: Request, payload: bytes = b"") -> bytes:
+        """A request with a reply: its payload."""
+        answer = self._request(request, payload, reply=True)
+        assert answer is not None  # _request returns the payload of every reply it asked for
+        return answer
+
     def get_features(self) -> int:
-        return decode_u64(self._request(Request.GET_FEATURES, reply=True))
+        return decode_u64(self._query(Request.GET_FEATURES))
 
     def set_features(self, features: int) -> None:
         self._request(Request.SET_FEATURES, encode_u64(features))
 
     def get_protocol_features(self) -> int:
-        return decode_u64(self._request(Request.GET_PROTOCOL_FEATURES, reply=True))
+        return decode_u64(self._query(Request.GET_PROTOCOL_FEATURES))
 
     def set_protocol_features(self, features: int) -> None:
         self._request(Request.SET_PROTOCOL_FEATURES, encode_u64(features))
@@ -195,7 +201,7 @@ class VhostUserFrontend:
         self._request(Request.RESET_DEVICE)
 
     def get_queue_num(self) -> int:
-        return decode_u64(self._request(Request.GET_QUEUE_NUM, reply=True))
+        return decode_u64(self._query(Request.GET_QUEUE_NUM))
 
     def set_mem_table(self, entries: list[MemoryTableEntry]) -> None:
         payload, fds = encode_memory_table(entries)
@@ -209,8 +215,7 @@ class VhostUserFrontend:
 
     def get_vring_base(self, index: int) -> int:
         """Stop ring `index`; returns the next available-ring index the back-end would have read."""
-        reply_index, base = decode_vring_state(self._request(Request.GET_VRING_BASE,
-                                                             encode_vring_state(index, 0), reply=True))
+        reply_index, base = decode_vring_state(self._query(Request.GET_VRING_BASE, encode_vring_state(index, 0)))
         if reply_index != index:
             raise VhostUserProtocolError(f"vhost-user back-end answered GET_VRING_BASE for ring {index} "
                                          f"about ring {reply_index}")

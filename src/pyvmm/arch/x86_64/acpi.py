@@ -41,7 +41,7 @@ class AcpiError(PyvmmError, ValueError):
     """The requested tables cannot be built or do not fit in the ACPI area."""
 
 
-def checksum(data: bytes) -> int:
+def checksum(data: bytes | bytearray) -> int:
     """The byte that makes `data` (with that byte in place of a zero) sum to 0 mod 256."""
     return -sum(data) & 0xFF
 

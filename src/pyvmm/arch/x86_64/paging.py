@@ -65,6 +65,7 @@ def translate(memory, mode: PagingMode, linear: int, *, write: bool = False, use
     if not mode.enabled:
         return Translation(linear, linear & 0xFFFF_FFFF, True, True, True, 1 << 32)
     access = (PF_WRITE if write else 0) | (PF_USER if user else 0) | (PF_FETCH if fetch else 0)
+    levels: tuple[tuple[str, int], ...]  # (name, the shift of its index bits), root first
     if mode.efer & EFER_LMA:
         levels = (("PML4", 39), ("PDPT", 30), ("PD", 21), ("PT", 12))
         entry_size, index_bits = 8, 9

@@ -36,7 +36,7 @@ LZ4_LEGACY_MAGIC = 0x184C2102
 LZ4_LEGACY_BLOCK = 8 << 20      # uncompressed size of every block but the last
 
 
-def payload_format(payload: bytes) -> str:
+def payload_format(payload: bytes | memoryview) -> str:
     """The compression of a bzImage payload, from its magic bytes."""
     head = bytes(payload[:6])
     for magic, name in MAGICS:
@@ -45,7 +45,7 @@ def payload_format(payload: bytes) -> str:
     raise LoaderError(f"unknown bzImage payload compression (magic bytes {head.hex(' ') or 'none'})")
 
 
-def expected_size(payload: bytes) -> int:
+def expected_size(payload: bytes | memoryview) -> int:
     """The uncompressed size the build appended to the payload."""
     if len(payload) < 8:
         raise LoaderError(f"bzImage payload is only {len(payload)} bytes")
@@ -56,7 +56,7 @@ def expected_size(payload: bytes) -> int:
     return size
 
 
-def decompress_payload(payload: bytes, fmt: str | None = None) -> bytes:
+def decompress_payload(payload: bytes | memoryview, fmt: str | None = None) -> bytes:
     """The uncompressed kernel (an ELF vmlinux, possibly followed by relocation data)."""
     fmt = fmt or payload_format(payload)
     if fmt == LZO:
@@ -89,13 +89,13 @@ def decompress_payload(payload: bytes, fmt: str | None = None) -> bytes:
     return out
 
 
-def _stdlib(decompressor, payload: bytes, size: int) -> tuple[bytes, bool]:
+def _stdlib(decompressor, payload: bytes | memoryview, size: int) -> tuple[bytes, bool]:
     """Run a zlib/bz2/lzma decompressor object, producing at most size+1 bytes."""
     out = decompressor.decompress(payload, size + 1)
     return out, decompressor.eof
 
 
-def _zstd(payload: bytes, size: int) -> tuple[bytes, bool]:
+def _zstd(payload: bytes | memoryview, size: int) -> tuple[bytes, bool]:
     try:
         import zstandard
     except ImportError:
@@ -117,7 +117,7 @@ def _zstd(payload: bytes, size: int) -> tuple[bytes, bool]:
         raise LoaderError(f"corrupt zstd payload in bzImage: {exc}") from None
 
 
-def _lz4_legacy(payload: bytes, size: int) -> tuple[bytes, bool]:
+def _lz4_legacy(payload: bytes | memoryview, size: int) -> tuple[bytes, bool]:
     """The legacy lz4 frame the kernel uses: magic, then (u32 LE length, block) until the end."""
     try:
         import lz4.block

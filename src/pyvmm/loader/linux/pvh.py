@@ -16,6 +16,7 @@ import struct
 from ...arch.x86_64 import layout
 from ...memory.guest_memory import GuestMemory, GuestMemoryError
 from .. import elf
+from ..elf import ImageBytes
 from ..entry import FOUR_GIB, BootEntry, CpuMode, LoaderError, Placement, check_disjoint, check_entry, write_placements
 from .bzimage import e820_entries, encode_cmdline, place_initrd
 
@@ -46,7 +47,7 @@ class NoPvhNoteError(LoaderError):
     """A valid ELF kernel without a PVH entry note (Linux built without CONFIG_PVH)."""
 
 
-def _headers(data: bytes) -> tuple[int, tuple]:
+def _headers(data: ImageBytes) -> tuple[int, tuple]:
     """(ELF class, e_* fields) of a little-endian ELF header; LoaderError if malformed."""
     if len(data) < 16 or bytes(data[:4]) != elf.ELF_MAGIC:
         raise LoaderError("not an ELF file (bad magic)")
@@ -60,7 +61,7 @@ def _headers(data: bytes) -> tuple[int, tuple]:
     return ei_class, _EHDR[ei_class].unpack_from(data)
 
 
-def _table(data: bytes, offset: int, count: int, entsize: int, entry: struct.Struct, what: str):
+def _table(data: ImageBytes, offset: int, count: int, entsize: int, entry: struct.Struct, what: str):
     """Unpacked entries of a program or section header table, bounds-checked."""
     if count == 0:
         return []
@@ -72,7 +73,7 @@ def _table(data: bytes, offset: int, count: int, entsize: int, entry: struct.Str
     return [entry.unpack_from(data, offset + i * entsize) for i in range(count)]
 
 
-def _notes(data: bytes, offset: int, size: int, align: int):
+def _notes(data: ImageBytes, offset: int, size: int, align: int):
     """(name, type, desc) of each note in [offset, offset+size)."""
     if offset + size > len(data):
         raise LoaderError(f"ELF note area at offset {offset:#x} (+{size:#x}) extends past the end of the file")
@@ -106,7 +107,7 @@ def _pvh_entry_in(notes) -> int | None:
     return None
 
 
-def find_pvh_entry(data: bytes) -> int | None:
+def find_pvh_entry(data: ImageBytes) -> int | None:
     """The 32-bit physical entry of XEN_ELFNOTE_PHYS32_ENTRY, None if the ELF has no such note."""
     ei_class, h = _headers(data)
     e_phoff, e_shoff, e_phentsize, e_phnum, e_shentsize, e_shnum = h[5], h[6], h[9], h[10], h[11], h[12]
@@ -129,7 +130,7 @@ def find_pvh_entry(data: bytes) -> int | None:
     return None
 
 
-def elf_extent(data: bytes) -> int:
+def elf_extent(data: ImageBytes) -> int:
     """Bytes of `data` that belong to its ELF file: headers, tables, segments and sections.
 
     A bzImage's payload is vmlinux followed by relocation data; this is where to cut it.
@@ -150,7 +151,7 @@ def elf_extent(data: bytes) -> int:
     return end
 
 
-def verify_vmlinux(data: bytes) -> int:
+def verify_vmlinux(data: ImageBytes) -> int:
     """Check an ELF64 x86-64 kernel with a PVH note; return the PVH entry."""
     image = elf.parse_elf(data)
     if image.bits != 64:
@@ -182,7 +183,7 @@ def build_start_info(memory: GuestMemory, *, cmdline_paddr: int, rsdp: int | Non
     return bytes(area)
 
 
-def load_pvh(memory: GuestMemory, data: bytes, *, cmdline: str = "", initrd: bytes | None = None,
+def load_pvh(memory: GuestMemory, data: ImageBytes, *, cmdline: str = "", initrd: bytes | None = None,
              rsdp: int | None = layout.ACPI_RSDP, kind: str = "Linux vmlinux (PVH)") -> BootEntry:
     """Load an ELF kernel with a PVH note, its initrd (module 0) and hvm_start_info.
 
