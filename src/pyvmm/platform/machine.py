@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
-from ..arch.x86_64 import layout
+from ..bus.bus import Bus
 from ..persist import State, require
 from .apic_bus import ApicBus
 from .clock import ClockState, VirtualClock
@@ -59,13 +59,15 @@ class SoftwarePlatform:
         self.lapics: list[LocalApic] = []
         self._wakeup = wakeup
 
-    def register(self, pio_bus, mmio_bus) -> None:
+    def register(self, pio_bus: Bus, mmio_bus: Bus, *, ioapic_base: int) -> None:
+        """Put the ISA ports and the IOAPIC window (at `ioapic_base`, from the machine's
+        layout, which the platform does not import: arch/ sits above platform/) on the buses."""
         pio_bus.register(PIC_MASTER_PORT, 2, self.pic.master_ports, "pic-master")
         pio_bus.register(PIC_SLAVE_PORT, 2, self.pic.slave_ports, "pic-slave")
         pio_bus.register(ELCR_PORT, 2, self.pic.elcr_ports, "pic-elcr")
         pio_bus.register(PIT_PORT, 4, self.pit, "pit")
         pio_bus.register(PIT_SPEAKER_PORT, 1, self.pit.port61, "pit-port61")
-        mmio_bus.register(layout.IOAPIC_BASE, IOAPIC_WINDOW, self.ioapic, "ioapic")
+        mmio_bus.register(ioapic_base, IOAPIC_WINDOW, self.ioapic, "ioapic")
         # LAPICs are not on the bus: each vCPU routes its own 0xFEE00000 page to its own LAPIC.
 
     def irq_line(self, gsi: int):

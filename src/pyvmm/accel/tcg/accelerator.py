@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 
+from ...arch.x86_64 import layout
 from ...arch.x86_64.tsc_leaf import tsc_leaf
 from ...persist import State, require
 from ...platform.machine import SoftwarePlatform, SoftwarePlatformState
@@ -119,7 +120,7 @@ class TcgAccelerator:
 
     def connect_buses(self, pio_bus: Bus, mmio_bus: Bus) -> None:
         self._dispatch = ExitDispatcher(pio_bus, mmio_bus)
-        self.platform.register(pio_bus, mmio_bus)
+        self.platform.register(pio_bus, mmio_bus, ioapic_base=layout.IOAPIC_BASE)
 
     def irq_line(self, gsi: int) -> IrqLine:
         return self.platform.irq_line(gsi)
