@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from pyvmm.agent import AgentClient, AgentError, AgentUnavailable
+from pyvmm.agent import AgentClient, AgentError, AgentUnavailable, protocol
 
 POWER_OFF_TIMEOUT = 60
 
@@ -81,6 +81,17 @@ def test_commands_and_files_through_the_guest_agent(pyvmm, tmp_path):
     bad = agent_cli(pyvmm, "cp", "--vsock", uds, ":/nope", str(back))
     assert bad.returncode == 2 and bad.stderr.strip() == \
         "pyvmm: error: open /nope: No such file or directory"
+
+    # a client that goes away while its command still prints: the agent kills the command
+    sock = client.connect()
+    # (ignoring SIGPIPE, the loop would outlive its closed output pipe)
+    sock.sendall(protocol.exec_request(["sh", "-c", "trap '' PIPE; while :; do echo flood-from-agent-test; done 2>/dev/null"]))
+    sock.recv(65536)
+    sock.close()
+    deadline = time.monotonic() + 60
+    while b"flood-from-agent-test" in client.exec(["ps", "-o", "args"]).stdout and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert b"flood-from-agent-test" not in client.exec(["ps", "-o", "args"]).stdout
 
     run.send(b"\x01p")   # done: the power button shuts the guest down
     result = run.finish(timeout=POWER_OFF_TIMEOUT)
