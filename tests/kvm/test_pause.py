@@ -103,3 +103,23 @@ def test_stop_while_paused_ends_the_vm(tmp_path, accel):
     vm.close()
     assert vm.outcome.reason == "quit"
     assert [t for t in threading.enumerate() if t.name.startswith("vcpu")] == []
+
+
+def test_the_software_cpus_tsc_stands_still_while_paused(tmp_path):
+    # Linux keeps time with the TSC: a TSC that ran on through a pause would make the guest's
+    # clock jump by the pause when it resumes (KVM guests keep time with kvm-clock, frozen above)
+    from pyvmm.arch.x86_64 import msrs as M
+
+    vm = _counting_vm(tmp_path, "tcg")
+    try:
+        vm.pause()
+        frozen = vm.vcpus[0].save().msrs[M.MSR_IA32_TSC]
+        time.sleep(PAUSED_FOR)
+        assert vm.vcpus[0].save().msrs[M.MSR_IA32_TSC] == frozen
+        vm.resume()
+        vm.pause()
+        hz = vm.accel.platform.tsc_hz
+        ran = vm.vcpus[0].save().msrs[M.MSR_IA32_TSC] - frozen
+        assert 0 < ran < PAUSED_FOR * hz / 2  # it went on from where it stood, the pause left out
+    finally:
+        vm.close()

@@ -37,6 +37,7 @@ from .slice_timer import SliceTimer
 from .translator import Translator
 from .host_tsc import host_tsc_hz
 from .vcpu import TcgVcpu
+from . import vcpu_state
 
 log = logging.getLogger(__name__)
 
@@ -190,11 +191,18 @@ class TcgAccelerator:
         return self.platform.clock.now_ns()
 
     def freeze_time(self) -> None:
-        """Paused: the platform's clock stands still, so no PIT or LAPIC timer comes due and the
-        guest TSC does not advance (the scheduler is parked: nothing polls the timers)."""
+        """Paused: the platform's clock stands still, so no PIT or LAPIC timer comes due (the
+        scheduler is parked: nothing polls the timers), and each vCPU's TSC is held where it
+        stood (Linux keeps time with the TSC: it would jump by the pause otherwise)."""
         self.platform.clock.pause()
+        for vcpu in self.vcpus:
+            vcpu.translator.activate(vcpu)
+            vcpu_state.freeze_tsc(vcpu)
 
     def thaw_time(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.translator.activate(vcpu)
+            vcpu_state.thaw_tsc(vcpu)
         self.platform.clock.resume()
 
     def _schedule(self, vm: VmServices) -> None:

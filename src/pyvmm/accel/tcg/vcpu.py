@@ -81,6 +81,7 @@ class TcgVcpu:
         self.halted = False
         self.spinning = False  # the last slice ended in a spin loop (the scheduler's hint)
         self.waiting_for_sipi = index != 0
+        self.frozen_tsc: int | None = None  # the guest TSC while the VM is paused (vcpu_state.freeze_tsc)
         self.thread_ident: int | None = None
         # what kick() does: end the running slice; the accelerator also wakes its scheduler
         self.wake: Callable[[], None] = self.slice_timer.kick

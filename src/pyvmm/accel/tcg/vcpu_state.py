@@ -93,7 +93,7 @@ def save(vcpu) -> VcpuState:
         dr=tuple(uc.reg_read(r) for r in _DR_REGS),
         dr6=uc.reg_read(X.UC_X86_REG_DR6), dr7=uc.reg_read(X.UC_X86_REG_DR7),
         fpu=_save_fpu(uc), xsave=None,
-        msrs={i: _guest_tsc(uc) if i == M.MSR_IA32_TSC else uc.msr_read(i) for i in TCG_MSRS},
+        msrs={i: guest_tsc(vcpu) if i == M.MSR_IA32_TSC else uc.msr_read(i) for i in TCG_MSRS},
         events=dataclasses.replace(EventsState.none(),
                                    interrupt_shadow=SHADOW_STI if hflags & HF_INHIBIT_IRQ_MASK else 0),
         mp_state="uninitialized" if vcpu.waiting_for_sipi else ("halted" if vcpu.halted else "runnable"),
@@ -101,9 +101,24 @@ def save(vcpu) -> VcpuState:
     )
 
 
-def _guest_tsc(uc) -> int:
-    """The TSC as the guest's RDTSC reads it now."""
-    return (host_tsc() + GuestTsc(uc, tsc_offset_field()).offset) & ((1 << 64) - 1)
+def guest_tsc(vcpu) -> int:
+    """The TSC as the guest's RDTSC reads it now, or where it stood when the VM was paused."""
+    if vcpu.frozen_tsc is not None:
+        return vcpu.frozen_tsc
+    return (host_tsc() + GuestTsc(vcpu.uc, tsc_offset_field()).offset) & ((1 << 64) - 1)
+
+
+def freeze_tsc(vcpu) -> None:
+    """The VM pauses: remember where this vCPU's TSC stands (its RDTSC is the host's plus an
+    offset, and the host's keeps counting)."""
+    vcpu.frozen_tsc = guest_tsc(vcpu)
+
+
+def thaw_tsc(vcpu) -> None:
+    """The VM resumes: the TSC goes on from where it stood, the pause left out."""
+    if vcpu.frozen_tsc is not None:
+        GuestTsc(vcpu.uc, tsc_offset_field()).offset = _signed64(vcpu.frozen_tsc - host_tsc())
+        vcpu.frozen_tsc = None
 
 
 def _signed64(value: int) -> int:
@@ -192,6 +207,8 @@ def restore(vcpu, state: VcpuState) -> None:
             uc.msr_write(index, state.msrs[index])
     if M.MSR_IA32_TSC in state.msrs:
         GuestTsc(uc, tsc_offset_field()).offset = _signed64(state.msrs[M.MSR_IA32_TSC] - host_tsc())
+        if vcpu.frozen_tsc is not None:  # restored into a paused VM: it resumes from the saved TSC
+            vcpu.frozen_tsc = state.msrs[M.MSR_IA32_TSC]
     cs, ss = state.segments["cs"], state.segments["ss"]
     protected = bool(state.cr0 & CR0_PE)
     code64 = bool(state.efer & EFER_LMA and cs.l)
