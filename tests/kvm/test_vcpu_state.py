@@ -113,10 +113,10 @@ def _without_tsc(state: VcpuState) -> dict:
 
 
 @pytest.fixture
-def kvm_only(accel):
-    if accel != "kvm":
-        pytest.skip("needs KVM's side of the state")
-    return accel
+def kvm_only():
+    """A test of KVM's side of the state: no software-CPU variant to skip (tests/kvm/conftest.py
+    skips it without a usable KVM, and fails the run under CI)."""
+    return "kvm"
 
 
 def test_saved_vcpu_state_holds_what_the_guest_set(kvm_only):
