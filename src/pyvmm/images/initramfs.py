@@ -263,39 +263,34 @@ def agent_source() -> bytes:
 def agent_elf(work_dir, cc: str = "gcc") -> bytes:
     """Compile agent.c (the guest agent, pyvmm/agent/protocol.py) into a static executable
     with the host's gcc and C library (libc6-dev)."""
-    import pathlib
-    import subprocess
-
-    work = pathlib.Path(work_dir)
-    source, output = work / "agent.c", work / "pyvmm-agent"
-    source.write_bytes(agent_source())
-    command = [cc, "-Os", "-static", "-s", "-Wl,--build-id=none", "-o", str(output), str(source)]
-    try:
-        subprocess.run(command, check=True, capture_output=True)
-    except FileNotFoundError:
-        raise OSError(f"{cc} not found: it builds the guest agent (apt-get install gcc libc6-dev)") from None
-    except subprocess.CalledProcessError as exc:
-        first = (exc.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[0]
-        raise OSError(f"compiling the guest agent failed (static glibc: apt-get install libc6-dev): {first}") from None
-    return output.read_bytes()
+    return _compile_static(work_dir, cc, "agent.c", agent_source(), "pyvmm-agent", [],
+                           what="the guest agent", needs="gcc libc6-dev")
 
 
 def vsock_helper_elf(work_dir, cc: str = "gcc") -> bytes:
     """Compile vsock_helper.c into a static, libc-free executable with the host's gcc."""
+    flags = ["-nostdlib", "-ffreestanding", "-fno-builtin", "-fno-stack-protector",
+             "-fno-asynchronous-unwind-tables", "-fno-pie", "-no-pie"]
+    return _compile_static(work_dir, cc, "vsock_helper.c", vsock_helper_source(), "pyvmm-vsock", flags,
+                           what="the guest's pyvmm-vsock tool", needs="gcc")
+
+
+def _compile_static(work_dir, cc: str, source_name: str, source: bytes, output_name: str, flags: list[str],
+                    *, what: str, needs: str) -> bytes:
+    """A static, stripped executable built from one C file; a missing compiler or a failed
+    build is one line naming the packages it needs."""
     import pathlib
     import subprocess
 
     work = pathlib.Path(work_dir)
-    source, output = work / "vsock_helper.c", work / "pyvmm-vsock"
-    source.write_bytes(vsock_helper_source())
-    command = [cc, "-Os", "-static", "-nostdlib", "-ffreestanding", "-fno-builtin", "-fno-stack-protector",
-               "-fno-asynchronous-unwind-tables", "-fno-pie", "-no-pie", "-s", "-Wl,--build-id=none",
-               "-o", str(output), str(source)]
+    source_path, output = work / source_name, work / output_name
+    source_path.write_bytes(source)
+    command = [cc, "-Os", "-static", *flags, "-s", "-Wl,--build-id=none", "-o", str(output), str(source_path)]
     try:
         subprocess.run(command, check=True, capture_output=True)
     except FileNotFoundError:
-        raise OSError(f"{cc} not found: it builds the guest's pyvmm-vsock tool (apt-get install gcc)") from None
+        raise OSError(f"{cc} not found: it builds {what} (apt-get install {needs})") from None
     except subprocess.CalledProcessError as exc:
         first = (exc.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[0]
-        raise OSError(f"compiling pyvmm-vsock failed: {first}") from None
+        raise OSError(f"compiling {what} failed (apt-get install {needs}): {first}") from None
     return output.read_bytes()

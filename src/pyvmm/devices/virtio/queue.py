@@ -178,14 +178,9 @@ class SplitQueue:
         """The next available request, or None. Malformed chains are completed (0 bytes) and skipped."""
         memory = self.memory
         while self._redo:
-            head = self._redo.popleft()
-            try:
-                chain = self._walk(head)
-            except (ChainError, GuestMemoryError) as exc:
-                self._drop_malformed(head, exc)
-                continue
-            self._in_flight[head] = None
-            return chain
+            chain = self._take(self._redo.popleft())
+            if chain is not None:
+                return chain
         while self.has_available():
             slot = self.last_avail % self.size
             head = memory.read_u16(self.avail_ring + 4 + 2 * slot)
@@ -194,14 +189,20 @@ class SplitQueue:
                 memory.write_u16(self.used_ring + 4 + 8 * self.size, self.last_avail)
             if head >= self.size:
                 raise VirtqueueBroken(f"available ring slot {slot} names descriptor {head} of {self.size}")
-            try:
-                chain = self._walk(head)
-            except (ChainError, GuestMemoryError) as exc:
-                self._drop_malformed(head, exc)
-                continue
-            self._in_flight[head] = None
-            return chain
+            chain = self._take(head)
+            if chain is not None:
+                return chain
         return None
+
+    def _take(self, head: int) -> DescriptorChain | None:
+        """The request at `head`, now in flight; None where it was malformed (completed, 0 bytes)."""
+        try:
+            chain = self._walk(head)
+        except (ChainError, GuestMemoryError) as exc:
+            self._drop_malformed(head, exc)
+            return None
+        self._in_flight[head] = None
+        return chain
 
     def _drop_malformed(self, head: int, exc: Exception) -> None:
         self.malformed_chains += 1
