@@ -62,12 +62,18 @@ static int write_exact(int fd, const void *buf, size_t n) {
     return 0;
 }
 
+static pid_t running = 0; /* the process group of the command being served, if any */
+
 static void send_frame(int type, const void *data, uint32_t n) {
     unsigned char head[5];
     uint32_t len = n + 1;
     memcpy(head, &len, 4); /* x86-64: little-endian */
     head[4] = (unsigned char)type;
-    if (write_exact(conn, head, 5) < 0 || write_exact(conn, data, n) < 0) _exit(1);
+    if (write_exact(conn, head, 5) < 0 || write_exact(conn, data, n) < 0) {
+        /* the host went away while output was on its way: the command must not run on */
+        if (running > 0) kill(-running, SIGKILL);
+        _exit(1);
+    }
 }
 
 static void send_error(const char *what, const char *name, int err) {
@@ -174,6 +180,7 @@ static void serve_exec(uint32_t n) {
         if (write(status_pipe[1], failure, sizeof failure) < 0) _exit(126);
         _exit(127);
     }
+    running = child;
     close(in[0]);
     close(out[1]);
     close(err[1]);
@@ -181,6 +188,7 @@ static void serve_exec(uint32_t n) {
     int failure[2];
     if (read(status_pipe[0], failure, sizeof failure) == (ssize_t)sizeof failure) { /* else: exec'd */
         waitpid(child, NULL, 0);
+        running = 0;
         return send_error(failure[0] == 1 ? "chdir" : "exec", failure[0] == 1 ? cwd : argv[0], failure[1]);
     }
     close(status_pipe[0]);
@@ -237,6 +245,7 @@ static void serve_exec(uint32_t n) {
     }
     int status;
     while (waitpid(child, &status, 0) < 0 && errno == EINTR) {}
+    running = 0; /* reaped: its pid may be reused */
     uint32_t result[2] = {WIFEXITED(status) ? (uint32_t)WEXITSTATUS(status) : 128u + (uint32_t)WTERMSIG(status),
                           WIFSIGNALED(status) ? (uint32_t)WTERMSIG(status) : 0};
     send_frame(T_EXIT, result, sizeof result);
