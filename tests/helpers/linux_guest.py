@@ -41,18 +41,44 @@ def gated_argv(args: Iterable[str]) -> list[str]:
     return [sys.executable, "-m", "pyvmm.cli", *options, *command]
 
 
-class GuestRun:
+class ConsoleRecord:
+    """A guest's console output as it arrived, `chunks` of (host monotonic time, bytes), and the
+    kernel-warning gate over it; shared by GuestRun and InProcessGuest."""
+
+    def __init__(self, expected_warnings: Iterable[str]) -> None:
+        self.expected_warnings = tuple(expected_warnings)
+        self.chunks: list[tuple[float, bytes]] = []
+        self.checked = False
+        self._arrived = threading.Condition()
+
+    def _record(self, chunk: bytes) -> None:
+        """Keep `chunk` and wake whoever waits for output (call with `_arrived` held)."""
+        self.chunks.append((time.monotonic(), chunk))
+        self._arrived.notify_all()
+
+    @property
+    def output(self) -> bytes:
+        with self._arrived:
+            return b"".join(chunk for _, chunk in self.chunks)
+
+    def text(self) -> str:
+        return self.output.decode(errors="replace").replace("\r\n", "\n")
+
+    def _check_kernel_warnings(self, context: str) -> None:
+        self.checked = True
+        warnings = find_kernel_warnings(self.output, self.expected_warnings)
+        assert not warnings, f"{describe(warnings)}\n({context})"
+
+
+class GuestRun(ConsoleRecord):
     """One `pyvmm` process. Its console (stdout, or the terminal with `terminal=True`) is read
     by a thread into `chunks`: (host monotonic time, bytes) as they arrive."""
 
     def __init__(self, args: Iterable[str], *, expected_warnings: Iterable[str] = (), stdin=subprocess.DEVNULL,
                  terminal: bool = False) -> None:
+        super().__init__(expected_warnings)
         self.argv = gated_argv(args)
-        self.expected_warnings = tuple(expected_warnings)
-        self.chunks: list[tuple[float, bytes]] = []
         self.terminal_mode_before: list | None = None
-        self.checked = False
-        self._arrived = threading.Condition()
         self._eof = False
         if terminal:  # stdin, stdout and stderr on a pseudo-terminal, as a person's shell has them
             self.master, slave = pty.openpty()
@@ -86,22 +112,14 @@ class GuestRun:
                 chunk = b""
             with self._arrived:
                 if chunk:
-                    self.chunks.append((time.monotonic(), chunk))
+                    self._record(chunk)
                 else:
                     self._eof = True
-                self._arrived.notify_all()
+                    self._arrived.notify_all()
             if not chunk:
                 return
 
     # --- the console ------------------------------------------------------------------------
-
-    @property
-    def output(self) -> bytes:
-        with self._arrived:
-            return b"".join(chunk for _, chunk in self.chunks)
-
-    def text(self) -> str:
-        return self.output.decode(errors="replace").replace("\r\n", "\n")
 
     def send(self, data: bytes) -> float:
         """Write `data` to the guest's console input; the host time just before it went."""
@@ -163,12 +181,10 @@ class GuestRun:
             self.master = -1
 
     def check_kernel_warnings(self) -> None:
-        self.checked = True
-        warnings = find_kernel_warnings(self.output, self.expected_warnings)
-        assert not warnings, f"{describe(warnings)}\n(pyvmm {' '.join(self.argv[3:])})"
+        self._check_kernel_warnings(f"pyvmm {' '.join(self.argv[3:])}")
 
 
-class InProcessGuest:
+class InProcessGuest(ConsoleRecord):
     """The default guest as a Vm in this process, for tests that need the Vm itself (pause,
     save, restore). Its console output is kept like a GuestRun's and gated the same way;
     `console_write` is what a VM rebuilt for it (a restore) writes its console to. The kernel
@@ -184,27 +200,15 @@ class InProcessGuest:
         from pyvmm.runner import with_default_guest
 
         machine = replace(machine, cmdline=f"{machine.cmdline} {CONSOLE_LOGLEVEL}".strip())
+        super().__init__(expected_warnings)
         self.machine, options = with_default_guest(machine, RunOptions(), command)
-        self.expected_warnings = tuple(expected_warnings)
-        self.chunks: list[tuple[float, bytes]] = []
-        self.checked = False
-        self._arrived = threading.Condition()
         self.symbols = LazySymbolTable(options.system_map) if options.system_map else None
         self.vm = build_vm(self.machine, self.console_write, accel=choose_accelerator(accel).create())
         self.vm.symbols = self.symbols
 
     def console_write(self, data: bytes) -> None:
         with self._arrived:
-            self.chunks.append((time.monotonic(), bytes(data)))
-            self._arrived.notify_all()
-
-    @property
-    def output(self) -> bytes:
-        with self._arrived:
-            return b"".join(chunk for _, chunk in self.chunks)
-
-    def text(self) -> str:
-        return self.output.decode(errors="replace").replace("\r\n", "\n")
+            self._record(bytes(data))
 
     def wait_for(self, marker: bytes, *, after: int = 0, timeout: float = BOOT_TIMEOUT) -> int:
         """Wait until `marker` appears at or after offset `after`; the offset just past it."""
@@ -226,9 +230,7 @@ class InProcessGuest:
         self.vm.close()
 
     def check_kernel_warnings(self) -> None:
-        self.checked = True
-        warnings = find_kernel_warnings(self.output, self.expected_warnings)
-        assert not warnings, f"{describe(warnings)}\n(in-process guest: {self.machine.cmdline})"
+        self._check_kernel_warnings(f"in-process guest: {self.machine.cmdline}")
 
 
 class LinuxBoots:
