@@ -1,0 +1,163 @@
+"""The receiving side: wait for a migration, build the VM it carries, run it on COMMIT.
+
+The destination reads HELLO and answers READY (or ERROR: a machine it cannot continue is
+refused before any memory moves), makes fresh guest memory and applies PAGES frames to it
+until STATE and END; then it rebuilds the VM from the state in that memory (restore_vm:
+disks reopened by path, TAPs by name, the vsock and console host sides made anew), answers
+ACK and waits for COMMIT. Only with COMMIT is the VM its own: it returns it, paused, for the
+caller to resume. A stream cut or corrupted at any point before that, a state that does not
+restore, a source that gives up: everything received is released (no half VM) and a
+MigrationError says why in one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from ..config import MachineConfig
+from ..errors import UserError, user_error_message
+from .channel import (ACK, COMMIT, END, HELLO, PAGES, READY, STATE, Address, Channel, MigrationError, StreamError,
+                      accept, listen, parse_address)
+from .machine import decode_state, merge_machine, read_hello
+from .pages import PageReceiver
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Incoming:
+    """A migration received: the VM (paused until the caller resumes it) and figures."""
+    vm: object
+    pages: int
+    bytes_received: int
+    seconds: float           # from the connection to COMMIT
+    source: str
+
+
+class IncomingListener:
+    """A destination waiting at `address` (bound at construction, so the source can connect
+    as soon as this exists)."""
+
+    def __init__(self, address: str | Address) -> None:
+        self.address = address if isinstance(address, Address) else parse_address(address)
+        self._listener = listen(self.address)
+
+    @property
+    def bound_address(self) -> Address:
+        """The address really bound (tcp: the port chosen for port 0)."""
+        if self.address.kind == "tcp":
+            host, port = self._listener.getsockname()[:2]
+            return Address("tcp", host=host, port=port)
+        return self.address
+
+    def receive(self, console_write: Callable[[bytes], None], *, config: MachineConfig | None = None,
+                accept_timeout: float | None = None) -> Incoming:
+        """Wait for one migration and receive it (see the module docstring). `config`: this
+        destination's own machine (its definition): the incoming one must match what the guest
+        sees and takes its host-side resources from it."""
+        conn = accept(self._listener, accept_timeout)
+        try:
+            peer = _peer_name(conn, self.address)
+            return receive(Channel(conn, peer), console_write, config=config)
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self._listener.close()
+        if self.address.kind == "unix":
+            try:
+                import os
+
+                os.unlink(self.address.path)
+            except OSError:
+                pass
+
+    def __enter__(self) -> "IncomingListener":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def receive(channel: Channel, console_write: Callable[[bytes], None], *,
+            config: MachineConfig | None = None) -> Incoming:
+    """Receive one migration over a connected `channel` (see the module docstring)."""
+    from ..accel.select import choose_accelerator
+    from ..memory import GuestMemory
+    from ..restore import restore_vm
+    from ..arch.x86_64 import layout
+
+    started = time.monotonic()
+    memory = None
+    vm = None
+    try:
+        channel.receive_preamble()
+        channel.send_preamble()
+        incoming, accelerator = read_hello(channel.expect_json(HELLO))
+        machine = merge_machine(incoming, config)
+        try:
+            accel = choose_accelerator(accelerator).create()
+        except UserError as exc:
+            raise MigrationError(f"the VM runs on {accelerator} at the source, which this host cannot: "
+                                 f"{user_error_message(exc)}") from None
+        try:
+            memory = GuestMemory.from_specs(layout.ram_regions(machine.memory))
+        except BaseException:
+            accel.close()
+            raise
+        channel.send_json(READY, {})
+        pages = PageReceiver(memory)
+        state_bytes = None
+        while True:
+            kind, flags, payload = channel.receive()
+            if kind == PAGES and state_bytes is None:
+                pages.apply(payload, flags)
+            elif kind == STATE and state_bytes is None:
+                state_bytes = payload
+            elif kind == END and state_bytes is not None:
+                break
+            else:
+                raise StreamError(f"the migration stream from {channel.peer} is out of order "
+                                  f"(an unexpected frame of kind {kind})")
+        state = decode_state(state_bytes, f"the migration from {channel.peer}")
+        if state.machine != incoming or state.accelerator != accelerator:
+            raise MigrationError("the VM state sent does not describe the machine announced in HELLO")
+        import dataclasses
+
+        state = dataclasses.replace(state, machine=machine)
+        try:
+            vm = restore_vm(state, memory, console_write, accel=accel)
+        except BaseException:
+            accel.close()
+            raise
+        memory = None  # the VM owns it
+        channel.send(ACK)
+        channel.expect(COMMIT)
+    except BaseException as exc:
+        message = user_error_message(exc) if isinstance(exc, (UserError, OSError)) else f"{type(exc).__name__}: {exc}"
+        if not isinstance(exc, StreamError):
+            channel.send_error(f"the destination gave up: {message}")
+        if vm is not None:
+            vm.close()
+        if memory is not None:
+            memory.close()
+        if isinstance(exc, MigrationError):
+            raise
+        if isinstance(exc, (UserError, OSError)):
+            raise MigrationError(f"the incoming migration failed: {message}") from None
+        raise
+    return Incoming(vm, pages.pages, channel.bytes_received, time.monotonic() - started, channel.peer)
+
+
+def _peer_name(conn: socket.socket, address: Address) -> str:
+    if address.kind == "tcp":
+        try:
+            host, port = conn.getpeername()[:2]
+            return f"tcp:{host}:{port}"
+        except OSError:
+            pass
+    return "the source"
