@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .config import MachineConfig
     from .devmgr import DeviceManager
     from .loader.linux.symbols import LazySymbolTable
+    from .memory.dirty import DirtyBitmap, DirtyRate, HostWriteTracker
 
 log = logging.getLogger(__name__)
 # pyvmm's own exit statuses are even; debug-exit statuses, (V << 1) | 1, are odd.
@@ -99,6 +100,11 @@ class Vm:
         self.device_manager: DeviceManager | None = None
         self.machine: MachineConfig | None = None
         self._owns_memory = True
+        # Dirty-page tracking: one tracking, each reader's pages since its previous dirty_log().
+        self._dirty_lock = threading.Lock()
+        self._dirty_tracker: HostWriteTracker | None = None
+        self._dirty_readers: dict[str, DirtyBitmap] = {}
+        self._dirty_rate: DirtyRate | None = None
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -238,6 +244,7 @@ class Vm:
         self._closed = True
         if self.iothread is not None:
             self.iothread.stop()
+        self._end_dirty_tracking()
         for release in self._on_close:
             try:
                 release()
@@ -271,6 +278,95 @@ class Vm:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    # --- dirty-page tracking -------------------------------------------------------------
+
+    def start_dirty_log(self, reader: str = "default") -> None:
+        """Log the guest pages written from now on, by anything: guest code on either
+        accelerator, device emulation on any thread. Readers (a series of Diff snapshots,
+        a migration) each get their own log of one tracking; starting a reader that is
+        already logging keeps its log. DirtyTrackingUnavailable (one line) where the host or
+        this machine cannot track: a vhost-user back-end writes guest RAM from another
+        process, which nothing here sees."""
+        from .memory.dirty import DirtyBitmap, DirtyRate, DirtyTrackingUnavailable, HostWriteTracker
+
+        with self._dirty_lock:
+            if self._closed or self.stop_requested.is_set():
+                raise VmError("the VM has stopped: there is nothing to track")
+            if reader in self._dirty_readers:
+                return
+            if self._dirty_tracker is None:
+                for node in (self.device_manager.tree if self.device_manager is not None else ()):
+                    if node.kind.startswith("vhost-user"):
+                        raise DirtyTrackingUnavailable(
+                            f"cannot track dirty pages: {node.id}'s vhost-user back-end writes guest RAM from another process")
+                tracker = HostWriteTracker(self.memory)
+                try:
+                    self.accel.start_dirty_log()
+                except BaseException:
+                    tracker.close()
+                    raise
+                self._dirty_tracker = tracker
+                self._dirty_rate = DirtyRate()
+                self._dirty_rate.start()
+            else:
+                self._collect_dirty_locked()  # what was written until now is the other readers'
+            self._dirty_readers[reader] = DirtyBitmap.empty(self.memory)
+
+    def dirty_log(self, reader: str = "default") -> DirtyBitmap:
+        """The pages written since start_dirty_log() or this reader's previous dirty_log()
+        (running or paused); the reader's log starts over."""
+        from .memory.dirty import DirtyBitmap
+
+        with self._dirty_lock:
+            if reader not in self._dirty_readers:
+                raise VmError("the dirty log is not running (start_dirty_log() first)")
+            self._collect_dirty_locked()
+            taken = self._dirty_readers[reader]
+            self._dirty_readers[reader] = DirtyBitmap.empty(self.memory)
+            return taken
+
+    def _collect_dirty_locked(self) -> None:
+        """The pages written since the previous collection, from the host and the accelerator,
+        into every reader's log."""
+        assert self._dirty_tracker is not None and self._dirty_rate is not None
+        fresh = self._dirty_tracker.collect()
+        self.accel.collect_dirty_log(fresh)
+        self._dirty_rate.add(fresh.count())
+        for bitmap in self._dirty_readers.values():
+            bitmap.merge(fresh)
+
+    def dirty_rate(self) -> float | None:
+        """Pages dirtied per second over the last few seconds of dirty_log() calls (any
+        reader), or None before two of them: pre-copy's convergence estimate."""
+        with self._dirty_lock:
+            return self._dirty_rate.pages_per_second() if self._dirty_rate is not None else None
+
+    @property
+    def dirty_logging(self) -> bool:
+        return self._dirty_tracker is not None
+
+    def stop_dirty_log(self, reader: str = "default") -> None:
+        """This reader stops logging; the tracking itself (and its cost to the guest) ends
+        with the last reader."""
+        with self._dirty_lock:
+            self._dirty_readers.pop(reader, None)
+            if self._dirty_readers:
+                return
+        self._end_dirty_tracking()
+
+    def _end_dirty_tracking(self) -> None:
+        with self._dirty_lock:
+            self._dirty_readers.clear()
+            tracker, self._dirty_tracker = self._dirty_tracker, None
+            self._dirty_rate = None
+            if tracker is None:
+                return
+            tracker.close()
+            try:
+                self.accel.stop_dirty_log()
+            except Exception:  # the VM is ending or its memory slots are gone: nothing is logged then
+                log.debug("stopping the accelerator's dirty log failed", exc_info=True)
 
     # --- metrics ------------------------------------------------------------------------
 

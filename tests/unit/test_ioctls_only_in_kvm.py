@@ -11,8 +11,10 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[2] / "src" / "pyvmm"
 
 # Host devices that are not KVM's, with ioctls of their own (TUN/TAP offloads and vnet headers
-# on /dev/net/tun, vhost-net's feature query): these modules wrap them, as kvm/ wraps KVM's.
-NON_KVM_IOCTLS = {"net/tap.py", "net/vhost.py"}
+# on /dev/net/tun, vhost-net's feature query), and this process's own page tables
+# (userfaultfd and /proc/self/pagemap: dirty tracking, lazy restore): these modules wrap them,
+# as kvm/ wraps KVM's.
+NON_KVM_IOCTLS = {"net/tap.py", "net/vhost.py", "memory/userfaultfd.py"}
 
 
 def ioctl_calls(source: str) -> list[int]:

@@ -22,6 +22,7 @@ from ..arch.x86_64.cpu_state import CpuState, VcpuState
 from ..arch.x86_64.cpuid import CpuidPolicy
 from ..bus.bus import Bus
 from ..bus.interrupt import IrqLine, MsiVector
+from ..memory.dirty import DirtyBitmap
 from ..memory.guest_memory import GuestMemory
 from ..persist import State
 from .exits import VcpuExit
@@ -118,6 +119,16 @@ class Accelerator(Protocol):
 
     def thaw_time(self) -> None:
         """The VM resumes: guest time continues from where it stood."""
+
+    def start_dirty_log(self) -> None:
+        """Start logging the guest pages the vCPUs write where this process's mapping of guest
+        RAM does not see them (KVM's dirty log); nothing where the vCPUs write through that
+        mapping (the software CPU), which the Vm's HostWriteTracker already watches."""
+
+    def collect_dirty_log(self, into: DirtyBitmap) -> None:
+        """OR the pages logged since start or the previous collect into `into`; start over."""
+
+    def stop_dirty_log(self) -> None: ...
 
     def save(self) -> State:
         """The VM-wide state outside the vCPUs (KVM's in-kernel irqchip, PIT and clock; the

@@ -1,4 +1,4 @@
-"""Guest physical memory: addresses, RAM regions, bounds-checked access."""
+"""Guest physical memory: addresses, RAM regions, bounds-checked access, dirty-page tracking."""
 
 from .address import GuestAddress
 from .guest_memory import GuestMemory, GuestMemoryError, MemoryRegion

@@ -7,6 +7,7 @@ own thread (vcpu.py), its exits served by the shared ExitDispatcher.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import logging
@@ -18,6 +19,7 @@ from ...arch.x86_64.cpuid import EMULATED_KERNEL_HIDDEN, CpuidPolicy, kvm_guest_
 from ...bus.bus import Bus
 from ...kvm import Kvm, KvmError, KvmUnavailable, uapi
 from ...kvm.system import CpuidEntry
+from ...memory.dirty import DirtyBitmap, DirtyTrackingUnavailable
 from ...memory.guest_memory import GuestMemory
 from ...persist import State, require
 from ..base import RunLoop, VmServices
@@ -90,6 +92,7 @@ class KvmAccelerator:
         self._ioeventfds = KvmIoEventFds(self.vm_fd)
         self._dispatch: ExitDispatcher | None = None
         self._frozen_clock_ns: int | None = None  # kvm-clock where the guest stopped, while paused
+        self._dirty_words: list[ctypes.Array] = []  # per slot, KVM_GET_DIRTY_LOG's buffer while logging
 
     # --- machine -----------------------------------------------------------------------
 
@@ -108,6 +111,30 @@ class KvmAccelerator:
                 self.vm_fd.set_user_memory_region(slot, region.guest_base, region.size, region.host_address)
             except KvmError as exc:
                 raise KvmUnavailable(f"KVM refused guest RAM at {region.guest_base:#x} ({region.size >> 20} MiB): {exc.strerror}") from None
+
+    def _set_dirty_logging(self, on: bool) -> None:
+        flags = uapi.KVM_MEM_LOG_DIRTY_PAGES if on else 0
+        for slot, region in enumerate(self.memory.regions):
+            try:
+                self.vm_fd.set_user_memory_region(slot, region.guest_base, region.size, region.host_address, flags)
+            except KvmError as exc:
+                raise DirtyTrackingUnavailable(f"KVM refused to log the dirty pages of guest RAM at {region.guest_base:#x}: {exc.strerror}") from None
+
+    def start_dirty_log(self) -> None:
+        """KVM_MEM_LOG_DIRTY_PAGES on every slot: KVM logs the pages the guest writes (its
+        writes go through KVM's mappings, not necessarily through this process's)."""
+        self._set_dirty_logging(True)
+        self._dirty_words = [(uapi.u64 * ((region.size // 4096 + 63) // 64))() for region in self.memory.regions]
+
+    def collect_dirty_log(self, into: DirtyBitmap) -> None:
+        """KVM_GET_DIRTY_LOG per slot: returns the log and write-protects those pages again."""
+        for slot, (region, words) in enumerate(zip(self.memory.regions, self._dirty_words)):
+            self.vm_fd.get_dirty_log(slot, words)
+            into.merge_words(int(region.guest_base), bytes(words))
+
+    def stop_dirty_log(self) -> None:
+        self._set_dirty_logging(False)
+        self._dirty_words = []
 
     def connect_buses(self, pio_bus: Bus, mmio_bus: Bus) -> None:
         """Exits reach the buses through the dispatcher; the in-kernel irqchip and PIT need no bus."""

@@ -26,6 +26,7 @@ from ...platform.msi import SoftwareMsiVector
 from ...arch.x86_64.cpuid import CpuidPolicy
 from ...bus.bus import Bus
 from ...bus.interrupt import IrqLine
+from ...memory.dirty import DirtyBitmap
 from ...memory.guest_memory import GuestMemory
 from ..base import RunLoop, VmServices
 from ..dispatch import ExitDispatcher
@@ -118,6 +119,17 @@ class TcgAccelerator:
             return  # no vCPU yet: nothing translated
         for first, end in ranges:
             translator.translated_code.drop(first << 12, end << 12)
+
+    # Translated code writes guest RAM through this process's mapping (Unicorn maps it by
+    # pointer), where the Vm's HostWriteTracker sees every write: no log of its own.
+    def start_dirty_log(self) -> None:
+        pass
+
+    def collect_dirty_log(self, into: DirtyBitmap) -> None:
+        pass
+
+    def stop_dirty_log(self) -> None:
+        pass
 
     def connect_buses(self, pio_bus: Bus, mmio_bus: Bus) -> None:
         self._dispatch = ExitDispatcher(pio_bus, mmio_bus)
