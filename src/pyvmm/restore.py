@@ -24,7 +24,9 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .accel.cross import across_accelerators
 from .arch.x86_64 import layout
+from .arch.x86_64.cpuid import CpuidPolicy
 from .builder import PCI_ROOT_ID, assemble, create_vcpus
 from .config import MachineConfig
 from .devmgr import DeviceTree
@@ -103,8 +105,6 @@ def check_state(state: VmState, memory: GuestMemory, accel=None, config: Machine
     if regions != wanted:
         raise StateError(f"vm state: machine.memory: {machine.memory >> 20} MiB of guest RAM, "
                          f"the memory given holds {memory.size >> 20} MiB")
-    if accel is not None and accel.name != state.accelerator:
-        raise StateError(f"vm state: accelerator: saved on {state.accelerator}, cannot continue on {accel.name}")
     expected = expected_device_ids(machine)
     saved = [node.id for node in state.device_tree.nodes]
     if sorted(saved) != sorted(expected):
@@ -117,10 +117,16 @@ def check_state(state: VmState, memory: GuestMemory, accel=None, config: Machine
 def restore_vm(state: VmState, memory: GuestMemory, console_write: Callable[[bytes], None], *, accel=None,
                config: MachineConfig | None = None, carryover: Carryover | None = None) -> Vm:
     """A started, paused Vm continuing `state` in `memory` (which it owns from then on).
-    `accel`: an accelerator instance of the kind the state was saved on (default: a new one);
+    `accel`: an accelerator instance (default: a new one of the kind the state was saved
+    on); of the other kind, the state is converted (accel/cross.py) or refused in one line;
     `config`: the machine the caller expects (refused unless it is the state's). On an error
     nothing is left built and `memory` stays the caller's."""
     machine = check_state(state, memory, accel, config)
+    if accel is not None and accel.name != state.accelerator:
+        # another accelerator: what the guest saw is kept (or refused), the platform converted
+        platform, vcpus = across_accelerators(state.accelerator, state.platform, state.vcpus, state.guest_view,
+                                              accel, CpuidPolicy(set(machine.cpu_hide)))
+        state = dataclasses.replace(state, accelerator=accel.name, platform=platform, vcpus=vcpus)
     vsock_carried: VsockCarryover | None = carryover.vsock.pop(VSOCK_ID, None) if carryover is not None else None
     if vsock_carried is not None and machine.vsock is None:
         vsock_carried.close()

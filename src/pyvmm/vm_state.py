@@ -20,7 +20,7 @@ from dataclasses import dataclass
 # Every State kind a VmState may hold is registered by importing its module (persist reads
 # a polymorphic field back by kind).
 from .accel.kvm import state as _kvm_state  # noqa: F401
-from .arch.x86_64.cpu_state import VcpuState
+from .arch.x86_64.cpu_state import GuestCpuView, VcpuState
 from .config import ConsolePort, DiskConfig, MachineConfig, NetConfig, VsockConfig
 from .devices import legacy as _legacy  # noqa: F401
 from .devices.virtio import blk, console, mmio, net, pci, rng, vhost_user_blk, vsock  # noqa: F401
@@ -120,7 +120,10 @@ def _plain(state: State) -> dict:
 
 @dataclass(frozen=True)
 class VmState(State):
+    """Version 2 added `guest_view` (None in a version-1 state: a restore on another
+    accelerator is then refused, since what the guest saw of its CPU is unknown)."""
     KIND = "vm"
+    VERSION = 2
     machine: MachineDescription
     accelerator: str                    # kvm | tcg: the backend whose state `platform` is
     device_tree: DeviceTreeState
@@ -128,6 +131,13 @@ class VmState(State):
     vcpus: tuple[VcpuState, ...]
     platform: State                     # KvmVmState | SoftwarePlatformState
     guest_clock_ns: int
+    guest_view: GuestCpuView | None
+
+    @classmethod
+    def upgrade(cls, version: int, fields: dict) -> dict:
+        if version == 1:
+            return {**fields, "guest_view": None}
+        return super().upgrade(version, fields)
 
     def validate(self) -> None:
         if self.accelerator not in ACCELERATORS:
@@ -151,7 +161,7 @@ def capture(vm) -> VmState:
     return VmState(machine=MachineDescription.from_config(vm.machine), accelerator=vm.accel.name,
                    device_tree=manager.tree.save(), devices=save_devices(manager),
                    vcpus=tuple(vcpu.save() for vcpu in vm.vcpus), platform=vm.accel.save(),
-                   guest_clock_ns=vm.accel.guest_clock_ns())
+                   guest_clock_ns=vm.accel.guest_clock_ns(), guest_view=vm.accel.guest_view())
 
 
 def save_devices(manager) -> dict[str, State]:

@@ -156,7 +156,7 @@ def test_a_state_that_does_not_fit_fails_with_one_line_and_builds_nothing(accel)
     state, carried, paused_at = _paused_and_saved(accel)
     data = state.to_dict()
     wrong_version = {**data, "version": 99}
-    with pytest.raises(StateError, match=r"^vm state: version 99 is not supported \(this pyvmm reads 1\.\.1\)$"):
+    with pytest.raises(StateError, match=r"^vm state: version 99 is not supported \(this pyvmm reads 1\.\.2\)$"):
         VmState.from_dict(wrong_version)
     with pytest.raises(StateError, match=r"^vm state: vcpus: 1 saved, the machine has 2$"):
         dataclasses.replace(state, machine=dataclasses.replace(state.machine, cpus=2))
@@ -172,8 +172,9 @@ def test_a_state_that_does_not_fit_fails_with_one_line_and_builds_nothing(accel)
         (without_rtc, {}, r"^vm state: device_tree: 'rtc' is missing$"),
         (state, {"config": dataclasses.replace(_config(), cpus=2)},
          r"^vm state: machine\.cpus: the state's machine differs from this one's$"),
-        (state, {"accel": types.SimpleNamespace(name=other_accel)},
-         rf"^vm state: accelerator: saved on {accel}, cannot continue on {other_accel}$"),
+        (dataclasses.replace(state, guest_view=None), {"accel": types.SimpleNamespace(name=other_accel)},
+         rf"^vm state: guest_view: the state does not record the CPU the guest saw \(an older pyvmm saved it\), "
+         rf"so it can continue only on {accel}$"),
         (state, {"memory": small},
          r"^vm state: machine\.memory: 16 MiB of guest RAM, the memory given holds 8 MiB$"),
     ]

@@ -18,10 +18,11 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from ..arch.x86_64.cpu_state import CpuState, VcpuState
+from ..arch.x86_64.cpu_state import CpuState, GuestCpuView, VcpuState
 from ..arch.x86_64.cpuid import CpuidPolicy
 from ..bus.bus import Bus
 from ..bus.interrupt import IrqLine, MsiVector
+from ..kvm.system import CpuidEntry
 from ..memory.dirty import DirtyBitmap
 from ..memory.guest_memory import GuestMemory
 from ..persist import State
@@ -135,5 +136,15 @@ class Accelerator(Protocol):
         software CPU's platform), taken while paused."""
 
     def restore(self, state: State) -> None: ...
+
+    def guest_view(self) -> GuestCpuView:
+        """What the guest saw of its CPU: vCPU 0's CPUID, the TSC rate, the LAPIC timer's clock."""
+
+    def offered_cpuid(self, policy: CpuidPolicy, count: int) -> list[CpuidEntry]:
+        """The CPUID this accelerator would give vCPU 0 of a new `count`-vCPU machine."""
+
+    def keep_guest_view(self, view: GuestCpuView) -> None:
+        """Before the machine is built: show the guest `view` (a state saved on another
+        accelerator), or raise a StateError naming what cannot be kept."""
 
     def close(self) -> None: ...

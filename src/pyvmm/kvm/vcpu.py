@@ -197,6 +197,10 @@ class VcpuFd(KvmFd):
     def get_tsc_khz(self) -> int:
         return ioctl(self.fd, ioctls.KVM_GET_TSC_KHZ)
 
+    def set_tsc_khz(self, khz: int) -> None:
+        """Scale this vCPU's TSC to `khz` (KVM_CAP_TSC_CONTROL)."""
+        ioctl(self.fd, ioctls.KVM_SET_TSC_KHZ, khz)
+
     def _get(self, request: int, struct):
         ioctl(self.fd, request, struct)
         return struct

@@ -15,13 +15,15 @@ import signal
 import threading
 
 from ...arch.x86_64 import layout, msrs
-from ...arch.x86_64.cpuid import EMULATED_KERNEL_HIDDEN, CpuidPolicy, kvm_guest_cpuid
+from ...arch.x86_64.cpu_state import GuestCpuView
+from ...arch.x86_64.cpuid import EMULATED_KERNEL_HIDDEN, CpuidPolicy, guest_cpuid, kvm_guest_cpuid
+from ...arch.x86_64.tsc_leaf import KVM_APIC_BUS_HZ
 from ...bus.bus import Bus
 from ...kvm import Kvm, KvmError, KvmUnavailable, uapi
 from ...kvm.system import CpuidEntry
 from ...memory.dirty import DirtyBitmap, DirtyTrackingUnavailable
 from ...memory.guest_memory import GuestMemory
-from ...persist import State, require
+from ...persist import State, StateError, require
 from ..base import RunLoop, VmServices
 from ..dispatch import ExitDispatcher
 from . import state as kvm_state
@@ -93,6 +95,8 @@ class KvmAccelerator:
         self._dispatch: ExitDispatcher | None = None
         self._frozen_clock_ns: int | None = None  # kvm-clock where the guest stopped, while paused
         self._dirty_words: list[ctypes.Array] = []  # per slot, KVM_GET_DIRTY_LOG's buffer while logging
+        self._cpuid_tables: list[list[CpuidEntry]] = []  # what each vCPU was given
+        self._kept_view: GuestCpuView | None = None  # a state from another accelerator: its CPUID and TSC rate
 
     # --- machine -----------------------------------------------------------------------
 
@@ -175,14 +179,54 @@ class KvmAccelerator:
     def create_vcpu(self, index: int, count: int, policy: CpuidPolicy) -> "KvmVcpu":
         install_kick_handler()
         vcpu = KvmVcpu(self, self.vm_fd.create_vcpu(index), index)
-        if self.kernel_code_emulated:
-            policy = policy.also_hiding(EMULATED_KERNEL_HIDDEN)
-        vcpu.fd.set_cpuid2(kvm_guest_cpuid(self.supported_cpuid, policy, index, count, vcpu.fd.get_tsc_khz()))
+        tsc_khz = vcpu.fd.get_tsc_khz()
+        if self._kept_view is not None:
+            self._keep_tsc_rate(vcpu.fd, tsc_khz, self._kept_view.tsc_khz)
+            table = guest_cpuid(self._kept_view.entries(), CpuidPolicy(), index, count)
+        else:
+            if self.kernel_code_emulated:
+                policy = policy.also_hiding(EMULATED_KERNEL_HIDDEN)
+            table = kvm_guest_cpuid(self.supported_cpuid, policy, index, count, tsc_khz)
+        vcpu.fd.set_cpuid2(table)
+        self._cpuid_tables.append(table)
         vcpu.set_msrs(msrs.boot_msrs())
         if index == 0:
             vcpu.set_virtual_wire_lints()
         self.vcpus.append(vcpu)
         return vcpu
+
+    # --- what the guest sees of its CPU (kept across accelerators: accel/cross.py) ----------
+
+    def guest_view(self) -> GuestCpuView:
+        """vCPU 0's CPUID as given, the vCPUs' TSC rate and the in-kernel LAPIC timer's 1 GHz."""
+        return GuestCpuView.of(self._cpuid_tables[0], self.vcpus[0].fd.get_tsc_khz(), KVM_APIC_BUS_HZ)
+
+    def offered_cpuid(self, policy: CpuidPolicy, count: int) -> list[CpuidEntry]:
+        """The CPUID this host's KVM would give vCPU 0 of a new machine with `policy`."""
+        if self.kernel_code_emulated:
+            policy = policy.also_hiding(EMULATED_KERNEL_HIDDEN)
+        return kvm_guest_cpuid(self.supported_cpuid, policy, 0, count)
+
+    def keep_guest_view(self, view: GuestCpuView) -> None:
+        """The vCPUs created from now on show `view`'s CPUID and run their TSC at its rate (scaled
+        with KVM_SET_TSC_KHZ where it differs); refused with one line where KVM cannot."""
+        if view.lapic_timer_hz != KVM_APIC_BUS_HZ:
+            raise StateError(f"vm state: guest_view.lapic_timer_hz: the guest's LAPIC timer counted at "
+                             f"{view.lapic_timer_hz} Hz (its CPUID leaf 0x15 says so), KVM's in-kernel LAPIC "
+                             f"timer counts at {KVM_APIC_BUS_HZ} Hz")
+        self._kept_view = view
+
+    def _keep_tsc_rate(self, fd, khz: int, wanted_khz: int) -> None:
+        if abs(khz - wanted_khz) * 1000 <= wanted_khz:  # within 0.1%: calibration noise
+            return
+        if not self.kvm.check_extension(uapi.KVM_CAP_TSC_CONTROL):
+            raise StateError(f"vm state: guest_view.tsc_khz: the guest's TSC ran at {wanted_khz} kHz, this host's "
+                             f"KVM runs vCPUs at {khz} kHz and cannot scale it (no KVM_CAP_TSC_CONTROL)")
+        try:
+            fd.set_tsc_khz(wanted_khz)
+        except KvmError as exc:
+            raise StateError(f"vm state: guest_view.tsc_khz: this host's KVM refused to run the TSC at the guest's "
+                             f"{wanted_khz} kHz ({exc.strerror})") from None
 
     def supported_msrs(self) -> set[int]:
         if self._msr_indices is None:

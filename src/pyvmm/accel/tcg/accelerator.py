@@ -20,7 +20,10 @@ import threading
 
 from ...arch.x86_64 import layout
 from ...arch.x86_64.tsc_leaf import tsc_leaf
-from ...persist import State, require
+from ...arch.x86_64.cpu_state import GuestCpuView
+from ...arch.x86_64.cpuid import guest_cpuid
+from ...kvm.system import CpuidEntry
+from ...persist import State, StateError, require
 from ...platform.machine import SoftwarePlatform, SoftwarePlatformState
 from ...platform.msi import SoftwareMsiVector
 from ...arch.x86_64.cpuid import CpuidPolicy
@@ -67,10 +70,14 @@ class TcgAccelerator:
     platform: SoftwarePlatform
     memory: GuestMemory
 
-    def __init__(self, tsc_hz: int | None = None) -> None:
+    def __init__(self, tsc_hz: int | None = None, lapic_timer_hz: int | None = None) -> None:
         """`tsc_hz`: the rate of the guest's TSC, which Unicorn's RDTSC reads from the host's
-        (default: the host's rate, host_tsc.py)."""
+        (default: the host's rate, host_tsc.py). `lapic_timer_hz`: the LAPIC timer's input
+        clock (default: the crystal of CPUID leaf 0x15, tsc_leaf.py); KVM's 1 GHz
+        (tsc_leaf.KVM_APIC_BUS_HZ) makes a guest that can move to KVM (accel/cross.py)."""
         self.tsc_hz = tsc_hz
+        self.lapic_timer_hz = lapic_timer_hz
+        self._kept_view: GuestCpuView | None = None  # a state from another accelerator: its CPUID
         self.offsets = context_offsets()
         self.engine_offsets = engine_offsets()
         self._dispatch: ExitDispatcher | None = None
@@ -86,7 +93,8 @@ class TcgAccelerator:
 
     def setup_platform(self) -> None:
         tsc_hz = self.tsc_hz or host_tsc_hz()
-        self.platform = SoftwarePlatform(wakeup=self._wake, tsc_hz=tsc_hz, lapic_timer_hz=tsc_leaf(tsc_hz).crystal_hz)
+        self.platform = SoftwarePlatform(wakeup=self._wake, tsc_hz=tsc_hz,
+                                         lapic_timer_hz=self.lapic_timer_hz or tsc_leaf(tsc_hz).crystal_hz)
 
     def _wake(self) -> None:
         """An interrupt was raised, or the VM must stop or pause (any thread): end the running
@@ -152,8 +160,11 @@ class TcgAccelerator:
         pass
 
     def create_vcpu(self, index: int, count: int, policy: CpuidPolicy) -> TcgVcpu:
-        if self._tables is None:
-            self._tables = tcg_cpuid_tables(policy, count, self.platform.tsc_hz)
+        if self._tables is None and self._kept_view is not None:
+            kept = self._kept_view.entries()
+            self._tables = [CpuidTable(guest_cpuid(kept, CpuidPolicy(), i, count)) for i in range(count)]
+        elif self._tables is None:
+            self._tables = tcg_cpuid_tables(policy, count, self.platform.tsc_hz, self.lapic_timer_hz)
         if self._translator is None:
             native = os.environ.get(EXCEPTIONS_SETTING, "native") != "python"
             if not native:
@@ -164,6 +175,26 @@ class TcgAccelerator:
         vcpu.wake = self._wake  # a stop or pause request must end the slice or wake a sleeping scheduler
         self.vcpus.append(vcpu)
         return vcpu
+
+    # --- what the guest sees of its CPU (kept across accelerators: accel/cross.py) ----------
+
+    def guest_view(self) -> GuestCpuView:
+        assert self._tables is not None, "the vCPUs exist"
+        return GuestCpuView.of(self._tables[0].entries, self.platform.tsc_hz // 1000, self.platform.lapic_timer_hz)
+
+    def offered_cpuid(self, policy: CpuidPolicy, count: int) -> list[CpuidEntry]:
+        """The CPUID the software CPU would give vCPU 0 of a new machine with `policy`."""
+        return tcg_cpuid_tables(policy, count, self.tsc_hz or host_tsc_hz(), self.lapic_timer_hz)[0].entries
+
+    def keep_guest_view(self, view: GuestCpuView) -> None:
+        """The machine built next shows `view`'s CPUID and runs its LAPIC timer at its rate; a
+        TSC rate other than the host's is refused (RDTSC reads the host's TSC, unscaled)."""
+        tsc_hz = self.tsc_hz or host_tsc_hz()
+        if abs(view.tsc_khz * 1000 - tsc_hz) * 1000 > tsc_hz:
+            raise StateError(f"vm state: guest_view.tsc_khz: the guest's TSC ran at {view.tsc_khz} kHz, the software "
+                             f"CPU's reads this host's at {tsc_hz // 1000} kHz and cannot scale it")
+        self.lapic_timer_hz = view.lapic_timer_hz
+        self._kept_view = view
 
     def save(self) -> SoftwarePlatformState:
         """The VM-wide state: the platform (PICs, PIT, IOAPIC, LAPICs, guest clock). The

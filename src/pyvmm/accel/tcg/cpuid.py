@@ -23,7 +23,7 @@ from dataclasses import replace
 
 from ...arch.x86_64.cpuid import CpuidPolicy, guest_cpuid
 from ...kvm.system import CpuidEntry
-from ...arch.x86_64.tsc_leaf import tsc_leaf
+from ...arch.x86_64.tsc_leaf import fixed_crystal_tsc_leaf, tsc_leaf
 
 # Leaves whose subleaf (ECX) selects different data.
 INDEXED_LEAVES = {4: 8, 7: 2, 0xB: 3, 0xD: 64, 0x8000001D: 8}
@@ -69,6 +69,7 @@ class CpuidTable:
     """One vCPU's CPUID answers."""
 
     def __init__(self, entries: list[CpuidEntry]) -> None:
+        self.entries = list(entries)
         self._exact = {(e.function, e.index): (e.eax, e.ebx, e.ecx, e.edx) for e in entries}
         self._max_basic = max((e.function for e in entries if e.function < 0x80000000), default=0)
         self._max_extended = max((e.function for e in entries if e.function >= 0x80000000), default=0)
@@ -114,14 +115,16 @@ TSC_LEAF = 0x15
 INVARIANT_TSC = 1 << 8  # CPUID 0x80000007 EDX
 
 
-def with_tsc_frequency(entries: list[CpuidEntry], tsc_hz: int) -> list[CpuidEntry]:
+def with_tsc_frequency(entries: list[CpuidEntry], tsc_hz: int, lapic_timer_hz: int | None = None) -> list[CpuidEntry]:
     """Announce the TSC rate (leaf 0x15, see `arch.x86_64.tsc_leaf`) and an invariant TSC.
 
     Unicorn's RDTSC is the host's TSC, which runs at a constant known rate; saying so spares
     the guest a PIT calibration, which fails when port I/O is slow (Linux then marks the TSC
     unstable and boots with a poor clock). Linux also takes the LAPIC timer's rate from the
-    crystal, so pyvmm's LAPIC timer counts at `tsc_leaf(tsc_hz).crystal_hz`."""
-    leaf = tsc_leaf(tsc_hz)
+    crystal, so pyvmm's LAPIC timer counts at `tsc_leaf(tsc_hz).crystal_hz`; with a fixed
+    `lapic_timer_hz` (KVM's) the leaf has that crystal where it can express the TSC rate, else
+    it is empty, as KVM's (arch/x86_64/cpuid.kvm_tsc_leaf)."""
+    leaf = tsc_leaf(tsc_hz) if lapic_timer_hz is None else fixed_crystal_tsc_leaf(tsc_hz, lapic_timer_hz)
     out = []
     for e in entries:
         if e.function == 0 and e.eax < TSC_LEAF:
@@ -130,16 +133,18 @@ def with_tsc_frequency(entries: list[CpuidEntry], tsc_hz: int) -> list[CpuidEntr
             e = replace(e, edx=e.edx | INVARIANT_TSC)
         if e.function != TSC_LEAF:
             out.append(e)
-    out.append(CpuidEntry(TSC_LEAF, 0, 0, leaf.denominator, leaf.numerator, leaf.crystal_hz, 0))
+    out.append(CpuidEntry(TSC_LEAF, 0, 0, leaf.denominator, leaf.numerator, leaf.crystal_hz, 0) if leaf is not None
+               else CpuidEntry(TSC_LEAF, 0, 0, 0, 0, 0, 0))
     if not any(e.function == 0x80000007 for e in out):
         out.append(CpuidEntry(0x80000007, 0, 0, 0, 0, 0, INVARIANT_TSC))
     return out
 
 
-def tcg_cpuid_tables(policy: CpuidPolicy, vcpu_count: int, tsc_hz: int | None = None) -> list[CpuidTable]:
+def tcg_cpuid_tables(policy: CpuidPolicy, vcpu_count: int, tsc_hz: int | None = None,
+                     lapic_timer_hz: int | None = None) -> list[CpuidTable]:
     base = as_in_order_cpu(translator_cpuid())
     if tsc_hz:
-        base = with_tsc_frequency(base, tsc_hz)
+        base = with_tsc_frequency(base, tsc_hz, lapic_timer_hz)
     effective = CpuidPolicy(set(policy.hidden) | PLATFORM_HIDDEN)
     return [CpuidTable(guest_cpuid(base, effective, index, vcpu_count)) for index in range(vcpu_count)]
 

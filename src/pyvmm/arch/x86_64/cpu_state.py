@@ -10,6 +10,7 @@ import struct
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
+from ...kvm.system import CpuidEntry
 from ...persist import State
 
 GPR_NAMES = (
@@ -342,3 +343,47 @@ class VcpuState(State):
             self.fail("mp_state", f"{self.mp_state!r} is not one of {', '.join(MP_STATES)}")
         if self.lapic is not None and len(self.lapic) != LAPIC_PAGE_SIZE:
             self.fail("lapic", f"expected {LAPIC_PAGE_SIZE} bytes, got {len(self.lapic)}")
+
+
+# --- what the guest was shown of the CPU: kept when a state moves to another accelerator ------
+
+@dataclass(frozen=True)
+class CpuidLeafState(State):
+    """One CPUID answer: leaf (function), subleaf (index), KVM's flags, the four registers."""
+
+    KIND: ClassVar[str] = "x86-cpuid-leaf"
+    function: int
+    index: int
+    flags: int
+    eax: int
+    ebx: int
+    ecx: int
+    edx: int
+
+    def validate(self) -> None:
+        for name in ("function", "index", "flags", "eax", "ebx", "ecx", "edx"):
+            self.check_range(name, 0, 0xFFFFFFFF)
+
+
+@dataclass(frozen=True)
+class GuestCpuView(State):
+    """What the guest could have learnt about its CPU and timers and calibrated against: vCPU
+    0's CPUID (the others differ only in APIC IDs), the TSC rate and the LAPIC timer's input
+    clock. A restore on another accelerator must keep all of it (accel/cross.py)."""
+
+    KIND: ClassVar[str] = "x86-guest-cpu-view"
+    cpuid: tuple[CpuidLeafState, ...]
+    tsc_khz: int
+    lapic_timer_hz: int
+
+    def validate(self) -> None:
+        self.check_range("tsc_khz", 1, 0xFFFFFFFF)
+        self.check_range("lapic_timer_hz", 1, 1 << 40)
+
+    @classmethod
+    def of(cls, entries: list[CpuidEntry], tsc_khz: int, lapic_timer_hz: int) -> "GuestCpuView":
+        return cls(cpuid=tuple(CpuidLeafState(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+                               for e in entries), tsc_khz=tsc_khz, lapic_timer_hz=lapic_timer_hz)
+
+    def entries(self) -> list[CpuidEntry]:
+        return [CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx) for e in self.cpuid]

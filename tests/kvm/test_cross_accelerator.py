@@ -1,0 +1,191 @@
+"""A guest saved on one accelerator continues on the other (accel/cross.py): the same tiny
+guests on KVM and on the software CPU, moved both ways through a VmState sent through JSON
+(as another process reads it). roundtrip.S counts in memory and through the UART: the count
+goes on from where it stood and the guest never restarts. lapic_ticks.S counts its LAPIC
+timer's interrupts: the timer keeps ticking after the move. What cannot be kept is refused
+with one line: CPU features the destination lacks, a LAPIC timer or TSC rate it cannot keep,
+kvm-clock in use.
+
+Each source machine shows only what the destination offers (`cpu_hide`: the features the
+other accelerator lacks), and a software-CPU source runs its LAPIC timer at KVM's 1 GHz."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import pytest
+
+from helpers.reporting import KVM_GUESTS
+from pyvmm.accel.cross import missing_features
+from pyvmm.accel.select import choose_accelerator
+from pyvmm.accel.tcg.accelerator import TcgAccelerator
+from pyvmm.arch.x86_64 import msrs as M
+from pyvmm.arch.x86_64.cpuid import CpuidPolicy
+from pyvmm.arch.x86_64.tsc_leaf import KVM_APIC_BUS_HZ
+from pyvmm.builder import build_vm
+from pyvmm.config import MachineConfig
+from pyvmm.guests import build_source
+from pyvmm.persist import StateError
+from pyvmm.restore import carry_over, restore_vm
+from pyvmm.vm_state import VmState
+
+COUNT, LIMIT, STARTS = 0x300000, 0x300008, 0x300010
+STEPS = 20000
+TICKS, PERIOD = 0x300000, 0x300008
+TIMER_PERIOD = 2_000_000            # LAPIC counts at 1 GHz, divide by 1: 2 ms
+OK_STATUS = 1
+
+pytestmark = pytest.mark.kvm
+OTHER = {"kvm": "tcg", "tcg": "kvm"}
+
+
+def _accel(name: str, *, kvm_timer: bool = True):
+    if name == "tcg":
+        return TcgAccelerator(lapic_timer_hz=KVM_APIC_BUS_HZ if kvm_timer else None)
+    return choose_accelerator("kvm").create()
+
+
+def _portable_hide(source: str, destination: str) -> frozenset[str]:
+    """The features `source` would show and `destination` does not offer."""
+    src, dst = _accel(source), _accel(destination)
+    try:
+        return frozenset(missing_features(src.offered_cpuid(CpuidPolicy(), 1), dst.offered_cpuid(CpuidPolicy(), 1)))
+    finally:
+        if source == "kvm":
+            src.close()
+        if destination == "kvm":
+            dst.close()
+
+
+def _config(guest: str, bits: int, hide: frozenset[str] = frozenset()) -> MachineConfig:
+    return MachineConfig(kernel=str(build_source(KVM_GUESTS / guest, bits)), memory=16 << 20, cpu_hide=hide)
+
+
+def _wait_for(condition, what: str, vm, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert not vm.stopped, vm.outcome
+        assert time.monotonic() < deadline, what
+        time.sleep(0.002)
+
+
+def _saved(vm):
+    """Pause `vm`, save it through JSON, take its memory, close it: (state, carryover)."""
+    try:
+        vm.pause()
+        state = VmState.from_dict(json.loads(json.dumps(vm.save().to_dict())))
+        carried = carry_over(vm)
+    finally:
+        vm.close()
+    return state, carried
+
+
+def _counting_vm(source: str, *, kvm_timer: bool = True, hide: frozenset[str] | None = None):
+    hide = _portable_hide(source, OTHER[source]) if hide is None else hide
+    vm = build_vm(_config("roundtrip.S", 64, hide), lambda data: None, accel=_accel(source, kvm_timer=kvm_timer))
+    vm.memory.write_u64(LIMIT, STEPS)
+    vm.start()
+    _wait_for(lambda: vm.memory.read_u64(COUNT) >= 300, "the guest never started counting", vm)
+    return vm
+
+
+@pytest.mark.parametrize("source", ["tcg", "kvm"])
+def test_a_counting_guest_continues_on_the_other_accelerator(source):
+    state, carried = _saved(_counting_vm(source))
+    paused_at = carried.memory.read_u64(COUNT)
+    assert state.accelerator == source and 0 < paused_at < STEPS
+    destination = OTHER[source]
+    vm = restore_vm(state, carried.memory, lambda data: None, accel=_accel(destination), carryover=carried)
+    try:
+        assert vm.accel.name == destination and vm.paused
+        assert vm.memory.read_u64(COUNT) == paused_at
+        vm.resume()
+        outcome = vm.wait(180)
+        assert outcome is not None, "the moved guest did not finish"
+        assert (outcome.reason, outcome.status) == ("debug-exit", OK_STATUS), outcome.message
+        assert vm.memory.read_u64(COUNT) == STEPS
+        assert vm.memory.read_u64(STARTS) == 1      # went on, never restarted
+        assert state.guest_view is not None and vm.accel.guest_view().cpuid == state.guest_view.cpuid  # the CPU kept
+    finally:
+        vm.close()
+
+
+@pytest.mark.parametrize("source", ["tcg", "kvm"])
+def test_the_lapic_timer_keeps_ticking_on_the_other_accelerator(source):
+    hide = _portable_hide(source, OTHER[source])
+    vm = build_vm(_config("lapic_ticks.S", 32, hide), lambda data: None, accel=_accel(source))
+    vm.memory.write_u32(PERIOD, TIMER_PERIOD)
+    vm.start()
+    _wait_for(lambda: vm.memory.read_u32(TICKS) >= 5, "the timer never ticked", vm)
+    state, carried = _saved(vm)
+    ticks = carried.memory.read_u32(TICKS)
+    lapic = state.platform.lapics[0] if source == "tcg" else None
+    if lapic is not None:
+        assert lapic.timer_initial == TIMER_PERIOD and lapic.timer_next_ns is not None
+    vm = restore_vm(state, carried.memory, lambda data: None, accel=_accel(OTHER[source]), carryover=carried)
+    try:
+        time.sleep(0.1)
+        assert vm.memory.read_u32(TICKS) == ticks, "the timer ticked before resume()"
+        vm.resume()
+        _wait_for(lambda: vm.memory.read_u32(TICKS) >= ticks + 10, "the timer stopped after the move", vm)
+        vm.pause()
+        saved = vm.save()
+        timer = saved.platform.lapics[0] if OTHER[source] == "tcg" else None
+        if timer is not None:   # the software LAPIC took KVM's period at KVM's rate
+            assert timer.timer_initial == TIMER_PERIOD and timer.lvt[0] & 0xFF == 0x40
+    finally:
+        vm.close()
+
+
+def _refused(state, carried, destination: str, message: str) -> None:
+    with pytest.raises(StateError, match=message) as error:
+        restore_vm(state, carried.memory, lambda data: None, accel=_accel(destination))
+    assert "\n" not in str(error.value)
+
+
+def test_features_the_software_cpu_lacks_are_refused():
+    """A KVM guest shown KVM's own CPUID saw features the software CPU cannot give."""
+    state, carried = _saved(_counting_vm("kvm", hide=frozenset()))
+    try:
+        _refused(state, carried, "tcg", r"^vm state: guest_view\.cpuid: the guest saw CPU features the software "
+                                        r"CPU does not offer: [a-z0-9_, ]+ and \d+ more$")
+    finally:
+        carried.close()
+
+
+def test_a_software_lapic_timer_rate_kvm_cannot_keep_is_refused():
+    state, carried = _saved(_counting_vm("tcg", kvm_timer=False))
+    try:
+        assert state.guest_view is not None and state.guest_view.lapic_timer_hz != KVM_APIC_BUS_HZ
+        _refused(state, carried, "kvm", r"^vm state: guest_view\.lapic_timer_hz: the guest's LAPIC timer counted "
+                                        r"at \d+ Hz \(its CPUID leaf 0x15 says so\), KVM's in-kernel LAPIC timer "
+                                        r"counts at 1000000000 Hz$")
+    finally:
+        carried.close()
+
+
+def test_a_tsc_rate_or_kvm_clock_the_software_cpu_cannot_keep_is_refused():
+    state, carried = _saved(_counting_vm("kvm"))
+    try:
+        assert state.guest_view is not None
+        faster = dataclasses.replace(state, guest_view=dataclasses.replace(
+            state.guest_view, tsc_khz=state.guest_view.tsc_khz * 2))
+        _refused(faster, carried, "tcg", r"^vm state: guest_view\.tsc_khz: the guest's TSC ran at \d+ kHz, the "
+                                         r"software CPU's reads this host's at \d+ kHz and cannot scale it$")
+        vcpu = state.vcpus[0]
+        clocked = dataclasses.replace(state, vcpus=(dataclasses.replace(
+            vcpu, msrs={**vcpu.msrs, M.MSR_KVM_SYSTEM_TIME_NEW: 0x200001}),))
+        _refused(clocked, carried, "tcg", r"^vm state: vcpus\[0\]\.msrs\[0x4b564d01\]: the guest uses kvm-clock, "
+                                          r"which the software CPU does not have$")
+        # nothing was harmed: the state as saved still continues there
+        vm = restore_vm(state, carried.memory, lambda data: None, accel=_accel("tcg"), carryover=carried)
+        try:
+            vm.resume()
+            outcome = vm.wait(180)
+            assert outcome is not None and outcome.status == OK_STATUS
+        finally:
+            vm.close()
+    finally:
+        carried.close()
