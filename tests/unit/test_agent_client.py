@@ -279,3 +279,73 @@ def test_exec_and_cp_argument_errors_are_one_line(tmp_path, capsys):
     assert lines == ["pyvmm: error: exec: no command given (pyvmm exec VM -- COMMAND, or --vsock UDS -- COMMAND)",
                      "pyvmm: error: name a managed VM or give --vsock UDS (one of the two)",
                      "pyvmm: error: cp: exactly one of SRC and DST must be a guest path (VM:PATH, or :PATH with --vsock)"]
+
+
+# --- identity (a guest restored from a snapshot makes itself its own) ------------------------------
+
+
+def test_identity_request_layout():
+    data = protocol.identity_request(1_700_000_000, 123_456_789, "0123456789abcdef" * 2, b"\x01\x02")
+    length, kind = struct.unpack_from("<IB", data)
+    assert kind == protocol.IDENTITY and length == len(data) - 4
+    assert data[5:] == struct.pack("<QI", 1_700_000_000, 123_456_789) + b"0123456789abcdef" * 2 + b"\0\x01\x02"
+
+
+@pytest.mark.parametrize("seconds, nanoseconds, machine_id, entropy", [
+    (-1, 0, "a" * 32, b""), (0, 1_000_000_000, "a" * 32, b""), (0, 0, "A" * 32, b""), (0, 0, "a" * 31, b""),
+    (0, 0, "g" * 32, b""), (0, 0, "a" * 32, bytes(protocol.MAX_ENTROPY + 1))])
+def test_identity_requests_that_cannot_be_encoded_are_refused(seconds, nanoseconds, machine_id, entropy):
+    with pytest.raises(ValueError):
+        protocol.identity_request(seconds, nanoseconds, machine_id, entropy)
+
+
+def test_new_machine_ids_are_fresh_uuid4_hex():
+    from pyvmm.agent import new_machine_id
+
+    ids = {new_machine_id() for _ in range(50)}
+    assert len(ids) == 50
+    for machine_id in ids:
+        assert len(machine_id) == 32 and set(machine_id) <= set("0123456789abcdef") and machine_id[12] == "4"
+
+
+def test_set_identity_sends_now_the_machine_id_and_host_entropy(tmp_path):
+    got = []
+
+    def guest(conn):
+        reader, frames = FrameReader(), []
+        while not frames:
+            frames = reader.feed(conn.recv(65536))
+        got.append(frames[0])
+        conn.sendall(protocol.frame(protocol.DONE))
+
+    fake = FakeVsock(tmp_path / "v.sock", guest)
+    try:
+        client = AgentClient(fake.path)
+        before = time.time_ns()
+        client.set_identity("ab" * 16)
+        after = time.time_ns()
+        client.set_identity("cd" * 16, now_ns=5_000_000_007, entropy=b"seed")
+    finally:
+        fake.close()
+    (kind, first), (_, second) = got
+    assert kind == protocol.IDENTITY
+    seconds, nanoseconds = struct.unpack_from("<QI", first)
+    assert before <= seconds * 1_000_000_000 + nanoseconds <= after
+    assert first[12:45] == b"ab" * 16 + b"\0" and len(first[45:]) == 64   # 64 bytes of host entropy
+    assert second == struct.pack("<QI", 5, 7) + b"cd" * 16 + b"\0seed"
+
+
+def test_set_identity_on_an_agent_that_does_not_know_it_is_one_line(tmp_path):
+    fake = FakeVsock(tmp_path / "v.sock", lambda conn: _first_frame(conn))   # closes unanswered
+    try:
+        with pytest.raises(AgentError, match="without applying the identity .*pyvmm image build"):
+            AgentClient(fake.path).set_identity("ab" * 16)
+    finally:
+        fake.close()
+    failing = FakeVsock(tmp_path / "w.sock", lambda conn: (_first_frame(conn), conn.sendall(
+        protocol.frame(protocol.ERROR, b"set CLOCK_REALTIME: Operation not permitted"))))
+    try:
+        with pytest.raises(AgentError, match="^guest agent: identity: set CLOCK_REALTIME: Operation not permitted$"):
+            AgentClient(failing.path).set_identity("ab" * 16)
+    finally:
+        failing.close()

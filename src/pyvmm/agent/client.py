@@ -4,6 +4,7 @@
     result = client.exec(["uname", "-r"])            # ExecResult(stdout, stderr, status)
     status = client.exec_stream(["sh"], stdin=sys.stdin.buffer, stdout=sys.stdout.buffer.write)
     client.write_file("/tmp/f", b"data"); client.read_file("/tmp/f")
+    client.set_identity(new_machine_id())              # a restored guest: clock, machine id, RNG
 
 Every call opens its own connection (protocol.py). A guest that does not answer - no agent
 listening, no vsock driver, a guest still booting past `connect_timeout` - is an
@@ -16,6 +17,7 @@ import os
 import selectors
 import socket
 import time
+import uuid
 from dataclasses import dataclass
 from typing import BinaryIO, Callable
 
@@ -223,6 +225,37 @@ class AgentClient:
             raise AgentError(f"{path}: the guest agent closed the connection before confirming the write")
         finally:
             sock.close()
+
+
+    # --- identity ------------------------------------------------------------------------------
+
+    def set_identity(self, machine_id: str, *, now_ns: int | None = None, entropy: bytes | None = None) -> None:
+        """Make a guest restored from a snapshot its own: reseed its kernel's random pool with
+        `entropy` (default: 64 fresh bytes from the host), set its wall clock to `now_ns`
+        (default: the host's time.time_ns() as the request leaves) and write `machine_id`
+        (32 lowercase hex digits) to /etc/machine-id. Returns once the agent applied all three."""
+        sock = self.connect()
+        try:
+            now = time.time_ns() if now_ns is None else now_ns
+            seconds, nanoseconds = divmod(now, 1_000_000_000)
+            entropy = os.urandom(64) if entropy is None else entropy
+            sock.sendall(protocol.identity_request(seconds, nanoseconds, machine_id, entropy))
+            for kind, payload in _frames(sock):
+                if kind == protocol.DONE:
+                    return
+                if kind == protocol.ERROR:
+                    raise AgentError(f"guest agent: identity: {payload.decode(errors='replace')}")
+                raise AgentError(f"guest agent: unexpected frame type {kind} answering an identity request")
+            raise AgentError("guest agent: closed the connection without applying the identity "
+                             "(an agent from an image built before identity requests? run `pyvmm image build`)")
+        finally:
+            sock.close()
+
+
+def new_machine_id() -> str:
+    """A fresh machine id: a random (version 4) UUID as 32 lowercase hex digits, as systemd
+    generates them (machine-id(5))."""
+    return uuid.uuid4().hex
 
 
 class _BytesSource:

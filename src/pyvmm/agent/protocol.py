@@ -17,15 +17,20 @@ Host -> guest
     READ    (3)  path
     WRITE   (4)  u32 mode, path; then DATA frames, an empty DATA ends the file
     DATA    (5)  file contents
+    IDENTITY (7) u64 seconds, u32 nanoseconds (the wall clock to set), machine id (32 lowercase
+                 hex digits), then up to MAX_ENTROPY bytes of host entropy: what a guest restored
+                 from a snapshot makes its own. The agent credits the entropy to the kernel's
+                 random pool and reseeds its CRNG (RNDADDENTROPY, RNDRESEEDCRNG), sets
+                 CLOCK_REALTIME and replaces /etc/machine-id
 Guest -> host
     STDOUT (16), STDERR (17)  the command's output, as it comes
     EXIT   (18)  u32 status (the exit code, or 128 + signal), u32 signal (0: it exited)
     ERROR  (19)  one line of text: the request failed (exec, open, chdir ...)
     DATA    (5)  READ's contents, an empty DATA at the end
-    DONE   (20)  WRITE's file is written (and fsync'ed)
+    DONE   (20)  WRITE's file is written (and fsync'ed); IDENTITY is applied
 
-An EXEC ends with EXIT or ERROR, a READ with its empty DATA or ERROR, a WRITE with DONE
-or ERROR. A payload is at most MAX_PAYLOAD bytes. If the host closes the stream while a
+An EXEC ends with EXIT or ERROR, a READ with its empty DATA or ERROR, a WRITE or an
+IDENTITY with DONE or ERROR. An agent older than a request closes the stream unanswered. A payload is at most MAX_PAYLOAD bytes. If the host closes the stream while a
 command runs, the agent kills the command's process group.
 """
 
@@ -40,8 +45,11 @@ AGENT_PORT = 52
 MAX_PAYLOAD = 1 << 20
 CHUNK = 64 << 10
 
-EXEC, STDIN, READ, WRITE, DATA, SIGNAL = 1, 2, 3, 4, 5, 6
+EXEC, STDIN, READ, WRITE, DATA, SIGNAL, IDENTITY = 1, 2, 3, 4, 5, 6, 7
 STDOUT, STDERR, EXIT, ERROR, DONE = 16, 17, 18, 19, 20
+
+MAX_ENTROPY = 512
+MACHINE_ID_LENGTH = 32
 
 _HEADER = struct.Struct("<IB")
 
@@ -84,6 +92,16 @@ def write_request(path: str, mode: int) -> bytes:
     if not 0 <= mode <= 0o7777:
         raise ValueError(f"bad file mode {mode:o}")
     return frame(WRITE, struct.pack("<I", mode) + _cstring(path, "path"))
+
+
+def identity_request(seconds: int, nanoseconds: int, machine_id: str, entropy: bytes) -> bytes:
+    if not 0 <= seconds < 1 << 63 or not 0 <= nanoseconds < 1_000_000_000:
+        raise ValueError(f"bad wall-clock time {seconds}.{nanoseconds:09d}")
+    if len(machine_id) != MACHINE_ID_LENGTH or any(c not in "0123456789abcdef" for c in machine_id):
+        raise ValueError(f"machine id {machine_id!r} is not {MACHINE_ID_LENGTH} lowercase hex digits")
+    if len(entropy) > MAX_ENTROPY:
+        raise ValueError(f"{len(entropy)} bytes of entropy (at most {MAX_ENTROPY})")
+    return frame(IDENTITY, struct.pack("<QI", seconds, nanoseconds) + _cstring(machine_id, "machine id") + entropy)
 
 
 def signal_request(signal: int) -> bytes:

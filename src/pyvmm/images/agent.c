@@ -9,6 +9,9 @@
  *   SIGNAL  u32: send this signal to the command's process group
  *   READ    path "\0" -> DATA chunks, an empty DATA at the end; or ERROR
  *   WRITE   u32 mode, path "\0", then DATA chunks and an empty DATA -> DONE or ERROR
+ *   IDENTITY u64 seconds, u32 nanoseconds, machine id "\0", entropy bytes -> DONE or ERROR:
+ *           a restored guest's own identity (set the wall clock, write /etc/machine-id,
+ *           credit the entropy to the random pool and reseed the kernel's CRNG with it)
  *
  * Built by `pyvmm image build` with gcc -static (glibc): fork/exec, pipes and poll.
  */
@@ -17,13 +20,17 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <time.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <linux/random.h>
 #include <linux/vm_sockets.h>
 
 #define AGENT_PORT 52
@@ -31,7 +38,7 @@
 #define CHUNK 65536
 
 enum {
-    T_EXEC = 1, T_STDIN = 2, T_READ = 3, T_WRITE = 4, T_DATA = 5, T_SIGNAL = 6,
+    T_EXEC = 1, T_STDIN = 2, T_READ = 3, T_WRITE = 4, T_DATA = 5, T_SIGNAL = 6, T_IDENTITY = 7,
     T_STDOUT = 16, T_STDERR = 17, T_EXIT = 18, T_ERROR = 19, T_DONE = 20,
 };
 
@@ -136,6 +143,53 @@ static void serve_write(uint32_t n) {
     if (!err && fsync(fd) < 0) err = errno;
     if (fd >= 0 && close(fd) < 0 && !err) err = errno;
     if (err) return send_error(fd < 0 ? "open" : "write", path, err);
+    send_frame(T_DONE, "", 0);
+}
+
+/* The machine id is 32 lowercase hex digits, as systemd's machine-id(5) has it. */
+static int valid_machine_id(const char *id) {
+    if (strlen(id) != 32) return 0;
+    for (const char *c = id; *c; c++)
+        if (!((*c >= '0' && *c <= '9') || (*c >= 'a' && *c <= 'f'))) return 0;
+    return 1;
+}
+
+static void serve_identity(uint32_t n) {
+    uint64_t seconds;
+    uint32_t nanoseconds, pos = 12;
+    if (n < 12) _exit(1);
+    memcpy(&seconds, payload, 8);
+    memcpy(&nanoseconds, payload + 8, 4);
+    char *id = take_string(n, &pos);
+    if (!id || !valid_machine_id(id) || nanoseconds >= 1000000000u) _exit(1);
+    uint32_t entropy_len = n - pos;
+    if (entropy_len > 512) _exit(1);
+
+    /* The random pool first: nothing below should draw from the old one's twin. */
+    if (entropy_len) {
+        struct { int entropy_count, buf_size; unsigned char buf[512]; } pool;
+        pool.entropy_count = (int)entropy_len * 8;
+        pool.buf_size = (int)entropy_len;
+        memcpy(pool.buf, payload + pos, entropy_len);
+        int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+        if (fd < 0) return send_error("open", "/dev/urandom", errno);
+        if (ioctl(fd, RNDADDENTROPY, &pool) < 0) { int e = errno; close(fd); return send_error("add entropy to", "/dev/urandom", e); }
+        /* ENODATA: the CRNG was not ready yet; the credited entropy just made it so. */
+        if (ioctl(fd, RNDRESEEDCRNG) < 0 && errno != ENODATA) { int e = errno; close(fd); return send_error("reseed", "/dev/urandom", e); }
+        close(fd);
+    }
+    struct timespec now = {.tv_sec = (time_t)seconds, .tv_nsec = (long)nanoseconds};
+    if (clock_settime(CLOCK_REALTIME, &now) < 0) return send_error("set", "CLOCK_REALTIME", errno);
+
+    char line[34];
+    snprintf(line, sizeof line, "%s\n", id);
+    mkdir("/etc", 0755);
+    int fd = open("/etc/.machine-id.new", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0444);
+    if (fd < 0) return send_error("open", "/etc/.machine-id.new", errno);
+    int err = write_exact(fd, line, 33) < 0 ? (errno ? errno : EIO) : 0;
+    if (close(fd) < 0 && !err) err = errno;
+    if (!err && rename("/etc/.machine-id.new", "/etc/machine-id") < 0) err = errno;
+    if (err) return send_error("write", "/etc/machine-id", err);
     send_frame(T_DONE, "", 0);
 }
 
@@ -258,6 +312,7 @@ static void serve(void) {
     case T_EXEC: serve_exec(n); break;
     case T_READ: serve_read(n); break;
     case T_WRITE: serve_write(n); break;
+    case T_IDENTITY: serve_identity(n); break;
     default: break;
     }
     shutdown(conn, SHUT_WR);
