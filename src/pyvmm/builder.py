@@ -18,6 +18,7 @@ from .bus import MmioBus, PioBus, Window
 from .config import ConfigError, MachineConfig
 from .arch.x86_64.acpi import build_acpi_tables, pci_root_acpi, pvpanic_device
 from .arch.x86_64.ged import ged_items
+from .arch.x86_64.vmgenid import write_generation_id
 from .arch.x86_64.firmware import write_reset_vector
 from .deadline_timer import DeadlineTimer
 from .devices.legacy import AcpiPower, DebugExitPort, GuestNotify, I8042, Mc146818Rtc, Port80, PvPanic, Uart16550
@@ -55,9 +56,11 @@ def build_vm(config: MachineConfig, console_write: Callable[[bytes], None], *, a
         accel = machine.accel
 
         pci_items, ecam = pci_root_acpi(machine.pci_root)
+        events = ged_items(layout.GED_PORT, layout.GED_GSI, layout.VMGENID_ADDRESS)
         rsdp = build_acpi_tables(memory, cpus=config.cpus, mcfg=ecam, cmos_rtc=True,
-                                 devices=[pvpanic_device(layout.PVPANIC_PORT), *ged_items(layout.GED_PORT, layout.GED_GSI),
+                                 devices=[pvpanic_device(layout.PVPANIC_PORT), *events,
                                           *pci_items, *machine.wiring.acpi_items])
+        write_generation_id(memory, layout.VMGENID_ADDRESS)
         write_reset_vector(memory)
         kernel = kernel_path or config.kernel
         if kernel is None:

@@ -8,8 +8,8 @@ import pytest
 
 from helpers.acpica import acpica_tool, disassemble_and_recompile, run
 from helpers.state import through_json, tampered
-from pyvmm.arch.x86_64 import acpi, aml, ged, layout
-from pyvmm.devices.legacy.ged import EVENT_POWER_BUTTON, GedState, GenericEventDevice
+from pyvmm.arch.x86_64 import acpi, aml, ged, layout, vmgenid
+from pyvmm.devices.legacy.ged import EVENT_POWER_BUTTON, EVENT_VM_GENERATION, GedState, GenericEventDevice
 from pyvmm.persist import StateError
 
 # --- the AML encoder's method-body and region terms ------------------------------------------------
@@ -53,7 +53,7 @@ def test_operation_region_and_field():
 
 
 def dsdt_with_ged(*extra: bytes) -> dict[bytes, bytes]:
-    placed = acpi.layout_acpi_tables(cpus=1, devices=[*ged.ged_items(layout.GED_PORT, layout.GED_GSI), *extra])
+    placed = acpi.layout_acpi_tables(cpus=1, devices=[*ged.ged_items(layout.GED_PORT, layout.GED_GSI, layout.VMGENID_ADDRESS), *extra])
     return {data[:4]: data for _, data in placed[1:]}
 
 
@@ -66,8 +66,14 @@ def test_iasl_reads_the_ged_and_recompiles_it_identically(tmp_path):
         "Field (GDST, DWordAcc, NoLock, Preserve) { GDAT, 32 }",
         "Method (_EVT, 1, Serialized)", "Local0 = GDAT", "If (((Local0 & One) == One))",
         "Notify (PWRB, 0x80)", "Device (PWRB)", 'EisaId ("PNP0C0C") /* Power Button Device */',
+        "If (((Local0 & 0x02) == 0x02))", "Notify (VGEN, 0x80)",
+        "Device (VGEN)", 'Name (_HID, "VMGENCTR")', 'Name (_CID, "VM_GEN_COUNTER")', 'Name (_DDN, "VM_Gen_Counter")',
+        "Method (ADDR, 0, NotSerialized)", f"Return (Package (0x02) {{ 0x{layout.VMGENID_ADDRESS:08X}, Zero }})",
     ]
-    recompiled = disassemble_and_recompile(table, b"DSDT", expected, tmp_path)
+    # iasl wants an 8-character _HID to end in 4 hex digits; "VMGENCTR" is what Linux's vmgenid
+    # driver matches (as other VMMs' non-hex IDs), and the OS does not check the form.
+    recompiled = disassemble_and_recompile(table, b"DSDT", expected, tmp_path,
+                                           allowed_errors=("_HID suffix must be all hex digits (NCTR)",))
     assert recompiled[36:] == table[36:]
 
 
@@ -81,12 +87,14 @@ def run_acpiexec(tables: dict[bytes, bytes], commands: str, tmp_path) -> str:
     return run([acpica_tool("acpiexec"), "-x", "0x04000000", "-b", commands, *files], tmp_path)
 
 
-@pytest.mark.parametrize("register, notified", [(EVENT_POWER_BUTTON, True), (0, False), (0b10, False)])
+@pytest.mark.parametrize("register, notified", [(EVENT_POWER_BUTTON, ["PWRB"]), (0, []), (0b100, []),
+                                                (EVENT_VM_GENERATION, ["VGEN"]),
+                                                (EVENT_POWER_BUTTON | EVENT_VM_GENERATION, ["PWRB", "VGEN"])])
 def test_acpiexec_runs_evt_and_notifies_the_power_button(register, notified, tmp_path):
     """ACPICA's interpreter (Linux's) runs _EVT as the GED driver does (Arg0 = the GSI): it
     reads the 32-bit register at the GED port and sends Notify(PWRB, 0x80) only when the
     power-button bit is set. acpiexec backs the SystemIO region with memory, so a test method
-    puts the register's value there first."""
+    puts the register's value there first. Bit 1 notifies the VM generation ID device alike."""
     setup = aml.method("\\TEVT", 0, [
         aml.store(register, aml.reference("\\_SB_.GED_.GDAT")),
         aml.name_string("\\_SB_.GED_._EVT") + aml.integer(layout.GED_GSI),   # _EVT (GSI)
@@ -99,7 +107,20 @@ def test_acpiexec_runs_evt_and_notifies_the_power_button(register, notified, tmp
                           rf"0*{layout.GED_PORT + 3:X} Length 4", output)
     assert len(accesses) == 2, output
     notify = re.findall(r"Received a \w+ Notify on \[(\w+)\].*Value (0x[0-9A-Fa-f]+)", output)
-    assert notify == ([("PWRB", "0x80")] if notified else []), output
+    assert sorted(notify) == [(name, "0x80") for name in notified], output  # delivered in any order
+
+
+def test_acpiexec_reads_the_vm_generation_id_address_as_linux_does(tmp_path):
+    """Linux's vmgenid driver evaluates ADDR and wants a package of two integers, the low and
+    high 32 bits of the ID's guest-physical address."""
+    address = 0x1_2345_6780
+    placed = acpi.layout_acpi_tables(cpus=1, devices=ged.ged_items(layout.GED_PORT, layout.GED_GSI, address))
+    output = run_acpiexec({data[:4]: data for _, data in placed[1:]}, "evaluate \\_SB_.VGEN.ADDR", tmp_path)
+    assert not re.search(r"ACPI (Error|Exception)|AE_", output), output
+    flat = re.sub(r"\s+", " ", output)
+    assert re.search(r"\[Package\] Contains 2 Elements: \[Integer\] = 0*23456780 \[Integer\] = 0*1 ", flat), output
+    with pytest.raises(ValueError):
+        vmgenid.vmgenid_device(0x1004)
 
 
 # --- the event register ---------------------------------------------------------------------------------
@@ -129,6 +150,14 @@ def test_power_button_latches_the_event_and_pulses_the_interrupt():
     assert device.read(0, 4) == bytes(4), "writes are ignored"
     device.press_power_button()
     assert device.read(0, 1) == b"\x01" and device.read(0, 4) == bytes(4)
+
+
+def test_a_new_vm_generation_latches_its_event():
+    irq = CountingIrq()
+    device = GenericEventDevice(irq)
+    device.new_vm_generation()
+    device.press_power_button()
+    assert irq.edges == 2 and device.read(0, 4) == bytes([EVENT_POWER_BUTTON | EVENT_VM_GENERATION, 0, 0, 0])
 
 
 def test_unknown_events_are_refused():

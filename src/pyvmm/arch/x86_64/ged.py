@@ -14,9 +14,11 @@ device of each bit set:
         Method (_EVT, 1, Serialized) {
             Local0 = GDAT
             If ((Local0 & 1) == 1) { Notify (PWRB, 0x80) }      // power button pressed
+            If ((Local0 & 2) == 2) { Notify (VGEN, 0x80) }      // new VM generation ID
         }
     }
     Device (\\_SB.PWRB) { Name (_HID, EisaId ("PNP0C0C"))  Name (_UID, 0) }
+    Device (\\_SB.VGEN) { ... }                                  // arch/x86_64/vmgenid.py
 
 Linux's ACPI button driver (button.ko) binds PNP0C0C and turns Notify 0x80 into KEY_POWER
 on its "Power Button" input device; the guest's userspace decides what to do with it.
@@ -26,7 +28,8 @@ from __future__ import annotations
 
 from . import aml
 from .acpi import AcpiDevice
-from ...devices.legacy.ged import EVENT_POWER_BUTTON, PORT_COUNT
+from .vmgenid import NOTIFY_GENERATION_CHANGED, VMGENID_PATH, vmgenid_device
+from ...devices.legacy.ged import EVENT_POWER_BUTTON, EVENT_VM_GENERATION, PORT_COUNT
 
 GED_HID = "ACPI0013"
 POWER_BUTTON_HID = "PNP0C0C"
@@ -41,23 +44,27 @@ def power_button_device() -> AcpiDevice:
     return AcpiDevice("PWRB", POWER_BUTTON_HID, uid=0)
 
 
+# Each event bit and the Notify _EVT sends for it (relative paths, searched as PWRB is).
+NOTIFICATIONS = ((EVENT_POWER_BUTTON, POWER_BUTTON_PATH, NOTIFY_BUTTON_PRESSED),
+                 (EVENT_VM_GENERATION, VMGENID_PATH, NOTIFY_GENERATION_CHANGED))
+
+
 def ged_device(port: int, gsi: int) -> AcpiDevice:
     """\\_SB.GED: the event register at I/O `port` (4 bytes), interrupting on `gsi` (edge)."""
     event_value = aml.store(aml.reference("GDAT"), aml.local(0))
-    on_power_button = aml.if_(
-        aml.lequal(aml.and_(aml.local(0), EVENT_POWER_BUTTON), EVENT_POWER_BUTTON),
-        [aml.notify(POWER_BUTTON_PATH, NOTIFY_BUTTON_PRESSED)],
-    )
+    on_events = [aml.if_(aml.lequal(aml.and_(aml.local(0), bit), bit), [aml.notify(path, value)])
+                 for bit, path, value in NOTIFICATIONS]
     return AcpiDevice(
         "GED", GED_HID, uid=0, resources=(aml.interrupt(gsi, edge=True),),
         extra=(
             aml.operation_region("GDST", aml.REGION_SYSTEM_IO, port, PORT_COUNT),
             aml.field("GDST", [("GDAT", 8 * PORT_COUNT)], access=aml.ACCESS_DWORD),
-            aml.method("_EVT", 1, [event_value, on_power_button], serialized=True),
+            aml.method("_EVT", 1, [event_value, *on_events], serialized=True),
         ),
     )
 
 
-def ged_items(port: int, gsi: int) -> list[AcpiDevice]:
-    """The DSDT items for build_acpi_tables(devices=...): the GED and the power button."""
-    return [ged_device(port, gsi), power_button_device()]
+def ged_items(port: int, gsi: int, vmgenid_address: int) -> list[AcpiDevice]:
+    """The DSDT items for build_acpi_tables(devices=...): the GED and the devices it notifies,
+    the power button and the VM generation ID (at `vmgenid_address` in guest memory)."""
+    return [ged_device(port, gsi), power_button_device(), vmgenid_device(vmgenid_address)]

@@ -1,7 +1,8 @@
 """The guest-physical address map of a pyvmm x86-64 machine, computed in one place.
 
     0x0000_0000 ... 0x0009_fbff   low RAM (real-mode area, pyvmm's boot structures)
-    0x0009_fc00 ... 0x000f_ffff   EBDA / legacy ROM area: reported reserved
+    0x0009_fc00 ... 0x000f_ffff   EBDA / legacy ROM area: reported reserved; the VM generation
+                                  ID at 0x9_fc00 (16 bytes), the ACPI tables from 0xe_0000
     0x0010_0000 ... LOW_RAM_END   RAM where kernels are loaded
     LOW_RAM_END ... 4 GiB         the 32-bit PCI/MMIO hole:
         0xC000_0000 ... 0xCFFF_FFFF   PCI 32-bit BAR window (the PCI root places BARs here)
@@ -38,6 +39,10 @@ MULTIBOOT_INFO = 0x10000      # multiboot info, its memory map and module list (
 CMDLINE = 0x20000
 CMDLINE_MAX = 0x10000
 EBDA_START = 0x9FC00
+# The VM generation ID (arch/x86_64/vmgenid.py): 16 bytes at the start of the EBDA area, which
+# e820 reports reserved and nothing else uses (no BIOS here). 8-byte aligned, as the spec asks.
+VMGENID_ADDRESS = EBDA_START
+VMGENID_SIZE = 16
 HIGH_MEMORY_START = 0x100000  # where protected-mode kernels load
 
 LOW_RAM_END = 3 * GiB         # start of the 32-bit PCI hole

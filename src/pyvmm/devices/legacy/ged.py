@@ -8,6 +8,7 @@ each bit stands for (arch/x86_64/ged.py). Reading returns the pending bits and c
 so an event is handled once however many times the interrupt fired; writes are ignored.
 
     bit 0  power button pressed: _EVT does Notify(\\_SB.PWRB, 0x80)
+    bit 1  new VM generation ID (a restored VM): _EVT does Notify(\\_SB.VGEN, 0x80)
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ log = logging.getLogger(__name__)
 
 PORT_COUNT = 4
 EVENT_POWER_BUTTON = 1 << 0
-EVENTS = EVENT_POWER_BUTTON
+EVENT_VM_GENERATION = 1 << 1
+EVENTS = EVENT_POWER_BUTTON | EVENT_VM_GENERATION
 
 
 class GenericEventDevice:
@@ -43,6 +45,11 @@ class GenericEventDevice:
     def press_power_button(self) -> None:
         log.info("ACPI power button pressed")
         self.raise_event(EVENT_POWER_BUTTON)
+
+    def new_vm_generation(self) -> None:
+        """Tell the guest its VM generation ID changed (arch/x86_64/vmgenid.py)."""
+        log.info("VM generation ID changed")
+        self.raise_event(EVENT_VM_GENERATION)
 
     @property
     def pending(self) -> int:
