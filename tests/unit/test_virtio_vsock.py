@@ -507,3 +507,69 @@ def test_an_rst_still_waiting_for_a_buffer_is_saved_and_delivered_after_a_restor
             device.close()
             if fresh is not None:
                 fresh.close()
+
+
+def test_a_new_guest_cid_resets_the_transport_and_holds_host_requests_until_the_guest_takes_it(vsock):
+    """A restored VM's own CID (change_guest_cid): the config space shows it, the guest gets a
+    TRANSPORT_RESET event, the connections of the old identity are gone, and a host request
+    made before the guest handed its event buffer back (Linux does once it re-read the CID)
+    reaches the guest only then, addressed to the new CID."""
+    device, guest, uds = vsock
+    events = guest.driver.queue(EVENT)
+    events.add([], [4])
+    device.notify(EVENT)
+    old = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    new = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with old, new:
+        old.settimeout(5)
+        old.connect(uds)
+        old.sendall(b"CONNECT 52\n")
+        request = guest.wait_packet(OP_REQUEST)
+        guest.send(52, request.src_port, OP_RESPONSE)
+        assert old.recv(64) == f"OK {request.src_port}\n".encode()
+        assert events.take_used() == []
+
+        device.change_guest_cid(9)
+        assert struct.unpack("<Q", device.read_config(0, 8))[0] == 9
+        [(head, written)] = events.take_used()
+        assert events.written(head)[:written] == struct.pack("<I", 0)   # VIRTIO_VSOCK_EVENT_TRANSPORT_RESET
+        assert old.recv(64) == b"" and device.conns == {}
+        assert device.cid_change_pending
+
+        new.settimeout(5)
+        new.connect(uds)
+        new.sendall(b"CONNECT 52\n")
+        wait_for(lambda: device._held)
+        assert guest.packets() == []             # not before the guest took the new CID
+        events.add([], [4])                      # what Linux does after handling the event
+        device.notify(EVENT)
+        assert not device.cid_change_pending
+        rx = guest.driver.queue(RX)
+        [(head, written)] = wait_for(rx.take_used)
+        held = Packet(rx.written(head)[:HEADER.size], b"")
+        assert (held.op, held.src_cid, held.dst_cid, held.dst_port) == (OP_REQUEST, HOST_CID, 9, 52)
+        guest.send(52, held.src_port, OP_RESPONSE, src_cid=9)
+        assert new.recv(64) == f"OK {held.src_port}\n".encode()
+        guest.send(52, held.src_port, OP_RW, b"old cid", src_cid=CID)    # the old identity is not heard
+        guest.send(52, held.src_port, OP_RW, b"new cid", src_cid=9)
+        assert new.recv(64) == b"new cid"
+        assert device.counters()["bad_src_cid"] == 1
+    for bad in (2, 0xFFFFFFFF):
+        with pytest.raises(ValueError, match="reserved"):
+            device.change_guest_cid(bad)
+
+
+def test_a_cid_change_survives_save_and_restore(memory, sockdir, idle_io):
+    device = make_vsock(CID, os.path.join(sockdir, "v"), idle_io)
+    try:
+        device.change_guest_cid(12)
+        state = through_json(device.save())
+        assert state.guest_cid == 12 and state.events_pending == 1    # the driver is not up yet: kept for it
+    finally:
+        device.close()
+    rebuilt = make_vsock(12, os.path.join(sockdir, "w"), idle_io)
+    try:
+        rebuilt.restore(state)
+        assert struct.unpack("<Q", rebuilt.read_config(0, 8))[0] == 12
+    finally:
+        rebuilt.close()

@@ -36,7 +36,7 @@ from ...errors import UserError
 from ...persist import State, require
 from .device import VIRTIO_ID_VSOCK, VirtioDevice
 from .host_side import HostStream, VsockHost
-from .vsock_state import ReplyState, VsockConnectionState, VsockState
+from .vsock_state import ReplyState, VsockState, connection_fields, saved_connection
 from .queue import DescriptorChain, read_buffers, write_buffers
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,10 @@ class VirtioVsock(VirtioDevice):
         self._rx_ready: dict[VsockConnection, None] = {}   # ordered: served round robin
         self._next_local_port = LOCAL_PORT_FIRST
         self._events_pending = 0
+        # A CID change the guest has not acknowledged (re-posted its event buffer): host
+        # requests wait in _held, the guest would answer them from its old CID.
+        self._cid_unacknowledged = False
+        self._held: list[tuple[int, HostStream, bytes]] = []
         self._detached = False
         self.stats: collections.Counter[str] = collections.Counter()
         host.start(self._on_host_request)
@@ -140,6 +144,31 @@ class VirtioVsock(VirtioDevice):
             self._kill(conn, rst=False)
         self._replies.clear()
         self._events_pending = 0
+        self._release_held()   # a driver starting afresh reads the current CID
+
+    def change_guest_cid(self, guest_cid: int) -> None:
+        """Give the guest a new CID (a VM restored from a snapshot gets its own): the config
+        space shows it and the guest gets a TRANSPORT_RESET event (virtio 1.2, 5.10.6.6), on
+        which Linux re-reads guest_cid and resets its connected sockets (listeners stay). The
+        connections here are dropped too. Host requests made before the guest acknowledges the
+        event (it hands its event buffer back) wait for it, so none is answered from the old CID."""
+        if not 3 <= guest_cid < U32:
+            raise ValueError(f"vsock: guest CID {guest_cid} is reserved or out of range (3..{U32 - 1})")
+        with self.host_work():
+            for conn in list(self.conns.values()):
+                self._kill(conn, rst=False)
+            self._replies.clear()
+            self._rx_ready.clear()
+            self.guest_cid = guest_cid
+            self._events_pending += 1
+            self._cid_unacknowledged = True
+            self._process_events()
+
+    @property
+    def cid_change_pending(self) -> bool:
+        """A CID change the guest has not acknowledged yet."""
+        with self.lock:
+            return self._cid_unacknowledged
 
     def close(self) -> None:
         """Close every connection and the host side (idempotent); after detach_host() the host
@@ -149,6 +178,9 @@ class VirtioVsock(VirtioDevice):
                 return
             for conn in list(self.conns.values()):
                 self._kill(conn, rst=False)
+            for _, stream, _ in self._held:
+                stream.close()
+            self._held.clear()
             self.host.close()
 
     def detach_host(self) -> VsockHost:
@@ -163,6 +195,9 @@ class VirtioVsock(VirtioDevice):
             self.conns.clear()
             self._rx_ready.clear()
             self._replies.clear()
+            for _, stream, _ in self._held:
+                stream.close()       # their programs see the connection close before an OK
+            self._held.clear()
             return self.host
 
     def counters(self) -> dict:
@@ -176,8 +211,17 @@ class VirtioVsock(VirtioDevice):
         if queue_index == TX:
             self._process_tx()
         elif queue_index == EVENT:
+            if self._cid_unacknowledged and not self._events_pending:
+                self._release_held()   # the guest handled the reset and re-posted its buffer
             self._process_events()
         self._process_rx()
+
+    def _release_held(self) -> None:
+        self._cid_unacknowledged = False
+        held, self._held = self._held, []
+        for guest_port, stream, early in held:
+            if not self._host_request(guest_port, stream, early):
+                stream.close()
 
     def _process_tx(self) -> None:
         queue = self.queues[TX]
@@ -239,9 +283,8 @@ class VirtioVsock(VirtioDevice):
             self._events_pending -= 1
             moved = True
         if moved:
+            queue.notify_on_next_add()  # the guest's refill after handling the event acknowledges it
             self.signal_used(EVENT)
-
-    # --- packets to the guest -----------------------------------------------------------------------------
 
     def _header(self, conn: VsockConnection, op: int, length: int = 0, flags: int = 0) -> bytes:
         conn.last_fwd_sent = conn.fwd_cnt
@@ -464,15 +507,21 @@ class VirtioVsock(VirtioDevice):
         """A host program asks for guest port `guest_port` (on the I/O thread); `early` are the
         bytes it sent right behind its request: they wait for the guest."""
         with self.host_work():
-            if self._detached or len(self.conns) >= MAX_CONNECTIONS:
-                self.stats["connect_refused"] += 1
-                return False
-            conn = VsockConnection(guest_port, self._local_port(guest_port), stream, CONNECTING)
-            conn.staged = early[:MAX_PAYLOAD]
-            self._add(conn)
-            self._reply(conn, OP_REQUEST)
-            self._process_rx()
-            return True
+            if self._cid_unacknowledged and not self._detached:
+                self._held.append((guest_port, stream, early))
+                return True
+            return self._host_request(guest_port, stream, early)
+
+    def _host_request(self, guest_port: int, stream: HostStream, early: bytes) -> bool:
+        if self._detached or len(self.conns) >= MAX_CONNECTIONS:
+            self.stats["connect_refused"] += 1
+            return False
+        conn = VsockConnection(guest_port, self._local_port(guest_port), stream, CONNECTING)
+        conn.staged = early[:MAX_PAYLOAD]
+        self._add(conn)
+        self._reply(conn, OP_REQUEST)
+        self._process_rx()
+        return True
 
     def _local_port(self, guest_port: int) -> int:
         while True:
@@ -488,7 +537,7 @@ class VirtioVsock(VirtioDevice):
         with self.lock:
             return VsockState(
                 virtio=self.save_virtio(), guest_cid=self.guest_cid,
-                connections=tuple(_connection_state(conn) for conn in self.conns.values()),
+                connections=tuple(saved_connection(conn) for conn in self.conns.values()),
                 replies=tuple(self._reply_state(*reply) for reply in self._replies),
                 rx_ready=tuple(conn.key for conn in self._rx_ready),
                 events_pending=self._events_pending, next_local_port=self._next_local_port,
@@ -526,7 +575,8 @@ class VirtioVsock(VirtioDevice):
                 if stream is None:
                     self._rst_for(self.guest_cid, saved.guest_port, HOST_CID, saved.host_port)
                     continue
-                conn = _connection_from(saved, stream)
+                conn = VsockConnection(saved.guest_port, saved.host_port, stream, saved.state)
+                connection_fields(conn, saved)
                 self.conns[conn.key] = conn
             for reply in state.replies:
                 reply_conn = None if reply.key is None else self.conns.get(reply.key)
@@ -542,24 +592,6 @@ class VirtioVsock(VirtioDevice):
             if self.active:
                 self._process_events()
                 self._process_rx()
-
-
-_SAVED_FIELDS = ("peer_buf_alloc", "peer_fwd_cnt", "tx_cnt", "rx_cnt", "fwd_cnt", "last_fwd_sent", "host_eof",
-                 "host_shut_wr", "guest_shut_rcv", "guest_shut_send", "closing", "credit_requested", "update_queued")
-
-
-def _connection_state(conn: VsockConnection) -> VsockConnectionState:
-    return VsockConnectionState(guest_port=conn.guest_port, host_port=conn.host_port, state=conn.state,
-                                staged=bytes(conn.staged), output=bytes(conn.output),
-                                **{name: getattr(conn, name) for name in _SAVED_FIELDS})
-
-
-def _connection_from(saved: VsockConnectionState, stream: HostStream) -> VsockConnection:
-    conn = VsockConnection(saved.guest_port, saved.host_port, stream, saved.state)
-    for name in _SAVED_FIELDS:
-        setattr(conn, name, getattr(saved, name))
-    conn.staged, conn.output = saved.staged, bytearray(saved.output)
-    return conn
 
 
 def _require_vsock(state: State) -> VsockState:

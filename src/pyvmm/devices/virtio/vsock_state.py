@@ -96,3 +96,21 @@ class VsockState(State):
         for name, count in self.stats.items():
             if count < 0:
                 self.fail(f"stats[{name!r}]", f"{count} is negative")
+
+
+_SAVED_FIELDS = ("peer_buf_alloc", "peer_fwd_cnt", "tx_cnt", "rx_cnt", "fwd_cnt", "last_fwd_sent", "host_eof",
+                 "host_shut_wr", "guest_shut_rcv", "guest_shut_send", "closing", "credit_requested", "update_queued")
+
+
+def saved_connection(conn) -> VsockConnectionState:
+    """A vsock.VsockConnection's state."""
+    return VsockConnectionState(guest_port=conn.guest_port, host_port=conn.host_port, state=conn.state,
+                                staged=bytes(conn.staged), output=bytes(conn.output),
+                                **{name: getattr(conn, name) for name in _SAVED_FIELDS})
+
+
+def connection_fields(conn, saved: VsockConnectionState) -> None:
+    """Load `saved` into a vsock.VsockConnection made for its ports, stream and state."""
+    for name in _SAVED_FIELDS:
+        setattr(conn, name, getattr(saved, name))
+    conn.staged, conn.output = saved.staged, bytearray(saved.output)
