@@ -23,6 +23,8 @@ import os
 import platform
 from ctypes import Structure, c_int64, c_uint64
 
+from ..errors import PyvmmError
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
 _libc.ioctl.restype = ctypes.c_int
@@ -109,7 +111,7 @@ PAGE_IS_WRITTEN = 1 << 1
 _SYS_USERFAULTFD = {"x86_64": 323, "aarch64": 282}
 
 
-class HostMemoryError(OSError):
+class HostMemoryError(PyvmmError, OSError):
     """A userfaultfd or pagemap call the host kernel refused; str() names the call."""
 
     def __init__(self, call: str, errno: int) -> None:
