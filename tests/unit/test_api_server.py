@@ -98,6 +98,7 @@ def _valid_bodies(files) -> dict[str, tuple[str, str, dict]]:
         "InstanceActionInfo": ("PUT", "/actions", {"action_type": "FlushMetrics"}),
         "Vm": ("PATCH", "/vm", {"state": "Paused"}),
         "PyvmmAction": ("PUT", "/pyvmm/actions", {"action_type": "Stop"}),
+        "PyvmmMigration": ("PUT", "/pyvmm/migration", {"destination": "unix:/nonexistent.sock"}),
     }
 
 
@@ -210,3 +211,16 @@ def test_console_history_endpoint(api):
     with pytest.raises(ApiError) as error:
         api.get("/pyvmm/console?tail=-1")
     assert error.value.status == 400 and error.value.fault_message.startswith("tail")
+
+
+def test_migration_resources_before_a_start(api):
+    with pytest.raises(ApiError) as error:
+        api.put("/pyvmm/migration", {"destination": "ftp:somewhere"})
+    assert error.value.status == 400 and error.value.fault_message.startswith("destination")
+    for method, path in (("GET", "/pyvmm/migration"), ("PUT", "/pyvmm/migration/cancel")):
+        with pytest.raises(ApiError) as error:
+            api.request(method, path)
+        assert error.value.status == 400
+    with pytest.raises(ApiError) as error:
+        api.put("/pyvmm/migration", {"destination": "unix:/nonexistent.sock"})
+    assert error.value.status == 400 and error.value.fault_message == "the VM has not been started"

@@ -23,20 +23,17 @@ from typing import TYPE_CHECKING, Any, Callable
 from .. import __version__
 from ..errors import ConfigError, PyvmmError, UserError
 from .console import ConsoleHub
-from .schema import (ACTION, BOOT_SOURCE, ENTROPY, MACHINE_CONFIG, METRICS, PARTIAL_DRIVE, PYVMM_ACTION, VM_STATE,
-                     VSOCK, VmSpec, check_body, check_drive, check_interface, check_logger)
+from . import migration as migrations
+from .states import INCOMING, NOT_STARTED, PAUSED, RUNNING, STOPPED, InvalidState
+from .schema import (ACTION, BOOT_SOURCE, ENTROPY, MACHINE_CONFIG, METRICS, MIGRATION, PARTIAL_DRIVE, PYVMM_ACTION,
+                     VM_STATE, VSOCK, VmSpec, check_body, check_drive, check_interface, check_logger)
 
 if TYPE_CHECKING:
     from ..vm import Vm, VmOutcome
 
 log = logging.getLogger(__name__)
 
-NOT_STARTED, RUNNING, PAUSED, STOPPED = "Not started", "Running", "Paused", "Stopped"
 AFTER_START = "The requested operation is not supported after starting the microVM."
-
-
-class InvalidState(UserError):
-    """The operation does not fit the VM's state (configuring a running VM, pausing a stopped one)."""
 
 
 class NotSupported(UserError):
@@ -63,11 +60,14 @@ class VmInstance:
         self._built: tuple[Any, Any, Any] | None = None
         # Changes the configuration gets at InstanceStart (the Firecracker launcher's defaults)
         self.adapt_spec: Callable[[VmSpec], VmSpec] | None = None
+        self.migration: Any = None              # the last outgoing migration.Migration
+        self.incoming_address: str | None = None  # where a VM started with --incoming waits
 
     # --- Firecracker's resources ------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
-        state = self.state if self.state != STOPPED else NOT_STARTED  # Firecracker's enum has no "stopped"
+        # Firecracker's enum has no "stopped", nor a VM waiting for a migration
+        state = self.state if self.state not in (STOPPED, INCOMING) else NOT_STARTED
         return {"id": self.id, "state": state, "vmm_version": __version__, "app_name": "pyvmm"}
 
     def version(self) -> dict[str, Any]:
@@ -175,7 +175,11 @@ class VmInstance:
             self._built = (machine, choice, symbols)
             self._boot()
             self.started_at = time.time()
-            threading.Thread(target=self._watch, name="vm-watch", daemon=True).start()
+            self.watch()
+
+    def watch(self) -> None:
+        """Follow the VM that now runs until it ends for good (a thread)."""
+        threading.Thread(target=self._watch, name="vm-watch", daemon=True).start()
 
     def _boot(self) -> None:
         from ..builder import build_vm
@@ -212,6 +216,10 @@ class VmInstance:
                         outcome = VmOutcome("vmm-error", EXIT_VMM_ERROR, f"reboot failed: {exc}")
                 self.outcome, self.state, self.vm = outcome, STOPPED, None
             break
+        self.end(outcome)
+
+    def end(self, outcome) -> None:
+        """The instance has ended for good: wake whoever waits."""
         self.ended.set()
         for callback in self._on_end:
             callback(outcome)
@@ -223,12 +231,14 @@ class VmInstance:
     def pause(self) -> None:
         with self.lock:
             vm = self._require_vm()
+            self._refuse_during_migration("pause")
             vm.pause()
             self.state = PAUSED
 
     def resume(self) -> None:
         with self.lock:
             vm = self._require_vm()
+            self._refuse_during_migration("resume")
             vm.resume()
             self.state = RUNNING
 
@@ -238,6 +248,8 @@ class VmInstance:
 
         with self.lock:
             vm = self._require_vm()
+            if migrations.under_way(self):
+                self.migration.cancel()
             self._stopping = True
             vm.request_stop(VmOutcome("destroyed", EXIT_OK, message))
             vm.resume()  # paused run loops see the stop when they wake
@@ -249,6 +261,7 @@ class VmInstance:
 
         with self.lock:
             vm = self._require_vm()
+            self._refuse_during_migration("reboot")
             self._reboot_wanted = True
             vm.request_stop(VmOutcome("reset", EXIT_OK, "rebooted by the user"))
             vm.resume()
@@ -270,6 +283,24 @@ class VmInstance:
         kind = check_body(body, PYVMM_ACTION)["action_type"]
         {"Stop": self.stop, "Reboot": self.reboot, "Shutdown": self.press_power_button}[kind]()
 
+    # --- live migration (api/migration.py) ------------------------------------------------
+
+    def migrate(self, body: Any) -> None:
+        migrations.start(self, check_body(body, MIGRATION))
+
+    def migration_progress(self) -> dict[str, Any]:
+        return migrations.progress(self)
+
+    def cancel_migration(self) -> None:
+        migrations.cancel(self)
+
+    def listen_for_migration(self, address: str) -> None:
+        migrations.listen(self, address)
+
+    def _refuse_during_migration(self, what: str) -> None:
+        if migrations.under_way(self):
+            raise InvalidState(f"a migration is under way: cannot {what} now (cancel it first)")
+
     def _require_vm(self):
         if self.vm is None:
             raise InvalidState("the VM is not running" if self.state == STOPPED else "the VM has not been started")
@@ -290,7 +321,7 @@ class VmInstance:
     def status(self) -> dict[str, Any]:
         outcome = self.outcome
         return {"id": self.id, "state": self.state, "pid": os.getpid(), "boots": self.boots,
-                "started_at": self.started_at,
+                "started_at": self.started_at, "incoming": self.incoming_address,
                 "outcome": None if outcome is None else {"reason": outcome.reason, "status": outcome.status,
                                                          "message": outcome.message}}
 

@@ -86,6 +86,17 @@ PATHS: dict[str, dict[str, Any]] = {
                       "400": _FAULT, "default": _INTERNAL}}},
     "/pyvmm/actions": {"put": _change("pyvmmAction", "pyvmm: Stop (destroy), Reboot, Shutdown (power button)",
                                       "PyvmmAction")},
+    "/pyvmm/migration": {
+        "put": _change("pyvmmMigrate", "pyvmm: start a live migration (pre-copy) to a destination waiting at "
+                       "unix:PATH or tcp:HOST:PORT (a VM started with --incoming). Answers at once; follow it with "
+                       "GET. On success the VM stops here with outcome 'migrated'; on failure it runs on here.",
+                       "PyvmmMigration"),
+        "get": _get("pyvmmMigrationProgress", "pyvmm: the last migration's progress: status, round, bytes sent, "
+                    "dirty pages left, dirty rate, and at the end total time and downtime", "PyvmmMigrationProgress",
+                    fault=True)},
+    "/pyvmm/migration/cancel": {"put": {
+        "operationId": "pyvmmCancelMigration", "summary": "pyvmm: cancel the migration under way (the VM runs on here)",
+        "responses": {"204": {"description": "done"}, "400": _FAULT, "default": _INTERNAL}}},
 }
 
 
@@ -140,14 +151,26 @@ def schemas() -> dict[str, Any]:
             "vsock": _ref("Vsock"), "entropy": _ref("EntropyDevice"), "logger": _ref("Logger"),
             "metrics": _ref("Metrics"), "pyvmm": _ref("PyvmmOptions")}),
         "PyvmmStatus": _plain({
-            "id": string, "state": {"type": "string", "enum": ["Not started", "Running", "Paused", "Stopped"]},
+            "id": string,
+            "state": {"type": "string", "enum": ["Not started", "Incoming", "Running", "Paused", "Stopped"]},
             "pid": integer, "boots": integer, "started_at": {"type": "number", "nullable": True},
+            "incoming": {"type": "string", "nullable": True,
+                         "description": "where a VM started with --incoming waits for its migration"},
             "outcome": {"type": "object", "nullable": True,
                         "properties": {"reason": string, "status": integer, "message": string}}},
             ("id", "state", "pid")),
         "PyvmmDevices": {"type": "array", "items": _plain({"id": string, "kind": string, "transport": string,
                                                            "parent": {"type": "string", "nullable": True},
                                                            "resources": {"type": "object"}}, ("id", "kind"))},
+        "PyvmmMigrationProgress": _plain({
+            "status": {"type": "string", "enum": ["setup", "precopy", "stop-and-copy", "completing", "completed",
+                                                  "failed", "cancelled"]},
+            "mode": {"type": "string", "enum": ["precopy", "stop-and-copy"]}, "address": string,
+            "round": integer, "bytes_sent": integer, "pages_sent": integer, "zero_pages": integer,
+            "ram_bytes": integer, "remaining_pages": integer, "dirty_rate": number, "rate": number,
+            "elapsed_s": number, "downtime_ms": {"type": "number", "nullable": True},
+            "total_s": {"type": "number", "nullable": True}, "error": {"type": "string", "nullable": True},
+            "history": {"type": "array", "items": {"type": "object"}}}, ("status", "round", "bytes_sent")),
         "PyvmmStats": _plain({
             "state": string, "uptime_s": {"type": "number", "nullable": True}, "vcpu_count": integer,
             "exits": {"type": "object", "additionalProperties": integer}, "exits_total": integer,

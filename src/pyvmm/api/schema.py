@@ -108,6 +108,15 @@ VM_STATE = (_f("state", "string", "the state to go to", required=True, enum=("Pa
 PYVMM_ACTION = (_f("action_type", "string", "Stop: end the VM at once (destroy); Reboot: stop it and boot it "
                    "again; Shutdown: press the ACPI power button", required=True,
                    enum=("Stop", "Reboot", "Shutdown")),)
+MIGRATION = (
+    _f("destination", "string", "where the destination waits: unix:PATH or tcp:HOST:PORT", required=True),
+    _f("downtime_ms", "integer", "the longest pause the last round may take, estimated (QEMU's default)",
+       minimum=1, default=300),
+    _f("bandwidth", "integer", "bytes per second the migration stream may use (default: no limit)", minimum=4096),
+    _f("timeout", "integer", "seconds the whole migration may take before it gives up (default: no limit)",
+       minimum=1),
+    _f("max_rounds", "integer", "dirty-page rounds after the first pass before it gives up", minimum=1, default=30),
+)
 PYVMM_OPTIONS = (
     _f("accel", "string", "CPU backend", enum=("auto", "kvm", "tcg"), default="auto"),
     _f("console", "string", "the guest's console device", enum=("serial", "virtio"), default="serial"),
@@ -125,7 +134,7 @@ RESOURCES: dict[str, tuple[Field, ...]] = {
     "MachineConfiguration": MACHINE_CONFIG, "BootSource": BOOT_SOURCE, "Drive": DRIVE,
     "PartialDrive": PARTIAL_DRIVE, "NetworkInterface": NETWORK_INTERFACE, "Vsock": VSOCK,
     "EntropyDevice": ENTROPY, "Logger": LOGGER, "Metrics": METRICS, "InstanceActionInfo": ACTION,
-    "Vm": VM_STATE, "PyvmmAction": PYVMM_ACTION, "PyvmmOptions": PYVMM_OPTIONS,
+    "Vm": VM_STATE, "PyvmmAction": PYVMM_ACTION, "PyvmmOptions": PYVMM_OPTIONS, "PyvmmMigration": MIGRATION,
 }
 
 _TYPES: dict[str, tuple[type, ...]] = {"string": (str,), "integer": (int,), "boolean": (bool,), "object": (dict,), "array": (list,)}

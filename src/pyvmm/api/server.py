@@ -87,6 +87,9 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/pyvmm/stats", lambda i, p, b: i.stats()),
     Route("GET", "/pyvmm/console", _console),
     Route("PUT", "/pyvmm/actions", lambda i, p, b: i.pyvmm_action(b), body=True),
+    Route("PUT", "/pyvmm/migration", lambda i, p, b: i.migrate(b), body=True),
+    Route("GET", "/pyvmm/migration", lambda i, p, b: i.migration_progress()),
+    Route("PUT", "/pyvmm/migration/cancel", lambda i, p, b: i.cancel_migration()),
 )
 
 

@@ -13,7 +13,8 @@ import sys
 from ..errors import UserError
 
 COMMANDS = ("define", "undefine", "start", "list", "dominfo", "info", "domstate", "suspend", "pause", "resume",
-            "destroy", "reboot", "shutdown", "console", "create", "clone", "domstats", "top")
+            "destroy", "reboot", "shutdown", "console", "create", "clone", "domstats", "top", "migrate",
+            "migrate-cancel")
 
 DEFINE_HELP = ("A definition is Firecracker's configuration (sections machine-config, boot-source, drives, "
                "network-interfaces, vsock, entropy) plus a [pyvmm] table (accel, console, cpu_hide, on_reboot), "
@@ -34,6 +35,17 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     command("undefine", "remove a VM's definition and its records (not its disks)")
     start = command("start", "start a defined VM in the background")
     start.add_argument("--console", action="store_true", help="attach to its console at once")
+    start.add_argument("--incoming", metavar="ADDRESS", help="do not boot: wait for a live migration of this VM at "
+                       "unix:PATH or tcp:HOST:PORT (from `pyvmm migrate` on the source)")
+    migrate = command("migrate", "live-migrate a running VM to a VM started with --incoming (pre-copy)")
+    migrate.add_argument("destination", metavar="unix:PATH|tcp:HOST:PORT")
+    migrate.add_argument("--downtime-ms", type=int, default=300, metavar="N",
+                         help="the longest pause the last round may take, estimated (default 300, as QEMU)")
+    migrate.add_argument("--bandwidth", metavar="B", help="bytes/s the stream may use (suffixes K, M, G: KiB/s...)")
+    migrate.add_argument("--timeout", type=int, metavar="S", help="give up after S seconds (the VM runs on here)")
+    migrate.add_argument("--max-rounds", type=int, default=30, metavar="N",
+                         help="dirty-page rounds before giving up (default 30)")
+    command("migrate-cancel", "cancel a running VM's migration (it runs on here)")
     listing = command("list", "list running (and crashed) VMs", vm=False)
     listing.add_argument("--all", action="store_true", help="shut-off VMs too")
     command("dominfo", "a VM's state, process, size and last outcome", aliases=("info",))
@@ -156,6 +168,9 @@ def _vm_command(name: str, vm, args) -> int:
     if name == "undefine":
         vm.undefine()
         print(f"Domain '{vm.name}' has been undefined")
+    elif name == "start" and args.incoming:
+        pid = vm.start(incoming=args.incoming)
+        print(f"Domain '{vm.name}' waits for a migration at {args.incoming} (pid {pid})")
     elif name == "start":
         pid = vm.start()
         print(f"Domain '{vm.name}' started (pid {pid})")
@@ -186,6 +201,33 @@ def _vm_command(name: str, vm, args) -> int:
         return _console(vm, args.replay)
     elif name == "domstats":
         print(json.dumps(vm.stats(), indent=2))
+    elif name == "migrate":
+        return _migrate(vm, args)
+    elif name == "migrate-cancel":
+        vm.cancel_migration()
+        print(f"Domain '{vm.name}': migration cancelled")
+    return 0
+
+
+def _migrate(vm, args) -> int:
+    """`pyvmm migrate`: start it, show progress, cancel on Ctrl-C."""
+    from .progress import ProgressDisplay, parse_bandwidth
+
+    bandwidth = parse_bandwidth(args.bandwidth) if args.bandwidth is not None else None
+    display = ProgressDisplay(sys.stdout)
+    vm.migrate(args.destination, downtime_ms=args.downtime_ms, bandwidth=bandwidth, timeout=args.timeout,
+               max_rounds=args.max_rounds, wait=False)
+    try:
+        final = vm.wait_migration(display.show)
+    except KeyboardInterrupt:
+        vm.cancel_migration()
+        display.done()
+        raise UserError(f"{vm.name}: migration cancelled: the VM runs on here") from None
+    finally:
+        display.done()
+    print(f"Domain '{vm.name}' migrated to {args.destination}: {final['total_s']:.2f} s, "
+          f"downtime {final['downtime_ms']:.0f} ms, {final['round']} round(s), "
+          f"{final['bytes_sent'] / 2**20:.1f} MiB sent ({final['mode']})")
     return 0
 
 

@@ -26,7 +26,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import UserError
 from . import definitions
@@ -35,9 +35,12 @@ from .records import RunDir, UnknownVm, VmExists, check_name, config_dir, run_ro
 
 RUNNING, PAUSED, STARTING, SHUT_OFF, CRASHED, UNRESPONSIVE = \
     "running", "paused", "starting", "shut off", "crashed", "unresponsive"
-ACTIVE = (RUNNING, PAUSED, STARTING, UNRESPONSIVE)
+INCOMING = "incoming"           # started with --incoming: waits for a live migration
+MIGRATED = "migrated"           # its VM went to another pyvmm (live migration); nothing runs here
+ACTIVE = (RUNNING, PAUSED, STARTING, UNRESPONSIVE, INCOMING)
 _ERROR_REASONS = ("panic", "triple-fault", "guest-error", "vmm-error", "failed", "process-died")
-_API_STATES = {"Running": RUNNING, "Paused": PAUSED, "Not started": STARTING, "Stopped": SHUT_OFF}
+_API_STATES = {"Running": RUNNING, "Paused": PAUSED, "Not started": STARTING, "Stopped": SHUT_OFF,
+               "Incoming": INCOMING}
 
 
 class ApiError(UserError):
@@ -46,6 +49,10 @@ class ApiError(UserError):
     def __init__(self, status: int, fault_message: str) -> None:
         super().__init__(fault_message)
         self.status, self.fault_message = status, fault_message
+
+
+class MigrationFailed(UserError):
+    """A live migration that did not happen (the VM runs on where it was)."""
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -161,7 +168,8 @@ class VmHandle:
                 outcome = {"reason": "process-died", "status": None,
                            "message": f"the VM's process (pid {self.run.recorded_pid()}) died without recording an "
                                       f"outcome" + (f"; its last log line: {last}" if last else "")}
-            state = CRASHED if outcome["reason"] in _ERROR_REASONS else SHUT_OFF
+            state = CRASHED if outcome["reason"] in _ERROR_REASONS else \
+                MIGRATED if outcome["reason"] == "migrated" else SHUT_OFF
         else:
             state = SHUT_OFF
         return VmInfo(self.name, state, pid, path is not None, machine.get("vcpu_count"), machine.get("mem_size_mib"),
@@ -194,10 +202,12 @@ class VmHandle:
 
     # --- lifecycle --------------------------------------------------------------------------
 
-    def start(self) -> int:
-        """Boot the defined VM in the background; returns once it runs (its pid)."""
+    def start(self, incoming: str | None = None) -> int:
+        """Boot the defined VM in the background; returns once it runs (its pid). With
+        `incoming` (unix:PATH or tcp:HOST:PORT) it does not boot but waits there for a live
+        migration of a VM like its definition; returns once it listens."""
         definition = definitions.load(self.name, self.host.config_dir)
-        return launch(self.run, definition.spec.to_document(), instance_id=self.name)
+        return launch(self.run, definition.spec.to_document(), instance_id=self.name, incoming=incoming)
 
     def suspend(self) -> None:
         self._live_api().patch("/vm", {"state": "Paused"})
@@ -235,6 +245,55 @@ class VmHandle:
         if not wait_exit(pid, timeout):
             raise UserError(f"{self.name} did not power off within {timeout:g} s of the power button "
                             "(the guest may ignore it): use destroy to stop it at once")
+
+    # --- live migration ---------------------------------------------------------------------
+
+    def migrate(self, destination: str, *, downtime_ms: int | None = None, bandwidth: int | None = None,
+                timeout: int | None = None, max_rounds: int | None = None, wait: bool = True,
+                on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Migrate this running VM to a VM started with `incoming=destination` (here or on
+        another host). With `wait`, returns the final figures once the destination runs it
+        (this VM has then stopped, outcome "migrated") and raises MigrationFailed if it did
+        not happen (this VM runs on); `on_progress(progress)` sees each poll."""
+        body: dict[str, Any] = {"destination": destination}
+        for key, value in (("downtime_ms", downtime_ms), ("bandwidth", bandwidth), ("timeout", timeout),
+                           ("max_rounds", max_rounds)):
+            if value is not None:
+                body[key] = value
+        self._live_api().put("/pyvmm/migration", body)
+        return self.wait_migration(on_progress) if wait else self.migration_progress()
+
+    def migration_progress(self) -> dict[str, Any]:
+        """The last migration's progress (the final figures once this VM has migrated away)."""
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                return self._live_api().get("/pyvmm/migration")
+            except (OSError, http.client.HTTPException, UserError) as exc:
+                if isinstance(exc, ApiError):
+                    raise
+                record = self.run.outcome() if self.run.pid() is None else None
+                if record is not None and "migration" in record:
+                    return record["migration"]
+                if self.run.pid() is None or time.monotonic() > deadline:
+                    raise UserError(f"{self.name}: no migration to report (the VM is not running)") from None
+                time.sleep(0.05)  # the VM's process is ending: its record comes next
+
+    def wait_migration(self, on_progress: Callable[[dict[str, Any]], None] | None = None,
+                       poll: float = 0.25) -> dict[str, Any]:
+        while True:
+            progress = self.migration_progress()
+            if on_progress is not None:
+                on_progress(progress)
+            if progress["status"] == "completed":
+                return progress
+            if progress["status"] in ("failed", "cancelled"):
+                raise MigrationFailed(f"{self.name}: {progress['error']}")
+            time.sleep(poll)
+
+    def cancel_migration(self) -> None:
+        """Stop the migration under way: this VM runs on."""
+        self._live_api().request("PUT", "/pyvmm/migration/cancel")
 
     # --- console ----------------------------------------------------------------------------
 
@@ -376,4 +435,4 @@ def connect(config_dir: str | os.PathLike | None = None, run_root: str | os.Path
     return Host(config_dir, run_root)
 
 
-__all__ = ["ApiClient", "ApiError", "Host", "UnknownVm", "VmExists", "VmHandle", "VmInfo", "connect"]
+__all__ = ["ApiClient", "ApiError", "Host", "MigrationFailed", "UnknownVm", "VmExists", "VmHandle", "VmInfo", "connect"]

@@ -27,8 +27,10 @@ class StartError(UserError):
 
 
 def launch(run: RunDir, document: dict[str, Any], *, instance_id: str | None = None,
-           timeout: float = READY_TIMEOUT) -> int:
-    """Start the VM described by `document` (a checked definition) in RUN_DIR; its pid."""
+           timeout: float = READY_TIMEOUT, incoming: str | None = None) -> int:
+    """Start the VM described by `document` (a checked definition) in RUN_DIR; its pid.
+    `incoming`: instead of booting, wait for a live migration at that address (the process
+    is ready once it listens)."""
     pid = run.pid()
     if pid is not None:
         raise VmExists(f"{run.name} is running already (pid {pid})")
@@ -42,6 +44,8 @@ def launch(run: RunDir, document: dict[str, Any], *, instance_id: str | None = N
             argv = [sys.executable, "-m", "pyvmm.manage.vmprocess", str(run.path), "--ready-fd", str(write_end)]
             if instance_id:
                 argv += ["--id", instance_id]
+            if incoming:
+                argv += ["--incoming", incoming]
             process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
                                        start_new_session=True, pass_fds=(write_end,))
         os.close(write_end)

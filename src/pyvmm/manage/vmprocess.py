@@ -24,12 +24,15 @@ from ..errors import UserError, user_error_message
 from .records import RunDir
 
 
-def _outcome_record(outcome, boots: int) -> dict:
-    return {"reason": outcome.reason, "status": outcome.status, "message": outcome.message, "boots": boots,
-            "ended_at": time.time()}
+def _outcome_record(outcome, boots: int, migration=None) -> dict:
+    record = {"reason": outcome.reason, "status": outcome.status, "message": outcome.message, "boots": boots,
+              "ended_at": time.time()}
+    if migration is not None:  # the last outgoing migration's figures (a migrated VM's record keeps them)
+        record["migration"] = migration.progress().to_dict()
+    return record
 
 
-def serve(run: RunDir, instance_id: str, ready_fd: int | None) -> int:
+def serve(run: RunDir, instance_id: str, ready_fd: int | None, incoming: str | None = None) -> int:
     from ..api.console import ConsoleHub
     from ..api.instance import VmInstance
     from ..api.schema import VmSpec
@@ -68,7 +71,10 @@ def serve(run: RunDir, instance_id: str, ready_fd: int | None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the terminal that started us may go away
     try:
-        instance.start()
+        if incoming is None:
+            instance.start()
+        else:
+            instance.listen_for_migration(incoming)
     except Exception as exc:  # noqa: BLE001 - whatever stops the boot is the outcome, in one line
         message = user_error_message(exc) if isinstance(exc, (UserError, OSError)) else \
             f"internal error: {type(exc).__name__}: {exc}"
@@ -83,7 +89,7 @@ def serve(run: RunDir, instance_id: str, ready_fd: int | None) -> int:
         pass
     outcome = instance.outcome
     assert outcome is not None  # the VM ended: on_end ran after the outcome was recorded
-    run.write_outcome(_outcome_record(outcome, instance.boots))
+    run.write_outcome(_outcome_record(outcome, instance.boots, instance.migration))
     server.close()
     console.close()
     for path in (run.console_sock,):
@@ -107,12 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir")
     parser.add_argument("--ready-fd", type=int)
     parser.add_argument("--id", help="the instance id the API reports (default: the run directory's name)")
+    parser.add_argument("--incoming", metavar="ADDRESS", help="wait for a live migration at unix:PATH or tcp:HOST:PORT "
+                        "instead of booting")
     parser.add_argument("-v", "--verbose", action="count", default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
                         format="%(asctime)s pyvmm: %(levelname)s: %(name)s: %(message)s")
     run = RunDir(Path(args.run_dir).resolve())
-    return serve(run, args.id or run.name, args.ready_fd)
+    return serve(run, args.id or run.name, args.ready_fd, args.incoming)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ DEFAULT_DOWNTIME_MS = 300       # QEMU's default downtime limit
 DEFAULT_MAX_ROUNDS = 30
 CONNECT_TIMEOUT = 10.0
 ACK_TIMEOUT = 120.0             # the destination builds the VM before it answers
+CANCEL_GRACE = 2.0
 
 
 class MigrationCancelled(MigrationError):
@@ -118,12 +119,19 @@ class Migration:
             return MigrationProgress(**{**asdict(self._progress), "history": list(self._progress.history)})
 
     def cancel(self) -> None:
-        """Stop the migration: the VM runs on here (unless the destination already has it)."""
+        """Stop the migration: the VM runs on here (unless the destination already has it).
+        The sending thread sees it between frames and tells the destination; a send blocked
+        on a peer that takes nothing is woken after CANCEL_GRACE seconds by closing the stream."""
         self._cancelled.set()
+        timer = threading.Timer(CANCEL_GRACE, self._wake_blocked)
+        timer.daemon = True
+        timer.start()
+
+    def _wake_blocked(self) -> None:
         channel = self._channel
-        if channel is not None:
+        if channel is not None and self._progress.status in ("setup", "precopy", "stop-and-copy", "completing"):
             try:
-                channel.sock.shutdown(2)   # wakes a send or receive blocked on the peer
+                channel.sock.shutdown(2)
             except OSError:
                 pass
 
