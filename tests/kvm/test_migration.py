@@ -81,6 +81,7 @@ def test_a_running_guest_migrates_and_counts_on(accel, tmp_path):
         progress = migrate(source, address, MigrationOptions())
         assert source.stopped and source.outcome.reason == "migrated"
         left_at = source.memory.read_u64(COUNT)
+        left_ram = [source.memory.read(r.guest_base, r.size) for r in source.memory.regions]
     finally:
         source.close()
     incoming = destination.join()
@@ -88,6 +89,7 @@ def test_a_running_guest_migrates_and_counts_on(accel, tmp_path):
     vm = incoming.vm
     try:
         assert vm.paused and vm.memory.read_u64(COUNT) == left_at
+        assert [vm.memory.read(r.guest_base, r.size) for r in vm.memory.regions] == left_ram   # every page
         vm.resume()
         finish_cleanly(vm, left_at)
     finally:
@@ -125,3 +127,83 @@ def test_a_destination_that_cannot_take_the_machine_refuses_before_memory_moves(
     finally:
         source.close()
         listener.close()
+
+
+class CorruptingProxy:
+    """Forwards a stream both ways and flips one bit of what the source sends, `at` bytes in."""
+
+    def __init__(self, listen_path: str, target_path: str, at: int) -> None:
+        import socket
+
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(listen_path)
+        self.listener.listen(1)
+        self.target_path, self.at = target_path, at
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        import socket
+
+        source, _ = self.listener.accept()
+        target = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        target.connect(self.target_path)
+        threading.Thread(target=self._pump, args=(target, source, None), daemon=True).start()
+        self._pump(source, target, self.at)
+
+    @staticmethod
+    def _pump(src, dst, flip_at: int | None) -> None:
+        seen = 0
+        try:
+            while chunk := src.recv(65536):
+                if flip_at is not None and seen <= flip_at < seen + len(chunk):
+                    damaged = bytearray(chunk)
+                    damaged[flip_at - seen] ^= 0x10
+                    chunk = bytes(damaged)
+                seen += len(chunk)
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(2)
+                except OSError:
+                    pass
+
+
+def test_a_corrupted_stream_is_refused_and_the_source_runs_on(accel, tmp_path):
+    destination = Destination(f"unix:{tmp_path / 'dst.sock'}")
+    CorruptingProxy(str(tmp_path / "proxy.sock"), str(tmp_path / "dst.sock"), at=20000)   # inside the first pages
+    source = counting_vm(accel)
+    try:
+        with pytest.raises(MigrationError) as failure:
+            migrate(source, f"unix:{tmp_path / 'proxy.sock'}")
+        assert "\n" not in str(failure.value)
+        destination.join()
+        assert destination.incoming is None
+        assert "corrupted" in str(destination.error) and "checksum" in str(destination.error)
+        assert not source.paused and not source.stopped
+        finish_cleanly(source, source.memory.read_u64(COUNT))
+    finally:
+        source.close()
+
+
+def test_a_guest_dirtying_memory_faster_than_the_bandwidth_fails_cleanly_after_the_limit(accel, tmp_path):
+    config = MachineConfig(kernel=str(build_source(KVM_GUESTS / "dirtier.S", 64)), memory=16 << 20)
+    source = build_vm(config, lambda data: None, accel=choose_accelerator(accel).create())
+    destination = Destination(f"unix:{tmp_path / 'dst.sock'}")
+    try:
+        source.start()
+        passes = source.memory.read_u64(0x300000)
+        options = MigrationOptions(bandwidth=1 << 20, max_rounds=2)   # 256 pages dirty, ~75 fit in 300 ms
+        with pytest.raises(MigrationError, match=r"does not converge: after 2 rounds .* 300 ms downtime"):
+            migrate(source, f"unix:{tmp_path / 'dst.sock'}", options)
+        destination.join()
+        assert destination.incoming is None and "does not converge" in str(destination.error)
+        assert not source.paused and not source.stopped
+        deadline = time.monotonic() + 30
+        while source.memory.read_u64(0x300000) <= passes + 10:   # the guest goes on dirtying
+            assert time.monotonic() < deadline and not source.stopped
+            time.sleep(0.01)
+    finally:
+        source.close()

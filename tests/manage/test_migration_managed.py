@@ -34,7 +34,7 @@ def env(tmp_path):
 
 def cli(env, *args: str, status: int = 0) -> subprocess.CompletedProcess:
     values, _ = env
-    result = subprocess.run([sys.executable, "-m", "pyvmm.cli", *args], capture_output=True, env=values, timeout=300,
+    result = subprocess.run([sys.executable, "-m", "pyvmm.cli", *args], capture_output=True, env=values, timeout=60,
                             text=True)
     assert result.returncode == status, (args, result.stdout, result.stderr)
     return result

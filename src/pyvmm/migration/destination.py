@@ -139,8 +139,7 @@ def receive(channel: Channel, console_write: Callable[[bytes], None], *,
         channel.expect(COMMIT)
     except BaseException as exc:
         message = user_error_message(exc) if isinstance(exc, (UserError, OSError)) else f"{type(exc).__name__}: {exc}"
-        if not isinstance(exc, StreamError):
-            channel.send_error(f"the destination gave up: {message}")
+        channel.send_error(f"the destination gave up: {message}")   # if the source still listens
         if vm is not None:
             vm.close()
         if memory is not None:

@@ -36,6 +36,7 @@ DEFAULT_MAX_ROUNDS = 30
 CONNECT_TIMEOUT = 10.0
 ACK_TIMEOUT = 120.0             # the destination builds the VM before it answers
 CANCEL_GRACE = 2.0
+DIRTY_READER = "migration"     # this migration's own log (a Diff-snapshot series keeps its own)
 
 
 class MigrationCancelled(MigrationError):
@@ -186,7 +187,7 @@ class Migration:
             log.info("migration: this pyvmm has no dirty-page tracking: stop-and-copy")
             return False
         try:
-            start()
+            start(DIRTY_READER)
         except UserError as exc:  # memory.dirty.DirtyTrackingUnavailable: this host cannot track
             log.info("migration: %s: stop-and-copy", exc)
             return False
@@ -198,7 +199,7 @@ class Migration:
         self._update(status="precopy", round=1)
         self._send_round(channel, None)
         while True:
-            dirty = vm.dirty_log()
+            dirty = vm.dirty_log(DIRTY_READER)
             count = dirty.count()
             last = self._progress.history[-1]
             rate = self._progress.rate or 1.0
@@ -222,7 +223,7 @@ class Migration:
         paused_at = time.monotonic()
         if precopy:
             self._pause()
-            last = vm.dirty_log()
+            last = vm.dirty_log(DIRTY_READER)
             last.merge(self._final_dirty)
             self._update(round=self._progress.round + 1, remaining_pages=last.count())
             self._send_round(channel, last)
@@ -238,12 +239,13 @@ class Migration:
         self._handed_over = True
         downtime = (time.monotonic() - paused_at) * 1000
         self._stop_tracking()
-        vm.request_stop(VmOutcome("migrated", EXIT_OK, f"migrated to {self.address}"))
-        vm.resume()
         channel.close()
         total = time.monotonic() - self._started
+        # The figures first: whoever waits for the VM to end reads them as final.
         self._update(status="completed", downtime_ms=downtime, total_s=total, remaining_pages=0,
                      bytes_sent=channel.bytes_sent)
+        vm.request_stop(VmOutcome("migrated", EXIT_OK, f"migrated to {self.address}"))
+        vm.resume()
 
     def _send_round(self, channel: Channel, dirty) -> None:
         """One pass: all of RAM (dirty None) or the pages of a DirtyBitmap."""
@@ -298,7 +300,7 @@ class Migration:
         if self._tracking:
             self._tracking = False
             try:
-                self.vm.stop_dirty_log()
+                self.vm.stop_dirty_log(DIRTY_READER)
             except Exception:  # noqa: BLE001 - the VM runs on either way
                 log.warning("stopping dirty-page tracking failed", exc_info=True)
 
