@@ -177,6 +177,26 @@ CLONE_CHILD = """
 """
 
 
+ZYGOTE_CHILD = """
+    import os, sys
+    from pyvmm.snapshot import load_snapshot
+    import pyvmm.restore, pyvmm.accel.tcg.accelerator, pyvmm.accel.tcg.translator   # imported once, shared
+    from pyvmm.accel.tcg.host_tsc import host_tsc_hz
+    host_tsc_hz()
+    for _ in range(int(sys.argv[3])):
+        if os.fork() == 0:      # no thread exists yet in this process: forking is safe
+            vm = load_snapshot(sys.argv[1], sys.argv[2], lambda data: None, mode="cow")
+            vm.resume()
+            print("running", os.getpid(), flush=True)
+            sys.stdin.read()
+            vm.close()
+            os._exit(0)
+    sys.stdin.read()
+    for _ in range(int(sys.argv[3])):
+        os.wait()
+"""
+
+
 def many_pss(children: list[subprocess.Popen], word: bytes, settle: float = 2.0) -> int:
     """Total PSS (KiB) of `children` once each has said `word` and they have run `settle` s."""
     try:
@@ -192,6 +212,18 @@ def many_pss(children: list[subprocess.Popen], word: bytes, settle: float = 2.0)
 def booted_memory(command: list[str], count: int) -> int:
     here = str(Path(__file__).resolve().parent)
     return many_pss([_child(BOOTED_CHILD, here, *command) for _ in range(count)], b"booted")
+
+
+def clones_memory_zygote(state_path: Path, mem_path: Path, count: int, settle: float = 2.0) -> int:
+    """Total PSS (KiB) of `count` clones forked from one zygote process that imported pyvmm
+    (its interpreter and modules shared copy-on-write), the zygote included."""
+    zygote = _child(ZYGOTE_CHILD, str(state_path), str(mem_path), str(count))
+    try:
+        pids = [int(_expect(zygote, b"running").split()[1]) for _ in range(count)]
+        time.sleep(settle)
+        return pss_kib(zygote.pid) + sum(pss_kib(pid) for pid in pids)
+    finally:
+        _stop(zygote)
 
 
 def clones_memory(state_path: Path, mem_path: Path, count: int) -> int:
