@@ -23,6 +23,7 @@ from .accel.kvm import state as _kvm_state  # noqa: F401
 from .arch.x86_64.cpu_state import GuestCpuView, VcpuState
 from .config import ConsolePort, DiskConfig, MachineConfig, NetConfig, VsockConfig
 from .devices import legacy as _legacy  # noqa: F401
+from .devices.legacy import ged as _ged  # noqa: F401 - built by the builder, which a reader of a state need not import
 from .devices.virtio import blk, console, mmio, net, pci, rng, vhost_user_blk, vsock  # noqa: F401
 from .devmgr import DeviceTreeState
 from .errors import ConfigError
