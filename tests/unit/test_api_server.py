@@ -150,6 +150,14 @@ def test_unknown_path_is_404_and_wrong_method_405_with_allow(api):
     assert reply.startswith(b"HTTP/1.1 405") and b"Allow: GET, PUT, PATCH" in reply
 
 
+@pytest.mark.parametrize("method", [b"TRACE", b"CONNECT", b"QUERY"])
+def test_methods_no_route_has_are_405_or_404_not_501(api, method):
+    status, body = raw(api, method + b" /machine-config HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status == 405 and "allowed: GET, PUT, PATCH" in json.loads(body)["fault_message"]
+    status, body = raw(api, method + b" /nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status == 404
+
+
 @pytest.mark.parametrize("request_bytes", [
     b"PUT /machine-config HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\n{bad}",
     b"PUT /machine-config HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",

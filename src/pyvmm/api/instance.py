@@ -251,6 +251,7 @@ class VmInstance:
             if migrations.under_way(self):
                 self.migration.cancel()
             self._stopping = True
+            self._reboot_wanted = False  # a stop after a reboot request wins: no new boot follows
             vm.request_stop(VmOutcome("destroyed", EXIT_OK, message))
             vm.resume()  # paused run loops see the stop when they wake
         self.ended.wait(wait)
@@ -262,6 +263,8 @@ class VmInstance:
         with self.lock:
             vm = self._require_vm()
             self._refuse_during_migration("reboot")
+            if self._stopping:
+                raise InvalidState("the VM is being stopped")
             self._reboot_wanted = True
             vm.request_stop(VmOutcome("reset", EXIT_OK, "rebooted by the user"))
             vm.resume()

@@ -112,6 +112,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"pyvmm/{__version__}"
     instance: VmInstance  # set on the subclass the server makes
+    in_flight: "_InFlight"
 
     def do_GET(self) -> None:
         self._handle()
@@ -119,6 +120,10 @@ class _Handler(BaseHTTPRequestHandler):
     do_PUT = do_PATCH = do_POST = do_DELETE = do_HEAD = do_OPTIONS = do_GET
 
     def _handle(self) -> None:
+        with self.in_flight:
+            self._answer()
+
+    def _answer(self) -> None:
         try:
             url = urlsplit(self.path)
             route, params = resolve(self.command, url.path)
@@ -182,6 +187,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         if self.request_version == "HTTP/0.9":  # an unparsable request line: answer in HTTP/1.1 anyway
             self.request_version = "HTTP/1.1"
+        if code == 501:  # a method no route has (TRACE, CONNECT, made-up ones): 405 or 404, as for any other
+            try:
+                resolve(self.command, urlsplit(self.path).path)
+            except HttpError as exc:
+                self._send_fault(exc.status, str(exc), exc.headers)
+                return
         self._send_fault(code, message or explain or "bad request")
 
     def address_string(self) -> str:
@@ -189,6 +200,28 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("API: " + format, *args)
+
+
+class _InFlight:
+    """Counts requests being answered, so that closing the server lets them finish: a Stop
+    ends the VM and so the process, and its 204 must still reach the client."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = threading.Condition()
+
+    def __enter__(self) -> None:
+        with self._idle:
+            self._count += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._idle:
+            self._count -= 1
+            self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._count == 0, timeout)
 
 
 class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -205,7 +238,8 @@ class ApiServer:
     """Serves `instance` on the Unix socket `path` (created mode 0600) from a thread."""
 
     def __init__(self, instance: VmInstance, path: str | os.PathLike) -> None:
-        handler = type("Handler", (_Handler,), {"instance": instance})
+        self._in_flight = _InFlight()
+        handler = type("Handler", (_Handler,), {"instance": instance, "in_flight": self._in_flight})
         old_umask = os.umask(0o177)
         try:
             self._server = _UnixServer(str(path), handler)
@@ -224,7 +258,8 @@ class ApiServer:
         while not self._closing:
             self._server.handle_request()
 
-    def close(self) -> None:
+    def close(self, grace: float = 10.0) -> None:
+        """Stop accepting connections; answers being written get `grace` seconds to finish."""
         self._closing = True
         if self._thread.is_alive():
             try:
@@ -233,6 +268,7 @@ class ApiServer:
             except OSError:
                 pass
             self._thread.join(5)
+        self._in_flight.wait_idle(grace)
         self._server.server_close()
         try:
             os.unlink(self.path)
