@@ -85,6 +85,8 @@ class Vm:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # pause, resume, park, stop, a loop ended
         self._threads: list[threading.Thread] = []
+        # Each run loop's label -> its thread's kernel id (/proc/self/task/ID), for vCPU time.
+        self.run_loop_threads: dict[str, int] = {}
         self._paused = False      # pause() was asked and resume() not yet
         self._parked = 0          # run loops waiting at their pause point
         self._running = 0         # run loops whose threads have not ended
@@ -384,6 +386,7 @@ class Vm:
         signal.pthread_sigmask(signal.SIG_BLOCK, _HOST_SIGNALS)
         for vcpu in loop.vcpus:
             vcpu.thread_ident = threading.get_ident()
+        self.run_loop_threads[loop.label] = threading.get_native_id()
         try:
             loop.run()
         except BaseException as exc:  # a device model (or pyvmm) failed: stop the VM, say why

@@ -19,6 +19,7 @@ import re
 import threading
 
 from pyvmm.accel.select import choose_accelerator
+from pyvmm.api.stats import collect
 from pyvmm.arch.x86_64 import layout
 from pyvmm.builder import build_vm
 from pyvmm.config import MachineConfig
@@ -96,6 +97,7 @@ class RngRun:
             self.used_idx = self.vm.memory.read_u16(USED_RING + 2)
             self.vcpu_threads = {t.name for t in self.vm._threads}
             self.accel_name = self.vm.accel.name
+            self.stats = collect(self.vm, None)  # what GET /pyvmm/stats would show (test_stats.py)
         return outcome
 
     @property

@@ -50,6 +50,14 @@ class VmServices(Protocol):
         """An exit the dispatcher does not serve itself: it ends the VM."""
 
 
+@dataclass(frozen=True)
+class VcpuCounters:
+    """One vCPU's counters since it was made, for stats and top."""
+    exits: dict[str, int]              # VM exits by reason (reasons with a count only)
+    source: str                        # kvm-binary-stats | pyvmm (exits KVM handed to pyvmm) | software-cpu
+    interrupts_injected: int | None    # interrupts and NMIs delivered to the guest; None: not known
+
+
 class Vcpu(Protocol):
     index: int
     thread_ident: int | None  # the thread running it, so that kick() can reach it
@@ -62,6 +70,9 @@ class Vcpu(Protocol):
 
     @property
     def exit_counts(self) -> dict[str, int]: ...
+
+    def counters(self) -> VcpuCounters:
+        """Exits by reason and interrupts injected, from the best source the host has."""
 
     def set_state(self, state: CpuState) -> None: ...
 

@@ -343,13 +343,24 @@ class VmInstance:
             return nodes
 
     def stats(self) -> dict[str, Any]:
+        """The process's CPU time and memory, and, while the VM runs, what api/stats.py gathers
+        from it (vCPUs, exits, interrupts, devices, guest RAM); empty parts before it runs."""
+        from .stats import collect
+
         vm = self.vm
-        exits: dict[str, int] = vm.exit_counts() if vm is not None else {}
-        times = os.times()
+        times, rss = os.times(), _rss_bytes()
+        parts: dict[str, Any] = {"vcpus": [], "exits": {}, "exits_total": 0, "exits_source": None,
+                                 "interrupts_injected": None, "vcpu_threads": [], "vcpu_time_s": 0.0, "devices": {},
+                                 "memory": {"guest_ram_bytes": 0, "guest_ram_resident_bytes": 0,
+                                            "process_rss_bytes": rss, "vmm_overhead_bytes": rss}}
+        if vm is not None:
+            try:
+                parts = collect(vm, rss)
+            except (OSError, ValueError):  # the VM closed under us (stopped meanwhile): no VM part
+                pass
         return {"state": self.state, "uptime_s": None if self.started_at is None else time.time() - self.started_at,
-                "vcpu_count": self.spec.machine["vcpu_count"], "exits": exits, "exits_total": sum(exits.values()),
-                "cpu_user_s": times.user, "cpu_system_s": times.system, "rss_bytes": _rss_bytes(),
-                "console_bytes": self.console.total_bytes}
+                "vcpu_count": self.spec.machine["vcpu_count"], "cpu_user_s": times.user, "cpu_system_s": times.system,
+                "rss_bytes": rss, "console_bytes": self.console.total_bytes, **parts}
 
     def flush_metrics(self) -> None:
         with self.lock:

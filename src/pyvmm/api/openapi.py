@@ -75,7 +75,8 @@ PATHS: dict[str, dict[str, Any]] = {
                                   "pid, boots, and the outcome once stopped", "PyvmmStatus")},
     "/pyvmm/devices": {"get": _get("pyvmmDevices", "pyvmm: the device tree (id, kind, transport, resources)",
                                    "PyvmmDevices", fault=True)},
-    "/pyvmm/stats": {"get": _get("pyvmmStats", "pyvmm: VM exits by reason, CPU time, resident memory, console bytes",
+    "/pyvmm/stats": {"get": _get("pyvmmStats", "pyvmm: per vCPU exits by reason and interrupts injected, vCPU and "
+                                 "process CPU time, per-device counters, guest RAM resident and VMM overhead",
                                  "PyvmmStats")},
     "/pyvmm/console": {"get": {
         "operationId": "pyvmmConsole", "summary": "pyvmm: the console history (the last 256 KiB the guest printed)",
@@ -171,13 +172,40 @@ def schemas() -> dict[str, Any]:
             "elapsed_s": number, "downtime_ms": {"type": "number", "nullable": True},
             "total_s": {"type": "number", "nullable": True}, "error": {"type": "string", "nullable": True},
             "history": {"type": "array", "items": {"type": "object"}}}, ("status", "round", "bytes_sent")),
-        "PyvmmStats": _plain({
-            "state": string, "uptime_s": {"type": "number", "nullable": True}, "vcpu_count": integer,
-            "exits": {"type": "object", "additionalProperties": integer}, "exits_total": integer,
-            "cpu_user_s": number, "cpu_system_s": number, "rss_bytes": {"type": "integer", "nullable": True},
-            "console_bytes": integer}),
+        "PyvmmStats": _stats_schema(),
     })
     return result
+
+
+def _stats_schema() -> dict[str, Any]:
+    string, integer, number = {"type": "string"}, {"type": "integer"}, {"type": "number"}
+    maybe_int, maybe_number = {"type": "integer", "nullable": True}, {"type": "number", "nullable": True}
+    by_reason = {"type": "object", "additionalProperties": integer,
+                 "description": "VM exits by reason: KVM's binary stats names (io, mmio, halt, irq_window...) on "
+                                "KVM, the translator loop's (slices, port_io, mmio, interrupts...) on the software CPU"}
+    counter = {"anyOf": [integer, {"type": "boolean"}, {"type": "object"}]}
+    return _plain({
+        "state": string, "uptime_s": maybe_number, "vcpu_count": integer,
+        "cpu_user_s": number, "cpu_system_s": number, "rss_bytes": maybe_int, "console_bytes": integer,
+        "vcpus": {"type": "array", "items": _plain({"index": integer, "exits": by_reason, "exits_total": integer,
+                                                    "interrupts_injected": maybe_int}, ("index", "exits"))},
+        "exits": by_reason, "exits_total": integer,
+        "exits_source": {"type": "string", "nullable": True, "enum": ["kvm-binary-stats", "pyvmm", "software-cpu", None],
+                         "description": "where exits come from: KVM's stats fd, pyvmm's own count of the exits KVM "
+                                        "hands it, or the software CPU's loop"},
+        "interrupts_injected": {**maybe_int, "description": "interrupts and NMIs delivered; null where unknown"},
+        "vcpu_threads": {"type": "array", "items": _plain({"label": string, "cpu_s": maybe_number})},
+        "vcpu_time_s": {**number, "description": "CPU time of the threads that run the vCPUs"},
+        "devices": {"type": "object", "description": "per virtio device (by id)",
+                    "additionalProperties": {
+                        "type": "object", "additionalProperties": counter,
+                        "properties": {"kind": string, "requests": integer, "malformed_chains": integer,
+                                       "ring_failures": integer, "needs_reset": {"type": "boolean"}},
+                        "required": ["kind", "requests", "malformed_chains", "ring_failures", "needs_reset"]}},
+        "memory": _plain({"guest_ram_bytes": integer, "guest_ram_resident_bytes": integer,
+                          "process_rss_bytes": maybe_int, "vmm_overhead_bytes": maybe_int},
+                         ("guest_ram_bytes", "guest_ram_resident_bytes")),
+    }, ("state", "vcpu_count", "exits", "exits_total", "vcpus", "devices", "memory"))
 
 
 def document() -> dict[str, Any]:

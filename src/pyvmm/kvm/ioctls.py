@@ -94,5 +94,6 @@ KVM_GET_DEBUGREGS = _ior(0xA1, uapi.kvm_debugregs)
 KVM_SET_DEBUGREGS = _iow(0xA2, uapi.kvm_debugregs)
 KVM_KVMCLOCK_CTRL = _io(0xAD)
 KVM_GET_XSAVE2 = _ior(0xCF, uapi.kvm_xsave)
+KVM_GET_STATS_FD = _io(0xCE)            # VM and vCPU: the binary stats fd (stats.py)
 
 ALL = {name: value for name, value in globals().items() if name.startswith("KVM_") and isinstance(value, int)}

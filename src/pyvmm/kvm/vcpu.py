@@ -15,6 +15,7 @@ import mmap
 from . import ioctls, uapi
 from .errors import KvmError
 from .fd import KvmFd, ioctl
+from .stats import StatsFd, open_stats
 
 _KVM_RUN = ioctls.KVM_RUN
 # A second handle without argtypes: ctypes' argument conversion costs ~0.2 us on every exit.
@@ -38,8 +39,18 @@ class VcpuFd(KvmFd):
         self._mmio = self.run_struct.exit.mmio
         self.last_exit_reason = 0
         self.exit_counts = [0] * 64  # by KVM exit reason; what `pyvmm top`/kvm_stat-style metrics read
+        self._stats: StatsFd | None | bool = False  # False: not opened yet; None: the host has none
+
+    def binary_stats(self) -> StatsFd | None:
+        """KVM's binary stats for this vCPU (KVM_GET_STATS_FD), or None where the host has none."""
+        if self._stats is False:
+            self._stats = open_stats(self.fd)
+        return self._stats if isinstance(self._stats, StatsFd) else None
 
     def close(self) -> None:
+        stats = getattr(self, "_stats", None)
+        if isinstance(stats, StatsFd):
+            stats.close()
         if getattr(self, "_page", None) is not None:
             # drop the views of the run page so that it can be unmapped: a closed fd is not used again
             self.run_struct = self._io = self._mmio = None  # type: ignore[assignment]

@@ -60,11 +60,12 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     console.add_argument("--replay", type=int, default=16 << 10, metavar="BYTES",
                          help="show the last BYTES the guest printed first (default 16384)")
     command("domstats", "a running VM's statistics (JSON)")
-    top = command("top", "running VMs with CPU, exits/s and memory, refreshed (keys: q c e m n x)", vm=False)
+    top = command("top", "running VMs with CPU, exits/s, memory and I/O rates, refreshed (keys: q quit, "
+                  "c e m n b i sort, j k select, x exit reasons)", vm=False)
     top.add_argument("name", metavar="NAME", nargs="?", help="one VM's exit reasons and rates instead")
     top.add_argument("--delay", "-d", type=float, default=2.0, metavar="SECONDS", help="refresh interval (default 2)")
     top.add_argument("--iterations", "-n", type=int, metavar="N", help="print N refreshes and exit")
-    top.add_argument("--sort", choices=("cpu", "exits", "rss", "name"), default="cpu")
+    top.add_argument("--sort", choices=("cpu", "exits", "mem", "name", "block", "net"), default="cpu")
     clone = command("clone", "define a copy of a VM: disks copied sparsely, new MACs and vsock CID")
     clone.add_argument("new_name", metavar="NEW_NAME")
     create = command("create", "define a VM and start it (default: the Debian guest image)")

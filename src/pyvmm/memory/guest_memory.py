@@ -18,6 +18,7 @@ from .address import GuestAddress
 
 
 _U16, _U32, _U64 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<Q")
+_libc = ctypes.CDLL(None, use_errno=True)  # mincore(2): resident pages, for stats
 
 
 class GuestMemoryError(UserError):
@@ -57,6 +58,15 @@ class MemoryRegion:
     def contains(self, address: int, size: int = 1) -> bool:
         base = int(self.guest_base)
         return base <= address and address + size <= base + self.size
+
+    def resident_bytes(self) -> int:
+        """How much of the region is in host RAM now (mincore over the mapping: pages the guest
+        or a device touched, not swapped out)."""
+        page = mmap.PAGESIZE
+        vector = (ctypes.c_ubyte * ((self.size + page - 1) // page))()
+        if _libc.mincore(ctypes.c_void_p(self.host_address), ctypes.c_size_t(self.size), vector) != 0:
+            raise OSError(ctypes.get_errno(), "mincore failed")
+        return sum(byte & 1 for byte in bytes(vector)) * page
 
     def close(self) -> None:
         if self.fd < 0:

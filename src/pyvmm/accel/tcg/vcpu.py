@@ -22,6 +22,7 @@ from ...arch.x86_64.cpu_state import (
     CR0_PE, CR0_PG, EFER_LMA, GPR_NAMES, SEGMENT_NAMES, CpuState, DescriptorTable, Segment, VcpuState,
 )
 from ...arch.x86_64.paging import PagingMode, read_linear, write_linear
+from ..base import VcpuCounters
 from ..exits import HLT, INTERRUPTED, SHUTDOWN, EmulationError, IoIn, IoOut, MmioRead, MmioWrite, VcpuExit
 from .delivery import DOUBLE_FAULT, ERROR_CODE_VECTORS, TripleFault, deliver
 from .engine_state import STOP_ERROR
@@ -161,6 +162,11 @@ class TcgVcpu:
     @property
     def exit_counts(self) -> dict[str, int]:
         return {name: n for name, n in self.stats.items() if n}
+
+    def counters(self) -> VcpuCounters:
+        """The translator loop's own counts: why each slice of guest code ended, and the
+        external interrupts the scheduler injected."""
+        return VcpuCounters(self.exit_counts, "software-cpu", self.stats["interrupts"])
 
     # --- hooks ---------------------------------------------------------------------------------
 

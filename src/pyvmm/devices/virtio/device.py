@@ -94,6 +94,10 @@ class VirtioDevice:
         self.lock = threading.RLock()
         self.active = False
         self.broken: str | None = None  # why the device needs a reset, once it does
+        # Requests and malformed chains of queues since reset (their own counts restart there),
+        # and how often the guest broke a ring: counters for stats, not guest state.
+        self._earlier = {"requests": 0, "malformed_chains": 0}
+        self.failures = 0
 
     # --- wiring (builder / transport) -------------------------------------------------------------
 
@@ -149,6 +153,9 @@ class VirtioDevice:
 
     def reset(self) -> None:
         with self.lock:
+            for queue in self.queues:
+                self._earlier["requests"] += queue.completed
+                self._earlier["malformed_chains"] += queue.malformed_chains
             self.on_reset()
             self.active = False
             self.broken = None
@@ -187,9 +194,20 @@ class VirtioDevice:
             if self.broken:
                 return
             self.broken = reason
+            self.failures += 1
             self.active = False
         log.warning("%s: %s; the device needs a reset", self.name, reason)
         self.interrupt.set_needs_reset()
+
+    def queue_counters(self) -> dict[str, int | bool]:
+        """Transport-independent counters over the device's life: requests completed, malformed
+        descriptor chains dropped, rings the guest broke (needing a reset), and whether it is
+        broken now. Device models add their own (bytes, errors) in stats()."""
+        with self.lock:
+            return {"requests": self._earlier["requests"] + sum(q.completed for q in self.queues),
+                    "malformed_chains": self._earlier["malformed_chains"] +
+                    sum(q.malformed_chains for q in self.queues),
+                    "ring_failures": self.failures, "needs_reset": self.broken is not None}
 
     # --- for subclasses ---------------------------------------------------------------------------------
 
