@@ -1,5 +1,5 @@
 """pyvmm's command line: `pyvmm run`, `pyvmm kvm-info`, `pyvmm image`, `pyvmm exec`/`cp` (the
-guest agent, agent/cli.py), and the VM-management commands (define, start, list, console... in
+guest agent, manage/agent_cli.py), and the VM-management commands (define, start, list, console... in
 manage/cli.py).
 
 Bad input ends with one line on stderr and exit status 2; a guest or VMM failure
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_cli(sub)
     register_manage(sub, common)
-    from .agent.cli import register_cli as register_agent_cli
+    from .manage.agent_cli import register_cli as register_agent_cli
 
     register_agent_cli(sub, common)
 
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_image_command(args)
         if args.subcommand in ("exec", "cp"):
-            from .agent.cli import run_agent_command
+            from .manage.agent_cli import run_agent_command
 
             return run_agent_command(args)
         from .manage.cli import COMMANDS as MANAGE_COMMANDS, run as run_manage

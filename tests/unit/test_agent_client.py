@@ -261,7 +261,7 @@ def test_a_timeout_kills_the_command(tmp_path):
 
 
 def test_cp_tells_guest_paths_from_host_paths():
-    from pyvmm.agent.cli import _guest_side
+    from pyvmm.manage.agent_cli import _guest_side
 
     assert _guest_side(":/etc/hostname", "/run/v.sock") == ("/run/v.sock", "/etc/hostname")
     assert _guest_side("./local:file", "/run/v.sock") is None       # a host path with a colon

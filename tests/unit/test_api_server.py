@@ -99,6 +99,8 @@ def _valid_bodies(files) -> dict[str, tuple[str, str, dict]]:
         "Vm": ("PATCH", "/vm", {"state": "Paused"}),
         "PyvmmAction": ("PUT", "/pyvmm/actions", {"action_type": "Stop"}),
         "PyvmmMigration": ("PUT", "/pyvmm/migration", {"destination": "unix:/nonexistent.sock"}),
+        "AgentExec": ("PUT", "/pyvmm/agent/exec", {"argv": ["true"]}),
+        "AgentFile": ("PUT", "/pyvmm/agent/files", {"path": "/tmp/f", "content": ""}),
     }
 
 

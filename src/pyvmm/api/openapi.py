@@ -98,6 +98,25 @@ PATHS: dict[str, dict[str, Any]] = {
     "/pyvmm/migration/cancel": {"put": {
         "operationId": "pyvmmCancelMigration", "summary": "pyvmm: cancel the migration under way (the VM runs on here)",
         "responses": {"204": {"description": "done"}, "400": _FAULT, "default": _INTERNAL}}},
+    "/pyvmm/agent/exec": {"put": {
+        "operationId": "pyvmmAgentExec",
+        "summary": "pyvmm: run a command in the guest through its agent (vsock port 52; the VM needs a vsock "
+                   "device). 200 whatever the command's exit status; 400 if no agent answers.",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/AgentExec"}}}},
+        "responses": {"200": _json("AgentExecResult"), "400": _FAULT, "default": _INTERNAL}}},
+    "/pyvmm/agent/files": {
+        "get": {"operationId": "pyvmmAgentReadFile", "summary": "pyvmm: a guest file's contents, through the agent",
+                "parameters": [{"name": "path", "in": "query", "required": True, "schema": {"type": "string"},
+                                "description": "the guest file"},
+                               {"name": "connect_timeout", "in": "query", "required": False,
+                                "schema": {"type": "integer", "minimum": 1, "maximum": 60},
+                                "description": "seconds to wait for the agent (default 10)"}],
+                "responses": {"200": {"description": "the file's bytes", "content": {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+                    "400": _FAULT, "default": _INTERNAL}},
+        "put": _change("pyvmmAgentWriteFile", "pyvmm: create or replace a guest file, through the agent",
+                       "AgentFile"),
+    },
 }
 
 
@@ -138,6 +157,9 @@ def _plain(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[s
 
 def schemas() -> dict[str, Any]:
     result = {name: _object(fields) for name, fields in RESOURCES.items()}
+    for schema, name in (("AgentExec", "stdin"), ("AgentFile", "content")):  # bytes, as base64
+        result[schema]["properties"][name]["format"] = "byte"
+    result["AgentExec"]["properties"]["env"]["additionalProperties"] = {"type": "string"}
     string, integer, number = {"type": "string"}, {"type": "integer"}, {"type": "number"}
     result.update({
         "Error": _plain({"fault_message": string}),
@@ -173,6 +195,11 @@ def schemas() -> dict[str, Any]:
             "total_s": {"type": "number", "nullable": True}, "error": {"type": "string", "nullable": True},
             "history": {"type": "array", "items": {"type": "object"}}}, ("status", "round", "bytes_sent")),
         "PyvmmStats": _stats_schema(),
+        "AgentExecResult": _plain({"exit_status": {**integer, "description": "the exit code, or 128 + the signal"},
+                                   "signal": {**integer, "description": "the signal that killed it, else 0"},
+                                   "stdout": {"type": "string", "format": "byte"},
+                                   "stderr": {"type": "string", "format": "byte"}},
+                                  ("exit_status", "signal", "stdout", "stderr")),
     })
     return result
 

@@ -129,12 +129,31 @@ PYVMM_OPTIONS = (
     _f("description", "string", "free text"),
 )
 
+_CONNECT = _f("connect_timeout", "integer", "seconds to wait for the guest's agent to answer (default 10)",
+              minimum=1, maximum=60)
+AGENT_EXEC = (
+    _f("argv", "array", "the command and its arguments", required=True, items="string"),
+    _f("stdin", "string", "the command's standard input, base64 (default: none)"),
+    _f("env", "object", "environment variables added for the command, NAME: value"),
+    _f("cwd", "string", "its working directory (default /)"),
+    _f("timeout", "integer", "seconds before the command is killed (the request then fails)", minimum=1,
+       maximum=86400),
+    _CONNECT,
+)
+AGENT_FILE = (
+    _f("path", "string", "the guest file to create or replace", required=True),
+    _f("content", "string", "its contents, base64", required=True),
+    _f("mode", "integer", "its permission bits", minimum=0, maximum=0o7777, default=0o644),
+    _CONNECT,
+)
+
 # name -> fields; the OpenAPI component schemas are made from this table.
 RESOURCES: dict[str, tuple[Field, ...]] = {
     "MachineConfiguration": MACHINE_CONFIG, "BootSource": BOOT_SOURCE, "Drive": DRIVE,
     "PartialDrive": PARTIAL_DRIVE, "NetworkInterface": NETWORK_INTERFACE, "Vsock": VSOCK,
     "EntropyDevice": ENTROPY, "Logger": LOGGER, "Metrics": METRICS, "InstanceActionInfo": ACTION,
     "Vm": VM_STATE, "PyvmmAction": PYVMM_ACTION, "PyvmmOptions": PYVMM_OPTIONS, "PyvmmMigration": MIGRATION,
+    "AgentExec": AGENT_EXEC, "AgentFile": AGENT_FILE,
 }
 
 _TYPES: dict[str, tuple[type, ...]] = {"string": (str,), "integer": (int,), "boolean": (bool,), "object": (dict,), "array": (list,)}

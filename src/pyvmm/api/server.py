@@ -24,11 +24,13 @@ from urllib.parse import parse_qs, urlsplit
 
 from .. import __version__
 from ..errors import ConfigError, UserError, user_error_message
+from . import agent
 from .instance import VmInstance
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 64 << 10
+MAX_AGENT_BODY = 16 << 20  # a command's stdin or a file's contents, base64: larger files go by `pyvmm cp`
 
 
 class HttpError(UserError):
@@ -45,6 +47,7 @@ class Route:
     path: str                                          # '/drives/{drive_id}'
     call: Callable[[VmInstance, dict[str, str], Any], Any]
     body: bool = False                                 # the request carries a JSON body
+    max_body: int = MAX_BODY                           # its largest accepted length
 
     @property
     def pattern(self) -> re.Pattern[str]:
@@ -90,6 +93,9 @@ ROUTES: tuple[Route, ...] = (
     Route("PUT", "/pyvmm/migration", lambda i, p, b: i.migrate(b), body=True),
     Route("GET", "/pyvmm/migration", lambda i, p, b: i.migration_progress()),
     Route("PUT", "/pyvmm/migration/cancel", lambda i, p, b: i.cancel_migration()),
+    Route("PUT", "/pyvmm/agent/exec", lambda i, p, b: agent.exec_command(i, b), body=True, max_body=MAX_AGENT_BODY),
+    Route("GET", "/pyvmm/agent/files", lambda i, p, b: agent.read_file(i, p)),
+    Route("PUT", "/pyvmm/agent/files", lambda i, p, b: agent.write_file(i, b), body=True, max_body=MAX_AGENT_BODY),
 )
 
 
@@ -127,11 +133,12 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             url = urlsplit(self.path)
             route, params = resolve(self.command, url.path)
-            body = self._read_body(route.body)
+            body = self._read_body(route.body, route.max_body)
             if not route.body:
                 params.update({k: v[-1] for k, v in parse_qs(url.query).items()})
             result = route.call(self.instance, params, body)
         except HttpError as exc:
+            self.close_connection = True  # a body may be left unread: the connection cannot go on
             self._send_fault(exc.status, str(exc), exc.headers)
         except ConfigError as exc:
             self._send_fault(400, str(exc))
@@ -148,15 +155,16 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._send(200, json.dumps(result).encode(), "application/json")
 
-    def _read_body(self, wanted: bool) -> Any:
+    def _read_body(self, wanted: bool, limit: int = MAX_BODY) -> Any:
         if self.headers.get("Transfer-Encoding"):
             raise HttpError(400, "chunked request bodies are not supported: send Content-Length")
         length_text = self.headers.get("Content-Length", "0")
         if not length_text.isdigit():
             raise HttpError(400, f"bad Content-Length {length_text!r:.40}")
         length = int(length_text)
-        if length > MAX_BODY:
-            raise HttpError(400, f"the body is {length} bytes; at most {MAX_BODY} are accepted")
+        if length > limit:
+            self.close_connection = True  # the unread body must not be taken for the next request
+            raise HttpError(400, f"the body is {length} bytes; at most {limit} are accepted here")
         raw = self.rfile.read(length) if length else b""
         if not wanted:
             return None

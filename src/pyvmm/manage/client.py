@@ -18,6 +18,7 @@ ApiError (the VM refused a request: .status and .fault_message), StartError.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import os
@@ -26,12 +27,16 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+from urllib.parse import urlencode
 
 from ..errors import UserError
 from . import definitions
 from .launch import launch, wait_exit
 from .records import RunDir, UnknownVm, VmExists, check_name, config_dir, run_root
+
+if TYPE_CHECKING:
+    from ..agent.client import ExecResult
 
 RUNNING, PAUSED, STARTING, SHUT_OFF, CRASHED, UNRESPONSIVE = \
     "running", "paused", "starting", "shut off", "crashed", "unresponsive"
@@ -199,6 +204,31 @@ class VmHandle:
 
     def config(self) -> dict[str, Any]:
         return self._live_api().get("/vm/config")
+
+    # --- the guest agent, through the VM's API (the VM needs a vsock device) ------------------
+
+    def exec(self, argv: list[str], stdin: bytes = b"", *, env: dict[str, str] | None = None,
+             cwd: str | None = None, timeout: int | None = None) -> "ExecResult":
+        """Run `argv` in the guest: its stdout, stderr and exit status (a failing command is
+        not an error; a guest without an agent is, ApiError 400)."""
+        from ..agent.client import ExecResult
+
+        body: dict[str, Any] = {"argv": list(argv), "stdin": base64.b64encode(stdin).decode()}
+        for key, value in (("env", env), ("cwd", cwd), ("timeout", timeout)):
+            if value is not None:
+                body[key] = value
+        answer = self._live_api().put("/pyvmm/agent/exec", body)
+        return ExecResult(base64.b64decode(answer["stdout"]), base64.b64decode(answer["stderr"]),
+                          answer["exit_status"], answer["signal"])
+
+    def read_file(self, path: str) -> bytes:
+        """A guest file's contents."""
+        return self._live_api().get("/pyvmm/agent/files?" + urlencode({"path": path})) or b""
+
+    def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        """Create or replace a guest file."""
+        self._live_api().put("/pyvmm/agent/files", {"path": path, "content": base64.b64encode(data).decode(),
+                                                    "mode": mode})
 
     # --- lifecycle --------------------------------------------------------------------------
 

@@ -40,7 +40,7 @@ def register_cli(subparsers, common: argparse.ArgumentParser) -> None:
 
 
 def run_agent_command(args: argparse.Namespace) -> int:
-    from .client import AgentClient
+    from ..agent.client import AgentClient
     from ..errors import UserError
 
     if args.subcommand == "exec":
@@ -97,7 +97,7 @@ def _vsock_path(name: str | None, vsock: str | None) -> str:
     if vsock is not None:
         return vsock
     assert name is not None
-    from ..manage.client import connect
+    from .client import connect
 
     config = connect().vm(name).config()
     uds = (config.get("vsock") or {}).get("uds_path")
