@@ -156,6 +156,19 @@ def test_exec_stream_reads_stdin_from_a_file_descriptor(tmp_path):
         fake.close()
 
 
+def test_exec_stream_reads_stdin_from_a_regular_file(tmp_path):
+    """`pyvmm exec VM -- cmd < file`: epoll refuses regular files (EPERM); the client polls."""
+    fake = FakeVsock(tmp_path / "v.sock", echo_guest)
+    (tmp_path / "input").write_bytes(b"from a file\n" * 10_000)
+    out = []
+    try:
+        with open(tmp_path / "input", "rb") as stdin:
+            status = AgentClient(fake.path).exec_stream(["cat"], stdin=stdin.fileno(), stdout=out.append)
+        assert status == 3 and b"".join(out) == b"from a file\n" * 10_000
+    finally:
+        fake.close()
+
+
 def test_errors_from_the_agent_are_one_line(tmp_path):
     def failing(conn):
         first = _first_frame(conn)

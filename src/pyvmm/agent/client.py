@@ -120,7 +120,9 @@ class AgentClient:
         sock = self.connect()
         outgoing = bytearray(request)
         killed, sending = False, True
-        selector = selectors.DefaultSelector()
+        # poll(2), not epoll: stdin may be a regular file (`pyvmm exec VM -- cmd < file`), which
+        # epoll refuses (EPERM) and poll reports always readable
+        selector = selectors.PollSelector()
         reader = FrameReader()
         try:
             sock.setblocking(False)
