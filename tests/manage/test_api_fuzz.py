@@ -1,6 +1,7 @@
 """Schema-driven fuzzing of the per-VM API: schemathesis generates requests from the OpenAPI
 document the VM serves (valid ones and, in its coverage phase, invalid ones) and sends them to a
-real VM process's Unix socket. Any 5xx fails the test: each one is a pyvmm bug.
+real VM process's Unix socket. Any 5xx fails the test: each one is a pyvmm bug; so does an
+answer that does not match the document's response schema (stats, status, errors...).
 
 The target is `pyvmm firecracker --api-sock`, a VM process that serves the API before the VM
 starts, with a tiny guest (the echo guest: a COM1 poll loop) already set as its boot source, so
@@ -26,6 +27,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from requests.adapters import HTTPAdapter
 from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import response_schema_conformance
 from urllib3.connection import HTTPConnection
 from urllib3.connectionpool import HTTPConnectionPool
 
@@ -176,8 +178,8 @@ def test_no_request_makes_the_api_fail(case, target):
         target.contain_paths(case.body)
     bound_agent_waits(case)
     try:
-        case.call_and_validate(base_url="http://localhost", session=target.session, checks=[not_a_server_error],
-                              timeout=60)
+        case.call_and_validate(base_url="http://localhost", session=target.session, timeout=60,
+                               checks=[not_a_server_error, response_schema_conformance])
     except requests.ConnectionError as exc:
         # Only acceptable when the VM had just ended by itself (a generated configuration the
         # guest cannot run: its outcome ends the process, as Firecracker's does) and the
