@@ -77,3 +77,4 @@ def test_redraw_rewrites_in_place_and_fits_the_terminal():
     text = "one\ntwo\nthree"
     assert redraw(text, 24) == "\x1b[Hone\x1b[K\r\ntwo\x1b[K\r\nthree\x1b[K\x1b[J"
     assert redraw(text, 2) == "\x1b[Hone\x1b[K\r\ntwo\x1b[K\x1b[J"
+    assert redraw(text, 0) == redraw(text, 24)  # a terminal that gives no size: nothing cut

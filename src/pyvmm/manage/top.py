@@ -195,8 +195,11 @@ def screen(view: View, rows: list[Row], clock: str | None = None) -> str:
 
 def redraw(text: str, height: int) -> str:
     """ANSI for replacing the screen with `text` in place: home, each line then erase to its
-    end, erase below (no clear, so no flicker over a slow link); cut to the terminal's height."""
-    lines = text.split("\n")[:max(height, 1)]
+    end, erase below (no clear, so no flicker over a slow link); cut to the terminal's height
+    (0: a terminal that does not say, e.g. a fresh pty: nothing is cut)."""
+    lines = text.split("\n")
+    if height > 0:
+        lines = lines[:height]
     return "\x1b[H" + "".join(line + "\x1b[K\r\n" for line in lines[:-1]) + lines[-1] + "\x1b[K\x1b[J"
 
 
