@@ -78,3 +78,32 @@ def test_redraw_rewrites_in_place_and_fits_the_terminal():
     assert redraw(text, 24) == "\x1b[Hone\x1b[K\r\ntwo\x1b[K\r\nthree\x1b[K\x1b[J"
     assert redraw(text, 2) == "\x1b[Hone\x1b[K\r\ntwo\x1b[K\x1b[J"
     assert redraw(text, 0) == redraw(text, 24)  # a terminal that gives no size: nothing cut
+
+
+def test_on_a_terminal_it_redraws_in_the_alternate_screen_and_q_quits(tmp_path):
+    """The real command in a pseudo-terminal (as over ssh), no VM running: the screen is drawn,
+    j is taken, q ends it with status 0 and the terminal's screen and cursor are given back."""
+    import os
+    import pty
+    import select
+    import sys
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: `pyvmm top` with empty private directories
+        os.environ.update(XDG_RUNTIME_DIR=str(tmp_path / "rt"), XDG_CONFIG_HOME=str(tmp_path / "cfg"))
+        os.execv(sys.executable, [sys.executable, "-m", "pyvmm.cli", "top", "--delay", "0.2"])
+    output, deadline, keys = b"", time.monotonic() + 60, [b"j", b"q"]
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            try:
+                output += os.read(fd, 65536)
+            except OSError:  # the child has ended and closed the terminal
+                break
+        if keys and output.count(b"pyvmm top - ") >= 2:
+            os.write(fd, keys.pop(0))
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, output[-500:]
+    assert output.startswith(b"\x1b[?1049h\x1b[?25l\x1b[H") and output.endswith(b"\x1b[?25h\x1b[?1049l")
+    assert b"0 running, sorted by cpu" in output and b"NAME" in output and b"EXITS/S" in output
