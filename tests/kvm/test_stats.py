@@ -41,3 +41,17 @@ def test_stats_count_exits_interrupts_device_requests_and_guest_ram(accel):
     assert memory["guest_ram_bytes"] == 16 << 20
     assert 0 < memory["guest_ram_resident_bytes"] <= 16 << 20
     assert [thread["label"] for thread in stats["vcpu_threads"]]  # the run loops that ran
+
+
+def test_without_binary_stats_kvm_exits_are_pyvmms_own_count(monkeypatch):
+    """A KVM without KVM_GET_STATS_FD: the exits that reached pyvmm, by KVM exit reason, and
+    interrupts injected unknown (null) rather than made up."""
+    from pyvmm.kvm.vcpu import VcpuFd
+
+    monkeypatch.setattr(VcpuFd, "binary_stats", lambda self: None)
+    run = RngRun("kvm", mode=0)
+    outcome = run.run()
+    check_request(run, outcome, mode=0)
+    stats = run.stats
+    assert stats["exits_source"] == "pyvmm" and stats["interrupts_injected"] is None
+    assert stats["exits"]["io"] > len(run.text) and stats["exits"]["mmio"] > 0 and "other" not in stats["exits"]
