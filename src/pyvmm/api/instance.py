@@ -8,7 +8,9 @@ Concurrency: one lock serialises every operation that reads or changes the confi
 the VM's state (configuring, start, pause, resume, stop, reboot, power button). A second
 request waits for the first to finish, so a pause requested during a start applies to the
 started VM, and the answer to GET / never shows a half-made change. Read-only views that
-need no consistency with the configuration (console history, stats) do not take it.
+need no consistency with the configuration (console history, stats) do not take it, nor do
+the guest agent's requests (agent.py), which take it only to find the vsock socket: a command
+may run for minutes while other requests are served.
 """
 
 from __future__ import annotations
