@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from pyvmm.kvm import ioctls, uapi
+from pyvmm.kvm import ioctls, stats, uapi
 
 STRUCTS = [name for name in dir(uapi) if name.startswith("kvm_") and isinstance(getattr(uapi, name), type)
            and issubclass(getattr(uapi, name), (ctypes.Structure, ctypes.Union))]
@@ -72,6 +72,7 @@ FLEXIBLE_C_NAMES = {"kvm_xsave2": "kvm_xsave"}  # struct kvm_xsave: 4096 bytes, 
 # Constants pyvmm uses to read and write saved state, compared with the headers' values.
 CONSTANTS = [name for name in dir(uapi) if name.startswith(("KVM_CAP_", "KVM_VCPUEVENT_", "KVM_CLOCK_", "KVM_MP_STATE_",
                                                             "KVM_IRQCHIP_", "KVM_IOAPIC_NUM_PINS"))]
+STATS_STRUCTS = ["kvm_stats_header", "kvm_stats_desc"]
 RUN_EXIT_OFFSETS = [
     ("io", "port"), ("io", "data_offset"), ("mmio", "phys_addr"), ("mmio", "len"), ("mmio", "is_write"),
     ("internal", "data"), ("system_event", "type"), ("fail_entry", "cpu"),
@@ -94,6 +95,10 @@ def _probe_source() -> str:
         c_struct = FLEXIBLE_C_NAMES.get(flexible, flexible)
         lines.append(f'printf("flex {flexible}.{array} %zu\\n", offsetof(struct {c_struct}, {array}));')
     lines.append('printf("const KVM_XSAVE_EXTRA %zu\\n", offsetof(struct kvm_xsave, extra));')
+    for struct in STATS_STRUCTS:  # the binary stats fd's layout (kvm/stats.py)
+        lines.append(f'printf("stats {struct} %zu\\n", sizeof(struct {struct}));')
+        for field, _ in getattr(stats, struct)._fields_:
+            lines.append(f'printf("stats {struct}.{field} %zu\\n", offsetof(struct {struct}, {field}));')
     for name in CONSTANTS:
         lines.append(f'printf("const {name} %lu\\n", (unsigned long)({name}));')
     for name in ioctls.ALL:
@@ -157,3 +162,11 @@ def test_xsave2_area_extends_kvm_xsave(kernel_abi):
     """KVM_GET_XSAVE2 writes past struct kvm_xsave's 4096 bytes into its flexible `extra`."""
     assert kernel_abi["const KVM_XSAVE_EXTRA"] == ctypes.sizeof(uapi.kvm_xsave) == 4096
     assert ctypes.sizeof(uapi.kvm_xsave2(8192)) == 8192
+
+
+@pytest.mark.parametrize("struct", STATS_STRUCTS)
+def test_binary_stats_structs_match_kernel(kernel_abi, struct):
+    cls = getattr(stats, struct)
+    assert ctypes.sizeof(cls) == kernel_abi[f"stats {struct}"]  # kvm_stats_desc: without its name
+    for field, _ in cls._fields_:
+        assert getattr(cls, field).offset == kernel_abi[f"stats {struct}.{field}"], field
