@@ -104,8 +104,6 @@ def _run(args) -> int:
     instance.adapt_spec = firecracker_spec  # at InstanceStart, however the machine was configured
     done = threading.Event()
     instance.on_end(lambda outcome: done.set())
-    server = None if args.no_api else ApiServer(instance, args.api_sock).start()
-    threading.Thread(target=_stdin_to_console, args=(console,), name="stdin", daemon=True).start()
 
     def on_signal(signum, _frame) -> None:  # end the VM cleanly (TAPs, sockets), then the process
         def stop() -> None:
@@ -115,8 +113,12 @@ def _run(args) -> int:
                 done.set()
         threading.Thread(target=stop, daemon=True).start()
 
+    # before the socket appears: a client that sees it may send SIGTERM at once (the default
+    # action would end the process with the socket left behind)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    server = None if args.no_api else ApiServer(instance, args.api_sock).start()
+    threading.Thread(target=_stdin_to_console, args=(console,), name="stdin", daemon=True).start()
     try:
         if spec is not None:
             instance.start()
