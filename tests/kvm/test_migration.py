@@ -207,3 +207,21 @@ def test_a_guest_dirtying_memory_faster_than_the_bandwidth_fails_cleanly_after_t
             time.sleep(0.01)
     finally:
         source.close()
+
+
+def test_migrate_locally_gives_the_running_vm_and_the_figures(accel):
+    from pyvmm.migration import migrate_locally
+
+    source = counting_vm(accel)
+    try:
+        vm, figures = migrate_locally(source)
+        left_at = source.memory.read_u64(COUNT)
+    finally:
+        source.close()
+    try:
+        assert not vm.paused
+        assert 0 < figures.downtime_ms <= figures.total_s * 1000
+        assert figures.mode == "precopy" and figures.rounds >= 2 and figures.bytes_sent > 0
+        finish_cleanly(vm, left_at)
+    finally:
+        vm.close()

@@ -113,6 +113,8 @@ class Migration:
         self._tracking = False
         self._handed_over = False     # COMMIT sent: the destination runs the VM
         self._final_dirty: Any = None  # the DirtyBitmap counted last, not yet sent
+        self.paused_at: float | None = None  # time.monotonic() when this migration paused the VM
+        self._disks_handed: list[Any] = []  # virtio-blk devices whose image lock is released
 
     def progress(self) -> MigrationProgress:
         with self._lock:
@@ -220,7 +222,6 @@ class Migration:
     def _complete(self, channel: Channel, precopy: bool) -> None:
         vm = self.vm
         self._update(status="completing")
-        paused_at = time.monotonic()
         if precopy:
             self._pause()
             last = vm.dirty_log(DIRTY_READER)
@@ -228,6 +229,7 @@ class Migration:
             self._update(round=self._progress.round + 1, remaining_pages=last.count())
             self._send_round(channel, last)
         state = vm.save()
+        self._hand_over_disks()
         channel.send(STATE, encode_state(state))
         channel.send_json(END, {"pages": self._progress.pages_sent, "zero_pages": self._progress.zero_pages,
                                 "rounds": self._progress.round})
@@ -237,7 +239,7 @@ class Migration:
         # The destination holds the VM now: past this point this VM never runs again.
         channel.send(COMMIT)
         self._handed_over = True
-        downtime = (time.monotonic() - paused_at) * 1000
+        downtime = (time.monotonic() - (self.paused_at or time.monotonic())) * 1000
         self._stop_tracking()
         channel.close()
         total = time.monotonic() - self._started
@@ -286,11 +288,38 @@ class Migration:
     # --- helpers ------------------------------------------------------------------------------
 
     def _pause(self) -> None:
+        self.paused_at = time.monotonic()
         if not self.vm.paused:
             self.vm.pause()
             self._paused_here = True
         if self.vm.stopped:
             raise MigrationError(f"the VM stopped during the migration ({self.vm.outcome.message})")
+
+    def _disks(self) -> list[Any]:
+        manager = self.vm.device_manager
+        return [manager.device(node.id) for node in manager.tree if node.kind == "virtio-blk"
+                and hasattr(manager.device(node.id), "hand_over_image")]
+
+    def _hand_over_disks(self) -> None:
+        """Disk images on a path both sides see: synced and unlocked for the destination."""
+        for disk in self._disks():
+            disk.hand_over_image()
+            self._disks_handed.append(disk)
+
+    def _take_back_disks(self) -> None:
+        """After a failure: the images' locks again. A destination that opened an image
+        lets go of it when it gives up, so wait a little for that."""
+        deadline = time.monotonic() + 10
+        while self._disks_handed:
+            try:
+                self._disks_handed[-1].take_back_image()
+                self._disks_handed.pop()
+            except UserError as exc:
+                if time.monotonic() > deadline:
+                    log.warning("migration failed and %s: the VM runs on without the image's lock", exc)
+                    self._disks_handed.pop()
+                else:
+                    time.sleep(0.1)
 
     def _check_cancel(self) -> None:
         if self._cancelled.is_set():
@@ -311,6 +340,8 @@ class Migration:
             channel.send_error(str(failure).splitlines()[0] if str(failure) else type(failure).__name__)
             channel.close()
         self._stop_tracking()
+        if not self._handed_over:
+            self._take_back_disks()
         if self._paused_here and not self._handed_over:
             self._paused_here = False
             self.vm.resume()

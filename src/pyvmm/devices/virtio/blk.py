@@ -470,6 +470,22 @@ class VirtioBlock(VirtioDevice):
         with self.lock:
             return dict(self.counters)
 
+    def hand_over_image(self) -> None:
+        """For a live migration's last step (the VM paused): everything written is on the
+        image and its lock is released, so the destination's VM can open it; the image stays
+        open here. take_back_image() undoes it if the migration fails."""
+        with self.lock:
+            if self.fd >= 0:
+                if not self.readonly:
+                    os.fsync(self.fd)
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    def take_back_image(self) -> None:
+        """The image's lock again (BlockError if another VM holds it meanwhile)."""
+        with self.lock:
+            if self.fd >= 0:
+                _lock_image(self.fd, self.path, self.readonly)
+
     def close(self) -> None:
         """Release the image and its lock."""
         with self.lock:
