@@ -225,3 +225,40 @@ def test_migrate_locally_gives_the_running_vm_and_the_figures(accel):
         finish_cleanly(vm, left_at)
     finally:
         vm.close()
+
+
+def test_a_machine_with_vsock_gets_the_destinations_own_socket(tmp_path):
+    """The destination's definition names its own vsock socket: the migrated VM listens there,
+    with the guest's CID unchanged."""
+    import dataclasses
+    import os
+
+    from pyvmm.config import VsockConfig
+
+    config = MachineConfig(kernel=str(build_source(KVM_GUESTS / "roundtrip.S", 64)), memory=16 << 20,
+                           vsock=VsockConfig(cid=9, uds=str(tmp_path / "src.vsock")))
+    source = build_vm(config, lambda data: None, accel=choose_accelerator("tcg").create())
+    source.memory.write_u64(LIMIT, 1 << 62)
+    source.start()
+    wait_count_above(source, 500)
+    listener = IncomingListener(f"unix:{tmp_path / 'dst.sock'}")
+    mine = dataclasses.replace(config, vsock=VsockConfig(cid=9, uds=str(tmp_path / "dst.vsock")))
+    received: dict = {}
+    thread = threading.Thread(target=lambda: received.update(incoming=listener.receive(
+        lambda data: None, config=mine, accept_timeout=60)), daemon=True)
+    thread.start()
+    try:
+        migrate(source, f"unix:{tmp_path / 'dst.sock'}")
+        left_at = source.memory.read_u64(COUNT)
+    finally:
+        source.close()
+        thread.join(60)
+        listener.close()
+    vm = received["incoming"].vm
+    try:
+        assert vm.machine.vsock == VsockConfig(cid=9, uds=str(tmp_path / "dst.vsock"))
+        assert os.path.exists(tmp_path / "dst.vsock")
+        vm.resume()
+        finish_cleanly(vm, left_at)
+    finally:
+        vm.close()

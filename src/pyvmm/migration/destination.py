@@ -16,7 +16,7 @@ import logging
 import socket
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from ..config import MachineConfig
 from ..errors import UserError, user_error_message
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Incoming:
     """A migration received: the VM (paused until the caller resumes it) and figures."""
-    vm: object
+    vm: Any
     pages: int
     bytes_received: int
     seconds: float           # from the connection to COMMIT
@@ -135,6 +135,7 @@ def receive(channel: Channel, console_write: Callable[[bytes], None], *,
             accel.close()
             raise
         memory = None  # the VM owns it
+        _reset_vsock_connections(vm)
         channel.send(ACK)
         channel.expect(COMMIT)
     except BaseException as exc:
@@ -150,6 +151,17 @@ def receive(channel: Channel, console_write: Callable[[bytes], None], *,
             raise MigrationError(f"the incoming migration failed: {message}") from None
         raise
     return Incoming(vm, pages.pages, channel.bytes_received, time.monotonic() - started, channel.peer)
+
+
+def _reset_vsock_connections(vm) -> None:
+    """The guest's vsock connections had their host ends in the source's process: they cannot
+    go on. As QEMU does after a migration, the guest gets a TRANSPORT_RESET (its connected
+    sockets reset, its listeners stay), with the CID it had."""
+    from ..restore import VSOCK_ID
+
+    if vm.machine.vsock is not None:
+        device = vm.device_manager.device(VSOCK_ID)
+        device.change_guest_cid(device.guest_cid)
 
 
 def _peer_name(conn: socket.socket, address: Address) -> str:
