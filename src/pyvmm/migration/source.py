@@ -147,6 +147,8 @@ class Migration:
             if self._cancelled.is_set() and isinstance(exc, MigrationError) and not isinstance(exc, MigrationCancelled):
                 failure = MigrationCancelled("the migration was cancelled: the VM runs on here")
             self._give_back(failure)
+            if self._handed_over:
+                return self.progress()
             if failure is exc:
                 raise
             raise failure from None
@@ -246,8 +248,9 @@ class Migration:
         # The figures first: whoever waits for the VM to end reads them as final.
         self._update(status="completed", downtime_ms=downtime, total_s=total, remaining_pages=0,
                      bytes_sent=channel.bytes_sent)
+        # Stopping wakes the parked run loops by itself; a resume() here would thaw guest time
+        # on vCPUs whose threads are already ending.
         vm.request_stop(VmOutcome("migrated", EXIT_OK, f"migrated to {self.address}"))
-        vm.resume()
 
     def _send_round(self, channel: Channel, dirty) -> None:
         """One pass: all of RAM (dirty None) or the pages of a DirtyBitmap."""
@@ -335,6 +338,10 @@ class Migration:
 
     def _give_back(self, failure: BaseException) -> None:
         """After a failure before the ACK: the VM is this side's, running as it was."""
+        if self._handed_over:   # a failure after COMMIT: the VM is the destination's all the same
+            log.warning("after the handover: %s", failure)
+            self.vm.request_stop(VmOutcome("migrated", EXIT_OK, f"migrated to {self.address}"))
+            return
         channel = self._channel
         if channel is not None:
             channel.send_error(str(failure).splitlines()[0] if str(failure) else type(failure).__name__)
