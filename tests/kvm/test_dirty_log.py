@@ -146,3 +146,25 @@ def test_a_vhost_user_device_is_refused_with_one_line(writer):
         vm.start_dirty_log()
     assert "\n" not in str(caught.value) and "disk9" in str(caught.value) and "another process" in str(caught.value)
     assert not vm.dirty_logging
+
+
+@pytest.mark.parametrize("track", [True, False])
+def test_machine_config_track_dirty_pages_logs_from_instance_start(guest, accel, track):
+    from pyvmm.api.instance import VmInstance
+
+    instance = VmInstance("dirty")
+    instance.put_machine_config({"vcpu_count": 1, "mem_size_mib": 32, "track_dirty_pages": track})
+    instance.put_boot_source({"kernel_image_path": guest("echo")})
+    instance.spec.pyvmm["accel"] = accel
+    instance.action({"action_type": "InstanceStart"})
+    try:
+        vm = instance.vm
+        assert vm is not None and vm.dirty_logging is track
+        if track:  # the guest's first instructions already wrote (its stack, as it printed)
+            deadline = time.monotonic() + 60
+            while b"echo: ready" not in instance.console.history() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert b"echo: ready" in instance.console.history()
+            assert vm.dirty_log().count() > 0
+    finally:
+        instance.stop()

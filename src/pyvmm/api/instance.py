@@ -60,6 +60,7 @@ class VmInstance:
         self._stopping = False
         self.on_reboot = "restart"
         self._built: tuple[Any, Any, Any] | None = None
+        self._track_dirty_pages = False  # machine-config's track_dirty_pages, as started
         # Changes the configuration gets at InstanceStart (the Firecracker launcher's defaults)
         self.adapt_spec: Callable[[VmSpec], VmSpec] | None = None
         self.migration: Any = None              # the last outgoing migration.Migration
@@ -167,6 +168,7 @@ class VmInstance:
             spec = self.spec if self.adapt_spec is None else self.adapt_spec(self.spec)
             machine, options = spec.machine_config()
             self.on_reboot = spec.pyvmm.get("on_reboot", "restart")
+            self._track_dirty_pages = bool(spec.machine.get("track_dirty_pages"))
             choice = choose_accelerator(options.accel)
             machine, options = with_default_guest(machine, options, None)
             symbols = None
@@ -190,6 +192,12 @@ class VmInstance:
         machine, choice, symbols = self._built
         vm = build_vm(machine, self.console.write, accel=choice.create())
         vm.symbols = symbols
+        if self._track_dirty_pages:
+            try:  # from the first instruction: a Diff snapshot holds the pages written since then
+                vm.start_dirty_log()
+            except BaseException:
+                vm.close()
+                raise
         self.console.attach_port(vm.devices["virtio-console" if machine.console == "virtio" else "com1"])
         vm.start()
         self.vm, self.state = vm, RUNNING

@@ -48,7 +48,7 @@ MACHINE_CONFIG = (
     _f("vcpu_count", "integer", "number of vCPUs", required=True, minimum=1, maximum=255),
     _f("mem_size_mib", "integer", "guest RAM in MiB", required=True, minimum=1, maximum=1 << 20),
     _f("smt", "boolean", "simultaneous multithreading (pyvmm: false only)", default=False, supported=(False,)),
-    _f("track_dirty_pages", "boolean", "dirty page tracking (recorded; used by live migration)", default=False),
+    _f("track_dirty_pages", "boolean", "log the guest pages written from InstanceStart on (Diff snapshots need it)", default=False),
     _f("cpu_template", "string", "CPU template (pyvmm: None only; hide features with pyvmm.cpu_hide)",
        enum=("C3", "T2", "T2S", "T2CL", "T2A", "V1N1", "None"), default="None", supported=("None",)),
     _f("huge_pages", "string", "huge pages backing guest RAM (pyvmm: None only)",
