@@ -168,3 +168,26 @@ def test_machine_config_track_dirty_pages_logs_from_instance_start(guest, accel,
             assert vm.dirty_log().count() > 0
     finally:
         instance.stop()
+
+
+def test_the_benchmark_guest_dirties_exactly_its_area_and_its_pass_counter(guest, accel):
+    """benchmarks/dirty_tracking.py's guest: mib=1 stride=4096 stores into the 256 pages at
+    16 MiB pass after pass and counts its passes in the page below."""
+    area, passes = 0x1000000, 0x1000000 - 0x1000
+    config = MachineConfig(kernel=guest("dirtier"), memory=32 << 20, cmdline="mib=1 stride=4096")
+    vm = build_vm(config, lambda data: None, accel=choose_accelerator(accel).create())
+    try:
+        vm.start()
+        deadline = time.monotonic() + 60
+        while vm.memory.read_u32(passes) < 2:
+            assert time.monotonic() < deadline and not vm.stopped, "the guest never completed two passes"
+            time.sleep(0.01)
+        vm.start_dirty_log()
+        counted = vm.memory.read_u32(passes)
+        while vm.memory.read_u32(passes) < counted + 2:
+            assert time.monotonic() < deadline and not vm.stopped, "the guest stopped counting"
+            time.sleep(0.01)
+        assert list(vm.dirty_log().pages()) == [passes] + [area + page * 0x1000 for page in range(256)]
+        assert vm.memory.read_u32(area + 255 * 0x1000) >= counted + 1
+    finally:
+        vm.close()

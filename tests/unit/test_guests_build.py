@@ -63,7 +63,7 @@ def find_multiboot_header(data: bytes):
 
 
 def test_guest_table():
-    assert set(GUESTS) == {"hello", "echo", "smp", "triple", "hello64", "calibrate", "exitbench", "faults"}
+    assert set(GUESTS) == {"hello", "echo", "smp", "triple", "hello64", "calibrate", "exitbench", "faults", "dirtier"}
     for name, info in GUESTS.items():
         assert info.name == name
         assert info.bits in (32, 64)

@@ -88,6 +88,7 @@ GUESTS: dict[str, GuestInfo] = {
         GuestInfo("faults", 64, "raises #DE #UD #BP #GP #PF, INT 0x80, SYSCALL, #DF on purpose, prints each frame, then triple-faults"),
         GuestInfo("calibrate", 64, "times CPL0 vs CPL3 loops, MMIO markers at 0xD0001000, iterations at 0x30000"),
         GuestInfo("exitbench", 32, "pio=N pior=N mmio=M exits in tight loops, then debug exit 0"),
+        GuestInfo("dirtier", 32, "stores every stride=S bytes over mib=N MiB at 16 MiB, pass after pass, counting passes at 16 MiB - 4 KiB"),
     )
 }
 
