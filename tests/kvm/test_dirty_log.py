@@ -11,7 +11,7 @@ import pytest
 from pyvmm.accel.select import choose_accelerator
 from pyvmm.builder import build_vm
 from pyvmm.config import MachineConfig
-from pyvmm.memory.dirty import DirtyTrackingUnavailable, host_tracking_problem
+from pyvmm.memory.dirty import SNAPSHOT_READER, DirtyTrackingUnavailable, host_tracking_problem
 from pyvmm.vm import VmError
 
 pytestmark = pytest.mark.skipif(host_tracking_problem() is not None, reason=f"{host_tracking_problem()}")
@@ -165,7 +165,7 @@ def test_machine_config_track_dirty_pages_logs_from_instance_start(guest, accel,
             while b"echo: ready" not in instance.console.history() and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert b"echo: ready" in instance.console.history()
-            assert vm.dirty_log().count() > 0
+            assert vm.dirty_log(SNAPSHOT_READER).count() > 0
     finally:
         instance.stop()
 

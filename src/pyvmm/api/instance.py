@@ -193,8 +193,10 @@ class VmInstance:
         vm = build_vm(machine, self.console.write, accel=choice.create())
         vm.symbols = symbols
         if self._track_dirty_pages:
+            from ..memory.dirty import SNAPSHOT_READER
+
             try:  # from the first instruction: a Diff snapshot holds the pages written since then
-                vm.start_dirty_log()
+                vm.start_dirty_log(SNAPSHOT_READER)
             except BaseException:
                 vm.close()
                 raise

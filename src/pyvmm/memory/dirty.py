@@ -24,6 +24,9 @@ from . import userfaultfd as uffd
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
+# Vm.dirty_log readers: each keeps its own log of one tracking.
+SNAPSHOT_READER = "snapshot"    # Diff snapshots (machine-config track_dirty_pages starts it)
+MIGRATION_READER = "migration"  # pre-copy rounds
 _CHUNK = 64  # bytes of bitmap read as one int when listing pages (512 pages)
 
 
