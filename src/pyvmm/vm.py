@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .config import MachineConfig
     from .devmgr import DeviceManager
     from .loader.linux.symbols import LazySymbolTable
-    from .memory.dirty import DirtyBitmap, DirtyRate, HostWriteTracker
+    from .memory.dirty import DeviceWriteLog, DirtyBitmap, DirtyRate, HostWriteTracker
 
 log = logging.getLogger(__name__)
 # pyvmm's own exit statuses are even; debug-exit statuses, (V << 1) | 1, are odd.
@@ -104,7 +104,7 @@ class Vm:
         self._owns_memory = True
         # Dirty-page tracking: one tracking, each reader's pages since its previous dirty_log().
         self._dirty_lock = threading.Lock()
-        self._dirty_tracker: HostWriteTracker | None = None
+        self._dirty_tracker: HostWriteTracker | DeviceWriteLog | None = None
         self._dirty_readers: dict[str, DirtyBitmap] = {}
         self._dirty_rate: DirtyRate | None = None
 
@@ -290,7 +290,7 @@ class Vm:
         already logging keeps its log. DirtyTrackingUnavailable (one line) where the host or
         this machine cannot track: a vhost-user back-end writes guest RAM from another
         process, which nothing here sees."""
-        from .memory.dirty import DirtyBitmap, DirtyRate, DirtyTrackingUnavailable, HostWriteTracker
+        from .memory.dirty import DeviceWriteLog, DirtyBitmap, DirtyRate, DirtyTrackingUnavailable, HostWriteTracker
 
         with self._dirty_lock:
             if self._closed or self.stop_requested.is_set():
@@ -302,7 +302,13 @@ class Vm:
                     if node.kind.startswith("vhost-user"):
                         raise DirtyTrackingUnavailable(
                             f"cannot track dirty pages: {node.id}'s vhost-user back-end writes guest RAM from another process")
-                tracker = HostWriteTracker(self.memory)
+                tracker: HostWriteTracker | DeviceWriteLog
+                try:
+                    tracker = HostWriteTracker(self.memory)
+                except DirtyTrackingUnavailable:
+                    if not self.accel.logs_guest_writes:
+                        raise
+                    tracker = DeviceWriteLog(self.memory, self._used_rings)  # the guest's writes: KVM's log
                 try:
                     self.accel.start_dirty_log()
                 except BaseException:
@@ -327,6 +333,15 @@ class Vm:
             taken = self._dirty_readers[reader]
             self._dirty_readers[reader] = DirtyBitmap.empty(self.memory)
             return taken
+
+    def _used_rings(self) -> list[tuple[int, int]]:
+        """(address, length) of every ready virtqueue's used ring: guest RAM devices write."""
+        rings = []
+        for device in self.devices.values():
+            for queue in getattr(device, "queues", ()):
+                if queue.ready:
+                    rings.append((queue.used_ring, 6 + 8 * queue.size))
+        return rings
 
     def _collect_dirty_locked(self) -> None:
         """The pages written since the previous collection, from the host and the accelerator,

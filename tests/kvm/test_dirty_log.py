@@ -191,3 +191,26 @@ def test_the_benchmark_guest_dirties_exactly_its_area_and_its_pass_counter(guest
         assert vm.memory.read_u32(area + 255 * 0x1000) >= counted + 1
     finally:
         vm.close()
+
+
+def test_without_host_write_protection_kvm_still_logs_and_the_software_cpu_refuses(writer, accel, monkeypatch):
+    """A host kernel before 6.7 (no asynchronous userfaultfd write-protection): on KVM, KVM's
+    own log and what devices report still track the guest; the software CPU cannot."""
+    from pyvmm.memory import dirty
+
+    monkeypatch.setattr(dirty, "host_tracking_problem", lambda: "this host kernel's userfaultfd has no "
+                        "asynchronous write-protection (pretend)")
+    vm = writer.vm
+    if accel == "tcg":
+        with pytest.raises(DirtyTrackingUnavailable, match="pretend"):
+            vm.start_dirty_log()
+        assert not vm.dirty_logging
+        return
+    vm.start_dirty_log()
+    assert isinstance(vm._dirty_tracker, dirty.DeviceWriteLog)
+    targets = [0x300000, 0x500010, 0xFFF000]
+    writer.write(targets)
+    assert list(vm.dirty_log().pages()) == pages(CONTROL, *targets)
+    assert list(vm.dirty_log().pages()) == []
+    vm.stop_dirty_log()
+    assert vm.memory.on_device_write is None

@@ -10,7 +10,7 @@ import threading
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pyvmm.memory.dirty import (PAGE_SIZE, DirtyBitmap, DirtyRate, DirtyTrackingUnavailable, HostWriteTracker,
+from pyvmm.memory.dirty import (PAGE_SIZE, DeviceWriteLog, DirtyBitmap, DirtyRate, DirtyTrackingUnavailable, HostWriteTracker,
                                 host_tracking_problem)
 from pyvmm.memory.guest_memory import GuestMemory, RegionSpec
 
@@ -215,3 +215,43 @@ def test_a_host_without_tracking_is_refused_with_one_line(monkeypatch):
             HostWriteTracker(memory)
     message = str(caught.value)
     assert "\n" not in message and "UFFD_FEATURE_WP_ASYNC" in message and "6.1" in message
+
+
+# --- DeviceWriteLog: KVM on a host without write-protection tracking -----------------------------
+
+def test_device_write_log_has_the_buffers_a_device_filled_and_its_used_rings():
+    from helpers.virtio_driver import FakeDriver
+    from pyvmm.devices.virtio.rng import VirtioRng
+
+    with GuestMemory.from_specs([LOW]) as memory:
+        device = VirtioRng(source=lambda n: b"\x5a" * n)
+        driver = FakeDriver(memory, device, queue_size=8)
+        queue = driver.queue(0)
+        used_rings = [(q.used_ring, 6 + 8 * q.size) for q in device.queues if q.ready]
+        log = DeviceWriteLog(memory, lambda: used_rings)
+        try:
+            assert list(log.collect().pages()) == sorted({address & ~0xFFF for address, _ in used_rings})
+            queue.allocator.alloc(0x3000, 0x1000)   # the next buffer starts on a fresh page
+            head = queue.add([], [5000])            # two pages and a bit: three pages
+            memory.write_u32(0x1F0000, 1)           # a write no device reports: the guest's, KVM logs it
+            device.notify(0)
+            [(done, written)] = queue.take_used()
+            assert (done, written) == (head, 5000)
+            [(address, _)] = queue.writable[head]
+            written_pages = {page & ~0xFFF for page in (address, address + 4096, address + 4999)}
+            ring_pages = {ring & ~0xFFF for ring, _ in used_rings}
+            assert list(log.collect().pages()) == sorted(written_pages | ring_pages)
+        finally:
+            log.close()
+        assert memory.on_device_write is None  # the hook it chained is back
+
+
+def test_device_write_log_chains_the_hook_already_there():
+    seen = []
+    with GuestMemory.from_specs([LOW]) as memory:
+        memory.on_device_write = lambda address, length: seen.append((address, length))
+        log = DeviceWriteLog(memory, lambda: [])
+        memory.on_device_write(0x5000, 10)
+        assert seen == [(0x5000, 10)] and list(log.collect().pages()) == [0x5000]
+        log.close()
+        assert memory.on_device_write is not None and memory.on_device_write(0, 1) is None and seen[-1] == (0, 1)

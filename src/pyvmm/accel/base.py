@@ -132,6 +132,10 @@ class Accelerator(Protocol):
     def thaw_time(self) -> None:
         """The VM resumes: guest time continues from where it stood."""
 
+    # Whether start_dirty_log() logs every page the guest's vCPUs write by itself (KVM's dirty
+    # log), so that a host without write-protection tracking still tracks a guest here.
+    logs_guest_writes: bool
+
     def start_dirty_log(self) -> None:
         """Start logging the guest pages the vCPUs write where this process's mapping of guest
         RAM does not see them (KVM's dirty log); nothing where the vCPUs write through that

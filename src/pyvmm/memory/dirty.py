@@ -8,7 +8,9 @@ userfaultfd's asynchronous write-protection and PAGEMAP_SCAN (memory/userfaultfd
 why those). It cannot see writes through another mapping of the same memory: a vhost-user
 back-end in another process, or KVM's own writes on behalf of the guest when the host
 does not fault them through our page tables; KVM's dirty log covers the guest (accel/kvm).
-`DirtyRate` turns successive logs into pages per second, for migration's convergence.
+Where the host lacks what HostWriteTracker needs, KVM's log plus `DeviceWriteLog` (what
+device models report writing) still covers a KVM guest. `DirtyRate` turns successive logs
+into pages per second, for migration's convergence.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import os
 import threading
 import time
 from collections import deque
-from typing import Iterator, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 from ..errors import UserError
 from . import userfaultfd as uffd
+from .guest_memory import GuestMemory
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -276,6 +279,40 @@ class HostWriteTracker:
                 pass  # closing the fd below unregisters too
         os.close(self._fd)
         self._fd = -1
+
+
+class DeviceWriteLog:
+    """Where the host cannot write-protect (Linux before 6.7) but the accelerator logs what the
+    guest writes (KVM's dirty log), the rest is what device models write: the buffers of each
+    request they complete (reported through GuestMemory.on_device_write, as virtqueue.push
+    does) and the used rings of their virtqueues (`used_rings()`: (address, length) of each
+    ring a device may write, marked at every collection). No device in this process writes
+    guest RAM otherwise; a vhost-user back-end does (the Vm refuses those)."""
+
+    def __init__(self, memory: GuestMemory, used_rings: Callable[[], Iterable[tuple[int, int]]]) -> None:
+        self._memory = memory
+        self._used_rings = used_rings
+        self._lock = threading.Lock()
+        self._bitmap = DirtyBitmap.empty(memory)
+        self._previous = memory.on_device_write  # chained: the software CPU's code invalidation
+        memory.on_device_write = self._note
+
+    def _note(self, address: int, length: int) -> None:
+        if self._previous is not None:
+            self._previous(address, length)
+        with self._lock:
+            self._bitmap.mark(address, length)
+
+    def collect(self, into: DirtyBitmap | None = None) -> DirtyBitmap:
+        with self._lock:
+            taken, self._bitmap = self._bitmap, DirtyBitmap.empty(self._memory)
+        for address, length in self._used_rings():
+            taken.mark(address, length)
+        return taken if into is None else into.merge(taken)
+
+    def close(self) -> None:
+        if self._memory.on_device_write == self._note:
+            self._memory.on_device_write = self._previous
 
 
 class DirtyRate:

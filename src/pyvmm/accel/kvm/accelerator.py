@@ -74,6 +74,7 @@ class KvmAccelerator:
     """Owns the VM fd and the vCPU fds; runs one thread per vCPU, each in KVM_RUN."""
 
     name = "kvm"
+    logs_guest_writes = True  # KVM_MEM_LOG_DIRTY_PAGES
     linux_cmdline = ""
     memory: GuestMemory  # set by map_memory()
 
