@@ -114,9 +114,14 @@ _SYS_USERFAULTFD = {"x86_64": 323, "aarch64": 282}
 class HostMemoryError(PyvmmError, OSError):
     """A userfaultfd or pagemap call the host kernel refused; str() names the call."""
 
+    strerror: str
+
     def __init__(self, call: str, errno: int) -> None:
         super().__init__(errno, f"{call}: {os.strerror(errno)}")
         self.call = call
+
+    def __str__(self) -> str:  # OSError's default prefixes "[Errno N]"
+        return self.strerror or ""
 
 
 def _ioctl(fd: int, request: int, arg: Structure | None, call: str) -> int:
