@@ -362,3 +362,66 @@ def test_set_identity_on_an_agent_that_does_not_know_it_is_one_line(tmp_path):
             AgentClient(failing.path).set_identity("ab" * 16)
     finally:
         failing.close()
+
+
+def test_exec_with_identity_sends_it_first_on_the_same_connection(tmp_path):
+    got = []
+
+    def guest(conn):
+        reader, frames = FrameReader(), []
+        while len(frames) < 3:
+            frames += reader.feed(conn.recv(65536))
+        got.extend(frames)
+        conn.sendall(protocol.frame(protocol.DONE) + protocol.frame(protocol.STDOUT, b"ran")
+                     + protocol.frame(protocol.EXIT, struct.pack("<II", 0, 0)))
+
+    fake = FakeVsock(tmp_path / "v.sock", guest)
+    out = []
+    try:
+        assert AgentClient(fake.path).exec_stream(["true"], identity="ef" * 16, stdout=out.append) == 0
+    finally:
+        fake.close()
+    assert [kind for kind, _ in got] == [protocol.IDENTITY, protocol.EXEC, protocol.STDIN]
+    assert got[0][1][12:45] == b"ef" * 16 + b"\0" and b"".join(out) == b"ran"
+    failing = FakeVsock(tmp_path / "w.sock", lambda conn: (_first_frame(conn), conn.sendall(
+        protocol.frame(protocol.ERROR, b"set CLOCK_REALTIME: Operation not permitted"))))
+    try:
+        with pytest.raises(AgentError, match="^guest agent: identity: set CLOCK_REALTIME"):
+            AgentClient(failing.path).exec_stream(["true"], identity="ef" * 16)
+    finally:
+        failing.close()
+
+
+def test_exec_stream_reads_an_unpollable_stdin_whole(tmp_path):
+    fake = FakeVsock(tmp_path / "v.sock", echo_guest)
+    source = tmp_path / "in.txt"
+    source.write_bytes(b"from a file")
+    out = []
+    try:
+        with open(source, "rb") as stdin:       # epoll refuses regular files
+            assert AgentClient(fake.path).exec_stream(["cat"], stdin=stdin, stdout=out.append) == 3
+    finally:
+        fake.close()
+    assert b"".join(out) == b"from a file"
+
+
+def test_a_timeout_is_its_own_error(tmp_path):
+    from pyvmm.agent import AgentTimeout
+
+    def slow(conn):
+        reader = FrameReader()
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                return
+            for kind, payload in reader.feed(data):
+                if kind == protocol.SIGNAL:
+                    conn.sendall(protocol.frame(protocol.EXIT, struct.pack("<II", 137, 9)))
+                    return
+
+    fake = FakeVsock(tmp_path / "v.sock", slow)
+    try:
+        with pytest.raises(AgentTimeout, match="timed out after 0.3 s: killed"):
+            AgentClient(fake.path).exec(["sleep", "9"], timeout=0.3)
+    finally:
+        fake.close()

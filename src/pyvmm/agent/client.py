@@ -14,6 +14,7 @@ AgentUnavailable error with one line saying which, never a hang.
 from __future__ import annotations
 
 import os
+import select
 import selectors
 import socket
 import time
@@ -32,6 +33,10 @@ OUTGOING_LIMIT = 4 * CHUNK    # stdin buffered on the host before more of it is 
 
 class AgentError(UserError):
     """The agent answered with an error (exec failed, no such file ...), or broke the protocol."""
+
+
+class AgentTimeout(AgentError):
+    """A command ran past its timeout and was killed."""
 
 
 class AgentUnavailable(AgentError):
@@ -95,30 +100,40 @@ class AgentClient:
     def exec(self, argv: list[str], stdin: bytes = b"", *, env: dict[str, str] | None = None,
              cwd: str | None = None, timeout: float | None = None) -> ExecResult:
         """Run `argv` in the guest with `stdin`; its whole output and exit status. `timeout`:
-        seconds before the command is killed (SIGKILL; status 137) and AgentError raised."""
+        seconds before the command is killed (SIGKILL; status 137) and AgentTimeout raised."""
         out, err = bytearray(), bytearray()
         source = _BytesSource(stdin)
         exit_ = self._run(argv, source, out.extend, err.extend, env=env, cwd=cwd, timeout=timeout)
         return ExecResult(bytes(out), bytes(err), exit_.status, exit_.signal)
 
-    def exec_stream(self, argv: list[str], *, stdin: BinaryIO | int | None = None,
+    def exec_stream(self, argv: list[str], *, stdin: BinaryIO | int | bytes | None = None,
                     stdout: Callable[[bytes], object] | None = None, stderr: Callable[[bytes], object] | None = None,
                     env: dict[str, str] | None = None, cwd: str | None = None,
-                    timeout: float | None = None) -> int:
+                    timeout: float | None = None, identity: str | None = None) -> int:
         """Run `argv`, streaming: stdin read from a file or fd as the command runs (None: closed
-        at once), stdout/stderr chunks handed to the callables as they come. Its exit status."""
-        source = _FdSource(stdin if isinstance(stdin, int) else stdin.fileno()) if stdin is not None else _BytesSource(b"")
+        at once; bytes: those), stdout/stderr chunks handed to the callables as they come. Its exit
+        status. A file or fd that cannot be polled (a regular file, /dev/null) is read whole first.
+        `identity`: a machine id; the guest first takes its identity as set_identity() gives it,
+        on the same connection (one round trip less for a guest just restored)."""
+        source: _BytesSource | _FdSource
+        if stdin is None or isinstance(stdin, (bytes, bytearray)):
+            source = _BytesSource(bytes(stdin or b""))
+        else:
+            fd = stdin if isinstance(stdin, int) else stdin.fileno()
+            source = _FdSource(fd) if _pollable(fd) else _BytesSource(_read_all(fd))
         exit_ = self._run(argv, source, stdout or (lambda data: None), stderr or (lambda data: None),
-                          env=env, cwd=cwd, timeout=timeout)
+                          env=env, cwd=cwd, timeout=timeout, identity=identity)
         return exit_.status
 
-    def _run(self, argv, source, on_stdout, on_stderr, *, env, cwd, timeout) -> protocol.Exit:
+    def _run(self, argv, source, on_stdout, on_stderr, *, env, cwd, timeout, identity=None) -> protocol.Exit:
         """One EXEC: stdin goes out as the socket takes it while output comes in, so neither
-        side ever waits for the other with both buffers full."""
+        side ever waits for the other with both buffers full. With `identity`, an IDENTITY
+        request goes first on the same connection, and its DONE comes before the command's output."""
         request = protocol.exec_request(list(argv), env, cwd)
+        pending = [_identity_request(identity)] if identity is not None else []
         deadline = None if timeout is None else time.monotonic() + timeout
         sock = self.connect()
-        outgoing = bytearray(request)
+        outgoing = bytearray(b"".join(pending) + request)
         killed, sending = False, True
         # poll(2), not epoll: stdin may be a regular file (`pyvmm exec VM -- cmd < file`), which
         # epoll refuses (EPERM) and poll reports always readable
@@ -137,8 +152,8 @@ class AgentClient:
                 events = selector.select(wait)
                 if not events and deadline is not None and time.monotonic() >= deadline:
                     if killed:
-                        raise AgentError(f"{argv[0]}: timed out after {timeout:g} s, and the guest did not "
-                                         f"confirm the kill")
+                        raise AgentTimeout(f"{argv[0]}: timed out after {timeout:g} s, and the guest did not "
+                                           f"confirm the kill")
                     outgoing += protocol.signal_request(9)   # SIGKILL the command's process group
                     sending = killed = True
                     deadline = time.monotonic() + self.connect_timeout   # for the EXIT that follows
@@ -155,10 +170,10 @@ class AgentClient:
                         except (BrokenPipeError, ConnectionResetError):
                             sending = False   # the agent stopped reading: its answer is what matters
                     if mask & selectors.EVENT_READ:
-                        exit_ = self._take_output(sock, reader, argv, on_stdout, on_stderr)
+                        exit_ = self._take_output(sock, reader, argv, on_stdout, on_stderr, pending)
                         if exit_ is not None:
                             if killed:
-                                raise AgentError(f"{argv[0]}: timed out after {timeout:g} s: killed")
+                                raise AgentTimeout(f"{argv[0]}: timed out after {timeout:g} s: killed")
                             return exit_
         except ProtocolError as exc:
             raise AgentError(f"guest agent: {exc}") from None
@@ -167,7 +182,7 @@ class AgentClient:
             sock.close()
 
     @staticmethod
-    def _take_output(sock, reader, argv, on_stdout, on_stderr) -> protocol.Exit | None:
+    def _take_output(sock, reader, argv, on_stdout, on_stderr, pending: list) -> protocol.Exit | None:
         try:
             data = sock.recv(CHUNK * 4)
         except BlockingIOError:
@@ -177,6 +192,13 @@ class AgentClient:
         if not data:
             raise AgentError(f"{argv[0]}: the guest agent closed the connection before the command ended")
         for kind, payload in reader.feed(data):
+            if pending:          # the identity's answer comes first
+                pending.clear()
+                if kind == protocol.ERROR:
+                    raise AgentError(f"guest agent: identity: {payload.decode(errors='replace')}")
+                if kind != protocol.DONE:
+                    raise ProtocolError(f"unexpected frame type {kind} answering an identity request")
+                continue
             if kind == protocol.STDOUT:
                 on_stdout(payload)
             elif kind == protocol.STDERR:
@@ -238,10 +260,7 @@ class AgentClient:
         (32 lowercase hex digits) to /etc/machine-id. Returns once the agent applied all three."""
         sock = self.connect()
         try:
-            now = time.time_ns() if now_ns is None else now_ns
-            seconds, nanoseconds = divmod(now, 1_000_000_000)
-            entropy = os.urandom(64) if entropy is None else entropy
-            sock.sendall(protocol.identity_request(seconds, nanoseconds, machine_id, entropy))
+            sock.sendall(_identity_request(machine_id, now_ns, entropy))
             for kind, payload in _frames(sock):
                 if kind == protocol.DONE:
                     return
@@ -252,6 +271,13 @@ class AgentClient:
                              "(an agent from an image built before identity requests? run `pyvmm image build`)")
         finally:
             sock.close()
+
+
+def _identity_request(machine_id: str, now_ns: int | None = None, entropy: bytes | None = None) -> bytes:
+    """IDENTITY with the host's time as it leaves (unless `now_ns`) and 64 fresh bytes of host
+    entropy (unless `entropy`)."""
+    seconds, nanoseconds = divmod(time.time_ns() if now_ns is None else now_ns, 1_000_000_000)
+    return protocol.identity_request(seconds, nanoseconds, machine_id, os.urandom(64) if entropy is None else entropy)
 
 
 def new_machine_id() -> str:
@@ -301,6 +327,23 @@ class _FdSource:
     def more(self) -> bytes:
         ready, self._ready = self._ready, b""
         return ready
+
+
+def _pollable(fd: int) -> bool:
+    """Whether epoll can watch `fd` (it refuses regular files and /dev/null with EPERM)."""
+    with select.epoll() as probe:
+        try:
+            probe.register(fd, select.EPOLLIN)
+        except PermissionError:
+            return False
+    return True
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _register(selector: selectors.BaseSelector, fileobj, mask: int) -> None:

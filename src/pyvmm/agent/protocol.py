@@ -21,7 +21,8 @@ Host -> guest
                  hex digits), then up to MAX_ENTROPY bytes of host entropy: what a guest restored
                  from a snapshot makes its own. The agent credits the entropy to the kernel's
                  random pool and reseeds its CRNG (RNDADDENTROPY, RNDRESEEDCRNG), sets
-                 CLOCK_REALTIME and replaces /etc/machine-id
+                 CLOCK_REALTIME and replaces /etc/machine-id. After its DONE the same
+                 connection may carry one more request (EXEC, READ or WRITE)
 Guest -> host
     STDOUT (16), STDERR (17)  the command's output, as it comes
     EXIT   (18)  u32 status (the exit code, or 128 + signal), u32 signal (0: it exited)

@@ -11,7 +11,8 @@
  *   WRITE   u32 mode, path "\0", then DATA chunks and an empty DATA -> DONE or ERROR
  *   IDENTITY u64 seconds, u32 nanoseconds, machine id "\0", entropy bytes -> DONE or ERROR:
  *           a restored guest's own identity (set the wall clock, write /etc/machine-id,
- *           credit the entropy to the random pool and reseed the kernel's CRNG with it)
+ *           credit the entropy to the random pool and reseed the kernel's CRNG with it);
+ *           after its DONE the connection may carry one more request (EXEC, READ, WRITE)
  *
  * Built by `pyvmm image build` with gcc -static (glibc): fork/exec, pipes and poll.
  */
@@ -89,6 +90,11 @@ static void send_error(const char *what, const char *name, int err) {
     send_frame(T_ERROR, text, n < 0 ? 0 : (uint32_t)(n < (int)sizeof text ? n : (int)sizeof text - 1));
 }
 
+static int send_error_fail(const char *what, const char *name, int err) {
+    send_error(what, name, err);
+    return -1;
+}
+
 /* One frame into `payload`: its type, or -1 at end of stream / on a malformed frame. */
 static int recv_frame(uint32_t *n) {
     unsigned char head[5];
@@ -154,7 +160,7 @@ static int valid_machine_id(const char *id) {
     return 1;
 }
 
-static void serve_identity(uint32_t n) {
+static int serve_identity(uint32_t n) {
     uint64_t seconds;
     uint32_t nanoseconds, pos = 12;
     if (n < 12) _exit(1);
@@ -172,25 +178,26 @@ static void serve_identity(uint32_t n) {
         pool.buf_size = (int)entropy_len;
         memcpy(pool.buf, payload + pos, entropy_len);
         int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
-        if (fd < 0) return send_error("open", "/dev/urandom", errno);
-        if (ioctl(fd, RNDADDENTROPY, &pool) < 0) { int e = errno; close(fd); return send_error("add entropy to", "/dev/urandom", e); }
+        if (fd < 0) return send_error_fail("open", "/dev/urandom", errno);
+        if (ioctl(fd, RNDADDENTROPY, &pool) < 0) { int e = errno; close(fd); return send_error_fail("add entropy to", "/dev/urandom", e); }
         /* ENODATA: the CRNG was not ready yet; the credited entropy just made it so. */
-        if (ioctl(fd, RNDRESEEDCRNG) < 0 && errno != ENODATA) { int e = errno; close(fd); return send_error("reseed", "/dev/urandom", e); }
+        if (ioctl(fd, RNDRESEEDCRNG) < 0 && errno != ENODATA) { int e = errno; close(fd); return send_error_fail("reseed", "/dev/urandom", e); }
         close(fd);
     }
     struct timespec now = {.tv_sec = (time_t)seconds, .tv_nsec = (long)nanoseconds};
-    if (clock_settime(CLOCK_REALTIME, &now) < 0) return send_error("set", "CLOCK_REALTIME", errno);
+    if (clock_settime(CLOCK_REALTIME, &now) < 0) return send_error_fail("set", "CLOCK_REALTIME", errno);
 
     char line[34];
     snprintf(line, sizeof line, "%s\n", id);
     mkdir("/etc", 0755);
     int fd = open("/etc/.machine-id.new", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0444);
-    if (fd < 0) return send_error("open", "/etc/.machine-id.new", errno);
+    if (fd < 0) return send_error_fail("open", "/etc/.machine-id.new", errno);
     int err = write_exact(fd, line, 33) < 0 ? (errno ? errno : EIO) : 0;
     if (close(fd) < 0 && !err) err = errno;
     if (!err && rename("/etc/.machine-id.new", "/etc/machine-id") < 0) err = errno;
-    if (err) return send_error("write", "/etc/machine-id", err);
+    if (err) return send_error_fail("write", "/etc/machine-id", err);
     send_frame(T_DONE, "", 0);
+    return 0;
 }
 
 static void serve_exec(uint32_t n) {
@@ -308,11 +315,15 @@ static void serve_exec(uint32_t n) {
 static void serve(void) {
     uint32_t n;
     signal(SIGCHLD, SIG_DFL);
-    switch (recv_frame(&n)) {
+    int type = recv_frame(&n);
+    if (type == T_IDENTITY) { /* a restored guest's identity first, then (maybe) its first request */
+        if (serve_identity(n) == 0) type = recv_frame(&n);
+        else type = -1;
+    }
+    switch (type) {
     case T_EXEC: serve_exec(n); break;
     case T_READ: serve_read(n); break;
     case T_WRITE: serve_write(n); break;
-    case T_IDENTITY: serve_identity(n); break;
     default: break;
     }
     shutdown(conn, SHUT_WR);
