@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-from pyvmm.agent import AgentClient, new_machine_id
+from pyvmm.agent import AgentClient, AgentUnavailable, new_machine_id
 from pyvmm.config import MachineConfig, VsockConfig
 from pyvmm.identity import refresh_identity
 from pyvmm.memory import GuestMemory
@@ -89,7 +89,14 @@ def _restore(guest, state, memory, uds: str, *, refresh: bool) -> dict:
             seen["given_machine_id"] = new_machine_id()
             client.set_identity(seen["given_machine_id"])
             seen["machine_id"] = client.read_file("/etc/machine-id").decode()
-        seen["random"] = client.exec(RANDOM).stdout
+        try:
+            seen["random"] = client.exec(RANDOM).stdout
+        except AgentUnavailable as exc:   # seen twice in full-suite runs, never alone: say what stood where
+            device = vm.device_manager.device("virtio-vsock")
+            raise AssertionError(f"restore with refresh={refresh}: {exc}; vsock {device.counters()}, "
+                                 f"CID change unacknowledged: {device.cid_change_pending}, "
+                                 f"queues (last_avail, used_idx): {[(q.last_avail, q.used_idx) for q in device.queues]}; "
+                                 f"console: {guest.text()[-1500:]!r}") from exc
         seen["host_before"] = time.time()
         seen["clock"] = int(client.exec(["date", "+%s"]).stdout)
         seen["host_after"] = time.time()
