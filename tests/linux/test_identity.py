@@ -70,7 +70,9 @@ def test_restored_guests_are_not_twins(pyvmm, tmp_path):
     assert own_a["machine_id"] != own_b["machine_id"]
     for own in (own_a, own_b):
         assert own["machine_id"] == own["given_machine_id"] + "\n"
-        assert own["host_before"] - 1 <= own["clock"] <= own["host_after"] + 1, own
+        # `date +%s` truncates (up to 1 s) and the guest set the time it was sent when it got it
+        # (the request's delay): within 2 s of the host, where the twins lag 3 s and more
+        assert own["host_before"] - 2 <= own["clock"] <= own["host_after"] + 1, own
         # the agent answered through the device, which drops every packet from the old CID
         # (such as a socket of the old identity closing): the guest speaks from the new one
         assert own["saved_cid"] == own["cid"] and own["answered_on"] == own["cid"]
