@@ -19,6 +19,7 @@ import types
 
 import pytest
 
+from helpers.counter_guest import COUNT, STEPS, counter_config, counting_vm, finish
 from helpers.reporting import KVM_GUESTS
 from helpers.state import through_json
 from pyvmm.accel.select import choose_accelerator
@@ -33,25 +34,12 @@ from pyvmm.restore import carry_over, restore_vm
 from pyvmm.vm import VmNotPaused
 from pyvmm.vm_state import VmState
 
-COUNT, LIMIT, STARTS = 0x300000, 0x300008, 0x300010
-STEPS = 20000
-OK_STATUS, FAILED_STATUS = 1, 5       # debug exit 0 / 2
-
-
 def _config() -> MachineConfig:
-    return MachineConfig(kernel=str(build_source(KVM_GUESTS / "roundtrip.S", 64)), memory=16 << 20)
+    return counter_config()
 
 
 def _counting(accel: str):
-    vm = build_vm(_config(), lambda data: None, accel=choose_accelerator(accel).create())
-    vm.memory.write_u64(LIMIT, STEPS)
-    vm.start()
-    deadline = time.monotonic() + 60
-    while vm.memory.read_u64(COUNT) < 500 and not vm.stopped:
-        assert time.monotonic() < deadline, "the guest never started counting"
-        time.sleep(0.001)
-    assert not vm.stopped, vm.outcome
-    return vm
+    return counting_vm(accel)
 
 
 def _paused_and_saved(accel: str):
@@ -84,20 +72,7 @@ def _timeless(state: VmState) -> dict:
 
 
 def _finish(vm, paused_at: int) -> None:
-    """The restored VM: paused until resumed, then the guest counts on and exits normally."""
-    assert vm.paused
-    time.sleep(0.2)
-    assert vm.memory.read_u64(COUNT) == paused_at, "the restored VM ran before resume()"
-    vm.resume()
-    deadline = time.monotonic() + 60
-    while vm.memory.read_u64(COUNT) == paused_at and not vm.stopped:
-        assert time.monotonic() < deadline, "the restored guest does not count on"
-        time.sleep(0.001)
-    outcome = vm.wait(120)
-    assert outcome is not None, "the restored guest did not finish"
-    assert (outcome.reason, outcome.status) == ("debug-exit", OK_STATUS), outcome.message
-    assert vm.memory.read_u64(COUNT) == STEPS
-    assert vm.memory.read_u64(STARTS) == 1          # went on, never restarted
+    finish(vm, paused_at)
 
 
 def test_a_paused_vm_continues_in_a_fresh_vm_from_its_state(accel):

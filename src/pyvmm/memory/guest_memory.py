@@ -90,6 +90,9 @@ class GuestMemory:
         # Called as (address, length) after a device wrote guest RAM behind the CPU's back
         # (virtio DMA): the software CPU must drop code it translated from those bytes.
         self.on_device_write: Callable[[int, int], None] | None = None
+        # Set where RAM is loaded lazily (pages filled in on first touch, e.g. through
+        # userfaultfd): makes every page present, for readers that skip the memfd's holes.
+        self.populator: Callable[[], None] | None = None
 
     @classmethod
     def from_specs(cls, specs: list[RegionSpec]) -> "GuestMemory":
@@ -98,6 +101,11 @@ class GuestMemory:
     @property
     def size(self) -> int:
         return sum(r.size for r in self.regions)
+
+    def populate(self) -> None:
+        """Make every page present: RAM loaded lazily finishes loading (a no-op otherwise)."""
+        if self.populator is not None:
+            self.populator()
 
     def region_for(self, address: int, size: int = 1) -> MemoryRegion:
         for (base, end, _), region in zip(self._spans, self.regions):

@@ -1,0 +1,172 @@
+"""Snapshots: a paused VM to two files, and a paused VM back from them.
+
+    save_snapshot(vm, "vm.state", "vm.mem")                 # vm paused; Full
+    save_snapshot(vm, "vm.state", "vm.diff", diff=True)     # the pages written since the last one
+    merge_diff("vm.diff", "vm.mem")                         # vm.mem now holds the Diff's moment
+    vm = load_snapshot("vm.state", "vm.mem", console_write, mode="copy")   # paused; vm.resume()
+
+The state file (state_file.py) is the VmState in a checksummed container; the memory file
+(memory_file.py) is guest RAM, sparse. A VM loaded from them is a new VM in this process:
+devices and their host sides are made again from the machine description in the state
+(disk images reopened, TAPs and vsock sockets opened afresh), so the VM the snapshot was
+taken of must have let go of them (stopped), unless `prepare` points the copy elsewhere.
+
+Restore modes (`mode=`), and the devices each supports:
+- "copy": guest RAM is fresh shared memory (memfd) with the file read into it, skipping its
+  holes. Every device, vhost-user back-ends included (they map RAM by its memfd).
+- "cow": guest RAM is a private copy-on-write mapping of the memory file: nothing is read up
+  front, a page comes from the file on first touch, writes stay in this process. There is no
+  memfd to hand out, so devices whose back-end shares guest RAM by fd (vhost-user-blk) are
+  refused with one line. The memory file must stay in place while the VM runs.
+- "uffd": memfd RAM like copy, filled lazily through userfaultfd by a handler process
+  (uffd.py): a page is copied from the file when first touched, by a vCPU, a device or the
+  kernel. Every device; with a vhost-user back-end (which touches RAM through its own
+  mapping, where no fault is seen) all of RAM is loaded before the back-end gets it.
+  Where the host has no usable userfaultfd, refused with one line.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..errors import UserError
+from ..memory import GuestMemory
+from ..persist import StateError
+from .memory_file import MemoryFileError, merge_diff, open_memory_file, read_into, write_diff, write_full
+from .state_file import decode_state, encode_state, memory_regions, read_state_file, write_state_file
+
+if TYPE_CHECKING:
+    from ..config import MachineConfig
+    from ..vm import Vm
+    from ..vm_state import VmState
+
+RESTORE_MODES = ("copy", "cow", "uffd")
+
+__all__ = ["RESTORE_MODES", "SnapshotError", "MemoryFileError", "SavedSnapshot", "StateError", "decode_state", "encode_state",
+           "load_snapshot", "merge_diff", "read_state_file", "save_snapshot", "track_dirty_pages"]
+
+
+class SnapshotError(UserError):
+    """A snapshot that cannot be taken or loaded as asked (one line)."""
+
+
+@dataclass(frozen=True)
+class SavedSnapshot:
+    state_bytes: int          # size of the state file
+    memory_bytes: int         # data (non-hole) bytes written to the memory file
+    memory_size: int          # the memory file's size: all of guest RAM
+
+
+def save_snapshot(vm: "Vm", snapshot_path: str | os.PathLike, mem_file_path: str | os.PathLike, *,
+                  diff: bool = False) -> SavedSnapshot:
+    """Write paused `vm`'s state to `snapshot_path` and its RAM to `mem_file_path`: all of it
+    (Full), or with `diff` only the pages written since dirty tracking started or since the
+    previous snapshot (the VM must be tracking them: track_dirty_pages(vm)). The VM
+    stays paused and unchanged; each file is replaced only once complete."""
+    state = vm.save()          # VmNotPaused, one line, unless paused
+    snapshot_path, mem_file_path = os.fspath(snapshot_path), os.fspath(mem_file_path)
+    if os.path.abspath(snapshot_path) == os.path.abspath(mem_file_path):
+        raise SnapshotError(f"{snapshot_path}: the state and the memory need two files")
+    if diff:
+        pages = _dirty_pages(vm)
+        if pages is None:
+            raise SnapshotError("a Diff snapshot needs dirty page tracking since the previous snapshot "
+                                "(track_dirty_pages, or pyvmm.snapshot.track_dirty_pages(vm))")
+        try:
+            written = write_diff(vm.memory, mem_file_path, pages)
+            write_state_file(snapshot_path, state)
+        except BaseException:
+            _UNSAVED[vm] = pages    # the next Diff holds these pages too
+            raise
+    else:
+        written = write_full(vm.memory, mem_file_path)
+        write_state_file(snapshot_path, state)
+        _dirty_pages(vm)           # the next Diff holds what is written after this snapshot
+    _UNSAVED.pop(vm, None)
+    return SavedSnapshot(os.path.getsize(snapshot_path), written, vm.memory.size)
+
+
+DIRTY_READER = "snapshot"   # the dirty log's reader for Diff snapshots (a migration has its own)
+# Dirty pages taken from a VM's log for a Diff that failed to be written: the next Diff adds them.
+_UNSAVED: "weakref.WeakKeyDictionary[Vm, Any]" = weakref.WeakKeyDictionary()
+
+
+def track_dirty_pages(vm: "Vm") -> None:
+    """Log the pages `vm` writes from now on, so the next snapshot can be a Diff (Firecracker's
+    track_dirty_pages). DirtyTrackingUnavailable (one line) where the host cannot."""
+    start = getattr(vm, "start_dirty_log", None)
+    if start is None:
+        raise SnapshotError("this pyvmm cannot track dirty pages")
+    start(DIRTY_READER)
+
+
+def _dirty_pages(vm: "Vm"):
+    """The pages written since tracking began or since the previous snapshot (the log starts
+    over), or None when the VM is not tracking them for snapshots."""
+    from ..vm import VmError
+
+    log = getattr(vm, "dirty_log", None)
+    if log is None or not getattr(vm, "dirty_logging", False):
+        return None
+    try:
+        pages = log(DIRTY_READER)
+    except VmError:        # tracked for another reader (a migration), not for snapshots
+        return None
+    unsaved = _UNSAVED.pop(vm, None)
+    return pages if unsaved is None else pages.merge(unsaved)
+
+
+def load_snapshot(snapshot_path: str | os.PathLike, mem_file_path: str | os.PathLike,
+                  console_write: Callable[[bytes], None], *, mode: str = "copy", accel=None,
+                  config: "MachineConfig | None" = None,
+                  prepare: Callable[["VmState"], "VmState"] | None = None) -> "Vm":
+    """A started, paused Vm continuing the snapshot (resume() runs it). `mode`: copy, cow or
+    uffd (see the module's docstring). `accel`: an accelerator instance of the kind the state
+    was saved on (default: a new one); `config`: the machine the caller expects (refused unless
+    it is the snapshot's); `prepare`: rewrites the state before anything is built (another
+    TAP, another vsock socket). Bad files, a memory file of the wrong size, a mode a device
+    cannot use: one line (StateError or SnapshotError); nothing is left built."""
+    if mode not in RESTORE_MODES:
+        raise SnapshotError(f"restore mode {mode!r} is not one of {', '.join(RESTORE_MODES)}")
+    snapshot_path, mem_file_path = os.fspath(snapshot_path), os.fspath(mem_file_path)
+    state = read_state_file(snapshot_path)
+    if prepare is not None:
+        state = prepare(state)
+    regions = memory_regions(state)
+    fd = open_memory_file(mem_file_path, regions)
+    try:
+        memory = _memory(mode, state, regions, fd, mem_file_path)
+    finally:
+        os.close(fd)
+    from ..restore import restore_vm
+
+    try:
+        return restore_vm(state, memory, console_write, accel=accel, config=config)
+    except BaseException:
+        memory.close()
+        raise
+
+
+def _memory(mode: str, state: "VmState", regions: list[tuple[int, int]], fd: int, path: str) -> GuestMemory:
+    """Guest RAM holding the memory file's contents, as `mode` provides them."""
+    from ..memory.guest_memory import RegionSpec
+
+    specs = [RegionSpec(base, size) for base, size in regions]
+    if mode == "copy":
+        memory = GuestMemory.from_specs(specs)
+        try:
+            read_into(memory, fd, path)
+        except BaseException:
+            memory.close()
+            raise
+        return memory
+    raise SnapshotError(f"restore mode {mode!r} is not available yet")
+
+
+def _shares_ram_by_fd(state: "VmState") -> list[str]:
+    """Device-tree ids of the devices whose back-end maps guest RAM by its fd (vhost-user)."""
+    return [f"virtio-blk{index}" for index, disk in enumerate(state.machine.disks) if disk.vhost_user is not None]
+

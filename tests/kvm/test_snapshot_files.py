@@ -1,0 +1,104 @@
+"""Snapshot files on both accelerators: the counting guest (helpers/counter_guest.py) is
+paused, snapshotted to a state file and a memory file, its VM closed, and a new VM loaded
+from the files in each restore mode: it stays paused until resumed, then counts on from
+where it stood and ends normally, having started once. Bad files are one line each and leave
+the source VM able to go on."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from helpers.counter_guest import COUNT, LIMIT, STEPS, counting_vm, finish
+from pyvmm.persist import StateError
+from pyvmm.snapshot import SnapshotError, load_snapshot, save_snapshot
+from pyvmm.snapshot.memory_file import data_ranges
+from pyvmm.vm import VmNotPaused
+
+MODES = ["copy"]
+
+
+def _snapshot(accel: str, tmp_path):
+    """A counting VM snapshotted mid-way and closed: (state path, memory path, the count)."""
+    vm = counting_vm(accel)
+    try:
+        vm.pause()
+        paused_at = vm.memory.read_u64(COUNT)
+        assert 0 < paused_at < STEPS
+        saved = save_snapshot(vm, tmp_path / "vm.state", tmp_path / "vm.mem")
+    finally:
+        vm.close()
+    assert saved.memory_size == 16 << 20
+    assert 0 < saved.memory_bytes < 1 << 20      # the kernel, its stack and the counter: the rest is holes
+    return str(tmp_path / "vm.state"), str(tmp_path / "vm.mem"), paused_at
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_snapshot_loads_and_the_guest_counts_on(accel, tmp_path, mode):
+    state, mem, paused_at = _snapshot(accel, tmp_path)
+    fd = os.open(mem, os.O_RDONLY)
+    try:
+        assert sum(e - s for s, e in data_ranges(fd, 0, 16 << 20)) < 1 << 20   # sparse
+    finally:
+        os.close(fd)
+    vm = load_snapshot(state, mem, lambda data: None, mode=mode)
+    try:
+        assert vm.accel.name == accel and vm.memory.read_u64(LIMIT) == STEPS
+        finish(vm, paused_at)
+    finally:
+        vm.close()
+
+
+def test_a_snapshot_needs_a_paused_vm(accel, tmp_path):
+    vm = counting_vm(accel)
+    try:
+        with pytest.raises(VmNotPaused, match=r"^the VM must be paused to save its state \(pause\(\) first\)$"):
+            save_snapshot(vm, tmp_path / "vm.state", tmp_path / "vm.mem")
+        vm.pause()
+        with pytest.raises(SnapshotError, match=r"the state and the memory need two files$"):
+            save_snapshot(vm, tmp_path / "vm.state", tmp_path / "vm.state")
+        with pytest.raises(SnapshotError, match=r"^a Diff snapshot needs dirty page tracking"):
+            save_snapshot(vm, tmp_path / "vm.state", tmp_path / "vm.mem", diff=True)
+    finally:
+        vm.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_bad_snapshot_files_are_one_line_and_the_source_goes_on(accel, tmp_path):
+    vm = counting_vm(accel)
+    try:
+        vm.pause()
+        paused_at = vm.memory.read_u64(COUNT)
+        save_snapshot(vm, tmp_path / "vm.state", tmp_path / "vm.mem")
+        good_state = (tmp_path / "vm.state").read_bytes()
+        bad = tmp_path / "bad.state"
+        short_mem = tmp_path / "short.mem"
+        with open(short_mem, "wb") as out:
+            out.truncate(8 << 20)
+        cases = [
+            (good_state[:len(good_state) // 2], str(tmp_path / "vm.mem"), r": truncated: "),
+            (good_state[:-3] + bytes(x ^ 1 for x in good_state[-3:]), str(tmp_path / "vm.mem"), r": bad checksum"),
+            (b"NOTPYVMM" + good_state[8:], str(tmp_path / "vm.mem"), r": not a pyvmm state file \(bad magic\)$"),
+            (good_state[:8] + b"\x07" + good_state[9:], str(tmp_path / "vm.mem"), r": state file format version 7 is"),
+            (good_state, str(short_mem), r"short\.mem: the memory file holds 8388608 bytes, the snapshot's guest RAM "
+                                         r"is 16777216 bytes \(16 MiB\)$"),
+        ]
+        threads, fds = threading.active_count(), _open_fds()
+        for state_bytes, mem, message in cases:
+            bad.write_bytes(state_bytes)
+            with pytest.raises(StateError, match=message) as error:
+                load_snapshot(bad, mem, lambda data: None)
+            assert "\n" not in str(error.value)
+            assert threading.active_count() == threads and _open_fds() == fds   # nothing left built
+        with pytest.raises(SnapshotError, match=r"^restore mode 'fast' is not one of copy, cow, uffd$"):
+            load_snapshot(tmp_path / "vm.state", tmp_path / "vm.mem", lambda data: None, mode="fast")
+        assert vm.memory.read_u64(COUNT) == paused_at
+        finish(vm, paused_at)     # the source, never harmed, goes on
+    finally:
+        vm.close()
