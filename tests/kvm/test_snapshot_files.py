@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 
 from helpers.counter_guest import COUNT, LIMIT, STEPS, counting_vm, finish
 from pyvmm.persist import StateError
-from pyvmm.snapshot import SnapshotError, load_snapshot, save_snapshot
+from pyvmm.snapshot import SnapshotError, load_snapshot, merge_diff, save_snapshot, track_dirty_pages
 from pyvmm.snapshot.memory_file import data_ranges
 from pyvmm.vm import VmNotPaused
 
@@ -100,5 +101,33 @@ def test_bad_snapshot_files_are_one_line_and_the_source_goes_on(accel, tmp_path)
             load_snapshot(tmp_path / "vm.state", tmp_path / "vm.mem", lambda data: None, mode="fast")
         assert vm.memory.read_u64(COUNT) == paused_at
         finish(vm, paused_at)     # the source, never harmed, goes on
+    finally:
+        vm.close()
+
+
+def test_a_diff_merged_onto_its_base_loads_and_the_guest_counts_on(accel, tmp_path):
+    """Full snapshot, the guest counts on, Diff snapshot (only the pages written meanwhile),
+    Diff merged onto the Full file: the merged files continue from the Diff's moment."""
+    vm = counting_vm(accel)
+    try:
+        track_dirty_pages(vm)
+        vm.pause()
+        save_snapshot(vm, tmp_path / "base.state", tmp_path / "vm.mem")
+        first = vm.memory.read_u64(COUNT)
+        vm.resume()
+        while vm.memory.read_u64(COUNT) < first + 200 and not vm.stopped:
+            time.sleep(0.001)
+        vm.pause()
+        paused_at = vm.memory.read_u64(COUNT)
+        assert first < paused_at < STEPS
+        saved = save_snapshot(vm, tmp_path / "vm.state", tmp_path / "vm.diff", diff=True)
+    finally:
+        vm.close()
+    # The counter's page and the stack's page (the UART's state is in the state file).
+    assert 0 < saved.memory_bytes <= 4 * 4096 and saved.memory_size == 16 << 20
+    assert merge_diff(str(tmp_path / "vm.diff"), str(tmp_path / "vm.mem")) == saved.memory_bytes
+    vm = load_snapshot(tmp_path / "vm.state", tmp_path / "vm.mem", lambda data: None)
+    try:
+        finish(vm, paused_at)
     finally:
         vm.close()

@@ -97,10 +97,7 @@ _UNSAVED: "weakref.WeakKeyDictionary[Vm, Any]" = weakref.WeakKeyDictionary()
 def track_dirty_pages(vm: "Vm") -> None:
     """Log the pages `vm` writes from now on, so the next snapshot can be a Diff (Firecracker's
     track_dirty_pages). DirtyTrackingUnavailable (one line) where the host cannot."""
-    start = getattr(vm, "start_dirty_log", None)
-    if start is None:
-        raise SnapshotError("this pyvmm cannot track dirty pages")
-    start(DIRTY_READER)
+    vm.start_dirty_log(DIRTY_READER)
 
 
 def _dirty_pages(vm: "Vm"):
@@ -108,11 +105,10 @@ def _dirty_pages(vm: "Vm"):
     over), or None when the VM is not tracking them for snapshots."""
     from ..vm import VmError
 
-    log = getattr(vm, "dirty_log", None)
-    if log is None or not getattr(vm, "dirty_logging", False):
+    if not vm.dirty_logging:
         return None
     try:
-        pages = log(DIRTY_READER)
+        pages = vm.dirty_log(DIRTY_READER)
     except VmError:        # tracked for another reader (a migration), not for snapshots
         return None
     unsaved = _UNSAVED.pop(vm, None)
