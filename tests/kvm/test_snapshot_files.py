@@ -13,12 +13,13 @@ import time
 import pytest
 
 from helpers.counter_guest import COUNT, LIMIT, STEPS, counting_vm, finish
+from pyvmm.errors import UserError
 from pyvmm.persist import StateError
 from pyvmm.snapshot import SnapshotError, load_snapshot, merge_diff, save_snapshot, track_dirty_pages
 from pyvmm.snapshot.memory_file import data_ranges
 from pyvmm.vm import VmNotPaused
 
-MODES = ["copy"]
+MODES = ["copy", "cow", "uffd"]
 
 
 def _snapshot(accel: str, tmp_path):
@@ -131,3 +132,87 @@ def test_a_diff_merged_onto_its_base_loads_and_the_guest_counts_on(accel, tmp_pa
         finish(vm, paused_at)
     finally:
         vm.close()
+
+
+def _resident(memory) -> int:
+    """Bytes of guest RAM present in its memfds."""
+    return sum(end - start for region in memory.regions for start, end in data_ranges(region.fd, 0, region.size))
+
+
+def _file_data(path) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return sum(end - start for start, end in data_ranges(fd, 0, os.fstat(fd).st_size))
+    finally:
+        os.close(fd)
+
+
+def test_uffd_loads_only_what_is_touched_until_populated(accel, tmp_path):
+    """Without prefetch, RAM holds only the pages the restore and the guest touched; populate()
+    loads the rest and lets the handler go; the guest then counts on."""
+    state, mem, paused_at = _snapshot(accel, tmp_path)
+    vm = load_snapshot(state, mem, lambda data: None, mode="uffd", prefetch=False)
+    try:
+        lazy = vm.memory.populator.__self__
+        assert lazy.process.poll() is None            # the handler serves the faults
+        assert vm.memory.read_u64(COUNT) == paused_at  # a fault, answered from the file
+        touched = _resident(vm.memory)
+        assert 0 < touched < _file_data(mem)
+        vm.memory.populate()
+        assert _resident(vm.memory) >= _file_data(mem)
+        assert lazy.process.wait(10) == 0             # done: the handler ended
+        finish(vm, paused_at)
+    finally:
+        vm.close()
+
+
+def test_uffd_handler_that_dies_stops_the_vm_with_one_line(accel, tmp_path):
+    state, mem, paused_at = _snapshot(accel, tmp_path)
+    vm = load_snapshot(state, mem, lambda data: None, mode="uffd", prefetch=False)
+    try:
+        lazy = vm.memory.populator.__self__
+        lazy.process.kill()
+        outcome = vm.wait(30)
+        assert outcome is not None and outcome.reason == "vmm-error"
+        assert outcome.message == f"the userfaultfd handler (pid {lazy.process.pid}) ended before guest RAM was loaded"
+    finally:
+        vm.close()
+
+
+def test_cow_maps_the_file_privately(accel, tmp_path):
+    """The guest's writes stay in the VM: the memory file is the same after it ran to its end."""
+    state, mem, paused_at = _snapshot(accel, tmp_path)
+    before = open(mem, "rb").read()
+    vm = load_snapshot(state, mem, lambda data: None, mode="cow")
+    try:
+        assert all(region.fd == -1 and not region.shared for region in vm.memory.regions)
+        finish(vm, paused_at)
+    finally:
+        vm.close()
+    assert open(mem, "rb").read() == before
+
+
+def test_modes_a_device_cannot_use_are_refused_with_one_line(accel, tmp_path, monkeypatch):
+    import dataclasses
+
+    from pyvmm.memory import userfaultfd
+    from pyvmm.vm_state import DiskDescription
+
+    state, mem, _ = _snapshot(accel, tmp_path)
+
+    def with_vhost_user(saved):
+        disk = DiskDescription(path=None, readonly=False, serial=None, transport="pci", vhost_user="/tmp/none.sock")
+        return dataclasses.replace(saved, machine=dataclasses.replace(saved.machine, disks=(disk,)))
+
+    with pytest.raises(SnapshotError, match=r"^restore mode cow: virtio-blk0 shares guest RAM with its vhost-user "
+                                            r"back-end by fd, which a private mapping of the memory file cannot "
+                                            r"give: use copy or uffd$"):
+        load_snapshot(state, mem, lambda data: None, mode="cow", prepare=with_vhost_user)
+
+    def no_userfaultfd(**_):
+        raise userfaultfd.HostMemoryError("userfaultfd", 38)
+
+    monkeypatch.setattr(userfaultfd, "available_features", no_userfaultfd)
+    with pytest.raises(UserError, match=r"^uffd restore: this host offers no userfaultfd \(userfaultfd: Function not "
+                                        r"implemented\): use copy or cow$"):
+        load_snapshot(state, mem, lambda data: None, mode="uffd")

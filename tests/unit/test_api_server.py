@@ -101,7 +101,29 @@ def _valid_bodies(files) -> dict[str, tuple[str, str, dict]]:
         "PyvmmMigration": ("PUT", "/pyvmm/migration", {"destination": "unix:/nonexistent.sock"}),
         "AgentExec": ("PUT", "/pyvmm/agent/exec", {"argv": ["true"]}),
         "AgentFile": ("PUT", "/pyvmm/agent/files", {"path": "/tmp/f", "content": ""}),
+        "SnapshotCreateParams": ("PUT", "/snapshot/create", {"snapshot_path": "/tmp/s", "mem_file_path": "/tmp/m"}),
+        "SnapshotLoadParams": ("PUT", "/snapshot/load", {"snapshot_path": "/tmp/s", "mem_file_path": "/tmp/m"}),
     }
+
+
+# Resources sent inside another's body: (the outer resource, where it sits, a valid one).
+NESTED = {
+    "MemoryBackend": ("SnapshotLoadParams", "mem_backend", {"backend_type": "File", "backend_path": "/tmp/m"}),
+    "NetworkOverride": ("SnapshotLoadParams", "network_overrides[0]", {"iface_id": "n0", "host_dev_name": "tap0"}),
+    "VsockOverride": ("SnapshotLoadParams", "vsock_override", {"uds_path": "/tmp/v.sock"}),
+}
+
+
+def _request(files, resource: str, body: dict) -> tuple[str, str, dict, str]:
+    """(method, path, the whole body, the field prefix) sending `body` as `resource`."""
+    if resource not in NESTED:
+        method, path, _ = _valid_bodies(files)[resource]
+        return method, path, body, ""
+    outer, where, _ = NESTED[resource]
+    method, path, outer_body = _valid_bodies(files)[outer]
+    outer_body = {k: v for k, v in outer_body.items() if not (where == "mem_backend" and k == "mem_file_path")}
+    name = where.split("[")[0]
+    return method, path, {**outer_body, name: [body] if "[" in where else body}, f"{where}."
 
 
 WRONG_TYPE = {"string": 12345, "integer": "12", "boolean": "yes", "object": 5, "array": "x"}
@@ -111,19 +133,21 @@ CASES = [(resource, field) for resource, fields in schema.RESOURCES.items() if r
 
 @pytest.mark.parametrize("resource,field", CASES, ids=[f"{r}.{f.name}" for r, f in CASES])
 def test_every_field_with_a_bad_value_is_a_400_naming_it(api, files, resource, field):
-    method, path, body = _valid_bodies(files)[resource]
+    body = NESTED[resource][2] if resource in NESTED else _valid_bodies(files)[resource][2]
     api.put("/drives/d0", {"drive_id": "d0", "is_root_device": False, "path_on_host": files["disk"]})
     for bad in (WRONG_TYPE[field.type], *([f"not-{field.enum[0]}"] if field.enum else []),
                 *([field.minimum - 1] if field.minimum is not None else []),
                 *([field.maximum + 1] if field.maximum is not None else [])):
+        method, path, whole, prefix = _request(files, resource, {**body, field.name: bad})
         with pytest.raises(ApiError) as error:
-            api.request(method, path, {**body, field.name: bad})
+            api.request(method, path, whole)
         assert error.value.status == 400
-        assert error.value.fault_message.startswith(field.name), error.value.fault_message
+        assert error.value.fault_message.startswith(prefix + field.name), error.value.fault_message
     if field.required:
+        method, path, whole, prefix = _request(files, resource, {k: v for k, v in body.items() if k != field.name})
         with pytest.raises(ApiError) as error:
-            api.request(method, path, {k: v for k, v in body.items() if k != field.name})
-        assert error.value.status == 400 and error.value.fault_message == f"{field.name} is required"
+            api.request(method, path, whole)
+        assert error.value.status == 400 and error.value.fault_message == f"{prefix}{field.name} is required"
 
 
 @pytest.mark.parametrize("method,path", [(r.method, r.path.replace("{drive_id}", "d").replace("{iface_id}", "n"))

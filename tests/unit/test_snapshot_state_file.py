@@ -14,7 +14,8 @@ from pyvmm.accel.select import choose_accelerator
 from pyvmm.builder import build_vm
 from pyvmm.config import MachineConfig
 from pyvmm.persist import StateError
-from pyvmm.snapshot.state_file import HEADER_SIZE, decode_state, encode_state, read_state_file, write_state_file
+from pyvmm.snapshot.state_file import (HEADER_SIZE, decode_state, encode_state, read_snapshot, read_state_file,
+                                       write_state_file)
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,10 @@ def test_write_and_read_a_state_file(state, tmp_path):
     path = str(tmp_path / "vm.state")
     write_state_file(path, state)
     assert read_state_file(path) == state
+    assert read_snapshot(path) == (state, None)
+    document = {"machine-config": {"vcpu_count": 1, "mem_size_mib": 16}}
+    write_state_file(path, state, vm_config=document)
+    assert read_snapshot(path) == (state, document)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vm.state"]   # no temporary left behind
 
 
@@ -104,8 +109,9 @@ def test_bad_fields_are_named(state):
     newer = json.loads(json.dumps(good))
     newer["vm"]["version"] = 99
     _one_line(_rebuilt(newer), r"^snap\.state: vm state: version 99 is not supported")
-    _one_line(_rebuilt({"vm": vm}), r"^snap\.state: the state must hold vm and memory_regions$")
-    _one_line(_rebuilt([1, 2]), r"^snap\.state: the state must hold vm and memory_regions$")
+    _one_line(_rebuilt({"vm": vm}), r"^snap\.state: the state must hold vm, memory_regions and vm_config$")
+    _one_line(_rebuilt([1, 2]), r"^snap\.state: the state must hold vm, memory_regions and vm_config$")
+    _one_line(_rebuilt({**good, "vm_config": [1]}), r"^snap\.state: vm_config must be an object or null$")
     not_json = b"{" * 10
     _one_line(struct.pack("<8sIIQ32s", b"PYVMMSTA", 1, 0, len(not_json), hashlib.sha256(not_json).digest()) + not_json,
               r"^snap\.state: the state is not valid JSON")

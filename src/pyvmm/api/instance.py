@@ -23,7 +23,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from .. import __version__
-from ..errors import ConfigError, PyvmmError, UserError
+from ..errors import ConfigError, PyvmmError
 from .console import ConsoleHub
 from . import migration as migrations
 from .states import INCOMING, NOT_STARTED, PAUSED, RUNNING, STOPPED, InvalidState
@@ -149,6 +149,18 @@ class VmInstance:
         else:
             self.flush_metrics()
 
+    def create_snapshot(self, body: Any) -> None:
+        """PUT /snapshot/create (api/snapshot.py)."""
+        from .snapshot import create
+
+        create(self, body)
+
+    def load_snapshot(self, body: Any) -> None:
+        """PUT /snapshot/load (api/snapshot.py)."""
+        from .snapshot import load
+
+        load(self, body)
+
     def set_vm_state(self, body: Any) -> None:
         if check_body(body, VM_STATE)["state"] == "Paused":
             self.pause()
@@ -215,6 +227,8 @@ class VmInstance:
             assert vm is not None
             outcome = vm.wait()
             assert outcome is not None  # wait() without a timeout returns once the VM stopped
+            with self.lock:  # stop() and reboot() wake a paused VM after stopping it: let them finish
+                pass
             vm.close()
             with self.lock:
                 restart = self._reboot_wanted or (outcome.reason == "reset" and not self._stopping and

@@ -67,6 +67,12 @@ PATHS: dict[str, dict[str, Any]] = {
     "/actions": {"put": _change("createSyncAction", "InstanceStart, SendCtrlAltDel (pyvmm: the ACPI power button), "
                                 "FlushMetrics", "InstanceActionInfo")},
     "/vm": {"patch": _change("patchVm", "Pause or resume the VM", "Vm")},
+    "/snapshot/create": {"put": _change("createSnapshot", "Write a Full or Diff snapshot of the paused VM (a state "
+                                        "file and a sparse memory file). Post-boot only; the VM must be paused.",
+                                        "SnapshotCreateParams")},
+    "/snapshot/load": {"put": _change("loadSnapshot", "Load a snapshot into this fresh VM (before InstanceStart and "
+                                      "before any resource but the logger and metrics is configured). pyvmm's "
+                                      "restore_mode says how a File backend is loaded.", "SnapshotLoadParams")},
     "/vm/config": {"get": _get("getExportVmConfig", "The whole configuration", "FullVmConfiguration")},
     "/openapi.json": {"get": {"operationId": "getOpenApi", "summary": "This document",
                               "responses": {"200": {"description": "OpenAPI 3 document",

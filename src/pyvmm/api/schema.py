@@ -117,6 +117,39 @@ MIGRATION = (
        minimum=1),
     _f("max_rounds", "integer", "dirty-page rounds after the first pass before it gives up", minimum=1, default=30),
 )
+SNAPSHOT_CREATE = (
+    _f("snapshot_path", "string", "host path of the state file to write", required=True),
+    _f("mem_file_path", "string", "host path of the memory file to write (sparse: zero pages are holes)",
+       required=True),
+    _f("snapshot_type", "string", "Full: all of RAM; Diff: the pages written since the previous snapshot "
+       "(needs machine-config track_dirty_pages); merge a Diff onto its base with pyvmm.snapshot.merge_diff",
+       enum=("Full", "Diff"), default="Full"),
+)
+MEMORY_BACKEND = (
+    _f("backend_type", "string", "File: backend_path is the memory file; Uffd: backend_path is the socket of a "
+       "page-fault handler, which is sent the userfaultfd and the RAM mappings", required=True,
+       enum=("File", "Uffd")),
+    _f("backend_path", "string", "the memory file, or the handler's Unix socket", required=True),
+)
+NETWORK_OVERRIDE = (
+    _f("iface_id", "string", "an interface of the snapshot's VM", required=True),
+    _f("host_dev_name", "string", "the TAP it uses from now on", required=True),
+)
+VSOCK_OVERRIDE = (_f("uds_path", "string", "the vsock device's host socket from now on", required=True),)
+SNAPSHOT_LOAD = (
+    _f("snapshot_path", "string", "host path of the state file", required=True),
+    _f("mem_file_path", "string", "deprecated by Firecracker: use mem_backend (exactly one of the two)"),
+    _f("mem_backend", "object", "where guest memory comes from (MemoryBackend)"),
+    _f("enable_diff_snapshots", "boolean", "deprecated by Firecracker: use track_dirty_pages"),
+    _f("track_dirty_pages", "boolean", "log written pages from the start, for Diff snapshots", default=False),
+    _f("resume_vm", "boolean", "resume the VM once loaded (else it stays paused)", default=False),
+    _f("network_overrides", "array", "NetworkOverride objects: interfaces moved to other TAPs", items="object"),
+    _f("vsock_override", "object", "VsockOverride: the vsock device's new host socket"),
+    _f("restore_mode", "string", "pyvmm: how a File backend is loaded. copy: into fresh shared memory (every "
+       "device); cow: a private copy-on-write mapping of the file, read on first touch (instant; not with "
+       "vhost-user drives); uffd: fresh shared memory filled on first touch by pyvmm's userfaultfd handler",
+       enum=("copy", "cow", "uffd"), default="copy"),
+)
 PYVMM_OPTIONS = (
     _f("accel", "string", "CPU backend", enum=("auto", "kvm", "tcg"), default="auto"),
     _f("console", "string", "the guest's console device", enum=("serial", "virtio"), default="serial"),
@@ -154,6 +187,8 @@ RESOURCES: dict[str, tuple[Field, ...]] = {
     "EntropyDevice": ENTROPY, "Logger": LOGGER, "Metrics": METRICS, "InstanceActionInfo": ACTION,
     "Vm": VM_STATE, "PyvmmAction": PYVMM_ACTION, "PyvmmOptions": PYVMM_OPTIONS, "PyvmmMigration": MIGRATION,
     "AgentExec": AGENT_EXEC, "AgentFile": AGENT_FILE,
+    "SnapshotCreateParams": SNAPSHOT_CREATE, "SnapshotLoadParams": SNAPSHOT_LOAD, "MemoryBackend": MEMORY_BACKEND,
+    "NetworkOverride": NETWORK_OVERRIDE, "VsockOverride": VSOCK_OVERRIDE,
 }
 
 _TYPES: dict[str, tuple[type, ...]] = {"string": (str,), "integer": (int,), "boolean": (bool,), "object": (dict,), "array": (list,)}

@@ -84,6 +84,8 @@ ROUTES: tuple[Route, ...] = (
     Route("PUT", "/actions", lambda i, p, b: i.action(b), body=True),
     Route("PATCH", "/vm", lambda i, p, b: i.set_vm_state(b), body=True),
     Route("GET", "/vm/config", lambda i, p, b: i.vm_config()),
+    Route("PUT", "/snapshot/create", lambda i, p, b: i.create_snapshot(b), body=True),
+    Route("PUT", "/snapshot/load", lambda i, p, b: i.load_snapshot(b), body=True),
     Route("GET", "/openapi.json", _openapi),
     Route("GET", "/pyvmm/status", lambda i, p, b: i.status()),
     Route("GET", "/pyvmm/devices", lambda i, p, b: i.devices()),

@@ -34,22 +34,40 @@ class RegionSpec:
 
 
 class MemoryRegion:
-    """One contiguous guest-physical RAM range backed by a memfd mapping."""
+    """One contiguous guest-physical RAM range. By default a shared mapping of a memfd of its
+    own (`fd`), which a vhost-user back-end can map too. With `file=(fd, offset)`: a private
+    copy-on-write mapping of that file from `offset`, read from the file page by page on
+    first touch, written privately; such a region has no fd to share (`fd` is -1) and the
+    file must not change while it is mapped."""
 
-    def __init__(self, guest_base: int, size: int, *, name: str = "pyvmm-ram") -> None:
+    def __init__(self, guest_base: int, size: int, *, name: str = "pyvmm-ram",
+                 file: tuple[int, int] | None = None) -> None:
         if size <= 0 or size % mmap.PAGESIZE or guest_base % mmap.PAGESIZE:
             raise GuestMemoryError(f"RAM region {guest_base:#x}+{size:#x} is not page aligned")
         self.guest_base = GuestAddress(guest_base)
         self.size = size
+        self.fd = -1
         try:
-            self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
-            os.ftruncate(self.fd, size)
-            self.mmap = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            if file is None:
+                self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+                os.ftruncate(self.fd, size)
+                self.mmap = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            else:
+                self.mmap = mmap.mmap(file[0], size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE,
+                                      offset=file[1])
         except OSError as exc:
+            if self.fd >= 0:
+                os.close(self.fd)
             raise GuestMemoryError(f"cannot allocate {size >> 20} MiB of guest RAM: {exc.strerror}") from None
         self.view = memoryview(self.mmap)
         self._anchor = ctypes.c_char.from_buffer(self.mmap)
         self.host_address = ctypes.addressof(self._anchor)
+        self._closed = False
+
+    @property
+    def shared(self) -> bool:
+        """Whether another process can map this RAM through `fd` (a memfd region)."""
+        return self.fd >= 0
 
     @property
     def guest_end(self) -> int:
@@ -69,13 +87,15 @@ class MemoryRegion:
         return sum(byte & 1 for byte in bytes(vector)) * page
 
     def close(self) -> None:
-        if self.fd < 0:
+        if self._closed:
             return
+        self._closed = True
         self.view.release()
         del self._anchor
         self.mmap.close()
-        os.close(self.fd)
-        self.fd = -1
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class GuestMemory:
@@ -93,6 +113,8 @@ class GuestMemory:
         # Set where RAM is loaded lazily (pages filled in on first touch, e.g. through
         # userfaultfd): makes every page present, for readers that skip the memfd's holes.
         self.populator: Callable[[], None] | None = None
+        # Released with the memory, before its regions are unmapped (what fills it lazily).
+        self.on_close: list[Callable[[], None]] = []
 
     @classmethod
     def from_specs(cls, specs: list[RegionSpec]) -> "GuestMemory":
@@ -177,6 +199,8 @@ class GuestMemory:
         return data if nul < 0 else data[:nul]
 
     def close(self) -> None:
+        while self.on_close:
+            self.on_close.pop()()
         for region in self.regions:
             region.close()
 

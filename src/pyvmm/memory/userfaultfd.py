@@ -203,6 +203,11 @@ def copy(fd: int, destination: int, source: int, length: int, mode: int = 0) -> 
     return arg.copy
 
 
+def wake(fd: int, start: int, length: int) -> None:
+    """UFFDIO_WAKE: wake the threads waiting on faults in the range (answered meanwhile)."""
+    _ioctl(fd, UFFDIO_WAKE, uffdio_range(start, length), "UFFDIO_WAKE")
+
+
 def zero_page(fd: int, start: int, length: int) -> int:
     """UFFDIO_ZEROPAGE: map zero pages over a missing range; returns the bytes mapped."""
     arg = uffdio_zeropage(uffdio_range(start, length), 0, 0)
