@@ -131,3 +131,20 @@ def test_unreadable_file_is_one_line(state, tmp_path):
         read_state_file("/nonexistent/x.state")
     with pytest.raises(StateError, match=r"cannot write the state file: No such file or directory$"):
         write_state_file(str(tmp_path / "missing" / "x.state"), state)
+
+
+def test_a_fresh_process_knows_every_state_kind():
+    """A state file is read in a process that built no VM (pyvmm restore, an API load): every
+    State kind defined in pyvmm must be registered by importing the codec alone."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pyvmm
+
+    defined = {match.group(1) for path in Path(pyvmm.__file__).parent.rglob("*.py")
+               for match in re.finditer(r'^    KIND = "([^"]+)"', path.read_text(), re.M)}
+    code = "import pyvmm.snapshot.state_file; from pyvmm.persist import _KINDS; print(' '.join(_KINDS))"
+    known = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+    assert len(defined) > 20 and defined <= known, sorted(defined - known)

@@ -39,7 +39,8 @@ def create(instance: "VmInstance", body: Any) -> None:
         if instance.state != PAUSED:
             raise InvalidState("the VM must be paused to create a snapshot (PATCH /vm {\"state\": \"Paused\"})")
         save_snapshot(vm, checked["snapshot_path"], checked["mem_file_path"],
-                      diff=checked.get("snapshot_type", "Full") == "Diff", vm_config=instance.spec.to_document())
+                      diff=checked.get("snapshot_type", "Full") == "Diff",
+                      vm_config={"name": instance.id, **instance.spec.to_document()})
 
 
 def _fresh(spec: VmSpec) -> bool:
@@ -68,7 +69,7 @@ def load(instance: "VmInstance", body: Any) -> None:
             raise InvalidState("a snapshot can only be loaded before any resource but the logger and metrics "
                                "is configured")
         _, document = read_snapshot(checked["snapshot_path"])
-        spec = VmSpec.from_document(document) if document is not None else None
+        spec = VmSpec.from_document(document, extra=("name",)) if document is not None else None
 
         def prepare(state):
             return _overridden(state, spec, overrides, vsock)

@@ -14,7 +14,7 @@ from ..errors import UserError
 
 COMMANDS = ("define", "undefine", "start", "list", "dominfo", "info", "domstate", "suspend", "pause", "resume",
             "destroy", "reboot", "shutdown", "console", "create", "clone", "domstats", "top", "migrate",
-            "migrate-cancel")
+            "migrate-cancel", "snapshot", "save", "restore")
 
 DEFINE_HELP = ("A definition is Firecracker's configuration (sections machine-config, boot-source, drives, "
                "network-interfaces, vsock, entropy) plus a [pyvmm] table (accel, console, cpu_hide, on_reboot), "
@@ -68,6 +68,21 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     top.add_argument("--sort", choices=("cpu", "exits", "mem", "name", "block", "net"), default="cpu")
     clone = command("clone", "define a copy of a VM: disks copied sparsely, new MACs and vsock CID")
     clone.add_argument("new_name", metavar="NEW_NAME")
+    snapshot = command("snapshot", "write a snapshot of a running VM (paused for it, resumed after)")
+    snapshot.add_argument("path", metavar="PATH", help="the state file (the memory goes to PATH.mem)")
+    snapshot.add_argument("--mem-file", metavar="FILE", help="the memory file (default PATH.mem)")
+    snapshot.add_argument("--diff", action="store_true",
+                          help="only the pages written since the previous snapshot (needs track_dirty_pages)")
+    save = command("save", "snapshot a VM to FILE (and FILE.mem), then stop it (virsh save)")
+    save.add_argument("path", metavar="FILE")
+    save.add_argument("--mem-file", metavar="FILE", help="the memory file (default FILE.mem)")
+    restore = command("restore", "start a VM in the background from a snapshot (virsh restore)", vm=False)
+    restore.add_argument("path", metavar="FILE", help="a state file written by snapshot or save")
+    restore.add_argument("--name", help="the VM's name (default: the snapshotted VM's)")
+    restore.add_argument("--mem-file", metavar="FILE", help="the memory file (default FILE.mem)")
+    restore.add_argument("--mode", choices=("copy", "cow", "uffd"), default="copy",
+                         help="how RAM is loaded: copy (default), cow (copy-on-write mapping of the file), "
+                              "uffd (on first touch)")
     create = command("create", "define a VM and start it (default: the Debian guest image)")
     create.add_argument("--kernel", metavar="FILE", help="kernel image (default: pyvmm's Debian guest)")
     create.add_argument("--initrd", metavar="FILE")
@@ -159,6 +174,9 @@ def run(args) -> int:
     elif name == "clone":
         vm = host.vm(args.name).clone(args.new_name)
         print(f"Domain '{vm.name}' cloned from '{args.name}'")
+    elif name == "restore":
+        vm = host.restore(args.path, name=args.name, mem_file=args.mem_file, mode=args.mode)
+        print(f"Domain '{vm.name}' restored from {args.path} (pid {vm.run.pid()})")
     else:
         vm = host.vm(args.name)
         return _vm_command(name, vm, args)
@@ -202,6 +220,12 @@ def _vm_command(name: str, vm, args) -> int:
         return _console(vm, args.replay)
     elif name == "domstats":
         print(json.dumps(vm.stats(), indent=2))
+    elif name == "snapshot":
+        vm.snapshot(args.path, mem_file=args.mem_file, diff=args.diff)
+        print(f"Domain '{vm.name}' snapshotted to {args.path}")
+    elif name == "save":
+        vm.save(args.path, mem_file=args.mem_file)
+        print(f"Domain '{vm.name}' saved to {args.path}")
     elif name == "migrate":
         return _migrate(vm, args)
     elif name == "migrate-cancel":

@@ -276,6 +276,40 @@ class VmHandle:
             raise UserError(f"{self.name} did not power off within {timeout:g} s of the power button "
                             "(the guest may ignore it): use destroy to stop it at once")
 
+    # --- snapshots --------------------------------------------------------------------------
+
+    def snapshot(self, path: str | os.PathLike, *, mem_file: str | os.PathLike | None = None,
+                 diff: bool = False) -> None:
+        """Snapshot the VM to `path` (its state) and `mem_file` (its RAM; default PATH.mem). A
+        running VM is paused for it and resumed after; a paused one stays paused. `diff`: only
+        the pages written since the previous snapshot (needs track_dirty_pages)."""
+        api = self._live_api()
+        running = api.get("/")["state"] == "Running"
+        if running:
+            api.patch("/vm", {"state": "Paused"})
+        try:
+            api.put("/snapshot/create", {**_snapshot_files(path, mem_file),
+                                         "snapshot_type": "Diff" if diff else "Full"})
+        finally:
+            if running:
+                api.patch("/vm", {"state": "Resumed"})
+
+    def save(self, path: str | os.PathLike, *, mem_file: str | os.PathLike | None = None,
+             timeout: float = 30.0) -> None:
+        """virsh save: snapshot the VM to `path` (and `mem_file`, default PATH.mem), then stop it.
+        If the snapshot fails the VM goes on as it was."""
+        api = self._live_api()
+        running = api.get("/")["state"] == "Running"
+        if running:
+            api.patch("/vm", {"state": "Paused"})
+        try:
+            api.put("/snapshot/create", {**_snapshot_files(path, mem_file), "snapshot_type": "Full"})
+        except BaseException:
+            if running:
+                api.patch("/vm", {"state": "Resumed"})
+            raise
+        self.destroy(timeout)
+
     # --- live migration ---------------------------------------------------------------------
 
     def migrate(self, destination: str, *, downtime_ms: int | None = None, bandwidth: int | None = None,
@@ -433,6 +467,23 @@ class Host:
             raise
         return handle
 
+    def restore(self, path: str | os.PathLike, *, name: str | None = None, mem_file: str | os.PathLike | None = None,
+                mode: str = "copy") -> VmHandle:
+        """virsh restore: start a managed VM from the snapshot at `path` (and `mem_file`, default
+        PATH.mem), running, in the background. Its name: `name`, else the name saved with the
+        snapshot, else the file's stem. `mode`: copy, cow or uffd (pyvmm.snapshot)."""
+        from ..snapshot import read_snapshot
+
+        files = _snapshot_files(path, mem_file)
+        _, document = read_snapshot(files["snapshot_path"])        # a bad file: one line, nothing started
+        document = dict(document or {})
+        handle = VmHandle(self, name or document.pop("name", None) or Path(path).stem.split(".")[0])
+        document.pop("name", None)
+        launch(handle.run, document, instance_id=handle.name,
+               restore={"snapshot_path": files["snapshot_path"], "resume_vm": True, "restore_mode": mode,
+                        "mem_backend": {"backend_type": "File", "backend_path": files["mem_file_path"]}})
+        return handle
+
     def names(self) -> list[str]:
         recorded = {p.name for p in self.run_root.iterdir() if p.is_dir()} if self.run_root.is_dir() else set()
         return sorted(set(definitions.names(self.config_dir)) | recorded)
@@ -449,6 +500,12 @@ class Host:
             if all or info.active or info.state == CRASHED:
                 infos.append(info)
         return infos
+
+
+def _snapshot_files(path: str | os.PathLike, mem_file: str | os.PathLike | None) -> dict[str, str]:
+    """The state and memory file paths, absolute (the VM's process has its own working directory)."""
+    state = os.path.abspath(path)
+    return {"snapshot_path": state, "mem_file_path": os.path.abspath(mem_file) if mem_file else f"{state}.mem"}
 
 
 def config_dir_default() -> Path:

@@ -27,15 +27,20 @@ class StartError(UserError):
 
 
 def launch(run: RunDir, document: dict[str, Any], *, instance_id: str | None = None,
-           timeout: float = READY_TIMEOUT, incoming: str | None = None) -> int:
+           timeout: float = READY_TIMEOUT, incoming: str | None = None,
+           restore: dict[str, Any] | None = None) -> int:
     """Start the VM described by `document` (a checked definition) in RUN_DIR; its pid.
     `incoming`: instead of booting, wait for a live migration at that address (the process
-    is ready once it listens)."""
+    is ready once it listens). `restore`: a PUT /snapshot/load body: the VM's process loads
+    that snapshot instead of booting (`document` is then the snapshot's configuration, for
+    the record)."""
     pid = run.pid()
     if pid is not None:
         raise VmExists(f"{run.name} is running already (pid {pid})")
     run.prepare()
     run.definition_file.write_text(json.dumps(document))
+    if restore is not None:
+        (run.path / "restore.json").write_text(json.dumps(restore))
     package_root = str(Path(__file__).resolve().parents[2])  # the VM's process imports this very pyvmm
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
     read_end, write_end = os.pipe()

@@ -144,8 +144,8 @@ class RunDir:
         self.clear()
 
     def clear(self) -> None:
-        for entry in ("api.sock", "console.sock", "pid", "outcome.json", "definition.json", "vmm.log",
-                      "console.log", "console.log.1"):
+        for entry in ("api.sock", "console.sock", "pid", "outcome.json", "definition.json", "restore.json",
+                      "vmm.log", "console.log", "console.log.1"):
             try:
                 (self.path / entry).unlink()
             except FileNotFoundError:

@@ -1,7 +1,8 @@
 """The process of one managed VM: `python -m pyvmm.manage.vmprocess RUN_DIR --ready-fd N`.
 
 It serves the API and the console sockets in RUN_DIR, boots the configuration in
-RUN_DIR/definition.json, tells the launcher on the ready pipe ("ok", or the one-line error
+RUN_DIR/definition.json (or, when RUN_DIR/restore.json is there, loads the snapshot it names:
+a PUT /snapshot/load body), tells the launcher on the ready pipe ("ok", or the one-line error
 that stopped it), and lives as long as the VM: when the VM stops for good it writes
 outcome.json, removes its sockets and exits with the outcome's status. SIGTERM and SIGINT
 destroy the VM the same way, so the outcome is always recorded; only SIGKILL (or a crash
@@ -49,8 +50,10 @@ def serve(run: RunDir, instance_id: str, ready_fd: int | None, incoming: str | N
 
     run.write_pid()
     console = ConsoleHub(run.console_log)
+    restore_file = run.path / "restore.json"
     try:
-        spec = VmSpec.from_document(json.loads(run.definition_file.read_text()))
+        restore = json.loads(restore_file.read_text()) if restore_file.exists() else None
+        spec = VmSpec() if restore is not None else VmSpec.from_document(json.loads(run.definition_file.read_text()))
         instance = VmInstance(instance_id, spec, console=console)
         done = threading.Event()
         instance.on_end(lambda outcome: done.set())
@@ -71,7 +74,10 @@ def serve(run: RunDir, instance_id: str, ready_fd: int | None, incoming: str | N
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the terminal that started us may go away
     try:
-        if incoming is None:
+        if restore is not None:
+            restore_file.unlink()        # a later start boots the definition
+            instance.load_snapshot(restore)
+        elif incoming is None:
             instance.start()
         else:
             instance.listen_for_migration(incoming)

@@ -122,7 +122,7 @@ def load_snapshot(snapshot_path: str | os.PathLike, mem_file_path: str | os.Path
                   console_write: Callable[[bytes], None], *, mode: str = "copy", accel=None,
                   config: "MachineConfig | None" = None,
                   prepare: Callable[["VmState"], "VmState"] | None = None,
-                  uffd_handler: str | None = None, prefetch: bool = True) -> "Vm":
+                  uffd_handler: str | None = None, prefetch: bool = True, carryover=None) -> "Vm":
     """A started, paused Vm continuing the snapshot (resume() runs it). `mode`: copy, cow or
     uffd (see the module's docstring). `accel`: an accelerator instance of the kind the state
     was saved on (default: a new one); `config`: the machine the caller expects (refused unless
@@ -130,12 +130,17 @@ def load_snapshot(snapshot_path: str | os.PathLike, mem_file_path: str | os.Path
     TAP, another vsock socket); `uffd_handler`: with mode uffd, the socket of a page-fault
     handler that has the memory file itself (Firecracker's Uffd backend; mem_file_path is then
     not read), instead of pyvmm's; `prefetch`: pyvmm's handler loads the rest of RAM between
-    faults (else only what is touched, until memory.populate()). Bad files, a memory file of the wrong size, a mode a
+    faults (else only what is touched, until memory.populate()); `carryover`: the host sides a
+    VM of this process being replaced hands over (restore.carry_over: its vsock connections go
+    on; its memory is not used and is closed). Bad files, a memory file of the wrong size, a mode a
     device cannot use: one line (StateError or SnapshotError); nothing is left built."""
     if mode not in RESTORE_MODES:
         raise SnapshotError(f"restore mode {mode!r} is not one of {', '.join(RESTORE_MODES)}")
     if uffd_handler is not None and mode != "uffd":
         raise SnapshotError("a page-fault handler socket is for restore mode uffd")
+    if carryover is not None and carryover.memory is not None:
+        carryover.memory.close()   # RAM comes from the memory file
+        carryover.memory = None
     state = read_state_file(os.fspath(snapshot_path))
     if prepare is not None:
         state = prepare(state)
@@ -165,7 +170,7 @@ def load_snapshot(snapshot_path: str | os.PathLike, mem_file_path: str | os.Path
     try:
         if sharing:
             memory.populate()      # a vhost-user back-end touches RAM where no fault is seen
-        vm = restore_vm(state, memory, console_write, accel=accel, config=config)
+        vm = restore_vm(state, memory, console_write, accel=accel, config=config, carryover=carryover)
     except BaseException:
         memory.close()
         raise
