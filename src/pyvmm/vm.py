@@ -302,6 +302,9 @@ class Vm:
                     if node.kind.startswith("vhost-user"):
                         raise DirtyTrackingUnavailable(
                             f"cannot track dirty pages: {node.id}'s vhost-user back-end writes guest RAM from another process")
+                # RAM still loading lazily (a uffd restore) is registered on another
+                # userfaultfd, which tracking cannot share: finish loading first.
+                self.memory.populate()
                 tracker: HostWriteTracker | DeviceWriteLog
                 try:
                     tracker = HostWriteTracker(self.memory)

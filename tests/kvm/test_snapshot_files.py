@@ -216,3 +216,20 @@ def test_modes_a_device_cannot_use_are_refused_with_one_line(accel, tmp_path, mo
     with pytest.raises(UserError, match=r"^uffd restore: this host offers no userfaultfd \(userfaultfd: Function not "
                                         r"implemented\): use copy or cow$"):
         load_snapshot(state, mem, lambda data: None, mode="uffd")
+
+
+def test_dirty_tracking_on_a_lazily_loaded_vm_finishes_loading_first(accel, tmp_path):
+    """Tracking registers RAM on a userfaultfd of its own: the uffd restore's must be done."""
+    state, mem, paused_at = _snapshot(accel, tmp_path)
+    vm = load_snapshot(state, mem, lambda data: None, mode="uffd", prefetch=False)
+    try:
+        lazy = vm.memory.populator.__self__
+        track_dirty_pages(vm)
+        assert lazy.complete.is_set() and lazy.process.wait(10) == 0
+        vm.resume()
+        while vm.memory.read_u64(COUNT) < paused_at + 100 and not vm.stopped:
+            time.sleep(0.001)
+        vm.pause()
+        assert vm.dirty_log().is_dirty(COUNT & ~0xFFF)
+    finally:
+        vm.close()
