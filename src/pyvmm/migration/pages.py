@@ -88,6 +88,7 @@ class PageWriter:
 
 def send_all_ram(memory, writer: PageWriter) -> None:
     """Every page of guest RAM: the memfd's holes as zero runs, its data ranges read."""
+    memory.populate()   # RAM still loading lazily (a uffd restore) has holes that are not zeroes
     for region in memory.regions:
         base, size, view = int(region.guest_base), region.size, region.view
         offset = 0
