@@ -233,3 +233,32 @@ def test_dirty_tracking_on_a_lazily_loaded_vm_finishes_loading_first(accel, tmp_
         assert vm.dirty_log().is_dirty(COUNT & ~0xFFF)
     finally:
         vm.close()
+
+
+def test_a_snapshot_of_another_machine_is_refused_with_one_line(accel, tmp_path):
+    import dataclasses
+
+    from helpers.counter_guest import counter_config
+
+    state, mem, _ = _snapshot(accel, tmp_path)
+    for other, field in ((dataclasses.replace(counter_config(), cpus=2), "cpus"),
+                         (dataclasses.replace(counter_config(), rng="pci"), "rng")):
+        with pytest.raises(StateError, match=rf"^vm state: machine\.{field}: the state's machine differs from "
+                                             r"this one's$"):
+            load_snapshot(state, mem, lambda data: None, config=other)
+
+
+def test_a_snapshot_that_cannot_be_written_leaves_the_vm_as_it_was(accel, tmp_path):
+    vm = counting_vm(accel)
+    try:
+        vm.pause()
+        paused_at = vm.memory.read_u64(COUNT)
+        with pytest.raises(UserError, match=r"cannot write the memory file: No such file or directory$"):
+            save_snapshot(vm, tmp_path / "vm.state", tmp_path / "missing" / "vm.mem")
+        (tmp_path / "vm.mem").mkdir()      # the memory file's name is a directory
+        with pytest.raises(UserError, match=r"vm\.mem: cannot write the memory file: Is a directory$"):
+            save_snapshot(vm, tmp_path / "vm.state", tmp_path / "vm.mem")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["vm.mem"]
+        finish(vm, paused_at)
+    finally:
+        vm.close()
