@@ -10,6 +10,9 @@ The guest shell:
   them all back from the device at the end, caches dropped ("disk-bad=0");
 - keeps one vsock stream connection to the host open, sending "ping N" each step; the host
   (ContinuityWorkload's echo server) answers "pong N" and records the pings.
+It ends with a second's sleep: the guest's serial driver sends the last lines from its buffer
+after the shell printed them, and a power-off right away cut them off once (status 0, the
+last two lines missing; the kernel's own "Power down", printed synchronously, arrived).
 
 Use:
     work = ContinuityWorkload(tmp_path)
@@ -58,6 +61,7 @@ done
 echo "disk-bad=$bad"
 echo "vsock-replies=$(grep -c '^pong ' /tmp/from_host) last=$(tail -n 1 /tmp/from_host)"
 echo workload-done
+sleep 1
 """
 
 
