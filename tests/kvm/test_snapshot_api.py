@@ -158,3 +158,31 @@ def test_bad_loads_are_400_with_one_line(accel, serve, tmp_path):
     # the good files still load
     api.put("/snapshot/load", {"snapshot_path": state, "mem_backend": file_backend})
     assert os.path.exists(mem)
+
+
+def test_a_uffd_backend_is_served_by_a_handler_listening_on_its_socket(accel, serve, tmp_path):
+    """Firecracker's mem_backend Uffd: a page-fault handler started beforehand listens at
+    backend_path with the memory file; the VMM sends it the userfaultfd and the mappings."""
+    import subprocess
+    import sys
+
+    paused_at, state, mem = _snapshotted(accel, serve, tmp_path)
+    sock = str(tmp_path / "uffd.sock")
+    handler = subprocess.Popen([sys.executable, "-m", "pyvmm.snapshot.uffd_handler", "--socket", sock,
+                                "--mem-file", mem])
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(sock):
+            assert handler.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        target = VmInstance("target")
+        api = serve(target)
+        api.put("/snapshot/load", {"snapshot_path": state, "resume_vm": True,
+                                   "mem_backend": {"backend_type": "Uffd", "backend_path": sock}})
+        _counting_past(target, paused_at + 500)
+        assert target.vm.memory.read_u64(STARTS) == 1
+        api.put("/pyvmm/actions", {"action_type": "Stop"})
+        assert handler.wait(30) == 0        # done once the VM let go of it
+    finally:
+        handler.kill()
+        handler.wait()
