@@ -23,7 +23,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from .. import __version__
-from ..errors import ConfigError, PyvmmError
+from ..errors import ConfigError, PyvmmError, UserError
 from .console import ConsoleHub
 from . import migration as migrations
 from .states import INCOMING, NOT_STARTED, PAUSED, RUNNING, STOPPED, InvalidState
