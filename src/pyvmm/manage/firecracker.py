@@ -99,6 +99,9 @@ def _run(args) -> int:
         spec = VmSpec.from_document(document)
     if os.path.exists(args.api_sock) and not args.no_api:
         raise UserError(f"{args.api_sock}: the API socket exists already (another VMM, or a stale one: remove it)")
+    from ..accel.kvm.accelerator import install_kick_handler
+
+    install_kick_handler()  # from the main thread: InstanceStart and snapshot loads build VMs on the API's threads
     console = StdoutConsole()
     instance = VmInstance(args.id, spec, console=console)
     instance.adapt_spec = firecracker_spec  # at InstanceStart, however the machine was configured
