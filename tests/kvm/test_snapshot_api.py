@@ -186,3 +186,29 @@ def test_a_uffd_backend_is_served_by_a_handler_listening_on_its_socket(accel, se
     finally:
         handler.kill()
         handler.wait()
+
+
+def test_pyvmm_firecracker_loads_a_snapshot_through_its_api(accel, serve, tmp_path):
+    """The Firecracker drop-in started with only an API socket, as Firecracker's users start it,
+    loads the snapshot and resumes it (the VM is built on the API server's thread)."""
+    import signal
+    import subprocess
+    import sys
+
+    paused_at, state, mem = _snapshotted(accel, serve, tmp_path)
+    sock = str(tmp_path / "fc.sock")
+    launcher = subprocess.Popen([sys.executable, "-m", "pyvmm.cli", "firecracker", "--api-sock", sock],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(sock):
+            assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr.read()
+            time.sleep(0.02)
+        api = ApiClient(sock)
+        api.put("/snapshot/load", {"snapshot_path": state, "resume_vm": True,
+                                   "mem_backend": {"backend_type": "File", "backend_path": mem}})
+        assert api.get("/")["state"] == "Running"
+        assert api.get("/vm/config")["machine-config"]["mem_size_mib"] == 16
+    finally:
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(60)
