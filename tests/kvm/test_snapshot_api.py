@@ -212,3 +212,24 @@ def test_pyvmm_firecracker_loads_a_snapshot_through_its_api(accel, serve, tmp_pa
     finally:
         launcher.send_signal(signal.SIGTERM)
         launcher.wait(60)
+
+
+def test_vsock_override_moves_the_loaded_vms_socket(accel, serve, tmp_path):
+    kernel = str(build_source(KVM_GUESTS / "counter.S", 64))
+    source = VmInstance("source", VmSpec(pyvmm={"accel": accel}))
+    api = serve(source)
+    api.put("/machine-config", {"vcpu_count": 1, "mem_size_mib": 16})
+    api.put("/boot-source", {"kernel_image_path": kernel})
+    api.put("/vsock", {"guest_cid": 7, "uds_path": str(tmp_path / "a.sock")})
+    api.put("/actions", {"action_type": "InstanceStart"})
+    _counting_past(source, 100)
+    api.patch("/vm", {"state": "Paused"})
+    state, mem = str(tmp_path / "vm.state"), str(tmp_path / "vm.mem")
+    api.put("/snapshot/create", {"snapshot_path": state, "mem_file_path": mem})
+    api.put("/pyvmm/actions", {"action_type": "Stop"})
+    target = VmInstance("target")
+    api = serve(target)
+    api.put("/snapshot/load", {"snapshot_path": state, "mem_file_path": mem,
+                               "vsock_override": {"uds_path": str(tmp_path / "b.sock")}})
+    assert target.vm.machine.vsock.uds == str(tmp_path / "b.sock") and os.path.exists(tmp_path / "b.sock")
+    assert api.get("/vm/config")["vsock"] == {"guest_cid": 7, "uds_path": str(tmp_path / "b.sock")}
