@@ -147,7 +147,11 @@ class Handler:
         except uffd.HostMemoryError as exc:
             if exc.errno != errno.EEXIST:
                 raise
-            uffd.wake(self.fd, destination, (end - start) * PAGE)
+            if end - start > 1:   # some page of the run is there already: the others one by one
+                for page in range(start, end):
+                    self._copy(mapping, page, page + 1)
+                return
+            uffd.wake(self.fd, destination, PAGE)
         mapping.present[start:end] = b"\1" * (end - start)
 
     def _zero(self, mapping: Mapping, page: int) -> None:
