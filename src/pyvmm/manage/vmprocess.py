@@ -48,6 +48,20 @@ def serve(run: RunDir, instance_id: str, ready_fd: int | None, incoming: str | N
                 os.close(ready_fd)
                 ready_fd = None
 
+    # SIGTERM/SIGINT destroy the VM with an outcome, from before the pid file exists (anyone who
+    # sees it may signal us; the default action would leave a record without an outcome, listed
+    # as crashed). One that comes before the VM exists is acted on once it does.
+    stop_signals: list[str] = []
+    made: list[VmInstance] = []
+
+    def on_signal(signum, _frame) -> None:
+        stop_signals.append(f"stopped by signal {signal.Signals(signum).name}")
+        if made:
+            threading.Thread(target=_destroy, args=(made[0], stop_signals[-1]), daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the terminal that started us may go away
     run.write_pid()
     console = ConsoleHub(run.console_log)
     restore_file = run.path / "restore.json"
@@ -55,6 +69,7 @@ def serve(run: RunDir, instance_id: str, ready_fd: int | None, incoming: str | N
         restore = json.loads(restore_file.read_text()) if restore_file.exists() else None
         spec = VmSpec() if restore is not None else VmSpec.from_document(json.loads(run.definition_file.read_text()))
         instance = VmInstance(instance_id, spec, console=console)
+        made.append(instance)
         done = threading.Event()
         instance.on_end(lambda outcome: done.set())
         console.serve(run.console_sock)
@@ -66,13 +81,6 @@ def serve(run: RunDir, instance_id: str, ready_fd: int | None, incoming: str | N
         tell(f"error: {message}")
         return 2
 
-    def on_signal(signum, _frame) -> None:
-        threading.Thread(target=_destroy, args=(instance, f"stopped by signal {signal.Signals(signum).name}"),
-                         daemon=True).start()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the terminal that started us may go away
     try:
         if restore is not None:
             restore_file.unlink()        # a later start boots the definition
@@ -91,6 +99,8 @@ def serve(run: RunDir, instance_id: str, ready_fd: int | None, incoming: str | N
         tell(f"error: {message}")
         return 2
     tell("ok")
+    if stop_signals:  # signalled before the VM was started: nothing was there to stop then
+        _destroy(instance, stop_signals[0])
     while not done.wait(1.0):  # a timed wait: the main thread stays responsive to signals
         pass
     outcome = instance.outcome
