@@ -129,12 +129,12 @@ def make_configs(image, vmlinux: str, tsc_khz: int, skip_qemu: bool) -> list[Con
         return image.command_line(guest, extra=extra)
 
     def pyvmm_argv(guest: list[str], fd: int) -> list[str]:
-        return [sys.executable, "-c", PYVMM_HOOK, "run", "--accel", "tcg", "--memory", f"{MEMORY_MIB}M",
+        return [sys.executable, "-c", PYVMM_HOOK, "run", "--cold", "--accel", "tcg", "--memory", f"{MEMORY_MIB}M",
                 "--cpus", "1", "--", *guest]
 
     def pyvmm_shown(guest: list[str]) -> list[str]:
-        return ["python3", "-m", "pyvmm.cli", "run", "--accel", "tcg", "--memory", f"{MEMORY_MIB}M", "--cpus", "1",
-                "--", *guest]
+        return ["python3", "-m", "pyvmm.cli", "run", "--cold", "--accel", "tcg", "--memory", f"{MEMORY_MIB}M",
+                "--cpus", "1", "--", *guest]
 
     configs = [Config("pyvmm: PVH, vmlinux from the host", "pyvmm", pyvmm_argv, pyvmm_shown, "pyvmm")]
     if skip_qemu:

@@ -1,4 +1,8 @@
-"""pyvmm: a virtual machine monitor in Python on Linux KVM."""
+"""pyvmm: a virtual machine monitor in Python on Linux KVM.
+
+    with pyvmm.Sandbox() as sb:          # a fresh guest from the warm snapshot (sandbox/)
+        print(sb.run("uname -a").stdout)
+"""
 
 __version__ = "0.1.0"
 
@@ -9,3 +13,15 @@ def connect(config_dir=None, run_root=None):
     from .manage.client import connect as _connect
 
     return _connect(config_dir, run_root)
+
+
+_SANDBOX_NAMES = ("Sandbox", "SandboxError", "SandboxTimeout", "RunResult")
+
+
+def __getattr__(name: str):
+    """pyvmm.Sandbox and its exceptions, imported on first use (`import pyvmm` stays cheap)."""
+    if name in _SANDBOX_NAMES:
+        from . import sandbox
+
+        return getattr(sandbox, name)
+    raise AttributeError(f"module 'pyvmm' has no attribute {name!r}")

@@ -58,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="load --kernel as a flat binary at ADDR and enter it there")
     run.add_argument("--entry-64", action="store_true", help="enter a flat binary in 64-bit long mode (default: 32-bit)")
     run.add_argument("--console-log", metavar="FILE", help="append the serial console to FILE instead of the terminal")
+    start = run.add_mutually_exclusive_group()
+    start.add_argument("--warm", action="store_true",
+                       help="start COMMAND's guest from the warm snapshot (the default for a command in the default "
+                            "guest when no option asks for another machine): restored in a fraction of a boot, "
+                            "with its own identity; output and exit status through the guest agent")
+    start.add_argument("--cold", action="store_true",
+                       help="boot the guest instead of restoring the warm snapshot (the console shows the boot)")
     run.add_argument("--reboot", action="store_true", help="restart the VM when the guest resets it (default: stop)")
     run.add_argument("--timeout", metavar="SECONDS", type=float, help="stop the VM after SECONDS (exit status 124)")
     run.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
@@ -187,6 +194,17 @@ def _cmd_run(args) -> int:
     command = words[1:]
     if args.demo and (args.kernel or command):
         raise ConfigError("--demo boots the built-in demo kernel: it takes no --kernel and no command")
+    if command and not args.cold:
+        from .sandbox.run import run_from_snapshot, warm_refusal
+
+        refusal = warm_refusal(args)
+        if refusal is None:
+            RunOptions(accel=args.accel, timeout=args.timeout, console_log=args.console_log).validate()
+            return run_from_snapshot(command, accel=args.accel, timeout=args.timeout, console_log=args.console_log)
+        if args.warm:
+            raise ConfigError(f"--warm: {refusal}")
+    elif args.warm:
+        raise ConfigError("--warm starts a command's guest from the warm snapshot: give the command after --")
     console_kind, _, console_options = args.console.partition(",")
     machine = MachineConfig(
         kernel=demo_kernel() if args.demo else args.kernel,
