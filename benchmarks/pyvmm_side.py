@@ -167,9 +167,9 @@ BOOTED_CHILD = """
 """
 
 CLONE_CHILD = """
-    import sys
-    from pyvmm.snapshot import load_snapshot
-    vm = load_snapshot(sys.argv[1], sys.argv[2], lambda data: None, mode="cow")
+    import os, sys
+    from pyvmm.clones import start_clone
+    vm, _ = start_clone(sys.argv[1], sys.argv[2], f"clone{os.getpid()}", os.path.dirname(sys.argv[1]), lambda data: None)
     vm.resume()
     print("running", flush=True)
     sys.stdin.read()
@@ -179,13 +179,14 @@ CLONE_CHILD = """
 
 ZYGOTE_CHILD = """
     import os, sys
-    from pyvmm.snapshot import load_snapshot
-    import pyvmm.restore, pyvmm.accel.tcg.accelerator, pyvmm.accel.tcg.translator   # imported once, shared
+    from pyvmm.clones import start_clone
+    import pyvmm.snapshot, pyvmm.identity, pyvmm.restore, pyvmm.accel.tcg.accelerator, pyvmm.accel.tcg.translator
     from pyvmm.accel.tcg.host_tsc import host_tsc_hz
     host_tsc_hz()
     for _ in range(int(sys.argv[3])):
         if os.fork() == 0:      # no thread exists yet in this process: forking is safe
-            vm = load_snapshot(sys.argv[1], sys.argv[2], lambda data: None, mode="cow")
+            vm, _ = start_clone(sys.argv[1], sys.argv[2], f"clone{os.getpid()}", os.path.dirname(sys.argv[1]),
+                                lambda data: None)
             vm.resume()
             print("running", os.getpid(), flush=True)
             sys.stdin.read()

@@ -87,9 +87,9 @@ class Bench:
         self.qemu_file = self.dir / "qemu.migration"
 
     def row(self, name: str, pyvmm: str, qemu: str) -> None:
-        print(f"{name:<26} pyvmm: {pyvmm}")
+        print(f"{name:<34} pyvmm: {pyvmm}")
         if not self.args.skip_qemu:
-            print(f"{'':<26} QEMU:  {qemu}")
+            print(f"{'':<34} QEMU:  {qemu}")
         sys.stdout.flush()
 
     def qemu(self, what, *args) -> str:
@@ -121,7 +121,7 @@ class Bench:
                     inside = min(pyvmm_side.restore_in_process(self.state, self.mem, mode) for _ in range(3))
                     total, loaded = min(pyvmm_side.restore_process(self.state, self.mem, mode) for _ in range(3))
                     parts.append(f"{mode}: {ms(inside)} in process, {ms(total)} from process start "
-                                 f"({ms(loaded)} of it load + resume)")
+                                 f"({ms(loaded)} of it after the interpreter started: imports, load, resume)")
                 except Exception as exc:        # a mode not there yet: say which and why
                     parts.append(f"{mode}: n/a ({str(exc).splitlines()[0]})")
             ours = "; ".join(parts)

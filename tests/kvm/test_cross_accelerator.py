@@ -189,3 +189,26 @@ def test_a_tsc_rate_or_kvm_clock_the_software_cpu_cannot_keep_is_refused():
             vm.close()
     finally:
         carried.close()
+
+
+@pytest.mark.parametrize("source", ["tcg", "kvm"])
+def test_snapshot_files_load_on_the_other_accelerator(source, tmp_path):
+    """The same through snapshot files, as another process would load them."""
+    from pyvmm.snapshot import load_snapshot, save_snapshot
+
+    vm = _counting_vm(source)
+    try:
+        vm.pause()
+        paused_at = vm.memory.read_u64(COUNT)
+        save_snapshot(vm, tmp_path / "vm.state", tmp_path / "vm.mem")
+    finally:
+        vm.close()
+    vm = load_snapshot(tmp_path / "vm.state", tmp_path / "vm.mem", lambda data: None, accel=_accel(OTHER[source]))
+    try:
+        assert vm.accel.name == OTHER[source] and vm.memory.read_u64(COUNT) == paused_at
+        vm.resume()
+        outcome = vm.wait(180)
+        assert outcome is not None and (outcome.reason, outcome.status) == ("debug-exit", OK_STATUS), outcome
+        assert vm.memory.read_u64(COUNT) == STEPS and vm.memory.read_u64(STARTS) == 1
+    finally:
+        vm.close()

@@ -111,6 +111,7 @@ NESTED = {
     "MemoryBackend": ("SnapshotLoadParams", "mem_backend", {"backend_type": "File", "backend_path": "/tmp/m"}),
     "NetworkOverride": ("SnapshotLoadParams", "network_overrides[0]", {"iface_id": "n0", "host_dev_name": "tap0"}),
     "VsockOverride": ("SnapshotLoadParams", "vsock_override", {"uds_path": "/tmp/v.sock"}),
+    "Clone": ("SnapshotLoadParams", "clone", {"name": "c1", "directory": "/tmp"}),
 }
 
 

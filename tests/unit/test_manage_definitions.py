@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from pyvmm.manage import definitions
-from pyvmm.manage.clone import copy_sparse
+from pyvmm.clones import CloneExists, copy_sparse
 from pyvmm.manage.client import connect
 from pyvmm.manage.records import RunDir, UnknownVm, VmExists
 
@@ -127,7 +127,7 @@ def test_sparse_copy_keeps_holes_and_data(tmp_path):
     copy_sparse(source, target)
     assert target.read_bytes() == source.read_bytes()
     assert os.stat(target).st_blocks * 512 < 1 << 20  # 64 MiB apparent, a few KiB allocated
-    with pytest.raises(VmExists):
+    with pytest.raises(CloneExists, match="exists already: pyvmm will not overwrite it$"):
         copy_sparse(source, target)
 
 

@@ -136,6 +136,11 @@ NETWORK_OVERRIDE = (
     _f("host_dev_name", "string", "the TAP it uses from now on", required=True),
 )
 VSOCK_OVERRIDE = (_f("uds_path", "string", "the vsock device's host socket from now on", required=True),)
+CLONE = (
+    _f("name", "string", "the clone's name: its disk copies are DIRECTORY/NAME-diskN.EXT, its vsock socket "
+       "DIRECTORY/NAME.vsock", required=True),
+    _f("directory", "string", "where the clone's disk copies and vsock socket go", required=True),
+)
 SNAPSHOT_LOAD = (
     _f("snapshot_path", "string", "host path of the state file", required=True),
     _f("mem_file_path", "string", "deprecated by Firecracker: use mem_backend (exactly one of the two)"),
@@ -149,6 +154,8 @@ SNAPSHOT_LOAD = (
        "device); cow: a private copy-on-write mapping of the file, read on first touch (instant; not with "
        "vhost-user drives); uffd: fresh shared memory filled on first touch by pyvmm's userfaultfd handler",
        enum=("copy", "cow", "uffd"), default="copy"),
+    _f("clone", "object", "pyvmm: load as a clone of the snapshot (Clone): its own copies of writable disks, new "
+       "MACs, its own vsock socket, a new VM generation ID and vsock CID (pyvmm.clones)"),
 )
 PYVMM_OPTIONS = (
     _f("accel", "string", "CPU backend", enum=("auto", "kvm", "tcg"), default="auto"),
@@ -188,7 +195,7 @@ RESOURCES: dict[str, tuple[Field, ...]] = {
     "Vm": VM_STATE, "PyvmmAction": PYVMM_ACTION, "PyvmmOptions": PYVMM_OPTIONS, "PyvmmMigration": MIGRATION,
     "AgentExec": AGENT_EXEC, "AgentFile": AGENT_FILE,
     "SnapshotCreateParams": SNAPSHOT_CREATE, "SnapshotLoadParams": SNAPSHOT_LOAD, "MemoryBackend": MEMORY_BACKEND,
-    "NetworkOverride": NETWORK_OVERRIDE, "VsockOverride": VSOCK_OVERRIDE,
+    "NetworkOverride": NETWORK_OVERRIDE, "VsockOverride": VSOCK_OVERRIDE, "Clone": CLONE,
 }
 
 _TYPES: dict[str, tuple[type, ...]] = {"string": (str,), "integer": (int,), "boolean": (bool,), "object": (dict,), "array": (list,)}

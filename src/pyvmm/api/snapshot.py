@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
-from .schema import (MEMORY_BACKEND, NETWORK_OVERRIDE, SNAPSHOT_CREATE, SNAPSHOT_LOAD, VSOCK_OVERRIDE, VmSpec,
+from .schema import (CLONE, MEMORY_BACKEND, NETWORK_OVERRIDE, SNAPSHOT_CREATE, SNAPSHOT_LOAD, VSOCK_OVERRIDE, VmSpec,
                      check_body)
 from .states import NOT_STARTED, PAUSED, RUNNING, InvalidState
 
@@ -62,6 +63,8 @@ def load(instance: "VmInstance", body: Any) -> None:
                  for index, item in enumerate(checked.get("network_overrides", []))]
     vsock = check_body(checked["vsock_override"], VSOCK_OVERRIDE, "vsock_override.") \
         if "vsock_override" in checked else None
+    clone = check_body(checked["clone"], CLONE, "clone.") if "clone" in checked else None
+    copies: list = []
     with instance.lock:
         if instance.state != NOT_STARTED:
             raise InvalidState("a snapshot can only be loaded before InstanceStart, into a fresh VM")
@@ -72,11 +75,25 @@ def load(instance: "VmInstance", body: Any) -> None:
         spec = VmSpec.from_document(document, extra=("name",)) if document is not None else None
 
         def prepare(state):
+            if clone is not None:
+                from ..clones import clone_state
+
+                state, made = clone_state(state, clone["name"], Path(clone["directory"]))
+                copies.extend(made)
             return _overridden(state, spec, overrides, vsock)
 
-        vm = load_snapshot(checked["snapshot_path"], memory_path, instance.console.write, mode=mode,
-                           prepare=prepare, uffd_handler=handler)
         try:
+            vm = load_snapshot(checked["snapshot_path"], memory_path, instance.console.write, mode=mode,
+                               prepare=prepare, uffd_handler=handler)
+        except BaseException:
+            for path in copies:
+                path.unlink(missing_ok=True)
+            raise
+        try:
+            if clone is not None:
+                from ..identity import refresh_identity
+
+                refresh_identity(vm)
             if checked.get("track_dirty_pages"):
                 vm.start_dirty_log()
             machine = vm.machine
@@ -90,6 +107,8 @@ def load(instance: "VmInstance", body: Any) -> None:
         instance._built = (machine, choose_accelerator(vm.accel.name), None)
         if spec is not None:
             instance.spec = _spec_after(spec, overrides, vsock)
+            if clone is not None:
+                instance.spec = _spec_of_clone(instance.spec, machine)
         instance.vm, instance.state = vm, PAUSED
         instance.boots += 1
         instance.started_at = time.time()
@@ -135,6 +154,18 @@ def _overridden(state, spec: VmSpec | None, overrides: list[dict[str, Any]], vso
             raise ConfigError("the snapshot's VM has no vsock device", "vsock_override")
         changes["vsock"] = dataclasses.replace(machine.vsock, uds=vsock["uds_path"])
     return dataclasses.replace(state, machine=dataclasses.replace(machine, **changes))
+
+
+def _spec_of_clone(spec: VmSpec, machine) -> VmSpec:
+    """The configuration document of a clone: its disk copies, MACs, vsock socket and CID."""
+    spec = spec.copy()
+    for drive, disk in zip(spec.drives.values(), machine.disks):
+        drive["path_on_host"] = disk.path
+    for interface, net in zip(spec.interfaces.values(), machine.nets):
+        interface["guest_mac"] = net.mac
+    if spec.vsock is not None and machine.vsock is not None:
+        spec.vsock["uds_path"], spec.vsock["guest_cid"] = machine.vsock.uds, machine.vsock.cid
+    return spec
 
 
 def _spec_after(spec: VmSpec, overrides: list[dict[str, Any]], vsock: dict[str, Any] | None) -> VmSpec:

@@ -66,8 +66,12 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     top.add_argument("--delay", "-d", type=float, default=2.0, metavar="SECONDS", help="refresh interval (default 2)")
     top.add_argument("--iterations", "-n", type=int, metavar="N", help="print N refreshes and exit")
     top.add_argument("--sort", choices=("cpu", "exits", "mem", "name", "block", "net"), default="cpu")
-    clone = command("clone", "define a copy of a VM: disks copied sparsely, new MACs and vsock CID")
-    clone.add_argument("new_name", metavar="NEW_NAME")
+    clone = command("clone", "define a copy of a VM: disks copied sparsely, new MACs and vsock CID; or, with "
+                    "--from-snapshot, start a clone of a snapshot", vm=False)
+    clone.add_argument("names", metavar="NAME", nargs="+", help="SOURCE NEW_NAME, or NEW_NAME with --from-snapshot")
+    clone.add_argument("--from-snapshot", metavar="STATE", help="a snapshot's state file: the clone continues it "
+                       "(its memory copy-on-write, its own disks, MACs, vsock socket and CID, a new VM generation ID)")
+    clone.add_argument("--mem-file", metavar="MEM", help="the snapshot's memory file (default STATE.mem)")
     snapshot = command("snapshot", "write a snapshot of a running VM (paused for it, resumed after)")
     snapshot.add_argument("path", metavar="PATH", help="the state file (the memory goes to PATH.mem)")
     snapshot.add_argument("--mem-file", metavar="FILE", help="the memory file (default PATH.mem)")
@@ -172,8 +176,16 @@ def run(args) -> int:
     elif name == "list":
         _print_list(host.list(all=args.all))
     elif name == "clone":
-        vm = host.vm(args.name).clone(args.new_name)
-        print(f"Domain '{vm.name}' cloned from '{args.name}'")
+        if args.from_snapshot is not None:
+            if len(args.names) != 1:
+                raise UserError("clone --from-snapshot STATE takes one name, the new VM's")
+            vm = host.clone_from_snapshot(args.from_snapshot, args.names[0], mem_file=args.mem_file)
+            print(f"Domain '{vm.name}' cloned from snapshot {args.from_snapshot} and running")
+        else:
+            if len(args.names) != 2:
+                raise UserError("clone takes SOURCE NEW_NAME (or --from-snapshot STATE NEW_NAME)")
+            vm = host.vm(args.names[0]).clone(args.names[1])
+            print(f"Domain '{vm.name}' cloned from '{args.names[0]}'")
     elif name == "restore":
         vm = host.restore(args.path, name=args.name, mem_file=args.mem_file, mode=args.mode)
         print(f"Domain '{vm.name}' restored from {args.path} (pid {vm.run.pid()})")

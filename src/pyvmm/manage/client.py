@@ -484,6 +484,14 @@ class Host:
                         "mem_backend": {"backend_type": "File", "backend_path": files["mem_file_path"]}})
         return handle
 
+    def clone_from_snapshot(self, path: str | os.PathLike, new_name: str, *, mem_file: str | os.PathLike | None = None,
+                            mode: str = "cow") -> VmHandle:
+        """Start NEW_NAME as a clone of the snapshot at `path` (and `mem_file`, default PATH.mem),
+        running in the background, and define it (clone.clone_from_snapshot)."""
+        from .clone import clone_from_snapshot
+
+        return clone_from_snapshot(self, _snapshot_files(path, mem_file), new_name, mode=mode)
+
     def names(self) -> list[str]:
         recorded = {p.name for p in self.run_root.iterdir() if p.is_dir()} if self.run_root.is_dir() else set()
         return sorted(set(definitions.names(self.config_dir)) | recorded)

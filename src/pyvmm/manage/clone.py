@@ -1,4 +1,4 @@
-"""`pyvmm clone`: a new VM from a defined one, like virt-clone.
+"""`pyvmm clone`: a new VM from a defined one, like virt-clone; or from a snapshot.
 
 Writable drives are copied next to the originals as NEW-DRIVEID.EXT, extent by extent:
 holes stay holes (SEEK_DATA/SEEK_HOLE), and copy_file_range lets filesystems that can
@@ -11,11 +11,9 @@ copied mid-write); a paused VM is fine.
 from __future__ import annotations
 
 import copy
-import errno
-import os
-import random
 from pathlib import Path
 
+from ..clones import CloneExists, copy_sparse, random_mac
 from ..errors import UserError
 from . import definitions
 from .records import RunDir, VmExists, check_name
@@ -39,7 +37,10 @@ def clone(host, source: str, new_name: str):
                 continue  # shared, like virt-clone's read-only disks
             source_path = Path(drive["path_on_host"])
             target = source_path.with_name(f"{new_name}-{drive['drive_id']}{source_path.suffix}")
-            copy_sparse(source_path, target)
+            try:
+                copy_sparse(source_path, target)
+            except CloneExists as exc:
+                raise VmExists(str(exc)) from None
             copied.append(target)
             drive["path_on_host"] = str(target)
         for interface in document.get("network-interfaces", []):
@@ -54,11 +55,6 @@ def clone(host, source: str, new_name: str):
         raise
 
 
-def random_mac() -> str:
-    """A locally administered unicast address in QEMU's 52:54:00 range."""
-    return "52:54:00:" + ":".join(f"{random.randrange(256):02x}" for _ in range(3))
-
-
 def free_cid(host) -> int:
     used = {2}
     for name in definitions.names(host.config_dir):
@@ -71,45 +67,32 @@ def free_cid(host) -> int:
     return max(used) + 1
 
 
-def copy_sparse(source: Path, target: Path) -> None:
-    """Copy `source` to the new file `target`, data extents only (holes stay holes)."""
+def clone_from_snapshot(host, files: dict[str, str], new_name: str, *, mode: str = "cow"):
+    """Start NEW_NAME as a clone of the snapshot `files` (snapshot_path, mem_file_path), taken
+    through the API (which records the VM's configuration with it): a VM process that loads it
+    (launch's `restore`) with PUT /snapshot/load's `clone` field (pyvmm.clones: memory
+    copy-on-write, disk copies next to the state file, new MACs, vsock socket and CID, a new VM
+    generation ID) and runs it; then NEW_NAME is defined with the clone's configuration, so a
+    later start boots it afresh. Its handle."""
+    from ..snapshot import read_snapshot
+    from .launch import launch
+
+    check_name(new_name)
+    if definitions.find(new_name, host.config_dir) is not None or RunDir.of(new_name, host.run_root).pid():
+        raise VmExists(f"a VM named {new_name!r} exists already")
+    _, document = read_snapshot(files["snapshot_path"])        # a bad file: one line, nothing started
+    if document is None:
+        raise UserError(f"{files['snapshot_path']}: the snapshot records no VM configuration (it was not taken "
+                        "through the API): clone it in a program with pyvmm.clones.start_clone")
+    document = {key: value for key, value in document.items() if key != "name"}
+    restore = {"snapshot_path": files["snapshot_path"], "resume_vm": True, "restore_mode": mode,
+               "mem_backend": {"backend_type": "File", "backend_path": files["mem_file_path"]},
+               "clone": {"name": new_name, "directory": str(Path(files["snapshot_path"]).parent)}}
+    launch(RunDir.of(new_name, host.run_root), document, instance_id=new_name, restore=restore)
+    handle = host.vm(new_name)
     try:
-        fin = open(source, "rb")
-    except OSError as exc:
-        raise UserError(f"{source}: {exc.strerror}") from None
-    with fin:
-        try:
-            fout = open(target, "xb")
-        except FileExistsError:
-            raise VmExists(f"{target} exists already: pyvmm will not overwrite it") from None
-        with fout:
-            size = os.fstat(fin.fileno()).st_size
-            offset = 0
-            while offset < size:
-                try:
-                    data = os.lseek(fin.fileno(), offset, os.SEEK_DATA)
-                except OSError as exc:
-                    if exc.errno == errno.ENXIO:
-                        break  # only a hole is left
-                    raise
-                hole = os.lseek(fin.fileno(), data, os.SEEK_HOLE)
-                _copy_range(fin.fileno(), fout.fileno(), data, hole - data)
-                offset = hole
-            os.ftruncate(fout.fileno(), size)
-
-
-def _copy_range(fd_in: int, fd_out: int, offset: int, length: int) -> None:
-    end = offset + length
-    while offset < end:
-        try:
-            count = os.copy_file_range(fd_in, fd_out, end - offset, offset, offset)
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-            count = 0
-        if count == 0:  # no in-kernel copy here: read and write
-            chunk = os.pread(fd_in, min(end - offset, 1 << 20), offset)
-            if not chunk:
-                return
-            count = os.pwrite(fd_out, chunk, offset)
-        offset += count
+        host.define(handle.config(), new_name)
+    except BaseException:
+        handle.destroy()
+        raise
+    return handle
