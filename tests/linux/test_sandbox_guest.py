@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -20,6 +18,7 @@ import pytest
 
 import pyvmm
 from pyvmm.accel.select import choose_accelerator
+from helpers.linux_guest import warm_run
 from pyvmm.images.kernel_warnings import describe, find_kernel_warnings
 from pyvmm.sandbox import RunResult, Sandbox, SandboxError, SandboxTimeout, warm
 
@@ -140,15 +139,6 @@ def test_a_broken_warm_snapshot_is_made_again_with_a_warning(warm_snapshot, tmp_
     gate((copy / source.key / warm.BOOT_LOG).read_bytes())
 
 
-def warm_run(*args: str, log) -> subprocess.CompletedProcess:
-    """`pyvmm run` restoring the warm snapshot (not through the `pyvmm` fixture, whose --append
-    would ask for a cold boot): no boot, the restored guest's console to `log`, gated."""
-    result = subprocess.run([sys.executable, "-m", "pyvmm.cli", "run", "--console-log", str(log), *args],
-                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
-    gate(log.read_bytes())
-    return result
-
-
 def test_pyvmm_run_starts_from_the_warm_snapshot_and_cold_stays_reachable(warm_snapshot, pyvmm, tmp_path):
     log = tmp_path / "console.log"
     result = warm_run("--", "sh", "-c", "echo from-the-guest; echo oops >&2; exit 5", log=log)
@@ -156,14 +146,13 @@ def test_pyvmm_run_starts_from_the_warm_snapshot_and_cold_stays_reachable(warm_s
     assert result.stdout == "from-the-guest\n" and result.stderr == "oops\n"
     missing = warm_run("--", "no-such-program", log=log)
     assert missing.returncode == 127 and missing.stderr == "pyvmm: exec no-such-program: No such file or directory\n"
-    piped = subprocess.run([sys.executable, "-m", "pyvmm.cli", "run", "--", "sh", "-c", "tr a-z A-Z"],
-                           input="from the host", capture_output=True, text=True, timeout=300)
+    piped = warm_run("--", "sh", "-c", "tr a-z A-Z", log=log, input="from the host")
     assert (piped.returncode, piped.stdout) == (0, "FROM THE HOST")
     timed = warm_run("--timeout", "3", "--", "sleep", "600", log=log)
     assert timed.returncode == 124 and "--timeout 3 s: killed" in timed.stderr
     cold = pyvmm("run", "--cold", "--", "sh", "-c", "echo cold-boot")
     assert cold.returncode == 0 and "cold-boot" in cold.stdout and "pyvmm: exit status 0" in cold.stdout
-    refused = subprocess.run([sys.executable, "-m", "pyvmm.cli", "run", "--warm", "--memory", "512M", "--", "true"],
-                             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    log.unlink()
+    refused = warm_run("--warm", "--memory", "512M", "--", "true", log=log)
     assert refused.returncode == 2
     assert refused.stderr.strip() == "pyvmm: error: --warm: --memory asks for another machine than the warm snapshot's"
