@@ -33,6 +33,20 @@ from pyvmm.config import DiskConfig, MachineConfig, VsockConfig
 BLOCK = 512
 HOST_PORT = 1234
 
+# What both continuity workloads (this one and tests/linux/test_roundtrip.py's) print at their
+# end, after dropping the page cache: blocks 1..STEPS of the disk read back as written, and the
+# vsock replies the guest got.
+DISK_AND_VSOCK_CHECKS = r"""sync; echo 3 > /proc/sys/vm/drop_caches
+bad=0
+j=1
+while [ $j -le STEPS ]; do
+  [ "$(dd if=/dev/vda bs=512 skip=$j count=1 2>/dev/null | head -c 14)" = "$(printf 'block %08d' $j)" ] || bad=$((bad+1))
+  j=$((j+1))
+done
+echo "disk-bad=$bad"
+echo "vsock-replies=$(grep -c '^pong ' /tmp/from_host) last=$(tail -n 1 /tmp/from_host)"
+""".rstrip("\n")
+
 _SCRIPT = r"""
 set -e
 dd if=/dev/urandom of=/tmp/region bs=1M count=4 2>/dev/null
@@ -51,15 +65,7 @@ done
 exec 3>&-
 wait
 [ "$(md5sum /tmp/region | cut -d' ' -f1)" = "$region_sum" ] && echo region-ok || echo region-bad
-sync; echo 3 > /proc/sys/vm/drop_caches
-bad=0
-j=1
-while [ $j -le STEPS ]; do
-  [ "$(dd if=/dev/vda bs=512 skip=$j count=1 2>/dev/null | head -c 14)" = "$(printf 'block %08d' $j)" ] || bad=$((bad+1))
-  j=$((j+1))
-done
-echo "disk-bad=$bad"
-echo "vsock-replies=$(grep -c '^pong ' /tmp/from_host) last=$(tail -n 1 /tmp/from_host)"
+CHECKS
 echo workload-done
 sleep 1
 """
@@ -82,7 +88,7 @@ class ContinuityWorkload:
                              vsock=VsockConfig(cid=9, uds=self.uds, transport=self.transport), **changes)
 
     def command(self) -> list[str]:
-        script = (_SCRIPT.replace("STEPS", str(self.steps)).replace("PACE", str(self.pace))
+        script = (_SCRIPT.replace("CHECKS", DISK_AND_VSOCK_CHECKS).replace("STEPS", str(self.steps)).replace("PACE", str(self.pace))
                   .replace("PORT", str(HOST_PORT)))
         return ["sh", "-c", script]
 

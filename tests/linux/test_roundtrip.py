@@ -16,6 +16,7 @@ import threading
 
 import pytest
 
+from helpers.continuity import DISK_AND_VSOCK_CHECKS
 from pyvmm.config import DiskConfig, MachineConfig, VsockConfig
 from pyvmm.restore import carry_over, restore_vm
 from pyvmm.vm_state import VmState
@@ -40,17 +41,9 @@ while [ $i -lt STEPS ]; do
 done
 exec 3>&-
 wait
-sync; echo 3 > /proc/sys/vm/drop_caches
-bad=0
-j=1
-while [ $j -le STEPS ]; do
-  [ "$(dd if=/dev/vda bs=512 skip=$j count=1 2>/dev/null | head -c 14)" = "$(printf 'block %08d' $j)" ] || bad=$((bad+1))
-  j=$((j+1))
-done
-echo "disk-bad=$bad"
-echo "vsock-replies=$(grep -c '^pong ' /tmp/from_host) last=$(tail -n 1 /tmp/from_host)"
+CHECKS
 [ $bad -eq 0 ] && [ "$(tail -n 1 /tmp/from_host)" = "pong STEPS" ] && echo workload-ok
-""".replace("STEPS", str(STEPS))
+""".replace("CHECKS", DISK_AND_VSOCK_CHECKS).replace("STEPS", str(STEPS))
 
 
 def _echo_server(path: str, lines: list[str]) -> socket.socket:
