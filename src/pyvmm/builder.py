@@ -236,7 +236,8 @@ def virtio_devices(config: MachineConfig, console_write, iothread, releases: lis
 
             assert disk.path is not None  # validate(): a path or a vhost-user socket
             try:
-                device, kind = VirtioBlock(disk.path, readonly=disk.readonly, serial=disk.serial), "virtio-blk"
+                device, kind = VirtioBlock(disk.path, readonly=disk.readonly, serial=disk.serial,
+                                           rate_limit=disk.rate_limit, timers=iothread), "virtio-blk"
             except BlockError as exc:
                 raise ConfigError(f": {exc}", f"disks[{index}].path") from None
         releases.append(device.close)
@@ -247,7 +248,8 @@ def virtio_devices(config: MachineConfig, console_write, iothread, releases: lis
         backend = _open_net_backend(net, index)
         releases.append(backend.close)
         mac = bytes.fromhex(net.mac.replace(":", "")) if net.mac else bytes([0x52, 0x54, 0x00, 0x12, 0x34, 0x56 + index])
-        device = VirtioNet(backend.tap, mac=mac, iothread=iothread)
+        device = VirtioNet(backend.tap, mac=mac, iothread=iothread, rx_rate_limit=net.rx_rate_limit,
+                           tx_rate_limit=net.tx_rate_limit)
         yield f"virtio-net{index}", "virtio-net", device, net.transport
     if config.vsock is not None:
         from .devices.virtio.vsock import VirtioVsock

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 from .arch.x86_64 import layout
 from .arch.x86_64.cpuid import CpuidPolicy, UnknownFeature
+from .devices.rate_limiter import RateLimit
 from .errors import ConfigError
 
-__all__ = ["ConfigError", "ConsolePort", "DiskConfig", "MachineConfig", "NetConfig", "RunOptions", "VsockConfig",
-           "TRANSPORTS", "DEFAULT_TRANSPORT", "parse_size", "parse_transport"]
+__all__ = ["ConfigError", "ConsolePort", "DiskConfig", "MachineConfig", "NetConfig", "RateLimit", "RunOptions",
+           "VsockConfig", "TRANSPORTS", "DEFAULT_TRANSPORT", "parse_rate", "parse_size", "parse_transport"]
 
 _SIZE = re.compile(r"^\s*(\d+)\s*(?:([KMGT])(?:i?B)?|(B))?\s*$", re.IGNORECASE)
 _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -36,6 +37,26 @@ def parse_size(text: str, field: str | None = None) -> int:
     if bytes_suffix:
         return int(number)
     return int(number) * (_UNITS[prefix.upper()] if prefix else 1 << 20)
+
+
+_RATE = re.compile(r"^\s*(\d+)\s*([KMG]?)\s*$", re.IGNORECASE)
+
+
+def parse_rate(text: str, field: str) -> int:
+    """'10M' (10 MiB), '500k', '100' -> units per second (a rate limit's compact form; 0 is no limit)."""
+    match = _RATE.match(str(text))
+    if not match:
+        raise ConfigError(f": invalid rate {text!r}: use a number, optionally with K, M or G", field)
+    number, prefix = match.groups()
+    return int(number) * (_UNITS[prefix.upper()] if prefix else 1)
+
+
+def _rate_limit(pairs: dict[str, str], field: str, prefix: str = "") -> RateLimit | None:
+    """bps= and iops=/pps= options -> a one-second RateLimit (None when neither is given)."""
+    nbytes = pairs.get(f"{prefix}bps")
+    ops = pairs.get(f"{prefix}iops", pairs.get(f"{prefix}pps"))
+    return RateLimit.per_second(parse_rate(nbytes, f"{field}.{prefix}bps") if nbytes is not None else None,
+                                parse_rate(ops, f"{field}.{prefix}ops") if ops is not None else None)
 
 
 TRANSPORTS = ("pci", "mmio")
@@ -84,15 +105,16 @@ class DiskConfig:
     serial: str | None = None
     transport: str = DEFAULT_TRANSPORT
     vhost_user: str | None = None       # vhost-user-blk back-end socket
+    rate_limit: RateLimit | None = None  # bytes and requests (virtio-blk only)
 
     @classmethod
     def parse(cls, text: str, field: str = "disks") -> "DiskConfig":
-        """PATH[,readonly][,serial=ID][,transport=pci|mmio] or vhost-user=SOCKET[,...]"""
-        words, pairs = _options(text, field, ("readonly", "ro"), ("serial", "transport", "vhost-user"))
+        """PATH[,readonly][,serial=ID][,transport=pci|mmio][,bps=RATE][,iops=N] or vhost-user=SOCKET[,...]"""
+        words, pairs = _options(text, field, ("readonly", "ro"), ("serial", "transport", "vhost-user", "bps", "iops"))
         path = words[0] if words and words[0] not in ("readonly", "ro") else None
         flags = words[1:] if path else words
         disk = cls(path, bool(flags), pairs.get("serial"), pairs.get("transport", DEFAULT_TRANSPORT),
-                   pairs.get("vhost-user"))
+                   pairs.get("vhost-user"), _rate_limit(pairs, field))
         disk.validate(field)
         return disk
 
@@ -101,6 +123,8 @@ class DiskConfig:
             raise ConfigError("needs an image path (or vhost-user=SOCKET)", field)
         if self.path is not None and self.vhost_user is not None:
             raise ConfigError(": give an image path or vhost-user=SOCKET, not both", field)
+        if self.vhost_user is not None and self.rate_limit is not None:
+            raise ConfigError(": a vhost-user disk's I/O is its back-end's: pyvmm cannot rate-limit it", field)
         if self.serial is not None and len(self.serial.encode()) > 20:
             raise ConfigError(f"{self.serial!r} is longer than 20 bytes", f"{field}.serial")
         _check_transport(self.transport, f"{field}.transport")
@@ -114,14 +138,17 @@ class NetConfig:
     tap: str = "auto"                   # a TAP name, or auto: pyvmm creates one in a new network namespace
     mac: str | None = None
     transport: str = DEFAULT_TRANSPORT
+    rx_rate_limit: RateLimit | None = None   # bytes and packets the guest receives
+    tx_rate_limit: RateLimit | None = None   # bytes and packets the guest sends
 
     @classmethod
     def parse(cls, text: str, field: str = "nets") -> "NetConfig":
-        """tap=NAME|auto[,mac=52:54:00:..][,transport=pci|mmio]"""
-        words, pairs = _options(text, field, (), ("tap", "mac", "transport"))
+        """tap=NAME|auto[,mac=52:54:00:..][,transport=pci|mmio][,rx-bps=RATE][,rx-pps=N][,tx-bps=RATE][,tx-pps=N]"""
+        words, pairs = _options(text, field, (), ("tap", "mac", "transport", "rx-bps", "rx-pps", "tx-bps", "tx-pps"))
         if words:
             raise ConfigError(f": expected key=value options, got {words[0]!r}", field)
-        net = cls(pairs.get("tap", "auto") or "auto", pairs.get("mac"), pairs.get("transport", DEFAULT_TRANSPORT))
+        net = cls(pairs.get("tap", "auto") or "auto", pairs.get("mac"), pairs.get("transport", DEFAULT_TRANSPORT),
+                  _rate_limit(pairs, field, "rx-"), _rate_limit(pairs, field, "tx-"))
         net.validate(field)
         return net
 

@@ -5,16 +5,21 @@ become readable fds; the thread polls them and calls their handlers, so device w
 runs on a vCPU thread when the kernel can hand it over. A handler that raises stops the
 loop's owner through `on_error` (the VM stops with a VMM error) instead of dying silently.
 `pause()` lets the handler in progress finish, then holds the thread until `resume()`: a
-paused VM's devices touch neither the guest nor its memory.
+paused VM's devices touch neither the guest nor its memory. `call_later()` runs a callback
+on the thread after a delay (a rate limiter's refill): the wait is the select() timeout, no
+polling, and a paused thread runs none until it resumes.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import os
 import select
 import selectors
 import threading
+import time
 from typing import Callable
 
 log = logging.getLogger(__name__)
@@ -32,6 +37,16 @@ def drain_eventfd(fd: int) -> int:
         return 0
 
 
+class TimerHandle:
+    """A call_later() callback; cancel() before it runs and it never does."""
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self.callback: Callable[[], None] | None = callback
+
+    def cancel(self) -> None:
+        self.callback = None
+
+
 class IoThread:
     def __init__(self, name: str = "pyvmm-io", on_error: Callable[[BaseException], None] | None = None) -> None:
         self.name = name
@@ -46,6 +61,8 @@ class IoThread:
         self._hold = threading.Condition()
         self._pause_wanted = False
         self._held = False  # the thread is waiting in _wait_while_paused
+        self._timers: list[tuple[int, int, TimerHandle]] = []  # a heap: (deadline ns, sequence, handle)
+        self._sequence = itertools.count()
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
         """Call `callback()` on the I/O thread whenever `fd` is readable (level-triggered)."""
@@ -74,6 +91,33 @@ class IoThread:
         with self._lock:
             self._calls.append(callback)
         os.eventfd_write(self._wake, 1)
+
+    def call_later(self, delay_ns: int, callback: Callable[[], None]) -> TimerHandle:
+        """Run `callback()` on the I/O thread once `delay_ns` have passed (monotonic clock).
+        Before start() it waits for the thread; it is never called from here."""
+        handle = TimerHandle(callback)
+        with self._lock:
+            heapq.heappush(self._timers, (time.monotonic_ns() + max(0, delay_ns), next(self._sequence), handle))
+        if self._thread is not None and threading.current_thread() is not self._thread and self._wake >= 0:
+            os.eventfd_write(self._wake, 1)  # select() again with the new earliest deadline
+        return handle
+
+    def _timeout(self) -> float | None:
+        with self._lock:
+            if not self._timers:
+                return None
+            return max(0.0, (self._timers[0][0] - time.monotonic_ns()) / 1e9)
+
+    def _run_timers(self) -> None:
+        now = time.monotonic_ns()
+        due = []
+        with self._lock:
+            while self._timers and self._timers[0][0] <= now:
+                due.append(heapq.heappop(self._timers)[2])
+        for handle in due:
+            callback, handle.callback = handle.callback, None
+            if callback is not None:
+                callback()
 
     def start(self) -> None:
         if self._thread is None:
@@ -129,7 +173,7 @@ class IoThread:
                 if self._pause_wanted:
                     self._wait_while_paused()
                     continue
-                for key, _ in self._selector.select():
+                for key, _ in self._selector.select(self._timeout()):
                     if self._pause_wanted:
                         break  # level-triggered: what is ready now is reported again after resume()
                     if key.data is None:
@@ -137,6 +181,8 @@ class IoThread:
                         self._run_calls()
                     elif not self._stopping:
                         key.data()
+                if not self._pause_wanted and not self._stopping:
+                    self._run_timers()
         except BaseException as exc:  # a device back-end failed: report it, do not vanish
             log.debug("%s failed", self.name, exc_info=True)
             if self.on_error is not None:

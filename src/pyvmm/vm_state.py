@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from .accel.kvm import state as _kvm_state  # noqa: F401
 from .arch.x86_64.cpu_state import GuestCpuView, VcpuState
 from .config import ConsolePort, DiskConfig, MachineConfig, NetConfig, VsockConfig
+from .devices.rate_limiter import RateLimit
 from .devices import legacy as _legacy  # noqa: F401
 from .devices.legacy import ged as _ged  # noqa: F401 - built by the builder, which a reader of a state need not import
 from .devices.virtio import blk, console, mmio, net, pci, rng, vhost_user_blk, vsock  # noqa: F401
@@ -36,20 +37,39 @@ ACCELERATORS = ("kvm", "tcg")
 
 @dataclass(frozen=True)
 class DiskDescription(State):
+    """Version 2 added the rate limit set at start (the device's state holds the one in force)."""
     KIND = "machine-disk"
+    VERSION = 2
     path: str | None
     readonly: bool
     serial: str | None
     transport: str
     vhost_user: str | None
+    rate_limit: RateLimit | None
+
+    @classmethod
+    def upgrade(cls, version: int, fields: dict) -> dict:
+        if version == 1:
+            return {**fields, "rate_limit": None}
+        return super().upgrade(version, fields)
 
 
 @dataclass(frozen=True)
 class NetDescription(State):
+    """Version 2 added the rate limits set at start (the device's state holds those in force)."""
     KIND = "machine-net"
+    VERSION = 2
     tap: str
     mac: str | None
     transport: str
+    rx_rate_limit: RateLimit | None
+    tx_rate_limit: RateLimit | None
+
+    @classmethod
+    def upgrade(cls, version: int, fields: dict) -> dict:
+        if version == 1:
+            return {**fields, "rx_rate_limit": None, "tx_rate_limit": None}
+        return super().upgrade(version, fields)
 
 
 @dataclass(frozen=True)
@@ -99,8 +119,8 @@ class MachineDescription(State):
     def from_config(cls, config: MachineConfig) -> "MachineDescription":
         fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
         fields["cpu_hide"] = tuple(sorted(config.cpu_hide))
-        fields["disks"] = tuple(DiskDescription(**dataclasses.asdict(d)) for d in config.disks)
-        fields["nets"] = tuple(NetDescription(**dataclasses.asdict(n)) for n in config.nets)
+        fields["disks"] = tuple(DiskDescription(**_plain(d)) for d in config.disks)
+        fields["nets"] = tuple(NetDescription(**_plain(n)) for n in config.nets)
         fields["vsock"] = None if config.vsock is None else VsockDescription(**dataclasses.asdict(config.vsock))
         fields["console_ports"] = tuple(ConsolePortDescription(**dataclasses.asdict(p)) for p in config.console_ports)
         return cls(**fields)
@@ -115,8 +135,9 @@ class MachineDescription(State):
         return MachineConfig(**fields)
 
 
-def _plain(state: State) -> dict:
-    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+def _plain(value) -> dict:
+    """A dataclass's fields, one level deep (nested states such as a RateLimit stay as they are)."""
+    return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
 
 
 @dataclass(frozen=True)

@@ -222,3 +222,23 @@ def test_an_unknown_accelerator_names_the_field():
     with pytest.raises(ConfigError) as info:
         choose_accelerator("qemu")
     assert info.value.field == "accel" and as_cli_says(info.value).startswith("--accel must be one of")
+
+
+def test_disk_and_net_rate_limits_in_the_compact_syntax_and_through_a_saved_description():
+    from helpers.state import through_json
+    from pyvmm.config import DiskConfig, MachineConfig, NetConfig, RateLimit
+    from pyvmm.vm_state import MachineDescription
+
+    disk = DiskConfig.parse("a.img,bps=10M,iops=200")
+    assert disk.rate_limit == RateLimit.per_second(10 << 20, 200)
+    net = NetConfig.parse("tap=auto,rx-bps=1M,tx-pps=1000")
+    assert net.rx_rate_limit == RateLimit.per_second(1 << 20, None)
+    assert net.tx_rate_limit == RateLimit.per_second(None, 1000)
+    assert DiskConfig.parse("a.img,bps=0").rate_limit is None
+    machine = MachineConfig(disks=(disk,), nets=(net,))
+    assert through_json(MachineDescription.from_config(machine)).to_config() == machine
+    with pytest.raises(ConfigError) as info:
+        DiskConfig.parse("a.img,bps=fast")
+    assert info.value.field == "disks.bps"
+    with pytest.raises(ConfigError, match="vhost-user"):
+        DiskConfig.parse("vhost-user=/tmp/s,iops=5")

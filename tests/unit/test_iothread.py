@@ -64,3 +64,28 @@ def test_pause_before_start_holds_from_the_first_item():
         assert ran.wait(WAIT)
     finally:
         thread.stop()
+
+
+def test_call_later_runs_on_the_thread_after_the_delay_in_deadline_order_and_not_while_paused():
+    import time as _time
+
+    thread = IoThread(name="test-timers")
+    thread.start()
+    try:
+        ran: list[tuple[str, str]] = []
+        done = threading.Event()
+        start = _time.monotonic_ns()
+        thread.call_later(60_000_000, lambda: (ran.append(("late", threading.current_thread().name)), done.set()))
+        thread.call_later(20_000_000, lambda: ran.append(("early", threading.current_thread().name)))
+        thread.call_later(30_000_000, lambda: ran.append(("cancelled", ""))).cancel()
+        assert done.wait(5)
+        assert ran == [("early", "test-timers"), ("late", "test-timers")]
+        assert _time.monotonic_ns() - start >= 60_000_000
+        thread.pause()
+        fired = threading.Event()
+        thread.call_later(0, fired.set)
+        assert not fired.wait(0.1)          # a paused thread runs no timer
+        thread.resume()
+        assert fired.wait(5)
+    finally:
+        thread.stop()

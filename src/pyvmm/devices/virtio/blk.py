@@ -14,6 +14,10 @@ writes are synced before they complete (one fdatasync per batch).
 
 The image is locked with flock (exclusive, or shared when read-only) so that two VMs
 cannot write it at once.
+
+A rate limit (bytes/s and requests/s, devices/rate_limiter.py) is checked before each request:
+one that may not go yet is put back in the ring and the queue is served again when the
+refill timer fires (throttle.py). Reads and writes cost their data bytes, every request one op.
 """
 
 from __future__ import annotations
@@ -27,12 +31,15 @@ import os
 import re
 import stat
 import struct
+import time
 from dataclasses import dataclass
 
 from ...errors import PyvmmError
 from ...persist import State, require
+from ..rate_limiter import Clock, RateLimit, RateLimiterState, Timers
 from .device import VIRTIO_ID_BLOCK, VirtioDevice, VirtioDeviceState
 from .queue import DescriptorChain, SplitQueue, buffer_views, read_buffers, write_buffers
+from .throttle import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +169,8 @@ class VirtioBlock(VirtioDevice):
     name = "virtio-blk"
 
     def __init__(self, path: str | os.PathLike, *, readonly: bool = False, serial: str | None = None,
-                 num_queues: int = 1, queue_size: int = 256) -> None:
+                 num_queues: int = 1, queue_size: int = 256, rate_limit: RateLimit | None = None,
+                 timers: Timers | None = None, clock: Clock = time.monotonic_ns) -> None:
         path = os.fspath(path)
         if not 1 <= num_queues <= MAX_QUEUES:
             raise BlockError(f"virtio-blk: {num_queues} queues requested, between 1 and {MAX_QUEUES} allowed")
@@ -216,6 +224,11 @@ class VirtioBlock(VirtioDevice):
             ("reads", "writes", "bytes_read", "bytes_written", "flushes", "discards", "write_zeroes", "errors"), 0)
         self._warned: set[str] = set()
         self._zeroes: bytes | None = None
+        try:
+            self.throttle = Throttle(self.lock, self._resume_throttled, timers, rate_limit, clock)
+        except BaseException:
+            self.close()
+            raise
 
     # --- configuration space ---------------------------------------------------------------------------
 
@@ -248,14 +261,38 @@ class VirtioBlock(VirtioDevice):
 
     def process_queue(self, queue_index: int) -> None:
         queue = self.queues[queue_index]
-        while True:
+        throttle = self.throttle
+        while not throttle.blocked:
             batch: list[tuple[DescriptorChain, int | None, bool]] = []
             while len(batch) < queue.size and (chain := queue.pop()) is not None:
+                if not throttle.admit(*self._cost(chain)):
+                    queue.undo_pop(chain)  # served when the refill timer fires
+                    break
                 batch.append((chain, *self._execute(chain)))
             self._complete(queue, batch)
             self.signal_used(queue_index)
             if len(batch) < queue.size:
                 return
+
+    def _cost(self, chain: DescriptorChain) -> tuple[int, int]:
+        """(data bytes, operations) a request costs: reads and writes their data, anything else nothing."""
+        header = read_buffers(self.memory, chain.readable, 0, HEADER.size)
+        if len(header) == HEADER.size:
+            request_type = HEADER.unpack(header)[0]
+            if request_type == VIRTIO_BLK_T_IN:
+                return max(chain.writable_length - 1, 0), 1
+            if request_type == VIRTIO_BLK_T_OUT:
+                return max(chain.readable_length - HEADER.size, 0), 1
+        return 0, 1
+
+    def _resume_throttled(self) -> None:
+        """The refill timer fired (device lock held): serve what the limit held back."""
+        for index in range(len(self.queues)):
+            self.notify(index)
+
+    def set_rate_limit(self, limit: RateLimit | None) -> None:
+        """Change the limit while running (buckets start full); None removes it."""
+        self.throttle.set_limit(limit)
 
     def _complete(self, queue, batch: list[tuple[DescriptorChain, int | None, bool]]) -> None:
         """Write the status bytes and return the requests; writethrough writes are synced first."""
@@ -465,10 +502,11 @@ class VirtioBlock(VirtioDevice):
 
     def on_reset(self) -> None:
         self.writeback = 1  # the next driver starts from the default cache mode
+        self.throttle.cancel()
 
     def stats(self) -> dict[str, int]:
         with self.lock:
-            return dict(self.counters)
+            return {**self.counters, "throttled": self.throttle.deferrals}
 
     def hand_over_image(self) -> None:
         """For a live migration's last step (the VM paused): everything written is on the
@@ -494,10 +532,12 @@ class VirtioBlock(VirtioDevice):
                 self.fd = -1
 
     def save(self) -> BlockState:
-        """Requests are served whole under the device lock, so none is in flight at a save."""
+        """Requests are served whole under the device lock, so none is in flight at a save (one a
+        rate limit holds back is still in the ring); the limit and its buckets' levels are saved."""
         with self.lock:
             return BlockState(virtio=self.save_virtio(), capacity=self.capacity, writeback=self.writeback,
-                              write_zeroes_may_unmap=self.write_zeroes_may_unmap, counters=dict(self.counters))
+                              write_zeroes_may_unmap=self.write_zeroes_may_unmap, counters=dict(self.counters),
+                              rate_limiter=self.throttle.save())
 
     def check_restorable(self, state: State) -> None:
         state = require(state, BlockState)
@@ -514,18 +554,28 @@ class VirtioBlock(VirtioDevice):
             self.writeback = state.writeback
             self.write_zeroes_may_unmap = state.write_zeroes_may_unmap
             self.counters.update(state.counters)
+            self.throttle.restore(state.rate_limiter, resume=self.active)
 
 
 @dataclass(frozen=True)
 class BlockState(State):
     """The virtio state, the disk's size (checked against the image restored with), the cache
-    mode the driver chose, whether write-zeroes may unmap, and the request counters."""
+    mode the driver chose, whether write-zeroes may unmap, the request counters and (version 2)
+    the rate limit with its buckets' levels."""
     KIND = "virtio_blk"
+    VERSION = 2
     virtio: VirtioDeviceState
     capacity: int
     writeback: int
     write_zeroes_may_unmap: int
     counters: dict[str, int]
+    rate_limiter: RateLimiterState | None = None
+
+    @classmethod
+    def upgrade(cls, version: int, fields: dict) -> dict:
+        if version == 1:
+            return {**fields, "rate_limiter": None}
+        return super().upgrade(version, fields)
 
     def validate(self) -> None:
         self.check_range("capacity", 0, (1 << 64) - 1)

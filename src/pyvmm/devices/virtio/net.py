@@ -18,6 +18,11 @@ many buffers as it needs and num_buffers says how many.
 
 Offloads (checksum, TSO, UFO) are offered only as far as the back-end accepts them; at
 DRIVER_OK the back-end is told which ones the guest accepts on receive.
+
+Rate limits (bytes/s and packets/s, each direction; devices/rate_limiter.py): a frame to send
+that may not go yet stays in the ring; receiving stops (the back-end is not read, the host
+queues or drops as a wire would) while the RX limit has no token, and a received frame is
+charged once its length is known. Both resume when their refill timer fires (throttle.py).
 """
 
 from __future__ import annotations
@@ -25,14 +30,17 @@ from __future__ import annotations
 import collections
 import logging
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from ...iothread import IoThread
 from ...memory.guest_memory import GuestMemoryError
 from ...persist import State, require
+from ..rate_limiter import Clock, RateLimit, RateLimiterState, Timers
 from .device import VIRTIO_ID_NET, VirtioDevice, VirtioDeviceState
 from .queue import DescriptorChain, VirtqueueBroken, buffer_views, write_buffers
+from .throttle import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +113,9 @@ class VirtioNet(VirtioDevice):
     name = "virtio-net"
 
     def __init__(self, backend: NetBackend, *, mac: bytes, iothread: IoThread, queue_size: int = 256,
-                 mtu: int | None = None) -> None:
+                 mtu: int | None = None, rx_rate_limit: RateLimit | None = None,
+                 tx_rate_limit: RateLimit | None = None, timers: Timers | None = None,
+                 clock: Clock = time.monotonic_ns) -> None:
         if len(mac) != MAC_LEN or mac[0] & 1:
             raise ValueError(f"MAC {mac.hex(':')} is not a 6-byte unicast address")
         if mtu is not None and not 68 <= mtu <= 65535:
@@ -128,6 +138,9 @@ class VirtioNet(VirtioDevice):
         self._scratch_view = memoryview(self._scratch)
         self.counters = dict.fromkeys(("rx_packets", "rx_bytes", "rx_dropped", "tx_packets", "tx_bytes",
                                        "tx_dropped"), 0)
+        timers = iothread if timers is None else timers  # refill timers run on the I/O thread
+        self.rx_throttle = Throttle(self.lock, self._resume_rx, timers, rx_rate_limit, clock)
+        self.tx_throttle = Throttle(self.lock, self._transmit_if_usable, timers, tx_rate_limit, clock)
 
     # --- configuration (section 5.1.4) ----------------------------------------------------------------
 
@@ -148,7 +161,13 @@ class VirtioNet(VirtioDevice):
 
     def stats(self) -> dict[str, int]:
         with self.lock:
-            return dict(self.counters)
+            return {**self.counters, "rx_throttled": self.rx_throttle.deferrals,
+                    "tx_throttled": self.tx_throttle.deferrals}
+
+    def set_rate_limits(self, rx: RateLimit | None, tx: RateLimit | None) -> None:
+        """Change both directions' limits while running (buckets start full); None removes one."""
+        self.rx_throttle.set_limit(rx)
+        self.tx_throttle.set_limit(tx)
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -164,6 +183,8 @@ class VirtioNet(VirtioDevice):
         self._watch_rx()
 
     def on_reset(self) -> None:
+        self.rx_throttle.cancel()
+        self.tx_throttle.cancel()
         self._unwatch_rx()
         self._rx_spare.clear()
         self._rx_partial = None
@@ -211,16 +232,27 @@ class VirtioNet(VirtioDevice):
         elif queue_index == RX_QUEUE:
             # new receive buffers: watch the back-end again; a half-placed frame needs no new
             # data to go on, so it is finished on the I/O thread right away
+            if self.rx_throttle.blocked:
+                return  # the refill timer watches again
             self._watch_rx()
             if self._rx_partial is not None:
                 self.iothread.call_soon(self._rx_ready)
 
+    def _transmit_if_usable(self) -> None:
+        if self.queue_usable(TX_QUEUE):
+            self.notify(TX_QUEUE)
+
     def _transmit(self) -> None:
         queue = self.queues[TX_QUEUE]
-        while (chain := queue.pop()) is not None:
+        while not self.tx_throttle.blocked and (chain := queue.pop()) is not None:
             length = chain.readable_length
-            if not self.link_up or not NET_HDR_SIZE <= length <= NET_HDR_SIZE + MAX_FRAME \
-                    or len(chain.readable) > MAX_SEGMENTS:
+            valid = self.link_up and NET_HDR_SIZE <= length <= NET_HDR_SIZE + MAX_FRAME \
+                and len(chain.readable) <= MAX_SEGMENTS
+            # a frame that is dropped costs a packet, not its (guest-claimed) bytes
+            if not self.tx_throttle.admit(length - NET_HDR_SIZE if valid else 0):
+                queue.undo_pop(chain)  # sent when the refill timer fires
+                break
+            if not valid:
                 self.counters["tx_dropped"] += 1
             else:
                 try:
@@ -232,6 +264,12 @@ class VirtioNet(VirtioDevice):
                     log.debug("%s: TX frame dropped: %s", self.name, exc.strerror)
             queue.push(chain, 0)
         self.signal_used(TX_QUEUE)
+
+    def _resume_rx(self) -> None:
+        """The RX refill timer fired (device lock held): take frames again."""
+        if self.active and not self.broken:
+            self._watch_rx()
+            self.iothread.call_soon(self._rx_ready)
 
     def _rx_ready(self) -> None:
         """On the I/O thread: the back-end is readable, or a partial frame may go on."""
@@ -256,6 +294,9 @@ class VirtioNet(VirtioDevice):
         for _ in range(RX_BATCH):
             if self._rx_partial is not None and not self._place_partial():
                 self._unwatch_rx()
+                return
+            if not self.rx_throttle.ready():
+                self._unwatch_rx()  # until the refill timer
                 return
             chain = self._next_rx_chain()
             if chain is None:
@@ -326,6 +367,7 @@ class VirtioNet(VirtioDevice):
     def _count_rx(self, length: int) -> None:
         self.counters["rx_packets"] += 1
         self.counters["rx_bytes"] += length - NET_HDR_SIZE
+        self.rx_throttle.charge(length - NET_HDR_SIZE)
 
     # --- snapshot ---------------------------------------------------------------------------------------
 
@@ -335,7 +377,8 @@ class VirtioNet(VirtioDevice):
         a wire."""
         with self.lock:
             return NetState(virtio=self.save_virtio(), mac=self.mac, mtu=self.mtu, link_up=self.link_up,
-                            counters=dict(self.counters))
+                            counters=dict(self.counters), rx_rate_limiter=self.rx_throttle.save(),
+                            tx_rate_limiter=self.tx_throttle.save())
 
     def check_restorable(self, state: State) -> None:
         state = require(state, NetState)
@@ -354,19 +397,31 @@ class VirtioNet(VirtioDevice):
             self.mtu = state.mtu
             self.link_up = state.link_up
             self.counters.update(state.counters)
+            self.rx_throttle.restore(state.rx_rate_limiter, resume=False)
+            self.tx_throttle.restore(state.tx_rate_limiter, resume=self.active)  # frames it held back
             if self.active:
                 self.on_activate()
 
 
 @dataclass(frozen=True)
 class NetState(State):
-    """The virtio state, the guest-visible configuration (MAC, MTU, link) and the counters."""
+    """The virtio state, the guest-visible configuration (MAC, MTU, link), the counters and
+    (version 2) each direction's rate limit with its buckets' levels."""
     KIND = "virtio_net"
+    VERSION = 2
     virtio: VirtioDeviceState
     mac: bytes
     mtu: int | None
     link_up: bool
     counters: dict[str, int]
+    rx_rate_limiter: RateLimiterState | None = None
+    tx_rate_limiter: RateLimiterState | None = None
+
+    @classmethod
+    def upgrade(cls, version: int, fields: dict) -> dict:
+        if version == 1:
+            return {**fields, "rx_rate_limiter": None, "tx_rate_limiter": None}
+        return super().upgrade(version, fields)
 
     def validate(self) -> None:
         if len(self.mac) != MAC_LEN or self.mac[0] & 1:

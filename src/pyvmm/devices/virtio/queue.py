@@ -142,6 +142,7 @@ class SplitQueue:
         self.completed = 0
         self._in_flight: dict[int, None] = {}   # heads popped and not pushed, in pop order
         self._redo: deque[int] = deque()        # in flight at a save: handed out again first
+        self._last_from_redo = False            # where the last pop() took its chain (for undo_pop)
 
     # --- setup (transport) ---------------------------------------------------------------------
 
@@ -187,7 +188,9 @@ class SplitQueue:
         while self._redo:
             chain = self._take(self._redo.popleft())
             if chain is not None:
+                self._last_from_redo = True
                 return chain
+        self._last_from_redo = False
         while self.has_available():
             slot = self.last_avail % self.size
             head = memory.read_u16(self.avail_ring + 4 + 2 * slot)
@@ -200,6 +203,15 @@ class SplitQueue:
             if chain is not None:
                 return chain
         return None
+
+    def undo_pop(self, chain: DescriptorChain) -> None:
+        """Put back the chain the last pop() returned, untouched: the next pop() returns it again
+        (a device that may not serve it yet, e.g. rate-limited, leaves it to the driver's ring)."""
+        self._in_flight.pop(chain.head, None)
+        if self._last_from_redo:
+            self._redo.appendleft(chain.head)
+        else:
+            self.last_avail = (self.last_avail - 1) & 0xFFFF
 
     def _take(self, head: int) -> DescriptorChain | None:
         """The request at `head`, now in flight; None where it was malformed (completed, 0 bytes)."""
