@@ -45,7 +45,7 @@ class DiskDescription(State):
     serial: str | None
     transport: str
     vhost_user: str | None
-    rate_limit: RateLimit | None
+    rate_limit: RateLimit | None = None
 
     @classmethod
     def upgrade(cls, version: int, fields: dict) -> dict:
@@ -62,8 +62,8 @@ class NetDescription(State):
     tap: str
     mac: str | None
     transport: str
-    rx_rate_limit: RateLimit | None
-    tx_rate_limit: RateLimit | None
+    rx_rate_limit: RateLimit | None = None
+    tx_rate_limit: RateLimit | None = None
 
     @classmethod
     def upgrade(cls, version: int, fields: dict) -> dict:
