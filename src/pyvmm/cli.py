@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .manage.agent_cli import register_cli as register_agent_cli
 
     register_agent_cli(sub, common)
+    from .manage.mem_cli import register_cli as register_mem_cli
+
+    register_mem_cli(sub, common)
 
     sub.add_parser("firecracker", help="a VM driven by Firecracker's command line and API (pyvmm firecracker --help)",
                    add_help=False)
@@ -136,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
             from .manage.agent_cli import run_agent_command
 
             return run_agent_command(args)
+        if args.subcommand == "mem":
+            from .manage.mem_cli import run_mem_command
+
+            return run_mem_command(args)
         from .manage.cli import COMMANDS as MANAGE_COMMANDS, run as run_manage
 
         if args.subcommand in MANAGE_COMMANDS:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import __version__
+from . import memory
 from .schema import RESOURCES, Field
 
 FIRECRACKER_API = "1.x (Firecracker's swagger: the resources both have, with the same fields, methods and codes)"
@@ -124,6 +125,7 @@ PATHS: dict[str, dict[str, Any]] = {
                        "AgentFile"),
     },
 }
+PATHS.update(memory.OPENAPI_PATHS)  # the memory inspector (api/memory.py)
 
 
 def _field_schema(field: Field) -> dict[str, Any]:
@@ -207,6 +209,7 @@ def schemas() -> dict[str, Any]:
                                    "stderr": {"type": "string", "format": "byte"}},
                                   ("exit_status", "signal", "stdout", "stderr")),
     })
+    result.update(memory.openapi_schemas())
     return result
 
 

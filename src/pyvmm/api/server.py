@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from .. import __version__
 from ..errors import ConfigError, UserError, user_error_message
-from . import agent
+from . import agent, memory
 from .instance import VmInstance
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,8 @@ ROUTES: tuple[Route, ...] = (
     Route("PUT", "/pyvmm/agent/exec", lambda i, p, b: agent.exec_command(i, b), body=True, max_body=MAX_AGENT_BODY),
     Route("GET", "/pyvmm/agent/files", lambda i, p, b: agent.read_file(i, p)),
     Route("PUT", "/pyvmm/agent/files", lambda i, p, b: agent.write_file(i, b), body=True, max_body=MAX_AGENT_BODY),
+    Route("GET", "/pyvmm/memory/translate", lambda i, p, b: memory.translate(i, p)),
+    Route("GET", "/pyvmm/memory/read", lambda i, p, b: memory.read(i, p)),
 )
 
 

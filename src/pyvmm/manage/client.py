@@ -33,6 +33,7 @@ from urllib.parse import urlencode
 from ..errors import UserError
 from . import definitions
 from .launch import launch, wait_exit
+from .memory_client import MemoryMethods
 from .records import RunDir, UnknownVm, VmExists, check_name, config_dir, run_root
 
 if TYPE_CHECKING:
@@ -128,7 +129,7 @@ class VmInfo:
         return self.state in ACTIVE
 
 
-class VmHandle:
+class VmHandle(MemoryMethods):
     """One VM by name: defined, running, or both."""
 
     def __init__(self, host: "Host", name: str) -> None:

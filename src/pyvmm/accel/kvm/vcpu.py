@@ -232,6 +232,13 @@ class KvmVcpu:
             state.segments[name] = Segment(**{f: getattr(source, f) for f in Segment.__dataclass_fields__})
         return state
 
+    def kvm_translate(self, linear: int) -> dict:
+        """KVM's own translation of a linear address for this vCPU (KVM_TRANSLATE): the walk
+        pyvmm's inspector cross-checks against. Out of the guest only (paused)."""
+        translation = self.fd.translate(linear)
+        return {"gpa": translation.physical_address if translation.valid else None, "valid": bool(translation.valid),
+                "writeable": bool(translation.writeable), "usermode": bool(translation.usermode)}
+
     def describe_position(self, symbols=None, code: bytes | None = None) -> str:
         """Where the guest is, for error messages: CS:RIP (with the kernel symbol when `symbols`
         knows it), mode, CPL and the instruction bytes (`code`, else read at RIP)."""
