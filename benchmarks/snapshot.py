@@ -169,7 +169,8 @@ class Bench:
             try:
                 progress = pyvmm_side.migrate(command, self.dir / "pyvmm-migrate.sock")
                 ours = (f"total {ms(progress.total_s)}, downtime {progress.downtime_ms:.0f} ms, "
-                        f"{progress.round} round(s), {mib(progress.bytes_sent)} sent ({progress.mode})")
+                        f"{progress.round} round(s), {mib(progress.bytes_sent)} sent ({progress.mode}); "
+                        f"downtime: {progress.downtime_line()}")
             except ImportError as exc:
                 ours = missing("pyvmm.migration", exc)
             theirs = ""

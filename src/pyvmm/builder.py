@@ -111,11 +111,12 @@ class Machine:
 
 
 def assemble(cleanup: ExitStack, config: MachineConfig, console_write: Callable[[bytes], None], memory: GuestMemory,
-             accel=None, device_tree: DeviceTree | None = None, *, vsock_carried=None) -> Machine:
+             accel=None, device_tree: DeviceTree | None = None, *, vsock_carried=None, lock_disks: bool = True) -> Machine:
     """The accelerator (mapping `memory`), the buses and every device of `config`, placed by the
     device manager (replaying `device_tree` when given), their host sides opened; what is made
     gets its release on `cleanup`. `vsock_carried`: a vsock host side carried over from a VM
-    this one replaces (host/vsock.py)."""
+    this one replaces (host/vsock.py). `lock_disks=False`: disk images opened unlocked
+    (restore.prepare_vm)."""
     if accel is None:
         from .accel.select import choose_accelerator
 
@@ -198,7 +199,7 @@ def assemble(cleanup: ExitStack, config: MachineConfig, console_write: Callable[
     releases: list = []
     cleanup.callback(lambda: [release() for release in reversed(releases)])
     for name, kind, device, transport in virtio_devices(config, console_write, iothread, releases,
-                                                        vsock_carried=vsock_carried):
+                                                        vsock_carried=vsock_carried, lock_disks=lock_disks):
         wiring.add(name, kind, device, transport)
     if manager.unclaimed():
         raise ConfigError(f": the recorded device tree has devices this machine lacks "
@@ -206,7 +207,8 @@ def assemble(cleanup: ExitStack, config: MachineConfig, console_write: Callable[
     return Machine(config, accel, memory, pio, mmio, manager, pci_root, wiring, iothread, rtc_timer, outcomes, releases)
 
 
-def virtio_devices(config: MachineConfig, console_write, iothread, releases: list, *, vsock_carried=None):
+def virtio_devices(config: MachineConfig, console_write, iothread, releases: list, *, vsock_carried=None,
+                   lock_disks: bool = True):
     """(id, kind, device, transport) for every virtio device the config asks for. Whatever a
     device opens on the host (image files, TAPs, sockets) gets its close() in `releases`."""
     if config.console == "virtio" or config.console_ports:
@@ -236,8 +238,9 @@ def virtio_devices(config: MachineConfig, console_write, iothread, releases: lis
 
             assert disk.path is not None  # validate(): a path or a vhost-user socket
             try:
-                device, kind = VirtioBlock(disk.path, readonly=disk.readonly, serial=disk.serial,
-                                           rate_limit=disk.rate_limit, timers=iothread), "virtio-blk"
+                device = VirtioBlock(disk.path, readonly=disk.readonly, serial=disk.serial,
+                                     rate_limit=disk.rate_limit, timers=iothread, lock=lock_disks)
+                kind = "virtio-blk"
             except BlockError as exc:
                 raise ConfigError(f": {exc}", f"disks[{index}].path") from None
         releases.append(device.close)

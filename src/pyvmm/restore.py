@@ -29,7 +29,7 @@ from .arch.x86_64 import layout
 from .arch.x86_64.cpuid import CpuidPolicy
 from .builder import PCI_ROOT_ID, assemble, create_vcpus
 from .config import MachineConfig
-from .devmgr import DeviceTree
+from .devmgr import DeviceTree, DeviceTreeState
 from .host.vsock import VsockCarryover
 from .memory import GuestMemory
 from .persist import State, StateError, require
@@ -123,32 +123,71 @@ def restore_vm(state: VmState, memory: GuestMemory, console_write: Callable[[byt
     nothing is left built and `memory` stays the caller's."""
     machine = check_state(state, memory, accel, config)
     if accel is not None and accel.name != state.accelerator:
-        # another accelerator: what the guest saw is kept (or refused), the platform converted
-        platform, vcpus = across_accelerators(state.accelerator, state.platform, state.vcpus, state.guest_view,
-                                              accel, CpuidPolicy(set(machine.cpu_hide)))
-        state = dataclasses.replace(state, accelerator=accel.name, platform=platform, vcpus=vcpus)
+        state = _converted(state, accel, machine)
     vsock_carried: VsockCarryover | None = carryover.vsock.pop(VSOCK_ID, None) if carryover is not None else None
     if vsock_carried is not None and machine.vsock is None:
         vsock_carried.close()
         vsock_carried = None
-    with ExitStack() as cleanup:
-        if accel is None:
-            from .accel.select import choose_accelerator
+    if accel is None:
+        from .accel.select import choose_accelerator
 
-            accel = choose_accelerator(state.accelerator).create()
-        parts = assemble(cleanup, machine, console_write, memory, accel, DeviceTree.from_state(state.device_tree),
-                         vsock_carried=vsock_carried)
-        vm = parts.vm(create_vcpus(accel, machine))
-        vm.pause()      # no threads yet: holds the I/O thread and the timers, freezes guest time
-        accel.restore(state.platform)
-        restore_devices(parts.manager, state.devices)
-        for vcpu, vcpu_state in zip(vm.vcpus, state.vcpus):
-            vcpu.restore(vcpu_state)
-        vm.start()      # every run loop parks at its pause point
-        cleanup.pop_all()
+        accel = choose_accelerator(state.accelerator).create()
+    vm = prepare_vm(machine, state.device_tree, memory, console_write, accel, vsock_carried=vsock_carried)
+    try:
+        finish_restore(vm, state)
+    except BaseException:
+        vm.release_memory()
+        vm.close()
+        raise
     if carryover is not None:
         carryover.memory = None  # the Vm owns it now
     return vm
+
+
+def prepare_vm(machine: MachineConfig, device_tree: DeviceTreeState, memory: GuestMemory,
+               console_write: Callable[[bytes], None], accel, *, vsock_carried: VsockCarryover | None = None,
+               lock_disks: bool = True) -> Vm:
+    """The first half of a restore, which needs no state but the machine and its device tree:
+    the VM assembled on `memory` (devices where the tree put them, host sides open, vCPUs
+    made), paused and not started. A live migration's destination builds it before the last
+    round, so what the pause costs is only finish_restore(). `lock_disks=False` opens the disk
+    images without their locks (the source still holds them): finish_restore takes them.
+    On an error nothing is left built (`accel` closed) and `memory` stays the caller's."""
+    with ExitStack() as cleanup:
+        parts = assemble(cleanup, machine, console_write, memory, accel, DeviceTree.from_state(device_tree),
+                         vsock_carried=vsock_carried, lock_disks=lock_disks)
+        vm = parts.vm(create_vcpus(accel, machine))
+        vm.pause()      # no threads yet: holds the I/O thread and the timers, freezes guest time
+        cleanup.pop_all()
+    return vm
+
+
+def finish_restore(vm: Vm, state: VmState) -> None:
+    """The second half: `state` (of the machine and device tree prepare_vm built `vm` from)
+    loaded into every part, the disk images locked, and `vm` started, paused. On an error
+    `vm` is still the caller's to close."""
+    if vm.device_manager is None or state.device_tree != vm.device_manager.tree.save():
+        raise StateError("vm state: device_tree: not the tree this VM was prepared from")
+    if vm.accel.name != state.accelerator:
+        assert vm.machine is not None
+        state = _converted(state, vm.accel, vm.machine)
+    for node in vm.device_manager.tree:
+        device: Any = vm.device_manager.device(node.id)
+        if hasattr(device, "take_back_image"):
+            device.take_back_image()     # a no-op where the image is locked already
+    vm.accel.restore(state.platform)
+    restore_devices(vm.device_manager, state.devices)
+    for vcpu, vcpu_state in zip(vm.vcpus, state.vcpus):
+        vcpu.restore(vcpu_state)
+    vm.start()      # every run loop parks at its pause point
+
+
+def _converted(state: VmState, accel, machine: MachineConfig) -> VmState:
+    """`state` for `accel` of the other kind: what the guest saw kept (or refused), the
+    platform converted."""
+    platform, vcpus = across_accelerators(state.accelerator, state.platform, state.vcpus, state.guest_view,
+                                          accel, CpuidPolicy(set(machine.cpu_hide)))
+    return dataclasses.replace(state, accelerator=accel.name, platform=platform, vcpus=vcpus)
 
 
 def restore_devices(manager, states: dict[str, State]) -> None:

@@ -265,6 +265,10 @@ def _migrate(vm, args) -> int:
     print(f"Domain '{vm.name}' migrated to {args.destination}: {final['total_s']:.2f} s, "
           f"downtime {final['downtime_ms']:.0f} ms, {final['round']} round(s), "
           f"{final['bytes_sent'] / 2**20:.1f} MiB sent ({final['mode']})")
+    if final.get("phases"):
+        from ..migration.source import MigrationProgress
+
+        print(f"downtime: {MigrationProgress(phases=final['phases']).downtime_line()}")
     return 0
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from ..errors import UserError
 
 MAGIC = b"PYVMMIGR"
-VERSION = 1
+VERSION = 2      # 2: HELLO carries the device tree, ACK the destination's figures
 PREAMBLE = struct.Struct("<8sI")
 HEADER = struct.Struct("<BBHII")
 MAX_PAYLOAD = 16 << 20

@@ -1,10 +1,12 @@
 """The receiving side: wait for a migration, build the VM it carries, run it on COMMIT.
 
-The destination reads HELLO and answers READY (or ERROR: a machine it cannot continue is
-refused before any memory moves), makes fresh guest memory and applies PAGES frames to it
-until STATE and END; then it rebuilds the VM from the state in that memory (restore_vm:
-disks reopened by path, TAPs by name, the vsock and console host sides made anew), answers
-ACK and waits for COMMIT. Only with COMMIT is the VM its own: it returns it, paused, for the
+The destination reads HELLO (the machine and its device tree) and answers READY (or ERROR:
+a machine it cannot continue is refused before any memory moves) once it has built that VM,
+paused and not started, on fresh guest memory (restore.prepare_vm: disks opened by path but
+not yet locked, TAPs by name, the vsock and console host sides made anew). PAGES frames go
+straight into that memory while the source's guest runs. After STATE and END, all that is
+left is loading the state into the prepared VM (restore.finish_restore, which takes the disk
+locks the source released); then it answers ACK (with its phases' figures) and waits for COMMIT. Only with COMMIT is the VM its own: it returns it, paused, for the
 caller to resume. A stream cut or corrupted at any point before that, a state that does not
 restore, a source that gives up: everything received is released (no half VM) and a
 MigrationError says why in one line.
@@ -15,7 +17,8 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..config import MachineConfig
@@ -36,6 +39,7 @@ class Incoming:
     bytes_received: int
     seconds: float           # from the connection to COMMIT
     source: str
+    phases: dict[str, float] = field(default_factory=dict)  # prepare_ms, decode_ms, load_ms
 
 
 class IncomingListener:
@@ -88,17 +92,19 @@ def receive(channel: Channel, console_write: Callable[[bytes], None], *,
     """Receive one migration over a connected `channel` (see the module docstring)."""
     from ..accel.select import choose_accelerator
     from ..memory import GuestMemory
-    from ..restore import restore_vm
+    from ..restore import prepare_vm
     from ..arch.x86_64 import layout
 
     started = time.monotonic()
+    phases: dict[str, float] = {}
     memory = None
     vm = None
     try:
         channel.receive_preamble()
         channel.send_preamble()
-        incoming, accelerator = read_hello(channel.expect_json(HELLO))
+        incoming, accelerator, device_tree = read_hello(channel.expect_json(HELLO))
         machine = merge_machine(incoming, config)
+        clock = time.monotonic()
         try:
             accel = choose_accelerator(accelerator).create()
         except UserError as exc:
@@ -109,6 +115,10 @@ def receive(channel: Channel, console_write: Callable[[bytes], None], *,
         except BaseException:
             accel.close()
             raise
+        # Built now, while the source still runs the guest: the pause then costs only the
+        # last pages and loading the state (the disk images are locked when it is loaded).
+        vm = prepare_vm(machine.to_config(), device_tree, memory, console_write, accel, lock_disks=False)
+        phases["prepare_ms"] = _ms_since(clock)
         channel.send_json(READY, {})
         pages = PageReceiver(memory)
         state_bytes = None
@@ -123,25 +133,24 @@ def receive(channel: Channel, console_write: Callable[[bytes], None], *,
             else:
                 raise StreamError(f"the migration stream from {channel.peer} is out of order "
                                   f"(an unexpected frame of kind {kind})")
+        clock = time.monotonic()
         state = decode_state(state_bytes, f"the migration from {channel.peer}")
         if state.machine != incoming or state.accelerator != accelerator:
             raise MigrationError("the VM state sent does not describe the machine announced in HELLO")
-        import dataclasses
-
-        state = dataclasses.replace(state, machine=machine)
-        try:
-            vm = restore_vm(state, memory, console_write, accel=accel)
-        except BaseException:
-            accel.close()
-            raise
+        phases["decode_ms"] = _ms_since(clock)
+        clock = time.monotonic()
+        vm = _load_state(vm, dataclasses.replace(state, machine=machine), console_write)
         memory = None  # the VM owns it
         _reset_vsock_connections(vm)
-        channel.send(ACK)
+        phases["load_ms"] = _ms_since(clock)
+        channel.send_json(ACK, phases)
         channel.expect(COMMIT)
     except BaseException as exc:
         message = user_error_message(exc) if isinstance(exc, (UserError, OSError)) else f"{type(exc).__name__}: {exc}"
         channel.send_error(f"the destination gave up: {message}")   # if the source still listens
         if vm is not None:
+            if memory is not None:
+                vm.release_memory()
             vm.close()
         if memory is not None:
             memory.close()
@@ -150,7 +159,27 @@ def receive(channel: Channel, console_write: Callable[[bytes], None], *,
         if isinstance(exc, (UserError, OSError)):
             raise MigrationError(f"the incoming migration failed: {message}") from None
         raise
-    return Incoming(vm, pages.pages, channel.bytes_received, time.monotonic() - started, channel.peer)
+    return Incoming(vm, pages.pages, channel.bytes_received, time.monotonic() - started, channel.peer, phases)
+
+
+def _load_state(vm, state, console_write: Callable[[bytes], None]):
+    """`state` loaded into the prepared `vm` (started, paused). A source whose device tree
+    changed after HELLO (a device hot-plugged meanwhile) gets a VM rebuilt from its state on
+    the same memory instead."""
+    from ..accel.select import choose_accelerator
+    from ..restore import finish_restore, restore_vm
+
+    if state.device_tree == vm.device_manager.tree.save():
+        finish_restore(vm, state)
+        return vm
+    log.info("migration: the device tree changed since HELLO: the VM is rebuilt from the state")
+    memory = vm.release_memory()     # on a failure the caller closes it
+    vm.close()
+    return restore_vm(state, memory, console_write, accel=choose_accelerator(state.accelerator).create())
+
+
+def _ms_since(clock: float) -> float:
+    return round((time.monotonic() - clock) * 1000, 2)
 
 
 def _reset_vsock_connections(vm) -> None:

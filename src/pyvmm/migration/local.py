@@ -30,6 +30,7 @@ class MigrationFigures:
     pages_sent: int         # data pages (zero pages went as markers)
     zero_pages: int
     mode: str               # precopy | stop-and-copy
+    phases: dict[str, float]  # where the downtime went (MigrationProgress.phases) + resume_ms
 
 
 def migrate_locally(vm, console_write: Callable[[bytes], None] = lambda data: None,
@@ -43,8 +44,10 @@ def migrate_locally(vm, console_write: Callable[[bytes], None] = lambda data: No
         def destination() -> None:
             try:
                 incoming = listener.receive(console_write, accept_timeout=60)
+                committed = time.monotonic()
                 incoming.vm.resume()
                 received["resumed_at"] = time.monotonic()
+                received["resume_ms"] = round((received["resumed_at"] - committed) * 1000, 2)
                 received["vm"] = incoming.vm
             except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
                 received["error"] = exc
@@ -66,4 +69,4 @@ def migrate_locally(vm, console_write: Callable[[bytes], None] = lambda data: No
     return received["vm"], MigrationFigures(
         total_s=received["resumed_at"] - started, downtime_ms=(received["resumed_at"] - migration.paused_at) * 1000,
         rounds=progress.round, bytes_sent=progress.bytes_sent, pages_sent=progress.pages_sent,
-        zero_pages=progress.zero_pages, mode=progress.mode)
+        zero_pages=progress.zero_pages, mode=progress.mode, phases={**progress.phases, "resume_ms": received["resume_ms"]})

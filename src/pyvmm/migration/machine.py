@@ -1,7 +1,8 @@
 """What the source says about its VM before any memory moves, and what the destination checks.
 
 HELLO carries the machine description (MachineDescription, as persist's dict), the
-accelerator and the RAM layout. The destination refuses, in one line, a machine it cannot
+accelerator, the RAM layout and the device tree (so the destination can build the VM while
+the guest still runs at the source). The destination refuses, in one line, a machine it cannot
 continue: another accelerator, RAM that is not the layout its memory would be, or (for a
 managed destination with a definition of its own) a guest-visible difference from that
 definition — vCPUs, memory, the device list, MACs, the vsock CID. Host-side resources
@@ -20,30 +21,34 @@ from typing import Any
 
 from ..arch.x86_64 import layout
 from ..config import MachineConfig
+from ..devmgr import DeviceTreeState
 from ..persist import StateError
 from ..vm_state import MachineDescription, VmState
 from .channel import MigrationError, StreamError
 
 
-def hello(state_machine: MachineDescription, accelerator: str, memory) -> dict[str, Any]:
+def hello(state_machine: MachineDescription, accelerator: str, memory, device_tree: DeviceTreeState) -> dict[str, Any]:
     return {"machine": state_machine.to_dict(), "accelerator": accelerator,
-            "ram": [[int(r.guest_base), r.size] for r in memory.regions]}
+            "ram": [[int(r.guest_base), r.size] for r in memory.regions], "device_tree": device_tree.to_dict()}
 
 
-def read_hello(value: dict[str, Any]) -> tuple[MachineDescription, str]:
-    """The machine and accelerator a HELLO names, or one StreamError line."""
+def read_hello(value: dict[str, Any]) -> tuple[MachineDescription, str, DeviceTreeState]:
+    """The machine, accelerator and device tree a HELLO names, or one StreamError line."""
     try:
         machine = MachineDescription.from_dict(value["machine"])
         accelerator = value["accelerator"]
         ram = [tuple(pair) for pair in value["ram"]]
-    except (KeyError, TypeError, ValueError) as exc:
+        device_tree = DeviceTreeState.from_dict(value["device_tree"])
+    except StateError as exc:
         raise StreamError(f"the source's HELLO is not valid: {exc}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise StreamError(f"the source's HELLO is not valid: {type(exc).__name__}: {exc}") from None
     wanted = [(spec.guest_base, spec.size) for spec in layout.ram_regions(machine.memory)]
     if ram != wanted:
         raise MigrationError(f"the source's RAM layout {ram} is not what {machine.memory >> 20} MiB is here ({wanted})")
     if accelerator not in ("kvm", "tcg"):
         raise MigrationError(f"the source runs on {accelerator!r}, which this pyvmm does not know")
-    return machine, accelerator
+    return machine, accelerator, device_tree
 
 
 # Fields the guest sees: they must match. The rest (paths, TAP, sockets) are host-side.

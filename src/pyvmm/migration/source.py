@@ -6,7 +6,7 @@
    the pages dirtied meanwhile, round after round, until the estimated time to send what
    is left fits the downtime limit.
 3. Pause; send the last dirty pages, the VmState and END; wait for the destination's ACK
-   (it has built the VM, paused); send COMMIT (the destination resumes it) and only then
+   (it built the VM when HELLO came and has loaded the state into it, paused); send COMMIT (the destination resumes it) and only then
    stop this VM, with outcome "migrated".
 
 Until the ACK has come the source owns the VM: any failure (connection cut, dead or
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DOWNTIME_MS = 300       # QEMU's default downtime limit
 DEFAULT_MAX_ROUNDS = 30
+SETTLED_MS = 2.0                # a final round estimated this short is not worth another round
+SHRINKING = 0.75                # a round leaving fewer than this share of the last one's pages helps
 CONNECT_TIMEOUT = 10.0
 ACK_TIMEOUT = 120.0             # the destination builds the VM before it answers
 CANCEL_GRACE = 2.0
@@ -76,7 +78,12 @@ class MigrationProgress:
     dirty_rate: float = 0.0      # pages dirtied per second in the last round
     rate: float = 0.0            # bytes/s the stream moved in the last round
     elapsed_s: float = 0.0
-    downtime_ms: float | None = None  # from pause to the destination's ACK (set at the end)
+    downtime_ms: float | None = None  # from pausing the VM to COMMIT sent (set at the end)
+    # Where the downtime went, in ms, in order: pause, dirty_sync, final_pages, save, disks,
+    # state (encode and send), ack (from END to the destination's ACK) and the destination's
+    # own destination_decode_ms and destination_load_ms within it, commit; prepare_ms: the
+    # destination building its VM before any memory moved (not downtime).
+    phases: dict[str, float] = field(default_factory=dict)
     total_s: float | None = None
     error: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)  # per round: pages, seconds, dirty
@@ -92,6 +99,14 @@ class MigrationProgress:
         return (f"{self.status}: round {self.round}, {self.bytes_sent / 2**20:.1f} MiB sent, "
                 f"{self.remaining_pages * PAGE / 2**20:.1f} MiB dirty, {self.dirty_rate * PAGE / 2**20:.1f} MiB/s dirtied, "
                 f"{self.rate / 2**20:.1f} MiB/s sent, {self.elapsed_s:.1f} s")
+
+    def downtime_line(self) -> str:
+        """Where the downtime went: 'pause 1.0 + dirty_sync 0.2 + ... ms'."""
+        parts = [f"{name.removesuffix('_ms')} {ms:.1f}" for name, ms in self.phases.items()
+                 if name != "prepare_ms" and not name.startswith("destination_")]
+        inside = [f"{name.removeprefix('destination_').removesuffix('_ms')} {ms:.1f}" for name, ms in self.phases.items()
+                  if name.startswith("destination_") and name != "destination_prepare_ms"]
+        return " + ".join(parts) + " ms" + (f" (destination: {', '.join(inside)} ms)" if inside else "")
 
 
 class Migration:
@@ -115,11 +130,14 @@ class Migration:
         self._final_dirty: Any = None  # the DirtyBitmap counted last, not yet sent
         self.paused_at: float | None = None  # time.monotonic() when this migration paused the VM
         self._disks_handed: list[Any] = []  # virtio-blk devices whose image lock is released
+        self._phases: dict[str, float] = {}
+        self._clock = 0.0                   # when the last downtime phase ended
 
     def progress(self) -> MigrationProgress:
         with self._lock:
             self._progress.elapsed_s = time.monotonic() - self._started if self._started else 0.0
-            return MigrationProgress(**{**asdict(self._progress), "history": list(self._progress.history)})
+            return MigrationProgress(**{**asdict(self._progress), "history": list(self._progress.history),
+                                        "phases": dict(self._progress.phases)})
 
     def cancel(self) -> None:
         """Stop the migration: the VM runs on here (unless the destination already has it).
@@ -170,9 +188,12 @@ class Migration:
         from ..vm_state import MachineDescription
 
         channel.send_preamble()
-        channel.send_json(HELLO, hello(MachineDescription.from_config(vm.machine), vm.accel.name, vm.memory))
+        channel.send_json(HELLO, hello(MachineDescription.from_config(vm.machine), vm.accel.name, vm.memory,
+                                       vm.device_manager.tree.save()))
         channel.receive_preamble()
+        clock = time.monotonic()
         channel.expect_json(READY)
+        self._phases["prepare_ms"] = _ms_since(clock)
         self._check_cancel()
 
         precopy = not vm.paused and self._start_tracking()
@@ -202,6 +223,7 @@ class Migration:
         vm, options = self.vm, self.options
         self._update(status="precopy", round=1)
         self._send_round(channel, None)
+        previous: int | None = None
         while True:
             dirty = vm.dirty_log(DIRTY_READER)
             count = dirty.count()
@@ -210,10 +232,13 @@ class Migration:
             if options.bandwidth:
                 rate = min(rate, options.bandwidth)
             self._update(remaining_pages=count, dirty_rate=count / max(last["seconds"], 1e-6))
-            if count * (PAGE + 16) / rate * 1000 <= options.downtime_ms:
+            step = next_step(count, previous, count * (PAGE + 16) / rate * 1000, options.downtime_ms,
+                             self._progress.round, options.max_rounds)
+            if step == "final":
                 self._final_dirty = dirty
                 return
-            if self._progress.round > options.max_rounds:
+            previous = count
+            if step == "fail":
                 raise MigrationError(
                     f"the migration does not converge: after {options.max_rounds} rounds the guest still dirties "
                     f"{self._progress.dirty_rate * PAGE / 2**20:.1f} MiB/s against {rate / 2**20:.1f} MiB/s sent "
@@ -228,29 +253,43 @@ class Migration:
             self._pause()
             last = vm.dirty_log(DIRTY_READER)
             last.merge(self._final_dirty)
+            self._phase("dirty_sync")
             self._update(round=self._progress.round + 1, remaining_pages=last.count())
             self._send_round(channel, last)
+        self._phase("final_pages")
         state = vm.save()
+        self._phase("save")
         self._hand_over_disks()
+        self._phase("disks")
         channel.send(STATE, encode_state(state))
         channel.send_json(END, {"pages": self._progress.pages_sent, "zero_pages": self._progress.zero_pages,
                                 "rounds": self._progress.round})
+        self._phase("state")
         saved_deadline = channel.deadline
         channel.deadline = min(saved_deadline or float("inf"), time.monotonic() + ACK_TIMEOUT)
-        channel.expect(ACK)
+        _, answer = channel.expect(ACK)
+        self._phase("ack")
+        self._phases.update({f"destination_{name}": value for name, value in _figures(answer).items()})
         # The destination holds the VM now: past this point this VM never runs again.
         channel.send(COMMIT)
         self._handed_over = True
+        self._phase("commit")
         downtime = (time.monotonic() - (self.paused_at or time.monotonic())) * 1000
         self._stop_tracking()
         channel.close()
         total = time.monotonic() - self._started
         # The figures first: whoever waits for the VM to end reads them as final.
         self._update(status="completed", downtime_ms=downtime, total_s=total, remaining_pages=0,
-                     bytes_sent=channel.bytes_sent)
+                     bytes_sent=channel.bytes_sent, phases=dict(self._phases))
         # Stopping wakes the parked run loops by itself; a resume() here would thaw guest time
         # on vCPUs whose threads are already ending.
         vm.request_stop(VmOutcome("migrated", EXIT_OK, f"migrated to {self.address}"))
+
+    def _phase(self, name: str) -> None:
+        """The downtime phase `name` ended now."""
+        now = time.monotonic()
+        self._phases[f"{name}_ms"] = round((now - self._clock) * 1000, 2)
+        self._clock = now
 
     def _send_round(self, channel: Channel, dirty) -> None:
         """One pass: all of RAM (dirty None) or the pages of a DirtyBitmap."""
@@ -291,10 +330,11 @@ class Migration:
     # --- helpers ------------------------------------------------------------------------------
 
     def _pause(self) -> None:
-        self.paused_at = time.monotonic()
+        self.paused_at = self._clock = time.monotonic()
         if not self.vm.paused:
             self.vm.pause()
             self._paused_here = True
+        self._phase("pause")
         if self.vm.stopped:
             raise MigrationError(f"the VM stopped during the migration ({self.vm.outcome.message})")
 
@@ -364,6 +404,39 @@ class Migration:
     def _notify(self) -> None:
         if self.on_progress is not None:
             self.on_progress(self.progress())
+
+
+def next_step(count: int, previous: int | None, estimate_ms: float, limit_ms: float, round: int,
+              max_rounds: int) -> str:
+    """After a pre-copy round that left `count` dirty pages (the round before left `previous`;
+    None after the first pass), whose sending is estimated at `estimate_ms`: "final" (pause
+    and send them), "again" (another round) or "fail" (no convergence). Within the limit is
+    enough to stop; but while each round still leaves markedly fewer pages, another short round
+    makes the pause shorter than the limit allows (a guest rewriting the same pages keeps
+    about as many dirty each round: then there is nothing to gain by waiting)."""
+    if estimate_ms <= limit_ms:
+        shrinking = previous is None or count < previous * SHRINKING
+        if estimate_ms <= SETTLED_MS or not shrinking or round > max_rounds:
+            return "final"
+        return "again"
+    return "fail" if round > max_rounds else "again"
+
+
+def _ms_since(clock: float) -> float:
+    return round((time.monotonic() - clock) * 1000, 2)
+
+
+def _figures(payload: bytes) -> dict[str, float]:
+    """The destination's phase figures in its ACK (nothing it sends there can fail the migration)."""
+    import json
+
+    try:
+        value = json.loads(payload) if payload else {}
+    except ValueError:
+        return {}
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): float(v) for k, v in value.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def migrate(vm, address: str, options: MigrationOptions | None = None, *,

@@ -170,7 +170,9 @@ class VirtioBlock(VirtioDevice):
 
     def __init__(self, path: str | os.PathLike, *, readonly: bool = False, serial: str | None = None,
                  num_queues: int = 1, queue_size: int = 256, rate_limit: RateLimit | None = None,
-                 timers: Timers | None = None, clock: Clock = time.monotonic_ns) -> None:
+                 timers: Timers | None = None, clock: Clock = time.monotonic_ns, lock: bool = True) -> None:
+        """`lock=False`: the image is opened without its lock (a migration's destination built
+        while the source still holds it); take_back_image() takes it."""
         path = os.fspath(path)
         if not 1 <= num_queues <= MAX_QUEUES:
             raise BlockError(f"virtio-blk: {num_queues} queues requested, between 1 and {MAX_QUEUES} allowed")
@@ -191,7 +193,8 @@ class VirtioBlock(VirtioDevice):
         fd = _open_image(path, readonly)
         try:
             st = os.fstat(fd)
-            _lock_image(fd, path, readonly)
+            if lock:
+                _lock_image(fd, path, readonly)
             size = os.lseek(fd, 0, os.SEEK_END)  # st_size is 0 for block devices
         except BaseException:
             os.close(fd)
