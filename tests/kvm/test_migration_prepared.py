@@ -157,3 +157,45 @@ def test_a_device_tree_changed_after_hello_gets_the_vm_rebuilt(monkeypatch, tmp_
     finally:
         incoming.vm.close()
 
+
+def _speak_until_ready(tmp_path, vm) -> Channel:
+    channel = Channel(connect(parse_address(f"unix:{tmp_path / 'dst.sock'}"), 10), "test")
+    channel.send_preamble()
+    channel.send_json(HELLO, hello(MachineDescription.from_config(vm.machine), vm.accel.name, vm.memory,
+                                   vm.device_manager.tree.save()))
+    channel.receive_preamble()
+    channel.expect_json(READY)
+    return channel
+
+
+@pytest.mark.parametrize("codec", ["state file", "plain JSON"])
+def test_the_state_travels_in_the_snapshot_state_file_format(codec, tmp_path):
+    """STATE carries a state file's bytes (the snapshot codec, checksummed and versioned):
+    the destination takes those, and refuses the bare JSON of a VmState in one line."""
+    import json
+
+    from pyvmm.migration.channel import ACK, END, STATE
+    from pyvmm.snapshot.state_file import encode_state
+
+    vm = build_vm(counting_config(), lambda data: None, accel=choose_accelerator("tcg").create())
+    destination = Destination(f"unix:{tmp_path / 'dst.sock'}")
+    try:
+        vm.pause()
+        state = vm.save()
+        channel = _speak_until_ready(tmp_path, vm)
+        payload = encode_state(state) if codec == "state file" else json.dumps(state.to_dict()).encode()
+        channel.send(STATE, payload)
+        channel.send_json(END, {})
+        if codec == "state file":
+            channel.expect(ACK)
+        else:
+            with pytest.raises(MigrationError, match="not a pyvmm state file"):
+                channel.expect(ACK)
+        channel.close()
+        destination.join()
+    finally:
+        vm.close()
+    if codec == "state file":     # no COMMIT came: the destination gave the VM up
+        assert "ended" in str(destination.error)
+    else:
+        assert "not a pyvmm state file" in str(destination.error) and "\n" not in str(destination.error)

@@ -25,7 +25,8 @@ from ..config import MachineConfig
 from ..errors import UserError, user_error_message
 from .channel import (ACK, COMMIT, END, HELLO, PAGES, READY, STATE, Address, Channel, MigrationError, StreamError,
                       accept, listen, parse_address)
-from .machine import decode_state, merge_machine, read_hello
+from ..snapshot.state_file import decode_state
+from .machine import merge_machine, read_hello
 from .pages import PageReceiver
 
 log = logging.getLogger(__name__)

@@ -9,21 +9,20 @@ definition — vCPUs, memory, the device list, MACs, the vsock CID. Host-side re
 (disk paths, TAP names, the vsock and console sockets) are the destination's own when it
 has a definition, so each side can name its own TAP.
 
-The VmState travels as bytes made by encode_state/decode_state (one place to change the
-container).
+The VmState travels as a state file's bytes (snapshot.state_file.encode_state/decode_state:
+one codec for snapshots and migration, versioned and checksummed).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 from ..arch.x86_64 import layout
 from ..config import MachineConfig
 from ..devmgr import DeviceTreeState
 from ..persist import StateError
-from ..vm_state import MachineDescription, VmState
+from ..vm_state import MachineDescription
 from .channel import MigrationError, StreamError
 
 
@@ -100,20 +99,3 @@ def _show(value: Any) -> str:
     if isinstance(value, int) and value >= 1 << 20:
         return f"{value >> 20} MiB"
     return repr(value)
-
-
-def encode_state(state: VmState) -> bytes:
-    """The VmState as the STATE frame carries it."""
-    return json.dumps(state.to_dict()).encode()
-
-
-def decode_state(data: bytes, source: str) -> VmState:
-    """A STATE frame's VmState; StateError naming `source` if it is not one."""
-    try:
-        value = json.loads(data)
-    except ValueError as exc:
-        raise StateError(f"{source}: the VM state is not valid JSON ({exc})") from None
-    state = VmState.from_dict(value)
-    if not isinstance(state, VmState):
-        raise StateError(f"{source}: not a VM state")
-    return state

@@ -26,7 +26,8 @@ from typing import Any, Callable
 from ..errors import UserError
 from ..vm import EXIT_OK, VmOutcome
 from .channel import ACK, COMMIT, END, HELLO, READY, STATE, Address, Channel, MigrationError, connect, parse_address
-from .machine import encode_state, hello
+from ..snapshot.state_file import encode_state
+from .machine import hello
 from .pages import FIRST_PASS, PAGE, PageWriter, send_all_ram, send_pages
 
 log = logging.getLogger(__name__)
