@@ -50,7 +50,10 @@ def build_vm(config: MachineConfig, console_write: Callable[[bytes], None], *, a
     `accel`: an accelerator instance (default: the one auto picks). `device_tree`: a recorded
     tree (a snapshot's) whose allocation the devices get again."""
     with ExitStack() as cleanup:
-        memory = GuestMemory.from_specs(layout.ram_regions(config.memory))
+        from .memory.backing import check_host
+
+        check_host(config.backing(), config.memory)
+        memory = GuestMemory.from_specs(layout.ram_regions(config.memory), config.backing())
         cleanup.callback(memory.close)
         machine = assemble(cleanup, config, console_write, memory, accel, device_tree)
         accel = machine.accel
@@ -267,6 +270,24 @@ def virtio_devices(config: MachineConfig, console_write, iothread, releases: lis
         from .devices.virtio.rng import VirtioRng
 
         yield "virtio-rng", "virtio-rng", VirtioRng(), config.rng
+    if config.balloon is not None:
+        yield "virtio-balloon", "virtio-balloon", _balloon(config, iothread, releases), config.balloon.transport
+
+
+def _balloon(config: MachineConfig, iothread, releases: list):
+    """The balloon, its statistics timer calling back on the I/O thread (held while the VM is paused)."""
+    from .devices.virtio.balloon import PAGE_SHIFT, VirtioBalloon
+
+    settings = config.balloon
+    assert settings is not None
+    device: VirtioBalloon | None = None
+    timer = DeadlineTimer(lambda: iothread.call_soon(device.poll_stats) if device is not None else None,
+                          name="pyvmm-balloon")
+    releases.append(timer.close)
+    device = VirtioBalloon(target_pages=settings.amount_mib << (20 - PAGE_SHIFT), deflate_on_oom=settings.deflate_on_oom,
+                           free_page_reporting=settings.free_page_reporting,
+                           stats_interval_s=settings.stats_interval_s, timer=timer.arm)
+    return device
 
 
 def _discard(data: bytes) -> None:

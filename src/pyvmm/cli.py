@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="virtio-vsock with guest CID N; host side as Unix sockets (PATH and PATH_PORT)")
     run.add_argument("--rng", nargs="?", const="pci", metavar="TRANSPORT", choices=("pci", "mmio"),
                      help="a virtio-rng fed from the host's entropy (transport pci by default, or mmio)")
+    run.add_argument("--balloon", nargs="?", const="", metavar="[amount=MIB][,deflate-on-oom][,free-page-reporting]"
+                     "[,stats=S][,transport=pci|mmio]",
+                     help="a virtio-balloon: its initial target (MiB taken from the guest), deflate on OOM, free page "
+                          "reporting (freed guest pages go back to the host), statistics every S seconds")
+    run.add_argument("--huge-pages", choices=("none", "2M", "transparent"), default="none",
+                     help="back guest RAM with 2 MiB hugetlb pages (reserved on the host) or transparent huge pages")
+    run.add_argument("--ksm", action="store_true", help="mark guest RAM mergeable by KSM (when the host runs it)")
     run.add_argument("--console", metavar="serial|virtio[,transport=pci|mmio]", default="serial",
                      help="the guest's console: serial (COM1, ttyS0; the default) or virtio (hvc0)")
     run.add_argument("--console-port", metavar="NAME=SOCKET", action="append", default=[],
@@ -173,9 +180,9 @@ _FLAGS = {"kernel": "--kernel", "initrd": "--initrd", "boot": "--boot", "cmdline
           "cpu_hide": "--cpu-hide", "disks": "--disk", "root_disk": "--root-disk", "nets": "--net", "vsock": "--vsock", "rng": "--rng",
           "console": "--console", "console_transport": "--console", "console_ports": "--console-port",
           "accel": "--accel", "timeout": "--timeout", "reboot": "--reboot", "console_log": "--console-log",
-          "system_map": "--system-map"}
+          "system_map": "--system-map", "balloon": "--balloon", "huge_pages": "--huge-pages", "ksm": "--ksm"}
 # Option keys inside a flag's value that are spelled differently from the field ("": unnamed).
-_OPTION_KEYS = {"vhost_user": "vhost-user", "path": ""}
+_OPTION_KEYS = {"vhost_user": "vhost-user", "path": "", "amount_mib": "amount", "stats_interval_s": "stats"}
 
 
 def cli_name(field: str) -> str:
@@ -187,7 +194,7 @@ def cli_name(field: str) -> str:
 
 
 def _cmd_run(args) -> int:
-    from .config import (ConfigError, ConsolePort, DiskConfig, MachineConfig, NetConfig, RunOptions, VsockConfig,
+    from .config import (BalloonConfig, ConfigError, ConsolePort, DiskConfig, MachineConfig, NetConfig, RunOptions, VsockConfig,
                          parse_size, parse_transport)
     from .console import Console
     from .accel.select import choose_accelerator
@@ -231,6 +238,8 @@ def _cmd_run(args) -> int:
         console=console_kind,
         console_transport=parse_transport(console_options, "console_transport"),
         console_ports=tuple(ConsolePort.parse(text, f"console_ports[{i}]") for i, text in enumerate(args.console_port)),
+        balloon=BalloonConfig.parse(args.balloon) if args.balloon is not None else None,
+        huge_pages=args.huge_pages, ksm=args.ksm,
     )
     options = RunOptions(accel=args.accel, timeout=args.timeout, reboot=args.reboot, console_log=args.console_log,
                          system_map=args.system_map)

@@ -21,7 +21,7 @@ from .arch.x86_64.cpuid import CpuidPolicy, UnknownFeature
 from .devices.rate_limiter import RateLimit
 from .errors import ConfigError
 
-__all__ = ["ConfigError", "ConsolePort", "DiskConfig", "MachineConfig", "NetConfig", "RateLimit", "RunOptions",
+__all__ = ["BalloonConfig", "ConfigError", "ConsolePort", "DiskConfig", "MachineConfig", "NetConfig", "RateLimit", "RunOptions",
            "VsockConfig", "TRANSPORTS", "DEFAULT_TRANSPORT", "parse_rate", "parse_size", "parse_transport"]
 
 _SIZE = re.compile(r"^\s*(\d+)\s*(?:([KMGT])(?:i?B)?|(B))?\s*$", re.IGNORECASE)
@@ -186,6 +186,42 @@ class VsockConfig:
 
 
 @dataclass(frozen=True)
+class BalloonConfig:
+    """A virtio-balloon: its initial target (MiB taken from the guest) and features."""
+    amount_mib: int = 0
+    deflate_on_oom: bool = False
+    stats_interval_s: int = 0           # seconds between guest statistics updates, 0: never
+    free_page_reporting: bool = False
+    transport: str = DEFAULT_TRANSPORT
+
+    @classmethod
+    def parse(cls, text: str, field: str = "balloon") -> "BalloonConfig":
+        """[amount=MIB][,deflate-on-oom][,free-page-reporting][,stats=SECONDS][,transport=pci|mmio]"""
+        flags = ("deflate-on-oom", "free-page-reporting", "on")
+        words, pairs = _options("on," + text, field, flags, ("amount", "stats", "transport"))
+        numbers = {}
+        for key in ("amount", "stats"):
+            try:
+                numbers[key] = int(pairs.get(key, "0"))
+            except ValueError:
+                raise ConfigError(f"{pairs[key]!r} is not a number", f"{field}.{key}") from None
+        balloon = cls(numbers["amount"], "deflate-on-oom" in words, numbers["stats"], "free-page-reporting" in words,
+                      pairs.get("transport", DEFAULT_TRANSPORT))
+        balloon.validate(field)
+        return balloon
+
+    def validate(self, field: str = "balloon", memory: int | None = None) -> None:
+        if self.amount_mib < 0:
+            raise ConfigError(f"{self.amount_mib}: the balloon's target cannot be negative", f"{field}.amount_mib")
+        if memory is not None and self.amount_mib << 20 > memory:
+            raise ConfigError(f"{self.amount_mib} MiB is more than the guest's {memory >> 20} MiB",
+                              f"{field}.amount_mib")
+        if not 0 <= self.stats_interval_s <= 0xFFFF:
+            raise ConfigError(f"{self.stats_interval_s}: must be 0..65535 seconds", f"{field}.stats_interval_s")
+        _check_transport(self.transport, f"{field}.transport")
+
+
+@dataclass(frozen=True)
 class ConsolePort:
     """A named virtio-console port whose host side is a Unix socket pyvmm listens on."""
     name: str
@@ -220,6 +256,14 @@ class MachineConfig:
     console: str = "serial"             # serial (COM1) | virtio (hvc0; COM1 stays for early messages)
     console_transport: str = DEFAULT_TRANSPORT
     console_ports: tuple[ConsolePort, ...] = ()
+    balloon: BalloonConfig | None = None
+    huge_pages: str = "none"            # none | 2M (hugetlb pages) | transparent (THP): memory/backing.py
+    ksm: bool = False                   # guest RAM mergeable by KSM
+
+    def backing(self):
+        from .memory.backing import Backing
+
+        return Backing(self.huge_pages, self.ksm)
 
     def validate(self, max_vcpus: int | None = None) -> None:
         if self.memory <= 0:
@@ -247,6 +291,17 @@ class MachineConfig:
             net.validate(f"nets[{index}]")
         if self.vsock is not None:
             self.vsock.validate("vsock")
+        if self.balloon is not None:
+            self.balloon.validate("balloon", self.memory)
+        from .memory.backing import HUGE_PAGES
+
+        if self.huge_pages not in HUGE_PAGES:
+            raise ConfigError(f"must be one of {', '.join(HUGE_PAGES)} (got {self.huge_pages!r})", "huge_pages")
+        if self.huge_pages == "2M" and self.ksm:
+            raise ConfigError(": KSM cannot merge hugetlb pages (use huge_pages=transparent with ksm)", "ksm")
+        if self.backing().anonymous and any(disk.vhost_user for disk in self.disks):
+            raise ConfigError(": a vhost-user disk maps guest RAM by its memfd, which KSM and transparent huge "
+                              "pages replace by private memory", "ksm" if self.ksm else "huge_pages")
         names = [port.name for port in self.console_ports]
         for index, name in enumerate(names):
             if name in names[:index]:

@@ -89,6 +89,8 @@ def expected_device_ids(config: MachineConfig) -> list[str]:
         ids.append(VSOCK_ID)
     if config.rng is not None:
         ids.append("virtio-rng")
+    if config.balloon is not None:
+        ids.append("virtio-balloon")
     return ids
 
 
@@ -122,6 +124,7 @@ def restore_vm(state: VmState, memory: GuestMemory, console_write: Callable[[byt
     `config`: the machine the caller expects (refused unless it is the state's). On an error
     nothing is left built and `memory` stays the caller's."""
     machine = check_state(state, memory, accel, config)
+    memory.advise(machine.backing())  # KSM / THP where the restored RAM is private memory
     if accel is not None and accel.name != state.accelerator:
         state = _converted(state, accel, machine)
     vsock_carried: VsockCarryover | None = carryover.vsock.pop(VSOCK_ID, None) if carryover is not None else None

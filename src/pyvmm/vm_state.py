@@ -21,11 +21,11 @@ from dataclasses import dataclass
 # a polymorphic field back by kind).
 from .accel.kvm import state as _kvm_state  # noqa: F401
 from .arch.x86_64.cpu_state import GuestCpuView, VcpuState
-from .config import ConsolePort, DiskConfig, MachineConfig, NetConfig, VsockConfig
+from .config import BalloonConfig, ConsolePort, DiskConfig, MachineConfig, NetConfig, VsockConfig
 from .devices.rate_limiter import RateLimit
 from .devices import legacy as _legacy  # noqa: F401
 from .devices.legacy import ged as _ged  # noqa: F401 - built by the builder, which a reader of a state need not import
-from .devices.virtio import blk, console, mmio, net, pci, rng, vhost_user_blk, vsock  # noqa: F401
+from .devices.virtio import balloon, blk, console, mmio, net, pci, rng, vhost_user_blk, vsock  # noqa: F401
 from .devmgr import DeviceTreeState
 from .errors import ConfigError
 from .persist import State
@@ -88,9 +88,21 @@ class ConsolePortDescription(State):
 
 
 @dataclass(frozen=True)
+class BalloonDescription(State):
+    KIND = "machine-balloon"
+    amount_mib: int
+    deflate_on_oom: bool
+    stats_interval_s: int
+    free_page_reporting: bool
+    transport: str
+
+
+@dataclass(frozen=True)
 class MachineDescription(State):
-    """config.MachineConfig as a state: the machine, whatever the run."""
+    """config.MachineConfig as a state: the machine, whatever the run. Version 2 added the
+    balloon and how guest RAM is backed (huge_pages, ksm)."""
     KIND = "machine"
+    VERSION = 2
     kernel: str | None
     initrd: str | None
     boot: str
@@ -108,6 +120,15 @@ class MachineDescription(State):
     console: str
     console_transport: str
     console_ports: tuple[ConsolePortDescription, ...]
+    balloon: BalloonDescription | None
+    huge_pages: str
+    ksm: bool
+
+    @classmethod
+    def upgrade(cls, version: int, fields: dict) -> dict:
+        if version == 1:
+            return {**fields, "balloon": None, "huge_pages": "none", "ksm": False}
+        return super().upgrade(version, fields)
 
     def validate(self) -> None:
         try:
@@ -123,6 +144,7 @@ class MachineDescription(State):
         fields["nets"] = tuple(NetDescription(**_plain(n)) for n in config.nets)
         fields["vsock"] = None if config.vsock is None else VsockDescription(**dataclasses.asdict(config.vsock))
         fields["console_ports"] = tuple(ConsolePortDescription(**dataclasses.asdict(p)) for p in config.console_ports)
+        fields["balloon"] = None if config.balloon is None else BalloonDescription(**dataclasses.asdict(config.balloon))
         return cls(**fields)
 
     def to_config(self) -> MachineConfig:
@@ -132,6 +154,7 @@ class MachineDescription(State):
         fields["nets"] = tuple(NetConfig(**_plain(n)) for n in self.nets)
         fields["vsock"] = None if self.vsock is None else VsockConfig(**_plain(self.vsock))
         fields["console_ports"] = tuple(ConsolePort(**_plain(p)) for p in self.console_ports)
+        fields["balloon"] = None if self.balloon is None else BalloonConfig(**_plain(self.balloon))
         return MachineConfig(**fields)
 
 

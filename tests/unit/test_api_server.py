@@ -103,6 +103,9 @@ def _valid_bodies(files) -> dict[str, tuple[str, str, dict]]:
         "AgentFile": ("PUT", "/pyvmm/agent/files", {"path": "/tmp/f", "content": ""}),
         "SnapshotCreateParams": ("PUT", "/snapshot/create", {"snapshot_path": "/tmp/s", "mem_file_path": "/tmp/m"}),
         "SnapshotLoadParams": ("PUT", "/snapshot/load", {"snapshot_path": "/tmp/s", "mem_file_path": "/tmp/m"}),
+        "Balloon": ("PUT", "/balloon", {"amount_mib": 0, "deflate_on_oom": False}),
+        "BalloonUpdate": ("PATCH", "/balloon", {"amount_mib": 0}),
+        "BalloonStatsUpdate": ("PATCH", "/balloon/statistics", {"stats_polling_interval_s": 1}),
     }
 
 

@@ -63,6 +63,15 @@ PATHS: dict[str, dict[str, Any]] = {
                                                       "NetworkInterface", path_param="iface_id")},
     "/vsock": {"put": _change("putGuestVsock", "The vsock device. Pre-boot only.", "Vsock")},
     "/entropy": {"put": _change("putEntropyDevice", "A virtio-rng device. Pre-boot only.", "EntropyDevice")},
+    "/balloon": {
+        "put": _change("putBalloon", "A virtio-balloon device. Pre-boot only.", "Balloon"),
+        "patch": _change("patchBalloon", "A new balloon target (amount_mib), before or after the start", "BalloonUpdate"),
+        "get": _get("describeBalloonConfig", "The balloon's configuration and current target", "Balloon", fault=True)},
+    "/balloon/statistics": {
+        "get": _get("describeBalloonStats", "The balloon's target and actual size and the guest's memory statistics. "
+                    "Post-boot only.", "BalloonStats", fault=True),
+        "patch": _change("patchBalloonStatsInterval", "How often the guest's statistics are refreshed. Post-boot "
+                         "(pyvmm: also before).", "BalloonStatsUpdate")},
     "/logger": {"put": _change("putLogger", "Send pyvmm's log to a file", "Logger")},
     "/metrics": {"put": _change("putMetrics", "Where FlushMetrics writes JSON metrics", "Metrics")},
     "/actions": {"put": _change("createSyncAction", "InstanceStart, SendCtrlAltDel (pyvmm: the ACPI power button), "
@@ -180,7 +189,7 @@ def schemas() -> dict[str, Any]:
             "drives": {"type": "array", "items": _ref("Drive")},
             "network-interfaces": {"type": "array", "items": _ref("NetworkInterface")},
             "vsock": _ref("Vsock"), "entropy": _ref("EntropyDevice"), "logger": _ref("Logger"),
-            "metrics": _ref("Metrics"), "pyvmm": _ref("PyvmmOptions")}),
+            "metrics": _ref("Metrics"), "pyvmm": _ref("PyvmmOptions"), "balloon": _ref("Balloon")}),
         "PyvmmStatus": _plain({
             "id": string,
             "state": {"type": "string", "enum": ["Not started", "Incoming", "Running", "Paused", "Stopped"]},
@@ -206,6 +215,10 @@ def schemas() -> dict[str, Any]:
                        "description": "where the downtime went, in ms (MigrationProgress.phases)"}},
             ("status", "round", "bytes_sent")),
         "PyvmmStats": _stats_schema(),
+        "BalloonStats": _plain({name: integer for name in (
+            "target_pages", "actual_pages", "target_mib", "actual_mib", "swap_in", "swap_out", "major_faults",
+            "minor_faults", "free_memory", "total_memory", "available_memory", "disk_caches", "hugetlb_allocations",
+            "hugetlb_failures")}, ("target_pages", "actual_pages", "target_mib", "actual_mib")),
         "AgentExecResult": _plain({"exit_status": {**integer, "description": "the exit code, or 128 + the signal"},
                                    "signal": {**integer, "description": "the signal that killed it, else 0"},
                                    "stdout": {"type": "string", "format": "byte"},
@@ -242,7 +255,13 @@ def _stats_schema() -> dict[str, Any]:
                                        "ring_failures": integer, "needs_reset": {"type": "boolean"}},
                         "required": ["kind", "requests", "malformed_chains", "ring_failures", "needs_reset"]}},
         "memory": _plain({"guest_ram_bytes": integer, "guest_ram_resident_bytes": integer,
-                          "process_rss_bytes": maybe_int, "vmm_overhead_bytes": maybe_int},
+                          "process_rss_bytes": maybe_int, "vmm_overhead_bytes": maybe_int,
+                          "huge_pages": {"type": "string", "enum": ["none", "2M", "transparent"]},
+                          "ksm": {"type": "boolean"},
+                          "ksm_merging_pages": {**maybe_int, "description": "this process's pages KSM merged"},
+                          "balloon_target_bytes": integer, "balloon_actual_bytes": integer,
+                          "guest_free_bytes": maybe_int, "guest_available_bytes": maybe_int,
+                          "guest_cached_bytes": maybe_int, "guest_total_bytes": maybe_int},
                          ("guest_ram_bytes", "guest_ram_resident_bytes")),
     }, ("state", "vcpu_count", "exits", "exits_total", "vcpus", "devices", "memory"))
 

@@ -51,8 +51,11 @@ MACHINE_CONFIG = (
     _f("track_dirty_pages", "boolean", "log the guest pages written from InstanceStart on (Diff snapshots need it)", default=False),
     _f("cpu_template", "string", "CPU template (pyvmm: None only; hide features with pyvmm.cpu_hide)",
        enum=("C3", "T2", "T2S", "T2CL", "T2A", "V1N1", "None"), default="None", supported=("None",)),
-    _f("huge_pages", "string", "huge pages backing guest RAM (pyvmm: None only)",
-       enum=("None", "Transparent", "2M"), default="None", supported=("None",)),
+    _f("huge_pages", "string", "huge pages backing guest RAM: 2M from the host's hugetlb pool, Transparent "
+       "(pyvmm) transparent huge pages; refused when the host has none", enum=("None", "Transparent", "2M"),
+       default="None"),
+    _f("ksm", "boolean", "pyvmm: guest RAM mergeable by KSM (same pages of this and other VMs shared while the "
+       "host's KSM runs)", default=False),
 )
 BOOT_SOURCE = (
     _f("kernel_image_path", "string", "host path of the kernel (bzImage, vmlinux, ELF, Multiboot)", required=True),
@@ -125,6 +128,21 @@ SNAPSHOT_CREATE = (
        "(needs machine-config track_dirty_pages); merge a Diff onto its base with pyvmm.snapshot.merge_diff",
        enum=("Full", "Diff"), default="Full"),
 )
+BALLOON = (
+    _f("amount_mib", "integer", "target balloon size in MiB (memory taken from the guest)", required=True,
+       minimum=0, maximum=1 << 20),
+    _f("deflate_on_oom", "boolean", "let the guest deflate the balloon when it runs out of memory", required=True),
+    _f("stats_polling_interval_s", "integer", "seconds between guest statistics updates (0: none)", minimum=0,
+       maximum=0xFFFF, default=0),
+    _f("free_page_hinting", "boolean", "free page hinting (pyvmm: false only; use free_page_reporting)",
+       default=False, supported=(False,)),
+    _f("free_page_reporting", "boolean", "the guest reports pages it frees, which go back to the host",
+       default=False),
+)
+BALLOON_UPDATE = (_f("amount_mib", "integer", "target balloon size in MiB", required=True, minimum=0,
+                     maximum=1 << 20),)
+BALLOON_STATS_UPDATE = (_f("stats_polling_interval_s", "integer", "seconds between guest statistics updates (0: "
+                           "none)", required=True, minimum=0, maximum=0xFFFF),)
 MEMORY_BACKEND = (
     _f("backend_type", "string", "File: backend_path is the memory file; Uffd: backend_path is the socket of a "
        "page-fault handler, which is sent the userfaultfd and the RAM mappings", required=True,
@@ -196,6 +214,7 @@ RESOURCES: dict[str, tuple[Field, ...]] = {
     "AgentExec": AGENT_EXEC, "AgentFile": AGENT_FILE,
     "SnapshotCreateParams": SNAPSHOT_CREATE, "SnapshotLoadParams": SNAPSHOT_LOAD, "MemoryBackend": MEMORY_BACKEND,
     "NetworkOverride": NETWORK_OVERRIDE, "VsockOverride": VSOCK_OVERRIDE, "Clone": CLONE,
+    "Balloon": BALLOON, "BalloonUpdate": BALLOON_UPDATE, "BalloonStatsUpdate": BALLOON_STATS_UPDATE,
 }
 
 _TYPES: dict[str, tuple[type, ...]] = {"string": (str,), "integer": (int,), "boolean": (bool,), "object": (dict,), "array": (list,)}
@@ -300,6 +319,9 @@ def check_logger(body: Any, prefix: str = "") -> dict[str, Any]:
     return check_body(logger, LOGGER, prefix)
 
 
+_HUGE_PAGES = {"None": "none", "2M": "2M", "Transparent": "transparent"}
+
+
 @dataclass
 class VmSpec:
     """A whole VM as Firecracker's full configuration describes it, plus pyvmm's options.
@@ -315,6 +337,7 @@ class VmSpec:
     logger: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = None
     pyvmm: dict[str, Any] = dataclass_field(default_factory=dict)
+    balloon: dict[str, Any] | None = None
 
     def copy(self) -> "VmSpec":
         return copy.deepcopy(self)
@@ -332,7 +355,7 @@ class VmSpec:
         document["drives"] = [dict(d) for d in self.drives.values()]
         document["network-interfaces"] = [dict(n) for n in self.interfaces.values()]
         for key, value in (("vsock", self.vsock), ("entropy", self.entropy), ("logger", self.logger),
-                           ("metrics", self.metrics)):
+                           ("metrics", self.metrics), ("balloon", self.balloon)):
             if value is not None:
                 document[key] = dict(value)
         if self.pyvmm:
@@ -347,7 +370,7 @@ class VmSpec:
         if not isinstance(document, dict):
             raise ConfigError(f"a VM description must be an object/table (got {type(document).__name__})")
         known = ("machine-config", "boot-source", "drives", "network-interfaces", "vsock", "entropy", "logger",
-                 "metrics", "pyvmm", *extra)
+                 "metrics", "pyvmm", "balloon", *extra)
         for key in document:
             if key not in known:
                 raise ConfigError(f"is not a known section (known: {', '.join(known)})", str(key))
@@ -373,7 +396,7 @@ class VmSpec:
                     spec.put_drive(checked, f"{prefix}is_root_device")
                 else:
                     target[checked[id_key]] = checked
-        for key, fields in (("vsock", VSOCK), ("entropy", ENTROPY), ("metrics", METRICS)):
+        for key, fields in (("vsock", VSOCK), ("entropy", ENTROPY), ("metrics", METRICS), ("balloon", BALLOON)):
             if key in document:
                 setattr(spec, key, check_body(document[key], fields, f"{key}.", what=key))
         if "logger" in document:
@@ -387,7 +410,7 @@ class VmSpec:
         """The MachineConfig and RunOptions this spec describes (the default guest's kernel is
         filled in later, by runner.with_default_guest). MachineConfig's own errors are
         renamed to this document's fields."""
-        from ..config import DiskConfig, MachineConfig, NetConfig, RunOptions, VsockConfig
+        from ..config import BalloonConfig, DiskConfig, MachineConfig, NetConfig, RunOptions, VsockConfig
 
         boot = self.boot_source or {}
         cmdline = boot.get("boot_args", "") if self.boot_source is not None else self.pyvmm.get("kernel_args", "")
@@ -409,7 +432,12 @@ class VmSpec:
                        for n in self.interfaces.values()),
             vsock=VsockConfig(vsock["guest_cid"], vsock["uds_path"], transport) if vsock is not None else None,
             rng=transport if self.entropy is not None else None,
-            console=self.pyvmm.get("console", "serial"), console_transport=transport)
+            console=self.pyvmm.get("console", "serial"), console_transport=transport,
+            balloon=None if self.balloon is None else BalloonConfig(
+                self.balloon["amount_mib"], self.balloon["deflate_on_oom"],
+                self.balloon.get("stats_polling_interval_s", 0), self.balloon.get("free_page_reporting", False),
+                transport),
+            huge_pages=_HUGE_PAGES[self.machine.get("huge_pages", "None")], ksm=self.machine.get("ksm", False))
         options = RunOptions(accel=self.pyvmm.get("accel", "auto"))
         try:
             machine.validate()
@@ -427,7 +455,8 @@ class VmSpec:
                   "kernel": "boot-source.kernel_image_path", "initrd": "boot-source.initrd_path",
                   "cmdline": "boot-source.boot_args" if self.boot_source is not None else "pyvmm.kernel_args",
                   "cpu_hide": "pyvmm.cpu_hide", "console": "pyvmm.console",
-                  "accel": "pyvmm.accel", "rng": "entropy"}
+                  "accel": "pyvmm.accel", "rng": "entropy", "huge_pages": "machine-config.huge_pages",
+                  "ksm": "machine-config.ksm"}
         if top in simple:
             return simple[top]
         match = re.match(r"(disks|nets)\[(\d+)\]", top)
@@ -439,6 +468,8 @@ class VmSpec:
         if match:
             iface = list(self.interfaces)[int(match.group(2))]
             return f"network-interfaces[{iface}].{ {'mac': 'guest_mac', 'tap': 'host_dev_name'}.get(rest, rest)}"
+        if top == "balloon":
+            return f"balloon.{ {'stats_interval_s': 'stats_polling_interval_s'}.get(rest, rest)}" if rest else "balloon"
         if top == "vsock":
             return f"vsock.{ {'cid': 'guest_cid', 'uds': 'uds_path'}.get(rest, rest)}" if rest else "vsock"
         return field

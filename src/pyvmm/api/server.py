@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from .. import __version__
 from ..errors import ConfigError, UserError, user_error_message
-from . import agent, memory
+from . import agent, balloon, memory
 from .instance import VmInstance
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,11 @@ ROUTES: tuple[Route, ...] = (
     Route("PUT", "/network-interfaces/{iface_id}", lambda i, p, b: i.put_interface(p["iface_id"], b), body=True),
     Route("PUT", "/vsock", lambda i, p, b: i.put_vsock(b), body=True),
     Route("PUT", "/entropy", lambda i, p, b: i.put_entropy(b), body=True),
+    Route("PUT", "/balloon", lambda i, p, b: balloon.put(i, b), body=True),
+    Route("PATCH", "/balloon", lambda i, p, b: balloon.patch(i, b), body=True),
+    Route("GET", "/balloon", lambda i, p, b: balloon.get(i)),
+    Route("GET", "/balloon/statistics", lambda i, p, b: balloon.statistics(i)),
+    Route("PATCH", "/balloon/statistics", lambda i, p, b: balloon.patch_statistics(i, b), body=True),
     Route("PUT", "/logger", lambda i, p, b: i.put_logger(b), body=True),
     Route("PUT", "/metrics", lambda i, p, b: i.put_metrics(b), body=True),
     Route("PUT", "/actions", lambda i, p, b: i.action(b), body=True),

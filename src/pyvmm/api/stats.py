@@ -7,7 +7,9 @@
 - devices: every virtio device's transport-independent counters (requests, malformed chains,
   rings the guest broke) with the model's own (bytes, errors, drops).
 - memory: guest RAM resident (mincore over each RAM region's mapping) and the VMM's own
-  resident memory beside it (the process's VmRSS less the guest RAM it holds).
+  resident memory beside it (the process's VmRSS less the guest RAM it holds); how RAM is
+  backed (huge pages, KSM) and this process's pages KSM merged; with a balloon, its target
+  and actual size and the guest's free/available/cached/total memory from its statistics.
 Counters are cumulative since the VM (re)booted; rates are the reader's business (top).
 """
 
@@ -60,11 +62,28 @@ def device_stats(vm: Any) -> dict[str, dict[str, Any]]:
 
 
 def memory_stats(vm: Any, rss: int | None) -> dict[str, Any]:
+    from ..memory.backing import process_ksm
+
     regions = getattr(vm.memory, "regions", [])
     guest = sum(region.size for region in regions)
     resident = sum(region.resident_bytes() for region in regions)
-    return {"guest_ram_bytes": guest, "guest_ram_resident_bytes": resident, "process_rss_bytes": rss,
-            "vmm_overhead_bytes": None if rss is None else max(rss - resident, 0)}
+    machine = getattr(vm, "machine", None)
+    ksm = process_ksm()
+    result = {"guest_ram_bytes": guest, "guest_ram_resident_bytes": resident, "process_rss_bytes": rss,
+              "vmm_overhead_bytes": None if rss is None else max(rss - resident, 0),
+              "huge_pages": getattr(machine, "huge_pages", "none"), "ksm": bool(getattr(machine, "ksm", False)),
+              "ksm_merging_pages": None if ksm is None else ksm.get("merging_pages")}
+    balloon = getattr(vm, "devices", {}).get("virtio-balloon")
+    if balloon is not None:
+        seen = balloon.statistics()
+        result.update({"balloon_target_bytes": seen["target_pages"] << 12, "balloon_actual_bytes": seen["actual_pages"] << 12,
+                       **{f"guest_{name}_bytes": seen.get(key) for name, key in _GUEST_MEMORY.items()}})
+    return result
+
+
+# pyvmm's names for the balloon's guest statistics (bytes, as the guest reports them; null until it has)
+_GUEST_MEMORY = {"free": "free_memory", "available": "available_memory", "cached": "disk_caches",
+                 "total": "total_memory"}
 
 
 def collect(vm: Any, rss: int | None) -> dict[str, Any]:

@@ -52,6 +52,7 @@ DEFAULT_MODULES: tuple[str, ...] = (
     "virtio_net",
     "virtio_console",
     "virtio-rng",
+    "virtio_balloon",  # the balloon: inflate/deflate, statistics, free page reporting
     "vsock",
     "vmw_vsock_virtio_transport_common",
     "vmw_vsock_virtio_transport",

@@ -14,7 +14,7 @@ from ..errors import UserError
 
 COMMANDS = ("define", "undefine", "start", "list", "dominfo", "info", "domstate", "suspend", "pause", "resume",
             "destroy", "reboot", "shutdown", "console", "create", "clone", "domstats", "top", "migrate",
-            "migrate-cancel", "snapshot", "save", "restore")
+            "migrate-cancel", "snapshot", "save", "restore", "setmem")
 
 DEFINE_HELP = ("A definition is Firecracker's configuration (sections machine-config, boot-source, drives, "
                "network-interfaces, vsock, entropy) plus a [pyvmm] table (accel, console, cpu_hide, on_reboot), "
@@ -33,6 +33,9 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     define.add_argument("--name", help="the VM's name (default: the file's name key, else its stem)")
     define.add_argument("--replace", action="store_true", help="replace an existing definition of that name")
     command("undefine", "remove a VM's definition and its records (not its disks)")
+    from .balloon_cli import register as register_balloon
+
+    register_balloon(command)
     start = command("start", "start a defined VM in the background")
     start.add_argument("--console", action="store_true", help="attach to its console at once")
     start.add_argument("--incoming", metavar="ADDRESS", help="do not boot: wait for a live migration of this VM at "
@@ -196,6 +199,10 @@ def run(args) -> int:
 
 
 def _vm_command(name: str, vm, args) -> int:
+    if name == "setmem":
+        from .balloon_cli import setmem
+
+        return setmem(vm, args)
     if name == "undefine":
         vm.undefine()
         print(f"Domain '{vm.name}' has been undefined")

@@ -33,6 +33,7 @@ from urllib.parse import urlencode
 from ..errors import UserError
 from . import definitions
 from .launch import launch, wait_exit
+from .balloon_client import BalloonMethods
 from .memory_client import MemoryMethods
 from .records import RunDir, UnknownVm, VmExists, check_name, config_dir, run_root
 
@@ -129,7 +130,7 @@ class VmInfo:
         return self.state in ACTIVE
 
 
-class VmHandle(MemoryMethods):
+class VmHandle(MemoryMethods, BalloonMethods):
     """One VM by name: defined, running, or both."""
 
     def __init__(self, host: "Host", name: str) -> None:

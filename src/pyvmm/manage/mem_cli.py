@@ -5,6 +5,9 @@
         guest-physical, host-virtual and host-physical address (and KVM_TRANSLATE's answer on
         KVM); a GVA the walk cannot map prints the walk up to where it stopped, then one error
         line, exit status 2
+    pyvmm mem stats NAME [--json]
+        resident guest RAM, pages KSM merged, the balloon's target and size, the guest's free
+        memory (balloon_cli.py)
     pyvmm mem read NAME ADDR LEN [--physical] [--vcpu N] [--output FILE]
         LEN bytes at guest-virtual ADDR (through vCPU N's page tables) or guest-physical ADDR
         (--physical), as a hex dump, or raw into FILE ('-': stdout)
@@ -43,6 +46,10 @@ def register_cli(subparsers, common: argparse.ArgumentParser) -> None:
     read.add_argument("--physical", action="store_true", help="ADDR is guest-physical")
     read.add_argument("--vcpu", type=int, default=0, metavar="N", help="whose page tables (default 0)")
     read.add_argument("--output", "-o", metavar="FILE", help="write the raw bytes to FILE ('-': stdout)")
+    stats = commands.add_parser("stats", parents=[common], help="the VM's memory: guest RAM resident on the host, "
+                                "pages KSM merged, the balloon's target and size, the guest's free memory")
+    stats.add_argument("name", metavar="NAME", help="the VM's name")
+    stats.add_argument("--json", action="store_true", help="the API's answer as JSON")
 
 
 def parse_address(text: str, what: str) -> int:
@@ -67,6 +74,10 @@ def run_mem_command(args: argparse.Namespace) -> int:
     from .client import connect
 
     vm = connect().vm(args.name)
+    if args.mem_command == "stats":
+        from .balloon_cli import print_memory_stats
+
+        return print_memory_stats(vm, args.json)
     if args.vcpu < 0:
         raise UserError(f"--vcpu: {args.vcpu} is not a vCPU index")
     if args.mem_command == "translate":

@@ -15,6 +15,7 @@ from typing import Callable
 
 from ..errors import UserError
 from .address import GuestAddress
+from .backing import DEFAULT_BACKING, HUGETLB_PAGE, Backing, apply_advice
 
 
 _U16, _U32, _U64 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<Q")
@@ -41,24 +42,31 @@ class MemoryRegion:
     file must not change while it is mapped."""
 
     def __init__(self, guest_base: int, size: int, *, name: str = "pyvmm-ram",
-                 file: tuple[int, int] | None = None) -> None:
+                 file: tuple[int, int] | None = None, backing: Backing = DEFAULT_BACKING) -> None:
         if size <= 0 or size % mmap.PAGESIZE or guest_base % mmap.PAGESIZE:
             raise GuestMemoryError(f"RAM region {guest_base:#x}+{size:#x} is not page aligned")
         self.guest_base = GuestAddress(guest_base)
         self.size = size
         self.fd = -1
+        self.backing = backing
+        # the unit a discard frees: a huge page cannot be returned in part
+        self.discard_unit = HUGETLB_PAGE if backing.hugetlb and file is None else mmap.PAGESIZE
         try:
-            if file is None:
-                self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
-                os.ftruncate(self.fd, size)
-                self.mmap = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            else:
+            if file is not None:
                 self.mmap = mmap.mmap(file[0], size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE,
                                       offset=file[1])
+            elif backing.anonymous:
+                self.mmap = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, mmap.PROT_READ | mmap.PROT_WRITE)
+            else:
+                self.fd = os.memfd_create(name, os.MFD_CLOEXEC | (os.MFD_HUGETLB if backing.hugetlb else 0))
+                os.ftruncate(self.fd, size)
+                self.mmap = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            apply_advice(self.mmap, backing)
         except OSError as exc:
             if self.fd >= 0:
                 os.close(self.fd)
-            raise GuestMemoryError(f"cannot allocate {size >> 20} MiB of guest RAM: {exc.strerror}") from None
+            what = " on hugetlb pages (too few reserved?)" if backing.hugetlb else ""
+            raise GuestMemoryError(f"cannot allocate {size >> 20} MiB of guest RAM{what}: {exc.strerror}") from None
         self.view = memoryview(self.mmap)
         self._anchor = ctypes.c_char.from_buffer(self.mmap)
         self.host_address = ctypes.addressof(self._anchor)
@@ -85,6 +93,21 @@ class MemoryRegion:
         if _libc.mincore(ctypes.c_void_p(self.host_address), ctypes.c_size_t(self.size), vector) != 0:
             raise OSError(ctypes.get_errno(), "mincore failed")
         return sum(byte & 1 for byte in bytes(vector)) * page
+
+    def discard(self, offset: int, length: int) -> int:
+        """Give [offset, offset+length) of the region back to the host: the pages read as zero
+        afterwards (or, in a private copy of a file, as the file's bytes) and take no host RAM
+        until touched again. Only whole discard units inside the range go; returns the bytes freed."""
+        unit = self.discard_unit
+        start = -(-offset // unit) * unit
+        end = min((offset + length) // unit * unit, self.size)
+        if end <= start:
+            return 0
+        # A memfd's pages live in the file: MADV_REMOVE punches the hole there (as
+        # FALLOC_FL_PUNCH_HOLE would) and unmaps them. Private memory just drops its pages.
+        advice = mmap.MADV_REMOVE if self.fd >= 0 else mmap.MADV_DONTNEED
+        self.mmap.madvise(advice, start, end - start)
+        return end - start
 
     def close(self) -> None:
         if self._closed:
@@ -117,8 +140,34 @@ class GuestMemory:
         self.on_close: list[Callable[[], None]] = []
 
     @classmethod
-    def from_specs(cls, specs: list[RegionSpec]) -> "GuestMemory":
-        return cls([MemoryRegion(s.guest_base, s.size) for s in specs])
+    def from_specs(cls, specs: list[RegionSpec], backing: Backing = DEFAULT_BACKING) -> "GuestMemory":
+        regions: list[MemoryRegion] = []
+        try:
+            for spec in specs:
+                regions.append(MemoryRegion(spec.guest_base, spec.size, backing=backing))
+        except BaseException:
+            for region in regions:
+                region.close()
+            raise
+        return cls(regions)
+
+    def discard(self, address: int, length: int) -> int:
+        """Return guest-physical [address, address+length) to the host (a balloon inflating,
+        free pages reported). Code the software CPU translated from it is dropped, as after a
+        device write. Parts outside RAM are ignored; returns the bytes freed."""
+        freed = 0
+        for base, end, _ in self._spans:
+            low, high = max(address, base), min(address + length, end)
+            if low < high:
+                freed += self.region_for(low).discard(low - base, high - low)
+        if freed and self.on_device_write is not None:
+            self.on_device_write(address, length)
+        return freed
+
+    def advise(self, backing: Backing) -> None:
+        """Apply `backing`'s advice (KSM, THP) to memory made another way (a snapshot's file)."""
+        for region in self.regions:
+            apply_advice(region.mmap, backing)
 
     @property
     def size(self) -> int:

@@ -112,7 +112,7 @@ def receive(channel: Channel, console_write: Callable[[bytes], None], *,
             raise MigrationError(f"the VM runs on {accelerator} at the source, which this host cannot: "
                                  f"{user_error_message(exc)}") from None
         try:
-            memory = GuestMemory.from_specs(layout.ram_regions(machine.memory))
+            memory = GuestMemory.from_specs(layout.ram_regions(machine.memory), machine.to_config().backing())
         except BaseException:
             accel.close()
             raise

@@ -51,7 +51,7 @@ def read_hello(value: dict[str, Any]) -> tuple[MachineDescription, str, DeviceTr
 
 
 # Fields the guest sees: they must match. The rest (paths, TAP, sockets) are host-side.
-_GUEST_FIELDS = ("memory", "cpus", "flat_64bit", "cpu_hide", "rng", "console", "console_transport")
+_GUEST_FIELDS = ("memory", "cpus", "flat_64bit", "cpu_hide", "rng", "console", "console_transport", "balloon")
 
 
 def merge_machine(incoming: MachineDescription, local: MachineConfig | None) -> MachineDescription:

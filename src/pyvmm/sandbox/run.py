@@ -23,7 +23,8 @@ _MACHINE_OPTIONS: tuple[tuple[str, object, str], ...] = (("kernel", None, "--ker
                     ("entry_64", False, "--entry-64"), ("reboot", False, "--reboot"), ("cpu_hide", "", "--cpu-hide"),
                     ("system_map", None, "--system-map"), ("disk", [], "--disk"), ("root_disk", None, "--root-disk"),
                     ("net", [], "--net"), ("vsock", None, "--vsock"), ("rng", None, "--rng"),
-                    ("console", "serial", "--console"), ("console_port", [], "--console-port"))
+                    ("console", "serial", "--console"), ("console_port", [], "--console-port"),
+                    ("balloon", None, "--balloon"), ("huge_pages", "none", "--huge-pages"), ("ksm", False, "--ksm"))
 
 
 def warm_refusal(args) -> str | None:
