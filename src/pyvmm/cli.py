@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
                      help="CPU backend: kvm (hardware), tcg (software CPU) or auto (default: KVM when it runs "
                           "guest kernel code natively, else the software CPU)")
+    run.add_argument("--seccomp", choices=("kill", "log", "off"),
+                     help="system-call filters once the VM is set up (seccomp/allowlist.py): kill the VM's process "
+                          "on a call outside them, log it (kernel log), or off (default: $PYVMM_SECCOMP, else off)")
     run.add_argument("--cpu-hide", metavar="FEATURES", default="",
                      help="comma-separated CPUID features to hide from the guest, e.g. xsave,cx16")
     run.add_argument("--system-map", metavar="PATH",
@@ -208,6 +211,9 @@ def _cmd_run(args) -> int:
     command = words[1:]
     if args.demo and (args.kernel or command):
         raise ConfigError("--demo boots the built-in demo kernel: it takes no --kernel and no command")
+    from . import seccomp
+
+    seccomp.configure(args.seccomp or seccomp.default_mode())
     if command and not args.cold:
         from .sandbox.run import run_from_snapshot, warm_refusal
 

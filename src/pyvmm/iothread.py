@@ -63,6 +63,8 @@ class IoThread:
         self._held = False  # the thread is waiting in _wait_while_paused
         self._timers: list[tuple[int, int, TimerHandle]] = []  # a heap: (deadline ns, sequence, handle)
         self._sequence = itertools.count()
+        # Run first in the thread (the Vm stacks the I/O thread's seccomp filter there).
+        self.thread_init: Callable[[], None] | None = None
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
         """Call `callback()` on the I/O thread whenever `fd` is readable (level-triggered)."""
@@ -169,6 +171,8 @@ class IoThread:
 
     def _run(self) -> None:
         try:
+            if self.thread_init is not None:
+                self.thread_init()
             while not self._stopping:
                 if self._pause_wanted:
                     self._wait_while_paused()

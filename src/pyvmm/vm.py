@@ -111,7 +111,13 @@ class Vm:
     # --- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
+        from . import seccomp
+
+        # Set-up is over: the process filter goes in before the VM's threads exist, each of
+        # which stacks its own kind's filter first thing (seccomp/__init__.py: why this order).
+        seccomp.install_process_filter(spawn=self._runs_helpers())
         if self.iothread is not None:
+            self.iothread.thread_init = lambda: seccomp.enter_thread("io", "vmm-io")
             self.iothread.start()
         loops = self.accel.run_loops(self)
         self._running = len(loops)
@@ -400,8 +406,16 @@ class Vm:
 
     # --- the run-loop threads ----------------------------------------------------------------
 
+    def _runs_helpers(self) -> bool:
+        """Whether this machine starts helper programs after set-up: a tap=auto NIC makes and
+        removes its network namespace with `ip` (net/netns.py)."""
+        return self.machine is not None and any(net.tap == "auto" for net in self.machine.nets)
+
     def _thread_main(self, loop: RunLoop) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, _HOST_SIGNALS)
+        from . import seccomp
+
+        seccomp.enter_thread(loop.seccomp_kind, f"vmm-{loop.name}")
         for vcpu in loop.vcpus:
             vcpu.thread_ident = threading.get_ident()
         self.run_loop_threads[loop.label] = threading.get_native_id()

@@ -95,6 +95,7 @@ class RunLoop:
     label: str                      # how errors name it ("vCPU 0", "tcg")
     run: Callable[[], None]
     vcpus: list[Vcpu] = field(default_factory=list)  # the vCPUs this thread runs
+    seccomp_kind: str = "vcpu"      # its filter in seccomp/allowlist.py: vcpu (KVM) or tcg
 
 
 class Accelerator(Protocol):

@@ -185,6 +185,9 @@ PYVMM_OPTIONS = (
     _f("kernel_args", "string", "kernel command line added to the default guest's (with boot-source, "
        "use boot_args)"),
     _f("description", "string", "free text"),
+    _f("seccomp", "string", "system-call filters in the VM's process once it is set up (kill: a call outside "
+       "the allow-list kills the process with SIGSYS; log: the kernel logs it; default: $PYVMM_SECCOMP, else off)",
+       enum=("kill", "log", "off")),
 )
 
 _CONNECT = _f("connect_timeout", "integer", "seconds to wait for the guest's agent to answer (default 10)",

@@ -6,8 +6,8 @@ Like Firecracker it runs in the foreground, one VM per process: it serves the AP
 InstanceStart), puts the guest's serial console on its stdout and its stdin on the serial
 port, and exits when the VM stops (a guest reboot ends it too, as Firecracker's does); SIGTERM and SIGINT stop the VM cleanly
 and end the process with status 0.
-Flags that mean nothing to pyvmm (seccomp, metadata, boot timer...) are accepted and
-ignored with a log line. Guests told `pci=off` (as Firecracker's usually are) get their
+Flags that mean nothing to pyvmm (metadata, boot timer, a BPF --seccomp-filter...) are
+accepted and ignored with a log line; --no-seccomp turns pyvmm's filters off. Guests told `pci=off` (as Firecracker's usually are) get their
 virtio devices on virtio-mmio, which they find through ACPI.
 """
 
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 IGNORED_WITH_VALUE = ("--http-api-max-payload-size", "--mmds-size-limit", "--metadata", "--metrics-path",
                       "--seccomp-filter", "--parent-cpu-time-us", "--start-time-cpu-us", "--start-time-us",
                       "--describe-snapshot", "--module")
-IGNORED_FLAGS = ("--boot-timer", "--no-seccomp", "--show-level", "--show-log-origin", "--enable-pci")
+IGNORED_FLAGS = ("--boot-timer", "--show-level", "--show-log-origin", "--enable-pci")
 LEVELS = {"error": logging.ERROR, "warning": logging.WARNING, "warn": logging.WARNING, "info": logging.INFO,
           "debug": logging.DEBUG, "trace": logging.DEBUG, "off": logging.CRITICAL + 10}
 
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-path", help="pyvmm's log goes to this file")
     parser.add_argument("--level", default="Warning", help="log level: Error, Warning, Info, Debug, Trace, Off")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("--no-seccomp", action="store_true", help="no system-call filters (else $PYVMM_SECCOMP's mode)")
     for flag in IGNORED_WITH_VALUE:
         parser.add_argument(flag, help=argparse.SUPPRESS)
     for flag in IGNORED_FLAGS:
@@ -102,6 +103,10 @@ def _run(args) -> int:
     from ..accel.kvm.accelerator import install_kick_handler
 
     install_kick_handler()  # from the main thread: InstanceStart and snapshot loads build VMs on the API's threads
+    from .. import seccomp
+
+    # Firecracker filters unless told --no-seccomp; pyvmm's mode is $PYVMM_SECCOMP's (off by default)
+    seccomp.configure("off" if args.no_seccomp else seccomp.default_mode())
     console = StdoutConsole()
     instance = VmInstance(args.id, spec, console=console)
     instance.adapt_spec = firecracker_spec  # at InstanceStart, however the machine was configured

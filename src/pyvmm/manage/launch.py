@@ -61,7 +61,7 @@ def launch(run: RunDir, document: dict[str, Any], *, instance_id: str | None = N
         if write_end >= 0:
             os.close(write_end)
     if answer == "ok":
-        return process.pid
+        return run.pid() or process.pid  # the VM's own (with seccomp on, a parent waits for it)
     if answer is None:
         last = run.last_log_line()
         if process.poll() is None:

@@ -229,7 +229,7 @@ class TcgAccelerator:
     def run_loops(self, vm: VmServices) -> list[RunLoop]:
         """One thread runs every vCPU in turn (the engine is not built for parallel guests)."""
         self._bound_dispatch().vm = vm
-        return [RunLoop(f"vcpus-{self.name}", self.name, lambda: self._schedule(vm), list(self.vcpus))]
+        return [RunLoop(f"vcpus-{self.name}", self.name, lambda: self._schedule(vm), list(self.vcpus), "tcg")]
 
     def guest_clock_ns(self) -> int:
         return self.platform.clock.now_ns()

@@ -1,0 +1,120 @@
+"""The seccomp allow-lists (pyvmm/seccomp): every name in them is a real system call, each kind's
+filter compiles, and loaded filters do what the modes say, in child processes (a filter can
+never be taken off the process that loads it)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pyvmm import seccomp
+from pyvmm.seccomp import allowlist
+from pyvmm.seccomp.libseccomp import ACT_KILL_PROCESS, syscall_number
+
+
+def run_python(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+@pytest.mark.parametrize("kind", allowlist.KINDS)
+def test_every_name_in_the_lists_is_a_system_call_and_the_filter_compiles(kind, tmp_path):
+    for spawn in (False, True):
+        for rule in allowlist.rules_for(kind, spawn=spawn):
+            assert syscall_number(rule.syscall) is not None, rule.syscall
+        with seccomp.build_filter(kind, spawn=spawn, default_action=ACT_KILL_PROCESS) as built:
+            with open(tmp_path / f"{kind}.bpf", "wb") as out:
+                built.export_bpf(out.fileno())
+        assert (tmp_path / f"{kind}.bpf").stat().st_size > 8 * 10
+
+
+def test_guest_facing_kinds_get_no_set_up_calls_and_no_process_creation():
+    for kind in ("vcpu", "tcg", "io"):
+        names = {rule.syscall for rule in allowlist.rules_for(kind)}
+        assert not names & {"execve", "fork", "vfork", "bind", "listen", "mount", "memfd_create", "kill"}, kind
+        clone = [rule for rule in allowlist.rules_for(kind) if rule.syscall == "clone"]
+        assert clone and all(rule.conditions for rule in clone)          # threads only
+        ioctls = allowlist.ioctls_for(kind)
+        from pyvmm.kvm import ioctl_request
+
+        assert ioctl_request("KVM_CREATE_VM") not in ioctls and ioctl_request("KVM_SET_USER_MEMORY_REGION") not in ioctls
+    assert allowlist.ioctls_for("vcpu").keys() >= {allowlist._kvm({"KVM_RUN": ""}).popitem()[0]}
+    assert not allowlist.ioctls_for("io").keys() & set(allowlist._kvm({"KVM_RUN": ""}))
+
+
+def test_kill_mode_kills_the_process_on_a_call_outside_the_list():
+    result = run_python("""
+        import os
+        from pyvmm import seccomp
+        seccomp.configure("kill")
+        seccomp.install_process_filter()
+        print("installed", flush=True)
+        os.chroot("/")
+        print("survived", flush=True)
+    """)
+    assert result.returncode == -signal.SIGSYS, result
+    assert "installed" in result.stdout and "survived" not in result.stdout
+
+
+def test_log_mode_lets_the_call_through():
+    result = run_python("""
+        import os
+        from pyvmm import seccomp
+        seccomp.configure("log")
+        seccomp.install_process_filter()
+        os.chroot("/")
+        print("survived", flush=True)
+    """)
+    assert result.returncode == 0 and "survived" in result.stdout, result
+
+
+def test_a_thread_filter_stacks_threads_start_and_inet_sockets_are_refused_on_the_io_thread():
+    result = run_python("""
+        import socket, threading
+        from pyvmm import seccomp
+        seccomp.configure("kill")
+        seccomp.install_process_filter()
+        def io():
+            seccomp.enter_thread("io", "vmm-io")
+            socket.socketpair()                       # allowed: wake-ups
+            socket.socket(socket.AF_UNIX).close()     # allowed: a vsock connection's host side
+            timer = threading.Thread(target=lambda: None)   # clone3 -> ENOSYS -> clone(CLONE_THREAD)
+            timer.start(); timer.join()
+            print("io ok", flush=True)
+            socket.socket(socket.AF_INET)             # refused
+            print("survived", flush=True)
+        thread = threading.Thread(target=io); thread.start(); thread.join()
+    """)
+    assert result.returncode == -signal.SIGSYS, result
+    assert "io ok" in result.stdout and "survived" not in result.stdout
+
+
+def test_the_mode_cannot_change_once_installed_and_bad_modes_are_one_line():
+    result = run_python("""
+        from pyvmm import seccomp
+        from pyvmm.errors import UserError
+        seccomp.configure("log")
+        seccomp.install_process_filter()
+        try:
+            seccomp.configure("off")
+        except UserError as exc:
+            print("refused:", exc)
+    """)
+    assert "refused: seccomp is installed" in result.stdout, result
+    with pytest.raises(seccomp.UserError, match="--seccomp must be one of kill, log, off"):
+        seccomp.configure("strict")
+
+
+def test_the_cli_refuses_a_bad_mode_in_one_line(monkeypatch):
+    bad = subprocess.run([sys.executable, "-m", "pyvmm.cli", "run", "--demo", "--seccomp", "strict"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "invalid choice: 'strict'" in bad.stderr
+    env_bad = subprocess.run([sys.executable, "-m", "pyvmm.cli", "run", "--demo"], capture_output=True, text=True,
+                             timeout=60, env={**__import__("os").environ, "PYVMM_SECCOMP": "strict"})
+    assert env_bad.returncode == 2, env_bad
+    assert env_bad.stderr.strip().splitlines() == ["pyvmm: error: PYVMM_SECCOMP must be one of kill, log, off "
+                                                   "(got 'strict')"]
