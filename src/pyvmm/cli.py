@@ -253,6 +253,9 @@ def _cmd_run(args) -> int:
         machine = with_root_disk(machine, DiskConfig.parse(args.root_disk, "root_disk"))
     machine.validate()
     options.validate()
+    from .memory.backing import check_host
+
+    check_host(machine.backing(), machine.memory)  # huge pages the host cannot give: before any build
     # an unusable accelerator is bad input too: say so before a first run builds the default guest
     choice = choose_accelerator(options.accel)
     machine, options = with_default_guest(machine, options, command)

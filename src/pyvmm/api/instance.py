@@ -86,8 +86,16 @@ class VmInstance:
 
     def put_machine_config(self, body: Any, *, partial: bool = False) -> None:
         checked = check_body(body, MACHINE_CONFIG, partial=partial)
-        self._configure(lambda spec: spec.machine.update(checked) if partial else
-                        setattr(spec, "machine", {**_defaults(), **checked}))
+
+        def change(spec: VmSpec) -> None:
+            if partial:
+                spec.machine.update(checked)
+            else:
+                spec.machine = {**_defaults(), **checked}
+            if spec.machine.get("huge_pages", "None") != "None" or spec.machine.get("ksm"):
+                _check_backing(spec)  # what the host cannot give is refused now (a 400), not at start
+
+        self._configure(change)
 
     def put_boot_source(self, body: Any) -> None:
         checked = check_body(body, BOOT_SOURCE)
@@ -401,6 +409,16 @@ def _check_file(path: str | None, field: str) -> None:
     """Like Firecracker, a host file is looked at when it is configured, not at start."""
     if path is not None and not os.path.isfile(path):
         raise ConfigError(f"{path!r:.200}: no such file", field)
+
+
+def _check_backing(spec: VmSpec) -> None:
+    from ..memory.backing import check_host
+
+    machine, _ = spec.machine_config()
+    try:
+        check_host(machine.backing(), machine.memory)
+    except ConfigError as exc:
+        raise ConfigError(exc.detail, f"machine-config.{exc.field}") from None
 
 
 def _defaults() -> dict[str, Any]:
