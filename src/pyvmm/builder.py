@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .arch.x86_64 import layout
 from .arch.x86_64.cpuid import CpuidPolicy
@@ -18,12 +18,14 @@ from .bus import MmioBus, PioBus, Window
 from .config import ConfigError, MachineConfig
 from .arch.x86_64.acpi import build_acpi_tables, pci_root_acpi, pvpanic_device
 from .arch.x86_64.ged import ged_items
+from .arch.x86_64.pci_hotplug import SCAN_METHOD as PCI_SCAN_METHOD, pci_hotplug_scope
 from .arch.x86_64.vmgenid import write_generation_id
 from .arch.x86_64.firmware import write_reset_vector
 from .deadline_timer import DeadlineTimer
 from .devices.legacy import AcpiPower, DebugExitPort, GuestNotify, I8042, Mc146818Rtc, Port80, PvPanic, Uart16550
 from .devices.legacy.debug_exit import exit_status
-from .devices.legacy.ged import GenericEventDevice
+from .devices.legacy.ged import EVENT_PCI_HOTPLUG, GenericEventDevice
+from .devices.legacy.pci_hotplug import PciHotplugController
 from .devmgr import DeviceManager, DeviceTree, Request
 from .loader import CpuMode, load_kernel
 from .loader.entry import boot_state
@@ -36,12 +38,12 @@ from .vm import EXIT_GUEST_CRASH, EXIT_OK, EXIT_VMM_ERROR, Vm, VmOutcome
 
 if TYPE_CHECKING:
     from .accel.base import Accelerator
-    from .devices.virtio.device import VirtioDevice
     from .devices.virtio.host_side import StreamListener
 
 log = logging.getLogger(__name__)
 
 PCI_ROOT_ID = "pci"
+PCI_HOTPLUG_ID = "pci-hotplug"
 
 
 def build_vm(config: MachineConfig, console_write: Callable[[bytes], None], *, accel=None,
@@ -59,10 +61,12 @@ def build_vm(config: MachineConfig, console_write: Callable[[bytes], None], *, a
         accel = machine.accel
 
         pci_items, ecam = pci_root_acpi(machine.pci_root)
-        events = ged_items(layout.GED_PORT, layout.GED_GSI, layout.VMGENID_ADDRESS)
+        events = ged_items(layout.GED_PORT, layout.GED_GSI, layout.VMGENID_ADDRESS,
+                           calls=((EVENT_PCI_HOTPLUG, PCI_SCAN_METHOD),))
+        hotplug = pci_hotplug_scope(layout.PCI_HOTPLUG_PORT, layout.PCI_DEVICE_SLOTS)
         rsdp = build_acpi_tables(memory, cpus=config.cpus, mcfg=ecam, cmos_rtc=True,
                                  devices=[pvpanic_device(layout.PVPANIC_PORT), *events,
-                                          *pci_items, *machine.wiring.acpi_items])
+                                          *pci_items, *machine.wiring.acpi_items, hotplug])
         write_generation_id(memory, layout.VMGENID_ADDRESS)
         write_reset_vector(memory)
         kernel = kernel_path or config.kernel
@@ -103,12 +107,22 @@ class Machine:
     rtc_timer: DeadlineTimer
     outcomes: OutcomeSink
     releases: list
+    device_releases: dict[str, list]
+
+    def _release(self) -> None:
+        """Close what the devices opened on the host, hot-plugged ones included (in order)."""
+        for release in list(self.releases):
+            try:
+                release()
+            except Exception:  # one device failing to close must not leak the others
+                log.warning("closing the VM: %s failed", getattr(release, "__qualname__", release), exc_info=True)
 
     def vm(self, vcpus: list) -> Vm:
         vm = Vm(self.accel, self.memory, self.pio, self.mmio, vcpus, self.manager.devices(), iothread=self.iothread,
-                pausables=[self.rtc_timer], on_close=[self.rtc_timer.close, self.wiring.close, *self.releases])
+                pausables=[self.rtc_timer], on_close=[self.rtc_timer.close, self.wiring.close, self._release])
         vm.device_manager = self.manager
         vm.machine = self.config
+        vm.assembly = self      # hotplug.py adds and removes devices through it
         self.outcomes.connect(vm.request_stop)
         return vm
 
@@ -171,8 +185,11 @@ def assemble(cleanup: ExitStack, config: MachineConfig, console_write: Callable[
     port_device("pvpanic", "pvpanic", PvPanic(lambda: stop(VmOutcome(
         "panic", EXIT_GUEST_CRASH, "the guest kernel panicked"))), ((layout.PVPANIC_PORT, 1),))
     # ACPI events (the power button) on a hardware-reduced platform: see arch/x86_64/ged.py.
-    port_device("ged", "ged", GenericEventDevice(accel.irq_line(layout.GED_GSI)),
-                ((layout.GED_PORT, layout.GED_PORT_COUNT),), (layout.GED_GSI,))
+    ged = GenericEventDevice(accel.irq_line(layout.GED_GSI))
+    port_device("ged", "ged", ged, ((layout.GED_PORT, layout.GED_PORT_COUNT),), (layout.GED_GSI,))
+    # PCI hotplug (hotplug.py): slots filled and emptied while the guest runs, through the GED.
+    port_device(PCI_HOTPLUG_ID, "pci-hotplug", PciHotplugController(lambda: ged.raise_event(EVENT_PCI_HOTPLUG)),
+                ((layout.PCI_HOTPLUG_PORT, layout.PCI_HOTPLUG_PORT_COUNT),))
 
     # The RTC's update and alarm interrupts come due without the guest: a timer thread
     # calls it back on either accelerator.
@@ -201,13 +218,16 @@ def assemble(cleanup: ExitStack, config: MachineConfig, console_write: Callable[
     cleanup.callback(wiring.close)
     releases: list = []
     cleanup.callback(lambda: [release() for release in reversed(releases)])
+    device_releases: dict[str, list] = {}     # what each device opened: hotplug.py closes it on unplug
     for name, kind, device, transport in virtio_devices(config, console_write, iothread, releases,
                                                         vsock_carried=vsock_carried, lock_disks=lock_disks):
+        device_releases[name] = releases[sum(map(len, device_releases.values())):]
         wiring.add(name, kind, device, transport)
     if manager.unclaimed():
         raise ConfigError(f": the recorded device tree has devices this machine lacks "
                           f"({', '.join(manager.unclaimed())})", "devices")
-    return Machine(config, accel, memory, pio, mmio, manager, pci_root, wiring, iothread, rtc_timer, outcomes, releases)
+    return Machine(config, accel, memory, pio, mmio, manager, pci_root, wiring, iothread, rtc_timer, outcomes, releases,
+                   device_releases)
 
 
 def virtio_devices(config: MachineConfig, console_write, iothread, releases: list, *, vsock_carried=None,
@@ -230,33 +250,13 @@ def virtio_devices(config: MachineConfig, console_write, iothread, releases: lis
         releases.append(console.close)
         yield "virtio-console", "virtio-console", console, config.console_transport
     for index, disk in enumerate(config.disks):
-        name = f"virtio-blk{index}"
-        device: VirtioDevice
-        if disk.vhost_user is not None:
-            from .devices.virtio.vhost_user_blk import VhostUserBlk
-
-            device, kind = VhostUserBlk(disk.vhost_user, iothread=iothread), "vhost-user-blk"
-        else:
-            from .devices.virtio.blk import BlockError, VirtioBlock
-
-            assert disk.path is not None  # validate(): a path or a vhost-user socket
-            try:
-                device = VirtioBlock(disk.path, readonly=disk.readonly, serial=disk.serial,
-                                     rate_limit=disk.rate_limit, timers=iothread, lock=lock_disks)
-                kind = "virtio-blk"
-            except BlockError as exc:
-                raise ConfigError(f": {exc}", f"disks[{index}].path") from None
+        device, kind = make_disk(disk, f"disks[{index}]", iothread, lock=lock_disks)
         releases.append(device.close)
-        yield name, kind, device, disk.transport
+        yield config.disk_id(index), kind, device, disk.transport
     for index, net in enumerate(config.nets):
-        from .devices.virtio.net import VirtioNet
-
-        backend = _open_net_backend(net, index)
+        device, backend = make_net(net, config.net_mac(index), iothread)
         releases.append(backend.close)
-        mac = bytes.fromhex(net.mac.replace(":", "")) if net.mac else bytes([0x52, 0x54, 0x00, 0x12, 0x34, 0x56 + index])
-        device = VirtioNet(backend.tap, mac=mac, iothread=iothread, rx_rate_limit=net.rx_rate_limit,
-                           tx_rate_limit=net.tx_rate_limit)
-        yield f"virtio-net{index}", "virtio-net", device, net.transport
+        yield config.net_id(index), "virtio-net", device, net.transport
     if config.vsock is not None:
         from .devices.virtio.vsock import VirtioVsock
         from .host import VsockUnixHost
@@ -290,11 +290,40 @@ def _balloon(config: MachineConfig, iothread, releases: list):
     return device
 
 
+def make_disk(disk, field: str, iothread, *, lock: bool = True) -> tuple[Any, str]:
+    """The device model of one disk and its kind; its image (or back-end) is open: close() it."""
+    if disk.vhost_user is not None:
+        from .devices.virtio.vhost_user_blk import VhostUserBlk
+
+        return VhostUserBlk(disk.vhost_user, iothread=iothread), "vhost-user-blk"
+    from .devices.virtio.blk import BlockError, VirtioBlock
+
+    assert disk.path is not None  # validate(): a path or a vhost-user socket
+    try:
+        return VirtioBlock(disk.path, readonly=disk.readonly, serial=disk.serial, rate_limit=disk.rate_limit,
+                           timers=iothread, lock=lock), "virtio-blk"
+    except BlockError as exc:
+        raise ConfigError(f": {exc}", f"{field}.path") from None
+
+
+def make_net(net, mac: str, iothread):
+    """The device model of one NIC and its host network (a TAP): close() the second."""
+    from .devices.virtio.net import VirtioNet
+
+    backend = _open_net_backend(net)
+    try:
+        return VirtioNet(backend.tap, mac=bytes.fromhex(mac.replace(":", "")), iothread=iothread,
+                         rx_rate_limit=net.rx_rate_limit, tx_rate_limit=net.tx_rate_limit), backend
+    except BaseException:
+        backend.close()
+        raise
+
+
 def _discard(data: bytes) -> None:
     pass
 
 
-def _open_net_backend(net, index: int):
+def _open_net_backend(net):
     """The host side of one NIC: tap=auto is a new TAP in a new network namespace."""
     from .net.netns import HostNetwork
 

@@ -106,6 +106,7 @@ class DiskConfig:
     transport: str = DEFAULT_TRANSPORT
     vhost_user: str | None = None       # vhost-user-blk back-end socket
     rate_limit: RateLimit | None = None  # bytes and requests (virtio-blk only)
+    id: str | None = None               # its device-tree id (default virtio-blkN, N its index)
 
     @classmethod
     def parse(cls, text: str, field: str = "disks") -> "DiskConfig":
@@ -128,6 +129,15 @@ class DiskConfig:
         if self.serial is not None and len(self.serial.encode()) > 20:
             raise ConfigError(f"{self.serial!r} is longer than 20 bytes", f"{field}.serial")
         _check_transport(self.transport, f"{field}.transport")
+        _check_id(self.id, f"{field}.id")
+
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _check_id(device_id: str | None, field: str) -> None:
+    if device_id is not None and not _ID.match(device_id):
+        raise ConfigError(f"{device_id!r} is not a device id (1-64 letters, digits, '_', '.', '-')", field)
 
 
 _MAC = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
@@ -140,6 +150,7 @@ class NetConfig:
     transport: str = DEFAULT_TRANSPORT
     rx_rate_limit: RateLimit | None = None   # bytes and packets the guest receives
     tx_rate_limit: RateLimit | None = None   # bytes and packets the guest sends
+    id: str | None = None               # its device-tree id (default virtio-netN, N its index)
 
     @classmethod
     def parse(cls, text: str, field: str = "nets") -> "NetConfig":
@@ -157,6 +168,7 @@ class NetConfig:
         if mac is not None and (not _MAC.match(mac) or int(mac[:2], 16) & 1):
             raise ConfigError(f"{mac!r} is not a unicast MAC address like 52:54:00:12:34:56", f"{field}.mac")
         _check_transport(self.transport, f"{field}.transport")
+        _check_id(self.id, f"{field}.id")
 
 
 @dataclass(frozen=True)
@@ -265,6 +277,18 @@ class MachineConfig:
 
         return Backing(self.huge_pages, self.ksm)
 
+    def disk_id(self, index: int) -> str:
+        """The device-tree id of disks[index]."""
+        return self.disks[index].id or f"virtio-blk{index}"
+
+    def net_id(self, index: int) -> str:
+        """The device-tree id of nets[index]."""
+        return self.nets[index].id or f"virtio-net{index}"
+
+    def net_mac(self, index: int) -> str:
+        """The MAC of nets[index]: its own, or 52:54:00:12:34:(0x56 + index)."""
+        return self.nets[index].mac or f"52:54:00:12:34:{0x56 + index:02x}"
+
     def validate(self, max_vcpus: int | None = None) -> None:
         if self.memory <= 0:
             raise ConfigError(f"must be positive (got {self.memory} bytes)", "memory")
@@ -289,6 +313,11 @@ class MachineConfig:
             disk.validate(f"disks[{index}]")
         for index, net in enumerate(self.nets):
             net.validate(f"nets[{index}]")
+        ids = [self.disk_id(i) for i in range(len(self.disks))] + [self.net_id(i) for i in range(len(self.nets))]
+        for index, device_id in enumerate(ids):
+            if device_id in ids[:index]:
+                where = f"disks[{index}]" if index < len(self.disks) else f"nets[{index - len(self.disks)}]"
+                raise ConfigError(f"{device_id!r}: a device with that id exists already", f"{where}.id")
         if self.vsock is not None:
             self.vsock.validate("vsock")
         if self.balloon is not None:

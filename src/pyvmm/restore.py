@@ -27,7 +27,7 @@ from typing import Any, Callable
 from .accel.cross import across_accelerators
 from .arch.x86_64 import layout
 from .arch.x86_64.cpuid import CpuidPolicy
-from .builder import PCI_ROOT_ID, assemble, create_vcpus
+from .builder import PCI_HOTPLUG_ID, PCI_ROOT_ID, assemble, create_vcpus
 from .config import MachineConfig
 from .devmgr import DeviceTree, DeviceTreeState
 from .host.vsock import VsockCarryover
@@ -40,8 +40,10 @@ log = logging.getLogger(__name__)
 
 VSOCK_ID = "virtio-vsock"
 # The devices every machine has (builder.assemble), by device-tree id.
-FIXED_DEVICE_IDS = ("com1", "i8042", "debug-exit", "post", "acpi-power", "guest-notify", "pvpanic", "ged", "rtc",
-                    PCI_ROOT_ID)
+FIXED_DEVICE_IDS = ("com1", "i8042", "debug-exit", "post", "acpi-power", "guest-notify", "pvpanic", "ged",
+                    PCI_HOTPLUG_ID, "rtc", PCI_ROOT_ID)
+# Devices a state saved before they existed may lack: they start fresh.
+NEWER_DEVICE_IDS = (PCI_HOTPLUG_ID,)
 
 
 @dataclass
@@ -83,8 +85,8 @@ def expected_device_ids(config: MachineConfig) -> list[str]:
     ids = list(FIXED_DEVICE_IDS)
     if config.console == "virtio" or config.console_ports:
         ids.append("virtio-console")
-    ids += [f"virtio-blk{i}" for i in range(len(config.disks))]
-    ids += [f"virtio-net{i}" for i in range(len(config.nets))]
+    ids += [config.disk_id(i) for i in range(len(config.disks))]
+    ids += [config.net_id(i) for i in range(len(config.nets))]
     if config.vsock is not None:
         ids.append(VSOCK_ID)
     if config.rng is not None:
@@ -107,8 +109,8 @@ def check_state(state: VmState, memory: GuestMemory, accel=None, config: Machine
     if regions != wanted:
         raise StateError(f"vm state: machine.memory: {machine.memory >> 20} MiB of guest RAM, "
                          f"the memory given holds {memory.size >> 20} MiB")
-    expected = expected_device_ids(machine)
     saved = [node.id for node in state.device_tree.nodes]
+    expected = [i for i in expected_device_ids(machine) if i in saved or i not in NEWER_DEVICE_IDS]
     if sorted(saved) != sorted(expected):
         odd = sorted(set(saved) ^ set(expected))[0]
         raise StateError(f"vm state: device_tree: {odd!r} is "
@@ -198,12 +200,15 @@ def restore_devices(manager, states: dict[str, State]) -> None:
     The PCI root gets its latch and its slots' functions in one restore (it unmaps every BAR
     before any is placed again)."""
     tree = manager.tree
-    if sorted(states) != sorted(node.id for node in tree):
-        odd = sorted(set(states) ^ {node.id for node in tree})[0]
+    ids = {node.id for node in tree} - ({i for i in NEWER_DEVICE_IDS if i not in states})
+    if sorted(states) != sorted(ids):
+        odd = sorted(set(states) ^ ids)[0]
         raise StateError(f"vm state: devices: {odd!r} is {'not a device here' if odd in states else 'not saved'}")
     root_state = None
     plain: list[tuple[Any, State]] = []
     for node in tree:
+        if node.id not in ids:
+            continue
         target: Any = manager.transport(node.id) or manager.device(node.id)
         state = states[node.id]
         if node.kind == "pci-root":

@@ -16,7 +16,7 @@ import logging
 import signal
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Protocol
+from typing import TYPE_CHECKING, Any, Iterable, Protocol
 
 from .accel.base import Accelerator, RunLoop, Vcpu
 from .accel.exits import DebugExit, EmulationError, Shutdown, SystemEvent, UnknownExit, VcpuExit
@@ -101,6 +101,7 @@ class Vm:
         # description (config.MachineConfig) it was built from; the builder sets both.
         self.device_manager: DeviceManager | None = None
         self.machine: MachineConfig | None = None
+        self.assembly: Any = None   # builder.Machine: its parts, which hotplug.py changes
         self._owns_memory = True
         # Dirty-page tracking: one tracking, each reader's pages since its previous dirty_log().
         self._dirty_lock = threading.Lock()

@@ -24,7 +24,7 @@ from .arch.x86_64.cpu_state import GuestCpuView, VcpuState
 from .config import BalloonConfig, ConsolePort, DiskConfig, MachineConfig, NetConfig, VsockConfig
 from .devices.rate_limiter import RateLimit
 from .devices import legacy as _legacy  # noqa: F401
-from .devices.legacy import ged as _ged  # noqa: F401 - built by the builder, which a reader of a state need not import
+from .devices.legacy import ged as _ged, pci_hotplug as _pci_hotplug  # noqa: F401 - built by the builder, which a reader of a state need not import
 from .devices.virtio import balloon, blk, console, mmio, net, pci, rng, vhost_user_blk, vsock  # noqa: F401
 from .devmgr import DeviceTreeState
 from .errors import ConfigError
@@ -37,38 +37,46 @@ ACCELERATORS = ("kvm", "tcg")
 
 @dataclass(frozen=True)
 class DiskDescription(State):
-    """Version 2 added the rate limit set at start (the device's state holds the one in force)."""
+    """Version 2 added the rate limit set at start (the device's state holds the one in force);
+    version 3 `id` (None: the default, virtio-blkN)."""
     KIND = "machine-disk"
-    VERSION = 2
+    VERSION = 3
     path: str | None
     readonly: bool
     serial: str | None
     transport: str
     vhost_user: str | None
     rate_limit: RateLimit | None = None
+    id: str | None = None
 
     @classmethod
     def upgrade(cls, version: int, fields: dict) -> dict:
         if version == 1:
-            return {**fields, "rate_limit": None}
+            fields = {**fields, "rate_limit": None}
+        if version <= 2:
+            return {**fields, "id": None}
         return super().upgrade(version, fields)
 
 
 @dataclass(frozen=True)
 class NetDescription(State):
-    """Version 2 added the rate limits set at start (the device's state holds those in force)."""
+    """Version 2 added the rate limits set at start (the device's state holds those in force);
+    version 3 `id` (None: the default, virtio-netN)."""
     KIND = "machine-net"
-    VERSION = 2
+    VERSION = 3
     tap: str
     mac: str | None
     transport: str
     rx_rate_limit: RateLimit | None = None
     tx_rate_limit: RateLimit | None = None
+    id: str | None = None
 
     @classmethod
     def upgrade(cls, version: int, fields: dict) -> dict:
         if version == 1:
-            return {**fields, "rx_rate_limit": None, "tx_rate_limit": None}
+            fields = {**fields, "rx_rate_limit": None, "tx_rate_limit": None}
+        if version <= 2:
+            return {**fields, "id": None}
         return super().upgrade(version, fields)
 
 

@@ -39,7 +39,7 @@ def test_every_device_is_a_node_with_its_resources(flat_kernel, tmp_path):
     try:
         tree = vm.device_manager.tree
         nodes = {node.id: node for node in tree}
-        assert {"com1", "i8042", "debug-exit", "post", "acpi-power", "guest-notify", "pvpanic", "ged", "rtc", "pci",
+        assert {"com1", "i8042", "debug-exit", "post", "acpi-power", "guest-notify", "pvpanic", "ged", "pci-hotplug", "rtc", "pci",
                 "virtio-blk0", "virtio-blk1", "virtio-blk2", "virtio-rng"} == set(nodes)
         assert nodes["com1"].resources.ports == ((layout.COM1_PORT, 8),) and nodes["com1"].resources.gsis == (4,)
         assert nodes["ged"].resources.ports == ((layout.GED_PORT, 4),) and nodes["ged"].resources.gsis == (layout.GED_GSI,)

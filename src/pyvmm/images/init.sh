@@ -7,7 +7,7 @@
 #    dependencies first) one of whose ALIAS patterns matches a device's modalias,
 #    after the modules it NEEDS; again while that brings new devices (virtio_pci
 #    finds the virtio devices behind it); a missing or failing module is reported
-#    on the console, never fatal;
+#    on the console, never fatal; later, for each device plugged in (a netlink listener);
 # 3. with `root=DEVICE`: mounts that root disk and switch_root's to its init (this script
 #    again on pyvmm's root filesystem images, where steps 1-2 find their work done);
 #    starts the guest agent (bin/pyvmm-agent, vsock port 52) if there is a vsock device;
@@ -80,26 +80,36 @@ END {
         if ((m in want) && index(loaded, " " m " ") == 0) print m "=" path[m]
     }
 }'
-if [ -f "$moddir/pyvmm.load" ]; then
-    loaded=" $(cut -d' ' -f1 /proc/modules | tr '\n' ' ')" # those loaded before a root switch
-    while :; do
-        batch=$(cat /sys/bus/*/devices/*/modalias 2>/dev/null |
-            awk -v loaded="$loaded" "$coldplug_awk" "$moddir/pyvmm.load" -)
-        [ -n "$batch" ] || break
-        for entry in $batch; do
-            modname=${entry%%=*} modpath=${entry#*=}
-            loaded="$loaded$modname "
-            if [ "$modpath" = - ] || [ ! -f "$moddir/$modpath" ]; then
-                echo "pyvmm: module $modname: not in the initramfs"
-            elif ! insmod "$moddir/$modpath" 2>/tmp/insmod.err; then
-                echo "pyvmm: module $modname: $(cat /tmp/insmod.err)"
-            fi
+pyvmm_coldplug() {
+    if [ -f "$moddir/pyvmm.load" ]; then
+        loaded=" $(cut -d' ' -f1 /proc/modules | tr '\n' ' ')" # those loaded before a root switch
+        while :; do
+            batch=$(cat /sys/bus/*/devices/*/modalias 2>/dev/null |
+                awk -v loaded="$loaded" "$coldplug_awk" "$moddir/pyvmm.load" -)
+            [ -n "$batch" ] || break
+            for entry in $batch; do
+                modname=${entry%%=*} modpath=${entry#*=}
+                loaded="$loaded$modname "
+                if [ "$modpath" = - ] || [ ! -f "$moddir/$modpath" ]; then
+                    echo "pyvmm: module $modname: not in the initramfs"
+                elif ! insmod "$moddir/$modpath" 2>/tmp/insmod.err; then
+                    echo "pyvmm: module $modname: $(cat /tmp/insmod.err)"
+                fi
+            done
         done
-    done
-    rm -f /tmp/insmod.err
-else
-    echo "pyvmm: no module list at $moddir/pyvmm.load (kernel $kver)"
+        rm -f /tmp/insmod.err
+    else
+        echo "pyvmm: no module list at $moddir/pyvmm.load (kernel $kver)"
+    fi
+}
+# Run by the uevent listener started below (busybox `uevent`, one event at a time, the
+# kernel's data in the environment): a device that appears later (PCI hotplug) gets its
+# driver the same way.
+if [ "$1" = --uevent ]; then
+    [ "$ACTION" = add ] && [ -n "$MODALIAS" ] && pyvmm_coldplug
+    exit 0
 fi
+pyvmm_coldplug
 
 # A root disk (`root=DEVICE` on the kernel command line, e.g. /dev/vda; rootfstype=, default
 # ext4; rootflags=; ro): mount it and switch to its init (init=, default /sbin/init), which is
@@ -140,6 +150,9 @@ if [ -n "$root_dev" ] && [ -e /init ]; then
         exec switch_root /newroot "$new_init"
     fi
 fi
+
+# Drivers for devices plugged in from now on (the kernel has no uevent helper: listen on netlink).
+uevent "$0" --uevent </dev/null >/dev/null 2>&1 &
 
 # The guest agent (pyvmm exec / cp, pyvmm.agent.AgentClient) on vsock port 52, when the
 # machine has a vsock device.

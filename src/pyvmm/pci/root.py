@@ -243,6 +243,21 @@ class PciRoot:
                       device.config.device_id)
             return slot
 
+    def remove_device(self, slot: int) -> PciDevice:
+        """Unplug the device in `slot` (hotplug): its BARs leave the buses, its INTx pin drops,
+        its MSI-X vectors are released; the slot reads all-ones again."""
+        with self._lock:
+            device = self._devices.get(slot)
+            if device is None or slot == HOST_BRIDGE_SLOT:
+                raise PciError(f"PCI slot {slot} holds no device that can be unplugged")
+            device.unmap_bars()
+            device.set_intx(False)
+            if device.msix is not None:
+                device.msix.close()
+            del self._devices[slot]
+            log.debug("PCI 00:%02x.0 %s unplugged", slot, device.name)
+            return device
+
     def _place_bars(self, device: PciDevice) -> None:
         windows = {k: w for k, w in self._windows.items() if w is not None}  # mem64 may be absent
         cursors = {k: w.cursor for k, w in windows.items()}

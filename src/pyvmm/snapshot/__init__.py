@@ -219,4 +219,5 @@ def _stop_on_failure(vm: "Vm", lazy) -> None:
 
 def _shares_ram_by_fd(state: "VmState") -> list[str]:
     """Device-tree ids of the devices whose back-end maps guest RAM by its fd (vhost-user)."""
-    return [f"virtio-blk{index}" for index, disk in enumerate(state.machine.disks) if disk.vhost_user is not None]
+    machine = state.machine.to_config()
+    return [machine.disk_id(index) for index, disk in enumerate(machine.disks) if disk.vhost_user is not None]

@@ -49,11 +49,15 @@ NOTIFICATIONS = ((EVENT_POWER_BUTTON, POWER_BUTTON_PATH, NOTIFY_BUTTON_PRESSED),
                  (EVENT_VM_GENERATION, VMGENID_PATH, NOTIFY_GENERATION_CHANGED))
 
 
-def ged_device(port: int, gsi: int) -> AcpiDevice:
-    """\\_SB.GED: the event register at I/O `port` (4 bytes), interrupting on `gsi` (edge)."""
+def ged_device(port: int, gsi: int, calls: tuple[tuple[int, str], ...] = ()) -> AcpiDevice:
+    """\\_SB.GED: the event register at I/O `port` (4 bytes), interrupting on `gsi` (edge).
+    `calls`: (event bit, method path) pairs; _EVT calls the method when the bit is set (the
+    hotplug controllers' scan methods, which notify the slots or processors that changed)."""
     event_value = aml.store(aml.reference("GDAT"), aml.local(0))
     on_events = [aml.if_(aml.lequal(aml.and_(aml.local(0), bit), bit), [aml.notify(path, value)])
                  for bit, path, value in NOTIFICATIONS]
+    on_events += [aml.if_(aml.lequal(aml.and_(aml.local(0), bit), bit), [aml.reference(method)])
+                  for bit, method in calls]
     return AcpiDevice(
         "GED", GED_HID, uid=0, resources=(aml.interrupt(gsi, edge=True),),
         extra=(
@@ -64,7 +68,9 @@ def ged_device(port: int, gsi: int) -> AcpiDevice:
     )
 
 
-def ged_items(port: int, gsi: int, vmgenid_address: int) -> list[AcpiDevice]:
+def ged_items(port: int, gsi: int, vmgenid_address: int,
+              calls: tuple[tuple[int, str], ...] = ()) -> list[AcpiDevice]:
     """The DSDT items for build_acpi_tables(devices=...): the GED and the devices it notifies,
-    the power button and the VM generation ID (at `vmgenid_address` in guest memory)."""
-    return [ged_device(port, gsi), power_button_device(), vmgenid_device(vmgenid_address)]
+    the power button and the VM generation ID (at `vmgenid_address` in guest memory).
+    `calls`: see ged_device."""
+    return [ged_device(port, gsi, calls), power_button_device(), vmgenid_device(vmgenid_address)]

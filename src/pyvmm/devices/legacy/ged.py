@@ -9,6 +9,8 @@ so an event is handled once however many times the interrupt fired; writes are i
 
     bit 0  power button pressed: _EVT does Notify(\\_SB.PWRB, 0x80)
     bit 1  new VM generation ID (a restored VM): _EVT does Notify(\\_SB.VGEN, 0x80)
+    bit 2  PCI hotplug: _EVT calls \\_SB.PCI0.PCNT, which notifies the slots (pci_hotplug.py)
+    bit 3  CPU hotplug: _EVT calls \\_SB.CPUS.CSCN, which notifies the processors (cpu_hotplug.py)
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ log = logging.getLogger(__name__)
 PORT_COUNT = 4
 EVENT_POWER_BUTTON = 1 << 0
 EVENT_VM_GENERATION = 1 << 1
-EVENTS = EVENT_POWER_BUTTON | EVENT_VM_GENERATION
+EVENT_PCI_HOTPLUG = 1 << 2
+EVENT_CPU_HOTPLUG = 1 << 3
+EVENTS = EVENT_POWER_BUTTON | EVENT_VM_GENERATION | EVENT_PCI_HOTPLUG | EVENT_CPU_HOTPLUG
 
 
 class GenericEventDevice:

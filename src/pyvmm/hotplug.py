@@ -1,0 +1,182 @@
+"""PCI hotplug of virtio devices into a running VM: disks and NICs plugged in and pulled out.
+
+Attaching: the device is made as the builder makes it (its image or TAP opened), put in the
+lowest free root-bus slot while the VM is paused for a moment (the device tree records it,
+the PCI root maps it), and the guest is told through the ACPI hotplug controller
+(devices/legacy/pci_hotplug.py): Linux's acpiphp scans the slot and binds the driver, no
+rescan needed. Detaching: the guest is asked to eject the slot; once it has (its driver let
+go, _EJ0 ran) the device leaves the buses and the tree and its host side is closed. A guest
+that does not eject in time gets a one-line error and keeps the device; `force` takes it away
+anyway, which the guest's driver does not expect: requests it has in flight never complete
+and whatever it had not written back is lost.
+
+The machine description (vm.machine) follows every change, so a snapshot, a clone or a
+migration of the VM carries the hot-plugged devices; a device keeps its id wherever it sits
+in the description (explicit ids once another device left: indices shift, ids must not).
+virtio-mmio devices cannot be hot-plugged: the guest learns of them from the DSDT, built once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+
+from .builder import PCI_HOTPLUG_ID, make_disk, make_net
+from .config import DiskConfig, MachineConfig, NetConfig
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EJECT_TIMEOUT = 60.0
+HOTPLUGGABLE_KINDS = ("virtio-blk", "vhost-user-blk", "virtio-net")
+MMIO_NOT_HOTPLUGGABLE = ("virtio-mmio devices are not hot-pluggable (the guest finds them in the ACPI tables "
+                         "built at boot): use transport=pci")
+
+_lock = threading.Lock()   # one change at a time, whoever asks
+
+
+class HotplugError(UserError):
+    """A device cannot be attached or detached; the VM is as it was."""
+
+
+def _running(vm) -> None:
+    if vm.stopped:
+        raise HotplugError("the VM has stopped")
+    if vm.assembly is None or vm.machine is None:
+        raise HotplugError("this VM was not built by pyvmm's builder: it has no hotplug controller")
+
+
+def _next_id(vm, prefix: str) -> str:
+    taken = {node.id for node in vm.device_manager.tree}
+    return next(f"{prefix}{n}" for n in range(len(taken) + 1) if f"{prefix}{n}" not in taken)
+
+
+def _check_new_id(vm, device_id: str) -> None:
+    if device_id in vm.device_manager.tree:
+        raise HotplugError(f"{device_id!r}: a device with that id exists already")
+
+
+def attach_disk(vm, disk: DiskConfig) -> str:
+    """Plug `disk` into running `vm`; its device id (disk.id, or virtio-blkN)."""
+    if disk.transport != "pci":
+        raise HotplugError(MMIO_NOT_HOTPLUGGABLE)
+    with _lock:
+        _running(vm)
+        device_id = disk.id or _next_id(vm, "virtio-blk")
+        _check_new_id(vm, device_id)
+        disk = dataclasses.replace(disk, id=device_id)
+        machine = dataclasses.replace(vm.machine, disks=(*vm.machine.disks, disk))
+        _validate(machine)
+        device, kind = make_disk(disk, f"disks[{len(machine.disks) - 1}]", vm.iothread)
+        _plug(vm, machine, device_id, kind, device, device.close)
+        return device_id
+
+
+def attach_net(vm, net: NetConfig) -> str:
+    """Plug a NIC on `net`'s TAP into running `vm`; its device id (net.id, or virtio-netN)."""
+    if net.transport != "pci":
+        raise HotplugError(MMIO_NOT_HOTPLUGGABLE)
+    with _lock:
+        _running(vm)
+        device_id = net.id or _next_id(vm, "virtio-net")
+        _check_new_id(vm, device_id)
+        net = dataclasses.replace(net, id=device_id)
+        machine = _frozen(vm.machine)
+        index = len(machine.nets)
+        machine = dataclasses.replace(machine, nets=(*machine.nets, net))
+        net = dataclasses.replace(net, mac=machine.net_mac(index))
+        machine = dataclasses.replace(machine, nets=(*machine.nets[:-1], net))
+        _validate(machine)
+        device, backend = make_net(net, machine.net_mac(index), vm.iothread)
+        _plug(vm, machine, device_id, "virtio-net", device, backend.close)
+        return device_id
+
+
+def _validate(machine: MachineConfig) -> None:
+    from .errors import ConfigError
+
+    try:
+        machine.validate()
+    except ConfigError as exc:
+        raise HotplugError(exc.render(exc.field or "device")) from None
+
+
+def _plug(vm, machine: MachineConfig, device_id: str, kind: str, device, release) -> None:
+    parts = vm.assembly
+    controller = vm.devices[PCI_HOTPLUG_ID]
+    vm.pause()
+    try:
+        try:
+            parts.wiring.add(device_id, kind, device, "pci")
+        except BaseException:
+            release()
+            raise
+        slot = vm.device_manager.tree.get(device_id).resources.pci_slot
+        vm.devices[device_id] = device
+        parts.releases.append(release)
+        parts.device_releases[device_id] = [release]
+        vm.machine = parts.config = machine
+        log.info("%s (%s) plugged into PCI slot %d", device_id, kind, slot)
+    finally:
+        vm.resume()
+    controller.device_inserted(slot)
+
+
+def detach(vm, device_id: str, *, timeout: float = DEFAULT_EJECT_TIMEOUT, force: bool = False) -> None:
+    """Take device `device_id` out of running `vm` once the guest has ejected it (HotplugError
+    after `timeout` seconds, the device kept); `force`: without waiting for the guest."""
+    with _lock:
+        _running(vm)
+        manager = vm.device_manager
+        if device_id not in manager.tree:
+            raise HotplugError(f"{device_id!r}: no such device")
+        node = manager.tree.get(device_id)
+        if node.transport == "virtio-mmio":
+            raise HotplugError(f"{device_id}: {MMIO_NOT_HOTPLUGGABLE}")
+        if node.kind not in HOTPLUGGABLE_KINDS or node.resources.pci_slot is None:
+            raise HotplugError(f"{device_id} ({node.kind}) cannot be unplugged "
+                               f"(hot-pluggable: {', '.join(HOTPLUGGABLE_KINDS)} on PCI)")
+        slot = node.resources.pci_slot
+        controller = vm.devices[PCI_HOTPLUG_ID]
+        controller.request_eject(slot)
+        if not controller.wait_ejected(slot, 0 if force else timeout) and not force:
+            controller.cancel(slot)
+            raise HotplugError(f"the guest did not release {device_id} within {timeout:g} s (is it still in "
+                               f"use, or does the guest lack ACPI PCI hotplug?); it stays attached "
+                               f"(--force removes it anyway, losing the guest's requests in flight)")
+        _unplug(vm, device_id, slot)
+
+
+def _unplug(vm, device_id: str, slot: int) -> None:
+    parts = vm.assembly
+    machine = _frozen(vm.machine)
+    machine = dataclasses.replace(
+        machine, disks=tuple(d for d in machine.disks if d.id != device_id),
+        nets=tuple(n for n in machine.nets if n.id != device_id))
+    vm.pause()
+    try:
+        transport = vm.device_manager.transport(device_id)
+        parts.pci_root.remove_device(slot)
+        transport.reset()       # the device lets go of its queues (a NIC stops watching its TAP)
+        device = vm.devices.pop(device_id)
+        vm.device_manager.remove(device_id)
+        vm.machine = parts.config = machine
+    finally:
+        vm.resume()
+    # Closed on the I/O thread, after the reset's work there (a NIC's TAP leaves its watch first).
+    releases = parts.device_releases.pop(device_id, [])
+    for release in releases:
+        parts.releases.remove(release)
+    vm.iothread.call_soon(lambda: [release() for release in releases])
+    log.info("%s (%s) unplugged from PCI slot %d", device_id, type(device).__name__, slot)
+
+
+def _frozen(machine: MachineConfig) -> MachineConfig:
+    """`machine` with every disk and NIC naming its id (and MAC) explicitly, so that removing
+    one leaves the others' ids and MACs as they are."""
+    return dataclasses.replace(
+        machine,
+        disks=tuple(dataclasses.replace(d, id=machine.disk_id(i)) for i, d in enumerate(machine.disks)),
+        nets=tuple(dataclasses.replace(n, id=machine.net_id(i), mac=machine.net_mac(i))
+                   for i, n in enumerate(machine.nets)))
