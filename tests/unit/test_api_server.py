@@ -91,6 +91,7 @@ def _valid_bodies(files) -> dict[str, tuple[str, str, dict]]:
         "Drive": ("PUT", "/drives/d0", {"drive_id": "d0", "is_root_device": False, "path_on_host": files["disk"]}),
         "PartialDrive": ("PATCH", "/drives/d0", {"drive_id": "d0"}),
         "NetworkInterface": ("PUT", "/network-interfaces/n0", {"iface_id": "n0", "host_dev_name": "tap0"}),
+        "PartialNetworkInterface": ("PATCH", "/network-interfaces/n0", {"iface_id": "n0"}),
         "Vsock": ("PUT", "/vsock", {"guest_cid": 3, "uds_path": "/tmp/v.sock"}),
         "EntropyDevice": ("PUT", "/entropy", {}),
         "Logger": ("PUT", "/logger", {}),
@@ -115,6 +116,8 @@ NESTED = {
     "NetworkOverride": ("SnapshotLoadParams", "network_overrides[0]", {"iface_id": "n0", "host_dev_name": "tap0"}),
     "VsockOverride": ("SnapshotLoadParams", "vsock_override", {"uds_path": "/tmp/v.sock"}),
     "Clone": ("SnapshotLoadParams", "clone", {"name": "c1", "directory": "/tmp"}),
+    "RateLimiter": ("Drive", "rate_limiter", {"ops": {"size": 10, "refill_time": 1000}}),
+    "TokenBucket": ("RateLimiter", "bandwidth", {"size": 1 << 20, "refill_time": 1000}),
 }
 
 
@@ -124,10 +127,11 @@ def _request(files, resource: str, body: dict) -> tuple[str, str, dict, str]:
         method, path, _ = _valid_bodies(files)[resource]
         return method, path, body, ""
     outer, where, _ = NESTED[resource]
-    method, path, outer_body = _valid_bodies(files)[outer]
+    outer_body = NESTED[outer][2] if outer in NESTED else _valid_bodies(files)[outer][2]
     outer_body = {k: v for k, v in outer_body.items() if not (where == "mem_backend" and k == "mem_file_path")}
     name = where.split("[")[0]
-    return method, path, {**outer_body, name: [body] if "[" in where else body}, f"{where}."
+    method, path, whole, prefix = _request(files, outer, {**outer_body, name: [body] if "[" in where else body})
+    return method, path, whole, f"{prefix}{where}."
 
 
 WRONG_TYPE = {"string": 12345, "integer": "12", "boolean": "yes", "object": 5, "array": "x"}

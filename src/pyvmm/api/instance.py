@@ -27,7 +27,7 @@ from ..errors import ConfigError, PyvmmError, UserError
 from .console import ConsoleHub
 from . import migration as migrations
 from .states import INCOMING, NOT_STARTED, PAUSED, RUNNING, STOPPED, InvalidState
-from .schema import (ACTION, BOOT_SOURCE, ENTROPY, MACHINE_CONFIG, METRICS, MIGRATION, PARTIAL_DRIVE, PYVMM_ACTION,
+from .schema import (ACTION, BOOT_SOURCE, ENTROPY, MACHINE_CONFIG, METRICS, MIGRATION, PYVMM_ACTION,
                      VM_STATE, VSOCK, VmSpec, check_body, check_drive, check_interface, check_logger)
 
 if TYPE_CHECKING:
@@ -109,15 +109,16 @@ class VmInstance:
         self._configure(lambda spec: spec.put_drive(checked))
 
     def patch_drive(self, drive_id: str, body: Any) -> None:
-        checked = check_body(body, PARTIAL_DRIVE)
-        if checked["drive_id"] != drive_id:
-            raise ConfigError(f"{checked['drive_id']!r} differs from the id in the path ({drive_id!r})", "drive_id")
-        with self.lock:
-            if drive_id not in self.spec.drives:
-                raise ConfigError(f"{drive_id!r}: no such drive", "drive_id")
-            if self.state != NOT_STARTED:
-                raise NotSupported("changing a drive of a started VM is not supported by pyvmm yet")
-            self._configure(lambda spec: spec.drives[drive_id].update(checked))
+        """Its rate limiter (at once on a running VM) or, before boot, its path (api/rate_limits.py)."""
+        from .rate_limits import patch_drive
+
+        patch_drive(self, drive_id, body)
+
+    def patch_interface(self, iface_id: str, body: Any) -> None:
+        """Its rate limiters, before boot or at once on a running VM (api/rate_limits.py)."""
+        from .rate_limits import patch_interface
+
+        patch_interface(self, iface_id, body)
 
     def put_interface(self, iface_id: str, body: Any) -> None:
         checked = check_interface(body, iface_id)
@@ -342,6 +343,9 @@ class VmInstance:
         if self.vm is None:
             raise InvalidState("the VM is not running" if self.state == STOPPED else "the VM has not been started")
         return self.vm
+
+    def configure(self, change: Callable[[VmSpec], None]) -> None:
+        self._configure(change)
 
     def _configure(self, change: Callable[[VmSpec], None]) -> None:
         """Apply `change` to a copy of the configuration; keep it if the machine it describes is valid."""

@@ -56,11 +56,15 @@ PATHS: dict[str, dict[str, Any]] = {
                                     "Without it pyvmm boots its default guest.", "BootSource")},
     "/drives/{drive_id}": {
         "put": _change("putGuestDriveByID", "Add or replace a drive. Pre-boot only.", "Drive", path_param="drive_id"),
-        "patch": _change("patchGuestDriveByID", "Change a drive's path (pyvmm: pre-boot only)", "PartialDrive",
+        "patch": _change("patchGuestDriveByID", "Change a drive's rate limiter (before or after boot; on a "
+                         "running VM at once, buckets full) or its path (pyvmm: pre-boot only)", "PartialDrive",
                          path_param="drive_id"),
     },
-    "/network-interfaces/{iface_id}": {"put": _change("putGuestNetworkInterfaceByID", "Add or replace a NIC. Pre-boot only.",
-                                                      "NetworkInterface", path_param="iface_id")},
+    "/network-interfaces/{iface_id}": {
+        "put": _change("putGuestNetworkInterfaceByID", "Add or replace a NIC. Pre-boot only.", "NetworkInterface",
+                       path_param="iface_id"),
+        "patch": _change("patchGuestNetworkInterfaceByID", "Change a NIC's rate limiters (before or after boot; on "
+                         "a running VM at once, buckets full)", "PartialNetworkInterface", path_param="iface_id")},
     "/vsock": {"put": _change("putGuestVsock", "The vsock device. Pre-boot only.", "Vsock")},
     "/entropy": {"put": _change("putEntropyDevice", "A virtio-rng device. Pre-boot only.", "EntropyDevice")},
     "/balloon": {
@@ -148,6 +152,8 @@ def _field_schema(field: Field) -> dict[str, Any]:
     if field.type == "array" and field.items:
         schema["items"] = {"type": field.items}
     if field.type == "object":
+        if field.ref is not None:  # its fields, inline
+            schema.update(_object(RESOURCES[field.ref]))
         schema["nullable"] = True
     return schema
 

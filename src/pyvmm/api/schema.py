@@ -7,8 +7,8 @@ options live in a separate "pyvmm" object.
 
 Every error is a ConfigError naming the field as the document spells it
 ("mem_size_mib", "drives[0].path_on_host"): the API answers it as a 400, the CLI as one line.
-Values pyvmm cannot honour (a rate limiter, an SMT topology) are refused with a message that
-says so, never accepted and silently ignored.
+Values pyvmm cannot honour (an entropy device's rate limiter, an SMT topology) are refused with
+a message that says so, never accepted and silently ignored.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field as dataclass_field
 from typing import Any
 
+from ..devices.rate_limiter import MAX_REFILL_MS, MAX_TOKENS, RateLimit
 from ..errors import ConfigError
 
 __all__ = ["Field", "RESOURCES", "VmSpec", "check_body", "ConfigError"]
@@ -35,6 +36,7 @@ class Field:
     description: str = ""
     supported: tuple[Any, ...] | None = None  # values pyvmm honours (None: all valid ones)
     items: str | None = None        # for arrays: the item type
+    ref: str | None = None          # for objects: the RESOURCES entry describing its fields
 
 
 def _f(name: str, type_: str, description: str = "", **kw: Any) -> Field:
@@ -42,7 +44,8 @@ def _f(name: str, type_: str, description: str = "", **kw: Any) -> Field:
 
 
 _NOT_SUPPORTED = "is not supported by pyvmm"
-_RATE_LIMITER = "an I/O rate limiter (pyvmm has none: only null is accepted)"
+_RATE_LIMITER = "an I/O rate limiter (pyvmm has none for this device: only null is accepted)"
+_LIMIT = "Firecracker's RateLimiter: token buckets for bytes (bandwidth) and operations (ops); null: no limit"
 
 MACHINE_CONFIG = (
     _f("vcpu_count", "integer", "number of vCPUs", required=True, minimum=1, maximum=255),
@@ -72,13 +75,26 @@ DRIVE = (
     _f("cache_type", "string", "caching strategy", enum=("Unsafe", "Writeback"), default="Unsafe"),
     _f("io_engine", "string", "I/O engine (pyvmm: Sync only)", enum=("Sync", "Async"), default="Sync",
        supported=("Sync",)),
-    _f("rate_limiter", "object", _RATE_LIMITER, supported=(None,)),
+    _f("rate_limiter", "object", _LIMIT + " (ops: requests)", ref="RateLimiter"),
     _f("socket", "string", "a vhost-user-blk back-end's socket (instead of path_on_host)"),
 )
 PARTIAL_DRIVE = (
     _f("drive_id", "string", "the drive's id", required=True),
-    _f("path_on_host", "string", "a new host path for the drive"),
-    _f("rate_limiter", "object", _RATE_LIMITER, supported=(None,)),
+    _f("path_on_host", "string", "a new host path for the drive (pyvmm: pre-boot only)"),
+    _f("rate_limiter", "object", _LIMIT + " (ops: requests); on a running VM it applies at once, buckets full",
+       ref="RateLimiter"),
+)
+TOKEN_BUCKET = (
+    _f("size", "integer", "tokens the bucket holds (bytes or operations); 0: no limit", required=True, minimum=0,
+       maximum=MAX_TOKENS),
+    _f("one_time_burst", "integer", "tokens given once on top of size, spent first, never refilled", minimum=0,
+       maximum=MAX_TOKENS, default=0),
+    _f("refill_time", "integer", "milliseconds the empty bucket takes to refill to size; 0: no limit",
+       required=True, minimum=0, maximum=MAX_REFILL_MS),
+)
+RATE_LIMITER = (
+    _f("bandwidth", "object", "token bucket with bytes as tokens", ref="TokenBucket"),
+    _f("ops", "object", "token bucket with operations (requests, packets) as tokens", ref="TokenBucket"),
 )
 NETWORK_INTERFACE = (
     _f("iface_id", "string", "the interface's id (the same as in the path)", required=True),
@@ -87,8 +103,13 @@ NETWORK_INTERFACE = (
     _f("guest_mac", "string", "the guest's MAC address"),
     _f("mtu", "integer", "MTU advertised to the guest (pyvmm: not supported)", minimum=68, maximum=65535,
        supported=(None,)),
-    _f("rx_rate_limiter", "object", _RATE_LIMITER, supported=(None,)),
-    _f("tx_rate_limiter", "object", _RATE_LIMITER, supported=(None,)),
+    _f("rx_rate_limiter", "object", _LIMIT + " (ops: packets) for what the guest receives", ref="RateLimiter"),
+    _f("tx_rate_limiter", "object", _LIMIT + " (ops: packets) for what the guest sends", ref="RateLimiter"),
+)
+PARTIAL_NETWORK_INTERFACE = (
+    _f("iface_id", "string", "the interface's id", required=True),
+    _f("rx_rate_limiter", "object", _LIMIT + " (ops: packets) for what the guest receives", ref="RateLimiter"),
+    _f("tx_rate_limiter", "object", _LIMIT + " (ops: packets) for what the guest sends", ref="RateLimiter"),
 )
 VSOCK = (
     _f("guest_cid", "integer", "the guest's vsock CID", required=True, minimum=3, maximum=0xFFFFFFFE),
@@ -211,7 +232,9 @@ AGENT_FILE = (
 # name -> fields; the OpenAPI component schemas are made from this table.
 RESOURCES: dict[str, tuple[Field, ...]] = {
     "MachineConfiguration": MACHINE_CONFIG, "BootSource": BOOT_SOURCE, "Drive": DRIVE,
-    "PartialDrive": PARTIAL_DRIVE, "NetworkInterface": NETWORK_INTERFACE, "Vsock": VSOCK,
+    "PartialDrive": PARTIAL_DRIVE, "NetworkInterface": NETWORK_INTERFACE,
+    "PartialNetworkInterface": PARTIAL_NETWORK_INTERFACE, "RateLimiter": RATE_LIMITER, "TokenBucket": TOKEN_BUCKET,
+    "Vsock": VSOCK,
     "EntropyDevice": ENTROPY, "Logger": LOGGER, "Metrics": METRICS, "InstanceActionInfo": ACTION,
     "Vm": VM_STATE, "PyvmmAction": PYVMM_ACTION, "PyvmmOptions": PYVMM_OPTIONS, "PyvmmMigration": MIGRATION,
     "AgentExec": AGENT_EXEC, "AgentFile": AGENT_FILE,
@@ -296,7 +319,14 @@ def check_drive(body: Any, drive_id: str, prefix: str = "") -> dict[str, Any]:
         raise ConfigError("is not for a vhost-user drive (socket)", f"{prefix}is_read_only")
     if "partuuid" in drive and not drive["is_root_device"]:
         raise ConfigError("is only for the root device (is_root_device: true)", f"{prefix}partuuid")
+    if rate_limit(drive, "rate_limiter", prefix) is not None and "socket" in drive:
+        raise ConfigError("is not for a vhost-user drive (socket): its back-end does the I/O", f"{prefix}rate_limiter")
     return drive
+
+
+def rate_limit(body: dict[str, Any], name: str, prefix: str = "") -> RateLimit | None:
+    """A body's rate limiter field, checked (ConfigError names the bucket field); None: no limit."""
+    return RateLimit.from_api(body.get(name), f"{prefix}{name}")
 
 
 _MAC = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
@@ -312,6 +342,8 @@ def check_interface(body: Any, iface_id: str, prefix: str = "") -> dict[str, Any
         raise ConfigError(f"{mac!r:.60} is not a unicast MAC address like 52:54:00:12:34:56", f"{prefix}guest_mac")
     if not net["host_dev_name"] or len(net["host_dev_name"]) > 15:
         raise ConfigError("must be a TAP device name of 1-15 characters (or auto)", f"{prefix}host_dev_name")
+    for name in ("rx_rate_limiter", "tx_rate_limiter"):
+        rate_limit(net, name, prefix)
     return net
 
 
@@ -409,6 +441,10 @@ class VmSpec:
         spec.machine_config()  # what MachineConfig itself checks (CPU feature names...) fails here
         return spec
 
+    def drives_in_order(self) -> list[dict[str, Any]]:
+        """The drives in the order the VM has them (virtio-blk0 first): the root drive is vda."""
+        return sorted(self.drives.values(), key=lambda d: not d["is_root_device"])
+
     def machine_config(self):
         """The MachineConfig and RunOptions this spec describes (the default guest's kernel is
         filled in later, by runner.with_default_guest). MachineConfig's own errors are
@@ -417,7 +453,7 @@ class VmSpec:
 
         boot = self.boot_source or {}
         cmdline = boot.get("boot_args", "") if self.boot_source is not None else self.pyvmm.get("kernel_args", "")
-        drives = sorted(self.drives.values(), key=lambda d: not d["is_root_device"])  # the root drive is vda
+        drives = self.drives_in_order()
         root = drives[0] if drives and drives[0]["is_root_device"] else None
         if root is not None and not re.search(r"(^|\s)root=", cmdline):
             device = f"PARTUUID={root['partuuid']}" if root.get("partuuid") else "/dev/vda"
@@ -430,8 +466,11 @@ class VmSpec:
             cpu_hide=frozenset(self.pyvmm.get("cpu_hide", ())),
             disks=tuple(DiskConfig(path=d.get("path_on_host"), readonly=d.get("is_read_only", False),
                                    serial=d["drive_id"] if len(d["drive_id"].encode()) <= 20 else None,
-                                   vhost_user=d.get("socket"), transport=transport) for d in drives),
-            nets=tuple(NetConfig(tap=n["host_dev_name"], mac=n.get("guest_mac"), transport=transport)
+                                   vhost_user=d.get("socket"), transport=transport,
+                                   rate_limit=rate_limit(d, "rate_limiter")) for d in drives),
+            nets=tuple(NetConfig(tap=n["host_dev_name"], mac=n.get("guest_mac"), transport=transport,
+                                 rx_rate_limit=rate_limit(n, "rx_rate_limiter"),
+                                 tx_rate_limit=rate_limit(n, "tx_rate_limiter"))
                        for n in self.interfaces.values()),
             vsock=VsockConfig(vsock["guest_cid"], vsock["uds_path"], transport) if vsock is not None else None,
             rng=transport if self.entropy is not None else None,

@@ -77,6 +77,7 @@ ROUTES: tuple[Route, ...] = (
     Route("PUT", "/drives/{drive_id}", lambda i, p, b: i.put_drive(p["drive_id"], b), body=True),
     Route("PATCH", "/drives/{drive_id}", lambda i, p, b: i.patch_drive(p["drive_id"], b), body=True),
     Route("PUT", "/network-interfaces/{iface_id}", lambda i, p, b: i.put_interface(p["iface_id"], b), body=True),
+    Route("PATCH", "/network-interfaces/{iface_id}", lambda i, p, b: i.patch_interface(p["iface_id"], b), body=True),
     Route("PUT", "/vsock", lambda i, p, b: i.put_vsock(b), body=True),
     Route("PUT", "/entropy", lambda i, p, b: i.put_entropy(b), body=True),
     Route("PUT", "/balloon", lambda i, p, b: balloon.put(i, b), body=True),

@@ -14,7 +14,7 @@ from ..errors import UserError
 
 COMMANDS = ("define", "undefine", "start", "list", "dominfo", "info", "domstate", "suspend", "pause", "resume",
             "destroy", "reboot", "shutdown", "console", "create", "clone", "domstats", "top", "migrate",
-            "migrate-cancel", "snapshot", "save", "restore", "setmem")
+            "migrate-cancel", "snapshot", "save", "restore", "setmem", "ratelimit")
 
 DEFINE_HELP = ("A definition is Firecracker's configuration (sections machine-config, boot-source, drives, "
                "network-interfaces, vsock, entropy) plus a [pyvmm] table (accel, console, cpu_hide, on_reboot), "
@@ -49,6 +49,9 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     migrate.add_argument("--max-rounds", type=int, default=30, metavar="N",
                          help="dirty-page rounds before giving up (default 30)")
     command("migrate-cancel", "cancel a running VM's migration (it runs on here)")
+    from .ratelimit_cli import register as register_ratelimit
+
+    register_ratelimit(command)
     listing = command("list", "list running (and crashed) VMs", vm=False)
     listing.add_argument("--all", action="store_true", help="shut-off VMs too")
     command("dominfo", "a VM's state, process, size and last outcome", aliases=("info",))
@@ -247,6 +250,10 @@ def _vm_command(name: str, vm, args) -> int:
         print(f"Domain '{vm.name}' saved to {args.path}")
     elif name == "migrate":
         return _migrate(vm, args)
+    elif name == "ratelimit":
+        from .ratelimit_cli import run as run_ratelimit
+
+        return run_ratelimit(vm, args)
     elif name == "migrate-cancel":
         vm.cancel_migration()
         print(f"Domain '{vm.name}': migration cancelled")

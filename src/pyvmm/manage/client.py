@@ -207,6 +207,12 @@ class VmHandle(MemoryMethods, BalloonMethods):
     def config(self) -> dict[str, Any]:
         return self._live_api().get("/vm/config")
 
+    def set_rate_limit(self, device_id: str, **limits: dict[str, Any] | None) -> None:
+        """Change a running VM's drive (rate_limiter=) or interface (rx_rate_limiter=, tx_rate_limiter=)
+        limits, in Firecracker's RateLimiter form; a bucket not named keeps its setting (api/rate_limits.py)."""
+        kind, key = ("drives", "drive_id") if "rate_limiter" in limits else ("network-interfaces", "iface_id")
+        self._live_api().patch(f"/{kind}/{device_id}", {key: device_id, **limits})
+
     # --- the guest agent, through the VM's API (the VM needs a vsock device) ------------------
 
     def exec(self, argv: list[str], stdin: bytes = b"", *, env: dict[str, str] | None = None,
