@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UserError
 from .schema import PARTIAL_DRIVE, PARTIAL_NETWORK_INTERFACE, check_body, rate_limit
 from .states import NOT_STARTED, PAUSED, RUNNING, InvalidState
 
@@ -23,8 +23,6 @@ LIVE = (RUNNING, PAUSED)
 
 
 def patch_drive(instance: VmInstance, drive_id: str, body: Any) -> None:
-    from .instance import NotSupported
-
     checked = check_body(body, PARTIAL_DRIVE)
     _same_id(checked, "drive_id", drive_id)
     rate_limit(checked, "rate_limiter")
@@ -41,7 +39,7 @@ def patch_drive(instance: VmInstance, drive_id: str, body: Any) -> None:
             instance.configure(lambda spec: spec.drives[drive_id].update(checked))
             return
         if "path_on_host" in checked:
-            raise NotSupported("changing a drive's path on a started VM is not supported by pyvmm yet")
+            raise UserError("changing a drive's path on a started VM is not supported by pyvmm yet")
         if instance.state not in LIVE:
             raise InvalidState("the VM is not running")
         if "rate_limiter" not in checked:
