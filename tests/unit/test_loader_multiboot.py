@@ -257,7 +257,7 @@ AOUT_BAD = {
     "bss_end below load_end": dict(bss_end=0x100010),
     "entry outside": dict(entry=0x300000),
     "entry in the pci hole": dict(entry=0xFEE00000),
-    "on boot structures": dict(load_addr=0x8000),
+    "on boot structures": dict(load_addr=0x800),
     "into the ebda": dict(load_addr=0x9FBC0),
     "bss past ram": dict(bss_end=0x100000 + 8 * MiB),
     "past ram": dict(load_addr=0x800000),
@@ -398,3 +398,24 @@ def test_random_valid_headers_over_garbage_only_raise_loader_error(shared_memory
         load_multiboot(shared_memory, prefix + header + rest)
     except LoaderError:
         pass
+
+
+def test_kernel_low_in_memory_moves_the_information_out_of_its_way(memory):
+    """A test kernel with a real-mode trampoline at 0x8000 covering the default information
+    area (0x10000-0x2ffff) loads; the information and command line go where the image is not."""
+    image = ig.multiboot_elf(ig.pattern(32), paddr=0x8000, bss=0x30000)  # 0x8000 .. past 0x38000
+    boot = load_image(memory, image, cmdline="console=ttyS0")
+    info_addr = boot.registers["rbx"]
+    kernel_end = 0x8000 + 0x30000 + 32
+    assert info_addr >= kernel_end or info_addr + 0x80 <= 0x8000
+    info = read_info(memory, info_addr)
+    assert info["cmdline"] == "console=ttyS0"
+    assert boot.loaded[0][0] == 0x8000
+    # the kernel's bytes are intact: the information did not land on them
+    assert memory.read(0x8000, 4) == struct.pack("<I", 0x1BADB002)
+
+
+def test_kernel_in_page_zero_is_refused(memory):
+    image = ig.multiboot_elf(ig.pattern(32), paddr=0x500)
+    with pytest.raises(LoaderError, match="boot structures at 0x0-0xfff"):
+        load_image(memory, image)

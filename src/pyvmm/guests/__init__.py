@@ -121,18 +121,20 @@ def build(name: str) -> pathlib.Path:
     return build_source(source_path(name), GUESTS[name].bits, name=name)
 
 
-def build_source(source: pathlib.Path, bits: int, *, name: str | None = None) -> pathlib.Path:
+def build_source(source: pathlib.Path, bits: int, *, name: str | None = None,
+                 linker_script: pathlib.Path | None = None) -> pathlib.Path:
     """Assemble and link any guest source (its ``.include``s are searched in
-    its own directory, then in the guests directory)."""
+    its own directory, then in the guests directory), with guest.ld or `linker_script`."""
     if bits not in _AS_FLAGS:
         raise ValueError(f"bits must be 32 or 64, not {bits!r}")
     source = pathlib.Path(source)
     name = name or source.stem
     as_path, ld_path = _tools()
     include_dirs = list(dict.fromkeys([source.resolve().parent, SOURCE_DIR]))
+    script = pathlib.Path(linker_script) if linker_script is not None else LINKER_SCRIPT
 
     try:
-        key = _cache_key(source, include_dirs, bits, _tool_versions(as_path, ld_path))
+        key = _cache_key(source, include_dirs, bits, _tool_versions(as_path, ld_path), script)
     except OSError as exc:
         raise GuestBuildError(f"cannot read guest sources: {exc}") from exc
     out_dir = cache_dir()
@@ -148,7 +150,7 @@ def build_source(source: pathlib.Path, bits: int, *, name: str | None = None) ->
         for inc in include_dirs:
             as_cmd += ["-I", str(inc)]
         _run([*as_cmd, "-o", str(obj), str(source)], "assembler", source)
-        _run([ld_path, *_LD_FLAGS[bits], *_LD_COMMON, "-T", str(LINKER_SCRIPT),
+        _run([ld_path, *_LD_FLAGS[bits], *_LD_COMMON, "-T", str(script),
               "-o", str(elf), str(obj)], "linker", source)
         os.replace(elf, target)  # atomic: readers see the old state or the whole file
     return target
@@ -174,14 +176,15 @@ def _tool_versions(as_path: str, ld_path: str) -> str:
     return "\n".join(out)
 
 
-def _cache_key(source: pathlib.Path, include_dirs: list[pathlib.Path], bits: int, versions: str) -> str:
+def _cache_key(source: pathlib.Path, include_dirs: list[pathlib.Path], bits: int, versions: str,
+               script: pathlib.Path = LINKER_SCRIPT) -> str:
     h = hashlib.sha256()
 
     def add(label: str, data: bytes) -> None:
         h.update(label.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
 
     add("source", source.read_bytes())
-    add("ld-script", LINKER_SCRIPT.read_bytes())
+    add("ld-script", script.read_bytes())
     # Every include file that could be picked up (a superset is harmless:
     # at worst an unrelated edit causes a rebuild).
     for inc_dir in include_dirs:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from ..memory.guest_memory import GuestMemory
 from .entry import (
     FOUR_GIB,
+    LOW_LOAD_START,
     BootEntry,
     CpuMode,
     LoaderError,
@@ -151,13 +152,14 @@ def entry_physical(image: ElfImage) -> int:
     raise LoaderError(f"ELF entry point {image.entry:#x} is not inside any PT_LOAD segment")
 
 
-def plan_elf(memory: GuestMemory, data: ImageBytes, image: ElfImage) -> list[Placement]:
+def plan_elf(memory: GuestMemory, data: ImageBytes, image: ElfImage, *,
+             low_start: int = LOW_LOAD_START) -> list[Placement]:
     """Where each segment goes, checked against RAM, pyvmm's boot area and each other."""
     view = memoryview(data)
     placements = []
     for seg in image.segments:
         what = f"ELF segment {seg.index}"
-        check_range(memory, seg.paddr, seg.memsz, what)
+        check_range(memory, seg.paddr, seg.memsz, what, low_start=low_start)
         placements.append(Placement(seg.paddr, view[seg.offset:seg.offset + seg.filesz], seg.memsz, what))
     check_disjoint(placements)
     return placements

@@ -23,6 +23,10 @@ logger = logging.getLogger(__name__)
 # In between, kernels may place things such as AP start-up trampolines.
 LOW_LOAD_START = layout.CMDLINE + layout.CMDLINE_MAX  # 0x30000
 LOW_LOAD_END = layout.EBDA_START                      # 0x9fc00
+# A Multiboot kernel starts in protected mode without paging: of those structures only the boot
+# GDT (page 0, with the real-mode IVT and BDA) stays where it is; the information structure and
+# command line move out of its way (multiboot.place_info).
+MULTIBOOT_LOW_LOAD_START = 0x1000
 FOUR_GIB = 1 << 32
 
 
@@ -78,8 +82,10 @@ def _ram_ranges(memory: GuestMemory) -> str:
     return ", ".join(f"{r.guest_base:#x}-{r.guest_end - 1:#x}" for r in memory.regions) or "none"
 
 
-def check_range(memory: GuestMemory, address: int, size: int, what: str) -> None:
-    """Raise LoaderError unless [address, address+size) may receive kernel/module bytes."""
+def check_range(memory: GuestMemory, address: int, size: int, what: str, *,
+                low_start: int = LOW_LOAD_START) -> None:
+    """Raise LoaderError unless [address, address+size) may receive kernel/module bytes
+    (below 1 MiB: from `low_start` up to the EBDA)."""
     if size <= 0:
         return
     end = address + size
@@ -87,14 +93,14 @@ def check_range(memory: GuestMemory, address: int, size: int, what: str) -> None
     if address < 0 or end > 1 << 64:
         raise LoaderError(f"{what} at {span} is outside the 64-bit physical address space")
     if address < layout.HIGH_MEMORY_START:
-        if address < LOW_LOAD_START:
+        if address < low_start:
             raise LoaderError(
-                f"{what} at {span} overlaps pyvmm's boot structures at 0x0-{LOW_LOAD_START - 1:#x}"
-                f" (below 1 MiB only {LOW_LOAD_START:#x}-{LOW_LOAD_END - 1:#x} is free)")
+                f"{what} at {span} overlaps pyvmm's boot structures at 0x0-{low_start - 1:#x}"
+                f" (below 1 MiB only {low_start:#x}-{LOW_LOAD_END - 1:#x} is free)")
         if end > LOW_LOAD_END:
             raise LoaderError(
                 f"{what} at {span} overlaps the reserved area {LOW_LOAD_END:#x}-"
-                f"{layout.HIGH_MEMORY_START - 1:#x} (below 1 MiB only {LOW_LOAD_START:#x}-"
+                f"{layout.HIGH_MEMORY_START - 1:#x} (below 1 MiB only {low_start:#x}-"
                 f"{LOW_LOAD_END - 1:#x} is free)")
     if memory.contains(address, size):
         return

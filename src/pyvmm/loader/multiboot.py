@@ -2,6 +2,10 @@
 
 The information structure, its memory map, module list and strings all live in
 layout.MULTIBOOT_INFO .. layout.CMDLINE-1; the command line sits at layout.CMDLINE.
+A kernel may load anywhere in low memory from 0x1000 (test kernels put real-mode
+trampolines at 0x8000): when it covers that area, the information structure and the
+command line move to the lowest free gap instead (below the EBDA, else above the
+kernel and its modules), as QEMU's loader also places them where the image is not.
 Modules are loaded page-aligned above the kernel's highest byte.
 """
 
@@ -18,6 +22,8 @@ from ..memory.guest_memory import GuestMemory, GuestMemoryError
 from . import elf
 from .entry import (
     FOUR_GIB,
+    LOW_LOAD_END,
+    MULTIBOOT_LOW_LOAD_START,
     BootEntry,
     CpuMode,
     LoaderError,
@@ -145,7 +151,7 @@ def plan_aout(memory: GuestMemory, data: bytes, h: MultibootHeader) -> tuple[lis
                           f"loaded image {load_end:#x}")
     total = (h.bss_end_addr or load_end) - h.load_addr
     what = "Multiboot image"
-    check_range(memory, h.load_addr, total, what)
+    check_range(memory, h.load_addr, total, what, low_start=MULTIBOOT_LOW_LOAD_START)
     placement = Placement(h.load_addr, memoryview(data)[start:start + text_size], total, what)
     return [placement], h.entry_addr
 
@@ -193,7 +199,7 @@ def plan_modules(memory: GuestMemory, modules: list[Module], kernel_end: int) ->
         what = f"module {module.path}"
         if cursor + size > FOUR_GIB:
             raise LoaderError(f"{what} ({size:#x} bytes at {cursor:#x}) does not fit below 4 GiB")
-        check_range(memory, cursor, size, what)
+        check_range(memory, cursor, size, what, low_start=MULTIBOOT_LOW_LOAD_START)
         placements.append(Placement(cursor, module.data, size, what))
         ranges.append((cursor, cursor + size))
         cursor = _align_up(cursor + size, PAGE)
@@ -215,9 +221,9 @@ def memory_info(e820: Sequence[layout.E820Entry]) -> tuple[int, int]:
     return lower, min(upper, 0xFFFFFFFF)
 
 
-def build_info(memory_size: int, cmdline_addr: int, mod_entries: list[tuple[int, int, bytes]]) -> bytes:
-    """The information structure and everything it points to, as bytes for layout.MULTIBOOT_INFO."""
-    base = layout.MULTIBOOT_INFO
+def build_info(memory_size: int, cmdline_addr: int, mod_entries: list[tuple[int, int, bytes]],
+               base: int = layout.MULTIBOOT_INFO, limit: int = layout.CMDLINE) -> bytes:
+    """The information structure and everything it points to, as bytes for `base` (up to `limit`)."""
     e820 = layout.e820_map(memory_size)
     mem_lower, mem_upper = memory_info(e820)
 
@@ -233,9 +239,9 @@ def build_info(memory_size: int, cmdline_addr: int, mod_entries: list[tuple[int,
         strings += string + b"\0"
 
     end = strings_addr + len(strings)
-    if end > layout.CMDLINE:
+    if end > limit:
         raise LoaderError(f"Multiboot information ({end - base} bytes with {len(mod_entries)} modules) "
-                          f"does not fit in {layout.CMDLINE - base} bytes at {base:#x}")
+                          f"does not fit in {limit - base} bytes at {base:#x}")
 
     info = bytearray(end - base)
     flags = MBI_MEMORY | MBI_CMDLINE | MBI_MODS | MBI_MMAP | MBI_BOOT_LOADER_NAME
@@ -273,7 +279,7 @@ def load_multiboot(memory: GuestMemory, data: bytes, header: MultibootHeader | N
         if not elf.is_elf(data):
             raise LoaderError("Multiboot header without the a.out kludge (flag bit 16) needs an ELF image")
         image = elf.parse_elf(data)
-        placements = elf.plan_elf(memory, data, image)
+        placements = elf.plan_elf(memory, data, image, low_start=MULTIBOOT_LOW_LOAD_START)
         entry = elf.entry_physical(image)
         kind = f"Multiboot ELF{image.bits} kernel"
     check_entry(entry, placements)
@@ -283,20 +289,46 @@ def load_multiboot(memory: GuestMemory, data: bytes, header: MultibootHeader | N
     mods = read_modules(modules)
     module_placements, ranges = plan_modules(memory, mods, kernel_end)
     check_disjoint(placements + module_placements)
-    info = build_info(memory.size, layout.CMDLINE,
-                      [(start, end, m.string) for (start, end), m in zip(ranges, mods)])
+    mod_entries = [(start, end, m.string) for (start, end), m in zip(ranges, mods)]
+    info_addr, cmdline_addr, info = place_info(memory, placements + module_placements, raw_cmdline, mod_entries)
 
     loaded = write_placements(memory, placements)
     loaded += write_placements(memory, module_placements)
     try:
-        memory.write(layout.MULTIBOOT_INFO, info)
-        memory.write(layout.CMDLINE, raw_cmdline)
+        memory.write(info_addr, info)
+        memory.write(cmdline_addr, raw_cmdline)
     except GuestMemoryError as exc:
         raise LoaderError(f"cannot write the Multiboot information: {exc}") from None
-    logger.info("%s: entry %#x, %d module(s), info at %#x", kind, entry, len(ranges), layout.MULTIBOOT_INFO)
+    logger.info("%s: entry %#x, %d module(s), info at %#x", kind, entry, len(ranges), info_addr)
     return BootEntry(mode=CpuMode.PROTECTED_32, entry=entry,
-                     registers={"rax": BOOTLOADER_MAGIC, "rbx": layout.MULTIBOOT_INFO},
+                     registers={"rax": BOOTLOADER_MAGIC, "rbx": info_addr},
                      kind=kind, loaded=loaded, cmdline=cmdline)
+
+
+def place_info(memory: GuestMemory, placements: list[Placement], raw_cmdline: bytes,
+               mod_entries: list[tuple[int, int, bytes]]) -> tuple[int, int, bytes]:
+    """(info address, command line address, info bytes): at layout.MULTIBOOT_INFO and
+    layout.CMDLINE unless the image covers them, else in the lowest free gap that holds both."""
+    used = sorted((p.address, p.address + p.size) for p in placements if p.size > 0)
+
+    def free(start: int, end: int) -> bool:
+        return all(e <= start or s >= end for s, e in used)
+
+    if free(layout.MULTIBOOT_INFO, layout.CMDLINE + len(raw_cmdline)):
+        return layout.MULTIBOOT_INFO, layout.CMDLINE, build_info(memory.size, layout.CMDLINE, mod_entries)
+    size = len(build_info(memory.size, layout.CMDLINE, mod_entries))  # the size does not depend on the address
+    needed = _align_up(size, 16) + len(raw_cmdline)
+    candidates = [MULTIBOOT_LOW_LOAD_START] + [_align_up(e, PAGE) for _, e in used]
+    for start in sorted(candidates):
+        end = start + needed
+        low = start < LOW_LOAD_END
+        if (low and end > LOW_LOAD_END) or end > FOUR_GIB or not memory.contains(start, needed):
+            continue
+        if free(start, end):
+            cmdline_addr = start + _align_up(size, 16)
+            return start, cmdline_addr, build_info(memory.size, cmdline_addr, mod_entries, base=start, limit=cmdline_addr)
+    raise LoaderError(f"no room for the Multiboot information and command line ({needed} bytes): the kernel "
+                      f"and modules leave no free gap in RAM below {LOW_LOAD_END:#x} or above them below 4 GiB")
 
 
 def _align_up(value: int, alignment: int) -> int:

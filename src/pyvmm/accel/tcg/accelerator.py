@@ -263,6 +263,8 @@ class TcgAccelerator:
                 platform.start_cpu_if_asked(vcpu)
                 if vcpu.waiting_for_sipi:
                     continue
+                if vcpu.lapic.nmi_pending and vcpu.nmi_window_open() and vcpu.lapic.take_nmi():
+                    vcpu.inject_nmi()
                 pending = platform.pending_vector(vcpu)
                 if pending is not None and vcpu.interrupt_window_open():
                     vcpu.inject_interrupt(platform.acknowledge(vcpu))

@@ -57,6 +57,7 @@ class ContextOffsets:
 
 
 # QEMU's SegmentCache: u32 selector, (pad), u64 base, u32 limit, u32 flags.
+HF2_NMI_MASK = 1 << 2  # hflags2: NMIs blocked until IRET
 SEGMENT_CACHE_SIZE = 24
 SEGMENT_INDEX = {"es": 0, "cs": 1, "ss": 2, "ds": 3, "fs": 4, "gs": 5}
 # What SYSCALL loads (QEMU's helper_syscall, the SDM): CS G P S code/read/accessed L, DPL 0;
@@ -112,6 +113,18 @@ class PrivateState:
 
     def hflags(self) -> int:
         return self.read()[0]
+
+    def nmi_blocked(self) -> bool:
+        """True from an NMI's delivery until the next IRET (QEMU's HF2_NMI_MASK, which the
+        engine's IRET clears; hflags2 follows hflags in CPUX86State)."""
+        base = self._save()
+        return bool(ctypes.c_uint32.from_address(base + self.offsets.hflags + 4).value & HF2_NMI_MASK)
+
+    def block_nmi(self) -> None:
+        base = self._save()
+        flags2 = ctypes.c_uint32.from_address(base + self.offsets.hflags + 4)
+        flags2.value |= HF2_NMI_MASK
+        self._restore()
 
     def interrupts_inhibited(self) -> bool:
         """True in the shadow of STI or MOV SS, where an interrupt must not be taken."""

@@ -42,6 +42,9 @@ MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE = 0xC0000100, 0xC0000101, 0xC000010
 EFER_SCE = 1 << 0
 RFLAGS_RF = 1 << 16
 INVALID_OPCODE = 6
+NMI_VECTOR = 2
+CR4_OSXSAVE, CR4_PKE = 1 << 18, 1 << 22
+CPUID1_ECX_OSXSAVE, CPUID7_ECX_OSPKE = 1 << 27, 1 << 4
 # QEMU segment-cache flags (descriptor high dword): present, code/data, accessed (+readable code / writable data)
 REAL_MODE_CODE_FLAGS = (1 << 15) | (1 << 12) | (1 << 11) | (1 << 9) | (1 << 8)
 REAL_MODE_DATA_FLAGS = (1 << 15) | (1 << 12) | (1 << 9) | (1 << 8)
@@ -206,6 +209,12 @@ class TcgVcpu:
         leaf = self.regs.read(X.UC_X86_REG_EAX) & 0xFFFFFFFF
         subleaf = self.regs.read(X.UC_X86_REG_ECX) & 0xFFFFFFFF
         eax, ebx, ecx, edx = self.cpuid_table.lookup(leaf, subleaf)
+        if leaf in (1, 7):  # bits that mirror CR4 (SDM vol. 2, CPUID: OSXSAVE, OSPKE)
+            cr4 = self.regs.read(X.UC_X86_REG_CR4)
+            if leaf == 1:
+                ecx = ecx & ~CPUID1_ECX_OSXSAVE | (CPUID1_ECX_OSXSAVE if cr4 & CR4_OSXSAVE else 0)
+            elif subleaf == 0:
+                ecx = ecx & ~CPUID7_ECX_OSPKE | (CPUID7_ECX_OSPKE if cr4 & CR4_PKE else 0)
         self.regs.write(X.UC_X86_REG_RAX, eax)
         self.regs.write(X.UC_X86_REG_RBX, ebx)
         self.regs.write(X.UC_X86_REG_RCX, ecx)
@@ -276,6 +285,17 @@ class TcgVcpu:
         except TripleFault as exc:
             log.debug("vCPU %d: triple fault delivering interrupt %d: %s", self.index, vector, exc)
             self._exit = _SHUTDOWN
+
+    def nmi_window_open(self) -> bool:
+        """No NMI in service (none delivered since the last IRET) and no MOV SS / STI shadow."""
+        self.translator.activate(self)
+        return not self.private.nmi_blocked() and not self.private.interrupts_inhibited()
+
+    def inject_nmi(self) -> None:
+        """Deliver an NMI (vector 2, whatever IF says); NMIs stay blocked until the next IRET."""
+        self.inject_interrupt(NMI_VECTOR)
+        if self._exit is not _SHUTDOWN:
+            self.private.block_nmi()
 
     def interrupt_window_open(self) -> bool:
         self.translator.activate(self)
