@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .manage.mem_cli import register_cli as register_mem_cli
 
     register_mem_cli(sub, common)
+    from .ui.cli import register as register_ui
+
+    register_ui(sub, common)
 
     sub.add_parser("firecracker", help="a VM driven by Firecracker's command line and API (pyvmm firecracker --help)",
                    add_help=False)
@@ -145,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
             from .images.cli import run_image_command
 
             return run_image_command(args)
+        if args.subcommand == "ui":
+            from .ui.cli import run as run_ui
+
+            return run_ui(args)
         if args.subcommand in ("exec", "cp"):
             from .manage.agent_cli import run_agent_command
 
