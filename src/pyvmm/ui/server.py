@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
-from ..errors import UserError
+from ..errors import PyvmmError, UserError
 from ..manage.client import ApiError, Host
 from ..manage.records import UnknownVm, VmExists
 from . import handlers
@@ -44,7 +44,9 @@ VM_PAGE = re.compile(r"^/vm/(?P<name>[^/]+)(?P<console>/console)?$")
 MAX_BODY = 64 << 10
 
 
-class HttpError(Exception):
+class HttpError(PyvmmError):
+    """A request refused with `status` (internal to the server: it becomes the answer)."""
+
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers or {}

@@ -14,12 +14,14 @@ import socket
 import struct
 import threading
 
+from ..errors import PyvmmError
+
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 MAX_MESSAGE = 1 << 20     # console input: keystrokes and pastes, never megabytes
 
 
-class WebSocketClosed(Exception):
+class WebSocketClosed(PyvmmError):
     """The peer closed the connection (or broke the protocol)."""
 
 
