@@ -8,6 +8,7 @@ was created before the failure is released.
 from __future__ import annotations
 
 import logging
+import threading
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
@@ -17,6 +18,7 @@ from .arch.x86_64.cpuid import CpuidPolicy
 from .bus import MmioBus, PioBus, Window
 from .config import ConfigError, MachineConfig
 from .arch.x86_64.acpi import build_acpi_tables, pci_root_acpi, pvpanic_device
+from .arch.x86_64.numa import node_ranges, numa_tables
 from .arch.x86_64.ged import ged_items
 from .arch.x86_64.pci_hotplug import SCAN_METHOD as PCI_SCAN_METHOD, pci_hotplug_scope
 from .arch.x86_64.vmgenid import write_generation_id
@@ -66,7 +68,8 @@ def build_vm(config: MachineConfig, console_write: Callable[[bytes], None], *, a
         hotplug = pci_hotplug_scope(layout.PCI_HOTPLUG_PORT, layout.PCI_DEVICE_SLOTS)
         rsdp = build_acpi_tables(memory, cpus=config.cpus, mcfg=ecam, cmos_rtc=True,
                                  devices=[pvpanic_device(layout.PVPANIC_PORT), *events,
-                                          *pci_items, *machine.wiring.acpi_items, hotplug])
+                                          *pci_items, *machine.wiring.acpi_items, hotplug],
+                                 extra_tables=numa_tables(config.numa, config.memory))
         write_generation_id(memory, layout.VMGENID_ADDRESS)
         write_reset_vector(memory)
         kernel = kernel_path or config.kernel
@@ -83,8 +86,37 @@ def build_vm(config: MachineConfig, console_write: Callable[[bytes], None], *, a
         vcpus = create_vcpus(accel, config)
         vcpus[0].set_state(boot_state(memory, entry))
         vm = machine.vm(vcpus)
+        bind_numa(vm, config)
         cleanup.pop_all()
         return vm
+
+
+def bind_numa(vm: Vm, config: MachineConfig) -> None:
+    """Each guest node's RAM on its host node and its vCPU threads on that node's CPUs, where the
+    host can (host/numa.py); else one line saying why not. A host node named and missing is a
+    ConfigError."""
+    if not config.numa:
+        return
+    from .host.numa import bind_memory, host_nodes, pin_thread, plan
+
+    available = host_nodes()
+    binding = plan([node.host_node for node in config.numa], available)
+    if binding.host_nodes is None:
+        log.warning("%s", binding.reason)
+        return
+    targets = binding.host_nodes
+    for node, base, size in node_ranges(config.numa, config.memory):
+        region = vm.memory.region_for(base, size)
+        bind_memory(region.host_address + base - int(region.guest_base), size, targets[node])
+    node_of = {cpu: index for index, node in enumerate(config.numa) for cpu in node.cpus}
+
+    def pin(loop) -> None:
+        nodes = sorted({targets[node_of[vcpu.index]] for vcpu in loop.vcpus})
+        if len(nodes) > 1:
+            log.info("%s runs vCPUs of several guest nodes: pinned to the CPUs of host nodes %s", loop.label, nodes)
+        pin_thread(threading.get_native_id(), tuple(sorted({cpu for node in nodes for cpu in available[node]})))
+
+    vm.run_loop_hooks.append(pin)
 
 
 def create_vcpus(accel, config: MachineConfig) -> list:

@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--console-port", metavar="NAME=SOCKET", action="append", default=[],
                      help="a named virtio-console port (guest: /dev/vportNpM, /sys/class/virtio-ports/*/name) "
                           "whose host side is a Unix socket pyvmm listens on (repeatable)")
+    run.add_argument("--numa", metavar="cpus=LIST,mem=SIZE[,distances=D:D...]", action="append", default=[],
+                     help="a guest NUMA node (repeat for each, in order; ACPI SRAT/SLIT): its vCPUs (e.g. 0-1), its "
+                          "memory (the nodes' add up to --memory), its distance to each node (default 10 to itself, "
+                          "20 to others)")
     from .images.cli import register_cli
     from .manage.cli import register as register_manage
 
@@ -188,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
 _FLAGS = {"kernel": "--kernel", "initrd": "--initrd", "boot": "--boot", "cmdline": "--append", "memory": "--memory",
           "cpus": "--cpus", "modules": "--module", "flat_address": "--load-address", "flat_64bit": "--entry-64",
           "cpu_hide": "--cpu-hide", "disks": "--disk", "root_disk": "--root-disk", "nets": "--net", "vsock": "--vsock", "rng": "--rng",
-          "console": "--console", "console_transport": "--console", "console_ports": "--console-port",
+          "console": "--console", "console_transport": "--console", "console_ports": "--console-port", "numa": "--numa",
           "accel": "--accel", "timeout": "--timeout", "reboot": "--reboot", "console_log": "--console-log",
           "system_map": "--system-map", "balloon": "--balloon", "huge_pages": "--huge-pages", "ksm": "--ksm"}
 # Option keys inside a flag's value that are spelled differently from the field ("": unnamed).
@@ -205,7 +209,7 @@ def cli_name(field: str) -> str:
 
 def _cmd_run(args) -> int:
     from .config import (BalloonConfig, ConfigError, ConsolePort, DiskConfig, MachineConfig, NetConfig, RunOptions, VsockConfig,
-                         parse_size, parse_transport)
+                         parse_numa_node, parse_size, parse_transport)
     from .console import Console
     from .accel.select import choose_accelerator
     from .runner import demo_kernel, run_vm, with_default_guest, with_root_disk
@@ -253,6 +257,7 @@ def _cmd_run(args) -> int:
         console_ports=tuple(ConsolePort.parse(text, f"console_ports[{i}]") for i, text in enumerate(args.console_port)),
         balloon=BalloonConfig.parse(args.balloon) if args.balloon is not None else None,
         huge_pages=args.huge_pages, ksm=args.ksm,
+        numa=tuple(parse_numa_node(text, f"numa[{i}]") for i, text in enumerate(args.numa)),
     )
     options = RunOptions(accel=args.accel, timeout=args.timeout, reboot=args.reboot, console_log=args.console_log,
                          system_map=args.system_map)

@@ -18,11 +18,13 @@ from dataclasses import dataclass
 
 from .arch.x86_64 import layout
 from .arch.x86_64.cpuid import CpuidPolicy, UnknownFeature
+from .arch.x86_64.numa import NumaNode, parse_cpu_list, validate_topology
 from .devices.rate_limiter import RateLimit
 from .errors import ConfigError
 
 __all__ = ["BalloonConfig", "ConfigError", "ConsolePort", "DiskConfig", "MachineConfig", "NetConfig", "RateLimit", "RunOptions",
-           "VsockConfig", "TRANSPORTS", "DEFAULT_TRANSPORT", "parse_rate", "parse_size", "parse_transport"]
+           "VsockConfig", "NumaNode", "parse_numa_node", "TRANSPORTS", "DEFAULT_TRANSPORT", "parse_rate", "parse_size",
+           "parse_transport"]
 
 _SIZE = re.compile(r"^\s*(\d+)\s*(?:([KMGT])(?:i?B)?|(B))?\s*$", re.IGNORECASE)
 _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -57,6 +59,35 @@ def _rate_limit(pairs: dict[str, str], field: str, prefix: str = "") -> RateLimi
     ops = pairs.get(f"{prefix}iops", pairs.get(f"{prefix}pps"))
     return RateLimit.per_second(parse_rate(nbytes, f"{field}.{prefix}bps") if nbytes is not None else None,
                                 parse_rate(ops, f"{field}.{prefix}ops") if ops is not None else None)
+
+
+def parse_numa_node(text: str, field: str = "numa") -> NumaNode:
+    """One guest NUMA node: cpus=LIST,mem=SIZE[,distances=D0:D1:...][,host_node=N], LIST like 0-1,3
+    (or 0-1;3); distances: to node 0, 1, ... (default 10 to itself, 20 to the others); host_node:
+    bind its memory and vCPU threads to that host node (default: node i where the host has enough)."""
+    pairs: dict[str, str] = {}
+    for part in (p.strip() for p in text.split(",")):
+        key, eq, value = part.partition("=")
+        if not eq or key not in ("cpus", "mem", "memory", "distances", "host_node"):
+            if eq or not pairs.get("cpus") or not re.fullmatch(r"\d+(-\d+)?", part):
+                raise ConfigError(f": {part!r} is not cpus=LIST, mem=SIZE, distances=D:D:... or host_node=N (in {text!r})",
+                                  field)
+            pairs["cpus"] += ";" + part  # cpus=0-1,3: the list went on after a comma
+            continue
+        pairs["mem" if key == "memory" else key] = value
+    if "mem" not in pairs:
+        raise ConfigError(f": mem=SIZE is missing (in {text!r})", field)
+    cpus = parse_cpu_list(pairs.get("cpus", ""), field)
+    distances = None
+    if "distances" in pairs:
+        items = pairs["distances"].split(":")
+        if not all(item.isdigit() for item in items):
+            raise ConfigError(f": distances must be numbers separated by ':' (got {pairs['distances']!r})", field)
+        distances = tuple(int(item) for item in items)
+    host_node = pairs.get("host_node")
+    if host_node is not None and not host_node.isdigit():
+        raise ConfigError(f": host_node must be a host NUMA node number (got {host_node!r})", field)
+    return NumaNode(cpus, parse_size(pairs["mem"], field), distances, None if host_node is None else int(host_node))
 
 
 TRANSPORTS = ("pci", "mmio")
@@ -271,6 +302,7 @@ class MachineConfig:
     balloon: BalloonConfig | None = None
     huge_pages: str = "none"            # none | 2M (hugetlb pages) | transparent (THP): memory/backing.py
     ksm: bool = False                   # guest RAM mergeable by KSM
+    numa: tuple[NumaNode, ...] = ()     # guest NUMA nodes (ACPI SRAT/SLIT); () for none
 
     def backing(self):
         from .memory.backing import Backing
@@ -335,6 +367,7 @@ class MachineConfig:
         for index, name in enumerate(names):
             if name in names[:index]:
                 raise ConfigError(f"{name!r}: a port of that name exists already", f"console_ports[{index}]")
+        validate_topology(self.numa, self.cpus, self.memory)
         try:
             CpuidPolicy(set(self.cpu_hide))  # an unknown feature name fails here, before KVM is opened
         except UnknownFeature as exc:

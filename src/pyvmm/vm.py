@@ -16,7 +16,7 @@ import logging
 import signal
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
 
 from .accel.base import Accelerator, RunLoop, Vcpu
 from .accel.exits import DebugExit, EmulationError, Shutdown, SystemEvent, UnknownExit, VcpuExit
@@ -87,6 +87,8 @@ class Vm:
         self._threads: list[threading.Thread] = []
         # Each run loop's label -> its thread's kernel id (/proc/self/task/ID), for vCPU time.
         self.run_loop_threads: dict[str, int] = {}
+        # Called in each run-loop thread before it runs (e.g. pinning it to a host NUMA node's CPUs).
+        self.run_loop_hooks: list[Callable[[RunLoop], None]] = []
         self._paused = False      # pause() was asked and resume() not yet
         self._parked = 0          # run loops waiting at their pause point
         self._running = 0         # run loops whose threads have not ended
@@ -421,6 +423,8 @@ class Vm:
             vcpu.thread_ident = threading.get_ident()
         self.run_loop_threads[loop.label] = threading.get_native_id()
         try:
+            for hook in self.run_loop_hooks:
+                hook(loop)
             loop.run()
         except BaseException as exc:  # a device model (or pyvmm) failed: stop the VM, say why
             log.debug("%s failed", loop.label, exc_info=True)

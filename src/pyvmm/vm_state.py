@@ -21,7 +21,7 @@ from dataclasses import dataclass
 # a polymorphic field back by kind).
 from .accel.kvm import state as _kvm_state  # noqa: F401
 from .arch.x86_64.cpu_state import GuestCpuView, VcpuState
-from .config import BalloonConfig, ConsolePort, DiskConfig, MachineConfig, NetConfig, VsockConfig
+from .config import BalloonConfig, ConsolePort, DiskConfig, MachineConfig, NetConfig, NumaNode, VsockConfig
 from .devices.rate_limiter import RateLimit
 from .devices import legacy as _legacy  # noqa: F401
 from .devices.legacy import ged as _ged, pci_hotplug as _pci_hotplug  # noqa: F401 - built by the builder, which a reader of a state need not import
@@ -108,9 +108,9 @@ class BalloonDescription(State):
 @dataclass(frozen=True)
 class MachineDescription(State):
     """config.MachineConfig as a state: the machine, whatever the run. Version 2 added the
-    balloon and how guest RAM is backed (huge_pages, ksm)."""
+    balloon and how guest RAM is backed (huge_pages, ksm); version 3 the guest NUMA nodes."""
     KIND = "machine"
-    VERSION = 2
+    VERSION = 3
     kernel: str | None
     initrd: str | None
     boot: str
@@ -131,11 +131,14 @@ class MachineDescription(State):
     balloon: BalloonDescription | None
     huge_pages: str
     ksm: bool
+    numa: tuple[NumaNode, ...] = ()
 
     @classmethod
     def upgrade(cls, version: int, fields: dict) -> dict:
         if version == 1:
-            return {**fields, "balloon": None, "huge_pages": "none", "ksm": False}
+            return {**fields, "balloon": None, "huge_pages": "none", "ksm": False, "numa": []}
+        if version == 2:
+            return {**fields, "numa": []}
         return super().upgrade(version, fields)
 
     def validate(self) -> None:

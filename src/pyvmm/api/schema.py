@@ -14,6 +14,7 @@ a message that says so, never accepted and silently ignored.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from dataclasses import dataclass, field as dataclass_field
 from typing import Any
@@ -209,6 +210,8 @@ PYVMM_OPTIONS = (
     _f("seccomp", "string", "system-call filters in the VM's process once it is set up (kill: a call outside "
        "the allow-list kills the process with SIGSYS; log: the kernel logs it; default: $PYVMM_SECCOMP, else off)",
        enum=("kill", "log", "off")),
+    _f("numa", "array", "guest NUMA nodes, in order: 'cpus=0-1,mem=128M[,distances=10:20]' each (ACPI SRAT and "
+       "SLIT); their memory adds up to mem_size_mib and every vCPU is in one", items="string"),
 )
 
 _CONNECT = _f("connect_timeout", "integer", "seconds to wait for the guest's agent to answer (default 10)",
@@ -449,7 +452,7 @@ class VmSpec:
         """The MachineConfig and RunOptions this spec describes (the default guest's kernel is
         filled in later, by runner.with_default_guest). MachineConfig's own errors are
         renamed to this document's fields."""
-        from ..config import BalloonConfig, DiskConfig, MachineConfig, NetConfig, RunOptions, VsockConfig
+        from ..config import BalloonConfig, DiskConfig, MachineConfig, NetConfig, RunOptions, VsockConfig, parse_numa_node
 
         boot = self.boot_source or {}
         cmdline = boot.get("boot_args", "") if self.boot_source is not None else self.pyvmm.get("kernel_args", "")
@@ -482,6 +485,8 @@ class VmSpec:
             huge_pages=_HUGE_PAGES[self.machine.get("huge_pages", "None")], ksm=self.machine.get("ksm", False))
         options = RunOptions(accel=self.pyvmm.get("accel", "auto"))
         try:
+            nodes = tuple(parse_numa_node(text, f"numa[{index}]") for index, text in enumerate(self.pyvmm.get("numa", ())))
+            machine = dataclasses.replace(machine, numa=nodes)
             machine.validate()
             options.validate()
         except ConfigError as exc:
@@ -498,9 +503,11 @@ class VmSpec:
                   "cmdline": "boot-source.boot_args" if self.boot_source is not None else "pyvmm.kernel_args",
                   "cpu_hide": "pyvmm.cpu_hide", "console": "pyvmm.console",
                   "accel": "pyvmm.accel", "rng": "entropy", "huge_pages": "machine-config.huge_pages",
-                  "ksm": "machine-config.ksm"}
+                  "ksm": "machine-config.ksm", "numa": "pyvmm.numa"}
         if top in simple:
             return simple[top]
+        if top.startswith("numa"):
+            return f"pyvmm.{field}"
         match = re.match(r"(disks|nets)\[(\d+)\]", top)
         if match and match.group(1) == "disks":
             drive = drives[int(match.group(2))]

@@ -24,7 +24,8 @@ _MACHINE_OPTIONS: tuple[tuple[str, object, str], ...] = (("kernel", None, "--ker
                     ("system_map", None, "--system-map"), ("disk", [], "--disk"), ("root_disk", None, "--root-disk"),
                     ("net", [], "--net"), ("vsock", None, "--vsock"), ("rng", None, "--rng"),
                     ("console", "serial", "--console"), ("console_port", [], "--console-port"),
-                    ("balloon", None, "--balloon"), ("huge_pages", "none", "--huge-pages"), ("ksm", False, "--ksm"))
+                    ("balloon", None, "--balloon"), ("huge_pages", "none", "--huge-pages"), ("ksm", False, "--ksm"),
+                    ("numa", [], "--numa"))
 
 
 def warm_refusal(args) -> str | None:

@@ -161,7 +161,7 @@ KVM_VM_DEVICE_IOCTLS = {  # on a VM fd: what device emulation does while the gue
 }
 KVM_VCPU_IOCTLS = {  # on a vCPU fd
     "KVM_RUN": "running the guest", "KVM_GET_REGS": "exits and assists", "KVM_SET_REGS": "exits and assists",
-    "KVM_GET_SREGS": "exits and assists", "KVM_SET_SREGS": "boot and restore", "KVM_TRANSLATE": "assists",
+    "KVM_GET_SREGS": "exits and assists", "KVM_SET_SREGS": "boot and restore", "KVM_TRANSLATE": "assists; pyvmm mem translate (api/memory.py)",
     "KVM_GET_MSRS": "save", "KVM_SET_MSRS": "boot and restore", "KVM_GET_FPU": "save",
     "KVM_SET_FPU": "boot and restore", "KVM_GET_LAPIC": "save", "KVM_SET_LAPIC": "boot and restore",
     "KVM_SET_CPUID2": "the CPUID policy", "KVM_GET_CPUID2": "save", "KVM_GET_MP_STATE": "save",
@@ -255,6 +255,7 @@ PROCESS = {
     "set_tid_address": "thread start",
     "getpgrp": "terminal job control",
     "close_range": "subprocess closes descriptors",
+    "mbind": "a NUMA guest's RAM bound to host nodes when the machine is built (host/numa.py)",
 }
 
 # Only where the machine makes helper processes after set-up: a NIC with tap=auto makes and
@@ -269,9 +270,11 @@ SPAWN = {
 # Extra calls of a guest-facing kind, beyond the Python runtime.
 VCPU = {
     "ioctl": "filtered by request number (ioctls_for)",
+    "sched_setaffinity": "a NUMA guest's vCPU thread pins itself to its host node's CPUs (host/numa.py)",
 }
 TCG = {
     "ioctl": "filtered by request number: TAP offloads, FIONBIO",
+    "sched_setaffinity": "the same for the software CPU's thread",
 }
 IO = {
     "ioctl": "filtered by request number: TAP offloads, FIONBIO",

@@ -446,18 +446,21 @@ def layout_acpi_tables(
     com1: bool = True,
     cmos_rtc: bool = False,
     boot_arch: int | None = None,
+    extra_tables: Sequence[bytes] = (),
     base: int = layout.ACPI_RSDP,
     limit: int = layout.ACPI_TABLES_END,
 ) -> list[tuple[int, bytes]]:
     """All tables as (guest address, bytes), RSDP first at `base`; raises AcpiError past `limit`.
     `cmos_rtc`: the DSDT describes the RTC and the FADT names its century register (the
-    IAPC_BOOT_ARCH flags come from `boot_arch`, or from iapc_boot_arch(cmos_rtc=...))."""
+    IAPC_BOOT_ARCH flags come from `boot_arch`, or from iapc_boot_arch(cmos_rtc=...)).
+    `extra_tables`: more finished tables the XSDT lists (the SRAT and SLIT of a NUMA guest)."""
     dsdt = build_dsdt(devices, com1=com1, rtc=cmos_rtc)
     if boot_arch is None:
         boot_arch = iapc_boot_arch(cmos_rtc=cmos_rtc)
     others = [build_madt(cpus)]
     if mcfg is not None:
         others.append(build_mcfg([mcfg] if isinstance(mcfg, PciEcam) else mcfg))
+    others.extend(extra_tables)
 
     xsdt_address = _align(base + RSDP_SIZE)
     xsdt_size = HEADER_SIZE + 8 * (1 + len(others))       # FADT + the others
@@ -493,6 +496,7 @@ def build_acpi_tables(
     i8042: bool = True,
     vga: bool = False,
     cmos_rtc: bool = False,
+    extra_tables: Sequence[bytes] = (),
 ) -> int:
     """Write the ACPI tables into guest memory (in [ACPI_TABLES_START, ACPI_TABLES_END),
     reported reserved in e820); returns the RSDP address for boot_params / PVH start info.
@@ -500,7 +504,7 @@ def build_acpi_tables(
     register, IAPC_BOOT_ARCH without CMOS_RTC_NOT_PRESENT)."""
     placed = layout_acpi_tables(
         cpus=cpus, devices=devices, mcfg=mcfg, com1=com1, cmos_rtc=cmos_rtc,
-        boot_arch=iapc_boot_arch(i8042=i8042, vga=vga, cmos_rtc=cmos_rtc),
+        boot_arch=iapc_boot_arch(i8042=i8042, vga=vga, cmos_rtc=cmos_rtc), extra_tables=extra_tables,
     )
     for address, data in placed:
         memory.write(address, data)
