@@ -22,8 +22,8 @@ from test_managed_vms import PROMPT, cli, env, read_until  # noqa: F401 - env: t
 MIB = 1 << 20
 FILL_MIB = 160
 # files in the guest's two RAM file systems (each is capped at half of RAM), then removed
-FILL = (f"dd if=/dev/zero of=/fill bs=1M count={FILL_MIB // 2} 2>&1 && "
-        f"dd if=/dev/zero of=/dev/fill bs=1M count={FILL_MIB // 2} 2>&1 && rm /fill /dev/fill")
+FILL = (f"dd if=/dev/urandom of=/fill bs=1M count={FILL_MIB // 2} 2>&1 && "
+        f"dd if=/dev/urandom of=/dev/fill bs=1M count={FILL_MIB // 2} 2>&1 && rm /fill /dev/fill")
 
 
 def pyvmm(env, *args: str) -> subprocess.CompletedProcess:

@@ -110,14 +110,10 @@ def test_transparent_huge_pages_back_anonymous_guest_ram():
 def ksm_running():
     if not ROOT or not os.path.isdir(KSM_DIR):
         pytest.skip("starting KSM needs root and a kernel with KSM")
-    run, sleep = _read(f"{KSM_DIR}/run"), _read(f"{KSM_DIR}/sleep_millisecs")
-    try:
-        _write(f"{KSM_DIR}/sleep_millisecs", "10")
-        _write(f"{KSM_DIR}/run", "1")
+    from helpers.host_memory import ksm_running as running
+
+    with running():
         yield
-    finally:
-        _write(f"{KSM_DIR}/run", run)
-        _write(f"{KSM_DIR}/sleep_millisecs", sleep)
 
 
 def test_ksm_merges_the_identical_pages_of_mergeable_guest_ram():
