@@ -2,7 +2,7 @@
 software CPU here): the create form's field errors, a VM created from the page and listed as
 running, its console's prompt and a typed command's output (in two viewers at once),
 suspend/resume from the page as `pyvmm list` sees it and the other way round, the VM page's
-charts, device tree and a snapshot taken, destroyed and restored, and `pyvmm ui` stopping
+charts, device tree, balloon control, and a snapshot taken, destroyed and restored, and `pyvmm ui` stopping
 without touching the VM. One boot for the module; the tests run in order and share it.
 
 The VM's kernel command line gets CONSOLE_LOGLEVEL through the form's kernel-arguments field,
@@ -133,6 +133,7 @@ def test_a_bad_field_in_the_create_form_shows_its_error_next_to_it(browser, ui, 
 def test_a_vm_created_from_the_page_is_listed_running(browser, ui, env, artifacts):
     browser.get(f"{ui.base}/create")
     fill(browser, {"name": "alpha", "memory": "256", "kernel_args": CONSOLE_LOGLEVEL})
+    browser.find_element(By.ID, "balloon").click()
     browser.find_element(By.ID, "submit").click()
     wait(browser, lambda d: d.current_url == f"{ui.base}/vm/alpha", timeout=120, message="not taken to the VM's page")
     assert listed_state(env, "alpha") == "running"
@@ -212,7 +213,18 @@ def test_the_vm_page_charts_devices_snapshot_destroy_and_restore(browser, ui, en
     assert browser.find_elements(By.CSS_SELECTOR, '#exit-charts [data-chart^="exit-"] polyline')
     assert browser.find_element(By.CSS_SELECTOR, '#devices [data-device="com1"]')
     assert "kernel_args" in browser.find_element(By.ID, "definition").get_attribute("textContent")
-    assert browser.find_element(By.ID, "controls").get_attribute("hidden") is not None  # nothing the API lacks
+    # controls: the balloon (the VM has one); disk and NIC hotplug exactly when the VM's API offers them
+    wait(browser, lambda d: d.find_element(By.ID, "controls").is_displayed(), message="no controls")
+    operations = host.vm("alpha").api.get("/openapi.json")["paths"]
+    for form, path in (("attach-disk", "/drives/{drive_id}"), ("attach-nic", "/network-interfaces/{iface_id}")):
+        offered = "delete" in operations.get(path, {})
+        assert bool(browser.find_elements(By.ID, form)) == offered, (form, offered)
+    fill(browser, {"balloon-target": "32"})
+    browser.find_element(By.CSS_SELECTOR, "#balloon-form button").click()
+    wait(browser, lambda d: "balloon target 32 MiB: done" in d.find_element(By.ID, "control-status").text)
+    assert host.vm("alpha").config()["balloon"]["amount_mib"] == 32
+    wait(browser, lambda d: "32.0 MiB" in d.find_element(By.CSS_SELECTOR, '[data-chart="mem/balloon_target_bytes"]').text,
+         message="the stats' balloon target is not charted")
 
     fill(browser, {"snapshot-label": "first"})
     browser.find_element(By.CSS_SELECTOR, "#take-snapshot button").click()

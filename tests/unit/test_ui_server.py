@@ -107,6 +107,16 @@ def test_create_form_errors_name_the_field(ui, tmp_path):
     assert json.loads(body)["vms"] == []  # nothing was defined by the refused forms
 
 
+def test_controls_reach_only_the_vm_api_operations_the_page_has(ui):
+    for method, path in (("PATCH", "/vm"), ("PUT", "/actions"), ("PUT", "/drives/../vm"), ("GET", "/balloon")):
+        status, _, body = request(ui, "POST", "/api/vms/ghost/control", headers=good(ui),
+                                  body={"method": method, "path": path, "body": {}})
+        assert status == 400 and b"is not a control of this page" in body, (method, path)
+    status, _, _ = request(ui, "POST", "/api/vms/ghost/control", headers=good(ui),
+                           body={"method": "PATCH", "path": "/balloon", "body": {"amount_mib": 1}})
+    assert status == 404
+
+
 def test_unknown_vm_and_action_answers(ui):
     assert request(ui, "GET", "/api/vms/ghost", headers=good(ui))[0] == 404
     assert request(ui, "POST", "/api/vms/ghost/actions/suspend", headers=good(ui), body={})[0] == 404

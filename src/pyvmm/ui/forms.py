@@ -17,7 +17,7 @@ from ..errors import ConfigError, UserError
 from ..manage.records import check_name
 
 FIELDS = ("name", "vcpus", "memory", "source", "kernel", "initrd", "append", "kernel_args", "root_disk", "disk",
-          "net", "accel", "rng")
+          "net", "accel", "rng", "balloon")
 ROOT_DRIVE, DATA_DRIVE = "rootfs", "disk0"
 
 
@@ -82,6 +82,9 @@ def document_from_form(form: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         document["network-interfaces"] = [{"iface_id": "eth0", "host_dev_name": _text(form, "net")}]
     if form.get("rng") in (True, "on", "true", "1"):
         document["entropy"] = {}
+    if form.get("balloon") in (True, "on", "true", "1"):  # empty to begin with; the VM page sets its target
+        document["balloon"] = {"amount_mib": 0, "deflate_on_oom": True, "stats_polling_interval_s": 2,
+                               "free_page_reporting": True}
     options = {"accel": _text(form, "accel") or None, "kernel_args": _text(form, "kernel_args") or None}
     if options["kernel_args"] and source == "kernel":
         raise FormError("kernel_args", "is for pyvmm's default guest: with a kernel of your own, use its command line")
@@ -103,7 +106,7 @@ def document_from_form(form: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 _PREFIXES = (("machine-config.vcpu_count", "vcpus"), ("machine-config.mem_size_mib", "memory"),
              ("boot-source.kernel_image_path", "kernel"), ("boot-source.initrd_path", "initrd"),
              ("boot-source.boot_args", "append"), ("pyvmm.kernel_args", "kernel_args"), ("pyvmm.accel", "accel"),
-             ("network-interfaces", "net"), ("entropy", "rng"), (f"drives[{ROOT_DRIVE}]", "root_disk"),
+             ("network-interfaces", "net"), ("entropy", "rng"), ("balloon", "balloon"), (f"drives[{ROOT_DRIVE}]", "root_disk"),
              (f"drives[{DATA_DRIVE}]", "disk"))
 
 

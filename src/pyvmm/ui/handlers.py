@@ -99,25 +99,65 @@ def vm_detail(host: Host, name: str, snapshots: Path) -> dict[str, Any]:
     detail["time"] = time.time()
     detail["stats"] = _live_stats(vm, info)
     detail["definition"] = _definition_text(info)
-    detail["devices"], detail["config"], detail["api_paths"] = None, None, []
+    detail["devices"], detail["config"], detail["api_paths"] = None, None, {}
     if detail["stats"] is not None:
         try:
             require_reachable(vm)
             detail["devices"] = vm.devices()
             detail["config"] = vm.config()
-            detail["api_paths"] = sorted((vm.api.get("/openapi.json") or {}).get("paths", {}))
+            detail["api_paths"] = _api_operations(vm)
         except (OSError, ApiError, http.client.HTTPException, Unreachable):
             pass
-    detail["capabilities"] = capabilities(detail["api_paths"])
+    detail["capabilities"] = capabilities(detail["api_paths"], detail["config"])
     detail["snapshots"] = list_snapshots(snapshots, name)
     detail["events"] = recorded_events(vm, info)
     return detail
 
 
-def capabilities(paths: list[str]) -> dict[str, Any]:
-    """Controls the page shows because the VM's API offers them (its OpenAPI document)."""
-    return {"balloon": "/balloon" in paths,
-            "hotplug": [path for path in paths if "hotplug" in path]}
+def _api_operations(vm: VmHandle) -> dict[str, list[str]]:
+    """The VM's API as its OpenAPI document describes it: path -> methods (upper case)."""
+    paths = (vm.api.get("/openapi.json") or {}).get("paths", {})
+    return {path: sorted(method.upper() for method in operations) for path, operations in paths.items()}
+
+
+# What the page's controls may ask of a VM's API, and only when the VM's API offers it.
+CONTROLS = {("PATCH", "/balloon"), ("PUT", "/drives/{drive_id}"), ("DELETE", "/drives/{drive_id}"),
+            ("PUT", "/network-interfaces/{iface_id}"), ("DELETE", "/network-interfaces/{iface_id}")}
+_CONCRETE = ((re.compile(r"^/drives/([A-Za-z0-9_][A-Za-z0-9_.-]{0,63})$"), "/drives/{drive_id}"),
+             (re.compile(r"^/network-interfaces/([A-Za-z0-9_][A-Za-z0-9_.-]{0,63})$"), "/network-interfaces/{iface_id}"))
+
+
+def capabilities(operations: dict[str, list[str]], config: dict[str, Any] | None) -> dict[str, bool]:
+    """Controls the page shows because the VM's API offers them (its OpenAPI document) and
+    the VM has the device they act on."""
+    def offers(method: str, path: str) -> bool:
+        return method in operations.get(path, [])
+
+    return {"balloon": offers("PATCH", "/balloon") and bool((config or {}).get("balloon")),
+            # hotplug: a running VM's drives and NICs can be removed, and so added
+            "disk_hotplug": offers("DELETE", "/drives/{drive_id}"),
+            "nic_hotplug": offers("DELETE", "/network-interfaces/{iface_id}")}
+
+
+def vm_control(host: Host, name: str, body: dict[str, Any]) -> dict[str, Any]:
+    """One request of the VM page's controls to the VM's API (CONTROLS, where the VM offers it)."""
+    method, path, payload = body.get("method"), body.get("path"), body.get("body")
+    if not isinstance(method, str) or not isinstance(path, str):
+        raise UserError("a control request needs method and path")
+    template = path
+    for pattern, generic in _CONCRETE:
+        if pattern.match(path):
+            template = generic
+    if (method, template) not in CONTROLS:
+        raise UserError(f"{method:.10} {path:.80} is not a control of this page")
+    vm = host.vm(name)
+    require_reachable(vm)
+    if vm.run.pid() is None:
+        raise Conflict(f"{name} is not running")
+    if method not in _api_operations(vm).get(template, []):
+        raise Conflict(f"{name}'s API does not offer {method} {template}")
+    vm.api.request(method, path, payload)
+    return {"name": name}
 
 
 def _definition_text(info: VmInfo) -> str | None:

@@ -207,6 +207,7 @@ class UiRequestHandler(BaseHTTPRequestHandler):
             ("GET", "vms/*/console", lambda: self._console(words[1], query)),
             ("GET", "vms/*/history", lambda: handlers.console_history(vms, words[1])),
             ("POST", "vms/*/actions/*", lambda: handlers.vm_action(vms, words[1], words[3], self._body())),
+            ("POST", "vms/*/control", lambda: handlers.vm_control(vms, words[1], self._body())),
             ("GET", "vms/*/snapshots", lambda: handlers.list_snapshots(snapshots, words[1])),
             ("POST", "vms/*/snapshots", lambda: handlers.take_snapshot(vms, snapshots, words[1],
                                                                        self._body().get("label", ""))),
