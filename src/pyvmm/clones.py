@@ -140,15 +140,18 @@ def start_clone(snapshot_path, mem_file_path, name: str, directory: Path, consol
     privately, so pages no clone writes stay shared in the page cache) and paused, with its own
     disks, MACs and vsock socket (clone_state) and a new identity (a new VM generation ID and
     vsock CID: identity.refresh_identity; the guest's machine id and random pool are its
-    agent's, AgentClient.set_identity). Returns (vm, identity); vm.resume() runs it."""
+    agent's, AgentClient.set_identity, and so are its MACs: identity.macs, for
+    AgentClient.set_mac_addresses). Returns (vm, identity); vm.resume() runs it."""
     from .identity import refresh_identity
     from .snapshot import load_snapshot
 
     copied: list[Path] = []
+    macs: dict[str, str] = {}
 
     def prepare(state):
         cloned, made = clone_state(state, name, Path(directory), taps)
         copied.extend(made)
+        macs.update(mac_changes(state, cloned))
         return cloned
 
     try:
@@ -162,4 +165,13 @@ def start_clone(snapshot_path, mem_file_path, name: str, directory: Path, consol
     except BaseException:
         vm.close()
         raise
-    return vm, identity
+    return vm, dataclasses.replace(identity, macs=macs)
+
+
+def mac_changes(state, cloned) -> dict[str, str]:
+    """The snapshot's MAC -> the clone's, for each NIC (a NIC without a configured MAC had the
+    builder's default for its index)."""
+    from .config import default_mac
+
+    return {(old.mac or default_mac(index)): new.mac for index, (old, new)
+            in enumerate(zip(state.machine.nets, cloned.machine.nets)) if new.mac and old.mac != new.mac}

@@ -26,6 +26,11 @@ __all__ = ["BalloonConfig", "ConfigError", "ConsolePort", "DiskConfig", "Machine
            "VsockConfig", "NumaNode", "parse_numa_node", "TRANSPORTS", "DEFAULT_TRANSPORT", "parse_rate", "parse_size",
            "parse_transport"]
 
+def default_mac(index: int) -> str:
+    """The MAC of NIC `index` when its configuration names none: 52:54:00:12:34:(0x56 + index)."""
+    return f"52:54:00:12:34:{0x56 + index:02x}"
+
+
 _SIZE = re.compile(r"^\s*(\d+)\s*(?:([KMGT])(?:i?B)?|(B))?\s*$", re.IGNORECASE)
 _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -318,8 +323,8 @@ class MachineConfig:
         return self.nets[index].id or f"virtio-net{index}"
 
     def net_mac(self, index: int) -> str:
-        """The MAC of nets[index]: its own, or 52:54:00:12:34:(0x56 + index)."""
-        return self.nets[index].mac or f"52:54:00:12:34:{0x56 + index:02x}"
+        """The MAC of nets[index]: its own, or default_mac(index)."""
+        return self.nets[index].mac or default_mac(index)
 
     def validate(self, max_vcpus: int | None = None) -> None:
         if self.memory <= 0:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .arch.x86_64 import layout
 from .arch.x86_64.vmgenid import write_generation_id
@@ -36,6 +36,9 @@ class Identity:
     """What refresh_identity gave a VM."""
     generation_id: bytes
     vsock_cid: int | None        # None: the VM has no vsock device
+    # a clone's NICs: the snapshot's MAC -> the clone's (for the guest agent to apply:
+    # AgentClient.set_mac_addresses), in NIC order
+    macs: dict[str, str] = field(default_factory=dict)
 
 
 def new_cid(old: int | None = None) -> int:

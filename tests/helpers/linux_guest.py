@@ -233,6 +233,18 @@ class InProcessGuest(ConsoleRecord):
         self._check_kernel_warnings(f"in-process guest: {self.machine.cmdline}")
 
 
+class AdoptedGuest(InProcessGuest):
+    """A default-guest VM made in this process by other means than a boot (a clone of a
+    snapshot): `make_vm(console_write)` returns it; its console is kept and gated like a boot's."""
+
+    def __init__(self, make_vm, *, symbols=None, expected_warnings: Iterable[str] = ()) -> None:
+        ConsoleRecord.__init__(self, expected_warnings)
+        self.symbols = symbols
+        self.vm = make_vm(self.console_write)
+        self.vm.symbols = symbols
+        self.machine = self.vm.machine
+
+
 class LinuxBoots:
     """The `pyvmm` fixture: `pyvmm(*args)` runs pyvmm to its end (a CompletedProcess with text
     output), `pyvmm.start(*args)` starts it (a GuestRun). Kinds the test's
@@ -250,6 +262,13 @@ class LinuxBoots:
     def in_process(self, machine, command: list[str], *, accel: str = "tcg") -> InProcessGuest:
         """Boot the default guest (a MachineConfig without a kernel) as a Vm in this process."""
         guest = InProcessGuest(machine, command, accel=accel, expected_warnings=self.expected_warnings)
+        self.runs.append(guest)
+        return guest
+
+    def adopt(self, make_vm, *, symbols=None) -> AdoptedGuest:
+        """A default-guest VM that `make_vm(console_write)` makes (e.g. pyvmm.clones.start_clone),
+        its console recorded and gated like every boot's."""
+        guest = AdoptedGuest(make_vm, symbols=symbols, expected_warnings=self.expected_warnings)
         self.runs.append(guest)
         return guest
 

@@ -273,6 +273,45 @@ class AgentClient:
             sock.close()
 
 
+    def set_mac_addresses(self, changes: dict[str, str], *, timeout: float = 30) -> None:
+        """Make the guest's interfaces use new MAC addresses: each interface whose address is a
+        key of `changes` gets the value (`ip link set dev IF address NEW`, which Linux's
+        virtio-net applies on a live interface). A clone's NICs offer their new MAC in config
+        space, but a guest reads that only when its driver probes: one restored from a snapshot
+        goes on sending from the old one until told here. AgentError (one line) if an address
+        is on no interface or cannot be set."""
+        argv = ["sh", "-c", _SET_MACS, "set-macs"]
+        for old, new in changes.items():
+            argv += [_mac(old), _mac(new)]
+        result = self.exec(argv, timeout=timeout)
+        if result.status != 0:
+            message = result.stderr.decode(errors="replace").strip().splitlines()
+            raise AgentError(f"guest agent: setting MAC addresses: {message[-1] if message else f'status {result.status}'}")
+
+
+# Pairs OLD NEW as arguments: each interface with address OLD gets NEW.
+_SET_MACS = r"""
+while [ $# -gt 1 ]; do
+  found=
+  for dev in /sys/class/net/*; do
+    [ "$(cat "$dev/address" 2>/dev/null)" = "$1" ] || continue
+    ip link set dev "${dev##*/}" address "$2" || exit 1
+    found=1
+  done
+  [ -n "$found" ] || { echo "no interface has MAC address $1" >&2; exit 1; }
+  shift 2
+done
+"""
+
+
+def _mac(text: str) -> str:
+    """`text` as the guest's /sys/class/net/*/address spells a MAC (ValueError if it is none)."""
+    parts = text.lower().split(":")
+    if len(parts) != 6 or not all(len(part) == 2 and all(c in "0123456789abcdef" for c in part) for part in parts):
+        raise ValueError(f"{text!r} is not a MAC address")
+    return ":".join(parts)
+
+
 def _identity_request(machine_id: str, now_ns: int | None = None, entropy: bytes | None = None) -> bytes:
     """IDENTITY with the host's time as it leaves (unless `now_ns`) and 64 fresh bytes of host
     entropy (unless `entropy`)."""
