@@ -1,7 +1,8 @@
 """`pyvmm ui` end to end in headless Chromium with a real VM (the default Debian guest on the
 software CPU here): the create form's field errors, a VM created from the page and listed as
 running, its console's prompt and a typed command's output (in two viewers at once),
-suspend/resume from the page as `pyvmm list` sees it and the other way round, the VM page's
+suspend/resume from the page as `pyvmm list` sees it and the other way round, clone and
+delete (by keyboard), the VM page's
 charts, device tree, balloon control, and a snapshot taken, destroyed and restored, and `pyvmm ui` stopping
 without touching the VM. One boot for the module; the tests run in order and share it.
 
@@ -185,14 +186,31 @@ def test_the_console_shows_the_prompt_and_a_typed_commands_output_in_two_viewers
     assert js_errors(browser) == []
 
 
-def test_suspend_and_resume_from_the_page_are_what_pyvmm_list_sees_and_back(browser, ui, env, artifacts):
+def test_suspend_clone_delete_and_resume_from_the_page_are_what_pyvmm_list_sees(browser, ui, env, artifacts):
     browser.get(f"{ui.base}/")
     wait(browser, lambda d: row_state(d, "alpha") == "running")
     click_action(browser, "alpha", "suspend")
     wait(browser, lambda d: row_state(d, "alpha") == "paused")
     assert listed_state(env, "alpha") == "paused"
     shot(browser, artifacts, "list-paused")
-    click_action(browser, "alpha", "resume")
+
+    # a paused VM can be cloned (virt-clone's rule: its disks stand still); by keyboard alone
+    clone = browser.find_element(By.CSS_SELECTOR, 'tr[data-vm="alpha"] button[data-action="clone"]')
+    wait(browser, lambda d: clone.is_enabled())
+    clone.send_keys(Keys.ENTER)
+    wait(browser, lambda d: d.find_element(By.ID, "ask").is_displayed())
+    name = browser.switch_to.active_element  # the dialog's input has the focus
+    assert name.get_attribute("id") == "ask-input" and name.get_attribute("value") == "alpha-clone"
+    name.send_keys(Keys.ENTER)
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, 'tr[data-vm="alpha-clone"]'), message="no clone listed")
+    wait(browser, lambda d: row_state(d, "alpha-clone") == "shut off")
+    assert listed_state(env, "alpha-clone") == "shut off"
+    click_action(browser, "alpha-clone", "delete", confirm=True)
+    wait(browser, lambda d: not d.find_elements(By.CSS_SELECTOR, 'tr[data-vm="alpha-clone"]'), message="clone still listed")
+    assert listed_state(env, "alpha-clone") is None
+
+    resume = browser.find_element(By.CSS_SELECTOR, 'tr[data-vm="alpha"] button[data-action="resume"]')
+    resume.send_keys(Keys.ENTER)
     wait(browser, lambda d: row_state(d, "alpha") == "running")
     assert listed_state(env, "alpha") == "running"
     # a change made from the command line shows on the open page

@@ -244,3 +244,16 @@ def test_pyvmm_ui_refuses_a_bad_listen_address_in_one_line(tmp_path):
                             text=True, timeout=60, env=dict(os.environ, XDG_CONFIG_HOME=str(tmp_path)))
     assert result.returncode == 2 and result.stderr.startswith("pyvmm: error: cannot listen on 256.1.1.1")
     assert len(result.stderr.splitlines()) == 1
+
+
+def test_a_vm_whose_sockets_this_user_cannot_open_is_refused(ui, tmp_path, monkeypatch):
+    # root can open any socket: stand in for another user's VM by answering access() with no
+    FakeConsole(RunDir.of("vm1", tmp_path / "run"))
+    monkeypatch.setattr("pyvmm.ui.handlers.os.access", lambda path, mode: False)
+    sock, _, head, _ = handshake(ui, "vm1", {"Cookie": f"{ui.cookie}={ui.token}"})
+    assert head.startswith("HTTP/1.1 403") and "Upgrade: websocket" not in head
+    sock.close()
+    for path in ("/api/vms/vm1/actions/suspend", "/api/vms/vm1/snapshots"):
+        status, _, body = request(ui, "POST", path, headers=good(ui), body={"label": "s"})
+        assert status == 403 and b"permission denied" in body, path
+    assert request(ui, "GET", "/api/vms/vm1/history", headers=good(ui))[0] == 403
