@@ -108,7 +108,7 @@ def clone_state(state, name: str, directory: Path, taps: Sequence[str] = ()):
                 raise UserError(f"NIC {index} uses TAP {tap}, which a clone cannot share: give the clone a TAP of its own")
             mac = random_mac()
             nets.append(dataclasses.replace(net, mac=mac, tap=tap))
-            device_id = f"virtio-net{index}"
+            device_id = state.machine.to_config().net_id(index)
             virtio = devices[device_id]
             devices[device_id] = _with_mac(virtio, bytes.fromhex(mac.replace(":", "")))
         vsock = machine.vsock

@@ -168,7 +168,7 @@ class DiskConfig:
         _check_id(self.id, f"{field}.id")
 
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")   # the API's drive and interface ids
 
 
 def _check_id(device_id: str | None, field: str) -> None:

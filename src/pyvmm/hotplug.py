@@ -124,14 +124,15 @@ def _plug(vm, machine: MachineConfig, device_id: str, kind: str, device, release
 
 
 def detach(vm, device_id: str, *, timeout: float = DEFAULT_EJECT_TIMEOUT, force: bool = False) -> None:
-    """Take device `device_id` out of running `vm` once the guest has ejected it (HotplugError
-    after `timeout` seconds, the device kept); `force`: without waiting for the guest."""
+    """Take device `device_id` out of running `vm` once the guest has ejected it; `force`:
+    without waiting for the guest. A guest that has not ejected it within `timeout` seconds
+    gets a HotplugError; the request stays, and the device leaves when the guest lets it go."""
     with _lock:
         _running(vm)
         manager = vm.device_manager
-        if device_id not in manager.tree:
-            raise HotplugError(f"{device_id!r}: no such device")
         node = manager.tree.get(device_id)
+        if node is None:
+            raise HotplugError(f"{device_id!r}: no such device")
         if node.transport == "virtio-mmio":
             raise HotplugError(f"{device_id}: {MMIO_NOT_HOTPLUGGABLE}")
         if node.kind not in HOTPLUGGABLE_KINDS or node.resources.pci_slot is None:
@@ -140,12 +141,35 @@ def detach(vm, device_id: str, *, timeout: float = DEFAULT_EJECT_TIMEOUT, force:
         slot = node.resources.pci_slot
         controller = vm.devices[PCI_HOTPLUG_ID]
         controller.request_eject(slot)
-        if not controller.wait_ejected(slot, 0 if force else timeout) and not force:
-            controller.cancel(slot)
-            raise HotplugError(f"the guest did not release {device_id} within {timeout:g} s (is it still in "
-                               f"use, or does the guest lack ACPI PCI hotplug?); it stays attached "
-                               f"(--force removes it anyway, losing the guest's requests in flight)")
-        _unplug(vm, device_id, slot)
+        if force:
+            _unplug(vm, device_id, slot)
+            return
+    if _wait_and_unplug(vm, device_id, slot, timeout):
+        return
+    threading.Thread(target=_wait_and_unplug, args=(vm, device_id, slot, None), name=f"pyvmm-unplug-{device_id}",
+                     daemon=True).start()
+    raise HotplugError(f"the guest has not released {device_id} within {timeout:g} s (is it in use, or does the "
+                       f"guest lack ACPI PCI hotplug?); it stays attached until the guest ejects it "
+                       f"(--force unplugs it now, losing the guest's requests in flight)")
+
+
+def _wait_and_unplug(vm, device_id: str, slot: int, timeout: float | None) -> bool:
+    """Wait (`timeout` seconds, None: while the VM runs) for the guest's eject of `slot`, then
+    unplug `device_id` if it is still there; whether the guest ejected it."""
+    controller = vm.devices[PCI_HOTPLUG_ID]
+    waited = 0.0
+    while timeout is None or waited < timeout:
+        step = 1.0 if timeout is None else min(1.0, timeout - waited)
+        if controller.wait_ejected(slot, step):
+            with _lock:
+                node = vm.device_manager.tree.get(device_id)
+                if not vm.stopped and node is not None and node.resources.pci_slot == slot:
+                    _unplug(vm, device_id, slot)
+            return True
+        waited += step
+        if vm.stopped:
+            return False
+    return False
 
 
 def _unplug(vm, device_id: str, slot: int) -> None:

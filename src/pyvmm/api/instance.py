@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from .. import __version__
 from ..errors import ConfigError, PyvmmError, UserError
 from .console import ConsoleHub
-from . import migration as migrations
+from . import hotplug, migration as migrations
 from .states import INCOMING, NOT_STARTED, PAUSED, RUNNING, STOPPED, InvalidState
 from .schema import (ACTION, BOOT_SOURCE, ENTROPY, MACHINE_CONFIG, METRICS, MIGRATION, PYVMM_ACTION,
                      VM_STATE, VSOCK, VmSpec, check_body, check_drive, check_interface, check_logger)
@@ -106,6 +106,8 @@ class VmInstance:
     def put_drive(self, drive_id: str, body: Any) -> None:
         checked = check_drive(body, drive_id)
         _check_file(checked.get("path_on_host"), "path_on_host")
+        if self.state in (RUNNING, PAUSED):
+            return hotplug.put_drive(self, drive_id, checked)
         self._configure(lambda spec: spec.put_drive(checked))
 
     def patch_drive(self, drive_id: str, body: Any) -> None:
@@ -122,6 +124,8 @@ class VmInstance:
 
     def put_interface(self, iface_id: str, body: Any) -> None:
         checked = check_interface(body, iface_id)
+        if self.state in (RUNNING, PAUSED):
+            return hotplug.put_interface(self, iface_id, checked)
         self._configure(lambda spec: spec.interfaces.__setitem__(iface_id, checked))
 
     def put_vsock(self, body: Any) -> None:

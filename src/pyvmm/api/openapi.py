@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import __version__
-from . import memory
+from . import hotplug, memory
 from .schema import RESOURCES, Field
 
 FIRECRACKER_API = "1.x (Firecracker's swagger: the resources both have, with the same fields, methods and codes)"
@@ -55,13 +55,15 @@ PATHS: dict[str, dict[str, Any]] = {
     "/boot-source": {"put": _change("putGuestBootSource", "Kernel, initrd and command line. Pre-boot only. "
                                     "Without it pyvmm boots its default guest.", "BootSource")},
     "/drives/{drive_id}": {
-        "put": _change("putGuestDriveByID", "Add or replace a drive. Pre-boot only.", "Drive", path_param="drive_id"),
+        "put": _change("putGuestDriveByID", "Add or replace a drive before the boot; after it (pyvmm), plug a new "
+                       "one into the running VM (PCI hotplug)", "Drive", path_param="drive_id"),
         "patch": _change("patchGuestDriveByID", "Change a drive's rate limiter (before or after boot; on a "
                          "running VM at once, buckets full) or its path (pyvmm: pre-boot only)", "PartialDrive",
                          path_param="drive_id"),
     },
     "/network-interfaces/{iface_id}": {
-        "put": _change("putGuestNetworkInterfaceByID", "Add or replace a NIC. Pre-boot only.", "NetworkInterface",
+        "put": _change("putGuestNetworkInterfaceByID", "Add or replace a NIC before the boot; after it "
+                       "(pyvmm), plug a new one in (PCI hotplug)", "NetworkInterface",
                        path_param="iface_id"),
         "patch": _change("patchGuestNetworkInterfaceByID", "Change a NIC's rate limiters (before or after boot; on "
                          "a running VM at once, buckets full)", "PartialNetworkInterface", path_param="iface_id")},
@@ -139,6 +141,8 @@ PATHS: dict[str, dict[str, Any]] = {
     },
 }
 PATHS.update(memory.OPENAPI_PATHS)  # the memory inspector (api/memory.py)
+for _path, _operations in hotplug.OPENAPI_PATHS.items():  # DELETE on drives and NICs (api/hotplug.py)
+    PATHS.setdefault(_path, {}).update(_operations)
 
 
 def _field_schema(field: Field) -> dict[str, Any]:

@@ -44,8 +44,7 @@ def patch_drive(instance: VmInstance, drive_id: str, body: Any) -> None:
             raise InvalidState("the VM is not running")
         if "rate_limiter" not in checked:
             return
-        index = [d["drive_id"] for d in instance.spec.drives_in_order()].index(drive_id)
-        device = _device(instance, f"virtio-blk{index}", drive_id)
+        device = _device(instance, drive_id, drive_id)   # a drive's device-tree id is its drive id
         device.set_rate_limit(limit)
         drive["rate_limiter"] = checked["rate_limiter"]
 
@@ -68,7 +67,7 @@ def patch_interface(instance: VmInstance, iface_id: str, body: Any) -> None:
             return
         if instance.state not in LIVE:
             raise InvalidState("the VM is not running")
-        device = _device(instance, f"virtio-net{list(instance.spec.interfaces).index(iface_id)}", iface_id)
+        device = _device(instance, iface_id, iface_id)   # a NIC's device-tree id is its iface id
         new = {**iface, **checked}   # a direction the request leaves out keeps its limit
         device.set_rate_limits(rate_limit(new, "rx_rate_limiter"), rate_limit(new, "tx_rate_limiter"))
         iface.update(checked)

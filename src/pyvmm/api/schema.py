@@ -335,6 +335,25 @@ def rate_limit(body: dict[str, Any], name: str, prefix: str = "") -> RateLimit |
 _MAC = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
 
 
+def drive_disk(drive: dict[str, Any], transport: str):
+    """The config.DiskConfig of a checked drive: its device-tree id is the drive id."""
+    from ..config import DiskConfig
+
+    drive_id = drive["drive_id"]
+    return DiskConfig(path=drive.get("path_on_host"), readonly=drive.get("is_read_only", False),
+                      serial=drive_id if len(drive_id.encode()) <= 20 else None, vhost_user=drive.get("socket"),
+                      transport=transport, rate_limit=rate_limit(drive, "rate_limiter"), id=drive_id)
+
+
+def interface_net(interface: dict[str, Any], transport: str):
+    """The config.NetConfig of a checked network interface: its device-tree id is the iface id."""
+    from ..config import NetConfig
+
+    return NetConfig(tap=interface["host_dev_name"], mac=interface.get("guest_mac"), transport=transport,
+                     rx_rate_limit=rate_limit(interface, "rx_rate_limiter"),
+                     tx_rate_limit=rate_limit(interface, "tx_rate_limiter"), id=interface["iface_id"])
+
+
 def check_interface(body: Any, iface_id: str, prefix: str = "") -> dict[str, Any]:
     net = check_body(body, NETWORK_INTERFACE, prefix)
     if net["iface_id"] != iface_id:
@@ -452,7 +471,7 @@ class VmSpec:
         """The MachineConfig and RunOptions this spec describes (the default guest's kernel is
         filled in later, by runner.with_default_guest). MachineConfig's own errors are
         renamed to this document's fields."""
-        from ..config import BalloonConfig, DiskConfig, MachineConfig, NetConfig, RunOptions, VsockConfig, parse_numa_node
+        from ..config import BalloonConfig, MachineConfig, RunOptions, VsockConfig, parse_numa_node
 
         boot = self.boot_source or {}
         cmdline = boot.get("boot_args", "") if self.boot_source is not None else self.pyvmm.get("kernel_args", "")
@@ -467,14 +486,8 @@ class VmSpec:
             kernel=boot.get("kernel_image_path"), initrd=boot.get("initrd_path"), cmdline=cmdline,
             memory=self.machine["mem_size_mib"] << 20, cpus=self.machine["vcpu_count"],
             cpu_hide=frozenset(self.pyvmm.get("cpu_hide", ())),
-            disks=tuple(DiskConfig(path=d.get("path_on_host"), readonly=d.get("is_read_only", False),
-                                   serial=d["drive_id"] if len(d["drive_id"].encode()) <= 20 else None,
-                                   vhost_user=d.get("socket"), transport=transport,
-                                   rate_limit=rate_limit(d, "rate_limiter")) for d in drives),
-            nets=tuple(NetConfig(tap=n["host_dev_name"], mac=n.get("guest_mac"), transport=transport,
-                                 rx_rate_limit=rate_limit(n, "rx_rate_limiter"),
-                                 tx_rate_limit=rate_limit(n, "tx_rate_limiter"))
-                       for n in self.interfaces.values()),
+            disks=tuple(drive_disk(d, transport) for d in drives),
+            nets=tuple(interface_net(n, transport) for n in self.interfaces.values()),
             vsock=VsockConfig(vsock["guest_cid"], vsock["uds_path"], transport) if vsock is not None else None,
             rng=transport if self.entropy is not None else None,
             console=self.pyvmm.get("console", "serial"), console_transport=transport,

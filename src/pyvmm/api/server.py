@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from .. import __version__
 from ..errors import ConfigError, UserError, user_error_message
-from . import agent, balloon, memory
+from . import agent, balloon, hotplug, memory
 from .instance import VmInstance
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,8 @@ ROUTES: tuple[Route, ...] = (
     Route("PATCH", "/drives/{drive_id}", lambda i, p, b: i.patch_drive(p["drive_id"], b), body=True),
     Route("PUT", "/network-interfaces/{iface_id}", lambda i, p, b: i.put_interface(p["iface_id"], b), body=True),
     Route("PATCH", "/network-interfaces/{iface_id}", lambda i, p, b: i.patch_interface(p["iface_id"], b), body=True),
+    Route("DELETE", "/drives/{drive_id}", lambda i, p, b: hotplug.delete_drive(i, p.pop("drive_id"), p)),
+    Route("DELETE", "/network-interfaces/{iface_id}", lambda i, p, b: hotplug.delete_interface(i, p.pop("iface_id"), p)),
     Route("PUT", "/vsock", lambda i, p, b: i.put_vsock(b), body=True),
     Route("PUT", "/entropy", lambda i, p, b: i.put_entropy(b), body=True),
     Route("PUT", "/balloon", lambda i, p, b: balloon.put(i, b), body=True),

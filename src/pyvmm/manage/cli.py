@@ -14,7 +14,8 @@ from ..errors import UserError
 
 COMMANDS = ("define", "undefine", "start", "list", "dominfo", "info", "domstate", "suspend", "pause", "resume",
             "destroy", "reboot", "shutdown", "console", "create", "clone", "domstats", "top", "migrate",
-            "migrate-cancel", "snapshot", "save", "restore", "setmem", "ratelimit")
+            "migrate-cancel", "snapshot", "save", "restore", "setmem", "ratelimit", "attach-disk", "detach-disk",
+            "attach-interface", "detach-interface", "attach-device", "detach-device")
 
 DEFINE_HELP = ("A definition is Firecracker's configuration (sections machine-config, boot-source, drives, "
                "network-interfaces, vsock, entropy) plus a [pyvmm] table (accel, console, cpu_hide, on_reboot), "
@@ -36,6 +37,9 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     from .balloon_cli import register as register_balloon
 
     register_balloon(command)
+    from .hotplug_cli import register as register_hotplug
+
+    register_hotplug(command)
     start = command("start", "start a defined VM in the background")
     start.add_argument("--console", action="store_true", help="attach to its console at once")
     start.add_argument("--incoming", metavar="ADDRESS", help="do not boot: wait for a live migration of this VM at "
@@ -202,6 +206,10 @@ def run(args) -> int:
 
 
 def _vm_command(name: str, vm, args) -> int:
+    if name.startswith(("attach-", "detach-")):
+        from .hotplug_cli import run as run_hotplug
+
+        return run_hotplug(name, vm, args)
     if name == "setmem":
         from .balloon_cli import setmem
 

@@ -34,6 +34,7 @@ from ..errors import UserError
 from . import definitions
 from .launch import launch, wait_exit
 from .balloon_client import BalloonMethods
+from .hotplug_client import HotplugMethods
 from .memory_client import MemoryMethods
 from .records import RunDir, UnknownVm, VmExists, check_name, config_dir, run_root
 
@@ -130,7 +131,7 @@ class VmInfo:
         return self.state in ACTIVE
 
 
-class VmHandle(MemoryMethods, BalloonMethods):
+class VmHandle(MemoryMethods, BalloonMethods, HotplugMethods):
     """One VM by name: defined, running, or both."""
 
     def __init__(self, host: "Host", name: str) -> None:

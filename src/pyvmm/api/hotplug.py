@@ -1,0 +1,124 @@
+"""Hotplug over the per-VM API, in Firecracker's form: after InstanceStart, PUT /drives/{id} and
+PUT /network-interfaces/{id} plug a device into the running VM (pyvmm/hotplug.py), DELETE on
+the same paths unplugs it once the guest has ejected it (?timeout=SECONDS, default 60;
+?force=true: without waiting, which loses the guest's requests in flight).
+
+The configuration (GET /vm/config) follows, so does the machine a reboot builds; a device
+keeps its drive or interface id as its device-tree id. The lock is not held while the guest is
+asked to eject: other requests are served meanwhile.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError
+from .schema import drive_disk, interface_net
+
+if TYPE_CHECKING:
+    from .instance import VmInstance
+
+MAX_TIMEOUT = 3600.0
+
+
+def put_drive(instance: VmInstance, drive_id: str, drive: dict[str, Any]) -> None:
+    """A checked drive plugged into the running VM."""
+    from ..hotplug import attach_disk
+
+    if drive["is_root_device"]:
+        raise ConfigError("must be false for a drive added to a running VM", "is_root_device")
+    with instance.lock:
+        vm = instance._require_vm()
+        if drive_id in instance.spec.drives:
+            raise ConfigError(f"{drive_id!r}: the VM has that drive already (DELETE it first)", "drive_id")
+        attach_disk(vm, drive_disk(drive, instance.spec.pyvmm.get("transport", "pci")))
+        instance.spec.drives[drive_id] = drive
+        _keep_machine(instance, vm)
+
+
+def put_interface(instance: VmInstance, iface_id: str, interface: dict[str, Any]) -> None:
+    """A checked network interface plugged into the running VM."""
+    from ..hotplug import attach_net
+
+    with instance.lock:
+        vm = instance._require_vm()
+        if iface_id in instance.spec.interfaces:
+            raise ConfigError(f"{iface_id!r}: the VM has that interface already (DELETE it first)", "iface_id")
+        attach_net(vm, interface_net(interface, instance.spec.pyvmm.get("transport", "pci")))
+        instance.spec.interfaces[iface_id] = interface
+        _keep_machine(instance, vm)
+
+
+def delete_drive(instance: VmInstance, drive_id: str, query: dict[str, str]) -> None:
+    _delete(instance, drive_id, query, instance.spec.drives, "drive")
+
+
+def delete_interface(instance: VmInstance, iface_id: str, query: dict[str, str]) -> None:
+    _delete(instance, iface_id, query, instance.spec.interfaces, "interface")
+
+
+def _delete(instance: VmInstance, device_id: str, query: dict[str, str], table: dict, what: str) -> None:
+    from ..hotplug import detach
+
+    timeout, force = _options(query)
+    with instance.lock:
+        vm = instance._require_vm()
+        if device_id not in table:
+            raise ConfigError(f"{device_id!r}: no such {what}", f"{what}_id" if what == "drive" else "iface_id")
+    detach(vm, device_id, timeout=timeout, force=force)    # the guest ejects it meanwhile
+    with instance.lock:
+        table.pop(device_id, None)
+        if instance.vm is vm:
+            _keep_machine(instance, vm)
+
+
+def _options(query: dict[str, str]) -> tuple[float, bool]:
+    from ..hotplug import DEFAULT_EJECT_TIMEOUT
+
+    unknown = sorted(set(query) - {"timeout", "force"})
+    if unknown:
+        raise ConfigError("is not a known parameter (known: timeout, force)", unknown[0])
+    force_text = query.get("force", "false").lower()
+    if force_text not in ("true", "false", "1", "0"):
+        raise ConfigError(f"must be true or false (got {force_text!r:.20})", "force")
+    try:
+        timeout = float(query.get("timeout", DEFAULT_EJECT_TIMEOUT))
+    except ValueError:
+        raise ConfigError(f"must be a number of seconds (got {query['timeout']!r:.20})", "timeout") from None
+    if not 0 < timeout <= MAX_TIMEOUT:
+        raise ConfigError(f"must be more than 0 and at most {MAX_TIMEOUT:g} seconds", "timeout")
+    return timeout, force_text in ("true", "1")
+
+
+def _keep_machine(instance: VmInstance, vm) -> None:
+    """A reboot builds the machine as it is now, hot-plugged devices included."""
+    if instance._built is not None:
+        instance._built = (vm.machine, *instance._built[1:])
+
+
+_FAULT = {"description": "bad input, or an operation the VM's state does not allow",
+          "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+_INTERNAL = {"description": "internal error (a pyvmm bug)",
+             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+def _delete_operation(operation: str, param: str, what: str) -> dict[str, Any]:
+    return {
+        "operationId": operation,
+        "summary": f"pyvmm: unplug a {what} from the running VM (PCI hotplug): the guest is asked to eject it and "
+                   "the answer waits until it has. 400 if it does not within the timeout (the device stays)",
+        "parameters": [
+            {"name": param, "in": "path", "required": True, "schema": {"type": "string"}},
+            {"name": "timeout", "in": "query", "required": False,
+             "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_TIMEOUT},
+             "description": "seconds to wait for the guest's eject (default 60)"},
+            {"name": "force", "in": "query", "required": False, "schema": {"type": "boolean"},
+             "description": "unplug without waiting for the guest: requests it has in flight are lost"}],
+        "responses": {"204": {"description": "unplugged"}, "400": _FAULT, "default": _INTERNAL}}
+
+
+OPENAPI_PATHS: dict[str, dict[str, Any]] = {
+    "/drives/{drive_id}": {"delete": _delete_operation("pyvmmDeleteDrive", "drive_id", "drive")},
+    "/network-interfaces/{iface_id}": {"delete": _delete_operation("pyvmmDeleteNetworkInterface", "iface_id",
+                                                                   "network interface")},
+}
