@@ -92,7 +92,7 @@ def running(setup, tmp_path):
     io = IoThread()
     net = VirtioNet(FdBackend(pair[0].fileno()), mac=bytes.fromhex("525400123456"), iothread=io,
                     rx_rate_limit=RateLimit(ops=TokenBucketConfig(5, 1000)))
-    instance.vm = types.SimpleNamespace(devices={"virtio-blk0": root, "virtio-blk1": data, "virtio-net0": net})
+    instance.vm = types.SimpleNamespace(devices={"root": root, "data": data, "eth0": net})  # device-tree ids: the API's
     instance.state = RUNNING
     yield instance, api, {"root": root, "data": data, "eth0": net}
     instance.vm, instance.state = None, "Not started"
@@ -107,7 +107,7 @@ def test_patching_a_running_vm_changes_the_device_and_the_configuration(running)
     instance, api, devices = running
     api.patch("/drives/data", {"drive_id": "data", "rate_limiter": {"bandwidth": MB}})
     assert devices["data"].throttle.limit == RateLimit(bandwidth=TokenBucketConfig(1 << 20, 1000))
-    assert devices["root"].throttle.limit is None        # virtio-blk0 is the root drive, not the first defined
+    assert devices["root"].throttle.limit is None        # the root drive (vda), not the first defined
     api.patch("/drives/data", {"drive_id": "data", "rate_limiter": {"ops": {"size": 7, "refill_time": 100}}})
     assert devices["data"].throttle.limit == RateLimit(bandwidth=TokenBucketConfig(1 << 20, 1000),
                                                        ops=TokenBucketConfig(7, 100))   # bandwidth kept

@@ -110,7 +110,7 @@ def _delete_operation(operation: str, param: str, what: str) -> dict[str, Any]:
         "parameters": [
             {"name": param, "in": "path", "required": True, "schema": {"type": "string"}},
             {"name": "timeout", "in": "query", "required": False,
-             "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_TIMEOUT},
+             "schema": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": MAX_TIMEOUT},
              "description": "seconds to wait for the guest's eject (default 60)"},
             {"name": "force", "in": "query", "required": False, "schema": {"type": "boolean"},
              "description": "unplug without waiting for the guest: requests it has in flight are lost"}],

@@ -1,0 +1,80 @@
+"""Hotplug of a managed VM (the default guest in a process of its own, its agent on vsock):
+`pyvmm attach-disk` / `detach-disk` on the running VM, a NIC through the Python client, the
+per-VM API's DELETE, --config changing only the definition, and bad requests refused in one
+line with exit status 2 while the VM runs on."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from pyvmm.images.kernel_warnings import CONSOLE_LOGLEVEL, describe, find_kernel_warnings
+from pyvmm.manage import definitions
+
+from test_managed_vms import PROMPT, cli, env, read_until  # noqa: F401 - env: the fixture
+
+WAIT = "i=0; while ! [ {test} ]; do i=$((i+1)); [ $i -gt 600 ] && exit 9; sleep 0.2; done"
+
+
+def pyvmm(env, *args: str) -> subprocess.CompletedProcess:
+    values, _ = env
+    return subprocess.run([sys.executable, "-m", "pyvmm.cli", *args], capture_output=True, text=True, env=values,
+                          timeout=300)
+
+
+def refused(env, *args: str, match: str) -> None:
+    result = pyvmm(env, *args)
+    assert result.returncode == 2, (args, result.stdout, result.stderr)
+    assert len(result.stderr.strip().splitlines()) == 1 and re.search(match, result.stderr), result.stderr
+
+
+def test_disks_and_a_nic_plugged_into_a_managed_vm(env, tmp_path):
+    _, host = env
+    disk = tmp_path / "data.img"
+    with open(disk, "wb") as f:
+        f.truncate(16 << 20)
+    subprocess.run(["mke2fs", "-q", "-t", "ext2", "-F", str(disk)], check=True)
+    extra = tmp_path / "extra.img"
+    extra.write_bytes(bytes(1 << 20))
+    definition = tmp_path / "hp.toml"
+    definition.write_text(f'[machine-config]\nvcpu_count = 1\nmem_size_mib = 256\n'
+                          f'[vsock]\nguest_cid = 9\nuds_path = "{tmp_path / "hp.vsock"}"\n'
+                          f'[pyvmm]\nkernel_args = "{CONSOLE_LOGLEVEL}"\n')
+    cli(env, "define", str(definition))
+    cli(env, "start", "hp")
+    vm = host.vm("hp")
+    read_until(vm.open_console(), re.escape(PROMPT))
+
+    assert "data attached" in cli(env, "attach-disk", "hp", str(disk), "--id", "data").stdout.decode()
+    script = (WAIT.format(test="-b /dev/vda") + "; mkdir -p /mnt/d && mount -t ext2 /dev/vda /mnt/d && "
+              "echo hot > /mnt/d/f && cat /mnt/d/f && umount /mnt/d")
+    assert vm.exec(["sh", "-c", script]).stdout == b"hot\n"
+    assert [d["drive_id"] for d in vm.config()["drives"]] == ["data"]
+    assert any(node["id"] == "data" for node in vm.devices())
+
+    refused(env, "attach-disk", "hp", str(extra), "--id", "data", match=r"'data': the VM has that drive already")
+    refused(env, "attach-disk", "hp", str(tmp_path / "missing.img"), match=r"path_on_host")
+    refused(env, "detach-disk", "hp", "nothing", match=r"'nothing': no such drive")
+    refused(env, "detach-disk", "hp", "data", "--timeout", "0", match=r"--timeout must be more than 0")
+
+    cli(env, "detach-disk", "hp", "data")
+    assert vm.exec(["sh", "-c", WAIT.format(test="! -b /dev/vda") + "; echo gone"]).stdout == b"gone\n"
+    assert vm.config()["drives"] == []
+
+    assert vm.attach_interface(iface_id="net0") == "net0"        # the Python client
+    assert vm.exec(["sh", "-c", WAIT.format(test="-e /sys/class/net/eth0") + "; echo up"]).stdout == b"up\n"
+    vm.detach_interface("net0")
+    assert vm.exec(["sh", "-c", WAIT.format(test="! -e /sys/class/net/eth0") + "; echo down"]).stdout == b"down\n"
+
+    # --config: the definition only (kept for the next start), not the running VM
+    cli(env, "attach-disk", "hp", str(extra), "--id", "later", "--config")
+    assert [d["drive_id"] for d in definitions.load("hp", host.config_dir).document["drives"]] == ["later"]
+    assert vm.config()["drives"] == []
+    cli(env, "detach-disk", "hp", "later", "--config")
+    assert definitions.load("hp", host.config_dir).document.get("drives", []) == []
+
+    assert vm.state() == "running"
+    cli(env, "shutdown", "hp", "--timeout", "300")
+    warnings = find_kernel_warnings(vm.console_history())
+    assert not warnings, describe(warnings)
