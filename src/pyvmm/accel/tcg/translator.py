@@ -25,6 +25,7 @@ from ..dispatch import ExitDispatcher
 from .engine_state import EngineControl, EngineOffsets
 from .fast_registers import FastRegisters
 from .native_delivery import NativeExceptionDelivery
+from . import msr_cr_policy
 from .private_state import ContextOffsets, PrivateState
 from .slice_timer import SliceTimer
 from .translated_code import TranslatedCode
@@ -71,6 +72,8 @@ class Translator:
         if self.native_exceptions is None:
             uc.hook_add(U.UC_HOOK_INTR, self._exception)
         uc.hook_add(U.UC_HOOK_INSN_INVALID, self._invalid_opcode)
+        # RDMSR, WRMSR and MOV to/from CRn where Unicorn's helpers are wrong (no hooks for them)
+        self.helpers_patched = msr_cr_policy.install()
         self.private = PrivateState(uc, offsets)
         self.regs = FastRegisters(uc)
         self.translated_code = TranslatedCode(uc, memory.regions)

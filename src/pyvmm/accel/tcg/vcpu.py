@@ -26,6 +26,7 @@ from ..base import VcpuCounters
 from ..exits import HLT, INTERRUPTED, SHUTDOWN, EmulationError, IoIn, IoOut, MmioRead, MmioWrite, VcpuExit
 from .delivery import DOUBLE_FAULT, ERROR_CODE_VECTORS, TripleFault, deliver
 from .engine_state import STOP_ERROR
+from . import helper_patch
 from .private_state import HF_CS64_MASK, HF_LMA_MASK
 from .stack_writes import release_stack_pages
 from .string_assist import finish_rep_stos
@@ -114,11 +115,14 @@ class TcgVcpu:
         timer = self.slice_timer
         timer.begin(self.engine.request_stop, seconds)
         error = None
+        running = helper_patch.running
+        running.vcpu = self  # the patched helpers (msr_cr_policy.py) act for this vCPU
         try:
             uc.emu_start(rip, _NEVER)
         except U.UcError as exc:
             error = exc
         finally:
+            running.vcpu = None
             stopped = self._stopped_by_timer = timer.end()
         if native is not None:
             self.stats["exceptions"] += native.delivered - delivered

@@ -1,0 +1,135 @@
+"""Intercept engine helpers Unicorn 2.1.4 has no hook for: RDMSR, WRMSR, MOV to/from CRn.
+
+Unicorn's QEMU reads IA32_APIC_BASE as 0 (it has no APIC), checks no reserved bit in a MOV
+to CR0/CR4 or a WRMSR to EFER, and keeps CR8 apart from the APIC's TPR; its hook API only
+reaches IN, OUT, SYSCALL, SYSENTER, CPUID and RDTSC(P). So the entry of each helper the
+translated code calls (helper_rdmsr_x86_64, helper_wrmsr_x86_64, helper_write_crN_x86_64,
+helper_read_crN_x86_64, exported by libunicorn) is patched with a jump to a small x86-64 stub:
+
+    stub:        save the argument registers; action = filter(env, arg1, arg2, &out)
+                 action 0: run the helper: its displaced first instructions, then jump back
+                 action 1: return `out` (the helper's work is done)
+                 action 2: raise #GP(0) the way the helper itself would
+                           (raise_exception_err_ra(env, 13, 0, return address): the engine
+                           unwinds to the faulting instruction with longjmp, in C)
+
+The displaced instructions are checked byte for byte against this build's (they save
+registers and load arguments, nothing position-dependent); any other libunicorn leaves the
+helpers alone, logged, and the guest sees Unicorn's own behaviour. The library is shared by
+the process, so the filter serves whichever vCPU is running on the calling thread
+(`running`), and passes everything through when none is (the probes' scratch engines).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import platform
+import struct
+import threading
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+PASS, HANDLED, GENERAL_PROTECTION = 0, 1, 2
+# helper -> the instructions before its first call, which the jump overwrites (this build's)
+PROLOGUES = {
+    "helper_rdmsr_x86_64": bytes.fromhex("53488b4c24084889fb31d2be7c000000"),
+    "helper_wrmsr_x86_64": bytes.fromhex("55488b4c24084889fdba01000000be7c000000"),
+    "helper_write_crN_x86_64": bytes.fromhex("41544989d431d2554889fd534863de488b4c24188d7310"),
+    "helper_read_crN_x86_64": bytes.fromhex("5531d24889fd534863de89de4883ec08488b4c2418"),
+}
+RAISE_FUNCTION = "raise_exception_err_ra_x86_64"
+FILTER = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64,
+                          ctypes.POINTER(ctypes.c_uint64))
+
+running = threading.local()  # .vcpu: the TcgVcpu in emu_start on this thread, or None
+_installed: dict[str, object] = {}  # helper -> its filter (kept alive with the patch)
+_lock = threading.Lock()
+
+
+def _jump(target: int) -> bytes:
+    return bytes.fromhex("ff2500000000") + struct.pack("<Q", target)  # jmp *0(%rip)
+
+
+def _stub(callback: int, raise_function: int, prologue: bytes, resume: int) -> bytes:
+    head = bytes.fromhex("57" "56" "52" "51" "4883ec18" "488d4c2408" "48b8") + struct.pack("<Q", callback)
+    head += bytes.fromhex("ffd0" "4c8b5c2408" "4883c418" "59" "5a" "5e" "5f" "85c0")
+    handled = bytes.fromhex("4c89d8" "c3")                       # mov %r11,%rax; ret
+    raise_gp = bytes.fromhex("488b0c24" "be0d000000" "31d2" "48b8") + struct.pack("<Q", raise_function)
+    raise_gp += bytes.fromhex("ffe0")                            # tail call: never returns
+    passthrough = prologue + _jump(resume)
+    # test %eax,%eax; jz passthrough; cmp $1,%eax; jne raise; handled; raise; passthrough
+    after_jz = bytes.fromhex("83f801") + bytes([0x75, len(handled)]) + handled + raise_gp
+    return head + bytes([0x74, len(after_jz)]) + after_jz + passthrough
+
+
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+def _writable_text(address: int, length: int, write: Callable[[], object]) -> None:
+    libc, page = _libc(), mmap.PAGESIZE
+    start = address & ~(page - 1)
+    size = ((address + length + page - 1) & ~(page - 1)) - start
+    rwx = mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC
+    if libc.mprotect(start, size, rwx) != 0:
+        raise OSError(ctypes.get_errno(), "mprotect of libunicorn's text failed")
+    try:
+        write()
+    finally:
+        libc.mprotect(start, size, mmap.PROT_READ | mmap.PROT_EXEC)
+
+
+def install(helper: str, handler: Callable[[int, int, int], tuple[int, int]]) -> bool:
+    """Route `helper` through handler(env, arg1, arg2) -> (action, value); False if this build
+    of libunicorn cannot be patched (the helper then runs as Unicorn built it)."""
+    with _lock:
+        if helper in _installed:
+            return True
+        if platform.machine() not in ("x86_64", "AMD64"):
+            return False
+        from unicorn.unicorn_py3.unicorn import uclib
+
+        try:
+            target = ctypes.cast(getattr(uclib, helper), ctypes.c_void_p).value
+            raise_function = ctypes.cast(getattr(uclib, RAISE_FUNCTION), ctypes.c_void_p).value
+        except AttributeError:
+            log.info("software CPU: libunicorn exports no %s: its behaviour stays Unicorn's", helper)
+            return False
+        assert target is not None and raise_function is not None
+        prologue = PROLOGUES[helper]
+        if ctypes.string_at(target, len(prologue)) != prologue:
+            log.info("software CPU: %s is not the code pyvmm knows: its behaviour stays Unicorn's", helper)
+            return False
+
+        def on_call(env, arg1, arg2, out) -> int:
+            try:
+                action, value = handler(env or 0, arg1, arg2)
+            except Exception:  # never unwind through C: run the helper instead
+                log.exception("software CPU: %s filter failed", helper)
+                return PASS
+            out[0] = value & 0xFFFF_FFFF_FFFF_FFFF
+            return action
+
+        callback = FILTER(on_call)
+        callback_address = ctypes.cast(callback, ctypes.c_void_p).value
+        assert callback_address is not None
+        code = _stub(callback_address, raise_function, prologue, target + len(prologue))
+        page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        page.write(code)
+        stub = ctypes.addressof(ctypes.c_char.from_buffer(page))
+        if _libc().mprotect(stub, mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_EXEC) != 0:
+            log.info("software CPU: no executable page for the %s stub", helper)
+            return False
+        patch = _jump(stub).ljust(len(prologue), b"\xcc")
+        try:
+            _writable_text(target, len(patch), lambda: ctypes.memmove(target, patch, len(patch)))
+        except OSError as exc:
+            log.info("software CPU: cannot patch %s (%s): its behaviour stays Unicorn's", helper, exc)
+            return False
+        _installed[helper] = (callback, page)
+        return True

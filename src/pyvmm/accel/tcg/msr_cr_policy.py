@@ -1,0 +1,131 @@
+"""What RDMSR, WRMSR and MOV to/from CRn do where Unicorn's own helpers are wrong (SDM vol. 2
+RDMSR/WRMSR/MOV-CR, vol. 3 2.5 and 10.4.4): IA32_APIC_BASE and CR8 are the local APIC's;
+reserved bits of CR0, CR4 (every bit of a feature CPUID does not announce), EFER and
+IA32_APIC_BASE raise #GP(0); the x2APIC MSRs raise #GP(0) (x2APIC is not announced).
+
+The helpers reach these through helper_patch.py; every other MSR and control register keeps
+Unicorn's behaviour (an unknown MSR still reads as 0: a #GP there is what the SDM says, but the
+Linux guests this CPU boots have not been checked against it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from ...platform.lapic_registers import REG_TPR
+from . import helper_patch
+from .helper_patch import GENERAL_PROTECTION, HANDLED, PASS
+
+MSR_APIC_BASE, MSR_EFER = 0x1B, 0xC0000080
+X2APIC_MSRS = range(0x800, 0x900)
+APIC_BASE_RESERVED_LOW = 0xFF | 1 << 9 | 1 << 10  # bit 10 (x2APIC mode) with x2APIC unannounced
+EFER_SCE, EFER_LME, EFER_LMA, EFER_NXE = 1 << 0, 1 << 8, 1 << 10, 1 << 11
+CR0_PE, CR0_NW, CR0_CD, CR0_PG = 1 << 0, 1 << 29, 1 << 30, 1 << 31
+# CR4 bit -> (CPUID leaf, subleaf, register index eax=0..edx=3, bit) of the feature it needs;
+# None: architectural on every CPU this models (TSD, PCE).
+CR4_FEATURES = {
+    0: (1, 0, 3, 1), 1: (1, 0, 3, 1), 2: None, 3: (1, 0, 3, 2), 4: (1, 0, 3, 3), 5: (1, 0, 3, 6),
+    6: (1, 0, 3, 7), 7: (1, 0, 3, 13), 8: None, 9: (1, 0, 3, 24), 10: (1, 0, 3, 25),
+    11: (7, 0, 2, 2), 12: (7, 0, 2, 16), 13: (1, 0, 2, 5), 14: (1, 0, 2, 6), 16: (7, 0, 1, 0),
+    17: (1, 0, 2, 17), 18: (1, 0, 2, 26), 20: (7, 0, 1, 7), 21: (7, 0, 1, 20), 22: (7, 0, 2, 3),
+    23: (7, 0, 2, 7), 24: (7, 0, 2, 31), 28: (7, 1, 0, 26),
+}
+
+
+def _vcpu():
+    return getattr(helper_patch.running, "vcpu", None)
+
+
+def _regs(env: int):
+    return (ctypes.c_uint64 * 3).from_address(env)  # CPUX86State starts with RAX, RCX, RDX
+
+
+def _announced(table, leaf: int, subleaf: int, register: int, bit: int) -> bool:
+    return bool(table.lookup(leaf, subleaf)[register] >> bit & 1)
+
+
+def cr4_allowed(table) -> int:
+    allowed = 0
+    for bit, feature in CR4_FEATURES.items():
+        if feature is None or _announced(table, *feature):
+            allowed |= 1 << bit
+    return allowed
+
+
+def _physical_bits(table) -> int:
+    bits = table.lookup(0x80000008, 0)[0] & 0xFF
+    return bits or 36
+
+
+def rdmsr(env: int, _arg1: int, _arg2: int) -> tuple[int, int]:
+    vcpu = _vcpu()
+    if vcpu is None or vcpu.lapic is None:
+        return PASS, 0
+    regs = _regs(env)
+    msr = regs[1] & 0xFFFFFFFF
+    if msr == MSR_APIC_BASE:
+        value = vcpu.lapic.apic_base
+        regs[0], regs[2] = value & 0xFFFFFFFF, value >> 32
+        return HANDLED, 0
+    if msr in X2APIC_MSRS:
+        return GENERAL_PROTECTION, 0
+    return PASS, 0
+
+
+def wrmsr(env: int, _arg1: int, _arg2: int) -> tuple[int, int]:
+    vcpu = _vcpu()
+    if vcpu is None or vcpu.lapic is None:
+        return PASS, 0
+    regs = _regs(env)
+    msr = regs[1] & 0xFFFFFFFF
+    value = (regs[0] & 0xFFFFFFFF) | (regs[2] & 0xFFFFFFFF) << 32
+    table = vcpu.cpuid_table
+    if msr == MSR_APIC_BASE:
+        if value & APIC_BASE_RESERVED_LOW or value >> _physical_bits(table):
+            return GENERAL_PROTECTION, 0
+        vcpu.lapic.write_apic_base(value)
+        return HANDLED, 0
+    if msr == MSR_EFER:
+        allowed = EFER_LMA  # read-only: a write of it is ignored
+        for efer_bit, cpuid_bit in ((EFER_SCE, 11), (EFER_LME, 29), (EFER_NXE, 20)):
+            if _announced(table, 0x80000001, 0, 3, cpuid_bit):
+                allowed |= efer_bit
+        return (GENERAL_PROTECTION if value & ~allowed else PASS), 0
+    if msr in X2APIC_MSRS:
+        return GENERAL_PROTECTION, 0
+    return PASS, 0
+
+
+def write_cr(env: int, register: int, value: int) -> tuple[int, int]:
+    vcpu = _vcpu()
+    if vcpu is None:
+        return PASS, 0
+    register &= 0xFFFFFFFF
+    if register == 0:
+        if value >> 32 or (value & CR0_NW and not value & CR0_CD) or (value & CR0_PG and not value & CR0_PE):
+            return GENERAL_PROTECTION, 0
+    elif register == 4:
+        if value & ~cr4_allowed(vcpu.cpuid_table):
+            return GENERAL_PROTECTION, 0
+    elif register == 8 and vcpu.lapic is not None:
+        if value & ~0xF:
+            return GENERAL_PROTECTION, 0
+        vcpu.lapic.write(REG_TPR, (value << 4).to_bytes(4, "little"))  # CR8 is TPR[7:4]
+        return HANDLED, 0
+    return PASS, 0
+
+
+def read_cr(env: int, register: int, _arg2: int) -> tuple[int, int]:
+    vcpu = _vcpu()
+    if vcpu is None or vcpu.lapic is None or register & 0xFFFFFFFF != 8:
+        return PASS, 0
+    return HANDLED, int.from_bytes(vcpu.lapic.read(REG_TPR, 4), "little") >> 4 & 0xF
+
+
+def install() -> bool:
+    """Patch the four helpers (once per process); False if this libunicorn cannot be patched."""
+    results = [helper_patch.install("helper_rdmsr_x86_64", rdmsr),
+               helper_patch.install("helper_wrmsr_x86_64", wrmsr),
+               helper_patch.install("helper_write_crN_x86_64", write_cr),
+               helper_patch.install("helper_read_crN_x86_64", read_cr)]
+    return all(results)
