@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("firecracker", help="a VM driven by Firecracker's command line and API (pyvmm firecracker --help)",
                    add_help=False)
+    sub.add_parser("jail", help="start a managed VM's process in a jail (pyvmm jail --help; pyvmm start --jail)",
+                   add_help=False)
     info = sub.add_parser("kvm-info", parents=[common], help="what this host's KVM offers, and how fast it runs guest kernel code")
     info.add_argument("--no-calibrate", action="store_true", help="skip the calibration guest")
     return parser
@@ -136,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         from .manage.firecracker import main as firecracker_main
 
         return firecracker_main(words[1:])
+    if words[:1] == ["jail"]:
+        from .manage.jailer import main as jail_main
+
+        return jail_main(words[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)

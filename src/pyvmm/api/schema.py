@@ -212,6 +212,8 @@ PYVMM_OPTIONS = (
        enum=("kill", "log", "off")),
     _f("numa", "array", "guest NUMA nodes, in order: 'cpus=0-1,mem=128M[,distances=10:20]' each (ACPI SRAT and "
        "SLIT); their memory adds up to mem_size_mib and every vCPU is in one", items="string"),
+    _f("jail", "object", "start the VM's process in a jail (namespaces, private root, cgroup limits, its own uid, "
+       "Landlock): {} for the defaults, or uid, gid, netns, cpus, memory_mib, pids, nofile (pyvmm.jail.config)"),
 )
 
 _CONNECT = _f("connect_timeout", "integer", "seconds to wait for the guest's agent to answer (default 10)",
@@ -460,6 +462,10 @@ class VmSpec:
             spec.logger = check_logger(document["logger"], "logger.")
         if "pyvmm" in document:
             spec.pyvmm = check_body(document["pyvmm"], PYVMM_OPTIONS, "pyvmm.", what="pyvmm")
+            if "jail" in spec.pyvmm:
+                from ..jail import JailConfig
+
+                JailConfig.from_options(spec.pyvmm["jail"])
         spec.machine_config()  # what MachineConfig itself checks (CPU feature names...) fails here
         return spec
 

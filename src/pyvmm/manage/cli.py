@@ -18,7 +18,8 @@ COMMANDS = ("define", "undefine", "start", "list", "dominfo", "info", "domstate"
             "attach-interface", "detach-interface", "attach-device", "detach-device")
 
 DEFINE_HELP = ("A definition is Firecracker's configuration (sections machine-config, boot-source, drives, "
-               "network-interfaces, vsock, entropy) plus a [pyvmm] table (accel, console, cpu_hide, on_reboot), "
+               "network-interfaces, vsock, entropy) plus a [pyvmm] table (accel, console, cpu_hide, on_reboot, "
+               "seccomp, jail), "
                "in TOML or JSON. Without boot-source, pyvmm's default Debian guest boots.")
 
 
@@ -42,6 +43,8 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     register_hotplug(command)
     start = command("start", "start a defined VM in the background")
     start.add_argument("--console", action="store_true", help="attach to its console at once")
+    start.add_argument("--jail", action="store_true", help="in a jail: namespaces, a private root, cgroup limits, "
+                       "a uid of its own, Landlock (the definition's [pyvmm.jail] settings, else the defaults)")
     start.add_argument("--incoming", metavar="ADDRESS", help="do not boot: wait for a live migration of this VM at "
                        "unix:PATH or tcp:HOST:PORT (from `pyvmm migrate` on the source)")
     migrate = command("migrate", "live-migrate a running VM to a VM started with --incoming (pre-copy)")
@@ -221,7 +224,7 @@ def _vm_command(name: str, vm, args) -> int:
         pid = vm.start(incoming=args.incoming)
         print(f"Domain '{vm.name}' waits for a migration at {args.incoming} (pid {pid})")
     elif name == "start":
-        pid = vm.start()
+        pid = vm.start(jail=args.jail)
         print(f"Domain '{vm.name}' started (pid {pid})")
         if args.console:
             return _console(vm, 16 << 10)

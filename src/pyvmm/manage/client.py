@@ -241,12 +241,15 @@ class VmHandle(MemoryMethods, BalloonMethods, HotplugMethods):
 
     # --- lifecycle --------------------------------------------------------------------------
 
-    def start(self, incoming: str | None = None) -> int:
+    def start(self, incoming: str | None = None, jail: bool = False) -> int:
         """Boot the defined VM in the background; returns once it runs (its pid). With
         `incoming` (unix:PATH or tcp:HOST:PORT) it does not boot but waits there for a live
-        migration of a VM like its definition; returns once it listens."""
-        definition = definitions.load(self.name, self.host.config_dir)
-        return launch(self.run, definition.spec.to_document(), instance_id=self.name, incoming=incoming)
+        migration of a VM like its definition; returns once it listens. `jail`: in a jail
+        (manage/jailer.py), with the definition's [pyvmm] jail settings or the defaults."""
+        document = definitions.load(self.name, self.host.config_dir).spec.to_document()
+        if jail:
+            document.setdefault("pyvmm", {}).setdefault("jail", {})
+        return launch(self.run, document, instance_id=self.name, incoming=incoming)
 
     def suspend(self) -> None:
         self._live_api().patch("/vm", {"state": "Paused"})

@@ -46,7 +46,11 @@ def launch(run: RunDir, document: dict[str, Any], *, instance_id: str | None = N
     read_end, write_end = os.pipe()
     try:
         with open(run.vmm_log, "ab") as log:
-            argv = [sys.executable, "-m", "pyvmm.manage.vmprocess", str(run.path), "--ready-fd", str(write_end)]
+            from ..jail import jail_options
+
+            # a jailed VM's process is started by the jailer (manage/jailer.py), which keeps it
+            module = "pyvmm.manage.jailer" if jail_options(document) is not None else "pyvmm.manage.vmprocess"
+            argv = [sys.executable, "-m", module, str(run.path), "--ready-fd", str(write_end)]
             if instance_id:
                 argv += ["--id", instance_id]
             if incoming:
@@ -55,7 +59,7 @@ def launch(run: RunDir, document: dict[str, Any], *, instance_id: str | None = N
                                        start_new_session=True, pass_fds=(write_end,))
         os.close(write_end)
         write_end = -1
-        answer = _read_answer(read_end, timeout)
+        answer, ended = _read_answer(read_end, timeout)
     finally:
         os.close(read_end)
         if write_end >= 0:
@@ -63,6 +67,11 @@ def launch(run: RunDir, document: dict[str, Any], *, instance_id: str | None = N
     if answer == "ok":
         return run.pid() or process.pid  # the VM's own (with seccomp on, a parent waits for it)
     if answer is None:
+        if ended:  # the process closed the pipe without a word: it is ending (a jail's keeper cleans up first)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
         last = run.last_log_line()
         if process.poll() is None:
             raise StartError(f"{run.name} did not start within {timeout:.0f} s (see {run.vmm_log})")
@@ -70,17 +79,18 @@ def launch(run: RunDir, document: dict[str, Any], *, instance_id: str | None = N
     raise StartError(f"{run.name}: {answer.removeprefix('error: ')}")
 
 
-def _read_answer(fd: int, timeout: float) -> str | None:
+def _read_answer(fd: int, timeout: float) -> tuple[str | None, bool]:
+    """The process's one-line answer (None if none came) and whether it closed the pipe."""
     data = b""
     while b"\n" not in data:
         ready, _, _ = select.select([fd], [], [], timeout)
         if not ready:
-            return None
+            return None, False
         chunk = os.read(fd, 4096)
         if not chunk:
-            return None  # the process ended without a word
+            return None, True  # the process ended without a word
         data += chunk
-    return data.split(b"\n", 1)[0].decode(errors="replace")
+    return data.split(b"\n", 1)[0].decode(errors="replace"), False
 
 
 def wait_exit(pid: int, timeout: float | None) -> bool:

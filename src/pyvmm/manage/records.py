@@ -111,8 +111,9 @@ class RunDir:
         except (OSError, ValueError, IndexError):
             return None
 
-    def write_pid(self) -> None:
-        pid = os.getpid()
+    def write_pid(self, pid: int | None = None) -> None:
+        """Record `pid` (default: this process) as the VM's process (a jail's keeper records its child)."""
+        pid = os.getpid() if pid is None else pid
         temporary = self.pid_file.with_suffix(".tmp")
         temporary.write_text(f"{pid} {process_start_time(pid)}\n")
         temporary.replace(self.pid_file)
@@ -144,7 +145,7 @@ class RunDir:
         self.clear()
 
     def clear(self) -> None:
-        for entry in ("api.sock", "console.sock", "pid", "outcome.json", "definition.json", "restore.json",
+        for entry in ("api.sock", "console.sock", "pid", "outcome.json", "definition.json", "restore.json", "jail.json",
                       "vmm.log", "console.log", "console.log.1"):
             try:
                 (self.path / entry).unlink()

@@ -33,7 +33,8 @@ def _outcome_record(outcome, boots: int, migration=None) -> dict:
     return record
 
 
-def serve(run: RunDir, instance_id: str, ready_fd: int | None, incoming: str | None = None) -> int:
+def serve(run: RunDir, instance_id: str, ready_fd: int | None, incoming: str | None = None, *,
+          jailed: bool = False) -> int:
     from ..api.console import ConsoleHub
     from ..api.instance import VmInstance
     from ..api.schema import VmSpec
@@ -62,7 +63,8 @@ def serve(run: RunDir, instance_id: str, ready_fd: int | None, incoming: str | N
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the terminal that started us may go away
-    run.write_pid()
+    if not jailed:  # a jail's keeper has recorded this process's pid as the host sees it
+        run.write_pid()
     console = ConsoleHub(run.console_log)
     restore_file = run.path / "restore.json"
     try:
@@ -170,16 +172,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--id", help="the instance id the API reports (default: the run directory's name)")
     parser.add_argument("--incoming", metavar="ADDRESS", help="wait for a live migration at unix:PATH or tcp:HOST:PORT "
                         "instead of booting")
+    parser.add_argument("--jailed", action="store_true", help="started by the jailer (pyvmm.jail), which keeps "
+                        "the pid file and reports a death by seccomp")
     parser.add_argument("-v", "--verbose", action="count", default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
                         format="%(asctime)s pyvmm: %(levelname)s: %(name)s: %(message)s")
     run = RunDir(Path(args.run_dir).resolve())
-    if _seccomp_mode(run) != "off":
+    if _seccomp_mode(run) != "off" and not args.jailed:
         status = _stay_to_report_seccomp_kills(run, args.ready_fd)
         if status is not None:
             return status
-    return serve(run, args.id or run.name, args.ready_fd, args.incoming)
+    return serve(run, args.id or run.name, args.ready_fd, args.incoming, jailed=args.jailed)
 
 
 if __name__ == "__main__":

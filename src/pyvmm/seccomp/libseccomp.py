@@ -9,7 +9,6 @@ export. Constants are libseccomp's (seccomp.h, stable ABI since 2.x).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from dataclasses import dataclass
 
@@ -66,7 +65,7 @@ _lib: ctypes.CDLL | None = None
 def library() -> ctypes.CDLL:
     global _lib
     if _lib is None:
-        name = ctypes.util.find_library("seccomp") or "libseccomp.so.2"
+        name = "libseccomp.so.2"  # (find_library would run ldconfig, which a jail does not have)
         try:
             lib = ctypes.CDLL(name, use_errno=True)
         except OSError:

@@ -1,0 +1,190 @@
+"""Jailed managed VMs (`pyvmm start --jail`, manage/jailer.py) on the default Debian guest.
+
+Two jailed VMs boot side by side, each with a disk and a vsock socket, under seccomp in kill
+mode. Each sees only what it needs (its mounts and device nodes, read from the host), runs as
+a uid of its own with no_new_privs in namespaces and control groups of its own, and - the sVirt
+guarantee - cannot open the other's disk, API socket or vsock socket: code planted in each VM's
+own process (a sitecustomize on its PYTHONPATH, inside its run directory) tries, and says what
+happened in its log. When they stop, the files are the host's again and the groups are gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pyvmm.images.kernel_warnings import CONSOLE_LOGLEVEL, describe, find_kernel_warnings
+from pyvmm.jail.landlock import abi_version
+from pyvmm.manage.client import connect
+from pyvmm.manage.launch import wait_exit
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the jailer needs root")
+
+PROBE = '''
+import json, os, socket, sys
+if os.getuid() != 0:                  # only in the jailed VM process (the CLI and the keeper run as root)
+    def attempt(what, path):
+        try:
+            if what == "connect":
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(path)
+            else:
+                with open(path, "rb") as f:
+                    f.read(512)
+            return "opened"
+        except OSError as exc:
+            return type(exc).__name__
+    def listing(path):
+        try:
+            return sorted(os.listdir(path))
+        except OSError as exc:
+            return type(exc).__name__
+    own, other = json.loads(os.environ["PROBE_PATHS"])
+    result = {"own_disk": attempt("read", own["disk"]),
+              **{f"other_{k}": attempt("connect" if k.endswith("sock") else "read", v) for k, v in other.items()},
+              "root": listing("/"), "dev": listing("/dev")}
+    print("PROBE " + json.dumps(result), file=sys.stderr, flush=True)
+'''
+
+
+@pytest.fixture
+def env(tmp_path, image):
+    values = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "cfg"), XDG_RUNTIME_DIR=str(tmp_path / "rt"))
+    values.pop("PYVMM_SECCOMP", None)
+    host = connect(tmp_path / "cfg" / "pyvmm" / "vms", tmp_path / "rt" / "pyvmm")
+    yield values, host
+    for name in host.names():
+        pid = host.vm(name).run.pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            wait_exit(pid, 30)
+
+
+def cli(values, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "pyvmm.cli", *args], capture_output=True, text=True,
+                            env=values, timeout=900)
+    assert result.returncode == 0, (args, result.stderr)
+    return result
+
+
+def make_vm(tmp_path: Path, values, name: str) -> dict[str, str]:
+    disk = tmp_path / f"{name}-disk" / "data.img"
+    disk.parent.mkdir()
+    with open(disk, "wb") as f:
+        f.write(f"{name}'s data".encode().ljust(4096, b"\0"))
+    vsock_dir = tmp_path / f"{name}-vsock"
+    vsock_dir.mkdir()
+    (tmp_path / f"{name}.toml").write_text(
+        f'[machine-config]\nvcpu_count = 1\nmem_size_mib = 128\n'
+        f'[[drives]]\ndrive_id = "data"\npath_on_host = "{disk}"\nis_root_device = false\nis_read_only = false\n'
+        f'[vsock]\nguest_cid = {3 if name == "alpha" else 4}\nuds_path = "{vsock_dir}/v.sock"\n'
+        f'[pyvmm]\nkernel_args = "{CONSOLE_LOGLEVEL}"\nseccomp = "kill"\n[pyvmm.jail]\npids = 256\ncpus = 1.5\n')
+    cli(values, "define", str(tmp_path / f"{name}.toml"))
+    run_dir = tmp_path / "rt" / "pyvmm" / name
+    return {"disk": str(disk), "api_sock": str(run_dir / "api.sock"), "vsock": f"{vsock_dir}/v.sock",
+            "run_dir": str(run_dir)}
+
+
+def test_two_jailed_vms_boot_see_only_their_own_and_cannot_open_each_others_files(env, tmp_path):
+    values, host = env
+    paths = {name: make_vm(tmp_path, values, name) for name in ("alpha", "beta")}
+    for name, other in (("alpha", "beta"), ("beta", "alpha")):
+        plant = Path(paths[name]["run_dir"]) / "plant"
+        plant.mkdir(parents=True)
+        (plant / "sitecustomize.py").write_text(PROBE)
+        probe_paths = json.dumps([paths[name], {k: v for k, v in paths[other].items() if k != "run_dir"}
+                                  | {"run_dir_file": paths[other]["run_dir"] + "/definition.json"}])
+        cli(dict(values, PYTHONPATH=str(plant), PROBE_PATHS=probe_paths), "start", name, "--jail")
+
+    records = {name: json.loads((Path(paths[name]["run_dir"]) / "jail.json").read_text()) for name in paths}
+    pids = {name: host.vm(name).info().pid for name in paths}
+    assert records["alpha"]["uid"] != records["beta"]["uid"]
+    for name in paths:
+        pid, record = pids[name], records[name]
+        assert record["pid"] == pid
+        status = Path(f"/proc/{pid}/status").read_text()
+        assert re.search(rf"Uid:\s+{record['uid']}\s", status) and re.search(rf"Gid:\s+{record['gid']}\s", status)
+        assert re.search(r"NoNewPrivs:\s+1", status) and re.search(r"Seccomp:\s+2", status)
+        for kind in ("mnt", "pid", "ipc", "uts"):
+            assert os.readlink(f"/proc/{pid}/ns/{kind}") != os.readlink(f"/proc/self/ns/{kind}"), kind
+        assert os.readlink(f"/proc/{pid}/ns/net") == os.readlink("/proc/self/ns/net")   # netns not asked for
+        assert f"pyvmm-jail/{name}" in Path(f"/proc/{pid}/cgroup").read_text()
+        assert record["cgroup"]["pids"] == 256 and record["cgroup"]["cpus"] == 1.5
+        assert Path(record["cgroup"]["paths"][0], "cpu.max" if record["cgroup"]["version"] == 2
+                    else "cpu.cfs_quota_us").read_text().split()[0] == "150000"
+        assert "4096" in re.search(r"Max open files.*", Path(f"/proc/{pid}/limits").read_text()).group(0)
+        # no more than it needs: every mount is an exposed path (or the jail's /, /proc, /tmp)
+        mounts = {line.split()[4] for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines()}
+        assert mounts == {"/", "/proc", "/tmp", *record["exposed"]}, mounts ^ {"/", "/proc", "/tmp", *record["exposed"]}
+        assert paths[name]["disk"] in record["exposed"] and paths[other_of(name)]["disk"] not in record["exposed"]
+        assert not any(p.startswith(paths[other_of(name)]["run_dir"]) for p in record["exposed"])
+        disk = os.stat(paths[name]["disk"])
+        assert (disk.st_uid, disk.st_mode & 0o777) == (record["uid"], 0o600)
+
+    for name in paths:
+        console = wait_for_prompt(host.vm(name))
+        warnings = find_kernel_warnings(console)
+        assert not warnings, describe(warnings)
+        log = (Path(paths[name]["run_dir"]) / "vmm.log").read_text()
+        probe = json.loads(re.search(r"PROBE (.*)", log).group(1))
+        assert probe["own_disk"] == "opened", probe                      # the probe does open what it may
+        for key in ("other_disk", "other_api_sock", "other_vsock", "other_run_dir_file"):
+            assert probe[key] in ("FileNotFoundError", "PermissionError"), (key, probe)
+        assert {"kvm", "null", "urandom"} <= set(probe["dev"]) <= {"kvm", "null", "random", "urandom", "userfaultfd",
+                                                                 "zero"}, probe
+        if abi_version():   # Landlock: not even the jail's own root directory can be listed
+            assert re.search(r"pyvmm: jail: uid \d+, gid \d+; Landlock ABI \d+: confined", log), log
+            assert probe["root"] == "PermissionError", probe
+        else:
+            assert set(probe["root"]) <= {"dev", "proc", "tmp", "lib", "lib64",
+                                          *(p.split("/")[1] for p in records[name]["exposed"])}
+
+    for name in paths:
+        cli(values, "destroy", name)
+    for name in paths:
+        assert wait_exit(records[name]["keeper_pid"], 60)
+        disk = os.stat(paths[name]["disk"])
+        assert disk.st_uid == os.getuid() and disk.st_mode & 0o777 == 0o644   # the host's again
+        assert not any(Path(p).exists() for p in records[name]["cgroup"]["paths"])
+
+
+def other_of(name: str) -> str:
+    return "beta" if name == "alpha" else "alpha"
+
+
+def wait_for_prompt(vm, timeout: float = 400) -> bytes:
+    deadline = time.monotonic() + timeout
+    while b"pyvmm:~# " not in (history := vm.console_history()):
+        assert time.monotonic() < deadline, history[-2000:]
+        assert vm.state() == "running", vm.info()
+        time.sleep(0.5)
+    return history
+
+
+def test_bad_jail_settings_and_machines_a_jail_cannot_hold_are_one_line(env, tmp_path):
+    values, _ = env
+    for setting, message in (("uid = 0", "pyvmm.jail.uid must be an unprivileged id"),
+                             ('pids = "many"', "pyvmm.jail.pids must be a number"),
+                             ("colour = 1", "pyvmm.jail.colour: unknown jail setting")):
+        path = tmp_path / "bad.toml"
+        path.write_text(f"[machine-config]\nvcpu_count = 1\nmem_size_mib = 128\n[pyvmm.jail]\n{setting}\n")
+        bad = subprocess.run([sys.executable, "-m", "pyvmm.cli", "define", str(path), "--replace"],
+                             capture_output=True, text=True, env=values, timeout=120)
+        assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad
+        assert message in bad.stderr, bad.stderr
+    path = tmp_path / "auto.toml"
+    path.write_text('[machine-config]\nvcpu_count = 1\nmem_size_mib = 128\n[[network-interfaces]]\n'
+                    'iface_id = "eth0"\nhost_dev_name = "auto"\n')
+    cli(values, "define", str(path))
+    refused = subprocess.run([sys.executable, "-m", "pyvmm.cli", "start", "auto", "--jail"], capture_output=True,
+                             text=True, env=values, timeout=120)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused
+    assert "ip tuntap add" in refused.stderr
