@@ -22,14 +22,15 @@ from qemu_side import pss_kib
 MEMORY_MIB = 256
 
 
-def booted_vm(command: list[str], *, timeout: float = 300):
-    """The default guest running `command` on the software CPU in this process, after /init."""
+def booted_vm(command: list[str], *, timeout: float = 300, **machine_fields):
+    """The default guest running `command` on the software CPU in this process, after /init.
+    `machine_fields`: more MachineConfig fields (a balloon, ksm...)."""
     from pyvmm.accel.select import choose_accelerator
     from pyvmm.builder import build_vm
     from pyvmm.config import MachineConfig, RunOptions
     from pyvmm.runner import with_default_guest
 
-    machine, _ = with_default_guest(MachineConfig(memory=MEMORY_MIB << 20), RunOptions(), command)
+    machine, _ = with_default_guest(MachineConfig(memory=MEMORY_MIB << 20, **machine_fields), RunOptions(), command)
     vm = build_vm(machine, lambda data: None, accel=choose_accelerator("tcg").create())
     vm.start()
     notify = vm.device_manager.device("guest-notify")

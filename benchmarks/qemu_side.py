@@ -61,18 +61,20 @@ class QemuGuest:
     """One QEMU process with the default guest: booted (wait_booted) or waiting for a stream."""
 
     def __init__(self, image, vmlinux: str, command: list[str], extra_cmdline: str, *,
-                 incoming: str | None = None, workdir: str | None = None) -> None:
+                 incoming: str | None = None, workdir: str | None = None, machine: str = "microvm",
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="pyvmm-bench-qemu-"))
         self.qmp_path = str(self.dir / f"qmp-{os.getpid()}-{id(self)}.sock")
         read_fd, write_fd = os.pipe()
         self.booted = threading.Event()
-        argv = [QEMU, "-M", "microvm", "-accel", "tcg", "-m", str(MEMORY_MIB), "-smp", "1", "-nodefaults",
+        argv = [QEMU, "-M", machine, "-accel", "tcg", "-m", str(MEMORY_MIB), "-smp", "1", "-nodefaults",
                 "-no-reboot", "-display", "none", "-serial", "null",
                 "-kernel", vmlinux, "-initrd", str(image.initramfs),
                 "-append", image.command_line(command, extra=extra_cmdline),
                 "-chardev", f"file,id=bootnotify,path=/dev/fd/{write_fd}",
                 "-device", "isa-debugcon,iobase=0x610,chardev=bootnotify",
                 "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
+        argv += extra_args
         if incoming is not None:
             argv += ["-incoming", incoming]
         self.started = time.monotonic()
