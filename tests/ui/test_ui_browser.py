@@ -3,7 +3,8 @@ software CPU here): the create form's field errors, a VM created from the page a
 running, its console's prompt and a typed command's output (in two viewers at once),
 suspend/resume from the page as `pyvmm list` sees it and the other way round, clone and
 delete (by keyboard), the VM page's
-charts, device tree, balloon control, and a snapshot taken, destroyed and restored, and `pyvmm ui` stopping
+charts, device tree, balloon control, and a snapshot taken, destroyed and restored (an open
+console page attaching again by itself), shutdown (the power button) and start, and `pyvmm ui` stopping
 without touching the VM. One boot for the module; the tests run in order and share it.
 
 The VM's kernel command line gets CONSOLE_LOGLEVEL through the form's kernel-arguments field,
@@ -254,6 +255,12 @@ def test_the_vm_page_charts_devices_snapshot_destroy_and_restore(browser, ui, en
 
     warnings = find_kernel_warnings(host.vm("alpha").console_history())  # this run's history goes with it
     assert not warnings, describe(warnings)
+    vm_page = browser.current_window_handle
+    browser.switch_to.new_window("tab")  # a console stays open across the destroy and the restore
+    browser.get(f"{ui.base}/vm/alpha/console")
+    console_wait(browser, lambda d: "attached" in d.find_element(By.ID, "status").text, "console not attached")
+    console_tab = browser.current_window_handle
+    browser.switch_to.window(vm_page)
     browser.find_element(By.CSS_SELECTOR, '#actions button[data-action="destroy"]').click()
     wait(browser, lambda d: d.find_element(By.ID, "ask").is_displayed())
     browser.find_element(By.ID, "ask-ok").click()
@@ -267,6 +274,31 @@ def test_the_vm_page_charts_devices_snapshot_destroy_and_restore(browser, ui, en
     wait(browser, lambda d: d.find_element(By.ID, "state").text == "running", timeout=120)
     assert listed_state(env, "alpha") == "running"
     shot(browser, artifacts, "vm-restored")
+    assert js_errors(browser) == []
+
+    # the console page attached again by itself, to the restored guest, which goes on from the snapshot
+    browser.switch_to.window(console_tab)
+    console_wait(browser, lambda d: d.find_element(By.ID, "status").text.startswith("attached"), "not attached again")
+    type_into_console(browser, "echo restored-$((2+3))")
+    console_wait(browser, lambda d: re.search(r"^restored-5\s*$", terminal_text(d), re.M), "no output after the restore")
+    assert js_errors(browser) == []
+    browser.close()
+    browser.switch_to.window(vm_page)
+
+
+def test_shutdown_and_start_from_the_page(browser, ui, env, artifacts):
+    _, host = env
+    browser.get(f"{ui.base}/vm/alpha")
+    wait(browser, lambda d: d.find_element(By.ID, "state").text == "running")
+    browser.find_element(By.CSS_SELECTOR, '#actions button[data-action="shutdown"]').click()  # the power button
+    wait(browser, lambda d: d.find_element(By.ID, "state").text == "shut off", timeout=120, message="no poweroff")
+    assert browser.find_element(By.ID, "s-outcome").text.startswith("poweroff")
+    assert listed_state(env, "alpha") == "shut off"
+    warnings = find_kernel_warnings(host.vm("alpha").console_history())  # the restored run's, before a new run
+    assert not warnings, describe(warnings)
+    browser.find_element(By.CSS_SELECTOR, '#actions button[data-action="start"]').click()
+    wait(browser, lambda d: d.find_element(By.ID, "state").text == "running", timeout=120)
+    assert listed_state(env, "alpha") == "running"
     assert js_errors(browser) == []
 
 

@@ -180,7 +180,7 @@ class UiRequestHandler(BaseHTTPRequestHandler):
 
     def _page(self, page: str) -> None:
         text = (self.server.static / page).read_text().replace("{{TOKEN}}", self.server.token)
-        host = self.headers.get("Host", "")
+        host = re.sub(r"[^A-Za-z0-9.:\[\]-]", "", self.headers.get("Host", ""))  # nothing but a host[:port]
         policy = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
                   f"connect-src 'self' ws://{host}; font-src 'self'; form-action 'self'; base-uri 'none'; "
                   "frame-ancestors 'none'")

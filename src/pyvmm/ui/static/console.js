@@ -21,16 +21,31 @@ function connect() {
               `?replay=${REPLAY_BYTES}&token=${encodeURIComponent(TOKEN)}`;
   socket = new WebSocket(url);
   socket.binaryType = "arraybuffer";
-  socket.addEventListener("open", () => { announce(`attached to ${NAME}'s console`); term.focus(); });
+  let opened = false;
+  socket.addEventListener("open", () => { opened = true; announce(`attached to ${NAME}'s console`); term.focus(); });
   socket.addEventListener("message", (event) => {
     term.write(typeof event.data === "string" ? event.data : new Uint8Array(event.data));
   });
-  socket.addEventListener("close", async () => {
+  socket.addEventListener("close", () => {
     reconnect.disabled = false;
-    const result = await api("GET", `/vms/${encodeURIComponent(NAME)}`);
-    const why = result.ok ? `the VM is ${result.data.state}` : (result.data && result.data.error) || "the server is gone";
-    announce(`detached from the console (${why})`, true);
+    if (opened) { setTimeout(watchForRestart, 500); return; }
+    api("GET", `/vms/${encodeURIComponent(NAME)}`).then((result) => {   // refused: say why, try no more
+      const why = result.ok ? `the VM is ${result.data.state}` : (result.data && result.data.error) || "the server is gone";
+      announce(`could not attach to the console (${why})`, true);
+    });
   });
+}
+
+// Detached (the VM stopped, rebooted into a new process, or was restored): say why, and attach
+// again by itself once the VM runs; the Reconnect button does it at once.
+async function watchForRestart() {
+  const result = await api("GET", `/vms/${encodeURIComponent(NAME)}`);
+  if (socket && socket.readyState !== WebSocket.CLOSED) return;   // reconnected meanwhile
+  const state = result.ok ? result.data.state : null;
+  if (state === "running" || state === "paused") { connect(); return; }
+  const why = result.ok ? `the VM is ${state}` : (result.data && result.data.error) || "the server is gone";
+  announce(`detached from the console (${why}); it attaches again when the VM runs`, true);
+  setTimeout(watchForRestart, 2000);
 }
 
 term.onData((data) => {
