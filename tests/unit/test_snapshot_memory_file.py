@@ -187,3 +187,29 @@ def test_a_failed_write_leaves_the_old_file(memory, tmp_path):
     finally:
         os.chmod(tmp_path, 0o700)
     assert path.read_bytes() == b"old"
+
+
+def test_disk_writes_are_started_as_the_file_is_written_and_it_still_reads_back(memory, tmp_path, monkeypatch):
+    """Every WRITEBACK_BYTES of data the memory file's writeback is started (asynchronously),
+    Full and Diff alike; the file is the same as without."""
+    calls: list[tuple[int, int, int, int]] = []
+    monkeypatch.setattr(memory_file, "WRITEBACK_BYTES", PAGE)
+    monkeypatch.setattr(memory_file._Writeback, "_call", lambda *args: calls.append(args) or 0)
+    _fill(memory)
+    path = str(tmp_path / "vm.mem")
+    assert write_full(memory, path) == 6 * PAGE
+    assert len(calls) == 4 and all(args[1:] == (0, 0, 2) for args in calls)   # one per run of pages
+    write_diff(memory, str(tmp_path / "vm.diff"), Pages([0x1000, 0x2000, 8 * MiB]))
+    assert len(calls) == 6
+    fd = open_memory_file(path, REGIONS)
+    try:
+        with GuestMemory.from_specs(SPECS) as copy:
+            read_into(copy, fd, path)
+            assert _snapshot_of(copy) == _snapshot_of(memory)
+    finally:
+        os.close(fd)
+
+
+def test_the_real_writeback_call_is_there_on_linux():
+    function = memory_file._sync_file_range()
+    assert function and function(-1, 0, 0, 2) == -1      # EBADF: the call exists and is made

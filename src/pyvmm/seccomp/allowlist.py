@@ -96,6 +96,7 @@ PYTHON_RUNTIME = {
     "clock_getres": "time.get_clock_info",
     "fsync": "disk flushes (virtio-blk FLUSH)",
     "fdatasync": "disk flushes (virtio-blk FLUSH)",
+    "sync_file_range": "a snapshot's memory file: its disk writes started while the rest is copied",
     "fallocate": "virtio-blk DISCARD and WRITE_ZEROES punch holes",
     "sendto": "sockets: vsock and console host sides",
     "recvfrom": "sockets: vsock and console host sides",
