@@ -9,14 +9,16 @@ command line; see qemu_side.py and pyvmm_side.py). "Booted" is the guest's /init
   snapshot      a booted guest idling in `sleep`, paused: time to write the snapshot and
                 the files' size (pyvmm: save_snapshot, the memory file sparse; QEMU:
                 `migrate` to `exec:cat > FILE`, its stream format)
-  restore       to a running guest: pyvmm in this process (load_snapshot + resume, copy
-                and cow modes) and from spawning a pyvmm process; QEMU from spawning
+  restore       to a running guest: pyvmm in this process (load_snapshot + resume, copy,
+                cow and uffd modes) and from spawning a pyvmm process; QEMU from spawning
                 `-incoming 'exec:cat FILE'` until query-status says running
-  run           `pyvmm run -- true`, process start to exit, from the warm snapshot and
-                from a cold boot; QEMU's cold boot to exit (microvm, PVH)
+  run           `pyvmm run -- true`, process start to exit, from the warm snapshot (the
+                default; made once before the timed runs) and from a cold boot (--cold);
+                QEMU's cold boot to exit (microvm, PVH)
   migration     live migration over a Unix socket between two processes, an idle guest
                 and one rewriting 100 MiB in a loop: total time and downtime (QEMU:
-                query-migrate's; pyvmm: MigrationProgress), downtime limit 300 ms for both
+                query-migrate's; pyvmm: MigrationProgress, with where its downtime went),
+                downtime limit 300 ms for both
   memory        total PSS (/proc/PID/smaps_rollup) of --clones pyvmm clones of one
                 snapshot (cow: one memory file in the page cache), each a process of its
                 own and all forked from one zygote process that imported pyvmm first (its
@@ -116,7 +118,7 @@ class Bench:
             ours = "n/a (no pyvmm snapshot: see the snapshot row)"
         else:
             parts = []
-            for mode in ("copy", "cow"):
+            for mode in ("copy", "cow", "uffd"):
                 try:
                     inside = min(pyvmm_side.restore_in_process(self.state, self.mem, mode) for _ in range(3))
                     total, loaded = min(pyvmm_side.restore_process(self.state, self.mem, mode) for _ in range(3))
@@ -145,8 +147,10 @@ class Bench:
         cold = min(timed([*pyvmm, "--cold", "--", "true"]) if self._has_warm() else timed([*pyvmm, "--", "true"])
                    for _ in range(2))
         if self._has_warm():
-            warm = min(timed([*pyvmm, "--", "true"]) for _ in range(3))
-            ours = f"warm snapshot {warm:.2f} s, cold boot {cold:.2f} s"
+            timed([*pyvmm, "--warm", "--", "true"])     # the warm snapshot is made on first use: not timed
+            warm = min(timed([*pyvmm, "--warm", "--", "true"]) for _ in range(3))
+            ours = (f"warm snapshot {warm:.2f} s (`pyvmm run -- true`, the default), "
+                    f"cold boot {cold:.2f} s (`--cold`)")
         else:
             ours = f"cold boot {cold:.2f} s; warm snapshot n/a (`pyvmm run --cold` not in this checkout)"
         theirs = ""
