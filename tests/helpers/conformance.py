@@ -52,10 +52,22 @@ def kernels() -> list[str]:
 
 
 def kernel_path(name: str) -> pathlib.Path:
-    """Built with guest.ld (linked at 1 MiB), or with kernels/<name>.ld where there is one."""
+    """Built with guest.ld (linked at 1 MiB), or with kernels/<name>.ld where there is one.
+    A kernel named *64 is assembled as x86-64 (it enters long mode itself) and converted to
+    ELF32, which Multiboot loaders (QEMU's too) require."""
     script = KERNEL_DIR / f"{name}.ld"
-    return build_source(KERNEL_DIR / f"{name}.S", 32, name=f"conform-{name}",
-                        linker_script=script if script.exists() else None)
+    bits = 64 if name.endswith("64") else 32
+    elf = build_source(KERNEL_DIR / f"{name}.S", bits, name=f"conform-{name}",
+                       linker_script=script if script.exists() else None)
+    if bits == 32:
+        return elf
+    converted = elf.with_name(elf.stem + "-elf32.elf")
+    if not converted.exists():
+        temporary = converted.with_name(f".{converted.name}.{os.getpid()}")
+        subprocess.run(["objcopy", "-O", "elf32-i386", str(elf), str(temporary)], check=True,
+                       capture_output=True, timeout=60)
+        os.replace(temporary, converted)
+    return converted
 
 
 def parse(output: str) -> tuple[dict[str, tuple[str, str]], bool]:
