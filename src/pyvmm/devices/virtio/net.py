@@ -180,7 +180,8 @@ class VirtioNet(VirtioDevice):
                 if self.has_feature(feature):
                     accepted |= flag
         self._set_offloads(accepted)
-        self._watch_rx()
+        if self.queues[RX_QUEUE].ready:
+            self._watch_rx()
 
     def on_reset(self) -> None:
         self.rx_throttle.cancel()
@@ -267,14 +268,16 @@ class VirtioNet(VirtioDevice):
 
     def _resume_rx(self) -> None:
         """The RX refill timer fired (device lock held): take frames again."""
-        if self.active and not self.broken:
+        if self.queue_usable(RX_QUEUE):
             self._watch_rx()
             self.iothread.call_soon(self._rx_ready)
 
     def _rx_ready(self) -> None:
         """On the I/O thread: the back-end is readable, or a partial frame may go on."""
         with self.lock:
-            if not self.active or self.broken:
+            if not self.queue_usable(RX_QUEUE):
+                # a driver may set DRIVER_OK without enabling the receive queue: nothing to fill
+                self._unwatch_rx()
                 return
             try:
                 self._receive()
