@@ -90,8 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     names = args.names or list(HARNESSES)
     seconds = args.time or max(1, args.budget // len(names))
     failed = [name for name in names if not run_one(name, seconds, args.keep_corpus, extra)]
-    print(f"fuzz: {len(names) - len(failed)} passed, {len(failed)} failed")
-    return 1 if failed else 0
+    if failed:
+        print(f"fuzz: findings in {', '.join(failed)} (of {len(names)} harnesses)")
+        return 1
+    print(f"fuzz: no finding in {len(names)} harnesses, {seconds} s each")
+    return 0
 
 
 if __name__ == "__main__":

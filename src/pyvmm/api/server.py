@@ -132,6 +132,14 @@ class _Handler(BaseHTTPRequestHandler):
     instance: VmInstance  # set on the subclass the server makes
     in_flight: "_InFlight"
 
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if self.request_version == "HTTP/0.9":  # "GET /path": its answer would have no status line
+            self.send_error(400, "HTTP/0.9 requests are not supported: send HTTP/1.1 (METHOD PATH HTTP/1.1)")
+            return False
+        return True
+
     def do_GET(self) -> None:
         self._handle()
 

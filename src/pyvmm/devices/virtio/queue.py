@@ -194,11 +194,11 @@ class SplitQueue:
         while self.has_available():
             slot = self.last_avail % self.size
             head = memory.read_u16(self.avail_ring + 4 + 2 * slot)
+            if head >= self.size:  # before taking the entry: a broken queue's state still adds up (a save)
+                raise VirtqueueBroken(f"available ring slot {slot} names descriptor {head} of {self.size}")
             self.last_avail = (self.last_avail + 1) & 0xFFFF
             if self.event_idx:  # ask to be notified for the next entry the driver adds
                 memory.write_u16(self.used_ring + 4 + 8 * self.size, self.last_avail)
-            if head >= self.size:
-                raise VirtqueueBroken(f"available ring slot {slot} names descriptor {head} of {self.size}")
             chain = self._take(head)
             if chain is not None:
                 return chain
