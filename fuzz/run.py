@@ -46,7 +46,7 @@ def run_one(name: str, seconds: int, keep_corpus: bool, extra: list[str]) -> boo
         corpus = seeds if keep_corpus else Path(scratch)
         dirs = [str(corpus)] + ([str(seeds)] if seeds.is_dir() and not keep_corpus else [])
         command = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--",
-                   f"-max_total_time={seconds}", f"-artifact_prefix={crashes}/", "-timeout=20",
+                   f"-max_total_time={seconds}", f"-artifact_prefix={crashes}/", "-timeout=60",
                    "-rss_limit_mb=2048", "-print_final_stats=1", *extra, *dirs]
         started = time.monotonic()
         result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
