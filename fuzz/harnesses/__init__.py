@@ -11,11 +11,7 @@ and fuzz/regressions/NAME crashes found and fixed) through them on every test ru
 from __future__ import annotations
 
 import importlib
-import logging
 from typing import Callable
-
-# A hostile guest makes devices log a warning per kind of abuse: not what a fuzz run wants to read.
-logging.disable(logging.CRITICAL)
 
 # name -> "module:function" (modules under fuzz/harnesses)
 HARNESSES: dict[str, str] = {

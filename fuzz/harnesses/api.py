@@ -35,9 +35,6 @@ class _NoSideEffects(VmInstance):
         check_body(body, METRICS)
 
 
-instance_module._add_log_file = lambda logger: None   # no log file opened wherever a body says
-
-
 class _Socket:
     """What BaseHTTPRequestHandler needs of a connection: the request in, the answer out."""
 
@@ -61,7 +58,17 @@ _scratch = tempfile.mkdtemp(prefix="pyvmm-fuzz-api-")
 
 def one_input(data: bytes) -> None:
     handler = type("Handler", (_Handler,), {"instance": _NoSideEffects("fuzz"), "in_flight": _InFlight()})
+    cwd, add_log_file = os.getcwd(), instance_module._add_log_file
     os.chdir(_scratch)   # relative paths in bodies land here
+    instance_module._add_log_file = lambda logger: None   # no log file opened wherever a body says
+    try:
+        _requests(handler, data)
+    finally:
+        os.chdir(cwd)
+        instance_module._add_log_file = add_log_file
+
+
+def _requests(handler, data: bytes) -> None:
     for request in data.split(b"\n\n\n")[:4]:
         connection = _Socket(request.replace(b"\n", b"\r\n"))
         handler(connection, "unix", _Server())
