@@ -57,7 +57,8 @@ def build_vm(config: MachineConfig, console_write: Callable[[bytes], None], *, a
         from .memory.backing import check_host
 
         check_host(config.backing(), config.memory)
-        memory = GuestMemory.from_specs(layout.ram_regions(config.memory), config.backing())
+        memory = GuestMemory.from_specs(layout.memory_specs(config.memory, config.virtio_mem_size), config.backing())
+        memory.ram_size = config.memory  # not the virtio-mem region
         cleanup.callback(memory.close)
         machine = assemble(cleanup, config, console_write, memory, accel, device_tree)
         accel = machine.accel
@@ -79,7 +80,7 @@ def build_vm(config: MachineConfig, console_write: Callable[[bytes], None], *, a
             memory, kernel, cmdline=config.cmdline, modules=list(config.modules),
             flat_address=config.flat_address,
             flat_mode=CpuMode.LONG_64 if config.flat_64bit else CpuMode.PROTECTED_32,
-            initrd=config.initrd, boot=config.boot, rsdp=rsdp, linux_cmdline=accel.linux_cmdline,
+            initrd=config.initrd, boot=config.boot, rsdp=rsdp, linux_cmdline=_linux_cmdline(config, accel),
         )
         log.info("loaded %s, entry %#x", entry.kind, entry.entry)
 
@@ -89,6 +90,15 @@ def build_vm(config: MachineConfig, console_write: Callable[[bytes], None], *, a
         bind_numa(vm, config)
         cleanup.pop_all()
         return vm
+
+
+def _linux_cmdline(config: MachineConfig, accel) -> str:
+    """What a Linux guest needs on this machine: the accelerator's arguments, and, with virtio-mem,
+    memory blocks onlined as the driver adds them (Debian's kernel leaves hotplugged memory
+    offline by default, CONFIG_MEMORY_HOTPLUG_DEFAULT_ONLINE unset)."""
+    extra = " memhp_default_state=online" if config.virtio_mem_size and "memhp_default_state" not in config.cmdline \
+        else ""
+    return (accel.linux_cmdline + extra).strip()
 
 
 def bind_numa(vm: Vm, config: MachineConfig) -> None:
@@ -304,6 +314,13 @@ def virtio_devices(config: MachineConfig, console_write, iothread, releases: lis
         yield "virtio-rng", "virtio-rng", VirtioRng(), config.rng
     if config.balloon is not None:
         yield "virtio-balloon", "virtio-balloon", _balloon(config, iothread, releases), config.balloon.transport
+    if config.virtio_mem_size:
+        from .config import VIRTIO_MEM_BLOCK
+        from .devices.virtio.mem import VirtioMem
+
+        region = layout.virtio_mem_region(config.memory, config.virtio_mem_size)
+        yield ("virtio-mem", "virtio-mem", VirtioMem(region.guest_base, region.size, VIRTIO_MEM_BLOCK),
+               config.virtio_mem_transport)
 
 
 def _balloon(config: MachineConfig, iothread, releases: list):

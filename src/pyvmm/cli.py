@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a guest NUMA node (repeat for each, in order; ACPI SRAT/SLIT): its vCPUs (e.g. 0-1), its "
                           "memory (the nodes' add up to --memory), its distance to each node (default 10 to itself, "
                           "20 to others)")
+    run.add_argument("--virtio-mem", metavar="SIZE[,transport=pci|mmio]",
+                     help="a virtio-mem device: up to SIZE (a multiple of 128M) of memory the guest can be given "
+                          "and take back in 2 MiB blocks while it runs (pyvmm mem resize)")
     from .images.cli import register_cli
     from .manage.cli import register as register_manage
 
@@ -198,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
 _FLAGS = {"kernel": "--kernel", "initrd": "--initrd", "boot": "--boot", "cmdline": "--append", "memory": "--memory",
           "cpus": "--cpus", "modules": "--module", "flat_address": "--load-address", "flat_64bit": "--entry-64",
           "cpu_hide": "--cpu-hide", "disks": "--disk", "root_disk": "--root-disk", "nets": "--net", "vsock": "--vsock", "rng": "--rng",
-          "console": "--console", "console_transport": "--console", "console_ports": "--console-port", "numa": "--numa",
+          "console": "--console", "console_transport": "--console", "console_ports": "--console-port", "numa": "--numa", "virtio_mem_size": "--virtio-mem",
+          "virtio_mem_transport": "--virtio-mem",
           "accel": "--accel", "timeout": "--timeout", "reboot": "--reboot", "console_log": "--console-log",
           "system_map": "--system-map", "balloon": "--balloon", "huge_pages": "--huge-pages", "ksm": "--ksm"}
 # Option keys inside a flag's value that are spelled differently from the field ("": unnamed).
@@ -211,6 +215,19 @@ def cli_name(field: str) -> str:
     flag = _FLAGS.get(top.split("[")[0], top)
     key = _OPTION_KEYS.get(rest, rest)
     return f"{flag} {key}" if key else flag
+
+
+def _virtio_mem(text: str | None) -> dict:
+    """--virtio-mem SIZE[,transport=pci|mmio] as MachineConfig fields."""
+    from .config import ConfigError, parse_size, parse_transport
+
+    if text is None:
+        return {}
+    size, _, rest = text.partition(",")
+    if not size.strip():
+        raise ConfigError(": give the region's size, e.g. 1G", "virtio_mem_size")
+    return {"virtio_mem_size": parse_size(size, "virtio_mem_size"),
+            "virtio_mem_transport": parse_transport(rest, "virtio_mem_transport")}
 
 
 def _cmd_run(args) -> int:
@@ -264,6 +281,7 @@ def _cmd_run(args) -> int:
         balloon=BalloonConfig.parse(args.balloon) if args.balloon is not None else None,
         huge_pages=args.huge_pages, ksm=args.ksm,
         numa=tuple(parse_numa_node(text, f"numa[{i}]") for i, text in enumerate(args.numa)),
+        **_virtio_mem(args.virtio_mem),
     )
     options = RunOptions(accel=args.accel, timeout=args.timeout, reboot=args.reboot, console_log=args.console_log,
                          system_map=args.system_map)

@@ -95,6 +95,12 @@ def parse_numa_node(text: str, field: str = "numa") -> NumaNode:
     return NumaNode(cpus, parse_size(pairs["mem"], field), distances, None if host_node is None else int(host_node))
 
 
+# virtio-mem: Linux adds hotplugged memory in memory blocks (128 MiB on x86-64), so the region
+# is whole blocks; the device's own block (what one plug request moves) is 2 MiB, as QEMU's.
+VIRTIO_MEM_ALIGN = 128 << 20
+VIRTIO_MEM_MAX = 1 << 40
+VIRTIO_MEM_BLOCK = 2 << 20
+
 TRANSPORTS = ("pci", "mmio")
 DEFAULT_TRANSPORT = "pci"
 
@@ -308,6 +314,8 @@ class MachineConfig:
     huge_pages: str = "none"            # none | 2M (hugetlb pages) | transparent (THP): memory/backing.py
     ksm: bool = False                   # guest RAM mergeable by KSM
     numa: tuple[NumaNode, ...] = ()     # guest NUMA nodes (ACPI SRAT/SLIT); () for none
+    virtio_mem_size: int = 0            # bytes of a virtio-mem region the guest may plug (0: no device)
+    virtio_mem_transport: str = DEFAULT_TRANSPORT
 
     def backing(self):
         from .memory.backing import Backing
@@ -373,6 +381,11 @@ class MachineConfig:
             if name in names[:index]:
                 raise ConfigError(f"{name!r}: a port of that name exists already", f"console_ports[{index}]")
         validate_topology(self.numa, self.cpus, self.memory)
+        if self.virtio_mem_size < 0 or self.virtio_mem_size % VIRTIO_MEM_ALIGN or \
+                self.virtio_mem_size > VIRTIO_MEM_MAX:
+            raise ConfigError(f": must be a multiple of {VIRTIO_MEM_ALIGN >> 20}M up to {VIRTIO_MEM_MAX >> 30}G "
+                              f"(got {self.virtio_mem_size >> 20}M)", "virtio_mem_size")
+        _check_transport(self.virtio_mem_transport, "virtio_mem_transport")
         try:
             CpuidPolicy(set(self.cpu_hide))  # an unknown feature name fails here, before KVM is opened
         except UnknownFeature as exc:

@@ -93,6 +93,8 @@ def expected_device_ids(config: MachineConfig) -> list[str]:
         ids.append("virtio-rng")
     if config.balloon is not None:
         ids.append("virtio-balloon")
+    if config.virtio_mem_size:
+        ids.append("virtio-mem")
     return ids
 
 
@@ -105,7 +107,7 @@ def check_state(state: VmState, memory: GuestMemory, accel=None, config: Machine
         name = next(f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(machine, f.name))
         raise StateError(f"vm state: machine.{name}: the state's machine differs from this one's")
     regions = [(int(r.guest_base), r.size) for r in memory.regions]
-    wanted = [(spec.guest_base, spec.size) for spec in layout.ram_regions(machine.memory)]
+    wanted = [(spec.guest_base, spec.size) for spec in layout.memory_specs(machine.memory, machine.virtio_mem_size)]
     if regions != wanted:
         raise StateError(f"vm state: machine.memory: {machine.memory >> 20} MiB of guest RAM, "
                          f"the memory given holds {memory.size >> 20} MiB")
@@ -126,6 +128,7 @@ def restore_vm(state: VmState, memory: GuestMemory, console_write: Callable[[byt
     `config`: the machine the caller expects (refused unless it is the state's). On an error
     nothing is left built and `memory` stays the caller's."""
     machine = check_state(state, memory, accel, config)
+    memory.ram_size = machine.memory  # not the virtio-mem region
     memory.advise(machine.backing())  # KSM / THP where the restored RAM is private memory
     if accel is not None and accel.name != state.accelerator:
         state = _converted(state, accel, machine)

@@ -25,7 +25,7 @@ from .config import BalloonConfig, ConsolePort, DiskConfig, MachineConfig, NetCo
 from .devices.rate_limiter import RateLimit
 from .devices import legacy as _legacy  # noqa: F401
 from .devices.legacy import ged as _ged, pci_hotplug as _pci_hotplug  # noqa: F401 - built by the builder, which a reader of a state need not import
-from .devices.virtio import balloon, blk, console, mmio, net, pci, rng, vhost_user_blk, vsock  # noqa: F401
+from .devices.virtio import balloon, blk, console, mem, mmio, net, pci, rng, vhost_user_blk, vsock  # noqa: F401
 from .devmgr import DeviceTreeState
 from .errors import ConfigError
 from .persist import State
@@ -108,9 +108,10 @@ class BalloonDescription(State):
 @dataclass(frozen=True)
 class MachineDescription(State):
     """config.MachineConfig as a state: the machine, whatever the run. Version 2 added the
-    balloon and how guest RAM is backed (huge_pages, ksm); version 3 the guest NUMA nodes."""
+    balloon and how guest RAM is backed (huge_pages, ksm); version 3 the guest NUMA nodes; version 4
+    the virtio-mem region."""
     KIND = "machine"
-    VERSION = 3
+    VERSION = 4
     kernel: str | None
     initrd: str | None
     boot: str
@@ -132,13 +133,18 @@ class MachineDescription(State):
     huge_pages: str
     ksm: bool
     numa: tuple[NumaNode, ...] = ()
+    virtio_mem_size: int = 0
+    virtio_mem_transport: str = "pci"
 
     @classmethod
     def upgrade(cls, version: int, fields: dict) -> dict:
+        none = {"virtio_mem_size": 0, "virtio_mem_transport": "pci"}
         if version == 1:
-            return {**fields, "balloon": None, "huge_pages": "none", "ksm": False, "numa": []}
+            return {**fields, "balloon": None, "huge_pages": "none", "ksm": False, "numa": [], **none}
         if version == 2:
-            return {**fields, "numa": []}
+            return {**fields, "numa": [], **none}
+        if version == 3:
+            return {**fields, **none}
         return super().upgrade(version, fields)
 
     def validate(self) -> None:

@@ -19,6 +19,7 @@ from ..arch.x86_64.page_walk import walk
 from ..arch.x86_64.paging import PagingMode
 from ..errors import ConfigError, UserError
 from ..memory.pagemap import host_page
+from .schema import Field, check_body
 from .states import InvalidState
 
 if TYPE_CHECKING:
@@ -151,6 +152,41 @@ def read(instance: "VmInstance", query: dict[str, str]) -> bytes:
     return bytes(out)
 
 
+# --- virtio-mem: GET and PUT /pyvmm/memory/virtio-mem -------------------------------------------
+
+MiB = 1 << 20
+VIRTIO_MEM_RESIZE = (Field("requested_size_mib", "integer", required=True, minimum=0,
+                           description="MiB the guest should have plugged, in whole blocks"),)
+
+
+def _virtio_mem(instance: "VmInstance") -> Any:
+    with instance.lock:
+        vm = instance._require_vm()
+        device = vm.devices.get("virtio-mem")
+    if device is None:
+        raise InvalidState("the VM has no virtio-mem device (define it with [pyvmm] virtio_mem_mib, or "
+                           "pyvmm run --virtio-mem SIZE)")
+    return device
+
+
+def virtio_mem_status(instance: "VmInstance") -> dict[str, Any]:
+    """The region, its block size, the size asked for and the size the guest has plugged (MiB)."""
+    status = _virtio_mem(instance).status()
+    return {"address": status["address"], **{f"{name}_mib": status[name] // MiB for name in (
+        "region_size", "block_size", "usable_region_size", "requested_size", "plugged_size")}}
+
+
+def resize_virtio_mem(instance: "VmInstance", body: Any) -> None:
+    """Ask the guest to plug (or unplug) blocks until `requested_size_mib` MiB are plugged."""
+    size = check_body(body, VIRTIO_MEM_RESIZE)["requested_size_mib"]
+    device = _virtio_mem(instance)
+    limit, block = device.region_size // MiB, device.block_size // MiB
+    if type(size) is not int or not 0 <= size <= limit or size % block:
+        raise ConfigError(f"must be 0-{limit} MiB in whole {block} MiB blocks (got {size!r:.40})",
+                          "requested_size_mib")
+    device.set_requested_size(size * MiB)
+
+
 # --- the OpenAPI document's part (api/openapi.py adds these) ----------------------------------
 
 _FAULT = {"description": "bad input, an address that leads to no guest RAM, or a VM that is not running",
@@ -185,6 +221,17 @@ OPENAPI_PATHS: dict[str, Any] = {
         "responses": {"200": {"description": "the bytes", "content": {
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
             "400": _FAULT, "default": _INTERNAL}}},
+    "/pyvmm/memory/virtio-mem": {
+        "get": {"operationId": "pyvmmVirtioMem", "summary": "pyvmm: the virtio-mem device: its region, block "
+                "size, the size requested and the size the guest has plugged",
+                "responses": {"200": {"description": "the device", "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/PyvmmVirtioMem"}}}}, "400": _FAULT, "default": _INTERNAL}},
+        "put": {"operationId": "pyvmmResizeVirtioMem", "summary": "pyvmm: ask the guest to plug or unplug "
+                "virtio-mem blocks until requested_size_mib are plugged (it answers at once; the guest's driver "
+                "follows; GET shows plugged_size_mib)",
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/PyvmmVirtioMemResize"}}}},
+                "responses": {"204": {"description": "asked"}, "400": _FAULT, "default": _INTERNAL}}},
 }
 
 
@@ -195,7 +242,16 @@ def openapi_schemas() -> dict[str, Any]:
         "level": {"type": "string", "enum": ["PML5", "PML4", "PDPT", "PD", "PT"]}, "table": integer,
         "index": integer, "entry_address": integer, "entry": {**maybe_int, "description": "null: not in guest RAM"},
         "flags": {"type": "array", "items": string}}}
-    return {"PyvmmMemoryTranslation": {
+    mib = {"type": "integer", "minimum": 0}
+    return {"PyvmmVirtioMem": {"type": "object", "required": ["address", "region_size_mib", "block_size_mib",
+                                                              "requested_size_mib", "plugged_size_mib"],
+                               "properties": {"address": integer, "region_size_mib": mib, "block_size_mib": mib,
+                                              "usable_region_size_mib": mib, "requested_size_mib": mib,
+                                              "plugged_size_mib": mib}},
+            "PyvmmVirtioMemResize": {"type": "object", "additionalProperties": False, "required": ["requested_size_mib"],
+                                     "properties": {"requested_size_mib": {**mib, "description": "MiB the guest "
+                                                                           "should have plugged, in whole blocks"}}},
+            "PyvmmMemoryTranslation": {
         "type": "object",
         "required": ["vcpu", "gva", "mode", "levels", "mapped", "fault", "gpa", "hva", "host", "kvm_translate"],
         "properties": {

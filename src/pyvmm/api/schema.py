@@ -210,6 +210,8 @@ PYVMM_OPTIONS = (
     _f("seccomp", "string", "system-call filters in the VM's process once it is set up (kill: a call outside "
        "the allow-list kills the process with SIGSYS; log: the kernel logs it; default: $PYVMM_SECCOMP, else off)",
        enum=("kill", "log", "off")),
+    _f("virtio_mem_mib", "integer", "a virtio-mem region of this many MiB (a multiple of 128) the guest can be "
+       "given memory from while it runs (PUT /pyvmm/memory/virtio-mem); 0 for none", minimum=0, maximum=1 << 20),
     _f("numa", "array", "guest NUMA nodes, in order: 'cpus=0-1,mem=128M[,distances=10:20]' each (ACPI SRAT and "
        "SLIT); their memory adds up to mem_size_mib and every vCPU is in one", items="string"),
     _f("jail", "object", "start the VM's process in a jail (namespaces, private root, cgroup limits, its own uid, "
@@ -505,7 +507,8 @@ class VmSpec:
         options = RunOptions(accel=self.pyvmm.get("accel", "auto"))
         try:
             nodes = tuple(parse_numa_node(text, f"numa[{index}]") for index, text in enumerate(self.pyvmm.get("numa", ())))
-            machine = dataclasses.replace(machine, numa=nodes)
+            machine = dataclasses.replace(machine, numa=nodes, virtio_mem_size=self.pyvmm.get("virtio_mem_mib", 0) << 20,
+                                          virtio_mem_transport=transport)
             machine.validate()
             options.validate()
         except ConfigError as exc:
@@ -522,7 +525,8 @@ class VmSpec:
                   "cmdline": "boot-source.boot_args" if self.boot_source is not None else "pyvmm.kernel_args",
                   "cpu_hide": "pyvmm.cpu_hide", "console": "pyvmm.console",
                   "accel": "pyvmm.accel", "rng": "entropy", "huge_pages": "machine-config.huge_pages",
-                  "ksm": "machine-config.ksm", "numa": "pyvmm.numa"}
+                  "ksm": "machine-config.ksm", "numa": "pyvmm.numa",
+                  "virtio_mem_size": "pyvmm.virtio_mem_mib"}
         if top in simple:
             return simple[top]
         if top.startswith("numa"):

@@ -108,6 +108,8 @@ ROUTES: tuple[Route, ...] = (
     Route("PUT", "/pyvmm/agent/files", lambda i, p, b: agent.write_file(i, b), body=True, max_body=MAX_AGENT_BODY),
     Route("GET", "/pyvmm/memory/translate", lambda i, p, b: memory.translate(i, p)),
     Route("GET", "/pyvmm/memory/read", lambda i, p, b: memory.read(i, p)),
+    Route("GET", "/pyvmm/memory/virtio-mem", lambda i, p, b: memory.virtio_mem_status(i)),
+    Route("PUT", "/pyvmm/memory/virtio-mem", lambda i, p, b: memory.resize_virtio_mem(i, b), body=True),
 )
 
 

@@ -53,6 +53,7 @@ DEFAULT_MODULES: tuple[str, ...] = (
     "virtio_console",
     "virtio-rng",
     "virtio_balloon",  # the balloon: inflate/deflate, statistics, free page reporting
+    "virtio_mem",      # memory plugged and unplugged in blocks while the guest runs (pyvmm mem resize)
     "vsock",
     "vmw_vsock_virtio_transport_common",
     "vmw_vsock_virtio_transport",

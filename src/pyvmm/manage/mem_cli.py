@@ -50,6 +50,13 @@ def register_cli(subparsers, common: argparse.ArgumentParser) -> None:
                                 "pages KSM merged, the balloon's target and size, the guest's free memory")
     stats.add_argument("name", metavar="NAME", help="the VM's name")
     stats.add_argument("--json", action="store_true", help="the API's answer as JSON")
+    resize = commands.add_parser("resize", parents=[common], help="grow or shrink the memory the guest has "
+                                 "plugged from its virtio-mem device (in 2 MiB blocks)")
+    resize.add_argument("name", metavar="NAME", help="the VM's name")
+    resize.add_argument("size", metavar="SIZE", help="the virtio-mem memory the guest should have, e.g. 512M "
+                        "(0 gives it all back)")
+    resize.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                        help="wait until the guest has plugged that much (exit 2 if it has not by then)")
 
 
 def parse_address(text: str, what: str) -> int:
@@ -78,6 +85,8 @@ def run_mem_command(args: argparse.Namespace) -> int:
         from .balloon_cli import print_memory_stats
 
         return print_memory_stats(vm, args.json)
+    if args.mem_command == "resize":
+        return resize(vm, args.size, args.wait)
     if args.vcpu < 0:
         raise UserError(f"--vcpu: {args.vcpu} is not a vCPU index")
     if args.mem_command == "translate":
@@ -153,3 +162,29 @@ def render_translation(result: dict[str, Any]) -> str:
         out.append(f"KVM_TRANSLATE: {said} ({'agrees' if kvm['agrees'] else 'DIFFERS from the walk above'})")
     return "\n".join(out) + "\n"
 
+
+
+def resize(vm, text: str, wait: float) -> int:
+    """Set the virtio-mem requested size; with `wait`, follow the guest until it has plugged it."""
+    import time
+
+    from ..config import ConfigError, parse_size
+
+    try:
+        size = parse_size(text, "SIZE")
+    except ConfigError:
+        raise UserError(f"SIZE: {text!r} is not a size (e.g. 512M, 2G)") from None
+    if size % (1 << 20):
+        raise UserError(f"SIZE: {text!r} is not a whole number of MiB")
+    vm.resize_memory(size >> 20)
+    status = vm.virtio_mem()
+    deadline = time.monotonic() + wait
+    while status["plugged_size_mib"] != status["requested_size_mib"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+        status = vm.virtio_mem()
+    print(f"virtio-mem: {status['plugged_size_mib']} MiB plugged, {status['requested_size_mib']} MiB requested "
+          f"(region {status['region_size_mib']} MiB at {status['address']:#x}, {status['block_size_mib']} MiB blocks)")
+    if wait and status["plugged_size_mib"] != status["requested_size_mib"]:
+        raise UserError(f"the guest has plugged {status['plugged_size_mib']} MiB of the {status['requested_size_mib']} "
+                        f"MiB requested after {wait:g} s (is its virtio_mem driver loaded?)")
+    return 0

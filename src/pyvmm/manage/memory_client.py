@@ -19,6 +19,15 @@ class MemoryMethods:
         fault saying where the walk stopped."""
         return self._live_api().get("/pyvmm/memory/translate?" + urlencode({"gva": hex(gva), "vcpu": vcpu}))
 
+    def virtio_mem(self) -> dict[str, Any]:
+        """The virtio-mem device: address, region_size_mib, block_size_mib, requested_size_mib,
+        plugged_size_mib."""
+        return self._live_api().get("/pyvmm/memory/virtio-mem")
+
+    def resize_memory(self, requested_size_mib: int) -> None:
+        """Ask the guest to plug (or unplug) virtio-mem blocks until that many MiB are plugged."""
+        self._live_api().put("/pyvmm/memory/virtio-mem", {"requested_size_mib": requested_size_mib})
+
     def read_memory(self, address: int, length: int, *, physical: bool = False, vcpu: int = 0) -> bytes:
         """`length` bytes (at most 1 MiB) of guest memory at a guest-virtual address (through
         vCPU `vcpu`'s page tables) or, with physical=True, a guest-physical one."""

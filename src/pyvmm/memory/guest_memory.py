@@ -138,6 +138,9 @@ class GuestMemory:
         self.populator: Callable[[], None] | None = None
         # Released with the memory, before its regions are unmapped (what fills it lazily).
         self.on_close: list[Callable[[], None]] = []
+        # The RAM the guest boots with, when some regions are device memory (a virtio-mem
+        # region the guest plugs blocks of): what `size` reports. None: every region is RAM.
+        self.ram_size: int | None = None
 
     @classmethod
     def from_specs(cls, specs: list[RegionSpec], backing: Backing = DEFAULT_BACKING) -> "GuestMemory":
@@ -171,7 +174,8 @@ class GuestMemory:
 
     @property
     def size(self) -> int:
-        return sum(r.size for r in self.regions)
+        """The guest's RAM (its e820 map): the regions' sizes, less device memory (ram_size)."""
+        return self.ram_size if self.ram_size is not None else sum(r.size for r in self.regions)
 
     def populate(self) -> None:
         """Make every page present: RAM loaded lazily finishes loading (a no-op otherwise)."""

@@ -112,7 +112,8 @@ def receive(channel: Channel, console_write: Callable[[bytes], None], *,
             raise MigrationError(f"the VM runs on {accelerator} at the source, which this host cannot: "
                                  f"{user_error_message(exc)}") from None
         try:
-            memory = GuestMemory.from_specs(layout.ram_regions(machine.memory), machine.to_config().backing())
+            memory = GuestMemory.from_specs(layout.memory_specs(machine.memory, machine.virtio_mem_size),
+                                            machine.to_config().backing())
         except BaseException:
             accel.close()
             raise

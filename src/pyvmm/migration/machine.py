@@ -42,7 +42,7 @@ def read_hello(value: dict[str, Any]) -> tuple[MachineDescription, str, DeviceTr
         raise StreamError(f"the source's HELLO is not valid: {exc}") from None
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise StreamError(f"the source's HELLO is not valid: {type(exc).__name__}: {exc}") from None
-    wanted = [(spec.guest_base, spec.size) for spec in layout.ram_regions(machine.memory)]
+    wanted = [(spec.guest_base, spec.size) for spec in layout.memory_specs(machine.memory, machine.virtio_mem_size)]
     if ram != wanted:
         raise MigrationError(f"the source's RAM layout {ram} is not what {machine.memory >> 20} MiB is here ({wanted})")
     if accelerator not in ("kvm", "tcg"):

@@ -41,7 +41,8 @@ MAX_PAYLOAD = 256 << 20     # far above any real state: a length beyond it is a 
 def memory_regions(state: VmState) -> list[tuple[int, int]]:
     """(guest_base, size) of each RAM region of the state's machine, in guest-physical order:
     the layout its memory file is written in."""
-    return [(spec.guest_base, spec.size) for spec in layout.ram_regions(state.machine.memory)]
+    return [(spec.guest_base, spec.size) for spec in layout.memory_specs(state.machine.memory,
+                                                                           state.machine.virtio_mem_size)]
 
 
 def encode_state(state: VmState, *, vm_config: dict[str, Any] | None = None) -> bytes:

@@ -146,6 +146,22 @@ def pci_mmio64_window(memory_size: int) -> tuple[int, int]:
     return base, PCI_MMIO64_SIZE
 
 
+def virtio_mem_region(memory_size: int, size: int) -> RegionSpec:
+    """Where a virtio-mem device's memory sits: above the 64-bit PCI window, 1 GiB aligned (so
+    that no PCI BAR and no RAM the guest boots with overlaps it). Not in the e820 map: the
+    guest's virtio_mem driver finds it in the device's configuration."""
+    base, window = pci_mmio64_window(memory_size)
+    return RegionSpec(base + window, size)
+
+
+def memory_specs(memory_size: int, virtio_mem_size: int = 0) -> list[RegionSpec]:
+    """Every region of guest memory a machine maps: its RAM, and its virtio-mem region if any."""
+    specs = ram_regions(memory_size)
+    if virtio_mem_size:
+        specs.append(virtio_mem_region(memory_size, virtio_mem_size))
+    return specs
+
+
 def e820_map(memory_size: int) -> list[E820Entry]:
     """The memory map a guest is told about (multiboot mmap, Linux e820)."""
     entries = [
