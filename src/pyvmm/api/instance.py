@@ -291,8 +291,9 @@ class VmInstance:
                 self.migration.cancel()
             self._stopping = True
             self._reboot_wanted = False  # a stop after a reboot request wins: no new boot follows
+            # A stop wakes run loops parked at their pause point by itself; resuming would run
+            # the I/O thread's pending work and thaw guest time on a VM asked to end paused.
             vm.request_stop(VmOutcome("destroyed", EXIT_OK, message))
-            vm.resume()  # paused run loops see the stop when they wake
         self.ended.wait(wait)
 
     def reboot(self) -> None:
@@ -305,8 +306,7 @@ class VmInstance:
             if self._stopping:
                 raise InvalidState("the VM is being stopped")
             self._reboot_wanted = True
-            vm.request_stop(VmOutcome("reset", EXIT_OK, "rebooted by the user"))
-            vm.resume()
+            vm.request_stop(VmOutcome("reset", EXIT_OK, "rebooted by the user"))   # wakes paused run loops
 
     def press_power_button(self) -> None:
         """The ACPI power button: a guest that handles it powers off (graceful shutdown)."""

@@ -87,7 +87,10 @@ class VcpuFd(KvmFd):
 
     @immediate_exit.setter
     def immediate_exit(self, value: bool) -> None:
-        self.run_struct.immediate_exit = 1 if value else 0
+        run = self.run_struct
+        if run is None:     # closed: nothing will enter the guest again (a late kick from a stop)
+            return
+        run.immediate_exit = 1 if value else 0
 
     # --- architectural state -----------------------------------------------------------
 
