@@ -2,15 +2,18 @@
 guest (helpers/counter_guest.py) has a balloon device, pages it does not use are discarded
 (as an inflate does), they leave the host's RAM and read as zero, and the guest counts on to
 its end undisturbed; a snapshot of the VM keeps the discarded pages as holes and carries the
-balloon's state."""
+balloon's state, and the saved VM continues in a new one with its balloon."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 from helpers.counter_guest import COUNT, counter_config, counting_vm, finish
 from pyvmm.config import BalloonConfig
+from pyvmm.restore import carry_over, restore_vm
+from pyvmm.vm_state import VmState
 from pyvmm.snapshot.memory_file import data_ranges, write_full
 
 MIB = 1 << 20
@@ -38,6 +41,15 @@ def test_discarded_pages_leave_the_host_and_the_guest_counts_on(accel, tmp_path)
         finally:
             os.close(fd)
         assert ranges and not [(start, end) for start, end in ranges if start < 24 * MIB and end > 16 * MIB]
-        finish(vm, paused_at)
+        # the state, as another process reads it, continues in a new VM: the balloon with it
+        state = VmState.from_dict(json.loads(json.dumps(state.to_dict())))
+        carried = carry_over(vm)
     finally:
         vm.close()
+    restored = restore_vm(state, carried.memory, lambda data: None, carryover=carried)
+    try:
+        assert restored.devices["virtio-balloon"].stats()["target_pages"] == 8 << 8
+        assert restored.memory.read(16 * MIB, MIB) == bytes(MIB)
+        finish(restored, paused_at)
+    finally:
+        restored.close()

@@ -120,3 +120,18 @@ def test_setmem_inflates_the_balloon_and_the_host_gets_the_memory_back(env, tmp_
 def _mem_total_kib(vm) -> int:
     meminfo = vm.read_file("/proc/meminfo").decode()
     return int(re.search(r"MemTotal:\s+(\d+) kB", meminfo).group(1))
+
+
+def test_deflate_on_oom_gives_the_guest_its_ballooned_memory_when_it_runs_out(env, tmp_path):
+    vm = define_balloon_vm(env, tmp_path, "oom", "amount_mib = 180\ndeflate_on_oom = true\nstats_polling_interval_s = 1")
+    wait_until("the balloon reaching its target", lambda: vm.balloon_statistics()["actual_mib"] == 180)
+    # ~40 MiB left free: 100 MiB more is only there if the balloon gives it back
+    grow = vm.exec(["sh", "-c", "dd if=/dev/urandom of=/dev/grow bs=1M count=100 2>&1; echo status=$?; "
+                                "dmesg | grep -c 'Out of memory' || true"])
+    assert b"status=0" in grow.stdout, grow
+    assert grow.stdout.rstrip().endswith(b"\n0"), grow.stdout  # the guest's OOM killer never ran
+    statistics = vm.balloon_statistics()
+    assert statistics["target_mib"] == 180 and statistics["actual_mib"] <= 180 - 50, statistics
+    cli(env, "destroy", "oom")
+    warnings = find_kernel_warnings(vm.console_history())
+    assert not warnings, describe(warnings)
