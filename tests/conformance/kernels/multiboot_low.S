@@ -24,6 +24,15 @@ main:
         jae 1f
         movl $1, %eax
 1:      CHECK multiboot.info_outside_image, %eax, $0
+        # an information structure inside the image was cleared with its .bss: its fields
+        # cannot be checked (each reports 0xbadbad)
+        testl %eax, %eax
+        jz 2f
+        CHECK multiboot.info_flags, $0xbadbad, $0x45
+        CHECK multiboot.mem_lower, $0xbadbad, $639
+        CHECK multiboot.cmdline_outside_image, $0xbadbad, $0
+        jmp 3f
+2:
         # flags: memory (0), command line (2), memory map (6)
         movl (%ebx), %eax
         andl $0x45, %eax
@@ -40,6 +49,7 @@ main:
         jae 1f
         movl $1, %ecx
 1:      CHECK multiboot.cmdline_outside_image, %ecx, $0
+3:
         # code at 0x8000 runs: we are here
         movl $main, %eax
         andl $0xFFFF0000, %eax

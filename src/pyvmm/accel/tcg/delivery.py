@@ -159,7 +159,7 @@ def _deliver_64(cpu, vector: int, error_code: int | None, software: bool) -> Non
         new_rflags &= ~RFLAGS_IF
     new_ss = new_cpl if new_cpl < cpl else None  # a privilege change loads a NULL SS with RPL = CPL
     cpu.enter_handler(selector=selector & ~3 | new_cpl, rip=target, rsp=rsp, rflags=new_rflags,
-                      new_cpl=new_cpl, null_ss_rpl=new_ss)
+                      new_cpl=new_cpl, new_ss=new_ss)
 
 
 def _deliver_32(cpu, vector: int, error_code: int | None, software: bool) -> None:
@@ -171,19 +171,43 @@ def _deliver_32(cpu, vector: int, error_code: int | None, software: bool) -> Non
     selector = gate >> 16 & 0xFFFF
     target = (gate & 0xFFFF) | (gate >> 48 & 0xFFFF) << 16
     new_cpl, _ = _code_segment_dpl(cpu, selector)
-    if new_cpl != cpl:
-        # Inter-privilege delivery in legacy protected mode (TSS ESP0/SS0) is not needed by
-        # any 32-bit guest pyvmm runs; refuse loudly rather than corrupt the guest.
-        raise TripleFault(f"32-bit interrupt delivery across privilege levels (vector {vector}) is not supported")
+    if new_cpl > cpl:
+        raise _Fault(GENERAL_PROTECTION, selector & ~3)
     rflags = cpu.rflags
+    if rflags & RFLAGS_VM:
+        raise TripleFault(f"interrupt delivery from virtual-8086 mode (vector {vector}) is not supported")
     frame = [rflags & 0xFFFFFFFF, cpu.cs, cpu.rip & 0xFFFFFFFF]
+    new_ss = None
+    if new_cpl < cpl:
+        # the inner stack from the 32-bit TSS: ESP0 at offset 4, SS0 at offset 8 (SDM 6.12.1)
+        stack = cpu.tss_read_u64(4)
+        esp, new_ss = stack & 0xFFFFFFFF, stack >> 32 & 0xFFFF
+        _check_inner_stack(cpu, new_ss, new_cpl)
+        frame = [cpu.ss, cpu.rsp & 0xFFFFFFFF, *frame]
+    else:
+        esp = cpu.rsp & 0xFFFFFFFF
     if error_code is not None:
         frame.append(error_code)
-    esp = _push(cpu, cpu.rsp & 0xFFFFFFFF, frame, 4)
+    esp = _push(cpu, esp, frame, 4)  # (flat stack segments: base 0, as every guest here has)
     new_rflags = rflags & ~(RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM)
     if gate_type == GATE_INTERRUPT:
         new_rflags &= ~RFLAGS_IF
-    cpu.enter_handler(selector=selector, rip=target, rsp=esp, rflags=new_rflags, new_cpl=cpl, null_ss_rpl=None)
+    cpu.enter_handler(selector=selector & ~3 | new_cpl, rip=target, rsp=esp, rflags=new_rflags, new_cpl=new_cpl,
+                      new_ss=new_ss)
+
+
+def _check_inner_stack(cpu, selector: int, cpl: int) -> None:
+    """TSS.SSn must name a present, writable data segment with RPL = DPL = the new CPL: #TS
+    otherwise (#SS if only not present)."""
+    base, limit = cpu.gdt
+    index = selector & ~7
+    if index == 0 or selector & 4 or index + 7 > limit or selector & 3 != cpl:
+        raise _Fault(INVALID_TSS, selector & ~3)
+    access = struct.unpack("<Q", _read_system(cpu, base + index, 8))[0] >> 40 & 0xFF
+    if access & 0x1A != 0x12 or access >> 5 & 3 != cpl:  # data (S=1, code=0), writable
+        raise _Fault(INVALID_TSS, selector & ~3)
+    if not access & 0x80:
+        raise _Fault(STACK_FAULT, selector & ~3)
 
 
 def _deliver_real(cpu, vector: int) -> None:

@@ -99,6 +99,9 @@ class TcgVcpu:
         """Execute guest code for up to `seconds`; returns Interrupted (the slice ended: its time
         was up, or the slice timer was kicked), Hlt or an ending exit."""
         self.translator.activate(self)
+        if self._exit is _SHUTDOWN:  # an interrupt injected between slices could not be delivered
+            self._exit = None
+            return _SHUTDOWN
         self._exit = None
         self.stats["slices"] += 1
         uc = self.uc
@@ -409,13 +412,15 @@ class TcgVcpu:
         return struct.unpack("<Q", self.read_linear(base + offset, 8))[0]
 
     def enter_handler(self, *, selector: int, rip: int, rsp: int, rflags: int, new_cpl: int,
-                      null_ss_rpl: int | None) -> None:
+                      new_ss: int | None) -> None:
+        """Enter a handler at `new_cpl`; `new_ss`: the SS selector a privilege change loads (a
+        NULL selector with RPL = CPL in 64-bit mode, TSS.SS0 in legacy protected mode)."""
         if self._in_exception or new_cpl != self.cpl:
             # forget the exception (Unicorn's #DF tracking) and drop to the handler's privilege
             self.private.finish_exception(new_cpl=new_cpl if new_cpl != self.cpl else None)
         self.load_cs(selector)
-        if null_ss_rpl is not None:
-            self.regs.write(X.UC_X86_REG_SS, null_ss_rpl)
+        if new_ss is not None:
+            self.regs.write(X.UC_X86_REG_SS, new_ss)
         self.regs.write(X.UC_X86_REG_RSP, rsp)
         self.regs.write(X.UC_X86_REG_RFLAGS, rflags)
         self._set_rip(rip)
