@@ -73,14 +73,15 @@ def clone_from_snapshot(host, files: dict[str, str], new_name: str, *, mode: str
     (launch's `restore`) with PUT /snapshot/load's `clone` field (pyvmm.clones: memory
     copy-on-write, disk copies next to the state file, new MACs, vsock socket and CID, a new VM
     generation ID) and runs it; then NEW_NAME is defined with the clone's configuration, so a
-    later start boots it afresh. Its handle."""
+    later start boots it afresh, and the guest agent gives the running guest its NICs' new
+    MACs. Its handle."""
     from ..snapshot import read_snapshot
     from .launch import launch
 
     check_name(new_name)
     if definitions.find(new_name, host.config_dir) is not None or RunDir.of(new_name, host.run_root).pid():
         raise VmExists(f"a VM named {new_name!r} exists already")
-    _, document = read_snapshot(files["snapshot_path"])        # a bad file: one line, nothing started
+    state, document = read_snapshot(files["snapshot_path"])    # a bad file: one line, nothing started
     if document is None:
         raise UserError(f"{files['snapshot_path']}: the snapshot records no VM configuration (it was not taken "
                         "through the API): clone it in a program with pyvmm.clones.start_clone")
@@ -91,8 +92,34 @@ def clone_from_snapshot(host, files: dict[str, str], new_name: str, *, mode: str
     launch(RunDir.of(new_name, host.run_root), document, instance_id=new_name, restore=restore)
     handle = host.vm(new_name)
     try:
-        host.define(handle.config(), new_name)
+        config = handle.config()
+        host.define(config, new_name)
     except BaseException:
         handle.destroy()
         raise
+    _guest_uses_new_macs(state, config, new_name)
     return handle
+
+
+def _guest_uses_new_macs(state, config: dict, name: str) -> None:
+    """The clone's NICs offer new MACs, but its guest read the snapshot's when it booted: its
+    agent sets the new ones on the interfaces that have the old ones. A guest without an agent
+    keeps the old ones (a one-line warning)."""
+    import logging
+
+    from ..agent.client import AgentClient
+    from ..config import default_mac
+
+    interfaces = config.get("network-interfaces") or []
+    changes = {(net.mac or default_mac(index)): interface["guest_mac"] for index, (net, interface)
+               in enumerate(zip(state.machine.nets, interfaces))
+               if interface.get("guest_mac") and interface["guest_mac"] != (net.mac or default_mac(index))}
+    vsock = config.get("vsock")
+    if not changes:
+        return
+    try:
+        if not vsock:
+            raise UserError("it has no vsock device for the guest agent")
+        AgentClient(vsock["uds_path"]).set_mac_addresses(changes)
+    except (UserError, ValueError) as exc:
+        logging.getLogger(__name__).warning("%s: its guest still uses the snapshot's MAC address(es): %s", name, exc)
