@@ -3,7 +3,7 @@ software CPU here): the create form's field errors, a VM created from the page a
 running, its console's prompt and a typed command's output (in two viewers at once),
 suspend/resume from the page as `pyvmm list` sees it and the other way round, clone and
 delete (by keyboard), the VM page's
-charts, device tree, balloon control, and a snapshot taken, destroyed and restored (an open
+charts, device tree, balloon control, a disk attached and detached (hotplug), and a snapshot taken, destroyed and restored (an open
 console page attaching again by itself), shutdown (the power button) and start, and `pyvmm ui` stopping
 without touching the VM. One boot for the module; the tests run in order and share it.
 
@@ -244,6 +244,21 @@ def test_the_vm_page_charts_devices_snapshot_destroy_and_restore(browser, ui, en
     assert host.vm("alpha").config()["balloon"]["amount_mib"] == 32
     wait(browser, lambda d: "32.0 MiB" in d.find_element(By.CSS_SELECTOR, '[data-chart="mem/balloon_target_bytes"]').text,
          message="the stats' balloon target is not charted")
+
+    # hotplug: a disk plugged in and out from the page (the guest ejects it for the detach)
+    disk = host.run_root.parent.parent / "hot.img"
+    disk.write_bytes(bytes(1 << 20))
+    fill(browser, {"attach-disk-id": "hot", "attach-disk-path": str(disk)})
+    browser.find_element(By.CSS_SELECTOR, "#attach-disk button").click()
+    wait(browser, lambda d: "attach disk hot: done" in d.find_element(By.ID, "control-status").text, timeout=60)
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, 'tr[data-hotplug="hot"]'))
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, '#devices [data-device="hot"]'))
+    assert [drive["drive_id"] for drive in host.vm("alpha").config()["drives"]] == ["hot"]
+    shot(browser, artifacts, "vm-disk-attached")
+    browser.find_element(By.CSS_SELECTOR, 'tr[data-hotplug="hot"] button').click()
+    wait(browser, lambda d: "detach disk hot: done" in d.find_element(By.ID, "control-status").text, timeout=120)
+    wait(browser, lambda d: not d.find_elements(By.CSS_SELECTOR, 'tr[data-hotplug="hot"]'))
+    assert host.vm("alpha").config()["drives"] == []
 
     fill(browser, {"snapshot-label": "first"})
     browser.find_element(By.CSS_SELECTOR, "#take-snapshot button").click()

@@ -12,6 +12,7 @@ async function control(name, method, path, body, what) {
   announce(message, !result.ok);
   const slot = document.getElementById("control-status");
   if (slot) { slot.textContent = message; slot.classList.toggle("error", !result.ok); }
+  if (result.ok) logEvent(Date.now() / 1000, what);   // vm.js's event log
   controlsKey = null;   // redraw with the VM's new configuration
   return result.ok;
 }
