@@ -245,6 +245,8 @@ def list_snapshots(root: Path, name: str) -> list[dict[str, Any]]:
         return []
     rows = []
     for state in sorted(directory.glob("*.state")):
+        if state.name.startswith("."):  # one being written
+            continue
         memory = state.with_name(state.name + ".mem")
         try:
             stat = state.stat()
@@ -265,7 +267,15 @@ def take_snapshot(host: Host, root: Path, name: str, label: str) -> dict[str, An
     if vm.info().state not in (RUNNING, PAUSED):
         raise Conflict(f"{name} is not running: a snapshot is taken of a running or paused VM")
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    vm.snapshot(path)
+    # written under a hidden name, listed only once whole
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        vm.snapshot(partial, mem_file=partial.with_name(partial.name + ".mem"))
+        partial.with_name(partial.name + ".mem").replace(path.with_name(path.name + ".mem"))
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+        partial.with_name(partial.name + ".mem").unlink(missing_ok=True)
     return {"label": label, "path": str(path)}
 
 

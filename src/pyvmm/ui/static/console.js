@@ -28,24 +28,24 @@ function connect() {
   });
   socket.addEventListener("close", () => {
     reconnect.disabled = false;
-    if (opened) { setTimeout(watchForRestart, 500); return; }
-    api("GET", `/vms/${encodeURIComponent(NAME)}`).then((result) => {   // refused: say why, try no more
-      const why = result.ok ? `the VM is ${result.data.state}` : (result.data && result.data.error) || "the server is gone";
-      announce(`could not attach to the console (${why})`, true);
-    });
+    setTimeout(() => watchForRestart(opened), opened ? 500 : 2000);
   });
 }
 
-// Detached (the VM stopped, rebooted into a new process, or was restored): say why, and attach
-// again by itself once the VM runs; the Reconnect button does it at once.
-async function watchForRestart() {
+// Detached (the VM stopped, rebooted into a new process, was restored) or refused: say why, and
+// attach again by itself whenever the VM runs; the Reconnect button does it at once.
+async function watchForRestart(wasAttached) {
   const result = await api("GET", `/vms/${encodeURIComponent(NAME)}`);
   if (socket && socket.readyState !== WebSocket.CLOSED) return;   // reconnected meanwhile
   const state = result.ok ? result.data.state : null;
-  if (state === "running" || state === "paused") { connect(); return; }
+  if (state === "running" || state === "paused") {
+    if (!wasAttached) announce("could not attach to the console; trying again", true);
+    connect();
+    return;
+  }
   const why = result.ok ? `the VM is ${state}` : (result.data && result.data.error) || "the server is gone";
   announce(`detached from the console (${why}); it attaches again when the VM runs`, true);
-  setTimeout(watchForRestart, 2000);
+  setTimeout(() => watchForRestart(true), 2000);
 }
 
 term.onData((data) => {
