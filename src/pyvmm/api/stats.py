@@ -65,7 +65,7 @@ def memory_stats(vm: Any, rss: int | None) -> dict[str, Any]:
     from ..memory.backing import process_ksm
 
     regions = getattr(vm.memory, "regions", [])
-    guest = sum(region.size for region in regions)
+    guest = getattr(vm.memory, "size", None) or sum(region.size for region in regions)  # RAM, not virtio-mem
     resident = sum(region.resident_bytes() for region in regions)
     machine = getattr(vm, "machine", None)
     ksm = process_ksm()
