@@ -18,6 +18,18 @@ def register(command) -> None:
                         help="e.g. 192M or 1G (MiB without a unit); at most the guest's memory")
 
 
+def balloon_section(text: str) -> dict:
+    """`--balloon amount=MIB,deflate-on-oom,...` (pyvmm run's syntax) as a definition's [balloon]."""
+    from ..config import BalloonConfig, ConfigError
+
+    try:
+        balloon = BalloonConfig.parse(text)
+    except ConfigError as exc:
+        raise UserError(f"--balloon {exc.render(exc.field.split('.')[-1]) if exc.field else exc.detail}") from None
+    return {"amount_mib": balloon.amount_mib, "deflate_on_oom": balloon.deflate_on_oom,
+            "stats_polling_interval_s": balloon.stats_interval_s, "free_page_reporting": balloon.free_page_reporting}
+
+
 def setmem(vm, args) -> int:
     from ..config import parse_size
 

@@ -112,6 +112,10 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     create.add_argument("--net", action="append", default=[], metavar="TAP[,mac=MAC]", help="a NIC on TAP (or auto)")
     create.add_argument("--vsock", metavar="CID,PATH", help="a vsock device: guest CID and host socket path")
     create.add_argument("--rng", action="store_true", help="a virtio-rng device")
+    create.add_argument("--balloon", nargs="?", const="", metavar="[amount=MIB][,deflate-on-oom][,free-page-reporting]"
+                        "[,stats=S]", help="a virtio-balloon (pyvmm setmem sets its target later)")
+    create.add_argument("--ksm", action="store_true", help="guest RAM mergeable by KSM")
+    create.add_argument("--huge-pages", choices=("2M", "transparent"), help="back guest RAM with huge pages")
     create.add_argument("--accel", choices=("auto", "kvm", "tcg"))
     create.add_argument("--console", action="store_true", help="attach to its console at once")
 
@@ -159,6 +163,14 @@ def create_document(args) -> dict:
         document["vsock"] = {"guest_cid": int(cid), "uds_path": path}
     if args.rng:
         document["entropy"] = {}
+    if args.balloon is not None:
+        from .balloon_cli import balloon_section
+
+        document["balloon"] = balloon_section(args.balloon)
+    if args.ksm:
+        document["machine-config"]["ksm"] = True
+    if args.huge_pages:
+        document["machine-config"]["huge_pages"] = {"2M": "2M", "transparent": "Transparent"}[args.huge_pages]
     options = {"accel": args.accel, "kernel_args": args.kernel_args}
     if any(options.values()):
         document["pyvmm"] = {key: value for key, value in options.items() if value}
