@@ -167,6 +167,24 @@ def test_head_out_of_range_needs_reset(memory):
     assert device.broken and driver.interrupts.needs_reset
 
 
+def test_a_broken_ring_leaves_a_state_that_can_be_saved(memory):
+    """A bad head or a head offered twice is refused before the entry is taken, so the queue's
+    positions and the requests it holds still add up: a snapshot of the broken device works."""
+    device, driver = rng_with_driver(memory)
+    q = driver.queue(0)
+    queue = device.queues[0]
+    head = q.add([], [4])
+    chain = queue.pop()                 # the device holds it (as a receive buffer would be held)
+    assert chain.head == head
+    q.publish(head)                     # ... and the driver offers it again
+    with pytest.raises(VirtqueueBroken, match="again while the device holds it"):
+        queue.pop()
+    with pytest.raises(VirtqueueBroken, match="again"):   # the refused entry was not taken
+        queue.pop()
+    state = through_json(device.save())
+    assert state.virtio.queues[0].in_flight == (head,) and state.virtio.queues[0].last_avail == 1
+
+
 def test_reset_after_breakage_serves_again(memory):
     device, driver = rng_with_driver(memory)
     driver.queue(0).publish(200)

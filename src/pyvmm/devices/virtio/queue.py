@@ -4,7 +4,8 @@ Everything the ring holds is written by the guest driver and trusted for nothing
 kinds of damage are told apart:
 
 - the ring itself is broken (the available index jumped by more than the queue size, a
-  head index is out of range, the ring areas left guest RAM): the device cannot tell
+  head index is out of range or offered again while the device holds it, the ring areas
+  left guest RAM): the device cannot tell
   which buffers are real any more, so the queue raises `VirtqueueBroken` and the device
   is marked DEVICE_NEEDS_RESET (spec 2.1.2);
 - one chain is malformed (a loop, a next index out of range, a buffer outside guest RAM,
@@ -196,6 +197,9 @@ class SplitQueue:
             head = memory.read_u16(self.avail_ring + 4 + 2 * slot)
             if head >= self.size:  # before taking the entry: a broken queue's state still adds up (a save)
                 raise VirtqueueBroken(f"available ring slot {slot} names descriptor {head} of {self.size}")
+            if head in self._in_flight:  # the driver may not offer a chain the device has not returned
+                raise VirtqueueBroken(f"available ring slot {slot} offers descriptor {head} again while the "
+                                      "device holds it")
             self.last_avail = (self.last_avail + 1) & 0xFFFF
             if self.event_idx:  # ask to be notified for the next entry the driver adds
                 memory.write_u16(self.used_ring + 4 + 8 * self.size, self.last_avail)
