@@ -3,7 +3,7 @@ software CPU here): the create form's field errors, a VM created from the page a
 running, its console's prompt and a typed command's output (in two viewers at once),
 suspend/resume from the page as `pyvmm list` sees it and the other way round, clone and
 delete (by keyboard), the VM page's
-charts, device tree, balloon control, a disk attached and detached (hotplug), and a snapshot taken, destroyed and restored (an open
+charts, device tree, balloon control, virtio-mem resized, a disk attached and detached (hotplug), and a snapshot taken, destroyed and restored (an open
 console page attaching again by itself), shutdown (the power button) and start, and `pyvmm ui` stopping
 without touching the VM. One boot for the module; the tests run in order and share it.
 
@@ -134,7 +134,7 @@ def test_a_bad_field_in_the_create_form_shows_its_error_next_to_it(browser, ui, 
 
 def test_a_vm_created_from_the_page_is_listed_running(browser, ui, env, artifacts):
     browser.get(f"{ui.base}/create")
-    fill(browser, {"name": "alpha", "memory": "256", "kernel_args": CONSOLE_LOGLEVEL})
+    fill(browser, {"name": "alpha", "memory": "256", "kernel_args": CONSOLE_LOGLEVEL, "virtio_mem": "256"})
     browser.find_element(By.ID, "balloon").click()
     browser.find_element(By.ID, "submit").click()
     wait(browser, lambda d: d.current_url == f"{ui.base}/vm/alpha", timeout=120, message="not taken to the VM's page")
@@ -244,6 +244,13 @@ def test_the_vm_page_charts_devices_snapshot_destroy_and_restore(browser, ui, en
     assert host.vm("alpha").config()["balloon"]["amount_mib"] == 32
     wait(browser, lambda d: "32.0 MiB" in d.find_element(By.CSS_SELECTOR, '[data-chart="mem/balloon_target_bytes"]').text,
          message="the stats' balloon target is not charted")
+
+    # virtio-mem: 128 MiB plugged into the guest from the page (the guest's driver plugs the blocks)
+    fill(browser, {"virtio-mem-size": "128"})
+    browser.find_element(By.CSS_SELECTOR, "#virtio-mem-form button").click()
+    wait(browser, lambda d: "plugged 128 MiB of a 256 MiB region" in d.find_element(By.ID, "virtio-mem-status").text,
+         timeout=120, message="the guest did not plug 128 MiB")
+    assert host.vm("alpha").api.get("/pyvmm/memory/virtio-mem")["plugged_size_mib"] == 128
 
     # hotplug: a disk plugged in and out from the page (the guest ejects it for the detach)
     disk = host.run_root.parent.parent / "hot.img"

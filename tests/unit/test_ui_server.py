@@ -102,6 +102,8 @@ def test_create_form_errors_name_the_field(ui, tmp_path):
     assert status == 400 and answer["field"] == "kernel" and "no such file" in answer["error"]
     assert create(net="a-name-far-too-long-for-a-tap")[1]["field"] == "net"
     assert create(accel="quantum")[1]["field"] == "accel"
+    status, answer = create(virtio_mem="100")
+    assert status == 400 and answer["field"] == "virtio_mem", answer
     assert create(source="kernel", kernel=__file__, kernel_args="x")[1]["field"] == "kernel_args"
     status, _, body = request(ui, "GET", "/api/vms", headers=good(ui))
     assert json.loads(body)["vms"] == []  # nothing was defined by the refused forms

@@ -17,7 +17,7 @@ from ..errors import ConfigError, UserError
 from ..manage.records import check_name
 
 FIELDS = ("name", "vcpus", "memory", "source", "kernel", "initrd", "append", "kernel_args", "root_disk", "disk",
-          "net", "accel", "rng", "balloon")
+          "net", "accel", "rng", "balloon", "virtio_mem")
 ROOT_DRIVE, DATA_DRIVE = "rootfs", "disk0"
 
 
@@ -85,10 +85,12 @@ def document_from_form(form: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     if form.get("balloon") in (True, "on", "true", "1"):  # empty to begin with; the VM page sets its target
         document["balloon"] = {"amount_mib": 0, "deflate_on_oom": True, "stats_polling_interval_s": 2,
                                "free_page_reporting": True}
-    options = {"accel": _text(form, "accel") or None, "kernel_args": _text(form, "kernel_args") or None}
+    options: dict[str, Any] = {"accel": _text(form, "accel") or None,
+                               "kernel_args": _text(form, "kernel_args") or None,
+                               "virtio_mem_mib": _number(form, "virtio_mem") if _text(form, "virtio_mem") else None}
     if options["kernel_args"] and source == "kernel":
         raise FormError("kernel_args", "is for pyvmm's default guest: with a kernel of your own, use its command line")
-    if any(options.values()):
+    if any(value is not None for value in options.values()):
         document["pyvmm"] = {key: value for key, value in options.items() if value}
     try:
         VmSpec.from_document(document)
@@ -106,6 +108,7 @@ def document_from_form(form: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 _PREFIXES = (("machine-config.vcpu_count", "vcpus"), ("machine-config.mem_size_mib", "memory"),
              ("boot-source.kernel_image_path", "kernel"), ("boot-source.initrd_path", "initrd"),
              ("boot-source.boot_args", "append"), ("pyvmm.kernel_args", "kernel_args"), ("pyvmm.accel", "accel"),
+             ("pyvmm.virtio_mem_mib", "virtio_mem"),
              ("network-interfaces", "net"), ("entropy", "rng"), ("balloon", "balloon"), (f"drives[{ROOT_DRIVE}]", "root_disk"),
              (f"drives[{DATA_DRIVE}]", "disk"))
 

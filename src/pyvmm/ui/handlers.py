@@ -109,6 +109,12 @@ def vm_detail(host: Host, name: str, snapshots: Path) -> dict[str, Any]:
         except (OSError, ApiError, http.client.HTTPException, Unreachable):
             pass
     detail["capabilities"] = capabilities(detail["api_paths"], detail["config"])
+    detail["virtio_mem"] = None
+    if detail["capabilities"]["virtio_mem"]:  # its region, block size, requested and plugged MiB
+        try:
+            detail["virtio_mem"] = vm.api.get("/pyvmm/memory/virtio-mem")
+        except (OSError, ApiError, http.client.HTTPException):
+            pass
     detail["snapshots"] = list_snapshots(snapshots, name)
     detail["events"] = recorded_events(vm, info)
     return detail
@@ -121,7 +127,7 @@ def _api_operations(vm: VmHandle) -> dict[str, list[str]]:
 
 
 # What the page's controls may ask of a VM's API, and only when the VM's API offers it.
-CONTROLS = {("PATCH", "/balloon"), ("PUT", "/drives/{drive_id}"), ("DELETE", "/drives/{drive_id}"),
+CONTROLS = {("PATCH", "/balloon"), ("PUT", "/pyvmm/memory/virtio-mem"), ("PUT", "/drives/{drive_id}"), ("DELETE", "/drives/{drive_id}"),
             ("PUT", "/network-interfaces/{iface_id}"), ("DELETE", "/network-interfaces/{iface_id}")}
 _CONCRETE = ((re.compile(r"^/drives/([A-Za-z0-9_][A-Za-z0-9_.-]{0,63})$"), "/drives/{drive_id}"),
              (re.compile(r"^/network-interfaces/([A-Za-z0-9_][A-Za-z0-9_.-]{0,63})$"), "/network-interfaces/{iface_id}"))
@@ -134,6 +140,8 @@ def capabilities(operations: dict[str, list[str]], config: dict[str, Any] | None
         return method in operations.get(path, [])
 
     return {"balloon": offers("PATCH", "/balloon") and bool((config or {}).get("balloon")),
+            "virtio_mem": offers("PUT", "/pyvmm/memory/virtio-mem") and
+            bool(((config or {}).get("pyvmm") or {}).get("virtio_mem_mib")),
             # hotplug: a running VM's drives and NICs can be removed, and so added
             "disk_hotplug": offers("DELETE", "/drives/{drive_id}"),
             "nic_hotplug": offers("DELETE", "/network-interfaces/{iface_id}")}

@@ -36,6 +36,26 @@ function balloonForm(vm) {
   return form;
 }
 
+function virtioMemForm(vm) {
+  const status = vm.virtio_mem || {};
+  const block = status.block_size_mib || 1;
+  const size = el("input", { type: "number", min: "0", step: String(block), required: true,
+                             max: String(status.usable_region_size_mib ?? status.region_size_mib ?? 0),
+                             value: String(status.requested_size_mib ?? 0) });
+  const form = el("form", { id: "virtio-mem-form" },
+    el("h3", { text: "Hotpluggable memory (virtio-mem)" }),
+    el("p", { id: "virtio-mem-status", text: `plugged ${status.plugged_size_mib ?? "?"} MiB of a ` +
+      `${status.region_size_mib ?? "?"} MiB region (asked: ${status.requested_size_mib ?? "?"} MiB, blocks of ${block} MiB)` }),
+    labelled("virtio-mem-size", "Plugged size (MiB)", size), " ",
+    el("button", { type: "submit", text: "Resize" }));
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    await control(NAME, "PUT", "/pyvmm/memory/virtio-mem", { requested_size_mib: Number(size.value) },
+                  `virtio-mem size ${size.value} MiB`);
+  });
+  return form;
+}
+
 function deviceTable(caption, rows, columns, detach) {
   return el("table", { class: "devices" }, el("caption", { text: caption }),
     el("thead", {}, el("tr", {}, ...columns.map((c) => el("th", { scope: "col", text: c[0] })), el("th", { scope: "col", text: "" }))),
@@ -89,12 +109,13 @@ function nicControls(vm) {
 window.renderControls = function renderControls(vm) {
   const caps = vm.capabilities || {};
   const live = (vm.state === "running" || vm.state === "paused") && vm.config;
-  const key = JSON.stringify([caps, live ? vm.config : null]);
+  const key = JSON.stringify([caps, live ? vm.config : null, vm.virtio_mem]);
   if (key === controlsKey) return;
   controlsKey = key;
   const section = document.getElementById("controls");
   const parts = [];
   if (live && caps.balloon) parts.push(balloonForm(vm));
+  if (live && caps.virtio_mem) parts.push(virtioMemForm(vm));
   if (live && caps.disk_hotplug) parts.push(diskControls(vm));
   if (live && caps.nic_hotplug) parts.push(nicControls(vm));
   section.hidden = parts.length === 0;

@@ -56,7 +56,7 @@ function rateCharts(stats, time) {
 }
 
 // Guest memory: every byte figure the VM reports (a balloon's, merged pages... where the VM has them).
-function memoryCharts(stats) {
+function memoryCharts(stats, virtioMem) {
   const figures = [];
   const walk = (prefix, object) => {
     for (const [key, value] of Object.entries(object || {})) {
@@ -66,6 +66,8 @@ function memoryCharts(stats) {
   };
   walk("", stats.memory);
   if (stats.balloon) walk("balloon.", stats.balloon);
+  if (virtioMem) walk("virtio-mem ", { plugged_size_mib: virtioMem.plugged_size_mib,
+                                       requested_size_mib: virtioMem.requested_size_mib });
   for (const [key, value] of figures) {
     const series = "mem/" + key;
     rates.push(series, value);
@@ -189,7 +191,7 @@ async function refresh() {
   if (result.ok) {
     const vm = result.data;
     renderSummary(vm);
-    if (vm.stats) { rateCharts(vm.stats, vm.time); memoryCharts(vm.stats); }
+    if (vm.stats) { rateCharts(vm.stats, vm.time); memoryCharts(vm.stats, vm.virtio_mem); }
     else rates.forget("vm");
     renderSnapshots(vm.snapshots, vm.state);
     renderDevices(vm.devices);
