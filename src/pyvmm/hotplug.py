@@ -188,11 +188,17 @@ def _unplug(vm, device_id: str, slot: int) -> None:
         vm.machine = parts.config = machine
     finally:
         vm.resume()
-    # Closed on the I/O thread, after the reset's work there (a NIC's TAP leaves its watch first).
+    # Closed once the I/O thread has done the reset's work (a NIC's TAP leaves its watch first),
+    # here and not on the I/O thread: a tap=auto NIC's namespace goes with `ip`, a new process,
+    # which the I/O thread's seccomp filter refuses.
     releases = parts.device_releases.pop(device_id, [])
     for release in releases:
         parts.releases.remove(release)
-    vm.iothread.call_soon(lambda: [release() for release in releases])
+    caught_up = threading.Event()
+    vm.iothread.call_soon(caught_up.set)
+    caught_up.wait(30)
+    for release in releases:
+        release()
     log.info("%s (%s) unplugged from PCI slot %d", device_id, type(device).__name__, slot)
 
 

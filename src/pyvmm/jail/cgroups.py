@@ -10,6 +10,7 @@ same limits, in a group under the jailer's own.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from ..errors import UserError
@@ -101,12 +102,20 @@ class Cgroup:
         for group in self.paths:
             _write(group / "cgroup.procs", str(pid))
 
-    def remove(self) -> None:
+    def remove(self, wait: float = 10.0) -> None:
+        """Delete the groups; a task that has just exited may hold one busy a moment (EBUSY)."""
+        deadline = time.monotonic() + wait
         for group in self.paths:
-            try:
-                group.rmdir()
-            except OSError:
-                pass  # a process still in it (it ends soon) or gone already
+            while True:
+                try:
+                    group.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    if time.monotonic() >= deadline:
+                        break  # left behind, empty: the next start of this VM reuses it
+                    time.sleep(0.05)
 
     def describe(self) -> dict[str, object]:
         return {"version": self.version, "paths": [str(p) for p in self.paths], **self.limits}

@@ -172,16 +172,28 @@ class VmHandle(MemoryMethods, BalloonMethods, HotplugMethods):
         elif self.run.pid_file.exists():
             outcome = self.run.outcome()
             if outcome is None:
-                last = self.run.last_log_line()
-                outcome = {"reason": "process-died", "status": None,
-                           "message": f"the VM's process (pid {self.run.recorded_pid()}) died without recording an "
-                                      f"outcome" + (f"; its last log line: {last}" if last else "")}
+                outcome = self._death()
             state = CRASHED if outcome["reason"] in _ERROR_REASONS else \
                 MIGRATED if outcome["reason"] == "migrated" else SHUT_OFF
         else:
             state = SHUT_OFF
         return VmInfo(self.name, state, pid, path is not None, machine.get("vcpu_count"), machine.get("mem_size_mib"),
                       outcome, self.run.path, path, uptime)
+
+    def _death(self) -> dict[str, Any]:
+        """The outcome of a VM whose process died without recording one."""
+        from .deaths import seccomp_kill
+        from .vmprocess import SECCOMP_KILLED
+
+        pid, started = self.run.recorded_pid(), self.run.recorded_start()
+        killed = seccomp_kill(pid, started) if pid is not None else None
+        if killed is not None:
+            return {"reason": "process-died", "status": None, "killed_by": "seccomp", "signal": "SIGSYS",
+                    "message": f"the VM's process (pid {pid}) {SECCOMP_KILLED}: {killed}"}
+        last = self.run.last_log_line()
+        return {"reason": "process-died", "status": None,
+                "message": f"the VM's process (pid {pid}) died without recording an outcome"
+                           + (f"; its last log line: {last}" if last else "")}
 
     def _machine(self, path: Path | None) -> dict[str, Any]:
         try:

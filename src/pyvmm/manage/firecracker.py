@@ -106,7 +106,7 @@ def _run(args) -> int:
     from .. import seccomp
 
     # Firecracker filters unless told --no-seccomp; pyvmm's mode is $PYVMM_SECCOMP's (off by default)
-    seccomp.configure("off" if args.no_seccomp else seccomp.default_mode())
+    seccomp.configure("off" if args.no_seccomp else seccomp.default_mode(), helpers=True)  # API hot-plug
     console = StdoutConsole()
     instance = VmInstance(args.id, spec, console=console)
     instance.adapt_spec = firecracker_spec  # at InstanceStart, however the machine was configured

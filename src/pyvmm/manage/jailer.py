@@ -30,7 +30,7 @@ from ..jail import namespaces as ns
 from ..jail.config import UID_BASE, UID_SLOTS, VMM_OVERHEAD_MIB, JailConfig, jail_options
 from ..jail.exposure import DEVICES, OWNED_DEVICES, Exposure, plan
 from .records import RunDir
-from .vmprocess import SECCOMP_KILLED
+from .vmprocess import SECCOMP_KILLED, SECCOMP_WHY
 
 JAIL_ROOTS = Path("/run/pyvmm-jail")   # each jail's tmpfs root is mounted at JAIL_ROOTS/NAME (in its own namespace)
 RECORD = "jail.json"
@@ -183,14 +183,15 @@ def jail(run_dir: str, vm_argv: list[str], ready_fd: int | None) -> int:
         (run.path / RECORD).write_text(json.dumps({**record, "pid": child}, indent=1))
         os.write(started, b"!")
         os.close(started)
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, signal.SIG_IGN)   # signals are for the VM's process (its pid file)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        for signum in (signal.SIGINT, signal.SIGTERM):   # whoever signals the keeper means the VM
+            signal.signal(signum, lambda number, _frame: os.kill(child, number))
         _, status = os.waitpid(child, 0)
     finally:
         _give_back(previous)
         cgroup.remove()
     if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS and run.outcome() is None:
-        message = f"the VM's process (pid {child}) {SECCOMP_KILLED}"
+        message = f"the VM's process (pid {child}) {SECCOMP_KILLED}: SIGSYS ({SECCOMP_WHY})"
         print(f"pyvmm: {message}", file=sys.stderr, flush=True)
         run.write_outcome({"reason": "process-died", "status": 128 + signal.SIGSYS, "message": message,
                            "killed_by": "seccomp", "signal": "SIGSYS", "ended_at": time.time()})

@@ -111,6 +111,13 @@ class RunDir:
         except (OSError, ValueError, IndexError):
             return None
 
+    def recorded_start(self) -> int | None:
+        """The recorded process's start time (clock ticks after boot, /proc/PID/stat's field 22)."""
+        try:
+            return int(self.pid_file.read_text().split()[1])
+        except (OSError, ValueError, IndexError):
+            return None
+
     def write_pid(self, pid: int | None = None) -> None:
         """Record `pid` (default: this process) as the VM's process (a jail's keeper records its child)."""
         pid = os.getpid() if pid is None else pid

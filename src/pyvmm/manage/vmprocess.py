@@ -72,7 +72,8 @@ def serve(run: RunDir, instance_id: str, ready_fd: int | None, incoming: str | N
         spec = VmSpec() if restore is not None else VmSpec.from_document(json.loads(run.definition_file.read_text()))
         from .. import seccomp
 
-        seccomp.configure(spec.pyvmm.get("seccomp") or seccomp.default_mode())
+        # helpers: the API may hot-plug a tap=auto NIC, whose network namespace `ip` makes
+        seccomp.configure(spec.pyvmm.get("seccomp") or seccomp.default_mode(), helpers=True)
         instance = VmInstance(instance_id, spec, console=console)
         made.append(instance)
         done = threading.Event()
@@ -129,40 +130,10 @@ def _destroy(instance, message: str) -> None:
         pass  # not started yet or stopped already
 
 
-SECCOMP_KILLED = ("was killed by seccomp: SIGSYS, a system call outside its allow-list (pyvmm/seccomp/allowlist.py; "
-                  "the kernel log names the call and the thread: audit type=1326)")
-
-
-def _seccomp_mode(run: RunDir) -> str:
-    from .. import seccomp
-
-    try:
-        document = json.loads(run.definition_file.read_text())
-    except (OSError, ValueError):
-        document = {}
-    options = document.get("pyvmm") if isinstance(document, dict) else None
-    return (options or {}).get("seccomp") or seccomp.default_mode()
-
-
-def _stay_to_report_seccomp_kills(run: RunDir, ready_fd: int | None) -> int | None:
-    """With seccomp on, a call outside the allow-list ends the VM's process at once (SIGSYS),
-    with no chance to record why. So the process forks: the child is the VM's process, the
-    parent waits for it and, when SIGSYS killed it, records that as its outcome (`pyvmm list`
-    shows the VM crashed, and why). Returns None in the child, the exit status in the parent."""
-    child = os.fork()
-    if child == 0:
-        return None
-    if ready_fd is not None:
-        os.close(ready_fd)  # the launcher must see the VM's process, not us, close the pipe
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_IGN)  # signals are for the VM's process (its pid file)
-    _, status = os.waitpid(child, 0)
-    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS and run.outcome() is None:
-        message = f"the VM's process (pid {child}) {SECCOMP_KILLED}"
-        print(f"pyvmm: {message}", file=sys.stderr, flush=True)
-        run.write_outcome({"reason": "process-died", "status": 128 + signal.SIGSYS, "message": message,
-                           "killed_by": "seccomp", "signal": "SIGSYS", "ended_at": time.time()})
-    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+# How a VM whose process seccomp killed is reported (manage/deaths.py reads the kernel's record
+# of it; a jail's keeper sees the SIGSYS itself).
+SECCOMP_KILLED = "was killed by seccomp"
+SECCOMP_WHY = "a system call outside its allow-list, pyvmm/seccomp/allowlist.py; the kernel log names it: audit type=1326"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,10 +150,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
                         format="%(asctime)s pyvmm: %(levelname)s: %(name)s: %(message)s")
     run = RunDir(Path(args.run_dir).resolve())
-    if _seccomp_mode(run) != "off" and not args.jailed:
-        status = _stay_to_report_seccomp_kills(run, args.ready_fd)
-        if status is not None:
-            return status
     return serve(run, args.id or run.name, args.ready_fd, args.incoming, jailed=args.jailed)
 
 

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _mode = "off"
 _process_installed = False
+_helpers = False
 
 
 def check_mode(mode: str, field: str = "--seccomp") -> str:
@@ -43,14 +44,17 @@ def default_mode() -> str:
     return check_mode(os.environ.get(ENV, "off") or "off", ENV)
 
 
-def configure(mode: str) -> None:
-    """Set this process's mode (a VM process's entry point does, before building a VM)."""
-    global _mode
+def configure(mode: str, *, helpers: bool = False) -> None:
+    """Set this process's mode (a VM process's entry point does, before building a VM).
+    `helpers`: the process may start helper programs after set-up whatever its machine is (a
+    managed VM's API can hot-plug a tap=auto NIC, whose namespace `ip` makes)."""
+    global _mode, _helpers
     check_mode(mode)
     with _lock:
         if _process_installed and mode != _mode:
             raise UserError("seccomp is installed in this process already: its mode cannot change")
         _mode = mode
+        _helpers = helpers
     if mode != "off":
         from .libseccomp import library
 
@@ -95,7 +99,7 @@ def install_process_filter(*, spawn: bool = False) -> None:
     with _lock:
         if _mode == "off" or _process_installed:
             return
-        with build_filter("process", spawn=spawn) as seccomp_filter:
+        with build_filter("process", spawn=spawn or _helpers) as seccomp_filter:
             seccomp_filter.load(tsync=True)
         _process_installed = True
     log.info("seccomp (%s): the process filter is installed", _mode)
