@@ -2,7 +2,7 @@
 """x86 conformance report: every test kernel of tests/conformance on pyvmm (software CPU and
 KVM) and on QEMU (TCG), in the same run, as one table per area.
 
-    scripts/conformance.py [--backends tcg,kvm,qemu] [--kernel NAME ...]
+    scripts/conformance.py [--backends tcg,kvm,qemu] [--kernel NAME ...] [--summary]
 
 A cell is ok, FAIL, skip (the CPU does not announce the feature), missing (the kernel died or
 hung before the check), n/a (the backend cannot run here: no KVM, no QEMU, or a host that
@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", default=",".join(C.BACKENDS),
                         help="comma-separated, from: " + ", ".join(C.BACKENDS))
     parser.add_argument("--kernel", action="append", help="only this kernel (repeatable)")
+    parser.add_argument("--summary", action="store_true",
+                        help="one line per area (ok / checks per backend) and the cells that are not ok")
     args = parser.parse_args(argv)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = [b for b in backends if b not in C.BACKENDS]
@@ -62,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
             rows[check.split(".", 1)[0]].append((check, cells))
 
     width = max(len(check) for area in rows.values() for check, _ in area)
-    for area in sorted(rows):
+    if args.summary:
+        _print_summary(rows, backends, width)
+    for area in sorted(rows) if not args.summary else ():
         print(f"\n{area}")
         print(f"  {'check':<{width}}  " + "  ".join(f"{b:<8}" for b in backends))
         for check, cells in rows[area]:
@@ -79,6 +83,18 @@ def main(argv: list[str] | None = None) -> int:
     if unexpected:
         print(f"{unexpected} pyvmm cell(s) fail without a listed deviation", file=sys.stderr)
     return 1 if unexpected else 0
+
+
+def _print_summary(rows, backends: list[str], width: int) -> None:
+    print(f"  {'area':<12}" + "".join(f"{b:>10}" for b in backends))
+    for area in sorted(rows):
+        counts = [f"{sum(1 for _, cells in rows[area] if cells[b] == 'ok')}/{len(rows[area])}" for b in backends]
+        print(f"  {area:<12}" + "".join(f"{c:>10}" for c in counts))
+    print("\n  not ok (n/a: the backend cannot run that kernel here):")
+    for area in sorted(rows):
+        for check, cells in rows[area]:
+            if any(cells[b] not in ("ok", "n/a") for b in backends):
+                print(f"  {check:<{width}}  " + "  ".join(f"{cells[b]:<8}" for b in backends))
 
 
 if __name__ == "__main__":

@@ -163,11 +163,11 @@ PVM_UNRUNNABLE = {"control", "cr4_reserved", "events", "paging", "pic_pit", "use
 # Kernels that never print DONE on a backend (a hang or a shutdown they provoke).
 NO_DONE = {("qemu", "cr4_reserved"), ("qemu", "control")}
 
-_CHECK_LINE = re.compile(r"^\s*(?:\d+:\s*)?CHECK\s+([\w.]+),", re.M)
+_CHECK_LINE = re.compile(r"^\s*(?:\d+:\s*)?CHECK(?:64)?\s+([\w.]+),", re.M)
 
 
 def declared_checks(kernel: str) -> list[str]:
-    return _CHECK_LINE.findall((KERNEL_DIR / f"{kernel}.S").read_text())
+    return list(dict.fromkeys(_CHECK_LINE.findall((KERNEL_DIR / f"{kernel}.S").read_text())))
 
 
 def skip_reason(backend: str, kernel: str) -> str | None:
