@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import types
 import typing
 from typing import Any, ClassVar, Protocol, TypeVar
@@ -141,9 +142,16 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
+@functools.lru_cache(maxsize=None)
+def _shape(annotation: Any) -> tuple[Any, tuple[Any, ...]]:
+    """get_origin and get_args of a field's annotation, once per annotation (a state holds
+    thousands of values: decoding a VM's state on a migration's last step is downtime)."""
+    return typing.get_origin(annotation), typing.get_args(annotation)
+
+
 def _check(where: str, value: Any, annotation: Any) -> None:
     """Raise StateError unless `value` is of the (plain) type `annotation`."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    origin, args = _shape(annotation)
     if annotation is Any:
         return
     if origin in (typing.Union, types.UnionType):
@@ -202,7 +210,7 @@ def _encode(value: Any) -> Any:
 
 def _decode(where: str, value: Any, annotation: Any) -> Any:
     """The inverse of `_encode`, guided by the field's annotation (type errors are left to _check)."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    origin, args = _shape(annotation)
     if origin in (typing.Union, types.UnionType):
         for arg in args:
             try:
