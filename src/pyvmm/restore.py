@@ -174,7 +174,7 @@ def finish_restore(vm: Vm, state: VmState) -> None:
     """The second half: `state` (of the machine and device tree prepare_vm built `vm` from)
     loaded into every part, the disk images locked, and `vm` started, paused. On an error
     `vm` is still the caller's to close."""
-    if vm.device_manager is None or state.device_tree != vm.device_manager.tree.save():
+    if vm.device_manager is None or not same_tree(state.device_tree, vm.device_manager.tree.save()):
         raise StateError("vm state: device_tree: not the tree this VM was prepared from")
     if vm.accel.name != state.accelerator:
         assert vm.machine is not None
@@ -188,6 +188,11 @@ def finish_restore(vm: Vm, state: VmState) -> None:
     for vcpu, vcpu_state in zip(vm.vcpus, state.vcpus):
         vcpu.restore(vcpu_state)
     vm.start()      # every run loop parks at its pause point
+
+
+def same_tree(one: DeviceTreeState, other: DeviceTreeState) -> bool:
+    """The same devices with the same resources, in whatever order they were added."""
+    return {node.id: node for node in one.nodes} == {node.id: node for node in other.nodes}
 
 
 def _converted(state: VmState, accel, machine: MachineConfig) -> VmState:

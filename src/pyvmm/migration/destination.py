@@ -169,9 +169,9 @@ def _load_state(vm, state, console_write: Callable[[bytes], None]):
     changed after HELLO (a device hot-plugged meanwhile) gets a VM rebuilt from its state on
     the same memory instead."""
     from ..accel.select import choose_accelerator
-    from ..restore import finish_restore, restore_vm
+    from ..restore import finish_restore, restore_vm, same_tree
 
-    if state.device_tree == vm.device_manager.tree.save():
+    if same_tree(state.device_tree, vm.device_manager.tree.save()):
         finish_restore(vm, state)
         return vm
     log.info("migration: the device tree changed since HELLO: the VM is rebuilt from the state")
