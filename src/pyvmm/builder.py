@@ -21,12 +21,14 @@ from .arch.x86_64.acpi import build_acpi_tables, pci_root_acpi, pvpanic_device
 from .arch.x86_64.numa import node_ranges, numa_tables
 from .arch.x86_64.ged import ged_items
 from .arch.x86_64.pci_hotplug import SCAN_METHOD as PCI_SCAN_METHOD, pci_hotplug_scope
+from .arch.x86_64.cpu_hotplug import SCAN_METHOD as CPU_SCAN_METHOD, cpu_hotplug_container
 from .arch.x86_64.vmgenid import write_generation_id
 from .arch.x86_64.firmware import write_reset_vector
 from .deadline_timer import DeadlineTimer
 from .devices.legacy import AcpiPower, DebugExitPort, GuestNotify, I8042, Mc146818Rtc, Port80, PvPanic, Uart16550
 from .devices.legacy.debug_exit import exit_status
-from .devices.legacy.ged import EVENT_PCI_HOTPLUG, GenericEventDevice
+from .devices.legacy.ged import EVENT_CPU_HOTPLUG, EVENT_PCI_HOTPLUG, GenericEventDevice
+from .devices.legacy.cpu_hotplug import CpuHotplugController
 from .devices.legacy.pci_hotplug import PciHotplugController
 from .devmgr import DeviceManager, DeviceTree, Request
 from .loader import CpuMode, load_kernel
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 
 PCI_ROOT_ID = "pci"
 PCI_HOTPLUG_ID = "pci-hotplug"
+CPU_HOTPLUG_ID = "cpu-hotplug"
 
 
 def build_vm(config: MachineConfig, console_write: Callable[[bytes], None], *, accel=None,
@@ -64,10 +67,14 @@ def build_vm(config: MachineConfig, console_write: Callable[[bytes], None], *, a
         accel = machine.accel
 
         pci_items, ecam = pci_root_acpi(machine.pci_root)
+        cpu_hotplug = config.max_cpus is not None
         events = ged_items(layout.GED_PORT, layout.GED_GSI, layout.VMGENID_ADDRESS,
-                           calls=((EVENT_PCI_HOTPLUG, PCI_SCAN_METHOD),))
+                           calls=((EVENT_PCI_HOTPLUG, PCI_SCAN_METHOD),
+                                  *([(EVENT_CPU_HOTPLUG, CPU_SCAN_METHOD)] if cpu_hotplug else [])))
         hotplug = pci_hotplug_scope(layout.PCI_HOTPLUG_PORT, layout.PCI_DEVICE_SLOTS)
-        rsdp = build_acpi_tables(memory, cpus=config.cpus, mcfg=ecam, cmos_rtc=True,
+        if cpu_hotplug:
+            events.append(cpu_hotplug_container(layout.CPU_HOTPLUG_PORT, config.possible_cpus))
+        rsdp = build_acpi_tables(memory, cpus=config.cpus, max_cpus=config.max_cpus, mcfg=ecam, cmos_rtc=True,
                                  devices=[pvpanic_device(layout.PVPANIC_PORT), *events,
                                           *pci_items, *machine.wiring.acpi_items, hotplug],
                                  extra_tables=numa_tables(config.numa, config.memory))
@@ -131,7 +138,7 @@ def bind_numa(vm: Vm, config: MachineConfig) -> None:
 
 def create_vcpus(accel, config: MachineConfig) -> list:
     policy = CpuidPolicy(set(config.cpu_hide))
-    return [accel.create_vcpu(i, config.cpus, policy) for i in range(config.cpus)]
+    return [accel.create_vcpu(i, config.possible_cpus, policy) for i in range(config.cpus)]
 
 
 @dataclass
@@ -232,6 +239,9 @@ def assemble(cleanup: ExitStack, config: MachineConfig, console_write: Callable[
     # PCI hotplug (hotplug.py): slots filled and emptied while the guest runs, through the GED.
     port_device(PCI_HOTPLUG_ID, "pci-hotplug", PciHotplugController(lambda: ged.raise_event(EVENT_PCI_HOTPLUG)),
                 ((layout.PCI_HOTPLUG_PORT, layout.PCI_HOTPLUG_PORT_COUNT),))
+    if config.max_cpus is not None:   # vCPUs plugged in and out (hotplug.set_vcpus)
+        port_device(CPU_HOTPLUG_ID, "cpu-hotplug", CpuHotplugController(
+            config.cpus, lambda: ged.raise_event(EVENT_CPU_HOTPLUG)), ((layout.CPU_HOTPLUG_PORT, layout.CPU_HOTPLUG_PORT_COUNT),))
 
     # The RTC's update and alarm interrupts come due without the guest: a timer thread
     # calls it back on either accelerator.

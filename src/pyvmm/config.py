@@ -316,6 +316,12 @@ class MachineConfig:
     numa: tuple[NumaNode, ...] = ()     # guest NUMA nodes (ACPI SRAT/SLIT); () for none
     virtio_mem_size: int = 0            # bytes of a virtio-mem region the guest may plug (0: no device)
     virtio_mem_transport: str = DEFAULT_TRANSPORT
+    max_cpus: int | None = None         # CPU hotplug: vCPUs may be added up to this many (None: cpus, no hotplug)
+
+    @property
+    def possible_cpus(self) -> int:
+        """The vCPUs the machine may have (those it has, and those that may be plugged in)."""
+        return self.max_cpus if self.max_cpus is not None else self.cpus
 
     def backing(self):
         from .memory.backing import Backing
@@ -347,6 +353,8 @@ class MachineConfig:
             raise ConfigError(f"{self.cpus}: this host allows at most {max_vcpus} vCPUs", "cpus")
         if self.cpus > 255:
             raise ConfigError(": pyvmm supports at most 255 vCPUs (xAPIC IDs)", "cpus")
+        if self.max_cpus is not None and not self.cpus <= self.max_cpus <= 255:
+            raise ConfigError(f"{self.max_cpus}: must be at least cpus ({self.cpus}) and at most 255", "max_cpus")
         if self.boot not in ("auto", "pvh", "bzimage"):
             raise ConfigError(f"must be one of auto, pvh, bzimage (got {self.boot!r})", "boot")
         if self.console not in ("serial", "virtio"):

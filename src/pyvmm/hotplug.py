@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 
 from .builder import PCI_HOTPLUG_ID, make_disk, make_net
 from .config import DiskConfig, MachineConfig, NetConfig
@@ -29,6 +30,7 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 DEFAULT_EJECT_TIMEOUT = 60.0
+CPU_EJECT_RETRY = 5.0
 HOTPLUGGABLE_KINDS = ("virtio-blk", "vhost-user-blk", "virtio-net")
 MMIO_NOT_HOTPLUGGABLE = ("virtio-mmio devices are not hot-pluggable (the guest finds them in the ACPI tables "
                          "built at boot): use transport=pci")
@@ -210,3 +212,79 @@ def _frozen(machine: MachineConfig) -> MachineConfig:
         disks=tuple(dataclasses.replace(d, id=machine.disk_id(i)) for i, d in enumerate(machine.disks)),
         nets=tuple(dataclasses.replace(n, id=machine.net_id(i), mac=machine.net_mac(i))
                    for i, n in enumerate(machine.nets)))
+
+
+# --- vCPUs ---------------------------------------------------------------------------------------
+
+
+def set_vcpus(vm, count: int, *, timeout: float = DEFAULT_EJECT_TIMEOUT) -> None:
+    """Plug vCPUs in or take them out until `vm` has `count` (CPU hotplug; the VM needs
+    max_cpus). New vCPUs are the next indices, removed ones the highest: the guest is asked to
+    eject each (Linux offlines the CPU first) and HotplugError comes after `timeout` seconds
+    without it, the vCPU kept. The boot CPU never leaves."""
+    from .arch.x86_64.cpuid import CpuidPolicy
+    from .builder import CPU_HOTPLUG_ID
+
+    with _lock:
+        _running(vm)
+        machine = vm.machine
+        controller = vm.devices.get(CPU_HOTPLUG_ID)
+        if controller is None:
+            raise HotplugError("this VM cannot change its vCPUs: start it with a maximum (max_cpus) above its count")
+        if not 1 <= count <= machine.possible_cpus:
+            raise HotplugError(f"{count} vCPUs: this VM can have 1 to {machine.possible_cpus} (its maximum)"
+                               + (" (the boot CPU cannot be removed)" if count < 1 else ""))
+        while len(vm.vcpus) < count:
+            index = len(vm.vcpus)
+            vm.pause()
+            try:
+                vcpu = vm.accel.create_vcpu(index, machine.possible_cpus, CpuidPolicy(set(machine.cpu_hide)))
+                vm.vcpus.append(vcpu)
+                loops = vm.accel.run_loops(vm) if not vm.stopped else []
+                # An accelerator with a thread per vCPU gives the new one its own loop; the
+                # software CPU's scheduler runs it with the others.
+                own = [loop for loop in loops if loop.vcpus == [vcpu]]
+                if own:
+                    vm.start_run_loop(own[0])
+                else:
+                    vcpu.thread_ident = vm.vcpus[0].thread_ident
+                machine = dataclasses.replace(machine, cpus=index + 1)
+                vm.machine = vm.assembly.config = machine
+            finally:
+                vm.resume()
+            controller.inserted(index)
+            log.info("vCPU %d plugged in", index)
+    while True:
+        with _lock:
+            _running(vm)
+            if len(vm.vcpus) <= count:
+                return
+            index = len(vm.vcpus) - 1
+            remove = getattr(vm.accel, "remove_vcpu", None)
+            if remove is None:
+                raise HotplugError(f"removing vCPUs is not supported on {vm.accel.name} (KVM cannot destroy a vCPU; "
+                                   "pyvmm does not park them yet): the software CPU can")
+        if not _eject_cpu(controller, index, timeout):
+            raise HotplugError(f"the guest has not released vCPU {index} within {timeout:g} s (it may refuse to "
+                               f"take the CPU offline); the VM keeps {index + 1} vCPUs")
+        with _lock:
+            vm.pause()
+            try:
+                vcpu = vm.vcpus.pop()
+                remove(vcpu)
+                controller.removed(index)
+                vm.machine = vm.assembly.config = dataclasses.replace(vm.machine, cpus=index)
+            finally:
+                vm.resume()
+            log.info("vCPU %d unplugged", index)
+
+
+def _eject_cpu(controller, index: int, timeout: float) -> bool:
+    """Ask the guest to eject vCPU `index`, again every few seconds: Linux drops a request it
+    cannot act on at once (the CPU busy going online), and acting on one twice is harmless."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        controller.request_eject(index)
+        if controller.wait_ejected(index, min(left, CPU_EJECT_RETRY)):
+            return True
+    return False

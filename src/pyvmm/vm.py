@@ -129,6 +129,15 @@ class Vm:
         for thread in self._threads:
             thread.start()
 
+    def start_run_loop(self, loop: RunLoop) -> None:
+        """Run `loop` in a thread of its own from now on (a vCPU plugged into the running VM on
+        an accelerator with a thread per vCPU); paused, it parks like the others."""
+        with self._lock:
+            self._running += 1
+        thread = threading.Thread(target=self._thread_main, args=(loop,), name=loop.name, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
     def wait(self, timeout: float | None = None) -> VmOutcome | None:
         """Block until the VM stops (or `timeout` passes: then None)."""
         self.stop_requested.wait(timeout)

@@ -24,7 +24,7 @@ from .arch.x86_64.cpu_state import GuestCpuView, VcpuState
 from .config import BalloonConfig, ConsolePort, DiskConfig, MachineConfig, NetConfig, NumaNode, VsockConfig
 from .devices.rate_limiter import RateLimit
 from .devices import legacy as _legacy  # noqa: F401
-from .devices.legacy import ged as _ged, pci_hotplug as _pci_hotplug  # noqa: F401 - built by the builder, which a reader of a state need not import
+from .devices.legacy import cpu_hotplug as _cpu_hotplug, ged as _ged, pci_hotplug as _pci_hotplug  # noqa: F401 - built by the builder, which a reader of a state need not import
 from .devices.virtio import balloon, blk, console, mem, mmio, net, pci, rng, vhost_user_blk, vsock  # noqa: F401
 from .devmgr import DeviceTreeState
 from .errors import ConfigError
@@ -109,9 +109,9 @@ class BalloonDescription(State):
 class MachineDescription(State):
     """config.MachineConfig as a state: the machine, whatever the run. Version 2 added the
     balloon and how guest RAM is backed (huge_pages, ksm); version 3 the guest NUMA nodes; version 4
-    the virtio-mem region."""
+    the virtio-mem region; version 5 max_cpus (CPU hotplug)."""
     KIND = "machine"
-    VERSION = 4
+    VERSION = 5
     kernel: str | None
     initrd: str | None
     boot: str
@@ -135,16 +135,19 @@ class MachineDescription(State):
     numa: tuple[NumaNode, ...] = ()
     virtio_mem_size: int = 0
     virtio_mem_transport: str = "pci"
+    max_cpus: int | None = None
 
     @classmethod
     def upgrade(cls, version: int, fields: dict) -> dict:
         none = {"virtio_mem_size": 0, "virtio_mem_transport": "pci"}
         if version == 1:
-            return {**fields, "balloon": None, "huge_pages": "none", "ksm": False, "numa": [], **none}
+            fields = {**fields, "balloon": None, "huge_pages": "none", "ksm": False, "numa": [], **none}
         if version == 2:
-            return {**fields, "numa": [], **none}
+            fields = {**fields, "numa": [], **none}
         if version == 3:
-            return {**fields, **none}
+            fields = {**fields, **none}
+        if version <= 4:
+            return {**fields, "max_cpus": None}
         return super().upgrade(version, fields)
 
     def validate(self) -> None:

@@ -81,3 +81,63 @@ def test_disk_and_nic_hotplug_and_a_snapshot_after_it(pyvmm, tmp_path):
     assert "ping-1-ok" in text
     assert "after-restore: plugged-data 4096" in text
     assert "ping-2-ok" in text
+
+
+CPU_SCRIPT = r"""
+online() { cat /sys/devices/system/cpu/online; }
+wait_online() { i=0; while [ "$(online)" != "$1" ] && [ $i -lt 600 ]; do i=$((i+1)); sleep 0.2; done; }
+echo "start: possible=$(cat /sys/devices/system/cpu/possible) online=$(online)"
+echo step-boot-done
+wait_online 0-1
+echo "grown: online=$(online) nproc=$(nproc) ran-on=$(taskset -c 1 cut -d' ' -f39 /proc/self/stat)"
+echo step-grown
+wait_online 0
+echo "shrunk: online=$(online) nproc=$(nproc)"
+echo step-shrunk
+wait_online 0-1
+echo "again: online=$(online) ran-on=$(taskset -c 1 cut -d' ' -f39 /proc/self/stat)"
+echo step-all-done
+"""
+
+
+def test_vcpus_grow_and_shrink_and_a_snapshot_keeps_the_new_one(pyvmm, tmp_path):
+    from pyvmm.hotplug import HotplugError, set_vcpus
+
+    guest = pyvmm.in_process(MachineConfig(cpus=1, max_cpus=2), ["sh", "-c", CPU_SCRIPT], accel="tcg")
+    try:
+        vm = guest.vm
+        vm.start()
+        at = guest.wait_for(b"step-boot-done")
+        set_vcpus(vm, 2)
+        assert len(vm.vcpus) == 2 and vm.machine.cpus == 2
+        at = guest.wait_for(b"step-grown", after=at, timeout=STEP_TIMEOUT)
+
+        vm.pause()        # a snapshot with the plugged-in vCPU restores with it
+        save_snapshot(vm, tmp_path / "vm.state", tmp_path / "vm.mem")
+        carried = carry_over(vm)
+        vm.close()
+        guest.vm = vm = load_snapshot(tmp_path / "vm.state", tmp_path / "vm.mem", guest.console_write,
+                                      carryover=carried)
+        assert len(vm.vcpus) == 2
+        vm.resume()
+
+        for count in (3, 0):      # beyond the maximum, the boot CPU: refused, the VM unharmed
+            try:
+                set_vcpus(vm, count)
+            except HotplugError as exc:
+                assert "1 to 2" in str(exc)
+            else:
+                raise AssertionError(f"set_vcpus({count}) was accepted")
+        set_vcpus(vm, 1, timeout=STEP_TIMEOUT)
+        assert len(vm.vcpus) == 1 and vm.machine.cpus == 1
+        at = guest.wait_for(b"step-shrunk", after=at, timeout=STEP_TIMEOUT)
+        set_vcpus(vm, 2)
+        guest.wait_for(b"step-all-done", after=at, timeout=STEP_TIMEOUT)
+    finally:
+        guest.kill()
+    text = guest.text()
+    guest.check_kernel_warnings()
+    assert "start: possible=0-1 online=0" in text
+    assert "grown: online=0-1 nproc=2 ran-on=1" in text
+    assert "shrunk: online=0 nproc=1" in text
+    assert "again: online=0-1 ran-on=1" in text

@@ -104,8 +104,12 @@ pyvmm_coldplug() {
 }
 # Run by the uevent listener started below (busybox `uevent`, one event at a time, the
 # kernel's data in the environment): a device that appears later (PCI hotplug) gets its
-# driver the same way.
+# driver the same way, and a CPU plugged in (ACPI CPU hotplug) is brought online, as udev
+# rules do on distributions.
 if [ "$1" = --uevent ]; then
+    if [ "$ACTION" = add ] && [ "$SUBSYSTEM" = cpu ] && [ -w "/sys$DEVPATH/online" ]; then
+        echo 1 >"/sys$DEVPATH/online"
+    fi
     [ "$ACTION" = add ] && [ -n "$MODALIAS" ] && pyvmm_coldplug
     exit 0
 fi

@@ -100,6 +100,11 @@ class ApicBus:
             self._lapics.append(lapic)
             self._lapics.sort(key=lambda other: other.initial_apic_id)
 
+    def detach_lapic(self, lapic: "LocalApic") -> None:
+        """A vCPU unplugged: messages no longer reach its LAPIC."""
+        with self.lock:
+            self._lapics = [other for other in self._lapics if other is not lapic]
+
     def attach_ioapic(self, ioapic: "IoApic") -> None:
         with self.lock:
             self._ioapics.append(ioapic)

@@ -81,6 +81,11 @@ class SoftwarePlatform:
         self.lapics.append(lapic)
         return lapic
 
+    def remove_cpu(self, lapic: LocalApic) -> None:
+        """The vCPU of `lapic` was unplugged (CPU hotplug): its LAPIC leaves the machine."""
+        self.apic_bus.detach_lapic(lapic)
+        self.lapics.remove(lapic)
+
     # --- what the scheduler asks between slices ---------------------------------------------
 
     def poll(self) -> None:

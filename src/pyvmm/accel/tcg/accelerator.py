@@ -174,8 +174,21 @@ class TcgAccelerator:
                                           self.engine_offsets, self._slice_timer, native_exceptions=native)
         vcpu = TcgVcpu(index, self._translator, self._tables[index], self.platform.add_cpu(index))
         vcpu.wake = self._wake  # a stop or pause request must end the slice or wake a sleeping scheduler
+        if self.vcpus and self.vcpus[0].frozen_tsc is not None:
+            vcpu.frozen_tsc = self.vcpus[0].frozen_tsc  # plugged in while paused: the others' TSC on resume
         self.vcpus.append(vcpu)
         return vcpu
+
+    def remove_vcpu(self, vcpu: TcgVcpu) -> None:
+        """Unplug `vcpu` (CPU hotplug, the VM paused): the scheduler runs it no more, its LAPIC
+        leaves the machine. Only the highest-numbered vCPU goes: indices stay contiguous."""
+        if vcpu is not self.vcpus[-1] or vcpu.index == 0:
+            raise ValueError(f"vCPU {vcpu.index} is not the last one, or is the boot CPU")
+        self.vcpus.remove(vcpu)
+        self.platform.remove_cpu(vcpu.lapic)
+        if self._translator is not None:
+            self._translator.forget(vcpu)
+        vcpu.close()
 
     # --- what the guest sees of its CPU (kept across accelerators: accel/cross.py) ----------
 

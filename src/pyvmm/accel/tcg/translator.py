@@ -96,6 +96,12 @@ class Translator:
         uclib.uc_ctl(uc._uch, ctypes.c_int(_CTL_WRITE_TLB_FLUSH))  # the binding has no call for it
         self.current = vcpu
 
+    def forget(self, vcpu: TcgVcpu) -> None:
+        """`vcpu` was unplugged: its saved context goes (the engine's state is nobody's now)."""
+        self._contexts.pop(vcpu, None)
+        if self.current is vcpu:
+            self.current = None
+
     def close(self) -> None:
         self.current = None
         self._contexts.clear()

@@ -183,6 +183,7 @@ MADT_IO_APIC = 1
 MADT_INTERRUPT_SOURCE_OVERRIDE = 2
 MADT_LOCAL_APIC_NMI = 4
 LOCAL_APIC_ENABLED = 1 << 0
+LOCAL_APIC_ONLINE_CAPABLE = 1 << 1
 MPS_INTI_CONFORMS = 0          # polarity and trigger "conform to the bus" (ISA: edge, active high)
 ALL_PROCESSORS = 0xFF
 
@@ -195,7 +196,9 @@ MAX_CPUS = 255                 # xAPIC IDs 0-254 (0xFF is broadcast); more would
 
 
 def madt_local_apic(uid: int, apic_id: int, *, enabled: bool = True) -> bytes:
-    return struct.pack("<BBBBI", MADT_LOCAL_APIC, 8, uid, apic_id, LOCAL_APIC_ENABLED if enabled else 0)
+    """A disabled one is "online capable" (ACPI 6.3): a CPU that may be plugged in later."""
+    flags = LOCAL_APIC_ENABLED if enabled else LOCAL_APIC_ONLINE_CAPABLE
+    return struct.pack("<BBBBI", MADT_LOCAL_APIC, 8, uid, apic_id, flags)
 
 
 def madt_io_apic(ioapic_id: int, address: int, gsi_base: int) -> bytes:
@@ -210,13 +213,15 @@ def madt_local_apic_nmi(uid: int, lint: int, flags: int = MPS_INTI_CONFORMS) -> 
     return struct.pack("<BBBHB", MADT_LOCAL_APIC_NMI, 6, uid, flags, lint)
 
 
-def build_madt(cpus: int) -> bytes:
+def build_madt(cpus: int, max_cpus: int | None = None) -> bytes:
     """One enabled local APIC per vCPU (ACPI UID = APIC ID = index), one IOAPIC at GSI 0,
     IRQ0 -> GSI2 (the PIT reaches IOAPIC pin 2, as layout.py wires it), LINT1 = NMI on all CPUs.
-    No SCI override: a hardware-reduced platform has no SCI."""
-    if not 1 <= cpus <= MAX_CPUS:
-        raise AcpiError(f"the MADT describes 1-{MAX_CPUS} CPUs, got {cpus}")
+    No SCI override: a hardware-reduced platform has no SCI. `max_cpus`: vCPUs cpus..max_cpus-1
+    are listed disabled and online capable, for CPU hotplug (cpu_hotplug.py)."""
+    if not 1 <= cpus <= (max_cpus or cpus) <= MAX_CPUS:
+        raise AcpiError(f"the MADT describes 1-{MAX_CPUS} CPUs, got {cpus} (at most {max_cpus})")
     entries = [madt_local_apic(i, i) for i in range(cpus)]
+    entries += [madt_local_apic(i, i, enabled=False) for i in range(cpus, max_cpus or cpus)]
     entries.append(madt_io_apic(IOAPIC_ID, layout.IOAPIC_BASE, 0))
     entries.append(madt_interrupt_source_override(0, 2))
     entries.append(madt_local_apic_nmi(ALL_PROCESSORS, 1))
@@ -441,6 +446,7 @@ def _align(value: int, alignment: int = TABLE_ALIGN) -> int:
 def layout_acpi_tables(
     *,
     cpus: int,
+    max_cpus: int | None = None,
     devices: Iterable[DsdtItem] = (),
     mcfg: PciEcam | Sequence[PciEcam] | None = None,
     com1: bool = True,
@@ -457,7 +463,7 @@ def layout_acpi_tables(
     dsdt = build_dsdt(devices, com1=com1, rtc=cmos_rtc)
     if boot_arch is None:
         boot_arch = iapc_boot_arch(cmos_rtc=cmos_rtc)
-    others = [build_madt(cpus)]
+    others = [build_madt(cpus, max_cpus)]
     if mcfg is not None:
         others.append(build_mcfg([mcfg] if isinstance(mcfg, PciEcam) else mcfg))
     others.extend(extra_tables)
@@ -490,6 +496,7 @@ def build_acpi_tables(
     memory,
     *,
     cpus: int,
+    max_cpus: int | None = None,
     devices: Iterable[DsdtItem] = (),
     mcfg: PciEcam | Sequence[PciEcam] | None = None,
     com1: bool = True,
@@ -503,7 +510,7 @@ def build_acpi_tables(
     `cmos_rtc`: an MC146818 RTC sits at ports 0x70-0x71, IRQ 8 (DSDT device, FADT century
     register, IAPC_BOOT_ARCH without CMOS_RTC_NOT_PRESENT)."""
     placed = layout_acpi_tables(
-        cpus=cpus, devices=devices, mcfg=mcfg, com1=com1, cmos_rtc=cmos_rtc,
+        cpus=cpus, max_cpus=max_cpus, devices=devices, mcfg=mcfg, com1=com1, cmos_rtc=cmos_rtc,
         boot_arch=iapc_boot_arch(i8042=i8042, vga=vga, cmos_rtc=cmos_rtc), extra_tables=extra_tables,
     )
     for address, data in placed:

@@ -16,7 +16,7 @@
 
 Port I/O: 0x60/0x64 i8042, 0x70-0x71 RTC, 0x80 POST, 0xF4 debug exit, 0x3F8 COM1, 0x505
 pvpanic, 0x600-0x602 ACPI power, 0x610-0x611 guest notify, 0x620-0x623 GED, 0x630-0x63B PCI
-hotplug, 0xCF8-0xCFF PCI conf1;
+hotplug, 0x640-0x64F CPU hotplug, 0xCF8-0xCFF PCI conf1;
 0xC000-0xFFFF the PCI I/O BAR window. The device manager (devmgr) hands these out.
 """
 
@@ -98,6 +98,8 @@ GED_PORT_COUNT = 4
 GED_GSI = 3                       # its interrupt, edge-triggered
 PCI_HOTPLUG_PORT = 0x630          # ACPI PCI hotplug registers (devices/legacy/pci_hotplug.py)
 PCI_HOTPLUG_PORT_COUNT = 12
+CPU_HOTPLUG_PORT = 0x640          # ACPI CPU hotplug registers (devices/legacy/cpu_hotplug.py)
+CPU_HOTPLUG_PORT_COUNT = 16
 
 # Legacy PC devices at their ISA addresses: (first port, port count), IRQ.
 COM1_PORT, COM1_PORT_COUNT, COM1_IRQ = 0x3F8, 8, 4
