@@ -78,3 +78,30 @@ def test_disks_and_a_nic_plugged_into_a_managed_vm(env, tmp_path):
     cli(env, "shutdown", "hp", "--timeout", "300")
     warnings = find_kernel_warnings(vm.console_history())
     assert not warnings, describe(warnings)
+
+
+def test_setvcpus_on_a_managed_vm(env, tmp_path):
+    _, host = env
+    definition = tmp_path / "cpus.toml"
+    definition.write_text(f'[machine-config]\nvcpu_count = 1\nmem_size_mib = 256\n'
+                          f'[vsock]\nguest_cid = 10\nuds_path = "{tmp_path / "cpus.vsock"}"\n'
+                          f'[pyvmm]\nmax_vcpus = 2\nkernel_args = "{CONSOLE_LOGLEVEL}"\n')
+    cli(env, "define", str(definition))
+    cli(env, "start", "cpus")
+    vm = host.vm("cpus")
+    read_until(vm.open_console(), re.escape(PROMPT))
+    online = WAIT.format(test='"$(cat /sys/devices/system/cpu/online)" = {}')
+
+    assert "2 vCPUs" in cli(env, "setvcpus", "cpus", "2").stdout.decode()
+    script = online.format("0-1") + "; taskset -c 1 cut -d' ' -f39 /proc/self/stat"
+    assert vm.exec(["sh", "-c", script]).stdout == b"1\n"          # a process ran on the new CPU
+    assert vm.vcpus() == {"count": 2, "max": 2} and vm.config()["machine-config"]["vcpu_count"] == 2
+    refused(env, "setvcpus", "cpus", "3", match=r"3 vCPUs: this VM can have 1 to 2")
+    refused(env, "setvcpus", "cpus", "0", match=r"at least its boot CPU")
+    vm.set_vcpus(1)                                                   # the Python client
+    assert vm.exec(["sh", "-c", online.format("0") + "; nproc"]).stdout == b"1\n"
+    assert vm.vcpus() == {"count": 1, "max": 2}
+
+    cli(env, "shutdown", "cpus", "--timeout", "300")
+    warnings = find_kernel_warnings(vm.console_history())
+    assert not warnings, describe(warnings)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
-from .schema import drive_disk, interface_net
+from .schema import PYVMM_VCPUS, check_body, drive_disk, interface_net
 
 if TYPE_CHECKING:
     from .instance import VmInstance
@@ -90,6 +90,26 @@ def _options(query: dict[str, str]) -> tuple[float, bool]:
     return timeout, force_text in ("true", "1")
 
 
+def put_vcpus(instance: VmInstance, body: Any) -> None:
+    """PUT /pyvmm/vcpus: plug vCPUs in or take them out (virsh setvcpus)."""
+    from ..hotplug import set_vcpus
+
+    checked = check_body(body, PYVMM_VCPUS)
+    with instance.lock:
+        vm = instance._require_vm()
+    set_vcpus(vm, checked["count"], timeout=checked.get("timeout", 60))   # removals wait for the guest
+    with instance.lock:
+        instance.spec.machine["vcpu_count"] = vm.machine.cpus
+        if instance.vm is vm:
+            _keep_machine(instance, vm)
+
+
+def get_vcpus(instance: VmInstance) -> dict[str, Any]:
+    with instance.lock:
+        vm = instance._require_vm()
+        return {"count": len(vm.vcpus), "max": vm.machine.possible_cpus}
+
+
 def _keep_machine(instance: VmInstance, vm) -> None:
     """A reboot builds the machine as it is now, hot-plugged devices included."""
     if instance._built is not None:
@@ -118,7 +138,24 @@ def _delete_operation(operation: str, param: str, what: str) -> dict[str, Any]:
 
 
 OPENAPI_PATHS: dict[str, dict[str, Any]] = {
+    "/pyvmm/vcpus": {
+        "put": {"operationId": "pyvmmSetVcpus",
+                "summary": "pyvmm: plug vCPUs into the running VM or take them out (CPU hotplug, up to max_vcpus); "
+                           "a removal waits for the guest to offline and eject the vCPU",
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/PyvmmVcpus"}}}},
+                "responses": {"204": {"description": "done"}, "400": _FAULT, "default": _INTERNAL}},
+        "get": {"operationId": "pyvmmGetVcpus", "summary": "pyvmm: the running VM's vCPU count and maximum",
+                "responses": {"200": {"description": "OK", "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/PyvmmVcpuCount"}}}},
+                    "400": _FAULT, "default": _INTERNAL}}},
     "/drives/{drive_id}": {"delete": _delete_operation("pyvmmDeleteDrive", "drive_id", "drive")},
     "/network-interfaces/{iface_id}": {"delete": _delete_operation("pyvmmDeleteNetworkInterface", "iface_id",
                                                                    "network interface")},
 }
+
+
+def openapi_schemas() -> dict[str, Any]:
+    integer = {"type": "integer", "minimum": 1, "maximum": 255}
+    return {"PyvmmVcpuCount": {"type": "object", "required": ["count", "max"],
+                               "properties": {"count": integer, "max": integer}, "additionalProperties": False}}

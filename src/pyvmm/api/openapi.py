@@ -236,6 +236,7 @@ def schemas() -> dict[str, Any]:
                                   ("exit_status", "signal", "stdout", "stderr")),
     })
     result.update(memory.openapi_schemas())
+    result.update(hotplug.openapi_schemas())
     return result
 
 

@@ -216,6 +216,14 @@ PYVMM_OPTIONS = (
        "SLIT); their memory adds up to mem_size_mib and every vCPU is in one", items="string"),
     _f("jail", "object", "start the VM's process in a jail (namespaces, private root, cgroup limits, its own uid, "
        "Landlock): {} for the defaults, or uid, gid, netns, cpus, memory_mib, pids, nofile (pyvmm.jail.config)"),
+    _f("max_vcpus", "integer", "CPU hotplug: vCPUs can be added to the running VM up to this many "
+       "(PUT /pyvmm/vcpus; at least vcpu_count)", minimum=1, maximum=255),
+)
+PYVMM_VCPUS = (
+    _f("count", "integer", "the vCPUs the VM is to have: added, or removed once the guest has ejected them",
+       required=True, minimum=1, maximum=255),
+    _f("timeout", "integer", "seconds to wait for the guest to eject each vCPU removed (default 60)",
+       minimum=1, maximum=3600, default=60),
 )
 
 _CONNECT = _f("connect_timeout", "integer", "seconds to wait for the guest's agent to answer (default 10)",
@@ -244,7 +252,7 @@ RESOURCES: dict[str, tuple[Field, ...]] = {
     "Vsock": VSOCK,
     "EntropyDevice": ENTROPY, "Logger": LOGGER, "Metrics": METRICS, "InstanceActionInfo": ACTION,
     "Vm": VM_STATE, "PyvmmAction": PYVMM_ACTION, "PyvmmOptions": PYVMM_OPTIONS, "PyvmmMigration": MIGRATION,
-    "AgentExec": AGENT_EXEC, "AgentFile": AGENT_FILE,
+    "AgentExec": AGENT_EXEC, "AgentFile": AGENT_FILE, "PyvmmVcpus": PYVMM_VCPUS,
     "SnapshotCreateParams": SNAPSHOT_CREATE, "SnapshotLoadParams": SNAPSHOT_LOAD, "MemoryBackend": MEMORY_BACKEND,
     "NetworkOverride": NETWORK_OVERRIDE, "VsockOverride": VSOCK_OVERRIDE, "Clone": CLONE,
     "Balloon": BALLOON, "BalloonUpdate": BALLOON_UPDATE, "BalloonStatsUpdate": BALLOON_STATS_UPDATE,
@@ -503,7 +511,8 @@ class VmSpec:
                 self.balloon["amount_mib"], self.balloon["deflate_on_oom"],
                 self.balloon.get("stats_polling_interval_s", 0), self.balloon.get("free_page_reporting", False),
                 transport),
-            huge_pages=_HUGE_PAGES[self.machine.get("huge_pages", "None")], ksm=self.machine.get("ksm", False))
+            huge_pages=_HUGE_PAGES[self.machine.get("huge_pages", "None")], ksm=self.machine.get("ksm", False),
+            max_cpus=self.pyvmm.get("max_vcpus"))
         options = RunOptions(accel=self.pyvmm.get("accel", "auto"))
         try:
             nodes = tuple(parse_numa_node(text, f"numa[{index}]") for index, text in enumerate(self.pyvmm.get("numa", ())))
@@ -526,7 +535,7 @@ class VmSpec:
                   "cpu_hide": "pyvmm.cpu_hide", "console": "pyvmm.console",
                   "accel": "pyvmm.accel", "rng": "entropy", "huge_pages": "machine-config.huge_pages",
                   "ksm": "machine-config.ksm", "numa": "pyvmm.numa",
-                  "virtio_mem_size": "pyvmm.virtio_mem_mib"}
+                  "virtio_mem_size": "pyvmm.virtio_mem_mib", "max_cpus": "pyvmm.max_vcpus"}
         if top in simple:
             return simple[top]
         if top.startswith("numa"):

@@ -78,6 +78,8 @@ ROUTES: tuple[Route, ...] = (
     Route("PATCH", "/drives/{drive_id}", lambda i, p, b: i.patch_drive(p["drive_id"], b), body=True),
     Route("PUT", "/network-interfaces/{iface_id}", lambda i, p, b: i.put_interface(p["iface_id"], b), body=True),
     Route("PATCH", "/network-interfaces/{iface_id}", lambda i, p, b: i.patch_interface(p["iface_id"], b), body=True),
+    Route("PUT", "/pyvmm/vcpus", lambda i, p, b: hotplug.put_vcpus(i, b), body=True),
+    Route("GET", "/pyvmm/vcpus", lambda i, p, b: hotplug.get_vcpus(i)),
     Route("DELETE", "/drives/{drive_id}", lambda i, p, b: hotplug.delete_drive(i, p.pop("drive_id"), p)),
     Route("DELETE", "/network-interfaces/{iface_id}", lambda i, p, b: hotplug.delete_interface(i, p.pop("iface_id"), p)),
     Route("PUT", "/vsock", lambda i, p, b: i.put_vsock(b), body=True),

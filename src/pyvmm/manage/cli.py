@@ -15,7 +15,7 @@ from ..errors import UserError
 COMMANDS = ("define", "undefine", "start", "list", "dominfo", "info", "domstate", "suspend", "pause", "resume",
             "destroy", "reboot", "shutdown", "console", "create", "clone", "domstats", "top", "migrate",
             "migrate-cancel", "snapshot", "save", "restore", "setmem", "ratelimit", "attach-disk", "detach-disk",
-            "attach-interface", "detach-interface", "attach-device", "detach-device")
+            "attach-interface", "detach-interface", "attach-device", "detach-device", "setvcpus")
 
 DEFINE_HELP = ("A definition is Firecracker's configuration (sections machine-config, boot-source, drives, "
                "network-interfaces, vsock, entropy) plus a [pyvmm] table (accel, console, cpu_hide, on_reboot, "
@@ -107,6 +107,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     create.add_argument("--kernel-args", metavar="ARGS", help="added to the default guest's kernel command line")
     create.add_argument("--memory", "-m", type=int, default=256, metavar="MIB", help="guest RAM in MiB (default 256)")
     create.add_argument("--cpus", "-c", type=int, default=1, metavar="N")
+    create.add_argument("--max-cpus", type=int, metavar="N", help="vCPUs setvcpus may add up to (CPU hotplug)")
     create.add_argument("--disk", action="append", default=[], metavar="PATH[,readonly]", help="a raw disk (repeatable)")
     create.add_argument("--root-disk", metavar="PATH", help="a raw disk to boot from (is_root_device)")
     create.add_argument("--net", action="append", default=[], metavar="TAP[,mac=MAC]", help="a NIC on TAP (or auto)")
@@ -171,7 +172,7 @@ def create_document(args) -> dict:
         document["machine-config"]["ksm"] = True
     if args.huge_pages:
         document["machine-config"]["huge_pages"] = {"2M": "2M", "transparent": "Transparent"}[args.huge_pages]
-    options = {"accel": args.accel, "kernel_args": args.kernel_args}
+    options = {"accel": args.accel, "kernel_args": args.kernel_args, "max_vcpus": args.max_cpus}
     if any(options.values()):
         document["pyvmm"] = {key: value for key, value in options.items() if value}
     return document
@@ -221,7 +222,7 @@ def run(args) -> int:
 
 
 def _vm_command(name: str, vm, args) -> int:
-    if name.startswith(("attach-", "detach-")):
+    if name.startswith(("attach-", "detach-")) or name == "setvcpus":
         from .hotplug_cli import run as run_hotplug
 
         return run_hotplug(name, vm, args)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from ..errors import UserError
 
-COMMANDS = ("attach-disk", "detach-disk", "attach-interface", "detach-interface", "attach-device", "detach-device")
+COMMANDS = ("attach-disk", "detach-disk", "attach-interface", "detach-interface", "attach-device", "detach-device",
+            "setvcpus")
 
 
 def register(command) -> None:
@@ -48,10 +49,23 @@ def register(command) -> None:
     undevice = command("detach-device", "unplug the drives and network interfaces a fragment names (by id)")
     undevice.add_argument("file", metavar="FILE")
     where(undevice, detach=True)
+    vcpus = command("setvcpus", "plug vCPUs into a running VM or take them out (up to its max_vcpus)")
+    vcpus.add_argument("count", metavar="COUNT", type=int)
+    vcpus.add_argument("--live", action="store_true", help="change the running VM")
+    vcpus.add_argument("--config", action="store_true", help="change the definition's vcpu_count")
+    vcpus.add_argument("--timeout", type=int, default=60, metavar="SECONDS",
+                       help="how long to wait for the guest to eject each vCPU removed (default 60)")
 
 
 def run(name: str, vm, args) -> int:
     where = {"live": args.live, "config": args.config}
+    if name == "setvcpus":
+        _check_timeout(args.timeout)
+        if args.count < 1:
+            raise UserError(f"setvcpus: {args.count}: a VM keeps at least its boot CPU (1)")
+        vm.set_vcpus(args.count, timeout=args.timeout, **where)
+        print(f"Domain '{vm.name}': {args.count} vCPUs")
+        return 0
     if name == "attach-disk":
         done = [vm.attach_disk(args.source, drive_id=args.id, readonly=args.readonly, **where)]
     elif name == "attach-interface":

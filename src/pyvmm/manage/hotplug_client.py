@@ -77,6 +77,24 @@ class HotplugMethods:
         if config:
             self._change_definition(lambda document: _remove(document, items))
 
+    def set_vcpus(self, count: int, *, timeout: int = 60, live: bool = False, config: bool = False) -> None:
+        """virsh setvcpus: the running VM plugs vCPUs in or takes them out (up to its max_vcpus;
+        a removal waits `timeout` seconds for the guest); `config`: the definition's vcpu_count."""
+        live, config = self._where(live, config)
+        if live:
+            api = self._live_api()  # type: ignore[attr-defined]
+            current = api.get("/pyvmm/vcpus")["count"]
+            api.timeout = timeout * max(1, current - count) + 60   # each removal waits for the guest
+            api.put("/pyvmm/vcpus", {"count": count, "timeout": timeout})
+        if config:
+            def change(document: dict[str, Any]) -> None:
+                document["machine-config"] = {**document.get("machine-config", {}), "vcpu_count": count}
+            self._change_definition(change)
+
+    def vcpus(self) -> dict[str, Any]:
+        """The running VM's vCPU count and maximum."""
+        return self._live_api().get("/pyvmm/vcpus")  # type: ignore[attr-defined]
+
     # --- helpers ---------------------------------------------------------------------------
 
     def _where(self, live: bool, config: bool) -> tuple[bool, bool]:
