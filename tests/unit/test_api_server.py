@@ -107,6 +107,7 @@ def _valid_bodies(files) -> dict[str, tuple[str, str, dict]]:
         "Balloon": ("PUT", "/balloon", {"amount_mib": 0, "deflate_on_oom": False}),
         "BalloonUpdate": ("PATCH", "/balloon", {"amount_mib": 0}),
         "BalloonStatsUpdate": ("PATCH", "/balloon/statistics", {"stats_polling_interval_s": 1}),
+        "PyvmmVcpus": ("PUT", "/pyvmm/vcpus", {"count": 1}),
     }
 
 
