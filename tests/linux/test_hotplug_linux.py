@@ -92,6 +92,7 @@ wait_online 0-1
 echo "grown: online=$(online) nproc=$(nproc) ran-on=$(taskset -c 1 cut -d' ' -f39 /proc/self/stat)"
 echo step-grown
 wait_online 0
+dmesg | tail -5
 echo "shrunk: online=$(online) nproc=$(nproc)"
 echo step-shrunk
 wait_online 0-1
@@ -128,7 +129,10 @@ def test_vcpus_grow_and_shrink_and_a_snapshot_keeps_the_new_one(pyvmm, tmp_path)
                 assert "1 to 2" in str(exc)
             else:
                 raise AssertionError(f"set_vcpus({count}) was accepted")
-        set_vcpus(vm, 1, timeout=STEP_TIMEOUT)
+        try:
+            set_vcpus(vm, 1, timeout=STEP_TIMEOUT)
+        except HotplugError as exc:
+            raise AssertionError(f"{exc}; the guest's console ends: {guest.text()[-3000:]}") from None
         assert len(vm.vcpus) == 1 and vm.machine.cpus == 1
         at = guest.wait_for(b"step-shrunk", after=at, timeout=STEP_TIMEOUT)
         set_vcpus(vm, 2)
