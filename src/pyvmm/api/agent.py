@@ -75,7 +75,7 @@ def read_file(instance: "VmInstance", query: dict[str, str]) -> bytes:
     if not path:
         raise ConfigError("is required: the guest file to read", "path")
     timeout = query.get("connect_timeout")
-    if timeout is not None and not (timeout.isdigit() and 1 <= int(timeout) <= 60):
+    if timeout is not None and not (timeout.isascii() and timeout.isdigit() and 1 <= int(timeout) <= 60):
         raise ConfigError(f"must be 1-60 seconds (got {timeout!r:.40})", "connect_timeout")
     return _client(instance, int(timeout) if timeout else None).read_file(_text(path, "path"))
 

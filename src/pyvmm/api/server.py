@@ -56,7 +56,7 @@ class Route:
 
 def _console(instance: VmInstance, query: dict[str, str], _body: Any) -> bytes:
     tail = query.get("tail")
-    if tail is not None and not tail.isdigit():
+    if tail is not None and not (tail.isascii() and tail.isdigit()):  # int() refuses "³"
         raise ConfigError(f"must be a number of bytes (got {tail!r:.40})", "tail")
     return instance.console.history(int(tail) if tail is not None else None)
 
@@ -183,7 +183,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.headers.get("Transfer-Encoding"):
             raise HttpError(400, "chunked request bodies are not supported: send Content-Length")
         length_text = self.headers.get("Content-Length", "0")
-        if not length_text.isdigit():
+        if not (length_text.isascii() and length_text.isdigit()):  # int() refuses "³"
             raise HttpError(400, f"bad Content-Length {length_text!r:.40}")
         length = int(length_text)
         if length > limit:
