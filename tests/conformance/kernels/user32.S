@@ -42,6 +42,12 @@ ipi_vector:     .long 0
 ipi_cs:         .long 0
 ipi_top:        .long 0
 ipi_count:      .long 0
+sysenter_cs:    .long 0
+sysenter_ss:    .long 0
+sysenter_esp:   .long 0
+sysexit_cs:     .long 0
+sysexit_ss:     .long 0
+sysexit_esp:    .long 0
 
         .text
         .globl main
@@ -76,6 +82,17 @@ main:
         movw %ax, conf_idt + 0x81 * 8
         shrl $16, %eax
         movw %ax, conf_idt + 0x81 * 8 + 6
+        # SYSENTER: CS from IA32_SYSENTER_CS (SS = CS + 8), ESP and EIP from their MSRs
+        movl $0x174, %ecx
+        movl $0x08, %eax
+        xorl %edx, %edx
+        wrmsr
+        movl $0x175, %ecx
+        movl $kernel_stack_top - 64, %eax
+        wrmsr
+        movl $0x176, %ecx
+        movl $sysenter_entry, %eax
+        wrmsr
         movl %esp, saved_esp
         call ev_reset
         pushl $USER_DS
@@ -110,7 +127,28 @@ user_code:
         movl %eax, ipi_cs
         movl ev_top, %eax
         movl %eax, ipi_top
+        # SYSENTER to CPL0 and SYSEXIT back (EDX: EIP, ECX: ESP; CS = SYSENTER_CS + 16 | 3)
+        movl $user_stack_top - 32, %ecx
+        movl $1f, %edx
+        sysenter
+1:      movw %cs, %ax
+        movzwl %ax, %eax
+        movl %eax, sysexit_cs
+        movw %ss, %ax
+        movzwl %ax, %eax
+        movl %eax, sysexit_ss
+        movl %esp, sysexit_esp
         int $0x81
+
+sysenter_entry:
+        movw %cs, %ax
+        movzwl %ax, %eax
+        movl %eax, sysenter_cs
+        movw %ss, %ax
+        movzwl %ax, %eax
+        movl %eax, sysenter_ss
+        movl %esp, sysenter_esp
+        sysexit
 
 back_to_kernel:
         cli
@@ -125,4 +163,10 @@ back_to_kernel:
         CHECK user32.irq_from_cpl3_vector, ipi_vector, $0x44
         CHECK user32.irq_saved_cs, ipi_cs, $USER_CS
         CHECK user32.irq_stack_is_esp0, ipi_top, $kernel_stack_top
+        CHECK sysenter.cs, sysenter_cs, $0x08
+        CHECK sysenter.ss, sysenter_ss, $0x10
+        CHECK sysenter.esp, sysenter_esp, $kernel_stack_top-64
+        CHECK sysenter.sysexit_cs, sysexit_cs, $USER_CS
+        CHECK sysenter.sysexit_ss, sysexit_ss, $USER_DS
+        CHECK sysenter.sysexit_esp, sysexit_esp, $user_stack_top-32
         call done

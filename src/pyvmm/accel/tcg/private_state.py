@@ -64,6 +64,7 @@ SEGMENT_INDEX = {"es": 0, "cs": 1, "ss": 2, "ds": 3, "fs": 4, "gs": 5}
 # SS G B P S data/write/accessed, DPL 0 -- in QEMU's layout (the descriptor's high dword).
 SYSCALL_CS_FLAGS = 0x00A09B00
 SYSCALL_SS_FLAGS = 0x00C09300
+SYSENTER32_CS_FLAGS = 0x00C09B00  # SYSENTER outside long mode: G D P S code/read/accessed, DPL 0
 
 
 def _u32(data: bytes, offset: int) -> int:
@@ -183,7 +184,7 @@ class PrivateState:
         ctypes.c_int32.from_address(base + off.old_exception).value = -1
         self._restore()
 
-    def enter_syscall_target(self, kernel_cs: int) -> None:
+    def enter_syscall_target(self, kernel_cs: int, long_code: bool = True) -> None:
         """SYSCALL in long mode: CPL 0 and the fixed CS and SS the SDM loads (selectors from
         STAR, descriptors not read from the GDT: flat, DPL 0, CS 64-bit), with no exception in
         flight -- one context round trip for the whole transition. The hidden parts matter:
@@ -192,8 +193,10 @@ class PrivateState:
         off = self.offsets
         ctypes.c_int32.from_address(base + off.old_exception).value = -1
         flags = ctypes.c_uint32.from_address(base + off.hflags)
-        flags.value = (flags.value & ~HF_CPL_MASK) | HF_CS64_MASK | HF_CS32_MASK | HF_SS32_MASK
-        for name, selector, attributes in (("cs", kernel_cs, SYSCALL_CS_FLAGS), ("ss", kernel_cs + 8, SYSCALL_SS_FLAGS)):
+        code64 = HF_CS64_MASK if long_code else 0  # SYSENTER outside long mode: 32-bit code
+        flags.value = (flags.value & ~(HF_CPL_MASK | HF_CS64_MASK)) | code64 | HF_CS32_MASK | HF_SS32_MASK
+        cs_flags = SYSCALL_CS_FLAGS if long_code else SYSENTER32_CS_FLAGS
+        for name, selector, attributes in (("cs", kernel_cs, cs_flags), ("ss", kernel_cs + 8, SYSCALL_SS_FLAGS)):
             cache = base + off.segments + SEGMENT_INDEX[name] * SEGMENT_CACHE_SIZE
             ctypes.c_uint32.from_address(cache).value = selector
             ctypes.c_uint64.from_address(cache + 8).value = 0

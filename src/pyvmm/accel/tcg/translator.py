@@ -66,6 +66,7 @@ class Translator:
         uc.hook_add(U.UC_HOOK_INSN, self._port_out, None, 1, 0, X.UC_X86_INS_OUT)
         uc.hook_add(U.UC_HOOK_INSN, self._cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
         uc.hook_add(U.UC_HOOK_INSN, self._syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
+        uc.hook_add(U.UC_HOOK_INSN, self._sysenter, None, 1, 0, X.UC_X86_INS_SYSENTER)
         # Exceptions: QEMU's own delivery inside the engine where possible (native_delivery.py)
         self.native_exceptions = NativeExceptionDelivery.install(uc, self.engine.cpu_address) \
             if native_exceptions else None
@@ -152,6 +153,11 @@ class Translator:
         vcpu = self.current
         assert vcpu is not None
         vcpu.syscall()
+
+    def _sysenter(self, uc, _):
+        vcpu = self.current
+        assert vcpu is not None
+        vcpu.sysenter()
 
     def _exception(self, uc, vector, _):
         vcpu = self.current

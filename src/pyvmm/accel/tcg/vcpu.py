@@ -40,8 +40,10 @@ _SEGMENT_REGS = {"cs": X.UC_X86_REG_CS, "ds": X.UC_X86_REG_DS, "es": X.UC_X86_RE
                  "fs": X.UC_X86_REG_FS, "gs": X.UC_X86_REG_GS, "ss": X.UC_X86_REG_SS}
 MSR_EFER, MSR_STAR, MSR_LSTAR, MSR_FMASK = 0xC0000080, 0xC0000081, 0xC0000082, 0xC0000084
 MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE = 0xC0000100, 0xC0000101, 0xC0000102
+MSR_SYSENTER_CS, MSR_SYSENTER_ESP, MSR_SYSENTER_EIP = 0x174, 0x175, 0x176
 EFER_SCE = 1 << 0
-RFLAGS_RF = 1 << 16
+RFLAGS_IF, RFLAGS_RF, RFLAGS_VM = 1 << 9, 1 << 16, 1 << 17
+GENERAL_PROTECTION_VECTOR = 13
 INVALID_OPCODE = 6
 NMI_VECTOR = 2
 CR4_OSXSAVE, CR4_PKE = 1 << 18, 1 << 22
@@ -246,6 +248,24 @@ class TcgVcpu:
         self.private.enter_syscall_target(kernel_cs)   # after the register API: it writes selectors only
         self.regs.write(X.UC_X86_REG_RFLAGS, rflags & ~fmask & ~RFLAGS_RF)
         self._set_rip((lstar - 2) & _NEVER)  # Unicorn adds 2 after this hook
+
+    def sysenter(self) -> None:
+        """SYSENTER as the SDM defines it (Unicorn's is a stub that only advances EIP by 2)."""
+        self.stats["syscalls"] += 1
+        kernel_cs = self.regs.read_msr(MSR_SYSENTER_CS) & 0xFFFC
+        if not self.protected_mode or not kernel_cs:
+            self._raise(GENERAL_PROTECTION_VECTOR, 0)
+            self._set_rip(self.regs.read(X.UC_X86_REG_RIP) - 2)
+            return
+        long_mode = self.long_mode
+        mask = _NEVER if long_mode else 0xFFFFFFFF
+        rflags = self.regs.read(X.UC_X86_REG_RFLAGS)
+        self.regs.write(X.UC_X86_REG_CS, kernel_cs)
+        self.regs.write(X.UC_X86_REG_SS, kernel_cs + 8)
+        self.private.enter_syscall_target(kernel_cs, long_code=long_mode)
+        self.regs.write(X.UC_X86_REG_RFLAGS, rflags & ~(RFLAGS_VM | RFLAGS_IF | RFLAGS_RF))
+        self.regs.write(X.UC_X86_REG_RSP, self.regs.read_msr(MSR_SYSENTER_ESP) & mask)
+        self._set_rip((self.regs.read_msr(MSR_SYSENTER_EIP) - 2) & mask)  # Unicorn adds 2 after this hook
 
     def exception(self, vector: int) -> None:
         with self._paging_pinned():
