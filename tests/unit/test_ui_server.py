@@ -119,6 +119,20 @@ def test_controls_reach_only_the_vm_api_operations_the_page_has(ui):
     assert status == 404
 
 
+def test_controls_follow_the_operations_the_vm_api_offers():
+    from pyvmm.ui.handlers import CONTROLS, capabilities
+
+    none = capabilities({}, {"balloon": {"amount_mib": 0}})
+    assert not any(none.values())
+    offered = {"/balloon": ["GET", "PATCH", "PUT"], "/pyvmm/vcpus": ["GET", "PUT"], "/drives/{drive_id}": ["DELETE", "PUT"],
+               "/network-interfaces/{iface_id}": ["PUT"], "/pyvmm/memory/virtio-mem": ["GET", "PUT"]}
+    assert capabilities(offered, {"balloon": {"amount_mib": 0}, "pyvmm": {"virtio_mem_mib": 128}}) == {
+        "balloon": True, "virtio_mem": True, "vcpus": True, "disk_hotplug": True, "nic_hotplug": False}
+    assert capabilities(offered, {})["balloon"] is False and capabilities(offered, {})["virtio_mem"] is False
+    for method, path in (("PUT", "/pyvmm/vcpus"), ("PUT", "/pyvmm/memory/virtio-mem"), ("DELETE", "/drives/d1")):
+        assert (method, path.replace("d1", "{drive_id}")) in CONTROLS
+
+
 def test_unknown_vm_and_action_answers(ui):
     assert request(ui, "GET", "/api/vms/ghost", headers=good(ui))[0] == 404
     assert request(ui, "POST", "/api/vms/ghost/actions/suspend", headers=good(ui), body={})[0] == 404

@@ -109,12 +109,14 @@ def vm_detail(host: Host, name: str, snapshots: Path) -> dict[str, Any]:
         except (OSError, ApiError, http.client.HTTPException, Unreachable):
             pass
     detail["capabilities"] = capabilities(detail["api_paths"], detail["config"])
-    detail["virtio_mem"] = None
-    if detail["capabilities"]["virtio_mem"]:  # its region, block size, requested and plugged MiB
-        try:
-            detail["virtio_mem"] = vm.api.get("/pyvmm/memory/virtio-mem")
-        except (OSError, ApiError, http.client.HTTPException):
-            pass
+    for key, capability, path in (("virtio_mem", "virtio_mem", "/pyvmm/memory/virtio-mem"),  # region, plugged...
+                                  ("vcpu_hotplug", "vcpus", "/pyvmm/vcpus")):           # count and maximum
+        detail[key] = None
+        if detail["capabilities"][capability]:
+            try:
+                detail[key] = vm.api.get(path)
+            except (OSError, ApiError, http.client.HTTPException):
+                pass
     detail["snapshots"] = list_snapshots(snapshots, name)
     detail["events"] = recorded_events(vm, info)
     return detail
@@ -127,7 +129,7 @@ def _api_operations(vm: VmHandle) -> dict[str, list[str]]:
 
 
 # What the page's controls may ask of a VM's API, and only when the VM's API offers it.
-CONTROLS = {("PATCH", "/balloon"), ("PUT", "/pyvmm/memory/virtio-mem"), ("PUT", "/drives/{drive_id}"), ("DELETE", "/drives/{drive_id}"),
+CONTROLS = {("PATCH", "/balloon"), ("PUT", "/pyvmm/memory/virtio-mem"), ("PUT", "/pyvmm/vcpus"), ("PUT", "/drives/{drive_id}"), ("DELETE", "/drives/{drive_id}"),
             ("PUT", "/network-interfaces/{iface_id}"), ("DELETE", "/network-interfaces/{iface_id}")}
 _CONCRETE = ((re.compile(r"^/drives/([A-Za-z0-9_][A-Za-z0-9_.-]{0,63})$"), "/drives/{drive_id}"),
              (re.compile(r"^/network-interfaces/([A-Za-z0-9_][A-Za-z0-9_.-]{0,63})$"), "/network-interfaces/{iface_id}"))
@@ -142,6 +144,7 @@ def capabilities(operations: dict[str, list[str]], config: dict[str, Any] | None
     return {"balloon": offers("PATCH", "/balloon") and bool((config or {}).get("balloon")),
             "virtio_mem": offers("PUT", "/pyvmm/memory/virtio-mem") and
             bool(((config or {}).get("pyvmm") or {}).get("virtio_mem_mib")),
+            "vcpus": offers("PUT", "/pyvmm/vcpus") and offers("GET", "/pyvmm/vcpus"),  # CPU hotplug
             # hotplug: a running VM's drives and NICs can be removed, and so added
             "disk_hotplug": offers("DELETE", "/drives/{drive_id}"),
             "nic_hotplug": offers("DELETE", "/network-interfaces/{iface_id}")}

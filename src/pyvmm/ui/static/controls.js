@@ -1,5 +1,5 @@
-// The VM page's controls for what the VM's API offers: the balloon's target, and disks and NICs
-// plugged in or out of the running VM. Shown only when the VM's API (its OpenAPI document) has
+// The VM page's controls for what the VM's API offers: vCPUs, the balloon's target, virtio-mem,
+// and disks and NICs plugged in or out of the running VM. Shown only when the VM's API (its OpenAPI document) has
 // the operation and the VM the device; the server checks the same again.
 "use strict";
 
@@ -32,6 +32,20 @@ function balloonForm(vm) {
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     await control(NAME, "PATCH", "/balloon", { amount_mib: Number(target.value) }, `balloon target ${target.value} MiB`);
+  });
+  return form;
+}
+
+function vcpuForm(vm) {
+  const now = vm.vcpu_hotplug;
+  const count = el("input", { type: "number", min: "1", max: String(now.max), required: true, value: String(now.count) });
+  const form = el("form", { id: "vcpus-form" },
+    el("h3", { text: "vCPUs" }),
+    el("p", { id: "vcpus-status", text: `${now.count} of at most ${now.max}` }),
+    labelled("vcpus-count", "vCPUs", count), " ", el("button", { type: "submit", text: "Set" }));
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    await control(NAME, "PUT", "/pyvmm/vcpus", { count: Number(count.value) }, `${count.value} vCPUs`);
   });
   return form;
 }
@@ -109,12 +123,13 @@ function nicControls(vm) {
 window.renderControls = function renderControls(vm) {
   const caps = vm.capabilities || {};
   const live = (vm.state === "running" || vm.state === "paused") && vm.config;
-  const key = JSON.stringify([caps, live ? vm.config : null, vm.virtio_mem]);
+  const key = JSON.stringify([caps, live ? vm.config : null, vm.virtio_mem, vm.vcpu_hotplug]);
   if (key === controlsKey) return;
   controlsKey = key;
   const section = document.getElementById("controls");
   const parts = [];
   if (live && caps.balloon) parts.push(balloonForm(vm));
+  if (live && caps.vcpus && vm.vcpu_hotplug && vm.vcpu_hotplug.max > 1) parts.push(vcpuForm(vm));
   if (live && caps.virtio_mem) parts.push(virtioMemForm(vm));
   if (live && caps.disk_hotplug) parts.push(diskControls(vm));
   if (live && caps.nic_hotplug) parts.push(nicControls(vm));
