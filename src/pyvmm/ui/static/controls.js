@@ -13,7 +13,6 @@ async function control(name, method, path, body, what) {
   const slot = document.getElementById("control-status");
   if (slot) { slot.textContent = message; slot.classList.toggle("error", !result.ok); }
   if (result.ok) logEvent(Date.now() / 1000, what);   // vm.js's event log
-  controlsKey = null;   // redraw with the VM's new configuration
   return result.ok;
 }
 
@@ -36,12 +35,27 @@ function balloonForm(vm) {
   return form;
 }
 
+function vcpuText(now) { return `${now.count} of at most ${now.max}`; }
+
+function virtioMemText(status, block) {
+  return `plugged ${status.plugged_size_mib ?? "?"} MiB of a ${status.region_size_mib ?? "?"} MiB region ` +
+         `(asked: ${status.requested_size_mib ?? "?"} MiB, blocks of ${block} MiB)`;
+}
+
+// The figures that change while a form stays (vCPU count, memory plugged), updated in place.
+function updateStatus(vm) {
+  const vcpus = document.getElementById("vcpus-status");
+  if (vcpus && vm.vcpu_hotplug) vcpus.textContent = vcpuText(vm.vcpu_hotplug);
+  const memory = document.getElementById("virtio-mem-status");
+  if (memory && vm.virtio_mem) memory.textContent = virtioMemText(vm.virtio_mem, vm.virtio_mem.block_size_mib || 1);
+}
+
 function vcpuForm(vm) {
   const now = vm.vcpu_hotplug;
   const count = el("input", { type: "number", min: "1", max: String(now.max), required: true, value: String(now.count) });
   const form = el("form", { id: "vcpus-form" },
     el("h3", { text: "vCPUs" }),
-    el("p", { id: "vcpus-status", text: `${now.count} of at most ${now.max}` }),
+    el("p", { id: "vcpus-status", text: vcpuText(now) }),
     labelled("vcpus-count", "vCPUs", count), " ", el("button", { type: "submit", text: "Set" }));
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
@@ -58,8 +72,7 @@ function virtioMemForm(vm) {
                              value: String(status.requested_size_mib ?? 0) });
   const form = el("form", { id: "virtio-mem-form" },
     el("h3", { text: "Hotpluggable memory (virtio-mem)" }),
-    el("p", { id: "virtio-mem-status", text: `plugged ${status.plugged_size_mib ?? "?"} MiB of a ` +
-      `${status.region_size_mib ?? "?"} MiB region (asked: ${status.requested_size_mib ?? "?"} MiB, blocks of ${block} MiB)` }),
+    el("p", { id: "virtio-mem-status", text: virtioMemText(status, block) }),
     labelled("virtio-mem-size", "Plugged size (MiB)", size), " ",
     el("button", { type: "submit", text: "Resize" }));
   form.addEventListener("submit", async (event) => {
@@ -123,8 +136,12 @@ function nicControls(vm) {
 window.renderControls = function renderControls(vm) {
   const caps = vm.capabilities || {};
   const live = (vm.state === "running" || vm.state === "paused") && vm.config;
-  const key = JSON.stringify([caps, live ? vm.config : null, vm.virtio_mem, vm.vcpu_hotplug]);
-  if (key === controlsKey) return;
+  // redrawn only when what can be done changes: a poll must not replace a form being used
+  const key = JSON.stringify([caps, live ? vm.config : null, Boolean(vm.vcpu_hotplug), Boolean(vm.virtio_mem)]);
+  if (key === controlsKey) {
+    updateStatus(vm);
+    return;
+  }
   controlsKey = key;
   const section = document.getElementById("controls");
   const parts = [];
