@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         configs = [("pyvmm, no limit", None, pyvmm + ["--disk", str(disk), "--", *guest]),
                    (f"pyvmm, bps={args.rate}", rate, pyvmm + ["--disk", f"{disk},bps={args.rate}", "--", *guest])]
         if not args.skip_qemu:
-            configs.append((f"QEMU {qemu_version()}, throttling.bps-total={rate}", rate, [
+            log(f"QEMU: {qemu_version()}")
+            configs.append((f"QEMU, throttling.bps-total={rate}", rate, [
                 QEMU, "-M", "q35", "-accel", "tcg", "-m", str(MEMORY_MIB), "-smp", "1", "-nodefaults",
                 "-no-reboot", "-display", "none", "-serial", "stdio", "-kernel", vmlinux,
                 "-initrd", str(image.initramfs), "-append", image.command_line(guest, extra=tcg_linux_args()),
