@@ -186,9 +186,11 @@ def finish_restore(vm: Vm, state: VmState) -> None:
         if hasattr(device, "take_back_image"):
             device.take_back_image()     # a no-op where the image is locked already
     vm.accel.restore(state.platform)
-    restore_devices(vm.device_manager, state.devices)
+    # vCPUs (on KVM their LAPICs) before the devices: a device whose restore completes work
+    # interrupts the guest then, and a LAPIC restored after would drop that interrupt.
     for vcpu, vcpu_state in zip(vm.vcpus, state.vcpus):
         vcpu.restore(vcpu_state)
+    restore_devices(vm.device_manager, state.devices)
     vm.start()      # every run loop parks at its pause point
 
 

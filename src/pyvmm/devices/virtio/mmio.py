@@ -173,11 +173,13 @@ class VirtioMmioTransport(VirtioTransportCore):
 
     def restore(self, state: MmioTransportState) -> None:
         """The device's restore checks its state before changing anything; the transport's own
-        fields are all checked by the state, so nothing is half-restored."""
+        fields are all checked by the state, so nothing is half-restored. The device comes last:
+        an interrupt its restore raises adds to the restored status instead of being overwritten."""
         state = require(state, MmioTransportState)
-        self.device.restore(state.device)
+        self.device.check_restorable(state.device)
         self.core_restore(state.core)
         self.interrupt_status = state.interrupt_status
+        self.device.restore(state.device)
 
 
 @dataclass(frozen=True)

@@ -466,10 +466,12 @@ class VirtioPciTransport(PciDevice, VirtioTransportCore):
 
     def restore(self, state: State) -> None:
         """Load a save() into a transport for the same kind of device; BARs are remapped (and
-        on_notify_moved told), MSI vectors reconfigured, INTx driven to the restored ISR."""
+        on_notify_moved told), MSI vectors reconfigured, INTx driven to the restored ISR.
+        The device comes last: its restore may complete work (vsock's RST for a connection whose
+        host end is gone) and interrupt the guest, which must reach the restored vectors and ISR,
+        not be overwritten by them (the used ring would say the guest was told)."""
         self.check_restorable(state)
         assert isinstance(state, VirtioPciState)
-        self.device.restore(state.device)
         with self._register_lock:
             self.core_restore(state.core)
             self._config_vector = state.config_vector
@@ -479,6 +481,7 @@ class VirtioPciTransport(PciDevice, VirtioTransportCore):
         self.restore_pci(state.pci)
         with self._lock:
             self._update_intx()
+        self.device.restore(state.device)
 
 
 @dataclass(frozen=True)
