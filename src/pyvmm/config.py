@@ -86,11 +86,11 @@ def parse_numa_node(text: str, field: str = "numa") -> NumaNode:
     distances = None
     if "distances" in pairs:
         items = pairs["distances"].split(":")
-        if not all(item.isdigit() for item in items):
+        if not all(item.isascii() and item.isdigit() for item in items):
             raise ConfigError(f": distances must be numbers separated by ':' (got {pairs['distances']!r})", field)
         distances = tuple(int(item) for item in items)
     host_node = pairs.get("host_node")
-    if host_node is not None and not host_node.isdigit():
+    if host_node is not None and not (host_node.isascii() and host_node.isdigit()):
         raise ConfigError(f": host_node must be a host NUMA node number (got {host_node!r})", field)
     return NumaNode(cpus, parse_size(pairs["mem"], field), distances, None if host_node is None else int(host_node))
 

@@ -159,7 +159,7 @@ def create_document(args) -> dict:
         document["network-interfaces"] = interfaces
     if args.vsock:
         cid, _, path = args.vsock.partition(",")
-        if not cid.isdigit() or not path:
+        if not (cid.isascii() and cid.isdigit()) or not path:
             raise UserError(f"--vsock: expected CID,PATH (got {args.vsock!r})")
         document["vsock"] = {"guest_cid": int(cid), "uds_path": path}
     if args.rng:

@@ -72,7 +72,7 @@ def parse_address(text: str, what: str) -> int:
 def parse_length(text: str) -> int:
     scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:].upper(), 1)
     digits = text[:-1] if scale > 1 else text
-    if not digits.isdigit() or not 1 <= int(digits) * scale <= MAX_READ:
+    if not (digits.isascii() and digits.isdigit()) or not 1 <= int(digits) * scale <= MAX_READ:
         raise UserError(f"LEN: {text!r} is not a length of 1 to {MAX_READ} bytes")
     return int(digits) * scale
 

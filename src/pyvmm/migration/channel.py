@@ -59,7 +59,7 @@ def parse_address(text: str) -> Address:
         return Address("unix", path=rest)
     if kind == "tcp":
         host, _, port = rest.rpartition(":")
-        if host and port.isdigit() and 0 <= int(port) < 65536:
+        if host and port.isascii() and port.isdigit() and 0 <= int(port) < 65536:
             return Address("tcp", host=host.strip("[]"), port=int(port))
     raise MigrationError(f"migration address {text!r}: expected unix:PATH or tcp:HOST:PORT")
 

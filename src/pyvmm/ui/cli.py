@@ -31,7 +31,7 @@ def parse_listen(text: str, port: int | None) -> tuple[str, int]:
     elif text.count(":") == 1:                     # 0.0.0.0:8080
         address, given = text.split(":")
     if given is not None:
-        if not given.isdigit():
+        if not (given.isascii() and given.isdigit()):
             raise UserError(f"--listen: {given!r} is not a port number")
         if port is not None and int(given) != port:
             raise UserError("--listen names a port and --port another")

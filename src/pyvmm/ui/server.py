@@ -270,7 +270,7 @@ class UiRequestHandler(BaseHTTPRequestHandler):
         if not valid_client_key(key) or self.headers.get("Sec-WebSocket-Version") != "13":
             raise HttpError(400, "not a WebSocket version 13 handshake")
         replay = query.get("replay", ["65536"])[0]
-        if not replay.isdigit():
+        if not (replay.isascii() and replay.isdigit()):
             raise HttpError(400, "replay must be a number of bytes")
         vm = self.server.vms.vm(name)
         handlers.require_reachable(vm)
