@@ -62,7 +62,7 @@ class View:
     drill: str | None = None
 
 
-def _io_totals(stats: dict) -> dict[str, int]:
+def io_totals(stats: dict) -> dict[str, int]:
     """Bytes moved by the VM's block and network devices (their models' own counters)."""
     totals = {"block_read": 0, "block_write": 0, "net_rx": 0, "net_tx": 0}
     for device in (stats.get("devices") or {}).values():
@@ -113,7 +113,7 @@ class Sampler:
                 row.exits_per_s = (stats["exits_total"] - old["exits_total"]) / interval
                 row.exit_rates = {reason: (count - old["exits"].get(reason, 0)) / interval
                                   for reason, count in stats["exits"].items()}
-                new_io, old_io = _io_totals(stats), _io_totals(old)
+                new_io, old_io = io_totals(stats), io_totals(old)
                 row.block_read_bps, row.block_write_bps, row.net_rx_bps, row.net_tx_bps = (
                     (new_io[key] - old_io[key]) / interval for key in ("block_read", "block_write", "net_rx", "net_tx"))
             rows.append(row)

@@ -20,6 +20,7 @@ from typing import Any
 from ..errors import UserError
 from ..manage.client import ACTIVE, PAUSED, RUNNING, ApiError, Host, VmHandle, VmInfo
 from ..manage.records import UnknownVm, check_name
+from ..manage.top import io_totals
 from .forms import document_from_form
 
 LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -55,17 +56,6 @@ def _summary(info: VmInfo) -> dict[str, Any]:
             "defined": info.defined, "active": info.active}
 
 
-def _io_totals(stats: dict[str, Any]) -> dict[str, int]:
-    totals = {"block_read": 0, "block_write": 0, "net_rx": 0, "net_tx": 0}
-    for device in (stats.get("devices") or {}).values():
-        for key, counter in (("block_read", "bytes_read"), ("block_write", "bytes_written"),
-                             ("net_rx", "rx_bytes"), ("net_tx", "tx_bytes")):
-            value = device.get(counter)
-            if isinstance(value, int) and not isinstance(value, bool):
-                totals[key] += value
-    return totals
-
-
 def _live_stats(vm: VmHandle, info: VmInfo) -> dict[str, Any] | None:
     if info.state not in (RUNNING, PAUSED):
         return None
@@ -74,7 +64,7 @@ def _live_stats(vm: VmHandle, info: VmInfo) -> dict[str, Any] | None:
     except (OSError, UserError, http.client.HTTPException):  # it stopped between the two reads
         return None
     stats["cpu_s"] = stats.get("cpu_user_s", 0) + stats.get("cpu_system_s", 0)
-    stats["io"] = _io_totals(stats)
+    stats["io"] = io_totals(stats)
     stats["accel"] = ACCELERATORS.get(stats.get("exits_source") or "", None)
     return stats
 
