@@ -278,7 +278,7 @@ class VirtioPciTransport(PciDevice, VirtioTransportCore):
             return bytes(size)
         if COMMON_OFFSET <= offset < COMMON_OFFSET + COMMON_SIZE:
             return self._common_read(offset - COMMON_OFFSET, size)
-        if offset == ISR_OFFSET:
+        if offset == ISR_OFFSET and size:  # (a zero-byte read must not clear it)
             with self._lock:
                 isr, self._isr = self._isr, 0
                 self._update_intx()

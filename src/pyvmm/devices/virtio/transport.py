@@ -56,7 +56,9 @@ class VirtioTransportCore:
             self.reset()
             return
         old = self._driver_status
-        self._driver_status = value & 0xFF & ~STATUS_DEVICE_NEEDS_RESET  # only the device sets it
+        # Only the device sets NEEDS_RESET, and a driver never clears a bit (spec 2.1.1): only a
+        # reset does. Dropping DRIVER_OK would reopen queue setup under a running device.
+        self._driver_status = (old | value) & 0xFF & ~STATUS_DEVICE_NEEDS_RESET
         if value & STATUS_FEATURES_OK and not old & STATUS_FEATURES_OK:
             self.device.set_driver_features(self.driver_features)
             if self.driver_features & ~self.device.offered_features or not self.device.features_ok():
