@@ -118,25 +118,3 @@ def test_the_cli_refuses_a_bad_mode_in_one_line(monkeypatch):
     assert env_bad.returncode == 2, env_bad
     assert env_bad.stderr.strip().splitlines() == ["pyvmm: error: PYVMM_SECCOMP must be one of kill, log, off "
                                                    "(got 'strict')"]
-
-
-def test_the_default_mode_is_kill_unless_the_environment_says_otherwise(monkeypatch):
-    monkeypatch.delenv(seccomp.ENV, raising=False)
-    assert seccomp.default_mode() == "kill"
-    monkeypatch.setenv(seccomp.ENV, "off")
-    assert seccomp.default_mode() == "off"
-    monkeypatch.setenv(seccomp.ENV, "bogus")
-    with pytest.raises(seccomp.UserError, match="PYVMM_SECCOMP must be one of"):
-        seccomp.default_mode()
-
-
-def test_without_libseccomp_the_default_is_off_with_a_warning(monkeypatch, caplog):
-    from pyvmm.seccomp import libseccomp
-
-    def missing():
-        raise libseccomp.SeccompUnavailable("seccomp needs libseccomp (apt-get install libseccomp2)")
-
-    monkeypatch.delenv(seccomp.ENV, raising=False)
-    monkeypatch.setattr(libseccomp, "library", missing)
-    assert seccomp.default_mode() == "off"
-    assert "needs libseccomp" in caplog.text
