@@ -10,6 +10,7 @@ import os
 import socket
 import struct
 import subprocess
+import sys
 import time
 
 import pytest
@@ -218,3 +219,20 @@ def test_vhost_net_refusal(tmp_path):
         assert vhost_net_available() is False
         with pytest.raises(VhostNetUnavailable, match="^vhost-net requested but /dev/vhost-net is missing: "):
             require_vhost_net()
+
+
+@needs_tun
+def test_namespaces_of_killed_processes_are_deleted_before_the_next_one(monkeypatch):
+    # a pyvmm killed by SIGKILL cannot delete its namespace: the next HostNetwork does
+    child = subprocess.run(
+        [sys.executable, "-c", "import os, signal; from pyvmm.net import HostNetwork; net = HostNetwork().open(); "
+                         "print(net.netns, flush=True); os.kill(os.getpid(), signal.SIGKILL)"],
+        capture_output=True, text=True)
+    left = child.stdout.strip()
+    assert child.returncode == -9 and left.startswith("pyvmm-"), child.stderr
+    assert os.path.exists(os.path.join(NETNS_DIR, left))
+    from pyvmm.net import netns as netns_module
+    monkeypatch.setattr(netns_module, "_swept", False)
+    with HostNetwork() as net:
+        assert os.path.exists(os.path.join(NETNS_DIR, net.netns))
+        assert not os.path.exists(os.path.join(NETNS_DIR, left))

@@ -16,6 +16,11 @@ as root (CAP_NET_ADMIN and CAP_SYS_ADMIN), with the `ip` command from iproute2:
 4. close(), also run at interpreter exit: closes the TAP fd, which removes the interface
    and its address, then `ip netns del` removes the namespace.
 
+A pyvmm killed by SIGKILL cannot close: its namespace stays in /run/netns. Before its first
+namespace, each process deletes the pyvmm-<pid>-<n> namespaces whose process is gone (or
+whose pid is its own: left by an earlier process with the same pid, whose names it would
+otherwise collide with).
+
 Reach the guest with `ip netns exec pyvmm-<pid>-<n> ping 10.0.2.15`, or from Python with
 `run([...])` and `call_in_namespace(fn)`. There is no NAT and no route out of the namespace:
 connecting it to the outside (a veth pair, masquerading) is the user's choice to make.
@@ -29,6 +34,7 @@ import ipaddress
 import itertools
 import logging
 import os
+import re
 import subprocess
 import threading
 from typing import Callable, TypeVar
@@ -42,12 +48,47 @@ NETNS_DIR = "/run/netns"  # where `ip netns add` bind-mounts named namespaces
 CLONE_NEWNET = 0x40000000
 
 _names = itertools.count()
+_swept = False
+_OUR_NAME = re.compile(r"pyvmm-(\d+)-\d+")
 _libc = ctypes.CDLL(None, use_errno=True)
 T = TypeVar("T")
 
 
 class HostNetworkError(UserError):
     """The host side of the guest network could not be set up."""
+
+
+def _process_is_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _sweep_stale_namespaces() -> None:
+    """Delete the namespaces killed pyvmm processes left behind (once per process)."""
+    global _swept
+    if _swept:
+        return
+    _swept = True
+    try:
+        names = os.listdir(NETNS_DIR)
+    except OSError:
+        return
+    for name in names:
+        match = _OUR_NAME.fullmatch(name)
+        if match is None:
+            continue
+        pid = int(match.group(1))
+        if pid == os.getpid() or _process_is_gone(pid):
+            try:
+                _ip("netns", "del", name)
+                log.info("deleted network namespace %s, left by a pyvmm process that is gone", name)
+            except HostNetworkError as exc:
+                log.warning("%s", exc)
 
 
 def call_in_netns(netns: str, fn: Callable[..., T], *args) -> T:
@@ -129,6 +170,7 @@ class HostNetwork:
         try:
             ip_ns: tuple[str, ...] = ()
             if self.namespace:
+                _sweep_stale_namespaces()
                 self.netns = f"pyvmm-{os.getpid()}-{next(_names)}"
                 _ip("netns", "add", self.netns)
                 ip_ns = ("-n", self.netns)
