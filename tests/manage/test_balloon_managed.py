@@ -17,7 +17,7 @@ from pyvmm.images.kernel_warnings import CONSOLE_LOGLEVEL, describe, find_kernel
 from pyvmm.manage.client import ApiError
 from pyvmm.snapshot.memory_file import data_ranges
 
-from test_managed_vms import PROMPT, cli, env, read_until  # noqa: F401 - env: the fixture
+from test_managed_vms import PROMPT, cli, read_until
 
 MIB = 1 << 20
 FILL_MIB = 160

@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import managed_env
 
 from pyvmm.images.kernel_warnings import CONSOLE_LOGLEVEL, describe, find_kernel_warnings
 from pyvmm.jail.landlock import abi_version
@@ -57,16 +57,8 @@ if os.getuid() != 0:                  # only in the jailed VM process (the CLI a
 
 @pytest.fixture
 def env(tmp_path, image):
-    values = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "cfg"), XDG_RUNTIME_DIR=str(tmp_path / "rt"))
-    values.pop("PYVMM_SECCOMP", None)
-    host = connect(tmp_path / "cfg" / "pyvmm" / "vms", tmp_path / "rt" / "pyvmm")
-    yield values, host
-    for name in host.names():
-        pid = host.vm(name).run.pid()
-        if pid is not None:
-            os.kill(pid, signal.SIGKILL)
-            wait_exit(pid, 30)
-
+    """VMs with pyvmm's default seccomp mode, whatever $PYVMM_SECCOMP says."""
+    yield from managed_env(tmp_path, inherit_seccomp=False)
 
 def cli(values, *args: str) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "-m", "pyvmm.cli", *args], capture_output=True, text=True,

@@ -15,7 +15,7 @@ import pytest
 from pyvmm.images.kernel_warnings import CONSOLE_LOGLEVEL, describe, find_kernel_warnings
 from pyvmm.manage.client import ApiError
 
-from test_managed_vms import PROMPT, cli, env, read_until  # noqa: F401 - env: the fixture
+from test_managed_vms import PROMPT, cli, read_until
 
 
 def pyvmm(env, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess:

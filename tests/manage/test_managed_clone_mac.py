@@ -9,7 +9,7 @@ import re
 
 from pyvmm.images.kernel_warnings import CONSOLE_LOGLEVEL, describe, find_kernel_warnings
 
-from test_managed_vms import PROMPT, cli, env, read_until  # noqa: F401 - env: the fixture
+from test_managed_vms import PROMPT, cli, read_until
 
 
 def guest_mac(vm) -> str:

@@ -12,7 +12,7 @@ import sys
 from pyvmm.images.kernel_warnings import CONSOLE_LOGLEVEL, describe, find_kernel_warnings
 from pyvmm.manage import definitions
 
-from test_managed_vms import PROMPT, cli, env, read_until  # noqa: F401 - env: the fixture
+from test_managed_vms import PROMPT, cli, read_until
 
 WAIT = "i=0; while ! [ {test} ]; do i=$((i+1)); [ $i -gt 600 ] && exit 9; sleep 0.2; done"
 

@@ -12,7 +12,7 @@ import sys
 
 from pyvmm.images.kernel_warnings import CONSOLE_LOGLEVEL, describe, find_kernel_warnings
 
-from test_managed_vms import PROMPT, TICKER, cli, env, read_until, ticks  # noqa: F401  (env: the fixture)
+from test_managed_vms import PROMPT, TICKER, cli, read_until, ticks
 
 
 def _continues(vm, after: int) -> None:

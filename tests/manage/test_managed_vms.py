@@ -18,23 +18,10 @@ import pytest
 import pyvmm
 
 from pyvmm.images.kernel_warnings import CONSOLE_LOGLEVEL, describe, find_kernel_warnings
-from pyvmm.manage.client import connect
 from pyvmm.manage.launch import wait_exit
 
 PROMPT = b"pyvmm:~# "
 TICKER = b"i=0; while :; do i=$((i+1)); echo tick-$i; sleep 0.2; done\n"
-
-
-@pytest.fixture
-def env(tmp_path, image):
-    values = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "cfg"), XDG_RUNTIME_DIR=str(tmp_path / "rt"))
-    host = connect(tmp_path / "cfg" / "pyvmm" / "vms", tmp_path / "rt" / "pyvmm")
-    yield values, host
-    for name in host.names():  # nothing outlives the test
-        pid = host.vm(name).run.pid()
-        if pid is not None:
-            os.kill(pid, signal.SIGKILL)
-            wait_exit(pid, 30)
 
 
 def cli(env, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess:

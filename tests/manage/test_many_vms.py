@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from pyvmm.images.kernel_warnings import CONSOLE_LOGLEVEL, describe, find_kernel_warnings
 
-from test_managed_vms import PROMPT, cli, env  # noqa: F401 - env: the fixture (private config and run dirs)
+from test_managed_vms import PROMPT, cli
 
 VMS = 8
 BOOT_TIMEOUT = 600.0  # eight software-CPU boots sharing two cores with whatever else runs

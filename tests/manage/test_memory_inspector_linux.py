@@ -11,7 +11,7 @@ import sys
 
 from pyvmm.images.kernel_warnings import CONSOLE_LOGLEVEL, describe, find_kernel_warnings
 
-from test_managed_vms import PROMPT, cli, env, read_until  # noqa: F401 - env: the fixture
+from test_managed_vms import PROMPT, cli, read_until
 
 
 def _symbol(system_map, name: str) -> int:

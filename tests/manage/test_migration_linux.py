@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +23,6 @@ import pytest
 
 from pyvmm.images.kernel_warnings import CONSOLE_LOGLEVEL, describe, find_kernel_warnings
 from pyvmm.manage.client import connect
-from pyvmm.manage.launch import wait_exit
 from pyvmm.net.netns import call_in_netns
 
 PROMPT = b"pyvmm:~# "
@@ -60,18 +58,6 @@ def hosts():
     finally:
         for ns in (a, b):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-
-
-@pytest.fixture
-def env(tmp_path, image):
-    values = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "cfg"), XDG_RUNTIME_DIR=str(tmp_path / "rt"))
-    host = connect(tmp_path / "cfg" / "pyvmm" / "vms", tmp_path / "rt" / "pyvmm")
-    yield values, host
-    for name in host.names():
-        pid = host.vm(name).run.pid()
-        if pid is not None:
-            os.kill(pid, signal.SIGKILL)
-            wait_exit(pid, 30)
 
 
 def cli_in(env, netns: str, *args: str) -> str:

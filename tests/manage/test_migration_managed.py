@@ -13,24 +13,18 @@ import sys
 import time
 
 import pytest
+from conftest import managed_env
 
 from helpers.reporting import KVM_GUESTS
 from pyvmm.guests import build_source
-from pyvmm.manage.client import MigrationFailed, connect
+from pyvmm.manage.client import MigrationFailed
 from pyvmm.manage.launch import wait_exit
 
 
 @pytest.fixture
 def env(tmp_path):
-    values = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "cfg"), XDG_RUNTIME_DIR=str(tmp_path / "rt"))
-    host = connect(tmp_path / "cfg" / "pyvmm" / "vms", tmp_path / "rt" / "pyvmm")
-    yield values, host
-    for name in host.names():  # nothing outlives the test
-        pid = host.vm(name).run.pid()
-        if pid is not None:
-            os.kill(pid, signal.SIGKILL)
-            wait_exit(pid, 30)
-
+    """No default image: these VMs are tiny test guests."""
+    yield from managed_env(tmp_path)
 
 def cli(env, *args: str, status: int = 0) -> subprocess.CompletedProcess:
     values, _ = env

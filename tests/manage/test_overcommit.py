@@ -20,7 +20,7 @@ from helpers import host_memory
 from pyvmm.images.kernel_warnings import CONSOLE_LOGLEVEL, describe, find_kernel_warnings
 
 from test_balloon_managed import FILL, FILL_MIB, wait_until
-from test_managed_vms import PROMPT, env, read_until  # noqa: F401 - env: the fixture
+from test_managed_vms import PROMPT, read_until
 
 MIB = 1 << 20
 GUESTS, GUEST_MIB = 3, 256

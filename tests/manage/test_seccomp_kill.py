@@ -16,9 +16,9 @@ import sys
 import time
 
 import pytest
+from conftest import managed_env
 
 from pyvmm.images.kernel_warnings import CONSOLE_LOGLEVEL, describe, find_kernel_warnings
-from pyvmm.manage.client import connect
 from pyvmm.manage.launch import wait_exit
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the kernel log (what seccomp killed) is root's to read")
@@ -37,16 +37,8 @@ os.urandom = _urandom_on_a_device_thread
 
 @pytest.fixture
 def env(tmp_path, image):
-    values = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "cfg"), XDG_RUNTIME_DIR=str(tmp_path / "rt"))
-    values.pop("PYVMM_SECCOMP", None)
-    host = connect(tmp_path / "cfg" / "pyvmm" / "vms", tmp_path / "rt" / "pyvmm")
-    yield values, host
-    for name in host.names():
-        pid = host.vm(name).run.pid()
-        if pid is not None:
-            os.kill(pid, signal.SIGKILL)
-            wait_exit(pid, 30)
-
+    """VMs with pyvmm's default seccomp mode, whatever $PYVMM_SECCOMP says."""
+    yield from managed_env(tmp_path, inherit_seccomp=False)
 
 def cli(values, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "-m", "pyvmm.cli", *args], capture_output=True, text=True,
