@@ -27,6 +27,8 @@ from .arch.x86_64.firmware import write_reset_vector
 from .deadline_timer import DeadlineTimer
 from .devices.legacy import AcpiPower, DebugExitPort, GuestNotify, I8042, Mc146818Rtc, Port80, PvPanic, Uart16550
 from .devices.legacy.debug_exit import exit_status
+from .devices.legacy.fw_cfg import FwCfg, FwCfgPorts, machine_items
+from .devices.legacy.test_device import UNOFFERED_IRQS, TestDevice, TestDeviceIrqPorts
 from .devices.legacy.ged import EVENT_CPU_HOTPLUG, EVENT_PCI_HOTPLUG, GenericEventDevice
 from .devices.legacy.cpu_hotplug import CpuHotplugController
 from .devices.legacy.pci_hotplug import PciHotplugController
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 PCI_ROOT_ID = "pci"
 PCI_HOTPLUG_ID = "pci-hotplug"
 CPU_HOTPLUG_ID = "cpu-hotplug"
+TEST_DEVICE_IDS = ("pc-testdev", "fw-cfg")   # MachineConfig.test_devices
 
 
 def build_vm(config: MachineConfig, console_write: Callable[[bytes], None], *, accel=None,
@@ -242,6 +245,8 @@ def assemble(cleanup: ExitStack, config: MachineConfig, console_write: Callable[
     if config.max_cpus is not None:   # vCPUs plugged in and out (hotplug.set_vcpus)
         port_device(CPU_HOTPLUG_ID, "cpu-hotplug", CpuHotplugController(
             config.cpus, lambda: ged.raise_event(EVENT_CPU_HOTPLUG)), ((layout.CPU_HOTPLUG_PORT, layout.CPU_HOTPLUG_PORT_COUNT),))
+    if config.test_devices:
+        _add_test_devices(port_device, accel, config)
 
     # The RTC's update and alarm interrupts come due without the guest: a timer thread
     # calls it back on either accelerator.
@@ -280,6 +285,18 @@ def assemble(cleanup: ExitStack, config: MachineConfig, console_write: Callable[
                           f"({', '.join(manager.unclaimed())})", "devices")
     return Machine(config, accel, memory, pio, mmio, manager, pci_root, wiring, iothread, rtc_timer, outcomes, releases,
                    device_releases)
+
+
+def _add_test_devices(port_device, accel, config: MachineConfig) -> None:
+    """QEMU's test-kernel devices (--test-devices): pc-testdev and fw_cfg (devices/legacy)."""
+    irqs = [irq for irq in range(layout.TEST_DEVICE_IRQ_PORT_COUNT) if irq not in UNOFFERED_IRQS]
+    device = TestDevice({irq: accel.irq_line(irq) for irq in irqs})
+    port_device(TEST_DEVICE_IDS[0], "pc-testdev", device,
+                ((layout.TEST_DEVICE_PORT, layout.TEST_DEVICE_PORT_COUNT),
+                 (layout.TEST_DEVICE_IRQ_PORT, layout.TEST_DEVICE_IRQ_PORT_COUNT)),
+                windows=[(device, "pc-testdev"), (TestDeviceIrqPorts(device), "pc-testdev-irq")])
+    fw_cfg = FwCfgPorts(FwCfg(machine_items(config.memory, config.cpus, config.possible_cpus)))
+    port_device(TEST_DEVICE_IDS[1], "fw-cfg", fw_cfg, ((layout.FW_CFG_PORT, layout.FW_CFG_PORT_COUNT),))
 
 
 def virtio_devices(config: MachineConfig, console_write, iothread, releases: list, *, vsock_carried=None,

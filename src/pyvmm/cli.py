@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--huge-pages", choices=("none", "2M", "transparent"), default="none",
                      help="back guest RAM with 2 MiB hugetlb pages (reserved on the host) or transparent huge pages")
     run.add_argument("--ksm", action="store_true", help="mark guest RAM mergeable by KSM (when the host runs it)")
+    run.add_argument("--test-devices", action="store_true",
+                     help="the devices QEMU's test kernels use: fw_cfg (ports 0x510-0x511: signature, CPU count, "
+                          "RAM size) and pc-testdev (0xe0 port latch, 0x2000+N drives ISA IRQ N)")
     run.add_argument("--console", metavar="serial|virtio[,transport=pci|mmio]", default="serial",
                      help="the guest's console: serial (COM1, ttyS0; the default) or virtio (hvc0)")
     run.add_argument("--console-port", metavar="NAME=SOCKET", action="append", default=[],
@@ -204,7 +207,8 @@ _FLAGS = {"kernel": "--kernel", "initrd": "--initrd", "boot": "--boot", "cmdline
           "console": "--console", "console_transport": "--console", "console_ports": "--console-port", "numa": "--numa", "virtio_mem_size": "--virtio-mem",
           "virtio_mem_transport": "--virtio-mem",
           "accel": "--accel", "timeout": "--timeout", "reboot": "--reboot", "console_log": "--console-log",
-          "system_map": "--system-map", "balloon": "--balloon", "huge_pages": "--huge-pages", "ksm": "--ksm"}
+          "system_map": "--system-map", "balloon": "--balloon", "huge_pages": "--huge-pages", "ksm": "--ksm",
+          "test_devices": "--test-devices"}
 # Option keys inside a flag's value that are spelled differently from the field ("": unnamed).
 _OPTION_KEYS = {"vhost_user": "vhost-user", "path": "", "amount_mib": "amount", "stats_interval_s": "stats"}
 
@@ -279,7 +283,7 @@ def _cmd_run(args) -> int:
         console_transport=parse_transport(console_options, "console_transport"),
         console_ports=tuple(ConsolePort.parse(text, f"console_ports[{i}]") for i, text in enumerate(args.console_port)),
         balloon=BalloonConfig.parse(args.balloon) if args.balloon is not None else None,
-        huge_pages=args.huge_pages, ksm=args.ksm,
+        huge_pages=args.huge_pages, ksm=args.ksm, test_devices=args.test_devices,
         numa=tuple(parse_numa_node(text, f"numa[{i}]") for i, text in enumerate(args.numa)),
         **_virtio_mem(args.virtio_mem),
     )

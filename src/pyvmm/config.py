@@ -317,6 +317,7 @@ class MachineConfig:
     virtio_mem_size: int = 0            # bytes of a virtio-mem region the guest may plug (0: no device)
     virtio_mem_transport: str = DEFAULT_TRANSPORT
     max_cpus: int | None = None         # CPU hotplug: vCPUs may be added up to this many (None: cpus, no hotplug)
+    test_devices: bool = False          # QEMU's test-kernel devices: fw_cfg and pc-testdev (devices/legacy)
 
     @property
     def possible_cpus(self) -> int:

@@ -27,7 +27,7 @@ from typing import Any, Callable
 from .accel.cross import across_accelerators
 from .arch.x86_64 import layout
 from .arch.x86_64.cpuid import CpuidPolicy
-from .builder import CPU_HOTPLUG_ID, PCI_HOTPLUG_ID, PCI_ROOT_ID, assemble, create_vcpus
+from .builder import CPU_HOTPLUG_ID, PCI_HOTPLUG_ID, PCI_ROOT_ID, TEST_DEVICE_IDS, assemble, create_vcpus
 from .config import MachineConfig
 from .devmgr import DeviceTree, DeviceTreeState
 from .host.vsock import VsockCarryover
@@ -85,6 +85,8 @@ def expected_device_ids(config: MachineConfig) -> list[str]:
     ids = list(FIXED_DEVICE_IDS)
     if config.max_cpus is not None:
         ids.append(CPU_HOTPLUG_ID)
+    if config.test_devices:
+        ids += TEST_DEVICE_IDS
     if config.console == "virtio" or config.console_ports:
         ids.append("virtio-console")
     ids += [config.disk_id(i) for i in range(len(config.disks))]

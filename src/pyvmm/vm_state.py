@@ -109,9 +109,9 @@ class BalloonDescription(State):
 class MachineDescription(State):
     """config.MachineConfig as a state: the machine, whatever the run. Version 2 added the
     balloon and how guest RAM is backed (huge_pages, ksm); version 3 the guest NUMA nodes; version 4
-    the virtio-mem region; version 5 max_cpus (CPU hotplug)."""
+    the virtio-mem region; version 5 max_cpus (CPU hotplug); version 6 test_devices."""
     KIND = "machine"
-    VERSION = 5
+    VERSION = 6
     kernel: str | None
     initrd: str | None
     boot: str
@@ -136,6 +136,7 @@ class MachineDescription(State):
     virtio_mem_size: int = 0
     virtio_mem_transport: str = "pci"
     max_cpus: int | None = None
+    test_devices: bool = False
 
     @classmethod
     def upgrade(cls, version: int, fields: dict) -> dict:
@@ -147,7 +148,9 @@ class MachineDescription(State):
         if version == 3:
             fields = {**fields, **none}
         if version <= 4:
-            return {**fields, "max_cpus": None}
+            fields = {**fields, "max_cpus": None}
+        if version <= 5:
+            return {**fields, "test_devices": False}
         return super().upgrade(version, fields)
 
     def validate(self) -> None:

@@ -32,6 +32,8 @@ def test_kernel(kernel: str, backend: str) -> None:
     expect_done = (backend, kernel) not in NO_DONE
     if run.done != expect_done:
         problems.append("the kernel " + ("did not reach DONE" if expect_done else "reached DONE now: update NO_DONE"))
+    elif run.done and run.exit_value != run.failed:
+        problems.append(f"exit status {run.status}: the debug exit should carry the {run.failed} failed check(s)")
     assert not problems, "\n".join(problems) + "\n--- output ---\n" + run.output[-3000:]
 
 

@@ -2,12 +2,14 @@
 
 The kernels live in tests/conformance/kernels (GNU as, built at test time with the guests'
 common32.inc and the harness's conform.inc). Each prints `CHECK <name> ok|FAIL ...|skip ...`
-lines on COM1 and ends with `DONE` and a debug exit. `run(kernel, backend)` boots it on one
+lines on COM1 and ends with `DONE` and a debug exit whose value is the number of checks that
+failed (the exit status is then 2n+1, isa-debug-exit's). `run(kernel, backend)` boots it on one
 backend and returns the parsed results; a kernel that dies early has no line for the checks it
 did not reach, and `DONE` is missing.
 
 Backends: "tcg" (pyvmm's software CPU), "kvm" (pyvmm on /dev/kvm), "qemu" (qemu-system-x86_64
--accel tcg, the oracle), each a `pyvmm run` / QEMU process of its own.
+-accel tcg, the oracle), each a `pyvmm run` / QEMU process of its own, with the devices QEMU's
+test kernels use (pyvmm --test-devices; QEMU -device pc-testdev, fw_cfg is always there).
 """
 
 from __future__ import annotations
@@ -39,6 +41,17 @@ class Run:
     status: int | None = None
     output: str = ""
     problem: str = ""  # why the backend could not run the kernel at all
+
+    @property
+    def exit_value(self) -> int | None:
+        """The value the kernel wrote to the debug-exit port (status 2n+1), None without one."""
+        if self.status is None or self.status % 2 == 0:
+            return None
+        return self.status >> 1
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for outcome, _ in self.results.values() if outcome == "FAIL")
 
     def outcome(self, check: str) -> str:
         """ok, FAIL, skip, or "missing" (the kernel died before the check)."""
@@ -106,9 +119,9 @@ def _command(backend: str, kernel: pathlib.Path) -> list[str]:
     if backend == "qemu":
         return [QEMU, "-accel", "tcg", "-cpu", QEMU_CPU, "-m", "64", "-kernel", str(kernel),
                 "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot",
-                "-device", "isa-debug-exit,iobase=0xf4,iosize=4"]
+                "-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-device", "pc-testdev"]
     return [sys.executable, "-m", "pyvmm.cli", "run", "--accel", backend, "--memory", "64M",
-            "--kernel", str(kernel)]
+            "--test-devices", "--kernel", str(kernel)]
 
 
 def run(name: str, backend: str, timeout: float = 60) -> Run:

@@ -218,6 +218,8 @@ PYVMM_OPTIONS = (
        "Landlock): {} for the defaults, or uid, gid, netns, cpus, memory_mib, pids, nofile (pyvmm.jail.config)"),
     _f("max_vcpus", "integer", "CPU hotplug: vCPUs can be added to the running VM up to this many "
        "(PUT /pyvmm/vcpus; at least vcpu_count)", minimum=1, maximum=255),
+    _f("test_devices", "boolean", "the devices QEMU's test kernels use: fw_cfg (ports 0x510-0x511) and "
+       "pc-testdev (0xe0 port latch, ISA IRQ lines at 0x2000)", default=False),
 )
 PYVMM_VCPUS = (
     _f("count", "integer", "the vCPUs the VM is to have: added, or removed once the guest has ejected them",
@@ -512,7 +514,7 @@ class VmSpec:
                 self.balloon.get("stats_polling_interval_s", 0), self.balloon.get("free_page_reporting", False),
                 transport),
             huge_pages=_HUGE_PAGES[self.machine.get("huge_pages", "None")], ksm=self.machine.get("ksm", False),
-            max_cpus=self.pyvmm.get("max_vcpus"))
+            max_cpus=self.pyvmm.get("max_vcpus"), test_devices=self.pyvmm.get("test_devices", False))
         options = RunOptions(accel=self.pyvmm.get("accel", "auto"))
         try:
             nodes = tuple(parse_numa_node(text, f"numa[{index}]") for index, text in enumerate(self.pyvmm.get("numa", ())))
@@ -535,7 +537,8 @@ class VmSpec:
                   "cpu_hide": "pyvmm.cpu_hide", "console": "pyvmm.console",
                   "accel": "pyvmm.accel", "rng": "entropy", "huge_pages": "machine-config.huge_pages",
                   "ksm": "machine-config.ksm", "numa": "pyvmm.numa",
-                  "virtio_mem_size": "pyvmm.virtio_mem_mib", "max_cpus": "pyvmm.max_vcpus"}
+                  "virtio_mem_size": "pyvmm.virtio_mem_mib", "max_cpus": "pyvmm.max_vcpus",
+                  "test_devices": "pyvmm.test_devices"}
         if top in simple:
             return simple[top]
         if top.startswith("numa"):

@@ -25,7 +25,7 @@ _MACHINE_OPTIONS: tuple[tuple[str, object, str], ...] = (("kernel", None, "--ker
                     ("net", [], "--net"), ("vsock", None, "--vsock"), ("rng", None, "--rng"),
                     ("console", "serial", "--console"), ("console_port", [], "--console-port"),
                     ("balloon", None, "--balloon"), ("huge_pages", "none", "--huge-pages"), ("ksm", False, "--ksm"),
-                    ("numa", [], "--numa"), ("virtio_mem", None, "--virtio-mem"))
+                    ("numa", [], "--numa"), ("virtio_mem", None, "--virtio-mem"), ("test_devices", False, "--test-devices"))
 
 
 def warm_refusal(args) -> str | None:

@@ -16,7 +16,8 @@
 
 Port I/O: 0x60/0x64 i8042, 0x70-0x71 RTC, 0x80 POST, 0xF4 debug exit, 0x3F8 COM1, 0x505
 pvpanic, 0x600-0x602 ACPI power, 0x610-0x611 guest notify, 0x620-0x623 GED, 0x630-0x63B PCI
-hotplug, 0x640-0x64F CPU hotplug, 0xCF8-0xCFF PCI conf1;
+hotplug, 0x640-0x64F CPU hotplug, 0xCF8-0xCFF PCI conf1; with --test-devices 0xE0-0xEB and
+0x2000-0x200F the ISA test device, 0x510-0x511 fw_cfg;
 0xC000-0xFFFF the PCI I/O BAR window. The device manager (devmgr) hands these out.
 """
 
@@ -108,6 +109,10 @@ RTC_PORT, RTC_PORT_COUNT, RTC_IRQ = 0x70, 2, 8
 POST_PORT = 0x80
 DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_COUNT = 0xF4, 4   # QEMU's isa-debug-exit
 PVPANIC_PORT = 0x505
+# QEMU's test-kernel devices (MachineConfig.test_devices): pc-testdev's latch and IRQ windows, fw_cfg
+TEST_DEVICE_PORT, TEST_DEVICE_PORT_COUNT = 0xE0, 12
+TEST_DEVICE_IRQ_PORT, TEST_DEVICE_IRQ_PORT_COUNT = 0x2000, 16
+FW_CFG_PORT, FW_CFG_PORT_COUNT = 0x510, 2
 ACPI_POWER_PORT_COUNT = 3         # SLEEP_CONTROL, SLEEP_STATUS, RESET
 GUEST_NOTIFY_PORT_COUNT = 2       # GUEST_NOTIFY_PORT, GUEST_STATUS_PORT
 
