@@ -162,12 +162,6 @@ DEVIATIONS: dict[tuple[str, str], str] = {
     # --- pyvmm's software CPU (Unicorn 2.1.4): what is left to fix
     ("tcg", "msr.rdmsr_unknown_gp"): "an unknown MSR reads as 0 as in QEMU (msr_cr_policy.py: not yet checked with Linux)",
     ("tcg", "msr.wrmsr_unknown_gp"): "a write to an unknown MSR is dropped as in QEMU (not yet checked with Linux)",
-    ("tcg", "order.sti_shadow_int.count"): "pending interrupts are injected between slices: STI does not end one",
-    ("tcg", "order.sti_shadow_int.second"): "pending interrupts are injected between slices: STI does not end one",
-    ("tcg", "order.sti_nop_int.first"): "pending interrupts are injected between slices: STI does not end one",
-    ("tcg", "order.sti_nop_int.second"): "pending interrupts are injected between slices: STI does not end one",
-    ("tcg", "order.taken_after_sti"): "pending interrupts are injected between slices: STI does not end one",
-    ("tcg", "nested.np_saved_eip"): "a #NP raised delivering INT n saves the next EIP (a fault saves the INT's)",
 }
 # Kernels the nested kvm_pvm KVM of our development machines cannot run: it stops with an
 # emulation failure (KVM_EXIT_INTERNAL_ERROR) at a 32-bit IRET at CPL0, which every 32-bit

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 # early anyway. Each turn costs fixed Python work, but with 2 vCPUs one may spin waiting for the
 # other: 4 ms boots 1 vCPU about as fast as 10-20 ms and 2 vCPUs faster (6.0 s vs 6.4-7.5 s).
 SLICE = 0.004
-WINDOW_SLICE = 0.0001   # with an interrupt pending but IF=0: check again soon (interrupt window)
+WINDOW_SLICE = 0.0001   # an event pending, its window closed, no window exit (interrupt_window.py): poll soon
 # While another vCPU has an interrupt to take (an IPI, typically), this one is most likely
 # spinning until it has been handled (smp_call_function, TLB shootdowns): a short turn lets the
 # other vCPU take it sooner. Without this, a 2-vCPU Linux boot spent a third of its slices
@@ -276,8 +276,13 @@ class TcgAccelerator:
                 platform.start_cpu_if_asked(vcpu)
                 if vcpu.waiting_for_sipi:
                     continue
-                if vcpu.lapic.nmi_pending and vcpu.nmi_window_open() and vcpu.lapic.take_nmi():
-                    vcpu.inject_nmi()
+                nmi_held = False
+                if vcpu.lapic.nmi_pending:
+                    if vcpu.nmi_window_open():
+                        if vcpu.lapic.take_nmi():
+                            vcpu.inject_nmi()
+                    else:
+                        nmi_held = True
                 pending = platform.pending_vector(vcpu)
                 if pending is not None and vcpu.interrupt_window_open():
                     vcpu.inject_interrupt(platform.acknowledge(vcpu))
@@ -286,7 +291,12 @@ class TcgAccelerator:
                     continue
                 if self._dma_pages:
                     self._drop_stale_code()
-                if pending is not None:
+                windows = vcpu.translator.interrupt_requests is not None
+                if windows and (pending is not None or nmi_held):
+                    # the engine stops (or delivers an NMI) exactly where the window opens
+                    vcpu.want_interrupt_window = pending is not None
+                    vcpu.want_nmi_window = nmi_held and vcpu.nmi_blocked_until_iret()
+                if (pending is not None and not windows) or (nmi_held and not vcpu.want_nmi_window):
                     seconds = WINDOW_SLICE
                 elif len(vcpus) > 1 and (vcpu.spinning or self._other_vcpu_has_interrupt(vcpu)):
                     seconds = SHARED_SLICE

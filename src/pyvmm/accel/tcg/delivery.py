@@ -40,11 +40,16 @@ class _Fault(PyvmmError):
         self.vector, self.error_code = vector, error_code
 
 
-def deliver(cpu, vector: int, *, error_code: int | None = None, software: bool = False, _depth: int = 0) -> None:
-    """Deliver `vector` (RIP must already be the return address); escalate to #DF / triple fault."""
+def deliver(cpu, vector: int, *, error_code: int | None = None, software: bool = False, length: int = 0,
+            _depth: int = 0) -> None:
+    """Deliver `vector` (RIP must already be the return address); escalate to #DF / triple fault.
+    `length`: of the INT n / INT3 / INTO instruction that raised a software interrupt: a fault
+    while delivering it saves the INT's own address (a fault), not the return address."""
     try:
         _deliver_once(cpu, vector, error_code, software)
     except _Fault as fault:
+        if software and length:
+            cpu.rewind_rip(length)
         if vector == DOUBLE_FAULT or _depth >= 3:
             raise TripleFault(f"exception {fault.vector} while delivering exception {vector}") from None
         if _is_double_fault(vector, fault.vector):

@@ -1,4 +1,5 @@
-"""Intercept engine helpers Unicorn 2.1.4 has no hook for: RDMSR, WRMSR, MOV to/from CRn.
+"""Intercept engine helpers Unicorn 2.1.4 has no hook for: RDMSR, WRMSR, MOV to/from CRn (and
+the external-interrupt entry, for interrupt-window exits: interrupt_window.py).
 
 Unicorn's QEMU reads IA32_APIC_BASE as 0 (it has no APIC), checks no reserved bit in a MOV
 to CR0/CR4 or a WRMSR to EFER, and keeps CR8 apart from the APIC's TPR; its hook API only
@@ -39,6 +40,8 @@ PROLOGUES = {
     "helper_wrmsr_x86_64": bytes.fromhex("55488b4c24084889fdba01000000be7c000000"),
     "helper_write_crN_x86_64": bytes.fromhex("41544989d431d2554889fd534863de488b4c24188d7310"),
     "helper_read_crN_x86_64": bytes.fromhex("5531d24889fd534863de89de4883ec08488b4c2418"),
+    # (interrupt_window.py) mov %edx,%r9d; sub $0x8a50,%rdi; xor %r8d,%r8d; xor %ecx,%ecx
+    "do_interrupt_x86_hardirq_x86_64": bytes.fromhex("4189d1" "4881ef508a0000" "4531c0" "31c9"),
 }
 RAISE_FUNCTION = "raise_exception_err_ra_x86_64"
 FILTER = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64,

@@ -19,6 +19,21 @@ x86_cpu_do_interrupt with the engine's CPUState:
 
 A triple fault makes QEMU stop the CPU and leaves its old_exception at #DF, where a successful
 delivery resets it; the vCPU checks that when emu_start returns.
+
+INT n, INT3 and INTO: Unicorn moves EIP past the instruction before its hook runs (for the
+hook's sake; QEMU's delivery pushes exception_next_eip anyway), so a fault raised while
+delivering one (#NP, #GP, #TS, a #PF on the stack) saved the next instruction's address,
+where the SDM has the INT's own (a fault). On the libunicorn build whose CPUState layout pyvmm
+knows (x86_cpu_do_interrupt checked byte for byte), the trampoline first moves EIP back:
+
+    if (env->exception_is_int) {
+        env->eip = env->exception_next_eip - 2;             /* INT n: CD ib */
+        if (vector == 3 || vector == 4)                     /* INT3 (CC), INTO (CE): one byte */
+            if (cpu_ldub_code(env, cs.base + next_eip - 1) == (vector == 3 ? 0xCC : 0xCE))
+                env->eip += 1;
+    }
+
+(A prefixed INT n is taken as starting at its opcode.) Other builds get the short trampoline.
 """
 
 from __future__ import annotations
@@ -31,12 +46,33 @@ import platform
 log = logging.getLogger(__name__)
 
 TRAMPOLINE = bytes.fromhex("48ff4210" "488b3a" "ff6208")
+# The same with the INT's EIP restored (see above), for the build whose offsets it uses:
+# CPUState.exception_index 0x81a0, env at 0x8a50 (eip +0x80, CS base +0xd8),
+# env.error_code 0x9f58, env.exception_is_int 0x9f5c, env.exception_next_eip 0x9f60.
+INT_EIP_TRAMPOLINE = bytes.fromhex(
+    "48ff4210" "488b3a"                 # delivered += 1; rdi = CPUState
+    "83bf5c9f000000" "745b"             # exception_is_int? else deliver
+    "488b87609f0000" "488d48fe" "48898fd08a0000"   # eip = next_eip - 2
+    "8b8fa0810000" "83e903" "83f901" "773b"        # vector 3 or 4? else deliver
+    "52" "57" "4883ec08" "488dbf508a0000" "488d70ff" "4803b7d8000000"
+    "ff5218"                            # al = cpu_ldub_code(env, cs.base + next_eip - 1)
+    "4883c408" "5f" "5a"
+    "83bfa081000003" "7506" "3ccc" "7406" "eb0b" "3cce" "7507"
+    "48ff87d08a0000"                    # INT3 / INTO: eip += 1
+    "ff6208")                           # x86_cpu_do_interrupt(cpu)
 DELIVERY_FUNCTION = "x86_cpu_do_interrupt_x86_64"
+CODE_BYTE_FUNCTION = "cpu_ldub_code_x86_64"
+# x86_cpu_do_interrupt of the build INT_EIP_TRAMPOLINE's offsets come from (its first bytes,
+# which read exception_index, exception_is_int, error_code and exception_next_eip)
+KNOWN_DELIVERY = bytes.fromhex(
+    "538bb7a0810000" "4889fb" "8b8f589f0000" "81feff000000" "7e18" "4863d1" "81ee00010000"
+    "488dbf508a0000" "5b" "e9e222f6ff" "6690" "8b975c9f0000" "4c8b87609f0000")
 
 
 class _HookData(ctypes.Structure):
-    # the layout the trampoline reads
-    _fields_ = [("cpu", ctypes.c_void_p), ("deliver", ctypes.c_void_p), ("delivered", ctypes.c_uint64)]
+    # the layout the trampolines read
+    _fields_ = [("cpu", ctypes.c_void_p), ("deliver", ctypes.c_void_p), ("delivered", ctypes.c_uint64),
+                ("load_code_byte", ctypes.c_void_p)]
 
 
 def _executable_copy(code: bytes) -> mmap.mmap:
@@ -77,12 +113,19 @@ class NativeExceptionDelivery:
             log.info("software CPU: exceptions are delivered in Python (libunicorn exports no %s)",
                      DELIVERY_FUNCTION)
             return None
+        code_byte = getattr(uclib, CODE_BYTE_FUNCTION, None)
+        known = deliver is not None and code_byte is not None \
+            and ctypes.string_at(deliver, len(KNOWN_DELIVERY)) == KNOWN_DELIVERY
+        if not known:
+            log.info("software CPU: an exception raised delivering INT n saves the next EIP "
+                     "(this libunicorn's CPU layout is not the one pyvmm knows)")
         try:
-            page = _executable_copy(TRAMPOLINE)
+            page = _executable_copy(INT_EIP_TRAMPOLINE if known else TRAMPOLINE)
         except OSError as exc:
             log.info("software CPU: exceptions are delivered in Python (no executable page: %s)", exc)
             return None
-        data = _HookData(cpu_address, deliver, 0)
+        load_code_byte = ctypes.cast(code_byte, ctypes.c_void_p).value if code_byte is not None and known else None
+        data = _HookData(cpu_address, deliver, 0, load_code_byte)
         handle = uc_hook_h()
         trampoline = ctypes.addressof(ctypes.c_char.from_buffer(page))
         status = uclib.uc_hook_add(uc._uch, ctypes.byref(handle), UC_HOOK_INTR, ctypes.c_void_p(trampoline),

@@ -25,7 +25,7 @@ from ..dispatch import ExitDispatcher
 from .engine_state import EngineControl, EngineOffsets
 from .fast_registers import FastRegisters
 from .native_delivery import NativeExceptionDelivery
-from . import msr_cr_policy
+from . import interrupt_window, msr_cr_policy
 from .private_state import ContextOffsets, PrivateState
 from .slice_timer import SliceTimer
 from .translated_code import TranslatedCode
@@ -75,6 +75,9 @@ class Translator:
         uc.hook_add(U.UC_HOOK_INSN_INVALID, self._invalid_opcode)
         # RDMSR, WRMSR and MOV to/from CRn where Unicorn's helpers are wrong (no hooks for them)
         self.helpers_patched = msr_cr_policy.install()
+        # Pending interrupts taken where the guest's window opens, not at the next slice end
+        self.interrupt_requests = interrupt_window.InterruptRequests(self.engine.cpu_address, engine.exit_request) \
+            if interrupt_window.install(engine) else None
         self.private = PrivateState(uc, offsets)
         self.regs = FastRegisters(uc)
         self.translated_code = TranslatedCode(uc, memory.regions)
@@ -109,6 +112,7 @@ class Translator:
         # drop the engine (and everything viewing it) now: nothing uses a closed translator
         self.uc = self.private = self.regs = self.engine = self.translated_code = None  # type: ignore[assignment]
         self.native_exceptions = None
+        self.interrupt_requests = None
 
     # --- hooks: to the running vCPU -----------------------------------------------------------
 

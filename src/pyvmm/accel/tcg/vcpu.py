@@ -88,6 +88,9 @@ class TcgVcpu:
         self.halted = False
         self.spinning = False  # the last slice ended in a spin loop (the scheduler's hint)
         self.waiting_for_sipi = index != 0
+        # set by the scheduler for the next slice: stop where an external interrupt / a blocked
+        # NMI can be taken (interrupt_window.py); cleared when the slice ends
+        self.want_interrupt_window = self.want_nmi_window = self.window_exit = False
         self.frozen_tsc: int | None = None  # the guest TSC while the VM is paused (vcpu_state.freeze_tsc)
         self.thread_ident: int | None = None
         # what kick() does: end the running slice; the accelerator also wakes its scheduler
@@ -118,6 +121,12 @@ class TcgVcpu:
         native = self.translator.native_exceptions
         delivered = native.delivered if native is not None else 0
         timer = self.slice_timer
+        requests = self.translator.interrupt_requests
+        if not (self.want_interrupt_window or self.want_nmi_window):
+            requests = None
+        if requests is not None:
+            requests.request(hard=self.want_interrupt_window, nmi=self.want_nmi_window)
+        self.want_interrupt_window = self.want_nmi_window = self.window_exit = False
         timer.begin(self.engine.request_stop, seconds)
         error = None
         running = helper_patch.running
@@ -129,6 +138,9 @@ class TcgVcpu:
         finally:
             running.vcpu = None
             stopped = self._stopped_by_timer = timer.end()
+            if requests is not None:
+                requests.clear()  # the CPUState is every vCPU's: no request outlives the slice
+        stopped = stopped or self.window_exit
         if native is not None:
             self.stats["exceptions"] += native.delivered - delivered
             # Only a triple fault leaves QEMU's #DF tracking set (native_delivery.py), and it ends
@@ -269,22 +281,23 @@ class TcgVcpu:
 
     def exception(self, vector: int) -> None:
         with self._paging_pinned():
-            software = self._is_software_interrupt(vector)
+            length = self._software_interrupt_length(vector)
             error = None
-            if vector in ERROR_CODE_VECTORS and not software:
+            if vector in ERROR_CODE_VECTORS and not length:
                 error = self.private.error_code()
-            self._raise(vector, error, software)
+            self._raise(vector, error, length)
 
     def invalid_opcode(self) -> bool:
         with self._paging_pinned():
             self._raise(INVALID_OPCODE)
         return True  # handled: continue at the handler (or stop, after a triple fault)
 
-    def _raise(self, vector: int, error: int | None = None, software: bool = False) -> None:
+    def _raise(self, vector: int, error: int | None = None, length: int = 0) -> None:
+        """Deliver an exception; `length`: of the INT n / INT3 / INTO that raised it (0: a fault)."""
         self.stats["exceptions"] += 1
         self._in_exception = True
         try:
-            deliver(self, vector, error_code=error, software=software)
+            deliver(self, vector, error_code=error, software=bool(length), length=length)
         except TripleFault as exc:
             log.debug("vCPU %d: triple fault: %s", self.index, exc)
             self._exit = _SHUTDOWN
@@ -292,14 +305,20 @@ class TcgVcpu:
         finally:
             self._in_exception = False
 
-    def _is_software_interrupt(self, vector: int) -> bool:
-        """INT n / INT3 / INTO leave RIP after the instruction; faults leave it on the instruction."""
+    def _software_interrupt_length(self, vector: int) -> int:
+        """INT n / INT3 / INTO leave RIP after the instruction (its length is returned); faults
+        leave it on the instruction (0)."""
         try:
             before = self.read_linear(self.linear_rip - 2, 2)
         except Exception:
-            return False
-        return (before[0] == 0xCD and before[1] == vector) or (vector == 3 and before[1] == 0xCC) \
-            or (vector == 4 and before[1] == 0xCE)
+            return 0
+        if (vector == 3 and before[1] == 0xCC) or (vector == 4 and before[1] == 0xCE):
+            return 1
+        return 2 if before[0] == 0xCD and before[1] == vector else 0
+
+    def rewind_rip(self, length: int) -> None:
+        """Back to the INT instruction whose delivery faulted (delivery.py)."""
+        self._set_rip((self.rip - length) & (_NEVER if self.long_mode else 0xFFFFFFFF))
 
     def inject_interrupt(self, vector: int) -> None:
         """Deliver an external interrupt now (the scheduler checked IF and the STI shadow)."""
@@ -317,6 +336,11 @@ class TcgVcpu:
         """No NMI in service (none delivered since the last IRET) and no MOV SS / STI shadow."""
         self.translator.activate(self)
         return not self.private.nmi_blocked() and not self.private.interrupts_inhibited()
+
+    def nmi_blocked_until_iret(self) -> bool:
+        """An NMI is in service (blocking the next until IRET), outside any STI / MOV SS shadow."""
+        self.translator.activate(self)
+        return self.private.nmi_blocked() and not self.private.interrupts_inhibited()
 
     def inject_nmi(self) -> None:
         """Deliver an NMI (vector 2, whatever IF says); NMIs stay blocked until the next IRET."""
