@@ -244,7 +244,9 @@ def set_vcpus(vm, count: int, *, timeout: float = DEFAULT_EJECT_TIMEOUT) -> None
                 # An accelerator with a thread per vCPU gives the new one its own loop; the
                 # software CPU's scheduler runs it with the others.
                 own = [loop for loop in loops if loop.vcpus == [vcpu]]
-                if own:
+                if vcpu.thread_ident is not None:   # unplugged before, its thread parked (KVM)
+                    vm.wake_unplugged()
+                elif own:
                     vm.start_run_loop(own[0])
                 else:
                     vcpu.thread_ident = vm.vcpus[0].thread_ident
@@ -260,10 +262,7 @@ def set_vcpus(vm, count: int, *, timeout: float = DEFAULT_EJECT_TIMEOUT) -> None
             if len(vm.vcpus) <= count:
                 return
             index = len(vm.vcpus) - 1
-            remove = getattr(vm.accel, "remove_vcpu", None)
-            if remove is None:
-                raise HotplugError(f"removing vCPUs is not supported on {vm.accel.name} (KVM cannot destroy a vCPU; "
-                                   "pyvmm does not park them yet): the software CPU can")
+            remove = vm.accel.remove_vcpu
         if not _eject_cpu(controller, index, timeout):
             raise HotplugError(f"the guest has not released vCPU {index} within {timeout:g} s (it may refuse to "
                                f"take the CPU offline); the VM keeps {index + 1} vCPUs")

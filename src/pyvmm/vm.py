@@ -252,6 +252,23 @@ class Vm:
             finally:
                 self._parked -= 1
 
+    def unplugged_point(self, unplugged: Callable[[], bool]) -> None:
+        """VmServices: a vCPU unplugged from the running VM parks its thread here until it is
+        plugged again (wake_unplugged) or the VM stops; pause() does not wait for it meanwhile."""
+        with self._lock:
+            self._running -= 1
+            self._changed.notify_all()
+            try:
+                while unplugged() and not self.stop_requested.is_set():
+                    self._changed.wait()
+            finally:
+                self._running += 1
+
+    def wake_unplugged(self) -> None:
+        """A vCPU whose thread waits at unplugged_point() was plugged in again."""
+        with self._lock:
+            self._changed.notify_all()
+
     def close(self) -> None:
         if self._closed:
             return

@@ -49,6 +49,11 @@ class VmServices(Protocol):
     def guest_exit(self, vcpu: "Vcpu", exit_: VcpuExit) -> None:
         """An exit the dispatcher does not serve itself: it ends the VM."""
 
+    def unplugged_point(self, unplugged: Callable[[], bool]) -> None:
+        """Outside the guest, for a vCPU taken out of the machine whose thread stays (KVM cannot
+        destroy a vCPU): wait while `unplugged()` holds and the VM runs, not counted by the pause
+        barrier meanwhile."""
+
 
 @dataclass(frozen=True)
 class VcpuCounters:
@@ -119,6 +124,10 @@ class Accelerator(Protocol):
                          datamatch: int | None = None) -> None: ...
 
     def create_vcpu(self, index: int, count: int, policy: CpuidPolicy) -> Vcpu: ...
+
+    def remove_vcpu(self, vcpu: Vcpu) -> None:
+        """Take the highest-numbered vCPU out of the machine (CPU hotplug, the VM paused): it
+        never runs again unless create_vcpu() plugs its index in again."""
 
     def run_loops(self, vm: VmServices) -> list[RunLoop]:
         """The threads' bodies that run every vCPU until `vm.stop_requested` is set."""

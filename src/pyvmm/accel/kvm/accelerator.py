@@ -24,7 +24,7 @@ from ...kvm.system import CpuidEntry
 from ...memory.dirty import DirtyBitmap, DirtyTrackingUnavailable
 from ...memory.guest_memory import GuestMemory
 from ...persist import State, StateError, require
-from ..base import RunLoop, VmServices
+from ..base import RunLoop, Vcpu, VmServices
 from ..dispatch import ExitDispatcher
 from . import state as kvm_state
 from .interrupts import KvmIoEventFds, KvmMsiRouter, KvmMsiVector
@@ -91,6 +91,7 @@ class KvmAccelerator:
         self._msr_indices: set[int] | None = None
         self._xsave_size: int | None | bool = False  # False: not asked yet
         self.vcpus: list[KvmVcpu] = []
+        self._unplugged: dict[int, KvmVcpu] = {}  # index -> a vCPU taken out (remove_vcpu), kept for its return
         self._msi_router: KvmMsiRouter | None = None  # created with the first MSI vector
         self._ioeventfds = KvmIoEventFds(self.vm_fd)
         self._dispatch: ExitDispatcher | None = None
@@ -178,6 +179,13 @@ class KvmAccelerator:
         return self._supported_cpuid
 
     def create_vcpu(self, index: int, count: int, policy: CpuidPolicy) -> "KvmVcpu":
+        """vCPU `index` of `count` possible ones; one unplugged before comes back instead (its fd,
+        state and parked thread): the guest restarts it with INIT and SIPI, as a new one."""
+        unplugged = self._unplugged.pop(index, None)
+        if unplugged is not None:
+            unplugged.unplugged = False
+            self.vcpus.append(unplugged)
+            return unplugged
         install_kick_handler()
         vcpu = KvmVcpu(self, self.vm_fd.create_vcpu(index), index)
         tsc_khz = vcpu.fd.get_tsc_khz()
@@ -193,8 +201,24 @@ class KvmAccelerator:
         vcpu.set_msrs(msrs.boot_msrs())
         if index == 0:
             vcpu.set_virtual_wire_lints()
+        else:
+            # KVM builds its APIC ID map (physical-destination IPIs) while creating the vCPU, before
+            # it counts as online: without another LAPIC write a vCPU added to a VM that already
+            # has one never gets the INIT and SIPI sent to its APIC ID. KVM_SET_LAPIC rebuilds it.
+            vcpu.fd.set_lapic(vcpu.fd.get_lapic())
         self.vcpus.append(vcpu)
         return vcpu
+
+    def remove_vcpu(self, vcpu: Vcpu) -> None:
+        """Unplug `vcpu` (CPU hotplug, the VM paused). KVM cannot destroy a vCPU: it stays kicked,
+        its thread parks (VmServices.unplugged_point) and it never enters the guest again until
+        create_vcpu() brings it back. Only the highest-numbered vCPU goes: indices stay contiguous."""
+        if vcpu is not self.vcpus[-1] or vcpu.index == 0:
+            raise ValueError(f"vCPU {vcpu.index} is not the last one, or is the boot CPU")
+        unplugged = self.vcpus.pop()
+        self._unplugged[unplugged.index] = unplugged
+        unplugged.unplugged = True
+        unplugged.kick()
 
     # --- what the guest sees of its CPU (kept across accelerators: accel/cross.py) ----------
 
@@ -290,9 +314,10 @@ class KvmAccelerator:
             self._frozen_clock_ns = None
 
     def close(self) -> None:
-        for vcpu in self.vcpus:
+        for vcpu in [*self.vcpus, *self._unplugged.values()]:
             vcpu.fd.close()
         self.vcpus.clear()
+        self._unplugged.clear()
         if self._msi_router is not None:
             self._msi_router.close()
         self._ioeventfds.close()

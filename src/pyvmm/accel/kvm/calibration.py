@@ -94,6 +94,9 @@ class _CalibrationRun:
     def pause_point(self) -> None:
         pass
 
+    def unplugged_point(self, unplugged) -> None:
+        pass  # the calibration VM never unplugs its vCPU
+
     def guest_exit(self, vcpu, exit_) -> None:
         self.failure = getattr(exit_, "message", "") or f"the guest stopped ({type(exit_).__name__})"
         self.stop_requested.set()

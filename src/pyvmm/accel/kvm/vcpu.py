@@ -53,13 +53,17 @@ class KvmVcpu:
         self.assists: dict[str, int] = {}
         self.assist_refusal = ""  # why pyvmm could not complete the last instruction it knew
         self._symbols: object | None = None  # the guest kernel's, named in errors (from the VM, when it runs)
+        # Taken out of the machine (CPU hotplug): KVM cannot destroy a vCPU, so its thread parks
+        # (VmServices.unplugged_point) and its fd and state wait to be plugged in again.
+        self.unplugged = False
+        self._vm: VmServices | None = None
 
     # --- running ----------------------------------------------------------------------------
 
     def run_loop(self, vm: VmServices, dispatch: ExitDispatcher) -> None:
         """Enter the guest and serve its exits until the VM stops. The hot path: port I/O and
         MMIO are decoded inline, one exit object each, straight to the dispatcher."""
-        self._symbols = vm.symbols
+        self._symbols, self._vm = vm.symbols, vm
         fd, stopped = self.fd, vm.stop_requested
         enter, page = fd.run, fd.page
         run = fd.run_struct
@@ -89,6 +93,8 @@ class KvmVcpu:
         """The neutral exit for anything but I/O; None when pyvmm completed an instruction KVM
         could not emulate (the guest simply goes on)."""
         if reason == RUN_INTERRUPTED or reason == uapi.KVM_EXIT_INTR:
+            if self.unplugged and self._vm is not None:  # kicked for good (remove_vcpu): park
+                self._vm.unplugged_point(lambda: self.unplugged)
             return INTERRUPTED
         if reason == uapi.KVM_EXIT_HLT:
             return HLT

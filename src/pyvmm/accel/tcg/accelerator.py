@@ -31,7 +31,7 @@ from ...bus.bus import Bus
 from ...bus.interrupt import IrqLine
 from ...memory.dirty import DirtyBitmap
 from ...memory.guest_memory import GuestMemory
-from ..base import RunLoop, VmServices
+from ..base import RunLoop, Vcpu, VmServices
 from ..dispatch import ExitDispatcher
 from ..exits import HLT, INTERRUPTED
 from .cpuid import CpuidTable, tcg_cpuid_tables
@@ -179,16 +179,16 @@ class TcgAccelerator:
         self.vcpus.append(vcpu)
         return vcpu
 
-    def remove_vcpu(self, vcpu: TcgVcpu) -> None:
+    def remove_vcpu(self, vcpu: Vcpu) -> None:
         """Unplug `vcpu` (CPU hotplug, the VM paused): the scheduler runs it no more, its LAPIC
         leaves the machine. Only the highest-numbered vCPU goes: indices stay contiguous."""
         if vcpu is not self.vcpus[-1] or vcpu.index == 0:
             raise ValueError(f"vCPU {vcpu.index} is not the last one, or is the boot CPU")
-        self.vcpus.remove(vcpu)
-        self.platform.remove_cpu(vcpu.lapic)
+        removed = self.vcpus.pop()
+        self.platform.remove_cpu(removed.lapic)
         if self._translator is not None:
-            self._translator.forget(vcpu)
-        vcpu.close()
+            self._translator.forget(removed)
+        removed.close()
 
     # --- what the guest sees of its CPU (kept across accelerators: accel/cross.py) ----------
 
