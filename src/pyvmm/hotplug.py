@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import threading
 import time
+from typing import Callable
 
 from .builder import PCI_HOTPLUG_ID, make_disk, make_net
 from .config import DiskConfig, MachineConfig, NetConfig
@@ -125,10 +126,13 @@ def _plug(vm, machine: MachineConfig, device_id: str, kind: str, device, release
     controller.device_inserted(slot)
 
 
-def detach(vm, device_id: str, *, timeout: float = DEFAULT_EJECT_TIMEOUT, force: bool = False) -> None:
+def detach(vm, device_id: str, *, timeout: float = DEFAULT_EJECT_TIMEOUT, force: bool = False,
+           on_unplugged: Callable[[], None] | None = None) -> None:
     """Take device `device_id` out of running `vm` once the guest has ejected it; `force`:
     without waiting for the guest. A guest that has not ejected it within `timeout` seconds
-    gets a HotplugError; the request stays, and the device leaves when the guest lets it go."""
+    gets a HotplugError; the request stays, and the device leaves when the guest lets it go.
+    `on_unplugged()` runs once the device has left, whenever that is (a late eject included),
+    so that views kept beside the VM (the API's configuration) follow the guest."""
     with _lock:
         _running(vm)
         manager = vm.device_manager
@@ -145,19 +149,22 @@ def detach(vm, device_id: str, *, timeout: float = DEFAULT_EJECT_TIMEOUT, force:
         controller.request_eject(slot)
         if force:
             _unplug(vm, device_id, slot)
+            if on_unplugged is not None:
+                on_unplugged()
             return
-    if _wait_and_unplug(vm, device_id, slot, timeout):
+    if _wait_and_unplug(vm, device_id, slot, timeout, on_unplugged):
         return
-    threading.Thread(target=_wait_and_unplug, args=(vm, device_id, slot, None), name=f"pyvmm-unplug-{device_id}",
-                     daemon=True).start()
+    threading.Thread(target=_wait_and_unplug, args=(vm, device_id, slot, None, on_unplugged),
+                     name=f"pyvmm-unplug-{device_id}", daemon=True).start()
     raise HotplugError(f"the guest has not released {device_id} within {timeout:g} s (is it in use, or does the "
                        f"guest lack ACPI PCI hotplug?); it stays attached until the guest ejects it "
                        f"(--force unplugs it now, losing the guest's requests in flight)")
 
 
-def _wait_and_unplug(vm, device_id: str, slot: int, timeout: float | None) -> bool:
+def _wait_and_unplug(vm, device_id: str, slot: int, timeout: float | None,
+                     on_unplugged: Callable[[], None] | None = None) -> bool:
     """Wait (`timeout` seconds, None: while the VM runs) for the guest's eject of `slot`, then
-    unplug `device_id` if it is still there; whether the guest ejected it."""
+    unplug `device_id` if it is still there (and call `on_unplugged`); whether the guest ejected it."""
     controller = vm.devices[PCI_HOTPLUG_ID]
     waited = 0.0
     while timeout is None or waited < timeout:
@@ -165,8 +172,11 @@ def _wait_and_unplug(vm, device_id: str, slot: int, timeout: float | None) -> bo
         if controller.wait_ejected(slot, step):
             with _lock:
                 node = vm.device_manager.tree.get(device_id)
-                if not vm.stopped and node is not None and node.resources.pci_slot == slot:
+                unplugging = not vm.stopped and node is not None and node.resources.pci_slot == slot
+                if unplugging:
                     _unplug(vm, device_id, slot)
+            if unplugging and on_unplugged is not None:
+                on_unplugged()
             return True
         waited += step
         if vm.stopped:

@@ -65,11 +65,13 @@ def _delete(instance: VmInstance, device_id: str, query: dict[str, str], table: 
         vm = instance._require_vm()
         if device_id not in table:
             raise ConfigError(f"{device_id!r}: no such {what}", f"{what}_id" if what == "drive" else "iface_id")
-    detach(vm, device_id, timeout=timeout, force=force)    # the guest ejects it meanwhile
-    with instance.lock:
-        table.pop(device_id, None)
-        if instance.vm is vm:
-            _keep_machine(instance, vm)
+    def unplugged() -> None:    # now, or later: a guest that ejects after the timeout
+        with instance.lock:
+            if instance.vm is vm:
+                table.pop(device_id, None)
+                _keep_machine(instance, vm)
+
+    detach(vm, device_id, timeout=timeout, force=force, on_unplugged=unplugged)   # the guest ejects it meanwhile
 
 
 def _options(query: dict[str, str]) -> tuple[float, bool]:

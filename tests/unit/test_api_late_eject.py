@@ -1,0 +1,57 @@
+"""A detach over the per-VM API that times out (the guest has not ejected the device yet) is a
+400 and the device stays; when the guest ejects it later, the device leaves the device tree
+and GET /vm/config follows, with no further request. The guest's eject is written to the PCI
+hotplug controller as its _EJ0 would (tiny guest on the software CPU: guests/counter.S)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from helpers.reporting import KVM_GUESTS
+from pyvmm.api.instance import VmInstance
+from pyvmm.api.schema import VmSpec
+from pyvmm.api.server import ApiServer
+from pyvmm.builder import PCI_HOTPLUG_ID
+from pyvmm.devices.legacy.pci_hotplug import EJECTED
+from pyvmm.guests import build_source
+from pyvmm.manage.client import ApiClient, ApiError
+
+
+@pytest.fixture
+def running(tmp_path):
+    instance = VmInstance("late", VmSpec(pyvmm={"accel": "tcg"}))
+    server = ApiServer(instance, str(tmp_path / "api.sock")).start()
+    api = ApiClient(str(tmp_path / "api.sock"), timeout=30)
+    api.put("/machine-config", {"vcpu_count": 1, "mem_size_mib": 16})
+    api.put("/boot-source", {"kernel_image_path": str(build_source(KVM_GUESTS / "counter.S", 64))})
+    api.put("/actions", {"action_type": "InstanceStart"})
+    try:
+        yield instance, api
+    finally:
+        instance.stop(wait=30)
+        server.close()
+
+
+def test_a_late_eject_reaches_the_device_tree_and_the_config(running, tmp_path):
+    instance, api = running
+    disk = tmp_path / "data.img"
+    disk.write_bytes(bytes(8192))
+    api.put("/drives/data", {"drive_id": "data", "path_on_host": str(disk), "is_root_device": False})
+    assert [d["drive_id"] for d in api.get("/vm/config")["drives"]] == ["data"]
+    with pytest.raises(ApiError) as error:
+        api.request("DELETE", "/drives/data?timeout=0.2")
+    assert error.value.status == 400 and "has not released data" in error.value.fault_message
+    assert [d["drive_id"] for d in api.get("/vm/config")["drives"]] == ["data"]   # still there: the guest has it
+
+    vm = instance.vm
+    slot = vm.device_manager.tree.get("data").resources.pci_slot
+    vm.devices[PCI_HOTPLUG_ID].write(EJECTED, (1 << slot).to_bytes(4, "little"))   # the guest lets go, late
+    deadline = time.monotonic() + 20
+    while api.get("/vm/config")["drives"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert api.get("/vm/config")["drives"] == []
+    assert "data" not in vm.device_manager.tree and vm.machine.disks == ()
+    api.put("/drives/data", {"drive_id": "data", "path_on_host": str(disk), "is_root_device": False})   # id free again
+    assert [d["drive_id"] for d in api.get("/vm/config")["drives"]] == ["data"]
