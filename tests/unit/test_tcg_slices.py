@@ -208,13 +208,15 @@ def test_slice_timer_stops_a_slice_at_its_deadline_and_not_after_it_ended():
         timer.close()
 
 
-def test_slice_timer_kick_stops_at_once_and_repeats_until_the_slice_returns():
+def test_slice_timer_kick_stops_at_once_and_repeats_from_the_deadline_until_the_slice_returns():
     timer, stop = SliceTimer(), _Stops()
     try:
-        timer.begin(stop, 60)
+        timer.begin(stop, 0.3)
         timer.kick()
         assert stop.calls == 1
-        time.sleep(0.05)  # the first stop may have been lost: it is repeated
+        time.sleep(0.1)  # a kick leaves the timer thread asleep: no repeat before the deadline
+        assert stop.calls == 1
+        time.sleep(0.4)  # the first stop may have been lost: repeated from the deadline on
         assert stop.calls > 1
         assert timer.end() is True
         calls = stop.calls

@@ -9,7 +9,11 @@ boundary: between two instructions (see engine_state.py).
 
 A stop can be lost: one that arrives after `begin()` but before emu_start has reset the
 engine's stop state is forgotten. So while a slice that was stopped is still running, the
-thread repeats the stop every RETRY seconds.
+thread repeats the stop every RETRY seconds from when it next wakes: at the slice's deadline
+for a kick (the window is a few microseconds at a slice's start, and a slice is at most a
+few milliseconds long). A kick does not wake the thread: it came with every interrupt a
+device raised, and on a busy host each such wake-up preempted the thread running the guest
+(about ten per KiB of guest->host TCP, issue 17).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ class SliceTimer:
         self._stop: Callable[[], None] | None = None  # stops the running slice; None between slices
         self._deadline = 0.0        # time.monotonic() at which the slice ends
         self._stopped = False       # stop() was called for the running slice
+        self._repeat_at = 0.0       # when to repeat that stop if the slice has not returned by then
         self._sleeping_until = math.inf
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -50,11 +55,11 @@ class SliceTimer:
             return self._stopped
 
     def kick(self) -> None:
-        """End the running slice, if any, as soon as possible (any thread)."""
+        """End the running slice, if any, as soon as possible (any thread). The thread is left
+        asleep: it repeats a stop that may have been lost when it wakes for the deadline."""
         with self._cond:
             if self._stop is not None and not self._stopped:
                 self._stop_locked()
-                self._cond.notify()  # the thread now repeats the stop until the slice returns
 
     def close(self) -> None:
         with self._cond:
@@ -68,6 +73,7 @@ class SliceTimer:
         stop = self._stop
         assert stop is not None  # callers hold the lock and checked that a slice runs
         self._stopped = True
+        self._repeat_at = max(self._deadline, time.monotonic() + RETRY)
         stop()
 
     def _run(self) -> None:
@@ -80,10 +86,11 @@ class SliceTimer:
                     continue
                 now = time.monotonic()
                 if self._stopped:  # not returned yet: the stop may have been lost, repeat it
-                    self._sleeping_until = now + RETRY
-                    cond.wait(RETRY)
-                    if self._stop is not None and self._stopped and time.monotonic() >= self._sleeping_until:
+                    if now >= self._repeat_at:
                         self._stop()
+                        self._repeat_at = now + RETRY
+                    self._sleeping_until = self._repeat_at
+                    cond.wait(self._repeat_at - now)
                     continue
                 if now >= self._deadline:
                     self._stop_locked()
