@@ -257,7 +257,7 @@ def assemble(cleanup: ExitStack, config: MachineConfig, console_write: Callable[
     port_device("rtc", "mc146818-rtc", rtc, ((layout.RTC_PORT, layout.RTC_PORT_COUNT),), (layout.RTC_IRQ,))
 
     iothread = IoThread(on_error=lambda exc: stop(VmOutcome(
-        "vmm-error", EXIT_VMM_ERROR, f"I/O thread: {type(exc).__name__}: {exc}")))
+        "vmm-error", EXIT_VMM_ERROR, f"I/O thread: {type(exc).__name__}: {exc}")), yields=accel.io_thread_yields)
     cleanup.callback(iothread.stop)
     # The root complex registers conf1 and ECAM itself; the tree records them and its BAR windows.
     mmio64_window = layout.pci_mmio64_window(config.memory)

@@ -8,6 +8,13 @@ loop's owner through `on_error` (the VM stops with a VMM error) instead of dying
 paused VM's devices touch neither the guest nor its memory. `call_later()` runs a callback
 on the thread after a delay (a rate limiter's refill): the wait is the select() timeout, no
 polling, and a paused thread runs none until it resumes.
+
+`yields=True` (the software CPU) makes the thread SCHED_BATCH: its wake-ups no longer preempt
+the thread running on the CPU it wakes on. There, every kick wakes it from the one thread that
+runs the guest, and the wake-up preempted that thread on a busy host: the guest stood still
+until its kick was served, so a guest->host TCP stream got each packet's ACK before its next
+write and sent every 1 KiB write as a packet of its own (issue 17). The guest now keeps running
+while its kick is served, as on KVM, where the kick is an ioeventfd.
 """
 
 from __future__ import annotations
@@ -37,6 +44,14 @@ def drain_eventfd(fd: int) -> int:
         return 0
 
 
+def yield_on_wake() -> None:
+    """Make the calling thread SCHED_BATCH (it only lowers how eagerly the thread is run)."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except OSError as exc:  # a host that refuses it: the thread works as before, only less kindly
+        log.debug("cannot make the I/O thread SCHED_BATCH: %s", exc.strerror)
+
+
 class TimerHandle:
     """A call_later() callback; cancel() before it runs and it never does."""
 
@@ -48,9 +63,11 @@ class TimerHandle:
 
 
 class IoThread:
-    def __init__(self, name: str = "pyvmm-io", on_error: Callable[[BaseException], None] | None = None) -> None:
+    def __init__(self, name: str = "pyvmm-io", on_error: Callable[[BaseException], None] | None = None, *,
+                 yields: bool = False) -> None:
         self.name = name
         self.on_error = on_error
+        self.yields = yields  # SCHED_BATCH (module docstring)
         self._selector = selectors.DefaultSelector()
         self._wake = make_eventfd()
         self._selector.register(self._wake, selectors.EVENT_READ, None)
@@ -171,6 +188,8 @@ class IoThread:
 
     def _run(self) -> None:
         try:
+            if self.yields:
+                yield_on_wake()
             if self.thread_init is not None:
                 self.thread_init()
             while not self._stopping:

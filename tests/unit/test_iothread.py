@@ -89,3 +89,19 @@ def test_call_later_runs_on_the_thread_after_the_delay_in_deadline_order_and_not
         assert fired.wait(5)
     finally:
         thread.stop()
+
+
+def test_a_yielding_io_thread_is_sched_batch_and_the_default_one_is_not():
+    policies = {}
+    for yields in (False, True):
+        iothread = IoThread(yields=yields)
+        iothread.start()
+        done = threading.Event()
+
+        def record(yields=yields, done=done):
+            policies[yields] = os.sched_getscheduler(0)
+            done.set()
+        iothread.call_soon(record)
+        assert done.wait(5)
+        iothread.stop()
+    assert policies == {False: os.SCHED_OTHER, True: os.SCHED_BATCH}

@@ -118,3 +118,27 @@ def test_the_cli_refuses_a_bad_mode_in_one_line(monkeypatch):
     assert env_bad.returncode == 2, env_bad
     assert env_bad.stderr.strip().splitlines() == ["pyvmm: error: PYVMM_SECCOMP must be one of kill, log, off "
                                                    "(got 'strict')"]
+
+
+def test_the_io_thread_may_make_itself_sched_batch_under_the_filters_and_nothing_else():
+    result = run_python("""
+        import os, threading
+        from pyvmm import seccomp
+        from pyvmm.iothread import IoThread
+        seccomp.configure("kill")
+        seccomp.install_process_filter()
+        iothread = IoThread(yields=True)
+        iothread.thread_init = lambda: seccomp.enter_thread("io", "vmm-io")
+        iothread.start()
+        def check():   # (the thread made itself SCHED_BATCH as it started: test_iothread.py)
+            print("started", flush=True)
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))   # allowed
+            print("batch ok", flush=True)
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))   # refused
+            print("survived", flush=True)
+        iothread.call_soon(check)
+        threading.Event().wait(10)
+    """)
+    assert result.returncode == -signal.SIGSYS, result
+    assert "started" in result.stdout and "batch ok" in result.stdout, result
+    assert "survived" not in result.stdout

@@ -142,6 +142,10 @@ class Accelerator(Protocol):
     def thaw_time(self) -> None:
         """The VM resumes: guest time continues from where it stood."""
 
+    # Whether the I/O thread must not preempt the guest when a kick wakes it (IoThread `yields`):
+    # true where one host thread runs the guest and wakes the I/O thread itself (the software CPU).
+    io_thread_yields: bool
+
     # Whether start_dirty_log() logs every page the guest's vCPUs write by itself (KVM's dirty
     # log), so that a host without write-protection tracking still tracks a guest here.
     logs_guest_writes: bool

@@ -121,6 +121,14 @@ THREADS = [
 ]
 ANSWERED_ENOSYS = {"clone3": errno.ENOSYS}
 
+# The software CPU's I/O thread makes itself SCHED_BATCH as it starts (iothread.py), under the
+# process filter: only that policy, only for the calling thread (it cannot raise a priority).
+SCHED_BATCH = 3
+SCHEDULING = [
+    ("sched_setscheduler", "the I/O thread yields to the guest's thread (SCHED_BATCH, itself only)",
+     (ArgCmp(0, 0, 0xFFFFFFFF), ArgCmp(1, SCHED_BATCH, 0xFFFFFFFF))),
+]
+
 # Installing a thread's own filter (libseccomp: prctl(PR_SET_NO_NEW_PRIVS), then seccomp()),
 # and naming the thread for the kernel's log: prctl is filtered by its option.
 PR_SET_NAME, PR_GET_NAME, PR_SET_NO_NEW_PRIVS, PR_GET_NO_NEW_PRIVS = 15, 16, 38, 39
@@ -304,6 +312,8 @@ def rules_for(kind: str, *, spawn: bool = False) -> list[Rule]:
     else:
         rules += [Rule(name, conditions) for name, _why, conditions in THREADS]
     rules += [Rule(name, conditions) for name, _why, conditions in FILTERING]
+    if kind in ("process", "io"):
+        rules += [Rule(name, conditions) for name, _why, conditions in SCHEDULING]
     if kind != "process":
         rules += [Rule(name, conditions) for name, _why, conditions in UNIX_SOCKETS]
     rules += [Rule("ioctl", (ArgCmp(1, number, 0xFFFFFFFF),)) for number in sorted(ioctls_for(kind))]

@@ -75,6 +75,7 @@ class KvmAccelerator:
 
     name = "kvm"
     logs_guest_writes = True  # KVM_MEM_LOG_DIRTY_PAGES
+    io_thread_yields = False  # kicks are ioeventfds: the vCPU stays in the guest meanwhile
     linux_cmdline = ""
     memory: GuestMemory  # set by map_memory()
 
