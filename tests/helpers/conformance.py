@@ -160,8 +160,6 @@ DEVIATIONS: dict[tuple[str, str], str] = {
     ("qemu", "multiboot.mem_lower"): "QEMU's information lay in the kernel's .bss, which the kernel cleared",
     ("qemu", "multiboot.cmdline_outside_image"): "QEMU's information lay in the kernel's .bss, which the kernel cleared",
     # --- pyvmm's software CPU (Unicorn 2.1.4): what is left to fix
-    ("tcg", "msr.rdmsr_unknown_gp"): "an unknown MSR reads as 0 as in QEMU (msr_cr_policy.py: not yet checked with Linux)",
-    ("tcg", "msr.wrmsr_unknown_gp"): "a write to an unknown MSR is dropped as in QEMU (not yet checked with Linux)",
 }
 # Kernels the nested kvm_pvm KVM of our development machines cannot run: it stops with an
 # emulation failure (KVM_EXIT_INTERNAL_ERROR) at a 32-bit IRET at CPL0, which every 32-bit

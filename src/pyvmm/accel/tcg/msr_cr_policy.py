@@ -3,9 +3,14 @@ RDMSR/WRMSR/MOV-CR, vol. 3 2.5 and 10.4.4): IA32_APIC_BASE and CR8 are the local
 reserved bits of CR0, CR4 (every bit of a feature CPUID does not announce), EFER and
 IA32_APIC_BASE raise #GP(0); the x2APIC MSRs raise #GP(0) (x2APIC is not announced).
 
-The helpers reach these through helper_patch.py; every other MSR and control register keeps
-Unicorn's behaviour (an unknown MSR still reads as 0: a #GP there is what the SDM says, but the
-Linux guests this CPU boots have not been checked against it).
+An MSR this CPU does not implement raises #GP(0), as the SDM says (RDMSR/WRMSR: "if the value
+in ECX specifies a reserved or unimplemented MSR address"); Unicorn's QEMU read it as 0 and
+dropped writes. Implemented: the MSRs QEMU's helpers keep (KNOWN_MSRS, the machine-check banks
+MCG_CAP announces), the TSC, and IA32_BIOS_SIGN_ID, which Linux writes unguarded to read the
+microcode revision.
+
+The helpers reach these through helper_patch.py; every other control register keeps Unicorn's
+behaviour.
 """
 
 from __future__ import annotations
@@ -30,6 +35,26 @@ CR4_FEATURES = {
     17: (1, 0, 2, 17), 18: (1, 0, 2, 26), 20: (7, 0, 1, 7), 21: (7, 0, 1, 20), 22: (7, 0, 2, 3),
     23: (7, 0, 2, 7), 24: (7, 0, 2, 31), 28: (7, 1, 0, 26),
 }
+
+
+# The MSRs Unicorn's helper_rdmsr/helper_wrmsr (QEMU 5.0) keep, plus IA32_TSC and
+# IA32_BIOS_SIGN_ID (0x8b, write), which every x86-64 CPU has (Unicorn reads the TSC MSR as 0).
+KNOWN_MSRS = frozenset({
+    0x10, 0x1B, 0x34, 0x8B, 0xFE, 0x174, 0x175, 0x176, 0x179, 0x17A, 0x17B, 0x198, 0x1A0, 0x277,
+    *range(0x200, 0x210), 0x250, 0x258, 0x259, *range(0x268, 0x270), 0x2FF, 0xD90,
+    0xC0000080, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084, 0xC0000100, 0xC0000101,
+    0xC0000102, 0xC0000103, 0xC0010117,
+})
+MSR_MCG_CAP, MSR_MC0_CTL = 0x179, 0x400
+
+
+def implemented(vcpu, msr: int) -> bool:
+    if msr in KNOWN_MSRS:
+        return True
+    banks = getattr(vcpu, "_machine_check_banks", None)
+    if banks is None:  # (a read of a known MSR: the filter passes it through)
+        banks = vcpu._machine_check_banks = vcpu.regs.read_msr(MSR_MCG_CAP) & 0xFF
+    return MSR_MC0_CTL <= msr < MSR_MC0_CTL + 4 * banks
 
 
 def _vcpu():
@@ -67,7 +92,7 @@ def rdmsr(env: int, _arg1: int, _arg2: int) -> tuple[int, int]:
         value = vcpu.lapic.apic_base
         regs[0], regs[2] = value & 0xFFFFFFFF, value >> 32
         return HANDLED, 0
-    if msr in X2APIC_MSRS:
+    if msr in X2APIC_MSRS or not implemented(vcpu, msr):
         return GENERAL_PROTECTION, 0
     return PASS, 0
 
@@ -91,7 +116,7 @@ def wrmsr(env: int, _arg1: int, _arg2: int) -> tuple[int, int]:
             if _announced(table, 0x80000001, 0, 3, cpuid_bit):
                 allowed |= efer_bit
         return (GENERAL_PROTECTION if value & ~allowed else PASS), 0
-    if msr in X2APIC_MSRS:
+    if msr in X2APIC_MSRS or not implemented(vcpu, msr):
         return GENERAL_PROTECTION, 0
     return PASS, 0
 
