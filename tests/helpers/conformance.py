@@ -164,7 +164,7 @@ DEVIATIONS: dict[tuple[str, str], str] = {
 # Kernels the nested kvm_pvm KVM of our development machines cannot run: it stops with an
 # emulation failure (KVM_EXIT_INTERNAL_ERROR) at a 32-bit IRET at CPL0, which every 32-bit
 # kernel that takes an event needs (idt64's IRETQ works).
-PVM_UNRUNNABLE = {"control", "cr4_reserved", "events", "paging", "pic_pit", "user32"}
+PVM_UNRUNNABLE = {"control", "cr4_reserved", "events", "eventorder", "paging", "pic_pit", "user32"}
 # Kernels that never print DONE on a backend (a hang or a shutdown they provoke).
 NO_DONE = {("qemu", "cr4_reserved"), ("qemu", "control")}
 
