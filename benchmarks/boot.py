@@ -24,6 +24,12 @@ A further run per configuration times a busybox shell loop in the guest's user s
 the guest prints LOOP-START, counts to --loop-iterations, prints LOOP-END; this script
 timestamps the two lines as they arrive on the console (busybox date has no %N, and a
 host clock does not depend on the guest's timekeeping) -> loop iterations per second.
+Another times console output: the guest prints CONSOLE-START, runs `seq 1 --console-lines`
+(default 20000: 108,894 bytes) on its serial console (ttyS0, the kernel's console), prints
+CONSOLE-END; the seconds between the two lines' arrival on the VMM's stdout, every line
+checked. The SMP rows (--smp, default 2) boot pyvmm with `--cpus 2` and QEMU microvm + PVH
+vmlinux with `-smp 2` (QEMU's fastest boot) to init and power-off, next to the 1-vCPU rows.
+`--quick`: one run, short loop and console runs (about 3 minutes on 2 idle cores).
 
 Runs on Debian 12 with Python 3.11 as root; installs qemu-system-x86 with apt-get when
 it is missing, and builds the guest image on first use (a few minutes, network).
@@ -54,6 +60,7 @@ MEMORY_MIB = 256
 QEMU = "qemu-system-x86_64"
 EXIT_LINE = re.compile(rb"pyvmm: exit status (\d+)")
 LOOP_START, LOOP_END = b"LOOP-START", b"LOOP-END"
+CONSOLE_START, CONSOLE_END = b"CONSOLE-START", b"CONSOLE-END"
 
 # Run in the pyvmm child: the unmodified CLI, with the 0x610 device reporting "init started"
 # on the inherited fd PYVMM_BENCH_NOTIFY_FD (one byte, written from the callback the device
@@ -114,6 +121,7 @@ class Config:
     argv: Callable[[list[str], int], list[str]]   # (guest argv, notify fd) -> process argv
     shown: Callable[[list[str]], list[str]]       # the command line to print (fd -> N)
     kind: str = ""                                # "direct" (no in-guest decompression) | "firmware"
+    cpus: int = 1                                 # vCPUs (the SMP rows: --smp)
 
 
 def tcg_linux_args() -> str:
@@ -124,27 +132,32 @@ def tcg_linux_args() -> str:
     return TcgAccelerator.linux_cmdline
 
 
-def make_configs(image, vmlinux: str, tsc_khz: int, skip_qemu: bool) -> list[Config]:
+def make_configs(image, vmlinux: str, tsc_khz: int, skip_qemu: bool, smp: int = 1) -> list[Config]:
+    """The 1-vCPU configurations, then (smp > 1) pyvmm and QEMU's fastest direct boot with `smp` vCPUs."""
     def append(guest: list[str], extra: str = "") -> str:
         return image.command_line(guest, extra=extra)
 
-    def pyvmm_argv(guest: list[str], fd: int) -> list[str]:
-        return [sys.executable, "-c", PYVMM_HOOK, "run", "--cold", "--accel", "tcg", "--memory", f"{MEMORY_MIB}M",
-                "--cpus", "1", "--", *guest]
+    def pyvmm(cpus: int):
+        def argv(guest: list[str], fd: int) -> list[str]:
+            return [sys.executable, "-c", PYVMM_HOOK, *shown(guest)[3:]]
 
-    def pyvmm_shown(guest: list[str]) -> list[str]:
-        return ["python3", "-m", "pyvmm.cli", "run", "--cold", "--accel", "tcg", "--memory", f"{MEMORY_MIB}M",
-                "--cpus", "1", "--", *guest]
+        def shown(guest: list[str]) -> list[str]:
+            return ["python3", "-m", "pyvmm.cli", "run", "--cold", "--accel", "tcg", "--memory", f"{MEMORY_MIB}M",
+                    "--cpus", str(cpus), "--", *guest]
 
-    configs = [Config("pyvmm: PVH, vmlinux from the host", "pyvmm", pyvmm_argv, pyvmm_shown, "pyvmm")]
+        return argv, shown
+
+    configs = [Config("pyvmm: PVH, vmlinux from the host", "pyvmm", *pyvmm(1), "pyvmm")]
+    if smp > 1:
+        configs.append(Config(f"pyvmm: PVH, {smp} vCPUs", "pyvmm", *pyvmm(smp), "pyvmm-smp", smp))
     if skip_qemu:
         return configs
 
-    def qemu(machine: str, kernel: str, tsc: bool):
+    def qemu(machine: str, kernel: str, tsc: bool, cpus: int = 1):
         extra = f"{tcg_linux_args()} tsc_early_khz={tsc_khz}" if tsc else tcg_linux_args()
 
         def argv(guest: list[str], fd: int) -> list[str]:
-            return [QEMU, "-M", machine, "-accel", "tcg", "-m", str(MEMORY_MIB), "-smp", "1",
+            return [QEMU, "-M", machine, "-accel", "tcg", "-m", str(MEMORY_MIB), "-smp", str(cpus),
                     "-nodefaults", "-no-reboot", "-display", "none", "-serial", "stdio",
                     "-kernel", kernel, "-initrd", str(image.initramfs), "-append", append(guest, extra),
                     "-chardev", f"file,id=bootnotify,path=/dev/fd/{fd}",
@@ -165,6 +178,9 @@ def make_configs(image, vmlinux: str, tsc_khz: int, skip_qemu: bool) -> list[Con
     ):
         argv, shown = qemu(machine, path, tsc)
         configs.append(Config(name + (" (*)" if tsc else ""), "qemu", argv, shown, kind))
+    if smp > 1:  # microvm + PVH vmlinux: QEMU's fastest boot in the measurements of issue 17
+        configs.append(Config(f"QEMU microvm: PVH vmlinux, {smp} vCPUs (*)", "qemu", *qemu("microvm", vmlinux, True, smp),
+                              "smp", smp))
     return configs
 
 
@@ -310,12 +326,36 @@ def kernel_warnings(console: bytes) -> str | None:
     return f"the guest kernel printed {len(found)} warning line(s), the first: {found[0]}" if found else None
 
 
-def loop_rate(run: Run, iterations: int, config: Config) -> float:
-    start = next((t for t, line in run.lines if line.rstrip() == LOOP_START), None)
-    end = next((t for t, line in run.lines if line.rstrip() == LOOP_END), None)
+def marked_seconds(run: Run, start_line: bytes, end_line: bytes, config: Config) -> float:
+    """Host seconds between the arrival of console lines `start_line` and `end_line`."""
+    start = next((t for t, line in run.lines if line.rstrip() == start_line), None)
+    end = next((t for t, line in run.lines if line.rstrip() == end_line), None)
     if start is None or end is None:
-        raise SystemExit(f"boot.py: {config.name}: no {LOOP_START.decode()}/{LOOP_END.decode()} lines on the console")
-    return iterations / (end - start)
+        raise SystemExit(f"boot.py: {config.name}: no {start_line.decode()}/{end_line.decode()} lines on the console")
+    return end - start
+
+
+def loop_rate(run: Run, iterations: int, config: Config) -> float:
+    return iterations / marked_seconds(run, LOOP_START, LOOP_END, config)
+
+
+def console_seconds(run: Run, lines: int, config: Config) -> float:
+    """Seconds the guest took to put `seq 1 LINES` on its serial console, all of it seen by the host
+    (each line is checked: a VMM that lost or reordered output has no figure)."""
+    seconds = marked_seconds(run, CONSOLE_START, CONSOLE_END, config)
+    got = [line.rstrip() for _, line in run.lines]
+    begin = got.index(CONSOLE_START) + 1
+    if got[begin:begin + lines + 1] != [str(i).encode() for i in range(1, lines + 1)] + [CONSOLE_END]:
+        raise SystemExit(f"boot.py: {config.name}: the console did not show `seq 1 {lines}` line by line")
+    return seconds
+
+
+def console_bytes(lines: int) -> int:
+    return sum(len(str(i)) + 1 for i in range(1, lines + 1))
+
+
+def console_command(lines: int) -> list[str]:
+    return ["sh", "-c", f"echo {CONSOLE_START.decode()}; seq 1 {lines}; echo {CONSOLE_END.decode()}"]
 
 
 def loop_command(iterations: int) -> list[str]:
@@ -348,12 +388,23 @@ def main(argv: list[str] | None = None) -> int:
                     help="shell-loop iterations under pyvmm for the CPU figure, 0 to skip it (default 20000)")
     ap.add_argument("--qemu-loop-iterations", type=int, default=200_000, metavar="N",
                     help="shell-loop iterations under QEMU, ~10x faster (default 200000)")
+    ap.add_argument("--console-lines", type=int, default=20_000, metavar="N",
+                    help="the console row: `seq 1 N` on the guest's serial console, 0 to skip it (default 20000)")
+    ap.add_argument("--smp", type=int, default=2, metavar="N",
+                    help="vCPUs of the SMP boot rows (pyvmm and QEMU microvm PVH), 1 to skip them (default 2)")
+    ap.add_argument("--quick", action="store_true",
+                    help="one run, 2000 loop iterations (QEMU 20000), 2000 console lines")
     ap.add_argument("--sample-interval", type=float, default=0.2, metavar="S",
                     help="seconds between /proc samples of RSS (default 0.2)")
     ap.add_argument("--timeout", type=float, default=300, metavar="S", help="seconds allowed per run (default 300)")
     args = ap.parse_args(argv)
-    if args.repeat < 1 or args.loop_iterations < 0 or args.qemu_loop_iterations < 1:
-        ap.error("--repeat and --qemu-loop-iterations must be at least 1, --loop-iterations at least 0")
+    if args.quick:
+        args.repeat, args.loop_iterations = 1, min(args.loop_iterations, 2_000)
+        args.qemu_loop_iterations, args.console_lines = min(args.qemu_loop_iterations, 20_000), min(args.console_lines, 2_000)
+    if args.repeat < 1 or args.loop_iterations < 0 or args.qemu_loop_iterations < 1 or args.console_lines < 0 \
+            or args.smp < 1:
+        ap.error("--repeat, --smp and --qemu-loop-iterations must be at least 1, --loop-iterations and "
+                 "--console-lines at least 0")
     guest = shlex.split(args.command)
     if not guest:
         ap.error("--command is empty")
@@ -371,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     vmlinux_from_bzimage(image.kernel.read_bytes())
     extract_s = time.monotonic() - t
     tsc_khz = host_tsc_hz() // 1000
-    configs = make_configs(image, vmlinux, tsc_khz, args.skip_qemu)
+    configs = make_configs(image, vmlinux, tsc_khz, args.skip_qemu, args.smp)
 
     load = os.getloadavg()
     log(f"load average before the runs: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")
@@ -379,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     vmm_cpu = 0.0
     boots: dict[str, list[Run]] = {c.name: [] for c in configs}
     loops: dict[str, list[float]] = {c.name: [] for c in configs}
+    consoles: dict[str, list[float]] = {c.name: [] for c in configs}
     for r in range(args.repeat):
         for c in configs:  # interleaved: drifting host load hits every configuration alike
             log(f"run {r + 1}/{args.repeat}: {c.name}: {args.command}")
@@ -386,13 +438,20 @@ def main(argv: list[str] | None = None) -> int:
             boots[c.name].append(run)
             vmm_cpu += run.cpu_s
             log(f"  to init {run.to_init:.2f} s, to exit {run.to_exit:.2f} s, RSS {mib(run.maxrss_kib):.0f} MiB")
-            if args.loop_iterations:
+            if args.loop_iterations and c.cpus == 1:
                 n = args.loop_iterations if c.vmm == "pyvmm" else args.qemu_loop_iterations
                 log(f"run {r + 1}/{args.repeat}: {c.name}: shell loop x{n}")
                 lrun = run_once(c, loop_command(n), timeout=args.timeout, interval=args.sample_interval)
                 loops[c.name].append(loop_rate(lrun, n, c))
                 vmm_cpu += lrun.cpu_s
                 log(f"  {loops[c.name][-1]:,.0f} iterations/s")
+            if args.console_lines and c.cpus == 1:
+                log(f"run {r + 1}/{args.repeat}: {c.name}: seq 1 {args.console_lines} on the console")
+                crun = run_once(c, console_command(args.console_lines), timeout=args.timeout,
+                                interval=args.sample_interval)
+                consoles[c.name].append(console_seconds(crun, args.console_lines, c))
+                vmm_cpu += crun.cpu_s
+                log(f"  {consoles[c.name][-1]:.2f} s")
 
     wall = time.monotonic() - wall0
     others = (busy_cpu_seconds() - busy0 - vmm_cpu - (time.process_time() - self0)) / wall
@@ -403,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Boot to /init and power-off, guest command {args.command!r}: median of {args.repeat} run(s) per "
           f"configuration, configurations interleaved")
     print(f"guest: Linux {image.kernel_version} ({image.kernel.name}, {image.initramfs.name}), {MEMORY_MIB} MiB, "
-          f"1 vCPU, software CPU; host TSC {tsc_khz} kHz")
+          f"1 vCPU (the SMP rows: {args.smp}), software CPU; host TSC {tsc_khz} kHz")
     print(f"host: {os.cpu_count()} CPUs, load average before {load[0]:.2f}; during the {wall:.0f} s of runs other "
           f"processes kept {max(others, 0):.2f} CPUs busy on average")
     if not args.skip_qemu:
@@ -413,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
            f"{'guest':>6}"
     if args.loop_iterations:
         cols += f" {'loop it/s':>10}"
+    if args.console_lines:
+        cols += f" {'console (s)':>11}"
     print(cols)
     print(f"{'':<38} {'':>11} {'':>11} {'(MiB)':>8} {'RAM (MiB)':>9} {'(MiB)':>6}")
     print("-" * len(cols))
@@ -421,7 +482,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{mib(med(c.name, 'maxrss_kib')):>8.0f} {mib(med(c.name, 'vmm_peak_kib')):>9.0f} "
                 f"{mib(med(c.name, 'guest_kib')):>6.0f}")
         if args.loop_iterations:
-            line += f" {statistics.median(loops[c.name]):>10,.0f}"
+            line += f" {statistics.median(loops[c.name]):>10,.0f}" if loops[c.name] else f" {'-':>10}"
+        if args.console_lines:
+            line += f" {statistics.median(consoles[c.name]):>11.2f}" if consoles[c.name] else f" {'-':>11}"
         print(line)
     print()
 
@@ -435,13 +498,26 @@ def main(argv: list[str] | None = None) -> int:
                      f"RSS w/o guest RAM {med(py, 'vmm_peak_kib') / med(other.name, 'vmm_peak_kib'):.2f}x")
             if args.loop_iterations:
                 ratio += f", loop speed {statistics.median(loops[py]) / statistics.median(loops[other.name]):.3f}x"
+            if args.console_lines:
+                ratio += (f", console time "
+                          f"{statistics.median(consoles[py]) / statistics.median(consoles[other.name]):.2f}x")
             print(ratio)
-        print()
+    smp_py = next((c.name for c in configs if c.kind == "pyvmm-smp"), None)
+    smp_qemu = next((c.name for c in configs if c.kind == "smp"), None)
+    if smp_py:
+        print(f"pyvmm {args.smp} vCPUs / pyvmm 1 vCPU: to init {med(smp_py, 'to_init') / med(py, 'to_init'):.2f}x, "
+              f"to exit {med(smp_py, 'to_exit') / med(py, 'to_exit'):.2f}x")
+    if smp_py and smp_qemu:
+        print(f"pyvmm {args.smp} vCPUs / QEMU {args.smp} vCPUs [{smp_qemu}]: to init "
+              f"{med(smp_py, 'to_init') / med(smp_qemu, 'to_init'):.2f}x, to exit "
+              f"{med(smp_py, 'to_exit') / med(smp_qemu, 'to_exit'):.2f}x")
+    print()
 
     print("per run (to init / to exit s, RSS MiB):")
     for c in configs:
         runs = "; ".join(f"{r.to_init:.2f}/{r.to_exit:.2f}/{mib(r.maxrss_kib):.0f}" for r in boots[c.name])
-        extra = f"; loop it/s: {', '.join(f'{x:,.0f}' for x in loops[c.name])}" if args.loop_iterations else ""
+        extra = f"; loop it/s: {', '.join(f'{x:,.0f}' for x in loops[c.name])}" if loops[c.name] else ""
+        extra += f"; console s: {', '.join(f'{x:.2f}' for x in consoles[c.name])}" if consoles[c.name] else ""
         print(f"  {c.name}: {runs}{extra}")
     print()
     print("to init = process spawn -> the guest's /init writes 0x01 to port 0x610 (after loading its modules);")
@@ -454,6 +530,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loop it/s = iterations of a busybox sh while loop in guest user space (pyvmm {args.loop_iterations}, "
               f"QEMU {args.qemu_loop_iterations}) / host time between")
         print("  the LOOP-START and LOOP-END console lines, in a separate boot.")
+    if args.console_lines:
+        print(f"console = host seconds between the CONSOLE-START and CONSOLE-END lines around `seq 1 "
+              f"{args.console_lines}` ({console_bytes(args.console_lines):,} bytes)")
+        print("  written by the guest to its serial console (ttyS0, a 16550 in both VMMs), in a separate boot; "
+              "every line is checked.")
+    print("loop and console runs are 1-vCPU only; the SMP rows are boots to init and power-off.")
     print(f"pyvmm boots the vmlinux it extracted from the bzImage and cached (one-time extraction: {extract_s:.2f} s, "
           f"not in the runs).")
     if not args.skip_qemu:
