@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import stat
@@ -9,20 +10,40 @@ from typing import Callable
 
 from ..iothread import IoThread, WritableWatch
 
+_SUN_PATH_MAX = 108  # sockaddr_un.sun_path, with its terminating NUL
 
-def listen_unix(path: str) -> socket.socket:
-    """A non-blocking listening Unix stream socket at `path`; a stale socket file there is replaced."""
+
+def listen_unix(path: str, *, blocking: bool = False) -> socket.socket:
+    """A listening Unix stream socket at `path` (non-blocking unless asked); a stale socket
+    file there is replaced, any other file refused. The file appears only once the socket
+    listens (bound under a temporary name, then linked where it belongs, which never replaces
+    a file): whoever waits for the path to exist and connects is not refused in between."""
     try:
         if stat.S_ISSOCK(os.lstat(path).st_mode):
             os.unlink(path)
     except FileNotFoundError:
         pass
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    flags = socket.SOCK_STREAM | socket.SOCK_CLOEXEC | (0 if blocking else socket.SOCK_NONBLOCK)
+    sock = socket.socket(socket.AF_UNIX, flags)
+    temporary = f"{path}.{os.getpid()}~"
+    if len(os.fsencode(temporary)) >= _SUN_PATH_MAX:
+        temporary = path            # no room for a longer name: bind where it belongs
     try:
-        sock.bind(path)
+        sock.bind(temporary)
         sock.listen(8)
+        if temporary != path:
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE)) from None
+            os.unlink(temporary)
     except OSError as exc:
         sock.close()
+        if temporary != path:
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass
         raise OSError(exc.errno, f"cannot listen here: {exc.strerror}", path) from None
     return sock
 

@@ -234,6 +234,7 @@ PROCESS = {
     "mkdir": "run directories", "mkdirat": "run directories",
     "unlink": "removing sockets and temporary files", "unlinkat": "the same",
     "rename": "atomic record files (outcome.json)", "renameat2": "the same",
+    "link": "a listening socket's file appears once it listens (host/streams.py)", "linkat": "the same",
     "rmdir": "runtime directories",
     "ftruncate": "sizing guest RAM (memfd) and memory files",
     "memfd_create": "guest RAM (a reboot or a restore maps new RAM)",

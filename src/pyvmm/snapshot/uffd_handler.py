@@ -39,6 +39,7 @@ import sys
 if __package__ in (None, ""):   # started by path (pyvmm does, to skip importing the snapshot package)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from pyvmm.host.streams import listen_unix  # noqa: E402
 from pyvmm.memory import userfaultfd as uffd  # noqa: E402
 
 PAGE = mmap.PAGESIZE
@@ -233,9 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.fd is not None:
         control = socket.socket(fileno=args.fd)
     else:
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(args.socket)
-        listener.listen(1)
+        try:
+            listener = listen_unix(args.socket, blocking=True)  # the path appears once it listens
+        except OSError as exc:
+            print(f"pyvmm-uffd-handler: {exc.filename}: {exc.strerror}", file=sys.stderr)
+            return 2
         control, _ = listener.accept()
         listener.close()
     try:
