@@ -58,6 +58,8 @@ SHARED_SLICE = 0.0005
 # PYVMM_TCG_EXCEPTIONS=python: deliver guest exceptions with pyvmm's Python code (delivery.py)
 # instead of the engine's own (native_delivery.py), to compare the two or to rule one out.
 EXCEPTIONS_SETTING = "PYVMM_TCG_EXCEPTIONS"
+# PYVMM_TCG_INTERRUPTS=python: the same for external interrupts (native_interrupts.py).
+INTERRUPTS_SETTING = "PYVMM_TCG_INTERRUPTS"
 
 
 class TcgAccelerator:
@@ -171,8 +173,10 @@ class TcgAccelerator:
             native = os.environ.get(EXCEPTIONS_SETTING, "native") != "python"
             if not native:
                 log.info("software CPU: exceptions are delivered in Python (%s=python)", EXCEPTIONS_SETTING)
+            native_interrupts = native and os.environ.get(INTERRUPTS_SETTING, "native") != "python"
             self._translator = Translator(self.memory, self._bound_dispatch(), self.offsets,
-                                          self.engine_offsets, self._slice_timer, native_exceptions=native)
+                                          self.engine_offsets, self._slice_timer, native_exceptions=native,
+                                          native_interrupts=native_interrupts)
         vcpu = TcgVcpu(index, self._translator, self._tables[index], self.platform.add_cpu(index))
         vcpu.wake = self._wake  # a stop or pause request must end the slice or wake a sleeping scheduler
         if self.vcpus and self.vcpus[0].frozen_tsc is not None:

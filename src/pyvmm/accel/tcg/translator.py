@@ -14,6 +14,7 @@ MMIO callbacks go to the vCPU that is running (`current`).
 from __future__ import annotations
 
 import ctypes
+import weakref
 from typing import TYPE_CHECKING
 
 import unicorn as U
@@ -26,6 +27,7 @@ from .engine_state import EngineControl, EngineOffsets
 from .fast_registers import FastRegisters
 from .native_delivery import NativeExceptionDelivery
 from . import interrupt_window, msr_cr_policy
+from .native_interrupts import NativeInterrupts
 from .private_state import ContextOffsets, PrivateState
 from .slice_timer import SliceTimer
 from .translated_code import TranslatedCode
@@ -38,7 +40,8 @@ _CTL_WRITE_TLB_FLUSH = (1 << 30) | U.unicorn_const.UC_CTL_TLB_FLUSH  # UC_CTL_WR
 
 class Translator:
     def __init__(self, memory, dispatch: ExitDispatcher, offsets: ContextOffsets, engine: EngineOffsets,
-                 slice_timer: SliceTimer, native_exceptions: bool = True) -> None:
+                 slice_timer: SliceTimer, native_exceptions: bool = True,
+                 native_interrupts: bool = True) -> None:
         self.memory = memory
         self.dispatch = dispatch  # serves the vCPUs' port I/O and MMIO, as on KVM
         # 64-bit mode so the register API is 64 bits wide; it also presets EFER.LMA, which
@@ -78,6 +81,11 @@ class Translator:
         # Pending interrupts taken where the guest's window opens, not at the next slice end
         self.interrupt_requests = interrupt_window.InterruptRequests(self.engine.cpu_address, engine.exit_request) \
             if interrupt_window.install(engine) else None
+        # External interrupts: QEMU's delivery too, as the next slice starts (native_interrupts.py)
+        self.native_interrupts = NativeInterrupts.attach(self.engine.cpu_address, engine) \
+            if self.native_exceptions is not None and native_interrupts else None
+        if self.native_interrupts is not None:  # its slot in the stub's table is freed with the engine
+            weakref.finalize(self, self.native_interrupts.close)
         self.private = PrivateState(uc, offsets)
         self.regs = FastRegisters(uc)
         self.translated_code = TranslatedCode(uc, memory.regions)
@@ -113,6 +121,9 @@ class Translator:
         self.uc = self.private = self.regs = self.engine = self.translated_code = None  # type: ignore[assignment]
         self.native_exceptions = None
         self.interrupt_requests = None
+        if self.native_interrupts is not None:
+            self.native_interrupts.close()
+            self.native_interrupts = None
 
     # --- hooks: to the running vCPU -----------------------------------------------------------
 

@@ -18,9 +18,7 @@ import unicorn as U
 import unicorn.x86_const as X
 
 from ...arch.x86_64 import layout
-from ...arch.x86_64.cpu_state import (
-    CR0_PE, CR0_PG, EFER_LMA, GPR_NAMES, SEGMENT_NAMES, CpuState, DescriptorTable, Segment, VcpuState,
-)
+from ...arch.x86_64.cpu_state import CR0_PE, CR0_PG, EFER_LMA, GPR_NAMES, CpuState, Segment, VcpuState
 from ...arch.x86_64.paging import PagingMode, read_linear, write_linear
 from ..base import VcpuCounters
 from ..exits import HLT, INTERRUPTED, SHUTDOWN, EmulationError, IoIn, IoOut, MmioRead, MmioWrite, VcpuExit
@@ -39,7 +37,6 @@ _GPR_REGS = {name: getattr(X, f"UC_X86_REG_{name.upper()}") for name in GPR_NAME
 _SEGMENT_REGS = {"cs": X.UC_X86_REG_CS, "ds": X.UC_X86_REG_DS, "es": X.UC_X86_REG_ES,
                  "fs": X.UC_X86_REG_FS, "gs": X.UC_X86_REG_GS, "ss": X.UC_X86_REG_SS}
 MSR_EFER, MSR_STAR, MSR_LSTAR, MSR_FMASK = 0xC0000080, 0xC0000081, 0xC0000082, 0xC0000084
-MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE = 0xC0000100, 0xC0000101, 0xC0000102
 MSR_SYSENTER_CS, MSR_SYSENTER_ESP, MSR_SYSENTER_EIP = 0x174, 0x175, 0x176
 EFER_SCE = 1 << 0
 RFLAGS_IF, RFLAGS_RF, RFLAGS_VM = 1 << 9, 1 << 16, 1 << 17
@@ -84,6 +81,7 @@ class TcgVcpu:
         self._exit: VcpuExit | None = None
         self._pinned_paging: PagingMode | None = None
         self._in_exception = False
+        self._injected: int | None = None  # an interrupt the engine delivers as the next slice starts
         self._stopped_by_timer = False  # the last slice ended from outside, maybe inside a REP STOS
         self.halted = False
         self.spinning = False  # the last slice ended in a spin loop (the scheduler's hint)
@@ -126,6 +124,9 @@ class TcgVcpu:
             requests = None
         if requests is not None:
             requests.request(hard=self.want_interrupt_window, nmi=self.want_nmi_window)
+        interrupts, injected = self.translator.native_interrupts, self._injected
+        if injected is not None and interrupts is not None:  # (a window request outlives its delivery)
+            interrupts.arm(injected, keep_request=self.want_interrupt_window)
         self.want_interrupt_window = self.want_nmi_window = self.window_exit = False
         timer.begin(self.engine.request_stop, seconds)
         error = None
@@ -138,6 +139,9 @@ class TcgVcpu:
         finally:
             running.vcpu = None
             stopped = self._stopped_by_timer = timer.end()
+            if injected is not None and interrupts is not None:
+                # not taken (the guest's IF or shadow said no): armed again next slice
+                self._injected = interrupts.disarm()
             if requests is not None:
                 requests.clear()  # the CPUState is every vCPU's: no request outlives the slice
         stopped = stopped or self.window_exit
@@ -320,11 +324,25 @@ class TcgVcpu:
         """Back to the INT instruction whose delivery faulted (delivery.py)."""
         self._set_rip((self.rip - length) & (_NEVER if self.long_mode else 0xFFFFFFFF))
 
-    def inject_interrupt(self, vector: int) -> None:
-        """Deliver an external interrupt now (the scheduler checked IF and the STI shadow)."""
+    def inject_interrupt(self, vector: int, *, now: bool = False) -> None:
+        """Deliver an external interrupt (the scheduler checked IF and the STI shadow): by the
+        engine as the next slice starts where it can (native_interrupts.py), else (or `now`:
+        an NMI, after any interrupt injected before it) at once, in Python."""
         self.translator.activate(self)
         self.stats["interrupts"] += 1
         self.halted = False
+        if not now and self.translator.native_interrupts is not None and self._injected is None:
+            self._injected = vector
+            return
+        self._deliver_pending_injection()
+        self._deliver_interrupt_now(vector)
+
+    def _deliver_pending_injection(self) -> None:  # (before the state is read between slices)
+        vector, self._injected = self._injected, None
+        if vector is not None:
+            self._deliver_interrupt_now(vector)
+
+    def _deliver_interrupt_now(self, vector: int) -> None:
         try:
             with self._paging_pinned():
                 deliver(self, vector)
@@ -344,13 +362,14 @@ class TcgVcpu:
 
     def inject_nmi(self) -> None:
         """Deliver an NMI (vector 2, whatever IF says); NMIs stay blocked until the next IRET."""
-        self.inject_interrupt(NMI_VECTOR)
+        self.inject_interrupt(NMI_VECTOR, now=True)
         if self._exit is not _SHUTDOWN:
             self.private.block_nmi()
 
     def interrupt_window_open(self) -> bool:
+        """IF set, no STI / MOV SS shadow, and no interrupt injected that the guest has yet to take."""
         self.translator.activate(self)
-        return bool(self.rflags & (1 << 9)) and not self.private.interrupts_inhibited()
+        return self._injected is None and bool(self.rflags & (1 << 9)) and not self.private.interrupts_inhibited()
 
     # --- the adapter delivery.py uses -----------------------------------------------------------
 
@@ -490,6 +509,7 @@ class TcgVcpu:
     def save(self) -> VcpuState:
         """The complete vCPU state, in the format KVM's vCPUs save (between slices only)."""
         self.translator.activate(self)
+        self._deliver_pending_injection()
         return vcpu_state.save(self)
 
     def restore(self, state: VcpuState) -> None:
@@ -497,9 +517,11 @@ class TcgVcpu:
         software CPU cannot hold it: see vcpu_state.py)."""
         self.translator.activate(self)
         vcpu_state.restore(self, state)
+        self._injected = None
 
     def set_state(self, state: CpuState) -> None:
         self.translator.activate(self)
+        self._injected = None
         uc = self.uc
         uc.reg_write(X.UC_X86_REG_GDTR, (0, state.gdt.base, state.gdt.limit, 0))
         uc.reg_write(X.UC_X86_REG_IDTR, (0, state.idt.base, state.idt.limit, 0))
@@ -539,32 +561,13 @@ class TcgVcpu:
 
     def get_state(self) -> CpuState:
         self.translator.activate(self)
-        uc = self.uc
-        state = CpuState(
-            gprs={name: uc.reg_read(reg) for name, reg in _GPR_REGS.items()},
-            rip=uc.reg_read(X.UC_X86_REG_RIP), rflags=uc.reg_read(X.UC_X86_REG_RFLAGS),
-            cr0=uc.reg_read(X.UC_X86_REG_CR0), cr2=uc.reg_read(X.UC_X86_REG_CR2),
-            cr3=uc.reg_read(X.UC_X86_REG_CR3), cr4=uc.reg_read(X.UC_X86_REG_CR4),
-            efer=uc.msr_read(MSR_EFER),
-        )
-        _, base, limit, _ = uc.reg_read(X.UC_X86_REG_GDTR)
-        state.gdt = DescriptorTable(base, limit)
-        _, base, limit, _ = uc.reg_read(X.UC_X86_REG_IDTR)
-        state.idt = DescriptorTable(base, limit)
-        # hidden parts too, as set_state writes them (and KVM's get_state reads them)
-        caches = self.private.read_segments()
-        for name in SEGMENT_NAMES:
-            cache = caches[name] if name in caches else uc.reg_read(vcpu_state.TABLE_SEGMENTS[name])
-            state.segments[name] = vcpu_state.segment_from_cache(*cache).as_segment()
-        state.cr8 = uc.reg_read(X.UC_X86_REG_CR8) & 0xF
-        state.fpu_control, state.mxcsr = uc.reg_read(X.UC_X86_REG_FPCW), uc.reg_read(X.UC_X86_REG_MXCSR)
-        state.msrs = {i: uc.msr_read(i) for i in (MSR_STAR, MSR_LSTAR, MSR_FMASK, MSR_FS_BASE,
-                                                    MSR_GS_BASE, MSR_KERNEL_GS_BASE)}
-        return state
+        self._deliver_pending_injection()
+        return vcpu_state.cpu_state(self)
 
     def start_at_sipi(self, vector: int) -> None:
         """Real-mode start at vector:0000, as an AP does on a startup IPI."""
         self.translator.activate(self)
+        self._injected = None
         uc = self.uc
         self._reset_mode(0x10)
         uc.msr_write(MSR_EFER, 0)

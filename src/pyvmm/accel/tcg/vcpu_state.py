@@ -24,8 +24,8 @@ import unicorn.x86_const as X
 
 from ...arch.x86_64 import msrs as M
 from ...arch.x86_64.cpu_state import (
-    CR0_PE, CR0_PG, EFER_LMA, EFER_LME, GPR_NAMES, SHADOW_STI, XSTATE_X87, EventsState, FpuState, SegmentState,
-    TableState, VcpuState,
+    CR0_PE, CR0_PG, EFER_LMA, EFER_LME, GPR_NAMES, SEGMENT_NAMES, SHADOW_STI, XSTATE_X87, CpuState,
+    DescriptorTable, EventsState, FpuState, SegmentState, TableState, VcpuState,
 )
 from ...persist import StateError
 from ...platform.lapic_registers import REG_TPR
@@ -243,3 +243,29 @@ def _restore_fpu(uc, fpu: FpuState) -> None:
     uc.reg_write(X.UC_X86_REG_MXCSR, fpu.mxcsr)
     for reg, raw in zip(_XMM_REGS, fpu.xmm):
         uc.reg_write(reg, int.from_bytes(raw, "little"))
+
+
+def cpu_state(vcpu) -> CpuState:
+    """The registers a boot entry sets (TcgVcpu.set_state), hidden segment parts included (as
+    KVM's get_state reads them)."""
+    uc = vcpu.uc
+    state = CpuState(
+        gprs={name: uc.reg_read(reg) for name, reg in _GPR_REGS.items()},
+        rip=uc.reg_read(X.UC_X86_REG_RIP), rflags=uc.reg_read(X.UC_X86_REG_RFLAGS),
+        cr0=uc.reg_read(X.UC_X86_REG_CR0), cr2=uc.reg_read(X.UC_X86_REG_CR2),
+        cr3=uc.reg_read(X.UC_X86_REG_CR3), cr4=uc.reg_read(X.UC_X86_REG_CR4),
+        efer=uc.msr_read(M.MSR_EFER),
+    )
+    _, base, limit, _ = uc.reg_read(X.UC_X86_REG_GDTR)
+    state.gdt = DescriptorTable(base, limit)
+    _, base, limit, _ = uc.reg_read(X.UC_X86_REG_IDTR)
+    state.idt = DescriptorTable(base, limit)
+    caches = vcpu.private.read_segments()
+    for name in SEGMENT_NAMES:
+        cache = caches[name] if name in caches else uc.reg_read(TABLE_SEGMENTS[name])
+        state.segments[name] = segment_from_cache(*cache).as_segment()
+    state.cr8 = uc.reg_read(X.UC_X86_REG_CR8) & 0xF
+    state.fpu_control, state.mxcsr = uc.reg_read(X.UC_X86_REG_FPCW), uc.reg_read(X.UC_X86_REG_MXCSR)
+    state.msrs = {i: uc.msr_read(i) for i in (M.MSR_STAR, M.MSR_LSTAR, M.MSR_SYSCALL_MASK, M.MSR_FS_BASE,
+                                              M.MSR_GS_BASE, M.MSR_KERNEL_GS_BASE)}
+    return state
