@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 PCI_ROOT_ID = "pci"
 PCI_HOTPLUG_ID = "pci-hotplug"
 CPU_HOTPLUG_ID = "cpu-hotplug"
+VSOCK_ID, RNG_ID = "virtio-vsock", "virtio-rng"   # one of each per VM
 TEST_DEVICE_IDS = ("pc-testdev", "fw-cfg")   # MachineConfig.test_devices
 
 
@@ -327,18 +328,11 @@ def virtio_devices(config: MachineConfig, console_write, iothread, releases: lis
         releases.append(backend.close)
         yield config.net_id(index), "virtio-net", device, net.transport
     if config.vsock is not None:
-        from .devices.virtio.vsock import VirtioVsock
-        from .host import VsockUnixHost
-
-        host = VsockUnixHost(config.vsock.uds, iothread, carried=vsock_carried)
-        releases.append(host.close)      # idempotent: the device closes it too
-        device = VirtioVsock(config.vsock.cid, host)
-        releases.append(device.close)
-        yield "virtio-vsock", "virtio-vsock", device, config.vsock.transport
+        yield VSOCK_ID, "virtio-vsock", make_vsock(config.vsock, iothread, releases, vsock_carried), config.vsock.transport
     if config.rng is not None:
         from .devices.virtio.rng import VirtioRng
 
-        yield "virtio-rng", "virtio-rng", VirtioRng(), config.rng
+        yield RNG_ID, "virtio-rng", VirtioRng(), config.rng
     if config.balloon is not None:
         yield "virtio-balloon", "virtio-balloon", _balloon(config, iothread, releases), config.balloon.transport
     if config.virtio_mem_size:
@@ -363,6 +357,18 @@ def _balloon(config: MachineConfig, iothread, releases: list):
     device = VirtioBalloon(target_pages=settings.amount_mib << (20 - PAGE_SHIFT), deflate_on_oom=settings.deflate_on_oom,
                            free_page_reporting=settings.free_page_reporting,
                            stats_interval_s=settings.stats_interval_s, timer=timer.arm)
+    return device
+
+
+def make_vsock(vsock, iothread, releases: list, carried=None):
+    """The vsock device on its host side (Unix sockets at vsock.uds); their close()s go in `releases`."""
+    from .devices.virtio.vsock import VirtioVsock
+    from .host import VsockUnixHost
+
+    host = VsockUnixHost(vsock.uds, iothread, carried=carried)
+    releases.append(host.close)      # idempotent: the device closes it too
+    device = VirtioVsock(vsock.cid, host)
+    releases.append(device.close)
     return device
 
 

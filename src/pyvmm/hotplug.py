@@ -1,4 +1,6 @@
-"""PCI hotplug of virtio devices into a running VM: disks and NICs plugged in and pulled out.
+"""PCI hotplug of virtio devices into a running VM: disks and NICs plugged in and pulled out,
+and the VM's one vsock and one entropy device (virtio-rng) when it has none. Console ports and
+the balloon are not hot-pluggable (fixed when the machine is built; the front ends say so).
 
 Attaching: the device is made as the builder makes it (its image or TAP opened), put in the
 lowest free root-bus slot while the VM is paused for a moment (the device tree records it,
@@ -24,15 +26,15 @@ import threading
 import time
 from typing import Callable
 
-from .builder import PCI_HOTPLUG_ID, make_disk, make_net
-from .config import DiskConfig, MachineConfig, NetConfig
+from .builder import PCI_HOTPLUG_ID, RNG_ID, VSOCK_ID, make_disk, make_net, make_vsock
+from .config import DiskConfig, MachineConfig, NetConfig, VsockConfig
 from .errors import UserError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_EJECT_TIMEOUT = 60.0
 CPU_EJECT_RETRY = 5.0
-HOTPLUGGABLE_KINDS = ("virtio-blk", "vhost-user-blk", "virtio-net")
+HOTPLUGGABLE_KINDS = ("virtio-blk", "vhost-user-blk", "virtio-net", "virtio-rng", "virtio-vsock")
 MMIO_NOT_HOTPLUGGABLE = ("virtio-mmio devices are not hot-pluggable (the guest finds them in the ACPI tables "
                          "built at boot): use transport=pci")
 
@@ -94,6 +96,44 @@ def attach_net(vm, net: NetConfig) -> str:
         device, backend = make_net(net, machine.net_mac(index), vm.iothread)
         _plug(vm, machine, device_id, "virtio-net", device, backend.close)
         return device_id
+
+
+def attach_rng(vm, transport: str = "pci") -> str:
+    """Plug the VM's entropy device (virtio-rng) in; its device id. One per VM."""
+    from .devices.virtio.rng import VirtioRng
+
+    if transport != "pci":
+        raise HotplugError(MMIO_NOT_HOTPLUGGABLE)
+    with _lock:
+        _running(vm)
+        if RNG_ID in vm.device_manager.tree:
+            raise HotplugError("the VM has an entropy device (virtio-rng) already: one per VM")
+        machine = dataclasses.replace(_frozen(vm.machine), rng=transport)
+        _validate(machine)
+        _plug(vm, machine, RNG_ID, "virtio-rng", VirtioRng(), lambda: None)
+        return RNG_ID
+
+
+def attach_vsock(vm, vsock: VsockConfig) -> str:
+    """Plug the VM's vsock device in (the guest's CID, host side on Unix sockets at vsock.uds);
+    its device id. One per VM: the CID is the guest's address."""
+    if vsock.transport != "pci":
+        raise HotplugError(MMIO_NOT_HOTPLUGGABLE)
+    with _lock:
+        _running(vm)
+        if VSOCK_ID in vm.device_manager.tree:
+            raise HotplugError("the VM has a vsock device already: one per VM (its CID is the guest's address)")
+        machine = dataclasses.replace(_frozen(vm.machine), vsock=vsock)
+        _validate(machine)
+        releases: list = []
+        try:
+            device = make_vsock(vsock, vm.iothread, releases)
+        except OSError as exc:
+            for release in reversed(releases):
+                release()
+            raise HotplugError(f"vsock.uds: cannot listen on {vsock.uds}: {exc.strerror or exc}") from None
+        _plug(vm, machine, VSOCK_ID, "virtio-vsock", device, lambda: [release() for release in reversed(releases)])
+        return VSOCK_ID
 
 
 def _validate(machine: MachineConfig) -> None:
@@ -189,7 +229,8 @@ def _unplug(vm, device_id: str, slot: int) -> None:
     machine = _frozen(vm.machine)
     machine = dataclasses.replace(
         machine, disks=tuple(d for d in machine.disks if d.id != device_id),
-        nets=tuple(n for n in machine.nets if n.id != device_id))
+        nets=tuple(n for n in machine.nets if n.id != device_id),
+        rng=None if device_id == RNG_ID else machine.rng, vsock=None if device_id == VSOCK_ID else machine.vsock)
     vm.pause()
     try:
         transport = vm.device_manager.transport(device_id)

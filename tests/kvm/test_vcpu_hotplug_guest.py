@@ -81,3 +81,30 @@ def test_removing_the_boot_cpu_or_going_beyond_the_maximum_is_refused(plug_vm):
     assert len(vm.vcpus) == 1 and not vm.stopped
     polls = vm.memory.read_u32(BSP_COUNT)
     _wait_for(lambda: vm.memory.read_u32(BSP_COUNT) > polls, "the guest to go on")
+
+
+def test_a_vm_restored_after_an_unplug_plugs_the_vcpu_in_again(plug_vm, accel, tmp_path):
+    from pyvmm.restore import carry_over
+    from pyvmm.snapshot import load_snapshot, save_snapshot
+
+    vm, console = plug_vm
+    set_vcpus(vm, 2)
+    _wait_for(lambda: vm.memory.read_u32(STARTS) == 1, "vCPU 1 to start")
+    set_vcpus(vm, 1, timeout=60)
+    vm.pause()
+    save_snapshot(vm, tmp_path / "vm.state", tmp_path / "vm.mem")
+    carried = carry_over(vm)
+    vm.close()
+    restored = load_snapshot(tmp_path / "vm.state", tmp_path / "vm.mem", console.extend,
+                             accel=choose_accelerator(accel).create(), carryover=carried)
+    try:
+        assert len(restored.vcpus) == 1 and restored.machine.possible_cpus == 2
+        restored.resume()
+        stopped_at = restored.memory.read_u32(AP_COUNT)
+        set_vcpus(restored, 2)
+        _wait_for(lambda: restored.memory.read_u32(STARTS) == 2 and restored.memory.read_u32(AP_COUNT) > stopped_at,
+                  "vCPU 1 to start in the restored VM")
+        set_vcpus(restored, 1, timeout=60)
+        assert len(restored.vcpus) == 1 and not restored.stopped
+    finally:
+        restored.close()

@@ -105,3 +105,45 @@ def test_setvcpus_on_a_managed_vm(env, tmp_path):
     cli(env, "shutdown", "cpus", "--timeout", "300")
     warnings = find_kernel_warnings(vm.console_history())
     assert not warnings, describe(warnings)
+
+
+def test_the_entropy_device_plugged_into_a_managed_vm_and_what_is_refused(env, tmp_path):
+    _, host = env
+    definition = tmp_path / "rng.toml"
+    definition.write_text(f'[machine-config]\nvcpu_count = 1\nmem_size_mib = 256\n'
+                          f'[vsock]\nguest_cid = 11\nuds_path = "{tmp_path / "rng.vsock"}"\n'
+                          f'[pyvmm]\nkernel_args = "{CONSOLE_LOGLEVEL}"\n')
+    cli(env, "define", str(definition))
+    cli(env, "start", "rng")
+    vm = host.vm("rng")
+    read_until(vm.open_console(), re.escape(PROMPT))
+    fragment = tmp_path / "entropy.toml"
+    fragment.write_text("[entropy]\n")
+    available = "/sys/class/misc/hw_random/rng_available"
+
+    assert "entropy attached" in cli(env, "attach-device", "rng", str(fragment)).stdout.decode()
+    script = WAIT.format(test=f'-n "$(cat {available} 2>/dev/null)"') + f"; cat {available}"
+    assert vm.exec(["sh", "-c", script]).stdout.startswith(b"virtio_rng")   # the guest bound its driver
+    assert vm.config()["entropy"] == {}
+    refused(env, "attach-device", "rng", str(fragment), match=r"one per VM")
+    vsock = tmp_path / "vsock.json"
+    vsock.write_text('{"vsock": {"guest_cid": 12, "uds_path": "/tmp/x.vsock"}}')
+    refused(env, "attach-device", "rng", str(vsock), match=r"the VM has a vsock device already: one per VM")
+    ports = tmp_path / "ports.toml"
+    ports.write_text("[balloon]\namount_mib = 0\n")
+    refused(env, "attach-device", "rng", str(ports), match=r"error: balloon: the balloon cannot be attached")
+
+    cli(env, "detach-device", "rng", str(fragment))                # the guest ejects it
+    assert vm.exec(["sh", "-c", WAIT.format(test=f'-z "$(cat {available} 2>/dev/null)"') + "; echo gone"]
+                   ).stdout == b"gone\n"
+    assert vm.config().get("entropy") is None
+    assert vm.attach_rng() == "entropy"                             # the Python client, again
+    vm.detach_device({"entropy": {}}, force=True)
+
+    cli(env, "attach-device", "rng", str(fragment), "--config")     # the definition only
+    assert definitions.load("rng", host.config_dir).document["entropy"] == {}
+    assert vm.config().get("entropy") is None
+    assert vm.state() == "running"
+    cli(env, "shutdown", "rng", "--timeout", "300")
+    warnings = find_kernel_warnings(vm.console_history())
+    assert not warnings, describe(warnings)

@@ -104,3 +104,81 @@ def test_a_nic_on_a_missing_tap_is_refused_in_one_line(vm):
         attach_net(vm, NetConfig(tap="pyvmm-no-such-tap-x"))
     assert "\n" not in str(error.value)
     assert "virtio-net0" not in vm.device_manager.tree
+
+
+def test_the_entropy_and_vsock_devices_plug_in_once_each_and_leave(vm, tmp_path):
+    from pyvmm.config import VsockConfig
+    from pyvmm.hotplug import attach_rng, attach_vsock
+
+    uds = str(tmp_path / "v.sock")
+    assert attach_rng(vm) == "virtio-rng" and vm.machine.rng == "pci"
+    assert attach_vsock(vm, VsockConfig(7, uds)) == "virtio-vsock" and vm.machine.vsock.cid == 7
+    assert {vm.device_manager.tree.get(i).transport for i in ("virtio-rng", "virtio-vsock")} == {"virtio-pci"}
+    assert __import__("os").path.exists(uds)         # the host side listens
+    before = ([node for node in vm.device_manager.tree], vm.machine)
+    for call, message in ((lambda: attach_rng(vm), r"^the VM has an entropy device \(virtio-rng\) already: one per VM$"),
+                          (lambda: attach_vsock(vm, VsockConfig(8, uds + "2")), r"^the VM has a vsock device already"),
+                          (lambda: attach_rng(vm, "mmio"), r"^virtio-mmio devices are not hot-pluggable")):
+        with pytest.raises(HotplugError, match=message):
+            call()
+    assert ([node for node in vm.device_manager.tree], vm.machine) == before
+    detach(vm, "virtio-rng", force=True)
+    slot = vm.device_manager.tree.get("virtio-vsock").resources.pci_slot
+    with pytest.raises(HotplugError, match="has not released virtio-vsock"):
+        detach(vm, "virtio-vsock", timeout=0.1)
+    guest_ejects(vm, slot)
+    deadline = time.monotonic() + 10
+    while "virtio-vsock" in vm.device_manager.tree and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert vm.machine.rng is None and vm.machine.vsock is None
+    assert not {"virtio-rng", "virtio-vsock"} & set(vm.devices)
+    assert attach_rng(vm) == "virtio-rng"            # and again
+
+
+def test_a_restored_vm_has_the_plugged_devices_and_can_unplug_them(vm, tmp_path):
+    from pyvmm.config import VsockConfig
+    from pyvmm.hotplug import attach_rng, attach_vsock
+    from pyvmm.restore import carry_over
+    from pyvmm.snapshot import load_snapshot, save_snapshot
+
+    attach_disk(vm, DiskConfig(image(tmp_path), id="data"))
+    attach_rng(vm)
+    attach_vsock(vm, VsockConfig(9, str(tmp_path / "v.sock")))
+    vm.pause()
+    save_snapshot(vm, tmp_path / "vm.state", tmp_path / "vm.mem")
+    carried = carry_over(vm)
+    vm.close()
+    restored = load_snapshot(tmp_path / "vm.state", tmp_path / "vm.mem", lambda data: None, carryover=carried)
+    try:
+        restored.resume()
+        assert {"data", "virtio-rng", "virtio-vsock"} <= set(restored.devices)
+        assert restored.machine.rng == "pci" and restored.machine.vsock.cid == 9
+        slot = restored.device_manager.tree.get("data").resources.pci_slot
+        with pytest.raises(HotplugError, match="has not released data"):
+            detach(restored, "data", timeout=0.1)
+        guest_ejects(restored, slot)                 # the restored guest lets go: it leaves
+        deadline = time.monotonic() + 10
+        while "data" in restored.device_manager.tree and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "data" not in restored.device_manager.tree and [d.id for d in restored.machine.disks] == [
+            "virtio-blk0", "virtio-blk1"]
+        for device_id in ("virtio-rng", "virtio-vsock"):
+            detach(restored, device_id, force=True)
+        assert restored.machine.rng is None and restored.machine.vsock is None and not restored.stopped
+    finally:
+        restored.close()
+
+
+def test_a_full_root_bus_refuses_in_one_line_and_the_vm_runs_on(vm, tmp_path):
+    from pyvmm.hotplug import attach_rng
+
+    img = image(tmp_path)
+    free = sum(1 for slot in range(1, 32) if vm.assembly.pci_root.device(slot) is None)
+    for n in range(free):
+        attach_disk(vm, DiskConfig(img, id=f"d{n}", readonly=True))
+    before = ([node for node in vm.device_manager.tree], vm.machine)
+    for call in (lambda: attach_disk(vm, DiskConfig(img, id="one-more", readonly=True)), lambda: attach_rng(vm)):
+        with pytest.raises(Exception, match=r"no free PCI slot") as error:
+            call()
+        assert "\n" not in str(error.value)
+    assert ([node for node in vm.device_manager.tree], vm.machine) == before and not vm.stopped

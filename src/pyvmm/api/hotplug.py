@@ -3,6 +3,9 @@ PUT /network-interfaces/{id} plug a device into the running VM (pyvmm/hotplug.py
 the same paths unplugs it once the guest has ejected it (?timeout=SECONDS, default 60;
 ?force=true: without waiting, which loses the guest's requests in flight).
 
+PUT /vsock and PUT /entropy after InstanceStart plug the VM's one vsock or entropy device in
+when it has none; DELETE /vsock and /entropy unplug it the same way.
+
 The configuration (GET /vm/config) follows, so does the machine a reboot builds; a device
 keeps its drive or interface id as its device-tree id. The lock is not held while the guest is
 asked to eject: other requests are served meanwhile.
@@ -47,6 +50,51 @@ def put_interface(instance: VmInstance, iface_id: str, interface: dict[str, Any]
         attach_net(vm, interface_net(interface, instance.spec.pyvmm.get("transport", "pci")))
         instance.spec.interfaces[iface_id] = interface
         _keep_machine(instance, vm)
+
+
+def put_vsock(instance: VmInstance, vsock: dict[str, Any]) -> None:
+    """The vsock device plugged into a running VM that has none (one per VM)."""
+    from ..config import VsockConfig
+    from ..hotplug import attach_vsock
+
+    with instance.lock:
+        vm = instance._require_vm()
+        attach_vsock(vm, VsockConfig(vsock["guest_cid"], vsock["uds_path"], instance.spec.pyvmm.get("transport", "pci")))
+        instance.spec.vsock = vsock
+        _keep_machine(instance, vm)
+
+
+def put_entropy(instance: VmInstance, entropy: dict[str, Any]) -> None:
+    """The entropy device (virtio-rng) plugged into a running VM that has none (one per VM)."""
+    from ..hotplug import attach_rng
+
+    with instance.lock:
+        vm = instance._require_vm()
+        attach_rng(vm, instance.spec.pyvmm.get("transport", "pci"))
+        instance.spec.entropy = entropy
+        _keep_machine(instance, vm)
+
+
+SINGLE_DEVICES = {"vsock": "virtio-vsock", "entropy": "virtio-rng"}   # API resource -> device-tree id
+
+
+def delete_single(instance: VmInstance, resource: str, query: dict[str, str]) -> None:
+    """DELETE /vsock or /entropy: the running VM's one device of that kind, once the guest ejected it."""
+    from ..hotplug import detach
+
+    timeout, force = _options(query)
+    with instance.lock:
+        vm = instance._require_vm()
+        if getattr(instance.spec, resource) is None:
+            raise ConfigError(f"the VM has no {resource} device", resource)
+
+    def unplugged() -> None:    # now, or later: a guest that ejects after the timeout
+        with instance.lock:
+            if instance.vm is vm:
+                setattr(instance.spec, resource, None)
+                _keep_machine(instance, vm)
+
+    detach(vm, SINGLE_DEVICES[resource], timeout=timeout, force=force, on_unplugged=unplugged)
 
 
 def delete_drive(instance: VmInstance, drive_id: str, query: dict[str, str]) -> None:
@@ -124,13 +172,14 @@ _INTERNAL = {"description": "internal error (a pyvmm bug)",
              "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 
 
-def _delete_operation(operation: str, param: str, what: str) -> dict[str, Any]:
+def _delete_operation(operation: str, param: str | None, what: str) -> dict[str, Any]:
+    path_params = [{"name": param, "in": "path", "required": True, "schema": {"type": "string"}}] if param else []
     return {
         "operationId": operation,
         "summary": f"pyvmm: unplug a {what} from the running VM (PCI hotplug): the guest is asked to eject it and "
                    "the answer waits until it has. 400 if it does not within the timeout (the device stays)",
         "parameters": [
-            {"name": param, "in": "path", "required": True, "schema": {"type": "string"}},
+            *path_params,
             {"name": "timeout", "in": "query", "required": False,
              "schema": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": MAX_TIMEOUT},
              "description": "seconds to wait for the guest's eject (default 60)"},
@@ -154,6 +203,8 @@ OPENAPI_PATHS: dict[str, dict[str, Any]] = {
     "/drives/{drive_id}": {"delete": _delete_operation("pyvmmDeleteDrive", "drive_id", "drive")},
     "/network-interfaces/{iface_id}": {"delete": _delete_operation("pyvmmDeleteNetworkInterface", "iface_id",
                                                                    "network interface")},
+    "/vsock": {"delete": _delete_operation("pyvmmDeleteVsock", None, "vsock device")},
+    "/entropy": {"delete": _delete_operation("pyvmmDeleteEntropyDevice", None, "entropy device (virtio-rng)")},
 }
 
 

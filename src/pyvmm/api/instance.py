@@ -130,10 +130,14 @@ class VmInstance:
 
     def put_vsock(self, body: Any) -> None:
         checked = check_body(body, VSOCK)
+        if self.state in (RUNNING, PAUSED):
+            return hotplug.put_vsock(self, checked)
         self._configure(lambda spec: setattr(spec, "vsock", checked))
 
     def put_entropy(self, body: Any) -> None:
         checked = check_body(body, ENTROPY)
+        if self.state in (RUNNING, PAUSED):
+            return hotplug.put_entropy(self, checked)
         self._configure(lambda spec: setattr(spec, "entropy", checked))
 
     def put_logger(self, body: Any) -> None:

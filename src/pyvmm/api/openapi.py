@@ -67,8 +67,10 @@ PATHS: dict[str, dict[str, Any]] = {
                        path_param="iface_id"),
         "patch": _change("patchGuestNetworkInterfaceByID", "Change a NIC's rate limiters (before or after boot; on "
                          "a running VM at once, buckets full)", "PartialNetworkInterface", path_param="iface_id")},
-    "/vsock": {"put": _change("putGuestVsock", "The vsock device. Pre-boot only.", "Vsock")},
-    "/entropy": {"put": _change("putEntropyDevice", "A virtio-rng device. Pre-boot only.", "EntropyDevice")},
+    "/vsock": {"put": _change("putGuestVsock", "The vsock device; after the boot (pyvmm), plug it into a running VM "
+                              "that has none (PCI hotplug)", "Vsock")},
+    "/entropy": {"put": _change("putEntropyDevice", "A virtio-rng device; after the boot (pyvmm), plug it into a "
+                                 "running VM that has none (PCI hotplug)", "EntropyDevice")},
     "/balloon": {
         "put": _change("putBalloon", "A virtio-balloon device. Pre-boot only.", "Balloon"),
         "patch": _change("patchBalloon", "A new balloon target (amount_mib), before or after the start", "BalloonUpdate"),

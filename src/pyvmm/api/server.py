@@ -81,6 +81,8 @@ ROUTES: tuple[Route, ...] = (
     Route("PUT", "/pyvmm/vcpus", lambda i, p, b: hotplug.put_vcpus(i, b), body=True),
     Route("GET", "/pyvmm/vcpus", lambda i, p, b: hotplug.get_vcpus(i)),
     Route("DELETE", "/drives/{drive_id}", lambda i, p, b: hotplug.delete_drive(i, p.pop("drive_id"), p)),
+    Route("DELETE", "/vsock", lambda i, p, b: hotplug.delete_single(i, "vsock", p)),
+    Route("DELETE", "/entropy", lambda i, p, b: hotplug.delete_single(i, "entropy", p)),
     Route("DELETE", "/network-interfaces/{iface_id}", lambda i, p, b: hotplug.delete_interface(i, p.pop("iface_id"), p)),
     Route("PUT", "/vsock", lambda i, p, b: i.put_vsock(b), body=True),
     Route("PUT", "/entropy", lambda i, p, b: i.put_entropy(b), body=True),

@@ -1,6 +1,6 @@
 """virsh's hotplug verbs: attach-disk, detach-disk, attach-interface, detach-interface,
-attach-device, detach-device (a definition fragment: drives and network-interfaces in
-Firecracker's form, TOML or JSON). --live changes the running VM, --config the definition;
+attach-device, detach-device (a definition fragment: drives, network-interfaces, vsock and
+entropy in Firecracker's form, TOML or JSON; console ports and the balloon are refused). --live changes the running VM, --config the definition;
 neither: the running VM if it runs, else the definition. Only virtio-pci devices can be
 plugged into a running VM (virtio-mmio ones are found in ACPI tables built at boot)."""
 
@@ -44,7 +44,8 @@ def register(command) -> None:
     unnic.add_argument("id", metavar="ID", help="the interface id")
     where(unnic, detach=True)
     device = command("attach-device", "plug in the drives and network interfaces a definition fragment describes")
-    device.add_argument("file", metavar="FILE", help="TOML or JSON with [[drives]] and/or [[network-interfaces]]")
+    device.add_argument("file", metavar="FILE", help="TOML or JSON with [[drives]], [[network-interfaces]], [vsock] "
+                                                     "and/or [entropy]")
     where(device)
     undevice = command("detach-device", "unplug the drives and network interfaces a fragment names (by id)")
     undevice.add_argument("file", metavar="FILE")
@@ -84,7 +85,7 @@ def run(name: str, vm, args) -> int:
             fragment = _fragment(args.file)
             vm.detach_device(fragment, timeout=args.timeout, force=args.force, **where)
             done = [item.get("drive_id") or item.get("iface_id") for section in ("drives", "network-interfaces")
-                    for item in fragment.get(section, [])]
+                    for item in fragment.get(section, [])] + [single for single in ("vsock", "entropy") if single in fragment]
     verb = "attached" if name.startswith("attach") else "detached"
     print(f"Domain '{vm.name}': {', '.join(done)} {verb}")
     return 0

@@ -1,4 +1,5 @@
-"""Hotplug in the Python client: disks and NICs plugged into a managed VM and pulled out.
+"""Hotplug in the Python client: disks, NICs, the vsock and the entropy device plugged into a
+managed VM and pulled out (console ports and the balloon: refused in one line, fixed at build).
 
 `live`: the running VM (PUT/DELETE /drives/{id}, /network-interfaces/{id} on its API);
 `config`: the definition, so the change outlives the VM's process (virsh's --live and
@@ -37,6 +38,15 @@ class HotplugMethods:
             interface["guest_mac"] = mac
         return self.attach_device({"network-interfaces": [interface]}, live=live, config=config)[0]
 
+    def attach_vsock(self, cid: int, uds_path: str | os.PathLike, *, live: bool = False, config: bool = False) -> str:
+        """Plug the vsock device in (one per VM: the guest's CID; the host side at uds_path)."""
+        return self.attach_device({"vsock": {"guest_cid": cid, "uds_path": os.path.abspath(uds_path)}},
+                                  live=live, config=config)[0]
+
+    def attach_rng(self, *, live: bool = False, config: bool = False) -> str:
+        """Plug the entropy device (virtio-rng) in (one per VM)."""
+        return self.attach_device({"entropy": {}}, live=live, config=config)[0]
+
     def detach_disk(self, drive_id: str, *, timeout: float = 60.0, force: bool = False, live: bool = False,
                     config: bool = False) -> None:
         self.detach_device({"drives": [{"drive_id": drive_id}]}, timeout=timeout, force=force, live=live,
@@ -48,18 +58,18 @@ class HotplugMethods:
                            live=live, config=config)
 
     def attach_device(self, fragment: dict[str, Any], *, live: bool = False, config: bool = False) -> list[str]:
-        """Plug in every drive and network interface of a definition fragment (Firecracker's
-        form: {"drives": [...], "network-interfaces": [...]}); their ids."""
+        """Plug in every device of a definition fragment (Firecracker's form: {"drives": [...],
+        "network-interfaces": [...], "vsock": {...}, "entropy": {}}); their ids (vsock, entropy
+        for those two)."""
         live, config = self._where(live, config)
         items = _items(fragment)
         if live:    # first: a device the VM refuses does not reach the definition
             api = self._live_api()  # type: ignore[attr-defined]
-            for section, id_key, item in items:
-                path = "/drives/" if section == "drives" else "/network-interfaces/"
-                api.put(path + item[id_key], item)
+            for section, device_id, item in items:
+                api.put(_api_path(section, device_id), item)
         if config:
             self._change_definition(lambda document: _add(document, items))
-        return [item[id_key] for _, id_key, item in items]
+        return [device_id for _, device_id, _ in items]
 
     def detach_device(self, fragment: dict[str, Any], *, timeout: float = 60.0, force: bool = False,
                       live: bool = False, config: bool = False) -> None:
@@ -70,10 +80,9 @@ class HotplugMethods:
         if live:
             api = self._live_api()  # type: ignore[attr-defined]
             api.timeout = timeout + 30      # the answer comes once the guest has ejected the device
-            for section, id_key, item in items:
-                path = "/drives/" if section == "drives" else "/network-interfaces/"
+            for section, device_id, _ in items:
                 query = f"?timeout={timeout:g}" + ("&force=true" if force else "")
-                api.request("DELETE", path + item[id_key] + query)
+                api.request("DELETE", _api_path(section, device_id) + query)
         if config:
             self._change_definition(lambda document: _remove(document, items))
 
@@ -120,14 +129,21 @@ class HotplugMethods:
         definitions.store(changed, directory=self.host.config_dir, replace=True)  # type: ignore[attr-defined]
 
 
+SINGLE = ("vsock", "entropy")   # one per VM: a table, not a list, named by its section
+UNPLUGGABLE = {"console_ports": "console ports", "balloon": "the balloon"}
+
+
 def _items(fragment: Any, *, ids_only: bool = False) -> list[tuple[str, str, dict[str, Any]]]:
-    """(section, id key, item) for each device of a fragment; one-line errors for the rest."""
+    """(section, id, item) for each device of a fragment; one-line errors for the rest."""
     if not isinstance(fragment, dict):
-        raise UserError("a device fragment is a table with drives and/or network-interfaces")
-    unknown = sorted(set(fragment) - {"drives", "network-interfaces"})
+        raise UserError("a device fragment is a table with drives, network-interfaces, vsock and/or entropy")
+    for section in fragment:
+        if section in UNPLUGGABLE or section == "console-ports":
+            raise UserError(f"{section}: {UNPLUGGABLE.get(section, 'console ports')} cannot be attached or detached "
+                            "(fixed when the machine is built: put it in the definition before the start)")
+    unknown = sorted(set(fragment) - {"drives", "network-interfaces", *SINGLE})
     if unknown:
-        raise UserError(f"{unknown[0]}: only drives and network-interfaces can be attached or detached "
-                        "(vsock, entropy, balloon: not hot-pluggable)")
+        raise UserError(f"{unknown[0]}: only drives, network-interfaces, vsock and entropy can be attached or detached")
     items = []
     for section, id_key in (("drives", "drive_id"), ("network-interfaces", "iface_id")):
         entries = fragment.get(section, [])
@@ -136,24 +152,46 @@ def _items(fragment: Any, *, ids_only: bool = False) -> list[tuple[str, str, dic
         for index, item in enumerate(entries):
             if not isinstance(item, dict) or not isinstance(item.get(id_key), str):
                 raise UserError(f"{section}[{index}]: needs {id_key}")
-            items.append((section, id_key, dict(item) if not ids_only else {id_key: item[id_key]}))
+            items.append((section, item[id_key], dict(item) if not ids_only else {id_key: item[id_key]}))
+    for section in SINGLE:
+        if section in fragment:
+            if not isinstance(fragment[section], dict):
+                raise UserError(f"{section} must be a table")
+            items.append((section, section, dict(fragment[section]) if not ids_only else {}))
     if not items:
-        raise UserError("the fragment names no drive or network interface")
+        raise UserError("the fragment names no drive, network interface, vsock or entropy device")
     return items
 
 
+def _api_path(section: str, device_id: str) -> str:
+    return f"/{section}" if section in SINGLE else f"/{section}/{device_id}"
+
+
 def _add(document: dict[str, Any], items) -> None:
-    for section, id_key, item in items:
+    for section, device_id, item in items:
+        if section in SINGLE:
+            if document.get(section) is not None:
+                raise UserError(f"the definition has a {section} device already (one per VM)")
+            document[section] = item
+            continue
         entries = document.setdefault(section, [])
-        if any(entry.get(id_key) == item[id_key] for entry in entries):
-            raise UserError(f"{item[id_key]!r}: the definition has that {section[:-1].replace('-', ' ')} already")
+        if any(entry.get(_ID_KEYS[section]) == device_id for entry in entries):
+            raise UserError(f"{device_id!r}: the definition has that {section[:-1].replace('-', ' ')} already")
         entries.append(item)
 
 
 def _remove(document: dict[str, Any], items) -> None:
-    for section, id_key, item in items:
+    for section, device_id, _item in items:
+        if section in SINGLE:
+            if document.get(section) is None:
+                raise UserError(f"the definition has no {section} device")
+            del document[section]
+            continue
         entries = document.get(section, [])
-        kept = [entry for entry in entries if entry.get(id_key) != item[id_key]]
+        kept = [entry for entry in entries if entry.get(_ID_KEYS[section]) != device_id]
         if len(kept) == len(entries):
-            raise UserError(f"{item[id_key]!r}: the definition has no such {section[:-1].replace('-', ' ')}")
+            raise UserError(f"{device_id!r}: the definition has no such {section[:-1].replace('-', ' ')}")
         document[section] = kept
+
+
+_ID_KEYS = {"drives": "drive_id", "network-interfaces": "iface_id"}

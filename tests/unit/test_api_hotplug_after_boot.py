@@ -1,7 +1,10 @@
-"""A detach over the per-VM API that times out (the guest has not ejected the device yet) is a
+"""Hotplug over the per-VM API after InstanceStart (tiny guest on the software CPU:
+guests/counter.S; the guest's eject is written to the PCI hotplug controller as its _EJ0 would).
+
+A detach over the per-VM API that times out (the guest has not ejected the device yet) is a
 400 and the device stays; when the guest ejects it later, the device leaves the device tree
-and GET /vm/config follows, with no further request. The guest's eject is written to the PCI
-hotplug controller as its _EJ0 would (tiny guest on the software CPU: guests/counter.S)."""
+and GET /vm/config follows, with no further request. The vsock and entropy devices plug in
+once each (PUT /vsock, PUT /entropy) and leave (DELETE), a second one a 400 in one line."""
 
 from __future__ import annotations
 
@@ -55,3 +58,28 @@ def test_a_late_eject_reaches_the_device_tree_and_the_config(running, tmp_path):
     assert "data" not in vm.device_manager.tree and vm.machine.disks == ()
     api.put("/drives/data", {"drive_id": "data", "path_on_host": str(disk), "is_root_device": False})   # id free again
     assert [d["drive_id"] for d in api.get("/vm/config")["drives"]] == ["data"]
+
+
+def _fault(call) -> str:
+    with pytest.raises(ApiError) as error:
+        call()
+    assert error.value.status == 400 and "\n" not in error.value.fault_message
+    return error.value.fault_message
+
+
+def test_the_vsock_and_entropy_devices_plug_in_once_and_leave(running, tmp_path):
+    instance, api = running
+    uds = str(tmp_path / "v.sock")
+    api.put("/entropy", {})
+    api.put("/vsock", {"guest_cid": 5, "uds_path": uds})
+    config = api.get("/vm/config")
+    assert config["entropy"] == {} and config["vsock"]["guest_cid"] == 5
+    assert {"virtio-rng", "virtio-vsock"} <= {node["id"] for node in api.get("/pyvmm/devices")}
+    assert "one per VM" in _fault(lambda: api.put("/entropy", {}))
+    assert "one per VM" in _fault(lambda: api.put("/vsock", {"guest_cid": 6, "uds_path": uds + "2"}))
+    api.request("DELETE", "/entropy?force=true")
+    api.request("DELETE", "/vsock?force=true")
+    config = api.get("/vm/config")
+    assert config.get("entropy") is None and config.get("vsock") is None
+    assert "no entropy device" in _fault(lambda: api.request("DELETE", "/entropy"))
+    assert not instance.vm.stopped
