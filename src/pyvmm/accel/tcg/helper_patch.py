@@ -1,13 +1,15 @@
-"""Intercept engine helpers Unicorn 2.1.4 has no hook for: RDMSR, WRMSR, MOV to/from CRn (and
-the external-interrupt entry, for interrupt-window exits: interrupt_window.py).
+"""Intercept engine helpers Unicorn 2.1.4 has no hook for: RDMSR, WRMSR, MOV to/from CRn, SYSRET
+(and the external-interrupt entry, for interrupt-window exits: interrupt_window.py).
 
 Unicorn's QEMU reads IA32_APIC_BASE as 0 (it has no APIC), checks no reserved bit in a MOV
 to CR0/CR4 or a WRMSR to EFER, and keeps CR8 apart from the APIC's TPR; its hook API only
 reaches IN, OUT, SYSCALL, SYSENTER, CPUID and RDTSC(P). So the entry of each helper the
 translated code calls (helper_rdmsr_x86_64, helper_wrmsr_x86_64, helper_write_crN_x86_64,
-helper_read_crN_x86_64, exported by libunicorn) is patched with a jump to a small x86-64 stub:
+helper_read_crN_x86_64, helper_sysret_x86_64, exported by libunicorn) is patched with a jump
+to a small x86-64 stub:
 
     stub:        save the argument registers; action = filter(env, arg1, arg2, &out)
+                 (or, install_guard: machine code decides, with no Python call)
                  action 0: run the helper: its displaced first instructions, then jump back
                  action 1: return `out` (the helper's work is done)
                  action 2: raise #GP(0) the way the helper itself would
@@ -15,7 +17,8 @@ helper_read_crN_x86_64, exported by libunicorn) is patched with a jump to a smal
                            unwinds to the faulting instruction with longjmp, in C)
 
 The displaced instructions are checked byte for byte against this build's (they save
-registers and load arguments, nothing position-dependent); any other libunicorn leaves the
+registers and load arguments; the one position-dependent instruction, helper_sysret's first
+`je rel32`, is re-encoded in the stub with an absolute target); any other libunicorn leaves the
 helpers alone, logged, and the guest sees Unicorn's own behaviour. The library is shared by
 the process, so the filter serves whichever vCPU is running on the calling thread
 (`running`), and passes everything through when none is (the probes' scratch engines).
@@ -42,7 +45,11 @@ PROLOGUES = {
     "helper_read_crN_x86_64": bytes.fromhex("5531d24889fd534863de89de4883ec08488b4c2418"),
     # (interrupt_window.py) mov %edx,%r9d; sub $0x8a50,%rdi; xor %r8d,%r8d; xor %ecx,%ecx
     "do_interrupt_x86_hardirq_x86_64": bytes.fromhex("4189d1" "4881ef508a0000" "4531c0" "31c9"),
+    # push %rbp; mov %rdi,%rbp; testb $1,0x250(%rdi) (EFER.SCE); je rel32 (to the #UD)
+    "helper_sysret_x86_64": bytes.fromhex("554889fdf6875002000001" "0f84b5020000"),
 }
+# helper -> offset of a `je rel32` (0f 84) ending its prologue, relocated into the stub
+RELOCATED_JE = {"helper_sysret_x86_64": 11}
 RAISE_FUNCTION = "raise_exception_err_ra_x86_64"
 FILTER = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64,
                           ctypes.POINTER(ctypes.c_uint64))
@@ -56,13 +63,21 @@ def _jump(target: int) -> bytes:
     return bytes.fromhex("ff2500000000") + struct.pack("<Q", target)  # jmp *0(%rip)
 
 
-def _stub(callback: int, raise_function: int, prologue: bytes, resume: int) -> bytes:
+def _displaced(prologue: bytes, target: int, je_at: int | None) -> bytes:
+    """The prologue as the stub runs it, then a jump back behind it in the helper."""
+    if je_at is None:
+        return prologue + _jump(target + len(prologue))
+    destination = target + je_at + 6 + struct.unpack("<i", prologue[je_at + 2:je_at + 6])[0]
+    far = _jump(destination)
+    # jne over an absolute jump to the je's destination
+    return prologue[:je_at] + bytes([0x75, len(far)]) + far + _jump(target + len(prologue))
+
+
+def _stub(callback: int, raise_function: int, passthrough: bytes) -> bytes:
     head = bytes.fromhex("57" "56" "52" "51" "4883ec18" "488d4c2408" "48b8") + struct.pack("<Q", callback)
     head += bytes.fromhex("ffd0" "4c8b5c2408" "4883c418" "59" "5a" "5e" "5f" "85c0")
     handled = bytes.fromhex("4c89d8" "c3")                       # mov %r11,%rax; ret
-    raise_gp = bytes.fromhex("488b0c24" "be0d000000" "31d2" "48b8") + struct.pack("<Q", raise_function)
-    raise_gp += bytes.fromhex("ffe0")                            # tail call: never returns
-    passthrough = prologue + _jump(resume)
+    raise_gp = _raise_gp(raise_function)
     # test %eax,%eax; jz passthrough; cmp $1,%eax; jne raise; handled; raise; passthrough
     after_jz = bytes.fromhex("83f801") + bytes([0x75, len(handled)]) + handled + raise_gp
     return head + bytes([0x74, len(after_jz)]) + after_jz + passthrough
@@ -90,6 +105,38 @@ def _writable_text(address: int, length: int, write: Callable[[], object]) -> No
 def install(helper: str, handler: Callable[[int, int, int], tuple[int, int]]) -> bool:
     """Route `helper` through handler(env, arg1, arg2) -> (action, value); False if this build
     of libunicorn cannot be patched (the helper then runs as Unicorn built it)."""
+    def on_call(env, arg1, arg2, out) -> int:
+        try:
+            action, value = handler(env or 0, arg1, arg2)
+        except Exception:  # never unwind through C: run the helper instead
+            log.exception("software CPU: %s filter failed", helper)
+            return PASS
+        out[0] = value & 0xFFFF_FFFF_FFFF_FFFF
+        return action
+
+    callback = FILTER(on_call)
+    callback_address = ctypes.cast(callback, ctypes.c_void_p).value
+    assert callback_address is not None
+    return _patch(helper, lambda raise_function, passthrough: _stub(callback_address, raise_function, passthrough),
+                  keep=callback)
+
+
+def install_guard(helper: str, guard: Callable[[int], bytes]) -> bool:
+    """Put machine code in front of `helper`, with no Python on the way: guard(length of the
+    passthrough) is code that falls through to run the helper or ends with a jump of that
+    length over it, to raise #GP(0). False if this libunicorn cannot be patched."""
+    def stub(raise_function: int, passthrough: bytes) -> bytes:
+        return guard(len(passthrough)) + passthrough + _raise_gp(raise_function)
+
+    return _patch(helper, stub, keep=None)
+
+
+def _raise_gp(raise_function: int) -> bytes:
+    """raise_exception_err_ra(env, 13, 0, the helper's return address): never returns."""
+    return bytes.fromhex("488b0c24" "be0d000000" "31d2" "48b8") + struct.pack("<Q", raise_function) + bytes.fromhex("ffe0")
+
+
+def _patch(helper: str, make_stub: Callable[[int, bytes], bytes], keep: object) -> bool:
     with _lock:
         if helper in _installed:
             return True
@@ -108,20 +155,7 @@ def install(helper: str, handler: Callable[[int, int, int], tuple[int, int]]) ->
         if ctypes.string_at(target, len(prologue)) != prologue:
             log.info("software CPU: %s is not the code pyvmm knows: its behaviour stays Unicorn's", helper)
             return False
-
-        def on_call(env, arg1, arg2, out) -> int:
-            try:
-                action, value = handler(env or 0, arg1, arg2)
-            except Exception:  # never unwind through C: run the helper instead
-                log.exception("software CPU: %s filter failed", helper)
-                return PASS
-            out[0] = value & 0xFFFF_FFFF_FFFF_FFFF
-            return action
-
-        callback = FILTER(on_call)
-        callback_address = ctypes.cast(callback, ctypes.c_void_p).value
-        assert callback_address is not None
-        code = _stub(callback_address, raise_function, prologue, target + len(prologue))
+        code = make_stub(raise_function, _displaced(prologue, target, RELOCATED_JE.get(helper)))
         page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         page.write(code)
         stub = ctypes.addressof(ctypes.c_char.from_buffer(page))
@@ -134,5 +168,5 @@ def install(helper: str, handler: Callable[[int, int, int], tuple[int, int]]) ->
         except OSError as exc:
             log.info("software CPU: cannot patch %s (%s): its behaviour stays Unicorn's", helper, exc)
             return False
-        _installed[helper] = (callback, page)
+        _installed[helper] = (keep, page)
         return True

@@ -1,7 +1,10 @@
 """What RDMSR, WRMSR and MOV to/from CRn do where Unicorn's own helpers are wrong (SDM vol. 2
 RDMSR/WRMSR/MOV-CR, vol. 3 2.5 and 10.4.4): IA32_APIC_BASE and CR8 are the local APIC's;
 reserved bits of CR0, CR4 (every bit of a feature CPUID does not announce), EFER and
-IA32_APIC_BASE raise #GP(0); the x2APIC MSRs raise #GP(0) (x2APIC is not announced).
+IA32_APIC_BASE raise #GP(0); the x2APIC MSRs raise #GP(0) (x2APIC is not announced); SYSRET
+to 64-bit code with a non-canonical RCX raises #GP(0) at CPL0 before anything changes, as on
+the Intel CPU this one says it is (Unicorn's QEMU does what AMD CPUs do: it returns to CPL3 and
+faults there, on the user's stack, which is the privilege hole Intel's order closes).
 
 An MSR this CPU does not implement raises #GP(0), as the SDM says (RDMSR/WRMSR: "if the value
 in ECX specifies a reserved or unimplemented MSR address"); Unicorn's QEMU read it as 0 and
@@ -147,10 +150,29 @@ def read_cr(env: int, register: int, _arg2: int) -> tuple[int, int]:
     return HANDLED, int.from_bytes(vcpu.lapic.read(REG_TPR, 4), "little") >> 4 & 0xF
 
 
+def sysret_guard(passthrough: int) -> bytes:
+    """SYSRET (REX.W) with EFER.SCE set (the helper's own #UD comes first) and a non-canonical
+    RCX: #GP(0), checked in machine code (every Linux system call returns with SYSRET). The
+    CPUX86State offsets (EFER 0x250; RCX 8: env starts with RAX, RCX) are the ones the helper's
+    own prologue, checked byte for byte, uses. A CPL or mode the helper refuses is #GP(0) too."""
+    return bytes.fromhex(
+        "83fe02"            # cmp $2, %esi: the helper's dflag for SYSRET with REX.W
+        "751d"              # jne run_helper
+        "f6875002000001"    # testb $EFER_SCE, 0x250(%rdi)
+        "7414"              # je run_helper
+        "488b4708"          # mov 8(%rdi), %rax: the guest's RCX
+        "48c1f82f"          # sar $47, %rax: 0 or -1 when canonical (48-bit addresses)
+        "4883c001"          # add $1, %rax
+        "4883f801"          # cmp $1, %rax
+        "7602"              # jbe run_helper
+    ) + bytes([0xEB, passthrough])  # jmp over the helper's passthrough: raise #GP(0)
+
+
 def install() -> bool:
-    """Patch the four helpers (once per process); False if this libunicorn cannot be patched."""
+    """Patch the five helpers (once per process); False if this libunicorn cannot be patched."""
     results = [helper_patch.install("helper_rdmsr_x86_64", rdmsr),
                helper_patch.install("helper_wrmsr_x86_64", wrmsr),
                helper_patch.install("helper_write_crN_x86_64", write_cr),
-               helper_patch.install("helper_read_crN_x86_64", read_cr)]
+               helper_patch.install("helper_read_crN_x86_64", read_cr),
+               helper_patch.install_guard("helper_sysret_x86_64", sysret_guard)]
     return all(results)
