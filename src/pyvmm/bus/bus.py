@@ -12,11 +12,16 @@ import bisect
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Protocol
+from functools import partial
+from typing import Callable, Protocol
 
 from ..errors import UserError
 
 log = logging.getLogger(__name__)
+
+# Addresses whose handlers a bus remembers (writer()/reader()); past that the table starts over,
+# so a guest probing every address of a window cannot grow it without bound.
+CACHED_ADDRESSES = 4096
 
 
 class BusDevice(Protocol):
@@ -53,6 +58,15 @@ class Bus:
         self._lock = threading.Lock()
         self._warned: set[int] = set()
         self.unclaimed_accesses = 0
+        self._forget_handlers()
+
+    def _forget_handlers(self) -> None:
+        # The handlers writer() and reader() made, by address: a hot caller looks up here first
+        # and calls writer()/reader() on a miss, reading the attribute for each access. New
+        # tables, never cleared in place, after the ranges changed: a lookup that raced a
+        # (un)registration filled the old table, which nobody reads again.
+        self.writers: dict[int, Callable[[bytes], None]] = {}
+        self.readers: dict[int, Callable[[int], bytes]] = {}
 
     def register(self, base: int, length: int, device: BusDevice, name: str | None = None) -> BusRange:
         name = name or type(device).__name__
@@ -67,6 +81,7 @@ class Bus:
                     )
             ranges = sorted(self._ranges + (new,), key=lambda r: r.base)
             self._ranges, self._bases = tuple(ranges), tuple(r.base for r in ranges)
+            self._forget_handlers()
         return new
 
     def unregister(self, base: int) -> BusDevice:
@@ -75,6 +90,7 @@ class Bus:
                 if r.base == base:
                     ranges = tuple(x for x in self._ranges if x is not r)
                     self._ranges, self._bases = ranges, tuple(x.base for x in ranges)
+                    self._forget_handlers()
                     return r.device
         raise KeyError(f"{self.kind}: nothing registered at {base:#x}")
 
@@ -104,6 +120,40 @@ class Bus:
             self._unclaimed("write", address, len(data))
             return
         r.device.write(address - r.base, data)
+
+    # --- per-address handlers: for the KVM run loop, one dict lookup and one call per exit ------
+
+    def writer(self, address: int) -> Callable[[bytes], None]:
+        """What write(address, data) does, as a callable taking `data` (the device's write bound
+        to its offset). Remembered per address until the ranges change."""
+        writers = self.writers
+        found = writers.get(address)
+        if found is None:
+            r = self.find(address)
+            found = partial(self._unclaimed_write, address) if r is None else partial(r.device.write, address - r.base)
+            if len(writers) >= CACHED_ADDRESSES:
+                writers.clear()
+            writers[address] = found
+        return found
+
+    def reader(self, address: int) -> Callable[[int], bytes]:
+        """What read(address, size) does, as a callable taking `size`."""
+        readers = self.readers
+        found = readers.get(address)
+        if found is None:
+            r = self.find(address)
+            found = partial(self._unclaimed_read, address) if r is None else partial(r.device.read, address - r.base)
+            if len(readers) >= CACHED_ADDRESSES:
+                readers.clear()
+            readers[address] = found
+        return found
+
+    def _unclaimed_write(self, address: int, data: bytes) -> None:
+        self._unclaimed("write", address, len(data))
+
+    def _unclaimed_read(self, address: int, size: int) -> bytes:
+        self._unclaimed("read", address, size)
+        return b"\xff" * size
 
     def _unclaimed(self, what: str, address: int, size: int) -> None:
         self.unclaimed_accesses += 1

@@ -1,0 +1,171 @@
+"""The KVM run loop's decoding of kvm_run (accel/kvm/vcpu.py) and KVM_RUN's error path
+(kvm/vcpu.py), without KVM: a VcpuFd over a memfd, KVM_RUN replaced by a script that writes
+each exit into the page the way KVM does. Every access must reach the device exactly as the
+shared ExitDispatcher would serve it, and every answer land where KVM reads it back."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import threading
+
+import pytest
+
+from pyvmm.accel.dispatch import ExitDispatcher
+from pyvmm.accel.kvm.vcpu import KvmVcpu
+from pyvmm.bus import MmioBus, PioBus
+from pyvmm.kvm import KvmError, uapi
+from pyvmm.kvm import vcpu as kvm_vcpu
+
+PAGE_SIZE = 4096
+DATA_OFFSET = PAGE_SIZE  # where this fake KVM puts port-I/O data (real KVM: the next page)
+
+
+class Recorder:
+    def __init__(self, tag: int) -> None:
+        self.tag, self.reads, self.writes = tag, [], []
+
+    def read(self, offset, size):
+        self.reads.append((offset, size))
+        return bytes((self.tag + i) & 0xFF for i in range(size))
+
+    def write(self, offset, data):
+        self.writes.append((offset, bytes(data)))
+
+
+class Services:
+    symbols = None
+    pause_requested = False
+
+    def __init__(self) -> None:
+        self.stop_requested = threading.Event()
+        self.ended: list[object] = []
+
+    def pause_point(self) -> None:
+        pass
+
+    def guest_exit(self, vcpu, exit_) -> None:
+        self.ended.append(exit_)
+        self.stop_requested.set()
+
+
+@pytest.fixture
+def vcpu_fd():
+    fd = os.memfd_create("kvm-run")
+    os.ftruncate(fd, 3 * PAGE_SIZE)
+    vcpu_fd = kvm_vcpu.VcpuFd(fd, 0, 3 * PAGE_SIZE)
+    yield vcpu_fd
+    vcpu_fd.close()
+
+
+def io_exit(direction, port, size, count, data=b""):
+    def write(run, page):
+        run.exit_reason = uapi.KVM_EXIT_IO
+        io = run.exit.io
+        io.direction, io.size, io.port, io.count, io.data_offset = direction, size, port, count, DATA_OFFSET
+        page[DATA_OFFSET:DATA_OFFSET + len(data)] = data
+    return write
+
+
+def mmio_exit(address, length, data=None):
+    def write(run, page):
+        run.exit_reason = uapi.KVM_EXIT_MMIO
+        mmio = run.exit.mmio
+        mmio.phys_addr, mmio.len, mmio.is_write = address, length, data is not None
+        mmio.data[:] = list((data or b"").ljust(8, b"\xee"))
+    return write
+
+
+def run_script(monkeypatch, vcpu_fd, script):
+    """Run the loop over `script` (exit writers); returns what the page held after each exit
+    was served (the answers KVM would read back), and the services."""
+    pio, mmio = PioBus(), MmioBus()
+    ports, registers = Recorder(0x10), Recorder(0x80)
+    pio.register(0x60, 8, ports)
+    mmio.register(0xFED0_0000, 0x100, registers)
+    services = Services()
+    page, run = vcpu_fd.page, vcpu_fd.run_struct
+    steps = iter(script)
+    after: list[bytes] = []
+
+    def fake_kvm_run(fd, request, arg):
+        if after is not None and len(after) < len(script) and run.exit_reason:
+            after.append(bytes(page[:2 * PAGE_SIZE]))
+        step = next(steps, None)
+        if step is None:
+            services.stop_requested.set()
+            run.exit_reason = uapi.KVM_EXIT_HLT
+        else:
+            step(run, page)
+        return 0
+
+    monkeypatch.setattr(kvm_vcpu, "_run_ioctl", fake_kvm_run)
+    KvmVcpu(None, vcpu_fd, 0).run_loop(services, ExitDispatcher(pio, mmio, services))
+    return ports, registers, after, pio, mmio
+
+
+def test_single_port_accesses_reach_the_device_and_answer_in_the_page(monkeypatch, vcpu_fd):
+    script = [io_exit(uapi.KVM_EXIT_IO_OUT, 0x61, 1, 1, b"\x42"),
+              io_exit(uapi.KVM_EXIT_IO_OUT, 0x62, 4, 1, b"\x01\x02\x03\x04"),
+              io_exit(uapi.KVM_EXIT_IO_IN, 0x63, 2, 1),
+              io_exit(uapi.KVM_EXIT_IO_IN, 0x3F8, 1, 1)]  # no device: all-ones
+    ports, _, after, pio, _ = run_script(monkeypatch, vcpu_fd, script)
+    assert ports.writes == [(1, b"\x42"), (2, b"\x01\x02\x03\x04")]
+    assert ports.reads == [(3, 2)]
+    assert after[2][DATA_OFFSET:DATA_OFFSET + 2] == b"\x10\x11"
+    assert after[3][DATA_OFFSET:DATA_OFFSET + 1] == b"\xff"
+    assert pio.unclaimed_accesses == 1
+
+
+def test_string_port_io_is_served_item_by_item(monkeypatch, vcpu_fd):
+    script = [io_exit(uapi.KVM_EXIT_IO_OUT, 0x64, 2, 3, b"\xa1\xa2\xb1\xb2\xc1\xc2"),
+              io_exit(uapi.KVM_EXIT_IO_IN, 0x65, 1, 3)]
+    ports, _, after, _, _ = run_script(monkeypatch, vcpu_fd, script)
+    assert ports.writes == [(4, b"\xa1\xa2"), (4, b"\xb1\xb2"), (4, b"\xc1\xc2")]
+    assert ports.reads == [(5, 1)] * 3
+    assert after[1][DATA_OFFSET:DATA_OFFSET + 3] == b"\x10\x10\x10"
+
+
+def test_mmio_accesses_reach_the_device_and_reads_answer_in_kvm_run(monkeypatch, vcpu_fd):
+    data_at = uapi.kvm_run.exit.offset + uapi.kvm_run_mmio.data.offset
+    script = [mmio_exit(0xFED0_0010, 4, b"\x0a\x0b\x0c\x0d"),
+              mmio_exit(0xFED0_0020, 8, b"12345678"),
+              mmio_exit(0xFED0_0030, 2),
+              mmio_exit(0xD000_0000, 4)]  # no device: all-ones
+    _, registers, after, _, mmio = run_script(monkeypatch, vcpu_fd, script)
+    assert registers.writes == [(0x10, b"\x0a\x0b\x0c\x0d"), (0x20, b"12345678")]
+    assert registers.reads == [(0x30, 2)]
+    assert after[2][data_at:data_at + 2] == b"\x80\x81"
+    assert after[3][data_at:data_at + 4] == b"\xff" * 4
+    assert mmio.unclaimed_accesses == 1
+
+
+def test_each_exit_is_counted_by_reason(monkeypatch, vcpu_fd):
+    script = [io_exit(uapi.KVM_EXIT_IO_OUT, 0x61, 1, 1, b"\x00"), mmio_exit(0xFED0_0000, 4, b"\x00" * 4)]
+    run_script(monkeypatch, vcpu_fd, script)
+    counts = vcpu_fd.exit_counts
+    assert (counts[uapi.KVM_EXIT_IO], counts[uapi.KVM_EXIT_MMIO], counts[uapi.KVM_EXIT_HLT]) == (1, 1, 1)
+
+
+def test_a_failed_kvm_run_names_its_errno(vcpu_fd):
+    """The real ioctl on a memfd fails (not a vCPU): the error read after it is the one raised."""
+    with pytest.raises(KvmError) as failure:
+        vcpu_fd.run()
+    assert failure.value.errno == errno.ENOTTY
+    assert "KVM_RUN" in str(failure.value)
+
+
+def test_eagain_and_eintr_mean_interrupted(monkeypatch, vcpu_fd):
+    """A kick (EINTR, or EAGAIN from immediate_exit): a failing libc call stands for KVM_RUN."""
+    libc = ctypes.CDLL(None)
+    reader, writer = os.pipe()
+    os.set_blocking(reader, False)
+    buffer = ctypes.create_string_buffer(1)
+    try:
+        monkeypatch.setattr(kvm_vcpu, "_run_ioctl", lambda fd, request, arg: libc.read(reader, buffer, 1))
+        assert vcpu_fd.run() == kvm_vcpu.RUN_INTERRUPTED  # EAGAIN: the pipe is empty
+        assert sum(vcpu_fd.exit_counts) == 0
+    finally:
+        os.close(reader)
+        os.close(writer)
