@@ -93,6 +93,47 @@ def test_a_thread_filter_stacks_threads_start_and_inet_sockets_are_refused_on_th
     assert "io ok" in result.stdout and "survived" not in result.stdout
 
 
+ARGUMENT_PROBES = {   # name: (the thread that tries: the I/O thread or the main one, the call)
+    # a clone the kernel would refuse anyway (EINVAL), but with more than pthread_create's flags
+    "clone_with_a_namespace": ("io", "libc.syscall(56, 0x00010000 | 0x00000800 | 0x00000100 | 0x20000000, 0, 0, 0, 0)"),
+    "tgkill_of_another_process": ("io", "libc.syscall(234, parent, parent, 0)"),
+    "setting_a_resource_limit": ("io", "resource.setrlimit(resource.RLIMIT_CORE, resource.getrlimit(resource.RLIMIT_CORE))"),
+    "packet_socket": ("main", "socket.socket(socket.AF_PACKET, socket.SOCK_RAW)"),
+    "crypto_socket": ("main", "socket.socket(socket.AF_ALG, socket.SOCK_SEQPACKET)"),
+}
+
+
+@pytest.mark.parametrize("probe", ARGUMENT_PROBES)
+def test_argument_filters_refuse_what_only_an_argument_tells_apart(probe):
+    """Allowed calls with a forbidden argument: the process dies; the allowed forms run first."""
+    where, call = ARGUMENT_PROBES[probe]
+    result = run_python(f"""
+        import ctypes, os, resource, signal, socket, threading
+        from pyvmm import seccomp
+        libc = ctypes.CDLL(None, use_errno=True)
+        parent = os.getppid()
+        seccomp.configure("kill")
+        seccomp.install_process_filter()
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()      # migration's TCP
+        def io():
+            seccomp.enter_thread("io", "vmm-io")
+            signal.pthread_kill(threading.main_thread().ident, 0)     # tgkill within the process
+            resource.getrlimit(resource.RLIMIT_NOFILE)                # reading a limit
+            timer = threading.Thread(target=lambda: None)             # pthread_create's clone
+            timer.start(); timer.join()
+            print("allowed ok", flush=True)
+            if {where == "io"}:
+                {call}
+                print("survived", flush=True)
+        thread = threading.Thread(target=io); thread.start(); thread.join()
+        if {where == "main"}:
+            {call}
+            print("survived", flush=True)
+    """)
+    assert result.returncode == -signal.SIGSYS, result
+    assert "allowed ok" in result.stdout and "survived" not in result.stdout
+
+
 def test_the_mode_cannot_change_once_installed_and_bad_modes_are_one_line():
     result = run_python("""
         from pyvmm import seccomp

@@ -82,7 +82,7 @@ def build_filter(kind: str, *, spawn: bool = False, default_action: int | None =
 
     seccomp_filter = Filter(_default_action() if default_action is None else default_action)
     try:
-        for rule in rules_for(kind, spawn=spawn):
+        for rule in rules_for(kind, spawn=spawn, pid=os.getpid()):
             seccomp_filter.add(ACT_ALLOW, rule.syscall, *rule.conditions)
         for name, number in ANSWERED_ENOSYS.items():
             seccomp_filter.add(act_errno(number), name)

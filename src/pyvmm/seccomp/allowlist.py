@@ -66,7 +66,6 @@ PYTHON_RUNTIME = {
     "restart_syscall": "a system call interrupted by a signal is restarted",
     "getpid": "os.getpid, logging",
     "gettid": "threading.get_native_id, logging",
-    "tgkill": "kicking a vCPU thread out of KVM_RUN; signals within the process",
     "clock_gettime": "time.monotonic/time.time (vDSO fallback)",
     "clock_nanosleep": "time.sleep",
     "nanosleep": "time.sleep (older glibc)",
@@ -90,13 +89,11 @@ PYTHON_RUNTIME = {
     "getegid": "os.getegid",
     "uname": "platform queries in libraries",
     "sysinfo": "memory figures (os, stats)",
-    "prlimit64": "resource.getrlimit",
     "getrusage": "resource.getrusage (CPU time in stats)",
     "times": "os.times",
     "clock_getres": "time.get_clock_info",
     "fsync": "disk flushes (virtio-blk FLUSH)",
     "fdatasync": "disk flushes (virtio-blk FLUSH)",
-    "sync_file_range": "a snapshot's memory file: its disk writes started while the rest is copied",
     "fallocate": "virtio-blk DISCARD and WRITE_ZEROES punch holes",
     "sendto": "sockets: vsock and console host sides",
     "recvfrom": "sockets: vsock and console host sides",
@@ -107,17 +104,19 @@ PYTHON_RUNTIME = {
     "setsockopt": "sockets: buffer sizes, SO_REUSEADDR",
     "getsockname": "sockets",
     "getpeername": "sockets",
-    "accept4": "the vsock and console listeners accept host clients",
     "pipe2": "wake-up pipes",
-    "membarrier": "Unicorn's translation cache (RCU) on the software CPU",
 }
 
 # Thread creation: Python starts threads with pthread_create, which glibc does with clone3
 # (its flags are in memory no filter can read): it is answered ENOSYS, so glibc falls back to
-# clone, whose flags are an argument: only CLONE_THREAD, no new process.
+# clone, whose flags are an argument: exactly pthread_create's (glibc's create_thread), so no
+# new process, no namespace, no exit signal.
 CLONE_THREAD = 0x00010000
+PTHREAD_CLONE_FLAGS = (0x00000100 | 0x00000200 | 0x00000400 | 0x00000800   # CLONE_VM, _FS, _FILES, _SIGHAND
+                       | CLONE_THREAD | 0x00040000 | 0x00080000             # _THREAD, _SYSVSEM, _SETTLS
+                       | 0x00100000 | 0x00200000)                            # _PARENT_SETTID, _CHILD_CLEARTID
 THREADS = [
-    ("clone", "a new thread (a timer thread started lazily)", (ArgCmp(0, CLONE_THREAD, CLONE_THREAD),)),
+    ("clone", "a new thread (a timer thread started lazily)", (ArgCmp(0, PTHREAD_CLONE_FLAGS),)),
 ]
 ANSWERED_ENOSYS = {"clone3": errno.ENOSYS}
 
@@ -128,6 +127,17 @@ SCHEDULING = [
     ("sched_setscheduler", "the I/O thread yields to the guest's thread (SCHED_BATCH, itself only)",
      (ArgCmp(0, 0, 0xFFFFFFFF), ArgCmp(1, SCHED_BATCH, 0xFFFFFFFF))),
 ]
+
+# Signals to threads: kicking a vCPU thread out of KVM_RUN (and raise()): only this process's
+# threads (tgkill's first argument is the process id; a process with helpers leaves it open,
+# the filter being inherited by its children).
+SIGNALLING = "tgkill"
+
+# Sockets of the process-wide list, by family: Unix (API, console, vsock, vhost-user, the uffd
+# handler) and TCP over IPv4/IPv6 (migration); netlink only for `ip` where helpers run. No
+# packet, raw-netlink, crypto (AF_ALG) or other families: the kernel's code for them is out of reach.
+PROCESS_SOCKET_FAMILIES = (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6)
+SPAWN_SOCKET_FAMILIES = (socket.AF_NETLINK,)
 
 # Installing a thread's own filter (libseccomp: prctl(PR_SET_NO_NEW_PRIVS), then seccomp()),
 # and naming the thread for the kernel's log: prctl is filtered by its option.
@@ -143,7 +153,7 @@ FILTERING = [
 # Sockets a guest-facing thread may create: Unix sockets only (a guest's vsock connection to
 # host port P connects to the Unix socket UDS_P).
 UNIX_SOCKETS = [
-    ("socket", "a vsock connection's host side (AF_UNIX)", (ArgCmp(0, socket.AF_UNIX),)),
+    ("socket", "a vsock connection's host side (AF_UNIX)", (ArgCmp(0, socket.AF_UNIX, 0xFFFFFFFF),)),
     ("connect", "a vsock connection's host side connects to UDS_P", ()),
     ("socketpair", "socket.socketpair (wake-ups)", ()),
 ]
@@ -246,26 +256,23 @@ PROCESS = {
     "chmod": "the API socket's mode", "fchmod": "the same", "fchmodat": "the same",
     "utimensat": "touching records",
     "umask": "creating sockets and files",
-    "socket": "API, console and migration sockets (AF_UNIX, TCP for migration)",
     "connect": "clients: vhost-user back-ends, the uffd handler, migration",
     "bind": "the API, console, vsock and migration listeners",
     "listen": "the same",
     "socketpair": "the uffd handler's channel",
     "mincore": "resident guest RAM (stats), sparse memory files",
     "userfaultfd": "the userfaultfd restore mode and dirty tracking",
-    "dup2": "the console's descriptors", "dup3": "the same",
     "rt_sigaction": "signal handlers (SIGTERM, the vCPU kick) installed at set-up",
     "kill": "stopping helper processes (the uffd handler)",
     "wait4": "reaping helper processes",
     "waitid": "the same",
     "pidfd_open": "waiting for a process", "pidfd_send_signal": "the same",
-    "setitimer": "signal.setitimer in libraries", "timerfd_create": "timers", "timerfd_settime": "timers",
-    "getppid": "the parent (launcher)",
-    "arch_prctl": "thread-local storage (glibc)",
-    "set_tid_address": "thread start",
-    "getpgrp": "terminal job control",
-    "close_range": "subprocess closes descriptors",
     "mbind": "a NUMA guest's RAM bound to host nodes when the machine is built (host/numa.py)",
+    "sync_file_range": "a snapshot's memory file: its disk writes started while the rest is copied",
+    "prlimit64": "resource limits (read and set)",
+    # what a guest-facing kind needs must be here too: a thread's filters stack (intersection)
+    "accept4": "the vsock and console listeners accept host clients (I/O and console threads)",
+    "membarrier": "Unicorn's translation cache (RCU) on the software CPU",
 }
 
 # Only where the machine makes helper processes after set-up: a NIC with tap=auto makes and
@@ -275,6 +282,8 @@ SPAWN = {
     "unshare": "the network namespace (a helper thread)", "setns": "joining it to open the TAP",
     "mount": "`ip netns` bind-mounts", "umount2": "the same",
     "prctl": "`ip` (a child inherits the filter) reads its capabilities",
+    "close_range": "subprocess's child closes descriptors before exec", "dup2": "the child's stdio",
+    "dup3": "the same", "arch_prctl": "`ip` starting (thread-local storage)", "set_tid_address": "the same",
 }
 
 # Extra calls of a guest-facing kind, beyond the Python runtime.
@@ -285,10 +294,14 @@ VCPU = {
 TCG = {
     "ioctl": "filtered by request number: TAP offloads, FIONBIO",
     "sched_setaffinity": "the same for the software CPU's thread",
+    "membarrier": "Unicorn's translation cache (RCU)",
 }
 IO = {
     "ioctl": "filtered by request number: TAP offloads, FIONBIO",
+    "accept4": "the vsock listeners accept host clients",
 }
+# Guest-facing threads may read their resource limits, never set them (prlimit64's new_limit NULL).
+READ_ONLY_LIMITS = ("prlimit64", "resource.getrlimit", (ArgCmp(2, 0),))
 
 
 @dataclass(frozen=True)
@@ -297,8 +310,9 @@ class Rule:
     conditions: tuple[ArgCmp, ...] = ()
 
 
-def rules_for(kind: str, *, spawn: bool = False) -> list[Rule]:
-    """The allow rules of one kind of thread ('process', 'vcpu', 'tcg' or 'io')."""
+def rules_for(kind: str, *, spawn: bool = False, pid: int | None = None) -> list[Rule]:
+    """The allow rules of one kind of thread ('process', 'vcpu', 'tcg' or 'io'); `pid`: the
+    process the filter is for (its threads are the only ones it may signal)."""
     names = dict(PYTHON_RUNTIME)
     if kind == "process":
         names.update(PROCESS)
@@ -316,7 +330,11 @@ def rules_for(kind: str, *, spawn: bool = False) -> list[Rule]:
     if kind in ("process", "io"):
         rules += [Rule(name, conditions) for name, _why, conditions in SCHEDULING]
     if kind != "process":
-        rules += [Rule(name, conditions) for name, _why, conditions in UNIX_SOCKETS]
+        rules += [Rule(name, conditions) for name, _why, conditions in (*UNIX_SOCKETS, READ_ONLY_LIMITS)]
+    else:
+        families = PROCESS_SOCKET_FAMILIES + (SPAWN_SOCKET_FAMILIES if spawn else ())
+        rules += [Rule("socket", (ArgCmp(0, family, 0xFFFFFFFF),)) for family in families]
+    rules.append(Rule(SIGNALLING, () if pid is None or (kind == "process" and spawn) else (ArgCmp(0, pid),)))
     rules += [Rule("ioctl", (ArgCmp(1, number, 0xFFFFFFFF),)) for number in sorted(ioctls_for(kind))]
     return rules
 
