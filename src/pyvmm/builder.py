@@ -324,7 +324,8 @@ def virtio_devices(config: MachineConfig, console_write, iothread, releases: lis
         releases.append(device.close)
         yield config.disk_id(index), kind, device, disk.transport
     for index, net in enumerate(config.nets):
-        device, backend = make_net(net, config.net_mac(index), iothread)
+        auto_index = sum(other.tap == "auto" for other in config.nets[:index])
+        device, backend = make_net(net, config.net_mac(index), iothread, auto_index)
         releases.append(backend.close)
         yield config.net_id(index), "virtio-net", device, net.transport
     if config.vsock is not None:
@@ -388,11 +389,12 @@ def make_disk(disk, field: str, iothread, *, lock: bool = True) -> tuple[Any, st
         raise ConfigError(f": {exc}", f"{field}.path") from None
 
 
-def make_net(net, mac: str, iothread):
-    """The device model of one NIC and its host network (a TAP): close() the second."""
+def make_net(net, mac: str, iothread, auto_index: int | None = None):
+    """The device model of one NIC and its host network (a TAP): close() the second.
+    `auto_index`: the NIC's place among the machine's tap=auto NICs (None: one plugged at run time)."""
     from .devices.virtio.net import VirtioNet
 
-    backend = _open_net_backend(net)
+    backend = _open_net_backend(net, auto_index)
     try:
         return VirtioNet(backend.tap, mac=bytes.fromhex(mac.replace(":", "")), iothread=iothread,
                          rx_rate_limit=net.rx_rate_limit, tx_rate_limit=net.tx_rate_limit), backend
@@ -405,10 +407,12 @@ def _discard(data: bytes) -> None:
     pass
 
 
-def _open_net_backend(net):
-    """The host side of one NIC: tap=auto is a new TAP in a new network namespace."""
+def _open_net_backend(net, auto_index: int | None):
+    """The host side of one NIC: tap=auto is a new TAP in a new network namespace (in a jail,
+    the one the jailer made: net/handed.py)."""
+    from .net.handed import open_handed
     from .net.netns import HostNetwork
 
     if net.tap == "auto":
-        return HostNetwork().open()
+        return open_handed(auto_index) or HostNetwork().open()
     return HostNetwork(namespace=False, tap_name=net.tap).open()

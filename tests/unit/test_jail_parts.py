@@ -1,12 +1,15 @@
 """The jailer's parts that need no VM: its settings, its control groups on a cgroup v2 tree (a
-fake one: our hosts bind the controllers to v1) and on a v1 layout, what it exposes, and its
-refusal to run without root."""
+fake one: our hosts bind the controllers to v1) and on a v1 layout, what it exposes, Landlock on
+its own, the TAPs it hands in, and its refusal to run without root."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -85,9 +88,15 @@ def test_the_exposure_holds_the_machines_files_and_refuses_what_a_jail_cannot_ho
     assert exposure.paths[str(tmp_path / "vsock")] is True and exposure.paths[str(tmp_path)] is True
     assert sys.base_prefix in exposure.paths and "net/tun" not in exposure.devices
     assert exposure.owned == [str(disk), str(tmp_path / "vsock")]
-    with pytest.raises(JailRefused, match="ip tuntap add"):
-        plan({**document, "network-interfaces": [{"iface_id": "e", "host_dev_name": "auto"}]}, tmp_path, None,
-             netns=False)
+    # tap=auto: the jailer hands the TAP in (no /dev/net/tun), also with a namespace of its own;
+    # a named TAP is opened inside (the device node), where the host's TAPs are
+    auto = plan({**document, "network-interfaces": [{"iface_id": "e", "host_dev_name": "auto"}]}, tmp_path, None,
+                netns=True)
+    assert "net/tun" not in auto.devices
+    named = {**document, "network-interfaces": [{"iface_id": "e", "host_dev_name": "tap7"}]}
+    assert "net/tun" in plan(named, tmp_path, None, netns=False).devices
+    with pytest.raises(JailRefused, match="needs netns = false"):
+        plan(named, tmp_path, None, netns=True)
     with pytest.raises(JailRefused, match="a directory of its own"):
         plan({"boot-source": document["boot-source"], "vsock": {"guest_cid": 3, "uds_path": "/tmp/v.sock"}},
              tmp_path, None, netns=False)
@@ -101,3 +110,54 @@ def test_the_jailer_needs_root(tmp_path, monkeypatch, capsys):
     assert jailer.main([str(tmp_path)]) == 2
     assert capsys.readouterr().err == ("pyvmm: error: jail: the jailer needs root (namespaces, control groups, "
                                        "device nodes, another uid)\n")
+
+
+def test_handed_taps_are_read_from_the_environment_and_a_nic_without_one_is_refused(monkeypatch):
+    from pyvmm.net import handed
+    from pyvmm.net.netns import HostNetworkError
+
+    monkeypatch.delenv(handed.ENV, raising=False)
+    assert handed.open_handed(0) is None and handed.open_handed(None) is None    # not jailed: make one
+    taps = [handed.HandedTap(7, "tap0", "pyvmm-1-0"), handed.HandedTap(9, "tap0", "pyvmm-1-1")]
+    monkeypatch.setenv(handed.ENV, handed.encode(taps))
+    assert handed.handed_taps() == taps
+    for auto_index in (None, 2):   # plugged at run time, or more NICs than the jailer made TAPs for
+        with pytest.raises(HostNetworkError, match="a NIC added at run time needs a TAP owned by the VM's uid"):
+            handed.open_handed(auto_index)
+
+
+def test_landlock_alone_confines_files_abstract_sockets_and_signals(tmp_path):
+    """Each thing Landlock denies, on its own (no namespace, no other uid): a file outside the
+    given paths; from ABI 6 an abstract Unix socket and a signal to a process outside."""
+    from pyvmm.jail.landlock import abi_version
+
+    abi = abi_version()
+    if not abi:
+        pytest.skip("no Landlock in this kernel")
+    inside, outside = tmp_path / "inside", tmp_path / "outside"
+    for directory in (inside, outside):
+        directory.mkdir()
+        (directory / "f").write_text("data")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(f"\0pyvmm-landlock-test-{os.getpid()}")
+    listener.listen()
+    code = textwrap.dedent(f"""
+        import os, socket
+        from pyvmm.jail.landlock import restrict_to
+        def attempt(action):
+            try:
+                action()
+                return "allowed"
+            except PermissionError:
+                return "denied"
+        restrict_to([("{inside}", False)])
+        print(attempt(lambda: open("{inside}/f").read()), attempt(lambda: open("{outside}/f").read()),
+              attempt(lambda: socket.socket(socket.AF_UNIX).connect("\\0pyvmm-landlock-test-{os.getpid()}")),
+              attempt(lambda: os.kill({os.getpid()}, 0)))
+    """)
+    try:
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    finally:
+        listener.close()
+    scoped = "denied" if abi >= 6 else "allowed"
+    assert result.stdout.split() == ["allowed", "denied", scoped, scoped], result

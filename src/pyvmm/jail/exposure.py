@@ -87,14 +87,11 @@ def plan(document: dict[str, Any], run_dir: Path, restore: dict[str, Any] | None
             writable = not drive.get("is_read_only", False)
             exposure.add(drive["path_on_host"], writable=writable)
             exposure.owned.append(os.path.abspath(drive["path_on_host"]))
-    nets = document.get("network-interfaces") or []
-    for net in nets:
-        if net.get("host_dev_name") == "auto":
-            raise JailRefused("jail: host_dev_name = \"auto\" makes a network namespace with `ip`, which a jailed "
-                              "VM cannot: create a TAP owned by its uid (ip tuntap add NAME mode tap user UID)")
-    if nets and netns:
+    # tap=auto NICs get TAPs the jailer makes and hands in (net/handed.py); named TAPs are opened inside
+    named_taps = [net for net in document.get("network-interfaces") or [] if net.get("host_dev_name") != "auto"]
+    if named_taps and netns:
         raise JailRefused("jail: netns = true leaves the host's TAP devices outside the jail: a VM with a NIC "
-                          "needs netns = false")
+                          "on a named TAP needs netns = false (or host_dev_name = \"auto\")")
     vsock = document.get("vsock")
     if vsock:
         directory = os.path.dirname(os.path.abspath(vsock["uds_path"]))
@@ -114,7 +111,7 @@ def plan(document: dict[str, Any], run_dir: Path, restore: dict[str, Any] | None
         exposure.devices.append("kvm")
     if os.path.exists("/dev/userfaultfd"):
         exposure.devices.append("userfaultfd")
-    if nets:
+    if named_taps:
         exposure.devices.append("net/tun")
     for path in list(exposure.owned):
         if not (os.path.isfile(path) or os.path.isdir(path)) or stat.S_ISLNK(os.lstat(path).st_mode):

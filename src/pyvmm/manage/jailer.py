@@ -2,7 +2,9 @@
 
 As root, outside: choose the VM's uid/gid (its own unless the definition names one), hand it
 the VM's run directory, disk images and vsock directory (their owner and mode are restored when
-the VM ends), create its control group (CPU, memory, PIDs), then fork into a new PID namespace.
+the VM ends), create its control group (CPU, memory, PIDs) and, for each tap=auto NIC, a network
+namespace and TAP whose open descriptor the VM process inherits (net/handed.py), then fork into
+a new PID namespace.
 The child - PID 1 there, and the VM's process itself - unshares mount, IPC, UTS (and with
 netns, network) namespaces, builds a private root on a tmpfs holding only the exposure
 (jail/exposure.py) and device nodes of its own, pivots into it, sets resource limits, drops to the
@@ -10,7 +12,7 @@ unprivileged uid/gid with no_new_privs, confines itself with Landlock where the 
 and executes `python -m pyvmm.manage.vmprocess RUN_DIR --jailed`.
 The parent stays outside as the VM's keeper: it writes the pid file (the host's pid of the VM
 process), waits, records a death by seccomp's SIGSYS as the outcome, gives the files back,
-removes the control group and exits with the VM process's status.
+removes the control group and the TAPs' namespaces and exits with the VM process's status.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from ..errors import UserError, user_error_message
 from ..jail import namespaces as ns
 from ..jail.config import UID_BASE, UID_SLOTS, VMM_OVERHEAD_MIB, JailConfig, jail_options
 from ..jail.exposure import DEVICES, OWNED_DEVICES, Exposure, plan
+from ..net.handed import ENV as HANDED_ENV
+from ..net.handed import HandedTap
+from ..net.handed import encode as encode_taps
 from .records import RunDir
 from .vmprocess import SECCOMP_KILLED, SECCOMP_WHY
 
@@ -116,12 +121,34 @@ def _build_root(root: str, exposure: Exposure, uid: int, gid: int, name: str) ->
     ns.sethostname(name[:64])
 
 
-def _enter(run, exposure: Exposure, jail: JailConfig, uid: int, gid: int, vm_argv: list[str], go: int) -> None:
+def _make_networks(document: dict) -> list:
+    """A network namespace and TAP (net/netns.py) for each tap=auto NIC, made here as root: the
+    jailed process could not (no `ip`, no privilege); it gets the TAPs' descriptors (net/handed.py)."""
+    from ..net.netns import HostNetwork
+
+    networks: list[HostNetwork] = []
+    try:
+        for net in document.get("network-interfaces") or []:
+            if net.get("host_dev_name") == "auto":
+                networks.append(HostNetwork().open())
+    except BaseException:
+        for network in networks:
+            network.close()
+        raise
+    return networks
+
+
+def _enter(run, exposure: Exposure, jail: JailConfig, uid: int, gid: int, vm_argv: list[str], go: int,
+           taps: list[HandedTap]) -> None:
     """The child: PID 1 of its PID namespace; becomes the jailed VM process (never returns).
     It starts once the keeper has recorded its pid (a byte on `go`)."""
     try:
         os.read(go, 1)
         os.close(go)
+        for tap in taps:
+            os.set_inheritable(tap.fd, True)
+        if taps:
+            os.environ[HANDED_ENV] = encode_taps(taps)
         ns.unshare(ns.CLONE_NEWNS | ns.CLONE_NEWIPC | ns.CLONE_NEWUTS | (ns.CLONE_NEWNET if jail.netns else 0))
         _build_root(str(JAIL_ROOTS / run.name), exposure, uid, gid, run.name)
         resource.setrlimit(resource.RLIMIT_NOFILE, (jail.nofile, jail.nofile))
@@ -161,13 +188,21 @@ def jail(run_dir: str, vm_argv: list[str], ready_fd: int | None) -> int:
         uid, gid = _allocate_ids(run, jail)
         (run.path / RECORD).write_text(json.dumps({"uid": uid, "gid": gid, "keeper_pid": os.getpid()}))
     memory_mib = jail.memory_mib or (document.get("machine-config") or {}).get("mem_size_mib", 256) + VMM_OVERHEAD_MIB
-    cgroup = Cgroup(run.name, cpus=jail.cpus, memory_bytes=memory_mib << 20, pids=jail.pids).create()
+    networks = _make_networks(document)
+    taps = [HandedTap(network.tap.fd, network.tap.name, network.netns) for network in networks]
+    try:
+        cgroup = Cgroup(run.name, cpus=jail.cpus, memory_bytes=memory_mib << 20, pids=jail.pids).create()
+    except BaseException:
+        for network in networks:
+            network.close()
+        raise
     previous = _hand_over([str(run.path), *exposure.owned], uid, gid)
     for entry in run.path.iterdir():
         if entry.name != RECORD:
             os.chown(entry, uid, gid)
     record = {"uid": uid, "gid": gid, "keeper_pid": os.getpid(), "cgroup": cgroup.describe(),
-              "netns": jail.netns, "exposed": exposure.paths, "devices": exposure.devices}
+              "netns": jail.netns, "exposed": exposure.paths, "devices": exposure.devices,
+              "networks": [{"tap": tap.name, "netns": tap.netns} for tap in taps]}
     try:
         ns.unshare(ns.CLONE_NEWPID)
         go, started = os.pipe()
@@ -175,7 +210,7 @@ def jail(run_dir: str, vm_argv: list[str], ready_fd: int | None) -> int:
         if child == 0:
             os.close(started)
             cgroup.add(0)   # 0: the writing process itself
-            _enter(run, exposure, jail, uid, gid, vm_argv, go)
+            _enter(run, exposure, jail, uid, gid, vm_argv, go, taps)
         os.close(go)
         if ready_fd is not None:
             os.close(ready_fd)
@@ -190,6 +225,8 @@ def jail(run_dir: str, vm_argv: list[str], ready_fd: int | None) -> int:
     finally:
         _give_back(previous)
         cgroup.remove()
+        for network in networks:
+            network.close()
     if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS and run.outcome() is None:
         message = f"the VM's process (pid {child}) {SECCOMP_KILLED}: SIGSYS ({SECCOMP_WHY})"
         print(f"pyvmm: {message}", file=sys.stderr, flush=True)

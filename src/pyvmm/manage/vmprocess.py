@@ -72,8 +72,9 @@ def serve(run: RunDir, instance_id: str, ready_fd: int | None, incoming: str | N
         spec = VmSpec() if restore is not None else VmSpec.from_document(json.loads(run.definition_file.read_text()))
         from .. import seccomp
 
-        # helpers: the API may hot-plug a tap=auto NIC, whose network namespace `ip` makes
-        seccomp.configure(spec.pyvmm.get("seccomp") or seccomp.default_mode(), helpers=True)
+        # helpers: the API may hot-plug a tap=auto NIC, whose network namespace `ip` makes (not in
+        # a jail: it has no `ip` and no privilege, its jailer makes its TAPs)
+        seccomp.configure(spec.pyvmm.get("seccomp") or seccomp.default_mode(), helpers=not jailed)
         instance = VmInstance(instance_id, spec, console=console)
         made.append(instance)
         done = threading.Event()

@@ -14,7 +14,7 @@ as root (CAP_NET_ADMIN and CAP_SYS_ADMIN), with the `ip` command from iproute2:
    there); the guest is told to take 10.0.2.15 (`guest_kernel_ip_arg()` gives the
    kernel's ip= argument);
 4. close(), also run at interpreter exit: closes the TAP fd, which removes the interface
-   and its address, then `ip netns del` removes the namespace.
+   and its address, then removes the namespace as `ip netns del` does (umount, unlink).
 
 A pyvmm killed by SIGKILL cannot close: its namespace stays in /run/netns. Before its first
 namespace, each process deletes the pyvmm-<pid>-<n> namespaces whose process is gone (or
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 NETNS_DIR = "/run/netns"  # where `ip netns add` bind-mounts named namespaces
 CLONE_NEWNET = 0x40000000
+MNT_DETACH = 2
 
 _names = itertools.count()
 _swept = False
@@ -131,6 +132,18 @@ def _ip(*args: str) -> None:
         raise HostNetworkError(f"ip {' '.join(args)}: {reason}")
 
 
+def _remove_namespace(netns: str) -> None:
+    """What `ip netns del` does, without a new process (a jail's keeper cannot fork once the VM,
+    its PID namespace's init, has ended): detach the namespace's bind mount, remove the file."""
+    path = os.path.join(NETNS_DIR, netns)
+    try:
+        if _libc.umount2(path.encode(), MNT_DETACH) != 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        os.unlink(path)
+    except OSError as exc:
+        log.warning("cannot remove network namespace %s: %s", netns, exc.strerror)
+
+
 class HostNetwork:
     """A TAP with the host at `host_address` (default 10.0.2.1/24), in a fresh namespace by default.
 
@@ -208,10 +221,7 @@ class HostNetwork:
             self.tap = None
         if self.netns is not None:
             netns, self.netns = self.netns, None
-            try:
-                _ip("netns", "del", netns)
-            except HostNetworkError as exc:
-                log.warning("%s", exc)
+            _remove_namespace(netns)
 
     def __enter__(self) -> "HostNetwork":
         return self.open()
