@@ -6,6 +6,7 @@ Reader: valid rings with a plausible request in each queue, so fuzzing starts pa
 
 from __future__ import annotations
 
+import json
 import shutil
 import struct
 import sys
@@ -94,23 +95,40 @@ def loader_seeds() -> dict[str, list[bytes]]:
 
 def state_seeds() -> dict[str, list[bytes]]:
     import tempfile
+    from dataclasses import replace
 
     from pyvmm.accel.select import choose_accelerator
     from pyvmm.builder import build_vm
     from pyvmm.config import MachineConfig
     from pyvmm.snapshot.state_file import HEADER_SIZE, encode_state
 
+    from pyvmm.config import BalloonConfig, ConsolePort, DiskConfig, RateLimit, VsockConfig
+    from pyvmm.devices.rate_limiter import TokenBucketConfig
+
+    blobs = []
     with tempfile.TemporaryDirectory() as scratch:
         kernel = Path(scratch) / "flat.bin"
         kernel.write_bytes(b"\xfa\xf4")
-        config = MachineConfig(kernel=str(kernel), flat_address=0x100000, memory=16 << 20, rng="mmio")
-        vm = build_vm(config, lambda data: None, accel=choose_accelerator("tcg").create())
-        try:
-            vm.pause()
-            blob = encode_state(vm.save(), vm_config={"machine-config": {"vcpu_count": 1, "mem_size_mib": 16}})
-        finally:
-            vm.close()
-    return {"state-file": [blob, b"J" + blob[HEADER_SIZE:]]}
+        for disk in ("disk.img", "disk2.img"):
+            (Path(scratch) / disk).write_bytes(bytes(1 << 16))
+        tiny = MachineConfig(kernel=str(kernel), flat_address=0x100000, memory=16 << 20, rng="mmio")
+        # every kind of device state a file can hold, on both transports
+        full = replace(tiny, cpus=2, rng="pci", console="virtio", virtio_mem_size=128 << 20,
+                       console_ports=(ConsolePort("port0", f"{scratch}/port0.sock"),),
+                       disks=(DiskConfig(f"{scratch}/disk.img", rate_limit=RateLimit(TokenBucketConfig(1 << 20, 1000), TokenBucketConfig(100, 1000))),
+                              DiskConfig(f"{scratch}/disk2.img", readonly=True, transport="mmio")),
+                       vsock=VsockConfig(3, f"{scratch}/vsock.sock"),
+                       balloon=BalloonConfig(amount_mib=4, deflate_on_oom=True, stats_interval_s=1,
+                                             free_page_reporting=True, transport="mmio"))
+        for config in (tiny, full):
+            vm = build_vm(config, lambda data: None, accel=choose_accelerator("tcg").create())
+            try:
+                vm.pause()
+                blobs.append(encode_state(vm.save(), vm_config={"machine-config": {"vcpu_count": config.cpus,
+                                                                                   "mem_size_mib": 16}}))
+            finally:
+                vm.close()
+    return {"state-file": [blobs[0], b"J" + blobs[0][HEADER_SIZE:], b"J" + blobs[1][HEADER_SIZE:]]}
 
 
 def api_seeds() -> dict[str, list[bytes]]:
@@ -134,11 +152,79 @@ def api_seeds() -> dict[str, list[bytes]]:
         request("PUT", "/actions", '{"action_type": "InstanceStart"}'),
         request("GET", "/pyvmm/console?tail=10"),
         request("PUT", "/pyvmm/agent/exec", '{"argv": ["true"], "stdin": "aGk="}'),
+        *api_route_seeds(),
     ]}
 
 
+def _example(schema: dict, schemas: dict, depth: int = 0):
+    """A value of OpenAPI `schema` with every property set: the first enum value, a default, or one of
+    the type's (strings name files relative to the harness's scratch directory)."""
+    if "$ref" in schema:
+        schema = schemas[schema["$ref"].rsplit("/", 1)[1]]
+    if "enum" in schema:
+        return schema["enum"][0]
+    if "default" in schema and schema["default"] is not None:
+        return schema["default"]
+    kind = schema.get("type", "object")
+    kind = kind[0] if isinstance(kind, list) else kind
+    if kind == "object":
+        properties = schema.get("properties") or {}
+        return {} if depth > 3 else {key: _example(value, schemas, depth + 1) for key, value in properties.items()}
+    if kind == "array":
+        return [_example(schema.get("items") or {"type": "string"}, schemas, depth + 1)]
+    return {"string": "x", "integer": 1, "number": 1.5, "boolean": True}.get(kind)
+
+
+def api_route_seeds() -> list[bytes]:
+    """One request per route and method of the API's OpenAPI document, every body field filled in: the
+    fuzzer starts inside each resource's field checks instead of having to find its path first."""
+    from pyvmm.api.openapi import document
+
+    openapi = document()
+    schemas = openapi["components"]["schemas"]
+    seeds = []
+    for path, methods in sorted(openapi["paths"].items()):
+        concrete = path.replace("{drive_id}", "d0").replace("{iface_id}", "eth0")
+        for method, operation in sorted(methods.items()):
+            head = f"{method.upper()} {concrete} HTTP/1.1\nHost: x\n"
+            content = (operation.get("requestBody") or {}).get("content", {}).get("application/json")
+            if content is None:
+                seeds.append((head + "\n").encode())
+                continue
+            body = _example(content["schema"], schemas)
+            for key in ("drive_id", "iface_id"):
+                if isinstance(body, dict) and key in body:
+                    body[key] = "d0" if key == "drive_id" else "eth0"
+            text = json.dumps(body)
+            seeds.append((head + f"Content-Type: application/json\nContent-Length: {len(text)}\n\n{text}").encode())
+    return seeds
+
+
+def api_dictionary() -> list[str]:
+    """libFuzzer dictionary entries: methods, path segments, header names and every field name."""
+    from pyvmm.api.openapi import document
+
+    openapi = document()
+    words = {"GET", "PUT", "PATCH", "DELETE", "HTTP/1.1", "HTTP/1.0", "Content-Length: ", "Content-Type: ",
+             "application/json", "Transfer-Encoding: chunked", "Expect: 100-continue", "null", "true", "false"}
+    for path in openapi["paths"]:
+        words.update(f"/{segment}" for segment in path.strip("/").split("/") if segment and "{" not in segment)
+        words.add(path.split("{")[0])
+    for schema in openapi["components"]["schemas"].values():
+        for key, value in (schema.get("properties") or {}).items():
+            words.add(f'"{key}":')
+            words.update(f'"{choice}"' for choice in value.get("enum", []) if isinstance(choice, str))
+    return sorted(words)
+
+
 def main() -> None:
-    seeds = {**device_seeds(), **transport_seeds(), **loader_seeds(), **state_seeds(), **api_seeds()}
+    """make_seeds.py [NAME...]: rewrite those harnesses' seeds (default: all), and the dictionaries."""
+    makers = (device_seeds, transport_seeds, loader_seeds, state_seeds, api_seeds)
+    wanted = set(sys.argv[1:])
+    seeds = {name: inputs for make in makers for name, inputs in make().items() if not wanted or name in wanted}
+    dictionaries = HERE / "dictionaries"
+    dictionaries.mkdir(exist_ok=True)
+    (dictionaries / "api.dict").write_text("".join(f"{json.dumps(word)}\n" for word in api_dictionary()))
     for name, inputs in seeds.items():
         directory = HERE / "corpus" / name
         shutil.rmtree(directory, ignore_errors=True)

@@ -7,7 +7,8 @@
     fuzz/run.py --list
 
 Each harness runs in its own process, one at a time, seeded from fuzz/corpus/NAME (read only:
-what it discovers goes to a temporary directory unless --keep-corpus). A crash leaves its input
+what it discovers goes to a temporary directory unless --keep-corpus), with the tokens of
+fuzz/dictionaries/NAME.dict where there is one. A crash leaves its input
 in fuzz/crashes/NAME/ (commit it under fuzz/regressions/NAME/ once fixed: the unit tests replay
 it) and makes the run exit 1. Exit 0: every harness ran its time without a finding.
 """
@@ -49,6 +50,8 @@ def run_one(name: str, seconds: int, keep_corpus: bool, extra: list[str]) -> boo
     with tempfile.TemporaryDirectory(prefix=f"pyvmm-fuzz-{name}-") as scratch:
         corpus = seeds if keep_corpus else Path(scratch)
         dirs = [str(corpus)] + ([str(seeds)] if seeds.is_dir() and not keep_corpus else [])
+        dictionary = HERE / "dictionaries" / f"{name}.dict"     # tokens the input format is made of (make_seeds.py)
+        extra = ([f"-dict={dictionary}"] if dictionary.exists() else []) + extra
         command = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--",
                    f"-max_total_time={seconds}", f"-artifact_prefix={crashes}/", "-timeout=60",
                    "-rss_limit_mb=2048", "-print_final_stats=1", *extra, *dirs]
