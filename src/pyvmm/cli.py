@@ -299,6 +299,8 @@ def _cmd_run(args) -> int:
     # an unusable accelerator is bad input too: say so before a first run builds the default guest
     choice = choose_accelerator(options.accel)
     machine, options = with_default_guest(machine, options, command)
+    # one machine, built once (unless --reboot): no set-up calls once it runs (seccomp/allowlist.py)
+    seccomp.configure(seccomp.mode(), rebuilds=options.reboot)
     with Console(log_path=options.console_log) as console:
         outcome = run_vm(machine, options, console, choice)
     if outcome.is_error:

@@ -20,6 +20,7 @@ from conftest import managed_env
 
 from pyvmm.images.kernel_warnings import CONSOLE_LOGLEVEL, describe, find_kernel_warnings
 from pyvmm.manage.launch import wait_exit
+from pyvmm.ui.handlers import list_vms
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the kernel log (what seccomp killed) is root's to read")
 
@@ -76,6 +77,10 @@ def test_a_forbidden_call_on_a_device_thread_kills_only_its_vm_and_is_reported(e
     assert re.search(r"victim\s+crashed", cli(values, "list").stdout)
     outcome = host.vm("victim").info().outcome
     assert outcome["killed_by"] == "seccomp" and outcome["signal"] == "SIGSYS", outcome
+    # the web console's API says the same (GET /api/vms)
+    (row,) = [row for row in list_vms(host)["vms"] if row["name"] == "victim"]
+    assert row["state"] == "crashed" and row["outcome"]["killed_by"] == "seccomp", row
+    assert "SIGSYS: chroot on thread vmm-io" in row["outcome"]["message"], row
 
     # the other VM, filtered the same way, boots to its shell and runs on
     bystander = host.vm("bystander")

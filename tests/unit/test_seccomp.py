@@ -44,6 +44,12 @@ def test_guest_facing_kinds_get_no_set_up_calls_and_no_process_creation():
         assert ioctl_request("KVM_CREATE_VM") not in ioctls and ioctl_request("KVM_SET_USER_MEMORY_REGION") not in ioctls
     assert allowlist.ioctls_for("vcpu").keys() >= {allowlist._kvm({"KVM_RUN": ""}).popitem()[0]}
     assert not allowlist.ioctls_for("io").keys() & set(allowlist._kvm({"KVM_RUN": ""}))
+    kvm_ioctls = {number for names in (allowlist.KVM_VM_DEVICE_IOCTLS, allowlist.KVM_VCPU_IOCTLS)
+                  for number in allowlist._kvm(names)}
+    assert not allowlist.ioctls_for("tcg").keys() & kvm_ioctls      # the software CPU has no KVM fd
+    for kind in ("vcpu", "tcg", "io"):     # the terminal's mode is the main thread's business
+        assert not allowlist.ioctls_for(kind).keys() & allowlist.TERMINAL_IOCTLS.keys(), kind
+    assert allowlist.ioctls_for("process").keys() >= allowlist.TERMINAL_IOCTLS.keys()
 
 
 def test_kill_mode_kills_the_process_on_a_call_outside_the_list():
@@ -183,3 +189,30 @@ def test_the_io_thread_may_make_itself_sched_batch_under_the_filters_and_nothing
     assert result.returncode == -signal.SIGSYS, result
     assert "started" in result.stdout and "batch ok" in result.stdout, result
     assert "survived" not in result.stdout
+
+
+@pytest.mark.parametrize("call", ["os.memfd_create('ram')", "socket.socket(socket.AF_INET).close()",
+                                  "socket.socket(socket.AF_UNIX).bind('')"])
+def test_a_process_that_never_builds_again_has_no_set_up_calls(call):
+    """`pyvmm run` without --reboot: memfd_create, TCP sockets, bind... are gone once its VM runs."""
+    result = run_python(f"""
+        import os, socket
+        from pyvmm import seccomp
+        seccomp.configure("kill", rebuilds=False)
+        seccomp.install_process_filter()
+        socket.socket(socket.AF_UNIX).close()
+        print("allowed ok", flush=True)
+        {call}
+        print("survived", flush=True)
+    """)
+    assert result.returncode == -signal.SIGSYS, result
+    assert "allowed ok" in result.stdout and "survived" not in result.stdout
+    kept = run_python(f"""
+        import os, socket
+        from pyvmm import seccomp
+        seccomp.configure("kill")
+        seccomp.install_process_filter()
+        {call}
+        print("survived", flush=True)
+    """)
+    assert kept.returncode == 0 and "survived" in kept.stdout, kept

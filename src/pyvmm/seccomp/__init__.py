@@ -31,6 +31,7 @@ _lock = threading.Lock()
 _mode = "off"
 _process_installed = False
 _helpers = False
+_rebuilds = True
 
 
 def check_mode(mode: str, field: str = "--seccomp") -> str:
@@ -44,17 +45,20 @@ def default_mode() -> str:
     return check_mode(os.environ.get(ENV, "off") or "off", ENV)
 
 
-def configure(mode: str, *, helpers: bool = False) -> None:
+def configure(mode: str, *, helpers: bool = False, rebuilds: bool = True) -> None:
     """Set this process's mode (a VM process's entry point does, before building a VM).
     `helpers`: the process may start helper programs after set-up whatever its machine is (a
-    managed VM's API can hot-plug a tap=auto NIC, whose namespace `ip` makes)."""
-    global _mode, _helpers
+    managed VM's API can hot-plug a tap=auto NIC, whose namespace `ip` makes). `rebuilds`: it
+    may build a machine again once one has started (a reboot, an API's snapshot load or
+    migration); False leaves set-up out of the process-wide filter (allowlist.REBUILD_ONLY)."""
+    global _mode, _helpers, _rebuilds
     check_mode(mode)
     with _lock:
         if _process_installed and mode != _mode:
             raise UserError("seccomp is installed in this process already: its mode cannot change")
         _mode = mode
         _helpers = helpers
+        _rebuilds = rebuilds
     if mode != "off":
         from .libseccomp import library
 
@@ -75,14 +79,14 @@ def _default_action() -> int:
     return ACT_KILL_PROCESS if _mode == "kill" else ACT_LOG
 
 
-def build_filter(kind: str, *, spawn: bool = False, default_action: int | None = None):
+def build_filter(kind: str, *, spawn: bool = False, rebuilds: bool = True, default_action: int | None = None):
     """The libseccomp filter of `kind` (allowlist.KINDS), not loaded."""
     from .allowlist import ANSWERED_ENOSYS, rules_for
     from .libseccomp import ACT_ALLOW, Filter, act_errno
 
     seccomp_filter = Filter(_default_action() if default_action is None else default_action)
     try:
-        for rule in rules_for(kind, spawn=spawn, pid=os.getpid()):
+        for rule in rules_for(kind, spawn=spawn, pid=os.getpid(), rebuilds=rebuilds):
             seccomp_filter.add(ACT_ALLOW, rule.syscall, *rule.conditions)
         for name, number in ANSWERED_ENOSYS.items():
             seccomp_filter.add(act_errno(number), name)
@@ -99,7 +103,7 @@ def install_process_filter(*, spawn: bool = False) -> None:
     with _lock:
         if _mode == "off" or _process_installed:
             return
-        with build_filter("process", spawn=spawn or _helpers) as seccomp_filter:
+        with build_filter("process", spawn=spawn or _helpers, rebuilds=_rebuilds) as seccomp_filter:
             seccomp_filter.load(tsync=True)
         _process_installed = True
     log.info("seccomp (%s): the process filter is installed", _mode)

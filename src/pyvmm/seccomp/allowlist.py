@@ -190,11 +190,14 @@ KVM_VCPU_IOCTLS = {  # on a vCPU fd
     "KVM_SET_XCRS": "restore", "KVM_GET_DEBUGREGS": "save", "KVM_SET_DEBUGREGS": "restore",
     "KVM_KVMCLOCK_CTRL": "pause", "KVM_GET_STATS_FD": "binary stats",
 }
-TERMINAL_IOCTLS = {
-    0x5401: "TCGETS: is the console a terminal (isatty)", 0x5402: "TCSETS: the console's raw mode",
-    0x5403: "TCSETSW", 0x5404: "TCSETSF: raw mode with a flush", 0x5413: "TIOCGWINSZ: terminal size",
+DESCRIPTOR_IOCTLS = {   # any thread: Python's file and socket objects
+    0x5401: "TCGETS: isatty (open() asks it of every file it buffers)",
     0x5421: "FIONBIO: non-blocking sockets", 0x5451: "FIOCLEX: close-on-exec", 0x5450: "FIONCLEX",
     0x541B: "FIONREAD: bytes waiting on a socket",
+}
+TERMINAL_IOCTLS = {     # the main thread only: the console's terminal (console.py), set raw and back
+    0x5402: "TCSETS: the console's raw mode", 0x5403: "TCSETSW", 0x5404: "TCSETSF: raw mode with a flush",
+    0x5413: "TIOCGWINSZ: terminal size",
 }
 
 
@@ -223,17 +226,20 @@ def _kvm(names: dict[str, str]) -> dict[int, str]:
     return {ioctl_request(name): f"{name}: {why}" for name, why in names.items()}
 
 
-def ioctls_for(kind: str) -> dict[int, str]:
-    """The ioctl request numbers a kind of thread may issue, with why."""
-    allowed = dict(TERMINAL_IOCTLS)
-    allowed.update(_kvm(KVM_VM_DEVICE_IOCTLS))
+def ioctls_for(kind: str, *, rebuilds: bool = True) -> dict[int, str]:
+    """The ioctl request numbers a kind of thread may issue, with why (`rebuilds`: see REBUILD_ONLY)."""
+    allowed = dict(DESCRIPTOR_IOCTLS)
+    if kind != "tcg":   # the software CPU's thread has no KVM descriptor to use
+        allowed.update(_kvm(KVM_VM_DEVICE_IOCTLS))
     allowed.update(_kvm(KVM_VCPU_IOCTLS) if kind in ("process", "vcpu") else {})
     if kind in ("process", "io", "vcpu", "tcg"):
         allowed.update(_tun_ioctls())   # offloads change when the guest's driver negotiates
     if kind == "process":
-        allowed.update(_kvm(KVM_SYSTEM_IOCTLS))
-        allowed.update(_kvm(KVM_VM_SETUP_IOCTLS))
-        allowed.update(_memory_ioctls())
+        allowed.update(TERMINAL_IOCTLS)
+        if rebuilds:
+            allowed.update(_kvm(KVM_SYSTEM_IOCTLS))
+            allowed.update(_kvm(KVM_VM_SETUP_IOCTLS))
+        allowed.update(_memory_ioctls())   # a restored VM's pages arrive through userfaultfd after it starts
     return allowed
 
 
@@ -275,6 +281,11 @@ PROCESS = {
     "membarrier": "Unicorn's translation cache (RCU) on the software CPU",
 }
 
+# Set-up only: what building a machine needs (a reboot, a snapshot load, an incoming migration,
+# a hot-added vCPU or device). A process that never builds again after its VM started (`pyvmm
+# run` without --reboot) has none of it, nor TCP sockets, in its process-wide filter.
+REBUILD_ONLY = {"memfd_create", "mbind", "bind", "listen", "mkdir", "mkdirat", "userfaultfd", "copy_file_range"}
+
 # Only where the machine makes helper processes after set-up: a NIC with tap=auto makes and
 # removes its network namespace with `ip` at each boot and at the end (net/netns.py).
 SPAWN = {
@@ -292,7 +303,7 @@ VCPU = {
     "sched_setaffinity": "a NUMA guest's vCPU thread pins itself to its host node's CPUs (host/numa.py)",
 }
 TCG = {
-    "ioctl": "filtered by request number: TAP offloads, FIONBIO",
+    "ioctl": "filtered by request number: TAP offloads, FIONBIO (no KVM ioctl)",
     "sched_setaffinity": "the same for the software CPU's thread",
     "membarrier": "Unicorn's translation cache (RCU)",
 }
@@ -310,14 +321,17 @@ class Rule:
     conditions: tuple[ArgCmp, ...] = ()
 
 
-def rules_for(kind: str, *, spawn: bool = False, pid: int | None = None) -> list[Rule]:
+def rules_for(kind: str, *, spawn: bool = False, pid: int | None = None, rebuilds: bool = True) -> list[Rule]:
     """The allow rules of one kind of thread ('process', 'vcpu', 'tcg' or 'io'); `pid`: the
-    process the filter is for (its threads are the only ones it may signal)."""
+    process the filter is for (its threads are the only ones it may signal); `rebuilds`: the
+    process may build a machine again after it started one (REBUILD_ONLY)."""
     names = dict(PYTHON_RUNTIME)
     if kind == "process":
         names.update(PROCESS)
         if spawn:
             names.update(SPAWN)
+        if not rebuilds:
+            names = {name: why for name, why in names.items() if name not in REBUILD_ONLY}
     else:
         names.update({"vcpu": VCPU, "tcg": TCG, "io": IO}[kind])
     names.pop("ioctl", None)
@@ -332,10 +346,10 @@ def rules_for(kind: str, *, spawn: bool = False, pid: int | None = None) -> list
     if kind != "process":
         rules += [Rule(name, conditions) for name, _why, conditions in (*UNIX_SOCKETS, READ_ONLY_LIMITS)]
     else:
-        families = PROCESS_SOCKET_FAMILIES + (SPAWN_SOCKET_FAMILIES if spawn else ())
+        families = (PROCESS_SOCKET_FAMILIES if rebuilds else (socket.AF_UNIX,)) + (SPAWN_SOCKET_FAMILIES if spawn else ())
         rules += [Rule("socket", (ArgCmp(0, family, 0xFFFFFFFF),)) for family in families]
     rules.append(Rule(SIGNALLING, () if pid is None or (kind == "process" and spawn) else (ArgCmp(0, pid),)))
-    rules += [Rule("ioctl", (ArgCmp(1, number, 0xFFFFFFFF),)) for number in sorted(ioctls_for(kind))]
+    rules += [Rule("ioctl", (ArgCmp(1, number, 0xFFFFFFFF),)) for number in sorted(ioctls_for(kind, rebuilds=rebuilds))]
     return rules
 
 
