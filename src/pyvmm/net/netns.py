@@ -85,11 +85,8 @@ def _sweep_stale_namespaces() -> None:
             continue
         pid = int(match.group(1))
         if pid == os.getpid() or _process_is_gone(pid):
-            try:
-                _ip("netns", "del", name)
-                log.info("deleted network namespace %s, left by a pyvmm process that is gone", name)
-            except HostNetworkError as exc:
-                log.warning("%s", exc)
+            _remove_namespace(name)
+            log.info("deleted network namespace %s, left by a pyvmm process that is gone", name)
 
 
 def call_in_netns(netns: str, fn: Callable[..., T], *args) -> T:
