@@ -18,8 +18,8 @@ virtio disk on a raw image file and one virtio NIC on a TAP in its own network n
 QEMU uses cache=writeback (the host page cache, guest flushes -> fdatasync): that is what
 pyvmm's virtio-blk does, so both see the same host storage path.
 
-The guest has busybox only: no fio and no iperf3. Disk figures come from busybox dd on
-/dev/vda and network figures from busybox nc:
+Disk figures come from busybox dd on /dev/vda and network figures from busybox nc (the
+same devices under fio and iperf3: tools_io.py):
   seq write   dd if=/dev/zero of=/dev/vda bs=1M count=N conv=fsync
   seq read    sync; echo 3 > drop_caches; dd if=/dev/vda of=/dev/null bs=1M count=N
   4k write    dd ... bs=4k oflag=direct conv=fsync   (one 4 KiB request at a time)
@@ -612,8 +612,8 @@ def main(argv: list[str] | None = None) -> int:
     print("Both VMMs run the guest's code on a software CPU (pyvmm: Unicorn, QEMU: TCG), so these figures measure")
     print("the whole stack -- the emulated guest kernel and busybox, virtio rings, the VMM's device model, the host")
     print("page cache and TAP -- and guest CPU emulation dominates. They are not the device models' raw throughput.")
-    print("The guest has busybox only: fio and iperf3 are absent, so the disk figures come from busybox dd on")
-    print("/dev/vda and the network figures from busybox nc (which moves data in small reads and writes).")
+    print("The disk figures come from busybox dd on /dev/vda and the network figures from busybox nc (small reads")
+    print("and writes); tools_io.py measures the same devices with fio and iperf3.")
     print()
     print("per run: MB/s " + " ".join(f"{t}" for t in (*DISK_TESTS, "tx", "rx")) + "; seconds between the disk "
           "markers; empty marker interval (subtracted); whole run; VMM CPU:")
