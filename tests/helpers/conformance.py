@@ -161,7 +161,11 @@ DEVIATIONS: dict[tuple[str, str], str] = {
     ("qemu", "multiboot.cmdline_outside_image"): "QEMU's information lay in the kernel's .bss, which the kernel cleared",
     ("qemu", "paging64.nx_reserved_error"): "QEMU 7.2's TCG reports a reserved-bit #PF without P (0x8; SDM 4.7: RSVD implies P)",
     ("qemu", "paging64.pcid_unannounced_gp"): "QEMU 7.2's TCG sets CR4.PCIDE though its CPUID does not announce PCID",
+    ("qemu", "realmode.gp_on_limit_taken"): "QEMU's TCG checks no data-segment limit: a real-mode access past DS's 64 KiB limit reads memory (KVM, hardware, takes the #GP)",
+    ("qemu", "realmode.gp_saved_ip"): "QEMU's TCG checks no data-segment limit (no #GP, nothing saved)",
     # --- pyvmm's software CPU (Unicorn 2.1.4): what is left to fix
+    ("tcg", "realmode.gp_on_limit_taken"): "Unicorn's translator (QEMU's) checks no data-segment limit: an access past DS's 64 KiB limit reads memory; checking every access is not possible from outside the translator",
+    ("tcg", "realmode.gp_saved_ip"): "Unicorn's translator checks no data-segment limit (no #GP, nothing saved)",
 }
 # Kernels the nested kvm_pvm KVM of our development machines cannot run, and why. It stops with
 # an emulation failure (KVM_EXIT_INTERNAL_ERROR) at a 32-bit IRET at CPL0, which every 32-bit
