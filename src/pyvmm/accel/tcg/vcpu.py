@@ -548,10 +548,10 @@ class TcgVcpu:
             uc.reg_write(reg, state.gprs.get(name, 0))
         uc.reg_write(X.UC_X86_REG_RFLAGS, state.rflags)
         uc.reg_write(X.UC_X86_REG_RIP, state.rip)
+        vcpu_state.load_fpu_controls(uc, state.fpu_control, state.mxcsr)
         for index, value in state.msrs.items():
             uc.msr_write(index, value)
-        self.waiting_for_sipi = False
-        self.halted = False
+        self.waiting_for_sipi = self.halted = False
 
     def _reset_mode(self, cr0_without_paging: int) -> None:
         """Paging off, out of long mode: QEMU clears EFER.LMA only on a CR0.PG 1 -> 0 transition."""
@@ -579,8 +579,8 @@ class TcgVcpu:
         self.private.set_code_size(long_code=False, default_32=False)  # real mode: 16-bit code
         uc.reg_write(X.UC_X86_REG_RIP, 0)
         uc.reg_write(X.UC_X86_REG_RFLAGS, 2)
-        self.waiting_for_sipi = False
-        self.halted = False
+        vcpu_state.load_fpu_controls(uc, CpuState.fpu_control, CpuState.mxcsr)  # INIT's values
+        self.waiting_for_sipi = self.halted = False
 
     def describe_position(self) -> str:
         self.translator.activate(self)

@@ -150,6 +150,13 @@ def _save_fpu(uc) -> FpuState:
                     st=tuple(st), xmm=tuple(uc.reg_read(r).to_bytes(16, "little") for r in _XMM_REGS))
 
 
+def load_fpu_controls(uc, fpu_control: int, mxcsr: int) -> None:
+    """The x87 control word and MXCSR of a boot or INIT state, as KVM's set_state loads them
+    (Unicorn starts with MXCSR 0, every SSE exception unmasked; the SDM's reset value is 0x1F80)."""
+    uc.reg_write(X.UC_X86_REG_FPCW, fpu_control)
+    uc.reg_write(X.UC_X86_REG_MXCSR, mxcsr)
+
+
 # --- restore ------------------------------------------------------------------------------------
 
 def check_restorable(state: VcpuState) -> None:
