@@ -281,7 +281,8 @@ def set_vcpus(vm, count: int, *, timeout: float = DEFAULT_EJECT_TIMEOUT) -> None
         machine = vm.machine
         controller = vm.devices.get(CPU_HOTPLUG_ID)
         if controller is None:
-            raise HotplugError("this VM cannot change its vCPUs: start it with a maximum (max_cpus) above its count")
+            raise HotplugError("this VM cannot change its vCPUs: start it with a maximum above its count "
+                               "(max_vcpus in a definition, --max-cpus)")
         if not 1 <= count <= machine.possible_cpus:
             raise HotplugError(f"{count} vCPUs: this VM can have 1 to {machine.possible_cpus} (its maximum)"
                                + (" (the boot CPU cannot be removed)" if count < 1 else ""))
