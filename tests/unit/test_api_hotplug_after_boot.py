@@ -33,7 +33,8 @@ def running(tmp_path):
     try:
         yield instance, api
     finally:
-        instance.stop(wait=30)
+        if instance.vm is not None and not instance.vm.stopped:
+            instance.stop(wait=30)
         server.close()
 
 
@@ -83,3 +84,34 @@ def test_the_vsock_and_entropy_devices_plug_in_once_and_leave(running, tmp_path)
     assert config.get("entropy") is None and config.get("vsock") is None
     assert "no entropy device" in _fault(lambda: api.request("DELETE", "/entropy"))
     assert not instance.vm.stopped
+
+
+def test_a_snapshot_after_hotplug_loads_with_the_devices_which_then_leave(running, tmp_path):
+    instance, api = running
+    disk = tmp_path / "data.img"
+    disk.write_bytes(bytes(8192))
+    api.put("/drives/data", {"drive_id": "data", "path_on_host": str(disk), "is_root_device": False})
+    api.put("/entropy", {})
+    api.patch("/vm", {"state": "Paused"})
+    state, mem = str(tmp_path / "vm.state"), str(tmp_path / "vm.mem")
+    api.put("/snapshot/create", {"snapshot_path": state, "mem_file_path": mem, "snapshot_type": "Full"})
+    instance.stop(wait=30)
+
+    loaded = VmInstance("loaded")     # the accelerator is the state's
+    server = ApiServer(loaded, str(tmp_path / "loaded.sock")).start()
+    try:
+        api2 = ApiClient(str(tmp_path / "loaded.sock"), timeout=30)
+        api2.put("/snapshot/load", {"snapshot_path": state, "mem_backend": {"backend_type": "File", "backend_path": mem},
+                                    "resume_vm": True})
+        config = api2.get("/vm/config")
+        assert [d["drive_id"] for d in config["drives"]] == ["data"] and config["entropy"] == {}
+        assert {"data", "virtio-rng"} <= {node["id"] for node in api2.get("/pyvmm/devices")}
+        api2.request("DELETE", "/drives/data?force=true")
+        api2.request("DELETE", "/entropy?force=true")
+        config = api2.get("/vm/config")
+        assert config["drives"] == [] and config.get("entropy") is None
+        assert not {"data", "virtio-rng"} & {node["id"] for node in api2.get("/pyvmm/devices")}
+    finally:
+        if loaded.vm is not None:
+            loaded.stop(wait=30)
+        server.close()
