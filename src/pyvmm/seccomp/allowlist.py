@@ -1,7 +1,8 @@
 """Every system call and ioctl a pyvmm VM process may make, per kind of thread, and why.
 
 This is the one place to review (and extend) what seccomp lets through. A feature that needs
-a new call adds it here, to the narrowest kind that needs it, with its reason.
+a new call adds it here, to the narrowest kind that needs it, with its reason (report.py lists
+what log mode caught outside the lists; trace.py what each kind of thread called under strace).
 
 Kinds of thread (README, "Isolation"):
 - ``process``: the filter every thread of a VM process gets once the VM is set up (installed
