@@ -21,7 +21,8 @@ LD_LIBRARY_PATH=<mount>/lib and /lib64/ld-linux-x86-64.so.2 linked to <mount>/li
 
 Cached per user, keyed by the candidate versions of fio and iperf3 and RECIPE:
 
-    ~/.cache/pyvmm/images/bench-tools-<key>/tools.ext4, manifest.json (packages, files, sha256)
+    ~/.cache/pyvmm/images/bench-tools-<key>/tools.ext4, manifest.json (packages and versions, each
+    file's package and size, the image's sha256)
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "src"))
 
 from pyvmm.images import ImageError, cache_root, print_to_stderr  # noqa: E402
+from pyvmm.images.image import sha256_file  # noqa: E402
 
 PROGRAMS = {"fio": "usr/bin/fio", "iperf3": "usr/bin/iperf3"}   # package -> program in it
 RECIPE = 1                  # bump when what goes into the image changes
@@ -252,7 +254,7 @@ def tools_image(progress=print_to_stderr) -> pathlib.Path:
             out.mkdir()
             _mkfs(tree, out / TOOLS_FILE)
             manifest = {
-                "recipe": RECIPE, "key": key,
+                "recipe": RECIPE, "key": key, "sha256": sha256_file(out / TOOLS_FILE),
                 "built_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                 "packages": {name: resolver.versions[name] for name in sorted(resolver.versions)},
                 "files": {dest: {"package": package, "size": source.stat().st_size}

@@ -118,6 +118,7 @@ class Config:
 class Run:
     values: dict[str, float]   # test -> IOPS or MB/s
     wall: float
+    host_seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # iperf3 test -> its length, host clock
 
 
 def argv_for(config: Config, image, vmlinux: str, disk: pathlib.Path, tools: pathlib.Path, guest: list[str],
@@ -170,8 +171,10 @@ def start_servers(netns: str, workdir: pathlib.Path, tag: str) -> dict[str, tupl
     return servers
 
 
-def server_rate(test: str, report: pathlib.Path) -> float:
-    """MB/s the host's iperf3 server measured: received (guest -> host) or sent (host -> guest)."""
+def server_rate(test: str, report: pathlib.Path) -> tuple[float, float]:
+    """(MB/s, seconds) the host's iperf3 server measured: received (guest -> host) or sent (host -> guest).
+    The guest's client ends the test after --seconds by the guest's clock: the seconds the server
+    saw show how far that clock is from the host's (fio's figures use the guest's clock)."""
     try:
         result = json.loads(report.read_text())
     except (OSError, ValueError) as exc:
@@ -181,7 +184,7 @@ def server_rate(test: str, report: pathlib.Path) -> float:
     total = result["end"]["sum_received" if test == "tx" else "sum_sent"]
     if not total.get("bytes") or not total.get("seconds"):
         raise BenchError(f"{NET_TESTS[test][0]}: the host's iperf3 server moved no data")
-    return total["bytes"] / total["seconds"] / MB
+    return total["bytes"] / total["seconds"] / MB, total["seconds"]
 
 
 def run_once(config: Config, image, vmlinux: str, disk: pathlib.Path, tools: pathlib.Path, seconds: int,
@@ -260,9 +263,10 @@ def run_once(config: Config, image, vmlinux: str, disk: pathlib.Path, tools: pat
             raise BenchError(f"{config.name}: no fio result for {', '.join(missing)}{tail}")
         if not servers:
             raise BenchError(f"{config.name}: no network namespace pyvmm-{proc.pid}-* appeared{tail}")
+        run = Run(values, wall)
         for test, (_, report) in servers.items():
-            values[test] = server_rate(test, report)
-        return Run(values, wall)
+            values[test], run.host_seconds[test] = server_rate(test, report)
+        return run
     finally:
         if proc is not None and proc.poll() is None:
             try:
@@ -324,9 +328,13 @@ def report(configs: list[Config], runs: dict[str, list[Run]], shown: dict[str, s
     for n in names:
         for i, run in enumerate(runs[n]):
             print(f"  {n} #{i + 1}: " + ", ".join(f"{t} {v:.1f}" for t, v in run.values.items()) +
+                  f"; iperf3 -t {args.seconds} tests lasted " +
+                  "/".join(f"{run.host_seconds[t]:.2f}" for t in NET_TESTS) + f" s by the host's clock"
                   f"; whole run {run.wall:.1f} s")
     print()
-    print("fio: its own figures (terse output; the guest's clock), one job at a time, O_DIRECT on the raw disk.")
+    print("fio: its own figures (terse output; the guest's clock), one job at a time, O_DIRECT on the raw disk. How")
+    print("far the guest's clock is from the host's: the iperf3 tests, ended by the guest after -t seconds of its")
+    print("clock, lasted the seconds shown per run by the host's.")
     print("iperf3: the host server's figure (`iperf3 -s -1 -J` in the VM's namespace; the host clock): bytes received")
     print("(guest -> host) or sent (host -> guest) / the test's seconds. MB = 10^6 bytes; ratios pyvmm / QEMU (above 1:")
     print("pyvmm faster). Both VMMs emulate the guest's CPU: these figures measure the whole stack, not the devices alone.")
