@@ -108,3 +108,40 @@ def test_a_vm_restored_after_an_unplug_plugs_the_vcpu_in_again(plug_vm, accel, t
         assert len(restored.vcpus) == 1 and not restored.stopped
     finally:
         restored.close()
+
+
+def test_setvcpus_through_the_api_on_both_accelerators(accel, tmp_path):
+    from pyvmm.accel.kvm.accelerator import install_kick_handler
+    from pyvmm.api.instance import VmInstance
+    from pyvmm.api.schema import VmSpec
+    from pyvmm.api.server import ApiServer
+    from pyvmm.manage.client import ApiClient, ApiError
+
+    install_kick_handler()   # requests run on the server's threads (a VM process installs it first too)
+    instance = VmInstance("plug", VmSpec(pyvmm={"accel": accel, "max_vcpus": 2}))
+    server = ApiServer(instance, str(tmp_path / "api.sock")).start()
+    api = ApiClient(str(tmp_path / "api.sock"), timeout=120)
+    try:
+        api.put("/machine-config", {"vcpu_count": 1, "mem_size_mib": 16})
+        api.put("/boot-source", {"kernel_image_path": str(build_source(KVM_GUESTS / "cpuplug.S", 32))})
+        api.put("/actions", {"action_type": "InstanceStart"})
+        vm = instance.vm
+        _wait_for(lambda: vm.memory.read_u32(BSP_COUNT) > 0, "the guest to start")
+        api.put("/pyvmm/vcpus", {"count": 2})
+        _wait_for(lambda: vm.memory.read_u32(STARTS) == 1, "vCPU 1 to start")
+        assert api.get("/pyvmm/vcpus") == {"count": 2, "max": 2}
+        assert api.get("/vm/config")["machine-config"]["vcpu_count"] == 2
+        for count in (0, 3):       # the boot CPU, beyond the maximum: a 400 in one line, the VM runs on
+            with pytest.raises(ApiError) as error:
+                api.put("/pyvmm/vcpus", {"count": count})
+            assert error.value.status == 400 and "\n" not in error.value.fault_message
+        api.put("/pyvmm/vcpus", {"count": 1, "timeout": 60})    # the guest ejects it
+        assert api.get("/pyvmm/vcpus") == {"count": 1, "max": 2}
+        assert api.get("/vm/config")["machine-config"]["vcpu_count"] == 1
+        polls = vm.memory.read_u32(BSP_COUNT)
+        _wait_for(lambda: vm.memory.read_u32(BSP_COUNT) > polls + 5, "the boot CPU to go on")
+        assert not vm.stopped
+    finally:
+        if instance.vm is not None and not instance.vm.stopped:
+            instance.stop(wait=30)
+        server.close()

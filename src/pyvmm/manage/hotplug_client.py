@@ -130,6 +130,7 @@ class HotplugMethods:
 
 
 SINGLE = ("vsock", "entropy")   # one per VM: a table, not a list, named by its section
+_SINGLE_NAMES = {"vsock": "a vsock device", "entropy": "an entropy device"}
 UNPLUGGABLE = {"console_ports": "console ports", "balloon": "the balloon"}
 
 
@@ -140,7 +141,7 @@ def _items(fragment: Any, *, ids_only: bool = False) -> list[tuple[str, str, dic
     for section in fragment:
         if section in UNPLUGGABLE or section == "console-ports":
             raise UserError(f"{section}: {UNPLUGGABLE.get(section, 'console ports')} cannot be attached or detached "
-                            "(fixed when the machine is built: put it in the definition before the start)")
+                            "(fixed when the machine is built: define it before the start)")
     unknown = sorted(set(fragment) - {"drives", "network-interfaces", *SINGLE})
     if unknown:
         raise UserError(f"{unknown[0]}: only drives, network-interfaces, vsock and entropy can be attached or detached")
@@ -171,7 +172,7 @@ def _add(document: dict[str, Any], items) -> None:
     for section, device_id, item in items:
         if section in SINGLE:
             if document.get(section) is not None:
-                raise UserError(f"the definition has a {section} device already (one per VM)")
+                raise UserError(f"the definition has {_SINGLE_NAMES[section]} already (one per VM)")
             document[section] = item
             continue
         entries = document.setdefault(section, [])
