@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "guest kernel code natively, else the software CPU)")
     run.add_argument("--seccomp", choices=("kill", "log", "off"),
                      help="system-call filters once the VM is set up (seccomp/allowlist.py): kill the VM's process "
-                          "on a call outside them, log it (kernel log), or off (default: $PYVMM_SECCOMP, else off)")
+                          "on a call outside them, log it (kernel log), or off (default: $PYVMM_SECCOMP, else kill)")
     run.add_argument("--cpu-hide", metavar="FEATURES", default="",
                      help="comma-separated CPUID features to hide from the guest, e.g. xsave,cx16")
     run.add_argument("--system-map", metavar="PATH",

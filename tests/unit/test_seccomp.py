@@ -216,3 +216,25 @@ def test_a_process_that_never_builds_again_has_no_set_up_calls(call):
         print("survived", flush=True)
     """)
     assert kept.returncode == 0 and "survived" in kept.stdout, kept
+
+
+def test_the_default_mode_is_kill_unless_the_environment_says_otherwise(monkeypatch):
+    monkeypatch.delenv(seccomp.ENV, raising=False)
+    assert seccomp.default_mode() == "kill"
+    monkeypatch.setenv(seccomp.ENV, "off")
+    assert seccomp.default_mode() == "off"
+    monkeypatch.setenv(seccomp.ENV, "bogus")
+    with pytest.raises(seccomp.UserError, match="PYVMM_SECCOMP must be one of"):
+        seccomp.default_mode()
+
+
+def test_without_libseccomp_the_default_is_off_with_a_warning(monkeypatch, caplog):
+    from pyvmm.seccomp import libseccomp
+
+    def missing():
+        raise libseccomp.SeccompUnavailable("seccomp needs libseccomp (apt-get install libseccomp2)")
+
+    monkeypatch.delenv(seccomp.ENV, raising=False)
+    monkeypatch.setattr(libseccomp, "library", missing)
+    assert seccomp.default_mode() == "off"
+    assert "needs libseccomp" in caplog.text

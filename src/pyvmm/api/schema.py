@@ -208,7 +208,7 @@ PYVMM_OPTIONS = (
        "use boot_args)"),
     _f("description", "string", "free text"),
     _f("seccomp", "string", "system-call filters in the VM's process once it is set up (kill: a call outside "
-       "the allow-list kills the process with SIGSYS; log: the kernel logs it; default: $PYVMM_SECCOMP, else off)",
+       "the allow-list kills the process with SIGSYS; log: the kernel logs it; default: $PYVMM_SECCOMP, else kill)",
        enum=("kill", "log", "off")),
     _f("virtio_mem_mib", "integer", "a virtio-mem region of this many MiB (a multiple of 128) the guest can be "
        "given memory from while it runs (PUT /pyvmm/memory/virtio-mem); 0 for none", minimum=0, maximum=1 << 20),

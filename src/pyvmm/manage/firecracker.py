@@ -105,7 +105,7 @@ def _run(args) -> int:
     install_kick_handler()  # from the main thread: InstanceStart and snapshot loads build VMs on the API's threads
     from .. import seccomp
 
-    # Firecracker filters unless told --no-seccomp; pyvmm's mode is $PYVMM_SECCOMP's (off by default)
+    # Firecracker filters unless told --no-seccomp; pyvmm's mode is $PYVMM_SECCOMP's (kill by default)
     seccomp.configure("off" if args.no_seccomp else seccomp.default_mode(), helpers=True)  # API hot-plug
     console = StdoutConsole()
     instance = VmInstance(args.id, spec, console=console)
