@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 @pytest.fixture(autouse=True)
 def _test_process_unfiltered():
-    """A test that calls pyvmm.cli.main in this process sets its seccomp mode (from $PYVMM_SECCOMP):
+    """A test that calls pyvmm.cli.main in this process sets its seccomp mode (kill by default):
     put it back to off, so a later in-process VM does not load a filter into pytest (whose next
     subprocess would be killed by it). A filter loaded here cannot be taken off: fail at once."""
     from pyvmm import seccomp
