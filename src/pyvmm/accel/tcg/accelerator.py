@@ -244,6 +244,12 @@ class TcgAccelerator:
         return any(other is not vcpu and not other.waiting_for_sipi and platform.pending_vector(other) is not None
                    for other in self.vcpus)
 
+    def _others_runnable(self, vcpu: TcgVcpu) -> bool:
+        """Another vCPU would run if this one's slice ended: not halted, or woken by an interrupt."""
+        platform = self.platform
+        return any(other is not vcpu and not other.waiting_for_sipi
+                   and (not other.halted or platform.pending_vector(other) is not None) for other in self.vcpus)
+
     def run_loops(self, vm: VmServices) -> list[RunLoop]:
         """One thread runs every vCPU in turn (the engine is not built for parallel guests)."""
         self._bound_dispatch().vm = vm
@@ -270,6 +276,8 @@ class TcgAccelerator:
     def _schedule(self, vm: VmServices) -> None:
         """Run every vCPU in turn until the VM stops; park between rounds while it is paused."""
         platform, vcpus, wakeup, dispatch = self.platform, self.vcpus, self._wakeup, self._bound_dispatch()
+        assert self._translator is not None, "the vCPUs exist"
+        spin_loops = self._translator.spin_loops
         stopped = vm.stop_requested
         while not stopped.is_set():
             vm.pause_point()
@@ -308,9 +316,12 @@ class TcgAccelerator:
                 else:
                     due = platform.seconds_to_next_deadline()
                     seconds = SLICE if due is None or due > SLICE else due
+                spin_loops.arm(len(vcpus) > 1 and self._others_runnable(vcpu))
                 exit_ = vcpu.run(seconds)
                 if len(vcpus) > 1:
                     vcpu.spinning = exit_ is INTERRUPTED and vcpu.at_pause()
+                    if vcpu.spinning:
+                        spin_loops.learn(vcpu)  # its next turns end at this PAUSE while others can run
                 progressed = True
                 if not (exit_ is INTERRUPTED or exit_ is HLT):
                     dispatch(vcpu, exit_)  # an exit that ends the VM

@@ -30,6 +30,7 @@ from . import interrupt_window, msr_cr_policy
 from .native_interrupts import NativeInterrupts
 from .private_state import ContextOffsets, PrivateState
 from .slice_timer import SliceTimer
+from .spin_loops import SpinLoops
 from .translated_code import TranslatedCode
 
 if TYPE_CHECKING:
@@ -96,6 +97,7 @@ class Translator:
         self.private = PrivateState(uc, offsets)
         self.regs = FastRegisters(uc)
         self.translated_code = TranslatedCode(uc, memory.regions)
+        self.spin_loops = SpinLoops(uc, slice_timer.kick, self.translated_code)
         self._power_on = uc.context_save()  # the state a vCPU that never ran starts from
         self._contexts: dict[object, object] = {}
         self._paging: dict[object, tuple[int, int, int, int]] = {}  # each inactive vCPU's paging registers
@@ -151,6 +153,7 @@ class Translator:
         self._contexts.clear()
         # drop the engine (and everything viewing it) now: nothing uses a closed translator
         self.uc = self.private = self.regs = self.engine = self.translated_code = None  # type: ignore[assignment]
+        self.spin_loops = None  # type: ignore[assignment]
         self.native_exceptions = None
         self.interrupt_requests = None
         if self.native_interrupts is not None:
