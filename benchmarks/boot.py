@@ -363,6 +363,13 @@ def loop_command(iterations: int) -> list[str]:
                         f"echo {LOOP_END.decode()}"]
 
 
+def parallel_loop_command(iterations: int, jobs: int) -> list[str]:
+    """`jobs` shell loops at once, `iterations` in all: work for every vCPU of an SMP guest."""
+    each = max(iterations // jobs, 1)
+    return ["sh", "-c", f"echo {LOOP_START.decode()}; for j in $(seq 1 {jobs}); do "
+                        f"(i=0; while [ $i -lt {each} ]; do i=$((i+1)); done) & done; wait; echo {LOOP_END.decode()}"]
+
+
 # --- report ----------------------------------------------------------------------------
 
 
@@ -431,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     boots: dict[str, list[Run]] = {c.name: [] for c in configs}
     loops: dict[str, list[float]] = {c.name: [] for c in configs}
     consoles: dict[str, list[float]] = {c.name: [] for c in configs}
+    parallel: dict[str, list[float]] = {c.name: [] for c in configs}
+    parallel_jobs = max(args.smp, 2)
     for r in range(args.repeat):
         for c in configs:  # interleaved: drifting host load hits every configuration alike
             log(f"run {r + 1}/{args.repeat}: {c.name}: {args.command}")
@@ -452,6 +461,15 @@ def main(argv: list[str] | None = None) -> int:
                 consoles[c.name].append(console_seconds(crun, args.console_lines, c))
                 vmm_cpu += crun.cpu_s
                 log(f"  {consoles[c.name][-1]:.2f} s")
+            # the parallel row: pyvmm with 1 vCPU and every SMP configuration
+            if args.loop_iterations and (c.kind == "pyvmm" or c.cpus > 1):
+                n = args.loop_iterations if c.vmm == "pyvmm" else args.qemu_loop_iterations
+                log(f"run {r + 1}/{args.repeat}: {c.name}: {parallel_jobs} shell loops in parallel, x{n} in all")
+                prun = run_once(c, parallel_loop_command(n, parallel_jobs), timeout=args.timeout,
+                                interval=args.sample_interval)
+                parallel[c.name].append(loop_rate(prun, n, c))
+                vmm_cpu += prun.cpu_s
+                log(f"  {parallel[c.name][-1]:,.0f} iterations/s")
 
     wall = time.monotonic() - wall0
     others = (busy_cpu_seconds() - busy0 - vmm_cpu - (time.process_time() - self0)) / wall
@@ -474,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
         cols += f" {'loop it/s':>10}"
     if args.console_lines:
         cols += f" {'console (s)':>11}"
+    if args.loop_iterations:
+        cols += f" {'par. it/s':>10}"
     print(cols)
     print(f"{'':<38} {'':>11} {'':>11} {'(MiB)':>8} {'RAM (MiB)':>9} {'(MiB)':>6}")
     print("-" * len(cols))
@@ -485,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
             line += f" {statistics.median(loops[c.name]):>10,.0f}" if loops[c.name] else f" {'-':>10}"
         if args.console_lines:
             line += f" {statistics.median(consoles[c.name]):>11.2f}" if consoles[c.name] else f" {'-':>11}"
+        if args.loop_iterations:
+            line += f" {statistics.median(parallel[c.name]):>10,.0f}" if parallel[c.name] else f" {'-':>10}"
         print(line)
     print()
 
@@ -506,7 +528,9 @@ def main(argv: list[str] | None = None) -> int:
     smp_qemu = next((c.name for c in configs if c.kind == "smp"), None)
     if smp_py:
         print(f"pyvmm {args.smp} vCPUs / pyvmm 1 vCPU: to init {med(smp_py, 'to_init') / med(py, 'to_init'):.2f}x, "
-              f"to exit {med(smp_py, 'to_exit') / med(py, 'to_exit'):.2f}x")
+              f"to exit {med(smp_py, 'to_exit') / med(py, 'to_exit'):.2f}x"
+              + (f", parallel loop speed {statistics.median(parallel[smp_py]) / statistics.median(parallel[py]):.2f}x"
+                 if parallel[smp_py] and parallel[py] else ""))
     if smp_py and smp_qemu:
         print(f"pyvmm {args.smp} vCPUs / QEMU {args.smp} vCPUs [{smp_qemu}]: to init "
               f"{med(smp_py, 'to_init') / med(smp_qemu, 'to_init'):.2f}x, to exit "
@@ -518,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = "; ".join(f"{r.to_init:.2f}/{r.to_exit:.2f}/{mib(r.maxrss_kib):.0f}" for r in boots[c.name])
         extra = f"; loop it/s: {', '.join(f'{x:,.0f}' for x in loops[c.name])}" if loops[c.name] else ""
         extra += f"; console s: {', '.join(f'{x:.2f}' for x in consoles[c.name])}" if consoles[c.name] else ""
+        extra += f"; parallel it/s: {', '.join(f'{x:,.0f}' for x in parallel[c.name])}" if parallel[c.name] else ""
         print(f"  {c.name}: {runs}{extra}")
     print()
     print("to init = process spawn -> the guest's /init writes 0x01 to port 0x610 (after loading its modules);")
@@ -535,7 +560,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.console_lines}` ({console_bytes(args.console_lines):,} bytes)")
         print("  written by the guest to its serial console (ttyS0, a 16550 in both VMMs), in a separate boot; "
               "every line is checked.")
-    print("loop and console runs are 1-vCPU only; the SMP rows are boots to init and power-off.")
+    if args.loop_iterations:
+        print(f"par. it/s = the same loop as {parallel_jobs} shell loops at once, the same iterations in all, "
+              "in a separate boot: pyvmm 1 vCPU and the SMP rows.")
+    print("loop and console runs are 1-vCPU only; the SMP rows are boots to init and power-off (and the parallel loop).")
     print(f"pyvmm boots the vmlinux it extracted from the bzImage and cached (one-time extraction: {extract_s:.2f} s, "
           f"not in the runs).")
     if not args.skip_qemu:
