@@ -29,7 +29,7 @@ Another times console output: the guest prints CONSOLE-START, runs `seq 1 --cons
 CONSOLE-END; the seconds between the two lines' arrival on the VMM's stdout, every line
 checked. The SMP rows (--smp, default 2) boot pyvmm with `--cpus 2` and QEMU microvm + PVH
 vmlinux with `-smp 2` (QEMU's fastest boot) to init and power-off, next to the 1-vCPU rows.
-`--quick`: one run, short loop and console runs (about 3 minutes on 2 idle cores).
+`--quick`: one run, short loop and console runs (about 4 minutes on 2 cores at a load average of 11).
 
 Runs on Debian 12 with Python 3.11 as root; installs qemu-system-x86 with apt-get when
 it is missing, and builds the guest image on first use (a few minutes, network).

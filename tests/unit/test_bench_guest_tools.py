@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
+sys.path.append(str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))  # the scripts import each other by name
 from guest_tools import INTERP, Resolver, read_elf_dynamic  # noqa: E402
 
 from pyvmm.images import ImageError  # noqa: E402
