@@ -11,8 +11,10 @@ CPU with one virtio-net NIC on a TAP in a fresh network namespace, then
 
 and reads, before and after each transfer, inside the guest: eth0's packet counters (one
 packet = one TAP write or read), the virtio-net input/output interrupt counts, the TCP
-counters (ACKs received, autocorked writes) and /proc/stat (guest CPU idle). Printed per
-KiB moved, with the MB/s the host measured for reference (and the load average).
+counters (ACKs received, autocorked writes) and /proc/stat (guest CPU idle); on the host,
+every 20 ms, the VMM process's CPU time and its threads' context switches (/proc/PID/task),
+taken over each transfer (accept to EOF at the host's socket). Printed per KiB moved, with
+the MB/s the host measured for reference (and the load average).
 
   pyvmm   pyvmm run --accel tcg --net tap=auto,transport=pci (pyvmm makes the namespace)
   QEMU    -M q35 -accel tcg, -netdev tap on a TAP this script makes, -device virtio-net-pci
@@ -23,6 +25,7 @@ Run as root on Debian 12 (network namespaces, TAPs); QEMU is installed when miss
 from __future__ import annotations
 
 import argparse
+import bisect
 import os
 import pathlib
 import re
@@ -82,6 +85,58 @@ def parse(console: bytes) -> tuple[dict[int, dict[str, int]], int]:
     return points, received
 
 
+class VmmSampler(threading.Thread):
+    """Every 20 ms: the VMM process's CPU seconds and voluntary/involuntary context switches,
+    summed over its threads; and when each TCP peer finished (its `seconds` appears)."""
+
+    def __init__(self, pid: int, peers) -> None:
+        super().__init__(daemon=True, name="net_counts-sampler")
+        self.pid, self.peers = pid, peers
+        self.samples: list[tuple[float, float, int, int]] = []
+        self.finished: dict[int, float] = {}  # peer index -> host time its transfer ended
+        self.done = threading.Event()
+
+    def totals(self) -> tuple[float, int, int] | None:
+        cpu, switches = 0, [0, 0]
+        try:
+            tasks = os.listdir(f"/proc/{self.pid}/task")
+        except OSError:
+            return None
+        for tid in tasks:
+            try:
+                with open(f"/proc/{self.pid}/task/{tid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{self.pid}/task/{tid}/status") as f:
+                    for line in f:
+                        if line.startswith("voluntary_ctxt_switches"):
+                            switches[0] += int(line.split()[1])
+                        elif line.startswith("nonvoluntary_ctxt_switches"):
+                            switches[1] += int(line.split()[1])
+            except OSError:  # a thread that ended meanwhile
+                continue
+            cpu += int(fields[11]) + int(fields[12])
+        return cpu / os.sysconf("SC_CLK_TCK"), switches[0], switches[1]
+
+    def run(self) -> None:
+        while not self.done.wait(0.02):
+            now = time.monotonic()
+            for index, peer in enumerate(self.peers):
+                if index not in self.finished and peer.seconds is not None:
+                    self.finished[index] = now
+            if (totals := self.totals()) is not None:
+                self.samples.append((now, *totals))
+
+    def between(self, index: int) -> tuple[float, int, int] | None:
+        """CPU seconds and context switches over peer `index`'s transfer."""
+        end, peer = self.finished.get(index), self.peers[index]
+        if end is None or peer.seconds is None or len(self.samples) < 2:
+            return None
+        times = [sample[0] for sample in self.samples]
+        first = self.samples[max(bisect.bisect_left(times, end - peer.seconds) - 1, 0)]
+        last = self.samples[min(bisect.bisect_left(times, end), len(times) - 1)]
+        return last[1] - first[1], last[2] - first[2], last[3] - first[3]
+
+
 def argv_for(vmm: str, image, vmlinux: str, script: str, netns: str | None) -> list[str]:
     guest = ["sh", "-c", script]
     if vmm == "pyvmm":
@@ -121,11 +176,15 @@ def run_once(vmm: str, image, vmlinux: str, mib: int, timeout: float) -> dict:
                 peers = open_peers(found[0], nbytes, timeout)
             else:
                 time.sleep(0.05)
+        sampler = VmmSampler(proc.pid, peers)
+        sampler.start()
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             raise BenchError(f"{vmm}: no power-off within {timeout:g} s") from None
         reader.join(10)
+        sampler.done.set()
+        sampler.join(10)
         console = b"".join(lines)
         tail = f"\n--- console (end) ---\n{console[-2000:].decode(errors='replace')}"
         status = EXIT_LINE.search(console)
@@ -136,6 +195,8 @@ def run_once(vmm: str, image, vmlinux: str, mib: int, timeout: float) -> dict:
         points, received = parse(console)
         if sorted(points) != [0, 1, 2] or received != nbytes:
             raise BenchError(f"{vmm}: counters at {sorted(points)}, {received} bytes received of {nbytes}{tail}")
+        if len(peers) != 2:
+            raise BenchError(f"{vmm}: no network namespace pyvmm-{proc.pid}-* appeared{tail}")
         close_peers(peers)
         for p in peers:
             p.join(10)
@@ -144,7 +205,8 @@ def run_once(vmm: str, image, vmlinux: str, mib: int, timeout: float) -> dict:
             if peer.error or peer.seconds is None or peer.bytes != nbytes:
                 raise BenchError(f"{vmm}: TCP {key}: {peer.error or f'{peer.bytes} bytes of {nbytes}'}")
             rates[key] = nbytes / peer.seconds / 1e6
-        return {"points": points, "rates": rates}
+        host = {key: sampler.between(index) for index, key in enumerate(("tx", "rx"))}
+        return {"points": points, "rates": rates, "host": host}
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()
@@ -166,7 +228,12 @@ def per_kib(run: dict, mib: int) -> dict[str, dict[str, float]]:
                     "packets the other way": d[got] / kib, "TCP ACKs received": acks / kib if key == "tx" else None,
                     "writes autocorked": d.get("TCPAutoCorking", 0) / kib if key == "tx" else None,
                     "interrupts (input + output)": (d["irq_in"] + d["irq_out"]) / kib,
-                    "guest CPU idle %": 100 * d["idle"] / max(d["ticks"], 1), "MB/s (host clock)": run["rates"][key]}
+                    "guest CPU idle %": 100 * d["idle"] / max(d["ticks"], 1)}
+        host = run["host"][key]
+        if host is not None:
+            out[key].update({"VMM CPU ms": 1000 * host[0] / kib, "VMM context switches": (host[1] + host[2]) / kib,
+                             "  of them involuntary": host[2] / kib})
+        out[key]["MB/s (host clock)"] = run["rates"][key]
     return out
 
 
@@ -209,10 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     for key, title in (("tx", "TCP guest -> host"), ("rx", "TCP host -> guest")):
         print(f"\n{title:34s}" + "".join(f"{name:>12s}" for name in names))
         for metric in results[names[0]][key]:
-            values = [results[name][key][metric] for name in names]
-            if values[0] is None:
+            values = [results[name][key].get(metric) for name in names]
+            if all(v is None for v in values):
                 continue
-            print(f"  {metric:32s}" + "".join(f"{v:12.2f}" if v < 100 else f"{v:12.0f}" for v in values))
+            print(f"  {metric:32s}" + "".join(f"{'n/a':>12s}" if v is None else f"{v:12.2f}" if v < 100 else f"{v:12.0f}"
+                                              for v in values))
     return 0
 
 
