@@ -163,6 +163,9 @@ DEVIATIONS: dict[tuple[str, str], str] = {
     ("qemu", "paging64.pcid_unannounced_gp"): "QEMU 7.2's TCG sets CR4.PCIDE though its CPUID does not announce PCID",
     ("qemu", "realmode.gp_on_limit_taken"): "QEMU's TCG checks no data-segment limit: a real-mode access past DS's 64 KiB limit reads memory (KVM, hardware, takes the #GP)",
     ("qemu", "realmode.gp_saved_ip"): "QEMU's TCG checks no data-segment limit (no #GP, nothing saved)",
+    ("qemu", "modes.clear_lme_with_paging_gp"): "QEMU 7.2's TCG lets WRMSR change EFER.LME while CR0.PG=1",
+    ("qemu", "modes.clear_pg_in_64bit_gp"): "QEMU 7.2's TCG clears CR0.PG in 64-bit code (no #GP); the CPU then runs off",
+    ("qemu", "modes.clear_pae_in_long_mode_gp"): "missing: QEMU ran off after clearing CR0.PG in 64-bit code",
     # --- pyvmm's software CPU (Unicorn 2.1.4): what is left to fix
     ("tcg", "realmode.gp_on_limit_taken"): "Unicorn's translator (QEMU's) checks no data-segment limit: an access past DS's 64 KiB limit reads memory; checking every access is not possible from outside the translator",
     ("tcg", "xsave.xcr0_reset_value"): "Unicorn's CPU starts with XCR0 = 3 (x87, SSE; the SDM's reset value is 1) and its register API has no XCR0 to set",
@@ -178,7 +181,7 @@ PVM_UNRUNNABLE = {
     "xsave64": "kvm_pvm cannot emulate XGETBV (an emulation failure ends the VM)",
 }
 # Kernels that never print DONE on a backend (a hang or a shutdown they provoke).
-NO_DONE = {("qemu", "cr4_reserved"), ("qemu", "control")}
+NO_DONE = {("qemu", "cr4_reserved"), ("qemu", "control"), ("qemu", "modes64")}
 
 # --- the interrupt controllers (kernels lapic, ioapic): QEMU 7.2's models, where the SDM (the
 # 82093AA data sheet for the IOAPIC) says otherwise. The software CPU has none left.

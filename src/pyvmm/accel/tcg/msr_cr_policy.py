@@ -1,7 +1,8 @@
 """What RDMSR, WRMSR and MOV to/from CRn do where Unicorn's own helpers are wrong (SDM vol. 2
 RDMSR/WRMSR/MOV-CR, vol. 3 2.5 and 10.4.4): IA32_APIC_BASE and CR8 are the local APIC's;
 reserved bits of CR0, CR4 (every bit of a feature CPUID does not announce), EFER and
-IA32_APIC_BASE raise #GP(0); the x2APIC MSRs raise #GP(0) (x2APIC is not announced); SYSRET
+IA32_APIC_BASE raise #GP(0), and so do the writes IA-32e mode refuses (clearing CR0.PG in 64-bit
+code, clearing CR4.PAE while EFER.LMA=1, changing EFER.LME while CR0.PG=1); the x2APIC MSRs raise #GP(0) (x2APIC is not announced); SYSRET
 to 64-bit code with a non-canonical RCX raises #GP(0) at CPL0 before anything changes, as on
 the Intel CPU this one says it is (Unicorn's QEMU does what AMD CPUs do: it returns to CPL3 and
 faults there, on the user's stack, which is the privilege hole Intel's order closes).
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import ctypes
 
+import unicorn.x86_const as X
+
 from ...platform.lapic_registers import REG_TPR
 from . import helper_patch
 from .helper_patch import GENERAL_PROTECTION, HANDLED, PASS
@@ -29,6 +32,7 @@ X2APIC_MSRS = range(0x800, 0x900)
 APIC_BASE_RESERVED_LOW = 0xFF | 1 << 9 | 1 << 10  # bit 10 (x2APIC mode) with x2APIC unannounced
 EFER_SCE, EFER_LME, EFER_LMA, EFER_NXE = 1 << 0, 1 << 8, 1 << 10, 1 << 11
 CR0_PE, CR0_NW, CR0_CD, CR0_PG = 1 << 0, 1 << 29, 1 << 30, 1 << 31
+CR4_PAE = 1 << 5
 # CR4 bit -> (CPUID leaf, subleaf, register index eax=0..edx=3, bit) of the feature it needs;
 # None: architectural on every CPU this models (TSD, PCE).
 CR4_FEATURES = {
@@ -114,6 +118,9 @@ def wrmsr(env: int, _arg1: int, _arg2: int) -> tuple[int, int]:
         vcpu.lapic.write_apic_base(value)
         return HANDLED, 0
     if msr == MSR_EFER:
+        changed = value ^ vcpu.regs.read_msr(MSR_EFER)
+        if changed & EFER_LME and vcpu.regs.read(X.UC_X86_REG_CR0) & CR0_PG:
+            return GENERAL_PROTECTION, 0  # LME is fixed while paging is on
         allowed = EFER_LMA  # read-only: a write of it is ignored
         for efer_bit, cpuid_bit in ((EFER_SCE, 11), (EFER_LME, 29), (EFER_NXE, 20)):
             if _announced(table, 0x80000001, 0, 3, cpuid_bit):
@@ -132,8 +139,12 @@ def write_cr(env: int, register: int, value: int) -> tuple[int, int]:
     if register == 0:
         if value >> 32 or (value & CR0_NW and not value & CR0_CD) or (value & CR0_PG and not value & CR0_PE):
             return GENERAL_PROTECTION, 0
+        if not value & CR0_PG and vcpu.in_64bit_code():  # leaving IA-32e mode from 64-bit code
+            return GENERAL_PROTECTION, 0
     elif register == 4:
         if value & ~cr4_allowed(vcpu.cpuid_table):
+            return GENERAL_PROTECTION, 0
+        if not value & CR4_PAE and vcpu.long_mode:
             return GENERAL_PROTECTION, 0
     elif register == 8 and vcpu.lapic is not None:
         if value & ~0xF:
