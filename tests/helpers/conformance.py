@@ -185,7 +185,7 @@ NO_DONE = {("qemu", "cr4_reserved"), ("qemu", "control"), ("qemu", "modes64")}
 
 # --- the interrupt controllers (kernels lapic, ioapic): QEMU 7.2's models, where the SDM (the
 # 82093AA data sheet for the IOAPIC) says otherwise. The software CPU has none left.
-PVM_UNRUNNABLE.update(dict.fromkeys(("lapic", "ioapic"), _PVM_IRET))
+PVM_UNRUNNABLE.update(dict.fromkeys(("lapic", "ioapic", "gates"), _PVM_IRET))
 DEVIATIONS.update({
     ("qemu", "lapic.sw_disable_masks_timer"): "QEMU 7.2's APIC leaves the LVT mask bits alone on a software "
                                                "disable (SDM 10.4.7.2 sets them all)",
