@@ -5,17 +5,12 @@ history with pyvmm.images.kernel_warnings before it ends.
 
 `env` gives a test its own pyvmm host: private config and run directories (XDG_CONFIG_HOME,
 XDG_RUNTIME_DIR) and the environment that points the CLI at them, with the Python client's
-Host for the same directories. Nothing a test starts outlives it (see stop_every_vm)."""
+Host for the same directories. Nothing a test starts outlives it (helpers/managed.py)."""
 
 from __future__ import annotations
 
-import os
-import signal
-
 import pytest
-
-from pyvmm.manage.client import connect
-from pyvmm.manage.launch import wait_exit
+from helpers.managed import managed_env
 
 
 @pytest.fixture(scope="session")
@@ -24,32 +19,6 @@ def image():
     from pyvmm.images import default_image
 
     return default_image()
-
-
-def managed_env(tmp_path, *, inherit_seccomp: bool = True):
-    """(environment, Host) of a private pyvmm host under tmp_path; stops its VMs at the end.
-    `inherit_seccomp=False`: the VMs get pyvmm's default seccomp mode, not $PYVMM_SECCOMP's."""
-    values = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "cfg"), XDG_RUNTIME_DIR=str(tmp_path / "rt"))
-    if not inherit_seccomp:
-        values.pop("PYVMM_SECCOMP", None)
-    host = connect(tmp_path / "cfg" / "pyvmm" / "vms", tmp_path / "rt" / "pyvmm")
-    yield values, host
-    stop_every_vm(host)
-
-
-def stop_every_vm(host) -> None:
-    """End every VM process of `host`: SIGTERM first, so each closes what outlives a SIGKILLed
-    process (its network namespace, its socket files), then SIGKILL what is left after 10 s.
-    Each is gone (not merely signalled) when this returns, so the next test starts clean."""
-    pids = [pid for pid in (host.vm(name).run.pid() for name in host.names()) if pid is not None]
-    for sig, patience in ((signal.SIGTERM, 10), (signal.SIGKILL, 30)):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        pids = [pid for pid in pids if not wait_exit(pid, patience)]
-    assert not pids, f"VM processes {pids} outlived SIGKILL"
 
 
 @pytest.fixture

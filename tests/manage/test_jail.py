@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import managed_env
+from helpers.managed import managed_env
 
 from pyvmm.images.kernel_warnings import CONSOLE_LOGLEVEL, describe, find_kernel_warnings
 from pyvmm.jail.landlock import abi_version

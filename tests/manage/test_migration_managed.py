@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from conftest import managed_env
+from helpers.managed import managed_env
 
 from helpers.reporting import KVM_GUESTS
 from pyvmm.guests import build_source

@@ -16,7 +16,7 @@ import sys
 import time
 
 import pytest
-from conftest import managed_env
+from helpers.managed import managed_env
 
 from pyvmm.images.kernel_warnings import CONSOLE_LOGLEVEL, describe, find_kernel_warnings
 from pyvmm.manage.launch import wait_exit

@@ -1,0 +1,36 @@
+"""A private pyvmm host for a test of managed VMs (tests/manage): its own config and run
+directories, and a teardown after which none of its VM processes is left."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from pyvmm.manage.client import connect
+from pyvmm.manage.launch import wait_exit
+
+
+def managed_env(tmp_path, *, inherit_seccomp: bool = True):
+    """(environment, Host) of a private pyvmm host under tmp_path; stops its VMs at the end.
+    `inherit_seccomp=False`: the VMs get pyvmm's default seccomp mode, not $PYVMM_SECCOMP's."""
+    values = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "cfg"), XDG_RUNTIME_DIR=str(tmp_path / "rt"))
+    if not inherit_seccomp:
+        values.pop("PYVMM_SECCOMP", None)
+    host = connect(tmp_path / "cfg" / "pyvmm" / "vms", tmp_path / "rt" / "pyvmm")
+    yield values, host
+    stop_every_vm(host)
+
+
+def stop_every_vm(host) -> None:
+    """End every VM process of `host`: SIGTERM first, so each closes what outlives a SIGKILLed
+    process (its network namespace, its socket files), then SIGKILL what is left after 10 s.
+    Each is gone (not merely signalled) when this returns, so the next test starts clean."""
+    pids = [pid for pid in (host.vm(name).run.pid() for name in host.names()) if pid is not None]
+    for sig, patience in ((signal.SIGTERM, 10), (signal.SIGKILL, 30)):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        pids = [pid for pid in pids if not wait_exit(pid, patience)]
+    assert not pids, f"VM processes {pids} outlived SIGKILL"
