@@ -66,3 +66,19 @@ def test_user_half_pauses_are_left_alone_by_default(translator):
     assert isinstance(cpu.run(0.01), Interrupted)
     assert not translator.spin_loops.learn(cpu)
     cpu.close()
+
+
+class _FakeVcpu:
+    def __init__(self, rip: int) -> None:
+        self.linear_rip, self.walks = rip, 0
+
+    def at_pause(self) -> bool:
+        self.walks += 1
+        return True
+
+
+def test_at_pause_answers_are_remembered_for_kernel_code_only(translator):
+    spin = translator.spin_loops
+    kernel, user = _FakeVcpu(0xFFFF_FFFF_8100_0000), _FakeVcpu(0x40_1000)
+    assert all(spin.at_pause(kernel) for _ in range(3)) and kernel.walks == 1
+    assert all(spin.at_pause(user) for _ in range(3)) and user.walks == 3

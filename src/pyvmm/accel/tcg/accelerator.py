@@ -319,7 +319,7 @@ class TcgAccelerator:
                 spin_loops.arm(len(vcpus) > 1 and self._others_runnable(vcpu))
                 exit_ = vcpu.run(seconds)
                 if len(vcpus) > 1:
-                    vcpu.spinning = exit_ is INTERRUPTED and vcpu.at_pause()
+                    vcpu.spinning = exit_ is INTERRUPTED and spin_loops.at_pause(vcpu)
                     if vcpu.spinning:
                         spin_loops.learn(vcpu)  # its next turns end at this PAUSE while others can run
                 progressed = True

@@ -30,6 +30,7 @@ PAUSE = b"\xf3\x90"
 REACH = 16                  # bytes on either side of RIP searched for the PAUSE (as at_pause does)
 PAUSES_PER_SLICE = 16       # a spin loop's turns before its slice ends (each costs a hook call)
 MAX_HOOKED = 64             # PAUSE sites hooked at most (a kernel has a few dozen spin loops)
+MAX_REMEMBERED = 4096      # at_pause answers kept
 KERNEL_HALF = 1 << 63       # hooks by virtual address: only kernel code, the same in every process
 
 
@@ -41,18 +42,36 @@ class SpinLoops:
         self.hooked: set[int] = set()
         self.lowest_address = KERNEL_HALF  # PAUSEs below are left alone (a test's code lowers it)
         self._left = 0          # PAUSEs the running slice may still execute; 0: never stops
+        # at_pause's answers for kernel RIPs: a page walk in Python after every interrupted
+        # turn cost ~40 us; kernel text is the same in every process and rarely rewritten (a
+        # stale answer only costs a turn of the wrong length)
+        self._near_pause: dict[int, bool] = {}
+        self._learned: set[int] = set()  # RIPs whose PAUSE is hooked: no page walk for them again
         self.slice_ends = 0     # slices ended at a PAUSE
 
     def arm(self, others_runnable: bool) -> None:
         """Before a slice: stop it at a hooked PAUSE only if another vCPU could use the time."""
         self._left = PAUSES_PER_SLICE if others_runnable else 0
 
+    def at_pause(self, vcpu: TcgVcpu) -> bool:
+        """vcpu.at_pause(), remembered for kernel addresses."""
+        rip = vcpu.linear_rip
+        if rip < KERNEL_HALF:
+            return vcpu.at_pause()
+        known = self._near_pause.get(rip)
+        if known is None:
+            if len(self._near_pause) >= MAX_REMEMBERED:
+                self._near_pause.clear()
+            known = self._near_pause[rip] = vcpu.at_pause()
+        return known
+
     def learn(self, vcpu: TcgVcpu) -> bool:
         """After a slice ended near a PAUSE (between slices): hook that PAUSE. True if it did."""
-        if len(self.hooked) >= MAX_HOOKED:
+        rip = vcpu.linear_rip
+        if len(self.hooked) >= MAX_HOOKED or rip in self._learned:
             return False
         try:
-            start = vcpu.linear_rip - REACH
+            start = rip - REACH
             found = vcpu.read_linear(start, 2 * REACH).find(PAUSE)
             if found < 0 or start + found < self.lowest_address or start + found in self.hooked:
                 return False
@@ -62,6 +81,7 @@ class SpinLoops:
             return False
         self._uc.hook_add(U.UC_HOOK_CODE, self._on_pause, None, address, address)
         self.hooked.add(address)
+        self._learned.add(rip)
         # code translated before the hook runs without it: translate it again, by physical
         # address (translated_code.py: a virtual drop would clobber the guest's CR2)
         self._code.drop(physical, physical + len(PAUSE))
