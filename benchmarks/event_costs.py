@@ -17,6 +17,7 @@ slower, so its times are not printed. Workloads:
   shell      the busybox shell loop benchmarks/boot.py times
   blk4k      dd if=/dev/vda of=/dev/null bs=4k iflag=direct count=N (one request at a time)
   net        dd if=/dev/zero bs=1k count=N | nc 10.0.2.1 5001 (a host receiver in the namespace)
+  console    seq 1 N on the serial console (ttyS0), per byte written (boot.py's console row)
 
 Runs as root (tap=auto makes a network namespace); the guest image is built on first use.
 """
@@ -164,6 +165,7 @@ WORKLOADS = {
     "shell": ("i=0; while [ $i -lt {n} ]; do i=$((i+1)); done", lambda n: n, "iteration"),
     "blk4k": ("dd if=/dev/vda of=/dev/null bs=4k iflag=direct count={n} 2>/dev/null", lambda n: n, "request"),
     "net": (f"dd if=/dev/zero bs=1k count={{n}} 2>/dev/null | nc {HOST_IP} {NET_PORT}", lambda n: n, "KiB sent"),
+    "console": ("seq 1 {n}", lambda n: sum(len(str(i)) + 1 for i in range(1, n + 1)), "console byte"),
 }
 EVENT_KEYS = ("interrupts", "syscalls", "exceptions", "mmio", "port_io", "slices", "halts")
 

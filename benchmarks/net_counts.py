@@ -37,7 +37,7 @@ import time
 BENCH_DIR = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 from boot import EXIT_LINE, MEMORY_MIB, QEMU, SRC, ensure_qemu, kernel_warnings, log, qemu_version, tcg_linux_args  # noqa: E402,E501
-from virtio_io import (GUEST_IP, HOST_IP, IP_TOKEN, MAC, RX_PORT, TX_PORT, BenchError, close_peers, ip,  # noqa: E402
+from net_host import (GUEST_IP, HOST_IP, IP_TOKEN, MAC, RX_PORT, TX_PORT, BenchError, close_peers, ip,  # noqa: E402
                        list_netns, open_peers, running)
 
 COUNTS = re.compile(rb"^@@C (\d) (.*)$")

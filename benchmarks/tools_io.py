@@ -57,7 +57,7 @@ BENCH_DIR = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 from boot import EXIT_LINE, MEMORY_MIB, QEMU, SRC, ensure_qemu, kernel_warnings, log, qemu_version, tcg_linux_args  # noqa: E402,E501
 from guest_tools import GUEST_SETUP, TOOLS_SERIAL, tools_image  # noqa: E402
-from virtio_io import HOST_IP, IP_TOKEN, MAC, BenchError, _disk_image, ip, list_netns, running  # noqa: E402
+from net_host import HOST_IP, IP_TOKEN, MAC, BenchError, _disk_image, ip, list_netns, running  # noqa: E402
 
 TX_PORT, RX_PORT = 5201, 5202
 BENCH_SERIAL = "bench"
