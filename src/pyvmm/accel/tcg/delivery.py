@@ -24,7 +24,7 @@ DOUBLE_FAULT, GENERAL_PROTECTION, PAGE_FAULT, INVALID_TSS, SEGMENT_NOT_PRESENT, 
 # Contributory exceptions (SDM table 6-5): two in a row make a #DF.
 CONTRIBUTORY = frozenset({0, 10, 11, 12, 13})
 
-RFLAGS_TF, RFLAGS_IF, RFLAGS_NT, RFLAGS_RF, RFLAGS_VM = 1 << 8, 1 << 9, 1 << 14, 1 << 16, 1 << 17
+RFLAGS_TF, RFLAGS_IF, RFLAGS_NT, RFLAGS_RF, RFLAGS_VM, RFLAGS_AC = 1 << 8, 1 << 9, 1 << 14, 1 << 16, 1 << 17, 1 << 18
 GATE_INTERRUPT, GATE_TRAP = 0xE, 0xF  # the same type values for 32-bit and 64-bit gates
 
 
@@ -216,4 +216,21 @@ def _check_inner_stack(cpu, selector: int, cpl: int) -> None:
 
 
 def _deliver_real(cpu, vector: int) -> None:
-    raise TripleFault(f"exception {vector} in real mode: real-mode interrupt delivery is not supported")
+    """Real mode (SDM vol. 3 20.1.4, vol. 2 INT n): the 4-byte vector at IDTR.base + 4n (#GP
+    past IDTR.limit); FLAGS, CS and IP pushed as words on SS:SP; IF, TF and AC cleared; CS:IP
+    from the vector, CS.base = CS * 16."""
+    idt_base, idt_limit = cpu.idt
+    if vector * 4 + 3 > idt_limit:
+        raise _Fault(GENERAL_PROTECTION, 0)
+    offset, segment = struct.unpack("<HH", _read_system(cpu, idt_base + vector * 4, 4))
+    rflags, rsp = cpu.rflags, cpu.rsp
+    sp = (rsp - 6) & 0xFFFF
+    data = struct.pack("<HHH", cpu.rip & 0xFFFF, cpu.cs & 0xFFFF, rflags & 0xFFFF)
+    stack_base = cpu.segment_base("ss")
+    try:
+        cpu.write_linear(stack_base + sp, data)
+    except PageFault as pf:  # (no paging in real mode: only a write outside RAM gets here)
+        raise _Fault(STACK_FAULT, 0) from pf
+    new_rflags = rflags & ~(RFLAGS_TF | RFLAGS_IF | RFLAGS_AC)
+    cpu.enter_handler(selector=segment, rip=offset, rsp=(rsp & ~0xFFFF) | sp, rflags=new_rflags, new_cpl=0,
+                      new_ss=None)

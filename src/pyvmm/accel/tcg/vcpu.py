@@ -422,7 +422,7 @@ class TcgVcpu:
         rip = self.rip
         if self.long_mode:
             return rip
-        return (self._segment_base("cs") + rip) & 0xFFFFFFFF
+        return (self.segment_base("cs") + rip) & 0xFFFFFFFF
 
     def load_cs(self, selector: int) -> None:
         """Load CS and make the translator agree with the descriptor's code size (L/D bits)."""
@@ -438,7 +438,7 @@ class TcgVcpu:
             return None
         return struct.unpack("<Q", self.read_linear(base + index, 8))[0]
 
-    def _segment_base(self, name: str) -> int:
+    def segment_base(self, name: str) -> int:
         if not self.protected_mode:
             return self.regs.read(_SEGMENT_REGS[name]) << 4
         d = self._descriptor(self.regs.read(_SEGMENT_REGS[name]))
