@@ -72,13 +72,17 @@ def _u32(data: bytes, offset: int) -> int:
 
 
 class PrivateState:
-    """Read/patch the private fields of one Unicorn instance through uc_context save/restore."""
+    """Read/patch the private fields of one Unicorn instance: in the engine's CPU state itself
+    where it was found (live_cpu_state.py), else through uc_context save/restore."""
 
-    def __init__(self, uc, offsets: ContextOffsets) -> None:
+    def __init__(self, uc, offsets: ContextOffsets, live: int | None = None) -> None:
+        """`live`: the address at which a context offset is the engine's own field
+        (live_cpu_state.live_context_base), None to copy contexts."""
         self.uc = uc
         self.offsets = offsets
         self._context = uc.context_save()
         self._size = self._context.size
+        self.live = live
         # Bound once: _save/_restore run several times per guest exception. (Imported here, not
         # at module level: this module must load without unicorn, to report it missing.)
         from unicorn.unicorn_py3.unicorn import uclib  # the binding's own ctypes handle
@@ -89,13 +93,18 @@ class PrivateState:
         self._context_address: int = address
 
     def _save(self) -> int:
-        """Save the CPU into our context; returns the address of its bytes."""
+        """Save the CPU into our context; returns the address of its bytes (the engine's own,
+        live, when known: then _restore has nothing to do)."""
+        if self.live is not None:
+            return self.live
         status = self._uc_context_save(self.uc._uch, self._context.context)
         if status:
             raise TcgUnsupported(f"uc_context_save failed ({status})")
         return self._context_address
 
     def _restore(self) -> None:
+        if self.live is not None:
+            return
         status = self._uc_context_restore(self.uc._uch, self._context.context)
         if status:
             raise TcgUnsupported(f"uc_context_restore failed ({status})")

@@ -27,6 +27,7 @@ from .engine_state import EngineControl, EngineOffsets
 from .fast_registers import FastRegisters
 from .native_delivery import NativeExceptionDelivery
 from . import interrupt_window, msr_cr_policy
+from .live_cpu_state import ApiSyscallMsrs, SyscallMsrs, live_context_base
 from .native_interrupts import NativeInterrupts
 from .private_state import ContextOffsets, PrivateState
 from .slice_timer import SliceTimer
@@ -94,8 +95,10 @@ class Translator:
             if self.native_exceptions is not None and native_interrupts else None
         if self.native_interrupts is not None:  # its slot in the stub's table is freed with the engine
             weakref.finalize(self, self.native_interrupts.close)
-        self.private = PrivateState(uc, offsets)
+        self.private = PrivateState(uc, offsets, live_context_base(uc, self.engine.cpu_address))
         self.regs = FastRegisters(uc)
+        self.syscall_msrs: SyscallMsrs | ApiSyscallMsrs = \
+            SyscallMsrs.find(uc, self.private.live) or ApiSyscallMsrs(self.regs)  # what SYSCALL reads
         self.translated_code = TranslatedCode(uc, memory.regions)
         self.spin_loops = SpinLoops(uc, slice_timer.kick, self.translated_code)
         self._power_on = uc.context_save()  # the state a vCPU that never ran starts from
@@ -154,6 +157,7 @@ class Translator:
         # drop the engine (and everything viewing it) now: nothing uses a closed translator
         self.uc = self.private = self.regs = self.engine = self.translated_code = None  # type: ignore[assignment]
         self.spin_loops = None  # type: ignore[assignment]
+        self.syscall_msrs = None  # type: ignore[assignment]
         self.native_exceptions = None
         self.interrupt_requests = None
         if self.native_interrupts is not None:

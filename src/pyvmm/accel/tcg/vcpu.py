@@ -250,11 +250,11 @@ class TcgVcpu:
         """SYSCALL as the SDM defines it (Unicorn's is a stub that only advances RIP by 2)."""
         self.stats["syscalls"] += 1
         rip = self.regs.read(X.UC_X86_REG_RIP)  # at the SYSCALL instruction
-        if not self.regs.read_msr(MSR_EFER) & EFER_SCE or not self.long_mode:
+        efer, star, lstar, fmask = self.translator.syscall_msrs.read()
+        if not efer & EFER_SCE or not efer & EFER_LMA:
             self._raise(INVALID_OPCODE)
             self._set_rip(self.regs.read(X.UC_X86_REG_RIP) - 2)
             return
-        star, lstar, fmask = self.regs.read_msr(MSR_STAR), self.regs.read_msr(MSR_LSTAR), self.regs.read_msr(MSR_FMASK)
         rflags = self.regs.read(X.UC_X86_REG_RFLAGS)
         self.regs.write(X.UC_X86_REG_RCX, rip + 2)
         self.regs.write(X.UC_X86_REG_R11, rflags)
