@@ -140,11 +140,12 @@ class TcgVcpu:
             running.vcpu = None
             stopped = self._stopped_by_timer = timer.end()
             if injected is not None and interrupts is not None:
-                # not taken (the guest's IF or shadow said no): armed again next slice
-                self._injected = interrupts.disarm()
+                self._injected = interrupts.disarm()  # (the engine did not take it)
             if requests is not None:
                 requests.clear()  # the CPUState is every vCPU's: no request outlives the slice
         stopped = stopped or self.window_exit
+        if self._injected is not None and self.rflags & RFLAGS_IF and not self.private.interrupts_inhibited():
+            self._deliver_pending_injection()  # (an emu_start can end before its loop checks requests)
         if native is not None:
             self.stats["exceptions"] += native.delivered - delivered
             # Only a triple fault leaves QEMU's #DF tracking set (native_delivery.py), and it ends
@@ -159,7 +160,7 @@ class TcgVcpu:
         # Unicorn returns from emu_start after HLT without saying so: a slice that nobody
         # stopped ended on a HLT. (One that was stopped may have just executed a HLT too: it
         # counts as interrupted, and the guest sees a wakeup, as after an interrupt.)
-        if not stopped and self._after_hlt():
+        if not stopped and self._injected is None and self._after_hlt():
             self.halted = True
             self.stats["halts"] += 1
             return _HLT
@@ -325,9 +326,8 @@ class TcgVcpu:
         self._set_rip((self.rip - length) & (_NEVER if self.long_mode else 0xFFFFFFFF))
 
     def inject_interrupt(self, vector: int, *, now: bool = False) -> None:
-        """Deliver an external interrupt (the scheduler checked IF and the STI shadow): by the
-        engine as the next slice starts where it can (native_interrupts.py), else (or `now`:
-        an NMI, after any interrupt injected before it) at once, in Python."""
+        """Deliver an external interrupt (the scheduler checked IF and the STI shadow): by the engine
+        as the next slice starts (native_interrupts.py), else (or `now`: an NMI) at once, in Python."""
         self.translator.activate(self)
         self.stats["interrupts"] += 1
         self.halted = False
