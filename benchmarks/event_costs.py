@@ -19,6 +19,9 @@ slower, so its times are not printed. Workloads:
   net        dd if=/dev/zero bs=1k count=N | nc 10.0.2.1 5001 (a host receiver in the namespace)
   console    seq 1 N on the serial console (ttyS0), per byte written (boot.py's console row)
 
+Per thread it also prints CPU time and context switches (voluntary and not) per unit, from
+/proc/self/task: the switches do not depend on the load; the CPU time includes the profiler.
+
 Runs as root (tap=auto makes a network namespace); the guest image is built on first use.
 """
 
@@ -42,7 +45,9 @@ NET_PORT = 5001
 HOST_IP = "10.0.2.1"
 
 _profiles: dict[str, cProfile.Profile] = {}
+_native_ids: dict[str, int] = {}
 _profiles_lock = threading.Lock()
+_TICK = os.sysconf("SC_CLK_TCK")
 
 
 def _profile_new_threads(*_args) -> None:
@@ -54,7 +59,26 @@ def _profile_new_threads(*_args) -> None:
         while name in _profiles:
             name += "+"
         _profiles[name] = profile
+        _native_ids[name] = threading.get_native_id()
     profile.enable()
+
+
+def _thread_usage(tid: int) -> tuple[float, int]:
+    """(CPU seconds, context switches) of one of this process's threads so far; (0, 0) once it ended."""
+    try:
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/self/task/{tid}/status") as f:
+            switches = sum(int(line.split()[1]) for line in f if "ctxt_switches:" in line)
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0, 0
+    return (int(fields[11]) + int(fields[12])) / _TICK, switches
+
+
+def _usage() -> dict[str, tuple[float, int]]:
+    with _profiles_lock:
+        ids = dict(_native_ids)
+    return {name: _thread_usage(tid) for name, tid in ids.items()}
 
 
 def _snapshot() -> dict[str, list]:
@@ -80,7 +104,7 @@ class Marks:
     """What the guest's markers saw: (code, calls per thread, vCPU counters) in order."""
 
     def __init__(self) -> None:
-        self.seen: list[tuple[int, dict, dict]] = []
+        self.seen: list[tuple[int, dict, dict, dict]] = []
         self.vcpus: list = []
 
     def vcpu_counts(self) -> dict[str, int]:
@@ -91,7 +115,7 @@ class Marks:
         return total
 
     def mark(self, code: int) -> None:
-        self.seen.append((code, _snapshot(), self.vcpu_counts()))
+        self.seen.append((code, _snapshot(), self.vcpu_counts(), _usage()))
 
 
 def _hook_pyvmm(marks: Marks) -> None:
@@ -207,13 +231,13 @@ def main() -> int:
         for name, profile in _profiles.items():
             profile.disable()
             profile.dump_stats(os.path.join(args.dump, name + ".pstats"))
-    by_code = {code: (_calls(snapshot), counts) for code, snapshot, counts in marks.seen}
+    by_code = {code: (_calls(snapshot), counts, usage) for code, snapshot, counts, usage in marks.seen}
     print(f"load average {os.getloadavg()[0]:.2f} (counts do not depend on it); guest exit status {status}")
     for i, name in enumerate(names):
         if 0x20 + 2 * i not in by_code or 0x21 + 2 * i not in by_code:
             print(f"{name}: markers missing")
             continue
-        (calls0, counts0), (calls1, counts1) = by_code[0x20 + 2 * i], by_code[0x21 + 2 * i]
+        (calls0, counts0, usage0), (calls1, counts1, usage1) = by_code[0x20 + 2 * i], by_code[0x21 + 2 * i]
         units = WORKLOADS[name][1](args.count)
         unit = WORKLOADS[name][2]
         events = {key: counts1.get(key, 0) - counts0.get(key, 0) for key in EVENT_KEYS}
@@ -227,6 +251,11 @@ def main() -> int:
                 continue
             per_interrupt = f", {total / events['interrupts']:.0f} per interrupt" if events["interrupts"] else ""
             print(f"  thread {thread}: {total} Python calls, {total / units:.1f} per {unit}{per_interrupt}")
+            if thread in usage1:
+                cpu0, switches0 = usage0.get(thread, (0.0, 0))
+                cpu, switches = usage1[thread][0] - cpu0, usage1[thread][1] - switches0
+                print(f"      CPU {cpu * 1e6 / units:.0f} us and {switches / units:.2f} context switches "
+                      f"per {unit} (the CPU time is inflated by the profiler)")
             for fn, n in sorted(diff.items(), key=lambda item: -item[1])[:args.top]:
                 print(f"      {n:>9}  {fn}")
     return 0
