@@ -268,20 +268,33 @@ class VirtioBlock(VirtioDevice):
         while not throttle.blocked:
             batch: list[tuple[DescriptorChain, int | None, bool]] = []
             while len(batch) < queue.size and (chain := queue.pop()) is not None:
-                if not throttle.admit(*self._cost(chain)):
+                header = self._header(chain)
+                if not throttle.admit(*self._cost(chain, header)):
                     queue.undo_pop(chain)  # served when the refill timer fires
                     break
-                batch.append((chain, *self._execute(chain)))
+                batch.append((chain, *self._execute(chain, header)))
             self._complete(queue, batch)
             self.signal_used(queue_index)
             if len(batch) < queue.size:
                 return
 
-    def _cost(self, chain: DescriptorChain) -> tuple[int, int]:
+    def _header(self, chain: DescriptorChain) -> tuple[int, int] | None:
+        """(type, sector) from the request's 16-byte header, read once; None when it is shorter."""
+        readable = chain.readable
+        if readable and readable[0][1] >= HEADER.size:  # Linux's layout: the header in one buffer
+            request_type, _, sector = HEADER.unpack(self.memory.view(readable[0][0], HEADER.size))
+            return request_type, sector
+        data = read_buffers(self.memory, readable, 0, HEADER.size)
+        if len(data) < HEADER.size:
+            return None
+        request_type, _, sector = HEADER.unpack(data)
+        return request_type, sector
+
+    @staticmethod
+    def _cost(chain: DescriptorChain, header: tuple[int, int] | None) -> tuple[int, int]:
         """(data bytes, operations) a request costs: reads and writes their data, anything else nothing."""
-        header = read_buffers(self.memory, chain.readable, 0, HEADER.size)
-        if len(header) == HEADER.size:
-            request_type = HEADER.unpack(header)[0]
+        if header is not None:
+            request_type = header[0]
             if request_type == VIRTIO_BLK_T_IN:
                 return max(chain.writable_length - 1, 0), 1
             if request_type == VIRTIO_BLK_T_OUT:
@@ -314,20 +327,19 @@ class VirtioBlock(VirtioDevice):
             if status is None:
                 queue.push(chain, 0)
                 continue
-            end = chain.writable_length
-            write_buffers(self.memory, chain.writable, bytes((status,)), end - 1)
+            address, length = chain.writable[-1]  # the last writable byte (empty buffers are not listed)
+            self.memory.write_u8(address + length - 1, status)
             # The whole writable part: push() reports that span to the software CPU, status byte included.
-            queue.push(chain, end)
+            queue.push(chain, chain.writable_length)
 
-    def _execute(self, chain: DescriptorChain) -> tuple[int | None, bool]:
+    def _execute(self, chain: DescriptorChain, header: tuple[int, int] | None) -> tuple[int | None, bool]:
         """Carry out one request: (status or None to drop it, whether it wrote and needs a writethrough sync)."""
         if chain.writable_length == 0:
             self._guest_error("request without a writable status byte dropped")
             return None, False
-        header = read_buffers(self.memory, chain.readable, 0, HEADER.size)
-        if len(header) < HEADER.size:
+        if header is None:
             return self._fail("request shorter than its 16-byte header"), False
-        request_type, _, sector = HEADER.unpack(header)
+        request_type, sector = header
         if request_type == VIRTIO_BLK_T_IN:
             return self._read(chain, sector), False
         if request_type == VIRTIO_BLK_T_OUT:

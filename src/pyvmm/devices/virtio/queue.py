@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import struct
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ...errors import PyvmmError
 from ...memory import GuestMemory
@@ -52,21 +52,21 @@ class ChainError(PyvmmError):
     """One descriptor chain is malformed: fail that request only."""
 
 
-@dataclass
 class DescriptorChain:
-    """One request: the device-readable buffers, then the device-writable ones, as (address, length)."""
+    """One request: the device-readable buffers, then the device-writable ones, as (address, length),
+    with their total lengths (kept by whoever appends: only the queue's walk builds chains)."""
 
-    head: int
-    readable: list[tuple[int, int]] = field(default_factory=list)
-    writable: list[tuple[int, int]] = field(default_factory=list)
+    __slots__ = ("head", "readable", "writable", "readable_length", "writable_length")
 
-    @property
-    def readable_length(self) -> int:
-        return sum(length for _, length in self.readable)
+    def __init__(self, head: int) -> None:
+        self.head = head
+        self.readable: list[tuple[int, int]] = []
+        self.writable: list[tuple[int, int]] = []
+        self.readable_length = 0
+        self.writable_length = 0
 
-    @property
-    def writable_length(self) -> int:
-        return sum(length for _, length in self.writable)
+    def __repr__(self) -> str:
+        return f"DescriptorChain(head={self.head}, readable={self.readable}, writable={self.writable})"
 
 
 def buffer_views(memory: GuestMemory, buffers: list[tuple[int, int]], offset: int = 0,
@@ -237,7 +237,11 @@ class SplitQueue:
     def _walk(self, head: int) -> DescriptorChain:
         memory = self.memory
         chain = DescriptorChain(head)
-        table, table_size, index = self.desc_table, self.size, head
+        readable, writable = chain.readable, chain.writable
+        table_size, index = self.size, head
+        # One view of the whole table (checked inside guest RAM at activation), not one per descriptor.
+        table = memory.view(self.desc_table, DESC_SIZE * table_size)
+        unpack_from, contains = _DESC.unpack_from, memory.contains
         in_indirect = False
         seen = 0
         total = 0
@@ -245,7 +249,7 @@ class SplitQueue:
             seen += 1
             if seen > table_size:
                 raise ChainError(f"chain longer than its table ({table_size} descriptors): a loop")
-            address, length, flags, next_index = _DESC.unpack(memory.view(table + DESC_SIZE * index, DESC_SIZE))
+            address, length, flags, next_index = unpack_from(table, DESC_SIZE * index)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if not self.indirect:
                     raise ChainError("indirect descriptor without VIRTIO_F_INDIRECT_DESC")
@@ -255,24 +259,27 @@ class SplitQueue:
                     raise ChainError("indirect descriptor with the NEXT flag")
                 if length == 0 or length % DESC_SIZE or length // DESC_SIZE > MAX_QUEUE_SIZE:
                     raise ChainError(f"indirect table length {length} is not a multiple of {DESC_SIZE}")
-                if not memory.contains(address, length):
+                if not contains(address, length):
                     raise ChainError(f"indirect table {address:#x}+{length:#x} is outside guest RAM")
-                if chain.readable or chain.writable:
+                if readable or writable:
                     raise ChainError("indirect descriptor after direct buffers in the same chain")
-                table, table_size, index, in_indirect, seen = address, length // DESC_SIZE, 0, True, 0
+                table, table_size, index, in_indirect, seen = memory.view(address, length), length // DESC_SIZE, \
+                    0, True, 0
                 continue
             if length:
-                if not memory.contains(address, length):
+                if not contains(address, length):
                     raise ChainError(f"buffer {address:#x}+{length:#x} is outside guest RAM")
                 total += length
                 if total > MAX_CHAIN_BYTES:
                     raise ChainError("chain carries more than 4 GiB")
                 if flags & VIRTQ_DESC_F_WRITE:
-                    chain.writable.append((address, length))
-                elif chain.writable:
+                    writable.append((address, length))
+                    chain.writable_length += length
+                elif writable:
                     raise ChainError("device-readable buffer after a device-writable one")
                 else:
-                    chain.readable.append((address, length))
+                    readable.append((address, length))
+                    chain.readable_length += length
             if not flags & VIRTQ_DESC_F_NEXT:
                 return chain
             if next_index >= table_size:
@@ -292,7 +299,7 @@ class SplitQueue:
         self._in_flight.pop(chain.head, None)
         slot = self.used_idx % self.size
         memory = self.memory
-        memory.view(self.used_ring + 4 + 8 * slot, 8)[:] = _USED_ELEM.pack(chain.head, written)
+        _USED_ELEM.pack_into(memory.view(self.used_ring + 4 + 8 * slot, 8), 0, chain.head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         memory.write_u16(self.used_ring + 2, self.used_idx)  # publish after the element (x86 keeps store order)
         self.completed += 1
