@@ -128,3 +128,37 @@ def test_machine_with_test_devices_lists_them_and_its_description_keeps_the_opti
     old["version"] = 5
     del old["fields"]["test_devices"]
     assert MachineDescription.from_dict(old).test_devices is False
+
+
+def test_a_vm_with_test_devices_saves_and_restores_their_state(tmp_path):
+    """Built with test_devices, the VM has both on its port bus; their state goes through a
+    saved VmState (as another process reads it) into a new VM."""
+    import json
+
+    from pyvmm.accel.select import choose_accelerator
+    from pyvmm.builder import build_vm
+    from pyvmm.restore import carry_over, restore_vm
+    from pyvmm.vm_state import VmState
+
+    kernel = tmp_path / "flat.bin"
+    kernel.write_bytes(b"\xfa\xf4")  # cli; hlt
+    config = MachineConfig(kernel=str(kernel), flat_address=0x100000, memory=16 << 20, cpus=1, test_devices=True)
+    vm = build_vm(config, lambda data: None, accel=choose_accelerator("tcg").create())
+    try:
+        vm.pause()
+        vm.pio_bus.write(0x510, (0x00).to_bytes(2, "little"))    # fw_cfg: the signature, one byte read
+        assert vm.pio_bus.read(0x511, 1) == b"Q"
+        vm.pio_bus.write(0xE0, (0xCAFE).to_bytes(4, "little"))
+        state = VmState.from_dict(json.loads(json.dumps(vm.save().to_dict())))
+        carried = carry_over(vm)
+    finally:
+        vm.close()
+    assert state.machine.test_devices
+    restored = restore_vm(state, carried.memory, lambda data: None, carryover=carried)
+    try:
+        assert restored.pio_bus.read(0x511, 3) == b"EMU"          # the same item, where it was
+        assert restored.pio_bus.read(0xE0, 4) == (0xCAFE).to_bytes(4, "little")
+        restored.pio_bus.write(0x510, (0x03).to_bytes(2, "little"))
+        assert bytes(restored.pio_bus.read(0x511, 1)[0] for _ in range(4)) == (16 << 20).to_bytes(4, "little")
+    finally:
+        restored.close()
