@@ -96,11 +96,12 @@ def test_setvcpus_on_a_managed_vm(env, tmp_path):
     script = online.format("0-1") + "; taskset -c 1 cut -d' ' -f39 /proc/self/stat"
     assert vm.exec(["sh", "-c", script]).stdout == b"1\n"          # a process ran on the new CPU
     assert vm.vcpus() == {"count": 2, "max": 2} and vm.config()["machine-config"]["vcpu_count"] == 2
+    assert vm.info().vcpus == 2 and re.search(r"(?m)^ cpus +running +\d+ +2 ", cli(env, "list").stdout.decode())
     refused(env, "setvcpus", "cpus", "3", match=r"3 vCPUs: this VM can have 1 to 2")
     refused(env, "setvcpus", "cpus", "0", match=r"at least its boot CPU")
     vm.set_vcpus(1)                                                   # the Python client
     assert vm.exec(["sh", "-c", online.format("0") + "; nproc"]).stdout == b"1\n"
-    assert vm.vcpus() == {"count": 1, "max": 2}
+    assert vm.vcpus() == {"count": 1, "max": 2} and vm.info().vcpus == 1
 
     cli(env, "shutdown", "cpus", "--timeout", "300")
     warnings = find_kernel_warnings(vm.console_history())

@@ -163,12 +163,18 @@ class VmHandle(MemoryMethods, BalloonMethods, HotplugMethods):
             state = STARTING
             if self.run.api_sock.exists():
                 try:
-                    status = ApiClient(self.run.api_sock, timeout=10).get("/pyvmm/status")
+                    api = ApiClient(self.run.api_sock, timeout=10)
+                    status = api.get("/pyvmm/status")
                     state, outcome = _API_STATES.get(status["state"], status["state"]), status["outcome"]
                     if status.get("started_at"):
                         uptime = time.time() - status["started_at"]
                 except (OSError, ApiError, http.client.HTTPException):
                     state = UNRESPONSIVE
+                if state in (RUNNING, PAUSED):   # setvcpus may have changed it since the start
+                    try:
+                        machine["vcpu_count"] = api.get("/pyvmm/vcpus")["count"]
+                    except (OSError, ApiError, http.client.HTTPException):
+                        pass    # stopped meanwhile: the count it was started with
         elif self.run.pid_file.exists():
             outcome = self.run.outcome()
             if outcome is None:
