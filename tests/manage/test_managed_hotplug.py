@@ -92,8 +92,12 @@ def test_setvcpus_on_a_managed_vm(env, tmp_path):
     read_until(vm.open_console(), re.escape(PROMPT))
     online = WAIT.format(test='"$(cat /sys/devices/system/cpu/online)" = {}')
 
+    # cpu1/online reads 1 once its bring-up is over; the CPU mask shows it before that, when
+    # taskset is still refused (test_hotplug_linux.py's CPU_SCRIPT says more)
+    cpu1_up = WAIT.format(test='"$(cat /sys/devices/system/cpu/cpu1/online 2>/dev/null)" = 1')
+
     assert "2 vCPUs" in cli(env, "setvcpus", "cpus", "2").stdout.decode()
-    script = online.format("0-1") + "; taskset -c 1 cut -d' ' -f39 /proc/self/stat"
+    script = cpu1_up + "; taskset -c 1 cut -d' ' -f39 /proc/self/stat"
     assert vm.exec(["sh", "-c", script]).stdout == b"1\n"          # a process ran on the new CPU
     assert vm.vcpus() == {"count": 2, "max": 2} and vm.config()["machine-config"]["vcpu_count"] == 2
     assert vm.info().vcpus == 2 and re.search(r"(?m)^ cpus +running +\d+ +2 ", cli(env, "list").stdout.decode())
@@ -148,3 +152,43 @@ def test_the_entropy_device_plugged_into_a_managed_vm_and_what_is_refused(env, t
     cli(env, "shutdown", "rng", "--timeout", "300")
     warnings = find_kernel_warnings(vm.console_history())
     assert not warnings, describe(warnings)
+
+
+def test_setvcpus_on_a_managed_kvm_vm_under_seccomp_kill(tmp_path):
+    """KVM CPU hotplug in a VM process of its own, every thread under its seccomp filter: the
+    hot-added vCPU (created from an API thread), its parking on removal and its return. The
+    guest (tests/kvm/guests/cpuplug.S) says on its console what it saw."""
+    import time
+
+    from conftest import managed_env, stop_every_vm
+    from helpers.reporting import KVM_GUESTS
+    from pyvmm.guests import build_source
+    from pyvmm.kvm import Kvm, KvmUnavailable
+
+    try:
+        Kvm().close()
+    except KvmUnavailable as exc:
+        import pytest
+        pytest.skip(f"no usable KVM here: {exc}")
+    kernel = build_source(KVM_GUESTS / "cpuplug.S", 32)
+    env = next(managed_env(tmp_path))
+    values, host = env
+    values["PYVMM_SECCOMP"] = "kill"
+    try:
+        definition = tmp_path / "kplug.toml"
+        definition.write_text(f'[machine-config]\nvcpu_count = 1\nmem_size_mib = 16\n'
+                              f'[boot-source]\nkernel_image_path = "{kernel}"\n'
+                              f'[pyvmm]\nmax_vcpus = 2\naccel = "kvm"\n')
+        cli(env, "define", str(definition))
+        cli(env, "start", "kplug")
+        vm = host.vm("kplug")
+        for count, line in ((2, b"cpuplug: plug"), (1, b"cpuplug: eject"), (2, b"cpuplug: plug")):
+            seen = vm.console_history().count(line)
+            assert f"{count} vCPUs" in cli(env, "setvcpus", "kplug", str(count)).stdout.decode()
+            deadline = time.monotonic() + 60
+            while vm.console_history().count(line) == seen and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert vm.console_history().count(line) == seen + 1, vm.console_history()
+            assert vm.info().vcpus == count and vm.state() == "running"
+    finally:
+        stop_every_vm(host)
