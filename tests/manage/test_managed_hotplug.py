@@ -160,7 +160,7 @@ def test_setvcpus_on_a_managed_kvm_vm_under_seccomp_kill(tmp_path):
     guest (tests/kvm/guests/cpuplug.S) says on its console what it saw."""
     import time
 
-    from conftest import managed_env, stop_every_vm
+    from helpers.managed import managed_env, stop_every_vm
     from helpers.reporting import KVM_GUESTS
     from pyvmm.guests import build_source
     from pyvmm.kvm import Kvm, KvmUnavailable
