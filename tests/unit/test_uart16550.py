@@ -103,6 +103,61 @@ def test_irq_line_follows_thre_with_out2():
     assert irq.levels[-1] is False
 
 
+def test_fifo_mode_pulses_the_line_once_per_load_of_16():
+    # 16550A FIFO mode: a load of back-to-back THR bytes drains once, so one THRE edge per
+    # 16 bytes (Linux's tx_chars) rather than one per byte; every byte still goes out at once.
+    uart, irq, out = make_uart()
+    wr(uart, FCR, 0x01)
+    wr(uart, MCR, MCR_OUT2)
+    wr(uart, IER, 0x02)
+    rd(uart, IIR)
+    assert irq.levels == [True, False]
+    for byte in b"0123456789abcdef":
+        wr(uart, THR, byte)
+    assert irq.levels == [True, False, True]
+    assert b"".join(out) == b"0123456789abcdef"
+    wr(uart, THR, ord("g"))  # a 17th byte is a new load: a new edge
+    assert irq.levels == [True, False, True, False, True]
+    assert rd(uart, IIR) == 0xC2 and irq.levels[-1] is False
+    wr(uart, THR, ord("h"))  # the IIR read ended the load: the next byte starts one
+    assert irq.levels[-2:] == [False, True]
+    assert rd(uart, LSR) == 0x60
+
+
+def test_fifo_load_ends_at_any_other_access_and_at_reset():
+    uart, irq, _ = make_uart()
+    wr(uart, FCR, 0x01)
+    wr(uart, MCR, MCR_OUT2)
+    wr(uart, IER, 0x02)
+    wr(uart, THR, ord("a"))
+    pulses = len(irq.levels)
+    wr(uart, THR, ord("b"))
+    assert len(irq.levels) == pulses  # same load: the line stays high
+    wr(uart, SCR, 0)
+    wr(uart, THR, ord("c"))
+    assert len(irq.levels) == pulses + 2  # a new load pulses it
+    rd(uart, SCR)
+    wr(uart, THR, ord("d"))
+    assert len(irq.levels) == pulses + 4
+    uart.reset()
+    wr(uart, FCR, 0x01)
+    wr(uart, MCR, MCR_OUT2)
+    wr(uart, IER, 0x02)
+    before = len(irq.levels)
+    wr(uart, THR, ord("e"))
+    assert len(irq.levels) == before + 2
+
+
+def test_fifo_mode_with_etbei_off_never_raises_the_line():
+    uart, irq, out = make_uart()
+    wr(uart, FCR, 0x01)
+    wr(uart, MCR, MCR_OUT2)
+    for byte in b"x" * 40:
+        wr(uart, THR, byte)
+    assert irq.levels == [] and len(out) == 40
+    assert rd(uart, IIR) == 0xC1
+
+
 def test_irq_line_is_gated_by_out2():
     uart, irq, _ = make_uart()
     wr(uart, IER, 0x03)

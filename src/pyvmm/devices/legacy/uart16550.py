@@ -11,6 +11,15 @@ The transmitter is infinitely fast: each THR byte goes straight to `output`, so 
 always shows THRE|TEMT and the THRE interrupt is back as soon as it is cleared. The
 receiver is a bounded FIFO the host fills with `receive()`.
 
+The THRE interrupt's edges follow the chip's transmit FIFO. Without the FIFO (16450 mode)
+each THR write clears the interrupt and the emptied holding register raises it again: the
+line pulses low for every byte. With the FIFO enabled, a guest loads up to 16 bytes back to
+back (Linux's 8250 driver does, with no other register access in between) and a real
+16550A raises THRE once, when the FIFO has drained: so only the first byte of each load of
+16 pulses the line; the others leave it as it is. (A pulse per byte was an edge, a kick of
+the software CPU's slice and an interrupt taken later for every console byte.) Any other
+register access ends the load.
+
 The interrupt output is gated by MCR.OUT2, as on a PC where OUT2 enables the IRQ
 line's driver: Linux sets OUT2 when it wants interrupts; polling guests never need them.
 Receiver-line-status interrupts (IER bit 2) are not generated; OE is still reported in LSR.
@@ -87,6 +96,7 @@ MSR_DELTA_MASK = 0x0F
 MSR_LINES_CONNECTED = MSR_DCD | MSR_DSR | MSR_CTS
 
 RX_FIFO_CAPACITY = 64
+TX_FIFO_SIZE = 16  # a 16550A's transmit FIFO: THR bytes one THRE interrupt edge covers
 DEFAULT_DIVISOR = 12  # 9600 baud: meaningless for a virtual line, kept for guests that read it back
 BAUD_BASE = 115200
 
@@ -118,6 +128,9 @@ class Uart16550:
         self._rx: deque[int] = deque()
         self._irq_level = False
         self._overrun_logged = False
+        # THR bytes written back to back in FIFO mode (any other access restarts the count): not
+        # saved, a restored UART starts a new load (at most one extra THRE edge)
+        self._tx_load = 0
         self._power_on()
 
     def _power_on(self) -> None:
@@ -131,12 +144,14 @@ class Uart16550:
         self._overrun = False
         self._msr_delta = 0
         self._thre_pending = False
+        self._tx_load = 0
         self._rx.clear()
 
     # --- guest side ---------------------------------------------------------------------
 
     def read(self, offset: int, size: int) -> bytes:
         with self._lock:
+            self._tx_load = 0
             data = bytes(self._read_register(offset + i) for i in range(size))
             self._update_irq()
         return data
@@ -176,9 +191,12 @@ class Uart16550:
         if offset == RBR_THR:
             if dlab:
                 self._dll = value
+                self._tx_load = 0
             else:
                 self._transmit(value)
-        elif offset == IER:
+            return
+        self._tx_load = 0
+        if offset == IER:
             if dlab:
                 self._dlm = value
             else:
@@ -196,19 +214,28 @@ class Uart16550:
         # LSR and MSR writes are factory-test features of the real chip: ignored.
 
     def _transmit(self, value: int) -> None:
+        if self._fcr & FCR_ENABLE_FIFO:
+            first_of_load = self._tx_load % TX_FIFO_SIZE == 0
+            self._tx_load += 1
+            if not first_of_load:  # the FIFO drains once for the whole load: no new edge (see above)
+                self._send(value)
+                return
         # Writing THR clears the THRE interrupt; the instant transmitter empties at once and
         # raises it again. The line drops in between so edge-triggered controllers see a new edge.
         self._thre_pending = False
         self._update_irq()
         try:
-            if self._mcr & MCR_LOOP:
-                self.stats.loopback_bytes += 1
-                self._push_rx(value)
-            else:
-                self._output(bytes((value,)))
-                self.stats.tx_bytes += 1
+            self._send(value)
         finally:
             self._thre_pending = bool(self._ier & IER_THRI)
+
+    def _send(self, value: int) -> None:
+        if self._mcr & MCR_LOOP:
+            self.stats.loopback_bytes += 1
+            self._push_rx(value)
+        else:
+            self._output(bytes((value,)))
+            self.stats.tx_bytes += 1
 
     def _write_ier(self, value: int) -> None:
         value &= IER_MASK
@@ -393,6 +420,7 @@ class Uart16550:
             self._lcr, self._mcr, self._scr, self._msr_delta = state.lcr, state.mcr, state.scr, state.msr_delta
             self._overrun = state.overrun
             self._thre_pending = state.thre_pending
+            self._tx_load = 0
             self._rx = deque(state.rx_fifo)
             self._irq_level = self._interrupt_id() != IIR_NO_INT and bool(self._mcr & MCR_OUT2)
             self._irq.set_level(self._irq_level)
