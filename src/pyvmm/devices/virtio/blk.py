@@ -22,21 +22,19 @@ refill timer fires (throttle.py). Reads and writes cost their data bytes, every 
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
-import hashlib
 import logging
 import os
 import re
-import stat
 import struct
 import time
 from dataclasses import dataclass
 
-from ...errors import PyvmmError
 from ...persist import State, require
 from ..rate_limiter import Clock, RateLimit, RateLimiterState, Timers
+from .blk_image import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, UNSUPPORTED_FALLOCATE,
+                        VIRTIO_BLK_ID_BYTES, BlockError, default_serial, fallocate, lock_image, open_image)
 from .device import VIRTIO_ID_BLOCK, VirtioDevice, VirtioDeviceState
 from .queue import DescriptorChain, SplitQueue, buffer_views, read_buffers, write_buffers
 from .throttle import Throttle
@@ -70,7 +68,6 @@ VIRTIO_BLK_S_OK = 0
 VIRTIO_BLK_S_IOERR = 1
 VIRTIO_BLK_S_UNSUPP = 2
 VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
-VIRTIO_BLK_ID_BYTES = 20
 
 HEADER = struct.Struct("<IIQ")
 SEGMENT = struct.Struct("<QII")  # struct virtio_blk_discard_write_zeroes: sector, num_sectors, flags
@@ -90,79 +87,7 @@ MAX_WRITE_ZEROES_SECTORS = (1 << 30) >> SECTOR_SHIFT
 MAX_WRITE_ZEROES_SEG = 32
 ZERO_CHUNK = 1 << 20
 
-try:
-    IOV_MAX = os.sysconf("SC_IOV_MAX")
-except (ValueError, OSError):
-    IOV_MAX = 1024
-
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-# The file system or device cannot do this fallocate mode: fall back, do not fail the request.
-_UNSUPPORTED = {errno.EOPNOTSUPP, errno.ENOSYS, errno.ENODEV, errno.EINVAL}
-
-
-class BlockError(PyvmmError, ValueError):
-    """The disk image cannot be used as configured."""
-
-
-def _load_fallocate():
-    # os.posix_fallocate has no mode argument: hole punching needs libc's fallocate.
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        function = getattr(libc, "fallocate64", None) or libc.fallocate
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    function.restype = ctypes.c_int
-    return function
-
-
-_libc_fallocate = _load_fallocate()
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    if _libc_fallocate is None:
-        raise OSError(errno.ENOSYS, "fallocate is not available")
-    if _libc_fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def _open_image(path: str, readonly: bool) -> int:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise BlockError(f"disk image {path}: no such file") from None
-    except OSError as exc:
-        raise BlockError(f"disk image {path}: {exc.strerror}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise BlockError(f"disk image {path} is a directory")
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        raise BlockError(f"disk image {path} is neither a regular file nor a block device")
-    try:
-        return os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
-    except OSError as exc:
-        if not readonly and (isinstance(exc, PermissionError) or exc.errno == errno.EROFS):
-            raise BlockError(f"disk image {path} is not writable (attach it read-only)") from None
-        raise BlockError(f"disk image {path}: {exc.strerror}") from None
-
-
-def _lock_image(fd: int, path: str, readonly: bool) -> None:
-    try:
-        fcntl.flock(fd, (fcntl.LOCK_SH if readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-    except BlockingIOError:
-        how = "for writing" if readonly else "already"
-        raise BlockError(f"disk image {path} is locked {how} by another VM") from None
-    except OSError as exc:  # e.g. ENOLCK on some network file systems
-        log.warning("disk image %s: cannot lock it (%s); nothing stops another VM writing it", path, exc.strerror)
-
-
-def _default_serial(st: os.stat_result) -> bytes:
-    # Stable for one image file across runs, distinct between images (it names /dev/disk/by-id links).
-    digest = hashlib.blake2b(f"{st.st_dev}:{st.st_ino}".encode(), digest_size=VIRTIO_BLK_ID_BYTES // 2)
-    return digest.hexdigest().encode()
-
+IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 
 class VirtioBlock(VirtioDevice):
     device_id = VIRTIO_ID_BLOCK
@@ -190,11 +115,11 @@ class VirtioBlock(VirtioDevice):
             if len(serial_bytes) > VIRTIO_BLK_ID_BYTES:
                 raise BlockError(f"disk serial {serial!r} is longer than {VIRTIO_BLK_ID_BYTES} bytes")
 
-        fd = _open_image(path, readonly)
+        fd = open_image(path, readonly)
         try:
             st = os.fstat(fd)
             if lock:
-                _lock_image(fd, path, readonly)
+                lock_image(fd, path, readonly)
             size = os.lseek(fd, 0, os.SEEK_END)  # st_size is 0 for block devices
         except BaseException:
             os.close(fd)
@@ -204,7 +129,7 @@ class VirtioBlock(VirtioDevice):
         if size % SECTOR_SIZE:
             log.warning("disk image %s: size %d is not a multiple of %d; the guest sees %d sectors",
                         path, size, SECTOR_SIZE, self.capacity)
-        self.serial = _default_serial(st) if serial is None else serial_bytes
+        self.serial = default_serial(st) if serial is None else serial_bytes
         self.discard_alignment = max(1, min(st.st_blksize, 1 << 20) // SECTOR_SIZE)
 
         features = VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_CONFIG_WCE
@@ -265,27 +190,33 @@ class VirtioBlock(VirtioDevice):
     def process_queue(self, queue_index: int) -> None:
         queue = self.queues[queue_index]
         throttle = self.throttle
-        while not throttle.blocked:
-            batch: list[tuple[DescriptorChain, int | None, bool]] = []
-            while len(batch) < queue.size and (chain := queue.pop()) is not None:
-                header = self._header(chain)
-                if not throttle.admit(*self._cost(chain, header)):
-                    queue.undo_pop(chain)  # served when the refill timer fires
-                    break
-                batch.append((chain, *self._execute(chain, header)))
-            self._complete(queue, batch)
-            self.signal_used(queue_index)
-            if len(batch) < queue.size:
-                return
+        queue.suppress_kicks()  # requests added while this loop runs are taken without a kick
+        try:
+            while not throttle.blocked:
+                batch: list[tuple[DescriptorChain, int | None, bool]] = []
+                while len(batch) < queue.size and (chain := queue.pop()) is not None:
+                    header = self._header(chain)
+                    if not throttle.admit(*self._cost(chain, header)):
+                        queue.undo_pop(chain)  # served when the refill timer fires
+                        break
+                    batch.append((chain, *self._execute(chain, header)))
+                self._complete(queue, batch)
+                self.signal_used(queue_index)
+                if len(batch) < queue.size:
+                    queue.allow_kicks()
+                    if throttle.blocked or not queue.has_available():
+                        return
+                    queue.suppress_kicks()
+        finally:
+            if queue.kicks_suppressed:  # throttled, or the ring broke
+                queue.allow_kicks()
 
     def _header(self, chain: DescriptorChain) -> tuple[int, int] | None:
         """(type, sector) from the request's 16-byte header, read once; None when it is shorter."""
         readable = chain.readable
         if readable and readable[0][1] >= HEADER.size:  # Linux's layout: the header in one buffer
-            request_type, _, sector = HEADER.unpack(self.memory.view(readable[0][0], HEADER.size))
-            return request_type, sector
-        data = read_buffers(self.memory, readable, 0, HEADER.size)
-        if len(data) < HEADER.size:
+            data: bytes | memoryview = self.memory.view(readable[0][0], HEADER.size)
+        elif len(data := read_buffers(self.memory, readable, 0, HEADER.size)) < HEADER.size:
             return None
         request_type, _, sector = HEADER.unpack(data)
         return request_type, sector
@@ -461,7 +392,7 @@ class VirtioBlock(VirtioDevice):
             fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, size)
             return True
         except OSError as exc:
-            if exc.errno not in _UNSUPPORTED:
+            if exc.errno not in UNSUPPORTED_FALLOCATE:
                 raise
         log.info("disk image %s: the host cannot punch holes (discard is a no-op, write-zeroes writes)", self.path)
         self._punch_supported = False
@@ -476,7 +407,7 @@ class VirtioBlock(VirtioDevice):
                 fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, size)
                 return
             except OSError as exc:
-                if exc.errno not in _UNSUPPORTED:
+                if exc.errno not in UNSUPPORTED_FALLOCATE:
                     raise
                 self._zero_range_supported = False
         if self._zeroes is None:
@@ -537,7 +468,7 @@ class VirtioBlock(VirtioDevice):
         """The image's lock again (BlockError if another VM holds it meanwhile)."""
         with self.lock:
             if self.fd >= 0:
-                _lock_image(self.fd, self.path, self.readonly)
+                lock_image(self.fd, self.path, self.readonly)
 
     def close(self) -> None:
         """Release the image and its lock."""

@@ -35,6 +35,7 @@ VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
 VIRTQ_DESC_F_INDIRECT = 4
 VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+VIRTQ_USED_F_NO_NOTIFY = 1
 
 DESC_SIZE = 16
 MAX_QUEUE_SIZE = 32768
@@ -144,6 +145,7 @@ class SplitQueue:
         self._in_flight: dict[int, None] = {}   # heads popped and not pushed, in pop order
         self._redo: deque[int] = deque()        # in flight at a save: handed out again first
         self._last_from_redo = False            # where the last pop() took its chain (for undo_pop)
+        self.kicks_suppressed = False           # between suppress_kicks() and allow_kicks()
 
     # --- setup (transport) ---------------------------------------------------------------------
 
@@ -175,6 +177,23 @@ class SplitQueue:
         if self.event_idx:
             self.memory.write_u16(self.used_ring + 4 + 8 * self.size, self._avail_idx())
 
+    def suppress_kicks(self) -> None:
+        """While the device is taking requests anyway, the driver need not kick for the ones it
+        adds meanwhile (a kick is an exit and a wake-up): with EVENT_IDX pop() leaves avail_event
+        where the driver has passed it, else the used ring's NO_NOTIFY flag is set (a hint)."""
+        self.kicks_suppressed = True
+        if not self.event_idx:
+            self.memory.write_u16(self.used_ring, VIRTQ_USED_F_NO_NOTIFY)
+
+    def allow_kicks(self) -> None:
+        """Ask for a kick at the next entry again. Entries the driver added meanwhile came
+        without one: the caller checks has_available() after this and serves them."""
+        self.kicks_suppressed = False
+        if self.event_idx:
+            self.notify_on_next_add()
+        else:
+            self.memory.write_u16(self.used_ring, 0)
+
     def has_available(self) -> bool:
         if self._redo:
             return True
@@ -201,7 +220,7 @@ class SplitQueue:
                 raise VirtqueueBroken(f"available ring slot {slot} offers descriptor {head} again while the "
                                       "device holds it")
             self.last_avail = (self.last_avail + 1) & 0xFFFF
-            if self.event_idx:  # ask to be notified for the next entry the driver adds
+            if self.event_idx and not self.kicks_suppressed:  # ask to be notified for the next entry added
                 memory.write_u16(self.used_ring + 4 + 8 * self.size, self.last_avail)
             chain = self._take(head)
             if chain is not None:
