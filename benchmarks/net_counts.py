@@ -38,7 +38,7 @@ BENCH_DIR = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 from boot import EXIT_LINE, MEMORY_MIB, QEMU, SRC, ensure_qemu, kernel_warnings, log, qemu_version, tcg_linux_args  # noqa: E402,E501
 from net_host import (GUEST_IP, HOST_IP, IP_TOKEN, MAC, RX_PORT, TX_PORT, BenchError, close_peers, ip,  # noqa: E402
-                       list_netns, open_peers, running)
+                       list_netns, open_peers, qemu_tap_namespace, running)
 
 COUNTS = re.compile(rb"^@@C (\d) (.*)$")
 TCP_EXT = re.compile(rb"^@@N (\d) TcpExt: (.*)$")
@@ -158,12 +158,7 @@ def run_once(vmm: str, image, vmlinux: str, mib: int, timeout: float) -> dict:
     lines: list[bytes] = []
     try:
         if vmm == "qemu":
-            netns = f"pyvmm-netcounts-{os.getpid()}"
-            ip("netns", "add", netns)
-            ip("-n", netns, "link", "set", "lo", "up")
-            ip("-n", netns, "tuntap", "add", "dev", "tap0", "mode", "tap")
-            ip("-n", netns, "address", "add", f"{HOST_IP}/24", "dev", "tap0")
-            ip("-n", netns, "link", "set", "tap0", "up")
+            netns = qemu_tap_namespace(f"pyvmm-netcounts-{os.getpid()}")
             peers = open_peers(netns, nbytes, timeout)
         proc = subprocess.Popen(argv_for(vmm, image, vmlinux, guest_script(mib), netns), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)

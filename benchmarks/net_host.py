@@ -121,6 +121,17 @@ def ip(*args: str, check: bool = True) -> None:
         raise BenchError(f"ip {' '.join(args)}: {reason}")
 
 
+def qemu_tap_namespace(name: str) -> str:
+    """A fresh namespace `name` with tap0 at HOST_IP/24 for QEMU's -netdev tap (pyvmm makes its
+    own with tap=auto); the caller deletes it (`ip netns del`)."""
+    ip("netns", "add", name)
+    ip("-n", name, "link", "set", "lo", "up")
+    ip("-n", name, "tuntap", "add", "dev", "tap0", "mode", "tap")
+    ip("-n", name, "address", "add", f"{HOST_IP}/24", "dev", "tap0")
+    ip("-n", name, "link", "set", "tap0", "up")
+    return name
+
+
 def running(pid: int) -> bool:
     """Whether child `pid` has not exited yet (without reaping it: wait4 collects its rusage later)."""
     return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None

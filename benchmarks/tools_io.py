@@ -57,7 +57,7 @@ BENCH_DIR = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 from boot import EXIT_LINE, MEMORY_MIB, QEMU, SRC, ensure_qemu, kernel_warnings, log, qemu_version, tcg_linux_args  # noqa: E402,E501
 from guest_tools import GUEST_SETUP, TOOLS_SERIAL, tools_image  # noqa: E402
-from net_host import HOST_IP, IP_TOKEN, MAC, BenchError, _disk_image, ip, list_netns, running  # noqa: E402
+from net_host import HOST_IP, IP_TOKEN, MAC, BenchError, _disk_image, ip, list_netns, qemu_tap_namespace, running  # noqa: E402
 
 TX_PORT, RX_PORT = 5201, 5202
 BENCH_SERIAL = "bench"
@@ -196,12 +196,7 @@ def run_once(config: Config, image, vmlinux: str, disk: pathlib.Path, tools: pat
     stderr: list[bytes] = []
     try:
         if config.vmm == "qemu":
-            netns = f"pyvmm-bench-{os.getpid()}-{tag}"
-            ip("netns", "add", netns)
-            ip("-n", netns, "link", "set", "lo", "up")
-            ip("-n", netns, "tuntap", "add", "dev", "tap0", "mode", "tap")
-            ip("-n", netns, "address", "add", f"{HOST_IP}/24", "dev", "tap0")
-            ip("-n", netns, "link", "set", "tap0", "up")
+            netns = qemu_tap_namespace(f"pyvmm-bench-{os.getpid()}-{tag}")
             servers = start_servers(netns, workdir, tag)
         t0 = time.monotonic()
         proc = subprocess.Popen(argv_for(config, image, vmlinux, disk, tools, guest, netns), env=env,

@@ -72,7 +72,7 @@ sys.path.insert(0, str(BENCH_DIR))
 from boot import EXIT_LINE, MEMORY_MIB, QEMU, SRC, busy_cpu_seconds, ensure_qemu, kernel_warnings, log, qemu_version, tcg_linux_args  # noqa: E402,E501
 
 # the host end of the network tests and the scratch disk, shared with tools_io.py and net_counts.py
-from net_host import (HOST_IP, IP_TOKEN, MAC, RX_PORT, TX_PORT, BenchError, _disk_image,  # noqa: E402
+from net_host import (HOST_IP, IP_TOKEN, MAC, RX_PORT, TX_PORT, BenchError, _disk_image, qemu_tap_namespace,  # noqa: E402
                       close_peers, ip, list_netns, open_peers, running)
 INFO = re.compile(rb"^@@BENCH (\S+)(?: (.*))?$")
 ERROR = re.compile(rb"^@@BENCH-ERROR (.*)$")
@@ -228,12 +228,7 @@ def run_once(config: Config, image, vmlinux: str, disk: pathlib.Path, sizes: Siz
     mark_r, mark_w = os.pipe()
     try:
         if config.vmm == "qemu":
-            netns = f"pyvmm-bench-{os.getpid()}-{run_tag}"
-            ip("netns", "add", netns)
-            ip("-n", netns, "link", "set", "lo", "up")
-            ip("-n", netns, "tuntap", "add", "dev", "tap0", "mode", "tap")
-            ip("-n", netns, "address", "add", f"{HOST_IP}/24", "dev", "tap0")
-            ip("-n", netns, "link", "set", "tap0", "up")
+            netns = qemu_tap_namespace(f"pyvmm-bench-{os.getpid()}-{run_tag}")
             peers = open_peers(netns, nbytes, timeout)
         argv = argv_for(config, image, vmlinux, disk, guest, netns, mark_w)
         env["PYVMM_BENCH_MARK_FD"] = str(mark_w)
