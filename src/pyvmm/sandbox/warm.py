@@ -50,6 +50,7 @@ WARM_CID = 3
 # What init runs in the warm guest: nothing but waiting (the agent runs the commands).
 WARM_COMMAND = ["sh", "-c", "exec sleep 2147483647"]
 BOOT_TIMEOUT = 600.0
+AGENT_ROUND = 5.0  # seconds per attempt to reach the agent while the guest boots
 STATE_FILE, MEMORY_FILE, META_FILE, BOOT_LOG = "vm.state", "vm.mem", "meta.json", "boot.log"
 
 
@@ -189,7 +190,7 @@ def _make(work: pathlib.Path, image, accel_choice, parts: dict, progress) -> Non
     try:
         vm.start()
         try:
-            AgentClient(uds, connect_timeout=BOOT_TIMEOUT).exec(["true"])
+            _wait_for_agent(vm, uds)
         except AgentError as exc:
             tail = console[-300:].decode(errors="replace").strip().replace("\r\n", " | ")
             outcome = vm.outcome.message if vm.outcome is not None else "still running"
@@ -218,3 +219,21 @@ def with_vsock_socket(uds: str):
         machine = state.machine
         return replace(state, machine=replace(machine, vsock=replace(machine.vsock, uds=uds)))
     return prepare
+
+
+def _wait_for_agent(vm, uds: str) -> None:
+    """The guest agent's first answer, asked in short rounds so a guest that ended (a panic)
+    is noticed at once rather than after the whole BOOT_TIMEOUT."""
+    from ..agent import AgentClient, AgentError
+
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            AgentClient(uds, connect_timeout=max(min(AGENT_ROUND, remaining), 0.1)).exec(["true"])
+            return
+        except AgentError:
+            if vm.outcome is not None or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)  # (a refusal can come at once: no busy loop)
+
