@@ -19,6 +19,7 @@ host sides), close the old VM (its memory stays open), restore_vm with the carry
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from .arch.x86_64 import layout
 from .arch.x86_64.cpuid import CpuidPolicy
 from .builder import CPU_HOTPLUG_ID, PCI_HOTPLUG_ID, PCI_ROOT_ID, TEST_DEVICE_IDS, assemble, create_vcpus
 from .config import MachineConfig
+from .devices.virtio.device import VirtioDevice
 from .devmgr import DeviceTree, DeviceTreeState
 from .host.vsock import VsockCarryover
 from .memory import GuestMemory
@@ -194,6 +196,20 @@ def finish_restore(vm: Vm, state: VmState) -> None:
         vcpu.restore(vcpu_state)
     restore_devices(vm.device_manager, state.devices)
     vm.start()      # every run loop parks at its pause point
+    serve_lost_kicks(vm)
+
+
+def serve_lost_kicks(vm: Vm) -> None:
+    """Kicks the saved VM took and had not served (queued for its I/O thread, or in an
+    ioeventfd not yet read) went with it, and a driver with EVENT_IDX kicks again only once the
+    device has caught up with avail_event: each virtio device serves its ready queues once when
+    the restored VM resumes, as if kicked (a device with nothing available does nothing).
+    Queued on the I/O thread, which the pause holds: nothing is done during the restore."""
+    assert vm.iothread is not None
+    for device in vm.devices.values():
+        if isinstance(device, VirtioDevice):
+            for index in range(len(device.queues)):
+                vm.iothread.call_soon(functools.partial(device.notify, index))
 
 
 def same_tree(one: DeviceTreeState, other: DeviceTreeState) -> bool:

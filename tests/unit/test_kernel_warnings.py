@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from pyvmm.images.kernel_warnings import KINDS, KernelWarning, describe, find_kernel_warnings
+from pyvmm.images.kernel_warnings import KINDS, KernelWarning, describe, find_kernel_warnings, oops_lines
 
 ORDINARY_BOOT = pathlib.Path(__file__).parent / "data" / "ordinary_linux_boot.txt"
 
@@ -90,3 +90,27 @@ def test_describe_names_each_line_and_stops_at_the_limit():
     assert text.splitlines() == ["the guest kernel printed 12 warning line(s):", "  BUG: [ 0.0] BUG: something 0",
                                  "  BUG: [ 1.0] BUG: something 1", "  BUG: [ 2.0] BUG: something 2",
                                  "  ... and 9 more"]
+
+
+def test_an_oops_is_named_by_its_bug_rip_and_first_frames():
+    console = "\r\n".join([
+        "[    2.0] some line before",
+        "[    2.0] BUG: kernel NULL pointer dereference, address: 0000000000000102",
+        "[    2.0] #PF: supervisor read access in kernel mode",
+        "[    2.0] RIP: 0010:some_handler+0x1a/0x90",
+        "[    2.0] RSP: 0018:ffffc90000003e48 EFLAGS: 00010046",
+        "[    2.0] Call Trace:",
+        "[    2.0]  <IRQ>",
+        "[    2.0]  caller_one+0x10/0x20",
+        "[    2.0]  caller_two+0x10/0x20",
+        "[    2.0]  caller_three+0x10/0x20",
+        "[    2.0]  not_kept+0x10/0x20",
+        "[    2.0] CR2: 0000000000000102",
+        "[    2.0] Kernel panic - not syncing: Fatal exception in interrupt"])
+    assert oops_lines(console.encode(), frames=4) == [
+        "[    2.0] BUG: kernel NULL pointer dereference, address: 0000000000000102",
+        "[    2.0] RIP: 0010:some_handler+0x1a/0x90",
+        "[    2.0]  <IRQ>", "[    2.0]  caller_one+0x10/0x20", "[    2.0]  caller_two+0x10/0x20",
+        "[    2.0]  caller_three+0x10/0x20",
+        "[    2.0] Kernel panic - not syncing: Fatal exception in interrupt"]
+    assert oops_lines("[ 1.0] Run /init as init process\n") == []

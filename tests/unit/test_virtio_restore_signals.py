@@ -105,7 +105,7 @@ def test_a_vm_restore_loads_the_vcpus_before_the_devices(monkeypatch):
     monkeypatch.setattr(restore_module, "restore_devices", restore_devices)
     manager = SimpleNamespace(tree=_Tree(), device=lambda node_id: None)
     vm = SimpleNamespace(device_manager=manager, accel=SimpleNamespace(name="kvm", restore=lambda platform: None),
-                         vcpus=[Vcpu()], start=lambda: None)
+                         vcpus=[Vcpu()], start=lambda: None, devices={}, iothread=SimpleNamespace(call_soon=print))
     state = SimpleNamespace(device_tree=NO_NODES, accelerator="kvm", platform=None, devices={}, vcpus=[{0x30}])
     restore_module.finish_restore(vm, state)
     assert irr == {0x30, 0x41}

@@ -82,3 +82,23 @@ def describe(warnings: list[KernelWarning], limit: int = 10) -> str:
     if len(warnings) > limit:
         lines.append(f"  ... and {len(warnings) - limit} more")
     return "\n".join(lines)
+
+
+def oops_lines(console: str | bytes, frames: int = 4) -> list[str]:
+    """The lines that say where a kernel oops happened (its BUG/panic line, RIP, the first
+    `frames` of its call trace), to name a crash in one message when the rest of the console
+    is gone (an error from a boot whose log is not kept)."""
+    if isinstance(console, bytes):
+        console = console.decode(errors="replace")
+    kept: list[str] = []
+    in_trace = 0
+    for line in console.splitlines():
+        text = line.strip()
+        if in_trace:
+            kept.append(text)
+            in_trace -= 1
+        elif re.search(r"\bBUG: |kernel BUG at |general protection fault|Kernel panic|\bRIP: ", text):
+            kept.append(text)
+        elif "Call Trace:" in text:
+            in_trace = frames
+    return kept

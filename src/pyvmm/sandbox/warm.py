@@ -39,7 +39,7 @@ from typing import Callable, Iterator
 
 from .. import __version__
 from ..images import ImageError, cached_image, default_image
-from ..images.kernel_warnings import CONSOLE_LOGLEVEL
+from ..images.kernel_warnings import CONSOLE_LOGLEVEL, oops_lines
 from ..user_cache import user_cache
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,9 @@ def _make(work: pathlib.Path, image, accel_choice, parts: dict, progress) -> Non
         try:
             _wait_for_agent(vm, uds)
         except AgentError as exc:
-            tail = console[-300:].decode(errors="replace").strip().replace("\r\n", " | ")
+            # a crash is named by its oops lines; the console tail otherwise (boot.log is not kept)
+            tail = " | ".join(oops_lines(bytes(console))[:8]) or console[-300:].decode(errors="replace").strip().replace(
+                "\r\n", " | ")
             outcome = vm.outcome.message if vm.outcome is not None else "still running"
             raise WarmSnapshotError(f"making the warm snapshot: the guest agent did not answer ({exc}); "
                                     f"guest {outcome}; console: {tail}") from None

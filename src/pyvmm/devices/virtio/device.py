@@ -264,7 +264,8 @@ class VirtioDevice:
 
     def restore_virtio(self, state: VirtioDeviceState) -> None:
         """Apply a state check_virtio accepted. Requests in flight at the save are handed out
-        again by the queues' next pops (a kick or host work), never done during the restore."""
+        again by the queues' next pops, never done during the restore: the restored VM kicks
+        every queue once when it resumes (restore.serve_lost_kicks)."""
         with self.lock:
             self.acked_features = state.acked_features
             self.broken = state.broken
