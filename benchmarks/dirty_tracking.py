@@ -43,9 +43,6 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-# pyvmm's VMs run in this process and QEMU is started from it afterwards: the seccomp filter a
-# VM installs for its process would forbid that. Write rates do not depend on it.
-os.environ.setdefault("PYVMM_SECCOMP", "off")
 
 PASSES = 0x1000000 - 0x1000  # where the guest counts its passes (dirtier.S)
 PAGE = 4096
