@@ -41,7 +41,7 @@ from .slice_timer import SliceTimer
 from .translator import Translator
 from .host_tsc import host_tsc_hz
 from .vcpu import TcgVcpu
-from . import vcpu_state
+from . import helper_patch, vcpu_state
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,9 @@ class TcgAccelerator:
         """An interrupt was raised, or the VM must stop or pause (any thread): end the running
         slice, wake a sleeping scheduler."""
         self._wakeup.set()
+        running = getattr(helper_patch.running, "vcpu", None)
+        if running is not None and self.vcpus == [running] and running.wait_for_window():
+            return  # raised by the running vCPU's own I/O: the engine takes it where IF allows
         self._slice_timer.kick()
 
     def map_memory(self, memory: GuestMemory) -> None:

@@ -204,6 +204,10 @@ class NativeInterrupts:
         self._entry.vector, self._entry.keep_request = vector, int(keep_request)
         self._request.value |= CPU_INTERRUPT_HARD
 
+    def armed(self) -> bool:
+        """A vector is armed that the engine has not taken yet."""
+        return self._entry.vector >= 0
+
     def disarm(self) -> int | None:
         """The armed vector the engine did not take (None if it did), now disarmed."""
         vector = self._entry.vector
