@@ -120,9 +120,7 @@ class TcgVcpu:
         delivered = native.delivered if native is not None else 0
         timer = self.slice_timer
         requests = self.translator.interrupt_requests
-        if not (self.want_interrupt_window or self.want_nmi_window):
-            requests = None
-        if requests is not None:
+        if requests is not None and (self.want_interrupt_window or self.want_nmi_window):
             requests.request(hard=self.want_interrupt_window, nmi=self.want_nmi_window)
         interrupts, injected = self.translator.native_interrupts, self._injected
         if injected is not None and interrupts is not None:  # (a window request outlives its delivery)
@@ -141,8 +139,8 @@ class TcgVcpu:
             stopped = self._stopped_by_timer = timer.end()
             if injected is not None and interrupts is not None:
                 self._injected = interrupts.disarm()  # (the engine did not take it)
-            if self.translator.interrupt_requests is not None:  # (also made within the slice: accelerator._wake)
-                self.translator.interrupt_requests.clear()  # the CPUState is every vCPU's: no request outlives the slice
+            if requests is not None:  # (also made within the slice: accelerator._wake)
+                requests.clear()  # the CPUState is every vCPU's: no request outlives the slice
         stopped = stopped or self.window_exit
         if self._injected is not None and self.rflags & RFLAGS_IF and not self.private.interrupts_inhibited():
             self._deliver_pending_injection()  # (an emu_start can end before its loop checks requests)

@@ -89,6 +89,7 @@ ZERO_CHUNK = 1 << 20
 
 IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 
+
 class VirtioBlock(VirtioDevice):
     device_id = VIRTIO_ID_BLOCK
     name = "virtio-blk"
