@@ -8,7 +8,9 @@ translated code calls (helper_rdmsr_x86_64, helper_wrmsr_x86_64, helper_write_cr
 helper_read_crN_x86_64, helper_sysret_x86_64, exported by libunicorn) is patched with a jump
 to a small x86-64 stub:
 
-    stub:        save the argument registers; action = filter(env, arg1, arg2, &out)
+    stub:        [skip: machine code that sends the cases the filter would pass through
+                  straight to the helper, with no Python call]
+                 save the argument registers; action = filter(env, arg1, arg2, &out)
                  (or, install_guard: machine code decides, with no Python call)
                  action 0: run the helper: its displaced first instructions, then jump back
                  action 1: return `out` (the helper's work is done)
@@ -73,14 +75,33 @@ def _displaced(prologue: bytes, target: int, je_at: int | None) -> bytes:
     return prologue[:je_at] + bytes([0x75, len(far)]) + far + _jump(target + len(prologue))
 
 
-def _stub(callback: int, raise_function: int, passthrough: bytes) -> bytes:
+JE, JNE, JBE = 0x84, 0x85, 0x86  # the condition byte of `0f cc rel32`
+
+
+def branches(tests: list[tuple[bytes, int]], distance: int) -> bytes:
+    """Machine code for a skip: each (test, condition) runs `test` (instructions that set the
+    flags; they may clobber %rax, %r10, %r11, which no helper receives arguments in), then jumps
+    `distance` bytes past the end of the whole sequence when the condition holds; it falls
+    through after the last."""
+    size = sum(len(test) + 6 for test, _ in tests)
+    code = b""
+    for test, condition in tests:
+        code += test
+        after = len(code) + 6
+        code += bytes([0x0F, condition]) + struct.pack("<i", size + distance - after)
+    return code
+
+
+def _stub(callback: int, raise_function: int, passthrough: bytes,
+          skip: Callable[[int], bytes] | None = None) -> bytes:
     head = bytes.fromhex("57" "56" "52" "51" "4883ec18" "488d4c2408" "48b8") + struct.pack("<Q", callback)
     head += bytes.fromhex("ffd0" "4c8b5c2408" "4883c418" "59" "5a" "5e" "5f" "85c0")
     handled = bytes.fromhex("4c89d8" "c3")                       # mov %r11,%rax; ret
     raise_gp = _raise_gp(raise_function)
     # test %eax,%eax; jz passthrough; cmp $1,%eax; jne raise; handled; raise; passthrough
     after_jz = bytes.fromhex("83f801") + bytes([0x75, len(handled)]) + handled + raise_gp
-    return head + bytes([0x74, len(after_jz)]) + after_jz + passthrough
+    python = head + bytes([0x74, len(after_jz)]) + after_jz
+    return (skip(len(python)) if skip is not None else b"") + python + passthrough
 
 
 def _libc():
@@ -102,9 +123,13 @@ def _writable_text(address: int, length: int, write: Callable[[], object]) -> No
         libc.mprotect(start, size, mmap.PROT_READ | mmap.PROT_EXEC)
 
 
-def install(helper: str, handler: Callable[[int, int, int], tuple[int, int]]) -> bool:
+def install(helper: str, handler: Callable[[int, int, int], tuple[int, int]],
+            skip: Callable[[int], bytes] | None = None) -> bool:
     """Route `helper` through handler(env, arg1, arg2) -> (action, value); False if this build
-    of libunicorn cannot be patched (the helper then runs as Unicorn built it)."""
+    of libunicorn cannot be patched (the helper then runs as Unicorn built it). `skip(distance)`:
+    machine code (see `branches`) that jumps `distance` bytes past its end, straight to the
+    helper, for the calls the handler would pass through anyway: a call into Python costs
+    microseconds, and the guest makes some of these thousands of times a second."""
     def on_call(env, arg1, arg2, out) -> int:
         try:
             action, value = handler(env or 0, arg1, arg2)
@@ -117,8 +142,8 @@ def install(helper: str, handler: Callable[[int, int, int], tuple[int, int]]) ->
     callback = FILTER(on_call)
     callback_address = ctypes.cast(callback, ctypes.c_void_p).value
     assert callback_address is not None
-    return _patch(helper, lambda raise_function, passthrough: _stub(callback_address, raise_function, passthrough),
-                  keep=callback)
+    return _patch(helper, lambda raise_function, passthrough: _stub(callback_address, raise_function, passthrough,
+                                                                     skip), keep=callback)
 
 
 def install_guard(helper: str, guard: Callable[[int], bytes]) -> bool:

@@ -179,11 +179,34 @@ def sysret_guard(passthrough: int) -> bytes:
     ) + bytes([0xEB, passthrough])  # jmp over the helper's passthrough: raise #GP(0)
 
 
+# What the filters above pass through without a look, decided in machine code (no Python call):
+# a guest switching processes writes CR3, its page-fault handler reads CR2, and pyvmm reads
+# EFER between slices. read_crN/write_crN get the register in %esi; RDMSR reads ECX from env.
+def read_cr_skip(distance: int) -> bytes:
+    """Every register but CR8 (the APIC's TPR)."""
+    return helper_patch.branches([(bytes.fromhex("83fe08"), helper_patch.JNE)], distance)  # cmp $8,%esi
+
+
+def write_cr_skip(distance: int) -> bytes:
+    """CR2 and CR3 (no reserved bits this policy checks)."""
+    return helper_patch.branches([(bytes.fromhex("83fe03"), helper_patch.JE),      # cmp $3,%esi
+                                  (bytes.fromhex("83fe02"), helper_patch.JE)], distance)  # cmp $2,%esi
+
+
+def rdmsr_skip(distance: int) -> bytes:
+    """EFER, STAR, LSTAR, CSTAR, FMASK (0xC0000080-84) and FS_BASE, GS_BASE, KERNEL_GS_BASE,
+    TSC_AUX (0xC0000100-103): implemented MSRs that are not the APIC's."""
+    return helper_patch.branches([
+        (bytes.fromhex("8b4708" "2d800000c0" "83f804"), helper_patch.JBE),  # eax = ECX - 0xC0000080; <= 4
+        (bytes.fromhex("2d80000000" "83f803"), helper_patch.JBE),           # eax -= 0x80; <= 3
+    ], distance)
+
+
 def install() -> bool:
     """Patch the five helpers (once per process); False if this libunicorn cannot be patched."""
-    results = [helper_patch.install("helper_rdmsr_x86_64", rdmsr),
+    results = [helper_patch.install("helper_rdmsr_x86_64", rdmsr, skip=rdmsr_skip),
                helper_patch.install("helper_wrmsr_x86_64", wrmsr),
-               helper_patch.install("helper_write_crN_x86_64", write_cr),
-               helper_patch.install("helper_read_crN_x86_64", read_cr),
+               helper_patch.install("helper_write_crN_x86_64", write_cr, skip=write_cr_skip),
+               helper_patch.install("helper_read_crN_x86_64", read_cr, skip=read_cr_skip),
                helper_patch.install_guard("helper_sysret_x86_64", sysret_guard)]
     return all(results)
