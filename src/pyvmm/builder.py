@@ -8,7 +8,6 @@ was created before the failure is released.
 from __future__ import annotations
 
 import logging
-import threading
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
@@ -135,7 +134,8 @@ def bind_numa(vm: Vm, config: MachineConfig) -> None:
         nodes = sorted({targets[node_of[vcpu.index]] for vcpu in loop.vcpus})
         if len(nodes) > 1:
             log.info("%s runs vCPUs of several guest nodes: pinned to the CPUs of host nodes %s", loop.label, nodes)
-        pin_thread(threading.get_native_id(), tuple(sorted({cpu for node in nodes for cpu in available[node]})))
+        # 0: the calling thread, the only one seccomp's process filter lets a thread place
+        pin_thread(0, tuple(sorted({cpu for node in nodes for cpu in available[node]})))
 
     vm.run_loop_hooks.append(pin)
 

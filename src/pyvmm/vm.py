@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
 from .accel.base import Accelerator, RunLoop, Vcpu
 from .accel.exits import DebugExit, EmulationError, Shutdown, SystemEvent, UnknownExit, VcpuExit
 from .errors import UserError
+from .host.cpu_affinity import place_calling_thread, shared_cpu
 
 if TYPE_CHECKING:
     from .config import MachineConfig
@@ -93,6 +94,7 @@ class Vm:
         self._parked = 0          # run loops waiting at their pause point
         self._running = 0         # run loops whose threads have not ended
         self._closed = False
+        self._host_cpu: int | None = None  # where the VM's threads run (host/cpu_affinity.py), None: anywhere
         self.iothread = iothread
         # Held still while paused, after the vCPUs and in this order (the I/O thread first).
         self._pausables: list[Pausable] = ([iothread] if iothread is not None else []) + list(pausables)
@@ -116,11 +118,16 @@ class Vm:
     def start(self) -> None:
         from . import seccomp
 
+        self._host_cpu = shared_cpu() if self.accel.threads_share_one_host_cpu else None  # (may refuse the setting)
         # Set-up is over: the process filter goes in before the VM's threads exist, each of
         # which stacks its own kind's filter first thing (seccomp/__init__.py: why this order).
         seccomp.install_process_filter(spawn=self._runs_helpers())
         if self.iothread is not None:
-            self.iothread.thread_init = lambda: seccomp.enter_thread("io", "vmm-io")
+            def io_thread_init() -> None:
+                place_calling_thread(self._host_cpu)
+                seccomp.enter_thread("io", "vmm-io")
+
+            self.iothread.thread_init = io_thread_init
             self.iothread.start()
         loops = self.accel.run_loops(self)
         self._running = len(loops)
@@ -447,6 +454,7 @@ class Vm:
         signal.pthread_sigmask(signal.SIG_BLOCK, _HOST_SIGNALS)
         from . import seccomp
 
+        place_calling_thread(self._host_cpu)
         seccomp.enter_thread(loop.seccomp_kind, f"vmm-{loop.name}")
         for vcpu in loop.vcpus:
             vcpu.thread_ident = threading.get_ident()

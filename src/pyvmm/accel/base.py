@@ -146,6 +146,11 @@ class Accelerator(Protocol):
     # true where one host thread runs the guest and wakes the I/O thread itself (the software CPU).
     io_thread_yields: bool
 
+    # Whether the VM's threads run best on one host CPU (host/cpu_affinity.py): true where they
+    # take turns on the GIL for every guest event (the software CPU), not where vCPUs run guest
+    # code in the kernel.
+    threads_share_one_host_cpu: bool
+
     # Whether start_dirty_log() logs every page the guest's vCPUs write by itself (KVM's dirty
     # log), so that a host without write-protection tracking still tracks a guest here.
     logs_guest_writes: bool

@@ -123,10 +123,14 @@ ANSWERED_ENOSYS = {"clone3": errno.ENOSYS}
 
 # The software CPU's I/O thread makes itself SCHED_BATCH as it starts (iothread.py), under the
 # process filter: only that policy, only for the calling thread (it cannot raise a priority).
+# Its VM's threads place themselves on one host CPU as they start (host/cpu_affinity.py):
+# each only itself.
 SCHED_BATCH = 3
 SCHEDULING = [
     ("sched_setscheduler", "the I/O thread yields to the guest's thread (SCHED_BATCH, itself only)",
      (ArgCmp(0, 0, 0xFFFFFFFF), ArgCmp(1, SCHED_BATCH, 0xFFFFFFFF))),
+    ("sched_setaffinity", "a software-CPU VM's threads share one host CPU (each places itself only)",
+     (ArgCmp(0, 0, 0xFFFFFFFF),)),
 ]
 
 # Signals to threads: kicking a vCPU thread out of KVM_RUN (and raise()): only this process's

@@ -76,6 +76,7 @@ class KvmAccelerator:
     name = "kvm"
     logs_guest_writes = True  # KVM_MEM_LOG_DIRTY_PAGES
     io_thread_yields = False  # kicks are ioeventfds: the vCPU stays in the guest meanwhile
+    threads_share_one_host_cpu = False  # vCPUs run guest code in KVM_RUN, without the GIL
     linux_cmdline = ""
     memory: GuestMemory  # set by map_memory()
 

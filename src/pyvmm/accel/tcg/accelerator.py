@@ -68,6 +68,7 @@ class TcgAccelerator:
     name = "tcg"
     logs_guest_writes = False  # translated code writes through the mapping HostWriteTracker watches
     io_thread_yields = True   # a kick wakes the I/O thread from the thread running the guest
+    threads_share_one_host_cpu = True  # its threads take turns on the GIL per guest event
     # Every vCPU reads the host's invariant TSC, while the jiffies Linux would check it against
     # lose ticks when the host is busy: its clocksource watchdog then declared the TSC unstable
     # and the guest kept time in jiffies (seen with 2 vCPUs on a loaded host).
