@@ -11,7 +11,7 @@ ran several times faster with the whole VM on one host CPU than spread over two.
 
 So the VM's threads are placed on the host CPU its starting thread runs on (the kernel put it
 there: usually an idle one), each thread placing itself as it starts; threads they start
-inherit the placement. KVM VMs are left alone: their vCPUs run guest code in the kernel,
+inherit the placement. Every such VM of one process gets the same CPU: they share its GIL too. KVM VMs are left alone: their vCPUs run guest code in the kernel,
 without the GIL. PYVMM_TCG_HOST_CPU=N picks CPU N instead, =any leaves the threads where the
 kernel puts them (the behaviour before). A host that refuses (an affinity mask that forbids the
 CPU) leaves them unplaced, logged.
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 ENV = "PYVMM_TCG_HOST_CPU"
 _PROCESSOR_FIELD = 39  # /proc/<pid>/task/<tid>/stat: the CPU the thread last ran on (proc(5))
+_chosen: list[int] = []  # the process's choice, once made
 
 
 def current_cpu() -> int | None:
@@ -54,8 +55,11 @@ def shared_cpu(environ=os.environ) -> int | None:
         return int(wanted)
     if len(allowed) < 2:
         return None  # nowhere else to go
+    if _chosen and _chosen[0] in allowed:
+        return _chosen[0]
     cpu = current_cpu()
-    return cpu if cpu in allowed else min(allowed)
+    _chosen[:] = [cpu if cpu in allowed else min(allowed)]
+    return _chosen[0]
 
 
 def place_calling_thread(cpu: int | None) -> None:
