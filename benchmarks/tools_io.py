@@ -12,6 +12,8 @@ in the same configurations as virtio_io.py:
   pyvmm pci    pyvmm run --accel tcg --disk BENCH,serial=bench,transport=pci
                --disk TOOLS,readonly,serial=tools,transport=pci --net tap=auto,mac=...,transport=pci
   pyvmm mmio   the same with transport=mmio (--mmio)
+  pyvmm unplaced  pyvmm pci with PYVMM_TCG_HOST_CPU=any: the VM's threads where the kernel puts
+               them, not on one host CPU (--unplaced; host/cpu_affinity.py)
   QEMU         q35, the PVH vmlinux pyvmm extracts, the same initramfs and command line (with
                the `pyvmm.ip=` token and `tsc=nowatchdog` pyvmm adds), virtio-blk-pci on both
                images (cache=writeback: the host page cache, as pyvmm's virtio-blk; the tools
@@ -112,6 +114,7 @@ class Config:
     name: str
     vmm: str          # "pyvmm" | "qemu"
     transport: str    # "pci" | "mmio"
+    env: dict[str, str] = dataclasses.field(default_factory=dict)  # extra environment for the VMM
 
 
 @dataclasses.dataclass
@@ -190,7 +193,8 @@ def server_rate(test: str, report: pathlib.Path) -> tuple[float, float]:
 def run_once(config: Config, image, vmlinux: str, disk: pathlib.Path, tools: pathlib.Path, seconds: int,
              timeout: float, workdir: pathlib.Path, tag: str) -> Run:
     guest = ["sh", "-c", guest_script(seconds)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),
+               **config.env)
     netns, proc, servers = None, None, {}
     lines: list[bytes] = []
     stderr: list[bytes] = []
@@ -349,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--disk-mib", type=int, metavar="MIB", help="benchmark disk size (default 256, --quick 32)")
     ap.add_argument("--skip-qemu", action="store_true", help="measure pyvmm only")
     ap.add_argument("--mmio", action="store_true", help="add a pyvmm row with virtio-mmio")
+    ap.add_argument("--unplaced", action="store_true",
+                    help="add a pyvmm row whose threads are not kept on one host CPU (PYVMM_TCG_HOST_CPU=any)")
     ap.add_argument("--timeout", type=float, default=900, metavar="S", help="seconds allowed per run (default 900)")
     ap.add_argument("--workdir", metavar="DIR", default="/var/tmp",
                     help="where the benchmark disk images go (default /var/tmp; removed at the end)")
@@ -383,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     configs = [Config("pyvmm pci", "pyvmm", "pci")]
     if args.mmio:
         configs.append(Config("pyvmm mmio", "pyvmm", "mmio"))
+    if args.unplaced:
+        configs.append(Config("pyvmm unplaced", "pyvmm", "pci", {"PYVMM_TCG_HOST_CPU": "any"}))
     if not args.skip_qemu:
         configs.append(Config("QEMU", "qemu", "pci"))
 
@@ -399,8 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.repeat):
             for i, c in enumerate(configs):  # interleaved: drifting host load hits every configuration alike
                 log(f"run {r + 1}/{args.repeat}: {c.name}")
-                shown[c.name] = shown_argv(argv_for(c, image, vmlinux, disks[c.name], tools, ["sh", "-c", "x"],
-                                                    "NETNS"))
+                shown[c.name] = "".join(f"{k}={v} " for k, v in c.env.items()) + shown_argv(
+                    argv_for(c, image, vmlinux, disks[c.name], tools, ["sh", "-c", "x"], "NETNS"))
                 run = run_once(c, image, vmlinux, disks[c.name], tools, args.seconds, args.timeout, workdir,
                                f"r{r}c{i}")
                 runs[c.name].append(run)
