@@ -54,7 +54,7 @@ class Translator:
         self.memory = memory
         self.dispatch = dispatch  # serves the vCPUs' port I/O and MMIO, as on KVM
         # 64-bit mode so the register API is 64 bits wide; it also presets EFER.LMA, which
-        # TcgVcpu._reset_mode() clears the architectural way before any state is loaded.
+        # vcpu_state._leave_paging() clears the architectural way before any state is loaded.
         uc = self.uc = U.Uc(U.UC_ARCH_X86, U.UC_MODE_64)
         # No `until` address: at the end of every emu_start Unicorn invalidates the code at
         # until - 1, translating it through the guest's page tables, which raises a silent #PF

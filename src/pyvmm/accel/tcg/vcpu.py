@@ -18,7 +18,7 @@ import unicorn as U
 import unicorn.x86_const as X
 
 from ...arch.x86_64 import layout
-from ...arch.x86_64.cpu_state import CR0_PE, CR0_PG, EFER_LMA, GPR_NAMES, CpuState, Segment, VcpuState
+from ...arch.x86_64.cpu_state import CR0_PE, EFER_LMA, CpuState, VcpuState
 from ...arch.x86_64.paging import PagingMode, read_linear, write_linear
 from ..base import VcpuCounters
 from ..exits import HLT, INTERRUPTED, SHUTDOWN, EmulationError, IoIn, IoOut, MmioRead, MmioWrite, VcpuExit
@@ -33,7 +33,6 @@ from . import vcpu_state
 
 log = logging.getLogger(__name__)
 
-_GPR_REGS = {name: getattr(X, f"UC_X86_REG_{name.upper()}") for name in GPR_NAMES}
 _SEGMENT_REGS = {"cs": X.UC_X86_REG_CS, "ds": X.UC_X86_REG_DS, "es": X.UC_X86_REG_ES,
                  "fs": X.UC_X86_REG_FS, "gs": X.UC_X86_REG_GS, "ss": X.UC_X86_REG_SS}
 MSR_EFER, MSR_STAR, MSR_LSTAR, MSR_FMASK = 0xC0000080, 0xC0000081, 0xC0000082, 0xC0000084
@@ -45,9 +44,6 @@ INVALID_OPCODE = 6
 NMI_VECTOR = 2
 CR4_OSXSAVE, CR4_PKE = 1 << 18, 1 << 22
 CPUID1_ECX_OSXSAVE, CPUID7_ECX_OSPKE = 1 << 27, 1 << 4
-# QEMU segment-cache flags (descriptor high dword): present, code/data, accessed (+readable code / writable data)
-REAL_MODE_CODE_FLAGS = (1 << 15) | (1 << 12) | (1 << 11) | (1 << 9) | (1 << 8)
-REAL_MODE_DATA_FLAGS = (1 << 15) | (1 << 12) | (1 << 9) | (1 << 8)
 _NEVER = 0xFFFF_FFFF_FFFF_FFFF  # address mask; also the ignored `until` argument (exits mode)
 HLT_OPCODE = 0xF4
 PAUSE = b"\xf3\x90"
@@ -55,16 +51,12 @@ SPIN_LOOP_REACH = 16  # bytes on either side of RIP searched for a PAUSE
 _INTERRUPTED, _HLT, _SHUTDOWN = INTERRUPTED, HLT, SHUTDOWN
 
 
-DESCRIPTOR_ATTRIBUTE_BITS = 0x00F0FF00  # type, S, DPL, P, AVL, L, D/B, G of a descriptor's high dword
 
 
 def _in_64bit_code(hflags: int) -> bool:
     return hflags & (HF_LMA_MASK | HF_CS64_MASK) == HF_LMA_MASK | HF_CS64_MASK
 
 
-def _qemu_flags(segment: Segment) -> int:
-    """A Segment's attributes in QEMU's segment-cache layout: its descriptor's attribute bits."""
-    return (segment.descriptor() >> 32) & DESCRIPTOR_ATTRIBUTE_BITS
 
 
 class TcgVcpu:
@@ -534,42 +526,8 @@ class TcgVcpu:
     def set_state(self, state: CpuState) -> None:
         self.translator.activate(self)
         self._injected = None
-        uc = self.uc
-        uc.reg_write(X.UC_X86_REG_GDTR, (0, state.gdt.base, state.gdt.limit, 0))
-        uc.reg_write(X.UC_X86_REG_IDTR, (0, state.idt.base, state.idt.limit, 0))
-        # Leave any long mode, set CR3/CR4/EFER, then CR0: the CPU enters long mode on the
-        # CR0.PG transition, exactly as a kernel's own mode switch does.
-        self._reset_mode(state.cr0 & ~CR0_PG)
-        uc.reg_write(X.UC_X86_REG_CR3, state.cr3)
-        uc.reg_write(X.UC_X86_REG_CR4, state.cr4)
-        uc.msr_write(MSR_EFER, state.efer & ~EFER_LMA)
-        uc.reg_write(X.UC_X86_REG_CR0, state.cr0)
-        uc.reg_write(X.UC_X86_REG_CR2, state.cr2)
-        # Hidden segment state exactly as the CpuState has it (the register API sets selectors only).
-        for name, segment in state.segments.items():
-            if name in _SEGMENT_REGS:
-                self.private.load_segment(name, segment.selector, segment.base, segment.limit, _qemu_flags(segment))
-        if "cs" in state.segments:
-            cs = state.segments["cs"]
-            self.private.set_code_size(long_code=bool(cs.l), default_32=bool(cs.db))
-        for name, reg in vcpu_state.TABLE_SEGMENTS.items():
-            if name in state.segments:
-                seg = state.segments[name]
-                uc.reg_write(reg, (seg.selector, seg.base, seg.limit, _qemu_flags(seg)))
-        for name, reg in _GPR_REGS.items():
-            uc.reg_write(reg, state.gprs.get(name, 0))
-        uc.reg_write(X.UC_X86_REG_RFLAGS, state.rflags)
-        uc.reg_write(X.UC_X86_REG_RIP, state.rip)
-        vcpu_state.load_fpu_controls(uc, state.fpu_control, state.mxcsr)
-        for index, value in state.msrs.items():
-            uc.msr_write(index, value)
+        vcpu_state.load_cpu_state(self, state)
         self.waiting_for_sipi = self.halted = False
-
-    def _reset_mode(self, cr0_without_paging: int) -> None:
-        """Paging off, out of long mode: QEMU clears EFER.LMA only on a CR0.PG 1 -> 0 transition."""
-        uc = self.uc
-        uc.reg_write(X.UC_X86_REG_CR0, uc.reg_read(X.UC_X86_REG_CR0) | CR0_PG | CR0_PE)
-        uc.reg_write(X.UC_X86_REG_CR0, cr0_without_paging)
 
     def get_state(self) -> CpuState:
         self.translator.activate(self)
@@ -580,18 +538,7 @@ class TcgVcpu:
         """Real-mode start at vector:0000, as an AP does on a startup IPI."""
         self.translator.activate(self)
         self._injected = None
-        uc = self.uc
-        self._reset_mode(0x10)
-        uc.msr_write(MSR_EFER, 0)
-        uc.reg_write(X.UC_X86_REG_CR4, 0)
-        for name in ("ds", "es", "fs", "gs", "ss"):
-            self.private.load_segment(name, 0, 0, 0xFFFF, REAL_MODE_DATA_FLAGS)
-        # the register API would load the selector only: real mode needs base = selector << 4
-        self.private.load_segment("cs", vector << 8, vector << 12, 0xFFFF, REAL_MODE_CODE_FLAGS)
-        self.private.set_code_size(long_code=False, default_32=False)  # real mode: 16-bit code
-        uc.reg_write(X.UC_X86_REG_RIP, 0)
-        uc.reg_write(X.UC_X86_REG_RFLAGS, 2)
-        vcpu_state.load_fpu_controls(uc, CpuState.fpu_control, CpuState.mxcsr)  # INIT's values
+        vcpu_state.load_startup_state(self, vector)
         self.waiting_for_sipi = self.halted = False
 
     def describe_position(self) -> str:

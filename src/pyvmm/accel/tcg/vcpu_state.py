@@ -1,4 +1,5 @@
-"""The software CPU's vCPU state to and from the backend-neutral VcpuState (KVM's format).
+"""The software CPU's vCPU state to and from the backend-neutral VcpuState (KVM's format); the
+registers a boot entry (CpuState) or a startup IPI loads.
 
 CR8 is the platform LAPIC's TPR (Unicorn's own CR8 goes to a stub APIC). Unicorn's register
 API gives general, control (CR0-CR4), debug, x87 (physical registers FP0-7 as
@@ -25,7 +26,7 @@ import unicorn.x86_const as X
 from ...arch.x86_64 import msrs as M
 from ...arch.x86_64.cpu_state import (
     CR0_PE, CR0_PG, EFER_LMA, EFER_LME, GPR_NAMES, SEGMENT_NAMES, SHADOW_STI, XSTATE_X87, CpuState,
-    DescriptorTable, EventsState, FpuState, SegmentState, TableState, VcpuState,
+    DescriptorTable, EventsState, FpuState, Segment, SegmentState, TableState, VcpuState,
 )
 from ...persist import StateError
 from ...platform.lapic_registers import REG_TPR
@@ -276,3 +277,71 @@ def cpu_state(vcpu) -> CpuState:
     state.msrs = {i: uc.msr_read(i) for i in (M.MSR_STAR, M.MSR_LSTAR, M.MSR_SYSCALL_MASK, M.MSR_FS_BASE,
                                               M.MSR_GS_BASE, M.MSR_KERNEL_GS_BASE)}
     return state
+
+
+# --- a boot entry's registers, and an AP's start ------------------------------------------------
+
+# QEMU segment-cache flags (descriptor high dword): present, code/data, accessed (+readable code / writable data)
+REAL_MODE_CODE_FLAGS = (1 << 15) | (1 << 12) | (1 << 11) | (1 << 9) | (1 << 8)
+REAL_MODE_DATA_FLAGS = (1 << 15) | (1 << 12) | (1 << 9) | (1 << 8)
+DESCRIPTOR_ATTRIBUTE_BITS = 0x00F0FF00  # type, S, DPL, P, AVL, L, D/B, G of a descriptor's high dword
+
+
+def _descriptor_flags(segment: Segment) -> int:
+    """A Segment's attributes in QEMU's segment-cache layout: its descriptor's attribute bits."""
+    return (segment.descriptor() >> 32) & DESCRIPTOR_ATTRIBUTE_BITS
+
+
+def load_cpu_state(vcpu, state: CpuState) -> None:
+    """A CpuState (what a boot protocol hands the first instruction) into the engine."""
+    uc, private = vcpu.uc, vcpu.private
+    uc.reg_write(X.UC_X86_REG_GDTR, (0, state.gdt.base, state.gdt.limit, 0))
+    uc.reg_write(X.UC_X86_REG_IDTR, (0, state.idt.base, state.idt.limit, 0))
+    # Leave any long mode, set CR3/CR4/EFER, then CR0: the CPU enters long mode on the
+    # CR0.PG transition, exactly as a kernel's own mode switch does.
+    _leave_paging(uc, state.cr0 & ~CR0_PG)
+    uc.reg_write(X.UC_X86_REG_CR3, state.cr3)
+    uc.reg_write(X.UC_X86_REG_CR4, state.cr4)
+    uc.msr_write(M.MSR_EFER, state.efer & ~EFER_LMA)
+    uc.reg_write(X.UC_X86_REG_CR0, state.cr0)
+    uc.reg_write(X.UC_X86_REG_CR2, state.cr2)
+    # Hidden segment state exactly as the CpuState has it (the register API sets selectors only).
+    for name, segment in state.segments.items():
+        if name in _CACHED_SEGMENTS:
+            private.load_segment(name, segment.selector, segment.base, segment.limit, _descriptor_flags(segment))
+    if "cs" in state.segments:
+        cs = state.segments["cs"]
+        private.set_code_size(long_code=bool(cs.l), default_32=bool(cs.db))
+    for name, reg in TABLE_SEGMENTS.items():
+        if name in state.segments:
+            seg = state.segments[name]
+            uc.reg_write(reg, (seg.selector, seg.base, seg.limit, _descriptor_flags(seg)))
+    for name, reg in _GPR_REGS.items():
+        uc.reg_write(reg, state.gprs.get(name, 0))
+    uc.reg_write(X.UC_X86_REG_RFLAGS, state.rflags)
+    uc.reg_write(X.UC_X86_REG_RIP, state.rip)
+    load_fpu_controls(uc, state.fpu_control, state.mxcsr)
+    for index, value in state.msrs.items():
+        uc.msr_write(index, value)
+
+
+def load_startup_state(vcpu, vector: int) -> None:
+    """Real mode at vector:0000 with INIT's registers, as an AP starts on a startup IPI."""
+    uc, private = vcpu.uc, vcpu.private
+    _leave_paging(uc, 0x10)
+    uc.msr_write(M.MSR_EFER, 0)
+    uc.reg_write(X.UC_X86_REG_CR4, 0)
+    for name in ("ds", "es", "fs", "gs", "ss"):
+        private.load_segment(name, 0, 0, 0xFFFF, REAL_MODE_DATA_FLAGS)
+    # the register API would load the selector only: real mode needs base = selector << 4
+    private.load_segment("cs", vector << 8, vector << 12, 0xFFFF, REAL_MODE_CODE_FLAGS)
+    private.set_code_size(long_code=False, default_32=False)  # real mode: 16-bit code
+    uc.reg_write(X.UC_X86_REG_RIP, 0)
+    uc.reg_write(X.UC_X86_REG_RFLAGS, 2)
+    load_fpu_controls(uc, CpuState.fpu_control, CpuState.mxcsr)  # INIT's values
+
+
+def _leave_paging(uc, cr0_without_paging: int) -> None:
+    """Paging off, out of long mode: QEMU clears EFER.LMA only on a CR0.PG 1 -> 0 transition."""
+    uc.reg_write(X.UC_X86_REG_CR0, uc.reg_read(X.UC_X86_REG_CR0) | CR0_PG | CR0_PE)
+    uc.reg_write(X.UC_X86_REG_CR0, cr0_without_paging)
