@@ -28,6 +28,7 @@ class FastRegisters:
         self._msr_ref = ctypes.byref(self._msr)
 
     def read(self, reg_id: int) -> int:
+        self._value.value = 0  # Unicorn writes only a selector's 16 bits: no stale upper bits
         status = uclib.uc_reg_read(self._uch, reg_id, self._value_ref)
         if status:
             raise UcError(status)

@@ -204,6 +204,10 @@ class NativeInterrupts:
         self._entry.vector, self._entry.keep_request = vector, int(keep_request)
         self._request.value |= CPU_INTERRUPT_HARD
 
+    def requested(self) -> bool:
+        """CPU_INTERRUPT_HARD is set: the engine's loop has yet to consume the request."""
+        return bool(self._request.value & CPU_INTERRUPT_HARD)
+
     def armed(self) -> bool:
         """A vector is armed that the engine has not taken yet."""
         return self._entry.vector >= 0

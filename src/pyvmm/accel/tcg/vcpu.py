@@ -48,6 +48,7 @@ _NEVER = 0xFFFF_FFFF_FFFF_FFFF  # address mask; also the ignored `until` argumen
 HLT_OPCODE = 0xF4
 PAUSE = b"\xf3\x90"
 SPIN_LOOP_REACH = 16  # bytes on either side of RIP searched for a PAUSE
+UNTAKEN_REPORTS = (1000, 10000, 100000)  # slices an injected interrupt waited, each said once
 _INTERRUPTED, _HLT, _SHUTDOWN = INTERRUPTED, HLT, SHUTDOWN
 
 
@@ -74,6 +75,7 @@ class TcgVcpu:
         self._pinned_paging: PagingMode | None = None
         self._in_exception = False
         self._injected: int | None = None  # an interrupt the engine delivers as the next slice starts
+        self._untaken_slices = 0  # slices in a row that ended with self._injected not taken
         self._stopped_by_timer = False  # the last slice ended from outside, maybe inside a REP STOS
         self.halted = False
         self.spinning = False  # the last slice ended in a spin loop (the scheduler's hint)
@@ -119,7 +121,7 @@ class TcgVcpu:
             interrupts.arm(injected, keep_request=self.want_interrupt_window)
         self.want_interrupt_window = self.want_nmi_window = self.window_exit = False
         timer.begin(self.engine.request_stop, seconds)
-        error = None
+        error, requested = None, None
         running = helper_patch.running
         running.vcpu = self  # the patched helpers (msr_cr_policy.py) act for this vCPU
         try:
@@ -130,10 +132,17 @@ class TcgVcpu:
             running.vcpu = None
             stopped = self._stopped_by_timer = timer.end()
             if injected is not None and interrupts is not None:
+                requested = interrupts.requested() if self._untaken_slices + 1 in UNTAKEN_REPORTS else None
                 self._injected = interrupts.disarm()  # (the engine did not take it)
             if requests is not None:  # (also made within the slice: accelerator._wake)
                 requests.clear()  # the CPUState is every vCPU's: no request outlives the slice
         stopped = stopped or self.window_exit
+        if injected is None or self._injected is None:
+            self._untaken_slices = 0
+        else:
+            self._untaken_slices += 1
+            if self._untaken_slices in UNTAKEN_REPORTS:
+                self._report_untaken(requested)
         if self._injected is not None and self.rflags & RFLAGS_IF and not self.private.interrupts_inhibited():
             self._deliver_pending_injection()  # (an emu_start can end before its loop checks requests)
         if native is not None:
@@ -155,6 +164,19 @@ class TcgVcpu:
             self.stats["halts"] += 1
             return _HLT
         return _INTERRUPTED
+
+    def _report_untaken(self, requested: bool | None) -> None:
+        """An injected interrupt the engine has not taken for many slices in a row: a guest
+        waiting with IF=0 that long is stuck, or the engine's request was lost. Say which."""
+        try:
+            hflags, rflags = self.private.hflags(), self.rflags
+            log.warning("vCPU %d: interrupt %s injected %d slices ago and not taken: rflags=%#x (IF=%d) "
+                        "shadow=%d request=%s at %s", self.index, self._injected, self._untaken_slices, rflags,
+                        rflags >> 9 & 1, bool(self.private.interrupts_inhibited()), requested,
+                        self.describe_position() + f" hflags={hflags:#x}")
+        except Exception as exc:  # a diagnostic must never stop the vCPU
+            log.warning("vCPU %d: interrupt %s not taken for %d slices (%s)", self.index, self._injected,
+                        self._untaken_slices, exc)
 
     def at_pause(self) -> bool:
         """Stopped near a PAUSE (within a short loop's length): most likely in a spin loop,
