@@ -189,7 +189,7 @@ def restore(vcpu, state: VcpuState) -> None:
     uc.reg_write(X.UC_X86_REG_GDTR, (0, state.gdt.base, state.gdt.limit, 0))
     uc.reg_write(X.UC_X86_REG_IDTR, (0, state.idt.base, state.idt.limit, 0))
     # Out of long mode, CR3/CR4/EFER, then CR0: the CPU enters long mode on the CR0.PG transition.
-    vcpu._reset_mode(state.cr0 & ~CR0_PG)
+    _leave_paging(uc, state.cr0 & ~CR0_PG)
     uc.reg_write(X.UC_X86_REG_CR3, state.cr3)
     uc.reg_write(X.UC_X86_REG_CR4, state.cr4)
     uc.msr_write(M.MSR_EFER, state.efer & ~EFER_LMA)
