@@ -122,6 +122,7 @@ class Config:
     shown: Callable[[list[str]], list[str]]       # the command line to print (fd -> N)
     kind: str = ""                                # "direct" (no in-guest decompression) | "firmware"
     cpus: int = 1                                 # vCPUs (the SMP rows: --smp)
+    env: dict[str, str] = dataclasses.field(default_factory=dict)  # extra environment for the VMM
 
 
 def tcg_linux_args() -> str:
@@ -132,8 +133,10 @@ def tcg_linux_args() -> str:
     return TcgAccelerator.linux_cmdline
 
 
-def make_configs(image, vmlinux: str, tsc_khz: int, skip_qemu: bool, smp: int = 1) -> list[Config]:
-    """The 1-vCPU configurations, then (smp > 1) pyvmm and QEMU's fastest direct boot with `smp` vCPUs."""
+def make_configs(image, vmlinux: str, tsc_khz: int, skip_qemu: bool, smp: int = 1,
+                 unplaced: bool = False) -> list[Config]:
+    """The 1-vCPU configurations, then (smp > 1) pyvmm and QEMU's fastest direct boot with `smp` vCPUs;
+    `unplaced`: also pyvmm with its threads where the kernel puts them (PYVMM_TCG_HOST_CPU=any)."""
     def append(guest: list[str], extra: str = "") -> str:
         return image.command_line(guest, extra=extra)
 
@@ -148,6 +151,9 @@ def make_configs(image, vmlinux: str, tsc_khz: int, skip_qemu: bool, smp: int = 
         return argv, shown
 
     configs = [Config("pyvmm: PVH, vmlinux from the host", "pyvmm", *pyvmm(1), "pyvmm")]
+    if unplaced:
+        configs.append(Config("pyvmm: the same, threads unplaced", "pyvmm", *pyvmm(1), "pyvmm-unplaced",
+                              env={"PYVMM_TCG_HOST_CPU": "any"}))
     if smp > 1:
         configs.append(Config(f"pyvmm: PVH, {smp} vCPUs", "pyvmm", *pyvmm(smp), "pyvmm-smp", smp))
     if skip_qemu:
@@ -253,7 +259,8 @@ class Sampler(threading.Thread):
 
 
 def run_once(config: Config, guest: list[str], *, timeout: float, interval: float) -> Run:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),
+               **config.env)
     notify_r, notify_w = os.pipe()
     argv = config.argv(guest, notify_w)
     env["PYVMM_BENCH_NOTIFY_FD"] = str(notify_w)
@@ -389,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", "-r", type=int, default=3, metavar="R", help="runs per configuration (median; default 3)")
     ap.add_argument("--skip-qemu", action="store_true", help="measure pyvmm only")
+    ap.add_argument("--unplaced", action="store_true",
+                    help="add a pyvmm row whose threads are not kept on one host CPU (PYVMM_TCG_HOST_CPU=any)")
     ap.add_argument("--command", default="true", metavar="CMD",
                     help="command the guest runs (split like a shell; default 'true'), e.g. 'uname -a'")
     ap.add_argument("--loop-iterations", type=int, default=20_000, metavar="N",
@@ -429,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     vmlinux_from_bzimage(image.kernel.read_bytes())
     extract_s = time.monotonic() - t
     tsc_khz = host_tsc_hz() // 1000
-    configs = make_configs(image, vmlinux, tsc_khz, args.skip_qemu, args.smp)
+    configs = make_configs(image, vmlinux, tsc_khz, args.skip_qemu, args.smp, args.unplaced)
 
     load = os.getloadavg()
     log(f"load average before the runs: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")
@@ -524,6 +533,15 @@ def main(argv: list[str] | None = None) -> int:
                 ratio += (f", console time "
                           f"{statistics.median(consoles[py]) / statistics.median(consoles[other.name]):.2f}x")
             print(ratio)
+    unplaced = next((c.name for c in configs if c.kind == "pyvmm-unplaced"), None)
+    if unplaced:
+        line = (f"pyvmm threads unplaced / on one host CPU: to init {med(unplaced, 'to_init') / med(py, 'to_init'):.2f}x, "
+                f"to exit {med(unplaced, 'to_exit') / med(py, 'to_exit'):.2f}x")
+        if loops[unplaced] and loops[py]:
+            line += f", loop speed {statistics.median(loops[unplaced]) / statistics.median(loops[py]):.3f}x"
+        if consoles[unplaced] and consoles[py]:
+            line += f", console time {statistics.median(consoles[unplaced]) / statistics.median(consoles[py]):.2f}x"
+        print(line)
     smp_py = next((c.name for c in configs if c.kind == "pyvmm-smp"), None)
     smp_qemu = next((c.name for c in configs if c.kind == "smp"), None)
     if smp_py:
@@ -574,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("command lines (/dev/fd/N: a pipe to this script):")
     for c in configs:
-        print(f"  {c.name}:\n    {shlex.join(c.shown(guest))}")
+        print(f"  {c.name}:\n    " + "".join(f"{k}={v} " for k, v in c.env.items()) + shlex.join(c.shown(guest)))
     print(f"  pyvmm is run as `{sys.executable} -c <hook> run ...`: pyvmm.cli.main with the 0x610 hook above.")
     return 0
 
