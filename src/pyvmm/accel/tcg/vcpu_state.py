@@ -186,15 +186,7 @@ def check_restorable(state: VcpuState) -> None:
 def restore(vcpu, state: VcpuState) -> None:
     check_restorable(state)
     uc, private = vcpu.uc, vcpu.private
-    uc.reg_write(X.UC_X86_REG_GDTR, (0, state.gdt.base, state.gdt.limit, 0))
-    uc.reg_write(X.UC_X86_REG_IDTR, (0, state.idt.base, state.idt.limit, 0))
-    # Out of long mode, CR3/CR4/EFER, then CR0: the CPU enters long mode on the CR0.PG transition.
-    _leave_paging(uc, state.cr0 & ~CR0_PG)
-    uc.reg_write(X.UC_X86_REG_CR3, state.cr3)
-    uc.reg_write(X.UC_X86_REG_CR4, state.cr4)
-    uc.msr_write(M.MSR_EFER, state.efer & ~EFER_LMA)
-    uc.reg_write(X.UC_X86_REG_CR0, state.cr0)
-    uc.reg_write(X.UC_X86_REG_CR2, state.cr2)
+    _load_tables_and_control(uc, state)
     for name in _CACHED_SEGMENTS:
         seg = state.segments[name]
         private.load_segment(name, seg.selector, seg.base, seg.limit, cache_flags(seg))
@@ -295,16 +287,7 @@ def _descriptor_flags(segment: Segment) -> int:
 def load_cpu_state(vcpu, state: CpuState) -> None:
     """A CpuState (what a boot protocol hands the first instruction) into the engine."""
     uc, private = vcpu.uc, vcpu.private
-    uc.reg_write(X.UC_X86_REG_GDTR, (0, state.gdt.base, state.gdt.limit, 0))
-    uc.reg_write(X.UC_X86_REG_IDTR, (0, state.idt.base, state.idt.limit, 0))
-    # Leave any long mode, set CR3/CR4/EFER, then CR0: the CPU enters long mode on the
-    # CR0.PG transition, exactly as a kernel's own mode switch does.
-    _leave_paging(uc, state.cr0 & ~CR0_PG)
-    uc.reg_write(X.UC_X86_REG_CR3, state.cr3)
-    uc.reg_write(X.UC_X86_REG_CR4, state.cr4)
-    uc.msr_write(M.MSR_EFER, state.efer & ~EFER_LMA)
-    uc.reg_write(X.UC_X86_REG_CR0, state.cr0)
-    uc.reg_write(X.UC_X86_REG_CR2, state.cr2)
+    _load_tables_and_control(uc, state)
     # Hidden segment state exactly as the CpuState has it (the register API sets selectors only).
     for name, segment in state.segments.items():
         if name in _CACHED_SEGMENTS:
@@ -339,6 +322,19 @@ def load_startup_state(vcpu, vector: int) -> None:
     uc.reg_write(X.UC_X86_REG_RIP, 0)
     uc.reg_write(X.UC_X86_REG_RFLAGS, 2)
     load_fpu_controls(uc, CpuState.fpu_control, CpuState.mxcsr)  # INIT's values
+
+
+def _load_tables_and_control(uc, state: VcpuState | CpuState) -> None:
+    """GDTR and IDTR; then out of any long mode, CR3/CR4/EFER, then CR0: the CPU enters long
+    mode on the CR0.PG transition, exactly as a kernel's own mode switch does."""
+    uc.reg_write(X.UC_X86_REG_GDTR, (0, state.gdt.base, state.gdt.limit, 0))
+    uc.reg_write(X.UC_X86_REG_IDTR, (0, state.idt.base, state.idt.limit, 0))
+    _leave_paging(uc, state.cr0 & ~CR0_PG)
+    uc.reg_write(X.UC_X86_REG_CR3, state.cr3)
+    uc.reg_write(X.UC_X86_REG_CR4, state.cr4)
+    uc.msr_write(M.MSR_EFER, state.efer & ~EFER_LMA)
+    uc.reg_write(X.UC_X86_REG_CR0, state.cr0)
+    uc.reg_write(X.UC_X86_REG_CR2, state.cr2)
 
 
 def _leave_paging(uc, cr0_without_paging: int) -> None:
