@@ -5,16 +5,18 @@ the guest (Unicorn runs guest code without the GIL and calls back into Python, w
 every port and MMIO access, system call and interrupt), the I/O thread serving the devices
 (a kick wakes it from the guest's thread, a completion wakes that thread back) and the slice
 timer. Spread over two host CPUs, every turn one of them waits for is a wake-up across CPUs,
-during which both stand still; on one CPU it is a context switch. benchmarks/tools_io.py
-measures the difference (README: "One host CPU"): many-event rows (fio at iodepth 32, iperf3)
-ran several times faster with the whole VM on one host CPU than spread over two.
+during which both stand still; on one CPU it is a context switch. The README (Benchmarks,
+"One host CPU per software-CPU VM") has the figures: the rows with many small events (fio at
+iodepth 32, iperf3, 4k dd, busybox nc) ran 1.4-5.7x faster on one host CPU than spread over two;
+boot.py --unplaced measures what it costs a CPU-bound guest (2-3%).
 
 So the VM's threads are placed on the host CPU its starting thread runs on (the kernel put it
 there: usually an idle one), each thread placing itself as it starts; threads they start
-inherit the placement. Every such VM of one process gets the same CPU: they share its GIL too. KVM VMs are left alone: their vCPUs run guest code in the kernel,
-without the GIL. PYVMM_TCG_HOST_CPU=N picks CPU N instead, =any leaves the threads where the
-kernel puts them (the behaviour before). A host that refuses (an affinity mask that forbids the
-CPU) leaves them unplaced, logged.
+inherit the placement. Every such VM of one process gets the same CPU: they share its GIL too.
+KVM VMs are left alone: their vCPUs run guest code in the kernel, without the GIL.
+PYVMM_TCG_HOST_CPU=N picks CPU N instead, =any leaves the threads where the kernel puts them
+(the behaviour before). A host that refuses (an affinity mask that forbids the CPU) leaves
+them unplaced, logged.
 """
 
 from __future__ import annotations

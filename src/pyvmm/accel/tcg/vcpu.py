@@ -52,12 +52,8 @@ UNTAKEN_REPORTS = (1000, 10000, 100000)  # slices an injected interrupt waited, 
 _INTERRUPTED, _HLT, _SHUTDOWN = INTERRUPTED, HLT, SHUTDOWN
 
 
-
-
 def _in_64bit_code(hflags: int) -> bool:
     return hflags & (HF_LMA_MASK | HF_CS64_MASK) == HF_LMA_MASK | HF_CS64_MASK
-
-
 
 
 class TcgVcpu:
