@@ -252,6 +252,8 @@ def _cmd_run(args) -> int:
     from . import seccomp
 
     seccomp.configure(args.seccomp or seccomp.default_mode())
+    from .host.cpu_affinity import place_vm_threads
+    place_vm_threads()  # the VM's threads on one host CPU (software CPU)
     if command and not args.cold:
         from .sandbox.run import run_from_snapshot, warm_refusal
 

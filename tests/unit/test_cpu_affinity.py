@@ -22,8 +22,20 @@ def test_current_cpu_is_one_this_thread_may_run_on():
     assert cpu_affinity.current_cpu() in ALLOWED
 
 
+@pytest.fixture
+def vm_process(monkeypatch):
+    """As in a VM process, whose entry point asked for placement."""
+    monkeypatch.setattr(cpu_affinity, "_vm_process", [True])
+
+
+def test_library_use_places_nothing_unless_told(monkeypatch):
+    monkeypatch.setattr(cpu_affinity, "_vm_process", [])
+    assert cpu_affinity.shared_cpu({}) is None
+    assert cpu_affinity.shared_cpu({cpu_affinity.ENV: str(ALLOWED[0])}) == ALLOWED[0]
+
+
 @needs_two_cpus
-def test_the_shared_cpu_is_an_allowed_one_unless_told_otherwise():
+def test_the_shared_cpu_is_an_allowed_one_unless_told_otherwise(vm_process):
     first = cpu_affinity.shared_cpu({})
     assert first in ALLOWED
     assert cpu_affinity.shared_cpu({}) == first  # every VM of the process: they share its GIL

@@ -10,13 +10,16 @@ during which both stand still; on one CPU it is a context switch. The README (Be
 iodepth 32, iperf3, 4k dd, busybox nc) ran 1.4-5.7x faster on one host CPU than spread over two;
 boot.py --unplaced measures what it costs a CPU-bound guest (2-3%).
 
-So the VM's threads are placed on the host CPU its starting thread runs on (the kernel put it
-there: usually an idle one), each thread placing itself as it starts; threads they start
-inherit the placement. Every such VM of one process gets the same CPU: they share its GIL too.
-KVM VMs are left alone: their vCPUs run guest code in the kernel, without the GIL.
-PYVMM_TCG_HOST_CPU=N picks CPU N instead, =any leaves the threads where the kernel puts them
-(the behaviour before). A host that refuses (an affinity mask that forbids the CPU) leaves
-them unplaced, logged.
+So in a VM process (the CLI's `run`, a managed VM's process, the Firecracker launcher: their
+entry points call `place_vm_threads()`, as they configure seccomp) the VM's threads are placed
+on the host CPU its starting thread runs on (the kernel put it there: usually an idle one),
+each thread placing itself as it starts; threads they start inherit the placement. Every such
+VM of one process gets the same CPU: they share its GIL too. Library use (pyvmm.Sandbox,
+build_vm in a program, the test suite) leaves its VMs' threads where the kernel puts them, as
+it leaves its caller's process unfiltered. KVM VMs are left alone: their vCPUs run guest code
+in the kernel, without the GIL. PYVMM_TCG_HOST_CPU=N picks CPU N (in any process), =any leaves
+the threads where the kernel puts them (the behaviour before). A host that refuses (an
+affinity mask that forbids the CPU) leaves them unplaced, logged.
 """
 
 from __future__ import annotations
@@ -31,6 +34,12 @@ log = logging.getLogger(__name__)
 ENV = "PYVMM_TCG_HOST_CPU"
 _PROCESSOR_FIELD = 39  # /proc/<pid>/task/<tid>/stat: the CPU the thread last ran on (proc(5))
 _chosen: list[int] = []  # the process's choice, once made
+_vm_process: list[bool] = []  # [True] once an entry point called place_vm_threads()
+
+
+def place_vm_threads() -> None:
+    """Called by a VM process's entry point: its software-CPU VMs' threads share one host CPU."""
+    _vm_process[:] = [True]
 
 
 def current_cpu() -> int | None:
@@ -55,8 +64,8 @@ def shared_cpu(environ=os.environ) -> int | None:
             raise ConfigError(f"{ENV}={wanted}: not a host CPU this process may run on "
                               f"(allowed: {', '.join(map(str, sorted(allowed)))}; or 'any')")
         return int(wanted)
-    if len(allowed) < 2:
-        return None  # nowhere else to go
+    if len(allowed) < 2 or not _vm_process:
+        return None  # nowhere else to go, or library use (see above)
     if _chosen and _chosen[0] in allowed:
         return _chosen[0]
     cpu = current_cpu()

@@ -107,6 +107,8 @@ def _run(args) -> int:
 
     # Firecracker filters unless told --no-seccomp; pyvmm's mode is $PYVMM_SECCOMP's (kill by default)
     seccomp.configure("off" if args.no_seccomp else seccomp.default_mode(), helpers=True)  # API hot-plug
+    from ..host.cpu_affinity import place_vm_threads
+    place_vm_threads()  # the VM's threads on one host CPU (software CPU)
     console = StdoutConsole()
     instance = VmInstance(args.id, spec, console=console)
     instance.adapt_spec = firecracker_spec  # at InstanceStart, however the machine was configured

@@ -75,6 +75,8 @@ def serve(run: RunDir, instance_id: str, ready_fd: int | None, incoming: str | N
         # helpers: the API may hot-plug a tap=auto NIC, whose network namespace `ip` makes (not in
         # a jail: it has no `ip` and no privilege, its jailer makes its TAPs)
         seccomp.configure(spec.pyvmm.get("seccomp") or seccomp.default_mode(), helpers=not jailed)
+        from ..host.cpu_affinity import place_vm_threads
+        place_vm_threads()  # the VM's threads on one host CPU (software CPU)
         instance = VmInstance(instance_id, spec, console=console)
         made.append(instance)
         done = threading.Event()
