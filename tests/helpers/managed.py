@@ -1,10 +1,14 @@
 """A private pyvmm host for a test of managed VMs (tests/manage): its own config and run
-directories, and a teardown after which none of its VM processes is left."""
+directories, and a teardown after which none of its VM processes is left; reading a VM's
+console socket."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
+import time
 
 from pyvmm.manage.client import connect
 from pyvmm.manage.launch import wait_exit
@@ -34,3 +38,23 @@ def stop_every_vm(host) -> None:
                 pass
         pids = [pid for pid in pids if not wait_exit(pid, patience)]
     assert not pids, f"VM processes {pids} outlived SIGKILL"
+
+
+def read_until(conn: socket.socket, pattern: bytes, timeout: float = 300) -> bytes:
+    """Console output until `pattern` (a regex) appears, within `timeout` seconds in all (a
+    guest that keeps printing something else must not keep the test waiting)."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while not re.search(pattern, data):
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {pattern!r} on the console within {timeout} s; got {data[-500:]!r}"
+        conn.settimeout(left)
+        chunk = conn.recv(65536)
+        assert chunk, f"the console closed; got {data[-500:]!r}"
+        data += chunk
+    return data
+
+
+def ticks(data: bytes) -> list[int]:
+    """The numbers of the `tick-N` lines a guest's ticker loop printed."""
+    return [int(n) for n in re.findall(rb"tick-(\d+)\r?\n", data)]

@@ -20,6 +20,8 @@ import pyvmm
 from pyvmm.images.kernel_warnings import CONSOLE_LOGLEVEL, describe, find_kernel_warnings
 from pyvmm.manage.launch import wait_exit
 
+from helpers.managed import read_until, ticks
+
 PROMPT = b"pyvmm:~# "
 TICKER = b"i=0; while :; do i=$((i+1)); echo tick-$i; sleep 0.2; done\n"
 
@@ -30,21 +32,6 @@ def cli(env, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess:
                             env=values, timeout=600)
     assert result.returncode == 0, (args, result.stderr.decode(errors="replace"))
     return result
-
-
-def read_until(conn: socket.socket, pattern: bytes, timeout: float = 300) -> bytes:
-    """Console output until `pattern` (a regex) appears, within `timeout` seconds in all (a
-    guest that keeps printing something else must not keep the test waiting)."""
-    deadline = time.monotonic() + timeout
-    data = b""
-    while not re.search(pattern, data):
-        left = deadline - time.monotonic()
-        assert left > 0, f"no {pattern!r} on the console within {timeout} s; got {data[-500:]!r}"
-        conn.settimeout(left)
-        chunk = conn.recv(65536)
-        assert chunk, f"the console closed; got {data[-500:]!r}"
-        data += chunk
-    return data
 
 
 def interrupt_ticker(conn: socket.socket) -> None:
@@ -60,10 +47,6 @@ def interrupt_ticker(conn: socket.socket) -> None:
         except (AssertionError, TimeoutError):
             continue
     raise AssertionError("the ticker never stopped: ten C-c lost")
-
-
-def ticks(data: bytes) -> list[int]:
-    return [int(n) for n in re.findall(rb"tick-(\d+)\r?\n", data)]
 
 
 def test_define_start_list_suspend_resume_console_reboot_kill_shutdown_clone_destroy(env, tmp_path):

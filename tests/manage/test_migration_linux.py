@@ -25,6 +25,8 @@ from pyvmm.images.kernel_warnings import CONSOLE_LOGLEVEL, describe, find_kernel
 from pyvmm.manage.client import connect
 from pyvmm.net.netns import call_in_netns
 
+from helpers.managed import read_until, ticks
+
 PROMPT = b"pyvmm:~# "
 TAP, TAP_MAC, GUEST_MAC = "tapmig0", "02:00:00:00:0a:01", "52:54:00:00:0a:0f"
 GUEST, PORT, MIGRATION_PORT = "10.0.2.15", 7000, 4444
@@ -66,20 +68,6 @@ def cli_in(env, netns: str, *args: str) -> str:
                             capture_output=True, env=values, timeout=900, text=True)
     assert result.returncode == 0, (args, result.stdout, result.stderr)
     return result.stdout
-
-
-def read_until(conn: socket.socket, pattern: bytes, timeout: float = 300) -> bytes:
-    conn.settimeout(timeout)
-    data = b""
-    while not re.search(pattern, data):
-        chunk = conn.recv(65536)
-        assert chunk, f"the console closed; got {data[-500:]!r}"
-        data += chunk
-    return data
-
-
-def ticks(data: bytes) -> list[int]:
-    return [int(n) for n in re.findall(rb"tick-(\d+)\r?\n", data)]
 
 
 class EchoClient:
