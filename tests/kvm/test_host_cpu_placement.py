@@ -18,7 +18,7 @@ ALLOWED = os.sched_getaffinity(0)
 @pytest.mark.skipif(len(ALLOWED) < 2, reason="placing threads needs two host CPUs to choose from")
 def test_the_vm_threads_share_one_host_cpu_on_the_software_cpu_only(tmp_path, accel, monkeypatch):
     monkeypatch.delenv(cpu_affinity.ENV, raising=False)
-    monkeypatch.setattr(cpu_affinity, "_vm_process", [True])  # as a VM process's entry point sets it
+    monkeypatch.setattr(cpu_affinity, "_vm_process", True)  # as a VM process's entry point sets it
     vm = _counting_vm(tmp_path, accel)
     try:
         io_thread = next(t for t in threading.enumerate() if t.name == vm.iothread.name)
@@ -36,7 +36,7 @@ def test_the_vm_threads_share_one_host_cpu_on_the_software_cpu_only(tmp_path, ac
 
 def test_any_leaves_the_software_cpu_threads_unplaced(tmp_path, monkeypatch):
     monkeypatch.setenv(cpu_affinity.ENV, "any")
-    monkeypatch.setattr(cpu_affinity, "_vm_process", [True])
+    monkeypatch.setattr(cpu_affinity, "_vm_process", True)
     vm = _counting_vm(tmp_path, "tcg")
     try:
         assert all(os.sched_getaffinity(tid) == ALLOWED for tid in vm.run_loop_threads.values())
@@ -46,7 +46,7 @@ def test_any_leaves_the_software_cpu_threads_unplaced(tmp_path, monkeypatch):
 
 def test_library_use_leaves_the_threads_unplaced(tmp_path, monkeypatch):
     monkeypatch.delenv(cpu_affinity.ENV, raising=False)
-    monkeypatch.setattr(cpu_affinity, "_vm_process", [])
+    monkeypatch.setattr(cpu_affinity, "_vm_process", False)
     vm = _counting_vm(tmp_path, "tcg")
     try:
         assert all(os.sched_getaffinity(tid) == ALLOWED for tid in vm.run_loop_threads.values())

@@ -25,11 +25,11 @@ def test_current_cpu_is_one_this_thread_may_run_on():
 @pytest.fixture
 def vm_process(monkeypatch):
     """As in a VM process, whose entry point asked for placement."""
-    monkeypatch.setattr(cpu_affinity, "_vm_process", [True])
+    monkeypatch.setattr(cpu_affinity, "_vm_process", True)
 
 
 def test_library_use_places_nothing_unless_told(monkeypatch):
-    monkeypatch.setattr(cpu_affinity, "_vm_process", [])
+    monkeypatch.setattr(cpu_affinity, "_vm_process", False)
     assert cpu_affinity.shared_cpu({}) is None
     assert cpu_affinity.shared_cpu({cpu_affinity.ENV: str(ALLOWED[0])}) == ALLOWED[0]
 

@@ -33,13 +33,14 @@ log = logging.getLogger(__name__)
 
 ENV = "PYVMM_TCG_HOST_CPU"
 _PROCESSOR_FIELD = 39  # /proc/<pid>/task/<tid>/stat: the CPU the thread last ran on (proc(5))
-_chosen: list[int] = []  # the process's choice, once made
-_vm_process: list[bool] = []  # [True] once an entry point called place_vm_threads()
+_chosen: int | None = None  # the process's choice, once made
+_vm_process = False  # an entry point called place_vm_threads()
 
 
 def place_vm_threads() -> None:
     """Called by a VM process's entry point: its software-CPU VMs' threads share one host CPU."""
-    _vm_process[:] = [True]
+    global _vm_process
+    _vm_process = True
 
 
 def current_cpu() -> int | None:
@@ -64,13 +65,13 @@ def shared_cpu(environ=os.environ) -> int | None:
             raise ConfigError(f"{ENV}={wanted}: not a host CPU this process may run on "
                               f"(allowed: {', '.join(map(str, sorted(allowed)))}; or 'any')")
         return int(wanted)
+    global _chosen
     if len(allowed) < 2 or not _vm_process:
         return None  # nowhere else to go, or library use (see above)
-    if _chosen and _chosen[0] in allowed:
-        return _chosen[0]
-    cpu = current_cpu()
-    _chosen[:] = [cpu if cpu in allowed else min(allowed)]
-    return _chosen[0]
+    if _chosen not in allowed:
+        cpu = current_cpu()
+        _chosen = cpu if cpu in allowed else min(allowed)
+    return _chosen
 
 
 def place_calling_thread(cpu: int | None) -> None:
