@@ -34,19 +34,14 @@ def test_the_vm_threads_share_one_host_cpu_on_the_software_cpu_only(tmp_path, ac
         vm.close()
 
 
-def test_any_leaves_the_software_cpu_threads_unplaced(tmp_path, monkeypatch):
-    monkeypatch.setenv(cpu_affinity.ENV, "any")
-    monkeypatch.setattr(cpu_affinity, "_vm_process", True)
-    vm = _counting_vm(tmp_path, "tcg")
-    try:
-        assert all(os.sched_getaffinity(tid) == ALLOWED for tid in vm.run_loop_threads.values())
-    finally:
-        vm.close()
-
-
-def test_library_use_leaves_the_threads_unplaced(tmp_path, monkeypatch):
-    monkeypatch.delenv(cpu_affinity.ENV, raising=False)
-    monkeypatch.setattr(cpu_affinity, "_vm_process", False)
+@pytest.mark.parametrize("setting, vm_process", [("any", True), (None, False)], ids=["any", "library-use"])
+def test_the_software_cpu_threads_stay_unplaced_with_any_or_in_library_use(tmp_path, monkeypatch, setting,
+                                                                            vm_process):
+    if setting is None:
+        monkeypatch.delenv(cpu_affinity.ENV, raising=False)
+    else:
+        monkeypatch.setenv(cpu_affinity.ENV, setting)
+    monkeypatch.setattr(cpu_affinity, "_vm_process", vm_process)
     vm = _counting_vm(tmp_path, "tcg")
     try:
         assert all(os.sched_getaffinity(tid) == ALLOWED for tid in vm.run_loop_threads.values())
