@@ -40,6 +40,31 @@ def stop_every_vm(host) -> None:
     assert not pids, f"VM processes {pids} outlived SIGKILL"
 
 
+def describe_vms(host, log_tail: int = 2048, console_tail: int = 4096) -> str:
+    """Each VM of `host`: its state and outcome, the oops lines of its console, the tails of its
+    process log and console (for a failed test's report)."""
+    from pyvmm.images.kernel_warnings import oops_lines
+
+    parts = []
+    for name in host.names():
+        vm = host.vm(name)
+        try:
+            info = vm.info()
+            console = vm.console_history()
+        except Exception as exc:   # a report must not fail on a half-dead VM
+            parts.append(f"--- {name}: not described: {exc}")
+            continue
+        try:
+            log = vm.run.vmm_log.read_bytes()[-log_tail:].decode(errors="replace")
+        except OSError:
+            log = ""
+        oops = " | ".join(oops_lines(console))
+        parts.append(f"--- {name}: {info.state} pid={info.pid} outcome={info.outcome}\n"
+                     f"oops: {oops or '-'}\n--- {name} vmm.log tail:\n{log}\n"
+                     f"--- {name} console tail:\n{console[-console_tail:].decode(errors='replace')}")
+    return "\n".join(parts) or "no VMs"
+
+
 def read_until(conn: socket.socket, pattern: bytes, timeout: float = 300) -> bytes:
     """Console output until `pattern` (a regex) appears, within `timeout` seconds in all (a
     guest that keeps printing something else must not keep the test waiting)."""

@@ -5,12 +5,14 @@ history with pyvmm.images.kernel_warnings before it ends.
 
 `env` gives a test its own pyvmm host: private config and run directories (XDG_CONFIG_HOME,
 XDG_RUNTIME_DIR) and the environment that points the CLI at them, with the Python client's
-Host for the same directories. Nothing a test starts outlives it (helpers/managed.py)."""
+Host for the same directories. Nothing a test starts outlives it (helpers/managed.py). When a
+test fails, its report carries each VM's state, log tail and console tail (a CI run keeps no
+other trace of a guest that crashed)."""
 
 from __future__ import annotations
 
 import pytest
-from helpers.managed import managed_env
+from helpers.managed import describe_vms, managed_env
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +26,13 @@ def image():
 @pytest.fixture
 def env(tmp_path, image):
     yield from managed_env(tmp_path)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report gets what its VMs said, taken before the teardown stops them."""
+    outcome = yield
+    report = outcome.get_result()
+    env_value = getattr(item, "funcargs", {}).get("env")
+    if report.failed and env_value is not None:
+        report.sections.append(("pyvmm VMs", describe_vms(env_value[1])))
