@@ -57,7 +57,8 @@ FILTER = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes
                           ctypes.POINTER(ctypes.c_uint64))
 
 running = threading.local()  # .vcpu: the TcgVcpu in emu_start on this thread, or None
-_installed: dict[str, object] = {}  # helper -> its filter (kept alive with the patch)
+_installed: dict[str, tuple] = {}  # helper -> (its filter, stub page, address, bytes overwritten)
+_retired: list[tuple] = []  # restored patches: their stubs stay mapped
 _lock = threading.Lock()
 
 
@@ -161,7 +162,34 @@ def _raise_gp(raise_function: int) -> bytes:
     return bytes.fromhex("488b0c24" "be0d000000" "31d2" "48b8") + struct.pack("<Q", raise_function) + bytes.fromhex("ffe0")
 
 
-def _patch(helper: str, make_stub: Callable[[int, bytes], bytes], keep: object) -> bool:
+def prepend(function: str, prologue: bytes, code: bytes) -> bool:
+    """Run machine code `code` in front of `function`, which must start with `prologue` (this
+    build's bytes, position-independent, at least a jump long): `code` falls through into the
+    function. False if this libunicorn cannot be patched."""
+    return _patch(function, lambda _raise, passthrough: code + passthrough, keep=None, prologue=prologue)
+
+
+def replace(function: str, start: bytes, code: bytes) -> bool:
+    """Run machine code `code` instead of `function`, which must start with `start` (this
+    build's bytes, at least a jump long): `code` returns to the caller itself. False if this
+    libunicorn cannot be patched."""
+    return _patch(function, lambda _raise, _passthrough: code, keep=None, prologue=start, relocate=False)
+
+
+def restore(function: str) -> None:
+    """Put back what a patch overwrote at `function`'s start (its stub stays mapped: a thread
+    may still be in it)."""
+    with _lock:
+        entry = _installed.pop(function, None)
+        if entry is None:
+            return
+        target, original = entry[2], entry[3]
+        _writable_text(target, len(original), lambda: ctypes.memmove(target, original, len(original)))
+        _retired.append(entry)
+
+
+def _patch(helper: str, make_stub: Callable[[int, bytes], bytes], keep: object, prologue: bytes | None = None,
+           relocate: bool = True) -> bool:
     with _lock:
         if helper in _installed:
             return True
@@ -176,11 +204,13 @@ def _patch(helper: str, make_stub: Callable[[int, bytes], bytes], keep: object) 
             log.info("software CPU: libunicorn exports no %s: its behaviour stays Unicorn's", helper)
             return False
         assert target is not None and raise_function is not None
-        prologue = PROLOGUES[helper]
-        if ctypes.string_at(target, len(prologue)) != prologue:
+        prologue = PROLOGUES[helper] if prologue is None else prologue
+        original = ctypes.string_at(target, len(prologue))
+        if original != prologue:
             log.info("software CPU: %s is not the code pyvmm knows: its behaviour stays Unicorn's", helper)
             return False
-        code = make_stub(raise_function, _displaced(prologue, target, RELOCATED_JE.get(helper)))
+        passthrough = _displaced(prologue, target, RELOCATED_JE.get(helper)) if relocate else b""
+        code = make_stub(raise_function, passthrough)
         page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         page.write(code)
         stub = ctypes.addressof(ctypes.c_char.from_buffer(page))
@@ -193,5 +223,5 @@ def _patch(helper: str, make_stub: Callable[[int, bytes], bytes], keep: object) 
         except OSError as exc:
             log.info("software CPU: cannot patch %s (%s): its behaviour stays Unicorn's", helper, exc)
             return False
-        _installed[helper] = (keep, page)
+        _installed[helper] = (keep, page, target, original)
         return True

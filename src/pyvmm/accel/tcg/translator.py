@@ -26,7 +26,7 @@ from ..dispatch import ExitDispatcher
 from .engine_state import EngineControl, EngineOffsets
 from .fast_registers import FastRegisters
 from .native_delivery import NativeExceptionDelivery
-from . import interrupt_window, msr_cr_policy
+from . import code_aliases, interrupt_window, msr_cr_policy
 from .live_cpu_state import ApiSyscallMsrs, SyscallMsrs, live_context_base
 from .native_interrupts import NativeInterrupts
 from .private_state import ContextOffsets, PrivateState
@@ -87,6 +87,8 @@ class Translator:
         uc.hook_add(U.UC_HOOK_INSN_INVALID, self._invalid_opcode)
         # RDMSR, WRMSR and MOV to/from CRn where Unicorn's helpers are wrong (no hooks for them)
         self.helpers_patched = msr_cr_policy.install()
+        # Code the guest rewrites through another mapping of its page runs as rewritten
+        self.code_aliases_checked = code_aliases.install(engine.cpu)
         # Pending interrupts taken where the guest's window opens, not at the next slice end
         self.interrupt_requests = interrupt_window.InterruptRequests(self.engine.cpu_address, engine.exit_request) \
             if interrupt_window.install(engine) else None
