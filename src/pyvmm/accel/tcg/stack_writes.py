@@ -12,10 +12,8 @@ So between two slices pyvmm gives the page under the stack pointer (and the one 
 when the pointer is near the page's bottom) the treatment Unicorn gives every
 non-executable page: it drops whatever was translated from the page, and clears the TLB's
 write check for it (QEMU's tlb_set_dirty, which libunicorn exports). Translating code from
-the page again, through the same address, re-arms the check: Unicorn does that for every
-new translation. What stays unchecked is code written through the stack's address and run
-through another mapping of the same page: Unicorn has that blind spot for every
-non-executable mapping already, and kernels do not run code from their stacks.
+the page again re-arms the check, through whichever address the page is written
+(code_aliases.py).
 """
 
 from __future__ import annotations
