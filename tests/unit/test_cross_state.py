@@ -120,3 +120,18 @@ def test_cpuid_features_are_compared_bit_by_bit():
     with pytest.raises(StateError, match=r"^vm state: guest_view\.cpuid: the guest saw a GenuineIntel CPU, KVM "
                                          r"offers AuthenticAMD$"):
         check_cpuid(shown, amd + offered[1:], "KVM")
+
+
+@pytest.mark.parametrize("lvt_mode, due", [(1 << 17, True), (0, False)], ids=["periodic", "one-shot"])
+def test_a_count_read_at_zero_is_due_now_if_periodic_and_over_if_one_shot(lvt_mode, due):
+    """KVM reads a periodic count as 0 between its expiry and the re-arm: the timer must go on
+    (it stopped for good on the software CPU), where a one-shot timer at 0 has fired."""
+    saved = _programmed()
+    lapic = saved.lapics[0]
+    page = bytearray(lapic_to_kvm(lapic, saved.clock.now_ns, TIMER_HZ))
+    lvt = struct.unpack_from("<I", page, REG_LVT_TIMER)[0] & ~(3 << 17) | lvt_mode
+    struct.pack_into("<I", page, REG_LVT_TIMER, lvt)
+    struct.pack_into("<I", page, 0x390, 0)   # TMCCT
+    now = saved.clock.now_ns
+    state = lapic_to_software(bytes(page), lapic.apic_base, 0, False, now, TIMER_HZ)
+    assert state.timer_next_ns == (now if due else None)

@@ -194,7 +194,9 @@ def lapic_to_software(page: bytes, apic_base: int, tsc_deadline: int, nmi_pendin
     mode = lvt[R.LVT_TIMER] >> 17 & 3
     ns_per = NS_PER_SECOND * _timer_divisor(divide)
     start_ns, next_ns = now_ns, None
-    if mode != R.TIMER_TSC_DEADLINE and initial and current:
+    # A periodic count reads 0 between its expiry and KVM's re-arm: the period is over, due now
+    # (a one-shot count at 0 has expired)
+    if mode != R.TIMER_TSC_DEADLINE and initial and (current or mode == R.TIMER_PERIODIC):
         start_ns = now_ns - (initial - current) * ns_per // timer_hz
         next_ns = start_ns + -(-initial * ns_per // timer_hz)
     return LapicState(apic_id=_reg(page, R.REG_ID) >> 24, apic_base=apic_base, tpr=_reg(page, R.REG_TPR) & 0xFF,
