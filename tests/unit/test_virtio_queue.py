@@ -226,6 +226,26 @@ def test_device_writes_are_reported_for_the_software_cpu(memory):
     assert [a for a, _ in seen] == [a for a, _ in q.writable[head]]
 
 
+def test_a_request_returned_twice_or_after_a_reset_is_kept_from_the_driver(memory, caplog):
+    """The driver would find its ring corrupt (Linux: "id N is not a head!"): the device's second
+    return is logged and dropped, and the driver sees the request once."""
+    device, driver = rng_with_driver(memory)
+    q = driver.queue(0)
+    head = q.add([], [4])
+    queue = device.queues[0]
+    chain = queue.pop()
+    queue.push(chain, 4)
+    with caplog.at_level("ERROR", logger="pyvmm.devices.virtio.queue"):
+        queue.push(chain, 4)
+    assert q.take_used() == [(head, 4)]
+    assert queue.stray_completions == 1 and f"descriptor {head}, which it does not hold" in caplog.text
+    q.add([], [4])
+    held = queue.pop()
+    queue.reset()
+    queue.push(held, 4)   # taken before the reset: the ring it came from is gone
+    assert queue.stray_completions == 1 and queue.used_idx == 0   # (a reset queue counts afresh)
+
+
 def test_save_restore_keeps_ring_positions(memory):
     device, driver = rng_with_driver(memory)
     q = driver.queue(0)

@@ -53,6 +53,9 @@ class ChainError(PyvmmError):
     """One descriptor chain is malformed: fail that request only."""
 
 
+_NOT_HELD = object()
+
+
 class DescriptorChain:
     """One request: the device-readable buffers, then the device-writable ones, as (address, length),
     with their total lengths (kept by whoever appends: only the queue's walk builds chains)."""
@@ -141,6 +144,7 @@ class SplitQueue:
         self.used_idx = 0         # next used-ring slot the device will write
         self.signalled_used = 0   # used_idx when the driver was last interrupted
         self.malformed_chains = 0
+        self.stray_completions = 0                # push() of a chain the device does not hold
         self.completed = 0
         self._in_flight: dict[int, None] = {}   # heads popped and not pushed, in pop order
         self._redo: deque[int] = deque()        # in flight at a save: handed out again first
@@ -306,7 +310,15 @@ class SplitQueue:
             index = next_index
 
     def push(self, chain: DescriptorChain, written: int) -> None:
-        """Return a request to the driver with `written` bytes stored in its writable buffers."""
+        """Return a request to the driver with `written` bytes stored in its writable buffers.
+        One the device does not hold (returned already, or taken before a reset) is a device
+        bug: it is logged and not returned, since the driver would find its ring corrupt."""
+        if self._in_flight.pop(chain.head, _NOT_HELD) is _NOT_HELD:
+            self.stray_completions += 1
+            if self.stray_completions == 1 or log.isEnabledFor(logging.DEBUG):
+                log.error("virtqueue: the device returned descriptor %d, which it does not hold (a device bug): "
+                          "kept from the driver (used index %d)", chain.head, self.used_idx)
+            return
         written = min(written, chain.writable_length)
         if written and self.memory.on_device_write is not None:
             remaining = written
@@ -315,7 +327,6 @@ class SplitQueue:
                 remaining -= length
                 if remaining <= 0:
                     break
-        self._in_flight.pop(chain.head, None)
         slot = self.used_idx % self.size
         memory = self.memory
         _USED_ELEM.pack_into(memory.view(self.used_ring + 4 + 8 * slot, 8), 0, chain.head, written)
