@@ -27,12 +27,8 @@ EFER_NXE = 1 << 11
 CALL_RBX, HLT = b"\xff\xd3", b"\xf4"
 
 
-def _store_byte(address: int, value: int) -> bytes:
-    return bytes.fromhex("c60425") + address.to_bytes(4, "little") + bytes([value])  # movb $value, address
-
-
-TOUCH = _store_byte(ALIAS, 0x90)                         # a first write to the page, away from the function
-REWRITE = _store_byte(ALIAS + (FUNCTION & 0x1F_FFFF) + 1, 2)  # mov $1 -> mov $2
+TOUCH = code_aliases._store_byte(ALIAS, 0x90)     # a first write to the page, away from the function
+REWRITE = code_aliases._store_byte(ALIAS + (FUNCTION & 0x1F_FFFF) + 1, 2)  # mov $1 -> mov $2
 
 
 def _run(translator, code: bytes) -> int:
@@ -65,14 +61,14 @@ def test_code_rewritten_through_an_alias_runs_as_rewritten(translator, code):
     assert _run(translator, code) == 2
 
 
-def test_the_check_sees_unicorns_own_behaviour(translator):
+def test_the_check_sees_unicorns_own_behaviour(translator, monkeypatch):
     """With the patches off, the check guest runs the first translation (so `_check` can fail)."""
     for function in (code_aliases.SET_DIRTY, code_aliases.PROTECT_CODE):
         helper_patch.restore(function)
     try:
         assert "ran as first translated" in (code_aliases._check() or "")
     finally:
-        code_aliases._state.clear()
+        monkeypatch.setattr(code_aliases, "_installed", None)
         assert code_aliases.install(engine_offsets().cpu)
 
 

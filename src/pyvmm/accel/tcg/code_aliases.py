@@ -64,7 +64,7 @@ ENV_PTR, ENTRY_ADDEND = 0x128, 0x20
 PAGE = 0x1000
 
 _lock = threading.Lock()
-_state: dict[str, bool] = {}  # "installed": the answer, once known for this process
+_installed: bool | None = None  # the answer, once known for this process
 
 
 def _symbol(name: str) -> int:
@@ -120,10 +120,11 @@ def protect_code_stub(cpu_offset: int, map_ram_ptr: int, reset_dirty: int) -> by
 def install(cpu_offset: int) -> bool:
     """Patch both functions once per process (`cpu_offset`: uc->cpu, engine_state's); False
     where this libunicorn cannot be patched or the check fails (Unicorn's behaviour stays)."""
+    global _installed
     with _lock:
-        if "installed" not in _state:
-            _state["installed"] = _install(cpu_offset)
-        return _state["installed"]
+        if _installed is None:
+            _installed = _install(cpu_offset)
+        return _installed
 
 
 def _install(cpu_offset: int) -> bool:
