@@ -181,10 +181,10 @@ class _Signal:
         self.seen.set()
 
 
-def test_software_cpu_syscall_loads_the_kernel_segments_a_state_saves():
-    """SYSCALL from CPL 3 on the software CPU: the saved CS and SS are the kernel's, DPL 0
-    (a state takes the CPL from SS.DPL; the user's DPL 3 left in SS made a restored Linux
-    guest run its kernel at CPL 3), and they come through a VM-level round trip."""
+def _state_in_syscall_handler(path: str, monkeypatch):
+    """The syscall_entry guest's state in its SYSCALL handler, SYSCALL done by `path`: the
+    engine's machine code (native_syscall.py) or the Python hook; and its carry-over."""
+    monkeypatch.setenv("PYVMM_TCG_SYSCALLS", path)
     config = MachineConfig(kernel=str(build_source(KVM_GUESTS / "syscall_entry.S", 64)), memory=16 << 20)
     vm = build_vm(config, lambda data: None, accel=choose_accelerator("tcg").create())
     signal = _Signal()
@@ -193,10 +193,29 @@ def test_software_cpu_syscall_loads_the_kernel_segments_a_state_saves():
         vm.start()
         assert signal.seen.wait(30), "the guest never reached its SYSCALL handler"
         vm.pause()
-        state = vm.save()
-        carried = carry_over(vm)
+        vcpu = vm.vcpus[0]
+        assert vcpu.stats["syscalls"] == 1, "the vCPU counts the SYSCALL either way"
+        assert (vcpu.translator.native_syscalls is not None) == (path == "native")
+        return vm.save(), carry_over(vm)
     finally:
         vm.close()
+
+
+def test_software_cpu_syscall_in_machine_code_is_the_python_hooks():
+    """The machine code's SYSCALL leaves the vCPU exactly as the Python hook's does."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        native, _ = _state_in_syscall_handler("native", monkeypatch)
+        python, _ = _state_in_syscall_handler("python", monkeypatch)
+    a, b = native.vcpus[0], python.vcpus[0]
+    assert (a.gprs, a.rip, a.rflags, a.segments) == (b.gprs, b.rip, b.rflags, b.segments)
+    assert a.gprs["rcx"] and a.gprs["r11"] & ~0x10000 == 0x2, "RCX: the user's next instruction; R11: its RFLAGS"
+
+
+def test_software_cpu_syscall_loads_the_kernel_segments_a_state_saves(monkeypatch):
+    """SYSCALL from CPL 3 on the software CPU: the saved CS and SS are the kernel's, DPL 0
+    (a state takes the CPL from SS.DPL; the user's DPL 3 left in SS made a restored Linux
+    guest run its kernel at CPL 3), and they come through a VM-level round trip."""
+    state, carried = _state_in_syscall_handler("native", monkeypatch)
     cs, ss = state.vcpus[0].segments["cs"], state.vcpus[0].segments["ss"]
     assert (cs.selector, cs.dpl, cs.l, cs.type, cs.base) == (0x08, 0, 1, 0xB, 0)
     assert (ss.selector, ss.dpl, ss.db, ss.type, ss.base, ss.limit) == (0x10, 0, 1, 0x3, 0, 0xFFFFFFFF)

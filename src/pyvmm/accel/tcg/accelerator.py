@@ -62,6 +62,9 @@ EXCEPTIONS_SETTING = "PYVMM_TCG_EXCEPTIONS"
 # restored guests that hung under load with the engine's delivery were lost kicks, which its
 # speed made likelier: restore.serve_lost_kicks.)
 INTERRUPTS_SETTING = "PYVMM_TCG_INTERRUPTS"
+# PYVMM_TCG_SYSCALLS=python: every SYSCALL through the Python hook (vcpu.syscall), not the
+# engine's machine code (native_syscall.py)
+SYSCALLS_SETTING = "PYVMM_TCG_SYSCALLS"
 
 
 class TcgAccelerator:
@@ -180,9 +183,10 @@ class TcgAccelerator:
             if not native:
                 log.info("software CPU: exceptions are delivered in Python (%s=python)", EXCEPTIONS_SETTING)
             native_interrupts = native and os.environ.get(INTERRUPTS_SETTING, "native") != "python"
+            native_syscalls = os.environ.get(SYSCALLS_SETTING, "native") != "python"
             self._translator = Translator(self.memory, self._bound_dispatch(), self.offsets,
                                           self.engine_offsets, self._slice_timer, native_exceptions=native,
-                                          native_interrupts=native_interrupts)
+                                          native_interrupts=native_interrupts, native_syscalls=native_syscalls)
         vcpu = TcgVcpu(index, self._translator, self._tables[index], self.platform.add_cpu(index))
         vcpu.wake = self._wake  # a stop or pause request must end the slice or wake a sleeping scheduler
         if self.vcpus and self.vcpus[0].frozen_tsc is not None:

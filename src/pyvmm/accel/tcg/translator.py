@@ -26,7 +26,7 @@ from ..dispatch import ExitDispatcher
 from .engine_state import EngineControl, EngineOffsets
 from .fast_registers import FastRegisters
 from .native_delivery import NativeExceptionDelivery
-from . import code_aliases, interrupt_window, msr_cr_policy
+from . import code_aliases, interrupt_window, msr_cr_policy, native_syscall
 from .live_cpu_state import ApiSyscallMsrs, SyscallMsrs, live_context_base
 from .native_interrupts import NativeInterrupts
 from .private_state import ContextOffsets, PrivateState
@@ -50,7 +50,7 @@ _CTL_WRITE_TLB_FLUSH = (1 << 30) | U.unicorn_const.UC_CTL_TLB_FLUSH  # UC_CTL_WR
 class Translator:
     def __init__(self, memory, dispatch: ExitDispatcher, offsets: ContextOffsets, engine: EngineOffsets,
                  slice_timer: SliceTimer, native_exceptions: bool = True,
-                 native_interrupts: bool = True) -> None:
+                 native_interrupts: bool = True, native_syscalls: bool = True) -> None:
         self.memory = memory
         self.dispatch = dispatch  # serves the vCPUs' port I/O and MMIO, as on KVM
         # 64-bit mode so the register API is 64 bits wide; it also presets EFER.LMA, which
@@ -98,6 +98,8 @@ class Translator:
         if self.native_interrupts is not None:  # its slot in the stub's table is freed with the engine
             weakref.finalize(self, self.native_interrupts.close)
         self.private = PrivateState(uc, offsets, live_context_base(uc, self.engine.cpu_address))
+        # SYSCALL from 64-bit code in machine code; the hook above takes every other case
+        self.native_syscalls = native_syscall.attach(uc, offsets, self.private.live) if native_syscalls else None
         self.regs = FastRegisters(uc)
         self.syscall_msrs: SyscallMsrs | ApiSyscallMsrs = \
             SyscallMsrs.find(uc, self.private.live) or ApiSyscallMsrs(self.regs)  # what SYSCALL reads
@@ -165,6 +167,9 @@ class Translator:
         if self.native_interrupts is not None:
             self.native_interrupts.close()
             self.native_interrupts = None
+        if self.native_syscalls is not None:
+            self.native_syscalls.close()
+            self.native_syscalls = None
 
     # --- hooks: to the running vCPU -----------------------------------------------------------
 

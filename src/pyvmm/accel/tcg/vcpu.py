@@ -108,6 +108,8 @@ class TcgVcpu:
         rip = self.regs.read(X.UC_X86_REG_RIP)
         native = self.translator.native_exceptions
         delivered = native.delivered if native is not None else 0
+        native_syscalls = self.translator.native_syscalls
+        syscalls = native_syscalls.count if native_syscalls is not None else 0
         timer = self.slice_timer
         requests = self.translator.interrupt_requests
         if requests is not None and (self.want_interrupt_window or self.want_nmi_window):
@@ -141,6 +143,8 @@ class TcgVcpu:
                 self._report_untaken(requested)
         if self._injected is not None and self.rflags & RFLAGS_IF and not self.private.interrupts_inhibited():
             self._deliver_pending_injection()  # (an emu_start can end before its loop checks requests)
+        if native_syscalls is not None:
+            self.stats["syscalls"] += native_syscalls.count - syscalls
         if native is not None:
             self.stats["exceptions"] += native.delivered - delivered
             # Only a triple fault leaves QEMU's #DF tracking set (native_delivery.py), and it ends
