@@ -9,6 +9,7 @@ pytest.importorskip("unicorn")
 
 import unicorn.x86_const as X  # noqa: E402
 
+from pyvmm.accel.tcg import stack_writes  # noqa: E402
 from pyvmm.accel.tcg.stack_writes import release_stack_pages  # noqa: E402
 from pyvmm.accel.tcg.vcpu import TcgVcpu  # noqa: E402
 from pyvmm.arch.x86_64.boot_tables import long_mode_state  # noqa: E402
@@ -50,6 +51,21 @@ def test_near_the_bottom_the_page_below_goes_too(translator):
 def test_a_non_executable_stack_is_left_to_the_translator(translator):
     cpu = _vcpu(translator, b"\xf4", STACK_PAGE + 0x900, nx_stack=True)
     assert release_stack_pages(cpu) == []
+    cr3 = cpu.regs.read(X.UC_X86_REG_CR3)
+    assert cpu.non_executable_stack_pages == {(cr3, STACK_PAGE)}
+    cpu.close()
+
+
+def test_a_stack_page_found_non_executable_is_not_walked_again_under_its_cr3(translator, monkeypatch):
+    cpu = _vcpu(translator, b"\xf4", STACK_PAGE + 0x900, nx_stack=True)
+    walks = []
+    monkeypatch.setattr(stack_writes, "translate", lambda *args, **kw: walks.append(args[2]) or translate(*args, **kw))
+    release_stack_pages(cpu)
+    release_stack_pages(cpu)
+    assert walks == [STACK_PAGE]
+    cpu.regs.write(X.UC_X86_REG_RSP, STACK_PAGE + 0x10)  # near the bottom: the page below is new
+    release_stack_pages(cpu)
+    assert walks == [STACK_PAGE, STACK_PAGE - 0x1000]
     cpu.close()
 
 

@@ -58,6 +58,7 @@ class PlatformLock:
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
+        self.raw = self._lock  # for holders that defer nothing: the lock without this class's frames
         self._depth = 0
         self._deferred: list[Callable[[], None]] = []
 

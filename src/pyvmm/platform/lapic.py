@@ -304,18 +304,22 @@ class LocalApic(LapicTimer, LapicPersist):
         return isrv & 0xF0
 
     def _deliverable_irr_vector(self) -> int | None:
-        if not self.hardware_enabled or not self.software_enabled:
-            return None  # held in IRR until the APIC is enabled
-        vector = _highest_bit(self._irr)
-        if vector is not None and (vector >> 4) > (self._ppr() >> 4):
-            return vector
-        return None
+        # (asked between every two slices of the software CPU: attribute tests, no calls)
+        irr = self._irr
+        if not irr or not self._apic_base & APIC_BASE_ENABLE or not self._svr & SVR_ENABLE:
+            return None  # (held in IRR until the APIC is enabled)
+        vector = irr.bit_length() - 1
+        isr = self._isr
+        in_service = isr.bit_length() - 1 if isr else 0
+        tpr = self._tpr
+        ppr = tpr if (tpr >> 4) >= (in_service >> 4) else in_service & 0xF0
+        return vector if (vector >> 4) > (ppr >> 4) else None
 
     def _extint_route(self) -> bool:
         """Is the PIC's INTR reaching the CPU through (or past) this LAPIC?"""
         if self.pic is None:
             return False
-        if not self.hardware_enabled or not self.software_enabled or self._extint_requested:
+        if not self._apic_base & APIC_BASE_ENABLE or not self._svr & SVR_ENABLE or self._extint_requested:
             return True
         lint0 = self._lvt[LVT_LINT0]
         return not lint0 & LVT_MASKED and (lint0 >> 8) & 7 == DeliveryMode.EXTINT
@@ -326,7 +330,9 @@ class LocalApic(LapicTimer, LapicPersist):
         """The vector an interrupt acknowledge would deliver now, or None. With `now_ns`, the
         timer is polled first. The PIC can change under a racing device thread: deliver what
         `acknowledge()` returns, not this."""
-        with self._lock:
+        # Without a timer poll nothing here defers a wake-up: the bus's lock itself will do
+        # (PlatformLock's own frames were a tenth of the Python calls between two slices).
+        with self._lock if now_ns is not None else self._lock.raw:
             if now_ns is not None:
                 self._timer_update(now_ns)
             pic = self.pic  # (_extint_route() is False without one)
@@ -362,8 +368,8 @@ class LocalApic(LapicTimer, LapicPersist):
 
     @property
     def nmi_pending(self) -> bool:
-        with self._lock:
-            return self._nmi_pending
+        """A look, as the CPU loop takes between slices: take_nmi() decides."""
+        return self._nmi_pending
 
     def take_nmi(self) -> bool:
         """Consume a pending NMI; True if there was one."""
@@ -380,8 +386,8 @@ class LocalApic(LapicTimer, LapicPersist):
             return events
 
     def has_startup_events(self) -> bool:
-        with self._lock:
-            return bool(self._startup_events)
+        """A look, as the CPU loop takes between slices: take_startup_events() decides."""
+        return bool(self._startup_events)
 
     def has_pending_events(self) -> bool:
         """Anything that ends HLT: a deliverable interrupt, an NMI, INIT or SIPI. (The CPU

@@ -97,14 +97,19 @@ class LapicTimer:
         if not lvt & LVT_MASKED:
             self._accept_vector(lvt & 0xFF, False)
 
+    # Both run between every two slices of the software CPU. Only the CPU loop's own thread
+    # changes the timer (register writes, restores while paused), so a look needs no lock.
+
     def poll(self, now_ns: int) -> None:
         """Deliver a timer interrupt due by `now_ns` (missed periods are coalesced into one)."""
+        deadline = self._timer_deadline_ns()
+        if deadline is None or now_ns < deadline:
+            return
         with self._lock:
             self._timer_update(now_ns)
 
     def next_deadline_ns(self, now_ns: int | None = None) -> int | None:
         """Guest ns of the next timer interrupt, or None if the timer is idle or masked."""
-        with self._lock:
-            if self._lvt[LVT_TIMER] & LVT_MASKED:
-                return None
-            return self._timer_deadline_ns()
+        if self._lvt[LVT_TIMER] & LVT_MASKED:
+            return None
+        return self._timer_deadline_ns()

@@ -352,6 +352,9 @@ class Pic8259Pair:
 
     def pending_vector(self) -> int | None:
         """The vector an INTA now would return, without performing it (None if INT is idle)."""
+        master = self.master
+        if not master.irr & ~master.imr:
+            return None  # (a look, asked between every two slices: a request raised meanwhile wakes the CPU)
         with self._lock:
             ir = self.master.highest_request()
             if ir is None:

@@ -109,9 +109,10 @@ class TcgAccelerator:
     def _wake(self) -> None:
         """An interrupt was raised, or the VM must stop or pause (any thread): end the running
         slice, wake a sleeping scheduler."""
-        self._wakeup.set()
         running = getattr(helper_patch.running, "vcpu", None)
-        if running is not None and self.vcpus == [running] and running.wait_for_window():
+        if running is None:
+            self._wakeup.set()  # (from inside a slice the scheduler is not asleep: it looks after the slice)
+        elif self.vcpus == [running] and running.wait_for_window():
             return  # raised by the running vCPU's own I/O: the engine takes it where IF allows
         self._slice_timer.kick()
 

@@ -28,7 +28,10 @@ RETRY = 0.001
 
 class SliceTimer:
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        # begin() and end() run at every slice: they take the bare lock (C, no frames); only
+        # a notify needs the condition, which is built on that lock
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._stop: Callable[[], None] | None = None  # stops the running slice; None between slices
         self._deadline = 0.0        # time.monotonic() at which the slice ends
         self._stopped = False       # stop() was called for the running slice
@@ -40,7 +43,7 @@ class SliceTimer:
     def begin(self, stop: Callable[[], None], seconds: float) -> None:
         """A slice is about to start; `stop()` (callable from any thread) ends it after `seconds`."""
         deadline = time.monotonic() + seconds
-        with self._cond:
+        with self._lock:
             self._stop, self._deadline, self._stopped = stop, deadline, False
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="tcg-slice-timer", daemon=True)
@@ -50,14 +53,14 @@ class SliceTimer:
 
     def end(self) -> bool:
         """The slice returned; True if it was stopped (by its deadline or a kick)."""
-        with self._cond:
+        with self._lock:
             self._stop = None
             return self._stopped
 
     def kick(self) -> None:
         """End the running slice, if any, as soon as possible (any thread). The thread is left
         asleep: it repeats a stop that may have been lost when it wakes for the deadline."""
-        with self._cond:
+        with self._lock:
             if self._stop is not None and not self._stopped:
                 self._stop_locked()
 

@@ -14,6 +14,10 @@ non-executable page: it drops whatever was translated from the page, and clears 
 write check for it (QEMU's tlb_set_dirty, which libunicorn exports). Translating code from
 the page again re-arms the check, through whichever address the page is written
 (code_aliases.py).
+
+After boot every stack is non-executable, and the page walk that says so was a tenth of the
+Python calls of a slice. So a stack page found non-executable under a CR3 is not walked again
+under that CR3: were it to become executable, its stores would only take the slow path again.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ log = logging.getLogger(__name__)
 
 PAGE = 0x1000
 NEAR_BOTTOM = 0x800  # a stack pointer this close to its page's start will soon use the page below
+KNOWN_LIMIT = 4096   # (CR3, page) pairs remembered as non-executable, per vCPU, before starting over
 
 
 def _bind_tlb_set_dirty():
@@ -54,18 +59,28 @@ def release_stack_pages(vcpu, in_64bit_code: bool | None = None) -> list[int]:
         return []  # (dropping a page's code would flush the whole cache at every slice)
     if not (vcpu.in_64bit_code() if in_64bit_code is None else in_64bit_code):
         return []
-    rsp = vcpu.regs.read(X.UC_X86_REG_RSP)
-    pages = [rsp & ~(PAGE - 1)]
-    if rsp & (PAGE - 1) < NEAR_BOTTOM:
-        pages.append(pages[0] - PAGE)
+    regs = vcpu.regs
+    rsp, cr3 = regs.read(X.UC_X86_REG_RSP), regs.read(X.UC_X86_REG_CR3)
+    known = vcpu.non_executable_stack_pages
+    page = rsp & ~(PAGE - 1)
+    pages = [page] if (cr3, page) not in known else []
+    if rsp & (PAGE - 1) < NEAR_BOTTOM and (cr3, page - PAGE) not in known:
+        pages.append(page - PAGE)
+    if not pages:
+        return []
     mode, released = vcpu.paging, []
     for page in pages:
         try:
             mapping = translate(vcpu.memory, mode, page, set_accessed=False)  # a look, not an access
         except PageFault:
             continue
-        if not (mapping.executable and mapping.writable):
-            continue  # non-executable: Unicorn does this itself; read-only: stores fault anyway
+        if not mapping.executable:  # Unicorn does this itself
+            if len(known) >= KNOWN_LIMIT:
+                known.clear()
+            known.add((cr3, page))
+            continue
+        if not mapping.writable:
+            continue  # stores fault anyway
         physical = mapping.physical & ~(PAGE - 1)
         vcpu.drop_translations(physical, physical + PAGE)
         _tlb_set_dirty(vcpu.engine.cpu_address, page)
