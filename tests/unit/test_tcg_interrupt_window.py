@@ -86,3 +86,49 @@ def test_no_stop_while_interrupts_stay_disabled():
 def test_the_request_offset_follows_qemus_cpustate_layout():
     # bool exit_request, bool in_exclusive_context, u32 cflags_next_tb, u32 interrupt_request
     assert interrupt_window.interrupt_request_offset(21) == 28
+
+
+class _TakingCpu(_Cpu):
+    """A vCPU whose own I/O asked for the window: it hands the engine `vector` there."""
+
+    def __init__(self, engine: _Engine, vector: int) -> None:
+        super().__init__(engine)
+        self.vector, self.taken = vector, 0
+
+    def take_at_window(self) -> int | None:
+        self.taken += 1
+        return self.vector
+
+
+def test_a_vector_taken_at_the_window_is_delivered_there_without_a_stop():
+    """take_at_window: the engine delivers the vector through the IDT at the boundary where the
+    window opened (after `sti; nop`), and the slice goes on into the handler."""
+    from pyvmm.accel.tcg.private_state import _probe_uc
+
+    assert interrupt_window.install(engine_offsets())
+    idt, handler, code, vector = 0x5000, 0x6000, 0x7000, 0x40
+    uc = _probe_uc()  # long mode, CPL 0, a flat 64-bit code segment at 0x08, the first 2 MiB mapped
+    uc.ctl_exits_enabled(True)
+    uc.ctl_set_exits([])
+    engine = EngineControl(uc, engine_offsets())
+    engine.stop_between_instructions()
+    gate = (handler & 0xFFFF) | 0x08 << 16 | 0x8E << 40 | (handler >> 16 & 0xFFFF) << 48
+    uc.mem_write(idt + 16 * vector, gate.to_bytes(8, "little") + (handler >> 32).to_bytes(8, "little"))
+    uc.reg_write(X.UC_X86_REG_IDTR, (0, idt, 16 * 256 - 1, 0))
+    uc.mem_write(handler, bytes.fromhex("f4"))                   # hlt
+    uc.mem_write(code, bytes.fromhex("fb" "90" "90" "f4"))       # sti; nop; nop; hlt
+    uc.reg_write(X.UC_X86_REG_RFLAGS, 0x2)
+    rsp = uc.reg_read(X.UC_X86_REG_RSP)
+    requests = interrupt_window.InterruptRequests(engine.cpu_address, engine_offsets().exit_request)
+    cpu = _TakingCpu(_Engine(uc, engine), vector)
+    requests.request(hard=True, nmi=False)
+    helper_patch.running.vcpu = cpu
+    try:
+        uc.emu_start(code, 0xFFFF_FFFF_FFFF_FFFF)  # ends at the handler's HLT
+    finally:
+        helper_patch.running.vcpu = None
+        requests.clear()
+    assert (cpu.taken, cpu.engine.stops, cpu.window_exit) == (1, [], False)
+    assert uc.reg_read(X.UC_X86_REG_RIP) == handler + 1
+    frame_rip = int.from_bytes(uc.mem_read(rsp - 40, 8), "little")  # RIP CS RFLAGS RSP SS pushed
+    assert frame_rip == code + 2, "delivered after the NOP in STI's shadow, before the next one"

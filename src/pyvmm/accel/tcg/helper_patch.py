@@ -14,6 +14,7 @@ to a small x86-64 stub:
                  (or, install_guard: machine code decides, with no Python call)
                  action 0: run the helper: its displaced first instructions, then jump back
                  action 1: return `out` (the helper's work is done)
+                 action 3: run the helper with `out` as its second argument (arg1)
                  action 2: raise #GP(0) the way the helper itself would
                            (raise_exception_err_ra(env, 13, 0, return address): the engine
                            unwinds to the faulting instruction with longjmp, in C)
@@ -38,7 +39,7 @@ from typing import Callable
 
 log = logging.getLogger(__name__)
 
-PASS, HANDLED, GENERAL_PROTECTION = 0, 1, 2
+PASS, HANDLED, GENERAL_PROTECTION, PASS_WITH_ARG1 = 0, 1, 2, 3
 # helper -> the instructions before its first call, which the jump overwrites (this build's)
 PROLOGUES = {
     "helper_rdmsr_x86_64": bytes.fromhex("53488b4c24084889fb31d2be7c000000"),
@@ -99,8 +100,11 @@ def _stub(callback: int, raise_function: int, passthrough: bytes,
     head += bytes.fromhex("ffd0" "4c8b5c2408" "4883c418" "59" "5a" "5e" "5f" "85c0")
     handled = bytes.fromhex("4c89d8" "c3")                       # mov %r11,%rax; ret
     raise_gp = _raise_gp(raise_function)
-    # test %eax,%eax; jz passthrough; cmp $1,%eax; jne raise; handled; raise; passthrough
-    after_jz = bytes.fromhex("83f801") + bytes([0x75, len(handled)]) + handled + raise_gp
+    # test %eax,%eax; jz passthrough; cmp $3,%eax; jne 1f; mov %r11,%rsi; jmp passthrough;
+    # 1: cmp $1,%eax; jne raise; handled; raise; passthrough
+    rest = bytes.fromhex("83f801") + bytes([0x75, len(handled)]) + handled + raise_gp
+    with_arg1 = bytes.fromhex("83f803" "7505" "4c89de") + bytes([0xEB, len(rest)])
+    after_jz = with_arg1 + rest
     python = head + bytes([0x74, len(after_jz)]) + after_jz
     return (skip(len(python)) if skip is not None else b"") + python + passthrough
 

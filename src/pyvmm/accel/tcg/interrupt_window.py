@@ -11,6 +11,10 @@ interrupt_request is taken when IF=1 and no shadow is active, by calling
 do_interrupt_x86_hardirq(env, 0, 1). Unicorn leaves the request unused and has no PIC behind it
 (the vector would be 0); pyvmm patches that function's entry (helper_patch.py) so that a
 request pyvmm made stops the slice there instead, and the scheduler injects the real vector.
+A request the running vCPU's own I/O made (vcpu.wait_for_window: a UART raising its interrupt
+inside the guest's port lock, say) is served right there: the LAPIC acknowledges, and the
+engine delivers that vector at the very boundary the scheduler would have, without a slice
+end (one per console line's load, each a round of the scheduler).
 
 A pending NMI that is blocked by an NMI in service (until the next IRET) is handed to the
 engine the same way, as CPU_INTERRUPT_NMI, which QEMU delivers itself when IRET unblocks it.
@@ -28,7 +32,7 @@ import logging
 import threading
 
 from . import helper_patch
-from .helper_patch import HANDLED, PASS
+from .helper_patch import HANDLED, PASS, PASS_WITH_ARG1
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,10 @@ def _on_hardirq(env: int, vector: int, is_hw: int) -> tuple[int, int]:
         vcpu.halted = False
         return PASS, 0
     if vector == 0:  # CPU_INTERRUPT_HARD: Unicorn has no PIC to ask for the vector
+        take = getattr(vcpu, "take_at_window", None)
+        now = take() if take is not None else None
+        if now is not None:
+            return PASS_WITH_ARG1, now  # delivered right here by the engine: the slice goes on
         vcpu.window_exit = True
         vcpu.engine.request_stop()
         return HANDLED, 0

@@ -81,6 +81,7 @@ class TcgVcpu:
         # set by the scheduler for the next slice: stop where an external interrupt / a blocked
         # NMI can be taken (interrupt_window.py); cleared when the slice ends
         self.want_interrupt_window = self.want_nmi_window = self.window_exit = False
+        self._take_at_window = False  # the request this slice made for its own I/O: take_at_window
         self.frozen_tsc: int | None = None  # the guest TSC while the VM is paused (vcpu_state.freeze_tsc)
         self.thread_ident: int | None = None
         # what kick() does: end the running slice; the accelerator also wakes its scheduler
@@ -136,6 +137,7 @@ class TcgVcpu:
                 self._injected = interrupts.disarm()  # (the engine did not take it)
             if requests is not None:  # (also made within the slice: accelerator._wake)
                 requests.clear()  # the CPUState is every vCPU's: no request outlives the slice
+                self._take_at_window = False
         stopped = stopped or self.window_exit
         if injected is None or self._injected is None:
             self._untaken_slices = 0
@@ -376,7 +378,23 @@ class TcgVcpu:
         if self._injected is not None and (interrupts is None or interrupts.armed()):
             return False  # a vector armed and not yet taken: its delivery would consume the request
         requests.request(hard=True, nmi=False)
+        self._take_at_window = True
         return True
+
+    def take_at_window(self) -> int | None:
+        """Inside the engine, where the window a wait_for_window() request asked for opened (IF
+        set, no shadow): the vector for the engine to deliver there and then, or None to end the
+        slice and leave it to the scheduler (an NMI came, or the interrupt went away)."""
+        lapic = self.lapic
+        if not self._take_at_window or lapic is None or lapic.nmi_pending or lapic.pending_vector() is None:
+            return None
+        vector = lapic.acknowledge()
+        self.stats["interrupts"] += 1
+        if lapic.pending_vector() is not None and self.translator.interrupt_requests is not None:
+            self.translator.interrupt_requests.request(hard=True, nmi=False)  # the next one, at the next window
+        else:
+            self._take_at_window = False
+        return vector
 
     def nmi_window_open(self) -> bool:
         """No NMI in service (none delivered since the last IRET) and no MOV SS / STI shadow."""
