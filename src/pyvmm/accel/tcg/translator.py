@@ -25,6 +25,7 @@ from ...arch.x86_64 import layout
 from ..dispatch import ExitDispatcher
 from .engine_state import EngineControl, EngineOffsets
 from .fast_registers import FastRegisters
+from .halt_flag import halt_flag
 from .native_delivery import NativeExceptionDelivery
 from . import code_aliases, interrupt_window, msr_cr_policy, native_syscall
 from .live_cpu_state import ApiSyscallMsrs, SyscallMsrs, live_context_base
@@ -66,6 +67,7 @@ class Translator:
         # hooks (engine_state.py), which needs a setting made before anything is translated.
         self.engine = EngineControl(uc, engine)
         self.engine.stop_between_instructions()
+        self.halt_flag = halt_flag(self.engine.cpu_address, engine)  # did a slice end on HLT?
         self.slice_timer = slice_timer  # ends the running slice; its owner closes it
         for region in memory.regions:
             uc.mem_map_ptr(region.guest_base, region.size, U.UC_PROT_ALL, region.host_address)
@@ -160,6 +162,7 @@ class Translator:
         self._contexts.clear()
         # drop the engine (and everything viewing it) now: nothing uses a closed translator
         self.uc = self.private = self.regs = self.engine = self.translated_code = None  # type: ignore[assignment]
+        self.halt_flag = None
         self.spin_loops = None  # type: ignore[assignment]
         self.syscall_msrs = None  # type: ignore[assignment]
         self.native_exceptions = None

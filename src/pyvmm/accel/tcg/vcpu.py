@@ -192,6 +192,9 @@ class TcgVcpu:
         return PAUSE in around
 
     def _after_hlt(self) -> bool:
+        halted = self.translator.halt_flag
+        if halted is not None:
+            return bool(halted.value)  # (halt_flag.py)
         try:
             return self.read_linear(self.linear_rip - 1, 1)[0] == HLT_OPCODE
         except Exception:
