@@ -84,30 +84,39 @@ class SyscallMsrs:
 
     @classmethod
     def find(cls, uc, base: int | None) -> "SyscallMsrs | None":
-        """Each MSR's context offset, found as the one place a marker written through the MSR
-        API shows (EFER: its SCE bit toggled), then put back. None if any is not unique."""
+        """The MSRs in place (syscall_msr_offsets), checked against the API; None if not found."""
         if base is None:
             return None
-        offsets: dict[int, int] = {}
-        for msr, marker in ((MSR_STAR, _MARKERS[0]), (MSR_LSTAR, _MARKERS[1]), (MSR_FMASK, _MARKERS[0] ^ 0xFF),
-                            (MSR_EFER, None)):
-            kept = uc.msr_read(msr)
-            value = kept ^ EFER_SCE if marker is None else marker
-            before = _context_bytes(uc)
-            uc.msr_write(msr, value)
-            after = _context_bytes(uc)
-            uc.msr_write(msr, kept)
-            found = [o for o in range(0, len(after) - 7, 8)
-                     if struct.unpack_from("<Q", after, o)[0] == value and struct.unpack_from("<Q", before, o)[0] == kept]
-            if len(found) != 1:
-                log.info("software CPU: MSR %#x not found in the engine's CPU state: SYSCALL reads it through the API",
-                         msr)
-                return None
-            offsets[msr] = found[0]
+        offsets = syscall_msr_offsets(uc)
+        if offsets is None:
+            log.info("software CPU: SYSCALL reads its MSRs through the API")
+            return None
         msrs = cls(base, offsets)
         if msrs.read() != tuple(uc.msr_read(m) for m in (MSR_EFER, MSR_STAR, MSR_LSTAR, MSR_FMASK)):
             return None
         return msrs
+
+
+def syscall_msr_offsets(uc) -> dict[int, int] | None:
+    """EFER, STAR, LSTAR and SFMASK -> context offset, each found as the one place a marker
+    written through the MSR API shows (EFER: its SCE bit toggled), then put back. None if any
+    is not unique."""
+    offsets: dict[int, int] = {}
+    for msr, marker in ((MSR_STAR, _MARKERS[0]), (MSR_LSTAR, _MARKERS[1]), (MSR_FMASK, _MARKERS[0] ^ 0xFF),
+                        (MSR_EFER, None)):
+        kept = uc.msr_read(msr)
+        value = kept ^ EFER_SCE if marker is None else marker
+        before = _context_bytes(uc)
+        uc.msr_write(msr, value)
+        after = _context_bytes(uc)
+        uc.msr_write(msr, kept)
+        found = [o for o in range(0, len(after) - 7, 8)
+                 if struct.unpack_from("<Q", after, o)[0] == value and struct.unpack_from("<Q", before, o)[0] == kept]
+        if len(found) != 1:
+            log.info("software CPU: MSR %#x not found in the engine's CPU state", msr)
+            return None
+        offsets[msr] = found[0]
+    return offsets
 
 
 class ApiSyscallMsrs:

@@ -18,10 +18,10 @@ code -- and falls through to Unicorn's helper (and so to the Python hook) for ev
     CS32, SS32 in hflags; no exception in flight (old_exception = -1)
     eip = LSTAR; return to the translated code (which ends the block)
 
-The CPU state's offsets are found and checked, not assumed: RAX, RIP, R11 and the SYSCALL MSRs
-by marker values written through the register API; hflags, the segment caches and
-old_exception from private_state's probe; EFLAGS, CC_SRC, CC_OP and DF (between RIP and hflags,
-in QEMU's order) by loading RFLAGS through the API. Then a scratch guest must come out of
+The CPU state's offsets are found and checked, not assumed: RAX, RIP, R11 by marker values
+written through the register API; the SYSCALL MSRs as live_cpu_state finds them; hflags, the
+segment caches and old_exception from private_state's probe; EFLAGS, CC_SRC, CC_OP and DF
+(between RIP and hflags, in QEMU's order) by loading RFLAGS through the API. Then a scratch guest must come out of
 SYSCALL in the state the SDM gives, for two sets of flags and masks. Any doubt: the stub is not
 used and every SYSCALL takes the Python path, as before.
 """
@@ -160,7 +160,7 @@ def env_offsets(uc, context) -> EnvOffsets | None:
     private_state ContextOffsets. None if anything is not where QEMU's layout puts it."""
     import unicorn.x86_const as X
 
-    from .live_cpu_state import _context_bytes
+    from .live_cpu_state import _context_bytes, syscall_msr_offsets
 
     def where(write, value: int) -> int | None:
         before = _context_bytes(uc)
@@ -170,18 +170,17 @@ def env_offsets(uc, context) -> EnvOffsets | None:
                  and struct.unpack_from("<Q", before, o)[0] != value]
         return found[0] if len(found) == 1 else None
 
+    msrs = syscall_msr_offsets(uc)
+    if msrs is None:
+        return None
     kept_regs = {r: uc.reg_read(r) for r in (X.UC_X86_REG_RAX, X.UC_X86_REG_RCX, X.UC_X86_REG_R11,
                                              X.UC_X86_REG_RIP, X.UC_X86_REG_RFLAGS)}
-    kept_msrs = {m: uc.msr_read(m) for m in (MSR_EFER, MSR_STAR, MSR_LSTAR, MSR_FMASK)}
     try:
         found = {name: where(lambda v, r=register: uc.reg_write(r, v), _MARKER + i)
                  for i, (name, register) in enumerate((("rax", X.UC_X86_REG_RAX), ("rcx", X.UC_X86_REG_RCX),
                                                        ("r11", X.UC_X86_REG_R11), ("eip", X.UC_X86_REG_RIP)))}
-        found.update({name: where(lambda v, m=msr: uc.msr_write(m, v), _MARKER + 8 + i)
-                      for i, (name, msr) in enumerate((("star", MSR_STAR), ("lstar", MSR_LSTAR), ("fmask", MSR_FMASK)))})
-        efer = where(lambda v: uc.msr_write(MSR_EFER, v), kept_msrs[MSR_EFER] ^ EFER_SCE)
         at = {name: offset for name, offset in found.items() if offset is not None}
-        if efer is None or len(at) != len(found):
+        if len(at) != len(found):
             return None
         env = at["rax"]
         # EFLAGS, CC_DST/SRC/SRC2, CC_OP, DF lie between eip and hflags, as in QEMU's CPUX86State
@@ -191,8 +190,8 @@ def env_offsets(uc, context) -> EnvOffsets | None:
         off = EnvOffsets(rcx=at["rcx"] - env, r11=at["r11"] - env, eip=eip, eflags=eip + 8,
                          cc_dst=eip + 0x10, cc_src=eip + 0x18, cc_src2=eip + 0x20, cc_op=eip + 0x28,
                          df=eip + 0x2C, hflags=hflags, segments=context.segments - env,
-                         old_exception=context.old_exception - env, efer=efer - env,
-                         star=at["star"] - env, lstar=at["lstar"] - env, fmask=at["fmask"] - env)
+                         old_exception=context.old_exception - env, efer=msrs[MSR_EFER] - env,
+                         star=msrs[MSR_STAR] - env, lstar=msrs[MSR_LSTAR] - env, fmask=msrs[MSR_FMASK] - env)
         # The API loads RFLAGS as QEMU does: whole in EFLAGS (between slices; the CPU loop moves
         # the arithmetic flags and DF out while it runs), the arithmetic flags in CC_SRC, DF as -1
         uc.reg_write(X.UC_X86_REG_RFLAGS, 0x40C03)  # AC OF DF CF
@@ -208,8 +207,6 @@ def env_offsets(uc, context) -> EnvOffsets | None:
     finally:
         for register, value in kept_regs.items():
             uc.reg_write(register, value)
-        for msr, value in kept_msrs.items():
-            uc.msr_write(msr, value)
 
 
 def attach(uc, context, live: int | None) -> "NativeSyscalls | None":
