@@ -74,7 +74,7 @@ class TcgVcpu:
         self._in_exception = False
         self._injected: int | None = None  # an interrupt the engine delivers as the next slice starts
         self._untaken_slices = 0  # slices in a row that ended with self._injected not taken
-        self._stopped_by_timer = False  # the last slice ended from outside, maybe inside a REP STOS
+        self._slice_expired = False  # the last slice ran to its deadline, maybe inside a REP STOS
         self.halted = False
         self.spinning = False  # the last slice ended in a spin loop (the scheduler's hint)
         self.waiting_for_sipi = index != 0
@@ -105,7 +105,7 @@ class TcgVcpu:
         # double-fault tracking across a slice boundary (also for a fault whose hook never ran):
         # the next fault would then become a #DF, or a silent triple fault that halts the CPU.
         hflags = self.private.finish_exception()
-        if self._stopped_by_timer and finish_rep_stos(self):
+        if self._slice_expired and finish_rep_stos(self):  # (not after a kick: one per device interrupt)
             self.stats["string_assists"] += 1
         release_stack_pages(self, in_64bit_code=_in_64bit_code(hflags))
         rip = self.regs.read(X.UC_X86_REG_RIP)
@@ -131,7 +131,8 @@ class TcgVcpu:
             error = exc
         finally:
             running.vcpu = None
-            stopped = self._stopped_by_timer = timer.end()
+            stopped = timer.end()
+            self._slice_expired = timer.expired
             if injected is not None and interrupts is not None:
                 requested = interrupts.requested() if self._untaken_slices + 1 in UNTAKEN_REPORTS else None
                 self._injected = interrupts.disarm()  # (the engine did not take it)
