@@ -29,7 +29,7 @@ from typing import Any
 from ..arch.x86_64 import layout
 from ..arch.x86_64 import msrs as M
 from ..arch.x86_64.cpu_state import XSTATE_SSE, XSTATE_X87, GuestCpuView, VcpuState
-from ..arch.x86_64.cpuid import FEATURES, CpuidPolicy
+from ..arch.x86_64.cpuid import FEATURES, CpuidPolicy, bit_name
 from ..kvm.system import CpuidEntry
 from ..persist import State, StateError, require
 from ..platform import lapic_registers as R
@@ -84,8 +84,7 @@ def missing_features(shown: list[CpuidEntry], offered: list[CpuidEntry]) -> list
         lacking &= ~DYNAMIC_BITS.get((leaf, subleaf, register), 0)
         for bit in range(32):
             if lacking >> bit & 1:
-                missing.append(_FEATURE_NAMES.get((leaf, subleaf, register, bit),
-                                                  f"leaf {leaf:#x}.{subleaf} {register.upper()} bit {bit}"))
+                missing.append(_FEATURE_NAMES.get((leaf, subleaf, register, bit)) or bit_name(leaf, subleaf, register, bit))
     return missing
 
 

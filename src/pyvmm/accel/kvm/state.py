@@ -90,6 +90,11 @@ def _save_fpu(accel: "KvmAccelerator", fd) -> tuple[FpuState, XsaveState | None]
     xstate_bv = struct.unpack_from("<Q", area, XSTATE_BV_OFFSET)[0]
     xcr0 = next((x.value for x in _xcrs(fd) if x.xcr == 0), XSTATE_X87 | XSTATE_SSE)
     layout = xsave_layout(accel)
+    # KVM fills in PKRU where the host has it, whatever the guest's XCR0 enables: a component
+    # beyond XCR0 still in its initial state (zeros) holds nothing the guest could lose
+    for number, (offset, length) in layout.items():
+        if xstate_bv >> number & 1 and not xcr0 >> number & 1 and not any(area[offset:offset + length]):
+            xstate_bv &= ~(1 << number)
     components = {}
     for number, (offset, length) in layout.items():
         if xstate_bv >> number & 1:
