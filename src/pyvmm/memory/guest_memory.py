@@ -10,6 +10,7 @@ import ctypes
 import mmap
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,6 +20,7 @@ from .backing import DEFAULT_BACKING, HUGETLB_PAGE, Backing, apply_advice
 
 
 _U16, _U32, _U64 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<Q")
+_LITTLE_ENDIAN = sys.byteorder == "little"  # the word views are native-endian; guest memory is little-endian
 _libc = ctypes.CDLL(None, use_errno=True)  # mincore(2): resident pages, for stats
 
 
@@ -68,6 +70,8 @@ class MemoryRegion:
             what = " on hugetlb pages (too few reserved?)" if backing.hugetlb else ""
             raise GuestMemoryError(f"cannot allocate {size >> 20} MiB of guest RAM{what}: {exc.strerror}") from None
         self.view = memoryview(self.mmap)
+        # u16, u32 and u64 views: an aligned store through one is one store of the whole value
+        self.words = (self.view.cast("H"), self.view.cast("I"), self.view.cast("Q"))
         self._anchor = ctypes.c_char.from_buffer(self.mmap)
         self.host_address = ctypes.addressof(self._anchor)
         self._closed = False
@@ -113,6 +117,8 @@ class MemoryRegion:
         if self._closed:
             return
         self._closed = True
+        for words in self.words:
+            words.release()
         self.view.release()
         del self._anchor
         self.mmap.close()
@@ -130,6 +136,7 @@ class GuestMemory:
             if a.guest_end > b.guest_base:
                 raise GuestMemoryError(f"RAM regions overlap at {b.guest_base:#x}")
         self._spans = [(int(r.guest_base), int(r.guest_base) + r.size, r.view) for r in self.regions]
+        self._word_spans = [(int(r.guest_base), int(r.guest_base) + r.size, r.view, r.words) for r in self.regions]
         # Called as (address, length) after a device wrote guest RAM behind the CPU's back
         # (virtio DMA): the software CPU must drop code it translated from those bytes.
         self.on_device_write: Callable[[int, int], None] | None = None
@@ -232,17 +239,30 @@ class GuestMemory:
         view, start = self._locate(address, 1)
         view[start] = value
 
+    # The guest reads rings while devices write them (virtio's used index, from the I/O thread,
+    # while the vCPU runs without the GIL): a value must go to RAM in one store. struct's
+    # pack_into zeroes its destination before it packs, so a racing reader saw 0 there: a used
+    # index of 0 sent Linux on to a used entry not yet written (the tools_io hang).
+
     def write_u16(self, address: int, value: int) -> None:
-        view, start = self._locate(address, 2)
-        _U16.pack_into(view, start, value)
+        self._store(address, 2, 0, value)
 
     def write_u32(self, address: int, value: int) -> None:
-        view, start = self._locate(address, 4)
-        _U32.pack_into(view, start, value)
+        self._store(address, 4, 1, value)
 
     def write_u64(self, address: int, value: int) -> None:
-        view, start = self._locate(address, 8)
-        _U64.pack_into(view, start, value)
+        self._store(address, 8, 2, value)
+
+    def _store(self, address: int, size: int, kind: int, value: int) -> None:
+        for base, end, view, words in self._word_spans:
+            if base <= address and address + size <= end:
+                offset = int(address) - base
+                if offset % size == 0 and _LITTLE_ENDIAN:
+                    words[kind][offset // size] = value  # one aligned store (memoryview packs with a fixed-size copy)
+                else:
+                    view[offset:offset + size] = value.to_bytes(size, "little")  # a copy, never zeroed first
+                return
+        raise GuestMemoryError(f"guest access {address:#x}+{size:#x} is outside guest RAM")
 
     def read_cstring(self, address: int, limit: int = 4096) -> bytes:
         region = self.region_for(address)

@@ -42,7 +42,6 @@ MAX_QUEUE_SIZE = 32768
 MAX_CHAIN_BYTES = 1 << 32  # a chain's total length must fit the used ring's 32-bit length
 
 _DESC = struct.Struct("<QIHH")
-_USED_ELEM = struct.Struct("<II")
 
 
 class VirtqueueBroken(PyvmmError):
@@ -329,7 +328,9 @@ class SplitQueue:
                     break
         slot = self.used_idx % self.size
         memory = self.memory
-        _USED_ELEM.pack_into(memory.view(self.used_ring + 4 + 8 * slot, 8), 0, chain.head, written)
+        element = self.used_ring + 4 + 8 * slot
+        memory.write_u32(element, chain.head)  # (each in one store: GuestMemory.write_u16)
+        memory.write_u32(element + 4, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         memory.write_u16(self.used_ring + 2, self.used_idx)  # publish after the element (x86 keeps store order)
         self.completed += 1
