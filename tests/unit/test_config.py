@@ -114,6 +114,10 @@ def test_validate_rejects(kwargs, max_vcpus, needle):
     assert str(info.value).startswith(info.value.field) and "--" not in str(info.value)
 
 
+def test_cpu_hide_takes_feature_names_and_bit_names():
+    MachineConfig(cpu_hide=frozenset({"xsave", "leaf 0x7.0 EDX bit 26"})).validate(max_vcpus=8)
+
+
 def test_cpus_over_host_limit_names_the_limit():
     with pytest.raises(ConfigError) as info:
         MachineConfig(cpus=9).validate(max_vcpus=8)
