@@ -1,7 +1,8 @@
 """The guest CPUID: what the accelerator supports, filtered by a policy, per vCPU.
 
-The policy hides features by name (`--cpu-hide xsave,cx16`, or any bit as `leaf 0x7.0 EDX bit 4`); topology leaves are
-rewritten so each vCPU sees its own APIC ID in a one-socket, N-core package.
+The policy hides features by name (`--cpu-hide xsave,cx16`, or any bit as `leaf 0x7.0 EDX
+bit 4`); topology leaves are rewritten so each vCPU sees its own APIC ID in a one-socket,
+N-core package.
 On KVM, `kvm_guest_cpuid` adds KVM's paravirtual leaves (0x40000000 signature,
 0x40000001 features such as kvm-clock, PV EOI and steal time), limited to what
 the kernel module reports and implements by itself; the software CPU never

@@ -329,7 +329,7 @@ class SplitQueue:
         slot = self.used_idx % self.size
         memory = self.memory
         element = self.used_ring + 4 + 8 * slot
-        memory.write_u32(element, chain.head)  # (each in one store: GuestMemory.write_u16)
+        memory.write_u32(element, chain.head)  # (one store each, never zeroed first: GuestMemory._store)
         memory.write_u32(element + 4, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         memory.write_u16(self.used_ring + 2, self.used_idx)  # publish after the element (x86 keeps store order)
