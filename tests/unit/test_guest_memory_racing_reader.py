@@ -16,10 +16,9 @@ import threading
 import time
 
 import pytest
+import unicorn as U
 
 from pyvmm.memory.guest_memory import GuestMemory, MemoryRegion
-
-U = pytest.importorskip("unicorn")
 
 SIZE = 0x10000
 CODE, WORDS, COUNTS = 0x1000, 0x2000, 0x3000
