@@ -306,18 +306,19 @@ def report(configs: list[Config], runs: dict[str, list[Run]], shown: dict[str, s
         print(f"QEMU: {qemu_version()}")
     print(f"benchmark disk: raw image of {disk_mib} MiB (all blocks allocated) on {args.workdir}; QEMU cache=writeback")
     print()
-    head = f"{'test':<42}{'unit':>6}" + "".join(f"{n:>12}" for n in names) + \
-        "".join(f"{n.split()[-1] + '/QEMU':>11}" for n in (others if qemu else []))
+    width = max(12, *(len(n) + 2 for n in names))  # ("pyvmm unplaced" is 14 characters)
+    head = f"{'test':<42}{'unit':>6}" + "".join(f"{n:>{width}}" for n in names) + \
+        "".join(f"{n.split()[-1] + '/QEMU':>15}" for n in (others if qemu else []))
     print(head)
     print("-" * len(head))
     rows = [(t, label, "MB/s" if "-1M-" in t else "IOPS") for t, label in LABELS.items()]
     rows += [(t, label, "MB/s") for t, (label, _) in NET_TESTS.items()]
     for test, label, unit in rows:
         values = {n: med(n, test) for n in names}
-        line = f"{label:<42}{unit:>6}" + "".join(f"{v:>12.1f}" if v is not None else f"{'n/a':>12}"
+        line = f"{label:<42}{unit:>6}" + "".join(f"{v:>{width}.1f}" if v is not None else f"{'n/a':>{width}}"
                                                  for v in values.values())
         if qemu:
-            line += "".join(f"{values[n] / values[qemu]:>10.3f}x" if values[n] and values[qemu] else f"{'':>11}"
+            line += "".join(f"{values[n] / values[qemu]:>14.3f}x" if values[n] and values[qemu] else f"{'':>15}"
                             for n in others)
         print(line)
     if any(med(n, URING_JOB) is None for n in names):
