@@ -232,18 +232,18 @@ def test_slice_timer_between_slices_keeps_each_slices_own_deadline():
     try:
         timer.begin(stop, 0.2)
         assert timer.end() is False  # ended early: the thread sleeps on to that deadline
-        timer.begin(stop, 0.6)       # later than where the thread sleeps: no wake-up needed
-        time.sleep(0.35)
+        timer.begin(stop, 1.5)       # later than where the thread sleeps: no wake-up needed
+        time.sleep(0.5)
         assert stop.calls == 0       # the old deadline passed: this slice goes on
-        assert stop.event.wait(2)
+        assert stop.event.wait(3)
         assert timer.end() is True and timer.expired
         stop.event.clear()
         calls = stop.calls
         timer.begin(stop, 10)
         assert timer.end() is False
         timer.begin(stop, 0.02)      # earlier than where the thread sleeps: it must wake for it
-        assert stop.event.wait(2)
-        assert stop.calls == calls + 1
+        assert stop.event.wait(2)    # (the thread repeats a stop until end(): at least one)
+        assert stop.calls > calls
         assert timer.end() is True and timer.expired
         timer.begin(stop, 10)
         timer.kick()
