@@ -24,6 +24,10 @@ _LITTLE_ENDIAN = sys.byteorder == "little"  # the word views are native-endian; 
 _libc = ctypes.CDLL(None, use_errno=True)  # mincore(2): resident pages, for stats
 
 
+def _outside(address: int, size: int) -> "GuestMemoryError":
+    return GuestMemoryError(f"guest access {address:#x}+{size:#x} is outside guest RAM")
+
+
 class GuestMemoryError(UserError):
     """A guest-physical access outside RAM, or RAM that could not be created."""
 
@@ -135,8 +139,7 @@ class GuestMemory:
         for a, b in zip(self.regions, self.regions[1:]):
             if a.guest_end > b.guest_base:
                 raise GuestMemoryError(f"RAM regions overlap at {b.guest_base:#x}")
-        self._spans = [(int(r.guest_base), int(r.guest_base) + r.size, r.view) for r in self.regions]
-        self._word_spans = [(int(r.guest_base), int(r.guest_base) + r.size, r.view, r.words) for r in self.regions]
+        self._spans = [(int(r.guest_base), int(r.guest_base) + r.size, r.view, r.words) for r in self.regions]
         # Called as (address, length) after a device wrote guest RAM behind the CPU's back
         # (virtio DMA): the software CPU must drop code it translated from those bytes.
         self.on_device_write: Callable[[int, int], None] | None = None
@@ -166,7 +169,7 @@ class GuestMemory:
         free pages reported). Code the software CPU translated from it is dropped, as after a
         device write. Parts outside RAM are ignored; returns the bytes freed."""
         freed = 0
-        for base, end, _ in self._spans:
+        for base, end, _, _ in self._spans:
             low, high = max(address, base), min(address + length, end)
             if low < high:
                 freed += self.region_for(low).discard(low - base, high - low)
@@ -190,21 +193,21 @@ class GuestMemory:
             self.populator()
 
     def region_for(self, address: int, size: int = 1) -> MemoryRegion:
-        for (base, end, _), region in zip(self._spans, self.regions):
+        for (base, end, _, _), region in zip(self._spans, self.regions):
             if base <= address and address + size <= end:
                 return region
-        raise GuestMemoryError(f"guest access {address:#x}+{size:#x} is outside guest RAM")
+        raise _outside(address, size)
 
     def contains(self, address: int, size: int = 1) -> bool:
-        return any(base <= address and address + size <= end for base, end, _ in self._spans)
+        return any(base <= address and address + size <= end for base, end, _, _ in self._spans)
 
     def _locate(self, address: int, size: int) -> tuple[memoryview, int]:
         """(the region's view, offset of `address` in it) for an access inside one region.
         Plain ints on purpose: this is on every device and page-walk access."""
-        for base, end, view in self._spans:
+        for base, end, view, _ in self._spans:
             if base <= address and address + size <= end:
                 return view, int(address) - base
-        raise GuestMemoryError(f"guest access {address:#x}+{size:#x} is outside guest RAM")
+        raise _outside(address, size)
 
     def view(self, address: int, size: int) -> memoryview:
         """A writable zero-copy view of [address, address+size), which must lie in one region."""
@@ -254,7 +257,8 @@ class GuestMemory:
         self._store(address, 8, 2, value)
 
     def _store(self, address: int, size: int, kind: int, value: int) -> None:
-        for base, end, view, words in self._word_spans:
+        # (the search of _locate, which returns no word views: reads stay one call deep)
+        for base, end, view, words in self._spans:
             if base <= address and address + size <= end:
                 offset = int(address) - base
                 if offset % size == 0 and _LITTLE_ENDIAN:
@@ -262,7 +266,7 @@ class GuestMemory:
                 else:
                     view[offset:offset + size] = value.to_bytes(size, "little")  # a copy, never zeroed first
                 return
-        raise GuestMemoryError(f"guest access {address:#x}+{size:#x} is outside guest RAM")
+        raise _outside(address, size)
 
     def read_cstring(self, address: int, limit: int = 4096) -> bytes:
         region = self.region_for(address)
