@@ -90,15 +90,16 @@ def _save_fpu(accel: "KvmAccelerator", fd) -> tuple[FpuState, XsaveState | None]
     xstate_bv = struct.unpack_from("<Q", area, XSTATE_BV_OFFSET)[0]
     xcr0 = next((x.value for x in _xcrs(fd) if x.xcr == 0), XSTATE_X87 | XSTATE_SSE)
     layout = xsave_layout(accel)
-    # KVM fills in PKRU where the host has it, whatever the guest's XCR0 enables: a component
-    # beyond XCR0 still in its initial state (zeros) holds nothing the guest could lose
-    for number, (offset, length) in layout.items():
-        if xstate_bv >> number & 1 and not xcr0 >> number & 1 and not any(area[offset:offset + length]):
-            xstate_bv &= ~(1 << number)
     components = {}
     for number, (offset, length) in layout.items():
         if xstate_bv >> number & 1:
-            components[number] = area[offset:offset + length]
+            data = area[offset:offset + length]
+            if not xcr0 >> number & 1 and not any(data):
+                # KVM fills in PKRU where the host has it, whatever the guest's XCR0 enables: a
+                # component beyond XCR0 in its initial state (zeros) holds nothing to lose
+                xstate_bv &= ~(1 << number)
+            else:
+                components[number] = data
     # A component KVM reports in use but the layout lacks cannot be saved: say so rather than drop it.
     unknown = [n for n in range(2, 64) if xstate_bv >> n & 1 and n not in layout]
     if unknown:
