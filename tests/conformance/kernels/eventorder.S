@@ -63,9 +63,6 @@ nmi_handler:
         .globl main
 main:
         call idt_install
-        movb $0xff, %al                 # 8259 inputs masked: firmware may have left the PIT's
-        outb %al, $0x21                 # IRQ 0 open at vector 8 (QEMU's SeaBIOS does)
-        outb %al, $0xa1
         movl $1, eoi_vectors
         movl $0x1ff, LAPIC + LAPIC_SVR
         movl $0, LAPIC + LAPIC_TPR
