@@ -230,6 +230,30 @@ def test_rx_into_merged_buffers_sets_num_buffers(memory, iothread, wire):
     assert device.stats()["rx_packets"] == 2
 
 
+def test_a_largest_frame_fills_page_sized_buffers_and_leaves_the_rest_in_order(memory, iothread, wire):
+    """A TSO-sized frame (as a TAP with offloads delivers) into 4 KiB mergeable buffers, as Linux
+    posts them: one readv fills as many as it needs; the buffers it did not need take the next
+    frames, in the order the guest posted them."""
+    device, driver = make(memory, iothread, wire)
+    q = driver.queue(RX)
+    heads = [q.add([], [4096]) for _ in range(15)]
+    device.notify(RX)
+    big = frame(40000, seed=5)
+    wire[1].send(net_hdr(gso_type=1, gso_size=1448, num_buffers=0xEEEE) + big)
+    needed = -(-(HDR + len(big)) // 4096)
+    wait_for(lambda: q.used_idx() == needed)
+    used = q.take_used()
+    assert [h for h, _ in used] == heads[:needed]
+    assert [n for _, n in used] == [4096] * (needed - 1) + [(HDR + len(big)) - 4096 * (needed - 1)]
+    assert b"".join(q.written(h)[:n] for h, n in used) == net_hdr(gso_type=1, gso_size=1448, num_buffers=needed) + big
+    for seed in range(2):
+        wire[1].send(net_hdr() + frame(60, seed=seed))
+    wait_for(lambda: q.used_idx() == needed + 2)
+    assert q.take_used() == [(heads[needed], HDR + 60), (heads[needed + 1], HDR + 60)]
+    assert q.written(heads[needed + 1])[:HDR + 60] == net_hdr(num_buffers=1) + frame(60, seed=1)
+    assert device.stats()["rx_packets"] == 3 and device.stats()["rx_dropped"] == 0
+
+
 def test_merged_frame_waits_for_more_buffers(memory, iothread, wire):
     device, driver = make(memory, iothread, wire)
     q = driver.queue(RX)

@@ -246,6 +246,40 @@ def test_a_request_returned_twice_or_after_a_reset_is_kept_from_the_driver(memor
     assert queue.stray_completions == 1 and queue.used_idx == 0   # (a reset queue counts afresh)
 
 
+def test_push_many_publishes_the_used_index_once_after_every_element(memory):
+    """A merged frame's buffers reach the driver together: the index moves once, past all of
+    them, and a chain the device does not hold is left out without losing the others."""
+    device, driver = rng_with_driver(memory)
+    q = driver.queue(0)
+    heads = [q.add([], [8]) for _ in range(3)]
+    queue = device.queues[0]
+    chains = [queue.pop() for _ in heads]
+    index_writes = []
+    used_index = queue.used_ring + 2
+    original = memory.write_u16
+    memory.write_u16 = lambda address, value: (index_writes.append(value) if address == used_index else None,
+                                               original(address, value))
+    queue.push_many([(chains[0], 8), (chains[1], 5), (chains[0], 8), (chains[2], 1)])
+    del memory.write_u16
+    assert index_writes == [3]
+    assert q.take_used() == [(heads[0], 8), (heads[1], 5), (heads[2], 1)]
+    assert queue.stray_completions == 1
+
+
+def test_avail_event_follows_the_last_entry_taken_once_the_device_caught_up(memory):
+    device, driver = rng_with_driver(memory)
+    q = driver.queue(0)
+    for _ in range(3):
+        q.add([], [1])
+    queue = device.queues[0]
+    queue.pop()
+    assert q.avail_event() == 0   # entries it saw are still to take: no kick is needed for more
+    queue.pop()
+    queue.pop()
+    assert q.avail_event() == 3   # caught up: kick me at the next entry
+    assert queue.pop() is None and q.avail_event() == 3
+
+
 def test_save_restore_keeps_ring_positions(memory):
     device, driver = rng_with_driver(memory)
     q = driver.queue(0)

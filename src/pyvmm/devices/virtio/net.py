@@ -14,7 +14,11 @@ are read straight into the guest's buffers (readv, header included) until the ba
 empty or the guest has no buffers left. Then the device stops watching the fd (no busy loop
 on a readable fd nobody can drain) until the guest kicks the receive queue. A frame larger
 than the guest's buffer is dropped and counted (rx_dropped); with MRG_RXBUF it spans as
-many buffers as it needs and num_buffers says how many.
+many buffers as it needs and num_buffers says how many: the readv covers as many of the
+guest's buffers as a largest frame would fill (16 of Linux's 4 KiB ones for a 64 KiB TSO
+frame), the frame takes those it filled, published with one used-index store, and the rest
+wait for the next frame. Only when the guest has posted too few does the tail go through a
+scratch buffer and wait for more.
 
 Offloads (checksum, TSO, UFO) are offered only as far as the back-end accepts them; at
 DRIVER_OK the back-end is told which ones the guest accepts on receive.
@@ -286,64 +290,103 @@ class VirtioNet(VirtioDevice):
                 return
             self.signal_used(RX_QUEUE)
 
+    def _pop_rx_chain(self) -> DescriptorChain | None:
+        """The guest's next usable receive buffer; unusable ones go back at once, empty."""
+        queue = self.queues[RX_QUEUE]
+        while (chain := queue.pop()) is not None:
+            if chain.writable_length >= NET_HDR_SIZE and len(chain.writable) <= MAX_SEGMENTS:
+                return chain
+            log.debug("%s: RX buffer of %d bytes in %d pieces is unusable", self.name, chain.writable_length,
+                      len(chain.writable))
+            queue.push(chain, 0)
+        return None
+
     def _next_rx_chain(self) -> DescriptorChain | None:
-        if self._rx_spare:
-            return self._rx_spare.popleft()
-        return self.queues[RX_QUEUE].pop()
+        return self._rx_spare.popleft() if self._rx_spare else self._pop_rx_chain()
 
     def _receive(self) -> None:
-        queue = self.queues[RX_QUEUE]
+        """Read frames straight into the guest's buffers, one readv each. With MRG_RXBUF the readv
+        spans as many buffers as a largest frame needs and the frame takes those it fills; the
+        rest stay for the next frame, their views kept (iovecs) for the whole batch."""
         mergeable = self.has_feature(VIRTIO_NET_F_MRG_RXBUF)
+        want = NET_HDR_SIZE + MAX_FRAME if mergeable else 1
+        spare, memory = self._rx_spare, self.memory
+        iovecs: list[memoryview] = []  # views of spare[:count], covered bytes in all
+        covered = count = 0
         for _ in range(RX_BATCH):
-            if self._rx_partial is not None and not self._place_partial():
-                self._unwatch_rx()
-                return
+            if self._rx_partial is not None:
+                if not self._place_partial():
+                    self._unwatch_rx()
+                    return
+                iovecs, covered, count = [], 0, 0  # it may have taken spare buffers
             if not self.rx_throttle.ready():
                 self._unwatch_rx()  # until the refill timer
                 return
-            chain = self._next_rx_chain()
-            if chain is None:
+            while covered < want:
+                if count < len(spare):
+                    chain = spare[count]
+                else:
+                    popped = self._pop_rx_chain()
+                    if popped is None:
+                        break
+                    spare.append(popped)
+                    chain = popped
+                if count and len(iovecs) + len(chain.writable) > MAX_SEGMENTS:
+                    break
+                iovecs += buffer_views(memory, chain.writable)
+                covered += chain.writable_length
+                count += 1
+            if not count:
                 self._unwatch_rx()  # until the guest kicks the receive queue
                 return
-            capacity = chain.writable_length
-            if capacity < NET_HDR_SIZE or len(chain.writable) > MAX_SEGMENTS:
-                log.debug("%s: RX buffer of %d bytes in %d pieces is unusable", self.name, capacity,
-                          len(chain.writable))
-                queue.push(chain, 0)
-                continue
             try:
-                n = self.backend.readv(buffer_views(self.memory, chain.writable) + [self._scratch_view])
+                n = self.backend.readv(iovecs + [self._scratch_view])
             except BlockingIOError:
-                self._rx_spare.appendleft(chain)
                 return
             except OSError as exc:
-                self._rx_spare.appendleft(chain)
                 self._unwatch_rx()
                 log.warning("%s: receive failed, RX stopped until the next kick: %s", self.name, exc.strerror)
                 return
             if n == 0:  # the back-end went away (a closed socket peer)
-                self._rx_spare.appendleft(chain)
                 self._unwatch_rx()
                 return
             if n < NET_HDR_SIZE or not self.link_up:
                 self.counters["rx_dropped"] += 1
-                self._rx_spare.appendleft(chain)
-            elif n <= capacity:
-                write_buffers(self.memory, chain.writable, struct.pack("<H", 1), NUM_BUFFERS_OFFSET)
-                queue.push(chain, n)
+            elif n <= spare[0].writable_length:  # one buffer (every frame without MRG_RXBUF)
+                chain = spare.popleft()
+                del iovecs[:len(chain.writable)]
+                covered -= chain.writable_length
+                count -= 1
+                self._set_num_buffers(chain, 1)
+                self.queues[RX_QUEUE].push(chain, n)
                 self._count_rx(n)
-            elif mergeable and n < capacity + RX_SCRATCH:
-                self._rx_partial = _PartialFrame([(chain, capacity)], bytes(self._scratch_view[:n - capacity]), n)
+            elif n <= covered:
+                used, segments, left = [], 0, n
+                while left > 0:
+                    chain = spare.popleft()
+                    used.append((chain, min(left, chain.writable_length)))
+                    left -= chain.writable_length
+                    covered -= chain.writable_length
+                    segments += len(chain.writable)
+                del iovecs[:segments]
+                count -= len(used)
+                self._set_num_buffers(used[0][0], len(used))
+                self.queues[RX_QUEUE].push_many(used)
+                self._count_rx(n)
+            elif mergeable and n < covered + RX_SCRATCH:  # the guest had too few buffers: wait for more
+                used = [(chain, chain.writable_length) for chain in (spare.popleft() for _ in range(count))]
+                self._rx_partial = _PartialFrame(used, bytes(self._scratch_view[:n - covered]), n)
+                iovecs, covered, count = [], 0, 0
             else:
                 self.counters["rx_dropped"] += 1  # larger than the guest's buffer
-                self._rx_spare.appendleft(chain)
 
     def _place_partial(self) -> bool:
         """Spread the rest of a partial frame over more buffers; False while the guest has none."""
         partial = self._rx_partial
         assert partial is not None  # the callers checked
         queue = self.queues[RX_QUEUE]
-        while partial.placed < len(partial.rest):
+        rest = memoryview(partial.rest)
+        while partial.placed < len(rest):
             if len(partial.used) >= queue.size:
                 # holding every buffer the ring can carry: the guest cannot post more, give up
                 self._rx_spare.extendleft(chain for chain, _ in reversed(partial.used))
@@ -353,19 +396,22 @@ class VirtioNet(VirtioDevice):
             chain = self._next_rx_chain()
             if chain is None:
                 return False
-            if len(chain.writable) > MAX_SEGMENTS:
-                queue.push(chain, 0)
-                continue
-            done = write_buffers(self.memory, chain.writable, partial.rest[partial.placed:])
+            done = write_buffers(self.memory, chain.writable, rest[partial.placed:])
             partial.used.append((chain, done))
             partial.placed += done
-        first = partial.used[0][0]
-        write_buffers(self.memory, first.writable, struct.pack("<H", len(partial.used)), NUM_BUFFERS_OFFSET)
-        for chain, written in partial.used:  # consecutive in the used ring, as num_buffers says
-            queue.push(chain, written)
+        self._set_num_buffers(partial.used[0][0], len(partial.used))
+        queue.push_many(partial.used)  # consecutive in the used ring, as num_buffers says
         self._rx_partial = None
         self._count_rx(partial.length)
         return True
+
+    def _set_num_buffers(self, chain: DescriptorChain, count: int) -> None:
+        """The header's num_buffers (the TAP leaves it out): how many buffers the frame took."""
+        address, length = chain.writable[0]
+        if length >= NUM_BUFFERS_OFFSET + 2:
+            self.memory.write_u16(address + NUM_BUFFERS_OFFSET, count)
+        else:  # a header split over buffers
+            write_buffers(self.memory, chain.writable, struct.pack("<H", count), NUM_BUFFERS_OFFSET)
 
     def _count_rx(self, length: int) -> None:
         self.counters["rx_packets"] += 1

@@ -198,12 +198,14 @@ class SplitQueue:
             self.memory.write_u16(self.used_ring, 0)
 
     def has_available(self) -> bool:
-        if self._redo:
-            return True
+        return bool(self._redo) or self._pending() > 0
+
+    def _pending(self) -> int:
+        """Entries the driver made available that the device has not taken."""
         pending = (self._avail_idx() - self.last_avail) & 0xFFFF
         if pending > self.size:
             raise VirtqueueBroken(f"available index moved {pending} entries ahead on a queue of {self.size}")
-        return pending > 0
+        return pending
 
     def pop(self) -> DescriptorChain | None:
         """The next available request, or None. Malformed chains are completed (0 bytes) and skipped."""
@@ -214,7 +216,7 @@ class SplitQueue:
                 self._last_from_redo = True
                 return chain
         self._last_from_redo = False
-        while self.has_available():
+        while (pending := self._pending()) > 0:
             slot = self.last_avail % self.size
             head = memory.read_u16(self.avail_ring + 4 + 2 * slot)
             if head >= self.size:  # before taking the entry: a broken queue's state still adds up (a save)
@@ -223,7 +225,10 @@ class SplitQueue:
                 raise VirtqueueBroken(f"available ring slot {slot} offers descriptor {head} again while the "
                                       "device holds it")
             self.last_avail = (self.last_avail + 1) & 0xFFFF
-            if self.event_idx and not self.kicks_suppressed:  # ask to be notified for the next entry added
+            # With EVENT_IDX, ask to be notified for the next entry added, once the device has
+            # taken all it saw: before that the driver's additions come after entries the
+            # device has yet to take, so they would bring no kick either way.
+            if pending == 1 and self.event_idx and not self.kicks_suppressed:
                 memory.write_u16(self.used_ring + 4 + 8 * self.size, self.last_avail)
             chain = self._take(head)
             if chain is not None:
@@ -312,28 +317,45 @@ class SplitQueue:
         """Return a request to the driver with `written` bytes stored in its writable buffers.
         One the device does not hold (returned already, or taken before a reset) is a device
         bug: it is logged and not returned, since the driver would find its ring corrupt."""
+        if self._place_used(chain, written):
+            self._publish_used()
+
+    def push_many(self, completions: list[tuple[DescriptorChain, int]]) -> None:
+        """push() each (chain, written), in order, with one used-index store for all of them
+        (a merged receive buffer's pieces: the driver sees them together, as num_buffers says)."""
+        placed = False
+        for chain, written in completions:
+            placed = self._place_used(chain, written) or placed
+        if placed:
+            self._publish_used()
+
+    def _place_used(self, chain: DescriptorChain, written: int) -> bool:
+        """Write the used element for `chain` at the used index, which moves on (not yet published)."""
         if self._in_flight.pop(chain.head, _NOT_HELD) is _NOT_HELD:
             self.stray_completions += 1
             if self.stray_completions == 1 or log.isEnabledFor(logging.DEBUG):
                 log.error("virtqueue: the device returned descriptor %d, which it does not hold (a device bug): "
                           "kept from the driver (used index %d)", chain.head, self.used_idx)
-            return
+            return False
         written = min(written, chain.writable_length)
-        if written and self.memory.on_device_write is not None:
+        memory = self.memory
+        if written and memory.on_device_write is not None:
             remaining = written
             for address, length in chain.writable:
-                self.memory.on_device_write(address, min(length, remaining))
+                memory.on_device_write(address, min(length, remaining))
                 remaining -= length
                 if remaining <= 0:
                     break
-        slot = self.used_idx % self.size
-        memory = self.memory
-        element = self.used_ring + 4 + 8 * slot
+        element = self.used_ring + 4 + 8 * (self.used_idx % self.size)
         memory.write_u32(element, chain.head)  # (one store each, never zeroed first: GuestMemory._store)
         memory.write_u32(element + 4, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        memory.write_u16(self.used_ring + 2, self.used_idx)  # publish after the element (x86 keeps store order)
         self.completed += 1
+        return True
+
+    def _publish_used(self) -> None:
+        # after the elements: x86 keeps store order, so the driver never sees the index first
+        self.memory.write_u16(self.used_ring + 2, self.used_idx)
 
     def needs_interrupt(self) -> bool:
         """After one or more push(): should the driver be interrupted (event index or NO_INTERRUPT)?"""
