@@ -17,6 +17,7 @@ slower, so its times are not printed. Workloads:
   shell      the busybox shell loop benchmarks/boot.py times
   blk4k      dd if=/dev/vda of=/dev/null bs=4k iflag=direct count=N (one request at a time)
   net        dd if=/dev/zero bs=1k count=N | nc 10.0.2.1 5001 (a host receiver in the namespace)
+  netrx      nc 10.0.2.1 5002 | wc -c (a host sender in the namespace sends N KiB), per KiB received
   console    seq 1 N on the serial console (ttyS0), per byte written (boot.py's console row)
 
 Per thread it also prints CPU time and context switches (voluntary and not) per unit, from
@@ -46,6 +47,7 @@ os.environ.setdefault("PYVMM_SECCOMP", "off")
 
 MARK_PORT = 0x610
 NET_PORT = 5001
+NET_RX_PORT = 5002
 HOST_IP = "10.0.2.1"
 
 _profiles: dict[str, cProfile.Profile] = {}
@@ -144,8 +146,9 @@ def _hook_pyvmm(marks: Marks) -> None:
     tcg_vcpu.TcgVcpu.__init__ = init
 
 
-def _net_receiver(stop: threading.Event, before: set[str]) -> None:
-    """Accept connections on HOST_IP:NET_PORT in the namespace tap=auto creates; drain them."""
+def _net_peers(stop: threading.Event, before: set[str], rx_bytes: int) -> None:
+    """In the namespace tap=auto creates: drain connections to HOST_IP:NET_PORT (net), and send
+    rx_bytes to each connection to NET_RX_PORT, then close it (netrx)."""
     from pyvmm.net.netns import call_in_netns
 
     while not stop.is_set():
@@ -160,31 +163,46 @@ def _net_receiver(stop: threading.Event, before: set[str]) -> None:
         return
     netns = new.pop()
 
-    def make():
+    def listen(port: int) -> socket.socket:
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("0.0.0.0", NET_PORT))
+        listener.bind(("0.0.0.0", port))
         listener.listen(4)
+        listener.settimeout(0.5)
         return listener
 
     for _ in range(50):
         try:
-            listener = call_in_netns(netns, make)
+            listeners = call_in_netns(netns, lambda: [listen(NET_PORT), listen(NET_RX_PORT)])
             break
         except Exception:
             time.sleep(0.2)
     else:
         print(f"event_costs: no listener in {netns}", file=sys.stderr)
         return
-    listener.settimeout(0.5)
-    while not stop.is_set():
-        try:
-            conn, _ = listener.accept()
-        except socket.timeout:
-            continue
-        with conn:
-            while conn.recv(65536):
-                pass
+
+    def drain(conn: socket.socket) -> None:
+        while conn.recv(65536):
+            pass
+
+    def send(conn: socket.socket) -> None:
+        chunk = bytes(65536)
+        left = rx_bytes
+        while left > 0:
+            left -= conn.send(chunk[:min(left, len(chunk))])
+
+    def serve(listener: socket.socket, handle) -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except socket.timeout:
+                continue
+            with conn:
+                handle(conn)
+
+    sender = threading.Thread(target=serve, args=(listeners[1], send), daemon=True)
+    sender.start()
+    serve(listeners[0], drain)
 
 
 WORKLOADS = {
@@ -193,6 +211,7 @@ WORKLOADS = {
     "shell": ("i=0; while [ $i -lt {n} ]; do i=$((i+1)); done", lambda n: n, "iteration"),
     "blk4k": ("dd if=/dev/vda of=/dev/null bs=4k iflag=direct count={n} 2>/dev/null", lambda n: n, "request"),
     "net": (f"dd if=/dev/zero bs=1k count={{n}} 2>/dev/null | nc {HOST_IP} {NET_PORT}", lambda n: n, "KiB sent"),
+    "netrx": (f"nc {HOST_IP} {NET_RX_PORT} | wc -c >/dev/null", lambda n: n, "KiB received"),
     "console": ("seq 1 {n}", lambda n: sum(len(str(i)) + 1 for i in range(1, n + 1)), "console byte"),
 }
 EVENT_KEYS = ("interrupts", "syscalls", "exceptions", "mmio", "port_io", "slices", "halts")
@@ -218,7 +237,7 @@ def main() -> int:
         before = set(os.listdir("/run/netns"))
     except FileNotFoundError:
         before = set()
-    receiver = threading.Thread(target=_net_receiver, args=(stop, before), daemon=True)
+    receiver = threading.Thread(target=_net_peers, args=(stop, before, args.count * 1024), daemon=True)
     receiver.start()
     with tempfile.TemporaryDirectory() as tmp:
         disk = pathlib.Path(tmp, "disk.img")
