@@ -254,6 +254,24 @@ def test_a_largest_frame_fills_page_sized_buffers_and_leaves_the_rest_in_order(m
     assert device.stats()["rx_packets"] == 3 and device.stats()["rx_dropped"] == 0
 
 
+def test_guest_ram_closes_while_the_device_holds_buffers_for_the_next_frame(iothread, wire):
+    """The device keeps views of the buffers it holds from one frame to the next; RAM must still
+    close (a view of a mapping keeps it from closing) and the device must not use them after."""
+    memory = GuestMemory.from_specs([RegionSpec(0, 4 << 20)])
+    device, driver = make(memory, iothread, wire)
+    q = driver.queue(RX)
+    heads = [q.add([], [4096]) for _ in range(4)]
+    device.notify(RX)
+    wire[1].send(net_hdr() + frame(100))
+    wait_for(lambda: q.used_idx() == 1)
+    assert q.take_used() == [(heads[0], HDR + 100)]
+    with device.lock:
+        assert device._rx_views  # the three buffers left, ready for the next frame
+    memory.close()
+    with device.lock:
+        assert not device._rx_views
+
+
 def test_merged_frame_waits_for_more_buffers(memory, iothread, wire):
     device, driver = make(memory, iothread, wire)
     q = driver.queue(RX)

@@ -199,15 +199,21 @@ class GuestMemory:
         raise _outside(address, size)
 
     def contains(self, address: int, size: int = 1) -> bool:
-        return any(base <= address and address + size <= end for base, end, _, _ in self._spans)
+        for base, end, _, _ in self._spans:  # (a loop, not any() over a generator: every descriptor)
+            if base <= address and address + size <= end:
+                return True
+        return False
 
-    def _locate(self, address: int, size: int) -> tuple[memoryview, int]:
-        """(the region's view, offset of `address` in it) for an access inside one region.
-        Plain ints on purpose: this is on every device and page-walk access."""
+    def locate(self, address: int, size: int) -> tuple[memoryview, int]:
+        """(the region's view, offset of `address` in it) for an access inside one region: for
+        struct's unpack_from without a slice. Plain ints on purpose: this is on every device
+        and page-walk access."""
         for base, end, view, _ in self._spans:
             if base <= address and address + size <= end:
                 return view, int(address) - base
         raise _outside(address, size)
+
+    _locate = locate
 
     def view(self, address: int, size: int) -> memoryview:
         """A writable zero-copy view of [address, address+size), which must lie in one region."""

@@ -39,10 +39,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ...iothread import IoThread
-from ...memory.guest_memory import GuestMemoryError
+from ...memory.guest_memory import GuestMemory, GuestMemoryError
 from ...persist import State, require
 from ..rate_limiter import Clock, RateLimit, RateLimiterState, Timers
-from .device import VIRTIO_ID_NET, VirtioDevice, VirtioDeviceState
+from .device import VIRTIO_ID_NET, VirtioDevice, VirtioDeviceState, VirtioInterrupt
 from .queue import DescriptorChain, VirtqueueBroken, buffer_views, write_buffers
 from .throttle import Throttle
 
@@ -138,6 +138,11 @@ class VirtioNet(VirtioDevice):
         self._rx_registered: int | None = None  # the fd registered with the I/O thread (I/O thread only)
         self._rx_spare: collections.deque[DescriptorChain] = collections.deque()  # popped, not used yet
         self._rx_partial: _PartialFrame | None = None
+        # Views of the first _rx_viewed spare buffers, in order (the readv's iovecs), kept from
+        # one wake-up to the next; dropped whenever spare changes elsewhere and before RAM closes.
+        self._rx_views: list[memoryview] = []
+        self._rx_viewed = 0
+        self._rx_viewed_bytes = 0
         self._scratch = bytearray(RX_SCRATCH)
         self._scratch_view = memoryview(self._scratch)
         self.counters = dict.fromkeys(("rx_packets", "rx_bytes", "rx_dropped", "tx_packets", "tx_bytes",
@@ -187,11 +192,25 @@ class VirtioNet(VirtioDevice):
         if self.queues[RX_QUEUE].ready:
             self._watch_rx()
 
+    def attach(self, memory: GuestMemory, interrupt: VirtioInterrupt) -> None:
+        super().attach(memory, interrupt)
+        if self._release_rx_views not in memory.on_close:
+            memory.on_close.append(self._release_rx_views)  # views of RAM would keep it from closing
+
+    def _release_rx_views(self) -> None:
+        with self.lock:
+            self._forget_rx_views()
+
+    def _forget_rx_views(self) -> None:
+        self._rx_views = []
+        self._rx_viewed = self._rx_viewed_bytes = 0
+
     def on_reset(self) -> None:
         self.rx_throttle.cancel()
         self.tx_throttle.cancel()
         self._unwatch_rx()
         self._rx_spare.clear()
+        self._forget_rx_views()
         self._rx_partial = None
         self._set_offloads(0)
 
@@ -307,21 +326,20 @@ class VirtioNet(VirtioDevice):
     def _receive(self) -> None:
         """Read frames straight into the guest's buffers, one readv each. With MRG_RXBUF the readv
         spans as many buffers as a largest frame needs and the frame takes those it fills; the
-        rest stay for the next frame, their views kept (iovecs) for the whole batch."""
+        rest stay for the next frame, with their views."""
         mergeable = self.has_feature(VIRTIO_NET_F_MRG_RXBUF)
         want = NET_HDR_SIZE + MAX_FRAME if mergeable else 1
         spare, memory = self._rx_spare, self.memory
-        iovecs: list[memoryview] = []  # views of spare[:count], covered bytes in all
-        covered = count = 0
         for _ in range(RX_BATCH):
             if self._rx_partial is not None:
+                self._forget_rx_views()  # placing it takes spare buffers
                 if not self._place_partial():
                     self._unwatch_rx()
                     return
-                iovecs, covered, count = [], 0, 0  # it may have taken spare buffers
             if not self.rx_throttle.ready():
                 self._unwatch_rx()  # until the refill timer
                 return
+            views, count, covered = self._rx_views, self._rx_viewed, self._rx_viewed_bytes
             while covered < want:
                 if count < len(spare):
                     chain = spare[count]
@@ -331,16 +349,17 @@ class VirtioNet(VirtioDevice):
                         break
                     spare.append(popped)
                     chain = popped
-                if count and len(iovecs) + len(chain.writable) > MAX_SEGMENTS:
+                if count and len(views) + len(chain.writable) > MAX_SEGMENTS:
                     break
-                iovecs += buffer_views(memory, chain.writable)
+                views += buffer_views(memory, chain.writable)
                 covered += chain.writable_length
                 count += 1
+            self._rx_viewed, self._rx_viewed_bytes = count, covered
             if not count:
                 self._unwatch_rx()  # until the guest kicks the receive queue
                 return
             try:
-                n = self.backend.readv(iovecs + [self._scratch_view])
+                n = self.backend.readv(views + [self._scratch_view])
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -352,33 +371,39 @@ class VirtioNet(VirtioDevice):
                 return
             if n < NET_HDR_SIZE or not self.link_up:
                 self.counters["rx_dropped"] += 1
-            elif n <= spare[0].writable_length:  # one buffer (every frame without MRG_RXBUF)
-                chain = spare.popleft()
-                del iovecs[:len(chain.writable)]
-                covered -= chain.writable_length
-                count -= 1
-                self._set_num_buffers(chain, 1)
-                self.queues[RX_QUEUE].push(chain, n)
-                self._count_rx(n)
             elif n <= covered:
-                used, segments, left = [], 0, n
-                while left > 0:
-                    chain = spare.popleft()
-                    used.append((chain, min(left, chain.writable_length)))
-                    left -= chain.writable_length
-                    covered -= chain.writable_length
-                    segments += len(chain.writable)
-                del iovecs[:segments]
-                count -= len(used)
-                self._set_num_buffers(used[0][0], len(used))
-                self.queues[RX_QUEUE].push_many(used)
-                self._count_rx(n)
+                self._complete_rx(n)
             elif mergeable and n < covered + RX_SCRATCH:  # the guest had too few buffers: wait for more
                 used = [(chain, chain.writable_length) for chain in (spare.popleft() for _ in range(count))]
+                self._forget_rx_views()
                 self._rx_partial = _PartialFrame(used, bytes(self._scratch_view[:n - covered]), n)
-                iovecs, covered, count = [], 0, 0
             else:
                 self.counters["rx_dropped"] += 1  # larger than the guest's buffer
+
+    def _complete_rx(self, n: int) -> None:
+        """A frame of n bytes lies in the first spare buffers: return those it filled."""
+        spare = self._rx_spare
+        chain = spare.popleft()
+        if n <= chain.writable_length:  # one buffer (every frame without MRG_RXBUF)
+            segments, covered = len(chain.writable), chain.writable_length
+            self._set_num_buffers(chain, 1)
+            self.queues[RX_QUEUE].push(chain, n)
+            used_count = 1
+        else:
+            used = [(chain, chain.writable_length)]
+            segments, covered = len(chain.writable), chain.writable_length
+            while covered < n:
+                chain = spare.popleft()
+                used.append((chain, min(n - covered, chain.writable_length)))
+                covered += chain.writable_length
+                segments += len(chain.writable)
+            self._set_num_buffers(used[0][0], len(used))
+            self.queues[RX_QUEUE].push_many(used)
+            used_count = len(used)
+        del self._rx_views[:segments]
+        self._rx_viewed -= used_count
+        self._rx_viewed_bytes -= covered
+        self._count_rx(n)
 
     def _place_partial(self) -> bool:
         """Spread the rest of a partial frame over more buffers; False while the guest has none."""
@@ -440,6 +465,7 @@ class VirtioNet(VirtioDevice):
         with self.lock:
             self._unwatch_rx()
             self._rx_spare.clear()
+            self._forget_rx_views()
             self._rx_partial = None
             self.restore_virtio(state.virtio)
             self.mac = state.mac

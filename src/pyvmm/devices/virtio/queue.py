@@ -266,8 +266,8 @@ class SplitQueue:
         chain = DescriptorChain(head)
         readable, writable = chain.readable, chain.writable
         table_size, index = self.size, head
-        # One view of the whole table (checked inside guest RAM at activation), not one per descriptor.
-        table = memory.view(self.desc_table, DESC_SIZE * table_size)
+        # The table's region and offset (checked inside guest RAM at activation): no view per chain.
+        table, table_start = memory.locate(self.desc_table, DESC_SIZE * table_size)
         unpack_from, contains = _DESC.unpack_from, memory.contains
         in_indirect = False
         seen = 0
@@ -276,7 +276,7 @@ class SplitQueue:
             seen += 1
             if seen > table_size:
                 raise ChainError(f"chain longer than its table ({table_size} descriptors): a loop")
-            address, length, flags, next_index = unpack_from(table, DESC_SIZE * index)
+            address, length, flags, next_index = unpack_from(table, table_start + DESC_SIZE * index)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if not self.indirect:
                     raise ChainError("indirect descriptor without VIRTIO_F_INDIRECT_DESC")
@@ -290,8 +290,8 @@ class SplitQueue:
                     raise ChainError(f"indirect table {address:#x}+{length:#x} is outside guest RAM")
                 if readable or writable:
                     raise ChainError("indirect descriptor after direct buffers in the same chain")
-                table, table_size, index, in_indirect, seen = memory.view(address, length), length // DESC_SIZE, \
-                    0, True, 0
+                (table, table_start), table_size = memory.locate(address, length), length // DESC_SIZE
+                index, in_indirect, seen = 0, True, 0
                 continue
             if length:
                 if not contains(address, length):
