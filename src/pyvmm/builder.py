@@ -221,7 +221,10 @@ def assemble(cleanup: ExitStack, config: MachineConfig, console_write: Callable[
         else:
             stop(VmOutcome("poweroff", status, f"the guest's command exited with status {status}"))
 
-    uart = Uart16550(accel.irq_line(layout.COM1_IRQ), console_write)
+    iothread = IoThread(on_error=lambda exc: stop(VmOutcome(
+        "vmm-error", EXIT_VMM_ERROR, f"I/O thread: {type(exc).__name__}: {exc}")), yields=accel.io_thread_yields)
+    cleanup.callback(iothread.stop)
+    uart = Uart16550(accel.irq_line(layout.COM1_IRQ), console_write, timers=iothread)
     port_device("com1", "uart16550", uart, ((layout.COM1_PORT, layout.COM1_PORT_COUNT),), (layout.COM1_IRQ,))
     i8042 = I8042(reset)
     port_device("i8042", "i8042", i8042, ((layout.I8042_DATA_PORT, 1), (layout.I8042_COMMAND_PORT, 1)),
@@ -257,9 +260,6 @@ def assemble(cleanup: ExitStack, config: MachineConfig, console_write: Callable[
     rtc = Mc146818Rtc(accel.irq_line(layout.RTC_IRQ), timer=rtc_timer.arm)
     port_device("rtc", "mc146818-rtc", rtc, ((layout.RTC_PORT, layout.RTC_PORT_COUNT),), (layout.RTC_IRQ,))
 
-    iothread = IoThread(on_error=lambda exc: stop(VmOutcome(
-        "vmm-error", EXIT_VMM_ERROR, f"I/O thread: {type(exc).__name__}: {exc}")), yields=accel.io_thread_yields)
-    cleanup.callback(iothread.stop)
     # The root complex registers conf1 and ECAM itself; the tree records them and its BAR windows.
     mmio64_window = layout.pci_mmio64_window(config.memory)
     manager.add(PCI_ROOT_ID, "pci-root", Request(

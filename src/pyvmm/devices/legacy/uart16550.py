@@ -7,18 +7,19 @@ Registers, by offset from the base (COM1 is 0x3f8, length 8, IRQ 4):
     2  IIR (read) / FCR (write)
     3  LCR      4  MCR      5  LSR      6  MSR      7  SCR
 
-The transmitter is infinitely fast: each THR byte goes straight to `output`, so LSR
-always shows THRE|TEMT and the THRE interrupt is back as soon as it is cleared. The
-receiver is a bounded FIFO the host fills with `receive()`.
+Each THR byte goes straight to `output`, so LSR always shows THRE|TEMT. The receiver is a
+bounded FIFO the host fills with `receive()`.
 
-The THRE interrupt's edges follow the chip's transmit FIFO. Without the FIFO (16450 mode)
-each THR write clears the interrupt and the emptied holding register raises it again: the
-line pulses low for every byte. With the FIFO enabled, a guest loads up to 16 bytes back to
-back (Linux's 8250 driver does, with no other register access in between) and a real
-16550A raises THRE once, when the FIFO has drained: so only the first byte of each load of
-16 pulses the line; the others leave it as it is. (A pulse per byte was an edge, a kick of
-the software CPU's slice and an interrupt taken later for every console byte.) Any other
-register access ends the load.
+The THRE interrupt comes back when the transmitter has drained, which this one does at the
+guest's next access to any other register (the guest finds it empty, as if the line were
+infinitely fast), or, if none comes, once the bytes would have gone out at the programmed
+baud rate (a timer, when the UART has `timers`). A THR write clears the interrupt. Linux's
+8250 driver writes a load of up to 16 bytes, then either turns the THRE interrupt off (IER:
+nothing left to send) or reads IIR again in its handler's loop, which finds THRE and sends
+the next load: one interrupt per write() from the tty, not one per load. (The transmitter
+that emptied at once raised THRE at the first byte of a load, an edge latched while the
+handler still ran: a second, spurious interrupt for every start of transmission, and for
+every byte without the FIFO.)
 
 The interrupt output is gated by MCR.OUT2, as on a PC where OUT2 enables the IRQ
 line's driver: Linux sets OUT2 when it wants interrupts; polling guests never need them.
@@ -35,6 +36,7 @@ from typing import Callable
 
 from ...bus.interrupt import IrqLine
 from ...persist import State
+from ..rate_limiter import TimerHandle, Timers
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +98,8 @@ MSR_DELTA_MASK = 0x0F
 MSR_LINES_CONNECTED = MSR_DCD | MSR_DSR | MSR_CTS
 
 RX_FIFO_CAPACITY = 64
-TX_FIFO_SIZE = 16  # a 16550A's transmit FIFO: THR bytes one THRE interrupt edge covers
+TX_FIFO_SIZE = 16  # a 16550A's transmit FIFO: the bytes the drain timer allows time for
+BITS_PER_CHARACTER = 10  # start, 8 data, stop: the drain timer's estimate (LCR's framing ignored)
 DEFAULT_DIVISOR = 12  # 9600 baud: meaningless for a virtual line, kept for guests that read it back
 BAUD_BASE = 115200
 
@@ -112,10 +115,11 @@ class UartStats:
 
 class Uart16550:
     """A 16550A. `output` is called with each transmitted byte, under the device lock:
-    it must not call back into this UART."""
+    it must not call back into this UART. `timers` (the I/O thread) end a transmission the
+    guest does not look at again; without them the THRE interrupt waits for its next access."""
 
     def __init__(self, irq: IrqLine, output: Callable[[bytes], None], *,
-                 rx_capacity: int = RX_FIFO_CAPACITY) -> None:
+                 rx_capacity: int = RX_FIFO_CAPACITY, timers: Timers | None = None) -> None:
         if rx_capacity < 16:
             raise ValueError(f"a 16550A receive FIFO holds at least 16 bytes, not {rx_capacity}")
         self._irq = irq
@@ -128,9 +132,8 @@ class Uart16550:
         self._rx: deque[int] = deque()
         self._irq_level = False
         self._overrun_logged = False
-        # THR bytes written back to back in FIFO mode (any other access restarts the count): not
-        # saved, a restored UART starts a new load (at most one extra THRE edge)
-        self._tx_load = 0
+        self._timers = timers
+        self._drain_timer: TimerHandle | None = None  # at most one outstanding
         self._power_on()
 
     def _power_on(self) -> None:
@@ -144,14 +147,15 @@ class Uart16550:
         self._overrun = False
         self._msr_delta = 0
         self._thre_pending = False
-        self._tx_load = 0
+        self._transmitting = False  # THR written since the transmitter last drained
         self._rx.clear()
 
     # --- guest side ---------------------------------------------------------------------
 
     def read(self, offset: int, size: int) -> bytes:
         with self._lock:
-            self._tx_load = 0
+            if self._transmitting:
+                self._drain()
             if size == 1:  # (every guest access: no generator)
                 data = bytes((self._read_register(offset),))
             else:
@@ -191,15 +195,14 @@ class Uart16550:
 
     def _write_register(self, offset: int, value: int) -> None:
         dlab = self._lcr & LCR_DLAB
-        if offset == RBR_THR:
-            if dlab:
-                self._dll = value
-                self._tx_load = 0
-            else:
-                self._transmit(value)
+        if offset == RBR_THR and not dlab:
+            self._transmit(value)
             return
-        self._tx_load = 0
-        if offset == IER:
+        if self._transmitting:
+            self._drain()
+        if offset == RBR_THR:
+            self._dll = value
+        elif offset == IER:
             if dlab:
                 self._dlm = value
             else:
@@ -217,20 +220,26 @@ class Uart16550:
         # LSR and MSR writes are factory-test features of the real chip: ignored.
 
     def _transmit(self, value: int) -> None:
-        if self._fcr & FCR_ENABLE_FIFO:
-            first_of_load = self._tx_load % TX_FIFO_SIZE == 0
-            self._tx_load += 1
-            if not first_of_load:  # the FIFO drains once for the whole load: no new edge (see above)
-                self._send(value)
-                return
-        # Writing THR clears the THRE interrupt; the instant transmitter empties at once and
-        # raises it again. The line drops in between so edge-triggered controllers see a new edge.
-        self._thre_pending = False
-        self._update_irq()
-        try:
-            self._send(value)
-        finally:
-            self._thre_pending = bool(self._ier & IER_THRI)
+        self._thre_pending = False  # writing THR clears the THRE interrupt until the drain
+        if not self._transmitting:
+            self._transmitting = True
+            if self._timers is not None and self._drain_timer is None:
+                divisor = self._dlm << 8 | self._dll or DEFAULT_DIVISOR  # (0 stops a real chip's clock)
+                delay_ns = TX_FIFO_SIZE * BITS_PER_CHARACTER * divisor * 10**9 // BAUD_BASE
+                self._drain_timer = self._timers.call_later(delay_ns, self._drain_timer_fired)
+        self._send(value)
+
+    def _drain(self) -> None:
+        """The transmitter has emptied: THRE interrupts again if enabled."""
+        self._transmitting = False
+        self._thre_pending = bool(self._ier & IER_THRI)
+
+    def _drain_timer_fired(self) -> None:
+        with self._lock:
+            self._drain_timer = None
+            if self._transmitting:  # (a load begun after the timer was set drains early: harmless)
+                self._drain()
+                self._update_irq()
 
     def _send(self, value: int) -> None:
         if self._mcr & MCR_LOOP:
@@ -409,9 +418,11 @@ class Uart16550:
 
     def save(self) -> UartState:
         with self._lock:
+            # bytes still "in the transmitter" went out: the restored one has drained
+            thre_pending = bool(self._ier & IER_THRI) if self._transmitting else self._thre_pending
             return UartState(dll=self._dll, dlm=self._dlm, ier=self._ier, fcr=self._fcr, lcr=self._lcr,
                              mcr=self._mcr, scr=self._scr, overrun=self._overrun, msr_delta=self._msr_delta,
-                             thre_pending=self._thre_pending, rx_fifo=bytes(self._rx))
+                             thre_pending=thre_pending, rx_fifo=bytes(self._rx))
 
     def restore(self, state: UartState) -> None:
         """Load a `save()` result. The interrupt line is driven to the restored level
@@ -423,7 +434,7 @@ class Uart16550:
             self._lcr, self._mcr, self._scr, self._msr_delta = state.lcr, state.mcr, state.scr, state.msr_delta
             self._overrun = state.overrun
             self._thre_pending = state.thre_pending
-            self._tx_load = 0
+            self._transmitting = False
             self._rx = deque(state.rx_fifo)
             self._irq_level = self._interrupt_id() != IIR_NO_INT and bool(self._mcr & MCR_OUT2)
             self._irq.set_level(self._irq_level)
