@@ -213,13 +213,12 @@ class GuestMemory:
                 return view, int(address) - base
         raise _outside(address, size)
 
-    _locate = locate
 
     def view(self, address: int, size: int) -> memoryview:
         """A writable zero-copy view of [address, address+size), which must lie in one region."""
         if size < 0:
             raise GuestMemoryError(f"negative access size {size}")
-        view, start = self._locate(address, max(size, 1))
+        view, start = self.locate(address, max(size, 1))
         return view[start:start + size]
 
     def read(self, address: int, size: int) -> bytes:
@@ -232,20 +231,20 @@ class GuestMemory:
         self.view(address, size)[:] = bytes([byte]) * size
 
     def read_u8(self, address: int) -> int:
-        view, start = self._locate(address, 1)
+        view, start = self.locate(address, 1)
         return view[start]
 
     def read_u16(self, address: int) -> int:
-        return _U16.unpack_from(*self._locate(address, 2))[0]
+        return _U16.unpack_from(*self.locate(address, 2))[0]
 
     def read_u32(self, address: int) -> int:
-        return _U32.unpack_from(*self._locate(address, 4))[0]
+        return _U32.unpack_from(*self.locate(address, 4))[0]
 
     def read_u64(self, address: int) -> int:
-        return _U64.unpack_from(*self._locate(address, 8))[0]
+        return _U64.unpack_from(*self.locate(address, 8))[0]
 
     def write_u8(self, address: int, value: int) -> None:
-        view, start = self._locate(address, 1)
+        view, start = self.locate(address, 1)
         view[start] = value
 
     # The guest reads rings while devices write them (virtio's used index, from the I/O thread,
@@ -263,7 +262,7 @@ class GuestMemory:
         self._store(address, 8, 2, value)
 
     def _store(self, address: int, size: int, kind: int, value: int) -> None:
-        # (the search of _locate, which returns no word views: reads stay one call deep)
+        # (the search of locate, which returns no word views: reads stay one call deep)
         for base, end, view, words in self._spans:
             if base <= address and address + size <= end:
                 offset = int(address) - base

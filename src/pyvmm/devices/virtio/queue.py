@@ -176,7 +176,8 @@ class SplitQueue:
     def notify_on_next_add(self) -> None:
         """Ask the driver to notify the device when it next adds a buffer, however many it
         added before: with EVENT_IDX a driver only kicks past the avail_event the device
-        wrote, which pop() keeps at the last entry taken (entries left unread lie before it)."""
+        wrote, which pop() moves only when it has taken every entry it saw (entries left
+        unread lie past it)."""
         if self.event_idx:
             self.memory.write_u16(self.used_ring + 4 + 8 * self.size, self._avail_idx())
 
