@@ -264,7 +264,7 @@ def main() -> int:
         units = WORKLOADS[name][1](args.count)
         unit = WORKLOADS[name][2]
         events = {key: counts1.get(key, 0) - counts0.get(key, 0) for key in EVENT_KEYS}
-        print(f"\n== {name}: {units} {unit if ' ' in unit else unit + 's'}")
+        print(f"\n== {name}: {units} units (unit: {unit})")
         print("  guest events: " + ", ".join(f"{key} {value}" for key, value in events.items()))
         print("  per " + unit + ": " + ", ".join(f"{key} {value / units:.3f}" for key, value in events.items()))
         for thread in sorted(calls1):

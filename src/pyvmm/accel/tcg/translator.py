@@ -27,7 +27,7 @@ from .engine_state import EngineControl, EngineOffsets
 from .fast_registers import FastRegisters
 from .halt_flag import halt_flag
 from .native_delivery import NativeExceptionDelivery
-from . import code_aliases, interrupt_window, msr_cr_policy, native_syscall
+from . import code_aliases, direct_hooks, interrupt_window, msr_cr_policy, native_syscall
 from .live_cpu_state import ApiSyscallMsrs, SyscallMsrs, live_context_base
 from .native_interrupts import NativeInterrupts
 from .private_state import ContextOffsets, PrivateState
@@ -72,12 +72,19 @@ class Translator:
         for region in memory.regions:
             uc.mem_map_ptr(region.guest_base, region.size, U.UC_PROT_ALL, region.host_address)
         hole = layout.MMIO_HOLE_END - layout.LOW_RAM_END
-        uc.mmio_map(layout.LOW_RAM_END, hole, self._mmio_read, None, self._mmio_write, None)
         # 64-bit PCI BARs live above RAM
         self.mmio64_base, size64 = layout.pci_mmio64_window(memory.size)
-        uc.mmio_map(self.mmio64_base, size64, self._mmio64_read, None, self._mmio64_write, None)
-        uc.hook_add(U.UC_HOOK_INSN, self._port_in, None, 1, 0, X.UC_X86_INS_IN)
-        uc.hook_add(U.UC_HOOK_INSN, self._port_out, None, 1, 0, X.UC_X86_INS_OUT)
+        # Port I/O and MMIO without the binding's wrappers where it allows (direct_hooks.py)
+        self.direct_hooks = direct_hooks.install(uc)
+        if self.direct_hooks is not None:
+            self.direct_hooks.mmio(layout.LOW_RAM_END, hole, self)
+            self.direct_hooks.mmio(self.mmio64_base, size64, self)
+            self.direct_hooks.port_io(self)
+        else:
+            uc.mmio_map(layout.LOW_RAM_END, hole, self._mmio_read, None, self._mmio_write, None)
+            uc.mmio_map(self.mmio64_base, size64, self._mmio64_read, None, self._mmio64_write, None)
+            uc.hook_add(U.UC_HOOK_INSN, self._port_in, None, 1, 0, X.UC_X86_INS_IN)
+            uc.hook_add(U.UC_HOOK_INSN, self._port_out, None, 1, 0, X.UC_X86_INS_OUT)
         uc.hook_add(U.UC_HOOK_INSN, self._cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
         uc.hook_add(U.UC_HOOK_INSN, self._syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
         uc.hook_add(U.UC_HOOK_INSN, self._sysenter, None, 1, 0, X.UC_X86_INS_SYSENTER)
@@ -177,6 +184,8 @@ class Translator:
     # --- hooks: to the running vCPU -----------------------------------------------------------
 
     # (the engine runs only with a vCPU activated: `current` is set while a hook can fire)
+
+    # (through the binding, where direct_hooks.py cannot be used)
 
     def _port_in(self, uc, port, size, _):
         vcpu = self.current

@@ -1,0 +1,77 @@
+"""Port I/O and MMIO hooks registered with libunicorn directly (accel/tcg/direct_hooks.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+U = pytest.importorskip("unicorn")
+import unicorn.x86_const as X  # noqa: E402
+
+from pyvmm.accel.tcg import direct_hooks  # noqa: E402
+
+CODE, MMIO = 0x1000, 0x100000
+
+
+class Vcpu:
+    def __init__(self, fail_on=None):
+        self.seen, self.fail_on = [], fail_on
+
+    def port_in(self, port, size):
+        self.seen.append(("in", port, size))
+        return 0x5A
+
+    def port_out(self, port, size, value):
+        self.seen.append(("out", port, size, value))
+        if port == self.fail_on:
+            raise RuntimeError("device failed")
+
+    def mmio_read(self, address, size):
+        self.seen.append(("read", address, size))
+        return 0x11223344
+
+    def mmio_write(self, address, size, value):
+        self.seen.append(("write", address, size, value))
+
+
+class Translator:
+    def __init__(self, vcpu):
+        self.current = vcpu
+
+
+def engine(code: bytes, vcpu: Vcpu):
+    uc = U.Uc(U.UC_ARCH_X86, U.UC_MODE_64)
+    uc.mem_map(CODE, 0x1000)
+    uc.mem_write(CODE, code)
+    hooks = direct_hooks.install(uc)
+    assert hooks is not None, "this binding is the one direct_hooks.py is written against"
+    hooks.port_io(Translator(vcpu))
+    hooks.mmio(MMIO, 0x1000, Translator(vcpu))
+    return uc, hooks
+
+
+def test_port_and_mmio_accesses_reach_the_running_vcpu_with_their_values():
+    vcpu = Vcpu()
+    # mov $0x3f8,%dx; mov $0x41,%al; out %al,(%dx); in (%dx),%al; mov %al,%bl;
+    # mov $0x100010,%ecx; mov (%rcx),%eax; movl $0xcafe,4(%rcx)
+    code = bytes.fromhex("66baf803" "b041" "ee" "ec" "88c3" "b910001000" "8b01" "c74104feca0000")
+    uc, _ = engine(code, vcpu)
+    uc.emu_start(CODE, CODE + len(code))
+    assert vcpu.seen == [("out", 0x3F8, 1, 0x41), ("in", 0x3F8, 1), ("read", MMIO + 0x10, 4),
+                         ("write", MMIO + 0x14, 4, 0xCAFE)]
+    assert uc.reg_read(X.UC_X86_REG_BL) == 0x5A and uc.reg_read(X.UC_X86_REG_EAX) == 0x11223344
+
+
+def test_a_failing_handler_stops_the_slice_and_its_exception_comes_out_of_emu_start():
+    """As through the binding's guard: the exception is the slice's outcome, and the engine
+    stops (here at the end of the translation block: a VM's engine stops between instructions,
+    engine_state.py)."""
+    vcpu = Vcpu(fail_on=0x80)
+    # mov $0x80,%dx; out %al,(%dx); jmp . (a loop only a stop ends)
+    code = bytes.fromhex("66ba8000" "ee" "ebfe")
+    uc, _ = engine(code, vcpu)
+    with pytest.raises(RuntimeError, match="device failed"):
+        uc.emu_start(CODE, CODE + len(code))
+    assert vcpu.seen == [("out", 0x80, 1, 0)]
+    vcpu.fail_on = None
+    uc.emu_start(CODE, CODE + 5)  # the next slice starts clean: nothing left over
+    assert vcpu.seen == [("out", 0x80, 1, 0)] * 2
