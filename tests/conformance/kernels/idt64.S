@@ -351,6 +351,9 @@ recorder64:
 
 # Interrupt gates (type 0xE) everywhere; 0x81 a trap gate (0xF); 0x82 and 8 on IST1.
 idt64_install:
+        movb $0xff, %al                 # 8259 inputs masked (see idt_install in conform.inc)
+        outb %al, $0x21
+        outb %al, $0xa1
         xorl %ecx, %ecx
         leaq idt64(%rip), %rdi
         leaq stub64_table(%rip), %rsi
