@@ -213,7 +213,6 @@ class GuestMemory:
                 return view, int(address) - base
         raise _outside(address, size)
 
-
     def view(self, address: int, size: int) -> memoryview:
         """A writable zero-copy view of [address, address+size), which must lie in one region."""
         if size < 0:
