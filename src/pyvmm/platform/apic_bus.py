@@ -126,25 +126,30 @@ class ApicBus:
                 source: "LocalApic | None" = None) -> list["LocalApic"]:
         """The LAPICs a message reaches (hardware-disabled ones hear nothing)."""
         with self.lock:
-            listening = [lapic for lapic in self._lapics if lapic.hardware_enabled]
-            if shorthand == Shorthand.SELF:
-                return [source] if source is not None and source in listening else []
-            if shorthand == Shorthand.ALL_INCLUDING_SELF:
-                return listening
-            if shorthand == Shorthand.ALL_EXCLUDING_SELF:
-                return [lapic for lapic in listening if lapic is not source]
-            if logical:
-                return [lapic for lapic in listening if lapic.matches_logical(destination)]
-            if destination == BROADCAST_ID:
-                return listening
-            return [lapic for lapic in listening if lapic.apic_id == destination]
+            return self._targets(destination, logical, shorthand, source)
+
+    def _targets(self, destination: int, logical: bool, shorthand: int,
+                 source: "LocalApic | None") -> list["LocalApic"]:
+        # (bus lock held; every device interrupt comes through here: one loop, no nested lock)
+        if shorthand == Shorthand.NONE and logical:
+            return [lapic for lapic in self._lapics if lapic.hardware_enabled and lapic.matches_logical(destination)]
+        listening = [lapic for lapic in self._lapics if lapic.hardware_enabled]
+        if shorthand == Shorthand.SELF:
+            return [source] if source is not None and source in listening else []
+        if shorthand == Shorthand.ALL_INCLUDING_SELF:
+            return listening
+        if shorthand == Shorthand.ALL_EXCLUDING_SELF:
+            return [lapic for lapic in listening if lapic is not source]
+        if destination == BROADCAST_ID:
+            return listening
+        return [lapic for lapic in listening if lapic.apic_id == destination]
 
     def deliver(self, vector: int, delivery_mode: int, destination: int, logical: bool, *,
                 level_triggered: bool = False, shorthand: int = Shorthand.NONE,
                 source: "LocalApic | None" = None) -> int:
         """Send one interrupt message; returns how many LAPICs accepted it."""
         with self.lock:
-            targets = self.targets(destination, logical, shorthand, source)
+            targets = self._targets(destination, logical, shorthand, source)
             if delivery_mode == DeliveryMode.LOWEST_PRIORITY and len(targets) > 1:
                 targets = targets[:1]
             if not targets:

@@ -151,7 +151,9 @@ class IoApic:
         if not 0 <= pin < self.pins:
             raise ValueError(f"ioapic: no pin {pin} (this IOAPIC has {self.pins})")
         bit = 1 << pin
-        with self._lock:
+        # A deassertion sends nothing, so defers no wake-up: the bus's lock itself will do (half of
+        # the calls of every edge-triggered interrupt, a UART's say, lower the line again).
+        with self._lock if level else self._lock.raw:
             was = bool(self._asserted & bit)
             if level:
                 self._asserted |= bit

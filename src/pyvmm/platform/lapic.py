@@ -174,6 +174,17 @@ class LocalApic(LapicTimer, LapicPersist):
                 position += chunk
             return bytes(out)
 
+    def read_dword(self, offset: int) -> int:
+        """read(offset, 4) of a dword-aligned offset, as an integer."""
+        with self._lock:
+            return self._read_register(offset) if self._apic_base & APIC_BASE_ENABLE else 0
+
+    def write_dword(self, offset: int, value: int) -> None:
+        """write() of a dword-aligned 32-bit `value` (each EOI: no bytes to split and join)."""
+        with self._lock:
+            if self._apic_base & APIC_BASE_ENABLE:
+                self._write_register(offset, value & 0xFFFFFFFF)
+
     def write(self, offset: int, data: bytes) -> None:
         with self._lock:
             if not self.hardware_enabled:
@@ -335,12 +346,15 @@ class LocalApic(LapicTimer, LapicPersist):
         with self._lock if now_ns is not None else self._lock.raw:
             if now_ns is not None:
                 self._timer_update(now_ns)
-            pic = self.pic  # (_extint_route() is False without one)
-            if pic is not None and self._extint_route():
-                vector = pic.pending_vector()
-                if vector is not None:
-                    return vector
-            return self._deliverable_irr_vector()
+            return self._pending_vector_locked()
+
+    def _pending_vector_locked(self) -> int | None:
+        pic = self.pic  # (_extint_route() is False without one)
+        if pic is not None and self._extint_route():
+            vector = pic.pending_vector()
+            if vector is not None:
+                return vector
+        return self._deliverable_irr_vector()
 
     def interrupt_pending(self) -> bool:
         return self.pending_vector() is not None
@@ -350,21 +364,42 @@ class LocalApic(LapicTimer, LapicPersist):
         moves from IRR to ISR; an ExtINT vector comes from the PIC's INTA. If nothing is
         deliverable any more, returns the spurious vector (SVR) without touching ISR."""
         with self._lock:
+            return self._acknowledge_locked()
+
+    def acknowledge_if_pending(self) -> tuple[int | None, bool]:
+        """The INTA cycle only if an interrupt is deliverable now: (its vector, whether another is
+        deliverable after it), or (None, False) with nothing touched. One lock for what the
+        engine asks where an interrupt window opens (pending_vector, acknowledge, pending_vector)."""
+        with self._lock.raw:  # (nothing here defers a wake-up)
             pic = self.pic  # (_extint_route() is False without one)
-            extint = pic is not None and self._extint_route()
-            if extint and pic is not None and pic.interrupt_pending():
+            if pic is not None and self._extint_route() and pic.pending_vector() is not None:
                 self._extint_requested = False
-                return pic.acknowledge()
-            vector = self._deliverable_irr_vector()
-            if vector is not None:
+                vector = pic.acknowledge()
+            else:
+                vector = self._deliverable_irr_vector()
+                if vector is None:
+                    return None, False
                 bit = 1 << vector
                 self._irr &= ~bit
                 self._isr |= bit
-                return vector
-            if extint and pic is not None:
-                self._extint_requested = False
-                return pic.acknowledge()  # the PIC answers a vanished request with IR7
-            return self._svr & 0xFF
+            return vector, self._pending_vector_locked() is not None
+
+    def _acknowledge_locked(self) -> int:
+        pic = self.pic  # (_extint_route() is False without one)
+        extint = pic is not None and self._extint_route()
+        if extint and pic is not None and pic.interrupt_pending():
+            self._extint_requested = False
+            return pic.acknowledge()
+        vector = self._deliverable_irr_vector()
+        if vector is not None:
+            bit = 1 << vector
+            self._irr &= ~bit
+            self._isr |= bit
+            return vector
+        if extint and pic is not None:
+            self._extint_requested = False
+            return pic.acknowledge()  # the PIC answers a vanished request with IR7
+        return self._svr & 0xFF
 
     @property
     def nmi_pending(self) -> bool:
@@ -443,9 +478,10 @@ class LocalApic(LapicTimer, LapicPersist):
     # --- EOI and IPIs -----------------------------------------------------------------------
 
     def _eoi(self) -> None:
-        vector = _highest_bit(self._isr)
-        if vector is None:
+        isr = self._isr
+        if not isr:
             return
+        vector = isr.bit_length() - 1
         bit = 1 << vector
         self._isr &= ~bit
         if self._tmr & bit:

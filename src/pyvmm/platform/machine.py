@@ -113,11 +113,14 @@ class SoftwarePlatform:
 
     def seconds_to_next_deadline(self) -> float | None:
         now = self.clock.now_ns()
-        deadlines = [d for d in (self.pit.next_deadline_ns(now), *(l.next_deadline_ns() for l in self.lapics))
-                     if d is not None]
-        if not deadlines:
+        soonest = self.pit.next_deadline_ns(now)
+        for lapic in self.lapics:  # (a loop: no comprehension frames, asked every round)
+            deadline = lapic.next_deadline_ns()
+            if deadline is not None and (soonest is None or deadline < soonest):
+                soonest = deadline
+        if soonest is None:
             return None
-        return max(min(deadlines) - now, 0) / 1e9
+        return max(soonest - now, 0) / 1e9
 
     # --- snapshot ---------------------------------------------------------------------------
     # The router and the APIC bus hold no state of their own (line levels live in the PIC and

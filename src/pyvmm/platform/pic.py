@@ -98,13 +98,14 @@ class _Chip:
     def set_input(self, ir: int, level: bool) -> None:
         bit = 1 << ir
         was_high = self.line_levels & bit
+        level_triggered = 0xFF if self.level_mode else self.elcr  # (level_triggered(), without the call)
         if level:
             self.line_levels |= bit
-            if self.level_triggered() & bit or not was_high:
+            if level_triggered & bit or not was_high:
                 self.irr |= bit
         else:
             self.line_levels &= ~bit
-            if self.level_triggered() & bit:
+            if level_triggered & bit:
                 self.irr &= ~bit
 
     def resync_level_inputs(self) -> None:
@@ -341,7 +342,8 @@ class Pic8259Pair:
             else:
                 self.slave.set_input(irq - 8, level)
             wake = self._update_locked()
-        self._wake(wake)
+        if wake:
+            self._wake(wake)
 
     # --- CPU side ---------------------------------------------------------------------------
 
@@ -400,15 +402,17 @@ class Pic8259Pair:
 
     def _update_locked(self) -> bool:
         """Propagate the slave's INT to master IR2; True if the master's INT just rose."""
-        slave_int = self.slave.highest_request() is not None
+        master, slave = self.master, self.slave
+        # (no unmasked request: no call, the usual case with the IOAPIC in use and both chips masked)
+        slave_int = bool(slave.irr & ~slave.imr) and slave.highest_request() is not None
         bit = 1 << CASCADE_IRQ
         if slave_int:
-            self.master.irr |= bit
-            self.master.line_levels |= bit
+            master.irr |= bit
+            master.line_levels |= bit
         else:
-            self.master.irr &= ~bit
-            self.master.line_levels &= ~bit
-        output = self.master.highest_request() is not None
+            master.irr &= ~bit
+            master.line_levels &= ~bit
+        output = bool(master.irr & ~master.imr) and master.highest_request() is not None
         rose = output and not self._output
         self._output = output
         return rose

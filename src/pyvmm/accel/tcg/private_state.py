@@ -83,6 +83,11 @@ class PrivateState:
         self._context = uc.context_save()
         self._size = self._context.size
         self.live = live
+        # In the engine's own state the fields stay where they are: their ctypes views are made
+        # once (read() and hflags() run a few times per slice).
+        self._live_fields = None if live is None else (
+            ctypes.c_uint32.from_address(live + offsets.hflags), ctypes.c_uint32.from_address(live + offsets.error_code),
+            ctypes.c_int32.from_address(live + offsets.old_exception))
         # Bound once: _save/_restore run several times per guest exception. (Imported here, not
         # at module level: this module must load without unicorn, to report it missing.)
         from unicorn.unicorn_py3.unicorn import uclib  # the binding's own ctypes handle
@@ -111,6 +116,9 @@ class PrivateState:
 
     def read(self) -> tuple[int, int, int]:
         """(hflags, error_code, old_exception) of the CPU right now."""
+        if self._live_fields is not None:
+            hflags_field, error_field, old_field = self._live_fields
+            return hflags_field.value, error_field.value, old_field.value
         base = self._save()
         off = self.offsets
         hflags = ctypes.c_uint32.from_address(base + off.hflags).value
@@ -122,6 +130,8 @@ class PrivateState:
         return self.read()[1]
 
     def hflags(self) -> int:
+        if self._live_fields is not None:
+            return self._live_fields[0].value
         return self.read()[0]
 
     def nmi_blocked(self) -> bool:

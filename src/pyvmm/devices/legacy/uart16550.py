@@ -165,8 +165,11 @@ class Uart16550:
 
     def write(self, offset: int, data: bytes) -> None:
         with self._lock:
-            for i, value in enumerate(data):
-                self._write_register(offset + i, value)
+            if len(data) == 1:  # (every guest access: no enumerate)
+                self._write_register(offset, data[0])
+            else:
+                for i, value in enumerate(data):
+                    self._write_register(offset + i, value)
             self._update_irq()
 
     def _read_register(self, offset: int) -> int:
@@ -325,7 +328,9 @@ class Uart16550:
         return interrupt_id | (IIR_FIFO_ENABLED if self._fcr & FCR_ENABLE_FIFO else 0)
 
     def _update_irq(self) -> None:
-        level = self._interrupt_id() != IIR_NO_INT and bool(self._mcr & MCR_OUT2)
+        # _interrupt_id() != IIR_NO_INT, spelled out: this runs at every guest access
+        level = bool(self._mcr & MCR_OUT2) and (
+            self._thre_pending or bool(self._rx and self._ier & IER_RDI) or bool(self._msr_delta and self._ier & IER_MSI))
         if level != self._irq_level:
             self._irq_level = level
             self._irq.set_level(level)
