@@ -348,11 +348,14 @@ class LocalApic(LapicTimer, LapicPersist):
                 self._timer_update(now_ns)
             return self._pending_vector_locked()
 
+    # The PIC is asked before the route is worked out: with the IOAPIC in use the PIC has nothing,
+    # and its look costs less than the route's (both are asked at every interrupt, several times).
+
     def _pending_vector_locked(self) -> int | None:
-        pic = self.pic  # (_extint_route() is False without one)
-        if pic is not None and self._extint_route():
+        pic = self.pic
+        if pic is not None:
             vector = pic.pending_vector()
-            if vector is not None:
+            if vector is not None and self._extint_route():
                 return vector
         return self._deliverable_irr_vector()
 
@@ -371,8 +374,8 @@ class LocalApic(LapicTimer, LapicPersist):
         deliverable after it), or (None, False) with nothing touched. One lock for what the
         engine asks where an interrupt window opens (pending_vector, acknowledge, pending_vector)."""
         with self._lock.raw:  # (nothing here defers a wake-up)
-            pic = self.pic  # (_extint_route() is False without one)
-            if pic is not None and self._extint_route() and pic.pending_vector() is not None:
+            pic = self.pic
+            if pic is not None and pic.pending_vector() is not None and self._extint_route():
                 self._extint_requested = False
                 vector = pic.acknowledge()
             else:
@@ -385,9 +388,8 @@ class LocalApic(LapicTimer, LapicPersist):
             return vector, self._pending_vector_locked() is not None
 
     def _acknowledge_locked(self) -> int:
-        pic = self.pic  # (_extint_route() is False without one)
-        extint = pic is not None and self._extint_route()
-        if extint and pic is not None and pic.interrupt_pending():
+        pic = self.pic
+        if pic is not None and pic.pending_vector() is not None and self._extint_route():
             self._extint_requested = False
             return pic.acknowledge()
         vector = self._deliverable_irr_vector()
@@ -396,7 +398,7 @@ class LocalApic(LapicTimer, LapicPersist):
             self._irr &= ~bit
             self._isr |= bit
             return vector
-        if extint and pic is not None:
+        if pic is not None and self._extint_route():
             self._extint_requested = False
             return pic.acknowledge()  # the PIC answers a vanished request with IR7
         return self._svr & 0xFF

@@ -230,7 +230,12 @@ class Uart16550:
                 divisor = self._dlm << 8 | self._dll or DEFAULT_DIVISOR  # (0 stops a real chip's clock)
                 delay_ns = TX_FIFO_SIZE * BITS_PER_CHARACTER * divisor * 10**9 // BAUD_BASE
                 self._drain_timer = self._timers.call_later(delay_ns, self._drain_timer_fired)
-        self._send(value)
+        if self._mcr & MCR_LOOP:
+            self.stats.loopback_bytes += 1
+            self._push_rx(value)
+        else:
+            self._output(bytes((value,)))
+            self.stats.tx_bytes += 1
 
     def _drain(self) -> None:
         """The transmitter has emptied: THRE interrupts again if enabled."""
@@ -243,14 +248,6 @@ class Uart16550:
             if self._transmitting:  # (a load begun after the timer was set drains early: harmless)
                 self._drain()
                 self._update_irq()
-
-    def _send(self, value: int) -> None:
-        if self._mcr & MCR_LOOP:
-            self.stats.loopback_bytes += 1
-            self._push_rx(value)
-        else:
-            self._output(bytes((value,)))
-            self.stats.tx_bytes += 1
 
     def _write_ier(self, value: int) -> None:
         value &= IER_MASK
