@@ -172,6 +172,57 @@ def test_acknowledge_with_nothing_pending_returns_spurious_vector():
     assert lapic.isr == 0
 
 
+
+def test_acknowledge_if_pending_takes_what_acknowledge_would_and_says_whether_more_waits():
+    clock, bus, (lapic,) = make()
+    assert lapic.acknowledge_if_pending() == (None, False)
+    assert lapic.isr == 0  # nothing pending: no spurious INTA either
+    send(bus, 0x41)
+    send(bus, 0x81)
+    assert lapic.acknowledge_if_pending() == (0x81, False)  # 0x41 is held below the class in service
+    wr(lapic, REG_EOI, 0)
+    assert lapic.acknowledge_if_pending() == (0x41, False)
+    wr(lapic, REG_EOI, 0)
+    send(bus, 0x41)
+    send(bus, 0x91)
+    wr(lapic, REG_TPR, 0x30)
+    assert lapic.acknowledge_if_pending() == (0x91, False)
+    wr(lapic, REG_EOI, 0)
+    send(bus, 0xA1)
+    assert lapic.acknowledge_if_pending() == (0xA1, False)
+    assert lapic.isr == 1 << 0xA1 and lapic.pending_vector() is None
+
+
+def test_acknowledge_if_pending_takes_the_pic_vector_through_the_virtual_wire():
+    clock, bus = FakeClock(), ApicBus()
+    pic = _pic_with_irq(0)
+    lapic = LocalApic(0, clock, bus, pic=pic)
+    enable(lapic)
+    send(bus, 0x41)
+    assert lapic.acknowledge_if_pending() == (0x41, False)  # LINT0 masked: the PIC is not heard
+    wr(lapic, REG_EOI, 0)
+    wr(lapic, REG_LVT_LINT0, 0x700)
+    send(bus, 0x41)
+    # the PIC first, as acknowledge(); then 0x41 is deliverable (the PIC's vector is not in the LAPIC's ISR)
+    assert lapic.acknowledge_if_pending() == (0x30, True)
+    assert pic.isr == 0x01 and lapic.isr == 0
+
+
+def test_dword_access_is_read_and_write_of_four_bytes():
+    clock, bus, (lapic,) = make()
+    lapic.write_dword(REG_TPR, 0x1_0000_0020)  # (bits past the register's 32 are not the register's)
+    assert rd(lapic, REG_TPR) == 0x20 == lapic.read_dword(REG_TPR)
+    send(bus, 0x41)
+    assert lapic.acknowledge() == 0x41
+    assert lapic.read_dword(REG_ISR + 0x20) == rd(lapic, REG_ISR + 0x20) == 1 << 1
+    lapic.write_dword(REG_EOI, 0)
+    assert lapic.isr == 0
+    assert lapic.read_dword(REG_TPR + 4) == 0  # not a register's first dword
+    lapic.write_apic_base(0xFEE00100)  # hardware disabled: reads 0, writes ignored
+    lapic.write_dword(REG_TPR, 0x40)
+    assert lapic.read_dword(REG_TPR) == 0 == rd(lapic, REG_TPR)
+
+
 # --- timer ----------------------------------------------------------------------------------
 
 

@@ -389,14 +389,16 @@ def test_host_input_is_disconnected_in_loopback():
 
 
 def test_modem_status_interrupt_and_delta_bits():
-    uart, _, _ = make_uart()
+    uart, irq, _ = make_uart()
     wr(uart, IER, 0x08)
     assert rd(uart, IIR) == 0x01
     wr(uart, MCR, MCR_LOOP | 0x0B)  # CTS, DSR, DCD stay up; nothing changes
-    assert rd(uart, IIR) == 0x01
+    assert rd(uart, IIR) == 0x01 and irq.levels == []
     wr(uart, MCR, MCR_LOOP | 0x08)  # drop DTR and RTS: DSR and CTS fall
     assert rd(uart, IIR) == 0x00
+    assert irq.levels == [True]  # (OUT2 is still set: the line is driven)
     assert rd(uart, MSR) == 0x80 | 0x02 | 0x01
+    assert irq.levels == [True, False]
     assert rd(uart, MSR) == 0x80  # deltas cleared by the read
     assert rd(uart, IIR) == 0x01
 

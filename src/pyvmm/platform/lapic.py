@@ -377,14 +377,13 @@ class LocalApic(LapicTimer, LapicPersist):
             pic = self.pic
             if pic is not None and pic.pending_vector() is not None and self._extint_route():
                 self._extint_requested = False
-                vector = pic.acknowledge()
-            else:
-                vector = self._deliverable_irr_vector()
-                if vector is None:
-                    return None, False
-                bit = 1 << vector
-                self._irr &= ~bit
-                self._isr |= bit
+                return pic.acknowledge(), self._pending_vector_locked() is not None
+            vector = self._deliverable_irr_vector()
+            if vector is None:
+                return None, False
+            bit = 1 << vector
+            self._irr &= ~bit
+            self._isr |= bit
             return vector, self._pending_vector_locked() is not None
 
     def _acknowledge_locked(self) -> int:
