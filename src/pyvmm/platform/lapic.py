@@ -367,26 +367,27 @@ class LocalApic(LapicTimer, LapicPersist):
         moves from IRR to ISR; an ExtINT vector comes from the PIC's INTA. If nothing is
         deliverable any more, returns the spurious vector (SVR) without touching ISR."""
         with self._lock:
-            return self._acknowledge_locked()
+            vector = self._take_locked()
+            if vector is not None:
+                return vector
+            pic = self.pic
+            if pic is not None and self._extint_route():
+                self._extint_requested = False
+                return pic.acknowledge()  # the PIC answers a vanished request with IR7
+            return self._svr & 0xFF
 
     def acknowledge_if_pending(self) -> tuple[int | None, bool]:
         """The INTA cycle only if an interrupt is deliverable now: (its vector, whether another is
         deliverable after it), or (None, False) with nothing touched. One lock for what the
         engine asks where an interrupt window opens (pending_vector, acknowledge, pending_vector)."""
         with self._lock.raw:  # (nothing here defers a wake-up)
-            pic = self.pic
-            if pic is not None and pic.pending_vector() is not None and self._extint_route():
-                self._extint_requested = False
-                return pic.acknowledge(), self._pending_vector_locked() is not None
-            vector = self._deliverable_irr_vector()
+            vector = self._take_locked()
             if vector is None:
                 return None, False
-            bit = 1 << vector
-            self._irr &= ~bit
-            self._isr |= bit
             return vector, self._pending_vector_locked() is not None
 
-    def _acknowledge_locked(self) -> int:
+    def _take_locked(self) -> int | None:
+        """acknowledge() of what is deliverable now; None, with nothing touched, if nothing is."""
         pic = self.pic
         if pic is not None and pic.pending_vector() is not None and self._extint_route():
             self._extint_requested = False
@@ -396,11 +397,7 @@ class LocalApic(LapicTimer, LapicPersist):
             bit = 1 << vector
             self._irr &= ~bit
             self._isr |= bit
-            return vector
-        if pic is not None and self._extint_route():
-            self._extint_requested = False
-            return pic.acknowledge()  # the PIC answers a vanished request with IR7
-        return self._svr & 0xFF
+        return vector
 
     @property
     def nmi_pending(self) -> bool:
