@@ -114,7 +114,9 @@ class MsixCapability:
         return hi << 32 | lo, data, bool(ctrl & VECTOR_MASKED)
 
     def is_masked(self, vector: int) -> bool:
-        control = self.control
+        return self._masked(self.control, vector)
+
+    def _masked(self, control: int, vector: int) -> bool:
         return (not control & CONTROL_ENABLE or bool(control & CONTROL_FUNCTION_MASK)
                 or self.entry(vector)[2])
 
@@ -125,9 +127,10 @@ class MsixCapability:
         """Signal `vector`. False when MSI-X is off (the device should use INTx) or the vector
         does not exist; True when sent or left pending because it is masked."""
         with self._lock:
-            if not self.enabled or not 0 <= vector < self.vectors:
+            control = self.control  # (read once: a device completion comes through here each time)
+            if not control & CONTROL_ENABLE or not 0 <= vector < self.vectors:
                 return False
-            if self.is_masked(vector):
+            if self._masked(control, vector):
                 self._pending |= 1 << vector
                 return True
             if self._vectors is not None:
