@@ -172,7 +172,6 @@ def test_acknowledge_with_nothing_pending_returns_spurious_vector():
     assert lapic.isr == 0
 
 
-
 def test_acknowledge_if_pending_takes_what_acknowledge_would_and_says_whether_more_waits():
     clock, bus, (lapic,) = make()
     assert lapic.acknowledge_if_pending() == (None, False)
