@@ -384,14 +384,13 @@ class VirtioNet(VirtioDevice):
         """A frame of n bytes lies in the first spare buffers: return those it filled."""
         spare = self._rx_spare
         chain = spare.popleft()
-        if n <= chain.writable_length:  # one buffer (every frame without MRG_RXBUF)
-            segments, covered = len(chain.writable), chain.writable_length
+        segments, covered = len(chain.writable), chain.writable_length
+        if n <= covered:  # one buffer (every frame without MRG_RXBUF)
             self._set_num_buffers(chain, 1)
             self.queues[RX_QUEUE].push(chain, n)
             used_count = 1
         else:
-            used = [(chain, chain.writable_length)]
-            segments, covered = len(chain.writable), chain.writable_length
+            used = [(chain, covered)]
             while covered < n:
                 chain = spare.popleft()
                 used.append((chain, min(n - covered, chain.writable_length)))
