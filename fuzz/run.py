@@ -106,4 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONDONTWRITEBYTECODE", "1")
+    # atheris follows Python bytecode: the harnesses fuzz the Python source of the modules
+    # pyvmm otherwise loads compiled (pyvmm/compiled.py), the same logic.
+    os.environ.setdefault("PYVMM_COMPILED", "0")
     sys.exit(main())

@@ -6,6 +6,10 @@
 
 __version__ = "0.1.0"
 
+from . import compiled as _compiled  # noqa: E402
+
+_compiled.install()  # the mypyc build of the interrupt path and the UART, if built for this tree
+
 
 def connect(config_dir=None, run_root=None):
     """The VMs of this user on this machine: a manage.client.Host (define, list, vm(name)...).

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from . import compiled
 from .accel.kvm.calibration import calibrate
 from .kvm import Kvm, uapi
 
@@ -48,6 +49,10 @@ def print_kvm_info(calibrate_guest: bool = True, out=None) -> int:
     with Kvm() as kvm:
         print(f"device        {kvm.path} (KVM API {kvm.api_version})", file=out)
         print(f"host          {host_virtualization()}", file=out)
+        in_use, why_not = compiled.status()
+        print("compiled      " + ("yes (mypyc): the software CPU's interrupt path and 16550" if in_use else
+                                  f"NO ({why_not}): the software CPU's interrupt path and 16550 run from source"),
+              file=out)
         print(f"vCPUs         up to {kvm.max_vcpus} per VM; recommended {kvm.check_extension(uapi.KVM_CAP_NR_VCPUS)}; host CPUs {os.cpu_count()}", file=out)
         print("capabilities", file=out)
         missing = []

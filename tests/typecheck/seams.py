@@ -26,7 +26,8 @@ from pyvmm.devices.legacy.i8042 import I8042, I8042State
 from pyvmm.devices.legacy.port80 import Port80, Port80State
 from pyvmm.devices.legacy.pvpanic import PvPanic, PvPanicState
 from pyvmm.devices.legacy.rtc import Mc146818Rtc, RtcState
-from pyvmm.devices.legacy.uart16550 import Uart16550, UartState
+from pyvmm.devices.legacy.uart16550 import Uart16550
+from pyvmm.devices.legacy.uart16550_state import UartState
 from pyvmm.devices.virtio.blk import BlockState, VirtioBlock
 from pyvmm.devices.virtio.console import ConsoleState, VirtioConsole
 from pyvmm.devices.virtio.mmio import MmioTransportState, VirtioMmioTransport
@@ -42,11 +43,14 @@ from pyvmm.pci.msix import MsixCapability, MsixState
 from pyvmm.pci.root import PciRoot, PciRootState
 from pyvmm.persist import Persist
 from pyvmm.platform.clock import ClockState, VirtualClock
-from pyvmm.platform.ioapic import IoApic, IoApicState
-from pyvmm.platform.lapic_state import LapicPersist, LapicState
+from pyvmm.platform.ioapic import IoApic
+from pyvmm.platform.ioapic_state import IoApicState
+from pyvmm.platform.lapic_persist import LapicPersist
+from pyvmm.platform.lapic_state import LapicState
 from pyvmm.platform.machine import SoftwarePlatform, SoftwarePlatformState
 from pyvmm.platform.msi import SoftwareMsiVector
-from pyvmm.platform.pic import Pic8259Pair, PicPairState
+from pyvmm.platform.pic import Pic8259Pair
+from pyvmm.platform.pic_state import PicPairState
 from pyvmm.platform.pit import Pit8254, PitState
 from pyvmm.vm import Vm
 

@@ -9,7 +9,7 @@ from pyvmm.devices.legacy import Uart16550
 from pyvmm.devices.legacy.uart16550 import RX_FIFO_CAPACITY
 from helpers.irq import RecordingIrq
 from helpers.state import changed, tampered, through_json
-from pyvmm.devices.legacy.uart16550 import UartState
+from pyvmm.devices.legacy.uart16550_state import UartState
 from pyvmm.persist import StateError
 
 THR = RBR = DLL = 0

@@ -34,10 +34,10 @@ from ..kvm.system import CpuidEntry
 from ..persist import State, StateError, require
 from ..platform import lapic_registers as R
 from ..platform.clock import ClockState
-from ..platform.ioapic import IoApicState
+from ..platform.ioapic_state import IoApicState
 from ..platform.lapic_state import LapicState
 from ..platform.machine import SoftwarePlatformState
-from ..platform.pic import PicChipState, PicPairState
+from ..platform.pic_state import PicChipState, PicPairState
 from ..platform.pit import ACCESS_LOHI, PORT61_GATE2, PitCounterState, PitState
 from .kvm.state import KvmVmState, IoapicState, PicState, PitChannelState
 

@@ -21,15 +21,20 @@ from __future__ import annotations
 import logging
 import threading
 from enum import IntEnum
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 if TYPE_CHECKING:
-    from .ioapic import IoApic
     from .lapic import LocalApic
 
 log = logging.getLogger(__name__)
 
 BROADCAST_ID = 0xFF
+
+
+class EoiListener(Protocol):
+    """What hears the EOI of a level-triggered vector: an IOAPIC (its Remote IRR)."""
+
+    def end_of_interrupt(self, vector: int) -> None: ...
 
 
 class DeliveryMode(IntEnum):
@@ -88,7 +93,7 @@ class ApicBus:
     def __init__(self) -> None:
         self.lock = PlatformLock()
         self._lapics: list[LocalApic] = []
-        self._ioapics: list[IoApic] = []
+        self._ioapics: list[EoiListener] = []
         self.messages_delivered = 0
         self.messages_unclaimed = 0
 
@@ -106,7 +111,7 @@ class ApicBus:
         with self.lock:
             self._lapics = [other for other in self._lapics if other is not lapic]
 
-    def attach_ioapic(self, ioapic: "IoApic") -> None:
+    def attach_ioapic(self, ioapic: EoiListener) -> None:
         with self.lock:
             self._ioapics.append(ioapic)
 

@@ -25,10 +25,10 @@ Threads: `set_irq` may be called from any thread; all methods take the APIC bus 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
-from ..persist import State, require
+from ..persist import require
 from .apic_bus import ApicBus, DeliveryMode
+from .ioapic_state import IoApicState
 
 log = logging.getLogger(__name__)
 
@@ -223,19 +223,3 @@ class IoApic:
         with self._lock:
             self._id, self._select, self._asserted = state.id, state.select, state.asserted
             self._redirection = list(state.redirection)
-
-
-@dataclass(frozen=True)
-class IoApicState(State):
-    """The ID and index registers, the input pins' levels and every redirection entry (remote IRR included)."""
-    KIND = "ioapic"
-    id: int
-    select: int
-    asserted: int
-    redirection: tuple[int, ...]
-
-    def validate(self) -> None:
-        self.check_range("id", 0, 0xF)
-        self.check_range("select", 0, 0xFF)
-        self.check_range("asserted", 0, (1 << 64) - 1)
-        self.check_items("redirection", 0, (1 << 64) - 1)

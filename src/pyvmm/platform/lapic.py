@@ -49,7 +49,8 @@ from .lapic_registers import (  # re-exported: tests and callers name them throu
     REG_TIMER_CURRENT, REG_TIMER_DIVIDE, REG_TIMER_INITIAL, REG_TMR, REG_TPR, REG_VERSION, SVR_ENABLE,
     SVR_RESET, SVR_WRITABLE, TIMER_ONESHOT, TIMER_PERIODIC, TIMER_TSC_DEADLINE,
 )
-from .lapic_state import LapicPersist, LapicState
+from .lapic_persist import LapicPersist
+from .lapic_state import LapicState
 from .lapic_timer import LapicTimer
 
 log = logging.getLogger(__name__)

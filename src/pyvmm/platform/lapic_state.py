@@ -1,17 +1,11 @@
-"""The local APIC's saved state, and its save/restore mixed into LocalApic."""
+"""The local APIC's saved state (its save/restore: lapic_persist.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from ..persist import State, require
+from ..persist import State
 from .lapic_registers import ICR_LOW_WRITABLE, LVT_WRITABLE, SVR_WRITABLE
-
-if TYPE_CHECKING:
-    from typing import Callable
-
-    from .apic_bus import PlatformLock
 
 U256 = (1 << 256) - 1
 
@@ -70,37 +64,7 @@ class LapicState(State):
                 self.fail(f"startup_events[{i}]", f"({kind!r}, {vector}) is not an INIT or a SIPI vector")
 
 
-_REGISTERS = ("tpr", "ldr", "dfr", "svr", "isr", "irr", "tmr", "esr", "esr_pending", "icr_low", "icr_high",
+# The registers saved under their own names (LapicPersist saves each from `_<name>`).
+SAVED_REGISTERS = ("tpr", "ldr", "dfr", "svr", "isr", "irr", "tmr", "esr", "esr_pending", "icr_low", "icr_high",
               "timer_initial", "timer_divide", "timer_start_ns", "timer_next_ns", "tsc_deadline",
               "extint_requested", "nmi_pending")
-
-
-class LapicPersist:
-    _lock: PlatformLock
-    _id: int
-    _apic_base: int
-    _lvt: list[int]
-    _startup_events: list[tuple]
-    _irr: int
-    _nmi_pending: bool
-    on_wakeup: Callable[[], None] | None
-
-    def save(self) -> LapicState:
-        with self._lock:
-            return LapicState(apic_id=self._id, apic_base=self._apic_base, lvt=tuple(self._lvt),  # type: ignore[arg-type]
-                              startup_events=tuple((str(e[0]), int(e[1]) if len(e) > 1 else 0)
-                                                   for e in self._startup_events),
-                              **{name: getattr(self, "_" + name) for name in _REGISTERS})
-
-    def restore(self, state: LapicState) -> None:
-        """Load every register; the timer continues from its saved guest-time base (the guest
-        clock is restored with it), and the CPU is woken if something waits for it."""
-        state = require(state, LapicState)
-        with self._lock:
-            self._id, self._apic_base, self._lvt = state.apic_id, state.apic_base, list(state.lvt)
-            for name in _REGISTERS:
-                setattr(self, "_" + name, getattr(state, name))
-            self._startup_events = [("init",) if kind == "init" else (kind, vector)
-                                    for kind, vector in state.startup_events]
-            if self._irr or self._nmi_pending or self._startup_events:
-                self._lock.defer(self.on_wakeup)

@@ -1,4 +1,5 @@
-"""The local APIC timer: one-shot, periodic and TSC-deadline modes, mixed into LocalApic.
+"""The local APIC timer: one-shot, periodic and TSC-deadline modes, mixed into LocalApic
+(a trait: mypyc compiles LocalApic, see pyvmm/compiled.py).
 
 Counts down at `timer_hz` (the bus clock) divided by the divide configuration; TSC-deadline
 mode compares against the guest TSC derived from guest time at `tsc_hz`. Missed periodic
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from mypy_extensions import trait
+
 from .clock import NS_PER_SECOND
 from .clock import ns_from_tsc as _ns_from_tsc
 from .lapic_registers import LVT_MASKED, LVT_TIMER, TIMER_PERIODIC, TIMER_TSC_DEADLINE
@@ -21,6 +24,7 @@ if TYPE_CHECKING:
     from .apic_bus import PlatformLock
 
 
+@trait
 class LapicTimer:
     _lvt: list[int]
     _timer_initial: int
@@ -30,9 +34,12 @@ class LapicTimer:
     _tsc_deadline: int
     _clock: Callable[[], int]
     _lock: PlatformLock
-    _accept_vector: Callable[[int, bool], None]   # the LocalApic's: the timer's LVT vector goes to IRR
     timer_hz: int
     tsc_hz: int
+
+    def _accept_vector(self, vector: int, level_triggered: bool) -> None:
+        """The LocalApic's: the timer's LVT vector goes to IRR (a trait declares the methods it calls)."""
+        raise NotImplementedError
 
     def _timer_mode(self) -> int:
         return (self._lvt[LVT_TIMER] >> 17) & 3

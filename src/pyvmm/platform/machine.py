@@ -16,10 +16,13 @@ from ..bus.bus import Bus
 from ..persist import State, require
 from .apic_bus import ApicBus
 from .clock import ClockState, VirtualClock
-from .ioapic import IoApic, IoApicState
+from .ioapic import IoApic
+from .ioapic_state import IoApicState
 from .irq_router import IsaIrqRouter
-from .lapic import LapicState, LocalApic
-from .pic import Pic8259Pair, PicPairState
+from .lapic import LocalApic
+from .lapic_state import LapicState
+from .pic import Pic8259Pair
+from .pic_state import PicPairState
 from .pit import Pit8254, PitState
 
 log = logging.getLogger(__name__)

@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
 from typing import Callable
 
-from ..persist import State, require
+from ..persist import require
+from .pic_state import INIT_ICW2, INIT_ICW3, INIT_ICW4, INIT_READY, PicChipState, PicPairState
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +50,6 @@ OCW3_READ_REGISTER = 0x02
 OCW3_READ_ISR = 0x01
 OCW3_SPECIAL_MASK = 0x40
 OCW3_SET_SPECIAL_MASK = 0x20
-
-# Initialization state: which data-port write comes next.
-_READY, _ICW2, _ICW3, _ICW4 = 0, 1, 2, 3
 
 
 def _priority_order(priority_base: int):
@@ -77,7 +74,7 @@ class _Chip:
         self.imr = 0
         self.vector_base = 0x08 if self.is_master else 0x70  # PC BIOS defaults
         self.priority_base = 0  # IR0 highest
-        self.init_state = _READY
+        self.init_state = INIT_READY
         self.icw4_expected = False
         self.single = False
         self.level_mode = False  # ICW1.LTIM: every input level-triggered
@@ -178,7 +175,7 @@ class _Chip:
         self.single = bool(value & ICW1_SNGL)
         self.level_mode = bool(value & ICW1_LTIM)
         self.resync_level_inputs()
-        self.init_state = _ICW2
+        self.init_state = INIT_ICW2
         log.debug("pic %s: ICW1 %#04x", self.name, value)
 
     def write_ocw2(self, value: int) -> None:
@@ -219,28 +216,28 @@ class _Chip:
 
     def write_data(self, value: int) -> None:
         state = self.init_state
-        if state == _ICW2:
+        if state == INIT_ICW2:
             self.vector_base = value & 0xF8
             if not self.single:
-                self.init_state = _ICW3
+                self.init_state = INIT_ICW3
             elif self.icw4_expected:
-                self.init_state = _ICW4
+                self.init_state = INIT_ICW4
             else:
-                self.init_state = _READY
-        elif state == _ICW3:
+                self.init_state = INIT_READY
+        elif state == INIT_ICW3:
             # Master: bitmask of IRs with slaves; slave: its ID. Only IR2 is wired here.
             if self.is_master:
                 if value != 1 << CASCADE_IRQ:
                     log.info("pic %s: ICW3 %#04x names slaves other than on IR2 (only IR2 is wired)", self.name, value)
             else:
                 self.cascade_id = value & 7
-            self.init_state = _ICW4 if self.icw4_expected else _READY
-        elif state == _ICW4:
+            self.init_state = INIT_ICW4 if self.icw4_expected else INIT_READY
+        elif state == INIT_ICW4:
             if not value & ICW4_UPM:
                 log.info("pic %s: ICW4 selects 8080/85 mode; vectors are delivered as in 8086 mode", self.name)
             self.auto_eoi = bool(value & ICW4_AEOI)
             self.special_fully_nested = bool(value & ICW4_SFNM)
-            self.init_state = _READY
+            self.init_state = INIT_READY
             log.debug("pic %s: initialized, vectors %#04x-%#04x%s", self.name, self.vector_base,
                       self.vector_base + 7, ", auto-EOI" if self.auto_eoi else "")
         else:
@@ -266,36 +263,6 @@ class _Chip:
     def restore(self, state: PicChipState) -> None:
         for name in self._FIELDS:
             setattr(self, name, getattr(state, name))
-
-
-@dataclass(frozen=True)
-class PicChipState(State):
-    """One 8259A: request, service and mask registers, its initialization sequence and modes."""
-    KIND = "i8259"
-    irr: int
-    isr: int
-    imr: int
-    vector_base: int
-    priority_base: int
-    init_state: int
-    icw4_expected: bool
-    single: bool
-    level_mode: bool
-    auto_eoi: bool
-    rotate_on_auto_eoi: bool
-    special_fully_nested: bool
-    special_mask: bool
-    read_isr: bool
-    poll_pending: bool
-    cascade_id: int
-    elcr: int
-    line_levels: int
-
-    def validate(self) -> None:
-        for name in ("irr", "isr", "imr", "vector_base", "cascade_id", "elcr", "line_levels"):
-            self.check_range(name, 0, 0xFF)
-        self.check_range("priority_base", 0, 7)
-        self.check_range("init_state", _READY, _ICW4)
 
 
 class _PortView:
@@ -497,10 +464,3 @@ class Pic8259Pair:
             self.slave.restore(state.slave)
             wake = self._update_locked()
         self._wake(wake)
-
-
-@dataclass(frozen=True)
-class PicPairState(State):
-    KIND = "i8259_pair"
-    master: PicChipState
-    slave: PicChipState

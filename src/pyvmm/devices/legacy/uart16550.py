@@ -35,67 +35,17 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ...bus.interrupt import IrqLine
-from ...persist import State
 from ..rate_limiter import TimerHandle, Timers
+from .uart16550_registers import (
+    DLL, DLM, FCR_CLEAR_RCVR, FCR_CLEAR_XMIT, FCR_ENABLE_FIFO, FCR_STORED_BITS, IER, IER_MASK,
+    IER_MSI, IER_RDI, IER_THRI, IIR_FCR, IIR_FIFO_ENABLED, IIR_MSI, IIR_NO_INT, IIR_RDI, IIR_THRI,
+    LCR, LCR_DLAB, LSR, LSR_DR, LSR_OE, LSR_TEMT, LSR_THRE, MCR, MCR_DTR, MCR_LOOP, MCR_MASK,
+    MCR_OUT1, MCR_OUT2, MCR_RTS, MSR, MSR_CTS, MSR_DCD, MSR_DCTS, MSR_DDCD, MSR_DDSR, MSR_DSR,
+    MSR_LINES_CONNECTED, MSR_RI, MSR_TERI, RBR_THR, SCR,
+)
+from .uart16550_state import UartState
 
 log = logging.getLogger(__name__)
-
-REGISTER_COUNT = 8
-
-# Register offsets.
-RBR_THR = 0
-IER = 1
-IIR_FCR = 2
-LCR = 3
-MCR = 4
-LSR = 5
-MSR = 6
-SCR = 7
-DLL = 0  # while LCR.DLAB
-DLM = 1
-
-IER_RDI = 0x01    # receive data available
-IER_THRI = 0x02   # transmitter holding register empty
-IER_RLSI = 0x04   # receiver line status (accepted, never raised)
-IER_MSI = 0x08    # modem status change
-IER_MASK = 0x0F
-
-IIR_NO_INT = 0x01
-IIR_MSI = 0x00
-IIR_THRI = 0x02
-IIR_RDI = 0x04
-IIR_FIFO_ENABLED = 0xC0
-
-FCR_ENABLE_FIFO = 0x01
-FCR_CLEAR_RCVR = 0x02
-FCR_CLEAR_XMIT = 0x04
-FCR_STORED_BITS = 0xC9  # enable, DMA mode, trigger level; the clear bits self-reset
-
-LCR_DLAB = 0x80
-
-MCR_DTR = 0x01
-MCR_RTS = 0x02
-MCR_OUT1 = 0x04
-MCR_OUT2 = 0x08
-MCR_LOOP = 0x10
-MCR_MASK = 0x1F
-
-LSR_DR = 0x01
-LSR_OE = 0x02
-LSR_THRE = 0x20
-LSR_TEMT = 0x40
-
-MSR_DCTS = 0x01
-MSR_DDSR = 0x02
-MSR_TERI = 0x04
-MSR_DDCD = 0x08
-MSR_CTS = 0x10
-MSR_DSR = 0x20
-MSR_RI = 0x40
-MSR_DCD = 0x80
-MSR_DELTA_MASK = 0x0F
-# Outside loopback a terminal is always attached and ready; RI is never rung.
-MSR_LINES_CONNECTED = MSR_DCD | MSR_DSR | MSR_CTS
 
 RX_FIFO_CAPACITY = 64
 TX_FIFO_SIZE = 16  # a 16550A's transmit FIFO: the bytes the drain timer allows time for
@@ -441,30 +391,3 @@ class Uart16550:
             self._irq_level = self._interrupt_id() != IIR_NO_INT and bool(self._mcr & MCR_OUT2)
             self._irq.set_level(self._irq_level)
             self._rx_drained.notify_all()
-
-
-@dataclass(frozen=True)
-class UartState(State):
-    """The registers and the receive FIFO; the transmitter is always empty, so nothing is in flight."""
-    KIND = "uart16550"
-    dll: int
-    dlm: int
-    ier: int
-    fcr: int
-    lcr: int
-    mcr: int
-    scr: int
-    overrun: bool
-    msr_delta: int
-    thre_pending: bool
-    rx_fifo: bytes
-
-    def validate(self) -> None:
-        for name in ("dll", "dlm", "lcr", "scr"):
-            self.check_range(name, 0, 0xFF)
-        self.check_mask("ier", IER_MASK)
-        self.check_mask("fcr", FCR_STORED_BITS)
-        self.check_mask("mcr", MCR_MASK)
-        self.check_mask("msr_delta", MSR_DELTA_MASK)
-        if self.thre_pending and not self.ier & IER_THRI:
-            self.fail("thre_pending", "set while IER does not enable the THRE interrupt")

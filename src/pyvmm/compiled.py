@@ -1,0 +1,134 @@
+"""The software CPU's interrupt path and the serial port, compiled to C by mypyc from this source.
+
+A console byte, a disk request or a packet on the software CPU runs the same few Python
+methods many times: port I/O into the 16550, its interrupt line through the PIC, the IOAPIC
+and the APIC bus into the LAPIC, the acknowledge and the EOI. Compiled by mypyc (the type
+checker's compiler: the same source, typed as it already is for mypy) these run as C, their
+calls to each other as C calls. `scripts/compile` builds them into the environment
+(`<sys.prefix>/pyvmm-compiled/`) with a manifest of the sources they were built from;
+`./scripts/setup` runs it.
+
+`install()` (called when pyvmm is imported) puts a finder before Python's own that loads
+those modules from the build, all of them or none: compiled modules call each other's
+methods directly, so a build is used only if every one of its sources is byte for byte the
+file in this tree, on the Python it was built for. An edited source, another interpreter, a
+missing or corrupt build, or PYVMM_COMPILED=0 in the environment: the modules load from their
+Python source as before, with the same behaviour (the tests run both ways).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import json
+import os
+import pathlib
+import sys
+
+# The compiled group. Every class a compiled class derives from is in it (mypyc needs the
+# whole hierarchy); the saved-state dataclasses live in modules of their own, outside it.
+MODULES = (
+    "pyvmm.devices.legacy.uart16550",
+    "pyvmm.platform.apic_bus",
+    "pyvmm.platform.ioapic",
+    "pyvmm.platform.irq_router",
+    "pyvmm.platform.lapic",
+    "pyvmm.platform.lapic_persist",
+    "pyvmm.platform.lapic_registers",
+    "pyvmm.platform.lapic_timer",
+    "pyvmm.platform.pic",
+)
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent.parent  # the directory holding pyvmm/
+
+
+def build_directory() -> pathlib.Path:
+    return pathlib.Path(sys.prefix) / "pyvmm-compiled"
+
+
+def source_path(module: str) -> pathlib.Path:
+    return PACKAGE_ROOT.joinpath(*module.split(".")).with_suffix(".py")
+
+
+def source_digest(module: str) -> str:
+    return hashlib.sha256(source_path(module).read_bytes()).hexdigest()
+
+
+def interpreter_tag() -> str:
+    """What a build is only good for: this CPython's ABI (its extension suffix)."""
+    return importlib.machinery.EXTENSION_SUFFIXES[0]
+
+
+def usable_build(directory: pathlib.Path) -> tuple[dict[str, pathlib.Path] | None, str]:
+    """(module -> shared object, "") if the build in `directory` matches this tree and this
+    interpreter, else (None, why not)."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except FileNotFoundError:
+        return None, "not built (scripts/compile builds it)"
+    except (OSError, ValueError) as exc:
+        return None, f"unreadable manifest: {exc}"
+    try:
+        if manifest["version"] != MANIFEST_VERSION or manifest["interpreter"] != interpreter_tag():
+            return None, "built for another interpreter or by another scripts/compile"
+        entries = manifest["modules"]
+        if sorted(entries) != sorted(MODULES + (manifest["support"],)):
+            return None, "built for another set of modules"
+        located: dict[str, pathlib.Path] = {}
+        for module, entry in entries.items():
+            shared_object = directory / entry["file"]
+            if not shared_object.is_file():
+                return None, f"{entry['file']} is missing"
+            if module != manifest["support"] and entry["source_sha256"] != source_digest(module):
+                return None, f"{module} changed since it was compiled"
+            located[module] = shared_object
+    except (KeyError, TypeError, OSError) as exc:
+        return None, f"malformed manifest: {exc!r}"
+    return located, ""
+
+
+class _CompiledFinder(importlib.abc.MetaPathFinder):
+    def __init__(self, located: dict[str, pathlib.Path]) -> None:
+        self.located = located
+
+    def find_spec(self, fullname, path=None, target=None):
+        shared_object = self.located.get(fullname)
+        if shared_object is None:
+            return None
+        return importlib.util.spec_from_file_location(fullname, shared_object)
+
+
+_state = {"in_use": False, "reason": "not installed"}
+
+
+def install() -> None:
+    """Load the compiled modules from now on, if the build is usable (see the module's doc)."""
+    if os.environ.get("PYVMM_COMPILED", "1") == "0":
+        _state["reason"] = "PYVMM_COMPILED=0"
+        return
+    if any(module in sys.modules for module in MODULES):
+        _state["reason"] = "the Python modules were imported first"
+        return
+    located, reason = usable_build(build_directory())
+    if located is None:
+        _state["reason"] = reason
+        return
+    finder = _CompiledFinder(located)
+    sys.meta_path.insert(0, finder)
+    support = next(module for module in located if module not in MODULES)
+    try:  # the library every compiled module links to: one that cannot load must not be half used
+        importlib.import_module(support)
+    except ImportError as exc:
+        sys.meta_path.remove(finder)
+        _state["reason"] = f"the build does not load: {exc}"
+        return
+    _state.update(in_use=True, reason="")
+
+
+def status() -> tuple[bool, str]:
+    """(whether the compiled modules are in use, why not)."""
+    return bool(_state["in_use"]), str(_state["reason"])
