@@ -32,14 +32,21 @@ import sys
 # whole hierarchy); the saved-state dataclasses live in modules of their own, outside it.
 MODULES = (
     "pyvmm.devices.legacy.uart16550",
+    "pyvmm.devices.virtio.queue",
+    "pyvmm.memory.guest_memory",
+    "pyvmm.pci.msix",
     "pyvmm.platform.apic_bus",
+    "pyvmm.platform.clock",
     "pyvmm.platform.ioapic",
     "pyvmm.platform.irq_router",
     "pyvmm.platform.lapic",
     "pyvmm.platform.lapic_persist",
     "pyvmm.platform.lapic_registers",
     "pyvmm.platform.lapic_timer",
+    "pyvmm.platform.machine",
+    "pyvmm.platform.msi",
     "pyvmm.platform.pic",
+    "pyvmm.platform.pit",
 )
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1

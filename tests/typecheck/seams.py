@@ -33,25 +33,30 @@ from pyvmm.devices.virtio.console import ConsoleState, VirtioConsole
 from pyvmm.devices.virtio.mmio import MmioTransportState, VirtioMmioTransport
 from pyvmm.devices.virtio.net import NetState, VirtioNet
 from pyvmm.devices.virtio.pci import VirtioPciState, VirtioPciTransport
-from pyvmm.devices.virtio.queue import SplitQueue, SplitQueueState
+from pyvmm.devices.virtio.queue import SplitQueue
+from pyvmm.devices.virtio.queue_state import SplitQueueState
 from pyvmm.devices.virtio.rng import RngState, VirtioRng
 from pyvmm.devices.virtio.vhost_user_blk import VhostUserBlk, VhostUserBlkState
 from pyvmm.devices.virtio.vsock import VirtioVsock, VsockState
 from pyvmm.devmgr.tree import DeviceTree, DeviceTreeState
 from pyvmm.pci.config import PciConfigSpace, PciConfigState
-from pyvmm.pci.msix import MsixCapability, MsixState
+from pyvmm.pci.msix import MsixCapability
+from pyvmm.pci.msix_state import MsixState
 from pyvmm.pci.root import PciRoot, PciRootState
 from pyvmm.persist import Persist
-from pyvmm.platform.clock import ClockState, VirtualClock
+from pyvmm.platform.clock import VirtualClock
+from pyvmm.platform.clock_state import ClockState
 from pyvmm.platform.ioapic import IoApic
 from pyvmm.platform.ioapic_state import IoApicState
 from pyvmm.platform.lapic_persist import LapicPersist
 from pyvmm.platform.lapic_state import LapicState
-from pyvmm.platform.machine import SoftwarePlatform, SoftwarePlatformState
+from pyvmm.platform.machine import SoftwarePlatform
+from pyvmm.platform.machine_state import SoftwarePlatformState
 from pyvmm.platform.msi import SoftwareMsiVector
 from pyvmm.platform.pic import Pic8259Pair
 from pyvmm.platform.pic_state import PicPairState
-from pyvmm.platform.pit import Pit8254, PitState
+from pyvmm.platform.pit import Pit8254
+from pyvmm.platform.pit_state import PitState
 from pyvmm.vm import Vm
 
 

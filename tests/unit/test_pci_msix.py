@@ -5,7 +5,7 @@ import struct
 import pytest
 
 from helpers.state import changed, through_json
-from pyvmm.pci.msix import MsixState
+from pyvmm.pci.msix_state import MsixState
 from pyvmm.persist import StateError
 
 from pyvmm.bus import MmioBus, PioBus

@@ -33,12 +33,12 @@ from ..arch.x86_64.cpuid import FEATURES, CpuidPolicy, bit_name
 from ..kvm.system import CpuidEntry
 from ..persist import State, StateError, require
 from ..platform import lapic_registers as R
-from ..platform.clock import ClockState
+from ..platform.clock_state import ClockState
 from ..platform.ioapic_state import IoApicState
 from ..platform.lapic_state import LapicState
-from ..platform.machine import SoftwarePlatformState
+from ..platform.machine_state import SoftwarePlatformState
 from ..platform.pic_state import PicChipState, PicPairState
-from ..platform.pit import ACCESS_LOHI, PORT61_GATE2, PitCounterState, PitState
+from ..platform.pit_state import ACCESS_LOHI, PORT61_GATE2, PitCounterState, PitState
 from .kvm.state import KvmVmState, IoapicState, PicState, PitChannelState
 
 NS_PER_SECOND = 1_000_000_000

@@ -14,6 +14,8 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
+from mypy_extensions import mypyc_attr
+
 from ..errors import UserError
 from .address import GuestAddress
 from .backing import DEFAULT_BACKING, HUGETLB_PAGE, Backing, apply_advice
@@ -76,7 +78,7 @@ class MemoryRegion:
         self.view = memoryview(self.mmap)
         # u16, u32 and u64 views: an aligned store through one is one store of the whole value
         self.words = (self.view.cast("H"), self.view.cast("I"), self.view.cast("Q"))
-        self._anchor = ctypes.c_char.from_buffer(self.mmap)
+        self._anchor: ctypes.c_char | None = ctypes.c_char.from_buffer(self.mmap)
         self.host_address = ctypes.addressof(self._anchor)
         self._closed = False
 
@@ -124,13 +126,14 @@ class MemoryRegion:
         for words in self.words:
             words.release()
         self.view.release()
-        del self._anchor
+        self._anchor = None  # (its export of the mapping would keep mmap.close() from closing it)
         self.mmap.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # (tests watch its writes from a subclass)
 class GuestMemory:
     """All guest RAM. Reads and writes are checked against the regions; nothing spans a hole."""
 

@@ -31,7 +31,8 @@ from .config import (
     BAR0, BAR_COUNT, CAP_ID_VENDOR, COMMAND, COMMAND_INTX_DISABLE, COMMAND_IO, COMMAND_MEMORY, INTA,
     STATUS_INTERRUPT, Bar, BarKind, PciConfigSpace, PciConfigState, PciError,
 )
-from .msix import MsixCapability, MsixState, MsiVectorFactory
+from .msix import MsixCapability, MsiVectorFactory
+from .msix_state import MsixState
 
 log = logging.getLogger(__name__)
 

@@ -16,17 +16,16 @@ from __future__ import annotations
 import logging
 import struct
 import threading
-from dataclasses import dataclass
 from typing import Callable
 
 from ..bus.interrupt import MsiVector
-from ..persist import State, require
+from ..persist import require
 from .config import CAP_ID_MSIX, PciConfigSpace, PciError
+from .msix_state import ENTRY_SIZE, MsixState
 
 log = logging.getLogger(__name__)
 
 MAX_VECTORS = 2048
-ENTRY_SIZE = 16
 ENTRY_ADDRESS_LO = 0
 ENTRY_ADDRESS_HI = 4
 ENTRY_DATA = 8
@@ -232,17 +231,3 @@ class MsixCapability:
             self._pending = state.pending
             self._configured = [None] * self.vectors
             self._sync_all()
-
-
-@dataclass(frozen=True)
-class MsixState(State):
-    """The MSI-X table (address, data, mask per vector) and the pending bits (the PBA)."""
-    KIND = "pci_msix"
-    table: bytes
-    pending: int
-
-    def validate(self) -> None:
-        if len(self.table) % ENTRY_SIZE:
-            self.fail("table", f"{len(self.table)} bytes is not whole {ENTRY_SIZE}-byte entries")
-        if self.pending < 0:
-            self.fail("pending", "is negative")

@@ -20,7 +20,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from ..persist import State, require
+from ..persist import require
+from .clock_state import ClockState
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,8 @@ class VirtualClock:
             paused_at = self._paused_at
             return paused_at if paused_at is not None else self._time_source() - self._offset
 
-    __call__ = now_ns
+    def __call__(self) -> int:
+        return self.now_ns()
 
     def _now_locked(self) -> int:
         if self._paused_at is not None:
@@ -111,16 +113,3 @@ class VirtualClock:
             else:
                 self._paused_at = None
                 self._offset = self._time_source() - state.now_ns
-
-
-@dataclass(frozen=True)
-class ClockState(State):
-    """Guest time when saved, the TSC rate it is read at, and whether it stood still."""
-    KIND = "virtual_clock"
-    now_ns: int
-    tsc_hz: int
-    paused: bool
-
-    def validate(self) -> None:
-        self.check_range("now_ns", 0, 1 << 64)
-        self.check_range("tsc_hz", 1, 1 << 64)

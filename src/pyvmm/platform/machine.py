@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
 from typing import Callable
 
 from ..bus.bus import Bus
-from ..persist import State, require
+from ..persist import require
 from .apic_bus import ApicBus
-from .clock import ClockState, VirtualClock
+from .clock import VirtualClock
 from .ioapic import IoApic
-from .ioapic_state import IoApicState
 from .irq_router import IsaIrqRouter
 from .lapic import LocalApic
-from .lapic_state import LapicState
 from .pic import Pic8259Pair
-from .pic_state import PicPairState
-from .pit import Pit8254, PitState
+from .machine_state import SoftwarePlatformState
+from .pit import Pit8254
 
 log = logging.getLogger(__name__)
 
@@ -152,14 +149,3 @@ class SoftwarePlatform:
         self.ioapic.restore(state.ioapic)
         for lapic, lapic_state in zip(self.lapics, state.lapics):
             lapic.restore(lapic_state)
-
-
-@dataclass(frozen=True)
-class SoftwarePlatformState(State):
-    """The software CPU's machine: guest clock, 8259 pair, PIT, IOAPIC and one LAPIC per vCPU."""
-    KIND = "software_platform"
-    clock: ClockState
-    pic: PicPairState
-    pit: PitState
-    ioapic: IoApicState
-    lapics: tuple[LapicState, ...]

@@ -30,7 +30,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..bus.interrupt import IrqLine
-from ..persist import State, require
+from ..persist import require
+from .pit_state import (
+    ACCESS_LATCH, ACCESS_LOHI, ACCESS_LSB, ACCESS_MSB, PORT61_GATE2, PORT61_OUT2, PORT61_REFRESH, PORT61_SPEAKER_DATA,
+    PORT61_WRITABLE, PitCounterState, PitState,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +44,7 @@ PORT_COUNT = 4
 CONTROL_PORT = 3
 REFRESH_TOGGLE_NS = 15_085  # port 0x61 bit 4 toggles every ~15 us (DRAM refresh request)
 
-ACCESS_LATCH, ACCESS_LSB, ACCESS_MSB, ACCESS_LOHI = 0, 1, 2, 3
 READ_BACK = 3  # channel field value selecting the read-back command
-
-PORT61_GATE2 = 0x01
-PORT61_SPEAKER_DATA = 0x02
-PORT61_WRITABLE = 0x0F  # gate, speaker, parity/channel-check enables (stored, no effect)
-PORT61_REFRESH = 0x10
-PORT61_OUT2 = 0x20
 
 
 def _ticks(ns: int) -> int:
@@ -287,7 +284,8 @@ class _Counter:
 
     def restore(self, state: PitCounterState) -> None:
         for name in self._FIELDS:
-            setattr(self, name, getattr(state, name))
+            if name != "latched_bytes":  # (saved as bytes, held as a list)
+                setattr(self, name, getattr(state, name))
         self.latched_bytes = list(state.latched_bytes)
 
 
@@ -413,48 +411,3 @@ class Pit8254:
             counter.restore(saved)
         self.counters = fresh
         self._port61 = state.port61
-
-
-@dataclass(frozen=True)
-class PitCounterState(State):
-    """One counter: its mode and count, the guest time its counting is based on, the next OUT
-    edge, and the half-done reads, writes and latches."""
-    KIND = "i8254_counter"
-    gate: bool
-    mode: int
-    access: int
-    bcd: bool
-    reload: int
-    loaded: bool
-    triggered: bool
-    null_count: bool
-    base_ns: int
-    base_ticks: int
-    next_edge_tick: int | None
-    write_msb_next: bool
-    pending_lsb: int
-    read_msb_next: bool
-    latched_bytes: bytes
-    latched_status: int | None
-
-    def validate(self) -> None:
-        self.check_range("mode", 0, 5)
-        self.check_range("access", ACCESS_LSB, ACCESS_LOHI)
-        self.check_range("reload", 1, 0x10000)
-        self.check_range("pending_lsb", 0, 0xFF)
-        if len(self.latched_bytes) > 2:
-            self.fail("latched_bytes", f"{len(self.latched_bytes)} bytes, a latch holds 2")
-        if self.latched_status is not None:
-            self.check_range("latched_status", 0, 0xFF)
-        self.check_range("base_ns", 0, 1 << 64)
-        self.check_range("base_ticks", 0, 1 << 80)
-
-
-@dataclass(frozen=True)
-class PitState(State):
-    KIND = "i8254"
-    counters: tuple[PitCounterState, PitCounterState, PitCounterState]
-    port61: int
-
-    def validate(self) -> None:
-        self.check_mask("port61", PORT61_WRITABLE)

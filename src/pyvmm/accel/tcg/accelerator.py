@@ -25,7 +25,8 @@ from ...arch.x86_64.cpu_state import GuestCpuView
 from ...arch.x86_64.cpuid import guest_cpuid
 from ...kvm.system import CpuidEntry
 from ...persist import State, StateError, require
-from ...platform.machine import SoftwarePlatform, SoftwarePlatformState
+from ...platform.machine import SoftwarePlatform
+from ...platform.machine_state import SoftwarePlatformState
 from ...platform.msi import SoftwareMsiVector
 from ...arch.x86_64.cpuid import CpuidPolicy
 from ...bus.bus import Bus

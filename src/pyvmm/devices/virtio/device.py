@@ -28,7 +28,8 @@ from typing import Protocol
 
 from ...memory.guest_memory import GuestMemory, GuestMemoryError
 from ...persist import State, require
-from .queue import SplitQueue, SplitQueueState, VirtqueueBroken
+from .queue import SplitQueue, VirtqueueBroken
+from .queue_state import SplitQueueState
 
 log = logging.getLogger(__name__)
 
