@@ -29,6 +29,8 @@ Another times console output: the guest prints CONSOLE-START, runs `seq 1 --cons
 CONSOLE-END; the seconds between the two lines' arrival on the VMM's stdout, every line
 checked. The SMP rows (--smp, default 2) boot pyvmm with `--cpus 2` and QEMU microvm + PVH
 vmlinux with `-smp 2` (QEMU's fastest boot) to init and power-off, next to the 1-vCPU rows.
+`--source` adds a pyvmm row that runs the modules scripts/compile builds from their Python
+source (PYVMM_COMPILED=0, pyvmm/compiled.py): what the mypyc build is worth, in the same run.
 `--quick`: one run, short loop and console runs (about 4 minutes on 2 cores at a load average of 11).
 
 Runs on Debian 12 with Python 3.11 as root; installs qemu-system-x86 with apt-get when
@@ -134,9 +136,10 @@ def tcg_linux_args() -> str:
 
 
 def make_configs(image, vmlinux: str, tsc_khz: int, skip_qemu: bool, smp: int = 1,
-                 unplaced: bool = False) -> list[Config]:
+                 unplaced: bool = False, source: bool = False) -> list[Config]:
     """The 1-vCPU configurations, then (smp > 1) pyvmm and QEMU's fastest direct boot with `smp` vCPUs;
-    `unplaced`: also pyvmm with its threads where the kernel puts them (PYVMM_TCG_HOST_CPU=any)."""
+    `unplaced`: also pyvmm with its threads where the kernel puts them (PYVMM_TCG_HOST_CPU=any);
+    `source`: also pyvmm with its compiled modules taken from their Python source (PYVMM_COMPILED=0)."""
     def append(guest: list[str], extra: str = "") -> str:
         return image.command_line(guest, extra=extra)
 
@@ -154,6 +157,9 @@ def make_configs(image, vmlinux: str, tsc_khz: int, skip_qemu: bool, smp: int = 
     if unplaced:
         configs.append(Config("pyvmm: the same, threads unplaced", "pyvmm", *pyvmm(1), "pyvmm-unplaced",
                               env={"PYVMM_TCG_HOST_CPU": "any"}))
+    if source:
+        configs.append(Config("pyvmm: the same, from Python source", "pyvmm", *pyvmm(1), "pyvmm-source",
+                              env={"PYVMM_COMPILED": "0"}))
     if smp > 1:
         configs.append(Config(f"pyvmm: PVH, {smp} vCPUs", "pyvmm", *pyvmm(smp), "pyvmm-smp", smp))
     if skip_qemu:
@@ -398,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-qemu", action="store_true", help="measure pyvmm only")
     ap.add_argument("--unplaced", action="store_true",
                     help="add a pyvmm row whose threads are not kept on one host CPU (PYVMM_TCG_HOST_CPU=any)")
+    ap.add_argument("--source", action="store_true",
+                    help="add a pyvmm row that runs the modules it compiles from their Python source (PYVMM_COMPILED=0)")
     ap.add_argument("--command", default="true", metavar="CMD",
                     help="command the guest runs (split like a shell; default 'true'), e.g. 'uname -a'")
     ap.add_argument("--loop-iterations", type=int, default=20_000, metavar="N",
@@ -438,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     vmlinux_from_bzimage(image.kernel.read_bytes())
     extract_s = time.monotonic() - t
     tsc_khz = host_tsc_hz() // 1000
-    configs = make_configs(image, vmlinux, tsc_khz, args.skip_qemu, args.smp, args.unplaced)
+    configs = make_configs(image, vmlinux, tsc_khz, args.skip_qemu, args.smp, args.unplaced, args.source)
 
     load = os.getloadavg()
     log(f"load average before the runs: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")
@@ -533,14 +541,17 @@ def main(argv: list[str] | None = None) -> int:
                 ratio += (f", console time "
                           f"{statistics.median(consoles[py]) / statistics.median(consoles[other.name]):.2f}x")
             print(ratio)
-    unplaced = next((c.name for c in configs if c.kind == "pyvmm-unplaced"), None)
-    if unplaced:
-        line = (f"pyvmm threads unplaced / on one host CPU: to init {med(unplaced, 'to_init') / med(py, 'to_init'):.2f}x, "
-                f"to exit {med(unplaced, 'to_exit') / med(py, 'to_exit'):.2f}x")
-        if loops[unplaced] and loops[py]:
-            line += f", loop speed {statistics.median(loops[unplaced]) / statistics.median(loops[py]):.3f}x"
-        if consoles[unplaced] and consoles[py]:
-            line += f", console time {statistics.median(consoles[unplaced]) / statistics.median(consoles[py]):.2f}x"
+    for kind, label in (("pyvmm-unplaced", "pyvmm threads unplaced / on one host CPU"),
+                        ("pyvmm-source", "pyvmm from Python source / compiled")):
+        variant = next((c.name for c in configs if c.kind == kind), None)
+        if variant is None:
+            continue
+        line = (f"{label}: to init {med(variant, 'to_init') / med(py, 'to_init'):.2f}x, "
+                f"to exit {med(variant, 'to_exit') / med(py, 'to_exit'):.2f}x")
+        if loops[variant] and loops[py]:
+            line += f", loop speed {statistics.median(loops[variant]) / statistics.median(loops[py]):.3f}x"
+        if consoles[variant] and consoles[py]:
+            line += f", console time {statistics.median(consoles[variant]) / statistics.median(consoles[py]):.2f}x"
         print(line)
     smp_py = next((c.name for c in configs if c.kind == "pyvmm-smp"), None)
     smp_qemu = next((c.name for c in configs if c.kind == "smp"), None)

@@ -27,10 +27,29 @@ import json
 import os
 import pathlib
 import sys
+from typing import TYPE_CHECKING
+
+# The decorators mypyc reads (a class compiled with traits; a compiled class interpreted code
+# may subclass). For mypy and mypyc they are mypy_extensions'; at run time they change nothing,
+# and a process started without site-packages (`python -S`: the uffd handler, which imports
+# memory/) gets these stand-ins.
+if TYPE_CHECKING:
+    from mypy_extensions import mypyc_attr, trait
+else:
+    try:
+        from mypy_extensions import mypyc_attr, trait
+    except ImportError:
+        def trait(cls):
+            return cls
+
+        def mypyc_attr(*_args, **_kwargs):
+            return lambda cls: cls
 
 # The compiled group. Every class a compiled class derives from is in it (mypyc needs the
 # whole hierarchy); the saved-state dataclasses live in modules of their own, outside it.
 MODULES = (
+    "pyvmm.accel.tcg.direct_hooks",
+    "pyvmm.accel.tcg.guest_io",
     "pyvmm.devices.legacy.uart16550",
     "pyvmm.devices.virtio.queue",
     "pyvmm.memory.guest_memory",

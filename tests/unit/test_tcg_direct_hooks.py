@@ -7,30 +7,55 @@ import pytest
 U = pytest.importorskip("unicorn")
 import unicorn.x86_const as X  # noqa: E402
 
+from pyvmm.accel.exits import MmioRead, MmioWrite  # noqa: E402
 from pyvmm.accel.tcg import direct_hooks  # noqa: E402
+from pyvmm.bus.bus import PioBus  # noqa: E402
 
 CODE, MMIO = 0x1000, 0x100000
 
 
-class Vcpu:
-    def __init__(self, fail_on=None):
-        self.seen, self.fail_on = [], fail_on
+class RecordingPorts:
+    """A device on the port bus: records every access (offsets from 0), fails on `fail_on`."""
 
-    def port_in(self, port, size):
-        self.seen.append(("in", port, size))
-        return 0x5A
+    def __init__(self, seen, fail_on):
+        self.seen, self.fail_on = seen, fail_on
 
-    def port_out(self, port, size, value):
-        self.seen.append(("out", port, size, value))
-        if port == self.fail_on:
+    def read(self, offset, size):
+        self.seen.append(("in", offset, size))
+        return bytes([0x5A]) * size
+
+    def write(self, offset, data):
+        self.seen.append(("out", offset, len(data), int.from_bytes(data, "little")))
+        if offset == self.fail_on:
             raise RuntimeError("device failed")
 
-    def mmio_read(self, address, size):
-        self.seen.append(("read", address, size))
-        return 0x11223344
 
-    def mmio_write(self, address, size, value):
-        self.seen.append(("write", address, size, value))
+class Vcpu:
+    """What guest_io.py serves for the running vCPU: its counters, port bus, LAPIC (none
+    here) and exit dispatcher (MMIO outside the LAPIC page)."""
+
+    def __init__(self, fail_on=None):
+        self.seen, self.stats, self.lapic = [], {"port_io": 0, "mmio": 0}, None
+        self.pio_bus = PioBus()
+        self.ports = RecordingPorts(self.seen, fail_on)
+        self.pio_bus.register(0, 0x400, self.ports)
+
+    @property
+    def fail_on(self):
+        return self.ports.fail_on
+
+    @fail_on.setter
+    def fail_on(self, port):
+        self.ports.fail_on = port
+
+    def dispatch(self, vcpu, exit):
+        assert vcpu is self
+        if isinstance(exit, MmioRead):
+            self.seen.append(("read", exit.address, exit.size))
+            exit.complete((0x11223344).to_bytes(exit.size, "little"))
+        else:
+            assert isinstance(exit, MmioWrite)
+            self.seen.append(("write", exit.address, len(exit.data), int.from_bytes(exit.data, "little")))
 
 
 class Translator:
@@ -59,6 +84,7 @@ def test_port_and_mmio_accesses_reach_the_running_vcpu_with_their_values():
     assert vcpu.seen == [("out", 0x3F8, 1, 0x41), ("in", 0x3F8, 1), ("read", MMIO + 0x10, 4),
                          ("write", MMIO + 0x14, 4, 0xCAFE)]
     assert uc.reg_read(X.UC_X86_REG_BL) == 0x5A and uc.reg_read(X.UC_X86_REG_EAX) == 0x11223344
+    assert vcpu.stats == {"port_io": 2, "mmio": 2}
 
 
 def test_a_failing_handler_stops_the_slice_and_its_exception_comes_out_of_emu_start():

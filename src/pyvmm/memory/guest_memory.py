@@ -14,8 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from mypy_extensions import mypyc_attr
-
+from ..compiled import mypyc_attr
 from ..errors import UserError
 from .address import GuestAddress
 from .backing import DEFAULT_BACKING, HUGETLB_PAGE, Backing, apply_advice

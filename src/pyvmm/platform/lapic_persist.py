@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mypy_extensions import trait
-
+from ..compiled import trait
 from ..persist import require
 from .lapic_state import SAVED_REGISTERS, LapicState
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mypy_extensions import trait
-
+from ..compiled import trait
 from .clock import NS_PER_SECOND
 from .clock import ns_from_tsc as _ns_from_tsc
 from .lapic_registers import LVT_MASKED, LVT_TIMER, TIMER_PERIODIC, TIMER_TSC_DEADLINE

@@ -8,7 +8,8 @@ callbacks use the binding's own ctypes function types and the same library calls
 Uc, whose emu_start raises it when the slice has stopped, and the slice stops.
 
 `install()` returns None where this binding lacks what that needs (another Unicorn version);
-the caller then registers through the binding.
+the caller then registers through the binding. Compiled (pyvmm/compiled.py): the callbacks
+reach guest_io.py and the devices behind it without a Python frame.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import ctypes
 import logging
 from typing import Any, Protocol
 
+from .guest_io import mmio_read, mmio_write, port_in, port_out
+
 log = logging.getLogger(__name__)
 
 
 class Running(Protocol):
-    """Whose `current` is the vCPU the engine runs (the translator): its port_in(port, size),
-    port_out(port, size, value), mmio_read(address, size), mmio_write(address, size, value)."""
+    """Whose `current` is the vCPU the engine runs (the translator), whose port I/O and MMIO
+    guest_io.py serves."""
 
     current: Any
 
@@ -44,14 +47,14 @@ class DirectHooks:
 
         def on_in(_engine, port, size, _data):
             try:
-                return running.current.port_in(port, size)
+                return port_in(running.current, port, size)
             except BaseException as exc:  # (as the binding's guard: nothing may unwind into C)
                 failed(exc)
                 return 0
 
         def on_out(_engine, port, size, value, _data):
             try:
-                running.current.port_out(port, size, value)
+                port_out(running.current, port, size, value)
             except BaseException as exc:
                 failed(exc)
 
@@ -73,14 +76,14 @@ class DirectHooks:
 
         def on_read(_engine, offset, access_size, _data):
             try:
-                return running.current.mmio_read(address + offset, access_size)
+                return mmio_read(running.current, address + offset, access_size)
             except BaseException as exc:
                 failed(exc)
                 return 0
 
         def on_write(_engine, offset, access_size, value, _data):
             try:
-                running.current.mmio_write(address + offset, access_size, value)
+                mmio_write(running.current, address + offset, access_size, value)
             except BaseException as exc:
                 failed(exc)
 
