@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 from . import compiled as _compiled  # noqa: E402
 
-_compiled.install()  # the mypyc build of the interrupt path and the UART, if built for this tree
+_compiled.install()  # the mypyc build of the hot modules, if built for exactly this tree
 
 
 def connect(config_dir=None, run_root=None):

@@ -1,8 +1,9 @@
-"""The software CPU's interrupt path and the serial port, compiled to C by mypyc from this source.
+"""The software CPU's hot modules, compiled to C by mypyc from this source.
 
 A console byte, a disk request or a packet on the software CPU runs the same few Python
 methods many times: port I/O into the 16550, its interrupt line through the PIC, the IOAPIC
-and the APIC bus into the LAPIC, the acknowledge and the EOI. Compiled by mypyc (the type
+and the APIC bus into the LAPIC, the acknowledge and the EOI; a virtqueue's rings in guest
+memory, MSI-X and MSI. Compiled by mypyc (the type
 checker's compiler: the same source, typed as it already is for mypy) these run as C, their
 calls to each other as C calls. `scripts/compile` builds them into the environment
 (`<sys.prefix>/pyvmm-compiled/`) with a manifest of the sources they were built from;
@@ -112,7 +113,7 @@ def usable_build(directory: pathlib.Path) -> tuple[dict[str, pathlib.Path] | Non
             if module != manifest["support"] and entry["source_sha256"] != source_digest(module):
                 return None, f"{module} changed since it was compiled"
             located[module] = shared_object
-    except (KeyError, TypeError, OSError) as exc:
+    except (KeyError, TypeError, AttributeError, OSError) as exc:
         return None, f"malformed manifest: {exc!r}"
     return located, ""
 

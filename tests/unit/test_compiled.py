@@ -51,6 +51,7 @@ def test_an_edited_source_makes_the_whole_build_unused(tmp_path):
     ({"version": compiled.MANIFEST_VERSION + 1}, "built for another interpreter"),
     ({"support": "elsewhere__mypyc"}, "built for another set of modules"),
     ({"modules": {"pyvmm.platform.pic": {}}}, "built for another set of modules"),
+    ({"modules": sorted(compiled.MODULES + (SUPPORT,))}, "malformed manifest"),   # the names, as a list
 ])
 def test_a_build_for_something_else_is_not_used(tmp_path, change, why):
     _fake_build(tmp_path, **change)
