@@ -18,8 +18,8 @@ from .clock import VirtualClock
 from .ioapic import IoApic
 from .irq_router import IsaIrqRouter
 from .lapic import LocalApic
-from .pic import Pic8259Pair
 from .machine_state import SoftwarePlatformState
+from .pic import Pic8259Pair
 from .pit import Pit8254
 
 log = logging.getLogger(__name__)
