@@ -15,6 +15,15 @@ methods directly, so a build is used only if every one of its sources is byte fo
 file in this tree, on the Python it was built for. An edited source, another interpreter, a
 missing or corrupt build, or PYVMM_COMPILED=0 in the environment: the modules load from their
 Python source as before, with the same behaviour (the tests run both ways).
+
+What a module in the group must keep to (mypyc's rules, each met once the hard way): a class
+has one base class plus traits (`trait` below; the LAPIC's mixins); no saved-state dataclass
+(persist.State) in the group, they live in `*_state.py`; no method alias (`__call__ = now_ns`
+builds a broken class); no `del` of an attribute; the annotations are checked at run time, so
+a fake passed to a compiled function must be of the annotated class, or the parameter a
+Protocol; instances' methods cannot be replaced (a test subclasses a class marked
+`mypyc_attr(allow_interpreted_subclasses=True)` instead); an attribute named `_thread` becomes
+the C keyword `__thread`.
 """
 
 from __future__ import annotations
