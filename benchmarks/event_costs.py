@@ -10,9 +10,11 @@ events of the interval (the software CPU's counters: interrupts injected, system
 exceptions, MMIO and port I/O exits, slices) and the Python function calls made in each
 thread, divided by the workload's own unit (a system call, a disk request, a packet...).
 
-Counts, unlike times, do not depend on the host's load (the interval's length does, so
-timer interrupts and slices per interval vary a little); the cProfile makes the guest
-slower, so its times are not printed. Workloads:
+The modules pyvmm compiles with mypyc (pyvmm/compiled.py) make no Python calls cProfile
+sees: with the build in use their work is not counted; run with PYVMM_COMPILED=0 to count it
+(the script says which). Counts, unlike times, do not depend on the host's load (the
+interval's length does, so timer interrupts and slices per interval vary a little); the
+cProfile makes the guest slower, so its times are not printed. Workloads:
   syscalls   dd if=/dev/zero of=/dev/null bs=1 count=N   (2 system calls per byte)
   shell      the busybox shell loop benchmarks/boot.py times
   blk4k      dd if=/dev/vda of=/dev/null bs=4k iflag=direct count=N (one request at a time)
@@ -256,6 +258,11 @@ def main() -> int:
             profile.dump_stats(os.path.join(args.dump, name + ".pstats"))
     by_code = {code: (_calls(snapshot), counts, usage) for code, snapshot, counts, usage in marks.seen}
     print(f"load average {os.getloadavg()[0]:.2f} (counts do not depend on it); guest exit status {status}")
+    from pyvmm import compiled
+
+    in_use, why_not = compiled.status()
+    print("compiled modules: " + ("in use: their functions run as C and are not counted below (PYVMM_COMPILED=0 "
+                                  "counts them, as before 2026-12-06's mypyc build)" if in_use else f"not in use ({why_not})"))
     for i, name in enumerate(names):
         if 0x20 + 2 * i not in by_code or 0x21 + 2 * i not in by_code:
             print(f"{name}: markers missing")
