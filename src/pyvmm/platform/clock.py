@@ -60,9 +60,8 @@ class VirtualClock:
         self._paused_at: int | None = 0 if start_paused else None
 
     def now_ns(self) -> int:
-        with self._lock:  # (_now_locked() spelled out: the scheduler asks a few times per round)
-            paused_at = self._paused_at
-            return paused_at if paused_at is not None else self._time_source() - self._offset
+        with self._lock:
+            return self._now_locked()
 
     def __call__(self) -> int:
         return self.now_ns()

@@ -316,16 +316,11 @@ class LocalApic(LapicTimer, LapicPersist):
         return isrv & 0xF0
 
     def _deliverable_irr_vector(self) -> int | None:
-        # (asked between every two slices of the software CPU: attribute tests, no calls)
         irr = self._irr
         if not irr or not self._apic_base & APIC_BASE_ENABLE or not self._svr & SVR_ENABLE:
             return None  # (held in IRR until the APIC is enabled)
         vector = irr.bit_length() - 1
-        isr = self._isr
-        in_service = isr.bit_length() - 1 if isr else 0
-        tpr = self._tpr
-        ppr = tpr if (tpr >> 4) >= (in_service >> 4) else in_service & 0xF0
-        return vector if (vector >> 4) > (ppr >> 4) else None
+        return vector if (vector >> 4) > (self._ppr() >> 4) else None
 
     def _extint_route(self) -> bool:
         """Is the PIC's INTR reaching the CPU through (or past) this LAPIC?"""
@@ -477,10 +472,9 @@ class LocalApic(LapicTimer, LapicPersist):
     # --- EOI and IPIs -----------------------------------------------------------------------
 
     def _eoi(self) -> None:
-        isr = self._isr
-        if not isr:
+        vector = _highest_bit(self._isr)
+        if vector is None:
             return
-        vector = isr.bit_length() - 1
         bit = 1 << vector
         self._isr &= ~bit
         if self._tmr & bit:

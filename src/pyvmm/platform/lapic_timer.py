@@ -81,7 +81,7 @@ class LapicTimer:
             self._timer_next_ns = self._timer_start_ns + self._ns_for_counts(self._timer_initial)
 
     def _timer_deadline_ns(self) -> int | None:
-        if (self._lvt[LVT_TIMER] >> 17) & 3 == TIMER_TSC_DEADLINE:  # (_timer_mode(): asked every round)
+        if self._timer_mode() == TIMER_TSC_DEADLINE:
             return _ns_from_tsc(self._tsc_deadline, self.tsc_hz) if self._tsc_deadline else None
         return self._timer_next_ns
 

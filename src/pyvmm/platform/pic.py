@@ -95,7 +95,7 @@ class _Chip:
     def set_input(self, ir: int, level: bool) -> None:
         bit = 1 << ir
         was_high = self.line_levels & bit
-        level_triggered = 0xFF if self.level_mode else self.elcr  # (level_triggered(), without the call)
+        level_triggered = self.level_triggered()
         if level:
             self.line_levels |= bit
             if level_triggered & bit or not was_high:

@@ -42,7 +42,7 @@ class DirectHooks:
         uc.emu_stop()
 
     def port_io(self, running: Running) -> None:
-        """IN and OUT to the running vCPU (one Python frame before its handler)."""
+        """IN and OUT to the running vCPU, through guest_io.py."""
         failed = self._failed
 
         def on_in(_engine, port, size, _data):

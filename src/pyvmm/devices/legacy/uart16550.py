@@ -274,10 +274,12 @@ class Uart16550:
             self._thre_pending = False  # reading IIR acknowledges a THRE interrupt
         return interrupt_id | (IIR_FIFO_ENABLED if self._fcr & FCR_ENABLE_FIFO else 0)
 
+    def _line_level(self) -> bool:
+        """The IRQ line: an interrupt identified, gated by MCR.OUT2."""
+        return bool(self._mcr & MCR_OUT2) and self._interrupt_id() != IIR_NO_INT
+
     def _update_irq(self) -> None:
-        # _interrupt_id() != IIR_NO_INT, spelled out: this runs at every guest access
-        level = bool(self._mcr & MCR_OUT2) and (
-            self._thre_pending or bool(self._rx and self._ier & IER_RDI) or bool(self._msr_delta and self._ier & IER_MSI))
+        level = self._line_level()
         if level != self._irq_level:
             self._irq_level = level
             self._irq.set_level(level)
@@ -388,6 +390,6 @@ class Uart16550:
             self._thre_pending = state.thre_pending
             self._transmitting = False
             self._rx = deque(state.rx_fifo)
-            self._irq_level = self._interrupt_id() != IIR_NO_INT and bool(self._mcr & MCR_OUT2)
+            self._irq_level = self._line_level()
             self._irq.set_level(self._irq_level)
             self._rx_drained.notify_all()
