@@ -9,8 +9,9 @@ calls to each other as C calls. `scripts/compile` builds them into the environme
 (`<sys.prefix>/pyvmm-compiled/`) with a manifest of the sources they were built from;
 `./scripts/setup` runs it.
 
-`install()` (called when pyvmm is imported) puts a finder before Python's own that loads
-those modules from the build, all of them or none: compiled modules call each other's
+`install()` (called when pyvmm is imported) puts a finder before Python's own; when one of
+those modules is first imported, it checks the build (nothing on `import pyvmm` alone), then
+loads them from the build, all of them or none: compiled modules call each other's
 methods directly, so a build is used only if every one of its sources is byte for byte the
 file in this tree, on the Python it was built for. An edited source, another interpreter, a
 missing or corrupt build, or PYVMM_COMPILED=0 in the environment: the modules load from their
@@ -28,32 +29,25 @@ the C keyword `__thread`.
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.abc
-import importlib.machinery
-import importlib.util
-import json
+import _thread
 import os
-import pathlib
 import sys
-from typing import TYPE_CHECKING
 
-# The decorators mypyc reads (a class compiled with traits; a compiled class interpreted code
-# may subclass). For mypy and mypyc they are mypy_extensions'; at run time they change nothing,
-# and a process started without site-packages (`python -S`: the uffd handler, which imports
-# memory/) gets these stand-ins.
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING, without importing typing: mypy reads it by name)
 if TYPE_CHECKING:
+    import pathlib
+
     from mypy_extensions import mypyc_attr, trait
 else:
-    try:
-        from mypy_extensions import mypyc_attr, trait
-    except ImportError:
-        def trait(cls):
-            return cls
+    # The decorators mypyc reads (a class compiled with traits; a compiled class interpreted
+    # code may subclass) are mypy_extensions' for mypy and mypyc; at run time they change
+    # nothing, as these do (mypy_extensions is needed to compile, not to run).
+    def trait(cls):
+        return cls
 
-        def mypyc_attr(*_args, **_kwargs):
-            return lambda cls: cls
+    def mypyc_attr(*_args, **_kwargs):
+        return lambda cls: cls
+
 
 # The compiled group. Every class a compiled class derives from is in it (mypyc needs the
 # whole hierarchy); the saved-state dataclasses live in modules of their own, outside it.
@@ -79,29 +73,41 @@ MODULES = (
 )
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
-PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent.parent  # the directory holding pyvmm/
+# The directory holding pyvmm/. (The imports the checks need are made when they run: `import
+# pyvmm` alone stays cheap.)
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def build_directory() -> pathlib.Path:
+    import pathlib
+
     return pathlib.Path(sys.prefix) / "pyvmm-compiled"
 
 
 def source_path(module: str) -> pathlib.Path:
-    return PACKAGE_ROOT.joinpath(*module.split(".")).with_suffix(".py")
+    import pathlib
+
+    return pathlib.Path(PACKAGE_ROOT, *module.split(".")).with_suffix(".py")
 
 
 def source_digest(module: str) -> str:
+    import hashlib
+
     return hashlib.sha256(source_path(module).read_bytes()).hexdigest()
 
 
 def interpreter_tag() -> str:
     """What a build is only good for: this CPython's ABI (its extension suffix)."""
+    import importlib.machinery
+
     return importlib.machinery.EXTENSION_SUFFIXES[0]
 
 
 def usable_build(directory: pathlib.Path) -> tuple[dict[str, pathlib.Path] | None, str]:
     """(module -> shared object, "") if the build in `directory` matches this tree and this
     interpreter, else (None, why not)."""
+    import json
+
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
     except FileNotFoundError:
@@ -127,44 +133,64 @@ def usable_build(directory: pathlib.Path) -> tuple[dict[str, pathlib.Path] | Non
     return located, ""
 
 
-class _CompiledFinder(importlib.abc.MetaPathFinder):
-    def __init__(self, located: dict[str, pathlib.Path]) -> None:
-        self.located = located
+class _CompiledFinder:
+    """A sys.meta_path finder for the group: decides at the first import of one of its modules."""
+
+    def __init__(self) -> None:
+        self.located: dict[str, pathlib.Path] | None = None   # None: not decided yet
+        self._lock = _thread.allocate_lock()
 
     def find_spec(self, fullname, path=None, target=None):
+        if self.located is None:
+            if fullname not in MODULES:
+                return None
+            self._decide()
+        assert self.located is not None
         shared_object = self.located.get(fullname)
         if shared_object is None:
             return None
+        import importlib.util
+
         return importlib.util.spec_from_file_location(fullname, shared_object)
 
+    def _decide(self) -> None:
+        with self._lock:
+            if self.located is not None:
+                return
+            located, reason = usable_build(build_directory())
+            if located is not None:
+                import importlib
 
-_state = {"in_use": False, "reason": "not installed"}
+                support = next(module for module in located if module not in MODULES)
+                self.located = located
+                try:  # the library every compiled module links to: one that cannot load must not be half used
+                    importlib.import_module(support)
+                except ImportError as exc:
+                    located, reason = None, f"the build does not load: {exc}"
+            self.located = located or {}
+            _state.update(in_use=located is not None, reason=reason)
+
+
+_state: dict[str, object] = {"in_use": False, "reason": "not installed"}
+_finder: _CompiledFinder | None = None
 
 
 def install() -> None:
     """Load the compiled modules from now on, if the build is usable (see the module's doc)."""
+    global _finder
     if os.environ.get("PYVMM_COMPILED", "1") == "0":
         _state["reason"] = "PYVMM_COMPILED=0"
         return
     if any(module in sys.modules for module in MODULES):
         _state["reason"] = "the Python modules were imported first"
         return
-    located, reason = usable_build(build_directory())
-    if located is None:
-        _state["reason"] = reason
-        return
-    finder = _CompiledFinder(located)
-    sys.meta_path.insert(0, finder)
-    support = next(module for module in located if module not in MODULES)
-    try:  # the library every compiled module links to: one that cannot load must not be half used
-        importlib.import_module(support)
-    except ImportError as exc:
-        sys.meta_path.remove(finder)
-        _state["reason"] = f"the build does not load: {exc}"
-        return
-    _state.update(in_use=True, reason="")
+    _finder = _CompiledFinder()
+    sys.meta_path.insert(0, _finder)
 
 
 def status() -> tuple[bool, str]:
-    """(whether the compiled modules are in use, why not)."""
+    """(whether the compiled modules are in use, why not); checks the build if no compiled
+    module was imported yet."""
+    if _finder is not None and _finder.located is None:
+        _finder._decide()
     return bool(_state["in_use"]), str(_state["reason"])
