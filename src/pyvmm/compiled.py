@@ -1,9 +1,10 @@
-"""The software CPU's hot modules, compiled to C by mypyc from this source.
+"""The hot modules, compiled to C by mypyc from this source.
 
 A console byte, a disk request or a packet on the software CPU runs the same few Python
 methods many times: port I/O into the 16550, its interrupt line through the PIC, the IOAPIC
 and the APIC bus into the LAPIC, the acknowledge and the EOI; a virtqueue's rings in guest
-memory, MSI-X and MSI. Compiled by mypyc (the type
+memory, MSI-X and MSI. On KVM every port-I/O or MMIO exit runs KVM_RUN's loop
+(accel/kvm/io_exits.py, kvm/run.py). Compiled by mypyc (the type
 checker's compiler: the same source, typed as it already is for mypy) these run as C, their
 calls to each other as C calls. `scripts/compile` builds them into the environment
 (`<sys.prefix>/pyvmm-compiled/`) with a manifest of the sources they were built from;
@@ -52,10 +53,12 @@ else:
 # The compiled group. Every class a compiled class derives from is in it (mypyc needs the
 # whole hierarchy); the saved-state dataclasses live in modules of their own, outside it.
 MODULES = (
+    "pyvmm.accel.kvm.io_exits",
     "pyvmm.accel.tcg.direct_hooks",
     "pyvmm.accel.tcg.guest_io",
     "pyvmm.devices.legacy.uart16550",
     "pyvmm.devices.virtio.queue",
+    "pyvmm.kvm.run",
     "pyvmm.memory.guest_memory",
     "pyvmm.pci.msix",
     "pyvmm.platform.apic_bus",

@@ -50,8 +50,8 @@ def print_kvm_info(calibrate_guest: bool = True, out=None) -> int:
         print(f"device        {kvm.path} (KVM API {kvm.api_version})", file=out)
         print(f"host          {host_virtualization()}", file=out)
         in_use, why_not = compiled.status()
-        print("compiled      " + ("yes (mypyc): the software CPU's hot modules (pyvmm/compiled.py)" if in_use else
-                                  f"NO ({why_not}): the software CPU's hot modules run from source"), file=out)
+        print("compiled      " + ("yes (mypyc): the hot modules (pyvmm/compiled.py)" if in_use else
+                                  f"NO ({why_not}): the hot modules run from source"), file=out)
         print(f"vCPUs         up to {kvm.max_vcpus} per VM; recommended {kvm.check_extension(uapi.KVM_CAP_NR_VCPUS)}; host CPUs {os.cpu_count()}", file=out)
         print("capabilities", file=out)
         missing = []

@@ -16,6 +16,7 @@ from pyvmm.accel.dispatch import ExitDispatcher
 from pyvmm.accel.kvm.vcpu import KvmVcpu
 from pyvmm.bus import MmioBus, PioBus
 from pyvmm.kvm import KvmError, uapi
+from pyvmm.kvm import run as kvm_run
 from pyvmm.kvm import vcpu as kvm_vcpu
 
 PAGE_SIZE = 4096
@@ -100,7 +101,7 @@ def run_script(monkeypatch, vcpu_fd, script):
             step(run, page)
         return 0
 
-    monkeypatch.setattr(kvm_vcpu, "_run_ioctl", fake_kvm_run)
+    monkeypatch.setattr(kvm_run, "_run_ioctl", fake_kvm_run)
     KvmVcpu(None, vcpu_fd, 0).run_loop(services, ExitDispatcher(pio, mmio, services))
     return ports, registers, after, pio, mmio
 
@@ -163,9 +164,54 @@ def test_eagain_and_eintr_mean_interrupted(monkeypatch, vcpu_fd):
     os.set_blocking(reader, False)
     buffer = ctypes.create_string_buffer(1)
     try:
-        monkeypatch.setattr(kvm_vcpu, "_run_ioctl", lambda fd, request, arg: libc.read(reader, buffer, 1))
-        assert vcpu_fd.run() == kvm_vcpu.RUN_INTERRUPTED  # EAGAIN: the pipe is empty
+        monkeypatch.setattr(kvm_run, "_run_ioctl", lambda fd, request, arg: libc.read(reader, buffer, 1))
+        assert vcpu_fd.run() == kvm_run.RUN_INTERRUPTED  # EAGAIN: the pipe is empty
         assert sum(vcpu_fd.exit_counts) == 0
     finally:
         os.close(reader)
         os.close(writer)
+
+
+def test_a_stop_kicks_the_vcpu_out_of_a_stream_of_port_io(monkeypatch, vcpu_fd):
+    """The I/O loop never looks at stop_requested: the stop's kick (immediate_exit, then KVM_RUN
+    fails with EAGAIN) ends it, at the exit after the access that stopped the VM."""
+    libc = ctypes.CDLL(None)
+    reader, writer = os.pipe()
+    os.set_blocking(reader, False)
+    buffer = ctypes.create_string_buffer(1)
+    services = Services()
+    pio = PioBus()
+    vcpu = KvmVcpu(None, vcpu_fd, 0)
+
+    class Stopper:
+        writes = 0
+
+        def read(self, offset, size):
+            return b"\x00" * size
+
+        def write(self, offset, data):
+            self.writes += 1
+            if self.writes == 5:
+                services.stop_requested.set()
+                vcpu.kick()
+
+    stopper = Stopper()
+    pio.register(0x61, 1, stopper)
+    run, page = vcpu_fd.run_struct, vcpu_fd.page
+    entries = []
+
+    def fake_kvm_run(fd, request, arg):
+        entries.append(run.immediate_exit)
+        if run.immediate_exit:
+            return libc.read(reader, buffer, 1)  # EAGAIN, as KVM_RUN with immediate_exit set
+        io_exit(uapi.KVM_EXIT_IO_OUT, 0x61, 1, 1, b"\x01")(run, page)
+        return 0
+
+    monkeypatch.setattr(kvm_run, "_run_ioctl", fake_kvm_run)
+    try:
+        vcpu.run_loop(services, ExitDispatcher(pio, MmioBus(), services))
+    finally:
+        os.close(reader)
+        os.close(writer)
+    assert stopper.writes == 5
+    assert entries == [0] * 5 + [1]

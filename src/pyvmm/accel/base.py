@@ -32,7 +32,8 @@ from .exits import VcpuExit
 class VmServices(Protocol):
     """What the Vm offers its accelerator's run loops."""
 
-    # Set once the VM is stopping: every run loop returns soon after.
+    # Set once the VM is stopping: every run loop returns soon after. Whoever sets it (as for a
+    # pause) also kicks the vCPUs: a KVM vCPU serving port I/O looks at it only when kicked.
     stop_requested: threading.Event
     @property
     def symbols(self) -> object | None:

@@ -15,17 +15,8 @@ import mmap
 from . import ioctls, uapi
 from .errors import KvmError
 from .fd import KvmFd, ioctl
+from .run import RUN_INTERRUPTED, KvmRun
 from .stats import StatsFd, open_stats
-
-_KVM_RUN = ioctls.KVM_RUN
-# A second handle, without argtypes (ctypes' argument conversion costs ~0.2 us on every exit)
-# and without use_errno (ctypes' errno swap before and after the call costs ~0.25 us more):
-# errno is read only when KVM_RUN failed (_last_errno).
-_libc = ctypes.CDLL(None)
-_run_ioctl = _libc.ioctl
-_errno_location = _libc.__errno_location
-_errno_location.restype = ctypes.POINTER(ctypes.c_int)
-RUN_INTERRUPTED = -1  # KVM_RUN returned EINTR/EAGAIN: a kick, nothing happened in the guest
 
 EXIT_REASON_NAMES = {
     value: name[len("KVM_EXIT_"):].lower()
@@ -34,22 +25,14 @@ EXIT_REASON_NAMES = {
 }
 
 
-def _last_errno() -> int:
-    """This thread's errno, read right after a call failed: nothing between that call and this
-    one can change it (the GIL hand-over around a ctypes call keeps errno, and no Python code,
-    no allocation runs in between)."""
-    return _errno_location()[0]
-
-
 class VcpuFd(KvmFd):
     def __init__(self, fd: int, vcpu_id: int, mmap_size: int) -> None:
         super().__init__(fd)
         self.id = vcpu_id
         self._page = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.run_struct = uapi.kvm_run.from_buffer(self._page)
-        self._io = self.run_struct.exit.io
-        self._mmio = self.run_struct.exit.mmio
-        self.exit_counts = [0] * 64  # by KVM exit reason; what `pyvmm top`/kvm_stat-style metrics read
+        self.runner = KvmRun(fd, self._page)
+        self.exit_counts = self.runner.exit_counts  # by KVM exit reason
         self._stats: StatsFd | None | bool = False  # False: not opened yet; None: the host has none
 
     def binary_stats(self) -> StatsFd | None:
@@ -64,7 +47,8 @@ class VcpuFd(KvmFd):
             stats.close()
         if getattr(self, "_page", None) is not None:
             # drop the views of the run page so that it can be unmapped: a closed fd is not used again
-            self.run_struct = self._io = self._mmio = None  # type: ignore[assignment]
+            self.run_struct = None  # type: ignore[assignment]
+            self.runner.release()
             try:
                 self._page.close()
             except BufferError:  # a stray exit object still holds a view; the fd close frees it later
@@ -77,14 +61,7 @@ class VcpuFd(KvmFd):
     def run(self) -> int:
         """Enter the guest; returns the KVM exit reason (the details are in `run_struct`), or
         RUN_INTERRUPTED when a signal or `immediate_exit` ended KVM_RUN before any exit."""
-        if _run_ioctl(self.fd, _KVM_RUN, 0) < 0:
-            err = _last_errno()
-            if err in (errno.EINTR, errno.EAGAIN):
-                return RUN_INTERRUPTED
-            raise KvmError("KVM_RUN", err)
-        reason = self.run_struct.exit_reason
-        self.exit_counts[reason & 63] += 1
-        return reason
+        return self.runner.enter()
 
     @property
     def page(self) -> mmap.mmap:

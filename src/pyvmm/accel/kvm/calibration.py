@@ -119,7 +119,7 @@ def calibrate(timeout: float = 60.0) -> Calibration:
         pio, mmio = PioBus(), MmioBus()
         accel.connect_buses(pio, mmio)
         run = _CalibrationRun()
-        markers = _Markers(run.stop_requested.set)
+        markers = _Markers(lambda: stop())
         mmio.register(CALIBRATE_MMIO, 4, markers, "calibration")
         entry = load_kernel(memory, build("calibrate"))
         memory.write(CALIBRATE_KERNEL_ITERS_ADDR, struct.pack("<II", KERNEL_ITERATIONS, USER_ITERATIONS))
@@ -128,10 +128,13 @@ def calibrate(timeout: float = 60.0) -> Calibration:
         (loop,) = accel.run_loops(run)
         vcpu.thread_ident = threading.get_ident()
 
-        def time_up() -> None:
-            run.failure = run.failure or f"no result after {timeout:g} s"
+        def stop() -> None:  # (a stop kicks the vCPU: its I/O loop does not look at the event)
             run.stop_requested.set()
             vcpu.kick()
+
+        def time_up() -> None:
+            run.failure = run.failure or f"no result after {timeout:g} s"
+            stop()
 
         timer = threading.Timer(timeout, time_up)
         timer.start()

@@ -1,7 +1,8 @@
 """KvmVcpu: one vCPU of the KVM accelerator and its run loop.
 
-The loop enters the guest (KVM_RUN, through kvm.VcpuFd), decodes what stopped it into the
-neutral exits of accel/exits.py and hands each to the shared ExitDispatcher. What only KVM
+The loop enters the guest (KVM_RUN, through kvm.VcpuFd); single port-I/O and MMIO accesses
+are served by the compiled loop of io_exits.py, every other exit is decoded here into the
+neutral exits of accel/exits.py and handed to the shared ExitDispatcher. What only KVM
 produces stays here: an instruction KVM failed to emulate is completed (assist.py) or
 reported as an EmulationError naming it; a refused entry and KVM's system events become
 neutral exits. Converts the backend-neutral CpuState to and from KVM's structs.
@@ -11,12 +12,12 @@ from __future__ import annotations
 
 import logging
 import signal
-import struct
 
 from ...arch.x86_64.cpu_state import GPR_NAMES, SEGMENT_NAMES, CpuState, DescriptorTable, Segment, VcpuState
 from ...kvm import KvmError, uapi
 from ...kvm.exits import InternalError
-from ...kvm.vcpu import EXIT_REASON_NAMES, RUN_INTERRUPTED
+from ...kvm.run import RUN_INTERRUPTED
+from ...kvm.vcpu import EXIT_REASON_NAMES
 from ..base import VcpuCounters, VmServices
 from ..dispatch import ExitDispatcher
 from ..exits import (
@@ -25,6 +26,7 @@ from ..exits import (
 )
 from . import assist as kvm_assist
 from . import state as kvm_state
+from .io_exits import EXIT_FIELDS, EXIT_IO, IO_FIELDS, IO_OUT, serve_io_exits
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +38,6 @@ APIC_LVT1 = 0x360
 APIC_DELIVERY_EXTINT = 0x700
 APIC_DELIVERY_NMI = 0x400
 
-_EXIT_IO, _EXIT_MMIO, _IO_OUT = uapi.KVM_EXIT_IO, uapi.KVM_EXIT_MMIO, uapi.KVM_EXIT_IO_OUT
-# kvm_run's exit union, read with one unpack per exit (a ctypes field read costs about as much
-# as the whole unpack): io is direction, size, port, count, data_offset; mmio is phys_addr,
-# data[8], len, is_write.
-_EXIT_FIELDS = uapi.kvm_run.exit.offset
-_IO_FIELDS = struct.Struct("<BBHIQ")
-_MMIO_FIELDS = struct.Struct("<Q8sIB")
-_MMIO_DATA_SIZE = 8
-_MMIO_DATA = _EXIT_FIELDS + uapi.kvm_run_mmio.data.offset  # where a read's answer goes
 _SYSTEM_EVENTS = {uapi.KVM_SYSTEM_EVENT_RESET: SystemEvent.RESET, uapi.KVM_SYSTEM_EVENT_SHUTDOWN: SystemEvent.POWEROFF}
 
 
@@ -70,44 +63,26 @@ class KvmVcpu:
 
     def run_loop(self, vm: VmServices, dispatch: ExitDispatcher) -> None:
         """Enter the guest and serve its exits until the VM stops. The hot path, a single port
-        I/O or MMIO access, goes straight from the kvm_run page to the device: the exit's fields
-        in one unpack, the device's handler from the bus's per-address table (bus.writer /
-        reader), no exit object. Everything else is decoded into a neutral exit for the
-        dispatcher, which serves it exactly as the hot path would."""
+        I/O or MMIO access, is served by the compiled io_exits loop; everything else is decoded
+        here into a neutral exit for the dispatcher, which serves it exactly as the hot path
+        would. A stop or pause kicks the vCPU, which ends the hot loop."""
         self._symbols, self._vm = vm.symbols, vm
         fd, stopped = self.fd, vm.stop_requested
-        enter, page = fd.run, fd.page
+        run, page = fd.runner, fd.page
         pio, mmio = dispatch.pio_bus, dispatch.mmio_bus
-        io_fields, mmio_fields = _IO_FIELDS.unpack_from, _MMIO_FIELDS.unpack_from
-        exit_: VcpuExit | None
         while not stopped.is_set():
-            reason = enter()
-            if reason == _EXIT_IO:
-                direction, size, port, count, offset = io_fields(page, _EXIT_FIELDS)
-                if count == 1:
-                    if direction == _IO_OUT:
-                        (pio.writers.get(port) or pio.writer(port))(page[offset:offset + size])
-                    else:
-                        data = (pio.readers.get(port) or pio.reader(port))(size)
-                        page[offset:offset + len(data)] = data
-                    continue
-                if direction == _IO_OUT:
-                    exit_ = IoOut(port, size, count, page[offset:offset + size * count])
-                else:
-                    exit_ = IoIn(port, size, count, page, offset)
-            elif reason == _EXIT_MMIO:
-                address, data, length, is_write = mmio_fields(page, _EXIT_FIELDS)
-                if is_write:
-                    (mmio.writers.get(address) or mmio.writer(address))(data[:length])
-                else:  # (MmioRead.complete's rule: at most the 8 bytes kvm_run holds)
-                    data = (mmio.readers.get(address) or mmio.reader(address))(length)[:_MMIO_DATA_SIZE]
-                    page[_MMIO_DATA:_MMIO_DATA + len(data)] = data
-                continue
-            else:
-                exit_ = self._other_exit(reason)
-                if exit_ is None:
-                    continue
-            dispatch(self, exit_)
+            reason = serve_io_exits(run, page, pio, mmio)
+            exit_ = self._string_io(page) if reason == EXIT_IO else self._other_exit(reason)
+            if exit_ is not None:
+                dispatch(self, exit_)
+
+    @staticmethod
+    def _string_io(page) -> VcpuExit:
+        """A rep ins/outs exit: every item, for the dispatcher to serve one by one."""
+        direction, size, port, count, offset = IO_FIELDS.unpack_from(page, EXIT_FIELDS)
+        if direction == IO_OUT:
+            return IoOut(port, size, count, page[offset:offset + size * count])
+        return IoIn(port, size, count, page, offset)
 
     def _other_exit(self, reason: int) -> VcpuExit | None:
         """The neutral exit for anything but I/O; None when pyvmm completed an instruction KVM
