@@ -161,6 +161,7 @@ class Machine:
     outcomes: OutcomeSink
     releases: list
     device_releases: dict[str, list]
+    uart: Uart16550
 
     def _release(self) -> None:
         """Close what the devices opened on the host, hot-plugged ones included (in order)."""
@@ -172,7 +173,8 @@ class Machine:
 
     def vm(self, vcpus: list) -> Vm:
         vm = Vm(self.accel, self.memory, self.pio, self.mmio, vcpus, self.manager.devices(), iothread=self.iothread,
-                pausables=[self.rtc_timer], on_close=[self.rtc_timer.close, self.wiring.close, self._release])
+                pausables=[self.rtc_timer],
+                on_close=[self.uart.flush_output, self.rtc_timer.close, self.wiring.close, self._release])
         vm.device_manager = self.manager
         vm.machine = self.config
         vm.assembly = self      # hotplug.py adds and removes devices through it
@@ -285,7 +287,7 @@ def assemble(cleanup: ExitStack, config: MachineConfig, console_write: Callable[
         raise ConfigError(f": the recorded device tree has devices this machine lacks "
                           f"({', '.join(manager.unclaimed())})", "devices")
     return Machine(config, accel, memory, pio, mmio, manager, pci_root, wiring, iothread, rtc_timer, outcomes, releases,
-                   device_releases)
+                   device_releases, uart)
 
 
 def _add_test_devices(port_device, accel, config: MachineConfig) -> None:

@@ -181,15 +181,33 @@ def test_a_transmission_nobody_looks_at_drains_when_its_bytes_would_have_gone_ou
     rd(uart, IIR)
     wr(uart, THR, ord("x"))
     wr(uart, THR, ord("y"))
-    assert len(timers.armed) == 1 and irq.levels[-1] is False
+    assert len(timers.armed) == 1 and irq.levels[-1] is False and out == []  # the load is being sent
     assert timers.fire() == 16 * 10 * 10**9 // 38400
-    assert irq.levels[-1] is True and rd(uart, IIR) & 0x0F == 0x02
+    assert irq.levels[-1] is True and out == [b"xy"]  # drained: one output call for the load
+    assert rd(uart, IIR) & 0x0F == 0x02
     wr(uart, THR, ord("z"))
     rd(uart, LSR)  # drained by the access: the timer armed for it finds nothing to do
-    assert len(timers.armed) == 1
+    assert out == [b"xy", b"z"] and len(timers.armed) == 1
     levels = list(irq.levels)
     timers.fire()
-    assert irq.levels == levels and out == [b"x", b"y", b"z"]
+    assert irq.levels == levels and out == [b"xy", b"z"]
+    assert uart.stats.tx_bytes == 3
+
+
+def test_a_load_still_in_the_transmitter_goes_out_at_save_reset_and_flush():
+    for finish in (lambda uart: uart.save(), lambda uart: uart.reset(), lambda uart: uart.flush_output()):
+        irq, out, timers = RecordingIrq(), [], ManualTimers()
+        uart = Uart16550(irq, out.append, timers=timers)
+        wr(uart, MCR, MCR_OUT2)
+        wr(uart, IER, 0x02)
+        rd(uart, IIR)
+        for byte in b"ok\n":
+            wr(uart, THR, byte)
+        assert out == []
+        finish(uart)
+        assert out == [b"ok\n"] and uart.stats.tx_bytes == 3
+        rd(uart, LSR)  # the guest then finds the transmitter empty: nothing is sent twice
+        assert out == [b"ok\n"]
 
 
 def test_save_during_a_transmission_restores_it_drained():

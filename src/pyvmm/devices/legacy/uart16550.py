@@ -7,8 +7,10 @@ Registers, by offset from the base (COM1 is 0x3f8, length 8, IRQ 4):
     2  IIR (read) / FCR (write)
     3  LCR      4  MCR      5  LSR      6  MSR      7  SCR
 
-Each THR byte goes straight to `output`, so LSR always shows THRE|TEMT. The receiver is a
-bounded FIFO the host fills with `receive()`.
+LSR always shows THRE|TEMT: the guest never waits for the line. The bytes of a load go to
+`output` together, when the transmitter drains (below): a line the tty sends is one call,
+not one per byte (a UART without `timers`, which could not bound that wait, sends each THR
+byte at once). The receiver is a bounded FIFO the host fills with `receive()`.
 
 The THRE interrupt comes back when the transmitter has drained, which this one does at the
 guest's next access to any other register (the guest finds it empty, as if the line were
@@ -64,9 +66,11 @@ class UartStats:
 
 
 class Uart16550:
-    """A 16550A. `output` is called with each transmitted byte, under the device lock:
-    it must not call back into this UART. `timers` (the I/O thread) end a transmission the
-    guest does not look at again; without them the THRE interrupt waits for its next access."""
+    """A 16550A. `output` is called with the transmitted bytes, under the device lock: it must
+    not call back into this UART. `timers` (the I/O thread) end a transmission the guest does
+    not look at again; without them the THRE interrupt waits for its next access, and each
+    byte is output as it is written. `flush_output()` sends a load still in the transmitter
+    (the VM calls it when it stops)."""
 
     def __init__(self, irq: IrqLine, output: Callable[[bytes], None], *,
                  rx_capacity: int = RX_FIFO_CAPACITY, timers: Timers | None = None) -> None:
@@ -84,6 +88,7 @@ class Uart16550:
         self._overrun_logged = False
         self._timers = timers
         self._drain_timer: TimerHandle | None = None  # at most one outstanding
+        self._sending = bytearray()  # the load in the transmitter: output when it drains
         self._power_on()
 
     def _power_on(self) -> None:
@@ -183,14 +188,30 @@ class Uart16550:
         if self._mcr & MCR_LOOP:
             self.stats.loopback_bytes += 1
             self._push_rx(value)
+        elif self._timers is not None:
+            self._sending.append(value)
         else:
             self._output(bytes((value,)))
             self.stats.tx_bytes += 1
 
     def _drain(self) -> None:
-        """The transmitter has emptied: THRE interrupts again if enabled."""
+        """The transmitter has emptied: its bytes are out, and THRE interrupts again if enabled."""
         self._transmitting = False
         self._thre_pending = bool(self._ier & IER_THRI)
+        if self._sending:
+            self._send()
+
+    def _send(self) -> None:
+        self.stats.tx_bytes += len(self._sending)
+        self._output(bytes(self._sending))
+        self._sending.clear()
+
+    def flush_output(self) -> None:
+        """Output the bytes still in the transmitter (interrupts unchanged: the guest sees the
+        transmitter drain when it next looks)."""
+        with self._lock:
+            if self._sending:
+                self._send()
 
     def _drain_timer_fired(self) -> None:
         with self._lock:
@@ -366,6 +387,8 @@ class Uart16550:
     def reset(self) -> None:
         """Back to power-on state (machine reset); the receive FIFO is emptied."""
         with self._lock:
+            if self._sending:  # written before the reset: out first
+                self._send()
             self._power_on()
             self._rx_drained.notify_all()
             self._update_irq()
@@ -373,6 +396,8 @@ class Uart16550:
     def save(self) -> UartState:
         with self._lock:
             # bytes still "in the transmitter" went out: the restored one has drained
+            if self._sending:
+                self._send()
             thre_pending = bool(self._ier & IER_THRI) if self._transmitting else self._thre_pending
             return UartState(dll=self._dll, dlm=self._dlm, ier=self._ier, fcr=self._fcr, lcr=self._lcr,
                              mcr=self._mcr, scr=self._scr, overrun=self._overrun, msr_delta=self._msr_delta,
@@ -389,6 +414,7 @@ class Uart16550:
             self._overrun = state.overrun
             self._thre_pending = state.thre_pending
             self._transmitting = False
+            self._sending.clear()  # (a load of the state this one replaces)
             self._rx = deque(state.rx_fifo)
             self._irq_level = self._line_level()
             self._irq.set_level(self._irq_level)
