@@ -186,13 +186,12 @@ class VirtioPciTransport(PciDevice, VirtioTransportCore):
     # --- VirtioInterrupt (called by the device, any thread) -------------------------------------
 
     def signal_used(self, queue_index: int) -> None:
-        msix = self._msix
-        if msix.enabled:
-            vectors = self._queue_vectors
-            vector = vectors[queue_index] if 0 <= queue_index < len(vectors) else NO_VECTOR
-            if vector != NO_VECTOR:
-                msix.notify(vector)
-            return
+        vectors = self._queue_vectors
+        vector = vectors[queue_index] if 0 <= queue_index < len(vectors) else NO_VECTOR
+        # (notify() reads the MSI-X control word itself: `enabled` is read again only when it
+        # sent nothing, which a device completion rarely meets)
+        if self._msix.notify(vector) or self._msix.enabled:
+            return  # sent, held pending behind a mask, or MSI-X is on and the queue has no vector
         self._raise_isr(ISR_QUEUE)
 
     def signal_config(self) -> None:
