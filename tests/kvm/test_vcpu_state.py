@@ -20,7 +20,7 @@ from pyvmm.builder import build_vm
 from pyvmm.config import MachineConfig
 from pyvmm.guests import build_source
 from pyvmm.kvm import uapi
-from pyvmm.kvm.vcpu import RUN_INTERRUPTED
+from pyvmm.kvm.run import RUN_INTERRUPTED
 from pyvmm.persist import StateError
 
 SIGNALS = 0xD0002000  # failed check, checkpoint, done, TSC values: 32-bit MMIO writes

@@ -9,13 +9,11 @@ the next `run()`. Turning the page into typed exits is the accelerator's job
 from __future__ import annotations
 
 import ctypes
-import errno
 import mmap
 
 from . import ioctls, uapi
-from .errors import KvmError
 from .fd import KvmFd, ioctl
-from .run import RUN_INTERRUPTED, KvmRun
+from .run import KvmRun
 from .stats import StatsFd, open_stats
 
 EXIT_REASON_NAMES = {
