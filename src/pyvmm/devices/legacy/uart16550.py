@@ -188,30 +188,29 @@ class Uart16550:
         if self._mcr & MCR_LOOP:
             self.stats.loopback_bytes += 1
             self._push_rx(value)
-        elif self._timers is not None:
-            self._sending.append(value)
         else:
-            self._output(bytes((value,)))
-            self.stats.tx_bytes += 1
+            self._sending.append(value)
+            if self._timers is None:
+                self._send()  # nothing would bound the wait for the drain: out at once
 
     def _drain(self) -> None:
         """The transmitter has emptied: its bytes are out, and THRE interrupts again if enabled."""
         self._transmitting = False
         self._thre_pending = bool(self._ier & IER_THRI)
-        if self._sending:
-            self._send()
+        self._send()
 
     def _send(self) -> None:
-        self.stats.tx_bytes += len(self._sending)
-        self._output(bytes(self._sending))
-        self._sending.clear()
+        """Output the load in the transmitter, if any."""
+        if self._sending:
+            self.stats.tx_bytes += len(self._sending)
+            self._output(bytes(self._sending))
+            self._sending.clear()
 
     def flush_output(self) -> None:
         """Output the bytes still in the transmitter (interrupts unchanged: the guest sees the
         transmitter drain when it next looks)."""
         with self._lock:
-            if self._sending:
-                self._send()
+            self._send()
 
     def _drain_timer_fired(self) -> None:
         with self._lock:
@@ -387,8 +386,7 @@ class Uart16550:
     def reset(self) -> None:
         """Back to power-on state (machine reset); the receive FIFO is emptied."""
         with self._lock:
-            if self._sending:  # written before the reset: out first
-                self._send()
+            self._send()  # a load written before the reset goes out first
             self._power_on()
             self._rx_drained.notify_all()
             self._update_irq()
@@ -396,8 +394,7 @@ class Uart16550:
     def save(self) -> UartState:
         with self._lock:
             # bytes still "in the transmitter" went out: the restored one has drained
-            if self._sending:
-                self._send()
+            self._send()
             thre_pending = bool(self._ier & IER_THRI) if self._transmitting else self._thre_pending
             return UartState(dll=self._dll, dlm=self._dlm, ier=self._ier, fcr=self._fcr, lcr=self._lcr,
                              mcr=self._mcr, scr=self._scr, overrun=self._overrun, msr_delta=self._msr_delta,
