@@ -5,7 +5,8 @@ One device model, two wirings:
 - KVM: each queue's kick register is an ioeventfd, so a guest kick costs no exit to
   Python on the vCPU thread; the I/O thread wakes on the eventfd and serves the queue.
 - software CPU: the kick is an MMIO write that reaches the transport, which hands it to
-  the same I/O thread, so completions arrive asynchronously, as on KVM.
+  the same I/O thread, so completions arrive asynchronously, as on KVM; a disk's kick is
+  served in place when that is quicker (inline_kicks.py).
 
 The device manager allocates each device's virtio-mmio slot (window and GSI) or PCI slot
 and records it in the device tree with the device and its transport. The guest learns about
@@ -22,6 +23,7 @@ from .arch.x86_64.acpi import virtio_mmio_device
 from .config import ConfigError
 from .devices.virtio.mmio import MMIO_WINDOW, VirtioMmioTransport
 from .devmgr import DeviceManager, Request
+from .inline_kicks import InlineKicks
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +47,10 @@ class VirtioWiring:
             raise ConfigError(f"{name}: unknown virtio transport {transport!r}")
         self.manager.attach(name, device, added)
         # Kicks that reach the transport (the software CPU, or KVM before an ioeventfd is in
-        # place) are served on the I/O thread too, never inside the vCPU's MMIO handler: a
-        # completion raised within the guest's own kick would be pending again before the
-        # guest's handler ends, and a busy device would starve every interrupt of the same
-        # priority class (the serial console stalled for seconds under disk I/O).
-        added.on_notify = functools.partial(self._kick_on_io_thread, device)
+        # place) go to the I/O thread, or are served where they were made (a disk's, on the
+        # software CPU), with the interrupt held until the slice ends (inline_kicks.py).
+        added.on_notify = InlineKicks(device, self.accel, self.iothread)
         return added
-
-    def _kick_on_io_thread(self, device, queue_index: int) -> None:
-        self.iothread.call_soon(functools.partial(device.notify, queue_index))
 
     def _add_mmio(self, name: str, kind: str, device) -> VirtioMmioTransport:
         node = self.manager.add(name, kind, Request(mmio_window=MMIO_WINDOW), transport="virtio-mmio")

@@ -143,6 +143,14 @@ class Accelerator(Protocol):
     def thaw_time(self) -> None:
         """The VM resumes: guest time continues from where it stood."""
 
+    def serve_device_work(self, work: Callable[[], bool], after: Callable[[], None]) -> bool:
+        """From a device register's handler, on the thread whose guest write reached it (a
+        queue kick): run `work()` right there if this accelerator can, and return its result
+        (False: `work` did nothing, its device was busy), then call `after()` once the guest
+        code running now stops (the software CPU's slice), to send what `work` held back (its
+        interrupts); False, running neither, where it cannot: the caller hands the work to
+        the I/O thread (inline_kicks.py)."""
+
     # Whether the I/O thread must not preempt the guest when a kick wakes it (IoThread `yields`):
     # true where one host thread runs the guest and wakes the I/O thread itself (the software CPU).
     io_thread_yields: bool

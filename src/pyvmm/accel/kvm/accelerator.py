@@ -315,6 +315,11 @@ class KvmAccelerator:
             self.vm_fd.set_clock(self._frozen_clock_ns)
             self._frozen_clock_ns = None
 
+    def serve_device_work(self, work, after) -> bool:
+        """Never here: a kick is an ioeventfd the I/O thread serves, and one that reaches a
+        transport (before its ioeventfd is in place) goes there too."""
+        return False
+
     def close(self) -> None:
         for vcpu in [*self.vcpus, *self._unplugged.values()]:
             vcpu.fd.close()

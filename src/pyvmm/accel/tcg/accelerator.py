@@ -18,6 +18,7 @@ import logging
 import os
 import queue
 import threading
+from typing import Callable
 
 from ...arch.x86_64 import layout
 from ...arch.x86_64.tsc_leaf import tsc_leaf
@@ -67,6 +68,9 @@ INTERRUPTS_SETTING = "PYVMM_TCG_INTERRUPTS"
 # PYVMM_TCG_SYSCALLS=python: every SYSCALL through the Python hook (vcpu.syscall), not the
 # engine's machine code (native_syscall.py)
 SYSCALLS_SETTING = "PYVMM_TCG_SYSCALLS"
+# PYVMM_TCG_DISK_KICKS=io-thread: every kick to the I/O thread, none served in the slice that
+# made it (inline_kicks.py), to compare the two or to rule one out
+DISK_KICKS_SETTING = "PYVMM_TCG_DISK_KICKS"
 
 
 class TcgAccelerator:
@@ -103,6 +107,9 @@ class TcgAccelerator:
         self._slice_timer = SliceTimer()
         self._dma_lock = threading.Lock()
         self._dma_pages: set[int] = set()
+        # what serve_device_work() leaves for the slice's end (in order, each once) and whether it serves at all
+        self._after_slice: dict[Callable[[], None], None] = {}
+        self._serves_kicks = os.environ.get(DISK_KICKS_SETTING, "") != "io-thread"
 
     # --- machine ---------------------------------------------------------------------------
 
@@ -134,6 +141,26 @@ class TcgAccelerator:
         first, last = address >> 12, (address + length - 1) >> 12
         with self._dma_lock:
             self._dma_pages.update(range(first, last + 1))
+
+    def serve_device_work(self, work: Callable[[], bool], after: Callable[[], None]) -> bool:
+        """In the running slice, on its vCPU's thread (not with PYVMM_TCG_DISK_KICKS=io-thread).
+        The code translated from what the device wrote is dropped before the guest runs on;
+        `after` runs when the slice ends, so what the guest does meanwhile (more requests, as
+        at a deeper queue) is served with one interrupt, and a guest waiting for its request
+        gets the interrupt at its HLT, without a hand-off to the I/O thread and back."""
+        vcpu = getattr(helper_patch.running, "vcpu", None)
+        if vcpu is None or not self._serves_kicks or not work():
+            return False
+        if self._dma_pages:
+            self._drop_stale_code()
+        self._after_slice[after] = None
+        vcpu.stats["kicks_served"] += 1
+        return True
+
+    def _finish_slice_work(self) -> None:
+        after, self._after_slice = self._after_slice, {}
+        for finish in after:
+            finish()
 
     def _drop_stale_code(self) -> None:
         with self._dma_lock:
@@ -337,6 +364,8 @@ class TcgAccelerator:
                     seconds = SLICE if due is None or due > SLICE else due
                 spin_loops.arm(len(vcpus) > 1 and self._others_runnable(vcpu))
                 exit_ = vcpu.run(seconds)
+                if self._after_slice:
+                    self._finish_slice_work()
                 if len(vcpus) > 1:
                     vcpu.spinning = exit_ is INTERRUPTED and spin_loops.at_pause(vcpu)
                     if vcpu.spinning:

@@ -86,7 +86,8 @@ class TcgVcpu:
         # what kick() does: end the running slice; the accelerator also wakes its scheduler
         self.wake: Callable[[], None] = self.slice_timer.kick
         self.stats = {"slices": 0, "exceptions": 0, "interrupts": 0, "syscalls": 0, "halts": 0,
-                      "port_io": 0, "mmio": 0, "cpuid": 0, "string_assists": 0}
+                      "port_io": 0, "mmio": 0, "cpuid": 0, "string_assists": 0,
+                      "kicks_served": 0}
 
     # --- running -------------------------------------------------------------------------
 

@@ -93,6 +93,7 @@ IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 class VirtioBlock(VirtioDevice):
     device_id = VIRTIO_ID_BLOCK
     name = "virtio-blk"
+    quick_queues = True  # reads and writes of an image file (inline_kicks.py bounds a slow one)
 
     def __init__(self, path: str | os.PathLike, *, readonly: bool = False, serial: str | None = None,
                  num_queues: int = 1, queue_size: int = 256, rate_limit: RateLimit | None = None,

@@ -15,7 +15,10 @@ it never learns whether it sits on PCI or MMIO, nor which CPU backend runs the g
 
 Threads: notify() may come from a vCPU thread (software CPU: from the MMIO handler) or
 from an I/O thread (KVM: an ioeventfd), and device back-ends (TAP, sockets) complete
-work from I/O threads. One re-entrant lock per device serialises all of it.
+work from I/O threads. One re-entrant lock per device serialises all of it. A device
+whose queue work is short host I/O (`quick_queues`) may be served on the thread that kicked
+it, never waiting there for another, its interrupts held until the guest's slice ends
+(serve_in_place, finish_in_place; inline_kicks.py decides).
 """
 
 from __future__ import annotations
@@ -83,6 +86,9 @@ class _NoInterrupt:
 class VirtioDevice:
     device_id = 0
     name = "virtio"
+    # Whether serving a queue is only short host I/O that never waits on a peer or the guest
+    # (a disk image's page cache): then a kick may be served on the vCPU thread that made it.
+    quick_queues = False
     # Guest RAM, from attach() (the transport, before a driver can set the device up): every
     # queue and buffer operation comes after it.
     memory: GuestMemory
@@ -98,6 +104,8 @@ class VirtioDevice:
         # Requests and malformed chains of queues since reset (their own counts restart there),
         # and how often the guest broke a ring: counters for stats, not guest state.
         self._earlier = {"requests": 0, "malformed_chains": 0}
+        self._serving_in_place = False  # in serve_in_place: no interrupt now
+        self._held_queues: set[int] = set()  # served in place, until finish_in_place
         self.failures = 0
 
     # --- wiring (builder / transport) -------------------------------------------------------------
@@ -176,6 +184,35 @@ class VirtioDevice:
             except (VirtqueueBroken, GuestMemoryError) as exc:
                 self.fail(str(exc))
 
+    def serve_in_place(self, queue_index: int) -> bool:
+        """A kick served on the thread that made it, for as long as that thread runs the guest:
+        serve the queue now if no other thread is (else False, nothing done), then hold its
+        kicks and used-buffer interrupts back until finish_in_place(), which serves what came
+        meanwhile and interrupts the driver once for all of it (a kick and an interrupt per
+        request would otherwise be an exit each, where the I/O thread took many at a time)."""
+        if not 0 <= queue_index < len(self.queues) or not self.lock.acquire(blocking=False):
+            return False
+        try:
+            self._serving_in_place = True
+            self.queues[queue_index].hold_kicks(True)
+            self._held_queues.add(queue_index)
+            self.notify(queue_index)
+        finally:
+            self._serving_in_place = False
+            self.lock.release()
+        return True
+
+    def finish_in_place(self) -> None:
+        """The guest stopped running on that thread: serve the queues served in place again
+        (requests added without a kick), ask for kicks again, send the interrupts held."""
+        with self.lock:
+            held, self._held_queues = self._held_queues, set()
+            for queue_index in sorted(held):
+                self.queues[queue_index].hold_kicks(False)
+                self.notify(queue_index)       # asks for kicks again as it ends
+                if self.queue_usable(queue_index):
+                    self.signal_used(queue_index)  # (a throttled queue serves nothing now)
+
     @contextlib.contextmanager
     def host_work(self):
         """Work the host starts (sockets, terminal input, restore) that touches the rings: a ring
@@ -223,7 +260,7 @@ class VirtioDevice:
 
     def signal_used(self, queue_index: int) -> None:
         """Interrupt the driver for queue `queue_index` if the ring asks for it."""
-        if self.queues[queue_index].needs_interrupt():
+        if not self._serving_in_place and self.queues[queue_index].needs_interrupt():
             self.interrupt.signal_used(queue_index)
 
     def config_changed(self) -> None:

@@ -147,6 +147,7 @@ class SplitQueue:
         self._redo: deque[int] = deque()        # in flight at a save: handed out again first
         self._last_from_redo = False            # where the last pop() took its chain (for undo_pop)
         self.kicks_suppressed = False           # between suppress_kicks() and allow_kicks()
+        self.kicks_held = False                 # allow_kicks() leaves them suppressed (hold_kicks)
 
     # --- setup (transport) ---------------------------------------------------------------------
 
@@ -189,12 +190,20 @@ class SplitQueue:
 
     def allow_kicks(self) -> None:
         """Ask for a kick at the next entry again. Entries the driver added meanwhile came
-        without one: the caller checks has_available() after this and serves them."""
+        without one: the caller checks has_available() after this and serves them. Not while
+        kicks are held: whoever holds them serves the queue when it lets them go."""
+        if self.kicks_held:
+            return
         self.kicks_suppressed = False
         if self.event_idx:
             self.notify_on_next_add()
         else:
             self.memory.write_u16(self.used_ring, 0)
+
+    def hold_kicks(self, held: bool) -> None:
+        """Held: once suppressed (the device is taking requests), kicks stay suppressed until
+        released; the holder serves the queue then (inline_kicks.py: at the slice's end)."""
+        self.kicks_held = held
 
     def has_available(self) -> bool:
         return bool(self._redo) or self._pending() > 0

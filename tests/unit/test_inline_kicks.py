@@ -1,0 +1,219 @@
+"""Who serves a kick that reaches a virtio transport (inline_kicks.py): the thread that made it,
+for a disk whose work the accelerator can take in place, else the I/O thread; and what a disk
+served in place holds back until the guest's slice ends (its kicks and interrupts)."""
+
+from __future__ import annotations
+
+import struct
+import threading
+
+import pytest
+
+from helpers.virtio_driver import FakeDriver
+from pyvmm.devices.virtio.blk import VirtioBlock
+from pyvmm.devices.virtio.rng import VirtioRng
+from pyvmm.inline_kicks import BACKOFF_NS, SLOW_NS, InlineKicks
+from pyvmm.memory import GuestMemory
+from pyvmm.memory.guest_memory import RegionSpec
+
+
+class Accel:
+    """serve_device_work as the software CPU's, in a vCPU's slice or not (`in_slice`); end_slice()
+    runs what the work left for the slice's end."""
+
+    def __init__(self, clock=None, in_slice: bool = True) -> None:
+        self.in_slice, self.clock, self.asked = in_slice, clock, 0
+        self.after: dict = {}
+
+    def serve_device_work(self, work, after) -> bool:
+        self.asked += 1
+        if not self.in_slice:
+            return False
+        done = work()
+        if self.clock is not None:
+            self.clock.now += self.clock.work_ns  # how long the work took
+        if done:
+            self.after[after] = None
+        return done
+
+    def end_slice(self) -> None:
+        after, self.after = self.after, {}
+        for finish in after:
+            finish()
+
+
+class IoThread:
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def call_soon(self, callback) -> None:
+        self.calls.append(callback)
+
+    def run(self) -> None:
+        calls, self.calls = self.calls, []
+        for call in calls:
+            call()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now, self.work_ns = 10**9, 30_000
+
+    def __call__(self) -> int:
+        return self.now
+
+
+@pytest.fixture
+def disk(tmp_path):
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(range(256)) * 4096)
+    with GuestMemory.from_specs([RegionSpec(0, 8 << 20)]) as memory:
+        device = VirtioBlock(image)
+        driver = FakeDriver(memory, device, queue_size=16)
+        yield device, driver.queue(0), driver.interrupts
+        device.close()
+
+
+def read_sector(queue, sector: int) -> int:
+    return queue.add([struct.pack("<IIQ", 0, 0, sector)], [512, 1])
+
+
+def needs_kick(avail_event: int, new: int, old: int) -> bool:
+    """The driver's side of EVENT_IDX (virtio 1.2, 2.7.10: vring_need_event)."""
+    return (new - avail_event - 1) & 0xFFFF < (new - old) & 0xFFFF
+
+
+def served(queue) -> int:
+    return len(queue.take_used())
+
+
+def test_a_disk_kick_is_served_where_it_was_made(disk):
+    device, queue, interrupts = disk
+    accel, iothread = Accel(), IoThread()
+    kicks = InlineKicks(device, accel, iothread)
+    head = read_sector(queue, 1)
+    kicks(0)
+    assert queue.take_used() == [(head, 513)] and iothread.calls == []
+    assert queue.written(head)[:512] == bytes(range(256)) * 2  # sector 1, and status OK
+    assert queue.written(head)[512] == 0
+    assert interrupts.used == []  # held until the slice ends
+    accel.end_slice()
+    assert interrupts.used == [0]
+
+
+def test_a_kick_the_accelerator_cannot_take_in_place_goes_to_the_io_thread(disk):
+    device, queue, interrupts = disk
+    accel, iothread = Accel(in_slice=False), IoThread()
+    kicks = InlineKicks(device, accel, iothread)
+    read_sector(queue, 1)
+    kicks(0)
+    assert served(queue) == 0 and len(iothread.calls) == 1
+    iothread.run()
+    assert served(queue) == 1
+
+
+def test_a_device_busy_on_another_thread_is_left_to_the_io_thread(disk):
+    device, queue, interrupts = disk
+    iothread = IoThread()
+    kicks = InlineKicks(device, Accel(), iothread)
+    read_sector(queue, 1)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with device.lock:
+            holding.set()
+            release.wait(10)
+
+    other = threading.Thread(target=hold)
+    other.start()
+    holding.wait(10)
+    try:
+        kicks(0)  # returns at once: the vCPU never waits for the device's lock
+        assert served(queue) == 0 and len(iothread.calls) == 1
+    finally:
+        release.set()
+        other.join()
+    iothread.run()
+    assert served(queue) == 1
+
+
+def test_a_device_that_is_not_quick_is_never_served_in_place(tmp_path):
+    with GuestMemory.from_specs([RegionSpec(0, 8 << 20)]) as memory:
+        device = VirtioRng(source=lambda n: b"\x5a" * n)
+        queue = FakeDriver(memory, device, queue_size=8).queue(0)
+        accel, iothread = Accel(), IoThread()
+        kicks = InlineKicks(device, accel, iothread)
+        queue.add([], [16])
+        kicks(0)
+        assert accel.asked == 0 and served(queue) == 0
+        iothread.run()
+        assert served(queue) == 1
+
+
+def test_a_slow_kick_sends_the_next_ones_to_the_io_thread_for_a_while(disk):
+    device, queue, interrupts = disk
+    clock, iothread = Clock(), IoThread()
+    accel = Accel(clock)
+    kicks = InlineKicks(device, accel, iothread, clock=clock)
+    read_sector(queue, 1)
+    kicks(0)
+    assert served(queue) == 1 and iothread.calls == []
+    clock.work_ns = SLOW_NS + 1  # (a read that missed the host's page cache)
+    read_sector(queue, 2)
+    kicks(0)
+    assert served(queue) == 1 and iothread.calls == []  # served in place, but it took too long
+    clock.work_ns = 30_000
+    read_sector(queue, 3)
+    kicks(0)
+    assert served(queue) == 0 and len(iothread.calls) == 1 and accel.asked == 2
+    iothread.run()
+    assert served(queue) == 1
+    clock.now += BACKOFF_NS
+    read_sector(queue, 4)
+    kicks(0)
+    assert served(queue) == 1 and iothread.calls == [] and accel.asked == 3
+
+
+def test_requests_added_in_the_same_slice_need_no_kick_and_share_one_interrupt(disk):
+    """(At a deeper queue a kick and an interrupt per request would be an exit each.)"""
+    device, queue, interrupts = disk
+    accel = Accel()
+    kicks = InlineKicks(device, accel, IoThread())
+    read_sector(queue, 1)
+    kicks(0)
+    for sector in (2, 3):
+        old = queue.avail_idx
+        read_sector(queue, sector)
+        assert not needs_kick(queue.avail_event(), queue.avail_idx, old)
+    assert served(queue) == 1 and interrupts.used == []
+    accel.end_slice()
+    assert served(queue) == 2 and interrupts.used == [0]
+    old = queue.avail_idx
+    read_sector(queue, 4)
+    assert needs_kick(queue.avail_event(), queue.avail_idx, old)  # asked for again
+
+
+def test_serve_in_place_serves_only_when_the_lock_is_free(disk):
+    device, queue, interrupts = disk
+    read_sector(queue, 5)
+    result: list[bool] = []
+    with device.lock:  # held by this thread: the lock is re-entrant, so it serves
+        assert device.serve_in_place(0) is True
+    assert served(queue) == 1
+    device.finish_in_place()
+    read_sector(queue, 6)
+    with device.lock:
+        other = threading.Thread(target=lambda: result.append(device.serve_in_place(0)))
+        other.start()
+        other.join()
+    assert result == [False] and served(queue) == 0
+    assert device.serve_in_place(7) is False  # no such queue
+
+
+def test_a_reset_while_held_leaves_a_fresh_queue(disk):
+    device, queue, interrupts = disk
+    read_sector(queue, 1)
+    assert device.serve_in_place(0)
+    device.reset()
+    device.finish_in_place()  # the slice's end after the driver reset the device: nothing to do
+    assert not device.queues[0].kicks_held and not device.queues[0].kicks_suppressed
