@@ -263,3 +263,22 @@ def test_net_rx_stops_reading_while_the_bucket_is_empty_and_loses_nothing(memory
     # the bucket held: 4 packets at 1 per 100 ms after the first took at least 300 ms of refill
     state = device.save()
     assert state.rx_rate_limiter is not None and state.rx_rate_limiter.ops.budget <= 1
+
+
+def test_a_throttled_disk_served_in_place_sends_what_it_completed_and_asks_for_kicks_again(memory, image, clock, timers):
+    """The software CPU serves a disk's kick in the slice that made it (inline_kicks.py): requests
+    the limit holds back wait for the refill as ever, the completed ones are signalled when the
+    slice ends, and the queue asks for kicks again then."""
+    device, driver = make_disk(memory, image, clock, timers, RateLimit(ops=TokenBucketConfig(2, 1000)))
+    heads = submit_reads(driver, 3)
+    q = driver.queue(0)
+    assert device.serve_in_place(0)
+    assert [head for head, _ in q.take_used()] == heads[:2] and driver.interrupts.used == []
+    assert len(timers.armed()) == 1                      # the third waits for the refill
+    device.finish_in_place()                             # the slice's end
+    assert driver.interrupts.used == [0] and not device.queues[0].kicks_held
+    assert not device.queues[0].kicks_suppressed
+    q.set_used_event(2)                                  # the guest's handler saw both
+    clock.advance_ms(500)
+    timers.fire()
+    assert [head for head, _ in q.take_used()] == heads[2:] and driver.interrupts.used == [0, 0]
