@@ -20,6 +20,11 @@ from pyvmm.devices.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DE
 from pyvmm.devices.virtio.queue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 
 
+def needs_kick(avail_event: int, new: int, old: int) -> bool:
+    """The driver's side of EVENT_IDX (virtio 1.2, 2.7.10: vring_need_event)."""
+    return (new - avail_event - 1) & 0xFFFF < (new - old) & 0xFFFF
+
+
 class Interrupts:
     """A VirtioInterrupt that records what the device signalled."""
 

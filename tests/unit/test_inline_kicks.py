@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from helpers.virtio_driver import FakeDriver
+from helpers.virtio_driver import FakeDriver, needs_kick
 from pyvmm.devices.virtio.blk import VirtioBlock
 from pyvmm.devices.virtio.rng import VirtioRng
 from pyvmm.inline_kicks import BACKOFF_NS, SLOW_NS, InlineKicks
@@ -76,11 +76,6 @@ def disk(tmp_path):
 
 def read_sector(queue, sector: int) -> int:
     return queue.add([struct.pack("<IIQ", 0, 0, sector)], [512, 1])
-
-
-def needs_kick(avail_event: int, new: int, old: int) -> bool:
-    """The driver's side of EVENT_IDX (virtio 1.2, 2.7.10: vring_need_event)."""
-    return (new - avail_event - 1) & 0xFFFF < (new - old) & 0xFFFF
 
 
 def served(queue) -> int:

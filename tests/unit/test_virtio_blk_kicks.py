@@ -4,7 +4,7 @@ import struct
 
 import pytest
 
-from helpers.virtio_driver import FakeDriver
+from helpers.virtio_driver import FakeDriver, needs_kick
 from pyvmm.devices.virtio.blk import VirtioBlock
 from pyvmm.devices.virtio.device import VIRTIO_F_EVENT_IDX
 from pyvmm.memory import GuestMemory
@@ -13,11 +13,6 @@ from pyvmm.memory.guest_memory import RegionSpec
 
 def read_request(sector: int) -> tuple[list[bytes], list[int]]:
     return [struct.pack("<IIQ", 0, 0, sector)], [4096, 1]
-
-
-def needs_kick(avail_event: int, new: int, old: int) -> bool:
-    """The driver's side of EVENT_IDX (virtio 1.2, 2.7.10: vring_need_event)."""
-    return (new - avail_event - 1) & 0xFFFF < (new - old) & 0xFFFF
 
 
 @pytest.fixture
