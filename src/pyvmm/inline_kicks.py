@@ -42,11 +42,10 @@ class InlineKicks:
 
     def __init__(self, device, accel, iothread, clock: Callable[[], int] = time.monotonic_ns) -> None:
         self.device, self.accel, self.iothread, self.clock = device, accel, iothread, clock
-        self.inline = bool(device.quick_queues)
         self.backoff_until = 0  # clock(): kicks go to the I/O thread until then
 
     def __call__(self, queue_index: int) -> None:
-        if self.inline:
+        if self.device.quick_queues:
             start = self.clock()
             if start >= self.backoff_until and self.accel.serve_device_work(
                     functools.partial(self.device.serve_in_place, queue_index), self.device.finish_in_place):
