@@ -1,10 +1,12 @@
-"""Serve a disk's kick on the vCPU thread that made it, when that is quicker than handing it on.
+"""Serve a kick on the vCPU thread that made it, when that is quicker than handing it on.
 
 On the software CPU a 4 KiB request at queue depth 1 went: the kick handed to the I/O thread,
 the guest on into its idle loop and HLT, the slice ending, the scheduler asleep until the I/O
 thread's completion woke it: two thread hand-offs and wake-ups around work (a read from the
 host's page cache) of tens of microseconds. A device whose queue work is that short
-(`quick_queues`: virtio-blk) has its kick served where it was made (serve_in_place) when
+(`quick_queues`: virtio-blk; virtio-net, whose frames to send go to a back-end that never
+waits, and whose receiving stays on the I/O thread) has its kick served where it was made
+(serve_in_place) when
 
 - the accelerator can run it inside the running guest code (`serve_device_work`: the
   software CPU, in a slice);
@@ -21,7 +23,9 @@ slice at its HLT and gets the interrupt at once. Never from inside the guest's k
 completion raised there would be pending again before a busy device's handler ended, ahead
 of every interrupt of its priority class (the serial console once stalled for seconds).
 
-Everything else goes to the I/O thread as before (on KVM, kicks are ioeventfds it serves).
+A NIC's queues do not hold kicks back (only a disk's loop suppresses them): each frame the
+guest sends leaves at its kick, its completion interrupt waits for the slice's end. Everything
+else goes to the I/O thread as before (on KVM, kicks are ioeventfds it serves).
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ One device model, two wirings:
 - KVM: each queue's kick register is an ioeventfd, so a guest kick costs no exit to
   Python on the vCPU thread; the I/O thread wakes on the eventfd and serves the queue.
 - software CPU: the kick is an MMIO write that reaches the transport, which hands it to
-  the same I/O thread, so completions arrive asynchronously, as on KVM; a disk's kick is
-  served in place when that is quicker (inline_kicks.py).
+  the same I/O thread, so completions arrive asynchronously, as on KVM; a disk's or a NIC's
+  kick is served in place when that is quicker (inline_kicks.py).
 
 The device manager allocates each device's virtio-mmio slot (window and GSI) or PCI slot
 and records it in the device tree with the device and its transport. The guest learns about

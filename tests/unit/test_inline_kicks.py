@@ -1,9 +1,10 @@
 """Who serves a kick that reaches a virtio transport (inline_kicks.py): the thread that made it,
-for a disk whose work the accelerator can take in place, else the I/O thread; and what a disk
-served in place holds back until the guest's slice ends (its kicks and interrupts)."""
+for a disk or a NIC whose work the accelerator can take in place, else the I/O thread; and what
+a device served in place holds back until the guest's slice ends (its kicks and interrupts)."""
 
 from __future__ import annotations
 
+import socket
 import struct
 import threading
 
@@ -11,10 +12,12 @@ import pytest
 
 from helpers.virtio_driver import FakeDriver, needs_kick
 from pyvmm.devices.virtio.blk import VirtioBlock
+from pyvmm.devices.virtio.net import VirtioNet
 from pyvmm.devices.virtio.rng import VirtioRng
 from pyvmm.inline_kicks import BACKOFF_NS, SLOW_NS, InlineKicks
 from pyvmm.memory import GuestMemory
 from pyvmm.memory.guest_memory import RegionSpec
+from pyvmm.net.tap import FdBackend
 
 
 class Accel:
@@ -94,6 +97,26 @@ def test_a_disk_kick_is_served_where_it_was_made(disk):
     assert interrupts.used == []  # held until the slice ends
     accel.end_slice()
     assert interrupts.used == [0]
+
+
+def test_a_frame_to_send_leaves_at_the_kick_and_its_interrupt_waits_for_the_slice_end():
+    device_side, host_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    host_side.settimeout(5)
+    with device_side, host_side, GuestMemory.from_specs([RegionSpec(0, 8 << 20)]) as memory:
+        iothread = IoThread()
+        device = VirtioNet(FdBackend(device_side.fileno()), mac=bytes.fromhex("525400123456"), iothread=iothread,
+                           queue_size=16)
+        driver = FakeDriver(memory, device)
+        iothread.calls.clear()  # (activation asked the I/O thread to watch for received frames)
+        accel = Accel()
+        kicks = InlineKicks(device, accel, iothread)
+        frame = bytes(12) + b"\x02" * 60
+        head = driver.queue(1).add([frame], [])
+        kicks(1)
+        assert host_side.recv(256) == frame and iothread.calls == []
+        assert driver.queue(1).take_used() == [(head, 0)] and driver.interrupts.used == []
+        accel.end_slice()
+        assert driver.interrupts.used == [1] and device.stats()["tx_packets"] == 1
 
 
 def test_a_kick_the_accelerator_cannot_take_in_place_goes_to_the_io_thread(disk):

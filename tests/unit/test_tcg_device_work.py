@@ -16,7 +16,7 @@ pytest.importorskip("unicorn")
 import unicorn.x86_const as X  # noqa: E402
 
 from pyvmm.accel.exits import Hlt, Interrupted  # noqa: E402
-from pyvmm.accel.tcg.accelerator import DISK_KICKS_SETTING, TcgAccelerator  # noqa: E402
+from pyvmm.accel.tcg.accelerator import KICKS_SETTING, TcgAccelerator  # noqa: E402
 from pyvmm.accel.tcg.vcpu import TcgVcpu  # noqa: E402
 from pyvmm.arch.x86_64 import layout  # noqa: E402
 from pyvmm.arch.x86_64.boot_tables import long_mode_state  # noqa: E402
@@ -135,7 +135,7 @@ def test_no_work_is_served_off_the_vcpu_thread(machine):
 
 
 def test_the_setting_sends_every_kick_to_the_io_thread(monkeypatch, request):
-    monkeypatch.setenv(DISK_KICKS_SETTING, "io-thread")
+    monkeypatch.setenv(KICKS_SETTING, "io-thread")
     cpu, memory, device = request.getfixturevalue("machine")  # (built with the setting in place)
     assert _run(cpu, memory, _guest()) == (1, 1)
     assert device.served == [False]

@@ -68,9 +68,9 @@ INTERRUPTS_SETTING = "PYVMM_TCG_INTERRUPTS"
 # PYVMM_TCG_SYSCALLS=python: every SYSCALL through the Python hook (vcpu.syscall), not the
 # engine's machine code (native_syscall.py)
 SYSCALLS_SETTING = "PYVMM_TCG_SYSCALLS"
-# PYVMM_TCG_DISK_KICKS=io-thread: every kick to the I/O thread, none served in the slice that
-# made it (inline_kicks.py), to compare the two or to rule one out
-DISK_KICKS_SETTING = "PYVMM_TCG_DISK_KICKS"
+# PYVMM_TCG_KICKS=io-thread: every kick to the I/O thread, none served in the slice that made
+# it (inline_kicks.py), to compare the two or to rule one out
+KICKS_SETTING = "PYVMM_TCG_KICKS"
 
 
 class TcgAccelerator:
@@ -109,7 +109,7 @@ class TcgAccelerator:
         self._dma_pages: set[int] = set()
         # what serve_device_work() leaves for the slice's end (in order, each once) and whether it serves at all
         self._after_slice: dict[Callable[[], None], None] = {}
-        self._serves_kicks = os.environ.get(DISK_KICKS_SETTING, "") != "io-thread"
+        self._serves_kicks = os.environ.get(KICKS_SETTING, "") != "io-thread"
 
     # --- machine ---------------------------------------------------------------------------
 
@@ -143,7 +143,7 @@ class TcgAccelerator:
             self._dma_pages.update(range(first, last + 1))
 
     def serve_device_work(self, work: Callable[[], bool], after: Callable[[], None]) -> bool:
-        """In the running slice, on its vCPU's thread (not with PYVMM_TCG_DISK_KICKS=io-thread).
+        """In the running slice, on its vCPU's thread (not with PYVMM_TCG_KICKS=io-thread).
         The code translated from what the device wrote is dropped before the guest runs on;
         `after` runs when the slice ends, so what the guest does meanwhile (more requests, as
         at a deeper queue) is served with one interrupt, and a guest waiting for its request

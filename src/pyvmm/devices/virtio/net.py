@@ -8,6 +8,9 @@ num_buffers, which the TAP skips, is written by the device.
 TX: each chain's readable part (header + frame) is gathered into one writev. A back-end
 that cannot take a frame right now (EAGAIN; a TAP practically never does) makes the device
 drop it and count it in tx_dropped: retrying would need a writability watch on the I/O thread.
+That write never waits, so on the software CPU a transmit kick is served on the vCPU thread
+that made it (`quick_queues`, inline_kicks.py): the frame leaves at once, the transmit
+interrupt waits for the slice's end.
 
 RX: while the device is active the I/O thread watches the back-end fd. On readable, frames
 are read straight into the guest's buffers (readv, header included) until the back-end is
@@ -115,6 +118,9 @@ class _PartialFrame:
 class VirtioNet(VirtioDevice):
     device_id = VIRTIO_ID_NET
     name = "virtio-net"
+    # a frame written to a non-blocking back-end, or new receive buffers noted (the receiving
+    # stays on the I/O thread, where the back-end's readability is watched)
+    quick_queues = True
 
     def __init__(self, backend: NetBackend, *, mac: bytes, iothread: IoThread, queue_size: int = 256,
                  mtu: int | None = None, rx_rate_limit: RateLimit | None = None,
