@@ -173,6 +173,14 @@ def test_integer_accessors_are_little_endian(mem):
     assert mem.read(0x201, 1) == b"\0" and mem.read(0x212, 1) == b"\0"
 
 
+def test_unaligned_integer_reads_are_little_endian_too(mem):
+    """(An aligned read is one load from a word view; any other takes the bytes.)"""
+    mem.write(0x301, bytes(range(1, 10)))
+    assert mem.read_u16(0x301) == 0x0201 and mem.read_u16(0x302) == 0x0302
+    assert mem.read_u32(0x303) == 0x06050403
+    assert mem.read_u64(0x301) == 0x0807060504030201 and mem.read_u64(0x302) == 0x0908070605040302
+
+
 @pytest.mark.parametrize(
     "width, value",
     [(8, 0xFF), (16, 0xFFFF), (32, 0xFFFFFFFF), (64, 0xFFFFFFFFFFFFFFFF), (64, 0)],

@@ -226,6 +226,29 @@ def test_device_writes_are_reported_for_the_software_cpu(memory):
     assert [a for a, _ in seen] == [a for a, _ in q.writable[head]]
 
 
+def test_device_writes_of_adjacent_buffers_are_reported_once(memory):
+    """push_many() (a received frame's pieces) reports each run of adjacent buffers it wrote
+    once, and only the bytes written."""
+    seen = []
+    memory.on_device_write = lambda address, length: seen.append((address, length))
+    device, driver = rng_with_driver(memory)
+    q = driver.queue(0)
+    base = q.allocator.alloc(0x3000, 0x1000)
+    buffers = [(base, 0x1000), (base + 0x1000, 0x1000), (base + 0x2800, 0x800)]  # a gap before the third
+    heads = []
+    for address, length in buffers:
+        head = q.next_free
+        q.put_descriptor(head, address, length, VIRTQ_DESC_F_WRITE)
+        q.next_free += 1
+        q.publish(head)
+        heads.append(head)
+    queue = device.queues[0]
+    chains = [queue.pop() for _ in buffers]
+    queue.push_many([(chains[0], 0x1000), (chains[1], 0x1000), (chains[2], 0x100)])
+    assert seen == [(base, 0x2000), (base + 0x2800, 0x100)]
+    assert q.take_used() == [(heads[0], 0x1000), (heads[1], 0x1000), (heads[2], 0x100)]
+
+
 def test_a_request_returned_twice_or_after_a_reset_is_kept_from_the_driver(memory, caplog):
     """The driver would find its ring corrupt (Linux: "id N is not a head!"): the device's second
     return is logged and dropped, and the driver sees the request once."""

@@ -8,11 +8,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import mmap
+from typing import Final
 
 from . import ioctls, uapi
 from .errors import KvmError
 
-_KVM_RUN = ioctls.KVM_RUN
+_KVM_RUN: Final = ioctls.KVM_RUN
 # A second libc handle, without argtypes (ctypes' argument conversion costs ~0.2 us on every
 # exit) and without use_errno (ctypes' errno swap before and after the call costs ~0.25 us
 # more): errno is read only when KVM_RUN failed (_last_errno).
@@ -20,8 +21,8 @@ _libc = ctypes.CDLL(None)
 _run_ioctl = _libc.ioctl
 _errno_location = _libc.__errno_location
 _errno_location.restype = ctypes.POINTER(ctypes.c_int)
-RUN_INTERRUPTED = -1  # KVM_RUN returned EINTR/EAGAIN: a kick, nothing happened in the guest
-EXIT_REASONS_COUNTED = 64  # exit_counts' length: KVM's reasons are below it (the rest share a slot)
+RUN_INTERRUPTED: Final = -1  # KVM_RUN returned EINTR/EAGAIN: a kick, nothing happened in the guest
+EXIT_REASONS_COUNTED: Final = 64  # exit_counts' length: KVM's reasons are below it (the rest share a slot)
 
 
 def _last_errno() -> int:

@@ -9,10 +9,9 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import struct
 import sys
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Final
 
 from ..compiled import mypyc_attr
 from ..errors import UserError
@@ -20,8 +19,7 @@ from .address import GuestAddress
 from .backing import DEFAULT_BACKING, HUGETLB_PAGE, Backing, apply_advice
 
 
-_U16, _U32, _U64 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<Q")
-_LITTLE_ENDIAN = sys.byteorder == "little"  # the word views are native-endian; guest memory is little-endian
+_LITTLE_ENDIAN: Final = sys.byteorder == "little"  # the word views are native-endian; guest memory is little-endian
 _libc = ctypes.CDLL(None, use_errno=True)  # mincore(2): resident pages, for stats
 
 
@@ -236,13 +234,23 @@ class GuestMemory:
         return view[start]
 
     def read_u16(self, address: int) -> int:
-        return _U16.unpack_from(*self.locate(address, 2))[0]
+        return self._load(address, 2, 0)
 
     def read_u32(self, address: int) -> int:
-        return _U32.unpack_from(*self.locate(address, 4))[0]
+        return self._load(address, 4, 1)
 
     def read_u64(self, address: int) -> int:
-        return _U64.unpack_from(*self.locate(address, 8))[0]
+        return self._load(address, 8, 2)
+
+    def _load(self, address: int, size: int, kind: int) -> int:
+        # (as _store: an aligned value is one load from a word view, else bytes)
+        for base, end, view, words in self._spans:
+            if base <= address and address + size <= end:
+                offset = int(address) - base
+                if offset % size == 0 and _LITTLE_ENDIAN:
+                    return int(words[kind][offset // size])
+                return int.from_bytes(view[offset:offset + size], "little")
+        raise _outside(address, size)
 
     def write_u8(self, address: int, value: int) -> None:
         view, start = self.locate(address, 1)

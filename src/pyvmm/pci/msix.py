@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import struct
 import threading
-from typing import Callable
+from typing import Callable, Final
 
 from ..bus.interrupt import MsiVector
 from ..persist import require
@@ -25,22 +25,22 @@ from .msix_state import ENTRY_SIZE, MsixState
 
 log = logging.getLogger(__name__)
 
-MAX_VECTORS = 2048
-ENTRY_ADDRESS_LO = 0
-ENTRY_ADDRESS_HI = 4
-ENTRY_DATA = 8
-ENTRY_VECTOR_CONTROL = 12
-VECTOR_MASKED = 1 << 0
+MAX_VECTORS: Final = 2048
+ENTRY_ADDRESS_LO: Final = 0
+ENTRY_ADDRESS_HI: Final = 4
+ENTRY_DATA: Final = 8
+ENTRY_VECTOR_CONTROL: Final = 12
+VECTOR_MASKED: Final = 1 << 0
 
 # Message Control, at capability offset 2.
-CONTROL = 2
-CONTROL_TABLE_SIZE = 0x7FF
-CONTROL_FUNCTION_MASK = 1 << 14
-CONTROL_ENABLE = 1 << 15
-TABLE_OFFSET_BIR = 4
-PBA_OFFSET_BIR = 8
-BIR_MASK = 0x7
-CAPABILITY_SIZE = 12
+CONTROL: Final = 2
+CONTROL_TABLE_SIZE: Final = 0x7FF
+CONTROL_FUNCTION_MASK: Final = 1 << 14
+CONTROL_ENABLE: Final = 1 << 15
+TABLE_OFFSET_BIR: Final = 4
+PBA_OFFSET_BIR: Final = 8
+BIR_MASK: Final = 0x7
+CAPABILITY_SIZE: Final = 12
 
 
 MsiVectorFactory = Callable[[], MsiVector]

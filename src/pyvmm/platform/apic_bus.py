@@ -21,14 +21,14 @@ from __future__ import annotations
 import logging
 import threading
 from enum import IntEnum
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Final, Protocol
 
 if TYPE_CHECKING:
     from .lapic import LocalApic
 
 log = logging.getLogger(__name__)
 
-BROADCAST_ID = 0xFF
+BROADCAST_ID: Final = 0xFF
 
 
 class EoiListener(Protocol):

@@ -18,15 +18,15 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Final
 
 from ..persist import require
 from .clock_state import ClockState
 
 log = logging.getLogger(__name__)
 
-NS_PER_SECOND = 1_000_000_000
-DEFAULT_TSC_HZ = 1_000_000_000  # 1 GHz: TSC ticks are guest nanoseconds
+NS_PER_SECOND: Final = 1_000_000_000
+DEFAULT_TSC_HZ: Final = 1_000_000_000  # 1 GHz: TSC ticks are guest nanoseconds
 
 
 def tsc_from_ns(ns: int, tsc_hz: int) -> int:

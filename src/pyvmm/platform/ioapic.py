@@ -25,6 +25,7 @@ Threads: `set_irq` may be called from any thread; all methods take the APIC bus 
 from __future__ import annotations
 
 import logging
+from typing import Final
 
 from ..persist import require
 from .apic_bus import ApicBus, DeliveryMode
@@ -32,28 +33,28 @@ from .ioapic_state import IoApicState
 
 log = logging.getLogger(__name__)
 
-IOAPIC_BASE = 0xFEC00000
-IOAPIC_WINDOW = 0x1000
-IOAPIC_PINS = 24
-IOAPIC_VERSION = 0x11
-IOREGSEL = 0x00
-IOWIN = 0x10
+IOAPIC_BASE: Final = 0xFEC00000
+IOAPIC_WINDOW: Final = 0x1000
+IOAPIC_PINS: Final = 24
+IOAPIC_VERSION: Final = 0x11
+IOREGSEL: Final = 0x00
+IOWIN: Final = 0x10
 
-REG_ID = 0x00
-REG_VERSION = 0x01
-REG_ARBITRATION = 0x02
-REG_REDIRECTION = 0x10
+REG_ID: Final = 0x00
+REG_VERSION: Final = 0x01
+REG_ARBITRATION: Final = 0x02
+REG_REDIRECTION: Final = 0x10
 
-RTE_VECTOR = 0xFF
-RTE_LOGICAL = 1 << 11
-RTE_DELIVERY_STATUS = 1 << 12
-RTE_POLARITY_LOW = 1 << 13
-RTE_REMOTE_IRR = 1 << 14
-RTE_LEVEL = 1 << 15
-RTE_MASKED = 1 << 16
-RTE_WRITABLE_LOW = 0x0001AFFF  # all but delivery status and Remote IRR
-RTE_WRITABLE_HIGH = 0xFF000000
-RTE_RESET = RTE_MASKED
+RTE_VECTOR: Final = 0xFF
+RTE_LOGICAL: Final = 1 << 11
+RTE_DELIVERY_STATUS: Final = 1 << 12
+RTE_POLARITY_LOW: Final = 1 << 13
+RTE_REMOTE_IRR: Final = 1 << 14
+RTE_LEVEL: Final = 1 << 15
+RTE_MASKED: Final = 1 << 16
+RTE_WRITABLE_LOW: Final = 0x0001AFFF  # all but delivery status and Remote IRR
+RTE_WRITABLE_HIGH: Final = 0xFF000000
+RTE_RESET: Final = RTE_MASKED
 
 
 class IoApic:

@@ -10,14 +10,15 @@ Whichever controller the guest uses sees the line; the other one has it masked.
 from __future__ import annotations
 
 import logging
+from typing import Final
 
 from .ioapic import IoApic
 from .pic import CASCADE_IRQ, Pic8259Pair
 
 log = logging.getLogger(__name__)
 
-ISA_IRQS = 16
-IRQ0_GSI = 2  # MADT interrupt source override: ISA IRQ 0 -> GSI 2
+ISA_IRQS: Final = 16
+IRQ0_GSI: Final = 2  # MADT interrupt source override: ISA IRQ 0 -> GSI 2
 
 
 def isa_irq_to_gsi(irq: int) -> int:

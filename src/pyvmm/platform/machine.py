@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Callable
+from typing import Callable, Final
 
 from ..bus.bus import Bus
 from ..persist import require
@@ -24,9 +24,12 @@ from .pit import Pit8254
 
 log = logging.getLogger(__name__)
 
-PIT_PORT, PIT_SPEAKER_PORT = 0x40, 0x61
-PIC_MASTER_PORT, PIC_SLAVE_PORT, ELCR_PORT = 0x20, 0xA0, 0x4D0
-IOAPIC_WINDOW = 0x1000
+PIT_PORT: Final = 0x40
+PIT_SPEAKER_PORT: Final = 0x61
+PIC_MASTER_PORT: Final = 0x20
+PIC_SLAVE_PORT: Final = 0xA0
+ELCR_PORT: Final = 0x4D0
+IOAPIC_WINDOW: Final = 0x1000
 
 
 def initialize_pic_like_firmware(pic: Pic8259Pair) -> None:

@@ -15,15 +15,16 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from typing import Final
 
 from .apic_bus import ApicBus
 
 log = logging.getLogger(__name__)
 
-MSI_ADDRESS_WINDOW = 0xFEE00000
-MSI_ADDRESS_WINDOW_MASK = 0xFFF00000
-MSI_ADDRESS_LOGICAL = 1 << 2
-MSI_DATA_LEVEL_TRIGGERED = 1 << 15
+MSI_ADDRESS_WINDOW: Final = 0xFEE00000
+MSI_ADDRESS_WINDOW_MASK: Final = 0xFFF00000
+MSI_ADDRESS_LOGICAL: Final = 1 << 2
+MSI_DATA_LEVEL_TRIGGERED: Final = 1 << 15
 
 
 @dataclass(frozen=True)

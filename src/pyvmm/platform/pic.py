@@ -26,30 +26,30 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable
+from typing import Callable, Final
 
 from ..persist import require
 from .pic_state import INIT_ICW2, INIT_ICW3, INIT_ICW4, INIT_READY, PicChipState, PicPairState
 
 log = logging.getLogger(__name__)
 
-CASCADE_IRQ = 2
-MASTER_ELCR_MASK = 0xF8  # IRQ 0, 1, 2 are always edge-triggered on the PIIX
-SLAVE_ELCR_MASK = 0xDE   # IRQ 8 (RTC) and 13 (FPU) likewise
+CASCADE_IRQ: Final = 2
+MASTER_ELCR_MASK: Final = 0xF8  # IRQ 0, 1, 2 are always edge-triggered on the PIIX
+SLAVE_ELCR_MASK: Final = 0xDE   # IRQ 8 (RTC) and 13 (FPU) likewise
 
-ICW1 = 0x10
-ICW1_IC4 = 0x01
-ICW1_SNGL = 0x02
-ICW1_LTIM = 0x08
-ICW4_UPM = 0x01
-ICW4_AEOI = 0x02
-ICW4_SFNM = 0x10
-OCW3 = 0x08
-OCW3_POLL = 0x04
-OCW3_READ_REGISTER = 0x02
-OCW3_READ_ISR = 0x01
-OCW3_SPECIAL_MASK = 0x40
-OCW3_SET_SPECIAL_MASK = 0x20
+ICW1: Final = 0x10
+ICW1_IC4: Final = 0x01
+ICW1_SNGL: Final = 0x02
+ICW1_LTIM: Final = 0x08
+ICW4_UPM: Final = 0x01
+ICW4_AEOI: Final = 0x02
+ICW4_SFNM: Final = 0x10
+OCW3: Final = 0x08
+OCW3_POLL: Final = 0x04
+OCW3_READ_REGISTER: Final = 0x02
+OCW3_READ_ISR: Final = 0x01
+OCW3_SPECIAL_MASK: Final = 0x40
+OCW3_SET_SPECIAL_MASK: Final = 0x20
 
 
 def _priority_order(priority_base: int):

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Final
 
 from ..bus.interrupt import IrqLine
 from ..persist import require
@@ -38,13 +38,13 @@ from .pit_state import (
 
 log = logging.getLogger(__name__)
 
-PIT_HZ = 1_193_182
-NS_PER_SECOND = 1_000_000_000
-PORT_COUNT = 4
-CONTROL_PORT = 3
-REFRESH_TOGGLE_NS = 15_085  # port 0x61 bit 4 toggles every ~15 us (DRAM refresh request)
+PIT_HZ: Final = 1_193_182
+NS_PER_SECOND: Final = 1_000_000_000
+PORT_COUNT: Final = 4
+CONTROL_PORT: Final = 3
+REFRESH_TOGGLE_NS: Final = 15_085  # port 0x61 bit 4 toggles every ~15 us (DRAM refresh request)
 
-READ_BACK = 3  # channel field value selecting the read-back command
+READ_BACK: Final = 3  # channel field value selecting the read-back command
 
 
 def _ticks(ns: int) -> int:

@@ -10,20 +10,23 @@ from __future__ import annotations
 
 import mmap
 import struct
+from typing import Final
 
 from ...bus import Bus
 from ...kvm import uapi
 from ...kvm.run import KvmRun
 
-EXIT_IO, EXIT_MMIO, IO_OUT = uapi.KVM_EXIT_IO, uapi.KVM_EXIT_MMIO, uapi.KVM_EXIT_IO_OUT
+EXIT_IO: Final = uapi.KVM_EXIT_IO
+EXIT_MMIO: Final = uapi.KVM_EXIT_MMIO
+IO_OUT: Final = uapi.KVM_EXIT_IO_OUT
 # kvm_run's exit union, read with one unpack per exit (a ctypes field read costs about as much
 # as the whole unpack): io is direction, size, port, count, data_offset; mmio is phys_addr,
 # data[8], len, is_write.
-EXIT_FIELDS = uapi.kvm_run.exit.offset
-IO_FIELDS = struct.Struct("<BBHIQ")
-MMIO_FIELDS = struct.Struct("<Q8sIB")
-MMIO_DATA_SIZE = 8
-MMIO_DATA = EXIT_FIELDS + uapi.kvm_run_mmio.data.offset  # where a read's answer goes
+EXIT_FIELDS: Final = uapi.kvm_run.exit.offset
+IO_FIELDS: Final = struct.Struct("<BBHIQ")
+MMIO_FIELDS: Final = struct.Struct("<Q8sIB")
+MMIO_DATA_SIZE: Final = 8
+MMIO_DATA: Final = EXIT_FIELDS + uapi.kvm_run_mmio.data.offset  # where a read's answer goes
 
 
 def serve_io_exits(run: KvmRun, page: mmap.mmap, pio: Bus, mmio: Bus) -> int:

@@ -34,7 +34,7 @@ import logging
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Final
 
 from ...bus.interrupt import IrqLine
 from ..rate_limiter import TimerHandle, Timers
@@ -49,11 +49,11 @@ from .uart16550_state import UartState
 
 log = logging.getLogger(__name__)
 
-RX_FIFO_CAPACITY = 64
-TX_FIFO_SIZE = 16  # a 16550A's transmit FIFO: the bytes the drain timer allows time for
-BITS_PER_CHARACTER = 10  # start, 8 data, stop: the drain timer's estimate (LCR's framing ignored)
-DEFAULT_DIVISOR = 12  # 9600 baud: meaningless for a virtual line, kept for guests that read it back
-BAUD_BASE = 115200
+RX_FIFO_CAPACITY: Final = 64
+TX_FIFO_SIZE: Final = 16  # a 16550A's transmit FIFO: the bytes the drain timer allows time for
+BITS_PER_CHARACTER: Final = 10  # start, 8 data, stop: the drain timer's estimate (LCR's framing ignored)
+DEFAULT_DIVISOR: Final = 12  # 9600 baud: meaningless for a virtual line, kept for guests that read it back
+BAUD_BASE: Final = 115200
 
 
 @dataclass

@@ -357,7 +357,11 @@ class VirtioNet(VirtioDevice):
                     chain = popped
                 if count and len(views) + len(chain.writable) > MAX_SEGMENTS:
                     break
-                views += buffer_views(memory, chain.writable)
+                writable = chain.writable
+                if len(writable) == 1:  # (Linux's receive buffers: one page fragment each)
+                    views.append(memory.view(*writable[0]))
+                else:
+                    views += buffer_views(memory, writable)
                 covered += chain.writable_length
                 count += 1
             self._rx_viewed, self._rx_viewed_bytes = count, covered

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import struct
 from collections import deque
+from typing import Final
 
 from ...errors import PyvmmError
 from ...memory import GuestMemory
@@ -30,16 +31,16 @@ from .queue_state import MAX_QUEUE_SIZE, SplitQueueState
 
 log = logging.getLogger(__name__)
 
-VIRTQ_DESC_F_NEXT = 1
-VIRTQ_DESC_F_WRITE = 2
-VIRTQ_DESC_F_INDIRECT = 4
-VIRTQ_AVAIL_F_NO_INTERRUPT = 1
-VIRTQ_USED_F_NO_NOTIFY = 1
+VIRTQ_DESC_F_NEXT: Final = 1
+VIRTQ_DESC_F_WRITE: Final = 2
+VIRTQ_DESC_F_INDIRECT: Final = 4
+VIRTQ_AVAIL_F_NO_INTERRUPT: Final = 1
+VIRTQ_USED_F_NO_NOTIFY: Final = 1
 
-DESC_SIZE = 16
-MAX_CHAIN_BYTES = 1 << 32  # a chain's total length must fit the used ring's 32-bit length
+DESC_SIZE: Final = 16
+MAX_CHAIN_BYTES: Final = 1 << 32  # a chain's total length must fit the used ring's 32-bit length
 
-_DESC = struct.Struct("<QIHH")
+_DESC: Final = struct.Struct("<QIHH")
 
 
 class VirtqueueBroken(PyvmmError):
@@ -50,7 +51,7 @@ class ChainError(PyvmmError):
     """One descriptor chain is malformed: fail that request only."""
 
 
-_NOT_HELD = object()
+_NOT_HELD: Final = object()
 
 
 class DescriptorChain:
@@ -325,20 +326,33 @@ class SplitQueue:
         """Return a request to the driver with `written` bytes stored in its writable buffers.
         One the device does not hold (returned already, or taken before a reset) is a device
         bug: it is logged and not returned, since the driver would find its ring corrupt."""
-        if self._place_used(chain, written):
+        writes: list[list[int]] = []
+        if self._place_used(chain, written, writes):
+            self._note_writes(writes)
             self._publish_used()
 
     def push_many(self, completions: list[tuple[DescriptorChain, int]]) -> None:
         """push() each (chain, written), in order, with one used-index store for all of them
         (a merged receive buffer's pieces: the driver sees them together, as num_buffers says)."""
         placed = False
+        writes: list[list[int]] = []
         for chain, written in completions:
-            placed = self._place_used(chain, written) or placed
+            placed = self._place_used(chain, written, writes) or placed
         if placed:
+            self._note_writes(writes)
             self._publish_used()
 
-    def _place_used(self, chain: DescriptorChain, written: int) -> bool:
-        """Write the used element for `chain` at the used index, which moves on (not yet published)."""
+    def _note_writes(self, writes: list[list[int]]) -> None:
+        """Tell guest memory's watcher (the software CPU's code invalidation, dirty logging) what
+        the device wrote: once per run of adjacent buffers (a received frame's pieces often are)."""
+        note = self.memory.on_device_write
+        if note is not None:
+            for start, end in writes:
+                note(start, end - start)
+
+    def _place_used(self, chain: DescriptorChain, written: int, writes: list[list[int]]) -> bool:
+        """Write the used element for `chain` at the used index, which moves on (not yet published);
+        the buffers it wrote join `writes` ([start, end) runs)."""
         if self._in_flight.pop(chain.head, _NOT_HELD) is _NOT_HELD:
             self.stray_completions += 1
             if self.stray_completions == 1 or log.isEnabledFor(logging.DEBUG):
@@ -347,13 +361,16 @@ class SplitQueue:
             return False
         written = min(written, chain.writable_length)
         memory = self.memory
-        if written and memory.on_device_write is not None:
-            remaining = written
-            for address, length in chain.writable:
-                memory.on_device_write(address, min(length, remaining))
-                remaining -= length
-                if remaining <= 0:
-                    break
+        remaining = written
+        for address, length in chain.writable:
+            if remaining <= 0:
+                break
+            end = address + min(length, remaining)
+            if writes and writes[-1][1] == address:
+                writes[-1][1] = end
+            else:
+                writes.append([address, end])
+            remaining -= length
         element = self.used_ring + 4 + 8 * (self.used_idx % self.size)
         memory.write_u32(element, chain.head)  # (one store each, never zeroed first: GuestMemory._store)
         memory.write_u32(element + 4, written)
