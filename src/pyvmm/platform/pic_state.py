@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 from ..persist import State
 
 # A chip's initialization sequence: ready, or waiting for ICW2, ICW3 or ICW4 (PicChipState.init_state).
-INIT_READY, INIT_ICW2, INIT_ICW3, INIT_ICW4 = 0, 1, 2, 3
+INIT_READY: Final = 0
+INIT_ICW2: Final = 1
+INIT_ICW3: Final = 2
+INIT_ICW4: Final = 3
 
 
 @dataclass(frozen=True)

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 from ..persist import State
 
 # A counter's access mode (control word bits 5:4), as a saved counter holds it.
-ACCESS_LATCH, ACCESS_LSB, ACCESS_MSB, ACCESS_LOHI = 0, 1, 2, 3
+ACCESS_LATCH: Final = 0
+ACCESS_LSB: Final = 1
+ACCESS_MSB: Final = 2
+ACCESS_LOHI: Final = 3
 
 # Port 0x61 (system control port B): what the PIT's state keeps of it.
-PORT61_GATE2 = 0x01
-PORT61_SPEAKER_DATA = 0x02
-PORT61_WRITABLE = 0x0F  # gate, speaker, parity/channel-check enables (stored, no effect)
-PORT61_REFRESH = 0x10
-PORT61_OUT2 = 0x20
+PORT61_GATE2: Final = 0x01
+PORT61_SPEAKER_DATA: Final = 0x02
+PORT61_WRITABLE: Final = 0x0F  # gate, speaker, parity/channel-check enables (stored, no effect)
+PORT61_REFRESH: Final = 0x10
+PORT61_OUT2: Final = 0x20
 
 
 @dataclass(frozen=True)

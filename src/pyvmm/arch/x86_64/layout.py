@@ -24,6 +24,7 @@ hotplug, 0x640-0x64F CPU hotplug, 0xCF8-0xCFF PCI conf1; with --test-devices 0xE
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 from ...memory.guest_memory import RegionSpec
 
@@ -60,7 +61,7 @@ VIRTIO_MMIO_GSIS = (5, 6, 7, 9, 10, 11, 12, 13, 14, 15)
 VIRTIO_MMIO_SLOT_TABLE = tuple((VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_STRIDE, VIRTIO_MMIO_GSIS[i])
                                for i in range(VIRTIO_MMIO_SLOTS))
 IOAPIC_BASE = 0xFEC00000
-LAPIC_BASE = 0xFEE00000
+LAPIC_BASE: Final = 0xFEE00000
 KVM_IDENTITY_MAP = 0xFFFBC000  # one page KVM needs on Intel hosts (real-mode emulation)
 KVM_TSS = 0xFFFBD000           # three pages KVM needs for the TSS of real-mode emulation
 

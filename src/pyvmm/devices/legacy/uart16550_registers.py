@@ -1,58 +1,60 @@
 """The 16550A's registers: offsets from the base and their bits."""
 
-REGISTER_COUNT = 8
+from typing import Final
+
+REGISTER_COUNT: Final = 8
 
 # Register offsets.
-RBR_THR = 0
-IER = 1
-IIR_FCR = 2
-LCR = 3
-MCR = 4
-LSR = 5
-MSR = 6
-SCR = 7
-DLL = 0  # while LCR.DLAB
-DLM = 1
+RBR_THR: Final = 0
+IER: Final = 1
+IIR_FCR: Final = 2
+LCR: Final = 3
+MCR: Final = 4
+LSR: Final = 5
+MSR: Final = 6
+SCR: Final = 7
+DLL: Final = 0  # while LCR.DLAB
+DLM: Final = 1
 
-IER_RDI = 0x01    # receive data available
-IER_THRI = 0x02   # transmitter holding register empty
-IER_RLSI = 0x04   # receiver line status (accepted, never raised)
-IER_MSI = 0x08    # modem status change
-IER_MASK = 0x0F
+IER_RDI: Final = 0x01    # receive data available
+IER_THRI: Final = 0x02   # transmitter holding register empty
+IER_RLSI: Final = 0x04   # receiver line status (accepted, never raised)
+IER_MSI: Final = 0x08    # modem status change
+IER_MASK: Final = 0x0F
 
-IIR_NO_INT = 0x01
-IIR_MSI = 0x00
-IIR_THRI = 0x02
-IIR_RDI = 0x04
-IIR_FIFO_ENABLED = 0xC0
+IIR_NO_INT: Final = 0x01
+IIR_MSI: Final = 0x00
+IIR_THRI: Final = 0x02
+IIR_RDI: Final = 0x04
+IIR_FIFO_ENABLED: Final = 0xC0
 
-FCR_ENABLE_FIFO = 0x01
-FCR_CLEAR_RCVR = 0x02
-FCR_CLEAR_XMIT = 0x04
-FCR_STORED_BITS = 0xC9  # enable, DMA mode, trigger level; the clear bits self-reset
+FCR_ENABLE_FIFO: Final = 0x01
+FCR_CLEAR_RCVR: Final = 0x02
+FCR_CLEAR_XMIT: Final = 0x04
+FCR_STORED_BITS: Final = 0xC9  # enable, DMA mode, trigger level; the clear bits self-reset
 
-LCR_DLAB = 0x80
+LCR_DLAB: Final = 0x80
 
-MCR_DTR = 0x01
-MCR_RTS = 0x02
-MCR_OUT1 = 0x04
-MCR_OUT2 = 0x08
-MCR_LOOP = 0x10
-MCR_MASK = 0x1F
+MCR_DTR: Final = 0x01
+MCR_RTS: Final = 0x02
+MCR_OUT1: Final = 0x04
+MCR_OUT2: Final = 0x08
+MCR_LOOP: Final = 0x10
+MCR_MASK: Final = 0x1F
 
-LSR_DR = 0x01
-LSR_OE = 0x02
-LSR_THRE = 0x20
-LSR_TEMT = 0x40
+LSR_DR: Final = 0x01
+LSR_OE: Final = 0x02
+LSR_THRE: Final = 0x20
+LSR_TEMT: Final = 0x40
 
-MSR_DCTS = 0x01
-MSR_DDSR = 0x02
-MSR_TERI = 0x04
-MSR_DDCD = 0x08
-MSR_CTS = 0x10
-MSR_DSR = 0x20
-MSR_RI = 0x40
-MSR_DCD = 0x80
-MSR_DELTA_MASK = 0x0F
+MSR_DCTS: Final = 0x01
+MSR_DDSR: Final = 0x02
+MSR_TERI: Final = 0x04
+MSR_DDCD: Final = 0x08
+MSR_CTS: Final = 0x10
+MSR_DSR: Final = 0x20
+MSR_RI: Final = 0x40
+MSR_DCD: Final = 0x80
+MSR_DELTA_MASK: Final = 0x0F
 # Outside loopback a terminal is always attached and ready; RI is never rung.
-MSR_LINES_CONNECTED = MSR_DCD | MSR_DSR | MSR_CTS
+MSR_LINES_CONNECTED: Final = MSR_DCD | MSR_DSR | MSR_CTS
