@@ -25,7 +25,9 @@ builds a broken class); no `del` of an attribute; the annotations are checked at
 a fake passed to a compiled function must be of the annotated class, or the parameter a
 Protocol; instances' methods cannot be replaced (a test subclasses a class marked
 `mypyc_attr(allow_interpreted_subclasses=True)` instead); an attribute named `_thread` becomes
-the C keyword `__thread`.
+the C keyword `__thread`. And for speed: a module constant they use, theirs or imported from a
+plain module, is `Final` (inlined, or a C static), else each use is a lookup in the module's
+globals by name (that made a virtqueue pop twice as slow).
 """
 
 from __future__ import annotations

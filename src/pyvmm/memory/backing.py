@@ -17,10 +17,11 @@ from __future__ import annotations
 import mmap
 import os
 from dataclasses import dataclass
+from typing import Final
 
 from ..errors import ConfigError
 
-HUGETLB_PAGE = 2 << 20
+HUGETLB_PAGE: Final = 2 << 20
 HUGETLB_POOL = "/sys/kernel/mm/hugepages/hugepages-2048kB"
 THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 KSM_DIR = "/sys/kernel/mm/ksm"
@@ -46,7 +47,7 @@ class Backing:
         return self.thp or self.mergeable
 
 
-DEFAULT_BACKING = Backing()
+DEFAULT_BACKING: Final = Backing()
 
 
 def apply_advice(mapping: mmap.mmap, backing: Backing) -> None:

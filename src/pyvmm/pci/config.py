@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
+from typing import Final
 
 from ..errors import PyvmmError
 from ..persist import State, require
@@ -69,7 +70,7 @@ IO_BAR_MAX = 256             # PCI 3.0, 6.2.5.1: an I/O BAR may not claim more t
 MEM_BAR_MIN = 16
 
 CAP_ID_VENDOR = 0x09
-CAP_ID_MSIX = 0x11
+CAP_ID_MSIX: Final = 0x11
 
 INTERRUPT_PIN_NONE, INTA, INTB, INTC, INTD = 0, 1, 2, 3, 4
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 from ..persist import State
 
-ENTRY_SIZE = 16  # bytes per MSI-X table entry: address low, high, data, vector control
+ENTRY_SIZE: Final = 16  # bytes per MSI-X table entry: address low, high, data, vector control
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 from ..persist import State
 from .lapic_registers import ICR_LOW_WRITABLE, LVT_WRITABLE, SVR_WRITABLE
@@ -65,6 +66,6 @@ class LapicState(State):
 
 
 # The registers saved under their own names (LapicPersist saves each from `_<name>`).
-SAVED_REGISTERS = ("tpr", "ldr", "dfr", "svr", "isr", "irr", "tmr", "esr", "esr_pending", "icr_low", "icr_high",
+SAVED_REGISTERS: Final = ("tpr", "ldr", "dfr", "svr", "isr", "irr", "tmr", "esr", "esr_pending", "icr_low", "icr_high",
               "timer_initial", "timer_divide", "timer_start_ns", "timer_next_ns", "tsc_deadline",
               "extint_requested", "nmi_pending")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 from ...persist import State
 
-MAX_QUEUE_SIZE = 32768  # the largest split queue (virtio 1.2, 2.7)
+MAX_QUEUE_SIZE: Final = 32768  # the largest split queue (virtio 1.2, 2.7)
 
 
 @dataclass(frozen=True)
