@@ -23,9 +23,7 @@ slice at its HLT and gets the interrupt at once. Never from inside the guest's k
 completion raised there would be pending again before a busy device's handler ended, ahead
 of every interrupt of its priority class (the serial console once stalled for seconds).
 
-A NIC's queues do not hold kicks back (only a disk's loop suppresses them): each frame the
-guest sends leaves at its kick, its completion interrupt waits for the slice's end. Everything
-else goes to the I/O thread as before (on KVM, kicks are ioeventfds it serves).
+Everything else goes to the I/O thread as before (on KVM, kicks are ioeventfds it serves).
 """
 
 from __future__ import annotations

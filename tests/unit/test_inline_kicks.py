@@ -4,6 +4,7 @@ a device served in place holds back until the guest's slice ends (its kicks and 
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
 import threading
@@ -99,7 +100,11 @@ def test_a_disk_kick_is_served_where_it_was_made(disk):
     assert interrupts.used == [0]
 
 
-def test_a_frame_to_send_leaves_at_the_kick_and_its_interrupt_waits_for_the_slice_end():
+def host_readable(sock) -> bool:
+    return bool(select.select([sock], [], [], 0.05)[0])
+
+
+def test_a_frame_to_send_leaves_at_the_kick_and_the_rest_of_the_slices_at_its_end():
     device_side, host_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     host_side.settimeout(5)
     with device_side, host_side, GuestMemory.from_specs([RegionSpec(0, 8 << 20)]) as memory:
@@ -110,13 +115,22 @@ def test_a_frame_to_send_leaves_at_the_kick_and_its_interrupt_waits_for_the_slic
         iothread.calls.clear()  # (activation asked the I/O thread to watch for received frames)
         accel = Accel()
         kicks = InlineKicks(device, accel, iothread)
-        frame = bytes(12) + b"\x02" * 60
-        head = driver.queue(1).add([frame], [])
+        tx = driver.queue(1)
+        frame, later = bytes(12) + b"\x02" * 60, bytes(12) + b"\x03" * 60
+        head = tx.add([frame], [])
         kicks(1)
         assert host_side.recv(256) == frame and iothread.calls == []
-        assert driver.queue(1).take_used() == [(head, 0)] and driver.interrupts.used == []
+        assert tx.take_used() == [(head, 0)] and driver.interrupts.used == []
+        old = tx.avail_idx
+        tx.add([later], [])  # later in the same slice: no kick asked for, it waits for the slice's end
+        assert not needs_kick(tx.avail_event(), tx.avail_idx, old)
+        assert not host_readable(host_side)
         accel.end_slice()
-        assert driver.interrupts.used == [1] and device.stats()["tx_packets"] == 1
+        assert host_side.recv(256) == later and driver.interrupts.used == [1]
+        assert len(tx.take_used()) == 1 and device.stats()["tx_packets"] == 2
+        old = tx.avail_idx
+        tx.add([frame], [])
+        assert needs_kick(tx.avail_event(), tx.avail_idx, old)  # asked for again
 
 
 def test_a_kick_the_accelerator_cannot_take_in_place_goes_to_the_io_thread(disk):

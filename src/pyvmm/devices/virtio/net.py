@@ -9,8 +9,8 @@ TX: each chain's readable part (header + frame) is gathered into one writev. A b
 that cannot take a frame right now (EAGAIN; a TAP practically never does) makes the device
 drop it and count it in tx_dropped: retrying would need a writability watch on the I/O thread.
 That write never waits, so on the software CPU a transmit kick is served on the vCPU thread
-that made it (`quick_queues`, inline_kicks.py): the frame leaves at once, the transmit
-interrupt waits for the slice's end.
+that made it (`quick_queues`, inline_kicks.py): the frames there leave at once, those the guest
+adds later in its slice (no kick asked for) and the transmit interrupt at the slice's end.
 
 RX: while the device is active the I/O thread watches the back-end fd. On readable, frames
 are read straight into the guest's buffers (readv, header included) until the back-end is
@@ -46,7 +46,7 @@ from ...memory.guest_memory import GuestMemory, GuestMemoryError
 from ...persist import State, require
 from ..rate_limiter import Clock, RateLimit, RateLimiterState, Timers
 from .device import VIRTIO_ID_NET, VirtioDevice, VirtioDeviceState, VirtioInterrupt
-from .queue import DescriptorChain, VirtqueueBroken, buffer_views, write_buffers
+from .queue import DescriptorChain, SplitQueue, VirtqueueBroken, buffer_views, write_buffers
 from .throttle import Throttle
 
 log = logging.getLogger(__name__)
@@ -274,6 +274,24 @@ class VirtioNet(VirtioDevice):
 
     def _transmit(self) -> None:
         queue = self.queues[TX_QUEUE]
+        # Frames the guest adds while this runs come without a kick; served in place, until the
+        # slice ends (kicks held): then they leave together, as when the I/O thread took a batch.
+        # (Served in place with a kick per frame, busybox nc's 1 KiB writes took 3x the
+        # interrupts per KiB and ran at a third of the speed in 2 of 3 A/B pairs.)
+        queue.suppress_kicks()
+        try:
+            while not self.tx_throttle.blocked:
+                self._send_available(queue)
+                self.signal_used(TX_QUEUE)
+                queue.allow_kicks()
+                if self.tx_throttle.blocked or not queue.has_available():
+                    return
+                queue.suppress_kicks()
+        finally:
+            if queue.kicks_suppressed:  # throttled, or the ring broke
+                queue.allow_kicks()
+
+    def _send_available(self, queue: SplitQueue) -> None:
         while not self.tx_throttle.blocked and (chain := queue.pop()) is not None:
             length = chain.readable_length
             valid = self.link_up and NET_HDR_SIZE <= length <= NET_HDR_SIZE + MAX_FRAME \
@@ -293,7 +311,6 @@ class VirtioNet(VirtioDevice):
                     self.counters["tx_dropped"] += 1
                     log.debug("%s: TX frame dropped: %s", self.name, exc.strerror)
             queue.push(chain, 0)
-        self.signal_used(TX_QUEUE)
 
     def _resume_rx(self) -> None:
         """The RX refill timer fired (device lock held): take frames again."""
