@@ -104,7 +104,7 @@ def host_readable(sock) -> bool:
     return bool(select.select([sock], [], [], 0.05)[0])
 
 
-def test_a_frame_to_send_leaves_at_the_kick_and_the_rest_of_the_slices_at_its_end():
+def test_a_frame_to_send_leaves_at_the_kick_and_later_ones_at_the_slice_end():
     device_side, host_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     host_side.settimeout(5)
     with device_side, host_side, GuestMemory.from_specs([RegionSpec(0, 8 << 20)]) as memory:
