@@ -23,6 +23,7 @@ refill timer fires (throttle.py). Reads and writes cost their data bytes, every 
 from __future__ import annotations
 
 import errno
+import functools
 import fcntl
 import logging
 import os
@@ -190,28 +191,22 @@ class VirtioBlock(VirtioDevice):
     # --- requests ------------------------------------------------------------------------------------------
 
     def process_queue(self, queue_index: int) -> None:
-        queue = self.queues[queue_index]
+        # requests added while this runs are taken without a kick
+        self.serve_without_kicks(queue_index, functools.partial(self._serve_batch, self.queues[queue_index]),
+                                 lambda: self.throttle.blocked)
+
+    def _serve_batch(self, queue: SplitQueue) -> bool:
+        """Execute up to a queue's worth of requests; whether that took all there was."""
         throttle = self.throttle
-        queue.suppress_kicks()  # requests added while this loop runs are taken without a kick
-        try:
-            while not throttle.blocked:
-                batch: list[tuple[DescriptorChain, int | None, bool]] = []
-                while len(batch) < queue.size and (chain := queue.pop()) is not None:
-                    header = self._header(chain)
-                    if not throttle.admit(*self._cost(chain, header)):
-                        queue.undo_pop(chain)  # served when the refill timer fires
-                        break
-                    batch.append((chain, *self._execute(chain, header)))
-                self._complete(queue, batch)
-                self.signal_used(queue_index)
-                if len(batch) < queue.size:
-                    queue.allow_kicks()
-                    if throttle.blocked or not queue.has_available():
-                        return
-                    queue.suppress_kicks()
-        finally:
-            if queue.kicks_suppressed:  # throttled, or the ring broke
-                queue.allow_kicks()
+        batch: list[tuple[DescriptorChain, int | None, bool]] = []
+        while len(batch) < queue.size and (chain := queue.pop()) is not None:
+            header = self._header(chain)
+            if not throttle.admit(*self._cost(chain, header)):
+                queue.undo_pop(chain)  # served when the refill timer fires
+                break
+            batch.append((chain, *self._execute(chain, header)))
+        self._complete(queue, batch)
+        return len(batch) < queue.size
 
     def _header(self, chain: DescriptorChain) -> tuple[int, int] | None:
         """(type, sector) from the request's 16-byte header, read once; None when it is shorter."""

@@ -27,7 +27,7 @@ import contextlib
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 from ...memory.guest_memory import GuestMemory, GuestMemoryError
 from ...persist import State, require
@@ -212,6 +212,27 @@ class VirtioDevice:
                 self.notify(queue_index)       # asks for kicks again as it ends
                 if self.queue_usable(queue_index):
                     self.signal_used(queue_index)  # (a throttled queue serves nothing now)
+
+    def serve_without_kicks(self, queue_index: int, serve: Callable[[], bool], blocked: Callable[[], bool]) -> None:
+        """Serve a queue with the driver's kicks suppressed while it runs (lock held): serve()
+        takes a batch and says whether it took all there was; the used buffers are signalled
+        after each. Once a batch took all, kicks are asked for again and what the driver added
+        meanwhile, without a kick, is served before returning. Kicks held by serve_in_place stay
+        suppressed until finish_in_place. `blocked`: a rate limit that stops serving for now."""
+        queue = self.queues[queue_index]
+        queue.suppress_kicks()
+        try:
+            while not blocked():
+                drained = serve()
+                self.signal_used(queue_index)
+                if drained:
+                    queue.allow_kicks()
+                    if blocked() or not queue.has_available():
+                        return
+                    queue.suppress_kicks()
+        finally:
+            if queue.kicks_suppressed:  # throttled, or the ring broke
+                queue.allow_kicks()
 
     @contextlib.contextmanager
     def host_work(self):
