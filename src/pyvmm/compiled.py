@@ -76,6 +76,10 @@ MODULES = (
     "pyvmm.platform.pic",
     "pyvmm.platform.pit",
 )
+# Built with the group from C sources of the same name (.c), loaded with it, all or none:
+# the software CPU's port-I/O and MMIO hooks (accel/tcg/hook_trampolines.c), which call the
+# group's guest_io.py. Optional to their users: without a usable build they do not import.
+C_MODULES = ("pyvmm.accel.tcg.hook_trampolines",)
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 # The directory holding pyvmm/. (The imports the checks need are made when they run: `import
@@ -92,7 +96,7 @@ def build_directory() -> pathlib.Path:
 def source_path(module: str) -> pathlib.Path:
     import pathlib
 
-    return pathlib.Path(PACKAGE_ROOT, *module.split(".")).with_suffix(".py")
+    return pathlib.Path(PACKAGE_ROOT, *module.split(".")).with_suffix(".c" if module in C_MODULES else ".py")
 
 
 def source_digest(module: str) -> str:
@@ -123,7 +127,7 @@ def usable_build(directory: pathlib.Path) -> tuple[dict[str, pathlib.Path] | Non
         if manifest["version"] != MANIFEST_VERSION or manifest["interpreter"] != interpreter_tag():
             return None, "built for another interpreter or by another scripts/compile"
         entries = manifest["modules"]
-        if sorted(entries) != sorted(MODULES + (manifest["support"],)):
+        if sorted(entries) != sorted(MODULES + C_MODULES + (manifest["support"],)):
             return None, "built for another set of modules"
         located: dict[str, pathlib.Path] = {}
         for module, entry in entries.items():
@@ -147,7 +151,7 @@ class _CompiledFinder:
 
     def find_spec(self, fullname, path=None, target=None):
         if self.located is None:
-            if fullname not in MODULES:
+            if fullname not in MODULES and fullname not in C_MODULES:
                 return None
             self._decide()
         assert self.located is not None
@@ -166,7 +170,7 @@ class _CompiledFinder:
             if located is not None:
                 import importlib
 
-                support = next(module for module in located if module not in MODULES)
+                support = next(module for module in located if module not in MODULES + C_MODULES)
                 self.located = located
                 try:  # the library every compiled module links to: one that cannot load must not be half used
                     importlib.import_module(support)

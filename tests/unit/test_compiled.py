@@ -20,7 +20,7 @@ def _fake_build(directory, **changes):
     """A build directory whose manifest matches this tree (empty files stand for the objects)."""
     suffix = compiled.interpreter_tag()
     entries = {SUPPORT: {"file": SUPPORT + suffix}}
-    for module in compiled.MODULES:
+    for module in compiled.MODULES + compiled.C_MODULES:
         entries[module] = {"file": module + suffix, "source_sha256": compiled.source_digest(module)}
     for entry in entries.values():
         (directory / entry["file"]).write_bytes(b"")
@@ -35,7 +35,7 @@ def test_a_build_of_this_tree_is_usable(tmp_path):
     _fake_build(tmp_path)
     located, reason = compiled.usable_build(tmp_path)
     assert reason == ""
-    assert sorted(located) == sorted(compiled.MODULES + (SUPPORT,))
+    assert sorted(located) == sorted(compiled.MODULES + compiled.C_MODULES + (SUPPORT,))
     assert located["pyvmm.platform.lapic"] == tmp_path / ("pyvmm.platform.lapic" + compiled.interpreter_tag())
 
 
@@ -51,13 +51,24 @@ def test_an_edited_source_makes_the_whole_build_unused(tmp_path):
     ({"version": compiled.MANIFEST_VERSION + 1}, "built for another interpreter"),
     ({"support": "elsewhere__mypyc"}, "built for another set of modules"),
     ({"modules": {"pyvmm.platform.pic": {}}}, "built for another set of modules"),
-    ({"modules": sorted(compiled.MODULES + (SUPPORT,))}, "malformed manifest"),   # the names, as a list
+    ({"modules": sorted(compiled.MODULES + compiled.C_MODULES + (SUPPORT,))}, "malformed manifest"),  # a list
 ])
 def test_a_build_for_something_else_is_not_used(tmp_path, change, why):
     _fake_build(tmp_path, **change)
     located, reason = compiled.usable_build(tmp_path)
     assert located is None
     assert reason.startswith(why)
+
+
+def test_an_edited_c_source_makes_the_whole_build_unused(tmp_path, monkeypatch):
+    """The C modules' digests are of their .c sources."""
+    (module,) = compiled.C_MODULES
+    assert compiled.source_path(module).suffix == ".c"
+    _fake_build(tmp_path)
+    assert compiled.usable_build(tmp_path)[1] == ""
+    digest = compiled.source_digest
+    monkeypatch.setattr(compiled, "source_digest", lambda name: "0" * 64 if name == module else digest(name))
+    assert compiled.usable_build(tmp_path) == (None, f"{module} changed since it was compiled")
 
 
 def test_missing_corrupt_or_partial_builds_are_not_used(tmp_path):
@@ -79,8 +90,12 @@ def test_this_process_uses_the_build_unless_told_not_to():
     if os.environ.get("PYVMM_COMPILED", "1") == "0":
         assert (in_use, reason) == (False, "PYVMM_COMPILED=0")
         assert all(path.endswith(".py") for path in loaded_from.values()), loaded_from
+        for module in compiled.C_MODULES:  # (no Python source: the caller falls back)
+            with pytest.raises(ImportError):
+                importlib.import_module(module)
     else:
         assert in_use, f"the compiled modules are not in use: {reason} (./scripts/setup builds them)"
+        loaded_from.update({module: importlib.import_module(module).__file__ for module in compiled.C_MODULES})
         build = str(compiled.build_directory())
         assert all(path.startswith(build) for path in loaded_from.values()), loaded_from
 

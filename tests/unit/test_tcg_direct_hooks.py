@@ -1,4 +1,6 @@
-"""Port I/O and MMIO hooks registered with libunicorn directly (accel/tcg/direct_hooks.py)."""
+"""Port I/O and MMIO hooks registered with libunicorn directly (accel/tcg/direct_hooks.py):
+C functions (hook_trampolines.c) where the compiled group is built, ctypes callbacks
+otherwise; each test runs both ways where it can."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import unicorn.x86_const as X  # noqa: E402
 from pyvmm.accel.exits import MmioRead, MmioWrite  # noqa: E402
 from pyvmm.accel.tcg import direct_hooks  # noqa: E402
 from pyvmm.bus.bus import PioBus  # noqa: E402
+from pyvmm import compiled  # noqa: E402
 
 CODE, MMIO = 0x1000, 0x100000
 
@@ -63,23 +66,33 @@ class Translator:
         self.current = vcpu
 
 
-def engine(code: bytes, vcpu: Vcpu):
+@pytest.fixture(params=["c", "ctypes"])
+def kind(request):
+    if request.param == "c" and not compiled.status()[0]:
+        pytest.skip(f"no compiled build here ({compiled.status()[1]}): the C hooks are not built")
+    return request.param
+
+
+def engine(code: bytes, vcpu: Vcpu, kind: str):
     uc = U.Uc(U.UC_ARCH_X86, U.UC_MODE_64)
     uc.mem_map(CODE, 0x1000)
     uc.mem_write(CODE, code)
     hooks = direct_hooks.install(uc)
     assert hooks is not None, "this binding is the one direct_hooks.py is written against"
+    assert (hooks.trampolines is not None) == compiled.status()[0]  # C wherever the group is built
+    if kind == "ctypes":
+        hooks.trampolines = None
     hooks.port_io(Translator(vcpu))
     hooks.mmio(MMIO, 0x1000, Translator(vcpu))
     return uc, hooks
 
 
-def test_port_and_mmio_accesses_reach_the_running_vcpu_with_their_values():
+def test_port_and_mmio_accesses_reach_the_running_vcpu_with_their_values(kind):
     vcpu = Vcpu()
     # mov $0x3f8,%dx; mov $0x41,%al; out %al,(%dx); in (%dx),%al; mov %al,%bl;
     # mov $0x100010,%ecx; mov (%rcx),%eax; movl $0xcafe,4(%rcx)
     code = bytes.fromhex("66baf803" "b041" "ee" "ec" "88c3" "b910001000" "8b01" "c74104feca0000")
-    uc, _ = engine(code, vcpu)
+    uc, _ = engine(code, vcpu, kind)
     uc.emu_start(CODE, CODE + len(code))
     assert vcpu.seen == [("out", 0x3F8, 1, 0x41), ("in", 0x3F8, 1), ("read", MMIO + 0x10, 4),
                          ("write", MMIO + 0x14, 4, 0xCAFE)]
@@ -87,17 +100,32 @@ def test_port_and_mmio_accesses_reach_the_running_vcpu_with_their_values():
     assert vcpu.stats == {"port_io": 2, "mmio": 2}
 
 
-def test_a_failing_handler_stops_the_slice_and_its_exception_comes_out_of_emu_start():
+def test_a_failing_handler_stops_the_slice_and_its_exception_comes_out_of_emu_start(kind):
     """As through the binding's guard: the exception is the slice's outcome, and the engine
     stops (here at the end of the translation block: a VM's engine stops between instructions,
     engine_state.py)."""
     vcpu = Vcpu(fail_on=0x80)
     # mov $0x80,%dx; out %al,(%dx); jmp . (a loop only a stop ends)
     code = bytes.fromhex("66ba8000" "ee" "ebfe")
-    uc, _ = engine(code, vcpu)
+    uc, _ = engine(code, vcpu, kind)
     with pytest.raises(RuntimeError, match="device failed"):
         uc.emu_start(CODE, CODE + len(code))
     assert vcpu.seen == [("out", 0x80, 1, 0)]
     vcpu.fail_on = None
     uc.emu_start(CODE, CODE + 5)  # the next slice starts clean: nothing left over
     assert vcpu.seen == [("out", 0x80, 1, 0)] * 2
+
+
+def test_a_failing_read_stops_the_slice_with_its_exception(kind):
+    vcpu = Vcpu()
+
+    def broken(vcpu_, exit):
+        raise ValueError("no such register")
+
+    vcpu.dispatch = broken
+    # mov $0x100010,%ecx; mov (%rcx),%eax; jmp .
+    code = bytes.fromhex("b910001000" "8b01" "ebfe")
+    uc, _ = engine(code, vcpu, kind)
+    with pytest.raises(ValueError, match="no such register"):
+        uc.emu_start(CODE, CODE + len(code))
+    assert vcpu.stats["mmio"] == 1

@@ -8,8 +8,11 @@ callbacks use the binding's own ctypes function types and the same library calls
 Uc, whose emu_start raises it when the slice has stopped, and the slice stops.
 
 `install()` returns None where this binding lacks what that needs (another Unicorn version);
-the caller then registers through the binding. Compiled (pyvmm/compiled.py): the callbacks
-reach guest_io.py and the devices behind it without a Python frame.
+the caller then registers through the binding. With the compiled group built
+(pyvmm/compiled.py), the hooks are C functions (hook_trampolines.c) that call guest_io.py's
+compiled handlers directly, without ctypes' callback machinery; without it, ctypes callbacks
+of the binding's function types do the same, and reach guest_io.py without a Python frame
+when this module is compiled.
 """
 
 from __future__ import annotations
@@ -30,10 +33,20 @@ class Running(Protocol):
     current: Any
 
 
+def _trampolines() -> Any:
+    """hook_trampolines (C), or None where it is not built (or PYVMM_COMPILED=0)."""
+    try:
+        from . import hook_trampolines
+    except ImportError:
+        return None
+    return hook_trampolines
+
+
 class DirectHooks:
     def __init__(self, uc, uclib, types: dict) -> None:
         self._uc, self._uclib, self._types = uc, uclib, types
-        self._keep: list = []  # the function pointers live as long as the engine that calls them
+        self._keep: list = []  # the function pointers and targets live as long as the engine that calls them
+        self.trampolines = _trampolines()  # None: ctypes callbacks
 
     def _failed(self, exc: BaseException) -> None:
         uc = self._uc
@@ -44,6 +57,14 @@ class DirectHooks:
     def port_io(self, running: Running) -> None:
         """IN and OUT to the running vCPU, through guest_io.py."""
         failed = self._failed
+        trampolines = self.trampolines
+        if trampolines is not None:
+            for handler, function, instruction in ((port_in, trampolines.ON_IN, self._types["insn_in"]),
+                                                   (port_out, trampolines.ON_OUT, self._types["insn_out"])):
+                target = trampolines.Target(handler, running, failed)
+                self._hook(ctypes.c_void_p(function), instruction, target.address)
+                self._keep.append(target)
+            return
 
         def on_in(_engine, port, size, _data):
             try:
@@ -61,10 +82,10 @@ class DirectHooks:
         self._hook(self._types["in"](on_in), self._types["insn_in"])
         self._hook(self._types["out"](on_out), self._types["insn_out"])
 
-    def _hook(self, function, instruction: int) -> None:
+    def _hook(self, function, instruction: int, user_data: int = 0) -> None:
         handle = self._types["handle"]()
         status = self._uclib.uc_hook_add(self._uc._uch, ctypes.byref(handle), self._types["hook_insn"], function,
-                                         ctypes.c_void_p(0), ctypes.c_uint64(1), ctypes.c_uint64(0),
+                                         ctypes.c_void_p(user_data), ctypes.c_uint64(1), ctypes.c_uint64(0),
                                          ctypes.c_int(instruction))
         if status != 0:
             raise self._types["error"](status)
@@ -73,6 +94,16 @@ class DirectHooks:
     def mmio(self, address: int, size: int, running: Running) -> None:
         """Guest-physical [address, address+size) is MMIO of the running vCPU's buses."""
         failed = self._failed
+        trampolines = self.trampolines
+        if trampolines is not None:
+            reader = trampolines.Target(mmio_read, running, failed, address)
+            writer = trampolines.Target(mmio_write, running, failed, address)
+            status = self._uclib.uc_mmio_map(self._uc._uch, address, size, trampolines.ON_MMIO_READ, reader.address,
+                                             trampolines.ON_MMIO_WRITE, writer.address)
+            if status != 0:
+                raise self._types["error"](status)
+            self._keep += (reader, writer)
+            return
 
         def on_read(_engine, offset, access_size, _data):
             try:
