@@ -173,7 +173,7 @@ class Machine:
 
     def vm(self, vcpus: list) -> Vm:
         vm = Vm(self.accel, self.memory, self.pio, self.mmio, vcpus, self.manager.devices(), iothread=self.iothread,
-                pausables=[self.rtc_timer],
+                pausables=[self.rtc_timer, self.uart],
                 on_close=[self.uart.flush_output, self.rtc_timer.close, self.wiring.close, self._release])
         vm.device_manager = self.manager
         vm.machine = self.config

@@ -25,13 +25,17 @@ SPIN = bytes.fromhex("ebfe")                                   # jmp .
 HALT = bytes.fromhex("fa" "f4" "ebfd")                         # cli; hlt; jmp back to hlt
 COUNT = bytes.fromhex("ff0500003000" "ebf8")                   # incl COUNTER; jmp back
 POKE_PORT_0x500 = bytes.fromhex("66ba0005" "b07a" "ee" "f4")   # mov $0x500,%dx; mov $0x7a,%al; out; hlt
+# COM1 at 1.76 baud (divisor 0xffff: a load drains in about 90 s), "ok" to its transmitter,
+# then 1 at COUNTER and halt, never touching the UART again
+PRINT_SLOWLY = bytes.fromhex("66bafb03" "b080" "ee" "66baf803" "b0ff" "ee" "66baf903" "ee" "66bafb03" "b003" "ee"
+                             "66baf803" "b06f" "ee" "b06b" "ee" "c60500003000" "01" "fa" "f4" "ebfd")
 
 
-def _vm(tmp_path, code: bytes, accel: str, cpus: int = 1):
+def _vm(tmp_path, code: bytes, accel: str, cpus: int = 1, console_write=lambda data: None):
     image = tmp_path / "guest.bin"
     image.write_bytes(code)
     config = MachineConfig(kernel=str(image), flat_address=LOAD, memory=16 << 20, cpus=cpus)
-    return build_vm(config, lambda data: None, accel=choose_accelerator(accel).create())
+    return build_vm(config, console_write, accel=choose_accelerator(accel).create())
 
 
 def _vcpu_threads() -> list[threading.Thread]:
@@ -95,6 +99,25 @@ def test_pause_holds_the_guest_and_resume_continues(tmp_path, accel):
         assert vm.memory.read_u32(COUNTER) > paused_at
     finally:
         vm.close()
+
+
+def test_a_paused_vm_has_written_what_its_guest_sent_to_the_serial_port(tmp_path, accel):
+    """The UART's load would drain after ~90 s at this baud rate; pausing sends it (the drain
+    timer waits with the VM)."""
+    console = bytearray()
+    vm = _vm(tmp_path, PRINT_SLOWLY, accel, console_write=console.extend)
+    vm.start()
+    try:
+        deadline = time.monotonic() + 20
+        while vm.memory.read_u32(COUNTER) != 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert bytes(console) == b""  # (still in the transmitter)
+        vm.pause()
+        assert bytes(console) == b"ok"
+        vm.resume()
+    finally:
+        vm.close()
+    assert bytes(console) == b"ok"
 
 
 def test_exit_counts_by_reason(tmp_path, guest):

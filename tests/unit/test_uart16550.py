@@ -194,8 +194,10 @@ def test_a_transmission_nobody_looks_at_drains_when_its_bytes_would_have_gone_ou
     assert uart.stats.tx_bytes == 3
 
 
-def test_a_load_still_in_the_transmitter_goes_out_at_save_reset_and_flush():
-    for finish in (lambda uart: uart.save(), lambda uart: uart.reset(), lambda uart: uart.flush_output()):
+def test_a_load_still_in_the_transmitter_goes_out_at_save_reset_flush_and_pause():
+    """(pause: a paused VM's console shows what the guest wrote; its drain timer waits.)"""
+    for finish in (lambda uart: uart.save(), lambda uart: uart.reset(), lambda uart: uart.flush_output(),
+                   lambda uart: uart.pause()):
         irq, out, timers = RecordingIrq(), [], ManualTimers()
         uart = Uart16550(irq, out.append, timers=timers)
         wr(uart, MCR, MCR_OUT2)

@@ -212,6 +212,15 @@ class Uart16550:
         with self._lock:
             self._send()
 
+    def pause(self) -> None:
+        """The VM holds still (a Pausable): the bytes the guest wrote leave now, not at resume
+        (the drain timer waits with the VM's other timers). The guest's view is unchanged, as
+        for flush_output()."""
+        self.flush_output()
+
+    def resume(self) -> None:
+        pass
+
     def _drain_timer_fired(self) -> None:
         with self._lock:
             self._drain_timer = None
