@@ -2,11 +2,13 @@
 
    A ctypes callback converts each C argument through its ctypes type and builds an argument
    tuple on every call: about twice the cost of these per guest port access (a scratch loop of
-   OUT instructions), and the serial console makes about five such accesses per byte. Each hook's user data is a Target: the Python handler
-   (guest_io.py's port_in, port_out, mmio_read, mmio_write, compiled), the object whose
-   `current` is the running vCPU, and `failed`, which records an exception the handler raised
-   and stops the slice (direct_hooks.py keeps the Unicorn binding's contract). Nothing here
-   decides anything about a device: it only calls the handler.
+   OUT instructions), and the serial console makes about five such accesses per byte.
+
+   Each hook's user data is a Target: the Python handler (guest_io.py's port_in, port_out,
+   mmio_read, mmio_write, compiled), the object whose `current` is the running vCPU, and
+   `failed`, which records an exception the handler raised and stops the slice (direct_hooks.py
+   keeps the Unicorn binding's contract). Nothing here decides anything about a device: it only
+   calls the handler.
 
    Built by scripts/compile with the compiled group (pyvmm/compiled.py); without a build,
    direct_hooks.py registers ctypes callbacks that do the same. */
