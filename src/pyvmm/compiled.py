@@ -58,6 +58,7 @@ MODULES = (
     "pyvmm.accel.kvm.io_exits",
     "pyvmm.accel.tcg.direct_hooks",
     "pyvmm.accel.tcg.guest_io",
+    "pyvmm.devices.legacy.port80",
     "pyvmm.devices.legacy.uart16550",
     "pyvmm.devices.virtio.queue",
     "pyvmm.kvm.run",

@@ -1,15 +1,18 @@
 """Port 0x80, the POST/diagnostic port: firmware writes progress codes there and Linux
-writes to it as an I/O delay (`io_delay=0x80`). Register with length 1."""
+writes to it as an I/O delay (`io_delay=0x80`). Register with length 1.
+
+Compiled with the hot modules (pyvmm/compiled.py): a write to it is a whole exit's device work,
+and exit_roundtrip.py's port-I/O rows measure exactly that."""
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from typing import Final
 
-from ...persist import State
+from .port80_state import Port80State
 
-PORT = 0x80
-PORT_COUNT = 1
+PORT: Final = 0x80
+PORT_COUNT: Final = 1
 
 
 class Port80:
@@ -38,15 +41,3 @@ class Port80:
     def restore(self, state: Port80State) -> None:
         with self._lock:
             self.last_value, self.writes = state.last_value, state.writes
-
-
-@dataclass(frozen=True)
-class Port80State(State):
-    KIND = "port80"
-    last_value: int
-    writes: int
-
-    def validate(self) -> None:
-        self.check_range("last_value", 0, 0xFF)
-        if self.writes < 0:
-            self.fail("writes", f"{self.writes} is negative")
