@@ -79,8 +79,9 @@ MODULES = (
 )
 # Built with the group from C sources of the same name (.c), loaded with it, all or none:
 # the software CPU's port-I/O and MMIO hooks (accel/tcg/hook_trampolines.c), which call the
-# group's guest_io.py. Optional to their users: without a usable build they do not import.
-C_MODULES = ("pyvmm.accel.tcg.hook_trampolines",)
+# group's guest_io.py, and KVM_RUN's ioctl with the GIL released (kvm/released_ioctl.c).
+# Optional to their users: without a usable build they do not import.
+C_MODULES = ("pyvmm.accel.tcg.hook_trampolines", "pyvmm.kvm.released_ioctl")
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 # The directory holding pyvmm/. (The imports the checks need are made when they run: `import

@@ -149,8 +149,16 @@ def test_each_exit_is_counted_by_reason(monkeypatch, vcpu_fd):
     assert (counts[uapi.KVM_EXIT_IO], counts[uapi.KVM_EXIT_MMIO], counts[uapi.KVM_EXIT_HLT]) == (1, 1, 1)
 
 
+def test_kvm_run_is_issued_without_ctypes_where_the_group_is_built():
+    from pyvmm import compiled
+
+    released = compiled.status()[0]
+    assert (getattr(kvm_run._run_ioctl, "__module__", None) == "pyvmm.kvm.released_ioctl") == released
+
+
 def test_a_failed_kvm_run_names_its_errno(vcpu_fd):
-    """The real ioctl on a memfd fails (not a vCPU): the error read after it is the one raised."""
+    """The real ioctl on a memfd fails (not a vCPU): the error read after it is the one raised
+    (through released_ioctl.c where the group is built, else libc's through ctypes)."""
     with pytest.raises(KvmError) as failure:
         vcpu_fd.run()
     assert failure.value.errno == errno.ENOTTY

@@ -8,7 +8,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import mmap
-from typing import Final
+from typing import Any, Final
 
 from . import ioctls, uapi
 from .errors import KvmError
@@ -18,7 +18,19 @@ _KVM_RUN: Final = ioctls.KVM_RUN
 # exit) and without use_errno (ctypes' errno swap before and after the call costs ~0.25 us
 # more): errno is read only when KVM_RUN failed (_last_errno).
 _libc = ctypes.CDLL(None)
-_run_ioctl = _libc.ioctl
+
+
+def _ioctl_function() -> Any:
+    """released_ioctl.c's ioctl where the compiled group is built (no ctypes conversions on the
+    way), else libc's through ctypes; both leave errno for _last_errno."""
+    try:
+        from . import released_ioctl
+    except ImportError:
+        return _libc.ioctl
+    return released_ioctl.ioctl
+
+
+_run_ioctl = _ioctl_function()
 _errno_location = _libc.__errno_location
 _errno_location.restype = ctypes.POINTER(ctypes.c_int)
 RUN_INTERRUPTED: Final = -1  # KVM_RUN returned EINTR/EAGAIN: a kick, nothing happened in the guest
