@@ -64,6 +64,24 @@ def test_guest_time_does_not_advance_while_paused(tmp_path, accel):
         vm.close()
 
 
+def test_the_software_cpus_vcpus_keep_one_tsc_across_pauses(tmp_path):
+    """Each pause freezes every vCPU's TSC and each resume sets them going again: from one host
+    reading, or the vCPUs drift apart by the time between readings, pause after pause, until
+    Linux finds a TSC warp when it brings a CPU online (as a hotplug test once did)."""
+    from pyvmm.arch.x86_64 import msrs as M
+
+    vm = _counting_vm(tmp_path, "tcg", cpus=2)
+    try:
+        for _ in range(20):
+            vm.pause()
+            vm.resume()
+        vm.pause()
+        first, second = (vcpu.save().msrs[M.MSR_IA32_TSC] for vcpu in vm.vcpus)
+        assert first == second, f"the vCPUs' TSCs are {second - first} ticks apart"
+    finally:
+        vm.close()
+
+
 def test_pause_waits_for_the_io_thread_work_item_in_flight(tmp_path, accel):
     vm = _counting_vm(tmp_path, accel)
     started, release, paused = threading.Event(), threading.Event(), threading.Event()

@@ -309,14 +309,10 @@ class TcgAccelerator:
         scheduler is parked: nothing polls the timers), and each vCPU's TSC is held where it
         stood (Linux keeps time with the TSC: it would jump by the pause otherwise)."""
         self.platform.clock.pause()
-        for vcpu in self.vcpus:
-            vcpu.translator.activate(vcpu)
-            vcpu_state.freeze_tsc(vcpu)
+        vcpu_state.freeze_tscs(self.vcpus)
 
     def thaw_time(self) -> None:
-        for vcpu in self.vcpus:
-            vcpu.translator.activate(vcpu)
-            vcpu_state.thaw_tsc(vcpu)
+        vcpu_state.thaw_tscs(self.vcpus)
         self.platform.clock.resume()
 
     def _schedule(self, vm: VmServices) -> None:

@@ -109,17 +109,29 @@ def guest_tsc(vcpu) -> int:
     return (host_tsc() + GuestTsc(vcpu.uc, tsc_offset_field()).offset) & ((1 << 64) - 1)
 
 
-def freeze_tsc(vcpu) -> None:
-    """The VM pauses: remember where this vCPU's TSC stands (its RDTSC is the host's plus an
-    offset, and the host's keeps counting)."""
-    vcpu.frozen_tsc = guest_tsc(vcpu)
+def freeze_tscs(vcpus) -> None:
+    """The VM pauses: remember where each vCPU's TSC stands (its RDTSC is the host's plus an
+    offset, and the host's keeps counting). One host reading serves them all: a reading per
+    vCPU would put the later ones ahead by the microseconds between, and that skew would grow
+    with every pause until Linux finds the TSCs out of step (a "TSC warp" on a CPU's online)."""
+    host = host_tsc()
+    field = tsc_offset_field()
+    for vcpu in vcpus:
+        if vcpu.frozen_tsc is None:
+            vcpu.translator.activate(vcpu)
+            vcpu.frozen_tsc = (host + GuestTsc(vcpu.uc, field).offset) & ((1 << 64) - 1)
 
 
-def thaw_tsc(vcpu) -> None:
-    """The VM resumes: the TSC goes on from where it stood, the pause left out."""
-    if vcpu.frozen_tsc is not None:
-        GuestTsc(vcpu.uc, tsc_offset_field()).offset = _signed64(vcpu.frozen_tsc - host_tsc())
-        vcpu.frozen_tsc = None
+def thaw_tscs(vcpus) -> None:
+    """The VM resumes: each TSC goes on from where it stood, the pause left out; again one host
+    reading for all, so the vCPUs' offsets keep their differences exactly."""
+    host = host_tsc()
+    field = tsc_offset_field()
+    for vcpu in vcpus:
+        if vcpu.frozen_tsc is not None:
+            vcpu.translator.activate(vcpu)
+            GuestTsc(vcpu.uc, field).offset = _signed64(vcpu.frozen_tsc - host)
+            vcpu.frozen_tsc = None
 
 
 def _signed64(value: int) -> int:
