@@ -79,9 +79,10 @@ MODULES = (
 )
 # Built with the group from C sources of the same name (.c), loaded with it, all or none:
 # the software CPU's port-I/O and MMIO hooks (accel/tcg/hook_trampolines.c), which call the
-# group's guest_io.py, and KVM_RUN's ioctl with the GIL released (kvm/released_ioctl.c).
+# group's guest_io.py, and KVM_RUN with the GIL released and the KVM vCPU's hot loop
+# (kvm/native_run.c).
 # Optional to their users: without a usable build they do not import.
-C_MODULES = ("pyvmm.accel.tcg.hook_trampolines", "pyvmm.kvm.released_ioctl")
+C_MODULES = ("pyvmm.accel.tcg.hook_trampolines", "pyvmm.kvm.native_run")
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 # The directory holding pyvmm/. (The imports the checks need are made when they run: `import

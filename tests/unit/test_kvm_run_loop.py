@@ -1,7 +1,9 @@
 """The KVM run loop's decoding of kvm_run (accel/kvm/vcpu.py) and KVM_RUN's error path
 (kvm/vcpu.py), without KVM: a VcpuFd over a memfd, KVM_RUN replaced by a script that writes
 each exit into the page the way KVM does. Every access must reach the device exactly as the
-shared ExitDispatcher would serve it, and every answer land where KVM reads it back."""
+shared ExitDispatcher would serve it, and every answer land where KVM reads it back. Each
+case runs both hot loops: native_run.c's (where the compiled group is built) and
+io_exits.py's."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import threading
 import pytest
 
 from pyvmm.accel.dispatch import ExitDispatcher
+from pyvmm.accel.kvm import vcpu as accel_vcpu
 from pyvmm.accel.kvm.vcpu import KvmVcpu
 from pyvmm.bus import MmioBus, PioBus
 from pyvmm.kvm import KvmError, uapi
@@ -49,6 +52,15 @@ class Services:
     def guest_exit(self, vcpu, exit_) -> None:
         self.ended.append(exit_)
         self.stop_requested.set()
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def hot_loop(request, monkeypatch):
+    """Which loop serves the single accesses: native_run.c's, or io_exits.py's."""
+    if request.param == "native" and not kvm_run.NATIVE_IO_EXITS:
+        pytest.skip("native_run.c is not built here (scripts/compile; PYVMM_COMPILED=0)")
+    monkeypatch.setattr(accel_vcpu, "NATIVE_IO_EXITS", request.param == "native")
+    return request.param
 
 
 @pytest.fixture
@@ -152,13 +164,23 @@ def test_each_exit_is_counted_by_reason(monkeypatch, vcpu_fd):
 def test_kvm_run_is_issued_without_ctypes_where_the_group_is_built():
     from pyvmm import compiled
 
-    released = compiled.status()[0]
-    assert (getattr(kvm_run._run_ioctl, "__module__", None) == "pyvmm.kvm.released_ioctl") == released
+    built = compiled.status()[0]
+    assert (getattr(kvm_run._run_ioctl, "__module__", None) == "pyvmm.kvm.native_run") == built
+    assert kvm_run.NATIVE_IO_EXITS == built
+
+
+def test_the_native_loop_reads_kvm_run_where_uapi_says():
+    if not kvm_run.NATIVE_IO_EXITS:
+        pytest.skip("native_run.c is not built here")
+    from pyvmm.kvm import ioctls, native_run
+
+    assert native_run.KVM_RUN == ioctls.KVM_RUN
+    assert native_run.KVM_RUN_EXIT_OFFSET == uapi.kvm_run.exit.offset
 
 
 def test_a_failed_kvm_run_names_its_errno(vcpu_fd):
     """The real ioctl on a memfd fails (not a vCPU): the error read after it is the one raised
-    (through released_ioctl.c where the group is built, else libc's through ctypes)."""
+    (through native_run.c where the group is built, else libc's through ctypes)."""
     with pytest.raises(KvmError) as failure:
         vcpu_fd.run()
     assert failure.value.errno == errno.ENOTTY
@@ -178,6 +200,68 @@ def test_eagain_and_eintr_mean_interrupted(monkeypatch, vcpu_fd):
     finally:
         os.close(reader)
         os.close(writer)
+
+
+def test_a_failed_kvm_run_in_the_loop_names_its_errno(vcpu_fd):
+    """The loop's KVM_RUN is the real ioctl here (on a memfd: ENOTTY): a KvmError, either loop."""
+    with pytest.raises(KvmError) as failure:
+        KvmVcpu(None, vcpu_fd, 0).run_loop(Services(), ExitDispatcher(PioBus(), MmioBus(), Services()))
+    assert failure.value.errno == errno.ENOTTY
+
+
+class Failing:
+    def read(self, offset, size):
+        return b"\x01\x02\x03\x04\x05\x06\x07\x08\x09"  # more than any access asks for
+
+    def write(self, offset, data):
+        raise OSError(errno.EPIPE, "the device's host side is gone")
+
+
+def _served(monkeypatch, vcpu_fd, device, script, bus_kind="pio"):
+    pio, mmio = PioBus(), MmioBus()
+    (pio if bus_kind == "pio" else mmio).register(0x60 if bus_kind == "pio" else 0xFED0_0000, 0x100, device)
+    steps, page, run = iter(script), vcpu_fd.page, vcpu_fd.run_struct
+    services = Services()
+
+    def fake_kvm_run(fd, request, arg):
+        step = next(steps, None)
+        if step is None:
+            services.stop_requested.set()
+            run.exit_reason = uapi.KVM_EXIT_HLT
+        else:
+            step(run, page)
+        return 0
+
+    monkeypatch.setattr(kvm_run, "_run_ioctl", fake_kvm_run)
+    KvmVcpu(None, vcpu_fd, 0).run_loop(services, ExitDispatcher(pio, mmio, services))
+    return page
+
+
+def test_a_devices_error_comes_out_of_the_loop_as_it_is(monkeypatch, vcpu_fd):
+    with pytest.raises(OSError) as failure:
+        _served(monkeypatch, vcpu_fd, Failing(), [io_exit(uapi.KVM_EXIT_IO_OUT, 0x61, 1, 1, b"\x00")])
+    assert type(failure.value) is BrokenPipeError and failure.value.errno == errno.EPIPE  # not a KvmError
+
+
+def test_a_long_answer_fills_only_the_access(monkeypatch, vcpu_fd):
+    page = _served(monkeypatch, vcpu_fd, Failing(), [io_exit(uapi.KVM_EXIT_IO_IN, 0x61, 2, 1, b"\xaa" * 8)])
+    assert page[DATA_OFFSET:DATA_OFFSET + 8] == b"\x01\x02" + b"\xaa" * 6
+    data_at = uapi.kvm_run.exit.offset + uapi.kvm_run_mmio.data.offset
+    page = _served(monkeypatch, vcpu_fd, Failing(), [mmio_exit(0xFED0_0000, 4)], bus_kind="mmio")
+    assert page[data_at:data_at + 8] == b"\x01\x02\x03\x04\x05\x06\x07\x08"  # kvm_run's 8 bytes, no more
+    assert page[data_at + 8:data_at + 9] != b"\x09"
+
+
+def test_port_data_outside_the_mapping_is_an_error_not_a_stray_access(monkeypatch, vcpu_fd, hot_loop):
+    if hot_loop != "native":
+        pytest.skip("io_exits.py leaves the bounds to mmap's slicing")
+
+    def beyond(run, page):
+        io_exit(uapi.KVM_EXIT_IO_IN, 0x61, 4, 1)(run, page)
+        run.exit.io.data_offset = 3 * PAGE_SIZE - 2
+
+    with pytest.raises(ValueError, match="outside the kvm_run mapping"):
+        _served(monkeypatch, vcpu_fd, Failing(), [beyond])
 
 
 def test_a_stop_kicks_the_vcpu_out_of_a_stream_of_port_io(monkeypatch, vcpu_fd):

@@ -20,17 +20,21 @@ _KVM_RUN: Final = ioctls.KVM_RUN
 _libc = ctypes.CDLL(None)
 
 
-def _ioctl_function() -> Any:
-    """released_ioctl.c's ioctl where the compiled group is built (no ctypes conversions on the
-    way), else libc's through ctypes; both leave errno for _last_errno."""
+def _native_run() -> Any:
+    """native_run.c where the compiled group is built (KVM_RUN with no ctypes conversions on the
+    way, and the hot loop), else None: libc's ioctl through ctypes, and the accelerator's own
+    loop (accel/kvm/io_exits.py)."""
     try:
-        from . import released_ioctl
+        from . import native_run
     except ImportError:
-        return _libc.ioctl
-    return released_ioctl.ioctl
+        return None
+    return native_run
 
 
-_run_ioctl = _ioctl_function()
+_native: Final[Any] = _native_run()
+NATIVE_IO_EXITS: Final = _native is not None
+# Both leave errno for _last_errno; tests replace it to play KVM.
+_run_ioctl = _native.ioctl if _native is not None else _libc.ioctl
 _errno_location = _libc.__errno_location
 _errno_location.restype = ctypes.POINTER(ctypes.c_int)
 RUN_INTERRUPTED: Final = -1  # KVM_RUN returned EINTR/EAGAIN: a kick, nothing happened in the guest
@@ -63,6 +67,16 @@ class KvmRun:
             raise KvmError("KVM_RUN", err)
         reason: int = self.struct.exit_reason  # type: ignore[attr-defined]
         self.exit_counts[reason & (EXIT_REASONS_COUNTED - 1)] += 1
+        return reason
+
+    def serve_io_exits(self, page: mmap.mmap, pio: Any, mmio: Any) -> int:
+        """Run the guest, serving its single port and MMIO accesses from the handler tables of
+        `pio` and `mmio` (buses), until another exit: its reason (RUN_INTERRUPTED for a kick).
+        native_run.c's loop: only where NATIVE_IO_EXITS."""
+        try:
+            reason: int = _native.serve_io_exits(_run_ioctl, self.fd, self.exit_counts, page, pio, mmio)
+        except _native.RunFailed as failure:
+            raise KvmError("KVM_RUN", failure.errno) from None
         return reason
 
     def release(self) -> None:

@@ -44,7 +44,7 @@ def serve_io_exits(run: KvmRun, page: mmap.mmap, pio: Bus, mmio: Bus) -> int:
             if direction == IO_OUT:
                 (pio.writers.get(port) or pio.writer(port))(page[offset:offset + size])
             else:
-                data = (pio.readers.get(port) or pio.reader(port))(size)
+                data = (pio.readers.get(port) or pio.reader(port))(size)[:size]
                 page[offset:offset + len(data)] = data
         elif reason == EXIT_MMIO:
             address, value, length, is_write = mmio_fields(page, EXIT_FIELDS)

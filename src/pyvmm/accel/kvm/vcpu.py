@@ -16,7 +16,7 @@ import signal
 from ...arch.x86_64.cpu_state import GPR_NAMES, SEGMENT_NAMES, CpuState, DescriptorTable, Segment, VcpuState
 from ...kvm import KvmError, uapi
 from ...kvm.exits import InternalError
-from ...kvm.run import RUN_INTERRUPTED
+from ...kvm.run import NATIVE_IO_EXITS, RUN_INTERRUPTED
 from ...kvm.vcpu import EXIT_REASON_NAMES
 from ..base import VcpuCounters, VmServices
 from ..dispatch import ExitDispatcher
@@ -70,8 +70,9 @@ class KvmVcpu:
         fd, stopped = self.fd, vm.stop_requested
         run, page = fd.runner, fd.page
         pio, mmio = dispatch.pio_bus, dispatch.mmio_bus
+        native = NATIVE_IO_EXITS    # the same loop in C (kvm/native_run.c) where it is built
         while not stopped.is_set():
-            reason = serve_io_exits(run, page, pio, mmio)
+            reason = run.serve_io_exits(page, pio, mmio) if native else serve_io_exits(run, page, pio, mmio)
             exit_ = self._string_io(page) if reason == EXIT_IO else self._other_exit(reason)
             if exit_ is not None:
                 dispatch(self, exit_)
