@@ -67,7 +67,7 @@ static int enter(PyObject *ioctl_fn, int fd, PyObject *fd_object)
     if (ioctl_fn == native_ioctl) {
         Py_BEGIN_ALLOW_THREADS
         result = ioctl(fd, KVM_RUN, 0);
-        err = errno;
+        err = result < 0 ? errno : 0;
         Py_END_ALLOW_THREADS
     } else {
         PyObject *args[3] = {fd_object, NULL, NULL};
