@@ -9,9 +9,8 @@ import pytest
 U = pytest.importorskip("unicorn")
 import unicorn.x86_const as X  # noqa: E402
 
-from pyvmm.accel.exits import MmioRead, MmioWrite  # noqa: E402
 from pyvmm.accel.tcg import direct_hooks  # noqa: E402
-from pyvmm.bus.bus import PioBus  # noqa: E402
+from pyvmm.bus.bus import MmioBus, PioBus  # noqa: E402
 from pyvmm import compiled  # noqa: E402
 
 CODE, MMIO = 0x1000, 0x100000
@@ -33,15 +32,31 @@ class RecordingPorts:
             raise RuntimeError("device failed")
 
 
+class RecordingRegisters:
+    """A device on the MMIO bus: records every access (its bus addresses), answers reads."""
+
+    def __init__(self, seen):
+        self.seen = seen
+
+    def read(self, offset, size):
+        self.seen.append(("read", MMIO + offset, size))
+        return (0x11223344).to_bytes(size, "little")
+
+    def write(self, offset, data):
+        self.seen.append(("write", MMIO + offset, len(data), int.from_bytes(data, "little")))
+
+
 class Vcpu:
-    """What guest_io.py serves for the running vCPU: its counters, port bus, LAPIC (none
-    here) and exit dispatcher (MMIO outside the LAPIC page)."""
+    """What guest_io.py serves for the running vCPU: its counters, port and MMIO buses, LAPIC
+    (none here)."""
 
     def __init__(self, fail_on=None):
         self.seen, self.stats, self.lapic = [], {"port_io": 0, "mmio": 0}, None
-        self.pio_bus = PioBus()
+        self.pio_bus, self.mmio_bus = PioBus(), MmioBus()
         self.ports = RecordingPorts(self.seen, fail_on)
         self.pio_bus.register(0, 0x400, self.ports)
+        self.registers = RecordingRegisters(self.seen)
+        self.mmio_bus.register(MMIO, 0x1000, self.registers)
 
     @property
     def fail_on(self):
@@ -50,15 +65,6 @@ class Vcpu:
     @fail_on.setter
     def fail_on(self, port):
         self.ports.fail_on = port
-
-    def dispatch(self, vcpu, exit):
-        assert vcpu is self
-        if isinstance(exit, MmioRead):
-            self.seen.append(("read", exit.address, exit.size))
-            exit.complete((0x11223344).to_bytes(exit.size, "little"))
-        else:
-            assert isinstance(exit, MmioWrite)
-            self.seen.append(("write", exit.address, len(exit.data), int.from_bytes(exit.data, "little")))
 
 
 class Translator:
@@ -119,10 +125,10 @@ def test_a_failing_handler_stops_the_slice_and_its_exception_comes_out_of_emu_st
 def test_a_failing_read_stops_the_slice_with_its_exception(kind):
     vcpu = Vcpu()
 
-    def broken(vcpu_, exit):
+    def broken(offset, size):
         raise ValueError("no such register")
 
-    vcpu.dispatch = broken
+    vcpu.registers.read = broken
     # mov $0x100010,%ecx; mov (%rcx),%eax; jmp .
     code = bytes.fromhex("b910001000" "8b01" "ebfe")
     uc, _ = engine(code, vcpu, kind)

@@ -1,10 +1,11 @@
 """Port I/O and MMIO of the vCPU the software CPU runs, as the engine's hooks hand them over.
 
-MMIO becomes the same exits KVM produces, served by the shared dispatcher; only the vCPU's own
-LAPIC page is answered here (KVM keeps it in the kernel). Port I/O goes straight to the port's
-handler, as KVM's run loop does: a UART takes four accesses per console byte, and an exit
-object and the dispatcher's frames were a fifth of the calls. The bus's per-port tables are
-read before its reader()/writer(), which fill them.
+Each access goes straight to its handler, as KVM's run loop serves single accesses (kvm/
+native_run.c, accel/kvm/io_exits.py); the vCPU's own LAPIC page is answered here (KVM keeps it
+in the kernel). A UART takes four accesses per console byte, where an exit object and the
+dispatcher's frames were a fifth of the calls; a virtio kick (an MMIO write to a PCI BAR) took
+four interpreted frames to reach the BAR before. The bus's per-address tables are read before
+its reader()/writer(), which fill them.
 
 Compiled with the devices behind it (pyvmm/compiled.py): direct_hooks.py calls these from the
 engine's callbacks with no Python frame in between; TcgVcpu's methods of the same names call
@@ -13,19 +14,18 @@ them for the Unicorn binding's hooks.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
 from ...arch.x86_64.layout import LAPIC_BASE
 from ...bus.bus import Bus
 from ...platform.lapic import LocalApic
-from ..exits import MmioRead, MmioWrite
 
 
 class RunningVcpu(Protocol):
     stats: dict[str, int]
     pio_bus: Bus
+    mmio_bus: Bus
     lapic: LocalApic | None
-    dispatch: Any   # the exit dispatcher: dispatch(vcpu, exit)
 
 
 def port_in(vcpu: RunningVcpu, port: int, size: int) -> int:
@@ -48,9 +48,8 @@ def mmio_read(vcpu: RunningVcpu, address: int, size: int) -> int:
         if size == 4 and not offset & 3:  # (how Linux accesses every xAPIC register)
             return lapic.read_dword(offset)
         return int.from_bytes(lapic.read(offset, size), "little")
-    answer = bytearray(size)
-    vcpu.dispatch(vcpu, MmioRead(address, size, answer))
-    return int.from_bytes(answer, "little")
+    bus = vcpu.mmio_bus
+    return int.from_bytes((bus.readers.get(address) or bus.reader(address))(size)[:size], "little")
 
 
 def mmio_write(vcpu: RunningVcpu, address: int, size: int, value: int) -> None:
@@ -64,4 +63,5 @@ def mmio_write(vcpu: RunningVcpu, address: int, size: int, value: int) -> None:
         else:
             lapic.write(offset, value.to_bytes(size, "little"))
     else:
-        vcpu.dispatch(vcpu, MmioWrite(address, value.to_bytes(size, "little")))
+        bus = vcpu.mmio_bus
+        (bus.writers.get(address) or bus.writer(address))(value.to_bytes(size, "little"))

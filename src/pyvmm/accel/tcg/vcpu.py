@@ -61,7 +61,7 @@ class TcgVcpu:
         self.translator = translator
         self.memory = translator.memory
         self.dispatch = translator.dispatch
-        self.pio_bus = translator.dispatch.pio_bus
+        self.pio_bus, self.mmio_bus = translator.dispatch.pio_bus, translator.dispatch.mmio_bus
         self.non_executable_stack_pages: set[tuple[int, int]] = set()  # (CR3, page): stack_writes.py
         self.lapic = lapic
         self.cpuid_table = cpuid_table
