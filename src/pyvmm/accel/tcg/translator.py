@@ -27,7 +27,7 @@ from .engine_state import EngineControl, EngineOffsets
 from .fast_registers import FastRegisters
 from .halt_flag import halt_flag
 from .native_delivery import NativeExceptionDelivery
-from . import code_aliases, direct_hooks, interrupt_window, msr_cr_policy, native_syscall
+from . import code_aliases, code_buffer, direct_hooks, interrupt_window, msr_cr_policy, native_syscall
 from .live_cpu_state import ApiSyscallMsrs, SyscallMsrs, live_context_base
 from .native_interrupts import NativeInterrupts
 from .private_state import ContextOffsets, PrivateState
@@ -57,6 +57,7 @@ class Translator:
         # 64-bit mode so the register API is 64 bits wide; it also presets EFER.LMA, which
         # vcpu_state._leave_paging() clears the architectural way before any state is loaded.
         uc = self.uc = U.Uc(U.UC_ARCH_X86, U.UC_MODE_64)
+        code_buffer.place(uc)  # before its first call allocates the code buffer, within reach of libunicorn
         # No `until` address: at the end of every emu_start Unicorn invalidates the code at
         # until - 1, translating it through the guest's page tables, which raises a silent #PF
         # and overwrites CR2 (-2 for until = 2**64-1). With exits mode on and no exits, slices
