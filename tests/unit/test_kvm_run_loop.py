@@ -91,16 +91,24 @@ def mmio_exit(address, length, data=None):
 
 
 def run_script(monkeypatch, vcpu_fd, script):
-    """Run the loop over `script` (exit writers); returns what the page held after each exit
-    was served (the answers KVM would read back), and the services."""
+    """Run the loop over `script` (exit writers) with recording devices on both buses; returns
+    them, what the page held after each exit was served (the answers KVM would read back), and
+    the buses."""
     pio, mmio = PioBus(), MmioBus()
     ports, registers = Recorder(0x10), Recorder(0x80)
     pio.register(0x60, 8, ports)
     mmio.register(0xFED0_0000, 0x100, registers)
+    after: list[bytes] = []
+    play(monkeypatch, vcpu_fd, script, pio, mmio, after)
+    return ports, registers, after, pio, mmio
+
+
+def play(monkeypatch, vcpu_fd, script, pio, mmio, after: list[bytes] | None = None) -> None:
+    """Run the loop with KVM_RUN playing `script`, then a HLT after a stop; `after` receives
+    the page after each exit of the script was served."""
     services = Services()
     page, run = vcpu_fd.page, vcpu_fd.run_struct
     steps = iter(script)
-    after: list[bytes] = []
 
     def fake_kvm_run(fd, request, arg):
         if after is not None and len(after) < len(script) and run.exit_reason:
@@ -115,7 +123,6 @@ def run_script(monkeypatch, vcpu_fd, script):
 
     monkeypatch.setattr(kvm_run, "_run_ioctl", fake_kvm_run)
     KvmVcpu(None, vcpu_fd, 0).run_loop(services, ExitDispatcher(pio, mmio, services))
-    return ports, registers, after, pio, mmio
 
 
 def test_single_port_accesses_reach_the_device_and_answer_in_the_page(monkeypatch, vcpu_fd):
@@ -220,21 +227,8 @@ class Failing:
 def _served(monkeypatch, vcpu_fd, device, script, bus_kind="pio"):
     pio, mmio = PioBus(), MmioBus()
     (pio if bus_kind == "pio" else mmio).register(0x60 if bus_kind == "pio" else 0xFED0_0000, 0x100, device)
-    steps, page, run = iter(script), vcpu_fd.page, vcpu_fd.run_struct
-    services = Services()
-
-    def fake_kvm_run(fd, request, arg):
-        step = next(steps, None)
-        if step is None:
-            services.stop_requested.set()
-            run.exit_reason = uapi.KVM_EXIT_HLT
-        else:
-            step(run, page)
-        return 0
-
-    monkeypatch.setattr(kvm_run, "_run_ioctl", fake_kvm_run)
-    KvmVcpu(None, vcpu_fd, 0).run_loop(services, ExitDispatcher(pio, mmio, services))
-    return page
+    play(monkeypatch, vcpu_fd, script, pio, mmio)
+    return vcpu_fd.page
 
 
 def test_a_devices_error_comes_out_of_the_loop_as_it_is(monkeypatch, vcpu_fd):
