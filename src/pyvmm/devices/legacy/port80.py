@@ -18,9 +18,9 @@ class Port80:
     """Keeps the last byte written (reads return it) and counts writes.
 
     No lock: a write is two stores under the GIL, which compiled code does not give up in
-    between (a lock was a third of the device's work per exit); save() and restore() run with
-    the VM paused. Only from source, with several vCPUs writing here at once, can a count be
-    lost (the last value never is)."""
+    between (perf put the lock at most of the device's work per exit); save() and restore()
+    run with the VM paused. Only from source, with several vCPUs writing here at once, can a
+    count be lost (the last value never is)."""
 
     def __init__(self) -> None:
         self.last_value = 0
