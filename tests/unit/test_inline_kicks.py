@@ -227,6 +227,30 @@ def test_requests_added_in_the_same_slice_need_no_kick_and_share_one_interrupt(d
     assert needs_kick(queue.avail_event(), queue.avail_idx, old)  # asked for again
 
 
+def test_after_a_slice_that_added_nothing_more_kicks_are_asked_for_again(disk):
+    device, queue, interrupts = disk
+    accel = Accel()
+    kicks = InlineKicks(device, accel, IoThread())
+    read_sector(queue, 1)
+    kicks(0)
+    accel.end_slice()
+    assert served(queue) == 1 and interrupts.used == [0] and not device.queues[0].kicks_suppressed
+    old = queue.avail_idx
+    read_sector(queue, 2)
+    assert needs_kick(queue.avail_event(), queue.avail_idx, old)
+
+
+def test_a_ring_broken_by_the_slices_end_marks_the_device_for_reset(disk):
+    device, queue, interrupts = disk
+    accel = Accel()
+    kicks = InlineKicks(device, accel, IoThread())
+    read_sector(queue, 1)
+    kicks(0)
+    queue.set_avail_idx(queue.avail_idx + 100)  # more entries than the queue has
+    accel.end_slice()
+    assert device.broken and "available index" in device.broken
+
+
 def test_serve_in_place_serves_only_when_the_lock_is_free(disk):
     device, queue, interrupts = disk
     read_sector(queue, 5)
