@@ -6,7 +6,7 @@ backend emits `call rel32` where the helper lies within 2 GiB of the call, and a
 `movabs` plus an indirect `call *%r10` where it does not. Unicorn mmaps its code buffer (1 GiB)
 wherever the kernel puts it: top-down, below what was mapped since libunicorn was loaded (guest
 RAM, the threads' malloc arenas, other engines' buffers). Which of the two a VM got depended on
-that order, and it mattered: 4 KiB disk reads at iodepth 1 took 1.4-1.9x as long in a process
+that order, and it mattered: 4 KiB disk reads at iodepth 1 took 1.5-2.2x as long in a process
 whose buffer lay 3.3 GiB below libunicorn as in one whose buffer lay 2 MiB below it, the same
 build and guest (README, Benchmarks; perf put the difference in the blocks' exit check).
 
