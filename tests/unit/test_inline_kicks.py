@@ -208,13 +208,19 @@ def test_a_slow_kick_sends_the_next_ones_to_the_io_thread_for_a_while(disk):
     assert served(queue) == 1 and iothread.calls == [] and accel.asked == 3
 
 
+def one_read_served_in_place(disk) -> Accel:
+    """A kick for one read, served in a slice that has not ended: the accelerator, to end it."""
+    device, queue, _ = disk
+    accel = Accel()
+    read_sector(queue, 1)
+    InlineKicks(device, accel, IoThread())(0)
+    return accel
+
+
 def test_requests_added_in_the_same_slice_need_no_kick_and_share_one_interrupt(disk):
     """(At a deeper queue a kick and an interrupt per request would be an exit each.)"""
     device, queue, interrupts = disk
-    accel = Accel()
-    kicks = InlineKicks(device, accel, IoThread())
-    read_sector(queue, 1)
-    kicks(0)
+    accel = one_read_served_in_place(disk)
     for sector in (2, 3):
         old = queue.avail_idx
         read_sector(queue, sector)
@@ -229,10 +235,7 @@ def test_requests_added_in_the_same_slice_need_no_kick_and_share_one_interrupt(d
 
 def test_after_a_slice_that_added_nothing_more_kicks_are_asked_for_again(disk):
     device, queue, interrupts = disk
-    accel = Accel()
-    kicks = InlineKicks(device, accel, IoThread())
-    read_sector(queue, 1)
-    kicks(0)
+    accel = one_read_served_in_place(disk)
     accel.end_slice()
     assert served(queue) == 1 and interrupts.used == [0] and not device.queues[0].kicks_suppressed
     old = queue.avail_idx
@@ -242,10 +245,7 @@ def test_after_a_slice_that_added_nothing_more_kicks_are_asked_for_again(disk):
 
 def test_a_ring_broken_by_the_slices_end_marks_the_device_for_reset(disk):
     device, queue, interrupts = disk
-    accel = Accel()
-    kicks = InlineKicks(device, accel, IoThread())
-    read_sector(queue, 1)
-    kicks(0)
+    accel = one_read_served_in_place(disk)
     queue.set_avail_idx(queue.avail_idx + 100)  # more entries than the queue has
     accel.end_slice()
     assert device.broken and "available index" in device.broken
