@@ -106,7 +106,17 @@ def guest_tsc(vcpu) -> int:
     """The TSC as the guest's RDTSC reads it now, or where it stood when the VM was paused."""
     if vcpu.frozen_tsc is not None:
         return vcpu.frozen_tsc
-    return (host_tsc() + GuestTsc(vcpu.uc, tsc_offset_field()).offset) & ((1 << 64) - 1)
+    return _tsc_at(vcpu.uc, host_tsc())
+
+
+def _tsc_at(uc, host: int) -> int:
+    """The TSC of the vCPU whose context `uc` holds, when the host's reads `host`."""
+    return (host + GuestTsc(uc, tsc_offset_field()).offset) & ((1 << 64) - 1)
+
+
+def _set_tsc_at(uc, value: int, host: int) -> None:
+    """Make that vCPU's TSC read `value` when the host's reads `host` (and count on from there)."""
+    GuestTsc(uc, tsc_offset_field()).offset = _signed64(value - host)
 
 
 def freeze_tscs(vcpus) -> None:
@@ -115,22 +125,20 @@ def freeze_tscs(vcpus) -> None:
     vCPU would put the later ones ahead by the microseconds between, and that skew would grow
     with every pause until Linux finds the TSCs out of step (a "TSC warp" on a CPU's online)."""
     host = host_tsc()
-    field = tsc_offset_field()
     for vcpu in vcpus:
         if vcpu.frozen_tsc is None:
             vcpu.translator.activate(vcpu)
-            vcpu.frozen_tsc = (host + GuestTsc(vcpu.uc, field).offset) & ((1 << 64) - 1)
+            vcpu.frozen_tsc = _tsc_at(vcpu.uc, host)
 
 
 def thaw_tscs(vcpus) -> None:
     """The VM resumes: each TSC goes on from where it stood, the pause left out; again one host
     reading for all, so the vCPUs' offsets keep their differences exactly."""
     host = host_tsc()
-    field = tsc_offset_field()
     for vcpu in vcpus:
         if vcpu.frozen_tsc is not None:
             vcpu.translator.activate(vcpu)
-            GuestTsc(vcpu.uc, field).offset = _signed64(vcpu.frozen_tsc - host)
+            _set_tsc_at(vcpu.uc, vcpu.frozen_tsc, host)
             vcpu.frozen_tsc = None
 
 
@@ -218,7 +226,7 @@ def restore(vcpu, state: VcpuState) -> None:
         if index in state.msrs and index != M.MSR_IA32_TSC:  # Unicorn's TSC MSR is not RDTSC's
             uc.msr_write(index, state.msrs[index])
     if M.MSR_IA32_TSC in state.msrs:
-        GuestTsc(uc, tsc_offset_field()).offset = _signed64(state.msrs[M.MSR_IA32_TSC] - host_tsc())
+        _set_tsc_at(uc, state.msrs[M.MSR_IA32_TSC], host_tsc())
         if vcpu.frozen_tsc is not None:  # restored into a paused VM: it resumes from the saved TSC
             vcpu.frozen_tsc = state.msrs[M.MSR_IA32_TSC]
     cs, ss = state.segments["cs"], state.segments["ss"]
