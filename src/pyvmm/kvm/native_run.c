@@ -36,6 +36,7 @@
 static PyObject *native_ioctl; /* this module's ioctl: the GIL-released call, no Python in between */
 static PyObject *run_failed;
 static PyObject *str_writers, *str_readers, *str_writer, *str_reader;
+static PyObject *one; /* the count's increment, made once */
 
 static PyObject *call_ioctl(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -104,9 +105,7 @@ static int count_exit(PyObject *counts, unsigned int reason)
         return -1;
     }
     PyObject *old = PyList_GET_ITEM(counts, slot);
-    PyObject *one = PyLong_FromLong(1);
-    PyObject *new = one ? PyNumber_Add(old, one) : NULL;
-    Py_XDECREF(one);
+    PyObject *new = PyNumber_Add(old, one);
     if (new == NULL)
         return -1;
     PyList_SET_ITEM(counts, slot, new);
@@ -273,11 +272,12 @@ PyMODINIT_FUNC PyInit_native_run(void)
     str_readers = PyUnicode_InternFromString("readers");
     str_writer = PyUnicode_InternFromString("writer");
     str_reader = PyUnicode_InternFromString("reader");
+    one = PyLong_FromLong(1);
     native_ioctl = PyObject_GetAttrString(m, "ioctl");
     run_failed = PyErr_NewExceptionWithDoc("pyvmm.kvm.native_run.RunFailed",
                                            "KVM_RUN failed for another reason than a kick (an OSError with its errno)",
                                            PyExc_OSError, NULL);
-    if (!str_writers || !str_readers || !str_writer || !str_reader || !native_ioctl || !run_failed
+    if (!str_writers || !str_readers || !str_writer || !str_reader || !one || !native_ioctl || !run_failed
         || PyModule_AddObjectRef(m, "RunFailed", run_failed) < 0
         || PyModule_AddIntConstant(m, "KVM_RUN", KVM_RUN) < 0
         || PyModule_AddIntConstant(m, "KVM_RUN_EXIT_OFFSET", offsetof(struct kvm_run, io)) < 0) {
