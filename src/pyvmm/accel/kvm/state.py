@@ -87,24 +87,27 @@ def _save_fpu(accel: "KvmAccelerator", fd) -> tuple[FpuState, XsaveState | None]
                         mxcsr=f.mxcsr, st=tuple(bytes(r)[:10] for r in f.fpr),
                         xmm=tuple(bytes(r) for r in f.xmm)), None
     area = fd.get_xsave(size)
-    xstate_bv = struct.unpack_from("<Q", area, XSTATE_BV_OFFSET)[0]
+    in_use = struct.unpack_from("<Q", area, XSTATE_BV_OFFSET)[0]
     xcr0 = next((x.value for x in _xcrs(fd) if x.xcr == 0), XSTATE_X87 | XSTATE_SSE)
+    fpu = FpuState.from_fxsave(area[:FXSAVE_SIZE])
+    # XSTATE_BV may mark a component in use that is in its initial configuration (the SDM allows
+    # it: XINUSE; KVM_RUN's XSAVE sets the SSE bit now and then, even for an immediate exit). The
+    # saved bits are the components whose contents differ from their initial configuration, so one
+    # vCPU state always saves the same way. Beyond SSE that configuration is all zeros; this also
+    # drops the PKRU KVM fills in where the host has it, whatever the guest's XCR0 enables.
     layout = xsave_layout(accel)
+    xstate_bv = _legacy_in_use(fpu)
     components = {}
     for number, (offset, length) in layout.items():
-        if xstate_bv >> number & 1:
-            data = area[offset:offset + length]
-            if not xcr0 >> number & 1 and not any(data):
-                # KVM fills in PKRU where the host has it, whatever the guest's XCR0 enables: a
-                # component beyond XCR0 in its initial state (zeros) holds nothing to lose
-                xstate_bv &= ~(1 << number)
-            else:
-                components[number] = data
+        data = area[offset:offset + length]
+        if in_use >> number & 1 and any(data):
+            components[number] = data
+            xstate_bv |= 1 << number
     # A component KVM reports in use but the layout lacks cannot be saved: say so rather than drop it.
-    unknown = [n for n in range(2, 64) if xstate_bv >> n & 1 and n not in layout]
+    unknown = [n for n in range(2, 64) if in_use >> n & 1 and n not in layout]
     if unknown:
         raise StateError(f"x86-xsave state: components: XSAVE component {unknown[0]} is in use but this host's CPUID leaf 0xD does not describe it")
-    return FpuState.from_fxsave(area[:FXSAVE_SIZE]), XsaveState(xcr0=xcr0, xstate_bv=xstate_bv, components=components)
+    return fpu, XsaveState(xcr0=xcr0, xstate_bv=xstate_bv, components=components)
 
 
 def _xcrs(fd):
