@@ -27,9 +27,10 @@ def _written_by_seq() -> bytes:
 
 
 def test_direct_requests_served_in_the_guests_slice_read_and_write_the_image(pyvmm, tmp_path, monkeypatch):
-    # One kick slower than SLOW_NS (the host busy at the wrong moment is enough: wall time)
-    # sends a second of kicks to the I/O thread, longer than this whole test's I/O: a CI run
-    # once saw 144 of 1280 served in place. The backoff has its own unit test; here it is off.
+    # Kicks slower than SLOW_NS in a row (the host busy at the wrong moments: wall time) send a
+    # second of kicks to the I/O thread, longer than this whole test's I/O (a CI run once saw
+    # 144 of 1280 served in place, when one slow kick did it). The backoff has its own unit
+    # tests; here it is off.
     monkeypatch.setattr(inline_kicks, "SLOW_NS", 1 << 62)
     disk = tmp_path / "disk.img"
     content = random.Random(17).randbytes(4 * MIB)
