@@ -79,10 +79,11 @@ MODULES = (
 )
 # Built with the group from C sources of the same name (.c), loaded with it, all or none:
 # the software CPU's port-I/O and MMIO hooks (accel/tcg/hook_trampolines.c), which call the
-# group's guest_io.py, and KVM_RUN with the GIL released and the KVM vCPU's hot loop
-# (kvm/native_run.c).
+# group's guest_io.py, the software CPU's translated code dropped for device writes
+# (accel/tcg/native_code_drop.c), and KVM_RUN with the GIL released and the KVM vCPU's hot
+# loop (kvm/native_run.c).
 # Optional to their users: without a usable build they do not import.
-C_MODULES = ("pyvmm.accel.tcg.hook_trampolines", "pyvmm.kvm.native_run")
+C_MODULES = ("pyvmm.accel.tcg.hook_trampolines", "pyvmm.accel.tcg.native_code_drop", "pyvmm.kvm.native_run")
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 # The directory holding pyvmm/. (The imports the checks need are made when they run: `import

@@ -213,4 +213,4 @@ def test_without_host_write_protection_kvm_still_logs_and_the_software_cpu_refus
     assert list(vm.dirty_log().pages()) == pages(CONTROL, *targets)
     assert list(vm.dirty_log().pages()) == []
     vm.stop_dirty_log()
-    assert vm.memory.on_device_write is None
+    assert vm.memory.on_device_writes is None

@@ -243,15 +243,15 @@ def test_device_write_log_has_the_buffers_a_device_filled_and_its_used_rings():
             assert list(log.collect().pages()) == sorted(written_pages | ring_pages)
         finally:
             log.close()
-        assert memory.on_device_write is None  # the hook it chained is back
+        assert memory.on_device_writes is None  # the hook it chained is back
 
 
 def test_device_write_log_chains_the_hook_already_there():
     seen = []
     with GuestMemory.from_specs([LOW]) as memory:
-        memory.on_device_write = lambda address, length: seen.append((address, length))
+        memory.on_device_writes = seen.extend
         log = DeviceWriteLog(memory, lambda: [])
-        memory.on_device_write(0x5000, 10)
+        memory.on_device_writes([(0x5000, 10)])
         assert seen == [(0x5000, 10)] and list(log.collect().pages()) == [0x5000]
         log.close()
-        assert memory.on_device_write is not None and memory.on_device_write(0, 1) is None and seen[-1] == (0, 1)
+        assert memory.on_device_writes is not None and memory.on_device_writes([(0, 1)]) is None and seen[-1] == (0, 1)

@@ -16,7 +16,7 @@ pytest.importorskip("unicorn")
 import unicorn.x86_const as X  # noqa: E402
 
 from pyvmm.accel.exits import Hlt, Interrupted  # noqa: E402
-from pyvmm.accel.tcg.accelerator import KICKS_SETTING, TcgAccelerator  # noqa: E402
+from pyvmm.accel.tcg.accelerator import KICKS_SETTING, MAX_DMA_RUNS, TcgAccelerator  # noqa: E402
 from pyvmm.accel.tcg.vcpu import TcgVcpu  # noqa: E402
 from pyvmm.arch.x86_64 import layout  # noqa: E402
 from pyvmm.arch.x86_64.boot_tables import long_mode_state  # noqa: E402
@@ -67,7 +67,7 @@ class Kickable:
             return False
         code = _returns(2)
         self.memory.write(FUNCTION, code)  # through pyvmm's mapping, as device DMA ...
-        self.memory.on_device_write(FUNCTION, len(code))  # ... which a virtqueue's push reports
+        self.memory.on_device_writes([(FUNCTION, len(code))])  # ... which a virtqueue's push reports
         return True
 
 
@@ -85,9 +85,9 @@ def machine(translator):
     cpu.close()
 
 
-def _run(cpu, memory, code: bytes) -> tuple[int, int]:
+def _run(cpu, memory, code: bytes, function: bytes = _returns(1)) -> tuple[int, int]:
     memory.write(CODE, code)
-    memory.write(FUNCTION, _returns(1))
+    memory.write(FUNCTION, function)
     cpu.translator.activate(cpu)
     cpu.regs.write(X.UC_X86_REG_RIP, CODE)
     cpu.regs.write(X.UC_X86_REG_RSP, STACK_TOP)
@@ -139,3 +139,20 @@ def test_the_setting_sends_every_kick_to_the_io_thread(monkeypatch, request):
     cpu, memory, device = request.getfixturevalue("machine")  # (built with the setting in place)
     assert _run(cpu, memory, _guest()) == (1, 1)
     assert device.served == [False]
+
+
+
+def test_device_writes_noted_while_no_vcpu_runs_stay_bounded_and_drop_everything(machine):
+    """(A long pause with a device writing: the list would grow with every request.)"""
+    cpu, memory, device = machine
+    accel = device.accel
+    assert _run(cpu, memory, _guest(kicks=0)) == (1, 1)  # FUNCTION translated
+    accel._note_device_writes([(STACK_TOP, 8)])
+    accel._drop_stale_code()
+    # rewritten behind the translator's back, not noted: its stale translation runs
+    assert _run(cpu, memory, _guest(kicks=0), function=_returns(3)) == (1, 1)
+    for _ in range(MAX_DMA_RUNS // 1024 + 1):
+        accel._note_device_writes([(STACK_TOP, 8)] * 1024)
+    assert len(accel._dma_writes) <= MAX_DMA_RUNS
+    accel._drop_stale_code()  # (what the scheduler does before the next slice)
+    assert _run(cpu, memory, _guest(kicks=0), function=_returns(3)) == (3, 3)

@@ -54,9 +54,9 @@ def _run_to_exit(cpu):
     raise AssertionError("the guest never left its time slices")
 
 
-def _run_from_start(cpu) -> int:
+def _run_from_start(cpu, offset: int = 0) -> int:
     cpu.translator.activate(cpu)
-    cpu.regs.write(X.UC_X86_REG_RIP, CODE_VIRTUAL)
+    cpu.regs.write(X.UC_X86_REG_RIP, CODE_VIRTUAL + offset)
     assert isinstance(_run_to_exit(cpu), Hlt)
     return cpu.regs.read(X.UC_X86_REG_RAX)
 
@@ -91,6 +91,59 @@ def test_dropping_code_of_pages_outside_ram_is_harmless(vcpu):
     memory.write(CODE_PHYSICAL, _mov_eax_hlt(3))
     cpu.translator.translated_code.drop(16 << 20, 17 << 20)
     assert _run_from_start(cpu) == 3
+
+
+@pytest.fixture(params=["native", "ctypes"])
+def drop_path(request, vcpu):
+    """drop_written through native_code_drop.c (where the compiled group is built) or ctypes."""
+    cpu, memory = vcpu
+    code = cpu.translator.translated_code
+    if request.param == "ctypes":
+        code.native = None
+    elif code.native is None:
+        pytest.skip("native_code_drop is not built (scripts/compile) or PYVMM_COMPILED=0")
+    return cpu, memory
+
+
+def test_what_devices_wrote_is_dropped_in_one_call_and_nothing_else(drop_path):
+    """Runs on two pages and one outside RAM: the two run anew; a page rewritten but not
+    reported keeps its stale translation (only the runs are dropped, not the whole cache)."""
+    cpu, memory = drop_path
+    pages = (0, 0x3000, 0x5000)
+    for n, offset in enumerate(pages):
+        memory.write(CODE_PHYSICAL + offset, _mov_eax_hlt(10 + n))
+        assert _run_from_start(cpu, offset) == 10 + n
+        memory.write(CODE_PHYSICAL + offset + 1, bytes([20 + n]))  # behind the translator's back
+    cpu.translator.translated_code.drop_written([(CODE_PHYSICAL + 1, 1), (CODE_PHYSICAL + 0x3000, 4096),
+                                                 (16 << 20, 4096)])
+    assert [_run_from_start(cpu, offset) for offset in pages] == [20, 21, 12]
+
+
+def test_a_run_across_the_end_of_ram_drops_the_part_in_it(drop_path):
+    cpu, memory = drop_path
+    ram_end = max(r.guest_base + r.size for r in memory.regions)
+    memory.write_u64(layout.PAGE_DIRECTORIES + 0x1000 * (CODE_VIRTUAL >> 30) + 8,
+                     (ram_end - 0x20_0000) | HUGE_PAGE_FLAGS)  # CODE_VIRTUAL + 2 MiB: RAM's last 2 MiB
+    offset = 0x20_0000 + 0x1F_F000  # RAM's last page, seen from CODE_VIRTUAL
+    memory.write(ram_end - 0x1000, _mov_eax_hlt(1))
+    assert _run_from_start(cpu, offset) == 1
+    memory.write(ram_end - 0x1000 + 1, b"\x02")
+    cpu.translator.translated_code.drop_written([(ram_end - 0x1000, 1 << 40)])
+    assert _run_from_start(cpu, offset) == 2
+
+
+def test_the_native_drop_refuses_malformed_arguments(drop_path):
+    cpu, _ = drop_path
+    code = cpu.translator.translated_code
+    if code.native is None:
+        pytest.skip("the ctypes path takes Python's own errors")
+    addresses = code._functions.addresses
+    with pytest.raises(ValueError, match="an item of 1 values, not 2"):
+        code.native.drop_written(*addresses, code._engine, code._regions, [(CODE_PHYSICAL,)])
+    with pytest.raises(TypeError, match="not a sequence"):
+        code.native.drop_written(*addresses, code._engine, code._regions, [CODE_PHYSICAL])
+    with pytest.raises(ValueError, match="NULL"):
+        code.native.drop_written(0, addresses[1], code._engine, code._regions, [])
 
 
 # --- several vCPUs on one translator ----------------------------------------------------------

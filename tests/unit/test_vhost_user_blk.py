@@ -211,7 +211,7 @@ def test_writeback_cache_setting_reaches_the_daemon(device, memory):
 
 def test_device_writes_are_reported_for_the_software_cpu(device, memory):
     writes = []
-    memory.on_device_write = lambda address, length: writes.append((address, length))
+    memory.on_device_writes = writes.extend
     driver = FakeDriver(memory, device)
     queue = driver.queue(0)
     head = queue.add([header(T_IN, 7)], [SECTOR, 1])

@@ -41,7 +41,7 @@ def test_inflate_returns_the_pages_to_the_host_and_drops_translated_code(backing
         device = VirtioBalloon()
         driver = FakeDriver(memory, device)
         dropped: list[tuple[int, int]] = []
-        memory.on_device_write = lambda address, length: dropped.append((address, length))
+        memory.on_device_writes = dropped.extend
         _touch(memory, 8 * MIB, 4 * MIB)
         region = memory.regions[0]
         # two buffers of 256 PFNs (1 MiB each), as Linux sends them, over 8 MiB..10 MiB

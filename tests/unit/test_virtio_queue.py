@@ -217,7 +217,7 @@ def test_queue_size_must_be_power_of_two(memory):
 
 def test_device_writes_are_reported_for_the_software_cpu(memory):
     seen = []
-    memory.on_device_write = lambda address, length: seen.append((address, length))
+    memory.on_device_writes = seen.extend
     device, driver = rng_with_driver(memory)
     q = driver.queue(0)
     head = q.add([], [6, 10])
@@ -230,7 +230,7 @@ def test_device_writes_of_adjacent_buffers_are_reported_once(memory):
     """push_many() (a received frame's pieces) reports each run of adjacent buffers it wrote
     once, and only the bytes written."""
     seen = []
-    memory.on_device_write = lambda address, length: seen.append((address, length))
+    memory.on_device_writes = seen.extend
     device, driver = rng_with_driver(memory)
     q = driver.queue(0)
     base = q.allocator.alloc(0x3000, 0x1000)

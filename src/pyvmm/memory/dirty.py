@@ -284,7 +284,7 @@ class HostWriteTracker:
 class DeviceWriteLog:
     """Where the host cannot write-protect (Linux before 6.7) but the accelerator logs what the
     guest writes (KVM's dirty log), the rest is what device models write: the buffers of each
-    request they complete (reported through GuestMemory.on_device_write, as virtqueue.push
+    request they complete (reported through GuestMemory.on_device_writes, as virtqueue.push
     does) and the used rings of their virtqueues (`used_rings()`: (address, length) of each
     ring a device may write, marked at every collection). No device in this process writes
     guest RAM otherwise; a vhost-user back-end does (the Vm refuses those)."""
@@ -294,14 +294,15 @@ class DeviceWriteLog:
         self._used_rings = used_rings
         self._lock = threading.Lock()
         self._bitmap = DirtyBitmap.empty(memory)
-        self._previous = memory.on_device_write  # chained: the software CPU's code invalidation
-        memory.on_device_write = self._note
+        self._previous = memory.on_device_writes  # chained: the software CPU's code invalidation
+        memory.on_device_writes = self._note
 
-    def _note(self, address: int, length: int) -> None:
+    def _note(self, runs: list[tuple[int, int]]) -> None:
         if self._previous is not None:
-            self._previous(address, length)
+            self._previous(runs)
         with self._lock:
-            self._bitmap.mark(address, length)
+            for address, length in runs:
+                self._bitmap.mark(address, length)
 
     def collect(self, into: DirtyBitmap | None = None) -> DirtyBitmap:
         with self._lock:
@@ -311,8 +312,8 @@ class DeviceWriteLog:
         return taken if into is None else into.merge(taken)
 
     def close(self) -> None:
-        if self._memory.on_device_write == self._note:
-            self._memory.on_device_write = self._previous
+        if self._memory.on_device_writes == self._note:
+            self._memory.on_device_writes = self._previous
 
 
 class DirtyRate:

@@ -140,9 +140,10 @@ class GuestMemory:
             if a.guest_end > b.guest_base:
                 raise GuestMemoryError(f"RAM regions overlap at {b.guest_base:#x}")
         self._spans = [(int(r.guest_base), int(r.guest_base) + r.size, r.view, r.words) for r in self.regions]
-        # Called as (address, length) after a device wrote guest RAM behind the CPU's back
-        # (virtio DMA): the software CPU must drop code it translated from those bytes.
-        self.on_device_write: Callable[[int, int], None] | None = None
+        # Called with the runs (address, length) a device wrote guest RAM in behind the CPU's
+        # back (virtio DMA), all of a completion at once: the software CPU must drop code it
+        # translated from those bytes.
+        self.on_device_writes: Callable[[list[tuple[int, int]]], None] | None = None
         # Set where RAM is loaded lazily (pages filled in on first touch, e.g. through
         # userfaultfd): makes every page present, for readers that skip the memfd's holes.
         self.populator: Callable[[], None] | None = None
@@ -173,8 +174,8 @@ class GuestMemory:
             low, high = max(address, base), min(address + length, end)
             if low < high:
                 freed += self.region_for(low).discard(low - base, high - low)
-        if freed and self.on_device_write is not None:
-            self.on_device_write(address, length)
+        if freed and self.on_device_writes is not None:
+            self.on_device_writes([(address, length)])
         return freed
 
     def advise(self, backing: Backing) -> None:

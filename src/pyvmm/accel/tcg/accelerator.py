@@ -58,6 +58,10 @@ WINDOW_SLICE = 0.0001   # an event pending, its window closed, no window exit (i
 # other vCPU take it sooner. Without this, a 2-vCPU Linux boot spent a third of its slices
 # spinning in smp_call_function_many_cond (a profile of the guest RIP at slice ends).
 SHARED_SLICE = 0.0005
+# Device writes noted beyond this many runs, with no vCPU running to drop their code, become one
+# run over every address: the list stays bounded, and the next slice drops all translated RAM.
+MAX_DMA_RUNS = 1 << 16
+ALL_ADDRESSES = (1 << 64) - 1  # (a length, from 0)
 # PYVMM_TCG_EXCEPTIONS=python: deliver guest exceptions with pyvmm's Python code (delivery.py)
 # instead of the engine's own (native_delivery.py), to compare the two or to rule one out.
 EXCEPTIONS_SETTING = "PYVMM_TCG_EXCEPTIONS"
@@ -106,7 +110,7 @@ class TcgAccelerator:
         self._wakeups: queue.SimpleQueue[None] = queue.SimpleQueue()
         self._slice_timer = SliceTimer()
         self._dma_lock = threading.Lock()
-        self._dma_pages: set[int] = set()
+        self._dma_writes: list[tuple[int, int]] = []  # (address, length) devices wrote
         # what serve_device_work() leaves for the slice's end (in order, each once) and whether it serves at all
         self._after_slice: dict[Callable[[], None], None] = {}
         self._serves_kicks = os.environ.get(KICKS_SETTING, "") != "io-thread"
@@ -133,14 +137,15 @@ class TcgAccelerator:
 
     def map_memory(self, memory: GuestMemory) -> None:
         self.memory = memory
-        memory.on_device_write = self._note_device_write
+        memory.on_device_writes = self._note_device_writes
 
-    def _note_device_write(self, address: int, length: int) -> None:
-        """Device DMA bypasses the translator's self-modifying-code detection: remember the
-        pages, whose translated code is dropped before the next slice (any thread)."""
-        first, last = address >> 12, (address + length - 1) >> 12
+    def _note_device_writes(self, runs: list[tuple[int, int]]) -> None:
+        """Device DMA bypasses the translator's self-modifying-code detection: remember what
+        it wrote, whose translated code is dropped before the next slice (any thread)."""
         with self._dma_lock:
-            self._dma_pages.update(range(first, last + 1))
+            self._dma_writes += runs
+            if len(self._dma_writes) > MAX_DMA_RUNS:  # (no vCPU ran for a long while)
+                self._dma_writes = [(0, ALL_ADDRESSES)]
 
     def serve_device_work(self, work: Callable[[], bool], after: Callable[[], None]) -> bool:
         """In the running slice, on its vCPU's thread (not with PYVMM_TCG_KICKS=io-thread).
@@ -151,7 +156,7 @@ class TcgAccelerator:
         vcpu = getattr(helper_patch.running, "vcpu", None)
         if vcpu is None or not self._serves_kicks or not work():
             return False
-        if self._dma_pages:
+        if self._dma_writes:
             self._drop_stale_code()
         self._after_slice[after] = None
         vcpu.stats["kicks_served"] += 1
@@ -164,18 +169,10 @@ class TcgAccelerator:
 
     def _drop_stale_code(self) -> None:
         with self._dma_lock:
-            pages, self._dma_pages = self._dma_pages, set()
-        ranges: list[list[int]] = []
-        for page in sorted(pages):
-            if ranges and ranges[-1][1] == page:
-                ranges[-1][1] = page + 1
-            else:
-                ranges.append([page, page + 1])
+            runs, self._dma_writes = self._dma_writes, []
         translator = self._translator
-        if translator is None:
-            return  # no vCPU yet: nothing translated
-        for first, end in ranges:
-            translator.translated_code.drop(first << 12, end << 12)
+        if translator is not None:  # (else no vCPU yet: nothing translated)
+            translator.translated_code.drop_written(runs)
 
     # Translated code writes guest RAM through this process's mapping (Unicorn maps it by
     # pointer), where the Vm's HostWriteTracker sees every write: no log of its own.
@@ -344,7 +341,7 @@ class TcgAccelerator:
                     pending = platform.pending_vector(vcpu)
                 if vcpu.halted:
                     continue
-                if self._dma_pages:
+                if self._dma_writes:
                     self._drop_stale_code()
                 windows = vcpu.translator.interrupt_requests is not None
                 if windows and (pending is not None or nmi_held):

@@ -15,6 +15,10 @@ RAM offset, and `tb_invalidate_phys_range()` drops what was translated from that
 range. libunicorn exports both; they are checked on a scratch instance the first
 time. Where they are missing or fail the check, the whole translation cache is
 flushed instead: correct, only slower.
+
+What devices wrote comes as runs (address, length): a 1 MiB disk read is about 256 of
+them, scattered pages. `drop_written` hands them to native_code_drop.c, which makes
+the two calls per run from C, where the compiled group is built; else through ctypes.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +35,24 @@ _NEVER = 0xFFFF_FFFF_FFFF_FFFF
 
 
 class _PhysicalInvalidation:
-    """The two engine functions, typed."""
+    """The two engine functions, typed, and their addresses (for native_code_drop.c)."""
 
     def __init__(self, lib) -> None:
         self.ram_offset = lib.qemu_ram_addr_from_host_x86_64
         self.ram_offset.restype, self.ram_offset.argtypes = ctypes.c_uint64, [ctypes.c_void_p, ctypes.c_void_p]
         self.invalidate = lib.tb_invalidate_phys_range_x86_64
         self.invalidate.restype, self.invalidate.argtypes = None, [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64]
+        self.addresses = (ctypes.cast(self.ram_offset, ctypes.c_void_p).value,
+                          ctypes.cast(self.invalidate, ctypes.c_void_p).value)
+
+
+def _native_code_drop() -> Any:
+    """native_code_drop (C), or None where it is not built (or PYVMM_COMPILED=0)."""
+    try:
+        from . import native_code_drop
+    except ImportError:
+        return None
+    return native_code_drop
 
 
 def _engine_address(uc) -> int:
@@ -54,6 +70,7 @@ class TranslatedCode:
         # (guest base, guest end, host address) of every RAM region mapped into this vCPU
         self._regions = [(r.guest_base, r.guest_base + r.size, r.host_address) for r in regions]
         self._functions = physical_invalidation()
+        self.native = _native_code_drop()  # None: drop_written through ctypes
 
     @property
     def precise(self) -> bool:
@@ -75,6 +92,19 @@ class TranslatedCode:
                 self._uc.ctl_flush_tb()
                 return
             functions.invalidate(self._engine, ram, ram + (high - low))
+
+    def drop_written(self, runs: list[tuple[int, int]]) -> None:
+        """Forget code translated from the guest-physical runs (address, length) devices wrote.
+        Only where no guest code runs on: between slices, or in a hook of the vCPU's thread."""
+        functions, native = self._functions, self.native
+        if functions is None:
+            self._uc.ctl_flush_tb()
+        elif native is not None:
+            if not native.drop_written(*functions.addresses, self._engine, self._regions, runs):
+                self._uc.ctl_flush_tb()  # (as drop() does for RAM that is not the engine's)
+        else:
+            for address, length in runs:
+                self.drop(address, address + length)
 
 
 _checked = False

@@ -345,10 +345,9 @@ class SplitQueue:
     def _note_writes(self, writes: list[list[int]]) -> None:
         """Tell guest memory's watcher (the software CPU's code invalidation, dirty logging) what
         the device wrote: once per run of adjacent buffers (a received frame's pieces often are)."""
-        note = self.memory.on_device_write
+        note = self.memory.on_device_writes
         if note is not None:
-            for start, end in writes:
-                note(start, end - start)
+            note([(start, end - start) for start, end in writes])
 
     def _place_used(self, chain: DescriptorChain, written: int, writes: list[list[int]]) -> bool:
         """Write the used element for `chain` at the used index, which moves on (not yet published);

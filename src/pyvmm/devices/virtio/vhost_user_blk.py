@@ -207,7 +207,7 @@ class VhostUserBlk(VirtioDevice):
         with self.lock:
             if not self.active or index not in self._started:
                 return
-            if self.memory.on_device_write is not None:
+            if self.memory.on_device_writes is not None:
                 self._note_device_writes(index)
         # The back-end already applied EVENT_IDX / NO_INTERRUPT: no needs_interrupt() here.
         self.interrupt.signal_used(index)
@@ -218,8 +218,9 @@ class VhostUserBlk(VirtioDevice):
         Reads the used entries since the last call; queue.used_idx mirrors how far we got.
         """
         queue, memory = self.queues[index], self.memory
-        note_write = memory.on_device_write
-        assert note_write is not None  # _on_call checked
+        note = memory.on_device_writes
+        assert note is not None  # _on_call checked
+        runs: list[tuple[int, int]] = []
         new = memory.read_u16(queue.used_ring + 2)
         if (new - queue.used_idx) & 0xFFFF > queue.size:  # nonsense index: resynchronise, report nothing
             queue.used_idx = new
@@ -235,10 +236,12 @@ class VhostUserBlk(VirtioDevice):
             except (ChainError, GuestMemoryError):
                 continue
             for address, length in chain.writable:
-                note_write(address, min(length, written))
+                runs.append((address, min(length, written)))
                 written -= length
                 if written <= 0:
                     break
+        if runs:
+            note(runs)
 
     def _on_error(self, index: int) -> None:
         if self.active:
