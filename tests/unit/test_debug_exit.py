@@ -70,7 +70,7 @@ def test_port80_keeps_last_value_and_counts_writes():
     port.write(0, b"\x34")
     assert port.read(0, 1) == b"\x34"
     assert port.writes == 2
-    assert port.read(0, 2) == b"\x34\xff"
+    assert port.read(0, 2) == b"\x34\xff" and port.read(0, 4) == b"\x34\xff\xff\xff" and port.read(0, 0) == b""
 
 
 def test_port80_save_restore():
