@@ -132,11 +132,11 @@ def test_a_run_across_the_end_of_ram_drops_the_part_in_it(drop_path):
     assert _run_from_start(cpu, offset) == 2
 
 
-def test_the_native_drop_refuses_malformed_arguments(drop_path):
-    cpu, _ = drop_path
+def test_the_native_drop_refuses_malformed_arguments(vcpu):
+    cpu, _ = vcpu
     code = cpu.translator.translated_code
     if code.native is None:
-        pytest.skip("the ctypes path takes Python's own errors")
+        pytest.skip("native_code_drop is not built (scripts/compile) or PYVMM_COMPILED=0")
     addresses = code._functions.addresses
     with pytest.raises(ValueError, match="an item of 1 values, not 2"):
         code.native.drop_written(*addresses, code._engine, code._regions, [(CODE_PHYSICAL,)])
