@@ -80,10 +80,12 @@ MODULES = (
 # Built with the group from C sources of the same name (.c), loaded with it, all or none:
 # the software CPU's port-I/O and MMIO hooks (accel/tcg/hook_trampolines.c), which call the
 # group's guest_io.py, the software CPU's translated code dropped for device writes
-# (accel/tcg/native_code_drop.c), and KVM_RUN with the GIL released and the KVM vCPU's hot
-# loop (kvm/native_run.c).
+# (accel/tcg/native_code_drop.c), KVM_RUN with the GIL released and the KVM vCPU's hot loop
+# (kvm/native_run.c), and guest RAM loaded without the GIL when the uffd handler died
+# (snapshot/uffd_rescue.c).
 # Optional to their users: without a usable build they do not import.
-C_MODULES = ("pyvmm.accel.tcg.hook_trampolines", "pyvmm.accel.tcg.native_code_drop", "pyvmm.kvm.native_run")
+C_MODULES = ("pyvmm.accel.tcg.hook_trampolines", "pyvmm.accel.tcg.native_code_drop", "pyvmm.kvm.native_run",
+             "pyvmm.snapshot.uffd_rescue")
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 # The directory holding pyvmm/. (The imports the checks need are made when they run: `import

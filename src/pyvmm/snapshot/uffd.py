@@ -10,7 +10,11 @@ touched a missing page may hold the GIL.
 pyvmm's handler copies the rest of the file in between faults and says "complete" once every
 data page is in; RAM is then unregistered (holes fill with zeroes as anywhere) and the
 handler ends. GuestMemory.populate() waits for that. A handler that dies before it is done
-leaves RAM that cannot be loaded: the VM is stopped with a vmm-error outcome naming it.
+leaves RAM that cannot be loaded: the VM is stopped with a vmm-error outcome naming it. A VMM
+thread holding the GIL that touched an unloaded page meanwhile would wait in the fault for
+ever, and the monitor that notices the handler gone with it (it needs the GIL): where the
+compiled group is built, uffd_rescue.c's thread, which needs no GIL, loads RAM from the memory
+file once pyvmm's handler has ended, so that thread gets its page and the monitor runs.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from ..errors import UserError
 from ..memory import GuestMemory
@@ -57,8 +61,9 @@ class LazyLoad:
     """The userfaultfd over guest RAM and the handler answering it."""
 
     def __init__(self, memory: GuestMemory, fd: int, control: socket.socket,
-                 process: subprocess.Popen | None) -> None:
+                 process: subprocess.Popen | None, rescue: Any = None) -> None:
         self.memory, self.fd, self.control, self.process = memory, fd, control, process
+        self.rescue = rescue  # uffd_rescue.Rescue, or None (no build, or a handler not pyvmm's)
         self.complete = threading.Event()
         self.failure: str | None = None
         self.on_failure: Callable[[str], None] | None = None
@@ -93,6 +98,8 @@ class LazyLoad:
         """RAM no longer needs the handler: unregister it (waking any waiting fault), close the
         userfaultfd and the socket (pyvmm's handler ends)."""
         with self._lock:
+            if self.rescue is not None:
+                self.rescue.stop()
             if self.fd >= 0:
                 for region in self.memory.regions:
                     try:
@@ -140,6 +147,25 @@ class LazyLoad:
                 self.process.wait()
 
 
+def _rescue(fd: int, memory_fd: int, pid: int, mappings: list[tuple[int, int, int]]) -> Any:
+    """uffd_rescue.c's thread for pyvmm's handler process `pid`, or None where it is not built
+    (or PYVMM_COMPILED=0) or the host has no pidfd."""
+    try:
+        from . import uffd_rescue
+    except ImportError:
+        return None
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError as exc:
+        log.info("uffd restore: no pidfd for the handler (%s): a VMM thread may wait for ever if it dies",
+                 exc.strerror)
+        return None
+    try:
+        return uffd_rescue.Rescue(fd, memory_fd, pidfd, mappings, os.sysconf("SC_PAGE_SIZE"))
+    finally:
+        os.close(pidfd)
+
+
 def lazy_memory(specs: list[RegionSpec], file_offsets: list[int], memory_fd: int, *,
                 handler_socket: str | None = None, prefetch: bool = True) -> tuple[GuestMemory, LazyLoad]:
     """Guest RAM of `specs`, each region filled on demand from the memory file `memory_fd` at
@@ -160,6 +186,7 @@ def lazy_memory(specs: list[RegionSpec], file_offsets: list[int], memory_fd: int
                      "page_size": os.sysconf("SC_PAGE_SIZE"), "page_size_kib": os.sysconf("SC_PAGE_SIZE") >> 10}
                     for region, offset in zip(memory.regions, file_offsets)]
         process = None
+        rescue = None
         if handler_socket is None:
             control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             with theirs:
@@ -167,6 +194,8 @@ def lazy_memory(specs: list[RegionSpec], file_offsets: list[int], memory_fd: int
                 argv = [sys.executable, "-S", str(HANDLER_SCRIPT), "--fd", str(theirs.fileno())]
                 process = subprocess.Popen(argv + ([] if prefetch else ["--no-prefetch"]),
                                            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+            rescue = _rescue(fd, memory_fd, process.pid, [(region.host_address, region.size, offset)
+                                                          for region, offset in zip(memory.regions, file_offsets)])
             fds = [fd, memory_fd]
         else:
             control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -187,7 +216,7 @@ def lazy_memory(specs: list[RegionSpec], file_offsets: list[int], memory_fd: int
         if isinstance(exc, uffd.HostMemoryError):
             raise UffdUnavailable(f"uffd restore: {exc.strerror}") from None
         raise
-    lazy = LazyLoad(memory, fd, control, process)
+    lazy = LazyLoad(memory, fd, control, process, rescue)
     memory.populator = lazy.populate
     memory.on_close.append(lazy.close)
     return memory, lazy
