@@ -39,6 +39,7 @@ import sys
 TYPE_CHECKING = False  # (typing.TYPE_CHECKING, without importing typing: mypy reads it by name)
 if TYPE_CHECKING:
     import pathlib
+    from typing import Any
 
     from mypy_extensions import mypyc_attr, trait
 else:
@@ -86,6 +87,20 @@ MODULES = (
 # Optional to their users: without a usable build they do not import.
 C_MODULES = ("pyvmm.accel.tcg.hook_trampolines", "pyvmm.accel.tcg.native_code_drop", "pyvmm.kvm.native_run",
              "pyvmm.snapshot.uffd_rescue")
+
+
+def c_module(name: str) -> Any:
+    """The C module `name` (one of C_MODULES), or None where the build is not in use (none, an
+    edited source, PYVMM_COMPILED=0): its user then takes its Python or ctypes path."""
+    import importlib
+
+    assert name in C_MODULES, name
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 # The directory holding pyvmm/. (The imports the checks need are made when they run: `import

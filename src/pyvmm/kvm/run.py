@@ -10,6 +10,7 @@ import errno
 import mmap
 from typing import Any, Final
 
+from ..compiled import c_module
 from . import ioctls, uapi
 from .errors import KvmError
 
@@ -20,18 +21,10 @@ _KVM_RUN: Final = ioctls.KVM_RUN
 _libc = ctypes.CDLL(None)
 
 
-def _native_run() -> Any:
-    """native_run.c where the compiled group is built (KVM_RUN with no ctypes conversions on the
-    way, and the hot loop), else None: libc's ioctl through ctypes, and the accelerator's own
-    loop (accel/kvm/io_exits.py)."""
-    try:
-        from . import native_run
-    except ImportError:
-        return None
-    return native_run
-
-
-_native: Final[Any] = _native_run()
+# native_run.c where the compiled group is built (KVM_RUN with no ctypes conversions on the
+# way, and the hot loop), else None: libc's ioctl through ctypes, and the accelerator's own
+# loop (accel/kvm/io_exits.py).
+_native: Final[Any] = c_module("pyvmm.kvm.native_run")
 NATIVE_IO_EXITS: Final = _native is not None
 # Both leave errno for _last_errno; tests replace it to play KVM.
 _run_ioctl = _native.ioctl if _native is not None else _libc.ioctl

@@ -30,6 +30,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
+from ..compiled import c_module
 from ..errors import UserError
 from ..memory import GuestMemory
 from ..memory import userfaultfd as uffd
@@ -150,9 +151,8 @@ class LazyLoad:
 def _rescue(fd: int, memory_fd: int, pid: int, mappings: list[tuple[int, int, int]]) -> Any:
     """uffd_rescue.c's thread for pyvmm's handler process `pid`, or None where it is not built
     (or PYVMM_COMPILED=0) or the host has no pidfd."""
-    try:
-        from . import uffd_rescue
-    except ImportError:
+    uffd_rescue = c_module("pyvmm.snapshot.uffd_rescue")
+    if uffd_rescue is None:
         return None
     try:
         pidfd = os.pidfd_open(pid)

@@ -21,6 +21,7 @@ import ctypes
 import logging
 from typing import Any, Protocol
 
+from ...compiled import c_module
 from .guest_io import mmio_read, mmio_write, port_in, port_out
 
 log = logging.getLogger(__name__)
@@ -33,20 +34,11 @@ class Running(Protocol):
     current: Any
 
 
-def _trampolines() -> Any:
-    """hook_trampolines (C), or None where it is not built (or PYVMM_COMPILED=0)."""
-    try:
-        from . import hook_trampolines
-    except ImportError:
-        return None
-    return hook_trampolines
-
-
 class DirectHooks:
     def __init__(self, uc, uclib, types: dict) -> None:
         self._uc, self._uclib, self._types = uc, uclib, types
         self._keep: list = []  # the function pointers and targets live as long as the engine that calls them
-        self.trampolines = _trampolines()  # None: ctypes callbacks
+        self.trampolines = c_module("pyvmm.accel.tcg.hook_trampolines")  # None: ctypes callbacks
 
     def _failed(self, exc: BaseException) -> None:
         uc = self._uc

@@ -26,7 +26,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
-from typing import Any
+
+from ...compiled import c_module
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +47,6 @@ class _PhysicalInvalidation:
                           ctypes.cast(self.invalidate, ctypes.c_void_p).value)
 
 
-def _native_code_drop() -> Any:
-    """native_code_drop (C), or None where it is not built (or PYVMM_COMPILED=0)."""
-    try:
-        from . import native_code_drop
-    except ImportError:
-        return None
-    return native_code_drop
-
-
 def _engine_address(uc) -> int:
     address = ctypes.cast(uc._uch, ctypes.c_void_p).value
     assert address is not None  # a live engine's handle is never NULL
@@ -70,7 +62,7 @@ class TranslatedCode:
         # (guest base, guest end, host address) of every RAM region mapped into this vCPU
         self._regions = [(r.guest_base, r.guest_base + r.size, r.host_address) for r in regions]
         self._functions = physical_invalidation()
-        self.native = _native_code_drop()  # None: drop_written through ctypes
+        self.native = c_module("pyvmm.accel.tcg.native_code_drop")  # None: drop_written through ctypes
 
     @property
     def precise(self) -> bool:
