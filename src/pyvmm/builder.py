@@ -157,6 +157,7 @@ class Machine:
     pci_root: PciRoot
     wiring: VirtioWiring
     iothread: IoThread
+    transfers: Any   # host/disk_transfers.DiskTransfers, or None: disks serve every request in place
     rtc_timer: DeadlineTimer
     outcomes: OutcomeSink
     releases: list
@@ -173,8 +174,9 @@ class Machine:
 
     def vm(self, vcpus: list) -> Vm:
         vm = Vm(self.accel, self.memory, self.pio, self.mmio, vcpus, self.manager.devices(), iothread=self.iothread,
-                pausables=[self.rtc_timer, self.uart],
-                on_close=[self.uart.flush_output, self.rtc_timer.close, self.wiring.close, self._release])
+                pausables=[self.rtc_timer, self.uart, *([self.transfers] if self.transfers is not None else [])],
+                on_close=[self.uart.flush_output, self.rtc_timer.close, self.wiring.close, self._release,
+                          *([self.transfers.close] if self.transfers is not None else [])])
         vm.device_manager = self.manager
         vm.machine = self.config
         vm.assembly = self      # hotplug.py adds and removes devices through it
@@ -226,6 +228,9 @@ def assemble(cleanup: ExitStack, config: MachineConfig, console_write: Callable[
     iothread = IoThread(on_error=lambda exc: stop(VmOutcome(
         "vmm-error", EXIT_VMM_ERROR, f"I/O thread: {type(exc).__name__}: {exc}")), yields=accel.io_thread_yields)
     cleanup.callback(iothread.stop)
+    transfers = disk_transfers(iothread)
+    if transfers is not None:
+        cleanup.callback(transfers.close)  # (after the disks closed: callbacks run last first)
     uart = Uart16550(accel.irq_line(layout.COM1_IRQ), console_write, timers=iothread)
     port_device("com1", "uart16550", uart, ((layout.COM1_PORT, layout.COM1_PORT_COUNT),), (layout.COM1_IRQ,))
     i8042 = I8042(reset)
@@ -279,15 +284,25 @@ def assemble(cleanup: ExitStack, config: MachineConfig, console_write: Callable[
     releases: list = []
     cleanup.callback(lambda: [release() for release in reversed(releases)])
     device_releases: dict[str, list] = {}     # what each device opened: hotplug.py closes it on unplug
-    for name, kind, device, transport in virtio_devices(config, console_write, iothread, releases,
+    for name, kind, device, transport in virtio_devices(config, console_write, iothread, releases, transfers,
                                                         vsock_carried=vsock_carried, lock_disks=lock_disks):
         device_releases[name] = releases[sum(map(len, device_releases.values())):]
         wiring.add(name, kind, device, transport)
     if manager.unclaimed():
         raise ConfigError(f": the recorded device tree has devices this machine lacks "
                           f"({', '.join(manager.unclaimed())})", "devices")
-    return Machine(config, accel, memory, pio, mmio, manager, pci_root, wiring, iothread, rtc_timer, outcomes, releases,
-                   device_releases, uart)
+    return Machine(config, accel, memory, pio, mmio, manager, pci_root, wiring, iothread, transfers, rtc_timer, outcomes,
+                   releases, device_releases, uart)
+
+
+def disk_transfers(iothread):
+    """The VM's threads for large disk transfers (host/disk_transfers.py), or None where the
+    compiled group is not in use or PYVMM_DISK_THREADS=0."""
+    from .host import disk_transfers as transfers
+
+    if not transfers.available():
+        return None
+    return transfers.DiskTransfers(iothread)
 
 
 def _add_test_devices(port_device, accel, config: MachineConfig) -> None:
@@ -302,8 +317,8 @@ def _add_test_devices(port_device, accel, config: MachineConfig) -> None:
     port_device(TEST_DEVICE_IDS[1], "fw-cfg", fw_cfg, ((layout.FW_CFG_PORT, layout.FW_CFG_PORT_COUNT),))
 
 
-def virtio_devices(config: MachineConfig, console_write, iothread, releases: list, *, vsock_carried=None,
-                   lock_disks: bool = True):
+def virtio_devices(config: MachineConfig, console_write, iothread, releases: list, transfers=None, *,
+                   vsock_carried=None, lock_disks: bool = True):
     """(id, kind, device, transport) for every virtio device the config asks for. Whatever a
     device opens on the host (image files, TAPs, sockets) gets its close() in `releases`."""
     if config.console == "virtio" or config.console_ports:
@@ -322,7 +337,7 @@ def virtio_devices(config: MachineConfig, console_write, iothread, releases: lis
         releases.append(console.close)
         yield "virtio-console", "virtio-console", console, config.console_transport
     for index, disk in enumerate(config.disks):
-        device, kind = make_disk(disk, f"disks[{index}]", iothread, lock=lock_disks)
+        device, kind = make_disk(disk, f"disks[{index}]", iothread, transfers, lock=lock_disks)
         releases.append(device.close)
         yield config.disk_id(index), kind, device, disk.transport
     for index, net in enumerate(config.nets):
@@ -375,8 +390,9 @@ def make_vsock(vsock, iothread, releases: list, carried=None):
     return device
 
 
-def make_disk(disk, field: str, iothread, *, lock: bool = True) -> tuple[Any, str]:
-    """The device model of one disk and its kind; its image (or back-end) is open: close() it."""
+def make_disk(disk, field: str, iothread, transfers=None, *, lock: bool = True) -> tuple[Any, str]:
+    """The device model of one disk and its kind; its image (or back-end) is open: close() it.
+    `transfers`: the VM's disk transfer threads, if it has them."""
     if disk.vhost_user is not None:
         from .devices.virtio.vhost_user_blk import VhostUserBlk
 
@@ -386,7 +402,7 @@ def make_disk(disk, field: str, iothread, *, lock: bool = True) -> tuple[Any, st
     assert disk.path is not None  # validate(): a path or a vhost-user socket
     try:
         return VirtioBlock(disk.path, readonly=disk.readonly, serial=disk.serial, rate_limit=disk.rate_limit,
-                           timers=iothread, lock=lock), "virtio-blk"
+                           timers=iothread, lock=lock, transfers=transfers), "virtio-blk"
     except BlockError as exc:
         raise ConfigError(f": {exc}", f"{field}.path") from None
 

@@ -82,11 +82,12 @@ MODULES = (
 # the software CPU's port-I/O and MMIO hooks (accel/tcg/hook_trampolines.c), which call the
 # group's guest_io.py, the software CPU's translated code dropped for device writes
 # (accel/tcg/native_code_drop.c), KVM_RUN with the GIL released and the KVM vCPU's hot loop
-# (kvm/native_run.c), and guest RAM loaded without the GIL when the uffd handler died
-# (snapshot/uffd_rescue.c).
+# (kvm/native_run.c), guest RAM loaded without the GIL when the uffd handler died
+# (snapshot/uffd_rescue.c), and disk data moved by threads without the GIL
+# (host/transfer_threads.c).
 # Optional to their users: without a usable build they do not import.
-C_MODULES = ("pyvmm.accel.tcg.hook_trampolines", "pyvmm.accel.tcg.native_code_drop", "pyvmm.kvm.native_run",
-             "pyvmm.snapshot.uffd_rescue")
+C_MODULES = ("pyvmm.accel.tcg.hook_trampolines", "pyvmm.accel.tcg.native_code_drop", "pyvmm.host.transfer_threads",
+             "pyvmm.kvm.native_run", "pyvmm.snapshot.uffd_rescue")
 
 
 def c_module(name: str) -> Any:

@@ -73,7 +73,7 @@ def attach_disk(vm, disk: DiskConfig) -> str:
         disk = dataclasses.replace(disk, id=device_id)
         machine = dataclasses.replace(vm.machine, disks=(*vm.machine.disks, disk))
         _validate(machine)
-        device, kind = make_disk(disk, f"disks[{len(machine.disks) - 1}]", vm.iothread)
+        device, kind = make_disk(disk, f"disks[{len(machine.disks) - 1}]", vm.iothread, vm.assembly.transfers)
         _plug(vm, machine, device_id, kind, device, device.close)
         return device_id
 

@@ -546,7 +546,7 @@ def test_truncated_image_read_is_an_io_error(disk, image):
 def test_stats_keys(disk):
     device, _ = disk
     assert set(device.stats()) == {"reads", "writes", "bytes_read", "bytes_written", "flushes", "discards",
-                                   "write_zeroes", "errors", "throttled"}
+                                   "write_zeroes", "errors", "throttled", "threaded"}
 
 
 def test_save_restore(disk, image, memory):

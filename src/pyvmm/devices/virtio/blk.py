@@ -18,6 +18,15 @@ cannot write it at once.
 A rate limit (bytes/s and requests/s, devices/rate_limiter.py) is checked before each request:
 one that may not go yet is put back in the ring and the queue is served again when the
 refill timer fires (throttle.py). Reads and writes cost their data bytes, every request one op.
+
+A read or write of LARGE_TRANSFER bytes or more moves its data on the VM's transfer threads
+when the device has them (`transfers`, host_side.DiskTransfers): the thread that took it (on
+the software CPU, the guest's) serves on, and the request completes on the I/O thread once its
+data has moved, with the others that ended by then and one interrupt. Everything else, every
+request that fails its checks and writes in writethrough mode are served where they were taken.
+A reset, save(), close() and a migration's hand-over wait until no transfer moves data; one that
+ends after a reset or a restore is dropped (the driver gave it up, or the restored queue hands
+it out again).
 """
 
 from __future__ import annotations
@@ -31,13 +40,16 @@ import re
 import struct
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ...persist import State, require
 from ..rate_limiter import Clock, RateLimit, RateLimiterState, Timers
 from .blk_image import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, UNSUPPORTED_FALLOCATE,
                         VIRTIO_BLK_ID_BYTES, BlockError, default_serial, fallocate, lock_image, open_image)
+from ...memory.guest_memory import GuestMemoryError
 from .device import VIRTIO_ID_BLOCK, VirtioDevice, VirtioDeviceState
-from .queue import DescriptorChain, SplitQueue, buffer_views, read_buffers, write_buffers
+from .host_side import DiskTransfers
+from .queue import DescriptorChain, SplitQueue, VirtqueueBroken, buffer_views, read_buffers, write_buffers
 from .throttle import Throttle
 
 log = logging.getLogger(__name__)
@@ -90,6 +102,19 @@ ZERO_CHUNK = 1 << 20
 
 IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 
+# From this size a transfer's data moves on the transfer threads: handing it over and collecting
+# it cost a few tens of microseconds, a 128 KiB copy from the page cache about as much.
+LARGE_TRANSFER = 128 << 10
+
+
+class _Transfer(NamedTuple):
+    """A request whose data moves on the transfer threads."""
+    generation: int
+    queue_index: int
+    chain: DescriptorChain
+    writing: bool
+    length: int
+
 
 class VirtioBlock(VirtioDevice):
     device_id = VIRTIO_ID_BLOCK
@@ -98,9 +123,11 @@ class VirtioBlock(VirtioDevice):
 
     def __init__(self, path: str | os.PathLike, *, readonly: bool = False, serial: str | None = None,
                  num_queues: int = 1, queue_size: int = 256, rate_limit: RateLimit | None = None,
-                 timers: Timers | None = None, clock: Clock = time.monotonic_ns, lock: bool = True) -> None:
+                 timers: Timers | None = None, clock: Clock = time.monotonic_ns, lock: bool = True,
+                 transfers: DiskTransfers | None = None) -> None:
         """`lock=False`: the image is opened without its lock (a migration's destination built
-        while the source still holds it); take_back_image() takes it."""
+        while the source still holds it); take_back_image() takes it. `transfers`: where large
+        reads and writes move their data (module docstring); None: every request where it was taken."""
         path = os.fspath(path)
         if not 1 <= num_queues <= MAX_QUEUES:
             raise BlockError(f"virtio-blk: {num_queues} queues requested, between 1 and {MAX_QUEUES} allowed")
@@ -155,6 +182,10 @@ class VirtioBlock(VirtioDevice):
             ("reads", "writes", "bytes_read", "bytes_written", "flushes", "discards", "write_zeroes", "errors"), 0)
         self._warned: set[str] = set()
         self._zeroes: bytes | None = None
+        self.transfers = transfers
+        self._transfers_out = 0  # started and not yet back through _transfers_ended
+        self.threaded_transfers = 0  # requests whose data moved on the threads (stats, not state)
+        self._generation = 0     # a reset or restore: transfers that end after it are dropped
         try:
             self.throttle = Throttle(self.lock, self._resume_throttled, timers, rate_limit, clock)
         except BaseException:
@@ -199,14 +230,17 @@ class VirtioBlock(VirtioDevice):
         """Execute up to a queue's worth of requests; whether that took all there was."""
         throttle = self.throttle
         batch: list[tuple[DescriptorChain, int | None, bool]] = []
-        while len(batch) < queue.size and (chain := queue.pop()) is not None:
+        taken = 0
+        while taken < queue.size and (chain := queue.pop()) is not None:
             header = self._header(chain)
             if not throttle.admit(*self._cost(chain, header)):
                 queue.undo_pop(chain)  # served when the refill timer fires
                 break
-            batch.append((chain, *self._execute(chain, header)))
+            taken += 1
+            if not self._hand_over(queue, chain, header):
+                batch.append((chain, *self._execute(chain, header)))
         self._complete(queue, batch)
-        return len(batch) < queue.size
+        return taken < queue.size
 
     def _header(self, chain: DescriptorChain) -> tuple[int, int] | None:
         """(type, sector) from the request's 16-byte header, read once; None when it is shorter."""
@@ -330,6 +364,59 @@ class VirtioBlock(VirtioDevice):
                     views[i] = views[i][done:]
                     done = 0
 
+    # --- large transfers on the transfer threads ----------------------------------------------------------
+
+    def _hand_over(self, queue: SplitQueue, chain: DescriptorChain, header: tuple[int, int] | None) -> bool:
+        """A large read, or a large write in writeback mode, that passes its checks moves its data
+        on the transfer threads (True); anything else is for _execute (False)."""
+        if self.transfers is None or header is None or chain.writable_length == 0:
+            return False
+        request_type, sector = header
+        if request_type == VIRTIO_BLK_T_IN:
+            writing, length, buffers, skip = False, chain.writable_length - 1, chain.writable, 0
+        elif request_type == VIRTIO_BLK_T_OUT and not self.readonly and not self._writethrough():
+            writing, length, buffers, skip = True, chain.readable_length - HEADER.size, chain.readable, HEADER.size
+        else:
+            return False
+        if length < LARGE_TRANSFER or not self._in_range(sector, length):
+            return False
+        views = buffer_views(self.memory, buffers, skip, length)
+        item = _Transfer(self._generation, self.queues.index(queue), chain, writing, length)
+        self.transfers.start(self._transfers_ended, item, writing, self.fd, sector << SECTOR_SHIFT, views)
+        self._transfers_out += 1
+        self.threaded_transfers += 1
+        return True
+
+    def _transfers_ended(self, ended: list[tuple[object, int]]) -> None:
+        """On the I/O thread: complete the requests whose data moved, one interrupt per queue."""
+        with self.lock:
+            self._transfers_out -= len(ended)
+            batches: dict[int, list[tuple[DescriptorChain, int | None, bool]]] = {}
+            for item, error in ended:
+                assert isinstance(item, _Transfer)
+                generation, queue_index, chain, writing, length = item
+                if generation != self._generation or not self.queue_usable(queue_index):
+                    continue  # reset or restored since (or broken): the driver gets nothing back
+                if error:
+                    status = self._host_error("write" if writing else "read", OSError(error, os.strerror(error)))
+                else:
+                    status = VIRTIO_BLK_S_OK
+                    self.counters["writes" if writing else "reads"] += 1
+                    self.counters["bytes_written" if writing else "bytes_read"] += length
+                needs_sync = writing and status == VIRTIO_BLK_S_OK and self._writethrough()  # (switched meanwhile)
+                batches.setdefault(queue_index, []).append((chain, status, needs_sync))
+            try:
+                for queue_index, batch in batches.items():
+                    self._complete(self.queues[queue_index], batch)
+                    self.signal_used(queue_index)
+            except (VirtqueueBroken, GuestMemoryError) as exc:
+                self.fail(str(exc))
+
+    def _wait_for_transfers(self) -> None:
+        """Return once none of the transfers started moves data (their ends come later)."""
+        if self._transfers_out and self.transfers is not None:
+            self.transfers.wait_idle()
+
     def _flush(self) -> int:
         if not self.readonly:
             try:
@@ -444,12 +531,14 @@ class VirtioBlock(VirtioDevice):
     # --- lifecycle and metrics -----------------------------------------------------------------------------
 
     def on_reset(self) -> None:
+        self._wait_for_transfers()  # no data lands in guest RAM after the reset
+        self._generation += 1
         self.writeback = 1  # the next driver starts from the default cache mode
         self.throttle.cancel()
 
     def stats(self) -> dict[str, int]:
         with self.lock:
-            return {**self.counters, "throttled": self.throttle.deferrals}
+            return {**self.counters, "throttled": self.throttle.deferrals, "threaded": self.threaded_transfers}
 
     def hand_over_image(self) -> None:
         """For a live migration's last step (the VM paused): everything written is on the
@@ -457,6 +546,7 @@ class VirtioBlock(VirtioDevice):
         open here. take_back_image() undoes it if the migration fails."""
         with self.lock:
             if self.fd >= 0:
+                self._wait_for_transfers()
                 if not self.readonly:
                     os.fsync(self.fd)
                 fcntl.flock(self.fd, fcntl.LOCK_UN)
@@ -471,13 +561,16 @@ class VirtioBlock(VirtioDevice):
         """Release the image and its lock."""
         with self.lock:
             if self.fd >= 0:
+                self._wait_for_transfers()
                 os.close(self.fd)
                 self.fd = -1
 
     def save(self) -> BlockState:
-        """Requests are served whole under the device lock, so none is in flight at a save (one a
-        rate limit holds back is still in the ring); the limit and its buckets' levels are saved."""
+        """A request is served whole under the device lock, or its data has moved on the transfer
+        threads before the save (it is saved in flight and done again after a restore; one a rate
+        limit holds back is still in the ring); the limit and its buckets' levels are saved."""
         with self.lock:
+            self._wait_for_transfers()
             return BlockState(virtio=self.save_virtio(), capacity=self.capacity, writeback=self.writeback,
                               write_zeroes_may_unmap=self.write_zeroes_may_unmap, counters=dict(self.counters),
                               rate_limiter=self.throttle.save())
@@ -493,6 +586,8 @@ class VirtioBlock(VirtioDevice):
     def restore(self, state: BlockState) -> None:  # type: ignore[override]
         self.check_restorable(state)
         with self.lock:
+            self._wait_for_transfers()
+            self._generation += 1
             self.restore_virtio(state.virtio)
             self.writeback = state.writeback
             self.write_zeroes_may_unmap = state.write_zeroes_may_unmap

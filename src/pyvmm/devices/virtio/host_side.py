@@ -1,4 +1,4 @@
-"""What a device model sees of its host side: byte streams and listeners, never a socket.
+"""What a device model sees of its host side: byte streams, listeners, threads that move data.
 
 The objects behind these protocols live in pyvmm.host (Unix sockets, the I/O thread that
 watches them); the builder makes them and hands them to the device. Every callback runs on
@@ -75,3 +75,17 @@ class VsockHost(Protocol):
 
     def close(self) -> None:
         """Close every stream and the listener, remove the socket file."""
+
+
+class DiskTransfers(Protocol):
+    """Threads that move a disk request's data between its image and guest RAM while the
+    device's own thread serves on (host/disk_transfers.py)."""
+
+    def start(self, finished: Callable[[list[tuple[object, int]]], None], item: object, writing: bool, fd: int,
+              offset: int, buffers: list) -> None:
+        """Move every byte between `fd` at `offset` and `buffers` (views of guest RAM, held until
+        then). `finished([(item, errno or 0), ...])` is called later on the I/O thread with the
+        device's transfers that ended by then, `item` being this one's."""
+
+    def wait_idle(self) -> None:
+        """Return once no transfer started so far moves data (`finished` may come later)."""
