@@ -346,7 +346,11 @@ def test_bad_arguments_and_a_closed_one_are_refused(native, image):
         native.start("negative", False, 0, -1, [])
     with pytest.raises(TypeError):
         native.start("not-buffers", False, 0, 0, [1])
+    fd = native.fd
     native.close()
+    assert native.fd == -1
+    with pytest.raises(OSError):
+        os.fstat(fd)                                 # the eventfd went with it
     with pytest.raises(RuntimeError, match="closed"):
         native.start("late", False, 0, 0, [])
     assert native.wait_idle(0) is True

@@ -18,8 +18,8 @@
    wait_idle(timeout=None): wait, without the GIL, until no transfer's data moves; False when
      `timeout` seconds passed first.
    moving: transfers started whose data has not finished moving.
-   close(): wait for the transfers started, end the threads and let every buffer go; start()
-     refuses after it. Built by scripts/compile with the compiled group (pyvmm/compiled.py);
+   close(): wait for the transfers started, end the threads, let every buffer go and close the
+     eventfd; start() refuses after it. Built by scripts/compile with the compiled group (pyvmm/compiled.py);
      without a build a disk serves every request where it was kicked. */
 
 #define PY_SSIZE_T_CLEAN
@@ -293,6 +293,8 @@ static void shut_down(Transfers *t)
         pthread_join(t->threads[i], NULL);
     Py_END_ALLOW_THREADS
     t->nthreads = 0;
+    close(t->event);
+    t->event = -1;
     Job *job = t->ended;
     t->ended = t->ended_tail = NULL;
     while (job != NULL) {
