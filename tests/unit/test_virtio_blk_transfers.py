@@ -15,6 +15,7 @@ from helpers.state import through_json
 from helpers.virtio_driver import FakeDriver
 from pyvmm.compiled import c_module
 from pyvmm.devices.virtio.blk import LARGE_TRANSFER, VirtioBlock
+from pyvmm.devices.virtio.queue import buffer_views
 from pyvmm.host import disk_transfers
 from pyvmm.iothread import IoThread
 from pyvmm.memory import GuestMemory
@@ -42,9 +43,9 @@ class FakeTransfers:
         self.started: list[dict] = []
         self.idle_waits = 0
 
-    def start(self, finished, item, writing, fd, offset, buffers) -> None:
+    def start(self, finished, item, writing, fd, offset, memory, pieces, skip, length) -> None:
         self.started.append(dict(finished=finished, item=item, writing=writing, fd=fd, offset=offset,
-                                 buffers=buffers, moved=False))
+                                 buffers=buffer_views(memory, pieces, skip, length), moved=False))
 
     def move(self) -> None:
         for job in self.started:
@@ -237,6 +238,10 @@ def test_close_and_hand_over_wait_for_the_data(disk, threads):
 
 # --- the C threads -------------------------------------------------------------------------------------
 
+# Guest RAM of two regions with a hole between them, as (guest base, mapping).
+LOW, HIGH = 0, 1 << 32
+SIZE = 4 << 20
+
 
 @pytest.fixture
 def native():
@@ -250,9 +255,14 @@ def native():
 
 @pytest.fixture
 def ram():
-    area = mmap.mmap(-1, 4 << 20)
-    yield area
-    area.close()
+    low, high = mmap.mmap(-1, SIZE), mmap.mmap(-1, SIZE)
+    yield low, high
+    low.close()
+    high.close()
+
+
+def regions(ram):
+    return [(LOW, ram[0]), (HIGH, ram[1])]
 
 
 def take_all(transfers, count: int) -> list:
@@ -263,55 +273,71 @@ def take_all(transfers, count: int) -> list:
     return ended
 
 
-def test_the_threads_move_every_byte_between_a_file_and_many_buffers(native, ram, image):
-    view = memoryview(ram)
+def test_the_threads_move_the_bytes_asked_between_a_file_and_guest_pieces(native, ram, image):
+    low, high = ram
     content = image.read_bytes()
-    # reads: uneven buffers, one empty, scattered over RAM
-    pieces = [view[0:1], view[4096:4096], view[8192:8192 + 5000], view[1 << 20:(1 << 20) + 300000]]
-    native.start("read", False, os.open(image, os.O_RDONLY), 4096, pieces)
+    # reads: uneven pieces in both regions, an empty one, the first 100 bytes skipped, the last piece cut
+    pieces = [(LOW + 40, 60), (LOW + 4096, 0), (HIGH + 8192, 5000), (LOW + (1 << 20), 300000), (HIGH + (2 << 20), 9999)]
+    native.start("read", False, os.open(image, os.O_RDONLY), 4096, regions(ram), pieces, 100, 5000 + 300000 - 40)
     assert take_all(native, 1) == [("read", 0)]
-    assert b"".join(bytes(p) for p in pieces) == content[4096:4096 + 1 + 5000 + 300000]
-    # writes: from RAM into the file
-    view[2 << 20:(2 << 20) + 70000] = pattern(70000, seed=9)
+    got = bytes(high[8192 + 40:8192 + 5000]) + bytes(low[1 << 20:(1 << 20) + 300000 - 80])
+    assert got == content[4096:4096 + len(got)]
+    assert bytes(low[40:100]) == bytes(60) and bytes(high[2 << 20:(2 << 20) + 9999]) == bytes(9999)  # skipped; beyond
+    # writes: guest RAM into the file
+    high[1 << 20:(1 << 20) + 70000] = pattern(70000, seed=9)
     fd = os.open(image, os.O_RDWR)
     try:
-        native.start("write", True, fd, 1000, [view[2 << 20:(2 << 20) + 30000], view[(2 << 20) + 30000:(2 << 20) + 70000]])
+        native.start("write", True, fd, 1000, regions(ram),
+                     [(HIGH + (1 << 20), 30000), (HIGH + (1 << 20) + 30000, 40000)], 0, 70000)
         assert take_all(native, 1) == [("write", 0)]
     finally:
         os.close(fd)
     assert image.read_bytes()[1000:71000] == pattern(70000, seed=9)
-    del view, pieces
 
 
-def test_errors_come_back_as_errno(native, ram, image, tmp_path):
-    view = memoryview(ram)
+def test_errors_come_back_as_errno(native, ram, image):
     fd = os.open(image, os.O_RDONLY)
     read_end, write_end = os.pipe()
     try:
-        native.start("past-the-end", False, fd, IMAGE - 512, [view[0:4096]])
-        native.start("a-pipe", False, read_end, 0, [view[0:4096]])
-        native.start("read-only-file", True, fd, 0, [view[0:4096]])
+        native.start("past-the-end", False, fd, IMAGE - 512, regions(ram), [(LOW, 4096)], 0, 4096)
+        native.start("a-pipe", False, read_end, 0, regions(ram), [(LOW, 4096)], 0, 4096)
+        native.start("read-only-file", True, fd, 0, regions(ram), [(LOW, 4096)], 0, 4096)
         assert sorted(take_all(native, 3)) == sorted([("past-the-end", errno.EIO), ("a-pipe", errno.ESPIPE),
                                                       ("read-only-file", errno.EBADF)])
     finally:
         for each in (fd, read_end, write_end):
             os.close(each)
-    del view
 
 
-def test_buffers_are_held_until_taken_and_read_only_ones_refused_for_reads(native, image):
+@pytest.mark.parametrize("pieces, skip, length, message", [
+    ([(LOW + SIZE - 100, 200)], 0, 200, "not inside one region"),       # past a region's end
+    ([(SIZE, 100)], 0, 100, "not inside one region"),                   # in the hole
+    ([(LOW, 100)], 0, 200, "fewer than asked"),
+    ([(LOW, 100)], 100, 1, "fewer than asked"),                         # all skipped
+    ([((1 << 64) - 10, 100)], 50, 10, "wraps around"),
+    ([(LOW, 100, 1)], 0, 100, "a piece is"),
+    ([(LOW, -1)], 0, 100, "negative"),
+    ([(LOW, SIZE + 1)], 0, SIZE + 1, "not inside one region"),          # longer than its region
+    ([[LOW, 100]], 0, 100, "a piece is .* not list"),
+])
+def test_pieces_outside_guest_ram_or_short_are_refused_and_nothing_is_queued(native, ram, pieces, skip, length,
+                                                                               message):
+    with pytest.raises((ValueError, TypeError, OverflowError), match=message):
+        native.start("bad", False, 0, 0, regions(ram), pieces, skip, length)
+    assert native.moving == 0 and native.take() == []
+
+
+def test_guest_ram_is_held_until_taken_and_read_only_ram_refused_for_reads(native, image):
     area = mmap.mmap(-1, 1 << 20)
     fd = os.open(image, os.O_RDONLY)
     try:
-        view = memoryview(area)
-        native.start("held", False, fd, 0, [view[0:4096]])
-        del view
+        native.start("held", False, fd, 0, [(0, area)], [(0, 4096)], 0, 4096)
         assert native.wait_idle(10)
         with pytest.raises(BufferError):
             area.close()                             # guest RAM cannot go while a transfer holds it
         assert native.take() == [("held", 0)]
         with pytest.raises(BufferError):
-            native.start("read-into-bytes", False, fd, 0, [b"not writable"])
+            native.start("read-into-bytes", False, fd, 0, [(0, b"not writable")], [(0, 4)], 0, 4)
         assert native.moving == 0
     finally:
         os.close(fd)
@@ -319,47 +345,47 @@ def test_buffers_are_held_until_taken_and_read_only_ones_refused_for_reads(nativ
 
 
 def test_many_transfers_each_end_once_and_count_on_the_eventfd(native, ram, image):
-    view = memoryview(ram)
+    low = ram[0]
     fd = os.open(image, os.O_RDONLY)
     try:
         for token in range(300):
-            native.start(token, False, fd, (token % 64) * 4096, [view[token * 8192:token * 8192 + 4096]])
+            native.start(token, False, fd, (token % 64) * 4096, regions(ram), [(LOW + token * 8192, 4096)], 0, 4096)
         ended = take_all(native, 300)
     finally:
         os.close(fd)
     assert sorted(token for token, _ in ended) == list(range(300)) and {e for _, e in ended} == {0}
     assert os.eventfd_read(native.fd) == 300 and native.moving == 0
     content = image.read_bytes()
-    assert all(bytes(view[t * 8192:t * 8192 + 4096]) == content[(t % 64) * 4096:(t % 64 + 1) * 4096]
+    assert all(bytes(low[t * 8192:t * 8192 + 4096]) == content[(t % 64) * 4096:(t % 64 + 1) * 4096]
                for t in range(0, 300, 37))
-    del view
 
 
-def test_bad_arguments_and_a_closed_one_are_refused(native, image):
+def test_bad_arguments_and_a_closed_one_are_refused(native, ram):
     module = c_module("pyvmm.host.transfer_threads")
     for count in (0, 65):
         with pytest.raises(ValueError, match="threads"):
             module.Transfers(count)
     with pytest.raises(ValueError):
         native.wait_idle(-1)
-    with pytest.raises(ValueError):
-        native.start("negative", False, 0, -1, [])
+    for fd, offset, skip, length in ((-1, 0, 0, 0), (0, -1, 0, 0), (0, 0, -1, 0), (0, 0, 0, -1)):
+        with pytest.raises(ValueError):
+            native.start("negative", False, fd, offset, regions(ram), [], skip, length)
     with pytest.raises(TypeError):
-        native.start("not-buffers", False, 0, 0, [1])
+        native.start("not-regions", False, 0, 0, [1], [], 0, 0)
     fd = native.fd
     native.close()
     assert native.fd == -1
     with pytest.raises(OSError):
         os.fstat(fd)                                 # the eventfd went with it
     with pytest.raises(RuntimeError, match="closed"):
-        native.start("late", False, 0, 0, [])
+        native.start("late", False, 0, 0, regions(ram), [], 0, 0)
     assert native.wait_idle(0) is True
 
 
 # --- the VM's DiskTransfers on an I/O thread ------------------------------------------------------------
 
 
-def test_disk_transfers_hand_each_device_its_ended_transfers_on_the_io_thread(ram, image):
+def test_disk_transfers_hand_each_device_its_ended_transfers_on_the_io_thread(memory, image):
     if not disk_transfers.available({}):
         pytest.skip("transfer_threads is not built (scripts/compile) or PYVMM_COMPILED=0")
     iothread = IoThread(name="test-io")
@@ -377,12 +403,12 @@ def test_disk_transfers_hand_each_device_its_ended_transfers_on_the_io_thread(ra
                 done.set()
         return finished
 
-    view = memoryview(ram)
     fd = os.open(image, os.O_RDONLY)
     try:
         a, b = finished_by("a"), finished_by("b")
         for index in range(5):
-            transfers.start(a if index % 2 else b, index, False, fd, 0, [view[index * 4096:(index + 1) * 4096]])
+            transfers.start(a if index % 2 else b, index, False, fd, index * 4096, memory,
+                            [(0x10000 + index * 4096, 4096)], 0, 4096)
         assert done.wait(10)
     finally:
         transfers.close()
@@ -390,9 +416,9 @@ def test_disk_transfers_hand_each_device_its_ended_transfers_on_the_io_thread(ra
         os.close(fd)
     assert sorted(got["a"]) == [(1, 0), (3, 0)] and sorted(got["b"]) == [(0, 0), (2, 0), (4, 0)]
     assert seen_on == {"test-io"}
+    assert memory.read(0x10000, 5 * 4096) == image.read_bytes()[:5 * 4096]
     with pytest.raises(RuntimeError, match="closed"):
-        transfers.start(a, 9, False, 0, 0, [])
-    del view
+        transfers.start(a, 9, False, 0, 0, memory, [], 0, 0)
 
 
 def test_the_thread_count_setting(monkeypatch):

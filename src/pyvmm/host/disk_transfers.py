@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..compiled import c_module
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..memory.guest_memory import GuestMemory
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +60,18 @@ class DiskTransfers:
         self._iothread = iothread
         iothread.add_eventfd(self._threads.fd, self.collect)
         self._closed = False
+        self._memory: GuestMemory | None = None  # the RAM _regions describe, to the C threads
+        self._regions: tuple[tuple[int, memoryview], ...] = ()
 
-    def start(self, finished: Finished, item: object, writing: bool, fd: int, offset: int, buffers: list) -> None:
-        """Move the data between `fd` at `offset` and `buffers` (guest RAM: held until it has
-        moved); `finished([(item, errno or 0), ...])` gets it later on the I/O thread, together
-        with the device's other transfers that ended by then."""
-        self._threads.start((finished, item), writing, fd, offset, buffers)
+    def start(self, finished: Finished, item: object, writing: bool, fd: int, offset: int, memory: GuestMemory,
+              pieces: list[tuple[int, int]], skip: int, length: int) -> None:
+        """Move bytes [skip, skip + length) of `pieces` (guest address, size) in guest RAM from or
+        to `fd` at `offset` (RAM's mappings held until then); `finished([(item, errno or 0), ...])`
+        gets it later on the I/O thread, with the device's other transfers that ended by then."""
+        if memory is not self._memory:
+            self._memory = memory
+            self._regions = tuple((int(region.guest_base), region.view) for region in memory.regions)
+        self._threads.start((finished, item), writing, fd, offset, self._regions, pieces, skip, length)
 
     def collect(self) -> None:
         """Hand the ended transfers to their devices, each device's in one call (I/O thread)."""

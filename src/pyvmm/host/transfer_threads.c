@@ -7,10 +7,12 @@
    guest RAM; Python only starts a transfer and collects it (host/disk_transfers.py).
 
    Transfers(threads): the threads start at once, with every signal blocked.
-   start(token, writing, fd, offset, buffers): queue a transfer; `buffers` are objects with the
-     buffer protocol (views of guest RAM), held until the transfer is taken, writable ones when
-     reading from the file. It moves every byte or fails: a short transfer goes on from where it
-     stopped, the file's end before the last byte is EIO.
+   start(token, writing, fd, offset, regions, pieces, skip, length): queue a transfer of bytes
+     [skip, skip + length) of `pieces`, a sequence of (guest address, size), each inside one of
+     guest RAM's `regions`, (guest base, buffer) pairs: the buffers (writable ones when reading
+     from the file) are held until the transfer is taken, so RAM cannot be unmapped meanwhile. It
+     moves every byte or fails: a short transfer goes on from where it stopped, the file's end
+     before the last byte is EIO.
    take(): the transfers whose data has moved, as (token, errno or 0), in the order they ended;
      their buffers let go.
    fd: an eventfd the threads add 1 to for each transfer that ended (the caller resets it before
@@ -140,59 +142,131 @@ static void *serve(void *arg)
     return NULL;
 }
 
+/* The host address of guest [address, address + size), which must lie in one region, or NULL. */
+static char *translate(Py_buffer *regions, uint64_t *bases, Py_ssize_t count, uint64_t address, uint64_t size)
+{
+    for (Py_ssize_t i = 0; i < count; i++) {
+        uint64_t length = (uint64_t)regions[i].len;
+        if (address >= bases[i] && address - bases[i] <= length && size <= length - (address - bases[i]))
+            return (char *)regions[i].buf + (address - bases[i]);
+    }
+    return NULL;
+}
+
+/* A region's or a piece's first field, and its second, a size when `size` is not NULL (direct:
+   PyArg_ParseTuple's format parsing cost more than the rest of start() for a 1 MiB request). */
+static int pair(PyObject *item, const char *what, unsigned long long *first, unsigned long long *size,
+                PyObject **object)
+{
+    if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) {
+        PyErr_Format(PyExc_TypeError, "Transfers.start: %s, not %.100s", what, Py_TYPE(item)->tp_name);
+        return 0;
+    }
+    *first = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(item, 0));
+    if (*first == (unsigned long long)-1 && PyErr_Occurred())
+        return 0;
+    if (size == NULL) {
+        *object = PyTuple_GET_ITEM(item, 1);
+        return 1;
+    }
+    *size = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(item, 1));
+    return !(*size == (unsigned long long)-1 && PyErr_Occurred());
+}
+
 static PyObject *transfers_start(Transfers *t, PyObject *args)
 {
-    PyObject *token, *buffers;
+    PyObject *token, *regions, *pieces;
     int writing, fd;
-    long long offset;
-    if (!PyArg_ParseTuple(args, "OpiLO:start", &token, &writing, &fd, &offset, &buffers))
+    long long offset, skip, length;
+    if (!PyArg_ParseTuple(args, "OpiLOOLL:start", &token, &writing, &fd, &offset, &regions, &pieces, &skip, &length))
         return NULL;
     if (!t->initialised || t->closed) {
         PyErr_SetString(PyExc_RuntimeError, "Transfers: closed");
         return NULL;
     }
-    if (fd < 0 || offset < 0) {
-        PyErr_Format(PyExc_ValueError, "Transfers: fd %d, offset %lld", fd, offset);
+    if (fd < 0 || offset < 0 || skip < 0 || length < 0) {
+        PyErr_Format(PyExc_ValueError, "Transfers: fd %d, offset %lld, skip %lld, length %lld", fd, offset, skip,
+                     length);
         return NULL;
     }
-    PyObject *fast = PySequence_Fast(buffers, "Transfers.start: buffers is not a sequence");
-    if (fast == NULL)
+    PyObject *region_list = PySequence_Fast(regions, "Transfers.start: regions is not a sequence");
+    if (region_list == NULL)
         return NULL;
-    Py_ssize_t count = PySequence_Fast_GET_SIZE(fast);
-    if (count > INT_MAX) {
-        Py_DECREF(fast);
-        PyErr_SetString(PyExc_ValueError, "Transfers.start: too many buffers");
+    PyObject *piece_list = PySequence_Fast(pieces, "Transfers.start: pieces is not a sequence");
+    if (piece_list == NULL) {
+        Py_DECREF(region_list);
         return NULL;
     }
-    Job *job = PyMem_RawCalloc(1, sizeof(Job));
+    Py_ssize_t nregions = PySequence_Fast_GET_SIZE(region_list), npieces = PySequence_Fast_GET_SIZE(piece_list);
+    Job *job = NULL;
+    uint64_t *bases = PyMem_Calloc(nregions ? nregions : 1, sizeof(uint64_t));
+    if (npieces > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "Transfers.start: too many pieces");
+        goto fail;
+    }
+    job = PyMem_RawCalloc(1, sizeof(Job));
     if (job != NULL) {
-        job->views = PyMem_RawCalloc(count ? count : 1, sizeof(Py_buffer));
-        job->iov = PyMem_RawCalloc(count ? count : 1, sizeof(struct iovec));
+        job->views = PyMem_RawCalloc(nregions ? nregions : 1, sizeof(Py_buffer));
+        job->iov = PyMem_RawCalloc(npieces ? npieces : 1, sizeof(struct iovec));
     }
-    if (job == NULL || job->views == NULL || job->iov == NULL) {
-        if (job != NULL)
-            free_job(job);
-        Py_DECREF(fast);
-        return PyErr_NoMemory();
+    if (bases == NULL || job == NULL || job->views == NULL || job->iov == NULL) {
+        PyErr_NoMemory();
+        goto fail;
     }
-    int flags = writing ? PyBUF_SIMPLE : PyBUF_WRITABLE;  /* reading from the file writes the buffers */
-    for (Py_ssize_t i = 0; i < count; i++) {
-        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(fast, i), &job->views[i], flags) < 0) {
-            free_job(job);
-            Py_DECREF(fast);
-            return NULL;
-        }
+    /* Guest RAM's regions, held until the transfer is taken: their mappings cannot go meanwhile. */
+    int flags = writing ? PyBUF_SIMPLE : PyBUF_WRITABLE;  /* reading from the file writes guest RAM */
+    for (Py_ssize_t i = 0; i < nregions; i++) {
+        unsigned long long base;
+        PyObject *buffer;
+        if (!pair(PySequence_Fast_GET_ITEM(region_list, i), "a region is (guest base, buffer)", &base, NULL, &buffer))
+            goto fail;
+        if (PyObject_GetBuffer(buffer, &job->views[i], flags) < 0)
+            goto fail;
         job->nviews = i + 1;
-        job->iov[i].iov_base = job->views[i].buf;
-        job->iov[i].iov_len = (size_t)job->views[i].len;
+        bases[i] = base;
     }
-    Py_DECREF(fast);
+    /* Bytes [skip, skip + length) of the pieces (guest address, size), as host iovecs. */
+    uint64_t to_skip = (uint64_t)skip, wanted = (uint64_t)length;
+    int count = 0;
+    for (Py_ssize_t i = 0; i < npieces && wanted > 0; i++) {
+        unsigned long long address, size;
+        if (!pair(PySequence_Fast_GET_ITEM(piece_list, i), "a piece is (guest address, size)", &address, &size, NULL))
+            goto fail;
+        if (to_skip >= size) {
+            to_skip -= size;
+            continue;
+        }
+        uint64_t take = size - to_skip < wanted ? size - to_skip : wanted;
+        if (address + to_skip < address) {
+            PyErr_SetString(PyExc_ValueError, "Transfers.start: a piece wraps around");
+            goto fail;
+        }
+        char *host = translate(job->views, bases, nregions, address + to_skip, take);
+        if (host == NULL) {
+            PyErr_Format(PyExc_ValueError, "Transfers.start: guest %#llx+%#llx is not inside one region",
+                         (unsigned long long)(address + to_skip), (unsigned long long)take);
+            goto fail;
+        }
+        job->iov[count].iov_base = host;
+        job->iov[count].iov_len = (size_t)take;
+        count++;
+        wanted -= take;
+        to_skip = 0;
+    }
+    if (wanted > 0) {
+        PyErr_Format(PyExc_ValueError, "Transfers.start: the pieces hold %lld bytes fewer than asked",
+                     (long long)wanted);
+        goto fail;
+    }
+    Py_DECREF(region_list);
+    Py_DECREF(piece_list);
+    PyMem_Free(bases);
     Py_INCREF(token);
     job->token = token;
     job->fd = fd;
     job->writing = writing;
     job->offset = (off_t)offset;
-    job->iovcnt = (int)count;
+    job->iovcnt = count;
 
     pthread_mutex_lock(&t->lock);
     if (t->pending_tail)
@@ -204,6 +278,14 @@ static PyObject *transfers_start(Transfers *t, PyObject *args)
     pthread_cond_signal(&t->work);
     pthread_mutex_unlock(&t->lock);
     Py_RETURN_NONE;
+
+fail:
+    if (job != NULL)
+        free_job(job);
+    PyMem_Free(bases);
+    Py_DECREF(region_list);
+    Py_DECREF(piece_list);
+    return NULL;
 }
 
 static PyObject *transfers_take(Transfers *t, PyObject *unused)
@@ -393,7 +475,7 @@ static void transfers_dealloc(Transfers *t)
 }
 
 static PyMethodDef transfers_methods[] = {
-    {"start", (PyCFunction)transfers_start, METH_VARARGS, "Queue a transfer: (token, writing, fd, offset, buffers)."},
+    {"start", (PyCFunction)transfers_start, METH_VARARGS, "Queue a transfer: (token, writing, fd, offset, regions, pieces, skip, length)."},
     {"take", (PyCFunction)transfers_take, METH_NOARGS, "The ended transfers: [(token, errno or 0)]."},
     {"wait_idle", (PyCFunction)transfers_wait_idle, METH_VARARGS, "Wait until no data moves; False on timeout."},
     {"close", (PyCFunction)transfers_close, METH_NOARGS, "Finish what was started, end the threads."},

@@ -42,11 +42,11 @@ import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from ...memory.guest_memory import GuestMemoryError
 from ...persist import State, require
 from ..rate_limiter import Clock, RateLimit, RateLimiterState, Timers
 from .blk_image import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, UNSUPPORTED_FALLOCATE,
                         VIRTIO_BLK_ID_BYTES, BlockError, default_serial, fallocate, lock_image, open_image)
-from ...memory.guest_memory import GuestMemoryError
 from .device import VIRTIO_ID_BLOCK, VirtioDevice, VirtioDeviceState
 from .host_side import DiskTransfers
 from .queue import DescriptorChain, SplitQueue, VirtqueueBroken, buffer_views, read_buffers, write_buffers
@@ -380,9 +380,9 @@ class VirtioBlock(VirtioDevice):
             return False
         if length < LARGE_TRANSFER or not self._in_range(sector, length):
             return False
-        views = buffer_views(self.memory, buffers, skip, length)
         item = _Transfer(self._generation, self.queues.index(queue), chain, writing, length)
-        self.transfers.start(self._transfers_ended, item, writing, self.fd, sector << SECTOR_SHIFT, views)
+        self.transfers.start(self._transfers_ended, item, writing, self.fd, sector << SECTOR_SHIFT, self.memory,
+                             buffers, skip, length)
         self._transfers_out += 1
         self.threaded_transfers += 1
         return True

@@ -7,7 +7,10 @@ the I/O thread; the device takes its own lock in it.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
+
+if TYPE_CHECKING:
+    from ...memory.guest_memory import GuestMemory
 
 
 class HostStream(Protocol):
@@ -82,10 +85,11 @@ class DiskTransfers(Protocol):
     device's own thread serves on (host/disk_transfers.py)."""
 
     def start(self, finished: Callable[[list[tuple[object, int]]], None], item: object, writing: bool, fd: int,
-              offset: int, buffers: list) -> None:
-        """Move every byte between `fd` at `offset` and `buffers` (views of guest RAM, held until
-        then). `finished([(item, errno or 0), ...])` is called later on the I/O thread with the
-        device's transfers that ended by then, `item` being this one's."""
+              offset: int, memory: GuestMemory, pieces: list[tuple[int, int]], skip: int, length: int) -> None:
+        """Move bytes [skip, skip + length) of `pieces` (guest address, size; each inside one of
+        RAM's regions) between guest RAM and `fd` at `offset`: every byte, RAM's mappings held
+        until then. `finished([(item, errno or 0), ...])` is called later on the I/O thread with
+        the device's transfers that ended by then, `item` being this one's."""
 
     def wait_idle(self) -> None:
         """Return once no transfer started so far moves data (`finished` may come later)."""
