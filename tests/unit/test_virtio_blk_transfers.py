@@ -232,8 +232,11 @@ def test_close_and_hand_over_wait_for_the_data(disk, threads):
     device.take_back_image()
     add_write(driver, 400, pattern(LARGE))
     device.notify(0)
+    interrupts = list(driver.interrupts.used)
     device.close()
     assert threads.idle_waits == 2
+    threads.end()                                     # after close (an unplugged disk): dropped
+    assert driver.queue(0).take_used() == [] and driver.interrupts.used == interrupts
 
 
 # --- the C threads -------------------------------------------------------------------------------------

@@ -2,10 +2,10 @@
 
 Why: a software-CPU VM's threads share one host CPU (host/cpu_affinity.py), so a 1 MiB read
 served where the guest kicked copies its megabyte while the guest stands still; QEMU's worker
-threads copy on another CPU while its vCPU runs. A pool of Python threads did not help (each
-job took the GIL twice, and the turns convoyed with the vCPU thread's): here the copies run in
-C threads (transfer_threads.c) and the GIL is taken once per batch of ended transfers, by the
-I/O thread, which hands each device its own at once (devices/virtio/host_side.DiskTransfers).
+threads copy on another CPU while its vCPU runs. A pool of Python threads was slower than none
+(tried: each job took the GIL twice, on another CPU): here the copies run in C threads
+(transfer_threads.c) and the GIL is taken once per batch of ended transfers, by the I/O
+thread, which hands each device its own at once (devices/virtio/host_side.DiskTransfers).
 
 One per VM (the builder makes it, with the I/O thread it reports on), shared by its disks. A
 paused VM's transfers have all moved their data (pause() waits; nothing starts new ones while
@@ -16,7 +16,6 @@ them off) allows them: without them a disk serves every request where it was kic
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import TYPE_CHECKING, Callable
 
@@ -25,8 +24,6 @@ from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from ..memory.guest_memory import GuestMemory
-
-log = logging.getLogger(__name__)
 
 ENV = "PYVMM_DISK_THREADS"
 DEFAULT_THREADS = 2

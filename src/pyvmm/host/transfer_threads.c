@@ -21,8 +21,9 @@
      `timeout` seconds passed first.
    moving: transfers started whose data has not finished moving.
    close(): wait for the transfers started, end the threads, let every buffer go and close the
-     eventfd; start() refuses after it. Built by scripts/compile with the compiled group (pyvmm/compiled.py);
-     without a build a disk serves every request where it was kicked. */
+     eventfd; start() refuses after it.
+   Built by scripts/compile with the compiled group (pyvmm/compiled.py); without a build a disk
+   serves every request where it was kicked. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

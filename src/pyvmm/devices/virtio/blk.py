@@ -25,8 +25,8 @@ the software CPU, the guest's) serves on, and the request completes on the I/O t
 data has moved, with the others that ended by then and one interrupt. Everything else, every
 request that fails its checks and writes in writethrough mode are served where they were taken.
 A reset, save(), close() and a migration's hand-over wait until no transfer moves data; one that
-ends after a reset or a restore is dropped (the driver gave it up, or the restored queue hands
-it out again).
+ends after a reset, a restore or close() is dropped (the driver gave it up, the restored queue
+hands it out again, or the disk is gone).
 """
 
 from __future__ import annotations
@@ -562,6 +562,7 @@ class VirtioBlock(VirtioDevice):
         with self.lock:
             if self.fd >= 0:
                 self._wait_for_transfers()
+                self._generation += 1  # (an unplugged disk's late ends touch no guest RAM)
                 os.close(self.fd)
                 self.fd = -1
 
