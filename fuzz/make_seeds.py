@@ -38,7 +38,8 @@ def rings(queues: int, *, readable: int = 16, writable: int = 513, header: bytes
     windows = []
     for desc, avail, used, buf in layout:
         table = struct.pack("<QIHH", buf, readable, 1, 1) + struct.pack("<QIHH", buf + 0x400, writable, 2, 0)
-        windows += [(desc, table), (avail, struct.pack("<HHH", 0, 1, 0)), (buf, header.ljust(readable, b"\0"))]
+        # (at most 4 KiB of the readable buffer's bytes: RAM starts zeroed, and a window's length is 16 bits)
+        windows += [(desc, table), (avail, struct.pack("<HHH", 0, 1, 0)), (buf, header.ljust(min(readable, 4096), b"\0"))]
     out += u(len(windows) - 1, 1)
     for address, chunk in windows:
         out += u(address, 4) + u(len(chunk) - 1, 2) + chunk
@@ -52,7 +53,13 @@ def device_seeds() -> dict[str, list[bytes]]:
     return {
         "virtio-blk": [blk_prefix + rings(1, header=struct.pack("<IIQ", 0, 0, 1)),
                        blk_prefix + rings(1, readable=16 + 512, header=struct.pack("<IIQ", 1, 0, 2)),
-                       limited + rings(1, header=struct.pack("<IIQ", 4, 0, 0))],
+                       limited + rings(1, header=struct.pack("<IIQ", 4, 0, 0)),
+                       # a 128 KiB read and a 128 KiB write: the transfer threads' path, a kick
+                       # then a host step (which ends the transfers) then kicks again
+                       blk_prefix + rings(1, writable=(128 << 10) + 1, header=struct.pack("<IIQ", 0, 0, 8),
+                                          between=bytes([0, 6] + [0] * 46)),
+                       blk_prefix + rings(1, readable=16 + (128 << 10), writable=1,
+                                          header=struct.pack("<IIQ", 1, 0, 16), between=bytes([0, 6] + [0] * 46))],
         "virtio-net": [net_prefix + rings(2, readable=12 + 60), u(1, 1) + u(3, 1) + u(5, 1) + u(1, 1) + rings(2)],
         "virtio-vsock": [u(0, 1) + u(1, 1) + rings(3, readable=44)],
         "virtio-console": [u(1, 1) + u(1, 1) + u(80, 1) + u(25, 1) + rings(6, readable=8)],

@@ -81,12 +81,61 @@ _image: str | None = None
 
 
 def _disk_image() -> str:
+    """512 KiB: room for the large requests that go to the transfer threads (128 KiB and more)."""
     global _image
     if _image is None:
         fd, _image = tempfile.mkstemp(prefix="pyvmm-fuzz-", suffix=".img")
-        os.ftruncate(fd, 64 * 512)
+        os.ftruncate(fd, 1024 * 512)
         os.close(fd)
     return _image
+
+
+class HeldTransfers:
+    """host_side.DiskTransfers on the C transfer threads (one for the process) where they are
+    built, else moved at once in Python; either way a transfer ends only at a host step, as a
+    thread that has not run yet would, so a kick, a reset or a save can come in between."""
+
+    _native = None
+
+    def __init__(self) -> None:
+        from pyvmm.compiled import c_module
+
+        module = c_module("pyvmm.host.transfer_threads")
+        if module is not None and HeldTransfers._native is None:
+            HeldTransfers._native = module.Transfers(1)
+        self.native = HeldTransfers._native
+        self.ended: list = []   # (finished, item, errno) moved in Python
+
+    def start(self, finished, item, writing, fd, offset, memory, pieces, skip, length) -> None:
+        if self.native is not None:
+            regions = tuple((int(region.guest_base), region.view) for region in memory.regions)
+            self.native.start((finished, item), writing, fd, offset, regions, pieces, skip, length)
+            return
+        from pyvmm.devices.virtio.queue import buffer_views
+
+        views = buffer_views(memory, pieces, skip, length)
+        try:
+            (os.pwritev if writing else os.preadv)(fd, views, offset)
+            error = 0
+        except OSError as exc:
+            error = exc.errno or 5
+        self.ended.append((finished, item, error))
+
+    def wait_idle(self) -> None:
+        if self.native is not None:
+            self.native.wait_idle()
+
+    def end(self) -> None:
+        """Every transfer started ends now, each device's in one call (the I/O thread's part)."""
+        self.wait_idle()
+        ended = [(finished, item, error) for (finished, item), error in self.native.take()] \
+            if self.native is not None else []
+        ended, self.ended = self.ended + ended, []
+        by_device: dict = {}
+        for finished, item, error in ended:
+            by_device.setdefault(finished, []).append((item, error))
+        for finished, items in by_device.items():
+            finished(items)
 
 
 def blk_input(data: bytes) -> None:
@@ -95,13 +144,20 @@ def blk_input(data: bytes) -> None:
 
     r = Reader(data)
     timers = Timers()
+    transfers = HeldTransfers()
     limit = RateLimit(TokenBucketConfig(r.u16() + 1, r.u8() + 1), None) if r.flag() else None
     device = VirtioBlock(_disk_image(), readonly=r.flag(), queue_size=r.choice((4, 8, 16, 256)),
-                         num_queues=r.u8() % 2 + 1, rate_limit=limit, timers=timers)
+                         num_queues=r.u8() % 2 + 1, rate_limit=limit, timers=timers, transfers=transfers)
+
+    def host_step(r: Reader) -> None:
+        timers.fire()
+        transfers.end()
+
     try:
-        exercise(device, r, lambda r: timers.fire())
+        exercise(device, r, host_step)
     finally:
         device.close()
+        transfers.end()   # (dropped: the disk is closed; guest RAM's buffers let go)
 
 
 class FakeTap:
