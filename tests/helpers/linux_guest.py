@@ -229,6 +229,18 @@ class InProcessGuest(ConsoleRecord):
     def kill(self) -> None:
         self.vm.close()
 
+    def run_to_end(self, collect=lambda vm: None, timeout: float = 600):
+        """Start the VM, wait until it stops, take `collect(vm)` before closing it, then check the
+        console for kernel warnings: (the outcome, the console's text, what collect returned)."""
+        try:
+            self.vm.start()
+            outcome = self.vm.wait(timeout)
+            collected = collect(self.vm)
+        finally:
+            self.kill()
+        self.check_kernel_warnings()
+        return outcome, self.text(), collected
+
     def check_kernel_warnings(self) -> None:
         self._check_kernel_warnings(f"in-process guest: {self.machine.cmdline}")
 

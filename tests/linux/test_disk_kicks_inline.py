@@ -36,16 +36,8 @@ def test_direct_requests_served_in_the_guests_slice_read_and_write_the_image(pyv
     content = random.Random(17).randbytes(4 * MIB)
     disk.write_bytes(content + bytes(4 * MIB))
     guest = pyvmm.in_process(MachineConfig(disks=(DiskConfig(str(disk)),)), ["sh", "-c", SCRIPT], accel="tcg")
-    vm = guest.vm
-    try:
-        vm.start()
-        outcome = vm.wait(600)
-        counts = vm.exit_counts()
-        requests = vm.device_manager.device("virtio-blk0").queue_counters()["requests"]
-    finally:
-        guest.kill()
-    guest.check_kernel_warnings()
-    console = guest.text()
+    outcome, console, (counts, requests) = guest.run_to_end(lambda vm: (
+        vm.exit_counts(), vm.device_manager.device("virtio-blk0").queue_counters()["requests"]))
     assert outcome is not None and (outcome.reason, outcome.status) == ("poweroff", 0), (outcome, console[-2000:])
     assert f"READ {hashlib.md5(content).hexdigest()}" in console, console[-2000:]
     assert "WROTE 0" in console, console[-2000:]

@@ -33,15 +33,7 @@ def test_large_requests_move_on_the_transfer_threads(pyvmm, tmp_path):
     content = random.Random(23).randbytes(8 * MIB)
     disk.write_bytes(content + bytes(8 * MIB))
     guest = pyvmm.in_process(MachineConfig(disks=(DiskConfig(str(disk)),)), ["sh", "-c", SCRIPT], accel="tcg")
-    vm = guest.vm
-    try:
-        vm.start()
-        outcome = vm.wait(600)
-        stats = vm.device_manager.device("virtio-blk0").stats()
-    finally:
-        guest.kill()
-    guest.check_kernel_warnings()
-    console = guest.text()
+    outcome, console, stats = guest.run_to_end(lambda vm: vm.device_manager.device("virtio-blk0").stats())
     assert outcome is not None and (outcome.reason, outcome.status) == ("poweroff", 0), (outcome, console[-2000:])
     assert f"READ {hashlib.md5(content).hexdigest()}" in console, console[-2000:]
     assert "WROTE 0" in console, console[-2000:]

@@ -74,6 +74,17 @@ static void free_job(Job *job)
     PyMem_RawFree(job);
 }
 
+/* A job at the end of a list (the lock held). */
+static void append(Job **head, Job **tail, Job *job)
+{
+    job->next = NULL;
+    if (*tail)
+        (*tail)->next = job;
+    else
+        *head = job;
+    *tail = job;
+}
+
 /* Every byte of the job, or an errno. */
 static int move(Job *job)
 {
@@ -124,14 +135,9 @@ static void *serve(void *arg)
         pthread_mutex_unlock(&t->lock);
 
         job->error = move(job);
-        job->next = NULL;
 
         pthread_mutex_lock(&t->lock);
-        if (t->ended_tail)
-            t->ended_tail->next = job;
-        else
-            t->ended = job;
-        t->ended_tail = job;
+        append(&t->ended, &t->ended_tail, job);
         if (--t->moving == 0)
             pthread_cond_broadcast(&t->idle);
         uint64_t one = 1;
@@ -270,11 +276,7 @@ static PyObject *transfers_start(Transfers *t, PyObject *args)
     job->iovcnt = count;
 
     pthread_mutex_lock(&t->lock);
-    if (t->pending_tail)
-        t->pending_tail->next = job;
-    else
-        t->pending = job;
-    t->pending_tail = job;
+    append(&t->pending, &t->pending_tail, job);
     t->moving++;
     pthread_cond_signal(&t->work);
     pthread_mutex_unlock(&t->lock);
