@@ -127,15 +127,13 @@ class HeldTransfers:
 
     def end(self) -> None:
         """Every transfer started ends now, each device's in one call (the I/O thread's part)."""
+        from pyvmm.host.disk_transfers import hand_out
+
         self.wait_idle()
         ended = [(finished, item, error) for (finished, item), error in self.native.take()] \
             if self.native is not None else []
         ended, self.ended = self.ended + ended, []
-        by_device: dict = {}
-        for finished, item, error in ended:
-            by_device.setdefault(finished, []).append((item, error))
-        for finished, items in by_device.items():
-            finished(items)
+        hand_out(ended)
 
 
 def blk_input(data: bytes) -> None:

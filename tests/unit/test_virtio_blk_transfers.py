@@ -63,11 +63,7 @@ class FakeTransfers:
         if not error:
             self.move()
         jobs, self.started = self.started, []
-        by_device: dict = {}
-        for job in jobs:
-            by_device.setdefault(job["finished"], []).append((job["item"], error))
-        for finished, items in by_device.items():
-            finished(items)
+        disk_transfers.hand_out([(job["finished"], job["item"], error) for job in jobs])
 
 
 @pytest.fixture

@@ -48,6 +48,15 @@ def available(environ=os.environ) -> bool:
 Finished = Callable[[list[tuple[object, int]]], None]
 
 
+def hand_out(ended: list[tuple[Finished, object, int]]) -> None:
+    """Ended transfers (finished, item, errno or 0) to their devices: each device's in one call."""
+    by_device: dict[Finished, list[tuple[object, int]]] = {}
+    for finished, item, error in ended:
+        by_device.setdefault(finished, []).append((item, error))
+    for finished, items in by_device.items():
+        finished(items)
+
+
 class DiskTransfers:
     def __init__(self, iothread, threads: int | None = None) -> None:
         module = c_module(_C_MODULE)
@@ -72,11 +81,7 @@ class DiskTransfers:
 
     def collect(self) -> None:
         """Hand the ended transfers to their devices, each device's in one call (I/O thread)."""
-        by_device: dict[Finished, list[tuple[object, int]]] = {}
-        for (finished, item), error in self._threads.take():
-            by_device.setdefault(finished, []).append((item, error))
-        for finished, items in by_device.items():
-            finished(items)
+        hand_out([(finished, item, error) for (finished, item), error in self._threads.take()])
 
     def wait_idle(self) -> None:
         """Return once no transfer started so far moves data (their ends are collected later)."""

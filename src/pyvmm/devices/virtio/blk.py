@@ -185,7 +185,7 @@ class VirtioBlock(VirtioDevice):
         self.transfers = transfers
         self._transfers_out = 0  # started and not yet back through _transfers_ended
         self.threaded_transfers = 0  # requests whose data moved on the threads (stats, not state)
-        self._generation = 0     # a reset or restore: transfers that end after it are dropped
+        self._generation = 0     # a reset, restore or close: transfers that end after it are dropped
         try:
             self.throttle = Throttle(self.lock, self._resume_throttled, timers, rate_limit, clock)
         except BaseException:
@@ -321,31 +321,39 @@ class VirtioBlock(VirtioDevice):
         return (length % SECTOR_SIZE == 0 and sector <= self.capacity
                 and length >> SECTOR_SHIFT <= self.capacity - sector)
 
+    @staticmethod
+    def _data(chain: DescriptorChain, writing: bool) -> tuple[list[tuple[int, int]], int, int]:
+        """Where a read's or a write's data is: (the buffers, the bytes of them before it, its length)."""
+        if writing:
+            return chain.readable, HEADER.size, chain.readable_length - HEADER.size
+        return chain.writable, 0, chain.writable_length - 1  # (the last writable byte is the status)
+
+    def _count(self, writing: bool, length: int) -> None:
+        self.counters["writes" if writing else "reads"] += 1
+        self.counters["bytes_written" if writing else "bytes_read"] += length
+
     def _read(self, chain: DescriptorChain, sector: int) -> int:
-        length = chain.writable_length - 1
+        buffers, skip, length = self._data(chain, False)
         if not self._in_range(sector, length):
             return self._fail(f"read of {length} bytes at sector {sector} is outside the disk or not whole sectors")
         try:
-            self._transfer(os.preadv, buffer_views(self.memory, chain.writable, 0, length), sector << SECTOR_SHIFT)
+            self._transfer(os.preadv, buffer_views(self.memory, buffers, skip, length), sector << SECTOR_SHIFT)
         except OSError as exc:
             return self._host_error("read", exc)
-        self.counters["reads"] += 1
-        self.counters["bytes_read"] += length
+        self._count(False, length)
         return VIRTIO_BLK_S_OK
 
     def _write(self, chain: DescriptorChain, sector: int) -> int:
         if self.readonly:
             return self._fail("write to a read-only disk")
-        length = chain.readable_length - HEADER.size
+        buffers, skip, length = self._data(chain, True)
         if not self._in_range(sector, length):
             return self._fail(f"write of {length} bytes at sector {sector} is outside the disk or not whole sectors")
         try:
-            self._transfer(os.pwritev, buffer_views(self.memory, chain.readable, HEADER.size, length),
-                           sector << SECTOR_SHIFT)
+            self._transfer(os.pwritev, buffer_views(self.memory, buffers, skip, length), sector << SECTOR_SHIFT)
         except OSError as exc:
             return self._host_error("write", exc)
-        self.counters["writes"] += 1
-        self.counters["bytes_written"] += length
+        self._count(True, length)
         return VIRTIO_BLK_S_OK
 
     def _transfer(self, op, views: list[memoryview], offset: int) -> None:
@@ -372,13 +380,12 @@ class VirtioBlock(VirtioDevice):
         if self.transfers is None or header is None or chain.writable_length == 0:
             return False
         request_type, sector = header
-        if request_type == VIRTIO_BLK_T_IN:
-            writing, length, buffers, skip = False, chain.writable_length - 1, chain.writable, 0
-        elif request_type == VIRTIO_BLK_T_OUT and not self.readonly and not self._writethrough():
-            writing, length, buffers, skip = True, chain.readable_length - HEADER.size, chain.readable, HEADER.size
-        else:
+        writing = request_type == VIRTIO_BLK_T_OUT
+        if not writing and request_type != VIRTIO_BLK_T_IN:
             return False
-        if length < LARGE_TRANSFER or not self._in_range(sector, length):
+        buffers, skip, length = self._data(chain, writing)
+        if length < LARGE_TRANSFER or not self._in_range(sector, length) or \
+                writing and (self.readonly or self._writethrough()):
             return False
         item = _Transfer(self._generation, self.queues.index(queue), chain, writing, length)
         self.transfers.start(self._transfers_ended, item, writing, self.fd, sector << SECTOR_SHIFT, self.memory,
@@ -401,8 +408,7 @@ class VirtioBlock(VirtioDevice):
                     status = self._host_error("write" if writing else "read", OSError(error, os.strerror(error)))
                 else:
                     status = VIRTIO_BLK_S_OK
-                    self.counters["writes" if writing else "reads"] += 1
-                    self.counters["bytes_written" if writing else "bytes_read"] += length
+                    self._count(writing, length)
                 needs_sync = writing and status == VIRTIO_BLK_S_OK and self._writethrough()  # (switched meanwhile)
                 batches.setdefault(queue_index, []).append((chain, status, needs_sync))
             try:
@@ -416,6 +422,11 @@ class VirtioBlock(VirtioDevice):
         """Return once none of the transfers started moves data (their ends come later)."""
         if self._transfers_out and self.transfers is not None:
             self.transfers.wait_idle()
+
+    def _forget_transfers(self) -> None:
+        """A reset, a restore, close(): no data moves after it, and the ends still to come are dropped."""
+        self._wait_for_transfers()
+        self._generation += 1
 
     def _flush(self) -> int:
         if not self.readonly:
@@ -531,8 +542,7 @@ class VirtioBlock(VirtioDevice):
     # --- lifecycle and metrics -----------------------------------------------------------------------------
 
     def on_reset(self) -> None:
-        self._wait_for_transfers()  # no data lands in guest RAM after the reset
-        self._generation += 1
+        self._forget_transfers()
         self.writeback = 1  # the next driver starts from the default cache mode
         self.throttle.cancel()
 
@@ -561,8 +571,7 @@ class VirtioBlock(VirtioDevice):
         """Release the image and its lock."""
         with self.lock:
             if self.fd >= 0:
-                self._wait_for_transfers()
-                self._generation += 1  # (an unplugged disk's late ends touch no guest RAM)
+                self._forget_transfers()  # (an unplugged disk's late ends touch no guest RAM)
                 os.close(self.fd)
                 self.fd = -1
 
@@ -587,8 +596,7 @@ class VirtioBlock(VirtioDevice):
     def restore(self, state: BlockState) -> None:  # type: ignore[override]
         self.check_restorable(state)
         with self.lock:
-            self._wait_for_transfers()
-            self._generation += 1
+            self._forget_transfers()
             self.restore_virtio(state.virtio)
             self.writeback = state.writeback
             self.write_zeroes_may_unmap = state.write_zeroes_may_unmap
