@@ -38,6 +38,7 @@ from .memory import GuestMemory
 from .outcome_sink import OutcomeSink
 from .pci import PciRoot
 from .iothread import IoThread
+from .host.console_output import ConsoleOutput
 from .virtio_wiring import VirtioWiring
 from .vm import EXIT_GUEST_CRASH, EXIT_OK, EXIT_VMM_ERROR, Vm, VmOutcome
 
@@ -163,6 +164,7 @@ class Machine:
     releases: list
     device_releases: dict[str, list]
     uart: Uart16550
+    console_output: ConsoleOutput
 
     def _release(self) -> None:
         """Close what the devices opened on the host, hot-plugged ones included (in order)."""
@@ -174,8 +176,9 @@ class Machine:
 
     def vm(self, vcpus: list) -> Vm:
         vm = Vm(self.accel, self.memory, self.pio, self.mmio, vcpus, self.manager.devices(), iothread=self.iothread,
-                pausables=[self.rtc_timer, self.uart, *([self.transfers] if self.transfers is not None else [])],
-                on_close=[self.uart.flush_output, self.rtc_timer.close, self.wiring.close, self._release,
+                pausables=[self.rtc_timer, self.uart, self.console_output,
+                           *([self.transfers] if self.transfers is not None else [])],
+                on_close=[self.uart.flush_output, self.console_output.close, self.rtc_timer.close, self.wiring.close, self._release,
                           *([self.transfers.close] if self.transfers is not None else [])])
         vm.device_manager = self.manager
         vm.machine = self.config
@@ -231,6 +234,9 @@ def assemble(cleanup: ExitStack, config: MachineConfig, console_write: Callable[
     transfers = disk_transfers(iothread)
     if transfers is not None:
         cleanup.callback(transfers.close)  # (after the disks closed: callbacks run last first)
+    # Console bytes reach the host in batches (host/console_output.py: why).
+    console_output = ConsoleOutput(console_write, iothread)
+    console_write = console_output.write
     uart = Uart16550(accel.irq_line(layout.COM1_IRQ), console_write, timers=iothread)
     port_device("com1", "uart16550", uart, ((layout.COM1_PORT, layout.COM1_PORT_COUNT),), (layout.COM1_IRQ,))
     i8042 = I8042(reset)
@@ -292,7 +298,7 @@ def assemble(cleanup: ExitStack, config: MachineConfig, console_write: Callable[
         raise ConfigError(f": the recorded device tree has devices this machine lacks "
                           f"({', '.join(manager.unclaimed())})", "devices")
     return Machine(config, accel, memory, pio, mmio, manager, pci_root, wiring, iothread, transfers, rtc_timer, outcomes,
-                   releases, device_releases, uart)
+                   releases, device_releases, uart, console_output)
 
 
 def disk_transfers(iothread):

@@ -1,7 +1,7 @@
 """The host end of the guest's serial console: terminal (raw mode, Ctrl-A escapes) or a log file.
 
-Guest output is written straight to the terminal (or the log) from the vCPU thread
-that produced it. Host input is read by one thread and pushed into the UART; on a
+Guest output is written to the terminal (or the log) in batches (host/console_output.py),
+by a vCPU thread or the I/O thread. Host input is read by one thread and pushed into the UART; on a
 terminal, Ctrl-A x quits, Ctrl-A p presses the ACPI power button (QEMU's system_powerdown)
 and Ctrl-A Ctrl-A sends a literal Ctrl-A, like QEMU.
 The terminal's settings are restored however pyvmm ends.
