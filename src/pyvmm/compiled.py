@@ -61,6 +61,7 @@ MODULES = (
     "pyvmm.accel.tcg.guest_io",
     "pyvmm.devices.legacy.port80",
     "pyvmm.devices.legacy.uart16550",
+    "pyvmm.devices.virtio.net_rx",
     "pyvmm.devices.virtio.queue",
     "pyvmm.kvm.run",
     "pyvmm.memory.guest_memory",

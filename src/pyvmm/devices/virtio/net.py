@@ -47,6 +47,7 @@ from ...memory.guest_memory import GuestMemory, GuestMemoryError
 from ...persist import State, require
 from ..rate_limiter import Clock, RateLimit, RateLimiterState, Timers
 from .device import VIRTIO_ID_NET, VirtioDevice, VirtioDeviceState, VirtioInterrupt
+from .net_rx import return_filled, set_num_buffers, take_buffers
 from .queue import DescriptorChain, SplitQueue, VirtqueueBroken, buffer_views, write_buffers
 from .throttle import Throttle
 
@@ -79,7 +80,6 @@ OFFLOAD_UFO = 0x10
 
 RX_QUEUE, TX_QUEUE = 0, 1
 NET_HDR_SIZE = 12          # struct virtio_net_hdr_v1 (VERSION_1 always has num_buffers)
-NUM_BUFFERS_OFFSET = 10
 MAX_FRAME = 65535 + 18     # the largest (GSO) frame a TAP passes: 64 KiB IP packet + Ethernet/VLAN header
 RX_SCRATCH = NET_HDR_SIZE + MAX_FRAME + 1  # room past the guest buffer: a longer read means "too big"
 MAX_SEGMENTS = 1023        # iovecs per readv/writev (IOV_MAX is 1024; one is kept for the scratch)
@@ -326,14 +326,9 @@ class VirtioNet(VirtioDevice):
 
     def _pop_rx_chain(self) -> DescriptorChain | None:
         """The guest's next usable receive buffer; unusable ones go back at once, empty."""
-        queue = self.queues[RX_QUEUE]
-        while (chain := queue.pop()) is not None:
-            if chain.writable_length >= NET_HDR_SIZE and len(chain.writable) <= MAX_SEGMENTS:
-                return chain
-            log.debug("%s: RX buffer of %d bytes in %d pieces is unusable", self.name, chain.writable_length,
-                      len(chain.writable))
-            queue.push(chain, 0)
-        return None
+        held: collections.deque[DescriptorChain] = collections.deque()
+        take_buffers(self.queues[RX_QUEUE], self.memory, held, [], 0, 0, 1, MAX_SEGMENTS, NET_HDR_SIZE)
+        return held[0] if held else None
 
     def _next_rx_chain(self) -> DescriptorChain | None:
         return self._rx_spare.popleft() if self._rx_spare else self._pop_rx_chain()
@@ -354,25 +349,9 @@ class VirtioNet(VirtioDevice):
             if not self.rx_throttle.ready():
                 self._unwatch_rx()  # until the refill timer
                 return
-            views, count, covered = self._rx_views, self._rx_viewed, self._rx_viewed_bytes
-            while covered < want:
-                if count < len(spare):
-                    chain = spare[count]
-                else:
-                    popped = self._pop_rx_chain()
-                    if popped is None:
-                        break
-                    spare.append(popped)
-                    chain = popped
-                if count and len(views) + len(chain.writable) > MAX_SEGMENTS:
-                    break
-                writable = chain.writable
-                if len(writable) == 1:  # (Linux's receive buffers: one page fragment each)
-                    views.append(memory.view(*writable[0]))
-                else:
-                    views += buffer_views(memory, writable)
-                covered += chain.writable_length
-                count += 1
+            views = self._rx_views
+            count, covered = take_buffers(self.queues[RX_QUEUE], memory, spare, views, self._rx_viewed,
+                                          self._rx_viewed_bytes, want, MAX_SEGMENTS, NET_HDR_SIZE)
             self._rx_viewed, self._rx_viewed_bytes = count, covered
             if not count:
                 self._unwatch_rx()  # until the guest kicks the receive queue
@@ -401,23 +380,7 @@ class VirtioNet(VirtioDevice):
 
     def _complete_rx(self, n: int) -> None:
         """A frame of n bytes lies in the first spare buffers: return those it filled."""
-        spare = self._rx_spare
-        chain = spare.popleft()
-        segments, covered = len(chain.writable), chain.writable_length
-        if n <= covered:  # one buffer (every frame without MRG_RXBUF)
-            self._set_num_buffers(chain, 1)
-            self.queues[RX_QUEUE].push(chain, n)
-            used_count = 1
-        else:
-            used = [(chain, covered)]
-            while covered < n:
-                chain = spare.popleft()
-                used.append((chain, min(n - covered, chain.writable_length)))
-                covered += chain.writable_length
-                segments += len(chain.writable)
-            self._set_num_buffers(used[0][0], len(used))
-            self.queues[RX_QUEUE].push_many(used)
-            used_count = len(used)
+        used_count, segments, covered = return_filled(self.queues[RX_QUEUE], self.memory, self._rx_spare, n)
         del self._rx_views[:segments]
         self._rx_viewed -= used_count
         self._rx_viewed_bytes -= covered
@@ -442,19 +405,11 @@ class VirtioNet(VirtioDevice):
             done = write_buffers(self.memory, chain.writable, rest[partial.placed:])
             partial.used.append((chain, done))
             partial.placed += done
-        self._set_num_buffers(partial.used[0][0], len(partial.used))
+        set_num_buffers(self.memory, partial.used[0][0], len(partial.used))
         queue.push_many(partial.used)  # consecutive in the used ring, as num_buffers says
         self._rx_partial = None
         self._count_rx(partial.length)
         return True
-
-    def _set_num_buffers(self, chain: DescriptorChain, count: int) -> None:
-        """The header's num_buffers (the TAP leaves it out): how many buffers the frame took."""
-        address, length = chain.writable[0]
-        if length >= NUM_BUFFERS_OFFSET + 2:
-            self.memory.write_u16(address + NUM_BUFFERS_OFFSET, count)
-        else:  # a header split over buffers
-            write_buffers(self.memory, chain.writable, struct.pack("<H", count), NUM_BUFFERS_OFFSET)
 
     def _count_rx(self, length: int) -> None:
         self.counters["rx_packets"] += 1
