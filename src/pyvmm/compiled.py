@@ -63,6 +63,7 @@ MODULES = (
     "pyvmm.devices.legacy.uart16550",
     "pyvmm.devices.virtio.net_rx",
     "pyvmm.devices.virtio.queue",
+    "pyvmm.host.console_output",
     "pyvmm.kvm.run",
     "pyvmm.memory.guest_memory",
     "pyvmm.pci.msix",

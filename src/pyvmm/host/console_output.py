@@ -18,12 +18,12 @@ a migration or the VM's end must not keep output back), after the UART sent its 
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from typing import Callable, Final
 
 from ..iothread import IoThread
 
-FLUSH_DELAY_NS = 2_000_000   # how long the first byte of a batch may wait
-FLUSH_BYTES = 64 * 1024      # a batch this big goes at once: what waits is bounded
+FLUSH_DELAY_NS: Final = 2_000_000   # how long the first byte of a batch may wait
+FLUSH_BYTES: Final = 64 * 1024      # a batch this big goes at once: what waits is bounded
 
 
 class ConsoleOutput:

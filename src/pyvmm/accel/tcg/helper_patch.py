@@ -37,6 +37,8 @@ import struct
 import threading
 from typing import Callable
 
+from ...compiled import c_module
+
 log = logging.getLogger(__name__)
 
 PASS, HANDLED, GENERAL_PROTECTION, PASS_WITH_ARG1 = 0, 1, 2, 3
@@ -60,6 +62,7 @@ FILTER = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes
 running = threading.local()  # .vcpu: the TcgVcpu in emu_start on this thread, or None
 _installed: dict[str, tuple] = {}  # helper -> (its filter, stub page, address, bytes overwritten)
 _retired: list[tuple] = []  # restored patches: their stubs stay mapped
+_filter_slots: dict[str, int] = {}  # helper -> its C filter slot (hook_trampolines.c), kept across re-patches
 _lock = threading.Lock()
 
 
@@ -135,20 +138,43 @@ def install(helper: str, handler: Callable[[int, int, int], tuple[int, int]],
     machine code (see `branches`) that jumps `distance` bytes past its end, straight to the
     helper, for the calls the handler would pass through anyway: a call into Python costs
     microseconds, and the guest makes some of these thousands of times a second."""
-    def on_call(env, arg1, arg2, out) -> int:
-        try:
-            action, value = handler(env or 0, arg1, arg2)
-        except Exception:  # never unwind through C: run the helper instead
-            log.exception("software CPU: %s filter failed", helper)
-            return PASS
-        out[0] = value & 0xFFFF_FFFF_FFFF_FFFF
-        return action
+    def failed(exc: BaseException) -> None:  # never unwind through C: the helper runs instead
+        log.error("software CPU: %s filter failed", helper, exc_info=exc)
 
-    callback = FILTER(on_call)
-    callback_address = ctypes.cast(callback, ctypes.c_void_p).value
+    callback_address = _c_filter(helper, handler, failed)
+    callback: object = None
+    if callback_address is None:  # no build (or no free slot): a ctypes callback does the same
+        def on_call(env, arg1, arg2, out) -> int:
+            try:
+                action, value = handler(env or 0, arg1, arg2)
+            except Exception as exc:
+                failed(exc)
+                return PASS
+            out[0] = value & 0xFFFF_FFFF_FFFF_FFFF
+            return action
+
+        callback = FILTER(on_call)
+        callback_address = ctypes.cast(callback, ctypes.c_void_p).value
     assert callback_address is not None
     return _patch(helper, lambda raise_function, passthrough: _stub(callback_address, raise_function, passthrough,
                                                                      skip), keep=callback)
+
+
+def _c_filter(helper: str, handler: Callable[[int, int, int], tuple[int, int]],
+              failed: Callable[[BaseException], None]) -> int | None:
+    """The C filter (hook_trampolines.c) of `helper`'s slot, calling `handler` from now on; None
+    without the build or a free slot. A helper patched again keeps its slot."""
+    trampolines = c_module("pyvmm.accel.tcg.hook_trampolines")
+    if trampolines is None:
+        return None
+    with _lock:
+        if helper in _installed:
+            return None   # (_patch keeps the patch in place and returns True)
+        slot = _filter_slots.setdefault(helper, len(_filter_slots))
+        if slot >= trampolines.FILTER_SLOTS:
+            del _filter_slots[helper]
+            return None
+        return trampolines.set_filter(slot, handler, failed)
 
 
 def install_guard(helper: str, guard: Callable[[int], bytes]) -> bool:

@@ -10,8 +10,10 @@
    keeps the Unicorn binding's contract). Nothing here decides anything about a device: it only
    calls the handler.
 
+   Also here: the C filters helper_patch.py's patched engine helpers call (set_filter).
+
    Built by scripts/compile with the compiled group (pyvmm/compiled.py); without a build,
-   direct_hooks.py registers ctypes callbacks that do the same. */
+   direct_hooks.py and helper_patch.py use ctypes callbacks that do the same. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -27,16 +29,17 @@ typedef struct {
 
 static PyObject *current_name;  /* "current", interned */
 
-static void report_failure(Target *target)
+/* The raised exception to failed(exception); none may unwind into libunicorn. */
+static void report_failure(PyObject *failed)
 {
     PyObject *type, *value, *traceback;
     PyErr_Fetch(&type, &value, &traceback);
     PyErr_NormalizeException(&type, &value, &traceback);
     if (value != NULL && traceback != NULL)
         PyException_SetTraceback(value, traceback);
-    PyObject *done = value != NULL ? PyObject_CallOneArg(target->failed, value) : NULL;
-    if (done == NULL)  /* (failed() itself failed: nothing may unwind into libunicorn) */
-        PyErr_WriteUnraisable(target->failed);
+    PyObject *done = value != NULL ? PyObject_CallOneArg(failed, value) : NULL;
+    if (done == NULL)  /* (failed() itself failed) */
+        PyErr_WriteUnraisable(failed);
     Py_XDECREF(done);
     Py_XDECREF(type);
     Py_XDECREF(value);
@@ -63,7 +66,7 @@ static uint64_t call_handler(Target *target, uint64_t address, unsigned size, in
     }
     if (result == NULL) {
         answer = 0;
-        report_failure(target);
+        report_failure(target->failed);
     }
     Py_XDECREF(result);
     PyGILState_Release(gil);
@@ -92,6 +95,105 @@ static void on_mmio_write(void *uc, uint64_t offset, unsigned size, uint64_t val
     Target *target = user_data;
     call_handler(target, target->base + offset, size, 1, value, 0);
 }
+
+/* helper_patch.py's filters: a patched engine helper's stub calls filter(env, arg1, arg2, &out)
+   and runs the helper, or not, by the action it returns (helper_patch.PASS, HANDLED, ...). The
+   stub passes no user data, so each slot has a C entry of its own: slot N calls
+   handlers[N](env, arg1, arg2) -> (action, value) and stores value in *out. A handler that
+   raises, or returns something else, goes to failures[N] and the helper runs as built
+   (action 0). helper_patch.py gives each helper a slot of its own and sets it again when it
+   patches the helper again (a handler is held for the call, so one replaced meanwhile lives
+   until the call returns). */
+#define FILTER_SLOTS 8
+static PyObject *filter_handlers[FILTER_SLOTS];
+static PyObject *filter_failures[FILTER_SLOTS];
+
+static int call_filter(int slot, void *env, uint64_t arg1, uint64_t arg2, uint64_t *out)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    int action = 0;
+    PyObject *handler = filter_handlers[slot], *failed = filter_failures[slot];
+    if (handler == NULL || failed == NULL) {  /* (never set: the stub is only installed after) */
+        PyGILState_Release(gil);
+        return 0;
+    }
+    Py_INCREF(handler);
+    Py_INCREF(failed);
+    PyObject *args[3] = {PyLong_FromVoidPtr(env), PyLong_FromUnsignedLongLong(arg1),
+                         PyLong_FromUnsignedLongLong(arg2)};
+    PyObject *result = NULL;
+    if (args[0] != NULL && args[1] != NULL && args[2] != NULL)
+        result = PyObject_Vectorcall(handler, args, 3, NULL);
+    for (int i = 0; i < 3; i++)
+        Py_XDECREF(args[i]);
+    if (result != NULL) {
+        if (PyTuple_Check(result) && PyTuple_GET_SIZE(result) == 2) {
+            long wanted = PyLong_AsLong(PyTuple_GET_ITEM(result, 0));
+            uint64_t value = PyLong_AsUnsignedLongLongMask(PyTuple_GET_ITEM(result, 1));
+            if (!PyErr_Occurred()) {
+                action = (int)wanted;
+                *out = value;
+            }
+        } else {
+            PyErr_SetString(PyExc_TypeError, "a helper filter returns (action, value)");
+        }
+        Py_DECREF(result);
+    }
+    if (PyErr_Occurred()) {
+        action = 0;
+        report_failure(failed);
+    }
+    Py_DECREF(handler);
+    Py_DECREF(failed);
+    PyGILState_Release(gil);
+    return action;
+}
+
+#define FILTER_ENTRY(n) \
+    static int filter_##n(void *env, uint64_t arg1, uint64_t arg2, uint64_t *out) \
+    { \
+        return call_filter(n, env, arg1, arg2, out); \
+    }
+FILTER_ENTRY(0)
+FILTER_ENTRY(1)
+FILTER_ENTRY(2)
+FILTER_ENTRY(3)
+FILTER_ENTRY(4)
+FILTER_ENTRY(5)
+FILTER_ENTRY(6)
+FILTER_ENTRY(7)
+static void *filter_entries[FILTER_SLOTS] = {
+    (void *)filter_0, (void *)filter_1, (void *)filter_2, (void *)filter_3,
+    (void *)filter_4, (void *)filter_5, (void *)filter_6, (void *)filter_7,
+};
+
+static PyObject *set_filter(PyObject *module, PyObject *args)
+{
+    int slot;
+    PyObject *handler, *failed;
+    if (!PyArg_ParseTuple(args, "iOO", &slot, &handler, &failed))
+        return NULL;
+    if (slot < 0 || slot >= FILTER_SLOTS) {
+        PyErr_Format(PyExc_ValueError, "filter slot %d is not in 0..%d", slot, FILTER_SLOTS - 1);
+        return NULL;
+    }
+    if (!PyCallable_Check(handler) || !PyCallable_Check(failed)) {
+        PyErr_SetString(PyExc_TypeError, "handler and failed must be callable");
+        return NULL;
+    }
+    Py_INCREF(handler);
+    Py_INCREF(failed);
+    Py_XSETREF(filter_handlers[slot], handler);
+    Py_XSETREF(filter_failures[slot], failed);
+    return PyLong_FromVoidPtr(filter_entries[slot]);
+}
+
+static PyMethodDef functions[] = {
+    {"set_filter", set_filter, METH_VARARGS,
+     "set_filter(slot, handler, failed): slot's C filter (its address, for helper_patch's stub) "
+     "calls handler(env, arg1, arg2) -> (action, value) from now on"},
+    {NULL},
+};
 
 static PyObject *target_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
@@ -166,7 +268,7 @@ static PyTypeObject TargetType = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "pyvmm.accel.tcg.hook_trampolines",
-    "Unicorn port-I/O and MMIO hooks in C (see hook_trampolines.c)", -1, NULL,
+    "Unicorn port-I/O and MMIO hooks and helper filters in C (see hook_trampolines.c)", -1, functions,
 };
 
 PyMODINIT_FUNC PyInit_hook_trampolines(void)
@@ -184,7 +286,8 @@ PyMODINIT_FUNC PyInit_hook_trampolines(void)
         || PyModule_AddObject(m, "ON_IN", PyLong_FromVoidPtr((void *)on_in)) < 0
         || PyModule_AddObject(m, "ON_OUT", PyLong_FromVoidPtr((void *)on_out)) < 0
         || PyModule_AddObject(m, "ON_MMIO_READ", PyLong_FromVoidPtr((void *)on_mmio_read)) < 0
-        || PyModule_AddObject(m, "ON_MMIO_WRITE", PyLong_FromVoidPtr((void *)on_mmio_write)) < 0) {
+        || PyModule_AddObject(m, "ON_MMIO_WRITE", PyLong_FromVoidPtr((void *)on_mmio_write)) < 0
+        || PyModule_AddIntConstant(m, "FILTER_SLOTS", FILTER_SLOTS) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -13,3 +13,10 @@ ON_IN: Final[int]
 ON_OUT: Final[int]
 ON_MMIO_READ: Final[int]
 ON_MMIO_WRITE: Final[int]
+
+FILTER_SLOTS: Final[int]
+
+def set_filter(slot: int, handler: Callable[[int, int, int], tuple[int, int]],
+               failed: Callable[[BaseException], None]) -> int:
+    """Slot `slot`'s C filter, for a patched helper's stub (helper_patch.py), calls
+    handler(env, arg1, arg2) -> (action, value) from now on; returns its address."""
