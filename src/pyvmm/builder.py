@@ -178,8 +178,8 @@ class Machine:
         vm = Vm(self.accel, self.memory, self.pio, self.mmio, vcpus, self.manager.devices(), iothread=self.iothread,
                 pausables=[self.rtc_timer, self.uart, self.console_output,
                            *([self.transfers] if self.transfers is not None else [])],
-                on_close=[self.uart.flush_output, self.console_output.close, self.rtc_timer.close, self.wiring.close, self._release,
-                          *([self.transfers.close] if self.transfers is not None else [])])
+                on_close=[self.uart.flush_output, self.console_output.close, self.rtc_timer.close, self.wiring.close,
+                          self._release, *([self.transfers.close] if self.transfers is not None else [])])
         vm.device_manager = self.manager
         vm.machine = self.config
         vm.assembly = self      # hotplug.py adds and removes devices through it
