@@ -29,7 +29,6 @@ import os
 import pathlib
 import re
 import shutil
-import signal
 import struct
 import subprocess
 import sys
@@ -41,8 +40,8 @@ BENCH_DIR = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 import tools_io  # noqa: E402
 from boot import SRC, ensure_qemu, kernel_warnings, log  # noqa: E402
-from guest_tools import GUEST_SETUP, tools_image  # noqa: E402
-from net_host import HOST_IP, BenchError, _disk_image, ip, list_netns, qemu_tap_namespace  # noqa: E402
+from guest_tools import GUEST_SETUP  # noqa: E402
+from net_host import HOST_IP, BenchError, _disk_image, qemu_tap_namespace  # noqa: E402
 
 PROFILE_SHIFT = 4
 IDLE_FUNCTION = "native_safe_halt"
@@ -134,20 +133,12 @@ def run_once(vmm: str, image, vmlinux: str, tools: pathlib.Path, seconds: int, t
         reader.start()
         killer = threading.Timer(timeout, proc.kill)
         killer.start()
-        while vmm == "pyvmm" and not servers and proc.poll() is None and time.monotonic() - t0 < timeout:
-            found = [n for n in list_netns() if n.startswith(f"pyvmm-{proc.pid}-")]
-            if found:
-                servers = tools_io.start_servers(found[0], workdir, vmm)
-            else:
-                time.sleep(0.05)
+        if vmm == "pyvmm":
+            servers = tools_io.servers_in_pyvmm_namespace(proc, workdir, vmm, t0 + timeout)
         proc.wait()
         killer.cancel()
         reader.join(10)
-        for server, _ in servers.values():
-            try:
-                server.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
+        tools_io.wait_for_servers(servers)
         console = b"\n".join(lines)
         tail = f"\n--- console (end) ---\n{console[-2000:].decode(errors='replace')}"
         if warned := kernel_warnings(console):
@@ -165,20 +156,7 @@ def run_once(vmm: str, image, vmlinux: str, tools: pathlib.Path, seconds: int, t
         rate, _ = tools_io.server_rate("rx", servers["rx"][1])
         return rate, stats["before"], stats["after"], raw
     finally:
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        for server, _ in servers.values():
-            if server.poll() is None:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
-        if vmm == "pyvmm" and proc is not None:
-            for name in list_netns():
-                if name.startswith(f"pyvmm-{proc.pid}-"):
-                    ip("netns", "del", name, check=False)
-        if netns is not None:
-            ip("-n", netns, "link", "del", "tap0", check=False)
-            ip("netns", "del", netns, check=False)
+        tools_io.end_run(vmm, proc, servers, netns)
 
 
 def summary(rate: float, before: dict[str, int], after: dict[str, int], ticks: dict[str, int],
@@ -211,15 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_qemu:
         ensure_qemu()
     tools_io.ensure_iperf3()
-    from pyvmm.images import ImageError, default_image
-    from pyvmm.loader.linux import extract_vmlinux
-
-    try:
-        image = default_image()
-        tools = tools_image()
-    except ImageError as exc:
-        sys.exit(f"guest_profile.py: {exc}")
-    vmlinux = str(extract_vmlinux(image.kernel))
+    image, tools, vmlinux = tools_io.guest_images("guest_profile.py")
     symbols = kernel_symbols(pathlib.Path(image.system_map))
     vmms = ["pyvmm"] + ([] if args.skip_qemu else ["qemu"])
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="pyvmm-guest-profile-", dir="/var/tmp"))

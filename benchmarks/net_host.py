@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import threading
@@ -135,6 +136,28 @@ def qemu_tap_namespace(name: str) -> str:
 def running(pid: int) -> bool:
     """Whether child `pid` has not exited yet (without reaping it: wait4 collects its rusage later)."""
     return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+
+
+def kill_group(proc: subprocess.Popen | None) -> None:
+    """Kill a VMM's process group if it still runs, and reap it."""
+    if proc is not None and proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def remove_namespace(vmm: str, proc: subprocess.Popen | None, netns: str | None) -> None:
+    """A run's network namespace: pyvmm's own pyvmm-<pid>-<n> (left behind only if pyvmm was
+    killed), or the one made for QEMU's TAP."""
+    if vmm == "pyvmm" and proc is not None:
+        for name in list_netns():
+            if name.startswith(f"pyvmm-{proc.pid}-"):
+                ip("netns", "del", name, check=False)
+    if vmm == "qemu" and netns is not None:
+        ip("-n", netns, "link", "del", "tap0", check=False)
+        ip("netns", "del", netns, check=False)
 
 
 def list_netns() -> list[str]:

@@ -59,7 +59,8 @@ BENCH_DIR = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 from boot import EXIT_LINE, MEMORY_MIB, QEMU, SRC, ensure_qemu, kernel_warnings, log, qemu_version, tcg_linux_args  # noqa: E402,E501
 from guest_tools import GUEST_SETUP, TOOLS_SERIAL, tools_image  # noqa: E402
-from net_host import HOST_IP, IP_TOKEN, MAC, BenchError, _disk_image, ip, list_netns, qemu_tap_namespace, running  # noqa: E402
+from net_host import (HOST_IP, IP_TOKEN, MAC, BenchError, _disk_image, kill_group, list_netns,  # noqa: E402
+                      qemu_tap_namespace, remove_namespace, running)
 
 TX_PORT, RX_PORT = 5201, 5202
 BENCH_SERIAL = "bench"
@@ -122,6 +123,20 @@ class Run:
     values: dict[str, float]   # test -> IOPS or MB/s
     wall: float
     host_seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # iperf3 test -> its length, host clock
+
+
+def guest_images(script: str):
+    """(the default image, the tools disk, the PVH vmlinux QEMU boots), made on first use; a
+    failure ends `script` with one line."""
+    from pyvmm.images import ImageError, default_image
+    from pyvmm.loader.linux import extract_vmlinux
+
+    try:
+        image = default_image()
+        tools = tools_image()
+    except ImageError as exc:
+        sys.exit(f"{script}: {exc}")
+    return image, tools, str(extract_vmlinux(image.kernel))
 
 
 def argv_for(config: Config, image, vmlinux: str, disk: pathlib.Path, tools: pathlib.Path, guest: list[str],
@@ -212,24 +227,14 @@ def run_once(config: Config, image, vmlinux: str, disk: pathlib.Path, tools: pat
             t.start()
         killer = threading.Timer(timeout, proc.kill)
         killer.start()
-        if config.vmm == "pyvmm":  # pyvmm makes its namespace pyvmm-<pid>-<n> while it builds the VM
-            while not servers and running(proc.pid) and time.monotonic() - t0 < timeout:
-                found = [n for n in list_netns() if n.startswith(f"pyvmm-{proc.pid}-")]
-                if found:
-                    netns = found[0]
-                    servers = start_servers(netns, workdir, tag)
-                else:
-                    time.sleep(0.05)
+        if config.vmm == "pyvmm":
+            servers = servers_in_pyvmm_namespace(proc, workdir, tag, t0 + timeout)
         proc.wait()
         wall = time.monotonic() - t0
         killer.cancel()
         for t in readers:
             t.join(10)
-        for server, _ in servers.values():
-            try:
-                server.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
+        wait_for_servers(servers)
 
         console = b"\n".join(lines)
         tail = (f"\n--- console (end) ---\n{console[-3000:].decode(errors='replace')}"
@@ -267,24 +272,39 @@ def run_once(config: Config, image, vmlinux: str, disk: pathlib.Path, tools: pat
             values[test], run.host_seconds[test] = server_rate(test, report)
         return run
     finally:
-        if proc is not None and proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
-        for server, _ in servers.values():
-            if server.poll() is None:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
-        if config.vmm == "pyvmm" and proc is not None:  # left behind only if pyvmm was killed
-            for name in list_netns():
-                if name.startswith(f"pyvmm-{proc.pid}-"):
-                    ip("netns", "del", name, check=False)
-        if config.vmm == "qemu" and netns is not None:
-            ip("-n", netns, "link", "del", "tap0", check=False)
-            ip("netns", "del", netns, check=False)
+        end_run(config.vmm, proc, servers, netns)
 
+
+def servers_in_pyvmm_namespace(proc: subprocess.Popen, workdir: pathlib.Path, tag: str,
+                               deadline: float) -> dict[str, tuple[subprocess.Popen, pathlib.Path]]:
+    """The iperf3 servers, started once pyvmm made its namespace pyvmm-<pid>-<n> (while it builds
+    the VM); none if it ended first or the deadline passed."""
+    while running(proc.pid) and time.monotonic() < deadline:
+        found = [n for n in list_netns() if n.startswith(f"pyvmm-{proc.pid}-")]
+        if found:
+            return start_servers(found[0], workdir, tag)
+        time.sleep(0.05)
+    return {}
+
+
+def wait_for_servers(servers: dict[str, tuple[subprocess.Popen, pathlib.Path]]) -> None:
+    """Give each `iperf3 -s -1` up to 10 s to write its report and end."""
+    for server, _ in servers.values():
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def end_run(vmm: str, proc: subprocess.Popen | None, servers: dict[str, tuple[subprocess.Popen, pathlib.Path]],
+            netns: str | None) -> None:
+    """Kill what still runs of one run (the VMM, the servers) and remove its namespace."""
+    kill_group(proc)
+    for server, _ in servers.values():
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+    remove_namespace(vmm, proc, netns)
 
 def report(configs: list[Config], runs: dict[str, list[Run]], shown: dict[str, str], args, image, disk_mib: int,
            load: tuple, load_after: tuple, wall: float) -> None:
@@ -378,15 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_qemu:
         ensure_qemu()
     ensure_iperf3()
-    from pyvmm.images import ImageError, default_image
-    from pyvmm.loader.linux import extract_vmlinux
-
-    try:
-        image = default_image()
-        tools = tools_image()
-    except ImageError as exc:
-        sys.exit(f"tools_io.py: {exc}")
-    vmlinux = str(extract_vmlinux(image.kernel))
+    image, tools, vmlinux = guest_images("tools_io.py")
     configs = [Config("pyvmm pci", "pyvmm", "pci")]
     if args.mmio:
         configs.append(Config("pyvmm mmio", "pyvmm", "mmio"))

@@ -73,7 +73,7 @@ from boot import EXIT_LINE, MEMORY_MIB, QEMU, SRC, busy_cpu_seconds, ensure_qemu
 
 # the host end of the network tests and the scratch disk, shared with tools_io.py and net_counts.py
 from net_host import (HOST_IP, IP_TOKEN, MAC, RX_PORT, TX_PORT, BenchError, _disk_image, qemu_tap_namespace,  # noqa: E402
-                      close_peers, ip, list_netns, open_peers, running)
+                      close_peers, kill_group, list_netns, open_peers, remove_namespace, running)
 INFO = re.compile(rb"^@@BENCH (\S+)(?: (.*))?$")
 ERROR = re.compile(rb"^@@BENCH-ERROR (.*)$")
 MB = 1e6
@@ -336,20 +336,9 @@ def run_once(config: Config, image, vmlinux: str, disk: pathlib.Path, sizes: Siz
         if mark_w >= 0:
             os.close(mark_w)
         os.close(mark_r)  # after the reader thread saw EOF, or a run that is failing anyway
-        if proc is not None and proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+        kill_group(proc)
         close_peers(peers)
-        if config.vmm == "pyvmm" and proc is not None:  # left behind only if pyvmm was killed
-            for name in list_netns():
-                if name.startswith(f"pyvmm-{proc.pid}-"):
-                    ip("netns", "del", name, check=False)
-        if config.vmm == "qemu" and netns is not None:
-            ip("-n", netns, "link", "del", "tap0", check=False)
-            ip("netns", "del", netns, check=False)
+        remove_namespace(config.vmm, proc, netns)
 
 
 def describe_features(bits: str) -> str:
