@@ -69,10 +69,7 @@ def return_filled(queue: SplitQueue, memory: GuestMemory, held: deque[Descriptor
         covered += chain.writable_length
         pieces += len(chain.writable)
     set_num_buffers(memory, used[0][0], len(used))
-    if len(used) == 1:
-        queue.push(used[0][0], used[0][1])
-    else:
-        queue.push_many(used)
+    queue.push_many(used)
     return len(used), pieces, covered
 
 
