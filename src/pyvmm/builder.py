@@ -348,8 +348,8 @@ def virtio_devices(config: MachineConfig, console_write, iothread, releases: lis
         yield config.disk_id(index), kind, device, disk.transport
     for index, net in enumerate(config.nets):
         auto_index = sum(other.tap == "auto" for other in config.nets[:index])
-        device, backend = make_net(net, config.net_mac(index), iothread, auto_index)
-        releases.append(backend.close)
+        device, release = make_net(net, config.net_mac(index), iothread, auto_index)
+        releases.append(release)
         yield config.net_id(index), "virtio-net", device, net.transport
     if config.vsock is not None:
         yield VSOCK_ID, "virtio-vsock", make_vsock(config.vsock, iothread, releases, vsock_carried), config.vsock.transport
@@ -414,17 +414,23 @@ def make_disk(disk, field: str, iothread, transfers=None, *, lock: bool = True) 
 
 
 def make_net(net, mac: str, iothread, auto_index: int | None = None):
-    """The device model of one NIC and its host network (a TAP): close() the second.
+    """The device model of one NIC, and what lets its host network (a TAP) go: the device's
+    receive thread stops before the TAP closes (it must never read a reused fd number).
     `auto_index`: the NIC's place among the machine's tap=auto NICs (None: one plugged at run time)."""
     from .devices.virtio.net import VirtioNet
 
     backend = _open_net_backend(net, auto_index)
     try:
-        return VirtioNet(backend.tap, mac=bytes.fromhex(mac.replace(":", "")), iothread=iothread,
-                         rx_rate_limit=net.rx_rate_limit, tx_rate_limit=net.tx_rate_limit), backend
+        device = VirtioNet(backend.tap, mac=bytes.fromhex(mac.replace(":", "")), iothread=iothread,
+                           rx_rate_limit=net.rx_rate_limit, tx_rate_limit=net.tx_rate_limit)
     except BaseException:
         backend.close()
         raise
+
+    def release() -> None:
+        device.stop_receive_thread()
+        backend.close()
+    return device, release
 
 
 def _discard(data: bytes) -> None:

@@ -85,11 +85,12 @@ MODULES = (
 # group's guest_io.py, the software CPU's translated code dropped for device writes
 # (accel/tcg/native_code_drop.c), KVM_RUN with the GIL released and the KVM vCPU's hot loop
 # (kvm/native_run.c), guest RAM loaded without the GIL when the uffd handler died
-# (snapshot/uffd_rescue.c), and disk data moved by threads without the GIL
-# (host/transfer_threads.c).
+# (snapshot/uffd_rescue.c), disk data moved by threads without the GIL
+# (host/transfer_threads.c), and virtio-net's receive path in a thread without the GIL
+# (devices/virtio/net_receiver.c).
 # Optional to their users: without a usable build they do not import.
 C_MODULES = ("pyvmm.accel.tcg.hook_trampolines", "pyvmm.accel.tcg.native_code_drop", "pyvmm.host.transfer_threads",
-             "pyvmm.kvm.native_run", "pyvmm.snapshot.uffd_rescue")
+             "pyvmm.kvm.native_run", "pyvmm.snapshot.uffd_rescue", "pyvmm.devices.virtio.net_receiver")
 
 
 def c_module(name: str) -> Any:

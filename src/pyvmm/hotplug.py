@@ -93,8 +93,8 @@ def attach_net(vm, net: NetConfig) -> str:
         net = dataclasses.replace(net, mac=machine.net_mac(index))
         machine = dataclasses.replace(machine, nets=(*machine.nets[:-1], net))
         _validate(machine)
-        device, backend = make_net(net, machine.net_mac(index), vm.iothread)
-        _plug(vm, machine, device_id, "virtio-net", device, backend.close)
+        device, release = make_net(net, machine.net_mac(index), vm.iothread)
+        _plug(vm, machine, device_id, "virtio-net", device, release)
         return device_id
 
 

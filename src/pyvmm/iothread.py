@@ -82,6 +82,19 @@ class IoThread:
         self._sequence = itertools.count()
         # Run first in the thread (the Vm stacks the I/O thread's seccomp filter there).
         self.thread_init: Callable[[], None] | None = None
+        # Threads doing the I/O thread's work elsewhere (a NIC's receive thread): held and let
+        # go with it, as key -> (pause, resume).
+        self._helpers: dict[object, tuple[Callable[[], None], Callable[[], None]]] = {}
+
+    def hold_with(self, key: object, pause: Callable[[], None], resume: Callable[[], None]) -> None:
+        """pause() runs each time the I/O thread is held, after it holds, and must return once
+        that helper touches neither the guest nor its memory; resume() runs before it goes on."""
+        with self._lock:
+            self._helpers[key] = (pause, resume)
+
+    def forget_helper(self, key: object) -> None:
+        with self._lock:
+            self._helpers.pop(key, None)
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
         """Call `callback()` on the I/O thread whenever `fd` is readable (level-triggered)."""
@@ -151,17 +164,24 @@ class IoThread:
             raise RuntimeError("the I/O thread cannot pause itself")
         with self._hold:
             self._pause_wanted = True
-            if thread is None:
-                return
-        os.eventfd_write(self._wake, 1)  # out of select(), to the pause check
-        with self._hold:
-            while not self._held and thread.is_alive() and not self._stopping:
-                self._hold.wait(0.05)  # also notices a thread that ended on an error
+        if thread is not None:
+            os.eventfd_write(self._wake, 1)  # out of select(), to the pause check
+            with self._hold:
+                while not self._held and thread.is_alive() and not self._stopping:
+                    self._hold.wait(0.05)  # also notices a thread that ended on an error
+        for pause, _ in self._helper_calls():
+            pause()
 
     def resume(self) -> None:
+        for _, resume in self._helper_calls():
+            resume()
         with self._hold:
             self._pause_wanted = False
             self._hold.notify_all()
+
+    def _helper_calls(self) -> list[tuple[Callable[[], None], Callable[[], None]]]:
+        with self._lock:
+            return list(self._helpers.values())
 
     def _wait_while_paused(self) -> None:
         with self._hold:

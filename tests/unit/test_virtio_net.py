@@ -1,7 +1,9 @@
 """virtio-net against a fake guest driver and a fake TAP (a SOCK_SEQPACKET socket pair).
 
 The device side of the pair is the back-end (one frame, header included, per read/write);
-the test side plays the host network. RX runs on a real IoThread, as in a VM.
+the test side plays the host network. RX runs on a real IoThread, as in a VM, and each test
+runs twice: frames received on the I/O thread, and on the receive thread (net_rx_thread.py)
+where it is built.
 """
 
 import select
@@ -15,6 +17,7 @@ from helpers.state import changed, through_json
 from pyvmm.persist import StateError
 
 from helpers.virtio_driver import FakeDriver
+from pyvmm.devices.virtio import net_rx_thread
 from pyvmm.devices.virtio.device import VIRTIO_F_EVENT_IDX
 from pyvmm.devices.virtio.net import (
     OFFLOAD_CSUM, OFFLOAD_TSO4, OFFLOAD_TSO6, OFFLOAD_TSO_ECN, OFFLOAD_UFO, VIRTIO_NET_F_CSUM,
@@ -77,8 +80,28 @@ def wire():
     host_side.close()
 
 
+RX_THREAD = False  # the receive path the running test's devices take (rx_path)
+
+
+def pytest_generate_tests(metafunc):
+    if "io_thread_receive" not in metafunc.definition.keywords:
+        metafunc.parametrize("rx_path", ["io-thread", "rx-thread"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def rx_path(request):
+    global RX_THREAD
+    path = getattr(request, "param", "io-thread")
+    if path == "rx-thread" and not net_rx_thread.available():
+        pytest.skip("the receive thread is not built (scripts/compile) or PYVMM_COMPILED=0")
+    RX_THREAD = path == "rx-thread"
+    yield path
+    RX_THREAD = False
+
+
 def make(memory, iothread, wire, *, features_off=0, activate=True, backend=None, **kw):
     backend = backend or FdBackend(wire[0].fileno())
+    kw.setdefault("rx_thread", RX_THREAD)
     device = VirtioNet(backend, mac=MAC, iothread=iothread, queue_size=16, **kw)
     features = device.offered_features & ~features_off
     driver = FakeDriver(memory, device, features=features, activate=activate)
@@ -254,6 +277,7 @@ def test_a_largest_frame_fills_page_sized_buffers_and_leaves_the_rest_in_order(m
     assert device.stats()["rx_packets"] == 3 and device.stats()["rx_dropped"] == 0
 
 
+@pytest.mark.io_thread_receive
 def test_guest_ram_closes_while_the_device_holds_buffers_for_the_next_frame(iothread, wire):
     """The device keeps views of the buffers it holds from one frame to the next; RAM must still
     close (a view of a mapping keeps it from closing) and the device must not use them after."""
@@ -293,7 +317,7 @@ def test_rx_without_guest_buffers_stops_watching_and_resumes_on_kick(memory, iot
     device, driver = make(memory, iothread, wire, activate=False)
     wakeups = []
     original = device._rx_ready
-    device._rx_ready = lambda: (wakeups.append(1), original())
+    device._rx_ready = lambda *args, **kwargs: (wakeups.append(1), original(*args, **kwargs))
     device.activate()
     wire[1].send(net_hdr() + frame(40))
     wait_for(lambda: wakeups and not device.rx_watching)
@@ -359,6 +383,7 @@ def test_reset_stops_rx_watching(memory, iothread, wire):
     assert device.stats()["rx_packets"] == 0
 
 
+@pytest.mark.io_thread_receive
 def test_save_and_restore_keep_buffers_the_device_had_taken(memory, iothread, wire):
     device, driver = make(memory, iothread, wire, features_off=VIRTIO_F_EVENT_IDX)
     q = driver.queue(RX)

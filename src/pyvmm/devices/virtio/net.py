@@ -23,6 +23,13 @@ frame), the frame takes those it filled, published with one used-index store, an
 wait for the next frame. Only when the guest has posted too few does the tail go through a
 scratch buffer and wait for more.
 
+Where the compiled group is built (and PYVMM_NET_RX_THREAD is not 0), the receive queue is
+lent to a thread of its own while the guest uses mergeable buffers, no RX rate limit is set
+and the link is up (net_rx_thread.py: why): it does what the paragraph above says in C,
+without the GIL, and the I/O thread takes its reports and interrupts the guest. The device
+takes the queue back, exactly, to pause, save, reset, limit or unplug, and whenever the thread
+meets what it does not serve; the I/O thread then serves as above.
+
 Offloads (checksum, TSO, UFO) are offered only as far as the back-end accepts them; at
 DRIVER_OK the back-end is told which ones the guest accepts on receive.
 
@@ -47,7 +54,9 @@ from ...memory.guest_memory import GuestMemory, GuestMemoryError
 from ...persist import State, require
 from ..rate_limiter import Clock, RateLimit, RateLimiterState, Timers
 from .device import VIRTIO_ID_NET, VirtioDevice, VirtioDeviceState, VirtioInterrupt
+from . import net_rx_thread
 from .net_rx import return_filled, set_num_buffers, take_buffers
+from .net_rx_thread import RxThread
 from .queue import DescriptorChain, SplitQueue, VirtqueueBroken, buffer_views, write_buffers
 from .throttle import Throttle
 
@@ -126,7 +135,7 @@ class VirtioNet(VirtioDevice):
     def __init__(self, backend: NetBackend, *, mac: bytes, iothread: IoThread, queue_size: int = 256,
                  mtu: int | None = None, rx_rate_limit: RateLimit | None = None,
                  tx_rate_limit: RateLimit | None = None, timers: Timers | None = None,
-                 clock: Clock = time.monotonic_ns) -> None:
+                 clock: Clock = time.monotonic_ns, rx_thread: bool | None = None) -> None:
         if len(mac) != MAC_LEN or mac[0] & 1:
             raise ValueError(f"MAC {mac.hex(':')} is not a 6-byte unicast address")
         if mtu is not None and not 68 <= mtu <= 65535:
@@ -157,6 +166,10 @@ class VirtioNet(VirtioDevice):
         timers = iothread if timers is None else timers  # refill timers run on the I/O thread
         self.rx_throttle = Throttle(self.lock, self._resume_rx, timers, rx_rate_limit, clock)
         self.tx_throttle = Throttle(self.lock, self._transmit_if_usable, timers, tx_rate_limit, clock)
+        # The receive queue's own thread (net_rx_thread.py), made at the first lend, closed at reset.
+        self.rx_thread_wanted = net_rx_thread.available() if rx_thread is None else rx_thread
+        self._rx_thread: RxThread | None = None
+        self.rx_thread_stops: dict[str, int] = {}  # why the thread gave the queue back, how often
 
     # --- configuration (section 5.1.4) ----------------------------------------------------------------
 
@@ -172,18 +185,30 @@ class VirtioNet(VirtioDevice):
                 return
             self.link_up = up
             active = self.active
+            if not up:
+                self._take_back_rx()  # frames are dropped on the I/O thread, as on a wire
+            elif self.queue_usable(RX_QUEUE):
+                self.iothread.call_soon(self._rx_ready)
         if active:
             self.config_changed()
 
     def stats(self) -> dict[str, int]:
         with self.lock:
+            if self._take_rx_report():  # (the counters as of now; the I/O thread interrupts)
+                self.iothread.call_soon(functools.partial(self._rx_ready, lend=False))
             return {**self.counters, "rx_throttled": self.rx_throttle.deferrals,
                     "tx_throttled": self.tx_throttle.deferrals}
 
     def set_rate_limits(self, rx: RateLimit | None, tx: RateLimit | None) -> None:
         """Change both directions' limits while running (buckets start full); None removes one."""
+        with self.lock:
+            if rx is not None and not rx.unlimited:
+                self._take_back_rx()  # the I/O thread charges each frame
         self.rx_throttle.set_limit(rx)
         self.tx_throttle.set_limit(tx)
+        with self.lock:
+            if self.rx_throttle.limiter is None and self.queue_usable(RX_QUEUE):
+                self.iothread.call_soon(self._rx_ready)
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -206,6 +231,7 @@ class VirtioNet(VirtioDevice):
 
     def _release_rx_views(self) -> None:
         with self.lock:
+            self._close_rx_thread()
             self._forget_rx_views()
 
     def _forget_rx_views(self) -> None:
@@ -213,6 +239,7 @@ class VirtioNet(VirtioDevice):
         self._rx_viewed = self._rx_viewed_bytes = 0
 
     def on_reset(self) -> None:
+        self._close_rx_thread()
         self.rx_throttle.cancel()
         self.tx_throttle.cancel()
         self._unwatch_rx()
@@ -223,6 +250,7 @@ class VirtioNet(VirtioDevice):
 
     def fail(self, reason: str) -> None:
         with self.lock:
+            self._take_back_rx()
             self._unwatch_rx()  # a readable fd nobody drains would spin the I/O thread
         super().fail(reason)
 
@@ -261,12 +289,16 @@ class VirtioNet(VirtioDevice):
         if queue_index == TX_QUEUE:
             self._transmit()
         elif queue_index == RX_QUEUE:
-            # new receive buffers: watch the back-end again; a half-placed frame needs no new
-            # data to go on, so it is finished on the I/O thread right away
+            # new receive buffers: for the receive thread, or watch the back-end again; a
+            # half-placed frame needs no new data to go on, so it is finished on the I/O thread
+            # right away, where the queue is lent if it can be
             if self.rx_throttle.blocked:
                 return  # the refill timer watches again
+            if self._rx_thread is not None and self._rx_thread.serving:
+                self._rx_thread.kick()
+                return
             self._watch_rx()
-            if self._rx_partial is not None:
+            if self._rx_partial is not None or self._may_lend_rx():
                 self.iothread.call_soon(self._rx_ready)
 
     def _transmit_if_usable(self) -> None:
@@ -310,19 +342,118 @@ class VirtioNet(VirtioDevice):
             self._watch_rx()
             self.iothread.call_soon(self._rx_ready)
 
-    def _rx_ready(self) -> None:
-        """On the I/O thread: the back-end is readable, or a partial frame may go on."""
+    def _rx_ready(self, lend: bool = True) -> None:
+        """On the I/O thread: the back-end is readable, or a partial frame may go on, or the
+        queue may be lent to its thread (`lend`)."""
         with self.lock:
             if not self.queue_usable(RX_QUEUE):
                 # a driver may set DRIVER_OK without enabling the receive queue: nothing to fill
                 self._unwatch_rx()
                 return
+            if self._rx_thread is not None and self._rx_thread.serving:
+                return
             try:
+                if lend and self._lend_rx():
+                    return
                 self._receive()
             except (VirtqueueBroken, GuestMemoryError) as exc:
                 self.fail(str(exc))
                 return
             self.signal_used(RX_QUEUE)
+
+    # --- the receive thread (net_rx_thread.py) -----------------------------------------------------------
+
+    def _may_lend_rx(self) -> bool:
+        return (self.rx_thread_wanted and self._rx_partial is None and self.link_up and self.rx_throttle.limiter is None
+                and self.has_feature(VIRTIO_NET_F_MRG_RXBUF) and self.queue_usable(RX_QUEUE))
+
+    def _lend_rx(self) -> bool:
+        """Lend the receive queue to its thread where it may be (lock held, on the I/O thread)."""
+        if not self._may_lend_rx():
+            return False
+        queue, spare = self.queues[RX_QUEUE], self._rx_spare
+        while queue.redoing:  # requests in flight at a save, taken again first: held by the thread
+            take_buffers(queue, self.memory, spare, [], len(spare), 0, 1, MAX_SEGMENTS, NET_HDR_SIZE)
+        if self._rx_thread is None:
+            try:
+                self._rx_thread = RxThread(self.backend.fileno(), self.memory, queue, header=NET_HDR_SIZE,
+                                           want=NET_HDR_SIZE + MAX_FRAME, max_pieces=MAX_SEGMENTS)
+            except (ValueError, OSError, RuntimeError) as exc:
+                log.warning("%s: no receive thread, frames are received on the I/O thread: %s", self.name, exc)
+                self.rx_thread_wanted = False
+                return False
+            self.iothread.add_eventfd(self._rx_thread.fd, self._rx_thread_report)
+            self.iothread.hold_with(self, self._pause_rx_thread, self._resume_rx_thread)
+        self._forget_rx_views()
+        if not self._rx_thread.start(spare):
+            return False
+        self._unwatch_rx()
+        return True
+
+    def _rx_thread_report(self) -> None:
+        """On the I/O thread: the receive thread published frames, or gave the queue back."""
+        with self.lock:
+            stopped = self._take_rx_report()
+            if not stopped and self.queue_usable(RX_QUEUE):
+                self.signal_used(RX_QUEUE)
+        if stopped:
+            self._rx_ready(lend=False)
+
+    def _take_rx_report(self) -> bool:
+        """Count what the receive thread did; True where it gave the queue back, which is then
+        the I/O thread's to serve (it is lent again at a kick). Lock held."""
+        thread = self._rx_thread
+        if thread is None or not thread.serving:
+            return False  # taken back meanwhile, with its report
+        report = thread.take()
+        self._count_report(report.frames, report.bytes, report.dropped)
+        if report.stopped is None:
+            return False
+        self.rx_thread_stops[report.stopped] = self.rx_thread_stops.get(report.stopped, 0) + 1
+        log.debug("%s: the receive thread gave the queue back: %s", self.name, report.stopped)
+        self._take_back_rx()
+        self._watch_rx()
+        return True
+
+    def _count_report(self, frames: int, length: int, dropped: int) -> None:
+        self.counters["rx_packets"] += frames
+        self.counters["rx_bytes"] += length
+        self.counters["rx_dropped"] += dropped
+
+    def _take_back_rx(self) -> None:
+        """The receive queue is the I/O thread's again, with the chains the thread held (lock held)."""
+        thread = self._rx_thread
+        if thread is not None and thread.serving:
+            spare = self._rx_spare
+            report, partial = thread.stop(spare)
+            self._count_report(report.frames, report.bytes, report.dropped)
+            self._forget_rx_views()
+            if partial is not None:  # placed here when the guest adds buffers
+                used = [(chain, chain.writable_length) for chain in (spare.popleft() for _ in range(partial.chains))]
+                self._rx_partial = _PartialFrame(used, partial.rest, partial.length)
+
+    def _close_rx_thread(self) -> None:
+        self._take_back_rx()
+        thread, self._rx_thread = self._rx_thread, None
+        if thread is not None:
+            self.iothread.forget_helper(self)
+            self.iothread.remove_reader(thread.fd)
+            thread.close()
+
+    def stop_receive_thread(self) -> None:
+        """Before the back-end closes: the thread stops for good (frames go through the I/O thread)."""
+        with self.lock:
+            self.rx_thread_wanted = False
+            self._close_rx_thread()
+
+    def _pause_rx_thread(self) -> None:
+        """The I/O thread holds still: so does the receive thread (the queue is taken back)."""
+        with self.lock:
+            self._take_back_rx()
+
+    def _resume_rx_thread(self) -> None:
+        # the frames published before the pause are signalled there, and the queue lent again
+        self.iothread.call_soon(self._rx_ready)
 
     def _pop_rx_chain(self) -> DescriptorChain | None:
         """The guest's next usable receive buffer; unusable ones go back at once, empty."""
@@ -423,6 +554,7 @@ class VirtioNet(VirtioDevice):
         in flight: the restored device takes them again first; a half-placed frame is lost, as on
         a wire."""
         with self.lock:
+            self._take_back_rx()  # (a paused VM's is taken back already)
             return NetState(virtio=self.save_virtio(), mac=self.mac, mtu=self.mtu, link_up=self.link_up,
                             counters=dict(self.counters), rx_rate_limiter=self.rx_throttle.save(),
                             tx_rate_limiter=self.tx_throttle.save())
@@ -436,6 +568,7 @@ class VirtioNet(VirtioDevice):
     def restore(self, state: NetState) -> None:  # type: ignore[override]
         self.check_restorable(state)
         with self.lock:
+            self._close_rx_thread()
             self._unwatch_rx()
             self._rx_spare.clear()
             self._forget_rx_views()

@@ -206,6 +206,11 @@ class SplitQueue:
         released; the holder serves the queue then (inline_kicks.py: at the slice's end)."""
         self.kicks_held = held
 
+    @property
+    def redoing(self) -> bool:
+        """Requests in flight at a save are still to be handed out again."""
+        return bool(self._redo)
+
     def has_available(self) -> bool:
         return bool(self._redo) or self._pending() > 0
 
@@ -393,6 +398,27 @@ class SplitQueue:
             notify = not self.memory.read_u16(self.avail_ring) & VIRTQ_AVAIL_F_NO_INTERRUPT
         self.signalled_used = new
         return notify
+
+    # --- lent to another server (virtio-net's receive thread, net_rx_thread.py) -------------------
+
+    def lend(self, held: list[int]) -> tuple[int, int]:
+        """Another server takes the queue over from (last_avail, used_idx), returned, with the
+        requests `held` (heads), which must be all this queue has in flight; nothing here touches
+        the rings until take_back()."""
+        if self._redo or set(self._in_flight) != set(held):
+            raise ValueError("virtqueue: lent with requests in flight that the borrower does not hold")
+        return self.last_avail, self.used_idx
+
+    def note_used(self, used_idx: int, completed: int) -> None:
+        """While lent: the borrower published up to `used_idx`, `completed` more requests."""
+        self.used_idx = used_idx
+        self.completed += completed
+
+    def take_back(self, last_avail: int, used_idx: int, held: list[int]) -> None:
+        """The borrower stopped at (last_avail, used_idx) holding the requests `held` (heads, in
+        the order it took them): they are this queue's in flight now."""
+        self.last_avail, self.used_idx = last_avail & 0xFFFF, used_idx & 0xFFFF
+        self._in_flight = dict.fromkeys(held)
 
     # --- snapshot ----------------------------------------------------------------------------
 
