@@ -3,7 +3,7 @@
    Why: a software-CPU VM's threads share one host CPU (host/cpu_affinity.py). Under `iperf3 -R`
    the I/O thread's share of it (the TAP's reads, each 64 KiB frame's ~17 receive buffers taken
    off the ring and returned, in Python) was about a quarter, and the guest stood idle half the
-   time waiting for its frames. Here one thread per NIC, placed where the kernel likes, reads the
+   time waiting for its frames. Here one thread per NIC, off that CPU, reads the
    back-end's frames straight into the guest's mergeable receive buffers and publishes them in
    the used ring; Python hears about it once per burst (the I/O thread takes what was done and
    interrupts the guest) and keeps the device's policy and state: what the thread holds while it
@@ -45,10 +45,12 @@
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/prctl.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -407,9 +409,28 @@ static void drain(int fd)
     }
 }
 
+/* Off the CPU the creating thread was placed on (a software-CPU VM's threads share one,
+   host/cpu_affinity.py), where the process may run elsewhere: this thread's work is what that
+   CPU should not do. */
+static void leave_the_shared_cpu(void)
+{
+    cpu_set_t mine, process, other;
+    if (sched_getaffinity(0, sizeof mine, &mine) || sched_getaffinity(getpid(), sizeof process, &process))
+        return;
+    CPU_ZERO(&other);
+    for (int cpu = 0; cpu < CPU_SETSIZE; cpu++)
+        if (CPU_ISSET(cpu, &process) && !CPU_ISSET(cpu, &mine))
+            CPU_SET(cpu, &other);
+    if (CPU_COUNT(&other) > 0 && sched_setaffinity(0, sizeof other, &other)) {
+        /* refused: it stays where it was placed */
+    }
+}
+
 static void *run(void *arg)
 {
     Receiver *r = arg;
+    prctl(PR_SET_NAME, "vmm-net-rx", 0, 0, 0);
+    leave_the_shared_cpu();
     pthread_mutex_lock(&r->lock);
     for (;;) {
         while (!r->closed && (!r->serving || r->stop_wanted)) {
