@@ -187,8 +187,8 @@ class VirtioNet(VirtioDevice):
             active = self.active
             if not up:
                 self._take_back_rx()  # frames are dropped on the I/O thread, as on a wire
-            elif self.queue_usable(RX_QUEUE):
-                self.iothread.call_soon(self._rx_ready)
+            if self.queue_usable(RX_QUEUE):
+                self.iothread.call_soon(self._rx_ready)  # (lent again when the link is up)
         if active:
             self.config_changed()
 
@@ -207,8 +207,8 @@ class VirtioNet(VirtioDevice):
         self.rx_throttle.set_limit(rx)
         self.tx_throttle.set_limit(tx)
         with self.lock:
-            if self.rx_throttle.limiter is None and self.queue_usable(RX_QUEUE):
-                self.iothread.call_soon(self._rx_ready)
+            if self.queue_usable(RX_QUEUE):
+                self.iothread.call_soon(self._rx_ready)  # (lent again without an RX limit)
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -223,6 +223,8 @@ class VirtioNet(VirtioDevice):
         self._set_offloads(accepted)
         if self.queues[RX_QUEUE].ready:
             self._watch_rx()
+            if self._may_lend_rx():  # (a restored device's buffers in flight need no kick)
+                self.iothread.call_soon(self._rx_ready)
 
     def attach(self, memory: GuestMemory, interrupt: VirtioInterrupt) -> None:
         super().attach(memory, interrupt)
@@ -355,6 +357,7 @@ class VirtioNet(VirtioDevice):
             try:
                 if lend and self._lend_rx():
                     return
+                self._watch_rx()  # (the I/O thread receives: it stops watching when it must wait)
                 self._receive()
             except (VirtqueueBroken, GuestMemoryError) as exc:
                 self.fail(str(exc))

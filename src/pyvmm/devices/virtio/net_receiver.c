@@ -43,6 +43,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
 #include <sched.h>
@@ -553,6 +554,11 @@ static int receiver_init(Receiver *r, PyObject *args, PyObject *kwargs)
         header > 4096 || !want || want > (1ULL << 24) || max_pieces < 1 || max_pieces > 1023) {
         PyErr_Format(PyExc_ValueError, "Receiver: fd %d, size %u, header %u, want %llu, max_pieces %d", fd, size,
                      header, want, max_pieces);
+        return -1;
+    }
+    int flags = fcntl(fd, F_GETFL);
+    if (flags < 0 || !(flags & O_NONBLOCK)) {
+        PyErr_Format(PyExc_ValueError, "Receiver: fd %d is not a non-blocking fd (a read would hold the thread)", fd);
         return -1;
     }
     r->wake = r->report = -1;
