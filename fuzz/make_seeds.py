@@ -65,6 +65,11 @@ def device_seeds() -> dict[str, list[bytes]]:
         "virtio-console": [u(1, 1) + u(1, 1) + u(80, 1) + u(25, 1) + rings(6, readable=8)],
         "virtio-rng": [rings(1, readable=0)],
         "virtio-balloon": [u(1000, 2) + u(1, 1) + u(1, 1) + u(1, 1) + rings(4, readable=16)],
+        # event_idx, want, max_pieces, then the plan: lend, send, serve, take back, lend, send, serve
+        "net-rx-thread": [rings(1, features=False, readable=0, writable=4096,
+                                between=b"\1\2\2" + bytes([1, 1 << 2, 2, 3, 1, 2 << 2, 2, 2]).ljust(32, b"\0")),
+                          rings(1, features=False, readable=0, writable=64,
+                                between=b"\0\3\3" + bytes([1, 9 << 2, 2, 2, 3, 1, 2]).ljust(32, b"\0"))],
         "virtqueue": [rings(1, features=False, between=b"\0\0" + bytes(64)),
                       rings(1, features=False, between=b"\1\1" + bytes(range(64)))],
     }

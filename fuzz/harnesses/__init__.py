@@ -18,6 +18,7 @@ HARNESSES: dict[str, str] = {
     "virtqueue": "virtqueue:one_input",
     "virtio-blk": "devices:blk_input",
     "virtio-net": "devices:net_input",
+    "net-rx-thread": "net_rx_thread:one_input",
     "virtio-vsock": "devices:vsock_input",
     "virtio-console": "devices:console_input",
     "virtio-rng": "devices:rng_input",
