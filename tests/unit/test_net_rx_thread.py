@@ -181,14 +181,34 @@ def test_what_the_thread_does_not_serve_goes_to_the_io_thread(memory, iothread, 
     assert len(device.rx_thread_stops) == 1
 
 
+def test_kicks_are_asked_for_only_when_no_buffer_is_left(memory, iothread, wire):
+    device, driver = make(memory, iothread, wire)  # (EVENT_IDX: the device says which add kicks)
+    q = driver.queue(RX)
+    a, b = q.add([], [2048]), q.add([], [2048])
+    device.notify(RX)
+    wait_for(lambda: lent(device) and device._rx_thread.holding == 2)
+    assert q.avail_event() == 0  # buffers held: the driver's adds need no kick
+    wire[1].send(net_hdr() + frame(30))
+    wire[1].send(net_hdr() + frame(40, seed=1))
+    assert received(q, 2) == [(a, HDR + 30), (b, HDR + 40)]
+    wait_for(lambda: q.avail_event() == 2)  # none left: the next add kicks
+    c = q.add([], [2048])
+    device.notify(RX)
+    wire[1].send(net_hdr() + frame(50, seed=2))
+    assert received(q, 1) == [(c, HDR + 50)]
+    device.set_link(False)  # taken back: the I/O thread's next kick is asked for too
+    assert q.avail_event() == 3
+
+
 def test_pause_takes_the_queue_back_with_the_buffers_held(memory, iothread, wire):
-    device, driver = make(memory, iothread, wire)  # EVENT_IDX: avail_event shows what the thread took
+    device, driver = make(memory, iothread, wire)
     q = driver.queue(RX)
     a, b = q.add([], [2048]), q.add([], [2048])
     device.notify(RX)
     wire[1].send(net_hdr() + frame(30))
     assert received(q, 1) == [(a, HDR + 30)]
-    wait_for(lambda: q.avail_event() == 2)  # b taken, waiting for a frame
+    wait_for(lambda: device._rx_thread.holding == 1)  # b taken, waiting for a frame
+    assert q.avail_event() == 0  # holding buffers, the thread needs no kick for more
     iothread.pause()
     try:
         assert not lent(device)
@@ -211,7 +231,7 @@ def test_a_state_saved_while_lent_restores_onto_the_thread(memory, iothread, wir
     device.notify(RX)
     wire[1].send(net_hdr() + frame(30))
     assert received(q, 1) == [(a, HDR + 30)]
-    wait_for(lambda: q.avail_event() == 3)
+    wait_for(lambda: device._rx_thread.holding == 2)
     state = through_json(device.save())  # takes the queue back itself when not paused
     assert state.virtio.queues[RX].in_flight == (b, c)
     device.reset()

@@ -35,6 +35,7 @@
      stopped): runs are the guest ranges written, [(address, length)], stopped is None while
      it serves, else why it stopped by itself (a short text).
    pump(): without a thread (threaded=False: tests and fuzzing): serve until it would wait.
+   holding: how many chains it holds now (read as the thread leaves it).
    fd: an eventfd the thread adds 1 to when it published frames since the last take, or stopped
      (take() leaves it as it is).
    close(): stop, end the thread, let the regions and fds go.
@@ -246,8 +247,6 @@ static const char *fill(Receiver *r, uint64_t held_bytes)
         if (why != NULL)
             return why;
         r->last_avail++;
-        if (pending == 1 && r->event_idx)  /* kick me at the next entry (the used ring's avail_event) */
-            store16(r->used + 4 + 8 * r->size, r->last_avail);
         held_bytes += held_at(r, r->held_count - 1)->length;
     }
     return NULL;
@@ -312,6 +311,11 @@ static void report(Receiver *r)
 
 enum { SERVED, WAIT_FRAME, WAIT_BUFFERS, STOPPED };
 
+static void ask_for_kick(Receiver *r)
+{
+    store16(r->used + 4 + 8 * r->size, r->last_avail);
+}
+
 /* One step: take buffers, read a frame. What to wait for next, or STOPPED with r->stopped set. */
 static int step(Receiver *r)
 {
@@ -339,9 +343,11 @@ static int step(Receiver *r)
         covered += c->length;
     }
     if (!chains) {
-        /* ask for a kick at the next entry, then look again: one added meanwhile came without */
+        /* Only now ask for a kick at the next entry (EVENT_IDX's avail_event): while buffers are
+           held, the next frame's step looks at the ring anyway, so the driver's adds need no
+           kick (each is an exit and a wake-up). Then look again: one added meanwhile came without. */
         if (r->event_idx)
-            store16(r->used + 4 + 8 * r->size, r->last_avail);
+            ask_for_kick(r);
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
         return avail_idx(r) != r->last_avail ? SERVED : WAIT_BUFFERS;
     }
@@ -764,6 +770,8 @@ static PyObject *receiver_stop(Receiver *r, PyObject *unused)
     r->stop_wanted = 0;
     pthread_mutex_unlock(&r->lock);
     Py_END_ALLOW_THREADS
+    if (r->event_idx)
+        ask_for_kick(r);  /* the I/O thread's driver kicks again at its next add (and it lends again) */
     PyObject *held = PyList_New(r->held_count);
     if (held == NULL)
         return NULL;
@@ -873,6 +881,12 @@ static PyObject *receiver_serving(Receiver *r, void *closure)
     return PyBool_FromLong(serving);
 }
 
+static PyObject *receiver_holding(Receiver *r, void *closure)
+{
+    /* (the thread's own count, read as it is: for tests and stats, not for decisions) */
+    return PyLong_FromLong(r->initialised && !r->closed ? __atomic_load_n(&r->held_count, __ATOMIC_RELAXED) : 0);
+}
+
 static void receiver_dealloc(Receiver *r)
 {
     shut_down(r);
@@ -897,6 +911,7 @@ static PyMethodDef receiver_methods[] = {
 static PyGetSetDef receiver_getset[] = {
     {"fd", (getter)receiver_fd, NULL, "The eventfd that says there is something to take.", NULL},
     {"serving", (getter)receiver_serving, NULL, "Between start() and a stop.", NULL},
+    {"holding", (getter)receiver_holding, NULL, "How many chains the thread holds now.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

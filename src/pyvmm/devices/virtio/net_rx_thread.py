@@ -80,6 +80,11 @@ class RxThread:
         """An eventfd: readable when there is a report to take."""
         return int(self._receiver.fd)
 
+    @property
+    def holding(self) -> int:
+        """Chains the thread holds for the next frames now (a glimpse: it moves on meanwhile)."""
+        return int(self._receiver.holding)
+
     def start(self, held: deque[DescriptorChain]) -> bool:
         """Lend the queue, with the chains in `held` (all it has in flight, given over: `held`
         ends empty). False where the thread cannot take them (too many pieces): nothing lent."""
