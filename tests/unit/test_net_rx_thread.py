@@ -103,6 +103,7 @@ def test_frames_spread_over_page_buffers_with_num_buffers(memory, iothread, wire
     assert RX in driver.interrupts.used
     stats = device.stats()
     assert stats["rx_packets"] == 3 and stats["rx_bytes"] == 30000 and stats["rx_dropped"] == 0
+    assert stats["rx_thread_frames"] == 3 and stats["rx_thread_handbacks"] == 0
     assert device.rx_thread_stops == {} and lent(device)
     assert device.queue_counters()["requests"] == 9
 
@@ -144,7 +145,8 @@ def test_a_frame_larger_than_the_buffers_held_is_finished_by_the_io_thread(memor
     wait_for(lambda: lent(device))  # lent again at a kick
     wire[1].send(net_hdr() + frame(50, seed=9))
     assert received(q, 1)[0][1] == HDR + 50
-    assert device.stats()["rx_packets"] == 2
+    stats = device.stats()
+    assert stats["rx_packets"] == 2 and stats["rx_thread_frames"] == 1 and stats["rx_thread_handbacks"] == 1
 
 
 @pytest.mark.parametrize("kind", ["readable", "indirect", "outside"])

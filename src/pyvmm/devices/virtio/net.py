@@ -170,6 +170,7 @@ class VirtioNet(VirtioDevice):
         self.rx_thread_wanted = net_rx_thread.available() if rx_thread is None else rx_thread
         self._rx_thread: RxThread | None = None
         self.rx_thread_stops: dict[str, int] = {}  # why the thread gave the queue back, how often
+        self.rx_thread_frames = 0                  # of rx_packets, those the thread received
 
     # --- configuration (section 5.1.4) ----------------------------------------------------------------
 
@@ -197,7 +198,8 @@ class VirtioNet(VirtioDevice):
             if self._take_rx_report():  # (the counters as of now; the I/O thread interrupts)
                 self.iothread.call_soon(functools.partial(self._rx_ready, lend=False))
             return {**self.counters, "rx_throttled": self.rx_throttle.deferrals,
-                    "tx_throttled": self.tx_throttle.deferrals}
+                    "tx_throttled": self.tx_throttle.deferrals, "rx_thread_frames": self.rx_thread_frames,
+                    "rx_thread_handbacks": sum(self.rx_thread_stops.values())}
 
     def set_rate_limits(self, rx: RateLimit | None, tx: RateLimit | None) -> None:
         """Change both directions' limits while running (buckets start full); None removes one."""
@@ -419,21 +421,25 @@ class VirtioNet(VirtioDevice):
         return True
 
     def _count_report(self, frames: int, length: int, dropped: int) -> None:
+        self.rx_thread_frames += frames
         self.counters["rx_packets"] += frames
         self.counters["rx_bytes"] += length
         self.counters["rx_dropped"] += dropped
 
-    def _take_back_rx(self) -> None:
-        """The receive queue is the I/O thread's again, with the chains the thread held (lock held)."""
+    def _take_back_rx(self) -> bool:
+        """The receive queue is the I/O thread's again, with the chains the thread held (lock
+        held); False where it was not lent."""
         thread = self._rx_thread
-        if thread is not None and thread.serving:
-            spare = self._rx_spare
-            report, partial = thread.stop(spare)
-            self._count_report(report.frames, report.bytes, report.dropped)
-            self._forget_rx_views()
-            if partial is not None:  # placed here when the guest adds buffers
-                used = [(chain, chain.writable_length) for chain in (spare.popleft() for _ in range(partial.chains))]
-                self._rx_partial = _PartialFrame(used, partial.rest, partial.length)
+        if thread is None or not thread.serving:
+            return False
+        spare = self._rx_spare
+        report, partial = thread.stop(spare)
+        self._count_report(report.frames, report.bytes, report.dropped)
+        self._forget_rx_views()
+        if partial is not None:  # placed here when the guest adds buffers
+            used = [(chain, chain.writable_length) for chain in (spare.popleft() for _ in range(partial.chains))]
+            self._rx_partial = _PartialFrame(used, partial.rest, partial.length)
+        return True
 
     def _close_rx_thread(self) -> None:
         self._take_back_rx()
@@ -557,7 +563,8 @@ class VirtioNet(VirtioDevice):
         in flight: the restored device takes them again first; a half-placed frame is lost, as on
         a wire."""
         with self.lock:
-            self._take_back_rx()  # (a paused VM's is taken back already)
+            if self._take_back_rx() and self.queue_usable(RX_QUEUE):
+                self.iothread.call_soon(self._rx_ready)  # (a running VM's: lent again; a paused one's is back)
             return NetState(virtio=self.save_virtio(), mac=self.mac, mtu=self.mtu, link_up=self.link_up,
                             counters=dict(self.counters), rx_rate_limiter=self.rx_throttle.save(),
                             tx_rate_limiter=self.tx_throttle.save())

@@ -99,16 +99,16 @@ typedef struct {
     uint16_t last_avail, used_idx;
     Chain *held;               /* a ring of `size` chains: held[(held_first + i) % size] */
     int held_first, held_count;
-    Piece *pieces;             /* a ring of pieces as well, MAX_PIECE_RING long */
+    Piece *pieces;             /* a ring of pieces as well, piece_ring (2 * max_pieces + 2) long */
     int pieces_first, pieces_count, piece_ring;
     uint8_t *in_held;          /* by head */
     struct iovec *iov;
     char scratch[SCRATCH];
-    /* control, under `lock` */
     /* a frame read past the held buffers (the thread stopped): its first partial_chains held
        chains are full, its last partial_rest bytes are in the scratch */
     int partial_chains;
     uint64_t partial_length, partial_rest;
+    /* control, under `lock` */
     int serving;               /* between start() and the thread's stop */
     int stop_wanted;
     int busy;                  /* the thread is inside its work */
