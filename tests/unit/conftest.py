@@ -1,6 +1,7 @@
 """Fixtures the device tests share."""
 
 import shutil
+import socket
 import tempfile
 
 import pytest
@@ -15,6 +16,17 @@ def iothread():
     thread.start()
     yield thread
     thread.stop()
+
+
+@pytest.fixture
+def wire():
+    """A fake TAP for virtio-net: (device side, host side) of a SOCK_SEQPACKET pair, one frame per
+    message; the host side times out after 5 s."""
+    device_side, host_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    host_side.settimeout(5)
+    yield device_side, host_side
+    device_side.close()
+    host_side.close()
 
 
 @pytest.fixture

@@ -54,20 +54,22 @@ def memory():
         yield mem
 
 
-@pytest.fixture
-def wire():
-    device_side, host_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    host_side.settimeout(5)
-    yield device_side, host_side
-    device_side.close()
-    host_side.close()
-
-
 def make(memory, iothread, wire, *, features_off=0, queue_size=64, **kw):
     device = VirtioNet(FdBackend(wire[0].fileno()), mac=MAC, iothread=iothread, queue_size=queue_size,
                        rx_thread=True, **kw)
     driver = FakeDriver(memory, device, features=device.offered_features & ~features_off)
     return device, driver
+
+
+def lent_with_buffers(memory, iothread, wire, count, size):
+    """A device whose receive queue is lent, the driver having posted `count` buffers of `size`."""
+    device, driver = make(memory, iothread, wire)
+    q = driver.queue(RX)
+    for _ in range(count):
+        q.add([], [size])
+    device.notify(RX)
+    wait_for(lambda: lent(device))
+    return device, driver, q
 
 
 def lent(device) -> bool:
@@ -109,12 +111,7 @@ def test_frames_spread_over_page_buffers_with_num_buffers(memory, iothread, wire
 
 
 def test_a_largest_frame_and_an_oversized_one(memory, iothread, wire):
-    device, driver = make(memory, iothread, wire)
-    q = driver.queue(RX)
-    for _ in range(40):
-        q.add([], [4096])
-    device.notify(RX)
-    wait_for(lambda: lent(device))
+    device, driver, q = lent_with_buffers(memory, iothread, wire, 40, 4096)
     largest = frame(MAX_FRAME, seed=3)
     wire[1].send(net_hdr() + largest)
     used = received(q, 17)
@@ -252,12 +249,7 @@ def test_a_state_saved_while_lent_restores_onto_the_thread(memory, iothread, wir
 
 
 def test_link_and_rate_limit_changes_take_the_queue_back(memory, iothread, wire):
-    device, driver = make(memory, iothread, wire)
-    q = driver.queue(RX)
-    for _ in range(4):
-        q.add([], [2048])
-    device.notify(RX)
-    wait_for(lambda: lent(device))
+    device, driver, q = lent_with_buffers(memory, iothread, wire, 4, 2048)
     device.set_link(False)
     assert not lent(device)
     wire[1].send(net_hdr() + frame(30))

@@ -3,7 +3,6 @@ ring while the buckets are empty, none is dropped, each refill lets exactly its 
 the limit changes at run time and survives a save/restore."""
 
 import select
-import socket
 import struct
 import time
 
@@ -206,15 +205,6 @@ def test_a_limit_without_timers_is_refused(image):
 
 
 # --- virtio-net ------------------------------------------------------------------------------------------
-
-@pytest.fixture
-def wire():
-    device_side, host_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    host_side.settimeout(5)
-    yield device_side, host_side
-    device_side.close()
-    host_side.close()
-
 
 def test_net_tx_waits_for_packets_and_sends_every_frame(memory, wire, clock, timers):
     io = IoThread(name="test-io")   # not started: RX is not used here

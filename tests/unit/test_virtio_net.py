@@ -70,16 +70,6 @@ def memory():
         yield mem
 
 
-@pytest.fixture
-def wire():
-    """(device side, host side) of a fake TAP."""
-    device_side, host_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    host_side.settimeout(5)
-    yield device_side, host_side
-    device_side.close()
-    host_side.close()
-
-
 RX_THREAD = False  # the receive path the running test's devices take (rx_path)
 
 
