@@ -7,12 +7,18 @@ with one line: CPU features the destination lacks, a LAPIC timer or TSC rate it 
 kvm-clock in use.
 
 Each source machine shows only what the destination offers (`cpu_hide`: the features the
-other accelerator lacks), and a software-CPU source runs its LAPIC timer at KVM's 1 GHz."""
+other accelerator lacks), and a software-CPU source runs its LAPIC timer at KVM's 1 GHz.
+
+A guest never moves between CPU vendors (the software CPU shows GenuineIntel; KVM on an AMD
+host shows AuthenticAMD): that refusal is tested on every host, the moves themselves where the
+two accelerators show the same vendor (`same_vendor`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import struct
 import time
 
 import pytest
@@ -45,6 +51,35 @@ def _accel(name: str, *, kvm_timer: bool = True):
     if name == "tcg":
         return TcgAccelerator(lapic_timer_hz=KVM_APIC_BUS_HZ if kvm_timer else None)
     return choose_accelerator("kvm").create()
+
+
+def _vendor_of(entries) -> str:
+    leaf = next(e for e in entries if e.function == 0)
+    return struct.pack("<III", leaf.ebx, leaf.edx, leaf.ecx).decode("latin-1")
+
+
+@functools.cache
+def _vendors() -> dict[str, str]:
+    """The CPU vendor each accelerator shows a guest on this host."""
+    shown = {}
+    for name in ("tcg", "kvm"):
+        accel = _accel(name)
+        try:
+            shown[name] = _vendor_of(accel.offered_cpuid(CpuidPolicy(), 1))
+        finally:
+            if name == "kvm":
+                accel.close()
+    return shown
+
+
+@pytest.fixture
+def same_vendor():
+    """Moves between the accelerators need them to show one CPU vendor: on a host where they do
+    not (an AMD host), test_a_guest_is_not_moved_across_cpu_vendors is what can be tested."""
+    vendors = _vendors()
+    if vendors["tcg"] != vendors["kvm"]:
+        pytest.skip(f"the software CPU shows {vendors['tcg']}, KVM on this host {vendors['kvm']}: a guest is not "
+                    "moved across CPU vendors")
 
 
 def _portable_hide(source: str, destination: str) -> frozenset[str]:
@@ -92,7 +127,7 @@ def _counting_vm(source: str, *, kvm_timer: bool = True, hide: frozenset[str] | 
 
 
 @pytest.mark.parametrize("source", ["tcg", "kvm"])
-def test_a_counting_guest_continues_on_the_other_accelerator(source):
+def test_a_counting_guest_continues_on_the_other_accelerator(source, same_vendor):
     state, carried = _saved(_counting_vm(source))
     paused_at = carried.memory.read_u64(COUNT)
     assert state.accelerator == source and 0 < paused_at < STEPS
@@ -113,7 +148,7 @@ def test_a_counting_guest_continues_on_the_other_accelerator(source):
 
 
 @pytest.mark.parametrize("source", ["tcg", "kvm"])
-def test_the_lapic_timer_keeps_ticking_on_the_other_accelerator(source):
+def test_the_lapic_timer_keeps_ticking_on_the_other_accelerator(source, same_vendor):
     hide = _portable_hide(source, OTHER[source])
     vm = build_vm(_config("lapic_ticks.S", 32, hide), lambda data: None, accel=_accel(source))
     vm.memory.write_u32(PERIOD, TIMER_PERIOD)
@@ -139,13 +174,37 @@ def test_the_lapic_timer_keeps_ticking_on_the_other_accelerator(source):
         vm.close()
 
 
+@pytest.mark.parametrize("source", ["tcg", "kvm"])
+def test_a_guest_is_not_moved_across_cpu_vendors(source):
+    """On every host: a guest that saw another vendor than the destination shows is refused in
+    one line (where the two accelerators differ, as saved; where they match, with the saved
+    view's vendor changed)."""
+    destination = OTHER[source]
+    state, carried = _saved(_counting_vm(source, hide=frozenset()))
+    try:
+        assert state.guest_view is not None
+        offered = _vendors()[destination]
+        if _vendor_of(state.guest_view.cpuid) == offered:
+            other = "AuthenticAMD" if offered == "GenuineIntel" else "GenuineIntel"
+            ebx, edx, ecx = struct.unpack("<III", other.encode())
+            leaves = tuple(dataclasses.replace(leaf, ebx=ebx, edx=edx, ecx=ecx) if leaf.function == 0 else leaf
+                           for leaf in state.guest_view.cpuid)
+            state = dataclasses.replace(state, guest_view=dataclasses.replace(state.guest_view, cpuid=leaves))
+        shown = _vendor_of(state.guest_view.cpuid)
+        where = "the software CPU" if destination == "tcg" else "KVM on this host"
+        _refused(state, carried, destination, rf"^vm state: guest_view\.cpuid: the guest saw a {shown} CPU, "
+                                              rf"{where} offers {offered}$")
+    finally:
+        carried.close()
+
+
 def _refused(state, carried, destination: str, message: str) -> None:
     with pytest.raises(StateError, match=message) as error:
         restore_vm(state, carried.memory, lambda data: None, accel=_accel(destination))
     assert "\n" not in str(error.value)
 
 
-def test_features_the_software_cpu_lacks_are_refused():
+def test_features_the_software_cpu_lacks_are_refused(same_vendor):
     """A KVM guest shown KVM's own CPUID saw features the software CPU cannot give."""
     state, carried = _saved(_counting_vm("kvm", hide=frozenset()))
     try:
@@ -155,7 +214,7 @@ def test_features_the_software_cpu_lacks_are_refused():
         carried.close()
 
 
-def test_a_software_lapic_timer_rate_kvm_cannot_keep_is_refused():
+def test_a_software_lapic_timer_rate_kvm_cannot_keep_is_refused(same_vendor):
     state, carried = _saved(_counting_vm("tcg", kvm_timer=False))
     try:
         assert state.guest_view is not None and state.guest_view.lapic_timer_hz != KVM_APIC_BUS_HZ
@@ -166,7 +225,7 @@ def test_a_software_lapic_timer_rate_kvm_cannot_keep_is_refused():
         carried.close()
 
 
-def test_a_tsc_rate_or_kvm_clock_the_software_cpu_cannot_keep_is_refused():
+def test_a_tsc_rate_or_kvm_clock_the_software_cpu_cannot_keep_is_refused(same_vendor):
     state, carried = _saved(_counting_vm("kvm"))
     try:
         assert state.guest_view is not None
@@ -192,7 +251,7 @@ def test_a_tsc_rate_or_kvm_clock_the_software_cpu_cannot_keep_is_refused():
 
 
 @pytest.mark.parametrize("source", ["tcg", "kvm"])
-def test_snapshot_files_load_on_the_other_accelerator(source, tmp_path):
+def test_snapshot_files_load_on_the_other_accelerator(source, tmp_path, same_vendor):
     """The same through snapshot files, as another process would load them."""
     from pyvmm.snapshot import load_snapshot, save_snapshot
 
