@@ -16,7 +16,7 @@ import sys
 from collections import deque
 
 from pyvmm.compiled import build_directory, c_module, usable_build
-from pyvmm.devices.virtio.net_rx_thread import RxThread
+from pyvmm.devices.virtio.net_rx_thread import C_MODULE, RxThread
 from pyvmm.devices.virtio.queue import DescriptorChain, SplitQueue, VirtqueueBroken
 from pyvmm.memory.guest_memory import GuestMemoryError
 
@@ -25,23 +25,22 @@ from .reader import Reader
 
 HEADER = 12
 PLAN = 32
-_C_MODULE = "pyvmm.devices.virtio.net_receiver"
 
 
 def _load_receiver() -> bool:
     """The C receiver, also where the fuzzer runs the rest as Python (PYVMM_COMPILED=0: its
     coverage is Python's): loaded from the build by itself. False where it is not built."""
-    if c_module(_C_MODULE) is not None:
+    if c_module(C_MODULE) is not None:
         return True
     located, _ = usable_build(build_directory())
     if located is None:
         return False
-    spec = importlib.util.spec_from_file_location(_C_MODULE, located[_C_MODULE])
+    spec = importlib.util.spec_from_file_location(C_MODULE, located[C_MODULE])
     if spec is None or spec.loader is None:
         return False
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    sys.modules[_C_MODULE] = module  # where c_module() finds it
+    sys.modules[C_MODULE] = module  # where c_module() finds it
     return True
 
 

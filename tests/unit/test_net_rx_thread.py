@@ -343,7 +343,7 @@ class Ring:
 
     def receiver(self, fd, **kw):
         os.set_blocking(fd, False)
-        module = net_rx_thread.c_module(net_rx_thread._C_MODULE)
+        module = net_rx_thread.c_module(net_rx_thread.C_MODULE)
         regions = [(int(r.guest_base), r.view) for r in self.memory.regions]
         args = dict(fd=fd, regions=regions, desc_table=self.desc, avail_ring=self.avail, used_ring=self.used,
                     size=self.size, event_idx=False, header=HDR, want=8192, max_pieces=16, threaded=False)
@@ -403,7 +403,7 @@ def test_receiver_refuses_what_it_cannot_serve(memory, wire):
     ring = Ring(memory)
     os.set_blocking(wire[0].fileno(), True)
     with pytest.raises(ValueError, match="not a non-blocking fd"):
-        net_rx_thread.c_module(net_rx_thread._C_MODULE).Receiver(
+        net_rx_thread.c_module(net_rx_thread.C_MODULE).Receiver(
             wire[0].fileno(), [], 0, 0, 0, 8, False, HDR, 8192, 16, False)
     with pytest.raises(ValueError, match="used ring"):
         ring.receiver(wire[0].fileno(), used_ring=(4 << 20) - 8)

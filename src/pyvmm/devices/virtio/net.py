@@ -298,8 +298,8 @@ class VirtioNet(VirtioDevice):
             # right away, where the queue is lent if it can be
             if self.rx_throttle.blocked:
                 return  # the refill timer watches again
-            if self._rx_thread is not None and self._rx_thread.serving:
-                self._rx_thread.kick()
+            if (thread := self._lent_rx_thread()) is not None:
+                thread.kick()
                 return
             self._watch_rx()
             if self._rx_partial is not None or self._may_lend_rx():
@@ -354,7 +354,7 @@ class VirtioNet(VirtioDevice):
                 # a driver may set DRIVER_OK without enabling the receive queue: nothing to fill
                 self._unwatch_rx()
                 return
-            if self._rx_thread is not None and self._rx_thread.serving:
+            if self._lent_rx_thread() is not None:
                 return
             try:
                 if lend and self._lend_rx():
@@ -367,6 +367,11 @@ class VirtioNet(VirtioDevice):
             self.signal_used(RX_QUEUE)
 
     # --- the receive thread (net_rx_thread.py) -----------------------------------------------------------
+
+    def _lent_rx_thread(self) -> RxThread | None:
+        """The receive thread the queue is lent to, or None."""
+        thread = self._rx_thread
+        return thread if thread is not None and thread.serving else None
 
     def _may_lend_rx(self) -> bool:
         return (self.rx_thread_wanted and self._rx_partial is None and self.link_up and self.rx_throttle.limiter is None
@@ -407,8 +412,8 @@ class VirtioNet(VirtioDevice):
     def _take_rx_report(self) -> bool:
         """Count what the receive thread did; True where it gave the queue back, which is then
         the I/O thread's to serve (it is lent again at a kick). Lock held."""
-        thread = self._rx_thread
-        if thread is None or not thread.serving:
+        thread = self._lent_rx_thread()
+        if thread is None:
             return False  # taken back meanwhile, with its report
         report = thread.take()
         self._count_report(report.frames, report.bytes, report.dropped)
@@ -429,8 +434,8 @@ class VirtioNet(VirtioDevice):
     def _take_back_rx(self) -> bool:
         """The receive queue is the I/O thread's again, with the chains the thread held (lock
         held); False where it was not lent."""
-        thread = self._rx_thread
-        if thread is None or not thread.serving:
+        thread = self._lent_rx_thread()
+        if thread is None:
             return False
         spare = self._rx_spare
         report, partial = thread.stop(spare)

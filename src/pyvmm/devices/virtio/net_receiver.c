@@ -470,9 +470,7 @@ static void *run(void *arg)
         }
 
         pthread_mutex_lock(&r->lock);
-        r->busy = 0;
-        if (next == STOPPED)
-            r->serving = 0;
+        r->busy = 0;  /* (a stop by itself cleared `serving` in serve(), with its report) */
         pthread_cond_broadcast(&r->changed);
     }
     r->busy = 0;
@@ -852,11 +850,7 @@ static PyObject *receiver_pump(Receiver *r, PyObject *unused)
     pthread_mutex_unlock(&r->lock);
     if (!serving)
         Py_RETURN_NONE;
-    int next = serve(r);
-    pthread_mutex_lock(&r->lock);
-    if (next == STOPPED)
-        r->serving = 0;
-    pthread_mutex_unlock(&r->lock);
+    serve(r);  /* (a stop by itself clears `serving` there) */
     Py_RETURN_NONE;
 }
 

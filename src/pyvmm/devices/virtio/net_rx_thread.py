@@ -3,8 +3,8 @@
 Why: on the software CPU the VM's threads share one host CPU (host/cpu_affinity.py). Under
 `iperf3 -R` the I/O thread's part of it, the back-end's reads and about 17 receive buffers per
 64 KiB frame taken off the ring and returned in Python, was about a quarter, and the guest
-stood idle half the time waiting for frames (benchmarks/guest_profile.py). The thread runs
-where the kernel puts it and tells the I/O thread once per burst what it published.
+stood idle half the time waiting for frames (benchmarks/guest_profile.py). The thread runs off
+that CPU and tells the I/O thread once per burst what it published.
 
 RxThread is one active queue's: made when the device lends the queue out (net.py), closed at
 reset. While lent, the queue's rings are the thread's: Python only takes reports (counters,
@@ -33,7 +33,7 @@ from .queue import DescriptorChain, SplitQueue
 log = logging.getLogger(__name__)
 
 ENV = "PYVMM_NET_RX_THREAD"
-_C_MODULE = "pyvmm.devices.virtio.net_receiver"
+C_MODULE = "pyvmm.devices.virtio.net_receiver"
 
 
 def available(environ=os.environ) -> bool:
@@ -42,7 +42,7 @@ def available(environ=os.environ) -> bool:
     if text not in ("", "0", "1"):
         raise ConfigError(f"{ENV}={text}: 1 (the default: frames received on a thread of their own) or 0 "
                           "(on the I/O thread)")
-    return text != "0" and c_module(_C_MODULE) is not None
+    return text != "0" and c_module(C_MODULE) is not None
 
 
 @dataclass
@@ -66,7 +66,7 @@ class Partial:
 class RxThread:
     def __init__(self, fd: int, memory: GuestMemory, queue: SplitQueue, *, header: int, want: int,
                  max_pieces: int, threaded: bool = True) -> None:
-        module = c_module(_C_MODULE)
+        module = c_module(C_MODULE)
         if module is None:
             raise RuntimeError("net receive thread: the compiled group is not in use")
         self.memory, self.queue = memory, queue
