@@ -428,7 +428,7 @@ def make_net(net, mac: str, iothread, auto_index: int | None = None):
         raise
 
     def release() -> None:
-        device.stop_receive_thread()
+        device.stop_io_threads()
         backend.close()
     return device, release
 

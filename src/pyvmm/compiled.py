@@ -86,11 +86,12 @@ MODULES = (
 # (accel/tcg/native_code_drop.c), KVM_RUN with the GIL released and the KVM vCPU's hot loop
 # (kvm/native_run.c), guest RAM loaded without the GIL when the uffd handler died
 # (snapshot/uffd_rescue.c), disk data moved by threads without the GIL
-# (host/transfer_threads.c), and virtio-net's receive path in a thread without the GIL
-# (devices/virtio/net_receiver.c).
+# (host/transfer_threads.c), and virtio-net's receive and transmit paths in threads without
+# the GIL (devices/virtio/net_receiver.c, net_transmitter.c; what they share: ring_thread.h).
 # Optional to their users: without a usable build they do not import.
 C_MODULES = ("pyvmm.accel.tcg.hook_trampolines", "pyvmm.accel.tcg.native_code_drop", "pyvmm.host.transfer_threads",
-             "pyvmm.kvm.native_run", "pyvmm.snapshot.uffd_rescue", "pyvmm.devices.virtio.net_receiver")
+             "pyvmm.kvm.native_run", "pyvmm.snapshot.uffd_rescue", "pyvmm.devices.virtio.net_receiver",
+             "pyvmm.devices.virtio.net_transmitter")
 
 
 def c_module(name: str) -> Any:
@@ -125,9 +126,20 @@ def source_path(module: str) -> pathlib.Path:
 
 
 def source_digest(module: str) -> str:
-    import hashlib
+    return file_digest(source_path(module))
 
-    return hashlib.sha256(source_path(module).read_bytes()).hexdigest()
+
+def file_digest(path: pathlib.Path) -> str:
+    """A source's sha256; a C source's taken with the headers of its own it includes
+    (`#include "name.h"`, beside it), which are part of what was built."""
+    import hashlib
+    import re
+
+    data = path.read_bytes()
+    if path.suffix == ".c":
+        for name in re.findall(rb'^#include "([^"/]+)"', data, re.MULTILINE):
+            data += path.with_name(name.decode()).read_bytes()
+    return hashlib.sha256(data).hexdigest()
 
 
 def interpreter_tag() -> str:

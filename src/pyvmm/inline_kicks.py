@@ -5,7 +5,8 @@ the guest on into its idle loop and HLT, the slice ending, the scheduler asleep 
 thread's completion woke it: two thread hand-offs and wake-ups around work (a read from the
 host's page cache) of tens of microseconds. A device whose queue work is that short
 (`quick_queues`: virtio-blk; virtio-net, whose frames to send go to a back-end that never
-waits, and whose receiving stays on the I/O thread) has its kick served where it was made
+waits, or whose transmit thread a kick only wakes, and whose receiving stays off the vCPU
+thread) has its kick served where it was made
 (serve_in_place) when
 
 - the accelerator can run it inside the running guest code (`serve_device_work`: the

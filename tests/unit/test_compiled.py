@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
@@ -69,6 +70,24 @@ def test_an_edited_c_source_makes_the_whole_build_unused(tmp_path, monkeypatch):
     digest = compiled.source_digest
     monkeypatch.setattr(compiled, "source_digest", lambda name: "0" * 64 if name == module else digest(name))
     assert compiled.usable_build(tmp_path) == (None, f"{module} changed since it was compiled")
+
+
+def test_a_c_source_digest_covers_the_headers_it_includes(tmp_path):
+    """A header of its own (`#include "x.h"`, beside it) is part of what was built: editing it
+    changes the digest; a system header (<...>) is not read."""
+    source, header = tmp_path / "module.c", tmp_path / "shared.h"
+    source.write_text('#include <Python.h>\n#include "shared.h"\nint f(void) { return g(); }\n')
+    header.write_text("static int g(void) { return 1; }\n")
+    before = compiled.file_digest(source)
+    assert compiled.file_digest(source) == before
+    header.write_text("static int g(void) { return 2; }\n")
+    assert compiled.file_digest(source) != before
+    # the tree's own: both virtio-net ring threads include ring_thread.h
+    shared = compiled.source_path("pyvmm.devices.virtio.net_transmitter").with_name("ring_thread.h")
+    for module in ("pyvmm.devices.virtio.net_receiver", "pyvmm.devices.virtio.net_transmitter"):
+        text = compiled.source_path(module).read_bytes()
+        assert b'#include "ring_thread.h"' in text
+        assert compiled.source_digest(module) == hashlib.sha256(text + shared.read_bytes()).hexdigest()
 
 
 def test_missing_corrupt_or_partial_builds_are_not_used(tmp_path):

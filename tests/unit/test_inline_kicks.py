@@ -8,11 +8,13 @@ import select
 import socket
 import struct
 import threading
+import time
 
 import pytest
 
 from helpers.virtio_driver import FakeDriver, needs_kick
 from pyvmm.devices.virtio.blk import VirtioBlock
+from pyvmm.devices.virtio import net_tx_thread
 from pyvmm.devices.virtio.net import VirtioNet
 from pyvmm.devices.virtio.rng import VirtioRng
 from pyvmm.inline_kicks import BACKOFF_NS, SLOW_NS, SLOW_STREAK, InlineKicks
@@ -110,7 +112,7 @@ def test_a_frame_to_send_leaves_at_the_kick_and_later_ones_at_the_slice_end():
     with device_side, host_side, GuestMemory.from_specs([RegionSpec(0, 8 << 20)]) as memory:
         iothread = IoThread()
         device = VirtioNet(FdBackend(device_side.fileno()), mac=bytes.fromhex("525400123456"), iothread=iothread,
-                           queue_size=16)
+                           queue_size=16, tx_thread=False)
         driver = FakeDriver(memory, device)
         iothread.calls.clear()  # (activation asked the I/O thread to watch for received frames)
         accel = Accel()
@@ -131,6 +133,42 @@ def test_a_frame_to_send_leaves_at_the_kick_and_later_ones_at_the_slice_end():
         old = tx.avail_idx
         tx.add([frame], [])
         assert needs_kick(tx.avail_event(), tx.avail_idx, old)  # asked for again
+
+
+@pytest.mark.skipif(not net_tx_thread.available(), reason="the transmit thread is not built (scripts/compile)")
+def test_a_kick_for_the_transmit_thread_only_wakes_it(iothread):
+    """With a transmit thread nothing waits for the slice's end: the first kick lends it the
+    queue, a frame added later in the slice leaves at once, and the interrupt comes from the
+    I/O thread, never from inside the guest's kick."""
+    device_side, host_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    host_side.settimeout(5)
+    device_side.setblocking(False)
+    with device_side, host_side, GuestMemory.from_specs([RegionSpec(0, 8 << 20)]) as memory:
+        device = VirtioNet(FdBackend(device_side.fileno()), mac=bytes.fromhex("525400123456"), iothread=iothread,
+                           queue_size=16, tx_thread=True, rx_thread=False)
+        driver = FakeDriver(memory, device)
+        accel = Accel()
+        kicks = InlineKicks(device, accel, iothread)
+        tx = driver.queue(1)
+        frame, later = bytes(12) + b"\x02" * 60, bytes(12) + b"\x03" * 60
+        tx.add([frame], [])
+        kicks(1)
+        assert host_side.recv(256) == frame
+        assert device._tx_thread is not None and device._tx_thread.serving
+        old = tx.avail_idx
+        tx.add([later], [])
+        if needs_kick(tx.avail_event(), tx.avail_idx, old):
+            kicks(1)
+        assert host_side.recv(256) == later  # the slice has not ended
+        deadline = time.monotonic() + 5
+        while tx.used_idx() != 2 or not driver.interrupts.used:
+            assert time.monotonic() < deadline, "the frames were not returned with an interrupt"
+            time.sleep(0.002)
+        assert len(tx.take_used()) == 2 and driver.interrupts.used == [1]
+        assert device.stats()["tx_thread_frames"] == 2
+        accel.end_slice()  # nothing was held for it
+        assert not host_readable(host_side)
+        device.stop_io_threads()
 
 
 def test_a_kick_the_accelerator_cannot_take_in_place_goes_to_the_io_thread(disk):

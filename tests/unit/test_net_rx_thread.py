@@ -56,7 +56,7 @@ def memory():
 
 def make(memory, iothread, wire, *, features_off=0, queue_size=64, **kw):
     device = VirtioNet(FdBackend(wire[0].fileno()), mac=MAC, iothread=iothread, queue_size=queue_size,
-                       rx_thread=True, **kw)
+                       rx_thread=True, tx_thread=False, **kw)
     driver = FakeDriver(memory, device, features=device.offered_features & ~features_off)
     return device, driver
 
@@ -278,13 +278,13 @@ def test_reset_and_closing_ram_end_the_thread(iothread, wire):
     assert not lent(device)
 
 
-def test_stop_receive_thread_before_the_back_end_closes(memory, iothread, wire):
+def test_the_thread_stops_before_the_back_end_closes(memory, iothread, wire):
     device, driver = make(memory, iothread, wire)
     q = driver.queue(RX)
     q.add([], [2048])
     device.notify(RX)
     wait_for(lambda: lent(device))
-    device.stop_receive_thread()
+    device.stop_io_threads()
     assert device._rx_thread is None
     q.add([], [2048])
     device.notify(RX)  # the I/O thread receives from here on

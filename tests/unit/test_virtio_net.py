@@ -2,8 +2,8 @@
 
 The device side of the pair is the back-end (one frame, header included, per read/write);
 the test side plays the host network. RX runs on a real IoThread, as in a VM, and each test
-runs twice: frames received on the I/O thread, and on the receive thread (net_rx_thread.py)
-where it is built.
+runs twice: frames received and sent in Python (on the I/O thread, and where the kick is served),
+and by the receive and transmit threads (net_rx_thread.py, net_tx_thread.py) where they are built.
 """
 
 import select
@@ -17,7 +17,7 @@ from helpers.state import changed, through_json
 from pyvmm.persist import StateError
 
 from helpers.virtio_driver import FakeDriver
-from pyvmm.devices.virtio import net_rx_thread
+from pyvmm.devices.virtio import net_rx_thread, net_tx_thread
 from pyvmm.devices.virtio.device import VIRTIO_F_EVENT_IDX
 from pyvmm.devices.virtio.net import (
     OFFLOAD_CSUM, OFFLOAD_TSO4, OFFLOAD_TSO6, OFFLOAD_TSO_ECN, OFFLOAD_UFO, VIRTIO_NET_F_CSUM,
@@ -70,28 +70,29 @@ def memory():
         yield mem
 
 
-RX_THREAD = False  # the receive path the running test's devices take (rx_path)
+RX_THREAD = TX_THREAD = False  # the paths the running test's devices take (net_path)
 
 
 def pytest_generate_tests(metafunc):
     if "io_thread_receive" not in metafunc.definition.keywords:
-        metafunc.parametrize("rx_path", ["io-thread", "rx-thread"], indirect=True)
+        metafunc.parametrize("net_path", ["python", "threads"], indirect=True)
 
 
 @pytest.fixture(autouse=True)
-def rx_path(request):
-    global RX_THREAD
-    path = getattr(request, "param", "io-thread")
-    if path == "rx-thread" and not net_rx_thread.available():
-        pytest.skip("the receive thread is not built (scripts/compile) or PYVMM_COMPILED=0")
-    RX_THREAD = path == "rx-thread"
+def net_path(request):
+    global RX_THREAD, TX_THREAD
+    path = getattr(request, "param", "python")
+    if path == "threads" and not (net_rx_thread.available() and net_tx_thread.available()):
+        pytest.skip("the receive and transmit threads are not built (scripts/compile) or PYVMM_COMPILED=0")
+    RX_THREAD = TX_THREAD = path == "threads"
     yield path
-    RX_THREAD = False
+    RX_THREAD = TX_THREAD = False
 
 
 def make(memory, iothread, wire, *, features_off=0, activate=True, backend=None, **kw):
     backend = backend or FdBackend(wire[0].fileno())
     kw.setdefault("rx_thread", RX_THREAD)
+    kw.setdefault("tx_thread", TX_THREAD)
     device = VirtioNet(backend, mac=MAC, iothread=iothread, queue_size=16, **kw)
     features = device.offered_features & ~features_off
     driver = FakeDriver(memory, device, features=features, activate=activate)
@@ -164,8 +165,8 @@ def test_tx_frame_split_over_descriptors_reaches_the_backend_with_its_header(mem
     head = q.add([header[:5], header[5:] + payload[:20], payload[20:60], payload[60:]], [])
     device.notify(TX)
     assert wire[1].recv(4096) == header + payload
+    wait_for(lambda: q.used_idx() == 1 and driver.interrupts.used == [TX])
     assert q.take_used() == [(head, 0)]
-    assert driver.interrupts.used == [TX]
     assert device.stats()["tx_packets"] == 1 and device.stats()["tx_bytes"] == 100
 
 
@@ -174,9 +175,11 @@ def test_tx_runt_and_link_down_frames_are_dropped_and_counted(memory, iothread, 
     q = driver.queue(TX)
     runt = q.add([b"short"], [])
     device.notify(TX)
+    wait_for(lambda: q.used_idx() == 1)
     device.set_link(False)
     down = q.add([net_hdr() + frame(60)], [])
     device.notify(TX)
+    wait_for(lambda: q.used_idx() == 2)
     assert q.take_used() == [(runt, 0), (down, 0)]
     assert device.stats()["tx_dropped"] == 2 and device.stats()["tx_packets"] == 0
     assert not host_readable(wire[1])
@@ -189,8 +192,9 @@ def test_tx_eagain_drops_and_counts(memory, iothread, wire):
     while device.stats()["tx_dropped"] == 0:  # fill the socket until the back-end says EAGAIN
         q.add([net_hdr() + frame(4000)], [])
         device.notify(TX)
-        q.take_used()
         sent += 1
+        wait_for(lambda: q.used_idx() == sent & 0xFFFF)
+        q.take_used()
         assert sent < 10000
     assert device.stats()["tx_packets"] == sent - 1
 

@@ -11,6 +11,11 @@ drop it and count it in tx_dropped: retrying would need a writability watch on t
 That write never waits, so on the software CPU a transmit kick is served on the vCPU thread
 that made it (`quick_queues`, inline_kicks.py): the frames there leave at once, those the guest
 adds later in its slice (no kick asked for) and the transmit interrupt at the slice's end.
+Where the compiled group is built (and PYVMM_NET_TX_THREAD is not 0), the transmit queue is
+lent, after the first kick, to a thread of its own while the link is up and no TX rate limit is
+set (net_tx_thread.py: why): it sends each frame as it comes, in C without the GIL, off the
+VM's shared CPU, and the I/O thread interrupts the guest when the driver asks for it. A kick
+then only wakes the thread. The queue is taken back as the receive queue is (below).
 
 RX: while the device is active the I/O thread watches the back-end fd. On readable, frames
 are read straight into the guest's buffers (readv, header included) until the back-end is
@@ -54,9 +59,10 @@ from ...memory.guest_memory import GuestMemory, GuestMemoryError
 from ...persist import State, require
 from ..rate_limiter import Clock, RateLimit, RateLimiterState, Timers
 from .device import VIRTIO_ID_NET, VirtioDevice, VirtioDeviceState, VirtioInterrupt
-from . import net_rx_thread
+from . import net_rx_thread, net_tx_thread
 from .net_rx import return_filled, set_num_buffers, take_buffers
 from .net_rx_thread import RxThread
+from .net_tx_thread import TxThread
 from .queue import DescriptorChain, SplitQueue, VirtqueueBroken, buffer_views, write_buffers
 from .throttle import Throttle
 
@@ -135,7 +141,8 @@ class VirtioNet(VirtioDevice):
     def __init__(self, backend: NetBackend, *, mac: bytes, iothread: IoThread, queue_size: int = 256,
                  mtu: int | None = None, rx_rate_limit: RateLimit | None = None,
                  tx_rate_limit: RateLimit | None = None, timers: Timers | None = None,
-                 clock: Clock = time.monotonic_ns, rx_thread: bool | None = None) -> None:
+                 clock: Clock = time.monotonic_ns, rx_thread: bool | None = None,
+                 tx_thread: bool | None = None) -> None:
         if len(mac) != MAC_LEN or mac[0] & 1:
             raise ValueError(f"MAC {mac.hex(':')} is not a 6-byte unicast address")
         if mtu is not None and not 68 <= mtu <= 65535:
@@ -171,6 +178,11 @@ class VirtioNet(VirtioDevice):
         self._rx_thread: RxThread | None = None
         self.rx_thread_stops: dict[str, int] = {}  # why the thread gave the queue back, how often
         self.rx_thread_frames = 0                  # of rx_packets, those the thread received
+        # The transmit queue's own thread (net_tx_thread.py), likewise.
+        self.tx_thread_wanted = net_tx_thread.available() if tx_thread is None else tx_thread
+        self._tx_thread: TxThread | None = None
+        self.tx_thread_stops: dict[str, int] = {}
+        self.tx_thread_frames = 0                  # of tx_packets, those the thread sent
 
     # --- configuration (section 5.1.4) ----------------------------------------------------------------
 
@@ -188,6 +200,7 @@ class VirtioNet(VirtioDevice):
             active = self.active
             if not up:
                 self._take_back_rx()  # frames are dropped on the I/O thread, as on a wire
+                self._take_back_tx()
             if self.queue_usable(RX_QUEUE):
                 self.iothread.call_soon(self._rx_ready)  # (lent again when the link is up)
         if active:
@@ -197,15 +210,21 @@ class VirtioNet(VirtioDevice):
         with self.lock:
             if self._take_rx_report():  # (the counters as of now; the I/O thread interrupts)
                 self.iothread.call_soon(functools.partial(self._rx_ready, lend=False))
+            if self._take_tx_report():
+                self.iothread.call_soon(self._transmit_if_usable)
             return {**self.counters, "rx_throttled": self.rx_throttle.deferrals,
                     "tx_throttled": self.tx_throttle.deferrals, "rx_thread_frames": self.rx_thread_frames,
-                    "rx_thread_handbacks": sum(self.rx_thread_stops.values())}
+                    "rx_thread_handbacks": sum(self.rx_thread_stops.values()),
+                    "tx_thread_frames": self.tx_thread_frames,
+                    "tx_thread_handbacks": sum(self.tx_thread_stops.values())}
 
     def set_rate_limits(self, rx: RateLimit | None, tx: RateLimit | None) -> None:
         """Change both directions' limits while running (buckets start full); None removes one."""
         with self.lock:
             if rx is not None and not rx.unlimited:
                 self._take_back_rx()  # the I/O thread charges each frame
+            if tx is not None and not tx.unlimited:
+                self._take_back_tx()  # (served and charged in Python; lent again without a limit)
         self.rx_throttle.set_limit(rx)
         self.tx_throttle.set_limit(tx)
         with self.lock:
@@ -236,6 +255,7 @@ class VirtioNet(VirtioDevice):
     def _release_rx_views(self) -> None:
         with self.lock:
             self._close_rx_thread()
+            self._close_tx_thread()
             self._forget_rx_views()
 
     def _forget_rx_views(self) -> None:
@@ -244,6 +264,7 @@ class VirtioNet(VirtioDevice):
 
     def on_reset(self) -> None:
         self._close_rx_thread()
+        self._close_tx_thread()
         self.rx_throttle.cancel()
         self.tx_throttle.cancel()
         self._unwatch_rx()
@@ -255,6 +276,7 @@ class VirtioNet(VirtioDevice):
     def fail(self, reason: str) -> None:
         with self.lock:
             self._take_back_rx()
+            self._take_back_tx()
             self._unwatch_rx()  # a readable fd nobody drains would spin the I/O thread
         super().fail(reason)
 
@@ -310,12 +332,122 @@ class VirtioNet(VirtioDevice):
             self.notify(TX_QUEUE)
 
     def _transmit(self) -> None:
+        # Lent to the transmit thread: it sends. Else what is there is sent here, and the queue
+        # lent where it may be, for what comes next.
+        if (thread := self._lent_tx_thread()) is not None:
+            thread.kick()
+            return
         # Frames the guest adds while this runs come without a kick; served in place, until the
         # slice ends (kicks held): then they leave together, as when the I/O thread took a batch.
         # (Served in place with a kick per frame, busybox nc's 1 KiB writes took 3x the
         # interrupts per KiB and ran at a third of the speed in 2 of 3 A/B pairs.)
         self.serve_without_kicks(TX_QUEUE, functools.partial(self._send_available, self.queues[TX_QUEUE]),
                                  lambda: self.tx_throttle.blocked)
+        self._lend_tx()
+
+    def serve_in_place(self, queue_index: int) -> bool:
+        # A kick for the transmit thread: wake it (lending it the queue after sending what is
+        # there). It asks for kicks and interrupts itself, the latter for what was sent here too
+        # (none is raised from inside the guest's kick: inline_kicks.py).
+        if queue_index != TX_QUEUE or not self._may_lend_tx():
+            return super().serve_in_place(queue_index)
+        if not self.lock.acquire(blocking=False):
+            return False
+        try:
+            self._serving_in_place = True
+            self.notify(TX_QUEUE)
+            if self._lent_tx_thread() is None:  # (no thread after all: as any kick served in place)
+                self._held_queues.add(TX_QUEUE)
+        finally:
+            self._serving_in_place = False
+            self.lock.release()
+        return True
+
+    # --- the transmit thread (net_tx_thread.py) ----------------------------------------------------------
+
+    def _lent_tx_thread(self) -> TxThread | None:
+        thread = self._tx_thread
+        return thread if thread is not None and thread.serving else None
+
+    def _may_lend_tx(self) -> bool:
+        return (self.tx_thread_wanted and self.link_up and self.tx_throttle.limiter is None
+                and self.queue_usable(TX_QUEUE))
+
+    def _lend_tx(self) -> bool:
+        """Lend the transmit queue to its thread where it may be (lock held)."""
+        if not self._may_lend_tx() or self._lent_tx_thread() is not None:
+            return False
+        queue = self.queues[TX_QUEUE]
+        if self._tx_thread is None:
+            try:
+                self._tx_thread = TxThread(self.backend.fileno(), self.memory, queue, header=NET_HDR_SIZE,
+                                           max_frame=MAX_FRAME, max_pieces=MAX_SEGMENTS)
+            except (ValueError, OSError, RuntimeError) as exc:
+                log.warning("%s: no transmit thread, frames are sent where the kick is served: %s", self.name, exc)
+                self.tx_thread_wanted = False
+                return False
+            self.iothread.add_eventfd(self._tx_thread.fd, self._tx_thread_report)
+            self.iothread.hold_with(self._tx_thread, self._pause_tx_thread, self._resume_tx_thread)
+        if not self._tx_thread.start():
+            return False
+        self._tx_thread.kick()  # (it looks at the ring: what the driver added meanwhile is sent)
+        return True
+
+    def _tx_thread_report(self) -> None:
+        """On the I/O thread: the driver wants an interrupt for frames sent, or the thread gave
+        the queue back (served here then, and lent again)."""
+        with self.lock:
+            stopped = self._take_tx_report()
+            if stopped:
+                self._transmit_if_usable()
+            elif self.queue_usable(TX_QUEUE):
+                self.signal_used(TX_QUEUE)
+
+    def _take_tx_report(self) -> bool:
+        """Count what the transmit thread did; True where it gave the queue back (lock held)."""
+        thread = self._lent_tx_thread()
+        if thread is None:
+            return False
+        report = thread.take()
+        self._count_tx_report(report.frames, report.bytes, report.dropped)
+        if report.stopped is None:
+            return False
+        self.tx_thread_stops[report.stopped] = self.tx_thread_stops.get(report.stopped, 0) + 1
+        log.debug("%s: the transmit thread gave the queue back: %s", self.name, report.stopped)
+        self._take_back_tx()
+        return True
+
+    def _count_tx_report(self, frames: int, length: int, dropped: int) -> None:
+        self.tx_thread_frames += frames
+        self.counters["tx_packets"] += frames
+        self.counters["tx_bytes"] += length
+        self.counters["tx_dropped"] += dropped
+
+    def _take_back_tx(self) -> bool:
+        """The transmit queue is Python's again (lock held); False where it was not lent."""
+        thread = self._lent_tx_thread()
+        if thread is None:
+            return False
+        report = thread.stop()
+        self._count_tx_report(report.frames, report.bytes, report.dropped)
+        return True
+
+    def _close_tx_thread(self) -> None:
+        self._take_back_tx()
+        thread, self._tx_thread = self._tx_thread, None
+        if thread is not None:
+            self.iothread.forget_helper(thread)
+            self.iothread.remove_reader(thread.fd)
+            thread.close()
+
+    def _pause_tx_thread(self) -> None:
+        """The I/O thread holds still: so does the transmit thread (the queue is taken back)."""
+        with self.lock:
+            self._take_back_tx()
+
+    def _resume_tx_thread(self) -> None:
+        # what came meanwhile is sent, the used buffers signalled, and the queue lent again
+        self.iothread.call_soon(self._transmit_if_usable)
 
     def _send_available(self, queue: SplitQueue) -> bool:
         """Send the frames the guest made available (until a rate limit stops it): all of them."""
@@ -454,11 +586,13 @@ class VirtioNet(VirtioDevice):
             self.iothread.remove_reader(thread.fd)
             thread.close()
 
-    def stop_receive_thread(self) -> None:
-        """Before the back-end closes: the thread stops for good (frames go through the I/O thread)."""
+    def stop_io_threads(self) -> None:
+        """Before the back-end closes: the receive and transmit threads stop for good (frames go
+        through the I/O thread and the kicks' threads)."""
         with self.lock:
-            self.rx_thread_wanted = False
+            self.rx_thread_wanted = self.tx_thread_wanted = False
             self._close_rx_thread()
+            self._close_tx_thread()
 
     def _pause_rx_thread(self) -> None:
         """The I/O thread holds still: so does the receive thread (the queue is taken back)."""
@@ -570,6 +704,8 @@ class VirtioNet(VirtioDevice):
         with self.lock:
             if self._take_back_rx() and self.queue_usable(RX_QUEUE):
                 self.iothread.call_soon(self._rx_ready)  # (a running VM's: lent again; a paused one's is back)
+            if self._take_back_tx() and self.queue_usable(TX_QUEUE):
+                self.iothread.call_soon(self._transmit_if_usable)
             return NetState(virtio=self.save_virtio(), mac=self.mac, mtu=self.mtu, link_up=self.link_up,
                             counters=dict(self.counters), rx_rate_limiter=self.rx_throttle.save(),
                             tx_rate_limiter=self.tx_throttle.save())
@@ -584,6 +720,7 @@ class VirtioNet(VirtioDevice):
         self.check_restorable(state)
         with self.lock:
             self._close_rx_thread()
+            self._close_tx_thread()
             self._unwatch_rx()
             self._rx_spare.clear()
             self._forget_rx_views()

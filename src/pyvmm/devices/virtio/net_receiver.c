@@ -39,28 +39,17 @@
    fd: an eventfd the thread adds 1 to when it published frames since the last take, or stopped
      (take() leaves it as it is).
    close(): stop, end the thread, let the regions and fds go.
+   What it shares with the transmit thread (net_transmitter.c) is in ring_thread.h.
    Built by scripts/compile with the compiled group (pyvmm/compiled.py). */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <errno.h>
 #include <fcntl.h>
-#include <poll.h>
-#include <pthread.h>
-#include <sched.h>
-#include <signal.h>
-#include <stdint.h>
-#include <string.h>
-#include <sys/eventfd.h>
-#include <sys/prctl.h>
 #include <sys/uio.h>
-#include <unistd.h>
 
-#define DESC_F_NEXT 1
-#define DESC_F_WRITE 2
-#define DESC_F_INDIRECT 4
+#include "ring_thread.h"
+
 #define NUM_BUFFERS_OFFSET 10
-#define MAX_QUEUE 32768
 #define SCRATCH (65536 + 64)    /* past the buffers: a longer read is a frame too large */
 
 typedef struct {
@@ -78,17 +67,10 @@ typedef struct {
 
 typedef struct {
     PyObject_HEAD
-    int initialised, closed, threaded;
-    pthread_mutex_t lock;
-    pthread_cond_t changed;
-    pthread_t thread;
-    int has_thread;
+    RingThread t;
+    GuestRegions ram;
     /* configuration */
-    int fd, wake, report;
-    Py_buffer *views;
-    uint64_t *bases;
-    Py_ssize_t nregions;
-    uint64_t desc_table, avail_ring, used_ring;
+    int fd;
     char *desc, *avail, *used;
     unsigned size;
     int event_idx;
@@ -108,31 +90,11 @@ typedef struct {
        chains are full, its last partial_rest bytes are in the scratch */
     int partial_chains;
     uint64_t partial_length, partial_rest;
-    /* control, under `lock` */
-    int serving;               /* between start() and the thread's stop */
-    int stop_wanted;
-    int busy;                  /* the thread is inside its work */
-    const char *stopped;       /* why it stopped by itself, for take() */
-    /* done since the last take(), under `lock` */
+    /* done since the last take(), under the lock */
     uint64_t done_chains, done_frames, done_bytes, done_dropped;
     uint64_t *runs;            /* (address, length) pairs */
     Py_ssize_t nruns, runs_room;
-    int reported;
 } Receiver;
-
-static char *translate(Receiver *r, uint64_t address, uint64_t size)
-{
-    for (Py_ssize_t i = 0; i < r->nregions; i++) {
-        uint64_t length = (uint64_t)r->views[i].len;
-        if (address >= r->bases[i] && address - r->bases[i] <= length && size <= length - (address - r->bases[i]))
-            return (char *)r->views[i].buf + (address - r->bases[i]);
-    }
-    return NULL;
-}
-
-static inline uint16_t load16(const char *p) { uint16_t v; memcpy(&v, p, 2); return v; }
-static inline void store16(char *p, uint16_t v) { memcpy(p, &v, 2); }
-static inline void store32(char *p, uint32_t v) { memcpy(p, &v, 4); }
 
 static inline uint16_t avail_idx(Receiver *r)
 {
@@ -174,36 +136,29 @@ static const char *walk(Receiver *r, uint16_t head)
     for (;;) {
         if (++seen > r->size)
             return "a descriptor chain loops";
-        const char *d = r->desc + 16 * (size_t)index;
-        uint64_t address;
-        uint32_t size;
-        uint16_t flags, next;
-        memcpy(&address, d, 8);
-        memcpy(&size, d + 8, 4);
-        memcpy(&flags, d + 12, 2);
-        memcpy(&next, d + 14, 2);
-        if (flags & DESC_F_INDIRECT)
+        Descriptor d = descriptor_at(r->desc, index);
+        if (d.flags & DESC_F_INDIRECT)
             return "an indirect descriptor";
-        if (size) {
-            if (!(flags & DESC_F_WRITE))
+        if (d.length) {
+            if (!(d.flags & DESC_F_WRITE))
                 return "a device-readable descriptor";
-            char *host = translate(r, address, size);
+            char *host = regions_translate(&r->ram, d.address, d.length);
             if (host == NULL)
                 return "a buffer outside guest RAM's regions";
             if (count >= r->max_pieces || r->pieces_count + count >= r->piece_ring)
                 return "a chain of too many pieces";
             Piece *p = piece(r, first + count);
-            p->address = address;
-            p->length = size;
+            p->address = d.address;
+            p->length = d.length;
             p->host = host;
             count++;
-            length += size;
+            length += d.length;
         }
-        if (!(flags & DESC_F_NEXT))
+        if (!(d.flags & DESC_F_NEXT))
             break;
-        if (next >= r->size)
+        if (d.next >= r->size)
             return "a next index outside the table";
-        index = next;
+        index = d.next;
     }
     if (length < r->header)
         return "a buffer smaller than the frame header";
@@ -272,7 +227,7 @@ static int publish(Receiver *r, uint64_t n)
         if (k < 2)
             offset -= p->length;
     }
-    pthread_mutex_lock(&r->lock);
+    pthread_mutex_lock(&r->t.lock);
     uint64_t left = n;
     int ok = 1;
     for (int i = 0; i < count; i++) {
@@ -293,23 +248,10 @@ static int publish(Receiver *r, uint64_t n)
     r->done_chains += (uint64_t)count;
     r->done_frames++;
     r->done_bytes += n - r->header;
-    pthread_mutex_unlock(&r->lock);
+    pthread_mutex_unlock(&r->t.lock);
     drop_first_chains(r, count);
     return ok;
 }
-
-static void report(Receiver *r)
-{
-    if (!r->reported) {
-        r->reported = 1;
-        uint64_t one = 1;
-        if (write(r->report, &one, sizeof one) < 0) {
-            /* (an eventfd's counter does not fill up at one add per take) */
-        }
-    }
-}
-
-enum { SERVED, WAIT_FRAME, WAIT_BUFFERS, STOPPED };
 
 static void ask_for_kick(Receiver *r)
 {
@@ -324,8 +266,8 @@ static int step(Receiver *r)
         held_bytes += held_at(r, i)->length;
     const char *why = fill(r, held_bytes);
     if (why != NULL) {
-        r->stopped = why;
-        return STOPPED;
+        r->t.stopped = why;
+        return RING_STOPPED;
     }
     /* the read: the first held chains whose pieces fit it, then the scratch */
     int chains = 0, count = 0;
@@ -349,7 +291,7 @@ static int step(Receiver *r)
         if (r->event_idx)
             ask_for_kick(r);
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        return avail_idx(r) != r->last_avail ? SERVED : WAIT_BUFFERS;
+        return avail_idx(r) != r->last_avail ? RING_SERVED : RING_WAIT_KICK;
     }
     /* (fewer than a largest frame's buffers: read anyway, as most frames are small) */
     r->iov[count].iov_base = r->scratch;
@@ -357,125 +299,61 @@ static int step(Receiver *r)
     ssize_t n = readv(r->fd, r->iov, count + 1);
     if (n < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
-            return WAIT_FRAME;
-        r->stopped = "the back-end's read failed";
-        return STOPPED;
+            return RING_WAIT_FD;
+        r->t.stopped = "the back-end's read failed";
+        return RING_STOPPED;
     }
     if (n == 0) {
-        r->stopped = "the back-end ended";
-        return STOPPED;
+        r->t.stopped = "the back-end ended";
+        return RING_STOPPED;
     }
     if ((uint64_t)n > covered && covered < r->want && (uint64_t)n - covered <= SCRATCH - 1) {
         /* the frame's tail is in the scratch: Python places it once the guest adds buffers */
         r->partial_chains = chains;
         r->partial_length = (uint64_t)n;
         r->partial_rest = (uint64_t)n - covered;
-        r->stopped = "a frame larger than the buffers held";
-        return STOPPED;
+        r->t.stopped = "a frame larger than the buffers held";
+        return RING_STOPPED;
     }
     if ((uint64_t)n < r->header || (uint64_t)n > covered) {
-        pthread_mutex_lock(&r->lock);
+        pthread_mutex_lock(&r->t.lock);
         r->done_dropped++;  /* shorter than its header, or longer than a largest frame */
-        pthread_mutex_unlock(&r->lock);
-        return SERVED;
+        pthread_mutex_unlock(&r->t.lock);
+        return RING_SERVED;
     }
     if (!publish(r, (uint64_t)n)) {
-        r->stopped = "no memory for the written ranges";
-        return STOPPED;
+        r->t.stopped = "no memory for the written ranges";
+        return RING_STOPPED;
     }
-    return SERVED;
+    return RING_SERVED;
 }
 
-/* Serve until there is nothing to do without waiting; the wait that follows (or STOPPED). */
-static int serve(Receiver *r)
+/* Serve until there is nothing to do without waiting; the wait that follows (or RING_STOPPED). */
+static int serve(void *self)
 {
+    Receiver *r = self;
     int next;
-    while ((next = step(r)) == SERVED) {
-        pthread_mutex_lock(&r->lock);
-        int stop = r->stop_wanted;
+    while ((next = step(r)) == RING_SERVED) {
+        pthread_mutex_lock(&r->t.lock);
+        int stop = r->t.stop_wanted;
         if (r->done_frames)
-            report(r);
-        pthread_mutex_unlock(&r->lock);
+            ring_thread_report(&r->t);
+        pthread_mutex_unlock(&r->t.lock);
         if (stop)
-            return SERVED;
+            return RING_SERVED;
     }
-    pthread_mutex_lock(&r->lock);
-    if (next == STOPPED)
-        r->serving = 0;  /* with the report: a take() that sees it sees why */
-    if (next == STOPPED || r->done_frames)
-        report(r);
-    pthread_mutex_unlock(&r->lock);
+    pthread_mutex_lock(&r->t.lock);
+    int done = r->done_frames != 0;
+    pthread_mutex_unlock(&r->t.lock);
+    ring_thread_finish(&r->t, next, done);
     return next;
-}
-
-static void drain(int fd)
-{
-    uint64_t value;
-    if (read(fd, &value, sizeof value) < 0) {
-        /* EAGAIN: nothing to drain */
-    }
-}
-
-/* Off the CPU the creating thread was placed on (a software-CPU VM's threads share one,
-   host/cpu_affinity.py), where the process may run elsewhere: this thread's work is what that
-   CPU should not do. */
-static void leave_the_shared_cpu(void)
-{
-    cpu_set_t mine, process, other;
-    if (sched_getaffinity(0, sizeof mine, &mine) || sched_getaffinity(getpid(), sizeof process, &process))
-        return;
-    CPU_ZERO(&other);
-    for (int cpu = 0; cpu < CPU_SETSIZE; cpu++)
-        if (CPU_ISSET(cpu, &process) && !CPU_ISSET(cpu, &mine))
-            CPU_SET(cpu, &other);
-    if (CPU_COUNT(&other) > 0 && sched_setaffinity(0, sizeof other, &other)) {
-        /* refused: it stays where it was placed */
-    }
 }
 
 static void *run(void *arg)
 {
     Receiver *r = arg;
-    prctl(PR_SET_NAME, "vmm-net-rx", 0, 0, 0);
-    leave_the_shared_cpu();
-    pthread_mutex_lock(&r->lock);
-    for (;;) {
-        while (!r->closed && (!r->serving || r->stop_wanted)) {
-            if (r->serving && r->stop_wanted) {
-                r->serving = 0;
-                pthread_cond_broadcast(&r->changed);
-            }
-            pthread_cond_wait(&r->changed, &r->lock);
-        }
-        if (r->closed)
-            break;
-        r->busy = 1;
-        pthread_mutex_unlock(&r->lock);
-
-        int next = serve(r);
-        while (next == WAIT_FRAME || next == WAIT_BUFFERS) {
-            /* a frame, or (with no buffers) only a kick: the back-end stays readable meanwhile */
-            struct pollfd fds[2] = {{.fd = r->wake, .events = POLLIN}, {.fd = r->fd, .events = POLLIN}};
-            int ready = poll(fds, next == WAIT_FRAME ? 2 : 1, -1);
-            if (ready < 0 && errno != EINTR)
-                break;
-            if (fds[0].revents & POLLIN)
-                drain(r->wake);
-            pthread_mutex_lock(&r->lock);
-            int stop = r->stop_wanted || r->closed;
-            pthread_mutex_unlock(&r->lock);
-            if (stop)
-                break;
-            next = serve(r);
-        }
-
-        pthread_mutex_lock(&r->lock);
-        r->busy = 0;  /* (a stop by itself cleared `serving` in serve(), with its report) */
-        pthread_cond_broadcast(&r->changed);
-    }
-    r->busy = 0;
-    pthread_cond_broadcast(&r->changed);
-    pthread_mutex_unlock(&r->lock);
+    /* a frame, or (with no buffers) only a kick: the back-end stays readable meanwhile */
+    ring_thread_loop(&r->t, "vmm-net-rx", r->fd, serve, r);
     return NULL;
 }
 
@@ -483,13 +361,7 @@ static void *run(void *arg)
 
 static void release(Receiver *r)
 {
-    for (Py_ssize_t i = 0; i < r->nregions; i++)
-        PyBuffer_Release(&r->views[i]);
-    r->nregions = 0;
-    PyMem_Free(r->views);
-    PyMem_Free(r->bases);
-    r->views = NULL;
-    r->bases = NULL;
+    regions_release(&r->ram);
     free(r->held);
     free(r->pieces);
     free(r->in_held);
@@ -500,42 +372,6 @@ static void release(Receiver *r)
     r->in_held = NULL;
     r->iov = NULL;
     r->runs = NULL;
-    if (r->wake >= 0)
-        close(r->wake);
-    if (r->report >= 0)
-        close(r->report);
-    r->wake = r->report = -1;
-}
-
-static void shut_down(Receiver *r)
-{
-    if (!r->initialised || r->closed)
-        return;
-    pthread_mutex_lock(&r->lock);
-    r->closed = 1;
-    pthread_cond_broadcast(&r->changed);
-    pthread_mutex_unlock(&r->lock);
-    if (r->has_thread) {
-        uint64_t one = 1;
-        if (write(r->wake, &one, sizeof one) < 0) {
-        }
-        Py_BEGIN_ALLOW_THREADS
-        pthread_join(r->thread, NULL);
-        Py_END_ALLOW_THREADS
-        r->has_thread = 0;
-    }
-    release(r);
-}
-
-static int ring_host(Receiver *r, uint64_t address, uint64_t size, char **host, const char *what)
-{
-    *host = translate(r, address, size);
-    if (*host == NULL) {
-        PyErr_Format(PyExc_ValueError, "Receiver: the %s at %#llx+%#llx is not inside one region", what,
-                     (unsigned long long)address, (unsigned long long)size);
-        return 0;
-    }
-    return 1;
 }
 
 static int receiver_init(Receiver *r, PyObject *args, PyObject *kwargs)
@@ -550,7 +386,7 @@ static int receiver_init(Receiver *r, PyObject *args, PyObject *kwargs)
                                      &avail_ring, &used_ring, &size, &event_idx, &header, &want, &max_pieces,
                                      &threaded))
         return -1;
-    if (r->initialised) {
+    if (r->t.initialised || r->t.closed) {
         PyErr_SetString(PyExc_RuntimeError, "Receiver: already set up");
         return -1;
     }
@@ -565,46 +401,18 @@ static int receiver_init(Receiver *r, PyObject *args, PyObject *kwargs)
         PyErr_Format(PyExc_ValueError, "Receiver: fd %d is not a non-blocking fd (a read would hold the thread)", fd);
         return -1;
     }
-    r->wake = r->report = -1;
-    PyObject *list = PySequence_Fast(regions, "Receiver: regions is not a sequence");
-    if (list == NULL)
-        return -1;
-    Py_ssize_t count = PySequence_Fast_GET_SIZE(list);
-    r->views = PyMem_Calloc(count ? count : 1, sizeof(Py_buffer));
-    r->bases = PyMem_Calloc(count ? count : 1, sizeof(uint64_t));
-    if (r->views == NULL || r->bases == NULL) {
-        Py_DECREF(list);
-        PyErr_NoMemory();
+    r->t.wake = r->t.report = -1;
+    if (regions_hold(&r->ram, regions, "Receiver") < 0)
         goto fail;
-    }
-    for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *item = PySequence_Fast_GET_ITEM(list, i);
-        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) {
-            PyErr_SetString(PyExc_TypeError, "Receiver: a region is (guest base, buffer)");
-            Py_DECREF(list);
-            goto fail;
-        }
-        r->bases[i] = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(item, 0));
-        if (PyErr_Occurred() || PyObject_GetBuffer(PyTuple_GET_ITEM(item, 1), &r->views[i], PyBUF_WRITABLE) < 0) {
-            Py_DECREF(list);
-            goto fail;
-        }
-        r->nregions = i + 1;
-    }
-    Py_DECREF(list);
-    r->desc_table = desc_table;
-    r->avail_ring = avail_ring;
-    r->used_ring = used_ring;
     r->size = size;
     r->event_idx = event_idx;
     r->header = header;
     r->want = want;
     r->max_pieces = max_pieces;
     r->fd = fd;
-    r->threaded = threaded;
-    if (!ring_host(r, desc_table, 16ULL * size, &r->desc, "descriptor table") ||
-        !ring_host(r, avail_ring, 6ULL + 2ULL * size, &r->avail, "available ring") ||
-        !ring_host(r, used_ring, 6ULL + 8ULL * size, &r->used, "used ring"))
+    if (!ring_host(&r->ram, desc_table, 16ULL * size, &r->desc, "Receiver", "descriptor table") ||
+        !ring_host(&r->ram, avail_ring, 6ULL + 2ULL * size, &r->avail, "Receiver", "available ring") ||
+        !ring_host(&r->ram, used_ring, 6ULL + 8ULL * size, &r->used, "Receiver", "used ring"))
         goto fail;
     r->piece_ring = 2 * max_pieces + 2;
     r->held = calloc(size, sizeof(Chain));
@@ -615,31 +423,8 @@ static int receiver_init(Receiver *r, PyObject *args, PyObject *kwargs)
         PyErr_NoMemory();
         goto fail;
     }
-    r->wake = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    r->report = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (r->wake < 0 || r->report < 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
+    if (ring_thread_open(&r->t, threaded, run, r) < 0)
         goto fail;
-    }
-    pthread_mutex_init(&r->lock, NULL);
-    pthread_cond_init(&r->changed, NULL);
-    r->initialised = 1;
-    if (threaded) {
-        /* every signal blocked: the process's signals go to its Python threads */
-        sigset_t all, before;
-        sigfillset(&all);
-        pthread_sigmask(SIG_SETMASK, &all, &before);
-        int error = pthread_create(&r->thread, NULL, run, r);
-        pthread_sigmask(SIG_SETMASK, &before, NULL);
-        if (error) {
-            errno = error;
-            PyErr_SetFromErrno(PyExc_OSError);
-            r->closed = 1;
-            release(r);
-            return -1;
-        }
-        r->has_thread = 1;
-    }
     return 0;
 
 fail:
@@ -647,25 +432,14 @@ fail:
     return -1;
 }
 
-static int usable(Receiver *r)
-{
-    if (!r->initialised || r->closed) {
-        PyErr_SetString(PyExc_RuntimeError, "Receiver: closed");
-        return 0;
-    }
-    return 1;
-}
-
 static PyObject *receiver_start(Receiver *r, PyObject *args)
 {
     unsigned last_avail, used_idx;
     PyObject *held;
-    if (!PyArg_ParseTuple(args, "IIO:start", &last_avail, &used_idx, &held) || !usable(r))
+    if (!PyArg_ParseTuple(args, "IIO:start", &last_avail, &used_idx, &held) ||
+        !ring_thread_usable(&r->t, "Receiver"))
         return NULL;
-    pthread_mutex_lock(&r->lock);
-    int serving = r->serving || r->busy;
-    pthread_mutex_unlock(&r->lock);
-    if (serving) {
+    if (ring_thread_engaged(&r->t)) {
         PyErr_SetString(PyExc_RuntimeError, "Receiver: serving already (stop() first)");
         return NULL;
     }
@@ -702,7 +476,7 @@ static PyObject *receiver_start(Receiver *r, PyObject *args)
                 Py_DECREF(plist);
                 goto fail;
             }
-            char *host = translate(r, address, length);
+            char *host = regions_translate(&r->ram, address, length);
             if (host == NULL || r->pieces_count >= r->piece_ring) {
                 Py_DECREF(plist);
                 PyErr_Format(PyExc_ValueError, "Receiver.start: piece %#llx+%#llx cannot be held", address, length);
@@ -724,12 +498,7 @@ static PyObject *receiver_start(Receiver *r, PyObject *args)
     r->last_avail = (uint16_t)last_avail;
     r->used_idx = (uint16_t)used_idx;
     r->partial_chains = 0;
-    pthread_mutex_lock(&r->lock);
-    r->stopped = NULL;
-    r->stop_wanted = 0;
-    r->serving = 1;
-    pthread_cond_broadcast(&r->changed);
-    pthread_mutex_unlock(&r->lock);
+    ring_thread_begin(&r->t);
     Py_RETURN_NONE;
 
 fail:
@@ -741,33 +510,17 @@ fail:
 
 static PyObject *receiver_kick(Receiver *r, PyObject *unused)
 {
-    if (!usable(r))
+    if (!ring_thread_usable(&r->t, "Receiver"))
         return NULL;
-    uint64_t one = 1;
-    if (write(r->wake, &one, sizeof one) < 0) {
-    }
+    signal_fd(r->t.wake);
     Py_RETURN_NONE;
 }
 
 static PyObject *receiver_stop(Receiver *r, PyObject *unused)
 {
-    if (!usable(r))
+    if (!ring_thread_usable(&r->t, "Receiver"))
         return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    pthread_mutex_lock(&r->lock);
-    if (r->has_thread && (r->serving || r->busy)) {
-        r->stop_wanted = 1;
-        pthread_cond_broadcast(&r->changed);
-        uint64_t one = 1;
-        if (write(r->wake, &one, sizeof one) < 0) {
-        }
-        while (r->serving || r->busy)
-            pthread_cond_wait(&r->changed, &r->lock);
-    }
-    r->serving = 0;
-    r->stop_wanted = 0;
-    pthread_mutex_unlock(&r->lock);
-    Py_END_ALLOW_THREADS
+    ring_thread_stop(&r->t);
     if (r->event_idx)
         ask_for_kick(r);  /* the I/O thread's driver kicks again at its next add (and it lends again) */
     PyObject *held = PyList_New(r->held_count);
@@ -804,23 +557,20 @@ static PyObject *receiver_stop(Receiver *r, PyObject *unused)
 
 static PyObject *receiver_take(Receiver *r, PyObject *unused)
 {
-    if (!r->initialised)
+    if (!r->t.initialised)
         return Py_BuildValue("(iiiiiOO)", 0, 0, 0, 0, 0, Py_None, Py_None);
     /* (the report eventfd is the I/O thread's to reset: it interrupts the guest for what is taken
        here by another thread too, and serves a stop) */
-    pthread_mutex_lock(&r->lock);
+    pthread_mutex_lock(&r->t.lock);
     uint64_t chains = r->done_chains, frames = r->done_frames, bytes = r->done_bytes, dropped = r->done_dropped;
     unsigned used_idx = r->used_idx;
-    const char *stopped = r->serving ? NULL : r->stopped;
+    const char *stopped = ring_thread_taken(&r->t);
     uint64_t *runs = r->runs;
     Py_ssize_t nruns = r->nruns;
     r->runs = NULL;
     r->nruns = r->runs_room = 0;
     r->done_chains = r->done_frames = r->done_bytes = r->done_dropped = 0;
-    r->reported = 0;
-    if (!r->serving)
-        r->stopped = NULL;
-    pthread_mutex_unlock(&r->lock);
+    pthread_mutex_unlock(&r->t.lock);
     PyObject *list = PyList_New(nruns);
     for (Py_ssize_t i = 0; list != NULL && i < nruns; i++) {
         PyObject *run = Py_BuildValue("(KK)", (unsigned long long)runs[2 * i], (unsigned long long)runs[2 * i + 1]);
@@ -839,55 +589,46 @@ static PyObject *receiver_take(Receiver *r, PyObject *unused)
 
 static PyObject *receiver_pump(Receiver *r, PyObject *unused)
 {
-    if (!usable(r))
+    if (!ring_thread_usable(&r->t, "Receiver"))
         return NULL;
-    if (r->threaded) {
+    if (r->t.threaded) {
         PyErr_SetString(PyExc_RuntimeError, "Receiver.pump: a threaded receiver serves on its thread");
         return NULL;
     }
-    pthread_mutex_lock(&r->lock);
-    int serving = r->serving;
-    pthread_mutex_unlock(&r->lock);
-    if (!serving)
-        Py_RETURN_NONE;
-    serve(r);  /* (a stop by itself clears `serving` there) */
+    if (ring_thread_serving(&r->t))
+        serve(r);  /* (a stop by itself clears `serving` there) */
     Py_RETURN_NONE;
 }
 
 static PyObject *receiver_close(Receiver *r, PyObject *unused)
 {
-    shut_down(r);
+    if (r->t.initialised && !r->t.closed) {
+        ring_thread_close(&r->t);
+        release(r);
+    }
     Py_RETURN_NONE;
 }
 
 static PyObject *receiver_fd(Receiver *r, void *closure)
 {
-    return PyLong_FromLong(r->initialised && !r->closed ? r->report : -1);
+    return PyLong_FromLong(r->t.initialised && !r->t.closed ? r->t.report : -1);
 }
 
 static PyObject *receiver_serving(Receiver *r, void *closure)
 {
-    if (!r->initialised || r->closed)
-        Py_RETURN_FALSE;
-    pthread_mutex_lock(&r->lock);
-    int serving = r->serving;
-    pthread_mutex_unlock(&r->lock);
-    return PyBool_FromLong(serving);
+    return PyBool_FromLong(ring_thread_serving(&r->t));
 }
 
 static PyObject *receiver_holding(Receiver *r, void *closure)
 {
     /* (the thread's own count, read as it is: for tests and stats, not for decisions) */
-    return PyLong_FromLong(r->initialised && !r->closed ? __atomic_load_n(&r->held_count, __ATOMIC_RELAXED) : 0);
+    return PyLong_FromLong(r->t.initialised && !r->t.closed ? __atomic_load_n(&r->held_count, __ATOMIC_RELAXED) : 0);
 }
 
 static void receiver_dealloc(Receiver *r)
 {
-    shut_down(r);
-    if (r->initialised) {
-        pthread_mutex_destroy(&r->lock);
-        pthread_cond_destroy(&r->changed);
-    }
+    ring_thread_destroy(&r->t);
+    release(r);  /* (once the thread ended: it reads the regions until then) */
     Py_TYPE(r)->tp_free((PyObject *)r);
 }
 
