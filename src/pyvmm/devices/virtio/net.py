@@ -210,8 +210,7 @@ class VirtioNet(VirtioDevice):
         with self.lock:
             if self._take_rx_report():  # (the counters as of now; the I/O thread interrupts)
                 self.iothread.call_soon(functools.partial(self._rx_ready, lend=False))
-            if self._take_tx_report():
-                self.iothread.call_soon(self._transmit_if_usable)
+            self._take_tx_report()
             return {**self.counters, "rx_throttled": self.rx_throttle.deferrals,
                     "tx_throttled": self.tx_throttle.deferrals, "rx_thread_frames": self.rx_thread_frames,
                     "rx_thread_handbacks": sum(self.rx_thread_stops.values()),
@@ -220,14 +219,14 @@ class VirtioNet(VirtioDevice):
 
     def set_rate_limits(self, rx: RateLimit | None, tx: RateLimit | None) -> None:
         """Change both directions' limits while running (buckets start full); None removes one."""
+        # (all under the lock: a kick between the take-back and the new limit would lend again)
         with self.lock:
             if rx is not None and not rx.unlimited:
                 self._take_back_rx()  # the I/O thread charges each frame
             if tx is not None and not tx.unlimited:
                 self._take_back_tx()  # (served and charged in Python; lent again without a limit)
-        self.rx_throttle.set_limit(rx)
-        self.tx_throttle.set_limit(tx)
-        with self.lock:
+            self.rx_throttle.set_limit(rx)
+            self.tx_throttle.set_limit(tx)
             if self.queue_usable(RX_QUEUE):
                 self.iothread.call_soon(self._rx_ready)  # (lent again without an RX limit)
 
@@ -387,7 +386,8 @@ class VirtioNet(VirtioDevice):
                 self.tx_thread_wanted = False
                 return False
             self.iothread.add_eventfd(self._tx_thread.fd, self._tx_thread_report)
-            self.iothread.hold_with(self._tx_thread, self._pause_tx_thread, self._resume_tx_thread)
+            # (at the resume, the I/O thread runs the serve the take-back queued: lent again there)
+            self.iothread.hold_with(self._tx_thread, self._pause_tx_thread, _nothing)
         if not self._tx_thread.start():
             return False
         self._tx_thread.kick()  # (it looks at the ring: what the driver added meanwhile is sent)
@@ -397,10 +397,7 @@ class VirtioNet(VirtioDevice):
         """On the I/O thread: the driver wants an interrupt for frames sent, or the thread gave
         the queue back (served here then, and lent again)."""
         with self.lock:
-            stopped = self._take_tx_report()
-            if stopped:
-                self._transmit_if_usable()
-            elif self.queue_usable(TX_QUEUE):
+            if not self._take_tx_report() and self.queue_usable(TX_QUEUE):  # (taken back: served soon)
                 self.signal_used(TX_QUEUE)
 
     def _take_tx_report(self) -> bool:
@@ -424,12 +421,16 @@ class VirtioNet(VirtioDevice):
         self.counters["tx_dropped"] += dropped
 
     def _take_back_tx(self) -> bool:
-        """The transmit queue is Python's again (lock held); False where it was not lent."""
+        """The transmit queue is Python's again (lock held); False where it was not lent. What
+        the thread left in the ring is served on the I/O thread (it is lent again there where
+        it may be): the driver, having passed the kick the thread last asked for, sends none."""
         thread = self._lent_tx_thread()
         if thread is None:
             return False
         report = thread.stop()
         self._count_tx_report(report.frames, report.bytes, report.dropped)
+        if self.queue_usable(TX_QUEUE):
+            self.iothread.call_soon(self._transmit_if_usable)
         return True
 
     def _close_tx_thread(self) -> None:
@@ -444,10 +445,6 @@ class VirtioNet(VirtioDevice):
         """The I/O thread holds still: so does the transmit thread (the queue is taken back)."""
         with self.lock:
             self._take_back_tx()
-
-    def _resume_tx_thread(self) -> None:
-        # what came meanwhile is sent, the used buffers signalled, and the queue lent again
-        self.iothread.call_soon(self._transmit_if_usable)
 
     def _send_available(self, queue: SplitQueue) -> bool:
         """Send the frames the guest made available (until a rate limit stops it): all of them."""
@@ -704,8 +701,7 @@ class VirtioNet(VirtioDevice):
         with self.lock:
             if self._take_back_rx() and self.queue_usable(RX_QUEUE):
                 self.iothread.call_soon(self._rx_ready)  # (a running VM's: lent again; a paused one's is back)
-            if self._take_back_tx() and self.queue_usable(TX_QUEUE):
-                self.iothread.call_soon(self._transmit_if_usable)
+            self._take_back_tx()  # (lent again on the I/O thread)
             return NetState(virtio=self.save_virtio(), mac=self.mac, mtu=self.mtu, link_up=self.link_up,
                             counters=dict(self.counters), rx_rate_limiter=self.rx_throttle.save(),
                             tx_rate_limiter=self.tx_throttle.save())
@@ -764,6 +760,10 @@ class NetState(State):
         for name, value in self.counters.items():
             if value < 0:
                 self.fail(f"counters[{name!r}]", f"{value} is negative")
+
+
+def _nothing() -> None:
+    pass
 
 
 def _offload_features(offloads: int) -> int:
