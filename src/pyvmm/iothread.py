@@ -216,13 +216,15 @@ class IoThread:
                 if self._pause_wanted:
                     self._wait_while_paused()
                     continue
+                registered = self._selector.get_map()
                 for key, _ in self._selector.select(self._timeout()):
                     if self._pause_wanted:
                         break  # level-triggered: what is ready now is reported again after resume()
                     if key.data is None:
                         drain_eventfd(self._wake)
                         self._run_calls()
-                    elif not self._stopping:
+                    elif not self._stopping and registered.get(key.fd) is key:
+                        # (a call run above may have removed it, and its owner closed the fd)
                         key.data()
                 if not self._pause_wanted and not self._stopping:
                     self._run_timers()

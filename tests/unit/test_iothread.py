@@ -105,3 +105,39 @@ def test_a_yielding_io_thread_is_sched_batch_and_the_default_one_is_not():
         assert done.wait(5)
         iothread.stop()
     assert policies == {False: os.SCHED_OTHER, True: os.SCHED_BATCH}
+
+
+def test_a_reader_removed_by_a_call_in_the_same_wake_up_is_not_called():
+    """One select() can return an fd together with the wake-up whose calls remove it and close it
+    (a NIC's thread closed by a reset): its stale event must not be served (its callback would
+    read a closed fd, or another file that got the number)."""
+    thread = IoThread()
+    errors: list[BaseException] = []
+    thread.on_error = errors.append
+    thread.start()
+    busy, go, done = threading.Event(), threading.Event(), threading.Event()
+    fd = make_eventfd()
+    events: list[str] = []
+    try:
+        thread.add_eventfd(fd, lambda: events.append("read"))
+
+        def hold():
+            busy.set()
+            go.wait(WAIT)
+
+        def remove_and_close():
+            thread.remove_reader(fd)  # (on the thread: runs at once)
+            os.close(fd)
+            events.append("removed")
+
+        thread.call_soon(hold)
+        assert busy.wait(WAIT)
+        thread.call_soon(remove_and_close)  # the wake-up is ready first ...
+        os.eventfd_write(fd, 1)             # ... then the fd: one select() returns both, in that order
+        go.set()
+        thread.call_soon(done.set)
+        assert done.wait(WAIT)
+        assert events == ["removed"] and errors == []
+    finally:
+        go.set()
+        thread.stop()

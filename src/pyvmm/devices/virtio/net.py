@@ -438,8 +438,9 @@ class VirtioNet(VirtioDevice):
         thread, self._tx_thread = self._tx_thread, None
         if thread is not None:
             self.iothread.forget_helper(thread)
-            self.iothread.remove_reader(thread.fd)
             thread.close()
+            self.iothread.remove_reader(thread.fd)
+            self.iothread.call_soon(thread.close_fd)  # (after the removal, where it was read)
 
     def _pause_tx_thread(self) -> None:
         """The I/O thread holds still: so does the transmit thread (the queue is taken back)."""
@@ -580,8 +581,9 @@ class VirtioNet(VirtioDevice):
         thread, self._rx_thread = self._rx_thread, None
         if thread is not None:
             self.iothread.forget_helper(self)
-            self.iothread.remove_reader(thread.fd)
             thread.close()
+            self.iothread.remove_reader(thread.fd)
+            self.iothread.call_soon(thread.close_fd)  # (after the removal, where it was read)
 
     def stop_io_threads(self) -> None:
         """Before the back-end closes: the receive and transmit threads stop for good (frames go

@@ -38,7 +38,8 @@
    holding: how many chains it holds now (read as the thread leaves it).
    fd: an eventfd the thread adds 1 to when it published frames since the last take, or stopped
      (take() leaves it as it is).
-   close(): stop, end the thread, let the regions and fds go.
+   close(): stop, end the thread, let the regions go; close_fd(): close the report eventfd
+     (on the thread that watched it, once it stopped watching: it may be reading it).
    What it shares with the transmit thread (net_transmitter.c) is in ring_thread.h.
    Built by scripts/compile with the compiled group (pyvmm/compiled.py). */
 
@@ -609,9 +610,15 @@ static PyObject *receiver_close(Receiver *r, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+static PyObject *receiver_close_fd(Receiver *r, PyObject *unused)
+{
+    ring_thread_close_report(&r->t);
+    Py_RETURN_NONE;
+}
+
 static PyObject *receiver_fd(Receiver *r, void *closure)
 {
-    return PyLong_FromLong(r->t.initialised && !r->t.closed ? r->t.report : -1);
+    return PyLong_FromLong(r->t.initialised ? r->t.report : -1);
 }
 
 static PyObject *receiver_serving(Receiver *r, void *closure)
@@ -640,6 +647,7 @@ static PyMethodDef receiver_methods[] = {
      "Done since the last take: (chains, frames, bytes, dropped, used_idx, runs, stopped)."},
     {"pump", (PyCFunction)receiver_pump, METH_NOARGS, "Without a thread: serve until it would wait."},
     {"close", (PyCFunction)receiver_close, METH_NOARGS, "Stop, end the thread, let guest RAM go."},
+    {"close_fd", (PyCFunction)receiver_close_fd, METH_NOARGS, "Close the report eventfd (after close())."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -134,3 +134,8 @@ class RxThread:
     def close(self) -> None:
         """Stop the thread (after stop(): nothing is lent) and let guest RAM go."""
         self._receiver.close()
+
+    def close_fd(self) -> None:
+        """Close the report eventfd: on the I/O thread, once it stopped watching it (close()
+        leaves it open, since the I/O thread may be about to read it)."""
+        self._receiver.close_fd()

@@ -35,7 +35,8 @@
    pump(): without a thread (threaded=False: tests and fuzzing): serve until it would wait.
    fd: an eventfd the thread adds 1 to when the driver wants an interrupt for what it returned
      since the last take, or when it stopped (take() leaves it as it is).
-   close(): stop, end the thread, let the regions and fds go.
+   close(): stop, end the thread, let the regions go; close_fd(): close the report eventfd
+     (on the thread that watched it, once it stopped watching: it may be reading it).
    Built by scripts/compile with the compiled group (pyvmm/compiled.py). */
 
 #define PY_SSIZE_T_CLEAN
@@ -402,9 +403,15 @@ static PyObject *transmitter_close(Transmitter *x, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+static PyObject *transmitter_close_fd(Transmitter *x, PyObject *unused)
+{
+    ring_thread_close_report(&x->t);
+    Py_RETURN_NONE;
+}
+
 static PyObject *transmitter_fd(Transmitter *x, void *closure)
 {
-    return PyLong_FromLong(x->t.initialised && !x->t.closed ? x->t.report : -1);
+    return PyLong_FromLong(x->t.initialised ? x->t.report : -1);
 }
 
 static PyObject *transmitter_serving(Transmitter *x, void *closure)
@@ -427,6 +434,7 @@ static PyMethodDef transmitter_methods[] = {
      "Done since the last take: (chains, frames, bytes, dropped, used_idx, stopped)."},
     {"pump", (PyCFunction)transmitter_pump, METH_NOARGS, "Without a thread: serve until it would wait."},
     {"close", (PyCFunction)transmitter_close, METH_NOARGS, "Stop, end the thread, let guest RAM go."},
+    {"close_fd", (PyCFunction)transmitter_close_fd, METH_NOARGS, "Close the report eventfd (after close())."},
     {NULL, NULL, 0, NULL},
 };
 

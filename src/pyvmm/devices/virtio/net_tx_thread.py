@@ -106,3 +106,8 @@ class TxThread:
     def close(self) -> None:
         """Stop the thread (after stop(): nothing is lent) and let guest RAM go."""
         self._transmitter.close()
+
+    def close_fd(self) -> None:
+        """Close the report eventfd: on the I/O thread, once it stopped watching it (close()
+        leaves it open, since the I/O thread may be about to read it)."""
+        self._transmitter.close_fd()

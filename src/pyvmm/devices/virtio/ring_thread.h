@@ -351,7 +351,9 @@ static const char *ring_thread_taken(RingThread *t)
     return stopped;
 }
 
-/* Stop for good, end the thread, close the eventfds. */
+/* Stop for good, end the thread, close the wake eventfd. The report eventfd stays open until
+   ring_thread_close_report(): the I/O thread may be about to read it (close it there, once it
+   stopped watching it). */
 static void ring_thread_close(RingThread *t)
 {
     if (!t->initialised || t->closed)
@@ -368,13 +370,20 @@ static void ring_thread_close(RingThread *t)
         t->has_thread = 0;
     }
     close(t->wake);
-    close(t->report);
-    t->wake = t->report = -1;
+    t->wake = -1;
+}
+
+static void ring_thread_close_report(RingThread *t)
+{
+    if (t->initialised && t->report >= 0)  /* (before ring_thread_open, 0 is no fd of ours) */
+        close(t->report);
+    t->report = -1;
 }
 
 static void ring_thread_destroy(RingThread *t)
 {
     ring_thread_close(t);
+    ring_thread_close_report(t);
     if (t->initialised) {
         pthread_mutex_destroy(&t->lock);
         pthread_cond_destroy(&t->changed);
