@@ -613,8 +613,9 @@ def test_entries_left_at_a_take_back_are_served(memory, iothread, wire, change):
     later = q.add([packet(3)], [])
     if needs_kick(q.avail_event(), q.avail_idx, old):  # a driver kicks only where asked to
         device.notify(TX)
-    wait_for(lambda: q.used_idx() == q.avail_idx, timeout=1.0)  # (times out: nothing serves the ring)
+    wait_for(lambda: q.used_idx() == q.avail_idx, timeout=1.0)  # (timed out while nothing served the ring)
     assert q.take_used() == [(odd, 0), (later, 0)]
+    assert device.tx_thread_stops == {"a device-writable descriptor": 1}  # (its report came with the take-back)
     frames = []
     while host_readable(wire[1], 0.05):
         frames.append(wire[1].recv(65536))

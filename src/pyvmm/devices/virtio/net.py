@@ -61,8 +61,8 @@ from ..rate_limiter import Clock, RateLimit, RateLimiterState, Timers
 from .device import VIRTIO_ID_NET, VirtioDevice, VirtioDeviceState, VirtioInterrupt
 from . import net_rx_thread, net_tx_thread
 from .net_rx import return_filled, set_num_buffers, take_buffers
-from .net_rx_thread import RxThread
-from .net_tx_thread import TxThread
+from .net_rx_thread import Report, RxThread
+from .net_tx_thread import TxReport, TxThread
 from .queue import DescriptorChain, SplitQueue, VirtqueueBroken, buffer_views, write_buffers
 from .throttle import Throttle
 
@@ -406,19 +406,22 @@ class VirtioNet(VirtioDevice):
         if thread is None:
             return False
         report = thread.take()
-        self._count_tx_report(report.frames, report.bytes, report.dropped)
+        self._count_tx_report(report)
         if report.stopped is None:
             return False
-        self.tx_thread_stops[report.stopped] = self.tx_thread_stops.get(report.stopped, 0) + 1
-        log.debug("%s: the transmit thread gave the queue back: %s", self.name, report.stopped)
         self._take_back_tx()
         return True
 
-    def _count_tx_report(self, frames: int, length: int, dropped: int) -> None:
-        self.tx_thread_frames += frames
-        self.counters["tx_packets"] += frames
-        self.counters["tx_bytes"] += length
-        self.counters["tx_dropped"] += dropped
+    def _count_tx_report(self, report: TxReport) -> None:
+        """The counters, and why the thread gave the queue back where it did by itself (also
+        when that report comes with a take-back)."""
+        self.tx_thread_frames += report.frames
+        self.counters["tx_packets"] += report.frames
+        self.counters["tx_bytes"] += report.bytes
+        self.counters["tx_dropped"] += report.dropped
+        if report.stopped is not None:
+            self.tx_thread_stops[report.stopped] = self.tx_thread_stops.get(report.stopped, 0) + 1
+            log.debug("%s: the transmit thread gave the queue back: %s", self.name, report.stopped)
 
     def _take_back_tx(self) -> bool:
         """The transmit queue is Python's again (lock held); False where it was not lent. What
@@ -427,8 +430,7 @@ class VirtioNet(VirtioDevice):
         thread = self._lent_tx_thread()
         if thread is None:
             return False
-        report = thread.stop()
-        self._count_tx_report(report.frames, report.bytes, report.dropped)
+        self._count_tx_report(thread.stop())
         if self.queue_usable(TX_QUEUE):
             self.iothread.call_soon(self._transmit_if_usable)
         return True
@@ -546,20 +548,22 @@ class VirtioNet(VirtioDevice):
         if thread is None:
             return False  # taken back meanwhile, with its report
         report = thread.take()
-        self._count_report(report.frames, report.bytes, report.dropped)
+        self._count_rx_report(report)
         if report.stopped is None:
             return False
-        self.rx_thread_stops[report.stopped] = self.rx_thread_stops.get(report.stopped, 0) + 1
-        log.debug("%s: the receive thread gave the queue back: %s", self.name, report.stopped)
         self._take_back_rx()
         self._watch_rx()
         return True
 
-    def _count_report(self, frames: int, length: int, dropped: int) -> None:
-        self.rx_thread_frames += frames
-        self.counters["rx_packets"] += frames
-        self.counters["rx_bytes"] += length
-        self.counters["rx_dropped"] += dropped
+    def _count_rx_report(self, report: Report) -> None:
+        """As _count_tx_report."""
+        self.rx_thread_frames += report.frames
+        self.counters["rx_packets"] += report.frames
+        self.counters["rx_bytes"] += report.bytes
+        self.counters["rx_dropped"] += report.dropped
+        if report.stopped is not None:
+            self.rx_thread_stops[report.stopped] = self.rx_thread_stops.get(report.stopped, 0) + 1
+            log.debug("%s: the receive thread gave the queue back: %s", self.name, report.stopped)
 
     def _take_back_rx(self) -> bool:
         """The receive queue is the I/O thread's again, with the chains the thread held (lock
@@ -569,7 +573,7 @@ class VirtioNet(VirtioDevice):
             return False
         spare = self._rx_spare
         report, partial = thread.stop(spare)
-        self._count_report(report.frames, report.bytes, report.dropped)
+        self._count_rx_report(report)
         self._forget_rx_views()
         if partial is not None:  # placed here when the guest adds buffers
             used = [(chain, chain.writable_length) for chain in (spare.popleft() for _ in range(partial.chains))]
