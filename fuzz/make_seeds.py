@@ -75,6 +75,97 @@ def device_seeds() -> dict[str, list[bytes]]:
     }
 
 
+def net_tx_thread_seeds() -> dict[str, list[bytes]]:
+    """harnesses/net_tx_thread.py: a transmit ring (16 entries; 1, 128 and 256 in some, rings
+    overlapping in one), two RAM windows of frame bytes, then the operations: the driver adding
+    chains, lend (start), kick and pump, take, take back (stop), Python serving, the socket filled."""
+    desc, avail, used = 0x1000, 0x2000, 0x2800
+
+    def ring(event_idx=0, indirect=0, header=0, max_frame=0, max_pieces=0, backend=0, size=QUEUE_SIZE_INDEX,
+             rings=(desc, avail, used)):
+        # program_queue, the features, the choices (harness's HEADERS, MAX_FRAMES, MAX_PIECES, SNDBUFS),
+        # then two RAM windows of distinct bytes at 0x4000 and 0x8000 (what the chains' buffers hold)
+        out = u(size, 1) + b"".join(u(0x80, 1) + u(a, 4) for a in rings) + u(1, 1)
+        out += bytes([event_idx, indirect, header, max_frame, max_pieces, backend])
+        windows = [(0x4000, bytes(range(256)) * 16), (0x8000, bytes(range(255, -1, -1)) * 8)]
+        out += u(len(windows) - 1, 1)
+        return out + b"".join(u(a, 4) + u(len(chunk) - 1, 2) + chunk for a, chunk in windows)
+
+    def chain(head, pieces, *, indirect_table=None, writable=None, onward=None, outside=None, raw=None,
+              bad_head=None):
+        """(harness's write_chain) pieces: (address, length) each, at most 4; onward: the last one's
+        next (below 0x80: one of the chain's, a loop)."""
+        kind = (len(pieces) - 1) | (4 if indirect_table is not None else 0) | (8 if writable is not None else 0) \
+            | (0x10 if onward is not None else 0) | (0x20 if outside is not None else 0) \
+            | (0x40 if raw is not None else 0) | (0x80 if bad_head is not None else 0)
+        out = u(kind, 1) + u(head, 1)
+        out += b"".join(u(v, 1) for v in (bad_head, writable, outside) if v is not None)
+        out += u(raw[0], 1) if raw is not None else b""
+        out += u(onward, 1) if onward is not None else b""
+        out += b"".join(u(a, 4) + u(n if n < 0x800 else 0x8000 | n, 2) for a, n in pieces)
+        if indirect_table is not None:
+            out += u(indirect_table, 4) + (u(raw[1], 2) if raw is not None else b"")
+        return out
+
+    def add(*chains, jump=None):
+        return u((len(chains) - 1) << 3 | (0x80 if jump is not None else 0), 1) + b"".join(chains) \
+            + (u(jump, 1) if jump is not None else b"")
+
+    start, pump, take, stop = b"\1", b"\2", b"\3", b"\4"
+
+    def python(count, hold=False):
+        return u(5 | (count - 1) << 3 | (0x80 if hold else 0), 1)
+
+    def fill(free):
+        return u(6 | free << 3, 1)
+
+    def poke(what, value):
+        return u(7 | what << 3, 1) + u(value, 2)
+
+    frame = chain(0, [(0x4000, 12), (0x4100, 60)])
+    return {"net-tx-thread": [
+        # the ring's first chain (none published yet: avail idx 0), lent, served, taken back, lent again
+        ring() + add(frame, chain(2, [(0x4200, 100)])) + start + pump + take
+        + add(chain(5, [(0x8000, 12 + 1500)])) + pump + stop + python(4) + add(chain(3, [(0x4000, 70)]), frame)
+        + start + pump + take + stop,
+        # EVENT_IDX and indirect tables; used_event moved; the socket full but for one frame
+        ring(event_idx=1, indirect=1) + start + add(chain(1, [(0x4000, 12), (0x4800, 200), (0x8100, 3)],
+                                                          indirect_table=0x7000)) + pump
+        + poke(0, 5) + add(frame, chain(4, [(0x8000, 400)])) + pump + take + fill(1)
+        + add(frame, chain(6, [(0x4010, 64)]), chain(8, [(0x4020, 64)], indirect_table=0x7100), frame) + pump + take
+        + stop,
+        # what it does not serve: a writable descriptor, a loop, a buffer out of RAM, a bad head
+        # (the taken-back queue: VirtqueueBroken)
+        ring(event_idx=1) + start + add(frame, chain(4, [(0x4000, 12), (0x4400, 64)], writable=1)) + pump + take
+        + python(4) + start + add(chain(7, [(0x4000, 20), (0x4100, 20)], onward=0)) + pump + take + python(2)
+        + start + add(frame, chain(9, [(0x4000, 30)], outside=0)) + pump + take + python(2)
+        + start + add(frame, chain(0, [(0x4000, 40)], bad_head=3)) + pump + take + python(2),
+        # tight limits (no header, 60-byte frames, one piece, a small socket buffer): stops at a chain
+        # of two pieces; the NO_INTERRUPT flag; a chain held by Python (no lend); an indirect table
+        # not negotiated; the available index jumping
+        ring(header=2, max_frame=2, max_pieces=1, backend=1) + poke(1, 1) + start
+        + add(chain(1, [(0x4000, 60)]), frame, chain(2, [(0x4000, 61)])) + pump + take + python(2, hold=True)
+        + start + python(1) + start + add(chain(3, [(0x8000, 0)]), chain(5, [(0x4000, 1)], raw=(0x14, 16),
+                                                                       indirect_table=0x7000)) + pump + take
+        + python(2) + start + add(chain(6, [(0x4000, 50)]), jump=30) + pump + take + python(2),
+        # a long burst on 128 entries: the interrupt looked at every 64 chains, the socket full on the way
+        ring(size=7) + start + b"".join(add(*(chain((4 * k + i) % 128, [(0x4000 + 64 * i, 12 + k)])
+                                              for i in range(4))) for k in range(20)) + fill(3) + pump + take + stop,
+        # one entry (the used ring wraps at each chain), EVENT_IDX: chains one by one, then a next
+        # index outside the table and one inside an indirect table
+        ring(size=0, event_idx=1, indirect=1) + start + b"".join(add(chain(0, [(0x4000 + k, 12 + k)])) + pump
+                                                                 for k in range(8)) + take
+        + add(chain(0, [(0x4000, 12), (0x4100, 12)], onward=0x90)) + pump + take + python(1) + start
+        + add(chain(0, [(0x4000, 12), (0x4100, 12)], onward=0x81, indirect_table=0x7000)) + pump + take + python(1),
+        # 256 entries, rings that overlap: the used ring over the available ring's end (its used_event
+        # in the used elements), frames in the used ring and in the descriptor table
+        ring(size=8, event_idx=1, rings=(0x1000, 0x2000, 0x2000 + 6 + 2 * 256 - 0x20 & ~3)) + start
+        + add(frame, chain(1, [(0x2000 + 6 + 2 * 256 - 0x20 & ~3, 12 + 64)]), chain(2, [(0x1000, 12), (0x1010, 40)]))
+        + pump + take + add(*(chain(3 + i, [(0x21F0, 16 * i + 12)]) for i in range(4))) + pump + take + stop
+        + python(8) + start + add(frame, frame) + pump + take + stop,
+    ]}
+
+
 def transport_seeds() -> dict[str, list[bytes]]:
     # mmio: select queue 0, set its size, addresses, ready, status; the ops are (kind, offset, size, value)
     def op(kind: int, offset: int, size_index: int, value: int) -> bytes:
@@ -231,7 +322,7 @@ def api_dictionary() -> list[str]:
 
 def main() -> None:
     """make_seeds.py [NAME...]: rewrite those harnesses' seeds (default: all), and the dictionaries."""
-    makers = (device_seeds, transport_seeds, loader_seeds, state_seeds, api_seeds)
+    makers = (device_seeds, net_tx_thread_seeds, transport_seeds, loader_seeds, state_seeds, api_seeds)
     wanted = set(sys.argv[1:])
     seeds = {name: inputs for make in makers for name, inputs in make().items() if not wanted or name in wanted}
     dictionaries = HERE / "dictionaries"

@@ -19,6 +19,7 @@ HARNESSES: dict[str, str] = {
     "virtio-blk": "devices:blk_input",
     "virtio-net": "devices:net_input",
     "net-rx-thread": "net_rx_thread:one_input",
+    "net-tx-thread": "net_tx_thread:one_input",
     "virtio-vsock": "devices:vsock_input",
     "virtio-console": "devices:console_input",
     "virtio-rng": "devices:rng_input",
