@@ -234,7 +234,7 @@ def test_kicks_are_asked_for_when_idle_without_event_idx(memory, iothread, wire)
     device, driver = make(memory, iothread, wire, features_off=VIRTIO_F_EVENT_IDX)
     q = driver.queue(TX)
     assert lent(device)
-    assert q.memory.read_u16(q.used_ring) == 0  # flags: kicks wanted
+    wait_for(lambda: q.memory.read_u16(q.used_ring) == 0)  # flags: kicks wanted (once it stopped looking)
     for n in range(5):
         q.add([packet(n)], [])
     device.notify(TX)
@@ -599,6 +599,7 @@ def test_entries_left_at_a_take_back_are_served(memory, iothread, wire, change):
     device, driver = make(memory, iothread, wire)
     q = driver.queue(TX)
     send_through_thread(device, q, wire, 1)
+    wait_for(lambda: q.avail_event() == q.avail_idx)  # idle: it asked for a kick
     with device.lock:  # the I/O thread takes the thread's report after the change, not before
         odd = q.add([packet(2)], [64])
         assert needs_kick(q.avail_event(), q.avail_idx, q.avail_idx - 1)
