@@ -9,17 +9,15 @@ frame names held chains, and the queue taken back serves on in Python."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import socket
-import sys
 from collections import deque
 
-from pyvmm.compiled import build_directory, c_module, usable_build
 from pyvmm.devices.virtio.net_rx_thread import C_MODULE, RxThread
 from pyvmm.devices.virtio.queue import DescriptorChain, SplitQueue, VirtqueueBroken
 from pyvmm.memory.guest_memory import GuestMemoryError
 
+from .c_build import load_c_module
 from .guest import fill, memory, program_queue
 from .reader import Reader
 
@@ -27,24 +25,7 @@ HEADER = 12
 PLAN = 32
 
 
-def _load_receiver() -> bool:
-    """The C receiver, also where the fuzzer runs the rest as Python (PYVMM_COMPILED=0: its
-    coverage is Python's): loaded from the build by itself. False where it is not built."""
-    if c_module(C_MODULE) is not None:
-        return True
-    located, _ = usable_build(build_directory())
-    if located is None:
-        return False
-    spec = importlib.util.spec_from_file_location(C_MODULE, located[C_MODULE])
-    if spec is None or spec.loader is None:
-        return False
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sys.modules[C_MODULE] = module  # where c_module() finds it
-    return True
-
-
-_AVAILABLE = _load_receiver()
+_AVAILABLE = load_c_module(C_MODULE)
 
 
 def one_input(data: bytes) -> None:

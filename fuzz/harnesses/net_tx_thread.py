@@ -22,19 +22,17 @@ SplitQueue serves on (take_back, pop, push)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import select
 import socket
 import struct
-import sys
 
-from pyvmm.compiled import build_directory, c_module, usable_build
 from pyvmm.devices.virtio.net_tx_thread import C_MODULE, TxThread
 from pyvmm.devices.virtio.queue import ChainError, DescriptorChain, SplitQueue, VirtqueueBroken, read_buffers
 from pyvmm.memory import GuestMemory
 from pyvmm.memory.guest_memory import GuestMemoryError, RegionSpec
 
+from .c_build import load_c_module
 from .guest import RAM, fill, memory, program_queue
 from .reader import Reader
 
@@ -60,24 +58,7 @@ CHAIN = "chain"                            # the model's word for any of those
 SERVED, WAIT, STOPPED = range(3)
 
 
-def _load_transmitter() -> bool:
-    """The C transmitter, also where the fuzzer runs the rest as Python (PYVMM_COMPILED=0: its
-    coverage is Python's): loaded from the build by itself. False where it is not built."""
-    if c_module(C_MODULE) is not None:
-        return True
-    located, _ = usable_build(build_directory())
-    if located is None:
-        return False
-    spec = importlib.util.spec_from_file_location(C_MODULE, located[C_MODULE])
-    if spec is None or spec.loader is None:
-        return False
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sys.modules[C_MODULE] = module  # where c_module() finds it
-    return True
-
-
-_AVAILABLE = _load_transmitter()
+_AVAILABLE = load_c_module(C_MODULE)
 _shadow: GuestMemory | None = None
 _scratch = bytearray(1 << 20)              # a frame received (larger than the socket lets through)
 _before, _after = bytearray(RAM), bytearray(RAM)   # RAM before and after the transmitter ran

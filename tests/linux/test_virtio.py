@@ -186,7 +186,9 @@ def _connect_to_guest(uds: str, port: int, payload: bytes, done: dict) -> None:
 
 
 @pytest.mark.parametrize("transport", ["pci", "mmio"])
-def test_network_and_vsock(pyvmm, tmp_path, transport):
+def test_network_and_vsock(pyvmm, tmp_path, transport, monkeypatch):
+    if transport == "pci":  # the NIC's transmit thread too (off by default: net_tx_thread.py)
+        monkeypatch.setenv("PYVMM_NET_TX_THREAD", "1")
     uds = str(tmp_path / "vsock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(f"{uds}_1234")  # guest -> host connections to port 1234 arrive here

@@ -135,7 +135,7 @@ def test_a_frame_to_send_leaves_at_the_kick_and_later_ones_at_the_slice_end():
         assert needs_kick(tx.avail_event(), tx.avail_idx, old)  # asked for again
 
 
-@pytest.mark.skipif(not net_tx_thread.available(), reason="the transmit thread is not built (scripts/compile)")
+@pytest.mark.skipif(not net_tx_thread.built(), reason="the transmit thread is not built (scripts/compile)")
 def test_a_kick_for_the_transmit_thread_only_wakes_it(iothread):
     """With a transmit thread nothing waits for the slice's end: the first kick lends it the
     queue, a frame added later in the slice leaves at once, and the interrupt comes from the

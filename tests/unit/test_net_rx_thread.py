@@ -12,6 +12,7 @@ import time
 import pytest
 
 from helpers.state import through_json
+from helpers.polling import wait_for
 from helpers.virtio_driver import FakeDriver
 from pyvmm.devices.rate_limiter import RateLimit, TokenBucketConfig
 from pyvmm.devices.virtio import net_rx_thread
@@ -38,13 +39,6 @@ def net_hdr(num_buffers=0) -> bytes:
 
 def frame(size: int, seed: int = 0) -> bytes:
     return bytes((seed + i * 7) & 0xFF for i in range(size))
-
-
-def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.002)
 
 
 @pytest.fixture

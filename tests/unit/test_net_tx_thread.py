@@ -14,6 +14,7 @@ import time
 import pytest
 
 from helpers.state import through_json
+from helpers.polling import wait_for
 from helpers.virtio_driver import FakeDriver, needs_kick
 from pyvmm.compiled import c_module
 from pyvmm.devices.rate_limiter import RateLimit, TokenBucketConfig
@@ -27,7 +28,7 @@ from pyvmm.memory import GuestMemory
 from pyvmm.memory.guest_memory import RegionSpec
 from pyvmm.net.tap import FdBackend
 
-pytestmark = pytest.mark.skipif(not net_tx_thread.available(),
+pytestmark = pytest.mark.skipif(not net_tx_thread.built(),
                                 reason="the transmit thread is not built (scripts/compile) or PYVMM_COMPILED=0")
 
 MAC = bytes.fromhex("525400123456")
@@ -49,13 +50,6 @@ def packet(n: int, size: int = 60) -> bytes:
     """Header (fields the device passes through untouched) and frame, each one different."""
     return net_hdr(flags=n & 1, gso_type=n & 3, hdr_len=n, gso_size=1000 + n, csum_start=n, csum_offset=2 * n) + \
         frame(size, seed=n)
-
-
-def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.002)
 
 
 def host_readable(sock, timeout=0.1) -> bool:
@@ -744,14 +738,17 @@ def test_environment_switch(monkeypatch):
     monkeypatch.setenv(net_tx_thread.ENV, "1")
     assert net_tx_thread.available()
     monkeypatch.setenv(net_tx_thread.ENV, "")
-    assert net_tx_thread.available()
+    assert not net_tx_thread.available()  # off by default
+    monkeypatch.delenv(net_tx_thread.ENV)
+    assert not net_tx_thread.available()
     monkeypatch.setenv(net_tx_thread.ENV, "yes")
-    with pytest.raises(ConfigError, match="PYVMM_NET_TX_THREAD=yes"):
+    with pytest.raises(ConfigError, match=r"PYVMM_NET_TX_THREAD=yes: 0 \(the default"):
         net_tx_thread.available()
 
 
-def test_the_device_does_without_when_switched_off(memory, iothread, wire, monkeypatch):
-    monkeypatch.setenv(net_tx_thread.ENV, "0")
+@pytest.mark.parametrize("setting", ["0", ""], ids=["off", "default"])
+def test_the_device_does_without_when_switched_off(memory, iothread, wire, monkeypatch, setting):
+    monkeypatch.setenv(net_tx_thread.ENV, setting)
     device = VirtioNet(FdBackend(wire[0].fileno()), mac=MAC, iothread=iothread, queue_size=64, rx_thread=False)
     driver = FakeDriver(memory, device)
     q = driver.queue(TX)

@@ -16,6 +16,7 @@ import pytest
 from helpers.state import changed, through_json
 from pyvmm.persist import StateError
 
+from helpers.polling import wait_for
 from helpers.virtio_driver import FakeDriver
 from pyvmm.devices.virtio import net_rx_thread, net_tx_thread
 from pyvmm.devices.virtio.device import VIRTIO_F_EVENT_IDX
@@ -40,13 +41,6 @@ def net_hdr(flags=0, gso_type=0, hdr_len=0, gso_size=0, csum_start=0, csum_offse
 
 def frame(size: int, seed: int = 0) -> bytes:
     return bytes((seed + i) & 0xFF for i in range(size))
-
-
-def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.002)
 
 
 class OffloadBackend(FdBackend):
@@ -82,7 +76,7 @@ def pytest_generate_tests(metafunc):
 def net_path(request):
     global RX_THREAD, TX_THREAD
     path = getattr(request, "param", "python")
-    if path == "threads" and not (net_rx_thread.available() and net_tx_thread.available()):
+    if path == "threads" and not (net_rx_thread.available() and net_tx_thread.built()):
         pytest.skip("the receive and transmit threads are not built (scripts/compile) or PYVMM_COMPILED=0")
     RX_THREAD = TX_THREAD = path == "threads"
     yield path

@@ -11,8 +11,8 @@ drop it and count it in tx_dropped: retrying would need a writability watch on t
 That write never waits, so on the software CPU a transmit kick is served on the vCPU thread
 that made it (`quick_queues`, inline_kicks.py): the frames there leave at once, those the guest
 adds later in its slice (no kick asked for) and the transmit interrupt at the slice's end.
-Where the compiled group is built (and PYVMM_NET_TX_THREAD is not 0), the transmit queue is
-lent, after the first kick, to a thread of its own while the link is up and no TX rate limit is
+With PYVMM_NET_TX_THREAD=1 (off by default: net_tx_thread.py says why), where the compiled
+group is built, the transmit queue is lent, after the first kick, to a thread of its own while the link is up and no TX rate limit is
 set (net_tx_thread.py: why): it sends each frame as it comes, in C without the GIL, off the
 VM's shared CPU, and the I/O thread interrupts the guest when the driver asks for it. A kick
 then only wakes the thread. The queue is taken back as the receive queue is (below).
@@ -61,9 +61,10 @@ from ..rate_limiter import Clock, RateLimit, RateLimiterState, Timers
 from .device import VIRTIO_ID_NET, VirtioDevice, VirtioDeviceState, VirtioInterrupt
 from . import net_rx_thread, net_tx_thread
 from .net_rx import return_filled, set_num_buffers, take_buffers
-from .net_rx_thread import Report, RxThread
-from .net_tx_thread import TxReport, TxThread
+from .net_rx_thread import RxThread
+from .net_tx_thread import TxThread
 from .queue import DescriptorChain, SplitQueue, VirtqueueBroken, buffer_views, write_buffers
+from .ring_threads import Report
 from .throttle import Throttle
 
 log = logging.getLogger(__name__)
@@ -412,7 +413,7 @@ class VirtioNet(VirtioDevice):
         self._take_back_tx()
         return True
 
-    def _count_tx_report(self, report: TxReport) -> None:
+    def _count_tx_report(self, report: Report) -> None:
         """The counters, and why the thread gave the queue back where it did by itself (also
         when that report comes with a take-back)."""
         self.tx_thread_frames += report.frames

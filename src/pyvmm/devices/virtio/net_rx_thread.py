@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...compiled import c_module
-from ...errors import ConfigError
 from ...memory.guest_memory import GuestMemory
 from .queue import DescriptorChain, SplitQueue
+from .ring_threads import Report, allowed
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +38,7 @@ C_MODULE = "pyvmm.devices.virtio.net_receiver"
 
 def available(environ=os.environ) -> bool:
     """Whether NICs lend their receive queue to a thread: the C module is built, and allowed."""
-    text = environ.get(ENV, "").strip()
-    if text not in ("", "0", "1"):
-        raise ConfigError(f"{ENV}={text}: 1 (the default: frames received on a thread of their own) or 0 "
-                          "(on the I/O thread)")
-    return text != "0" and c_module(C_MODULE) is not None
-
-
-@dataclass
-class Report:
-    """What the thread did since the last report."""
-    frames: int
-    bytes: int
-    dropped: int
-    stopped: str | None    # why it stopped by itself; None while it serves
+    return allowed(ENV, C_MODULE, "frames received on a thread of their own", "on the I/O thread", environ=environ)
 
 
 @dataclass
