@@ -339,14 +339,22 @@ def _add_odd(q, kind):
     raise AssertionError(kind)
 
 
-ODD = {
+STOPS = {
     "writable": "a device-writable descriptor",
-    "outside": "a buffer outside guest RAM's regions",
+    "bad-head": "a bad head in the available ring",
+    "past-the-ring": "the available index moved past the ring",
     "loop": "a descriptor chain loops",
-    "next-outside": "a next index outside the table",
+    "outside": "a buffer outside guest RAM's regions",
+    "indirect-outside": "an indirect table outside guest RAM's regions",
+    "indirect-with-next": "an indirect descriptor it does not serve",
     "nested-indirect": "an indirect descriptor it does not serve",
+    "indirect-after-direct": "an indirect descriptor it does not serve",
+    "next-outside": "a next index outside the table",
+    "too-many-pieces": "a chain longer than a frame",
     "too-long": "a chain longer than a frame",
 }
+# (those the device test below makes: why the thread hands each back)
+ODD = {kind: STOPS[kind] for kind in ("writable", "outside", "loop", "next-outside", "nested-indirect", "too-long")}
 
 
 @pytest.mark.parametrize("kind", list(ODD))
@@ -923,20 +931,6 @@ def test_transmitter_serves_indirect_tables_where_negotiated(ring, memory, wire)
         tx.close()
 
 
-STOPS = {
-    "writable": "a device-writable descriptor",
-    "bad-head": "a bad head in the available ring",
-    "past-the-ring": "the available index moved past the ring",
-    "loop": "a descriptor chain loops",
-    "outside": "a buffer outside guest RAM's regions",
-    "indirect-outside": "an indirect table outside guest RAM's regions",
-    "indirect-with-next": "an indirect descriptor it does not serve",
-    "nested-indirect": "an indirect descriptor it does not serve",
-    "indirect-after-direct": "an indirect descriptor it does not serve",
-    "next-outside": "a next index outside the table",
-    "too-many-pieces": "a chain longer than a frame",
-    "too-long": "a chain longer than a frame",
-}
 
 
 @pytest.mark.parametrize("kind", list(STOPS))

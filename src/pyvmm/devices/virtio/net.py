@@ -440,10 +440,16 @@ class VirtioNet(VirtioDevice):
         self._take_back_tx()
         thread, self._tx_thread = self._tx_thread, None
         if thread is not None:
-            self.iothread.forget_helper(thread)
-            thread.close()
-            self.iothread.remove_reader(thread.fd)
-            self.iothread.call_soon(thread.close_fd)  # (after the removal, where it was read)
+            self._retire(thread)
+
+    def _retire(self, thread: RxThread | TxThread) -> None:
+        """A ring thread closed for good: the I/O thread no longer holds it with itself nor
+        hears it; its report eventfd is closed there, after the I/O thread stopped watching it
+        (it may be reading it now)."""
+        self.iothread.forget_helper(thread)
+        thread.close()
+        self.iothread.remove_reader(thread.fd)
+        self.iothread.call_soon(thread.close_fd)
 
     def _pause_tx_thread(self) -> None:
         """The I/O thread holds still: so does the transmit thread (the queue is taken back)."""
@@ -526,7 +532,7 @@ class VirtioNet(VirtioDevice):
                 self.rx_thread_wanted = False
                 return False
             self.iothread.add_eventfd(self._rx_thread.fd, self._rx_thread_report)
-            self.iothread.hold_with(self, self._pause_rx_thread, self._resume_rx_thread)
+            self.iothread.hold_with(self._rx_thread, self._pause_rx_thread, self._resume_rx_thread)
         self._forget_rx_views()
         if not self._rx_thread.start(spare):
             return False
@@ -585,10 +591,7 @@ class VirtioNet(VirtioDevice):
         self._take_back_rx()
         thread, self._rx_thread = self._rx_thread, None
         if thread is not None:
-            self.iothread.forget_helper(self)
-            thread.close()
-            self.iothread.remove_reader(thread.fd)
-            self.iothread.call_soon(thread.close_fd)  # (after the removal, where it was read)
+            self._retire(thread)
 
     def stop_io_threads(self) -> None:
         """Before the back-end closes: the receive and transmit threads stop for good (frames go
