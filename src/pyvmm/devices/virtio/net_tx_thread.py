@@ -15,8 +15,8 @@ itself at anything it does not serve (net_transmitter.c lists them): the Python 
 
 Off by default: PYVMM_NET_TX_THREAD=1 turns it on (where the compiled group is built). Measured
 on the software CPU (README, fourteenth round), it made `iperf3 -R` (host -> guest) faster but
-guest -> host streams slower, busybox nc's 1 KiB writes to half their rate (sent at once, they
-no longer gather into one segment as they do when they leave at the slice's end), so the
+guest -> host streams slower, busybox nc's 1 KiB writes much slower (sent at once, it seems,
+they no longer gather into one segment as they do when they leave at the slice's end), so the
 default stays the kick's own thread until that is understood.
 """
 
