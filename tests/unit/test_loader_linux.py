@@ -434,6 +434,31 @@ def test_bzimage_boot_forced(memory, tmp_path):
     assert not (tmp_path / "xdg").exists()  # nothing extracted
 
 
+def test_kernel_digest_remembered_across_loads(memory, tmp_path, private_cache, monkeypatch):
+    # the cached vmlinux is found by the bzImage's sha256, remembered while the file is unchanged
+    import hashlib
+    import json
+    import os
+
+    from pyvmm import file_digests
+
+    monkeypatch.setattr(file_digests, "RACY_SECONDS", -1.0)  # the test's file counts as settled
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(lg.bzimage(VMLINUX, "gzip"))
+    load_kernel(memory, kernel)
+    real = hashlib.sha256(kernel.read_bytes()).hexdigest()
+    assert [p.name for p in private_cache.iterdir()] == [f"{real}.vmlinux"]
+    memo_path = private_cache.parent / file_digests.MEMO_FILE
+    memo = json.loads(memo_path.read_text())
+    memo[os.path.realpath(kernel)][5] = "5" * 64
+    memo_path.write_text(json.dumps(memo))
+    load_kernel(memory, kernel)  # the memo's answer names the cache entry
+    assert sorted(p.name for p in private_cache.iterdir()) == sorted([f"{real}.vmlinux", f"{'5' * 64}.vmlinux"])
+    kernel.write_bytes(lg.bzimage(VMLINUX, "xz"))  # another file: hashed again
+    load_kernel(memory, kernel)
+    assert f"{hashlib.sha256(kernel.read_bytes()).hexdigest()}.vmlinux" in {p.name for p in private_cache.iterdir()}
+
+
 def test_bzimage_without_pvh_note_falls_back(memory, tmp_path):
     kernel = tmp_path / "vmlinuz"
     kernel.write_bytes(lg.bzimage(lg.small_vmlinux(pvh=False)))

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import pathlib
 import sys
 from typing import Callable
 
+from .. import file_digests
 from ..errors import UserError
 
 FORMAT_VERSION = 1
@@ -30,8 +30,5 @@ def print_to_stderr(message: str) -> None:
 
 
 def sha256_file(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """The file's sha256, remembered across runs while the file is unchanged (file_digests.py)."""
+    return file_digests.sha256_file(path)

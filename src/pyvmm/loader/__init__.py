@@ -16,6 +16,7 @@ import mmap
 import os
 from collections.abc import Sequence
 
+from .. import file_digests
 from ..arch.x86_64 import layout
 from ..memory.guest_memory import GuestMemory
 from .elf import is_elf, load_elf, parse_elf
@@ -44,7 +45,8 @@ def load_image(memory: GuestMemory, data: bytes, *, cmdline: str = "",
                modules: Sequence[str | os.PathLike] = (), flat_address: int | None = None,
                flat_mode: CpuMode = CpuMode.PROTECTED_32, initrd: bytes | None = None,
                boot: str = "auto", rsdp: int | None = layout.ACPI_RSDP,
-               cache_dir: str | os.PathLike | None = None, linux_cmdline: str = "") -> BootEntry:
+               cache_dir: str | os.PathLike | None = None, linux_cmdline: str = "",
+               data_sha256: str | None = None) -> BootEntry:
     """Load kernel bytes: flat if `flat_address` is given, else bzImage, Multiboot, PVH ELF or plain ELF.
 
     `boot` picks the Linux boot path: "auto" (PVH when the kernel has a PVH note; for a
@@ -52,6 +54,8 @@ def load_image(memory: GuestMemory, data: bytes, *, cmdline: str = "",
     is the Linux initramfs; `rsdp` the guest address of the ACPI RSDP handed to Linux
     (None: no ACPI tables); `cache_dir` overrides where extracted vmlinux files are kept.
     `linux_cmdline` goes before `cmdline` when the kernel is Linux (the user's word comes last).
+    `data_sha256`: the sha256 of `data` where the caller knows it (a bzImage's cached vmlinux is
+    found by it).
     """
     linux = f"{linux_cmdline} {cmdline}".strip()
     if boot not in BOOT_MODES:
@@ -66,7 +70,7 @@ def load_image(memory: GuestMemory, data: bytes, *, cmdline: str = "",
         if is_bzimage(data):
             _refuse_modules(modules, "a Linux bzImage")
             return _load_bzimage(memory, data, cmdline=linux, initrd=initrd, boot=boot, rsdp=rsdp,
-                                 cache_dir=cache_dir)
+                                 cache_dir=cache_dir, data_sha256=data_sha256)
         header = find_header(data)
         if boot == "bzimage":
             raise LoaderError("boot method 'bzimage' needs a Linux bzImage (no \"HdrS\" setup header here)")
@@ -93,14 +97,14 @@ def load_image(memory: GuestMemory, data: bytes, *, cmdline: str = "",
 
 
 def _load_bzimage(memory: GuestMemory, data: bytes, *, cmdline: str, initrd: bytes | None, boot: str,
-                  rsdp: int | None, cache_dir: str | os.PathLike | None) -> BootEntry:
+                  rsdp: int | None, cache_dir: str | os.PathLike | None, data_sha256: str | None) -> BootEntry:
     from .linux import NoPvhNoteError, extract_vmlinux_data, load_bzimage, load_pvh, parse_setup_header
 
     header = parse_setup_header(data)
     if boot == "bzimage":
         return load_bzimage(memory, data, cmdline=cmdline, initrd=initrd, rsdp=rsdp)
     try:
-        path = extract_vmlinux_data(data, cache_dir=cache_dir)
+        path = extract_vmlinux_data(data, cache_dir=cache_dir, data_sha256=data_sha256)
     except NoPvhNoteError as exc:
         if boot == "pvh":
             raise
@@ -136,7 +140,9 @@ def load_kernel(memory: GuestMemory, path: str | os.PathLike, *, cmdline: str = 
     name = os.fsdecode(path)
     try:
         with open(path, "rb") as f:
+            before = os.fstat(f.fileno())
             data = f.read()
+            after = os.fstat(f.fileno())
     except OSError as exc:
         raise LoaderError(f"{name}: cannot read kernel: {exc.strerror or exc}") from None
     initrd_data = None
@@ -152,9 +158,20 @@ def load_kernel(memory: GuestMemory, path: str | os.PathLike, *, cmdline: str = 
     try:
         return load_image(memory, data, cmdline=cmdline, modules=modules, flat_address=flat_address,
                           flat_mode=flat_mode, initrd=initrd_data, boot=boot, rsdp=rsdp, cache_dir=cache_dir,
-                          linux_cmdline=linux_cmdline)
+                          linux_cmdline=linux_cmdline, data_sha256=_kernel_digest(path, before, after, data))
     except LoaderError as exc:
         raise LoaderError(f"{name}: {exc}") from None
+
+
+def _kernel_digest(path: str | os.PathLike, before: os.stat_result, after: os.stat_result,
+                   data: bytes) -> str | None:
+    """The sha256 of the kernel file's bytes `data` (read between the two fstat()s) where a bzImage's
+    extracted vmlinux is looked up by it: remembered from an earlier run while the file is unchanged."""
+    from .linux.bzimage import is_bzimage
+
+    if not is_bzimage(data):
+        return None
+    return file_digests.sha256_of_read(path, before, after, data)
 
 
 def _refuse_modules(modules: Sequence[str | os.PathLike], what: str) -> None:

@@ -58,11 +58,12 @@ def extract_vmlinux(bzimage_path: str | os.PathLike, *, cache_dir: str | os.Path
     return extract_vmlinux_data(data, cache_dir=cache_dir)
 
 
-def extract_vmlinux_data(data: bytes, *, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Like extract_vmlinux, for the bzImage's bytes."""
+def extract_vmlinux_data(data: bytes, *, cache_dir: str | os.PathLike | None = None,
+                         data_sha256: str | None = None) -> Path:
+    """Like extract_vmlinux, for the bzImage's bytes (`data_sha256`: their sha256, if known)."""
     parse_setup_header(data)  # fail on a non-bzImage before touching the cache
     directory = Path(cache_dir) if cache_dir is not None else cache_directory()
-    path = directory / f"{hashlib.sha256(data).hexdigest()}.vmlinux"
+    path = directory / f"{data_sha256 or hashlib.sha256(data).hexdigest()}.vmlinux"
     if _cached_ok(path):
         logger.debug("using cached vmlinux %s", path)
         return path

@@ -1,0 +1,118 @@
+"""The sha256 of files pyvmm reads at every start, remembered across runs while the file is unchanged.
+
+`pyvmm run` checks the default guest's kernel and initramfs against its image's manifest and
+finds the kernel's extracted vmlinux by the kernel's sha256: hashing the same 14 MiB three times
+took about a tenth of the time before the guest's first instruction. A digest is remembered in
+the user's cache (file-digests.json) under the file's real path with its device, inode, size,
+mtime and ctime, and used again only while all five are the same. Every write to a file moves its
+ctime, which nobody can set back (utimensat sets it to now), so a changed file is hashed again;
+what the memo cannot see is a change below the filesystem (a disk's own corruption). A file
+whose mtime or ctime is within the last few seconds is not remembered: a write in the same clock
+tick as the hash would leave both times as they were (git's "racy" case).
+
+The memo is best effort: an unreadable, corrupt or unwritable file only means hashing again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+
+from .user_cache import user_cache
+
+MEMO_FILE = "file-digests.json"
+MAX_ENTRIES = 64  # the default guest's files and a few kernels: the oldest go first
+RACY_SECONDS = 3.0
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The hex sha256 of the file at `path` (OSError if it cannot be read)."""
+    with open(path, "rb") as f:
+        before = os.fstat(f.fileno())
+        known = known_sha256(path, before)
+        if known is not None:
+            return known
+        digest = hashlib.sha256()
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+        hexdigest = digest.hexdigest()
+        remember(path, before, os.fstat(f.fileno()), hexdigest)
+    return hexdigest
+
+
+def sha256_of_read(path: str | os.PathLike, before: os.stat_result, after: os.stat_result, data: bytes) -> str:
+    """The hex sha256 of `data`, the whole file at `path` read between two fstat()s of it."""
+    if _identity(before) == _identity(after):
+        known = known_sha256(path, after)
+        if known is not None:
+            return known
+    hexdigest = hashlib.sha256(data).hexdigest()
+    remember(path, before, after, hexdigest)
+    return hexdigest
+
+
+def known_sha256(path: str | os.PathLike, stat: os.stat_result) -> str | None:
+    """The remembered sha256 of `path` if the file is the one `stat` describes; else None."""
+    entry = _load().get(_key(path))
+    if entry is None or entry[:5] != _identity(stat):
+        return None
+    return entry[5]
+
+
+def remember(path: str | os.PathLike, before: os.stat_result, after: os.stat_result, hexdigest: str) -> None:
+    """Remember `hexdigest` for `path`, hashed between two fstat()s of it, if nothing changed the
+    file in between and its times are old enough to be trusted."""
+    identity = _identity(before)
+    if identity != _identity(after):
+        return
+    newest = max(after.st_mtime_ns, after.st_ctime_ns) / 1e9
+    if time.time() - newest < RACY_SECONDS:
+        return
+    memo = _load()
+    key = _key(path)
+    memo.pop(key, None)
+    memo[key] = [*identity, hexdigest]
+    while len(memo) > MAX_ENTRIES:
+        memo.pop(next(iter(memo)))
+    _store(memo)
+
+
+def _key(path: str | os.PathLike) -> str:
+    return os.path.realpath(os.fsdecode(path))
+
+
+def _identity(stat: os.stat_result) -> list:
+    return [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+
+
+def _load() -> dict[str, list]:
+    try:
+        with open(user_cache(MEMO_FILE), encoding="utf-8") as f:
+            memo = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(memo, dict):
+        return {}
+    return {key: entry for key, entry in memo.items()
+            if isinstance(entry, list) and len(entry) == 6 and all(isinstance(v, int) for v in entry[:5])
+            and isinstance(entry[5], str)}
+
+
+def _store(memo: dict[str, list]) -> None:
+    path = user_cache(MEMO_FILE)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".file-digests-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(memo, f)
+            os.replace(tmp, path)  # readers see the old memo or the new one, never half of one
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError:
+        pass
