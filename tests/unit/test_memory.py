@@ -137,6 +137,78 @@ def test_writes_land_in_the_right_region(mem):
     assert mem.regions[1].mmap[0x100:0x104] == b"high"
 
 
+class PwriteSpy:
+    """os.pwrite, counted; `fail_after` bytes written, the next call fails (EINVAL, as hugetlbfs)."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.calls: list[tuple[int, int, int]] = []
+        self.fail_after = fail_after
+        self._real = os.pwrite
+
+    def __call__(self, fd, data, offset):
+        written = sum(n for _, n, _ in self.calls)
+        if self.fail_after is not None and written >= self.fail_after:
+            raise OSError(22, "Invalid argument")
+        limit = len(data) if self.fail_after is None else min(len(data), self.fail_after - written)
+        n = self._real(fd, data[:limit], offset)
+        self.calls.append((fd, n, offset))
+        return n
+
+
+LOAD = bytes(range(256)) * 1024  # 256 KiB: big enough to go through the file
+
+
+def test_load_writes_through_the_memfd(mem, monkeypatch):
+    spy = PwriteSpy()
+    monkeypatch.setattr(os, "pwrite", spy)
+    mem.load(2 * MiB + 0x1000, LOAD)
+    assert mem.read(2 * MiB + 0x1000, len(LOAD)) == LOAD  # seen through the mapping
+    assert mem.read(2 * MiB + 0xFFF, 1) == b"\0" and mem.read(2 * MiB + 0x1000 + len(LOAD), 1) == b"\0"
+    assert spy.calls and {fd for fd, _, _ in spy.calls} == {mem.regions[1].fd}
+    assert spy.calls[0][2] == 0x1000  # the offset in the region's file
+
+
+def test_load_of_a_memoryview_slice(mem, monkeypatch):
+    monkeypatch.setattr(os, "pwrite", PwriteSpy())
+    source = mmap.mmap(-1, len(LOAD) + PAGE)
+    source[PAGE:] = LOAD
+    mem.load(0, memoryview(source)[PAGE:])
+    assert mem.read(0, len(LOAD)) == LOAD
+
+
+@pytest.mark.parametrize("why", ["small", "anonymous", "lazily filled"])
+def test_load_goes_through_the_mapping_where_the_file_would_not_do(why, monkeypatch):
+    from pyvmm.memory.backing import Backing
+
+    region = MemoryRegion(0, MiB, backing=Backing(mergeable=True) if why == "anonymous" else Backing())
+    memory = GuestMemory([region])
+    if why == "lazily filled":
+        memory.populator = lambda: None
+    data = LOAD[:4096] if why == "small" else LOAD
+    spy = PwriteSpy()
+    monkeypatch.setattr(os, "pwrite", spy)
+    try:
+        memory.load(0x2000, data)
+        assert memory.read(0x2000, len(data)) == data
+        assert spy.calls == []
+    finally:
+        memory.close()
+
+
+@pytest.mark.parametrize("fail_after", [0, 100_000])
+def test_load_finishes_through_the_mapping_when_the_file_refuses(mem, monkeypatch, fail_after):
+    spy = PwriteSpy(fail_after=fail_after)
+    monkeypatch.setattr(os, "pwrite", spy)
+    mem.load(0x1000, LOAD)
+    assert mem.read(0x1000, len(LOAD)) == LOAD
+    assert sum(n for _, n, _ in spy.calls) == fail_after
+
+
+def test_load_outside_ram_raises(mem):
+    with pytest.raises(GuestMemoryError):
+        mem.load(MiB - 0x1000, LOAD)  # runs into the hole
+
+
 @given(st.integers(0, MiB - 1), st.binary(min_size=1, max_size=256))
 @settings(max_examples=100, deadline=None)
 def test_round_trip_property(address, data):

