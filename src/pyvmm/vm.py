@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
 
 from .accel.base import Accelerator, RunLoop, Vcpu
 from .accel.exits import DebugExit, EmulationError, Shutdown, SystemEvent, UnknownExit, VcpuExit
+from . import start_up
 from .errors import UserError
 from .host.cpu_affinity import place_calling_thread, shared_cpu
 
@@ -119,6 +120,7 @@ class Vm:
         from . import seccomp
 
         self._host_cpu = shared_cpu() if self.accel.threads_share_one_host_cpu else None  # (may refuse the setting)
+        start_up.vm_starting()
         # Set-up is over: the process filter goes in before the VM's threads exist, each of
         # which stacks its own kind's filter first thing (seccomp/__init__.py: why this order).
         seccomp.install_process_filter(spawn=self._runs_helpers())

@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 
-from .. import __version__
+from .. import __version__, start_up
 from ..errors import UserError, user_error_message
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    start_up.begin()  # the collector deferred until the VM starts, dataclass code reused
     if args.version:
         print(f"Firecracker v{__version__} (pyvmm)\n")
         return 0

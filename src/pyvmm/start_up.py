@@ -1,0 +1,168 @@
+"""A pyvmm process's start-up made cheaper: the collector kept out of it, dataclass code reused.
+
+Starting a VM from the command line (imports, the machine built, the kernel loaded) took about
+0.3 s before the guest's first instruction here, and two costs in it were work thrown away:
+
+- The garbage collector's passes over the ~40,000 objects start-up makes, all of which live as
+  long as the process (about 15 ms): nothing to free. An entry point that starts one VM calls
+  begin(); Vm.start() calls vm_starting(), which moves everything made so far out of the
+  collector's sight for good (gc.freeze: later passes look only at what the VM's run makes)
+  and sets the usual thresholds back. Deferred, not disabled: a path that never reaches
+  vm_starting() still collects, only less often.
+- Compiling the methods `dataclasses` writes as source text for each class (about 100 classes,
+  550 functions, 40 ms). begin() has the dataclasses module compile through a cache of the
+  code objects by their source text, kept in the user's cache per Python version like a .pyc:
+  the same text compiles to the same code, so a class behaves exactly as without the cache.
+  The file is code pyvmm runs, so it is read only when the process's own user owns it and
+  nobody else may write to it; anything unexpected in it means compiling as before.
+
+Library users never call begin(): their collector and their dataclasses are left alone.
+"""
+
+from __future__ import annotations
+
+import atexit
+import builtins
+import dataclasses
+import gc
+import importlib.util
+import marshal
+import os
+import stat
+import sys
+import tempfile
+import threading
+from types import CodeType
+
+from .user_cache import user_cache
+
+_START_UP_THRESHOLD = 200_000  # allocations between passes while starting: more than start-up makes
+_deferred: tuple[int, ...] | None = None  # the thresholds to restore
+_MAX_CODE_FILE = 8 << 20
+_MAX_CODES = 4096
+
+
+def begin() -> None:
+    """A process that will start a VM: collect garbage seldom until vm_starting(), reuse
+    dataclass code compiled by earlier runs (idempotent)."""
+    global _deferred
+    if _deferred is None:
+        _deferred = gc.get_threshold()
+        gc.set_threshold(_START_UP_THRESHOLD, *_deferred[1:])
+    _codes.install()
+
+
+def resume_collection() -> None:
+    """Collect at the usual pace again, freezing nothing (a command that starts no VM)."""
+    global _deferred
+    if _deferred is not None:
+        gc.set_threshold(*_deferred)
+        _deferred = None
+
+
+def vm_starting() -> None:
+    """Start-up is over: what it made is frozen out of collection, collection goes back to its
+    usual pace, and dataclass code compiled so far is kept for the next run (and nothing
+    after: the VM's seccomp filter allows no new files). Does nothing unless begin() was called."""
+    global _deferred
+    if _deferred is not None:
+        gc.freeze()
+        gc.set_threshold(*_deferred)
+        _deferred = None
+    _codes.save(last=True)
+
+
+def code_file() -> str:
+    return os.fspath(user_cache("dataclass-code", f"{sys.implementation.cache_tag}.marshal"))
+
+
+class _CodeCache:
+    """The code objects of dataclass-generated functions, by source text."""
+
+    def __init__(self) -> None:
+        self._codes: dict[str, CodeType] = {}
+        self._new = 0
+        self._installed = False
+        self._saved_for_good = False
+        self._lock = threading.Lock()
+
+    def install(self) -> None:
+        if self._installed:
+            return
+        self._installed = True
+        self._codes = _read(code_file())
+        # dataclasses compiles with the builtin exec, looked up in its module's globals first
+        dataclasses.exec = self._exec  # type: ignore[attr-defined]
+        atexit.register(self.save)
+
+    def _exec(self, source, globals=None, locals=None) -> None:
+        if isinstance(source, str):
+            code = self._codes.get(source)
+            if code is None:
+                # exec(text) in the dataclasses module inherits no __future__ flags: neither may this
+                code = compile(source, "<string>", "exec", dont_inherit=True)
+                with self._lock:
+                    self._codes[source] = code
+                    self._new += 1
+            source = code
+        builtins.exec(source, globals, locals)
+
+    def save(self, last: bool = False) -> None:
+        """Write the cache if this process compiled anything new. `last`: never again after this
+        (a VM is starting: its seccomp filter would kill the process for the file calls)."""
+        with self._lock:
+            if self._saved_for_good or not self._new:
+                self._saved_for_good |= last
+                return
+            self._saved_for_good |= last
+            self._new = 0
+            codes = dict(self._codes)
+        # past the bound (the classes of many versions of pyvmm): start again from nothing
+        _write(code_file(), codes if len(codes) <= _MAX_CODES else {})
+
+
+def _read(path: str) -> dict[str, CodeType]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return {}
+    try:
+        info = os.fstat(fd)
+        if (info.st_uid != os.geteuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+                or not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_CODE_FILE):
+            return {}
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read()
+    except OSError:
+        return {}
+    finally:
+        os.close(fd)
+    magic = importlib.util.MAGIC_NUMBER
+    if not data.startswith(magic):
+        return {}
+    try:
+        codes = marshal.loads(data[len(magic):])
+    except (ValueError, EOFError, TypeError):
+        return {}
+    if not isinstance(codes, dict) or not all(isinstance(k, str) and isinstance(v, CodeType) for k, v in codes.items()):
+        return {}
+    return codes
+
+
+def _write(path: str, codes: dict[str, CodeType]) -> None:
+    directory = os.path.dirname(path)
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".dataclass-code-", dir=directory)  # mode 0600
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(importlib.util.MAGIC_NUMBER + marshal.dumps(codes))
+            os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError:
+        pass
+
+
+_codes = _CodeCache()

@@ -1,0 +1,150 @@
+"""start_up: the collector kept out of a process's start-up and set back when its VM starts;
+dataclass code compiled once and reused by later runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import importlib.util
+import marshal
+import os
+
+import pytest
+
+from pyvmm import start_up
+
+
+@pytest.fixture(autouse=True)
+def restore_process(tmp_path, monkeypatch):
+    """Each test gets the collector, the dataclasses module and a cache directory of its own."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(start_up, "_codes", start_up._CodeCache())
+    start_up.resume_collection()
+    thresholds, frozen = gc.get_threshold(), gc.get_freeze_count()
+    yield
+    start_up._deferred = None
+    gc.set_threshold(*thresholds)
+    if gc.get_freeze_count() != frozen:
+        gc.unfreeze()
+    if "exec" in vars(dataclasses):
+        del dataclasses.exec  # type: ignore[attr-defined]
+
+
+def test_deferred_until_the_vm_starts():
+    usual = gc.get_threshold()
+    start_up.begin()
+    start_up.begin()  # twice: still the usual thresholds to go back to
+    assert gc.get_threshold()[0] > 100 * usual[0] and gc.get_threshold()[1:] == usual[1:]
+    made = [[i] for i in range(1000)]  # what start-up makes
+    start_up.vm_starting()
+    assert gc.get_threshold() == usual
+    assert gc.get_freeze_count() >= len(made)  # out of every later pass
+    start_up.vm_starting()  # a second VM in the process: nothing more frozen
+    frozen = gc.get_freeze_count()
+    more = [[i] for i in range(1000)]
+    start_up.vm_starting()
+    assert gc.get_freeze_count() == frozen and more
+
+
+def test_a_vm_in_a_library_process_leaves_the_collector_alone():
+    usual, frozen = gc.get_threshold(), gc.get_freeze_count()
+    start_up.vm_starting()
+    assert gc.get_threshold() == usual and gc.get_freeze_count() == frozen
+
+
+def test_a_command_without_a_vm_collects_as_usual_again():
+    usual, frozen = gc.get_threshold(), gc.get_freeze_count()
+    start_up.begin()
+    start_up.resume_collection()
+    assert gc.get_threshold() == usual and gc.get_freeze_count() == frozen
+    start_up.vm_starting()  # nothing deferred any more
+    assert gc.get_freeze_count() == frozen
+
+
+def make_class():
+    @dataclasses.dataclass(frozen=True)
+    class Point:
+        x: int
+        y: int = 2
+    return Point
+
+
+def refuse_compile(*args, **kwargs):
+    raise AssertionError("compiled again")
+
+
+def test_dataclass_code_kept_for_the_next_run(monkeypatch):
+    start_up.begin()
+    Point = make_class()
+    start_up.vm_starting()
+    assert os.path.exists(start_up.code_file())
+    # the next run: a new process reads the file and compiles nothing it holds
+    monkeypatch.setattr(start_up, "_codes", start_up._CodeCache())
+    del dataclasses.exec  # type: ignore[attr-defined]
+    start_up.begin()
+    monkeypatch.setattr(start_up, "compile", refuse_compile, raising=False)
+    Again = make_class()
+    # and the class is what dataclasses makes without the cache
+    for cls in (Point, Again):
+        p = cls(1)
+        assert (p.x, p.y) == (1, 2) and p == cls(1, 2) and p != cls(1, 3) and hash(p) == hash(cls(1, 2))
+        assert repr(p) == "make_class.<locals>.Point(x=1, y=2)"
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            p.x = 5  # type: ignore[misc]
+
+
+def test_nothing_written_once_a_vm_started(monkeypatch):
+    start_up.begin()
+    start_up.vm_starting()  # nothing new yet: nothing written
+    make_class()  # a class made while the VM runs (its seccomp filter allows no new files)
+    start_up._codes.save()  # what the exit handler does
+    assert not os.path.exists(start_up.code_file())
+
+
+def test_a_command_without_a_vm_keeps_its_code_at_exit():
+    start_up.begin()
+    start_up.resume_collection()
+    make_class()
+    start_up._codes.save()  # what the exit handler does
+    assert os.path.exists(start_up.code_file())
+
+
+def written_cache() -> str:
+    start_up.begin()
+    make_class()
+    start_up._codes.save()
+    return start_up.code_file()
+
+
+@pytest.mark.parametrize("damage", ["group writable", "other writable", "corrupt", "wrong magic", "wrong types",
+                                    "symlink"])
+def test_an_unusable_cache_file_means_compiling(damage, tmp_path):
+    path = written_cache()
+    magic = importlib.util.MAGIC_NUMBER
+    if damage == "group writable":
+        os.chmod(path, 0o620)
+    elif damage == "other writable":
+        os.chmod(path, 0o602)
+    elif damage == "corrupt":
+        with open(path, "r+b") as f:
+            f.truncate(len(magic) + 100)
+    elif damage == "wrong magic":
+        with open(path, "r+b") as f:
+            f.write(b"\0\0\0\0")
+    elif damage == "wrong types":
+        with open(path, "wb") as f:
+            f.write(magic + marshal.dumps({"source": "not code"}))
+    else:
+        os.replace(path, tmp_path / "elsewhere")
+        os.symlink(tmp_path / "elsewhere", path)
+    assert start_up._read(path) == {}
+    # and a process meeting it still makes its classes
+    fresh = start_up._CodeCache()
+    fresh.install()
+    assert make_class()(1).y == 2
+
+
+def test_the_cache_starts_again_past_its_bound(monkeypatch):
+    monkeypatch.setattr(start_up, "_MAX_CODES", 2)
+    path = written_cache()  # a frozen dataclass: more than two functions
+    assert start_up._read(path) == {}
