@@ -30,7 +30,6 @@ import marshal
 import os
 import stat
 import sys
-import tempfile
 import threading
 from types import CodeType
 
@@ -150,6 +149,8 @@ def _read(path: str) -> dict[str, CodeType]:
 
 
 def _write(path: str, codes: dict[str, CodeType]) -> None:
+    import tempfile  # (only here: most starts write nothing)
+
     directory = os.path.dirname(path)
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
