@@ -69,6 +69,11 @@ CONSOLE_START, CONSOLE_END = b"CONSOLE-START", b"CONSOLE-END"
 # calls right after it records init_started_at).
 PYVMM_HOOK = """\
 import os, sys
+try:  # what pyvmm.cli.main does before it imports anything else (not in checkouts before start_up.py)
+    from pyvmm import start_up
+    start_up.begin()
+except ImportError:
+    pass
 import pyvmm.builder as builder
 from pyvmm.devices.legacy import GuestNotify
 fd = int(os.environ.pop("PYVMM_BENCH_NOTIFY_FD"))

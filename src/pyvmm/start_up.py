@@ -83,13 +83,15 @@ class _CodeCache:
         self._new = 0
         self._installed = False
         self._saved_for_good = False
+        self._path = ""
         self._lock = threading.Lock()
 
     def install(self) -> None:
         if self._installed:
             return
         self._installed = True
-        self._codes = _read(code_file())
+        self._path = code_file()
+        self._codes = _read(self._path)
         # dataclasses compiles with the builtin exec, looked up in its module's globals first
         dataclasses.exec = self._exec  # type: ignore[attr-defined]
         atexit.register(self.save)
@@ -116,8 +118,10 @@ class _CodeCache:
             self._saved_for_good |= last
             self._new = 0
             codes = dict(self._codes)
+        # with what other processes added since this one read the file
+        codes = {**_read(self._path), **codes}
         # past the bound (the classes of many versions of pyvmm): start again from nothing
-        _write(code_file(), codes if len(codes) <= _MAX_CODES else {})
+        _write(self._path, codes if len(codes) <= _MAX_CODES else {})
 
 
 def _read(path: str) -> dict[str, CodeType]:

@@ -144,6 +144,21 @@ def test_an_unusable_cache_file_means_compiling(damage, tmp_path):
     assert make_class()(1).y == 2
 
 
+def test_processes_add_to_the_cache_each_other_wrote():
+    first = start_up._CodeCache()
+    first.install()  # reads an empty cache
+    second = start_up._CodeCache()
+    second.install()  # the dataclasses hook is second's now
+    make_class()
+    second.save()
+    saved = set(start_up._read(start_up.code_file()))
+    assert saved and saved == set(second._codes)
+    first._codes["source only the first compiled"] = compile("x = 1", "<string>", "exec")
+    first._new = 1
+    first.save()  # what the second wrote stays
+    assert set(start_up._read(start_up.code_file())) == saved | {"source only the first compiled"}
+
+
 def test_the_cache_starts_again_past_its_bound(monkeypatch):
     monkeypatch.setattr(start_up, "_MAX_CODES", 2)
     path = written_cache()  # a frozen dataclass: more than two functions
