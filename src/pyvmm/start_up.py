@@ -3,10 +3,12 @@
 Starting a VM from the command line (imports, the machine built, the kernel loaded) took about
 0.3 s before the guest's first instruction here, and two costs in it were work thrown away:
 
-- The garbage collector's passes over the ~40,000 objects start-up makes, all of which live as
-  long as the process (about 15 ms): nothing to free. An entry point that starts one VM calls
-  begin(); Vm.start() calls vm_starting(), which moves everything made so far out of the
-  collector's sight for good (gc.freeze: later passes look only at what the VM's run makes)
+- The garbage collector's ~70 passes over the objects start-up makes, nearly all of which live
+  as long as the process (about 15 ms). An entry point that starts one VM calls begin();
+  Vm.start() calls vm_starting(), which collects once (start-up's garbage: about 1,500
+  objects, among them the scratch Unicorn engines of the software CPU's probes, whose memory
+  would otherwise stay), moves everything left out of the collector's sight for good
+  (gc.freeze: later passes, and the last one at exit, look only at what the VM's run makes)
   and sets the usual thresholds back. Deferred, not disabled: a path that never reaches
   vm_starting() still collects, only less often.
 - Compiling the methods `dataclasses` writes as source text for each class (about 100 classes,
@@ -65,6 +67,7 @@ def vm_starting() -> None:
     after: the VM's seccomp filter allows no new files). Does nothing unless begin() was called."""
     global _deferred
     if _deferred is not None:
+        gc.collect()  # once: start-up's garbage (argparse's formatters, the probes' scratch engines)
         gc.freeze()
         gc.set_threshold(*_deferred)
         _deferred = None

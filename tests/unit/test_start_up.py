@@ -8,6 +8,7 @@ import gc
 import importlib.util
 import marshal
 import os
+import weakref
 
 import pytest
 
@@ -30,13 +31,24 @@ def restore_process(tmp_path, monkeypatch):
         del dataclasses.exec  # type: ignore[attr-defined]
 
 
+class Cycle:
+    def __init__(self, other) -> None:
+        self.other = other
+        other.append(self)
+
+
 def test_deferred_until_the_vm_starts():
     usual = gc.get_threshold()
     start_up.begin()
     start_up.begin()  # twice: still the usual thresholds to go back to
     assert gc.get_threshold()[0] > 100 * usual[0] and gc.get_threshold()[1:] == usual[1:]
     made = [[i] for i in range(1000)]  # what start-up makes
+    garbage = [[]]
+    garbage[0].append(garbage)  # a cycle start-up left behind
+    watch = weakref.ref(Cycle(garbage))
+    del garbage
     start_up.vm_starting()
+    assert watch() is None  # collected, not frozen
     assert gc.get_threshold() == usual
     assert gc.get_freeze_count() >= len(made)  # out of every later pass
     start_up.vm_starting()  # a second VM in the process: nothing more frozen
