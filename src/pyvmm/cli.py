@@ -148,18 +148,16 @@ def main(argv: list[str] | None = None) -> int:
         from .manage.jailer import main as jail_main
 
         return jail_main(words[1:])
-    start_up.begin()  # the collector deferred (for `run`, until its VM starts), dataclass code reused
+    start_up.begin()  # dataclass code reused; the heap frozen when a VM starts
     try:
         return _main(argv)
     finally:  # (main called in a process that goes on)
-        start_up.resume_collection()
+        start_up.end()
 
 
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.subcommand != "run":
-        start_up.resume_collection()
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="pyvmm: %(levelname)s: %(name)s: %(message)s")
     if args.subcommand is None:

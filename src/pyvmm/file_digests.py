@@ -105,7 +105,8 @@ def _load() -> dict[str, list]:
 def _store(memo: dict[str, list]) -> None:
     path = user_cache(MEMO_FILE)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.parent.is_dir():  # (only then: once a VM runs, its seccomp filter may forbid mkdir)
+            path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".file-digests-", dir=path.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -1,24 +1,23 @@
-"""A pyvmm process's start-up made cheaper: the collector kept out of it, dataclass code reused.
+"""A pyvmm process's start-up made cheaper: dataclass code compiled once; the heap frozen.
 
 Starting a VM from the command line (imports, the machine built, the kernel loaded) took about
-0.3 s before the guest's first instruction here, and two costs in it were work thrown away:
+0.3 s before the guest's first instruction here. What this module saves of it and after it:
 
-- The garbage collector's ~70 passes over the objects start-up makes, nearly all of which live
-  as long as the process (about 15 ms). An entry point that starts one VM calls begin();
-  Vm.start() calls vm_starting(), which collects once (start-up's garbage: about 1,500
-  objects, among them the scratch Unicorn engines of the software CPU's probes, whose memory
-  would otherwise stay), moves everything left out of the collector's sight for good
-  (gc.freeze: later passes, and the last one at exit, look only at what the VM's run makes)
-  and sets the usual thresholds back. Deferred, not disabled: a path that never reaches
-  vm_starting() still collects, only less often.
 - Compiling the methods `dataclasses` writes as source text for each class (about 100 classes,
   550 functions, 40 ms). begin() has the dataclasses module compile through a cache of the
   code objects by their source text, kept in the user's cache per Python version like a .pyc:
   the same text compiles to the same code, so a class behaves exactly as without the cache.
   The file is code pyvmm runs, so it is read only when the process's own user owns it and
   nobody else may write to it; anything unexpected in it means compiling as before.
+- The collector's passes, while the VM runs and at exit, over the objects start-up made, nearly
+  all of which live as long as the process. Vm.start() calls vm_starting(), which collects once
+  (start-up's garbage: about 1,500 objects, among them the scratch Unicorn engines of the
+  software CPU's probes) and moves everything left out of the collector's sight for good
+  (gc.freeze: later passes, the last one at exit among them, look only at what the run makes).
+  Collection during start-up itself stays as it was: deferring it kept those scratch engines
+  alive together (8 MiB more peak memory for a software-CPU VM) for a gain lost in the noise.
 
-Library users never call begin(): their collector and their dataclasses are left alone.
+Library users never call begin(): their dataclasses and their collector are left alone.
 """
 
 from __future__ import annotations
@@ -37,40 +36,35 @@ from types import CodeType
 
 from .user_cache import user_cache
 
-_START_UP_THRESHOLD = 200_000  # allocations between passes while starting: more than start-up makes
-_deferred: tuple[int, ...] | None = None  # the thresholds to restore
 _MAX_CODE_FILE = 8 << 20
 _MAX_CODES = 4096
+_began = False
 
 
 def begin() -> None:
-    """A process that will start a VM: collect garbage seldom until vm_starting(), reuse
-    dataclass code compiled by earlier runs (idempotent)."""
-    global _deferred
-    if _deferred is None:
-        _deferred = gc.get_threshold()
-        gc.set_threshold(_START_UP_THRESHOLD, *_deferred[1:])
+    """A process that will start a VM: reuse dataclass code compiled by earlier runs (idempotent)."""
+    global _began
+    _began = True
     _codes.install()
 
 
-def resume_collection() -> None:
-    """Collect at the usual pace again, freezing nothing (a command that starts no VM)."""
-    global _deferred
-    if _deferred is not None:
-        gc.set_threshold(*_deferred)
-        _deferred = None
+def end() -> None:
+    """The entry point is done (its main returned in a process that goes on): a VM started later
+    in this process is a library user's."""
+    global _began
+    _began = False
 
 
 def vm_starting() -> None:
-    """Start-up is over: what it made is frozen out of collection, collection goes back to its
-    usual pace, and dataclass code compiled so far is kept for the next run (and nothing
-    after: the VM's seccomp filter allows no new files). Does nothing unless begin() was called."""
-    global _deferred
-    if _deferred is not None:
-        gc.collect()  # once: start-up's garbage (argparse's formatters, the probes' scratch engines)
-        gc.freeze()
-        gc.set_threshold(*_deferred)
-        _deferred = None
+    """Start-up is over: its garbage collected, the rest frozen out of later collections, and
+    dataclass code compiled so far kept for the next run (and nothing after: the VM's seccomp
+    filter allows no new files). Does nothing unless begin() was called."""
+    global _began
+    if not _began:
+        return
+    _began = False
+    gc.collect()
+    gc.freeze()
     _codes.save(last=True)
 
 

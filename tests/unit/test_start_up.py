@@ -1,5 +1,5 @@
-"""start_up: the collector kept out of a process's start-up and set back when its VM starts;
-dataclass code compiled once and reused by later runs."""
+"""start_up: dataclass code compiled once and reused by later runs; start-up's heap frozen out
+of collection when the VM starts."""
 
 from __future__ import annotations
 
@@ -20,11 +20,10 @@ def restore_process(tmp_path, monkeypatch):
     """Each test gets the collector, the dataclasses module and a cache directory of its own."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setattr(start_up, "_codes", start_up._CodeCache())
-    start_up.resume_collection()
-    thresholds, frozen = gc.get_threshold(), gc.get_freeze_count()
+    start_up.end()
+    frozen = gc.get_freeze_count()
     yield
-    start_up._deferred = None
-    gc.set_threshold(*thresholds)
+    start_up.end()
     if gc.get_freeze_count() != frozen:
         gc.unfreeze()
     if "exec" in vars(dataclasses):
@@ -37,39 +36,32 @@ class Cycle:
         other.append(self)
 
 
-def test_deferred_until_the_vm_starts():
-    usual = gc.get_threshold()
+def test_start_ups_heap_frozen_when_the_vm_starts():
     start_up.begin()
-    start_up.begin()  # twice: still the usual thresholds to go back to
-    assert gc.get_threshold()[0] > 100 * usual[0] and gc.get_threshold()[1:] == usual[1:]
     made = [[i] for i in range(1000)]  # what start-up makes
-    garbage = [[]]
-    garbage[0].append(garbage)  # a cycle start-up left behind
-    watch = weakref.ref(Cycle(garbage))
+    garbage: list = []
+    watch = weakref.ref(Cycle(garbage))  # a cycle start-up left behind
     del garbage
     start_up.vm_starting()
     assert watch() is None  # collected, not frozen
-    assert gc.get_threshold() == usual
     assert gc.get_freeze_count() >= len(made)  # out of every later pass
-    start_up.vm_starting()  # a second VM in the process: nothing more frozen
     frozen = gc.get_freeze_count()
     more = [[i] for i in range(1000)]
-    start_up.vm_starting()
+    start_up.vm_starting()  # a second VM in the process: nothing more frozen
     assert gc.get_freeze_count() == frozen and more
 
 
 def test_a_vm_in_a_library_process_leaves_the_collector_alone():
-    usual, frozen = gc.get_threshold(), gc.get_freeze_count()
+    frozen = gc.get_freeze_count()
     start_up.vm_starting()
-    assert gc.get_threshold() == usual and gc.get_freeze_count() == frozen
+    assert gc.get_freeze_count() == frozen
 
 
-def test_a_command_without_a_vm_collects_as_usual_again():
-    usual, frozen = gc.get_threshold(), gc.get_freeze_count()
+def test_a_vm_after_the_entry_point_returned_is_a_librarys():
     start_up.begin()
-    start_up.resume_collection()
-    assert gc.get_threshold() == usual and gc.get_freeze_count() == frozen
-    start_up.vm_starting()  # nothing deferred any more
+    start_up.end()  # e.g. `pyvmm.cli.main([...])` called by a program that goes on
+    frozen = gc.get_freeze_count()
+    start_up.vm_starting()
     assert gc.get_freeze_count() == frozen
 
 
@@ -115,7 +107,7 @@ def test_nothing_written_once_a_vm_started(monkeypatch):
 
 def test_a_command_without_a_vm_keeps_its_code_at_exit():
     start_up.begin()
-    start_up.resume_collection()
+    start_up.end()
     make_class()
     start_up._codes.save()  # what the exit handler does
     assert os.path.exists(start_up.code_file())

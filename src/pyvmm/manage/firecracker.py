@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    start_up.begin()  # the collector deferred until the VM starts, dataclass code reused
+    start_up.begin()  # dataclass code reused; the heap frozen when the VM starts
     if args.version:
         print(f"Firecracker v{__version__} (pyvmm)\n")
         return 0

@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                         "the pid file and reports a death by seccomp")
     parser.add_argument("-v", "--verbose", action="count", default=0)
     args = parser.parse_args(argv)
-    start_up.begin()  # the collector deferred until the VM starts, dataclass code reused
+    start_up.begin()  # dataclass code reused; the heap frozen when the VM starts
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
                         format="%(asctime)s pyvmm: %(levelname)s: %(name)s: %(message)s")
     run = RunDir(Path(args.run_dir).resolve())
