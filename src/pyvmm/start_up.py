@@ -57,15 +57,14 @@ def end() -> None:
 
 def vm_starting() -> None:
     """Start-up is over: its garbage collected, the rest frozen out of later collections, and
-    dataclass code compiled so far kept for the next run (and nothing after: the VM's seccomp
-    filter allows no new files). Does nothing unless begin() was called."""
+    dataclass code compiled so far kept for the next run. Only after begin(); but after any VM
+    starts, the cache is never written again: the VM's seccomp filter may forbid the calls."""
     global _began
-    if not _began:
-        return
-    _began = False
-    gc.collect()
-    gc.freeze()
-    _codes.save(last=True)
+    began, _began = _began, False
+    if began:
+        gc.collect()
+        gc.freeze()
+    _codes.save(last=True, write=began)
 
 
 def code_file() -> str:
@@ -105,11 +104,11 @@ class _CodeCache:
             source = code
         builtins.exec(source, globals, locals)
 
-    def save(self, last: bool = False) -> None:
-        """Write the cache if this process compiled anything new. `last`: never again after this
-        (a VM is starting: its seccomp filter would kill the process for the file calls)."""
+    def save(self, last: bool = False, write: bool = True) -> None:
+        """Write the cache if this process compiled anything new (and `write`). `last`: never again
+        after this (a VM is starting: its seccomp filter would kill the process for the file calls)."""
         with self._lock:
-            if self._saved_for_good or not self._new:
+            if self._saved_for_good or not self._new or not write:
                 self._saved_for_good |= last
                 return
             self._saved_for_good |= last
@@ -154,7 +153,8 @@ def _write(path: str, codes: dict[str, CodeType]) -> None:
 
     directory = os.path.dirname(path)
     try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        if not os.path.isdir(directory):
+            os.makedirs(directory, mode=0o700, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".dataclass-code-", dir=directory)  # mode 0600
         try:
             with os.fdopen(fd, "wb") as f:
