@@ -108,12 +108,16 @@ class _CodeCache:
         """Write the cache if this process compiled anything new (and `write`). `last`: never again
         after this (a VM is starting: its seccomp filter would kill the process for the file calls)."""
         with self._lock:
-            if self._saved_for_good or not self._new or not write:
-                self._saved_for_good |= last
-                return
+            changed = self._new and write and not self._saved_for_good
             self._saved_for_good |= last
             self._new = 0
-            codes = dict(self._codes)
+            codes = dict(self._codes) if changed else {}
+            if last:  # nothing to keep them for: a few MiB back, classes made later compile as usual
+                self._codes = {}
+                if vars(dataclasses).get("exec") == self._exec:
+                    del dataclasses.exec  # type: ignore[attr-defined]
+        if not changed:
+            return
         # with what other processes added since this one read the file
         codes = {**_read(self._path), **codes}
         # past the bound (the classes of many versions of pyvmm): start again from nothing
