@@ -144,7 +144,7 @@ def _read(path: str) -> dict[str, CodeType]:
     if not data.startswith(magic):
         return {}
     try:
-        codes = marshal.loads(data[len(magic):])
+        codes = marshal.loads(memoryview(data)[len(magic):])  # (no copy of the file's bytes)
     except (ValueError, EOFError, TypeError):
         return {}
     if not isinstance(codes, dict) or not all(isinstance(k, str) and isinstance(v, CodeType) for k, v in codes.items()):
