@@ -18,10 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 
-from .user_cache import user_cache
+from .user_cache import store, user_cache
 
 MEMO_FILE = "file-digests.json"
 MAX_ENTRIES = 64  # the default guest's files and a few kernels: the oldest go first
@@ -103,17 +102,7 @@ def _load() -> dict[str, list]:
 
 
 def _store(memo: dict[str, list]) -> None:
-    path = user_cache(MEMO_FILE)
     try:
-        if not path.parent.is_dir():  # (only then: once a VM runs, its seccomp filter may forbid mkdir)
-            path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".file-digests-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(memo, f)
-            os.replace(tmp, path)  # readers see the old memo or the new one, never half of one
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        store(user_cache(MEMO_FILE), json.dumps(memo).encode())
     except OSError:
         pass

@@ -32,9 +32,10 @@ import os
 import stat
 import sys
 import threading
+from pathlib import Path
 from types import CodeType
 
-from .user_cache import user_cache
+from .user_cache import store, user_cache
 
 _MAX_CODE_FILE = 8 << 20
 _MAX_CODES = 4096
@@ -153,20 +154,8 @@ def _read(path: str) -> dict[str, CodeType]:
 
 
 def _write(path: str, codes: dict[str, CodeType]) -> None:
-    import tempfile  # (only here: most starts write nothing)
-
-    directory = os.path.dirname(path)
     try:
-        if not os.path.isdir(directory):
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".dataclass-code-", dir=directory)  # mode 0600
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(importlib.util.MAGIC_NUMBER + marshal.dumps(codes))
-            os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        store(Path(path), importlib.util.MAGIC_NUMBER + marshal.dumps(codes))
     except OSError:
         pass
 

@@ -108,7 +108,7 @@ def test_an_unwritable_cache_only_means_hashing_again(tmp_path, monkeypatch, set
     path.write_bytes(b"contents")
     assert file_digests.sha256_file(path) == sha(b"contents")
     assert file_digests.sha256_file(path) == sha(b"contents")
-    assert not list(tmp_path.glob(".file-digests-*"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "kernel"]  # nothing left behind
 
 
 def test_the_memo_keeps_the_most_recent_files(tmp_path, private_cache, settled, monkeypatch):
@@ -119,9 +119,22 @@ def test_the_memo_keeps_the_most_recent_files(tmp_path, private_cache, settled, 
         paths[-1].write_bytes(b"%d" % i)
         file_digests.sha256_file(paths[-1])
     assert list(json.loads(private_cache.read_text())) == [os.path.realpath(p) for p in paths[2:]]
-    assert not list(private_cache.parent.glob(".file-digests-*"))  # no temporary files left
+    assert not list(private_cache.parent.glob(".file-digests*"))  # no temporary files left
 
 
 def test_a_missing_file_raises(tmp_path):
     with pytest.raises(FileNotFoundError):
         file_digests.sha256_file(tmp_path / "missing")
+
+
+def test_store_replaces_a_cache_file_whole(tmp_path):
+    from pyvmm.user_cache import store
+
+    path = tmp_path / "new" / "dir" / "cache.bin"
+    store(path, b"first")
+    store(path, b"second")
+    assert path.read_bytes() == b"second" and (path.stat().st_mode & 0o777) == 0o600
+    assert [p.name for p in path.parent.iterdir()] == ["cache.bin"]  # no temporary file left
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(OSError):
+        store(tmp_path / "file" / "cache.bin", b"x")  # its directory cannot be made

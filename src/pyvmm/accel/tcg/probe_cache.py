@@ -15,10 +15,9 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from typing import Any, Callable, TypeVar
 
-from ...user_cache import user_cache
+from ...user_cache import store, user_cache
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +54,7 @@ def _store(path, name: str, value) -> None:
     data = _load(path)
     data[name] = value
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".probe-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-        os.replace(temporary, path)  # readers never see half a file
+        store(path, json.dumps(data).encode())
     except OSError as exc:
         log.debug("cannot cache Unicorn probe results in %s: %s", path.parent, exc)
 
