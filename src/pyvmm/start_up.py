@@ -8,7 +8,9 @@ Starting a VM from the command line (imports, the machine built, the kernel load
   code objects by their source text, kept in the user's cache per Python version like a .pyc:
   the same text compiles to the same code, so a class behaves exactly as without the cache.
   The file is code pyvmm runs, so it is read only when the process's own user owns it and
-  nobody else may write to it; anything unexpected in it means compiling as before.
+  nobody else may write to it; anything unexpected in it means compiling as before. The cache
+  is saved and let go when the VM starts, and never written once a VM started in the process
+  (the VM's seccomp filter may forbid the calls).
 - The collector's passes, while the VM runs and at exit, over the objects start-up made, nearly
   all of which live as long as the process. Vm.start() calls vm_starting(), which collects once
   (start-up's garbage: about 1,500 objects, among them the scratch Unicorn engines of the
