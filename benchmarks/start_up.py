@@ -105,7 +105,7 @@ def run_once(config: Config, kernel: str, timeout: float) -> Run:
     for reader in readers:
         reader.join(10)
     code = os.waitstatus_to_exitcode(status)
-    what = shlex.join(config.argv(kernel, 0)).replace(PYVMM_HOOK, "<hook>")
+    what = shlex.join(config.argv(kernel, 0)).replace(shlex.quote(PYVMM_HOOK), "<hook>")
     tail = b"".join(output)[-2000:].decode(errors="replace")
     if code != DEBUG_EXIT_OK or not started_at:
         raise SystemExit(f"start_up: {config.name}: status {code}, {'a' if started_at else 'no'} write to port "
