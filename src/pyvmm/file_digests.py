@@ -1,9 +1,8 @@
 """The sha256 of files pyvmm reads at every start, remembered across runs while the file is unchanged.
 
 `pyvmm run` checks the default guest's kernel, initramfs and System.map against its image's
-manifest and finds the kernel's extracted vmlinux by the kernel's sha256: hashing the 14 MiB
-kernel twice and the others once took 20-25 ms, a tenth of the time before the guest's first
-instruction. A digest is remembered in
+manifest and finds the kernel's extracted vmlinux by the kernel's sha256: it hashed the 14 MiB
+kernel twice and the others once at every start. A digest is remembered in
 the user's cache (file-digests.json) under the file's real path with its device, inode, size,
 mtime and ctime, and used again only while all five are the same. Every write to a file moves its
 ctime, which nobody can set back (utimensat sets it to now), so a changed file is hashed again;

@@ -1,23 +1,25 @@
 """A pyvmm process's start-up made cheaper: dataclass code compiled once; the heap frozen.
 
-Starting a VM from the command line (imports, the machine built, the kernel loaded) took about
-0.3 s before the guest's first instruction here. What this module saves of it and after it:
+Starting a VM from the command line (imports, the machine built, the kernel loaded) takes
+several times as long as QEMU's start-up (benchmarks/start_up.py). What this module saves of it
+and after it:
 
 - Compiling the methods `dataclasses` writes as source text for each class (about 100 classes,
-  550 functions, 40 ms). begin() has the dataclasses module compile through a cache of the
-  code objects by their source text, kept in the user's cache per Python version like a .pyc:
-  the same text compiles to the same code, so a class behaves exactly as without the cache.
+  550 functions: a good part of start-up's imports). begin() has the dataclasses module compile
+  through a cache of the code objects by their source text, kept in the user's cache per Python
+  version like a .pyc: the same text compiles to the same code, so a class behaves exactly as
+  without the cache.
   The file is code pyvmm runs, so it is read only when the process's own user owns it and
   nobody else may write to it; anything unexpected in it means compiling as before. The cache
   is saved and let go when the VM starts, and never written once a VM started in the process
   (the VM's seccomp filter may forbid the calls).
 - The collector's passes, while the VM runs and at exit, over the objects start-up made, nearly
   all of which live as long as the process. Vm.start() calls vm_starting(), which collects once
-  (start-up's garbage: about 1,500 objects, among them the scratch Unicorn engines of the
-  software CPU's probes) and moves everything left out of the collector's sight for good
+  (start-up's garbage, among it the scratch Unicorn engines of the software CPU's probes) and
+  moves everything left out of the collector's sight for good
   (gc.freeze: later passes, the last one at exit among them, look only at what the run makes).
   Collection during start-up itself stays as it was: deferring it kept those scratch engines
-  alive together (8 MiB more peak memory for a software-CPU VM) for a gain lost in the noise.
+  alive together (more peak memory for a software-CPU VM) for a gain lost in the noise.
 
 Library users never call begin(): their dataclasses and their collector are left alone.
 """

@@ -231,8 +231,8 @@ class GuestMemory:
     def load(self, address: int, data: bytes | bytearray | memoryview) -> None:
         """Write `data` at `address` as a loader fills RAM before the guest runs (a kernel, an
         initrd): through the region's memfd with pwrite(2) where it has one, which copies into
-        the file's pages without taking a page fault on each (a 46 MiB vmlinux in a little over
-        half the time); through the mapping where RAM is not a plain memfd (anonymous or a private file
+        the file's pages without taking a page fault on each (faster for a 46 MiB vmlinux);
+        through the mapping where RAM is not a plain memfd (anonymous or a private file
         copy, hugetlbfs, which has no write(2)) or is filled lazily (a userfaultfd restore: a
         partial page written to the file would hide the rest of the page's saved bytes)."""
         region = self.region_for(address, max(len(data), 1))
