@@ -155,10 +155,12 @@ def load_kernel(memory: GuestMemory, path: str | os.PathLike, *, cmdline: str = 
             raise LoaderError(f"initrd {initrd_name}: cannot read: {exc.strerror or exc}") from None
         if not initrd_data:
             raise LoaderError(f"initrd {initrd_name} is empty")
+    # (only where a bzImage may boot through PVH: its extracted vmlinux is found by the digest)
+    digest = _kernel_digest(path, before, after, data) if flat_address is None and boot != "bzimage" else None
     try:
         return load_image(memory, data, cmdline=cmdline, modules=modules, flat_address=flat_address,
                           flat_mode=flat_mode, initrd=initrd_data, boot=boot, rsdp=rsdp, cache_dir=cache_dir,
-                          linux_cmdline=linux_cmdline, data_sha256=_kernel_digest(path, before, after, data))
+                          linux_cmdline=linux_cmdline, data_sha256=digest)
     except LoaderError as exc:
         raise LoaderError(f"{name}: {exc}") from None
 
