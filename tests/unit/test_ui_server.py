@@ -273,3 +273,21 @@ def test_a_vm_whose_sockets_this_user_cannot_open_is_refused(ui, tmp_path, monke
         status, _, body = request(ui, "POST", path, headers=good(ui), body={"label": "s"})
         assert status == 403 and b"permission denied" in body, path
     assert request(ui, "GET", "/api/vms/vm1/history", headers=good(ui))[0] == 403
+
+
+@pytest.mark.parametrize("gone", [ConnectionResetError, BrokenPipeError])
+def test_a_browser_that_drops_its_connection_leaves_no_traceback(ui, capfd, gone):
+    # (Chromium resets a preconnected socket at exit; socketserver hands that to handle_error)
+    try:
+        raise gone(104, "Connection reset by peer")
+    except ConnectionError:
+        ui.handle_error(None, ("127.0.0.1", 1))
+    assert capfd.readouterr().err == ""
+
+
+def test_other_request_errors_are_still_reported(ui, capfd):
+    try:
+        raise ValueError("a handler bug")
+    except ValueError:
+        ui.handle_error(None, ("127.0.0.1", 1))
+    assert "ValueError: a handler bug" in capfd.readouterr().err

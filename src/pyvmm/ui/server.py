@@ -21,6 +21,7 @@ import mimetypes
 import re
 import secrets
 import socket
+import sys
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -74,6 +75,14 @@ class UiServer(ThreadingHTTPServer):
         self.cookie = f"pyvmm_ui_{self.server_address[1]}"
         self.static = resources.files("pyvmm.ui") / "static"
         self._thread: threading.Thread | None = None
+
+    def handle_error(self, request, client_address) -> None:
+        # a browser that dropped its connection (a reset, a closed tab): the log, not a traceback
+        # on stderr, as the per-VM API does; anything else keeps socketserver's report
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            log.debug("UI connection from %s failed", client_address, exc_info=True)
+            return
+        super().handle_error(request, client_address)
 
     @property
     def port(self) -> int:
