@@ -25,7 +25,60 @@ def _int_auto(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
+# The options before a subcommand that take no value: what may precede the command's name.
+_LEADING_FLAGS = {"-v", "-vv", "-vvv", "--verbose", "--debug"}
+
+
+def command_named(argv: list[str]) -> str | None:
+    """The subcommand `argv` names (its first word after the flags that take no value), or None
+    where another word comes first (--help, --version, a typo'd flag): then every command is built."""
+    for word in argv:
+        if word not in _LEADING_FLAGS:
+            return None if word.startswith("-") else word
+    return None
+
+
+class _OneCommand:
+    """The subparsers action as the registrars see it when one command is being parsed: only
+    that command's parser is built (building all 46, their help text and gettext lookups
+    included, was a good part of start-up); the others' definitions go to _SKIPPED."""
+
+    def __init__(self, subparsers, wanted: str) -> None:
+        self.subparsers, self.wanted, self.found = subparsers, wanted, False
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        if name != self.wanted and self.wanted not in kwargs.get("aliases", ()):
+            return _SKIPPED  # type: ignore[return-value]
+        self.found = True
+        return self.subparsers.add_parser(name, **kwargs)
+
+
+class _Skipped:
+    """A parser not being built: whatever is defined on it (arguments, groups, nested commands)
+    is dropped."""
+
+    def __getattr__(self, name: str):
+        return self._drop
+
+    def _drop(self, *args, **kwargs) -> _Skipped:
+        return self
+
+
+_SKIPPED = _Skipped()
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """pyvmm's parser: with `command` (what command_named found), only that command's parser is
+    built, unless no command has that name (then all are: argparse's error lists them)."""
+    if command is not None:
+        parser, built = _build_parser(command)
+        if built:
+            return parser
+    return _build_parser(None)[0]
+
+
+def _build_parser(only: str | None) -> tuple[argparse.ArgumentParser, bool]:
+    """The parser with every command, or `only` that one; and whether that one was found."""
     parser = argparse.ArgumentParser(prog="pyvmm", description="A virtual machine monitor in Python on Linux KVM.")
     parser.add_argument("--version", action="version", version=f"pyvmm {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
@@ -34,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="log more (-vv: debug)")
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    sub = parser.add_subparsers(dest="subcommand", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="subcommand", metavar="COMMAND")
+    sub = subparsers if only is None else _OneCommand(subparsers, only)
 
     run = sub.add_parser(
         "run", parents=[common], usage="pyvmm run [options] [-- COMMAND [ARG...]]",
@@ -135,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     info = sub.add_parser("kvm-info", parents=[common], help="what this host's KVM offers, and how fast it runs guest kernel code")
     info.add_argument("--no-calibrate", action="store_true", help="skip the calibration guest")
-    return parser
+    return parser, not isinstance(sub, _OneCommand) or sub.found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    parser = build_parser()
+    parser = build_parser(command_named(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="pyvmm: %(levelname)s: %(name)s: %(message)s")

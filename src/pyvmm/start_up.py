@@ -14,9 +14,9 @@ and after it:
   is saved and let go when the VM starts, and never written once a VM started in the process
   (the VM's seccomp filter may forbid the calls).
 - The collector's passes, while the VM runs and at exit, over the objects start-up made, nearly
-  all of which live as long as the process. Vm.start() calls vm_starting(), which collects once
-  (start-up's garbage, among it the scratch Unicorn engines of the software CPU's probes) and
-  moves everything left out of the collector's sight for good
+  all of which live as long as the process. Vm.start() calls vm_starting(), which collects the
+  young generations once (start-up's recent garbage) and moves everything left out of the
+  collector's sight for good
   (gc.freeze: later passes, the last one at exit among them, look only at what the run makes).
   Collection during start-up itself stays as it was: deferring it kept those scratch engines
   alive together (more peak memory for a software-CPU VM) for a gain lost in the noise.
@@ -67,7 +67,9 @@ def vm_starting() -> None:
     global _began
     began, _began = _began, False
     if began:
-        gc.collect()
+        # The young generations only: a full pass walks every object start-up made, and found
+        # no more than a handful of objects (a help formatter, a ctypes function) beyond them.
+        gc.collect(1)
         gc.freeze()
     _codes.save(last=True, write=began)
 

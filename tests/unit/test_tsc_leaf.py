@@ -123,3 +123,26 @@ def test_the_host_rate_comes_from_kvm_get_tsc_khz_unrounded(monkeypatch):
         assert linux_tsc_khz(tsc_leaf(machine.host_tsc_hz())) == 2599998
     finally:
         machine.host_tsc_hz.cache_clear()
+
+
+@pytest.mark.parametrize("tsc_hz, crystal_hz", [(2_599_998_000, 1_000_000_000), (3_192_614_321, 25_000_000),
+                                                (1_000_000, 19_200_000), (4_294_967_000, 1_000_000_000)])
+def test_a_fixed_crystal_leaf_is_the_rate_ratio_in_lowest_terms_or_none(tsc_hz, crystal_hz):
+    from fractions import Fraction
+
+    from pyvmm.arch.x86_64.tsc_leaf import fixed_crystal_tsc_leaf
+
+    leaf = fixed_crystal_tsc_leaf(tsc_hz, crystal_hz)
+    ratio = Fraction((tsc_hz + 500) // 1000, crystal_hz // 1000)
+    if crystal_hz // 1000 * ratio.numerator > 0xFFFF_FFFF:
+        assert leaf is None
+    else:
+        assert leaf == TscLeaf(ratio.denominator, ratio.numerator, crystal_hz)
+        assert linux_tsc_khz(leaf) == (tsc_hz + 500) // 1000
+
+
+def test_a_fixed_crystal_below_1_khz_is_refused():
+    from pyvmm.arch.x86_64.tsc_leaf import fixed_crystal_tsc_leaf
+
+    with pytest.raises(ValueError, match="below 1 kHz"):
+        fixed_crystal_tsc_leaf(2_000_000_000, 999)

@@ -32,27 +32,40 @@ build (building it; default_image), initramfs and modules (the initramfs's parts
 
 from __future__ import annotations
 
-from .build import build_default_image, default_image
-from .cache import GuestImage, cache_root, cached_image, image_dir
-from .command import CMD_PARAM, MAX_CMD_PARAM, decode_command, encode_command
-from .image import DEFAULT_CMDLINE, FORMAT_VERSION, IMAGE_NAME, ImageError, print_to_stderr
-from .recipe import init_script
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "CMD_PARAM",
-    "DEFAULT_CMDLINE",
-    "FORMAT_VERSION",
-    "IMAGE_NAME",
-    "MAX_CMD_PARAM",
-    "GuestImage",
-    "ImageError",
-    "build_default_image",
-    "cache_root",
-    "cached_image",
-    "decode_command",
-    "default_image",
-    "encode_command",
-    "image_dir",
-    "init_script",
-    "print_to_stderr",
-]
+if TYPE_CHECKING:
+    from .build import build_default_image, default_image
+    from .cache import GuestImage, cache_root, cached_image, image_dir
+    from .command import CMD_PARAM, MAX_CMD_PARAM, decode_command, encode_command
+    from .image import DEFAULT_CMDLINE, FORMAT_VERSION, IMAGE_NAME, ImageError, print_to_stderr
+    from .recipe import init_script
+
+# Each name from the module that defines it, loaded at first use (PEP 562): `pyvmm run
+# --kernel` and every other command that only registers `pyvmm image` (images.cli) import this
+# package without needing the builder's imports (shutil, bz2, lzma, tempfile, ...).
+_SOURCES = {
+    "build_default_image": "build", "default_image": "build",
+    "GuestImage": "cache", "cache_root": "cache", "cached_image": "cache", "image_dir": "cache",
+    "CMD_PARAM": "command", "MAX_CMD_PARAM": "command", "decode_command": "command", "encode_command": "command",
+    "DEFAULT_CMDLINE": "image", "FORMAT_VERSION": "image", "IMAGE_NAME": "image", "ImageError": "image",
+    "print_to_stderr": "image",
+    "init_script": "recipe",
+}
+
+__all__ = sorted(_SOURCES)
+
+
+def __getattr__(name: str) -> object:
+    module = _SOURCES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_SOURCES})

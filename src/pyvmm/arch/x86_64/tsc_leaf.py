@@ -16,8 +16,8 @@ LAPIC timer model must count at `crystal_hz`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from fractions import Fraction
 
 U32_MAX = 0xFFFF_FFFF
 NUMERATORS_PER_DENOMINATOR = 64  # searched above the smallest ratio, for a TSC beyond 4.29 GHz
@@ -59,7 +59,10 @@ def fixed_crystal_tsc_leaf(tsc_hz: int, crystal_hz: int = KVM_APIC_BUS_HZ) -> Ts
     arithmetic cannot be given the TSC rate with that crystal: the leaf must then stay empty
     (Linux falls back to kvm-clock or calibration), since a wrong crystal mis-rates the timer."""
     khz, crystal_khz = (tsc_hz + 500) // 1000, crystal_hz // 1000
-    ratio = Fraction(khz, crystal_khz)
-    if crystal_khz * ratio.numerator > U32_MAX or crystal_hz > U32_MAX:
+    if crystal_khz <= 0:
+        raise ValueError(f"crystal rate {crystal_hz} Hz is below 1 kHz")
+    common = math.gcd(khz, crystal_khz)  # the ratio in lowest terms (math, not fractions: its import costs start-up)
+    numerator, denominator = khz // common, crystal_khz // common
+    if crystal_khz * numerator > U32_MAX or crystal_hz > U32_MAX:
         return None
-    return TscLeaf(ratio.denominator, ratio.numerator, crystal_hz)
+    return TscLeaf(denominator, numerator, crystal_hz)
