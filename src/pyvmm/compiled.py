@@ -14,9 +14,11 @@ calls to each other as C calls. `scripts/compile` builds them into the environme
 those modules is first imported, it checks the build (nothing on `import pyvmm` alone), then
 loads them from the build, all of them or none: compiled modules call each other's
 methods directly, so a build is used only if every one of its sources is byte for byte the
-file in this tree, on the Python it was built for. An edited source, another interpreter, a
-missing or corrupt build, or PYVMM_COMPILED=0 in the environment: the modules load from their
-Python source as before, with the same behaviour (the tests run both ways).
+file in this tree, on the Python it was built for (the sources' digests are remembered while
+the files are unchanged, file_digests.py: no hashing at every start). An edited source,
+another interpreter, a missing or corrupt build, or PYVMM_COMPILED=0 in the environment: the
+modules load from their Python source as before, with the same behaviour (the tests run both
+ways).
 
 What a module in the group must keep to (mypyc's rules, each met once the hard way): a class
 has one base class plus traits (`trait` below; the LAPIC's mixins); no saved-state dataclass
@@ -107,7 +109,7 @@ def c_module(name: str) -> Any:
 
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: each module's source files with their digests (1: one digest per module)
 # The directory holding pyvmm/. (The imports the checks need are made when they run: `import
 # pyvmm` alone stays cheap.)
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,21 +127,30 @@ def source_path(module: str) -> pathlib.Path:
     return pathlib.Path(PACKAGE_ROOT, *module.split(".")).with_suffix(".c" if module in C_MODULES else ".py")
 
 
-def source_digest(module: str) -> str:
-    return file_digest(source_path(module))
-
-
-def file_digest(path: pathlib.Path) -> str:
-    """A source's sha256; a C source's taken with the headers of its own it includes
-    (`#include "name.h"`, beside it), which are part of what was built."""
-    import hashlib
+def source_files(module: str, root: str | os.PathLike = PACKAGE_ROOT) -> list[str]:
+    """What `module` is built from, relative to `root` (the directory holding pyvmm/): its
+    source, and for a C module the headers of its own it includes (`#include "name.h"`, beside it)."""
     import re
 
-    data = path.read_bytes()
-    if path.suffix == ".c":
-        for name in re.findall(rb'^#include "([^"/]+)"', data, re.MULTILINE):
-            data += path.with_name(name.decode()).read_bytes()
-    return hashlib.sha256(data).hexdigest()
+    source = os.path.relpath(source_path(module), PACKAGE_ROOT)
+    files = [source]
+    if source.endswith(".c"):
+        with open(os.path.join(root, source), "rb") as f:
+            for name in re.findall(rb'^#include "([^"/]+)"', f.read(), re.MULTILINE):
+                files.append(os.path.join(os.path.dirname(source), name.decode()))
+    return files
+
+
+def source_digests(module: str, root: str | os.PathLike = PACKAGE_ROOT) -> dict[str, str]:
+    """{file: sha256} of what `module` is built from (source_files) under `root`, as scripts/compile
+    records them in the manifest."""
+    import hashlib
+
+    digests = {}
+    for name in source_files(module, root):
+        with open(os.path.join(root, name), "rb") as f:
+            digests[name] = hashlib.sha256(f.read()).hexdigest()
+    return digests
 
 
 def interpreter_tag() -> str:
@@ -167,13 +178,25 @@ def usable_build(directory: pathlib.Path) -> tuple[dict[str, pathlib.Path] | Non
         if sorted(entries) != sorted(MODULES + C_MODULES + (manifest["support"],)):
             return None, "built for another set of modules"
         located: dict[str, pathlib.Path] = {}
+        built_from: list[tuple[str, str, str]] = []  # (module, file, its sha256 when built)
         for module, entry in entries.items():
             shared_object = directory / entry["file"]
             if not shared_object.is_file():
                 return None, f"{entry['file']} is missing"
-            if module != manifest["support"] and entry["source_sha256"] != source_digest(module):
-                return None, f"{module} changed since it was compiled"
+            if module != manifest["support"]:
+                if source_files(module)[0] not in entry["sources"]:
+                    return None, f"{module} was built from other sources"
+                built_from += [(module, name, digest) for name, digest in entry["sources"].items()]
             located[module] = shared_object
+        from .file_digests import sha256_files  # remembered while a file is unchanged: no hashing at every start
+
+        try:
+            now = sha256_files([os.path.join(PACKAGE_ROOT, name) for _module, name, _digest in built_from])
+        except OSError as exc:
+            return None, f"a source is unreadable: {exc}"
+        for (module, _name, digest), current in zip(built_from, now):
+            if digest != current:
+                return None, f"{module} changed since it was compiled"
     except (KeyError, TypeError, AttributeError, OSError) as exc:
         return None, f"malformed manifest: {exc!r}"
     return located, ""

@@ -15,7 +15,6 @@ The memo is best effort: an unreadable, corrupt or unwritable file only means ha
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -23,24 +22,38 @@ import time
 from .user_cache import store, user_cache
 
 MEMO_FILE = "file-digests.json"
-MAX_ENTRIES = 64  # the default guest's files and a few kernels: the oldest go first
+MAX_ENTRIES = 128  # pyvmm's compiled sources, the default guest's files, a few kernels: the oldest go first
 RACY_SECONDS = 3.0
 _CHUNK = 1 << 20
 
 
 def sha256_file(path: str | os.PathLike) -> str:
     """The hex sha256 of the file at `path` (OSError if it cannot be read)."""
-    with open(path, "rb") as f:
-        before = os.fstat(f.fileno())
-        known = known_sha256(path, before)
-        if known is not None:
-            return known
-        digest = hashlib.sha256()
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(chunk)
-        hexdigest = digest.hexdigest()
-        remember(path, before, os.fstat(f.fileno()), hexdigest)
-    return hexdigest
+    return sha256_files([path])[0]
+
+
+def sha256_files(paths: list[str | os.PathLike]) -> list[str]:
+    """The hex sha256 of each file (OSError if one cannot be read); the memo read and written
+    once for them all (pyvmm.compiled checks some thirty sources at every start)."""
+    memo = _load()
+    digests, learnt = [], False
+    for path in paths:
+        with open(path, "rb") as f:
+            before = os.fstat(f.fileno())
+            entry = memo.get(_key(path))
+            if entry is not None and entry[:5] == _identity(before):
+                digests.append(entry[5])
+                continue
+            import hashlib  # (here: OpenSSL's start costs every run that finds its digests remembered)
+
+            digest = hashlib.sha256()
+            for chunk in iter(lambda: f.read(_CHUNK), b""):
+                digest.update(chunk)
+            digests.append(digest.hexdigest())
+            learnt |= _note(memo, path, before, os.fstat(f.fileno()), digests[-1])
+    if learnt:
+        _store(memo)
+    return digests
 
 
 def sha256_of_read(path: str | os.PathLike, before: os.stat_result, after: os.stat_result, data: bytes) -> str:
@@ -49,6 +62,8 @@ def sha256_of_read(path: str | os.PathLike, before: os.stat_result, after: os.st
         known = known_sha256(path, after)
         if known is not None:
             return known
+    import hashlib
+
     hexdigest = hashlib.sha256(data).hexdigest()
     remember(path, before, after, hexdigest)
     return hexdigest
@@ -65,19 +80,26 @@ def known_sha256(path: str | os.PathLike, stat: os.stat_result) -> str | None:
 def remember(path: str | os.PathLike, before: os.stat_result, after: os.stat_result, hexdigest: str) -> None:
     """Remember `hexdigest` for `path`, hashed between two fstat()s of it, if nothing changed the
     file in between and its times are old enough to be trusted."""
+    memo = _load()
+    if _note(memo, path, before, after, hexdigest):
+        _store(memo)
+
+
+def _note(memo: dict[str, list], path: str | os.PathLike, before: os.stat_result, after: os.stat_result,
+          hexdigest: str) -> bool:
+    """remember() into `memo`; whether it took the digest."""
     identity = _identity(before)
     if identity != _identity(after):
-        return
+        return False
     newest = max(after.st_mtime_ns, after.st_ctime_ns) / 1e9
     if time.time() - newest < RACY_SECONDS:
-        return
-    memo = _load()
+        return False
     key = _key(path)
     memo.pop(key, None)
     memo[key] = [*identity, hexdigest]
     while len(memo) > MAX_ENTRIES:
         memo.pop(next(iter(memo)))
-    _store(memo)
+    return True
 
 
 def _key(path: str | os.PathLike) -> str:
@@ -92,7 +114,7 @@ def _load() -> dict[str, list]:
     try:
         with open(user_cache(MEMO_FILE), encoding="utf-8") as f:
             memo = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RuntimeError):  # (RuntimeError: no home directory, e.g. a jailed VM's user)
         return {}
     if not isinstance(memo, dict):
         return {}
@@ -104,5 +126,5 @@ def _load() -> dict[str, list]:
 def _store(memo: dict[str, list]) -> None:
     try:
         store(user_cache(MEMO_FILE), json.dumps(memo).encode())
-    except OSError:
+    except (OSError, RuntimeError):
         pass

@@ -447,10 +447,11 @@ class Vm:
     def _runs_helpers(self) -> bool:
         """Whether this machine starts helper programs after set-up: a tap=auto NIC makes and
         removes its network namespace with `ip` (net/netns.py), unless a jailer made it (net/handed.py)."""
+        if self.machine is None or not any(net.tap == "auto" for net in self.machine.nets):
+            return False  # (before importing the networking modules a machine without NICs does not need)
         from .net.handed import handed_taps
 
-        return (self.machine is not None and any(net.tap == "auto" for net in self.machine.nets)
-                and handed_taps() is None)
+        return handed_taps() is None
 
     def _thread_main(self, loop: RunLoop) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, _HOST_SIGNALS)

@@ -22,7 +22,7 @@ def _fake_build(directory, **changes):
     suffix = compiled.interpreter_tag()
     entries = {SUPPORT: {"file": SUPPORT + suffix}}
     for module in compiled.MODULES + compiled.C_MODULES:
-        entries[module] = {"file": module + suffix, "source_sha256": compiled.source_digest(module)}
+        entries[module] = {"file": module + suffix, "sources": compiled.source_digests(module)}
     for entry in entries.values():
         (directory / entry["file"]).write_bytes(b"")
     manifest = {"version": compiled.MANIFEST_VERSION, "interpreter": suffix, "support": SUPPORT,
@@ -42,7 +42,7 @@ def test_a_build_of_this_tree_is_usable(tmp_path):
 
 def test_an_edited_source_makes_the_whole_build_unused(tmp_path):
     manifest = _fake_build(tmp_path)
-    manifest["modules"]["pyvmm.platform.pic"]["source_sha256"] = "0" * 64
+    manifest["modules"]["pyvmm.platform.pic"]["sources"] = {"pyvmm/platform/pic.py": "0" * 64}
     (tmp_path / compiled.MANIFEST).write_text(json.dumps(manifest))
     assert compiled.usable_build(tmp_path) == (None, "pyvmm.platform.pic changed since it was compiled")
 
@@ -61,33 +61,63 @@ def test_a_build_for_something_else_is_not_used(tmp_path, change, why):
     assert reason.startswith(why)
 
 
-def test_an_edited_c_source_makes_the_whole_build_unused(tmp_path, monkeypatch):
-    """The C modules' digests are of their .c sources."""
-    module = compiled.C_MODULES[0]
+def test_an_edited_c_source_or_header_makes_the_whole_build_unused(tmp_path):
+    """A C module is built from its .c source and the headers of its own it includes."""
     assert all(compiled.source_path(name).suffix == ".c" for name in compiled.C_MODULES)
+    manifest = _fake_build(tmp_path)
+    assert compiled.usable_build(tmp_path)[1] == ""
+    module = "pyvmm.devices.virtio.net_receiver"
+    sources = manifest["modules"][module]["sources"]
+    assert sorted(sources) == ["pyvmm/devices/virtio/net_receiver.c", "pyvmm/devices/virtio/ring_thread.h"]
+    for name in sources:
+        edited = json.loads(json.dumps(manifest))
+        edited["modules"][module]["sources"][name] = "0" * 64
+        (tmp_path / compiled.MANIFEST).write_text(json.dumps(edited))
+        assert compiled.usable_build(tmp_path) == (None, f"{module} changed since it was compiled")
+
+
+def test_a_c_modules_sources_are_the_headers_of_its_own_it_includes(tmp_path):
+    """A header of its own (`#include "x.h"`, beside it) is part of what was built; a system
+    header (<...>) is not."""
+    module = compiled.C_MODULES[0]
+    source = tmp_path / os.path.relpath(compiled.source_path(module), compiled.PACKAGE_ROOT)
+    source.parent.mkdir(parents=True)
+    source.write_text('#include <Python.h>\n#include "shared.h"\nint f(void) { return g(); }\n')
+    (source.parent / "shared.h").write_text("static int g(void) { return 1; }\n")
+    digests = compiled.source_digests(module, tmp_path)
+    assert sorted(digests) == sorted([str(source.relative_to(tmp_path)), str(source.relative_to(tmp_path).with_name("shared.h"))])
+    assert digests[str(source.relative_to(tmp_path).with_name("shared.h"))] == \
+        hashlib.sha256(b"static int g(void) { return 1; }\n").hexdigest()
+
+
+def test_a_module_built_from_another_source_is_not_used(tmp_path):
+    manifest = _fake_build(tmp_path)
+    manifest["modules"]["pyvmm.platform.pic"]["sources"] = {"pyvmm/platform/pit.py": "0" * 64}
+    (tmp_path / compiled.MANIFEST).write_text(json.dumps(manifest))
+    assert compiled.usable_build(tmp_path) == (None, "pyvmm.platform.pic was built from other sources")
+
+
+def test_the_sources_digests_are_remembered_while_unchanged(tmp_path, monkeypatch):
+    """A second check hashes nothing (file_digests' memo); a source whose file changed is hashed again."""
+    import hashlib as real_hashlib
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr("pyvmm.file_digests.RACY_SECONDS", 0.0)  # the tree's files may be fresh from a checkout
     _fake_build(tmp_path)
     assert compiled.usable_build(tmp_path)[1] == ""
-    digest = compiled.source_digest
-    monkeypatch.setattr(compiled, "source_digest", lambda name: "0" * 64 if name == module else digest(name))
-    assert compiled.usable_build(tmp_path) == (None, f"{module} changed since it was compiled")
+    hashed = []
 
+    class Counting:
+        def __init__(self, *args):
+            hashed.append(args)
+            self._digest = real_hashlib.sha256(*args)
 
-def test_a_c_source_digest_covers_the_headers_it_includes(tmp_path):
-    """A header of its own (`#include "x.h"`, beside it) is part of what was built: editing it
-    changes the digest; a system header (<...>) is not read."""
-    source, header = tmp_path / "module.c", tmp_path / "shared.h"
-    source.write_text('#include <Python.h>\n#include "shared.h"\nint f(void) { return g(); }\n')
-    header.write_text("static int g(void) { return 1; }\n")
-    before = compiled.file_digest(source)
-    assert compiled.file_digest(source) == before
-    header.write_text("static int g(void) { return 2; }\n")
-    assert compiled.file_digest(source) != before
-    # the tree's own: both virtio-net ring threads include ring_thread.h
-    shared = compiled.source_path("pyvmm.devices.virtio.net_transmitter").with_name("ring_thread.h")
-    for module in ("pyvmm.devices.virtio.net_receiver", "pyvmm.devices.virtio.net_transmitter"):
-        text = compiled.source_path(module).read_bytes()
-        assert b'#include "ring_thread.h"' in text
-        assert compiled.source_digest(module) == hashlib.sha256(text + shared.read_bytes()).hexdigest()
+        def __getattr__(self, name):
+            return getattr(self._digest, name)
+
+    monkeypatch.setattr(real_hashlib, "sha256", Counting)
+    assert compiled.usable_build(tmp_path)[1] == ""
+    assert hashed == []
 
 
 def test_missing_corrupt_or_partial_builds_are_not_used(tmp_path):

@@ -541,3 +541,21 @@ def test_any_reachable_state_round_trips(accesses):
 
 def test_the_fadt_century_index_is_the_chips():
     assert acpi.CMOS_RTC_CENTURY == chip.CENTURY == 0x32
+
+
+def test_dates_by_arithmetic_are_the_gregorian_calendars_over_the_rtcs_range():
+    """rtc.py's own date arithmetic agrees with the datetime module, day by day from year 1 to 9999."""
+    import datetime
+
+    from pyvmm.devices.legacy.rtc import _FIRST_DAY, _LAST_DAY, date_from_days, days_from_date
+
+    epoch = datetime.date(1970, 1, 1).toordinal()
+    assert (_FIRST_DAY, _LAST_DAY) == (1 - epoch, datetime.date.max.toordinal() - epoch)
+    for days in range(_FIRST_DAY, _LAST_DAY + 1, 7):
+        for days in (days, min(days + 3, _LAST_DAY)):
+            date = datetime.date.fromordinal(epoch + days)
+            assert date_from_days(days) == (date.year, date.month, date.day), days
+            assert days_from_date(date.year, date.month, date.day) == days
+    for year in (1, 4, 100, 1600, 1900, 2000, 2024, 2100, 9999):  # every leap-year rule, both month ends
+        for month, day in ((2, 28), (3, 1), (12, 31), (1, 1)):
+            assert date_from_days(days_from_date(year, month, day)) == (year, month, day)

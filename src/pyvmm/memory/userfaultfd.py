@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 from ctypes import Structure, c_int64, c_uint64
 
 from ..errors import PyvmmError
@@ -137,7 +136,7 @@ def open_userfaultfd(*, user_mode_only: bool = False) -> int:
     reported; enough for asynchronous write-protection, which reports nothing, and allowed
     without privilege where vm.unprivileged_userfaultfd is 0."""
     flags = os.O_CLOEXEC | os.O_NONBLOCK | (UFFD_USER_MODE_ONLY if user_mode_only else 0)
-    number = _SYS_USERFAULTFD.get(platform.machine())
+    number = _SYS_USERFAULTFD.get(os.uname().machine)
     if number is not None:
         fd = _libc.syscall(number, flags)
         if fd >= 0:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
-import platform
+import os
 import struct
 import threading
 from typing import Callable
@@ -223,7 +223,7 @@ def _patch(helper: str, make_stub: Callable[[int, bytes], bytes], keep: object, 
     with _lock:
         if helper in _installed:
             return True
-        if platform.machine() not in ("x86_64", "AMD64"):
+        if os.uname().machine not in ("x86_64", "AMD64"):
             return False
         from unicorn.unicorn_py3.unicorn import uclib
 

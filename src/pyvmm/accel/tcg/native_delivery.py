@@ -41,7 +41,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
-import platform
+import os
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class NativeExceptionDelivery:
         from unicorn.unicorn_py3.arch.types import uc_hook_h
         from unicorn.unicorn_py3.unicorn import uclib
 
-        if platform.machine() not in ("x86_64", "AMD64"):
+        if os.uname().machine not in ("x86_64", "AMD64"):
             log.info("software CPU: exceptions are delivered in Python (the trampoline is x86-64 code)")
             return None
         try:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
-import platform
+import os
 import struct
 import threading
 
@@ -117,7 +117,7 @@ def _install_patch() -> bool:
     """Patch do_interrupt_x86_hardirq once per process; False if this build cannot be."""
     if _patch:
         return True
-    if platform.machine() not in ("x86_64", "AMD64"):
+    if os.uname().machine not in ("x86_64", "AMD64"):
         return False
     from unicorn.unicorn_py3.unicorn import uclib
     from .helper_patch import _jump as helper_jump, _writable_text

@@ -3,15 +3,14 @@
 Finding Unicorn's private offsets (private_state.py, engine_state.py) and its CPUID
 (cpuid.py) runs probe guests on scratch engines: about 60 ms at every start of pyvmm, a
 fortieth of a Linux boot. The answers depend only on the libunicorn binary, so they are kept
-in $XDG_CACHE_HOME/pyvmm/tcg/, one file per build (the library's path, size, modification
-time and inode, and this format's version). Offsets read from the file are verified by use
+in $XDG_CACHE_HOME/pyvmm/tcg/, one file per build (named by the library file's device, inode,
+size and modification time, and this format's version). Offsets read from the file are verified by use
 before they are trusted (about 1 ms each), and found again if they fail. The cache is only an
 optimisation: if it cannot be read or written, pyvmm probes as before.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -32,8 +31,8 @@ def _build_key() -> str | None:
         st = os.stat(uclib._name)
     except (ImportError, OSError, TypeError, AttributeError):
         return None  # no unicorn (the probe reports it) or no file to name the build by
-    identity = f"{FORMAT}:{os.path.realpath(uclib._name)}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
-    return hashlib.sha256(identity.encode()).hexdigest()[:24]
+    # the library file as the kernel knows it (no digest: hashlib's OpenSSL start costs every run)
+    return f"{FORMAT}-{st.st_dev:x}-{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"
 
 
 def _path():

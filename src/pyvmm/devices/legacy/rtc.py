@@ -42,7 +42,6 @@ are raised only when the guest reads C or writes A or B.
 
 from __future__ import annotations
 
-import datetime
 import logging
 import threading
 import time
@@ -113,8 +112,31 @@ NS_PER_SECOND = 1_000_000_000
 UIP_NS = 244_000
 TIME_BASE_HZ = 32768
 SECONDS_PER_DAY = 86400
-_EPOCH_ORDINAL = datetime.date(1970, 1, 1).toordinal()
-_MAX_ORDINAL = datetime.date.max.toordinal()
+# The RTC's range of days since 1970: 0001-01-01 to 9999-12-31 (a century register of 0-99).
+_FIRST_DAY, _LAST_DAY = -719162, 2932896
+
+
+# Dates by integer arithmetic (the proleptic Gregorian calendar in 400-year eras of 146097
+# days, each year counted from March so that the leap day ends it): what the datetime module
+# computes, without its import at every start.
+def days_from_date(year: int, month: int, day: int) -> int:
+    """Days from 1970-01-01 to the date (negative before it)."""
+    year -= month <= 2
+    era, year_of_era = divmod(year, 400)
+    day_of_year = (153 * (month - 3 if month > 2 else month + 9) + 2) // 5 + day - 1
+    day_of_era = year_of_era * 365 + year_of_era // 4 - year_of_era // 100 + day_of_year
+    return era * 146097 + day_of_era - 719468
+
+
+def date_from_days(days: int) -> tuple[int, int, int]:
+    """(year, month, day) `days` after 1970-01-01."""
+    era, day_of_era = divmod(days + 719468, 146097)
+    year_of_era = (day_of_era - day_of_era // 1460 + day_of_era // 36524 - day_of_era // 146096) // 365
+    day_of_year = day_of_era - (365 * year_of_era + year_of_era // 4 - year_of_era // 100)
+    shifted_month = (5 * day_of_year + 2) // 153  # 0 = March
+    day = day_of_year - (153 * shifted_month + 2) // 5 + 1
+    month = shifted_month + 3 if shifted_month < 10 else shifted_month - 9
+    return year_of_era + era * 400 + (month <= 2), month, day
 
 
 def to_bcd(value: int) -> int:
@@ -274,14 +296,15 @@ class Mc146818Rtc:
     def _time_bytes(self, seconds: int) -> dict[int, int]:
         """The time registers' values for RTC time `seconds` (since 1970, UTC by convention)."""
         days, second_of_day = divmod(seconds, SECONDS_PER_DAY)
-        date = datetime.date.fromordinal(min(max(_EPOCH_ORDINAL + days, 1), _MAX_ORDINAL))
+        days = min(max(days, _FIRST_DAY), _LAST_DAY)
+        year, month, day = date_from_days(days)
         hour, rest = divmod(second_of_day, 3600)
         minute, second = divmod(rest, 60)
         encode = self._encode
         return {
             SECONDS: encode(second), MINUTES: encode(minute), HOURS: self._encode_hour(hour),
-            WEEKDAY: encode(date.isoweekday() % 7 + 1), DAY: encode(date.day),
-            MONTH: encode(date.month), YEAR: encode(date.year % 100), CENTURY: encode(date.year // 100),
+            WEEKDAY: encode((days + 4) % 7 + 1), DAY: encode(day),  # 1 = Sunday; 1970-01-01 was a Thursday
+            MONTH: encode(month), YEAR: encode(year % 100), CENTURY: encode(year // 100),
         }
 
     def _registers_to_seconds(self) -> int:
@@ -291,7 +314,7 @@ class Mc146818Rtc:
         year = min(max(decode(ram[CENTURY]) * 100 + decode(ram[YEAR]), 1), 9999)
         month = min(max(decode(ram[MONTH]), 1), 12)
         day = min(max(decode(ram[DAY]), 1), 31)
-        days = datetime.date(year, month, 1).toordinal() - _EPOCH_ORDINAL + day - 1
+        days = days_from_date(year, month, 1) + day - 1
         hour = min(self._decode_hour(ram[HOURS]), 23)
         minute = min(decode(ram[MINUTES]), 59)
         second = min(decode(ram[SECONDS]), 59)

@@ -8,7 +8,6 @@ no longer verifies is extracted again.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import mmap
 import os
@@ -63,7 +62,11 @@ def extract_vmlinux_data(data: bytes, *, cache_dir: str | os.PathLike | None = N
     """Like extract_vmlinux, for the bzImage's bytes (`data_sha256`: their sha256, if known)."""
     parse_setup_header(data)  # fail on a non-bzImage before touching the cache
     directory = Path(cache_dir) if cache_dir is not None else cache_directory()
-    path = directory / f"{data_sha256 or hashlib.sha256(data).hexdigest()}.vmlinux"
+    if data_sha256 is None:
+        import hashlib  # (here: a caller with the digest remembered does not start OpenSSL)
+
+        data_sha256 = hashlib.sha256(data).hexdigest()
+    path = directory / f"{data_sha256}.vmlinux"
     if _cached_ok(path):
         logger.debug("using cached vmlinux %s", path)
         return path
