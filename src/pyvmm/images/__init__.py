@@ -34,6 +34,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..lazy_exports import lazy_exports
+
 if TYPE_CHECKING:
     from .build import build_default_image, default_image
     from .cache import GuestImage, cache_root, cached_image, image_dir
@@ -41,9 +43,8 @@ if TYPE_CHECKING:
     from .image import DEFAULT_CMDLINE, FORMAT_VERSION, IMAGE_NAME, ImageError, print_to_stderr
     from .recipe import init_script
 
-# Each name from the module that defines it, loaded at first use (PEP 562): `pyvmm run
-# --kernel` and every other command that only registers `pyvmm image` (images.cli) import this
-# package without needing the builder's imports (shutil, bz2, lzma, tempfile, ...).
+# loaded at first use (lazy_exports.py): `pyvmm run --kernel` and every other command that
+# only registers `pyvmm image` (images.cli) need none of the builder's imports
 _SOURCES = {
     "build_default_image": "build", "default_image": "build",
     "GuestImage": "cache", "cache_root": "cache", "cached_image": "cache", "image_dir": "cache",
@@ -54,18 +55,4 @@ _SOURCES = {
 }
 
 __all__ = sorted(_SOURCES)
-
-
-def __getattr__(name: str) -> object:
-    module = _SOURCES.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from importlib import import_module
-
-    value = getattr(import_module(f".{module}", __name__), name)
-    globals()[name] = value  # looked up once
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_SOURCES})
+__getattr__, __dir__ = lazy_exports(__name__, _SOURCES)

@@ -8,26 +8,23 @@ classic 64-bit boot protocol, for kernels without a PVH note or when asked for.
 
 from __future__ import annotations
 
-from .bzimage import SetupHeader, is_bzimage, load_bzimage, parse_setup_header, payload_of, place_initrd
-from .decompress import decompress_payload, payload_format
-from .extract import cache_directory, extract_vmlinux, extract_vmlinux_data, vmlinux_from_bzimage
-from .pvh import NoPvhNoteError, find_pvh_entry, load_pvh, verify_vmlinux
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "NoPvhNoteError",
-    "SetupHeader",
-    "cache_directory",
-    "decompress_payload",
-    "extract_vmlinux",
-    "extract_vmlinux_data",
-    "find_pvh_entry",
-    "is_bzimage",
-    "load_bzimage",
-    "load_pvh",
-    "parse_setup_header",
-    "payload_format",
-    "payload_of",
-    "place_initrd",
-    "verify_vmlinux",
-    "vmlinux_from_bzimage",
-]
+from ...lazy_exports import lazy_exports
+
+if TYPE_CHECKING:
+    from .bzimage import SetupHeader, is_bzimage, load_bzimage, parse_setup_header, payload_of, place_initrd
+    from .decompress import decompress_payload, payload_format
+    from .extract import cache_directory, extract_vmlinux, extract_vmlinux_data, vmlinux_from_bzimage
+    from .pvh import NoPvhNoteError, find_pvh_entry, load_pvh, verify_vmlinux
+
+# loaded at first use (lazy_exports.py): telling an ELF kernel from a bzImage needs bzimage.py
+# alone, a vmlinux found in the cache needs no decompressor
+_SOURCES = {"SetupHeader": "bzimage", "is_bzimage": "bzimage", "load_bzimage": "bzimage",
+            "parse_setup_header": "bzimage", "payload_of": "bzimage", "place_initrd": "bzimage",
+            "decompress_payload": "decompress", "payload_format": "decompress",
+            "cache_directory": "extract", "extract_vmlinux": "extract", "extract_vmlinux_data": "extract",
+            "vmlinux_from_bzimage": "extract",
+            "NoPvhNoteError": "pvh", "find_pvh_entry": "pvh", "load_pvh": "pvh", "verify_vmlinux": "pvh"}
+__all__ = sorted(_SOURCES)
+__getattr__, __dir__ = lazy_exports(__name__, _SOURCES)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -73,6 +72,8 @@ def extract_vmlinux_data(data: bytes, *, cache_dir: str | os.PathLike | None = N
     vmlinux = vmlinux_from_bzimage(data)
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        import tempfile  # (here: a vmlinux found in the cache writes none)
+
         fd, tmp = tempfile.mkstemp(prefix=".vmlinux-", dir=directory)
         try:
             with os.fdopen(fd, "wb") as f:
