@@ -132,13 +132,17 @@ def source_files(module: str, root: str | os.PathLike = PACKAGE_ROOT) -> list[st
     source, and for a C module the headers of its own it includes (`#include "name.h"`, beside it)."""
     import re
 
-    source = os.path.relpath(source_path(module), PACKAGE_ROOT)
+    source = _relative_source(module)
     files = [source]
     if source.endswith(".c"):
         with open(os.path.join(root, source), "rb") as f:
             for name in re.findall(rb'^#include "([^"/]+)"', f.read(), re.MULTILINE):
                 files.append(os.path.join(os.path.dirname(source), name.decode()))
     return files
+
+
+def _relative_source(module: str) -> str:
+    return os.path.join(*module.split(".")) + (".c" if module in C_MODULES else ".py")
 
 
 def source_digests(module: str, root: str | os.PathLike = PACKAGE_ROOT) -> dict[str, str]:
@@ -184,7 +188,7 @@ def usable_build(directory: pathlib.Path) -> tuple[dict[str, pathlib.Path] | Non
             if not shared_object.is_file():
                 return None, f"{entry['file']} is missing"
             if module != manifest["support"]:
-                if source_files(module)[0] not in entry["sources"]:
+                if _relative_source(module) not in entry["sources"]:
                     return None, f"{module} was built from other sources"
                 built_from += [(module, name, digest) for name, digest in entry["sources"].items()]
             located[module] = shared_object

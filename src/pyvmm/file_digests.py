@@ -3,7 +3,7 @@
 `pyvmm run` checks the default guest's kernel, initramfs and System.map against its image's
 manifest and finds the kernel's extracted vmlinux by the kernel's sha256: it hashed the 14 MiB
 kernel twice and the others once at every start. A digest is remembered in
-the user's cache (file-digests.json) under the file's real path with its device, inode, size,
+the user's cache (file-digests.json) under the file's absolute path with its device, inode, size,
 mtime and ctime, and used again only while all five are the same. Every write to a file moves its
 ctime, which nobody can set back (utimensat sets it to now), so a changed file is hashed again;
 what the memo cannot see is a change below the filesystem (a disk's own corruption). A file
@@ -103,7 +103,9 @@ def _note(memo: dict[str, list], path: str | os.PathLike, before: os.stat_result
 
 
 def _key(path: str | os.PathLike) -> str:
-    return os.path.realpath(os.fsdecode(path))
+    # absolute, not resolved (resolving links costs a system call per path component, and the
+    # entry is checked against the file's identity anyway)
+    return os.path.abspath(os.fsdecode(path))
 
 
 def _identity(stat: os.stat_result) -> list:

@@ -30,7 +30,7 @@ def sha(data: bytes) -> str:
 def plant(memo_path, path, digest: str) -> None:
     """Overwrite the remembered digest of `path`: a later answer of `digest` came from the memo."""
     memo = json.loads(memo_path.read_text())
-    memo[os.path.realpath(path)][5] = digest
+    memo[os.path.abspath(path)][5] = digest
     memo_path.write_text(json.dumps(memo))
 
 
@@ -46,10 +46,14 @@ def test_unchanged_file_answered_from_the_memo(tmp_path, private_cache, settled)
     assert file_digests.sha256_file(path) == sha(b"kernel bytes")
     plant(private_cache, path, "remembered")
     assert file_digests.sha256_file(path) == "remembered"
-    # under another name for the same file (a symlink): the same entry
+    # under another name for the same file (a symlink): an entry of its own (names are not
+    # resolved: that costs a system call per path component), remembered from then on
     link = tmp_path / "link"
     link.symlink_to(path)
-    assert file_digests.sha256_file(link) == "remembered"
+    assert file_digests.sha256_file(link) == sha(b"kernel bytes")
+    plant(private_cache, link, "remembered under the link")
+    assert file_digests.sha256_file(link) == "remembered under the link"
+    assert file_digests.sha256_file(path) == "remembered"
 
 
 @pytest.mark.parametrize("change", ["size", "replaced", "times"])
@@ -97,7 +101,7 @@ def test_a_corrupt_memo_only_means_hashing_again(tmp_path, private_cache, settle
     path = tmp_path / "kernel"
     path.write_bytes(b"contents")
     assert file_digests.sha256_file(path) == sha(b"contents")
-    assert json.loads(private_cache.read_text())[os.path.realpath(path)][5] == sha(b"contents")
+    assert json.loads(private_cache.read_text())[os.path.abspath(path)][5] == sha(b"contents")
 
 
 def test_an_unwritable_cache_only_means_hashing_again(tmp_path, monkeypatch, settled):
@@ -118,7 +122,7 @@ def test_the_memo_keeps_the_most_recent_files(tmp_path, private_cache, settled, 
         paths.append(tmp_path / f"f{i}")
         paths[-1].write_bytes(b"%d" % i)
         file_digests.sha256_file(paths[-1])
-    assert list(json.loads(private_cache.read_text())) == [os.path.realpath(p) for p in paths[2:]]
+    assert list(json.loads(private_cache.read_text())) == [os.path.abspath(p) for p in paths[2:]]
     assert not list(private_cache.parent.glob(".file-digests*"))  # no temporary files left
 
 
