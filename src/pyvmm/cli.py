@@ -41,7 +41,7 @@ def command_named(argv: list[str]) -> str | None:
 class _OneCommand:
     """The subparsers action as the registrars see it when one command is being parsed: only
     that command's parser is built (building all 46, their help text and gettext lookups
-    included, was a good part of start-up); the others' definitions go to _SKIPPED."""
+    included, cost every start several milliseconds); the others' definitions go to _SKIPPED."""
 
     def __init__(self, subparsers, wanted: str) -> None:
         self.subparsers, self.wanted, self.found = subparsers, wanted, False

@@ -5,23 +5,25 @@ several times as long as QEMU's start-up (benchmarks/start_up.py). What this mod
 and after it:
 
 - Compiling the methods `dataclasses` writes as source text for each class (about 100 classes,
-  550 functions: a good part of start-up's imports). begin() has the dataclasses module compile
-  through a cache of the code objects by their source text, kept in the user's cache per Python
-  version like a .pyc: the same text compiles to the same code, so a class behaves exactly as
-  without the cache.
+  550 functions: a good part of start-up's imports). `import pyvmm` has the dataclasses module
+  compile pyvmm's own classes through a cache of the code objects by their source text, kept in
+  the user's cache per Python version like a .pyc: the same text compiles to the same code, so
+  a class behaves exactly as without the cache. Other classes (a program's that uses pyvmm as a
+  library) compile as without it. The file is read when the first of pyvmm's classes is made.
   The file is code pyvmm runs, so it is read only when the process's own user owns it and
   nobody else may write to it; anything unexpected in it means compiling as before. The cache
-  is saved and let go when the VM starts, and never written once a VM started in the process
-  (the VM's seccomp filter may forbid the calls).
+  is saved (at exit, or when a VM starts) and let go when the first VM starts, and never
+  written after that (the VM's seccomp filter may forbid the calls).
 - The collector's passes, while the VM runs and at exit, over the objects start-up made, nearly
-  all of which live as long as the process. Vm.start() calls vm_starting(), which collects the
-  young generations once (start-up's recent garbage) and moves everything left out of the
-  collector's sight for good
-  (gc.freeze: later passes, the last one at exit among them, look only at what the run makes).
-  Collection during start-up itself stays as it was: deferring it kept those scratch engines
-  alive together (more peak memory for a software-CPU VM) for a gain lost in the noise.
+  all of which live as long as the process. In a process whose entry point called begin() (the
+  CLI, a managed VM's process, the Firecracker launcher), Vm.start() calls vm_starting(), which
+  collects the young generations once (start-up's recent garbage) and moves everything left
+  out of the collector's sight for good (gc.freeze: later passes, the last one at exit among
+  them, look only at what the run makes). Collection during start-up itself stays as it was:
+  deferring it kept the software CPU probes' scratch engines alive together (more peak memory)
+  for a gain lost in the noise.
 
-Library users never call begin(): their dataclasses and their collector are left alone.
+Library users never call begin(): their collector is left alone.
 """
 
 from __future__ import annotations
@@ -46,8 +48,14 @@ _MAX_CODES = 4096
 _began = False
 
 
+def cache_dataclass_code() -> None:
+    """pyvmm's own dataclasses compile through the code cache from now on (`import pyvmm` calls
+    it; idempotent). Other classes compile as they would without it."""
+    _codes.install()
+
+
 def begin() -> None:
-    """A process that will start a VM: reuse dataclass code compiled by earlier runs (idempotent)."""
+    """A process that will start a VM: its heap frozen when the VM starts (idempotent)."""
     global _began
     _began = True
     _codes.install()
@@ -71,18 +79,23 @@ def vm_starting() -> None:
         # no more than a handful of objects (a help formatter, a ctypes function) beyond them.
         gc.collect(1)
         gc.freeze()
-    _codes.save(last=True, write=began)
+    _codes.save(last=True)  # (before the VM's seccomp filter, if it has one, goes in)
 
 
 def code_file() -> str:
     return os.fspath(user_cache("dataclass-code", f"{sys.implementation.cache_tag}.marshal"))
 
 
+# The classes whose code is cached: pyvmm's (a program using pyvmm as a library has its own
+# classes compiled as Python compiles them, and none of its code in pyvmm's cache file).
+CACHED_MODULES = "pyvmm."
+
+
 class _CodeCache:
     """The code objects of dataclass-generated functions, by source text."""
 
     def __init__(self) -> None:
-        self._codes: dict[str, CodeType] = {}
+        self._codes: dict[str, CodeType] | None = None  # None: the file not read yet
         self._new = 0
         self._installed = False
         self._saved_for_good = False
@@ -90,35 +103,43 @@ class _CodeCache:
         self._lock = threading.Lock()
 
     def install(self) -> None:
-        if self._installed:
+        if self._installed or self._saved_for_good:
             return
         self._installed = True
-        self._path = code_file()
-        self._codes = _read(self._path)
         # dataclasses compiles with the builtin exec, looked up in its module's globals first
         dataclasses.exec = self._exec  # type: ignore[attr-defined]
         atexit.register(self.save)
 
     def _exec(self, source, globals=None, locals=None) -> None:
-        if isinstance(source, str):
-            code = self._codes.get(source)
+        # (dataclasses passes the class's module's namespace as the globals)
+        if isinstance(source, str) and str((globals or {}).get("__name__", "")).startswith(CACHED_MODULES):
+            with self._lock:
+                if self._codes is None:  # read at the first class to make: `import pyvmm` alone reads nothing
+                    try:
+                        self._path = code_file()
+                    except RuntimeError:  # no home directory (e.g. a jailed VM's user): nowhere to keep it
+                        self._path = ""
+                    self._codes = _read(self._path) if self._path else {}
+                code = self._codes.get(source)
             if code is None:
                 # exec(text) in the dataclasses module inherits no __future__ flags: neither may this
                 code = compile(source, "<string>", "exec", dont_inherit=True)
                 with self._lock:
-                    self._codes[source] = code
-                    self._new += 1
+                    if self._codes is not None:
+                        self._codes[source] = code
+                        self._new += 1
             source = code
         builtins.exec(source, globals, locals)
 
-    def save(self, last: bool = False, write: bool = True) -> None:
-        """Write the cache if this process compiled anything new (and `write`). `last`: never again
-        after this (a VM is starting: its seccomp filter would kill the process for the file calls)."""
+    def save(self, last: bool = False) -> None:
+        """Write the cache if this process compiled anything new. `last`: never again after this
+        (a VM is starting: its seccomp filter, if it has one, would kill the process for the file
+        calls)."""
         with self._lock:
-            changed = self._new and write and not self._saved_for_good
+            changed = bool(self._new) and bool(self._path) and not self._saved_for_good
             self._saved_for_good |= last
             self._new = 0
-            codes = dict(self._codes) if changed else {}
+            codes = dict(self._codes or {}) if changed else {}
             if last:  # nothing to keep them for: a few MiB back, classes made later compile as usual
                 self._codes = {}
                 if vars(dataclasses).get("exec") == self._exec:

@@ -20,6 +20,7 @@ def restore_process(tmp_path, monkeypatch):
     """Each test gets the collector, the dataclasses module and a cache directory of its own."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setattr(start_up, "_codes", start_up._CodeCache())
+    monkeypatch.setattr(start_up, "CACHED_MODULES", __name__)  # this module's classes, as if pyvmm's
     start_up.end()
     frozen = gc.get_freeze_count()
     yield
@@ -88,6 +89,7 @@ def test_dataclass_code_kept_for_the_next_run(monkeypatch):
     # the next run: a new process reads the file and compiles nothing it holds
     assert "exec" not in vars(dataclasses) and not start_up._codes._codes  # gone with the last save
     monkeypatch.setattr(start_up, "_codes", start_up._CodeCache())
+    monkeypatch.setattr(start_up, "CACHED_MODULES", __name__)  # this module's classes, as if pyvmm's
     start_up.begin()
     monkeypatch.setattr(start_up, "compile", refuse_compile, raising=False)
     Again = make_class()
@@ -153,20 +155,46 @@ def test_an_unusable_cache_file_means_compiling(damage, tmp_path):
 
 def test_processes_add_to_the_cache_each_other_wrote():
     first = start_up._CodeCache()
-    first.install()  # reads an empty cache
+    first.install()
+    namespace = {"__name__": start_up.CACHED_MODULES}
+    first._exec("x = 1", namespace, namespace)  # reads the (empty) file, compiles one
     second = start_up._CodeCache()
     second.install()  # the dataclasses hook is second's now
     make_class()
     second.save()
     saved = set(start_up._read(start_up.code_file()))
     assert saved and saved == set(second._codes)
-    first._codes["source only the first compiled"] = compile("x = 1", "<string>", "exec")
-    first._new = 1
     first.save()  # what the second wrote stays
-    assert set(start_up._read(start_up.code_file())) == saved | {"source only the first compiled"}
+    assert set(start_up._read(start_up.code_file())) == saved | {"x = 1"}
 
 
 def test_the_cache_starts_again_past_its_bound(monkeypatch):
     monkeypatch.setattr(start_up, "_MAX_CODES", 2)
     path = written_cache()  # a frozen dataclass: more than two functions
     assert start_up._read(path) == {}
+
+
+def test_only_pyvmms_own_classes_are_cached(monkeypatch):
+    """A program using pyvmm as a library: its classes compile as usual, nothing of them is kept."""
+    monkeypatch.setattr(start_up, "CACHED_MODULES", "pyvmm.")
+    start_up.cache_dataclass_code()
+    assert make_class()(1).y == 2
+    assert not start_up._codes._codes and start_up._codes._new == 0
+    start_up._codes.save()
+    assert not os.path.exists(start_up.code_file())
+    exec_ = vars(dataclasses)["exec"]  # as dataclasses calls it for a class of a pyvmm module
+    namespace = {"__name__": "pyvmm.some_module"}
+    exec_("def f(): return 1", namespace, namespace)
+    assert namespace["f"]() == 1 and list(start_up._codes._codes) == ["def f(): return 1"]
+
+
+def test_a_library_process_keeps_its_code_when_a_vm_starts_and_never_after():
+    start_up.cache_dataclass_code()  # `import pyvmm`, no begin()
+    make_class()
+    frozen = gc.get_freeze_count()
+    start_up.vm_starting()
+    assert os.path.exists(start_up.code_file()) and gc.get_freeze_count() == frozen
+    os.unlink(start_up.code_file())
+    make_class()
+    start_up._codes.save()  # what the exit handler does
+    assert not os.path.exists(start_up.code_file())
