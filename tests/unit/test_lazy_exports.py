@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-PACKAGES = ["pyvmm.images", "pyvmm.net", "pyvmm.loader.linux"]
+PACKAGES = ["pyvmm.images", "pyvmm.net", "pyvmm.loader.linux", "pyvmm.accel.kvm", "pyvmm.kvm"]
 
 
 @pytest.mark.parametrize("package", PACKAGES)

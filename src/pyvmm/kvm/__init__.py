@@ -1,11 +1,23 @@
 """The only layer that issues ioctls on /dev/kvm, VM and vCPU fds."""
 
-from .errors import KvmError, KvmUnavailable
-from .system import CpuidEntry, Kvm
-from .vcpu import VcpuFd
-from .vm import VmFd
+from __future__ import annotations
 
-__all__ = ["CpuidEntry", "Kvm", "KvmError", "KvmUnavailable", "VcpuFd", "VmFd"]
+from typing import TYPE_CHECKING
+
+from ..lazy_exports import lazy_exports
+
+if TYPE_CHECKING:
+    from .errors import KvmError, KvmUnavailable
+    from .system import CpuidEntry, Kvm
+    from .vcpu import VcpuFd
+    from .vm import VmFd
+
+# loaded at first use (lazy_exports.py): the CPU state's types need system.py's CpuidEntry, a
+# VM on the software CPU none of the vCPU machinery
+_SOURCES = {"KvmError": "errors", "KvmUnavailable": "errors", "CpuidEntry": "system", "Kvm": "system",
+            "VcpuFd": "vcpu", "VmFd": "vm"}
+__all__ = sorted(_SOURCES)
+__getattr__, __dir__ = lazy_exports(__name__, _SOURCES)
 
 
 def ioctl_request(name: str) -> int:
