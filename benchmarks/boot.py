@@ -89,7 +89,12 @@ if builder.GuestNotify is not GuestNotify:
 builder.GuestNotify = BenchGuestNotify
 from pyvmm.cli import main
 sys.argv[0] = "pyvmm"
-sys.exit(main(sys.argv[1:]))
+status = main(sys.argv[1:])
+try:  # how the pyvmm command ends (not in checkouts before start_up.exit_process)
+    from pyvmm.start_up import exit_process
+except ImportError:
+    sys.exit(status)
+exit_process(status)
 """
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import NoReturn
 
 from . import __version__, start_up
 
@@ -190,6 +191,12 @@ def _build_parser(only: str | None) -> tuple[argparse.ArgumentParser, bool]:
     info = sub.add_parser("kvm-info", parents=[common], help="what this host's KVM offers, and how fast it runs guest kernel code")
     info.add_argument("--no-calibrate", action="store_true", help="skip the calibration guest")
     return parser, not isinstance(sub, _OneCommand) or sub.found
+
+
+def entry() -> NoReturn:
+    """The `pyvmm` command (and `python -m pyvmm.cli`): main(), then the process ends without the
+    interpreter's teardown (start_up.exit_process)."""
+    start_up.exit_process(main())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -374,4 +381,4 @@ def _cmd_run(args) -> int:
     return outcome.status
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

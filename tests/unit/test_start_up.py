@@ -8,6 +8,9 @@ import gc
 import importlib.util
 import marshal
 import os
+import subprocess
+import sys
+import time
 import weakref
 
 import pytest
@@ -198,3 +201,28 @@ def test_a_library_process_keeps_its_code_when_a_vm_starts_and_never_after():
     make_class()
     start_up._codes.save()  # what the exit handler does
     assert not os.path.exists(start_up.code_file())
+
+
+EXITING = """
+import atexit, os, sys, threading, time
+from pyvmm import start_up
+atexit.register(lambda: open(sys.argv[1], "w").write("atexit ran"))
+sys.stdout.write("buffered, no newline")  # a pipe: block-buffered until flushed
+threading.Thread(target=time.sleep, args=(60,), daemon=True).start()  # does not hold the exit
+if sys.argv[2] == "worker":
+    threading.Thread(target=lambda: (time.sleep(0.3), open(sys.argv[1] + ".worker", "w").write("done"))).start()
+start_up.exit_process(5)
+"""
+
+
+@pytest.mark.parametrize("threads", ["daemon only", "worker"])
+def test_exit_process_runs_the_exit_handlers_flushes_and_keeps_the_status(tmp_path, threads):
+    marker = tmp_path / "marker"
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", EXITING, str(marker), threads.split()[0]], capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 5 and done.stdout == "buffered, no newline" and done.stderr == ""
+    assert marker.read_text() == "atexit ran"
+    assert time.monotonic() - started < 30  # the sleeping daemon thread did not hold it
+    if threads == "worker":  # a non-daemon thread still running: the interpreter's exit, which waits for it
+        assert (tmp_path / "marker.worker").read_text() == "done"
