@@ -16,6 +16,7 @@ from typing import Callable
 
 import unicorn as U
 import unicorn.x86_const as X
+from unicorn.unicorn_py3.unicorn import uclib
 
 from ...arch.x86_64.cpu_state import CR0_PE, EFER_LMA, CpuState, VcpuState
 from ...arch.x86_64.paging import PagingMode, read_linear, write_linear
@@ -43,6 +44,7 @@ INVALID_OPCODE = 6
 NMI_VECTOR = 2
 CR4_OSXSAVE, CR4_PKE = 1 << 18, 1 << 22
 CPUID1_ECX_OSXSAVE, CPUID7_ECX_OSPKE = 1 << 27, 1 << 4
+uc_emu_start = uclib.uc_emu_start
 _NEVER = 0xFFFF_FFFF_FFFF_FFFF  # address mask; also the ignored `until` argument (exits mode)
 HLT_OPCODE = 0xF4
 PAUSE = b"\xf3\x90"
@@ -122,13 +124,19 @@ class TcgVcpu:
             interrupts.arm(injected, keep_request=self.want_interrupt_window)
         self.want_interrupt_window = self.want_nmi_window = self.window_exit = False
         timer.begin(self.engine.request_stop, seconds)
-        error, requested = None, None
+        error: int | None = None  # uc_emu_start's status when not UC_ERR_OK
+        requested = None
         running = helper_patch.running
         running.vcpu = self  # the patched helpers (msr_cr_policy.py) act for this vCPU
+        # uc_emu_start itself, not the binding's emu_start: that raised a UcError for every slice
+        # the timer ended (STOP_ERROR), an exception object and its traceback per slice.
+        uc._hook_exception = None  # a hook's exception, kept by the hooks' wrappers for after the slice
         try:
-            uc.emu_start(rip, _NEVER)
-        except U.UcError as exc:
-            error = exc
+            status = uc_emu_start(uc._uch, rip, _NEVER, 0, 0)
+            if status != U.UC_ERR_OK:
+                error = status
+            elif uc._hook_exception is not None:
+                raise uc._hook_exception
         finally:
             running.vcpu = None
             stopped = timer.end()
@@ -159,8 +167,8 @@ class TcgVcpu:
                 return _SHUTDOWN
         if self._exit is not None:
             return self._exit
-        if error is not None and error.errno != STOP_ERROR:
-            return EmulationError(f"the software CPU stopped at {self.describe_position()}: {error}")
+        if error is not None and error != STOP_ERROR:
+            return EmulationError(f"the software CPU stopped at {self.describe_position()}: {U.UcError(error)}")
         # Unicorn returns from emu_start after HLT without saying so: a slice that nobody
         # stopped ended on a HLT. (One that was stopped may have just executed a HLT too: it
         # counts as interrupted, and the guest sees a wakeup, as after an interrupt.)
