@@ -84,10 +84,10 @@ def test_a_c_modules_sources_are_the_headers_of_its_own_it_includes(tmp_path):
     source.parent.mkdir(parents=True)
     source.write_text('#include <Python.h>\n#include "shared.h"\nint f(void) { return g(); }\n')
     (source.parent / "shared.h").write_text("static int g(void) { return 1; }\n")
+    relative = source.relative_to(tmp_path)
     digests = compiled.source_digests(module, tmp_path)
-    assert sorted(digests) == sorted([str(source.relative_to(tmp_path)), str(source.relative_to(tmp_path).with_name("shared.h"))])
-    assert digests[str(source.relative_to(tmp_path).with_name("shared.h"))] == \
-        hashlib.sha256(b"static int g(void) { return 1; }\n").hexdigest()
+    assert sorted(digests) == sorted([str(relative), str(relative.with_name("shared.h"))])
+    assert digests[str(relative.with_name("shared.h"))] == hashlib.sha256(b"static int g(void) { return 1; }\n").hexdigest()
 
 
 def test_a_module_built_from_another_source_is_not_used(tmp_path):
@@ -98,7 +98,8 @@ def test_a_module_built_from_another_source_is_not_used(tmp_path):
 
 
 def test_the_sources_digests_are_remembered_while_unchanged(tmp_path, monkeypatch):
-    """A second check hashes nothing (file_digests' memo); a source whose file changed is hashed again."""
+    """A second check hashes nothing: the digests come from file_digests' memo (which hashes a
+    changed file again: tests/unit/test_file_digests.py)."""
     import hashlib as real_hashlib
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
