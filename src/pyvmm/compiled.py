@@ -124,7 +124,12 @@ def build_directory() -> pathlib.Path:
 def source_path(module: str) -> pathlib.Path:
     import pathlib
 
-    return pathlib.Path(PACKAGE_ROOT, *module.split(".")).with_suffix(".c" if module in C_MODULES else ".py")
+    return pathlib.Path(PACKAGE_ROOT, source_relpath(module))
+
+
+def source_relpath(module: str) -> str:
+    """A module's source (.py, or .c for C_MODULES), relative to the directory holding pyvmm/."""
+    return os.path.join(*module.split(".")) + (".c" if module in C_MODULES else ".py")
 
 
 def source_files(module: str, root: str | os.PathLike = PACKAGE_ROOT) -> list[str]:
@@ -132,17 +137,13 @@ def source_files(module: str, root: str | os.PathLike = PACKAGE_ROOT) -> list[st
     source, and for a C module the headers of its own it includes (`#include "name.h"`, beside it)."""
     import re
 
-    source = _relative_source(module)
+    source = source_relpath(module)
     files = [source]
     if source.endswith(".c"):
         with open(os.path.join(root, source), "rb") as f:
             for name in re.findall(rb'^#include "([^"/]+)"', f.read(), re.MULTILINE):
                 files.append(os.path.join(os.path.dirname(source), name.decode()))
     return files
-
-
-def _relative_source(module: str) -> str:
-    return os.path.join(*module.split(".")) + (".c" if module in C_MODULES else ".py")
 
 
 def source_digests(module: str, root: str | os.PathLike = PACKAGE_ROOT) -> dict[str, str]:
@@ -188,7 +189,7 @@ def usable_build(directory: pathlib.Path) -> tuple[dict[str, pathlib.Path] | Non
             if not shared_object.is_file():
                 return None, f"{entry['file']} is missing"
             if module != manifest["support"]:
-                if _relative_source(module) not in entry["sources"]:
+                if source_relpath(module) not in entry["sources"]:
                     return None, f"{module} was built from other sources"
                 built_from += [(module, name, digest) for name, digest in entry["sources"].items()]
             located[module] = shared_object

@@ -40,9 +40,9 @@ def sha256_files(paths: list[str | os.PathLike]) -> list[str]:
     for path in paths:
         with open(path, "rb") as f:
             before = os.fstat(f.fileno())
-            entry = memo.get(_key(path))
-            if entry is not None and entry[:5] == _identity(before):
-                digests.append(entry[5])
+            known = _known(memo, path, before)
+            if known is not None:
+                digests.append(known)
                 continue
             import hashlib  # (here: OpenSSL's start costs every run that finds its digests remembered)
 
@@ -58,20 +58,26 @@ def sha256_files(paths: list[str | os.PathLike]) -> list[str]:
 
 def sha256_of_read(path: str | os.PathLike, before: os.stat_result, after: os.stat_result, data: bytes) -> str:
     """The hex sha256 of `data`, the whole file at `path` read between two fstat()s of it."""
+    memo = _load()
     if _identity(before) == _identity(after):
-        known = known_sha256(path, after)
+        known = _known(memo, path, after)
         if known is not None:
             return known
     import hashlib
 
     hexdigest = hashlib.sha256(data).hexdigest()
-    remember(path, before, after, hexdigest)
+    if _note(memo, path, before, after, hexdigest):
+        _store(memo)
     return hexdigest
 
 
 def known_sha256(path: str | os.PathLike, stat: os.stat_result) -> str | None:
     """The remembered sha256 of `path` if the file is the one `stat` describes; else None."""
-    entry = _load().get(_key(path))
+    return _known(_load(), path, stat)
+
+
+def _known(memo: dict[str, list], path: str | os.PathLike, stat: os.stat_result) -> str | None:
+    entry = memo.get(_key(path))
     if entry is None or entry[:5] != _identity(stat):
         return None
     return entry[5]
