@@ -17,7 +17,7 @@ from pyvmm.devices.virtio.blk import VirtioBlock
 from pyvmm.devices.virtio import net_tx_thread
 from pyvmm.devices.virtio.net import VirtioNet
 from pyvmm.devices.virtio.rng import VirtioRng
-from pyvmm.inline_kicks import BACKOFF_NS, SLOW_NS, SLOW_STREAK, InlineKicks
+from pyvmm.inline_kicks import BACKOFF_NS, PROBE_EVERY, SLOW_NS, SLOW_STREAK, InlineKicks
 from pyvmm.memory import GuestMemory
 from pyvmm.memory.guest_memory import RegionSpec
 from pyvmm.net.tap import FdBackend
@@ -25,16 +25,19 @@ from pyvmm.net.tap import FdBackend
 
 class Accel:
     """serve_device_work as the software CPU's, in a vCPU's slice or not (`in_slice`); end_slice()
-    runs what the work left for the slice's end."""
+    runs what the work left for the slice's end (`at_hlt`: the guest stopped at a HLT)."""
 
     def __init__(self, clock=None, in_slice: bool = True) -> None:
         self.in_slice, self.clock, self.asked = in_slice, clock, 0
         self.after: dict = {}
+        self.ends: list[bool] = []  # each kick served: whether it ended its slice
+        self.slice_ended_at_hlt = False
 
     def serve_device_work(self, work, after) -> bool:
         self.asked += 1
         if not self.in_slice:
             return False
+        self.ends.append(False)
         done = work()
         if self.clock is not None:
             self.clock.now += self.clock.work_ns  # how long the work took
@@ -42,7 +45,11 @@ class Accel:
             self.after[after] = None
         return done
 
-    def end_slice(self) -> None:
+    def end_running_slice(self) -> None:
+        self.ends[-1] = True
+
+    def end_slice(self, at_hlt: bool = True) -> None:
+        self.slice_ended_at_hlt = at_hlt
         after, self.after = self.after, {}
         for finish in after:
             finish()
@@ -330,3 +337,81 @@ def test_a_reset_while_held_leaves_a_fresh_queue(disk):
     device.reset()
     device.finish_in_place()  # the slice's end after the driver reset the device: nothing to do
     assert not device.queues[0].kicks_held and not device.queues[0].kicks_suppressed
+
+
+def test_a_guest_waiting_for_each_request_gets_its_kicks_ending_their_slice(disk):
+    """Nothing added in the slice after the kick (iodepth 1): the next kicks end their slice, so
+    the interrupt comes at once; every PROBE_EVERY-th lets its slice run on to look again."""
+    device, queue, interrupts = disk
+    accel = Accel()
+    kicks = InlineKicks(device, accel, IoThread())
+    for sector in range(1 + 2 * (PROBE_EVERY + 1)):
+        _read_in_place(kicks, accel, queue, sector % 64)
+    assert accel.ends == [False] + ([True] * PROBE_EVERY + [False]) * 2
+
+
+def test_a_guest_that_did_not_idle_after_its_kick_keeps_one_interrupt_per_slice(disk):
+    """(A slice ended by its time or another interrupt says nothing about what the guest waits for.)"""
+    device, queue, interrupts = disk
+    accel = Accel()
+    kicks = InlineKicks(device, accel, IoThread())
+    for sector in range(3):
+        read_sector(queue, sector)
+        kicks(0)
+        accel.end_slice(at_hlt=False)
+        assert served(queue) == 1
+    assert accel.ends == [False] * 3
+
+
+def test_a_guest_adding_requests_in_the_slice_keeps_one_interrupt_per_slice(disk):
+    """(fio at iodepth 32: a kick ending each slice would make it a kick and an interrupt per request.)"""
+    device, queue, interrupts = disk
+    accel = Accel()
+    kicks = InlineKicks(device, accel, IoThread())
+    for round_ in range(3):
+        read_sector(queue, 1)
+        kicks(0)
+        read_sector(queue, 2)  # no kick asked for: served at the slice's end
+        accel.end_slice()
+        assert served(queue) == 2
+    assert accel.ends == [False] * 3
+
+
+def test_a_probe_that_finds_more_requests_stops_ending_slices(disk):
+    device, queue, interrupts = disk
+    accel = Accel()
+    kicks = InlineKicks(device, accel, IoThread())
+    for sector in range(1 + PROBE_EVERY):
+        _read_in_place(kicks, accel, queue, sector)
+    read_sector(queue, 40)
+    kicks(0)  # the probe: its slice runs on, and the guest adds another request
+    read_sector(queue, 41)
+    accel.end_slice()
+    assert served(queue) == 2
+    _read_in_place(kicks, accel, queue, 42)
+    assert accel.ends == [False] + [True] * PROBE_EVERY + [False, False]
+
+
+class HandingOver:
+    """A device whose kicks hand their requests to other threads (a large disk transfer):
+    served in place, nothing completed there."""
+
+    name, quick_queues = "handing-over", True
+
+    def __init__(self) -> None:
+        self.queues = [VirtioRng(source=bytes).queues[0]]
+
+    def serve_in_place(self, queue_index: int) -> bool:
+        return True
+
+    def finish_in_place(self) -> bool:
+        return False  # nothing came: the guest waits (for the transfer)
+
+
+def test_a_kick_whose_requests_complete_elsewhere_does_not_end_its_slice():
+    device, accel = HandingOver(), Accel()
+    kicks = InlineKicks(device, accel, IoThread())
+    for _ in range(4):
+        kicks(0)
+        accel.end_slice()
+    assert accel.ends == [False] * 4 and kicks.ending_slices  # (the interrupt comes when it is done)

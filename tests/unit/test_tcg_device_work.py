@@ -52,12 +52,15 @@ class Kickable:
         self.served: list[bool] = []
         self.busy = False
         self.finished = 0
+        self.end_slice = False
 
     def read(self, offset: int, size: int) -> bytes:
         return bytes(size)
 
     def write(self, offset: int, data: bytes) -> None:
         self.served.append(self.accel.serve_device_work(self._work, self.finish))
+        if self.end_slice:
+            self.accel.end_running_slice()
 
     def finish(self) -> None:
         self.finished += 1
@@ -124,6 +127,22 @@ def test_work_that_finds_its_device_busy_is_not_counted_nor_finished(machine):
     assert cpu.stats["kicks_served"] == 0
     device.accel._finish_slice_work()
     assert device.finished == 0
+
+
+@pytest.mark.parametrize("end_slice", [False, True])
+def test_work_that_asks_for_it_ends_the_slice_after_the_write(machine, end_slice):
+    """The slice ends where the block with the kick ends (the slice timer's stop), not at the HLT
+    that follows: a slice of a minute would otherwise end there as a HLT."""
+    cpu, memory, device = machine
+    device.end_slice = end_slice
+    memory.write(CODE, b"\xb9" + KICK.to_bytes(4, "little") + b"\xc7\x01" + (1).to_bytes(4, "little") + b"\xf4")
+    memory.write(FUNCTION, _returns(1))
+    cpu.translator.activate(cpu)
+    cpu.regs.write(X.UC_X86_REG_RIP, CODE)
+    cpu.regs.write(X.UC_X86_REG_RSP, STACK_TOP)
+    exit_ = cpu.run(60)
+    assert device.served == [True]
+    assert isinstance(exit_, Interrupted if end_slice else Hlt)
 
 
 def test_no_work_is_served_off_the_vcpu_thread(machine):

@@ -143,13 +143,20 @@ class Accelerator(Protocol):
     def thaw_time(self) -> None:
         """The VM resumes: guest time continues from where it stood."""
 
-    def serve_device_work(self, work: Callable[[], bool], after: Callable[[], None]) -> bool:
+    def serve_device_work(self, work: Callable[[], bool], after: Callable[[], object]) -> bool:
         """From a device register's handler, on the thread whose guest write reached it (a
         queue kick): run `work()` right there if this accelerator can, and return its result
         (False: `work` did nothing, its device was busy), then call `after()` once the guest
         code running now stops (the software CPU's slice), to send what `work` held back (its
-        interrupts); False, running neither, where it cannot: the caller hands the work to
-        the I/O thread (inline_kicks.py)."""
+        interrupts; `slice_ended_at_hlt` says meanwhile whether that code stopped at a HLT);
+        False, running neither, where it cannot: the caller hands the work to the I/O thread
+        (inline_kicks.py)."""
+
+    slice_ended_at_hlt: bool
+
+    def end_running_slice(self) -> None:
+        """After serve_device_work() served: stop the guest code running on this thread where
+        its block ends, so `after()` comes at once (the software CPU's slice timer's stop)."""
 
     # Whether the I/O thread must not preempt the guest when a kick wakes it (IoThread `yields`):
     # true where one host thread runs the guest and wakes the I/O thread itself (the software CPU).

@@ -77,6 +77,7 @@ class KvmAccelerator:
     logs_guest_writes = True  # KVM_MEM_LOG_DIRTY_PAGES
     io_thread_yields = False  # kicks are ioeventfds: the vCPU stays in the guest meanwhile
     threads_share_one_host_cpu = False  # vCPUs run guest code in KVM_RUN, without the GIL
+    slice_ended_at_hlt = False  # (no slices: serve_device_work never serves here)
     linux_cmdline = ""
     memory: GuestMemory  # set by map_memory()
 
@@ -319,6 +320,9 @@ class KvmAccelerator:
         """Never here: a kick is an ioeventfd the I/O thread serves, and one that reaches a
         transport (before its ioeventfd is in place) goes there too."""
         return False
+
+    def end_running_slice(self) -> None:
+        """Nothing: serve_device_work never serves here."""
 
     def close(self) -> None:
         for vcpu in [*self.vcpus, *self._unplugged.values()]:

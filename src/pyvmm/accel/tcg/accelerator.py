@@ -112,7 +112,8 @@ class TcgAccelerator:
         self._dma_lock = threading.Lock()
         self._dma_writes: list[tuple[int, int]] = []  # (address, length) devices wrote
         # what serve_device_work() leaves for the slice's end (in order, each once) and whether it serves at all
-        self._after_slice: dict[Callable[[], None], None] = {}
+        self._after_slice: dict[Callable[[], object], None] = {}
+        self.slice_ended_at_hlt = False  # (for those callbacks: serve_device_work)
         self._serves_kicks = os.environ.get(KICKS_SETTING, "") != "io-thread"
 
     # --- machine ---------------------------------------------------------------------------
@@ -147,12 +148,13 @@ class TcgAccelerator:
             if len(self._dma_writes) > MAX_DMA_RUNS:  # (no vCPU ran for a long while)
                 self._dma_writes = [(0, ALL_ADDRESSES)]
 
-    def serve_device_work(self, work: Callable[[], bool], after: Callable[[], None]) -> bool:
+    def serve_device_work(self, work: Callable[[], bool], after: Callable[[], object]) -> bool:
         """In the running slice, on its vCPU's thread (not with PYVMM_TCG_KICKS=io-thread).
         The code translated from what the device wrote is dropped before the guest runs on;
         `after` runs when the slice ends, so what the guest does meanwhile (more requests, as
         at a deeper queue) is served with one interrupt, and a guest waiting for its request
-        gets the interrupt at its HLT, without a hand-off to the I/O thread and back."""
+        gets the interrupt at its HLT, without a hand-off to the I/O thread and back (or at
+        once: end_running_slice)."""
         vcpu = getattr(helper_patch.running, "vcpu", None)
         if vcpu is None or not self._serves_kicks or not work():
             return False
@@ -161,6 +163,11 @@ class TcgAccelerator:
         self._after_slice[after] = None
         vcpu.stats["kicks_served"] += 1
         return True
+
+    def end_running_slice(self) -> None:
+        vcpu = getattr(helper_patch.running, "vcpu", None)
+        if vcpu is not None:
+            vcpu.slice_timer.kick()  # (the engine stops where the block with the guest's write ends)
 
     def _finish_slice_work(self) -> None:
         after, self._after_slice = self._after_slice, {}
@@ -358,6 +365,7 @@ class TcgAccelerator:
                 spin_loops.arm(len(vcpus) > 1 and self._others_runnable(vcpu))
                 exit_ = vcpu.run(seconds)
                 if self._after_slice:
+                    self.slice_ended_at_hlt = exit_ is HLT
                     self._finish_slice_work()
                 if len(vcpus) > 1:
                     vcpu.spinning = exit_ is INTERRUPTED and spin_loops.at_pause(vcpu)

@@ -202,17 +202,21 @@ class VirtioDevice:
             self.lock.release()
         return True
 
-    def finish_in_place(self) -> None:
+    def finish_in_place(self) -> bool:
         """The guest stopped running on that thread: serve the queues served in place again
-        (requests added without a kick), ask for kicks again, send the interrupts held."""
+        (requests added without a kick), ask for kicks again, send the interrupts held.
+        Whether the driver added requests meanwhile (to a queue that could take them)."""
+        came = False
         with self.lock:
             held, self._held_queues = self._held_queues, set()
             for queue_index in sorted(held):
                 self.queues[queue_index].hold_kicks(False)
                 if not self._nothing_came(queue_index):
+                    came = came or self.queue_usable(queue_index)
                     self.notify(queue_index)       # asks for kicks again as it ends
                 if self.queue_usable(queue_index):
                     self.signal_used(queue_index)  # (a throttled queue serves nothing now)
+        return came
 
     def _nothing_came(self, queue_index: int) -> bool:
         """A queue served with its kicks suppressed, to which the driver added nothing since:
