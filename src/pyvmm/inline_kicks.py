@@ -29,8 +29,9 @@ of every interrupt of its priority class (the serial console once stalled for se
 
 A guest that waits for the one request it kicked for (fio at iodepth 1, a request and its
 answer) got that interrupt only at its HLT: after its way into the idle loop, the slice's end and
-the wake-up, then its way out again. So when a kick served here was the only request of its
-slice, which then ended at the guest's HLT (the driver added nothing without a kick, and the
+the wake-up, then its way out again. So when a device's completions are awaited
+(`completions_awaited`: a disk's, not a NIC's sent frames) and a kick served here was the only
+request of its slice, which then ended at the guest's HLT (the driver added nothing without a kick, and the
 guest went idle), the device's next kicks that complete requests here end the slice where the
 block with the kick ends (end_running_slice): the completion's interrupt comes at once and the
 guest reaps it before it would idle. (Not for a request whose data moves on other threads: a
@@ -95,4 +96,5 @@ class InlineKicks:
 
     def _finish_and_learn(self) -> None:
         """The end of a slice a kick let run on: did the guest add nothing meanwhile and idle?"""
-        self.ending_slices = not self.device.finish_in_place() and self.accel.slice_ended_at_hlt
+        self.ending_slices = not self.device.finish_in_place() and self.accel.slice_ended_at_hlt and \
+            self.device.completions_awaited

@@ -396,7 +396,7 @@ class HandingOver:
     """A device whose kicks hand their requests to other threads (a large disk transfer):
     served in place, nothing completed there."""
 
-    name, quick_queues = "handing-over", True
+    name, quick_queues, completions_awaited = "handing-over", True, True
 
     def __init__(self) -> None:
         self.queues = [VirtioRng(source=bytes).queues[0]]
@@ -415,3 +415,21 @@ def test_a_kick_whose_requests_complete_elsewhere_does_not_end_its_slice():
         kicks(0)
         accel.end_slice()
     assert accel.ends == [False] * 4 and kicks.ending_slices  # (the interrupt comes when it is done)
+
+
+def test_a_nic_whose_guest_idles_after_sending_keeps_one_interrupt_per_slice():
+    """(A sent frame's buffer comes back whenever: the guest waits for what it receives.)"""
+    device_side, host_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with device_side, host_side, GuestMemory.from_specs([RegionSpec(0, 8 << 20)]) as memory:
+        iothread = IoThread()
+        device = VirtioNet(FdBackend(device_side.fileno()), mac=bytes.fromhex("525400123456"), iothread=iothread,
+                           queue_size=16, tx_thread=False)
+        tx = FakeDriver(memory, device).queue(1)
+        accel = Accel()
+        kicks = InlineKicks(device, accel, iothread)
+        for _ in range(3):
+            tx.add([bytes(12) + b"\x02" * 60], [])
+            kicks(1)
+            accel.end_slice()  # at a HLT, nothing more sent
+            assert len(tx.take_used()) == 1
+        assert accel.ends == [False] * 3

@@ -120,6 +120,7 @@ class VirtioBlock(VirtioDevice):
     device_id = VIRTIO_ID_BLOCK
     name = "virtio-blk"
     quick_queues = True  # reads and writes of an image file (inline_kicks.py bounds a slow one)
+    completions_awaited = True  # (a guest at iodepth 1 idles until each one's interrupt)
 
     def __init__(self, path: str | os.PathLike, *, readonly: bool = False, serial: str | None = None,
                  num_queues: int = 1, queue_size: int = 256, rate_limit: RateLimit | None = None,

@@ -89,6 +89,10 @@ class VirtioDevice:
     # Whether serving a queue is only short host I/O that never waits on a peer or the guest
     # (a disk image's page cache): then a kick may be served on the vCPU thread that made it.
     quick_queues = False
+    # Whether a driver that kicked typically waits for those requests' completion (a disk read,
+    # not a frame sent, whose buffer comes back whenever): inline_kicks.py may then end the
+    # guest's slice after a kick served in place, to interrupt it at once.
+    completions_awaited = False
     # Guest RAM, from attach() (the transport, before a driver can set the device up): every
     # queue and buffer operation comes after it.
     memory: GuestMemory
