@@ -27,17 +27,17 @@ slice at its HLT and gets the interrupt at once. Never from inside the guest's k
 completion raised there would be pending again before a busy device's handler ended, ahead
 of every interrupt of its priority class (the serial console once stalled for seconds).
 
-A guest that waits for the one request it kicked for (fio at iodepth 1, a request and its
-answer) got that interrupt only at its HLT: after its way into the idle loop, the slice's end and
-the wake-up, then its way out again. So when a device's completions are awaited
+A guest that waits for the one request it kicked for (fio at iodepth 1, a program reading a
+file block by block) got that interrupt only at its HLT: after its way into the idle loop, the slice's end
+and the wake-up, then its way out again. So when a device's completions are awaited
 (`completions_awaited`: a disk's, not a NIC's sent frames) and a kick served here was the only
-request of its slice, which then ended at the guest's HLT (the driver added nothing without a kick, and the
-guest went idle), the device's next kicks that complete requests here end the slice where the
-block with the kick ends (end_running_slice): the completion's interrupt comes at once and the
-guest reaps it before it would idle. (Not for a request whose data moves on other threads: a
-large disk transfer's interrupt comes when it is done.) A guest that adds more meanwhile (fio at iodepth 32, a TCP stream), or does not idle, keeps
-one interrupt per slice, as above: every PROBE_EVERY-th kick lets its slice run on to see which
-the guest is doing now.
+request of its slice, which then ended at the guest's HLT (the driver added nothing without a
+kick, and the guest went idle), the device's next kicks that complete requests here end the
+slice where the block with the kick ends (end_running_slice): the completion's interrupt comes
+at once and the guest reaps it before it would idle. (Not for a request whose data moves on
+other threads: a large disk transfer's interrupt comes when it is done.) A guest that adds more
+meanwhile (fio at iodepth 32), or does not idle, keeps one interrupt per slice,
+as above: every PROBE_EVERY-th kick lets its slice run on to see which the guest is doing now.
 
 Everything else goes to the I/O thread as before (on KVM, kicks are ioeventfds it serves).
 """
