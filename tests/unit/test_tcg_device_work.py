@@ -143,6 +143,7 @@ def test_work_that_asks_for_it_ends_the_slice_after_the_write(machine, end_slice
     exit_ = cpu.run(60)
     assert device.served == [True]
     assert isinstance(exit_, Interrupted if end_slice else Hlt)
+    assert cpu.stats["slices_ended_by_kicks"] == end_slice
 
 
 def test_no_work_is_served_off_the_vcpu_thread(machine):

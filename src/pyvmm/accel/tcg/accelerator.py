@@ -168,6 +168,7 @@ class TcgAccelerator:
         vcpu = getattr(helper_patch.running, "vcpu", None)
         if vcpu is not None:
             vcpu.slice_timer.kick()  # (the engine stops where the block with the guest's write ends)
+            vcpu.stats["slices_ended_by_kicks"] += 1
 
     def _finish_slice_work(self) -> None:
         after, self._after_slice = self._after_slice, {}

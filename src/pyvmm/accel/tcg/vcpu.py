@@ -89,7 +89,7 @@ class TcgVcpu:
         self.wake: Callable[[], None] = self.slice_timer.kick
         self.stats = {"slices": 0, "exceptions": 0, "interrupts": 0, "syscalls": 0, "halts": 0,
                       "port_io": 0, "mmio": 0, "cpuid": 0, "string_assists": 0,
-                      "kicks_served": 0}
+                      "kicks_served": 0, "slices_ended_by_kicks": 0}
 
     # --- running -------------------------------------------------------------------------
 
