@@ -128,6 +128,10 @@ class Model:
                 assert len(served) <= 4 << 16, "the transmitter serves the ring for ever (its own writes feed it)"
                 continue
             if step == WAIT:
+                # the interrupt for what was sent first, then a kick asked for (serve() in C: where
+                # the used ring's flags overlap the driver's, the order decides the interrupt)
+                if self._interrupt_wanted(sh):
+                    self._report()
                 self._ask_for_kicks(sh)
                 if sh.read_u16(self.avail + 2) != self.last_avail:
                     self._refuse_kicks(sh)
