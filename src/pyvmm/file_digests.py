@@ -83,17 +83,10 @@ def _known(memo: dict[str, list], path: str | os.PathLike, stat: os.stat_result)
     return entry[5]
 
 
-def remember(path: str | os.PathLike, before: os.stat_result, after: os.stat_result, hexdigest: str) -> None:
-    """Remember `hexdigest` for `path`, hashed between two fstat()s of it, if nothing changed the
-    file in between and its times are old enough to be trusted."""
-    memo = _load()
-    if _note(memo, path, before, after, hexdigest):
-        _store(memo)
-
-
 def _note(memo: dict[str, list], path: str | os.PathLike, before: os.stat_result, after: os.stat_result,
           hexdigest: str) -> bool:
-    """remember() into `memo`; whether it took the digest."""
+    """Remember `hexdigest` for `path` in `memo`, hashed between two fstat()s of it, if nothing
+    changed the file in between and its times are old enough to be trusted; whether it took it."""
     identity = _identity(before)
     if identity != _identity(after):
         return False
