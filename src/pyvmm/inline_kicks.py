@@ -71,7 +71,7 @@ class InlineKicks:
         if self.device.quick_queues:
             start = self.clock()
             end_slice = self.ending_slices and self.slices_ended < PROBE_EVERY
-            completed = self._completed(queue_index)
+            completed = self._completed(queue_index) if end_slice else 0  # (only a kick that may end it)
             if start >= self.backoff_until and self.accel.serve_device_work(
                     functools.partial(self.device.serve_in_place, queue_index),
                     self.device.finish_in_place if end_slice else self._finish_and_learn):
